@@ -1,0 +1,90 @@
+//! The one binary encoding for everything persisted or sent between nodes.
+//!
+//! bincode 2 (`standard()` config: little-endian varints) inside a one-byte
+//! version envelope. bincode has no schema evolution, so any change to a
+//! persisted or wire type that is not an appended enum variant must bump
+//! [`VERSION`] and keep a decoder for the old one. Decoding always runs with an
+//! allocation limit so a corrupt or hostile length prefix cannot exhaust
+//! memory. Swapping the format (say, to postcard) touches this file only.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The envelope version written by this build.
+pub const VERSION: u8 = 1;
+
+/// Largest value decoded, in bytes (bounds allocation on bad input).
+pub const MAX_DECODE_BYTES: usize = 512 * 1024 * 1024;
+
+/// Why bytes could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Empty input: no envelope.
+    #[error("empty input")]
+    Empty,
+    /// Written by a build this one cannot read.
+    #[error("unsupported encoding version {0} (this build reads {VERSION})")]
+    Version(u8),
+    /// The bytes are not a valid value.
+    #[error("undecodable: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    /// The value could not be encoded.
+    #[error("unencodable: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_DECODE_BYTES>()
+}
+
+/// Encodes `value` with the version envelope.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = vec![VERSION];
+    bincode::serde::encode_into_std_write(value, &mut out, config())?;
+    Ok(out)
+}
+
+/// Decodes a value written by [`encode`]; trailing bytes are an error.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if version != VERSION {
+        return Err(CodecError::Version(version));
+    }
+    let (value, read) = bincode::serde::decode_from_slice(body, config())?;
+    if read != body.len() {
+        return Err(CodecError::Decode(
+            bincode::error::DecodeError::OtherString(format!(
+                "{} trailing bytes",
+                body.len() - read
+            )),
+        ));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rejects_garbage() {
+        let v = (42u64, String::from("x"), vec![1u8, 2, 3]);
+        let bytes = encode(&v).unwrap();
+        assert_eq!(decode::<(u64, String, Vec<u8>)>(&bytes).unwrap(), v);
+        assert!(matches!(decode::<u64>(&[]), Err(CodecError::Empty)));
+        assert!(matches!(
+            decode::<u64>(&[9, 1]),
+            Err(CodecError::Version(9))
+        ));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(decode::<(u64, String, Vec<u8>)>(&long).is_err());
+        // a huge length prefix must fail, not allocate
+        assert!(
+            decode::<Vec<u8>>(&[
+                VERSION, 0xFD, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F
+            ])
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,75 @@
+//! The replicated state machine: Godel's task queue as a pure function of its log.
+//!
+//! Every node applies the same committed [`Request`]s in the same order and so
+//! holds the same [`State`]. Nothing here does I/O, reads a clock or draws a
+//! random number: the leader stamps the time (`now_ms`) and a jitter seed into
+//! each [`Batch`] before it proposes it, and [`State::apply`] derives all time
+//! and randomness from those two fields. The same log always yields the same
+//! state, byte for byte.
+//!
+//! # What the state holds
+//!
+//! - **Tasks**, keyed by [`TaskId`], assigned from a counter at apply time, so
+//!   ids are dense, unique and in submission order (FIFO is id order).
+//! - **The ready queue**: for each [`Priority`], for each tenant, for each
+//!   distinct set of required capabilities, the ids of the `pending` tasks.
+//!   Leasing walks priorities from critical to low and stops at the first
+//!   priority with a task whose capabilities the agent has, so a lower priority
+//!   is never leased while a matching higher one waits (strict priority).
+//!   Within a priority, tenants are served by weighted round robin (each tenant
+//!   takes up to its weight of consecutive leases before the turn moves on);
+//!   within a tenant, the oldest matching task goes first.
+//! - **Timers** as ordered sets of `(due_ms, task)`: scheduled tasks, failed
+//!   tasks waiting out their backoff, lease expiries and attempt deadlines.
+//!   Every batch first advances the state's clock to the batch's `now_ms`
+//!   (never backwards) and fires what is due.
+//! - **Leases** by [`FencingToken`]. Tokens come from one counter that only
+//!   grows; a renew, complete or fail carrying a token that is not the task's
+//!   live lease is rejected and changes nothing.
+//!
+//! # Invariants (checked by the property tests)
+//!
+//! - A task is in the ready queue iff its status is `pending`; the queue depth
+//!   is exactly the number of pending tasks, per priority, tenant and status.
+//! - A task has at most one live lease, and only while `leased` or `running`.
+//! - An expired lease returns the task to `pending` without spending an
+//!   attempt; a failure spends one and either waits out the backoff (`failed`)
+//!   or, with no attempts left, goes to `dead_letter`.
+//! - Terminal states (`completed`, `cancelled`) never change again;
+//!   `dead_letter` changes only by an explicit replay.
+//!
+//! # Rejections
+//!
+//! Input that cannot be applied (stale token, unknown task, illegal
+//! transition, bad field) is returned as a [`Rejection`] value and leaves the
+//! state unchanged. There is no other failure mode: apply never returns an
+//! error and never panics on input.
+//!
+//! # Shortcuts taken on purpose
+//!
+//! - One shard: the whole queue is one state, which gives strict global
+//!   priority order. Sharding would partition by tenant later.
+//! - Terminal tasks stay in the state until they are purged by a retention
+//!   command (not yet written): memory grows with history.
+//! - Listing with filters scans from the cursor; it is `O(scanned)`, not
+//!   indexed by status.
+
+mod command;
+mod lease;
+mod query;
+mod queue;
+mod retry;
+mod state;
+mod task;
+
+pub use command::{
+    Batch, Command, DeadLetterFilter, Event, EventKind, LeaseGrant, Outcome, Rejection,
+    ReplaySelector, Reply, Request, Response, SubmitTask,
+};
+pub use query::{Depth, TaskFilter, TaskPage};
+pub use retry::{Backoff, backoff_delay_ms};
+pub use state::State;
+pub use task::{
+    AgentId, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task, TaskId, TaskStatus,
+    Tenant,
+};

@@ -1,0 +1,388 @@
+//! What the log carries (`Request`), what applying it returns (`Response`), and
+//! the events it emits.
+//!
+//! These types are persisted in the Raft log and sent between nodes with
+//! bincode, which has no schema evolution: variants are only ever appended,
+//! never reordered, renamed or removed, and no field uses `serde_json::Value`,
+//! `untagged`, `flatten` or `skip_serializing_if`.
+
+use serde::{Deserialize, Serialize};
+
+use super::retry::Backoff;
+use super::task::{
+    AgentId, FencingToken, Limits, Priority, SessionKey, Task, TaskId, TaskStatus, Tenant,
+};
+
+/// One Raft log entry's application payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Many client commands sharing one entry (and so one fsync).
+    Batch(Batch),
+}
+
+/// Commands stamped by the leader with the time and a jitter seed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Leader wall-clock time, ms since the epoch. The state's clock never goes back.
+    pub now_ms: u64,
+    /// Entropy for backoff jitter; each command derives its own from it.
+    pub seed: u64,
+    /// The commands, applied in order.
+    pub commands: Vec<Command>,
+}
+
+/// One state change request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Add a task.
+    Submit(SubmitTask),
+    /// Lease up to `max` ready tasks to an agent.
+    Lease {
+        /// The leasing agent.
+        agent_id: AgentId,
+        /// What the agent can do; a task's required capabilities must all be here.
+        capabilities: Vec<String>,
+        /// Most tasks to lease.
+        max: u32,
+        /// Lease length, in ms.
+        lease_ms: u64,
+    },
+    /// Extend a live lease; marks a leased task running.
+    Renew {
+        /// The lease.
+        token: FencingToken,
+        /// New lease length from now, in ms.
+        lease_ms: u64,
+    },
+    /// Finish an attempt successfully.
+    Complete {
+        /// The lease.
+        token: FencingToken,
+        /// The result, as JSON text.
+        result: String,
+    },
+    /// Finish an attempt unsuccessfully.
+    Fail {
+        /// The lease.
+        token: FencingToken,
+        /// What went wrong.
+        error: String,
+        /// False sends the task straight to the dead-letter queue.
+        retryable: bool,
+    },
+    /// Cancel a task that has not ended.
+    Cancel {
+        /// The task.
+        id: TaskId,
+        /// Why, for the record.
+        reason: Option<String>,
+    },
+    /// Make a failed or dead-lettered task ready now.
+    Retry {
+        /// The task.
+        id: TaskId,
+    },
+    /// Move dead letters back to the queue with fresh attempts.
+    Replay {
+        /// Which ones.
+        selector: ReplaySelector,
+        /// Most to move in this command.
+        limit: u32,
+    },
+    /// Set a tenant's round-robin weight (default 1).
+    SetTenantWeight {
+        /// The tenant.
+        tenant: Tenant,
+        /// Consecutive leases the tenant may take per turn, 1..=1000.
+        weight: u32,
+    },
+    /// Only advance the clock: fires due timers.
+    Tick,
+}
+
+/// A task submission, as validated by the API and checked again at apply.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitTask {
+    /// Owner.
+    pub tenant: Tenant,
+    /// Priority; `None` inherits the parent's, else medium.
+    pub priority: Option<Priority>,
+    /// JSON object text.
+    pub payload: String,
+    /// Required capabilities.
+    pub capabilities: Vec<String>,
+    /// Session affinity.
+    pub session_key: Option<SessionKey>,
+    /// Earliest start, ms since the epoch.
+    pub scheduled_at_ms: Option<u64>,
+    /// Attempts before dead letter (default 3).
+    pub max_attempts: Option<u32>,
+    /// Attempt timeout in ms (default 10 minutes).
+    pub timeout_ms: Option<u64>,
+    /// Retry backoff (default 1 s, x2, cap 30 s).
+    pub backoff: Option<Backoff>,
+    /// Makes the submission idempotent within the tenant.
+    pub idempotency_key: Option<String>,
+    /// The spawning task.
+    pub parent_id: Option<TaskId>,
+}
+
+impl SubmitTask {
+    /// Default attempts before dead letter.
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+    /// Default attempt timeout, in ms.
+    pub const DEFAULT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+
+    /// Checks every field that does not need the state; returns
+    /// `(field, problem)` for the first bad one.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        check_name("tenant", &self.tenant.0, false)?;
+        if self.payload.len() > Limits::MAX_PAYLOAD_BYTES {
+            return Err((
+                "payload",
+                format!(
+                    "is {} bytes; the limit is {}",
+                    self.payload.len(),
+                    Limits::MAX_PAYLOAD_BYTES
+                ),
+            ));
+        }
+        if !self.payload.starts_with('{') {
+            return Err(("payload", "must be a JSON object".into()));
+        }
+        if self.capabilities.len() > Limits::MAX_CAPABILITIES {
+            return Err((
+                "capabilities",
+                format!("at most {} allowed", Limits::MAX_CAPABILITIES),
+            ));
+        }
+        for c in &self.capabilities {
+            check_name("capabilities", c, false)?;
+        }
+        if let Some(k) = &self.session_key {
+            check_name("session_key", &k.0, true)?;
+        }
+        if let Some(k) = &self.idempotency_key {
+            check_name("idempotency_key", k, true)?;
+        }
+        if let Some(n) = self.max_attempts
+            && !(1..=Limits::MAX_ATTEMPTS).contains(&n)
+        {
+            return Err((
+                "max_attempts",
+                format!("must be 1..={}", Limits::MAX_ATTEMPTS),
+            ));
+        }
+        if let Some(t) = self.timeout_ms {
+            let (lo, hi) = Limits::TIMEOUT_MS_RANGE;
+            if !(lo..=hi).contains(&t) {
+                return Err(("timeout_ms", format!("must be {lo}..={hi}")));
+            }
+        }
+        if let Some(b) = &self.backoff {
+            b.validate().map_err(|e| ("backoff", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Names (tenants, capabilities, keys): non-empty, bounded, printable ASCII
+/// without spaces unless `free_text`.
+fn check_name(field: &'static str, s: &str, free_text: bool) -> Result<(), (&'static str, String)> {
+    if s.is_empty() {
+        return Err((field, "must not be empty".into()));
+    }
+    if s.len() > Limits::MAX_NAME_BYTES {
+        return Err((
+            field,
+            format!("is longer than {} bytes", Limits::MAX_NAME_BYTES),
+        ));
+    }
+    let ok = if free_text {
+        s.chars().all(|c| !c.is_control())
+    } else {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+    };
+    if !ok {
+        let allowed = if free_text {
+            "no control characters"
+        } else {
+            "only A-Z a-z 0-9 - _ . : /"
+        };
+        return Err((field, format!("`{s}` has a character outside {allowed}")));
+    }
+    Ok(())
+}
+
+/// Which dead letters a replay moves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplaySelector {
+    /// These tasks (each must be a dead letter).
+    Ids(Vec<TaskId>),
+    /// Every dead letter matching the filter, oldest first.
+    Filter(DeadLetterFilter),
+}
+
+/// A filter over dead letters; empty fields match everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterFilter {
+    /// Only this tenant.
+    pub tenant: Option<Tenant>,
+    /// Only this priority.
+    pub priority: Option<Priority>,
+    /// Only tasks whose last error contains this text.
+    pub error_contains: Option<String>,
+}
+
+impl DeadLetterFilter {
+    /// Whether `task` matches.
+    pub fn matches(&self, task: &Task) -> bool {
+        self.tenant.as_ref().is_none_or(|t| *t == task.tenant)
+            && self.priority.is_none_or(|p| p == task.priority)
+            && self.error_contains.as_ref().is_none_or(|needle| {
+                task.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains(needle.as_str()))
+            })
+    }
+}
+
+/// What applying a [`Request`] returns: one outcome per command, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// `outcomes[i]` answers `commands[i]`.
+    pub outcomes: Vec<Outcome>,
+}
+
+/// The result of one command.
+pub type Outcome = Result<Reply, Rejection>;
+
+/// A successful command's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// A submit; `created` is false when the idempotency key matched an earlier task.
+    Submitted {
+        /// The task (new, or the earlier one).
+        task: Box<Task>,
+        /// Whether this submit created it.
+        created: bool,
+    },
+    /// The leases granted (possibly none).
+    Leased(Vec<LeaseGrant>),
+    /// The task after the change.
+    Task(Box<Task>),
+    /// The dead letters moved back to the queue.
+    Replayed(Vec<TaskId>),
+    /// Nothing to report.
+    Done,
+}
+
+/// One granted lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    /// The fencing token.
+    pub token: FencingToken,
+    /// When it lapses unless renewed.
+    pub expires_at_ms: u64,
+    /// The leased task.
+    pub task: Box<Task>,
+}
+
+/// Why a command changed nothing. Each maps to one API error code.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// No such task.
+    #[error("task {0} not found")]
+    NotFound(TaskId),
+    /// The token is not the live lease of any task.
+    #[error("fencing token {0} is not a live lease (expired, superseded or finished)")]
+    StaleToken(FencingToken),
+    /// The task's status does not allow the change.
+    #[error("task {id} is {from:?} and cannot become {to:?}")]
+    IllegalTransition {
+        /// The task.
+        id: TaskId,
+        /// Its status.
+        from: TaskStatus,
+        /// The status asked for.
+        to: TaskStatus,
+    },
+    /// A field is invalid.
+    #[error("invalid `{field}`: {problem}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The payload or result is over its size limit.
+    #[error("`{field}` is too large: {problem}")]
+    TooLarge {
+        /// The field.
+        field: String,
+        /// By how much.
+        problem: String,
+    },
+}
+
+impl Rejection {
+    pub(crate) fn invalid(field: &str, problem: impl Into<String>) -> Self {
+        Rejection::Invalid {
+            field: field.to_owned(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Something that happened to a task, for logs, metrics and `/events`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// The task.
+    pub task: TaskId,
+    /// Its priority (a metrics label).
+    pub priority: Priority,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// The kinds of task events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// Accepted into the queue (pending or scheduled).
+    Submitted,
+    /// A scheduled or failed task became ready.
+    Ready,
+    /// Leased to an agent.
+    Leased {
+        /// The lease.
+        token: FencingToken,
+        /// The agent.
+        agent: AgentId,
+    },
+    /// The agent reported it running.
+    Started,
+    /// Completed.
+    Completed,
+    /// An attempt failed; the task waits until `retry_at_ms`.
+    Failed {
+        /// Next attempt.
+        retry_at_ms: u64,
+    },
+    /// Out of attempts, or failed as not retryable.
+    DeadLettered,
+    /// Cancelled.
+    Cancelled,
+    /// The lease lapsed without renewal; the task is ready again.
+    LeaseExpired {
+        /// The lapsed lease.
+        token: FencingToken,
+    },
+    /// An attempt ran past the task's timeout (counts as a failure).
+    TimedOut {
+        /// The attempt's lease.
+        token: FencingToken,
+    },
+    /// Made ready by an operator (retry or replay).
+    Requeued,
+}

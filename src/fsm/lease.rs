@@ -1,0 +1,203 @@
+//! Leases: grant, renew, complete, fail. Every report carries a fencing token;
+//! a token that is not a task's live lease is rejected and changes nothing.
+
+use super::command::{Event, EventKind, LeaseGrant, Outcome, Rejection, Reply};
+use super::retry::backoff_delay_ms;
+use super::state::{State, truncate};
+use super::task::{AgentId, FencingToken, LeaseInfo, Limits, TaskId, TaskStatus, Tenant};
+
+impl State {
+    pub(crate) fn lease(
+        &mut self,
+        agent: &AgentId,
+        capabilities: &[String],
+        max: u32,
+        lease_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        if agent.0.is_empty() || agent.0.len() > Limits::MAX_NAME_BYTES {
+            return Err(Rejection::invalid("agent_id", "must be 1..=256 bytes"));
+        }
+        if !(1..=Limits::MAX_LEASES_PER_REQUEST).contains(&max) {
+            let problem = format!("must be 1..={}", Limits::MAX_LEASES_PER_REQUEST);
+            return Err(Rejection::invalid("max", problem));
+        }
+        check_lease_ms(lease_ms)?;
+        let mut caps = capabilities.to_vec();
+        caps.sort();
+        caps.dedup();
+        let mut grants = Vec::new();
+        while grants.len() < max as usize {
+            let weights = &self.weights;
+            let weight = |t: &Tenant| weights.get(t).copied().unwrap_or(1);
+            let Some(id) = self.ready.pick(&caps, weight) else {
+                break;
+            };
+            grants.push(self.grant(id, agent, lease_ms, events));
+        }
+        Ok(Reply::Leased(grants))
+    }
+
+    fn grant(
+        &mut self,
+        id: TaskId,
+        agent: &AgentId,
+        lease_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> LeaseGrant {
+        self.last_token += 1;
+        let token = FencingToken(self.last_token);
+        let lease = LeaseInfo {
+            token,
+            agent_id: agent.clone(),
+            leased_at_ms: self.clock_ms,
+            expires_at_ms: self.clock_ms.saturating_add(lease_ms),
+        };
+        let expires_at_ms = lease.expires_at_ms;
+        self.move_task(id, TaskStatus::Leased, |t| {
+            t.lease = Some(lease);
+            t.lease_count += 1;
+            t.last_agent = Some(agent.clone());
+        })
+        .expect("invariant: picked tasks are pending");
+        self.emit(
+            events,
+            id,
+            EventKind::Leased {
+                token,
+                agent: agent.clone(),
+            },
+        );
+        LeaseGrant {
+            token,
+            expires_at_ms,
+            task: Box::new(self.tasks[&id].clone()),
+        }
+    }
+
+    /// The task holding live lease `token`.
+    fn leased_task(&self, token: FencingToken) -> Result<TaskId, Rejection> {
+        self.leases
+            .get(&token)
+            .copied()
+            .ok_or(Rejection::StaleToken(token))
+    }
+
+    pub(crate) fn renew(
+        &mut self,
+        token: FencingToken,
+        lease_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        check_lease_ms(lease_ms)?;
+        let id = self.leased_task(token)?;
+        let expires = self.clock_ms.saturating_add(lease_ms);
+        let starting = self.tasks[&id].status == TaskStatus::Leased;
+        self.edit_in_place(id, |t| {
+            t.status = TaskStatus::Running;
+            t.lease
+                .as_mut()
+                .expect("invariant: leased tasks have a lease")
+                .expires_at_ms = expires;
+        });
+        if starting {
+            self.emit(events, id, EventKind::Started);
+        }
+        Ok(Reply::Task(Box::new(self.tasks[&id].clone())))
+    }
+
+    pub(crate) fn complete(
+        &mut self,
+        token: FencingToken,
+        result: &str,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        if result.len() > Limits::MAX_RESULT_BYTES {
+            let problem = format!(
+                "is {} bytes; the limit is {}",
+                result.len(),
+                Limits::MAX_RESULT_BYTES
+            );
+            return Err(Rejection::TooLarge {
+                field: "result".into(),
+                problem,
+            });
+        }
+        let id = self.leased_task(token)?;
+        self.move_task(id, TaskStatus::Completed, |t| {
+            t.lease = None;
+            t.result = Some(result.to_owned());
+        })
+        .expect("invariant: leased tasks can complete");
+        self.emit(events, id, EventKind::Completed);
+        Ok(Reply::Task(Box::new(self.tasks[&id].clone())))
+    }
+
+    pub(crate) fn fail(
+        &mut self,
+        token: FencingToken,
+        error: &str,
+        retryable: bool,
+        entropy: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let id = self.leased_task(token)?;
+        self.fail_attempt(
+            id,
+            truncate(error, Limits::MAX_ERROR_BYTES),
+            retryable,
+            entropy,
+            events,
+        );
+        Ok(Reply::Task(Box::new(self.tasks[&id].clone())))
+    }
+
+    /// Ends a leased attempt as failed: spends an attempt, then waits out the
+    /// backoff or, with none left (or not retryable), dead-letters the task.
+    pub(crate) fn fail_attempt(
+        &mut self,
+        id: TaskId,
+        error: String,
+        retryable: bool,
+        entropy: u64,
+        events: &mut Vec<Event>,
+    ) {
+        let task = &self.tasks[&id];
+        let failures = task.attempts + 1;
+        let out_of_attempts = !retryable || failures >= task.max_attempts;
+        let retry_at =
+            self.clock_ms
+                .saturating_add(backoff_delay_ms(&task.backoff, failures, entropy));
+        let to = if out_of_attempts {
+            TaskStatus::DeadLetter
+        } else {
+            TaskStatus::Failed
+        };
+        self.move_task(id, to, |t| {
+            t.lease = None;
+            t.attempts = failures;
+            t.last_error = Some(error);
+            t.next_attempt_at_ms = (!out_of_attempts).then_some(retry_at);
+        })
+        .expect("invariant: leased tasks can fail");
+        let kind = if out_of_attempts {
+            EventKind::DeadLettered
+        } else {
+            EventKind::Failed {
+                retry_at_ms: retry_at,
+            }
+        };
+        self.emit(events, id, kind);
+    }
+}
+
+fn check_lease_ms(lease_ms: u64) -> Result<(), Rejection> {
+    let (lo, hi) = Limits::LEASE_MS_RANGE;
+    if !(lo..=hi).contains(&lease_ms) {
+        return Err(Rejection::invalid(
+            "lease_ms",
+            format!("must be {lo}..={hi}"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The ready queue: pending tasks by priority, tenant and capability set.
+//!
+//! `pick` finds the task an agent should get next: the most urgent priority
+//! that has a task the agent can run; within it, the tenant whose turn it is
+//! under weighted round robin (skipping tenants with nothing the agent can
+//! run); within that tenant, the oldest task whose required capabilities are a
+//! subset of the agent's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+
+use serde::{Deserialize, Serialize};
+
+use super::task::{Priority, TaskId, Tenant};
+
+/// Pending tasks, indexed for leasing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ReadyQueues {
+    levels: [Level; 4],
+}
+
+/// One priority level.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Level {
+    tenants: BTreeMap<Tenant, TenantQueue>,
+    /// Whose turn it is under round robin, and how many leases they took in it.
+    turn: Option<(Tenant, u32)>,
+}
+
+/// One tenant's pending tasks at one priority, per required-capability set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct TenantQueue {
+    by_caps: BTreeMap<Vec<String>, BTreeSet<TaskId>>,
+}
+
+impl TenantQueue {
+    /// The oldest task whose capabilities the agent has.
+    fn first_match(&self, agent_caps: &[String]) -> Option<TaskId> {
+        self.by_caps
+            .iter()
+            .filter(|(need, _)| is_subset(need, agent_caps))
+            .filter_map(|(_, ids)| ids.first().copied())
+            .min()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_caps.is_empty()
+    }
+}
+
+/// Whether sorted `need` is contained in sorted `have`.
+pub(crate) fn is_subset(need: &[String], have: &[String]) -> bool {
+    need.iter().all(|c| have.binary_search(c).is_ok())
+}
+
+impl ReadyQueues {
+    /// Adds a pending task. `caps` must be sorted and deduplicated.
+    pub(crate) fn insert(&mut self, p: Priority, tenant: &Tenant, caps: &[String], id: TaskId) {
+        let q = self.levels[p.rank()]
+            .tenants
+            .entry(tenant.clone())
+            .or_default();
+        q.by_caps.entry(caps.to_vec()).or_default().insert(id);
+    }
+
+    /// Removes a pending task; returns whether it was there.
+    pub(crate) fn remove(
+        &mut self,
+        p: Priority,
+        tenant: &Tenant,
+        caps: &[String],
+        id: TaskId,
+    ) -> bool {
+        let level = &mut self.levels[p.rank()];
+        let Some(q) = level.tenants.get_mut(tenant) else {
+            return false;
+        };
+        let Some(ids) = q.by_caps.get_mut(caps) else {
+            return false;
+        };
+        let removed = ids.remove(&id);
+        if ids.is_empty() {
+            q.by_caps.remove(caps);
+        }
+        if q.is_empty() {
+            level.tenants.remove(tenant);
+        }
+        removed
+    }
+
+    /// Chooses the next task for an agent with sorted capabilities
+    /// `agent_caps`, and advances the round robin as if it was leased. The
+    /// caller removes the task (through its status change).
+    pub(crate) fn pick(
+        &mut self,
+        agent_caps: &[String],
+        weight: impl Fn(&Tenant) -> u32,
+    ) -> Option<TaskId> {
+        self.levels
+            .iter_mut()
+            .find_map(|level| level.pick(agent_caps, &weight))
+    }
+}
+
+impl Level {
+    fn pick(&mut self, agent_caps: &[String], weight: &impl Fn(&Tenant) -> u32) -> Option<TaskId> {
+        let matching =
+            |(t, q): (&Tenant, &TenantQueue)| q.first_match(agent_caps).map(|id| (t.clone(), id));
+        let (tenant, id) = match &self.turn {
+            Some((start, _)) => self
+                .tenants
+                .range::<Tenant, _>((Bound::Included(start), Bound::Unbounded))
+                .chain(
+                    self.tenants
+                        .range::<Tenant, _>((Bound::Unbounded, Bound::Excluded(start))),
+                )
+                .find_map(matching),
+            None => self.tenants.iter().find_map(matching),
+        }?;
+        let used = match &self.turn {
+            Some((t, used)) if *t == tenant => used + 1,
+            _ => 1,
+        };
+        self.turn = if used >= weight(&tenant).max(1) {
+            self.successor(&tenant).map(|next| (next, 0))
+        } else {
+            Some((tenant, used))
+        };
+        Some(id)
+    }
+
+    /// The tenant after `t` in name order, wrapping around.
+    fn successor(&self, t: &Tenant) -> Option<Tenant> {
+        self.tenants
+            .range::<Tenant, _>((Bound::Excluded(t), Bound::Unbounded))
+            .next()
+            .or_else(|| self.tenants.iter().next())
+            .map(|(k, _)| k.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(c: &[&str]) -> Vec<String> {
+        c.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn take(
+        q: &mut ReadyQueues,
+        agent: &[String],
+        w: impl Fn(&Tenant) -> u32 + Copy,
+    ) -> Option<u64> {
+        let id = q.pick(agent, w)?;
+        for p in Priority::URGENT_FIRST {
+            for t in ["a", "b", "c"] {
+                for c in [caps(&[]), caps(&["gpu"])] {
+                    q.remove(p, &Tenant::from(t), &c, id);
+                }
+            }
+        }
+        Some(id.0)
+    }
+
+    #[test]
+    fn strict_priority_then_fifo() {
+        let mut q = ReadyQueues::default();
+        q.insert(Priority::Low, &"a".into(), &[], TaskId(1));
+        q.insert(Priority::High, &"a".into(), &[], TaskId(3));
+        q.insert(Priority::High, &"a".into(), &[], TaskId(2));
+        let order: Vec<_> = std::iter::from_fn(|| take(&mut q, &[], |_| 1)).collect();
+        assert_eq!(order, vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn round_robin_across_tenants_with_weights() {
+        let mut q = ReadyQueues::default();
+        for i in 0..4 {
+            q.insert(Priority::Medium, &"a".into(), &[], TaskId(i));
+            q.insert(Priority::Medium, &"b".into(), &[], TaskId(10 + i));
+        }
+        let w = |t: &Tenant| if t.0 == "a" { 2 } else { 1 };
+        let order: Vec<_> = std::iter::from_fn(|| take(&mut q, &[], w)).collect();
+        assert_eq!(order, vec![0, 1, 10, 2, 3, 11, 12, 13]);
+    }
+
+    #[test]
+    fn capability_mismatch_does_not_block_and_lower_priority_waits_only_if_unmatched() {
+        let mut q = ReadyQueues::default();
+        q.insert(Priority::Critical, &"a".into(), &caps(&["gpu"]), TaskId(1));
+        q.insert(Priority::Low, &"a".into(), &[], TaskId(2));
+        // An agent without gpu cannot run task 1, so it gets the low task.
+        assert_eq!(take(&mut q, &[], |_| 1), Some(2));
+        assert_eq!(take(&mut q, &[], |_| 1), None);
+        assert_eq!(take(&mut q, &caps(&["gpu", "x"]), |_| 1), Some(1));
+    }
+}

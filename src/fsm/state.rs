@@ -1,0 +1,472 @@
+//! The state and `apply`: every status change goes through `move_task`, which
+//! checks the transition table and keeps every index and counter in step.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::command::{
+    Batch, Command, DeadLetterFilter, Event, EventKind, Outcome, Rejection, ReplaySelector, Reply,
+    Request, Response, SubmitTask,
+};
+use super::queue::ReadyQueues;
+use super::retry::{Backoff, mix};
+use super::task::{FencingToken, Limits, Priority, Task, TaskId, TaskStatus, Tenant};
+
+/// Task counts per priority (rank order) and status (declaration order).
+pub(crate) type Counts = [[u64; 8]; 4];
+
+/// The whole replicated queue. Serialized as is into snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// The state's clock: the latest `now_ms` applied; never goes back.
+    pub(crate) clock_ms: u64,
+    /// The last task id handed out.
+    pub(crate) last_task_id: u64,
+    /// The last fencing token handed out.
+    pub(crate) last_token: u64,
+    pub(crate) tasks: BTreeMap<TaskId, Task>,
+    pub(crate) idempotency: BTreeMap<(Tenant, String), TaskId>,
+    pub(crate) ready: ReadyQueues,
+    /// Scheduled tasks by `scheduled_at`, failed tasks by next attempt.
+    pub(crate) delayed: BTreeSet<(u64, TaskId)>,
+    /// Leased and running tasks by lease expiry.
+    pub(crate) expiries: BTreeSet<(u64, TaskId)>,
+    /// Leased and running tasks by attempt deadline (lease start + timeout).
+    pub(crate) deadlines: BTreeSet<(u64, TaskId)>,
+    pub(crate) leases: BTreeMap<FencingToken, TaskId>,
+    pub(crate) dead_letters: BTreeSet<TaskId>,
+    /// Per tenant, per priority, per status.
+    pub(crate) counts: BTreeMap<Tenant, Counts>,
+    pub(crate) weights: BTreeMap<Tenant, u32>,
+}
+
+impl State {
+    /// Applies one committed request. Deterministic: the same state and request
+    /// always give the same new state, response and events.
+    pub fn apply(&mut self, request: &Request) -> (Response, Vec<Event>) {
+        let mut events = Vec::new();
+        let outcomes = match request {
+            Request::Batch(batch) => self.apply_batch(batch, &mut events),
+        };
+        (Response { outcomes }, events)
+    }
+
+    fn apply_batch(&mut self, batch: &Batch, events: &mut Vec<Event>) -> Vec<Outcome> {
+        self.advance(batch.now_ms, batch.seed, events);
+        batch
+            .commands
+            .iter()
+            .enumerate()
+            .map(|(i, cmd)| self.apply_command(cmd, mix(batch.seed ^ i as u64), events))
+            .collect()
+    }
+
+    fn apply_command(&mut self, cmd: &Command, entropy: u64, events: &mut Vec<Event>) -> Outcome {
+        match cmd {
+            Command::Submit(spec) => self.submit(spec, events),
+            Command::Lease {
+                agent_id,
+                capabilities,
+                max,
+                lease_ms,
+            } => self.lease(agent_id, capabilities, *max, *lease_ms, events),
+            Command::Renew { token, lease_ms } => self.renew(*token, *lease_ms, events),
+            Command::Complete { token, result } => self.complete(*token, result, events),
+            Command::Fail {
+                token,
+                error,
+                retryable,
+            } => self.fail(*token, error, *retryable, entropy, events),
+            Command::Cancel { id, reason } => self.cancel(*id, reason.as_deref(), events),
+            Command::Retry { id } => self.retry(*id, events),
+            Command::Replay { selector, limit } => self.replay(selector, *limit, events),
+            Command::SetTenantWeight { tenant, weight } => self.set_weight(tenant, *weight),
+            Command::Tick => Ok(Reply::Done),
+        }
+    }
+
+    /// The state's clock, ms since the epoch.
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
+    /// The earliest time a timer fires, if any: the leader proposes a tick then.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        [
+            self.delayed.first(),
+            self.expiries.first(),
+            self.deadlines.first(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|(due, _)| *due)
+        .min()
+    }
+
+    /// Moves the clock to `now_ms` (never back) and fires every due timer in
+    /// time order.
+    fn advance(&mut self, now_ms: u64, seed: u64, events: &mut Vec<Event>) {
+        self.clock_ms = self.clock_ms.max(now_ms);
+        while let Some(&(due, id)) = self.delayed.first() {
+            if due > self.clock_ms {
+                break;
+            }
+            self.move_task(id, TaskStatus::Pending, |t| t.next_attempt_at_ms = None)
+                .expect("invariant: delayed tasks are scheduled or failed");
+            self.emit(events, id, EventKind::Ready);
+        }
+        loop {
+            let expiry = self
+                .expiries
+                .first()
+                .copied()
+                .filter(|(due, _)| *due <= self.clock_ms);
+            let deadline = self
+                .deadlines
+                .first()
+                .copied()
+                .filter(|(due, _)| *due <= self.clock_ms);
+            match (expiry, deadline) {
+                (Some(e), Some(d)) if d < e => self.time_out(d.1, seed, events),
+                (Some((_, id)), _) => self.expire_lease(id, events),
+                (None, Some((_, id))) => self.time_out(id, seed, events),
+                (None, None) => break,
+            }
+        }
+    }
+
+    fn expire_lease(&mut self, id: TaskId, events: &mut Vec<Event>) {
+        let token = self.live_token(id);
+        self.move_task(id, TaskStatus::Pending, |t| t.lease = None)
+            .expect("invariant: tasks with expiries are leased or running");
+        self.emit(events, id, EventKind::LeaseExpired { token });
+    }
+
+    fn time_out(&mut self, id: TaskId, seed: u64, events: &mut Vec<Event>) {
+        let token = self.live_token(id);
+        self.emit(events, id, EventKind::TimedOut { token });
+        let entropy = mix(seed ^ id.0.rotate_left(32));
+        self.fail_attempt(id, "attempt timed out".into(), true, entropy, events);
+    }
+
+    pub(crate) fn live_token(&self, id: TaskId) -> FencingToken {
+        self.tasks[&id]
+            .lease
+            .as_ref()
+            .expect("invariant: leased tasks have a lease")
+            .token
+    }
+
+    fn submit(&mut self, spec: &SubmitTask, events: &mut Vec<Event>) -> Outcome {
+        spec.validate().map_err(|(field, problem)| {
+            if field == "payload" && spec.payload.len() > Limits::MAX_PAYLOAD_BYTES {
+                Rejection::TooLarge {
+                    field: field.into(),
+                    problem,
+                }
+            } else {
+                Rejection::invalid(field, problem)
+            }
+        })?;
+        if let Some(key) = &spec.idempotency_key
+            && let Some(id) = self.idempotency.get(&(spec.tenant.clone(), key.clone()))
+        {
+            let task = Box::new(self.tasks[id].clone());
+            return Ok(Reply::Submitted {
+                task,
+                created: false,
+            });
+        }
+        let parent_priority = match spec.parent_id {
+            Some(pid) => match self.tasks.get(&pid) {
+                Some(parent) => Some(parent.priority),
+                None => {
+                    return Err(Rejection::invalid(
+                        "parent_id",
+                        format!("task {pid} does not exist"),
+                    ));
+                }
+            },
+            None => None,
+        };
+        let task = self.new_task(spec, parent_priority);
+        let id = task.id;
+        if let Some(key) = &spec.idempotency_key {
+            self.idempotency
+                .insert((spec.tenant.clone(), key.clone()), id);
+        }
+        self.count(&task.tenant, task.priority, task.status, 1);
+        self.tasks.insert(id, task);
+        self.index(id);
+        self.emit(events, id, EventKind::Submitted);
+        Ok(Reply::Submitted {
+            task: Box::new(self.tasks[&id].clone()),
+            created: true,
+        })
+    }
+
+    fn new_task(&mut self, spec: &SubmitTask, parent_priority: Option<Priority>) -> Task {
+        self.last_task_id += 1;
+        let mut capabilities = spec.capabilities.clone();
+        capabilities.sort();
+        capabilities.dedup();
+        let scheduled = spec.scheduled_at_ms.filter(|at| *at > self.clock_ms);
+        Task {
+            id: TaskId(self.last_task_id),
+            tenant: spec.tenant.clone(),
+            priority: spec.priority.or(parent_priority).unwrap_or_default(),
+            payload: spec.payload.clone(),
+            capabilities,
+            session_key: spec.session_key.clone(),
+            scheduled_at_ms: spec.scheduled_at_ms,
+            max_attempts: spec
+                .max_attempts
+                .unwrap_or(SubmitTask::DEFAULT_MAX_ATTEMPTS),
+            timeout_ms: spec.timeout_ms.unwrap_or(SubmitTask::DEFAULT_TIMEOUT_MS),
+            backoff: spec.backoff.unwrap_or_else(Backoff::default),
+            idempotency_key: spec.idempotency_key.clone(),
+            parent_id: spec.parent_id,
+            status: if scheduled.is_some() {
+                TaskStatus::Scheduled
+            } else {
+                TaskStatus::Pending
+            },
+            attempts: 0,
+            lease_count: 0,
+            lease: None,
+            last_agent: None,
+            next_attempt_at_ms: None,
+            result: None,
+            last_error: None,
+            created_at_ms: self.clock_ms,
+            updated_at_ms: self.clock_ms,
+        }
+    }
+
+    fn cancel(&mut self, id: TaskId, reason: Option<&str>, events: &mut Vec<Event>) -> Outcome {
+        let reason = reason.map(|r| truncate(r, Limits::MAX_ERROR_BYTES));
+        self.move_task(id, TaskStatus::Cancelled, |t| {
+            t.lease = None;
+            t.next_attempt_at_ms = None;
+            if reason.is_some() {
+                t.last_error = reason;
+            }
+        })?;
+        self.emit(events, id, EventKind::Cancelled);
+        Ok(Reply::Task(Box::new(self.tasks[&id].clone())))
+    }
+
+    fn retry(&mut self, id: TaskId, events: &mut Vec<Event>) -> Outcome {
+        let status = self.tasks.get(&id).ok_or(Rejection::NotFound(id))?.status;
+        if !matches!(status, TaskStatus::Failed | TaskStatus::DeadLetter) {
+            return Err(Rejection::IllegalTransition {
+                id,
+                from: status,
+                to: TaskStatus::Pending,
+            });
+        }
+        self.requeue(id, events);
+        Ok(Reply::Task(Box::new(self.tasks[&id].clone())))
+    }
+
+    /// Makes a failed or dead-lettered task ready; a dead letter gets fresh attempts.
+    fn requeue(&mut self, id: TaskId, events: &mut Vec<Event>) {
+        self.move_task(id, TaskStatus::Pending, |t| {
+            if t.status == TaskStatus::DeadLetter {
+                t.attempts = 0;
+            }
+            t.next_attempt_at_ms = None;
+        })
+        .expect("invariant: caller checked the task is failed or dead-lettered");
+        self.emit(events, id, EventKind::Requeued);
+    }
+
+    fn replay(
+        &mut self,
+        selector: &ReplaySelector,
+        limit: u32,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        if limit == 0 || limit as usize > Limits::MAX_REPLAY {
+            return Err(Rejection::invalid(
+                "limit",
+                format!("must be 1..={}", Limits::MAX_REPLAY),
+            ));
+        }
+        let ids = match selector {
+            ReplaySelector::Ids(ids) => self.check_dead_letters(ids, limit)?,
+            ReplaySelector::Filter(filter) => self.matching_dead_letters(filter, limit as usize),
+        };
+        for &id in &ids {
+            self.requeue(id, events);
+        }
+        Ok(Reply::Replayed(ids))
+    }
+
+    fn check_dead_letters(&self, ids: &[TaskId], limit: u32) -> Result<Vec<TaskId>, Rejection> {
+        if ids.is_empty() || ids.len() > limit as usize {
+            return Err(Rejection::invalid(
+                "ids",
+                format!("give 1..={limit} task ids"),
+            ));
+        }
+        let unique: BTreeSet<TaskId> = ids.iter().copied().collect();
+        for &id in &unique {
+            let task = self.tasks.get(&id).ok_or(Rejection::NotFound(id))?;
+            if task.status != TaskStatus::DeadLetter {
+                let (from, to) = (task.status, TaskStatus::Pending);
+                return Err(Rejection::IllegalTransition { id, from, to });
+            }
+        }
+        Ok(unique.into_iter().collect())
+    }
+
+    pub(crate) fn matching_dead_letters(&self, f: &DeadLetterFilter, limit: usize) -> Vec<TaskId> {
+        self.dead_letters
+            .iter()
+            .copied()
+            .filter(|id| f.matches(&self.tasks[id]))
+            .take(limit)
+            .collect()
+    }
+
+    fn set_weight(&mut self, tenant: &Tenant, weight: u32) -> Outcome {
+        if !(1..=1000).contains(&weight) {
+            return Err(Rejection::invalid("weight", "must be 1..=1000"));
+        }
+        self.weights.insert(tenant.clone(), weight);
+        Ok(Reply::Done)
+    }
+
+    /// The one way a task's status changes: checks the transition, takes the
+    /// task out of the indexes of its old status, edits it, and files it under
+    /// the new one.
+    pub(crate) fn move_task(
+        &mut self,
+        id: TaskId,
+        to: TaskStatus,
+        edit: impl FnOnce(&mut Task),
+    ) -> Result<(), Rejection> {
+        let from = self.tasks.get(&id).ok_or(Rejection::NotFound(id))?.status;
+        if !from.can_become(to) {
+            return Err(Rejection::IllegalTransition { id, from, to });
+        }
+        self.edit_in_place(id, |t| {
+            edit(t);
+            t.status = to;
+        });
+        Ok(())
+    }
+
+    /// Edits a task while keeping indexes and counters right, whatever changes.
+    pub(crate) fn edit_in_place(&mut self, id: TaskId, edit: impl FnOnce(&mut Task)) {
+        self.unindex(id);
+        let clock = self.clock_ms;
+        let task = self
+            .tasks
+            .get_mut(&id)
+            .expect("invariant: caller checked the task exists");
+        let (tenant, priority, from) = (task.tenant.clone(), task.priority, task.status);
+        edit(task);
+        task.updated_at_ms = clock;
+        let to = task.status;
+        if from != to {
+            self.count(&tenant, priority, from, -1);
+            self.count(&tenant, priority, to, 1);
+        }
+        self.index(id);
+    }
+
+    fn count(&mut self, tenant: &Tenant, p: Priority, s: TaskStatus, delta: i64) {
+        let counts = self.counts.entry(tenant.clone()).or_default();
+        let c = &mut counts[p.rank()][s.index()];
+        *c = c
+            .checked_add_signed(delta)
+            .expect("invariant: counts never go negative");
+    }
+
+    /// Removes a task from the indexes its status puts it in.
+    fn unindex(&mut self, id: TaskId) {
+        let t = &self.tasks[&id];
+        match t.status {
+            TaskStatus::Pending => {
+                self.ready
+                    .remove(t.priority, &t.tenant, &t.capabilities, id);
+            }
+            TaskStatus::Scheduled | TaskStatus::Failed => {
+                self.delayed.remove(&(delayed_due(t), id));
+            }
+            TaskStatus::Leased | TaskStatus::Running => {
+                let lease = t
+                    .lease
+                    .as_ref()
+                    .expect("invariant: leased tasks have a lease");
+                self.leases.remove(&lease.token);
+                self.expiries.remove(&(lease.expires_at_ms, id));
+                self.deadlines
+                    .remove(&(lease.leased_at_ms.saturating_add(t.timeout_ms), id));
+            }
+            TaskStatus::DeadLetter => {
+                self.dead_letters.remove(&id);
+            }
+            TaskStatus::Completed | TaskStatus::Cancelled => {}
+        }
+    }
+
+    /// Files a task under the indexes of its status.
+    fn index(&mut self, id: TaskId) {
+        let t = &self.tasks[&id];
+        match t.status {
+            TaskStatus::Pending => self
+                .ready
+                .insert(t.priority, &t.tenant, &t.capabilities, id),
+            TaskStatus::Scheduled | TaskStatus::Failed => {
+                self.delayed.insert((delayed_due(t), id));
+            }
+            TaskStatus::Leased | TaskStatus::Running => {
+                let lease = t
+                    .lease
+                    .as_ref()
+                    .expect("invariant: leased tasks have a lease");
+                self.leases.insert(lease.token, id);
+                self.expiries.insert((lease.expires_at_ms, id));
+                self.deadlines
+                    .insert((lease.leased_at_ms.saturating_add(t.timeout_ms), id));
+            }
+            TaskStatus::DeadLetter => {
+                self.dead_letters.insert(id);
+            }
+            TaskStatus::Completed | TaskStatus::Cancelled => {}
+        }
+    }
+
+    pub(crate) fn emit(&self, events: &mut Vec<Event>, id: TaskId, kind: EventKind) {
+        events.push(Event {
+            task: id,
+            priority: self.tasks[&id].priority,
+            kind,
+        });
+    }
+}
+
+/// When a scheduled or failed task becomes ready.
+fn delayed_due(t: &Task) -> u64 {
+    match t.status {
+        TaskStatus::Failed => t
+            .next_attempt_at_ms
+            .expect("invariant: failed tasks have a next attempt"),
+        _ => t
+            .scheduled_at_ms
+            .expect("invariant: scheduled tasks have a time"),
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}

@@ -1,0 +1,313 @@
+//! Tasks, their identities and their lifecycle.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::retry::Backoff;
+
+/// A task's identity: assigned at apply time from a counter, so ids are dense
+/// and follow submission order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(pub u64);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A lease's fencing token: one counter for the whole queue, only ever grows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FencingToken(pub u64);
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+    };
+}
+
+string_id!(
+    /// The tenant a task belongs to; dispatch is fair across tenants.
+    Tenant
+);
+string_id!(
+    /// The worker that holds a lease.
+    AgentId
+);
+string_id!(
+    /// Session affinity: tasks with the same key run in the same gateway session.
+    SessionKey
+);
+
+/// Task priority. `Ord` follows urgency: `Critical` is the greatest.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Served last.
+    Low,
+    /// The default.
+    #[default]
+    Medium,
+    /// Served before medium and low.
+    High,
+    /// Served before everything else.
+    Critical,
+}
+
+impl Priority {
+    /// All priorities, most urgent first: the order the dispatcher walks.
+    pub const URGENT_FIRST: [Priority; 4] = [
+        Priority::Critical,
+        Priority::High,
+        Priority::Medium,
+        Priority::Low,
+    ];
+
+    /// Index into per-priority arrays (0 = critical).
+    pub fn rank(self) -> usize {
+        match self {
+            Priority::Critical => 0,
+            Priority::High => 1,
+            Priority::Medium => 2,
+            Priority::Low => 3,
+        }
+    }
+
+    /// The lowercase name used in the API and in metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::High => "high",
+            Priority::Medium => "medium",
+            Priority::Low => "low",
+        }
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Priority::URGENT_FIRST
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown priority `{s}` (expected critical, high, medium or low)")
+            })
+    }
+}
+
+/// Where a task is in its life. Every legal move is listed in
+/// [`TaskStatus::can_become`]; nothing else changes a status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Ready to be leased.
+    Pending,
+    /// Waiting for its `scheduled_at`.
+    Scheduled,
+    /// Leased to an agent that has not reported it running yet ("assigned").
+    #[serde(alias = "assigned")]
+    Leased,
+    /// Leased, and the agent has renewed the lease at least once.
+    Running,
+    /// Done, with a result. Terminal.
+    Completed,
+    /// The last attempt failed; waiting out the backoff before the next one.
+    Failed,
+    /// Cancelled by an operator. Terminal.
+    Cancelled,
+    /// Out of attempts; waits in the dead-letter queue for a replay.
+    DeadLetter,
+}
+
+impl TaskStatus {
+    /// Every status, in declaration order.
+    pub const ALL: [TaskStatus; 8] = [
+        TaskStatus::Pending,
+        TaskStatus::Scheduled,
+        TaskStatus::Leased,
+        TaskStatus::Running,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+        TaskStatus::DeadLetter,
+    ];
+
+    /// The one table of legal transitions.
+    pub fn can_become(self, to: TaskStatus) -> bool {
+        use TaskStatus::*;
+        matches!(
+            (self, to),
+            (Pending, Leased | Cancelled)
+                | (Scheduled, Pending | Cancelled)
+                | (
+                    Leased,
+                    Running | Pending | Completed | Failed | DeadLetter | Cancelled
+                )
+                | (
+                    Running,
+                    Pending | Completed | Failed | DeadLetter | Cancelled
+                )
+                | (Failed, Pending | Cancelled)
+                | (DeadLetter, Pending | Cancelled)
+        )
+    }
+
+    /// Completed and cancelled tasks never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskStatus::Completed | TaskStatus::Cancelled)
+    }
+
+    /// Statuses that end an acknowledged task's journey (DESIGN non-negotiable 1).
+    pub fn is_final(self) -> bool {
+        self.is_terminal() || self == TaskStatus::DeadLetter
+    }
+
+    /// Index into per-status arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The snake_case name used in the API and in metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Scheduled => "scheduled",
+            TaskStatus::Leased => "leased",
+            TaskStatus::Running => "running",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+            TaskStatus::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+impl std::str::FromStr for TaskStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "assigned" {
+            return Ok(TaskStatus::Leased);
+        }
+        TaskStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown status `{s}`"))
+    }
+}
+
+/// The live lease of a leased or running task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// The fencing token every report about this attempt must carry.
+    pub token: FencingToken,
+    /// Who holds it.
+    pub agent_id: AgentId,
+    /// When the lease was granted (start of the attempt).
+    pub leased_at_ms: u64,
+    /// When it lapses unless renewed.
+    pub expires_at_ms: u64,
+}
+
+/// A task and everything the queue knows about it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// Identity, in submission order.
+    pub id: TaskId,
+    /// Owner, for fairness and filtering.
+    pub tenant: Tenant,
+    /// Dispatch priority.
+    pub priority: Priority,
+    /// The work, as JSON object text (validated at submit).
+    pub payload: String,
+    /// Capabilities an agent must have, sorted and without duplicates.
+    pub capabilities: Vec<String>,
+    /// Session affinity key.
+    pub session_key: Option<SessionKey>,
+    /// When the task may first run (ms since the epoch).
+    pub scheduled_at_ms: Option<u64>,
+    /// Failed attempts allowed before the dead-letter queue.
+    pub max_attempts: u32,
+    /// Longest one attempt may take, from lease to report.
+    pub timeout_ms: u64,
+    /// Retry backoff policy.
+    pub backoff: Backoff,
+    /// Client key that makes submission idempotent within the tenant.
+    pub idempotency_key: Option<String>,
+    /// The task that spawned this one.
+    pub parent_id: Option<TaskId>,
+    /// Current status.
+    pub status: TaskStatus,
+    /// Failed attempts so far (an expired lease does not count).
+    pub attempts: u32,
+    /// Leases granted so far, including expired ones.
+    pub lease_count: u32,
+    /// The live lease, while leased or running.
+    pub lease: Option<LeaseInfo>,
+    /// The agent of the last lease, kept after it ends.
+    pub last_agent: Option<AgentId>,
+    /// When the next attempt becomes ready, while failed.
+    pub next_attempt_at_ms: Option<u64>,
+    /// The result reported by the completing agent (JSON text).
+    pub result: Option<String>,
+    /// The last error reported or recorded.
+    pub last_error: Option<String>,
+    /// Submission time.
+    pub created_at_ms: u64,
+    /// Time of the last change.
+    pub updated_at_ms: u64,
+}
+
+/// Bounds on what a submission may carry. Enforced at apply (so replicas agree)
+/// and by the API before proposing (so bad input costs no log entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits;
+
+impl Limits {
+    /// Largest task payload, in bytes of JSON text.
+    pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+    /// Largest completion result, in bytes of JSON text.
+    pub const MAX_RESULT_BYTES: usize = 256 * 1024;
+    /// Longest error message kept from a failure report, in bytes.
+    pub const MAX_ERROR_BYTES: usize = 4 * 1024;
+    /// Longest tenant name, session key, idempotency key or capability, in bytes.
+    pub const MAX_NAME_BYTES: usize = 256;
+    /// Most required capabilities on one task.
+    pub const MAX_CAPABILITIES: usize = 32;
+    /// Most attempts a task may be given.
+    pub const MAX_ATTEMPTS: u32 = 100;
+    /// Shortest and longest attempt timeout, in ms.
+    pub const TIMEOUT_MS_RANGE: (u64, u64) = (100, 7 * 24 * 3600 * 1000);
+    /// Most tasks one lease request may take.
+    pub const MAX_LEASES_PER_REQUEST: u32 = 1000;
+    /// Shortest and longest lease, in ms.
+    pub const LEASE_MS_RANGE: (u64, u64) = (100, 3600 * 1000);
+    /// Most dead letters one replay may move.
+    pub const MAX_REPLAY: usize = 10_000;
+}
