@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsm;
 
+pub mod network;
+pub mod rpc;
+
 /// A node's identity in the cluster: stable across restarts.
 pub type NodeId = u64;
 

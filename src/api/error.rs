@@ -1,0 +1,122 @@
+//! The API's one error type and the one `match` that maps every lower-layer
+//! error to a status, a code and retryability (DESIGN "Interfaces").
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::fsm::Rejection;
+use crate::node::NodeError;
+
+/// An error as the API reports it.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// Results of API handlers.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    /// 400 `invalid_request`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 413 `payload_too_large`.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+
+    /// 503 `service_unavailable`.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            message,
+        )
+    }
+
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Whether the client may retry the same request.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self.code,
+            "conflict"
+                | "rate_limited"
+                | "internal_error"
+                | "service_unavailable"
+                | "gateway_timeout"
+        )
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        let message = e.to_string();
+        match e {
+            NodeError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                message,
+            ),
+            NodeError::Overloaded(_) => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+            }
+            NodeError::Invalid(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_request", message),
+            NodeError::Internal(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
+            }
+        }
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> Self {
+        let message = r.to_string();
+        match r {
+            Rejection::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", message),
+            Rejection::StaleToken(_) | Rejection::IllegalTransition { .. } => {
+                Self::new(StatusCode::CONFLICT, "conflict", message)
+            }
+            Rejection::Invalid { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+            }
+            Rejection::TooLarge { .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message, "retryable": self.retryable() } });
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if matches!(
+            self.status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+        ) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

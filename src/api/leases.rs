@@ -1,0 +1,133 @@
+//! Worker endpoints: lease tasks, then renew, complete or fail each lease by
+//! its fencing token.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::{ApiError, ApiResult};
+use super::json::Body;
+use super::tasks::task_reply;
+use super::{Api, outcome, view};
+use crate::clock::rfc3339;
+use crate::fsm::{AgentId, Command, FencingToken, Reply};
+
+/// `POST /leases` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseBody {
+    agent_id: String,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    max: Option<u32>,
+    lease_ms: Option<u64>,
+}
+
+/// `POST /leases`: up to `max` (default 1) tasks for the agent.
+pub async fn acquire(State(api): State<Api>, Body(b): Body<LeaseBody>) -> ApiResult<Json<Value>> {
+    let lease_ms = b
+        .lease_ms
+        .unwrap_or(api.node.queue_config().default_lease.as_millis() as u64);
+    let cmd = Command::Lease {
+        agent_id: AgentId(b.agent_id),
+        capabilities: b.capabilities,
+        max: b.max.unwrap_or(1),
+        lease_ms,
+    };
+    match outcome(api.node.write(cmd).await)? {
+        Reply::Leased(grants) => {
+            let leases: Vec<Value> = grants
+                .iter()
+                .map(|g| {
+                    json!({
+                        "task_id": g.task.id.0,
+                        "fencing_token": g.token.0,
+                        "expires_at": rfc3339(g.expires_at_ms),
+                        "task": view::task(&g.task),
+                    })
+                })
+                .collect();
+            Ok(Json(json!({ "leases": leases })))
+        }
+        other => Err(super::unexpected(other)),
+    }
+}
+
+/// `POST /leases/{token}/renew` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewBody {
+    lease_ms: Option<u64>,
+}
+
+/// `POST /leases/{token}/renew`.
+pub async fn renew(
+    State(api): State<Api>,
+    Path(token): Path<String>,
+    Body(b): Body<RenewBody>,
+) -> ApiResult<Json<Value>> {
+    let token = parse_token(&token)?;
+    let lease_ms = b
+        .lease_ms
+        .unwrap_or(api.node.queue_config().default_lease.as_millis() as u64);
+    task_reply(outcome(
+        api.node.write(Command::Renew { token, lease_ms }).await,
+    )?)
+}
+
+/// `POST /leases/{token}/complete` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteBody {
+    #[serde(default)]
+    result: Value,
+}
+
+/// `POST /leases/{token}/complete`.
+pub async fn complete(
+    State(api): State<Api>,
+    Path(token): Path<String>,
+    Body(b): Body<CompleteBody>,
+) -> ApiResult<Json<Value>> {
+    let token = parse_token(&token)?;
+    let cmd = Command::Complete {
+        token,
+        result: b.result.to_string(),
+    };
+    task_reply(outcome(api.node.write(cmd).await)?)
+}
+
+/// `POST /leases/{token}/fail` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailBody {
+    error: String,
+    #[serde(default = "yes")]
+    retryable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /leases/{token}/fail`.
+pub async fn fail(
+    State(api): State<Api>,
+    Path(token): Path<String>,
+    Body(b): Body<FailBody>,
+) -> ApiResult<Json<Value>> {
+    let token = parse_token(&token)?;
+    let cmd = Command::Fail {
+        token,
+        error: b.error,
+        retryable: b.retryable,
+    };
+    task_reply(outcome(api.node.write(cmd).await)?)
+}
+
+fn parse_token(s: &str) -> ApiResult<FencingToken> {
+    s.parse()
+        .map(FencingToken)
+        .map_err(|_| ApiError::invalid(format!("invalid field `fencing_token`: `{s}`")))
+}

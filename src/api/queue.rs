@@ -1,0 +1,136 @@
+//! Queue endpoints: depth, dead letters (list, export, replay), tenant weights.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::{ApiError, ApiResult};
+use super::json::Body;
+use super::view::{self, ListQuery};
+use super::{Api, outcome};
+use crate::fsm::{
+    Command, DeadLetterFilter, Limits, Priority, ReplaySelector, Reply, TaskId, TaskStatus, Tenant,
+};
+
+/// `GET /queue/depth`: exact counts per priority, status and tenant. The
+/// queue has one shard, so the shard view is the total.
+pub async fn depth(State(api): State<Api>) -> ApiResult<Json<Value>> {
+    api.node.read_barrier().await?;
+    let d = api.node.state().read(|s| s.depth());
+    let pending = d.pending();
+    let by_tenant: serde_json::Map<String, Value> = d
+        .by_tenant
+        .keys()
+        .map(|t| (t.0.clone(), view::per_status(|s| d.count(None, s, Some(t)))))
+        .collect();
+    Ok(Json(json!({
+        "pending": pending,
+        "by_priority": view::per_priority(|p| d.count(Some(p), TaskStatus::Pending, None)),
+        "by_status": view::per_status(|s| d.count(None, s, None)),
+        "by_tenant": by_tenant,
+        "shards": [{ "shard": 0, "pending": pending, "leader": api.node.leader().map(|(id, _)| id) }],
+    })))
+}
+
+fn dead_letter_filter(q: &ListQuery) -> ApiResult<DeadLetterFilter> {
+    Ok(DeadLetterFilter {
+        tenant: q.tenant.clone().map(Tenant),
+        priority: q.priority()?,
+        error_contains: q.error_contains.clone(),
+    })
+}
+
+/// `GET /dead-letter`.
+pub async fn list(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+    let limit = q.limit(api.node.config().api.max_page_size)?;
+    let filter = dead_letter_filter(&q)?;
+    let after = q.after()?;
+    api.node.read_barrier().await?;
+    let page = api
+        .node
+        .state()
+        .read(|s| s.dead_letter_page(&filter, after, limit));
+    Ok(Json(view::page(&page)))
+}
+
+/// `GET /dead-letter/export`: every matching dead letter (up to
+/// [`Limits::MAX_REPLAY`]) as newline-delimited JSON.
+pub async fn export(
+    State(api): State<Api>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let filter = dead_letter_filter(&q)?;
+    api.node.read_barrier().await?;
+    let page = api
+        .node
+        .state()
+        .read(|s| s.dead_letter_page(&filter, None, Limits::MAX_REPLAY));
+    let mut out = String::new();
+    for t in &page.items {
+        out.push_str(&view::task(t).to_string());
+        out.push('\n');
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out))
+}
+
+/// `POST /dead-letter/replay` body: either `ids` or a filter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayBody {
+    ids: Option<Vec<u64>>,
+    tenant: Option<String>,
+    priority: Option<Priority>,
+    error_contains: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `POST /dead-letter/replay`: moves dead letters back to the queue with
+/// fresh attempts; returns the ids moved.
+pub async fn replay(State(api): State<Api>, Body(b): Body<ReplayBody>) -> ApiResult<Json<Value>> {
+    let limit = b.limit.unwrap_or(Limits::MAX_REPLAY as u32);
+    let selector = match b.ids {
+        Some(ids) if b.tenant.is_none() && b.priority.is_none() && b.error_contains.is_none() => {
+            ReplaySelector::Ids(ids.into_iter().map(TaskId).collect())
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "give either `ids` or filters (`tenant`, `priority`, `error_contains`), not both",
+            ));
+        }
+        None => ReplaySelector::Filter(DeadLetterFilter {
+            tenant: b.tenant.map(Tenant),
+            priority: b.priority,
+            error_contains: b.error_contains,
+        }),
+    };
+    match outcome(api.node.write(Command::Replay { selector, limit }).await)? {
+        Reply::Replayed(ids) => Ok(Json(
+            json!({ "replayed": ids.iter().map(|i| i.0).collect::<Vec<_>>() }),
+        )),
+        other => Err(super::unexpected(other)),
+    }
+}
+
+/// `PUT /tenants/{tenant}/weight` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightBody {
+    weight: u32,
+}
+
+/// `PUT /tenants/{tenant}/weight`: the tenant's round-robin weight.
+pub async fn set_weight(
+    State(api): State<Api>,
+    Path(tenant): Path<String>,
+    Body(b): Body<WeightBody>,
+) -> ApiResult<Json<Value>> {
+    let cmd = Command::SetTenantWeight {
+        tenant: Tenant(tenant.clone()),
+        weight: b.weight,
+    };
+    outcome(api.node.write(cmd).await)?;
+    Ok(Json(json!({ "tenant": tenant, "weight": b.weight })))
+}

@@ -1,0 +1,170 @@
+//! Task endpoints: submit, list, get, cancel, retry.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::{ApiError, ApiResult};
+use super::json::Body;
+use super::view::{self, ListQuery};
+use super::{Api, outcome};
+use crate::clock;
+use crate::fsm::{
+    Backoff, Command, Limits, Priority, Reply, SessionKey, SubmitTask, TaskFilter, TaskId, Tenant,
+};
+
+/// `POST /tasks` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskCreate {
+    /// Defaults to `default`.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    priority: Option<Priority>,
+    payload: Value,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    session_key: Option<String>,
+    /// RFC 3339.
+    scheduled_at: Option<String>,
+    max_attempts: Option<u32>,
+    timeout_ms: Option<u64>,
+    backoff: Option<Backoff>,
+    idempotency_key: Option<String>,
+    parent_id: Option<u64>,
+}
+
+impl TaskCreate {
+    /// Validates and converts into the state machine's submission.
+    pub fn into_submit(self) -> ApiResult<SubmitTask> {
+        if !self.payload.is_object() {
+            return Err(ApiError::invalid(
+                "invalid field `payload`: must be a JSON object",
+            ));
+        }
+        let payload = self.payload.to_string();
+        if payload.len() > Limits::MAX_PAYLOAD_BYTES {
+            return Err(ApiError::too_large(format!(
+                "`payload` is {} bytes; the limit is {}",
+                payload.len(),
+                Limits::MAX_PAYLOAD_BYTES
+            )));
+        }
+        let scheduled_at_ms = self
+            .scheduled_at
+            .as_deref()
+            .map(clock::parse_rfc3339)
+            .transpose()
+            .map_err(|e| ApiError::invalid(format!("invalid field `scheduled_at`: {e}")))?;
+        let spec = SubmitTask {
+            tenant: Tenant(self.tenant.unwrap_or_else(|| "default".into())),
+            priority: self.priority,
+            payload,
+            capabilities: self.capabilities,
+            session_key: self.session_key.map(SessionKey),
+            scheduled_at_ms,
+            max_attempts: self.max_attempts,
+            timeout_ms: self.timeout_ms,
+            backoff: self.backoff,
+            idempotency_key: self.idempotency_key,
+            parent_id: self.parent_id.map(TaskId),
+        };
+        spec.validate().map_err(|(field, problem)| {
+            ApiError::invalid(format!("invalid field `{field}`: {problem}"))
+        })?;
+        Ok(spec)
+    }
+}
+
+/// `POST /tasks`: 201 with the new task, or 200 with the earlier one when the
+/// idempotency key matched.
+pub async fn create(
+    State(api): State<Api>,
+    Body(body): Body<TaskCreate>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let spec = body.into_submit()?;
+    match outcome(api.node.write(Command::Submit(spec)).await)? {
+        Reply::Submitted { task, created } => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((status, Json(view::task(&task))))
+        }
+        other => Err(super::unexpected(other)),
+    }
+}
+
+/// `GET /tasks`.
+pub async fn list(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+    let limit = q.limit(api.node.config().api.max_page_size)?;
+    let filter = TaskFilter {
+        status: q.status()?,
+        priority: q.priority()?,
+        tenant: q.tenant.clone().map(Tenant),
+    };
+    let after = q.after()?;
+    api.node.read_barrier().await?;
+    let page = api
+        .node
+        .state()
+        .read(|s| s.list(&filter, after, limit, super::SCAN_BUDGET));
+    Ok(Json(view::page(&page)))
+}
+
+/// `GET /tasks/{id}`.
+pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id)?;
+    api.node.read_barrier().await?;
+    let task = api.node.state().read(|s| s.task(id).map(view::task));
+    task.map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))
+}
+
+/// `POST /tasks/{id}/cancel` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    reason: Option<String>,
+}
+
+/// `POST /tasks/{id}/cancel`.
+pub async fn cancel(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Body(b): Body<CancelBody>,
+) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id)?;
+    task_reply(outcome(
+        api.node
+            .write(Command::Cancel {
+                id,
+                reason: b.reason,
+            })
+            .await,
+    )?)
+}
+
+/// `POST /tasks/{id}/retry`.
+pub async fn retry(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id)?;
+    task_reply(outcome(api.node.write(Command::Retry { id }).await)?)
+}
+
+/// A task id from a path segment.
+pub fn parse_id(s: &str) -> ApiResult<TaskId> {
+    s.parse()
+        .map(TaskId)
+        .map_err(|_| ApiError::invalid(format!("invalid field `id`: `{s}` is not a task id")))
+}
+
+/// The JSON of a reply that carries one task.
+pub fn task_reply(reply: Reply) -> ApiResult<Json<Value>> {
+    match reply {
+        Reply::Task(t) => Ok(Json(view::task(&t))),
+        other => Err(super::unexpected(other)),
+    }
+}

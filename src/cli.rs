@@ -1,0 +1,271 @@
+//! The `godel` command line: `serve`, and a client command for each API call.
+
+mod client;
+mod serve;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use client::run_client;
+pub use serve::run_serve;
+
+/// Godel: a fault-tolerant control plane for AI coding agents.
+#[derive(Debug, Parser)]
+#[command(name = "godel", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// API base URL of any node.
+    #[arg(
+        long,
+        global = true,
+        env = "GODEL_API",
+        default_value = "http://127.0.0.1:7373"
+    )]
+    pub api: String,
+    /// Output format of client commands.
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// The API's JSON, for scripts.
+    Json,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node (no config: one node, data in ./data, API on 127.0.0.1:7373).
+    Serve(ServeArgs),
+    /// Tasks.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Worker leases.
+    #[command(subcommand)]
+    Lease(LeaseCmd),
+    /// Queue depth.
+    #[command(subcommand)]
+    Queue(QueueCmd),
+    /// Dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCmd),
+    /// Cluster membership and status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+/// `godel serve` flags (they override the file and the environment).
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, short, env = "GODEL_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// Node id.
+    #[arg(long)]
+    pub node_id: Option<u64>,
+    /// Data directory.
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// HTTP API listen address.
+    #[arg(long)]
+    pub api_addr: Option<std::net::SocketAddr>,
+    /// Node-to-node listen address.
+    #[arg(long)]
+    pub raft_addr: Option<std::net::SocketAddr>,
+    /// Log as JSON lines.
+    #[arg(long, env = "GODEL_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// `godel task ...`
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// Submit a task.
+    Submit {
+        /// JSON object payload.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// critical, high, medium or low.
+        #[arg(long)]
+        priority: Option<String>,
+        /// Tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Required capabilities, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        caps: Vec<String>,
+        /// Session affinity key.
+        #[arg(long)]
+        session_key: Option<String>,
+        /// RFC 3339 start time.
+        #[arg(long)]
+        scheduled_at: Option<String>,
+        /// Attempts before dead letter.
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// Attempt timeout in ms.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Idempotency key.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Parent task id.
+        #[arg(long)]
+        parent_id: Option<u64>,
+    },
+    /// Show a task.
+    Get {
+        /// Task id.
+        id: u64,
+    },
+    /// List tasks.
+    Ls(ListArgs),
+    /// Cancel a task.
+    Cancel {
+        /// Task id.
+        id: u64,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Make a failed or dead-lettered task ready now.
+    Retry {
+        /// Task id.
+        id: u64,
+    },
+}
+
+/// Filters and pagination for listings.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Status filter.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Priority filter.
+    #[arg(long)]
+    pub priority: Option<String>,
+    /// Tenant filter.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Page size.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Cursor from the previous page.
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+/// `godel lease ...`
+#[derive(Debug, Subcommand)]
+pub enum LeaseCmd {
+    /// Lease tasks for an agent.
+    Acquire {
+        /// Agent id.
+        #[arg(long)]
+        agent: String,
+        /// Agent capabilities, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        caps: Vec<String>,
+        /// Most tasks.
+        #[arg(long, default_value_t = 1)]
+        max: u32,
+        /// Lease length in ms.
+        #[arg(long)]
+        lease_ms: Option<u64>,
+    },
+    /// Renew a lease.
+    Renew {
+        /// Fencing token.
+        token: u64,
+    },
+    /// Complete a leased task.
+    Complete {
+        /// Fencing token.
+        token: u64,
+        /// JSON result.
+        #[arg(long, default_value = "null")]
+        result: String,
+    },
+    /// Fail a leased task.
+    Fail {
+        /// Fencing token.
+        token: u64,
+        /// Error message.
+        #[arg(long)]
+        error: String,
+        /// Send it straight to the dead-letter queue.
+        #[arg(long)]
+        no_retry: bool,
+    },
+}
+
+/// `godel queue ...`
+#[derive(Debug, Subcommand)]
+pub enum QueueCmd {
+    /// Exact depth per priority, status and tenant.
+    Depth,
+}
+
+/// `godel dlq ...`
+#[derive(Debug, Subcommand)]
+pub enum DlqCmd {
+    /// List dead letters.
+    Ls(ListArgs),
+    /// Export dead letters as JSON lines.
+    Export,
+    /// Replay dead letters by id or by filter.
+    Replay {
+        /// Task ids, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<u64>,
+        /// Tenant filter.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Priority filter.
+        #[arg(long)]
+        priority: Option<String>,
+        /// Error text filter.
+        #[arg(long)]
+        error_contains: Option<String>,
+        /// Most to replay.
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+}
+
+/// `godel cluster ...`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Nodes, roles, leader, term, indexes.
+    Status,
+    /// Add a node.
+    Join {
+        /// Node id.
+        #[arg(long)]
+        id: u64,
+        /// Its node-to-node address.
+        #[arg(long)]
+        raft_addr: String,
+        /// Its API address.
+        #[arg(long)]
+        api_addr: String,
+        /// Its region.
+        #[arg(long, default_value = "local")]
+        region: String,
+    },
+    /// Remove a node.
+    Leave {
+        /// Node id.
+        id: u64,
+    },
+    /// Hand leadership to a voter.
+    Transfer {
+        /// Node id.
+        to: u64,
+    },
+}

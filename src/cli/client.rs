@@ -1,0 +1,228 @@
+//! Client commands: one HTTP call each, output as text or the API's JSON.
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::{ClusterCmd, Command, DlqCmd, LeaseCmd, ListArgs, Output, QueueCmd, TaskCmd};
+
+/// Runs a client command against `api`; returns the process exit code.
+pub async fn run_client(api: &str, output: Output, cmd: Command) -> anyhow::Result<i32> {
+    let (method, path, body) = request(cmd)?;
+    let url = format!("{}{}", api.trim_end_matches('/'), path);
+    let http = reqwest::Client::new();
+    let req = match method {
+        "GET" => http.get(&url),
+        _ => http.post(&url).json(&body.unwrap_or(json!({}))),
+    };
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    if !status.is_success() {
+        let msg = value["error"]["message"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| value.to_string());
+        match output {
+            Output::Json => println!("{value}"),
+            Output::Text => eprintln!("error ({status}): {msg}"),
+        }
+        return Ok(1);
+    }
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+        Output::Text => print_text(&value),
+    }
+    Ok(0)
+}
+
+type Req = (&'static str, String, Option<Value>);
+
+fn request(cmd: Command) -> anyhow::Result<Req> {
+    Ok(match cmd {
+        Command::Serve(_) => bail!("serve is not a client command"),
+        Command::Task(t) => task_request(t)?,
+        Command::Lease(l) => lease_request(l)?,
+        Command::Queue(QueueCmd::Depth) => ("GET", "/api/v1/queue/depth".into(), None),
+        Command::Dlq(DlqCmd::Ls(a)) => ("GET", format!("/api/v1/dead-letter{}", query(&a)), None),
+        Command::Dlq(DlqCmd::Export) => ("GET", "/api/v1/dead-letter/export".into(), None),
+        Command::Dlq(DlqCmd::Replay {
+            ids,
+            tenant,
+            priority,
+            error_contains,
+            limit,
+        }) => {
+            let body = if ids.is_empty() {
+                json!({ "tenant": tenant, "priority": priority, "error_contains": error_contains, "limit": limit })
+            } else {
+                json!({ "ids": ids, "limit": limit })
+            };
+            (
+                "POST",
+                "/api/v1/dead-letter/replay".into(),
+                Some(strip_nulls(body)),
+            )
+        }
+        Command::Cluster(c) => match c {
+            ClusterCmd::Status => ("GET", "/api/v1/cluster".into(), None),
+            ClusterCmd::Join {
+                id,
+                raft_addr,
+                api_addr,
+                region,
+            } => (
+                "POST",
+                "/api/v1/cluster/join".into(),
+                Some(
+                    json!({ "id": id, "raft_addr": raft_addr, "api_addr": api_addr, "region": region }),
+                ),
+            ),
+            ClusterCmd::Leave { id } => (
+                "POST",
+                "/api/v1/cluster/leave".into(),
+                Some(json!({ "id": id })),
+            ),
+            ClusterCmd::Transfer { to } => (
+                "POST",
+                "/api/v1/cluster/transfer-leader".into(),
+                Some(json!({ "to": to })),
+            ),
+        },
+    })
+}
+
+fn task_request(t: TaskCmd) -> anyhow::Result<Req> {
+    Ok(match t {
+        TaskCmd::Submit {
+            payload,
+            priority,
+            tenant,
+            caps,
+            session_key,
+            scheduled_at,
+            max_attempts,
+            timeout_ms,
+            idempotency_key,
+            parent_id,
+        } => {
+            let payload: Value = serde_json::from_str(&payload).context("--payload is not JSON")?;
+            let body = json!({
+                "payload": payload, "priority": priority, "tenant": tenant, "capabilities": caps,
+                "session_key": session_key, "scheduled_at": scheduled_at, "max_attempts": max_attempts,
+                "timeout_ms": timeout_ms, "idempotency_key": idempotency_key, "parent_id": parent_id,
+            });
+            ("POST", "/api/v1/tasks".into(), Some(strip_nulls(body)))
+        }
+        TaskCmd::Get { id } => ("GET", format!("/api/v1/tasks/{id}"), None),
+        TaskCmd::Ls(a) => ("GET", format!("/api/v1/tasks{}", query(&a)), None),
+        TaskCmd::Cancel { id, reason } => (
+            "POST",
+            format!("/api/v1/tasks/{id}/cancel"),
+            Some(strip_nulls(json!({ "reason": reason }))),
+        ),
+        TaskCmd::Retry { id } => ("POST", format!("/api/v1/tasks/{id}/retry"), None),
+    })
+}
+
+fn lease_request(l: LeaseCmd) -> anyhow::Result<Req> {
+    Ok(match l {
+        LeaseCmd::Acquire {
+            agent,
+            caps,
+            max,
+            lease_ms,
+        } => (
+            "POST",
+            "/api/v1/leases".into(),
+            Some(strip_nulls(
+                json!({ "agent_id": agent, "capabilities": caps, "max": max, "lease_ms": lease_ms }),
+            )),
+        ),
+        LeaseCmd::Renew { token } => ("POST", format!("/api/v1/leases/{token}/renew"), None),
+        LeaseCmd::Complete { token, result } => {
+            let result: Value = serde_json::from_str(&result).context("--result is not JSON")?;
+            (
+                "POST",
+                format!("/api/v1/leases/{token}/complete"),
+                Some(json!({ "result": result })),
+            )
+        }
+        LeaseCmd::Fail {
+            token,
+            error,
+            no_retry,
+        } => (
+            "POST",
+            format!("/api/v1/leases/{token}/fail"),
+            Some(json!({ "error": error, "retryable": !no_retry })),
+        ),
+    })
+}
+
+fn query(a: &ListArgs) -> String {
+    let pairs: Vec<String> = [
+        ("status", a.status.clone()),
+        ("priority", a.priority.clone()),
+        ("tenant", a.tenant.clone()),
+        ("limit", a.limit.map(|l| l.to_string())),
+        ("cursor", a.cursor.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+    .collect();
+    if pairs.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", pairs.join("&"))
+    }
+}
+
+fn strip_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).collect()),
+        other => other,
+    }
+}
+
+/// A compact human rendering: task rows where there are tasks, else the JSON.
+fn print_text(v: &Value) {
+    let row = |t: &Value| {
+        println!(
+            "{:>8}  {:<11}  {:<8}  {:<12}  attempts={} {}",
+            t["id"],
+            t["status"].as_str().unwrap_or(""),
+            t["priority"].as_str().unwrap_or(""),
+            t["tenant"].as_str().unwrap_or(""),
+            t["attempt_count"],
+            t["error"]
+                .as_str()
+                .map(|e| format!("error={e}"))
+                .unwrap_or_default()
+        )
+    };
+    if let Some(items) = v["items"].as_array() {
+        items.iter().for_each(row);
+        if let Some(c) = v["next_cursor"].as_str() {
+            println!("next cursor: {c}");
+        }
+    } else if let Some(leases) = v["leases"].as_array() {
+        for l in leases {
+            println!(
+                "token={} task={} expires_at={}",
+                l["fencing_token"],
+                l["task_id"],
+                l["expires_at"].as_str().unwrap_or("")
+            );
+        }
+    } else if v.get("status").is_some() && v.get("id").is_some() {
+        row(v);
+    } else if let Value::String(s) = v {
+        print!("{s}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+}

@@ -1,0 +1,99 @@
+//! `godel serve`: load the config, start the node and the API, and shut
+//! down in order on SIGTERM or Ctrl-C (stop accepting, finish in-flight
+//! requests, stop Raft, wait a bounded time for background tasks).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use super::ServeArgs;
+use crate::config::Config;
+use crate::node::Node;
+
+/// How long shutdown waits for background tasks.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Loads the layered config for `serve`.
+pub fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    config.apply_env(|k| std::env::var(k).ok())?;
+    if let Some(id) = args.node_id {
+        config.node.id = id;
+    }
+    if let Some(d) = &args.data_dir {
+        config.node.data_dir = d.clone();
+    }
+    if let Some(a) = args.api_addr {
+        config.node.api_addr = a;
+    }
+    if let Some(a) = args.raft_addr {
+        config.node.raft_addr = a;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().with_current_span(true).try_init()
+    } else {
+        builder.try_init()
+    };
+    std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
+}
+
+/// Runs a node until SIGTERM or Ctrl-C.
+pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_json);
+    let config = load_config(&args)?;
+    let api_addr = config.node.api_addr;
+    let shutdown = CancellationToken::new();
+    let node = Node::start(config, shutdown.clone())
+        .await
+        .context("starting the node")?;
+    let listener = tokio::net::TcpListener::bind(api_addr)
+        .await
+        .with_context(|| format!("binding the API on {api_addr}"))?;
+    tracing::info!(node = node.id(), %api_addr, raft_addr = %node.info().raft_addr, "godel is serving");
+    let app = crate::api::router(node.clone());
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    let graceful = shutdown.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { graceful.cancelled().await })
+        .await?;
+    node.stop(SHUTDOWN_DEADLINE).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,382 @@
+//! Configuration: one typed tree, layered defaults -> TOML file -> `GODEL_*`
+//! environment -> command-line flags.
+//!
+//! With no file at all, `godel serve` is a single node with its data in
+//! `./data`, its API on 127.0.0.1:7373 and its node-to-node transport on
+//! 127.0.0.1:7474. Every duration is written the human way (`"500ms"`,
+//! `"30s"`); unknown keys are errors; [`Config::validate`] reports every
+//! problem at once.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::raft::NodeId;
+
+/// The whole configuration of one node.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node.
+    pub node: NodeConfig,
+    /// The cluster it belongs to.
+    pub cluster: ClusterConfig,
+    /// Raft timing and log compaction.
+    pub raft: RaftConfig,
+    /// Write batching and lease defaults.
+    pub queue: QueueConfig,
+    /// HTTP API limits.
+    pub api: ApiConfig,
+}
+
+/// This node's identity and addresses.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Stable node id (never reuse one with a wiped data directory).
+    pub id: NodeId,
+    /// Region label.
+    pub region: String,
+    /// Where the log, snapshots and the node's secret live.
+    pub data_dir: PathBuf,
+    /// HTTP API listen address.
+    pub api_addr: SocketAddr,
+    /// Node-to-node transport listen address.
+    pub raft_addr: SocketAddr,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: 1,
+            region: "local".into(),
+            data_dir: PathBuf::from("./data"),
+            api_addr: ([127, 0, 0, 1], 7373).into(),
+            raft_addr: ([127, 0, 0, 1], 7474).into(),
+        }
+    }
+}
+
+/// Cluster membership at bootstrap, and the shared secret.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Initial voters. Empty: this node alone. The member with the lowest id
+    /// initializes a pristine cluster; the others wait to be contacted.
+    pub members: Vec<MemberConfig>,
+    /// API address of a running node to ask to add this one (as a learner,
+    /// then a voter) when this node's data directory is pristine.
+    pub join: Option<String>,
+    /// The shared node-to-node secret. Prefer `secret_file` or the
+    /// `GODEL_CLUSTER_SECRET` environment variable.
+    pub secret: Option<String>,
+    /// A file holding the shared secret.
+    pub secret_file: Option<PathBuf>,
+}
+
+/// One initial member.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its transport address.
+    pub raft_addr: String,
+    /// Its HTTP API address.
+    pub api_addr: String,
+    /// Its region.
+    #[serde(default = "default_region")]
+    pub region: String,
+}
+
+fn default_region() -> String {
+    "local".into()
+}
+
+/// Raft timing. Defaults suit nodes on one LAN; cross-region clusters need
+/// heartbeat >= RTT + fsync and elections several times that.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Leader heartbeat period (also openraft's per-RPC append timeout).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Lower bound of the randomized election timeout.
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_min: Duration,
+    /// Upper bound of the randomized election timeout.
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_max: Duration,
+    /// Log entries between snapshots.
+    pub snapshot_every_entries: u64,
+    /// Log entries kept behind a snapshot for slow followers.
+    pub keep_entries_after_snapshot: u64,
+    /// Timeout of one install-snapshot chunk RPC.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_rpc_timeout: Duration,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
+            snapshot_every_entries: 5000,
+            keep_entries_after_snapshot: 1000,
+            snapshot_rpc_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Write batching and lease defaults.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Most commands in one Raft entry.
+    pub batch_max_commands: usize,
+    /// Raft proposals in flight at once from this node.
+    pub max_inflight_batches: usize,
+    /// Commands waiting for a batch before callers are told to back off (429).
+    pub max_queued_commands: usize,
+    /// How long a write may wait for commit before it fails with 503.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Lease length when a worker does not ask for one.
+    #[serde(with = "humantime_serde")]
+    pub default_lease: Duration,
+    /// How often the leader checks for due timers (scheduled tasks, expired
+    /// leases, backoffs) and proposes a tick when one is due.
+    #[serde(with = "humantime_serde")]
+    pub tick_interval: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            batch_max_commands: 1000,
+            max_inflight_batches: 4,
+            max_queued_commands: 100_000,
+            write_timeout: Duration::from_secs(3),
+            default_lease: Duration::from_secs(30),
+            tick_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// HTTP API limits.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Largest request body, in bytes (413 past it).
+    pub max_body_bytes: usize,
+    /// Longest a request may take before 504.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Most items a list page returns.
+    pub max_page_size: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            request_timeout: Duration::from_secs(10),
+            max_page_size: 1000,
+        }
+    }
+}
+
+/// Configuration errors, all of them.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this tree.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key).
+        message: String,
+    },
+    /// Values that parse but do not make sense.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text over the defaults.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Applies `GODEL_*` environment overrides read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Some(v) = get("GODEL_NODE_ID") {
+            match v.parse() {
+                Ok(id) => self.node.id = id,
+                Err(_) => problems.push(format!("GODEL_NODE_ID: `{v}` is not a number")),
+            }
+        }
+        if let Some(v) = get("GODEL_DATA_DIR") {
+            self.node.data_dir = v.into();
+        }
+        for (key, slot) in [
+            ("GODEL_API_ADDR", &mut self.node.api_addr),
+            ("GODEL_RAFT_ADDR", &mut self.node.raft_addr),
+        ] {
+            if let Some(v) = get(key) {
+                match v.parse() {
+                    Ok(a) => *slot = a,
+                    Err(_) => problems.push(format!("{key}: `{v}` is not host:port")),
+                }
+            }
+        }
+        if let Some(v) = get("GODEL_CLUSTER_SECRET") {
+            self.cluster.secret = Some(v);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Checks the whole tree, reporting every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        let r = &self.raft;
+        if r.heartbeat_interval.is_zero() {
+            p.push("raft.heartbeat_interval must be > 0".to_string());
+        }
+        if r.election_timeout_min <= r.heartbeat_interval {
+            p.push("raft.election_timeout_min must exceed raft.heartbeat_interval".into());
+        }
+        if r.election_timeout_max <= r.election_timeout_min {
+            p.push("raft.election_timeout_max must exceed raft.election_timeout_min".into());
+        }
+        if r.snapshot_every_entries == 0 {
+            p.push("raft.snapshot_every_entries must be > 0".into());
+        }
+        let q = &self.queue;
+        if q.batch_max_commands == 0 || q.max_inflight_batches == 0 || q.max_queued_commands == 0 {
+            p.push("queue.batch_max_commands, max_inflight_batches and max_queued_commands must be > 0".into());
+        }
+        let (lo, hi) = crate::fsm::Limits::LEASE_MS_RANGE;
+        let lease = q.default_lease.as_millis() as u64;
+        if !(lo..=hi).contains(&lease) {
+            p.push(format!(
+                "queue.default_lease must be between {lo}ms and {hi}ms"
+            ));
+        }
+        if self.api.max_body_bytes < 1024 {
+            p.push("api.max_body_bytes must be at least 1024".into());
+        }
+        self.validate_members(&mut p);
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(p))
+        }
+    }
+
+    fn validate_members(&self, p: &mut Vec<String>) {
+        let m = &self.cluster.members;
+        let ids: BTreeSet<NodeId> = m.iter().map(|m| m.id).collect();
+        if ids.len() != m.len() {
+            p.push("cluster.members: node ids must be unique".into());
+        }
+        if !m.is_empty() && !ids.contains(&self.node.id) && self.cluster.join.is_none() {
+            p.push(format!(
+                "cluster.members does not list this node (node.id = {})",
+                self.node.id
+            ));
+        }
+        if !m.is_empty() && self.cluster.secret.is_none() && self.cluster.secret_file.is_none() {
+            p.push("a multi-node cluster needs cluster.secret_file, cluster.secret or GODEL_CLUSTER_SECRET".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_single_node_default() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.node.api_addr.to_string(), "127.0.0.1:7373");
+        assert_eq!(c.node.data_dir, PathBuf::from("./data"));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_named() {
+        let e = Config::from_toml("[node]\nidd = 3\n").unwrap_err();
+        assert!(e.contains("idd"), "{e}");
+        let e = Config::from_toml("[raft]\nheartbeat_interval = \"fast\"\n").unwrap_err();
+        assert!(
+            e.contains("heartbeat_interval") || e.contains("fast"),
+            "{e}"
+        );
+        let c = Config::from_toml("[raft]\nheartbeat_interval = \"20ms\"\n").unwrap();
+        assert_eq!(c.raft.heartbeat_interval, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let mut c = Config::default();
+        c.raft.election_timeout_max = Duration::from_millis(10);
+        c.queue.batch_max_commands = 0;
+        c.cluster.members = vec![MemberConfig {
+            id: 9,
+            raft_addr: "x:1".into(),
+            api_addr: "x:2".into(),
+            region: "r".into(),
+        }];
+        let ConfigError::Invalid(p) = c.validate().unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(p.len(), 4, "{p:?}");
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c = Config::default();
+        let env = |k: &str| match k {
+            "GODEL_NODE_ID" => Some("7".to_string()),
+            "GODEL_API_ADDR" => Some("127.0.0.1:9000".to_string()),
+            _ => None,
+        };
+        c.apply_env(env).unwrap();
+        assert_eq!(c.node.id, 7);
+        assert_eq!(c.node.api_addr.port(), 9000);
+        assert!(
+            c.apply_env(|k| (k == "GODEL_NODE_ID").then(|| "x".to_string()))
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! Every metric, declared in one place, and the one function that turns
+//! state-machine events into log lines and metrics (so they cannot drift).
+//!
+//! Names follow `godel_<area>_<thing>_<unit>`; labels are bounded (priority,
+//! status, event kind), never task, agent or session ids.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::fsm::{Event, EventKind, Priority, TaskStatus};
+use crate::node::Node;
+
+/// The process's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Task events applied on this node, by kind and priority.
+    pub task_events: IntCounterVec,
+    /// Raft entries proposed by this node as leader, by outcome.
+    pub proposals: IntCounterVec,
+    /// Commands per proposed Raft entry.
+    pub batch_commands: HistogramVec,
+    /// Seconds from proposal to applied, per entry.
+    pub commit_seconds: HistogramVec,
+    tasks: IntGaugeVec,
+    raft_term: IntGauge,
+    raft_leader: IntGauge,
+    raft_applied: IntGauge,
+}
+
+fn build() -> prometheus::Result<Metrics> {
+    let registry = Registry::new();
+    let m = Metrics {
+        task_events: IntCounterVec::new(
+            Opts::new(
+                "godel_task_events_total",
+                "Task events applied on this node",
+            ),
+            &["kind", "priority"],
+        )?,
+        proposals: IntCounterVec::new(
+            Opts::new(
+                "godel_raft_proposals_total",
+                "Raft entries proposed by this node as leader",
+            ),
+            &["outcome"],
+        )?,
+        batch_commands: HistogramVec::new(
+            HistogramOpts::new(
+                "godel_raft_batch_commands",
+                "Commands per proposed Raft entry",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
+            ]),
+            &[],
+        )?,
+        commit_seconds: HistogramVec::new(
+            HistogramOpts::new(
+                "godel_raft_commit_seconds",
+                "Seconds from proposal to applied",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14)?),
+            &[],
+        )?,
+        tasks: IntGaugeVec::new(
+            Opts::new("godel_queue_tasks", "Tasks by priority and status"),
+            &["priority", "status"],
+        )?,
+        raft_term: IntGauge::new("godel_raft_term", "Current Raft term")?,
+        raft_leader: IntGauge::new("godel_raft_is_leader", "1 when this node is the leader")?,
+        raft_applied: IntGauge::new("godel_raft_applied_index", "Last applied log index")?,
+        registry,
+    };
+    m.registry.register(Box::new(m.task_events.clone()))?;
+    m.registry.register(Box::new(m.proposals.clone()))?;
+    m.registry.register(Box::new(m.batch_commands.clone()))?;
+    m.registry.register(Box::new(m.commit_seconds.clone()))?;
+    m.registry.register(Box::new(m.tasks.clone()))?;
+    m.registry.register(Box::new(m.raft_term.clone()))?;
+    m.registry.register(Box::new(m.raft_leader.clone()))?;
+    m.registry.register(Box::new(m.raft_applied.clone()))?;
+    Ok(m)
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(|| build().expect("invariant: metric definitions are valid and unique"))
+}
+
+/// The event's name for logs and labels.
+pub fn event_name(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::Submitted => "submitted",
+        EventKind::Ready => "ready",
+        EventKind::Leased { .. } => "leased",
+        EventKind::Started => "started",
+        EventKind::Completed => "completed",
+        EventKind::Failed { .. } => "failed",
+        EventKind::DeadLettered => "dead_lettered",
+        EventKind::Cancelled => "cancelled",
+        EventKind::LeaseExpired { .. } => "lease_expired",
+        EventKind::TimedOut { .. } => "timed_out",
+        EventKind::Requeued => "requeued",
+    }
+}
+
+/// Turns applied events into metrics and log lines.
+pub fn observe(events: &[Event]) {
+    let m = global();
+    for e in events {
+        let name = event_name(&e.kind);
+        m.task_events
+            .with_label_values(&[name, e.priority.as_str()])
+            .inc();
+        match &e.kind {
+            EventKind::DeadLettered
+            | EventKind::TimedOut { .. }
+            | EventKind::LeaseExpired { .. } => {
+                tracing::info!(task_id = e.task.0, priority = e.priority.as_str(), event = name, detail = ?e.kind, "task event");
+            }
+            _ => {
+                tracing::debug!(task_id = e.task.0, priority = e.priority.as_str(), event = name, detail = ?e.kind, "task event")
+            }
+        }
+    }
+}
+
+/// Prometheus text for `GET /metrics`.
+pub fn encode(node: &Node) -> String {
+    let m = global();
+    let raft = node.raft().metrics().borrow().clone();
+    m.raft_term.set(raft.current_term as i64);
+    m.raft_leader.set(i64::from(node.is_leader()));
+    m.raft_applied
+        .set(raft.last_applied.map_or(0, |l| l.index) as i64);
+    let depth = node.state().read(|s| s.depth());
+    for p in Priority::URGENT_FIRST {
+        for s in TaskStatus::ALL {
+            m.tasks
+                .with_label_values(&[p.as_str(), s.as_str()])
+                .set(depth.count(Some(p), s, None) as i64);
+        }
+    }
+    let mut buf = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&m.registry.gather(), &mut buf) {
+        tracing::error!(error = %e, "metrics encoding");
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}

@@ -1,0 +1,336 @@
+//! A Godel node: the Raft instance, its storage and transport, the write
+//! pipeline (batching, forwarding to the leader) and linearizable reads.
+//!
+//! # Writes
+//!
+//! Every mutation is an [`fsm::Command`] handed to [`Node::write`]. Commands
+//! wait in one bounded queue ([`QueueConfig::max_queued_commands`]; past it
+//! the caller gets [`NodeError::Overloaded`]); the proposer drains up to
+//! `batch_max_commands` at a time. On the leader a batch becomes one Raft
+//! entry, stamped with the leader's clock and a jitter seed; on a follower it
+//! is forwarded, whole, to the leader, which stamps and proposes it. There is
+//! no artificial wait: a lone write goes at once, and writes that arrive while
+//! a proposal is in flight share the next one (at most `max_inflight_batches`
+//! proposals at a time). A write reports success only after its entry is
+//! committed (fsynced on a majority) and applied.
+//!
+//! # Failing fast without a quorum
+//!
+//! A leader that has not heard from a quorum for longer than the election
+//! timeout refuses writes at once; a node that knows no leader refuses at
+//! once; everything else is bounded by `write_timeout`. All of these are
+//! [`NodeError::Unavailable`] (503 with `Retry-After`): the outcome of a
+//! timed-out write is unknown, so clients retry with an idempotency key.
+//!
+//! # Reads
+//!
+//! [`Node::read_barrier`] makes the next local read linearizable: the leader
+//! confirms its leadership with a quorum round (ReadIndex); a follower asks the
+//! leader for that index and waits until it has applied it.
+
+mod membership;
+mod proposer;
+mod server;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use membership::MemberStatus;
+
+use crate::config::{Config, QueueConfig};
+use crate::fsm;
+use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
+use crate::raft::{NodeId, NodeInfo, Raft};
+use crate::store::SharedState;
+use crate::transport;
+use crate::{codec, store};
+
+/// Errors of the node layer; each knows its API code.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// No leader, no quorum, or no answer in time. Retry later.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    /// Too many writes waiting. Retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// The request was refused as invalid.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// A local failure (storage, encoding).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<RemoteFailure> for NodeError {
+    fn from(f: RemoteFailure) -> Self {
+        match f {
+            RemoteFailure::Invalid(m) => NodeError::Invalid(m),
+            other => NodeError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: NodeId,
+    info: NodeInfo,
+    config: Config,
+    raft: Raft,
+    state: SharedState,
+    client: transport::Client,
+    queue: proposer::Queue,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Node {
+    /// Opens storage, starts Raft, the transport server, the proposer and the
+    /// timer loop, and bootstraps or joins the cluster.
+    pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Node> {
+        let secret = membership::load_secret(&config)?;
+        let (log_store, sm) = store::Store::open(&config.node.data_dir.join("raft"))?;
+        let state = sm.shared();
+        let tcfg = transport::TransportConfig::new(config.node.id, transport::Secret::new(secret));
+        let faults = transport::Faults::default();
+        let client = transport::Client::new(tcfg.clone(), faults.clone())?;
+        let network = crate::raft::network::Network::new(client.clone(), config.node.id);
+        let raft_config = Arc::new(raft_config(&config)?);
+        let raft = Raft::new(config.node.id, raft_config, network, log_store, sm).await?;
+        let info = NodeInfo {
+            raft_addr: config.node.raft_addr.to_string(),
+            api_addr: config.node.api_addr.to_string(),
+            region: config.node.region.clone(),
+        };
+        let (queue, queue_rx) = proposer::Queue::new(config.queue.max_queued_commands);
+        let node = Node {
+            inner: Arc::new(Inner {
+                id: config.node.id,
+                info,
+                config,
+                raft,
+                state,
+                client,
+                queue,
+                tasks: TaskTracker::new(),
+                shutdown,
+            }),
+        };
+        let listener = tokio::net::TcpListener::bind(node.inner.config.node.raft_addr).await?;
+        let handler = Arc::new(server::RpcHandler { node: node.clone() });
+        let token = node.inner.shutdown.clone();
+        node.spawn(async move {
+            if let Err(e) = transport::serve(listener, tcfg, faults, handler, token).await {
+                tracing::error!(error = %e, "node-to-node transport stopped");
+            }
+        });
+        node.spawn(proposer::run(node.clone(), queue_rx));
+        node.spawn(proposer::tick_loop(node.clone()));
+        membership::bootstrap(&node).await?;
+        Ok(node)
+    }
+
+    /// Spawns a background task owned by the node: it is awaited at shutdown.
+    fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.inner.tasks.spawn(fut);
+    }
+
+    /// Stops Raft and waits (bounded) for the node's background tasks.
+    pub async fn stop(&self, deadline: Duration) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        if tokio::time::timeout(deadline, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?deadline,
+                "background tasks still running at shutdown deadline"
+            );
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// This node's addresses and region.
+    pub fn info(&self) -> &NodeInfo {
+        &self.inner.info
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The Raft handle (metrics, membership).
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The local replica of the state machine.
+    pub fn state(&self) -> &SharedState {
+        &self.inner.state
+    }
+
+    /// The queue settings.
+    pub fn queue_config(&self) -> &QueueConfig {
+        &self.inner.config.queue
+    }
+
+    /// Cancelled when the node shuts down.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// The leader this node knows of, with its addresses.
+    pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let info = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+            .unwrap_or_default();
+        Some((id, info))
+    }
+
+    /// Whether this node believes it is the leader.
+    pub fn is_leader(&self) -> bool {
+        let m = self.inner.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader && m.current_leader == Some(self.inner.id)
+    }
+
+    /// Whether this node is in a quorum: it is a leader that heard from a
+    /// quorum recently, or a follower/learner with a leader that answers.
+    pub async fn in_quorum(&self) -> bool {
+        self.read_barrier().await.is_ok()
+    }
+
+    /// Proposes one command and returns its outcome once committed and applied.
+    pub async fn write(&self, cmd: fsm::Command) -> Result<fsm::Outcome, NodeError> {
+        let timeout = self.inner.config.queue.write_timeout;
+        let rx = self.inner.queue.push(cmd)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(NodeError::Unavailable("node is shutting down".into())),
+            Err(_) => Err(NodeError::Unavailable(format!(
+                "not committed within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Waits until a local read sees every write committed before this call.
+    pub async fn read_barrier(&self) -> Result<(), NodeError> {
+        let timeout = self.inner.config.queue.write_timeout;
+        let index = if self.is_leader() {
+            self.leader_read_index().await.map_err(NodeError::from)?
+        } else {
+            let (leader, info) = self
+                .leader()
+                .ok_or_else(|| NodeError::Unavailable("no leader known".into()))?;
+            match self
+                .call_peer(leader, &info.raft_addr, RpcRequest::ReadIndex, timeout)
+                .await?
+            {
+                RpcReply::ReadIndex(r) => r?,
+                other => return Err(NodeError::Internal(format!("unexpected reply {other:?}"))),
+            }
+        };
+        self.inner
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map(|_| ())
+            .map_err(|e| NodeError::Unavailable(format!("not caught up: {e}")))
+    }
+
+    /// On the leader: confirm leadership with a quorum and return the index
+    /// a linearizable read must wait for.
+    async fn leader_read_index(&self) -> Result<u64, RemoteFailure> {
+        let timeout = self.inner.config.queue.write_timeout;
+        let fut = self.inner.raft.get_read_log_id();
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok((read, _applied))) => Ok(read.map_or(0, |l| l.index)),
+            Ok(Err(e)) => Err(not_leader_or_unavailable(e)),
+            Err(_) => Err(RemoteFailure::Unavailable(format!(
+                "no quorum within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Sends one RPC to a peer and decodes its reply.
+    async fn call_peer(
+        &self,
+        peer: NodeId,
+        addr: &str,
+        req: RpcRequest,
+        timeout: Duration,
+    ) -> Result<RpcReply, NodeError> {
+        let bytes = codec::encode(&req).map_err(|e| NodeError::Internal(e.to_string()))?;
+        let reply = self
+            .inner
+            .client
+            .call(peer, addr, bytes, timeout)
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("node {peer} at {addr}: {e}")))?;
+        codec::decode(&reply)
+            .map_err(|e| NodeError::Internal(format!("reply from node {peer}: {e}")))
+    }
+
+    /// Current membership: voters and learners with their addresses.
+    pub fn members(&self) -> (Vec<NodeId>, BTreeMap<NodeId, NodeInfo>) {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters = membership.voter_ids().collect();
+        let nodes = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        (voters, nodes)
+    }
+}
+
+/// Maps a leadership-check error to "not leader" or "unavailable".
+fn not_leader_or_unavailable(
+    e: openraft::error::RaftError<NodeId, openraft::error::CheckIsLeaderError<NodeId, NodeInfo>>,
+) -> RemoteFailure {
+    use openraft::error::{CheckIsLeaderError, RaftError};
+    match e {
+        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => RemoteFailure::NotLeader {
+            leader: f.leader_id,
+        },
+        other => RemoteFailure::Unavailable(other.to_string()),
+    }
+}
+
+/// openraft's config from ours.
+fn raft_config(c: &Config) -> anyhow::Result<openraft::Config> {
+    let r = &c.raft;
+    let ms = |d: Duration| d.as_millis() as u64;
+    let cfg = openraft::Config {
+        cluster_name: "godel".into(),
+        heartbeat_interval: ms(r.heartbeat_interval),
+        election_timeout_min: ms(r.election_timeout_min),
+        election_timeout_max: ms(r.election_timeout_max),
+        install_snapshot_timeout: ms(r.snapshot_rpc_timeout),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+        ..Default::default()
+    };
+    Ok(cfg.validate()?)
+}

@@ -1,0 +1,300 @@
+//! Cluster membership: bootstrap from config, join and leave through the
+//! leader, and leadership transfer.
+//!
+//! openraft 0.9 has no leader transfer; we do it by hand: the leader checks
+//! the target is a voter that has replicated its whole log, stops sending
+//! heartbeats, waits out the followers' leader lease (the election timeout
+//! maximum) and asks the target to start an election at once. The old leader
+//! turns its heartbeats back on either way; if the target's election fails, a
+//! normal election follows.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use openraft::ChangeMembers;
+use serde::Serialize;
+
+use super::{Node, NodeError};
+use crate::config::Config;
+use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
+use crate::raft::{NodeId, NodeInfo};
+
+/// One member as `GET /cluster` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberStatus {
+    /// Its id.
+    pub id: NodeId,
+    /// Voter or learner.
+    pub role: &'static str,
+    /// Addresses and region.
+    pub info: NodeInfo,
+    /// Whether it is the current leader.
+    pub leader: bool,
+    /// Last log index the leader knows it has (leader only).
+    pub matched_index: Option<u64>,
+}
+
+/// Reads the shared secret: config value, then file; a single node with
+/// neither gets a random one kept in its data directory.
+pub(super) fn load_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
+    if let Some(s) = &config.cluster.secret {
+        return Ok(s.as_bytes().to_vec());
+    }
+    if let Some(path) = &config.cluster.secret_file {
+        let s = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cluster.secret_file {}: {e}", path.display()))?;
+        return Ok(s.trim().as_bytes().to_vec());
+    }
+    let path = config.node.data_dir.join("cluster.secret");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        return Ok(s.trim().as_bytes().to_vec());
+    }
+    std::fs::create_dir_all(&config.node.data_dir)?;
+    let secret: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    std::fs::write(&path, &secret)?;
+    Ok(secret.into_bytes())
+}
+
+/// A pristine node initializes the cluster if it is the lowest-id member (or
+/// alone); with `cluster.join` it asks a running node to add it.
+pub(super) async fn bootstrap(node: &Node) -> anyhow::Result<()> {
+    if node.raft().is_initialized().await? {
+        return Ok(());
+    }
+    let c = node.config();
+    if let Some(seed) = c.cluster.join.clone() {
+        let node = node.clone();
+        node.clone()
+            .spawn(async move { join_loop(node, seed).await });
+        return Ok(());
+    }
+    let members: BTreeMap<NodeId, NodeInfo> = if c.cluster.members.is_empty() {
+        BTreeMap::from([(node.id(), node.info().clone())])
+    } else {
+        c.cluster
+            .members
+            .iter()
+            .map(|m| {
+                (
+                    m.id,
+                    NodeInfo {
+                        raft_addr: m.raft_addr.clone(),
+                        api_addr: m.api_addr.clone(),
+                        region: m.region.clone(),
+                    },
+                )
+            })
+            .collect()
+    };
+    if members.keys().next() == Some(&node.id()) {
+        tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "initializing the cluster");
+        if let Err(e) = node.raft().initialize(members).await {
+            tracing::info!(error = %e, "initialize skipped");
+        }
+    }
+    Ok(())
+}
+
+/// Asks the node at `seed` (an API address) to add this one, until it does.
+async fn join_loop(node: Node, seed: String) {
+    let url = format!("http://{seed}/api/v1/cluster/join");
+    let body = serde_json::json!({ "id": node.id(), "raft_addr": node.info().raft_addr, "api_addr": node.info().api_addr, "region": node.info().region });
+    let http = reqwest::Client::new();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match http
+            .post(&url)
+            .json(&body)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!(%seed, "joined the cluster");
+                return;
+            }
+            Ok(r) => tracing::warn!(%seed, status = %r.status(), "join refused; retrying"),
+            Err(e) => tracing::warn!(%seed, error = %e, "join failed; retrying"),
+        }
+        tokio::select! {
+            _ = node.shutdown_token().cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// On the leader: adds a learner, waits for it to catch up, makes it a voter.
+pub(super) async fn add_member(
+    node: &Node,
+    id: NodeId,
+    info: NodeInfo,
+) -> Result<(), RemoteFailure> {
+    ensure_leader(node)?;
+    let raft = node.raft();
+    raft.add_learner(id, info, true)
+        .await
+        .map_err(|e| RemoteFailure::Unavailable(e.to_string()))?;
+    let (voters, _) = node.members();
+    let mut voters: BTreeSet<NodeId> = voters.into_iter().collect();
+    voters.insert(id);
+    raft.change_membership(voters, false)
+        .await
+        .map_err(|e| RemoteFailure::Unavailable(e.to_string()))?;
+    tracing::info!(node = id, "node added as voter");
+    Ok(())
+}
+
+/// On the leader: removes a node from the voters and learners.
+pub(super) async fn remove_member(node: &Node, id: NodeId) -> Result<(), RemoteFailure> {
+    ensure_leader(node)?;
+    let (voters, nodes) = node.members();
+    if !nodes.contains_key(&id) {
+        return Err(RemoteFailure::Invalid(format!("node {id} is not a member")));
+    }
+    if voters.contains(&id) {
+        if voters.len() == 1 {
+            return Err(RemoteFailure::Invalid(
+                "cannot remove the last voter".into(),
+            ));
+        }
+        let change = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
+        node.raft()
+            .change_membership(change, false)
+            .await
+            .map_err(|e| RemoteFailure::Unavailable(e.to_string()))?;
+    }
+    let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+    node.raft()
+        .change_membership(change, false)
+        .await
+        .map_err(|e| RemoteFailure::Unavailable(e.to_string()))?;
+    tracing::info!(node = id, "node removed");
+    Ok(())
+}
+
+fn ensure_leader(node: &Node) -> Result<(), RemoteFailure> {
+    if node.is_leader() {
+        Ok(())
+    } else {
+        Err(RemoteFailure::NotLeader {
+            leader: node.leader().map(|(id, _)| id),
+        })
+    }
+}
+
+impl Node {
+    /// Adds a node to the cluster (routed to the leader).
+    pub async fn join(&self, id: NodeId, info: NodeInfo) -> Result<(), NodeError> {
+        if self.is_leader() {
+            return add_member(self, id, info).await.map_err(NodeError::from);
+        }
+        self.membership_rpc(RpcRequest::Join { id, info }).await
+    }
+
+    /// Removes a node from the cluster (routed to the leader).
+    pub async fn leave(&self, id: NodeId) -> Result<(), NodeError> {
+        if self.is_leader() {
+            return remove_member(self, id).await.map_err(NodeError::from);
+        }
+        self.membership_rpc(RpcRequest::Leave { id }).await
+    }
+
+    async fn membership_rpc(&self, req: RpcRequest) -> Result<(), NodeError> {
+        let (leader, info) = self
+            .leader()
+            .ok_or_else(|| NodeError::Unavailable("no leader known".into()))?;
+        match self
+            .call_peer(leader, &info.raft_addr, req, Duration::from_secs(60))
+            .await?
+        {
+            RpcReply::Membership(r) => r.map_err(NodeError::from),
+            other => Err(NodeError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Hands leadership to voter `to`. Must run on the leader.
+    pub async fn transfer_leadership(&self, to: NodeId) -> Result<(), NodeError> {
+        ensure_leader(self)?;
+        let m = self.raft().metrics().borrow().clone();
+        if to == self.id() {
+            return Ok(());
+        }
+        if !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == to)
+        {
+            return Err(NodeError::Invalid(format!("node {to} is not a voter")));
+        }
+        let last = m.last_log_index;
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&to).cloned().flatten())
+            .map(|l| l.index);
+        if matched < last {
+            return Err(NodeError::Unavailable(format!(
+                "node {to} has not caught up ({matched:?} < {last:?})"
+            )));
+        }
+        let info = self.members().1.get(&to).cloned().unwrap_or_default();
+        let raft = self.raft();
+        raft.runtime_config().heartbeat(false);
+        raft.runtime_config().elect(false);
+        tokio::time::sleep(
+            self.config().raft.election_timeout_max + self.config().raft.heartbeat_interval,
+        )
+        .await;
+        let result = self
+            .call_peer(
+                to,
+                &info.raft_addr,
+                RpcRequest::Elect,
+                Duration::from_secs(2),
+            )
+            .await;
+        let won = raft
+            .wait(Some(Duration::from_secs(3)))
+            .metrics(|m| m.current_leader == Some(to), "transfer")
+            .await;
+        raft.runtime_config().heartbeat(true);
+        raft.runtime_config().elect(true);
+        match (result?, won) {
+            (RpcReply::Elect(Ok(())), Ok(_)) => Ok(()),
+            (RpcReply::Elect(Err(e)), _) => Err(e.into()),
+            (_, Err(e)) => Err(NodeError::Unavailable(format!(
+                "node {to} did not take over: {e}"
+            ))),
+            (other, _) => Err(NodeError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Every member, with its role.
+    pub fn member_statuses(&self) -> Vec<MemberStatus> {
+        let m = self.raft().metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, info)| MemberStatus {
+                id: *id,
+                role: if voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                },
+                info: info.clone(),
+                leader: m.current_leader == Some(*id),
+                matched_index: m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index),
+            })
+            .collect()
+    }
+}

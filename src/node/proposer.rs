@@ -1,0 +1,204 @@
+//! The write pipeline: one bounded queue of commands, drained into batches;
+//! each batch is proposed as one Raft entry on the leader or forwarded whole
+//! to it. Also the leader's timer loop, which proposes a tick when a timer in
+//! the state machine is due.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{Node, NodeError};
+use crate::clock;
+use crate::fsm::{Batch, Command, Outcome, Request};
+use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
+
+type Reply = oneshot::Sender<Result<Outcome, NodeError>>;
+
+/// The sending side of the command queue.
+pub(super) struct Queue {
+    tx: mpsc::Sender<(Command, Reply)>,
+}
+
+impl Queue {
+    /// A queue holding at most `capacity` waiting commands.
+    pub(super) fn new(capacity: usize) -> (Self, mpsc::Receiver<(Command, Reply)>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Self { tx }, rx)
+    }
+
+    /// Enqueues a command; full means overloaded, never a wait.
+    pub(super) fn push(
+        &self,
+        cmd: Command,
+    ) -> Result<oneshot::Receiver<Result<Outcome, NodeError>>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.try_send((cmd, reply)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                NodeError::Overloaded("write queue is full".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                NodeError::Unavailable("node is shutting down".into())
+            }
+        })?;
+        Ok(rx)
+    }
+}
+
+/// Drains the queue into batches until shutdown.
+pub(super) async fn run(node: Node, mut rx: mpsc::Receiver<(Command, Reply)>) {
+    let max = node.queue_config().batch_max_commands;
+    let inflight = Arc::new(Semaphore::new(node.queue_config().max_inflight_batches));
+    let shutdown = node.shutdown_token().clone();
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = rx.recv() => match next { Some(x) => x, None => break },
+        };
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            break;
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(x) => batch.push(x),
+                Err(_) => break,
+            }
+        }
+        let node = node.clone();
+        node.clone().spawn(async move {
+            let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+            let n = cmds.len();
+            match dispatch(&node, cmds).await {
+                Ok(outcomes) if outcomes.len() == n => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+                Ok(outcomes) => fail_all(
+                    replies,
+                    NodeError::Internal(format!("{} outcomes for {n} commands", outcomes.len())),
+                ),
+                Err(e) => fail_all(replies, e),
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn fail_all(replies: Vec<Reply>, e: NodeError) {
+    let msg = e.to_string();
+    for reply in replies {
+        let err = match &e {
+            NodeError::Unavailable(_) => NodeError::Unavailable(msg.clone()),
+            NodeError::Overloaded(_) => NodeError::Overloaded(msg.clone()),
+            NodeError::Invalid(_) => NodeError::Invalid(msg.clone()),
+            NodeError::Internal(_) => NodeError::Internal(msg.clone()),
+        };
+        let _ = reply.send(Err(err));
+    }
+}
+
+/// Proposes a batch here if leader, else forwards it to the leader. A stale
+/// view of the leader is retried once after the view refreshes.
+async fn dispatch(node: &Node, cmds: Vec<Command>) -> Result<Vec<Outcome>, NodeError> {
+    let timeout = node.queue_config().write_timeout;
+    let mut last = NodeError::Unavailable("no leader known".into());
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(node.config().raft.heartbeat_interval).await;
+        }
+        if node.is_leader() {
+            match propose_as_leader(node, cmds.clone()).await {
+                Err(RemoteFailure::NotLeader { .. }) => continue,
+                other => return other.map_err(NodeError::from),
+            }
+        }
+        let Some((leader, info)) = node.leader().filter(|(id, _)| *id != node.id()) else {
+            continue;
+        };
+        match node
+            .call_peer(
+                leader,
+                &info.raft_addr,
+                RpcRequest::Forward(cmds.clone()),
+                timeout,
+            )
+            .await
+        {
+            Ok(RpcReply::Forward(Err(RemoteFailure::NotLeader { .. }))) => {
+                last = NodeError::Unavailable(format!("node {leader} is no longer the leader"));
+            }
+            Ok(RpcReply::Forward(r)) => return r.map_err(NodeError::from),
+            Ok(other) => return Err(NodeError::Internal(format!("unexpected reply {other:?}"))),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+/// On the leader: stamps the batch with the clock and a seed, proposes it as
+/// one entry and waits (bounded) for it to be applied.
+pub(super) async fn propose_as_leader(
+    node: &Node,
+    commands: Vec<Command>,
+) -> Result<Vec<Outcome>, RemoteFailure> {
+    check_quorum_fresh(node)?;
+    let batch = Batch {
+        now_ms: clock::now_ms(),
+        seed: rand::random(),
+        commands,
+    };
+    let timeout = node.queue_config().write_timeout;
+    let write = node.raft().client_write(Request::Batch(batch));
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(resp)) => Ok(resp.data.outcomes),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            Err(RemoteFailure::NotLeader {
+                leader: f.leader_id,
+            })
+        }
+        Ok(Err(e)) => Err(RemoteFailure::Unavailable(e.to_string())),
+        Err(_) => Err(RemoteFailure::Unavailable(format!(
+            "not committed within {timeout:?}"
+        ))),
+    }
+}
+
+/// A leader that has not heard from a quorum for a whole election timeout is
+/// probably on the minority side: refuse at once rather than hang.
+fn check_quorum_fresh(node: &Node) -> Result<(), RemoteFailure> {
+    let m = node.raft().metrics().borrow().clone();
+    let limit = node.config().raft.election_timeout_max.as_millis() as u64 * 2;
+    match m.millis_since_quorum_ack {
+        Some(ms) if ms > limit => Err(RemoteFailure::Unavailable(format!(
+            "leader has not heard from a quorum for {ms} ms"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// On the leader, proposes a tick whenever a state-machine timer is due.
+pub(super) async fn tick_loop(node: Node) {
+    let every = node.queue_config().tick_interval;
+    let shutdown = node.shutdown_token().clone();
+    let mut timer = tokio::time::interval(every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = timer.tick() => {}
+        }
+        if !node.is_leader() {
+            continue;
+        }
+        let due = node.state().read(|s| s.next_due_ms());
+        if due.is_some_and(|d| d <= clock::now_ms())
+            && let Err(e) = node.write(Command::Tick).await
+        {
+            tracing::debug!(error = %e, "tick not committed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

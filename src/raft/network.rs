@@ -1,0 +1,151 @@
+//! openraft's network: Raft RPCs as [`RpcRequest`]s over the transport.
+
+use std::time::Duration;
+
+use openraft::RPCTypes;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+
+use super::rpc::{RpcReply, RpcRequest};
+use super::{NodeId, NodeInfo, TypeConfig};
+use crate::codec;
+use crate::transport::{Client, TransportError};
+
+/// Creates a connection handle per peer; all share one transport client.
+#[derive(Clone)]
+pub struct Network {
+    client: Client,
+    me: NodeId,
+}
+
+impl Network {
+    /// A network sending as node `me` through `client`.
+    pub fn new(client: Client, me: NodeId) -> Self {
+        Self { client, me }
+    }
+}
+
+/// The Raft side of one peer.
+pub struct PeerConn {
+    client: Client,
+    me: NodeId,
+    target: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConn;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerConn {
+        PeerConn {
+            client: self.client.clone(),
+            me: self.me,
+            target,
+            addr: node.raft_addr.clone(),
+        }
+    }
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
+
+impl PeerConn {
+    async fn call<E: std::error::Error>(
+        &self,
+        req: RpcRequest,
+        action: RPCTypes,
+        ttl: Duration,
+    ) -> Result<RpcReply, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>> {
+        let bytes = codec::encode(&req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let timeout = Timeout {
+            action,
+            id: self.me,
+            target: self.target,
+            timeout: ttl,
+        };
+        let reply = self
+            .client
+            .call(self.target, &self.addr, bytes, ttl)
+            .await
+            .map_err(|e| match e {
+                TransportError::Timeout { .. } => RPCError::Timeout(timeout),
+                TransportError::Unreachable { .. } | TransportError::Auth { .. } => {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
+                other => RPCError::Network(NetworkError::new(&other)),
+            })?;
+        codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+
+    fn unexpected<E: std::error::Error>(
+        reply: RpcReply,
+    ) -> RPCError<NodeId, NodeInfo, RaftError<NodeId, E>> {
+        let msg = format!("unexpected reply {reply:?}");
+        RPCError::Network(NetworkError::new(&std::io::Error::other(msg)))
+    }
+
+    fn remote<E: std::error::Error>(
+        &self,
+        e: RaftError<NodeId, E>,
+    ) -> RPCError<NodeId, NodeInfo, RaftError<NodeId, E>> {
+        RPCError::RemoteError(RemoteError::new(self.target, e))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        match self
+            .call(
+                RpcRequest::AppendEntries(rpc),
+                RPCTypes::AppendEntries,
+                option.hard_ttl(),
+            )
+            .await?
+        {
+            RpcReply::AppendEntries(r) => r.map_err(|e| self.remote(e)),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        match self
+            .call(
+                RpcRequest::InstallSnapshot(rpc),
+                RPCTypes::InstallSnapshot,
+                option.hard_ttl(),
+            )
+            .await?
+        {
+            RpcReply::InstallSnapshot(r) => r.map_err(|e| self.remote(e)),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        match self
+            .call(RpcRequest::Vote(rpc), RPCTypes::Vote, option.hard_ttl())
+            .await?
+        {
+            RpcReply::Vote(r) => r.map_err(|e| self.remote(e)),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The messages nodes send each other over the transport, encoded with
+//! [`crate::codec`]. Variants are only ever appended (bincode tags by index).
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{NodeId, NodeInfo, TypeConfig};
+use crate::fsm;
+
+/// A request from one node to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcRequest {
+    /// Raft log replication and heartbeats.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// Raft election.
+    Vote(VoteRequest<NodeId>),
+    /// Raft snapshot chunk.
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Client commands forwarded to the leader, proposed as one batch.
+    Forward(Vec<fsm::Command>),
+    /// Ask the leader for a read index (confirms leadership with a quorum).
+    ReadIndex,
+    /// Ask the leader to add a node (learner, then voter).
+    Join {
+        /// The new node.
+        id: NodeId,
+        /// Its addresses and region.
+        info: NodeInfo,
+    },
+    /// Ask the leader to remove a node from the voters and learners.
+    Leave {
+        /// The node.
+        id: NodeId,
+    },
+    /// Ask a node to start an election now (the receiving end of a
+    /// leadership transfer).
+    Elect,
+}
+
+/// Why a forwarded request did not run on the receiver.
+#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error)]
+pub enum RemoteFailure {
+    /// The receiver is not the leader; it names the one it knows of.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader the receiver knows of.
+        leader: Option<NodeId>,
+    },
+    /// The receiver could not serve it now (no quorum, timeout, shutting down).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The request was refused as invalid.
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+/// The answer to an [`RpcRequest`], same variant order.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcReply {
+    /// See [`RpcRequest::AppendEntries`].
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// See [`RpcRequest::Vote`].
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// See [`RpcRequest::InstallSnapshot`].
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    /// See [`RpcRequest::Forward`].
+    Forward(Result<Vec<fsm::Outcome>, RemoteFailure>),
+    /// See [`RpcRequest::ReadIndex`]: the log index to wait for.
+    ReadIndex(Result<u64, RemoteFailure>),
+    /// See [`RpcRequest::Join`] and [`RpcRequest::Leave`].
+    Membership(Result<(), RemoteFailure>),
+    /// See [`RpcRequest::Elect`].
+    Elect(Result<(), RemoteFailure>),
+    /// The request could not be decoded.
+    Undecodable(String),
+}
