@@ -1,11 +1,24 @@
 //! Godel: a self-hosted, fault-tolerant control plane for AI coding agents.
 //!
 //! Modules follow DESIGN.md's nouns: [`fsm`] is the deterministic replicated
-//! state machine, [`raft`] replicates it, [`store`] keeps the log and the
-//! state machine in sled, [`transport`] carries node-to-node traffic, and
-//! [`codec`] is the one binary encoding.
+//! state machine; [`raft`] replicates it; [`store`] keeps the log and the
+//! state machine in sled; [`transport`] carries node-to-node traffic; [`node`]
+//! assembles them with the write pipeline and linearizable reads; [`api`] and
+//! [`cli`] are the operator's interfaces; [`config`], [`metrics`], [`clock`]
+//! and [`codec`] are shared plumbing.
 #![warn(missing_docs)]
+// openraft's error types (StorageError, RaftError) are large by design and
+// appear in most storage and network signatures.
+#![allow(clippy::result_large_err)]
 
+pub mod api;
+pub mod cli;
+pub mod clock;
 pub mod codec;
+pub mod config;
 pub mod fsm;
+pub mod metrics;
+pub mod node;
 pub mod raft;
+pub mod store;
+pub mod transport;

@@ -136,6 +136,7 @@ impl Node {
         });
         node.spawn(proposer::run(node.clone(), queue_rx));
         node.spawn(proposer::tick_loop(node.clone()));
+        node.spawn(observe_events(node.clone()));
         membership::bootstrap(&node).await?;
         Ok(node)
     }
@@ -302,6 +303,28 @@ impl Node {
         let voters = membership.voter_ids().collect();
         let nodes = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
         (voters, nodes)
+    }
+}
+
+/// Turns every applied event into its log line and metrics.
+async fn observe_events(node: Node) {
+    let mut rx = node.state().subscribe();
+    let shutdown = node.shutdown_token().clone();
+    loop {
+        let applied = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = rx.recv() => r,
+        };
+        match applied {
+            Ok(a) => crate::metrics::observe(&a.events),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    skipped = n,
+                    "event observer lagged; some task events were not counted"
+                );
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
     }
 }
 

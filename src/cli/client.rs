@@ -3,6 +3,14 @@
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+/// Prints a line to stdout, ignoring a closed pipe (`godel ... | head`).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 use super::{ClusterCmd, Command, DlqCmd, LeaseCmd, ListArgs, Output, QueueCmd, TaskCmd};
 
 /// Runs a client command against `api`; returns the process exit code.
@@ -27,13 +35,13 @@ pub async fn run_client(api: &str, output: Output, cmd: Command) -> anyhow::Resu
             .map(str::to_owned)
             .unwrap_or_else(|| value.to_string());
         match output {
-            Output::Json => println!("{value}"),
+            Output::Json => out!("{value}"),
             Output::Text => eprintln!("error ({status}): {msg}"),
         }
         return Ok(1);
     }
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+        Output::Json => out!("{}", serde_json::to_string_pretty(&value)?),
         Output::Text => print_text(&value),
     }
     Ok(0)
@@ -191,7 +199,7 @@ fn strip_nulls(v: Value) -> Value {
 /// A compact human rendering: task rows where there are tasks, else the JSON.
 fn print_text(v: &Value) {
     let row = |t: &Value| {
-        println!(
+        out!(
             "{:>8}  {:<11}  {:<8}  {:<12}  attempts={} {}",
             t["id"],
             t["status"].as_str().unwrap_or(""),
@@ -207,11 +215,11 @@ fn print_text(v: &Value) {
     if let Some(items) = v["items"].as_array() {
         items.iter().for_each(row);
         if let Some(c) = v["next_cursor"].as_str() {
-            println!("next cursor: {c}");
+            out!("next cursor: {c}");
         }
     } else if let Some(leases) = v["leases"].as_array() {
         for l in leases {
-            println!(
+            out!(
                 "token={} task={} expires_at={}",
                 l["fencing_token"],
                 l["task_id"],
@@ -221,8 +229,8 @@ fn print_text(v: &Value) {
     } else if v.get("status").is_some() && v.get("id").is_some() {
         row(v);
     } else if let Value::String(s) = v {
-        print!("{s}");
+        out!("{}", s.trim_end());
     } else {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        out!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     }
 }
