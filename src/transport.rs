@@ -4,9 +4,10 @@
 //! This layer moves opaque bytes. A [`Client`] sends one request to a peer and
 //! waits for one response; [`serve`] accepts connections and hands each
 //! request to a [`Handler`]. The typed layer above encodes with
-//! [`crate::codec`] and maps [`TransportError`]s onto openraft's
-//! `Unreachable` / `Timeout` / network errors with
-//! [`TransportError::is_retryable`]. Raft never rides on ractor_cluster
+//! [`crate::codec`] and maps [`TransportError`]s onto openraft's errors:
+//! `Unreachable` to `Unreachable` (openraft backs off), `Timeout` to
+//! `Timeout`, the rest to a network error; [`TransportError::is_retryable`]
+//! says which failures are transient. Raft never rides on ractor_cluster
 //! (see DESIGN.md "Writes from any node").
 //!
 //! # Wire format
@@ -17,7 +18,7 @@
 //! ```text
 //! hello   (45 B, both ways)  magic "GDLN" (4) | version u8 | node id u64 | nonce [32]
 //! C -> S  hello(client)
-//! S -> C  hello(server)           (or only magic+version, then close, on a version mismatch)
+//! S -> C  hello(server)           (on a version mismatch: only magic+version, then close)
 //! C -> S  client MAC [32]         HMAC-SHA256(secret, "godel-transport/v1/client" | hello(C) | hello(S))
 //! S -> C  verdict u8              1 accepted, 2 authentication failed, 3 refused (peer blocked)
 //! S -> C  server MAC [32]         only after "accepted":
@@ -47,7 +48,8 @@
 //! - **A connection is reused only after a clean round trip.** Any error,
 //!   timeout or cancellation drops it (the caller's future owns it), and the
 //!   next call connects afresh. Idle connections are probed for a peer hangup
-//!   before reuse, so a restarted peer costs no failed call.
+//!   before reuse, so a peer that restarted (closing its end) costs no failed
+//!   call; one that vanished without closing costs one failed call.
 //! - **Everything is bounded** by [`TransportConfig`]: inbound connections
 //!   (and so in-flight handlers, one per connection), outbound connections and
 //!   idle connections per peer, frame size, handshake, idle and shutdown time.
