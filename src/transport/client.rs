@@ -18,6 +18,10 @@ use super::faults::Faults;
 use super::handshake::{self, ClientError, PROTOCOL_VERSION};
 use super::wire::{self, FrameError};
 
+/// Longest wait a deadline is computed for (a call's `timeout` or the
+/// `connect_timeout`); longer ones are cut to it: one day.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Calls peers. Cheap to clone (one `Arc`); clones share the pool.
 ///
 /// Per `(peer, address)` it keeps up to `max_idle_per_peer` idle
@@ -68,8 +72,8 @@ impl Client {
 
     /// Sends `request` to node `peer` at `addr` and waits for its response.
     ///
-    /// `timeout` bounds the whole call: waiting for a connection slot,
-    /// connecting and the round trip. Connecting is also bounded by
+    /// `timeout` (capped at one day) bounds the whole call: waiting for a
+    /// connection slot, connecting and the round trip. Connecting is also bounded by
     /// `connect_timeout`; a connect that exceeds it is
     /// [`TransportError::Unreachable`], a call that exceeds `timeout` is
     /// [`TransportError::Timeout`]. A blocked peer (see [`Faults`]) fails at
@@ -114,7 +118,7 @@ impl Client {
             self.drop_idle(peer, addr);
             return Err(unreachable(peer, addr, "blocked by fault injection"));
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let timed_out = || TransportError::Timeout {
             peer,
             after: timeout,
@@ -145,7 +149,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<TcpStream, TransportError> {
         let config = &self.inner.config;
-        let connect_deadline = deadline.min(Instant::now() + config.connect_timeout);
+        let connect_deadline = deadline.min(deadline_after(config.connect_timeout));
         let attempt = async {
             let mut stream = TcpStream::connect(addr)
                 .await
@@ -228,6 +232,12 @@ impl Client {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// `now + wait`, with `wait` capped at [`MAX_WAIT`] so that it cannot
+/// overflow.
+fn deadline_after(wait: Duration) -> Instant {
+    Instant::now() + wait.min(MAX_WAIT)
 }
 
 /// Sends one request frame and reads one response frame.

@@ -80,7 +80,7 @@ pub async fn serve<H: Handler>(
         open,
         "transport: stopped accepting; waiting for connections"
     );
-    if tokio::time::timeout(grace + SHUTDOWN_SLACK, tracker.wait())
+    if tokio::time::timeout(grace.saturating_add(SHUTDOWN_SLACK), tracker.wait())
         .await
         .is_err()
     {
