@@ -9,3 +9,4 @@
 pub mod codec;
 pub mod fsm;
 pub mod raft;
+pub mod store;
