@@ -45,8 +45,9 @@
 //! - **`committed` is written but not flushed** on its own. It becomes
 //!   durable with the next append or vote flush (same sled log). Losing the
 //!   latest value in a crash only means replaying fewer entries at start; the
-//!   node learns the commit index again from the leader. It never overstates:
-//!   openraft saves it only after the entries it names are flushed.
+//!   node learns the commit index again from the leader. It never points past
+//!   the durable log: openraft 0.9 issues it after the append that wrote
+//!   those entries, and `append` returns only once its flush is done.
 //! - **Readers see applied, not durable-on-this-node state**: an entry is
 //!   applied only once committed, i.e. fsynced on a majority.
 //!
@@ -168,12 +169,15 @@ impl Store {
     ///
     /// Blocking (sled recovery, snapshot decoding): call it before starting
     /// Raft, from `main` or `tokio::task::spawn_blocking`. sled holds an
-    /// exclusive lock on `dir` until both halves (and all their clones) drop.
+    /// exclusive lock on `dir` until every handle is dropped: both halves,
+    /// their clones, and any snapshot builder. After `Raft::shutdown` the
+    /// last ones drop asynchronously, so reopening in the same process may
+    /// have to retry briefly.
     pub fn open(dir: &Path) -> Result<(LogStore, StateMachine)> {
         let db = db::Db::open(dir)?;
         let applied = state_machine::restore(&db)?;
         let last_purged = db.last_purged()?;
-        if last_purged > applied.last_applied {
+        if last_purged.map(|l| l.index) > applied.last_applied.map(|l| l.index) {
             return Err(StoreError::Inconsistent(format!(
                 "log purged up to {last_purged:?} but the snapshot only covers {:?}",
                 applied.last_applied

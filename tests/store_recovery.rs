@@ -126,7 +126,12 @@ async fn snapshot_purge_reopen_restores_state_and_replays_the_log() {
         log.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
         log.blocking_append(entries.clone()).await.unwrap();
         sm.apply(entries[..8].to_vec()).await.unwrap();
-        let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
         assert_eq!(snap.meta.last_log_id, Some(log_id(1, 8)));
         log.purge(log_id(1, 6)).await.unwrap();
         sm.apply(entries[8..].to_vec()).await.unwrap();
@@ -171,7 +176,11 @@ async fn open_refuses_a_log_purged_past_the_snapshot() {
         let entries = history(6);
         log.blocking_append(entries.clone()).await.unwrap();
         sm.apply(entries[..3].to_vec()).await.unwrap();
-        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
         log.purge(log_id(1, 5)).await.unwrap();
     }
     let err = Store::open(dir.path()).unwrap_err();
@@ -190,9 +199,16 @@ async fn builder_view_is_fixed_and_never_replaces_a_newer_snapshot() {
     a.apply(entries[3..4].to_vec()).await.unwrap(); // applied after the view
 
     b.apply(entries.clone()).await.unwrap();
-    let newer = b.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let newer = b
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
     let mut rx = a.subscribe();
-    a.install_snapshot(&newer.meta, newer.snapshot).await.unwrap();
+    a.install_snapshot(&newer.meta, newer.snapshot)
+        .await
+        .unwrap();
     assert_eq!(a.shared().read(|s| s.clone()), reference(&entries));
     let installed = rx.try_recv().unwrap();
     assert!(installed.snapshot_installed && installed.index == 6);
@@ -244,6 +260,9 @@ async fn events_are_published_and_slow_observers_never_block_apply() {
 
     // overflow the channel: apply neither blocks nor fails; the slow one lags
     sm.apply(entries[4..].to_vec()).await.unwrap();
-    assert!(matches!(never_read.try_recv(), Err(TryRecvError::Lagged(_))));
+    assert!(matches!(
+        never_read.try_recv(),
+        Err(TryRecvError::Lagged(_))
+    ));
     assert_eq!(sm.shared().read(|s| s.clone()), reference(&entries));
 }

@@ -194,7 +194,8 @@ impl Db {
         let _guard = self.lock_snapshot();
         if replace == Replace::IfNotOlder {
             let stored: Option<Meta> = get(&self.snapshot, SNAPSHOT_META, "snapshot meta")?;
-            if stored.is_some_and(|s| s.last_log_id > meta.last_log_id) {
+            let index = |m: &Meta| m.last_log_id.map(|l| l.index);
+            if stored.is_some_and(|s| index(&s) > index(meta)) {
                 return Ok(false);
             }
         }

@@ -68,9 +68,9 @@ impl SharedState {
     }
 
     fn read_guard(&self) -> RwLockReadGuard<'_, Applied> {
-        // Poisoned means an apply panicked mid-entry: the Raft state-machine
-        // worker is dead and the node reports unhealthy. Readers still get
-        // the last state rather than a panic of their own.
+        // Poisoned means an apply panicked mid-entry (an fsm bug): openraft's
+        // state-machine worker died with it and the node stops applying.
+        // Readers still get the last state rather than a panic of their own.
         self.applied.read().unwrap_or_else(PoisonError::into_inner)
     }
 
