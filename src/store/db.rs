@@ -1,0 +1,288 @@
+//! The sled layout: one `Db`, three trees, every value through `crate::codec`.
+//! The only file that names sled types.
+
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use openraft::{LogId, SnapshotMeta, Vote};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Result, StoreError};
+use crate::codec;
+use crate::raft::{NodeId, NodeInfo, TypeConfig};
+
+/// A log entry as openraft hands it over.
+pub(super) type Entry = openraft::Entry<TypeConfig>;
+/// Snapshot metadata.
+pub(super) type Meta = SnapshotMeta<NodeId, NodeInfo>;
+
+const LOGS: &str = "logs";
+const LOG_META: &str = "log_meta";
+const SNAPSHOT: &str = "snapshot";
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const LAST_PURGED: &[u8] = b"last_purged";
+const SNAPSHOT_META: &[u8] = b"meta";
+const SNAPSHOT_DATA: &[u8] = b"data";
+
+/// Whether a snapshot write may replace a newer stored snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Replace {
+    /// Installed from the leader: always replaces.
+    Always,
+    /// Built locally from an older view: skipped if the stored one is newer.
+    IfNotOlder,
+}
+
+/// Handles on the node's sled database; cheap to clone.
+#[derive(Clone, Debug)]
+pub(super) struct Db {
+    db: sled::Db,
+    logs: sled::Tree,
+    log_meta: sled::Tree,
+    snapshot: sled::Tree,
+    /// Makes reading or replacing the two snapshot keys atomic (the snapshot
+    /// is written from the builder task and the state-machine worker).
+    snapshot_lock: Arc<Mutex<()>>,
+}
+
+impl Db {
+    /// Opens or creates the database in `dir`. Blocking.
+    pub(super) fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(dir).open()?;
+        Ok(Self {
+            logs: db.open_tree(LOGS)?,
+            log_meta: db.open_tree(LOG_META)?,
+            snapshot: db.open_tree(SNAPSHOT)?,
+            db,
+            snapshot_lock: Arc::default(),
+        })
+    }
+
+    /// Writes everything written so far to disk and fsyncs it, on sled's
+    /// own thread pool.
+    pub(super) async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    // ---- log metadata ----
+
+    pub(super) fn vote(&self) -> Result<Option<Vote<NodeId>>> {
+        get(&self.log_meta, VOTE, "vote")
+    }
+
+    /// Not durable until the next [`Db::flush`].
+    pub(super) fn set_vote(&self, vote: &Vote<NodeId>) -> Result<()> {
+        put(&self.log_meta, VOTE, vote, "vote")
+    }
+
+    pub(super) fn committed(&self) -> Result<Option<LogId<NodeId>>> {
+        get(&self.log_meta, COMMITTED, "committed log id")
+    }
+
+    pub(super) fn set_committed(&self, committed: Option<&LogId<NodeId>>) -> Result<()> {
+        match committed {
+            Some(c) => put(&self.log_meta, COMMITTED, c, "committed log id"),
+            None => self
+                .log_meta
+                .remove(COMMITTED)
+                .map(drop)
+                .map_err(Into::into),
+        }
+    }
+
+    pub(super) fn last_purged(&self) -> Result<Option<LogId<NodeId>>> {
+        get(&self.log_meta, LAST_PURGED, "last purged log id")
+    }
+
+    pub(super) fn set_last_purged(&self, log_id: &LogId<NodeId>) -> Result<()> {
+        put(&self.log_meta, LAST_PURGED, log_id, "last purged log id")
+    }
+
+    // ---- log entries ----
+
+    /// Writes `entries` in one atomic batch: readable on return, durable after
+    /// the next [`Db::flush`].
+    pub(super) fn append(&self, entries: impl IntoIterator<Item = Entry>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let index = entry.log_id.index;
+            let value = codec::encode(&entry).map_err(|source| StoreError::Encode {
+                what: format!("log entry {index}"),
+                source,
+            })?;
+            batch.insert(&index.to_be_bytes()[..], value);
+        }
+        self.logs.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// The stored entries with an index in `range`, in index order.
+    pub(super) fn entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>> {
+        let Some((start, end)) = key_range(&range) else {
+            return Ok(Vec::new());
+        };
+        let iter = match end {
+            Some(end) => self.logs.range(start..end),
+            None => self.logs.range(start..),
+        };
+        iter.map(|kv| {
+            let (key, value) = kv?;
+            decode_entry(&key, &value)
+        })
+        .collect()
+    }
+
+    /// The id of the last stored entry.
+    pub(super) fn last_log_id(&self) -> Result<Option<LogId<NodeId>>> {
+        match self.logs.last()? {
+            Some((key, value)) => Ok(Some(decode_entry(&key, &value)?.log_id)),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes the entries with an index in `range`, in one atomic batch.
+    pub(super) fn remove_entries(&self, range: impl RangeBounds<u64>) -> Result<()> {
+        let Some((start, end)) = key_range(&range) else {
+            return Ok(());
+        };
+        let keys = match end {
+            Some(end) => self.logs.range(start..end),
+            None => self.logs.range(start..),
+        }
+        .keys();
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key?);
+        }
+        self.logs.apply_batch(batch)?;
+        Ok(())
+    }
+
+    // ---- snapshot ----
+
+    /// The stored snapshot's metadata and payload bytes. Blocking: reads the
+    /// whole payload.
+    pub(super) fn snapshot(&self) -> Result<Option<(Meta, Vec<u8>)>> {
+        let _guard = self.lock_snapshot();
+        let meta: Option<Meta> = get(&self.snapshot, SNAPSHOT_META, "snapshot meta")?;
+        let data = self.snapshot.get(SNAPSHOT_DATA)?;
+        match (meta, data) {
+            (Some(meta), Some(data)) => Ok(Some((meta, data.to_vec()))),
+            (None, None) => Ok(None),
+            (meta, data) => Err(StoreError::Inconsistent(format!(
+                "snapshot meta present: {}, data present: {}",
+                meta.is_some(),
+                data.is_some()
+            ))),
+        }
+    }
+
+    /// Stores a snapshot (metadata and payload in one atomic batch) unless
+    /// `replace` forbids replacing a newer one; returns whether it was
+    /// written. Not durable until the next [`Db::flush`]. Blocking: copies the
+    /// whole payload.
+    pub(super) fn set_snapshot(&self, meta: &Meta, data: &[u8], replace: Replace) -> Result<bool> {
+        let meta_bytes = codec::encode(meta).map_err(|source| StoreError::Encode {
+            what: "snapshot meta".into(),
+            source,
+        })?;
+        let _guard = self.lock_snapshot();
+        if replace == Replace::IfNotOlder {
+            let stored: Option<Meta> = get(&self.snapshot, SNAPSHOT_META, "snapshot meta")?;
+            let index = |m: &Meta| m.last_log_id.map(|l| l.index);
+            if stored.is_some_and(|s| index(&s) > index(meta)) {
+                return Ok(false);
+            }
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAPSHOT_META, meta_bytes);
+        batch.insert(SNAPSHOT_DATA, data);
+        self.snapshot.apply_batch(batch)?;
+        Ok(true)
+    }
+
+    fn lock_snapshot(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The mutex guards no data, only the order of sled calls, so a
+        // poisoned lock (a panic inside sled) leaves nothing inconsistent.
+        self.snapshot_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Test hook: overwrites a stored log entry with `bytes`.
+    #[cfg(test)]
+    pub(super) fn overwrite_entry(&self, index: u64, bytes: &[u8]) -> Result<()> {
+        self.logs.insert(index.to_be_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// Test hook: overwrites the stored snapshot payload with `bytes`.
+    #[cfg(test)]
+    pub(super) fn overwrite_snapshot_data(&self, bytes: &[u8]) -> Result<()> {
+        self.snapshot.insert(SNAPSHOT_DATA, bytes)?;
+        Ok(())
+    }
+}
+
+fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8], what: &str) -> Result<Option<T>> {
+    match tree.get(key)? {
+        Some(bytes) => codec::decode(&bytes)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt {
+                what: what.to_owned(),
+                source,
+            }),
+        None => Ok(None),
+    }
+}
+
+fn put<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T, what: &str) -> Result<()> {
+    let bytes = codec::encode(value).map_err(|source| StoreError::Encode {
+        what: what.to_owned(),
+        source,
+    })?;
+    tree.insert(key, bytes)?;
+    Ok(())
+}
+
+/// Decodes a stored entry and checks that it sits under its own index.
+fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry> {
+    let index = <[u8; 8]>::try_from(key)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Inconsistent(format!("log key of {} bytes", key.len())))?;
+    let entry: Entry = codec::decode(value).map_err(|source| StoreError::Corrupt {
+        what: format!("log entry {index}"),
+        source,
+    })?;
+    if entry.log_id.index != index {
+        return Err(StoreError::Inconsistent(format!(
+            "log entry {} stored under index {index}",
+            entry.log_id
+        )));
+    }
+    Ok(entry)
+}
+
+/// The sled key range for an index range: `(start, end)` with an exclusive
+/// `end` (`None`: unbounded), or `None` if the range is empty.
+fn key_range(range: &impl RangeBounds<u64>) -> Option<([u8; 8], Option<[u8; 8]>)> {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.checked_add(1),
+        Bound::Excluded(&e) => Some(e),
+        Bound::Unbounded => None,
+    };
+    if end.is_some_and(|end| end <= start) {
+        return None;
+    }
+    Some((start.to_be_bytes(), end.map(u64::to_be_bytes)))
+}
