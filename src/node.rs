@@ -99,7 +99,8 @@ impl Node {
     /// timer loop, and bootstraps or joins the cluster.
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Node> {
         let secret = membership::load_secret(&config)?;
-        let (log_store, sm) = store::Store::open(&config.node.data_dir.join("raft"))?;
+        let dir = config.node.data_dir.join("raft");
+        let (log_store, sm) = tokio::task::spawn_blocking(move || store::Store::open(&dir)).await??;
         let state = sm.shared();
         let tcfg = transport::TransportConfig::new(config.node.id, transport::Secret::new(secret));
         let faults = transport::Faults::default();
