@@ -1,0 +1,649 @@
+//! A multi-process cluster harness: real `godel serve` processes on
+//! 127.0.0.1, each with its own temporary directory (config, data, log).
+//!
+//! - The binary is the one cargo already built for this test
+//!   (`CARGO_BIN_EXE_godel`); the harness never builds anything.
+//! - Ports are picked free by binding port 0 and releasing it; a process-wide
+//!   set makes sure two nodes of concurrently running tests never get the same
+//!   port from this process.
+//! - Processes are signalled by PID only: `kill9` is `Child::kill` (SIGKILL)
+//!   plus `wait`, `pause`/`resume` run `kill -STOP|-CONT <pid>` (no extra
+//!   dependency needed for two signals). Drop kills whatever still runs.
+//! - Every wait polls with a deadline ([`wait_until`]); nothing sleeps a fixed
+//!   time to wait for a condition.
+//! - Each node logs to `node.log` in its directory; when a test panics the
+//!   harness prints the tail of every node's log. Set `GODEL_TEST_KEEP=1` to
+//!   keep the directories, `GODEL_TEST_LOG` to change the nodes' log filter.
+//!
+//! Includers declare it `#[allow(dead_code)] mod support;`: each test or bench
+//! target uses a different subset of it.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+
+pub mod work;
+
+/// The binary under test, built by cargo for this integration test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_godel");
+/// The shared node-to-node secret of every test cluster.
+pub const SECRET: &str = "godel-cluster-test-secret-0123456789";
+/// Longest a single HTTP request may take (client side).
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest `Cluster::start` waits for an agreed leader.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between two polls of a condition.
+const POLL: Duration = Duration::from_millis(25);
+/// Lines of each node's log printed when a test fails.
+const LOG_TAIL_LINES: usize = 120;
+
+/// Ports handed out by this process, so concurrent tests never share one.
+static PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A free port on 127.0.0.1 that this process has not handed out before.
+fn free_port() -> u16 {
+    for _ in 0..100 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local addr").port();
+        let mut used = PORTS.lock().expect("ports lock");
+        if used.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+    panic!("no free port found in 100 tries");
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A TOML string literal.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// One `godel serve` process and its directory.
+pub struct NodeProc {
+    /// Raft node id (index + 1).
+    pub id: u64,
+    /// HTTP API address.
+    pub api_addr: SocketAddr,
+    /// Node-to-node transport address.
+    pub raft_addr: SocketAddr,
+    dir: Option<tempfile::TempDir>,
+    config: PathBuf,
+    log: PathBuf,
+    child: Mutex<Option<Child>>,
+    paused: bool,
+}
+
+impl NodeProc {
+    fn new(id: u64) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("godel-node{id}-"))
+            .tempdir()
+            .expect("tempdir");
+        let config = dir.path().join("node.toml");
+        let log = dir.path().join("node.log");
+        Self {
+            id,
+            api_addr: loopback(free_port()),
+            raft_addr: loopback(free_port()),
+            dir: Some(dir),
+            config,
+            log,
+            child: Mutex::new(None),
+            paused: false,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().expect("dir present until drop").path()
+    }
+
+    /// Writes this node's config: `[cluster] members` or `join`.
+    fn write_config(&self, cluster: &str) {
+        let text = format!(
+            "# written by tests/support for node {id}\n\
+             [node]\nid = {id}\nregion = \"local\"\ndata_dir = {data}\n\
+             api_addr = \"{api}\"\nraft_addr = \"{raft}\"\n\n\
+             [raft]\nheartbeat_interval = \"50ms\"\n\
+             election_timeout_min = \"150ms\"\nelection_timeout_max = \"300ms\"\n\n\
+             {cluster}",
+            id = self.id,
+            data = toml_str(&self.path().join("data").to_string_lossy()),
+            api = self.api_addr,
+            raft = self.raft_addr,
+        );
+        std::fs::write(&self.config, text).expect("write node config");
+    }
+
+    fn spawn(&mut self) {
+        let mut child = self.child.lock().expect("child lock");
+        assert!(child.is_none(), "node {} is already running", self.id);
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open node log");
+        writeln!(log, "===== harness: starting node {} =====", self.id).expect("write log");
+        let filter = std::env::var("GODEL_TEST_LOG")
+            .unwrap_or_else(|_| "info,openraft=warn,sled=warn".to_string());
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", filter)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("GODEL_") {
+                cmd.env_remove(k);
+            }
+        }
+        *child = Some(cmd.spawn().expect("spawn godel serve"));
+        self.paused = false;
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .expect("child lock")
+            .as_ref()
+            .map(Child::id)
+    }
+
+    /// Whether the process was started and not killed by the harness.
+    pub fn is_running(&self) -> bool {
+        self.child.lock().expect("child lock").is_some()
+    }
+
+    /// Fails if the process exited on its own.
+    fn check_alive(&self) -> Result<()> {
+        let mut child = self.child.lock().expect("child lock");
+        if let Some(c) = child.as_mut()
+            && let Some(status) = c.try_wait().context("try_wait")?
+        {
+            bail!("node {} exited unexpectedly with {status}", self.id);
+        }
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.lock().expect("child lock").take() {
+            // SIGKILL also ends a stopped process.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.paused = false;
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("node is running");
+        let status = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {pid} failed: {status}");
+    }
+
+    /// The last `lines` lines of the node's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = f.seek(SeekFrom::Start(len.saturating_sub(256 * 1024)));
+            let _ = f.read_to_string(&mut text);
+        }
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// An HTTP response: status, `Retry-After`, JSON body (`Null` if none).
+#[derive(Clone, Debug)]
+pub struct Resp {
+    /// HTTP status code.
+    pub status: u16,
+    /// The `Retry-After` header, if any.
+    pub retry_after: Option<String>,
+    /// The body as JSON (a string value if it was not JSON).
+    pub body: Value,
+}
+
+impl Resp {
+    /// `error.code` of an error body.
+    pub fn code(&self) -> Option<&str> {
+        self.body["error"]["code"].as_str()
+    }
+
+    /// `error.message` of an error body.
+    pub fn message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or("")
+    }
+
+    /// Checks the DESIGN error shape, status and code.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "unexpected response {self:?}");
+        let e = &self.body["error"];
+        assert_eq!(e["code"].as_str(), Some(code), "error code in {self:?}");
+        assert!(e["message"].is_string(), "error.message missing: {self:?}");
+        assert!(
+            e["retryable"].is_boolean(),
+            "error.retryable missing: {self:?}"
+        );
+        let keys: Vec<&String> = e.as_object().expect("error object").keys().collect();
+        assert_eq!(
+            keys.len(),
+            3,
+            "error has exactly code/message/retryable: {self:?}"
+        );
+    }
+}
+
+/// A cheap, cloneable HTTP client for the cluster's API addresses, usable
+/// from spawned tasks.
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    addrs: Arc<Vec<SocketAddr>>,
+}
+
+impl Api {
+    fn new(addrs: Vec<SocketAddr>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(HTTP_TIMEOUT)
+            .connect_timeout(Duration::from_secs(1))
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .expect("http client");
+        Self {
+            http,
+            addrs: Arc::new(addrs),
+        }
+    }
+
+    /// Number of nodes addressed.
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    fn url(&self, i: usize, path: &str) -> String {
+        format!("http://{}{path}", self.addrs[i])
+    }
+
+    async fn finish(resp: reqwest::Response) -> Result<Resp> {
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = resp.bytes().await.context("reading response body")?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Ok(Resp {
+            status,
+            retry_after,
+            body,
+        })
+    }
+
+    /// `GET` on node `i`.
+    pub async fn get(&self, i: usize, path: &str) -> Result<Resp> {
+        let resp = self
+            .http
+            .get(self.url(i, path))
+            .send()
+            .await
+            .with_context(|| format!("GET {path} on node index {i}"))?;
+        Self::finish(resp).await
+    }
+
+    /// `POST` of a JSON body on node `i`.
+    pub async fn post(&self, i: usize, path: &str, body: &Value) -> Result<Resp> {
+        self.post_raw(i, path, serde_json::to_vec(body).expect("json"))
+            .await
+    }
+
+    /// `POST` of raw bytes (as `application/json`) on node `i`.
+    pub async fn post_raw(&self, i: usize, path: &str, body: Vec<u8>) -> Result<Resp> {
+        let resp = self
+            .http
+            .post(self.url(i, path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {path} on node index {i}"))?;
+        Self::finish(resp).await
+    }
+
+    /// `POST` until it is not a retryable failure (503, 429, 504, no
+    /// connection), or `deadline`. Safe only for idempotent requests (a
+    /// submit with an idempotency key, a lease is not).
+    pub async fn post_retrying(
+        &self,
+        i: usize,
+        path: &str,
+        body: &Value,
+        deadline: Instant,
+    ) -> Resp {
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.post(i, path, body).await {
+                Ok(r) if matches!(r.status, 429 | 503 | 504) => last = format!("{r:?}"),
+                Ok(r) => return r,
+                Err(e) => last = format!("{e:#}"),
+            }
+            tokio::time::sleep(POLL * 2).await;
+        }
+        panic!("POST {path} on node index {i} kept failing until the deadline; last: {last}");
+    }
+
+    /// `GET` that must answer 200; returns the body. A 503/504 or a failed
+    /// connection is retried for up to 10 s (a read is idempotent, and "not
+    /// now" is not a wrong answer); any other status fails the test.
+    pub async fn get_ok(&self, i: usize, path: &str) -> Value {
+        let until = deadline(Duration::from_secs(10));
+        loop {
+            let last = match self.get(i, path).await {
+                Ok(r) if r.status == 200 => return r.body,
+                Ok(r) if matches!(r.status, 503 | 504) => format!("{r:?}"),
+                Ok(r) => panic!("GET {path} on node index {i}: {r:?}"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(
+                Instant::now() < until,
+                "GET {path} on node index {i} kept failing; last: {last}"
+            );
+            tokio::time::sleep(POLL * 2).await;
+        }
+    }
+
+    /// Every task matching `query` (e.g. `status=leased`), following cursors.
+    pub async fn list_tasks(&self, i: usize, query: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/api/v1/tasks?limit=1000&{query}");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let page = self.get_ok(i, &path).await;
+            out.extend(page["items"].as_array().expect("items").iter().cloned());
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return out,
+            }
+        }
+    }
+
+    /// `GET /api/v1/queue/depth` on node `i`.
+    pub async fn depth(&self, i: usize) -> Value {
+        self.get_ok(i, "/api/v1/queue/depth").await
+    }
+
+    /// `GET /api/v1/cluster` on node `i`.
+    pub async fn cluster(&self, i: usize) -> Result<Value> {
+        let r = self.get(i, "/api/v1/cluster").await?;
+        if r.status != 200 {
+            bail!("GET /api/v1/cluster: {r:?}");
+        }
+        Ok(r.body)
+    }
+}
+
+/// Polls `f` until it returns `Ok`, or panics at `deadline` with `what` and
+/// the last reason `f` gave.
+pub async fn wait_until<T>(
+    what: &str,
+    deadline: Instant,
+    mut f: impl AsyncFnMut() -> Result<T>,
+) -> T {
+    loop {
+        let last = match f().await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            panic!("timed out waiting for {what}; last: {last:#}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// `now + d`.
+pub fn deadline(d: Duration) -> Instant {
+    Instant::now() + d
+}
+
+/// Runs a test body with an overall time bound.
+pub async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, body).await {
+        Ok(v) => v,
+        Err(_) => panic!("test exceeded its overall bound of {limit:?}"),
+    }
+}
+
+/// A cluster of `godel serve` processes, killed on drop.
+pub struct Cluster {
+    nodes: Vec<NodeProc>,
+    started: Instant,
+}
+
+impl Cluster {
+    /// Starts `n` voters listed in each other's `[[cluster.members]]` and
+    /// waits until they agree on a leader.
+    pub async fn start(n: usize) -> Cluster {
+        let nodes: Vec<NodeProc> = (1..=n as u64).map(NodeProc::new).collect();
+        let mut members = format!("[cluster]\nsecret = {}\n", toml_str(SECRET));
+        for p in &nodes {
+            members.push_str(&format!(
+                "\n[[cluster.members]]\nid = {}\nraft_addr = \"{}\"\napi_addr = \"{}\"\nregion = \"local\"\n",
+                p.id, p.raft_addr, p.api_addr
+            ));
+        }
+        let mut c = Cluster {
+            nodes,
+            started: Instant::now(),
+        };
+        for p in &mut c.nodes {
+            p.write_config(&members);
+            p.spawn();
+        }
+        c.leader_within(START_TIMEOUT).await;
+        eprintln!("[harness] {n}-node cluster up in {:?}", c.started.elapsed());
+        c
+    }
+
+    /// Starts one more node with `[cluster] join = <api addr of node seed>`
+    /// and no member list; returns its index. Does not wait.
+    pub fn start_joining(&mut self, seed: usize) -> usize {
+        let id = self.nodes.iter().map(|p| p.id).max().unwrap_or(0) + 1;
+        let mut p = NodeProc::new(id);
+        p.write_config(&format!(
+            "[cluster]\nsecret = {}\njoin = \"{}\"\n",
+            toml_str(SECRET),
+            self.nodes[seed].api_addr
+        ));
+        p.spawn();
+        self.nodes.push(p);
+        self.nodes.len() - 1
+    }
+
+    /// Number of nodes (running or not).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &NodeProc {
+        &self.nodes[i]
+    }
+
+    /// Index of the node with Raft id `id`.
+    pub fn index_of(&self, id: u64) -> usize {
+        self.nodes
+            .iter()
+            .position(|p| p.id == id)
+            .unwrap_or_else(|| panic!("no node with id {id}"))
+    }
+
+    /// A client for every node's API (dead ones just fail to connect).
+    pub fn api(&self) -> Api {
+        Api::new(self.nodes.iter().map(|p| p.api_addr).collect())
+    }
+
+    /// Indices of nodes that run and are not paused.
+    pub fn live(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_running() && !self.nodes[i].paused)
+            .collect()
+    }
+
+    /// Fails if a node the harness did not kill has exited.
+    pub fn check_alive(&self) -> Result<()> {
+        self.nodes.iter().try_for_each(NodeProc::check_alive)
+    }
+
+    /// SIGKILL node `i` and reap it.
+    pub fn kill9(&mut self, i: usize) {
+        self.nodes[i].kill();
+        eprintln!("[harness] SIGKILL node {}", self.nodes[i].id);
+    }
+
+    /// SIGSTOP node `i`.
+    pub fn pause(&mut self, i: usize) {
+        self.nodes[i].signal("-STOP");
+        self.nodes[i].paused = true;
+    }
+
+    /// SIGCONT node `i`.
+    pub fn resume(&mut self, i: usize) {
+        self.nodes[i].signal("-CONT");
+        self.nodes[i].paused = false;
+    }
+
+    /// Starts node `i` again with the same config and data directory.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].spawn();
+        eprintln!("[harness] restarted node {}", self.nodes[i].id);
+    }
+
+    /// Waits (default bound) until every live node names the same leader,
+    /// which is live and says it leads; returns its index.
+    pub async fn leader(&self) -> usize {
+        self.leader_within(Duration::from_secs(20)).await
+    }
+
+    /// [`Cluster::leader`] with an explicit bound.
+    pub async fn leader_within(&self, limit: Duration) -> usize {
+        let api = self.api();
+        let live = self.live();
+        wait_until("an agreed leader", deadline(limit), async || {
+            self.check_alive()?;
+            self.agreed_leader(&api, &live).await
+        })
+        .await
+    }
+
+    async fn agreed_leader(&self, api: &Api, live: &[usize]) -> Result<usize> {
+        let mut leader = None;
+        for &i in live {
+            let s = api.cluster(i).await?;
+            let l = s["leader"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("node {} knows no leader", self.nodes[i].id))?;
+            if leader.is_some_and(|x| x != l) {
+                bail!("nodes disagree on the leader: {leader:?} vs {l}");
+            }
+            leader = Some(l);
+        }
+        let id = leader.ok_or_else(|| anyhow!("no live node"))?;
+        let i = self.index_of(id);
+        if !live.contains(&i) {
+            bail!("leader {id} is not live");
+        }
+        let s = api.cluster(i).await?;
+        if s["state"] != "leader" {
+            bail!("node {id} is named leader but is {}", s["state"]);
+        }
+        Ok(i)
+    }
+
+    /// Waits until node `i` has applied at least what the leader has applied.
+    pub async fn wait_caught_up(&self, i: usize, limit: Duration) {
+        let api = self.api();
+        wait_until(
+            &format!("node {} to catch up", self.nodes[i].id),
+            deadline(limit),
+            async || {
+                self.check_alive()?;
+                let l = self.agreed_leader(&api, &self.live()).await?;
+                let target = api.cluster(l).await?["applied_index"].as_u64();
+                let mine = api.cluster(i).await?["applied_index"].as_u64();
+                if mine.is_some() && mine >= target {
+                    Ok(())
+                } else {
+                    bail!("applied {mine:?} < leader's {target:?}")
+                }
+            },
+        )
+        .await
+    }
+
+    fn dump_logs(&self) {
+        for p in &self.nodes {
+            eprintln!(
+                "\n===== node {} ({}) log tail: {} =====\n{}",
+                p.id,
+                p.api_addr,
+                p.log.display(),
+                p.log_tail(LOG_TAIL_LINES)
+            );
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in &mut self.nodes {
+            p.kill();
+        }
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        if std::env::var_os("GODEL_TEST_KEEP").is_some() {
+            for p in &mut self.nodes {
+                if let Some(d) = p.dir.take() {
+                    eprintln!("[harness] kept {}", d.keep().display());
+                }
+            }
+        }
+    }
+}
+
+/// A submit body.
+pub fn task_body(tenant: &str, priority: &str, n: usize, key: Option<&str>) -> Value {
+    let mut b = json!({ "tenant": tenant, "priority": priority, "payload": { "n": n } });
+    if let Some(k) = key {
+        b["idempotency_key"] = json!(k);
+    }
+    b
+}
