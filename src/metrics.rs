@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -22,9 +22,9 @@ pub struct Metrics {
     /// Raft entries proposed by this node as leader, by outcome.
     pub proposals: IntCounterVec,
     /// Commands per proposed Raft entry.
-    pub batch_commands: HistogramVec,
+    pub batch_commands: Histogram,
     /// Seconds from proposal to applied, per entry.
-    pub commit_seconds: HistogramVec,
+    pub commit_seconds: Histogram,
     tasks: IntGaugeVec,
     raft_term: IntGauge,
     raft_leader: IntGauge,
@@ -48,7 +48,7 @@ fn build() -> prometheus::Result<Metrics> {
             ),
             &["outcome"],
         )?,
-        batch_commands: HistogramVec::new(
+        batch_commands: Histogram::with_opts(
             HistogramOpts::new(
                 "godel_raft_batch_commands",
                 "Commands per proposed Raft entry",
@@ -56,15 +56,13 @@ fn build() -> prometheus::Result<Metrics> {
             .buckets(vec![
                 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
             ]),
-            &[],
         )?,
-        commit_seconds: HistogramVec::new(
+        commit_seconds: Histogram::with_opts(
             HistogramOpts::new(
                 "godel_raft_commit_seconds",
                 "Seconds from proposal to applied",
             )
             .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14)?),
-            &[],
         )?,
         tasks: IntGaugeVec::new(
             Opts::new("godel_queue_tasks", "Tasks by priority and status"),

@@ -51,7 +51,7 @@ use crate::transport;
 use crate::{codec, store};
 
 /// Errors of the node layer; each knows its API code.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum NodeError {
     /// No leader, no quorum, or no answer in time. Retry later.
     #[error("service unavailable: {0}")]
@@ -71,7 +71,10 @@ impl From<RemoteFailure> for NodeError {
     fn from(f: RemoteFailure) -> Self {
         match f {
             RemoteFailure::Invalid(m) => NodeError::Invalid(m),
-            other => NodeError::Unavailable(other.to_string()),
+            RemoteFailure::Unavailable(m) => NodeError::Unavailable(m),
+            RemoteFailure::NotLeader { leader } => NodeError::Unavailable(format!(
+                "leadership is changing (last known leader: {leader:?})"
+            )),
         }
     }
 }
@@ -100,7 +103,8 @@ impl Node {
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Node> {
         let secret = membership::load_secret(&config)?;
         let dir = config.node.data_dir.join("raft");
-        let (log_store, sm) = tokio::task::spawn_blocking(move || store::Store::open(&dir)).await??;
+        let (log_store, sm) =
+            tokio::task::spawn_blocking(move || store::Store::open(&dir)).await??;
         let state = sm.shared();
         let tcfg = transport::TransportConfig::new(config.node.id, transport::Secret::new(secret));
         let faults = transport::Faults::default();

@@ -760,7 +760,6 @@ async fn paused_leader_body(c: &mut Cluster) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: POST /api/v1/leases is validated only at apply, so each bad request costs a Raft entry (src/api/leases.rs `acquire`)"]
 async fn bad_lease_request_costs_no_log_entry() {
     let c = Cluster::start(3).await;
     bounded(TEST_BOUND, async {
@@ -790,7 +789,6 @@ async fn bad_lease_request_costs_no_log_entry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: a transfer-leader relayed by a follower turns the leader's 4xx into a 503 (src/api/cluster.rs `transfer`)"]
 async fn relayed_transfer_keeps_the_error() {
     let c = Cluster::start(3).await;
     bounded(TEST_BOUND, async {

@@ -5,6 +5,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -78,11 +79,9 @@ pub struct TransferBody {
 }
 
 /// `POST /cluster/transfer-leader`: hands leadership to a voter. Sent to a
-/// follower, it is relayed to the leader's API.
-pub async fn transfer(
-    State(api): State<Api>,
-    Body(b): Body<TransferBody>,
-) -> ApiResult<Json<Value>> {
+/// follower, it is relayed to the leader's API and the leader's answer
+/// (status and body) is passed back unchanged.
+pub async fn transfer(State(api): State<Api>, Body(b): Body<TransferBody>) -> ApiResult<Response> {
     if !api.node.is_leader() {
         let (_, leader) = api
             .node
@@ -96,19 +95,16 @@ pub async fn transfer(
             .send()
             .await
             .map_err(|e| ApiError::unavailable(format!("leader unreachable: {e}")))?;
-        let status = resp.status();
+        let status =
+            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let body: Value = resp
             .json()
             .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        return if status.is_success() {
-            Ok(Json(body))
-        } else {
-            Err(ApiError::unavailable(body.to_string()))
-        };
+            .map_err(|e| ApiError::unavailable(format!("leader's answer: {e}")))?;
+        return Ok((status, Json(body)).into_response());
     }
     api.node.transfer_leadership(b.to).await?;
-    Ok(Json(json!({ "leader": b.to })))
+    Ok(Json(json!({ "leader": b.to })).into_response())
 }
 
 /// `GET /health/live`: the process answers.

@@ -17,6 +17,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable message.
     pub message: String,
+    /// Whether repeating the same request may succeed.
+    pub retryable: bool,
 }
 
 /// Results of API handlers.
@@ -47,24 +49,28 @@ impl ApiError {
         )
     }
 
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
+    /// An error with the retryability its code usually has (DESIGN's table).
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let retryable = matches!(
             code,
-            message: message.into(),
-        }
-    }
-
-    /// Whether the client may retry the same request.
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self.code,
             "conflict"
                 | "rate_limited"
                 | "internal_error"
                 | "service_unavailable"
                 | "gateway_timeout"
-        )
+        );
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retryable,
+        }
+    }
+
+    /// The same error, marked as one that repeating the request cannot fix.
+    fn final_(mut self) -> Self {
+        self.retryable = false;
+        self
     }
 }
 
@@ -93,8 +99,9 @@ impl From<Rejection> for ApiError {
         let message = r.to_string();
         match r {
             Rejection::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", message),
+            // A stale token or a finished task stays that way: retrying cannot help.
             Rejection::StaleToken(_) | Rejection::IllegalTransition { .. } => {
-                Self::new(StatusCode::CONFLICT, "conflict", message)
+                Self::new(StatusCode::CONFLICT, "conflict", message).final_()
             }
             Rejection::Invalid { .. } => {
                 Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
@@ -108,7 +115,7 @@ impl From<Rejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message, "retryable": self.retryable() } });
+        let body = json!({ "error": { "code": self.code, "message": self.message, "retryable": self.retryable } });
         let mut resp = (self.status, axum::Json(body)).into_response();
         if matches!(
             self.status,

@@ -11,7 +11,7 @@ use super::json::Body;
 use super::tasks::task_reply;
 use super::{Api, outcome, view};
 use crate::clock::rfc3339;
-use crate::fsm::{AgentId, Command, FencingToken, Reply};
+use crate::fsm::{AgentId, Command, FencingToken, Limits, Reply};
 
 /// `POST /leases` body.
 #[derive(Debug, Deserialize)]
@@ -26,9 +26,19 @@ pub struct LeaseBody {
 
 /// `POST /leases`: up to `max` (default 1) tasks for the agent.
 pub async fn acquire(State(api): State<Api>, Body(b): Body<LeaseBody>) -> ApiResult<Json<Value>> {
-    let lease_ms = b
-        .lease_ms
-        .unwrap_or(api.node.queue_config().default_lease.as_millis() as u64);
+    let lease_ms = lease_ms(&api, b.lease_ms)?;
+    if b.agent_id.is_empty() || b.agent_id.len() > Limits::MAX_NAME_BYTES {
+        let max = Limits::MAX_NAME_BYTES;
+        return Err(ApiError::invalid(format!(
+            "invalid field `agent_id`: must be 1..={max} bytes"
+        )));
+    }
+    let max = Limits::MAX_LEASES_PER_REQUEST;
+    if b.max.is_some_and(|m| !(1..=max).contains(&m)) {
+        return Err(ApiError::invalid(format!(
+            "invalid field `max`: must be 1..={max}"
+        )));
+    }
     let cmd = Command::Lease {
         agent_id: AgentId(b.agent_id),
         capabilities: b.capabilities,
@@ -68,9 +78,7 @@ pub async fn renew(
     Body(b): Body<RenewBody>,
 ) -> ApiResult<Json<Value>> {
     let token = parse_token(&token)?;
-    let lease_ms = b
-        .lease_ms
-        .unwrap_or(api.node.queue_config().default_lease.as_millis() as u64);
+    let lease_ms = lease_ms(&api, b.lease_ms)?;
     task_reply(outcome(
         api.node.write(Command::Renew { token, lease_ms }).await,
     )?)
@@ -124,6 +132,19 @@ pub async fn fail(
         retryable: b.retryable,
     };
     task_reply(outcome(api.node.write(cmd).await)?)
+}
+
+/// The requested lease length, or the configured default; checked here so a
+/// bad request costs no log entry.
+fn lease_ms(api: &Api, asked: Option<u64>) -> ApiResult<u64> {
+    let ms = asked.unwrap_or(api.node.queue_config().default_lease.as_millis() as u64);
+    let (lo, hi) = Limits::LEASE_MS_RANGE;
+    if !(lo..=hi).contains(&ms) {
+        return Err(ApiError::invalid(format!(
+            "invalid field `lease_ms`: must be {lo}..={hi}"
+        )));
+    }
+    Ok(ms)
 }
 
 fn parse_token(s: &str) -> ApiResult<FencingToken> {

@@ -88,15 +88,8 @@ pub(super) async fn run(node: Node, mut rx: mpsc::Receiver<(Command, Reply)>) {
 }
 
 fn fail_all(replies: Vec<Reply>, e: NodeError) {
-    let msg = e.to_string();
     for reply in replies {
-        let err = match &e {
-            NodeError::Unavailable(_) => NodeError::Unavailable(msg.clone()),
-            NodeError::Overloaded(_) => NodeError::Overloaded(msg.clone()),
-            NodeError::Invalid(_) => NodeError::Invalid(msg.clone()),
-            NodeError::Internal(_) => NodeError::Internal(msg.clone()),
-        };
-        let _ = reply.send(Err(err));
+        let _ = reply.send(Err(e.clone()));
     }
 }
 
@@ -139,43 +132,72 @@ async fn dispatch(node: &Node, cmds: Vec<Command>) -> Result<Vec<Outcome>, NodeE
 }
 
 /// On the leader: stamps the batch with the clock and a seed, proposes it as
-/// one entry and waits (bounded) for it to be applied.
+/// one entry and waits for it to be applied: at most `write_timeout`, and
+/// less if the leader stops hearing from a quorum meanwhile.
 pub(super) async fn propose_as_leader(
     node: &Node,
     commands: Vec<Command>,
 ) -> Result<Vec<Outcome>, RemoteFailure> {
     check_quorum_fresh(node)?;
+    let n = commands.len();
     let batch = Batch {
         now_ms: clock::now_ms(),
         seed: rand::random(),
         commands,
     };
     let timeout = node.queue_config().write_timeout;
-    let write = node.raft().client_write(Request::Batch(batch));
-    match tokio::time::timeout(timeout, write).await {
-        Ok(Ok(resp)) => Ok(resp.data.outcomes),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-            Err(RemoteFailure::NotLeader {
-                leader: f.leader_id,
-            })
-        }
-        Ok(Err(e)) => Err(RemoteFailure::Unavailable(e.to_string())),
-        Err(_) => Err(RemoteFailure::Unavailable(format!(
-            "not committed within {timeout:?}"
-        ))),
-    }
+    let started = std::time::Instant::now();
+    let result = tokio::select! {
+        r = node.raft().client_write(Request::Batch(batch)) => match r {
+            Ok(resp) => Ok(resp.data.outcomes),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(RemoteFailure::NotLeader { leader: f.leader_id })
+            }
+            Err(e) => Err(RemoteFailure::Unavailable(e.to_string())),
+        },
+        e = quorum_lost(node) => Err(e),
+        _ = tokio::time::sleep(timeout) => Err(RemoteFailure::Unavailable(format!("not committed within {timeout:?}"))),
+    };
+    let m = crate::metrics::global();
+    m.proposals
+        .with_label_values(&[if result.is_ok() {
+            "committed"
+        } else {
+            "failed"
+        }])
+        .inc();
+    m.batch_commands.observe(n as f64);
+    m.commit_seconds.observe(started.elapsed().as_secs_f64());
+    result
+}
+
+/// How long a leader may go without a quorum's acknowledgement before it
+/// refuses writes: one election timeout (by then the majority has elected
+/// someone else, or is unreachable).
+fn quorum_limit_ms(node: &Node) -> u64 {
+    node.config().raft.election_timeout_max.as_millis() as u64
 }
 
 /// A leader that has not heard from a quorum for a whole election timeout is
 /// probably on the minority side: refuse at once rather than hang.
 fn check_quorum_fresh(node: &Node) -> Result<(), RemoteFailure> {
     let m = node.raft().metrics().borrow().clone();
-    let limit = node.config().raft.election_timeout_max.as_millis() as u64 * 2;
     match m.millis_since_quorum_ack {
-        Some(ms) if ms > limit => Err(RemoteFailure::Unavailable(format!(
+        Some(ms) if ms > quorum_limit_ms(node) => Err(RemoteFailure::Unavailable(format!(
             "leader has not heard from a quorum for {ms} ms"
         ))),
         _ => Ok(()),
+    }
+}
+
+/// Resolves when the leader has lost touch with its quorum (checked every
+/// heartbeat), so a write in flight fails fast instead of waiting out its timeout.
+async fn quorum_lost(node: &Node) -> RemoteFailure {
+    loop {
+        tokio::time::sleep(node.config().raft.heartbeat_interval).await;
+        if let Err(e) = check_quorum_fresh(node) {
+            return e;
+        }
     }
 }
 
