@@ -10,7 +10,7 @@ use super::command::{
     Request, Response, SubmitTask,
 };
 use super::queue::ReadyQueues;
-use super::retry::{Backoff, mix};
+use super::retry::mix;
 use super::task::{FencingToken, Limits, Priority, Task, TaskId, TaskStatus, Tenant};
 
 /// Task counts per priority (rank order) and status (declaration order).
@@ -224,7 +224,7 @@ impl State {
                 .max_attempts
                 .unwrap_or(SubmitTask::DEFAULT_MAX_ATTEMPTS),
             timeout_ms: spec.timeout_ms.unwrap_or(SubmitTask::DEFAULT_TIMEOUT_MS),
-            backoff: spec.backoff.unwrap_or_else(Backoff::default),
+            backoff: spec.backoff.unwrap_or_default(),
             idempotency_key: spec.idempotency_key.clone(),
             parent_id: spec.parent_id,
             status: if scheduled.is_some() {
