@@ -79,14 +79,12 @@ scripts! {
     fencing_tokens_only_grow,
     fifo_within_priority,
     idempotency_key_returns_first,
-    invalid_input_changes_nothing,
     lease_expiry_returns_without_attempt,
     manual_retry,
     not_retryable_goes_to_dead_letter,
     priority_blocks_lower_until_drained,
     scheduled_becomes_ready,
     stale_token_rejected,
-    tenant_round_robin_weighted,
     timeout_counts_as_failure,
 }
 
@@ -447,7 +445,8 @@ impl Args {
     where
         T::Err: Display,
     {
-        self.parsed(key)?.ok_or_else(|| format!("`{key}=` is required"))
+        self.parsed(key)?
+            .ok_or_else(|| format!("`{key}=` is required"))
     }
 
     fn finish(self) -> Result<(), String> {
