@@ -85,6 +85,7 @@ scripts! {
     priority_blocks_lower_until_drained,
     scheduled_becomes_ready,
     stale_token_rejected,
+    tenant_round_robin_weighted,
     timeout_counts_as_failure,
 }
 
