@@ -79,6 +79,7 @@ scripts! {
     fencing_tokens_only_grow,
     fifo_within_priority,
     idempotency_key_returns_first,
+    invalid_input_changes_nothing,
     lease_expiry_returns_without_attempt,
     manual_retry,
     not_retryable_goes_to_dead_letter,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::command::{
     Batch, Command, DeadLetterFilter, Event, EventKind, Outcome, Rejection, ReplaySelector, Reply,
-    Request, Response, SubmitTask,
+    Request, Response, SubmitTask, check_name,
 };
 use super::queue::ReadyQueues;
 use super::retry::mix;
@@ -332,6 +332,7 @@ impl State {
     }
 
     fn set_weight(&mut self, tenant: &Tenant, weight: u32) -> Outcome {
+        check_name("tenant", &tenant.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
         if !(1..=1000).contains(&weight) {
             return Err(Rejection::invalid("weight", "must be 1..=1000"));
         }
