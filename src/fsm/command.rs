@@ -147,7 +147,7 @@ impl SubmitTask {
                 ),
             ));
         }
-        if !self.payload.starts_with('{') {
+        if !is_json_object(&self.payload) {
             return Err(("payload", "must be a JSON object".into()));
         }
         if self.capabilities.len() > Limits::MAX_CAPABILITIES {
@@ -186,9 +186,19 @@ impl SubmitTask {
     }
 }
 
+/// Whether `s` is exactly one JSON object (surrounding whitespace allowed).
+/// Checks the syntax without building the value.
+fn is_json_object(s: &str) -> bool {
+    s.trim_start().starts_with('{') && serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok()
+}
+
 /// Names (tenants, capabilities, keys): non-empty, bounded, printable ASCII
 /// without spaces unless `free_text`.
-fn check_name(field: &'static str, s: &str, free_text: bool) -> Result<(), (&'static str, String)> {
+pub(crate) fn check_name(
+    field: &'static str,
+    s: &str,
+    free_text: bool,
+) -> Result<(), (&'static str, String)> {
     if s.is_empty() {
         return Err((field, "must not be empty".into()));
     }

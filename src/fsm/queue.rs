@@ -23,7 +23,8 @@ pub(crate) struct ReadyQueues {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Level {
     tenants: BTreeMap<Tenant, TenantQueue>,
-    /// Whose turn it is under round robin, and how many leases they took in it.
+    /// The tenant served last under round robin, and how many consecutive
+    /// leases it has taken in its current turn.
     turn: Option<(Tenant, u32)>,
 }
 
@@ -103,39 +104,41 @@ impl ReadyQueues {
 }
 
 impl Level {
+    /// Weighted round robin over the tenants with a task the agent can run.
+    /// The tenant served last keeps the turn while it has weight left;
+    /// otherwise the turn goes to the next tenant in name order (wrapping
+    /// around, the last-served tenant itself coming last). The next tenant is
+    /// found now rather than when the turn ended, so a tenant that arrived
+    /// meanwhile is not skipped.
     fn pick(&mut self, agent_caps: &[String], weight: &impl Fn(&Tenant) -> u32) -> Option<TaskId> {
         let matching =
             |(t, q): (&Tenant, &TenantQueue)| q.first_match(agent_caps).map(|id| (t.clone(), id));
+        let keeps_turn = |(last, used): &(Tenant, u32)| *used < weight(last).max(1);
         let (tenant, id) = match &self.turn {
-            Some((start, _)) => self
+            Some(turn) if keeps_turn(turn) => self
                 .tenants
-                .range::<Tenant, _>((Bound::Included(start), Bound::Unbounded))
+                .range::<Tenant, _>((Bound::Included(&turn.0), Bound::Unbounded))
                 .chain(
                     self.tenants
-                        .range::<Tenant, _>((Bound::Unbounded, Bound::Excluded(start))),
+                        .range::<Tenant, _>((Bound::Unbounded, Bound::Excluded(&turn.0))),
+                )
+                .find_map(matching),
+            Some((last, _)) => self
+                .tenants
+                .range::<Tenant, _>((Bound::Excluded(last), Bound::Unbounded))
+                .chain(
+                    self.tenants
+                        .range::<Tenant, _>((Bound::Unbounded, Bound::Included(last))),
                 )
                 .find_map(matching),
             None => self.tenants.iter().find_map(matching),
         }?;
         let used = match &self.turn {
-            Some((t, used)) if *t == tenant => used + 1,
+            Some(turn) if turn.0 == tenant && keeps_turn(turn) => turn.1 + 1,
             _ => 1,
         };
-        self.turn = if used >= weight(&tenant).max(1) {
-            self.successor(&tenant).map(|next| (next, 0))
-        } else {
-            Some((tenant, used))
-        };
+        self.turn = Some((tenant, used));
         Some(id)
-    }
-
-    /// The tenant after `t` in name order, wrapping around.
-    fn successor(&self, t: &Tenant) -> Option<Tenant> {
-        self.tenants
-            .range::<Tenant, _>((Bound::Excluded(t), Bound::Unbounded))
-            .next()
-            .or_else(|| self.tenants.iter().next())
-            .map(|(k, _)| k.clone())
     }
 }
 

@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::command::{
     Batch, Command, DeadLetterFilter, Event, EventKind, Outcome, Rejection, ReplaySelector, Reply,
-    Request, Response, SubmitTask,
+    Request, Response, SubmitTask, check_name,
 };
 use super::queue::ReadyQueues;
-use super::retry::{Backoff, mix};
+use super::retry::mix;
 use super::task::{FencingToken, Limits, Priority, Task, TaskId, TaskStatus, Tenant};
 
 /// Task counts per priority (rank order) and status (declaration order).
@@ -105,33 +105,35 @@ impl State {
     }
 
     /// Moves the clock to `now_ms` (never back) and fires every due timer in
-    /// time order.
+    /// time order; at the same time, by task id, and for one task a lease
+    /// expiry before a timeout.
     fn advance(&mut self, now_ms: u64, seed: u64, events: &mut Vec<Event>) {
         self.clock_ms = self.clock_ms.max(now_ms);
-        while let Some(&(due, id)) = self.delayed.first() {
-            if due > self.clock_ms {
-                break;
-            }
-            self.move_task(id, TaskStatus::Pending, |t| t.next_attempt_at_ms = None)
-                .expect("invariant: delayed tasks are scheduled or failed");
-            self.emit(events, id, EventKind::Ready);
-        }
         loop {
-            let expiry = self
-                .expiries
-                .first()
-                .copied()
-                .filter(|(due, _)| *due <= self.clock_ms);
-            let deadline = self
-                .deadlines
-                .first()
-                .copied()
-                .filter(|(due, _)| *due <= self.clock_ms);
-            match (expiry, deadline) {
-                (Some(e), Some(d)) if d < e => self.time_out(d.1, seed, events),
-                (Some((_, id)), _) => self.expire_lease(id, events),
-                (None, Some((_, id))) => self.time_out(id, seed, events),
-                (None, None) => break,
+            let clock = self.clock_ms;
+            let due = |timers: &BTreeSet<(u64, TaskId)>, timer: Timer| {
+                timers
+                    .first()
+                    .filter(|(at, _)| *at <= clock)
+                    .map(|&(at, id)| (at, id, timer))
+            };
+            let next = [
+                due(&self.delayed, Timer::Ready),
+                due(&self.expiries, Timer::LeaseExpiry),
+                due(&self.deadlines, Timer::Deadline),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            match next {
+                None => break,
+                Some((_, id, Timer::Ready)) => {
+                    self.move_task(id, TaskStatus::Pending, |t| t.next_attempt_at_ms = None)
+                        .expect("invariant: delayed tasks are scheduled or failed");
+                    self.emit(events, id, EventKind::Ready);
+                }
+                Some((_, id, Timer::LeaseExpiry)) => self.expire_lease(id, events),
+                Some((_, id, Timer::Deadline)) => self.time_out(id, seed, events),
             }
         }
     }
@@ -224,7 +226,7 @@ impl State {
                 .max_attempts
                 .unwrap_or(SubmitTask::DEFAULT_MAX_ATTEMPTS),
             timeout_ms: spec.timeout_ms.unwrap_or(SubmitTask::DEFAULT_TIMEOUT_MS),
-            backoff: spec.backoff.unwrap_or_else(Backoff::default),
+            backoff: spec.backoff.unwrap_or_default(),
             idempotency_key: spec.idempotency_key.clone(),
             parent_id: spec.parent_id,
             status: if scheduled.is_some() {
@@ -332,6 +334,7 @@ impl State {
     }
 
     fn set_weight(&mut self, tenant: &Tenant, weight: u32) -> Outcome {
+        check_name("tenant", &tenant.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
         if !(1..=1000).contains(&weight) {
             return Err(Rejection::invalid("weight", "must be 1..=1000"));
         }
@@ -448,6 +451,18 @@ impl State {
             kind,
         });
     }
+}
+
+/// The kinds of timer, in the order they fire when due at the same time for
+/// the same task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// A scheduled task's time, or a failed task's next attempt.
+    Ready,
+    /// A lease lapses.
+    LeaseExpiry,
+    /// An attempt's deadline (lease start + timeout).
+    Deadline,
 }
 
 /// When a scheduled or failed task becomes ready.

@@ -1,0 +1,685 @@
+//! Scripted golden tests for the state machine, in the style of toydb's
+//! goldenscripts: one file per behaviour under `tests/fsm_scripts/`.
+//!
+//! A script is a list of blocks. A block is one or more command lines, a `---`
+//! line, then the output those commands produced; a blank line ends it.
+//! Comment lines (`#`) and blank lines before a block are kept as they are.
+//!
+//! ```text
+//! # Task 1 is leased by the only agent.
+//! submit tenant=a priority=high
+//! lease agent=w1
+//! ---
+//! created #1 pending high a attempts=0/3
+//! event: #1 submitted
+//! leased #1 token=1 expires=30000
+//! event: #1 leased token=1 agent=w1
+//! ```
+//!
+//! Every command that changes the state is applied alone as one Raft batch,
+//! stamped with the script's leader clock (starts at 0; `time` moves it) and a
+//! seed that counts batches, so a script replays identically.
+//!
+//! Regenerate the expected output with
+//! `UPDATE_GOLDEN=1 cargo test --test fsm_scripts`, then review the diff: the
+//! point of a golden file is that a person checked every line of it. Without
+//! the variable a mismatch fails, naming the file, line and command, with a
+//! line diff.
+//!
+//! Verbs (values hold no spaces; lists are comma-separated):
+//!
+//! - `submit [tenant=a] [priority=P] [caps=x,y] [payload=JSON | payload_bytes=N]
+//!   [key=K] [at=N|+N] [attempts=N] [timeout=MS] [backoff=INITIAL,MULT,MAX]
+//!   [parent=ID] [session=S]`
+//! - `lease [agent=w1] [caps=x,y] [max=1] [lease=30000]`
+//! - `renew token=T [lease=30000]`, `complete token=T [result=JSON | result_bytes=N]`,
+//!   `fail token=T [error=boom] [retryable=true]`
+//! - `cancel id=N [reason=R]`, `retry id=N`, `weight tenant=a w=N`
+//! - `replay ids=1,2 [limit=100]` or `replay [tenant=a] [priority=P] [error=E] [limit=100]`
+//! - `tick` (apply an empty batch: fires due timers)
+//! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
+//! - reads: `dump`, `task id=N`, `depth`, `clock`
+//! - `snapshot` remembers the encoded state; `unchanged` says whether the
+//!   state is byte-for-byte what `snapshot` saw.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::str::FromStr;
+
+use godel::codec;
+use godel::fsm::{
+    AgentId, Backoff, Batch, Command, DeadLetterFilter, Event, EventKind, FencingToken, LeaseGrant,
+    Outcome, Priority, Rejection, ReplaySelector, Reply, Request, SessionKey, State, SubmitTask,
+    Task, TaskFilter, TaskId, TaskStatus, Tenant,
+};
+
+const SCRIPT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fsm_scripts");
+
+/// One `#[test]` per script, so failures are reported (and run) separately.
+macro_rules! scripts {
+    ($($name:ident),* $(,)?) => {
+        const LISTED: &[&str] = &[$(stringify!($name)),*];
+        $(
+            #[test]
+            fn $name() {
+                run_script(stringify!($name));
+            }
+        )*
+    };
+}
+
+scripts! {
+    cancel_from_every_non_terminal_state,
+    cancel_terminal_rejected,
+    capability_match,
+    child_inherits_parent_priority,
+    clock_never_goes_back,
+    dead_letter_replay_by_ids_and_filter,
+    fail_retries_with_backoff_then_dead_letter,
+    fencing_tokens_only_grow,
+    fifo_within_priority,
+    idempotency_key_returns_first,
+    invalid_input_changes_nothing,
+    lease_expiry_returns_without_attempt,
+    manual_retry,
+    not_retryable_goes_to_dead_letter,
+    priority_blocks_lower_until_drained,
+    scheduled_becomes_ready,
+    stale_token_rejected,
+    tenant_round_robin_weighted,
+    timeout_counts_as_failure,
+}
+
+#[test]
+fn every_script_file_is_listed() {
+    for entry in std::fs::read_dir(SCRIPT_DIR).expect("script directory exists") {
+        let path = entry.expect("readable directory entry").path();
+        if path.extension().is_some_and(|e| e == "txt") {
+            let stem = path.file_stem().expect("file name").to_string_lossy();
+            assert!(
+                LISTED.contains(&stem.as_ref()),
+                "{} is not listed in scripts! in tests/fsm_scripts.rs, so it never runs",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Runs one script; rewrites it under `UPDATE_GOLDEN`, else compares.
+fn run_script(name: &str) {
+    let path = format!("{SCRIPT_DIR}/{name}.txt");
+    let shown = format!("tests/fsm_scripts/{name}.txt");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{shown}: {e}"));
+    let script = parse(&shown, &text);
+    let mut runner = Runner::default();
+    let mut outputs = Vec::new();
+    for block in &script.blocks {
+        let mut out = Vec::new();
+        for (line, command) in &block.commands {
+            if command.starts_with('#') {
+                continue;
+            }
+            let lines = runner
+                .execute(command)
+                .unwrap_or_else(|e| panic!("{shown}:{line}: bad command `{command}`: {e}"));
+            out.extend(lines);
+        }
+        outputs.push(out);
+    }
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        let rendered = render(&script, &outputs);
+        if rendered != text {
+            std::fs::write(&path, rendered).unwrap_or_else(|e| panic!("{shown}: {e}"));
+            eprintln!("updated {shown}: review the diff");
+        }
+        return;
+    }
+    check(&shown, &script, &outputs);
+}
+
+/// Fails with a diff of the first block whose output differs.
+fn check(shown: &str, script: &Script, outputs: &[Vec<String>]) {
+    let differing: Vec<usize> = script
+        .blocks
+        .iter()
+        .zip(outputs)
+        .enumerate()
+        .filter(|(_, (block, actual))| block.expected != **actual)
+        .map(|(i, _)| i)
+        .collect();
+    let Some(&first) = differing.first() else {
+        return;
+    };
+    let block = &script.blocks[first];
+    let (line, command) = &block.commands[0];
+    let others: Vec<String> = differing[1..]
+        .iter()
+        .map(|&i| script.blocks[i].commands[0].0.to_string())
+        .collect();
+    panic!(
+        "{shown}:{line}: output of `{command}` differs (-expected +actual):\n{}\n\
+         blocks after it that also differ start at lines: [{}]\n\
+         if the new output is right, rerun with UPDATE_GOLDEN=1 and review the diff",
+        line_diff(&block.expected, &outputs[first]),
+        others.join(", ")
+    );
+}
+
+/// A minimal LCS line diff: ` ` kept, `-` expected only, `+` actual only.
+fn line_diff(expected: &[String], actual: &[String]) -> String {
+    let (n, m) = (expected.len(), actual.len());
+    let mut lcs = vec![vec![0usize; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if expected[i] == actual[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < n || j < m {
+        if i < n && j < m && expected[i] == actual[j] {
+            out.push(format!("  {}", expected[i]));
+            (i, j) = (i + 1, j + 1);
+        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out.push(format!("+ {}", actual[j]));
+            j += 1;
+        } else {
+            out.push(format!("- {}", expected[i]));
+            i += 1;
+        }
+    }
+    out.join("\n")
+}
+
+/// A parsed script file.
+struct Script {
+    blocks: Vec<Block>,
+    /// Comments after the last block.
+    trailer: Vec<String>,
+}
+
+struct Block {
+    /// Comments and blank lines before the commands, verbatim.
+    preamble: Vec<String>,
+    /// The commands, with their 1-based line numbers.
+    commands: Vec<(usize, String)>,
+    /// The output recorded in the file.
+    expected: Vec<String>,
+}
+
+fn parse(shown: &str, text: &str) -> Script {
+    let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l)).peekable();
+    let mut blocks = Vec::new();
+    loop {
+        let mut preamble = Vec::new();
+        while let Some(&(_, l)) = lines.peek() {
+            if !(l.trim().is_empty() || l.starts_with('#')) {
+                break;
+            }
+            preamble.push(l.to_owned());
+            lines.next();
+        }
+        if lines.peek().is_none() {
+            return Script {
+                blocks,
+                trailer: preamble,
+            };
+        }
+        let mut commands = Vec::new();
+        loop {
+            match lines.next() {
+                Some((_, "---")) => break,
+                Some((n, l)) if l.trim().is_empty() => {
+                    panic!("{shown}:{n}: blank line between commands and `---`")
+                }
+                Some((n, l)) => commands.push((n, l.trim().to_owned())),
+                None => panic!("{shown}: the last block has no `---` line"),
+            }
+        }
+        let expected = lines
+            .by_ref()
+            .map(|(_, l)| l)
+            .take_while(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        blocks.push(Block {
+            preamble,
+            commands,
+            expected,
+        });
+    }
+}
+
+fn render(script: &Script, outputs: &[Vec<String>]) -> String {
+    let mut out = Vec::new();
+    for (i, (block, output)) in script.blocks.iter().zip(outputs).enumerate() {
+        if i > 0 {
+            out.push(String::new());
+        }
+        out.extend(block.preamble.iter().cloned());
+        out.extend(block.commands.iter().map(|(_, c)| c.clone()));
+        out.push("---".into());
+        out.extend(output.iter().cloned());
+    }
+    if !script.trailer.is_empty() {
+        out.push(String::new());
+        out.extend(script.trailer.iter().cloned());
+    }
+    out.join("\n") + "\n"
+}
+
+/// The state under test plus the script's leader.
+#[derive(Default)]
+struct Runner {
+    state: State,
+    /// The leader's clock, stamped into each batch.
+    now_ms: u64,
+    /// Batches applied so far; the next batch's seed.
+    batches: u64,
+    /// The state encoded by the last `snapshot`.
+    saved: Option<Vec<u8>>,
+}
+
+impl Runner {
+    fn execute(&mut self, line: &str) -> Result<Vec<String>, String> {
+        let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
+        if verb == "time" {
+            return self.move_clock(rest.trim());
+        }
+        let mut args = Args::parse(rest)?;
+        let out = match verb {
+            "submit" => self.apply(submit_command(&mut args, self.now_ms)?),
+            "lease" => self.apply(lease_command(&mut args)?),
+            "renew" => self.apply(Command::Renew {
+                token: FencingToken(args.require("token")?),
+                lease_ms: args.parsed("lease")?.unwrap_or(30_000),
+            }),
+            "complete" => self.apply(Command::Complete {
+                token: FencingToken(args.require("token")?),
+                result: match args.parsed::<usize>("result_bytes")? {
+                    Some(n) => sized_json(n),
+                    None => args.take("result").unwrap_or_else(|| "{}".into()),
+                },
+            }),
+            "fail" => self.apply(Command::Fail {
+                token: FencingToken(args.require("token")?),
+                error: args.take("error").unwrap_or_else(|| "boom".into()),
+                retryable: args.parsed("retryable")?.unwrap_or(true),
+            }),
+            "cancel" => self.apply(Command::Cancel {
+                id: TaskId(args.require("id")?),
+                reason: args.take("reason"),
+            }),
+            "retry" => self.apply(Command::Retry {
+                id: TaskId(args.require("id")?),
+            }),
+            "replay" => self.apply(replay_command(&mut args)?),
+            "weight" => self.apply(Command::SetTenantWeight {
+                tenant: Tenant(args.require("tenant")?),
+                weight: args.require("w")?,
+            }),
+            "tick" => self.apply(Command::Tick),
+            "dump" => self.dump(),
+            "task" => self.task(TaskId(args.require("id")?)),
+            "depth" => depth_lines(&self.state),
+            "clock" => vec![self.clock_line()],
+            "snapshot" => {
+                self.saved = Some(encode(&self.state));
+                vec!["saved".into()]
+            }
+            "unchanged" => self.unchanged()?,
+            other => return Err(format!("unknown verb `{other}`")),
+        };
+        args.finish()?;
+        Ok(out)
+    }
+
+    fn move_clock(&mut self, arg: &str) -> Result<Vec<String>, String> {
+        let bad = || format!("`time` takes +N, -N or N, got `{arg}`");
+        let n = |s: &str| s.parse::<u64>().map_err(|_| bad());
+        self.now_ms = if let Some(d) = arg.strip_prefix('+') {
+            self.now_ms + n(d)?
+        } else if let Some(d) = arg.strip_prefix('-') {
+            self.now_ms.checked_sub(n(d)?).ok_or_else(bad)?
+        } else {
+            n(arg)?
+        };
+        Ok(vec![format!("now={}", self.now_ms)])
+    }
+
+    /// Applies one command as its own batch; prints its outcome, then every event.
+    fn apply(&mut self, command: Command) -> Vec<String> {
+        self.batches += 1;
+        let request = Request::Batch(Batch {
+            now_ms: self.now_ms,
+            seed: self.batches,
+            commands: vec![command],
+        });
+        let (response, events) = self.state.apply(&request);
+        assert_eq!(response.outcomes.len(), 1, "one outcome per command");
+        let mut out = outcome_lines(&response.outcomes[0]);
+        out.extend(events.iter().map(event_line));
+        out
+    }
+
+    fn dump(&self) -> Vec<String> {
+        let page = self
+            .state
+            .list(&TaskFilter::default(), None, usize::MAX, usize::MAX);
+        if page.items.is_empty() {
+            return vec!["no tasks".into()];
+        }
+        page.items.iter().map(task_line).collect()
+    }
+
+    fn task(&self, id: TaskId) -> Vec<String> {
+        vec![match self.state.task(id) {
+            Some(t) => task_line(t),
+            None => format!("#{id} not found"),
+        }]
+    }
+
+    fn clock_line(&self) -> String {
+        let next = self
+            .state
+            .next_due_ms()
+            .map_or("-".into(), |t| t.to_string());
+        format!(
+            "clock={} next_due={next} last_token={} tasks={}",
+            self.state.clock_ms(),
+            self.state.last_token(),
+            self.state.task_count()
+        )
+    }
+
+    fn unchanged(&self) -> Result<Vec<String>, String> {
+        let saved = self.saved.as_ref().ok_or("`unchanged` before `snapshot`")?;
+        let same = *saved == encode(&self.state);
+        Ok(vec![
+            if same {
+                "state unchanged"
+            } else {
+                "state CHANGED"
+            }
+            .into(),
+        ])
+    }
+}
+
+fn encode(state: &State) -> Vec<u8> {
+    codec::encode(state).expect("a state always encodes")
+}
+
+/// `key=value` arguments; every one must be used by the verb.
+struct Args(BTreeMap<String, String>);
+
+impl Args {
+    fn parse(rest: &str) -> Result<Self, String> {
+        let mut map = BTreeMap::new();
+        for word in rest.split_whitespace() {
+            let (k, v) = word
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value, got `{word}`"))?;
+            if map.insert(k.to_owned(), v.to_owned()).is_some() {
+                return Err(format!("`{k}` given twice"));
+            }
+        }
+        Ok(Args(map))
+    }
+
+    fn take(&mut self, key: &str) -> Option<String> {
+        self.0.remove(key)
+    }
+
+    fn parsed<T: FromStr>(&mut self, key: &str) -> Result<Option<T>, String>
+    where
+        T::Err: Display,
+    {
+        self.take(key)
+            .map(|v| v.parse().map_err(|e| format!("`{key}={v}`: {e}")))
+            .transpose()
+    }
+
+    fn require<T: FromStr>(&mut self, key: &str) -> Result<T, String>
+    where
+        T::Err: Display,
+    {
+        self.parsed(key)?
+            .ok_or_else(|| format!("`{key}=` is required"))
+    }
+
+    fn finish(self) -> Result<(), String> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&str> = self.0.keys().map(String::as_str).collect();
+        Err(format!("unknown argument(s): {}", keys.join(", ")))
+    }
+}
+
+/// `a,b` as a list; an empty value is an empty list.
+fn list(value: Option<String>) -> Vec<String> {
+    value.map_or_else(Vec::new, |v| {
+        v.split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
+/// A JSON object of exactly `n >= 8` bytes.
+fn sized_json(n: usize) -> String {
+    format!("{{\"p\":\"{}\"}}", "x".repeat(n.saturating_sub(8)))
+}
+
+fn submit_command(args: &mut Args, now_ms: u64) -> Result<Command, String> {
+    let payload = match args.parsed::<usize>("payload_bytes")? {
+        Some(n) => sized_json(n),
+        None => args.take("payload").unwrap_or_else(|| "{}".into()),
+    };
+    let scheduled_at_ms = match args.take("at") {
+        Some(v) => Some(match v.strip_prefix('+') {
+            Some(d) => now_ms + d.parse::<u64>().map_err(|e| format!("`at={v}`: {e}"))?,
+            None => v.parse().map_err(|e| format!("`at={v}`: {e}"))?,
+        }),
+        None => None,
+    };
+    let backoff = match args.take("backoff") {
+        Some(v) => {
+            let parts: Vec<u64> = v
+                .split(',')
+                .map(|p| p.parse::<u64>().map_err(|e| format!("`backoff={v}`: {e}")))
+                .collect::<Result<_, _>>()?;
+            let [initial_ms, multiplier, max_ms] = parts[..] else {
+                return Err(format!("`backoff={v}`: give INITIAL,MULT,MAX"));
+            };
+            let multiplier = u32::try_from(multiplier).map_err(|e| e.to_string())?;
+            Some(Backoff {
+                initial_ms,
+                multiplier,
+                max_ms,
+            })
+        }
+        None => None,
+    };
+    Ok(Command::Submit(SubmitTask {
+        tenant: Tenant(args.take("tenant").unwrap_or_else(|| "a".into())),
+        priority: args.parsed("priority")?,
+        payload,
+        capabilities: list(args.take("caps")),
+        session_key: args.take("session").map(SessionKey),
+        scheduled_at_ms,
+        max_attempts: args.parsed("attempts")?,
+        timeout_ms: args.parsed("timeout")?,
+        backoff,
+        idempotency_key: args.take("key"),
+        parent_id: args.parsed::<u64>("parent")?.map(TaskId),
+    }))
+}
+
+fn lease_command(args: &mut Args) -> Result<Command, String> {
+    Ok(Command::Lease {
+        agent_id: AgentId(args.take("agent").unwrap_or_else(|| "w1".into())),
+        capabilities: list(args.take("caps")),
+        max: args.parsed("max")?.unwrap_or(1),
+        lease_ms: args.parsed("lease")?.unwrap_or(30_000),
+    })
+}
+
+fn replay_command(args: &mut Args) -> Result<Command, String> {
+    let limit = args.parsed("limit")?.unwrap_or(100);
+    let selector = match args.take("ids") {
+        Some(ids) => ReplaySelector::Ids(
+            list(Some(ids))
+                .iter()
+                .map(|s| s.parse().map(TaskId).map_err(|e| format!("`ids`: {e}")))
+                .collect::<Result<_, _>>()?,
+        ),
+        None => ReplaySelector::Filter(DeadLetterFilter {
+            tenant: args.take("tenant").map(Tenant),
+            priority: args.parsed("priority")?,
+            error_contains: args.take("error"),
+        }),
+    };
+    Ok(Command::Replay { selector, limit })
+}
+
+fn outcome_lines(outcome: &Outcome) -> Vec<String> {
+    match outcome {
+        Ok(Reply::Submitted { task, created }) => {
+            let verb = if *created { "created" } else { "existing" };
+            vec![format!("{verb} {}", task_line(task))]
+        }
+        Ok(Reply::Leased(grants)) if grants.is_empty() => vec!["leased none".into()],
+        Ok(Reply::Leased(grants)) => grants.iter().map(grant_line).collect(),
+        Ok(Reply::Task(task)) => vec![format!("ok {}", task_line(task))],
+        Ok(Reply::Replayed(ids)) if ids.is_empty() => vec!["replayed none".into()],
+        Ok(Reply::Replayed(ids)) => {
+            let ids: Vec<String> = ids.iter().map(|id| format!("#{id}")).collect();
+            vec![format!("replayed {}", ids.join(" "))]
+        }
+        Ok(Reply::Done) => vec!["ok".into()],
+        Err(rejection) => vec![rejection_line(rejection)],
+    }
+}
+
+fn grant_line(g: &LeaseGrant) -> String {
+    format!(
+        "leased #{} token={} expires={}",
+        g.task.id, g.token, g.expires_at_ms
+    )
+}
+
+fn rejection_line(r: &Rejection) -> String {
+    let kind = match r {
+        Rejection::NotFound(_) => "not_found",
+        Rejection::StaleToken(_) => "stale_token",
+        Rejection::IllegalTransition { .. } => "illegal_transition",
+        Rejection::Invalid { .. } => "invalid",
+        Rejection::TooLarge { .. } => "too_large",
+    };
+    format!("rejected {kind}: {r}")
+}
+
+fn event_line(e: &Event) -> String {
+    let what = match &e.kind {
+        EventKind::Submitted => "submitted".into(),
+        EventKind::Ready => "ready".into(),
+        EventKind::Leased { token, agent } => format!("leased token={token} agent={agent}"),
+        EventKind::Started => "started".into(),
+        EventKind::Completed => "completed".into(),
+        EventKind::Failed { retry_at_ms } => format!("failed retry_at={retry_at_ms}"),
+        EventKind::DeadLettered => "dead_lettered".into(),
+        EventKind::Cancelled => "cancelled".into(),
+        EventKind::LeaseExpired { token } => format!("lease_expired token={token}"),
+        EventKind::TimedOut { token } => format!("timed_out token={token}"),
+        EventKind::Requeued => "requeued".into(),
+    };
+    format!("event: #{} {what}", e.task)
+}
+
+/// One compact line per task: identity and queue position first, then only
+/// the fields that are set.
+fn task_line(t: &Task) -> String {
+    let mut s = format!(
+        "#{} {} {} {}",
+        t.id,
+        t.status.as_str(),
+        t.priority.as_str(),
+        t.tenant
+    );
+    if t.payload != "{}" {
+        s += &format!(" payload={}", shorten(&t.payload));
+    }
+    if !t.capabilities.is_empty() {
+        s += &format!(" caps={}", t.capabilities.join(","));
+    }
+    s += &format!(" attempts={}/{}", t.attempts, t.max_attempts);
+    if t.lease_count > 0 {
+        s += &format!(" leases={}", t.lease_count);
+    }
+    if let Some(l) = &t.lease {
+        s += &format!(
+            " token={} agent={} expires={}",
+            l.token, l.agent_id, l.expires_at_ms
+        );
+    }
+    if t.status == TaskStatus::Scheduled {
+        s += &format!(" at={}", t.scheduled_at_ms.unwrap_or_default());
+    }
+    if let Some(next) = t.next_attempt_at_ms {
+        s += &format!(" next={next}");
+    }
+    if t.timeout_ms != SubmitTask::DEFAULT_TIMEOUT_MS {
+        s += &format!(" timeout={}", t.timeout_ms);
+    }
+    if let Some(p) = t.parent_id {
+        s += &format!(" parent=#{p}");
+    }
+    if let Some(k) = &t.idempotency_key {
+        s += &format!(" key={k}");
+    }
+    if let Some(r) = &t.result {
+        s += &format!(" result={}", shorten(r));
+    }
+    if let Some(e) = &t.last_error {
+        s += &format!(" error={:?}", shorten(e));
+    }
+    s
+}
+
+fn shorten(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((end, _)) => format!("{}...({} bytes)", &s[..end], s.len()),
+        None => s.to_owned(),
+    }
+}
+
+/// The queue depth, then every non-zero count per tenant and priority.
+fn depth_lines(state: &State) -> Vec<String> {
+    let depth = state.depth();
+    let mut head = format!("pending={}", depth.pending());
+    for p in Priority::URGENT_FIRST {
+        let n = depth.count(Some(p), TaskStatus::Pending, None);
+        if n > 0 {
+            head += &format!(" {}={n}", p.as_str());
+        }
+    }
+    let mut out = vec![head];
+    for (tenant, counts) in &depth.by_tenant {
+        for p in Priority::URGENT_FIRST {
+            let parts: Vec<String> = TaskStatus::ALL
+                .into_iter()
+                .filter(|s| counts[p.rank()][s.index()] > 0)
+                .map(|s| format!("{}={}", s.as_str(), counts[p.rank()][s.index()]))
+                .collect();
+            if !parts.is_empty() {
+                out.push(format!("{tenant} {}: {}", p.as_str(), parts.join(" ")));
+            }
+        }
+    }
+    out
+}
