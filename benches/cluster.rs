@@ -287,6 +287,70 @@ async fn failover(c: &mut Cluster, rounds: usize) {
     );
 }
 
+/// Resident memory of a process, in MiB (Linux).
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+/// Fills the queue with `n` tasks, reports each node's resident memory, then
+/// kills -9 a follower, restarts it and times until it serves reads again.
+async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
+    let http = client();
+    let urls: Arc<Vec<String>> = Arc::new((0..c.len()).map(|i| format!("http://{}/api/v1/tasks", c.node(i).api_addr)).collect());
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..clients {
+        let (http, urls, next) = (http.clone(), urls.clone(), next.clone());
+        handles.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                loop {
+                    match http.post(&urls[(i as usize) % urls.len()]).json(&task(i)).send().await {
+                        Ok(r) if r.status().as_u16() == 201 => break,
+                        _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("submitter");
+    }
+    println!("capacity: {n} tasks submitted in {:.1}s", start.elapsed().as_secs_f64());
+    for i in 0..c.len() {
+        println!("  node {} resident: {:.0} MiB", i + 1, rss_mib(c.node(i).pid().unwrap_or(0)));
+    }
+    let leader = c.leader().await;
+    let victim = (leader + 1) % c.len();
+    c.kill9(victim);
+    let t0 = Instant::now();
+    c.restart(victim);
+    let depth_url = format!("http://{}/api/v1/queue/depth", c.node(victim).api_addr);
+    loop {
+        if let Ok(r) = http.get(&depth_url).send().await
+            && r.status().as_u16() == 200
+            && let Ok(v) = r.json::<Value>().await
+            && v["pending"].as_u64() == Some(n)
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "restarted node did not serve within 120 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("  node {} restarted (kill -9) and serving a linearizable depth of {n} after {:.2}s; resident {:.0} MiB",
+        victim + 1, t0.elapsed().as_secs_f64(), rss_mib(c.node(victim).pid().unwrap_or(0)));
+}
+
 #[tokio::main]
 async fn main() {
     let o = opts();
@@ -301,6 +365,9 @@ async fn main() {
     }
     if all || o.what == "lease" {
         lease_complete(&c, o.clients.min(32), 20_000).await;
+    }
+    if o.what == "capacity" {
+        capacity(&mut c, o.clients, 1_000_000).await;
     }
     if (all || o.what == "failover") && o.nodes >= 3 {
         failover(&mut c, 10).await;

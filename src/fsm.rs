@@ -36,7 +36,8 @@
 //!   attempt; a failure spends one and either waits out the backoff (`failed`)
 //!   or, with no attempts left, goes to `dead_letter`.
 //! - Terminal states (`completed`, `cancelled`) never change again;
-//!   `dead_letter` changes only by an explicit replay.
+//!   `dead_letter` changes only by an explicit replay (back to `pending`) or a
+//!   cancel (an operator giving up on it for good).
 //!
 //! # Rejections
 //!

@@ -49,10 +49,15 @@ pub(super) struct Db {
     snapshot_lock: Arc<Mutex<()>>,
 }
 
+/// sled's page cache, in bytes. sled's default (1 GiB) would dominate a
+/// node's memory; the log is read back rarely (followers catching up,
+/// restarts), so a small cache costs little.
+pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 impl Db {
     /// Opens or creates the database in `dir`. Blocking.
     pub(super) fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).open()?;
         Ok(Self {
             logs: db.open_tree(LOGS)?,
             log_meta: db.open_tree(LOG_META)?,

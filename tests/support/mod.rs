@@ -155,7 +155,8 @@ impl NodeProc {
         self.paused = false;
     }
 
-    fn pid(&self) -> Option<u32> {
+    /// The process id while running.
+    pub fn pid(&self) -> Option<u32> {
         self.child
             .lock()
             .expect("child lock")
