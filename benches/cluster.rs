@@ -302,7 +302,11 @@ fn rss_mib(pid: u32) -> f64 {
 /// kills -9 a follower, restarts it and times until it serves reads again.
 async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
     let http = client();
-    let urls: Arc<Vec<String>> = Arc::new((0..c.len()).map(|i| format!("http://{}/api/v1/tasks", c.node(i).api_addr)).collect());
+    let urls: Arc<Vec<String>> = Arc::new(
+        (0..c.len())
+            .map(|i| format!("http://{}/api/v1/tasks", c.node(i).api_addr))
+            .collect(),
+    );
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut handles = Vec::new();
@@ -315,7 +319,12 @@ async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
                     return;
                 }
                 loop {
-                    match http.post(&urls[(i as usize) % urls.len()]).json(&task(i)).send().await {
+                    match http
+                        .post(&urls[(i as usize) % urls.len()])
+                        .json(&task(i))
+                        .send()
+                        .await
+                    {
                         Ok(r) if r.status().as_u16() == 201 => break,
                         _ => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
@@ -326,9 +335,16 @@ async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
     for h in handles {
         h.await.expect("submitter");
     }
-    println!("capacity: {n} tasks submitted in {:.1}s", start.elapsed().as_secs_f64());
+    println!(
+        "capacity: {n} tasks submitted in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
     for i in 0..c.len() {
-        println!("  node {} resident: {:.0} MiB", i + 1, rss_mib(c.node(i).pid().unwrap_or(0)));
+        println!(
+            "  node {} resident: {:.0} MiB",
+            i + 1,
+            rss_mib(c.node(i).pid().unwrap_or(0))
+        );
     }
     let leader = c.leader().await;
     let victim = (leader + 1) % c.len();
@@ -344,11 +360,18 @@ async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
         {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "restarted node did not serve within 120 s");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "restarted node did not serve within 120 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("  node {} restarted (kill -9) and serving a linearizable depth of {n} after {:.2}s; resident {:.0} MiB",
-        victim + 1, t0.elapsed().as_secs_f64(), rss_mib(c.node(victim).pid().unwrap_or(0)));
+    println!(
+        "  node {} restarted (kill -9) and serving a linearizable depth of {n} after {:.2}s; resident {:.0} MiB",
+        victim + 1,
+        t0.elapsed().as_secs_f64(),
+        rss_mib(c.node(victim).pid().unwrap_or(0))
+    );
 }
 
 #[tokio::main]

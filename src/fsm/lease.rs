@@ -71,7 +71,7 @@ impl State {
         LeaseGrant {
             token,
             expires_at_ms,
-            task: Box::new(self.tasks[&id].clone()),
+            task: self.boxed(id),
         }
     }
 
@@ -103,7 +103,7 @@ impl State {
         if starting {
             self.emit(events, id, EventKind::Started);
         }
-        Ok(Reply::Task(Box::new(self.tasks[&id].clone())))
+        Ok(Reply::Task(self.boxed(id)))
     }
 
     pub(crate) fn complete(
@@ -130,7 +130,7 @@ impl State {
         })
         .expect("invariant: leased tasks can complete");
         self.emit(events, id, EventKind::Completed);
-        Ok(Reply::Task(Box::new(self.tasks[&id].clone())))
+        Ok(Reply::Task(self.boxed(id)))
     }
 
     pub(crate) fn fail(
@@ -149,7 +149,7 @@ impl State {
             entropy,
             events,
         );
-        Ok(Reply::Task(Box::new(self.tasks[&id].clone())))
+        Ok(Reply::Task(self.boxed(id)))
     }
 
     /// Ends a leased attempt as failed: spends an attempt, then waits out the

@@ -65,7 +65,7 @@ impl Depth {
 impl State {
     /// One task.
     pub fn task(&self, id: TaskId) -> Option<&Task> {
-        self.tasks.get(&id)
+        self.tasks.get(&id).map(|t| &**t)
     }
 
     /// Number of tasks held (all statuses).
@@ -96,7 +96,7 @@ impl State {
             }
             last = Some(*id);
             if filter.matches(task) {
-                items.push(task.clone());
+                items.push(Task::clone(task));
             }
         }
         TaskPage { items, next: None }
@@ -117,7 +117,7 @@ impl State {
         let items: Vec<Task> = ids
             .by_ref()
             .take(limit)
-            .map(|id| self.tasks[id].clone())
+            .map(|id| Task::clone(&self.tasks[id]))
             .collect();
         let next = if ids.next().is_some() {
             items.last().map(|t| t.id)

@@ -2,6 +2,7 @@
 //! checks the transition table and keeps every index and counter in step.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +26,9 @@ pub struct State {
     pub(crate) last_task_id: u64,
     /// The last fencing token handed out.
     pub(crate) last_token: u64,
-    pub(crate) tasks: BTreeMap<TaskId, Task>,
+    /// Tasks behind `Arc`, so a snapshot's copy of the state shares them and
+    /// costs a map of pointers; a change after that copies only that task.
+    pub(crate) tasks: BTreeMap<TaskId, Arc<Task>>,
     pub(crate) idempotency: BTreeMap<(Tenant, String), TaskId>,
     pub(crate) ready: ReadyQueues,
     /// Scheduled tasks by `scheduled_at`, failed tasks by next attempt.
@@ -174,7 +177,7 @@ impl State {
         if let Some(key) = &spec.idempotency_key
             && let Some(id) = self.idempotency.get(&(spec.tenant.clone(), key.clone()))
         {
-            let task = Box::new(self.tasks[id].clone());
+            let task = self.boxed(*id);
             return Ok(Reply::Submitted {
                 task,
                 created: false,
@@ -199,11 +202,11 @@ impl State {
                 .insert((spec.tenant.clone(), key.clone()), id);
         }
         self.count(&task.tenant, task.priority, task.status, 1);
-        self.tasks.insert(id, task);
+        self.tasks.insert(id, Arc::new(task));
         self.index(id);
         self.emit(events, id, EventKind::Submitted);
         Ok(Reply::Submitted {
-            task: Box::new(self.tasks[&id].clone()),
+            task: self.boxed(id),
             created: true,
         })
     }
@@ -256,7 +259,7 @@ impl State {
             }
         })?;
         self.emit(events, id, EventKind::Cancelled);
-        Ok(Reply::Task(Box::new(self.tasks[&id].clone())))
+        Ok(Reply::Task(self.boxed(id)))
     }
 
     fn retry(&mut self, id: TaskId, events: &mut Vec<Event>) -> Outcome {
@@ -269,7 +272,7 @@ impl State {
             });
         }
         self.requeue(id, events);
-        Ok(Reply::Task(Box::new(self.tasks[&id].clone())))
+        Ok(Reply::Task(self.boxed(id)))
     }
 
     /// Makes a failed or dead-lettered task ready; a dead letter gets fresh attempts.
@@ -366,10 +369,11 @@ impl State {
     pub(crate) fn edit_in_place(&mut self, id: TaskId, edit: impl FnOnce(&mut Task)) {
         self.unindex(id);
         let clock = self.clock_ms;
-        let task = self
+        let slot = self
             .tasks
             .get_mut(&id)
             .expect("invariant: caller checked the task exists");
+        let task = Arc::make_mut(slot);
         let (tenant, priority, from) = (task.tenant.clone(), task.priority, task.status);
         edit(task);
         task.updated_at_ms = clock;
@@ -442,6 +446,11 @@ impl State {
             }
             TaskStatus::Completed | TaskStatus::Cancelled => {}
         }
+    }
+
+    /// A copy of a task for a reply.
+    pub(crate) fn boxed(&self, id: TaskId) -> Box<Task> {
+        Box::new(Task::clone(&self.tasks[&id]))
     }
 
     pub(crate) fn emit(&self, events: &mut Vec<Event>, id: TaskId, kind: EventKind) {

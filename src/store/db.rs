@@ -57,7 +57,10 @@ pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 impl Db {
     /// Opens or creates the database in `dir`. Blocking.
     pub(super) fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()?;
         Ok(Self {
             logs: db.open_tree(LOGS)?,
             log_meta: db.open_tree(LOG_META)?,
