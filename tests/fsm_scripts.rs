@@ -372,7 +372,7 @@ impl Runner {
         if page.items.is_empty() {
             return vec!["no tasks".into()];
         }
-        page.items.iter().map(task_line).collect()
+        page.items.iter().map(|t| task_line(t)).collect()
     }
 
     fn task(&self, id: TaskId) -> Vec<String> {

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use super::error::{ApiError, ApiResult};
 use super::json::Body;
 use super::tasks::task_reply;
+use super::view::TaskView;
 use super::{Api, outcome, view};
-use crate::clock::rfc3339;
 use crate::fsm::{AgentId, Command, FencingToken, Limits, Reply};
 
 /// `POST /leases` body.
@@ -47,17 +47,7 @@ pub async fn acquire(State(api): State<Api>, Body(b): Body<LeaseBody>) -> ApiRes
     };
     match outcome(api.node.write(cmd).await)? {
         Reply::Leased(grants) => {
-            let leases: Vec<Value> = grants
-                .iter()
-                .map(|g| {
-                    json!({
-                        "task_id": g.task.id.0,
-                        "fencing_token": g.token.0,
-                        "expires_at": rfc3339(g.expires_at_ms),
-                        "task": view::task(&g.task),
-                    })
-                })
-                .collect();
+            let leases: Vec<view::LeaseView> = grants.iter().map(view::lease).collect();
             Ok(Json(json!({ "leases": leases })))
         }
         other => Err(super::unexpected(other)),
@@ -76,7 +66,7 @@ pub async fn renew(
     State(api): State<Api>,
     Path(token): Path<String>,
     Body(b): Body<RenewBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TaskView>> {
     let token = parse_token(&token)?;
     let lease_ms = lease_ms(&api, b.lease_ms)?;
     task_reply(outcome(
@@ -97,7 +87,7 @@ pub async fn complete(
     State(api): State<Api>,
     Path(token): Path<String>,
     Body(b): Body<CompleteBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TaskView>> {
     let token = parse_token(&token)?;
     let cmd = Command::Complete {
         token,
@@ -124,7 +114,7 @@ pub async fn fail(
     State(api): State<Api>,
     Path(token): Path<String>,
     Body(b): Body<FailBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TaskView>> {
     let token = parse_token(&token)?;
     let cmd = Command::Fail {
         token,

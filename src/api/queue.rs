@@ -44,7 +44,10 @@ fn dead_letter_filter(q: &ListQuery) -> ApiResult<DeadLetterFilter> {
 }
 
 /// `GET /dead-letter`.
-pub async fn list(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+pub async fn list(
+    State(api): State<Api>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<view::PageView>> {
     let limit = q.limit(api.node.config().api.max_page_size)?;
     let filter = dead_letter_filter(&q)?;
     let after = q.after()?;
@@ -53,7 +56,7 @@ pub async fn list(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResu
         .node
         .state()
         .read(|s| s.dead_letter_page(&filter, after, limit));
-    Ok(Json(view::page(&page)))
+    Ok(Json(view::page(page)))
 }
 
 /// `GET /dead-letter/export`: every matching dead letter (up to
@@ -70,7 +73,7 @@ pub async fn export(
         .read(|s| s.dead_letter_page(&filter, None, Limits::MAX_REPLAY));
     let mut out = String::new();
     for t in &page.items {
-        out.push_str(&view::task(t).to_string());
+        out.push_str(&serde_json::to_string(&view::TaskView(t.clone())).unwrap_or_default());
         out.push('\n');
     }
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out))

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::error::{ApiError, ApiResult};
 use super::json::Body;
-use super::view::{self, ListQuery};
+use super::view::{self, ListQuery, PageView, TaskView};
 use super::{Api, outcome};
 use crate::clock;
 use crate::fsm::{
@@ -83,7 +83,7 @@ impl TaskCreate {
 pub async fn create(
     State(api): State<Api>,
     Body(body): Body<TaskCreate>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<TaskView>)> {
     let spec = body.into_submit()?;
     match outcome(api.node.write(Command::Submit(spec)).await)? {
         Reply::Submitted { task, created } => {
@@ -92,14 +92,14 @@ pub async fn create(
             } else {
                 StatusCode::OK
             };
-            Ok((status, Json(view::task(&task))))
+            Ok((status, Json(TaskView(task))))
         }
         other => Err(super::unexpected(other)),
     }
 }
 
 /// `GET /tasks`.
-pub async fn list(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+pub async fn list(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult<Json<PageView>> {
     let limit = q.limit(api.node.config().api.max_page_size)?;
     let filter = TaskFilter {
         status: q.status()?,
@@ -112,14 +112,14 @@ pub async fn list(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResu
         .node
         .state()
         .read(|s| s.list(&filter, after, limit, super::SCAN_BUDGET));
-    Ok(Json(view::page(&page)))
+    Ok(Json(view::page(page)))
 }
 
 /// `GET /tasks/{id}`.
-pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
     let id = parse_id(&id)?;
     api.node.read_barrier().await?;
-    let task = api.node.state().read(|s| s.task(id).map(view::task));
+    let task = api.node.state().read(|s| s.task_shared(id)).map(TaskView);
     task.map(Json)
         .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))
 }
@@ -136,7 +136,7 @@ pub async fn cancel(
     State(api): State<Api>,
     Path(id): Path<String>,
     Body(b): Body<CancelBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TaskView>> {
     let id = parse_id(&id)?;
     task_reply(outcome(
         api.node
@@ -149,7 +149,7 @@ pub async fn cancel(
 }
 
 /// `POST /tasks/{id}/retry`.
-pub async fn retry(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn retry(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
     let id = parse_id(&id)?;
     task_reply(outcome(api.node.write(Command::Retry { id }).await)?)
 }
@@ -162,9 +162,9 @@ pub fn parse_id(s: &str) -> ApiResult<TaskId> {
 }
 
 /// The JSON of a reply that carries one task.
-pub fn task_reply(reply: Reply) -> ApiResult<Json<Value>> {
+pub fn task_reply(reply: Reply) -> ApiResult<Json<TaskView>> {
     match reply {
-        Reply::Task(t) => Ok(Json(view::task(&t))),
+        Reply::Task(t) => Ok(Json(TaskView(t))),
         other => Err(super::unexpected(other)),
     }
 }

@@ -1,60 +1,137 @@
 //! JSON views of state-machine values, and parsing of the shared query
 //! parameters (cursor pagination and filters).
 
-use serde::Deserialize;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
 use crate::clock::rfc3339;
-use crate::fsm::{Priority, Task, TaskId, TaskPage, TaskStatus};
+use crate::fsm::{LeaseGrant, Priority, Task, TaskId, TaskPage, TaskStatus};
 
-/// A task as the API shows it.
-pub fn task(t: &Task) -> Value {
-    let lease = t.lease.as_ref().map(|l| {
-        json!({
-            "fencing_token": l.token.0,
-            "agent_id": l.agent_id.0,
-            "leased_at": rfc3339(l.leased_at_ms),
-            "expires_at": rfc3339(l.expires_at_ms),
-        })
-    });
-    json!({
-        "id": t.id.0,
-        "tenant": t.tenant.0,
-        "priority": t.priority.as_str(),
-        "status": t.status.as_str(),
-        "payload": json_text(&t.payload),
-        "capabilities": t.capabilities,
-        "session_key": t.session_key.as_ref().map(|k| &k.0),
-        "scheduled_at": t.scheduled_at_ms.map(rfc3339),
-        "max_attempts": t.max_attempts,
-        "attempt_count": t.attempts,
-        "lease_count": t.lease_count,
-        "timeout_ms": t.timeout_ms,
-        "backoff": t.backoff,
-        "idempotency_key": t.idempotency_key,
-        "parent_id": t.parent_id.map(|p| p.0),
-        "lease": lease,
-        "agent_id": t.last_agent.as_ref().map(|a| &a.0),
-        "result": t.result.as_deref().map(json_text),
-        "error": t.last_error,
-        "next_attempt_at": t.next_attempt_at_ms.map(rfc3339),
-        "created_at": rfc3339(t.created_at_ms),
-        "updated_at": rfc3339(t.updated_at_ms),
-    })
+/// A task as the API shows it. Serialized straight from the shared task:
+/// payload and result are stored JSON text and pass through unparsed.
+pub struct TaskView(pub Arc<Task>);
+
+/// The borrowed shape of [`TaskView`].
+#[derive(Serialize)]
+struct TaskJson<'a> {
+    id: u64,
+    tenant: &'a str,
+    priority: &'static str,
+    status: &'static str,
+    payload: Raw<'a>,
+    capabilities: &'a [String],
+    session_key: Option<&'a str>,
+    scheduled_at: Option<String>,
+    max_attempts: u32,
+    attempt_count: u32,
+    lease_count: u32,
+    timeout_ms: u64,
+    backoff: &'a crate::fsm::Backoff,
+    idempotency_key: Option<&'a str>,
+    parent_id: Option<u64>,
+    lease: Option<LeaseJson<'a>>,
+    agent_id: Option<&'a str>,
+    result: Option<Raw<'a>>,
+    error: Option<&'a str>,
+    next_attempt_at: Option<String>,
+    created_at: String,
+    updated_at: String,
 }
 
-/// Stored JSON text back to a value (it was validated on the way in).
-fn json_text(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_owned()))
+#[derive(Serialize)]
+struct LeaseJson<'a> {
+    fencing_token: u64,
+    agent_id: &'a str,
+    leased_at: String,
+    expires_at: String,
+}
+
+/// Stored JSON text, written as JSON (it was validated on the way in; if it
+/// is somehow not JSON, it is written as a string rather than corrupting the
+/// response).
+struct Raw<'a>(&'a str);
+
+impl Serialize for Raw<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match serde_json::from_str::<&RawValue>(self.0) {
+            Ok(raw) => raw.serialize(s),
+            Err(_) => s.serialize_str(self.0),
+        }
+    }
+}
+
+impl Serialize for TaskView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let t = &*self.0;
+        TaskJson {
+            id: t.id.0,
+            tenant: &t.tenant.0,
+            priority: t.priority.as_str(),
+            status: t.status.as_str(),
+            payload: Raw(&t.payload),
+            capabilities: &t.capabilities,
+            session_key: t.session_key.as_ref().map(|k| k.0.as_str()),
+            scheduled_at: t.scheduled_at_ms.map(rfc3339),
+            max_attempts: t.max_attempts,
+            attempt_count: t.attempts,
+            lease_count: t.lease_count,
+            timeout_ms: t.timeout_ms,
+            backoff: &t.backoff,
+            idempotency_key: t.idempotency_key.as_deref(),
+            parent_id: t.parent_id.map(|p| p.0),
+            lease: t.lease.as_ref().map(|l| LeaseJson {
+                fencing_token: l.token.0,
+                agent_id: &l.agent_id.0,
+                leased_at: rfc3339(l.leased_at_ms),
+                expires_at: rfc3339(l.expires_at_ms),
+            }),
+            agent_id: t.last_agent.as_ref().map(|a| a.0.as_str()),
+            result: t.result.as_deref().map(Raw),
+            error: t.last_error.as_deref(),
+            next_attempt_at: t.next_attempt_at_ms.map(rfc3339),
+            created_at: rfc3339(t.created_at_ms),
+            updated_at: rfc3339(t.updated_at_ms),
+        }
+        .serialize(s)
+    }
 }
 
 /// A page as the API shows it.
-pub fn page(p: &TaskPage) -> Value {
-    json!({
-        "items": p.items.iter().map(task).collect::<Vec<_>>(),
-        "next_cursor": p.next.map(|id| id.0.to_string()),
-    })
+#[derive(Serialize)]
+pub struct PageView {
+    items: Vec<TaskView>,
+    next_cursor: Option<String>,
+}
+
+/// The view of a page.
+pub fn page(p: TaskPage) -> PageView {
+    PageView {
+        items: p.items.into_iter().map(TaskView).collect(),
+        next_cursor: p.next.map(|id| id.0.to_string()),
+    }
+}
+
+/// One granted lease as `POST /leases` shows it.
+#[derive(Serialize)]
+pub struct LeaseView {
+    task_id: u64,
+    fencing_token: u64,
+    expires_at: String,
+    task: TaskView,
+}
+
+/// The view of a granted lease.
+pub fn lease(g: &LeaseGrant) -> LeaseView {
+    LeaseView {
+        task_id: g.task.id.0,
+        fencing_token: g.token.0,
+        expires_at: rfc3339(g.expires_at_ms),
+        task: TaskView(Arc::clone(&g.task)),
+    }
 }
 
 /// Query parameters of list endpoints.

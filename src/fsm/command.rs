@@ -6,6 +6,8 @@
 //! never reordered, renamed or removed, and no field uses `serde_json::Value`,
 //! `untagged`, `flatten` or `skip_serializing_if`.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::retry::Backoff;
@@ -274,14 +276,14 @@ pub enum Reply {
     /// A submit; `created` is false when the idempotency key matched an earlier task.
     Submitted {
         /// The task (new, or the earlier one).
-        task: Box<Task>,
+        task: Arc<Task>,
         /// Whether this submit created it.
         created: bool,
     },
     /// The leases granted (possibly none).
     Leased(Vec<LeaseGrant>),
     /// The task after the change.
-    Task(Box<Task>),
+    Task(Arc<Task>),
     /// The dead letters moved back to the queue.
     Replayed(Vec<TaskId>),
     /// Nothing to report.
@@ -296,7 +298,7 @@ pub struct LeaseGrant {
     /// When it lapses unless renewed.
     pub expires_at_ms: u64,
     /// The leased task.
-    pub task: Box<Task>,
+    pub task: Arc<Task>,
 }
 
 /// Why a command changed nothing. Each maps to one API error code.

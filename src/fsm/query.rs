@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -31,8 +32,8 @@ impl TaskFilter {
 /// One page of a listing, in id order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskPage {
-    /// The tasks.
-    pub items: Vec<Task>,
+    /// The tasks (shared with the state: cheap to take).
+    pub items: Vec<Arc<Task>>,
     /// Pass as `after` to get the next page; `None` at the end.
     pub next: Option<TaskId>,
 }
@@ -68,6 +69,11 @@ impl State {
         self.tasks.get(&id).map(|t| &**t)
     }
 
+    /// One task, shared with the state (cheap to keep after the read).
+    pub fn task_shared(&self, id: TaskId) -> Option<Arc<Task>> {
+        self.tasks.get(&id).cloned()
+    }
+
     /// Number of tasks held (all statuses).
     pub fn task_count(&self) -> usize {
         self.tasks.len()
@@ -96,7 +102,7 @@ impl State {
             }
             last = Some(*id);
             if filter.matches(task) {
-                items.push(Task::clone(task));
+                items.push(Arc::clone(task));
             }
         }
         TaskPage { items, next: None }
@@ -114,10 +120,10 @@ impl State {
             .dead_letters
             .range((start, Bound::Unbounded))
             .filter(|id| filter.matches(&self.tasks[id]));
-        let items: Vec<Task> = ids
+        let items: Vec<Arc<Task>> = ids
             .by_ref()
             .take(limit)
-            .map(|id| Task::clone(&self.tasks[id]))
+            .map(|id| Arc::clone(&self.tasks[id]))
             .collect();
         let next = if ids.next().is_some() {
             items.last().map(|t| t.id)

@@ -448,9 +448,10 @@ impl State {
         }
     }
 
-    /// A copy of a task for a reply.
-    pub(crate) fn boxed(&self, id: TaskId) -> Box<Task> {
-        Box::new(Task::clone(&self.tasks[&id]))
+    /// A task for a reply: shares the state's copy (a later change to the
+    /// task copies it instead of changing the reply).
+    pub(crate) fn boxed(&self, id: TaskId) -> Arc<Task> {
+        Arc::clone(&self.tasks[&id])
     }
 
     pub(crate) fn emit(&self, events: &mut Vec<Event>, id: TaskId, kind: EventKind) {

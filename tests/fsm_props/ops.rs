@@ -241,6 +241,9 @@ pub fn all_tasks(state: &State) -> Vec<Task> {
     state
         .list(&TaskFilter::default(), None, usize::MAX, usize::MAX)
         .items
+        .iter()
+        .map(|t| Task::clone(t))
+        .collect()
 }
 
 fn pick_token(state: &State, tasks: &[Task], pick: TokenPick) -> FencingToken {
