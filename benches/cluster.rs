@@ -131,6 +131,35 @@ async fn submit(c: &Cluster, clients: usize, secs: u64) {
         elapsed,
     );
     println!("  errors: {}", errors.load(Ordering::Relaxed));
+    print_batching(c).await;
+}
+
+/// The leader's own account of batching: entries proposed, commands per entry.
+async fn print_batching(c: &Cluster) {
+    let leader = c.leader().await;
+    let text = client()
+        .get(format!("http://{}/metrics", c.node(leader).api_addr))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let entries = value("godel_raft_batch_commands_count");
+    let commands = value("godel_raft_batch_commands_sum");
+    let commit = value("godel_raft_commit_seconds_sum");
+    println!(
+        "  leader: {entries:.0} Raft entries, {:.1} commands per entry, {:.2} ms mean proposal-to-applied",
+        commands / entries.max(1.0),
+        1000.0 * commit / entries.max(1.0)
+    );
 }
 
 /// One client, one request at a time, to the leader.

@@ -158,7 +158,7 @@ impl Default for QueueConfig {
     fn default() -> Self {
         Self {
             batch_max_commands: 1000,
-            max_inflight_batches: 4,
+            max_inflight_batches: 1,
             max_queued_commands: 100_000,
             write_timeout: Duration::from_secs(3),
             default_lease: Duration::from_secs(30),

@@ -8,11 +8,14 @@
 //! the caller gets [`NodeError::Overloaded`]); the proposer drains up to
 //! `batch_max_commands` at a time. On the leader a batch becomes one Raft
 //! entry, stamped with the leader's clock and a jitter seed; on a follower it
-//! is forwarded, whole, to the leader, which stamps and proposes it. There is
-//! no artificial wait: a lone write goes at once, and writes that arrive while
-//! a proposal is in flight share the next one (at most `max_inflight_batches`
-//! proposals at a time). A write reports success only after its entry is
-//! committed (fsynced on a majority) and applied.
+//! is forwarded, whole, to the leader, whose own queue takes the commands, so
+//! every write in the cluster shares the leader's one batching pipeline. There
+//! is no artificial wait: a lone write goes at once, and writes that arrive
+//! while a proposal is in flight share the next one. openraft 0.9 spends one
+//! fsync per entry, so fewer, bigger entries win: `max_inflight_batches`
+//! defaults to 1 (BENCHMARKS.md has the measurements). A write reports
+//! success only after its entry is committed (fsynced on a majority) and
+//! applied; each command of a batch gets its own result.
 //!
 //! # Failing fast without a quorum
 //!
@@ -65,6 +68,17 @@ pub enum NodeError {
     /// A local failure (storage, encoding).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<NodeError> for RemoteFailure {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Invalid(m) => RemoteFailure::Invalid(m),
+            NodeError::Unavailable(m) | NodeError::Overloaded(m) | NodeError::Internal(m) => {
+                RemoteFailure::Unavailable(m)
+            }
+        }
+    }
 }
 
 impl From<RemoteFailure> for NodeError {

@@ -28,6 +28,11 @@ impl Queue {
         (Self { tx }, rx)
     }
 
+    /// Room left in the queue.
+    pub(super) fn free(&self) -> usize {
+        self.tx.capacity()
+    }
+
     /// Enqueues a command; full means overloaded, never a wait.
     pub(super) fn push(
         &self,
@@ -71,15 +76,15 @@ pub(super) async fn run(node: Node, mut rx: mpsc::Receiver<(Command, Reply)>) {
             let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
             let n = cmds.len();
             match dispatch(&node, cmds).await {
-                Ok(outcomes) if outcomes.len() == n => {
-                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                        let _ = reply.send(Ok(outcome));
+                Ok(each) if each.len() == n => {
+                    for (reply, result) in replies.into_iter().zip(each) {
+                        let _ = reply.send(result);
                     }
                 }
-                Ok(outcomes) => fail_all(
-                    replies,
-                    NodeError::Internal(format!("{} outcomes for {n} commands", outcomes.len())),
-                ),
+                Ok(each) => {
+                    let msg = format!("{} results for {n} commands", each.len());
+                    fail_all(replies, NodeError::Internal(msg));
+                }
                 Err(e) => fail_all(replies, e),
             }
             drop(permit);
@@ -93,9 +98,13 @@ fn fail_all(replies: Vec<Reply>, e: NodeError) {
     }
 }
 
-/// Proposes a batch here if leader, else forwards it to the leader. A stale
-/// view of the leader is retried once after the view refreshes.
-async fn dispatch(node: &Node, cmds: Vec<Command>) -> Result<Vec<Outcome>, NodeError> {
+/// One result per command of a batch.
+type PerCommand = Vec<Result<Outcome, NodeError>>;
+
+/// Proposes a batch here if leader, else forwards it to the leader. A batch
+/// refused as a whole because the receiver was not the leader was not
+/// proposed, so it is retried (twice) once the view of the leader refreshes.
+async fn dispatch(node: &Node, cmds: Vec<Command>) -> Result<PerCommand, NodeError> {
     let timeout = node.queue_config().write_timeout;
     let mut last = NodeError::Unavailable("no leader known".into());
     for attempt in 0..3 {
@@ -105,30 +114,71 @@ async fn dispatch(node: &Node, cmds: Vec<Command>) -> Result<Vec<Outcome>, NodeE
         if node.is_leader() {
             match propose_as_leader(node, cmds.clone()).await {
                 Err(RemoteFailure::NotLeader { .. }) => continue,
-                other => return other.map_err(NodeError::from),
+                Ok(outcomes) => return Ok(outcomes.into_iter().map(Ok).collect()),
+                Err(e) => return Err(e.into()),
             }
         }
         let Some((leader, info)) = node.leader().filter(|(id, _)| *id != node.id()) else {
             continue;
         };
+        let req = RpcRequest::Forward(cmds.clone());
         match node
-            .call_peer(
-                leader,
-                &info.raft_addr,
-                RpcRequest::Forward(cmds.clone()),
-                timeout,
-            )
-            .await
+            .call_peer(leader, &info.raft_addr, req, timeout)
+            .await?
         {
-            Ok(RpcReply::Forward(Err(RemoteFailure::NotLeader { .. }))) => {
+            RpcReply::Forward(Err(RemoteFailure::NotLeader { .. })) => {
                 last = NodeError::Unavailable(format!("node {leader} is no longer the leader"));
             }
-            Ok(RpcReply::Forward(r)) => return r.map_err(NodeError::from),
-            Ok(other) => return Err(NodeError::Internal(format!("unexpected reply {other:?}"))),
-            Err(e) => return Err(e),
+            RpcReply::Forward(Ok(each)) => {
+                return Ok(each
+                    .into_iter()
+                    .map(|r| r.map_err(NodeError::from))
+                    .collect());
+            }
+            RpcReply::Forward(Err(e)) => return Err(e.into()),
+            other => return Err(NodeError::Internal(format!("unexpected reply {other:?}"))),
         }
     }
     Err(last)
+}
+
+/// On the leader: commands forwarded by a follower join this node's own
+/// queue, so every write shares one batching pipeline (bigger entries, fewer
+/// fsyncs). Refused whole if the queue cannot take them all.
+pub(super) async fn accept_forwarded(
+    node: &Node,
+    cmds: Vec<Command>,
+) -> Result<Vec<Result<Outcome, RemoteFailure>>, RemoteFailure> {
+    if !node.is_leader() {
+        return Err(RemoteFailure::NotLeader {
+            leader: node.leader().map(|(id, _)| id),
+        });
+    }
+    if node.inner.queue.free() < cmds.len() {
+        return Err(RemoteFailure::Unavailable(
+            "the leader's write queue is full".into(),
+        ));
+    }
+    let mut waiting = Vec::with_capacity(cmds.len());
+    for cmd in cmds {
+        waiting.push(node.inner.queue.push(cmd));
+    }
+    let timeout = node.queue_config().write_timeout;
+    let mut out = Vec::with_capacity(waiting.len());
+    for rx in waiting {
+        let result = match rx {
+            Err(e) => Err(e),
+            Ok(rx) => match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(NodeError::Unavailable("leader is shutting down".into())),
+                Err(_) => Err(NodeError::Unavailable(format!(
+                    "not committed within {timeout:?}"
+                ))),
+            },
+        };
+        out.push(result.map_err(RemoteFailure::from));
+    }
+    Ok(out)
 }
 
 /// On the leader: stamps the batch with the clock and a seed, proposes it as

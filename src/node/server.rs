@@ -4,7 +4,7 @@
 
 use super::Node;
 use super::membership;
-use super::proposer::propose_as_leader;
+use super::proposer::accept_forwarded;
 use crate::codec;
 use crate::raft::NodeId;
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
@@ -49,7 +49,7 @@ impl RpcHandler {
                     ))));
                 }
                 tracing::trace!(peer, n, "forwarded batch");
-                RpcReply::Forward(propose_as_leader(&self.node, cmds).await)
+                RpcReply::Forward(accept_forwarded(&self.node, cmds).await)
             }
             RpcRequest::ReadIndex => {
                 if !self.node.is_leader() {

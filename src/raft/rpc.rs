@@ -69,8 +69,9 @@ pub enum RpcReply {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
-    /// See [`RpcRequest::Forward`].
-    Forward(Result<Vec<fsm::Outcome>, RemoteFailure>),
+    /// See [`RpcRequest::Forward`]: the batch refused as a whole (nothing
+    /// was proposed), or one result per command.
+    Forward(Result<Vec<Result<fsm::Outcome, RemoteFailure>>, RemoteFailure>),
     /// See [`RpcRequest::ReadIndex`]: the log index to wait for.
     ReadIndex(Result<u64, RemoteFailure>),
     /// See [`RpcRequest::Join`] and [`RpcRequest::Leave`].

@@ -109,19 +109,26 @@ impl NodeProc {
         self.dir.as_ref().expect("dir present until drop").path()
     }
 
-    /// Writes this node's config: `[cluster] members` or `join`.
+    /// Writes this node's config: `[cluster] members` or `join`. Benchmarks
+    /// add tables with `GODEL_TEST_EXTRA_TOML` (its `[raft]` replaces ours).
     fn write_config(&self, cluster: &str) {
+        let extra = std::env::var("GODEL_TEST_EXTRA_TOML").unwrap_or_default();
+        let raft = if extra.contains("[raft]") {
+            String::new()
+        } else {
+            "[raft]\nheartbeat_interval = \"50ms\"\n\
+             election_timeout_min = \"150ms\"\nelection_timeout_max = \"300ms\"\n"
+                .to_string()
+        };
         let text = format!(
             "# written by tests/support for node {id}\n\
              [node]\nid = {id}\nregion = \"local\"\ndata_dir = {data}\n\
-             api_addr = \"{api}\"\nraft_addr = \"{raft}\"\n\n\
-             [raft]\nheartbeat_interval = \"50ms\"\n\
-             election_timeout_min = \"150ms\"\nelection_timeout_max = \"300ms\"\n\n\
-             {cluster}",
+             api_addr = \"{api}\"\nraft_addr = \"{raft_addr}\"\n\n\
+             {raft}\n{extra}\n{cluster}",
             id = self.id,
             data = toml_str(&self.path().join("data").to_string_lossy()),
             api = self.api_addr,
-            raft = self.raft_addr,
+            raft_addr = self.raft_addr,
         );
         std::fs::write(&self.config, text).expect("write node config");
     }
