@@ -2,6 +2,11 @@
 //! of the HTTP API.
 
 use clap::Parser;
+
+/// mimalloc: measured faster than glibc malloc on the request path.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use godel::cli::{Cli, Command, run_client, run_serve};
 
 #[tokio::main]
