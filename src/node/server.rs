@@ -2,6 +2,8 @@
 //! Raft; forwarded writes, read-index and membership requests are served if
 //! this node is the leader, else answered with "not the leader".
 
+use std::time::Duration;
+
 use super::Node;
 use super::membership;
 use super::proposer::accept_forwarded;
@@ -15,7 +17,20 @@ pub(super) struct RpcHandler {
     pub(super) node: Node,
 }
 
+/// How long to wait for the leader's port to answer before assuming it is alive.
+const LEADER_PROBE_TIMEOUT: Duration = Duration::from_millis(100);
+/// Added to the leader lease before electing, for clock and delivery skew.
+const LEASE_MARGIN: Duration = Duration::from_millis(20);
+/// Delay between followers of successive rank, so one candidate goes first.
+const ELECTION_STAGGER: Duration = Duration::from_millis(60);
+
 impl Handler for RpcHandler {
+    async fn disconnected(&self, peer: NodeId) {
+        let node = self.node.clone();
+        // The hint must not hold up the transport's connection task.
+        self.node.spawn(Self::leader_disconnected(node, peer));
+    }
+
     async fn handle(&self, peer: NodeId, request: Vec<u8>) -> Vec<u8> {
         let reply = match codec::decode::<RpcRequest>(&request) {
             Ok(req) => self.serve(peer, req).await,
@@ -32,6 +47,48 @@ impl Handler for RpcHandler {
 }
 
 impl RpcHandler {
+    /// A connection from the leader ended. If the leader's port now refuses
+    /// connections, its process is gone (killed or stopped): rather than wait
+    /// for the randomized election timer, which may fire while the other
+    /// followers still honour the dead leader's lease and so need a second
+    /// round, start an election as soon as every lease has run out. Followers
+    /// stagger by rank so they do not split the vote. A disconnect from a
+    /// live leader (idle close, transient break) finds its port open and does
+    /// nothing.
+    async fn leader_disconnected(node: Node, peer: NodeId) {
+        let Some((leader, info)) = node.leader() else {
+            return;
+        };
+        if leader != peer || node.is_leader() {
+            return;
+        }
+        let probe = tokio::net::TcpStream::connect(info.raft_addr.as_str());
+        match tokio::time::timeout(LEADER_PROBE_TIMEOUT, probe).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            _ => return,
+        }
+        let (voters, _) = node.members();
+        let Some(rank) = voters
+            .iter()
+            .filter(|v| **v != leader)
+            .position(|v| *v == node.id())
+        else {
+            return;
+        };
+        let raft = &node.config().raft;
+        let wait = raft.election_timeout_max + LEASE_MARGIN + ELECTION_STAGGER * rank as u32;
+        tracing::info!(
+            leader,
+            wait_ms = wait.as_millis() as u64,
+            "leader's port is closed; electing after its lease"
+        );
+        tokio::time::sleep(wait).await;
+        let still_gone = node.leader().map(|(id, _)| id) == Some(leader) && !node.is_leader();
+        if still_gone && let Err(e) = node.raft().trigger().elect().await {
+            tracing::warn!(error = %e, "could not start an election");
+        }
+    }
+
     async fn serve(&self, peer: NodeId, req: RpcRequest) -> RpcReply {
         let raft = self.node.raft();
         match req {

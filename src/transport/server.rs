@@ -35,6 +35,14 @@ const SHUTDOWN_SLACK: Duration = Duration::from_secs(1);
 pub trait Handler: Send + Sync + 'static {
     /// Answers `request` from node `peer` (authenticated by the handshake).
     fn handle(&self, peer: NodeId, request: Vec<u8>) -> impl Future<Output = Vec<u8>> + Send;
+
+    /// Told when an authenticated connection from `peer` ends for any reason
+    /// but this server's shutdown: the peer closed it (or died), it broke,
+    /// or it idled out. A hint only; the default ignores it.
+    fn disconnected(&self, peer: NodeId) -> impl Future<Output = ()> + Send {
+        let _ = peer;
+        std::future::ready(())
+    }
 }
 
 /// Everything a connection task needs, shared by all of them.
@@ -157,6 +165,9 @@ async fn connection<H: Handler>(
     debug!("transport: peer authenticated");
     serve_requests(stream, peer, &shared).await;
     debug!("transport: connection closed");
+    if !shared.shutdown.is_cancelled() {
+        shared.handler.disconnected(peer).await;
+    }
 }
 
 /// Runs the server handshake within `connect_timeout`, logging any rejection.
