@@ -266,7 +266,7 @@ async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> 
 
 /// Kill -9 the leader `rounds` times; time from the kill to the first 201
 /// from a survivor (clients retry at once on any error).
-async fn failover(c: &mut Cluster, rounds: usize) {
+async fn failover(c: &mut Cluster, rounds: usize, pause: bool) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_millis(300))
         .build()
@@ -284,7 +284,11 @@ async fn failover(c: &mut Cluster, rounds: usize) {
             .expect("warm-up submit");
         assert_eq!(r.status().as_u16(), 201);
         let t0 = Instant::now();
-        c.kill9(leader);
+        if pause {
+            c.pause(leader);
+        } else {
+            c.kill9(leader);
+        }
         loop {
             if let Ok(r) = http.post(&url).json(&task(round as u64)).send().await
                 && r.status().as_u16() == 201
@@ -297,19 +301,25 @@ async fn failover(c: &mut Cluster, rounds: usize) {
             );
         }
         let took = t0.elapsed();
+        let how = if pause { "SIGSTOP" } else { "kill -9" };
         println!(
-            "  round {round}: first write {:.0} ms after kill -9 of node {}",
+            "  round {round}: first write {:.0} ms after {how} of node {}",
             took.as_secs_f64() * 1000.0,
             leader + 1
         );
         times.push(took);
-        c.restart(leader);
+        if pause {
+            c.resume(leader);
+        } else {
+            c.restart(leader);
+        }
         c.wait_caught_up(leader, Duration::from_secs(30)).await;
     }
     times.sort();
     let ms: Vec<f64> = times.iter().map(|t| t.as_secs_f64() * 1000.0).collect();
+    let how = if pause { "SIGSTOP" } else { "kill -9" };
     println!(
-        "failover: median {:.0} ms, min {:.0} ms, max {:.0} ms over {rounds} kills",
+        "failover ({how}): median {:.0} ms, min {:.0} ms, max {:.0} ms over {rounds} rounds",
         ms[ms.len() / 2],
         ms[0],
         ms[ms.len() - 1]
@@ -422,6 +432,9 @@ async fn main() {
         capacity(&mut c, o.clients, 1_000_000).await;
     }
     if (all || o.what == "failover") && o.nodes >= 3 {
-        failover(&mut c, 10).await;
+        failover(&mut c, 10, false).await;
+    }
+    if (all || o.what == "pause") && o.nodes >= 3 {
+        failover(&mut c, 10, true).await;
     }
 }

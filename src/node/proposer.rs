@@ -12,6 +12,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use super::{Node, NodeError};
 use crate::clock;
 use crate::fsm::{Batch, Command, Outcome, Request};
+use crate::raft::NodeId;
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
 
 type Reply = oneshot::Sender<Result<Outcome, NodeError>>;
@@ -122,10 +123,18 @@ async fn dispatch(node: &Node, cmds: Vec<Command>) -> Result<PerCommand, NodeErr
             continue;
         };
         let req = RpcRequest::Forward(cmds.clone());
-        match node
-            .call_peer(leader, &info.raft_addr, req, timeout)
-            .await?
-        {
+        let reply = tokio::select! {
+            r = node.call_peer(leader, &info.raft_addr, req, timeout) => r?,
+            // A paused or cut-off leader would hold the pipeline for the whole
+            // timeout. The batch may still commit (if the old leader
+            // replicated it), so it is not sent again: its outcome is unknown.
+            () = leader_changed(node, leader) => {
+                return Err(NodeError::Unavailable(format!(
+                    "leader {leader} was replaced while the write was in flight; its outcome is unknown"
+                )));
+            }
+        };
+        match reply {
             RpcReply::Forward(Err(RemoteFailure::NotLeader { .. })) => {
                 last = NodeError::Unavailable(format!("node {leader} is no longer the leader"));
             }
@@ -140,6 +149,19 @@ async fn dispatch(node: &Node, cmds: Vec<Command>) -> Result<PerCommand, NodeErr
         }
     }
     Err(last)
+}
+
+/// Resolves once this node sees a leader other than `from` (or none).
+async fn leader_changed(node: &Node, from: NodeId) {
+    let mut metrics = node.raft().metrics();
+    loop {
+        if metrics.borrow_and_update().current_leader != Some(from) {
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// On the leader: commands forwarded by a follower join this node's own
