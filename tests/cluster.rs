@@ -497,6 +497,33 @@ async fn expired_lease_is_fenced(api: &Api, f1: usize, f2: usize, id: u64) {
     assert_eq!(t["status"], "completed", "{t}");
 }
 
+/// The lowest-id member restarted with an empty data directory must not
+/// initialize a second cluster next to the running one: it refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wiped_bootstrap_node_refuses_to_fork_the_cluster() {
+    let mut c = Cluster::start(3).await;
+    bounded(TEST_BOUND, async {
+        c.leader().await;
+        c.kill9(0);
+        c.node(0).wipe_data();
+        c.restart(0);
+        let status = c.node(0).wait_exit(Duration::from_secs(20));
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "wiped node 1 should exit with an error: {status:?}"
+        );
+        assert!(
+            c.node(0).log_tail(40).contains("refusing to initialize"),
+            "{}",
+            c.node(0).log_tail(40)
+        );
+        c.kill9(0); // reap the exited process so the harness stops counting it
+        let survivor = c.leader_within(Duration::from_secs(10)).await;
+        assert_ne!(survivor, 0);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_changes_nothing() {
     let mut c = Cluster::start(3).await;

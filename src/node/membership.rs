@@ -89,12 +89,42 @@ pub(super) async fn bootstrap(node: &Node) -> anyhow::Result<()> {
             .collect()
     };
     if members.keys().next() == Some(&node.id()) {
+        if let Some(peer) = running_peer(node, &members).await {
+            anyhow::bail!(
+                "this node's data directory is empty but node {peer} already belongs to a running \
+                 cluster: refusing to initialize a second one. If this node lost its data, remove it \
+                 (`godel cluster leave {id}`), then add it back with `[cluster] join`",
+                id = node.id()
+            );
+        }
         tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "initializing the cluster");
         if let Err(e) = node.raft().initialize(members).await {
             tracing::info!(error = %e, "initialize skipped");
         }
     }
     Ok(())
+}
+
+/// A member other than this node that reports an established cluster (a
+/// term past zero), if any answers within a second.
+async fn running_peer(node: &Node, members: &BTreeMap<NodeId, NodeInfo>) -> Option<NodeId> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .ok()?;
+    for (id, info) in members.iter().filter(|(id, _)| **id != node.id()) {
+        let url = format!("http://{}/api/v1/cluster", info.api_addr);
+        let Ok(resp) = http.get(&url).send().await else {
+            continue;
+        };
+        let Ok(body) = resp.json::<serde_json::Value>().await else {
+            continue;
+        };
+        if body["term"].as_u64().is_some_and(|t| t > 0) {
+            return Some(*id);
+        }
+    }
+    None
 }
 
 /// Asks the node at `seed` (an API address) to add this one, until it does.

@@ -171,6 +171,28 @@ impl NodeProc {
             .map(Child::id)
     }
 
+    /// Waits (bounded) for the process to exit on its own; its exit status.
+    pub fn wait_exit(&self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Some(c) = self.child.lock().expect("child lock").as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Deletes the node's data directory (the process must be stopped).
+    pub fn wipe_data(&self) {
+        let data = self.path().join("data");
+        if data.exists() {
+            std::fs::remove_dir_all(&data).expect("wipe data dir");
+        }
+    }
+
     /// Whether the process was started and not killed by the harness.
     pub fn is_running(&self) -> bool {
         self.child.lock().expect("child lock").is_some()
