@@ -1,0 +1,116 @@
+//! The `godel` CLI against a real one-node cluster: every client command
+//! runs, `--output json` prints the API's JSON, and errors exit non-zero.
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::Value;
+use support::{BIN, Cluster};
+
+/// Runs `godel --api URL -o json ARGS`; returns (exit code, parsed stdout).
+fn godel(api: &str, args: &[&str]) -> (i32, Value) {
+    let out = Command::new(BIN)
+        .args(["--api", api, "-o", "json"])
+        .args(args)
+        .output()
+        .expect("run godel");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value = serde_json::from_str(&stdout).unwrap_or_else(|_| Value::String(stdout.to_string()));
+    (out.status.code().unwrap_or(-1), value)
+}
+
+fn ok(api: &str, args: &[&str]) -> Value {
+    let (code, v) = godel(api, args);
+    assert_eq!(code, 0, "godel {args:?} failed: {v}");
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_command_works_with_json_output() {
+    let c = Cluster::start(1).await;
+    let api = format!("http://{}", c.node(0).api_addr);
+    let api = api.as_str();
+    tokio::task::spawn_blocking({
+        let api = api.to_owned();
+        move || cli_session(&api)
+    })
+    .await
+    .expect("cli session");
+}
+
+fn cli_session(api: &str) {
+    let t = ok(
+        api,
+        &[
+            "task",
+            "submit",
+            "--payload",
+            r#"{"p":1}"#,
+            "--priority",
+            "high",
+            "--tenant",
+            "acme",
+        ],
+    );
+    assert_eq!(t["priority"], "high");
+    assert_eq!(t["payload"]["p"], 1);
+    let id = t["id"].as_u64().expect("id").to_string();
+    assert_eq!(ok(api, &["task", "get", &id])["status"], "pending");
+    let page = ok(api, &["task", "ls", "--tenant", "acme", "--limit", "5"]);
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(ok(api, &["queue", "depth"])["pending"], 1);
+
+    let leases = ok(api, &["lease", "acquire", "--agent", "w1", "--max", "1"]);
+    let token = leases["leases"][0]["fencing_token"]
+        .as_u64()
+        .expect("token")
+        .to_string();
+    assert_eq!(ok(api, &["lease", "renew", &token])["status"], "running");
+    assert_eq!(
+        ok(
+            api,
+            &["lease", "complete", &token, "--result", r#"{"ok":true}"#]
+        )["status"],
+        "completed"
+    );
+    // A second completion with the same token is a conflict: exit 1 and the error JSON.
+    let (code, err) = godel(api, &["lease", "complete", &token]);
+    assert_eq!(code, 1);
+    assert_eq!(err["error"]["code"], "conflict");
+
+    let t2 = ok(api, &["task", "submit", "--max-attempts", "1"]);
+    let id2 = t2["id"].as_u64().expect("id").to_string();
+    let leases = ok(api, &["lease", "acquire", "--agent", "w1"]);
+    let token = leases["leases"][0]["fencing_token"]
+        .as_u64()
+        .expect("token")
+        .to_string();
+    assert_eq!(
+        ok(api, &["lease", "fail", &token, "--error", "boom"])["status"],
+        "dead_letter"
+    );
+    assert_eq!(ok(api, &["dlq", "ls"])["items"][0]["error"], "boom");
+    let (code, export) = godel(api, &["dlq", "export"]);
+    assert_eq!(code, 0);
+    assert!(export.to_string().contains("boom"), "{export}");
+    let replayed = ok(api, &["dlq", "replay", "--ids", &id2]);
+    assert_eq!(
+        replayed["replayed"][0].as_u64().map(|v| v.to_string()),
+        Some(id2.clone())
+    );
+    assert_eq!(
+        ok(api, &["task", "cancel", &id2, "--reason", "not needed"])["status"],
+        "cancelled"
+    );
+    let (code, _) = godel(api, &["task", "retry", &id2]);
+    assert_eq!(code, 1, "a cancelled task cannot be retried");
+
+    let cluster = ok(api, &["cluster", "status"]);
+    assert_eq!(cluster["members"].as_array().map(Vec::len), Some(1));
+    let (code, err) = godel(api, &["task", "get", "999999"]);
+    assert_eq!(
+        (code, err["error"]["code"].as_str()),
+        (1, Some("not_found"))
+    );
+}
