@@ -1,6 +1,7 @@
 //! The `godel` CLI against a real one-node cluster: every client command
 //! runs, `--output json` prints the API's JSON, and errors exit non-zero.
 
+#[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
 
 use std::process::Command;
