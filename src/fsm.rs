@@ -59,6 +59,7 @@ mod command;
 mod lease;
 mod query;
 mod queue;
+mod registry;
 mod retry;
 mod state;
 mod task;
@@ -68,6 +69,10 @@ pub use command::{
     ReplaySelector, Reply, Request, Response, SubmitTask,
 };
 pub use query::{Depth, TaskFilter, TaskPage};
+pub use registry::{
+    AgentRecord, AgentRegistration, Circuit, GatewayId, GatewayRecord, GatewayRegistration, Health,
+    MAX_AGENT_CAPACITY, MAX_SESSIONS_PER_GATEWAY, NodeRecord, Registry, SessionState,
+};
 pub use retry::{Backoff, backoff_delay_ms};
 pub use state::State;
 pub use task::{

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::registry::{AgentRegistration, Circuit, GatewayId, GatewayRegistration, Health};
 use super::retry::Backoff;
 use super::task::{
     AgentId, FencingToken, Limits, Priority, SessionKey, Task, TaskId, TaskStatus, Tenant,
@@ -100,6 +101,52 @@ pub enum Command {
     },
     /// Only advance the clock: fires due timers.
     Tick,
+    /// Register a node, or refresh its heartbeat (at the batch's time).
+    NodeHeartbeat {
+        /// The node.
+        id: u64,
+        /// Its region.
+        region: String,
+        /// Its API address.
+        api_addr: String,
+    },
+    /// Set or clear a node's drain flag.
+    SetDrain {
+        /// The node.
+        id: u64,
+        /// Draining or not.
+        draining: bool,
+    },
+    /// Register or update a gateway.
+    RegisterGateway(GatewayRegistration),
+    /// Remove a gateway no agent is bound to.
+    DeregisterGateway {
+        /// The gateway.
+        id: GatewayId,
+    },
+    /// Record a gateway's probed health and breaker state.
+    ReportGateway {
+        /// The gateway.
+        id: GatewayId,
+        /// Health.
+        health: Health,
+        /// Breaker state.
+        circuit: Circuit,
+    },
+    /// Record which node runs a gateway.
+    PlaceGateway {
+        /// The gateway.
+        id: GatewayId,
+        /// The owner node, or none.
+        owner: Option<u64>,
+    },
+    /// Register or update an agent.
+    RegisterAgent(AgentRegistration),
+    /// Remove an agent.
+    DeregisterAgent {
+        /// The agent.
+        id: AgentId,
+    },
 }
 
 /// A task submission, as validated by the API and checked again at apply.

@@ -11,6 +11,7 @@ use super::command::{
     Request, Response, SubmitTask, check_name,
 };
 use super::queue::ReadyQueues;
+use super::registry::Registry;
 use super::retry::mix;
 use super::task::{FencingToken, Limits, Priority, Task, TaskId, TaskStatus, Tenant};
 
@@ -42,6 +43,8 @@ pub struct State {
     /// Per tenant, per priority, per status.
     pub(crate) counts: BTreeMap<Tenant, Counts>,
     pub(crate) weights: BTreeMap<Tenant, u32>,
+    /// Nodes, gateways and agents.
+    pub(crate) registry: Registry,
 }
 
 impl State {
@@ -86,6 +89,22 @@ impl State {
             Command::Replay { selector, limit } => self.replay(selector, *limit, events),
             Command::SetTenantWeight { tenant, weight } => self.set_weight(tenant, *weight),
             Command::Tick => Ok(Reply::Done),
+            Command::NodeHeartbeat {
+                id,
+                region,
+                api_addr,
+            } => self.node_heartbeat(*id, region, api_addr),
+            Command::SetDrain { id, draining } => self.set_drain(*id, *draining),
+            Command::RegisterGateway(reg) => self.register_gateway(reg),
+            Command::DeregisterGateway { id } => self.deregister_gateway(id),
+            Command::ReportGateway {
+                id,
+                health,
+                circuit,
+            } => self.report_gateway(id, *health, *circuit),
+            Command::PlaceGateway { id, owner } => self.place_gateway(id, *owner),
+            Command::RegisterAgent(reg) => self.register_agent(reg),
+            Command::DeregisterAgent { id } => self.deregister_agent(id),
         }
     }
 

@@ -1,0 +1,661 @@
+//! The cluster's registries in the replicated state: nodes (region, drain
+//! flag, last heartbeat), gateways (kind, region, capabilities, capacity,
+//! health, circuit, owner node) and agents (gateway, capabilities, role,
+//! capacity), plus the session lifecycle table.
+//!
+//! Everything here changes only through commands, so every node agrees on
+//! who owns which gateway and which nodes are draining; the leader computes
+//! placement and heartbeat times and stamps them into commands. An agent's
+//! current load is not stored: it is the number of live leases it holds.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::command::{Outcome, Rejection, Reply, check_name};
+use super::state::State;
+use super::task::{AgentId, Limits};
+
+/// A node's identity (the Raft node id).
+pub type NodeId = u64;
+
+macro_rules! name_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+name_id!(
+    /// A gateway's name, chosen at registration.
+    GatewayId
+);
+
+/// What the registry knows about a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Raft node id.
+    pub id: NodeId,
+    /// Region label.
+    pub region: String,
+    /// HTTP API address.
+    pub api_addr: String,
+    /// A draining node takes no new leases and hands its gateways over.
+    pub draining: bool,
+    /// Leader time of the node's last heartbeat, ms since the epoch.
+    pub last_heartbeat_ms: u64,
+    /// When it first registered.
+    pub registered_at_ms: u64,
+}
+
+/// A gateway's health as last probed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Not probed yet.
+    #[default]
+    Unknown,
+    /// Answering normally.
+    Healthy,
+    /// Answering, but slow or partly failing.
+    Degraded,
+    /// Not answering.
+    Unhealthy,
+}
+
+/// A gateway's circuit-breaker state as last reported by its owner.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Circuit {
+    /// Calls flow.
+    #[default]
+    Closed,
+    /// Calls are refused until the cool-down ends.
+    Open,
+    /// A few trial calls are allowed.
+    HalfOpen,
+}
+
+/// A gateway registration, as the API validated it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRegistration {
+    /// Its name.
+    pub id: GatewayId,
+    /// Driver kind (`sim`, `command`, `http`, `openclaw`).
+    pub kind: String,
+    /// Driver settings as JSON text (secrets only by reference, never inline).
+    pub spec: String,
+    /// Region label (placement prefers nodes of the same region).
+    pub region: String,
+    /// What tasks it can run.
+    pub capabilities: Vec<String>,
+    /// Most concurrent sessions.
+    pub max_sessions: u32,
+}
+
+/// What the registry knows about a gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRecord {
+    /// The registration.
+    pub reg: GatewayRegistration,
+    /// Last probed health.
+    pub health: Health,
+    /// Last reported breaker state.
+    pub circuit: Circuit,
+    /// The node that runs its actors, if placed.
+    pub owner: Option<NodeId>,
+    /// Registration time.
+    pub registered_at_ms: u64,
+    /// Time of the last change.
+    pub updated_at_ms: u64,
+}
+
+/// An agent registration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRegistration {
+    /// Its id (the lease holder name).
+    pub id: AgentId,
+    /// The gateway it runs on.
+    pub gateway: GatewayId,
+    /// What it can do.
+    pub capabilities: Vec<String>,
+    /// Free-form role label (e.g. `coder`, `reviewer`).
+    pub role: String,
+    /// Concurrent tasks it may hold.
+    pub capacity: u32,
+}
+
+/// What the registry knows about an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// The registration.
+    pub reg: AgentRegistration,
+    /// Registration time.
+    pub registered_at_ms: u64,
+}
+
+/// The registries, part of [`State`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registry {
+    pub(crate) nodes: BTreeMap<NodeId, NodeRecord>,
+    pub(crate) gateways: BTreeMap<GatewayId, GatewayRecord>,
+    pub(crate) agents: BTreeMap<AgentId, AgentRecord>,
+}
+
+/// Most sessions a gateway may declare.
+pub const MAX_SESSIONS_PER_GATEWAY: u32 = 10_000;
+/// Most concurrent tasks an agent may declare.
+pub const MAX_AGENT_CAPACITY: u32 = 1_000;
+
+/// Where a session is in its life. Every legal move is in
+/// [`SessionState::can_become`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// Recorded, nothing opened yet.
+    Created,
+    /// Being opened on the gateway.
+    Initializing,
+    /// Open and idle; takes the next task with its session key.
+    Ready,
+    /// Running a task.
+    Running,
+    /// Closing after its last task.
+    Completing,
+    /// Closed normally. Terminal.
+    Completed,
+    /// The gateway reported a failure. Terminal.
+    Failed,
+    /// Killed by an operator or a cancelled task. Terminal.
+    Cancelled,
+    /// Ran past its time limit. Terminal.
+    Timeout,
+    /// Lost (gateway gone, node dead). Terminal.
+    Error,
+}
+
+impl SessionState {
+    /// The one table of legal session transitions.
+    pub fn can_become(self, to: SessionState) -> bool {
+        use SessionState::*;
+        if self.is_terminal() {
+            return false;
+        }
+        matches!(
+            (self, to),
+            (Created, Initializing)
+                | (Initializing, Ready)
+                | (Ready, Running | Completing)
+                | (Running, Ready | Completing)
+                | (Completing, Completed)
+        ) || matches!(to, Failed | Cancelled | Timeout | Error)
+    }
+
+    /// Whether the session has ended.
+    pub fn is_terminal(self) -> bool {
+        use SessionState::*;
+        matches!(self, Completed | Failed | Cancelled | Timeout | Error)
+    }
+}
+
+fn not_found(what: &str, name: impl std::fmt::Display) -> Rejection {
+    Rejection::invalid(what, format!("`{name}` is not registered"))
+}
+
+fn check_caps(caps: &[String]) -> Result<(), Rejection> {
+    if caps.len() > Limits::MAX_CAPABILITIES {
+        return Err(Rejection::invalid(
+            "capabilities",
+            format!("at most {}", Limits::MAX_CAPABILITIES),
+        ));
+    }
+    for c in caps {
+        check_name("capabilities", c, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+    }
+    Ok(())
+}
+
+fn sorted(caps: &[String]) -> Vec<String> {
+    let mut v = caps.to_vec();
+    v.sort();
+    v.dedup();
+    v
+}
+
+impl State {
+    /// Registers a node or refreshes its heartbeat (time from the batch).
+    pub(crate) fn node_heartbeat(&mut self, id: NodeId, region: &str, api_addr: &str) -> Outcome {
+        check_name("region", region, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        check_name("api_addr", api_addr, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        let now = self.clock_ms;
+        let rec = self.registry.nodes.entry(id).or_insert_with(|| NodeRecord {
+            id,
+            region: region.to_owned(),
+            api_addr: api_addr.to_owned(),
+            draining: false,
+            last_heartbeat_ms: now,
+            registered_at_ms: now,
+        });
+        rec.region = region.to_owned();
+        rec.api_addr = api_addr.to_owned();
+        rec.last_heartbeat_ms = now;
+        Ok(Reply::Done)
+    }
+
+    /// Sets or clears a node's drain flag.
+    pub(crate) fn set_drain(&mut self, id: NodeId, draining: bool) -> Outcome {
+        let rec = self
+            .registry
+            .nodes
+            .get_mut(&id)
+            .ok_or_else(|| not_found("node", id))?;
+        rec.draining = draining;
+        Ok(Reply::Done)
+    }
+
+    /// Registers a gateway, or updates one with the same id (kept placement
+    /// and health).
+    pub(crate) fn register_gateway(&mut self, reg: &GatewayRegistration) -> Outcome {
+        check_name("id", &reg.id.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        if !["sim", "command", "http", "openclaw"].contains(&reg.kind.as_str()) {
+            return Err(Rejection::invalid(
+                "kind",
+                "must be sim, command, http or openclaw",
+            ));
+        }
+        check_name("region", &reg.region, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        check_caps(&reg.capabilities)?;
+        if !(1..=MAX_SESSIONS_PER_GATEWAY).contains(&reg.max_sessions) {
+            return Err(Rejection::invalid(
+                "max_sessions",
+                format!("must be 1..={MAX_SESSIONS_PER_GATEWAY}"),
+            ));
+        }
+        if reg.spec.len() > Limits::MAX_PAYLOAD_BYTES {
+            return Err(Rejection::invalid("spec", "is too large"));
+        }
+        let now = self.clock_ms;
+        let reg = GatewayRegistration {
+            capabilities: sorted(&reg.capabilities),
+            ..reg.clone()
+        };
+        match self.registry.gateways.get_mut(&reg.id) {
+            Some(rec) => {
+                rec.reg = reg;
+                rec.updated_at_ms = now;
+            }
+            None => {
+                let rec = GatewayRecord {
+                    reg: reg.clone(),
+                    health: Health::Unknown,
+                    circuit: Circuit::Closed,
+                    owner: None,
+                    registered_at_ms: now,
+                    updated_at_ms: now,
+                };
+                self.registry.gateways.insert(reg.id, rec);
+            }
+        }
+        Ok(Reply::Done)
+    }
+
+    /// Removes a gateway that no agent is bound to.
+    pub(crate) fn deregister_gateway(&mut self, id: &GatewayId) -> Outcome {
+        if !self.registry.gateways.contains_key(id) {
+            return Err(not_found("gateway", id));
+        }
+        let bound = self
+            .registry
+            .agents
+            .values()
+            .filter(|a| a.reg.gateway == *id)
+            .count();
+        if bound > 0 {
+            return Err(Rejection::invalid(
+                "gateway",
+                format!("{bound} agents are bound to `{id}`; deregister them first"),
+            ));
+        }
+        self.registry.gateways.remove(id);
+        Ok(Reply::Done)
+    }
+
+    /// Records a gateway's probed health and breaker state.
+    pub(crate) fn report_gateway(
+        &mut self,
+        id: &GatewayId,
+        health: Health,
+        circuit: Circuit,
+    ) -> Outcome {
+        let now = self.clock_ms;
+        let rec = self
+            .registry
+            .gateways
+            .get_mut(id)
+            .ok_or_else(|| not_found("gateway", id))?;
+        rec.health = health;
+        rec.circuit = circuit;
+        rec.updated_at_ms = now;
+        Ok(Reply::Done)
+    }
+
+    /// Records which node runs a gateway (the leader decides).
+    pub(crate) fn place_gateway(&mut self, id: &GatewayId, owner: Option<NodeId>) -> Outcome {
+        if let Some(n) = owner
+            && !self.registry.nodes.contains_key(&n)
+        {
+            return Err(not_found("owner", n));
+        }
+        let now = self.clock_ms;
+        let rec = self
+            .registry
+            .gateways
+            .get_mut(id)
+            .ok_or_else(|| not_found("gateway", id))?;
+        rec.owner = owner;
+        rec.updated_at_ms = now;
+        Ok(Reply::Done)
+    }
+
+    /// Registers (or updates) an agent on a registered gateway.
+    pub(crate) fn register_agent(&mut self, reg: &AgentRegistration) -> Outcome {
+        check_name("id", &reg.id.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        if !self.registry.gateways.contains_key(&reg.gateway) {
+            return Err(not_found("gateway", &reg.gateway));
+        }
+        check_caps(&reg.capabilities)?;
+        check_name("role", &reg.role, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        if !(1..=MAX_AGENT_CAPACITY).contains(&reg.capacity) {
+            return Err(Rejection::invalid(
+                "capacity",
+                format!("must be 1..={MAX_AGENT_CAPACITY}"),
+            ));
+        }
+        let reg = AgentRegistration {
+            capabilities: sorted(&reg.capabilities),
+            ..reg.clone()
+        };
+        let registered_at_ms = self
+            .registry
+            .agents
+            .get(&reg.id)
+            .map_or(self.clock_ms, |a| a.registered_at_ms);
+        self.registry.agents.insert(
+            reg.id.clone(),
+            AgentRecord {
+                reg,
+                registered_at_ms,
+            },
+        );
+        Ok(Reply::Done)
+    }
+
+    /// Removes an agent. Its live leases stay until they end or lapse.
+    pub(crate) fn deregister_agent(&mut self, id: &AgentId) -> Outcome {
+        self.registry
+            .agents
+            .remove(id)
+            .ok_or_else(|| not_found("agent", id))?;
+        Ok(Reply::Done)
+    }
+
+    /// The registries.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Live leases held by `agent`: its current load.
+    pub fn agent_load(&self, agent: &AgentId) -> u32 {
+        self.leases
+            .values()
+            .filter(|id| {
+                self.tasks[*id]
+                    .lease
+                    .as_ref()
+                    .is_some_and(|l| l.agent_id == *agent)
+            })
+            .count() as u32
+    }
+}
+
+impl Registry {
+    /// Registered nodes.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values()
+    }
+
+    /// Registered gateways.
+    pub fn gateways(&self) -> impl Iterator<Item = &GatewayRecord> {
+        self.gateways.values()
+    }
+
+    /// One gateway.
+    pub fn gateway(&self, id: &GatewayId) -> Option<&GatewayRecord> {
+        self.gateways.get(id)
+    }
+
+    /// Registered agents.
+    pub fn agents(&self) -> impl Iterator<Item = &AgentRecord> {
+        self.agents.values()
+    }
+
+    /// One agent.
+    pub fn agent(&self, id: &AgentId) -> Option<&AgentRecord> {
+        self.agents.get(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::{Batch, Command, Request};
+
+    fn apply(state: &mut State, now_ms: u64, cmd: Command) -> Outcome {
+        let req = Request::Batch(Batch {
+            now_ms,
+            seed: 1,
+            commands: vec![cmd],
+        });
+        state.apply(&req).0.outcomes.remove(0)
+    }
+
+    fn gateway(id: &str) -> GatewayRegistration {
+        GatewayRegistration {
+            id: GatewayId(id.into()),
+            kind: "sim".into(),
+            spec: "{}".into(),
+            region: "eu".into(),
+            capabilities: vec!["rust".into(), "git".into(), "rust".into()],
+            max_sessions: 10,
+        }
+    }
+
+    #[test]
+    fn nodes_heartbeat_and_drain() {
+        let mut s = State::default();
+        assert!(
+            apply(
+                &mut s,
+                1000,
+                Command::SetDrain {
+                    id: 1,
+                    draining: true
+                }
+            )
+            .is_err()
+        );
+        let hb = || Command::NodeHeartbeat {
+            id: 1,
+            region: "eu".into(),
+            api_addr: "127.0.0.1:7373".into(),
+        };
+        apply(&mut s, 1000, hb()).unwrap();
+        apply(&mut s, 2500, hb()).unwrap();
+        apply(
+            &mut s,
+            2600,
+            Command::SetDrain {
+                id: 1,
+                draining: true,
+            },
+        )
+        .unwrap();
+        let n = s.registry().nodes().next().unwrap();
+        assert_eq!(
+            (n.registered_at_ms, n.last_heartbeat_ms, n.draining),
+            (1000, 2500, true)
+        );
+    }
+
+    #[test]
+    fn gateways_and_agents() {
+        let mut s = State::default();
+        apply(&mut s, 10, Command::RegisterGateway(gateway("gw-1"))).unwrap();
+        let g = s.registry().gateway(&GatewayId("gw-1".into())).unwrap();
+        assert_eq!(g.reg.capabilities, vec!["git".to_string(), "rust".into()]);
+        assert_eq!(
+            (g.health, g.circuit, g.owner),
+            (Health::Unknown, Circuit::Closed, None)
+        );
+        let bad = GatewayRegistration {
+            kind: "ftp".into(),
+            ..gateway("gw-2")
+        };
+        assert!(
+            matches!(apply(&mut s, 10, Command::RegisterGateway(bad)), Err(Rejection::Invalid { field, .. }) if field == "kind")
+        );
+        let agent = AgentRegistration {
+            id: AgentId("a1".into()),
+            gateway: GatewayId("gw-1".into()),
+            capabilities: vec!["rust".into()],
+            role: "coder".into(),
+            capacity: 2,
+        };
+        apply(&mut s, 20, Command::RegisterAgent(agent.clone())).unwrap();
+        let orphan = AgentRegistration {
+            gateway: GatewayId("nope".into()),
+            ..agent.clone()
+        };
+        assert!(apply(&mut s, 20, Command::RegisterAgent(orphan)).is_err());
+        // Bound agents keep their gateway registered.
+        let id = GatewayId("gw-1".into());
+        assert!(apply(&mut s, 30, Command::DeregisterGateway { id: id.clone() }).is_err());
+        assert!(
+            apply(
+                &mut s,
+                30,
+                Command::PlaceGateway {
+                    id: id.clone(),
+                    owner: Some(9)
+                }
+            )
+            .is_err()
+        );
+        apply(
+            &mut s,
+            30,
+            Command::NodeHeartbeat {
+                id: 9,
+                region: "eu".into(),
+                api_addr: "x:1".into(),
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            31,
+            Command::PlaceGateway {
+                id: id.clone(),
+                owner: Some(9),
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            32,
+            Command::ReportGateway {
+                id: id.clone(),
+                health: Health::Degraded,
+                circuit: Circuit::HalfOpen,
+            },
+        )
+        .unwrap();
+        let g = s.registry().gateway(&id).unwrap();
+        assert_eq!(
+            (g.owner, g.health, g.circuit, g.updated_at_ms),
+            (Some(9), Health::Degraded, Circuit::HalfOpen, 32)
+        );
+        apply(
+            &mut s,
+            40,
+            Command::DeregisterAgent {
+                id: agent.id.clone(),
+            },
+        )
+        .unwrap();
+        apply(&mut s, 41, Command::DeregisterGateway { id }).unwrap();
+        assert_eq!(s.registry().gateways().count(), 0);
+    }
+
+    #[test]
+    fn agent_load_counts_live_leases() {
+        let mut s = State::default();
+        let submit = Command::Submit(crate::fsm::SubmitTask {
+            tenant: "t".into(),
+            payload: "{}".into(),
+            ..Default::default()
+        });
+        apply(&mut s, 1, submit.clone()).unwrap();
+        apply(&mut s, 1, submit).unwrap();
+        let lease = Command::Lease {
+            agent_id: AgentId("a1".into()),
+            capabilities: vec![],
+            max: 2,
+            lease_ms: 1000,
+        };
+        apply(&mut s, 2, lease).unwrap();
+        assert_eq!(s.agent_load(&AgentId("a1".into())), 2);
+        apply(&mut s, 5000, Command::Tick).unwrap();
+        assert_eq!(
+            s.agent_load(&AgentId("a1".into())),
+            0,
+            "expired leases free the agent"
+        );
+    }
+
+    #[test]
+    fn session_lifecycle_table() {
+        use SessionState::*;
+        let path = [
+            Created,
+            Initializing,
+            Ready,
+            Running,
+            Ready,
+            Running,
+            Completing,
+            Completed,
+        ];
+        for w in path.windows(2) {
+            assert!(w[0].can_become(w[1]), "{:?} -> {:?}", w[0], w[1]);
+        }
+        assert!(!Created.can_become(Running), "must initialize first");
+        assert!(!Ready.can_become(Completed), "completes through completing");
+        for end in [Failed, Cancelled, Timeout, Error] {
+            assert!(Running.can_become(end));
+            assert!(
+                !end.can_become(Ready) && !end.can_become(Failed),
+                "{end:?} is terminal"
+            );
+        }
+        assert!(!Completed.can_become(Error));
+    }
+}
