@@ -12,6 +12,7 @@ mod error;
 mod json;
 mod leases;
 mod queue;
+mod registry;
 mod tasks;
 mod view;
 
@@ -54,6 +55,21 @@ pub fn router(node: Node) -> Router {
         .route("/dead-letter/export", get(queue::export))
         .route("/dead-letter/replay", post(queue::replay))
         .route("/tenants/{tenant}/weight", put(queue::set_weight))
+        .route("/agents", post(registry::register).get(registry::list))
+        .route(
+            "/agents/{id}",
+            get(registry::get).delete(registry::deregister),
+        )
+        .route("/agents/{id}/status", get(registry::status))
+        .route("/nodes", get(registry::nodes))
+        .route(
+            "/gateways",
+            post(registry::register_gateway).get(registry::list_gateways),
+        )
+        .route(
+            "/gateways/{id}",
+            get(registry::get_gateway).delete(registry::deregister_gateway),
+        )
         .route("/cluster", get(cluster::status))
         .route("/cluster/join", post(cluster::join))
         .route("/cluster/leave", post(cluster::leave))

@@ -57,6 +57,100 @@ pub enum Command {
     /// Cluster membership and status.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Gateways (agent runtimes Godel drives).
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
+    /// Agents (workers bound to a gateway).
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// The node registry.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+/// `godel agent ...`
+#[derive(Debug, Subcommand)]
+pub enum AgentCmd {
+    /// Register (or update) an agent.
+    Add {
+        /// Agent id.
+        #[arg(long)]
+        id: String,
+        /// The gateway it runs on.
+        #[arg(long)]
+        gateway: String,
+        /// Capabilities, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        caps: Vec<String>,
+        /// Role label.
+        #[arg(long, default_value = "worker")]
+        role: String,
+        /// Concurrent tasks.
+        #[arg(long, default_value_t = 1)]
+        capacity: u32,
+    },
+    /// List agents with their load.
+    Ls,
+    /// Show one agent.
+    Get {
+        /// Agent id.
+        id: String,
+    },
+    /// Load, capacity and queue depth of one agent.
+    Status {
+        /// Agent id.
+        id: String,
+    },
+    /// Deregister an agent.
+    Rm {
+        /// Agent id.
+        id: String,
+    },
+}
+
+/// `godel gateway ...`
+#[derive(Debug, Subcommand)]
+pub enum GatewayCmd {
+    /// Register (or update) a gateway.
+    Add {
+        /// Gateway id.
+        #[arg(long)]
+        id: String,
+        /// Driver kind: sim, command, http or openclaw.
+        #[arg(long)]
+        kind: String,
+        /// Region.
+        #[arg(long, default_value = "local")]
+        region: String,
+        /// Capabilities, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        caps: Vec<String>,
+        /// Most concurrent sessions.
+        #[arg(long, default_value_t = 10)]
+        max_sessions: u32,
+        /// Driver settings, a JSON object.
+        #[arg(long, default_value = "{}")]
+        settings: String,
+    },
+    /// List gateways with health, breaker state and owner node.
+    Ls,
+    /// Show one gateway.
+    Get {
+        /// Gateway id.
+        id: String,
+    },
+    /// Deregister a gateway (no agents may be bound to it).
+    Rm {
+        /// Gateway id.
+        id: String,
+    },
+}
+
+/// `godel node ...`
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Registered nodes with region, drain flag and heartbeat age.
+    Ls,
 }
 
 /// `godel serve` flags (they override the file and the environment).

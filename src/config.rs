@@ -152,6 +152,9 @@ pub struct QueueConfig {
     /// leases, backoffs) and proposes a tick when one is due.
     #[serde(with = "humantime_serde")]
     pub tick_interval: Duration,
+    /// How often each node records its heartbeat in the node registry.
+    #[serde(with = "humantime_serde")]
+    pub node_heartbeat_interval: Duration,
 }
 
 impl Default for QueueConfig {
@@ -163,6 +166,7 @@ impl Default for QueueConfig {
             write_timeout: Duration::from_secs(3),
             default_lease: Duration::from_secs(30),
             tick_interval: Duration::from_millis(100),
+            node_heartbeat_interval: Duration::from_secs(1),
         }
     }
 }
@@ -291,6 +295,9 @@ impl Config {
             p.push(format!(
                 "queue.default_lease must be between {lo}ms and {hi}ms"
             ));
+        }
+        if q.node_heartbeat_interval < Duration::from_millis(100) {
+            p.push("queue.node_heartbeat_interval must be at least 100ms".into());
         }
         if self.api.max_body_bytes < 1024 {
             p.push("api.max_body_bytes must be at least 1024".into());

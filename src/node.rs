@@ -155,6 +155,7 @@ impl Node {
         });
         node.spawn(proposer::run(node.clone(), queue_rx));
         node.spawn(proposer::tick_loop(node.clone()));
+        node.spawn(proposer::heartbeat_loop(node.clone()));
         node.spawn(observe_events(node.clone()));
         membership::bootstrap(&node).await?;
         Ok(node)

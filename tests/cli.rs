@@ -107,6 +107,7 @@ fn cli_session(api: &str) {
     let (code, _) = godel(api, &["task", "retry", &id2]);
     assert_eq!(code, 1, "a cancelled task cannot be retried");
 
+    registry_session(api);
     let cluster = ok(api, &["cluster", "status"]);
     assert_eq!(cluster["members"].as_array().map(Vec::len), Some(1));
     let (code, err) = godel(api, &["task", "get", "999999"]);
@@ -114,4 +115,82 @@ fn cli_session(api: &str) {
         (code, err["error"]["code"].as_str()),
         (1, Some("not_found"))
     );
+}
+
+fn registry_session(api: &str) {
+    let (code, err) = godel(api, &["agent", "add", "--id", "a1", "--gateway", "gw-1"]);
+    assert_eq!(
+        (code, err["error"]["code"].as_str()),
+        (1, Some("not_found")),
+        "{err}"
+    );
+    let g = ok(
+        api,
+        &[
+            "gateway",
+            "add",
+            "--id",
+            "gw-1",
+            "--kind",
+            "sim",
+            "--caps",
+            "rust,git",
+            "--max-sessions",
+            "4",
+            "--settings",
+            r#"{"latency_ms":5}"#,
+        ],
+    );
+    assert_eq!(g["capabilities"], serde_json::json!(["git", "rust"]));
+    assert_eq!(g["settings"]["latency_ms"], 5);
+    let (code, err) = godel(api, &["gateway", "add", "--id", "gw-2", "--kind", "ftp"]);
+    assert_eq!(
+        (code, err["error"]["code"].as_str()),
+        (1, Some("invalid_request")),
+        "{err}"
+    );
+    assert_eq!(
+        ok(api, &["gateway", "ls"])["items"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let a = ok(
+        api,
+        &[
+            "agent",
+            "add",
+            "--id",
+            "a1",
+            "--gateway",
+            "gw-1",
+            "--caps",
+            "rust",
+            "--capacity",
+            "2",
+        ],
+    );
+    assert_eq!(
+        (a["capacity"].as_u64(), a["current_load"].as_u64()),
+        (Some(2), Some(0))
+    );
+    ok(api, &["task", "submit", "--caps", "rust"]);
+    ok(
+        api,
+        &["lease", "acquire", "--agent", "a1", "--caps", "rust"],
+    );
+    let st = ok(api, &["agent", "status", "a1"]);
+    assert_eq!(
+        (st["active_tasks"].as_u64(), st["agent"]["status"].as_str()),
+        (Some(1), Some("busy"))
+    );
+    assert_eq!(ok(api, &["agent", "ls"])["items"][0]["id"], "a1");
+    let (code, _) = godel(api, &["gateway", "rm", "gw-1"]);
+    assert_eq!(code, 1, "a gateway with a bound agent cannot be removed");
+    ok(api, &["agent", "rm", "a1"]);
+    ok(api, &["gateway", "rm", "gw-1"]);
+    let (code, _) = godel(api, &["agent", "get", "a1"]);
+    assert_eq!(code, 1);
+    let nodes = ok(api, &["node", "ls"]);
+    assert!(nodes["items"].is_array(), "{nodes}");
 }

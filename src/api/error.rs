@@ -98,7 +98,9 @@ impl From<Rejection> for ApiError {
     fn from(r: Rejection) -> Self {
         let message = r.to_string();
         match r {
-            Rejection::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", message),
+            Rejection::NotFound(_) | Rejection::Unknown { .. } => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
             // A stale token or a finished task stays that way: retrying cannot help.
             Rejection::StaleToken(_) | Rejection::IllegalTransition { .. } => {
                 Self::new(StatusCode::CONFLICT, "conflict", message).final_()

@@ -11,7 +11,10 @@ macro_rules! out {
     }};
 }
 
-use super::{ClusterCmd, Command, DlqCmd, LeaseCmd, ListArgs, Output, QueueCmd, TaskCmd};
+use super::{
+    AgentCmd, ClusterCmd, Command, DlqCmd, GatewayCmd, LeaseCmd, ListArgs, NodeCmd, Output,
+    QueueCmd, TaskCmd,
+};
 
 /// Runs a client command against `api`; returns the process exit code.
 pub async fn run_client(api: &str, output: Output, cmd: Command) -> anyhow::Result<i32> {
@@ -20,6 +23,7 @@ pub async fn run_client(api: &str, output: Output, cmd: Command) -> anyhow::Resu
     let http = reqwest::Client::new();
     let req = match method {
         "GET" => http.get(&url),
+        "DELETE" => http.delete(&url),
         _ => http.post(&url).json(&body.unwrap_or(json!({}))),
     };
     let resp = req
@@ -75,6 +79,9 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
                 Some(strip_nulls(body)),
             )
         }
+        Command::Agent(a) => agent_request(a),
+        Command::Gateway(g) => gateway_request(g)?,
+        Command::Node(NodeCmd::Ls) => ("GET", "/api/v1/nodes".into(), None),
         Command::Cluster(c) => match c {
             ClusterCmd::Status => ("GET", "/api/v1/cluster".into(), None),
             ClusterCmd::Join {
@@ -101,6 +108,52 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
             ),
         },
     })
+}
+
+fn gateway_request(g: GatewayCmd) -> anyhow::Result<Req> {
+    Ok(match g {
+        GatewayCmd::Add {
+            id,
+            kind,
+            region,
+            caps,
+            max_sessions,
+            settings,
+        } => {
+            let settings: Value =
+                serde_json::from_str(&settings).context("--settings is not JSON")?;
+            let body = json!({
+                "id": id, "kind": kind, "region": region, "capabilities": caps,
+                "max_sessions": max_sessions, "settings": settings,
+            });
+            ("POST", "/api/v1/gateways".into(), Some(body))
+        }
+        GatewayCmd::Ls => ("GET", "/api/v1/gateways".into(), None),
+        GatewayCmd::Get { id } => ("GET", format!("/api/v1/gateways/{id}"), None),
+        GatewayCmd::Rm { id } => ("DELETE", format!("/api/v1/gateways/{id}"), None),
+    })
+}
+
+fn agent_request(a: AgentCmd) -> Req {
+    match a {
+        AgentCmd::Add {
+            id,
+            gateway,
+            caps,
+            role,
+            capacity,
+        } => (
+            "POST",
+            "/api/v1/agents".into(),
+            Some(
+                json!({ "id": id, "gateway": gateway, "capabilities": caps, "role": role, "capacity": capacity }),
+            ),
+        ),
+        AgentCmd::Ls => ("GET", "/api/v1/agents".into(), None),
+        AgentCmd::Get { id } => ("GET", format!("/api/v1/agents/{id}"), None),
+        AgentCmd::Status { id } => ("GET", format!("/api/v1/agents/{id}/status"), None),
+        AgentCmd::Rm { id } => ("DELETE", format!("/api/v1/agents/{id}"), None),
+    }
 }
 
 fn task_request(t: TaskCmd) -> anyhow::Result<Req> {

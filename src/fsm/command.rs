@@ -383,6 +383,14 @@ pub enum Rejection {
         /// By how much.
         problem: String,
     },
+    /// No such node, gateway or agent.
+    #[error("{what} `{name}` is not registered")]
+    Unknown {
+        /// What kind of thing.
+        what: String,
+        /// Its name.
+        name: String,
+    },
 }
 
 impl Rejection {

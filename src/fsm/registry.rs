@@ -207,7 +207,10 @@ impl SessionState {
 }
 
 fn not_found(what: &str, name: impl std::fmt::Display) -> Rejection {
-    Rejection::invalid(what, format!("`{name}` is not registered"))
+    Rejection::Unknown {
+        what: what.to_owned(),
+        name: name.to_string(),
+    }
 }
 
 fn check_caps(caps: &[String]) -> Result<(), Rejection> {

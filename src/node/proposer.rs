@@ -296,3 +296,28 @@ pub(super) async fn tick_loop(node: Node) {
         }
     }
 }
+
+/// Records this node's heartbeat (region, API address) in the node registry
+/// at a fixed interval, through the normal write path.
+pub(super) async fn heartbeat_loop(node: Node) {
+    let shutdown = node.shutdown_token().clone();
+    let mut timer = tokio::time::interval(node.queue_config().node_heartbeat_interval);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = timer.tick() => {}
+        }
+        let info = node.info();
+        let cmd = Command::NodeHeartbeat {
+            id: node.id(),
+            region: info.region.clone(),
+            api_addr: info.api_addr.clone(),
+        };
+        match node.write(cmd).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(rejected)) => tracing::warn!(error = %rejected, "node heartbeat rejected"),
+            Err(e) => tracing::debug!(error = %e, "node heartbeat not committed"),
+        }
+    }
+}

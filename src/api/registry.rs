@@ -1,0 +1,249 @@
+//! Registry endpoints: agents (register, list, get, status, deregister) and
+//! the node registry.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::{ApiError, ApiResult};
+use super::json::Body;
+use super::{Api, outcome};
+use crate::clock;
+use crate::fsm::{
+    AgentId, AgentRecord, AgentRegistration, Command, GatewayId, GatewayRecord,
+    GatewayRegistration, State as Fsm, TaskStatus,
+};
+
+/// `POST /agents` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentBody {
+    id: String,
+    gateway: String,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    #[serde(default = "default_role")]
+    role: String,
+    #[serde(default = "one")]
+    capacity: u32,
+}
+
+fn default_role() -> String {
+    "worker".into()
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn agent_view(s: &Fsm, a: &AgentRecord) -> Value {
+    let load = s.agent_load(&a.reg.id);
+    json!({
+        "id": a.reg.id.0,
+        "gateway": a.reg.gateway.0,
+        "capabilities": a.reg.capabilities,
+        "role": a.reg.role,
+        "capacity": a.reg.capacity,
+        "current_load": load,
+        "status": if load == 0 { "idle" } else { "busy" },
+        "registered_at": clock::rfc3339(a.registered_at_ms),
+    })
+}
+
+/// `POST /agents`: registers (or updates) an agent on a registered gateway.
+pub async fn register(
+    State(api): State<Api>,
+    Body(b): Body<AgentBody>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let id = AgentId(b.id);
+    let reg = AgentRegistration {
+        id: id.clone(),
+        gateway: GatewayId(b.gateway),
+        capabilities: b.capabilities,
+        role: b.role,
+        capacity: b.capacity,
+    };
+    outcome(api.node.write(Command::RegisterAgent(reg)).await)?;
+    let view = api
+        .node
+        .state()
+        .read(|s| s.registry().agent(&id).map(|a| agent_view(s, a)));
+    let view =
+        view.ok_or_else(|| ApiError::not_found(format!("agent `{id}` was removed meanwhile")))?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// `GET /agents`.
+pub async fn list(State(api): State<Api>) -> ApiResult<Json<Value>> {
+    api.node.read_barrier().await?;
+    let items: Vec<Value> = api
+        .node
+        .state()
+        .read(|s| s.registry().agents().map(|a| agent_view(s, a)).collect());
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `GET /agents/{id}`.
+pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    api.node.read_barrier().await?;
+    let id = AgentId(id);
+    let view = api
+        .node
+        .state()
+        .read(|s| s.registry().agent(&id).map(|a| agent_view(s, a)));
+    view.map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("agent `{id}` is not registered")))
+}
+
+/// `GET /agents/{id}/status`: load, capacity and the queue it draws from.
+pub async fn status(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    api.node.read_barrier().await?;
+    let id = AgentId(id);
+    let view = api.node.state().read(|s| {
+        s.registry().agent(&id).map(|a| {
+            let pending = s.depth().count(None, TaskStatus::Pending, None);
+            json!({ "agent": agent_view(s, a), "active_tasks": s.agent_load(&id), "queue_depth": pending })
+        })
+    });
+    view.map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("agent `{id}` is not registered")))
+}
+
+/// `DELETE /agents/{id}`: its live leases run on until they end or lapse.
+pub async fn deregister(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    outcome(
+        api.node
+            .write(Command::DeregisterAgent {
+                id: AgentId(id.clone()),
+            })
+            .await,
+    )?;
+    Ok(Json(json!({ "removed": id })))
+}
+
+/// `GET /nodes`: the node registry, with heartbeat ages.
+pub async fn nodes(State(api): State<Api>) -> ApiResult<Json<Value>> {
+    api.node.read_barrier().await?;
+    let now = clock::now_ms();
+    let items: Vec<Value> = api.node.state().read(|s| {
+        s.registry()
+            .nodes()
+            .map(|n| {
+                json!({
+                    "id": n.id,
+                    "region": n.region,
+                    "api_addr": n.api_addr,
+                    "draining": n.draining,
+                    "last_heartbeat": clock::rfc3339(n.last_heartbeat_ms),
+                    "heartbeat_age_ms": now.saturating_sub(n.last_heartbeat_ms),
+                })
+            })
+            .collect()
+    });
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `POST /gateways` body. `settings` are the driver's own (checked by the
+/// driver when its actor starts); secrets go by reference (an environment
+/// variable or file name), never inline.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayBody {
+    id: String,
+    kind: String,
+    #[serde(default = "default_region")]
+    region: String,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    #[serde(default = "default_sessions")]
+    max_sessions: u32,
+    #[serde(default)]
+    settings: serde_json::Map<String, Value>,
+}
+
+fn default_region() -> String {
+    "local".into()
+}
+
+fn default_sessions() -> u32 {
+    10
+}
+
+fn gateway_view(g: &GatewayRecord) -> Value {
+    json!({
+        "id": g.reg.id.0,
+        "kind": g.reg.kind,
+        "region": g.reg.region,
+        "capabilities": g.reg.capabilities,
+        "max_sessions": g.reg.max_sessions,
+        "settings": serde_json::from_str::<Value>(&g.reg.spec).unwrap_or(Value::Null),
+        "health": g.health,
+        "circuit": g.circuit,
+        "owner": g.owner,
+        "registered_at": clock::rfc3339(g.registered_at_ms),
+        "updated_at": clock::rfc3339(g.updated_at_ms),
+    })
+}
+
+/// `POST /gateways`: registers (or updates) a gateway.
+pub async fn register_gateway(
+    State(api): State<Api>,
+    Body(b): Body<GatewayBody>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let id = GatewayId(b.id);
+    let reg = GatewayRegistration {
+        id: id.clone(),
+        kind: b.kind,
+        spec: Value::Object(b.settings).to_string(),
+        region: b.region,
+        capabilities: b.capabilities,
+        max_sessions: b.max_sessions,
+    };
+    outcome(api.node.write(Command::RegisterGateway(reg)).await)?;
+    let view = api
+        .node
+        .state()
+        .read(|s| s.registry().gateway(&id).map(gateway_view));
+    let view =
+        view.ok_or_else(|| ApiError::not_found(format!("gateway `{id}` was removed meanwhile")))?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// `GET /gateways`.
+pub async fn list_gateways(State(api): State<Api>) -> ApiResult<Json<Value>> {
+    api.node.read_barrier().await?;
+    let items: Vec<Value> = api
+        .node
+        .state()
+        .read(|s| s.registry().gateways().map(gateway_view).collect());
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `GET /gateways/{id}`.
+pub async fn get_gateway(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    api.node.read_barrier().await?;
+    let id = GatewayId(id);
+    let view = api
+        .node
+        .state()
+        .read(|s| s.registry().gateway(&id).map(gateway_view));
+    view.map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("gateway `{id}` is not registered")))
+}
+
+/// `DELETE /gateways/{id}`: refused while agents are bound to it.
+pub async fn deregister_gateway(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    outcome(
+        api.node
+            .write(Command::DeregisterGateway {
+                id: GatewayId(id.clone()),
+            })
+            .await,
+    )?;
+    Ok(Json(json!({ "removed": id })))
+}
