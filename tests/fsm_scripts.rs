@@ -580,6 +580,7 @@ fn rejection_line(r: &Rejection) -> String {
         Rejection::IllegalTransition { .. } => "illegal_transition",
         Rejection::Invalid { .. } => "invalid",
         Rejection::TooLarge { .. } => "too_large",
+        Rejection::Unknown { .. } => "unknown",
     };
     format!("rejected {kind}: {r}")
 }
