@@ -283,15 +283,22 @@ async fn bounded<T>(
 }
 
 /// Turns gateway output into result JSON: the text itself if it is JSON,
-/// else the text as a JSON string. Empty output is `null`.
-fn result_json(bytes: &[u8]) -> String {
+/// else the text as a JSON string. Empty output is `null`. Fails when the
+/// JSON (escaping included) is larger than [`MAX_RESULT_BYTES`].
+fn result_json(bytes: &[u8]) -> Result<String> {
     let text = String::from_utf8_lossy(bytes);
     let trimmed = text.trim();
-    if trimmed.is_empty() {
-        return "null".to_owned();
+    let json = if trimmed.is_empty() {
+        "null".to_owned()
+    } else if serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_ok() {
+        trimmed.to_owned()
+    } else {
+        serde_json::Value::String(trimmed.to_owned()).to_string()
+    };
+    if json.len() > MAX_RESULT_BYTES {
+        return Err(DriverError::OutputTooLarge {
+            limit_bytes: MAX_RESULT_BYTES,
+        });
     }
-    if serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_ok() {
-        return trimmed.to_owned();
-    }
-    serde_json::Value::String(trimmed.to_owned()).to_string()
+    Ok(json)
 }

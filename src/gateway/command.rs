@@ -120,7 +120,7 @@ fn finish(
 ) -> Result<RunOutput> {
     if status.success() {
         return Ok(RunOutput {
-            result_json: super::result_json(stdout),
+            result_json: super::result_json(stdout)?,
             elapsed: started.elapsed(),
         });
     }

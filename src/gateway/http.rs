@@ -114,7 +114,7 @@ impl HttpDriver {
             if status.is_success() {
                 let bytes = read_body(resp, MAX_RESULT_BYTES, false, timeout).await?;
                 return Ok(RunOutput {
-                    result_json: super::result_json(&bytes),
+                    result_json: super::result_json(&bytes)?,
                     elapsed: started.elapsed(),
                 });
             }

@@ -108,8 +108,11 @@ impl GatewayDriver for SimDriver {
                 ),
                 elapsed: started.elapsed(),
             };
+            if cancel.is_cancelled() {
+                return Err(DriverError::Cancelled);
+            }
             match fate {
-                Fate::Succeed(Duration::ZERO) if !cancel.is_cancelled() => Ok(done(Duration::ZERO)),
+                Fate::Succeed(Duration::ZERO) => Ok(done(Duration::ZERO)),
                 Fate::Succeed(d) => {
                     super::bounded(req.timeout, &cancel, async {
                         tokio::time::sleep(d).await;
