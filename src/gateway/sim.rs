@@ -63,7 +63,7 @@ impl SimDriver {
         if u < self.spec.hang_rate {
             return Fate::Hang;
         }
-        let latency = draw_latency(&self.spec.latency, &mut *rng);
+        let latency = draw_latency(&self.spec.latency, &mut rng);
         if u < self.spec.hang_rate + self.spec.failure_rate {
             Fate::Fail(latency)
         } else {
