@@ -449,6 +449,7 @@ async fn command_that_cannot_start_is_unavailable() {
 mod webhook {
     use axum::Router;
     use axum::http::{HeaderMap, StatusCode};
+    use axum::response::Redirect;
     use axum::routing::{get, post};
     use std::time::Duration;
 
@@ -487,6 +488,7 @@ mod webhook {
                 "/big",
                 post(|| async { "a".repeat(super::MAX_RESULT_BYTES + 10) }),
             )
+            .route("/moved", post(|| async { Redirect::temporary("/echo") }))
             .route("/health", get(|| async { "ok" }))
             .route("/sick", get(|| async { StatusCode::INTERNAL_SERVER_ERROR }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -599,6 +601,19 @@ async fn http_status_classes_map_to_retryability() {
     .await
     .unwrap_err();
     assert!(!e.is_retryable(), "404: {e:?}");
+
+    let e = run(
+        &http(format!("{base}/moved")),
+        req("{}", Duration::from_secs(10)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, DriverError::TaskFailed { .. })
+            && !e.is_retryable()
+            && e.to_string().contains("307"),
+        "redirects are not followed: {e:?}"
+    );
 }
 
 #[tokio::test]

@@ -4,8 +4,8 @@
 //! Request body: `{"task_id": 7, "fencing_token": 12, "session_key": "s" | null,
 //! "payload": <the task's payload JSON>}`. Status mapping: 2xx succeeds; 5xx,
 //! 408 and 429, connection errors and timeouts are [`DriverError::Unavailable`]
-//! or [`DriverError::Timeout`] (retryable); any other status fails the task
-//! for good.
+//! or [`DriverError::Timeout`] (retryable); any other status (redirects
+//! included: they are not followed) fails the task for good.
 
 use std::fmt;
 use std::time::Duration;
@@ -74,6 +74,9 @@ impl HttpDriver {
         };
         let client = reqwest::Client::builder()
             .no_proxy()
+            // A webhook answers itself: a redirect is a misconfiguration, and
+            // following one could carry the task (and its auth) elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| DriverError::Unavailable {
