@@ -86,8 +86,7 @@ pub use command::CommandDriver;
 pub use http::HttpDriver;
 pub use sim::SimDriver;
 pub use spec::{
-    CommandSpec, DriverSpec, GatewayId, GatewayKind, GatewaySpec, HttpSpec, LatencySpec,
-    MAX_SESSIONS_PER_GATEWAY, SecretRef, SimSpec,
+    CommandSpec, DriverSpec, GatewayKind, GatewaySpec, HttpSpec, LatencySpec, SecretRef, SimSpec,
 };
 
 /// Largest result an attempt may return, in bytes (stdout of a `command`
@@ -167,6 +166,16 @@ impl Health {
     /// Whether the probe found the gateway healthy.
     pub fn is_healthy(&self) -> bool {
         matches!(self, Health::Healthy)
+    }
+}
+
+/// What a probe found, as the registry records it.
+impl From<&Health> for crate::fsm::Health {
+    fn from(h: &Health) -> Self {
+        match h {
+            Health::Healthy => crate::fsm::Health::Healthy,
+            Health::Unhealthy { .. } => crate::fsm::Health::Unhealthy,
+        }
     }
 }
 

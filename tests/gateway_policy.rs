@@ -187,7 +187,7 @@ fn spec_parses_each_kind_with_defaults() {
         }
     );
     let c = spec(
-        r#"{"id":"c","region":"eu","max_sessions":1,"capabilities":["rust"],
+        r#"{"id":"c","region":"eu","max_sessions":1,"capabilities":["rust","lang:rust"],
             "breaker":{"failure_threshold":2,"cool_down":"1s"},
             "driver":{"kind":"command","program":"cat"}}"#,
     );
@@ -331,4 +331,18 @@ fn driver_for_validates_and_never_shows_the_secret() {
         e.to_string().contains("env:GODEL_TEST_SURELY_UNSET_VAR"),
         "{e}"
     );
+}
+
+#[test]
+fn breaker_state_and_health_map_to_the_registry() {
+    use godel::fsm;
+    use godel::gateway::Health;
+    assert_eq!(fsm::Circuit::from(Closed), fsm::Circuit::Closed);
+    assert_eq!(fsm::Circuit::from(Open), fsm::Circuit::Open);
+    assert_eq!(fsm::Circuit::from(HalfOpen), fsm::Circuit::HalfOpen);
+    assert_eq!(fsm::Health::from(&Health::Healthy), fsm::Health::Healthy);
+    let sick = Health::Unhealthy {
+        reason: "refused".into(),
+    };
+    assert_eq!(fsm::Health::from(&sick), fsm::Health::Unhealthy);
 }

@@ -85,6 +85,17 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+/// The breaker's state as the registry records it.
+impl From<BreakerState> for crate::fsm::Circuit {
+    fn from(s: BreakerState) -> Self {
+        match s {
+            BreakerState::Closed => crate::fsm::Circuit::Closed,
+            BreakerState::Open => crate::fsm::Circuit::Open,
+            BreakerState::HalfOpen => crate::fsm::Circuit::HalfOpen,
+        }
+    }
+}
+
 /// A change of state, returned by the call that caused it so the caller can
 /// emit the event, the metric and the log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

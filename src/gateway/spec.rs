@@ -10,11 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use super::breaker::BreakerConfig;
 use super::{DriverError, Result};
+use crate::fsm::{GatewayId, MAX_SESSIONS_PER_GATEWAY};
 
-/// Most sessions one gateway may declare.
-pub const MAX_SESSIONS_PER_GATEWAY: u32 = 10_000;
-/// Longest id, region or capability name, in bytes.
-const MAX_NAME_BYTES: usize = 64;
+/// Longest id, region or capability name, in bytes: the replicated state's
+/// bound, so a valid spec always registers.
+const MAX_NAME_BYTES: usize = crate::fsm::Limits::MAX_NAME_BYTES;
 /// Most capabilities one gateway may declare.
 const MAX_CAPABILITIES: usize = 64;
 /// Longest latency the simulator may be told to add.
@@ -23,23 +23,6 @@ const MAX_SIM_LATENCY: Duration = Duration::from_secs(3600);
 const MAX_COMMAND_ITEMS: usize = 256;
 /// Longest URL, in bytes.
 const MAX_URL_BYTES: usize = 2048;
-
-/// A gateway's id, unique in the cluster.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct GatewayId(pub String);
-
-impl fmt::Display for GatewayId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<&str> for GatewayId {
-    fn from(s: &str) -> Self {
-        Self(s.to_owned())
-    }
-}
 
 /// The kinds of gateway Godel can drive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -72,7 +55,7 @@ impl fmt::Display for GatewayKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySpec {
-    /// Unique id: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+    /// Unique id: 1 to `Limits::MAX_NAME_BYTES` of `A-Z a-z 0-9 - _ . : /`.
     pub id: GatewayId,
     /// Region label; placement prefers nodes of the same region.
     pub region: String,
@@ -271,10 +254,12 @@ impl GatewaySpec {
 }
 
 fn check_name(p: &mut Vec<String>, field: &str, v: &str) {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    // The replicated state's name alphabet, so task capabilities such as
+    // `lang:rust` can be matched.
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "-_.:/".contains(c);
     if v.is_empty() || v.len() > MAX_NAME_BYTES || !v.chars().all(ok_char) {
         p.push(format!(
-            "{field}: `{v}` must be 1 to {MAX_NAME_BYTES} of A-Z a-z 0-9 . _ -"
+            "{field}: `{v}` must be 1 to {MAX_NAME_BYTES} of A-Z a-z 0-9 - _ . : /"
         ));
     }
 }
