@@ -17,6 +17,7 @@ pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod fsm;
+pub mod gateway;
 pub mod metrics;
 pub mod node;
 pub mod raft;

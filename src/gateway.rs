@@ -1,0 +1,313 @@
+//! Gateways: the external agent runtimes Godel drives, seen through one trait.
+//!
+//! A **gateway driver** ([`GatewayDriver`]) runs one *attempt* of one task on
+//! one gateway: it gets a [`RunRequest`] (task id, fencing token, optional
+//! session key, the payload as JSON text, a timeout) and a
+//! [`CancellationToken`], and returns either a [`RunOutput`] (the result as
+//! JSON text) or a [`DriverError`] that says whether another attempt makes
+//! sense. Drivers know nothing of Raft, leases or actors: the gateway and
+//! session actors decide *when* to run an attempt and what to do with its
+//! outcome; the driver only decides *how*. Kinds:
+//!
+//! - `sim`: built in, no I/O. A latency distribution, a failure rate and a
+//!   hang rate, optionally seeded. A zero-latency attempt never touches the
+//!   timer, so benchmarks can push many thousands per second through it.
+//! - `command`: runs a configured program per attempt, payload on stdin,
+//!   result on stdout, in its own process group.
+//! - `http`: POSTs the task to a webhook; the 2xx body is the result.
+//!
+//! Around the drivers sit the per-gateway policies: a [`CircuitBreaker`]
+//! (closed, open, half-open; time passed in, every transition returned),
+//! the health [`Health`] a probe reports, and backpressure
+//! ([`accepts_new_session`]: at [`BACKPRESSURE_PERCENT`]% of its session
+//! capacity a gateway takes no new sessions). A gateway is described for
+//! registration by a [`GatewaySpec`] (serde, unknown fields rejected,
+//! [`GatewaySpec::validate`] reports every problem) and [`driver_for`] builds
+//! its driver.
+//!
+//! # Invariants
+//!
+//! - **An attempt that ends leaves nothing behind.** Every attempt ends by
+//!   its own result, by its timeout or by its cancellation token, whichever
+//!   comes first. A timed-out or cancelled `command` attempt kills the whole
+//!   process group with SIGKILL *before* reaping the leader (so the group id
+//!   cannot have been reused) and then reaps it; if the attempt's future is
+//!   dropped instead, a guard kills the group and tokio reaps the leader. A
+//!   timed-out or cancelled `http` attempt drops its connection.
+//! - **Results are bounded.** A result larger than [`MAX_RESULT_BYTES`]
+//!   fails the attempt with [`DriverError::OutputTooLarge`] (the process is
+//!   killed, the response dropped) rather than being truncated into invalid
+//!   JSON. Only the last [`MAX_STDERR_TAIL_BYTES`] of a program's stderr are
+//!   kept, for the error message.
+//! - **Secrets by reference only.** A spec names an environment variable or a
+//!   file ([`SecretRef`]); the value is read when the driver is built, kept
+//!   in a header marked sensitive, and never printed by `Debug`.
+//! - **Programs see a clean environment**: only `PATH`, the spec's own
+//!   variables and `GODEL_TASK_ID`, `GODEL_FENCING_TOKEN` (and
+//!   `GODEL_SESSION_KEY` when there is one), so a node's secrets never leak
+//!   into a gateway program.
+//!
+//! # Shortcuts taken on purpose
+//!
+//! - No `openclaw` driver yet (WebSocket protocol); the trait is shaped for it.
+//! - A `command` program that exits normally is trusted not to leave
+//!   daemons: the group is killed only on timeout, cancel or oversize output
+//!   (killing it after the leader is reaped could hit a reused id). A
+//!   grandchild still holding stdout keeps the attempt open until its timeout,
+//!   which then kills it.
+//! - The breaker counts consecutive failures, not a ratio over a window:
+//!   simpler to reason about and to test, and enough for a per-gateway trip.
+//!   A result that arrives after the state it was admitted in has changed is
+//!   applied to the current state (no generation counter).
+//! - Secrets are read once, when the driver is built; rotating one means
+//!   rebuilding the driver.
+//! - `http` probes without a health URL report healthy; the breaker judges
+//!   such a gateway by its calls.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::fsm::{FencingToken, SessionKey, TaskId};
+
+mod backpressure;
+mod breaker;
+mod command;
+mod http;
+mod sim;
+mod spec;
+
+pub use backpressure::{BACKPRESSURE_PERCENT, accepts_new_session};
+pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Transition};
+pub use command::CommandDriver;
+pub use http::HttpDriver;
+pub use sim::SimDriver;
+pub use spec::{
+    CommandSpec, DriverSpec, GatewayKind, GatewaySpec, HttpSpec, LatencySpec, SecretRef, SimSpec,
+};
+
+/// Largest result an attempt may return, in bytes (stdout of a `command`
+/// program, body of an `http` response). Past it the attempt fails with
+/// [`DriverError::OutputTooLarge`].
+pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
+
+/// How much of a program's stderr (its last bytes) goes into an error, in bytes.
+pub const MAX_STDERR_TAIL_BYTES: usize = 4 * 1024;
+
+/// How long a health probe may take before it reports unhealthy.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A boxed, sendable future borrowing the driver: what the trait's methods
+/// return, so the trait stays object safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Results of this module.
+pub type Result<T, E = DriverError> = std::result::Result<T, E>;
+
+/// One way of running task attempts on one kind of gateway.
+///
+/// Implementations are shared (`Arc<dyn GatewayDriver>`) by every session of
+/// a gateway, so `run` takes `&self` and may be called concurrently.
+pub trait GatewayDriver: Send + Sync + std::fmt::Debug {
+    /// The kind of gateway this driver talks to.
+    fn kind(&self) -> GatewayKind;
+
+    /// Runs one attempt. Ends by the attempt's result, by `req.timeout`
+    /// ([`DriverError::Timeout`]) or by `cancel` ([`DriverError::Cancelled`]),
+    /// whichever comes first, leaving no process or connection behind.
+    fn run(&self, req: RunRequest, cancel: CancellationToken) -> BoxFuture<'_, Result<RunOutput>>;
+
+    /// Checks whether the gateway can take work; never takes longer than
+    /// about [`PROBE_TIMEOUT`].
+    fn probe(&self) -> BoxFuture<'_, Health>;
+}
+
+/// One attempt of one task, as a driver sees it.
+#[derive(Clone, Debug)]
+pub struct RunRequest {
+    /// The task.
+    pub task_id: TaskId,
+    /// The fencing token of the lease this attempt runs under; the gateway
+    /// should pass it back with anything it writes elsewhere.
+    pub fencing_token: FencingToken,
+    /// Session affinity, if the task has it.
+    pub session_key: Option<SessionKey>,
+    /// The task's payload, JSON text (shared: retries reuse it).
+    pub payload: Arc<str>,
+    /// How long the attempt may take, end to end.
+    pub timeout: Duration,
+}
+
+/// What a successful attempt produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOutput {
+    /// The result, JSON text of at most [`MAX_RESULT_BYTES`] bytes.
+    pub result_json: String,
+    /// How long the attempt took, as the driver measured it.
+    pub elapsed: Duration,
+}
+
+/// What a health probe found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// The gateway answers and can take work.
+    Healthy,
+    /// The gateway cannot take work now.
+    Unhealthy {
+        /// Why, for operators.
+        reason: String,
+    },
+}
+
+impl Health {
+    /// Whether the probe found the gateway healthy.
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, Health::Healthy)
+    }
+}
+
+/// What a probe found, as the registry records it.
+impl From<&Health> for crate::fsm::Health {
+    fn from(h: &Health) -> Self {
+        match h {
+            Health::Healthy => crate::fsm::Health::Healthy,
+            Health::Unhealthy { .. } => crate::fsm::Health::Unhealthy,
+        }
+    }
+}
+
+/// Errors of gateway drivers and gateway specs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    /// The attempt ran past its timeout and was stopped.
+    #[error("attempt timed out after {after:?}")]
+    Timeout {
+        /// The timeout that expired.
+        after: Duration,
+    },
+    /// The attempt was cancelled by its caller and stopped.
+    #[error("attempt cancelled")]
+    Cancelled,
+    /// The gateway could not be reached or could not run the attempt
+    /// (connection refused, HTTP 5xx, program could not be started).
+    #[error("gateway unavailable: {reason}")]
+    Unavailable {
+        /// What went wrong.
+        reason: String,
+    },
+    /// The gateway ran the attempt and it failed (non-zero exit, HTTP 4xx,
+    /// a simulated failure).
+    #[error("task failed: {reason}")]
+    TaskFailed {
+        /// What the gateway said (for a program: exit status and stderr tail).
+        reason: String,
+        /// Whether the same task might succeed on another attempt.
+        retryable: bool,
+    },
+    /// The result was larger than allowed.
+    #[error("result larger than {limit_bytes} bytes")]
+    OutputTooLarge {
+        /// The bound that was exceeded, in bytes.
+        limit_bytes: usize,
+    },
+    /// A gateway spec does not make sense; every problem is listed, each
+    /// starting with the field it is about.
+    #[error("invalid gateway spec:\n  - {}", .0.join("\n  - "))]
+    InvalidSpec(Vec<String>),
+    /// A secret a spec refers to could not be read. Names the reference,
+    /// never the value.
+    #[error("secret {reference} unavailable: {reason}")]
+    Secret {
+        /// The reference (`env:NAME` or `file:PATH`).
+        reference: String,
+        /// Why it could not be read.
+        reason: String,
+    },
+}
+
+impl DriverError {
+    /// Whether another attempt of the same task may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            DriverError::Timeout { .. } | DriverError::Unavailable { .. } => true,
+            DriverError::TaskFailed { retryable, .. } => *retryable,
+            DriverError::Cancelled
+            | DriverError::OutputTooLarge { .. }
+            | DriverError::InvalidSpec(_)
+            | DriverError::Secret { .. } => false,
+        }
+    }
+
+    /// Whether the error speaks against the gateway itself (and so counts
+    /// as a failure for its [`CircuitBreaker`]), rather than against the
+    /// task or the caller.
+    pub fn is_gateway_fault(&self) -> bool {
+        matches!(
+            self,
+            DriverError::Timeout { .. } | DriverError::Unavailable { .. }
+        )
+    }
+
+    /// Stable machine-readable code, recorded as an attempt's failure reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DriverError::Timeout { .. } => "timeout",
+            DriverError::Cancelled => "cancelled",
+            DriverError::Unavailable { .. } => "gateway_unavailable",
+            DriverError::TaskFailed { .. } => "task_failed",
+            DriverError::OutputTooLarge { .. } => "output_too_large",
+            DriverError::InvalidSpec(_) => "invalid_spec",
+            DriverError::Secret { .. } => "secret_unavailable",
+        }
+    }
+}
+
+/// Builds the driver a (valid) spec describes. Validates first; reads the
+/// secrets the spec refers to.
+pub fn driver_for(spec: &GatewaySpec) -> Result<Arc<dyn GatewayDriver>> {
+    spec.validate()?;
+    Ok(match &spec.driver {
+        DriverSpec::Sim(s) => Arc::new(SimDriver::new(s.clone())),
+        DriverSpec::Command(c) => Arc::new(CommandDriver::new(c.clone())),
+        DriverSpec::Http(h) => Arc::new(HttpDriver::new(h.clone())?),
+    })
+}
+
+/// Runs `work` until it finishes, `timeout` passes or `cancel` fires,
+/// whichever comes first. Dropping `work` is how the attempt is stopped.
+async fn bounded<T>(
+    timeout: Duration,
+    cancel: &CancellationToken,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(DriverError::Cancelled),
+        r = work => r,
+        _ = tokio::time::sleep(timeout) => Err(DriverError::Timeout { after: timeout }),
+    }
+}
+
+/// Turns gateway output into result JSON: the text itself if it is JSON,
+/// else the text as a JSON string. Empty output is `null`. Fails when the
+/// JSON (escaping included) is larger than [`MAX_RESULT_BYTES`].
+fn result_json(bytes: &[u8]) -> Result<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let trimmed = text.trim();
+    let json = if trimmed.is_empty() {
+        "null".to_owned()
+    } else if serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_ok() {
+        trimmed.to_owned()
+    } else {
+        serde_json::Value::String(trimmed.to_owned()).to_string()
+    };
+    if json.len() > MAX_RESULT_BYTES {
+        return Err(DriverError::OutputTooLarge {
+            limit_bytes: MAX_RESULT_BYTES,
+        });
+    }
+    Ok(json)
+}

@@ -1,0 +1,339 @@
+//! `GatewaySpec`: how a gateway is described for registration (API, CLI,
+//! config), and the checks it must pass before a driver is built from it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::breaker::BreakerConfig;
+use super::{DriverError, Result};
+use crate::fsm::{GatewayId, MAX_SESSIONS_PER_GATEWAY};
+
+/// Longest id, region or capability name, in bytes: the replicated state's
+/// bound, so a valid spec always registers.
+const MAX_NAME_BYTES: usize = crate::fsm::Limits::MAX_NAME_BYTES;
+/// Most capabilities one gateway may declare.
+const MAX_CAPABILITIES: usize = 64;
+/// Longest latency the simulator may be told to add.
+const MAX_SIM_LATENCY: Duration = Duration::from_secs(3600);
+/// Most arguments or environment variables of a `command` gateway.
+const MAX_COMMAND_ITEMS: usize = 256;
+/// Longest URL, in bytes.
+const MAX_URL_BYTES: usize = 2048;
+
+/// The kinds of gateway Godel can drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GatewayKind {
+    /// The built-in simulator.
+    Sim,
+    /// A local program per task.
+    Command,
+    /// An HTTP webhook.
+    Http,
+}
+
+impl fmt::Display for GatewayKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GatewayKind::Sim => "sim",
+            GatewayKind::Command => "command",
+            GatewayKind::Http => "http",
+        })
+    }
+}
+
+/// A gateway, as registered.
+///
+/// ```json
+/// {"id": "gw-1", "region": "eu", "capabilities": ["rust"], "max_sessions": 10,
+///  "driver": {"kind": "command", "program": "/usr/bin/agent", "args": ["--json"]}}
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySpec {
+    /// Unique id: 1 to `Limits::MAX_NAME_BYTES` of `A-Z a-z 0-9 - _ . : /`.
+    pub id: GatewayId,
+    /// Region label; placement prefers nodes of the same region.
+    pub region: String,
+    /// What tasks it can run (matched against a task's required capabilities).
+    #[serde(default)]
+    pub capabilities: BTreeSet<String>,
+    /// Most sessions open at once, 1..=[`MAX_SESSIONS_PER_GATEWAY`].
+    pub max_sessions: u32,
+    /// Circuit breaker thresholds.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// The kind and its settings.
+    pub driver: DriverSpec,
+}
+
+/// The kind of a gateway and the settings of that kind, tagged by `kind`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DriverSpec {
+    /// The built-in simulator.
+    Sim(SimSpec),
+    /// A local program per task.
+    Command(CommandSpec),
+    /// An HTTP webhook.
+    Http(HttpSpec),
+}
+
+impl DriverSpec {
+    /// Which kind this is.
+    pub fn kind(&self) -> GatewayKind {
+        match self {
+            DriverSpec::Sim(_) => GatewayKind::Sim,
+            DriverSpec::Command(_) => GatewayKind::Command,
+            DriverSpec::Http(_) => GatewayKind::Http,
+        }
+    }
+}
+
+/// Simulator settings. The default completes every attempt at once.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimSpec {
+    /// How long an attempt takes.
+    pub latency: LatencySpec,
+    /// Share of attempts that fail (retryably), 0.0..=1.0.
+    pub failure_rate: f64,
+    /// Share of attempts that never finish until cancelled or timed out,
+    /// 0.0..=1.0; `failure_rate + hang_rate <= 1`.
+    pub hang_rate: f64,
+    /// Seed for a reproducible sequence of outcomes; random when absent.
+    pub seed: Option<u64>,
+}
+
+/// A latency distribution, tagged by `dist`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "dist", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LatencySpec {
+    /// Always the same.
+    Fixed {
+        /// The latency.
+        #[serde(with = "humantime_serde")]
+        value: Duration,
+    },
+    /// Uniform between `min` and `max`.
+    Uniform {
+        /// Shortest.
+        #[serde(with = "humantime_serde")]
+        min: Duration,
+        /// Longest.
+        #[serde(with = "humantime_serde")]
+        max: Duration,
+    },
+    /// Log-normal with the given median and 99th percentile (a long tail,
+    /// like real model calls).
+    LogNormal {
+        /// Median.
+        #[serde(with = "humantime_serde")]
+        p50: Duration,
+        /// 99th percentile.
+        #[serde(with = "humantime_serde")]
+        p99: Duration,
+    },
+}
+
+impl Default for LatencySpec {
+    fn default() -> Self {
+        LatencySpec::Fixed {
+            value: Duration::ZERO,
+        }
+    }
+}
+
+/// Settings of a gateway that runs a local program per attempt.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    /// The program: a path, or a name looked up in `PATH`.
+    pub program: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment variables (not secrets: specs are replicated and
+    /// listed). Names starting with `GODEL_` are reserved.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the node's own when absent.
+    #[serde(default)]
+    pub working_dir: Option<PathBuf>,
+}
+
+/// Settings of a webhook gateway.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSpec {
+    /// Where attempts are POSTed (`http://` or `https://`).
+    pub url: String,
+    /// GET here answers 2xx when the gateway is healthy.
+    #[serde(default)]
+    pub health_url: Option<String>,
+    /// The `Authorization` header's value, by reference.
+    #[serde(default)]
+    pub auth_header: Option<SecretRef>,
+}
+
+/// Where a secret is, never the secret itself: `{"env": "NAME"}` or
+/// `{"file": "/path"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SecretRef {
+    /// An environment variable of the node running the gateway.
+    Env(String),
+    /// A file on the node running the gateway (trailing newline ignored).
+    File(PathBuf),
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretRef::Env(name) => write!(f, "env:{name}"),
+            SecretRef::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+impl SecretRef {
+    /// Reads the secret. Errors name the reference, never a value.
+    pub fn resolve(&self) -> Result<String> {
+        let fail = |reason: String| DriverError::Secret {
+            reference: self.to_string(),
+            reason,
+        };
+        let value = match self {
+            SecretRef::Env(name) => std::env::var(name).map_err(|e| fail(e.to_string()))?,
+            SecretRef::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| fail(e.to_string()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        };
+        if value.is_empty() {
+            return Err(fail("empty".into()));
+        }
+        Ok(value)
+    }
+}
+
+impl GatewaySpec {
+    /// Checks the whole spec, reporting every problem at once, each starting
+    /// with the field it is about (`driver.failure_rate: ...`).
+    pub fn validate(&self) -> Result<()> {
+        let mut p = Vec::new();
+        check_name(&mut p, "id", &self.id.0);
+        check_name(&mut p, "region", &self.region);
+        if self.capabilities.len() > MAX_CAPABILITIES {
+            p.push(format!("capabilities: at most {MAX_CAPABILITIES}"));
+        }
+        for c in &self.capabilities {
+            check_name(&mut p, "capabilities", c);
+        }
+        if self.max_sessions == 0 || self.max_sessions > MAX_SESSIONS_PER_GATEWAY {
+            p.push(format!(
+                "max_sessions: must be 1..={MAX_SESSIONS_PER_GATEWAY}"
+            ));
+        }
+        p.extend(self.breaker.problems("breaker."));
+        match &self.driver {
+            DriverSpec::Sim(s) => check_sim(&mut p, s),
+            DriverSpec::Command(c) => check_command(&mut p, c),
+            DriverSpec::Http(h) => check_http(&mut p, h),
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(DriverError::InvalidSpec(p))
+        }
+    }
+}
+
+fn check_name(p: &mut Vec<String>, field: &str, v: &str) {
+    // The replicated state's name alphabet, so task capabilities such as
+    // `lang:rust` can be matched.
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "-_.:/".contains(c);
+    if v.is_empty() || v.len() > MAX_NAME_BYTES || !v.chars().all(ok_char) {
+        p.push(format!(
+            "{field}: `{v}` must be 1 to {MAX_NAME_BYTES} of A-Z a-z 0-9 - _ . : /"
+        ));
+    }
+}
+
+fn check_sim(p: &mut Vec<String>, s: &SimSpec) {
+    for (name, rate) in [("failure_rate", s.failure_rate), ("hang_rate", s.hang_rate)] {
+        if !(0.0..=1.0).contains(&rate) {
+            p.push(format!("driver.{name}: {rate} is not within 0.0..=1.0"));
+        }
+    }
+    if s.failure_rate + s.hang_rate > 1.0 {
+        p.push("driver.hang_rate: failure_rate + hang_rate must be <= 1".into());
+    }
+    let too_long = |d: &Duration| *d > MAX_SIM_LATENCY;
+    let bad = match &s.latency {
+        LatencySpec::Fixed { value } => too_long(value).then_some("value exceeds the maximum"),
+        LatencySpec::Uniform { min, max } if min > max => Some("min must be <= max"),
+        LatencySpec::Uniform { max, .. } => too_long(max).then_some("max exceeds the maximum"),
+        LatencySpec::LogNormal { p50, p99 } if p50.is_zero() || p50 > p99 => {
+            Some("p50 must be > 0 and <= p99")
+        }
+        LatencySpec::LogNormal { p99, .. } => too_long(p99).then_some("p99 exceeds the maximum"),
+    };
+    if let Some(why) = bad {
+        p.push(format!(
+            "driver.latency: {why} (maximum {MAX_SIM_LATENCY:?})"
+        ));
+    }
+}
+
+fn check_command(p: &mut Vec<String>, c: &CommandSpec) {
+    if c.program.trim().is_empty() {
+        p.push("driver.program: must not be empty".into());
+    }
+    if c.args.len() > MAX_COMMAND_ITEMS || c.env.len() > MAX_COMMAND_ITEMS {
+        p.push(format!(
+            "driver.args, driver.env: at most {MAX_COMMAND_ITEMS} each"
+        ));
+    }
+    for name in c.env.keys() {
+        if name.is_empty() || name.contains(['=', '\0']) {
+            p.push(format!("driver.env: `{name}` is not a variable name"));
+        } else if name.starts_with("GODEL_") {
+            p.push(format!("driver.env: `{name}` is reserved (GODEL_*)"));
+        }
+    }
+}
+
+fn check_http(p: &mut Vec<String>, h: &HttpSpec) {
+    check_url(p, "driver.url", &h.url);
+    if let Some(u) = &h.health_url {
+        check_url(p, "driver.health_url", u);
+    }
+    match &h.auth_header {
+        Some(SecretRef::Env(name)) if name.is_empty() || name.contains(['=', '\0']) => {
+            p.push("driver.auth_header.env: must name an environment variable".into());
+        }
+        Some(SecretRef::File(path)) if !path.is_absolute() => {
+            p.push("driver.auth_header.file: must be an absolute path".into());
+        }
+        _ => {}
+    }
+}
+
+fn check_url(p: &mut Vec<String>, field: &str, url: &str) {
+    if url.len() > MAX_URL_BYTES {
+        p.push(format!("{field}: longer than {MAX_URL_BYTES} bytes"));
+        return;
+    }
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        Ok(_) => p.push(format!(
+            "{field}: `{url}` must be an http(s) URL with a host"
+        )),
+        Err(e) => p.push(format!("{field}: `{url}` is not a URL: {e}")),
+    }
+}
