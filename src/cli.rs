@@ -116,9 +116,6 @@ pub enum GatewayCmd {
         /// Gateway id.
         #[arg(long)]
         id: String,
-        /// Driver kind: sim, command, http or openclaw.
-        #[arg(long)]
-        kind: String,
         /// Region.
         #[arg(long, default_value = "local")]
         region: String,
@@ -128,9 +125,9 @@ pub enum GatewayCmd {
         /// Most concurrent sessions.
         #[arg(long, default_value_t = 10)]
         max_sessions: u32,
-        /// Driver settings, a JSON object.
-        #[arg(long, default_value = "{}")]
-        settings: String,
+        /// The driver: a JSON object with `kind` (sim, command, http) and its settings.
+        #[arg(long, default_value = r#"{"kind":"sim"}"#)]
+        driver: String,
     },
     /// List gateways with health, breaker state and owner node.
     Ls,

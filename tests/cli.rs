@@ -124,26 +124,32 @@ fn registry_session(api: &str) {
         (1, Some("not_found")),
         "{err}"
     );
-    let g = ok(
-        api,
-        &[
-            "gateway",
-            "add",
-            "--id",
-            "gw-1",
-            "--kind",
-            "sim",
-            "--caps",
-            "rust,git",
-            "--max-sessions",
-            "4",
-            "--settings",
-            r#"{"latency_ms":5}"#,
-        ],
-    );
+    let driver = r#"{"kind":"command","program":"cat"}"#;
+    let add = [
+        "gateway",
+        "add",
+        "--id",
+        "gw-1",
+        "--caps",
+        "rust,git",
+        "--max-sessions",
+        "4",
+        "--driver",
+        driver,
+    ];
+    let g = ok(api, &add);
     assert_eq!(g["capabilities"], serde_json::json!(["git", "rust"]));
-    assert_eq!(g["settings"]["latency_ms"], 5);
-    let (code, err) = godel(api, &["gateway", "add", "--id", "gw-2", "--kind", "ftp"]);
+    assert_eq!(g["kind"], "command");
+    assert_eq!(g["spec"]["driver"]["program"], "cat");
+    let bad = [
+        "gateway",
+        "add",
+        "--id",
+        "gw-2",
+        "--driver",
+        r#"{"kind":"ftp"}"#,
+    ];
+    let (code, err) = godel(api, &bad);
     assert_eq!(
         (code, err["error"]["code"].as_str()),
         (1, Some("invalid_request")),

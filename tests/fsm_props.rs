@@ -74,7 +74,9 @@ fn observe(outcome: &Outcome) -> Expect {
         Err(Rejection::IllegalTransition { .. }) => Expect::Illegal,
         Err(Rejection::Invalid { field, .. }) => Expect::Invalid(field.clone()),
         Err(Rejection::TooLarge { .. }) => Expect::TooLarge,
-        Err(r @ Rejection::Unknown { .. }) => panic!("registry rejection from a queue command: {r}"),
+        Err(r @ Rejection::Unknown { .. }) => {
+            panic!("registry rejection from a queue command: {r}")
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use crate::fsm::{
     AgentId, AgentRecord, AgentRegistration, Command, GatewayId, GatewayRecord,
     GatewayRegistration, State as Fsm, TaskStatus,
 };
+use crate::gateway::GatewaySpec;
 
 /// `POST /agents` body.
 #[derive(Debug, Deserialize)]
@@ -145,32 +146,6 @@ pub async fn nodes(State(api): State<Api>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({ "items": items })))
 }
 
-/// `POST /gateways` body. `settings` are the driver's own (checked by the
-/// driver when its actor starts); secrets go by reference (an environment
-/// variable or file name), never inline.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GatewayBody {
-    id: String,
-    kind: String,
-    #[serde(default = "default_region")]
-    region: String,
-    #[serde(default)]
-    capabilities: Vec<String>,
-    #[serde(default = "default_sessions")]
-    max_sessions: u32,
-    #[serde(default)]
-    settings: serde_json::Map<String, Value>,
-}
-
-fn default_region() -> String {
-    "local".into()
-}
-
-fn default_sessions() -> u32 {
-    10
-}
-
 fn gateway_view(g: &GatewayRecord) -> Value {
     json!({
         "id": g.reg.id.0,
@@ -178,7 +153,7 @@ fn gateway_view(g: &GatewayRecord) -> Value {
         "region": g.reg.region,
         "capabilities": g.reg.capabilities,
         "max_sessions": g.reg.max_sessions,
-        "settings": serde_json::from_str::<Value>(&g.reg.spec).unwrap_or(Value::Null),
+        "spec": serde_json::from_str::<Value>(&g.reg.spec).unwrap_or(Value::Null),
         "health": g.health,
         "circuit": g.circuit,
         "owner": g.owner,
@@ -187,19 +162,24 @@ fn gateway_view(g: &GatewayRecord) -> Value {
     })
 }
 
-/// `POST /gateways`: registers (or updates) a gateway.
+/// `POST /gateways`: registers (or updates) a gateway described by a
+/// [`GatewaySpec`] (validated here, every problem named). Secrets appear in
+/// the spec only as references (an environment variable or a file).
 pub async fn register_gateway(
     State(api): State<Api>,
-    Body(b): Body<GatewayBody>,
+    Body(spec): Body<GatewaySpec>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let id = GatewayId(b.id);
+    spec.validate()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let id = spec.id.clone();
+    let text = serde_json::to_string(&spec).map_err(|e| ApiError::invalid(e.to_string()))?;
     let reg = GatewayRegistration {
         id: id.clone(),
-        kind: b.kind,
-        spec: Value::Object(b.settings).to_string(),
-        region: b.region,
-        capabilities: b.capabilities,
-        max_sessions: b.max_sessions,
+        kind: spec.driver.kind().to_string(),
+        spec: text,
+        region: spec.region.clone(),
+        capabilities: spec.capabilities.iter().cloned().collect(),
+        max_sessions: spec.max_sessions,
     };
     outcome(api.node.write(Command::RegisterGateway(reg)).await)?;
     let view = api

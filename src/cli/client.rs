@@ -114,17 +114,15 @@ fn gateway_request(g: GatewayCmd) -> anyhow::Result<Req> {
     Ok(match g {
         GatewayCmd::Add {
             id,
-            kind,
             region,
             caps,
             max_sessions,
-            settings,
+            driver,
         } => {
-            let settings: Value =
-                serde_json::from_str(&settings).context("--settings is not JSON")?;
+            let driver: Value = serde_json::from_str(&driver).context("--driver is not JSON")?;
             let body = json!({
-                "id": id, "kind": kind, "region": region, "capabilities": caps,
-                "max_sessions": max_sessions, "settings": settings,
+                "id": id, "region": region, "capabilities": caps,
+                "max_sessions": max_sessions, "driver": driver,
             });
             ("POST", "/api/v1/gateways".into(), Some(body))
         }
