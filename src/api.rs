@@ -7,6 +7,7 @@
 //! from one mapping in `error.rs`. Reads go through a read barrier, so a read
 //! on any node sees every write acknowledged before it.
 
+mod admin;
 mod cluster;
 mod error;
 mod json;
@@ -70,6 +71,11 @@ pub fn router(node: Node) -> Router {
             "/gateways/{id}",
             get(registry::get_gateway).delete(registry::deregister_gateway),
         )
+        .route(
+            "/admin/nodes/{id}/drain",
+            post(admin::drain).get(admin::progress),
+        )
+        .route("/admin/nodes/{id}/undrain", post(admin::undrain))
         .route("/cluster", get(cluster::status))
         .route("/cluster/join", post(cluster::join))
         .route("/cluster/leave", post(cluster::leave))

@@ -148,6 +148,24 @@ pub enum GatewayCmd {
 pub enum NodeCmd {
     /// Registered nodes with region, drain flag and heartbeat age.
     Ls,
+    /// Drain a node: not-ready, leadership handed over, no new work.
+    Drain {
+        /// Node id.
+        id: u64,
+        /// Even if it empties a region or leaves too few voters.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop draining a node.
+    Undrain {
+        /// Node id.
+        id: u64,
+    },
+    /// A drain's progress.
+    DrainStatus {
+        /// Node id.
+        id: u64,
+    },
 }
 
 /// `godel serve` flags (they override the file and the environment).

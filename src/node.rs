@@ -31,6 +31,7 @@
 //! confirms its leadership with a quorum round (ReadIndex); a follower asks the
 //! leader for that index and waits until it has applied it.
 
+mod drain;
 mod membership;
 mod proposer;
 mod server;
@@ -156,6 +157,7 @@ impl Node {
         node.spawn(proposer::run(node.clone(), queue_rx));
         node.spawn(proposer::tick_loop(node.clone()));
         node.spawn(proposer::heartbeat_loop(node.clone()));
+        node.spawn(drain::drain_loop(node.clone()));
         node.spawn(observe_events(node.clone()));
         membership::bootstrap(&node).await?;
         Ok(node)

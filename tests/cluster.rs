@@ -833,3 +833,88 @@ async fn relayed_transfer_keeps_the_error() {
     })
     .await;
 }
+
+/// Draining the leader hands leadership over and makes it not ready; a drain
+/// that would leave fewer non-draining voters than a majority is refused
+/// unless forced; undrain makes the node ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_moves_leadership_and_guards_quorum() {
+    let c = Cluster::start(3).await;
+    bounded(TEST_BOUND, async {
+        let api = c.api();
+        let leader = c.leader().await;
+        let id = c.node(leader).id;
+        let r = api
+            .post(
+                leader,
+                &format!("/api/v1/admin/nodes/{id}/drain"),
+                &json!({}),
+            )
+            .await
+            .expect("drain");
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.body["draining"], true);
+        let ready = api.get(leader, "/health/ready").await.expect("ready");
+        assert_eq!(
+            ready.status, 503,
+            "a draining node is not ready: {:?}",
+            ready.body
+        );
+        let new_leader = wait_until(
+            "leadership to leave the draining node",
+            deadline(Duration::from_secs(15)),
+            async || {
+                let l = c.leader().await;
+                if l == leader {
+                    Err(anyhow::anyhow!("still the leader"))
+                } else {
+                    Ok(l)
+                }
+            },
+        )
+        .await;
+        let other = (0..3)
+            .find(|i| *i != leader && *i != new_leader)
+            .expect("third node");
+        let path = format!("/api/v1/admin/nodes/{}/drain", c.node(other).id);
+        let refused = api
+            .post(new_leader, &path, &json!({}))
+            .await
+            .expect("second drain");
+        refused.assert_error(409, "conflict");
+        assert!(
+            refused.message().contains("majority"),
+            "{}",
+            refused.message()
+        );
+        let forced = api
+            .post(new_leader, &path, &json!({ "force": true }))
+            .await
+            .expect("forced drain");
+        assert_eq!(forced.status, 200, "{:?}", forced.body);
+        for i in [leader, other] {
+            let path = format!("/api/v1/admin/nodes/{}/undrain", c.node(i).id);
+            assert_eq!(
+                api.post(new_leader, &path, &json!({}))
+                    .await
+                    .expect("undrain")
+                    .status,
+                200
+            );
+        }
+        wait_until(
+            "the undrained node to be ready",
+            deadline(Duration::from_secs(10)),
+            async || {
+                let r = api.get(leader, "/health/ready").await?;
+                if r.status == 200 {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("ready: {}", r.status))
+                }
+            },
+        )
+        .await;
+    })
+    .await;
+}

@@ -114,6 +114,10 @@ pub async fn live() -> Json<Value> {
 
 /// `GET /health/ready`: 200 only when this node is in a quorum.
 pub async fn ready(State(api): State<Api>) -> (StatusCode, Json<Value>) {
+    if api.node.is_draining() {
+        let body = json!({ "status": "not_ready", "reason": "draining" });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+    }
     match api.node.read_barrier().await {
         Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
         Err(e) => (

@@ -82,6 +82,17 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
         Command::Agent(a) => agent_request(a),
         Command::Gateway(g) => gateway_request(g)?,
         Command::Node(NodeCmd::Ls) => ("GET", "/api/v1/nodes".into(), None),
+        Command::Node(NodeCmd::Drain { id, force }) => (
+            "POST",
+            format!("/api/v1/admin/nodes/{id}/drain"),
+            Some(json!({ "force": force })),
+        ),
+        Command::Node(NodeCmd::Undrain { id }) => {
+            ("POST", format!("/api/v1/admin/nodes/{id}/undrain"), None)
+        }
+        Command::Node(NodeCmd::DrainStatus { id }) => {
+            ("GET", format!("/api/v1/admin/nodes/{id}/drain"), None)
+        }
         Command::Cluster(c) => match c {
             ClusterCmd::Status => ("GET", "/api/v1/cluster".into(), None),
             ClusterCmd::Join {

@@ -298,15 +298,18 @@ pub(super) async fn tick_loop(node: Node) {
 }
 
 /// Records this node's heartbeat (region, API address) in the node registry
-/// at a fixed interval, through the normal write path.
+/// at a fixed interval, through the normal write path; a heartbeat that did
+/// not commit (no leader yet, say) is retried soon rather than a whole
+/// interval later.
 pub(super) async fn heartbeat_loop(node: Node) {
+    /// Delay before retrying a heartbeat that did not commit.
+    const RETRY: Duration = Duration::from_millis(250);
     let shutdown = node.shutdown_token().clone();
-    let mut timer = tokio::time::interval(node.queue_config().node_heartbeat_interval);
-    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = timer.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         let info = node.info();
         let cmd = Command::NodeHeartbeat {
@@ -314,10 +317,16 @@ pub(super) async fn heartbeat_loop(node: Node) {
             region: info.region.clone(),
             api_addr: info.api_addr.clone(),
         };
-        match node.write(cmd).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(rejected)) => tracing::warn!(error = %rejected, "node heartbeat rejected"),
-            Err(e) => tracing::debug!(error = %e, "node heartbeat not committed"),
-        }
+        wait = match node.write(cmd).await {
+            Ok(Ok(_)) => node.queue_config().node_heartbeat_interval,
+            Ok(Err(rejected)) => {
+                tracing::warn!(error = %rejected, "node heartbeat rejected");
+                node.queue_config().node_heartbeat_interval
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "node heartbeat not committed; retrying");
+                RETRY
+            }
+        };
     }
 }

@@ -504,7 +504,24 @@ impl Cluster {
             p.write_config(&members);
             p.spawn();
         }
-        c.leader_within(START_TIMEOUT).await;
+        let leader = c.leader_within(START_TIMEOUT).await;
+        // Up means every node has also recorded itself in the node registry,
+        // so no start-up write lands in the middle of a test.
+        let api = c.api();
+        wait_until(
+            "every node in the registry",
+            deadline(START_TIMEOUT),
+            async || {
+                let nodes = api.get(leader, "/api/v1/nodes").await?;
+                let count = nodes.body["items"].as_array().map_or(0, Vec::len);
+                if count == n {
+                    Ok(())
+                } else {
+                    Err(anyhow!("{count} of {n} nodes registered"))
+                }
+            },
+        )
+        .await;
         eprintln!("[harness] {n}-node cluster up in {:?}", c.started.elapsed());
         c
     }

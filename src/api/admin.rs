@@ -1,0 +1,140 @@
+//! Admin endpoints: draining a node.
+//!
+//! Draining marks a node in the replicated registry. A draining node reports
+//! not-ready, and a draining leader hands leadership to another voter. Two
+//! drains are refused unless forced, because an operator draining before a
+//! shutdown would otherwise lose something: the last non-draining node of a
+//! region (the region would lose its workers), and a node whose drain leaves
+//! fewer non-draining voters than a majority (shutting the draining nodes
+//! down would then stop the cluster).
+
+use std::collections::BTreeSet;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::{ApiError, ApiResult};
+use super::json::Body;
+use super::{Api, outcome};
+use crate::fsm::{Command, State as Fsm};
+use crate::raft::NodeId;
+
+/// `POST /admin/nodes/{id}/drain` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainBody {
+    /// Drain even if it empties a region or leaves too few voters.
+    #[serde(default)]
+    force: bool,
+}
+
+fn parse_node(s: &str) -> ApiResult<NodeId> {
+    s.parse()
+        .map_err(|_| ApiError::invalid(format!("invalid field `id`: `{s}` is not a node id")))
+}
+
+/// Why draining `id` would hurt, if it would.
+fn drain_hazard(s: &Fsm, voters: &[NodeId], id: NodeId) -> Option<String> {
+    let reg = s.registry();
+    let me = reg.nodes().find(|n| n.id == id)?;
+    let region_left = reg
+        .nodes()
+        .filter(|n| n.region == me.region && n.id != id && !n.draining)
+        .count();
+    if region_left == 0 {
+        return Some(format!(
+            "node {id} is the last non-draining node of region `{}`",
+            me.region
+        ));
+    }
+    let draining: BTreeSet<NodeId> = reg
+        .nodes()
+        .filter(|n| n.draining)
+        .map(|n| n.id)
+        .chain([id])
+        .collect();
+    let remaining = voters.iter().filter(|v| !draining.contains(v)).count();
+    let majority = voters.len() / 2 + 1;
+    if voters.contains(&id) && remaining < majority {
+        return Some(format!(
+            "draining node {id} leaves {remaining} of {} voters not draining; a majority is {majority}",
+            voters.len()
+        ));
+    }
+    None
+}
+
+/// `POST /admin/nodes/{id}/drain`.
+pub async fn drain(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Body(b): Body<DrainBody>,
+) -> ApiResult<Json<Value>> {
+    let id = parse_node(&id)?;
+    api.node.read_barrier().await?;
+    let (voters, _) = api.node.members();
+    let (known, hazard) = api.node.state().read(|s| {
+        (
+            s.registry().nodes().any(|n| n.id == id),
+            drain_hazard(s, &voters, id),
+        )
+    });
+    if !known {
+        return Err(ApiError::not_found(format!("node {id} is not registered")));
+    }
+    if let Some(why) = hazard.filter(|_| !b.force) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("{why}; repeat with {{\"force\": true}} to drain anyway"),
+        ));
+    }
+    outcome(
+        api.node
+            .write(Command::SetDrain { id, draining: true })
+            .await,
+    )?;
+    status_of(&api, id).await.map(Json)
+}
+
+/// `POST /admin/nodes/{id}/undrain`.
+pub async fn undrain(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let id = parse_node(&id)?;
+    outcome(
+        api.node
+            .write(Command::SetDrain {
+                id,
+                draining: false,
+            })
+            .await,
+    )?;
+    status_of(&api, id).await.map(Json)
+}
+
+/// `GET /admin/nodes/{id}/drain`: the drain's progress.
+pub async fn progress(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let id = parse_node(&id)?;
+    api.node.read_barrier().await?;
+    status_of(&api, id).await.map(Json)
+}
+
+async fn status_of(api: &Api, id: NodeId) -> ApiResult<Value> {
+    let leader = api.node.leader().map(|(l, _)| l);
+    let view = api.node.state().read(|s| {
+        let reg = s.registry();
+        reg.nodes().find(|n| n.id == id).map(|n| {
+            let gateways = reg.gateways().filter(|g| g.owner == Some(id)).count();
+            json!({
+                "node": id,
+                "draining": n.draining,
+                "is_leader": leader == Some(id),
+                "gateways_owned": gateways,
+                "done": n.draining && gateways == 0 && leader != Some(id),
+            })
+        })
+    });
+    view.ok_or_else(|| ApiError::not_found(format!("node {id} is not registered")))
+}
