@@ -338,16 +338,10 @@ impl State {
         health: Health,
         circuit: Circuit,
     ) -> Outcome {
-        let now = self.clock_ms;
-        let rec = self
-            .registry
-            .gateways
-            .get_mut(id)
-            .ok_or_else(|| not_found("gateway", id))?;
-        rec.health = health;
-        rec.circuit = circuit;
-        rec.updated_at_ms = now;
-        Ok(Reply::Done)
+        self.edit_gateway(id, |rec| {
+            rec.health = health;
+            rec.circuit = circuit;
+        })
     }
 
     /// Records which node runs a gateway (the leader decides).
@@ -357,13 +351,18 @@ impl State {
         {
             return Err(not_found("owner", n));
         }
+        self.edit_gateway(id, |rec| rec.owner = owner)
+    }
+
+    /// Changes a registered gateway and stamps the change time.
+    fn edit_gateway(&mut self, id: &GatewayId, edit: impl FnOnce(&mut GatewayRecord)) -> Outcome {
         let now = self.clock_ms;
         let rec = self
             .registry
             .gateways
             .get_mut(id)
             .ok_or_else(|| not_found("gateway", id))?;
-        rec.owner = owner;
+        edit(rec);
         rec.updated_at_ms = now;
         Ok(Reply::Done)
     }
