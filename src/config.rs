@@ -155,6 +155,10 @@ pub struct QueueConfig {
     /// How often each node records its heartbeat in the node registry.
     #[serde(with = "humantime_serde")]
     pub node_heartbeat_interval: Duration,
+    /// A node whose last heartbeat is older than this is dead to placement:
+    /// the leader moves its gateways to live nodes.
+    #[serde(with = "humantime_serde")]
+    pub node_dead_after: Duration,
 }
 
 impl Default for QueueConfig {
@@ -167,6 +171,7 @@ impl Default for QueueConfig {
             default_lease: Duration::from_secs(30),
             tick_interval: Duration::from_millis(100),
             node_heartbeat_interval: Duration::from_secs(1),
+            node_dead_after: Duration::from_secs(3),
         }
     }
 }
@@ -298,6 +303,9 @@ impl Config {
         }
         if q.node_heartbeat_interval < Duration::from_millis(100) {
             p.push("queue.node_heartbeat_interval must be at least 100ms".into());
+        }
+        if q.node_dead_after <= q.node_heartbeat_interval {
+            p.push("queue.node_dead_after must exceed queue.node_heartbeat_interval".into());
         }
         if self.api.max_body_bytes < 1024 {
             p.push("api.max_body_bytes must be at least 1024".into());

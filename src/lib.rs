@@ -20,6 +20,7 @@ pub mod fsm;
 pub mod gateway;
 pub mod metrics;
 pub mod node;
+pub mod placement;
 pub mod raft;
 pub mod store;
 pub mod transport;

@@ -33,6 +33,7 @@
 
 mod drain;
 mod membership;
+mod placer;
 mod proposer;
 mod server;
 
@@ -158,6 +159,7 @@ impl Node {
         node.spawn(proposer::tick_loop(node.clone()));
         node.spawn(proposer::heartbeat_loop(node.clone()));
         node.spawn(drain::drain_loop(node.clone()));
+        node.spawn(placer::placement_loop(node.clone()));
         node.spawn(observe_events(node.clone()));
         membership::bootstrap(&node).await?;
         Ok(node)

@@ -918,3 +918,32 @@ async fn drain_moves_leadership_and_guards_quorum() {
     })
     .await;
 }
+
+/// A registered gateway gets an owner; when the owner is killed, its
+/// heartbeats stop and the leader moves the gateway to a survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gateways_move_off_a_dead_node() {
+    let fast = "[queue]\nnode_heartbeat_interval = \"300ms\"\nnode_dead_after = \"1500ms\"\n";
+    let mut c = Cluster::start_with(3, fast).await;
+    bounded(TEST_BOUND, async {
+        let api = c.api();
+        let leader = c.leader().await;
+        let spec = json!({ "id": "gw-1", "region": "local", "max_sessions": 4, "driver": { "kind": "sim" } });
+        assert_eq!(api.post(leader, "/api/v1/gateways", &spec).await.expect("register").status, 201);
+        let owner_of = async |i: usize| -> anyhow::Result<u64> {
+            let g = api.get(i, "/api/v1/gateways/gw-1").await?;
+            g.body["owner"].as_u64().ok_or_else(|| anyhow!("not placed yet: {:?}", g.body))
+        };
+        let owner = wait_until("gw-1 to be placed", deadline(Duration::from_secs(10)), async || owner_of(leader).await).await;
+        let victim = c.index_of(owner);
+        c.kill9(victim);
+        let survivor = (victim + 1) % 3;
+        let moved = wait_until("gw-1 to move off the dead node", deadline(Duration::from_secs(20)), async || {
+            let o = owner_of(survivor).await?;
+            if o == owner { Err(anyhow!("still on {o}")) } else { Ok(o) }
+        })
+        .await;
+        assert_ne!(c.index_of(moved), victim);
+    })
+    .await;
+}

@@ -83,6 +83,8 @@ pub struct NodeProc {
     log: PathBuf,
     child: Mutex<Option<Child>>,
     paused: bool,
+    /// Extra config tables for this node (see `Cluster::start_with`).
+    extra: String,
 }
 
 impl NodeProc {
@@ -102,6 +104,7 @@ impl NodeProc {
             log,
             child: Mutex::new(None),
             paused: false,
+            extra: String::new(),
         }
     }
 
@@ -112,7 +115,11 @@ impl NodeProc {
     /// Writes this node's config: `[cluster] members` or `join`. Benchmarks
     /// add tables with `GODEL_TEST_EXTRA_TOML` (its `[raft]` replaces ours).
     fn write_config(&self, cluster: &str) {
-        let extra = std::env::var("GODEL_TEST_EXTRA_TOML").unwrap_or_default();
+        let extra = if self.extra.is_empty() {
+            std::env::var("GODEL_TEST_EXTRA_TOML").unwrap_or_default()
+        } else {
+            self.extra.clone()
+        };
         let raft = if extra.contains("[raft]") {
             String::new()
         } else {
@@ -125,7 +132,7 @@ impl NodeProc {
         let queue = if extra.contains("[queue]") {
             ""
         } else {
-            "[queue]\nnode_heartbeat_interval = \"1h\"\n"
+            "[queue]\nnode_heartbeat_interval = \"1h\"\nnode_dead_after = \"2h\"\n"
         };
         let text = format!(
             "# written by tests/support for node {id}\n\
@@ -488,7 +495,16 @@ impl Cluster {
     /// Starts `n` voters listed in each other's `[[cluster.members]]` and
     /// waits until they agree on a leader.
     pub async fn start(n: usize) -> Cluster {
-        let nodes: Vec<NodeProc> = (1..=n as u64).map(NodeProc::new).collect();
+        Self::start_with(n, "").await
+    }
+
+    /// Like `start`, with extra config tables for every node (a `[queue]`
+    /// or `[raft]` table replaces the harness's own).
+    pub async fn start_with(n: usize, extra: &str) -> Cluster {
+        let mut nodes: Vec<NodeProc> = (1..=n as u64).map(NodeProc::new).collect();
+        for p in &mut nodes {
+            p.extra = extra.to_owned();
+        }
         let mut members = format!("[cluster]\nsecret = {}\n", toml_str(SECRET));
         for p in &nodes {
             members.push_str(&format!(
