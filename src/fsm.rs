@@ -61,6 +61,7 @@ mod query;
 mod queue;
 mod registry;
 mod retry;
+mod session;
 mod state;
 mod task;
 
@@ -71,9 +72,10 @@ pub use command::{
 pub use query::{Depth, TaskFilter, TaskPage};
 pub use registry::{
     AgentRecord, AgentRegistration, Circuit, GatewayId, GatewayRecord, GatewayRegistration, Health,
-    MAX_AGENT_CAPACITY, MAX_SESSIONS_PER_GATEWAY, NodeRecord, Registry, SessionState,
+    MAX_AGENT_CAPACITY, MAX_SESSIONS_PER_GATEWAY, NodeRecord, Registry,
 };
 pub use retry::{Backoff, backoff_delay_ms};
+pub use session::{OpenSession, SessionId, SessionRecord, SessionState, Sessions};
 pub use state::State;
 pub use task::{
     AgentId, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task, TaskId, TaskStatus,

@@ -69,6 +69,7 @@ fn observe(outcome: &Outcome) -> Expect {
         },
         Ok(Reply::Replayed(ids)) => Expect::Replayed(ids.iter().map(|id| id.0).collect()),
         Ok(Reply::Done) => Expect::Done,
+        Ok(Reply::Session(s)) => panic!("session reply from a queue command: {s:?}"),
         Err(Rejection::NotFound(_)) => Expect::NotFound,
         Err(Rejection::StaleToken(_)) => Expect::Stale,
         Err(Rejection::IllegalTransition { .. }) => Expect::Illegal,

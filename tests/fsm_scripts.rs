@@ -562,6 +562,7 @@ fn outcome_lines(outcome: &Outcome) -> Vec<String> {
             vec![format!("replayed {}", ids.join(" "))]
         }
         Ok(Reply::Done) => vec!["ok".into()],
+        Ok(Reply::Session(s)) => vec![format!("session {} {:?}", s.id, s.state)],
         Err(rejection) => vec![rejection_line(rejection)],
     }
 }

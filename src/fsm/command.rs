@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::registry::{AgentRegistration, Circuit, GatewayId, GatewayRegistration, Health};
 use super::retry::Backoff;
+use super::session::{OpenSession, SessionId, SessionRecord, SessionState};
 use super::task::{
     AgentId, FencingToken, Limits, Priority, SessionKey, Task, TaskId, TaskStatus, Tenant,
 };
@@ -146,6 +147,19 @@ pub enum Command {
     DeregisterAgent {
         /// The agent.
         id: AgentId,
+    },
+    /// Record a new session on a gateway.
+    OpenSession(OpenSession),
+    /// Move a session along its lifecycle.
+    MoveSession {
+        /// The session.
+        id: SessionId,
+        /// The state to move to.
+        to: SessionState,
+        /// The task it runs (for `running`).
+        task: Option<TaskId>,
+        /// Why (kept for failures, kills and timeouts).
+        reason: Option<String>,
     },
 }
 
@@ -335,6 +349,8 @@ pub enum Reply {
     Replayed(Vec<TaskId>),
     /// Nothing to report.
     Done,
+    /// The session after the change.
+    Session(Arc<SessionRecord>),
 }
 
 /// One granted lease.

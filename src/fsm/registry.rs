@@ -155,58 +155,7 @@ pub const MAX_SESSIONS_PER_GATEWAY: u32 = 10_000;
 /// Most concurrent tasks an agent may declare.
 pub const MAX_AGENT_CAPACITY: u32 = 1_000;
 
-/// Where a session is in its life. Every legal move is in
-/// [`SessionState::can_become`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SessionState {
-    /// Recorded, nothing opened yet.
-    Created,
-    /// Being opened on the gateway.
-    Initializing,
-    /// Open and idle; takes the next task with its session key.
-    Ready,
-    /// Running a task.
-    Running,
-    /// Closing after its last task.
-    Completing,
-    /// Closed normally. Terminal.
-    Completed,
-    /// The gateway reported a failure. Terminal.
-    Failed,
-    /// Killed by an operator or a cancelled task. Terminal.
-    Cancelled,
-    /// Ran past its time limit. Terminal.
-    Timeout,
-    /// Lost (gateway gone, node dead). Terminal.
-    Error,
-}
-
-impl SessionState {
-    /// The one table of legal session transitions.
-    pub fn can_become(self, to: SessionState) -> bool {
-        use SessionState::*;
-        if self.is_terminal() {
-            return false;
-        }
-        matches!(
-            (self, to),
-            (Created, Initializing)
-                | (Initializing, Ready)
-                | (Ready, Running | Completing)
-                | (Running, Ready | Completing)
-                | (Completing, Completed)
-        ) || matches!(to, Failed | Cancelled | Timeout | Error)
-    }
-
-    /// Whether the session has ended.
-    pub fn is_terminal(self) -> bool {
-        use SessionState::*;
-        matches!(self, Completed | Failed | Cancelled | Timeout | Error)
-    }
-}
-
-fn not_found(what: &str, name: impl std::fmt::Display) -> Rejection {
+pub(crate) fn not_found(what: &str, name: impl std::fmt::Display) -> Rejection {
     Rejection::Unknown {
         what: what.to_owned(),
         name: name.to_string(),
@@ -631,33 +580,5 @@ mod tests {
             0,
             "expired leases free the agent"
         );
-    }
-
-    #[test]
-    fn session_lifecycle_table() {
-        use SessionState::*;
-        let path = [
-            Created,
-            Initializing,
-            Ready,
-            Running,
-            Ready,
-            Running,
-            Completing,
-            Completed,
-        ];
-        for w in path.windows(2) {
-            assert!(w[0].can_become(w[1]), "{:?} -> {:?}", w[0], w[1]);
-        }
-        assert!(!Created.can_become(Running), "must initialize first");
-        assert!(!Ready.can_become(Completed), "completes through completing");
-        for end in [Failed, Cancelled, Timeout, Error] {
-            assert!(Running.can_become(end));
-            assert!(
-                !end.can_become(Ready) && !end.can_become(Failed),
-                "{end:?} is terminal"
-            );
-        }
-        assert!(!Completed.can_become(Error));
     }
 }

@@ -13,6 +13,7 @@ use super::command::{
 use super::queue::ReadyQueues;
 use super::registry::Registry;
 use super::retry::mix;
+use super::session::Sessions;
 use super::task::{FencingToken, Limits, Priority, Task, TaskId, TaskStatus, Tenant};
 
 /// Task counts per priority (rank order) and status (declaration order).
@@ -45,6 +46,8 @@ pub struct State {
     pub(crate) weights: BTreeMap<Tenant, u32>,
     /// Nodes, gateways and agents.
     pub(crate) registry: Registry,
+    /// Gateway sessions.
+    pub(crate) sessions: Sessions,
 }
 
 impl State {
@@ -105,6 +108,13 @@ impl State {
             Command::PlaceGateway { id, owner } => self.place_gateway(id, *owner),
             Command::RegisterAgent(reg) => self.register_agent(reg),
             Command::DeregisterAgent { id } => self.deregister_agent(id),
+            Command::OpenSession(open) => self.open_session(open),
+            Command::MoveSession {
+                id,
+                to,
+                task,
+                reason,
+            } => self.move_session(*id, *to, *task, reason.as_deref()),
         }
     }
 
@@ -123,6 +133,7 @@ impl State {
         .into_iter()
         .flatten()
         .map(|(due, _)| *due)
+        .chain(self.sessions.next_deadline())
         .min()
     }
 
@@ -131,6 +142,7 @@ impl State {
     /// expiry before a timeout.
     fn advance(&mut self, now_ms: u64, seed: u64, events: &mut Vec<Event>) {
         self.clock_ms = self.clock_ms.max(now_ms);
+        self.expire_sessions();
         loop {
             let clock = self.clock_ms;
             let due = |timers: &BTreeSet<(u64, TaskId)>, timer: Timer| {
