@@ -73,6 +73,11 @@
 //! - Requests to a supervisor ([`SupervisorRef`]) time out after
 //!   [`CALL_TIMEOUT`].
 
+mod events;
 mod policy;
 
+pub use events::{
+    LABEL_SUPERVISOR, METRIC_ESCALATIONS, METRIC_EVENTS_DROPPED, METRIC_GIVE_UPS, METRIC_RESTARTS,
+    Observer, SupervisionMetrics, SupervisorEvent, metrics, register_metrics,
+};
 pub use policy::{Decision, OnExhausted, RestartPolicy, RestartTracker, Strategy};
