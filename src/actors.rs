@@ -73,11 +73,19 @@
 //! - Requests to a supervisor ([`SupervisorRef`]) time out after
 //!   [`CALL_TIMEOUT`].
 
+mod error;
 mod events;
 mod policy;
+mod spec;
+mod supervisor;
 
+pub use error::{Error, Result};
 pub use events::{
     LABEL_SUPERVISOR, METRIC_ESCALATIONS, METRIC_EVENTS_DROPPED, METRIC_GIVE_UPS, METRIC_RESTARTS,
     Observer, SupervisionMetrics, SupervisorEvent, metrics, register_metrics,
 };
 pub use policy::{Decision, OnExhausted, RestartPolicy, RestartTracker, Strategy};
+pub use spec::ChildSpec;
+pub use supervisor::{
+    CALL_TIMEOUT, Supervisor, SupervisorArgs, SupervisorMsg, SupervisorRef, SupervisorState,
+};
