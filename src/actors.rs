@@ -75,6 +75,7 @@
 
 mod error;
 mod events;
+mod node;
 mod policy;
 mod spec;
 mod supervisor;
@@ -84,6 +85,7 @@ pub use events::{
     LABEL_SUPERVISOR, METRIC_ESCALATIONS, METRIC_EVENTS_DROPPED, METRIC_GIVE_UPS, METRIC_RESTARTS,
     Observer, SupervisionMetrics, SupervisorEvent, metrics, register_metrics,
 };
+pub use node::{AGENTS, GATEWAYS, NODE, NodeSupervisor, QUEUE_SHARDS};
 pub use policy::{Decision, OnExhausted, RestartPolicy, RestartTracker, Strategy};
 pub use spec::ChildSpec;
 pub use supervisor::{
