@@ -119,20 +119,27 @@ async fn next_event(rx: &mut Receiver<SupervisorEvent>) -> SupervisorEvent {
         .expect("observer open")
 }
 
-/// Events until (and including) the first one matching `last`.
+/// Events until (and including) the first one matching `last`; fails if that
+/// takes more than 10 s in all (a restart loop must not hang the test).
 async fn events_until(
     rx: &mut Receiver<SupervisorEvent>,
     last: impl Fn(&SupervisorEvent) -> bool,
 ) -> Vec<SupervisorEvent> {
     let mut out = Vec::new();
-    loop {
-        let e = next_event(rx).await;
-        let done = last(&e);
-        out.push(e);
-        if done {
-            return out;
+    let collect = async {
+        loop {
+            let e = next_event(rx).await;
+            let done = last(&e);
+            out.push(e);
+            if done {
+                return;
+            }
         }
+    };
+    if timeout(Duration::from_secs(10), collect).await.is_err() {
+        panic!("expected event not seen within 10 s; got {out:?}");
     }
+    out
 }
 
 fn names(events: &[SupervisorEvent], supervisor: &str) -> Vec<&'static str> {
