@@ -526,14 +526,15 @@ impl SupervisorRef {
     }
 
     /// Stops the child called `name` and forgets it, waiting up to `wait`
-    /// for it to exit (then it is killed). Returns whether it was running.
+    /// for it to exit (then it is killed, with any actors below it). Returns
+    /// whether it was running.
     pub async fn remove_child(&self, name: &str, wait: Duration) -> Result<bool> {
         let name = name.to_string();
         let Some(cell) = self.call(|r| SupervisorMsg::RemoveChild(name, r)).await? else {
             return Ok(false);
         };
         if cell.wait(Some(wait)).await.is_err() {
-            cell.kill();
+            kill_tree(&cell);
         }
         Ok(true)
     }
