@@ -11,6 +11,7 @@
 // appear in most storage and network signatures.
 #![allow(clippy::result_large_err)]
 
+pub mod actors;
 pub mod api;
 pub mod cli;
 pub mod clock;
