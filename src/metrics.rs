@@ -81,6 +81,7 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.raft_term.clone()))?;
     m.registry.register(Box::new(m.raft_leader.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;
+    crate::actors::register_metrics(&m.registry)?;
     Ok(m)
 }
 
