@@ -73,13 +73,16 @@
 //! - Requests to a supervisor ([`SupervisorRef`]) time out after
 //!   [`CALL_TIMEOUT`].
 
+mod agent;
 mod error;
 mod events;
 mod node;
 mod policy;
+mod runtime;
 mod spec;
 mod supervisor;
 
+pub use agent::{AgentActor, AgentArgs, AgentMsg, AgentState, ERROR_BACKOFF, IDLE_POLL};
 pub use error::{Error, Result};
 pub use events::{
     LABEL_SUPERVISOR, METRIC_ESCALATIONS, METRIC_EVENTS_DROPPED, METRIC_GIVE_UPS, METRIC_RESTARTS,
@@ -87,6 +90,7 @@ pub use events::{
 };
 pub use node::{AGENTS, GATEWAYS, NODE, NodeSupervisor, QUEUE_SHARDS};
 pub use policy::{Decision, OnExhausted, RestartPolicy, RestartTracker, Strategy};
+pub use runtime::{RECONCILE_INTERVAL, reconcile_loop};
 pub use spec::ChildSpec;
 pub use supervisor::{
     CALL_TIMEOUT, Supervisor, SupervisorArgs, SupervisorMsg, SupervisorRef, SupervisorState,

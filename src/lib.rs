@@ -3,9 +3,11 @@
 //! Modules follow DESIGN.md's nouns: [`fsm`] is the deterministic replicated
 //! state machine; [`raft`] replicates it; [`store`] keeps the log and the
 //! state machine in sled; [`transport`] carries node-to-node traffic; [`node`]
-//! assembles them with the write pipeline and linearizable reads; [`api`] and
-//! [`cli`] are the operator's interfaces; [`config`], [`metrics`], [`clock`]
-//! and [`codec`] are shared plumbing.
+//! assembles them with the write pipeline and linearizable reads;
+//! [`placement`] decides which node runs each gateway; [`gateway`] holds the
+//! drivers that run tasks on agent gateways; [`actors`] is the supervision
+//! tree (restart policy); [`api`] and [`cli`] are the operator's interfaces;
+//! [`config`], [`metrics`], [`clock`] and [`codec`] are shared plumbing.
 #![warn(missing_docs)]
 // openraft's error types (StorageError, RaftError) are large by design and
 // appear in most storage and network signatures.

@@ -111,6 +111,8 @@ struct Inner {
     queue: proposer::Queue,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// The supervision tree of this node's actors (taken at stop).
+    actors: std::sync::Mutex<Option<crate::actors::NodeSupervisor>>,
 }
 
 impl Node {
@@ -145,6 +147,7 @@ impl Node {
                 queue,
                 tasks: TaskTracker::new(),
                 shutdown,
+                actors: std::sync::Mutex::new(None),
             }),
         };
         let listener = tokio::net::TcpListener::bind(node.inner.config.node.raft_addr).await?;
@@ -162,6 +165,7 @@ impl Node {
         node.spawn(placer::placement_loop(node.clone()));
         node.spawn(observe_events(node.clone()));
         membership::bootstrap(&node).await?;
+        node.start_actors().await?;
         Ok(node)
     }
 
@@ -170,9 +174,49 @@ impl Node {
         self.inner.tasks.spawn(fut);
     }
 
+    /// Starts the supervision tree and the reconciler that keeps an agent
+    /// actor for each agent of the gateways placed here.
+    async fn start_actors(&self) -> anyhow::Result<()> {
+        let (observer, mut events) = crate::actors::Observer::channel(1024);
+        let tree =
+            crate::actors::NodeSupervisor::start(crate::actors::RestartPolicy::default(), observer)
+                .await?;
+        self.spawn(crate::actors::reconcile_loop(
+            self.clone(),
+            tree.root().clone(),
+        ));
+        let shutdown = self.inner.shutdown.clone();
+        // The observer already logs and counts each event; drain the channel.
+        self.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    e = events.recv() => if e.is_none() { break },
+                }
+            }
+        });
+        *self
+            .inner
+            .actors
+            .lock()
+            .expect("invariant: the actors lock is never poisoned") = Some(tree);
+        Ok(())
+    }
+
     /// Stops Raft and waits (bounded) for the node's background tasks.
     pub async fn stop(&self, deadline: Duration) {
         self.inner.shutdown.cancel();
+        let tree = self
+            .inner
+            .actors
+            .lock()
+            .expect("invariant: the actors lock is never poisoned")
+            .take();
+        if let Some(tree) = tree
+            && let Err(e) = tree.stop(deadline).await
+        {
+            tracing::warn!(error = %e, "actor tree did not stop cleanly");
+        }
         self.inner.tasks.close();
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");

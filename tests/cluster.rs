@@ -947,3 +947,36 @@ async fn gateways_move_off_a_dead_node() {
     })
     .await;
 }
+
+/// Agents registered on a gateway run tasks end to end: the gateway is
+/// placed on a node, that node's runtime starts an agent actor per agent,
+/// the actors lease, run through the sim driver and complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registered_agents_complete_tasks() {
+    let c = Cluster::start(3).await;
+    bounded(TEST_BOUND, async {
+        let api = c.api();
+        let leader = c.leader().await;
+        let spec = json!({ "id": "sim-gw", "region": "local", "max_sessions": 8, "driver": { "kind": "sim" } });
+        assert_eq!(api.post(leader, "/api/v1/gateways", &spec).await.expect("gateway").status, 201);
+        for a in ["a1", "a2"] {
+            let body = json!({ "id": a, "gateway": "sim-gw", "capacity": 4 });
+            assert_eq!(api.post((leader + 1) % 3, "/api/v1/agents", &body).await.expect("agent").status, 201);
+        }
+        let n = 60;
+        for i in 0..n {
+            let body = task_body("acme", ["critical", "high", "medium", "low"][i % 4], i, None);
+            let r = api.post(i % 3, "/api/v1/tasks", &body).await.expect("submit");
+            assert_eq!(r.status, 201, "{:?}", r.body);
+        }
+        wait_until("every task to complete", deadline(Duration::from_secs(30)), async || {
+            let d = api.depth(leader).await;
+            let done = d["by_status"]["completed"].as_u64().unwrap_or(0);
+            if done == n as u64 { Ok(()) } else { Err(anyhow!("{done} of {n} completed: {d}")) }
+        })
+        .await;
+        let agents = api.get(leader, "/api/v1/agents").await.expect("agents");
+        assert_eq!(agents.body["items"].as_array().map(Vec::len), Some(2));
+    })
+    .await;
+}

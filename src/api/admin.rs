@@ -97,6 +97,7 @@ pub async fn drain(
             .write(Command::SetDrain { id, draining: true })
             .await,
     )?;
+    api.node.read_barrier().await?;
     status_of(&api, id).await.map(Json)
 }
 
@@ -111,6 +112,7 @@ pub async fn undrain(State(api): State<Api>, Path(id): Path<String>) -> ApiResul
             })
             .await,
     )?;
+    api.node.read_barrier().await?;
     status_of(&api, id).await.map(Json)
 }
 

@@ -12,8 +12,8 @@ use super::json::Body;
 use super::{Api, outcome};
 use crate::clock;
 use crate::fsm::{
-    AgentId, AgentRecord, AgentRegistration, Command, GatewayId, GatewayRecord,
-    GatewayRegistration, State as Fsm, TaskStatus,
+    AgentId, AgentRecord, AgentRegistration, Command, GatewayId, GatewayRecord, State as Fsm,
+    TaskStatus,
 };
 use crate::gateway::GatewaySpec;
 
@@ -67,6 +67,8 @@ pub async fn register(
         capacity: b.capacity,
     };
     outcome(api.node.write(Command::RegisterAgent(reg)).await)?;
+    // The write may have been applied on the leader only so far.
+    api.node.read_barrier().await?;
     let view = api
         .node
         .state()
@@ -172,16 +174,10 @@ pub async fn register_gateway(
     spec.validate()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     let id = spec.id.clone();
-    let text = serde_json::to_string(&spec).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let reg = GatewayRegistration {
-        id: id.clone(),
-        kind: spec.driver.kind().to_string(),
-        spec: text,
-        region: spec.region.clone(),
-        capabilities: spec.capabilities.iter().cloned().collect(),
-        max_sessions: spec.max_sessions,
-    };
+    let reg = spec.to_registration();
     outcome(api.node.write(Command::RegisterGateway(reg)).await)?;
+    // The write may have been applied on the leader only so far.
+    api.node.read_barrier().await?;
     let view = api
         .node
         .state()

@@ -65,6 +65,9 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the API on {api_addr}"))?;
     tracing::info!(node = node.id(), %api_addr, raft_addr = %node.info().raft_addr, "godel is serving");
+    if args.config.is_none() {
+        tokio::spawn(seed_simulated_gateway(node.clone()));
+    }
     let app = crate::api::router(node.clone());
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -96,4 +99,51 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// With no config at all, a fresh node registers one simulated gateway and
+/// three agents, so a newcomer's first tasks complete. Skipped when any
+/// gateway is already registered (a restart, or one the operator added).
+async fn seed_simulated_gateway(node: Node) {
+    use crate::fsm::{AgentId, AgentRegistration, Command};
+    use crate::gateway::GatewaySpec;
+    let spec: GatewaySpec = match serde_json::from_value(serde_json::json!({
+        "id": "sim", "region": node.info().region, "max_sessions": 16, "driver": { "kind": "sim" },
+    })) {
+        Ok(spec) => spec,
+        Err(e) => return tracing::error!(error = %e, "built-in simulated gateway spec"),
+    };
+    let mut commands = vec![Command::RegisterGateway(spec.to_registration())];
+    for i in 1..=3 {
+        commands.push(Command::RegisterAgent(AgentRegistration {
+            id: AgentId(format!("sim-agent-{i}")),
+            gateway: spec.id.clone(),
+            capabilities: vec![],
+            role: "worker".into(),
+            capacity: 4,
+        }));
+    }
+    for _ in 0..100 {
+        if node.read_barrier().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if node
+        .state()
+        .read(|s| s.registry().gateways().next().is_some())
+    {
+        return;
+    }
+    for _ in 0..100 {
+        let mut ok = true;
+        for cmd in &commands {
+            ok &= matches!(node.write(cmd.clone()).await, Ok(Ok(_)));
+        }
+        if ok {
+            return tracing::info!("registered the built-in simulated gateway `sim` with 3 agents");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::warn!("could not register the built-in simulated gateway");
 }

@@ -222,6 +222,19 @@ impl SecretRef {
 }
 
 impl GatewaySpec {
+    /// What the registry stores for this spec: the whole spec as JSON text,
+    /// plus the fields the state machine indexes.
+    pub fn to_registration(&self) -> crate::fsm::GatewayRegistration {
+        crate::fsm::GatewayRegistration {
+            id: self.id.clone(),
+            kind: self.driver.kind().to_string(),
+            spec: serde_json::to_string(self).expect("invariant: a gateway spec always serializes"),
+            region: self.region.clone(),
+            capabilities: self.capabilities.iter().cloned().collect(),
+            max_sessions: self.max_sessions,
+        }
+    }
+
     /// Checks the whole spec, reporting every problem at once, each starting
     /// with the field it is about (`driver.failure_rate: ...`).
     pub fn validate(&self) -> Result<()> {
