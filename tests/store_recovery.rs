@@ -77,8 +77,22 @@ fn reference(entries: &[E]) -> fsm::State {
     state
 }
 
+/// Opens the store, retrying (up to 5 s) while a dropped instance's sled
+/// background thread still holds the file lock for a moment.
 fn open(dir: &tempfile::TempDir) -> (LogStore, StateMachine) {
-    Store::open(dir.path()).unwrap()
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Store::open(dir.path()) {
+            Ok(opened) => return opened,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < give_up =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open store: {e}"),
+        }
+    }
 }
 
 #[tokio::test]
@@ -183,7 +197,16 @@ async fn open_refuses_a_log_purged_past_the_snapshot() {
             .unwrap();
         log.purge(log_id(1, 5)).await.unwrap();
     }
-    let err = Store::open(dir.path()).unwrap_err();
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let err = loop {
+        let err = Store::open(dir.path()).unwrap_err();
+        if !err.to_string().contains("could not acquire lock")
+            || std::time::Instant::now() > give_up
+        {
+            break err;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert!(err.to_string().contains("purged"), "{err}");
 }
 
