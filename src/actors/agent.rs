@@ -114,6 +114,12 @@ async fn poll(myself: &ActorRef<AgentMsg>, state: &mut AgentState) {
         return;
     }
     let a = &state.args;
+    // Nothing this agent can run in the local replica: no log entry for an
+    // empty lease. The replica may lag a little; that only delays the poll.
+    if !a.node.state().read(|s| s.has_ready_for(&a.capabilities)) {
+        schedule_poll(myself, state, IDLE_POLL);
+        return;
+    }
     let lease_ms = a.node.queue_config().default_lease.as_millis() as u64;
     let cmd = Command::Lease {
         agent_id: a.id.clone(),

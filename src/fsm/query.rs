@@ -74,6 +74,14 @@ impl State {
         self.tasks.get(&id).cloned()
     }
 
+    /// Whether a pending task matches an agent with these capabilities.
+    pub fn has_ready_for(&self, capabilities: &[String]) -> bool {
+        let mut caps = capabilities.to_vec();
+        caps.sort();
+        caps.dedup();
+        self.ready.any_match(&caps)
+    }
+
     /// Number of tasks held (all statuses).
     pub fn task_count(&self) -> usize {
         self.tasks.len()

@@ -89,6 +89,17 @@ impl ReadyQueues {
         removed
     }
 
+    /// Whether any pending task could go to an agent with sorted
+    /// capabilities `agent_caps` (a cheap check before proposing a lease).
+    pub(crate) fn any_match(&self, agent_caps: &[String]) -> bool {
+        self.levels.iter().any(|level| {
+            level
+                .tenants
+                .values()
+                .any(|q| q.first_match(agent_caps).is_some())
+        })
+    }
+
     /// Chooses the next task for an agent with sorted capabilities
     /// `agent_caps`, and advances the round robin as if it was leased. The
     /// caller removes the task (through its status change).
