@@ -407,15 +407,10 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fsm::{Batch, Command, Request};
+    use crate::fsm::Command;
 
     fn apply(state: &mut State, now_ms: u64, cmd: Command) -> Outcome {
-        let req = Request::Batch(Batch {
-            now_ms,
-            seed: 1,
-            commands: vec![cmd],
-        });
-        state.apply(&req).0.outcomes.remove(0)
+        state.apply_one(now_ms, cmd)
     }
 
     fn gateway(id: &str) -> GatewayRegistration {

@@ -247,15 +247,10 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fsm::{Batch, Command, GatewayRegistration, Request};
+    use crate::fsm::{Command, GatewayRegistration};
 
     fn apply(state: &mut State, now_ms: u64, cmd: Command) -> Outcome {
-        let req = Request::Batch(Batch {
-            now_ms,
-            seed: 1,
-            commands: vec![cmd],
-        });
-        state.apply(&req).0.outcomes.remove(0)
+        state.apply_one(now_ms, cmd)
     }
 
     fn with_gateway() -> State {

@@ -118,6 +118,17 @@ impl State {
         }
     }
 
+    /// Applies one command as its own batch (unit tests of the fsm modules).
+    #[cfg(test)]
+    pub(crate) fn apply_one(&mut self, now_ms: u64, cmd: Command) -> Outcome {
+        let req = Request::Batch(Batch {
+            now_ms,
+            seed: 1,
+            commands: vec![cmd],
+        });
+        self.apply(&req).0.outcomes.remove(0)
+    }
+
     /// The state's clock, ms since the epoch.
     pub fn clock_ms(&self) -> u64 {
         self.clock_ms
