@@ -269,7 +269,9 @@ impl Node {
 
     /// The leader this node knows of, with its addresses.
     pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
-        let m = self.inner.raft.metrics().borrow().clone();
+        // Borrowed, not cloned: this runs on every write and read.
+        let rx = self.inner.raft.metrics();
+        let m = rx.borrow();
         let id = m.current_leader?;
         let info = m
             .membership_config
@@ -282,7 +284,8 @@ impl Node {
 
     /// Whether this node believes it is the leader.
     pub fn is_leader(&self) -> bool {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let rx = self.inner.raft.metrics();
+        let m = rx.borrow();
         m.state == ServerState::Leader && m.current_leader == Some(self.inner.id)
     }
 
@@ -366,7 +369,8 @@ impl Node {
 
     /// Current membership: voters and learners with their addresses.
     pub fn members(&self) -> (Vec<NodeId>, BTreeMap<NodeId, NodeInfo>) {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let rx = self.inner.raft.metrics();
+        let m = rx.borrow();
         let membership = m.membership_config.membership();
         let voters = membership.voter_ids().collect();
         let nodes = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();

@@ -253,8 +253,8 @@ fn quorum_limit_ms(node: &Node) -> u64 {
 /// A leader that has not heard from a quorum for a whole election timeout is
 /// probably on the minority side: refuse at once rather than hang.
 fn check_quorum_fresh(node: &Node) -> Result<(), RemoteFailure> {
-    let m = node.raft().metrics().borrow().clone();
-    match m.millis_since_quorum_ack {
+    let since_ack = node.raft().metrics().borrow().millis_since_quorum_ack;
+    match since_ack {
         Some(ms) if ms > quorum_limit_ms(node) => Err(RemoteFailure::Unavailable(format!(
             "leader has not heard from a quorum for {ms} ms"
         ))),
