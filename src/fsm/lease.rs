@@ -2,6 +2,7 @@
 //! a token that is not a task's live lease is rejected and changes nothing.
 
 use super::command::{Event, EventKind, LeaseGrant, Outcome, Rejection, Reply};
+use super::queue::normalize_caps;
 use super::retry::backoff_delay_ms;
 use super::state::{State, truncate};
 use super::task::{AgentId, FencingToken, LeaseInfo, Limits, TaskId, TaskStatus, Tenant};
@@ -23,9 +24,7 @@ impl State {
             return Err(Rejection::invalid("max", problem));
         }
         check_lease_ms(lease_ms)?;
-        let mut caps = capabilities.to_vec();
-        caps.sort();
-        caps.dedup();
+        let caps = normalize_caps(capabilities);
         let mut grants = Vec::new();
         while grants.len() < max as usize {
             let weights = &self.weights;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::command::DeadLetterFilter;
+use super::queue::normalize_caps;
 use super::state::{Counts, State};
 use super::task::{Priority, Task, TaskId, TaskStatus, Tenant};
 
@@ -76,10 +77,7 @@ impl State {
 
     /// Whether a pending task matches an agent with these capabilities.
     pub fn has_ready_for(&self, capabilities: &[String]) -> bool {
-        let mut caps = capabilities.to_vec();
-        caps.sort();
-        caps.dedup();
-        self.ready.any_match(&caps)
+        self.ready.any_match(&normalize_caps(capabilities))
     }
 
     /// Number of tasks held (all statuses).

@@ -49,6 +49,15 @@ impl TenantQueue {
     }
 }
 
+/// A capability list in the one form the queue compares: sorted, without
+/// duplicates.
+pub(crate) fn normalize_caps(caps: &[String]) -> Vec<String> {
+    let mut v = caps.to_vec();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// Whether sorted `need` is contained in sorted `have`.
 pub(crate) fn is_subset(need: &[String], have: &[String]) -> bool {
     need.iter().all(|c| have.binary_search(c).is_ok())

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::command::{Outcome, Rejection, Reply, check_name};
+use super::queue::normalize_caps;
 use super::state::State;
 use super::task::{AgentId, Limits};
 
@@ -175,13 +176,6 @@ fn check_caps(caps: &[String]) -> Result<(), Rejection> {
     Ok(())
 }
 
-fn sorted(caps: &[String]) -> Vec<String> {
-    let mut v = caps.to_vec();
-    v.sort();
-    v.dedup();
-    v
-}
-
 impl State {
     /// Registers a node or refreshes its heartbeat (time from the batch).
     pub(crate) fn node_heartbeat(&mut self, id: NodeId, region: &str, api_addr: &str) -> Outcome {
@@ -236,7 +230,7 @@ impl State {
         }
         let now = self.clock_ms;
         let reg = GatewayRegistration {
-            capabilities: sorted(&reg.capabilities),
+            capabilities: normalize_caps(&reg.capabilities),
             ..reg.clone()
         };
         match self.registry.gateways.get_mut(&reg.id) {
@@ -331,7 +325,7 @@ impl State {
             ));
         }
         let reg = AgentRegistration {
-            capabilities: sorted(&reg.capabilities),
+            capabilities: normalize_caps(&reg.capabilities),
             ..reg.clone()
         };
         let registered_at_ms = self

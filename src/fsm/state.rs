@@ -10,7 +10,7 @@ use super::command::{
     Batch, Command, DeadLetterFilter, Event, EventKind, Outcome, Rejection, ReplaySelector, Reply,
     Request, Response, SubmitTask, check_name,
 };
-use super::queue::ReadyQueues;
+use super::queue::{ReadyQueues, normalize_caps};
 use super::registry::Registry;
 use super::retry::mix;
 use super::session::Sessions;
@@ -255,9 +255,7 @@ impl State {
 
     fn new_task(&mut self, spec: &SubmitTask, parent_priority: Option<Priority>) -> Task {
         self.last_task_id += 1;
-        let mut capabilities = spec.capabilities.clone();
-        capabilities.sort();
-        capabilities.dedup();
+        let capabilities = normalize_caps(&spec.capabilities);
         let scheduled = spec.scheduled_at_ms.filter(|at| *at > self.clock_ms);
         Task {
             id: TaskId(self.last_task_id),
