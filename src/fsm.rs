@@ -56,6 +56,7 @@
 //!   indexed by status.
 
 mod command;
+mod dispatch;
 mod lease;
 mod query;
 mod queue;
@@ -66,13 +67,14 @@ mod state;
 mod task;
 
 pub use command::{
-    Batch, Command, DeadLetterFilter, Event, EventKind, LeaseGrant, Outcome, Rejection,
-    ReplaySelector, Reply, Request, Response, SubmitTask,
+    Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, Event, EventKind, LeaseGrant,
+    Outcome, Rejection, ReplaySelector, Reply, Request, Response, SubmitTask,
 };
 pub use query::{Depth, TaskFilter, TaskPage};
 pub use registry::{
-    AgentRecord, AgentRegistration, Circuit, GatewayId, GatewayRecord, GatewayRegistration, Health,
-    MAX_AGENT_CAPACITY, MAX_SESSIONS_PER_GATEWAY, NodeRecord, Registry,
+    AgentRecord, AgentRegistration, BACKPRESSURE_PERCENT, Circuit, GatewayId, GatewayRecord,
+    GatewayRegistration, Health, MAX_AGENT_CAPACITY, MAX_SESSIONS_PER_GATEWAY, NodeRecord,
+    Registry, accepts_new_session,
 };
 pub use retry::{Backoff, backoff_delay_ms};
 pub use session::{OpenSession, SessionId, SessionRecord, SessionState, Sessions};

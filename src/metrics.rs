@@ -105,6 +105,7 @@ pub fn event_name(kind: &EventKind) -> &'static str {
         EventKind::LeaseExpired { .. } => "lease_expired",
         EventKind::TimedOut { .. } => "timed_out",
         EventKind::Requeued => "requeued",
+        EventKind::Released { .. } => "released",
     }
 }
 

@@ -70,6 +70,9 @@ fn observe(outcome: &Outcome) -> Expect {
         Ok(Reply::Replayed(ids)) => Expect::Replayed(ids.iter().map(|id| id.0).collect()),
         Ok(Reply::Done) => Expect::Done,
         Ok(Reply::Session(s)) => panic!("session reply from a queue command: {s:?}"),
+        Ok(other @ (Reply::Dispatched(_) | Reply::Renewed { .. } | Reply::Released(_))) => {
+            panic!("runtime reply from a queue command: {other:?}")
+        }
         Err(Rejection::NotFound(_)) => Expect::NotFound,
         Err(Rejection::StaleToken(_)) => Expect::Stale,
         Err(Rejection::IllegalTransition { .. }) => Expect::Illegal,

@@ -563,6 +563,16 @@ fn outcome_lines(outcome: &Outcome) -> Vec<String> {
         }
         Ok(Reply::Done) => vec!["ok".into()],
         Ok(Reply::Session(s)) => vec![format!("session {} {:?}", s.id, s.state)],
+        Ok(Reply::Dispatched(grants)) if grants.is_empty() => vec!["dispatched none".into()],
+        Ok(Reply::Dispatched(grants)) => grants.iter().map(grant_line).collect(),
+        Ok(Reply::Renewed { stale }) => {
+            let stale: Vec<String> = stale.iter().map(|t| t.to_string()).collect();
+            vec![format!("renewed stale=[{}]", stale.join(","))]
+        }
+        Ok(Reply::Released(ids)) => {
+            let ids: Vec<String> = ids.iter().map(|id| format!("#{id}")).collect();
+            vec![format!("released [{}]", ids.join(" "))]
+        }
         Err(rejection) => vec![rejection_line(rejection)],
     }
 }
@@ -599,6 +609,7 @@ fn event_line(e: &Event) -> String {
         EventKind::LeaseExpired { token } => format!("lease_expired token={token}"),
         EventKind::TimedOut { token } => format!("timed_out token={token}"),
         EventKind::Requeued => "requeued".into(),
+        EventKind::Released { token } => format!("released token={token}"),
     };
     format!("event: #{} {what}", e.task)
 }

@@ -161,6 +161,57 @@ pub enum Command {
         /// Why (kept for failures, kills and timeouts).
         reason: Option<String>,
     },
+    /// The shard leader's matching of ready tasks to agents with free
+    /// capacity, applied against the committed state (see `fsm::dispatch`).
+    Dispatch(DispatchSpec),
+    /// Extend many live leases at once (an agent's batched heartbeat).
+    RenewMany {
+        /// The leases.
+        tokens: Vec<FencingToken>,
+        /// New lease length from now, in ms.
+        lease_ms: u64,
+    },
+    /// Give leases back: their tasks are ready again at once, without
+    /// spending an attempt (an agent that restarted or left its node).
+    Release {
+        /// The leases; stale ones are skipped.
+        tokens: Vec<FencingToken>,
+    },
+    /// End a live session as `cancelled`; its running attempt fails (retryable).
+    KillSession {
+        /// The session.
+        id: SessionId,
+        /// Why, for the record.
+        reason: Option<String>,
+    },
+}
+
+/// How agents are chosen among those that can take a task.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DispatchPolicy {
+    /// The agent with the fewest live leases first (ties by agent id).
+    #[default]
+    LeastLoaded,
+    /// Agents take turns, one task each per round, from a rotating start.
+    RoundRobin,
+}
+
+/// One dispatch round, stamped by the shard leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchSpec {
+    /// Lease length, in ms.
+    pub lease_ms: u64,
+    /// Most leases in this round.
+    pub max: u32,
+    /// How agents are chosen.
+    pub policy: DispatchPolicy,
+    /// A node whose last heartbeat is older than this gets no leases.
+    pub node_dead_after_ms: u64,
+    /// Time limit of sessions opened by this round (0: none).
+    pub session_limit_ms: u64,
+    /// An idle session (no task) is closed after this long (0: never).
+    pub session_idle_ms: u64,
 }
 
 /// A task submission, as validated by the API and checked again at apply.
@@ -351,6 +402,15 @@ pub enum Reply {
     Done,
     /// The session after the change.
     Session(Arc<SessionRecord>),
+    /// The leases a dispatch granted (each task's lease names its agent).
+    Dispatched(Vec<LeaseGrant>),
+    /// A batched renew: the tokens that were no longer live.
+    Renewed {
+        /// Tokens refused as stale (their attempts should stop).
+        stale: Vec<FencingToken>,
+    },
+    /// The tasks whose leases were released.
+    Released(Vec<TaskId>),
 }
 
 /// One granted lease.
@@ -468,4 +528,9 @@ pub enum EventKind {
     },
     /// Made ready by an operator (retry or replay).
     Requeued,
+    /// The agent gave the lease back; the task is ready again.
+    Released {
+        /// The released lease.
+        token: FencingToken,
+    },
 }

@@ -37,7 +37,7 @@ impl State {
         Ok(Reply::Leased(grants))
     }
 
-    fn grant(
+    pub(crate) fn grant(
         &mut self,
         id: TaskId,
         agent: &AgentId,
@@ -101,6 +101,7 @@ impl State {
         });
         if starting {
             self.emit(events, id, EventKind::Started);
+            self.session_task_started(id);
         }
         Ok(Reply::Task(self.boxed(id)))
     }
@@ -190,7 +191,7 @@ impl State {
     }
 }
 
-fn check_lease_ms(lease_ms: u64) -> Result<(), Rejection> {
+pub(crate) fn check_lease_ms(lease_ms: u64) -> Result<(), Rejection> {
     let (lo, hi) = Limits::LEASE_MS_RANGE;
     if !(lo..=hi).contains(&lease_ms) {
         return Err(Rejection::invalid(

@@ -37,10 +37,25 @@ struct TenantQueue {
 impl TenantQueue {
     /// The oldest task whose capabilities the agent has.
     fn first_match(&self, agent_caps: &[String]) -> Option<TaskId> {
+        self.first_allowed(agent_caps, &|_| true)
+    }
+
+    /// The oldest task whose capabilities the agent has and that `allowed`
+    /// accepts, looking at most [`FILTER_SCAN`] tasks deep per capability set.
+    fn first_allowed(
+        &self,
+        agent_caps: &[String],
+        allowed: &dyn Fn(TaskId) -> bool,
+    ) -> Option<TaskId> {
         self.by_caps
             .iter()
             .filter(|(need, _)| is_subset(need, agent_caps))
-            .filter_map(|(_, ids)| ids.first().copied())
+            .filter_map(|(_, ids)| {
+                ids.iter()
+                    .take(FILTER_SCAN)
+                    .copied()
+                    .find(|id| allowed(*id))
+            })
             .min()
     }
 
@@ -48,6 +63,11 @@ impl TenantQueue {
         self.by_caps.is_empty()
     }
 }
+
+/// How deep a filtered pick looks into one tenant's tasks of one capability
+/// set: tasks refused by the filter (a session busy with an earlier task)
+/// are skipped up to this many; past it the pick waits for the head to move.
+pub(crate) const FILTER_SCAN: usize = 256;
 
 /// A capability list in the one form the queue compares: sorted, without
 /// duplicates.
@@ -98,6 +118,11 @@ impl ReadyQueues {
         removed
     }
 
+    /// Whether no task is pending.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.levels.iter().all(|l| l.tenants.is_empty())
+    }
+
     /// Whether any pending task could go to an agent with sorted
     /// capabilities `agent_caps` (a cheap check before proposing a lease).
     pub(crate) fn any_match(&self, agent_caps: &[String]) -> bool {
@@ -117,9 +142,19 @@ impl ReadyQueues {
         agent_caps: &[String],
         weight: impl Fn(&Tenant) -> u32,
     ) -> Option<TaskId> {
+        self.pick_allowed(agent_caps, weight, &|_| true)
+    }
+
+    /// [`ReadyQueues::pick`] among the tasks `allowed` accepts.
+    pub(crate) fn pick_allowed(
+        &mut self,
+        agent_caps: &[String],
+        weight: impl Fn(&Tenant) -> u32,
+        allowed: &dyn Fn(TaskId) -> bool,
+    ) -> Option<TaskId> {
         self.levels
             .iter_mut()
-            .find_map(|level| level.pick(agent_caps, &weight))
+            .find_map(|level| level.pick(agent_caps, &weight, allowed))
     }
 }
 
@@ -130,9 +165,16 @@ impl Level {
     /// around, the last-served tenant itself coming last). The next tenant is
     /// found now rather than when the turn ended, so a tenant that arrived
     /// meanwhile is not skipped.
-    fn pick(&mut self, agent_caps: &[String], weight: &impl Fn(&Tenant) -> u32) -> Option<TaskId> {
-        let matching =
-            |(t, q): (&Tenant, &TenantQueue)| q.first_match(agent_caps).map(|id| (t.clone(), id));
+    fn pick(
+        &mut self,
+        agent_caps: &[String],
+        weight: &impl Fn(&Tenant) -> u32,
+        allowed: &dyn Fn(TaskId) -> bool,
+    ) -> Option<TaskId> {
+        let matching = |(t, q): (&Tenant, &TenantQueue)| {
+            q.first_allowed(agent_caps, allowed)
+                .map(|id| (t.clone(), id))
+        };
         let keeps_turn = |(last, used): &(Tenant, u32)| *used < weight(last).max(1);
         let (tenant, id) = match &self.turn {
             Some(turn) if keeps_turn(turn) => self

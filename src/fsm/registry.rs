@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::command::{Outcome, Rejection, Reply, check_name};
 use super::queue::normalize_caps;
 use super::state::State;
-use super::task::{AgentId, Limits};
+use super::task::{AgentId, FencingToken, Limits, TaskId};
 
 /// A node's identity (the Raft node id).
 pub type NodeId = u64;
@@ -155,6 +155,17 @@ pub struct Registry {
 pub const MAX_SESSIONS_PER_GATEWAY: u32 = 10_000;
 /// Most concurrent tasks an agent may declare.
 pub const MAX_AGENT_CAPACITY: u32 = 1_000;
+
+/// At this share of its `max_sessions`, in percent, a gateway takes no new
+/// sessions (backpressure).
+pub const BACKPRESSURE_PERCENT: u32 = 90;
+
+/// Whether a gateway with `active` sessions in use out of `max_sessions` may
+/// open one more: true while `active < 90% of max_sessions` (integer math,
+/// no rounding; a gateway with no capacity accepts nothing).
+pub fn accepts_new_session(active: u32, max_sessions: u32) -> bool {
+    u64::from(active) * 100 < u64::from(max_sessions) * u64::from(BACKPRESSURE_PERCENT)
+}
 
 pub(crate) fn not_found(what: &str, name: impl std::fmt::Display) -> Rejection {
     Rejection::Unknown {
@@ -359,15 +370,14 @@ impl State {
 
     /// Live leases held by `agent`: its current load.
     pub fn agent_load(&self, agent: &AgentId) -> u32 {
-        self.leases
-            .values()
-            .filter(|id| {
-                self.tasks[*id]
-                    .lease
-                    .as_ref()
-                    .is_some_and(|l| l.agent_id == *agent)
-            })
-            .count() as u32
+        self.agent_leases.get(agent).map_or(0, |l| l.len() as u32)
+    }
+
+    /// The live leases held by `agent`, with their tasks, by token.
+    pub fn agent_leases(&self, agent: &AgentId) -> Vec<(FencingToken, TaskId)> {
+        self.agent_leases.get(agent).map_or_else(Vec::new, |held| {
+            held.iter().map(|t| (*t, self.leases[t])).collect()
+        })
     }
 }
 

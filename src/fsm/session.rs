@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Outcome, Rejection, Reply, check_name};
+use super::command::{Event, EventKind, Outcome, Rejection, Reply, check_name};
 use super::registry::{GatewayId, not_found};
+use super::retry::mix;
 use super::state::State;
 use super::task::{AgentId, SessionKey, TaskId};
 
@@ -90,6 +91,8 @@ pub struct SessionRecord {
     pub deadline_ms: Option<u64>,
     /// Why it ended, when it did not complete.
     pub reason: Option<String>,
+    /// Closed after this long `ready` with no task, in ms (0: never).
+    pub idle_ms: u64,
     /// Creation time.
     pub created_at_ms: u64,
     /// Time of the last change.
@@ -105,6 +108,10 @@ pub struct Sessions {
     by_key: BTreeMap<SessionKey, SessionId>,
     /// Live sessions with a time limit, by deadline.
     deadlines: BTreeSet<(u64, SessionId)>,
+    /// Idle sessions that close for idleness, by closing time.
+    idle: BTreeSet<(u64, SessionId)>,
+    /// Live sessions per gateway (backpressure).
+    live_by_gateway: BTreeMap<GatewayId, u32>,
 }
 
 /// A session to open.
@@ -139,9 +146,27 @@ impl Sessions {
         self.by_key.get(key).and_then(|id| self.records.get(id))
     }
 
-    /// The earliest session deadline.
+    /// The earliest session deadline or idle close.
     pub(crate) fn next_deadline(&self) -> Option<u64> {
-        self.deadlines.first().map(|(at, _)| *at)
+        [self.deadlines.first(), self.idle.first()]
+            .into_iter()
+            .flatten()
+            .map(|(at, _)| *at)
+            .min()
+    }
+
+    /// Live sessions on `gateway`.
+    pub fn live_on(&self, gateway: &GatewayId) -> u32 {
+        self.live_by_gateway.get(gateway).copied().unwrap_or(0)
+    }
+
+    /// Whether no live session holds `key`, or the one that does is idle
+    /// and driven by `agent`: a task with that key may go to `agent` now.
+    pub(crate) fn admits(&self, key: &SessionKey, agent: &AgentId) -> bool {
+        match self.by_key(key) {
+            None => true,
+            Some(s) => s.task.is_none() && s.agent.as_ref() == Some(agent),
+        }
     }
 }
 
@@ -164,6 +189,11 @@ impl State {
                 ));
             }
         }
+        Ok(Reply::Session(self.insert_session(open, 0)))
+    }
+
+    /// Records a new session (the caller checked gateway and key).
+    fn insert_session(&mut self, open: &OpenSession, idle_ms: u64) -> Arc<SessionRecord> {
         let now = self.clock_ms;
         self.sessions.last_id += 1;
         let id = self.sessions.last_id;
@@ -177,6 +207,7 @@ impl State {
             task: None,
             deadline_ms,
             reason: None,
+            idle_ms,
             created_at_ms: now,
             updated_at_ms: now,
         };
@@ -186,9 +217,14 @@ impl State {
         if let Some(at) = deadline_ms {
             self.sessions.deadlines.insert((at, id));
         }
+        *self
+            .sessions
+            .live_by_gateway
+            .entry(rec.gateway.clone())
+            .or_default() += 1;
         let rec = Arc::new(rec);
         self.sessions.records.insert(id, Arc::clone(&rec));
-        Ok(Reply::Session(rec))
+        rec
     }
 
     /// Moves a session along its lifecycle; terminal states free its key.
@@ -209,14 +245,23 @@ impl State {
             let problem = format!("session {id} is {:?} and cannot become {to:?}", slot.state);
             return Err(Rejection::invalid("state", problem));
         }
+        if slot.state == SessionState::Ready && slot.idle_ms > 0 {
+            let at = slot.updated_at_ms.saturating_add(slot.idle_ms);
+            self.sessions.idle.remove(&(at, id));
+        }
         let rec = Arc::make_mut(slot);
         rec.state = to;
-        rec.task = if to == SessionState::Running {
+        rec.task = if matches!(to, SessionState::Running | SessionState::Initializing) {
             task
         } else {
             None
         };
         rec.updated_at_ms = now;
+        if to == SessionState::Ready && rec.idle_ms > 0 {
+            self.sessions
+                .idle
+                .insert((now.saturating_add(rec.idle_ms), id));
+        }
         if let Some(r) = reason {
             rec.reason = Some(super::state::truncate(r, MAX_REASON_BYTES));
         }
@@ -228,19 +273,149 @@ impl State {
             if let Some(at) = rec.deadline_ms {
                 self.sessions.deadlines.remove(&(at, id));
             }
+            if let Some(n) = self.sessions.live_by_gateway.get_mut(&rec.gateway) {
+                *n -= 1;
+                if *n == 0 {
+                    self.sessions.live_by_gateway.remove(&rec.gateway);
+                }
+            }
         }
         Ok(Reply::Session(rec))
     }
 
-    /// Ends every live session whose deadline has passed, as `timeout`.
-    pub(crate) fn expire_sessions(&mut self) {
+    /// Ends every live session whose deadline has passed, as `timeout`
+    /// (failing the attempt it was running, which frees the agent), and
+    /// closes sessions idle past their idle time, as `completed`.
+    pub(crate) fn expire_sessions(&mut self, seed: u64, events: &mut Vec<Event>) {
         while let Some(&(at, id)) = self.sessions.deadlines.first() {
             if at > self.clock_ms {
                 break;
             }
-            self.move_session(id, SessionState::Timeout, None, Some("time limit reached"))
-                .expect("invariant: sessions with deadlines are live");
+            let entropy = mix(seed ^ id.rotate_left(17));
+            self.end_session(
+                id,
+                SessionState::Timeout,
+                "time limit reached",
+                entropy,
+                events,
+            )
+            .expect("invariant: sessions with deadlines are live");
         }
+        while let Some(&(at, id)) = self.sessions.idle.first() {
+            if at > self.clock_ms {
+                break;
+            }
+            for to in [SessionState::Completing, SessionState::Completed] {
+                self.move_session(id, to, None, None)
+                    .expect("invariant: idle sessions are ready");
+            }
+        }
+    }
+
+    /// An operator ends a live session as `cancelled`.
+    pub(crate) fn kill_session(
+        &mut self,
+        id: SessionId,
+        reason: Option<&str>,
+        entropy: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let reason = reason.unwrap_or("killed by an operator");
+        self.end_session(id, SessionState::Cancelled, reason, entropy, events)
+    }
+
+    /// Ends a session in terminal state `to`; the attempt it was running
+    /// fails (retryable) with `reason`, freeing the agent's capacity.
+    fn end_session(
+        &mut self,
+        id: SessionId,
+        to: SessionState,
+        reason: &str,
+        entropy: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let task = self.sessions.get(id).and_then(|s| s.task);
+        let reply = self.move_session(id, to, None, Some(reason))?;
+        if let Some(task) = task
+            && self.tasks.get(&task).is_some_and(|t| t.status.is_leased())
+        {
+            let token = self.live_token(task);
+            if to == SessionState::Timeout {
+                self.emit(events, task, EventKind::TimedOut { token });
+            }
+            self.fail_attempt(
+                task,
+                format!("session {id} ended: {reason}"),
+                true,
+                entropy,
+                events,
+            );
+        }
+        Ok(reply)
+    }
+
+    /// Binds a just-leased task to its session: the idle live session for
+    /// its key (which [`Sessions::admits`] checked is the agent's), or a new
+    /// one on the agent's gateway. Tasks without a key have no session.
+    pub(crate) fn session_for_grant(
+        &mut self,
+        task: TaskId,
+        agent: &AgentId,
+        gateway: &GatewayId,
+        limit_ms: u64,
+        idle_ms: u64,
+    ) {
+        let Some(key) = self.tasks[&task].session_key.clone() else {
+            return;
+        };
+        if let Some(live) = self.sessions.by_key(&key).map(|s| s.id) {
+            self.move_session(live, SessionState::Running, Some(task), None)
+                .expect("invariant: dispatch admits only idle sessions of the agent");
+            return;
+        }
+        let open = OpenSession {
+            gateway: gateway.clone(),
+            session_key: Some(key),
+            agent: Some(agent.clone()),
+            time_limit_ms: (limit_ms > 0).then_some(limit_ms),
+        };
+        let id = self.insert_session(&open, idle_ms).id;
+        self.move_session(id, SessionState::Initializing, Some(task), None)
+            .expect("invariant: new sessions can initialize");
+    }
+
+    /// The task's attempt started: its session, if opening, is now open and
+    /// running it.
+    pub(crate) fn session_task_started(&mut self, task: TaskId) {
+        let Some(s) = self.session_of(task) else {
+            return;
+        };
+        if s.state == SessionState::Initializing {
+            for (to, t) in [
+                (SessionState::Ready, None),
+                (SessionState::Running, Some(task)),
+            ] {
+                self.move_session(s.id, to, t, None)
+                    .expect("invariant: an opening session becomes ready, then runs");
+            }
+        }
+    }
+
+    /// The task's attempt ended (any way): its session is idle again.
+    pub(crate) fn session_task_ended(&mut self, task: TaskId) {
+        if let Some(s) = self.session_of(task) {
+            self.move_session(s.id, SessionState::Ready, None, None)
+                .expect("invariant: a session with a task can become ready");
+        }
+    }
+
+    /// The live session whose current task is `task`.
+    fn session_of(&self, task: TaskId) -> Option<Arc<SessionRecord>> {
+        let key = self.tasks.get(&task)?.session_key.as_ref()?;
+        self.sessions
+            .by_key(key)
+            .filter(|s| s.task == Some(task))
+            .cloned()
     }
 }
 

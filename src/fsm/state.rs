@@ -14,7 +14,7 @@ use super::queue::{ReadyQueues, normalize_caps};
 use super::registry::Registry;
 use super::retry::mix;
 use super::session::Sessions;
-use super::task::{FencingToken, Limits, Priority, Task, TaskId, TaskStatus, Tenant};
+use super::task::{AgentId, FencingToken, Limits, Priority, Task, TaskId, TaskStatus, Tenant};
 
 /// Task counts per priority (rank order) and status (declaration order).
 pub(crate) type Counts = [[u64; 8]; 4];
@@ -40,6 +40,10 @@ pub struct State {
     /// Leased and running tasks by attempt deadline (lease start + timeout).
     pub(crate) deadlines: BTreeSet<(u64, TaskId)>,
     pub(crate) leases: BTreeMap<FencingToken, TaskId>,
+    /// Live leases per agent: its load.
+    pub(crate) agent_leases: BTreeMap<AgentId, BTreeSet<FencingToken>>,
+    /// Where the next round-robin dispatch starts.
+    pub(crate) dispatch_cursor: u64,
     pub(crate) dead_letters: BTreeSet<TaskId>,
     /// Per tenant, per priority, per status.
     pub(crate) counts: BTreeMap<Tenant, Counts>,
@@ -115,6 +119,12 @@ impl State {
                 task,
                 reason,
             } => self.move_session(*id, *to, *task, reason.as_deref()),
+            Command::Dispatch(spec) => self.dispatch(spec, events),
+            Command::RenewMany { tokens, lease_ms } => self.renew_many(tokens, *lease_ms, events),
+            Command::Release { tokens } => self.release(tokens, events),
+            Command::KillSession { id, reason } => {
+                self.kill_session(*id, reason.as_deref(), entropy, events)
+            }
         }
     }
 
@@ -153,7 +163,7 @@ impl State {
     /// expiry before a timeout.
     fn advance(&mut self, now_ms: u64, seed: u64, events: &mut Vec<Event>) {
         self.clock_ms = self.clock_ms.max(now_ms);
-        self.expire_sessions();
+        self.expire_sessions(seed, events);
         loop {
             let clock = self.clock_ms;
             let due = |timers: &BTreeSet<(u64, TaskId)>, timer: Timer| {
@@ -423,6 +433,9 @@ impl State {
             self.count(&tenant, priority, to, 1);
         }
         self.index(id);
+        if from.is_leased() && !to.is_leased() {
+            self.session_task_ended(id);
+        }
     }
 
     fn count(&mut self, tenant: &Tenant, p: Priority, s: TaskStatus, delta: i64) {
@@ -450,6 +463,12 @@ impl State {
                     .as_ref()
                     .expect("invariant: leased tasks have a lease");
                 self.leases.remove(&lease.token);
+                if let Some(held) = self.agent_leases.get_mut(&lease.agent_id) {
+                    held.remove(&lease.token);
+                    if held.is_empty() {
+                        self.agent_leases.remove(&lease.agent_id);
+                    }
+                }
                 self.expiries.remove(&(lease.expires_at_ms, id));
                 self.deadlines
                     .remove(&(lease.leased_at_ms.saturating_add(t.timeout_ms), id));
@@ -477,6 +496,10 @@ impl State {
                     .as_ref()
                     .expect("invariant: leased tasks have a lease");
                 self.leases.insert(lease.token, id);
+                self.agent_leases
+                    .entry(lease.agent_id.clone())
+                    .or_default()
+                    .insert(lease.token);
                 self.expiries.insert((lease.expires_at_ms, id));
                 self.deadlines
                     .insert((lease.leased_at_ms.saturating_add(t.timeout_ms), id));

@@ -159,6 +159,11 @@ impl TaskStatus {
         TaskStatus::DeadLetter,
     ];
 
+    /// Whether the task holds a live lease (`leased` or `running`).
+    pub fn is_leased(self) -> bool {
+        matches!(self, TaskStatus::Leased | TaskStatus::Running)
+    }
+
     /// The one table of legal transitions.
     pub fn can_become(self, to: TaskStatus) -> bool {
         use TaskStatus::*;
@@ -306,6 +311,9 @@ impl Limits {
     pub const TIMEOUT_MS_RANGE: (u64, u64) = (100, 7 * 24 * 3600 * 1000);
     /// Most tasks one lease request may take.
     pub const MAX_LEASES_PER_REQUEST: u32 = 1000;
+    /// Most leases one dispatch round grants, and most tokens in one batched
+    /// renew or release.
+    pub const MAX_DISPATCH: u32 = 10_000;
     /// Shortest and longest lease, in ms.
     pub const LEASE_MS_RANGE: (u64, u64) = (100, 3600 * 1000);
     /// Most dead letters one replay may move.

@@ -1,0 +1,237 @@
+//! Dispatch: the shard leader's matching of ready tasks to agents, applied
+//! against the committed state so that every replica makes the same choice.
+//!
+//! An agent can take work when its gateway is placed on a node that is
+//! heartbeating and not draining, the gateway's breaker is not open and its
+//! last probe did not find it unhealthy, and the agent holds fewer live
+//! leases than its capacity. Each agent takes, in turn, the task it would get
+//! from the ready queue (strict priority, tenant round robin, capability
+//! match, FIFO) among the tasks session affinity lets it run; the turn goes
+//! to the least-loaded agent (or round robin). A gateway at 90% of its
+//! sessions opens no new one, so it takes only tasks for its idle sessions.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use super::command::{DispatchPolicy, DispatchSpec, Event, EventKind, Outcome, Rejection, Reply};
+use super::lease::check_lease_ms;
+use super::registry::{Circuit, GatewayId, Health, accepts_new_session};
+use super::state::State;
+use super::task::{AgentId, FencingToken, Limits, TaskStatus, Tenant};
+
+/// An agent that may take tasks in this round.
+struct Slot {
+    agent: AgentId,
+    caps: Vec<String>,
+    gateway: GatewayId,
+    free: u32,
+    load: u32,
+}
+
+/// A place in the dispatch order: (sort key, tasks taken this round, slot).
+type Turn = ((u32, usize), u32, usize);
+
+/// Sessions in use on a gateway, against its limit.
+struct Room {
+    active: u32,
+    max: u32,
+}
+
+impl State {
+    /// The agents that may take work now, in agent-id order.
+    fn eligible_slots(&self, node_dead_after_ms: u64) -> Vec<Slot> {
+        let reg = &self.registry;
+        reg.agents
+            .values()
+            .filter_map(|a| {
+                let gw = reg.gateways.get(&a.reg.gateway)?;
+                let node = reg.nodes.get(&gw.owner?)?;
+                let alive =
+                    node.last_heartbeat_ms.saturating_add(node_dead_after_ms) >= self.clock_ms;
+                let usable = gw.circuit != Circuit::Open && gw.health != Health::Unhealthy;
+                let load = self.agent_load(&a.reg.id);
+                let free = a.reg.capacity.saturating_sub(load);
+                (alive && !node.draining && usable && free > 0).then(|| Slot {
+                    agent: a.reg.id.clone(),
+                    caps: a.reg.capabilities.clone(),
+                    gateway: a.reg.gateway.clone(),
+                    free,
+                    load,
+                })
+            })
+            .collect()
+    }
+
+    /// Sessions in use per gateway: live sessions plus leased tasks that have
+    /// no session key (each runs in a session of its own).
+    fn gateway_rooms(&self) -> BTreeMap<GatewayId, Room> {
+        let reg = &self.registry;
+        let mut rooms: BTreeMap<GatewayId, Room> = reg
+            .gateways
+            .values()
+            .map(|g| {
+                let room = Room {
+                    active: self.sessions.live_on(&g.reg.id),
+                    max: g.reg.max_sessions,
+                };
+                (g.reg.id.clone(), room)
+            })
+            .collect();
+        for (agent, held) in &self.agent_leases {
+            let Some(a) = reg.agents.get(agent) else {
+                continue;
+            };
+            let keyless = held
+                .iter()
+                .filter(|t| self.tasks[&self.leases[*t]].session_key.is_none())
+                .count() as u32;
+            if let Some(room) = rooms.get_mut(&a.reg.gateway) {
+                room.active += keyless;
+            }
+        }
+        rooms
+    }
+
+    /// Whether a dispatch now would lease anything (a cheap check before
+    /// proposing one; it ignores session affinity and backpressure, so it
+    /// may say yes to a round that leases nothing).
+    pub fn dispatch_would_lease(&self, node_dead_after_ms: u64) -> bool {
+        if self.ready.is_empty() {
+            return false;
+        }
+        self.eligible_slots(node_dead_after_ms)
+            .iter()
+            .any(|s| self.ready.any_match(&s.caps))
+    }
+
+    pub(crate) fn dispatch(&mut self, spec: &DispatchSpec, events: &mut Vec<Event>) -> Outcome {
+        check_lease_ms(spec.lease_ms)?;
+        if !(1..=Limits::MAX_DISPATCH).contains(&spec.max) {
+            let problem = format!("must be 1..={}", Limits::MAX_DISPATCH);
+            return Err(Rejection::invalid("max", problem));
+        }
+        let mut slots = self.eligible_slots(spec.node_dead_after_ms);
+        let mut rooms = self.gateway_rooms();
+        let n = slots.len();
+        let start = match spec.policy {
+            DispatchPolicy::LeastLoaded => 0,
+            DispatchPolicy::RoundRobin if n > 0 => (self.dispatch_cursor % n as u64) as usize,
+            DispatchPolicy::RoundRobin => 0,
+        };
+        // The next turn goes to the smallest key: (load, position) or, for
+        // round robin, (tasks taken this round, rotated position).
+        let key = |s: &Slot, taken: u32, i: usize| match spec.policy {
+            DispatchPolicy::LeastLoaded => (s.load, i),
+            DispatchPolicy::RoundRobin => (taken, (i + n - start) % n),
+        };
+        let mut turns: BinaryHeap<Reverse<Turn>> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Reverse((key(s, 0, i), 0, i)))
+            .collect();
+        let mut grants = Vec::new();
+        while grants.len() < spec.max as usize {
+            let Some(Reverse((_, taken, i))) = turns.pop() else {
+                break;
+            };
+            let slot = &mut slots[i];
+            let room = rooms
+                .get_mut(&slot.gateway)
+                .expect("invariant: eligible agents have a registered gateway");
+            let may_open = accepts_new_session(room.active, room.max);
+            let Some(id) = self.pick_for(&slot.agent, &slot.caps, may_open) else {
+                continue;
+            };
+            let keyed_session = self.tasks[&id]
+                .session_key
+                .as_ref()
+                .and_then(|k| self.sessions.by_key(k))
+                .is_some();
+            if !keyed_session {
+                room.active += 1;
+            }
+            let grant = self.grant(id, &slot.agent, spec.lease_ms, events);
+            self.session_for_grant(
+                id,
+                &slot.agent,
+                &slot.gateway,
+                spec.session_limit_ms,
+                spec.session_idle_ms,
+            );
+            grants.push(grant);
+            slot.free -= 1;
+            slot.load += 1;
+            if slot.free > 0 {
+                turns.push(Reverse((key(slot, taken + 1, i), taken + 1, i)));
+            }
+        }
+        self.dispatch_cursor = self.dispatch_cursor.wrapping_add(1);
+        Ok(Reply::Dispatched(grants))
+    }
+
+    /// The task `agent` should get next: the ready-queue order among tasks
+    /// with no session key, or whose session is idle on this agent, or that
+    /// would open a new session (only while the gateway may open one).
+    fn pick_for(
+        &mut self,
+        agent: &AgentId,
+        caps: &[String],
+        may_open: bool,
+    ) -> Option<super::task::TaskId> {
+        let weights = &self.weights;
+        let weight = |t: &Tenant| weights.get(t).copied().unwrap_or(1);
+        let tasks = &self.tasks;
+        let sessions = &self.sessions;
+        let allowed = |id| {
+            let t = &tasks[&id];
+            match &t.session_key {
+                None => may_open,
+                Some(k) => match sessions.by_key(k) {
+                    None => may_open,
+                    Some(_) => sessions.admits(k, agent),
+                },
+            }
+        };
+        self.ready.pick_allowed(caps, weight, &allowed)
+    }
+
+    pub(crate) fn renew_many(
+        &mut self,
+        tokens: &[FencingToken],
+        lease_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        check_lease_ms(lease_ms)?;
+        if tokens.len() > Limits::MAX_DISPATCH as usize {
+            let problem = format!("at most {} tokens", Limits::MAX_DISPATCH);
+            return Err(Rejection::invalid("tokens", problem));
+        }
+        let mut stale = Vec::new();
+        for &token in tokens {
+            match self.renew(token, lease_ms, events) {
+                Ok(_) => {}
+                Err(Rejection::StaleToken(t)) => stale.push(t),
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(Reply::Renewed { stale })
+    }
+
+    pub(crate) fn release(&mut self, tokens: &[FencingToken], events: &mut Vec<Event>) -> Outcome {
+        if tokens.len() > Limits::MAX_DISPATCH as usize {
+            let problem = format!("at most {} tokens", Limits::MAX_DISPATCH);
+            return Err(Rejection::invalid("tokens", problem));
+        }
+        let mut released = Vec::new();
+        for token in tokens {
+            let Some(&id) = self.leases.get(token) else {
+                continue;
+            };
+            self.move_task(id, TaskStatus::Pending, |t| t.lease = None)
+                .expect("invariant: leased tasks can go back to pending");
+            self.emit(events, id, EventKind::Released { token: *token });
+            released.push(id);
+        }
+        Ok(Reply::Released(released))
+    }
+}
