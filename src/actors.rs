@@ -78,11 +78,13 @@ mod error;
 mod events;
 mod node;
 mod policy;
+mod router;
 mod runtime;
+mod shard;
 mod spec;
 mod supervisor;
 
-pub use agent::{AgentActor, AgentArgs, AgentMsg, AgentState, ERROR_BACKOFF, IDLE_POLL};
+pub use agent::{AgentActor, AgentArgs, AgentMsg, AgentState};
 pub use error::{Error, Result};
 pub use events::{
     LABEL_SUPERVISOR, METRIC_ESCALATIONS, METRIC_EVENTS_DROPPED, METRIC_GIVE_UPS, METRIC_RESTARTS,
@@ -90,7 +92,9 @@ pub use events::{
 };
 pub use node::{AGENTS, GATEWAYS, NODE, NodeSupervisor, QUEUE_SHARDS};
 pub use policy::{Decision, OnExhausted, RestartPolicy, RestartTracker, Strategy};
+pub use router::{AgentDirectory, route_leases};
 pub use runtime::{RECONCILE_INTERVAL, reconcile_loop};
+pub use shard::{QueueShardActor, SHARD, ShardMsg};
 pub use spec::ChildSpec;
 pub use supervisor::{
     CALL_TIMEOUT, Supervisor, SupervisorArgs, SupervisorMsg, SupervisorRef, SupervisorState,

@@ -28,6 +28,8 @@ pub struct Config {
     pub raft: RaftConfig,
     /// Write batching and lease defaults.
     pub queue: QueueConfig,
+    /// Dispatch: how the shard leader hands ready tasks to agents.
+    pub dispatch: DispatchConfig,
     /// HTTP API limits.
     pub api: ApiConfig,
 }
@@ -176,6 +178,44 @@ impl Default for QueueConfig {
     }
 }
 
+/// How the shard leader matches ready tasks to agents, and session limits.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// `least_loaded` (default) or `round_robin`.
+    pub policy: crate::fsm::DispatchPolicy,
+    /// Most leases one dispatch round commits (one Raft command).
+    pub max_per_round: u32,
+    /// Dispatch is woken by every applied change; this is the fallback
+    /// period (registry changes, missed wake-ups).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Longest life of a gateway session (`0s`: no limit). A session past it
+    /// ends as `timeout` and its running attempt fails.
+    #[serde(with = "humantime_serde")]
+    pub session_time_limit: Duration,
+    /// An idle session (no task) closes after this long (`0s`: never).
+    #[serde(with = "humantime_serde")]
+    pub session_idle: Duration,
+    /// How often an agent reconciles its attempts with the committed leases
+    /// (a lost hint delays work by at most this much).
+    #[serde(with = "humantime_serde")]
+    pub agent_sync_interval: Duration,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            policy: crate::fsm::DispatchPolicy::LeastLoaded,
+            max_per_round: 1000,
+            interval: Duration::from_millis(100),
+            session_time_limit: Duration::from_secs(3600),
+            session_idle: Duration::from_secs(300),
+            agent_sync_interval: Duration::from_secs(1),
+        }
+    }
+}
+
 /// HTTP API limits.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -306,6 +346,18 @@ impl Config {
         }
         if q.node_dead_after <= q.node_heartbeat_interval {
             p.push("queue.node_dead_after must exceed queue.node_heartbeat_interval".into());
+        }
+        let d = &self.dispatch;
+        if !(1..=crate::fsm::Limits::MAX_DISPATCH).contains(&d.max_per_round) {
+            p.push(format!(
+                "dispatch.max_per_round must be 1..={}",
+                crate::fsm::Limits::MAX_DISPATCH
+            ));
+        }
+        if d.interval < Duration::from_millis(1)
+            || d.agent_sync_interval < Duration::from_millis(10)
+        {
+            p.push("dispatch.interval must be at least 1ms and dispatch.agent_sync_interval at least 10ms".into());
         }
         if self.api.max_body_bytes < 1024 {
             p.push("api.max_body_bytes must be at least 1024".into());

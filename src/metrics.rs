@@ -25,6 +25,15 @@ pub struct Metrics {
     pub batch_commands: Histogram,
     /// Seconds from proposal to applied, per entry.
     pub commit_seconds: Histogram,
+    /// Leases granted by this node's dispatch rounds, as leader.
+    pub dispatch_leases: prometheus::IntCounter,
+    /// Dispatch rounds proposed by this node, by outcome.
+    pub dispatch_rounds: IntCounterVec,
+    /// Seconds from a task's submission (leader time) to its attempt
+    /// starting on an agent of this node.
+    pub dispatch_seconds: Histogram,
+    /// Attempts ended on this node's agents, by outcome.
+    pub attempts: IntCounterVec,
     tasks: IntGaugeVec,
     raft_term: IntGauge,
     raft_leader: IntGauge,
@@ -64,6 +73,31 @@ fn build() -> prometheus::Result<Metrics> {
             )
             .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14)?),
         )?,
+        dispatch_leases: prometheus::IntCounter::new(
+            "godel_dispatch_leases_total",
+            "Leases granted by this node's dispatch rounds",
+        )?,
+        dispatch_rounds: IntCounterVec::new(
+            Opts::new(
+                "godel_dispatch_rounds_total",
+                "Dispatch rounds proposed by this node",
+            ),
+            &["outcome"],
+        )?,
+        dispatch_seconds: Histogram::with_opts(
+            HistogramOpts::new(
+                "godel_dispatch_seconds",
+                "Seconds from submission to the attempt starting on an agent",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+        )?,
+        attempts: IntCounterVec::new(
+            Opts::new(
+                "godel_agent_attempts_total",
+                "Attempts ended on this node's agents",
+            ),
+            &["outcome"],
+        )?,
         tasks: IntGaugeVec::new(
             Opts::new("godel_queue_tasks", "Tasks by priority and status"),
             &["priority", "status"],
@@ -78,6 +112,10 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.batch_commands.clone()))?;
     m.registry.register(Box::new(m.commit_seconds.clone()))?;
     m.registry.register(Box::new(m.tasks.clone()))?;
+    m.registry.register(Box::new(m.dispatch_leases.clone()))?;
+    m.registry.register(Box::new(m.dispatch_rounds.clone()))?;
+    m.registry.register(Box::new(m.dispatch_seconds.clone()))?;
+    m.registry.register(Box::new(m.attempts.clone()))?;
     m.registry.register(Box::new(m.raft_term.clone()))?;
     m.registry.register(Box::new(m.raft_leader.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;

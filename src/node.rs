@@ -181,9 +181,12 @@ impl Node {
         let tree =
             crate::actors::NodeSupervisor::start(crate::actors::RestartPolicy::default(), observer)
                 .await?;
+        let directory = crate::actors::AgentDirectory::default();
+        self.spawn(crate::actors::route_leases(self.clone(), directory.clone()));
         self.spawn(crate::actors::reconcile_loop(
             self.clone(),
             tree.root().clone(),
+            directory,
         ));
         let shutdown = self.inner.shutdown.clone();
         // The observer already logs and counts each event; drain the channel.

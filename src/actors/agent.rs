@@ -1,31 +1,30 @@
 //! The Agent actor: one per registered agent of a gateway placed on this
-//! node. It leases up to its free capacity, runs each task through its
-//! gateway's driver, renews the lease while the attempt runs, and reports
-//! completion or failure with the fencing token.
+//! node. The shard leader's dispatch leases tasks to it; it runs each
+//! through its gateway's driver, renews all its leases in one batched
+//! command every third of the lease, and reports completion or failure with
+//! the fencing token.
 //!
-//! The actor's state is only a cache (how many attempts it is running); the
-//! committed state is the truth. If the actor is restarted, the attempts of
-//! its previous incarnation go on and report by their own tokens; a task
-//! whose attempt was lost is leased again when its lease lapses.
+//! It learns of its leases from the committed state only: the node's lease
+//! router hints it (`Granted`, `Lost`) as entries apply, and it reconciles
+//! with its committed leases on a timer (`Sync`), so a lost hint delays an
+//! attempt but never loses or doubles one.
 //!
-//! Shortcut, on purpose, until the QueueShard dispatcher exists: agents
-//! pull (lease when they have room, poll when idle) instead of being pushed
-//! leases by the shard leader.
+//! Its attempts live and die with it: they are cancelled when the actor
+//! stops or fails. A new incarnation (restart, node restart, gateway moved
+//! here) first releases the leases its agent still holds, since nobody runs
+//! them any more; their tasks are leased again at once, with new tokens.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::fsm::{AgentId, Command, LeaseGrant, Rejection, Reply};
+use super::router::AgentDirectory;
+use crate::fsm::{AgentId, Command, FencingToken, Rejection, Reply, Task, TaskId};
 use crate::gateway::{GatewayDriver, RunRequest};
 use crate::node::Node;
-
-/// Delay between lease attempts while there is nothing to lease.
-pub const IDLE_POLL: Duration = Duration::from_millis(100);
-/// Delay after a lease attempt that failed (no leader, overloaded).
-pub const ERROR_BACKOFF: Duration = Duration::from_millis(500);
 
 /// The agent actor.
 pub struct AgentActor;
@@ -37,27 +36,60 @@ pub struct AgentArgs {
     pub node: Node,
     /// The agent.
     pub id: AgentId,
-    /// Its capabilities.
-    pub capabilities: Vec<String>,
-    /// Most attempts at once.
-    pub capacity: u32,
     /// Its gateway's driver.
     pub driver: Arc<dyn GatewayDriver>,
+    /// Where it announces itself to the node's lease router.
+    pub directory: AgentDirectory,
 }
 
 /// Messages: verbs.
 pub enum AgentMsg {
-    /// Lease work if there is room.
-    Poll,
-    /// An attempt ended (reported or abandoned).
-    Finished,
+    /// A lease for this agent was committed (a hint from the router).
+    Granted {
+        /// The lease.
+        token: FencingToken,
+        /// Its task.
+        task: TaskId,
+    },
+    /// A lease of this agent ended without its report (expired, released,
+    /// cancelled): stop the attempt.
+    Lost {
+        /// The task.
+        task: TaskId,
+    },
+    /// Reconcile attempts with the committed leases.
+    Sync,
+    /// Renew every lease in one command.
+    Renew,
+    /// These leases were refused as stale by a renew.
+    Stale(Vec<FencingToken>),
+    /// An attempt ended: reported, stopped, or (`given_up`) its result
+    /// could not be committed, so its lease is left to lapse.
+    Ended {
+        /// The lease.
+        token: FencingToken,
+        /// Whether the lease is still live but must not be run again.
+        given_up: bool,
+    },
 }
 
-/// The actor's cache.
+/// One running attempt.
+struct Attempt {
+    task: TaskId,
+    cancel: CancellationToken,
+}
+
+/// The actor's cache of its attempts.
 pub struct AgentState {
     args: AgentArgs,
-    running: u32,
-    poll_pending: bool,
+    running: HashMap<FencingToken, Attempt>,
+    /// Leases this incarnation must not run: those of an earlier one (given
+    /// back at start) and those whose result could not be committed.
+    skip: HashSet<FencingToken>,
+    /// Parent of every attempt's cancel token: dropping the state (stop or
+    /// failure) cancels them all.
+    attempts: CancellationToken,
+    _cancel_on_drop: DropGuard,
 }
 
 impl Actor for AgentActor {
@@ -70,12 +102,29 @@ impl Actor for AgentActor {
         myself: ActorRef<AgentMsg>,
         args: AgentArgs,
     ) -> Result<AgentState, ActorProcessingErr> {
-        myself.send_message(AgentMsg::Poll)?;
+        args.directory.insert(args.id.clone(), myself.clone());
+        let skip = release_orphans(&args).await;
+        let attempts = CancellationToken::new();
+        let lease = args.node.queue_config().default_lease;
+        let sync = args.node.config().dispatch.agent_sync_interval;
+        myself.send_interval(renew_every(lease), || AgentMsg::Renew);
+        myself.send_interval(sync, || AgentMsg::Sync);
         Ok(AgentState {
             args,
-            running: 0,
-            poll_pending: true,
+            running: HashMap::new(),
+            skip,
+            _cancel_on_drop: attempts.clone().drop_guard(),
+            attempts,
         })
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<AgentMsg>,
+        state: &mut AgentState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.args.directory.remove(&state.args.id, &myself);
+        Ok(())
     }
 
     async fn handle(
@@ -85,14 +134,25 @@ impl Actor for AgentActor {
         state: &mut AgentState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            AgentMsg::Poll => {
-                state.poll_pending = false;
-                poll(&myself, state).await;
+            AgentMsg::Granted { token, task } => start_if_live(&myself, state, token, task),
+            AgentMsg::Lost { task } => {
+                for a in state.running.values().filter(|a| a.task == task) {
+                    a.cancel.cancel();
+                }
             }
-            AgentMsg::Finished => {
-                state.running = state.running.saturating_sub(1);
-                if !state.poll_pending {
-                    poll(&myself, state).await;
+            AgentMsg::Sync => sync(&myself, state),
+            AgentMsg::Renew => renew(&myself, state),
+            AgentMsg::Stale(tokens) => {
+                for t in tokens {
+                    if let Some(a) = state.running.get(&t) {
+                        a.cancel.cancel();
+                    }
+                }
+            }
+            AgentMsg::Ended { token, given_up } => {
+                state.running.remove(&token);
+                if given_up {
+                    state.skip.insert(token);
                 }
             }
         }
@@ -100,109 +160,205 @@ impl Actor for AgentActor {
     }
 }
 
-fn schedule_poll(myself: &ActorRef<AgentMsg>, state: &mut AgentState, after: Duration) {
-    if !state.poll_pending {
-        state.poll_pending = true;
-        myself.send_after(after, || AgentMsg::Poll);
-    }
+/// A third of the lease, so two renewals may be lost before it lapses.
+fn renew_every(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_millis(50))
 }
 
-/// Leases up to the free capacity and starts an attempt per lease.
-async fn poll(myself: &ActorRef<AgentMsg>, state: &mut AgentState) {
-    let free = state.args.capacity.saturating_sub(state.running);
-    if free == 0 {
+/// Gives back the leases this agent holds from an earlier incarnation.
+async fn release_orphans(args: &AgentArgs) -> HashSet<FencingToken> {
+    let held: Vec<FencingToken> = args
+        .node
+        .state()
+        .read(|s| s.agent_leases(&args.id))
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    if held.is_empty() {
+        return HashSet::new();
+    }
+    match args
+        .node
+        .write(Command::Release {
+            tokens: held.clone(),
+        })
+        .await
+    {
+        Ok(Ok(_)) => {
+            tracing::info!(agent = %args.id, leases = held.len(), "released the leases of an earlier incarnation");
+        }
+        other => {
+            tracing::warn!(agent = %args.id, outcome = ?other.map(|o| o.err()), "could not release old leases; they lapse instead");
+        }
+    }
+    held.into_iter().collect()
+}
+
+/// Starts an attempt for `token` if it is still this agent's live lease in
+/// the local replica and not already running.
+fn start_if_live(
+    myself: &ActorRef<AgentMsg>,
+    state: &mut AgentState,
+    token: FencingToken,
+    id: TaskId,
+) {
+    if state.running.contains_key(&token) || state.skip.contains(&token) {
         return;
     }
-    let a = &state.args;
-    // Nothing this agent can run in the local replica: no log entry for an
-    // empty lease. The replica may lag a little; that only delays the poll.
-    if !a.node.state().read(|s| s.has_ready_for(&a.capabilities)) {
-        schedule_poll(myself, state, IDLE_POLL);
+    let me = &state.args.id;
+    let task = state.args.node.state().read(|s| {
+        s.task_shared(id).filter(|t| {
+            t.lease
+                .as_ref()
+                .is_some_and(|l| l.token == token && l.agent_id == *me)
+        })
+    });
+    let Some(task) = task else {
         return;
-    }
-    let lease_ms = a.node.queue_config().default_lease.as_millis() as u64;
-    let cmd = Command::Lease {
-        agent_id: a.id.clone(),
-        capabilities: a.capabilities.clone(),
-        max: free,
-        lease_ms,
     };
-    match a.node.write(cmd).await {
-        Ok(Ok(Reply::Leased(grants))) => {
-            let got = grants.len() as u32;
-            for grant in grants {
-                state.running += 1;
-                tokio::spawn(attempt(state.args.clone(), grant, lease_ms, myself.clone()));
-            }
-            if got < free {
-                schedule_poll(myself, state, IDLE_POLL);
-            }
+    let cancel = state.attempts.child_token();
+    state.running.insert(
+        token,
+        Attempt {
+            task: id,
+            cancel: cancel.clone(),
+        },
+    );
+    tokio::spawn(attempt(
+        state.args.clone(),
+        task,
+        token,
+        cancel,
+        myself.clone(),
+    ));
+}
+
+/// Reconciles attempts with the committed leases: adopts leases whose hint
+/// was lost, stops attempts whose lease is gone.
+fn sync(myself: &ActorRef<AgentMsg>, state: &mut AgentState) {
+    let live: HashMap<FencingToken, TaskId> = state
+        .args
+        .node
+        .state()
+        .read(|s| s.agent_leases(&state.args.id))
+        .into_iter()
+        .collect();
+    for (token, a) in &state.running {
+        if !live.contains_key(token) {
+            a.cancel.cancel();
         }
-        Ok(other) => {
-            tracing::warn!(agent = %state.args.id, outcome = ?other.err(), "lease refused");
-            schedule_poll(myself, state, ERROR_BACKOFF);
-        }
-        Err(e) => {
-            tracing::debug!(agent = %state.args.id, error = %e, "lease not committed");
-            schedule_poll(myself, state, ERROR_BACKOFF);
-        }
+    }
+    state.skip.retain(|t| live.contains_key(t));
+    for (token, task) in live {
+        start_if_live(myself, state, token, task);
     }
 }
 
-/// One attempt: run it through the driver while renewing the lease; report
-/// the outcome with the fencing token. A lost lease cancels the run.
-async fn attempt(args: AgentArgs, grant: LeaseGrant, lease_ms: u64, actor: ActorRef<AgentMsg>) {
-    let task = &grant.task;
-    let cancel = CancellationToken::new();
+/// Renews all running leases in one command; stale ones are stopped.
+fn renew(myself: &ActorRef<AgentMsg>, state: &AgentState) {
+    if state.running.is_empty() {
+        return;
+    }
+    let tokens: Vec<FencingToken> = state.running.keys().copied().collect();
+    let node = state.args.node.clone();
+    let lease_ms = node.queue_config().default_lease.as_millis() as u64;
+    let me = myself.clone();
+    tokio::spawn(async move {
+        match node.write(Command::RenewMany { tokens, lease_ms }).await {
+            Ok(Ok(Reply::Renewed { stale })) if !stale.is_empty() => {
+                let _ = me.send_message(AgentMsg::Stale(stale));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(r)) => tracing::warn!(error = %r, "renew refused"),
+            Err(e) => tracing::debug!(error = %e, "renew not committed; retrying next period"),
+        }
+    });
+}
+
+/// One attempt: run it through the driver until it ends or the lease is
+/// lost, then report the outcome with the fencing token.
+async fn attempt(
+    args: AgentArgs,
+    task: Arc<Task>,
+    token: FencingToken,
+    cancel: CancellationToken,
+    actor: ActorRef<AgentMsg>,
+) {
+    let m = crate::metrics::global();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    m.dispatch_seconds
+        .observe(now_ms.saturating_sub(task.created_at_ms) as f64 / 1000.0);
     let req = RunRequest {
         task_id: task.id,
-        fencing_token: grant.token,
+        fencing_token: token,
         session_key: task.session_key.clone(),
         payload: Arc::from(task.payload.as_str()),
         timeout: Duration::from_millis(task.timeout_ms),
     };
-    let run = args.driver.run(req, cancel.clone());
-    let renew = renew_until_lost(&args.node, grant.token, lease_ms);
     let result = tokio::select! {
-        r = run => Some(r),
-        () = renew => { cancel.cancel(); None }
+        r = args.driver.run(req, cancel.clone()) => Some(r),
+        () = cancel.cancelled() => None,
     };
-    let report = match result {
-        Some(Ok(out)) => Some(Command::Complete {
-            token: grant.token,
-            result: out.result_json,
-        }),
-        Some(Err(e)) => Some(Command::Fail {
-            token: grant.token,
-            error: e.to_string(),
-            retryable: e.is_retryable(),
-        }),
-        None => None,
+    let (report, outcome) = match result {
+        Some(Ok(out)) => (
+            Some(Command::Complete {
+                token,
+                result: out.result_json,
+            }),
+            "completed",
+        ),
+        Some(Err(e)) if !cancel.is_cancelled() => (
+            Some(Command::Fail {
+                token,
+                error: e.to_string(),
+                retryable: e.is_retryable(),
+            }),
+            "failed",
+        ),
+        _ => (None, "stopped"),
     };
-    if let Some(cmd) = report {
-        match args.node.write(cmd).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(Rejection::StaleToken(t))) => {
-                tracing::info!(task = %task.id, token = %t, "result refused: lease lost")
-            }
-            Ok(Err(r)) => tracing::warn!(task = %task.id, error = %r, "result refused"),
-            Err(e) => {
-                tracing::warn!(task = %task.id, error = %e, "result not committed; the lease will lapse")
-            }
-        }
-    }
-    let _ = actor.send_message(AgentMsg::Finished);
+    m.attempts.with_label_values(&[outcome]).inc();
+    let given_up = match report {
+        Some(cmd) => !report_result(&args.node, &task, cmd, &cancel).await,
+        None => false,
+    };
+    let _ = actor.send_message(AgentMsg::Ended { token, given_up });
 }
 
-/// Renews every third of the lease; returns when the lease is gone (stale).
-async fn renew_until_lost(node: &Node, token: crate::fsm::FencingToken, lease_ms: u64) {
-    let every = Duration::from_millis((lease_ms / 3).max(50));
-    loop {
-        tokio::time::sleep(every).await;
-        match node.write(Command::Renew { token, lease_ms }).await {
-            Ok(Err(Rejection::StaleToken(_))) => return,
-            Ok(_) => {}
-            Err(e) => tracing::debug!(%token, error = %e, "renew not committed"),
+/// Tries to commit a result for up to [`REPORT_TRIES`] writes (a leader
+/// change fails a write without an answer), while the lease stays renewed.
+/// A retry of a result that did commit is refused as stale: harmless.
+/// Returns false when no write got an answer.
+async fn report_result(node: &Node, task: &Task, cmd: Command, cancel: &CancellationToken) -> bool {
+    for attempt in 1..=REPORT_TRIES {
+        match node.write(cmd.clone()).await {
+            Ok(Ok(_)) => return true,
+            Ok(Err(Rejection::StaleToken(t))) => {
+                tracing::info!(task = %task.id, token = %t, "result refused: lease lost or already reported");
+                return true;
+            }
+            Ok(Err(r)) => {
+                tracing::warn!(task = %task.id, error = %r, "result refused");
+                return true;
+            }
+            Err(e) if attempt == REPORT_TRIES => {
+                tracing::warn!(task = %task.id, error = %e, "result not committed; the lease will lapse");
+            }
+            Err(e) => {
+                tracing::debug!(task = %task.id, error = %e, "result not committed yet; retrying");
+                tokio::select! {
+                    () = cancel.cancelled() => return true,
+                    () = tokio::time::sleep(REPORT_RETRY) => {}
+                }
+            }
         }
     }
+    false
 }
+
+/// Writes tried per result.
+const REPORT_TRIES: u32 = 10;
+/// Pause between them.
+const REPORT_RETRY: Duration = Duration::from_millis(300);

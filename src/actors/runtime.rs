@@ -1,5 +1,6 @@
-//! The node's runtime reconciler: keeps one Agent actor running for every
-//! registered agent whose gateway is placed on this node, and none other.
+//! The node's runtime reconciler: keeps the queue-shard actor running, and
+//! one Agent actor for every registered agent whose gateway is placed on
+//! this node, and none other.
 //!
 //! It reads the committed registry on a timer (and so after every leader
 //! change), compares it with the agent supervisor's children and adds or
@@ -11,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::agent::{AgentActor, AgentArgs};
-use super::{AGENTS, ChildSpec, Error, SupervisorRef};
+use super::router::AgentDirectory;
+use super::shard::{QueueShardActor, SHARD};
+use super::{AGENTS, ChildSpec, Error, QUEUE_SHARDS, SupervisorRef};
 use crate::fsm::{AgentRecord, GatewayId};
 use crate::gateway::{GatewayDriver, GatewaySpec, driver_for};
 use crate::node::Node;
@@ -28,15 +31,22 @@ struct Built {
 }
 
 /// Runs until the node shuts down.
-pub async fn reconcile_loop(node: Node, root: SupervisorRef) {
+pub async fn reconcile_loop(node: Node, root: SupervisorRef, directory: AgentDirectory) {
     let shutdown = node.shutdown_token().clone();
     let mut drivers: BTreeMap<GatewayId, Built> = BTreeMap::new();
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+        if !first {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+            }
         }
-        if let Err(e) = reconcile(&node, &root, &mut drivers).await {
+        first = false;
+        if let Err(e) = ensure_shard(&node, &root).await {
+            tracing::warn!(error = %e, "cannot start the queue-shard actor; retrying");
+        }
+        if let Err(e) = reconcile(&node, &root, &directory, &mut drivers).await {
             tracing::warn!(error = %e, "runtime reconcile failed; retrying");
         }
     }
@@ -64,9 +74,29 @@ fn desired(node: &Node) -> BTreeMap<String, (AgentRecord, GatewayId, String)> {
     })
 }
 
+/// Starts the queue-shard actor if its supervisor lacks it (first start, or
+/// the supervisor was restarted and forgot its runtime children).
+async fn ensure_shard(node: &Node, root: &SupervisorRef) -> super::Result<()> {
+    let cell = root
+        .child(QUEUE_SHARDS)
+        .await?
+        .ok_or_else(|| Error::Unavailable(QUEUE_SHARDS.to_string()))?;
+    let shards = SupervisorRef::from_cell(QUEUE_SHARDS, cell);
+    if !shards.children().await?.iter().any(|c| c == SHARD) {
+        let node = node.clone();
+        shards
+            .add_child(ChildSpec::new(SHARD, move || {
+                (QueueShardActor, node.clone())
+            }))
+            .await?;
+    }
+    Ok(())
+}
+
 async fn reconcile(
     node: &Node,
     root: &SupervisorRef,
+    directory: &AgentDirectory,
     drivers: &mut BTreeMap<GatewayId, Built>,
 ) -> super::Result<()> {
     let want = desired(node);
@@ -90,9 +120,8 @@ async fn reconcile(
         let args = AgentArgs {
             node: node.clone(),
             id: agent.reg.id.clone(),
-            capabilities: agent.reg.capabilities.clone(),
-            capacity: agent.reg.capacity,
             driver,
+            directory: directory.clone(),
         };
         agents
             .add_child(ChildSpec::new(name.clone(), move || {

@@ -1,0 +1,124 @@
+//! Telling agents about their leases. The node's lease router reads every
+//! applied entry and, for each lease granted to an agent whose actor runs on
+//! this node, sends it a `Granted` hint; when a routed lease is lost
+//! (expired, timed out, released, cancelled) it sends `Lost`. Hints are only
+//! a shortcut: each agent also reconciles with the committed leases on a
+//! timer, so a lost or late hint delays an attempt but never loses or
+//! doubles one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use ractor::ActorRef;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::agent::AgentMsg;
+use crate::fsm::{AgentId, EventKind, TaskId};
+use crate::node::Node;
+
+/// The agent actors running on this node, by agent id. Each actor adds
+/// itself when it starts and removes itself when it stops.
+#[derive(Clone, Debug, Default)]
+pub struct AgentDirectory {
+    inner: Arc<RwLock<HashMap<AgentId, ActorRef<AgentMsg>>>>,
+}
+
+impl AgentDirectory {
+    /// Records `actor` as the running actor of `agent`.
+    pub fn insert(&self, agent: AgentId, actor: ActorRef<AgentMsg>) {
+        self.write().insert(agent, actor);
+    }
+
+    /// Forgets `agent`'s actor if it is still `actor` (a newer incarnation
+    /// may have replaced it).
+    pub fn remove(&self, agent: &AgentId, actor: &ActorRef<AgentMsg>) {
+        let mut map = self.write();
+        if map.get(agent).is_some_and(|a| a.get_id() == actor.get_id()) {
+            map.remove(agent);
+        }
+    }
+
+    /// The running actor of `agent`.
+    pub fn get(&self, agent: &AgentId) -> Option<ActorRef<AgentMsg>> {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(agent)
+            .cloned()
+    }
+
+    fn all(&self) -> Vec<ActorRef<AgentMsg>> {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<AgentId, ActorRef<AgentMsg>>> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Routes lease hints to this node's agents until the node shuts down.
+pub async fn route_leases(node: Node, directory: AgentDirectory) {
+    let mut applied = node.state().subscribe();
+    // Leases routed to a local agent and not ended yet.
+    let mut routed: HashMap<TaskId, AgentId> = HashMap::new();
+    let shutdown = node.shutdown_token().clone();
+    loop {
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = applied.recv() => r,
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(RecvError::Lagged(n)) => {
+                tracing::debug!(missed = n, "lease router lagged; agents resync");
+                routed.clear();
+                sync_all(&directory);
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        if batch.snapshot_installed {
+            routed.clear();
+            sync_all(&directory);
+            continue;
+        }
+        for e in &batch.events {
+            match &e.kind {
+                EventKind::Leased { token, agent } => {
+                    if let Some(actor) = directory.get(agent) {
+                        routed.insert(e.task, agent.clone());
+                        let _ = actor.send_message(AgentMsg::Granted {
+                            token: *token,
+                            task: e.task,
+                        });
+                    }
+                }
+                EventKind::LeaseExpired { .. }
+                | EventKind::TimedOut { .. }
+                | EventKind::Released { .. }
+                | EventKind::Cancelled => {
+                    if let Some(agent) = routed.remove(&e.task)
+                        && let Some(actor) = directory.get(&agent)
+                    {
+                        let _ = actor.send_message(AgentMsg::Lost { task: e.task });
+                    }
+                }
+                EventKind::Completed | EventKind::Failed { .. } | EventKind::DeadLettered => {
+                    routed.remove(&e.task);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn sync_all(directory: &AgentDirectory) {
+    for actor in directory.all() {
+        let _ = actor.send_message(AgentMsg::Sync);
+    }
+}

@@ -1,0 +1,155 @@
+//! The QueueShard actor: on the shard leader, it matches ready tasks to
+//! agents with free capacity by proposing `Dispatch` rounds. The matching
+//! itself runs in the state machine against the committed state
+//! (`fsm::dispatch`), so a round is decided once, identically on every
+//! replica, and commits in one Raft entry with the other writes of its batch.
+//!
+//! The actor runs on every node and acts only while its node leads: a round
+//! is a Raft write, so a node outside the majority cannot commit one and
+//! hands out no lease. It wakes on every applied change (coalesced: at most
+//! one wake-up waits) and on a timer, and keeps one round in flight.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::fsm::{Command, DispatchSpec, Reply};
+use crate::node::Node;
+
+/// Name of the one shard's actor under the queue-shard supervisor.
+pub const SHARD: &str = "shard-0";
+
+/// The queue-shard actor.
+pub struct QueueShardActor;
+
+/// Messages.
+pub enum ShardMsg {
+    /// Something changed: dispatch if there is work and room.
+    Wake,
+}
+
+/// The actor's state: wake-up plumbing only.
+pub struct ShardState {
+    node: Node,
+    wake_pending: Arc<AtomicBool>,
+    _stop_watcher: DropGuard,
+}
+
+impl Actor for QueueShardActor {
+    type Msg = ShardMsg;
+    type State = ShardState;
+    type Arguments = Node;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ShardMsg>,
+        node: Node,
+    ) -> Result<ShardState, ActorProcessingErr> {
+        let wake_pending = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
+        tokio::spawn(watch(
+            node.clone(),
+            myself.clone(),
+            Arc::clone(&wake_pending),
+            stop.clone(),
+        ));
+        Ok(ShardState {
+            node,
+            wake_pending,
+            _stop_watcher: stop.drop_guard(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ShardMsg>,
+        msg: ShardMsg,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ShardMsg::Wake => {
+                state.wake_pending.store(false, Ordering::SeqCst);
+                if round(&state.node).await {
+                    // A full round: there may be more to hand out.
+                    wake(&myself, &state.wake_pending);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn wake(actor: &ActorRef<ShardMsg>, pending: &AtomicBool) {
+    if !pending.swap(true, Ordering::SeqCst) {
+        let _ = actor.send_message(ShardMsg::Wake);
+    }
+}
+
+/// Wakes the actor on every applied entry and on the fallback timer.
+async fn watch(
+    node: Node,
+    actor: ActorRef<ShardMsg>,
+    pending: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    let mut applied = node.state().subscribe();
+    let every = node.config().dispatch.interval;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = node.shutdown_token().cancelled() => return,
+            r = applied.recv() => {
+                if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(every) => {}
+        }
+        if node.is_leader() {
+            wake(&actor, &pending);
+        }
+    }
+}
+
+/// One dispatch round if this node leads and the state has work an agent
+/// can take. Returns whether the round was full.
+async fn round(node: &Node) -> bool {
+    if !node.is_leader() {
+        return false;
+    }
+    let cfg = &node.config().dispatch;
+    let dead_after = node.queue_config().node_dead_after.as_millis() as u64;
+    if !node.state().read(|s| s.dispatch_would_lease(dead_after)) {
+        return false;
+    }
+    let spec = DispatchSpec {
+        lease_ms: node.queue_config().default_lease.as_millis() as u64,
+        max: cfg.max_per_round,
+        policy: cfg.policy,
+        node_dead_after_ms: dead_after,
+        session_limit_ms: cfg.session_time_limit.as_millis() as u64,
+        session_idle_ms: cfg.session_idle.as_millis() as u64,
+    };
+    let m = crate::metrics::global();
+    match node.write(Command::Dispatch(spec)).await {
+        Ok(Ok(Reply::Dispatched(grants))) => {
+            m.dispatch_rounds.with_label_values(&["committed"]).inc();
+            m.dispatch_leases.inc_by(grants.len() as u64);
+            grants.len() >= cfg.max_per_round as usize
+        }
+        Ok(other) => {
+            m.dispatch_rounds.with_label_values(&["refused"]).inc();
+            tracing::warn!(outcome = ?other.err(), "dispatch round refused");
+            false
+        }
+        Err(e) => {
+            m.dispatch_rounds
+                .with_label_values(&["not_committed"])
+                .inc();
+            tracing::debug!(error = %e, "dispatch round not committed");
+            false
+        }
+    }
+}
