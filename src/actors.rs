@@ -76,6 +76,7 @@
 mod agent;
 mod error;
 mod events;
+mod gateway;
 mod node;
 mod policy;
 mod router;
@@ -92,6 +93,7 @@ pub use events::{
 };
 pub use node::{AGENTS, GATEWAYS, NODE, NodeSupervisor, QUEUE_SHARDS};
 pub use policy::{Decision, OnExhausted, RestartPolicy, RestartTracker, Strategy};
+pub use gateway::{CIRCUIT_CHECK, GatewayActor, GatewayArgs, GatewayMsg, GatewayRegistry, GatewayState};
 pub use router::{AgentDirectory, route_leases};
 pub use runtime::{RECONCILE_INTERVAL, reconcile_loop};
 pub use shard::{QueueShardActor, SHARD, ShardMsg};

@@ -28,8 +28,8 @@ pub struct Config {
     pub raft: RaftConfig,
     /// Write batching and lease defaults.
     pub queue: QueueConfig,
-    /// Dispatch: how the shard leader hands ready tasks to agents.
-    pub dispatch: DispatchConfig,
+    /// The actor runtime: dispatch, sessions, agents, gateway probes.
+    pub runtime: RuntimeConfig,
     /// HTTP API limits.
     pub api: ApiConfig,
 }
@@ -178,10 +178,11 @@ impl Default for QueueConfig {
     }
 }
 
-/// How the shard leader matches ready tasks to agents, and session limits.
+/// The actor runtime: how the shard leader matches ready tasks to agents,
+/// session limits, agent reconciliation and gateway probes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct DispatchConfig {
+pub struct RuntimeConfig {
     /// `least_loaded` (default) or `round_robin`.
     pub policy: crate::fsm::DispatchPolicy,
     /// Most leases one dispatch round commits (one Raft command).
@@ -201,9 +202,15 @@ pub struct DispatchConfig {
     /// (a lost hint delays work by at most this much).
     #[serde(with = "humantime_serde")]
     pub agent_sync_interval: Duration,
+    /// How often a gateway actor probes its gateway's health.
+    #[serde(with = "humantime_serde")]
+    pub gateway_probe_interval: Duration,
+    /// Enables `POST /api/v1/admin/agents/{id}/crash`, which makes an agent
+    /// actor fail as a panic would (for drills and tests; off by default).
+    pub fault_injection: bool,
 }
 
-impl Default for DispatchConfig {
+impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             policy: crate::fsm::DispatchPolicy::LeastLoaded,
@@ -212,6 +219,8 @@ impl Default for DispatchConfig {
             session_time_limit: Duration::from_secs(3600),
             session_idle: Duration::from_secs(300),
             agent_sync_interval: Duration::from_secs(1),
+            gateway_probe_interval: Duration::from_secs(5),
+            fault_injection: false,
         }
     }
 }
@@ -347,17 +356,17 @@ impl Config {
         if q.node_dead_after <= q.node_heartbeat_interval {
             p.push("queue.node_dead_after must exceed queue.node_heartbeat_interval".into());
         }
-        let d = &self.dispatch;
+        let d = &self.runtime;
         if !(1..=crate::fsm::Limits::MAX_DISPATCH).contains(&d.max_per_round) {
             p.push(format!(
-                "dispatch.max_per_round must be 1..={}",
+                "runtime.max_per_round must be 1..={}",
                 crate::fsm::Limits::MAX_DISPATCH
             ));
         }
         if d.interval < Duration::from_millis(1)
             || d.agent_sync_interval < Duration::from_millis(10)
         {
-            p.push("dispatch.interval must be at least 1ms and dispatch.agent_sync_interval at least 10ms".into());
+            p.push("runtime.interval must be at least 1ms, runtime.agent_sync_interval at least 10ms and runtime.gateway_probe_interval at least 100ms".into());
         }
         if self.api.max_body_bytes < 1024 {
             p.push("api.max_body_bytes must be at least 1024".into());

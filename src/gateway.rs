@@ -76,6 +76,7 @@ use crate::fsm::{FencingToken, SessionKey, TaskId};
 mod backpressure;
 mod breaker;
 mod command;
+mod guarded;
 mod http;
 mod sim;
 mod spec;
@@ -83,6 +84,7 @@ mod spec;
 pub use backpressure::{BACKPRESSURE_PERCENT, accepts_new_session};
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Transition};
 pub use command::CommandDriver;
+pub use guarded::GuardedDriver;
 pub use http::HttpDriver;
 pub use sim::SimDriver;
 pub use spec::{
@@ -207,6 +209,12 @@ pub enum DriverError {
         /// Whether the same task might succeed on another attempt.
         retryable: bool,
     },
+    /// The gateway's circuit breaker is open: the attempt was not tried.
+    #[error("gateway circuit open{}", .retry_after.map(|d| format!("; retry after {d:?}")).unwrap_or_default())]
+    CircuitOpen {
+        /// When trial calls will be let through.
+        retry_after: Option<Duration>,
+    },
     /// The result was larger than allowed.
     #[error("result larger than {limit_bytes} bytes")]
     OutputTooLarge {
@@ -232,7 +240,9 @@ impl DriverError {
     /// Whether another attempt of the same task may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            DriverError::Timeout { .. } | DriverError::Unavailable { .. } => true,
+            DriverError::Timeout { .. }
+            | DriverError::Unavailable { .. }
+            | DriverError::CircuitOpen { .. } => true,
             DriverError::TaskFailed { retryable, .. } => *retryable,
             DriverError::Cancelled
             | DriverError::OutputTooLarge { .. }
@@ -257,6 +267,7 @@ impl DriverError {
             DriverError::Timeout { .. } => "timeout",
             DriverError::Cancelled => "cancelled",
             DriverError::Unavailable { .. } => "gateway_unavailable",
+            DriverError::CircuitOpen { .. } => "circuit_open",
             DriverError::TaskFailed { .. } => "task_failed",
             DriverError::OutputTooLarge { .. } => "output_too_large",
             DriverError::InvalidSpec(_) => "invalid_spec",

@@ -23,7 +23,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::router::AgentDirectory;
 use crate::fsm::{AgentId, Command, FencingToken, Rejection, Reply, Task, TaskId};
-use crate::gateway::{GatewayDriver, RunRequest};
+use crate::gateway::{DriverError, GatewayDriver, RunRequest};
 use crate::node::Node;
 
 /// The agent actor.
@@ -106,7 +106,7 @@ impl Actor for AgentActor {
         let skip = release_orphans(&args).await;
         let attempts = CancellationToken::new();
         let lease = args.node.queue_config().default_lease;
-        let sync = args.node.config().dispatch.agent_sync_interval;
+        let sync = args.node.config().runtime.agent_sync_interval;
         myself.send_interval(renew_every(lease), || AgentMsg::Renew);
         myself.send_interval(sync, || AgentMsg::Sync);
         Ok(AgentState {
@@ -308,6 +308,14 @@ async fn attempt(
                 result: out.result_json,
             }),
             "completed",
+        ),
+        // Not tried: give the task back without spending an attempt; the
+        // gateway actor reports the open circuit, which stops dispatch here.
+        Some(Err(DriverError::CircuitOpen { .. })) => (
+            Some(Command::Release {
+                tokens: vec![token],
+            }),
+            "circuit_open",
         ),
         Some(Err(e)) if !cancel.is_cancelled() => (
             Some(Command::Fail {

@@ -1,33 +1,52 @@
-//! The node's runtime reconciler: keeps the queue-shard actor running, and
-//! one Agent actor for every registered agent whose gateway is placed on
-//! this node, and none other.
+//! The node's runtime reconciler: keeps the queue-shard actor running, one
+//! Gateway actor for every gateway placed on this node, and one Agent actor
+//! for every registered agent of those gateways, and none other.
 //!
 //! It reads the committed registry on a timer (and so after every leader
-//! change), compares it with the agent supervisor's children and adds or
-//! removes actors. Drivers are built once per gateway spec and shared by the
-//! gateway's agents.
+//! change), compares it with the supervisors' children and adds or removes
+//! actors. Each placed gateway gets one guarded driver (its driver behind
+//! its circuit breaker), built from its spec and shared by its gateway actor
+//! and its agents; when the spec changes, the gateway's actors are stopped
+//! and started again with a driver built from the new spec.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::agent::{AgentActor, AgentArgs};
+use super::gateway::{GatewayActor, GatewayArgs, GatewayRegistry};
 use super::router::AgentDirectory;
 use super::shard::{QueueShardActor, SHARD};
-use super::{AGENTS, ChildSpec, Error, QUEUE_SHARDS, SupervisorRef};
-use crate::fsm::{AgentRecord, GatewayId};
-use crate::gateway::{GatewayDriver, GatewaySpec, driver_for};
+use super::{AGENTS, ChildSpec, Error, GATEWAYS, QUEUE_SHARDS, SupervisorRef};
+use crate::fsm::{AgentId, GatewayId};
+use crate::gateway::{GatewayDriver, GatewaySpec, GuardedDriver, driver_for};
 use crate::node::Node;
 
 /// How often the reconciler compares the registry with the running actors.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(250);
-/// How long removing an agent actor waits for it to stop.
+/// How long removing an actor waits for it to stop.
 const REMOVE_WAIT: Duration = Duration::from_secs(2);
 
 /// A driver built from one version of a gateway's spec.
 struct Built {
     spec: String,
-    driver: Arc<dyn GatewayDriver>,
+    driver: Arc<GuardedDriver>,
+}
+
+/// What this node should run, from the committed registry.
+struct Desired {
+    /// Placed gateways here, with their spec text.
+    gateways: BTreeMap<GatewayId, String>,
+    /// Their agents, with their gateway.
+    agents: BTreeMap<AgentId, GatewayId>,
+}
+
+fn gateway_actor(id: &GatewayId) -> String {
+    format!("gateway:{id}")
+}
+
+fn agent_actor(id: &AgentId) -> String {
+    format!("agent:{id}")
 }
 
 /// Runs until the node shuts down.
@@ -52,36 +71,37 @@ pub async fn reconcile_loop(node: Node, root: SupervisorRef, directory: AgentDir
     }
 }
 
-/// The agents this node should run, with their gateway's spec text.
-fn desired(node: &Node) -> BTreeMap<String, (AgentRecord, GatewayId, String)> {
+fn desired(node: &Node) -> Desired {
     let me = node.id();
     node.state().read(|s| {
         let reg = s.registry();
-        let here: BTreeMap<&GatewayId, &String> = reg
+        let gateways: BTreeMap<GatewayId, String> = reg
             .gateways()
             .filter(|g| g.owner == Some(me))
-            .map(|g| (&g.reg.id, &g.reg.spec))
+            .map(|g| (g.reg.id.clone(), g.reg.spec.clone()))
             .collect();
-        reg.agents()
-            .filter_map(|a| {
-                let spec = here.get(&a.reg.gateway)?;
-                Some((
-                    format!("agent:{}", a.reg.id),
-                    (a.clone(), a.reg.gateway.clone(), (*spec).clone()),
-                ))
-            })
-            .collect()
+        let agents = reg
+            .agents()
+            .filter(|a| gateways.contains_key(&a.reg.gateway))
+            .map(|a| (a.reg.id.clone(), a.reg.gateway.clone()))
+            .collect();
+        Desired { gateways, agents }
     })
+}
+
+async fn sub(root: &SupervisorRef, name: &str) -> super::Result<SupervisorRef> {
+    // Looked up each time: the child supervisor may have been restarted.
+    let cell = root
+        .child(name)
+        .await?
+        .ok_or_else(|| Error::Unavailable(name.to_string()))?;
+    Ok(SupervisorRef::from_cell(name, cell))
 }
 
 /// Starts the queue-shard actor if its supervisor lacks it (first start, or
 /// the supervisor was restarted and forgot its runtime children).
 async fn ensure_shard(node: &Node, root: &SupervisorRef) -> super::Result<()> {
-    let cell = root
-        .child(QUEUE_SHARDS)
-        .await?
-        .ok_or_else(|| Error::Unavailable(QUEUE_SHARDS.to_string()))?;
-    let shards = SupervisorRef::from_cell(QUEUE_SHARDS, cell);
+    let shards = sub(root, QUEUE_SHARDS).await?;
     if !shards.children().await?.iter().any(|c| c == SHARD) {
         let node = node.clone();
         shards
@@ -100,27 +120,77 @@ async fn reconcile(
     drivers: &mut BTreeMap<GatewayId, Built>,
 ) -> super::Result<()> {
     let want = desired(node);
-    // Looked up each time: the agent supervisor may have been restarted.
-    let cell = root
-        .child(AGENTS)
-        .await?
-        .ok_or_else(|| Error::Unavailable(AGENTS.to_string()))?;
-    let agents = SupervisorRef::from_cell(AGENTS, cell);
-    let have: BTreeSet<String> = agents.children().await?.into_iter().collect();
-    for name in have.iter().filter(|n| !want.contains_key(*n)) {
-        tracing::info!(actor = %name, "stopping agent: its gateway left this node or it was deregistered");
-        agents.remove_child(name, REMOVE_WAIT).await?;
+    let gateways = sub(root, GATEWAYS).await?;
+    let agents = sub(root, AGENTS).await?;
+    // Gateways whose spec changed: their actors restart with a new driver.
+    let changed: BTreeSet<GatewayId> = drivers
+        .iter()
+        .filter(|(g, b)| want.gateways.get(*g).is_some_and(|spec| *spec != b.spec))
+        .map(|(g, _)| g.clone())
+        .collect();
+    drivers.retain(|g, _| want.gateways.contains_key(g) && !changed.contains(g));
+
+    let have_agents: BTreeSet<String> = agents.children().await?.into_iter().collect();
+    for name in &have_agents {
+        let keep = want.agents.iter().any(|(a, g)| {
+            agent_actor(a) == *name && !changed.contains(g)
+        });
+        if !keep {
+            tracing::info!(actor = %name, "stopping agent: its gateway left this node, changed, or it was deregistered");
+            agents.remove_child(name, REMOVE_WAIT).await?;
+        }
     }
-    let live: BTreeSet<&GatewayId> = want.values().map(|(_, g, _)| g).collect();
-    drivers.retain(|g, _| live.contains(g));
-    for (name, (agent, gateway, spec)) in want.iter().filter(|(n, _)| !have.contains(*n)) {
+    let have_gateways: BTreeSet<String> = gateways.children().await?.into_iter().collect();
+    for name in &have_gateways {
+        let keep = want.gateways.keys().any(|g| gateway_actor(g) == *name && !changed.contains(g));
+        if !keep {
+            tracing::info!(actor = %name, "stopping gateway actor: it left this node or changed");
+            gateways.remove_child(name, REMOVE_WAIT).await?;
+        }
+    }
+    if !changed.is_empty() {
+        // Started again on the next pass, from the new spec.
+        return Ok(());
+    }
+
+    let registry: Arc<dyn GatewayRegistry> = Arc::new(node.clone());
+    let probe_every = node.config().runtime.gateway_probe_interval;
+    for (gateway, spec) in &want.gateways {
+        let name = gateway_actor(gateway);
+        if have_gateways.contains(&name) {
+            continue;
+        }
+        let Some(driver) = driver(drivers, gateway, spec) else {
+            continue;
+        };
+        let args = GatewayArgs {
+            id: gateway.clone(),
+            driver,
+            registry: Arc::clone(&registry),
+            probe_every,
+        };
+        gateways
+            .add_child(ChildSpec::new(name.clone(), move || {
+                (GatewayActor, args.clone())
+            }))
+            .await?;
+        tracing::info!(actor = %name, "gateway actor started");
+    }
+    for (agent, gateway) in &want.agents {
+        let name = agent_actor(agent);
+        if have_agents.contains(&name) {
+            continue;
+        }
+        let Some(spec) = want.gateways.get(gateway) else {
+            continue;
+        };
         let Some(driver) = driver(drivers, gateway, spec) else {
             continue;
         };
         let args = AgentArgs {
             node: node.clone(),
-            id: agent.reg.id.clone(),
-            driver,
+            id: agent.clone(),
+            driver: driver as Arc<dyn GatewayDriver>,
             directory: directory.clone(),
         };
         agents
@@ -133,18 +203,23 @@ async fn reconcile(
     Ok(())
 }
 
-/// The gateway's driver, built (or rebuilt when its spec changed).
+/// The gateway's guarded driver, built from `spec` if not built yet.
 fn driver(
     drivers: &mut BTreeMap<GatewayId, Built>,
     gateway: &GatewayId,
     spec: &str,
-) -> Option<Arc<dyn GatewayDriver>> {
-    if let Some(b) = drivers.get(gateway).filter(|b| b.spec == spec) {
+) -> Option<Arc<GuardedDriver>> {
+    if let Some(b) = drivers.get(gateway) {
         return Some(Arc::clone(&b.driver));
     }
     let built = serde_json::from_str::<GatewaySpec>(spec)
         .map_err(|e| e.to_string())
-        .and_then(|s| driver_for(&s).map_err(|e| e.to_string()));
+        .and_then(|s| {
+            let breaker = s.breaker.clone();
+            driver_for(&s)
+                .map(|d| Arc::new(GuardedDriver::new(d, breaker)))
+                .map_err(|e| e.to_string())
+        });
     match built {
         Ok(driver) => {
             drivers.insert(
@@ -157,7 +232,7 @@ fn driver(
             Some(driver)
         }
         Err(e) => {
-            tracing::warn!(%gateway, error = %e, "cannot build the gateway's driver; its agents wait");
+            tracing::warn!(%gateway, error = %e, "cannot build the gateway's driver; its actors wait");
             None
         }
     }

@@ -95,7 +95,7 @@ async fn watch(
     stop: CancellationToken,
 ) {
     let mut applied = node.state().subscribe();
-    let every = node.config().dispatch.interval;
+    let every = node.config().runtime.interval;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -119,7 +119,7 @@ async fn round(node: &Node) -> bool {
     if !node.is_leader() {
         return false;
     }
-    let cfg = &node.config().dispatch;
+    let cfg = &node.config().runtime;
     let dead_after = node.queue_config().node_dead_after.as_millis() as u64;
     if !node.state().read(|s| s.dispatch_would_lease(dead_after)) {
         return false;

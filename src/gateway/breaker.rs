@@ -123,8 +123,8 @@ impl Inner {
     }
 }
 
-/// One gateway's circuit breaker. Not thread safe on purpose: it belongs to
-/// the gateway's actor.
+/// One gateway's circuit breaker. Not thread safe on purpose: the gateway's
+/// [`super::GuardedDriver`] owns it behind a mutex.
 #[derive(Clone, Debug)]
 pub struct CircuitBreaker {
     config: BreakerConfig,
