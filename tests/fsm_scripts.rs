@@ -38,7 +38,22 @@
 //! - `replay ids=1,2 [limit=100]` or `replay [tenant=a] [priority=P] [error=E] [limit=100]`
 //! - `tick` (apply an empty batch: fires due timers)
 //! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
-//! - reads: `dump`, `task id=N`, `depth`, `clock`
+//! - registry: `node id=N [region=eu] [api=127.0.0.1:1]` (a heartbeat at the
+//!   script clock), `drain id=N [on=true]`,
+//!   `gateway id=G [caps=x,y] [max=100] [region=eu] [kind=sim]`,
+//!   `place gateway=G [node=N]` (no node: unplace),
+//!   `report gateway=G health=healthy|degraded|unhealthy|unknown
+//!   circuit=closed|open|half_open`,
+//!   `agent id=A gateway=G [caps=x,y] [capacity=1] [role=worker]`, `unagent id=A`
+//! - `dispatch [max=100] [lease=30000] [policy=least_loaded|round_robin]
+//!   [dead_after=3000] [limit=0] [idle=0]` (`limit` and `idle`: the time limit
+//!   and idle close of the sessions it opens, 0 for none); its grants name
+//!   the agent
+//! - `renew_many tokens=1,2 [lease=30000]`, `release tokens=1,2`,
+//!   `kill_session id=N [reason=R]`
+//! - reads: `dump`, `task id=N`, `depth`, `clock`, `sessions` (one line per
+//!   session, oldest first: state, key, agent, gateway, task, deadline, idle
+//!   close, reason), `load agent=A` (live leases against capacity)
 //! - `snapshot` remembers the encoded state; `unchanged` says whether the
 //!   state is byte-for-byte what `snapshot` saw.
 
@@ -48,9 +63,10 @@ use std::str::FromStr;
 
 use godel::codec;
 use godel::fsm::{
-    AgentId, Backoff, Batch, Command, DeadLetterFilter, Event, EventKind, FencingToken, LeaseGrant,
-    Outcome, Priority, Rejection, ReplaySelector, Reply, Request, SessionKey, State, SubmitTask,
-    Task, TaskFilter, TaskId, TaskStatus, Tenant,
+    AgentId, AgentRegistration, Backoff, Batch, Circuit, Command, DeadLetterFilter, DispatchPolicy,
+    DispatchSpec, Event, EventKind, FencingToken, GatewayId, GatewayRegistration, Health,
+    LeaseGrant, Outcome, Priority, Rejection, ReplaySelector, Reply, Request, SessionKey,
+    SessionRecord, SessionState, State, SubmitTask, Task, TaskFilter, TaskId, TaskStatus, Tenant,
 };
 
 const SCRIPT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fsm_scripts");
@@ -75,6 +91,12 @@ scripts! {
     child_inherits_parent_priority,
     clock_never_goes_back,
     dead_letter_replay_by_ids_and_filter,
+    dispatch_backpressure,
+    dispatch_invalid_input_changes_nothing,
+    dispatch_least_loaded_spreads_work,
+    dispatch_round_robin,
+    dispatch_session_affinity,
+    dispatch_skips_ineligible_agents,
     fail_retries_with_backoff_then_dead_letter,
     fencing_tokens_only_grow,
     fifo_within_priority,
@@ -84,7 +106,9 @@ scripts! {
     manual_retry,
     not_retryable_goes_to_dead_letter,
     priority_blocks_lower_until_drained,
+    release_and_renew_many,
     scheduled_becomes_ready,
+    session_time_limit_and_lease_expiry,
     stale_token_rejected,
     tenant_round_robin_weighted,
     timeout_counts_as_failure,
@@ -322,10 +346,60 @@ impl Runner {
                 weight: args.require("w")?,
             }),
             "tick" => self.apply(Command::Tick),
+            "node" => self.apply(Command::NodeHeartbeat {
+                id: args.require("id")?,
+                region: args.take("region").unwrap_or_else(|| "eu".into()),
+                api_addr: args.take("api").unwrap_or_else(|| "127.0.0.1:1".into()),
+            }),
+            "drain" => self.apply(Command::SetDrain {
+                id: args.require("id")?,
+                draining: args.parsed("on")?.unwrap_or(true),
+            }),
+            "gateway" => self.apply(Command::RegisterGateway(GatewayRegistration {
+                id: GatewayId(args.require("id")?),
+                kind: args.take("kind").unwrap_or_else(|| "sim".into()),
+                spec: "{}".into(),
+                region: args.take("region").unwrap_or_else(|| "eu".into()),
+                capabilities: list(args.take("caps")),
+                max_sessions: args.parsed("max")?.unwrap_or(100),
+            })),
+            "place" => self.apply(Command::PlaceGateway {
+                id: GatewayId(args.require("gateway")?),
+                owner: args.parsed("node")?,
+            }),
+            "report" => self.apply(Command::ReportGateway {
+                id: GatewayId(args.require("gateway")?),
+                health: health(&args.require::<String>("health")?)?,
+                circuit: circuit(&args.require::<String>("circuit")?)?,
+            }),
+            "agent" => self.apply(Command::RegisterAgent(AgentRegistration {
+                id: AgentId(args.require("id")?),
+                gateway: GatewayId(args.require("gateway")?),
+                capabilities: list(args.take("caps")),
+                role: args.take("role").unwrap_or_else(|| "worker".into()),
+                capacity: args.parsed("capacity")?.unwrap_or(1),
+            })),
+            "unagent" => self.apply(Command::DeregisterAgent {
+                id: AgentId(args.require("id")?),
+            }),
+            "dispatch" => self.apply(Command::Dispatch(dispatch_spec(&mut args)?)),
+            "renew_many" => self.apply(Command::RenewMany {
+                tokens: tokens(&mut args)?,
+                lease_ms: args.parsed("lease")?.unwrap_or(30_000),
+            }),
+            "release" => self.apply(Command::Release {
+                tokens: tokens(&mut args)?,
+            }),
+            "kill_session" => self.apply(Command::KillSession {
+                id: args.require("id")?,
+                reason: args.take("reason"),
+            }),
             "dump" => self.dump(),
             "task" => self.task(TaskId(args.require("id")?)),
             "depth" => depth_lines(&self.state),
             "clock" => vec![self.clock_line()],
+            "sessions" => self.sessions(),
+            "load" => self.load(AgentId(args.require("agent")?)),
             "snapshot" => {
                 self.saved = Some(encode(&self.state));
                 vec!["saved".into()]
@@ -380,6 +454,39 @@ impl Runner {
             Some(t) => task_line(t),
             None => format!("#{id} not found"),
         }]
+    }
+
+    fn sessions(&self) -> Vec<String> {
+        let lines: Vec<String> = self
+            .state
+            .sessions()
+            .iter()
+            .map(|s| session_line(s))
+            .collect();
+        if lines.is_empty() {
+            return vec!["no sessions".into()];
+        }
+        lines
+    }
+
+    /// An agent's live leases against its capacity (`-` if not registered).
+    fn load(&self, agent: AgentId) -> Vec<String> {
+        let capacity = self
+            .state
+            .registry()
+            .agent(&agent)
+            .map_or("-".into(), |a| a.reg.capacity.to_string());
+        let held: Vec<String> = self
+            .state
+            .agent_leases(&agent)
+            .iter()
+            .map(|(token, id)| format!("#{id}(token={token})"))
+            .collect();
+        vec![format!(
+            "{agent} load={}/{capacity} holds=[{}]",
+            self.state.agent_load(&agent),
+            held.join(" ")
+        )]
     }
 
     fn clock_line(&self) -> String {
@@ -529,6 +636,58 @@ fn lease_command(args: &mut Args) -> Result<Command, String> {
     })
 }
 
+fn dispatch_spec(args: &mut Args) -> Result<DispatchSpec, String> {
+    let policy = match args.take("policy").as_deref() {
+        None | Some("least_loaded") => DispatchPolicy::LeastLoaded,
+        Some("round_robin") => DispatchPolicy::RoundRobin,
+        Some(other) => {
+            return Err(format!(
+                "`policy={other}`: give least_loaded or round_robin"
+            ));
+        }
+    };
+    Ok(DispatchSpec {
+        lease_ms: args.parsed("lease")?.unwrap_or(30_000),
+        max: args.parsed("max")?.unwrap_or(100),
+        policy,
+        node_dead_after_ms: args.parsed("dead_after")?.unwrap_or(3_000),
+        session_limit_ms: args.parsed("limit")?.unwrap_or(0),
+        session_idle_ms: args.parsed("idle")?.unwrap_or(0),
+    })
+}
+
+/// `tokens=1,2` as fencing tokens (required; `tokens=` is an empty list).
+fn tokens(args: &mut Args) -> Result<Vec<FencingToken>, String> {
+    let value = args.take("tokens").ok_or("`tokens=` is required")?;
+    list(Some(value))
+        .iter()
+        .map(|s| {
+            s.parse()
+                .map(FencingToken)
+                .map_err(|e| format!("`tokens`: {e}"))
+        })
+        .collect()
+}
+
+fn health(s: &str) -> Result<Health, String> {
+    Ok(match s {
+        "unknown" => Health::Unknown,
+        "healthy" => Health::Healthy,
+        "degraded" => Health::Degraded,
+        "unhealthy" => Health::Unhealthy,
+        other => return Err(format!("`health={other}`: unknown health")),
+    })
+}
+
+fn circuit(s: &str) -> Result<Circuit, String> {
+    Ok(match s {
+        "closed" => Circuit::Closed,
+        "open" => Circuit::Open,
+        "half_open" => Circuit::HalfOpen,
+        other => return Err(format!("`circuit={other}`: unknown circuit state")),
+    })
+}
+
 fn replay_command(args: &mut Args) -> Result<Command, String> {
     let limit = args.parsed("limit")?.unwrap_or(100);
     let selector = match args.take("ids") {
@@ -562,9 +721,9 @@ fn outcome_lines(outcome: &Outcome) -> Vec<String> {
             vec![format!("replayed {}", ids.join(" "))]
         }
         Ok(Reply::Done) => vec!["ok".into()],
-        Ok(Reply::Session(s)) => vec![format!("session {} {:?}", s.id, s.state)],
+        Ok(Reply::Session(s)) => vec![format!("ok {}", session_line(s))],
         Ok(Reply::Dispatched(grants)) if grants.is_empty() => vec!["dispatched none".into()],
-        Ok(Reply::Dispatched(grants)) => grants.iter().map(grant_line).collect(),
+        Ok(Reply::Dispatched(grants)) => grants.iter().map(dispatch_grant_line).collect(),
         Ok(Reply::Renewed { stale }) => {
             let stale: Vec<String> = stale.iter().map(|t| t.to_string()).collect();
             vec![format!("renewed stale=[{}]", stale.join(","))]
@@ -582,6 +741,62 @@ fn grant_line(g: &LeaseGrant) -> String {
         "leased #{} token={} expires={}",
         g.task.id, g.token, g.expires_at_ms
     )
+}
+
+/// A dispatched grant: as a lease grant, plus the agent it went to.
+fn dispatch_grant_line(g: &LeaseGrant) -> String {
+    let agent = g
+        .task
+        .lease
+        .as_ref()
+        .map_or("-".into(), |l| l.agent_id.to_string());
+    format!(
+        "leased #{} token={} agent={agent} expires={}",
+        g.task.id, g.token, g.expires_at_ms
+    )
+}
+
+/// One line per session: id and state, then where it runs and what it holds.
+fn session_line(s: &SessionRecord) -> String {
+    let mut line = format!("session {} {}", s.id, session_state(s.state));
+    if let Some(k) = &s.session_key {
+        line += &format!(" key={k}");
+    }
+    if let Some(a) = &s.agent {
+        line += &format!(" agent={a}");
+    }
+    line += &format!(" gateway={}", s.gateway);
+    if let Some(t) = s.task {
+        line += &format!(" task=#{t}");
+    }
+    if let Some(d) = s.deadline_ms {
+        line += &format!(" deadline={d}");
+    }
+    if s.idle_ms > 0 {
+        line += &format!(" idle={}", s.idle_ms);
+        if s.state == SessionState::Ready {
+            line += &format!(" closes={}", s.updated_at_ms + s.idle_ms);
+        }
+    }
+    if let Some(r) = &s.reason {
+        line += &format!(" reason={:?}", shorten(r));
+    }
+    line
+}
+
+fn session_state(s: SessionState) -> &'static str {
+    match s {
+        SessionState::Created => "created",
+        SessionState::Initializing => "initializing",
+        SessionState::Ready => "ready",
+        SessionState::Running => "running",
+        SessionState::Completing => "completing",
+        SessionState::Completed => "completed",
+        SessionState::Failed => "failed",
+        SessionState::Cancelled => "cancelled",
+        SessionState::Timeout => "timeout",
+        SessionState::Error => "error",
+    }
 }
 
 fn rejection_line(r: &Rejection) -> String {
