@@ -91,9 +91,11 @@ pub use events::{
     LABEL_SUPERVISOR, METRIC_ESCALATIONS, METRIC_EVENTS_DROPPED, METRIC_GIVE_UPS, METRIC_RESTARTS,
     Observer, SupervisionMetrics, SupervisorEvent, metrics, register_metrics,
 };
+pub use gateway::{
+    CIRCUIT_CHECK, GatewayActor, GatewayArgs, GatewayMsg, GatewayRegistry, GatewayState,
+};
 pub use node::{AGENTS, GATEWAYS, NODE, NodeSupervisor, QUEUE_SHARDS};
 pub use policy::{Decision, OnExhausted, RestartPolicy, RestartTracker, Strategy};
-pub use gateway::{CIRCUIT_CHECK, GatewayActor, GatewayArgs, GatewayMsg, GatewayRegistry, GatewayState};
 pub use router::{AgentDirectory, route_leases};
 pub use runtime::{RECONCILE_INTERVAL, reconcile_loop};
 pub use shard::{QueueShardActor, SHARD, ShardMsg};

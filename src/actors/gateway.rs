@@ -29,11 +29,8 @@ pub trait GatewayRegistry: Send + Sync + 'static {
 
 impl GatewayRegistry for Node {
     fn committed(&self, id: &GatewayId) -> Option<(Health, Circuit)> {
-        self.state().read(|s| {
-            s.registry()
-                .gateway(id)
-                .map(|g| (g.health, g.circuit))
-        })
+        self.state()
+            .read(|s| s.registry().gateway(id).map(|g| (g.health, g.circuit)))
     }
 
     fn report(&self, id: &GatewayId, health: Health, circuit: Circuit) -> BoxFuture<'_, bool> {

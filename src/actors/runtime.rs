@@ -132,9 +132,10 @@ async fn reconcile(
 
     let have_agents: BTreeSet<String> = agents.children().await?.into_iter().collect();
     for name in &have_agents {
-        let keep = want.agents.iter().any(|(a, g)| {
-            agent_actor(a) == *name && !changed.contains(g)
-        });
+        let keep = want
+            .agents
+            .iter()
+            .any(|(a, g)| agent_actor(a) == *name && !changed.contains(g));
         if !keep {
             tracing::info!(actor = %name, "stopping agent: its gateway left this node, changed, or it was deregistered");
             agents.remove_child(name, REMOVE_WAIT).await?;
@@ -142,7 +143,10 @@ async fn reconcile(
     }
     let have_gateways: BTreeSet<String> = gateways.children().await?.into_iter().collect();
     for name in &have_gateways {
-        let keep = want.gateways.keys().any(|g| gateway_actor(g) == *name && !changed.contains(g));
+        let keep = want
+            .gateways
+            .keys()
+            .any(|g| gateway_actor(g) == *name && !changed.contains(g));
         if !keep {
             tracing::info!(actor = %name, "stopping gateway actor: it left this node or changed");
             gateways.remove_child(name, REMOVE_WAIT).await?;

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Outcome, Rejection, Reply, check_name};
+use super::command::{Event, Outcome, Rejection, Reply, check_name};
 use super::queue::normalize_caps;
 use super::state::State;
 use super::task::{AgentId, FencingToken, Limits, TaskId};
@@ -321,8 +321,14 @@ impl State {
         Ok(Reply::Done)
     }
 
-    /// Registers (or updates) an agent on a registered gateway.
-    pub(crate) fn register_agent(&mut self, reg: &AgentRegistration) -> Outcome {
+    /// Registers (or updates) an agent on a registered gateway. An agent
+    /// moved to another gateway gives back its leases and ends its sessions
+    /// (they belong to the old gateway).
+    pub(crate) fn register_agent(
+        &mut self,
+        reg: &AgentRegistration,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
         check_name("id", &reg.id.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
         if !self.registry.gateways.contains_key(&reg.gateway) {
             return Err(not_found("gateway", &reg.gateway));
@@ -339,11 +345,11 @@ impl State {
             capabilities: normalize_caps(&reg.capabilities),
             ..reg.clone()
         };
-        let registered_at_ms = self
-            .registry
-            .agents
-            .get(&reg.id)
-            .map_or(self.clock_ms, |a| a.registered_at_ms);
+        let old = self.registry.agents.get(&reg.id);
+        let registered_at_ms = old.map_or(self.clock_ms, |a| a.registered_at_ms);
+        if old.is_some_and(|a| a.reg.gateway != reg.gateway) {
+            self.let_go(&reg.id, "agent moved to another gateway", events);
+        }
         self.registry.agents.insert(
             reg.id.clone(),
             AgentRecord {
@@ -354,13 +360,27 @@ impl State {
         Ok(Reply::Done)
     }
 
-    /// Removes an agent. Its live leases stay until they end or lapse.
-    pub(crate) fn deregister_agent(&mut self, id: &AgentId) -> Outcome {
+    /// Removes an agent: its live leases are given back (their tasks are
+    /// ready again, no attempt spent) and its sessions end as `error`.
+    pub(crate) fn deregister_agent(&mut self, id: &AgentId, events: &mut Vec<Event>) -> Outcome {
         self.registry
             .agents
             .remove(id)
             .ok_or_else(|| not_found("agent", id))?;
+        self.let_go(id, "agent deregistered", events);
         Ok(Reply::Done)
+    }
+
+    /// Releases `agent`'s live leases and ends its sessions.
+    fn let_go(&mut self, agent: &AgentId, why: &str, events: &mut Vec<Event>) {
+        let tokens: Vec<FencingToken> = self
+            .agent_leases(agent)
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        self.release(&tokens, events)
+            .expect("invariant: releasing live leases always succeeds");
+        self.end_agent_sessions(agent, why);
     }
 
     /// The registries.

@@ -155,17 +155,31 @@ impl Sessions {
             .min()
     }
 
+    /// The earliest session timer: `(time, session)`.
+    pub(crate) fn next_due(&self) -> Option<(u64, SessionId)> {
+        [self.deadlines.first(), self.idle.first()]
+            .into_iter()
+            .flatten()
+            .copied()
+            .min()
+    }
+
     /// Live sessions on `gateway`.
     pub fn live_on(&self, gateway: &GatewayId) -> u32 {
         self.live_by_gateway.get(gateway).copied().unwrap_or(0)
     }
 
-    /// Whether no live session holds `key`, or the one that does is idle
-    /// and driven by `agent`: a task with that key may go to `agent` now.
+    /// Whether no live session holds `key`, or the one that does is ready,
+    /// idle and driven by `agent` (or by no agent yet): a task with that key
+    /// may go to `agent` now.
     pub(crate) fn admits(&self, key: &SessionKey, agent: &AgentId) -> bool {
         match self.by_key(key) {
             None => true,
-            Some(s) => s.task.is_none() && s.agent.as_ref() == Some(agent),
+            Some(s) => {
+                s.state == SessionState::Ready
+                    && s.task.is_none()
+                    && s.agent.as_ref().is_none_or(|a| a == agent)
+            }
         }
     }
 }
@@ -283,32 +297,49 @@ impl State {
         Ok(Reply::Session(rec))
     }
 
-    /// Ends every live session whose deadline has passed, as `timeout`
-    /// (failing the attempt it was running, which frees the agent), and
-    /// closes sessions idle past their idle time, as `completed`.
-    pub(crate) fn expire_sessions(&mut self, seed: u64, events: &mut Vec<Event>) {
-        while let Some(&(at, id)) = self.sessions.deadlines.first() {
-            if at > self.clock_ms {
-                break;
+    /// Fires the earliest session timer (the caller checked it is due): a
+    /// time limit ends the session as `timeout`, failing the attempt it was
+    /// running (which frees the agent); an idle session closes as
+    /// `completed`.
+    pub(crate) fn fire_session_timer(&mut self, seed: u64, events: &mut Vec<Event>) {
+        let deadline = self.sessions.deadlines.first().copied();
+        let idle = self.sessions.idle.first().copied();
+        match (deadline, idle) {
+            (Some((at, id)), i) if i.is_none_or(|i| (at, id) <= i) => {
+                let entropy = mix(seed ^ id.rotate_left(17));
+                self.end_session(
+                    id,
+                    SessionState::Timeout,
+                    "time limit reached",
+                    entropy,
+                    events,
+                )
+                .expect("invariant: sessions with deadlines are live");
             }
-            let entropy = mix(seed ^ id.rotate_left(17));
-            self.end_session(
-                id,
-                SessionState::Timeout,
-                "time limit reached",
-                entropy,
-                events,
-            )
-            .expect("invariant: sessions with deadlines are live");
+            (_, Some((_, id))) => {
+                for to in [SessionState::Completing, SessionState::Completed] {
+                    self.move_session(id, to, None, None)
+                        .expect("invariant: idle sessions are ready");
+                }
+            }
+            (None, None) => {}
+            (Some(_), None) => unreachable!("the first arm takes a deadline with no idle timer"),
         }
-        while let Some(&(at, id)) = self.sessions.idle.first() {
-            if at > self.clock_ms {
-                break;
-            }
-            for to in [SessionState::Completing, SessionState::Completed] {
-                self.move_session(id, to, None, None)
-                    .expect("invariant: idle sessions are ready");
-            }
+    }
+
+    /// Ends the live sessions driven by `agent` as `error` (the agent was
+    /// deregistered or moved to another gateway).
+    pub(crate) fn end_agent_sessions(&mut self, agent: &AgentId, why: &str) {
+        let ids: Vec<SessionId> = self
+            .sessions
+            .by_key
+            .values()
+            .copied()
+            .filter(|id| self.sessions.records[id].agent.as_ref() == Some(agent))
+            .collect();
+        for id in ids {
+            self.move_session(id, SessionState::Error, None, Some(why))
+                .expect("invariant: sessions by key are live");
         }
     }
 
@@ -369,6 +400,14 @@ impl State {
             return;
         };
         if let Some(live) = self.sessions.by_key(&key).map(|s| s.id) {
+            let slot = self
+                .sessions
+                .records
+                .get_mut(&live)
+                .expect("invariant: sessions by key exist");
+            if slot.agent.is_none() {
+                Arc::make_mut(slot).agent = Some(agent.clone());
+            }
             self.move_session(live, SessionState::Running, Some(task), None)
                 .expect("invariant: dispatch admits only idle sessions of the agent");
             return;
@@ -511,6 +550,76 @@ mod tests {
             Some("time limit reached")
         );
         assert!(s.sessions().by_key(&SessionKey("k".into())).is_none());
+    }
+
+    #[test]
+    fn dispatch_waits_for_a_session_that_is_not_ready() {
+        use crate::fsm::{AgentRegistration, DispatchPolicy, DispatchSpec, Reply, SubmitTask};
+        let mut s = with_gateway();
+        apply(
+            &mut s,
+            0,
+            Command::NodeHeartbeat {
+                id: 1,
+                region: "eu".into(),
+                api_addr: "a".into(),
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            0,
+            Command::PlaceGateway {
+                id: GatewayId("gw".into()),
+                owner: Some(1),
+            },
+        )
+        .unwrap();
+        let agent = AgentRegistration {
+            id: AgentId("a".into()),
+            gateway: GatewayId("gw".into()),
+            capacity: 2,
+            role: "r".into(),
+            ..Default::default()
+        };
+        apply(&mut s, 0, Command::RegisterAgent(agent)).unwrap();
+        // An operator opened the session: created, not ready, no agent.
+        apply(&mut s, 0, open(Some("k"), None)).unwrap();
+        let submit = SubmitTask {
+            tenant: "t".into(),
+            payload: "{}".into(),
+            session_key: Some(SessionKey("k".into())),
+            ..Default::default()
+        };
+        apply(&mut s, 0, Command::Submit(submit)).unwrap();
+        let dispatch = Command::Dispatch(DispatchSpec {
+            lease_ms: 30_000,
+            max: 10,
+            policy: DispatchPolicy::LeastLoaded,
+            node_dead_after_ms: 3_000,
+            session_limit_ms: 0,
+            session_idle_ms: 0,
+        });
+        let out = apply(&mut s, 1, dispatch.clone());
+        assert_eq!(out, Ok(Reply::Dispatched(vec![])), "waits for the session");
+        for to in [SessionState::Initializing, SessionState::Ready] {
+            let mv = Command::MoveSession {
+                id: 1,
+                to,
+                task: None,
+                reason: None,
+            };
+            apply(&mut s, 2, mv).unwrap();
+        }
+        let Ok(Reply::Dispatched(grants)) = apply(&mut s, 3, dispatch) else {
+            panic!()
+        };
+        assert_eq!(grants.len(), 1, "a ready session takes its key's task");
+        let rec = s.sessions().get(1).unwrap();
+        assert_eq!(
+            (rec.state, rec.agent.clone()),
+            (SessionState::Running, Some(AgentId("a".into())))
+        );
     }
 
     #[test]

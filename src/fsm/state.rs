@@ -110,8 +110,8 @@ impl State {
                 circuit,
             } => self.report_gateway(id, *health, *circuit),
             Command::PlaceGateway { id, owner } => self.place_gateway(id, *owner),
-            Command::RegisterAgent(reg) => self.register_agent(reg),
-            Command::DeregisterAgent { id } => self.deregister_agent(id),
+            Command::RegisterAgent(reg) => self.register_agent(reg, events),
+            Command::DeregisterAgent { id } => self.deregister_agent(id, events),
             Command::OpenSession(open) => self.open_session(open),
             Command::MoveSession {
                 id,
@@ -163,7 +163,6 @@ impl State {
     /// expiry before a timeout.
     fn advance(&mut self, now_ms: u64, seed: u64, events: &mut Vec<Event>) {
         self.clock_ms = self.clock_ms.max(now_ms);
-        self.expire_sessions(seed, events);
         loop {
             let clock = self.clock_ms;
             let due = |timers: &BTreeSet<(u64, TaskId)>, timer: Timer| {
@@ -180,6 +179,15 @@ impl State {
             .into_iter()
             .flatten()
             .min();
+            // Session timers interleave in time order; at the same time a
+            // task's timer fires first.
+            let session = self.sessions.next_due().filter(|(at, _)| *at <= clock);
+            if let Some((at, _)) = session
+                && next.is_none_or(|(task_at, _, _)| at < task_at)
+            {
+                self.fire_session_timer(seed, events);
+                continue;
+            }
             match next {
                 None => break,
                 Some((_, id, Timer::Ready)) => {
