@@ -76,6 +76,7 @@ pub fn router(node: Node) -> Router {
             post(admin::drain).get(admin::progress),
         )
         .route("/admin/nodes/{id}/undrain", post(admin::undrain))
+        .route("/admin/agents/{id}/crash", post(admin::crash_agent))
         .route("/cluster", get(cluster::status))
         .route("/cluster/join", post(cluster::join))
         .route("/cluster/leave", post(cluster::leave))

@@ -113,6 +113,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// The supervision tree of this node's actors (taken at stop).
     actors: std::sync::Mutex<Option<crate::actors::NodeSupervisor>>,
+    /// The agent actors running here (for lease hints and fault injection).
+    agents: crate::actors::AgentDirectory,
 }
 
 impl Node {
@@ -148,6 +150,7 @@ impl Node {
                 tasks: TaskTracker::new(),
                 shutdown,
                 actors: std::sync::Mutex::new(None),
+                agents: crate::actors::AgentDirectory::default(),
             }),
         };
         let listener = tokio::net::TcpListener::bind(node.inner.config.node.raft_addr).await?;
@@ -181,7 +184,7 @@ impl Node {
         let tree =
             crate::actors::NodeSupervisor::start(crate::actors::RestartPolicy::default(), observer)
                 .await?;
-        let directory = crate::actors::AgentDirectory::default();
+        let directory = self.inner.agents.clone();
         self.spawn(crate::actors::route_leases(self.clone(), directory.clone()));
         self.spawn(crate::actors::reconcile_loop(
             self.clone(),
@@ -283,6 +286,11 @@ impl Node {
             .cloned()
             .unwrap_or_default();
         Some((id, info))
+    }
+
+    /// The agent actors running on this node.
+    pub fn agent_directory(&self) -> &crate::actors::AgentDirectory {
+        &self.inner.agents
     }
 
     /// Whether this node believes it is the leader.

@@ -980,3 +980,119 @@ async fn registered_agents_complete_tasks() {
     })
     .await;
 }
+
+/// An agent actor that fails mid-task (fault injection, the same path as a
+/// panic in a handler) is restarted by its supervisor; its attempt dies with
+/// it, and the new incarnation gives the old lease back, so the task is
+/// leased again with a new fencing token at once (not after the 30 s lease)
+/// and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_agent_is_restarted_and_its_task_leased_again() {
+    let c = Cluster::start_with(1, "[runtime]\nfault_injection = true\n").await;
+    bounded(TEST_BOUND, async {
+        let api = c.api();
+        let spec = json!({ "id": "slow", "region": "local", "max_sessions": 4,
+            "driver": { "kind": "sim", "latency": { "dist": "fixed", "value": "3s" } } });
+        assert_eq!(
+            api.post(0, "/api/v1/gateways", &spec)
+                .await
+                .expect("gateway")
+                .status,
+            201
+        );
+        let body = json!({ "id": "worker", "gateway": "slow", "capacity": 1 });
+        assert_eq!(
+            api.post(0, "/api/v1/agents", &body)
+                .await
+                .expect("agent")
+                .status,
+            201
+        );
+        let r = api
+            .post(0, "/api/v1/tasks", &task_body("acme", "high", 1, None))
+            .await
+            .expect("submit");
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        let id = r.body["id"].as_u64().expect("task id");
+        let path = format!("/api/v1/tasks/{id}");
+        let first = wait_until(
+            "the task to be leased",
+            deadline(Duration::from_secs(10)),
+            async || {
+                let t = api.get_ok(0, &path).await;
+                t["lease"]["fencing_token"]
+                    .as_u64()
+                    .ok_or_else(|| anyhow!("not leased: {t}"))
+            },
+        )
+        .await;
+        let restarts_before = metric(&api, "godel_actor_restarts_total").await;
+        let crash = api
+            .post(0, "/api/v1/admin/agents/worker/crash", &json!({}))
+            .await
+            .expect("crash");
+        assert_eq!(crash.status, 202, "{:?}", crash.body);
+        let crashed_at = Instant::now();
+        let second = wait_until(
+            "a new lease",
+            deadline(Duration::from_secs(10)),
+            async || {
+                let t = api.get_ok(0, &path).await;
+                match t["lease"]["fencing_token"].as_u64() {
+                    Some(tok) if tok > first => Ok(tok),
+                    _ => Err(anyhow!("still {first} or none: {t}")),
+                }
+            },
+        )
+        .await;
+        assert!(
+            crashed_at.elapsed() < Duration::from_secs(10),
+            "leased again long before the 30 s lease would lapse"
+        );
+        eprintln!(
+            "re-leased with token {second} (was {first}) {:?} after the crash",
+            crashed_at.elapsed()
+        );
+        wait_until(
+            "the task to complete",
+            deadline(Duration::from_secs(15)),
+            async || {
+                let t = api.get_ok(0, &path).await;
+                if t["status"] == "completed" {
+                    Ok(())
+                } else {
+                    Err(anyhow!("{t}"))
+                }
+            },
+        )
+        .await;
+        let t = api.get_ok(0, &path).await;
+        assert_eq!(t["attempt_count"], 0, "a lost lease spends no attempt: {t}");
+        assert_eq!(t["lease_count"], 2, "leased twice: {t}");
+        assert!(
+            metric(&api, "godel_actor_restarts_total").await > restarts_before,
+            "the supervisor counted a restart"
+        );
+        // An agent with no actor on this node: 404.
+        let other = api
+            .post(0, "/api/v1/admin/agents/nobody/crash", &json!({}))
+            .await
+            .expect("crash");
+        assert_eq!(other.status, 404, "{:?}", other.body);
+    })
+    .await;
+}
+
+/// Sum of a counter's samples on node 0's `/metrics`.
+async fn metric(api: &Api, name: &str) -> f64 {
+    let r = api.get(0, "/metrics").await.expect("metrics");
+    let text = r
+        .body
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| r.body.to_string());
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

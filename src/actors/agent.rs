@@ -63,6 +63,9 @@ pub enum AgentMsg {
     Renew,
     /// These leases were refused as stale by a renew.
     Stale(Vec<FencingToken>),
+    /// Fail now, as a panic in a handler would (fault injection for drills
+    /// and tests, behind `runtime.fault_injection`).
+    Crash,
     /// An attempt ended: reported, stopped, or (`given_up`) its result
     /// could not be committed, so its lease is left to lapse.
     Ended {
@@ -141,6 +144,11 @@ impl Actor for AgentActor {
                 }
             }
             AgentMsg::Sync => sync(&myself, state),
+            AgentMsg::Crash => {
+                return Err(ActorProcessingErr::from(
+                    "crash requested through fault injection",
+                ));
+            }
             AgentMsg::Renew => renew(&myself, state),
             AgentMsg::Stale(tokens) => {
                 for t in tokens {

@@ -1,4 +1,4 @@
-//! Admin endpoints: draining a node.
+//! Admin endpoints: draining a node, and fault injection for drills.
 //!
 //! Draining marks a node in the replicated registry. A draining node reports
 //! not-ready, and a draining leader hands leadership to another voter. Two
@@ -99,6 +99,38 @@ pub async fn drain(
     )?;
     api.node.read_barrier().await?;
     status_of(&api, id).await.map(Json)
+}
+
+/// `POST /admin/agents/{id}/crash`: makes the agent's actor on this node
+/// fail as a panic would, so its supervisor restarts it (drills and tests;
+/// only with `runtime.fault_injection = true`). Call the node that runs it.
+pub async fn crash_agent(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let node = &api.node;
+    if !node.config().runtime.fault_injection {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "fault injection is off on this node (set runtime.fault_injection = true)",
+        ));
+    }
+    let agent = crate::fsm::AgentId(id);
+    let actor = node.agent_directory().get(&agent).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "agent `{agent}` has no actor on node {}; call the node that owns its gateway",
+            node.id()
+        ))
+    })?;
+    actor
+        .send_message(crate::actors::AgentMsg::Crash)
+        .map_err(|e| ApiError::unavailable(format!("agent actor is stopping: {e}")))?;
+    tracing::warn!(%agent, "agent actor crash requested (fault injection)");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "agent": agent.0, "node": node.id(), "crashed": true })),
+    ))
 }
 
 /// `POST /admin/nodes/{id}/undrain`.
