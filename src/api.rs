@@ -1,5 +1,6 @@
-//! The HTTP API (axum): tasks, leases, queue, dead letters, cluster, health
-//! and metrics, under `/api/v1` (and `/api` as a deprecated alias).
+//! The HTTP API (axum): tasks, leases, queue, dead letters, registries,
+//! sessions, cluster, health and metrics, under `/api/v1` (and `/api` as a
+//! deprecated alias).
 //!
 //! Handlers validate everything before proposing, so bad input costs no log
 //! entry and changes nothing; the state machine checks again at apply. Every
@@ -14,6 +15,7 @@ mod json;
 mod leases;
 mod queue;
 mod registry;
+mod sessions;
 mod tasks;
 mod view;
 
@@ -29,7 +31,8 @@ pub use error::{ApiError, ApiResult};
 use crate::fsm::{Outcome, Reply};
 use crate::node::{Node, NodeError};
 
-/// Most tasks one list request scans before it returns a short page with a cursor.
+/// Most records (tasks, sessions) one list request scans past its cursor
+/// before it returns a short page with a cursor.
 pub const SCAN_BUDGET: usize = 100_000;
 
 /// What every handler gets.
@@ -71,6 +74,9 @@ pub fn router(node: Node) -> Router {
             "/gateways/{id}",
             get(registry::get_gateway).delete(registry::deregister_gateway),
         )
+        .route("/sessions", get(sessions::list))
+        .route("/sessions/{id}", get(sessions::get))
+        .route("/sessions/{id}/kill", post(sessions::kill))
         .route(
             "/admin/nodes/{id}/drain",
             post(admin::drain).get(admin::progress),

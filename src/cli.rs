@@ -63,6 +63,9 @@ pub enum Command {
     /// Agents (workers bound to a gateway).
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// Sessions (one conversation each on a gateway).
+    #[command(subcommand)]
+    Session(SessionCmd),
     /// The node registry.
     #[command(subcommand)]
     Node(NodeCmd),
@@ -106,6 +109,51 @@ pub enum AgentCmd {
         /// Agent id.
         id: String,
     },
+}
+
+/// `godel session ...`
+#[derive(Debug, Subcommand)]
+pub enum SessionCmd {
+    /// List sessions, oldest first.
+    #[command(visible_alias = "list")]
+    Ls(SessionListArgs),
+    /// Show one session.
+    Get {
+        /// Session id.
+        id: u64,
+    },
+    /// End a live session as `cancelled` (its running attempt is retried).
+    Kill {
+        /// Session id.
+        id: u64,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// Filters and pagination for `godel session ls`.
+#[derive(Debug, Args)]
+pub struct SessionListArgs {
+    /// Only sessions on this gateway.
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// Only sessions in this state (created, initializing, ready, running,
+    /// completing, completed, failed, cancelled, timeout, error).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only sessions with this session key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Only live sessions (`--live false`: only ended ones).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub live: Option<bool>,
+    /// Page size.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Cursor from the previous page.
+    #[arg(long)]
+    pub cursor: Option<String>,
 }
 
 /// `godel gateway ...`

@@ -5,9 +5,11 @@
 mod support;
 
 use std::process::Command;
+use std::time::Duration;
 
-use serde_json::Value;
-use support::{BIN, Cluster};
+use anyhow::bail;
+use serde_json::{Value, json};
+use support::{Api, BIN, Cluster, deadline, wait_until};
 
 /// Runs `godel --api URL -o json ARGS`; returns (exit code, parsed stdout).
 fn godel(api: &str, args: &[&str]) -> (i32, Value) {
@@ -199,4 +201,179 @@ fn registry_session(api: &str) {
     assert_eq!(code, 1);
     let nodes = ok(api, &["node", "ls"]);
     assert!(nodes["items"].is_array(), "{nodes}");
+}
+
+/// The sessions endpoints without a session: empty lists, 404s and 400s in
+/// the API's error shape, the deprecated alias, and the CLI commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_api_reports_errors_in_the_error_shape() {
+    let c = Cluster::start(1).await;
+    let api = c.api();
+    let list = api.get_ok(0, "/api/v1/sessions").await;
+    assert_eq!(list, json!({ "items": [], "next_cursor": null }));
+    let filtered = "/api/v1/sessions?gateway=sim&state=running&key=k1&live=true&limit=5";
+    assert_eq!(api.get_ok(0, filtered).await["items"], json!([]));
+    for (query, field) in [
+        ("state=sleeping", "state"),
+        ("live=maybe", "live"),
+        ("limit=0", "limit"),
+        ("limit=many", "limit"),
+        ("cursor=x", "cursor"),
+        ("colour=red", "colour"),
+    ] {
+        let r = api
+            .get(0, &format!("/api/v1/sessions?{query}"))
+            .await
+            .unwrap();
+        r.assert_error(400, "invalid_request");
+        assert!(r.message().contains(field), "{query}: {r:?}");
+    }
+
+    let r = api.get(0, "/api/v1/sessions/4242").await.unwrap();
+    r.assert_error(404, "not_found");
+    let r = api.get(0, "/api/v1/sessions/abc").await.unwrap();
+    r.assert_error(400, "invalid_request");
+    assert!(r.message().contains("`id`"), "{r:?}");
+    let r = api
+        .post_raw(0, "/api/v1/sessions/4242/kill", Vec::new())
+        .await
+        .unwrap();
+    r.assert_error(404, "not_found");
+    let r = api
+        .post(
+            0,
+            "/api/v1/sessions/4242/kill",
+            &json!({ "reason": "gone" }),
+        )
+        .await
+        .unwrap();
+    r.assert_error(404, "not_found");
+    let r = api
+        .post(0, "/api/v1/sessions/abc/kill", &json!({}))
+        .await
+        .unwrap();
+    r.assert_error(400, "invalid_request");
+    assert!(r.message().contains("`id`"), "{r:?}");
+    let r = api
+        .post(0, "/api/v1/sessions/4242/kill", &json!({ "why": "x" }))
+        .await
+        .unwrap();
+    r.assert_error(400, "invalid_request");
+    assert!(r.message().contains("why"), "{r:?}");
+
+    let url = format!("http://{}/api/sessions", c.node(0).api_addr);
+    let old = reqwest::get(&url).await.unwrap();
+    assert_eq!(old.status(), 200);
+    assert_eq!(old.headers()["deprecation"], "true");
+
+    let api_url = format!("http://{}", c.node(0).api_addr);
+    tokio::task::spawn_blocking(move || {
+        let api = api_url.as_str();
+        assert_eq!(ok(api, &["session", "ls"])["items"], json!([]));
+        let args = ["session", "list", "--live", "--state", "running"];
+        assert_eq!(ok(api, &args)["items"], json!([]));
+        for args in [
+            &["session", "get", "4242"][..],
+            &["session", "kill", "4242", "--reason", "gone"],
+        ] {
+            let (code, err) = godel(api, args);
+            assert_eq!(
+                (code, err["error"]["code"].as_str()),
+                (1, Some("not_found")),
+                "{args:?}: {err}"
+            );
+        }
+    })
+    .await
+    .expect("cli session commands");
+}
+
+/// A task with a session key opens a session on the agent's gateway; an
+/// operator kills it; it ends `cancelled` and cannot be killed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the dispatcher runtime"]
+async fn a_killed_session_ends_cancelled() {
+    let c = Cluster::start(1).await;
+    let api = c.api();
+    // Every attempt on this gateway hangs until it is cancelled.
+    let gateway = json!({
+        "id": "gw-hang", "region": "local", "capabilities": ["hang"], "max_sessions": 4,
+        "driver": { "kind": "sim", "hang_rate": 1.0 },
+    });
+    let r = api.post(0, "/api/v1/gateways", &gateway).await.unwrap();
+    assert_eq!(r.status, 201, "{r:?}");
+    let agent = json!({ "id": "hang-1", "gateway": "gw-hang", "capabilities": ["hang"] });
+    let r = api.post(0, "/api/v1/agents", &agent).await.unwrap();
+    assert_eq!(r.status, 201, "{r:?}");
+    let task = json!({
+        "payload": { "prompt": "take your time" }, "capabilities": ["hang"],
+        "session_key": "conv-1", "timeout_ms": 600_000,
+    });
+    let r = api.post(0, "/api/v1/tasks", &task).await.unwrap();
+    assert_eq!(r.status, 201, "{r:?}");
+    let task_id = r.body["id"].as_u64().expect("task id");
+
+    let s = live_session(&api, "conv-1").await;
+    assert_eq!(
+        (s["gateway"].as_str(), s["agent"].as_str()),
+        (Some("gw-hang"), Some("hang-1")),
+        "{s}"
+    );
+    let id = s["id"].as_u64().expect("session id");
+    assert_eq!(
+        api.get_ok(0, &format!("/api/v1/sessions/{id}")).await["id"],
+        id
+    );
+
+    let api_url = format!("http://{}", c.node(0).api_addr);
+    let killed = tokio::task::spawn_blocking(move || {
+        let id = id.to_string();
+        ok(
+            &api_url,
+            &["session", "kill", &id, "--reason", "operator says stop"],
+        )
+    })
+    .await
+    .expect("cli kill");
+    assert_eq!(
+        (killed["state"].as_str(), killed["live"].as_bool()),
+        (Some("cancelled"), Some(false)),
+        "{killed}"
+    );
+    assert_eq!(killed["reason"], "operator says stop");
+    assert_eq!(killed["task"], Value::Null);
+
+    let again = api
+        .post_raw(0, &format!("/api/v1/sessions/{id}/kill"), Vec::new())
+        .await
+        .unwrap();
+    again.assert_error(400, "invalid_request");
+    assert!(again.message().contains("state"), "{again:?}");
+    let ended = api
+        .get_ok(0, "/api/v1/sessions?key=conv-1&live=false")
+        .await;
+    assert_eq!(ended["items"][0]["id"], id, "{ended}");
+    let t = api.get_ok(0, &format!("/api/v1/tasks/{task_id}")).await;
+    let error = t["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains(&format!("session {id} ended")),
+        "the running attempt failed with the kill: {t}"
+    );
+}
+
+/// The live session holding `key`, polled for up to 10 s.
+async fn live_session(api: &Api, key: &str) -> Value {
+    let path = format!("/api/v1/sessions?key={key}&live=true");
+    wait_until(
+        "a live session for the key",
+        deadline(Duration::from_secs(10)),
+        async || {
+            let page = api.get_ok(0, &path).await;
+            match page["items"].as_array().and_then(|i| i.first()) {
+                Some(s) => Ok(s.clone()),
+                None => bail!("no live session with key `{key}` yet"),
+            }
+        },
+    )
+    .await
 }

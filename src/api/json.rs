@@ -1,9 +1,11 @@
-//! A JSON body extractor whose errors follow the API's error shape: 413 over
-//! the body limit, 400 naming the offending field for unknown fields, bad
-//! enum values and wrong types.
+//! Extractors whose errors follow the API's error shape. A JSON body: 413
+//! over the body limit, 400 naming the offending field for unknown fields,
+//! bad enum values and wrong types. Query-string parameters: 400 naming the
+//! offending parameter.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -43,4 +45,18 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             ApiError::invalid(format!("invalid field `{path}`: {inner}"))
         }
     })
+}
+
+/// Query-string parameters of type `T`: axum's `Query`, with its rejection
+/// (which names the parameter) in the API's error shape.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        Query::try_from_uri(&parts.uri)
+            .map(|Query(t)| Params(t))
+            .map_err(|e| ApiError::invalid(e.body_text()))
+    }
 }

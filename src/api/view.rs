@@ -155,25 +155,12 @@ pub struct ListQuery {
 impl ListQuery {
     /// The page size, defaulting to 50 and bounded by `max`.
     pub fn limit(&self, max: usize) -> Result<usize, ApiError> {
-        match self.limit {
-            None => Ok(50.min(max)),
-            Some(n) if (1..=max).contains(&n) => Ok(n),
-            Some(_) => Err(ApiError::invalid(format!(
-                "invalid field `limit`: must be 1..={max}"
-            ))),
-        }
+        page_limit(self.limit, max)
     }
 
     /// The cursor as the id to start after.
     pub fn after(&self) -> Result<Option<TaskId>, ApiError> {
-        self.cursor
-            .as_deref()
-            .map(|c| {
-                c.parse()
-                    .map(TaskId)
-                    .map_err(|_| ApiError::invalid(format!("invalid field `cursor`: `{c}`")))
-            })
-            .transpose()
+        Ok(cursor(self.cursor.as_deref())?.map(TaskId))
     }
 
     /// The status filter.
@@ -191,6 +178,28 @@ impl ListQuery {
             .map(|s| s.parse().map_err(field_err("priority")))
             .transpose()
     }
+}
+
+/// A list's page size: `asked`, or 50, bounded by `max` (the configured
+/// `api.max_page_size`); past the bound it is a 400 naming `limit`.
+pub fn page_limit(asked: Option<usize>, max: usize) -> Result<usize, ApiError> {
+    match asked {
+        None => Ok(50.min(max)),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::invalid(format!(
+            "invalid field `limit`: must be 1..={max}"
+        ))),
+    }
+}
+
+/// A list's `cursor` (the `next_cursor` of the previous page) as the id to
+/// start after.
+pub fn cursor(c: Option<&str>) -> Result<Option<u64>, ApiError> {
+    c.map(|c| {
+        c.parse()
+            .map_err(|_| ApiError::invalid(format!("invalid field `cursor`: `{c}`")))
+    })
+    .transpose()
 }
 
 fn field_err(field: &'static str) -> impl Fn(String) -> ApiError {

@@ -13,7 +13,7 @@ macro_rules! out {
 
 use super::{
     AgentCmd, ClusterCmd, Command, DlqCmd, GatewayCmd, LeaseCmd, ListArgs, NodeCmd, Output,
-    QueueCmd, TaskCmd,
+    QueueCmd, SessionCmd, SessionListArgs, TaskCmd,
 };
 
 /// Runs a client command against `api`; returns the process exit code.
@@ -80,6 +80,7 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
             )
         }
         Command::Agent(a) => agent_request(a),
+        Command::Session(s) => session_request(s),
         Command::Gateway(g) => gateway_request(g)?,
         Command::Node(NodeCmd::Ls) => ("GET", "/api/v1/nodes".into(), None),
         Command::Node(NodeCmd::Drain { id, force }) => (
@@ -165,6 +166,22 @@ fn agent_request(a: AgentCmd) -> Req {
     }
 }
 
+fn session_request(s: SessionCmd) -> Req {
+    match s {
+        SessionCmd::Ls(a) => (
+            "GET",
+            format!("/api/v1/sessions{}", session_query(&a)),
+            None,
+        ),
+        SessionCmd::Get { id } => ("GET", format!("/api/v1/sessions/{id}"), None),
+        SessionCmd::Kill { id, reason } => (
+            "POST",
+            format!("/api/v1/sessions/{id}/kill"),
+            Some(strip_nulls(json!({ "reason": reason }))),
+        ),
+    }
+}
+
 fn task_request(t: TaskCmd) -> anyhow::Result<Req> {
     Ok(match t {
         TaskCmd::Submit {
@@ -234,21 +251,50 @@ fn lease_request(l: LeaseCmd) -> anyhow::Result<Req> {
 }
 
 fn query(a: &ListArgs) -> String {
-    let pairs: Vec<String> = [
+    query_string([
         ("status", a.status.clone()),
         ("priority", a.priority.clone()),
         ("tenant", a.tenant.clone()),
         ("limit", a.limit.map(|l| l.to_string())),
         ("cursor", a.cursor.clone()),
-    ]
-    .into_iter()
-    .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
-    .collect();
+    ])
+}
+
+fn session_query(a: &SessionListArgs) -> String {
+    query_string([
+        ("gateway", a.gateway.clone()),
+        ("state", a.state.clone()),
+        ("key", a.key.clone()),
+        ("live", a.live.map(|l| l.to_string())),
+        ("limit", a.limit.map(|l| l.to_string())),
+        ("cursor", a.cursor.clone()),
+    ])
+}
+
+/// `?k=v&...` of the parameters that are set (empty if none), values
+/// percent-encoded.
+fn query_string<const N: usize>(params: [(&str, Option<String>); N]) -> String {
+    let pairs: Vec<String> = params
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(&v))))
+        .collect();
     if pairs.is_empty() {
         String::new()
     } else {
         format!("?{}", pairs.join("&"))
     }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn strip_nulls(v: Value) -> Value {
@@ -258,9 +304,13 @@ fn strip_nulls(v: Value) -> Value {
     }
 }
 
-/// A compact human rendering: task rows where there are tasks, else the JSON.
+/// A compact human rendering: task or session rows where there are tasks or
+/// sessions, else the JSON.
 fn print_text(v: &Value) {
     let row = |t: &Value| {
+        if is_session(t) {
+            return session_row(t);
+        }
         out!(
             "{:>8}  {:<11}  {:<8}  {:<12}  attempts={} {}",
             t["id"],
@@ -288,11 +338,35 @@ fn print_text(v: &Value) {
                 l["expires_at"].as_str().unwrap_or("")
             );
         }
-    } else if v.get("status").is_some() && v.get("id").is_some() {
+    } else if (v.get("status").is_some() || is_session(v)) && v.get("id").is_some() {
         row(v);
     } else if let Value::String(s) = v {
         out!("{}", s.trim_end());
     } else {
         out!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     }
+}
+
+/// Whether `v` is a session as the API shows it (tasks have a `status`).
+fn is_session(v: &Value) -> bool {
+    v.get("state").is_some() && v.get("live").is_some()
+}
+
+fn session_row(s: &Value) {
+    let tag = |label: &str, v: &Value| match v {
+        Value::Null => String::new(),
+        Value::String(x) => format!("  {label}={x}"),
+        other => format!("  {label}={other}"),
+    };
+    let line = format!(
+        "{:>8}  {:<12}  {:<16}{}{}{}{}",
+        s["id"],
+        s["state"].as_str().unwrap_or(""),
+        s["gateway"].as_str().unwrap_or(""),
+        tag("key", &s["session_key"]),
+        tag("agent", &s["agent"]),
+        tag("task", &s["task"]),
+        tag("reason", &s["reason"])
+    );
+    out!("{}", line.trim_end());
 }

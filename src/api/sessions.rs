@@ -1,0 +1,154 @@
+//! Session endpoints: list, get and kill the gateway sessions the state
+//! machine records. Sessions are opened by the runtime (a task with a
+//! `session_key` dispatched to an agent), not through the API; an operator
+//! only looks at them and ends them.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::{ApiError, ApiResult};
+use super::json::{Body, Params};
+use super::{Api, outcome, view};
+use crate::fsm::{Command, Reply, SessionId, SessionRecord, SessionState, Sessions};
+
+/// `GET /sessions` query: pagination as for tasks, and filters; an absent
+/// filter matches everything.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+    /// Only sessions on this gateway.
+    gateway: Option<String>,
+    /// Only sessions in this state.
+    state: Option<SessionState>,
+    /// Only sessions with this session key (live or ended).
+    key: Option<String>,
+    /// Only live (`true`) or only ended (`false`) sessions.
+    live: Option<bool>,
+}
+
+impl SessionQuery {
+    fn matches(&self, r: &SessionRecord) -> bool {
+        self.gateway.as_deref().is_none_or(|g| g == r.gateway.0)
+            && self.state.is_none_or(|s| s == r.state)
+            && self
+                .key
+                .as_deref()
+                .is_none_or(|k| r.session_key.as_ref().is_some_and(|x| x.0 == k))
+            && self.live.is_none_or(|l| l == is_live(r))
+    }
+}
+
+fn is_live(r: &SessionRecord) -> bool {
+    !r.state.is_terminal()
+}
+
+/// A session as the API shows it.
+fn session_view(r: &SessionRecord) -> Value {
+    json!({
+        "id": r.id,
+        "gateway": r.gateway.0,
+        "session_key": r.session_key.as_ref().map(|k| &k.0),
+        "agent": r.agent.as_ref().map(|a| &a.0),
+        "state": r.state,
+        "task": r.task.map(|t| t.0),
+        "deadline_ms": r.deadline_ms,
+        "reason": r.reason,
+        "idle_ms": r.idle_ms,
+        "created_at_ms": r.created_at_ms,
+        "updated_at_ms": r.updated_at_ms,
+        "live": is_live(r),
+    })
+}
+
+/// `GET /sessions`: `{items, next_cursor}`, oldest first (id order), like
+/// the task and dead-letter lists.
+pub async fn list(
+    State(api): State<Api>,
+    Params(q): Params<SessionQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = view::page_limit(q.limit, api.node.config().api.max_page_size)?;
+    let after = view::cursor(q.cursor.as_deref())?;
+    api.node.read_barrier().await?;
+    let (items, next) = api
+        .node
+        .state()
+        .read(|s| page(s.sessions(), &q, after, limit, super::SCAN_BUDGET));
+    Ok(Json(
+        json!({ "items": items, "next_cursor": next.map(|id| id.to_string()) }),
+    ))
+}
+
+/// Up to `limit` sessions after `after` that match `q`, scanning at most
+/// `scan_budget` sessions past the cursor (a page may come back short but
+/// with a cursor); the cursor is `None` at the end. Reaching the cursor
+/// walks the sessions before it: [`Sessions`] offers no range read yet.
+fn page(
+    sessions: &Sessions,
+    q: &SessionQuery,
+    after: Option<SessionId>,
+    limit: usize,
+    scan_budget: usize,
+) -> (Vec<Value>, Option<SessionId>) {
+    let mut items = Vec::new();
+    let mut last = None;
+    let rest = sessions
+        .iter()
+        .skip_while(|r| after.is_some_and(|a| r.id <= a));
+    for (scanned, r) in rest.enumerate() {
+        if items.len() == limit || scanned == scan_budget {
+            return (items, last);
+        }
+        last = Some(r.id);
+        if q.matches(r) {
+            items.push(session_view(r));
+        }
+    }
+    (items, None)
+}
+
+/// `GET /sessions/{id}`.
+pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id)?;
+    api.node.read_barrier().await?;
+    let view = api
+        .node
+        .state()
+        .read(|s| s.sessions().get(id).map(|r| session_view(r)));
+    view.map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("session {id} not found")))
+}
+
+/// `POST /sessions/{id}/kill` body (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillBody {
+    reason: Option<String>,
+}
+
+/// `POST /sessions/{id}/kill`: ends a live session as `cancelled` (the
+/// attempt it runs fails, retryably); returns the session after the change.
+/// An ended session stays as it is (400 on `state`).
+pub async fn kill(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Body(b): Body<KillBody>,
+) -> ApiResult<Json<Value>> {
+    let id = parse_id(&id)?;
+    let cmd = Command::KillSession {
+        id,
+        reason: b.reason,
+    };
+    match outcome(api.node.write(cmd).await)? {
+        Reply::Session(r) => Ok(Json(session_view(&r))),
+        other => Err(super::unexpected(other)),
+    }
+}
+
+fn parse_id(s: &str) -> ApiResult<SessionId> {
+    s.parse()
+        .map_err(|_| ApiError::invalid(format!("invalid field `id`: `{s}` is not a session id")))
+}
