@@ -291,7 +291,6 @@ async fn sessions_api_reports_errors_in_the_error_shape() {
 /// A task with a session key opens a session on the agent's gateway; an
 /// operator kills it; it ends `cancelled` and cannot be killed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the dispatcher runtime"]
 async fn a_killed_session_ends_cancelled() {
     let c = Cluster::start(1).await;
     let api = c.api();
@@ -347,8 +346,13 @@ async fn a_killed_session_ends_cancelled() {
         .post_raw(0, &format!("/api/v1/sessions/{id}/kill"), Vec::new())
         .await
         .unwrap();
-    again.assert_error(400, "invalid_request");
-    assert!(again.message().contains("state"), "{again:?}");
+    again.assert_error(409, "conflict");
+    assert!(
+        again
+            .message()
+            .contains("is cancelled and cannot become cancelled"),
+        "{again:?}"
+    );
     let ended = api
         .get_ok(0, "/api/v1/sessions?key=conv-1&live=false")
         .await;

@@ -78,6 +78,9 @@ fn observe(outcome: &Outcome) -> Expect {
         Err(Rejection::IllegalTransition { .. }) => Expect::Illegal,
         Err(Rejection::Invalid { field, .. }) => Expect::Invalid(field.clone()),
         Err(Rejection::TooLarge { .. }) => Expect::TooLarge,
+        Err(r @ Rejection::SessionTransition { .. }) => {
+            panic!("session rejection from a queue command: {r:?}")
+        }
         Err(r @ Rejection::Unknown { .. }) => {
             panic!("registry rejection from a queue command: {r}")
         }

@@ -807,6 +807,7 @@ fn rejection_line(r: &Rejection) -> String {
         Rejection::Invalid { .. } => "invalid",
         Rejection::TooLarge { .. } => "too_large",
         Rejection::Unknown { .. } => "unknown",
+        Rejection::SessionTransition { .. } => "session_transition",
     };
     format!("rejected {kind}: {r}")
 }

@@ -102,7 +102,9 @@ impl From<Rejection> for ApiError {
                 Self::new(StatusCode::NOT_FOUND, "not_found", message)
             }
             // A stale token or a finished task stays that way: retrying cannot help.
-            Rejection::StaleToken(_) | Rejection::IllegalTransition { .. } => {
+            Rejection::StaleToken(_)
+            | Rejection::IllegalTransition { .. }
+            | Rejection::SessionTransition { .. } => {
                 Self::new(StatusCode::CONFLICT, "conflict", message).final_()
             }
             Rejection::Invalid { .. } => {

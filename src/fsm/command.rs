@@ -467,6 +467,17 @@ pub enum Rejection {
         /// Its name.
         name: String,
     },
+    /// The session's state does not allow the change (it ended, or the
+    /// move is not in the lifecycle table).
+    #[error("session {id} is {from} and cannot become {to}")]
+    SessionTransition {
+        /// The session.
+        id: SessionId,
+        /// Its state.
+        from: SessionState,
+        /// The state asked for.
+        to: SessionState,
+    },
 }
 
 impl Rejection {

@@ -48,7 +48,30 @@ pub enum SessionState {
     Error,
 }
 
+impl std::fmt::Display for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl SessionState {
+    /// The state's name in the API (snake_case).
+    pub fn as_str(self) -> &'static str {
+        use SessionState::*;
+        match self {
+            Created => "created",
+            Initializing => "initializing",
+            Ready => "ready",
+            Running => "running",
+            Completing => "completing",
+            Completed => "completed",
+            Failed => "failed",
+            Cancelled => "cancelled",
+            Timeout => "timeout",
+            Error => "error",
+        }
+    }
+
     /// The one table of legal session transitions.
     pub fn can_become(self, to: SessionState) -> bool {
         use SessionState::*;
@@ -256,8 +279,11 @@ impl State {
             .get_mut(&id)
             .ok_or_else(|| not_found("session", id))?;
         if !slot.state.can_become(to) {
-            let problem = format!("session {id} is {:?} and cannot become {to:?}", slot.state);
-            return Err(Rejection::invalid("state", problem));
+            return Err(Rejection::SessionTransition {
+                id,
+                from: slot.state,
+                to,
+            });
         }
         if slot.state == SessionState::Ready && slot.idle_ms > 0 {
             let at = slot.updated_at_ms.saturating_add(slot.idle_ms);
