@@ -56,13 +56,15 @@ const SLOW_DEATH: &str = "[queue]\nnode_heartbeat_interval = \"250ms\"\n\
 /// and waits up to 2 s for each agent actor to stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// Fails in about one run of seven, without any kill: a follower's agent
-/// runs a lease it has just completed a second time (`lease_count` 1, one
-/// fencing token, the same node pid twice in the log; the node logs "result
-/// refused: lease lost or already reported" for it). The agent forgets an
-/// attempt once it ended, and its next reconcile (`Sync`, every second)
-/// still finds the lease live in the node's replica, which has not applied
-/// the completion the leader committed.
+/// Fails in about one run of three (5 of 17 here), with or without the kill:
+/// a follower's agent runs a lease it has just completed a second time
+/// (`lease_count` 1, one fencing token, the same node pid twice in the log;
+/// the node logs "result refused: lease lost or already reported" for it).
+/// The agent forgets an attempt once it ended (`AgentMsg::Ended` removes it
+/// from `running` and adds it to `skip` only when given up), and its next
+/// reconcile (`Sync`, every second) still finds the lease live in the
+/// node's replica, which has not applied the completion the leader
+/// committed yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "product bug: an agent re-runs a lease it just completed when it reconciles before its replica applied the completion"]
 async fn kill_gateway_owner_mid_run_every_task_completes_once() {
@@ -168,12 +170,14 @@ fn first_completion_after(
         .min()
 }
 
-/// Fails in about one run of two: the drained node and the gateway's new
-/// owner both run some leases granted just after the move (`lease_count` 1,
-/// one fencing token, the two nodes' pids in the log). The old owner's
-/// agent actors live until its reconcile loop stops them (up to 250 ms
-/// later, plus the stop), and meanwhile take the lease hints and reconcile
-/// with leases now meant for the new owner's actors of the same agents.
+/// Fails in about one run of two (10 of 21 here). Mostly: the drained node
+/// and the gateway's new owner both run some leases granted just after the
+/// move (`lease_count` 1, one fencing token, the two nodes' pids in the
+/// log). The old owner's agent actors live until its reconcile loop stops
+/// them (up to 250 ms later, plus the stop), and meanwhile take the lease
+/// hints and reconcile with leases now meant for the new owner's actors of
+/// the same agents. It also shows the re-run of a just-completed lease on
+/// one node (see the test above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "product bug: a moved gateway's old owner keeps running its agents' new leases until its reconcile stops them"]
 async fn draining_a_node_under_load_moves_its_gateways() {
