@@ -10,6 +10,7 @@
 #[allow(dead_code)]
 mod support;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -413,9 +414,272 @@ async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
     );
 }
 
+/// Config for the runtime benchmarks: node liveness as in production, and
+/// pages big enough to read every task back.
+const RUNTIME_TOML: &str = "[queue]\nnode_heartbeat_interval = \"500ms\"\nnode_dead_after = \"2s\"\n[api]\nmax_page_size = 1000\n";
+
+/// Registers `gateways` zero-latency `sim` gateways and `sessions` agents of
+/// capacity 1 spread over them: `sessions` attempts can run at once.
+async fn sim_fleet(c: &Cluster, gateways: usize, sessions: usize, latency: &str) {
+    let api = c.api();
+    let leader = c.leader().await;
+    for g in 0..gateways {
+        let mut driver = json!({ "kind": "sim" });
+        if !latency.is_empty() {
+            driver["latency"] = json!({ "dist": "fixed", "value": latency });
+        }
+        let spec = json!({ "id": format!("gw{g}"), "region": "local", "max_sessions": 10_000, "driver": driver });
+        let r = api
+            .post(leader, "/api/v1/gateways", &spec)
+            .await
+            .expect("gateway");
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    for a in 0..sessions {
+        let body = json!({ "id": format!("agent{a}"), "gateway": format!("gw{}", a % gateways), "capacity": 1 });
+        let r = api
+            .post(leader, "/api/v1/agents", &body)
+            .await
+            .expect("agent");
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    // Every gateway placed before the clock starts.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let g = api.get(leader, "/api/v1/gateways").await.expect("gateways");
+        let items = g.body["items"].as_array().cloned().unwrap_or_default();
+        if items.len() == gateways && items.iter().all(|i| !i["owner"].is_null()) {
+            break;
+        }
+        assert!(Instant::now() < until, "gateways not placed: {}", g.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+}
+
+fn rfc3339_ms(v: &Value) -> u64 {
+    let s = v.as_str().expect("timestamp");
+    let t = humantime::parse_rfc3339(s).expect("rfc3339");
+    t.duration_since(std::time::UNIX_EPOCH)
+        .expect("after epoch")
+        .as_millis() as u64
+}
+
+/// Every completed task: (created ms, completed ms, attempt start µs).
+async fn completed_tasks(c: &Cluster) -> Vec<(u64, u64, u64)> {
+    let api = c.api();
+    let mut out = Vec::new();
+    for t in api.list_tasks(0, "status=completed").await {
+        let started = t["result"]["started_us"].as_u64().unwrap_or(0);
+        out.push((
+            rfc3339_ms(&t["created_at"]),
+            rfc3339_ms(&t["updated_at"]),
+            started,
+        ));
+    }
+    out
+}
+
+async fn wait_completed(c: &Cluster, n: u64, limit: Duration) -> Duration {
+    let api = c.api();
+    let t0 = Instant::now();
+    loop {
+        let d = api.depth(0).await;
+        if d["by_status"]["completed"].as_u64().unwrap_or(0) >= n {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < limit, "not all completed: {d}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Submit-to-completion with `sessions` concurrent attempts on zero-latency
+/// `sim` gateways: throughput and latency under a burst of `tasks`, then
+/// dispatch latency (submission to attempt start) at a low rate.
+async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
+    let c = Cluster::start_with(nodes, RUNTIME_TOML).await;
+    sim_fleet(&c, 3, sessions, "").await;
+    let http = client();
+    let base: Vec<String> = (0..c.len())
+        .map(|i| format!("http://{}/api/v1/tasks", c.node(i).api_addr))
+        .collect();
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for w in 0..clients {
+        let (http, url, next) = (http.clone(), base[w % base.len()].clone(), next.clone());
+        handles.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= tasks {
+                    return;
+                }
+                let r = http.post(&url).json(&task(i)).send().await.expect("submit");
+                assert_eq!(r.status().as_u16(), 201);
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("client");
+    }
+    let submitted = start.elapsed();
+    wait_completed(&c, tasks, Duration::from_secs(300)).await;
+    let elapsed = start.elapsed();
+    let done = completed_tasks(&c).await;
+    let mut e2e = hist();
+    for (created, completed, _) in &done {
+        e2e.saturating_record(completed.saturating_sub(*created) * 1000);
+    }
+    println!(
+        "e2e nodes={nodes} sessions={sessions} clients={clients}: {tasks} tasks submitted in {:.2}s, all completed in {:.2}s = {:.0} tasks/s submit-to-completion; latency (leader clock, ms resolution) p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+        submitted.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        tasks as f64 / elapsed.as_secs_f64(),
+        e2e.value_at_quantile(0.5) as f64 / 1000.0,
+        e2e.value_at_quantile(0.99) as f64 / 1000.0,
+        e2e.max() as f64 / 1000.0,
+    );
+    // Not saturated: one client, 100 tasks/s.
+    let low = 500u64;
+    for i in 0..low {
+        let t0 = Instant::now();
+        let r = http
+            .post(&base[(i as usize) % base.len()])
+            .json(&task(tasks + i))
+            .send()
+            .await
+            .expect("submit");
+        assert_eq!(r.status().as_u16(), 201);
+        tokio::time::sleep(Duration::from_millis(10).saturating_sub(t0.elapsed())).await;
+    }
+    wait_completed(&c, tasks + low, Duration::from_secs(60)).await;
+    let mut dispatch = hist();
+    let done = completed_tasks(&c).await;
+    let mut lows: Vec<&(u64, u64, u64)> = done.iter().collect();
+    lows.sort_by_key(|(created, _, _)| *created);
+    for (created, _, started_us) in lows.iter().rev().take(low as usize) {
+        dispatch.saturating_record(started_us.saturating_sub(created * 1000));
+    }
+    println!(
+        "  dispatch at 100 tasks/s (submission stamp to attempt start, ms stamp so +-1 ms): p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
+        dispatch.value_at_quantile(0.5) as f64 / 1000.0,
+        dispatch.value_at_quantile(0.99) as f64 / 1000.0,
+        dispatch.max() as f64 / 1000.0,
+    );
+}
+
+/// Kills (SIGKILL) the non-leader node owning the most gateways under a
+/// steady load and reports how long until its gateways have new owners and
+/// until tasks run again on them.
+async fn replace(rounds: usize) {
+    for round in 0..rounds {
+        let mut c = Cluster::start_with(3, RUNTIME_TOML).await;
+        sim_fleet(&c, 6, 12, "20ms").await;
+        let api = c.api();
+        let leader = c.leader().await;
+        let gws = api
+            .get(leader, "/api/v1/gateways")
+            .await
+            .expect("gateways")
+            .body;
+        let mut owned: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for g in gws["items"].as_array().expect("items") {
+            let owner = g["owner"].as_u64().expect("placed");
+            owned
+                .entry(owner)
+                .or_default()
+                .push(g["id"].as_str().expect("id").to_owned());
+        }
+        let leader_id = c.node(leader).id;
+        let (victim_id, victim_gws) = owned
+            .iter()
+            .filter(|(n, _)| **n != leader_id)
+            .max_by_key(|(_, g)| g.len())
+            .map(|(n, g)| (*n, g.clone()))
+            .expect("a follower owns a gateway");
+        let victim = c.index_of(victim_id);
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = {
+            let (api, stop) = (c.api(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = api.post(leader, "/api/v1/tasks", &task(i)).await;
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let kill_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64;
+        let t0 = Instant::now();
+        c.kill9(victim);
+        let replaced = loop {
+            let g = api
+                .get(leader, "/api/v1/gateways")
+                .await
+                .expect("gateways")
+                .body;
+            let moved = g["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .filter(|i| victim_gws.iter().any(|v| i["id"] == v.as_str()))
+                .all(|i| i["owner"].as_u64().is_some_and(|o| o != victim_id));
+            if moved {
+                break t0.elapsed();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "not re-placed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // Tasks running again on a moved gateway: an attempt started after
+        // the kill by one of its agents.
+        let victim_agents: Vec<String> = (0..12)
+            .filter(|a| victim_gws.contains(&format!("gw{}", a % 6)))
+            .map(|a| format!("agent{a}"))
+            .collect();
+        let running = loop {
+            let page = api.list_tasks(leader, "status=completed").await;
+            let again = page.iter().any(|t| {
+                victim_agents.iter().any(|a| t["agent_id"] == a.as_str())
+                    && t["result"]["started_us"].as_u64().unwrap_or(0) / 1000 > kill_ms
+            });
+            if again {
+                break t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "moved gateways run nothing"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        stop.store(true, Ordering::Relaxed);
+        let _ = load.await;
+        println!(
+            "replace round {round}: killed node {victim_id} owning {} gateways; re-placed after {:.2}s, tasks completing on them again after {:.2}s",
+            victim_gws.len(),
+            replaced.as_secs_f64(),
+            running.as_secs_f64()
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let o = opts();
+    if o.what == "e2e" {
+        for sessions in [10, 25, 50, 100] {
+            e2e(o.nodes, sessions, o.clients, 20_000).await;
+        }
+        return;
+    }
+    if o.what == "replace" {
+        replace(5).await;
+        return;
+    }
     let all = o.what == "all";
     let mut c = Cluster::start(o.nodes).await;
     c.leader().await;

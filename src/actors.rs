@@ -98,7 +98,7 @@ pub use node::{AGENTS, GATEWAYS, NODE, NodeSupervisor, QUEUE_SHARDS};
 pub use policy::{Decision, OnExhausted, RestartPolicy, RestartTracker, Strategy};
 pub use router::{AgentDirectory, route_leases};
 pub use runtime::{RECONCILE_INTERVAL, reconcile_loop};
-pub use shard::{QueueShardActor, SHARD, ShardMsg};
+pub use shard::{QueueShardActor, SHARD, ShardMsg, dispatch_spec};
 pub use spec::ChildSpec;
 pub use supervisor::{
     CALL_TIMEOUT, Supervisor, SupervisorArgs, SupervisorMsg, SupervisorRef, SupervisorState,

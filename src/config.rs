@@ -172,8 +172,8 @@ impl Default for QueueConfig {
             write_timeout: Duration::from_secs(3),
             default_lease: Duration::from_secs(30),
             tick_interval: Duration::from_millis(100),
-            node_heartbeat_interval: Duration::from_secs(1),
-            node_dead_after: Duration::from_secs(3),
+            node_heartbeat_interval: Duration::from_millis(500),
+            node_dead_after: Duration::from_secs(2),
         }
     }
 }

@@ -66,7 +66,6 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// node's replica, which has not applied the completion the leader
 /// committed yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "product bug: an agent re-runs a lease it just completed when it reconciles before its replica applied the completion"]
 async fn kill_gateway_owner_mid_run_every_task_completes_once() {
     let work = Work::new();
     let mut c = Cluster::start_with(3, FAST_QUEUE).await;
@@ -179,7 +178,6 @@ fn first_completion_after(
 /// the same agents. It also shows the re-run of a just-completed lease on
 /// one node (see the test above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "product bug: a moved gateway's old owner keeps running its agents' new leases until its reconcile stops them"]
 async fn draining_a_node_under_load_moves_its_gateways() {
     let work = Work::new();
     let c = Cluster::start_with(3, FAST_QUEUE).await;

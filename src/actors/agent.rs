@@ -86,8 +86,9 @@ struct Attempt {
 pub struct AgentState {
     args: AgentArgs,
     running: HashMap<FencingToken, Attempt>,
-    /// Leases this incarnation must not run: those of an earlier one (given
-    /// back at start) and those whose result could not be committed.
+    /// Leases this incarnation must not run (again): those of an earlier
+    /// one (given back at start) and those it already ran. Pruned to the
+    /// live ones on every sync.
     skip: HashSet<FencingToken>,
     /// Parent of every attempt's cancel token: dropping the state (stop or
     /// failure) cancels them all.
@@ -159,8 +160,12 @@ impl Actor for AgentActor {
             }
             AgentMsg::Ended { token, given_up } => {
                 state.running.remove(&token);
+                // Never run a lease twice: the local replica may still show
+                // it live until the result (committed on the leader) applies
+                // here, and a lease given up on must lapse unrun.
+                state.skip.insert(token);
                 if given_up {
-                    state.skip.insert(token);
+                    tracing::debug!(agent = %state.args.id, %token, "lease left to lapse");
                 }
             }
         }
@@ -203,7 +208,10 @@ async fn release_orphans(args: &AgentArgs) -> HashSet<FencingToken> {
 }
 
 /// Starts an attempt for `token` if it is still this agent's live lease in
-/// the local replica and not already running.
+/// the local replica, the agent's gateway is still placed on this node, and
+/// it was not run already. The placement check reads the same replica as
+/// the lease, so a lease granted after the gateway moved away is never run
+/// here (its entry applies after the move's).
 fn start_if_live(
     myself: &ActorRef<AgentMsg>,
     state: &mut AgentState,
@@ -214,7 +222,16 @@ fn start_if_live(
         return;
     }
     let me = &state.args.id;
+    let here = state.args.node.id();
     let task = state.args.node.state().read(|s| {
+        let reg = s.registry();
+        let placed_here = reg
+            .agent(me)
+            .and_then(|a| reg.gateway(&a.reg.gateway))
+            .is_some_and(|g| g.owner == Some(here));
+        if !placed_here {
+            return None;
+        }
         s.task_shared(id).filter(|t| {
             t.lease
                 .as_ref()

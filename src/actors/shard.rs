@@ -113,6 +113,19 @@ async fn watch(
     }
 }
 
+/// A dispatch round as this node's config describes it.
+pub fn dispatch_spec(node: &Node) -> DispatchSpec {
+    let cfg = &node.config().runtime;
+    DispatchSpec {
+        lease_ms: node.queue_config().default_lease.as_millis() as u64,
+        max: cfg.max_per_round,
+        policy: cfg.policy,
+        node_dead_after_ms: node.queue_config().node_dead_after.as_millis() as u64,
+        session_limit_ms: cfg.session_time_limit.as_millis() as u64,
+        session_idle_ms: cfg.session_idle.as_millis() as u64,
+    }
+}
+
 /// One dispatch round if this node leads and the state has work an agent
 /// can take. Returns whether the round was full.
 async fn round(node: &Node) -> bool {
@@ -124,14 +137,7 @@ async fn round(node: &Node) -> bool {
     if !node.state().read(|s| s.dispatch_would_lease(dead_after)) {
         return false;
     }
-    let spec = DispatchSpec {
-        lease_ms: node.queue_config().default_lease.as_millis() as u64,
-        max: cfg.max_per_round,
-        policy: cfg.policy,
-        node_dead_after_ms: dead_after,
-        session_limit_ms: cfg.session_time_limit.as_millis() as u64,
-        session_idle_ms: cfg.session_idle.as_millis() as u64,
-    };
+    let spec = dispatch_spec(node);
     let m = crate::metrics::global();
     match node.write(Command::Dispatch(spec)).await {
         Ok(Ok(Reply::Dispatched(grants))) => {

@@ -100,9 +100,14 @@ impl GatewayDriver for SimDriver {
         let fate = self.draw();
         Box::pin(async move {
             let started = tokio::time::Instant::now();
+            // Wall-clock start, so a benchmark can measure dispatch latency
+            // (submission to attempt start) from results alone.
+            let started_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
             let done = |latency: Duration| RunOutput {
                 result_json: format!(
-                    r#"{{"sim":true,"task_id":{},"latency_us":{}}}"#,
+                    r#"{{"sim":true,"task_id":{},"latency_us":{},"started_us":{started_us}}}"#,
                     req.task_id.0,
                     latency.as_micros()
                 ),

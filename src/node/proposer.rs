@@ -212,6 +212,15 @@ pub(super) async fn propose_as_leader(
 ) -> Result<Vec<Outcome>, RemoteFailure> {
     check_quorum_fresh(node)?;
     let n = commands.len();
+    let mut commands = commands;
+    // A batch that adds ready work or frees capacity ends with a dispatch
+    // round, so new tasks are leased in the entry that commits them instead
+    // of one entry later (the queue-shard actor covers everything else).
+    let piggyback = commands.iter().any(frees_or_adds_work)
+        && !commands.iter().any(|c| matches!(c, Command::Dispatch(_)));
+    if piggyback {
+        commands.push(Command::Dispatch(crate::actors::dispatch_spec(node)));
+    }
     let batch = Batch {
         now_ms: clock::now_ms(),
         seed: rand::random(),
@@ -221,7 +230,14 @@ pub(super) async fn propose_as_leader(
     let started = std::time::Instant::now();
     let result = tokio::select! {
         r = node.raft().client_write(Request::Batch(batch)) => match r {
-            Ok(resp) => Ok(resp.data.outcomes),
+            Ok(resp) => {
+                let mut outcomes = resp.data.outcomes;
+                if piggyback && let Some(Ok(crate::fsm::Reply::Dispatched(grants))) = outcomes.get(n) {
+                    crate::metrics::global().dispatch_leases.inc_by(grants.len() as u64);
+                }
+                outcomes.truncate(n);
+                Ok(outcomes)
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(RemoteFailure::NotLeader { leader: f.leader_id })
             }
@@ -241,6 +257,21 @@ pub(super) async fn propose_as_leader(
     m.batch_commands.observe(n as f64);
     m.commit_seconds.observe(started.elapsed().as_secs_f64());
     result
+}
+
+/// Whether a command may make a dispatch round lease something: it adds a
+/// ready task or ends a lease (freeing an agent).
+fn frees_or_adds_work(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Submit(_)
+            | Command::Complete { .. }
+            | Command::Fail { .. }
+            | Command::Release { .. }
+            | Command::Retry { .. }
+            | Command::Replay { .. }
+            | Command::Cancel { .. }
+    )
 }
 
 /// How long a leader may go without a quorum's acknowledgement before it
