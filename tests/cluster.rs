@@ -1008,6 +1008,24 @@ async fn crashed_agent_is_restarted_and_its_task_leased_again() {
                 .status,
             201
         );
+        // The crash needs the actor running (a lease granted before it
+        // starts is given back when it does, which would be a second lease).
+        wait_until(
+            "the agent's actor to start",
+            deadline(Duration::from_secs(20)),
+            async || {
+                let log = c.node(0).log_tail(5000);
+                if log
+                    .lines()
+                    .any(|l| l.contains("agent started") && l.contains("agent:worker "))
+                {
+                    Ok(())
+                } else {
+                    Err(anyhow!("agent actor not started yet"))
+                }
+            },
+        )
+        .await;
         let r = api
             .post(0, "/api/v1/tasks", &task_body("acme", "high", 1, None))
             .await
