@@ -422,3 +422,83 @@ async fn escalating_subtree_is_restarted_by_the_node() {
     assert_ne!(fresh.cell().get_id(), gateways.cell().get_id());
     node.stop(Duration::from_secs(3)).await.unwrap();
 }
+
+/// A gateway whose probe panics every time (a driver bug): the real
+/// Gateway actor fails on each probe, its supervisor restarts it with
+/// backoff, and after the intensity limit the supervisor escalates to its
+/// parent, which here gives up on it.
+#[tokio::test]
+async fn failing_gateway_actor_trips_the_intensity_limit_and_escalates() {
+    use godel::actors::{GatewayActor, GatewayArgs, GatewayRegistry};
+    use godel::fsm::{Circuit, GatewayId, Health as Recorded};
+    use godel::gateway::{
+        BoxFuture, BreakerConfig, GatewayDriver, GatewayKind, GuardedDriver, Health, RunOutput,
+        RunRequest,
+    };
+    use tokio_util::sync::CancellationToken;
+
+    #[derive(Debug)]
+    struct PanickingProbe(Arc<AtomicU64>);
+    impl GatewayDriver for PanickingProbe {
+        fn kind(&self) -> GatewayKind {
+            GatewayKind::Sim
+        }
+        fn run(
+            &self,
+            _: RunRequest,
+            _: CancellationToken,
+        ) -> BoxFuture<'_, godel::gateway::Result<RunOutput>> {
+            Box::pin(async { unreachable!("no attempt runs in this test") })
+        }
+        fn probe(&self) -> BoxFuture<'_, Health> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { panic!("probe bug") })
+        }
+    }
+    struct Registry;
+    impl GatewayRegistry for Registry {
+        fn committed(&self, _: &GatewayId) -> Option<(Recorded, Circuit)> {
+            Some((Recorded::Unknown, Circuit::Closed))
+        }
+        fn report(&self, _: &GatewayId, _: Recorded, _: Circuit) -> BoxFuture<'_, bool> {
+            Box::pin(async { true })
+        }
+    }
+
+    let (obs, mut rx) = Observer::channel(64);
+    let probes = Arc::new(AtomicU64::new(0));
+    let driver = Arc::new(GuardedDriver::new(
+        Arc::new(PanickingProbe(probes.clone())),
+        BreakerConfig::default(),
+    ));
+    let args = GatewayArgs {
+        id: GatewayId("broken".into()),
+        driver,
+        registry: Arc::new(Registry),
+        probe_every: Duration::from_secs(60),
+    };
+    let gateways =
+        SupervisorArgs::new("gateways", policy(2), obs.clone())
+            .with_child(ChildSpec::new("gateway:broken", move || {
+                (GatewayActor, args.clone())
+            }));
+    let node_policy = RestartPolicy {
+        on_exhausted: OnExhausted::GiveUp,
+        ..policy(0)
+    };
+    let node =
+        SupervisorArgs::new("node", node_policy, obs).with_child(ChildSpec::supervisor(gateways));
+    let (node, _join) = SupervisorRef::spawn(node).await.unwrap();
+    let evs = events_until(&mut rx, |e| {
+        e.supervisor() == "node" && e.name() == "gave_up"
+    })
+    .await;
+    let gateway_evs: Vec<_> = names(&evs, "gateways")
+        .into_iter()
+        .filter(|n| ["restarting", "escalated"].contains(n))
+        .collect();
+    assert_eq!(gateway_evs, ["restarting", "restarting", "escalated"]);
+    // The first incarnation and two restarts each probed once, at start.
+    assert_eq!(probes.load(Ordering::SeqCst), 3);
+    node.cell().stop(None);
+}
