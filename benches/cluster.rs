@@ -514,8 +514,21 @@ async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
                 if i >= tasks {
                     return;
                 }
-                let r = http.post(&url).json(&task(i)).send().await.expect("submit");
-                assert_eq!(r.status().as_u16(), 201);
+                // A 503 (leader change, write timeout) or 429 is retried
+                // with the same idempotency key, as a client should.
+                let mut body = task(i);
+                body["idempotency_key"] = json!(format!("e2e-{i}"));
+                loop {
+                    let r = http.post(&url).json(&body).send().await.expect("submit");
+                    match r.status().as_u16() {
+                        201 | 200 => break,
+                        429 | 503 => {
+                            eprintln!("  submit {i}: {} (retrying)", r.status());
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        s => panic!("submit {i}: {s} {}", r.text().await.unwrap_or_default()),
+                    }
+                }
             }
         }));
     }
@@ -577,11 +590,7 @@ async fn replace(rounds: usize) {
         sim_fleet(&c, 6, 12, "20ms").await;
         let api = c.api();
         let leader = c.leader().await;
-        let gws = api
-            .get(leader, "/api/v1/gateways")
-            .await
-            .expect("gateways")
-            .body;
+        let gws = api.get_ok(leader, "/api/v1/gateways").await;
         let mut owned: BTreeMap<u64, Vec<String>> = BTreeMap::new();
         for g in gws["items"].as_array().expect("items") {
             let owner = g["owner"].as_u64().expect("placed");
@@ -618,11 +627,7 @@ async fn replace(rounds: usize) {
         let t0 = Instant::now();
         c.kill9(victim);
         let replaced = loop {
-            let g = api
-                .get(leader, "/api/v1/gateways")
-                .await
-                .expect("gateways")
-                .body;
+            let g = api.get_ok(leader, "/api/v1/gateways").await;
             let moved = g["items"]
                 .as_array()
                 .expect("items")
