@@ -205,6 +205,12 @@ pub struct RuntimeConfig {
     /// How often a gateway actor probes its gateway's health.
     #[serde(with = "humantime_serde")]
     pub gateway_probe_interval: Duration,
+    /// How long a draining node keeps a gateway whose agents still run
+    /// tasks: the gateway moves when they are done or at this deadline,
+    /// whichever comes first (its unfinished tasks are then leased again
+    /// on the new owner).
+    #[serde(with = "humantime_serde")]
+    pub drain_deadline: Duration,
     /// Enables `POST /api/v1/admin/agents/{id}/crash`, which makes an agent
     /// actor fail as a panic would (for drills and tests; off by default).
     pub fault_injection: bool,
@@ -220,6 +226,7 @@ impl Default for RuntimeConfig {
             session_idle: Duration::from_secs(300),
             agent_sync_interval: Duration::from_secs(1),
             gateway_probe_interval: Duration::from_secs(5),
+            drain_deadline: Duration::from_secs(30),
             fault_injection: false,
         }
     }

@@ -90,6 +90,7 @@ mod tests {
             draining: false,
             last_heartbeat_ms: hb,
             registered_at_ms: 0,
+            draining_since_ms: None,
         }
     }
 

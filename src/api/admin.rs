@@ -160,13 +160,22 @@ async fn status_of(api: &Api, id: NodeId) -> ApiResult<Value> {
     let view = api.node.state().read(|s| {
         let reg = s.registry();
         reg.nodes().find(|n| n.id == id).map(|n| {
-            let gateways = reg.gateways().filter(|g| g.owner == Some(id)).count();
+            let owned: Vec<_> = reg.gateways().filter(|g| g.owner == Some(id)).collect();
+            let leases: u32 = owned
+                .iter()
+                .flat_map(|g| reg.agents().filter(move |a| a.reg.gateway == g.reg.id))
+                .map(|a| s.agent_load(&a.reg.id))
+                .sum();
+            let deadline = api.node.config().runtime.drain_deadline.as_millis() as u64;
             json!({
                 "node": id,
                 "draining": n.draining,
                 "is_leader": leader == Some(id),
-                "gateways_owned": gateways,
-                "done": n.draining && gateways == 0 && leader != Some(id),
+                "gateways_owned": owned.len(),
+                "leases_held": leases,
+                "draining_since_ms": n.draining_since_ms,
+                "handover_deadline_ms": n.draining_since_ms.map(|t| t + deadline),
+                "done": n.draining && owned.is_empty() && leader != Some(id),
             })
         })
     });

@@ -55,6 +55,8 @@ pub struct NodeRecord {
     pub last_heartbeat_ms: u64,
     /// When it first registered.
     pub registered_at_ms: u64,
+    /// When its current drain began (leader time), while draining.
+    pub draining_since_ms: Option<u64>,
 }
 
 /// A gateway's health as last probed.
@@ -198,6 +200,7 @@ impl State {
             region: region.to_owned(),
             api_addr: api_addr.to_owned(),
             draining: false,
+            draining_since_ms: None,
             last_heartbeat_ms: now,
             registered_at_ms: now,
         });
@@ -214,6 +217,11 @@ impl State {
             .nodes
             .get_mut(&id)
             .ok_or_else(|| not_found("node", id))?;
+        if draining && !rec.draining {
+            rec.draining_since_ms = Some(self.clock_ms);
+        } else if !draining {
+            rec.draining_since_ms = None;
+        }
         rec.draining = draining;
         Ok(Reply::Done)
     }

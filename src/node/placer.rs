@@ -1,11 +1,17 @@
 //! The leader's placement loop: gateways without a live, non-draining owner
 //! get one (see [`crate::placement`]), proposed as `PlaceGateway` commands.
+//!
+//! A draining owner that is alive keeps a gateway while the gateway's
+//! agents still hold leases (dispatch gives them no new ones), so running
+//! tasks finish where they run; at `runtime.drain_deadline` after the drain
+//! began the gateway moves anyway and its unfinished tasks are leased again
+//! on the new owner.
 
 use std::time::Duration;
 
 use super::Node;
 use crate::clock;
-use crate::fsm::{Command, GatewayId, NodeRecord};
+use crate::fsm::{Command, GatewayId, GatewayRecord, NodeRecord};
 use crate::placement::reassignment;
 
 /// How often the leader checks placement.
@@ -43,14 +49,43 @@ pub(super) async fn placement_loop(node: Node) {
 /// The gateways that must move now, and where.
 fn moves(node: &Node) -> Vec<(GatewayId, Option<u64>)> {
     let dead_after = node.queue_config().node_dead_after.as_millis() as u64;
+    let deadline = node.config().runtime.drain_deadline.as_millis() as u64;
     let now = clock::now_ms();
     node.state().read(|s| {
-        let nodes: Vec<NodeRecord> = s.registry().nodes().cloned().collect();
-        s.registry()
-            .gateways()
+        let reg = s.registry();
+        let nodes: Vec<NodeRecord> = reg.nodes().cloned().collect();
+        reg.gateways()
+            .filter(|g| !held_by_draining_owner(s, g, &nodes, now, dead_after, deadline))
             .filter_map(|g| {
                 reassignment(g, &nodes, now, dead_after).map(|to| (g.reg.id.clone(), to))
             })
             .collect()
     })
+}
+
+/// Whether `g`'s owner is draining but alive, its agents still hold
+/// leases, and the drain deadline has not passed: the gateway stays.
+fn held_by_draining_owner(
+    s: &crate::fsm::State,
+    g: &GatewayRecord,
+    nodes: &[NodeRecord],
+    now: u64,
+    dead_after: u64,
+    deadline: u64,
+) -> bool {
+    let Some(owner) = g.owner.and_then(|o| nodes.iter().find(|n| n.id == o)) else {
+        return false;
+    };
+    let alive = now.saturating_sub(owner.last_heartbeat_ms) <= dead_after;
+    let within = owner
+        .draining_since_ms
+        .is_some_and(|since| now < since.saturating_add(deadline));
+    owner.draining && alive && within && gateway_busy(s, &g.reg.id)
+}
+
+/// Whether any agent of the gateway holds a live lease.
+pub(crate) fn gateway_busy(s: &crate::fsm::State, gateway: &GatewayId) -> bool {
+    s.registry()
+        .agents()
+        .any(|a| a.reg.gateway == *gateway && s.agent_load(&a.reg.id) > 0)
 }
