@@ -1,14 +1,14 @@
 //! Queue endpoints: depth, dead letters (list, export, replay), tenant weights.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::{ApiError, ApiResult};
-use super::json::Body;
+use super::json::{Body, Params};
 use super::view::{self, ListQuery};
 use super::{Api, outcome};
 use crate::fsm::{
@@ -46,7 +46,7 @@ fn dead_letter_filter(q: &ListQuery) -> ApiResult<DeadLetterFilter> {
 /// `GET /dead-letter`.
 pub async fn list(
     State(api): State<Api>,
-    Query(q): Query<ListQuery>,
+    Params(q): Params<ListQuery>,
 ) -> ApiResult<Json<view::PageView>> {
     let limit = q.limit(api.node.config().api.max_page_size)?;
     let filter = dead_letter_filter(&q)?;
@@ -63,7 +63,7 @@ pub async fn list(
 /// [`Limits::MAX_REPLAY`]) as newline-delimited JSON.
 pub async fn export(
     State(api): State<Api>,
-    Query(q): Query<ListQuery>,
+    Params(q): Params<ListQuery>,
 ) -> ApiResult<impl IntoResponse> {
     let filter = dead_letter_filter(&q)?;
     api.node.read_barrier().await?;

@@ -1,13 +1,13 @@
 //! Task endpoints: submit, list, get, cancel, retry.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::{ApiError, ApiResult};
-use super::json::Body;
+use super::json::{Body, Params};
 use super::view::{self, ListQuery, PageView, TaskView};
 use super::{Api, outcome};
 use crate::clock;
@@ -99,7 +99,10 @@ pub async fn create(
 }
 
 /// `GET /tasks`.
-pub async fn list(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult<Json<PageView>> {
+pub async fn list(
+    State(api): State<Api>,
+    Params(q): Params<ListQuery>,
+) -> ApiResult<Json<PageView>> {
     let limit = q.limit(api.node.config().api.max_page_size)?;
     let filter = TaskFilter {
         status: q.status()?,
