@@ -111,6 +111,11 @@ impl State {
             return Err(Rejection::invalid("max", problem));
         }
         let mut slots = self.eligible_slots(spec.node_dead_after_ms);
+        if slots.is_empty() || self.ready.is_empty() {
+            // Nothing can move (the common case for a batch piggybacking a
+            // round while every agent is busy): skip the session count.
+            return Ok(Reply::Dispatched(Vec::new()));
+        }
         let mut rooms = self.gateway_rooms();
         let n = slots.len();
         let start = match spec.policy {
