@@ -388,7 +388,11 @@ async fn live_session(api: &Api, key: &str) -> Value {
 async fn task_lists_answer_bad_queries_in_the_error_shape() {
     let c = Cluster::start(1).await;
     let api = c.api();
-    for path in ["/api/v1/tasks", "/api/v1/dead-letter", "/api/v1/dead-letter/export"] {
+    for path in [
+        "/api/v1/tasks",
+        "/api/v1/dead-letter",
+        "/api/v1/dead-letter/export",
+    ] {
         for (query, field) in [("limit=many", "limit"), ("colour=red", "colour")] {
             let r = api.get(0, &format!("{path}?{query}")).await.unwrap();
             r.assert_error(400, "invalid_request");
