@@ -126,7 +126,10 @@ fn registry_session(api: &str) {
         (1, Some("not_found")),
         "{err}"
     );
-    let driver = r#"{"kind":"command","program":"cat"}"#;
+    // A long-running program: the agent's actor on this node may run the
+    // task (dispatch, or adopting the CLI's lease for its agent id), and it
+    // must still be busy when its status is read.
+    let driver = r#"{"kind":"command","program":"sleep","args":["30"]}"#;
     let add = [
         "gateway",
         "add",
@@ -142,7 +145,7 @@ fn registry_session(api: &str) {
     let g = ok(api, &add);
     assert_eq!(g["capabilities"], serde_json::json!(["git", "rust"]));
     assert_eq!(g["kind"], "command");
-    assert_eq!(g["spec"]["driver"]["program"], "cat");
+    assert_eq!(g["spec"]["driver"]["program"], "sleep");
     let bad = [
         "gateway",
         "add",

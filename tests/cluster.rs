@@ -1008,8 +1008,8 @@ async fn crashed_agent_is_restarted_and_its_task_leased_again() {
                 .status,
             201
         );
-        // The crash needs the actor running (a lease granted before it
-        // starts is given back when it does, which would be a second lease).
+        // The crash needs the actor running (and dispatch waits for it to
+        // announce the agent online anyway).
         wait_until(
             "the agent's actor to start",
             deadline(Duration::from_secs(20)),

@@ -44,7 +44,12 @@
 //!   `place gateway=G [node=N]` (no node: unplace),
 //!   `report gateway=G health=healthy|degraded|unhealthy|unknown
 //!   circuit=closed|open|half_open`,
-//!   `agent id=A gateway=G [caps=x,y] [capacity=1] [role=worker]`, `unagent id=A`
+//!   `agent id=A gateway=G [caps=x,y] [capacity=1] [role=worker]`, `unagent id=A`,
+//!   `online agent=A node=N [release=1,2]`. As the runtime does (the owner's agent actors announce
+//!   themselves), `agent` and `place` also bring the agents of a placed
+//!   gateway online on its owner; that `AgentOnline` prints nothing unless
+//!   it fails or emits events. `place` to a new owner takes them offline
+//!   first, so a script sees exactly what the move does.
 //! - `dispatch [max=100] [lease=30000] [policy=least_loaded|round_robin]
 //!   [dead_after=3000] [limit=0] [idle=0]` (`limit` and `idle`: the time limit
 //!   and idle close of the sessions it opens, 0 for none); its grants name
@@ -363,22 +368,37 @@ impl Runner {
                 capabilities: list(args.take("caps")),
                 max_sessions: args.parsed("max")?.unwrap_or(100),
             })),
-            "place" => self.apply(Command::PlaceGateway {
-                id: GatewayId(args.require("gateway")?),
-                owner: args.parsed("node")?,
+            "place" => {
+                let gateway = GatewayId(args.require("gateway")?);
+                let mut out = self.apply(Command::PlaceGateway {
+                    id: gateway.clone(),
+                    owner: args.parsed("node")?,
+                });
+                out.extend(self.bring_online(|a| a.reg.gateway == gateway));
+                out
+            }
+            "online" => self.apply(Command::AgentOnline {
+                agent: AgentId(args.require("agent")?),
+                node: args.require("node")?,
+                release: tokens_or_none(&mut args)?,
             }),
             "report" => self.apply(Command::ReportGateway {
                 id: GatewayId(args.require("gateway")?),
                 health: health(&args.require::<String>("health")?)?,
                 circuit: circuit(&args.require::<String>("circuit")?)?,
             }),
-            "agent" => self.apply(Command::RegisterAgent(AgentRegistration {
-                id: AgentId(args.require("id")?),
-                gateway: GatewayId(args.require("gateway")?),
-                capabilities: list(args.take("caps")),
-                role: args.take("role").unwrap_or_else(|| "worker".into()),
-                capacity: args.parsed("capacity")?.unwrap_or(1),
-            })),
+            "agent" => {
+                let id = AgentId(args.require("id")?);
+                let mut out = self.apply(Command::RegisterAgent(AgentRegistration {
+                    id: id.clone(),
+                    gateway: GatewayId(args.require("gateway")?),
+                    capabilities: list(args.take("caps")),
+                    role: args.take("role").unwrap_or_else(|| "worker".into()),
+                    capacity: args.parsed("capacity")?.unwrap_or(1),
+                }));
+                out.extend(self.bring_online(|a| a.reg.id == id));
+                out
+            }
             "unagent" => self.apply(Command::DeregisterAgent {
                 id: AgentId(args.require("id")?),
             }),
@@ -436,6 +456,30 @@ impl Runner {
         assert_eq!(response.outcomes.len(), 1, "one outcome per command");
         let mut out = outcome_lines(&response.outcomes[0]);
         out.extend(events.iter().map(event_line));
+        out
+    }
+
+    /// Brings the chosen agents of placed gateways online on the owner (as
+    /// their actors would), printing only failures and events.
+    fn bring_online(&mut self, which: impl Fn(&godel::fsm::AgentRecord) -> bool) -> Vec<String> {
+        let reg = self.state.registry();
+        let due: Vec<(AgentId, u64)> = reg
+            .agents()
+            .filter(|a| which(a))
+            .filter_map(|a| {
+                let owner = reg.gateway(&a.reg.gateway)?.owner?;
+                (a.online_on != Some(owner)).then(|| (a.reg.id.clone(), owner))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (agent, node) in due {
+            let lines = self.apply(Command::AgentOnline {
+                agent,
+                node,
+                release: Vec::new(),
+            });
+            out.extend(lines.into_iter().filter(|l| l != "ok"));
+        }
         out
     }
 
@@ -665,6 +709,18 @@ fn tokens(args: &mut Args) -> Result<Vec<FencingToken>, String> {
             s.parse()
                 .map(FencingToken)
                 .map_err(|e| format!("`tokens`: {e}"))
+        })
+        .collect()
+}
+
+/// `release=1,2` as tokens; absent is none.
+fn tokens_or_none(args: &mut Args) -> Result<Vec<FencingToken>, String> {
+    list(args.take("release"))
+        .iter()
+        .map(|s| {
+            s.parse()
+                .map(FencingToken)
+                .map_err(|e| format!("`release`: {e}"))
         })
         .collect()
 }

@@ -11,8 +11,12 @@
 //!
 //! Its attempts live and die with it: they are cancelled when the actor
 //! stops or fails. A new incarnation (restart, node restart, gateway moved
-//! here) first releases the leases its agent still holds, since nobody runs
+//! here) announces the agent online on this node (`AgentOnline`; dispatch
+//! leases only to agents online on their gateway's owner) and in the same
+//! command gives back the leases its agent still holds, since nobody runs
 //! them any more; their tasks are leased again at once, with new tokens.
+//! It announces again whenever the registry shows it offline here (the
+//! gateway moved away and back between two reconciles).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -59,6 +63,8 @@ pub enum AgentMsg {
     },
     /// Reconcile attempts with the committed leases.
     Sync,
+    /// An announcement ended (committed or not).
+    Announced(bool),
     /// Renew every lease in one command.
     Renew,
     /// These leases were refused as stale by a renew.
@@ -90,6 +96,10 @@ pub struct AgentState {
     /// one (given back at start) and those it already ran. Pruned to the
     /// live ones on every sync.
     skip: HashSet<FencingToken>,
+    /// The last announcement failed: try again on the next sync.
+    announce_due: bool,
+    /// An announcement is being written.
+    announce_in_flight: bool,
     /// Parent of every attempt's cancel token: dropping the state (stop or
     /// failure) cancels them all.
     attempts: CancellationToken,
@@ -107,7 +117,11 @@ impl Actor for AgentActor {
         args: AgentArgs,
     ) -> Result<AgentState, ActorProcessingErr> {
         args.directory.insert(args.id.clone(), myself.clone());
-        let skip = release_orphans(&args).await;
+        // Whatever the agent holds now, nobody here runs: an earlier
+        // incarnation's leases. Give them back as the agent comes online.
+        let orphans = held(&args);
+        let announced = announce(&args, orphans.clone()).await;
+        let skip: HashSet<FencingToken> = orphans.into_iter().collect();
         let attempts = CancellationToken::new();
         let lease = args.node.queue_config().default_lease;
         let sync = args.node.config().runtime.agent_sync_interval;
@@ -117,6 +131,8 @@ impl Actor for AgentActor {
             args,
             running: HashMap::new(),
             skip,
+            announce_due: !announced,
+            announce_in_flight: false,
             _cancel_on_drop: attempts.clone().drop_guard(),
             attempts,
         })
@@ -145,6 +161,10 @@ impl Actor for AgentActor {
                 }
             }
             AgentMsg::Sync => sync(&myself, state),
+            AgentMsg::Announced(ok) => {
+                state.announce_in_flight = false;
+                state.announce_due = !ok;
+            }
             AgentMsg::Crash => {
                 return Err(ActorProcessingErr::from(
                     "crash requested through fault injection",
@@ -178,33 +198,51 @@ fn renew_every(lease: Duration) -> Duration {
     (lease / 3).max(Duration::from_millis(50))
 }
 
-/// Gives back the leases this agent holds from an earlier incarnation.
-async fn release_orphans(args: &AgentArgs) -> HashSet<FencingToken> {
-    let held: Vec<FencingToken> = args
-        .node
+/// Announces the agent online on this node (`AgentOnline`), giving back
+/// `orphans` (its leases nobody here runs) in the same command. Returns
+/// whether it committed.
+async fn announce(args: &AgentArgs, orphans: Vec<FencingToken>) -> bool {
+    let cmd = Command::AgentOnline {
+        agent: args.id.clone(),
+        node: args.node.id(),
+        release: orphans.clone(),
+    };
+    match args.node.write(cmd).await {
+        Ok(Ok(_)) => {
+            tracing::info!(agent = %args.id, released = orphans.len(), "agent online");
+            true
+        }
+        other => {
+            tracing::warn!(agent = %args.id, outcome = ?other.map(|o| o.err()), "agent not announced yet; retrying");
+            false
+        }
+    }
+}
+
+/// The agent's live leases in the local replica.
+fn held(args: &AgentArgs) -> Vec<FencingToken> {
+    args.node
         .state()
         .read(|s| s.agent_leases(&args.id))
         .into_iter()
         .map(|(t, _)| t)
-        .collect();
-    if held.is_empty() {
-        return HashSet::new();
-    }
-    match args
-        .node
-        .write(Command::Release {
-            tokens: held.clone(),
+        .collect()
+}
+
+/// Whether the committed registry has this agent's gateway on this node
+/// but the agent not online here (first start, a restart, or the gateway
+/// moved away and back).
+fn needs_announce(args: &AgentArgs) -> bool {
+    let here = args.node.id();
+    args.node.state().read(|s| {
+        let reg = s.registry();
+        reg.agent(&args.id).is_some_and(|a| {
+            let placed_here = reg
+                .gateway(&a.reg.gateway)
+                .is_some_and(|g| g.owner == Some(here));
+            placed_here && a.online_on != Some(here)
         })
-        .await
-    {
-        Ok(Ok(_)) => {
-            tracing::info!(agent = %args.id, leases = held.len(), "released the leases of an earlier incarnation");
-        }
-        other => {
-            tracing::warn!(agent = %args.id, outcome = ?other.map(|o| o.err()), "could not release old leases; they lapse instead");
-        }
-    }
-    held.into_iter().collect()
+    })
 }
 
 /// Starts an attempt for `token` if it is still this agent's live lease in
@@ -261,6 +299,21 @@ fn start_if_live(
 /// Reconciles attempts with the committed leases: adopts leases whose hint
 /// was lost, stops attempts whose lease is gone.
 fn sync(myself: &ActorRef<AgentMsg>, state: &mut AgentState) {
+    if !state.announce_in_flight && (state.announce_due || needs_announce(&state.args)) {
+        // Offline: dispatch grants nothing new, so every lease held and not
+        // running here is an orphan to give back.
+        let orphans: Vec<FencingToken> = held(&state.args)
+            .into_iter()
+            .filter(|t| !state.running.contains_key(t))
+            .collect();
+        state.skip.extend(orphans.iter().copied());
+        let (args, me) = (state.args.clone(), myself.clone());
+        state.announce_in_flight = true;
+        tokio::spawn(async move {
+            let ok = announce(&args, orphans).await;
+            let _ = me.send_message(AgentMsg::Announced(ok));
+        });
+    }
     let live: HashMap<FencingToken, TaskId> = state
         .args
         .node

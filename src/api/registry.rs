@@ -48,7 +48,12 @@ fn agent_view(s: &Fsm, a: &AgentRecord) -> Value {
         "role": a.reg.role,
         "capacity": a.reg.capacity,
         "current_load": load,
-        "status": if load == 0 { "idle" } else { "busy" },
+        "online_on": a.online_on,
+        "status": match (load, a.online_on.is_some()) {
+            (1.., _) => "busy",
+            (0, true) => "idle",
+            (0, false) => "offline",
+        },
         "registered_at": clock::rfc3339(a.registered_at_ms),
     })
 }

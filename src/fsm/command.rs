@@ -184,6 +184,17 @@ pub enum Command {
         /// Why, for the record.
         reason: Option<String>,
     },
+    /// An agent's actor is running on `node` and takes work from now on;
+    /// the leases it names (its agent's, from an earlier incarnation that
+    /// nobody runs any more) are given back first.
+    AgentOnline {
+        /// The agent.
+        agent: AgentId,
+        /// The node its actor runs on.
+        node: u64,
+        /// Leases to give back; only the agent's own live ones are.
+        release: Vec<FencingToken>,
+    },
 }
 
 /// How agents are chosen among those that can take a task.

@@ -2,7 +2,8 @@
 //! against the committed state so that every replica makes the same choice.
 //!
 //! An agent can take work when its gateway is placed on a node that is
-//! heartbeating and not draining, the gateway's breaker is not open and its
+//! heartbeating and not draining, its actor there has announced itself
+//! (`AgentOnline`), the gateway's breaker is not open and its
 //! last probe did not find it unhealthy, and the agent holds fewer live
 //! leases than its capacity. Each agent takes, in turn, the task it would get
 //! from the ready queue (strict priority, tenant round robin, capability
@@ -45,7 +46,11 @@ impl State {
             .values()
             .filter_map(|a| {
                 let gw = reg.gateways.get(&a.reg.gateway)?;
-                let node = reg.nodes.get(&gw.owner?)?;
+                let owner = gw.owner?;
+                if a.online_on != Some(owner) {
+                    return None;
+                }
+                let node = reg.nodes.get(&owner)?;
                 let alive =
                     node.last_heartbeat_ms.saturating_add(node_dead_after_ms) >= self.clock_ms;
                 let usable = gw.circuit != Circuit::Open && gw.health != Health::Unhealthy;
@@ -238,5 +243,127 @@ impl State {
             released.push(id);
         }
         Ok(Reply::Released(released))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::fsm::{
+        AgentId, AgentRegistration, Command, DispatchPolicy, DispatchSpec, FencingToken, GatewayId,
+        GatewayRegistration, Reply, State, SubmitTask, TaskStatus,
+    };
+
+    fn dispatch() -> Command {
+        Command::Dispatch(DispatchSpec {
+            lease_ms: 30_000,
+            max: 10,
+            policy: DispatchPolicy::LeastLoaded,
+            node_dead_after_ms: 60_000,
+            session_limit_ms: 0,
+            session_idle_ms: 0,
+        })
+    }
+
+    fn granted(s: &mut State, now: u64) -> Vec<u64> {
+        match s.apply_one(now, dispatch()) {
+            Ok(Reply::Dispatched(g)) => g.iter().map(|g| g.token.0).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Dispatch leases only to an agent whose actor announced itself on its
+    /// gateway's owner; a move takes the agent offline and gives its leases
+    /// back at once; an announcement releases only the agent's own leases.
+    #[test]
+    fn only_online_agents_get_work_and_a_move_releases_leases() {
+        let mut s = State::default();
+        for id in [1, 2] {
+            let hb = Command::NodeHeartbeat {
+                id,
+                region: "eu".into(),
+                api_addr: "a".into(),
+            };
+            s.apply_one(0, hb).unwrap();
+        }
+        let gw = GatewayRegistration {
+            id: GatewayId("g".into()),
+            kind: "sim".into(),
+            spec: "{}".into(),
+            region: "eu".into(),
+            capabilities: vec![],
+            max_sessions: 10,
+        };
+        s.apply_one(0, Command::RegisterGateway(gw)).unwrap();
+        s.apply_one(
+            0,
+            Command::PlaceGateway {
+                id: GatewayId("g".into()),
+                owner: Some(1),
+            },
+        )
+        .unwrap();
+        let agent = AgentId("a".into());
+        let reg = AgentRegistration {
+            id: agent.clone(),
+            gateway: GatewayId("g".into()),
+            role: "r".into(),
+            capacity: 4,
+            ..Default::default()
+        };
+        s.apply_one(0, Command::RegisterAgent(reg)).unwrap();
+        let submit = SubmitTask {
+            tenant: "t".into(),
+            payload: "{}".into(),
+            ..Default::default()
+        };
+        s.apply_one(0, Command::Submit(submit)).unwrap();
+        assert!(
+            granted(&mut s, 1).is_empty(),
+            "no actor announced: no lease"
+        );
+
+        let online = |node, release| Command::AgentOnline {
+            agent: agent.clone(),
+            node,
+            release,
+        };
+        s.apply_one(2, online(1, vec![])).unwrap();
+        assert_eq!(granted(&mut s, 3), vec![1]);
+
+        // Another agent's announcement cannot release this agent's lease.
+        let other = AgentRegistration {
+            id: AgentId("b".into()),
+            gateway: GatewayId("g".into()),
+            role: "r".into(),
+            capacity: 1,
+            ..Default::default()
+        };
+        s.apply_one(4, Command::RegisterAgent(other)).unwrap();
+        let foreign = Command::AgentOnline {
+            agent: AgentId("b".into()),
+            node: 1,
+            release: vec![FencingToken(1)],
+        };
+        s.apply_one(4, foreign).unwrap();
+        assert_eq!(s.agent_load(&agent), 1, "still held");
+
+        // The gateway moves: the lease is given back, the agents are offline.
+        s.apply_one(
+            5,
+            Command::PlaceGateway {
+                id: GatewayId("g".into()),
+                owner: Some(2),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.agent_load(&agent), 0);
+        let task = s.task_shared(crate::fsm::TaskId(1)).unwrap();
+        assert_eq!((task.status, task.attempts), (TaskStatus::Pending, 0));
+        assert!(
+            granted(&mut s, 6).is_empty(),
+            "offline until the new owner's actor announces"
+        );
+        s.apply_one(7, online(2, vec![])).unwrap();
+        assert_eq!(granted(&mut s, 8), vec![2], "leased again with a new token");
     }
 }

@@ -143,6 +143,10 @@ pub struct AgentRecord {
     pub reg: AgentRegistration,
     /// Registration time.
     pub registered_at_ms: u64,
+    /// The node whose actor for this agent announced itself, since the
+    /// gateway was last placed. Dispatch leases only to an agent online on
+    /// its gateway's owner, so no lease waits for an actor that is not there.
+    pub online_on: Option<NodeId>,
 }
 
 /// The registries, part of [`State`].
@@ -306,14 +310,74 @@ impl State {
         })
     }
 
-    /// Records which node runs a gateway (the leader decides).
-    pub(crate) fn place_gateway(&mut self, id: &GatewayId, owner: Option<NodeId>) -> Outcome {
+    /// Records which node runs a gateway (the leader decides). When the
+    /// owner changes, the gateway's agents are offline until their actors
+    /// on the new owner announce themselves, and the leases they held are
+    /// given back at once (no attempt spent): the old owner stops running
+    /// them (it is dead, or its drain deadline passed).
+    pub(crate) fn place_gateway(
+        &mut self,
+        id: &GatewayId,
+        owner: Option<NodeId>,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
         if let Some(n) = owner
             && !self.registry.nodes.contains_key(&n)
         {
             return Err(not_found("owner", n));
         }
-        self.edit_gateway(id, |rec| rec.owner = owner)
+        let before = self.registry.gateways.get(id).and_then(|g| g.owner);
+        let reply = self.edit_gateway(id, |rec| rec.owner = owner)?;
+        if before != owner {
+            let agents: Vec<AgentId> = self
+                .registry
+                .agents
+                .values()
+                .filter(|a| a.reg.gateway == *id)
+                .map(|a| a.reg.id.clone())
+                .collect();
+            for agent in agents {
+                if let Some(a) = self.registry.agents.get_mut(&agent) {
+                    a.online_on = None;
+                }
+                let tokens: Vec<FencingToken> = self
+                    .agent_leases(&agent)
+                    .into_iter()
+                    .map(|(t, _)| t)
+                    .collect();
+                self.release(&tokens, events)
+                    .expect("invariant: releasing live leases always succeeds");
+            }
+        }
+        Ok(reply)
+    }
+
+    /// An agent's actor announces itself on `node`, giving back the named
+    /// leases of its agent first.
+    pub(crate) fn agent_online(
+        &mut self,
+        agent: &AgentId,
+        node: NodeId,
+        release: &[FencingToken],
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        if !self.registry.agents.contains_key(agent) {
+            return Err(not_found("agent", agent));
+        }
+        if !self.registry.nodes.contains_key(&node) {
+            return Err(not_found("node", node));
+        }
+        let held = self.agent_leases.get(agent);
+        let own: Vec<FencingToken> = release
+            .iter()
+            .copied()
+            .filter(|t| held.is_some_and(|h| h.contains(t)))
+            .collect();
+        self.release(&own, events)?;
+        if let Some(a) = self.registry.agents.get_mut(agent) {
+            a.online_on = Some(node);
+        }
+        Ok(Reply::Done)
     }
 
     /// Changes a registered gateway and stamps the change time.
@@ -355,14 +419,17 @@ impl State {
         };
         let old = self.registry.agents.get(&reg.id);
         let registered_at_ms = old.map_or(self.clock_ms, |a| a.registered_at_ms);
+        let mut online_on = old.and_then(|a| a.online_on);
         if old.is_some_and(|a| a.reg.gateway != reg.gateway) {
             self.let_go(&reg.id, "agent moved to another gateway", events);
+            online_on = None;
         }
         self.registry.agents.insert(
             reg.id.clone(),
             AgentRecord {
                 reg,
                 registered_at_ms,
+                online_on,
             },
         );
         Ok(Reply::Done)

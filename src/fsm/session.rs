@@ -609,6 +609,12 @@ mod tests {
             ..Default::default()
         };
         apply(&mut s, 0, Command::RegisterAgent(agent)).unwrap();
+        let online = Command::AgentOnline {
+            agent: AgentId("a".into()),
+            node: 1,
+            release: vec![],
+        };
+        apply(&mut s, 0, online).unwrap();
         // An operator opened the session: created, not ready, no agent.
         apply(&mut s, 0, open(Some("k"), None)).unwrap();
         let submit = SubmitTask {

@@ -109,7 +109,7 @@ impl State {
                 health,
                 circuit,
             } => self.report_gateway(id, *health, *circuit),
-            Command::PlaceGateway { id, owner } => self.place_gateway(id, *owner),
+            Command::PlaceGateway { id, owner } => self.place_gateway(id, *owner, events),
             Command::RegisterAgent(reg) => self.register_agent(reg, events),
             Command::DeregisterAgent { id } => self.deregister_agent(id, events),
             Command::OpenSession(open) => self.open_session(open),
@@ -125,6 +125,11 @@ impl State {
             Command::KillSession { id, reason } => {
                 self.kill_session(*id, reason.as_deref(), entropy, events)
             }
+            Command::AgentOnline {
+                agent,
+                node,
+                release,
+            } => self.agent_online(agent, *node, release, events),
         }
     }
 
