@@ -76,6 +76,9 @@ pub enum AgentMsg {
     },
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for AgentMsg {}
+
 /// One running attempt.
 struct Attempt {
     task: TaskId,
