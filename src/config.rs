@@ -32,6 +32,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// HTTP API limits.
     pub api: ApiConfig,
+    /// The actor fabric (ractor_cluster): lease hints between nodes.
+    pub fabric: FabricConfig,
 }
 
 /// This node's identity and addresses.
@@ -255,6 +257,57 @@ impl Default for ApiConfig {
     }
 }
 
+/// The actor fabric: ractor_cluster sessions between the nodes, over which
+/// the leader hints followers' agents about their new leases (`src/fabric.rs`).
+/// Hints are a shortcut only: with the fabric off, agents learn of their
+/// leases when their replica applies them.
+///
+/// Every node listens on its `raft_addr` IP at the raft port
+/// [`FABRIC_PORT_OFFSET`] (100) higher, and finds its peers the same way
+/// from their `raft_addr` (members carry no fabric address), so the offset
+/// is fixed cluster-wide. The session cookie is derived from the cluster
+/// secret, never the secret itself. No TLS yet: the session after the
+/// cookie handshake is plain TCP, so keep the fabric port on a trusted
+/// network, or turn it off.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FabricConfig {
+    /// Whether this node joins the fabric (default true).
+    pub enabled: bool,
+    /// Listen address; default: `node.raft_addr` with the port plus 100.
+    /// Peers always dial the raft IP at port + 100, so set this only to
+    /// listen on another interface (say `0.0.0.0`); its port must be the
+    /// raft port + 100.
+    pub addr: Option<SocketAddr>,
+}
+
+impl Default for FabricConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            addr: None,
+        }
+    }
+}
+
+/// The fabric port is the raft port plus this, on every node.
+pub const FABRIC_PORT_OFFSET: u16 = 100;
+
+/// The fabric address of a node whose transport listens on `raft_addr`.
+pub fn fabric_addr_of(raft_addr: SocketAddr) -> Option<SocketAddr> {
+    let port = raft_addr.port().checked_add(FABRIC_PORT_OFFSET)?;
+    Some(SocketAddr::new(raft_addr.ip(), port))
+}
+
+impl Config {
+    /// Where this node's fabric listens (`fabric.addr` or the derived one).
+    pub fn fabric_listen_addr(&self) -> Option<SocketAddr> {
+        self.fabric
+            .addr
+            .or_else(|| fabric_addr_of(self.node.raft_addr))
+    }
+}
+
 /// Configuration errors, all of them.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -379,10 +432,32 @@ impl Config {
             p.push("api.max_body_bytes must be at least 1024".into());
         }
         self.validate_members(&mut p);
+        self.validate_fabric(&mut p);
         if p.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(p))
+        }
+    }
+
+    fn validate_fabric(&self, p: &mut Vec<String>) {
+        if !self.fabric.enabled {
+            return;
+        }
+        match fabric_addr_of(self.node.raft_addr) {
+            None => p.push(format!(
+                "fabric: node.raft_addr's port + {FABRIC_PORT_OFFSET} is past 65535 (set fabric.enabled = false or lower the raft port)"
+            )),
+            Some(derived) => {
+                if let Some(addr) = self.fabric.addr
+                    && addr.port() != derived.port()
+                {
+                    p.push(format!(
+                        "fabric.addr must use port {} (node.raft_addr's port + {FABRIC_PORT_OFFSET}): peers derive it",
+                        derived.port()
+                    ));
+                }
+            }
         }
     }
 
@@ -444,6 +519,28 @@ mod tests {
             panic!()
         };
         assert_eq!(p.len(), 4, "{p:?}");
+    }
+
+    #[test]
+    fn fabric_defaults_to_the_raft_port_plus_100() {
+        let c = Config::from_toml("").unwrap();
+        assert!(c.fabric.enabled);
+        assert_eq!(
+            c.fabric_listen_addr().unwrap().to_string(),
+            "127.0.0.1:7574"
+        );
+        let c = Config::from_toml("[fabric]\naddr = \"0.0.0.0:7574\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.fabric_listen_addr().unwrap().to_string(), "0.0.0.0:7574");
+        let c = Config::from_toml("[fabric]\naddr = \"0.0.0.0:9000\"\n").unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::from_toml("[node]\nraft_addr = \"127.0.0.1:65500\"\n").unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::from_toml(
+            "[node]\nraft_addr = \"127.0.0.1:65500\"\n[fabric]\nenabled = false\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

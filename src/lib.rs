@@ -6,7 +6,8 @@
 //! assembles them with the write pipeline and linearizable reads;
 //! [`placement`] decides which node runs each gateway; [`gateway`] holds the
 //! drivers that run tasks on agent gateways; [`actors`] is the supervision
-//! tree (restart policy); [`api`] and [`cli`] are the operator's interfaces;
+//! tree (restart policy); [`fabric`] joins the nodes' actor systems for lease
+//! hints; [`api`] and [`cli`] are the operator's interfaces;
 //! [`config`], [`metrics`], [`clock`] and [`codec`] are shared plumbing.
 #![warn(missing_docs)]
 // openraft's error types (StorageError, RaftError) are large by design and
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod fabric;
 pub mod fsm;
 pub mod gateway;
 pub mod metrics;

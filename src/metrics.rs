@@ -34,6 +34,18 @@ pub struct Metrics {
     pub dispatch_seconds: Histogram,
     /// Attempts ended on this node's agents, by outcome.
     pub attempts: IntCounterVec,
+    /// Lease hints this node (as leader) sent over the fabric.
+    pub hints_sent: prometheus::IntCounter,
+    /// Lease hints this node received over the fabric.
+    pub hints_received: prometheus::IntCounter,
+    /// Lease hints dropped, by reason (`no_peer`, `send_failed`,
+    /// `unreadable`, `no_agent`).
+    pub hints_dropped: IntCounterVec,
+    /// Hinted leases an agent of this node started before its replica
+    /// applied them.
+    pub hints_started: prometheus::IntCounter,
+    /// Peers with an authenticated fabric session.
+    pub fabric_peers: IntGauge,
     tasks: IntGaugeVec,
     raft_term: IntGauge,
     raft_leader: IntGauge,
@@ -98,6 +110,29 @@ fn build() -> prometheus::Result<Metrics> {
             ),
             &["outcome"],
         )?,
+        hints_sent: prometheus::IntCounter::new(
+            "godel_fabric_hints_sent_total",
+            "Lease hints sent over the fabric by this node as leader",
+        )?,
+        hints_received: prometheus::IntCounter::new(
+            "godel_fabric_hints_received_total",
+            "Lease hints received over the fabric",
+        )?,
+        hints_dropped: IntCounterVec::new(
+            Opts::new(
+                "godel_fabric_hints_dropped_total",
+                "Lease hints dropped, by reason",
+            ),
+            &["reason"],
+        )?,
+        hints_started: prometheus::IntCounter::new(
+            "godel_fabric_hinted_attempts_total",
+            "Attempts started from a hint before the local replica applied the lease",
+        )?,
+        fabric_peers: IntGauge::new(
+            "godel_fabric_peers",
+            "Peers with an authenticated fabric session",
+        )?,
         tasks: IntGaugeVec::new(
             Opts::new("godel_queue_tasks", "Tasks by priority and status"),
             &["priority", "status"],
@@ -116,6 +151,11 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.dispatch_rounds.clone()))?;
     m.registry.register(Box::new(m.dispatch_seconds.clone()))?;
     m.registry.register(Box::new(m.attempts.clone()))?;
+    m.registry.register(Box::new(m.hints_sent.clone()))?;
+    m.registry.register(Box::new(m.hints_received.clone()))?;
+    m.registry.register(Box::new(m.hints_dropped.clone()))?;
+    m.registry.register(Box::new(m.hints_started.clone()))?;
+    m.registry.register(Box::new(m.fabric_peers.clone()))?;
     m.registry.register(Box::new(m.raft_term.clone()))?;
     m.registry.register(Box::new(m.raft_leader.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;

@@ -115,18 +115,20 @@ struct Inner {
     actors: std::sync::Mutex<Option<crate::actors::NodeSupervisor>>,
     /// The agent actors running here (for lease hints and fault injection).
     agents: crate::actors::AgentDirectory,
+    /// The actor fabric, when enabled and started (taken at stop).
+    fabric: std::sync::Mutex<Option<crate::fabric::Fabric>>,
 }
 
 impl Node {
     /// Opens storage, starts Raft, the transport server, the proposer and the
     /// timer loop, and bootstraps or joins the cluster.
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Node> {
-        let secret = membership::load_secret(&config)?;
+        let secret = transport::Secret::new(membership::load_secret(&config)?);
         let dir = config.node.data_dir.join("raft");
         let (log_store, sm) =
             tokio::task::spawn_blocking(move || store::Store::open(&dir)).await??;
         let state = sm.shared();
-        let tcfg = transport::TransportConfig::new(config.node.id, transport::Secret::new(secret));
+        let tcfg = transport::TransportConfig::new(config.node.id, secret.clone());
         let faults = transport::Faults::default();
         let client = transport::Client::new(tcfg.clone(), faults.clone())?;
         let network = crate::raft::network::Network::new(client.clone(), config.node.id);
@@ -151,6 +153,7 @@ impl Node {
                 shutdown,
                 actors: std::sync::Mutex::new(None),
                 agents: crate::actors::AgentDirectory::default(),
+                fabric: std::sync::Mutex::new(None),
             }),
         };
         let listener = tokio::net::TcpListener::bind(node.inner.config.node.raft_addr).await?;
@@ -169,11 +172,12 @@ impl Node {
         node.spawn(observe_events(node.clone()));
         membership::bootstrap(&node).await?;
         node.start_actors().await?;
+        node.start_fabric(&secret).await;
         Ok(node)
     }
 
     /// Spawns a background task owned by the node: it is awaited at shutdown.
-    fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
         self.inner.tasks.spawn(fut);
     }
 
@@ -184,6 +188,9 @@ impl Node {
         let tree =
             crate::actors::NodeSupervisor::start(crate::actors::RestartPolicy::default(), observer)
                 .await?;
+        if self.inner.config.fabric.enabled {
+            crate::fabric::start_hints(self, tree.root()).await?;
+        }
         let directory = self.inner.agents.clone();
         self.spawn(crate::actors::route_leases(self.clone(), directory.clone()));
         self.spawn(crate::actors::reconcile_loop(
@@ -209,9 +216,39 @@ impl Node {
         Ok(())
     }
 
+    /// Joins the actor fabric if it is enabled. A fabric that cannot start
+    /// (its port taken, say) leaves the node running without lease hints.
+    async fn start_fabric(&self, secret: &transport::Secret) {
+        if !self.inner.config.fabric.enabled {
+            tracing::info!("fabric disabled: agents learn of leases from their replica only");
+            return;
+        }
+        match crate::fabric::Fabric::start(self, secret).await {
+            Ok(f) => {
+                *self
+                    .inner
+                    .fabric
+                    .lock()
+                    .expect("invariant: the fabric lock is never poisoned") = Some(f);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fabric not started; this node runs without lease hints");
+            }
+        }
+    }
+
     /// Stops Raft and waits (bounded) for the node's background tasks.
     pub async fn stop(&self, deadline: Duration) {
         self.inner.shutdown.cancel();
+        let fabric = self
+            .inner
+            .fabric
+            .lock()
+            .expect("invariant: the fabric lock is never poisoned")
+            .take();
+        if let Some(f) = fabric {
+            f.stop();
+        }
         let tree = self
             .inner
             .actors

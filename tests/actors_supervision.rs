@@ -22,6 +22,9 @@ enum WorkerMsg {
     Stop,
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for WorkerMsg {}
+
 #[derive(Clone, Copy, Default)]
 struct Behaviour {
     fail_on_start: bool,

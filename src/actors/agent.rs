@@ -4,10 +4,37 @@
 //! command every third of the lease, and reports completion or failure with
 //! the fencing token.
 //!
-//! It learns of its leases from the committed state only: the node's lease
+//! It learns of its leases from the committed state: the node's lease
 //! router hints it (`Granted`, `Lost`) as entries apply, and it reconciles
-//! with its committed leases on a timer (`Sync`), so a lost hint delays an
-//! attempt but never loses or doubles one.
+//! with its committed leases on a timer and on a leader change (`Sync`), so
+//! a lost hint delays an attempt but never loses or doubles one.
+//!
+//! # Hints from the leader
+//!
+//! With the actor fabric on, the leader also sends a follower's agent each
+//! grant as soon as the dispatch round commits (`Hinted`), before the local
+//! replica applies it. The grant is committed (the leader applied it), so
+//! the agent may start at once, but it cannot check the lease against its
+//! replica yet. What it keeps instead:
+//!
+//! - a token runs at most once per incarnation: `running` and `skip` guard
+//!   it, and a hinted token stays in `skip` (and its attempt is not stopped
+//!   by `Sync`) until the replica has applied the hint's entry, so the
+//!   router's `Granted` for the same token is a no-op;
+//! - once the replica has applied the entry, a hint is handled exactly as
+//!   the router's `Granted` (the replica is the judge);
+//! - before that, the agent starts only if the hint names this agent and
+//!   its token, the lease has not lapsed by this node's clock, and the
+//!   replica (older than the grant) still places the agent's gateway here;
+//!   the leader sent it only because its own state, which includes the
+//!   grant, places the gateway here too;
+//! - what it cannot rule out: the gateway moving away in an entry the
+//!   replica has not applied yet. The attempt then runs on the old owner
+//!   until its replica applies the move (its actor is stopped, the attempt
+//!   cancelled), while the new owner's agent releases the lease at start;
+//!   the fencing token makes the old attempt's report stale, so at most one
+//!   result is ever accepted. The router path has the same window (a move
+//!   after the grant applied), only shorter.
 //!
 //! Its attempts live and die with it: they are cancelled when the actor
 //! stops or fails. A new incarnation (restart, node restart, gateway moved
@@ -26,7 +53,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::router::AgentDirectory;
-use crate::fsm::{AgentId, Command, FencingToken, Rejection, Reply, Task, TaskId};
+use crate::fsm::{AgentId, Command, FencingToken, LeaseGrant, Rejection, Reply, Task, TaskId};
 use crate::gateway::{DriverError, GatewayDriver, RunRequest};
 use crate::node::Node;
 
@@ -61,6 +88,14 @@ pub enum AgentMsg {
         /// The task.
         task: TaskId,
     },
+    /// A lease the leader committed for this agent, sent over the fabric
+    /// before the local replica applied it (see "Hints from the leader").
+    Hinted {
+        /// The grant as the leader applied it.
+        grant: LeaseGrant,
+        /// The log index of the entry that granted it.
+        committed_index: u64,
+    },
     /// Reconcile attempts with the committed leases.
     Sync,
     /// An announcement ended (committed or not).
@@ -82,6 +117,9 @@ pub enum AgentMsg {
     },
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for AgentMsg {}
+
 /// One running attempt.
 struct Attempt {
     task: TaskId,
@@ -100,6 +138,10 @@ pub struct AgentState {
     announce_due: bool,
     /// An announcement is being written.
     announce_in_flight: bool,
+    /// Leases started from a hint, with the index of their entry, until the
+    /// local replica applies it: `Sync` neither stops them nor drops them
+    /// from `skip` meanwhile.
+    hinted: HashMap<FencingToken, u64>,
     /// Parent of every attempt's cancel token: dropping the state (stop or
     /// failure) cancels them all.
     attempts: CancellationToken,
@@ -133,6 +175,7 @@ impl Actor for AgentActor {
             skip,
             announce_due: !announced,
             announce_in_flight: false,
+            hinted: HashMap::new(),
             _cancel_on_drop: attempts.clone().drop_guard(),
             attempts,
         })
@@ -155,6 +198,10 @@ impl Actor for AgentActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             AgentMsg::Granted { token, task } => start_if_live(&myself, state, token, task),
+            AgentMsg::Hinted {
+                grant,
+                committed_index,
+            } => start_hinted(&myself, state, grant, committed_index),
             AgentMsg::Lost { task } => {
                 for a in state.running.values().filter(|a| a.task == task) {
                     a.cancel.cancel();
@@ -262,12 +309,7 @@ fn start_if_live(
     let me = &state.args.id;
     let here = state.args.node.id();
     let task = state.args.node.state().read(|s| {
-        let reg = s.registry();
-        let placed_here = reg
-            .agent(me)
-            .and_then(|a| reg.gateway(&a.reg.gateway))
-            .is_some_and(|g| g.owner == Some(here));
-        if !placed_here {
+        if !placed_here(s, me, here) {
             return None;
         }
         s.task_shared(id).filter(|t| {
@@ -279,6 +321,63 @@ fn start_if_live(
     let Some(task) = task else {
         return;
     };
+    spawn_attempt(myself, state, token, task);
+}
+
+/// Whether the replica places `agent`'s gateway on node `here`.
+fn placed_here(s: &crate::fsm::State, agent: &AgentId, here: crate::raft::NodeId) -> bool {
+    let reg = s.registry();
+    reg.agent(agent)
+        .and_then(|a| reg.gateway(&a.reg.gateway))
+        .is_some_and(|g| g.owner == Some(here))
+}
+
+/// Starts an attempt for a lease the leader hinted (see "Hints from the
+/// leader" above for what is checked and why).
+fn start_hinted(
+    myself: &ActorRef<AgentMsg>,
+    state: &mut AgentState,
+    grant: LeaseGrant,
+    committed_index: u64,
+) {
+    let token = grant.token;
+    if state.running.contains_key(&token) || state.skip.contains(&token) {
+        return;
+    }
+    let me = &state.args.id;
+    let here = state.args.node.id();
+    let (applied, placed) = state
+        .args
+        .node
+        .state()
+        .read_indexed(|applied, s| (applied, placed_here(s, me, here)));
+    if applied >= committed_index {
+        return start_if_live(myself, state, token, grant.task.id);
+    }
+    let now = crate::clock::now_ms();
+    let lease_ok = grant
+        .task
+        .lease
+        .as_ref()
+        .is_some_and(|l| l.token == token && l.agent_id == *me && l.expires_at_ms > now);
+    if !placed || !lease_ok {
+        tracing::debug!(agent = %me, %token, placed, lease_ok, "hint ignored");
+        return;
+    }
+    tracing::debug!(agent = %me, %token, task = %grant.task.id, committed_index, applied, "starting a hinted lease ahead of the replica");
+    crate::metrics::global().hints_started.inc();
+    state.hinted.insert(token, committed_index);
+    spawn_attempt(myself, state, token, grant.task);
+}
+
+/// Records and spawns one attempt.
+fn spawn_attempt(
+    myself: &ActorRef<AgentMsg>,
+    state: &mut AgentState,
+    token: FencingToken,
+    task: Arc<Task>,
+) {
+    let id = task.id;
     let cancel = state.attempts.child_token();
     state.running.insert(
         token,
@@ -314,19 +413,22 @@ fn sync(myself: &ActorRef<AgentMsg>, state: &mut AgentState) {
             let _ = me.send_message(AgentMsg::Announced(ok));
         });
     }
-    let live: HashMap<FencingToken, TaskId> = state
-        .args
-        .node
-        .state()
-        .read(|s| s.agent_leases(&state.args.id))
-        .into_iter()
-        .collect();
+    let (applied, live) = state.args.node.state().read_indexed(|applied, s| {
+        let live: HashMap<FencingToken, TaskId> =
+            s.agent_leases(&state.args.id).into_iter().collect();
+        (applied, live)
+    });
+    // Hinted leases whose entry the replica has applied are judged by it.
+    state.hinted.retain(|_, index| *index > applied);
+    let ahead = &state.hinted;
     for (token, a) in &state.running {
-        if !live.contains_key(token) {
+        if !live.contains_key(token) && !ahead.contains_key(token) {
             a.cancel.cancel();
         }
     }
-    state.skip.retain(|t| live.contains_key(t));
+    state
+        .skip
+        .retain(|t| live.contains_key(t) || ahead.contains_key(t));
     for (token, task) in live {
         start_if_live(myself, state, token, task);
     }

@@ -67,6 +67,9 @@ pub enum GatewayMsg {
     Check,
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for GatewayMsg {}
+
 /// The actor's state.
 pub struct GatewayState {
     args: GatewayArgs,

@@ -3,8 +3,9 @@
 //! this node, sends it a `Granted` hint; when a routed lease is lost
 //! (expired, timed out, released, cancelled) it sends `Lost`. Hints are only
 //! a shortcut: each agent also reconciles with the committed leases on a
-//! timer, so a lost or late hint delays an attempt but never loses or
-//! doubles one.
+//! timer, and the router asks every agent to reconcile when the leader
+//! changes (a hint the old leader sent over the fabric may be lost), so a
+//! lost or late hint delays an attempt but never loses or doubles one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -67,9 +68,22 @@ pub async fn route_leases(node: Node, directory: AgentDirectory) {
     // Leases routed to a local agent and not ended yet.
     let mut routed: HashMap<TaskId, AgentId> = HashMap::new();
     let shutdown = node.shutdown_token().clone();
+    let mut raft = node.raft().metrics();
+    let mut leader = raft.borrow_and_update().current_leader;
     loop {
         let batch = tokio::select! {
             _ = shutdown.cancelled() => return,
+            changed = raft.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = raft.borrow_and_update().current_leader;
+                if now != leader {
+                    leader = now;
+                    sync_all(&directory);
+                }
+                continue;
+            }
             r = applied.recv() => r,
         };
         let batch = match batch {

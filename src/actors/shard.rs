@@ -30,6 +30,9 @@ pub enum ShardMsg {
     Wake,
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for ShardMsg {}
+
 /// The actor's state: wake-up plumbing only.
 pub struct ShardState {
     node: Node,

@@ -78,6 +78,9 @@ pub enum SupervisorMsg {
     },
 }
 
+// Local only: never sent to another node.
+impl ractor::Message for SupervisorMsg {}
+
 /// Aborts a scheduled restart when dropped (child removed, supervisor gone).
 #[derive(Debug)]
 struct Timer(JoinHandle<std::result::Result<(), MessagingErr<SupervisorMsg>>>);

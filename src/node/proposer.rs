@@ -235,6 +235,7 @@ pub(super) async fn propose_as_leader(
                 if piggyback && let Some(Ok(crate::fsm::Reply::Dispatched(grants))) = outcomes.get(n) {
                     crate::metrics::global().dispatch_leases.inc_by(grants.len() as u64);
                 }
+                hint_grants(node, &outcomes, resp.log_id.index);
                 outcomes.truncate(n);
                 Ok(outcomes)
             }
@@ -257,6 +258,21 @@ pub(super) async fn propose_as_leader(
     m.batch_commands.observe(n as f64);
     m.commit_seconds.observe(started.elapsed().as_secs_f64());
     result
+}
+
+/// Hands every lease granted by the entry's dispatch rounds (the queue
+/// shard's and the piggybacked one) to the fabric, which hints the nodes
+/// running their agents. Never waits.
+fn hint_grants(node: &Node, outcomes: &[Outcome], index: u64) {
+    let grants: Vec<crate::fsm::LeaseGrant> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Ok(crate::fsm::Reply::Dispatched(g)) => Some(g.iter().cloned()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    crate::fabric::dispatched(node, grants, index);
 }
 
 /// Whether a command may make a dispatch round lease something: it adds a

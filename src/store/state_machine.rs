@@ -57,6 +57,13 @@ impl SharedState {
         f(&self.read_guard().state)
     }
 
+    /// Runs `f` on the current state and the index of the last entry it
+    /// reflects (0 before the first), read together under the read lock.
+    pub fn read_indexed<T>(&self, f: impl FnOnce(u64, &fsm::State) -> T) -> T {
+        let g = self.read_guard();
+        f(g.last_applied.map_or(0, |l| l.index), &g.state)
+    }
+
     /// The last applied log id: the state read now reflects at least this.
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         self.read_guard().last_applied

@@ -44,6 +44,22 @@ impl Secret {
     pub(super) fn expose(&self) -> &[u8] {
         &self.0
     }
+
+    /// A key for another purpose, derived from the secret so that the
+    /// secret itself never leaves this type: HMAC-SHA256 keyed with the
+    /// secret over `label`, as lowercase hex (64 characters). Knowing one
+    /// derived key reveals neither the secret nor another label's key.
+    pub fn derive_hex(&self, label: &str) -> String {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0)
+            .expect("invariant: HMAC accepts keys of any length");
+        mac.update(label.as_bytes());
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -142,6 +158,20 @@ impl TransportConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_keys_depend_on_secret_and_label() {
+        let a = Secret::new("hunter2-hunter2-hunter2");
+        let k = a.derive_hex("godel fabric cookie");
+        assert_eq!(k.len(), 64);
+        assert_eq!(k, a.derive_hex("godel fabric cookie"));
+        assert_ne!(k, a.derive_hex("another purpose"));
+        assert_ne!(
+            k,
+            Secret::new("hunter3-hunter3-hunter3").derive_hex("godel fabric cookie")
+        );
+        assert!(!k.contains("hunter2"));
+    }
 
     #[test]
     fn debug_redacts_the_secret() {

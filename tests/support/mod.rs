@@ -61,6 +61,25 @@ fn free_port() -> u16 {
     panic!("no free port found in 100 tries");
 }
 
+/// A free transport port whose fabric port (the transport port + 100, where
+/// `godel serve` listens for the actor fabric) is free too; both reserved.
+fn free_raft_port() -> u16 {
+    for _ in 0..100 {
+        let port = free_port();
+        let Some(fabric) = port.checked_add(100) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", fabric)).is_err() {
+            continue;
+        }
+        let mut used = PORTS.lock().expect("ports lock");
+        if used.get_or_insert_with(HashSet::new).insert(fabric) {
+            return port;
+        }
+    }
+    panic!("no free transport and fabric port pair found in 100 tries");
+}
+
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -76,7 +95,8 @@ pub struct NodeProc {
     pub id: u64,
     /// HTTP API address.
     pub api_addr: SocketAddr,
-    /// Node-to-node transport address.
+    /// Node-to-node transport address (the actor fabric listens on its
+    /// port + 100).
     pub raft_addr: SocketAddr,
     dir: Option<tempfile::TempDir>,
     config: PathBuf,
@@ -98,7 +118,7 @@ impl NodeProc {
         Self {
             id,
             api_addr: loopback(free_port()),
-            raft_addr: loopback(free_port()),
+            raft_addr: loopback(free_raft_port()),
             dir: Some(dir),
             config,
             log,
