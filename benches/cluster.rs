@@ -415,7 +415,16 @@ async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
 }
 
 /// Config for the runtime benchmarks: node liveness as in production, and
-/// pages big enough to read every task back.
+/// pages big enough to read every task back. `GODEL_BENCH_FABRIC=off` turns
+/// the lease-hint fabric off, to compare.
+fn runtime_toml() -> String {
+    let mut t = RUNTIME_TOML.to_owned();
+    if std::env::var("GODEL_BENCH_FABRIC").is_ok_and(|v| v == "off") {
+        t.push_str("[fabric]\nenabled = false\n");
+    }
+    t
+}
+
 const RUNTIME_TOML: &str = "[queue]\nnode_heartbeat_interval = \"500ms\"\nnode_dead_after = \"2s\"\n[api]\nmax_page_size = 1000\n";
 
 /// Registers `gateways` zero-latency `sim` gateways and `sessions` agents of
@@ -497,7 +506,7 @@ async fn wait_completed(c: &Cluster, n: u64, limit: Duration) -> Duration {
 /// `sim` gateways: throughput and latency under a burst of `tasks`, then
 /// dispatch latency (submission to attempt start) at a low rate.
 async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
-    let c = Cluster::start_with(nodes, RUNTIME_TOML).await;
+    let c = Cluster::start_with(nodes, &runtime_toml()).await;
     sim_fleet(&c, 3, sessions, "").await;
     let http = client();
     let base: Vec<String> = (0..c.len())
@@ -586,8 +595,10 @@ async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
 /// until tasks run again on them.
 async fn replace(rounds: usize) {
     for round in 0..rounds {
-        let mut c = Cluster::start_with(3, RUNTIME_TOML).await;
-        sim_fleet(&c, 6, 12, "20ms").await;
+        let mut c = Cluster::start_with(3, &runtime_toml()).await;
+        // 200 ms attempts on 12 agents (60 tasks/s) under 150 tasks/s: every
+        // agent is busy, so moved agents get work as soon as they are online.
+        sim_fleet(&c, 6, 12, "200ms").await;
         let api = c.api();
         let leader = c.leader().await;
         let gws = api.get_ok(leader, "/api/v1/gateways").await;
@@ -625,6 +636,23 @@ async fn replace(rounds: usize) {
             .expect("clock")
             .as_millis() as u64;
         let t0 = Instant::now();
+        let victim_agents: Vec<String> = (0..12)
+            .filter(|a| victim_gws.contains(&format!("gw{}", a % 6)))
+            .map(|a| format!("agent{a}"))
+            .collect();
+        // The tasks the killed node was running.
+        let mut stranded = Vec::new();
+        for status in ["leased", "running"] {
+            for t in api.list_tasks(leader, &format!("status={status}")).await {
+                let agent = t["lease"]["agent_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                if victim_agents.contains(&agent) {
+                    stranded.push(t["id"].as_u64().expect("id"));
+                }
+            }
+        }
         c.kill9(victim);
         let replaced = loop {
             let g = api.get_ok(leader, "/api/v1/gateways").await;
@@ -642,10 +670,6 @@ async fn replace(rounds: usize) {
         };
         // Tasks running again on a moved gateway: an attempt started after
         // the kill by one of its agents.
-        let victim_agents: Vec<String> = (0..12)
-            .filter(|a| victim_gws.contains(&format!("gw{}", a % 6)))
-            .map(|a| format!("agent{a}"))
-            .collect();
         let running = loop {
             let page = api.list_tasks(leader, "status=completed").await;
             let again = page.iter().any(|t| {
@@ -661,8 +685,31 @@ async fn replace(rounds: usize) {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        // Every task the dead node was running, completed elsewhere.
+        let recovered = loop {
+            let mut done = 0;
+            for id in &stranded {
+                let t = api.get_ok(leader, &format!("/api/v1/tasks/{id}")).await;
+                if t["status"] == "completed" {
+                    done += 1;
+                }
+            }
+            if done == stranded.len() {
+                break t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "stranded tasks not completed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         stop.store(true, Ordering::Relaxed);
         let _ = load.await;
+        println!(
+            "replace round {round}: its {} running tasks all completed elsewhere after {:.2}s",
+            stranded.len(),
+            recovered.as_secs_f64()
+        );
         println!(
             "replace round {round}: killed node {victim_id} owning {} gateways; re-placed after {:.2}s, tasks completing on them again after {:.2}s",
             victim_gws.len(),
