@@ -282,13 +282,10 @@ fn held(args: &AgentArgs) -> Vec<FencingToken> {
 fn needs_announce(args: &AgentArgs) -> bool {
     let here = args.node.id();
     args.node.state().read(|s| {
-        let reg = s.registry();
-        reg.agent(&args.id).is_some_and(|a| {
-            let placed_here = reg
-                .gateway(&a.reg.gateway)
-                .is_some_and(|g| g.owner == Some(here));
-            placed_here && a.online_on != Some(here)
-        })
+        placed_here(s, &args.id, here)
+            && s.registry()
+                .agent(&args.id)
+                .is_some_and(|a| a.online_on != Some(here))
     })
 }
 

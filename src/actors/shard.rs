@@ -135,18 +135,20 @@ async fn round(node: &Node) -> bool {
     if !node.is_leader() {
         return false;
     }
-    let cfg = &node.config().runtime;
-    let dead_after = node.queue_config().node_dead_after.as_millis() as u64;
-    if !node.state().read(|s| s.dispatch_would_lease(dead_after)) {
+    let spec = dispatch_spec(node);
+    if !node
+        .state()
+        .read(|s| s.dispatch_would_lease(spec.node_dead_after_ms))
+    {
         return false;
     }
-    let spec = dispatch_spec(node);
+    let max = spec.max as usize;
     let m = crate::metrics::global();
     match node.write(Command::Dispatch(spec)).await {
         Ok(Ok(Reply::Dispatched(grants))) => {
             m.dispatch_rounds.with_label_values(&["committed"]).inc();
             m.dispatch_leases.inc_by(grants.len() as u64);
-            grants.len() >= cfg.max_per_round as usize
+            grants.len() >= max
         }
         Ok(other) => {
             m.dispatch_rounds.with_label_values(&["refused"]).inc();

@@ -161,11 +161,7 @@ async fn status_of(api: &Api, id: NodeId) -> ApiResult<Value> {
         let reg = s.registry();
         reg.nodes().find(|n| n.id == id).map(|n| {
             let owned: Vec<_> = reg.gateways().filter(|g| g.owner == Some(id)).collect();
-            let leases: u32 = owned
-                .iter()
-                .flat_map(|g| reg.agents().filter(move |a| a.reg.gateway == g.reg.id))
-                .map(|a| s.agent_load(&a.reg.id))
-                .sum();
+            let leases: u32 = owned.iter().map(|g| s.gateway_leases(&g.reg.id)).sum();
             let deadline = api.node.config().runtime.drain_deadline.as_millis() as u64;
             json!({
                 "node": id,

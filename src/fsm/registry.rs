@@ -340,13 +340,7 @@ impl State {
                 if let Some(a) = self.registry.agents.get_mut(&agent) {
                     a.online_on = None;
                 }
-                let tokens: Vec<FencingToken> = self
-                    .agent_leases(&agent)
-                    .into_iter()
-                    .map(|(t, _)| t)
-                    .collect();
-                self.release(&tokens, events)
-                    .expect("invariant: releasing live leases always succeeds");
+                self.release_all(&agent, events);
             }
         }
         Ok(reply)
@@ -448,6 +442,12 @@ impl State {
 
     /// Releases `agent`'s live leases and ends its sessions.
     fn let_go(&mut self, agent: &AgentId, why: &str, events: &mut Vec<Event>) {
+        self.release_all(agent, events);
+        self.end_agent_sessions(agent, why);
+    }
+
+    /// Gives back every live lease `agent` holds (no attempt spent).
+    fn release_all(&mut self, agent: &AgentId, events: &mut Vec<Event>) {
         let tokens: Vec<FencingToken> = self
             .agent_leases(agent)
             .into_iter()
@@ -455,7 +455,16 @@ impl State {
             .collect();
         self.release(&tokens, events)
             .expect("invariant: releasing live leases always succeeds");
-        self.end_agent_sessions(agent, why);
+    }
+
+    /// Live leases held by the agents of `gateway`.
+    pub fn gateway_leases(&self, gateway: &GatewayId) -> u32 {
+        self.registry
+            .agents
+            .values()
+            .filter(|a| a.reg.gateway == *gateway)
+            .map(|a| self.agent_load(&a.reg.id))
+            .sum()
     }
 
     /// The registries.

@@ -80,12 +80,5 @@ fn held_by_draining_owner(
     let within = owner
         .draining_since_ms
         .is_some_and(|since| now < since.saturating_add(deadline));
-    owner.draining && alive && within && gateway_busy(s, &g.reg.id)
-}
-
-/// Whether any agent of the gateway holds a live lease.
-pub(crate) fn gateway_busy(s: &crate::fsm::State, gateway: &GatewayId) -> bool {
-    s.registry()
-        .agents()
-        .any(|a| a.reg.gateway == *gateway && s.agent_load(&a.reg.id) > 0)
+    owner.draining && alive && within && s.gateway_leases(&g.reg.id) > 0
 }
