@@ -125,6 +125,23 @@ pub trait GatewayDriver: Send + Sync + std::fmt::Debug {
     /// Checks whether the gateway can take work; never takes longer than
     /// about [`PROBE_TIMEOUT`].
     fn probe(&self) -> BoxFuture<'_, Health>;
+
+    /// Makes sure the gateway-side session for `key` exists before the
+    /// first attempt of a Godel session runs in it. Called by the session
+    /// actor; must be idempotent (it runs again after a restart or a move).
+    /// Drivers without gateway-side sessions have nothing to open.
+    fn open_session(&self, key: &SessionKey) -> BoxFuture<'_, Result<()>> {
+        let _ = key;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Ends whatever still runs in the gateway-side session for `key` once
+    /// the Godel session has ended (completed, failed, cancelled, timed out
+    /// or errored). Idempotent; drivers without sessions do nothing.
+    fn close_session(&self, key: &SessionKey) -> BoxFuture<'_, Result<()>> {
+        let _ = key;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// One attempt of one task, as a driver sees it.

@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::fsm::SessionKey;
+
 use super::{
     BoxFuture, BreakerConfig, BreakerState, CircuitBreaker, DriverError, GatewayDriver,
     GatewayKind, Health, Result, RunOutput, RunRequest,
@@ -95,5 +97,13 @@ impl GatewayDriver for GuardedDriver {
 
     fn probe(&self) -> BoxFuture<'_, Health> {
         self.inner.probe()
+    }
+
+    fn open_session(&self, key: &SessionKey) -> BoxFuture<'_, Result<()>> {
+        self.inner.open_session(key)
+    }
+
+    fn close_session(&self, key: &SessionKey) -> BoxFuture<'_, Result<()>> {
+        self.inner.close_session(key)
     }
 }
