@@ -266,9 +266,9 @@ impl Default for ApiConfig {
 /// [`FABRIC_PORT_OFFSET`] (100) higher, and finds its peers the same way
 /// from their `raft_addr` (members carry no fabric address), so the offset
 /// is fixed cluster-wide. The session cookie is derived from the cluster
-/// secret, never the secret itself. No TLS yet: the session after the
-/// cookie handshake is plain TCP, so keep the fabric port on a trusted
-/// network, or turn it off.
+/// secret, never the secret itself. Without `[fabric.tls]` the session
+/// after the cookie handshake is plain TCP: keep the fabric port on a
+/// trusted network, set `[fabric.tls]`, or turn the fabric off.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FabricConfig {
@@ -279,6 +279,9 @@ pub struct FabricConfig {
     /// listen on another interface (say `0.0.0.0`); its port must be the
     /// raft port + 100.
     pub addr: Option<SocketAddr>,
+    /// Mutual TLS for fabric sessions; plain TCP after the cookie handshake
+    /// when absent.
+    pub tls: Option<FabricTls>,
 }
 
 impl Default for FabricConfig {
@@ -286,8 +289,26 @@ impl Default for FabricConfig {
         Self {
             enabled: true,
             addr: None,
+            tls: None,
         }
     }
+}
+
+/// `[fabric.tls]`: PEM files for mutual TLS between the nodes' fabric
+/// endpoints. Every node presents `cert` and accepts only peers whose
+/// certificate chains to `ca`; a dialer checks that the listener's
+/// certificate names the host of the member's `raft_addr` (IP or DNS name,
+/// as a subject alternative name). A node whose files cannot be read or do
+/// not fit together refuses to start rather than run the fabric in clear.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FabricTls {
+    /// This node's certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// The private key of `cert` (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The CA certificate(s) peers' certificates must chain to.
+    pub ca: PathBuf,
 }
 
 /// The fabric port is the raft port plus this, on every node.
@@ -459,6 +480,16 @@ impl Config {
                 }
             }
         }
+        if let Some(tls) = &self.fabric.tls {
+            for (field, path) in [("cert", &tls.cert), ("key", &tls.key), ("ca", &tls.ca)] {
+                if !path.is_file() {
+                    p.push(format!(
+                        "fabric.tls.{field}: {} is not a readable file",
+                        path.display()
+                    ));
+                }
+            }
+        }
     }
 
     fn validate_members(&self, p: &mut Vec<String>) {
@@ -541,6 +572,26 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn fabric_tls_files_must_exist() {
+        let c = Config::from_toml(
+            "[fabric.tls]\ncert = \"/nonexistent/n.crt\"\nkey = \"/nonexistent/n.key\"\nca = \"/nonexistent/ca.crt\"\n",
+        )
+        .unwrap();
+        let ConfigError::Invalid(p) = c.validate().unwrap_err() else {
+            panic!("expected invalid")
+        };
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(
+            p[0].starts_with("fabric.tls.cert: /nonexistent/n.crt"),
+            "{p:?}"
+        );
+        assert!(
+            Config::from_toml("[fabric.tls]\ncert = \"a\"\n").is_err(),
+            "key and ca are required with cert"
+        );
     }
 
     #[test]

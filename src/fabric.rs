@@ -45,10 +45,11 @@
 //!
 //! # Shortcuts, on purpose
 //!
-//! - No TLS: after the cookie handshake the session is plain TCP, readable
-//!   and forgeable on the wire (a forged hint can at worst start an attempt
-//!   whose report is refused). Keep the fabric on a trusted network or set
-//!   `fabric.enabled = false`.
+//! - TLS is opt-in (`[fabric.tls]`: mutual TLS, every node's certificate
+//!   from one CA; see `tls`). Without it the session after the cookie
+//!   handshake is plain TCP, readable and forgeable on the wire (a forged
+//!   hint can at worst start an attempt whose report is refused): keep such
+//!   a fabric on a trusted network or set `fabric.enabled = false`.
 //! - A hint goes to the first remote member of the group; after a reconnect
 //!   pg may briefly list a stale stub, and that hint is lost (see above).
 //! - The hints actor's mailbox is ractor's, unbounded; it receives at most
@@ -57,12 +58,14 @@
 
 mod hints;
 mod peers;
+mod tls;
 
 use ractor::ActorRef;
 use ractor_cluster::NodeServerMessage;
 
 pub use hints::{GRANTED_V1, Hint, HintMsg, LeaseHints, dispatched, group};
 pub use peers::{RECONNECT_EVERY, node_name, parse_node_name, peer_addr};
+pub use tls::{FabricTlsConfig, server_name};
 
 use crate::actors::{ChildSpec, SupervisorRef};
 use crate::node::Node;
@@ -87,11 +90,16 @@ pub struct Fabric {
 
 impl Fabric {
     /// Starts the node server and the loop that keeps sessions to the other
-    /// members. Fails if the listener cannot bind; the node then runs
-    /// without the fabric (hints are a shortcut only).
-    pub async fn start(node: &Node, secret: &Secret) -> anyhow::Result<Fabric> {
-        let server = peers::start_server(node, cookie(secret)).await?;
-        node.spawn(peers::keep_connected(node.clone(), server.clone()));
+    /// members, over mutual TLS when `tls` is given (see
+    /// [`FabricTlsConfig::load`]). Fails if the listener cannot bind; the
+    /// node then runs without the fabric (hints are a shortcut only).
+    pub async fn start(
+        node: &Node,
+        secret: &Secret,
+        tls: Option<FabricTlsConfig>,
+    ) -> anyhow::Result<Fabric> {
+        let server = peers::start_server(node, cookie(secret), tls.as_ref()).await?;
+        node.spawn(peers::keep_connected(node.clone(), server.clone(), tls));
         Ok(Fabric { server })
     }
 

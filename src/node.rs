@@ -123,6 +123,12 @@ impl Node {
     /// Opens storage, starts Raft, the transport server, the proposer and the
     /// timer loop, and bootstraps or joins the cluster.
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Node> {
+        // Bad TLS files stop the node before it opens anything: an operator
+        // who asked for an encrypted fabric never gets a clear one.
+        let fabric_tls = match (&config.fabric.tls, config.fabric.enabled) {
+            (Some(tls), true) => Some(crate::fabric::FabricTlsConfig::load(tls)?),
+            _ => None,
+        };
         let secret = transport::Secret::new(membership::load_secret(&config)?);
         let dir = config.node.data_dir.join("raft");
         let (log_store, sm) =
@@ -172,7 +178,7 @@ impl Node {
         node.spawn(observe_events(node.clone()));
         membership::bootstrap(&node).await?;
         node.start_actors().await?;
-        node.start_fabric(&secret).await;
+        node.start_fabric(&secret, fabric_tls).await;
         Ok(node)
     }
 
@@ -218,12 +224,16 @@ impl Node {
 
     /// Joins the actor fabric if it is enabled. A fabric that cannot start
     /// (its port taken, say) leaves the node running without lease hints.
-    async fn start_fabric(&self, secret: &transport::Secret) {
+    async fn start_fabric(
+        &self,
+        secret: &transport::Secret,
+        tls: Option<crate::fabric::FabricTlsConfig>,
+    ) {
         if !self.inner.config.fabric.enabled {
             tracing::info!("fabric disabled: agents learn of leases from their replica only");
             return;
         }
-        match crate::fabric::Fabric::start(self, secret).await {
+        match crate::fabric::Fabric::start(self, secret, tls).await {
             Ok(f) => {
                 *self
                     .inner

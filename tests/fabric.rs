@@ -8,7 +8,10 @@
 //!   commits for them, the followers start attempts from those hints before
 //!   their replicas apply the grants, and every task completes once;
 //! - with the fabric off on every node, the same work completes: hints are
-//!   only a shortcut.
+//!   only a shortcut;
+//! - with `[fabric.tls]`, the sessions come up over mutual TLS and hints
+//!   flow the same way; a node whose TLS files are unusable refuses to
+//!   start, naming the file.
 
 // Each target that includes the harness uses a different subset of it.
 #[allow(dead_code)]
@@ -81,6 +84,99 @@ async fn tasks_complete_with_the_fabric_disabled() {
         print_dispatch(&api, &followers, "fabric off").await;
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hints_flow_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = issue_certs(dir.path());
+    let extra = format!("{QUEUE}\n{tls}");
+    let c = Cluster::start_with(3, &extra).await;
+    bounded(Duration::from_secs(120), async {
+        let api = c.api();
+        wait_sessions(&api, 2).await;
+        for i in 0..c.len() {
+            assert!(
+                c.node(i).log_tail(400).contains("fabric listening")
+                    && c.node(i).log_tail(400).contains("tls=true"),
+                "node index {i} did not listen with TLS:\n{}",
+                c.node(i).log_tail(40)
+            );
+        }
+        let (_, followers) = run_fleet(&c, "fab-tls").await;
+        let mut received = 0.0;
+        for &f in &followers {
+            received += metric(&api, f, "godel_fabric_hints_received_total").await;
+        }
+        assert!(received > 0.0, "no follower received a hint over TLS");
+    })
+    .await;
+}
+
+#[test]
+fn unusable_tls_files_stop_the_node_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = issue_certs(dir.path());
+    // The key file exists (so the config parses and validates) but holds
+    // no key: loading it must fail and the node must not start.
+    std::fs::write(dir.path().join("node.key"), "not a key\n").unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\ndata_dir = {:?}\napi_addr = \"127.0.0.1:0\"\nraft_addr = \"127.0.0.1:0\"\n{tls}",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_godel"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "node started with a bad key:\n{text}"
+    );
+    assert!(text.contains("fabric.tls.key"), "{text}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "the node opened its data directory before checking TLS"
+    );
+}
+
+/// Writes a CA and one certificate for 127.0.0.1 signed by it (shared by
+/// every node of a test cluster, as all listen on 127.0.0.1) into `dir`;
+/// returns the `[fabric.tls]` table naming them.
+fn issue_certs(dir: &std::path::Path) -> String {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "godel test fabric ca");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let (c, k, a) = (
+        dir.join("node.crt"),
+        dir.join("node.key"),
+        dir.join("ca.crt"),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    std::fs::write(&a, ca_cert.pem()).unwrap();
+    format!("[fabric.tls]\ncert = {c:?}\nkey = {k:?}\nca = {a:?}\n")
 }
 
 /// Registers six `sim` gateways with two agents each, checks that some are

@@ -7,6 +7,8 @@ use ractor::{Actor, ActorRef};
 use ractor_cluster::node::NodeConnectionMode;
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
+use super::tls::FabricTlsConfig;
+
 use crate::node::Node;
 use crate::raft::NodeId;
 
@@ -49,6 +51,7 @@ pub fn peer_addr(raft_addr: &str) -> Option<String> {
 pub(super) async fn start_server(
     node: &Node,
     cookie: String,
+    tls: Option<&FabricTlsConfig>,
 ) -> anyhow::Result<ActorRef<NodeServerMessage>> {
     let addr = node
         .config()
@@ -59,7 +62,7 @@ pub(super) async fn start_server(
         cookie,
         node_name(node.id()),
         addr.ip().to_string(),
-        None,
+        tls.map(FabricTlsConfig::incoming),
         // Dial only what membership names: Transitive would dial whatever
         // peers advertise (and never over TLS).
         Some(NodeConnectionMode::Isolated),
@@ -69,7 +72,7 @@ pub(super) async fn start_server(
     let (server, _) = Actor::spawn(None, server, ())
         .await
         .map_err(|e| anyhow::anyhow!("fabric listener on {addr}: {e}"))?;
-    tracing::info!(%addr, "fabric listening");
+    tracing::info!(%addr, tls = tls.is_some(), "fabric listening");
     Ok(server)
 }
 
@@ -77,7 +80,11 @@ pub(super) async fn start_server(
 /// sessions, logs the ones that came up or went down, and dials each member
 /// with a higher id than this node that has none (the lower id dials, so two
 /// nodes never race to connect to each other).
-pub(super) async fn keep_connected(node: Node, server: ActorRef<NodeServerMessage>) {
+pub(super) async fn keep_connected(
+    node: Node,
+    server: ActorRef<NodeServerMessage>,
+    tls: Option<FabricTlsConfig>,
+) {
     let shutdown = node.shutdown_token().clone();
     let mut up: BTreeSet<NodeId> = BTreeSet::new();
     let mut dials: BTreeMap<NodeId, u32> = BTreeMap::new();
@@ -103,7 +110,7 @@ pub(super) async fn keep_connected(node: Node, server: ActorRef<NodeServerMessag
             if id <= node.id() || up.contains(&id) {
                 continue;
             }
-            dial(&server, id, &info.raft_addr, &mut dials).await;
+            dial(&server, id, &info.raft_addr, tls.as_ref(), &mut dials).await;
         }
         if wait(&shutdown).await {
             return;
@@ -137,19 +144,32 @@ async fn dial(
     server: &ActorRef<NodeServerMessage>,
     id: NodeId,
     raft_addr: &str,
+    tls: Option<&FabricTlsConfig>,
     dials: &mut BTreeMap<NodeId, u32>,
 ) {
     let Some(addr) = peer_addr(raft_addr) else {
         tracing::debug!(peer = id, raft_addr, "no fabric address for member");
         return;
     };
-    let connect = ractor_cluster::client_connect(server, addr.clone());
+    let connect = async {
+        match tls {
+            None => ractor_cluster::client_connect(server, addr.clone()).await,
+            Some(tls) => {
+                let Some(name) = super::tls::server_name(&addr) else {
+                    tracing::debug!(peer = id, %addr, "no TLS server name in the member's address");
+                    return Ok(());
+                };
+                ractor_cluster::client_connect_enc(server, addr.clone(), tls.connector(), name)
+                    .await
+            }
+        }
+    };
     match tokio::time::timeout(DIAL_TIMEOUT, connect).await {
         Ok(Ok(())) => {
             let n = dials.entry(id).or_insert(0);
             *n += 1;
             if *n == WARN_AFTER_DIALS {
-                tracing::warn!(peer = id, %addr, "fabric sessions to this member never authenticate: do the nodes share the cluster secret?");
+                tracing::warn!(peer = id, %addr, "fabric sessions to this member never authenticate: do the nodes share the cluster secret (and, with [fabric.tls], a CA)?");
             } else {
                 tracing::debug!(peer = id, %addr, "fabric dialed");
             }
