@@ -5,9 +5,16 @@
 //! ```text
 //! NodeSupervisor ("node")
 //! ├── "queue_shards"  Supervisor ─ QueueShard actors
-//! ├── "gateways"      Supervisor ─ Gateway actors (each later a Supervisor of Sessions)
+//! ├── "gateways"      Supervisor ─ Gateway actors
+//! │                                 └── "sessions" Supervisor ─ Session actors
 //! └── "agents"        Supervisor ─ Agent actors
 //! ```
+//!
+//! Each gateway actor links a `sessions` supervisor of its own (same
+//! policy): agents start a session's actor on first use through the
+//! gateway's [`SessionHost`], the gateway actor stops it when the committed
+//! session ends, and a `sessions` supervisor that escalates fails its
+//! gateway actor, which its own supervisor then restarts (see `session`).
 //!
 //! Every box is the same [`Supervisor`] actor. A supervisor owns named
 //! children, each described by a [`ChildSpec`] (a name plus a factory that
@@ -81,6 +88,7 @@ mod node;
 mod policy;
 mod router;
 mod runtime;
+mod session;
 mod shard;
 mod spec;
 mod supervisor;
@@ -98,6 +106,10 @@ pub use node::{AGENTS, GATEWAYS, NODE, NodeSupervisor, QUEUE_SHARDS};
 pub use policy::{Decision, OnExhausted, RestartPolicy, RestartTracker, Strategy};
 pub use router::{AgentDirectory, route_leases};
 pub use runtime::{RECONCILE_INTERVAL, reconcile_loop};
+pub use session::{
+    OPEN_TIMEOUT, SESSIONS, SessionActor, SessionArgs, SessionHost, SessionMsg, SessionState,
+    session_actor,
+};
 pub use shard::{QueueShardActor, SHARD, ShardMsg, dispatch_spec};
 pub use spec::ChildSpec;
 pub use supervisor::{

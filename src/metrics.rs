@@ -46,6 +46,9 @@ pub struct Metrics {
     pub hints_started: prometheus::IntCounter,
     /// Peers with an authenticated fabric session.
     pub fabric_peers: IntGauge,
+    /// Gateway-side sessions opened and closed by session actors, by event
+    /// (`opened`, `open_failed`, `closed`, `close_failed`).
+    pub gateway_sessions: IntCounterVec,
     tasks: IntGaugeVec,
     raft_term: IntGauge,
     raft_leader: IntGauge,
@@ -133,6 +136,13 @@ fn build() -> prometheus::Result<Metrics> {
             "godel_fabric_peers",
             "Peers with an authenticated fabric session",
         )?,
+        gateway_sessions: IntCounterVec::new(
+            Opts::new(
+                "godel_gateway_sessions_total",
+                "Gateway-side sessions opened and closed by session actors, by event",
+            ),
+            &["event"],
+        )?,
         tasks: IntGaugeVec::new(
             Opts::new("godel_queue_tasks", "Tasks by priority and status"),
             &["priority", "status"],
@@ -156,6 +166,7 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.hints_dropped.clone()))?;
     m.registry.register(Box::new(m.hints_started.clone()))?;
     m.registry.register(Box::new(m.fabric_peers.clone()))?;
+    m.registry.register(Box::new(m.gateway_sessions.clone()))?;
     m.registry.register(Box::new(m.raft_term.clone()))?;
     m.registry.register(Box::new(m.raft_leader.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;

@@ -191,9 +191,8 @@ impl Node {
     /// actor for each agent of the gateways placed here.
     async fn start_actors(&self) -> anyhow::Result<()> {
         let (observer, mut events) = crate::actors::Observer::channel(1024);
-        let tree =
-            crate::actors::NodeSupervisor::start(crate::actors::RestartPolicy::default(), observer)
-                .await?;
+        let policy = crate::actors::RestartPolicy::default();
+        let tree = crate::actors::NodeSupervisor::start(policy.clone(), observer.clone()).await?;
         if self.inner.config.fabric.enabled {
             crate::fabric::start_hints(self, tree.root()).await?;
         }
@@ -203,6 +202,8 @@ impl Node {
             self.clone(),
             tree.root().clone(),
             directory,
+            policy,
+            observer,
         ));
         let shutdown = self.inner.shutdown.clone();
         // The observer already logs and counts each event; drain the channel.

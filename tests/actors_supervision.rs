@@ -466,6 +466,13 @@ async fn failing_gateway_actor_trips_the_intensity_limit_and_escalates() {
         fn report(&self, _: &GatewayId, _: Recorded, _: Circuit) -> BoxFuture<'_, bool> {
             Box::pin(async { true })
         }
+        fn ended_sessions(
+            &self,
+            _: &GatewayId,
+            _: &[godel::fsm::SessionId],
+        ) -> Vec<(godel::fsm::SessionId, Option<godel::fsm::SessionKey>)> {
+            Vec::new()
+        }
     }
 
     let (obs, mut rx) = Observer::channel(64);
@@ -474,11 +481,18 @@ async fn failing_gateway_actor_trips_the_intensity_limit_and_escalates() {
         Arc::new(PanickingProbe(probes.clone())),
         BreakerConfig::default(),
     ));
+    let host = godel::actors::SessionHost::new(
+        GatewayId("broken".into()),
+        driver.clone() as Arc<dyn GatewayDriver>,
+    );
     let args = GatewayArgs {
         id: GatewayId("broken".into()),
         driver,
         registry: Arc::new(Registry),
         probe_every: Duration::from_secs(60),
+        sessions: host,
+        policy: policy(2),
+        observer: obs.clone(),
     };
     let gateways =
         SupervisorArgs::new("gateways", policy(2), obs.clone())

@@ -366,6 +366,24 @@ async fn a_killed_session_ends_cancelled() {
         error.contains(&format!("session {id} ended")),
         "the running attempt failed with the kill: {t}"
     );
+    // The task ran in its session's actor, which opened the gateway-side
+    // session; the gateway actor stopped that actor and closed the session.
+    wait_until(
+        "the session actor to close the gateway-side session",
+        deadline(Duration::from_secs(10)),
+        async || {
+            let text = api.get(0, "/metrics").await?.body;
+            let text = text.as_str().unwrap_or_default();
+            let opened = text.contains("godel_gateway_sessions_total{event=\"opened\"} 1");
+            let closed = text.contains("godel_gateway_sessions_total{event=\"closed\"} 1");
+            if opened && closed {
+                Ok(())
+            } else {
+                bail!("opened {opened}, closed {closed}")
+            }
+        },
+    )
+    .await;
 }
 
 /// The live session holding `key`, polled for up to 10 s.

@@ -53,6 +53,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::router::AgentDirectory;
+use super::session::SessionHost;
 use crate::fsm::{AgentId, Command, FencingToken, LeaseGrant, Rejection, Reply, Task, TaskId};
 use crate::gateway::{DriverError, GatewayDriver, RunRequest};
 use crate::node::Node;
@@ -71,6 +72,9 @@ pub struct AgentArgs {
     pub driver: Arc<dyn GatewayDriver>,
     /// Where it announces itself to the node's lease router.
     pub directory: AgentDirectory,
+    /// Its gateway's session actors: a task with a session key runs in its
+    /// session's actor.
+    pub sessions: SessionHost,
 }
 
 /// Messages: verbs.
@@ -474,8 +478,12 @@ async fn attempt(
         payload: Arc::from(task.payload.as_str()),
         timeout: Duration::from_millis(task.timeout_ms),
     };
+    let run = match live_session(&args, &task) {
+        Some((id, key)) => Box::pin(args.sessions.run(id, key, req, cancel.clone())),
+        None => args.driver.run(req, cancel.clone()),
+    };
     let result = tokio::select! {
-        r = args.driver.run(req, cancel.clone()) => Some(r),
+        r = run => Some(r),
         () = cancel.cancelled() => None,
     };
     let (report, outcome) = match result {
@@ -510,6 +518,20 @@ async fn attempt(
         None => false,
     };
     let _ = actor.send_message(AgentMsg::Ended { token, given_up });
+}
+
+/// The live session on this agent's gateway that `task` runs in, if it has
+/// a session key (dispatch opened or reused it with the lease).
+fn live_session(
+    args: &AgentArgs,
+    task: &Task,
+) -> Option<(crate::fsm::SessionId, crate::fsm::SessionKey)> {
+    let key = task.session_key.as_ref()?;
+    args.node.state().read(|s| {
+        let r = s.sessions().by_key(key)?;
+        (r.gateway == *args.sessions.gateway() && !r.state.is_terminal())
+            .then(|| (r.id, key.clone()))
+    })
 }
 
 /// Tries to commit a result for up to [`REPORT_TRIES`] writes (a leader

@@ -5,15 +5,28 @@
 //! unhealthy probe takes the gateway's agents out of dispatch until they
 //! recover. It compares with the committed record, not with a cache, so a
 //! report lost to a leader change is made again on the next check.
+//!
+//! It also supervises the gateway's session actors (`actors::session`)
+//! through a `sessions` supervisor linked to it: agents start them on first
+//! use through the gateway's [`SessionHost`], and on every check the gateway
+//! actor stops those whose committed session has ended (or left this
+//! gateway) and closes their gateway-side sessions. A session supervisor
+//! that exhausts its restarts escalates: this actor fails, and its own
+//! supervisor decides.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use crate::fsm::{Circuit, Command, GatewayId, Health};
+use super::session::{SESSIONS, SessionHost, parse_session_actor, session_actor};
+use super::{Observer, RestartPolicy, Supervisor, SupervisorArgs, SupervisorRef};
+use crate::fsm::{Circuit, Command, GatewayId, Health, SessionId, SessionKey};
 use crate::gateway::{BoxFuture, GatewayDriver, GuardedDriver, PROBE_TIMEOUT};
 use crate::node::Node;
+
+/// How long stopping an ended session's actor may take.
+const SESSION_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// How often the breaker's state is compared with the registry.
 pub const CIRCUIT_CHECK: Duration = Duration::from_millis(500);
@@ -25,6 +38,13 @@ pub trait GatewayRegistry: Send + Sync + 'static {
     fn committed(&self, id: &GatewayId) -> Option<(Health, Circuit)>;
     /// Proposes a new health and circuit; true once committed.
     fn report(&self, id: &GatewayId, health: Health, circuit: Circuit) -> BoxFuture<'_, bool>;
+    /// Of `sessions`, those that no longer live on gateway `id` (ended,
+    /// moved, or unknown), with their key when they had one.
+    fn ended_sessions(
+        &self,
+        id: &GatewayId,
+        sessions: &[SessionId],
+    ) -> Vec<(SessionId, Option<SessionKey>)>;
 }
 
 impl GatewayRegistry for Node {
@@ -40,6 +60,23 @@ impl GatewayRegistry for Node {
             circuit,
         };
         Box::pin(async move { matches!(self.write(cmd).await, Ok(Ok(_))) })
+    }
+
+    fn ended_sessions(
+        &self,
+        id: &GatewayId,
+        sessions: &[SessionId],
+    ) -> Vec<(SessionId, Option<SessionKey>)> {
+        self.state().read(|s| {
+            sessions
+                .iter()
+                .filter_map(|sid| match s.sessions().get(*sid) {
+                    Some(r) if r.gateway == *id && !r.state.is_terminal() => None,
+                    Some(r) => Some((*sid, r.session_key.clone())),
+                    None => Some((*sid, None)),
+                })
+                .collect()
+        })
     }
 }
 
@@ -57,6 +94,12 @@ pub struct GatewayArgs {
     pub registry: Arc<dyn GatewayRegistry>,
     /// How often to probe.
     pub probe_every: Duration,
+    /// Where its agents find its session actors.
+    pub sessions: SessionHost,
+    /// The restart policy of its session supervisor (the node's).
+    pub policy: RestartPolicy,
+    /// Where its session supervisor's events go.
+    pub observer: Observer,
 }
 
 /// Messages.
@@ -75,6 +118,24 @@ pub struct GatewayState {
     args: GatewayArgs,
     /// Last probe result (unknown until the first probe).
     health: Health,
+    /// This incarnation's session supervisor.
+    sessions: SupervisorRef,
+    /// Stops it and unhooks it from the host when the state goes, also when
+    /// the actor fails (ractor runs no `post_stop` then).
+    _sessions_guard: SessionsGuard,
+}
+
+/// See [`GatewayState`]'s `_sessions_guard`.
+struct SessionsGuard {
+    host: SessionHost,
+    cell: ractor::ActorCell,
+}
+
+impl Drop for SessionsGuard {
+    fn drop(&mut self) {
+        self.host.clear_if(&self.cell);
+        self.cell.stop(None);
+    }
 }
 
 impl Actor for GatewayActor {
@@ -87,13 +148,72 @@ impl Actor for GatewayActor {
         myself: ActorRef<GatewayMsg>,
         args: GatewayArgs,
     ) -> Result<GatewayState, ActorProcessingErr> {
+        let (sessions, _) = Supervisor::spawn_linked(
+            None,
+            Supervisor,
+            SupervisorArgs::new(SESSIONS, args.policy.clone(), args.observer.clone()),
+            myself.get_cell(),
+        )
+        .await?;
+        let sessions = SupervisorRef::from_cell(SESSIONS, sessions.get_cell());
+        args.sessions
+            .set(Some(SupervisorRef::from_cell(SESSIONS, sessions.cell())));
         myself.send_message(GatewayMsg::Probe)?;
         myself.send_interval(args.probe_every, || GatewayMsg::Probe);
         myself.send_interval(CIRCUIT_CHECK, || GatewayMsg::Check);
+        let _sessions_guard = SessionsGuard {
+            host: args.sessions.clone(),
+            cell: sessions.cell(),
+        };
         Ok(GatewayState {
             args,
             health: Health::Unknown,
+            sessions,
+            _sessions_guard,
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<GatewayMsg>,
+        state: &mut GatewayState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Agents stop reaching this incarnation's sessions; its session
+        // actors (and their attempts) stop with their supervisor.
+        let cell = state.sessions.cell();
+        state.args.sessions.clear_if(&cell);
+        cell.stop(None);
+        if cell.wait(Some(SESSION_STOP_WAIT)).await.is_err() {
+            super::supervisor::kill_tree(&cell);
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<GatewayMsg>,
+        event: SupervisionEvent,
+        state: &mut GatewayState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, why)
+                if cell.get_id() == state.sessions.cell().get_id() =>
+            {
+                Err(ActorProcessingErr::from(format!(
+                    "session supervisor of gateway {} escalated: {why}",
+                    state.args.id
+                )))
+            }
+            SupervisionEvent::ActorTerminated(cell, _, why)
+                if cell.get_id() == state.sessions.cell().get_id() =>
+            {
+                Err(ActorProcessingErr::from(format!(
+                    "session supervisor of gateway {} stopped: {why:?}",
+                    state.args.id
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn handle(
@@ -119,9 +239,53 @@ impl Actor for GatewayActor {
                 };
                 sync_record(state).await;
             }
-            GatewayMsg::Check => sync_record(state).await,
+            GatewayMsg::Check => {
+                sync_record(state).await;
+                stop_ended_sessions(state).await;
+            }
         }
         Ok(())
+    }
+}
+
+/// Stops the actors of sessions that have ended (or left this gateway) and
+/// closes their gateway-side sessions, in the background.
+async fn stop_ended_sessions(state: &GatewayState) {
+    let Ok(children) = state.sessions.children().await else {
+        return;
+    };
+    let ids: Vec<SessionId> = children
+        .iter()
+        .filter_map(|n| parse_session_actor(n))
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    let a = &state.args;
+    for (id, key) in a.registry.ended_sessions(&a.id, &ids) {
+        if let Err(e) = state
+            .sessions
+            .remove_child(&session_actor(id), SESSION_STOP_WAIT)
+            .await
+        {
+            tracing::debug!(gateway = %a.id, session = id, error = %e, "session actor not removed; next check retries");
+            continue;
+        }
+        tracing::debug!(gateway = %a.id, session = id, "session ended: actor stopped");
+        if let Some(key) = key {
+            let driver = Arc::clone(a.sessions.driver());
+            let gateway = a.id.clone();
+            tokio::spawn(async move {
+                let m = &crate::metrics::global().gateway_sessions;
+                match driver.close_session(&key).await {
+                    Ok(()) => m.with_label_values(&["closed"]).inc(),
+                    Err(e) => {
+                        m.with_label_values(&["close_failed"]).inc();
+                        tracing::info!(%gateway, session = id, %key, error = %e, "gateway session not closed");
+                    }
+                }
+            });
+        }
     }
 }
 

@@ -6,8 +6,10 @@
 //! change), compares it with the supervisors' children and adds or removes
 //! actors. Each placed gateway gets one guarded driver (its driver behind
 //! its circuit breaker), built from its spec and shared by its gateway actor
-//! and its agents; when the spec changes, the gateway's actors are stopped
-//! and started again with a driver built from the new spec.
+//! and its agents, and one [`SessionHost`] through which its agents reach
+//! the session actors its gateway actor supervises; when the spec changes,
+//! the gateway's actors are stopped and started again with a driver built
+//! from the new spec.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -16,8 +18,11 @@ use std::time::Duration;
 use super::agent::{AgentActor, AgentArgs};
 use super::gateway::{GatewayActor, GatewayArgs, GatewayRegistry};
 use super::router::AgentDirectory;
+use super::session::SessionHost;
 use super::shard::{QueueShardActor, SHARD};
-use super::{AGENTS, ChildSpec, Error, GATEWAYS, QUEUE_SHARDS, SupervisorRef};
+use super::{
+    AGENTS, ChildSpec, Error, GATEWAYS, Observer, QUEUE_SHARDS, RestartPolicy, SupervisorRef,
+};
 use crate::fsm::{AgentId, GatewayId};
 use crate::gateway::{GatewayDriver, GatewaySpec, GuardedDriver, driver_for};
 use crate::node::Node;
@@ -31,6 +36,7 @@ const REMOVE_WAIT: Duration = Duration::from_secs(2);
 struct Built {
     spec: String,
     driver: Arc<GuardedDriver>,
+    sessions: SessionHost,
 }
 
 /// What this node should run, from the committed registry.
@@ -50,7 +56,13 @@ fn agent_actor(id: &AgentId) -> String {
 }
 
 /// Runs until the node shuts down.
-pub async fn reconcile_loop(node: Node, root: SupervisorRef, directory: AgentDirectory) {
+pub async fn reconcile_loop(
+    node: Node,
+    root: SupervisorRef,
+    directory: AgentDirectory,
+    policy: RestartPolicy,
+    observer: Observer,
+) {
     let shutdown = node.shutdown_token().clone();
     let mut drivers: BTreeMap<GatewayId, Built> = BTreeMap::new();
     let mut first = true;
@@ -65,7 +77,13 @@ pub async fn reconcile_loop(node: Node, root: SupervisorRef, directory: AgentDir
         if let Err(e) = ensure_shard(&node, &root).await {
             tracing::warn!(error = %e, "cannot start the queue-shard actor; retrying");
         }
-        if let Err(e) = reconcile(&node, &root, &directory, &mut drivers).await {
+        let tree = Tree {
+            root: &root,
+            directory: &directory,
+            policy: &policy,
+            observer: &observer,
+        };
+        if let Err(e) = reconcile(&node, &tree, &mut drivers).await {
             tracing::warn!(error = %e, "runtime reconcile failed; retrying");
         }
     }
@@ -113,12 +131,20 @@ async fn ensure_shard(node: &Node, root: &SupervisorRef) -> super::Result<()> {
     Ok(())
 }
 
+/// What the reconciler starts actors under, and with.
+struct Tree<'a> {
+    root: &'a SupervisorRef,
+    directory: &'a AgentDirectory,
+    policy: &'a RestartPolicy,
+    observer: &'a Observer,
+}
+
 async fn reconcile(
     node: &Node,
-    root: &SupervisorRef,
-    directory: &AgentDirectory,
+    tree: &Tree<'_>,
     drivers: &mut BTreeMap<GatewayId, Built>,
 ) -> super::Result<()> {
+    let (root, directory) = (tree.root, tree.directory);
     let want = desired(node);
     let gateways = sub(root, GATEWAYS).await?;
     let agents = sub(root, AGENTS).await?;
@@ -164,7 +190,7 @@ async fn reconcile(
         if have_gateways.contains(&name) {
             continue;
         }
-        let Some(driver) = driver(drivers, gateway, spec) else {
+        let Some((driver, sessions)) = driver(drivers, gateway, spec) else {
             continue;
         };
         let args = GatewayArgs {
@@ -172,6 +198,9 @@ async fn reconcile(
             driver,
             registry: Arc::clone(&registry),
             probe_every,
+            sessions,
+            policy: tree.policy.clone(),
+            observer: tree.observer.clone(),
         };
         gateways
             .add_child(ChildSpec::new(name.clone(), move || {
@@ -188,7 +217,7 @@ async fn reconcile(
         let Some(spec) = want.gateways.get(gateway) else {
             continue;
         };
-        let Some(driver) = driver(drivers, gateway, spec) else {
+        let Some((driver, sessions)) = driver(drivers, gateway, spec) else {
             continue;
         };
         let args = AgentArgs {
@@ -196,6 +225,7 @@ async fn reconcile(
             id: agent.clone(),
             driver: driver as Arc<dyn GatewayDriver>,
             directory: directory.clone(),
+            sessions,
         };
         agents
             .add_child(ChildSpec::new(name.clone(), move || {
@@ -207,14 +237,15 @@ async fn reconcile(
     Ok(())
 }
 
-/// The gateway's guarded driver, built from `spec` if not built yet.
+/// The gateway's guarded driver and session host, built from `spec` if not
+/// built yet.
 fn driver(
     drivers: &mut BTreeMap<GatewayId, Built>,
     gateway: &GatewayId,
     spec: &str,
-) -> Option<Arc<GuardedDriver>> {
+) -> Option<(Arc<GuardedDriver>, SessionHost)> {
     if let Some(b) = drivers.get(gateway) {
-        return Some(Arc::clone(&b.driver));
+        return Some((Arc::clone(&b.driver), b.sessions.clone()));
     }
     let built = serde_json::from_str::<GatewaySpec>(spec)
         .map_err(|e| e.to_string())
@@ -226,14 +257,19 @@ fn driver(
         });
     match built {
         Ok(driver) => {
+            let sessions = SessionHost::new(
+                gateway.clone(),
+                Arc::clone(&driver) as Arc<dyn GatewayDriver>,
+            );
             drivers.insert(
                 gateway.clone(),
                 Built {
                     spec: spec.to_owned(),
                     driver: Arc::clone(&driver),
+                    sessions: sessions.clone(),
                 },
             );
-            Some(driver)
+            Some((driver, sessions))
         }
         Err(e) => {
             tracing::warn!(%gateway, error = %e, "cannot build the gateway's driver; its actors wait");

@@ -224,13 +224,20 @@ pub async fn wait_placed(api: &Api, i: usize, ids: &[String]) -> BTreeMap<String
 
 /// A submit body whose payload carries `marker` (also the idempotency key).
 fn marked_task(marker: &str, k: usize, priority: &str) -> Value {
-    json!({
+    let mut t = json!({
         "tenant": TENANTS[k % TENANTS.len()],
         "priority": priority,
         "payload": { "marker": marker },
         "max_attempts": MAX_ATTEMPTS,
         "idempotency_key": marker,
-    })
+    });
+    // One task in ten belongs to one of 16 conversations, so sessions (and
+    // their actors) live through the same kills and drains as the rest.
+    if k.is_multiple_of(10) {
+        let prefix = marker.rsplit_once('-').map_or(marker, |(p, _)| p);
+        t["session_key"] = json!(format!("{prefix}-conv-{}", (k / 10) % 16));
+    }
+    t
 }
 
 /// Submits `n` tasks with markers `<prefix>-<k>` round robin through `via`,
