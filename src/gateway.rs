@@ -13,7 +13,8 @@
 //!   hang rate, optionally seeded. A zero-latency attempt never touches the
 //!   timer, so benchmarks can push many thousands per second through it.
 //! - `command`: runs a configured program per attempt, payload on stdin,
-//!   result on stdout, in its own process group.
+//!   result on stdout, in its own process group; on Linux the program is
+//!   SIGKILLed if its node dies (`PR_SET_PDEATHSIG`).
 //! - `http`: POSTs the task to a webhook; the 2xx body is the result.
 //!
 //! Around the drivers sit the per-gateway policies: a [`CircuitBreaker`]

@@ -792,3 +792,71 @@ async fn metric_sum(api: &Api, i: usize, series: &str) -> f64 {
         .filter_map(|(_, v)| v.parse::<f64>().ok())
         .sum()
 }
+
+/// A node killed with SIGKILL takes the programs its `command` gateways
+/// started with it, instead of leaving them to run on (and write their side
+/// effects) while their leases are run elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn programs_of_a_killed_node_die_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pids = dir.path().join("pids");
+    let mut c = Cluster::start_with(1, FAST_QUEUE).await;
+    bounded(Duration::from_secs(60), async {
+        let api = c.api();
+        let spec = json!({
+            "id": "cmd-long", "region": "local", "max_sessions": 8,
+            "driver": {
+                "kind": "command", "program": "/bin/sh",
+                "args": ["-c", "echo $$ >> \"$PIDS\"; exec sleep 120"],
+                "env": { "PIDS": pids.to_string_lossy() },
+            },
+        });
+        let ids = register_fleet(&api, 0, &[spec], 1, 2).await;
+        wait_placed(&api, 0, &ids).await;
+        for k in 0..2 {
+            let task = json!({ "payload": { "k": k }, "timeout_ms": 600_000 });
+            let r = api.post(0, "/api/v1/tasks", &task).await.expect("submit");
+            assert_eq!(r.status, 201, "{r:?}");
+        }
+        let started: Vec<i32> = wait_until(
+            "both programs to start",
+            deadline(Duration::from_secs(20)),
+            async || {
+                let text = std::fs::read_to_string(&pids).unwrap_or_default();
+                let p: Vec<i32> = text.lines().filter_map(|l| l.parse().ok()).collect();
+                if p.len() == 2 {
+                    Ok(p)
+                } else {
+                    bail!("{} started", p.len())
+                }
+            },
+        )
+        .await;
+        c.kill9(0);
+        wait_until(
+            "the programs to die with their node",
+            deadline(Duration::from_secs(5)),
+            async || {
+                let alive: Vec<i32> = started.iter().copied().filter(|p| running(*p)).collect();
+                if alive.is_empty() {
+                    Ok(())
+                } else {
+                    bail!("still running: {alive:?}")
+                }
+            },
+        )
+        .await;
+    })
+    .await;
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}

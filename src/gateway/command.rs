@@ -57,6 +57,7 @@ impl CommandDriver {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        die_with_this_process(&mut cmd);
         cmd
     }
 
@@ -266,3 +267,30 @@ fn is_executable(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| ok(&dir.join(program))))
 }
+
+/// Makes the program die (SIGKILL) when the node that started it does, so a
+/// node killed with SIGKILL leaves no program running on for a lease that
+/// is about to be run elsewhere. Linux only (`PR_SET_PDEATHSIG`). The signal
+/// follows the spawning thread, which is a runtime worker living as long as
+/// the node; it reaches the program itself, not processes it started.
+#[cfg(target_os = "linux")]
+fn die_with_this_process(cmd: &mut Command) {
+    let node = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (prctl, getppid), allocating nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The node may have died between fork and prctl.
+            if libc::getppid() as u32 != node {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_this_process(_: &mut Command) {}
