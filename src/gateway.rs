@@ -78,6 +78,7 @@ mod breaker;
 mod command;
 mod guarded;
 mod http;
+mod openclaw;
 mod sim;
 mod spec;
 
@@ -86,9 +87,11 @@ pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Transition};
 pub use command::CommandDriver;
 pub use guarded::GuardedDriver;
 pub use http::HttpDriver;
+pub use openclaw::{DEVICE_KEY_FILE, OpenClawDriver};
 pub use sim::SimDriver;
 pub use spec::{
-    CommandSpec, DriverSpec, GatewayKind, GatewaySpec, HttpSpec, LatencySpec, SecretRef, SimSpec,
+    CommandSpec, DriverSpec, GatewayKind, GatewaySpec, HttpSpec, LatencySpec, OpenClawSpec,
+    SecretRef, SimSpec,
 };
 
 /// Largest result an attempt may return, in bytes (stdout of a `command`
@@ -242,6 +245,14 @@ pub enum DriverError {
     /// starting with the field it is about.
     #[error("invalid gateway spec:\n  - {}", .0.join("\n  - "))]
     InvalidSpec(Vec<String>),
+    /// The gateway refused Godel itself (a wrong token, an unsupported
+    /// protocol version, a client identity it does not accept): nothing
+    /// will work until its configuration or Godel's changes.
+    #[error("gateway refused the connection: {reason}")]
+    Rejected {
+        /// What the gateway said.
+        reason: String,
+    },
     /// A secret a spec refers to could not be read. Names the reference,
     /// never the value.
     #[error("secret {reference} unavailable: {reason}")]
@@ -263,6 +274,7 @@ impl DriverError {
             DriverError::TaskFailed { retryable, .. } => *retryable,
             DriverError::Cancelled
             | DriverError::OutputTooLarge { .. }
+            | DriverError::Rejected { .. }
             | DriverError::InvalidSpec(_)
             | DriverError::Secret { .. } => false,
         }
@@ -274,7 +286,9 @@ impl DriverError {
     pub fn is_gateway_fault(&self) -> bool {
         matches!(
             self,
-            DriverError::Timeout { .. } | DriverError::Unavailable { .. }
+            DriverError::Timeout { .. }
+                | DriverError::Unavailable { .. }
+                | DriverError::Rejected { .. }
         )
     }
 
@@ -287,20 +301,33 @@ impl DriverError {
             DriverError::CircuitOpen { .. } => "circuit_open",
             DriverError::TaskFailed { .. } => "task_failed",
             DriverError::OutputTooLarge { .. } => "output_too_large",
+            DriverError::Rejected { .. } => "gateway_rejected",
             DriverError::InvalidSpec(_) => "invalid_spec",
             DriverError::Secret { .. } => "secret_unavailable",
         }
     }
 }
 
+/// What a node gives the drivers it builds.
+#[derive(Clone, Debug, Default)]
+pub struct DriverContext {
+    /// The node's data directory: where node-wide driver state lives (the
+    /// `openclaw` device key, [`DEVICE_KEY_FILE`]). Without one, such state
+    /// is kept in memory only.
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
 /// Builds the driver a (valid) spec describes. Validates first; reads the
-/// secrets the spec refers to.
-pub fn driver_for(spec: &GatewaySpec) -> Result<Arc<dyn GatewayDriver>> {
+/// secrets the spec refers to (and the node's `openclaw` device key).
+pub fn driver_for(spec: &GatewaySpec, ctx: &DriverContext) -> Result<Arc<dyn GatewayDriver>> {
     spec.validate()?;
     Ok(match &spec.driver {
         DriverSpec::Sim(s) => Arc::new(SimDriver::new(s.clone())),
         DriverSpec::Command(c) => Arc::new(CommandDriver::new(c.clone())),
         DriverSpec::Http(h) => Arc::new(HttpDriver::new(h.clone())?),
+        DriverSpec::Openclaw(o) => {
+            Arc::new(OpenClawDriver::new(o.clone(), ctx.data_dir.as_deref())?)
+        }
     })
 }
 

@@ -46,6 +46,15 @@ pub struct Metrics {
     pub hints_started: prometheus::IntCounter,
     /// Peers with an authenticated fabric session.
     pub fabric_peers: IntGauge,
+    /// Connections this node's `openclaw` drivers tried to open, by outcome
+    /// (`ok`, `not_ready`, `rejected`).
+    pub openclaw_connects: IntCounterVec,
+    /// Events received from OpenClaw gateways, by event name (the known
+    /// ones, else `other`; `unparsed` for frames that were not JSON).
+    pub openclaw_events: IntCounterVec,
+    /// OpenClaw runs that ended or were interrupted, by outcome (`ok`,
+    /// `error`, `timeout`, `aborted`, `connection_lost`).
+    pub openclaw_runs: IntCounterVec,
     tasks: IntGaugeVec,
     raft_term: IntGauge,
     raft_leader: IntGauge,
@@ -133,6 +142,27 @@ fn build() -> prometheus::Result<Metrics> {
             "godel_fabric_peers",
             "Peers with an authenticated fabric session",
         )?,
+        openclaw_connects: IntCounterVec::new(
+            Opts::new(
+                "godel_openclaw_connects_total",
+                "Connections to OpenClaw gateways tried, by outcome",
+            ),
+            &["outcome"],
+        )?,
+        openclaw_events: IntCounterVec::new(
+            Opts::new(
+                "godel_openclaw_events_total",
+                "Events received from OpenClaw gateways, by event name",
+            ),
+            &["event"],
+        )?,
+        openclaw_runs: IntCounterVec::new(
+            Opts::new(
+                "godel_openclaw_runs_total",
+                "OpenClaw runs ended or interrupted, by outcome",
+            ),
+            &["outcome"],
+        )?,
         tasks: IntGaugeVec::new(
             Opts::new("godel_queue_tasks", "Tasks by priority and status"),
             &["priority", "status"],
@@ -156,6 +186,9 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.hints_dropped.clone()))?;
     m.registry.register(Box::new(m.hints_started.clone()))?;
     m.registry.register(Box::new(m.fabric_peers.clone()))?;
+    m.registry.register(Box::new(m.openclaw_connects.clone()))?;
+    m.registry.register(Box::new(m.openclaw_events.clone()))?;
+    m.registry.register(Box::new(m.openclaw_runs.clone()))?;
     m.registry.register(Box::new(m.raft_term.clone()))?;
     m.registry.register(Box::new(m.raft_leader.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;

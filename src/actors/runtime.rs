@@ -19,7 +19,7 @@ use super::router::AgentDirectory;
 use super::shard::{QueueShardActor, SHARD};
 use super::{AGENTS, ChildSpec, Error, GATEWAYS, QUEUE_SHARDS, SupervisorRef};
 use crate::fsm::{AgentId, GatewayId};
-use crate::gateway::{GatewayDriver, GatewaySpec, GuardedDriver, driver_for};
+use crate::gateway::{DriverContext, GatewayDriver, GatewaySpec, GuardedDriver, driver_for};
 use crate::node::Node;
 
 /// How often the reconciler compares the registry with the running actors.
@@ -158,13 +158,16 @@ async fn reconcile(
     }
 
     let registry: Arc<dyn GatewayRegistry> = Arc::new(node.clone());
+    let ctx = DriverContext {
+        data_dir: Some(node.config().node.data_dir.clone()),
+    };
     let probe_every = node.config().runtime.gateway_probe_interval;
     for (gateway, spec) in &want.gateways {
         let name = gateway_actor(gateway);
         if have_gateways.contains(&name) {
             continue;
         }
-        let Some(driver) = driver(drivers, gateway, spec) else {
+        let Some(driver) = driver(drivers, gateway, spec, &ctx) else {
             continue;
         };
         let args = GatewayArgs {
@@ -188,7 +191,7 @@ async fn reconcile(
         let Some(spec) = want.gateways.get(gateway) else {
             continue;
         };
-        let Some(driver) = driver(drivers, gateway, spec) else {
+        let Some(driver) = driver(drivers, gateway, spec, &ctx) else {
             continue;
         };
         let args = AgentArgs {
@@ -212,6 +215,7 @@ fn driver(
     drivers: &mut BTreeMap<GatewayId, Built>,
     gateway: &GatewayId,
     spec: &str,
+    ctx: &DriverContext,
 ) -> Option<Arc<GuardedDriver>> {
     if let Some(b) = drivers.get(gateway) {
         return Some(Arc::clone(&b.driver));
@@ -220,7 +224,7 @@ fn driver(
         .map_err(|e| e.to_string())
         .and_then(|s| {
             let breaker = s.breaker.clone();
-            driver_for(&s)
+            driver_for(&s, ctx)
                 .map(|d| Arc::new(GuardedDriver::new(d, breaker)))
                 .map_err(|e| e.to_string())
         });
