@@ -57,6 +57,8 @@ const DEFAULT_TICK: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest pause between connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Least time a connection attempt gets, even at the end of its window.
+const LAST_TRY: Duration = Duration::from_millis(100);
 
 /// Why a connection could not be made.
 #[derive(Clone, Debug)]
@@ -425,14 +427,16 @@ impl Client {
     pub(crate) async fn conn(&self, until: Instant) -> Result<Arc<Conn>, ConnectError> {
         let mut backoff = FIRST_BACKOFF;
         loop {
+            // The last try still gets a moment to complete a handshake.
             let left = until.saturating_duration_since(Instant::now());
-            match self.conn_once(left).await {
+            match self.conn_once(left.max(LAST_TRY)).await {
                 Ok(c) => return Ok(c),
                 Err(ConnectError::NotReady(why, hint)) => {
-                    let pause = hint.unwrap_or(backoff).min(MAX_BACKOFF);
-                    if Instant::now() + pause >= until {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
                         return Err(ConnectError::NotReady(why, hint));
                     }
+                    let pause = hint.unwrap_or(backoff).min(MAX_BACKOFF).min(left);
                     tracing::debug!(reason = %why, ?pause, "openclaw gateway not ready; retrying");
                     tokio::time::sleep(pause).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
