@@ -31,7 +31,7 @@
 //!
 //! | fault | attempt outcome |
 //! |---|---|
-//! | gateway not ready (refused, `UNAVAILABLE`, `/readyz` 503) | retried with backoff within the attempt's budget, then `Unavailable` (retryable, trips the breaker) |
+//! | gateway not ready (refused, `UNAVAILABLE`, `/readyz` 503) | retried with backoff within the attempt's budget and the `reconnect_window`, then `Unavailable` (retryable, trips the breaker) |
 //! | token, protocol or client refused at `connect` | `Rejected` (not retryable, trips the breaker; the probe reports it) |
 //! | socket closed mid-run, same gateway process back | `agent.wait` on the run id until it ends |
 //! | socket closed, gateway not back within `reconnect_window` | `Unavailable` (retryable): another attempt, maybe on another gateway |
@@ -220,7 +220,12 @@ impl OpenClawDriver {
             trace: &trace,
             turn,
         };
-        let conn = self.conn(until).await?;
+        // A gateway that is down or still starting is waited for, but no
+        // longer than the reconnect window: past it, another attempt (maybe
+        // on another gateway) is better than this one waiting its budget out.
+        let conn = self
+            .conn(until.min(started + self.spec.reconnect_window))
+            .await?;
         self.ensure_session(&conn, &key, &trace).await?;
         let outcome = self.send_turn(&conn, &run, params, until, &mut abort).await;
         let outcome = match outcome {

@@ -209,9 +209,9 @@ pub struct OpenClawSpec {
     /// cap on a turn's tool loop.
     #[serde(default = "default_turn_timeout", with = "humantime_serde")]
     pub turn_timeout: Duration,
-    /// How long an attempt whose connection dropped waits for the gateway
-    /// to answer again before it gives the attempt up as unavailable (the
-    /// attempt's own timeout still bounds it).
+    /// How long an attempt waits for the gateway to accept a connection
+    /// (at its start, or after its connection dropped mid-run) before it
+    /// gives up as unavailable; the attempt's own timeout still bounds it.
     #[serde(default = "default_reconnect_window", with = "humantime_serde")]
     pub reconnect_window: Duration,
     /// The node's Ed25519 device key file (created when missing); by
