@@ -15,6 +15,12 @@
 //! - `command`: runs a configured program per attempt, payload on stdin,
 //!   result on stdout, in its own process group.
 //! - `http`: POSTs the task to a webhook; the 2xx body is the result.
+//! - `openclaw`: runs the task as one agent turn on a real OpenClaw gateway
+//!   over its WebSocket protocol (v4): one shared connection per gateway
+//!   with the token and the node's Ed25519 device identity, a gateway
+//!   session per Godel session key, a bounded turn, the final answer and
+//!   token usage as the result, `sessions.abort` when the attempt ends
+//!   first. Its module essay maps each gateway fault to an outcome.
 //!
 //! Around the drivers sit the per-gateway policies: a [`CircuitBreaker`]
 //! (closed, open, half-open; time passed in, every transition returned),
@@ -33,7 +39,9 @@
 //!   process group with SIGKILL *before* reaping the leader (so the group id
 //!   cannot have been reused) and then reaps it; if the attempt's future is
 //!   dropped instead, a guard kills the group and tokio reaps the leader. A
-//!   timed-out or cancelled `http` attempt drops its connection.
+//!   timed-out or cancelled `http` attempt drops its connection. A timed-out,
+//!   cancelled or dropped `openclaw` attempt aborts its run on the gateway
+//!   (from a task it spawns, since the attempt's future may be gone).
 //! - **Results are bounded.** A result larger than [`MAX_RESULT_BYTES`]
 //!   fails the attempt with [`DriverError::OutputTooLarge`] (the process is
 //!   killed, the response dropped) rather than being truncated into invalid
@@ -41,7 +49,8 @@
 //!   kept, for the error message.
 //! - **Secrets by reference only.** A spec names an environment variable or a
 //!   file ([`SecretRef`]); the value is read when the driver is built, kept
-//!   in a header marked sensitive, and never printed by `Debug`.
+//!   in a header marked sensitive (`http`) or in the connection client
+//!   (`openclaw`), and never printed by `Debug` or logged.
 //! - **Programs see a clean environment**: only `PATH`, the spec's own
 //!   variables and `GODEL_TASK_ID`, `GODEL_FENCING_TOKEN` (and
 //!   `GODEL_SESSION_KEY` when there is one), so a node's secrets never leak
@@ -49,7 +58,10 @@
 //!
 //! # Shortcuts taken on purpose
 //!
-//! - No `openclaw` driver yet (WebSocket protocol); the trait is shaped for it.
+//! - [`GatewayDriver::open_session`] and [`GatewayDriver::close_session`]
+//!   exist for drivers with gateway-side sessions (`openclaw`), but no
+//!   session actor calls them yet: the `openclaw` driver makes sure its
+//!   session exists before each turn instead.
 //! - A `command` program that exits normally is trusted not to leave
 //!   daemons: the group is killed only on timeout, cancel or oversize output
 //!   (killing it after the leader is reaped could hit a reused id). A
