@@ -274,6 +274,12 @@ async fn a_gateway_restarted_mid_run_gets_the_session_aborted_and_the_attempt_re
     assert!(matches!(e, DriverError::Unavailable { .. }), "{e}");
     assert!(e.is_retryable() && e.is_gateway_fault());
     assert!(e.to_string().contains("restarted"), "{e}");
+    // Tracked by session key: described, then aborted, on the new boot.
+    assert!(
+        e.to_string().contains("running (last run recovery-run-1)"),
+        "{e}"
+    );
+    assert_eq!(s.fake.seen("sessions.describe").pop().unwrap().conn, 2);
     let abort = s
         .fake
         .wait_seen("sessions.abort", Duration::from_secs(5))
@@ -404,6 +410,26 @@ async fn a_model_error_fails_the_task_with_the_gateways_text() {
         "{e}"
     );
     assert!(s.fake.seen("sessions.abort").is_empty());
+    // A run refused at once with its outcome is the same failure, not a
+    // busy gateway to try again.
+    let e = run(
+        &*s.driver,
+        req(20, "failnow", None, Duration::from_secs(10)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DriverError::TaskFailed {
+                retryable: true,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("model disabled for a minute"), "{e}");
+    assert_eq!(s.fake.seen("agent").len(), 2, "not sent again");
 }
 
 #[tokio::test]
@@ -420,6 +446,16 @@ async fn a_draining_gateway_finishes_the_turn_and_reports_unhealthy_until_it_is_
         Health::Unhealthy { reason } => assert!(reason.contains("shutting down"), "{reason}"),
         h => panic!("{h:?}"),
     }
+    // Nothing new goes to a draining gateway.
+    let e = run(
+        &*s.driver,
+        req(21, "ok late", None, Duration::from_secs(10)),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.is_retryable() && e.is_gateway_fault(), "{e}");
+    assert!(e.to_string().contains("shutting down"), "{e}");
+    assert_eq!(s.fake.seen("agent").len(), 1);
     // The gateway closes with 1012 and comes back: the next turn reconnects.
     s.fake.close_draining();
     let until = Instant::now() + Duration::from_secs(5);

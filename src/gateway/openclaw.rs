@@ -223,11 +223,21 @@ impl OpenClawDriver {
         // A gateway that is down or still starting is waited for, but no
         // longer than the reconnect window: past it, another attempt (maybe
         // on another gateway) is better than this one waiting its budget out.
-        let conn = self
-            .conn(until.min(started + self.spec.reconnect_window))
-            .await?;
+        let window = until.min(started + self.spec.reconnect_window);
+        let conn = self.conn(window).await?;
+        if let Some(reason) = conn.draining() {
+            // It finishes what it runs and then closes: send nothing new.
+            return Err(DriverError::Unavailable {
+                reason: format!(
+                    "openclaw gateway {} is shutting down: {reason}",
+                    self.spec.url
+                ),
+            });
+        }
         self.ensure_session(&conn, &key, &trace).await?;
-        let outcome = self.send_turn(&conn, &run, params, until, &mut abort).await;
+        let outcome = self
+            .send_turn(&conn, &run, params, window, &mut abort)
+            .await;
         let outcome = match outcome {
             Err(Lost::Closed(why)) => self.follow(&conn, &run, &why, until).await,
             Err(Lost::Failed(e)) => Err(e),
@@ -245,6 +255,7 @@ impl OpenClawDriver {
     }
 
     /// Sends the turn and waits for its final response, logging its events.
+    /// A turn the gateway will not take yet is sent again until `until`.
     async fn send_turn(
         &self,
         conn: &Arc<Conn>,
@@ -280,6 +291,12 @@ impl OpenClawDriver {
                     // Already final (lenient: a gateway that answers once).
                     _ => return Ok(p),
                 },
+                // An error that carries a run status is the run's outcome
+                // (it failed at once), not the gateway being busy.
+                Err((CallError::Gateway(e), p)) if p.get("status").is_some() => {
+                    abort.run_id = None;
+                    return Err(Lost::Failed(run_error(run, &e, &p)));
+                }
                 Err((CallError::Gateway(e), _)) if e.is_not_ready() => {
                     abort.run_id = None;
                     let pause = e
@@ -347,11 +364,16 @@ impl OpenClawDriver {
                 reason: format!("connection lost mid-run ({why}) and not back: {e}"),
             })?;
         if conn.hello.boot_id.is_none() || conn.hello.boot_id != old.hello.boot_id {
+            // The new process knows no run id of the old one; what it may
+            // still do is resume the turn in the session by itself. Track
+            // the session by key: see where it is, abort whatever runs.
+            let seen = describe(&conn, run.key, run.trace).await;
             let aborted = abort_run(&conn, run.key, None, run.trace).await;
+            tracing::info!(task = %run.task, run = %run.run_id, session = %run.key, %seen, %aborted, "openclaw gateway restarted mid-run; session aborted");
             return Err(DriverError::Unavailable {
                 reason: format!(
-                    "openclaw gateway restarted during run {} (boot {:?} -> {:?}); its session's run was aborted ({aborted})",
-                    run.run_id, old.hello.boot_id, conn.hello.boot_id
+                    "openclaw gateway restarted during run {} (boot {:?} -> {:?}); session {} was {seen}, its run aborted ({aborted})",
+                    run.run_id, old.hello.boot_id, conn.hello.boot_id, run.key
                 ),
             });
         }
@@ -441,6 +463,29 @@ impl Drop for AbortOnDrop {
                 .inc();
             tracing::info!(%task, run = %run_id, session = %key, outcome = %outcome, "openclaw run aborted: its attempt ended first");
         });
+    }
+}
+
+/// `sessions.describe`: the session's status and last run, for logs.
+async fn describe(conn: &Arc<Conn>, key: &str, trace: &str) -> String {
+    match conn
+        .request(
+            "sessions.describe",
+            json!({"key": key}),
+            trace,
+            CONTROL_TIMEOUT,
+        )
+        .await
+    {
+        Ok(p) => match p.get("session") {
+            Some(s) if !s.is_null() => format!(
+                "{} (last run {})",
+                wire::str_at(s, &["status"]).unwrap_or("in no known state"),
+                wire::str_at(s, &["lastRunId"]).unwrap_or("none")
+            ),
+            _ => "unknown to the gateway".to_owned(),
+        },
+        Err(e) => format!("not described: {e}"),
     }
 }
 

@@ -13,7 +13,8 @@
 //! - `vanish`: accept, drop the socket and stop listening;
 //! - `shutdown`: accept, send the `shutdown` event, finish the run, and
 //!   close with 1012 once [`Fake::close_draining`] is called;
-//! - `fail`: the final response is an error with a model error text.
+//! - `fail`: the final response is an error with a model error text;
+//! - `failnow`: the only response is that error (no acceptance first).
 //!
 //! Every request (method and params, connect included) is logged.
 
@@ -355,6 +356,10 @@ async fn handle(
     };
     match method {
         "health" => send(res(&id, json!({"ok": true}))),
+        "sessions.describe" => send(res(
+            &id,
+            json!({"session": {"key": p["key"], "status": "running", "lastRunId": "recovery-run-1"}}),
+        )),
         "sessions.create" => send(res(&id, json!({"ok": true, "key": p["key"], "sessionId": "s"}))),
         "sessions.abort" => {
             let key = p["key"].as_str().unwrap_or("").to_owned();
@@ -414,6 +419,14 @@ async fn agent(
     let run = p["idempotencyKey"].as_str().unwrap_or("").to_owned();
     let key = p["sessionKey"].as_str().unwrap_or("").to_owned();
     let msg = p["message"].as_str().unwrap_or("").to_owned();
+    if msg == "failnow" {
+        // Refused at once with the run's outcome: no acceptance first.
+        let f = json!({"runId": run, "status": "error", "summary": "model disabled for a minute"});
+        let m = json!({"type":"res","id":id,"ok":false,"payload":f,
+                       "error":{"code":"UNAVAILABLE","message":"model disabled"}});
+        send(Message::Text(m.to_string().into()));
+        return;
+    }
     if st.runs.lock().unwrap().done.contains_key(&run) {
         send(res(id, json!({"runId": run, "status": "in_flight"})));
         return;
