@@ -283,12 +283,13 @@ fn gateway_of(t: &Value) -> &str {
 
 async fn phase_twenty_tasks(api: &Api, via: usize, a: &RealGateway, b: &RealGateway) {
     let priorities = ["critical", "high", "medium", "low"];
-    let keys = [Some("alpha"), Some("beta"), None];
+    // Turns of one session run one after another: 5 per key, 10 without.
+    let keys = [Some("alpha"), Some("beta"), None, None];
     let mut sent = Vec::new();
     for k in 0..20 {
-        let key = keys[k % 3];
+        let key = keys[k % 4];
         let message = format!("task {k} {}", key.unwrap_or("solo"));
-        let p = priorities[k % 4];
+        let p = priorities[(k / 4) % 4];
         let id = submit_task(api, via, &format!("t20-{k}"), &message, p, key, 3).await;
         sent.push(Sent {
             id,
@@ -429,7 +430,8 @@ async fn phase_kill(api: &Api, via: usize, a: &mut RealGateway, b: &RealGateway)
     let mut on_a_at_kill = Vec::new();
     for &id in &ids {
         let t = task(api, via, id).await;
-        if t["status"] == "leased" && t["lease"]["agent_id"] == "oc-a.a0" {
+        // Leased or running: the lease names the agent.
+        if t["lease"]["agent_id"] == "oc-a.a0" {
             on_a_at_kill.push(id);
         }
     }

@@ -387,6 +387,9 @@ impl OpenClawDriver {
             match waited {
                 Ok(p) if wire::str_at(&p, &["status"]) == Some("timeout") => {
                     if Instant::now() >= until {
+                        // Still running (or unknown): stop it before giving up.
+                        let aborted = abort_run(&conn, run.key, Some(run.run_id), run.trace).await;
+                        tracing::info!(task = %run.task, run = %run.run_id, %aborted, "openclaw run outlived its attempt; aborted");
                         return Err(DriverError::Timeout { after: run.turn });
                     }
                 }
