@@ -173,7 +173,7 @@ pub enum GatewayCmd {
         /// Most concurrent sessions.
         #[arg(long, default_value_t = 10)]
         max_sessions: u32,
-        /// The driver: a JSON object with `kind` (sim, command, http) and its settings.
+        /// The driver: a JSON object with `kind` (sim, command, http, openclaw) and its settings.
         #[arg(long, default_value = r#"{"kind":"sim"}"#)]
         driver: String,
     },

@@ -16,6 +16,12 @@
 //!   result on stdout, in its own process group; on Linux the program is
 //!   SIGKILLed if its node dies (`PR_SET_PDEATHSIG`).
 //! - `http`: POSTs the task to a webhook; the 2xx body is the result.
+//! - `openclaw`: runs the task as one agent turn on a real OpenClaw gateway
+//!   over its WebSocket protocol (v4): one shared connection per gateway
+//!   with the token and the node's Ed25519 device identity, a gateway
+//!   session per Godel session key, a bounded turn, the final answer and
+//!   token usage as the result, `sessions.abort` when the attempt ends
+//!   first. Its module essay maps each gateway fault to an outcome.
 //!
 //! Around the drivers sit the per-gateway policies: a [`CircuitBreaker`]
 //! (closed, open, half-open; time passed in, every transition returned),
@@ -34,7 +40,9 @@
 //!   process group with SIGKILL *before* reaping the leader (so the group id
 //!   cannot have been reused) and then reaps it; if the attempt's future is
 //!   dropped instead, a guard kills the group and tokio reaps the leader. A
-//!   timed-out or cancelled `http` attempt drops its connection.
+//!   timed-out or cancelled `http` attempt drops its connection. A timed-out,
+//!   cancelled or dropped `openclaw` attempt aborts its run on the gateway
+//!   (from a task it spawns, since the attempt's future may be gone).
 //! - **Results are bounded.** A result larger than [`MAX_RESULT_BYTES`]
 //!   fails the attempt with [`DriverError::OutputTooLarge`] (the process is
 //!   killed, the response dropped) rather than being truncated into invalid
@@ -42,7 +50,8 @@
 //!   kept, for the error message.
 //! - **Secrets by reference only.** A spec names an environment variable or a
 //!   file ([`SecretRef`]); the value is read when the driver is built, kept
-//!   in a header marked sensitive, and never printed by `Debug`.
+//!   in a header marked sensitive (`http`) or in the connection client
+//!   (`openclaw`), and never printed by `Debug` or logged.
 //! - **Programs see a clean environment**: only `PATH`, the spec's own
 //!   variables and `GODEL_TASK_ID`, `GODEL_FENCING_TOKEN` (and
 //!   `GODEL_SESSION_KEY` when there is one), so a node's secrets never leak
@@ -50,7 +59,10 @@
 //!
 //! # Shortcuts taken on purpose
 //!
-//! - No `openclaw` driver yet (WebSocket protocol); the trait is shaped for it.
+//! - [`GatewayDriver::open_session`] and [`GatewayDriver::close_session`]
+//!   exist for drivers with gateway-side sessions (`openclaw`), but no
+//!   session actor calls them yet: the `openclaw` driver makes sure its
+//!   session exists before each turn instead.
 //! - A `command` program that exits normally is trusted not to leave
 //!   daemons: the group is killed only on timeout, cancel or oversize output
 //!   (killing it after the leader is reaped could hit a reused id). A
@@ -79,6 +91,7 @@ mod breaker;
 mod command;
 mod guarded;
 mod http;
+mod openclaw;
 mod sim;
 mod spec;
 
@@ -87,9 +100,11 @@ pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Transition};
 pub use command::CommandDriver;
 pub use guarded::GuardedDriver;
 pub use http::HttpDriver;
+pub use openclaw::{DEVICE_KEY_FILE, OpenClawDriver};
 pub use sim::SimDriver;
 pub use spec::{
-    CommandSpec, DriverSpec, GatewayKind, GatewaySpec, HttpSpec, LatencySpec, SecretRef, SimSpec,
+    CommandSpec, DriverSpec, GatewayKind, GatewaySpec, HttpSpec, LatencySpec, OpenClawSpec,
+    SecretRef, SimSpec,
 };
 
 /// Largest result an attempt may return, in bytes (stdout of a `command`
@@ -243,6 +258,14 @@ pub enum DriverError {
     /// starting with the field it is about.
     #[error("invalid gateway spec:\n  - {}", .0.join("\n  - "))]
     InvalidSpec(Vec<String>),
+    /// The gateway refused Godel itself (a wrong token, an unsupported
+    /// protocol version, a client identity it does not accept): nothing
+    /// will work until its configuration or Godel's changes.
+    #[error("gateway refused the connection: {reason}")]
+    Rejected {
+        /// What the gateway said.
+        reason: String,
+    },
     /// A secret a spec refers to could not be read. Names the reference,
     /// never the value.
     #[error("secret {reference} unavailable: {reason}")]
@@ -264,6 +287,7 @@ impl DriverError {
             DriverError::TaskFailed { retryable, .. } => *retryable,
             DriverError::Cancelled
             | DriverError::OutputTooLarge { .. }
+            | DriverError::Rejected { .. }
             | DriverError::InvalidSpec(_)
             | DriverError::Secret { .. } => false,
         }
@@ -275,7 +299,9 @@ impl DriverError {
     pub fn is_gateway_fault(&self) -> bool {
         matches!(
             self,
-            DriverError::Timeout { .. } | DriverError::Unavailable { .. }
+            DriverError::Timeout { .. }
+                | DriverError::Unavailable { .. }
+                | DriverError::Rejected { .. }
         )
     }
 
@@ -288,20 +314,33 @@ impl DriverError {
             DriverError::CircuitOpen { .. } => "circuit_open",
             DriverError::TaskFailed { .. } => "task_failed",
             DriverError::OutputTooLarge { .. } => "output_too_large",
+            DriverError::Rejected { .. } => "gateway_rejected",
             DriverError::InvalidSpec(_) => "invalid_spec",
             DriverError::Secret { .. } => "secret_unavailable",
         }
     }
 }
 
+/// What a node gives the drivers it builds.
+#[derive(Clone, Debug, Default)]
+pub struct DriverContext {
+    /// The node's data directory: where node-wide driver state lives (the
+    /// `openclaw` device key, [`DEVICE_KEY_FILE`]). Without one, such state
+    /// is kept in memory only.
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
 /// Builds the driver a (valid) spec describes. Validates first; reads the
-/// secrets the spec refers to.
-pub fn driver_for(spec: &GatewaySpec) -> Result<Arc<dyn GatewayDriver>> {
+/// secrets the spec refers to (and the node's `openclaw` device key).
+pub fn driver_for(spec: &GatewaySpec, ctx: &DriverContext) -> Result<Arc<dyn GatewayDriver>> {
     spec.validate()?;
     Ok(match &spec.driver {
         DriverSpec::Sim(s) => Arc::new(SimDriver::new(s.clone())),
         DriverSpec::Command(c) => Arc::new(CommandDriver::new(c.clone())),
         DriverSpec::Http(h) => Arc::new(HttpDriver::new(h.clone())?),
+        DriverSpec::Openclaw(o) => {
+            Arc::new(OpenClawDriver::new(o.clone(), ctx.data_dir.as_deref())?)
+        }
     })
 }
 

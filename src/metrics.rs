@@ -49,6 +49,15 @@ pub struct Metrics {
     /// Gateway-side sessions opened and closed by session actors, by event
     /// (`opened`, `open_failed`, `closed`, `close_failed`).
     pub gateway_sessions: IntCounterVec,
+    /// Connections this node's `openclaw` drivers tried to open, by outcome
+    /// (`ok`, `not_ready`, `rejected`).
+    pub openclaw_connects: IntCounterVec,
+    /// Events received from OpenClaw gateways, by event name (the known
+    /// ones, else `other`; `unparsed` for frames that were not JSON).
+    pub openclaw_events: IntCounterVec,
+    /// OpenClaw runs that ended or were interrupted, by outcome (`ok`,
+    /// `error`, `timeout`, `aborted`, `connection_lost`).
+    pub openclaw_runs: IntCounterVec,
     tasks: IntGaugeVec,
     raft_term: IntGauge,
     raft_leader: IntGauge,
@@ -143,6 +152,27 @@ fn build() -> prometheus::Result<Metrics> {
             ),
             &["event"],
         )?,
+        openclaw_connects: IntCounterVec::new(
+            Opts::new(
+                "godel_openclaw_connects_total",
+                "Connections to OpenClaw gateways tried, by outcome",
+            ),
+            &["outcome"],
+        )?,
+        openclaw_events: IntCounterVec::new(
+            Opts::new(
+                "godel_openclaw_events_total",
+                "Events received from OpenClaw gateways, by event name",
+            ),
+            &["event"],
+        )?,
+        openclaw_runs: IntCounterVec::new(
+            Opts::new(
+                "godel_openclaw_runs_total",
+                "OpenClaw runs ended or interrupted, by outcome",
+            ),
+            &["outcome"],
+        )?,
         tasks: IntGaugeVec::new(
             Opts::new("godel_queue_tasks", "Tasks by priority and status"),
             &["priority", "status"],
@@ -167,6 +197,9 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.hints_started.clone()))?;
     m.registry.register(Box::new(m.fabric_peers.clone()))?;
     m.registry.register(Box::new(m.gateway_sessions.clone()))?;
+    m.registry.register(Box::new(m.openclaw_connects.clone()))?;
+    m.registry.register(Box::new(m.openclaw_events.clone()))?;
+    m.registry.register(Box::new(m.openclaw_runs.clone()))?;
     m.registry.register(Box::new(m.raft_term.clone()))?;
     m.registry.register(Box::new(m.raft_leader.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;

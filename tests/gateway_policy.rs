@@ -299,9 +299,104 @@ fn validate_command_and_http_settings() {
     assert_eq!(p.len(), 3, "{p:#?}");
 }
 
+fn driver_for_test(
+    s: &GatewaySpec,
+) -> Result<std::sync::Arc<dyn godel::gateway::GatewayDriver>, DriverError> {
+    driver_for(s, &godel::gateway::DriverContext::default())
+}
+
+#[test]
+fn openclaw_specs_are_checked_whole() {
+    let ok = spec(
+        r#"{"id":"oc","region":"r","max_sessions":4,
+            "driver":{"kind":"openclaw","url":"ws://127.0.0.1:18789","token":{"env":"OC_TOKEN"}}}"#,
+    );
+    assert!(ok.validate().is_ok());
+    let DriverSpec::Openclaw(o) = &ok.driver else {
+        panic!("kind")
+    };
+    assert_eq!(o.agent_id, "main");
+    assert_eq!(o.turn_timeout, Duration::from_secs(600));
+    // Round trip through the registry's text: the token stays a reference.
+    let reg = ok.to_registration();
+    assert_eq!(reg.kind, "openclaw");
+    assert!(
+        reg.spec.contains(r#""token":{"env":"OC_TOKEN"}"#),
+        "{}",
+        reg.spec
+    );
+    assert_eq!(spec(&reg.spec), ok);
+
+    let p = problems(
+        r#"{"id":"oc","region":"r","max_sessions":4,
+            "driver":{"kind":"openclaw","url":"wss://gw.example:443","token":{"file":"rel/token"},
+                      "agent_id":"no spaces","turn_timeout":"0s","reconnect_window":"2h",
+                      "device_key":"rel.key"}}"#,
+    );
+    for field in [
+        "driver.url:",
+        "driver.token.file:",
+        "driver.agent_id:",
+        "driver.turn_timeout:",
+        "driver.reconnect_window:",
+        "driver.device_key:",
+    ] {
+        assert!(p.iter().any(|m| m.starts_with(field)), "{field}: {p:#?}");
+    }
+    assert_eq!(p.len(), 6, "{p:#?}");
+    assert!(p[0].contains("wss://"), "{p:#?}");
+    let p = problems(
+        r#"{"id":"oc","region":"r","max_sessions":4,
+            "driver":{"kind":"openclaw","url":"http://127.0.0.1:18789","token":{"env":""}}}"#,
+    );
+    assert_eq!(p.len(), 2, "{p:#?}");
+    // A token given inline is not a reference: refused at parse time.
+    let inline = serde_json::from_str::<GatewaySpec>(
+        r#"{"id":"oc","region":"r","max_sessions":4,
+            "driver":{"kind":"openclaw","url":"ws://127.0.0.1:1","token":"hunter2"}}"#,
+    );
+    assert!(inline.is_err());
+}
+
+#[test]
+fn openclaw_driver_reads_its_token_and_device_key_and_never_shows_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "oc-hunter2-token\n").unwrap();
+    let s = spec(&format!(
+        r#"{{"id":"oc","region":"r","max_sessions":1,
+            "driver":{{"kind":"openclaw","url":"ws://127.0.0.1:9","token":{{"file":{:?}}}}}}}"#,
+        token.display().to_string()
+    ));
+    let ctx = godel::gateway::DriverContext {
+        data_dir: Some(dir.path().join("data")),
+    };
+    let d = driver_for(&s, &ctx).unwrap();
+    let shown = format!("{d:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("file:"), "{shown}");
+    let key = dir
+        .path()
+        .join("data")
+        .join(godel::gateway::DEVICE_KEY_FILE);
+    assert!(
+        key.exists(),
+        "the node's device key is created in its data dir"
+    );
+    let again = driver_for(&s, &ctx).unwrap();
+    assert_eq!(
+        format!("{again:?}").split("device").nth(1),
+        shown.split("device").nth(1),
+        "the same device identity is used again"
+    );
+    std::fs::remove_file(&token).unwrap();
+    let e = driver_for(&s, &ctx).unwrap_err();
+    assert_eq!(e.code(), "secret_unavailable");
+}
+
 #[test]
 fn driver_for_validates_and_never_shows_the_secret() {
-    let e = driver_for(&spec(
+    let e = driver_for_test(&spec(
         r#"{"id":"g","region":"r","max_sessions":0,"driver":{"kind":"sim"}}"#,
     ))
     .unwrap_err();
@@ -316,7 +411,7 @@ fn driver_for_validates_and_never_shows_the_secret() {
             "driver":{{"kind":"http","url":"http://127.0.0.1:9/","auth_header":{{"file":{:?}}}}}}}"#,
         token.display().to_string()
     ));
-    let d = driver_for(&h).unwrap();
+    let d = driver_for_test(&h).unwrap();
     let shown = format!("{d:?}");
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(shown.contains("file:"), "{shown}");
@@ -325,7 +420,7 @@ fn driver_for_validates_and_never_shows_the_secret() {
         r#"{"id":"h","region":"r","max_sessions":1,
             "driver":{"kind":"http","url":"http://127.0.0.1:9/","auth_header":{"env":"GODEL_TEST_SURELY_UNSET_VAR"}}}"#,
     );
-    let e = driver_for(&missing).unwrap_err();
+    let e = driver_for_test(&missing).unwrap_err();
     assert_eq!(e.code(), "secret_unavailable");
     assert!(
         e.to_string().contains("env:GODEL_TEST_SURELY_UNSET_VAR"),

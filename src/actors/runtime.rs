@@ -24,7 +24,7 @@ use super::{
     AGENTS, ChildSpec, Error, GATEWAYS, Observer, QUEUE_SHARDS, RestartPolicy, SupervisorRef,
 };
 use crate::fsm::{AgentId, GatewayId};
-use crate::gateway::{GatewayDriver, GatewaySpec, GuardedDriver, driver_for};
+use crate::gateway::{DriverContext, GatewayDriver, GatewaySpec, GuardedDriver, driver_for};
 use crate::node::Node;
 
 /// How often the reconciler compares the registry with the running actors.
@@ -184,13 +184,16 @@ async fn reconcile(
     }
 
     let registry: Arc<dyn GatewayRegistry> = Arc::new(node.clone());
+    let ctx = DriverContext {
+        data_dir: Some(node.config().node.data_dir.clone()),
+    };
     let probe_every = node.config().runtime.gateway_probe_interval;
     for (gateway, spec) in &want.gateways {
         let name = gateway_actor(gateway);
         if have_gateways.contains(&name) {
             continue;
         }
-        let Some((driver, sessions)) = driver(drivers, gateway, spec) else {
+        let Some((driver, sessions)) = driver(drivers, gateway, spec, &ctx) else {
             continue;
         };
         let args = GatewayArgs {
@@ -217,7 +220,7 @@ async fn reconcile(
         let Some(spec) = want.gateways.get(gateway) else {
             continue;
         };
-        let Some((driver, sessions)) = driver(drivers, gateway, spec) else {
+        let Some((driver, sessions)) = driver(drivers, gateway, spec, &ctx) else {
             continue;
         };
         let args = AgentArgs {
@@ -243,6 +246,7 @@ fn driver(
     drivers: &mut BTreeMap<GatewayId, Built>,
     gateway: &GatewayId,
     spec: &str,
+    ctx: &DriverContext,
 ) -> Option<(Arc<GuardedDriver>, SessionHost)> {
     if let Some(b) = drivers.get(gateway) {
         return Some((Arc::clone(&b.driver), b.sessions.clone()));
@@ -251,7 +255,7 @@ fn driver(
         .map_err(|e| e.to_string())
         .and_then(|s| {
             let breaker = s.breaker.clone();
-            driver_for(&s)
+            driver_for(&s, ctx)
                 .map(|d| Arc::new(GuardedDriver::new(d, breaker)))
                 .map_err(|e| e.to_string())
         });

@@ -34,6 +34,8 @@ pub enum GatewayKind {
     Command,
     /// An HTTP webhook.
     Http,
+    /// An OpenClaw gateway (WebSocket protocol v4).
+    Openclaw,
 }
 
 impl fmt::Display for GatewayKind {
@@ -42,6 +44,7 @@ impl fmt::Display for GatewayKind {
             GatewayKind::Sim => "sim",
             GatewayKind::Command => "command",
             GatewayKind::Http => "http",
+            GatewayKind::Openclaw => "openclaw",
         })
     }
 }
@@ -81,6 +84,8 @@ pub enum DriverSpec {
     Command(CommandSpec),
     /// An HTTP webhook.
     Http(HttpSpec),
+    /// An OpenClaw gateway.
+    Openclaw(OpenClawSpec),
 }
 
 impl DriverSpec {
@@ -90,6 +95,7 @@ impl DriverSpec {
             DriverSpec::Sim(_) => GatewayKind::Sim,
             DriverSpec::Command(_) => GatewayKind::Command,
             DriverSpec::Http(_) => GatewayKind::Http,
+            DriverSpec::Openclaw(_) => GatewayKind::Openclaw,
         }
     }
 }
@@ -180,6 +186,62 @@ pub struct HttpSpec {
     pub auth_header: Option<SecretRef>,
 }
 
+/// Settings of an OpenClaw gateway (`kind: "openclaw"`).
+///
+/// ```json
+/// {"kind": "openclaw", "url": "ws://127.0.0.1:18789", "token": {"env": "OC_TOKEN"},
+///  "agent_id": "main", "turn_timeout": "10m", "reconnect_window": "30s"}
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenClawSpec {
+    /// The gateway's WebSocket endpoint: `ws://host:port` (OpenClaw's
+    /// default port is 18789). Its HTTP `/readyz` is probed on the same
+    /// host and port.
+    pub url: String,
+    /// The gateway's shared token (`gateway.auth.token`), by reference.
+    pub token: SecretRef,
+    /// The OpenClaw agent that runs the turns.
+    #[serde(default = "default_openclaw_agent")]
+    pub agent_id: String,
+    /// Longest agent turn. Every turn is sent with a `timeout` of the
+    /// smaller of this and the task's timeout: the gateway itself puts no
+    /// cap on a turn's tool loop.
+    #[serde(default = "default_turn_timeout", with = "humantime_serde")]
+    pub turn_timeout: Duration,
+    /// How long an attempt waits for the gateway to accept a connection
+    /// (at its start, or after its connection dropped mid-run) before it
+    /// gives up as unavailable; the attempt's own timeout still bounds it.
+    #[serde(default = "default_reconnect_window", with = "humantime_serde")]
+    pub reconnect_window: Duration,
+    /// The node's Ed25519 device key file (created when missing); by
+    /// default `openclaw-device.key` in the node's data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_key: Option<PathBuf>,
+}
+
+/// OpenClaw's default agent.
+fn default_openclaw_agent() -> String {
+    "main".to_owned()
+}
+
+/// Ten minutes.
+fn default_turn_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// Thirty seconds: longer than a gateway restart (13 to 21 s measured).
+fn default_reconnect_window() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Longest agent turn a spec may ask for.
+const MAX_TURN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Longest reconnect window a spec may ask for.
+const MAX_RECONNECT_WINDOW: Duration = Duration::from_secs(600);
+/// Longest OpenClaw agent id, in bytes.
+const MAX_AGENT_ID_BYTES: usize = 64;
+
 /// Where a secret is, never the secret itself: `{"env": "NAME"}` or
 /// `{"file": "/path"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +319,7 @@ impl GatewaySpec {
             DriverSpec::Sim(s) => check_sim(&mut p, s),
             DriverSpec::Command(c) => check_command(&mut p, c),
             DriverSpec::Http(h) => check_http(&mut p, h),
+            DriverSpec::Openclaw(o) => check_openclaw(&mut p, o),
         }
         if p.is_empty() {
             Ok(())
@@ -326,12 +389,69 @@ fn check_http(p: &mut Vec<String>, h: &HttpSpec) {
     if let Some(u) = &h.health_url {
         check_url(p, "driver.health_url", u);
     }
-    match &h.auth_header {
-        Some(SecretRef::Env(name)) if name.is_empty() || name.contains(['=', '\0']) => {
-            p.push("driver.auth_header.env: must name an environment variable".into());
+    if let Some(r) = &h.auth_header {
+        check_secret_ref(p, "driver.auth_header", r);
+    }
+}
+
+fn check_openclaw(p: &mut Vec<String>, o: &OpenClawSpec) {
+    if o.url.len() > MAX_URL_BYTES {
+        p.push(format!("driver.url: longer than {MAX_URL_BYTES} bytes"));
+    } else {
+        match reqwest::Url::parse(&o.url) {
+            Ok(u) if u.scheme() == "ws" && u.host().is_some() => {
+                if u.query().is_some() || u.fragment().is_some() {
+                    p.push("driver.url: must have no query or fragment".into());
+                }
+            }
+            Ok(u) if u.scheme() == "wss" => p.push(format!(
+                "driver.url: `{}`: wss:// (TLS) is not supported yet; use ws:// on loopback or behind a TLS proxy",
+                o.url
+            )),
+            Ok(_) => p.push(format!(
+                "driver.url: `{}` must be a ws:// URL with a host",
+                o.url
+            )),
+            Err(e) => p.push(format!("driver.url: `{}` is not a URL: {e}", o.url)),
         }
-        Some(SecretRef::File(path)) if !path.is_absolute() => {
-            p.push("driver.auth_header.file: must be an absolute path".into());
+    }
+    check_secret_ref(p, "driver.token", &o.token);
+    let id_ok = |c: char| c.is_ascii_alphanumeric() || "-_".contains(c);
+    if o.agent_id.is_empty()
+        || o.agent_id.len() > MAX_AGENT_ID_BYTES
+        || !o.agent_id.chars().all(id_ok)
+    {
+        p.push(format!(
+            "driver.agent_id: `{}` must be 1 to {MAX_AGENT_ID_BYTES} of A-Z a-z 0-9 - _",
+            o.agent_id
+        ));
+    }
+    if o.turn_timeout < Duration::from_secs(1) || o.turn_timeout > MAX_TURN_TIMEOUT {
+        p.push(format!(
+            "driver.turn_timeout: must be between 1s and {}",
+            humantime::format_duration(MAX_TURN_TIMEOUT)
+        ));
+    }
+    if o.reconnect_window > MAX_RECONNECT_WINDOW {
+        p.push(format!(
+            "driver.reconnect_window: at most {}",
+            humantime::format_duration(MAX_RECONNECT_WINDOW)
+        ));
+    }
+    if let Some(path) = &o.device_key
+        && !path.is_absolute()
+    {
+        p.push("driver.device_key: must be an absolute path".into());
+    }
+}
+
+fn check_secret_ref(p: &mut Vec<String>, field: &str, r: &SecretRef) {
+    match r {
+        SecretRef::Env(name) if name.is_empty() || name.contains(['=', '\0']) => {
+            p.push(format!("{field}.env: must name an environment variable"));
+        }
+        SecretRef::File(path) if !path.is_absolute() => {
+            p.push(format!("{field}.file: must be an absolute path"));
         }
         _ => {}
     }
