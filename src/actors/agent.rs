@@ -158,9 +158,21 @@ impl Actor for AgentActor {
         myself: ActorRef<AgentMsg>,
         args: AgentArgs,
     ) -> Result<AgentState, ActorProcessingErr> {
-        args.directory.insert(args.id.clone(), myself.clone());
         // Whatever the agent holds now, nobody here runs: an earlier
         // incarnation's leases. Give them back as the agent comes online.
+        // The replica must show every lease committed so far first: a node
+        // restarted after a SIGKILL replays its log only up to its last
+        // durable commit index, so a grant its previous process was running
+        // may not have applied yet; missed here, it would be run again, with
+        // the same token, once it applies (found by the chaos drills). No
+        // barrier, no start: the reconciler (or the restart policy) retries.
+        args.node.read_barrier().await.map_err(|e| {
+            ActorProcessingErr::from(format!(
+                "agent {}: cannot read its committed leases: {e}",
+                args.id
+            ))
+        })?;
+        args.directory.insert(args.id.clone(), myself.clone());
         let orphans = held(&args);
         let announced = announce(&args, orphans.clone()).await;
         let skip: HashSet<FencingToken> = orphans.into_iter().collect();
