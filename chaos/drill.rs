@@ -20,7 +20,7 @@
 //!
 //! `corrupt-log` takes `mode` (`truncate-entry`, `garbage-entry`, `torn-file`);
 //! `disk-full` takes `size_mib` (the tmpfs size, default 64) and
-//! `headroom_kib` (free space left after filling it, default 256).
+//! `headroom_kib` (free space left after filling it, default 64).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

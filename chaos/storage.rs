@@ -117,17 +117,22 @@ impl Injector<'_> {
             return Ok(());
         }
         let i = self.pick(spec.target).await;
-        self.c.kill9(i);
-        let at = now_ms();
         let data = self.c.node(i).data_dir();
         let size = spec.size_mib.unwrap_or(64);
-        let headroom = spec.headroom_kib.unwrap_or(256) * 1024;
+        let headroom = spec.headroom_kib.unwrap_or(64) * 1024;
+        // Onto the tmpfs first (with room), then fill it while it runs.
+        self.c.kill9(i);
         self.mounts.0.push(data.clone());
         let d = data.clone();
-        let filler = tokio::task::spawn_blocking(move || fill(&d, size, headroom)).await??;
+        tokio::task::spawn_blocking(move || move_to_tmpfs(&d, size)).await??;
         self.c.restart(i);
+        self.c.wait_caught_up(i, Duration::from_secs(60)).await;
+        let d = data.clone();
+        let filler = tokio::task::spawn_blocking(move || fill(&d, headroom)).await??;
+        let at = now_ms();
         let exited = self.c.node(i).wait_exit(spec.hold);
         let enospc = count(&self.c.node(i).log_tail(100_000), "No space left");
+        let free = free_kib(&data);
         std::fs::remove_file(&filler)?;
         let api = self.c.api();
         let note = match exited {
@@ -141,7 +146,10 @@ impl Injector<'_> {
                 "node kept running and caught up once space was freed".to_owned()
             }
             None => {
-                let why = last_error(&self.c.node(i).log_tail(400));
+                let log = self.c.node(i).log_tail(100_000);
+                let first_enospc = log.lines().find(|l| l.contains("No space left"));
+                let why = first_enospc
+                    .map_or_else(|| last_error(&log), |l| l.chars().take(240).collect());
                 self.c.kill9(i);
                 self.c.restart(i);
                 format!(
@@ -151,7 +159,8 @@ impl Injector<'_> {
             }
         };
         let note = format!(
-            "{size} MiB tmpfs, {} KiB left; {enospc} log lines with ENOSPC; {note}",
+            "{size} MiB tmpfs filled to {} KiB free, {free} KiB free at the end; \
+             {enospc} log lines with ENOSPC; {note}",
             headroom / 1024
         );
         self.record("disk full".into(), i, at, note);
@@ -191,16 +200,20 @@ async fn wait_caught_up(api: &Api, i: usize, limit: Duration) -> bool {
     false
 }
 
-/// Moves `data` onto a fresh tmpfs of `size_mib` and fills it until
-/// `headroom` bytes are left; the filler file.
-fn fill(data: &Path, size_mib: u64, headroom: u64) -> Result<PathBuf> {
+/// Moves `data` (its node stopped) onto a fresh tmpfs of `size_mib`.
+fn move_to_tmpfs(data: &Path, size_mib: u64) -> Result<()> {
     let before = data.with_extension("before-full");
     std::fs::rename(data, &before)?;
     std::fs::create_dir(data)?;
+    let size = format!("size={size_mib}m");
     run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+        .args(["-t", "tmpfs", "-o", &size, "tmpfs"])
         .arg(data))?;
-    run(Command::new("cp").arg("-a").arg(before.join(".")).arg(data))?;
+    run(Command::new("cp").arg("-a").arg(before.join(".")).arg(data))
+}
+
+/// Fills the tmpfs at `data` until `headroom` bytes are left; the filler.
+fn fill(data: &Path, headroom: u64) -> Result<PathBuf> {
     let filler = data.join("filler");
     let mut f = std::fs::File::create(&filler)?;
     let chunk = vec![0u8; 64 * 1024];
@@ -214,11 +227,20 @@ fn fill(data: &Path, size_mib: u64, headroom: u64) -> Result<PathBuf> {
         .write(true)
         .open(&filler)?
         .set_len(keep)?;
-    eprintln!(
-        "[chaos] {} on a {size_mib} MiB tmpfs, {keep} filler bytes",
-        data.display()
-    );
+    eprintln!("[chaos] {} filled: {keep} filler bytes", data.display());
     Ok(filler)
+}
+
+/// Free space under `dir` in KiB, as df(1) reports it.
+fn free_kib(dir: &Path) -> String {
+    Command::new("df")
+        .args(["-k", "--output=avail"])
+        .arg(dir)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().nth(1).map(|l| l.trim().to_owned()))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -238,7 +260,11 @@ fn last_error(log: &str) -> String {
     let line = log
         .lines()
         .rev()
-        .find(|l| l.contains("ERROR") || l.contains("Error") || l.contains("panic"))
+        .find(|l| {
+            ["ERROR", "Error", "panic", "godel serve:", "No space"]
+                .iter()
+                .any(|k| l.contains(k))
+        })
         .unwrap_or("no error logged");
-    line.chars().take(400).collect()
+    line.chars().take(240).collect()
 }
