@@ -164,9 +164,13 @@ impl Actor for AgentActor {
         // restarted after a SIGKILL replays its log only up to its last
         // durable commit index, so a grant its previous process was running
         // may not have applied yet; missed here, it would be run again, with
-        // the same token, once it applies (found by the chaos drills). No
-        // barrier, no start: the reconciler (or the restart policy) retries.
-        args.node.read_barrier().await.map_err(|e| {
+        // the same token, once it applies (found by the chaos drills). A
+        // read barrier is not enough: a restarted leader that resumes its
+        // term answers it with its stale commit index. So the replica must
+        // also have applied this node's own log, which holds every grant the
+        // previous process ran here. Not there in time: no start (the
+        // reconciler, or the restart policy, retries).
+        replica_has_own_log(&args.node).await.map_err(|e| {
             ActorProcessingErr::from(format!(
                 "agent {}: cannot read its committed leases: {e}",
                 args.id
@@ -276,6 +280,20 @@ async fn announce(args: &AgentArgs, orphans: Vec<FencingToken>) -> bool {
             false
         }
     }
+}
+
+/// Waits (bounded by the write timeout) until the local replica has
+/// applied every entry committed before the call and every entry of this
+/// node's own log.
+async fn replica_has_own_log(node: &Node) -> Result<(), String> {
+    node.read_barrier().await.map_err(|e| e.to_string())?;
+    let last = node.raft().metrics().borrow().last_log_index;
+    node.raft()
+        .wait(Some(node.queue_config().write_timeout))
+        .applied_index_at_least(last, "agent start")
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("own log not applied yet: {e}"))
 }
 
 /// The agent's live leases in the local replica.
