@@ -214,7 +214,9 @@ pub struct RuntimeConfig {
     #[serde(with = "humantime_serde")]
     pub drain_deadline: Duration,
     /// Enables `POST /api/v1/admin/agents/{id}/crash`, which makes an agent
-    /// actor fail as a panic would (for drills and tests; off by default).
+    /// actor fail as a panic would, and `/api/v1/admin/faults/*`, which cut
+    /// this node's transport off from chosen peers (for drills and tests;
+    /// off by default).
     pub fault_injection: bool,
 }
 

@@ -108,6 +108,8 @@ struct Inner {
     raft: Raft,
     state: SharedState,
     client: transport::Client,
+    /// Peers this node's transport is cut off from (fault injection).
+    faults: transport::Faults,
     queue: proposer::Queue,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -154,6 +156,7 @@ impl Node {
                 raft,
                 state,
                 client,
+                faults: faults.clone(),
                 queue,
                 tasks: TaskTracker::new(),
                 shutdown,
@@ -334,6 +337,15 @@ impl Node {
             .cloned()
             .unwrap_or_default();
         Some((id, info))
+    }
+
+    /// The peers this node's transport is cut off from: drills partition a
+    /// node through it (`POST /admin/faults/partition`, only with
+    /// `runtime.fault_injection = true`). Covers Raft traffic and write and
+    /// read-index forwarding, not the actor fabric (lease hints, sent only
+    /// for committed leases) nor the HTTP API.
+    pub fn faults(&self) -> &transport::Faults {
+        &self.inner.faults
     }
 
     /// The agent actors running on this node.

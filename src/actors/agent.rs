@@ -162,9 +162,25 @@ impl Actor for AgentActor {
         myself: ActorRef<AgentMsg>,
         args: AgentArgs,
     ) -> Result<AgentState, ActorProcessingErr> {
-        args.directory.insert(args.id.clone(), myself.clone());
         // Whatever the agent holds now, nobody here runs: an earlier
         // incarnation's leases. Give them back as the agent comes online.
+        // The replica must show every lease committed so far first: a node
+        // restarted after a SIGKILL replays its log only up to its last
+        // durable commit index, so a grant its previous process was running
+        // may not have applied yet; missed here, it would be run again, with
+        // the same token, once it applies (found by the chaos drills). A
+        // read barrier is not enough: a restarted leader that resumes its
+        // term answers it with its stale commit index. So the replica must
+        // also have applied this node's own log, which holds every grant the
+        // previous process ran here. Not there in time: no start (the
+        // reconciler, or the restart policy, retries).
+        replica_has_own_log(&args.node).await.map_err(|e| {
+            ActorProcessingErr::from(format!(
+                "agent {}: cannot read its committed leases: {e}",
+                args.id
+            ))
+        })?;
+        args.directory.insert(args.id.clone(), myself.clone());
         let orphans = held(&args);
         let announced = announce(&args, orphans.clone()).await;
         let skip: HashSet<FencingToken> = orphans.into_iter().collect();
@@ -268,6 +284,20 @@ async fn announce(args: &AgentArgs, orphans: Vec<FencingToken>) -> bool {
             false
         }
     }
+}
+
+/// Waits (bounded by the write timeout) until the local replica has
+/// applied every entry committed before the call and every entry of this
+/// node's own log.
+async fn replica_has_own_log(node: &Node) -> Result<(), String> {
+    node.read_barrier().await.map_err(|e| e.to_string())?;
+    let last = node.raft().metrics().borrow().last_log_index;
+    node.raft()
+        .wait(Some(node.queue_config().write_timeout))
+        .applied_index_at_least(last, "agent start")
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("own log not applied yet: {e}"))
 }
 
 /// The agent's live leases in the local replica.

@@ -109,13 +109,7 @@ pub async fn crash_agent(
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let node = &api.node;
-    if !node.config().runtime.fault_injection {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "fault injection is off on this node (set runtime.fault_injection = true)",
-        ));
-    }
+    fault_injection_on(&api)?;
     let agent = crate::fsm::AgentId(id);
     let actor = node.agent_directory().get(&agent).ok_or_else(|| {
         ApiError::not_found(format!(
@@ -131,6 +125,64 @@ pub async fn crash_agent(
         StatusCode::ACCEPTED,
         Json(json!({ "agent": agent.0, "node": node.id(), "crashed": true })),
     ))
+}
+
+/// Fails with 403 unless `runtime.fault_injection = true` on this node.
+fn fault_injection_on(api: &Api) -> ApiResult<()> {
+    if api.node.config().runtime.fault_injection {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "fault injection is off on this node (set runtime.fault_injection = true)",
+        ))
+    }
+}
+
+/// `POST /admin/faults/partition` body: the peers to cut this node off from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionBody {
+    /// Node ids; replaces the set blocked before (empty: heal).
+    peers: Vec<NodeId>,
+}
+
+fn faults_view(api: &Api) -> Value {
+    json!({ "node": api.node.id(), "blocked": api.node.faults().blocked() })
+}
+
+/// `GET /admin/faults`: the peers this node's transport is cut off from.
+pub async fn faults(State(api): State<Api>) -> ApiResult<Json<Value>> {
+    fault_injection_on(&api)?;
+    Ok(Json(faults_view(&api)))
+}
+
+/// `POST /admin/faults/partition`: cuts this node's transport off from
+/// `peers` (drills; only with `runtime.fault_injection = true`). One side
+/// only: a full partition blocks each side on the other's nodes.
+pub async fn partition(
+    State(api): State<Api>,
+    Body(b): Body<PartitionBody>,
+) -> ApiResult<Json<Value>> {
+    fault_injection_on(&api)?;
+    if b.peers.contains(&api.node.id()) {
+        return Err(ApiError::invalid(format!(
+            "invalid field `peers`: node {} cannot block itself",
+            api.node.id()
+        )));
+    }
+    api.node.faults().set(b.peers);
+    tracing::warn!(blocked = ?api.node.faults().blocked(), "transport partition set (fault injection)");
+    Ok(Json(faults_view(&api)))
+}
+
+/// `POST /admin/faults/heal`: unblocks every peer.
+pub async fn heal(State(api): State<Api>) -> ApiResult<Json<Value>> {
+    fault_injection_on(&api)?;
+    api.node.faults().heal();
+    tracing::warn!("transport partition healed (fault injection)");
+    Ok(Json(faults_view(&api)))
 }
 
 /// `POST /admin/nodes/{id}/undrain`.

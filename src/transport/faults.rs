@@ -42,6 +42,13 @@ impl Faults {
         self.inner.any.store(!blocked.is_empty(), Ordering::Release);
     }
 
+    /// Replaces the blocked set with `peers` in one step.
+    pub fn set(&self, peers: impl IntoIterator<Item = NodeId>) {
+        let mut blocked = self.lock();
+        *blocked = peers.into_iter().collect();
+        self.inner.any.store(!blocked.is_empty(), Ordering::Release);
+    }
+
     /// Unblocks every peer.
     pub fn heal(&self) {
         let mut blocked = self.lock();
@@ -90,5 +97,9 @@ mod tests {
         faults.heal();
         assert!(shared.blocked().is_empty());
         assert!(!shared.is_blocked(3));
+        shared.set([4, 5]);
+        assert_eq!(faults.blocked(), vec![4, 5]);
+        shared.set([]);
+        assert!(!faults.is_blocked(4));
     }
 }

@@ -223,7 +223,7 @@ pub async fn wait_placed(api: &Api, i: usize, ids: &[String]) -> BTreeMap<String
 }
 
 /// A submit body whose payload carries `marker` (also the idempotency key).
-fn marked_task(marker: &str, k: usize, priority: &str) -> Value {
+pub fn marked_task(marker: &str, k: usize, priority: &str) -> Value {
     let mut t = json!({
         "tenant": TENANTS[k % TENANTS.len()],
         "priority": priority,
@@ -402,22 +402,38 @@ pub fn check_end_state(
 
 /// The recorded result is the one the task's own execution produced.
 fn check_result(id: u64, marker: &str, agent: &str, t: &Value, runs: Option<&Vec<&Exec>>) {
+    let tokens: Vec<u64> = runs.map_or_else(Vec::new, |rs| rs.iter().map(|e| e.token).collect());
+    if let Some(problem) = result_problem(id, marker, agent, t, &tokens) {
+        panic!("task {id}: {problem}: {t}");
+    }
+}
+
+/// Why a completed task's result is not the one its own execution produced
+/// (`None` when it is): a `command` result must carry the task's marker, id
+/// and the token of one of its recorded executions (`executed`); a `sim`
+/// result must name the task.
+pub fn result_problem(
+    id: u64,
+    marker: &str,
+    agent: &str,
+    t: &Value,
+    executed: &[u64],
+) -> Option<String> {
     let r = &t["result"];
     if gateway_of(agent).starts_with("cmd") {
-        assert_eq!(
-            r["marker"], marker,
-            "task {id}: result of another task: {t}"
-        );
-        assert_eq!(r["task"], id, "task {id}: {t}");
-        let token = r["token"].as_u64().expect("token in result");
-        assert!(
-            runs.is_some_and(|rs| rs.iter().any(|e| e.token == token)),
-            "task {id}: accepted result of lease {token}, which never ran: {t}"
-        );
-    } else {
-        assert_eq!(r["sim"], true, "task {id}: {t}");
-        assert_eq!(r["task_id"], id, "task {id}: result of another task: {t}");
+        if r["marker"] != marker || r["task"] != id {
+            return Some("result of another task".into());
+        }
+        let Some(token) = r["token"].as_u64() else {
+            return Some("result without a token".into());
+        };
+        if !executed.contains(&token) {
+            return Some(format!("accepted result of lease {token}, which never ran"));
+        }
+    } else if r["sim"] != true || r["task_id"] != id {
+        return Some("result of another task".into());
     }
+    None
 }
 
 /// Waits until node `i`'s log says the actor of each agent in `agents` started.

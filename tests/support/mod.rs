@@ -219,6 +219,16 @@ impl NodeProc {
         None
     }
 
+    /// The node's data directory (`data_dir` in its config).
+    pub fn data_dir(&self) -> PathBuf {
+        self.path().join("data")
+    }
+
+    /// The node's log file (every start appends to it).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// Deletes the node's data directory (the process must be stopped).
     pub fn wipe_data(&self) {
         let data = self.path().join("data");
@@ -562,11 +572,13 @@ impl Cluster {
         c
     }
 
-    /// Starts one more node with `[cluster] join = <api addr of node seed>`
-    /// and no member list; returns its index. Does not wait.
+    /// Starts one more node with `[cluster] join = <api addr of node seed>`,
+    /// no member list and node `seed`'s extra tables; returns its index.
+    /// Does not wait.
     pub fn start_joining(&mut self, seed: usize) -> usize {
         let id = self.nodes.iter().map(|p| p.id).max().unwrap_or(0) + 1;
         let mut p = NodeProc::new(id);
+        p.extra = self.nodes[seed].extra.clone();
         p.write_config(&format!(
             "[cluster]\nsecret = {}\njoin = \"{}\"\n",
             toml_str(SECRET),
@@ -616,6 +628,29 @@ impl Cluster {
     pub fn kill9(&mut self, i: usize) {
         self.nodes[i].kill();
         eprintln!("[harness] SIGKILL node {}", self.nodes[i].id);
+    }
+
+    /// SIGTERM node `i` and wait (bounded by `grace`) for it to exit; a
+    /// node still running then is SIGKILLed. Whether it exited on its own.
+    pub fn terminate(&mut self, i: usize, grace: Duration) -> bool {
+        self.nodes[i].signal("-TERM");
+        let clean = self.nodes[i].wait_exit(grace).is_some();
+        self.nodes[i].kill();
+        eprintln!(
+            "[harness] SIGTERM node {}: {}",
+            self.nodes[i].id,
+            if clean {
+                "exited"
+            } else {
+                "SIGKILLed after the grace"
+            }
+        );
+        clean
+    }
+
+    /// Whether node `i` is stopped by SIGSTOP.
+    pub fn is_paused(&self, i: usize) -> bool {
+        self.nodes[i].paused
     }
 
     /// SIGSTOP node `i`.

@@ -1,0 +1,195 @@
+//! A drill file: `chaos/drills/<name>.toml`, one per drill. What load to
+//! drive, which faults to inject in which order, and the bounds on waiting.
+//!
+//! ```toml
+//! description = "kill -9 the leader 12 times"
+//! nodes = 3           # cluster size (default 3)
+//! rate = 30           # task submissions per second, round robin over the nodes
+//! warmup = "4s"       # load before the first fault
+//! tail = "3s"         # load after the last fault is cleared
+//! quiesce = "120s"    # longest wait for every acknowledged task to end (default 120 s)
+//! seed = 7            # for `target = "random"` (default: from the clock, printed)
+//!
+//! [[fault]]
+//! kind = "kill"       # kill | pause | partition | rolling-restart | corrupt-log | disk-full
+//! target = "leader"   # leader | follower | random (default follower)
+//! times = 12          # repetitions (default 1)
+//! hold = "1s"         # how long the fault lasts (node down, paused, cut off, disk full)
+//! gap = "3s"          # wait after clearing it before the next injection (default 0)
+//! ```
+//!
+//! `corrupt-log` takes `mode` (`truncate-entry`, `garbage-entry`, `torn-file`);
+//! `disk-full` takes `size_mib` (the tmpfs size, default 64) and
+//! `headroom_kib` (free space left after filling it, default 64).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// A parsed drill file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drill {
+    /// The file name without `.toml`.
+    #[serde(skip)]
+    pub name: String,
+    /// One line for the listing and the verdict.
+    pub description: String,
+    /// Cluster size.
+    #[serde(default = "three")]
+    pub nodes: usize,
+    /// Submissions per second.
+    pub rate: u32,
+    /// Load before the first fault.
+    #[serde(with = "humantime_serde")]
+    pub warmup: Duration,
+    /// Load after the last fault.
+    #[serde(with = "humantime_serde")]
+    pub tail: Duration,
+    /// Longest wait for quiescence.
+    #[serde(with = "humantime_serde", default = "quiesce")]
+    pub quiesce: Duration,
+    /// Seed for random targets.
+    pub seed: Option<u64>,
+    /// The fault schedule, in order.
+    #[serde(rename = "fault", default)]
+    pub faults: Vec<FaultSpec>,
+}
+
+fn three() -> usize {
+    3
+}
+
+fn quiesce() -> Duration {
+    Duration::from_secs(120)
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One line of the schedule.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    /// What to do.
+    pub kind: Kind,
+    /// To which node.
+    #[serde(default)]
+    pub target: Target,
+    /// Repetitions.
+    #[serde(default = "one")]
+    pub times: u32,
+    /// How long each lasts.
+    #[serde(with = "humantime_serde")]
+    pub hold: Duration,
+    /// Wait after clearing one before the next.
+    #[serde(with = "humantime_serde", default)]
+    pub gap: Duration,
+    /// `corrupt-log` only.
+    pub mode: Option<CorruptMode>,
+    /// `disk-full` only: tmpfs size.
+    pub size_mib: Option<u64>,
+    /// `disk-full` only: free space left.
+    pub headroom_kib: Option<u64>,
+}
+
+/// Fault kinds.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// SIGKILL, restart after `hold`.
+    Kill,
+    /// SIGSTOP for `hold`, then SIGCONT.
+    Pause,
+    /// Cut the target off from the others' transport for `hold`.
+    Partition,
+    /// SIGTERM each node in turn, restart it after `hold`, wait until it
+    /// caught up; `target` is ignored.
+    RollingRestart,
+    /// SIGKILL, damage the last Raft log entry, restart.
+    CorruptLog,
+    /// SIGKILL, restart on a nearly full tmpfs, free it after `hold`.
+    DiskFull,
+}
+
+/// Which node a fault hits.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// The current leader.
+    Leader,
+    /// A follower (the lowest index that is not the leader).
+    #[default]
+    Follower,
+    /// Any node, drawn from the drill's seed.
+    Random,
+}
+
+/// How `corrupt-log` damages the log.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CorruptMode {
+    /// The last entry's stored bytes cut in half (through sled).
+    TruncateEntry,
+    /// The last entry's stored bytes overwritten with 0xFF (through sled).
+    GarbageEntry,
+    /// The last 4 KiB of sled's data file cut off (a torn write).
+    TornFile,
+}
+
+/// The drills directory.
+pub fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("chaos/drills")
+}
+
+/// Every drill file, sorted by name.
+pub fn all() -> Result<Vec<Drill>> {
+    let mut drills = Vec::new();
+    for entry in std::fs::read_dir(dir()).context("reading chaos/drills")? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            drills.push(load(&path)?);
+        }
+    }
+    drills.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(drills)
+}
+
+fn load(path: &Path) -> Result<Drill> {
+    let text = std::fs::read_to_string(path)?;
+    let mut d: Drill = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    d.name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .context("drill file name")?
+        .to_owned();
+    d.validate()
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(d)
+}
+
+impl Drill {
+    fn validate(&self) -> Result<()> {
+        if self.nodes < 3 {
+            bail!("nodes must be at least 3 (a majority must survive one fault)");
+        }
+        if self.rate == 0 {
+            bail!("rate must be at least 1");
+        }
+        for f in &self.faults {
+            if (f.kind == Kind::CorruptLog) != f.mode.is_some() {
+                bail!("`mode` is required for corrupt-log and only for it");
+            }
+            if f.kind != Kind::DiskFull && (f.size_mib.is_some() || f.headroom_kib.is_some()) {
+                bail!("`size_mib` and `headroom_kib` are for disk-full only");
+            }
+            if f.times == 0 {
+                bail!("times must be at least 1");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,309 @@
+//! The faults: each takes the cluster, does its damage for `hold`, undoes
+//! it, and waits (bounded) until the node it hit is back in step, so the
+//! next fault starts from a whole cluster. Processes are signalled by PID
+//! through the harness; partitions go through the nodes' fault-injection
+//! endpoints; nothing leaves 127.0.0.1.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use crate::drill::{CorruptMode, FaultSpec, Kind, Target};
+use crate::fleet::now_ms;
+use crate::support::{Api, Cluster};
+
+/// Longest a node may take to catch up after a fault is cleared.
+const CATCH_UP: Duration = Duration::from_secs(60);
+/// Grace for a SIGTERMed node to exit before it is SIGKILLed.
+const TERM_GRACE: Duration = Duration::from_secs(15);
+/// Pause between two lease probes through a partitioned minority.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// One injected fault, as it happened.
+#[derive(Debug)]
+pub struct Record {
+    /// What was done.
+    pub label: String,
+    /// The node it hit.
+    pub node: u64,
+    /// That node's process id when it was hit.
+    pub pid: Option<u32>,
+    /// When it started (ms since the epoch).
+    pub injected_ms: u64,
+    /// When it was undone.
+    pub cleared_ms: u64,
+    /// What the node did (for damaged storage), or why it was skipped.
+    pub note: String,
+    /// Skipped (not root for disk-full).
+    pub skipped: bool,
+}
+
+/// What the partition probes saw.
+#[derive(Debug, Default)]
+pub struct Probes {
+    /// Lease requests sent through a cut-off minority.
+    pub sent: usize,
+    /// Leases they were granted (must be 0).
+    pub granted: usize,
+    /// HTTP statuses answered, with counts.
+    pub statuses: std::collections::BTreeMap<String, usize>,
+}
+
+/// Mount points made for disk-full faults; unmounted (lazily) on drop,
+/// which the runner arranges to happen after the nodes are dead.
+#[derive(Default)]
+pub struct Mounts(pub Vec<PathBuf>);
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for m in &self.0 {
+            let ok = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .status()
+                .is_ok_and(|s| s.success());
+            eprintln!(
+                "[chaos] umount {}: {}",
+                m.display(),
+                if ok { "ok" } else { "FAILED" }
+            );
+        }
+    }
+}
+
+/// Runs a drill's faults in order.
+pub struct Injector<'a> {
+    pub c: &'a mut Cluster,
+    pub api: Api,
+    pub rng: u64,
+    pub mounts: &'a mut Mounts,
+    pub records: Vec<Record>,
+    pub probes: Probes,
+    /// The process id of the node last picked, for its record.
+    pub hit_pid: Option<u32>,
+}
+
+impl Injector<'_> {
+    /// Runs `spec` `times` times.
+    pub async fn run(&mut self, spec: &FaultSpec) -> Result<()> {
+        for round in 0..spec.times {
+            eprintln!("[chaos] fault {:?} {}/{}", spec.kind, round + 1, spec.times);
+            match spec.kind {
+                Kind::Kill => self.kill(spec).await?,
+                Kind::Pause => self.pause(spec).await?,
+                Kind::Partition => self.partition(spec).await?,
+                Kind::RollingRestart => self.rolling(spec).await?,
+                Kind::CorruptLog => self.corrupt(spec).await?,
+                Kind::DiskFull => self.disk_full(spec).await?,
+            }
+            tokio::time::sleep(spec.gap).await;
+        }
+        Ok(())
+    }
+
+    fn draw(&mut self, n: usize) -> usize {
+        // xorshift64*: reproducible from the printed seed.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) % n as u64) as usize
+    }
+
+    pub async fn pick(&mut self, t: Target) -> usize {
+        let leader = self.c.leader().await;
+        let live = self.c.live();
+        let i = match t {
+            Target::Leader => leader,
+            Target::Random => live[self.draw(live.len())],
+            Target::Follower => {
+                let f: Vec<usize> = live.into_iter().filter(|i| *i != leader).collect();
+                f[self.draw(f.len())]
+            }
+        };
+        self.hit_pid = self.c.node(i).pid();
+        i
+    }
+
+    pub fn record(&mut self, label: String, i: usize, injected_ms: u64, note: String) {
+        self.records.push(Record {
+            label,
+            node: self.c.node(i).id,
+            pid: self.hit_pid,
+            injected_ms,
+            cleared_ms: now_ms(),
+            note,
+            skipped: false,
+        });
+    }
+
+    async fn kill(&mut self, spec: &FaultSpec) -> Result<()> {
+        let i = self.pick(spec.target).await;
+        self.c.kill9(i);
+        let at = now_ms();
+        tokio::time::sleep(spec.hold).await;
+        self.c.restart(i);
+        self.record(format!("kill -9 {:?}", spec.target), i, at, String::new());
+        self.c.wait_caught_up(i, CATCH_UP).await;
+        Ok(())
+    }
+
+    async fn pause(&mut self, spec: &FaultSpec) -> Result<()> {
+        let i = self.pick(spec.target).await;
+        self.c.pause(i);
+        let at = now_ms();
+        tokio::time::sleep(spec.hold).await;
+        self.c.resume(i);
+        let label = format!("SIGSTOP {:?} for {:?}", spec.target, spec.hold);
+        self.record(label, i, at, String::new());
+        self.c.wait_caught_up(i, CATCH_UP).await;
+        Ok(())
+    }
+
+    /// Cuts node `i` off from every other node (both directions), probes
+    /// leases through it for `hold`, heals.
+    async fn partition(&mut self, spec: &FaultSpec) -> Result<()> {
+        let i = self.pick(spec.target).await;
+        let me = self.c.node(i).id;
+        let others: Vec<u64> = (0..self.c.len())
+            .filter(|j| *j != i)
+            .map(|j| self.c.node(j).id)
+            .collect();
+        let at = now_ms();
+        self.set_blocked(i, &others).await?;
+        for j in self.c.live().into_iter().filter(|j| *j != i) {
+            self.set_blocked(j, &[me]).await?;
+        }
+        let until = tokio::time::Instant::now() + spec.hold;
+        while tokio::time::Instant::now() < until {
+            self.probe_lease(i).await;
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+        for j in self.c.live() {
+            let r = self
+                .api
+                .post(j, "/api/v1/admin/faults/heal", &json!({}))
+                .await?;
+            if r.status != 200 {
+                bail!("heal on node index {j}: {r:?}");
+            }
+        }
+        let label = format!("partition {:?} away for {:?}", spec.target, spec.hold);
+        self.record(label, i, at, String::new());
+        self.c.wait_caught_up(i, CATCH_UP).await;
+        Ok(())
+    }
+
+    async fn set_blocked(&self, i: usize, peers: &[u64]) -> Result<()> {
+        let r = self
+            .api
+            .post(
+                i,
+                "/api/v1/admin/faults/partition",
+                &json!({ "peers": peers }),
+            )
+            .await?;
+        if r.status != 200 || r.body["blocked"] != json!(peers) {
+            bail!("partition on node index {i}: {r:?}");
+        }
+        Ok(())
+    }
+
+    /// One lease request through the cut-off node `i`: it must grant none.
+    async fn probe_lease(&mut self, i: usize) {
+        let agent = format!("chaos-probe-{}", self.probes.sent);
+        let body = json!({ "agent_id": agent, "capabilities": [], "max": 5, "lease_ms": 5000 });
+        self.probes.sent += 1;
+        let status = match self.api.post(i, "/api/v1/leases", &body).await {
+            Ok(r) => {
+                let n = r.body["leases"].as_array().map_or(0, Vec::len);
+                if r.status == 200 && n > 0 {
+                    eprintln!("[chaos] MINORITY GRANTED {n} leases: {:?}", r.body);
+                }
+                self.probes.granted += n;
+                r.status.to_string()
+            }
+            Err(_) => "no answer".to_owned(),
+        };
+        *self.probes.statuses.entry(status).or_default() += 1;
+    }
+
+    /// SIGTERM each node in turn (followers first), restart it after
+    /// `hold`, wait until it caught up.
+    async fn rolling(&mut self, spec: &FaultSpec) -> Result<()> {
+        let leader = self.c.leader().await;
+        let order: Vec<usize> = (0..self.c.len())
+            .filter(|i| *i != leader && self.c.node(*i).is_running())
+            .chain([leader])
+            .collect();
+        for i in order {
+            self.hit_pid = self.c.node(i).pid();
+            let at = now_ms();
+            let clean = self.c.terminate(i, TERM_GRACE);
+            tokio::time::sleep(spec.hold).await;
+            self.c.restart(i);
+            let note = if clean { "" } else { "did not exit on SIGTERM" };
+            self.record("rolling restart (SIGTERM)".into(), i, at, note.into());
+            self.c.wait_caught_up(i, CATCH_UP).await;
+            self.c.leader().await;
+        }
+        Ok(())
+    }
+}
+
+/// The node's sled directory.
+pub fn raft_dir(data: &Path) -> PathBuf {
+    data.join("raft")
+}
+
+/// Whether this process may mount a tmpfs.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Damages the last Raft log entry of the (stopped) node whose sled
+/// directory is `dir`; what was done.
+pub fn damage_log(dir: &Path, mode: CorruptMode) -> Result<String> {
+    if mode == CorruptMode::TornFile {
+        let file = dir.join("db");
+        let len = std::fs::metadata(&file)?.len();
+        let cut = len.min(4096);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)?
+            .set_len(len - cut)?;
+        return Ok(format!(
+            "cut the last {cut} of {len} bytes of sled's data file"
+        ));
+    }
+    let db = open_sled(dir)?;
+    let logs = db.open_tree("logs")?;
+    let (key, value) = logs.last()?.context("the log is empty")?;
+    let index = u64::from_be_bytes(key.as_ref().try_into().context("log key")?);
+    let bad = match mode {
+        CorruptMode::TruncateEntry => value[..value.len() / 2].to_vec(),
+        _ => vec![0xFF; value.len()],
+    };
+    logs.insert(key, bad)?;
+    db.flush()?;
+    Ok(format!(
+        "{mode:?} on log entry {index} ({} bytes)",
+        value.len()
+    ))
+}
+
+/// Opens a stopped node's sled database, retrying while the killed
+/// process's lock is released.
+fn open_sled(dir: &Path) -> Result<sled::Db> {
+    let mut last = None;
+    for _ in 0..50 {
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => return Ok(db),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(last.expect("tried at least once").into())
+}

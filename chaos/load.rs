@@ -1,0 +1,171 @@
+//! The steady load: an open loop of task submissions at the drill's rate,
+//! round robin over every node's API. Each submission carries a unique
+//! marker, also its idempotency key, so retrying one whose answer was lost
+//! cannot create a second task. A submission is retried on other nodes
+//! (503, 429, 504, no connection, no answer in [`REQUEST_TIMEOUT`]) until
+//! acknowledged or [`SUBMIT_DEADLINE`]; at most [`MAX_IN_FLIGHT`] run at
+//! once, and a tick that finds them all busy is counted as skipped, so the
+//! offered load never waits on the cluster.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::fleet::{marked_task, now_ms};
+
+/// Longest one HTTP request may take: a SIGSTOPped node accepts the
+/// connection and never answers.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest one submission is retried.
+pub const SUBMIT_DEADLINE: Duration = Duration::from_secs(30);
+/// Submissions in flight at once.
+const MAX_IN_FLIGHT: usize = 128;
+/// Pause between two tries of a submission.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// The priorities submissions cycle through.
+const PRIORITIES: [&str; 4] = ["critical", "high", "medium", "low"];
+
+/// What the load generator saw.
+#[derive(Debug, Default)]
+pub struct Submissions {
+    /// Submissions started (each a distinct marker).
+    pub submitted: usize,
+    /// Ticks skipped because every slot was busy.
+    pub skipped: usize,
+    /// Acknowledged task id -> marker.
+    pub acked: BTreeMap<u64, String>,
+    /// When each acknowledgement arrived (ms since the epoch), in order.
+    pub ack_times: Vec<u64>,
+    /// Markers never acknowledged within the deadline.
+    pub unacked: Vec<String>,
+    /// Markers refused with a non-retryable answer, and the answer.
+    pub rejected: Vec<(String, String)>,
+    /// Markers acknowledged as a task id another marker already had.
+    pub id_reused: Vec<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    subs: Mutex<Submissions>,
+}
+
+/// A running load; [`Load::finish`] stops it and returns what it saw.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<()>,
+    shared: Arc<Shared>,
+}
+
+enum Outcome {
+    Acked(u64),
+    Rejected(String),
+    GaveUp,
+}
+
+impl Load {
+    /// Starts submitting `rate` tasks a second to `addrs`, markers
+    /// `<prefix>-<k>`.
+    pub fn start(addrs: Vec<SocketAddr>, rate: u32, prefix: String) -> Load {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_millis(500))
+            .build()
+            .expect("http client");
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
+        let (s, sh) = (stop.clone(), shared.clone());
+        let handle = tokio::spawn(async move {
+            let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+            let addrs = Arc::new(addrs);
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut running = JoinSet::new();
+            let mut k = 0usize;
+            while !s.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    sh.subs.lock().expect("lock").skipped += 1;
+                    continue;
+                };
+                let marker = format!("{prefix}-{k}");
+                let body = marked_task(&marker, k, PRIORITIES[k % PRIORITIES.len()]);
+                sh.subs.lock().expect("lock").submitted += 1;
+                let (http, addrs, sh) = (http.clone(), addrs.clone(), sh.clone());
+                running.spawn(async move {
+                    let outcome = submit(&http, &addrs, k, &body).await;
+                    sh.record(marker, outcome);
+                    drop(permit);
+                });
+                k += 1;
+                while running.try_join_next().is_some() {}
+            }
+            while running.join_next().await.is_some() {}
+        });
+        Load {
+            stop,
+            handle,
+            shared,
+        }
+    }
+
+    /// Stops submitting, waits (at most [`SUBMIT_DEADLINE`] plus a request)
+    /// for the submissions in flight, and returns the tally.
+    pub async fn finish(self) -> Submissions {
+        self.stop.store(true, Ordering::Relaxed);
+        let bound = SUBMIT_DEADLINE + REQUEST_TIMEOUT * 2;
+        if tokio::time::timeout(bound, self.handle).await.is_err() {
+            panic!("load generator did not stop within {bound:?}");
+        }
+        let mut subs = self.shared.subs.lock().expect("lock");
+        std::mem::take(&mut *subs)
+    }
+}
+
+impl Shared {
+    fn record(&self, marker: String, outcome: Outcome) {
+        let mut subs = self.subs.lock().expect("lock");
+        match outcome {
+            Outcome::Acked(id) => {
+                subs.ack_times.push(now_ms());
+                if subs.acked.insert(id, marker.clone()).is_some() {
+                    subs.id_reused.push(marker);
+                }
+            }
+            Outcome::Rejected(why) => subs.rejected.push((marker, why)),
+            Outcome::GaveUp => subs.unacked.push(marker),
+        }
+    }
+}
+
+/// One submission, retried on the next node until acknowledged.
+async fn submit(http: &reqwest::Client, addrs: &[SocketAddr], k: usize, body: &Value) -> Outcome {
+    let until = Instant::now() + SUBMIT_DEADLINE;
+    let mut attempt = 0;
+    while Instant::now() < until {
+        let addr = addrs[(k + attempt) % addrs.len()];
+        attempt += 1;
+        let url = format!("http://{addr}/api/v1/tasks");
+        if let Ok(r) = http.post(&url).json(body).send().await {
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            match status {
+                200 | 201 => {
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    if let Some(id) = v["id"].as_u64() {
+                        return Outcome::Acked(id);
+                    }
+                }
+                429 | 503 | 504 => {}
+                _ => return Outcome::Rejected(format!("{status} {text}")),
+            }
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+    Outcome::GaveUp
+}
