@@ -406,12 +406,20 @@ impl Node {
     }
 
     /// On the leader: confirm leadership with a quorum and return the index
-    /// a linearizable read must wait for.
+    /// a linearizable read must wait for: the end of the leader's log, not
+    /// only its commit index. openraft 0.9 lets a restarted leader resume
+    /// its term with the commit index it had made durable, which can be
+    /// behind what it had committed before it stopped (the chaos drills
+    /// caught a read missing a committed grant that way); every committed
+    /// entry is in the leader's log, so waiting until the whole log has
+    /// applied covers them, at the cost of also waiting for the writes in
+    /// flight at the time of the read.
     async fn leader_read_index(&self) -> Result<u64, RemoteFailure> {
         let timeout = self.inner.config.queue.write_timeout;
+        let last = self.inner.raft.metrics().borrow().last_log_index;
         let fut = self.inner.raft.get_read_log_id();
         match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok((read, _applied))) => Ok(read.map_or(0, |l| l.index)),
+            Ok(Ok((read, _applied))) => Ok(read.map_or(0, |l| l.index).max(last.unwrap_or(0))),
             Ok(Err(e)) => Err(not_leader_or_unavailable(e)),
             Err(_) => Err(RemoteFailure::Unavailable(format!(
                 "no quorum within {timeout:?}"

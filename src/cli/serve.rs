@@ -75,12 +75,50 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         stop.cancel();
     });
+    // A node whose Raft has stopped (storage failed: disk full, I/O error)
+    // can neither commit nor recover in place; it exits non-zero so that
+    // its supervisor (systemd, Kubernetes) restarts it, rather than staying
+    // up answering 503 and claiming a role it no longer has.
+    let fatal = tokio::spawn(raft_stopped(node.clone(), shutdown.clone()));
     let graceful = shutdown.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { graceful.cancelled().await })
         .await?;
     node.stop(SHUTDOWN_DEADLINE).await;
+    if fatal.is_finished()
+        && let Ok(Some(why)) = fatal.await
+    {
+        anyhow::bail!("Raft stopped: {why}; the node exits so that it can be restarted");
+    }
     Ok(())
+}
+
+/// Resolves with the reason once the node's Raft core has stopped with a
+/// fatal error, after asking the node to shut down; `None` if the node shut
+/// down first.
+async fn raft_stopped(node: Node, shutdown: CancellationToken) -> Option<String> {
+    let mut metrics = node.raft().metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            let why = fatal.to_string();
+            tracing::error!(error = %why, "Raft stopped; shutting the node down");
+            shutdown.cancel();
+            return Some(why);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    // The core is gone without a recorded error.
+                    if shutdown.is_cancelled() {
+                        return None;
+                    }
+                    shutdown.cancel();
+                    return Some("the Raft core exited".to_owned());
+                }
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {
