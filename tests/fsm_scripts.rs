@@ -114,6 +114,7 @@ scripts! {
     release_and_renew_many,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
+    sessions_leave_an_unusable_gateway,
     stale_token_rejected,
     tenant_round_robin_weighted,
     timeout_counts_as_failure,

@@ -298,16 +298,38 @@ impl State {
     }
 
     /// Records a gateway's probed health and breaker state.
+    /// A gateway found unusable (unhealthy, or its breaker open) also ends
+    /// its idle sessions as `error`, so that tasks with their keys open a
+    /// session on another gateway instead of waiting for this one; a
+    /// session running a task ends when that attempt does
+    /// ([`State::session_task_ended`]).
     pub(crate) fn report_gateway(
         &mut self,
         id: &GatewayId,
         health: Health,
         circuit: Circuit,
     ) -> Outcome {
-        self.edit_gateway(id, |rec| {
+        let reply = self.edit_gateway(id, |rec| {
             rec.health = health;
             rec.circuit = circuit;
-        })
+        })?;
+        if let Some(why) = self.gateway_unusable(id) {
+            self.end_idle_sessions_on(id, &why);
+        }
+        Ok(reply)
+    }
+
+    /// Why sessions on gateway `id` cannot go on, if they cannot: its probe
+    /// found it unhealthy or its breaker is open.
+    pub(crate) fn gateway_unusable(&self, id: &GatewayId) -> Option<String> {
+        let g = self.registry.gateways.get(id)?;
+        if g.health == Health::Unhealthy {
+            Some(format!("gateway {id} is unhealthy"))
+        } else if g.circuit == Circuit::Open {
+            Some(format!("gateway {id}'s circuit breaker is open"))
+        } else {
+            None
+        }
     }
 
     /// Records which node runs a gateway (the leader decides). When the

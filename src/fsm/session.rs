@@ -466,11 +466,38 @@ impl State {
         }
     }
 
-    /// The task's attempt ended (any way): its session is idle again.
+    /// The task's attempt ended (any way): its session is idle again, or
+    /// ends as `error` if its gateway is unusable (see
+    /// [`State::end_idle_sessions_on`]).
     pub(crate) fn session_task_ended(&mut self, task: TaskId) {
         if let Some(s) = self.session_of(task) {
-            self.move_session(s.id, SessionState::Ready, None, None)
-                .expect("invariant: a session with a task can become ready");
+            let (to, why) = match self.gateway_unusable(&s.gateway) {
+                Some(why) => (SessionState::Error, Some(why)),
+                None => (SessionState::Ready, None),
+            };
+            self.move_session(s.id, to, None, why.as_deref())
+                .expect("invariant: a session with a task can become ready or end");
+        }
+    }
+
+    /// Ends the idle live sessions on `gateway` (ready, no task) as `error`
+    /// with `why`: the gateway cannot serve them, and a task with one of
+    /// their keys would otherwise wait for it rather than open a session
+    /// elsewhere. The gateway-side conversation is lost either way.
+    pub(crate) fn end_idle_sessions_on(&mut self, gateway: &GatewayId, why: &str) {
+        let ids: Vec<SessionId> = self
+            .sessions
+            .by_key
+            .values()
+            .copied()
+            .filter(|id| {
+                let s = &self.sessions.records[id];
+                s.gateway == *gateway && s.state == SessionState::Ready && s.task.is_none()
+            })
+            .collect();
+        for id in ids {
+            self.move_session(id, SessionState::Error, None, Some(why))
+                .expect("invariant: sessions by key are live");
         }
     }
 
