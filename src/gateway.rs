@@ -260,7 +260,10 @@ pub enum DriverError {
     InvalidSpec(Vec<String>),
     /// The gateway refused Godel itself (a wrong token, an unsupported
     /// protocol version, a client identity it does not accept): nothing
-    /// will work until its configuration or Godel's changes.
+    /// will work on it until its configuration or Godel's changes. Not the
+    /// task's fault: agents give such a lease back without spending an
+    /// attempt (the task may run on another gateway), and the breaker
+    /// counts it, so the gateway soon takes no work.
     #[error("gateway refused the connection: {reason}")]
     Rejected {
         /// What the gateway said.
@@ -283,11 +286,11 @@ impl DriverError {
         match self {
             DriverError::Timeout { .. }
             | DriverError::Unavailable { .. }
-            | DriverError::CircuitOpen { .. } => true,
+            | DriverError::CircuitOpen { .. }
+            | DriverError::Rejected { .. } => true,
             DriverError::TaskFailed { retryable, .. } => *retryable,
             DriverError::Cancelled
             | DriverError::OutputTooLarge { .. }
-            | DriverError::Rejected { .. }
             | DriverError::InvalidSpec(_)
             | DriverError::Secret { .. } => false,
         }

@@ -532,6 +532,17 @@ async fn attempt(
             }),
             "circuit_open",
         ),
+        // The gateway refused Godel itself: not the task's fault either.
+        // The breaker counts it and soon opens.
+        Some(Err(e @ DriverError::Rejected { .. })) => {
+            tracing::warn!(agent = %args.id, task = %task.id, error = %e, "gateway refused the attempt; lease given back");
+            (
+                Some(Command::Release {
+                    tokens: vec![token],
+                }),
+                "gateway_rejected",
+            )
+        }
         Some(Err(e)) if !cancel.is_cancelled() => (
             Some(Command::Fail {
                 token,

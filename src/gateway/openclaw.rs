@@ -32,7 +32,7 @@
 //! | fault | attempt outcome |
 //! |---|---|
 //! | gateway not ready (refused, `UNAVAILABLE`, `/readyz` 503) | retried with backoff within the attempt's budget and the `reconnect_window`, then `Unavailable` (retryable, trips the breaker) |
-//! | token, protocol or client refused at `connect` | `Rejected` (not retryable, trips the breaker; the probe reports it) |
+//! | token, protocol or client refused at `connect` | `Rejected`: the agent gives the lease back without spending an attempt; it trips the breaker and the probe reports it, so the gateway soon takes no work |
 //! | socket closed mid-run, same gateway process back | `agent.wait` on the run id until it ends |
 //! | socket closed, gateway not back within `reconnect_window` | `Unavailable` (retryable): another attempt, maybe on another gateway |
 //! | gateway restarted mid-run (new boot id) | the session's run is aborted, then `Unavailable` (retryable); the old run id is unknown to the new process, which may otherwise resume the turn by itself |
