@@ -419,6 +419,11 @@ async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
 /// the lease-hint fabric off, to compare.
 fn runtime_toml() -> String {
     let mut t = RUNTIME_TOML.to_owned();
+    // Proposals in flight at once (`queue.max_inflight_batches`, default 1).
+    if let Ok(n) = std::env::var("GODEL_BENCH_INFLIGHT") {
+        let n: usize = n.parse().expect("GODEL_BENCH_INFLIGHT is a number");
+        t = t.replace("[queue]\n", &format!("[queue]\nmax_inflight_batches = {n}\n"));
+    }
     if std::env::var("GODEL_BENCH_FABRIC").is_ok_and(|v| v == "off") {
         t.push_str("[fabric]\nenabled = false\n");
     }
@@ -723,7 +728,15 @@ async fn replace(rounds: usize) {
 async fn main() {
     let o = opts();
     if o.what == "e2e" {
-        for sessions in [10, 25, 50, 100] {
+        // GODEL_BENCH_SESSIONS=10,25 runs only those profiles.
+        let profiles: Vec<usize> = std::env::var("GODEL_BENCH_SESSIONS")
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().parse().expect("GODEL_BENCH_SESSIONS: numbers"))
+                    .collect()
+            })
+            .unwrap_or_else(|_| vec![10, 25, 50, 100]);
+        for sessions in profiles {
             e2e(o.nodes, sessions, o.clients, 20_000).await;
         }
         return;
