@@ -422,7 +422,10 @@ fn runtime_toml() -> String {
     // Proposals in flight at once (`queue.max_inflight_batches`, default 1).
     if let Ok(n) = std::env::var("GODEL_BENCH_INFLIGHT") {
         let n: usize = n.parse().expect("GODEL_BENCH_INFLIGHT is a number");
-        t = t.replace("[queue]\n", &format!("[queue]\nmax_inflight_batches = {n}\n"));
+        t = t.replace(
+            "[queue]\n",
+            &format!("[queue]\nmax_inflight_batches = {n}\n"),
+        );
     }
     if std::env::var("GODEL_BENCH_FABRIC").is_ok_and(|v| v == "off") {
         t.push_str("[fabric]\nenabled = false\n");

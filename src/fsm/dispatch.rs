@@ -18,7 +18,7 @@ use super::command::{DispatchPolicy, DispatchSpec, Event, EventKind, Outcome, Re
 use super::lease::check_lease_ms;
 use super::registry::{Circuit, GatewayId, Health, accepts_new_session};
 use super::state::State;
-use super::task::{AgentId, FencingToken, Limits, TaskStatus, Tenant};
+use super::task::{AgentId, FencingToken, Limits, Tenant};
 
 /// An agent that may take tasks in this round.
 struct Slot {
@@ -237,9 +237,8 @@ impl State {
             let Some(&id) = self.leases.get(token) else {
                 continue;
             };
-            self.move_task(id, TaskStatus::Pending, |t| t.lease = None)
-                .expect("invariant: leased tasks can go back to pending");
             self.emit(events, id, EventKind::Released { token: *token });
+            self.lease_lost(id, events);
             released.push(id);
         }
         Ok(Reply::Released(released))
@@ -365,5 +364,81 @@ mod tests {
         );
         s.apply_one(7, online(2, vec![])).unwrap();
         assert_eq!(granted(&mut s, 8), vec![2], "leased again with a new token");
+    }
+
+    /// A task whose leases keep ending without a result (released here, as
+    /// when it crashes its agent every time) is dead-lettered after
+    /// `Limits::MAX_LOST_LEASES` of them instead of looping forever.
+    #[test]
+    fn a_task_that_keeps_losing_its_lease_is_dead_lettered() {
+        use crate::fsm::{Limits, TaskId};
+        let mut s = State::default();
+        let hb = Command::NodeHeartbeat {
+            id: 1,
+            region: "eu".into(),
+            api_addr: "a".into(),
+        };
+        s.apply_one(0, hb).unwrap();
+        let gw = GatewayRegistration {
+            id: GatewayId("g".into()),
+            kind: "sim".into(),
+            spec: "{}".into(),
+            region: "eu".into(),
+            capabilities: vec![],
+            max_sessions: 10,
+        };
+        s.apply_one(0, Command::RegisterGateway(gw)).unwrap();
+        let place = Command::PlaceGateway {
+            id: GatewayId("g".into()),
+            owner: Some(1),
+        };
+        s.apply_one(0, place).unwrap();
+        let agent = AgentId("a".into());
+        let reg = AgentRegistration {
+            id: agent.clone(),
+            gateway: GatewayId("g".into()),
+            role: "r".into(),
+            capacity: 1,
+            ..Default::default()
+        };
+        s.apply_one(0, Command::RegisterAgent(reg)).unwrap();
+        let online = Command::AgentOnline {
+            agent,
+            node: 1,
+            release: vec![],
+        };
+        s.apply_one(0, online).unwrap();
+        let submit = SubmitTask {
+            tenant: "t".into(),
+            payload: "{}".into(),
+            ..Default::default()
+        };
+        s.apply_one(0, Command::Submit(submit)).unwrap();
+        for n in 1..=Limits::MAX_LOST_LEASES {
+            let tokens = granted(&mut s, u64::from(n));
+            assert_eq!(tokens.len(), 1, "lease {n}");
+            let release = Command::Release {
+                tokens: vec![FencingToken(tokens[0])],
+            };
+            s.apply_one(u64::from(n), release).unwrap();
+            let t = s.task_shared(TaskId(1)).unwrap();
+            let expect = if n < Limits::MAX_LOST_LEASES {
+                TaskStatus::Pending
+            } else {
+                TaskStatus::DeadLetter
+            };
+            assert_eq!((t.status, t.attempts), (expect, 0), "after lease {n}");
+        }
+        let t = s.task_shared(TaskId(1)).unwrap();
+        assert!(
+            t.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("50 leases ended without a result")),
+            "{t:?}"
+        );
+        assert!(
+            granted(&mut s, 1000).is_empty(),
+            "a dead letter is not leased"
+        );
     }
 }

@@ -208,9 +208,32 @@ impl State {
 
     fn expire_lease(&mut self, id: TaskId, events: &mut Vec<Event>) {
         let token = self.live_token(id);
-        self.move_task(id, TaskStatus::Pending, |t| t.lease = None)
-            .expect("invariant: tasks with expiries are leased or running");
         self.emit(events, id, EventKind::LeaseExpired { token });
+        self.lease_lost(id, events);
+    }
+
+    /// A lease of leased task `id` ended without a result and without
+    /// spending an attempt (it expired, or was given back): the task is
+    /// ready again, or dead-lettered once [`Limits::MAX_LOST_LEASES`] of
+    /// its leases have ended so.
+    pub(crate) fn lease_lost(&mut self, id: TaskId, events: &mut Vec<Event>) {
+        let t = &self.tasks[&id];
+        let lost = t.lease_count.saturating_sub(t.attempts);
+        if lost < Limits::MAX_LOST_LEASES {
+            self.move_task(id, TaskStatus::Pending, |t| t.lease = None)
+                .expect("invariant: leased tasks can go back to pending");
+            return;
+        }
+        let error = format!(
+            "{lost} leases ended without a result (expired or given back);              the task may be killing or hanging its agents"
+        );
+        self.move_task(id, TaskStatus::DeadLetter, |t| {
+            t.lease = None;
+            t.last_error = Some(error);
+            t.next_attempt_at_ms = None;
+        })
+        .expect("invariant: leased tasks can be dead-lettered");
+        self.emit(events, id, EventKind::DeadLettered);
     }
 
     fn time_out(&mut self, id: TaskId, seed: u64, events: &mut Vec<Event>) {
