@@ -101,6 +101,7 @@ pub use events::{
 };
 pub use gateway::{
     CIRCUIT_CHECK, GatewayActor, GatewayArgs, GatewayMsg, GatewayRegistry, GatewayState,
+    UNHEALTHY_AFTER,
 };
 pub use node::{AGENTS, GATEWAYS, NODE, NodeSupervisor, QUEUE_SHARDS};
 pub use policy::{Decision, OnExhausted, RestartPolicy, RestartTracker, Strategy};

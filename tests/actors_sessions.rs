@@ -307,3 +307,117 @@ async fn a_session_actor_that_keeps_failing_escalates_through_its_gateway_actor(
     );
     f.root.cell().stop(None);
 }
+
+/// A gateway actor reports its gateway unhealthy only after several probes
+/// in a row fail (one slow answer is not a dead gateway), and healthy again
+/// after one good probe.
+#[tokio::test]
+async fn a_gateway_is_reported_unhealthy_only_after_several_failed_probes() {
+    use godel::actors::UNHEALTHY_AFTER;
+    use std::sync::atomic::AtomicBool;
+
+    #[derive(Debug)]
+    struct Flaky {
+        probes: AtomicU64,
+        down: AtomicBool,
+    }
+    impl GatewayDriver for Flaky {
+        fn kind(&self) -> GatewayKind {
+            GatewayKind::Sim
+        }
+        fn run(
+            &self,
+            _: RunRequest,
+            _: CancellationToken,
+        ) -> BoxFuture<'_, godel::gateway::Result<RunOutput>> {
+            Box::pin(async { unreachable!("no attempt runs in this test") })
+        }
+        fn probe(&self) -> BoxFuture<'_, Health> {
+            self.probes.fetch_add(1, Ordering::SeqCst);
+            let down = self.down.load(Ordering::SeqCst);
+            Box::pin(async move {
+                if down {
+                    Health::Unhealthy {
+                        reason: "down".into(),
+                    }
+                } else {
+                    Health::Healthy
+                }
+            })
+        }
+    }
+    /// Records every report, with the probe count when it was made.
+    struct Reports {
+        driver: Arc<Flaky>,
+        committed: Mutex<Recorded>,
+        seen: Mutex<Vec<(Recorded, u64)>>,
+    }
+    impl GatewayRegistry for Reports {
+        fn committed(&self, _: &GatewayId) -> Option<(Recorded, Circuit)> {
+            Some((*self.committed.lock().unwrap(), Circuit::Closed))
+        }
+        fn report(&self, _: &GatewayId, h: Recorded, _: Circuit) -> BoxFuture<'_, bool> {
+            *self.committed.lock().unwrap() = h;
+            let probes = self.driver.probes.load(Ordering::SeqCst);
+            self.seen.lock().unwrap().push((h, probes));
+            Box::pin(async { true })
+        }
+        fn ended_sessions(
+            &self,
+            _: &GatewayId,
+            _: &[SessionId],
+        ) -> Vec<(SessionId, Option<SessionKey>)> {
+            Vec::new()
+        }
+    }
+
+    let driver = Arc::new(Flaky {
+        probes: AtomicU64::new(0),
+        down: AtomicBool::new(false),
+    });
+    let reports = Arc::new(Reports {
+        driver: driver.clone(),
+        committed: Mutex::new(Recorded::Unknown),
+        seen: Mutex::new(Vec::new()),
+    });
+    let (observer, _events) = Observer::channel(64);
+    let guarded = Arc::new(GuardedDriver::new(
+        driver.clone() as Arc<dyn GatewayDriver>,
+        BreakerConfig::default(),
+    ));
+    let id = GatewayId("flaky".into());
+    let args = GatewayArgs {
+        id: id.clone(),
+        driver: guarded.clone(),
+        registry: reports.clone(),
+        probe_every: Duration::from_millis(30),
+        sessions: SessionHost::new(id, guarded as Arc<dyn GatewayDriver>),
+        policy: policy(0),
+        observer,
+    };
+    let (actor, _join) = ractor::Actor::spawn(None, GatewayActor, args)
+        .await
+        .unwrap();
+    eventually("healthy", async || {
+        reports.seen.lock().unwrap().last().map(|r| r.0) == Some(Recorded::Healthy)
+    })
+    .await;
+    let went_down = driver.probes.load(Ordering::SeqCst);
+    driver.down.store(true, Ordering::SeqCst);
+    eventually("unhealthy", async || {
+        reports.seen.lock().unwrap().last().map(|r| r.0) == Some(Recorded::Unhealthy)
+    })
+    .await;
+    let (_, at) = *reports.seen.lock().unwrap().last().unwrap();
+    assert!(
+        at >= went_down + u64::from(UNHEALTHY_AFTER),
+        "reported unhealthy at probe {at}, the first failing probe was {}",
+        went_down + 1
+    );
+    driver.down.store(false, Ordering::SeqCst);
+    eventually("healthy again", async || {
+        reports.seen.lock().unwrap().last().map(|r| r.0) == Some(Recorded::Healthy)
+    })
+    .await;
+    actor.stop(None);
+}

@@ -28,6 +28,10 @@ use crate::node::Node;
 /// How long stopping an ended session's actor may take.
 const SESSION_STOP_WAIT: Duration = Duration::from_secs(2);
 
+/// Probes that must fail in a row before the gateway is reported
+/// unhealthy (one success reports it healthy again).
+pub const UNHEALTHY_AFTER: u32 = 3;
+
 /// How often the breaker's state is compared with the registry.
 pub const CIRCUIT_CHECK: Duration = Duration::from_millis(500);
 
@@ -116,8 +120,10 @@ impl ractor::Message for GatewayMsg {}
 /// The actor's state.
 pub struct GatewayState {
     args: GatewayArgs,
-    /// Last probe result (unknown until the first probe).
+    /// Last probe verdict (unknown until the first probe).
     health: Health,
+    /// Probes failed in a row.
+    failed_probes: u32,
     /// This incarnation's session supervisor.
     sessions: SupervisorRef,
     /// Stops it and unhooks it from the host when the state goes, also when
@@ -168,6 +174,7 @@ impl Actor for GatewayActor {
         Ok(GatewayState {
             args,
             health: Health::Unknown,
+            failed_probes: 0,
             sessions,
             _sessions_guard,
         })
@@ -229,14 +236,27 @@ impl Actor for GatewayActor {
                     state.args.driver.probe(),
                 )
                 .await;
-                state.health = match found {
-                    Ok(h) if h.is_healthy() => Health::Healthy,
-                    Ok(h) => {
-                        tracing::info!(gateway = %state.args.id, probe = ?h, "gateway probe failed");
-                        Health::Unhealthy
-                    }
-                    Err(_) => Health::Unhealthy,
+                let failed = match found {
+                    Ok(h) if h.is_healthy() => None,
+                    Ok(h) => Some(format!("{h:?}")),
+                    Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
                 };
+                match failed {
+                    None => {
+                        state.failed_probes = 0;
+                        state.health = Health::Healthy;
+                    }
+                    Some(why) => {
+                        state.failed_probes += 1;
+                        tracing::info!(gateway = %state.args.id, probe = %why, in_a_row = state.failed_probes, "gateway probe failed");
+                        // One slow answer on a busy machine is not a dead
+                        // gateway: unhealthy (no dispatch, idle sessions
+                        // end) only after several in a row.
+                        if state.failed_probes >= UNHEALTHY_AFTER {
+                            state.health = Health::Unhealthy;
+                        }
+                    }
+                }
                 sync_record(state).await;
             }
             GatewayMsg::Check => {
