@@ -298,11 +298,13 @@ impl State {
     }
 
     /// Records a gateway's probed health and breaker state.
-    /// A gateway found unusable (unhealthy, or its breaker open) also ends
+    /// A gateway whose breaker opened (calls to it keep failing) also ends
     /// its idle sessions as `error`, so that tasks with their keys open a
     /// session on another gateway instead of waiting for this one; a
     /// session running a task ends when that attempt does
-    /// ([`State::session_task_ended`]).
+    /// ([`State::session_task_ended`]). A failed health probe alone only
+    /// stops dispatch there: a gateway too busy to answer its probe still
+    /// holds the conversation, which is worth waiting for.
     pub(crate) fn report_gateway(
         &mut self,
         id: &GatewayId,
@@ -319,17 +321,11 @@ impl State {
         Ok(reply)
     }
 
-    /// Why sessions on gateway `id` cannot go on, if they cannot: its probe
-    /// found it unhealthy or its breaker is open.
+    /// Why sessions on gateway `id` cannot go on, if they cannot: its
+    /// breaker is open.
     pub(crate) fn gateway_unusable(&self, id: &GatewayId) -> Option<String> {
         let g = self.registry.gateways.get(id)?;
-        if g.health == Health::Unhealthy {
-            Some(format!("gateway {id} is unhealthy"))
-        } else if g.circuit == Circuit::Open {
-            Some(format!("gateway {id}'s circuit breaker is open"))
-        } else {
-            None
-        }
+        (g.circuit == Circuit::Open).then(|| format!("gateway {id}'s circuit breaker is open"))
     }
 
     /// Records which node runs a gateway (the leader decides). When the
