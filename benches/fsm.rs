@@ -12,10 +12,12 @@
 //! leases back, lease again, start from a fresh copy) run outside the clock
 //! (`iter_custom`). Not a test: it asserts nothing about speed.
 
+use std::collections::VecDeque;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use godel::fsm::{
     AgentId, AgentRegistration, Batch, Command, DispatchPolicy, DispatchSpec, FencingToken,
     GatewayId, GatewayRegistration, Priority, Reply, Request, State, SubmitTask,
@@ -126,22 +128,37 @@ fn fleet(agents: usize, capacity: u32, backlog: u64) -> State {
     s
 }
 
-/// Sums the time of `iters` applies, each of the entry `prepare` returns;
-/// `prepare` (untimed) may also reset the state.
-fn time_applies(
-    iters: u64,
-    s: &mut State,
-    mut prepare: impl FnMut(&mut State) -> Request,
-) -> Duration {
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        let request = prepare(s);
-        let t = Instant::now();
-        let out = s.apply(&request);
-        total += t.elapsed();
-        black_box(out);
-    }
-    total
+type Group<'a> = BenchmarkGroup<'a, WallTime>;
+
+/// Benchmarks `name` in `g`, counting `elements` per entry: each criterion
+/// run starts from a copy of `start` and a fresh `prepare` from `runs`, and
+/// times only the applies of the entries `prepare` returns. `prepare`
+/// (untimed) may also change or reset the state first.
+fn bench_applies<P>(
+    g: &mut Group<'_>,
+    name: &str,
+    elements: u64,
+    start: &State,
+    mut runs: impl FnMut() -> P,
+) where
+    P: FnMut(&mut State) -> Request,
+{
+    g.throughput(Throughput::Elements(elements));
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut s = start.clone();
+            let mut prepare = runs();
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let request = prepare(&mut s);
+                let t = Instant::now();
+                let out = s.apply(&request);
+                total += t.elapsed();
+                black_box(out);
+            }
+            total
+        })
+    });
 }
 
 /// Submits, one per entry and 64 per entry, onto the backlog; and 64
@@ -157,24 +174,20 @@ fn submits(c: &mut Criterion) {
         ("batch_64", 64, false, &idle),
         ("batch_64_then_dispatch_all_busy", 64, true, &busy),
     ] {
-        g.throughput(Throughput::Elements(per_entry));
-        g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut s = start.clone();
-                let mut next = BACKLOG;
-                time_applies(iters, &mut s, |s| {
-                    if next - BACKLOG > REFRESH_TASKS {
-                        *s = start.clone();
-                        next = BACKLOG;
-                    }
-                    let mut commands: Vec<Command> = (next..next + per_entry).map(submit).collect();
-                    if with_dispatch {
-                        commands.push(dispatch());
-                    }
-                    next += per_entry;
-                    entry(NOW, commands)
-                })
-            })
+        bench_applies(&mut g, name, per_entry, start, || {
+            let mut next = BACKLOG;
+            move |s: &mut State| {
+                if next - BACKLOG > REFRESH_TASKS {
+                    *s = start.clone();
+                    next = BACKLOG;
+                }
+                let mut commands: Vec<Command> = (next..next + per_entry).map(submit).collect();
+                if with_dispatch {
+                    commands.push(dispatch());
+                }
+                next += per_entry;
+                entry(NOW, commands)
+            }
         });
     }
     g.finish();
@@ -204,17 +217,13 @@ fn dispatch_rounds(c: &mut Criterion) {
     ] {
         let start = fleet(agents, capacity, backlog);
         let grants = (agents as u64 * u64::from(capacity)).min(backlog);
-        g.throughput(Throughput::Elements(grants));
         let name = format!("{agents}_agents_x{capacity}_backlog_{backlog}");
-        g.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter_custom(|iters| {
-                let mut s = start.clone();
-                let mut mark = s.last_token();
-                time_applies(iters, &mut s, |s| {
-                    release_since(s, &mut mark);
-                    entry(NOW, vec![dispatch()])
-                })
-            })
+        bench_applies(&mut g, &name, grants, &start, || {
+            let mut mark = start.last_token();
+            move |s: &mut State| {
+                release_since(s, &mut mark);
+                entry(NOW, vec![dispatch()])
+            }
         });
     }
     g.finish();
@@ -224,22 +233,18 @@ fn dispatch_rounds(c: &mut Criterion) {
 fn pull_leases(c: &mut Criterion) {
     let mut g = c.benchmark_group("lease");
     let start = fleet(100, 1, BACKLOG);
-    g.throughput(Throughput::Elements(10));
-    g.bench_function("pull_10", |b| {
-        b.iter_custom(|iters| {
-            let mut s = start.clone();
-            let mut mark = s.last_token();
-            time_applies(iters, &mut s, |s| {
-                release_since(s, &mut mark);
-                let lease = Command::Lease {
-                    agent_id: "puller".into(),
-                    capabilities: vec![],
-                    max: 10,
-                    lease_ms: LEASE_MS,
-                };
-                entry(NOW, vec![lease])
-            })
-        })
+    bench_applies(&mut g, "pull_10", 10, &start, || {
+        let mut mark = start.last_token();
+        move |s: &mut State| {
+            release_since(s, &mut mark);
+            let lease = Command::Lease {
+                agent_id: "puller".into(),
+                capabilities: vec![],
+                max: 10,
+                lease_ms: LEASE_MS,
+            };
+            entry(NOW, vec![lease])
+        }
     });
     g.finish();
 }
@@ -258,20 +263,17 @@ fn renew_many(c: &mut Criterion) {
     let mut g = c.benchmark_group("renew_many");
     let (start, tokens) = leased(10);
     for n in [10usize, 1000] {
-        g.throughput(Throughput::Elements(n as u64));
-        g.bench_function(BenchmarkId::from_parameter(n), |b| {
-            b.iter_custom(|iters| {
-                let mut s = start.clone();
-                let mut now = NOW;
-                time_applies(iters, &mut s, |_| {
-                    now += 1;
-                    let renew = Command::RenewMany {
-                        tokens: tokens[..n].to_vec(),
-                        lease_ms: LEASE_MS,
-                    };
-                    entry(now, vec![renew])
-                })
-            })
+        bench_applies(&mut g, &n.to_string(), n as u64, &start, || {
+            let mut now = NOW;
+            let tokens = &tokens[..n];
+            move |_: &mut State| {
+                now += 1;
+                let renew = Command::RenewMany {
+                    tokens: tokens.to_vec(),
+                    lease_ms: LEASE_MS,
+                };
+                entry(now, vec![renew])
+            }
         });
     }
     g.finish();
@@ -283,13 +285,16 @@ fn renew_many(c: &mut Criterion) {
 fn completes(c: &mut Criterion) {
     let mut g = c.benchmark_group("complete");
     let (start, first) = leased(10);
+    let (start, first) = (&start, &first);
     for per_entry in [1usize, 64] {
-        g.throughput(Throughput::Elements(per_entry as u64));
-        g.bench_function(BenchmarkId::from_parameter(per_entry), |b| {
-            b.iter_custom(|iters| {
-                let mut s = start.clone();
+        bench_applies(
+            &mut g,
+            &per_entry.to_string(),
+            per_entry as u64,
+            start,
+            || {
                 let mut live = first.clone();
-                time_applies(iters, &mut s, |s| {
+                move |s: &mut State| {
                     if live.len() < per_entry {
                         if s.depth().pending() < 1000 {
                             *s = start.clone();
@@ -298,19 +303,19 @@ fn completes(c: &mut Criterion) {
                             live.extend(apply(s, NOW, vec![dispatch()]));
                         }
                     }
-                    let commands = live
-                        .drain(..per_entry)
-                        .map(|token| Command::Complete {
-                            token,
-                            result: r#"{"ok":true}"#.into(),
-                        })
-                        .collect();
-                    entry(NOW, commands)
-                })
-            })
-        });
+                    entry(NOW, live.drain(..per_entry).map(complete).collect())
+                }
+            },
+        );
     }
     g.finish();
+}
+
+fn complete(token: FencingToken) -> Command {
+    Command::Complete {
+        token,
+        result: r#"{"ok":true}"#.into(),
+    }
 }
 
 /// A tick that expires 100 and 1,000 leases at once (their tasks go back to
@@ -320,19 +325,15 @@ fn expiring_tick(c: &mut Criterion) {
     for capacity in [1u32, 10] {
         let (start, _) = leased(capacity);
         let leases = 100 * u64::from(capacity);
-        g.throughput(Throughput::Elements(leases));
-        g.bench_function(BenchmarkId::new("expire", leases), |b| {
-            b.iter_custom(|iters| {
-                let mut s = start.clone();
-                let mut now = NOW;
-                time_applies(iters, &mut s, |s| {
-                    if now > NOW {
-                        apply(s, now, vec![heartbeat(), dispatch()]);
-                    }
-                    now += LEASE_MS + 1;
-                    entry(now, vec![Command::Tick])
-                })
-            })
+        bench_applies(&mut g, &format!("expire_{leases}"), leases, &start, || {
+            let mut now = NOW;
+            move |s: &mut State| {
+                if now > NOW {
+                    apply(s, now, vec![heartbeat(), dispatch()]);
+                }
+                now += LEASE_MS + 1;
+                entry(now, vec![Command::Tick])
+            }
         });
     }
     g.finish();
@@ -342,39 +343,32 @@ fn expiring_tick(c: &mut Criterion) {
 /// submissions and the dispatch round that hands the freed agents 32 tasks.
 /// The per-task cost of the state machine in the load benchmark.
 fn steady_cycle(c: &mut Criterion) {
-    const PER_ENTRY: usize = 32;
+    const PER_ENTRY: u64 = 32;
     let mut g = c.benchmark_group("cycle");
     let (start, first) = leased(1);
-    g.throughput(Throughput::Elements(PER_ENTRY as u64));
-    g.bench_function("complete_32_submit_32_dispatch_100_agents", |b| {
-        b.iter_custom(|iters| {
-            let mut s = start.clone();
-            let mut live = std::collections::VecDeque::from(first.clone());
-            let mut next = BACKLOG;
-            let mut mark = s.last_token();
-            time_applies(iters, &mut s, |s| {
-                if next - BACKLOG > REFRESH_TASKS {
-                    *s = start.clone();
-                    live = first.clone().into();
-                    next = BACKLOG;
-                    mark = s.last_token();
-                }
-                // The previous entry's grants are the newest leases.
-                live.extend((mark + 1..=s.last_token()).map(FencingToken));
+    let (start, first) = (&start, &first);
+    let name = "complete_32_submit_32_dispatch_100_agents";
+    bench_applies(&mut g, name, PER_ENTRY, start, || {
+        let mut live = VecDeque::from(first.clone());
+        let mut next = BACKLOG;
+        let mut mark = start.last_token();
+        move |s: &mut State| {
+            if next - BACKLOG > REFRESH_TASKS {
+                *s = start.clone();
+                live = first.clone().into();
+                next = BACKLOG;
                 mark = s.last_token();
-                let mut commands: Vec<Command> = live
-                    .drain(..PER_ENTRY)
-                    .map(|token| Command::Complete {
-                        token,
-                        result: r#"{"ok":true}"#.into(),
-                    })
-                    .collect();
-                commands.extend((next..next + PER_ENTRY as u64).map(submit));
-                commands.push(dispatch());
-                next += PER_ENTRY as u64;
-                entry(NOW, commands)
-            })
-        })
+            }
+            // The previous entry's grants are the newest leases.
+            live.extend((mark + 1..=s.last_token()).map(FencingToken));
+            mark = s.last_token();
+            let mut commands: Vec<Command> =
+                live.drain(..PER_ENTRY as usize).map(complete).collect();
+            commands.extend((next..next + PER_ENTRY).map(submit));
+            commands.push(dispatch());
+            next += PER_ENTRY;
+            entry(NOW, commands)
+        }
     });
     g.finish();
 }
