@@ -28,11 +28,14 @@
 //! Reported, for the submissions whose start falls in the measured window
 //! (after `--warmup` seconds, for `--secs` seconds):
 //!
-//! - **submit**: start to the HTTP acknowledgement (201).
+//! - **submit**: start to the HTTP acknowledgement (201); also split by
+//!   where it was sent: to the leader, or to a follower that forwards it.
 //! - **dispatch**: start to the attempt starting on the agent's node (the
 //!   `sim` result's `started_us`, wall clock in µs). This is submit, lease
 //!   commit and the agent's node learning of the lease; the lease's own
-//!   stamp is not kept on a completed task.
+//!   stamp is not kept on a completed task. Also from the task's submission
+//!   stamp (`created_at`, leader clock in ms, so it reads up to 1 ms long)
+//!   to the attempt's start: dispatch without the HTTP path.
 //! - **end to end**: start to the completion stamp of the task (the leader's
 //!   clock, in ms, stamped when it proposed the entry that applied the
 //!   completion): ms resolution, and one commit before the completion is
@@ -134,6 +137,8 @@ struct Sample {
     start_us: u64,
     /// Start to acknowledgement, µs.
     latency_us: u64,
+    /// The node (index) it was sent to.
+    node: usize,
     /// The task id, or why it was not acknowledged.
     outcome: Result<u64, String>,
 }
@@ -156,7 +161,8 @@ impl Target {
     /// Submits task `i` to node `i % nodes`; `start` is when it should have
     /// gone out (open loop) or went out (closed loop).
     async fn submit(&self, i: u64, start: Instant) -> Sample {
-        let url = &self.urls[(i as usize) % self.urls.len()];
+        let node = (i as usize) % self.urls.len();
+        let url = &self.urls[node];
         let outcome = match self.http.post(url).json(&task(i)).send().await {
             Ok(r) if r.status().as_u16() == 201 => match r.json::<Created>().await {
                 Ok(c) => Ok(c.id),
@@ -172,6 +178,7 @@ impl Target {
         Sample {
             start_us,
             latency_us: start.elapsed().as_micros() as u64,
+            node,
             outcome,
         }
     }
@@ -276,7 +283,14 @@ fn line(h: &Histogram<u64>) -> String {
 /// Histograms and counts of the submissions started in `[from_us, to_us)`.
 struct Figures {
     submit: Histogram<u64>,
+    /// Submit latency of the submissions sent to the leader, and to a
+    /// follower (which forwards them to the leader).
+    submit_via_leader: Histogram<u64>,
+    submit_via_follower: Histogram<u64>,
     dispatch: Histogram<u64>,
+    /// From the task's submission stamp (leader clock, ms, so up to 1 ms
+    /// more) to the attempt's start: dispatch without the HTTP path.
+    dispatch_from_created: Histogram<u64>,
     e2e: Histogram<u64>,
     sent: u64,
     acked: u64,
@@ -285,11 +299,15 @@ struct Figures {
     never_completed: u64,
 }
 
-fn figures(samples: &[Sample], done: &[Done], from_us: u64, to_us: u64) -> Figures {
+fn figures(samples: &[Sample], done: &[Done], leader: usize, window: (u64, u64)) -> Figures {
+    let (from_us, to_us) = window;
     let by_id: HashMap<u64, &Done> = done.iter().map(|d| (d.id, d)).collect();
     let mut f = Figures {
         submit: hist(),
+        submit_via_leader: hist(),
+        submit_via_follower: hist(),
         dispatch: hist(),
+        dispatch_from_created: hist(),
         e2e: hist(),
         sent: 0,
         acked: 0,
@@ -314,6 +332,11 @@ fn figures(samples: &[Sample], done: &[Done], from_us: u64, to_us: u64) -> Figur
         };
         f.acked += 1;
         f.submit.saturating_record(s.latency_us.max(1));
+        if s.node == leader {
+            f.submit_via_leader.saturating_record(s.latency_us.max(1));
+        } else {
+            f.submit_via_follower.saturating_record(s.latency_us.max(1));
+        }
         let Some(d) = by_id.get(&id) else {
             f.never_completed += 1;
             continue;
@@ -321,6 +344,8 @@ fn figures(samples: &[Sample], done: &[Done], from_us: u64, to_us: u64) -> Figur
         if d.started_us > 0 {
             f.dispatch
                 .saturating_record(d.started_us.saturating_sub(s.start_us).max(1));
+            f.dispatch_from_created
+                .saturating_record(d.started_us.saturating_sub(d.created_ms * 1000).max(1));
         }
         f.e2e
             .saturating_record((d.completed_ms * 1000).saturating_sub(s.start_us).max(1));
@@ -403,7 +428,12 @@ async fn profile(o: &Opts, sessions: usize) -> Run {
     let busy = per_sec(cpu0.busy, cpu1.busy);
     Run {
         sessions,
-        f: figures(&samples, &completed_tasks(&c).await, from_us, to_us),
+        f: figures(
+            &samples,
+            &completed_tasks(&c).await,
+            leader,
+            (from_us, to_us),
+        ),
         others_cpu: (busy - node_cpu.iter().sum::<f64>() - gen_cpu).max(0.0),
         machine_busy: (cpu1.busy - cpu0.busy) / (cpu1.total - cpu0.total).max(1e-9),
         node_cpu,
@@ -443,7 +473,13 @@ fn print_run(o: &Opts, r: &Run) {
         Some(n) => format!("only {n} of {} acknowledged tasks completed", r.acked_all),
     };
     println!("  submit     {}", line(&f.submit));
+    println!("    via the leader    {}", line(&f.submit_via_leader));
+    println!("    via a follower    {}", line(&f.submit_via_follower));
     println!("  dispatch   {}", line(&f.dispatch));
+    println!(
+        "    from the submission stamp {}",
+        line(&f.dispatch_from_created)
+    );
     println!("  end to end {}", line(&f.e2e));
     println!(
         "  cpu in the window (100% = one core): {}, generator {:.0}%, other processes {:.0}%; machine {:.0}% busy",
@@ -498,7 +534,10 @@ fn print_json(o: &Opts, r: &Run) {
         "never_completed": f.never_completed,
         "drain_s": round2(r.drain_s),
         "submit_ms": percentiles(&f.submit),
+        "submit_via_leader_ms": percentiles(&f.submit_via_leader),
+        "submit_via_follower_ms": percentiles(&f.submit_via_follower),
         "dispatch_ms": percentiles(&f.dispatch),
+        "dispatch_from_created_ms": percentiles(&f.dispatch_from_created),
         "e2e_ms": percentiles(&f.e2e),
         "commands_per_entry": round2(r.batching.commands_per_entry),
         "cpu_cores": {
