@@ -262,6 +262,7 @@ fn percentiles(h: &Histogram<u64>) -> Value {
         "n": h.len(),
         "p50": ms(h.value_at_quantile(0.5)),
         "p90": ms(h.value_at_quantile(0.9)),
+        "p95": ms(h.value_at_quantile(0.95)),
         "p99": ms(h.value_at_quantile(0.99)),
         "p99.9": ms(h.value_at_quantile(0.999)),
         "max": ms(h.max()),
@@ -271,9 +272,10 @@ fn percentiles(h: &Histogram<u64>) -> Value {
 fn line(h: &Histogram<u64>) -> String {
     let ms = |v: u64| v as f64 / 1000.0;
     format!(
-        "p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms",
+        "p50 {:.2} p90 {:.2} p95 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms",
         ms(h.value_at_quantile(0.5)),
         ms(h.value_at_quantile(0.9)),
+        ms(h.value_at_quantile(0.95)),
         ms(h.value_at_quantile(0.99)),
         ms(h.value_at_quantile(0.999)),
         ms(h.max())
