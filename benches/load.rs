@@ -44,7 +44,9 @@
 //!   second in the window. After the window the generator stops and waits
 //!   (at most `--drain` seconds) until every acknowledged task is completed.
 //! - **CPU**: seconds of CPU each node and the generator used in the
-//!   window, and how busy the whole machine was (other processes included).
+//!   window, and how busy the whole machine was (other processes included);
+//!   and how many of each process's threads were, on average, runnable but
+//!   waiting for a CPU (`schedstat`): the cost of sharing 2 cores.
 //!
 //! One summary line per profile, then one JSON line (`{"bench":"load",...}`).
 //! Every clock read is this machine's, so stamps from the nodes and the
@@ -236,10 +238,12 @@ async fn closed_loop(t: &Target, clients: usize, secs: f64) -> Vec<Sample> {
     all
 }
 
-/// CPU seconds used so far by each node, this process and the machine.
+/// CPU seconds used so far by each node, this process and the machine, and
+/// the seconds the nodes' and this process's threads waited for a CPU.
 struct Cpu {
     nodes: Vec<f64>,
     generator: f64,
+    waits: Vec<f64>,
     busy: f64,
     total: f64,
 }
@@ -251,6 +255,10 @@ fn cpu(c: &Cluster) -> Cpu {
             .map(|i| common::cpu_secs(c.node(i).pid().unwrap_or(0)))
             .collect(),
         generator: common::cpu_secs(std::process::id()),
+        waits: (0..c.len())
+            .map(|i| common::runqueue_wait_secs(c.node(i).pid().unwrap_or(0)))
+            .chain([common::runqueue_wait_secs(std::process::id())])
+            .collect(),
         busy,
         total,
     }
@@ -366,6 +374,9 @@ struct Run {
     gen_cpu: f64,
     others_cpu: f64,
     machine_busy: f64,
+    /// Runnable threads waiting for a CPU, on average over the window:
+    /// each node, then the generator.
+    waiting: Vec<f64>,
     batching: common::Batching,
     /// Acknowledged overall (warm-up included), and how many of them
     /// completed within the drain limit (`None`: all).
@@ -438,6 +449,9 @@ async fn profile(o: &Opts, sessions: usize) -> Run {
         ),
         others_cpu: (busy - node_cpu.iter().sum::<f64>() - gen_cpu).max(0.0),
         machine_busy: (cpu1.busy - cpu0.busy) / (cpu1.total - cpu0.total).max(1e-9),
+        waiting: (0..cpu0.waits.len())
+            .map(|i| per_sec(cpu0.waits[i], cpu1.waits[i]))
+            .collect(),
         node_cpu,
         leader,
         gen_cpu,
@@ -489,6 +503,11 @@ fn print_run(o: &Opts, r: &Run) {
         r.gen_cpu * 100.0,
         r.others_cpu * 100.0,
         r.machine_busy * 100.0
+    );
+    let waiting: Vec<String> = r.waiting.iter().map(|w| format!("{w:.2}")).collect();
+    println!(
+        "  threads waiting for a CPU, on average (nodes 1..n, generator): {}",
+        waiting.join(", ")
     );
     println!(
         "  leader: {:.1} commands per Raft entry, {:.2} ms mean proposal-to-applied; {drained} {:.1}s after the load stopped",
@@ -548,6 +567,7 @@ fn print_json(o: &Opts, r: &Run) {
             "generator": round2(r.gen_cpu),
             "others": round2(r.others_cpu),
             "machine_busy_share": round2(r.machine_busy),
+            "waiting_for_cpu": r.waiting.iter().map(|v| round2(*v)).collect::<Vec<_>>(),
         },
         "loadavg": [r.load.0, r.load.1],
         "wall_clock_start_us": r.start_wall_us,

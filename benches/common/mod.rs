@@ -235,6 +235,21 @@ pub fn cpu_secs(pid: u32) -> f64 {
     ticks as f64 / clock_ticks()
 }
 
+/// Time a process's threads spent runnable but waiting for a CPU, in
+/// seconds (the second field of each `/proc/<pid>/task/<tid>/schedstat`;
+/// threads that have exited no longer count).
+pub fn runqueue_wait_secs(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
+}
+
 /// The machine's busy and total CPU time, in seconds over all cores (from
 /// `/proc/stat`; idle and iowait count as not busy).
 pub fn machine_cpu_secs() -> (f64, f64) {
