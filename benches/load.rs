@@ -139,6 +139,9 @@ struct Sample {
     start_us: u64,
     /// Start to acknowledgement, µs.
     latency_us: u64,
+    /// How late the generator began sending it, µs (open loop: behind
+    /// its slot in the schedule).
+    lag_us: u64,
     /// The node (index) it was sent to.
     node: usize,
     /// The task id, or why it was not acknowledged.
@@ -165,6 +168,7 @@ impl Target {
     async fn submit(&self, i: u64, start: Instant) -> Sample {
         let node = (i as usize) % self.urls.len();
         let url = &self.urls[node];
+        let lag_us = start.elapsed().as_micros() as u64;
         let outcome = match self.http.post(url).json(&task(i)).send().await {
             Ok(r) if r.status().as_u16() == 201 => match r.json::<Created>().await {
                 Ok(c) => Ok(c.id),
@@ -180,6 +184,7 @@ impl Target {
         Sample {
             start_us,
             latency_us: start.elapsed().as_micros() as u64,
+            lag_us,
             node,
             outcome,
         }
@@ -193,7 +198,8 @@ async fn open_loop(t: &Target, rate: f64, secs: f64, max_inflight: usize) -> Vec
     let slots = Arc::new(Semaphore::new(max_inflight));
     let mut i = 0;
     while i < total {
-        let due = ((t.start.elapsed().as_secs_f64() * rate) as u64).min(total);
+        // Slot i is at i / rate: every slot up to now is due.
+        let due = ((t.start.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
         while i < due {
             let permit = slots.clone().acquire_owned().await.expect("open");
             let at = t.start + Duration::from_secs_f64(i as f64 / rate);
@@ -301,6 +307,9 @@ struct Figures {
     /// From the task's submission stamp (leader clock, ms, so up to 1 ms
     /// more) to the attempt's start: dispatch without the HTTP path.
     dispatch_from_created: Histogram<u64>,
+    /// How late the generator sent (open loop): if this grows, the
+    /// generator, not the cluster, fell behind.
+    send_lag: Histogram<u64>,
     e2e: Histogram<u64>,
     sent: u64,
     acked: u64,
@@ -318,6 +327,7 @@ fn figures(samples: &[Sample], done: &[Done], leader: usize, window: (u64, u64))
         submit_via_follower: hist(),
         dispatch: hist(),
         dispatch_from_created: hist(),
+        send_lag: hist(),
         e2e: hist(),
         sent: 0,
         acked: 0,
@@ -333,6 +343,7 @@ fn figures(samples: &[Sample], done: &[Done], leader: usize, window: (u64, u64))
         .filter(|s| (from_us..to_us).contains(&s.start_us))
     {
         f.sent += 1;
+        f.send_lag.saturating_record(s.lag_us.max(1));
         let id = match &s.outcome {
             Ok(id) => *id,
             Err(why) => {
@@ -497,6 +508,7 @@ fn print_run(o: &Opts, r: &Run) {
         line(&f.dispatch_from_created)
     );
     println!("  end to end {}", line(&f.e2e));
+    println!("  generator send lag {}", line(&f.send_lag));
     println!(
         "  cpu in the window (100% = one core): {}, generator {:.0}%, other processes {:.0}%; machine {:.0}% busy",
         nodes.join(", "),
@@ -560,6 +572,7 @@ fn print_json(o: &Opts, r: &Run) {
         "dispatch_ms": percentiles(&f.dispatch),
         "dispatch_from_created_ms": percentiles(&f.dispatch_from_created),
         "e2e_ms": percentiles(&f.e2e),
+        "send_lag_ms": percentiles(&f.send_lag),
         "commands_per_entry": round2(r.batching.commands_per_entry),
         "cpu_cores": {
             "nodes": r.node_cpu.iter().map(|v| round2(*v)).collect::<Vec<_>>(),
