@@ -163,6 +163,20 @@ struct Target {
 }
 
 impl Target {
+    /// Every node's submit URL, and the clock starting now.
+    fn new(c: &Cluster) -> Self {
+        Target {
+            http: client(),
+            urls: Arc::new(
+                (0..c.len())
+                    .map(|i| format!("http://{}/api/v1/tasks", c.node(i).api_addr))
+                    .collect(),
+            ),
+            start: Instant::now(),
+            start_wall_us: wall_us(),
+        }
+    }
+
     /// Submits task `i` to node `i % nodes`; `start` is when it should have
     /// gone out (open loop) or went out (closed loop).
     async fn submit(&self, i: u64, start: Instant) -> Sample {
@@ -411,16 +425,7 @@ async fn profile(o: &Opts, sessions: usize) -> Run {
         leader + 1,
         std::process::id()
     );
-    let t = Target {
-        http: client(),
-        urls: Arc::new(
-            (0..c.len())
-                .map(|i| format!("http://{}/api/v1/tasks", c.node(i).api_addr))
-                .collect(),
-        ),
-        start: Instant::now(),
-        start_wall_us: wall_us(),
-    };
+    let t = Target::new(&c);
     let load_before = common::load_average();
     let from_us = t.start_wall_us + (o.warmup * 1e6) as u64;
     let to_us = from_us + (o.secs * 1e6) as u64;
