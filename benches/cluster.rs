@@ -6,18 +6,19 @@
 //! [--clients C] [--secs S]`. Figures go to BENCHMARKS.md by hand, with the
 //! command, machine and date. Not a test: it asserts nothing about speed.
 
-#[path = "../tests/support/mod.rs"]
 #[allow(dead_code)]
-mod support;
+mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
+use common::support::Cluster;
+use common::{
+    client, completed_tasks, hist, report, runtime_toml, sim_fleet, task, wait_completed,
+};
 use serde_json::{Value, json};
-use support::Cluster;
 
 struct Opts {
     what: String,
@@ -27,10 +28,7 @@ struct Opts {
 }
 
 fn opts() -> Opts {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
+    let args = common::args();
     let mut o = Opts {
         what: "all".into(),
         nodes: 3,
@@ -48,37 +46,6 @@ fn opts() -> Opts {
         }
     }
     o
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .pool_max_idle_per_host(1024)
-        .build()
-        .expect("http client")
-}
-
-fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
-}
-
-fn report(name: &str, h: &Histogram<u64>, ops: u64, elapsed: Duration) {
-    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "{name}: {ops} ops in {:.1}s = {:.0} ops/s; latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
-        elapsed.as_secs_f64(),
-        ops as f64 / elapsed.as_secs_f64(),
-        us(0.5),
-        us(0.9),
-        us(0.99),
-        us(0.999),
-        h.max() as f64 / 1000.0
-    );
-}
-
-fn task(i: u64) -> Value {
-    let p = ["critical", "high", "medium", "low"][(i % 4) as usize];
-    json!({ "payload": { "n": i, "prompt": "benchmark task" }, "priority": p, "tenant": format!("t{}", i % 8) })
 }
 
 /// Closed loop: `clients` tasks each submit as fast as answers come back,
@@ -132,35 +99,7 @@ async fn submit(c: &Cluster, clients: usize, secs: u64) {
         elapsed,
     );
     println!("  errors: {}", errors.load(Ordering::Relaxed));
-    print_batching(c).await;
-}
-
-/// The leader's own account of batching: entries proposed, commands per entry.
-async fn print_batching(c: &Cluster) {
-    let leader = c.leader().await;
-    let text = client()
-        .get(format!("http://{}/metrics", c.node(leader).api_addr))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let value = |name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-    let entries = value("godel_raft_batch_commands_count");
-    let commands = value("godel_raft_batch_commands_sum");
-    let commit = value("godel_raft_commit_seconds_sum");
-    println!(
-        "  leader: {entries:.0} Raft entries, {:.1} commands per entry, {:.2} ms mean proposal-to-applied",
-        commands / entries.max(1.0),
-        1000.0 * commit / entries.max(1.0)
-    );
+    common::print_batching(c).await;
 }
 
 /// One client, one request at a time, to the leader.
@@ -414,102 +353,6 @@ async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
     );
 }
 
-/// Config for the runtime benchmarks: node liveness as in production, and
-/// pages big enough to read every task back. `GODEL_BENCH_FABRIC=off` turns
-/// the lease-hint fabric off, to compare.
-fn runtime_toml() -> String {
-    let mut t = RUNTIME_TOML.to_owned();
-    // Proposals in flight at once (`queue.max_inflight_batches`, default 1).
-    if let Ok(n) = std::env::var("GODEL_BENCH_INFLIGHT") {
-        let n: usize = n.parse().expect("GODEL_BENCH_INFLIGHT is a number");
-        t = t.replace(
-            "[queue]\n",
-            &format!("[queue]\nmax_inflight_batches = {n}\n"),
-        );
-    }
-    if std::env::var("GODEL_BENCH_FABRIC").is_ok_and(|v| v == "off") {
-        t.push_str("[fabric]\nenabled = false\n");
-    }
-    t
-}
-
-const RUNTIME_TOML: &str = "[queue]\nnode_heartbeat_interval = \"500ms\"\nnode_dead_after = \"2s\"\n[api]\nmax_page_size = 1000\n";
-
-/// Registers `gateways` zero-latency `sim` gateways and `sessions` agents of
-/// capacity 1 spread over them: `sessions` attempts can run at once.
-async fn sim_fleet(c: &Cluster, gateways: usize, sessions: usize, latency: &str) {
-    let api = c.api();
-    let leader = c.leader().await;
-    for g in 0..gateways {
-        let mut driver = json!({ "kind": "sim" });
-        if !latency.is_empty() {
-            driver["latency"] = json!({ "dist": "fixed", "value": latency });
-        }
-        let spec = json!({ "id": format!("gw{g}"), "region": "local", "max_sessions": 10_000, "driver": driver });
-        let r = api
-            .post(leader, "/api/v1/gateways", &spec)
-            .await
-            .expect("gateway");
-        assert_eq!(r.status, 201, "{:?}", r.body);
-    }
-    for a in 0..sessions {
-        let body = json!({ "id": format!("agent{a}"), "gateway": format!("gw{}", a % gateways), "capacity": 1 });
-        let r = api
-            .post(leader, "/api/v1/agents", &body)
-            .await
-            .expect("agent");
-        assert_eq!(r.status, 201, "{:?}", r.body);
-    }
-    // Every gateway placed before the clock starts.
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let g = api.get(leader, "/api/v1/gateways").await.expect("gateways");
-        let items = g.body["items"].as_array().cloned().unwrap_or_default();
-        if items.len() == gateways && items.iter().all(|i| !i["owner"].is_null()) {
-            break;
-        }
-        assert!(Instant::now() < until, "gateways not placed: {}", g.body);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(600)).await;
-}
-
-fn rfc3339_ms(v: &Value) -> u64 {
-    let s = v.as_str().expect("timestamp");
-    let t = humantime::parse_rfc3339(s).expect("rfc3339");
-    t.duration_since(std::time::UNIX_EPOCH)
-        .expect("after epoch")
-        .as_millis() as u64
-}
-
-/// Every completed task: (created ms, completed ms, attempt start µs).
-async fn completed_tasks(c: &Cluster) -> Vec<(u64, u64, u64)> {
-    let api = c.api();
-    let mut out = Vec::new();
-    for t in api.list_tasks(0, "status=completed").await {
-        let started = t["result"]["started_us"].as_u64().unwrap_or(0);
-        out.push((
-            rfc3339_ms(&t["created_at"]),
-            rfc3339_ms(&t["updated_at"]),
-            started,
-        ));
-    }
-    out
-}
-
-async fn wait_completed(c: &Cluster, n: u64, limit: Duration) -> Duration {
-    let api = c.api();
-    let t0 = Instant::now();
-    loop {
-        let d = api.depth(0).await;
-        if d["by_status"]["completed"].as_u64().unwrap_or(0) >= n {
-            return t0.elapsed();
-        }
-        assert!(t0.elapsed() < limit, "not all completed: {d}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Submit-to-completion with `sessions` concurrent attempts on zero-latency
 /// `sim` gateways: throughput and latency under a burst of `tasks`, then
 /// dispatch latency (submission to attempt start) at a low rate.
@@ -557,8 +400,8 @@ async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
     let elapsed = start.elapsed();
     let done = completed_tasks(&c).await;
     let mut e2e = hist();
-    for (created, completed, _) in &done {
-        e2e.saturating_record(completed.saturating_sub(*created) * 1000);
+    for d in &done {
+        e2e.saturating_record(d.completed_ms.saturating_sub(d.created_ms) * 1000);
     }
     println!(
         "e2e nodes={nodes} sessions={sessions} clients={clients}: {tasks} tasks submitted in {:.2}s, all completed in {:.2}s = {:.0} tasks/s submit-to-completion; latency (leader clock, ms resolution) p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
@@ -585,10 +428,10 @@ async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
     wait_completed(&c, tasks + low, Duration::from_secs(60)).await;
     let mut dispatch = hist();
     let done = completed_tasks(&c).await;
-    let mut lows: Vec<&(u64, u64, u64)> = done.iter().collect();
-    lows.sort_by_key(|(created, _, _)| *created);
-    for (created, _, started_us) in lows.iter().rev().take(low as usize) {
-        dispatch.saturating_record(started_us.saturating_sub(created * 1000));
+    let mut lows: Vec<&common::Done> = done.iter().collect();
+    lows.sort_by_key(|d| d.created_ms);
+    for d in lows.iter().rev().take(low as usize) {
+        dispatch.saturating_record(d.started_us.saturating_sub(d.created_ms * 1000));
     }
     println!(
         "  dispatch at 100 tasks/s (submission stamp to attempt start, ms stamp so +-1 ms): p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
