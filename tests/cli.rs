@@ -403,6 +403,38 @@ async fn live_session(api: &Api, key: &str) -> Value {
     .await
 }
 
+/// The fault-injection endpoints answer 403 in the error shape unless the
+/// node runs with `runtime.fault_injection = true`, and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_injection_is_refused_unless_turned_on() {
+    let c = Cluster::start(1).await;
+    let api = c.api();
+    let partition = json!({ "peers": [2] });
+    for (method, path) in [
+        ("GET", "/api/v1/admin/faults"),
+        ("POST", "/api/v1/admin/faults/partition"),
+        ("POST", "/api/v1/admin/faults/heal"),
+        ("POST", "/api/v1/admin/agents/a1/crash"),
+    ] {
+        let r = if method == "GET" {
+            api.get(0, path).await.unwrap()
+        } else {
+            api.post(0, path, &partition).await.unwrap()
+        };
+        r.assert_error(403, "forbidden");
+        assert!(
+            r.message().contains("fault injection is off"),
+            "{path}: {r:?}"
+        );
+    }
+    // The node still serves writes: nothing was cut off.
+    let r = api
+        .post(0, "/api/v1/tasks", &json!({ "payload": {} }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{r:?}");
+}
+
 /// Bad query strings on the task and dead-letter lists get a 400 in the
 /// API's error shape, naming the parameter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
