@@ -372,10 +372,14 @@ async fn a_killed_session_ends_cancelled() {
         "the session actor to close the gateway-side session",
         deadline(Duration::from_secs(10)),
         async || {
-            let text = api.get(0, "/metrics").await?.body;
-            let text = text.as_str().unwrap_or_default();
-            let opened = text.contains("godel_gateway_sessions_total{event=\"opened\"} 1");
-            let closed = text.contains("godel_gateway_sessions_total{event=\"closed\"} 1");
+            let opened = api
+                .metric(0, "godel_gateway_sessions_total{event=\"opened\"}")
+                .await
+                == 1.0;
+            let closed = api
+                .metric(0, "godel_gateway_sessions_total{event=\"closed\"}")
+                .await
+                == 1.0;
             if opened && closed {
                 Ok(())
             } else {

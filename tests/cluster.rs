@@ -1044,7 +1044,7 @@ async fn crashed_agent_is_restarted_and_its_task_leased_again() {
             },
         )
         .await;
-        let restarts_before = metric(&api, "godel_actor_restarts_total").await;
+        let restarts_before = api.metric(0, "godel_actor_restarts_total").await;
         let crash = api
             .post(0, "/api/v1/admin/agents/worker/crash", &json!({}))
             .await
@@ -1088,7 +1088,7 @@ async fn crashed_agent_is_restarted_and_its_task_leased_again() {
         assert_eq!(t["attempt_count"], 0, "a lost lease spends no attempt: {t}");
         assert_eq!(t["lease_count"], 2, "leased twice: {t}");
         assert!(
-            metric(&api, "godel_actor_restarts_total").await > restarts_before,
+            api.metric(0, "godel_actor_restarts_total").await > restarts_before,
             "the supervisor counted a restart"
         );
         // An agent with no actor on this node: 404.
@@ -1099,18 +1099,4 @@ async fn crashed_agent_is_restarted_and_its_task_leased_again() {
         assert_eq!(other.status, 404, "{:?}", other.body);
     })
     .await;
-}
-
-/// Sum of a counter's samples on node 0's `/metrics`.
-async fn metric(api: &Api, name: &str) -> f64 {
-    let r = api.get(0, "/metrics").await.expect("metrics");
-    let text = r
-        .body
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| r.body.to_string());
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }

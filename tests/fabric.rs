@@ -44,12 +44,12 @@ async fn leader_hints_followers_and_every_task_completes() {
         let api = c.api();
         wait_sessions(&api, 2).await;
         let (leader, followers) = run_fleet(&c, "fab-on").await;
-        let sent = metric(&api, leader, "godel_fabric_hints_sent_total").await;
+        let sent = api.metric(leader, "godel_fabric_hints_sent_total").await;
         let mut received = 0.0;
         let mut started = 0.0;
         for &f in &followers {
-            received += metric(&api, f, "godel_fabric_hints_received_total").await;
-            started += metric(&api, f, "godel_fabric_hinted_attempts_total").await;
+            received += api.metric(f, "godel_fabric_hints_received_total").await;
+            started += api.metric(f, "godel_fabric_hinted_attempts_total").await;
         }
         eprintln!("[test] hints sent {sent}, received {received}, started ahead {started}");
         print_dispatch(&api, &followers, "fabric on").await;
@@ -71,15 +71,15 @@ async fn tasks_complete_with_the_fabric_disabled() {
         let api = c.api();
         let (leader, followers) = run_fleet(&c, "fab-off").await;
         assert_eq!(
-            metric(&api, leader, "godel_fabric_hints_sent_total").await,
+            api.metric(leader, "godel_fabric_hints_sent_total").await,
             0.0
         );
         for &f in &followers {
             assert_eq!(
-                metric(&api, f, "godel_fabric_hints_received_total").await,
+                api.metric(f, "godel_fabric_hints_received_total").await,
                 0.0
             );
-            assert_eq!(metric(&api, f, "godel_fabric_peers").await, 0.0);
+            assert_eq!(api.metric(f, "godel_fabric_peers").await, 0.0);
         }
         print_dispatch(&api, &followers, "fabric off").await;
     })
@@ -106,7 +106,7 @@ async fn hints_flow_over_mutual_tls() {
         let (_, followers) = run_fleet(&c, "fab-tls").await;
         let mut received = 0.0;
         for &f in &followers {
-            received += metric(&api, f, "godel_fabric_hints_received_total").await;
+            received += api.metric(f, "godel_fabric_hints_received_total").await;
         }
         assert!(received > 0.0, "no follower received a hint over TLS");
     })
@@ -234,7 +234,7 @@ async fn wait_sessions(api: &Api, peers: u64) {
             "fabric sessions up",
             deadline(Duration::from_secs(20)),
             async || {
-                let n = metric(api, i, "godel_fabric_peers").await;
+                let n = api.metric(i, "godel_fabric_peers").await;
                 if n as u64 == peers {
                     Ok(())
                 } else {
@@ -246,28 +246,12 @@ async fn wait_sessions(api: &Api, peers: u64) {
     }
 }
 
-/// The value of an unlabelled metric (or the sum over its labels) in node
-/// `i`'s `/metrics`; 0 when absent.
-async fn metric(api: &Api, i: usize, name: &str) -> f64 {
-    let r = api.get(i, "/metrics").await.expect("GET /metrics");
-    assert_eq!(r.status, 200, "{r:?}");
-    let text = r.body.as_str().unwrap_or_default().to_owned();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            let bare = key.split('{').next()?;
-            (bare == name).then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
-
 /// Prints the followers' submit-to-attempt-start times (bucket counts of
 /// `godel_dispatch_seconds`): a figure, not an assertion.
 async fn print_dispatch(api: &Api, followers: &[usize], what: &str) {
     for &f in followers {
-        let count = metric(api, f, "godel_dispatch_seconds_count").await;
-        let sum = metric(api, f, "godel_dispatch_seconds_sum").await;
+        let count = api.metric(f, "godel_dispatch_seconds_count").await;
+        let sum = api.metric(f, "godel_dispatch_seconds_sum").await;
         if count > 0.0 {
             eprintln!(
                 "[test] {what}: node index {f}: {count} attempts, mean submit-to-start {:.1} ms",

@@ -137,7 +137,9 @@ async fn kill_owner_body(c: &mut Cluster, work: &Work) {
     );
     let mut opened = 0.0;
     for i in c.live() {
-        opened += metric_sum(&api, i, "godel_gateway_sessions_total{event=\"opened\"}").await;
+        opened += api
+            .metric(i, "godel_gateway_sessions_total{event=\"opened\"}")
+            .await;
     }
     assert!(opened > 0.0, "no survivor opened a gateway-side session");
     let first = first_completion_after(&tasks, &lost, kill_ms)
@@ -777,20 +779,6 @@ async fn set_drain(api: &Api, via: usize, node: u64, on: bool) {
         .post_retrying(via, &path, &json!({}), deadline(Duration::from_secs(20)))
         .await;
     assert_eq!(r.status, 200, "{verb}: {r:?}");
-}
-
-/// The sum of the samples of node `i`'s `/metrics` whose name and labels
-/// are exactly `series`; 0 when absent.
-async fn metric_sum(api: &Api, i: usize, series: &str) -> f64 {
-    let r = api.get(i, "/metrics").await.expect("GET /metrics");
-    r.body
-        .as_str()
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(k, _)| *k == series)
-        .filter_map(|(_, v)| v.parse::<f64>().ok())
-        .sum()
 }
 
 /// A node killed with SIGKILL takes the programs its `command` gateways

@@ -473,6 +473,25 @@ impl Api {
         self.get_ok(i, "/api/v1/queue/depth").await
     }
 
+    /// A metric from node `i`'s `/metrics`: the sum of the samples of
+    /// `series`, which is a bare name (every label set counts) or a name
+    /// with its labels, written as Prometheus prints them
+    /// (`name{label="v"}`, matched exactly); 0 when absent.
+    pub async fn metric(&self, i: usize, series: &str) -> f64 {
+        let r = self.get(i, "/metrics").await.expect("GET /metrics");
+        assert_eq!(r.status, 200, "{r:?}");
+        let bare = !series.contains('{');
+        r.body
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(key, _)| *key == series || (bare && key.split('{').next() == Some(series)))
+            .filter_map(|(_, v)| v.parse::<f64>().ok())
+            .sum()
+    }
+
     /// `GET /api/v1/cluster` on node `i`.
     pub async fn cluster(&self, i: usize) -> Result<Value> {
         let r = self.get(i, "/api/v1/cluster").await?;
