@@ -162,8 +162,7 @@ impl Actor for GatewayActor {
         )
         .await?;
         let sessions = SupervisorRef::from_cell(SESSIONS, sessions.get_cell());
-        args.sessions
-            .set(Some(SupervisorRef::from_cell(SESSIONS, sessions.cell())));
+        args.sessions.set(Some(sessions.clone()));
         myself.send_message(GatewayMsg::Probe)?;
         myself.send_interval(args.probe_every, || GatewayMsg::Probe);
         myself.send_interval(CIRCUIT_CHECK, || GatewayMsg::Check);

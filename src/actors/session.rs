@@ -30,7 +30,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{ChildSpec, Error, SupervisorRef};
+use super::{ChildSpec, SupervisorRef};
 use crate::fsm::{GatewayId, SessionId, SessionKey};
 use crate::gateway::{DriverError, GatewayDriver, Result, RunOutput, RunRequest};
 
@@ -121,8 +121,7 @@ impl SessionHost {
         self.supervisor
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(|s| SupervisorRef::from_cell(s.name(), s.cell()))
+            .clone()
     }
 
     /// Runs one attempt in session `id` (gateway-side key `key`), starting
@@ -169,8 +168,8 @@ impl SessionHost {
                                 tracing::debug!(gateway = %self.gateway, session = id, "session actor started");
                                 return Ok(cell);
                             }
-                            // Another agent started it, or it awaits a restart.
-                            Err(e @ Error::DuplicateChild(_)) => e.to_string(),
+                            // Another agent started it, it awaits a restart,
+                            // or the supervisor is busy: look again.
                             Err(e) => e.to_string(),
                         }
                     }
