@@ -270,13 +270,11 @@ mod tests {
         }
     }
 
-    /// Dispatch leases only to an agent whose actor announced itself on its
-    /// gateway's owner; a move takes the agent offline and gives its leases
-    /// back at once; an announcement releases only the agent's own leases.
-    #[test]
-    fn only_online_agents_get_work_and_a_move_releases_leases() {
+    /// Nodes `nodes` heartbeating, gateway `g` placed on node 1, and agent
+    /// `a` of `capacity` registered on it (not announced online yet).
+    fn one_agent(nodes: &[u64], capacity: u32) -> (State, AgentId) {
         let mut s = State::default();
-        for id in [1, 2] {
+        for &id in nodes {
             let hb = Command::NodeHeartbeat {
                 id,
                 region: "eu".into(),
@@ -293,23 +291,29 @@ mod tests {
             max_sessions: 10,
         };
         s.apply_one(0, Command::RegisterGateway(gw)).unwrap();
-        s.apply_one(
-            0,
-            Command::PlaceGateway {
-                id: GatewayId("g".into()),
-                owner: Some(1),
-            },
-        )
-        .unwrap();
+        let place = Command::PlaceGateway {
+            id: GatewayId("g".into()),
+            owner: Some(1),
+        };
+        s.apply_one(0, place).unwrap();
         let agent = AgentId("a".into());
         let reg = AgentRegistration {
             id: agent.clone(),
             gateway: GatewayId("g".into()),
             role: "r".into(),
-            capacity: 4,
+            capacity,
             ..Default::default()
         };
         s.apply_one(0, Command::RegisterAgent(reg)).unwrap();
+        (s, agent)
+    }
+
+    /// Dispatch leases only to an agent whose actor announced itself on its
+    /// gateway's owner; a move takes the agent offline and gives its leases
+    /// back at once; an announcement releases only the agent's own leases.
+    #[test]
+    fn only_online_agents_get_work_and_a_move_releases_leases() {
+        let (mut s, agent) = one_agent(&[1, 2], 4);
         let submit = SubmitTask {
             tenant: "t".into(),
             payload: "{}".into(),
@@ -372,36 +376,7 @@ mod tests {
     #[test]
     fn a_task_that_keeps_losing_its_lease_is_dead_lettered() {
         use crate::fsm::{Limits, TaskId};
-        let mut s = State::default();
-        let hb = Command::NodeHeartbeat {
-            id: 1,
-            region: "eu".into(),
-            api_addr: "a".into(),
-        };
-        s.apply_one(0, hb).unwrap();
-        let gw = GatewayRegistration {
-            id: GatewayId("g".into()),
-            kind: "sim".into(),
-            spec: "{}".into(),
-            region: "eu".into(),
-            capabilities: vec![],
-            max_sessions: 10,
-        };
-        s.apply_one(0, Command::RegisterGateway(gw)).unwrap();
-        let place = Command::PlaceGateway {
-            id: GatewayId("g".into()),
-            owner: Some(1),
-        };
-        s.apply_one(0, place).unwrap();
-        let agent = AgentId("a".into());
-        let reg = AgentRegistration {
-            id: agent.clone(),
-            gateway: GatewayId("g".into()),
-            role: "r".into(),
-            capacity: 1,
-            ..Default::default()
-        };
-        s.apply_one(0, Command::RegisterAgent(reg)).unwrap();
+        let (mut s, agent) = one_agent(&[1], 1);
         let online = Command::AgentOnline {
             agent,
             node: 1,
