@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::conn::Conn;
 use common::support::Cluster;
 use common::{
-    client, completed_tasks, hist, report, runtime_toml, sim_fleet, task, wait_completed,
+    client, completed_tasks, hist, report, runtime_toml, sim_fleet, task, task_body, wait_completed,
 };
 use serde_json::{Value, json};
 
@@ -367,8 +368,11 @@ async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
     let start = Instant::now();
     let mut handles = Vec::new();
     for w in 0..clients {
-        let (http, url, next) = (http.clone(), base[w % base.len()].clone(), next.clone());
+        // Each client on its own keep-alive connection (`common::conn`).
+        let addr = c.node(w % c.len()).api_addr;
+        let next = next.clone();
         handles.push(tokio::spawn(async move {
+            let mut conn = Conn::new(addr, Duration::from_secs(5));
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= tasks {
@@ -376,17 +380,19 @@ async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
                 }
                 // A 503 (leader change, write timeout) or 429 is retried
                 // with the same idempotency key, as a client should.
-                let mut body = task(i);
-                body["idempotency_key"] = json!(format!("e2e-{i}"));
+                let key = format!("e2e-{i}");
                 loop {
-                    let r = http.post(&url).json(&body).send().await.expect("submit");
-                    match r.status().as_u16() {
+                    let (status, body) = conn
+                        .post_json("/api/v1/tasks", task_body(i, Some(&key)))
+                        .await
+                        .unwrap_or_else(|e| panic!("submit {i}: {e}"));
+                    match status {
                         201 | 200 => break,
                         429 | 503 => {
-                            eprintln!("  submit {i}: {} (retrying)", r.status());
+                            eprintln!("  submit {i}: {status} (retrying)");
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
-                        s => panic!("submit {i}: {s} {}", r.text().await.unwrap_or_default()),
+                        s => panic!("submit {i}: {s} {}", String::from_utf8_lossy(&body)),
                     }
                 }
             }

@@ -17,7 +17,9 @@
 //!
 //! - **closed loop** (`--clients C`): C clients, each sending its next
 //!   submission when the last one is answered. Measures the most the
-//!   cluster takes; latency is measured from the actual send.
+//!   cluster takes; latency is measured from the actual send. Each client
+//!   keeps its own keep-alive connection to each node (`common::conn`,
+//!   lighter than reqwest, which the open loop uses).
 //! - **open loop** (`--rate R`): submissions on a fixed schedule, R a
 //!   second, whether or not earlier ones were answered (at most
 //!   `--max-inflight` at once; past that, sends wait for a slot). Latency is
@@ -60,8 +62,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::conn::{Conn, ConnError};
 use common::support::Cluster;
-use common::{Done, client, completed_tasks, hist, sim_fleet, task, wall_us};
+use common::{Done, client, completed_tasks, hist, sim_fleet, task, task_body, wall_us};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -70,6 +73,8 @@ use tokio::sync::Semaphore;
 const PROFILES: [usize; 4] = [10, 25, 50, 100];
 /// `sim` gateways the sessions' agents are spread over.
 const GATEWAYS: usize = 3;
+/// Per request, as `common::client` has it for the open loop.
+const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -158,6 +163,8 @@ struct Created {
 struct Target {
     http: reqwest::Client,
     urls: Arc<Vec<String>>,
+    /// Every node's API address, for the closed loop's own connections.
+    addrs: Arc<Vec<std::net::SocketAddr>>,
     start: Instant,
     start_wall_us: u64,
 }
@@ -172,6 +179,7 @@ impl Target {
                     .map(|i| format!("http://{}/api/v1/tasks", c.node(i).api_addr))
                     .collect(),
             ),
+            addrs: Arc::new((0..c.len()).map(|i| c.node(i).api_addr).collect()),
             start: Instant::now(),
             start_wall_us: wall_us(),
         }
@@ -193,6 +201,36 @@ impl Target {
             Err(e) if e.is_connect() => Err("connect".into()),
             Err(e) => Err(format!("request: {e}")),
         };
+        self.sample(start, lag_us, node, outcome)
+    }
+
+    /// As [`Target::submit`], on this client's own keep-alive connections
+    /// (`conns`, one per node): the closed loop's lean path.
+    async fn submit_on(&self, conns: &mut [Conn], i: u64, start: Instant) -> Sample {
+        let node = (i as usize) % conns.len();
+        let lag_us = start.elapsed().as_micros() as u64;
+        let outcome = match conns[node]
+            .post_json("/api/v1/tasks", task_body(i, None))
+            .await
+        {
+            Ok((201, body)) => serde_json::from_slice::<Created>(&body)
+                .map(|c| c.id)
+                .map_err(|e| format!("body: {e}")),
+            Ok((status, _)) => Err(format!("HTTP {status}")),
+            Err(ConnError::Timeout) => Err("timeout".into()),
+            Err(ConnError::Connect(_)) => Err("connect".into()),
+            Err(e) => Err(e.to_string()),
+        };
+        self.sample(start, lag_us, node, outcome)
+    }
+
+    fn sample(
+        &self,
+        start: Instant,
+        lag_us: u64,
+        node: usize,
+        outcome: Result<u64, String>,
+    ) -> Sample {
         let start_us =
             self.start_wall_us + start.saturating_duration_since(self.start).as_micros() as u64;
         Sample {
@@ -241,9 +279,10 @@ async fn closed_loop(t: &Target, clients: usize, secs: f64) -> Vec<Sample> {
         let (t, stop) = (t.clone(), stop.clone());
         handles.push(tokio::spawn(async move {
             let mut out = Vec::new();
+            let mut conns: Vec<Conn> = t.addrs.iter().map(|a| Conn::new(*a, TIMEOUT)).collect();
             let mut i = w as u64;
             while !stop.load(Ordering::Relaxed) {
-                out.push(t.submit(i, Instant::now()).await);
+                out.push(t.submit_on(&mut conns, i, Instant::now()).await);
                 i += clients as u64;
             }
             out

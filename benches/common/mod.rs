@@ -10,6 +10,8 @@
 #[allow(dead_code)]
 pub mod support;
 
+pub mod conn;
+
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -57,6 +59,16 @@ pub fn report(name: &str, h: &Histogram<u64>, ops: u64, elapsed: Duration) {
 pub fn task(i: u64) -> Value {
     let p = ["critical", "high", "medium", "low"][(i % 4) as usize];
     json!({ "payload": { "n": i, "prompt": "benchmark task" }, "priority": p, "tenant": format!("t{}", i % 8) })
+}
+
+/// Task `i`'s submit body as JSON bytes (what [`task`] serializes to),
+/// with an idempotency key if given.
+pub fn task_body(i: u64, idempotency_key: Option<&str>) -> Vec<u8> {
+    let mut body = task(i);
+    if let Some(key) = idempotency_key {
+        body["idempotency_key"] = json!(key);
+    }
+    serde_json::to_vec(&body).expect("a JSON value serializes")
 }
 
 /// Config for the runtime benchmarks: node liveness as in production, and
