@@ -234,11 +234,16 @@ pub fn event_name(kind: &EventKind) -> &'static str {
 /// Turns applied events into metrics and log lines.
 pub fn observe(events: &[Event]) {
     let m = global();
+    // Counted per (kind, priority) first: one labelled-counter lookup per
+    // pair and entry instead of one per event.
+    let mut counts: Vec<((&'static str, &'static str), u64)> = Vec::new();
     for e in events {
         let name = event_name(&e.kind);
-        m.task_events
-            .with_label_values(&[name, e.priority.as_str()])
-            .inc();
+        let key = (name, e.priority.as_str());
+        match counts.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((key, 1)),
+        }
         match &e.kind {
             EventKind::DeadLettered
             | EventKind::TimedOut { .. }
@@ -249,6 +254,9 @@ pub fn observe(events: &[Event]) {
                 tracing::debug!(task_id = e.task.0, priority = e.priority.as_str(), event = name, detail = ?e.kind, "task event")
             }
         }
+    }
+    for ((name, priority), n) in counts {
+        m.task_events.with_label_values(&[name, priority]).inc_by(n);
     }
 }
 

@@ -68,7 +68,9 @@ pub async fn route_leases(node: Node, directory: AgentDirectory) {
     // Leases routed to a local agent and not ended yet.
     let mut routed: HashMap<TaskId, AgentId> = HashMap::new();
     let shutdown = node.shutdown_token().clone();
-    let mut raft = node.raft().metrics();
+    // Server metrics change only with the vote, role, leader or membership,
+    // not with every append and apply as `metrics()` does.
+    let mut raft = node.raft().server_metrics();
     let mut leader = raft.borrow_and_update().current_leader;
     loop {
         let batch = tokio::select! {

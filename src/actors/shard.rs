@@ -98,7 +98,9 @@ async fn watch(
     stop: CancellationToken,
 ) {
     let mut applied = node.state().subscribe();
-    let every = node.config().runtime.interval;
+    // One timer for the whole loop, not one per applied entry.
+    let mut fallback = tokio::time::interval(node.config().runtime.interval);
+    fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -108,7 +110,7 @@ async fn watch(
                     return;
                 }
             }
-            _ = tokio::time::sleep(every) => {}
+            _ = fallback.tick() => {}
         }
         if node.is_leader() {
             wake(&actor, &pending);

@@ -35,6 +35,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     } else {
         bytes
     };
+    // The plain parse is the fast path; only a body it refuses is parsed
+    // again with path tracking, for the error message.
+    if let Ok(t) = serde_json::from_slice(bytes) {
+        return Ok(t);
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

@@ -97,26 +97,30 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 /// fatal error, after asking the node to shut down; `None` if the node shut
 /// down first.
 async fn raft_stopped(node: Node, shutdown: CancellationToken) -> Option<String> {
-    let mut metrics = node.raft().metrics();
+    // The server metrics change rarely (vote, role, leader, membership) and
+    // their channel closes when the core exits, after it has recorded why
+    // in `metrics().running_state`; watching them instead of `metrics()`
+    // spares a wake-up on every append and apply.
+    let mut server = node.raft().server_metrics();
+    let mut core_gone = false;
     loop {
-        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+        if let Err(fatal) = &node.raft().metrics().borrow().running_state {
             let why = fatal.to_string();
             tracing::error!(error = %why, "Raft stopped; shutting the node down");
             shutdown.cancel();
             return Some(why);
         }
+        if core_gone {
+            // The core is gone without a recorded error.
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            shutdown.cancel();
+            return Some("the Raft core exited".to_owned());
+        }
         tokio::select! {
             () = shutdown.cancelled() => return None,
-            changed = metrics.changed() => {
-                if changed.is_err() {
-                    // The core is gone without a recorded error.
-                    if shutdown.is_cancelled() {
-                        return None;
-                    }
-                    shutdown.cancel();
-                    return Some("the Raft core exited".to_owned());
-                }
-            }
+            changed = server.changed() => core_gone = changed.is_err(),
         }
     }
 }

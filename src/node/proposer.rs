@@ -153,7 +153,7 @@ async fn dispatch(node: &Node, cmds: Vec<Command>) -> Result<PerCommand, NodeErr
 
 /// Resolves once this node sees a leader other than `from` (or none).
 async fn leader_changed(node: &Node, from: NodeId) {
-    let mut metrics = node.raft().metrics();
+    let mut metrics = node.raft().server_metrics();
     loop {
         if metrics.borrow_and_update().current_leader != Some(from) {
             return;

@@ -178,7 +178,10 @@ impl NodeProc {
         writeln!(log, "===== harness: starting node {} =====", self.id).expect("write log");
         let filter = std::env::var("GODEL_TEST_LOG")
             .unwrap_or_else(|_| "info,openraft=warn,sled=warn".to_string());
-        let mut cmd = Command::new(BIN);
+        // GODEL_NODE_BIN runs another build's nodes under the same harness
+        // (benchmarks comparing two builds); the tests never set it.
+        let bin = std::env::var("GODEL_NODE_BIN").unwrap_or_else(|_| BIN.to_owned());
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--config")
             .arg(&self.config)
