@@ -3,7 +3,7 @@
 //! throughput, and time from a leader kill to the first successful write.
 //!
 //! `cargo bench --bench cluster -- <submit|lone|lease|failover|all> [--nodes N]
-//! [--clients C] [--secs S]`. Figures go to BENCHMARKS.md by hand, with the
+//! [--clients C] [--secs S]`; `e2e` also takes `[--tasks T]` (default 20,000). Figures go to BENCHMARKS.md by hand, with the
 //! command, machine and date. Not a test: it asserts nothing about speed.
 
 #[allow(dead_code)]
@@ -26,6 +26,7 @@ struct Opts {
     nodes: usize,
     clients: usize,
     secs: u64,
+    tasks: u64,
 }
 
 fn opts() -> Opts {
@@ -35,6 +36,7 @@ fn opts() -> Opts {
         nodes: 3,
         clients: 64,
         secs: 10,
+        tasks: 20_000,
     };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -43,6 +45,7 @@ fn opts() -> Opts {
             "--nodes" => o.nodes = val().parse().expect("--nodes N"),
             "--clients" => o.clients = val().parse().expect("--clients C"),
             "--secs" => o.secs = val().parse().expect("--secs S"),
+            "--tasks" => o.tasks = val().parse().expect("--tasks T"),
             w => o.what = w.to_owned(),
         }
     }
@@ -499,6 +502,7 @@ async fn replace(rounds: usize) {
             .collect();
         // The tasks the killed node was running.
         let mut stranded = Vec::new();
+        let mut priorities = Vec::new();
         for status in ["leased", "running"] {
             for t in api.list_tasks(leader, &format!("status={status}")).await {
                 let agent = t["lease"]["agent_id"]
@@ -507,6 +511,7 @@ async fn replace(rounds: usize) {
                     .to_owned();
                 if victim_agents.contains(&agent) {
                     stranded.push(t["id"].as_u64().expect("id"));
+                    priorities.push(t["priority"].as_str().unwrap_or("?").to_owned());
                 }
             }
         }
@@ -563,8 +568,9 @@ async fn replace(rounds: usize) {
         stop.store(true, Ordering::Relaxed);
         let _ = load.await;
         println!(
-            "replace round {round}: its {} running tasks all completed elsewhere after {:.2}s",
+            "replace round {round}: its {} running tasks (priorities {}) all completed elsewhere after {:.2}s",
             stranded.len(),
+            priorities.join(","),
             recovered.as_secs_f64()
         );
         println!(
@@ -589,7 +595,7 @@ async fn main() {
             })
             .unwrap_or_else(|_| vec![10, 25, 50, 100]);
         for sessions in profiles {
-            e2e(o.nodes, sessions, o.clients, 20_000).await;
+            e2e(o.nodes, sessions, o.clients, o.tasks).await;
         }
         return;
     }

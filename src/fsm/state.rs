@@ -225,7 +225,8 @@ impl State {
             return;
         }
         let error = format!(
-            "{lost} leases ended without a result (expired or given back);              the task may be killing or hanging its agents"
+            "{lost} leases ended without a result (expired or given back); \
+             the task may be killing or hanging its agents"
         );
         self.move_task(id, TaskStatus::DeadLetter, |t| {
             t.lease = None;
