@@ -18,8 +18,7 @@
 //! - **closed loop** (`--clients C`): C clients, each sending its next
 //!   submission when the last one is answered. Measures the most the
 //!   cluster takes; latency is measured from the actual send. Each client
-//!   keeps its own keep-alive connection to each node (`common::conn`,
-//!   lighter than reqwest, which the open loop uses).
+//!   keeps its own keep-alive connection to each node (`common::conn`).
 //! - **open loop** (`--rate R`): submissions on a fixed schedule, R a
 //!   second, whether or not earlier ones were answered (at most
 //!   `--max-inflight` at once; past that, sends wait for a slot). Latency is
@@ -64,7 +63,7 @@ use std::time::{Duration, Instant};
 
 use common::conn::{Conn, ConnError};
 use common::support::Cluster;
-use common::{Done, client, completed_tasks, hist, sim_fleet, task, task_body, wall_us};
+use common::{Done, completed_tasks, hist, sim_fleet, task_body, wall_us};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -73,7 +72,7 @@ use tokio::sync::Semaphore;
 const PROFILES: [usize; 4] = [10, 25, 50, 100];
 /// `sim` gateways the sessions' agents are spread over.
 const GATEWAYS: usize = 3;
-/// Per request, as `common::client` has it for the open loop.
+/// Longest a submission may wait for its answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Copy, PartialEq)]
@@ -161,58 +160,48 @@ struct Created {
 /// The submissions' targets and the clock they are measured against.
 #[derive(Clone)]
 struct Target {
-    http: reqwest::Client,
-    urls: Arc<Vec<String>>,
-    /// Every node's API address, for the closed loop's own connections.
+    /// Every node's API address.
     addrs: Arc<Vec<std::net::SocketAddr>>,
+    /// The open loop's idle connections, per node: a submission takes one
+    /// (or opens one) and gives it back when answered.
+    idle: Arc<Vec<Mutex<Vec<Conn>>>>,
     start: Instant,
     start_wall_us: u64,
 }
 
 impl Target {
-    /// Every node's submit URL, and the clock starting now.
+    /// Every node's address, and the clock starting now.
     fn new(c: &Cluster) -> Self {
         Target {
-            http: client(),
-            urls: Arc::new(
-                (0..c.len())
-                    .map(|i| format!("http://{}/api/v1/tasks", c.node(i).api_addr))
-                    .collect(),
-            ),
             addrs: Arc::new((0..c.len()).map(|i| c.node(i).api_addr).collect()),
+            idle: Arc::new((0..c.len()).map(|_| Mutex::default()).collect()),
             start: Instant::now(),
             start_wall_us: wall_us(),
         }
     }
 
-    /// Submits task `i` to node `i % nodes`; `start` is when it should have
-    /// gone out (open loop) or went out (closed loop).
-    async fn submit(&self, i: u64, start: Instant) -> Sample {
-        let node = (i as usize) % self.urls.len();
-        let url = &self.urls[node];
-        let lag_us = start.elapsed().as_micros() as u64;
-        let outcome = match self.http.post(url).json(&task(i)).send().await {
-            Ok(r) if r.status().as_u16() == 201 => match r.json::<Created>().await {
-                Ok(c) => Ok(c.id),
-                Err(e) => Err(format!("body: {e}")),
-            },
-            Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
-            Err(e) if e.is_timeout() => Err("timeout".into()),
-            Err(e) if e.is_connect() => Err("connect".into()),
-            Err(e) => Err(format!("request: {e}")),
-        };
-        self.sample(start, lag_us, node, outcome)
+    /// The node task `i` goes to.
+    fn node_of(&self, i: u64) -> usize {
+        (i as usize) % self.addrs.len()
     }
 
-    /// As [`Target::submit`], on this client's own keep-alive connections
-    /// (`conns`, one per node): the closed loop's lean path.
-    async fn submit_on(&self, conns: &mut [Conn], i: u64, start: Instant) -> Sample {
-        let node = (i as usize) % conns.len();
+    /// Submits task `i` on an idle connection to its node (the open loop:
+    /// many submissions in flight, each on its own connection).
+    async fn submit(&self, i: u64, start: Instant) -> Sample {
+        let node = self.node_of(i);
+        let idle = self.idle[node].lock().expect("idle connections").pop();
+        let mut conn = idle.unwrap_or_else(|| Conn::new(self.addrs[node], TIMEOUT));
+        let sample = self.submit_on(&mut conn, i, start).await;
+        self.idle[node].lock().expect("idle connections").push(conn);
+        sample
+    }
+
+    /// Submits task `i` on `conn`, a keep-alive connection to node
+    /// `self.node_of(i)`; `start` is when it should have gone out (open
+    /// loop) or went out (closed loop).
+    async fn submit_on(&self, conn: &mut Conn, i: u64, start: Instant) -> Sample {
         let lag_us = start.elapsed().as_micros() as u64;
-        let outcome = match conns[node]
-            .post_json("/api/v1/tasks", task_body(i, None))
-            .await
-        {
+        let outcome = match conn.post_json("/api/v1/tasks", task_body(i, None)).await {
             Ok((201, body)) => serde_json::from_slice::<Created>(&body)
                 .map(|c| c.id)
                 .map_err(|e| format!("body: {e}")),
@@ -221,7 +210,7 @@ impl Target {
             Err(ConnError::Connect(_)) => Err("connect".into()),
             Err(e) => Err(e.to_string()),
         };
-        self.sample(start, lag_us, node, outcome)
+        self.sample(start, lag_us, self.node_of(i), outcome)
     }
 
     fn sample(
@@ -282,7 +271,8 @@ async fn closed_loop(t: &Target, clients: usize, secs: f64) -> Vec<Sample> {
             let mut conns: Vec<Conn> = t.addrs.iter().map(|a| Conn::new(*a, TIMEOUT)).collect();
             let mut i = w as u64;
             while !stop.load(Ordering::Relaxed) {
-                out.push(t.submit_on(&mut conns, i, Instant::now()).await);
+                let conn = &mut conns[t.node_of(i)];
+                out.push(t.submit_on(conn, i, Instant::now()).await);
                 i += clients as u64;
             }
             out
