@@ -16,6 +16,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::raft::NodeId;
 
+mod security;
+
+pub use security::{
+    AuthConfig, CommandPolicy, GatewaysConfig, MAX_JWT_LEEWAY, MIN_JWT_SECRET_BYTES, RateConfig,
+    SecretsConfig, TlsFiles, read_secret_file,
+};
+
 /// The whole configuration of one node.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -34,6 +41,12 @@ pub struct Config {
     pub api: ApiConfig,
     /// The actor fabric (ractor_cluster): lease hints between nodes.
     pub fabric: FabricConfig,
+    /// API credentials, JWT and rate limits.
+    pub auth: AuthConfig,
+    /// What gateway drivers on this node may run and call.
+    pub gateways: GatewaysConfig,
+    /// Which secret references resolve on this node.
+    pub secrets: SecretsConfig,
 }
 
 /// This node's identity and addresses.
@@ -79,6 +92,9 @@ pub struct ClusterConfig {
     pub secret: Option<String>,
     /// A file holding the shared secret.
     pub secret_file: Option<PathBuf>,
+    /// Mutual TLS for the node-to-node transport (Raft, forwarded writes
+    /// and reads); plain TCP after the secret handshake when absent.
+    pub tls: Option<TlsFiles>,
 }
 
 /// One initial member.
@@ -247,6 +263,19 @@ pub struct ApiConfig {
     pub request_timeout: Duration,
     /// Most items a list page returns.
     pub max_page_size: usize,
+    /// Longest a client may take to send a request's headers; the
+    /// connection is closed past it.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Longest a client may take to send a request's body (408 past it).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Deepest nesting of arrays and objects a JSON body may have (400 past it).
+    pub max_json_depth: usize,
+    /// Serve the API over TLS with this certificate chain (PEM); needs `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -255,6 +284,11 @@ impl Default for ApiConfig {
             max_body_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(10),
             max_page_size: 1000,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            max_json_depth: 32,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -302,16 +336,7 @@ impl Default for FabricConfig {
 /// certificate names the host of the member's `raft_addr` (IP or DNS name,
 /// as a subject alternative name). A node whose files cannot be read or do
 /// not fit together refuses to start rather than run the fabric in clear.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FabricTls {
-    /// This node's certificate chain (leaf first).
-    pub cert: PathBuf,
-    /// The private key of `cert` (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
-    /// The CA certificate(s) peers' certificates must chain to.
-    pub ca: PathBuf,
-}
+pub type FabricTls = TlsFiles;
 
 /// The fabric port is the raft port plus this, on every node.
 pub const FABRIC_PORT_OFFSET: u16 = 100;
@@ -454,6 +479,34 @@ impl Config {
         if self.api.max_body_bytes < 1024 {
             p.push("api.max_body_bytes must be at least 1024".into());
         }
+        if self.api.max_json_depth == 0
+            || self.api.header_timeout.is_zero()
+            || self.api.body_timeout.is_zero()
+        {
+            p.push(
+                "api.max_json_depth, api.header_timeout and api.body_timeout must be > 0".into(),
+            );
+        }
+        match (&self.api.tls_cert, &self.api.tls_key) {
+            (Some(c), Some(k)) => {
+                for (field, path) in [("tls_cert", c), ("tls_key", k)] {
+                    if !path.is_file() {
+                        p.push(format!(
+                            "api.{field}: {} is not a readable file",
+                            path.display()
+                        ));
+                    }
+                }
+            }
+            (None, None) => {}
+            _ => p.push("api.tls_cert and api.tls_key go together".into()),
+        }
+        if let Some(tls) = &self.cluster.tls {
+            p.extend(tls.problems("cluster.tls"));
+        }
+        self.auth.problems(&mut p);
+        self.gateways.problems(&mut p);
+        self.secrets.problems(&mut p);
         self.validate_members(&mut p);
         self.validate_fabric(&mut p);
         if p.is_empty() {
@@ -483,14 +536,7 @@ impl Config {
             }
         }
         if let Some(tls) = &self.fabric.tls {
-            for (field, path) in [("cert", &tls.cert), ("key", &tls.key), ("ca", &tls.ca)] {
-                if !path.is_file() {
-                    p.push(format!(
-                        "fabric.tls.{field}: {} is not a readable file",
-                        path.display()
-                    ));
-                }
-            }
+            p.extend(tls.problems("fabric.tls"));
         }
     }
 

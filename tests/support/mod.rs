@@ -36,6 +36,9 @@ pub mod work;
 pub const BIN: &str = env!("CARGO_BIN_EXE_godel");
 /// The shared node-to-node secret of every test cluster.
 pub const SECRET: &str = "godel-cluster-test-secret-0123456789";
+/// The admin API key every test cluster bootstraps with (`[auth]
+/// bootstrap_key_file`), and which [`Api`] sends unless told otherwise.
+pub const ADMIN_KEY: &str = "dk_test_T3N0LWFkbWluLWtleS1mb3ItdGhlLWhhcm5lc3MtMDEyMzQ1Njc4OQ";
 /// Longest a single HTTP request may take (client side).
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest `Cluster::start` waits for an agreed leader.
@@ -154,11 +157,27 @@ impl NodeProc {
         } else {
             "[queue]\nnode_heartbeat_interval = \"1h\"\nnode_dead_after = \"2h\"\n"
         };
+        // Every node bootstraps with the same known admin key; a test that
+        // brings its own `[auth]` table gets the key file line added to it.
+        let key_file = self.path().join("admin-bootstrap.key");
+        std::fs::write(&key_file, ADMIN_KEY).expect("write bootstrap key");
+        let key_line = format!(
+            "bootstrap_key_file = {}\n",
+            toml_str(&key_file.to_string_lossy())
+        );
+        let (auth, extra) = if extra.contains("[auth]\n") {
+            (
+                String::new(),
+                extra.replacen("[auth]\n", &format!("[auth]\n{key_line}"), 1),
+            )
+        } else {
+            (format!("[auth]\n{key_line}"), extra)
+        };
         let text = format!(
             "# written by tests/support for node {id}\n\
              [node]\nid = {id}\nregion = \"local\"\ndata_dir = {data}\n\
              api_addr = \"{api}\"\nraft_addr = \"{raft_addr}\"\n\n\
-             {raft}\n{queue}\n{extra}\n{cluster}",
+             {raft}\n{queue}\n{auth}\n{extra}\n{cluster}",
             id = self.id,
             data = toml_str(&self.path().join("data").to_string_lossy()),
             api = self.api_addr,
@@ -297,9 +316,16 @@ pub struct Resp {
     pub retry_after: Option<String>,
     /// The body as JSON (a string value if it was not JSON).
     pub body: Value,
+    /// Every response header, names in lower case.
+    pub headers: reqwest::header::HeaderMap,
 }
 
 impl Resp {
+    /// A response header as text, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
     /// `error.code` of an error body.
     pub fn code(&self) -> Option<&str> {
         self.body["error"]["code"].as_str()
@@ -335,6 +361,8 @@ impl Resp {
 pub struct Api {
     http: reqwest::Client,
     addrs: Arc<Vec<SocketAddr>>,
+    /// The bearer credential sent with every request; none: anonymous.
+    key: Option<Arc<str>>,
 }
 
 impl Api {
@@ -348,7 +376,65 @@ impl Api {
         Self {
             http,
             addrs: Arc::new(addrs),
+            key: Some(ADMIN_KEY.into()),
         }
+    }
+
+    /// The same nodes, calling with `credential` (an API key or a JWT).
+    pub fn with_key(&self, credential: &str) -> Api {
+        Api {
+            key: Some(credential.into()),
+            ..self.clone()
+        }
+    }
+
+    /// The same nodes, calling with no credential at all.
+    pub fn anonymous(&self) -> Api {
+        Api {
+            key: None,
+            ..self.clone()
+        }
+    }
+
+    /// A request of any method, with the credential and (if given) a JSON body.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        i: usize,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Resp> {
+        let mut req = self.http.request(method.clone(), self.url(i, path));
+        if let Some(key) = &self.key {
+            req = req.bearer_auth(key);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(b).expect("json"));
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {path} on node index {i}"))?;
+        Self::finish(resp).await
+    }
+
+    /// `DELETE` on node `i`.
+    pub async fn delete(&self, i: usize, path: &str) -> Result<Resp> {
+        self.request(reqwest::Method::DELETE, i, path, None).await
+    }
+
+    /// `PATCH` of a JSON body on node `i`.
+    pub async fn patch(&self, i: usize, path: &str, body: &Value) -> Result<Resp> {
+        self.request(reqwest::Method::PATCH, i, path, Some(body))
+            .await
+    }
+
+    /// `PUT` of a JSON body on node `i`.
+    pub async fn put(&self, i: usize, path: &str, body: &Value) -> Result<Resp> {
+        self.request(reqwest::Method::PUT, i, path, Some(body))
+            .await
     }
 
     /// Number of nodes addressed.
@@ -362,6 +448,7 @@ impl Api {
 
     async fn finish(resp: reqwest::Response) -> Result<Resp> {
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let retry_after = resp
             .headers()
             .get("retry-after")
@@ -378,18 +465,13 @@ impl Api {
             status,
             retry_after,
             body,
+            headers,
         })
     }
 
     /// `GET` on node `i`.
     pub async fn get(&self, i: usize, path: &str) -> Result<Resp> {
-        let resp = self
-            .http
-            .get(self.url(i, path))
-            .send()
-            .await
-            .with_context(|| format!("GET {path} on node index {i}"))?;
-        Self::finish(resp).await
+        self.request(reqwest::Method::GET, i, path, None).await
     }
 
     /// `POST` of a JSON body on node `i`.
@@ -400,10 +482,14 @@ impl Api {
 
     /// `POST` of raw bytes (as `application/json`) on node `i`.
     pub async fn post_raw(&self, i: usize, path: &str, body: Vec<u8>) -> Result<Resp> {
-        let resp = self
+        let mut req = self
             .http
             .post(self.url(i, path))
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(key) = &self.key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req
             .body(body)
             .send()
             .await
