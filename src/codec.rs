@@ -11,7 +11,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// The envelope version written by this build.
-pub const VERSION: u8 = 1;
+///
+/// 2: sessions belong to a tenant, and the state holds API keys, tenant
+/// records and the audit chain. Godel has no release that wrote version 1
+/// data to keep: a version 1 data directory is refused with
+/// [`CodecError::Version`] rather than misread (start it afresh).
+pub const VERSION: u8 = 2;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
 pub const MAX_DECODE_BYTES: usize = 512 * 1024 * 1024;

@@ -55,6 +55,8 @@
 //! - Listing with filters scans from the cursor; it is `O(scanned)`, not
 //!   indexed by status.
 
+mod audit;
+mod auth;
 mod command;
 mod dispatch;
 mod lease;
@@ -66,9 +68,17 @@ mod session;
 mod state;
 mod task;
 
+pub use audit::{
+    AuditAnchor, AuditEntry, AuditFilter, AuditLog, AuditRecord, AuditStamp, ChainBroken,
+    MAX_AUDIT_ENTRIES, verify as verify_audit_chain,
+};
+pub use auth::{
+    ApiKeyId, ApiKeyRecord, Auth, KEY_TOUCH_EVERY_MS, KeyHash, NewApiKey, Role, TenantPatch,
+    TenantRecord, TenantSettings,
+};
 pub use command::{
-    Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, Event, EventKind, LeaseGrant,
-    Outcome, Rejection, ReplaySelector, Reply, Request, Response, SubmitTask,
+    Audited, Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, Event, EventKind,
+    LeaseGrant, Outcome, Rejection, ReplaySelector, Reply, Request, Response, SubmitTask,
 };
 pub use query::{Depth, TaskFilter, TaskPage};
 pub use registry::{
@@ -77,7 +87,9 @@ pub use registry::{
     Registry, accepts_new_session,
 };
 pub use retry::{Backoff, backoff_delay_ms};
-pub use session::{OpenSession, SessionId, SessionRecord, SessionState, Sessions};
+pub use session::{
+    OpenSession, SessionId, SessionRecord, SessionState, Sessions, gateway_session_key,
+};
 pub use state::State;
 pub use task::{
     AgentId, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task, TaskId, TaskStatus,

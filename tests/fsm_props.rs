@@ -73,6 +73,13 @@ fn observe(outcome: &Outcome) -> Expect {
         Ok(other @ (Reply::Dispatched(_) | Reply::Renewed { .. } | Reply::Released(_))) => {
             panic!("runtime reply from a queue command: {other:?}")
         }
+        Ok(other @ (Reply::ApiKey(_) | Reply::Tenant { .. })) => {
+            panic!("credential reply from a queue command: {other:?}")
+        }
+        Err(
+            r
+            @ (Rejection::Conflict(_) | Rejection::QuotaExceeded { .. } | Rejection::Forbidden(_)),
+        ) => panic!("tenancy rejection from an unscoped queue command: {r}"),
         Err(Rejection::NotFound(_)) => Expect::NotFound,
         Err(Rejection::StaleToken(_)) => Expect::Stale,
         Err(Rejection::IllegalTransition { .. }) => Expect::Illegal,

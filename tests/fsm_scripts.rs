@@ -68,10 +68,12 @@ use std::str::FromStr;
 
 use godel::codec;
 use godel::fsm::{
-    AgentId, AgentRegistration, Backoff, Batch, Circuit, Command, DeadLetterFilter, DispatchPolicy,
-    DispatchSpec, Event, EventKind, FencingToken, GatewayId, GatewayRegistration, Health,
-    LeaseGrant, Outcome, Priority, Rejection, ReplaySelector, Reply, Request, SessionKey,
-    SessionRecord, SessionState, State, SubmitTask, Task, TaskFilter, TaskId, TaskStatus, Tenant,
+    AgentId, AgentRegistration, ApiKeyId, AuditFilter, AuditRecord, AuditStamp, Audited, Backoff,
+    Batch, Circuit, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, Event, EventKind,
+    FencingToken, GatewayId, GatewayRegistration, Health, LeaseGrant, NewApiKey, Outcome, Priority,
+    Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord, SessionState,
+    State, SubmitTask, Task, TaskFilter, TaskId, TaskStatus, Tenant, TenantPatch, TenantRecord,
+    verify_audit_chain,
 };
 
 const SCRIPT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fsm_scripts");
@@ -90,6 +92,8 @@ macro_rules! scripts {
 }
 
 scripts! {
+    api_keys_bootstrap_once,
+    audit_chain_verifies_and_names_tampering,
     cancel_from_every_non_terminal_state,
     cancel_terminal_rejected,
     capability_match,
@@ -107,6 +111,7 @@ scripts! {
     fifo_within_priority,
     idempotency_key_returns_first,
     invalid_input_changes_nothing,
+    jwt_revocations_expire,
     lease_expiry_returns_without_attempt,
     manual_retry,
     not_retryable_goes_to_dead_letter,
@@ -114,9 +119,12 @@ scripts! {
     release_and_renew_many,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
+    sessions_are_per_tenant,
     sessions_leave_an_unusable_gateway,
     stale_token_rejected,
+    tenant_quota_and_settings,
     tenant_round_robin_weighted,
+    tenant_scope_confines_commands,
     timeout_counts_as_failure,
 }
 
@@ -319,56 +327,11 @@ impl Runner {
         if verb == "time" {
             return self.move_clock(rest.trim());
         }
+        if verb == "as" {
+            return self.execute_as(rest);
+        }
         let mut args = Args::parse(rest)?;
         let out = match verb {
-            "submit" => self.apply(submit_command(&mut args, self.now_ms)?),
-            "lease" => self.apply(lease_command(&mut args)?),
-            "renew" => self.apply(Command::Renew {
-                token: FencingToken(args.require("token")?),
-                lease_ms: args.parsed("lease")?.unwrap_or(30_000),
-            }),
-            "complete" => self.apply(Command::Complete {
-                token: FencingToken(args.require("token")?),
-                result: match args.parsed::<usize>("result_bytes")? {
-                    Some(n) => sized_json(n),
-                    None => args.take("result").unwrap_or_else(|| "{}".into()),
-                },
-            }),
-            "fail" => self.apply(Command::Fail {
-                token: FencingToken(args.require("token")?),
-                error: args.take("error").unwrap_or_else(|| "boom".into()),
-                retryable: args.parsed("retryable")?.unwrap_or(true),
-            }),
-            "cancel" => self.apply(Command::Cancel {
-                id: TaskId(args.require("id")?),
-                reason: args.take("reason"),
-            }),
-            "retry" => self.apply(Command::Retry {
-                id: TaskId(args.require("id")?),
-            }),
-            "replay" => self.apply(replay_command(&mut args)?),
-            "weight" => self.apply(Command::SetTenantWeight {
-                tenant: Tenant(args.require("tenant")?),
-                weight: args.require("w")?,
-            }),
-            "tick" => self.apply(Command::Tick),
-            "node" => self.apply(Command::NodeHeartbeat {
-                id: args.require("id")?,
-                region: args.take("region").unwrap_or_else(|| "eu".into()),
-                api_addr: args.take("api").unwrap_or_else(|| "127.0.0.1:1".into()),
-            }),
-            "drain" => self.apply(Command::SetDrain {
-                id: args.require("id")?,
-                draining: args.parsed("on")?.unwrap_or(true),
-            }),
-            "gateway" => self.apply(Command::RegisterGateway(GatewayRegistration {
-                id: GatewayId(args.require("id")?),
-                kind: args.take("kind").unwrap_or_else(|| "sim".into()),
-                spec: "{}".into(),
-                region: args.take("region").unwrap_or_else(|| "eu".into()),
-                capabilities: list(args.take("caps")),
-                max_sessions: args.parsed("max")?.unwrap_or(100),
-            })),
             "place" => {
                 let gateway = GatewayId(args.require("gateway")?);
                 let mut out = self.apply(Command::PlaceGateway {
@@ -378,16 +341,6 @@ impl Runner {
                 out.extend(self.bring_online(|a| a.reg.gateway == gateway));
                 out
             }
-            "online" => self.apply(Command::AgentOnline {
-                agent: AgentId(args.require("agent")?),
-                node: args.require("node")?,
-                release: tokens_or_none(&mut args)?,
-            }),
-            "report" => self.apply(Command::ReportGateway {
-                id: GatewayId(args.require("gateway")?),
-                health: health(&args.require::<String>("health")?)?,
-                circuit: circuit(&args.require::<String>("circuit")?)?,
-            }),
             "agent" => {
                 let id = AgentId(args.require("id")?);
                 let mut out = self.apply(Command::RegisterAgent(AgentRegistration {
@@ -400,36 +353,93 @@ impl Runner {
                 out.extend(self.bring_online(|a| a.reg.id == id));
                 out
             }
-            "unagent" => self.apply(Command::DeregisterAgent {
-                id: AgentId(args.require("id")?),
-            }),
-            "dispatch" => self.apply(Command::Dispatch(dispatch_spec(&mut args)?)),
-            "renew_many" => self.apply(Command::RenewMany {
-                tokens: tokens(&mut args)?,
-                lease_ms: args.parsed("lease")?.unwrap_or(30_000),
-            }),
-            "release" => self.apply(Command::Release {
-                tokens: tokens(&mut args)?,
-            }),
-            "kill_session" => self.apply(Command::KillSession {
-                id: args.require("id")?,
-                reason: args.take("reason"),
-            }),
+            "tamper" => self.tamper(&mut args)?,
+            _ => match build_command(verb, &mut args, self.now_ms)? {
+                Some(cmd) => self.apply(cmd),
+                None => self.read(verb, &mut args)?,
+            },
+        };
+        args.finish()?;
+        Ok(out)
+    }
+
+    /// `as ACTOR TENANT [scoped] VERB ARGS...`: the verb's command, proposed
+    /// on behalf of an API caller (audited; confined to TENANT if `scoped`).
+    fn execute_as(&mut self, rest: &str) -> Result<Vec<String>, String> {
+        let mut words = rest.splitn(3, ' ');
+        let (Some(actor), Some(tenant), Some(mut rest)) =
+            (words.next(), words.next(), words.next())
+        else {
+            return Err("give `as ACTOR TENANT [scoped] VERB ARGS...`".into());
+        };
+        let scoped = match rest.strip_prefix("scoped ") {
+            Some(r) => {
+                rest = r;
+                true
+            }
+            None => false,
+        };
+        let (verb, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+        let mut args = Args::parse(rest)?;
+        let target = args.take("target");
+        let command = build_command(verb, &mut args, self.now_ms)?
+            .ok_or_else(|| format!("`{verb}` is not a command"))?;
+        args.finish()?;
+        let tenant = Tenant(tenant.to_owned());
+        Ok(self.apply(Command::Audited(Box::new(Audited {
+            stamp: AuditStamp {
+                actor: actor.to_owned(),
+                tenant: tenant.clone(),
+                action: verb.to_owned(),
+                target,
+            },
+            scope: scoped.then_some(tenant),
+            command,
+        }))))
+    }
+
+    /// The read-only verbs.
+    fn read(&mut self, verb: &str, args: &mut Args) -> Result<Vec<String>, String> {
+        Ok(match verb {
             "dump" => self.dump(),
             "task" => self.task(TaskId(args.require("id")?)),
             "depth" => depth_lines(&self.state),
             "clock" => vec![self.clock_line()],
             "sessions" => self.sessions(),
             "load" => self.load(AgentId(args.require("agent")?)),
+            "keys" => key_lines(&self.state),
+            "tenants" => tenant_lines(&self.state),
+            "jtis" => jti_lines(&self.state),
+            "audit" => audit_lines(&self.state, args.parsed("after")?.unwrap_or(0)),
+            "verify" => vec![match verify_audit_chain(
+                self.state.audit().anchor(),
+                self.state.audit().entries(),
+            ) {
+                Ok(n) => format!("audit chain verifies: {n} entries"),
+                Err(e) => e.to_string(),
+            }],
             "snapshot" => {
                 self.saved = Some(encode(&self.state));
                 vec!["saved".into()]
             }
             "unchanged" => self.unchanged()?,
             other => return Err(format!("unknown verb `{other}`")),
-        };
-        args.finish()?;
-        Ok(out)
+        })
+    }
+
+    /// `tamper seq=N`: flips one byte of a stored audit entry (its actor),
+    /// as a corrupted disk or a forger would.
+    fn tamper(&mut self, args: &mut Args) -> Result<Vec<String>, String> {
+        let seq: u64 = args.require("seq")?;
+        let e = self
+            .state
+            .audit_mut()
+            .tamper(seq)
+            .ok_or_else(|| format!("no audit entry {seq}"))?;
+        let mut bytes = std::mem::take(&mut e.actor).into_bytes();
+        bytes[0] ^= 0x20;
+        e.actor = String::from_utf8(bytes).map_err(|e| e.to_string())?;
+        Ok(vec![format!("tampered with audit entry {seq}")])
     }
 
     fn move_clock(&mut self, arg: &str) -> Result<Vec<String>, String> {
@@ -612,6 +622,274 @@ impl Args {
     }
 }
 
+/// The command a state-changing verb stands for; `None` for other verbs.
+fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Command>, String> {
+    Ok(Some(match verb {
+        "submit" => submit_command(args, now_ms)?,
+        "lease" => lease_command(args)?,
+        "renew" => Command::Renew {
+            token: FencingToken(args.require("token")?),
+            lease_ms: args.parsed("lease")?.unwrap_or(30_000),
+        },
+        "complete" => Command::Complete {
+            token: FencingToken(args.require("token")?),
+            result: match args.parsed::<usize>("result_bytes")? {
+                Some(n) => sized_json(n),
+                None => args.take("result").unwrap_or_else(|| "{}".into()),
+            },
+        },
+        "fail" => Command::Fail {
+            token: FencingToken(args.require("token")?),
+            error: args.take("error").unwrap_or_else(|| "boom".into()),
+            retryable: args.parsed("retryable")?.unwrap_or(true),
+        },
+        "cancel" => Command::Cancel {
+            id: TaskId(args.require("id")?),
+            reason: args.take("reason"),
+        },
+        "retry" => Command::Retry {
+            id: TaskId(args.require("id")?),
+        },
+        "replay" => replay_command(args)?,
+        "weight" => Command::SetTenantWeight {
+            tenant: Tenant(args.require("tenant")?),
+            weight: args.require("w")?,
+        },
+        "tick" => Command::Tick,
+        "node" => Command::NodeHeartbeat {
+            id: args.require("id")?,
+            region: args.take("region").unwrap_or_else(|| "eu".into()),
+            api_addr: args.take("api").unwrap_or_else(|| "127.0.0.1:1".into()),
+        },
+        "drain" => Command::SetDrain {
+            id: args.require("id")?,
+            draining: args.parsed("on")?.unwrap_or(true),
+        },
+        "gateway" => Command::RegisterGateway(GatewayRegistration {
+            id: GatewayId(args.require("id")?),
+            kind: args.take("kind").unwrap_or_else(|| "sim".into()),
+            spec: "{}".into(),
+            region: args.take("region").unwrap_or_else(|| "eu".into()),
+            capabilities: list(args.take("caps")),
+            max_sessions: args.parsed("max")?.unwrap_or(100),
+        }),
+        "online" => Command::AgentOnline {
+            agent: AgentId(args.require("agent")?),
+            node: args.require("node")?,
+            release: tokens_or_none(args)?,
+        },
+        "report" => Command::ReportGateway {
+            id: GatewayId(args.require("gateway")?),
+            health: health(&args.require::<String>("health")?)?,
+            circuit: circuit(&args.require::<String>("circuit")?)?,
+        },
+        "unagent" => Command::DeregisterAgent {
+            id: AgentId(args.require("id")?),
+        },
+        "dispatch" => Command::Dispatch(dispatch_spec(args)?),
+        "renew_many" => Command::RenewMany {
+            tokens: tokens(args)?,
+            lease_ms: args.parsed("lease")?.unwrap_or(30_000),
+        },
+        "release" => Command::Release {
+            tokens: tokens(args)?,
+        },
+        "kill_session" => Command::KillSession {
+            id: args.require("id")?,
+            reason: args.take("reason"),
+        },
+        "key" => {
+            let new = new_key(args, now_ms)?;
+            if args.parsed("bootstrap")?.unwrap_or(false) {
+                Command::BootstrapApiKey(new)
+            } else {
+                Command::CreateApiKey(new)
+            }
+        }
+        "revoke_key" => Command::RevokeApiKey {
+            id: ApiKeyId(args.require("id")?),
+        },
+        "touch" => Command::TouchApiKeys {
+            ids: list(args.take("keys")).into_iter().map(ApiKeyId).collect(),
+        },
+        "tenant" => Command::CreateTenant {
+            tenant: Tenant(args.require("name")?),
+            patch: tenant_patch(args)?,
+        },
+        "tenant_update" => Command::UpdateTenant {
+            tenant: Tenant(args.require("name")?),
+            patch: tenant_patch(args)?,
+        },
+        "tenant_delete" => Command::DeleteTenant {
+            tenant: Tenant(args.require("name")?),
+        },
+        "revoke_jti" => Command::RevokeJti {
+            jti: args.require("jti")?,
+            until_ms: args.require("until")?,
+        },
+        "deny" => Command::Audit(AuditRecord {
+            stamp: AuditStamp {
+                actor: args.require("actor")?,
+                tenant: Tenant(args.take("tenant").unwrap_or_else(|| "a".into())),
+                action: args.require("action")?,
+                target: args.take("target"),
+            },
+            outcome: args
+                .take("outcome")
+                .unwrap_or_else(|| "denied:forbidden".into()),
+        }),
+        _ => return Ok(None),
+    }))
+}
+
+/// `key id=K [tenant=a] [role=developer] [name=K] [hash=N] [expires=+N|N]
+/// [by=admin]`: a key whose hash is 32 bytes of N (default: the id's length).
+fn new_key(args: &mut Args, now_ms: u64) -> Result<NewApiKey, String> {
+    let id: String = args.require("id")?;
+    let hash_byte: u8 = args.parsed("hash")?.unwrap_or(id.len() as u8);
+    let expires_at_ms = match args.take("expires") {
+        Some(v) => Some(match v.strip_prefix('+') {
+            Some(d) => {
+                now_ms
+                    + d.parse::<u64>()
+                        .map_err(|e| format!("`expires={v}`: {e}"))?
+            }
+            None => v.parse().map_err(|e| format!("`expires={v}`: {e}"))?,
+        }),
+        None => None,
+    };
+    Ok(NewApiKey {
+        name: args.take("name").unwrap_or_else(|| id.clone()),
+        role: args.parsed("role")?.unwrap_or(Role::Developer),
+        tenant: Tenant(args.take("tenant").unwrap_or_else(|| "a".into())),
+        hash: [hash_byte; 32],
+        prefix: args.take("prefix").unwrap_or_else(|| "dk_test_AbCd".into()),
+        expires_at_ms,
+        created_by: args.take("by").unwrap_or_else(|| "admin".into()),
+        id: ApiKeyId(id),
+    })
+}
+
+/// `[weight=N] [max_queued=N|none] [rate=N|none] [burst=N|none]`.
+fn tenant_patch(args: &mut Args) -> Result<TenantPatch, String> {
+    fn limit<T: FromStr>(args: &mut Args, key: &str) -> Result<Option<Option<T>>, String>
+    where
+        T::Err: Display,
+    {
+        match args.take(key).as_deref() {
+            None => Ok(None),
+            Some("none") => Ok(Some(None)),
+            Some(v) => v
+                .parse()
+                .map(|n| Some(Some(n)))
+                .map_err(|e| format!("`{key}={v}`: {e}")),
+        }
+    }
+    Ok(TenantPatch {
+        weight: args.parsed("weight")?,
+        max_queued: limit(args, "max_queued")?,
+        rate_per_second: limit(args, "rate")?,
+        burst: limit(args, "burst")?,
+    })
+}
+
+fn key_lines(state: &State) -> Vec<String> {
+    let now = state.clock_ms();
+    let lines: Vec<String> = state
+        .auth()
+        .keys()
+        .map(|k| {
+            let mut l = format!(
+                "key {} {} {} hash={:02x} created={}",
+                k.id, k.role, k.tenant, k.hash[0], k.created_at_ms
+            );
+            if let Some(at) = k.expires_at_ms {
+                l += &format!(" expires={at}");
+            }
+            if let Some(at) = k.revoked_at_ms {
+                l += &format!(" revoked={at}");
+            }
+            if let Some(at) = k.last_used_ms {
+                l += &format!(" used={at}");
+            }
+            l += if k.is_live(now) { " live" } else { " dead" };
+            l
+        })
+        .collect();
+    let mut out = vec![format!("bootstrapped={}", state.auth().bootstrapped())];
+    out.extend(lines);
+    out
+}
+
+fn tenant_lines(state: &State) -> Vec<String> {
+    let lines: Vec<String> = state
+        .auth()
+        .tenants()
+        .map(|t| tenant_line(t, state))
+        .collect();
+    if lines.is_empty() {
+        return vec!["no tenant records".into()];
+    }
+    lines
+}
+
+fn tenant_line(t: &TenantRecord, state: &State) -> String {
+    let show = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    format!(
+        "tenant {} weight={} max_queued={} rate={} burst={} queued={}",
+        t.name,
+        state.tenant_weights().get(&t.name).copied().unwrap_or(1),
+        show(t.settings.max_queued.map(|v| v.to_string())),
+        show(t.settings.rate_per_second.map(|v| v.to_string())),
+        show(t.settings.burst.map(|v| v.to_string())),
+        state.queued_of(&t.name)
+    )
+}
+
+fn jti_lines(state: &State) -> Vec<String> {
+    let lines: Vec<String> = state
+        .auth()
+        .revoked_jtis()
+        .map(|(jti, until)| format!("jti {jti} revoked until={until}"))
+        .collect();
+    if lines.is_empty() {
+        return vec!["no revoked jtis".into()];
+    }
+    lines
+}
+
+/// One line per audit entry after `after`: seq, time, who, what, outcome,
+/// and the first bytes of its hash and link.
+fn audit_lines(state: &State, after: u64) -> Vec<String> {
+    let (items, _) = state
+        .audit()
+        .page(&AuditFilter::default(), after, usize::MAX);
+    if items.is_empty() {
+        return vec!["no audit entries".into()];
+    }
+    items
+        .iter()
+        .map(|e| {
+            format!(
+                "audit {} t={} {} {} {} {} {} hash={} prev={}",
+                e.seq,
+                e.time_ms,
+                e.actor,
+                e.tenant,
+                e.action,
+                if e.target.is_empty() { "-" } else { &e.target },
+                e.outcome,
+                hex4(&e.hash),
+                hex4(&e.prev_hash)
+            )
+        })
+        .collect()
+}
+
+fn hex4(h: &[u8; 32]) -> String {
+    h[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// `a,b` as a list; an empty value is an empty list.
 fn list(value: Option<String>) -> Vec<String> {
     value.map_or_else(Vec::new, |v| {
@@ -789,6 +1067,20 @@ fn outcome_lines(outcome: &Outcome) -> Vec<String> {
             let ids: Vec<String> = ids.iter().map(|id| format!("#{id}")).collect();
             vec![format!("released [{}]", ids.join(" "))]
         }
+        Ok(Reply::ApiKey(k)) => vec![format!(
+            "ok key {} {} {} revoked={}",
+            k.id,
+            k.role,
+            k.tenant,
+            k.revoked_at_ms.map_or("-".into(), |t| t.to_string())
+        )],
+        Ok(Reply::Tenant { record, weight }) => vec![format!(
+            "ok tenant {} weight={weight} max_queued={:?} rate={:?} burst={:?}",
+            record.name,
+            record.settings.max_queued,
+            record.settings.rate_per_second,
+            record.settings.burst
+        )],
         Err(rejection) => vec![rejection_line(rejection)],
     }
 }
@@ -815,7 +1107,12 @@ fn dispatch_grant_line(g: &LeaseGrant) -> String {
 
 /// One line per session: id and state, then where it runs and what it holds.
 fn session_line(s: &SessionRecord) -> String {
-    let mut line = format!("session {} {}", s.id, session_state(s.state));
+    let mut line = format!(
+        "session {} {} tenant={}",
+        s.id,
+        session_state(s.state),
+        s.tenant
+    );
     if let Some(k) = &s.session_key {
         line += &format!(" key={k}");
     }
@@ -865,6 +1162,9 @@ fn rejection_line(r: &Rejection) -> String {
         Rejection::TooLarge { .. } => "too_large",
         Rejection::Unknown { .. } => "unknown",
         Rejection::SessionTransition { .. } => "session_transition",
+        Rejection::Conflict(_) => "conflict",
+        Rejection::QuotaExceeded { .. } => "quota_exceeded",
+        Rejection::Forbidden(_) => "forbidden",
     };
     format!("rejected {kind}: {r}")
 }

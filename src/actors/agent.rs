@@ -504,7 +504,10 @@ async fn attempt(
     let req = RunRequest {
         task_id: task.id,
         fencing_token: token,
-        session_key: task.session_key.clone(),
+        session_key: task
+            .session_key
+            .as_ref()
+            .map(|k| crate::fsm::gateway_session_key(&task.tenant, k)),
         payload: Arc::from(task.payload.as_str()),
         timeout: Duration::from_millis(task.timeout_ms),
     };
@@ -569,9 +572,9 @@ fn live_session(
 ) -> Option<(crate::fsm::SessionId, crate::fsm::SessionKey)> {
     let key = task.session_key.as_ref()?;
     args.node.state().read(|s| {
-        let r = s.sessions().by_key(key)?;
+        let r = s.sessions().by_key(&task.tenant, key)?;
         (r.gateway == *args.sessions.gateway() && !r.state.is_terminal())
-            .then(|| (r.id, key.clone()))
+            .then(|| (r.id, crate::fsm::gateway_session_key(&task.tenant, key)))
     })
 }
 

@@ -76,7 +76,12 @@ impl GatewayRegistry for Node {
                 .iter()
                 .filter_map(|sid| match s.sessions().get(*sid) {
                     Some(r) if r.gateway == *id && !r.state.is_terminal() => None,
-                    Some(r) => Some((*sid, r.session_key.clone())),
+                    Some(r) => Some((
+                        *sid,
+                        r.session_key
+                            .as_ref()
+                            .map(|k| crate::fsm::gateway_session_key(&r.tenant, k)),
+                    )),
                     None => Some((*sid, None)),
                 })
                 .collect()

@@ -40,6 +40,22 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
     }
 
+    /// 401 `unauthenticated`: no usable credential (the response also
+    /// carries `WWW-Authenticate: Bearer`).
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+    }
+
+    /// 403 `forbidden`: the credential lacks a permission or the tenant.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 429 `rate_limited`.
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+    }
+
     /// 503 `service_unavailable`.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(
@@ -97,23 +113,33 @@ impl From<NodeError> for ApiError {
 impl From<Rejection> for ApiError {
     fn from(r: Rejection) -> Self {
         let message = r.to_string();
+        let code = r.code();
+        let err = Self::new(status_of(code), code, message);
         match r {
-            Rejection::NotFound(_) | Rejection::Unknown { .. } => {
-                Self::new(StatusCode::NOT_FOUND, "not_found", message)
-            }
             // A stale token or a finished task stays that way: retrying cannot help.
             Rejection::StaleToken(_)
             | Rejection::IllegalTransition { .. }
-            | Rejection::SessionTransition { .. } => {
-                Self::new(StatusCode::CONFLICT, "conflict", message).final_()
-            }
-            Rejection::Invalid { .. } => {
-                Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
-            }
-            Rejection::TooLarge { .. } => {
-                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
-            }
+            | Rejection::SessionTransition { .. }
+            | Rejection::Conflict(_) => err.final_(),
+            _ => err,
         }
+    }
+}
+
+/// The HTTP status of an error code (DESIGN "Interfaces").
+pub fn status_of(code: &str) -> StatusCode {
+    match code {
+        "invalid_request" => StatusCode::BAD_REQUEST,
+        "unauthenticated" => StatusCode::UNAUTHORIZED,
+        "forbidden" => StatusCode::FORBIDDEN,
+        "not_found" => StatusCode::NOT_FOUND,
+        "conflict" => StatusCode::CONFLICT,
+        "request_timeout" => StatusCode::REQUEST_TIMEOUT,
+        "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+        "service_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        "gateway_timeout" => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -121,6 +147,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code, "message": self.message, "retryable": self.retryable } });
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"godel\""),
+            );
+        }
         if matches!(
             self.status,
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::audit::{AuditRecord, AuditStamp};
+use super::auth::{ApiKeyId, ApiKeyRecord, NewApiKey, TenantPatch, TenantRecord};
 use super::registry::{AgentRegistration, Circuit, GatewayId, GatewayRegistration, Health};
 use super::retry::Backoff;
 use super::session::{OpenSession, SessionId, SessionRecord, SessionState};
@@ -195,6 +197,65 @@ pub enum Command {
         /// Leases to give back; only the agent's own live ones are.
         release: Vec<FencingToken>,
     },
+    /// Record a new API key (its hash, never the key).
+    CreateApiKey(NewApiKey),
+    /// Record the first admin key, only if the cluster has never had a key
+    /// (replies `Done` and changes nothing otherwise).
+    BootstrapApiKey(NewApiKey),
+    /// Revoke an API key (idempotent).
+    RevokeApiKey {
+        /// The key.
+        id: ApiKeyId,
+    },
+    /// Record that nodes saw these keys used (at the batch's time).
+    TouchApiKeys {
+        /// The keys.
+        ids: Vec<ApiKeyId>,
+    },
+    /// Create a tenant record with settings.
+    CreateTenant {
+        /// The tenant.
+        tenant: Tenant,
+        /// Its settings (unset fields: defaults).
+        patch: TenantPatch,
+    },
+    /// Change a tenant's settings.
+    UpdateTenant {
+        /// The tenant.
+        tenant: Tenant,
+        /// The change.
+        patch: TenantPatch,
+    },
+    /// Remove a tenant's record (refused while it has live keys or
+    /// unfinished tasks).
+    DeleteTenant {
+        /// The tenant.
+        tenant: Tenant,
+    },
+    /// Refuse JWTs carrying this `jti` until `until_ms` (their expiry).
+    RevokeJti {
+        /// The JWT id.
+        jti: String,
+        /// When the revocation may be forgotten, ms since the epoch.
+        until_ms: u64,
+    },
+    /// Append an audit entry for a call refused before it became a command.
+    Audit(AuditRecord),
+    /// Apply a command on behalf of an API caller, confined to the caller's
+    /// tenant when it has a scope, and append its audit entry.
+    Audited(Box<Audited>),
+}
+
+/// A command with the API caller's audit stamp and tenant scope.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Audited {
+    /// Who asked for what.
+    pub stamp: AuditStamp,
+    /// `Some`: the command may only touch this tenant's tasks, leases and
+    /// sessions (developers and viewers); `None`: any (admin, operator).
+    pub scope: Option<Tenant>,
+    /// The command.
+    pub command: Command,
 }
 
 /// How agents are chosen among those that can take a task.
@@ -422,6 +483,15 @@ pub enum Reply {
     },
     /// The tasks whose leases were released.
     Released(Vec<TaskId>),
+    /// An API key after the change.
+    ApiKey(Arc<ApiKeyRecord>),
+    /// A tenant record after the change, with its round-robin weight.
+    Tenant {
+        /// The record.
+        record: TenantRecord,
+        /// Its weight.
+        weight: u32,
+    },
 }
 
 /// One granted lease.
@@ -489,9 +559,41 @@ pub enum Rejection {
         /// The state asked for.
         to: SessionState,
     },
+    /// The change conflicts with what exists (a duplicate, or something
+    /// still in use).
+    #[error("{0}")]
+    Conflict(String),
+    /// The tenant holds as many unfinished tasks as its quota allows.
+    #[error("tenant `{tenant}` has {queued} unfinished tasks; its quota is {limit}")]
+    QuotaExceeded {
+        /// The tenant.
+        tenant: Tenant,
+        /// Its unfinished tasks.
+        queued: u64,
+        /// Its `max_queued`.
+        limit: u64,
+    },
+    /// The caller's scope does not allow the command.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl Rejection {
+    /// The API error code this rejection maps to (also the audit outcome's).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::NotFound(_) | Rejection::Unknown { .. } => "not_found",
+            Rejection::StaleToken(_)
+            | Rejection::IllegalTransition { .. }
+            | Rejection::SessionTransition { .. }
+            | Rejection::Conflict(_) => "conflict",
+            Rejection::Invalid { .. } => "invalid_request",
+            Rejection::TooLarge { .. } => "payload_too_large",
+            Rejection::QuotaExceeded { .. } => "rate_limited",
+            Rejection::Forbidden(_) => "forbidden",
+        }
+    }
+
     pub(crate) fn invalid(field: &str, problem: impl Into<String>) -> Self {
         Rejection::Invalid {
             field: field.to_owned(),

@@ -152,10 +152,11 @@ impl State {
             let Some(id) = self.pick_for(&slot.agent, &slot.caps, may_open) else {
                 continue;
             };
-            let keyed_session = self.tasks[&id]
+            let t = &self.tasks[&id];
+            let keyed_session = t
                 .session_key
                 .as_ref()
-                .and_then(|k| self.sessions.by_key(k))
+                .and_then(|k| self.sessions.by_key(&t.tenant, k))
                 .is_some();
             if !keyed_session {
                 room.active += 1;
@@ -196,9 +197,9 @@ impl State {
             let t = &tasks[&id];
             match &t.session_key {
                 None => may_open,
-                Some(k) => match sessions.by_key(k) {
+                Some(k) => match sessions.by_key(&t.tenant, k) {
                     None => may_open,
-                    Some(_) => sessions.admits(k, agent),
+                    Some(_) => sessions.admits(&t.tenant, k, agent),
                 },
             }
         };

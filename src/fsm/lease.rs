@@ -14,6 +14,7 @@ impl State {
         capabilities: &[String],
         max: u32,
         lease_ms: u64,
+        tenant: Option<&Tenant>,
         events: &mut Vec<Event>,
     ) -> Outcome {
         if agent.0.is_empty() || agent.0.len() > Limits::MAX_NAME_BYTES {
@@ -29,7 +30,11 @@ impl State {
         while grants.len() < max as usize {
             let weights = &self.weights;
             let weight = |t: &Tenant| weights.get(t).copied().unwrap_or(1);
-            let Some(id) = self.ready.pick(&caps, weight) else {
+            let picked = match tenant {
+                None => self.ready.pick(&caps, weight),
+                Some(t) => self.ready.pick_in(t, &caps),
+            };
+            let Some(id) = picked else {
                 break;
             };
             grants.push(self.grant(id, agent, lease_ms, events));

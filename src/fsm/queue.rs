@@ -145,6 +145,18 @@ impl ReadyQueues {
         self.pick_allowed(agent_caps, weight, &|_| true)
     }
 
+    /// The next task of one tenant only, by priority then age, for a
+    /// worker confined to that tenant; the round-robin turns are untouched
+    /// (the pick does not take a turn from other tenants).
+    pub(crate) fn pick_in(&self, tenant: &Tenant, agent_caps: &[String]) -> Option<TaskId> {
+        self.levels.iter().find_map(|level| {
+            level
+                .tenants
+                .get(tenant)
+                .and_then(|q| q.first_match(agent_caps))
+        })
+    }
+
     /// [`ReadyQueues::pick`] among the tasks `allowed` accepts.
     pub(crate) fn pick_allowed(
         &mut self,

@@ -16,10 +16,18 @@ use super::command::{Event, EventKind, Outcome, Rejection, Reply, check_name};
 use super::registry::{GatewayId, not_found};
 use super::retry::mix;
 use super::state::State;
-use super::task::{AgentId, SessionKey, TaskId};
+use super::task::{AgentId, SessionKey, TaskId, Tenant};
 
 /// A session's identity, from a counter.
 pub type SessionId = u64;
+
+/// The key a gateway knows a tenant's session by: `<tenant>~<key>`.
+/// Affinity keys are per tenant, so the gateway-side conversation must be
+/// too; `~` is outside the tenant alphabet, so no two (tenant, key) pairs
+/// give the same name.
+pub fn gateway_session_key(tenant: &Tenant, key: &SessionKey) -> SessionKey {
+    SessionKey(format!("{tenant}~{key}"))
+}
 
 /// Where a session is in its life. Every legal move is in
 /// [`SessionState::can_become`].
@@ -102,6 +110,9 @@ pub struct SessionRecord {
     pub id: SessionId,
     /// The gateway it runs on.
     pub gateway: GatewayId,
+    /// The tenant whose tasks run in it: affinity keys are per tenant, so
+    /// two tenants using the same key never share a conversation.
+    pub tenant: Tenant,
     /// The affinity key, if any.
     pub session_key: Option<SessionKey>,
     /// The agent driving it.
@@ -127,8 +138,8 @@ pub struct SessionRecord {
 pub struct Sessions {
     last_id: SessionId,
     records: BTreeMap<SessionId, Arc<SessionRecord>>,
-    /// Live sessions by key (affinity).
-    by_key: BTreeMap<SessionKey, SessionId>,
+    /// Live sessions by tenant and key (affinity).
+    by_key: BTreeMap<(Tenant, SessionKey), SessionId>,
     /// Live sessions with a time limit, by deadline.
     deadlines: BTreeSet<(u64, SessionId)>,
     /// Idle sessions that close for idleness, by closing time.
@@ -142,7 +153,9 @@ pub struct Sessions {
 pub struct OpenSession {
     /// The gateway (must be registered).
     pub gateway: GatewayId,
-    /// Affinity key: refused while another live session holds it.
+    /// Whose session it is.
+    pub tenant: Tenant,
+    /// Affinity key: refused while another live session of the tenant holds it.
     pub session_key: Option<SessionKey>,
     /// The agent driving it.
     pub agent: Option<AgentId>,
@@ -164,9 +177,13 @@ impl Sessions {
         self.records.values()
     }
 
-    /// The live session holding `key`.
-    pub fn by_key(&self, key: &SessionKey) -> Option<&Arc<SessionRecord>> {
-        self.by_key.get(key).and_then(|id| self.records.get(id))
+    /// The live session of `tenant` holding `key`.
+    pub fn by_key(&self, tenant: &Tenant, key: &SessionKey) -> Option<&Arc<SessionRecord>> {
+        // The map is keyed by owned pairs; lookups build one (two short
+        // strings), which is cheaper than a second index.
+        self.by_key
+            .get(&(tenant.clone(), key.clone()))
+            .and_then(|id| self.records.get(id))
     }
 
     /// The earliest session deadline or idle close.
@@ -195,8 +212,8 @@ impl Sessions {
     /// Whether no live session holds `key`, or the one that does is ready,
     /// idle and driven by `agent` (or by no agent yet): a task with that key
     /// may go to `agent` now.
-    pub(crate) fn admits(&self, key: &SessionKey, agent: &AgentId) -> bool {
-        match self.by_key(key) {
+    pub(crate) fn admits(&self, tenant: &Tenant, key: &SessionKey, agent: &AgentId) -> bool {
+        match self.by_key(tenant, key) {
             None => true,
             Some(s) => {
                 s.state == SessionState::Ready
@@ -219,7 +236,8 @@ impl State {
         }
         if let Some(key) = &open.session_key {
             check_name("session_key", &key.0, true).map_err(|(f, p)| Rejection::invalid(f, p))?;
-            if let Some(live) = self.sessions.by_key.get(key) {
+            let owned = (open.tenant.clone(), key.clone());
+            if let Some(live) = self.sessions.by_key.get(&owned) {
                 return Err(Rejection::invalid(
                     "session_key",
                     format!("`{key}` is held by live session {live}"),
@@ -238,6 +256,7 @@ impl State {
         let rec = SessionRecord {
             id,
             gateway: open.gateway.clone(),
+            tenant: open.tenant.clone(),
             session_key: open.session_key.clone(),
             agent: open.agent.clone(),
             state: SessionState::Created,
@@ -249,7 +268,9 @@ impl State {
             updated_at_ms: now,
         };
         if let Some(key) = &rec.session_key {
-            self.sessions.by_key.insert(key.clone(), id);
+            self.sessions
+                .by_key
+                .insert((rec.tenant.clone(), key.clone()), id);
         }
         if let Some(at) = deadline_ms {
             self.sessions.deadlines.insert((at, id));
@@ -308,7 +329,9 @@ impl State {
         let rec = Arc::clone(slot);
         if to.is_terminal() {
             if let Some(key) = &rec.session_key {
-                self.sessions.by_key.remove(key);
+                self.sessions
+                    .by_key
+                    .remove(&(rec.tenant.clone(), key.clone()));
             }
             if let Some(at) = rec.deadline_ms {
                 self.sessions.deadlines.remove(&(at, id));
@@ -422,10 +445,12 @@ impl State {
         limit_ms: u64,
         idle_ms: u64,
     ) {
-        let Some(key) = self.tasks[&task].session_key.clone() else {
+        let t = &self.tasks[&task];
+        let Some(key) = t.session_key.clone() else {
             return;
         };
-        if let Some(live) = self.sessions.by_key(&key).map(|s| s.id) {
+        let tenant = t.tenant.clone();
+        if let Some(live) = self.sessions.by_key(&tenant, &key).map(|s| s.id) {
             let slot = self
                 .sessions
                 .records
@@ -440,6 +465,7 @@ impl State {
         }
         let open = OpenSession {
             gateway: gateway.clone(),
+            tenant,
             session_key: Some(key),
             agent: Some(agent.clone()),
             time_limit_ms: (limit_ms > 0).then_some(limit_ms),
@@ -503,9 +529,9 @@ impl State {
 
     /// The live session whose current task is `task`.
     fn session_of(&self, task: TaskId) -> Option<Arc<SessionRecord>> {
-        let key = self.tasks.get(&task)?.session_key.as_ref()?;
+        let t = self.tasks.get(&task)?;
         self.sessions
-            .by_key(key)
+            .by_key(&t.tenant, t.session_key.as_ref()?)
             .filter(|s| s.task == Some(task))
             .cloned()
     }
@@ -537,6 +563,7 @@ mod tests {
     fn open(key: Option<&str>, limit: Option<u64>) -> Command {
         Command::OpenSession(OpenSession {
             gateway: GatewayId("gw".into()),
+            tenant: Tenant::from("a"),
             session_key: key.map(|k| SessionKey(k.into())),
             agent: None,
             time_limit_ms: limit,
@@ -571,16 +598,35 @@ mod tests {
         apply(&mut s, 13, mv(SessionState::Ready, None)).unwrap();
         apply(&mut s, 14, mv(SessionState::Running, Some(TaskId(7)))).unwrap();
         assert_eq!(
-            s.sessions().by_key(&SessionKey("k1".into())).unwrap().task,
+            s.sessions()
+                .by_key(&"a".into(), &SessionKey("k1".into()))
+                .unwrap()
+                .task,
             Some(TaskId(7))
         );
         apply(&mut s, 15, mv(SessionState::Completing, None)).unwrap();
         apply(&mut s, 16, mv(SessionState::Completed, None)).unwrap();
         assert!(
-            s.sessions().by_key(&SessionKey("k1".into())).is_none(),
+            s.sessions()
+                .by_key(&"a".into(), &SessionKey("k1".into()))
+                .is_none(),
             "ended sessions free their key"
         );
         assert!(apply(&mut s, 17, open(Some("k1"), None)).is_ok());
+        let mut other = OpenSession {
+            gateway: GatewayId("gw".into()),
+            tenant: Tenant::from("b"),
+            session_key: Some(SessionKey("k1".into())),
+            agent: None,
+            time_limit_ms: None,
+        };
+        let Ok(Reply::Session(b)) = apply(&mut s, 17, Command::OpenSession(other.clone())) else {
+            panic!("another tenant's key k1 is a different session")
+        };
+        assert_eq!(b.tenant, Tenant::from("b"));
+        assert!(apply(&mut s, 17, Command::OpenSession(other.clone())).is_err());
+        other.tenant = Tenant::from("c");
+        assert!(apply(&mut s, 17, Command::OpenSession(other)).is_ok());
         assert!(
             apply(&mut s, 18, mv(SessionState::Error, None)).is_err(),
             "terminal stays terminal"
@@ -602,7 +648,11 @@ mod tests {
             s.sessions().get(r.id).unwrap().reason.as_deref(),
             Some("time limit reached")
         );
-        assert!(s.sessions().by_key(&SessionKey("k".into())).is_none());
+        assert!(
+            s.sessions()
+                .by_key(&"a".into(), &SessionKey("k".into()))
+                .is_none()
+        );
     }
 
     #[test]
@@ -645,7 +695,7 @@ mod tests {
         // An operator opened the session: created, not ready, no agent.
         apply(&mut s, 0, open(Some("k"), None)).unwrap();
         let submit = SubmitTask {
-            tenant: "t".into(),
+            tenant: "a".into(),
             payload: "{}".into(),
             session_key: Some(SessionKey("k".into())),
             ..Default::default()

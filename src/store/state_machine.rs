@@ -2,6 +2,7 @@
 //! events to local observers.
 
 use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -49,6 +50,9 @@ pub(super) struct Applied {
 pub struct SharedState {
     applied: Arc<RwLock<Applied>>,
     events: broadcast::Sender<Arc<AppliedEvents>>,
+    /// `fsm::Auth::version` of the applied state, readable without the
+    /// lock: the API's credential cache compares it on every request.
+    auth_version: Arc<AtomicU64>,
 }
 
 impl SharedState {
@@ -67,6 +71,17 @@ impl SharedState {
     /// The last applied log id: the state read now reflects at least this.
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         self.read_guard().last_applied
+    }
+
+    /// The applied state's credential version (see `fsm::Auth::version`):
+    /// a change means a key, tenant or revoked JWT id changed.
+    pub fn auth_version(&self) -> u64 {
+        self.auth_version.load(Ordering::Acquire)
+    }
+
+    fn note_auth_version(&self, applied: &Applied) {
+        self.auth_version
+            .store(applied.state.auth().version(), Ordering::Release);
     }
 
     /// Subscribes to applied events from now on.
@@ -140,9 +155,11 @@ fn snapshot_err(
 impl StateMachine {
     pub(super) fn new(db: Db, applied: Applied) -> Self {
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
+        let auth_version = Arc::new(AtomicU64::new(applied.state.auth().version()));
         let shared = SharedState {
             applied: Arc::new(RwLock::new(applied)),
             events,
+            auth_version,
         };
         Self { db, shared }
     }
@@ -224,6 +241,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 responses.push(response);
                 published.extend(events);
             }
+            self.shared.note_auth_version(&applied);
         }
         // After the lock is released, so an observer reading the state sees
         // at least what its events describe.
@@ -270,10 +288,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(snapshot_err(Some(meta), ErrorVerb::Write))?;
         let index = applied.last_applied.map_or(0, |l| l.index);
-        *self
-            .shared
-            .write_guard()
-            .map_err(snapshot_err(Some(meta), ErrorVerb::Write))? = applied;
+        {
+            let mut guard = self
+                .shared
+                .write_guard()
+                .map_err(snapshot_err(Some(meta), ErrorVerb::Write))?;
+            *guard = applied;
+            self.shared.note_auth_version(&guard);
+        }
         self.shared.publish(AppliedEvents {
             index,
             events: Vec::new(),
