@@ -212,6 +212,7 @@ async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> 
 /// from a survivor (clients retry at once on any error).
 async fn failover(c: &mut Cluster, rounds: usize, pause: bool) {
     let http = reqwest::Client::builder()
+        .default_headers(common::support::auth_headers())
         .timeout(Duration::from_millis(300))
         .build()
         .expect("client");

@@ -73,6 +73,7 @@ impl Load {
     /// `<prefix>-<k>`.
     pub fn start(addrs: Vec<SocketAddr>, rate: u32, prefix: String) -> Load {
         let http = reqwest::Client::builder()
+            .default_headers(crate::support::auth_headers())
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_millis(500))
             .build()

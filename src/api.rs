@@ -1,6 +1,13 @@
 //! The HTTP API (axum): tasks, leases, queue, dead letters, registries,
-//! sessions, cluster, health and metrics, under `/api/v1` (and `/api` as a
-//! deprecated alias).
+//! sessions, cluster, credentials, tenants, audit, health and metrics,
+//! under `/api/v1` (and `/api` as a deprecated alias).
+//!
+//! Every route but the liveness and readiness probes needs a credential
+//! and a permission ([`auth`], [`permissions`]); the router is built from
+//! the permission table, so a route without an entry cannot be served.
+//! Writes are proposed as audited commands confined to the caller's tenant
+//! (see `fsm::Audited`); reads filter by tenant, and another tenant's
+//! object answers 404 exactly as a missing one does.
 //!
 //! Handlers validate everything before proposing, so bad input costs no log
 //! entry and changes nothing; the state machine checks again at apply. Every
@@ -9,105 +16,267 @@
 //! on any node sees every write acknowledged before it.
 
 mod admin;
+mod audit;
+pub mod auth;
 mod cluster;
 mod error;
 mod json;
+mod keys;
 mod leases;
+pub mod permissions;
 mod queue;
+mod rate;
 mod registry;
 mod sessions;
 mod tasks;
+mod tenants;
 mod view;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::middleware::from_fn_with_state;
 use axum::response::Response;
-use axum::routing::{get, post, put};
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use tower_http::timeout::TimeoutLayer;
 
+pub use auth::{Authenticator, Caller};
 pub use error::{ApiError, ApiResult};
 
-use crate::fsm::{Outcome, Reply};
+use crate::fsm::{Command, Outcome, Reply};
 use crate::node::{Node, NodeError};
 
 /// Most records (tasks, sessions) one list request scans past its cursor
 /// before it returns a short page with a cursor.
 pub const SCAN_BUDGET: usize = 100_000;
 
+/// How often the API's housekeeping runs: records keys' last use, prunes
+/// idle rate-limit buckets.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
+
 /// What every handler gets.
 #[derive(Clone)]
 pub struct Api {
     node: Node,
+    auth: Arc<Authenticator>,
 }
 
-/// The whole router for `node`.
-pub fn router(node: Node) -> Router {
-    let cfg = node.config().api.clone();
-    let api = Api { node };
-    let v1 = Router::new()
-        .route("/tasks", post(tasks::create).get(tasks::list))
-        .route("/tasks/{id}", get(tasks::get))
-        .route("/tasks/{id}/cancel", post(tasks::cancel))
-        .route("/tasks/{id}/retry", post(tasks::retry))
-        .route("/leases", post(leases::acquire))
-        .route("/leases/{token}/renew", post(leases::renew))
-        .route("/leases/{token}/complete", post(leases::complete))
-        .route("/leases/{token}/fail", post(leases::fail))
-        .route("/queue/depth", get(queue::depth))
-        .route("/dead-letter", get(queue::list))
-        .route("/dead-letter/export", get(queue::export))
-        .route("/dead-letter/replay", post(queue::replay))
-        .route("/tenants/{tenant}/weight", put(queue::set_weight))
-        .route("/agents", post(registry::register).get(registry::list))
-        .route(
-            "/agents/{id}",
-            get(registry::get).delete(registry::deregister),
-        )
-        .route("/agents/{id}/status", get(registry::status))
-        .route("/nodes", get(registry::nodes))
-        .route(
-            "/gateways",
-            post(registry::register_gateway).get(registry::list_gateways),
-        )
-        .route(
+impl Api {
+    /// Proposes `cmd` on `caller`'s behalf (audited, confined to its
+    /// tenant) and waits for its outcome.
+    async fn write_as(
+        &self,
+        caller: &Caller,
+        cmd: Command,
+        target: Option<String>,
+    ) -> ApiResult<Reply> {
+        outcome(self.node.write(caller.command(cmd, target)).await)
+    }
+
+    /// Records, for a change that is not a state-machine command
+    /// (membership, faults), that `caller` made it and how it ended.
+    async fn record(&self, caller: &Caller, target: Option<String>, ok: bool) {
+        self.append_audit(caller, target, if ok { "ok" } else { "failed" })
+            .await;
+    }
+
+    /// Records a call refused by a check the API makes before proposing
+    /// (a gateway spec this node's policy refuses, say).
+    async fn record_rejected(&self, caller: &Caller, target: Option<String>, code: &str) {
+        self.append_audit(caller, target, &format!("rejected:{code}"))
+            .await;
+    }
+
+    async fn append_audit(&self, caller: &Caller, target: Option<String>, outcome: &str) {
+        let rec = crate::fsm::AuditRecord {
+            stamp: caller.stamp(target),
+            outcome: outcome.to_owned(),
+        };
+        if !matches!(self.node.write(Command::Audit(rec)).await, Ok(Ok(_))) {
+            tracing::warn!(action = caller.action, "could not record an audit entry");
+        }
+    }
+}
+
+/// Every route and its handler: paths under `/api/v1`, except `/health`
+/// and `/metrics` at the root. Each must have an entry in
+/// [`permissions::ROUTES`].
+fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
+    use Method as M;
+    vec![
+        (M::POST, "/tasks", post(tasks::create)),
+        (M::GET, "/tasks", get(tasks::list)),
+        (M::GET, "/tasks/{id}", get(tasks::get)),
+        (M::POST, "/tasks/{id}/cancel", post(tasks::cancel)),
+        (M::POST, "/tasks/{id}/retry", post(tasks::retry)),
+        (M::POST, "/leases", post(leases::acquire)),
+        (M::POST, "/leases/{token}/renew", post(leases::renew)),
+        (M::POST, "/leases/{token}/complete", post(leases::complete)),
+        (M::POST, "/leases/{token}/fail", post(leases::fail)),
+        (M::GET, "/queue/depth", get(queue::depth)),
+        (M::GET, "/dead-letter", get(queue::list)),
+        (M::GET, "/dead-letter/export", get(queue::export)),
+        (M::POST, "/dead-letter/replay", post(queue::replay)),
+        (M::PUT, "/tenants/{tenant}/weight", put(tenants::set_weight)),
+        (M::POST, "/tenants", post(tenants::create)),
+        (M::GET, "/tenants", get(tenants::list)),
+        (M::GET, "/tenants/{tenant}", get(tenants::get)),
+        (M::PATCH, "/tenants/{tenant}", patch(tenants::update)),
+        (M::DELETE, "/tenants/{tenant}", delete(tenants::remove)),
+        (M::POST, "/agents", post(registry::register)),
+        (M::GET, "/agents", get(registry::list)),
+        (M::GET, "/agents/{id}", get(registry::get)),
+        (M::DELETE, "/agents/{id}", delete(registry::deregister)),
+        (M::GET, "/agents/{id}/status", get(registry::status)),
+        (M::GET, "/nodes", get(registry::nodes)),
+        (M::POST, "/gateways", post(registry::register_gateway)),
+        (M::GET, "/gateways", get(registry::list_gateways)),
+        (M::GET, "/gateways/{id}", get(registry::get_gateway)),
+        (
+            M::DELETE,
             "/gateways/{id}",
-            get(registry::get_gateway).delete(registry::deregister_gateway),
-        )
-        .route("/sessions", get(sessions::list))
-        .route("/sessions/{id}", get(sessions::get))
-        .route("/sessions/{id}/kill", post(sessions::kill))
-        .route(
-            "/admin/nodes/{id}/drain",
-            post(admin::drain).get(admin::progress),
-        )
-        .route("/admin/nodes/{id}/undrain", post(admin::undrain))
-        .route("/admin/agents/{id}/crash", post(admin::crash_agent))
-        .route("/admin/faults", get(admin::faults))
-        .route("/admin/faults/partition", post(admin::partition))
-        .route("/admin/faults/heal", post(admin::heal))
-        .route("/cluster", get(cluster::status))
-        .route("/cluster/join", post(cluster::join))
-        .route("/cluster/leave", post(cluster::leave))
-        .route("/cluster/transfer-leader", post(cluster::transfer))
-        .with_state(api.clone());
+            delete(registry::deregister_gateway),
+        ),
+        (M::GET, "/sessions", get(sessions::list)),
+        (M::GET, "/sessions/{id}", get(sessions::get)),
+        (M::POST, "/sessions/{id}/kill", post(sessions::kill)),
+        (M::POST, "/admin/nodes/{id}/drain", post(admin::drain)),
+        (M::GET, "/admin/nodes/{id}/drain", get(admin::progress)),
+        (M::POST, "/admin/nodes/{id}/undrain", post(admin::undrain)),
+        (
+            M::POST,
+            "/admin/agents/{id}/crash",
+            post(admin::crash_agent),
+        ),
+        (M::GET, "/admin/faults", get(admin::faults)),
+        (M::POST, "/admin/faults/partition", post(admin::partition)),
+        (M::POST, "/admin/faults/heal", post(admin::heal)),
+        (M::GET, "/cluster", get(cluster::status)),
+        (M::POST, "/cluster/join", post(cluster::join)),
+        (M::POST, "/cluster/leave", post(cluster::leave)),
+        (M::POST, "/cluster/transfer-leader", post(cluster::transfer)),
+        (M::POST, "/api-keys", post(keys::create)),
+        (M::GET, "/api-keys", get(keys::list)),
+        (M::GET, "/api-keys/{id}", get(keys::get)),
+        (M::DELETE, "/api-keys/{id}", delete(keys::revoke)),
+        (M::POST, "/jwt/revocations", post(keys::revoke_jwt)),
+        (M::GET, "/jwt/revocations", get(keys::jwt_revocations)),
+        (M::GET, "/audit", get(audit::list)),
+        (M::GET, "/health", get(cluster::deep)),
+        (M::GET, "/metrics", get(metrics)),
+    ]
+}
+
+/// Whether a route lives at the root rather than under `/api/v1`.
+fn at_root(path: &str) -> bool {
+    path == "/health" || path == "/metrics"
+}
+
+/// Every route the router serves with a credential, as `(method, full
+/// path)`: what the permission matrix test walks.
+pub fn route_list() -> Vec<(Method, String)> {
+    handlers()
+        .into_iter()
+        .map(|(m, p, _)| {
+            let full = if at_root(p) {
+                p.to_owned()
+            } else {
+                format!("/api/v1{p}")
+            };
+            (m, full)
+        })
+        .collect()
+}
+
+/// Checks what the API needs from the config before the node starts (a
+/// JWT secret that is missing or too short stops the node with a clear
+/// message).
+pub fn check_config(config: &crate::config::Config) -> anyhow::Result<()> {
+    auth::check_configured_key(config)?;
+    auth::JwtVerifier::from_config(&config.auth).map(|_| ())
+}
+
+/// The whole router for `node`, every route behind its guard; spawns the
+/// API's housekeeping and, on a cluster that never had a key, the
+/// bootstrap of its first admin key. Fails if the JWT secret is unusable.
+///
+/// # Panics
+///
+/// If a route has no entry in the permission table (a programming error
+/// every test that builds the router catches).
+pub fn router(node: Node) -> anyhow::Result<Router> {
+    let cfg = node.config().api.clone();
+    let secret = crate::node::cluster_secret(node.config())?;
+    let auth = Arc::new(Authenticator::new(
+        node.config(),
+        node.state().clone(),
+        &secret,
+    )?);
+    let api = Api { node, auth };
+    api.node.spawn(housekeeping(api.clone()));
+    api.node.spawn(auth::bootstrap_admin_key(api.node.clone()));
+    let (mut v1, mut root) = (Router::new(), Router::new());
+    for (method, path, handler) in handlers() {
+        let spec = permissions::spec(&method, path)
+            .unwrap_or_else(|| panic!("{method} {path} has no entry in api::permissions::ROUTES"));
+        let open = path == "/metrics" && api.auth.metrics_open();
+        let handler = if open {
+            handler
+        } else {
+            let guarded = auth::Guarded {
+                api: api.clone(),
+                spec,
+            };
+            handler.route_layer(from_fn_with_state(guarded, auth::guard))
+        };
+        if at_root(path) {
+            root = root.route(path, handler);
+        } else {
+            v1 = v1.route(path, handler);
+        }
+    }
+    let v1 = v1.with_state(api.clone());
     let deprecated = v1
         .clone()
         .layer(axum::middleware::map_response(deprecation_headers));
-    Router::new()
+    Ok(Router::new()
         .nest("/api/v1", v1)
         .nest("/api", deprecated)
-        .route("/health", get(cluster::deep))
+        .merge(root.with_state(api.clone()))
         .route("/health/live", get(cluster::live))
         .route("/health/ready", get(cluster::ready))
-        .route("/metrics", get(metrics))
         .with_state(api)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
             cfg.request_timeout,
-        ))
+        )))
+}
+
+/// Records the keys seen in use (coarsely) and prunes idle rate buckets,
+/// until the node shuts down.
+async fn housekeeping(api: Api) {
+    let shutdown = api.node.shutdown_token().clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+        }
+        api.auth.rates.prune();
+        let ids = api.auth.take_touches();
+        if !ids.is_empty()
+            && !matches!(
+                api.node.write(Command::TouchApiKeys { ids }).await,
+                Ok(Ok(_))
+            )
+        {
+            tracing::debug!("could not record API keys' last use; later uses will");
+        }
+    }
 }
 
 async fn metrics(

@@ -1,9 +1,12 @@
 //! The `godel` command line: `serve`, and a client command for each API call.
 
 mod client;
+mod security;
 mod serve;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use security::{AuditCmd, JwtCmd, KeyCmd, TenantCmd};
 
 pub use client::run_client;
 pub use serve::run_serve;
@@ -26,6 +29,10 @@ pub struct Cli {
     /// Output format of client commands.
     #[arg(long, short = 'o', global = true, value_enum, default_value = "text")]
     pub output: Output,
+    /// API key or JWT to call with (default: the key in ./data/admin.key,
+    /// which a node started here with no config writes).
+    #[arg(long, global = true, env = "GODEL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Output formats.
@@ -69,6 +76,18 @@ pub enum Command {
     /// The node registry.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// API keys (admin).
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Tenants, their weights and quotas (admin).
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Revoked JWTs (admin).
+    #[command(subcommand)]
+    Jwt(JwtCmd),
+    /// The hash-chained audit log (admin); `verify` walks the chain.
+    #[command(subcommand)]
+    Audit(AuditCmd),
 }
 
 /// `godel agent ...`

@@ -20,7 +20,7 @@ mod security;
 
 pub use security::{
     AuthConfig, CommandPolicy, GatewaysConfig, MAX_JWT_LEEWAY, MIN_JWT_SECRET_BYTES, RateConfig,
-    SecretsConfig, TlsFiles, read_secret_file,
+    SecretsConfig, TlsFiles, read_secret_file, write_private_file,
 };
 
 /// The whole configuration of one node.

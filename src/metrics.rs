@@ -58,6 +58,12 @@ pub struct Metrics {
     /// OpenClaw runs that ended or were interrupted, by outcome (`ok`,
     /// `error`, `timeout`, `aborted`, `connection_lost`).
     pub openclaw_runs: IntCounterVec,
+    /// API calls refused before their handler, by reason
+    /// (`unauthenticated`, `forbidden`, `rate_limited`, `auth_rate_limited`).
+    pub api_denials: IntCounterVec,
+    /// Denied calls that could not be written to the audit log (too many
+    /// pending, or no quorum).
+    pub api_denials_unaudited: prometheus::IntCounter,
     tasks: IntGaugeVec,
     raft_term: IntGauge,
     raft_leader: IntGauge,
@@ -173,6 +179,17 @@ fn build() -> prometheus::Result<Metrics> {
             ),
             &["outcome"],
         )?,
+        api_denials: IntCounterVec::new(
+            Opts::new(
+                "godel_api_denials_total",
+                "API calls refused before their handler, by reason",
+            ),
+            &["reason"],
+        )?,
+        api_denials_unaudited: prometheus::IntCounter::new(
+            "godel_api_denials_unaudited_total",
+            "Denied API calls that could not be written to the audit log",
+        )?,
         tasks: IntGaugeVec::new(
             Opts::new("godel_queue_tasks", "Tasks by priority and status"),
             &["priority", "status"],
@@ -200,6 +217,9 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.openclaw_connects.clone()))?;
     m.registry.register(Box::new(m.openclaw_events.clone()))?;
     m.registry.register(Box::new(m.openclaw_runs.clone()))?;
+    m.registry.register(Box::new(m.api_denials.clone()))?;
+    m.registry
+        .register(Box::new(m.api_denials_unaudited.clone()))?;
     m.registry.register(Box::new(m.raft_term.clone()))?;
     m.registry.register(Box::new(m.raft_leader.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;

@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use membership::MemberStatus;
+pub(crate) use membership::load_secret as cluster_secret;
 
 use crate::config::{Config, QueueConfig};
 use crate::fsm;

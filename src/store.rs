@@ -187,5 +187,26 @@ impl Store {
     }
 }
 
+/// The replicated state as a stopped node's data directory holds it: the
+/// stored snapshot, then every committed log entry after it applied in
+/// order (what the node would apply on restart). For offline inspection
+/// (`godel audit verify --data-dir`); blocking; the node must not be
+/// running (sled locks its directory).
+pub fn offline_state(dir: &Path) -> Result<crate::fsm::State> {
+    let db = db::Db::open(dir)?;
+    let mut applied = state_machine::restore(&db)?;
+    let from = applied.last_applied.map_or(0, |l| l.index + 1);
+    let Some(committed) = db.committed()? else {
+        return Ok(applied.state);
+    };
+    for entry in db.entries(from..=committed.index)? {
+        if let openraft::EntryPayload::Normal(request) = &entry.payload {
+            applied.state.apply(request);
+        }
+        applied.last_applied = Some(entry.log_id);
+    }
+    Ok(applied.state)
+}
+
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,7 @@ use support::{Api, BIN, Cluster, deadline, wait_until};
 /// Runs `godel --api URL -o json ARGS`; returns (exit code, parsed stdout).
 fn godel(api: &str, args: &[&str]) -> (i32, Value) {
     let out = Command::new(BIN)
+        .env("GODEL_API_KEY", support::ADMIN_KEY)
         .args(["--api", api, "-o", "json"])
         .args(args)
         .output()
@@ -264,10 +265,9 @@ async fn sessions_api_reports_errors_in_the_error_shape() {
     r.assert_error(400, "invalid_request");
     assert!(r.message().contains("why"), "{r:?}");
 
-    let url = format!("http://{}/api/sessions", c.node(0).api_addr);
-    let old = reqwest::get(&url).await.unwrap();
-    assert_eq!(old.status(), 200);
-    assert_eq!(old.headers()["deprecation"], "true");
+    let old = api.get(0, "/api/sessions").await.unwrap();
+    assert_eq!(old.status, 200);
+    assert_eq!(old.header("deprecation"), Some("true"));
 
     let api_url = format!("http://{}", c.node(0).api_addr);
     tokio::task::spawn_blocking(move || {

@@ -10,12 +10,15 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper_util::rt::TokioIo;
 
 /// One client's connection to one node's API.
 pub struct Conn {
     addr: String,
+    /// `Bearer <admin key>`: every request authenticates, as a real
+    /// client's would.
+    authorization: String,
     tx: Option<SendRequest<Full<Bytes>>>,
     timeout: Duration,
 }
@@ -47,6 +50,7 @@ impl Conn {
     pub fn new(addr: std::net::SocketAddr, timeout: Duration) -> Self {
         Conn {
             addr: addr.to_string(),
+            authorization: format!("Bearer {}", super::support::ADMIN_KEY),
             tx: None,
             timeout,
         }
@@ -72,6 +76,7 @@ impl Conn {
         let req = hyper::Request::post(path)
             .header(HOST, &self.addr)
             .header(CONTENT_TYPE, "application/json")
+            .header(AUTHORIZATION, &self.authorization)
             .body(Full::new(Bytes::from(body)))
             .expect("request parts are valid");
         let tx = self.ready().await?;

@@ -29,6 +29,7 @@ pub fn args() -> Vec<String> {
 /// An HTTP client for load: 5 s per request, many idle connections kept.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
+        .default_headers(support::auth_headers())
         .timeout(Duration::from_secs(5))
         .pool_max_idle_per_host(1024)
         .build()

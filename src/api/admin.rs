@@ -16,9 +16,10 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Api;
+use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::Body;
-use super::{Api, outcome};
 use crate::fsm::{Command, State as Fsm};
 use crate::raft::NodeId;
 
@@ -70,6 +71,7 @@ fn drain_hazard(s: &Fsm, voters: &[NodeId], id: NodeId) -> Option<String> {
 /// `POST /admin/nodes/{id}/drain`.
 pub async fn drain(
     State(api): State<Api>,
+    caller: Caller,
     Path(id): Path<String>,
     Body(b): Body<DrainBody>,
 ) -> ApiResult<Json<Value>> {
@@ -92,11 +94,9 @@ pub async fn drain(
             format!("{why}; repeat with {{\"force\": true}} to drain anyway"),
         ));
     }
-    outcome(
-        api.node
-            .write(Command::SetDrain { id, draining: true })
-            .await,
-    )?;
+    let cmd = Command::SetDrain { id, draining: true };
+    api.write_as(&caller, cmd, Some(format!("node/{id}")))
+        .await?;
     api.node.read_barrier().await?;
     status_of(&api, id).await.map(Json)
 }
@@ -106,10 +106,12 @@ pub async fn drain(
 /// only with `runtime.fault_injection = true`). Call the node that runs it.
 pub async fn crash_agent(
     State(api): State<Api>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let node = &api.node;
     fault_injection_on(&api)?;
+    api.record(&caller, Some(format!("agent/{id}")), true).await;
     let agent = crate::fsm::AgentId(id);
     let actor = node.agent_directory().get(&agent).ok_or_else(|| {
         ApiError::not_found(format!(
@@ -163,6 +165,7 @@ pub async fn faults(State(api): State<Api>) -> ApiResult<Json<Value>> {
 /// only: a full partition blocks each side on the other's nodes.
 pub async fn partition(
     State(api): State<Api>,
+    caller: Caller,
     Body(b): Body<PartitionBody>,
 ) -> ApiResult<Json<Value>> {
     fault_injection_on(&api)?;
@@ -172,30 +175,37 @@ pub async fn partition(
             api.node.id()
         )));
     }
+    // Recorded before the cut: after it, this node may not reach a quorum.
+    let target = format!("node/{} peers={:?}", api.node.id(), b.peers);
+    api.record(&caller, Some(target), true).await;
     api.node.faults().set(b.peers);
     tracing::warn!(blocked = ?api.node.faults().blocked(), "transport partition set (fault injection)");
     Ok(Json(faults_view(&api)))
 }
 
 /// `POST /admin/faults/heal`: unblocks every peer.
-pub async fn heal(State(api): State<Api>) -> ApiResult<Json<Value>> {
+pub async fn heal(State(api): State<Api>, caller: Caller) -> ApiResult<Json<Value>> {
     fault_injection_on(&api)?;
     api.node.faults().heal();
+    api.record(&caller, Some(format!("node/{}", api.node.id())), true)
+        .await;
     tracing::warn!("transport partition healed (fault injection)");
     Ok(Json(faults_view(&api)))
 }
 
 /// `POST /admin/nodes/{id}/undrain`.
-pub async fn undrain(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn undrain(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let id = parse_node(&id)?;
-    outcome(
-        api.node
-            .write(Command::SetDrain {
-                id,
-                draining: false,
-            })
-            .await,
-    )?;
+    let cmd = Command::SetDrain {
+        id,
+        draining: false,
+    };
+    api.write_as(&caller, cmd, Some(format!("node/{id}")))
+        .await?;
     api.node.read_barrier().await?;
     status_of(&api, id).await.map(Json)
 }

@@ -4,12 +4,13 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::Api;
+use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::Body;
 use crate::raft::{NodeId, NodeInfo};
@@ -48,13 +49,20 @@ fn local() -> String {
 }
 
 /// `POST /cluster/join`: adds a node as a learner, then a voter.
-pub async fn join(State(api): State<Api>, Body(b): Body<JoinBody>) -> ApiResult<Json<Value>> {
+pub async fn join(
+    State(api): State<Api>,
+    caller: Caller,
+    Body(b): Body<JoinBody>,
+) -> ApiResult<Json<Value>> {
     let info = NodeInfo {
         raft_addr: b.raft_addr,
         api_addr: b.api_addr,
         region: b.region,
     };
-    api.node.join(b.id, info).await?;
+    let result = api.node.join(b.id, info).await;
+    api.record(&caller, Some(format!("node/{}", b.id)), result.is_ok())
+        .await;
+    result?;
     Ok(Json(json!({ "joined": b.id })))
 }
 
@@ -66,8 +74,15 @@ pub struct LeaveBody {
 }
 
 /// `POST /cluster/leave`: removes a node from the membership.
-pub async fn leave(State(api): State<Api>, Body(b): Body<LeaveBody>) -> ApiResult<Json<Value>> {
-    api.node.leave(b.id).await?;
+pub async fn leave(
+    State(api): State<Api>,
+    caller: Caller,
+    Body(b): Body<LeaveBody>,
+) -> ApiResult<Json<Value>> {
+    let result = api.node.leave(b.id).await;
+    api.record(&caller, Some(format!("node/{}", b.id)), result.is_ok())
+        .await;
+    result?;
     Ok(Json(json!({ "removed": b.id })))
 }
 
@@ -81,15 +96,25 @@ pub struct TransferBody {
 /// `POST /cluster/transfer-leader`: hands leadership to a voter. Sent to a
 /// follower, it is relayed to the leader's API and the leader's answer
 /// (status and body) is passed back unchanged.
-pub async fn transfer(State(api): State<Api>, Body(b): Body<TransferBody>) -> ApiResult<Response> {
+pub async fn transfer(
+    State(api): State<Api>,
+    caller: Caller,
+    headers: HeaderMap,
+    Body(b): Body<TransferBody>,
+) -> ApiResult<Response> {
     if !api.node.is_leader() {
         let (_, leader) = api
             .node
             .leader()
             .ok_or_else(|| ApiError::unavailable("no leader known"))?;
         let url = format!("http://{}/api/v1/cluster/transfer-leader", leader.api_addr);
-        let resp = reqwest::Client::new()
-            .post(url)
+        // The caller's own credential goes along: the leader checks it and
+        // records the transfer itself.
+        let mut req = reqwest::Client::new().post(url);
+        if let Some(auth) = headers.get(header::AUTHORIZATION) {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        let resp = req
             .json(&json!({ "to": b.to }))
             .timeout(Duration::from_secs(10))
             .send()
@@ -103,7 +128,10 @@ pub async fn transfer(State(api): State<Api>, Body(b): Body<TransferBody>) -> Ap
             .map_err(|e| ApiError::unavailable(format!("leader's answer: {e}")))?;
         return Ok((status, Json(body)).into_response());
     }
-    api.node.transfer_leadership(b.to).await?;
+    let result = api.node.transfer_leadership(b.to).await;
+    api.record(&caller, Some(format!("node/{}", b.to)), result.is_ok())
+        .await;
+    result?;
     Ok(Json(json!({ "leader": b.to })).into_response())
 }
 

@@ -19,7 +19,14 @@ pub struct ApiError {
     pub message: String,
     /// Whether repeating the same request may succeed.
     pub retryable: bool,
+    /// A refusal the handler made (a tenant the credential may not name)
+    /// that the guard must record in the audit log.
+    pub(crate) audit_denial: bool,
 }
+
+/// Marks a response whose refusal the guard records as `denied:forbidden`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DeniedInHandler;
 
 /// Results of API handlers.
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -80,7 +87,14 @@ impl ApiError {
             code,
             message: message.into(),
             retryable,
+            audit_denial: false,
         }
+    }
+
+    /// The same error, to be recorded in the audit log as a denial.
+    pub(crate) fn audited(mut self) -> Self {
+        self.audit_denial = true;
+        self
     }
 
     /// The same error, marked as one that repeating the request cannot fix.
@@ -147,6 +161,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code, "message": self.message, "retryable": self.retryable } });
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.audit_denial {
+            resp.extensions_mut().insert(DeniedInHandler);
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

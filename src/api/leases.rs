@@ -6,11 +6,12 @@ use axum::extract::{Path, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::Body;
 use super::tasks::task_reply;
 use super::view::TaskView;
-use super::{Api, outcome, view};
+use super::{Api, view};
 use crate::fsm::{AgentId, Command, FencingToken, Limits, Reply};
 
 /// `POST /leases` body.
@@ -25,7 +26,11 @@ pub struct LeaseBody {
 }
 
 /// `POST /leases`: up to `max` (default 1) tasks for the agent.
-pub async fn acquire(State(api): State<Api>, Body(b): Body<LeaseBody>) -> ApiResult<Json<Value>> {
+pub async fn acquire(
+    State(api): State<Api>,
+    caller: Caller,
+    Body(b): Body<LeaseBody>,
+) -> ApiResult<Json<Value>> {
     let lease_ms = lease_ms(&api, b.lease_ms)?;
     if b.agent_id.is_empty() || b.agent_id.len() > Limits::MAX_NAME_BYTES {
         let max = Limits::MAX_NAME_BYTES;
@@ -39,13 +44,14 @@ pub async fn acquire(State(api): State<Api>, Body(b): Body<LeaseBody>) -> ApiRes
             "invalid field `max`: must be 1..={max}"
         )));
     }
+    let target = format!("agent/{}", b.agent_id);
     let cmd = Command::Lease {
         agent_id: AgentId(b.agent_id),
         capabilities: b.capabilities,
         max: b.max.unwrap_or(1),
         lease_ms,
     };
-    match outcome(api.node.write(cmd).await)? {
+    match api.write_as(&caller, cmd, Some(target)).await? {
         Reply::Leased(grants) => {
             let leases: Vec<view::LeaseView> = grants.iter().map(view::lease).collect();
             Ok(Json(json!({ "leases": leases })))
@@ -64,14 +70,17 @@ pub struct RenewBody {
 /// `POST /leases/{token}/renew`.
 pub async fn renew(
     State(api): State<Api>,
+    caller: Caller,
     Path(token): Path<String>,
     Body(b): Body<RenewBody>,
 ) -> ApiResult<Json<TaskView>> {
     let token = parse_token(&token)?;
     let lease_ms = lease_ms(&api, b.lease_ms)?;
-    task_reply(outcome(
-        api.node.write(Command::Renew { token, lease_ms }).await,
-    )?)
+    let cmd = Command::Renew { token, lease_ms };
+    task_reply(
+        api.write_as(&caller, cmd, Some(lease_target(token)))
+            .await?,
+    )
 }
 
 /// `POST /leases/{token}/complete` body.
@@ -85,6 +94,7 @@ pub struct CompleteBody {
 /// `POST /leases/{token}/complete`.
 pub async fn complete(
     State(api): State<Api>,
+    caller: Caller,
     Path(token): Path<String>,
     Body(b): Body<CompleteBody>,
 ) -> ApiResult<Json<TaskView>> {
@@ -93,7 +103,10 @@ pub async fn complete(
         token,
         result: b.result.to_string(),
     };
-    task_reply(outcome(api.node.write(cmd).await)?)
+    task_reply(
+        api.write_as(&caller, cmd, Some(lease_target(token)))
+            .await?,
+    )
 }
 
 /// `POST /leases/{token}/fail` body.
@@ -112,6 +125,7 @@ fn yes() -> bool {
 /// `POST /leases/{token}/fail`.
 pub async fn fail(
     State(api): State<Api>,
+    caller: Caller,
     Path(token): Path<String>,
     Body(b): Body<FailBody>,
 ) -> ApiResult<Json<TaskView>> {
@@ -121,7 +135,14 @@ pub async fn fail(
         error: b.error,
         retryable: b.retryable,
     };
-    task_reply(outcome(api.node.write(cmd).await)?)
+    task_reply(
+        api.write_as(&caller, cmd, Some(lease_target(token)))
+            .await?,
+    )
+}
+
+fn lease_target(token: FencingToken) -> String {
+    format!("lease/{token}")
 }
 
 /// The requested lease length, or the configured default; checked here so a

@@ -1,25 +1,28 @@
-//! Queue endpoints: depth, dead letters (list, export, replay), tenant weights.
+//! Queue endpoints: depth and dead letters (list, export, replay), within
+//! the caller's tenant unless it is cross-tenant.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Api;
+use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::{Body, Params};
 use super::view::{self, ListQuery};
-use super::{Api, outcome};
 use crate::fsm::{
-    Command, DeadLetterFilter, Limits, Priority, ReplaySelector, Reply, TaskId, TaskStatus, Tenant,
+    Command, DeadLetterFilter, Limits, Priority, ReplaySelector, Reply, TaskId, TaskStatus,
 };
 
 /// `GET /queue/depth`: exact counts per priority, status and tenant. The
 /// queue has one shard, so the shard view is the total.
-pub async fn depth(State(api): State<Api>) -> ApiResult<Json<Value>> {
+pub async fn depth(State(api): State<Api>, caller: Caller) -> ApiResult<Json<Value>> {
     api.node.read_barrier().await?;
-    let d = api.node.state().read(|s| s.depth());
+    let mut d = api.node.state().read(|s| s.depth());
+    d.by_tenant.retain(|t, _| caller.sees(t));
     let pending = d.pending();
     let by_tenant: serde_json::Map<String, Value> = d
         .by_tenant
@@ -35,9 +38,9 @@ pub async fn depth(State(api): State<Api>) -> ApiResult<Json<Value>> {
     })))
 }
 
-fn dead_letter_filter(q: &ListQuery) -> ApiResult<DeadLetterFilter> {
+fn dead_letter_filter(caller: &Caller, q: &ListQuery) -> ApiResult<DeadLetterFilter> {
     Ok(DeadLetterFilter {
-        tenant: q.tenant.clone().map(Tenant),
+        tenant: caller.tenant_filter(q.tenant.clone())?,
         priority: q.priority()?,
         error_contains: q.error_contains.clone(),
     })
@@ -46,10 +49,11 @@ fn dead_letter_filter(q: &ListQuery) -> ApiResult<DeadLetterFilter> {
 /// `GET /dead-letter`.
 pub async fn list(
     State(api): State<Api>,
+    caller: Caller,
     Params(q): Params<ListQuery>,
 ) -> ApiResult<Json<view::PageView>> {
     let limit = q.limit(api.node.config().api.max_page_size)?;
-    let filter = dead_letter_filter(&q)?;
+    let filter = dead_letter_filter(&caller, &q)?;
     let after = q.after()?;
     api.node.read_barrier().await?;
     let page = api
@@ -63,9 +67,10 @@ pub async fn list(
 /// [`Limits::MAX_REPLAY`]) as newline-delimited JSON.
 pub async fn export(
     State(api): State<Api>,
+    caller: Caller,
     Params(q): Params<ListQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    let filter = dead_letter_filter(&q)?;
+    let filter = dead_letter_filter(&caller, &q)?;
     api.node.read_barrier().await?;
     let page = api
         .node
@@ -92,7 +97,11 @@ pub struct ReplayBody {
 
 /// `POST /dead-letter/replay`: moves dead letters back to the queue with
 /// fresh attempts; returns the ids moved.
-pub async fn replay(State(api): State<Api>, Body(b): Body<ReplayBody>) -> ApiResult<Json<Value>> {
+pub async fn replay(
+    State(api): State<Api>,
+    caller: Caller,
+    Body(b): Body<ReplayBody>,
+) -> ApiResult<Json<Value>> {
     let limit = b.limit.unwrap_or(Limits::MAX_REPLAY as u32);
     let selector = match b.ids {
         Some(ids) if b.tenant.is_none() && b.priority.is_none() && b.error_contains.is_none() => {
@@ -104,36 +113,18 @@ pub async fn replay(State(api): State<Api>, Body(b): Body<ReplayBody>) -> ApiRes
             ));
         }
         None => ReplaySelector::Filter(DeadLetterFilter {
-            tenant: b.tenant.map(Tenant),
+            tenant: caller.tenant_filter(b.tenant)?,
             priority: b.priority,
             error_contains: b.error_contains,
         }),
     };
-    match outcome(api.node.write(Command::Replay { selector, limit }).await)? {
+    match api
+        .write_as(&caller, Command::Replay { selector, limit }, None)
+        .await?
+    {
         Reply::Replayed(ids) => Ok(Json(
             json!({ "replayed": ids.iter().map(|i| i.0).collect::<Vec<_>>() }),
         )),
         other => Err(super::unexpected(other)),
     }
-}
-
-/// `PUT /tenants/{tenant}/weight` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WeightBody {
-    weight: u32,
-}
-
-/// `PUT /tenants/{tenant}/weight`: the tenant's round-robin weight.
-pub async fn set_weight(
-    State(api): State<Api>,
-    Path(tenant): Path<String>,
-    Body(b): Body<WeightBody>,
-) -> ApiResult<Json<Value>> {
-    let cmd = Command::SetTenantWeight {
-        tenant: Tenant(tenant.clone()),
-        weight: b.weight,
-    };
-    outcome(api.node.write(cmd).await)?;
-    Ok(Json(json!({ "tenant": tenant, "weight": b.weight })))
 }

@@ -7,9 +7,10 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Api;
+use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::Body;
-use super::{Api, outcome};
 use crate::clock;
 use crate::fsm::{
     AgentId, AgentRecord, AgentRegistration, Command, GatewayId, GatewayRecord, State as Fsm,
@@ -61,8 +62,10 @@ fn agent_view(s: &Fsm, a: &AgentRecord) -> Value {
 /// `POST /agents`: registers (or updates) an agent on a registered gateway.
 pub async fn register(
     State(api): State<Api>,
+    caller: Caller,
     Body(b): Body<AgentBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    let target = Some(format!("agent/{}", b.id));
     let id = AgentId(b.id);
     let reg = AgentRegistration {
         id: id.clone(),
@@ -71,7 +74,8 @@ pub async fn register(
         role: b.role,
         capacity: b.capacity,
     };
-    outcome(api.node.write(Command::RegisterAgent(reg)).await)?;
+    api.write_as(&caller, Command::RegisterAgent(reg), target)
+        .await?;
     // The write may have been applied on the leader only so far.
     api.node.read_barrier().await?;
     let view = api
@@ -120,14 +124,16 @@ pub async fn status(State(api): State<Api>, Path(id): Path<String>) -> ApiResult
 }
 
 /// `DELETE /agents/{id}`: its live leases run on until they end or lapse.
-pub async fn deregister(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    outcome(
-        api.node
-            .write(Command::DeregisterAgent {
-                id: AgentId(id.clone()),
-            })
-            .await,
-    )?;
+pub async fn deregister(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let cmd = Command::DeregisterAgent {
+        id: AgentId(id.clone()),
+    };
+    api.write_as(&caller, cmd, Some(format!("agent/{id}")))
+        .await?;
     Ok(Json(json!({ "removed": id })))
 }
 
@@ -174,13 +180,21 @@ fn gateway_view(g: &GatewayRecord) -> Value {
 /// the spec only as references (an environment variable or a file).
 pub async fn register_gateway(
     State(api): State<Api>,
+    caller: Caller,
     Body(spec): Body<GatewaySpec>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    spec.validate()
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
     let id = spec.id.clone();
+    let target = Some(format!("gateway/{id}"));
+    let checked = spec.validate();
+    if let Err(e) = checked {
+        // Refused before a command exists: recorded as a rejected call.
+        api.record_rejected(&caller, target, "invalid_request")
+            .await;
+        return Err(ApiError::invalid(e.to_string()));
+    }
     let reg = spec.to_registration();
-    outcome(api.node.write(Command::RegisterGateway(reg)).await)?;
+    api.write_as(&caller, Command::RegisterGateway(reg), target)
+        .await?;
     // The write may have been applied on the leader only so far.
     api.node.read_barrier().await?;
     let view = api
@@ -217,14 +231,13 @@ pub async fn get_gateway(State(api): State<Api>, Path(id): Path<String>) -> ApiR
 /// `DELETE /gateways/{id}`: refused while agents are bound to it.
 pub async fn deregister_gateway(
     State(api): State<Api>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    outcome(
-        api.node
-            .write(Command::DeregisterGateway {
-                id: GatewayId(id.clone()),
-            })
-            .await,
-    )?;
+    let cmd = Command::DeregisterGateway {
+        id: GatewayId(id.clone()),
+    };
+    api.write_as(&caller, cmd, Some(format!("gateway/{id}")))
+        .await?;
     Ok(Json(json!({ "removed": id })))
 }

@@ -8,10 +8,11 @@ use axum::extract::{Path, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::{Body, Params};
-use super::{Api, outcome, view};
-use crate::fsm::{Command, Reply, SessionId, SessionRecord, SessionState, Sessions};
+use super::{Api, view};
+use crate::fsm::{Command, Reply, SessionId, SessionRecord, SessionState, Sessions, Tenant};
 
 /// `GET /sessions` query: pagination as for tasks, and filters; an absent
 /// filter matches everything.
@@ -28,11 +29,14 @@ pub struct SessionQuery {
     key: Option<String>,
     /// Only live (`true`) or only ended (`false`) sessions.
     live: Option<bool>,
+    /// Only this tenant's sessions (a developer or viewer sees only its own).
+    tenant: Option<String>,
 }
 
 impl SessionQuery {
-    fn matches(&self, r: &SessionRecord) -> bool {
-        self.gateway.as_deref().is_none_or(|g| g == r.gateway.0)
+    fn matches(&self, r: &SessionRecord, tenant: Option<&Tenant>) -> bool {
+        tenant.is_none_or(|t| *t == r.tenant)
+            && self.gateway.as_deref().is_none_or(|g| g == r.gateway.0)
             && self.state.is_none_or(|s| s == r.state)
             && self
                 .key
@@ -51,6 +55,7 @@ fn session_view(r: &SessionRecord) -> Value {
     json!({
         "id": r.id,
         "gateway": r.gateway.0,
+        "tenant": r.tenant.0,
         "session_key": r.session_key.as_ref().map(|k| &k.0),
         "agent": r.agent.as_ref().map(|a| &a.0),
         "state": r.state,
@@ -68,42 +73,50 @@ fn session_view(r: &SessionRecord) -> Value {
 /// the task and dead-letter lists.
 pub async fn list(
     State(api): State<Api>,
+    caller: Caller,
     Params(q): Params<SessionQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = view::page_limit(q.limit, api.node.config().api.max_page_size)?;
     let after = view::cursor(q.cursor.as_deref())?;
+    let tenant = caller.tenant_filter(q.tenant.clone())?;
     api.node.read_barrier().await?;
-    let (items, next) = api
-        .node
-        .state()
-        .read(|s| page(s.sessions(), &q, after, limit, super::SCAN_BUDGET));
+    let scope = Scan {
+        tenant: tenant.as_ref(),
+        after,
+        limit,
+        budget: super::SCAN_BUDGET,
+    };
+    let (items, next) = api.node.state().read(|s| page(s.sessions(), &q, &scope));
     Ok(Json(
         json!({ "items": items, "next_cursor": next.map(|id| id.to_string()) }),
     ))
 }
 
-/// Up to `limit` sessions after `after` that match `q`, scanning at most
-/// `scan_budget` sessions past the cursor (a page may come back short but
-/// with a cursor); the cursor is `None` at the end. Reaching the cursor
-/// walks the sessions before it: [`Sessions`] offers no range read yet.
-fn page(
-    sessions: &Sessions,
-    q: &SessionQuery,
+/// Where a page starts, how long it is, and whose sessions it shows.
+struct Scan<'a> {
+    tenant: Option<&'a Tenant>,
     after: Option<SessionId>,
     limit: usize,
-    scan_budget: usize,
-) -> (Vec<Value>, Option<SessionId>) {
+    budget: usize,
+}
+
+/// Up to `limit` sessions after `after` that match `q` (and `tenant`),
+/// scanning at most `budget` sessions past the cursor (a page may come
+/// back short but with a cursor); the cursor is `None` at the end.
+/// Reaching the cursor walks the sessions before it: [`Sessions`] offers
+/// no range read yet.
+fn page(sessions: &Sessions, q: &SessionQuery, scan: &Scan<'_>) -> (Vec<Value>, Option<SessionId>) {
     let mut items = Vec::new();
     let mut last = None;
     let rest = sessions
         .iter()
-        .skip_while(|r| after.is_some_and(|a| r.id <= a));
+        .skip_while(|r| scan.after.is_some_and(|a| r.id <= a));
     for (scanned, r) in rest.enumerate() {
-        if items.len() == limit || scanned == scan_budget {
+        if items.len() == scan.limit || scanned == scan.budget {
             return (items, last);
         }
         last = Some(r.id);
-        if q.matches(r) {
+        if q.matches(r, scan.tenant) {
             items.push(session_view(r));
         }
     }
@@ -111,13 +124,19 @@ fn page(
 }
 
 /// `GET /sessions/{id}`.
-pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn get(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let id = parse_id(&id)?;
     api.node.read_barrier().await?;
-    let view = api
-        .node
-        .state()
-        .read(|s| s.sessions().get(id).map(|r| session_view(r)));
+    let view = api.node.state().read(|s| {
+        s.sessions()
+            .get(id)
+            .filter(|r| caller.sees(&r.tenant))
+            .map(|r| session_view(r))
+    });
     view.map(Json)
         .ok_or_else(|| ApiError::not_found(format!("session {id} not found")))
 }
@@ -134,6 +153,7 @@ pub struct KillBody {
 /// An ended session stays as it is (400 on `state`).
 pub async fn kill(
     State(api): State<Api>,
+    caller: Caller,
     Path(id): Path<String>,
     Body(b): Body<KillBody>,
 ) -> ApiResult<Json<Value>> {
@@ -142,7 +162,10 @@ pub async fn kill(
         id,
         reason: b.reason,
     };
-    match outcome(api.node.write(cmd).await)? {
+    match api
+        .write_as(&caller, cmd, Some(format!("session/{id}")))
+        .await?
+    {
         Reply::Session(r) => Ok(Json(session_view(&r))),
         other => Err(super::unexpected(other)),
     }

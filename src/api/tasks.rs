@@ -6,10 +6,11 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::Api;
+use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::{Body, Params};
 use super::view::{self, ListQuery, PageView, TaskView};
-use super::{Api, outcome};
 use crate::clock;
 use crate::fsm::{
     Backoff, Command, Limits, Priority, Reply, SessionKey, SubmitTask, TaskFilter, TaskId, Tenant,
@@ -19,7 +20,8 @@ use crate::fsm::{
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskCreate {
-    /// Defaults to `default`.
+    /// Defaults to the credential's tenant; naming another needs an admin
+    /// or operator credential.
     #[serde(default)]
     pub tenant: Option<String>,
     priority: Option<Priority>,
@@ -37,8 +39,9 @@ pub struct TaskCreate {
 }
 
 impl TaskCreate {
-    /// Validates and converts into the state machine's submission.
-    pub fn into_submit(self) -> ApiResult<SubmitTask> {
+    /// Validates and converts into the state machine's submission for
+    /// `tenant` (resolved from the credential).
+    pub fn into_submit(self, tenant: Tenant) -> ApiResult<SubmitTask> {
         if !self.payload.is_object() {
             return Err(ApiError::invalid(
                 "invalid field `payload`: must be a JSON object",
@@ -59,7 +62,7 @@ impl TaskCreate {
             .transpose()
             .map_err(|e| ApiError::invalid(format!("invalid field `scheduled_at`: {e}")))?;
         let spec = SubmitTask {
-            tenant: Tenant(self.tenant.unwrap_or_else(|| "default".into())),
+            tenant,
             priority: self.priority,
             payload,
             capabilities: self.capabilities,
@@ -82,10 +85,12 @@ impl TaskCreate {
 /// idempotency key matched.
 pub async fn create(
     State(api): State<Api>,
-    Body(body): Body<TaskCreate>,
+    caller: Caller,
+    Body(mut body): Body<TaskCreate>,
 ) -> ApiResult<(StatusCode, Json<TaskView>)> {
-    let spec = body.into_submit()?;
-    match outcome(api.node.write(Command::Submit(spec)).await)? {
+    let tenant = caller.tenant_named(body.tenant.take())?;
+    let spec = body.into_submit(tenant)?;
+    match api.write_as(&caller, Command::Submit(spec), None).await? {
         Reply::Submitted { task, created } => {
             let status = if created {
                 StatusCode::CREATED
@@ -101,13 +106,14 @@ pub async fn create(
 /// `GET /tasks`.
 pub async fn list(
     State(api): State<Api>,
+    caller: Caller,
     Params(q): Params<ListQuery>,
 ) -> ApiResult<Json<PageView>> {
     let limit = q.limit(api.node.config().api.max_page_size)?;
     let filter = TaskFilter {
         status: q.status()?,
         priority: q.priority()?,
-        tenant: q.tenant.clone().map(Tenant),
+        tenant: caller.tenant_filter(q.tenant.clone())?,
     };
     let after = q.after()?;
     api.node.read_barrier().await?;
@@ -119,11 +125,19 @@ pub async fn list(
 }
 
 /// `GET /tasks/{id}`.
-pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
+pub async fn get(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TaskView>> {
     let id = parse_id(&id)?;
     api.node.read_barrier().await?;
-    let task = api.node.state().read(|s| s.task_shared(id)).map(TaskView);
-    task.map(Json)
+    let task = api
+        .node
+        .state()
+        .read(|s| s.task_shared(id))
+        .filter(|t| caller.sees(&t.tenant));
+    task.map(|t| Json(TaskView(t)))
         .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))
 }
 
@@ -137,24 +151,32 @@ pub struct CancelBody {
 /// `POST /tasks/{id}/cancel`.
 pub async fn cancel(
     State(api): State<Api>,
+    caller: Caller,
     Path(id): Path<String>,
     Body(b): Body<CancelBody>,
 ) -> ApiResult<Json<TaskView>> {
     let id = parse_id(&id)?;
-    task_reply(outcome(
-        api.node
-            .write(Command::Cancel {
-                id,
-                reason: b.reason,
-            })
-            .await,
-    )?)
+    let cmd = Command::Cancel {
+        id,
+        reason: b.reason,
+    };
+    task_reply(
+        api.write_as(&caller, cmd, Some(format!("task/{id}")))
+            .await?,
+    )
 }
 
 /// `POST /tasks/{id}/retry`.
-pub async fn retry(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
+pub async fn retry(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TaskView>> {
     let id = parse_id(&id)?;
-    task_reply(outcome(api.node.write(Command::Retry { id }).await)?)
+    task_reply(
+        api.write_as(&caller, Command::Retry { id }, Some(format!("task/{id}")))
+            .await?,
+    )
 }
 
 /// A task id from a path segment.

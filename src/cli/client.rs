@@ -11,28 +11,36 @@ macro_rules! out {
     }};
 }
 
+use super::security::{self, AuditCmd};
 use super::{
     AgentCmd, ClusterCmd, Command, DlqCmd, GatewayCmd, LeaseCmd, ListArgs, NodeCmd, Output,
     QueueCmd, SessionCmd, SessionListArgs, TaskCmd,
 };
 
-/// Runs a client command against `api`; returns the process exit code.
-pub async fn run_client(api: &str, output: Output, cmd: Command) -> anyhow::Result<i32> {
-    let (method, path, body) = request(cmd)?;
-    let url = format!("{}{}", api.trim_end_matches('/'), path);
-    let http = reqwest::Client::new();
-    let req = match method {
-        "GET" => http.get(&url),
-        "DELETE" => http.delete(&url),
-        _ => http.post(&url).json(&body.unwrap_or(json!({}))),
+/// Runs a client command against `api` with `api_key` (else the key in
+/// `./data/admin.key`); returns the process exit code.
+pub async fn run_client(
+    api: &str,
+    api_key: Option<String>,
+    output: Output,
+    cmd: Command,
+) -> anyhow::Result<i32> {
+    if let Command::Audit(AuditCmd::Verify {
+        data_dir: Some(dir),
+    }) = &cmd
+    {
+        return security::verify_offline(dir);
+    }
+    let client = Client {
+        base: api.trim_end_matches('/').to_owned(),
+        key: security::credential(api_key)?,
+        http: reqwest::Client::new(),
     };
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    let status = resp.status();
-    let text = resp.text().await?;
-    let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    if let Command::Audit(AuditCmd::Verify { data_dir: None }) = cmd {
+        return verify_over_api(&client).await;
+    }
+    let (method, path, body) = request(cmd)?;
+    let (status, value) = client.call(method, &path, body).await?;
     if !status.is_success() {
         let msg = value["error"]["message"]
             .as_str()
@@ -40,7 +48,15 @@ pub async fn run_client(api: &str, output: Output, cmd: Command) -> anyhow::Resu
             .unwrap_or_else(|| value.to_string());
         match output {
             Output::Json => out!("{value}"),
-            Output::Text => eprintln!("error ({status}): {msg}"),
+            Output::Text => {
+                eprintln!("error ({status}): {msg}");
+                if status == reqwest::StatusCode::UNAUTHORIZED && client.key.is_none() {
+                    eprintln!(
+                        "hint: pass --api-key, set GODEL_API_KEY, or run from the directory holding {}",
+                        security::DEFAULT_KEY_FILE
+                    );
+                }
+            }
         }
         return Ok(1);
     }
@@ -51,7 +67,79 @@ pub async fn run_client(api: &str, output: Output, cmd: Command) -> anyhow::Resu
     Ok(0)
 }
 
-type Req = (&'static str, String, Option<Value>);
+/// The API client of one CLI run.
+struct Client {
+    base: String,
+    key: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// One call; the status and the body (JSON, or the text as a string).
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+        let url = format!("{}{path}", self.base);
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        if method != reqwest::Method::GET && method != reqwest::Method::DELETE {
+            req = req.json(&body.unwrap_or(json!({})));
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+}
+
+/// `godel audit verify`: pages through `GET /audit` from the start and
+/// walks the chain from the anchor the first page names.
+async fn verify_over_api(client: &Client) -> anyhow::Result<i32> {
+    let mut entries = Vec::new();
+    let mut anchor = None;
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/audit?limit=1000&cursor={c}"),
+            None => "/api/v1/audit?limit=1000".to_owned(),
+        };
+        let (status, page) = client.call("GET", &path, None).await?;
+        if !status.is_success() {
+            bail!(
+                "GET /api/v1/audit: {status}: {}",
+                page["error"]["message"].as_str().unwrap_or("")
+            );
+        }
+        if cursor.is_none() && !page["anchor"].is_null() {
+            anchor = Some(crate::fsm::AuditAnchor {
+                seq: page["anchor"]["seq"].as_u64().context("anchor seq")?,
+                hash: security::unhex(page["anchor"]["hash"].as_str().context("anchor hash")?)?,
+            });
+        }
+        for item in page["items"].as_array().context("page without items")? {
+            entries.push(security::entry_from_json(item)?);
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    Ok(security::report(anchor, entries.iter().collect()))
+}
+
+pub(super) type Req = (&'static str, String, Option<Value>);
 
 fn request(cmd: Command) -> anyhow::Result<Req> {
     Ok(match cmd {
@@ -79,6 +167,10 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
                 Some(strip_nulls(body)),
             )
         }
+        Command::Key(k) => security::key_request(k)?,
+        Command::Tenant(t) => security::tenant_request(t)?,
+        Command::Jwt(j) => security::jwt_request(j),
+        Command::Audit(a) => security::audit_ls_request(a)?,
         Command::Agent(a) => agent_request(a),
         Command::Session(s) => session_request(s),
         Command::Gateway(g) => gateway_request(g)?,
@@ -273,7 +365,7 @@ fn session_query(a: &SessionListArgs) -> String {
 
 /// `?k=v&...` of the parameters that are set (empty if none), values
 /// percent-encoded.
-fn query_string<const N: usize>(params: [(&str, Option<String>); N]) -> String {
+pub(super) fn query_string<const N: usize>(params: [(&str, Option<String>); N]) -> String {
     let pairs: Vec<String> = params
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(&v))))
@@ -297,7 +389,7 @@ fn encode(v: &str) -> String {
         .collect()
 }
 
-fn strip_nulls(v: Value) -> Value {
+pub(super) fn strip_nulls(v: Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).collect()),
         other => other,
@@ -310,6 +402,10 @@ fn print_text(v: &Value) {
     let row = |t: &Value| {
         if is_session(t) {
             return session_row(t);
+        }
+        if let Some(line) = security::row(t) {
+            out!("{line}");
+            return;
         }
         out!(
             "{:>8}  {:<11}  {:<8}  {:<12}  attempts={} {}",

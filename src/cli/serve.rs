@@ -56,6 +56,7 @@ fn init_tracing(json: bool) {
 pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(args.log_json);
     let config = load_config(&args)?;
+    crate::api::check_config(&config)?;
     let api_addr = config.node.api_addr;
     let shutdown = CancellationToken::new();
     let node = Node::start(config, shutdown.clone())
@@ -68,7 +69,7 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.config.is_none() {
         tokio::spawn(seed_simulated_gateway(node.clone()));
     }
-    let app = crate::api::router(node.clone());
+    let app = crate::api::router(node.clone())?;
     let stop = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

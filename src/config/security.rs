@@ -258,3 +258,21 @@ pub fn read_secret_file(key: &str, path: &Path) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("{key}: cannot read {}: {e}", path.display()))?;
     Ok(text.trim().to_owned())
 }
+
+/// Writes a file only its owner can read (mode 0600 on Unix), created
+/// fresh: a secret never exists, even briefly, with wider permissions.
+/// Replaces an existing file through a temporary one and a rename.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}

@@ -102,6 +102,13 @@ impl std::str::FromStr for Role {
     }
 }
 
+impl Tenant {
+    /// Checks the name: 1 to 256 of `A-Z a-z 0-9 - _ . : /`.
+    pub fn validate(&self) -> Result<(), String> {
+        check_name("tenant", &self.0, false).map_err(|(_, p)| p)
+    }
+}
+
 /// An API key's identity (not the key).
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]

@@ -36,7 +36,7 @@ pub struct MemberStatus {
 
 /// Reads the shared secret: config value, then file; a single node with
 /// neither gets a random one kept in its data directory.
-pub(super) fn load_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn load_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
     if let Some(s) = &config.cluster.secret {
         return Ok(s.as_bytes().to_vec());
     }
@@ -53,7 +53,7 @@ pub(super) fn load_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
     let secret: String = (0..32)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect();
-    std::fs::write(&path, &secret)?;
+    crate::config::write_private_file(&path, secret.as_bytes())?;
     Ok(secret.into_bytes())
 }
 

@@ -58,3 +58,72 @@ async fn corrupt_snapshot_fails_open_and_reads() {
     let err = Store::open(dir.path()).unwrap_err();
     assert!(err.to_string().contains("corrupt snapshot"), "{err}");
 }
+
+/// An audit chain in a stored snapshot: verified offline, and one flipped
+/// byte of one stored entry is named by its seq.
+#[tokio::test]
+async fn offline_audit_verify_names_the_tampered_entry() {
+    use crate::fsm::{AuditRecord, AuditStamp, Batch, Command, Request};
+    let dir = tempfile::tempdir().unwrap();
+    let record = |i: u64| {
+        Command::Audit(AuditRecord {
+            stamp: AuditStamp {
+                actor: format!("key:k{i}-marker"),
+                tenant: "acme".into(),
+                action: "tasks.submit".into(),
+                target: Some(format!("task/{i}")),
+            },
+            outcome: "ok".into(),
+        })
+    };
+    let normal = |index: u64, commands| Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+        payload: EntryPayload::Normal(Request::Batch(Batch {
+            now_ms: 1000 + index,
+            seed: index,
+            commands,
+        })),
+    };
+    {
+        let (mut log, mut sm) = Store::open(dir.path()).unwrap();
+        let first = normal(1, (1..=5).map(record).collect());
+        let second = normal(2, (6..=7).map(record).collect());
+        log.blocking_append([first.clone(), second.clone()])
+            .await
+            .unwrap();
+        log.save_committed(Some(second.log_id)).await.unwrap();
+        sm.apply([first]).await.unwrap();
+        let mut builder = sm.get_snapshot_builder().await;
+        openraft::RaftSnapshotBuilder::build_snapshot(&mut builder)
+            .await
+            .unwrap();
+    }
+    let state = super::offline_state(dir.path()).unwrap();
+    let log = state.audit();
+    assert_eq!(
+        log.last_seq(),
+        7,
+        "snapshot (5) plus the committed entry (2)"
+    );
+    assert_eq!(
+        crate::fsm::verify_audit_chain(log.anchor(), log.entries()),
+        Ok(7)
+    );
+
+    // Flip one byte of entry 3's actor in the stored snapshot.
+    {
+        let (_log, sm) = Store::open(dir.path()).unwrap();
+        let (_, mut data) = sm.db.snapshot().unwrap().unwrap();
+        let needle = b"key:k3-marker";
+        let at = data
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("entry 3 is in the snapshot");
+        data[at + 4] ^= 0x20;
+        sm.db.overwrite_snapshot_data(&data).unwrap();
+    }
+    let state = super::offline_state(dir.path()).unwrap();
+    let err = crate::fsm::verify_audit_chain(state.audit().anchor(), state.audit().entries())
+        .unwrap_err();
+    assert_eq!(err.seq, 3, "{err}");
+}

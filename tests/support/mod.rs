@@ -36,6 +36,17 @@ pub mod work;
 pub const BIN: &str = env!("CARGO_BIN_EXE_godel");
 /// The shared node-to-node secret of every test cluster.
 pub const SECRET: &str = "godel-cluster-test-secret-0123456789";
+/// Default headers for hand-built HTTP clients (load generators): the
+/// admin key as a bearer credential.
+pub fn auth_headers() -> reqwest::header::HeaderMap {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {ADMIN_KEY}").parse().expect("valid header"),
+    );
+    h
+}
+
 /// The admin API key every test cluster bootstraps with (`[auth]
 /// bootstrap_key_file`), and which [`Api`] sends unless told otherwise.
 pub const ADMIN_KEY: &str = "dk_test_T3N0LWFkbWluLWtleS1mb3ItdGhlLWhhcm5lc3MtMDEyMzQ1Njc4OQ";

@@ -1,0 +1,657 @@
+//! Who is calling, and may they: every API route except the liveness and
+//! readiness probes (and `/metrics` while `auth.metrics_open`) runs behind
+//! [`guard`].
+//!
+//! # One request
+//!
+//! 1. **Authenticate.** `Authorization: Bearer <credential>`, where the
+//!    credential is an API key (`dk_live_...`/`dk_test_...`, found by its
+//!    SHA-256 in the replicated state) or an HS256 JWT (see `jwt.rs`).
+//!    A cluster node that is joining may instead sign the call with the
+//!    cluster secret (`node_proof.rs`). No usable credential: 401 with
+//!    `WWW-Authenticate: Bearer` and an audit entry, unless the source
+//!    address is over its failure budget (429, not audited).
+//! 2. **Rate limits** of the credential and its tenant (`rate.rs`), before
+//!    the permission check, so a credential cannot flood the audit log
+//!    with forbidden calls either.
+//! 3. **Authorize** against the permission table (`permissions.rs`): a
+//!    role without the route's permission gets 403 naming the permission,
+//!    and an audit entry.
+//! 4. The handler gets the [`Caller`]: its role, its tenant, and the audit
+//!    stamp its writes carry. Developers and viewers are confined to their
+//!    tenant ([`Caller::scope`]); the state machine enforces the scope of
+//!    every write, so a handler cannot forget it.
+//!
+//! # Cost
+//!
+//! A verified credential is cached per node, keyed by the credential's
+//! text, with the replicated state's credential version
+//! ([`SharedState::auth_version`]): while the version is unchanged, a
+//! request costs one hash-map lookup, not a SHA-256 or an HMAC. A
+//! revocation, expiry change or tenant change bumps the version on every
+//! node as it applies the entry, so every cached credential is checked
+//! again on its next use: a revoked key stops working on a node as soon as
+//! that node applies the revocation (milliseconds behind the leader). The
+//! cache is bounded (`auth.cache_entries`), and only holds credentials
+//! that verified, so garbage fills nothing.
+//!
+//! # Shortcuts
+//!
+//! - Denials are written to the audit log by a bounded set of background
+//!   writes ([`MAX_PENDING_DENIALS`]); past it they are counted in
+//!   `godel_api_denials_unaudited_total` instead. The per-address failure
+//!   budget keeps an anonymous flood far below that.
+//! - Expiry is checked against this node's wall clock.
+
+mod bootstrap;
+mod jwt;
+pub mod node_proof;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+pub use bootstrap::{ADMIN_KEY_FILE, bootstrap_admin_key, check_configured_key};
+pub use jwt::JwtVerifier;
+
+use super::Api;
+use super::error::{ApiError, ApiResult, DeniedInHandler};
+use super::permissions::RouteSpec;
+use super::rate::{Allowance, RateLimits};
+use crate::clock;
+use crate::config::Config;
+use crate::fsm::{
+    ApiKeyId, AuditRecord, AuditStamp, Audited, Command, KEY_TOUCH_EVERY_MS, KeyHash, Role, Tenant,
+};
+use crate::store::SharedState;
+
+/// The prefixes of API keys: live keys and test keys.
+pub const KEY_PREFIXES: [&str; 2] = ["dk_live_", "dk_test_"];
+/// Characters after the prefix: at least 32 random bytes in base64url.
+const KEY_MIN_SECRET_CHARS: usize = 43;
+/// Longest credential looked at, in bytes.
+const MAX_CREDENTIAL_BYTES: usize = 4096;
+/// Denials being written to the audit log at once; past it they are
+/// counted, not recorded.
+pub const MAX_PENDING_DENIALS: usize = 256;
+
+/// A new API key: the prefix and 32 random bytes, base64url.
+pub fn generate_key(test: bool) -> String {
+    let bytes: [u8; 32] = rand::random();
+    let prefix = if test {
+        KEY_PREFIXES[1]
+    } else {
+        KEY_PREFIXES[0]
+    };
+    format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Whether `s` looks like an API key (prefix, then at least 43 base64url
+/// characters).
+pub fn is_key_shaped(s: &str) -> bool {
+    KEY_PREFIXES.iter().any(|p| {
+        s.strip_prefix(p).is_some_and(|rest| {
+            rest.len() >= KEY_MIN_SECRET_CHARS
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+    })
+}
+
+/// What the state stores of a key. A key carries 256 random bits, so an
+/// unsalted SHA-256 cannot be reversed by guessing (there is no dictionary
+/// of likely keys), and it lets any node find the key in one lookup.
+pub fn hash_key(key: &str) -> KeyHash {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// The first characters of a key, shown in lists to recognise it.
+pub fn key_prefix(key: &str) -> String {
+    key.chars().take(12).collect()
+}
+
+/// The authenticated caller of one request.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// `key:<id>`, `jwt:<sub>` or `node:<id>`: the audit log's actor.
+    pub actor: Arc<str>,
+    /// What it may do.
+    pub role: Role,
+    /// The tenant it acts in.
+    pub tenant: Tenant,
+    /// Its API key, if it used one.
+    pub key: Option<ApiKeyId>,
+    /// The route's audit action.
+    pub action: &'static str,
+    /// A cluster node proving the cluster secret (join and status only).
+    node: bool,
+}
+
+impl Caller {
+    /// The tenant its writes are confined to: its own for developers and
+    /// viewers, none for admins and operators.
+    pub fn scope(&self) -> Option<Tenant> {
+        (!self.role.is_cross_tenant()).then(|| self.tenant.clone())
+    }
+
+    /// The tenant a new object belongs to: the one named, if this caller
+    /// may name it, else its own. Naming another tenant without being
+    /// cross-tenant is 403.
+    pub fn tenant_named(&self, named: Option<String>) -> ApiResult<Tenant> {
+        match named {
+            None => Ok(self.tenant.clone()),
+            Some(t) if t == self.tenant.0 || self.role.is_cross_tenant() => Ok(Tenant(t)),
+            Some(t) => Err(self.other_tenant(&t)),
+        }
+    }
+
+    /// The tenant a list is filtered to: any or the one named for admins
+    /// and operators; always its own for the others (naming another: 403).
+    pub fn tenant_filter(&self, named: Option<String>) -> ApiResult<Option<Tenant>> {
+        if self.role.is_cross_tenant() {
+            return Ok(named.map(Tenant));
+        }
+        match named {
+            Some(t) if t != self.tenant.0 => Err(self.other_tenant(&t)),
+            _ => Ok(Some(self.tenant.clone())),
+        }
+    }
+
+    /// Whether an object of tenant `t` exists for this caller.
+    pub fn sees(&self, t: &Tenant) -> bool {
+        self.role.is_cross_tenant() || *t == self.tenant
+    }
+
+    /// The audit stamp of a write about `target`.
+    pub fn stamp(&self, target: Option<String>) -> AuditStamp {
+        AuditStamp {
+            actor: self.actor.to_string(),
+            tenant: self.tenant.clone(),
+            action: self.action.to_owned(),
+            target,
+        }
+    }
+
+    /// `cmd`, proposed on this caller's behalf: audited, and confined to
+    /// its scope.
+    pub fn command(&self, cmd: Command, target: Option<String>) -> Command {
+        Command::Audited(Box::new(Audited {
+            stamp: self.stamp(target),
+            scope: self.scope(),
+            command: cmd,
+        }))
+    }
+
+    fn other_tenant(&self, t: &str) -> ApiError {
+        ApiError::forbidden(format!(
+            "this credential acts in tenant `{}`; it cannot name tenant `{t}`",
+            self.tenant
+        ))
+        .audited()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::from(crate::node::NodeError::Internal(
+                "route has no authentication guard".into(),
+            ))
+        })
+    }
+}
+
+/// Who a verified credential is: the cacheable part of a [`Caller`].
+#[derive(Clone, Debug)]
+struct Identity {
+    actor: Arc<str>,
+    role: Role,
+    tenant: Tenant,
+    key: Option<ApiKeyId>,
+    /// When it stops being accepted, ms since the epoch.
+    expires_at_ms: Option<u64>,
+    /// When this node last recorded (or asked to record) the key's use.
+    touched_ms: u64,
+}
+
+/// A refused credential: who it seemed to be (for the audit log) and why.
+#[derive(Clone, Debug)]
+pub struct Denied {
+    /// The actor to record: the key's id when the key was found.
+    pub actor: Option<String>,
+    /// Why, for the 401 (never echoes the credential).
+    pub message: String,
+}
+
+impl Denied {
+    fn new(message: impl Into<String>) -> Self {
+        Denied {
+            actor: None,
+            message: message.into(),
+        }
+    }
+}
+
+struct Cached {
+    identity: Identity,
+    version: u64,
+}
+
+/// Verifies credentials for one node.
+pub struct Authenticator {
+    state: SharedState,
+    jwt: Option<JwtVerifier>,
+    node_key: Vec<u8>,
+    metrics_open: bool,
+    cache: Mutex<HashMap<Box<str>, Cached>>,
+    cache_entries: usize,
+    touches: Mutex<BTreeSet<ApiKeyId>>,
+    /// The node's rate limits.
+    pub rates: RateLimits,
+    denials: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("jwt", &self.jwt.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// Reads the JWT secrets (failing on a short one) and sets up the cache
+    /// and rate limits.
+    pub fn new(config: &Config, state: SharedState, cluster_secret: &[u8]) -> anyhow::Result<Self> {
+        Ok(Authenticator {
+            state,
+            jwt: JwtVerifier::from_config(&config.auth)?,
+            node_key: node_proof::key(cluster_secret),
+            metrics_open: config.auth.metrics_open,
+            cache: Mutex::new(HashMap::new()),
+            cache_entries: config.auth.cache_entries,
+            touches: Mutex::new(BTreeSet::new()),
+            rates: RateLimits::new(&config.auth.rate),
+            denials: Arc::new(Semaphore::new(MAX_PENDING_DENIALS)),
+        })
+    }
+
+    /// Whether `/metrics` answers without a credential.
+    pub fn metrics_open(&self) -> bool {
+        self.metrics_open
+    }
+
+    /// The keys seen in use whose `last_used` is due to be recorded.
+    pub fn take_touches(&self) -> Vec<ApiKeyId> {
+        std::mem::take(&mut *self.touches.lock().expect("invariant: never poisoned"))
+            .into_iter()
+            .collect()
+    }
+
+    /// Who a bearer credential is, from the cache when it is current.
+    fn identify(&self, bearer: &str, now_ms: u64) -> Result<Identity, Denied> {
+        let version = self.state.auth_version();
+        if let Some(id) = self.cached(bearer, version, now_ms)? {
+            return Ok(id);
+        }
+        let identity = if is_key_shaped(bearer) {
+            self.verify_key(bearer, now_ms)?
+        } else if bearer.bytes().filter(|b| *b == b'.').count() == 2 {
+            self.verify_jwt(bearer)?
+        } else {
+            return Err(Denied::new(
+                "malformed credential: expected an API key (dk_live_..., dk_test_...) or a JWT",
+            ));
+        };
+        let mut cache = self.cache.lock().expect("invariant: never poisoned");
+        if cache.len() >= self.cache_entries
+            && let Some(victim) = cache.keys().next().cloned()
+        {
+            cache.remove(&victim);
+        }
+        cache.insert(
+            bearer.into(),
+            Cached {
+                identity: identity.clone(),
+                version,
+            },
+        );
+        Ok(identity)
+    }
+
+    /// A cache hit: the identity if the cache is current and it has not
+    /// expired (and the key's use noted when due); `None` to verify afresh.
+    fn cached(&self, bearer: &str, version: u64, now_ms: u64) -> Result<Option<Identity>, Denied> {
+        let mut cache = self.cache.lock().expect("invariant: never poisoned");
+        let Some(c) = cache.get_mut(bearer).filter(|c| c.version == version) else {
+            return Ok(None);
+        };
+        if c.identity.expires_at_ms.is_some_and(|at| now_ms >= at) {
+            cache.remove(bearer);
+            return Err(Denied::new("credential expired"));
+        }
+        if let Some(key) = &c.identity.key
+            && now_ms.saturating_sub(c.identity.touched_ms) >= KEY_TOUCH_EVERY_MS
+        {
+            c.identity.touched_ms = now_ms;
+            self.touch(key.clone());
+        }
+        Ok(Some(c.identity.clone()))
+    }
+
+    fn touch(&self, key: ApiKeyId) {
+        self.touches
+            .lock()
+            .expect("invariant: never poisoned")
+            .insert(key);
+    }
+
+    fn verify_key(&self, key: &str, now_ms: u64) -> Result<Identity, Denied> {
+        let hash = hash_key(key);
+        let rec = self
+            .state
+            .read(|s| s.auth().key_by_hash(&hash).cloned())
+            .ok_or_else(|| Denied::new("unknown API key"))?;
+        let actor = format!("key:{}", rec.id);
+        let refuse = |why: &str| Denied {
+            actor: Some(actor.clone()),
+            message: why.into(),
+        };
+        if rec.revoked_at_ms.is_some() {
+            return Err(refuse("API key revoked"));
+        }
+        if rec.expires_at_ms.is_some_and(|at| now_ms >= at) {
+            return Err(refuse("API key expired"));
+        }
+        let touched_ms = match rec.last_used_ms {
+            Some(t) if now_ms.saturating_sub(t) < KEY_TOUCH_EVERY_MS => t,
+            _ => {
+                self.touch(rec.id.clone());
+                now_ms
+            }
+        };
+        Ok(Identity {
+            actor: actor.into(),
+            role: rec.role,
+            tenant: rec.tenant.clone(),
+            key: Some(rec.id.clone()),
+            expires_at_ms: rec.expires_at_ms,
+            touched_ms,
+        })
+    }
+
+    fn verify_jwt(&self, token: &str) -> Result<Identity, Denied> {
+        let Some(verifier) = &self.jwt else {
+            return Err(Denied::new(
+                "JWTs are not accepted: this node has no auth.jwt_secret_file",
+            ));
+        };
+        let (claims, role) = verifier.verify(token).map_err(Denied::new)?;
+        let actor = format!("jwt:{}", claims.sub);
+        if let Some(jti) = &claims.jti
+            && self.state.read(|s| s.auth().is_jti_revoked(jti))
+        {
+            return Err(Denied {
+                actor: Some(actor),
+                message: "token revoked".into(),
+            });
+        }
+        let expires_at_ms = (claims.exp + verifier.leeway_s()).saturating_mul(1000);
+        Ok(Identity {
+            actor: actor.into(),
+            role,
+            tenant: Tenant(claims.tenant_id),
+            key: None,
+            expires_at_ms: Some(expires_at_ms),
+            touched_ms: 0,
+        })
+    }
+}
+
+/// Everything the guard of one route needs.
+#[derive(Clone)]
+pub(super) struct Guarded {
+    pub(super) api: Api,
+    pub(super) spec: &'static RouteSpec,
+}
+
+/// The middleware in front of every authenticated route (see the module
+/// essay for the steps).
+pub(super) async fn guard(State(g): State<Guarded>, req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let (caller, req) = match authenticate(&g, req).await {
+        Ok(ok) => ok,
+        Err(denied) => return unauthenticated(&g, denied, peer),
+    };
+    let auth = &g.api.auth;
+    let version = auth.state.auth_version();
+    let settings = || {
+        auth.state
+            .read(|s| s.auth().tenant(&caller.tenant).map(|t| t.settings.clone()))
+    };
+    let allowance = match auth
+        .rates
+        .admit(&caller.actor, &caller.tenant, version, settings)
+    {
+        Ok(a) => a,
+        Err(limited) => {
+            crate::metrics::global()
+                .api_denials
+                .with_label_values(&["rate_limited"])
+                .inc();
+            let mut resp = ApiError::rate_limited(format!(
+                "{} rate limit reached; retry in {} ms",
+                limited.bucket,
+                limited.retry_after.as_millis()
+            ))
+            .into_response();
+            limited.allowance.write(resp.headers_mut());
+            set_retry_after(
+                resp.headers_mut(),
+                limited.retry_after.as_secs_f64().ceil() as u64,
+            );
+            return resp;
+        }
+    };
+    if let Err(resp) = authorize(&g, &caller) {
+        return with_allowance(resp, allowance);
+    }
+    let mut req = req;
+    req.extensions_mut().insert(caller.clone());
+    let resp = next.run(req).await;
+    if resp.extensions().get::<DeniedInHandler>().is_some() {
+        crate::metrics::global()
+            .api_denials
+            .with_label_values(&["forbidden"])
+            .inc();
+        record_denial(
+            &g.api,
+            AuditRecord {
+                stamp: caller.stamp(None),
+                outcome: "denied:forbidden".into(),
+            },
+        );
+    }
+    with_allowance(resp, allowance)
+}
+
+/// The caller, from a bearer credential or a node proof (which needs the
+/// body, so the request is rebuilt around the bytes read).
+async fn authenticate(g: &Guarded, req: Request) -> Result<(Caller, Request), Denied> {
+    let spec = g.spec;
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| {
+            Denied::new("missing credential: send Authorization: Bearer <api key or JWT>")
+        })?
+        .to_str()
+        .map_err(|_| Denied::new("malformed Authorization header"))?
+        .to_owned();
+    if header.len() > MAX_CREDENTIAL_BYTES {
+        return Err(Denied::new("credential too long"));
+    }
+    if let Some(proof) = header.strip_prefix(node_proof::SCHEME) {
+        return node_caller(g, proof, req).await;
+    }
+    let bearer = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| {
+            Denied::new("malformed Authorization header: expected `Bearer <credential>`")
+        })?;
+    let id = g.api.auth.identify(bearer, clock::now_ms())?;
+    let caller = Caller {
+        actor: id.actor,
+        role: id.role,
+        tenant: id.tenant,
+        key: id.key,
+        action: spec.action,
+        node: false,
+    };
+    Ok((caller, req))
+}
+
+async fn node_caller(g: &Guarded, proof: &str, req: Request) -> Result<(Caller, Request), Denied> {
+    let (parts, body) = req.into_parts();
+    let limit = g.api.node.config().api.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| Denied::new("cannot read the body of a node-signed request"))?;
+    let node = node_proof::verify(
+        &g.api.auth.node_key,
+        proof,
+        parts.method.as_str(),
+        parts.uri.path(),
+        clock::now_ms(),
+        &bytes,
+    )
+    .map_err(Denied::new)?;
+    let caller = Caller {
+        actor: format!("node:{node}").into(),
+        role: Role::Admin,
+        tenant: Tenant::from("default"),
+        key: None,
+        action: g.spec.action,
+        node: true,
+    };
+    Ok((
+        caller,
+        Request::from_parts(parts, axum::body::Body::from(bytes)),
+    ))
+}
+
+/// 403 (and its audit entry) unless the caller's role holds the route's
+/// permission; a node proof covers only what a joining node calls.
+fn authorize(g: &Guarded, caller: &Caller) -> Result<(), Response> {
+    let spec = g.spec;
+    let allowed = if caller.node {
+        matches!(spec.action, "cluster.status" | "cluster.join")
+    } else {
+        spec.permission.granted_to(caller.role)
+    };
+    if allowed {
+        return Ok(());
+    }
+    crate::metrics::global()
+        .api_denials
+        .with_label_values(&["forbidden"])
+        .inc();
+    record_denial(
+        &g.api,
+        AuditRecord {
+            stamp: caller.stamp(None),
+            outcome: "denied:forbidden".into(),
+        },
+    );
+    Err(ApiError::forbidden(format!(
+        "role `{}` lacks permission `{}` ({} {})",
+        caller.role,
+        spec.permission.as_str(),
+        spec.method,
+        spec.path
+    ))
+    .into_response())
+}
+
+/// 401 with its audit entry, or 429 once the address is over its budget.
+fn unauthenticated(g: &Guarded, denied: Denied, peer: Option<IpAddr>) -> Response {
+    let m = crate::metrics::global();
+    if let Some(ip) = peer
+        && let Err(limited) = g.api.auth.rates.failed_auth(ip)
+    {
+        m.api_denials
+            .with_label_values(&["auth_rate_limited"])
+            .inc();
+        let mut resp = ApiError::rate_limited(format!(
+            "too many failed authentications from {ip}; retry in {} s",
+            limited.retry_after.as_secs_f64().ceil()
+        ))
+        .into_response();
+        set_retry_after(
+            resp.headers_mut(),
+            limited.retry_after.as_secs_f64().ceil() as u64,
+        );
+        return resp;
+    }
+    m.api_denials.with_label_values(&["unauthenticated"]).inc();
+    let actor = denied.actor.unwrap_or_else(|| match peer {
+        Some(ip) => format!("anonymous@{ip}"),
+        None => "anonymous".into(),
+    });
+    record_denial(
+        &g.api,
+        AuditRecord {
+            stamp: AuditStamp {
+                actor,
+                tenant: Tenant::from("-"),
+                action: g.spec.action.to_owned(),
+                target: None,
+            },
+            outcome: "denied:unauthenticated".into(),
+        },
+    );
+    ApiError::unauthenticated(denied.message).into_response()
+}
+
+/// Appends a denial to the audit log in the background, bounded.
+fn record_denial(api: &Api, rec: AuditRecord) {
+    let Ok(permit) = Arc::clone(&api.auth.denials).try_acquire_owned() else {
+        crate::metrics::global().api_denials_unaudited.inc();
+        return;
+    };
+    let node = api.node.clone();
+    api.node.spawn(async move {
+        if !matches!(node.write(Command::Audit(rec)).await, Ok(Ok(_))) {
+            crate::metrics::global().api_denials_unaudited.inc();
+        }
+        drop(permit);
+    });
+}
+
+fn with_allowance(mut resp: Response, a: Allowance) -> Response {
+    a.write(resp.headers_mut());
+    resp
+}
+
+fn set_retry_after(h: &mut HeaderMap, secs: u64) {
+    h.insert(header::RETRY_AFTER, secs.max(1).into());
+}

@@ -1,0 +1,211 @@
+//! Credential endpoints (admin): API keys (create, list, get, revoke) and
+//! revoked JWT ids.
+//!
+//! A key is shown once, in the answer to its creation; the state keeps its
+//! SHA-256 only. Revoking is idempotent and reaches every node as it
+//! applies the entry (see `auth`: every cached credential is checked again
+//! after a change).
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::{self, Caller};
+use super::error::{ApiError, ApiResult};
+use super::json::{Body, Params};
+use super::{Api, unexpected};
+use crate::clock;
+use crate::fsm::{ApiKeyId, ApiKeyRecord, Command, NewApiKey, Reply, Role};
+
+/// Longest `expires_in` a key may be given: ten years.
+const MAX_KEY_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long a JWT revocation is kept when the token's expiry is not
+/// given: 30 days (longer-lived tokens must give `expires_at`).
+const DEFAULT_JTI_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// `POST /api-keys` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyBody {
+    name: String,
+    role: Role,
+    /// Defaults to the caller's tenant.
+    tenant: Option<String>,
+    /// `"90d"`, `"12h"`: the key stops working after this long.
+    expires_in: Option<String>,
+    /// A `dk_test_` key instead of `dk_live_` (same powers; marked as test).
+    #[serde(default)]
+    test: bool,
+}
+
+/// A key record as the API shows it (never the key).
+pub fn key_view(k: &ApiKeyRecord) -> Value {
+    json!({
+        "id": k.id.0,
+        "name": k.name,
+        "role": k.role,
+        "tenant": k.tenant.0,
+        "prefix": k.prefix,
+        "created_by": k.created_by,
+        "created_at": clock::rfc3339(k.created_at_ms),
+        "expires_at": k.expires_at_ms.map(clock::rfc3339),
+        "revoked_at": k.revoked_at_ms.map(clock::rfc3339),
+        "last_used_at": k.last_used_ms.map(clock::rfc3339),
+        "live": k.is_live(clock::now_ms()),
+    })
+}
+
+/// `POST /api-keys`: 201 with the record and, this once, the key.
+pub async fn create(
+    State(api): State<Api>,
+    caller: Caller,
+    Body(b): Body<KeyBody>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let tenant = caller.tenant_named(b.tenant)?;
+    tenant
+        .validate()
+        .map_err(|p| ApiError::invalid(format!("invalid field `tenant`: {p}")))?;
+    let expires_at_ms = match &b.expires_in {
+        None => None,
+        Some(text) => {
+            let d = humantime::parse_duration(text)
+                .map_err(|e| ApiError::invalid(format!("invalid field `expires_in`: {e}")))?;
+            if d.is_zero() || d > MAX_KEY_LIFETIME {
+                return Err(ApiError::invalid(
+                    "invalid field `expires_in`: must be between 1s and 10 years",
+                ));
+            }
+            Some(clock::now_ms().saturating_add(d.as_millis() as u64))
+        }
+    };
+    let key = auth::generate_key(b.test);
+    let id = ApiKeyId(format!("k_{:016x}", rand::random::<u64>()));
+    let new = NewApiKey {
+        id: id.clone(),
+        name: b.name,
+        role: b.role,
+        tenant,
+        hash: auth::hash_key(&key),
+        prefix: auth::key_prefix(&key),
+        expires_at_ms,
+        created_by: caller.actor.to_string(),
+    };
+    let reply = api
+        .write_as(
+            &caller,
+            Command::CreateApiKey(new),
+            Some(format!("api_key/{id}")),
+        )
+        .await?;
+    let Reply::ApiKey(rec) = reply else {
+        return Err(unexpected(reply));
+    };
+    let mut view = key_view(&rec);
+    view["key"] = json!(key);
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// `GET /api-keys` filters.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyQuery {
+    tenant: Option<String>,
+    role: Option<Role>,
+    /// Only live keys (`true`) or only revoked and expired ones (`false`).
+    live: Option<bool>,
+}
+
+/// `GET /api-keys`: every key matching the filters, by id, without secrets.
+pub async fn list(State(api): State<Api>, Params(q): Params<KeyQuery>) -> ApiResult<Json<Value>> {
+    api.node.read_barrier().await?;
+    let now = clock::now_ms();
+    let items: Vec<Value> = api.node.state().read(|s| {
+        s.auth()
+            .keys()
+            .filter(|k| q.tenant.as_ref().is_none_or(|t| k.tenant.0 == *t))
+            .filter(|k| q.role.is_none_or(|r| k.role == r))
+            .filter(|k| q.live.is_none_or(|l| k.is_live(now) == l))
+            .map(|k| key_view(k))
+            .collect()
+    });
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `GET /api-keys/{id}`.
+pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    api.node.read_barrier().await?;
+    let id = ApiKeyId(id);
+    api.node
+        .state()
+        .read(|s| s.auth().key(&id).map(|k| key_view(k)))
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("api key `{id}` not found")))
+}
+
+/// `DELETE /api-keys/{id}`: revokes the key (idempotent); the record stays,
+/// for the audit trail.
+pub async fn revoke(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = ApiKeyId(id);
+    let target = Some(format!("api_key/{id}"));
+    match api
+        .write_as(&caller, Command::RevokeApiKey { id }, target)
+        .await?
+    {
+        Reply::ApiKey(rec) => Ok(Json(key_view(&rec))),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `POST /jwt/revocations` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JtiBody {
+    jti: String,
+    /// The token's expiry (RFC 3339); the revocation is kept until then.
+    /// Default: 30 days from now.
+    expires_at: Option<String>,
+}
+
+/// `POST /jwt/revocations`: tokens carrying this `jti` are refused on every
+/// node from when it applies the entry.
+pub async fn revoke_jwt(
+    State(api): State<Api>,
+    caller: Caller,
+    Body(b): Body<JtiBody>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let until_ms = match &b.expires_at {
+        Some(t) => clock::parse_rfc3339(t)
+            .map_err(|e| ApiError::invalid(format!("invalid field `expires_at`: {e}")))?,
+        None => clock::now_ms() + DEFAULT_JTI_KEEP.as_millis() as u64,
+    };
+    let cmd = Command::RevokeJti {
+        jti: b.jti.clone(),
+        until_ms,
+    };
+    api.write_as(&caller, cmd, Some(format!("jwt/{}", b.jti)))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "jti": b.jti, "until": clock::rfc3339(until_ms) })),
+    ))
+}
+
+/// `GET /jwt/revocations`.
+pub async fn jwt_revocations(State(api): State<Api>) -> ApiResult<Json<Value>> {
+    api.node.read_barrier().await?;
+    let items: Vec<Value> = api.node.state().read(|s| {
+        s.auth()
+            .revoked_jtis()
+            .map(|(jti, until)| json!({ "jti": jti, "until": clock::rfc3339(*until) }))
+            .collect()
+    });
+    Ok(Json(json!({ "items": items })))
+}
