@@ -536,11 +536,17 @@ async fn node_caller(g: &Guarded, proof: &str, req: Request) -> Result<(Caller, 
     let bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| Denied::new("cannot read the body of a node-signed request"))?;
+    // Nested routers see the path without their prefix; the proof covers
+    // the path the caller sent.
+    let path = parts
+        .extensions
+        .get::<axum::extract::OriginalUri>()
+        .map_or_else(|| parts.uri.path().to_owned(), |o| o.0.path().to_owned());
     let node = node_proof::verify(
         &g.api.auth.node_key,
         proof,
         parts.method.as_str(),
-        parts.uri.path(),
+        &path,
         clock::now_ms(),
         &bytes,
     )

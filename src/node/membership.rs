@@ -15,6 +15,8 @@ use openraft::ChangeMembers;
 use serde::Serialize;
 
 use super::{Node, NodeError};
+use crate::api::auth::node_proof;
+use crate::clock;
 use crate::config::Config;
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
 use crate::raft::{NodeId, NodeInfo};
@@ -89,7 +91,7 @@ pub(super) async fn bootstrap(node: &Node) -> anyhow::Result<()> {
             .collect()
     };
     if members.keys().next() == Some(&node.id()) {
-        if let Some(peer) = running_peer(node, &members).await {
+        if let Some(peer) = running_peer(node, &members).await? {
             anyhow::bail!(
                 "this node's data directory is empty but node {peer} already belongs to a running \
                  cluster: refusing to initialize a second one. If this node lost its data, remove it \
@@ -106,37 +108,79 @@ pub(super) async fn bootstrap(node: &Node) -> anyhow::Result<()> {
 }
 
 /// A member other than this node that reports an established cluster (a
-/// term past zero), if any answers within a second.
-async fn running_peer(node: &Node, members: &BTreeMap<NodeId, NodeInfo>) -> Option<NodeId> {
+/// term past zero), if any answers within a second. The call is signed
+/// with the cluster secret; a member that refuses it (another secret) is
+/// an error, never a reason to initialize.
+async fn running_peer(
+    node: &Node,
+    members: &BTreeMap<NodeId, NodeInfo>,
+) -> anyhow::Result<Option<NodeId>> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
-        .build()
-        .ok()?;
+        .build()?;
+    let key = proof_key(node)?;
+    let path = "/api/v1/cluster";
     for (id, info) in members.iter().filter(|(id, _)| **id != node.id()) {
-        let url = format!("http://{}/api/v1/cluster", info.api_addr);
-        let Ok(resp) = http.get(&url).send().await else {
+        let url = format!("http://{}{path}", info.api_addr);
+        let proof = node_proof::header(&key, "GET", path, node.id(), clock::now_ms(), b"");
+        let Ok(resp) = http
+            .get(&url)
+            .header(reqwest::header::AUTHORIZATION, proof)
+            .send()
+            .await
+        else {
             continue;
         };
+        let status = resp.status();
+        if matches!(status.as_u16(), 401 | 403) {
+            anyhow::bail!(
+                "node {id} at {} refused this node's signed call ({status}): do the two share \
+                 cluster.secret? Refusing to initialize a cluster without knowing whether one runs",
+                info.api_addr
+            );
+        }
         let Ok(body) = resp.json::<serde_json::Value>().await else {
             continue;
         };
         if body["term"].as_u64().is_some_and(|t| t > 0) {
-            return Some(*id);
+            return Ok(Some(*id));
         }
     }
-    None
+    Ok(None)
+}
+
+/// The key this node signs its own API calls to peers with: derived from
+/// the cluster secret (see `api::auth::node_proof`).
+fn proof_key(node: &Node) -> anyhow::Result<Vec<u8>> {
+    Ok(node_proof::key(&load_secret(node.config())?))
 }
 
 /// Asks the node at `seed` (an API address) to add this one, until it does.
+/// The call is signed with the cluster secret: a joining node has no API key.
 async fn join_loop(node: Node, seed: String) {
-    let url = format!("http://{seed}/api/v1/cluster/join");
-    let body = serde_json::json!({ "id": node.id(), "raft_addr": node.info().raft_addr, "api_addr": node.info().api_addr, "region": node.info().region });
+    let path = "/api/v1/cluster/join";
+    let url = format!("http://{seed}{path}");
+    let body = serde_json::json!({ "id": node.id(), "raft_addr": node.info().raft_addr, "api_addr": node.info().api_addr, "region": node.info().region }).to_string();
+    let key = match proof_key(&node) {
+        Ok(k) => k,
+        Err(e) => return tracing::error!(error = %e, "cannot join: no cluster secret"),
+    };
     let http = reqwest::Client::new();
     let mut delay = Duration::from_millis(200);
     loop {
+        let proof = node_proof::header(
+            &key,
+            "POST",
+            path,
+            node.id(),
+            clock::now_ms(),
+            body.as_bytes(),
+        );
         match http
             .post(&url)
-            .json(&body)
+            .header(reqwest::header::AUTHORIZATION, proof)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
             .timeout(Duration::from_secs(30))
             .send()
             .await
