@@ -82,6 +82,9 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     // up answering 503 and claiming a role it no longer has.
     let fatal = tokio::spawn(raft_stopped(node.clone(), shutdown.clone()));
     let graceful = shutdown.clone();
+    // The peer address goes into each request (failed authentications are
+    // limited per source address).
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { graceful.cancelled().await })
         .await?;
