@@ -103,17 +103,17 @@ async fn probes_and_default_metrics_are_open() {
     bounded(TEST_BOUND, async {
         let anon = c.api().anonymous();
         for (method, path) in permissions::PUBLIC {
-            let r = anon
-                .request(method.clone(), 0, path, None)
-                .await
-                .unwrap();
+            let r = anon.request(method.clone(), 0, path, None).await.unwrap();
             assert_eq!(r.status, 200, "{path}: {r:?}");
         }
         let r = anon.get(0, "/metrics").await.unwrap();
         assert_eq!(r.status, 200, "{r:?}");
         assert!(r.body.as_str().unwrap_or("").contains("godel_raft_term"));
         // The deep health check is not a probe: it needs `cluster:read`.
-        anon.get(0, "/health").await.unwrap().assert_error(401, "unauthenticated");
+        anon.get(0, "/health")
+            .await
+            .unwrap()
+            .assert_error(401, "unauthenticated");
     })
     .await;
 }

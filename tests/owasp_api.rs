@@ -67,7 +67,11 @@ async fn api1_another_tenants_objects_do_not_exist() {
         let admin = c.api();
         let acme = admin.with_key(&key(&admin, "developer", "acme").await.0);
         let globex = admin.with_key(&key(&admin, "developer", "globex").await.0);
-        let g1 = submit(&globex, json!({ "payload": {"g": 1}, "session_key": "conv" })).await;
+        let g1 = submit(
+            &globex,
+            json!({ "payload": {"g": 1}, "session_key": "conv" }),
+        )
+        .await;
         let g2 = submit(&globex, json!({ "payload": {"g": 2}, "max_attempts": 1 })).await;
         let mine = submit(&acme, json!({ "payload": {"a": 1} })).await;
         assert_eq!(g1["tenant"], "globex");
@@ -81,7 +85,11 @@ async fn api1_another_tenants_objects_do_not_exist() {
         let (_, gtok) = lease_one(&globex, "globex-worker").await;
         let (_, gtok2) = lease_one(&globex, "globex-worker").await;
         let r = globex
-            .post(0, &format!("/api/v1/leases/{gtok2}/fail"), &json!({ "error": "x", "retryable": false }))
+            .post(
+                0,
+                &format!("/api/v1/leases/{gtok2}/fail"),
+                &json!({ "error": "x", "retryable": false }),
+            )
             .await
             .unwrap();
         assert_eq!(r.status, 200, "{r:?}");
@@ -94,22 +102,39 @@ async fn api1_another_tenants_objects_do_not_exist() {
         ] {
             let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
             let body = (method == "POST").then(|| json!({}));
-            let theirs = acme.request(m.clone(), 0, &path, body.as_ref()).await.unwrap();
+            let theirs = acme
+                .request(m.clone(), 0, &path, body.as_ref())
+                .await
+                .unwrap();
             let missing = acme
-                .request(m, 0, &path.replace(&format!("/{gid}"), "/999999").replace(&format!("/{gid2}"), "/999999"), body.as_ref())
+                .request(
+                    m,
+                    0,
+                    &path
+                        .replace(&format!("/{gid}"), "/999999")
+                        .replace(&format!("/{gid2}"), "/999999"),
+                    body.as_ref(),
+                )
                 .await
                 .unwrap();
             theirs.assert_error(404, "not_found");
             missing.assert_error(404, "not_found");
             assert_eq!(
-                theirs.message().replace(&gid.to_string(), "N").replace(&gid2.to_string(), "N"),
+                theirs
+                    .message()
+                    .replace(&gid.to_string(), "N")
+                    .replace(&gid2.to_string(), "N"),
                 missing.message().replace("999999", "N"),
                 "another tenant's task reads exactly like a missing one"
             );
         }
         // Leases: renew, complete, fail with globex's live token: stale.
         for verb in ["renew", "complete", "fail"] {
-            let body = if verb == "fail" { json!({ "error": "x" }) } else { json!({}) };
+            let body = if verb == "fail" {
+                json!({ "error": "x" })
+            } else {
+                json!({})
+            };
             let r = acme
                 .post(0, &format!("/api/v1/leases/{gtok}/{verb}"), &body)
                 .await
@@ -129,9 +154,17 @@ async fn api1_another_tenants_objects_do_not_exist() {
         r.assert_error(403, "forbidden");
         // Lists and depth show only acme.
         let all = acme.get_ok(0, "/api/v1/tasks").await;
-        let tenants: Vec<&str> = all["items"].as_array().unwrap().iter().map(|t| t["tenant"].as_str().unwrap()).collect();
+        let tenants: Vec<&str> = all["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["tenant"].as_str().unwrap())
+            .collect();
         assert_eq!(tenants, ["acme"], "{all}");
-        acme.get(0, "/api/v1/tasks?tenant=globex").await.unwrap().assert_error(403, "forbidden");
+        acme.get(0, "/api/v1/tasks?tenant=globex")
+            .await
+            .unwrap()
+            .assert_error(403, "forbidden");
         let depth = acme.get_ok(0, "/api/v1/queue/depth").await;
         assert!(depth["by_tenant"].get("globex").is_none(), "{depth}");
         // Sessions: globex's conversation does not exist for acme.
@@ -142,7 +175,14 @@ async fn api1_another_tenants_objects_do_not_exist() {
         let t = globex.get_ok(0, &format!("/api/v1/tasks/{gid}")).await;
         assert_eq!(t["status"], "leased", "{t}");
         // acme's own lease completes.
-        let r = acme.post(0, &format!("/api/v1/leases/{tok}/complete"), &json!({"result": 1})).await.unwrap();
+        let r = acme
+            .post(
+                0,
+                &format!("/api/v1/leases/{tok}/complete"),
+                &json!({"result": 1}),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.status, 200, "{r:?}");
     })
     .await;
@@ -319,8 +359,15 @@ async fn api2_revoked_key_is_refused_on_every_node_within_a_second() {
             let r = dev.get(i, "/api/v1/tasks").await.unwrap();
             assert_eq!(r.status, 200, "node {i}: {r:?}");
         }
-        let r = admin.delete(0, &format!("/api/v1/api-keys/{id}")).await.unwrap();
-        assert_eq!((r.status, r.body["live"].as_bool()), (200, Some(false)), "{r:?}");
+        let r = admin
+            .delete(0, &format!("/api/v1/api-keys/{id}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.body["live"].as_bool()),
+            (200, Some(false)),
+            "{r:?}"
+        );
         let revoked = Instant::now();
         for i in 0..3 {
             loop {
@@ -337,24 +384,42 @@ async fn api2_revoked_key_is_refused_on_every_node_within_a_second() {
             }
         }
         // Revoking again is harmless; the record stays, dead.
-        let r = admin.delete(0, &format!("/api/v1/api-keys/{id}")).await.unwrap();
+        let r = admin
+            .delete(0, &format!("/api/v1/api-keys/{id}"))
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
         let listed = admin.get_ok(0, "/api/v1/api-keys?live=false").await;
-        assert!(listed["items"].as_array().unwrap().iter().any(|k| k["id"] == id.as_str()));
-        assert!(listed.to_string().find(&k).is_none(), "a list never shows a key");
+        assert!(
+            listed["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k["id"] == id.as_str())
+        );
+        assert!(
+            listed.to_string().find(&k).is_none(),
+            "a list never shows a key"
+        );
         // A key that expires.
         let r = admin
-            .post(0, "/api/v1/api-keys", &json!({ "name": "brief", "role": "viewer", "tenant": "acme", "expires_in": "1s" }))
+            .post(
+                0,
+                "/api/v1/api-keys",
+                &json!({ "name": "brief", "role": "viewer", "tenant": "acme", "expires_in": "1s" }),
+            )
             .await
             .unwrap();
         let brief = admin.with_key(r.body["key"].as_str().unwrap());
         assert_eq!(brief.get(0, "/api/v1/tasks").await.unwrap().status, 200);
-        wait_until("the brief key expires", deadline(Duration::from_secs(5)), async || {
-            match brief.get(0, "/api/v1/tasks").await?.status {
+        wait_until(
+            "the brief key expires",
+            deadline(Duration::from_secs(5)),
+            async || match brief.get(0, "/api/v1/tasks").await?.status {
                 401 => Ok(()),
                 s => anyhow::bail!("status {s}"),
-            }
-        })
+            },
+        )
         .await;
     })
     .await;
@@ -369,14 +434,42 @@ async fn api3_tenant_and_role_in_bodies_change_nothing() {
     bounded(TEST_BOUND, async {
         let admin = c.api();
         let dev = admin.with_key(&key(&admin, "developer", "acme").await.0);
-        let r = dev.post(0, "/api/v1/tasks", &json!({ "payload": {}, "tenant": "globex" })).await.unwrap();
+        let r = dev
+            .post(
+                0,
+                "/api/v1/tasks",
+                &json!({ "payload": {}, "tenant": "globex" }),
+            )
+            .await
+            .unwrap();
         r.assert_error(403, "forbidden");
-        let r = dev.post(0, "/api/v1/tasks", &json!({ "payload": {}, "role": "admin" })).await.unwrap();
+        let r = dev
+            .post(
+                0,
+                "/api/v1/tasks",
+                &json!({ "payload": {}, "role": "admin" }),
+            )
+            .await
+            .unwrap();
         r.assert_error(400, "invalid_request");
         assert!(r.message().contains("role"), "{r:?}");
-        let r = dev.post(0, "/api/v1/leases", &json!({ "agent_id": "w", "tenant": "globex" })).await.unwrap();
+        let r = dev
+            .post(
+                0,
+                "/api/v1/leases",
+                &json!({ "agent_id": "w", "tenant": "globex" }),
+            )
+            .await
+            .unwrap();
         r.assert_error(400, "invalid_request");
-        let r = dev.post(0, "/api/v1/api-keys", &json!({ "name": "x", "role": "admin", "tenant": "acme" })).await.unwrap();
+        let r = dev
+            .post(
+                0,
+                "/api/v1/api-keys",
+                &json!({ "name": "x", "role": "admin", "tenant": "acme" }),
+            )
+            .await
+            .unwrap();
         r.assert_error(403, "forbidden");
         // Its own tenant named explicitly is fine.
         let t = submit(&dev, json!({ "payload": {}, "tenant": "acme" })).await;
@@ -384,11 +477,21 @@ async fn api3_tenant_and_role_in_bodies_change_nothing() {
         // Exactly that one task exists, and the denials were audited.
         let all = admin.get_ok(0, "/api/v1/tasks").await;
         assert_eq!(all["items"].as_array().unwrap().len(), 1, "{all}");
-        let denied = wait_until("denials audited", deadline(Duration::from_secs(5)), async || {
-            let d = admin.get_ok(0, "/api/v1/audit?outcome=denied:forbidden").await;
-            let n = d["items"].as_array().map_or(0, Vec::len);
-            if n >= 2 { Ok(d) } else { anyhow::bail!("{n} so far") }
-        })
+        let denied = wait_until(
+            "denials audited",
+            deadline(Duration::from_secs(5)),
+            async || {
+                let d = admin
+                    .get_ok(0, "/api/v1/audit?outcome=denied:forbidden")
+                    .await;
+                let n = d["items"].as_array().map_or(0, Vec::len);
+                if n >= 2 {
+                    Ok(d)
+                } else {
+                    anyhow::bail!("{n} so far")
+                }
+            },
+        )
         .await;
         assert!(denied.to_string().contains("tasks.submit"), "{denied}");
     })
@@ -409,7 +512,12 @@ async fn api4_credential_bucket_and_failed_authentications_are_limited() {
         // of it): retry a 429, which means nothing was done.
         let body = json!({ "name": "v", "role": "viewer", "tenant": "acme" });
         let r = admin
-            .post_retrying(0, "/api/v1/api-keys", &body, deadline(Duration::from_secs(10)))
+            .post_retrying(
+                0,
+                "/api/v1/api-keys",
+                &body,
+                deadline(Duration::from_secs(10)),
+            )
             .await;
         assert_eq!(r.status, 201, "{r:?}");
         let viewer = admin.with_key(r.body["key"].as_str().unwrap());
@@ -423,13 +531,20 @@ async fn api4_credential_bucket_and_failed_authentications_are_limited() {
                 limited = Some(r);
                 break;
             }
-            remaining.push(r.header("x-ratelimit-remaining").unwrap().parse::<u32>().unwrap());
+            remaining.push(
+                r.header("x-ratelimit-remaining")
+                    .unwrap()
+                    .parse::<u32>()
+                    .unwrap(),
+            );
         }
         let r = limited.expect("the bucket of 5 ran out within 10 requests");
         r.assert_error(429, "rate_limited");
         assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
         assert!(
-            r.retry_after.as_deref().is_some_and(|s| s.parse::<u64>().unwrap() >= 1),
+            r.retry_after
+                .as_deref()
+                .is_some_and(|s| s.parse::<u64>().unwrap() >= 1),
             "{r:?}"
         );
         assert!(remaining.windows(2).all(|w| w[1] <= w[0]), "{remaining:?}");
@@ -444,22 +559,34 @@ async fn api4_credential_bucket_and_failed_authentications_are_limited() {
         let from_3 = failed_auths(&url, [127, 0, 0, 3], 1).await;
         assert_eq!(from_3, [401], "another address has its own budget");
         // The limited ones were not audited: three denials only.
-        let audit = wait_until("denials audited", deadline(Duration::from_secs(10)), async || {
-            let r = admin.get(0, "/api/v1/audit?outcome=denied:unauthenticated").await?;
-            match r.status {
-                200 if r.body["items"].as_array().map_or(0, Vec::len) >= 3 => Ok(r.body),
-                _ => anyhow::bail!("{r:?}"),
-            }
-        })
+        let audit = wait_until(
+            "denials audited",
+            deadline(Duration::from_secs(10)),
+            async || {
+                let r = admin
+                    .get(0, "/api/v1/audit?outcome=denied:unauthenticated")
+                    .await?;
+                match r.status {
+                    200 if r.body["items"].as_array().map_or(0, Vec::len) >= 3 => Ok(r.body),
+                    _ => anyhow::bail!("{r:?}"),
+                }
+            },
+        )
         .await;
         let from: Vec<&str> = audit["items"]
             .as_array()
             .unwrap()
             .iter()
             .filter_map(|e| e["actor"].as_str())
-            .filter(|a| a.starts_with("anonymous@127.0.0.2") || a.starts_with("anonymous@127.0.0.3"))
+            .filter(|a| {
+                a.starts_with("anonymous@127.0.0.2") || a.starts_with("anonymous@127.0.0.3")
+            })
             .collect();
-        assert_eq!(from.len(), 4, "3 from .2 and 1 from .3, the limited ones not: {audit}");
+        assert_eq!(
+            from.len(),
+            4,
+            "3 from .2 and 1 from .3, the limited ones not: {audit}"
+        );
     })
     .await;
 }
