@@ -457,3 +457,133 @@ async fn task_lists_answer_bad_queries_in_the_error_shape() {
         }
     }
 }
+
+/// The credential, tenant, JWT and audit commands, end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_commands_work() {
+    let c = Cluster::start(1).await;
+    let api = format!("http://{}", c.node(0).api_addr);
+    tokio::task::spawn_blocking(move || security_session(&api))
+        .await
+        .expect("cli security session");
+}
+
+fn security_session(api: &str) {
+    let (code, generated) = godel(api, &["key", "generate"]);
+    assert_eq!(code, 0);
+    assert!(
+        generated.as_str().unwrap().trim().starts_with("dk_live_"),
+        "{generated}"
+    );
+    let k = ok(
+        api,
+        &[
+            "key",
+            "create",
+            "--name",
+            "ci",
+            "--role",
+            "developer",
+            "--tenant",
+            "acme",
+            "--expires-in",
+            "1d",
+        ],
+    );
+    let (id, key) = (k["id"].as_str().unwrap(), k["key"].as_str().unwrap());
+    assert!(
+        key.starts_with("dk_live_") && k["expires_at"].is_string(),
+        "{k}"
+    );
+    let listed = ok(api, &["key", "ls", "--tenant", "acme"]);
+    assert_eq!(listed["items"][0]["id"], id, "{listed}");
+    assert!(
+        !listed.to_string().contains(key),
+        "a list never shows a key"
+    );
+    assert_eq!(ok(api, &["key", "get", id])["role"], "developer");
+    // The new key works through --api-key.
+    let out = Command::new(BIN)
+        .args([
+            "--api",
+            api,
+            "--api-key",
+            key,
+            "-o",
+            "json",
+            "task",
+            "submit",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked = ok(api, &["key", "revoke", id]);
+    assert_eq!(revoked["live"], false, "{revoked}");
+    let (code, err) = godel(api, &["key", "create", "--name", "x", "--role", "root"]);
+    assert_eq!(code, 1, "{err}");
+
+    let t = ok(
+        api,
+        &[
+            "tenant",
+            "add",
+            "acme",
+            "--weight",
+            "3",
+            "--max-queued",
+            "100",
+        ],
+    );
+    assert_eq!(
+        (t["weight"].as_u64(), t["max_queued"].as_u64()),
+        (Some(3), Some(100)),
+        "{t}"
+    );
+    let t = ok(
+        api,
+        &[
+            "tenant",
+            "set",
+            "acme",
+            "--max-queued",
+            "none",
+            "--rate",
+            "50",
+        ],
+    );
+    assert_eq!(
+        (t["max_queued"].is_null(), t["rate_per_second"].as_u64()),
+        (true, Some(50)),
+        "{t}"
+    );
+    assert_eq!(ok(api, &["tenant", "ls"])["items"][0]["queued"], 1);
+    assert_eq!(ok(api, &["tenant", "get", "acme"])["weight"], 3);
+    let (code, err) = godel(api, &["tenant", "rm", "acme"]);
+    assert_eq!(
+        (code, err["error"]["code"].as_str()),
+        (1, Some("conflict")),
+        "{err}"
+    );
+
+    let j = ok(api, &["jwt", "revoke", "--jti", "tok-1"]);
+    assert_eq!(j["jti"], "tok-1");
+    assert_eq!(ok(api, &["jwt", "ls"])["items"][0]["jti"], "tok-1");
+
+    let audit = ok(api, &["audit", "ls", "--action", "api_keys."]);
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(
+        actions.contains(&"api_keys.create") && actions.contains(&"api_keys.revoke"),
+        "{audit}"
+    );
+    let (code, out) = godel(api, &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}");
+}

@@ -31,6 +31,10 @@ pub async fn run_client(
     {
         return security::verify_offline(dir);
     }
+    if let Command::Key(super::KeyCmd::Generate { test }) = &cmd {
+        out!("{}", crate::api::auth::generate_key(*test));
+        return Ok(0);
+    }
     let client = Client {
         base: api.trim_end_matches('/').to_owned(),
         key: security::credential(api_key)?,

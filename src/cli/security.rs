@@ -33,6 +33,13 @@ pub fn credential(flag: Option<String>) -> anyhow::Result<Option<String>> {
 /// `godel key ...`
 #[derive(Debug, Subcommand)]
 pub enum KeyCmd {
+    /// Print a new random key without calling any node: for
+    /// `auth.bootstrap_key_file` (the first admin key of a new cluster).
+    Generate {
+        /// A `dk_test_` key.
+        #[arg(long)]
+        test: bool,
+    },
     /// Create an API key; prints it once.
     Create {
         /// A name for people.
@@ -177,6 +184,7 @@ pub enum AuditCmd {
 /// The request of a key command.
 pub fn key_request(k: KeyCmd) -> anyhow::Result<Req> {
     Ok(match k {
+        KeyCmd::Generate { .. } => bail!("`key generate` calls no node"),
         KeyCmd::Create {
             name,
             role,
