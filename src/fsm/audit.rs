@@ -43,7 +43,7 @@ use super::state::truncate;
 use super::task::Tenant;
 
 /// Entries kept in the state; older ones leave an anchor behind.
-pub const MAX_AUDIT_ENTRIES: usize = 250_000;
+pub const MAX_AUDIT_ENTRIES: usize = 100_000;
 /// Longest actor, target or outcome kept, in bytes.
 const MAX_FIELD_BYTES: usize = 256;
 
