@@ -36,11 +36,7 @@ const GATEWAYS: usize = 3;
 const REFRESH_TASKS: u64 = 50_000;
 
 fn entry(now_ms: u64, commands: Vec<Command>) -> Request {
-    Request::Batch(Batch {
-        now_ms,
-        seed: 7,
-        commands,
-    })
+    Request::Batch(Batch::unaudited(now_ms, 7, commands))
 }
 
 /// Applies `commands` as one entry; the granted tokens, if any.

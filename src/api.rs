@@ -5,8 +5,8 @@
 //! Every route but the liveness and readiness probes needs a credential
 //! and a permission ([`auth`], [`permissions`]); the router is built from
 //! the permission table, so a route without an entry cannot be served.
-//! Writes are proposed as audited commands confined to the caller's tenant
-//! (see `fsm::Audited`); reads filter by tenant, and another tenant's
+//! Writes are proposed with the caller's audit mark, confined to its tenant
+//! (see `fsm::Batch`); reads filter by tenant, and another tenant's
 //! object answers 404 exactly as a missing one does.
 //!
 //! Handlers validate everything before proposing, so bad input costs no log
@@ -46,7 +46,7 @@ use tower_http::timeout::TimeoutLayer;
 pub use auth::{Authenticator, Caller};
 pub use error::{ApiError, ApiResult};
 
-use crate::fsm::{Command, Outcome, Reply};
+use crate::fsm::{AuditTarget, Command, Outcome, Reply};
 use crate::node::{Node, NodeError};
 
 /// Most records (tasks, sessions) one list request scans past its cursor
@@ -71,28 +71,33 @@ impl Api {
         &self,
         caller: &Caller,
         cmd: Command,
-        target: Option<String>,
+        target: Option<AuditTarget>,
     ) -> ApiResult<Reply> {
-        outcome(self.node.write(caller.command(cmd, target)).await)
+        outcome(
+            self.node
+                .write_audited(cmd, Some(caller.audit(target)))
+                .await,
+        )
     }
 
     /// Records, for a change that is not a state-machine command
     /// (membership, faults), that `caller` made it and how it ended.
-    async fn record(&self, caller: &Caller, target: Option<String>, ok: bool) {
+    async fn record(&self, caller: &Caller, target: Option<AuditTarget>, ok: bool) {
         self.append_audit(caller, target, if ok { "ok" } else { "failed" })
             .await;
     }
 
     /// Records a call refused by a check the API makes before proposing
     /// (a gateway spec this node's policy refuses, say).
-    async fn record_rejected(&self, caller: &Caller, target: Option<String>, code: &str) {
+    async fn record_rejected(&self, caller: &Caller, target: Option<AuditTarget>, code: &str) {
         self.append_audit(caller, target, &format!("rejected:{code}"))
             .await;
     }
 
-    async fn append_audit(&self, caller: &Caller, target: Option<String>, outcome: &str) {
+    async fn append_audit(&self, caller: &Caller, target: Option<AuditTarget>, outcome: &str) {
         let rec = crate::fsm::AuditRecord {
-            stamp: caller.stamp(target),
+            caller: caller.audit_caller(),
+            target,
             outcome: outcome.to_owned(),
         };
         if !matches!(self.node.write(Command::Audit(rec)).await, Ok(Ok(_))) {

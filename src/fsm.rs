@@ -69,16 +69,16 @@ mod state;
 mod task;
 
 pub use audit::{
-    AuditAnchor, AuditEntry, AuditFilter, AuditLog, AuditRecord, AuditStamp, ChainBroken,
-    MAX_AUDIT_ENTRIES, verify as verify_audit_chain,
+    Audit, AuditAnchor, AuditCaller, AuditEntry, AuditFilter, AuditLog, AuditMark, AuditRecord,
+    AuditTarget, ChainBroken, MAX_AUDIT_ENTRIES, verify as verify_audit_chain,
 };
 pub use auth::{
     ApiKeyId, ApiKeyRecord, Auth, KEY_TOUCH_EVERY_MS, KeyHash, NewApiKey, Role, TenantPatch,
     TenantRecord, TenantSettings,
 };
 pub use command::{
-    Audited, Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, Event, EventKind,
-    LeaseGrant, Outcome, Rejection, ReplaySelector, Reply, Request, Response, SubmitTask,
+    Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, Event, EventKind, LeaseGrant,
+    Outcome, Rejection, ReplaySelector, Reply, Request, Response, SubmitTask, Write, pack, unpack,
 };
 pub use query::{Depth, TaskFilter, TaskPage};
 pub use registry::{

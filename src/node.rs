@@ -369,8 +369,19 @@ impl Node {
 
     /// Proposes one command and returns its outcome once committed and applied.
     pub async fn write(&self, cmd: fsm::Command) -> Result<fsm::Outcome, NodeError> {
+        self.write_audited(cmd, None).await
+    }
+
+    /// Proposes one command asked for by an API caller (`audit`): applying
+    /// it appends its audit entry, and a scoped one touches only the
+    /// caller's tenant. Returns its outcome once committed and applied.
+    pub async fn write_audited(
+        &self,
+        command: fsm::Command,
+        audit: Option<fsm::Audit>,
+    ) -> Result<fsm::Outcome, NodeError> {
         let timeout = self.inner.config.queue.write_timeout;
-        let rx = self.inner.queue.push(cmd)?;
+        let rx = self.inner.queue.push(fsm::Write { command, audit })?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(NodeError::Unavailable("node is shutting down".into())),

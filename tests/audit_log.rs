@@ -47,6 +47,8 @@ async fn calls_and_denials_are_chained_and_verified_online_and_offline() {
             .await
             .unwrap();
         r.assert_error(404, "not_found");
+        let gw = json!({"id": "zz-marker", "region": "local", "max_sessions": 1, "driver": {"kind": "sim"}});
+        assert_eq!(api.post(0, "/api/v1/gateways", &gw).await.unwrap().status, 201);
         for i in 0..50 {
             let r = api
                 .post(0, "/api/v1/tasks", &json!({ "payload": { "i": i } }))
@@ -98,6 +100,9 @@ async fn calls_and_denials_are_chained_and_verified_online_and_offline() {
                 .starts_with("anonymous@127.0.0.1"),
             "{denied}"
         );
+        let gateway = find(&|e| e["target"] == "gateway/zz-marker")
+            .unwrap_or_else(|| panic!("the registration: {log:?}"));
+        assert_eq!(gateway["action"], "gateways.register");
         // Filters.
         let only = api.get_ok(0, "/api/v1/audit?action=tasks.cancel").await;
         assert_eq!(only["items"].as_array().unwrap().len(), 1, "{only}");
@@ -105,7 +110,7 @@ async fn calls_and_denials_are_chained_and_verified_online_and_offline() {
         let (code, out) = godel(&["--api", &url, "audit", "verify"]);
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("audit chain verified"), "{out}");
-        marker["seq"].as_u64().unwrap()
+        gateway["seq"].as_u64().unwrap()
     })
     .await;
     assert!(
@@ -119,7 +124,7 @@ async fn calls_and_denials_are_chained_and_verified_online_and_offline() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("audit chain verified"), "{out}");
 
-    flip_a_byte_of(&data.join("raft"), b"task/777777");
+    flip_a_byte_of(&data.join("raft"), b"gateway/zz-marker");
     let (code, out) = godel(&["audit", "verify", "--data-dir", &dir]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -139,7 +144,7 @@ fn flip_a_byte_of(raft_dir: &Path, needle: &[u8]) {
         .windows(needle.len())
         .position(|w| w == needle)
         .expect("the marked entry is in the snapshot");
-    data[at] ^= 0x20; // `t` becomes `T`
+    data[at] ^= 0x20; // `g` becomes `G`
     tree.insert(b"data", data).unwrap();
     db.flush().unwrap();
 }

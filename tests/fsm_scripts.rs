@@ -68,12 +68,12 @@ use std::str::FromStr;
 
 use godel::codec;
 use godel::fsm::{
-    AgentId, AgentRegistration, ApiKeyId, AuditFilter, AuditRecord, AuditStamp, Audited, Backoff,
-    Batch, Circuit, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, Event, EventKind,
-    FencingToken, GatewayId, GatewayRegistration, Health, LeaseGrant, NewApiKey, Outcome, Priority,
-    Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord, SessionState,
-    State, SubmitTask, Task, TaskFilter, TaskId, TaskStatus, Tenant, TenantPatch, TenantRecord,
-    verify_audit_chain,
+    AgentId, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter, AuditRecord,
+    AuditTarget, Backoff, Batch, Circuit, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec,
+    Event, EventKind, FencingToken, GatewayId, GatewayRegistration, Health, LeaseGrant, NewApiKey,
+    Outcome, Priority, Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord,
+    SessionState, State, SubmitTask, Task, TaskFilter, TaskId, TaskStatus, Tenant, TenantPatch,
+    TenantRecord, Write, verify_audit_chain,
 };
 
 const SCRIPT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fsm_scripts");
@@ -381,21 +381,23 @@ impl Runner {
         };
         let (verb, rest) = rest.split_once(' ').unwrap_or((rest, ""));
         let mut args = Args::parse(rest)?;
-        let target = args.take("target");
+        let target = args.take("target").map(AuditTarget::text);
         let command = build_command(verb, &mut args, self.now_ms)?
             .ok_or_else(|| format!("`{verb}` is not a command"))?;
         args.finish()?;
-        let tenant = Tenant(tenant.to_owned());
-        Ok(self.apply(Command::Audited(Box::new(Audited {
-            stamp: AuditStamp {
-                actor: actor.to_owned(),
-                tenant: tenant.clone(),
-                action: verb.to_owned(),
-                target,
+        let audit = Audit {
+            caller: AuditCaller {
+                actor: actor.into(),
+                tenant: tenant.into(),
+                action: verb.to_owned().into(),
             },
-            scope: scoped.then_some(tenant),
+            scoped,
+            target,
+        };
+        Ok(self.apply_write(Write {
             command,
-        }))))
+            audit: Some(audit),
+        }))
     }
 
     /// The read-only verbs.
@@ -436,9 +438,9 @@ impl Runner {
             .audit_mut()
             .tamper(seq)
             .ok_or_else(|| format!("no audit entry {seq}"))?;
-        let mut bytes = std::mem::take(&mut e.actor).into_bytes();
+        let mut bytes = e.actor.as_bytes().to_vec();
         bytes[0] ^= 0x20;
-        e.actor = String::from_utf8(bytes).map_err(|e| e.to_string())?;
+        e.actor = String::from_utf8(bytes).map_err(|e| e.to_string())?.into();
         Ok(vec![format!("tampered with audit entry {seq}")])
     }
 
@@ -457,12 +459,13 @@ impl Runner {
 
     /// Applies one command as its own batch; prints its outcome, then every event.
     fn apply(&mut self, command: Command) -> Vec<String> {
+        self.apply_write(command.into())
+    }
+
+    /// Applies one write (a command, maybe audited) as its own batch.
+    fn apply_write(&mut self, write: Write) -> Vec<String> {
         self.batches += 1;
-        let request = Request::Batch(Batch {
-            now_ms: self.now_ms,
-            seed: self.batches,
-            commands: vec![command],
-        });
+        let request = Request::Batch(Batch::of(self.now_ms, self.batches, vec![write]));
         let (response, events) = self.state.apply(&request);
         assert_eq!(response.outcomes.len(), 1, "one outcome per command");
         let mut out = outcome_lines(&response.outcomes[0]);
@@ -728,12 +731,12 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             until_ms: args.require("until")?,
         },
         "deny" => Command::Audit(AuditRecord {
-            stamp: AuditStamp {
-                actor: args.require("actor")?,
-                tenant: Tenant(args.take("tenant").unwrap_or_else(|| "a".into())),
-                action: args.require("action")?,
-                target: args.take("target"),
+            caller: AuditCaller {
+                actor: args.require::<String>("actor")?.into(),
+                tenant: args.take("tenant").unwrap_or_else(|| "a".into()).into(),
+                action: args.require::<String>("action")?.into(),
             },
+            target: args.take("target").map(AuditTarget::text),
             outcome: args
                 .take("outcome")
                 .unwrap_or_else(|| "denied:forbidden".into()),
@@ -877,7 +880,10 @@ fn audit_lines(state: &State, after: u64) -> Vec<String> {
                 e.actor,
                 e.tenant,
                 e.action,
-                if e.target.is_empty() { "-" } else { &e.target },
+                match &e.target {
+                    AuditTarget::None => "-".to_owned(),
+                    t => t.to_string(),
+                },
                 e.outcome,
                 hex4(&e.hash),
                 hex4(&e.prev_hash)

@@ -31,11 +31,11 @@ fn entry(index: u64) -> Entry<TypeConfig> {
     };
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(Request::Batch(Batch {
-            now_ms: index,
-            seed: index,
-            commands: vec![FsmCommand::Submit(submit)],
-        })),
+        payload: EntryPayload::Normal(Request::Batch(Batch::unaudited(
+            index,
+            index,
+            vec![FsmCommand::Submit(submit)],
+        ))),
     }
 }
 

@@ -95,15 +95,15 @@ async fn start(dir: &std::path::Path) -> (Raft, SharedState) {
 }
 
 fn submit(i: u64) -> Request {
-    Request::Batch(Batch {
-        now_ms: 1_700_000_000_000 + i,
-        seed: i,
-        commands: vec![Command::Submit(SubmitTask {
+    Request::Batch(Batch::unaudited(
+        1_700_000_000_000 + i,
+        i,
+        vec![Command::Submit(SubmitTask {
             tenant: Tenant::from("acme"),
             payload: format!("{{\"i\":{i}}}"),
             ..SubmitTask::default()
         })],
-    })
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

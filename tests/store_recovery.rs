@@ -30,11 +30,7 @@ fn submits(index: u64, n: u32) -> Request {
             })
         })
         .collect();
-    Request::Batch(Batch {
-        now_ms: 1_700_000_000_000 + index,
-        seed: index,
-        commands,
-    })
+    Request::Batch(Batch::unaudited(1_700_000_000_000 + index, index, commands))
 }
 
 fn normal(index: u64, n: u32) -> E {

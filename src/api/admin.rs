@@ -20,7 +20,7 @@ use super::Api;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::Body;
-use crate::fsm::{Command, State as Fsm};
+use crate::fsm::{AuditTarget, Command, State as Fsm};
 use crate::raft::NodeId;
 
 /// `POST /admin/nodes/{id}/drain` body.
@@ -95,7 +95,7 @@ pub async fn drain(
         ));
     }
     let cmd = Command::SetDrain { id, draining: true };
-    api.write_as(&caller, cmd, Some(format!("node/{id}")))
+    api.write_as(&caller, cmd, Some(AuditTarget::Node(id)))
         .await?;
     api.node.read_barrier().await?;
     status_of(&api, id).await.map(Json)
@@ -111,7 +111,12 @@ pub async fn crash_agent(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let node = &api.node;
     fault_injection_on(&api)?;
-    api.record(&caller, Some(format!("agent/{id}")), true).await;
+    api.record(
+        &caller,
+        Some(AuditTarget::text(format!("agent/{id}"))),
+        true,
+    )
+    .await;
     let agent = crate::fsm::AgentId(id);
     let actor = node.agent_directory().get(&agent).ok_or_else(|| {
         ApiError::not_found(format!(
@@ -176,7 +181,7 @@ pub async fn partition(
         )));
     }
     // Recorded before the cut: after it, this node may not reach a quorum.
-    let target = format!("node/{} peers={:?}", api.node.id(), b.peers);
+    let target = AuditTarget::text(format!("node/{} peers={:?}", api.node.id(), b.peers));
     api.record(&caller, Some(target), true).await;
     api.node.faults().set(b.peers);
     tracing::warn!(blocked = ?api.node.faults().blocked(), "transport partition set (fault injection)");
@@ -187,7 +192,7 @@ pub async fn partition(
 pub async fn heal(State(api): State<Api>, caller: Caller) -> ApiResult<Json<Value>> {
     fault_injection_on(&api)?;
     api.node.faults().heal();
-    api.record(&caller, Some(format!("node/{}", api.node.id())), true)
+    api.record(&caller, Some(AuditTarget::Node(api.node.id())), true)
         .await;
     tracing::warn!("transport partition healed (fault injection)");
     Ok(Json(faults_view(&api)))
@@ -204,7 +209,7 @@ pub async fn undrain(
         id,
         draining: false,
     };
-    api.write_as(&caller, cmd, Some(format!("node/{id}")))
+    api.write_as(&caller, cmd, Some(AuditTarget::Node(id)))
         .await?;
     api.node.read_barrier().await?;
     status_of(&api, id).await.map(Json)

@@ -71,7 +71,8 @@ use super::rate::{Allowance, RateLimits};
 use crate::clock;
 use crate::config::Config;
 use crate::fsm::{
-    ApiKeyId, AuditRecord, AuditStamp, Audited, Command, KEY_TOUCH_EVERY_MS, KeyHash, Role, Tenant,
+    ApiKeyId, Audit, AuditCaller, AuditRecord, AuditTarget, Command, KEY_TOUCH_EVERY_MS, KeyHash,
+    Role, Tenant,
 };
 use crate::store::SharedState;
 
@@ -121,17 +122,11 @@ pub fn key_prefix(key: &str) -> String {
     key.chars().take(12).collect()
 }
 
-/// The authenticated caller of one request.
+/// The authenticated caller of one request: who (shared with the
+/// credential cache, so cloning it allocates nothing) and which route.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    /// `key:<id>`, `jwt:<sub>` or `node:<id>`: the audit log's actor.
-    pub actor: Arc<str>,
-    /// What it may do.
-    pub role: Role,
-    /// The tenant it acts in.
-    pub tenant: Tenant,
-    /// Its API key, if it used one.
-    pub key: Option<ApiKeyId>,
+    id: Arc<Identity>,
     /// The route's audit action.
     pub action: &'static str,
     /// A cluster node proving the cluster secret (join and status only).
@@ -139,10 +134,30 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The tenant its writes are confined to: its own for developers and
-    /// viewers, none for admins and operators.
-    pub fn scope(&self) -> Option<Tenant> {
-        (!self.role.is_cross_tenant()).then(|| self.tenant.clone())
+    /// `key:<id>`, `jwt:<sub>` or `node:<id>`: the audit log's actor.
+    pub fn actor(&self) -> &Arc<str> {
+        &self.id.actor
+    }
+
+    /// What it may do.
+    pub fn role(&self) -> Role {
+        self.id.role
+    }
+
+    /// The tenant it acts in.
+    pub fn tenant(&self) -> &Tenant {
+        &self.id.tenant
+    }
+
+    /// Its API key, if it used one.
+    pub fn key(&self) -> Option<&ApiKeyId> {
+        self.id.key.as_ref()
+    }
+
+    /// Whether its writes are confined to its own tenant: developers and
+    /// viewers are, admins and operators are not.
+    pub fn is_scoped(&self) -> bool {
+        !self.id.role.is_cross_tenant()
     }
 
     /// The tenant a new object belongs to: the one named, if this caller
@@ -150,8 +165,8 @@ impl Caller {
     /// cross-tenant is 403.
     pub fn tenant_named(&self, named: Option<String>) -> ApiResult<Tenant> {
         match named {
-            None => Ok(self.tenant.clone()),
-            Some(t) if t == self.tenant.0 || self.role.is_cross_tenant() => Ok(Tenant(t)),
+            None => Ok(self.id.tenant.clone()),
+            Some(t) if t == self.id.tenant.0 || self.id.role.is_cross_tenant() => Ok(Tenant(t)),
             Some(t) => Err(self.other_tenant(&t)),
         }
     }
@@ -159,44 +174,43 @@ impl Caller {
     /// The tenant a list is filtered to: any or the one named for admins
     /// and operators; always its own for the others (naming another: 403).
     pub fn tenant_filter(&self, named: Option<String>) -> ApiResult<Option<Tenant>> {
-        if self.role.is_cross_tenant() {
+        if self.id.role.is_cross_tenant() {
             return Ok(named.map(Tenant));
         }
         match named {
-            Some(t) if t != self.tenant.0 => Err(self.other_tenant(&t)),
-            _ => Ok(Some(self.tenant.clone())),
+            Some(t) if t != self.id.tenant.0 => Err(self.other_tenant(&t)),
+            _ => Ok(Some(self.id.tenant.clone())),
         }
     }
 
     /// Whether an object of tenant `t` exists for this caller.
     pub fn sees(&self, t: &Tenant) -> bool {
-        self.role.is_cross_tenant() || *t == self.tenant
+        self.id.role.is_cross_tenant() || *t == self.id.tenant
     }
 
-    /// The audit stamp of a write about `target`.
-    pub fn stamp(&self, target: Option<String>) -> AuditStamp {
-        AuditStamp {
-            actor: self.actor.to_string(),
-            tenant: self.tenant.clone(),
-            action: self.action.to_owned(),
-            target,
+    /// Who is asking for what, as the audit log records it.
+    pub fn audit_caller(&self) -> AuditCaller {
+        AuditCaller {
+            actor: Arc::clone(&self.id.actor),
+            tenant: Arc::clone(&self.id.tenant_name),
+            action: std::borrow::Cow::Borrowed(self.action),
         }
     }
 
-    /// `cmd`, proposed on this caller's behalf: audited, and confined to
-    /// its scope.
-    pub fn command(&self, cmd: Command, target: Option<String>) -> Command {
-        Command::Audited(Box::new(Audited {
-            stamp: self.stamp(target),
-            scope: self.scope(),
-            command: cmd,
-        }))
+    /// The audit of a write about `target` on this caller's behalf,
+    /// confined to its tenant unless it is cross-tenant.
+    pub fn audit(&self, target: Option<AuditTarget>) -> Audit {
+        Audit {
+            caller: self.audit_caller(),
+            scoped: self.is_scoped(),
+            target,
+        }
     }
 
     fn other_tenant(&self, t: &str) -> ApiError {
         ApiError::forbidden(format!(
             "this credential acts in tenant `{}`; it cannot name tenant `{t}`",
-            self.tenant
+            self.id.tenant
         ))
         .audited()
     }
@@ -215,16 +229,29 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 /// Who a verified credential is: the cacheable part of a [`Caller`].
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Identity {
     actor: Arc<str>,
     role: Role,
     tenant: Tenant,
+    /// The tenant's name as the audit stamp carries it.
+    tenant_name: Arc<str>,
     key: Option<ApiKeyId>,
     /// When it stops being accepted, ms since the epoch.
     expires_at_ms: Option<u64>,
-    /// When this node last recorded (or asked to record) the key's use.
-    touched_ms: u64,
+}
+
+impl Identity {
+    fn new(actor: String, role: Role, tenant: Tenant, key: Option<ApiKeyId>) -> Self {
+        Identity {
+            actor: actor.into(),
+            role,
+            tenant_name: tenant.0.as_str().into(),
+            tenant,
+            key,
+            expires_at_ms: None,
+        }
+    }
 }
 
 /// A refused credential: who it seemed to be (for the audit log) and why.
@@ -246,8 +273,10 @@ impl Denied {
 }
 
 struct Cached {
-    identity: Identity,
+    identity: Arc<Identity>,
     version: u64,
+    /// When this node last recorded (or asked to record) the key's use.
+    touched_ms: u64,
 }
 
 /// Verifies credentials for one node.
@@ -302,20 +331,21 @@ impl Authenticator {
     }
 
     /// Who a bearer credential is, from the cache when it is current.
-    fn identify(&self, bearer: &str, now_ms: u64) -> Result<Identity, Denied> {
+    fn identify(&self, bearer: &str, now_ms: u64) -> Result<Arc<Identity>, Denied> {
         let version = self.state.auth_version();
         if let Some(id) = self.cached(bearer, version, now_ms)? {
             return Ok(id);
         }
-        let identity = if is_key_shaped(bearer) {
+        let (identity, touched_ms) = if is_key_shaped(bearer) {
             self.verify_key(bearer, now_ms)?
         } else if bearer.bytes().filter(|b| *b == b'.').count() == 2 {
-            self.verify_jwt(bearer)?
+            (self.verify_jwt(bearer)?, now_ms)
         } else {
             return Err(Denied::new(
                 "malformed credential: expected an API key (dk_live_..., dk_test_...) or a JWT",
             ));
         };
+        let identity = Arc::new(identity);
         let mut cache = self.cache.lock().expect("invariant: never poisoned");
         if cache.len() >= self.cache_entries
             && let Some(victim) = cache.keys().next().cloned()
@@ -325,8 +355,9 @@ impl Authenticator {
         cache.insert(
             bearer.into(),
             Cached {
-                identity: identity.clone(),
+                identity: Arc::clone(&identity),
                 version,
+                touched_ms,
             },
         );
         Ok(identity)
@@ -334,7 +365,12 @@ impl Authenticator {
 
     /// A cache hit: the identity if the cache is current and it has not
     /// expired (and the key's use noted when due); `None` to verify afresh.
-    fn cached(&self, bearer: &str, version: u64, now_ms: u64) -> Result<Option<Identity>, Denied> {
+    fn cached(
+        &self,
+        bearer: &str,
+        version: u64,
+        now_ms: u64,
+    ) -> Result<Option<Arc<Identity>>, Denied> {
         let mut cache = self.cache.lock().expect("invariant: never poisoned");
         let Some(c) = cache.get_mut(bearer).filter(|c| c.version == version) else {
             return Ok(None);
@@ -344,12 +380,12 @@ impl Authenticator {
             return Err(Denied::new("credential expired"));
         }
         if let Some(key) = &c.identity.key
-            && now_ms.saturating_sub(c.identity.touched_ms) >= KEY_TOUCH_EVERY_MS
+            && now_ms.saturating_sub(c.touched_ms) >= KEY_TOUCH_EVERY_MS
         {
-            c.identity.touched_ms = now_ms;
+            c.touched_ms = now_ms;
             self.touch(key.clone());
         }
-        Ok(Some(c.identity.clone()))
+        Ok(Some(Arc::clone(&c.identity)))
     }
 
     fn touch(&self, key: ApiKeyId) {
@@ -359,7 +395,8 @@ impl Authenticator {
             .insert(key);
     }
 
-    fn verify_key(&self, key: &str, now_ms: u64) -> Result<Identity, Denied> {
+    /// The key's identity, and when its use was last recorded.
+    fn verify_key(&self, key: &str, now_ms: u64) -> Result<(Identity, u64), Denied> {
         let hash = hash_key(key);
         let rec = self
             .state
@@ -383,14 +420,9 @@ impl Authenticator {
                 now_ms
             }
         };
-        Ok(Identity {
-            actor: actor.into(),
-            role: rec.role,
-            tenant: rec.tenant.clone(),
-            key: Some(rec.id.clone()),
-            expires_at_ms: rec.expires_at_ms,
-            touched_ms,
-        })
+        let mut id = Identity::new(actor, rec.role, rec.tenant.clone(), Some(rec.id.clone()));
+        id.expires_at_ms = rec.expires_at_ms;
+        Ok((id, touched_ms))
     }
 
     fn verify_jwt(&self, token: &str) -> Result<Identity, Denied> {
@@ -409,15 +441,9 @@ impl Authenticator {
                 message: "token revoked".into(),
             });
         }
-        let expires_at_ms = (claims.exp + verifier.leeway_s()).saturating_mul(1000);
-        Ok(Identity {
-            actor: actor.into(),
-            role,
-            tenant: Tenant(claims.tenant_id),
-            key: None,
-            expires_at_ms: Some(expires_at_ms),
-            touched_ms: 0,
-        })
+        let mut id = Identity::new(actor, role, Tenant(claims.tenant_id), None);
+        id.expires_at_ms = Some((claims.exp + verifier.leeway_s()).saturating_mul(1000));
+        Ok(id)
     }
 }
 
@@ -443,11 +469,11 @@ pub(super) async fn guard(State(g): State<Guarded>, req: Request, next: Next) ->
     let version = auth.state.auth_version();
     let settings = || {
         auth.state
-            .read(|s| s.auth().tenant(&caller.tenant).map(|t| t.settings.clone()))
+            .read(|s| s.auth().tenant(caller.tenant()).map(|t| t.settings.clone()))
     };
     let allowance = match auth
         .rates
-        .admit(&caller.actor, &caller.tenant, version, settings)
+        .admit(caller.actor(), caller.tenant(), version, settings)
     {
         Ok(a) => a,
         Err(limited) => {
@@ -483,7 +509,8 @@ pub(super) async fn guard(State(g): State<Guarded>, req: Request, next: Next) ->
         record_denial(
             &g.api,
             AuditRecord {
-                stamp: caller.stamp(None),
+                caller: caller.audit_caller(),
+                target: None,
                 outcome: "denied:forbidden".into(),
             },
         );
@@ -494,7 +521,6 @@ pub(super) async fn guard(State(g): State<Guarded>, req: Request, next: Next) ->
 /// The caller, from a bearer credential or a node proof (which needs the
 /// body, so the request is rebuilt around the bytes read).
 async fn authenticate(g: &Guarded, req: Request) -> Result<(Caller, Request), Denied> {
-    let spec = g.spec;
     let header = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -502,13 +528,13 @@ async fn authenticate(g: &Guarded, req: Request) -> Result<(Caller, Request), De
             Denied::new("missing credential: send Authorization: Bearer <api key or JWT>")
         })?
         .to_str()
-        .map_err(|_| Denied::new("malformed Authorization header"))?
-        .to_owned();
+        .map_err(|_| Denied::new("malformed Authorization header"))?;
     if header.len() > MAX_CREDENTIAL_BYTES {
         return Err(Denied::new("credential too long"));
     }
     if let Some(proof) = header.strip_prefix(node_proof::SCHEME) {
-        return node_caller(g, proof, req).await;
+        let proof = proof.to_owned();
+        return node_caller(g, &proof, req).await;
     }
     let bearer = header
         .strip_prefix("Bearer ")
@@ -520,11 +546,8 @@ async fn authenticate(g: &Guarded, req: Request) -> Result<(Caller, Request), De
         })?;
     let id = g.api.auth.identify(bearer, clock::now_ms())?;
     let caller = Caller {
-        actor: id.actor,
-        role: id.role,
-        tenant: id.tenant,
-        key: id.key,
-        action: spec.action,
+        id,
+        action: g.spec.action,
         node: false,
     };
     Ok((caller, req))
@@ -552,10 +575,12 @@ async fn node_caller(g: &Guarded, proof: &str, req: Request) -> Result<(Caller, 
     )
     .map_err(Denied::new)?;
     let caller = Caller {
-        actor: format!("node:{node}").into(),
-        role: Role::Admin,
-        tenant: Tenant::from("default"),
-        key: None,
+        id: Arc::new(Identity::new(
+            format!("node:{node}"),
+            Role::Admin,
+            Tenant::from("default"),
+            None,
+        )),
         action: g.spec.action,
         node: true,
     };
@@ -572,7 +597,7 @@ fn authorize(g: &Guarded, caller: &Caller) -> Result<(), Response> {
     let allowed = if caller.node {
         matches!(spec.action, "cluster.status" | "cluster.join")
     } else {
-        spec.permission.granted_to(caller.role)
+        spec.permission.granted_to(caller.role())
     };
     if allowed {
         return Ok(());
@@ -584,13 +609,14 @@ fn authorize(g: &Guarded, caller: &Caller) -> Result<(), Response> {
     record_denial(
         &g.api,
         AuditRecord {
-            stamp: caller.stamp(None),
+            caller: caller.audit_caller(),
+            target: None,
             outcome: "denied:forbidden".into(),
         },
     );
     Err(ApiError::forbidden(format!(
         "role `{}` lacks permission `{}` ({} {})",
-        caller.role,
+        caller.role(),
         spec.permission.as_str(),
         spec.method,
         spec.path
@@ -626,12 +652,12 @@ fn unauthenticated(g: &Guarded, denied: Denied, peer: Option<IpAddr>) -> Respons
     record_denial(
         &g.api,
         AuditRecord {
-            stamp: AuditStamp {
-                actor,
-                tenant: Tenant::from("-"),
-                action: g.spec.action.to_owned(),
-                target: None,
+            caller: AuditCaller {
+                actor: actor.into(),
+                tenant: "-".into(),
+                action: std::borrow::Cow::Borrowed(g.spec.action),
             },
+            target: None,
             outcome: "denied:unauthenticated".into(),
         },
     );

@@ -13,6 +13,7 @@ use super::Api;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::Body;
+use crate::fsm::AuditTarget;
 use crate::raft::{NodeId, NodeInfo};
 
 /// `GET /cluster`: this node's view of the cluster.
@@ -60,7 +61,7 @@ pub async fn join(
         region: b.region,
     };
     let result = api.node.join(b.id, info).await;
-    api.record(&caller, Some(format!("node/{}", b.id)), result.is_ok())
+    api.record(&caller, Some(AuditTarget::Node(b.id)), result.is_ok())
         .await;
     result?;
     Ok(Json(json!({ "joined": b.id })))
@@ -80,7 +81,7 @@ pub async fn leave(
     Body(b): Body<LeaveBody>,
 ) -> ApiResult<Json<Value>> {
     let result = api.node.leave(b.id).await;
-    api.record(&caller, Some(format!("node/{}", b.id)), result.is_ok())
+    api.record(&caller, Some(AuditTarget::Node(b.id)), result.is_ok())
         .await;
     result?;
     Ok(Json(json!({ "removed": b.id })))
@@ -129,7 +130,7 @@ pub async fn transfer(
         return Ok((status, Json(body)).into_response());
     }
     let result = api.node.transfer_leadership(b.to).await;
-    api.record(&caller, Some(format!("node/{}", b.to)), result.is_ok())
+    api.record(&caller, Some(AuditTarget::Node(b.to)), result.is_ok())
         .await;
     result?;
     Ok(Json(json!({ "leader": b.to })).into_response())

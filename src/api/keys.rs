@@ -19,7 +19,7 @@ use super::error::{ApiError, ApiResult};
 use super::json::{Body, Params};
 use super::{Api, unexpected};
 use crate::clock;
-use crate::fsm::{ApiKeyId, ApiKeyRecord, Command, NewApiKey, Reply, Role};
+use crate::fsm::{ApiKeyId, ApiKeyRecord, AuditTarget, Command, NewApiKey, Reply, Role};
 
 /// Longest `expires_in` a key may be given: ten years.
 const MAX_KEY_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -92,13 +92,13 @@ pub async fn create(
         hash: auth::hash_key(&key),
         prefix: auth::key_prefix(&key),
         expires_at_ms,
-        created_by: caller.actor.to_string(),
+        created_by: caller.actor().to_string(),
     };
     let reply = api
         .write_as(
             &caller,
             Command::CreateApiKey(new),
-            Some(format!("api_key/{id}")),
+            Some(AuditTarget::text(format!("api_key/{id}"))),
         )
         .await?;
     let Reply::ApiKey(rec) = reply else {
@@ -154,7 +154,7 @@ pub async fn revoke(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let id = ApiKeyId(id);
-    let target = Some(format!("api_key/{id}"));
+    let target = Some(AuditTarget::text(format!("api_key/{id}")));
     match api
         .write_as(&caller, Command::RevokeApiKey { id }, target)
         .await?
@@ -190,8 +190,12 @@ pub async fn revoke_jwt(
         jti: b.jti.clone(),
         until_ms,
     };
-    api.write_as(&caller, cmd, Some(format!("jwt/{}", b.jti)))
-        .await?;
+    api.write_as(
+        &caller,
+        cmd,
+        Some(AuditTarget::text(format!("jwt/{}", b.jti))),
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "jti": b.jti, "until": clock::rfc3339(until_ms) })),

@@ -12,7 +12,7 @@ use super::json::Body;
 use super::tasks::task_reply;
 use super::view::TaskView;
 use super::{Api, view};
-use crate::fsm::{AgentId, Command, FencingToken, Limits, Reply};
+use crate::fsm::{AgentId, AuditTarget, Command, FencingToken, Limits, Reply};
 
 /// `POST /leases` body.
 #[derive(Debug, Deserialize)]
@@ -44,7 +44,7 @@ pub async fn acquire(
             "invalid field `max`: must be 1..={max}"
         )));
     }
-    let target = format!("agent/{}", b.agent_id);
+    let target = AuditTarget::text(format!("agent/{}", b.agent_id));
     let cmd = Command::Lease {
         agent_id: AgentId(b.agent_id),
         capabilities: b.capabilities,
@@ -141,8 +141,8 @@ pub async fn fail(
     )
 }
 
-fn lease_target(token: FencingToken) -> String {
-    format!("lease/{token}")
+fn lease_target(token: FencingToken) -> AuditTarget {
+    AuditTarget::Lease(token.0)
 }
 
 /// The requested lease length, or the configured default; checked here so a

@@ -13,8 +13,8 @@ use super::error::{ApiError, ApiResult};
 use super::json::Body;
 use crate::clock;
 use crate::fsm::{
-    AgentId, AgentRecord, AgentRegistration, Command, GatewayId, GatewayRecord, State as Fsm,
-    TaskStatus,
+    AgentId, AgentRecord, AgentRegistration, AuditTarget, Command, GatewayId, GatewayRecord,
+    State as Fsm, TaskStatus,
 };
 use crate::gateway::GatewaySpec;
 
@@ -65,7 +65,7 @@ pub async fn register(
     caller: Caller,
     Body(b): Body<AgentBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let target = Some(format!("agent/{}", b.id));
+    let target = Some(AuditTarget::text(format!("agent/{}", b.id)));
     let id = AgentId(b.id);
     let reg = AgentRegistration {
         id: id.clone(),
@@ -132,7 +132,7 @@ pub async fn deregister(
     let cmd = Command::DeregisterAgent {
         id: AgentId(id.clone()),
     };
-    api.write_as(&caller, cmd, Some(format!("agent/{id}")))
+    api.write_as(&caller, cmd, Some(AuditTarget::text(format!("agent/{id}"))))
         .await?;
     Ok(Json(json!({ "removed": id })))
 }
@@ -184,7 +184,7 @@ pub async fn register_gateway(
     Body(spec): Body<GatewaySpec>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let id = spec.id.clone();
-    let target = Some(format!("gateway/{id}"));
+    let target = Some(AuditTarget::text(format!("gateway/{id}")));
     let checked = spec.validate();
     if let Err(e) = checked {
         // Refused before a command exists: recorded as a rejected call.
@@ -237,7 +237,11 @@ pub async fn deregister_gateway(
     let cmd = Command::DeregisterGateway {
         id: GatewayId(id.clone()),
     };
-    api.write_as(&caller, cmd, Some(format!("gateway/{id}")))
-        .await?;
+    api.write_as(
+        &caller,
+        cmd,
+        Some(AuditTarget::text(format!("gateway/{id}"))),
+    )
+    .await?;
     Ok(Json(json!({ "removed": id })))
 }

@@ -12,7 +12,9 @@ use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::{Body, Params};
 use super::{Api, view};
-use crate::fsm::{Command, Reply, SessionId, SessionRecord, SessionState, Sessions, Tenant};
+use crate::fsm::{
+    AuditTarget, Command, Reply, SessionId, SessionRecord, SessionState, Sessions, Tenant,
+};
 
 /// `GET /sessions` query: pagination as for tasks, and filters; an absent
 /// filter matches everything.
@@ -163,7 +165,7 @@ pub async fn kill(
         reason: b.reason,
     };
     match api
-        .write_as(&caller, cmd, Some(format!("session/{id}")))
+        .write_as(&caller, cmd, Some(AuditTarget::Session(id)))
         .await?
     {
         Reply::Session(r) => Ok(Json(session_view(&r))),

@@ -13,7 +13,8 @@ use super::json::{Body, Params};
 use super::view::{self, ListQuery, PageView, TaskView};
 use crate::clock;
 use crate::fsm::{
-    Backoff, Command, Limits, Priority, Reply, SessionKey, SubmitTask, TaskFilter, TaskId, Tenant,
+    AuditTarget, Backoff, Command, Limits, Priority, Reply, SessionKey, SubmitTask, TaskFilter,
+    TaskId, Tenant,
 };
 
 /// `POST /tasks` body.
@@ -161,7 +162,7 @@ pub async fn cancel(
         reason: b.reason,
     };
     task_reply(
-        api.write_as(&caller, cmd, Some(format!("task/{id}")))
+        api.write_as(&caller, cmd, Some(AuditTarget::Task(id.0)))
             .await?,
     )
 }
@@ -174,8 +175,12 @@ pub async fn retry(
 ) -> ApiResult<Json<TaskView>> {
     let id = parse_id(&id)?;
     task_reply(
-        api.write_as(&caller, Command::Retry { id }, Some(format!("task/{id}")))
-            .await?,
+        api.write_as(
+            &caller,
+            Command::Retry { id },
+            Some(AuditTarget::Task(id.0)),
+        )
+        .await?,
     )
 }
 

@@ -14,7 +14,7 @@ use super::error::{ApiError, ApiResult};
 use super::json::Body;
 use super::{Api, unexpected};
 use crate::clock;
-use crate::fsm::{Command, Reply, State as Fsm, Tenant, TenantPatch, TenantRecord};
+use crate::fsm::{AuditTarget, Command, Reply, State as Fsm, Tenant, TenantPatch, TenantRecord};
 
 /// `POST /tenants` and `PATCH /tenants/{tenant}` body. In a patch, an
 /// absent field is left as it is and `null` clears a limit.
@@ -100,7 +100,11 @@ pub async fn create(
         patch: b.patch(),
     };
     let reply = api
-        .write_as(&caller, cmd, Some(format!("tenant/{tenant}")))
+        .write_as(
+            &caller,
+            cmd,
+            Some(AuditTarget::text(format!("tenant/{tenant}"))),
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(tenant_reply(reply)?)))
 }
@@ -123,7 +127,11 @@ pub async fn update(
         patch: b.patch(),
     };
     let reply = api
-        .write_as(&caller, cmd, Some(format!("tenant/{tenant}")))
+        .write_as(
+            &caller,
+            cmd,
+            Some(AuditTarget::text(format!("tenant/{tenant}"))),
+        )
         .await?;
     Ok(Json(tenant_reply(reply)?))
 }
@@ -141,8 +149,12 @@ pub async fn set_weight(
         tenant: tenant.clone(),
         weight: b.weight,
     };
-    api.write_as(&caller, cmd, Some(format!("tenant/{tenant}")))
-        .await?;
+    api.write_as(
+        &caller,
+        cmd,
+        Some(AuditTarget::text(format!("tenant/{tenant}"))),
+    )
+    .await?;
     Ok(Json(json!({ "tenant": tenant.0, "weight": b.weight })))
 }
 
@@ -163,8 +175,12 @@ pub async fn remove(
     let cmd = Command::DeleteTenant {
         tenant: tenant.clone(),
     };
-    api.write_as(&caller, cmd, Some(format!("tenant/{tenant}")))
-        .await?;
+    api.write_as(
+        &caller,
+        cmd,
+        Some(AuditTarget::text(format!("tenant/{tenant}"))),
+    )
+    .await?;
     Ok(Json(json!({ "deleted": tenant.0 })))
 }
 

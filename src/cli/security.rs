@@ -9,7 +9,7 @@ use clap::Subcommand;
 use serde_json::{Value, json};
 
 use super::client::{Req, query_string, strip_nulls};
-use crate::fsm::{AuditAnchor, AuditEntry};
+use crate::fsm::{AuditAnchor, AuditEntry, AuditTarget};
 
 /// Where the CLI looks for a key when neither `--api-key` nor
 /// `GODEL_API_KEY` gives one: the bootstrap key of a node started in the
@@ -355,11 +355,11 @@ pub fn entry_from_json(v: &Value) -> anyhow::Result<AuditEntry> {
     Ok(AuditEntry {
         seq: num("seq")?,
         time_ms: num("time_ms")?,
-        actor: text("actor")?,
-        tenant: text("tenant")?,
-        action: text("action")?,
-        target: text("target")?,
-        outcome: text("outcome")?,
+        actor: text("actor")?.into(),
+        tenant: text("tenant")?.into(),
+        action: text("action")?.into(),
+        target: AuditTarget::text(text("target")?),
+        outcome: text("outcome")?.into(),
         prev_hash: unhex(&text("prev_hash")?)?,
         hash: unhex(&text("hash")?)?,
     })

@@ -528,16 +528,17 @@ impl State {
         Ok(())
     }
 
-    /// Applies `cmd` confined to `scope`'s objects; see the module essay.
+    /// Applies `cmd` confined to tenant `scope`'s objects; see the module
+    /// essay.
     pub(crate) fn apply_scoped(
         &mut self,
         cmd: &Command,
-        scope: &Tenant,
+        scope: &str,
         entropy: u64,
         events: &mut Vec<super::command::Event>,
     ) -> Outcome {
         match cmd {
-            Command::Submit(spec) if spec.tenant != *scope => Err(Rejection::Forbidden(format!(
+            Command::Submit(spec) if spec.tenant.0 != scope => Err(Rejection::Forbidden(format!(
                 "this credential acts in tenant `{scope}` and cannot submit to `{}`",
                 spec.tenant
             ))),
@@ -546,7 +547,17 @@ impl State {
                 capabilities,
                 max,
                 lease_ms,
-            } => self.lease(agent_id, capabilities, *max, *lease_ms, Some(scope), events),
+            } => {
+                let tenant = Tenant(scope.to_owned());
+                self.lease(
+                    agent_id,
+                    capabilities,
+                    *max,
+                    *lease_ms,
+                    Some(&tenant),
+                    events,
+                )
+            }
             Command::Renew { token, .. }
             | Command::Complete { token, .. }
             | Command::Fail { token, .. } => {
@@ -573,14 +584,14 @@ impl State {
                     }
                     ReplaySelector::Filter(f) => {
                         let mut f = f.clone();
-                        f.tenant = Some(scope.clone());
+                        f.tenant = Some(Tenant(scope.to_owned()));
                         ReplaySelector::Filter(f)
                     }
                 };
                 self.replay(&selector, *limit, events)
             }
             Command::KillSession { id, .. } => {
-                let owned = self.sessions.get(*id).is_some_and(|s| s.tenant == *scope);
+                let owned = self.sessions.get(*id).is_some_and(|s| s.tenant.0 == scope);
                 if !owned {
                     return Err(super::registry::not_found("session", id));
                 }
@@ -593,11 +604,11 @@ impl State {
         }
     }
 
-    fn owns(&self, scope: &Tenant, id: TaskId) -> bool {
-        self.tasks.get(&id).is_some_and(|t| t.tenant == *scope)
+    fn owns(&self, scope: &str, id: TaskId) -> bool {
+        self.tasks.get(&id).is_some_and(|t| t.tenant.0 == scope)
     }
 
-    fn check_owns(&self, scope: &Tenant, id: TaskId) -> Result<(), Rejection> {
+    fn check_owns(&self, scope: &str, id: TaskId) -> Result<(), Rejection> {
         if self.owns(scope, id) {
             Ok(())
         } else {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::audit::{AuditRecord, AuditStamp};
+use super::audit::{Audit, AuditCaller, AuditMark, AuditRecord};
 use super::auth::{ApiKeyId, ApiKeyRecord, NewApiKey, TenantPatch, TenantRecord};
 use super::registry::{AgentRegistration, Circuit, GatewayId, GatewayRegistration, Health};
 use super::retry::Backoff;
@@ -27,6 +27,13 @@ pub enum Request {
 }
 
 /// Commands stamped by the leader with the time and a jitter seed.
+///
+/// Commands proposed on behalf of an API caller carry an [`AuditMark`] at
+/// their index in `audit`: which caller asked (an index into `callers`,
+/// where each caller of the batch appears once, so the hundred submissions
+/// of one client in an entry share one record), whether the command is
+/// confined to the caller's tenant, and what it is about. Applying such a
+/// command appends its audit entry in the same step.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
     /// Leader wall-clock time, ms since the epoch. The state's clock never goes back.
@@ -35,6 +42,104 @@ pub struct Batch {
     pub seed: u64,
     /// The commands, applied in order.
     pub commands: Vec<Command>,
+    /// The API callers of the audited commands, each once.
+    pub callers: Vec<AuditCaller>,
+    /// `audit[i]` marks `commands[i]` as asked for by an API caller; shorter
+    /// than `commands` (or empty) when the rest are the runtime's own.
+    pub audit: Vec<Option<AuditMark>>,
+}
+
+impl Batch {
+    /// A batch of the runtime's own commands (nothing to audit).
+    pub fn unaudited(now_ms: u64, seed: u64, commands: Vec<Command>) -> Self {
+        Batch {
+            now_ms,
+            seed,
+            commands,
+            callers: Vec::new(),
+            audit: Vec::new(),
+        }
+    }
+
+    /// A batch of `writes`, each caller recorded once.
+    pub fn of(now_ms: u64, seed: u64, writes: Vec<Write>) -> Self {
+        let (commands, callers, audit) = pack(writes);
+        Batch {
+            now_ms,
+            seed,
+            commands,
+            callers,
+            audit,
+        }
+    }
+}
+
+/// A command on its way to the log, with the API caller it is audited for
+/// (none: the runtime's own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    /// The command.
+    pub command: Command,
+    /// Who asked for it, if an API caller did.
+    pub audit: Option<Audit>,
+}
+
+impl From<Command> for Write {
+    fn from(command: Command) -> Self {
+        Write {
+            command,
+            audit: None,
+        }
+    }
+}
+
+/// Writes packed for the wire: commands, their callers each once, and the
+/// marks tying them (what [`Batch`] carries, and what a follower forwards).
+pub fn pack(writes: Vec<Write>) -> (Vec<Command>, Vec<AuditCaller>, Vec<Option<AuditMark>>) {
+    let mut commands = Vec::with_capacity(writes.len());
+    let mut callers: Vec<AuditCaller> = Vec::new();
+    let mut audit = Vec::new();
+    for (i, w) in writes.into_iter().enumerate() {
+        commands.push(w.command);
+        let Some(a) = w.audit else { continue };
+        let caller = match callers.iter().position(|c| *c == a.caller) {
+            Some(k) => k,
+            None => {
+                callers.push(a.caller);
+                callers.len() - 1
+            }
+        };
+        audit.resize(i, None);
+        audit.push(Some(AuditMark {
+            caller: caller as u32,
+            scoped: a.scoped,
+            target: a.target,
+        }));
+    }
+    (commands, callers, audit)
+}
+
+/// The inverse of [`pack`]: each command with its caller (shared, not
+/// copied). Marks naming no caller are dropped, as apply would refuse them.
+pub fn unpack(
+    commands: Vec<Command>,
+    callers: &[AuditCaller],
+    audit: Vec<Option<AuditMark>>,
+) -> Vec<Write> {
+    let mut marks = audit.into_iter();
+    commands
+        .into_iter()
+        .map(|command| {
+            let audit = marks.next().flatten().and_then(|m| {
+                callers.get(m.caller as usize).map(|c| Audit {
+                    caller: c.clone(),
+                    scoped: m.scoped,
+                    target: m.target,
+                })
+            });
+            Write { command, audit }
+        })
+        .collect()
 }
 
 /// One state change request.
@@ -241,21 +346,6 @@ pub enum Command {
     },
     /// Append an audit entry for a call refused before it became a command.
     Audit(AuditRecord),
-    /// Apply a command on behalf of an API caller, confined to the caller's
-    /// tenant when it has a scope, and append its audit entry.
-    Audited(Box<Audited>),
-}
-
-/// A command with the API caller's audit stamp and tenant scope.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Audited {
-    /// Who asked for what.
-    pub stamp: AuditStamp,
-    /// `Some`: the command may only touch this tenant's tasks, leases and
-    /// sessions (developers and viewers); `None`: any (admin, operator).
-    pub scope: Option<Tenant>,
-    /// The command.
-    pub command: Command,
 }
 
 /// How agents are chosen among those that can take a task.
@@ -657,4 +747,43 @@ pub enum EventKind {
         /// The released lease.
         token: FencingToken,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::AuditTarget;
+
+    fn audited(actor: &str, target: u64) -> Write {
+        Write {
+            command: Command::Retry { id: TaskId(target) },
+            audit: Some(Audit {
+                caller: AuditCaller {
+                    actor: actor.into(),
+                    tenant: "acme".into(),
+                    action: "tasks.retry".into(),
+                },
+                scoped: actor == "key:dev",
+                target: Some(AuditTarget::Task(target)),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_batch_records_each_caller_once_and_unpacks_to_the_same_writes() {
+        let writes = vec![
+            audited("key:dev", 1),
+            Write::from(Command::Tick),
+            audited("key:op", 2),
+            audited("key:dev", 3),
+            Write::from(Command::Tick),
+        ];
+        let (commands, callers, audit) = pack(writes.clone());
+        assert_eq!(commands.len(), 5);
+        assert_eq!(callers.len(), 2, "two distinct callers");
+        assert_eq!(audit.len(), 4, "no trailing marks for unaudited commands");
+        assert_eq!(audit[3].as_ref().unwrap().caller, 0);
+        assert!(audit[1].is_none());
+        assert_eq!(unpack(commands, &callers, audit), writes);
+    }
 }

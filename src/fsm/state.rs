@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::audit::{AuditLog, outcome_text, target_of};
+use super::audit::{AuditCaller, AuditLog, AuditMark, outcome_text, target_of};
 use super::auth::Auth;
 use super::command::{
-    Audited, Batch, Command, DeadLetterFilter, Event, EventKind, Outcome, Rejection,
-    ReplaySelector, Reply, Request, Response, SubmitTask, check_name,
+    Batch, Command, DeadLetterFilter, Event, EventKind, Outcome, Rejection, ReplaySelector, Reply,
+    Request, Response, SubmitTask, check_name,
 };
 use super::queue::{ReadyQueues, normalize_caps};
 use super::registry::Registry;
@@ -77,7 +77,13 @@ impl State {
             .commands
             .iter()
             .enumerate()
-            .map(|(i, cmd)| self.apply_command(cmd, mix(batch.seed ^ i as u64), events))
+            .map(|(i, cmd)| {
+                let entropy = mix(batch.seed ^ i as u64);
+                match batch.audit.get(i).and_then(Option::as_ref) {
+                    None => self.apply_command(cmd, entropy, events),
+                    Some(mark) => self.apply_audited(cmd, mark, &batch.callers, entropy, events),
+                }
+            })
             .collect()
     }
 
@@ -150,29 +156,39 @@ impl State {
             Command::DeleteTenant { tenant } => self.delete_tenant(tenant),
             Command::RevokeJti { jti, until_ms } => self.revoke_jti(jti, *until_ms),
             Command::Audit(rec) => {
-                let target = rec.stamp.target.clone().unwrap_or_default();
+                let target = rec.target.clone().unwrap_or_default();
                 self.audit
-                    .append(self.clock_ms, &rec.stamp, &target, &rec.outcome);
+                    .append(self.clock_ms, &rec.caller, target, &rec.outcome);
                 Ok(Reply::Done)
             }
-            Command::Audited(a) => self.apply_audited(a, entropy, events),
         }
     }
 
-    /// Applies an API caller's command (confined to its scope, if any) and
-    /// appends its audit entry with the outcome, in the same step.
-    fn apply_audited(&mut self, a: &Audited, entropy: u64, events: &mut Vec<Event>) -> Outcome {
-        let outcome = match (&a.command, &a.scope) {
-            (Command::Audited(_) | Command::Audit(_), _) => Err(Rejection::invalid(
-                "command",
-                "an audited command cannot wrap another",
-            )),
-            (cmd, Some(scope)) => self.apply_scoped(cmd, scope, entropy, events),
-            (cmd, None) => self.apply_command(cmd, entropy, events),
+    /// Applies an API caller's command (confined to its tenant when the
+    /// mark is scoped) and appends its audit entry with the outcome, in the
+    /// same step. A mark naming no caller of the batch is refused, unaudited.
+    fn apply_audited(
+        &mut self,
+        cmd: &Command,
+        mark: &AuditMark,
+        callers: &[AuditCaller],
+        entropy: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let Some(caller) = callers.get(mark.caller as usize) else {
+            return Err(Rejection::invalid("audit", "names no caller of the batch"));
         };
-        let target = target_of(&a.stamp, &outcome);
+        let outcome = match (cmd, mark.scoped) {
+            (Command::Audit(_), _) => Err(Rejection::invalid(
+                "command",
+                "an audit record is not audited again",
+            )),
+            (cmd, true) => self.apply_scoped(cmd, &caller.tenant, entropy, events),
+            (cmd, false) => self.apply_command(cmd, entropy, events),
+        };
+        let target = target_of(&mark.target, &outcome);
         self.audit
-            .append(self.clock_ms, &a.stamp, &target, &outcome_text(&outcome));
+            .append(self.clock_ms, caller, target, outcome_text(&outcome));
         outcome
     }
 
@@ -191,11 +207,7 @@ impl State {
     /// Applies one command as its own batch (unit tests of the fsm modules).
     #[cfg(test)]
     pub(crate) fn apply_one(&mut self, now_ms: u64, cmd: Command) -> Outcome {
-        let req = Request::Batch(Batch {
-            now_ms,
-            seed: 1,
-            commands: vec![cmd],
-        });
+        let req = Request::Batch(Batch::unaudited(now_ms, 1, vec![cmd]));
         self.apply(&req).0.outcomes.remove(0)
     }
 

@@ -11,20 +11,20 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{Node, NodeError};
 use crate::clock;
-use crate::fsm::{Batch, Command, Outcome, Request};
+use crate::fsm::{Batch, Command, Outcome, Request, Write};
 use crate::raft::NodeId;
-use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
+use crate::raft::rpc::{Forwarded, RemoteFailure, RpcReply, RpcRequest};
 
 type Reply = oneshot::Sender<Result<Outcome, NodeError>>;
 
 /// The sending side of the command queue.
 pub(super) struct Queue {
-    tx: mpsc::Sender<(Command, Reply)>,
+    tx: mpsc::Sender<(Write, Reply)>,
 }
 
 impl Queue {
     /// A queue holding at most `capacity` waiting commands.
-    pub(super) fn new(capacity: usize) -> (Self, mpsc::Receiver<(Command, Reply)>) {
+    pub(super) fn new(capacity: usize) -> (Self, mpsc::Receiver<(Write, Reply)>) {
         let (tx, rx) = mpsc::channel(capacity);
         (Self { tx }, rx)
     }
@@ -37,10 +37,10 @@ impl Queue {
     /// Enqueues a command; full means overloaded, never a wait.
     pub(super) fn push(
         &self,
-        cmd: Command,
+        write: Write,
     ) -> Result<oneshot::Receiver<Result<Outcome, NodeError>>, NodeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send((cmd, reply)).map_err(|e| match e {
+        self.tx.try_send((write, reply)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 NodeError::Overloaded("write queue is full".into())
             }
@@ -53,7 +53,7 @@ impl Queue {
 }
 
 /// Drains the queue into batches until shutdown.
-pub(super) async fn run(node: Node, mut rx: mpsc::Receiver<(Command, Reply)>) {
+pub(super) async fn run(node: Node, mut rx: mpsc::Receiver<(Write, Reply)>) {
     let max = node.queue_config().batch_max_commands;
     let inflight = Arc::new(Semaphore::new(node.queue_config().max_inflight_batches));
     let shutdown = node.shutdown_token().clone();
@@ -74,7 +74,7 @@ pub(super) async fn run(node: Node, mut rx: mpsc::Receiver<(Command, Reply)>) {
         }
         let node = node.clone();
         node.clone().spawn(async move {
-            let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+            let (cmds, replies): (Vec<Write>, Vec<Reply>) = batch.into_iter().unzip();
             let n = cmds.len();
             match dispatch(&node, cmds).await {
                 Ok(each) if each.len() == n => {
@@ -105,7 +105,7 @@ type PerCommand = Vec<Result<Outcome, NodeError>>;
 /// Proposes a batch here if leader, else forwards it to the leader. A batch
 /// refused as a whole because the receiver was not the leader was not
 /// proposed, so it is retried (twice) once the view of the leader refreshes.
-async fn dispatch(node: &Node, cmds: Vec<Command>) -> Result<PerCommand, NodeError> {
+async fn dispatch(node: &Node, cmds: Vec<Write>) -> Result<PerCommand, NodeError> {
     let timeout = node.queue_config().write_timeout;
     let mut last = NodeError::Unavailable("no leader known".into());
     for attempt in 0..3 {
@@ -122,7 +122,12 @@ async fn dispatch(node: &Node, cmds: Vec<Command>) -> Result<PerCommand, NodeErr
         let Some((leader, info)) = node.leader().filter(|(id, _)| *id != node.id()) else {
             continue;
         };
-        let req = RpcRequest::Forward(cmds.clone());
+        let (commands, callers, audit) = crate::fsm::pack(cmds.clone());
+        let req = RpcRequest::Forward(Forwarded {
+            commands,
+            callers,
+            audit,
+        });
         let reply = tokio::select! {
             r = node.call_peer(leader, &info.raft_addr, req, timeout) => r?,
             // A paused or cut-off leader would hold the pipeline for the whole
@@ -169,7 +174,7 @@ async fn leader_changed(node: &Node, from: NodeId) {
 /// fsyncs). Refused whole if the queue cannot take them all.
 pub(super) async fn accept_forwarded(
     node: &Node,
-    cmds: Vec<Command>,
+    cmds: Vec<Write>,
 ) -> Result<Vec<Result<Outcome, RemoteFailure>>, RemoteFailure> {
     if !node.is_leader() {
         return Err(RemoteFailure::NotLeader {
@@ -208,24 +213,22 @@ pub(super) async fn accept_forwarded(
 /// less if the leader stops hearing from a quorum meanwhile.
 pub(super) async fn propose_as_leader(
     node: &Node,
-    commands: Vec<Command>,
+    writes: Vec<Write>,
 ) -> Result<Vec<Outcome>, RemoteFailure> {
     check_quorum_fresh(node)?;
-    let n = commands.len();
-    let mut commands = commands;
+    let n = writes.len();
+    let mut writes = writes;
     // A batch that adds ready work or frees capacity ends with a dispatch
     // round, so new tasks are leased in the entry that commits them instead
     // of one entry later (the queue-shard actor covers everything else).
-    let piggyback = commands.iter().any(frees_or_adds_work)
-        && !commands.iter().any(|c| matches!(c, Command::Dispatch(_)));
+    let piggyback = writes.iter().any(|w| frees_or_adds_work(&w.command))
+        && !writes
+            .iter()
+            .any(|w| matches!(w.command, Command::Dispatch(_)));
     if piggyback {
-        commands.push(Command::Dispatch(crate::actors::dispatch_spec(node)));
+        writes.push(Command::Dispatch(crate::actors::dispatch_spec(node)).into());
     }
-    let batch = Batch {
-        now_ms: clock::now_ms(),
-        seed: rand::random(),
-        commands,
-    };
+    let batch = Batch::of(clock::now_ms(), rand::random(), writes);
     let timeout = node.queue_config().write_timeout;
     let started = std::time::Instant::now();
     let result = tokio::select! {

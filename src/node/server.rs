@@ -97,8 +97,8 @@ impl RpcHandler {
             RpcRequest::InstallSnapshot(r) => {
                 RpcReply::InstallSnapshot(raft.install_snapshot(r).await)
             }
-            RpcRequest::Forward(cmds) => {
-                let n = cmds.len();
+            RpcRequest::Forward(f) => {
+                let n = f.commands.len();
                 let max = self.node.queue_config().batch_max_commands;
                 if n == 0 || n > max {
                     return RpcReply::Forward(Err(RemoteFailure::Invalid(format!(
@@ -106,7 +106,8 @@ impl RpcHandler {
                     ))));
                 }
                 tracing::trace!(peer, n, "forwarded batch");
-                RpcReply::Forward(accept_forwarded(&self.node, cmds).await)
+                let writes = crate::fsm::unpack(f.commands, &f.callers, f.audit);
+                RpcReply::Forward(accept_forwarded(&self.node, writes).await)
             }
             RpcRequest::ReadIndex => {
                 if !self.node.is_leader() {

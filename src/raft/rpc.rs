@@ -20,8 +20,9 @@ pub enum RpcRequest {
     Vote(VoteRequest<NodeId>),
     /// Raft snapshot chunk.
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
-    /// Client commands forwarded to the leader, proposed as one batch.
-    Forward(Vec<fsm::Command>),
+    /// Client commands forwarded to the leader, with the API callers they
+    /// are audited for (packed as in a batch: each caller once).
+    Forward(Forwarded),
     /// Ask the leader for a read index (confirms leadership with a quorum).
     ReadIndex,
     /// Ask the leader to add a node (learner, then voter).
@@ -39,6 +40,17 @@ pub enum RpcRequest {
     /// Ask a node to start an election now (the receiving end of a
     /// leadership transfer).
     Elect,
+}
+
+/// Commands a follower forwards to the leader (see `fsm::pack`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Forwarded {
+    /// The commands, in order.
+    pub commands: Vec<fsm::Command>,
+    /// Their API callers, each once.
+    pub callers: Vec<fsm::AuditCaller>,
+    /// Which command each caller asked for.
+    pub audit: Vec<Option<fsm::AuditMark>>,
 }
 
 /// Why a forwarded request did not run on the receiver.

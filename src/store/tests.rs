@@ -63,26 +63,26 @@ async fn corrupt_snapshot_fails_open_and_reads() {
 /// byte of one stored entry is named by its seq.
 #[tokio::test]
 async fn offline_audit_verify_names_the_tampered_entry() {
-    use crate::fsm::{AuditRecord, AuditStamp, Batch, Command, Request};
+    use crate::fsm::{AuditCaller, AuditRecord, Batch, Command, Request};
     let dir = tempfile::tempdir().unwrap();
     let record = |i: u64| {
         Command::Audit(AuditRecord {
-            stamp: AuditStamp {
-                actor: format!("key:k{i}-marker"),
+            caller: AuditCaller {
+                actor: format!("key:k{i}-marker").into(),
                 tenant: "acme".into(),
                 action: "tasks.submit".into(),
-                target: Some(format!("task/{i}")),
             },
+            target: Some(crate::fsm::AuditTarget::Task(i)),
             outcome: "ok".into(),
         })
     };
     let normal = |index: u64, commands| Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
-        payload: EntryPayload::Normal(Request::Batch(Batch {
-            now_ms: 1000 + index,
-            seed: index,
+        payload: EntryPayload::Normal(Request::Batch(Batch::unaudited(
+            1000 + index,
+            index,
             commands,
-        })),
+        ))),
     };
     {
         let (mut log, mut sm) = Store::open(dir.path()).unwrap();

@@ -397,14 +397,13 @@ impl Leader {
             TimeMove::Forward(d) => self.now_ms + d,
             TimeMove::Back(d) => self.now_ms.saturating_sub(d),
         };
-        Request::Batch(Batch {
-            now_ms: self.now_ms,
-            seed: step.seed,
-            commands: step
-                .ops
+        Request::Batch(Batch::unaudited(
+            self.now_ms,
+            step.seed,
+            step.ops
                 .iter()
                 .map(|op| command(op, state, self.now_ms))
                 .collect(),
-        })
+        ))
     }
 }
