@@ -38,7 +38,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderValue, Method, StatusCode};
-use axum::middleware::from_fn_with_state;
 use axum::response::Response;
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use tower_http::timeout::TimeoutLayer;
@@ -231,11 +230,7 @@ pub fn router(node: Node) -> anyhow::Result<Router> {
         let handler = if open {
             handler
         } else {
-            let guarded = auth::Guarded {
-                api: api.clone(),
-                spec,
-            };
-            handler.route_layer(from_fn_with_state(guarded, auth::guard))
+            handler.route_layer(auth::GuardLayer::new(api.clone(), spec))
         };
         if at_root(path) {
             root = root.route(path, handler);

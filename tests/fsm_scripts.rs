@@ -433,14 +433,14 @@ impl Runner {
     /// as a corrupted disk or a forger would.
     fn tamper(&mut self, args: &mut Args) -> Result<Vec<String>, String> {
         let seq: u64 = args.require("seq")?;
-        let e = self
-            .state
-            .audit_mut()
-            .tamper(seq)
-            .ok_or_else(|| format!("no audit entry {seq}"))?;
-        let mut bytes = e.actor.as_bytes().to_vec();
-        bytes[0] ^= 0x20;
-        e.actor = String::from_utf8(bytes).map_err(|e| e.to_string())?.into();
+        let flipped = self.state.audit_mut().tamper(seq, |e| {
+            let mut bytes = e.actor.as_bytes().to_vec();
+            bytes[0] ^= 0x20; // an ASCII letter changes case
+            e.actor = String::from_utf8_lossy(&bytes).into();
+        });
+        if !flipped {
+            return Err(format!("no audit entry {seq}"));
+        }
         Ok(vec![format!("tampered with audit entry {seq}")])
     }
 

@@ -72,7 +72,7 @@ pub async fn list(State(api): State<Api>, Params(q): Params<AuditQuery>) -> ApiR
         let log = s.audit();
         let (items, next) = log.page(&filter, after, limit);
         json!({
-            "items": items.iter().map(|e| entry_view(e)).collect::<Vec<_>>(),
+            "items": items.iter().map(entry_view).collect::<Vec<_>>(),
             "next_cursor": next.map(|n| n.to_string()),
             "anchor": log.anchor().map(|a| json!({ "seq": a.seq, "hash": hex(&a.hash) })),
             "head": { "seq": log.last_seq(), "hash": hex(&log.head()) },

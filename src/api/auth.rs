@@ -1,6 +1,6 @@
 //! Who is calling, and may they: every API route except the liveness and
 //! readiness probes (and `/metrics` while `auth.metrics_open`) runs behind
-//! [`guard`].
+//! the guard (`guard.rs`).
 //!
 //! # One request
 //!
@@ -44,35 +44,29 @@
 //! - Expiry is checked against this node's wall clock.
 
 mod bootstrap;
+mod guard;
 mod jwt;
 pub mod node_proof;
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 pub use bootstrap::{ADMIN_KEY_FILE, bootstrap_admin_key, check_configured_key};
+pub(crate) use guard::GuardLayer;
 pub use jwt::JwtVerifier;
 
-use super::Api;
-use super::error::{ApiError, ApiResult, DeniedInHandler};
-use super::permissions::RouteSpec;
-use super::rate::{Allowance, RateLimits};
-use crate::clock;
+use super::error::{ApiError, ApiResult};
+use super::rate::RateLimits;
 use crate::config::Config;
 use crate::fsm::{
-    ApiKeyId, Audit, AuditCaller, AuditRecord, AuditTarget, Command, KEY_TOUCH_EVERY_MS, KeyHash,
-    Role, Tenant,
+    ApiKeyId, Audit, AuditCaller, AuditTarget, KEY_TOUCH_EVERY_MS, KeyHash, Role, Tenant,
 };
 use crate::store::SharedState;
 
@@ -80,8 +74,6 @@ use crate::store::SharedState;
 pub const KEY_PREFIXES: [&str; 2] = ["dk_live_", "dk_test_"];
 /// Characters after the prefix: at least 32 random bytes in base64url.
 const KEY_MIN_SECRET_CHARS: usize = 43;
-/// Longest credential looked at, in bytes.
-const MAX_CREDENTIAL_BYTES: usize = 4096;
 /// Denials being written to the audit log at once; past it they are
 /// counted, not recorded.
 pub const MAX_PENDING_DENIALS: usize = 256;
@@ -445,245 +437,4 @@ impl Authenticator {
         id.expires_at_ms = Some((claims.exp + verifier.leeway_s()).saturating_mul(1000));
         Ok(id)
     }
-}
-
-/// Everything the guard of one route needs.
-#[derive(Clone)]
-pub(super) struct Guarded {
-    pub(super) api: Api,
-    pub(super) spec: &'static RouteSpec,
-}
-
-/// The middleware in front of every authenticated route (see the module
-/// essay for the steps).
-pub(super) async fn guard(State(g): State<Guarded>, req: Request, next: Next) -> Response {
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    let (caller, req) = match authenticate(&g, req).await {
-        Ok(ok) => ok,
-        Err(denied) => return unauthenticated(&g, denied, peer),
-    };
-    let auth = &g.api.auth;
-    let version = auth.state.auth_version();
-    let settings = || {
-        auth.state
-            .read(|s| s.auth().tenant(caller.tenant()).map(|t| t.settings.clone()))
-    };
-    let allowance = match auth
-        .rates
-        .admit(caller.actor(), caller.tenant(), version, settings)
-    {
-        Ok(a) => a,
-        Err(limited) => {
-            crate::metrics::global()
-                .api_denials
-                .with_label_values(&["rate_limited"])
-                .inc();
-            let mut resp = ApiError::rate_limited(format!(
-                "{} rate limit reached; retry in {} ms",
-                limited.bucket,
-                limited.retry_after.as_millis()
-            ))
-            .into_response();
-            limited.allowance.write(resp.headers_mut());
-            set_retry_after(
-                resp.headers_mut(),
-                limited.retry_after.as_secs_f64().ceil() as u64,
-            );
-            return resp;
-        }
-    };
-    if let Err(resp) = authorize(&g, &caller) {
-        return with_allowance(resp, allowance);
-    }
-    let mut req = req;
-    req.extensions_mut().insert(caller.clone());
-    let resp = next.run(req).await;
-    if resp.extensions().get::<DeniedInHandler>().is_some() {
-        crate::metrics::global()
-            .api_denials
-            .with_label_values(&["forbidden"])
-            .inc();
-        record_denial(
-            &g.api,
-            AuditRecord {
-                caller: caller.audit_caller(),
-                target: None,
-                outcome: "denied:forbidden".into(),
-            },
-        );
-    }
-    with_allowance(resp, allowance)
-}
-
-/// The caller, from a bearer credential or a node proof (which needs the
-/// body, so the request is rebuilt around the bytes read).
-async fn authenticate(g: &Guarded, req: Request) -> Result<(Caller, Request), Denied> {
-    let header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| {
-            Denied::new("missing credential: send Authorization: Bearer <api key or JWT>")
-        })?
-        .to_str()
-        .map_err(|_| Denied::new("malformed Authorization header"))?;
-    if header.len() > MAX_CREDENTIAL_BYTES {
-        return Err(Denied::new("credential too long"));
-    }
-    if let Some(proof) = header.strip_prefix(node_proof::SCHEME) {
-        let proof = proof.to_owned();
-        return node_caller(g, &proof, req).await;
-    }
-    let bearer = header
-        .strip_prefix("Bearer ")
-        .or_else(|| header.strip_prefix("bearer "))
-        .map(str::trim)
-        .filter(|b| !b.is_empty())
-        .ok_or_else(|| {
-            Denied::new("malformed Authorization header: expected `Bearer <credential>`")
-        })?;
-    let id = g.api.auth.identify(bearer, clock::now_ms())?;
-    let caller = Caller {
-        id,
-        action: g.spec.action,
-        node: false,
-    };
-    Ok((caller, req))
-}
-
-async fn node_caller(g: &Guarded, proof: &str, req: Request) -> Result<(Caller, Request), Denied> {
-    let (parts, body) = req.into_parts();
-    let limit = g.api.node.config().api.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| Denied::new("cannot read the body of a node-signed request"))?;
-    // Nested routers see the path without their prefix; the proof covers
-    // the path the caller sent.
-    let path = parts
-        .extensions
-        .get::<axum::extract::OriginalUri>()
-        .map_or_else(|| parts.uri.path().to_owned(), |o| o.0.path().to_owned());
-    let node = node_proof::verify(
-        &g.api.auth.node_key,
-        proof,
-        parts.method.as_str(),
-        &path,
-        clock::now_ms(),
-        &bytes,
-    )
-    .map_err(Denied::new)?;
-    let caller = Caller {
-        id: Arc::new(Identity::new(
-            format!("node:{node}"),
-            Role::Admin,
-            Tenant::from("default"),
-            None,
-        )),
-        action: g.spec.action,
-        node: true,
-    };
-    Ok((
-        caller,
-        Request::from_parts(parts, axum::body::Body::from(bytes)),
-    ))
-}
-
-/// 403 (and its audit entry) unless the caller's role holds the route's
-/// permission; a node proof covers only what a joining node calls.
-fn authorize(g: &Guarded, caller: &Caller) -> Result<(), Response> {
-    let spec = g.spec;
-    let allowed = if caller.node {
-        matches!(spec.action, "cluster.status" | "cluster.join")
-    } else {
-        spec.permission.granted_to(caller.role())
-    };
-    if allowed {
-        return Ok(());
-    }
-    crate::metrics::global()
-        .api_denials
-        .with_label_values(&["forbidden"])
-        .inc();
-    record_denial(
-        &g.api,
-        AuditRecord {
-            caller: caller.audit_caller(),
-            target: None,
-            outcome: "denied:forbidden".into(),
-        },
-    );
-    Err(ApiError::forbidden(format!(
-        "role `{}` lacks permission `{}` ({} {})",
-        caller.role(),
-        spec.permission.as_str(),
-        spec.method,
-        spec.path
-    ))
-    .into_response())
-}
-
-/// 401 with its audit entry, or 429 once the address is over its budget.
-fn unauthenticated(g: &Guarded, denied: Denied, peer: Option<IpAddr>) -> Response {
-    let m = crate::metrics::global();
-    if let Some(ip) = peer
-        && let Err(limited) = g.api.auth.rates.failed_auth(ip)
-    {
-        m.api_denials
-            .with_label_values(&["auth_rate_limited"])
-            .inc();
-        let mut resp = ApiError::rate_limited(format!(
-            "too many failed authentications from {ip}; retry in {} s",
-            limited.retry_after.as_secs_f64().ceil()
-        ))
-        .into_response();
-        set_retry_after(
-            resp.headers_mut(),
-            limited.retry_after.as_secs_f64().ceil() as u64,
-        );
-        return resp;
-    }
-    m.api_denials.with_label_values(&["unauthenticated"]).inc();
-    let actor = denied.actor.unwrap_or_else(|| match peer {
-        Some(ip) => format!("anonymous@{ip}"),
-        None => "anonymous".into(),
-    });
-    record_denial(
-        &g.api,
-        AuditRecord {
-            caller: AuditCaller {
-                actor: actor.into(),
-                tenant: "-".into(),
-                action: std::borrow::Cow::Borrowed(g.spec.action),
-            },
-            target: None,
-            outcome: "denied:unauthenticated".into(),
-        },
-    );
-    ApiError::unauthenticated(denied.message).into_response()
-}
-
-/// Appends a denial to the audit log in the background, bounded.
-fn record_denial(api: &Api, rec: AuditRecord) {
-    let Ok(permit) = Arc::clone(&api.auth.denials).try_acquire_owned() else {
-        crate::metrics::global().api_denials_unaudited.inc();
-        return;
-    };
-    let node = api.node.clone();
-    api.node.spawn(async move {
-        if !matches!(node.write(Command::Audit(rec)).await, Ok(Ok(_))) {
-            crate::metrics::global().api_denials_unaudited.inc();
-        }
-        drop(permit);
-    });
-}
-
-fn with_allowance(mut resp: Response, a: Allowance) -> Response {
-    a.write(resp.headers_mut());
-    resp
-}
-
-fn set_retry_after(h: &mut HeaderMap, secs: u64) {
-    h.insert(header::RETRY_AFTER, secs.max(1).into());
 }

@@ -21,7 +21,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::{StateInformationMiddleware, StateSnapshot};
 use governor::state::keyed::DefaultKeyedStateStore;
@@ -60,6 +60,10 @@ impl std::fmt::Debug for RateLimits {
     }
 }
 
+static LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
 /// What a request's buckets looked like after it took its token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Allowance {
@@ -74,13 +78,9 @@ pub struct Allowance {
 impl Allowance {
     /// Writes the `X-RateLimit-*` headers.
     pub fn write(&self, h: &mut HeaderMap) {
-        for (name, v) in [
-            ("x-ratelimit-limit", u64::from(self.limit)),
-            ("x-ratelimit-remaining", u64::from(self.remaining)),
-            ("x-ratelimit-reset", self.reset_s),
-        ] {
-            h.insert(name, HeaderValue::from(v));
-        }
+        h.insert(LIMIT.clone(), HeaderValue::from(self.limit));
+        h.insert(REMAINING.clone(), HeaderValue::from(self.remaining));
+        h.insert(RESET.clone(), HeaderValue::from(self.reset_s));
     }
 
     fn of(s: &StateSnapshot) -> Allowance {

@@ -140,7 +140,7 @@ async fn verify_over_api(client: &Client) -> anyhow::Result<i32> {
             None => break,
         }
     }
-    Ok(security::report(anchor, entries.iter().collect()))
+    Ok(security::report(anchor, &entries))
 }
 
 pub(super) type Req = (&'static str, String, Option<Value>);

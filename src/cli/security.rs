@@ -314,12 +314,12 @@ pub fn verify_offline(data_dir: &Path) -> anyhow::Result<i32> {
     let state = crate::store::offline_state(&dir)
         .with_context(|| format!("reading {} (is the node stopped?)", dir.display()))?;
     let log = state.audit();
-    let entries: Vec<&AuditEntry> = log.entries().collect();
-    Ok(report(log.anchor(), entries))
+    let entries: Vec<AuditEntry> = log.entries().collect();
+    Ok(report(log.anchor(), &entries))
 }
 
 /// Prints what a walk of the chain found; the exit code.
-pub fn report(anchor: Option<AuditAnchor>, entries: Vec<&AuditEntry>) -> i32 {
+pub fn report(anchor: Option<AuditAnchor>, entries: &[AuditEntry]) -> i32 {
     let first = entries.first().map(|e| e.seq);
     let last = entries.last().map(|e| e.seq);
     match crate::fsm::verify_audit_chain(anchor, entries) {

@@ -34,7 +34,6 @@
 use std::borrow::Cow;
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
-use std::io::Write as _;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -195,15 +194,14 @@ impl AuditEntry {
         out.put(b"godel-audit-v1\0");
         out.put(&self.seq.to_be_bytes());
         out.put(&self.time_ms.to_be_bytes());
-        let mut target = [0u8; 32];
+        let mut buf = [0u8; 32];
         let target: &[u8] = match &self.target {
+            AuditTarget::None => b"",
             AuditTarget::Text(t) => t.as_bytes(),
-            other => {
-                let mut w = std::io::Cursor::new(&mut target[..]);
-                write!(w, "{other}").expect("invariant: a numeric target fits 32 bytes");
-                let n = w.position() as usize;
-                &target[..n]
-            }
+            AuditTarget::Task(n) => numbered(&mut buf, b"task/", *n),
+            AuditTarget::Lease(n) => numbered(&mut buf, b"lease/", *n),
+            AuditTarget::Session(n) => numbered(&mut buf, b"session/", *n),
+            AuditTarget::Node(n) => numbered(&mut buf, b"node/", *n),
         };
         for field in [
             self.actor.as_bytes(),
@@ -224,6 +222,26 @@ impl AuditEntry {
         self.write_canonical(&mut h);
         h.finalize().into()
     }
+}
+
+/// `prefix` then `n` in decimal, in `buf` (the hash path formats targets
+/// without the formatting machinery).
+fn numbered<'a>(buf: &'a mut [u8; 32], prefix: &[u8], n: u64) -> &'a [u8] {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = prefix.len() + digits.len() - at;
+    buf[..prefix.len()].copy_from_slice(prefix);
+    buf[prefix.len()..len].copy_from_slice(&digits[at..]);
+    &buf[..len]
 }
 
 /// Texts shared between entries: the same few actors, tenants, actions and
@@ -268,11 +286,41 @@ pub struct AuditAnchor {
     pub hash: [u8; 32],
 }
 
+/// An entry as the state keeps it: its seq and its link to the previous
+/// entry follow from its position in the log (see [`AuditLog::entries`]),
+/// so they are not stored twice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Stored {
+    time_ms: u64,
+    actor: Arc<str>,
+    tenant: Arc<str>,
+    action: Arc<str>,
+    target: AuditTarget,
+    outcome: Arc<str>,
+    hash: [u8; 32],
+}
+
+impl Stored {
+    fn entry(&self, seq: u64, prev_hash: [u8; 32]) -> AuditEntry {
+        AuditEntry {
+            seq,
+            time_ms: self.time_ms,
+            actor: Arc::clone(&self.actor),
+            tenant: Arc::clone(&self.tenant),
+            action: Arc::clone(&self.action),
+            target: self.target.clone(),
+            outcome: Arc::clone(&self.outcome),
+            prev_hash,
+            hash: self.hash,
+        }
+    }
+}
+
 /// The chain, part of [`super::State`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditLog {
-    /// The kept entries, oldest first, seqs consecutive.
-    entries: VecDeque<AuditEntry>,
+    /// The kept entries, oldest first; the last one's seq is `last_seq`.
+    entries: VecDeque<Stored>,
     last_seq: u64,
     head: [u8; 32],
     anchor: Option<AuditAnchor>,
@@ -343,11 +391,28 @@ impl AuditLog {
                 .pop_front()
                 .expect("invariant: the log is at its limit, so not empty");
             self.anchor = Some(AuditAnchor {
-                seq: dropped.seq,
+                seq: self.first_seq(),
                 hash: dropped.hash,
             });
+        } else if self.entries.capacity() == self.entries.len() {
+            // Grow once to the limit: no copies as the log fills.
+            self.entries
+                .reserve_exact(MAX_AUDIT_ENTRIES - self.entries.len());
         }
-        self.entries.push_back(e);
+        self.entries.push_back(Stored {
+            time_ms: e.time_ms,
+            actor: e.actor,
+            tenant: e.tenant,
+            action: e.action,
+            target: e.target,
+            outcome: e.outcome,
+            hash: e.hash,
+        });
+    }
+
+    /// The seq of the oldest kept entry (with none kept, the next one's).
+    fn first_seq(&self) -> u64 {
+        self.last_seq + 1 - self.entries.len() as u64
     }
 
     /// Entries after seq `after` that match `filter`, at most `limit`, and
@@ -357,24 +422,29 @@ impl AuditLog {
         filter: &AuditFilter,
         after: u64,
         limit: usize,
-    ) -> (Vec<&AuditEntry>, Option<u64>) {
-        let first = self.entries.front().map_or(0, |e| e.seq);
-        let skip = after.saturating_add(1).saturating_sub(first) as usize;
+    ) -> (Vec<AuditEntry>, Option<u64>) {
+        let skip = after.saturating_add(1).saturating_sub(self.first_seq()) as usize;
         let mut items = Vec::new();
-        for e in self.entries.iter().skip(skip) {
+        for e in self.entries().skip(skip) {
             if items.len() == limit {
                 return (items, Some(e.seq - 1));
             }
-            if filter.matches(e) {
+            if filter.matches(&e) {
                 items.push(e);
             }
         }
         (items, None)
     }
 
-    /// The kept entries, oldest first.
-    pub fn entries(&self) -> impl Iterator<Item = &AuditEntry> {
-        self.entries.iter()
+    /// The kept entries, oldest first, with their seqs and links.
+    pub fn entries(&self) -> impl Iterator<Item = AuditEntry> + '_ {
+        let mut prev = self.anchor.map_or([0; 32], |a| a.hash);
+        let first = self.first_seq();
+        self.entries.iter().enumerate().map(move |(i, s)| {
+            let e = s.entry(first + i as u64, prev);
+            prev = s.hash;
+            e
+        })
     }
 
     /// Where the kept chain starts, once entries have been dropped.
@@ -392,11 +462,29 @@ impl AuditLog {
         self.head
     }
 
-    /// Test support: a mutable view of an entry, to prove [`verify`] finds
-    /// what was changed.
+    /// Test support: changes the stored entry `seq` as `f` changes it (its
+    /// seq and link are not stored and stay), to prove [`verify`] finds
+    /// what was changed. False if there is no such entry.
     #[doc(hidden)]
-    pub fn tamper(&mut self, seq: u64) -> Option<&mut AuditEntry> {
-        self.entries.iter_mut().find(|e| e.seq == seq)
+    pub fn tamper(&mut self, seq: u64, f: impl FnOnce(&mut AuditEntry)) -> bool {
+        let Some(i) = seq.checked_sub(self.first_seq()).map(|i| i as usize) else {
+            return false;
+        };
+        let Some(s) = self.entries.get_mut(i) else {
+            return false;
+        };
+        let mut e = s.entry(seq, [0; 32]);
+        f(&mut e);
+        *s = Stored {
+            time_ms: e.time_ms,
+            actor: e.actor,
+            tenant: e.tenant,
+            action: e.action,
+            target: e.target,
+            outcome: e.outcome,
+            hash: e.hash,
+        };
+        true
     }
 }
 
@@ -414,13 +502,14 @@ pub struct ChainBroken {
 /// entry's seq follows the previous one, its `prev_hash` is the previous
 /// hash, and its stored hash is its recomputed hash. Returns how many
 /// entries verified, or the first that did not.
-pub fn verify<'a>(
+pub fn verify<E: std::borrow::Borrow<AuditEntry>>(
     anchor: Option<AuditAnchor>,
-    entries: impl IntoIterator<Item = &'a AuditEntry>,
+    entries: impl IntoIterator<Item = E>,
 ) -> Result<u64, ChainBroken> {
     let (mut seq, mut prev) = anchor.map_or((0, [0; 32]), |a| (a.seq, a.hash));
     let mut n = 0;
     for e in entries {
+        let e = e.borrow();
         let broken = |why: String| ChainBroken { seq: e.seq, why };
         if e.seq != seq + 1 {
             return Err(broken(format!("expected seq {}", seq + 1)));
@@ -491,16 +580,19 @@ mod tests {
         for seq in 1..=6 {
             for field in 0..4 {
                 let mut bad = log.clone();
-                let e = bad.tamper(seq).unwrap();
-                match field {
+                assert!(bad.tamper(seq, |e| match field {
                     0 => e.actor = "Key:k1".into(),
                     1 => e.outcome = "ok!".into(),
-                    2 => e.prev_hash[7] ^= 1,
+                    2 => e.time_ms ^= 1,
                     _ => e.hash[0] ^= 0x80,
-                }
+                }));
                 let err = verify(bad.anchor(), bad.entries()).unwrap_err();
                 assert_eq!(err.seq, seq, "field {field}: {err}");
             }
+            // A link changed where it is shown (a page of the API) is named too.
+            let mut shown: Vec<AuditEntry> = log.entries().collect();
+            shown[seq as usize - 1].prev_hash[7] ^= 1;
+            assert_eq!(verify(log.anchor(), &shown).unwrap_err().seq, seq);
         }
     }
 
@@ -509,12 +601,9 @@ mod tests {
         let mut log = log_of(3);
         let third = log.entries().nth(2).unwrap().hash;
         // Drop the first three by hand, as retention would.
-        for _ in 0..3 {
+        for seq in 1..=3 {
             let e = log.entries.pop_front().unwrap();
-            log.anchor = Some(AuditAnchor {
-                seq: e.seq,
-                hash: e.hash,
-            });
+            log.anchor = Some(AuditAnchor { seq, hash: e.hash });
         }
         for i in 0..3 {
             log.append(2000 + i, &stamp("x"), AuditTarget::text("t"), "ok");
