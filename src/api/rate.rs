@@ -78,9 +78,19 @@ pub struct Allowance {
 impl Allowance {
     /// Writes the `X-RateLimit-*` headers.
     pub fn write(&self, h: &mut HeaderMap) {
-        h.insert(LIMIT.clone(), HeaderValue::from(self.limit));
-        h.insert(REMAINING.clone(), HeaderValue::from(self.remaining));
-        h.insert(RESET.clone(), HeaderValue::from(self.reset_s));
+        // One buffer for the three values (they share it), not three.
+        let text = format!("{}{}{}", self.limit, self.remaining, self.reset_s);
+        let bytes = axum::body::Bytes::from(text);
+        let (a, b) = (digits(self.limit.into()), digits(self.remaining.into()));
+        for (name, range) in [
+            (&LIMIT, 0..a),
+            (&REMAINING, a..a + b),
+            (&RESET, a + b..bytes.len()),
+        ] {
+            let value = HeaderValue::from_maybe_shared(bytes.slice(range))
+                .expect("invariant: decimal digits are a valid header value");
+            h.insert(name.clone(), value);
+        }
     }
 
     fn of(s: &StateSnapshot) -> Allowance {
@@ -113,6 +123,11 @@ pub struct Limited {
     pub retry_after: Duration,
     /// The bucket's state (remaining 0).
     pub allowance: Allowance,
+}
+
+/// How many decimal digits `n` has.
+fn digits(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 fn nz(v: u32) -> NonZeroU32 {
@@ -255,6 +270,25 @@ mod tests {
 
     #[test]
     fn credential_bucket_runs_out_and_says_when_to_return() {
+        let mut h = HeaderMap::new();
+        Allowance {
+            limit: 10_000,
+            remaining: 0,
+            reset_s: 123,
+        }
+        .write(&mut h);
+        assert_eq!(
+            (
+                &h["x-ratelimit-limit"],
+                &h["x-ratelimit-remaining"],
+                &h["x-ratelimit-reset"]
+            ),
+            (
+                &HeaderValue::from(10_000),
+                &HeaderValue::from(0),
+                &HeaderValue::from(123)
+            )
+        );
         let r = RateLimits::new(&small());
         let k: Arc<str> = "key:a".into();
         let t = Tenant::from("acme");

@@ -249,7 +249,15 @@ fn numbered<'a>(buf: &'a mut [u8; 32], prefix: &[u8], n: u64) -> &'a [u8] {
 /// compares equal to any other and is not serialized); it only saves
 /// memory and allocations.
 #[derive(Clone, Debug, Default)]
-struct Interner(BTreeSet<Arc<str>>);
+struct Interner {
+    all: BTreeSet<Arc<str>>,
+    /// The texts used last, checked first: an entry's four texts are
+    /// usually those of the entry before it.
+    recent: VecDeque<Arc<str>>,
+}
+
+/// How many recently used texts are checked before the set.
+const RECENT_TEXTS: usize = 8;
 
 impl PartialEq for Interner {
     fn eq(&self, _: &Self) -> bool {
@@ -261,17 +269,29 @@ impl Eq for Interner {}
 
 impl Interner {
     fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.recent.iter().find(|a| ***a == *s) {
+            return Arc::clone(a);
+        }
         let s = if s.len() > MAX_FIELD_BYTES {
             Cow::Owned(truncate(s, MAX_FIELD_BYTES))
         } else {
             Cow::Borrowed(s)
         };
-        if let Some(a) = self.0.get(s.as_ref()) {
-            return Arc::clone(a);
-        }
-        let a: Arc<str> = Arc::from(s.as_ref());
-        if self.0.len() < MAX_INTERNED {
-            self.0.insert(Arc::clone(&a));
+        let a = match self.all.get(s.as_ref()) {
+            Some(a) => Arc::clone(a),
+            None => {
+                let a: Arc<str> = Arc::from(s.as_ref());
+                if self.all.len() < MAX_INTERNED {
+                    self.all.insert(Arc::clone(&a));
+                }
+                a
+            }
+        };
+        if s.len() == a.len() {
+            if self.recent.len() == RECENT_TEXTS {
+                self.recent.pop_back();
+            }
+            self.recent.push_front(Arc::clone(&a));
         }
         a
     }
