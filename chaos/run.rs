@@ -32,7 +32,8 @@ pub async fn run(d: Drill, seed: u64) -> Result<Verdict> {
     let work = Work::new();
     // Declared before the cluster, so dropped after its nodes are killed.
     let mut mounts = Mounts::default();
-    let mut c = Cluster::start_with(d.nodes, NODE_CONFIG).await;
+    let config = format!("{NODE_CONFIG}{}", work.policy_toml());
+    let mut c = Cluster::start_with(d.nodes, &config).await;
     let mut v = drive(&d, seed, &work, &mut c, &mut mounts).await?;
     v.wall_s = started.elapsed().as_secs_f64();
     Ok(v)

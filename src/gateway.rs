@@ -48,6 +48,17 @@
 //!   killed, the response dropped) rather than being truncated into invalid
 //!   JSON. Only the last [`MAX_STDERR_TAIL_BYTES`] of a program's stderr are
 //!   kept, for the error message.
+//! - **A node runs only what its operator allowed.** [`DriverPolicy`], from
+//!   the node's `[gateways]` and `[secrets]` config, decides which programs
+//!   a `command` gateway may run (absolute paths listed exactly, none by
+//!   default) and where, which secret references resolve (env names with
+//!   the configured prefix, never the cluster secret; files under the
+//!   configured directory, links resolved), which hosts `http` and
+//!   `openclaw` gateways call, and that the device key stays in the data
+//!   directory. The node that takes a registration checks it, and
+//!   [`driver_for`] checks it again with the building node's own policy,
+//!   so a refused spec never starts a process, reads a secret or opens a
+//!   connection.
 //! - **Secrets by reference only.** A spec names an environment variable or a
 //!   file ([`SecretRef`]); the value is read when the driver is built, kept
 //!   in a header marked sensitive (`http`) or in the connection client
@@ -92,6 +103,7 @@ mod command;
 mod guarded;
 mod http;
 mod openclaw;
+mod policy;
 mod sim;
 mod spec;
 
@@ -101,6 +113,7 @@ pub use command::CommandDriver;
 pub use guarded::GuardedDriver;
 pub use http::HttpDriver;
 pub use openclaw::{DEVICE_KEY_FILE, OpenClawDriver};
+pub use policy::DriverPolicy;
 pub use sim::SimDriver;
 pub use spec::{
     CommandSpec, DriverSpec, GatewayKind, GatewaySpec, HttpSpec, LatencySpec, OpenClawSpec,
@@ -331,19 +344,35 @@ pub struct DriverContext {
     /// `openclaw` device key, [`DEVICE_KEY_FILE`]). Without one, such state
     /// is kept in memory only.
     pub data_dir: Option<std::path::PathBuf>,
+    /// What the node's config lets drivers run, read and call.
+    pub policy: DriverPolicy,
 }
 
-/// Builds the driver a (valid) spec describes. Validates first; reads the
-/// secrets the spec refers to (and the node's `openclaw` device key).
+impl DriverContext {
+    /// The context a node with `config` builds drivers in.
+    pub fn for_node(config: &crate::config::Config) -> Self {
+        DriverContext {
+            data_dir: Some(config.node.data_dir.clone()),
+            policy: DriverPolicy::from_config(config),
+        }
+    }
+}
+
+/// Builds the driver a spec describes, if it is valid and the context's
+/// policy lets this node run it; reads the secrets the spec refers to (and
+/// the node's `openclaw` device key). A refused spec starts nothing.
 pub fn driver_for(spec: &GatewaySpec, ctx: &DriverContext) -> Result<Arc<dyn GatewayDriver>> {
     spec.validate()?;
+    ctx.policy.check(spec)?;
     Ok(match &spec.driver {
         DriverSpec::Sim(s) => Arc::new(SimDriver::new(s.clone())),
         DriverSpec::Command(c) => Arc::new(CommandDriver::new(c.clone())),
-        DriverSpec::Http(h) => Arc::new(HttpDriver::new(h.clone())?),
-        DriverSpec::Openclaw(o) => {
-            Arc::new(OpenClawDriver::new(o.clone(), ctx.data_dir.as_deref())?)
-        }
+        DriverSpec::Http(h) => Arc::new(HttpDriver::new(h.clone(), &ctx.policy)?),
+        DriverSpec::Openclaw(o) => Arc::new(OpenClawDriver::new(
+            o.clone(),
+            ctx.data_dir.as_deref(),
+            &ctx.policy,
+        )?),
     })
 }
 

@@ -32,7 +32,7 @@ fn ok(api: &str, args: &[&str]) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_client_command_works_with_json_output() {
-    let c = Cluster::start(1).await;
+    let c = Cluster::start_with(1, "[gateways.command]\nallow = [\"/bin/sleep\"]\n").await;
     let api = format!("http://{}", c.node(0).api_addr);
     let api = api.as_str();
     tokio::task::spawn_blocking({
@@ -130,7 +130,7 @@ fn registry_session(api: &str) {
     // A long-running program: the agent's actor on this node may run the
     // task (dispatch, or adopting the CLI's lease for its agent id), and it
     // must still be busy when its status is read.
-    let driver = r#"{"kind":"command","program":"sleep","args":["30"]}"#;
+    let driver = r#"{"kind":"command","program":"/bin/sleep","args":["30"]}"#;
     let add = [
         "gateway",
         "add",
@@ -146,7 +146,7 @@ fn registry_session(api: &str) {
     let g = ok(api, &add);
     assert_eq!(g["capabilities"], serde_json::json!(["git", "rust"]));
     assert_eq!(g["kind"], "command");
-    assert_eq!(g["spec"]["driver"]["program"], "sleep");
+    assert_eq!(g["spec"]["driver"]["program"], "/bin/sleep");
     let bad = [
         "gateway",
         "add",

@@ -499,10 +499,13 @@ mod webhook {
 }
 
 fn http(url: String) -> HttpDriver {
-    HttpDriver::new(HttpSpec {
-        url,
-        ..Default::default()
-    })
+    HttpDriver::new(
+        HttpSpec {
+            url,
+            ..Default::default()
+        },
+        &godel::gateway::DriverPolicy::default(),
+    )
     .unwrap()
 }
 
@@ -552,11 +555,17 @@ async fn http_sends_the_auth_header_from_its_reference() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "Bearer s3cret\n").unwrap();
-    let d = HttpDriver::new(HttpSpec {
-        url: format!("{base}/auth"),
-        health_url: None,
-        auth_header: Some(SecretRef::File(token)),
-    })
+    let d = HttpDriver::new(
+        HttpSpec {
+            url: format!("{base}/auth"),
+            health_url: None,
+            auth_header: Some(SecretRef::File(token)),
+        },
+        &godel::gateway::DriverPolicy {
+            secrets_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        },
+    )
     .unwrap();
     let out = run(&d, req("{}", Duration::from_secs(10))).await.unwrap();
     // The server answers `"<header>"`, which is JSON, so it is kept as is.
@@ -686,11 +695,14 @@ async fn http_cancel_ends_the_attempt() {
 async fn http_probe_uses_the_health_url() {
     let base = webhook::start().await;
     let probe = |health: Option<String>| {
-        let d = HttpDriver::new(HttpSpec {
-            url: format!("{base}/echo"),
-            health_url: health,
-            auth_header: None,
-        })
+        let d = HttpDriver::new(
+            HttpSpec {
+                url: format!("{base}/echo"),
+                health_url: health,
+                auth_header: None,
+            },
+            &godel::gateway::DriverPolicy::default(),
+        )
         .unwrap();
         async move { d.probe().await }
     };

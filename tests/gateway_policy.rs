@@ -299,10 +299,19 @@ fn validate_command_and_http_settings() {
     assert_eq!(p.len(), 3, "{p:#?}");
 }
 
+/// Builds with the default policy, secret files allowed under `secrets`.
 fn driver_for_test(
     s: &GatewaySpec,
+    secrets: &std::path::Path,
 ) -> Result<std::sync::Arc<dyn godel::gateway::GatewayDriver>, DriverError> {
-    driver_for(s, &godel::gateway::DriverContext::default())
+    let ctx = godel::gateway::DriverContext {
+        data_dir: None,
+        policy: godel::gateway::DriverPolicy {
+            secrets_dir: Some(secrets.to_path_buf()),
+            ..Default::default()
+        },
+    };
+    driver_for(s, &ctx)
 }
 
 #[test]
@@ -370,6 +379,10 @@ fn openclaw_driver_reads_its_token_and_device_key_and_never_shows_the_token() {
     ));
     let ctx = godel::gateway::DriverContext {
         data_dir: Some(dir.path().join("data")),
+        policy: godel::gateway::DriverPolicy {
+            secrets_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        },
     };
     let d = driver_for(&s, &ctx).unwrap();
     let shown = format!("{d:?}");
@@ -396,9 +409,11 @@ fn openclaw_driver_reads_its_token_and_device_key_and_never_shows_the_token() {
 
 #[test]
 fn driver_for_validates_and_never_shows_the_secret() {
-    let e = driver_for_test(&spec(
-        r#"{"id":"g","region":"r","max_sessions":0,"driver":{"kind":"sim"}}"#,
-    ))
+    let scratch = tempfile::tempdir().unwrap();
+    let e = driver_for_test(
+        &spec(r#"{"id":"g","region":"r","max_sessions":0,"driver":{"kind":"sim"}}"#),
+        scratch.path(),
+    )
     .unwrap_err();
     assert!(matches!(e, DriverError::InvalidSpec(_)), "{e}");
     assert!(!e.is_retryable());
@@ -411,19 +426,20 @@ fn driver_for_validates_and_never_shows_the_secret() {
             "driver":{{"kind":"http","url":"http://127.0.0.1:9/","auth_header":{{"file":{:?}}}}}}}"#,
         token.display().to_string()
     ));
-    let d = driver_for_test(&h).unwrap();
+    let d = driver_for_test(&h, dir.path()).unwrap();
     let shown = format!("{d:?}");
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(shown.contains("file:"), "{shown}");
 
     let missing = spec(
         r#"{"id":"h","region":"r","max_sessions":1,
-            "driver":{"kind":"http","url":"http://127.0.0.1:9/","auth_header":{"env":"GODEL_TEST_SURELY_UNSET_VAR"}}}"#,
+            "driver":{"kind":"http","url":"http://127.0.0.1:9/","auth_header":{"env":"GODEL_SECRET_TEST_SURELY_UNSET_VAR"}}}"#,
     );
-    let e = driver_for_test(&missing).unwrap_err();
+    let e = driver_for_test(&missing, dir.path()).unwrap_err();
     assert_eq!(e.code(), "secret_unavailable");
     assert!(
-        e.to_string().contains("env:GODEL_TEST_SURELY_UNSET_VAR"),
+        e.to_string()
+            .contains("env:GODEL_SECRET_TEST_SURELY_UNSET_VAR"),
         "{e}"
     );
 }

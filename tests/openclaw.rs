@@ -147,7 +147,20 @@ async fn body(install: Install) {
     // Gateways and cluster start together: the gateways take longest.
     let mut a = RealGateway::start(&install, "a");
     let mut b = RealGateway::start(&install, "b");
-    let c = Cluster::start_with(3, CLUSTER).await;
+    // The nodes read gateway tokens only from their [secrets] dir.
+    let secrets = tempfile::tempdir().expect("secrets dir");
+    for g in [&mut a, &mut b] {
+        let copy = secrets
+            .path()
+            .join(format!("{}.token", g.url().replace([':', '/'], "_")));
+        std::fs::copy(&g.token_file, &copy).expect("copy token");
+        g.token_file = copy;
+    }
+    let config = format!(
+        "{CLUSTER}[secrets]\ndir = {:?}\n",
+        secrets.path().to_string_lossy()
+    );
+    let c = Cluster::start_with(3, &config).await;
     let (ra, rb) = tokio::join!(a.wait_ready(GATEWAY_START), b.wait_ready(GATEWAY_START));
     eprintln!(
         "[openclaw] ready: a in {:?}, b in {:?}",

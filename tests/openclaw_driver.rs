@@ -49,6 +49,11 @@ async fn setup(token_in_file: &str, extra: Value) -> Setup {
     .unwrap();
     let ctx = DriverContext {
         data_dir: Some(dir.path().to_path_buf()),
+        policy: godel::gateway::DriverPolicy {
+            secrets_dir: Some(dir.path().to_path_buf()),
+            data_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        },
     };
     let driver = driver_for(&spec, &ctx).unwrap();
     Setup {

@@ -63,7 +63,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_gateway_owner_mid_run_every_task_completes_once() {
     let work = Work::new();
-    let mut c = Cluster::start_with(3, FAST_QUEUE).await;
+    let mut c = Cluster::start_with(3, &format!("{FAST_QUEUE}{}", work.policy_toml())).await;
     bounded(Duration::from_secs(200), kill_owner_body(&mut c, &work)).await;
 }
 
@@ -183,7 +183,7 @@ fn first_completion_after(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn draining_a_node_under_load_moves_its_gateways() {
     let work = Work::new();
-    let c = Cluster::start_with(3, FAST_QUEUE).await;
+    let c = Cluster::start_with(3, &format!("{FAST_QUEUE}{}", work.policy_toml())).await;
     bounded(Duration::from_secs(180), drain_body(&c, &work)).await;
 }
 
@@ -352,7 +352,7 @@ async fn check_no_lease_on(api: &Api, via: usize, node_id: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strict_priority_end_to_end_with_saturated_agents() {
     let work = Work::new();
-    let c = Cluster::start_with(1, FAST_QUEUE).await;
+    let c = Cluster::start_with(1, &format!("{FAST_QUEUE}{}", work.policy_toml())).await;
     bounded(Duration::from_secs(120), priority_body(&c, &work)).await;
 }
 
@@ -788,7 +788,8 @@ async fn set_drain(api: &Api, via: usize, node: u64, on: bool) {
 async fn programs_of_a_killed_node_die_with_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pids = dir.path().join("pids");
-    let mut c = Cluster::start_with(1, FAST_QUEUE).await;
+    let config = format!("{FAST_QUEUE}[gateways.command]\nallow = [\"/bin/sh\"]\n");
+    let mut c = Cluster::start_with(1, &config).await;
     bounded(Duration::from_secs(60), async {
         let api = c.api();
         let spec = json!({

@@ -184,9 +184,7 @@ async fn reconcile(
     }
 
     let registry: Arc<dyn GatewayRegistry> = Arc::new(node.clone());
-    let ctx = DriverContext {
-        data_dir: Some(node.config().node.data_dir.clone()),
-    };
+    let ctx = DriverContext::for_node(node.config());
     let probe_every = node.config().runtime.gateway_probe_interval;
     for (gateway, spec) in &want.gateways {
         let name = gateway_actor(gateway);
@@ -276,8 +274,28 @@ fn driver(
             Some((driver, sessions))
         }
         Err(e) => {
-            tracing::warn!(%gateway, error = %e, "cannot build the gateway's driver; its actors wait");
+            refused(gateway, spec, &e);
             None
         }
     }
+}
+
+/// The spec each gateway's driver was last refused for on this node.
+static REFUSED: std::sync::Mutex<BTreeMap<GatewayId, String>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Says once per spec (not on every reconcile pass) that a gateway's
+/// driver cannot be built here: an invalid spec, a secret that does not
+/// resolve, or a spec this node's policy refuses (a program not in
+/// `[gateways.command] allow`, ...). Its actors wait, and nothing runs.
+fn refused(gateway: &GatewayId, spec: &str, why: &str) {
+    let mut seen = REFUSED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if seen.get(gateway).is_some_and(|s| s == spec) {
+        tracing::debug!(%gateway, error = %why, "gateway's driver still refused");
+        return;
+    }
+    seen.insert(gateway.clone(), spec.to_owned());
+    tracing::warn!(%gateway, error = %why, "cannot build the gateway's driver on this node; nothing of it runs here");
 }

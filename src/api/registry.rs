@@ -16,7 +16,7 @@ use crate::fsm::{
     AgentId, AgentRecord, AgentRegistration, AuditTarget, Command, GatewayId, GatewayRecord,
     State as Fsm, TaskStatus,
 };
-use crate::gateway::GatewaySpec;
+use crate::gateway::{DriverPolicy, GatewaySpec};
 
 /// `POST /agents` body.
 #[derive(Debug, Deserialize)]
@@ -185,11 +185,19 @@ pub async fn register_gateway(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let id = spec.id.clone();
     let target = Some(AuditTarget::text(format!("gateway/{id}")));
-    let checked = spec.validate();
-    if let Err(e) = checked {
+    // Checked against this node's policy too: a spec it would not run is
+    // refused here, every problem named, before it reaches the log.
+    let mut problems = match spec.validate() {
+        Err(crate::gateway::DriverError::InvalidSpec(p)) => p,
+        Err(e) => vec![e.to_string()],
+        Ok(()) => Vec::new(),
+    };
+    problems.extend(DriverPolicy::from_config(api.node.config()).problems(&spec));
+    if !problems.is_empty() {
         // Refused before a command exists: recorded as a rejected call.
         api.record_rejected(&caller, target, "invalid_request")
             .await;
+        let e = crate::gateway::DriverError::InvalidSpec(problems);
         return Err(ApiError::invalid(e.to_string()));
     }
     let reg = spec.to_registration();

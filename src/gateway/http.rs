@@ -58,16 +58,17 @@ struct Body<'a> {
 
 impl HttpDriver {
     /// A driver for the webhook `spec` names (assumed validated); reads the
-    /// auth secret it refers to.
-    pub fn new(spec: HttpSpec) -> Result<Self> {
+    /// auth secret it refers to, as `policy` allows.
+    pub fn new(spec: HttpSpec, policy: &super::DriverPolicy) -> Result<Self> {
         let auth = match &spec.auth_header {
             None => None,
             Some(r) => {
-                let mut v =
-                    HeaderValue::from_str(&r.resolve()?).map_err(|_| DriverError::Secret {
+                let mut v = HeaderValue::from_str(&r.resolve(policy)?).map_err(|_| {
+                    DriverError::Secret {
                         reference: r.to_string(),
                         reason: "not a valid header value".into(),
-                    })?;
+                    }
+                })?;
                 v.set_sensitive(true);
                 Some(v)
             }

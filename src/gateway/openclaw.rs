@@ -116,8 +116,13 @@ impl OpenClawDriver {
     /// A driver for the gateway `spec` names (assumed validated): reads the
     /// token it refers to and loads (or creates) the device key, from the
     /// spec's `device_key`, else from `data_dir`, else a key kept in memory.
-    pub fn new(spec: OpenClawSpec, data_dir: Option<&Path>) -> Result<Self> {
-        let token = spec.token.resolve()?;
+    /// The token is read as `policy` allows.
+    pub fn new(
+        spec: OpenClawSpec,
+        data_dir: Option<&Path>,
+        policy: &super::DriverPolicy,
+    ) -> Result<Self> {
+        let token = spec.token.resolve(policy)?;
         let device = match (&spec.device_key, data_dir) {
             (Some(path), _) => Device::load_or_create(path)?,
             (None, Some(dir)) => Device::load_or_create(&dir.join(DEVICE_KEY_FILE))?,

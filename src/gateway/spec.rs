@@ -263,18 +263,25 @@ impl fmt::Display for SecretRef {
 }
 
 impl SecretRef {
-    /// Reads the secret. Errors name the reference, never a value.
-    pub fn resolve(&self) -> Result<String> {
+    /// Reads the secret, if `policy` lets this node read it (an env name
+    /// with the configured prefix, never the cluster secret; a file that,
+    /// with links resolved, is under the configured directory). Errors name
+    /// the reference and the config key, never a value.
+    pub fn resolve(&self, policy: &super::DriverPolicy) -> Result<String> {
         let fail = |reason: String| DriverError::Secret {
             reference: self.to_string(),
             reason,
         };
+        policy.secret_allowed(self).map_err(fail)?;
         let value = match self {
             SecretRef::Env(name) => std::env::var(name).map_err(|e| fail(e.to_string()))?,
-            SecretRef::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| fail(e.to_string()))?
-                .trim_end_matches(['\r', '\n'])
-                .to_owned(),
+            SecretRef::File(path) => {
+                let real = policy.secret_file(path).map_err(fail)?;
+                std::fs::read_to_string(real)
+                    .map_err(|e| fail(e.to_string()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned()
+            }
         };
         if value.is_empty() {
             return Err(fail("empty".into()));

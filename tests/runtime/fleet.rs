@@ -90,6 +90,15 @@ impl Work {
         Work { dir, script, log }
     }
 
+    /// The node config that lets `command` gateways run the script (and
+    /// `/bin/sh`, for tests that run a shell line).
+    pub fn policy_toml(&self) -> String {
+        format!(
+            "[gateways.command]\nallow = [{:?}, \"/bin/sh\"]\n",
+            self.script.to_string_lossy()
+        )
+    }
+
     /// A `command` gateway running the script, each attempt working `work_s`
     /// seconds.
     pub fn command_gateway(&self, id: &str, work_s: &str) -> Value {

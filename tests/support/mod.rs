@@ -785,6 +785,15 @@ impl Cluster {
     }
 
     /// Starts node `i` again with the same config and data directory.
+    /// Rewrites node `i`'s config file through `f` (takes effect at its
+    /// next start: stop it first).
+    pub fn edit_config(&self, i: usize, f: impl FnOnce(String) -> String) {
+        let path = &self.nodes[i].config;
+        let text = std::fs::read_to_string(path).expect("read node config");
+        std::fs::write(path, f(text)).expect("write node config");
+    }
+
+    /// Restarts node `i` (which must be stopped) with its config file.
     pub fn restart(&mut self, i: usize) {
         self.nodes[i].spawn();
         eprintln!("[harness] restarted node {}", self.nodes[i].id);
