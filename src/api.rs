@@ -27,6 +27,7 @@ pub mod permissions;
 mod queue;
 mod rate;
 mod registry;
+mod serve;
 mod sessions;
 mod tasks;
 mod tenants;
@@ -44,6 +45,7 @@ use tower_http::timeout::TimeoutLayer;
 
 pub use auth::{Authenticator, Caller};
 pub use error::{ApiError, ApiResult};
+pub use serve::serve;
 
 use crate::fsm::{AuditTarget, Command, Outcome, Reply};
 use crate::node::{Node, NodeError};

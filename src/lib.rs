@@ -28,4 +28,5 @@ pub mod node;
 pub mod placement;
 pub mod raft;
 pub mod store;
+pub mod tls;
 pub mod transport;

@@ -186,6 +186,17 @@ fn registry_session(api: &str) {
         (a["capacity"].as_u64(), a["current_load"].as_u64()),
         (Some(2), Some(0))
     );
+    // Wait for the agent's actor to come online first: an actor that
+    // starts after the lease below would give it back as a lease of an
+    // earlier incarnation (a race, not what this checks).
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while ok(api, &["agent", "status", "a1"])["agent"]["status"] == "offline" {
+        assert!(
+            std::time::Instant::now() < until,
+            "agent a1 never came online"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     ok(api, &["task", "submit", "--caps", "rust"]);
     ok(
         api,

@@ -13,19 +13,77 @@ use super::error::ApiError;
 /// A JSON request body of type `T`.
 pub struct Body<T>(pub T);
 
+/// The deepest nesting a JSON body may have, as the server puts it in each
+/// request (`api.max_json_depth`); [`DEFAULT_MAX_DEPTH`] without it.
+#[derive(Clone, Copy, Debug)]
+pub struct MaxJsonDepth(pub usize);
+
+/// The nesting limit when the server set none.
+pub const DEFAULT_MAX_DEPTH: usize = 32;
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let depth = req
+            .extensions()
+            .get::<MaxJsonDepth>()
+            .map_or(DEFAULT_MAX_DEPTH, |d| d.0);
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::too_large(format!("request body is over the limit: {e}"))
+            } else if timed_out(&e) {
+                ApiError::request_timeout("the request body was not received in time")
             } else {
                 ApiError::invalid(format!("cannot read request body: {e}"))
             }
         })?;
+        check_depth(&bytes, depth)?;
         parse(&bytes).map(Body)
     }
+}
+
+/// Whether reading the body failed on the server's body deadline.
+fn timed_out(e: &axum::extract::rejection::BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Refuses JSON nested deeper than `max` arrays and objects, by a scan
+/// that skips strings (cheaper than parsing, and with a clear message).
+pub fn check_depth(bytes: &[u8], max: usize) -> Result<(), ApiError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Err(ApiError::invalid(format!(
+                        "invalid JSON body: nested deeper than {max} levels"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Parses JSON, naming the path of the first bad field in the error.
@@ -63,5 +121,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
         Query::try_from_uri(&parts.uri)
             .map(|Query(t)| Params(t))
             .map_err(|e| ApiError::invalid(e.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_counts_structure_not_strings() {
+        assert!(check_depth(br#"{"a":[{"b":1}]}"#, 3).is_ok());
+        assert!(check_depth(br#"{"a":[{"b":1}]}"#, 2).is_err());
+        assert!(check_depth(br#"{"a":"[[[[[[\"{{{{"}"#, 1).is_ok());
+        let deep = "[".repeat(100) + &"]".repeat(100);
+        let e = check_depth(deep.as_bytes(), 32).unwrap_err();
+        assert!(e.message.contains("deeper than 32"), "{}", e.message);
     }
 }

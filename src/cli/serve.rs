@@ -58,6 +58,12 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     crate::api::check_config(&config)?;
     let api_addr = config.node.api_addr;
+    let api_config = config.api.clone();
+    // Unusable TLS files stop the node before it starts anything.
+    let api_tls = match (&config.api.tls_cert, &config.api.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::server_only(cert, key, "api")?),
+        _ => None,
+    };
     let shutdown = CancellationToken::new();
     let node = Node::start(config, shutdown.clone())
         .await
@@ -82,12 +88,7 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     // up answering 503 and claiming a role it no longer has.
     let fatal = tokio::spawn(raft_stopped(node.clone(), shutdown.clone()));
     let graceful = shutdown.clone();
-    // The peer address goes into each request (failed authentications are
-    // limited per source address).
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { graceful.cancelled().await })
-        .await?;
+    crate::api::serve(listener, app, &api_config, api_tls, graceful).await?;
     node.stop(SHUTDOWN_DEADLINE).await;
     if fatal.is_finished()
         && let Ok(Some(why)) = fatal.await

@@ -1,0 +1,206 @@
+//! Serving the API: the accept loop and one task per connection, over TCP
+//! or TLS, with the bounds a public listener needs.
+//!
+//! - **TLS** when `api.tls_cert`/`api.tls_key` are set, handshaken in the
+//!   connection's task (never in the accept loop), within
+//!   `api.header_timeout`; a plaintext client on a TLS port fails its
+//!   handshake and is closed.
+//! - **Slow clients**: headers not read within `api.header_timeout` close
+//!   the connection; a body not fully read within `api.body_timeout`
+//!   fails the request with 408.
+//! - **Declared sizes**: a `Content-Length` over `api.max_body_bytes` is
+//!   answered 413 at once, before any of the body is read.
+//! - **Bounded**: at most [`MAX_CONNECTIONS`] connections at once; past it
+//!   a new connection is closed as soon as it is accepted.
+//! - **JSON depth**: bodies nested deeper than `api.max_json_depth` are
+//!   400 (the limit rides in each request for the body extractor).
+//! - No protocol upgrades (WebSockets) yet.
+//! - Each request carries its peer address (`ConnectInfo<SocketAddr>`),
+//!   which the guard limits failed authentications by.
+//! - **Shutdown**: on the node's cancellation the loop stops accepting,
+//!   in-flight requests get up to [`SHUTDOWN_GRACE`] to finish, and every
+//!   connection task is owned by one `TaskTracker`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tower_http::timeout::DeadlineBody;
+
+use super::error::ApiError;
+use super::json::MaxJsonDepth;
+use crate::config::ApiConfig;
+
+/// Most API connections open at once; past it new ones are closed at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// How long in-flight requests may run on after shutdown begins.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept` (out of file descriptors, say).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves `app` on `listener` until `shutdown` is cancelled, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    config: &ApiConfig,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let limits = Arc::new(Limits {
+        max_body: config.max_body_bytes,
+        max_json_depth: config.max_json_depth,
+        header_timeout: config.header_timeout,
+        body_timeout: config.body_timeout,
+    });
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    let tasks = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tracing::warn!(%peer, max = MAX_CONNECTIONS, "API connection refused: too many open");
+            continue;
+        };
+        let conn = Connection {
+            app: app.clone(),
+            limits: Arc::clone(&limits),
+            tls: tls.clone(),
+            peer,
+        };
+        let watcher = graceful.watcher();
+        tasks.spawn(async move {
+            conn.run(stream, watcher).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "API connections still open at the end of the grace");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
+    Ok(())
+}
+
+/// The bounds every request is held to.
+struct Limits {
+    max_body: usize,
+    max_json_depth: usize,
+    header_timeout: Duration,
+    body_timeout: Duration,
+}
+
+/// One accepted connection.
+struct Connection {
+    app: Router,
+    limits: Arc<Limits>,
+    tls: Option<TlsAcceptor>,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn run(self, stream: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
+        let _ = stream.set_nodelay(true);
+        match self.tls.clone() {
+            None => self.http(stream, watcher).await,
+            Some(acceptor) => {
+                let timeout = self.limits.header_timeout;
+                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => self.http(tls, watcher).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %self.peer, error = %e, "API TLS handshake failed");
+                    }
+                    Err(_) => tracing::debug!(peer = %self.peer, "API TLS handshake timed out"),
+                }
+            }
+        }
+    }
+
+    async fn http<I>(self, io: I, watcher: hyper_util::server::graceful::Watcher)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            app, limits, peer, ..
+        } = self;
+        let header_timeout = limits.header_timeout;
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (app, limits) = (app.clone(), Arc::clone(&limits));
+                async move { Ok::<_, Infallible>(handle(app, &limits, peer, req).await) }
+            });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .keep_alive(true);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(%peer, error = %e, "API connection ended");
+        }
+    }
+}
+
+/// One request: refused at once when it declares a body over the limit,
+/// else handed to the router with its peer address and a body deadline.
+async fn handle(
+    app: Router,
+    limits: &Limits,
+    peer: SocketAddr,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body as u64) {
+        let mut resp = ApiError::too_large(format!(
+            "request body of {} bytes is over the limit of {} bytes",
+            declared.unwrap_or_default(),
+            limits.max_body
+        ))
+        .into_response();
+        // The body was not read: the connection cannot carry another request.
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return resp;
+    }
+    let mut req: Request = req.map(|body| Body::new(DeadlineBody::new(limits.body_timeout, body)));
+    req.extensions_mut().insert(ConnectInfo(peer));
+    req.extensions_mut()
+        .insert(MaxJsonDepth(limits.max_json_depth));
+    match app.oneshot(req).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
+}
