@@ -127,17 +127,23 @@ impl Node {
     /// timer loop, and bootstraps or joins the cluster.
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Node> {
         // Bad TLS files stop the node before it opens anything: an operator
-        // who asked for an encrypted fabric never gets a clear one.
+        // who asked for an encrypted transport or fabric never gets a clear
+        // one.
         let fabric_tls = match (&config.fabric.tls, config.fabric.enabled) {
             (Some(tls), true) => Some(crate::fabric::FabricTlsConfig::load(tls)?),
             _ => None,
+        };
+        let cluster_tls = match &config.cluster.tls {
+            Some(tls) => Some(crate::tls::MutualTls::load(tls, "cluster.tls")?),
+            None => None,
         };
         let secret = transport::Secret::new(membership::load_secret(&config)?);
         let dir = config.node.data_dir.join("raft");
         let (log_store, sm) =
             tokio::task::spawn_blocking(move || store::Store::open(&dir)).await??;
         let state = sm.shared();
-        let tcfg = transport::TransportConfig::new(config.node.id, secret.clone());
+        let mut tcfg = transport::TransportConfig::new(config.node.id, secret.clone());
+        tcfg.tls = cluster_tls;
         let faults = transport::Faults::default();
         let client = transport::Client::new(tcfg.clone(), faults.clone())?;
         let network = crate::raft::network::Network::new(client.clone(), config.node.id);

@@ -12,8 +12,12 @@
 //!
 //! # Wire format
 //!
-//! All integers are big-endian. A connection starts with a handshake of
-//! fixed-size messages, then carries frames.
+//! All integers are big-endian. With `[cluster.tls]` every byte below
+//! travels inside mutual TLS (see [`crate::tls`]): the dialer checks that the
+//! listener's certificate chains to the cluster CA and names the address
+//! dialed, the listener requires a client certificate from the same CA, and
+//! only then does the secret handshake start. A connection starts with a
+//! handshake of fixed-size messages, then carries frames.
 //!
 //! ```text
 //! hello   (45 B, both ways)  magic "GDLN" (4) | version u8 | node id u64 | nonce [32]
@@ -48,7 +52,8 @@
 //! - **A connection is reused only after a clean round trip.** Any error,
 //!   timeout or cancellation drops it (the caller's future owns it), and the
 //!   next call connects afresh. Idle connections are probed for a peer hangup
-//!   before reuse, so a peer that restarted (closing its end) costs no failed
+//!   before reuse (one non-waiting read, through TLS when it is on), so a
+//!   peer that restarted (closing its end) costs no failed
 //!   call; one that vanished without closing costs one failed call.
 //! - **Everything is bounded** by [`TransportConfig`]: inbound connections
 //!   (and so in-flight handlers, one per connection), outbound connections and
@@ -70,10 +75,14 @@
 //!
 //! # Shortcuts taken on purpose
 //!
-//! - **Authentication, not encryption.** Frames after the handshake carry no
-//!   MAC and are not encrypted: an on-path attacker could read or alter them.
-//!   The cluster network is assumed private; run it over WireGuard or add TLS
-//!   when it is not.
+//! - **Encryption only with `[cluster.tls]`.** Without it, frames after the
+//!   handshake carry no MAC and are not encrypted: an on-path attacker could
+//!   read or alter them, so the cluster network must be private. With it,
+//!   TLS protects every frame and a peer needs both a certificate from the
+//!   cluster CA and the secret; a TLS failure is [`TransportError::Tls`]
+//!   (not retryable: a certificate does not fix itself). The whole cluster
+//!   runs TLS or none of it: a plaintext peer on a TLS port fails its
+//!   handshake at once, and so does the reverse.
 //! - **No automatic retry.** A request may have been processed when its
 //!   connection dies, and forwarded writes are not all idempotent, so the
 //!   caller decides (with [`TransportError::is_retryable`]).
@@ -91,6 +100,7 @@
 
 mod client;
 mod config;
+mod conn;
 mod error;
 mod faults;
 mod handshake;

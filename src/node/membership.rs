@@ -189,7 +189,11 @@ async fn join_loop(node: Node, seed: String) {
                 tracing::info!(%seed, "joined the cluster");
                 return;
             }
-            Ok(r) => tracing::warn!(%seed, status = %r.status(), "join refused; retrying"),
+            Ok(r) => {
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                tracing::warn!(%seed, %status, reason = %body, "join refused; retrying");
+            }
             Err(e) => tracing::warn!(%seed, error = %e, "join failed; retrying"),
         }
         tokio::select! {
@@ -200,13 +204,41 @@ async fn join_loop(node: Node, seed: String) {
     }
 }
 
-/// On the leader: adds a learner, waits for it to catch up, makes it a voter.
+/// How long the leader waits for a joining node to answer a ping.
+const JOIN_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// On the leader: checks the node answers over the transport, adds it as a
+/// learner, waits for it to catch up, makes it a voter.
 pub(super) async fn add_member(
     node: &Node,
     id: NodeId,
     info: NodeInfo,
 ) -> Result<(), RemoteFailure> {
     ensure_leader(node)?;
+    if !node.members().1.contains_key(&id) {
+        // A node this one cannot talk to (a certificate from another CA,
+        // another cluster secret, a wrong address) would sit in the
+        // membership as a learner that never catches up: refuse it first,
+        // with the transport's reason.
+        match node
+            .call_peer(id, &info.raft_addr, RpcRequest::Ping, JOIN_PING_TIMEOUT)
+            .await
+        {
+            Ok(RpcReply::Pong) => {}
+            Ok(other) => {
+                return Err(RemoteFailure::Invalid(format!(
+                    "node {id} at {} answered a ping with {other:?}",
+                    info.raft_addr
+                )));
+            }
+            Err(e) => {
+                tracing::warn!(node = id, error = %e, "refusing to add a node this leader cannot reach over the transport");
+                return Err(RemoteFailure::Unavailable(format!(
+                    "the leader cannot reach the node over the transport: {e}"
+                )));
+            }
+        }
+    }
     let raft = node.raft();
     raft.add_learner(id, info, true)
         .await

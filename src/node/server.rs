@@ -128,6 +128,7 @@ impl RpcHandler {
                     .await
                     .map_err(|e| RemoteFailure::Unavailable(e.to_string())),
             ),
+            RpcRequest::Ping => RpcReply::Pong,
         }
     }
 }

@@ -75,9 +75,9 @@ impl PeerConn {
             .await
             .map_err(|e| match e {
                 TransportError::Timeout { .. } => RPCError::Timeout(timeout),
-                TransportError::Unreachable { .. } | TransportError::Auth { .. } => {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                }
+                TransportError::Unreachable { .. }
+                | TransportError::Auth { .. }
+                | TransportError::Tls { .. } => RPCError::Unreachable(Unreachable::new(&e)),
                 other => RPCError::Network(NetworkError::new(&other)),
             })?;
         codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))

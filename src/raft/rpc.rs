@@ -40,6 +40,9 @@ pub enum RpcRequest {
     /// Ask a node to start an election now (the receiving end of a
     /// leadership transfer).
     Elect,
+    /// Check that the node answers over the transport (TLS and the secret
+    /// handshake included); the leader asks before adding a node.
+    Ping,
 }
 
 /// Commands a follower forwards to the leader (see `fsm::pack`).
@@ -90,6 +93,8 @@ pub enum RpcReply {
     Membership(Result<(), RemoteFailure>),
     /// See [`RpcRequest::Elect`].
     Elect(Result<(), RemoteFailure>),
+    /// See [`RpcRequest::Ping`].
+    Pong,
     /// The request could not be decoded.
     Undecodable(String),
 }

@@ -13,6 +13,7 @@ use tracing::{Instrument, debug, debug_span};
 use crate::raft::NodeId;
 
 use super::config::TransportConfig;
+use super::conn::{self, Conn};
 use super::error::TransportError;
 use super::faults::Faults;
 use super::handshake::{self, ClientError, PROTOCOL_VERSION};
@@ -52,7 +53,7 @@ struct Pool {
 
 #[derive(Debug)]
 struct Idle {
-    stream: TcpStream,
+    stream: Conn,
     since: Instant,
 }
 
@@ -147,16 +148,33 @@ impl Client {
         addr: &str,
         deadline: Instant,
         timeout: Duration,
-    ) -> Result<TcpStream, TransportError> {
+    ) -> Result<Conn, TransportError> {
         let config = &self.inner.config;
         let connect_deadline = deadline.min(deadline_after(config.connect_timeout));
         let attempt = async {
-            let mut stream = TcpStream::connect(addr)
+            let tcp = TcpStream::connect(addr)
                 .await
                 .map_err(|e| unreachable(peer, addr, format!("connect failed: {e}")))?;
-            stream
-                .set_nodelay(true)
+            tcp.set_nodelay(true)
                 .map_err(|e| unreachable(peer, addr, format!("connect failed: {e}")))?;
+            let mut stream = match &config.tls {
+                None => Conn::Plain(tcp),
+                Some(tls) => {
+                    let name =
+                        crate::tls::server_name(addr).ok_or_else(|| TransportError::Tls {
+                            peer,
+                            addr: addr.to_owned(),
+                            reason: "the address has no host to check the certificate against"
+                                .to_owned(),
+                        })?;
+                    let stream = tls
+                        .connector()
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| tls_error(peer, addr, &e))?;
+                    Conn::Tls(Box::new(stream.into()))
+                }
+            };
             handshake::client(&mut stream, &config.secret, config.node_id, peer)
                 .await
                 .map_err(|e| handshake_error(peer, addr, e))?;
@@ -191,12 +209,12 @@ impl Client {
     }
 
     /// The freshest idle connection that is still usable, dropping stale ones.
-    fn checkout(&self, peer: NodeId, addr: &str) -> Option<TcpStream> {
+    fn checkout(&self, peer: NodeId, addr: &str) -> Option<Conn> {
         let max_idle = self.inner.config.idle_timeout / 2;
         let mut pools = self.pools();
         let pool = pools.get_mut(&(peer, addr.to_owned()))?;
-        while let Some(idle) = pool.idle.pop() {
-            if idle.since.elapsed() < max_idle && peer_is_silent(&idle.stream) {
+        while let Some(mut idle) = pool.idle.pop() {
+            if idle.since.elapsed() < max_idle && idle.stream.is_silent() {
                 return Some(idle.stream);
             }
             debug!("transport: discarding a stale pooled connection");
@@ -205,7 +223,7 @@ impl Client {
     }
 
     /// Returns a connection after a clean round trip, if the pool has room.
-    fn checkin(&self, peer: NodeId, addr: &str, stream: TcpStream) {
+    fn checkin(&self, peer: NodeId, addr: &str, stream: Conn) {
         let max_idle = self.inner.config.max_idle_per_peer;
         let mut pools = self.pools();
         if let Some(pool) = pools.get_mut(&(peer, addr.to_owned()))
@@ -241,20 +259,9 @@ fn deadline_after(wait: Duration) -> Instant {
 }
 
 /// Sends one request frame and reads one response frame.
-async fn round_trip(
-    stream: &mut TcpStream,
-    request: &[u8],
-    max: u32,
-) -> Result<Vec<u8>, FrameError> {
+async fn round_trip(stream: &mut Conn, request: &[u8], max: u32) -> Result<Vec<u8>, FrameError> {
     wire::write_frame(stream, request, max).await?;
     wire::read_frame(stream, max).await
-}
-
-/// Whether an idle connection has nothing to read: no hangup (EOF), no
-/// error and no stray bytes from the peer.
-fn peer_is_silent(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 fn unreachable(peer: NodeId, addr: &str, reason: impl Into<String>) -> TransportError {
@@ -273,6 +280,20 @@ fn frame_error(peer: NodeId, error: FrameError) -> TransportError {
     }
 }
 
+/// A failed TLS handshake: our certificate refused by the peer (the alert
+/// arrives on the first read, so it may also surface in the secret
+/// handshake), or the peer's refused by us.
+fn tls_error(peer: NodeId, addr: &str, error: &io::Error) -> TransportError {
+    match conn::tls_cause(error) {
+        Some(reason) => TransportError::Tls {
+            peer,
+            addr: addr.to_owned(),
+            reason,
+        },
+        None => unreachable(peer, addr, format!("TLS handshake broke off: {error}")),
+    }
+}
+
 fn handshake_error(peer: NodeId, addr: &str, error: ClientError) -> TransportError {
     let auth = |reason| TransportError::Auth {
         peer,
@@ -284,6 +305,7 @@ fn handshake_error(peer: NodeId, addr: &str, error: ClientError) -> TransportErr
         reason,
     };
     match error {
+        ClientError::Io(e) if conn::tls_cause(&e).is_some() => tls_error(peer, addr, &e),
         ClientError::Io(e) => unreachable(peer, addr, format!("handshake broke off: {e}")),
         ClientError::Refused => {
             unreachable(peer, addr, "the peer refused this node (it blocks it)")

@@ -103,6 +103,10 @@ pub struct TransportConfig {
     /// Server: how long in-flight handlers may run once shutdown starts
     /// before they are dropped. Default [`DEFAULT_SHUTDOWN_GRACE`].
     pub shutdown_grace: Duration,
+    /// Mutual TLS (`[cluster.tls]`): the server accepts and the client
+    /// dials only inside TLS with a certificate from the cluster's CA, and
+    /// the secret handshake runs inside it. `None`: plain TCP.
+    pub tls: Option<crate::tls::MutualTls>,
 }
 
 impl TransportConfig {
@@ -118,6 +122,7 @@ impl TransportConfig {
             max_conns_per_peer: DEFAULT_MAX_CONNS_PER_PEER,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            tls: None,
         }
     }
 

@@ -43,6 +43,18 @@ pub enum TransportError {
         /// Which side rejected which proof.
         reason: &'static str,
     },
+    /// The TLS handshake failed (`[cluster.tls]`): the peer's certificate
+    /// does not chain to our CA or does not name the address dialed, or the
+    /// peer refused ours, or the peer does not speak TLS.
+    #[error("TLS with node {peer} at {addr} failed: {reason}")]
+    Tls {
+        /// The node called.
+        peer: NodeId,
+        /// The address called.
+        addr: String,
+        /// What TLS reported.
+        reason: String,
+    },
     /// The peer speaks another version of this protocol.
     #[error("protocol version mismatch with {addr}: this node speaks {local}, the peer {remote}")]
     Version {
@@ -109,6 +121,7 @@ impl TransportError {
             Self::Unreachable { .. } | Self::Timeout { .. } | Self::Closed { .. } => true,
             Self::Io { .. } => true,
             Self::Auth { .. }
+            | Self::Tls { .. }
             | Self::Version { .. }
             | Self::Protocol { .. }
             | Self::WrongPeer { .. }
@@ -123,6 +136,7 @@ impl TransportError {
             Self::Unreachable { .. } => "unreachable",
             Self::Timeout { .. } => "timeout",
             Self::Auth { .. } => "auth",
+            Self::Tls { .. } => "tls",
             Self::Version { .. } => "version",
             Self::Protocol { .. } => "protocol",
             Self::WrongPeer { .. } => "wrong_peer",

@@ -1,7 +1,6 @@
 //! The accept loop and one task per connection.
 
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +14,7 @@ use tracing::{Instrument, debug, error, field, info, info_span, warn};
 use crate::raft::NodeId;
 
 use super::config::TransportConfig;
+use super::conn::{self, Conn};
 use super::error::TransportError;
 use super::faults::Faults;
 use super::handshake::{self, PROTOCOL_VERSION, ServerError};
@@ -150,15 +150,15 @@ fn admit<H: Handler>(
 /// One connection: handshake, then requests until the peer leaves, the
 /// connection idles out, something breaks or shutdown.
 async fn connection<H: Handler>(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     addr: SocketAddr,
     shared: Arc<Shared<H>>,
     _permit: OwnedSemaphorePermit,
 ) {
-    if let Err(e) = stream.set_nodelay(true) {
+    if let Err(e) = tcp.set_nodelay(true) {
         debug!(error = %e, "transport: could not set TCP_NODELAY");
     }
-    let Some(peer) = authenticate(&mut stream, addr, &shared).await else {
+    let Some((stream, peer)) = authenticate(tcp, addr, &shared).await else {
         return;
     };
     tracing::Span::current().record("peer", peer);
@@ -170,20 +170,32 @@ async fn connection<H: Handler>(
     }
 }
 
-/// Runs the server handshake within `connect_timeout`, logging any rejection.
+/// Runs the TLS handshake (with `[cluster.tls]`) and the secret handshake
+/// within `connect_timeout`, logging any rejection.
 async fn authenticate<H: Handler>(
-    stream: &mut TcpStream,
+    tcp: TcpStream,
     addr: SocketAddr,
     shared: &Shared<H>,
-) -> Option<NodeId> {
+) -> Option<(Conn, NodeId)> {
     let config = &shared.config;
-    let handshake = handshake::server(stream, &config.secret, config.node_id, &shared.faults);
+    let handshake = async {
+        let mut stream = match &config.tls {
+            None => Conn::Plain(tcp),
+            Some(tls) => match tls.acceptor().accept(tcp).await {
+                Ok(stream) => Conn::Tls(Box::new(stream.into())),
+                Err(e) => return Err(ServerError::Io(e)),
+            },
+        };
+        let peer =
+            handshake::server(&mut stream, &config.secret, config.node_id, &shared.faults).await?;
+        Ok((stream, peer))
+    };
     let result = tokio::select! {
         () = shared.shutdown.cancelled() => return None,
         result = tokio::time::timeout(config.connect_timeout, handshake) => result,
     };
     let error = match result {
-        Ok(Ok(peer)) => return Some(peer),
+        Ok(Ok(authenticated)) => return Some(authenticated),
         Ok(Err(error)) => error,
         Err(_) => {
             warn!(peer_addr = %addr, timeout = ?config.connect_timeout, "transport: handshake timed out; closing connection");
@@ -211,15 +223,20 @@ async fn authenticate<H: Handler>(
             peer,
             "transport: refusing blocked peer (fault injection)"
         ),
-        ServerError::Io(e) => {
-            debug!(peer_addr = %addr, error = %e, "transport: handshake broke off")
-        }
+        ServerError::Io(e) => match conn::tls_cause(&e) {
+            Some(reason) => warn!(
+                peer_addr = %addr,
+                error = %reason,
+                "transport: TLS handshake failed (certificate not from the cluster CA, or not TLS?); closing connection"
+            ),
+            None => debug!(peer_addr = %addr, error = %e, "transport: handshake broke off"),
+        },
     }
     None
 }
 
 /// The request loop of an authenticated connection. Every exit closes it.
-async fn serve_requests<H: Handler>(mut stream: TcpStream, peer: NodeId, shared: &Shared<H>) {
+async fn serve_requests<H: Handler>(mut stream: Conn, peer: NodeId, shared: &Shared<H>) {
     loop {
         let Some(request) = next_request(&mut stream, shared).await else {
             return;
@@ -228,7 +245,7 @@ async fn serve_requests<H: Handler>(mut stream: TcpStream, peer: NodeId, shared:
             debug!("transport: dropping request from blocked peer (fault injection)");
             return;
         }
-        let Some(response) = run_handler(&stream, peer, request, shared).await else {
+        let Some(response) = run_handler(&mut stream, peer, request, shared).await else {
             return;
         };
         if shared.faults.is_blocked(peer) {
@@ -243,7 +260,7 @@ async fn serve_requests<H: Handler>(mut stream: TcpStream, peer: NodeId, shared:
 
 /// Waits for the next request; `None` (logged) when the connection should
 /// close: shutdown, idle timeout, hangup, oversize frame or I/O error.
-async fn next_request<H>(stream: &mut TcpStream, shared: &Shared<H>) -> Option<Vec<u8>> {
+async fn next_request<H>(stream: &mut Conn, shared: &Shared<H>) -> Option<Vec<u8>> {
     let config = &shared.config;
     let read = wire::read_frame(stream, config.max_frame_bytes);
     let read = tokio::select! {
@@ -266,7 +283,7 @@ async fn next_request<H>(stream: &mut TcpStream, shared: &Shared<H>) -> Option<V
 
 /// Writes a response within `idle_timeout` (and the shutdown grace); whether
 /// the connection can carry another request.
-async fn send_response<H>(stream: &mut TcpStream, response: &[u8], shared: &Shared<H>) -> bool {
+async fn send_response<H>(stream: &mut Conn, response: &[u8], shared: &Shared<H>) -> bool {
     let config = &shared.config;
     let write = wire::write_frame(stream, response, config.max_frame_bytes);
     let written = tokio::select! {
@@ -288,35 +305,20 @@ async fn send_response<H>(stream: &mut TcpStream, response: &[u8], shared: &Shar
 /// Runs the handler, unless the caller hangs up or the shutdown grace
 /// elapses first (then the handler's future is dropped).
 async fn run_handler<H: Handler>(
-    stream: &TcpStream,
+    stream: &mut Conn,
     peer: NodeId,
     request: Vec<u8>,
     shared: &Shared<H>,
 ) -> Option<Vec<u8>> {
     tokio::select! {
         response = shared.handler.handle(peer, request) => Some(response),
-        () = hangup(stream) => {
+        () = stream.hangup() => {
             debug!("transport: caller hung up; dropping its request");
             None
         }
         () = grace_elapsed(shared) => {
             warn!("transport: shutdown grace elapsed; dropping an in-flight request");
             None
-        }
-    }
-}
-
-/// Completes when the peer closes the connection or sends bytes while its
-/// request is being handled (a protocol violation: one request at a time).
-async fn hangup(stream: &TcpStream) {
-    let mut probe = [0u8; 1];
-    loop {
-        if stream.readable().await.is_err() {
-            return;
-        }
-        match stream.try_read(&mut probe) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Ok(_) | Err(_) => return,
         }
     }
 }

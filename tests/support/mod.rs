@@ -650,25 +650,7 @@ impl Cluster {
     /// Like `start`, with extra config tables for every node (a `[queue]`
     /// or `[raft]` table replaces the harness's own).
     pub async fn start_with(n: usize, extra: &str) -> Cluster {
-        let mut nodes: Vec<NodeProc> = (1..=n as u64).map(NodeProc::new).collect();
-        for p in &mut nodes {
-            p.extra = extra.to_owned();
-        }
-        let mut members = format!("[cluster]\nsecret = {}\n", toml_str(SECRET));
-        for p in &nodes {
-            members.push_str(&format!(
-                "\n[[cluster.members]]\nid = {}\nraft_addr = \"{}\"\napi_addr = \"{}\"\nregion = \"local\"\n",
-                p.id, p.raft_addr, p.api_addr
-            ));
-        }
-        let mut c = Cluster {
-            nodes,
-            started: Instant::now(),
-        };
-        for p in &mut c.nodes {
-            p.write_config(&members);
-            p.spawn();
-        }
+        let c = Self::launch(&vec![extra.to_owned(); n]);
         let leader = c.leader_within(START_TIMEOUT).await;
         // Up means every node has also recorded itself in the node registry,
         // so no start-up write lands in the middle of a test.
@@ -691,13 +673,44 @@ impl Cluster {
         c
     }
 
+    /// Spawns one voter per entry of `extras` (that node's extra config
+    /// tables), listed in each other's `[[cluster.members]]`; does not wait.
+    pub fn launch(extras: &[String]) -> Cluster {
+        let mut nodes: Vec<NodeProc> = (1..=extras.len() as u64).map(NodeProc::new).collect();
+        for (p, extra) in nodes.iter_mut().zip(extras) {
+            p.extra = extra.clone();
+        }
+        let mut members = format!("[cluster]\nsecret = {}\n", toml_str(SECRET));
+        for p in &nodes {
+            members.push_str(&format!(
+                "\n[[cluster.members]]\nid = {}\nraft_addr = \"{}\"\napi_addr = \"{}\"\nregion = \"local\"\n",
+                p.id, p.raft_addr, p.api_addr
+            ));
+        }
+        let mut c = Cluster {
+            nodes,
+            started: Instant::now(),
+        };
+        for p in &mut c.nodes {
+            p.write_config(&members);
+            p.spawn();
+        }
+        c
+    }
+
     /// Starts one more node with `[cluster] join = <api addr of node seed>`,
     /// no member list and node `seed`'s extra tables; returns its index.
     /// Does not wait.
     pub fn start_joining(&mut self, seed: usize) -> usize {
+        let extra = self.nodes[seed].extra.clone();
+        self.start_joining_with(seed, &extra)
+    }
+
+    /// [`Cluster::start_joining`] with this node's own extra tables.
+    pub fn start_joining_with(&mut self, seed: usize, extra: &str) -> usize {
         let id = self.nodes.iter().map(|p| p.id).max().unwrap_or(0) + 1;
         let mut p = NodeProc::new(id);
-        p.extra = self.nodes[seed].extra.clone();
+        p.extra = extra.to_owned();
         p.write_config(&format!(
             "[cluster]\nsecret = {}\njoin = \"{}\"\n",
             toml_str(SECRET),
