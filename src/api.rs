@@ -23,6 +23,7 @@ mod error;
 mod json;
 mod keys;
 mod leases;
+pub mod peers;
 pub mod permissions;
 mod queue;
 mod rate;

@@ -33,6 +33,10 @@ pub struct Cli {
     /// which a node started here with no config writes).
     #[arg(long, global = true, env = "GODEL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// CA certificate (PEM) to trust, besides the system's, for an https
+    /// API whose certificate a private CA signed.
+    #[arg(long, global = true, env = "GODEL_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// Output formats.

@@ -276,6 +276,10 @@ pub struct ApiConfig {
     pub tls_cert: Option<PathBuf>,
     /// The private key of `tls_cert` (PEM).
     pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that signed the nodes' API certificates, when
+    /// not a public CA: nodes trust only these when they call each other's
+    /// API (joins, leader transfer). Unset: the system's roots.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -289,6 +293,7 @@ impl Default for ApiConfig {
             max_json_depth: 32,
             tls_cert: None,
             tls_key: None,
+            tls_ca: None,
         }
     }
 }
@@ -501,6 +506,17 @@ impl Config {
             (None, None) => {}
             _ => p.push("api.tls_cert and api.tls_key go together".into()),
         }
+        if let Some(ca) = &self.api.tls_ca {
+            if self.api.tls_cert.is_none() {
+                p.push("api.tls_ca needs api.tls_cert (the API serves plain HTTP)".into());
+            }
+            if !ca.is_file() {
+                p.push(format!(
+                    "api.tls_ca: {} is not a readable file",
+                    ca.display()
+                ));
+            }
+        }
         if let Some(tls) = &self.cluster.tls {
             p.extend(tls.problems("cluster.tls"));
         }
@@ -620,6 +636,20 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn api_tls_settings_are_checked_together() {
+        let problems = |text: &str| match Config::from_toml(text).unwrap().validate() {
+            Err(ConfigError::Invalid(p)) => p,
+            other => panic!("expected invalid, got {other:?}"),
+        };
+        let p = problems("[api]\ntls_cert = \"/nonexistent/a.crt\"\n");
+        assert_eq!(p, ["api.tls_cert and api.tls_key go together"]);
+        let p = problems("[api]\ntls_ca = \"/nonexistent/ca.crt\"\n");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("api.tls_ca needs api.tls_cert"), "{p:?}");
+        assert!(p[1].starts_with("api.tls_ca: /nonexistent/ca.crt"), "{p:?}");
     }
 
     #[test]

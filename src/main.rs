@@ -20,7 +20,7 @@ async fn main() {
                 1
             }
         },
-        cmd => match run_client(&cli.api, cli.api_key, cli.output, cmd).await {
+        cmd => match run_client(&cli.api, cli.api_key, cli.ca_cert, cli.output, cmd).await {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("godel: {e:#}");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rustls_pki_types::pem::PemObject;
 use serde_json::json;
-use support::{ADMIN_KEY, BIN, Cluster, bounded};
+use support::{ADMIN_KEY, BIN, Cluster, bounded, deadline, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -255,6 +255,84 @@ async fn the_api_serves_tls_and_refuses_plaintext_cleanly() {
         );
         let again = https("/health/live").await.unwrap();
         assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+    })
+    .await;
+}
+
+/// A cluster whose API serves TLS: it forms (the bootstrap probe speaks
+/// https), a node joins through a peer's https API, a follower relays a
+/// leader transfer over https, and the CLI reaches it with `--ca-cert`
+/// (and refuses it without).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_an_https_api_forms_joins_and_relays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca_pem) = certificates(dir.path());
+    let ca = dir.path().join("api-ca.crt");
+    std::fs::write(&ca, &ca_pem).unwrap();
+    let extra = format!("[api]\ntls_cert = {cert:?}\ntls_key = {key:?}\ntls_ca = {ca:?}\n");
+    bounded(Duration::from_secs(120), async {
+        let mut c = Cluster::start_with_api_tls(2, &extra, &ca_pem).await;
+        let api = c.api();
+        let j = c.start_joining(0);
+        let joined = c.node(j).id;
+        wait_until(
+            "the joining node to become a voter",
+            deadline(Duration::from_secs(40)),
+            async || {
+                let s = api.cluster(0).await?;
+                let voter = s["members"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| m["id"] == joined && m["role"] == "voter");
+                if voter {
+                    Ok(())
+                } else {
+                    anyhow::bail!("not yet a voter: {s}")
+                }
+            },
+        )
+        .await;
+        let leader = c.leader().await;
+        let follower = (leader + 1) % c.len();
+        let to = c.node(follower).id;
+        let r = api
+            .post(
+                follower,
+                "/api/v1/cluster/transfer-leader",
+                &json!({ "to": to }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(c.leader().await, follower);
+
+        let cli = |ca: Option<&std::path::Path>| {
+            let mut cmd = Command::new(BIN);
+            cmd.args(["--api", &format!("https://{}", c.node(0).api_addr)])
+                .args(["--api-key", ADMIN_KEY]);
+            if let Some(ca) = ca {
+                cmd.arg("--ca-cert").arg(ca);
+            }
+            cmd.args(["cluster", "status"])
+                .env_remove("GODEL_CA_CERT")
+                .env_remove("GODEL_API_KEY")
+                .output()
+                .unwrap()
+        };
+        let ok = cli(Some(&ca));
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let refused = cli(None);
+        assert!(!refused.status.success());
+        let err = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+        assert!(
+            err.contains("certificate") || err.contains("error sending request"),
+            "{err}"
+        );
     })
     .await;
 }

@@ -108,10 +108,12 @@ pub async fn transfer(
             .node
             .leader()
             .ok_or_else(|| ApiError::unavailable("no leader known"))?;
-        let url = format!("http://{}/api/v1/cluster/transfer-leader", leader.api_addr);
+        let peers = crate::api::peers::PeerApi::new(api.node.config(), None)
+            .map_err(|e| ApiError::unavailable(format!("cannot call the leader: {e:#}")))?;
+        let url = peers.url(&leader.api_addr, "/api/v1/cluster/transfer-leader");
         // The caller's own credential goes along: the leader checks it and
         // records the transfer itself.
-        let mut req = reqwest::Client::new().post(url);
+        let mut req = peers.http().post(url);
         if let Some(auth) = headers.get(header::AUTHORIZATION) {
             req = req.header(header::AUTHORIZATION, auth.clone());
         }

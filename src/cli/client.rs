@@ -18,10 +18,12 @@ use super::{
 };
 
 /// Runs a client command against `api` with `api_key` (else the key in
-/// `./data/admin.key`); returns the process exit code.
+/// `./data/admin.key`), trusting `ca_cert` too for https; returns the
+/// process exit code.
 pub async fn run_client(
     api: &str,
     api_key: Option<String>,
+    ca_cert: Option<std::path::PathBuf>,
     output: Output,
     cmd: Command,
 ) -> anyhow::Result<i32> {
@@ -38,7 +40,7 @@ pub async fn run_client(
     let client = Client {
         base: api.trim_end_matches('/').to_owned(),
         key: security::credential(api_key)?,
-        http: reqwest::Client::new(),
+        http: http_client(ca_cert.as_deref())?,
     };
     if let Command::Audit(AuditCmd::Verify { data_dir: None }) = cmd {
         return verify_over_api(&client).await;
@@ -69,6 +71,19 @@ pub async fn run_client(
         Output::Text => print_text(&value),
     }
     Ok(0)
+}
+
+/// The HTTP client, trusting `ca_cert` besides the system's roots.
+fn http_client(ca_cert: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("--ca-cert {}: cannot read", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--ca-cert {}: bad PEM", path.display()))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder.build().context("HTTP client")
 }
 
 /// The API client of one CLI run.

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::{Node, NodeError};
 use crate::api::auth::node_proof;
+use crate::api::peers::PeerApi;
 use crate::clock;
 use crate::config::Config;
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
@@ -115,15 +116,14 @@ async fn running_peer(
     node: &Node,
     members: &BTreeMap<NodeId, NodeInfo>,
 ) -> anyhow::Result<Option<NodeId>> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(1))
-        .build()?;
+    let peers = PeerApi::new(node.config(), Some(Duration::from_secs(1)))?;
     let key = proof_key(node)?;
     let path = "/api/v1/cluster";
     for (id, info) in members.iter().filter(|(id, _)| **id != node.id()) {
-        let url = format!("http://{}{path}", info.api_addr);
+        let url = peers.url(&info.api_addr, path);
         let proof = node_proof::header(&key, "GET", path, node.id(), clock::now_ms(), b"");
-        let Ok(resp) = http
+        let Ok(resp) = peers
+            .http()
             .get(&url)
             .header(reqwest::header::AUTHORIZATION, proof)
             .send()
@@ -159,13 +159,16 @@ fn proof_key(node: &Node) -> anyhow::Result<Vec<u8>> {
 /// The call is signed with the cluster secret: a joining node has no API key.
 async fn join_loop(node: Node, seed: String) {
     let path = "/api/v1/cluster/join";
-    let url = format!("http://{seed}{path}");
     let body = serde_json::json!({ "id": node.id(), "raft_addr": node.info().raft_addr, "api_addr": node.info().api_addr, "region": node.info().region }).to_string();
     let key = match proof_key(&node) {
         Ok(k) => k,
         Err(e) => return tracing::error!(error = %e, "cannot join: no cluster secret"),
     };
-    let http = reqwest::Client::new();
+    let peers = match PeerApi::new(node.config(), None) {
+        Ok(p) => p,
+        Err(e) => return tracing::error!(error = %e, "cannot join"),
+    };
+    let url = peers.url(&seed, path);
     let mut delay = Duration::from_millis(200);
     loop {
         let proof = node_proof::header(
@@ -176,7 +179,8 @@ async fn join_loop(node: Node, seed: String) {
             clock::now_ms(),
             body.as_bytes(),
         );
-        match http
+        match peers
+            .http()
             .post(&url)
             .header(reqwest::header::AUTHORIZATION, proof)
             .header(reqwest::header::CONTENT_TYPE, "application/json")

@@ -371,21 +371,29 @@ impl Resp {
 #[derive(Clone)]
 pub struct Api {
     http: reqwest::Client,
+    /// `http`, or `https` for a cluster whose API serves TLS.
+    scheme: &'static str,
     addrs: Arc<Vec<SocketAddr>>,
     /// The bearer credential sent with every request; none: anonymous.
     key: Option<Arc<str>>,
 }
 
 impl Api {
-    fn new(addrs: Vec<SocketAddr>) -> Self {
-        let http = reqwest::Client::builder()
+    /// A client for these API addresses; with `ca` (a PEM bundle) it speaks
+    /// https and trusts only that CA.
+    fn new(addrs: Vec<SocketAddr>, ca: Option<&str>) -> Self {
+        let mut builder = reqwest::Client::builder()
             .timeout(HTTP_TIMEOUT)
             .connect_timeout(Duration::from_secs(1))
-            .pool_idle_timeout(Duration::from_secs(5))
-            .build()
-            .expect("http client");
+            .pool_idle_timeout(Duration::from_secs(5));
+        if let Some(pem) = ca {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).expect("CA PEM");
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder.build().expect("http client");
         Self {
             http,
+            scheme: if ca.is_some() { "https" } else { "http" },
             addrs: Arc::new(addrs),
             key: Some(ADMIN_KEY.into()),
         }
@@ -454,7 +462,7 @@ impl Api {
     }
 
     fn url(&self, i: usize, path: &str) -> String {
-        format!("http://{}{path}", self.addrs[i])
+        format!("{}://{}{path}", self.scheme, self.addrs[i])
     }
 
     async fn finish(resp: reqwest::Response) -> Result<Resp> {
@@ -638,6 +646,8 @@ pub async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
 pub struct Cluster {
     nodes: Vec<NodeProc>,
     started: Instant,
+    /// The CA (PEM) of the nodes' API certificates, when the API serves TLS.
+    api_ca: Option<String>,
 }
 
 impl Cluster {
@@ -650,7 +660,22 @@ impl Cluster {
     /// Like `start`, with extra config tables for every node (a `[queue]`
     /// or `[raft]` table replaces the harness's own).
     pub async fn start_with(n: usize, extra: &str) -> Cluster {
-        let c = Self::launch(&vec![extra.to_owned(); n]);
+        Self::launch(&vec![extra.to_owned(); n]).up().await
+    }
+
+    /// Like `start_with`, for `extra` that serves the API over TLS with
+    /// certificates `api_ca` (PEM) signed: the harness speaks https.
+    pub async fn start_with_api_tls(n: usize, extra: &str, api_ca: &str) -> Cluster {
+        let mut c = Self::launch(&vec![extra.to_owned(); n]);
+        c.api_ca = Some(api_ca.to_owned());
+        c.up().await
+    }
+
+    /// Waits until the launched nodes agree on a leader and all of them are
+    /// in the node registry.
+    async fn up(self) -> Cluster {
+        let c = self;
+        let n = c.nodes.len();
         let leader = c.leader_within(START_TIMEOUT).await;
         // Up means every node has also recorded itself in the node registry,
         // so no start-up write lands in the middle of a test.
@@ -690,6 +715,7 @@ impl Cluster {
         let mut c = Cluster {
             nodes,
             started: Instant::now(),
+            api_ca: None,
         };
         for p in &mut c.nodes {
             p.write_config(&members);
@@ -741,7 +767,10 @@ impl Cluster {
 
     /// A client for every node's API (dead ones just fail to connect).
     pub fn api(&self) -> Api {
-        Api::new(self.nodes.iter().map(|p| p.api_addr).collect())
+        Api::new(
+            self.nodes.iter().map(|p| p.api_addr).collect(),
+            self.api_ca.as_deref(),
+        )
     }
 
     /// Indices of nodes that run and are not paused.
