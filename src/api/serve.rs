@@ -5,9 +5,13 @@
 //!   connection's task (never in the accept loop), within
 //!   `api.header_timeout`; a plaintext client on a TLS port fails its
 //!   handshake and is closed.
-//! - **Slow clients**: headers not read within `api.header_timeout` close
-//!   the connection; a body not fully read within `api.body_timeout`
-//!   fails the request with 408.
+//! - **Slow clients**: a connection on which no request starts (and none
+//!   is being answered) for `api.header_timeout` is closed: headers
+//!   trickled too slowly, a client that stopped reading its answer, or
+//!   simply an idle keep-alive connection. One coarse timer per connection
+//!   checks this (closing after one to two periods), not a timer per
+//!   request. A body not fully read within `api.body_timeout` fails the
+//!   request with 408; only requests that declare a body get that timer.
 //! - **Declared sizes**: a `Content-Length` over `api.max_body_bytes` is
 //!   answered 413 at once, before any of the body is read.
 //! - **Bounded**: at most [`MAX_CONNECTIONS`] connections at once; past it
@@ -24,6 +28,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -31,7 +36,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -150,21 +155,70 @@ impl Connection {
         let Connection {
             app, limits, peer, ..
         } = self;
-        let header_timeout = limits.header_timeout;
+        let period = limits.header_timeout;
+        let activity = Arc::new(Activity::default());
+        let counted = Arc::clone(&activity);
         let service =
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let (app, limits) = (app.clone(), Arc::clone(&limits));
-                async move { Ok::<_, Infallible>(handle(app, &limits, peer, req).await) }
+                let answering = Answering::start(&counted);
+                async move {
+                    let resp = handle(app, &limits, peer, req).await;
+                    drop(answering);
+                    Ok::<_, Infallible>(resp)
+                }
             });
         let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .keep_alive(true);
-        let conn = builder.serve_connection(TokioIo::new(io), service);
-        if let Err(e) = watcher.watch(conn).await {
-            tracing::debug!(%peer, error = %e, "API connection ended");
+        // No per-request header timer: the watchdog below does that job.
+        builder.header_read_timeout(None).keep_alive(true);
+        let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
+        tokio::pin!(conn);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                ended = &mut conn => {
+                    if let Err(e) = ended {
+                        tracing::debug!(%peer, error = %e, "API connection ended");
+                    }
+                    return;
+                }
+                _ = tick.tick() => {
+                    let started = activity.started.load(Ordering::Relaxed);
+                    if started == seen && activity.answering.load(Ordering::Relaxed) == 0 {
+                        tracing::debug!(%peer, ?period, "API connection idle or too slow; closing");
+                        return;
+                    }
+                    seen = started;
+                }
+            }
         }
+    }
+}
+
+/// What the watchdog of a connection sees: requests started, and being
+/// answered.
+#[derive(Default)]
+struct Activity {
+    started: AtomicU64,
+    answering: AtomicU64,
+}
+
+/// One request being answered; counted until dropped.
+struct Answering(Arc<Activity>);
+
+impl Answering {
+    fn start(activity: &Arc<Activity>) -> Answering {
+        activity.started.fetch_add(1, Ordering::Relaxed);
+        activity.answering.fetch_add(1, Ordering::Relaxed);
+        Answering(Arc::clone(activity))
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.answering.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -195,7 +249,14 @@ async fn handle(
         );
         return resp;
     }
-    let mut req: Request = req.map(|body| Body::new(DeadlineBody::new(limits.body_timeout, body)));
+    // Only a request that may carry a body needs a deadline on it.
+    let bodiless = declared == Some(0)
+        || (declared.is_none() && !req.headers().contains_key(header::TRANSFER_ENCODING));
+    let mut req: Request = if bodiless {
+        req.map(Body::new)
+    } else {
+        req.map(|body| Body::new(DeadlineBody::new(limits.body_timeout, body)))
+    };
     req.extensions_mut().insert(ConnectInfo(peer));
     req.extensions_mut()
         .insert(MaxJsonDepth(limits.max_json_depth));
