@@ -90,6 +90,7 @@ mod log;
 mod state_machine;
 
 use std::path::Path;
+use std::time::Duration;
 
 use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 
@@ -185,6 +186,33 @@ impl Store {
         }
         Ok((LogStore::new(db.clone()), StateMachine::new(db, applied)))
     }
+
+    /// [`Store::open`], waiting up to `wait` while sled's lock on `dir` is
+    /// still held: a handle dropped in this process releases it only when
+    /// sled's background writer lets go, and a process that just exited may
+    /// not be reaped yet. Any other error returns at once.
+    pub fn open_waiting(dir: &Path, wait: Duration) -> Result<(LogStore, StateMachine)> {
+        while_locked(wait, || Self::open(dir))
+    }
+}
+
+/// Whether `e` is sled refusing a directory another handle holds.
+fn is_locked(e: &StoreError) -> bool {
+    matches!(e, StoreError::Sled(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock"))
+}
+
+/// Runs `open` until it succeeds, fails otherwise than on sled's directory
+/// lock, or `wait` has passed.
+fn while_locked<T>(wait: Duration, mut open: impl FnMut() -> Result<T>) -> Result<T> {
+    let give_up = std::time::Instant::now() + wait;
+    loop {
+        match open() {
+            Err(e) if is_locked(&e) && std::time::Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The replicated state as a stopped node's data directory holds it: the
@@ -193,7 +221,8 @@ impl Store {
 /// (`godel audit verify --data-dir`); blocking; the node must not be
 /// running (sled locks its directory).
 pub fn offline_state(dir: &Path) -> Result<crate::fsm::State> {
-    let db = db::Db::open(dir)?;
+    // A node stopped a moment ago may still hold the lock.
+    let db = while_locked(Duration::from_secs(2), || db::Db::open(dir))?;
     let mut applied = state_machine::restore(&db)?;
     let from = applied.last_applied.map_or(0, |l| l.index + 1);
     let Some(committed) = db.committed()? else {

@@ -24,7 +24,7 @@ use support::{Cluster, bounded, deadline, wait_until};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarted_leader_never_reruns_a_lease_its_previous_process_started() {
     let work = Work::new();
-    let mut c = Cluster::start(3).await;
+    let mut c = Cluster::start_with(3, &work.policy_toml()).await;
     bounded(Duration::from_secs(120), body(&mut c, &work)).await;
 }
 

@@ -296,14 +296,15 @@ async fn a_cluster_with_an_https_api_forms_joins_and_relays() {
         let leader = c.leader().await;
         let follower = (leader + 1) % c.len();
         let to = c.node(follower).id;
+        // A follower that has not caught up yet answers a retryable 503.
         let r = api
-            .post(
+            .post_retrying(
                 follower,
                 "/api/v1/cluster/transfer-leader",
                 &json!({ "to": to }),
+                deadline(Duration::from_secs(20)),
             )
-            .await
-            .unwrap();
+            .await;
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(c.leader().await, follower);
 

@@ -202,6 +202,7 @@ async fn register(c: &Cluster, api: &Api, via: usize, a: &RealGateway, b: &RealG
     assert_eq!(r.status, 201, "{r:?}");
     let addr = format!("http://{}", c.node(via).api_addr);
     let out = Command::new(support::BIN)
+        .env("GODEL_API_KEY", support::ADMIN_KEY)
         .args([
             "--api", &addr, "-o", "json", "gateway", "add", "--id", "oc-b",
         ])
@@ -210,7 +211,8 @@ async fn register(c: &Cluster, api: &Api, via: usize, a: &RealGateway, b: &RealG
         .expect("run godel gateway add");
     assert!(
         out.status.success(),
-        "godel gateway add: {}",
+        "godel gateway add: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     for g in ["oc-a", "oc-b"] {
@@ -332,7 +334,7 @@ async fn phase_twenty_tasks(api: &Api, via: usize, a: &RealGateway, b: &RealGate
         let h = g
             .call(
                 "chat.history",
-                json!({"sessionKey": format!("agent:main:godel-s-{key}"), "limit": 200}),
+                json!({"sessionKey": format!("agent:main:godel-s-oc~{key}"), "limit": 200}),
             )
             .await
             .expect("chat.history");
@@ -496,10 +498,13 @@ async fn token_never_shown(c: &Cluster, api: &Api, via: usize, a: &RealGateway, 
     let listed = api.get_ok(via, "/api/v1/gateways").await.to_string();
     let addr = format!("http://{}", c.node(via).api_addr);
     let cli = Command::new(support::BIN)
+        .env("GODEL_API_KEY", support::ADMIN_KEY)
         .args(["--api", &addr, "gateway", "ls"])
         .output()
         .expect("run godel gateway ls");
+    assert!(cli.status.success(), "godel gateway ls: {cli:?}");
     let cli = String::from_utf8_lossy(&cli.stdout).to_string();
+    assert!(cli.contains("oc-a") && cli.contains("oc-b"), "{cli}");
     assert!(listed.contains("token"), "the reference is shown: {listed}");
     for g in [a, b] {
         assert!(!listed.contains(&g.token), "API shows a token");

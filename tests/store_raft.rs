@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use godel::fsm::{Batch, Command, Reply, Request, SubmitTask, Tenant};
 use godel::raft::{NodeId, NodeInfo, Raft, TypeConfig};
@@ -78,17 +78,11 @@ fn config() -> Arc<Config> {
 /// Opens the store (retrying while the previous instance still releases
 /// sled's lock) and starts Raft on it.
 async fn start(dir: &std::path::Path) -> (Raft, SharedState) {
-    let deadline = Instant::now() + WAIT;
-    let (log, sm) = loop {
-        match Store::open(dir) {
-            Ok(pair) => break pair,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("reopen: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("reopen: {e}"),
-        }
-    };
+    let dir = dir.to_owned();
+    let (log, sm) = tokio::task::spawn_blocking(move || Store::open_waiting(&dir, WAIT))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("reopen: {e}"));
     let shared = sm.shared();
     let raft = Raft::new(1, config(), NoNetwork, log, sm).await.unwrap();
     (raft, shared)

@@ -73,22 +73,11 @@ fn reference(entries: &[E]) -> fsm::State {
     state
 }
 
-/// Opens the store, retrying (up to 5 s) while a dropped instance's sled
+/// Opens the store, waiting (up to 5 s) while a dropped instance's sled
 /// background thread still holds the file lock for a moment.
 fn open(dir: &tempfile::TempDir) -> (LogStore, StateMachine) {
-    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match Store::open(dir.path()) {
-            Ok(opened) => return opened,
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < give_up =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("open store: {e}"),
-        }
-    }
+    Store::open_waiting(dir.path(), std::time::Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("open store: {e}"))
 }
 
 #[tokio::test]

@@ -4,8 +4,9 @@
 //!
 //! # Mapping
 //!
-//! - **Session.** A Godel session key `k` is the gateway session
-//!   `agent:<agent_id>:godel-s-<k>`; a task without one runs in a session
+//! - **Session.** A Godel session key `k` of tenant `t` is the gateway
+//!   session `agent:<agent_id>:godel-s-<t>~<k>` (the key
+//!   [`crate::fsm::gateway_session_key`] gives); a task without one runs in a session
 //!   of its own, `agent:<agent_id>:godel-t-<task id>`. The session is
 //!   created (`sessions.create`, idempotent on the gateway) before the
 //!   first turn in it on each gateway boot.

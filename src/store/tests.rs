@@ -6,6 +6,9 @@ use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftLogReader};
 use super::Store;
 use crate::raft::TypeConfig;
 
+/// How long a reopen waits for a dropped handle to release sled's lock.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn blank(index: u64) -> Entry<TypeConfig> {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
@@ -112,7 +115,7 @@ async fn offline_audit_verify_names_the_tampered_entry() {
 
     // Flip one byte of entry 3's actor in the stored snapshot.
     {
-        let (_log, sm) = Store::open(dir.path()).unwrap();
+        let (_log, sm) = Store::open_waiting(dir.path(), WAIT).unwrap();
         let (_, mut data) = sm.db.snapshot().unwrap().unwrap();
         let needle = b"key:k3-marker";
         let at = data
