@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use godel::fsm::{
-    AgentId, AgentRegistration, Batch, Command, DispatchPolicy, DispatchSpec, FencingToken,
-    GatewayId, GatewayRegistration, Priority, Reply, Request, State, SubmitTask,
+    AgentId, AgentRegistration, Audit, AuditCaller, AuditTarget, Batch, Command, DispatchPolicy,
+    DispatchSpec, FencingToken, GatewayId, GatewayRegistration, MAX_AUDIT_ENTRIES, Priority, Reply,
+    Request, State, SubmitTask, Write,
 };
 
 /// The leader's clock at the start of every benchmark, ms since the epoch.
@@ -165,11 +166,19 @@ fn submits(c: &mut Criterion) {
     let idle = fleet(100, 1, BACKLOG);
     let mut busy = idle.clone();
     apply(&mut busy, NOW, vec![dispatch()]);
-    for (name, per_entry, with_dispatch, start) in [
-        ("one", 1u64, false, &idle),
-        ("batch_64", 64, false, &idle),
-        ("batch_64_then_dispatch_all_busy", 64, true, &busy),
+    // What the API adds to each submission: its caller, for the audit log.
+    let caller = AuditCaller {
+        actor: "key:0123456789abcdef".into(),
+        tenant: "t0".into(),
+        action: "tasks.submit".into(),
+    };
+    for (name, per_entry, with_dispatch, audited, start) in [
+        ("one", 1u64, false, false, &idle),
+        ("batch_64", 64, false, false, &idle),
+        ("batch_64_audited", 64, false, true, &idle),
+        ("batch_64_then_dispatch_all_busy", 64, true, false, &busy),
     ] {
+        let caller = &caller;
         bench_applies(&mut g, name, per_entry, start, || {
             let mut next = BACKLOG;
             move |s: &mut State| {
@@ -177,12 +186,21 @@ fn submits(c: &mut Criterion) {
                     *s = start.clone();
                     next = BACKLOG;
                 }
-                let mut commands: Vec<Command> = (next..next + per_entry).map(submit).collect();
+                let mut writes: Vec<Write> = (next..next + per_entry)
+                    .map(|i| Write {
+                        command: submit(i),
+                        audit: audited.then(|| Audit {
+                            caller: caller.clone(),
+                            scoped: false,
+                            target: None,
+                        }),
+                    })
+                    .collect();
                 if with_dispatch {
-                    commands.push(dispatch());
+                    writes.push(dispatch().into());
                 }
                 next += per_entry;
-                entry(NOW, commands)
+                Request::Batch(Batch::of(NOW, 7, writes))
             }
         });
     }
@@ -369,6 +387,47 @@ fn steady_cycle(c: &mut Criterion) {
     g.finish();
 }
 
+/// What a snapshot costs the node: the copy of the state taken under the
+/// apply lock (`get_snapshot_builder`; apply waits for it) and its encoding
+/// (on a blocking thread), for the backlog state with an empty and a full
+/// audit log.
+fn snapshot_view(c: &mut Criterion) {
+    let mut g = c.benchmark_group("snapshot");
+    let empty = fleet(100, 1, BACKLOG);
+    let mut full = empty.clone();
+    let caller = AuditCaller {
+        actor: "key:0123456789abcdef".into(),
+        tenant: "t0".into(),
+        action: "tasks.submit".into(),
+    };
+    let writes = |n: usize| -> Vec<Write> {
+        (0..n)
+            .map(|i| Write {
+                command: heartbeat(),
+                audit: Some(Audit {
+                    caller: caller.clone(),
+                    scoped: false,
+                    target: Some(AuditTarget::Task(i as u64)),
+                }),
+            })
+            .collect()
+    };
+    for _ in 0..MAX_AUDIT_ENTRIES / 1000 {
+        let (response, _) = full.apply(&Request::Batch(Batch::of(NOW, 7, writes(1000))));
+        assert!(response.outcomes.iter().all(Result::is_ok));
+    }
+    assert_eq!(full.audit().entries().count(), MAX_AUDIT_ENTRIES);
+    for (name, state) in [("audit_empty", &empty), ("audit_full", &full)] {
+        g.bench_function(format!("clone_{name}"), |b| {
+            b.iter(|| black_box(state.clone()))
+        });
+        g.bench_function(format!("encode_{name}"), |b| {
+            b.iter(|| black_box(godel::codec::encode(state).expect("encode")))
+        });
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -379,6 +438,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = submits, dispatch_rounds, pull_leases, renew_many, completes, expiring_tick, steady_cycle
+    targets = submits, dispatch_rounds, pull_leases, renew_many, completes, expiring_tick, steady_cycle,
+        snapshot_view
 }
 criterion_main!(benches);

@@ -23,9 +23,14 @@
 //!
 //! # Retention and the anchor
 //!
-//! The state keeps the newest [`MAX_AUDIT_ENTRIES`]; older ones are
-//! dropped, and the hash of the last dropped entry becomes the
-//! [`AuditAnchor`]. Verification starts from the anchor, so the chain that
+//! The state keeps the newest [`MAX_AUDIT_ENTRIES`] at most, in chunks of
+//! [`AUDIT_CHUNK`]: when the log is full, its oldest chunk is dropped
+//! whole (so between `MAX_AUDIT_ENTRIES - AUDIT_CHUNK + 1` and
+//! `MAX_AUDIT_ENTRIES` are kept), and the hash of the last dropped entry
+//! becomes the [`AuditAnchor`]. Chunks are shared, not copied, when the
+//! state is copied for a snapshot (the copy is taken while applies wait),
+//! so a full log costs that copy a hundred reference counts, not a hundred
+//! thousand entries. Verification starts from the anchor, so the chain that
 //! remains stays verifiable after retention, across snapshots (the log is
 //! part of the snapshot) and after Raft log compaction.
 //!
@@ -42,8 +47,10 @@ use sha2::{Digest, Sha256};
 use super::command::{Outcome, Reply};
 use super::state::truncate;
 
-/// Entries kept in the state; older ones leave an anchor behind.
-pub const MAX_AUDIT_ENTRIES: usize = 100_000;
+/// Most entries kept in the state; older ones leave an anchor behind.
+pub const MAX_AUDIT_ENTRIES: usize = 100 * AUDIT_CHUNK;
+/// Entries per chunk of the kept log, the unit of retention.
+pub const AUDIT_CHUNK: usize = 1000;
 /// Longest actor, action, target or outcome kept, in bytes.
 const MAX_FIELD_BYTES: usize = 256;
 /// Most distinct actor, tenant, action and outcome texts shared between
@@ -339,8 +346,9 @@ impl Stored {
 /// The chain, part of [`super::State`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditLog {
-    /// The kept entries, oldest first; the last one's seq is `last_seq`.
-    entries: VecDeque<Stored>,
+    /// The kept entries, oldest first, in chunks: every chunk but the last
+    /// holds [`AUDIT_CHUNK`]; the last entry's seq is `last_seq`.
+    chunks: VecDeque<Arc<Vec<Stored>>>,
     last_seq: u64,
     head: [u8; 32],
     anchor: Option<AuditAnchor>,
@@ -403,23 +411,27 @@ impl AuditLog {
             hash: [0; 32],
         };
         e.hash = e.compute_hash();
-        self.last_seq = e.seq;
-        self.head = e.hash;
-        if self.entries.len() == MAX_AUDIT_ENTRIES {
+        if self.len() == MAX_AUDIT_ENTRIES {
+            let first = self.first_seq();
             let dropped = self
-                .entries
+                .chunks
                 .pop_front()
                 .expect("invariant: the log is at its limit, so not empty");
+            let last = dropped
+                .last()
+                .expect("invariant: only the last chunk may be short");
             self.anchor = Some(AuditAnchor {
-                seq: self.first_seq(),
-                hash: dropped.hash,
+                seq: first + dropped.len() as u64 - 1,
+                hash: last.hash,
             });
-        } else if self.entries.capacity() == self.entries.len() {
-            // Grow once to the limit: no copies as the log fills.
-            self.entries
-                .reserve_exact(MAX_AUDIT_ENTRIES - self.entries.len());
         }
-        self.entries.push_back(Stored {
+        if self.chunks.back().is_none_or(|c| c.len() == AUDIT_CHUNK) {
+            self.chunks
+                .push_back(Arc::new(Vec::with_capacity(AUDIT_CHUNK)));
+        }
+        let chunk = self.chunks.back_mut().expect("a chunk was just ensured");
+        // Copies the chunk only when a snapshot still shares it.
+        Arc::make_mut(chunk).push(Stored {
             time_ms: e.time_ms,
             actor: e.actor,
             tenant: e.tenant,
@@ -428,11 +440,26 @@ impl AuditLog {
             outcome: e.outcome,
             hash: e.hash,
         });
+        self.last_seq = e.seq;
+        self.head = e.hash;
+    }
+
+    /// How many entries are kept.
+    pub fn len(&self) -> usize {
+        match self.chunks.back() {
+            None => 0,
+            Some(last) => (self.chunks.len() - 1) * AUDIT_CHUNK + last.len(),
+        }
+    }
+
+    /// Whether no entry is kept.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
     }
 
     /// The seq of the oldest kept entry (with none kept, the next one's).
     fn first_seq(&self) -> u64 {
-        self.last_seq + 1 - self.entries.len() as u64
+        self.last_seq + 1 - self.len() as u64
     }
 
     /// Entries after seq `after` that match `filter`, at most `limit`, and
@@ -445,7 +472,7 @@ impl AuditLog {
     ) -> (Vec<AuditEntry>, Option<u64>) {
         let skip = after.saturating_add(1).saturating_sub(self.first_seq()) as usize;
         let mut items = Vec::new();
-        for e in self.entries().skip(skip) {
+        for e in self.entries_from(skip) {
             if items.len() == limit {
                 return (items, Some(e.seq - 1));
             }
@@ -458,13 +485,32 @@ impl AuditLog {
 
     /// The kept entries, oldest first, with their seqs and links.
     pub fn entries(&self) -> impl Iterator<Item = AuditEntry> + '_ {
-        let mut prev = self.anchor.map_or([0; 32], |a| a.hash);
-        let first = self.first_seq();
-        self.entries.iter().enumerate().map(move |(i, s)| {
+        self.entries_from(0)
+    }
+
+    /// The kept entries from the `skip`-th on (0: the oldest kept).
+    fn entries_from(&self, skip: usize) -> impl Iterator<Item = AuditEntry> + '_ {
+        let skip = skip.min(self.len());
+        let mut prev = match skip {
+            0 => self.anchor.map_or([0; 32], |a| a.hash),
+            _ => self.stored(skip - 1).hash,
+        };
+        let first = self.first_seq() + skip as u64;
+        let (chunk, at) = (skip / AUDIT_CHUNK, skip % AUDIT_CHUNK);
+        let mut stored = self.chunks.iter().skip(chunk).flat_map(|c| c.iter());
+        if at > 0 {
+            stored.nth(at - 1);
+        }
+        stored.enumerate().map(move |(i, s)| {
             let e = s.entry(first + i as u64, prev);
             prev = s.hash;
             e
         })
+    }
+
+    /// The `i`-th kept entry (0: the oldest); `i` must be below `len`.
+    fn stored(&self, i: usize) -> &Stored {
+        &self.chunks[i / AUDIT_CHUNK][i % AUDIT_CHUNK]
     }
 
     /// Where the kept chain starts, once entries have been dropped.
@@ -490,7 +536,11 @@ impl AuditLog {
         let Some(i) = seq.checked_sub(self.first_seq()).map(|i| i as usize) else {
             return false;
         };
-        let Some(s) = self.entries.get_mut(i) else {
+        let Some(s) = self
+            .chunks
+            .get_mut(i / AUDIT_CHUNK)
+            .and_then(|c| Arc::make_mut(c).get_mut(i % AUDIT_CHUNK))
+        else {
             return false;
         };
         let mut e = s.entry(seq, [0; 32]);
@@ -621,10 +671,12 @@ mod tests {
         let mut log = log_of(3);
         let third = log.entries().nth(2).unwrap().hash;
         // Drop the first three by hand, as retention would.
-        for seq in 1..=3 {
-            let e = log.entries.pop_front().unwrap();
-            log.anchor = Some(AuditAnchor { seq, hash: e.hash });
-        }
+        let dropped = log.chunks.pop_front().unwrap();
+        assert_eq!(dropped.len(), 3);
+        log.anchor = Some(AuditAnchor {
+            seq: 3,
+            hash: dropped[2].hash,
+        });
         for i in 0..3 {
             log.append(2000 + i, &stamp("x"), AuditTarget::text("t"), "ok");
         }
@@ -657,6 +709,54 @@ mod tests {
         };
         let (p, _) = log.page(&f, 0, 10);
         assert_eq!(p.iter().map(|e| e.seq).collect::<Vec<_>>(), [6]);
+    }
+
+    #[test]
+    fn retention_at_the_real_limit_drops_whole_chunks_and_stays_verifiable() {
+        let n = (MAX_AUDIT_ENTRIES + 2 * AUDIT_CHUNK + 5) as u64;
+        let log = log_of(n);
+        // Full at MAX; the next append dropped the oldest chunk, twice, and
+        // five more went into a new chunk.
+        assert_eq!(log.len(), MAX_AUDIT_ENTRIES - AUDIT_CHUNK + 5);
+        assert_eq!(log.last_seq(), n);
+        let anchor = log.anchor().expect("entries were dropped");
+        assert_eq!(anchor.seq, 3 * AUDIT_CHUNK as u64);
+        let first = log.entries().next().unwrap();
+        assert_eq!(first.seq, anchor.seq + 1);
+        assert_eq!(first.prev_hash, anchor.hash);
+        assert_eq!(
+            verify(log.anchor(), log.entries()),
+            Ok(log.len() as u64),
+            "the kept chain verifies from its anchor"
+        );
+        // A page starting inside a chunk links to the entry before it.
+        let all = AuditFilter::default();
+        let after = anchor.seq + AUDIT_CHUNK as u64 + 7;
+        let (page, next) = log.page(&all, after, 3);
+        assert_eq!(
+            page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [after + 1, after + 2, after + 3]
+        );
+        assert_eq!(next, Some(after + 3));
+        let before = log.entries().find(|e| e.seq == after).unwrap();
+        assert_eq!(page[0].prev_hash, before.hash);
+        // A cursor before the anchor starts at the oldest kept entry.
+        let (page, _) = log.page(&all, 5, 1);
+        assert_eq!(page[0].seq, anchor.seq + 1);
+    }
+
+    #[test]
+    fn a_copy_shares_chunks_and_does_not_see_later_appends() {
+        let mut log = log_of(2 * AUDIT_CHUNK as u64 + 1);
+        let copy = log.clone();
+        assert!(Arc::ptr_eq(&log.chunks[0], &copy.chunks[0]));
+        log.append(1, &stamp("x"), AuditTarget::None, "ok");
+        assert!(Arc::ptr_eq(&log.chunks[0], &copy.chunks[0]));
+        assert_eq!(copy.len() + 1, log.len());
+        assert_eq!(copy.entries().last().unwrap().seq, log.last_seq() - 1);
+        assert!(log.tamper(1, |e| e.time_ms ^= 1));
+        assert_eq!(verify(copy.anchor(), copy.entries()), Ok(copy.len() as u64));
+        assert_eq!(verify(log.anchor(), log.entries()).unwrap_err().seq, 1);
     }
 }
 
