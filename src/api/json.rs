@@ -47,7 +47,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
 fn timed_out(e: &axum::extract::rejection::BytesRejection) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
-        if err.is::<tower_http::timeout::TimeoutError>() {
+        if err.is::<super::serve::BodyTimedOut>() {
             return true;
         }
         source = err.source();

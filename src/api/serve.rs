@@ -9,9 +9,9 @@
 //!   is being answered) for `api.header_timeout` is closed: headers
 //!   trickled too slowly, a client that stopped reading its answer, or
 //!   simply an idle keep-alive connection. One coarse timer per connection
-//!   checks this (closing after one to two periods), not a timer per
-//!   request. A body not fully read within `api.body_timeout` fails the
-//!   request with 408; only requests that declare a body get that timer.
+//!   checks this, not a timer per request. The same watchdog fails a body
+//!   not fully read within `api.body_timeout` (408). Both limits hold
+//!   within one watchdog period (the shorter of the two timeouts).
 //! - **Declared sizes**: a `Content-Length` over `api.max_body_bytes` is
 //!   answered 413 at once, before any of the body is read.
 //! - **Bounded**: at most [`MAX_CONNECTIONS`] connections at once; past it
@@ -27,8 +27,10 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -36,15 +38,17 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use futures_util::task::AtomicWaker;
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
-use tower_http::timeout::DeadlineBody;
 
 use super::error::ApiError;
 use super::json::MaxJsonDepth;
@@ -155,19 +159,20 @@ impl Connection {
         let Connection {
             app, limits, peer, ..
         } = self;
-        let period = limits.header_timeout;
-        let activity = Arc::new(Activity::default());
+        let (header_timeout, body_timeout) = (limits.header_timeout, limits.body_timeout);
+        let period = header_timeout.min(body_timeout);
+        let activity = Arc::new(Activity::new());
         let counted = Arc::clone(&activity);
-        let service =
-            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (app, limits) = (app.clone(), Arc::clone(&limits));
-                let answering = Answering::start(&counted);
-                async move {
-                    let resp = handle(app, &limits, peer, req).await;
-                    drop(answering);
-                    Ok::<_, Infallible>(resp)
-                }
-            });
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let (app, limits) = (app.clone(), Arc::clone(&limits));
+            let answering = Answering::start(&counted);
+            let activity = Arc::clone(&counted);
+            async move {
+                let resp = handle(app, &limits, peer, &activity, req).await;
+                drop(answering);
+                Ok::<_, Infallible>(resp)
+            }
+        });
         let mut builder = hyper::server::conn::http1::Builder::new();
         // No per-request header timer: the watchdog below does that job.
         builder.header_read_timeout(None).keep_alive(true);
@@ -175,7 +180,7 @@ impl Connection {
         tokio::pin!(conn);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seen = 0;
+        let (mut seen, mut since) = (0, Instant::now());
         loop {
             tokio::select! {
                 ended = &mut conn => {
@@ -184,25 +189,140 @@ impl Connection {
                     }
                     return;
                 }
-                _ = tick.tick() => {
+                now = tick.tick() => {
                     let started = activity.started.load(Ordering::Relaxed);
-                    if started == seen && activity.answering.load(Ordering::Relaxed) == 0 {
-                        tracing::debug!(%peer, ?period, "API connection idle or too slow; closing");
+                    if started != seen {
+                        (seen, since) = (started, now);
+                    } else if activity.answering.load(Ordering::Relaxed) == 0
+                        && now - since >= header_timeout
+                    {
+                        tracing::debug!(%peer, "API connection idle or too slow; closing");
                         return;
                     }
-                    seen = started;
+                    activity.expire_body(now, body_timeout);
                 }
             }
         }
     }
 }
 
-/// What the watchdog of a connection sees: requests started, and being
-/// answered.
-#[derive(Default)]
+/// What the watchdog of a connection sees: requests started, being
+/// answered, and the body being read.
 struct Activity {
     started: AtomicU64,
     answering: AtomicU64,
+    /// When the connection began; body start times count from it.
+    epoch: Instant,
+    /// The body being read: its id (0: none), and when it began (ms after
+    /// `epoch`).
+    body: AtomicU64,
+    body_since_ms: AtomicU64,
+    /// The id of the body the watchdog timed out.
+    expired: AtomicU64,
+    /// Wakes the body's reader when it times out.
+    waker: AtomicWaker,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: AtomicU64::new(0),
+            answering: AtomicU64::new(0),
+            epoch: Instant::now(),
+            body: AtomicU64::new(0),
+            body_since_ms: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    /// Times out the body being read if it began `timeout` or longer ago.
+    fn expire_body(&self, now: Instant, timeout: Duration) {
+        let id = self.body.load(Ordering::Acquire);
+        if id == 0 {
+            return;
+        }
+        let since = self.epoch + Duration::from_millis(self.body_since_ms.load(Ordering::Acquire));
+        if now.saturating_duration_since(since) >= timeout {
+            self.expired.store(id, Ordering::Release);
+            self.waker.wake();
+        }
+    }
+}
+
+/// A request body under the connection's watchdog: it fails with
+/// [`BodyTimedOut`] once the watchdog finds it unread past
+/// `api.body_timeout`. Costs no timer of its own.
+struct WatchedBody {
+    inner: Incoming,
+    activity: Arc<Activity>,
+    id: u64,
+}
+
+impl WatchedBody {
+    fn new(inner: Incoming, activity: &Arc<Activity>) -> WatchedBody {
+        // Requests on one connection are read one after another, so a
+        // request's number names its body.
+        let id = activity.started.load(Ordering::Relaxed);
+        let since = activity.epoch.elapsed().as_millis() as u64;
+        activity.body_since_ms.store(since, Ordering::Release);
+        activity.body.store(id, Ordering::Release);
+        WatchedBody {
+            inner,
+            activity: Arc::clone(activity),
+            id,
+        }
+    }
+
+    /// Stops watching (read to the end, failed, or dropped).
+    fn done(&self) {
+        let _ =
+            self.activity
+                .body
+                .compare_exchange(self.id, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+impl Drop for WatchedBody {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+/// The error a body reports when the watchdog timed it out.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was not received within api.body_timeout")]
+pub(crate) struct BodyTimedOut;
+
+impl hyper::body::Body for WatchedBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.activity.expired.load(Ordering::Acquire) == self.id {
+            self.done();
+            return Poll::Ready(Some(Err(Box::new(BodyTimedOut))));
+        }
+        self.activity.waker.register(cx.waker());
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None | Some(Err(_))) => self.done(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.done(),
+            _ => {}
+        }
+        polled.map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// One request being answered; counted until dropped.
@@ -228,7 +348,8 @@ async fn handle(
     app: Router,
     limits: &Limits,
     peer: SocketAddr,
-    req: hyper::Request<hyper::body::Incoming>,
+    activity: &Arc<Activity>,
+    req: hyper::Request<Incoming>,
 ) -> Response {
     let declared = req
         .headers()
@@ -255,7 +376,7 @@ async fn handle(
     let mut req: Request = if bodiless {
         req.map(Body::new)
     } else {
-        req.map(|body| Body::new(DeadlineBody::new(limits.body_timeout, body)))
+        req.map(|body| Body::new(WatchedBody::new(body, activity)))
     };
     req.extensions_mut().insert(ConnectInfo(peer));
     req.extensions_mut()
