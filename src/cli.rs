@@ -3,6 +3,7 @@
 mod client;
 mod security;
 mod serve;
+pub mod text;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -53,6 +54,8 @@ pub enum Output {
 pub enum Command {
     /// Run a node (no config: one node, data in ./data, API on 127.0.0.1:7373).
     Serve(ServeArgs),
+    /// The cluster on one screen: members, nodes, queue, gateways, agents.
+    Status,
     /// Tasks.
     #[command(subcommand)]
     Task(TaskCmd),

@@ -118,6 +118,62 @@ fn cli_session(api: &str) {
         (code, err["error"]["code"].as_str()),
         (1, Some("not_found"))
     );
+    text_session(api, &id2);
+}
+
+/// `godel` without `-o json`: exit code, stdout, stderr.
+fn godel_text(api: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .env("GODEL_API_KEY", support::ADMIN_KEY)
+        .args(["--api", api])
+        .args(args)
+        .output()
+        .expect("run godel");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Text output against a live node (the layouts are pinned by
+/// tests/cli_text.rs): tables with headers, one-screen status, errors with
+/// the API's code on stderr and a non-zero exit.
+fn text_session(api: &str, cancelled: &str) {
+    let (code, out, err) = godel_text(api, &["task", "ls"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ID  STATUS  "), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("{cancelled} ")) && l.contains(" cancelled ")),
+        "{out}"
+    );
+    let (code, out, err) = godel_text(api, &["task", "get", cancelled]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("status:          cancelled"), "{out}");
+    let (code, out, err) = godel_text(api, &["status"]);
+    assert_eq!(code, 0, "{err}");
+    for label in ["cluster:", "nodes:", "queue:", "gateways:", "agents:"] {
+        assert!(out.contains(label), "{label} missing: {out}");
+    }
+    for args in [
+        &["cluster", "status"][..],
+        &["node", "ls"],
+        &["queue", "depth"],
+    ] {
+        let (code, out, err) = godel_text(api, args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(
+            !out.contains("null") && !out.contains('{'),
+            "{args:?}: {out}"
+        );
+    }
+    let (code, out, err) = godel_text(api, &["task", "get", "999999"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(
+        err.starts_with("error: not_found (404 Not Found): "),
+        "{err}"
+    );
 }
 
 fn registry_session(api: &str) {

@@ -12,6 +12,7 @@ macro_rules! out {
 }
 
 use super::security::{self, AuditCmd};
+use super::text::{self, View};
 use super::{
     AgentCmd, ClusterCmd, Command, DlqCmd, GatewayCmd, LeaseCmd, ListArgs, NodeCmd, Output,
     QueueCmd, SessionCmd, SessionListArgs, TaskCmd,
@@ -45,6 +46,10 @@ pub async fn run_client(
     if let Command::Audit(AuditCmd::Verify { data_dir: None }) = cmd {
         return verify_over_api(&client).await;
     }
+    if let Command::Status = cmd {
+        return status(&client, output).await;
+    }
+    let view = view_of(&cmd);
     let (method, path, body) = request(cmd)?;
     let (status, value) = client.call(method, &path, body).await?;
     if !status.is_success() {
@@ -52,10 +57,11 @@ pub async fn run_client(
             .as_str()
             .map(str::to_owned)
             .unwrap_or_else(|| value.to_string());
+        let code = value["error"]["code"].as_str().unwrap_or("error");
         match output {
             Output::Json => out!("{value}"),
             Output::Text => {
-                eprintln!("error ({status}): {msg}");
+                eprintln!("error: {code} ({status}): {msg}");
                 if status == reqwest::StatusCode::UNAUTHORIZED && client.key.is_none() {
                     eprintln!(
                         "hint: pass --api-key, set GODEL_API_KEY, or run from the directory holding {}",
@@ -68,7 +74,55 @@ pub async fn run_client(
     }
     match output {
         Output::Json => out!("{}", serde_json::to_string_pretty(&value)?),
-        Output::Text => print_text(&value),
+        Output::Text => print!("{}", text::render(view, &value)),
+    }
+    Ok(0)
+}
+
+/// How a command's answer reads as text.
+fn view_of(cmd: &Command) -> View {
+    match cmd {
+        Command::Task(_) | Command::Dlq(DlqCmd::Ls(_)) => View::Tasks,
+        Command::Lease(LeaseCmd::Acquire { .. }) => View::Leases,
+        Command::Queue(_) => View::Queue,
+        Command::Cluster(ClusterCmd::Status) => View::Cluster,
+        Command::Gateway(_) => View::Gateways,
+        Command::Agent(_) => View::Agents,
+        Command::Session(_) => View::Sessions,
+        Command::Node(NodeCmd::Ls) => View::Nodes,
+        Command::Key(_) => View::Keys,
+        Command::Tenant(_) => View::Tenants,
+        Command::Jwt(_) => View::Jwts,
+        Command::Audit(_) => View::Audit,
+        _ => View::Fields,
+    }
+}
+
+/// `godel status`: the cluster on one screen, from five reads.
+async fn status(client: &Client, output: Output) -> anyhow::Result<i32> {
+    let mut parts = serde_json::Map::new();
+    for (name, path) in [
+        ("cluster", "/api/v1/cluster"),
+        ("nodes", "/api/v1/nodes"),
+        ("queue", "/api/v1/queue/depth"),
+        ("gateways", "/api/v1/gateways"),
+        ("agents", "/api/v1/agents"),
+    ] {
+        let (code, value) = client.call("GET", path, None).await?;
+        if !code.is_success() {
+            eprintln!(
+                "error: {} ({code}) from GET {path}: {}",
+                value["error"]["code"].as_str().unwrap_or("error"),
+                value["error"]["message"].as_str().unwrap_or("")
+            );
+            return Ok(1);
+        }
+        parts.insert(name.to_owned(), value);
+    }
+    let all = Value::Object(parts);
+    match output {
+        Output::Json => out!("{}", serde_json::to_string_pretty(&all)?),
+        Output::Text => print!("{}", text::summary(&all)),
     }
     Ok(0)
 }
@@ -162,7 +216,7 @@ pub(super) type Req = (&'static str, String, Option<Value>);
 
 fn request(cmd: Command) -> anyhow::Result<Req> {
     Ok(match cmd {
-        Command::Serve(_) => bail!("serve is not a client command"),
+        Command::Serve(_) | Command::Status => bail!("not a single-call client command"),
         Command::Task(t) => task_request(t)?,
         Command::Lease(l) => lease_request(l)?,
         Command::Queue(QueueCmd::Depth) => ("GET", "/api/v1/queue/depth".into(), None),
@@ -413,75 +467,4 @@ pub(super) fn strip_nulls(v: Value) -> Value {
         Value::Object(m) => Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).collect()),
         other => other,
     }
-}
-
-/// A compact human rendering: task or session rows where there are tasks or
-/// sessions, else the JSON.
-fn print_text(v: &Value) {
-    let row = |t: &Value| {
-        if is_session(t) {
-            return session_row(t);
-        }
-        if let Some(line) = security::row(t) {
-            out!("{line}");
-            return;
-        }
-        out!(
-            "{:>8}  {:<11}  {:<8}  {:<12}  attempts={} {}",
-            t["id"],
-            t["status"].as_str().unwrap_or(""),
-            t["priority"].as_str().unwrap_or(""),
-            t["tenant"].as_str().unwrap_or(""),
-            t["attempt_count"],
-            t["error"]
-                .as_str()
-                .map(|e| format!("error={e}"))
-                .unwrap_or_default()
-        )
-    };
-    if let Some(items) = v["items"].as_array() {
-        items.iter().for_each(row);
-        if let Some(c) = v["next_cursor"].as_str() {
-            out!("next cursor: {c}");
-        }
-    } else if let Some(leases) = v["leases"].as_array() {
-        for l in leases {
-            out!(
-                "token={} task={} expires_at={}",
-                l["fencing_token"],
-                l["task_id"],
-                l["expires_at"].as_str().unwrap_or("")
-            );
-        }
-    } else if (v.get("status").is_some() || is_session(v)) && v.get("id").is_some() {
-        row(v);
-    } else if let Value::String(s) = v {
-        out!("{}", s.trim_end());
-    } else {
-        out!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-    }
-}
-
-/// Whether `v` is a session as the API shows it (tasks have a `status`).
-fn is_session(v: &Value) -> bool {
-    v.get("state").is_some() && v.get("live").is_some()
-}
-
-fn session_row(s: &Value) {
-    let tag = |label: &str, v: &Value| match v {
-        Value::Null => String::new(),
-        Value::String(x) => format!("  {label}={x}"),
-        other => format!("  {label}={other}"),
-    };
-    let line = format!(
-        "{:>8}  {:<12}  {:<16}{}{}{}{}",
-        s["id"],
-        s["state"].as_str().unwrap_or(""),
-        s["gateway"].as_str().unwrap_or(""),
-        tag("key", &s["session_key"]),
-        tag("agent", &s["agent"]),
-        tag("task", &s["task"]),
-        tag("reason", &s["reason"])
-    );
-    out!("{}", line.trim_end());
 }
