@@ -187,6 +187,9 @@ pub struct RunRequest {
     pub payload: Arc<str>,
     /// How long the attempt may take, end to end.
     pub timeout: Duration,
+    /// This attempt's span in the task's trace, sent to the gateway as
+    /// `traceparent`; `None` for a task without a trace.
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 /// What a successful attempt produced.

@@ -8,7 +8,8 @@
 //! drivers that run tasks on agent gateways; [`actors`] is the supervision
 //! tree (restart policy); [`fabric`] joins the nodes' actor systems for lease
 //! hints; [`api`] and [`cli`] are the operator's interfaces;
-//! [`config`], [`metrics`], [`clock`] and [`codec`] are shared plumbing.
+//! [`config`], [`metrics`], [`clock`], [`codec`], [`tls`] and [`trace`]
+//! (W3C trace context) are shared plumbing.
 #![warn(missing_docs)]
 // openraft's error types (StorageError, RaftError) are large by design and
 // appear in most storage and network signatures.
@@ -29,4 +30,5 @@ pub mod placement;
 pub mod raft;
 pub mod store;
 pub mod tls;
+pub mod trace;
 pub mod transport;

@@ -107,6 +107,7 @@ fn request(task: u64) -> RunRequest {
         session_key: None,
         payload: Arc::from("{}"),
         timeout: Duration::from_secs(30),
+        trace: None,
     }
 }
 

@@ -75,6 +75,7 @@ use godel::fsm::{
     SessionState, State, SubmitTask, Task, TaskFilter, TaskId, TaskStatus, Tenant, TenantPatch,
     TenantRecord, Write, verify_audit_chain,
 };
+use godel::trace::TraceContext;
 
 const SCRIPT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fsm_scripts");
 
@@ -126,6 +127,7 @@ scripts! {
     tenant_round_robin_weighted,
     tenant_scope_confines_commands,
     timeout_counts_as_failure,
+    trace_context_is_kept,
 }
 
 #[test]
@@ -953,6 +955,12 @@ fn submit_command(args: &mut Args, now_ms: u64) -> Result<Command, String> {
         backoff,
         idempotency_key: args.take("key"),
         parent_id: args.parsed::<u64>("parent")?.map(TaskId),
+        trace: match args.take("trace") {
+            Some(t) => {
+                Some(TraceContext::parse(&t).ok_or(format!("`trace={t}`: not a traceparent"))?)
+            }
+            None => None,
+        },
     }))
 }
 
@@ -1233,6 +1241,9 @@ fn task_line(t: &Task) -> String {
     }
     if let Some(k) = &t.idempotency_key {
         s += &format!(" key={k}");
+    }
+    if let Some(trace) = &t.trace {
+        s += &format!(" trace={}", trace.trace_hex());
     }
     if let Some(r) = &t.result {
         s += &format!(" result={}", shorten(r));

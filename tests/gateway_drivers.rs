@@ -22,6 +22,7 @@ fn req(payload: &str, timeout: Duration) -> RunRequest {
         session_key: Some(SessionKey("s-1".into())),
         payload: payload.into(),
         timeout,
+        trace: None,
     }
 }
 

@@ -70,6 +70,7 @@ fn req(task: u64, message: &str, key: Option<&str>, timeout: Duration) -> RunReq
         session_key: key.map(|k| SessionKey(k.into())),
         payload: json!({ "message": message }).to_string().into(),
         timeout,
+        trace: None,
     }
 }
 

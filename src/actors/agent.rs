@@ -510,7 +510,17 @@ async fn attempt(
             .map(|k| crate::fsm::gateway_session_key(&task.tenant, k)),
         payload: Arc::from(task.payload.as_str()),
         timeout: Duration::from_millis(task.timeout_ms),
+        trace: task.trace.map(|t| t.child()),
     };
+    if let Some(trace) = &req.trace {
+        tracing::debug!(
+            task = task.id.0,
+            token = token.0,
+            trace_id = %trace.trace_hex(),
+            span_id = %trace.span_hex(),
+            "attempt started"
+        );
+    }
     let run = match live_session(&args, &task) {
         Some((id, key)) => Box::pin(args.sessions.run(id, key, req, cancel.clone())),
         None => args.driver.run(req, cancel.clone()),

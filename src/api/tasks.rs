@@ -16,6 +16,7 @@ use crate::fsm::{
     AuditTarget, Backoff, Command, Limits, Priority, Reply, SessionKey, SubmitTask, TaskFilter,
     TaskId, Tenant,
 };
+use crate::trace::TraceContext;
 
 /// `POST /tasks` body.
 #[derive(Debug, Deserialize)]
@@ -74,6 +75,7 @@ impl TaskCreate {
             backoff: self.backoff,
             idempotency_key: self.idempotency_key,
             parent_id: self.parent_id.map(TaskId),
+            trace: None,
         };
         spec.validate().map_err(|(field, problem)| {
             ApiError::invalid(format!("invalid field `{field}`: {problem}"))
@@ -82,15 +84,38 @@ impl TaskCreate {
     }
 }
 
+/// The request's W3C trace context: its `traceparent` header, or a new
+/// trace when it has none (or a malformed one, which the spec says to
+/// ignore).
+pub struct Traceparent(pub TraceContext);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Traceparent {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let sent = parts
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceContext::parse);
+        Ok(Traceparent(sent.unwrap_or_else(TraceContext::random)))
+    }
+}
+
 /// `POST /tasks`: 201 with the new task, or 200 with the earlier one when the
 /// idempotency key matched.
 pub async fn create(
     State(api): State<Api>,
     caller: Caller,
+    Traceparent(trace): Traceparent,
     Body(mut body): Body<TaskCreate>,
 ) -> ApiResult<(StatusCode, Json<TaskView>)> {
     let tenant = caller.tenant_named(body.tenant.take())?;
-    let spec = body.into_submit(tenant)?;
+    let mut spec = body.into_submit(tenant)?;
+    spec.trace = Some(trace);
     match api.write_as(&caller, Command::Submit(spec), None).await? {
         Reply::Submitted { task, created } => {
             let status = if created {

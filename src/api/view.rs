@@ -33,6 +33,8 @@ struct TaskJson<'a> {
     backoff: &'a crate::fsm::Backoff,
     idempotency_key: Option<&'a str>,
     parent_id: Option<u64>,
+    /// The W3C trace id its submission carried (or was given).
+    trace_id: Option<String>,
     lease: Option<LeaseJson<'a>>,
     agent_id: Option<&'a str>,
     result: Option<Raw<'a>>,
@@ -83,6 +85,7 @@ impl Serialize for TaskView {
             backoff: &t.backoff,
             idempotency_key: t.idempotency_key.as_deref(),
             parent_id: t.parent_id.map(|p| p.0),
+            trace_id: t.trace.map(|c| c.trace_hex()),
             lease: t.lease.as_ref().map(|l| LeaseJson {
                 fencing_token: l.token.0,
                 agent_id: &l.agent_id.0,

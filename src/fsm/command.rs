@@ -401,6 +401,9 @@ pub struct SubmitTask {
     pub idempotency_key: Option<String>,
     /// The spawning task.
     pub parent_id: Option<TaskId>,
+    /// The trace the submission belongs to (its `traceparent`).
+    #[serde(default)]
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 impl SubmitTask {

@@ -388,6 +388,7 @@ impl State {
             backoff: spec.backoff.unwrap_or_default(),
             idempotency_key: spec.idempotency_key.clone(),
             parent_id: spec.parent_id,
+            trace: spec.trace,
             status: if scheduled.is_some() {
                 TaskStatus::Scheduled
             } else {

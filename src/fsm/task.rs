@@ -267,6 +267,8 @@ pub struct Task {
     pub idempotency_key: Option<String>,
     /// The task that spawned this one.
     pub parent_id: Option<TaskId>,
+    /// The trace its submission belonged to; each attempt is a span in it.
+    pub trace: Option<crate::trace::TraceContext>,
     /// Current status.
     pub status: TaskStatus,
     /// Failed attempts so far (an expired lease does not count).

@@ -113,6 +113,9 @@ impl HttpDriver {
             if let Some(auth) = &self.auth {
                 post = post.header(AUTHORIZATION, auth.clone());
             }
+            if let Some(trace) = &req.trace {
+                post = post.header("traceparent", trace.header());
+            }
             let resp = post.send().await.map_err(|e| send_error(e, timeout))?;
             let status = resp.status();
             if status.is_success() {

@@ -204,7 +204,9 @@ impl OpenClawDriver {
         let run_id = format!("godel-{}-{}", req.task_id.0, req.fencing_token.0);
         let message = message_of(&req.payload)?;
         let turn = req.timeout.min(self.spec.turn_timeout);
-        let trace = client::new_traceparent();
+        let trace = req
+            .trace
+            .map_or_else(client::new_traceparent, |t| t.header());
         let params = json!({
             "message": message,
             "sessionKey": key,

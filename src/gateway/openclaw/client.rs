@@ -570,9 +570,7 @@ async fn next_frame(stream: &mut SplitStream<Ws>) -> Result<Frame, String> {
     }
 }
 
-/// A W3C `traceparent` for one run: a random trace id and span id, sampled.
+/// A W3C `traceparent` for a call that belongs to no task: a new trace.
 pub(crate) fn new_traceparent() -> String {
-    let trace: u128 = rand::random::<u128>() | 1;
-    let span: u64 = rand::random::<u64>() | 1;
-    format!("00-{trace:032x}-{span:016x}-01")
+    crate::trace::TraceContext::random().header()
 }

@@ -1,0 +1,143 @@
+//! W3C trace context (`traceparent`, <https://www.w3.org/TR/trace-context/>):
+//! the trace a task belongs to, carried from the request that submitted it
+//! through the Raft entry into the task record, and from there into every
+//! attempt's gateway call (the `http` driver's `traceparent` header, the
+//! OpenClaw request's) and the attempt's log lines.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A trace id and the span within it; `sampled` is the header's flag.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// 16 bytes, never all zero.
+    pub trace_id: u128,
+    /// 8 bytes, never zero.
+    pub span_id: u64,
+    /// The `sampled` trace flag.
+    pub sampled: bool,
+}
+
+impl TraceContext {
+    /// Parses a `traceparent` header: `00-<32 hex>-<16 hex>-<2 hex>`, or a
+    /// later version's first four fields (as the spec asks). `None` when it
+    /// is malformed, version `ff`, or either id is all zeros; the caller
+    /// then starts a new trace.
+    pub fn parse(header: &str) -> Option<TraceContext> {
+        let header = header.trim();
+        let mut parts = header.split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let extra = parts.next();
+        let lower_hex = |s: &str, len: usize| {
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if !lower_hex(version, 2) || version == "ff" || (version == "00" && extra.is_some()) {
+            return None;
+        }
+        if !lower_hex(trace, 32) || !lower_hex(span, 16) || !lower_hex(flags, 2) {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(trace, 16).ok()?;
+        let span_id = u64::from_str_radix(span, 16).ok()?;
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        (trace_id != 0 && span_id != 0).then_some(TraceContext {
+            trace_id,
+            span_id,
+            sampled: flags & 1 == 1,
+        })
+    }
+
+    /// A new trace, sampled.
+    pub fn random() -> TraceContext {
+        TraceContext {
+            trace_id: rand::random::<u128>() | 1,
+            span_id: rand::random::<u64>() | 1,
+            sampled: true,
+        }
+    }
+
+    /// A new span in the same trace (one attempt, one gateway call).
+    pub fn child(&self) -> TraceContext {
+        TraceContext {
+            span_id: rand::random::<u64>() | 1,
+            ..*self
+        }
+    }
+
+    /// The trace id as 32 lowercase hex digits.
+    pub fn trace_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The span id as 16 lowercase hex digits.
+    pub fn span_hex(&self) -> String {
+        format!("{:016x}", self.span_id)
+    }
+
+    /// The `traceparent` header value.
+    pub fn header(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id,
+            self.span_id,
+            u8::from(self.sampled)
+        )
+    }
+}
+
+impl fmt::Debug for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn the_specs_example_round_trips() {
+        let t = TraceContext::parse(EXAMPLE).unwrap();
+        assert_eq!(t.trace_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.span_hex(), "00f067aa0ba902b7");
+        assert!(t.sampled);
+        assert_eq!(t.header(), EXAMPLE);
+        let child = t.child();
+        assert_eq!(child.trace_id, t.trace_id);
+        assert_ne!(child.span_id, t.span_id);
+    }
+
+    #[test]
+    fn malformed_headers_are_refused() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceContext::parse(bad), None, "{bad}");
+        }
+        // A later version may add fields after the first four.
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-more";
+        let t = TraceContext::parse(later).unwrap();
+        assert!(!t.sampled);
+    }
+}
