@@ -2,7 +2,7 @@
 //! kept in the task (Raft-replicated), shown in the task's view, sent to the
 //! `http` gateway with each attempt (same trace, a new span), and written
 //! in the node's log line for the attempt. A submission without one gets a
-//! new trace.
+//! trace derived from the task, the same in every view and attempt.
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -112,7 +112,7 @@ async fn a_traceparent_reaches_the_task_the_gateway_and_the_log() {
             .unwrap_or_else(|| panic!("no attempt log line with the trace id:\n{log}"));
         assert!(line.contains(parts[2]), "the log names the attempt's span: {line}");
 
-        // No traceparent (or a malformed one): a new trace, still carried.
+        // No traceparent (or a malformed one): a derived trace, still carried.
         for tp in [None, Some("00-not-a-trace-01")] {
             let task = submit(&base, tp).await;
             let trace = task["trace_id"].as_str().unwrap().to_owned();

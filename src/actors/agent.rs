@@ -510,7 +510,7 @@ async fn attempt(
             .map(|k| crate::fsm::gateway_session_key(&task.tenant, k)),
         payload: Arc::from(task.payload.as_str()),
         timeout: Duration::from_millis(task.timeout_ms),
-        trace: task.trace.map(|t| t.child()),
+        trace: Some(task.trace().child()),
     };
     if let Some(trace) = &req.trace {
         tracing::debug!(

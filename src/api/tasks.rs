@@ -84,10 +84,12 @@ impl TaskCreate {
     }
 }
 
-/// The request's W3C trace context: its `traceparent` header, or a new
-/// trace when it has none (or a malformed one, which the spec says to
-/// ignore).
-pub struct Traceparent(pub TraceContext);
+static TRACEPARENT: axum::http::HeaderName = axum::http::HeaderName::from_static("traceparent");
+
+/// The request's W3C trace context: its `traceparent` header; `None` when
+/// it has none or a malformed one (which the spec says to ignore), and the
+/// task then gets a trace derived from its id ([`crate::fsm::Task::trace`]).
+pub struct Traceparent(pub Option<TraceContext>);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Traceparent {
     type Rejection = std::convert::Infallible;
@@ -98,10 +100,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Traceparent {
     ) -> Result<Self, Self::Rejection> {
         let sent = parts
             .headers
-            .get("traceparent")
+            .get(&TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(TraceContext::parse);
-        Ok(Traceparent(sent.unwrap_or_else(TraceContext::random)))
+        Ok(Traceparent(sent))
     }
 }
 
@@ -115,7 +117,7 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<TaskView>)> {
     let tenant = caller.tenant_named(body.tenant.take())?;
     let mut spec = body.into_submit(tenant)?;
-    spec.trace = Some(trace);
+    spec.trace = trace;
     match api.write_as(&caller, Command::Submit(spec), None).await? {
         Reply::Submitted { task, created } => {
             let status = if created {

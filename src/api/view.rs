@@ -33,8 +33,8 @@ struct TaskJson<'a> {
     backoff: &'a crate::fsm::Backoff,
     idempotency_key: Option<&'a str>,
     parent_id: Option<u64>,
-    /// The W3C trace id its submission carried (or was given).
-    trace_id: Option<String>,
+    /// The W3C trace id its submission carried (or was derived).
+    trace_id: TraceHex,
     lease: Option<LeaseJson<'a>>,
     agent_id: Option<&'a str>,
     result: Option<Raw<'a>>,
@@ -50,6 +50,15 @@ struct LeaseJson<'a> {
     agent_id: &'a str,
     leased_at: String,
     expires_at: String,
+}
+
+/// A trace id's hex digits, written as a JSON string without allocating.
+struct TraceHex([u8; 32]);
+
+impl Serialize for TraceHex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(std::str::from_utf8(&self.0).unwrap_or_default())
+    }
 }
 
 /// Stored JSON text, written as JSON (it was validated on the way in; if it
@@ -85,7 +94,7 @@ impl Serialize for TaskView {
             backoff: &t.backoff,
             idempotency_key: t.idempotency_key.as_deref(),
             parent_id: t.parent_id.map(|p| p.0),
-            trace_id: t.trace.map(|c| c.trace_hex()),
+            trace_id: TraceHex(t.trace().trace_hex_bytes()),
             lease: t.lease.as_ref().map(|l| LeaseJson {
                 fencing_token: l.token.0,
                 agent_id: &l.agent_id.0,

@@ -239,6 +239,7 @@ fn task(t: &Value) -> String {
         ("next attempt", cell(&t["next_attempt_at"])),
         ("parent", cell(&t["parent_id"])),
         ("idempotency key", cell(&t["idempotency_key"])),
+        ("trace", cell(&t["trace_id"])),
         ("error", cell(&t["error"])),
     ]);
     for (label, key) in [("payload", "payload"), ("result", "result")] {

@@ -267,7 +267,8 @@ pub struct Task {
     pub idempotency_key: Option<String>,
     /// The task that spawned this one.
     pub parent_id: Option<TaskId>,
-    /// The trace its submission belonged to; each attempt is a span in it.
+    /// The trace its submission carried, if it carried one (see
+    /// [`Task::trace`]); each attempt is a span in it.
     pub trace: Option<crate::trace::TraceContext>,
     /// Current status.
     pub status: TaskStatus,
@@ -289,6 +290,15 @@ pub struct Task {
     pub created_at_ms: u64,
     /// Time of the last change.
     pub updated_at_ms: u64,
+}
+
+impl Task {
+    /// The task's trace: the one its submission carried, else one derived
+    /// from its id and creation time (the same on every node).
+    pub fn trace(&self) -> crate::trace::TraceContext {
+        self.trace
+            .unwrap_or_else(|| crate::trace::TraceContext::derived(self.id.0, self.created_at_ms))
+    }
 }
 
 /// Bounds on what a submission may carry. Enforced at apply (so replicas agree)
