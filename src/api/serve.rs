@@ -368,6 +368,14 @@ async fn handle(
             header::CONNECTION,
             header::HeaderValue::from_static("close"),
         );
+        // Lingering close: a client still sending its body would get a
+        // reset, and lose this answer, if the connection closed on unread
+        // data; discard what it sends (bounded in bytes and time) instead.
+        tokio::spawn(discard(
+            req.into_body(),
+            4 * limits.max_body,
+            limits.body_timeout,
+        ));
         return resp;
     }
     // Only a request that may carry a body needs a deadline on it.
@@ -385,4 +393,19 @@ async fn handle(
         Ok(resp) => resp,
         Err(never) => match never {},
     }
+}
+
+/// Reads and drops up to `max` bytes of `body`, for at most `within`.
+async fn discard(mut body: Incoming, max: usize, within: Duration) {
+    use hyper::body::Body as _;
+    let _ = tokio::time::timeout(within, async {
+        let mut seen = 0;
+        while seen <= max {
+            match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                Some(Ok(frame)) => seen += frame.data_ref().map_or(0, Bytes::len),
+                _ => break,
+            }
+        }
+    })
+    .await;
 }
