@@ -135,21 +135,9 @@ async fn bad_requests_are_refused_and_nothing_is_lost() {
 
 /// A CA-signed certificate for 127.0.0.1, and the CA, as PEM files.
 fn certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let (c, k) = (dir.join("api.crt"), dir.join("api.key"));
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    (c, k, ca_cert.pem())
+    let ca = support::certs::Ca::new(dir, "api");
+    let files = ca.issue("node", &["127.0.0.1"]);
+    (files.cert, files.key, ca.pem().to_owned())
 }
 
 fn free_port() -> u16 {

@@ -89,7 +89,7 @@ async fn tasks_complete_with_the_fabric_disabled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hints_flow_over_mutual_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let tls = issue_certs(dir.path());
+    let (tls, _) = issue_certs(dir.path());
     let extra = format!("{QUEUE}\n{tls}");
     let c = Cluster::start_with(3, &extra).await;
     bounded(Duration::from_secs(120), async {
@@ -116,10 +116,10 @@ async fn hints_flow_over_mutual_tls() {
 #[test]
 fn unusable_tls_files_stop_the_node_before_it_starts() {
     let dir = tempfile::tempdir().unwrap();
-    let tls = issue_certs(dir.path());
+    let (tls, files) = issue_certs(dir.path());
     // The key file exists (so the config parses and validates) but holds
     // no key: loading it must fail and the node must not start.
-    std::fs::write(dir.path().join("node.key"), "not a key\n").unwrap();
+    std::fs::write(&files.key, "not a key\n").unwrap();
     let config = dir.path().join("node.toml");
     std::fs::write(
         &config,
@@ -153,30 +153,12 @@ fn unusable_tls_files_stop_the_node_before_it_starts() {
 
 /// Writes a CA and one certificate for 127.0.0.1 signed by it (shared by
 /// every node of a test cluster, as all listen on 127.0.0.1) into `dir`;
-/// returns the `[fabric.tls]` table naming them.
-fn issue_certs(dir: &std::path::Path) -> String {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "godel test fabric ca");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let (c, k, a) = (
-        dir.join("node.crt"),
-        dir.join("node.key"),
-        dir.join("ca.crt"),
-    );
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    std::fs::write(&a, ca_cert.pem()).unwrap();
-    format!("[fabric.tls]\ncert = {c:?}\nkey = {k:?}\nca = {a:?}\n")
+/// returns the `[fabric.tls]` table naming them, and the files.
+fn issue_certs(dir: &std::path::Path) -> (String, godel::config::TlsFiles) {
+    let files = support::certs::Ca::new(dir, "godel test fabric").issue("node", &["127.0.0.1"]);
+    let (c, k, a) = (&files.cert, &files.key, &files.ca);
+    let table = format!("[fabric.tls]\ncert = {c:?}\nkey = {k:?}\nca = {a:?}\n");
+    (table, files)
 }
 
 /// Registers six `sim` gateways with two agents each, checks that some are

@@ -13,7 +13,6 @@
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use anyhow::{anyhow, bail};
 use godel::config::TlsFiles;
 use godel::tls::MutualTls;
 use godel::transport::{Client, Faults, Handler, Secret, TransportConfig, TransportError, serve};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use support::certs::Ca;
 use support::{Cluster, bounded, deadline, task_body, wait_until};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -31,51 +30,6 @@ const SECRET: &str = "test-cluster-secret-0123456789";
 const CALL: Duration = Duration::from_secs(2);
 const BOUND: Duration = Duration::from_secs(30);
 const CLUSTER_BOUND: Duration = Duration::from_secs(120);
-
-/// A CA that signs node certificates into a directory.
-struct Ca {
-    name: String,
-    dir: PathBuf,
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} ca"));
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            name: name.to_owned(),
-            dir: dir.to_owned(),
-            issuer: Issuer::new(params, key),
-            pem: cert.pem(),
-        }
-    }
-
-    /// A node certificate for `names` (IPs or DNS names), as files.
-    fn issue(&self, node: &str, names: &[&str]) -> TlsFiles {
-        let key = KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
-        let files = TlsFiles {
-            cert: self.dir.join(format!("{}-{node}.crt", self.name)),
-            key: self.dir.join(format!("{}-{node}.key", self.name)),
-            ca: self.dir.join(format!("{}-ca.crt", self.name)),
-        };
-        std::fs::write(&files.cert, cert.pem()).unwrap();
-        std::fs::write(&files.key, key.serialize_pem()).unwrap();
-        std::fs::write(&files.ca, &self.pem).unwrap();
-        files
-    }
-}
 
 /// `[cluster.tls]` for these files.
 fn tls_table(files: &TlsFiles) -> String {

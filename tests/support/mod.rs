@@ -31,6 +31,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 mod api;
+pub mod certs;
 pub mod work;
 
 pub use api::Api;
