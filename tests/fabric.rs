@@ -129,19 +129,31 @@ fn unusable_tls_files_stop_the_node_before_it_starts() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_godel"))
+    // Bounded: a node that does start is killed (by PID) after 30 s.
+    let log = dir.path().join("serve.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_godel"))
         .args(["serve", "--config"])
         .arg(&config)
         .env("NO_COLOR", "1")
-        .output()
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > give_up {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        !out.status.success(),
+        status.is_some_and(|s| !s.success()),
         "node started with a bad key:\n{text}"
     );
     assert!(text.contains("fabric.tls.key"), "{text}");
