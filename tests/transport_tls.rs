@@ -120,6 +120,34 @@ fn client(config: TransportConfig) -> Client {
     Client::new(config, Faults::new()).unwrap()
 }
 
+/// A call from a client with `from` to node `to` served by `server`, which
+/// TLS must refuse before the handler runs; the error.
+async fn refused_by_tls(from: TransportConfig, to: u64, server: &Server) -> TransportError {
+    let e = client(from)
+        .call(to, &server.addr, b"hello".to_vec(), CALL)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TransportError::Tls { .. }), "{e}");
+    assert_eq!(server.calls(), 0);
+    e
+}
+
+/// A call from a client with `from` to node `to` served by `server` that
+/// must fail at once (well within its 10 s budget), not time out.
+async fn fails_fast(from: TransportConfig, to: u64, server: &Server) {
+    let started = Instant::now();
+    let e = client(from)
+        .call(to, &server.addr, b"hello".to_vec(), Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(!matches!(e, TransportError::Timeout { .. }), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{e} after {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn peers_of_one_ca_talk_over_tls_and_reuse_connections() {
     let dir = tempfile::tempdir().unwrap();
@@ -173,22 +201,12 @@ async fn a_peer_from_another_ca_is_refused_both_ways() {
     );
     bounded(BOUND, async {
         let server = Server::start(config(1, Some(&good))).await;
-        let e = client(config(9, Some(&rogue)))
-            .call(1, &server.addr, b"hello".to_vec(), CALL)
-            .await
-            .unwrap_err();
-        assert!(matches!(e, TransportError::Tls { .. }), "{e}");
+        let e = refused_by_tls(config(9, Some(&rogue)), 1, &server).await;
         assert!(!e.is_retryable());
-        assert_eq!(server.calls(), 0);
 
         let rogue_server = Server::start(config(9, Some(&rogue))).await;
-        let e = client(config(1, Some(&good)))
-            .call(9, &rogue_server.addr, b"hello".to_vec(), CALL)
-            .await
-            .unwrap_err();
-        assert!(matches!(e, TransportError::Tls { .. }), "{e}");
+        let e = refused_by_tls(config(1, Some(&good)), 9, &rogue_server).await;
         assert!(e.to_string().contains("UnknownIssuer"), "{e}");
-        assert_eq!(rogue_server.calls(), 0);
     })
     .await;
 }
@@ -201,13 +219,8 @@ async fn a_certificate_that_does_not_name_the_address_is_refused() {
     let two = ca.issue("n2", &["127.0.0.1"]);
     bounded(BOUND, async {
         let server = Server::start(config(1, Some(&elsewhere))).await;
-        let e = client(config(2, Some(&two)))
-            .call(1, &server.addr, b"hello".to_vec(), CALL)
-            .await
-            .unwrap_err();
-        assert!(matches!(e, TransportError::Tls { .. }), "{e}");
+        let e = refused_by_tls(config(2, Some(&two)), 1, &server).await;
         assert!(e.to_string().contains("not valid for name"), "{e}");
-        assert_eq!(server.calls(), 0);
     })
     .await;
 }
@@ -222,44 +235,14 @@ async fn plaintext_and_tls_peers_fail_fast_and_the_server_keeps_serving() {
     );
     bounded(BOUND, async {
         let tls_server = Server::start(config(1, Some(&one))).await;
-        let started = Instant::now();
-        let e = client(config(2, None))
-            .call(
-                1,
-                &tls_server.addr,
-                b"hello".to_vec(),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap_err();
-        assert!(!matches!(e, TransportError::Timeout { .. }), "{e}");
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{e} after {:?}",
-            started.elapsed()
-        );
+        fails_fast(config(2, None), 1, &tls_server).await;
         let ok = client(config(2, Some(&two)))
             .call(1, &tls_server.addr, b"still".to_vec(), CALL)
             .await;
         assert_eq!(ok.unwrap(), b"2:still".to_vec());
 
         let plain_server = Server::start(config(1, None)).await;
-        let started = Instant::now();
-        let e = client(config(2, Some(&two)))
-            .call(
-                1,
-                &plain_server.addr,
-                b"hello".to_vec(),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap_err();
-        assert!(!matches!(e, TransportError::Timeout { .. }), "{e}");
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{e} after {:?}",
-            started.elapsed()
-        );
+        fails_fast(config(2, Some(&two)), 1, &plain_server).await;
         assert_eq!(plain_server.calls(), 0);
     })
     .await;
