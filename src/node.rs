@@ -109,6 +109,8 @@ struct Inner {
     raft: Raft,
     state: SharedState,
     client: transport::Client,
+    /// Calls to other nodes' HTTP APIs (bootstrap probe, join, transfer relay).
+    peer_api: crate::api::peers::PeerApi,
     /// Peers this node's transport is cut off from (fault injection).
     faults: transport::Faults,
     queue: proposer::Queue,
@@ -137,6 +139,7 @@ impl Node {
             Some(tls) => Some(crate::tls::MutualTls::load(tls, "cluster.tls")?),
             None => None,
         };
+        let peer_api = crate::api::peers::PeerApi::new(&config)?;
         let secret = transport::Secret::new(membership::load_secret(&config)?);
         let dir = config.node.data_dir.join("raft");
         let (log_store, sm) =
@@ -163,6 +166,7 @@ impl Node {
                 raft,
                 state,
                 client,
+                peer_api,
                 faults: faults.clone(),
                 queue,
                 tasks: TaskTracker::new(),
@@ -309,6 +313,11 @@ impl Node {
     /// The node's configuration.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The client for other nodes' HTTP APIs.
+    pub fn peer_api(&self) -> &crate::api::peers::PeerApi {
+        &self.inner.peer_api
     }
 
     /// The Raft handle (metrics, membership).

@@ -108,8 +108,7 @@ pub async fn transfer(
             .node
             .leader()
             .ok_or_else(|| ApiError::unavailable("no leader known"))?;
-        let peers = crate::api::peers::PeerApi::new(api.node.config(), None)
-            .map_err(|e| ApiError::unavailable(format!("cannot call the leader: {e:#}")))?;
+        let peers = api.node.peer_api();
         let url = peers.url(&leader.api_addr, "/api/v1/cluster/transfer-leader");
         // The caller's own credential goes along: the leader checks it and
         // records the transfer itself.

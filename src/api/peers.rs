@@ -4,8 +4,6 @@
 //! API runs TLS on every node or on none) and then trust only `api.tls_ca`
 //! if it is set, else the system's roots.
 
-use std::time::Duration;
-
 use anyhow::Context;
 
 use crate::config::Config;
@@ -18,12 +16,10 @@ pub struct PeerApi {
 }
 
 impl PeerApi {
-    /// The client for this node's config; `timeout` bounds each whole call.
-    pub fn new(config: &Config, timeout: Option<Duration>) -> anyhow::Result<PeerApi> {
+    /// The client for this node's config (one per node: it pools its
+    /// connections). Callers bound each call with `RequestBuilder::timeout`.
+    pub fn new(config: &Config) -> anyhow::Result<PeerApi> {
         let mut builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
-        if let Some(t) = timeout {
-            builder = builder.timeout(t);
-        }
         if let Some(ca) = &config.api.tls_ca {
             let pem = std::fs::read(ca)
                 .with_context(|| format!("api.tls_ca {}: cannot read", ca.display()))?;

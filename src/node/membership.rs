@@ -16,7 +16,6 @@ use serde::Serialize;
 
 use super::{Node, NodeError};
 use crate::api::auth::node_proof;
-use crate::api::peers::PeerApi;
 use crate::clock;
 use crate::config::Config;
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
@@ -116,7 +115,7 @@ async fn running_peer(
     node: &Node,
     members: &BTreeMap<NodeId, NodeInfo>,
 ) -> anyhow::Result<Option<NodeId>> {
-    let peers = PeerApi::new(node.config(), Some(Duration::from_secs(1)))?;
+    let peers = node.peer_api();
     let key = proof_key(node)?;
     let path = "/api/v1/cluster";
     for (id, info) in members.iter().filter(|(id, _)| **id != node.id()) {
@@ -125,6 +124,7 @@ async fn running_peer(
         let Ok(resp) = peers
             .http()
             .get(&url)
+            .timeout(Duration::from_secs(1))
             .header(reqwest::header::AUTHORIZATION, proof)
             .send()
             .await
@@ -164,10 +164,7 @@ async fn join_loop(node: Node, seed: String) {
         Ok(k) => k,
         Err(e) => return tracing::error!(error = %e, "cannot join: no cluster secret"),
     };
-    let peers = match PeerApi::new(node.config(), None) {
-        Ok(p) => p,
-        Err(e) => return tracing::error!(error = %e, "cannot join"),
-    };
+    let peers = node.peer_api().clone();
     let url = peers.url(&seed, path);
     let mut delay = Duration::from_millis(200);
     loop {
