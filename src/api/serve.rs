@@ -166,9 +166,8 @@ impl Connection {
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let (app, limits) = (app.clone(), Arc::clone(&limits));
             let answering = Answering::start(&counted);
-            let activity = Arc::clone(&counted);
             async move {
-                let resp = handle(app, &limits, peer, &activity, req).await;
+                let resp = handle(app, &limits, peer, &answering.0, req).await;
                 drop(answering);
                 Ok::<_, Infallible>(resp)
             }
