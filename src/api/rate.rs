@@ -78,19 +78,9 @@ pub struct Allowance {
 impl Allowance {
     /// Writes the `X-RateLimit-*` headers.
     pub fn write(&self, h: &mut HeaderMap) {
-        // One buffer for the three values (they share it), not three.
-        let text = format!("{}{}{}", self.limit, self.remaining, self.reset_s);
-        let bytes = axum::body::Bytes::from(text);
-        let (a, b) = (digits(self.limit.into()), digits(self.remaining.into()));
-        for (name, range) in [
-            (&LIMIT, 0..a),
-            (&REMAINING, a..a + b),
-            (&RESET, a + b..bytes.len()),
-        ] {
-            let value = HeaderValue::from_maybe_shared(bytes.slice(range))
-                .expect("invariant: decimal digits are a valid header value");
-            h.insert(name.clone(), value);
-        }
+        h.insert(LIMIT.clone(), HeaderValue::from(self.limit));
+        h.insert(REMAINING.clone(), HeaderValue::from(self.remaining));
+        h.insert(RESET.clone(), HeaderValue::from(self.reset_s));
     }
 
     fn of(s: &StateSnapshot) -> Allowance {
@@ -123,11 +113,6 @@ pub struct Limited {
     pub retry_after: Duration,
     /// The bucket's state (remaining 0).
     pub allowance: Allowance,
-}
-
-/// How many decimal digits `n` has.
-fn digits(n: u64) -> usize {
-    n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 fn nz(v: u32) -> NonZeroU32 {
