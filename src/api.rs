@@ -20,6 +20,7 @@ mod audit;
 pub mod auth;
 mod cluster;
 mod error;
+mod events;
 mod json;
 mod keys;
 mod leases;
@@ -64,6 +65,8 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
 pub struct Api {
     node: Node,
     auth: Arc<Authenticator>,
+    /// The event stream's hub.
+    events: Arc<crate::events::EventHub>,
 }
 
 impl Api {
@@ -172,6 +175,7 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (M::POST, "/jwt/revocations", post(keys::revoke_jwt)),
         (M::GET, "/jwt/revocations", get(keys::jwt_revocations)),
         (M::GET, "/audit", get(audit::list)),
+        (M::GET, "/events", get(events::subscribe)),
         (M::GET, "/health", get(cluster::deep)),
         (M::GET, "/metrics", get(metrics)),
     ]
@@ -222,7 +226,19 @@ pub fn router(node: Node) -> anyhow::Result<Router> {
         node.state().clone(),
         &secret,
     )?);
-    let api = Api { node, auth };
+    let last_seq = node.state().read(|s| s.last_event_seq());
+    let events = Arc::new(crate::events::EventHub::new(
+        cfg.events_buffer,
+        cfg.events_queue,
+        last_seq,
+    ));
+    let feed = crate::events::run(
+        Arc::clone(&events),
+        node.state().clone(),
+        node.shutdown_token().clone(),
+    );
+    node.spawn(feed);
+    let api = Api { node, auth, events };
     api.node.spawn(housekeeping(api.clone()));
     api.node.spawn(auth::bootstrap_admin_key(api.node.clone()));
     let (mut v1, mut root) = (Router::new(), Router::new());

@@ -280,6 +280,12 @@ pub struct ApiConfig {
     /// not a public CA: nodes trust only these when they call each other's
     /// API (joins, leader transfer). Unset: the system's roots.
     pub tls_ca: Option<PathBuf>,
+    /// Events each node keeps for event-stream clients resuming with
+    /// `?since=` (older ones answer with a gap).
+    pub events_buffer: usize,
+    /// Events queued for one event-stream client before it is told it
+    /// lagged and closed.
+    pub events_queue: usize,
 }
 
 impl Default for ApiConfig {
@@ -294,6 +300,8 @@ impl Default for ApiConfig {
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
+            events_buffer: crate::events::DEFAULT_CAPACITY,
+            events_queue: crate::events::LIVE_CAPACITY,
         }
     }
 }
@@ -491,6 +499,9 @@ impl Config {
             p.push(
                 "api.max_json_depth, api.header_timeout and api.body_timeout must be > 0".into(),
             );
+        }
+        if self.api.events_buffer == 0 || self.api.events_queue == 0 {
+            p.push("api.events_buffer and api.events_queue must be > 0".into());
         }
         match (&self.api.tls_cert, &self.api.tls_key) {
             (Some(c), Some(k)) => {

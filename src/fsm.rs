@@ -59,6 +59,7 @@ mod audit;
 mod auth;
 mod command;
 mod dispatch;
+mod event;
 mod lease;
 mod query;
 mod queue;
@@ -77,9 +78,10 @@ pub use auth::{
     TenantRecord, TenantSettings,
 };
 pub use command::{
-    Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, Event, EventKind, LeaseGrant,
-    Outcome, Rejection, ReplaySelector, Reply, Request, Response, SubmitTask, Write, pack, unpack,
+    Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, LeaseGrant, Outcome, Rejection,
+    ReplaySelector, Reply, Request, Response, SubmitTask, Write, pack, unpack,
 };
+pub use event::{AgentChange, Event, EventKind, GatewayChange, NodeChange, What};
 pub use query::{Depth, TaskFilter, TaskPage};
 pub use registry::{
     AgentRecord, AgentRegistration, BACKPRESSURE_PERCENT, Circuit, GatewayId, GatewayRecord,

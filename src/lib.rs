@@ -21,6 +21,7 @@ pub mod cli;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod events;
 pub mod fabric;
 pub mod fsm;
 pub mod gateway;

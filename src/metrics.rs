@@ -11,7 +11,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::fsm::{Event, EventKind, Priority, TaskStatus};
+use crate::fsm::{Event, EventKind, Priority, TaskStatus, What};
 use crate::node::Node;
 
 /// The process's metrics.
@@ -64,6 +64,16 @@ pub struct Metrics {
     /// Denied calls that could not be written to the audit log (too many
     /// pending, or no quorum).
     pub api_denials_unaudited: prometheus::IntCounter,
+    /// Event-stream connections open on this node.
+    pub event_subscribers: IntGauge,
+    /// Events sent to event-stream subscribers.
+    pub events_sent: prometheus::IntCounter,
+    /// Event-stream subscribers ended, by reason (`lagged`, `slow`,
+    /// `closed`, `unauthenticated`).
+    pub event_disconnects: IntCounterVec,
+    /// Events this node's stream buffer missed (it fell behind the state
+    /// machine, or a snapshot replaced the state).
+    pub events_missed: prometheus::IntCounter,
     tasks: IntGaugeVec,
     raft_term: IntGauge,
     raft_leader: IntGauge,
@@ -190,6 +200,25 @@ fn build() -> prometheus::Result<Metrics> {
             "godel_api_denials_unaudited_total",
             "Denied API calls that could not be written to the audit log",
         )?,
+        event_subscribers: IntGauge::new(
+            "godel_event_subscribers",
+            "Event-stream connections open on this node",
+        )?,
+        events_sent: prometheus::IntCounter::new(
+            "godel_events_sent_total",
+            "Events sent to event-stream subscribers",
+        )?,
+        event_disconnects: IntCounterVec::new(
+            Opts::new(
+                "godel_event_disconnects_total",
+                "Event-stream subscribers ended, by reason",
+            ),
+            &["reason"],
+        )?,
+        events_missed: prometheus::IntCounter::new(
+            "godel_events_missed_total",
+            "Events the node's stream buffer missed (fell behind, or a snapshot was installed)",
+        )?,
         tasks: IntGaugeVec::new(
             Opts::new("godel_queue_tasks", "Tasks by priority and status"),
             &["priority", "status"],
@@ -220,6 +249,10 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.api_denials.clone()))?;
     m.registry
         .register(Box::new(m.api_denials_unaudited.clone()))?;
+    m.registry.register(Box::new(m.event_subscribers.clone()))?;
+    m.registry.register(Box::new(m.events_sent.clone()))?;
+    m.registry.register(Box::new(m.event_disconnects.clone()))?;
+    m.registry.register(Box::new(m.events_missed.clone()))?;
     m.registry.register(Box::new(m.raft_term.clone()))?;
     m.registry.register(Box::new(m.raft_leader.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;
@@ -258,20 +291,30 @@ pub fn observe(events: &[Event]) {
     // pair and entry instead of one per event.
     let mut counts: Vec<((&'static str, &'static str), u64)> = Vec::new();
     for e in events {
-        let name = event_name(&e.kind);
-        let key = (name, e.priority.as_str());
+        let What::Task {
+            task,
+            priority,
+            kind,
+            ..
+        } = &e.what
+        else {
+            tracing::debug!(seq = e.seq, event = e.what.name(), detail = ?e.what, "event");
+            continue;
+        };
+        let name = event_name(kind);
+        let key = (name, priority.as_str());
         match counts.iter_mut().find(|(k, _)| *k == key) {
             Some((_, n)) => *n += 1,
             None => counts.push((key, 1)),
         }
-        match &e.kind {
+        match kind {
             EventKind::DeadLettered
             | EventKind::TimedOut { .. }
             | EventKind::LeaseExpired { .. } => {
-                tracing::info!(task_id = e.task.0, priority = e.priority.as_str(), event = name, detail = ?e.kind, "task event");
+                tracing::info!(task_id = task.0, priority = priority.as_str(), event = name, detail = ?kind, "task event");
             }
             _ => {
-                tracing::debug!(task_id = e.task.0, priority = e.priority.as_str(), event = name, detail = ?e.kind, "task event")
+                tracing::debug!(task_id = task.0, priority = priority.as_str(), event = name, detail = ?kind, "task event")
             }
         }
     }

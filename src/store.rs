@@ -100,6 +100,7 @@ use crate::raft::NodeId;
 pub use log::LogStore;
 pub use state_machine::{
     AppliedEvents, EVENT_CHANNEL_CAPACITY, SharedState, SnapshotBuilder, StateMachine,
+    membership_changes,
 };
 
 /// Why the store failed. Every variant means the node's storage cannot be

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use godel::codec;
 use godel::fsm::{
     Batch, Command, Event, Outcome, Priority, Rejection, Reply, Request, Response, State, Task,
-    TaskId, TaskStatus, Tenant,
+    TaskId, TaskStatus, Tenant, What,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -232,6 +232,8 @@ struct History {
     acknowledged: Vec<TaskId>,
     /// Each task's status, lease token and attempts after the last batch.
     seen: BTreeMap<TaskId, (TaskStatus, Option<u64>, u32)>,
+    /// The last event seq seen.
+    last_seq: u64,
 }
 
 impl History {
@@ -291,12 +293,28 @@ impl History {
     }
 
     /// Every change of status, lease or attempts comes with an event about
-    /// the task, and events carry the task's priority.
+    /// the task; events carry the task's priority and tenant, and are
+    /// numbered 1, 2, 3, ... with no gap across batches.
     fn check_events(&mut self, tasks: &[Task], events: &[Event]) -> Result<(), TestCaseError> {
         for e in events {
-            let task = tasks.iter().find(|t| t.id == e.task);
             ensure!(
-                task.is_some_and(|t| t.priority == e.priority),
+                e.seq == self.last_seq + 1,
+                "event {e:?} follows seq {}",
+                self.last_seq
+            );
+            self.last_seq = e.seq;
+            let What::Task {
+                task: id,
+                tenant,
+                priority,
+                ..
+            } = &e.what
+            else {
+                continue;
+            };
+            let task = tasks.iter().find(|t| t.id == *id);
+            ensure!(
+                task.is_some_and(|t| t.priority == *priority && t.tenant == *tenant),
                 "event {e:?} does not match its task {task:?}"
             );
         }
@@ -304,7 +322,10 @@ impl History {
             let now = (t.status, t.lease.as_ref().map(|l| l.token.0), t.attempts);
             let before = self.seen.insert(t.id, now);
             ensure!(
-                before == Some(now) || events.iter().any(|e| e.task == t.id),
+                before == Some(now)
+                    || events
+                        .iter()
+                        .any(|e| matches!(&e.what, What::Task { task, .. } if *task == t.id)),
                 "task {} went from {before:?} to {now:?} without an event",
                 t.id
             );

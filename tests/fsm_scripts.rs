@@ -70,10 +70,10 @@ use godel::codec;
 use godel::fsm::{
     AgentId, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter, AuditRecord,
     AuditTarget, Backoff, Batch, Circuit, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec,
-    Event, EventKind, FencingToken, GatewayId, GatewayRegistration, Health, LeaseGrant, NewApiKey,
-    Outcome, Priority, Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord,
-    SessionState, State, SubmitTask, Task, TaskFilter, TaskId, TaskStatus, Tenant, TenantPatch,
-    TenantRecord, Write, verify_audit_chain,
+    Event, EventKind, FencingToken, GatewayChange, GatewayId, GatewayRegistration, Health,
+    LeaseGrant, NewApiKey, Outcome, Priority, Rejection, ReplaySelector, Reply, Request, Role,
+    SessionKey, SessionRecord, SessionState, State, SubmitTask, Task, TaskFilter, TaskId,
+    TaskStatus, Tenant, TenantPatch, TenantRecord, What, Write, verify_audit_chain,
 };
 use godel::trace::TraceContext;
 
@@ -1183,8 +1183,35 @@ fn rejection_line(r: &Rejection) -> String {
     format!("rejected {kind}: {r}")
 }
 
+/// `event <seq>: <subject> <what>`: task events as `#<id> <kind>`.
 fn event_line(e: &Event) -> String {
-    let what = match &e.kind {
+    let what = match &e.what {
+        What::Task { task, kind, .. } => format!("#{task} {}", task_kind(kind)),
+        What::Session {
+            id, state, reason, ..
+        } => match reason {
+            Some(r) => format!("session {id} {state} ({r})"),
+            None => format!("session {id} {state}"),
+        },
+        What::Gateway { id, change } => match change {
+            GatewayChange::Health { health, circuit } => {
+                format!("gateway {id} health={health:?} circuit={circuit:?}")
+            }
+            GatewayChange::Placed { owner } => format!("gateway {id} placed owner={owner:?}"),
+            other => format!("gateway {id} {other:?}"),
+        },
+        What::Agent { id, change } => format!("agent {id} {change:?}"),
+        What::Node { id, change } => format!("node {id} {change:?}"),
+        What::Audit(a) => format!(
+            "audit {} {} {} {} {}",
+            a.seq, a.actor, a.action, a.target, a.outcome
+        ),
+    };
+    format!("event {}: {what}", e.seq)
+}
+
+fn task_kind(kind: &EventKind) -> String {
+    match kind {
         EventKind::Submitted => "submitted".into(),
         EventKind::Ready => "ready".into(),
         EventKind::Leased { token, agent } => format!("leased token={token} agent={agent}"),
@@ -1197,8 +1224,7 @@ fn event_line(e: &Event) -> String {
         EventKind::TimedOut { token } => format!("timed_out token={token}"),
         EventKind::Requeued => "requeued".into(),
         EventKind::Released { token } => format!("released token={token}"),
-    };
-    format!("event: #{} {what}", e.task)
+    }
 }
 
 /// One compact line per task: identity and queue position first, then only

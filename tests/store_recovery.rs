@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use godel::fsm::{self, Batch, Command, EventKind, Request, SubmitTask, Tenant};
+use godel::fsm::{self, Batch, Command, EventKind, Request, SubmitTask, Tenant, What};
 use godel::raft::{NodeInfo, TypeConfig};
 use godel::store::{EVENT_CHANNEL_CAPACITY, LogStore, StateMachine, Store};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
@@ -65,9 +65,23 @@ fn history(last: u64) -> Vec<E> {
 /// The state a node must reach: every request applied in order.
 fn reference(entries: &[E]) -> fsm::State {
     let mut state = fsm::State::default();
+    let mut members = openraft::Membership::default();
     for e in entries {
-        if let EntryPayload::Normal(req) = &e.payload {
-            state.apply(req);
+        match &e.payload {
+            EntryPayload::Normal(req) => {
+                state.apply(req);
+            }
+            // A new leader's first entry: its event is numbered too.
+            EntryPayload::Blank => {
+                let change = fsm::NodeChange::LeaderChanged {
+                    term: e.log_id.leader_id.term,
+                };
+                state.raft_events(vec![(e.log_id.leader_id.node_id, change)]);
+            }
+            EntryPayload::Membership(m) => {
+                state.raft_events(godel::store::membership_changes(&members, m));
+                members = m.clone();
+            }
         }
     }
     state
@@ -262,7 +276,13 @@ async fn events_are_published_and_slow_observers_never_block_apply() {
     assert_eq!(first.index, 3);
     assert!(!first.snapshot_installed);
     assert_eq!(first.events.len(), 1); // history: entry 3 submits 3 % 3 + 1 tasks
-    assert!(matches!(first.events[0].kind, EventKind::Submitted));
+    assert!(matches!(
+        first.events[0].what,
+        What::Task {
+            kind: EventKind::Submitted,
+            ..
+        }
+    ));
     assert_eq!(rx.try_recv().unwrap().index, 4);
     assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty);
 

@@ -14,7 +14,7 @@ use ractor::ActorRef;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::agent::AgentMsg;
-use crate::fsm::{AgentId, EventKind, TaskId};
+use crate::fsm::{AgentId, EventKind, TaskId, What};
 use crate::node::Node;
 
 /// The agent actors running on this node, by agent id. Each actor adds
@@ -104,13 +104,17 @@ pub async fn route_leases(node: Node, directory: AgentDirectory) {
             continue;
         }
         for e in &batch.events {
-            match &e.kind {
+            let What::Task { task, kind, .. } = &e.what else {
+                continue;
+            };
+            let task = *task;
+            match kind {
                 EventKind::Leased { token, agent } => {
                     if let Some(actor) = directory.get(agent) {
-                        routed.insert(e.task, agent.clone());
+                        routed.insert(task, agent.clone());
                         let _ = actor.send_message(AgentMsg::Granted {
                             token: *token,
-                            task: e.task,
+                            task,
                         });
                     }
                 }
@@ -118,14 +122,14 @@ pub async fn route_leases(node: Node, directory: AgentDirectory) {
                 | EventKind::TimedOut { .. }
                 | EventKind::Released { .. }
                 | EventKind::Cancelled => {
-                    if let Some(agent) = routed.remove(&e.task)
+                    if let Some(agent) = routed.remove(&task)
                         && let Some(actor) = directory.get(&agent)
                     {
-                        let _ = actor.send_message(AgentMsg::Lost { task: e.task });
+                        let _ = actor.send_message(AgentMsg::Lost { task });
                     }
                 }
                 EventKind::Completed | EventKind::Failed { .. } | EventKind::DeadLettered => {
-                    routed.remove(&e.task);
+                    routed.remove(&task);
                 }
                 _ => {}
             }

@@ -59,7 +59,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 pub use bootstrap::{ADMIN_KEY_FILE, bootstrap_admin_key, check_configured_key};
-pub(crate) use guard::GuardLayer;
+pub(crate) use guard::{GuardLayer, in_band};
 pub use jwt::JwtVerifier;
 
 use super::error::{ApiError, ApiResult};

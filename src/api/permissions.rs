@@ -122,6 +122,11 @@ pub struct RouteSpec {
     pub permission: Permission,
     /// The audit action (`tasks.submit`).
     pub action: &'static str,
+    /// A connection upgrade without an `Authorization` header passes the
+    /// guard, and the handler checks the credential the client sends
+    /// first (`auth::in_band`): browsers cannot set headers on a
+    /// WebSocket, and a credential in the URL would be logged.
+    pub credential_in_band: bool,
 }
 
 const fn r(
@@ -135,6 +140,18 @@ const fn r(
         path,
         permission,
         action,
+        credential_in_band: false,
+    }
+}
+
+/// A WebSocket route whose credential may come in its first message.
+const fn ws(path: &'static str, permission: Permission, action: &'static str) -> RouteSpec {
+    RouteSpec {
+        method: Method::GET,
+        path,
+        permission,
+        action,
+        credential_in_band: true,
     }
 }
 
@@ -273,6 +290,10 @@ pub const ROUTES: &[RouteSpec] = &[
     r(POST, "/jwt/revocations", P::KeysAdmin, "jwt.revoke"),
     r(GET, "/jwt/revocations", P::KeysAdmin, "jwt.revocations"),
     r(GET, "/audit", P::AuditRead, "audit.list"),
+    // Connecting needs tasks:read (every role); each event also needs what
+    // reading its object over REST needs, in the caller's tenant
+    // (`api::events`).
+    ws("/events", P::TasksRead, "events.subscribe"),
     r(GET, "/health", P::ClusterRead, "health.deep"),
     r(GET, "/metrics", P::MetricsRead, "metrics.read"),
 ];

@@ -18,7 +18,8 @@
 //!   a new connection is closed as soon as it is accepted.
 //! - **JSON depth**: bodies nested deeper than `api.max_json_depth` are
 //!   400 (the limit rides in each request for the body extractor).
-//! - No protocol upgrades (WebSockets) yet.
+//! - **Upgrades** (the event stream's WebSocket) leave this loop: the
+//!   upgraded connection belongs to its handler, which bounds it.
 //! - Each request carries its peer address (`ConnectInfo<SocketAddr>`),
 //!   which the guard limits failed authentications by.
 //! - **Shutdown**: on the node's cancellation the loop stops accepting,
@@ -41,7 +42,6 @@ use axum::response::{IntoResponse, Response};
 use futures_util::task::AtomicWaker;
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -76,7 +76,6 @@ pub async fn serve(
         body_timeout: config.body_timeout,
     });
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let graceful = GracefulShutdown::new();
     let tasks = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -99,22 +98,21 @@ pub async fn serve(
             limits: Arc::clone(&limits),
             tls: tls.clone(),
             peer,
+            shutdown: shutdown.clone(),
         };
-        let watcher = graceful.watcher();
         tasks.spawn(async move {
-            conn.run(stream, watcher).await;
+            conn.run(stream).await;
             drop(permit);
         });
     }
     drop(listener);
     tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
         .await
         .is_err()
     {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "API connections still open at the end of the grace");
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
     Ok(())
 }
 
@@ -132,17 +130,20 @@ struct Connection {
     limits: Arc<Limits>,
     tls: Option<TlsAcceptor>,
     peer: SocketAddr,
+    /// Cancelled when the node shuts down: the connection finishes the
+    /// request in flight and closes.
+    shutdown: CancellationToken,
 }
 
 impl Connection {
-    async fn run(self, stream: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
+    async fn run(self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         match self.tls.clone() {
-            None => self.http(stream, watcher).await,
+            None => self.http(stream).await,
             Some(acceptor) => {
                 let timeout = self.limits.header_timeout;
                 match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => self.http(tls, watcher).await,
+                    Ok(Ok(tls)) => self.http(tls).await,
                     Ok(Err(e)) => {
                         tracing::debug!(peer = %self.peer, error = %e, "API TLS handshake failed");
                     }
@@ -152,12 +153,16 @@ impl Connection {
         }
     }
 
-    async fn http<I>(self, io: I, watcher: hyper_util::server::graceful::Watcher)
+    async fn http<I>(self, io: I)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let Connection {
-            app, limits, peer, ..
+            app,
+            limits,
+            peer,
+            shutdown,
+            ..
         } = self;
         let (header_timeout, body_timeout) = (limits.header_timeout, limits.body_timeout);
         let period = header_timeout.min(body_timeout);
@@ -175,13 +180,20 @@ impl Connection {
         let mut builder = hyper::server::conn::http1::Builder::new();
         // No per-request header timer: the watchdog below does that job.
         builder.header_read_timeout(None).keep_alive(true);
-        let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
         tokio::pin!(conn);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut seen, mut since) = (0, Instant::now());
+        let mut closing = false;
         loop {
             tokio::select! {
+                () = shutdown.cancelled(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
                 ended = &mut conn => {
                     if let Err(e) = ended {
                         tracing::debug!(%peer, error = %e, "API connection ended");

@@ -488,6 +488,16 @@ impl AuditLog {
         self.entries_from(0)
     }
 
+    /// The newest entry, if any is kept.
+    pub fn last(&self) -> Option<AuditEntry> {
+        let prev = match self.len() {
+            0 => return None,
+            1 => self.anchor.map_or([0; 32], |a| a.hash),
+            n => self.stored(n - 2).hash,
+        };
+        Some(self.stored(self.len() - 1).entry(self.last_seq, prev))
+    }
+
     /// The kept entries from the `skip`-th on (0: the oldest kept).
     fn entries_from(&self, skip: usize) -> impl Iterator<Item = AuditEntry> + '_ {
         let skip = skip.min(self.len());

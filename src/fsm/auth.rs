@@ -535,7 +535,7 @@ impl State {
         cmd: &Command,
         scope: &str,
         entropy: u64,
-        events: &mut Vec<super::command::Event>,
+        events: &mut Vec<super::event::Event>,
     ) -> Outcome {
         match cmd {
             Command::Submit(spec) if spec.tenant.0 != scope => Err(Rejection::Forbidden(format!(

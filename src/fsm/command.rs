@@ -695,63 +695,6 @@ impl Rejection {
     }
 }
 
-/// Something that happened to a task, for logs, metrics and `/events`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
-    /// The task.
-    pub task: TaskId,
-    /// Its priority (a metrics label).
-    pub priority: Priority,
-    /// What happened.
-    pub kind: EventKind,
-}
-
-/// The kinds of task events.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum EventKind {
-    /// Accepted into the queue (pending or scheduled).
-    Submitted,
-    /// A scheduled or failed task became ready.
-    Ready,
-    /// Leased to an agent.
-    Leased {
-        /// The lease.
-        token: FencingToken,
-        /// The agent.
-        agent: AgentId,
-    },
-    /// The agent reported it running.
-    Started,
-    /// Completed.
-    Completed,
-    /// An attempt failed; the task waits until `retry_at_ms`.
-    Failed {
-        /// Next attempt.
-        retry_at_ms: u64,
-    },
-    /// Out of attempts, or failed as not retryable.
-    DeadLettered,
-    /// Cancelled.
-    Cancelled,
-    /// The lease lapsed without renewal; the task is ready again.
-    LeaseExpired {
-        /// The lapsed lease.
-        token: FencingToken,
-    },
-    /// An attempt ran past the task's timeout (counts as a failure).
-    TimedOut {
-        /// The attempt's lease.
-        token: FencingToken,
-    },
-    /// Made ready by an operator (retry or replay).
-    Requeued,
-    /// The agent gave the lease back; the task is ready again.
-    Released {
-        /// The released lease.
-        token: FencingToken,
-    },
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,8 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
-use super::command::{DispatchPolicy, DispatchSpec, Event, EventKind, Outcome, Rejection, Reply};
+use super::command::{DispatchPolicy, DispatchSpec, Outcome, Rejection, Reply};
+use super::event::{Event, EventKind};
 use super::lease::check_lease_ms;
 use super::registry::{Circuit, GatewayId, Health, accepts_new_session};
 use super::state::State;

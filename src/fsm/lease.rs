@@ -1,7 +1,8 @@
 //! Leases: grant, renew, complete, fail. Every report carries a fencing token;
 //! a token that is not a task's live lease is rejected and changes nothing.
 
-use super::command::{Event, EventKind, LeaseGrant, Outcome, Rejection, Reply};
+use super::command::{LeaseGrant, Outcome, Rejection, Reply};
+use super::event::{Event, EventKind};
 use super::queue::normalize_caps;
 use super::retry::backoff_delay_ms;
 use super::state::{State, truncate};

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Event, Outcome, Rejection, Reply, check_name};
+use super::command::{Outcome, Rejection, Reply, check_name};
+use super::event::{AgentChange, Event, GatewayChange, NodeChange, What};
 use super::queue::normalize_caps;
 use super::state::State;
 use super::task::{AgentId, FencingToken, Limits, TaskId};
@@ -226,7 +227,16 @@ impl State {
         } else if !draining {
             rec.draining_since_ms = None;
         }
+        let changed = rec.draining != draining;
         rec.draining = draining;
+        if changed {
+            let change = if draining {
+                NodeChange::Draining
+            } else {
+                NodeChange::Undrained
+            };
+            self.notice(What::Node { id, change });
+        }
         Ok(Reply::Done)
     }
 
@@ -256,10 +266,12 @@ impl State {
             capabilities: normalize_caps(&reg.capabilities),
             ..reg.clone()
         };
-        match self.registry.gateways.get_mut(&reg.id) {
+        let id = reg.id.clone();
+        let change = match self.registry.gateways.get_mut(&reg.id) {
             Some(rec) => {
                 rec.reg = reg;
                 rec.updated_at_ms = now;
+                GatewayChange::Updated
             }
             None => {
                 let rec = GatewayRecord {
@@ -271,8 +283,10 @@ impl State {
                     updated_at_ms: now,
                 };
                 self.registry.gateways.insert(reg.id, rec);
+                GatewayChange::Registered
             }
-        }
+        };
+        self.notice(What::Gateway { id, change });
         Ok(Reply::Done)
     }
 
@@ -294,6 +308,10 @@ impl State {
             ));
         }
         self.registry.gateways.remove(id);
+        self.notice(What::Gateway {
+            id: id.clone(),
+            change: GatewayChange::Deregistered,
+        });
         Ok(Reply::Done)
     }
 
@@ -311,10 +329,18 @@ impl State {
         health: Health,
         circuit: Circuit,
     ) -> Outcome {
+        let mut changed = false;
         let reply = self.edit_gateway(id, |rec| {
+            changed = (rec.health, rec.circuit) != (health, circuit);
             rec.health = health;
             rec.circuit = circuit;
         })?;
+        if changed {
+            self.notice(What::Gateway {
+                id: id.clone(),
+                change: GatewayChange::Health { health, circuit },
+            });
+        }
         if let Some(why) = self.gateway_unusable(id) {
             self.end_idle_sessions_on(id, &why);
         }
@@ -347,6 +373,10 @@ impl State {
         let before = self.registry.gateways.get(id).and_then(|g| g.owner);
         let reply = self.edit_gateway(id, |rec| rec.owner = owner)?;
         if before != owner {
+            self.notice(What::Gateway {
+                id: id.clone(),
+                change: GatewayChange::Placed { owner },
+            });
             let agents: Vec<AgentId> = self
                 .registry
                 .agents
@@ -389,6 +419,10 @@ impl State {
         if let Some(a) = self.registry.agents.get_mut(agent) {
             a.online_on = Some(node);
         }
+        self.notice(What::Agent {
+            id: agent.clone(),
+            change: AgentChange::Online { node },
+        });
         Ok(Reply::Done)
     }
 
@@ -430,12 +464,19 @@ impl State {
             ..reg.clone()
         };
         let old = self.registry.agents.get(&reg.id);
+        let known = old.is_some();
         let registered_at_ms = old.map_or(self.clock_ms, |a| a.registered_at_ms);
         let mut online_on = old.and_then(|a| a.online_on);
         if old.is_some_and(|a| a.reg.gateway != reg.gateway) {
             self.let_go(&reg.id, "agent moved to another gateway", events);
             online_on = None;
         }
+        let (id, gateway) = (reg.id.clone(), reg.gateway.clone());
+        let change = if known {
+            AgentChange::Updated { gateway }
+        } else {
+            AgentChange::Registered { gateway }
+        };
         self.registry.agents.insert(
             reg.id.clone(),
             AgentRecord {
@@ -444,6 +485,7 @@ impl State {
                 online_on,
             },
         );
+        self.notice(What::Agent { id, change });
         Ok(Reply::Done)
     }
 
@@ -455,6 +497,10 @@ impl State {
             .remove(id)
             .ok_or_else(|| not_found("agent", id))?;
         self.let_go(id, "agent deregistered", events);
+        self.notice(What::Agent {
+            id: id.clone(),
+            change: AgentChange::Deregistered,
+        });
         Ok(Reply::Done)
     }
 

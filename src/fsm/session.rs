@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Event, EventKind, Outcome, Rejection, Reply, check_name};
+use super::command::{Outcome, Rejection, Reply, check_name};
+use super::event::{Event, EventKind, What};
 use super::registry::{GatewayId, not_found};
 use super::retry::mix;
 use super::state::State;
@@ -282,7 +283,24 @@ impl State {
             .or_default() += 1;
         let rec = Arc::new(rec);
         self.sessions.records.insert(id, Arc::clone(&rec));
+        self.notice_session(&rec);
         rec
+    }
+
+    /// Records that session `rec` is now in its state (with the reason of
+    /// an end).
+    fn notice_session(&mut self, rec: &SessionRecord) {
+        self.notice(What::Session {
+            id: rec.id,
+            tenant: rec.tenant.clone(),
+            gateway: rec.gateway.clone(),
+            state: rec.state,
+            reason: rec
+                .state
+                .is_terminal()
+                .then(|| rec.reason.clone())
+                .flatten(),
+        });
     }
 
     /// Moves a session along its lifecycle; terminal states free its key.
@@ -327,6 +345,7 @@ impl State {
             rec.reason = Some(super::state::truncate(r, MAX_REASON_BYTES));
         }
         let rec = Arc::clone(slot);
+        self.notice_session(&rec);
         if to.is_terminal() {
             if let Some(key) = &rec.session_key {
                 self.sessions

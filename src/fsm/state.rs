@@ -6,14 +6,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::audit::{AuditCaller, AuditLog, AuditMark, outcome_text, target_of};
+use super::audit::{AuditCaller, AuditLog, AuditMark, AuditTarget, outcome_text, target_of};
 use super::auth::Auth;
 use super::command::{
-    Batch, Command, DeadLetterFilter, Event, EventKind, Outcome, Rejection, ReplaySelector, Reply,
-    Request, Response, SubmitTask, check_name,
+    Batch, Command, DeadLetterFilter, Outcome, Rejection, ReplaySelector, Reply, Request, Response,
+    SubmitTask, check_name,
 };
+use super::event::{Event, EventKind, NodeChange, What};
 use super::queue::{ReadyQueues, normalize_caps};
-use super::registry::Registry;
+use super::registry::{NodeId, Registry};
 use super::retry::mix;
 use super::session::Sessions;
 use super::task::{AgentId, FencingToken, Limits, Priority, Task, TaskId, TaskStatus, Tenant};
@@ -58,6 +59,13 @@ pub struct State {
     pub(crate) auth: Auth,
     /// The hash-chained audit log.
     pub(crate) audit: AuditLog,
+    /// The last event seq handed out.
+    pub(crate) last_event_seq: u64,
+    /// Events of the command being applied that come from code not handed
+    /// the batch's event list (sessions, the registry, the audit log);
+    /// moved to it after each command, so it is empty between applies.
+    #[serde(skip)]
+    pub(crate) outbox: Vec<What>,
 }
 
 impl State {
@@ -68,23 +76,69 @@ impl State {
         let outcomes = match request {
             Request::Batch(batch) => self.apply_batch(batch, &mut events),
         };
+        for e in &mut events {
+            self.last_event_seq += 1;
+            e.seq = self.last_event_seq;
+        }
         (Response { outcomes }, events)
     }
 
     fn apply_batch(&mut self, batch: &Batch, events: &mut Vec<Event>) -> Vec<Outcome> {
         self.advance(batch.now_ms, batch.seed, events);
+        self.flush_outbox(events);
         batch
             .commands
             .iter()
             .enumerate()
             .map(|(i, cmd)| {
                 let entropy = mix(batch.seed ^ i as u64);
-                match batch.audit.get(i).and_then(Option::as_ref) {
+                let outcome = match batch.audit.get(i).and_then(Option::as_ref) {
                     None => self.apply_command(cmd, entropy, events),
                     Some(mark) => self.apply_audited(cmd, mark, &batch.callers, entropy, events),
+                };
+                self.flush_outbox(events);
+                outcome
+            })
+            .collect()
+    }
+
+    /// Moves the outbox's events to the batch's list, after the task events
+    /// of the same command.
+    fn flush_outbox(&mut self, events: &mut Vec<Event>) {
+        events.extend(self.outbox.drain(..).map(|what| Event { seq: 0, what }));
+    }
+
+    /// Records an event from code that has no event list at hand.
+    pub(crate) fn notice(&mut self, what: What) {
+        self.outbox.push(what);
+    }
+
+    /// Appends an audit entry and its event.
+    fn append_audit(&mut self, caller: &AuditCaller, target: AuditTarget, outcome: &str) {
+        self.audit.append(self.clock_ms, caller, target, outcome);
+        if let Some(entry) = self.audit.last() {
+            self.outbox.push(What::Audit(entry));
+        }
+    }
+
+    /// Numbers the events of a change the Raft layer applies itself (a new
+    /// leader's first entry, a membership change), after everything before it.
+    pub fn raft_events(&mut self, changes: Vec<(NodeId, NodeChange)>) -> Vec<Event> {
+        changes
+            .into_iter()
+            .map(|(id, change)| {
+                self.last_event_seq += 1;
+                Event {
+                    seq: self.last_event_seq,
+                    what: What::Node { id, change },
                 }
             })
             .collect()
+    }
+
+    /// The last event seq handed out (0: none yet).
+    pub fn last_event_seq(&self) -> u64 {
+        self.last_event_seq
     }
 
     pub(crate) fn apply_command(
@@ -157,8 +211,7 @@ impl State {
             Command::RevokeJti { jti, until_ms } => self.revoke_jti(jti, *until_ms),
             Command::Audit(rec) => {
                 let target = rec.target.clone().unwrap_or_default();
-                self.audit
-                    .append(self.clock_ms, &rec.caller, target, &rec.outcome);
+                self.append_audit(&rec.caller, target, &rec.outcome);
                 Ok(Reply::Done)
             }
         }
@@ -187,8 +240,7 @@ impl State {
             (cmd, false) => self.apply_command(cmd, entropy, events),
         };
         let target = target_of(&mark.target, &outcome);
-        self.audit
-            .append(self.clock_ms, caller, target, outcome_text(&outcome));
+        self.append_audit(caller, target, outcome_text(&outcome));
         outcome
     }
 
@@ -625,10 +677,15 @@ impl State {
     }
 
     pub(crate) fn emit(&self, events: &mut Vec<Event>, id: TaskId, kind: EventKind) {
+        let task = &self.tasks[&id];
         events.push(Event {
-            task: id,
-            priority: self.tasks[&id].priority,
-            kind,
+            seq: 0,
+            what: What::Task {
+                task: id,
+                tenant: task.tenant.clone(),
+                priority: task.priority,
+                kind,
+            },
         });
     }
 }

@@ -1,6 +1,7 @@
 //! The state machine: `fsm::State` in memory, snapshots in sled, applied
 //! events to local observers.
 
+use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -16,7 +17,7 @@ use tokio::sync::broadcast;
 use super::db::{Db, Entry, Meta, Replace};
 use super::{Result, StoreError};
 use crate::codec;
-use crate::fsm;
+use crate::fsm::{self, NodeChange};
 use crate::raft::{NodeId, NodeInfo, TypeConfig};
 
 /// Applied entries buffered per observer before the slowest one starts
@@ -31,6 +32,11 @@ pub struct AppliedEvents {
     pub index: u64,
     /// The events the entry emitted, in order; empty for a snapshot.
     pub events: Vec<fsm::Event>,
+    /// The state's clock after the entry (ms since the epoch): when the
+    /// events happened.
+    pub time_ms: u64,
+    /// The last event seq handed out after this entry or snapshot.
+    pub last_seq: u64,
     /// True when the whole state was replaced by a snapshot from the leader:
     /// observers caching state should re-read it from [`SharedState`].
     pub snapshot_installed: bool,
@@ -193,22 +199,59 @@ fn apply_entry(
         )));
     }
     applied.last_applied = Some(log_id);
-    match entry.payload {
-        EntryPayload::Blank => Ok((fsm::Response::default(), None)),
-        EntryPayload::Membership(membership) => {
-            applied.last_membership = StoredMembership::new(Some(log_id), membership);
-            Ok((fsm::Response::default(), None))
+    let (response, events) = match entry.payload {
+        // A new leader's first entry.
+        EntryPayload::Blank => {
+            let change = NodeChange::LeaderChanged {
+                term: log_id.leader_id.term,
+            };
+            let events = applied
+                .state
+                .raft_events(vec![(log_id.leader_id.node_id, change)]);
+            (fsm::Response::default(), events)
         }
-        EntryPayload::Normal(request) => {
-            let (response, events) = applied.state.apply(&request);
-            let published = (!events.is_empty()).then_some(AppliedEvents {
-                index: log_id.index,
-                events,
-                snapshot_installed: false,
-            });
-            Ok((response, published))
+        EntryPayload::Membership(membership) => {
+            let changes = membership_changes(applied.last_membership.membership(), &membership);
+            applied.last_membership = StoredMembership::new(Some(log_id), membership);
+            (fsm::Response::default(), applied.state.raft_events(changes))
+        }
+        EntryPayload::Normal(request) => applied.state.apply(&request),
+    };
+    let published = (!events.is_empty()).then(|| AppliedEvents {
+        index: log_id.index,
+        events,
+        time_ms: applied.state.clock_ms(),
+        last_seq: applied.state.last_event_seq(),
+        snapshot_installed: false,
+    });
+    Ok((response, published))
+}
+
+/// The nodes that joined (as voters or learners, or became voters) and
+/// left between two memberships, by id.
+pub fn membership_changes(
+    before: &openraft::Membership<NodeId, NodeInfo>,
+    after: &openraft::Membership<NodeId, NodeInfo>,
+) -> Vec<(NodeId, NodeChange)> {
+    let voters = |m: &openraft::Membership<NodeId, NodeInfo>| -> BTreeSet<NodeId> {
+        m.voter_ids().collect()
+    };
+    let members = |m: &openraft::Membership<NodeId, NodeInfo>| -> BTreeSet<NodeId> {
+        m.nodes().map(|(id, _)| *id).collect()
+    };
+    let (voters_before, voters_after) = (voters(before), voters(after));
+    let (members_before, members_after) = (members(before), members(after));
+    let mut changes = Vec::new();
+    for id in &members_after {
+        let voter = voters_after.contains(id);
+        if !members_before.contains(id) || (voter && !voters_before.contains(id)) {
+            changes.push((*id, NodeChange::Joined { voter }));
         }
     }
+    for id in members_before.difference(&members_after) {
+        changes.push((*id, NodeChange::Left));
+    }
+    changes
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -288,6 +331,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(snapshot_err(Some(meta), ErrorVerb::Write))?;
         let index = applied.last_applied.map_or(0, |l| l.index);
+        let (time_ms, last_seq) = (applied.state.clock_ms(), applied.state.last_event_seq());
         {
             let mut guard = self
                 .shared
@@ -299,6 +343,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.shared.publish(AppliedEvents {
             index,
             events: Vec::new(),
+            time_ms,
+            last_seq,
             snapshot_installed: true,
         });
         Ok(())

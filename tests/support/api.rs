@@ -154,6 +154,11 @@ impl Api {
         self.addrs.len()
     }
 
+    /// The API address of node `i`.
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.addrs[i]
+    }
+
     fn url(&self, i: usize, path: &str) -> String {
         format!("{}://{}{path}", self.scheme, self.addrs[i])
     }

@@ -74,7 +74,7 @@ where
     fn call(&mut self, req: Request) -> Self::Future {
         // The instance made ready is the one that serves; keep a fresh one.
         let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = std::mem::replace(&mut self.inner, clone);
         let proof = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -85,6 +85,16 @@ where
         if let Some(proof) = proof {
             return GuardFuture::Boxed {
                 fut: Box::pin(signed_by_a_node(g, proof, req, inner)),
+            };
+        }
+        if g.spec.credential_in_band
+            && req.headers().contains_key(header::UPGRADE)
+            && !req.headers().contains_key(header::AUTHORIZATION)
+        {
+            // The handler takes the credential from the connection (the
+            // event stream's first message) and checks it with `in_band`.
+            return GuardFuture::InBand {
+                fut: inner.call(req),
             };
         }
         let caller = match bearer_caller(&g, &req) {
@@ -130,6 +140,11 @@ pin_project_lite::pin_project! {
         },
         /// A node-signed call (reads its body first).
         Boxed { fut: Pin<Box<dyn Future<Output = Response> + Send>> },
+        /// A call whose handler checks the credential it sends in band.
+        InBand {
+            #[pin]
+            fut: F,
+        },
     }
 }
 
@@ -151,6 +166,7 @@ where
                 .take()
                 .expect("invariant: a guard future is not polled after it finished"))),
             Step::Boxed { fut } => fut.as_mut().poll(cx).map(Ok),
+            Step::InBand { fut } => fut.poll(cx),
             Step::Inner { fut, done } => {
                 let Poll::Ready(Ok(mut resp)) = fut.poll(cx) else {
                     return Poll::Pending;
@@ -288,14 +304,18 @@ fn authorize(g: &GuardLayer, caller: &Caller) -> Result<(), Response> {
         return Ok(());
     }
     denied(&g.api, caller, "forbidden");
-    Err(ApiError::forbidden(format!(
+    Err(forbidden(spec, caller).into_response())
+}
+
+/// The 403 of a caller whose role lacks the route's permission.
+fn forbidden(spec: &RouteSpec, caller: &Caller) -> ApiError {
+    ApiError::forbidden(format!(
         "role `{}` lacks permission `{}` ({} {})",
         caller.role(),
         spec.permission.as_str(),
         spec.method,
         spec.path
     ))
-    .into_response())
 }
 
 /// Counts and records a refusal of `caller`.
@@ -314,30 +334,72 @@ fn denied(api: &Api, caller: &Caller, code: &'static str) {
     );
 }
 
+/// Checks a credential sent inside a connection rather than in its
+/// `Authorization` header, exactly as the guard checks a header: the same
+/// identity, permission, failed-authentication budget and audit of
+/// refusals. For routes whose spec says `credential_in_band`.
+pub(crate) fn in_band(
+    api: &Api,
+    spec: &'static RouteSpec,
+    bearer: &str,
+    peer: Option<IpAddr>,
+) -> Result<Caller, ApiError> {
+    let g = GuardLayer::new(api.clone(), spec);
+    if bearer.len() > MAX_CREDENTIAL_BYTES {
+        return Err(refuse(&g, Denied::new("credential too long"), peer));
+    }
+    let id = api
+        .auth
+        .identify(bearer.trim(), clock::now_ms())
+        .map_err(|denied| refuse(&g, denied, peer))?;
+    let caller = Caller {
+        id,
+        action: spec.action,
+        node: false,
+    };
+    if !spec.permission.granted_to(caller.role()) {
+        denied(api, &caller, "forbidden");
+        return Err(forbidden(spec, &caller));
+    }
+    Ok(caller)
+}
+
 /// 401 with its audit entry, or 429 once the source address is over its
 /// budget of failed authentications.
 fn unauthenticated(g: &GuardLayer, denied: Denied, req: &Request) -> Response {
-    let m = crate::metrics::global();
     let peer: Option<IpAddr> = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
+    let (err, retry_after) = refused(g, denied, peer);
+    let mut resp = err.into_response();
+    if let Some(secs) = retry_after {
+        set_retry_after(resp.headers_mut(), secs);
+    }
+    resp
+}
+
+/// [`refused`] without the retry time.
+fn refuse(g: &GuardLayer, denied: Denied, peer: Option<IpAddr>) -> ApiError {
+    refused(g, denied, peer).0
+}
+
+/// The refusal of a credential that did not authenticate: 401 with its
+/// audit entry, or 429 (with the seconds to wait) once `peer` is over its
+/// budget of failures.
+fn refused(g: &GuardLayer, denied: Denied, peer: Option<IpAddr>) -> (ApiError, Option<u64>) {
+    let m = crate::metrics::global();
     if let Some(ip) = peer
         && let Err(limited) = g.api.auth.rates.failed_auth(ip)
     {
         m.api_denials
             .with_label_values(&["auth_rate_limited"])
             .inc();
-        let mut resp = ApiError::rate_limited(format!(
-            "too many failed authentications from {ip}; retry in {} s",
-            limited.retry_after.as_secs_f64().ceil()
-        ))
-        .into_response();
-        set_retry_after(
-            resp.headers_mut(),
-            limited.retry_after.as_secs_f64().ceil() as u64,
-        );
-        return resp;
+        let secs = limited.retry_after.as_secs_f64().ceil();
+        let err = ApiError::rate_limited(format!(
+            "too many failed authentications from {ip}; retry in {secs} s"
+        ));
+        return (err, Some(secs as u64));
     }
     m.api_denials.with_label_values(&["unauthenticated"]).inc();
     let actor = denied.actor.unwrap_or_else(|| match peer {
@@ -356,7 +418,7 @@ fn unauthenticated(g: &GuardLayer, denied: Denied, req: &Request) -> Response {
             outcome: "denied:unauthenticated".into(),
         },
     );
-    ApiError::unauthenticated(denied.message).into_response()
+    (ApiError::unauthenticated(denied.message), None)
 }
 
 /// Appends a denial to the audit log in the background, bounded.

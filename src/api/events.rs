@@ -1,0 +1,457 @@
+//! `GET /api/v1/events`: the cluster's events over a WebSocket.
+//!
+//! The protocol (JSON text frames):
+//! - **Credential**: the `Authorization` header of the upgrade (CLI), or,
+//!   when there is none (browsers), a first message `{"auth": "<key or
+//!   JWT>"}` within [`AUTH_WITHIN`]. A refusal is an `error` message and
+//!   close code 4001 (4029 when the address has failed too often).
+//! - The server then says `{"hello": {"node", "seq", "oldest"}}`: the last
+//!   seq this node has applied and the oldest it can replay.
+//! - **Subscribing**: `{"subscribe": ["task.*", "gateway.>"]}` and
+//!   `{"unsubscribe": [...]}`, any time (or `?subscribe=a,b` in the URL);
+//!   each is answered `{"subscribed": [...]}` with the patterns now held.
+//!   Nothing is sent before the first pattern.
+//! - **Events**: `{"seq", "type", "time", "tenant", "data"}`, in commit
+//!   order, each once. Only those the caller may read: each kind needs what
+//!   reading its object over REST needs, and scoped roles see only their
+//!   tenant's.
+//! - **Resuming**: `?since=<seq>` replays from the node's buffer first; if
+//!   the buffer no longer holds all of it, a `{"gap": {"from", "to"}}`
+//!   comes first. A gap also reports events the node itself missed.
+//! - **Slow consumers**: one that falls `api.events_queue` events behind gets `{"lagged": {"resume": <seq>}}` and close code
+//!   4008; one that does not take a message within [`SEND_WITHIN`] is
+//!   dropped. Neither holds up the node.
+//! - Bad client messages get an `error` message and change nothing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::json::Params;
+use super::permissions::{Permission, RouteSpec};
+use super::{Api, ApiError, ApiResult, Caller};
+use crate::events::{Live, MAX_PATTERNS, Pattern, StreamEvent, Subscription};
+use crate::fsm::What;
+
+/// How long a client without an `Authorization` header has to send its
+/// credential.
+pub const AUTH_WITHIN: Duration = Duration::from_secs(5);
+/// How long one message may take to go out before the subscriber is
+/// dropped as stalled.
+pub const SEND_WITHIN: Duration = Duration::from_secs(10);
+/// Largest client message, in bytes.
+const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+
+/// Close codes (the private range).
+const CLOSE_UNAUTHENTICATED: u16 = 4001;
+const CLOSE_FORBIDDEN: u16 = 4003;
+const CLOSE_LAGGED: u16 = 4008;
+const CLOSE_RATE_LIMITED: u16 = 4029;
+/// Going away: the node shuts down.
+const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// The query of the upgrade.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Replay from after this seq.
+    since: Option<u64>,
+    /// Patterns to start with, comma-separated.
+    subscribe: Option<String>,
+}
+
+/// What a client may send.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientMessage {
+    auth: Option<String>,
+    subscribe: Option<Vec<String>>,
+    unsubscribe: Option<Vec<String>>,
+}
+
+/// The upgrade: checks the query, then hands the socket to [`session`].
+pub async fn subscribe(
+    State(api): State<Api>,
+    caller: Option<Extension<Caller>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Params(q): Params<EventsQuery>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let patterns = match &q.subscribe {
+        Some(list) => parse_patterns(list.split(',').filter(|p| !p.is_empty()))?,
+        None => Vec::new(),
+    };
+    let ws = ws.map_err(|e| {
+        ApiError::invalid(format!(
+            "this is a WebSocket endpoint; send an upgrade request ({e})"
+        ))
+    })?;
+    let admitted = api
+        .events
+        .admit()
+        .ok_or_else(|| ApiError::unavailable("too many event-stream connections on this node"))?;
+    let spec = super::permissions::spec(&axum::http::Method::GET, "/events")
+        .expect("invariant: the events route is in the permission table");
+    Ok(ws
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let start = Start {
+                api,
+                spec,
+                caller: caller.map(|Extension(c)| c),
+                peer,
+                since: q.since,
+                patterns,
+            };
+            session(socket, start).await;
+            drop(admitted);
+        })
+        .into_response())
+}
+
+/// Checks patterns; the error names the first bad one.
+fn parse_patterns<'a>(list: impl Iterator<Item = &'a str>) -> ApiResult<Vec<Pattern>> {
+    let patterns = list
+        .map(Pattern::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::invalid)?;
+    if patterns.len() > MAX_PATTERNS {
+        return Err(ApiError::invalid(format!(
+            "at most {MAX_PATTERNS} patterns"
+        )));
+    }
+    Ok(patterns)
+}
+
+/// Everything a session starts from.
+struct Start {
+    api: Api,
+    spec: &'static RouteSpec,
+    caller: Option<Caller>,
+    peer: SocketAddr,
+    since: Option<u64>,
+    patterns: Vec<Pattern>,
+}
+
+/// Why a session ended, for the metric.
+#[derive(Clone, Copy)]
+enum End {
+    Closed,
+    Lagged,
+    Slow,
+    Unauthenticated,
+    Shutdown,
+}
+
+impl End {
+    fn as_str(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Lagged => "lagged",
+            End::Slow => "slow",
+            End::Unauthenticated => "unauthenticated",
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
+async fn session(mut socket: WebSocket, start: Start) {
+    let end = run(&mut socket, start).await;
+    crate::metrics::global()
+        .event_disconnects
+        .with_label_values(&[end.as_str()])
+        .inc();
+}
+
+/// One subscriber, from its credential to its end.
+async fn run(socket: &mut WebSocket, start: Start) -> End {
+    let Start {
+        api,
+        spec,
+        caller,
+        peer,
+        since,
+        patterns,
+    } = start;
+    let caller = match caller {
+        Some(c) => c,
+        None => match authenticate(socket, &api, spec, peer).await {
+            Ok(c) => c,
+            Err(end) => return end,
+        },
+    };
+    let (last, oldest) = api.events.position();
+    let hello = json!({"hello": {"node": api.node.id(), "seq": last, "oldest": oldest}});
+    if send(socket, hello.to_string()).await.is_err() {
+        return End::Slow;
+    }
+    let mut sub = Subscriber {
+        caller,
+        patterns,
+        since,
+        stream: None,
+        sent_through: 0,
+    };
+    if !sub.patterns.is_empty()
+        && let Err(end) = sub.start(socket, &api).await
+    {
+        return end;
+    }
+    let shutdown = api.node.shutdown_token().clone();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                close(socket, CLOSE_GOING_AWAY, "node shutting down").await;
+                return End::Shutdown;
+            }
+            msg = socket.recv() => {
+                let Some(Ok(msg)) = msg else { return End::Closed };
+                match msg {
+                    Message::Text(text) => {
+                        if let Err(end) = sub.on_message(socket, &api, &text).await {
+                            return end;
+                        }
+                    }
+                    Message::Binary(_) => {
+                        if error(socket, "invalid_request", "send JSON text messages").await.is_err() {
+                            return End::Slow;
+                        }
+                    }
+                    Message::Close(_) => return End::Closed,
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+            live = next_live(&mut sub.stream) => {
+                if let Err(end) = sub.on_live(socket, live).await {
+                    return end;
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the first message's credential and checks it.
+async fn authenticate(
+    socket: &mut WebSocket,
+    api: &Api,
+    spec: &'static RouteSpec,
+    peer: SocketAddr,
+) -> Result<Caller, End> {
+    let first = tokio::time::timeout(AUTH_WITHIN, socket.recv()).await;
+    let bearer = match first {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<ClientMessage>(&text)
+            .ok()
+            .and_then(|m| m.auth),
+        Ok(Some(Ok(Message::Close(_))) | None | Some(Err(_))) => return Err(End::Closed),
+        _ => None,
+    };
+    let Some(bearer) = bearer else {
+        let msg = "send {\"auth\": \"<api key or JWT>\"} first, or an Authorization header";
+        let _ = error(socket, "unauthenticated", msg).await;
+        close(socket, CLOSE_UNAUTHENTICATED, "unauthenticated").await;
+        return Err(End::Unauthenticated);
+    };
+    match super::auth::in_band(api, spec, &bearer, Some(peer.ip())) {
+        Ok(caller) => Ok(caller),
+        Err(e) => {
+            let code = match e.code {
+                "rate_limited" => CLOSE_RATE_LIMITED,
+                "forbidden" => CLOSE_FORBIDDEN,
+                _ => CLOSE_UNAUTHENTICATED,
+            };
+            let _ = error(socket, e.code, &e.message).await;
+            close(socket, code, e.code).await;
+            Err(End::Unauthenticated)
+        }
+    }
+}
+
+/// One subscriber's state.
+struct Subscriber {
+    caller: Caller,
+    patterns: Vec<Pattern>,
+    /// Replay from after this seq when the stream starts.
+    since: Option<u64>,
+    /// The live stream, once the first pattern came.
+    stream: Option<Subscription>,
+    /// The last seq sent (or skipped as replayed).
+    sent_through: u64,
+}
+
+impl Subscriber {
+    /// Starts the stream: the gap, the replay, then live.
+    async fn start(&mut self, socket: &mut WebSocket, api: &Api) -> Result<(), End> {
+        let mut stream = api.events.subscribe(self.since);
+        self.sent_through = stream.skip_through;
+        if let Some((from, to)) = stream.gap {
+            send(socket, gap(from, to)).await?;
+        }
+        for e in std::mem::take(&mut stream.replay) {
+            self.offer(socket, &e).await?;
+        }
+        self.stream = Some(stream);
+        Ok(())
+    }
+
+    /// Sends `e` if the caller may see it and a pattern matches.
+    async fn offer(&mut self, socket: &mut WebSocket, e: &StreamEvent) -> Result<(), End> {
+        if !may_see(&self.caller, &e.what) {
+            return Ok(());
+        }
+        let name = e.what.name();
+        if !self.patterns.iter().any(|p| p.matches(name)) {
+            return Ok(());
+        }
+        send(socket, e.json().to_owned()).await?;
+        crate::metrics::global().events_sent.inc();
+        Ok(())
+    }
+
+    /// A client message: patterns change, or an error says why not.
+    async fn on_message(
+        &mut self,
+        socket: &mut WebSocket,
+        api: &Api,
+        text: &str,
+    ) -> Result<(), End> {
+        let msg = match serde_json::from_str::<ClientMessage>(text) {
+            Ok(m) if m.auth.is_none() && (m.subscribe.is_some() || m.unsubscribe.is_some()) => m,
+            Ok(m) if m.auth.is_some() => {
+                return error(socket, "invalid_request", "already authenticated").await;
+            }
+            Ok(_) => {
+                return error(
+                    socket,
+                    "invalid_request",
+                    "expected `subscribe` or `unsubscribe`",
+                )
+                .await;
+            }
+            Err(e) => return error(socket, "invalid_request", &format!("bad message: {e}")).await,
+        };
+        let add = match parse_patterns(msg.subscribe.iter().flatten().map(String::as_str)) {
+            Ok(p) => p,
+            Err(e) => return error(socket, "invalid_request", &e.message).await,
+        };
+        let remove = match parse_patterns(msg.unsubscribe.iter().flatten().map(String::as_str)) {
+            Ok(p) => p,
+            Err(e) => return error(socket, "invalid_request", &e.message).await,
+        };
+        let mut next = self.patterns.clone();
+        next.retain(|p| !remove.contains(p));
+        for p in add {
+            if !next.contains(&p) {
+                next.push(p);
+            }
+        }
+        if next.len() > MAX_PATTERNS {
+            let m = format!("at most {MAX_PATTERNS} patterns");
+            return error(socket, "invalid_request", &m).await;
+        }
+        self.patterns = next;
+        let held: Vec<&str> = self.patterns.iter().map(Pattern::as_str).collect();
+        send(socket, json!({ "subscribed": held }).to_string()).await?;
+        if self.stream.is_none() && !self.patterns.is_empty() {
+            self.start(socket, api).await?;
+        }
+        Ok(())
+    }
+
+    /// The next live item.
+    async fn on_live(
+        &mut self,
+        socket: &mut WebSocket,
+        live: Result<Live, RecvError>,
+    ) -> Result<(), End> {
+        match live {
+            Ok(Live::Event(e)) => {
+                if e.seq <= self.sent_through {
+                    return Ok(());
+                }
+                self.sent_through = e.seq;
+                self.offer(socket, &e).await
+            }
+            Ok(Live::Gap { from, to }) => {
+                self.sent_through = self.sent_through.max(to);
+                send(socket, gap(from, to)).await
+            }
+            Err(RecvError::Lagged(missed)) => {
+                let resume = self.sent_through;
+                let text = json!({"lagged": {"missed": missed, "resume": resume}}).to_string();
+                let _ = send(socket, text).await;
+                let why = format!("lagged: resume with since={resume}");
+                close(socket, CLOSE_LAGGED, &why).await;
+                Err(End::Lagged)
+            }
+            Err(RecvError::Closed) => {
+                close(socket, CLOSE_GOING_AWAY, "node shutting down").await;
+                Err(End::Shutdown)
+            }
+        }
+    }
+}
+
+/// The next item of the live stream, or never before it starts.
+async fn next_live(stream: &mut Option<Subscription>) -> Result<Live, RecvError> {
+    match stream {
+        Some(s) => s.live.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether `caller` may read the object of an event: what its REST read
+/// needs, in a tenant it sees.
+fn may_see(caller: &Caller, what: &What) -> bool {
+    let needs = match what {
+        What::Task { .. } => Permission::TasksRead,
+        What::Session { .. } => Permission::SessionsRead,
+        What::Gateway { .. } | What::Agent { .. } => Permission::RegistryRead,
+        What::Node { .. } => Permission::ClusterRead,
+        What::Audit(_) => Permission::AuditRead,
+    };
+    needs.granted_to(caller.role())
+        && what
+            .tenant()
+            .is_none_or(|t| !caller.is_scoped() || caller.tenant().0 == t)
+}
+
+fn gap(from: u64, to: u64) -> String {
+    json!({"gap": {"from": from, "to": to}}).to_string()
+}
+
+/// Sends one text message within [`SEND_WITHIN`].
+async fn send(socket: &mut WebSocket, text: String) -> Result<(), End> {
+    match tokio::time::timeout(
+        SEND_WITHIN,
+        socket.send(Message::Text(Utf8Bytes::from(text))),
+    )
+    .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Closed),
+        Err(_) => Err(End::Slow),
+    }
+}
+
+/// An `error` message; the session goes on.
+async fn error(socket: &mut WebSocket, code: &str, message: &str) -> Result<(), End> {
+    let text = json!({"error": {"code": code, "message": message, "retryable": false}});
+    send(socket, text.to_string()).await
+}
+
+/// Closes with `code`, within [`SEND_WITHIN`].
+async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason.to_owned()),
+    };
+    let _ = tokio::time::timeout(SEND_WITHIN, socket.send(Message::Close(Some(frame)))).await;
+}
