@@ -1,6 +1,7 @@
 //! The `godel` command line: `serve`, and a client command for each API call.
 
 mod client;
+mod events;
 mod security;
 mod serve;
 pub mod text;
@@ -95,6 +96,23 @@ pub enum Command {
     /// The hash-chained audit log (admin); `verify` walks the chain.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Tail the cluster's events: `godel events 'task.*' 'gateway.>'`
+    /// (`*` matches one segment, `>` the rest; default: everything the
+    /// credential may see).
+    Events(EventsArgs),
+}
+
+/// `godel events` flags.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Patterns (`task.*`, `gateway.>`, `node.leader_changed`).
+    pub patterns: Vec<String>,
+    /// Replay from after this seq first (as far as the node's buffer holds).
+    #[arg(long)]
+    pub since: Option<u64>,
+    /// Exit after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
 }
 
 /// `godel agent ...`

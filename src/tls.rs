@@ -103,6 +103,27 @@ pub fn server_only(cert: &Path, key: &Path, table: &str) -> anyhow::Result<TlsAc
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// A client connector for a server-only TLS peer (an https API): the
+/// system's roots, plus those of `extra_ca` (PEM) when given.
+pub fn client_connector(extra_ca: Option<&Path>) -> anyhow::Result<TlsConnector> {
+    let extra = match extra_ca {
+        Some(path) => read_certs(path, "--ca-cert")?,
+        None => Vec::new(),
+    };
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let verifier =
+        rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
+            .context("the system's TLS roots")?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
 /// The name a dialer expects on the certificate of the peer at `addr`
 /// (`host:port`, `[v6]:port`): its host, as an IP address or a DNS name.
 pub fn server_name(addr: &str) -> Option<ServerName<'static>> {

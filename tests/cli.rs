@@ -168,6 +168,26 @@ fn text_session(api: &str, cancelled: &str) {
             "{args:?}: {out}"
         );
     }
+    // The event stream from the start: the first three task events.
+    let (code, out, err) = godel_text(api, &["events", "--since", "0", "--count", "3", "task.*"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].contains(" task.created "), "{out}");
+    assert!(lines.iter().all(|l| l.contains(" task.")), "{out}");
+    let (code, out, err) = godel_text(
+        api,
+        &[
+            "events", "-o", "json", "--since", "0", "--count", "1", "node.>",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let first: Value = serde_json::from_str(out.trim()).expect("one JSON event");
+    assert_eq!(first["seq"], 1, "{out}");
+    assert_eq!(first["type"], "node.joined", "{out}");
+    let (code, _, err) = godel_text(api, &["events", "Task"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("segment `Task`"), "{err}");
     let (code, out, err) = godel_text(api, &["task", "get", "999999"]);
     assert_eq!((code, out.as_str()), (1, ""));
     assert!(

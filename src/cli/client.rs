@@ -38,6 +38,10 @@ pub async fn run_client(
         out!("{}", crate::api::auth::generate_key(*test));
         return Ok(0);
     }
+    if let Command::Events(args) = cmd {
+        let key = security::credential(api_key)?;
+        return super::events::tail(api, key, ca_cert.as_deref(), output, args).await;
+    }
     let client = Client {
         base: api.trim_end_matches('/').to_owned(),
         key: security::credential(api_key)?,
@@ -216,7 +220,9 @@ pub(super) type Req = (&'static str, String, Option<Value>);
 
 fn request(cmd: Command) -> anyhow::Result<Req> {
     Ok(match cmd {
-        Command::Serve(_) | Command::Status => bail!("not a single-call client command"),
+        Command::Serve(_) | Command::Status | Command::Events(_) => {
+            bail!("not a single-call client command")
+        }
         Command::Task(t) => task_request(t)?,
         Command::Lease(l) => lease_request(l)?,
         Command::Queue(QueueCmd::Depth) => ("GET", "/api/v1/queue/depth".into(), None),
