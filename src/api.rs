@@ -29,6 +29,7 @@ pub mod permissions;
 mod queue;
 mod rate;
 mod registry;
+mod request_trace;
 mod serve;
 mod sessions;
 mod tasks;
@@ -273,7 +274,8 @@ pub fn router(node: Node) -> anyhow::Result<Router> {
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
             cfg.request_timeout,
-        )))
+        ))
+        .layer(request_trace::RequestTraceLayer))
 }
 
 /// Records the keys seen in use (coarsely) and prunes idle rate buckets,

@@ -109,9 +109,28 @@ impl TraceContext {
         format!("{:016x}", u64::from_be_bytes(self.span_id))
     }
 
+    /// The trace id as hex for a log field, without allocating.
+    pub fn trace_field(&self) -> impl fmt::Display + '_ {
+        Hex(&self.trace_id)
+    }
+
+    /// The span id as hex for a log field, without allocating.
+    pub fn span_field(&self) -> impl fmt::Display + '_ {
+        Hex(&self.span_id)
+    }
+
     /// The `traceparent` header value.
     pub fn header(&self) -> String {
         self.to_string()
+    }
+}
+
+/// Bytes as lowercase hex.
+struct Hex<'a>(&'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
     }
 }
 

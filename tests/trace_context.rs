@@ -78,7 +78,12 @@ async fn a_traceparent_reaches_the_task_the_gateway_and_the_log() {
     // The attempt's log line is at debug level.
     // SAFETY: set before any node starts; nothing else in this test binary
     // reads or writes the environment concurrently.
-    unsafe { std::env::set_var("GODEL_TEST_LOG", "info,godel::actors::agent=debug") };
+    unsafe {
+        std::env::set_var(
+            "GODEL_TEST_LOG",
+            "info,godel::actors::agent=debug,godel::api=debug",
+        )
+    };
     let c = Cluster::start(1).await;
     bounded(Duration::from_secs(90), async {
         let api = c.api();
@@ -111,6 +116,40 @@ async fn a_traceparent_reaches_the_task_the_gateway_and_the_log() {
             .find(|l| l.contains("attempt started") && l.contains(TRACE_ID))
             .unwrap_or_else(|| panic!("no attempt log line with the trace id:\n{log}"));
         assert!(line.contains(parts[2]), "the log names the attempt's span: {line}");
+
+        // Every request is a span of the trace it names (or of a new one):
+        // the response names the server span, and the request's log lines
+        // carry its ids.
+        let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let r = reqwest::Client::new()
+            .get(format!("{base}/api/v1/cluster"))
+            .bearer_auth(ADMIN_KEY)
+            .header("traceparent", other)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let answered = r.headers()["traceparent"].to_str().unwrap().to_owned();
+        let ids: Vec<&str> = answered.split('-').collect();
+        assert_eq!(ids[1], "0af7651916cd43dd8448eb211c80319c", "{answered}");
+        assert_ne!(ids[2], "b7ad6b7169203331", "a server span of its own: {answered}");
+        let r = reqwest::Client::new()
+            .get(format!("{base}/api/v1/cluster"))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        let started = r.headers()["traceparent"].to_str().unwrap().to_owned();
+        assert!(godel::trace::TraceContext::parse(&started).is_some(), "{started}");
+        let log = c.node(0).log_tail(1_000_000);
+        for (trace, span) in [(ids[1], ids[2]), (&started[3..35], &started[36..52])] {
+            let line = log
+                .lines()
+                .find(|l| l.contains("request done") && l.contains(trace))
+                .unwrap_or_else(|| panic!("no request log line with trace {trace}:\n{log}"));
+            assert!(line.contains(span), "{line}");
+            assert!(line.contains("path=/api/v1/cluster"), "{line}");
+        }
 
         // No traceparent (or a malformed one): a derived trace, still carried.
         for tp in [None, Some("00-not-a-trace-01")] {
