@@ -3,7 +3,8 @@
 //! throughput, and time from a leader kill to the first successful write.
 //!
 //! `cargo bench --bench cluster -- <submit|lone|lease|failover|all> [--nodes N]
-//! [--clients C] [--secs S]`; `e2e` also takes `[--tasks T]` (default 20,000). Figures go to BENCHMARKS.md by hand, with the
+//! [--clients C] [--secs S]`; `e2e` and `events` (the event stream under the
+//! 100-session load) also take `[--tasks T]` (default 20,000). Figures go to BENCHMARKS.md by hand, with the
 //! command, machine and date. Not a test: it asserts nothing about speed.
 
 #[allow(dead_code)]
@@ -358,17 +359,11 @@ async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
     );
 }
 
-/// Submit-to-completion with `sessions` concurrent attempts on zero-latency
-/// `sim` gateways: throughput and latency under a burst of `tasks`, then
-/// dispatch latency (submission to attempt start) at a low rate.
-async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
-    let c = Cluster::start_with(nodes, &runtime_toml()).await;
-    sim_fleet(&c, 3, sessions, "").await;
-    let http = client();
-    let base: Vec<String> = (0..c.len())
-        .map(|i| format!("http://{}/api/v1/tasks", c.node(i).api_addr))
-        .collect();
-    let next = Arc::new(AtomicU64::new(0));
+/// Submits tasks `from..from + tasks` from `clients` closed-loop clients,
+/// each on its own keep-alive connection, spread over the nodes; returns
+/// when all are acknowledged (not completed).
+async fn burst(c: &Cluster, clients: usize, from: u64, tasks: u64) -> Duration {
+    let next = Arc::new(AtomicU64::new(from));
     let start = Instant::now();
     let mut handles = Vec::new();
     for w in 0..clients {
@@ -379,7 +374,7 @@ async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
             let mut conn = Conn::new(addr, Duration::from_secs(5));
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= tasks {
+                if i >= from + tasks {
                     return;
                 }
                 // A 503 (leader change, write timeout) or 429 is retried
@@ -405,7 +400,21 @@ async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
     for h in handles {
         h.await.expect("client");
     }
-    let submitted = start.elapsed();
+    start.elapsed()
+}
+
+/// Submit-to-completion with `sessions` concurrent attempts on zero-latency
+/// `sim` gateways: throughput and latency under a burst of `tasks`, then
+/// dispatch latency (submission to attempt start) at a low rate.
+async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
+    let c = Cluster::start_with(nodes, &runtime_toml()).await;
+    sim_fleet(&c, 3, sessions, "").await;
+    let http = client();
+    let base: Vec<String> = (0..c.len())
+        .map(|i| format!("http://{}/api/v1/tasks", c.node(i).api_addr))
+        .collect();
+    let start = Instant::now();
+    let submitted = burst(&c, clients, 0, tasks).await;
     wait_completed(&c, tasks, Duration::from_secs(300)).await;
     let elapsed = start.elapsed();
     let done = completed_tasks(&c).await;
@@ -583,6 +592,138 @@ async fn replace(rounds: usize) {
     }
 }
 
+/// The event stream under the 100-session load: `subscribers` clients on
+/// `>` (everything), spread over the nodes, `stalled` of them connected but
+/// never reading. Readers resume with `since` when told they lagged, as
+/// `godel events` does. Reports throughput, events delivered, the time
+/// from the leader stamping an entry to a reader receiving its event (the
+/// same host clock), lag, and each node's memory with the stalled ones
+/// still connected.
+async fn events(nodes: usize, clients: usize, tasks: u64, subscribers: usize, stalled: usize) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    struct Seen {
+        delivered: u64,
+        lagged: u64,
+        latency: hdrhistogram::Histogram<u64>,
+    }
+    let c = Cluster::start_with(nodes, &runtime_toml()).await;
+    sim_fleet(&c, 3, 100, "").await;
+    let rss_idle: Vec<f64> = (0..c.len())
+        .map(|i| rss_mib(c.node(i).pid().unwrap_or(0)))
+        .collect();
+    let request = |addr: std::net::SocketAddr, since: Option<u64>| {
+        let q = since.map_or_else(String::new, |s| format!("&since={s}"));
+        let mut req = format!("ws://{addr}/api/v1/events?subscribe=%3E{q}")
+            .into_client_request()
+            .expect("ws url");
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", common::support::ADMIN_KEY)
+                .parse()
+                .expect("header"),
+        );
+        req
+    };
+    let mut idle = Vec::new();
+    for s in 0..stalled {
+        let addr = c.node(s % c.len()).api_addr;
+        let (ws, _) = tokio_tungstenite::connect_async(request(addr, None))
+            .await
+            .expect("connect");
+        idle.push(ws);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(std::sync::Mutex::new(Seen {
+        delivered: 0,
+        lagged: 0,
+        latency: hist(),
+    }));
+    let mut readers = Vec::new();
+    for s in stalled..subscribers {
+        let addr = c.node(s % c.len()).api_addr;
+        let (stop, seen) = (stop.clone(), seen.clone());
+        let (ws, _) = tokio_tungstenite::connect_async(request(addr, None))
+            .await
+            .expect("connect");
+        readers.push(tokio::spawn(async move {
+            let mut ws = ws;
+            let mut last = None;
+            let mut lat = hist();
+            let (mut delivered, mut lagged) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let msg = tokio::time::timeout(Duration::from_millis(200), ws.next()).await;
+                let Ok(Some(Ok(Message::Text(t)))) = msg else {
+                    if matches!(msg, Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_))))) {
+                        lagged += 1;
+                        let (again, _) = tokio_tungstenite::connect_async(request(addr, last))
+                            .await
+                            .expect("reconnect");
+                        ws = again;
+                    }
+                    continue;
+                };
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock")
+                    .as_millis() as u64;
+                // Cheap field reads: this client shares the cores with the nodes.
+                let field = |name: &str| {
+                    t.find(name).and_then(|at| {
+                        t[at + name.len()..]
+                            .split(|ch: char| !ch.is_ascii_digit())
+                            .next()
+                            .and_then(|n| n.parse::<u64>().ok())
+                    })
+                };
+                if let (Some(seq), Some(time)) = (field("\"seq\":"), field("\"time\":")) {
+                    delivered += 1;
+                    last = Some(seq);
+                    lat.saturating_record(now.saturating_sub(time) * 1000);
+                }
+            }
+            let mut s = seen.lock().expect("seen");
+            s.delivered += delivered;
+            s.lagged += lagged;
+            s.latency.add(&lat).expect("hist");
+        }));
+    }
+    let start = Instant::now();
+    burst(&c, clients, 0, tasks).await;
+    wait_completed(&c, tasks, Duration::from_secs(300)).await;
+    let elapsed = start.elapsed();
+    let rss_loaded: Vec<f64> = (0..c.len())
+        .map(|i| rss_mib(c.node(i).pid().unwrap_or(0)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.expect("reader");
+    }
+    let s = seen.lock().expect("seen");
+    let readers_n = (subscribers - stalled).max(1) as f64;
+    println!(
+        "events nodes={nodes} subscribers={subscribers} (stalled {stalled}) clients={clients}: {tasks} tasks completed in {:.2}s = {:.0} tasks/s; {} events delivered = {:.0}/s in all, {:.0}/s per reader; entry stamped -> event received (ms resolution) p50 {:.1} ms p99 {:.1} ms max {:.1} ms; {} lagged reconnects",
+        elapsed.as_secs_f64(),
+        tasks as f64 / elapsed.as_secs_f64(),
+        s.delivered,
+        s.delivered as f64 / elapsed.as_secs_f64(),
+        s.delivered as f64 / readers_n / elapsed.as_secs_f64(),
+        s.latency.value_at_quantile(0.5) as f64 / 1000.0,
+        s.latency.value_at_quantile(0.99) as f64 / 1000.0,
+        s.latency.max() as f64 / 1000.0,
+        s.lagged,
+    );
+    println!(
+        "  resident MiB per node: idle {:?}, after the burst with {stalled} stalled subscribers {:?}",
+        rss_idle.iter().map(|m| m.round()).collect::<Vec<_>>(),
+        rss_loaded.iter().map(|m| m.round()).collect::<Vec<_>>(),
+    );
+    drop(idle);
+}
+
 #[tokio::main]
 async fn main() {
     let o = opts();
@@ -597,6 +738,24 @@ async fn main() {
             .unwrap_or_else(|_| vec![10, 25, 50, 100]);
         for sessions in profiles {
             e2e(o.nodes, sessions, o.clients, o.tasks).await;
+        }
+        return;
+    }
+    if o.what == "events" {
+        // GODEL_BENCH_SUBSCRIBERS=3:0,100:10 (subscribers:stalled) picks profiles.
+        let profiles: Vec<(usize, usize)> = std::env::var("GODEL_BENCH_SUBSCRIBERS")
+            .unwrap_or_else(|_| "0:0,3:0,100:10".into())
+            .split(',')
+            .map(|p| {
+                let (a, b) = p.split_once(':').expect("subscribers:stalled");
+                (
+                    a.trim().parse().expect("number"),
+                    b.trim().parse().expect("number"),
+                )
+            })
+            .collect();
+        for (subscribers, stalled) in profiles {
+            events(o.nodes, o.clients, o.tasks, subscribers, stalled).await;
         }
         return;
     }
