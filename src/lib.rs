@@ -27,6 +27,7 @@ pub mod fsm;
 pub mod gateway;
 pub mod metrics;
 pub mod node;
+pub mod otel;
 pub mod placement;
 pub mod raft;
 pub mod store;

@@ -109,6 +109,30 @@ impl TraceContext {
         format!("{:016x}", u64::from_be_bytes(self.span_id))
     }
 
+    /// A context from its parts (ids as big-endian bytes).
+    pub fn from_parts(trace_id: [u8; 16], span_id: [u8; 8], sampled: bool) -> TraceContext {
+        TraceContext {
+            trace_id,
+            span_id,
+            sampled,
+        }
+    }
+
+    /// The trace id's bytes.
+    pub fn trace_bytes(&self) -> [u8; 16] {
+        self.trace_id
+    }
+
+    /// The span id's bytes.
+    pub fn span_bytes(&self) -> [u8; 8] {
+        self.span_id
+    }
+
+    /// The `sampled` flag.
+    pub fn sampled(&self) -> bool {
+        self.sampled
+    }
+
     /// The trace id as hex for a log field, without allocating.
     pub fn trace_field(&self) -> impl fmt::Display + '_ {
         Hex(&self.trace_id)

@@ -510,21 +510,32 @@ async fn attempt(
             .map(|k| crate::fsm::gateway_session_key(&task.tenant, k)),
         payload: Arc::from(task.payload.as_str()),
         timeout: Duration::from_millis(task.timeout_ms),
-        trace: Some(task.trace().child()),
+        trace: None,
     };
-    if let Some(trace) = &req.trace {
-        tracing::debug!(
-            task = task.id.0,
-            token = token.0,
-            trace_id = %trace.trace_hex(),
-            span_id = %trace.span_hex(),
-            "attempt started"
-        );
-    }
+    // A span of its own only when it is exported: an attempt's log lines
+    // name its ids anyway.
+    let span = if crate::otel::enabled() {
+        tracing::info_span!("attempt", task = task.id.0, token = token.0)
+    } else {
+        tracing::Span::none()
+    };
+    let trace = crate::otel::adopt(&span, Some(task.trace()), task.trace().child());
+    let req = RunRequest {
+        trace: Some(trace),
+        ..req
+    };
+    tracing::debug!(
+        task = task.id.0,
+        token = token.0,
+        trace_id = %trace.trace_hex(),
+        span_id = %trace.span_hex(),
+        "attempt started"
+    );
     let run = match live_session(&args, &task) {
         Some((id, key)) => Box::pin(args.sessions.run(id, key, req, cancel.clone())),
         None => args.driver.run(req, cancel.clone()),
     };
+    let run = tracing::Instrument::instrument(run, span);
     let result = tokio::select! {
         r = run => Some(r),
         () = cancel.cancelled() => None,

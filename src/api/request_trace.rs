@@ -65,14 +65,17 @@ where
             .get(&TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(TraceContext::parse);
-        let ctx = sent.map_or_else(TraceContext::random, |c| c.child());
+        let fallback = sent.map_or_else(TraceContext::random, |c| c.child());
         let span = tracing::info_span!(
             "request",
             method = %req.method(),
             path = %req.uri().path(),
-            trace_id = %ctx.trace_field(),
-            span_id = %ctx.span_field(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
+        let ctx = crate::otel::adopt(&span, sent, fallback);
+        span.record("trace_id", tracing::field::display(ctx.trace_field()));
+        span.record("span_id", tracing::field::display(ctx.span_field()));
         let fut = {
             let _entered = span.enter();
             self.inner.call(req)

@@ -38,23 +38,31 @@ pub fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn init_tracing(json: bool) {
+/// Logs to stderr (JSON lines with `--log-json`, each with its span's
+/// fields: a request's `trace_id` and `span_id`), and spans to an OTLP
+/// collector when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`crate::otel`).
+fn init_tracing(json: bool) -> anyhow::Result<()> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().with_current_span(true).try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = if json {
+        fmt.json().with_current_span(true).boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let registry = tracing_subscriber::registry().with(filter).with(logs);
+    let otel = crate::otel::layer().context("OTLP export (OTEL_EXPORTER_OTLP_*)")?;
+    let _ = registry.with(otel).try_init();
     std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
+    Ok(())
 }
 
 /// Runs a node until SIGTERM or Ctrl-C.
 pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_tracing(args.log_json);
+    init_tracing(args.log_json)?;
     let config = load_config(&args)?;
     crate::api::check_config(&config)?;
     let api_addr = config.node.api_addr;
@@ -90,6 +98,8 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let graceful = shutdown.clone();
     crate::api::serve(listener, app, &api_config, api_tls, graceful).await?;
     node.stop(SHUTDOWN_DEADLINE).await;
+    // Spans still batched go out (a blocking call: off the async workers).
+    let _ = tokio::task::spawn_blocking(crate::otel::flush).await;
     if fatal.is_finished()
         && let Ok(Some(why)) = fatal.await
     {
