@@ -266,5 +266,5 @@ fn last_error(log: &str) -> String {
                 .any(|k| l.contains(k))
         })
         .unwrap_or("no error logged");
-    line.chars().take(240).collect()
+    line.chars().take(480).collect()
 }

@@ -11,9 +11,16 @@
 //!
 //! | tree | key | value (always `crate::codec`, bincode in a version envelope) |
 //! | --- | --- | --- |
-//! | `logs` | log index, big-endian `u64` (so key order is index order) | `openraft::Entry` |
-//! | `log_meta` | `vote`, `committed`, `last_purged` | `Vote`, `LogId`, `LogId` |
+//! | `logs` | log index, big-endian `u64` (so key order is index order) | `openraft::Entry`, then a CRC-32 (little-endian) of the index and those bytes |
+//! | `log_meta` | `vote`, `committed`, `last_purged`, `layout` | `Vote`, `LogId`, `LogId`, `u32` |
 //! | `snapshot` | `meta`, `data` | `SnapshotMeta`; the encoded snapshot payload |
+//!
+//! Next to sled's files, outside sled, the directory holds the watermark
+//! file `godel-watermark` (format in `watermark.rs`). `layout` is written
+//! when the store is created (currently 2: checksums and watermark); a
+//! store without it that holds data was written by an earlier build (layout
+//! 1, never deployed) and is refused with [`StoreError::Layout`], not
+//! migrated.
 //!
 //! The snapshot payload is `{last_applied, last_membership, state}`: exactly
 //! what the state machine holds, so a snapshot restores it completely.
@@ -51,12 +58,77 @@
 //! - **Readers see applied, not durable-on-this-node state**: an entry is
 //!   applied only once committed, i.e. fsynced on a majority.
 //!
+//! # Lost writes: the watermark
+//!
+//! A disk can lose writes it had fsynced (a lying write cache on power
+//! loss, a truncated or restored file). sled then recovers a shorter prefix
+//! of its log *without any error*: nothing inside sled can tell a complete
+//! log from one that lost its tail, because whatever recorded the tail was
+//! in the lost tail too. A node that came back that way would present a
+//! log shorter than what it acknowledged, and a vote older than one it
+//! cast. That breaks Raft's assumptions (an entry it acknowledged may have
+//! counted towards a commit that no longer has a majority; it may vote
+//! twice in a term), and openraft 0.9's leader panics on it in debug builds
+//! (`progress/entry/mod.rs`: "follower log reversion is not allowed").
+//!
+//! So the node keeps a **watermark** outside sled: its vote and the id of
+//! the last log entry it acknowledged, in a small file with two
+//! checksummed slots written alternately. The write path:
+//!
+//! - `append`: sled batch, sled flush (fsync), watermark := last entry
+//!   (pwrite + fdatasync), *then* the acknowledgement. `save_vote`: sled
+//!   flush, then the watermark's vote, then return.
+//! - `truncate` (a follower's conflicting suffix): the watermark is lowered
+//!   to the entry before the cut (fsynced) *before* sled removes anything.
+//!
+//! Each step makes the watermark durable after sled and before anything is
+//! acknowledged, so the watermark never claims more than sled had made
+//! durable (no false alarm after a plain crash) and never less than what
+//! was acknowledged. [`Store::open`] then checks that the stored vote is at
+//! least the watermark's and that the log still holds the watermark's entry
+//! *with the same log id* (or that a snapshot covers it); by Raft's log
+//! matching property that entry vouches for every entry before it. It also
+//! checks every entry's checksum and that no index is missing, which catches
+//! bytes sled hands back changed (a checksum is also checked on every read).
+//! If any check fails the node **refuses to start**
+//! ([`StoreError::LostWrites`]), naming what was lost and the way back:
+//! remove the node from the membership, wipe its data, join it again as a
+//! new member. It never presents the shorter log to a leader, so no leader
+//! trips on it. When the checks pass, the watermark is raised to what the
+//! store holds (after an fsync of sled's file): entries written and
+//! flushed by a process that died before updating the watermark are
+//! acknowledged by this one.
+//!
+//! Why refuse rather than repair: a node that lost acknowledged entries
+//! could rejoin safely only as a non-voter that re-fetches them before
+//! acknowledging or voting again, and openraft 0.9 has no such mode for an
+//! existing voter; the membership change the operator makes (leave, then
+//! join afresh) is exactly that, done with openraft's own tools.
+//!
+//! The price: one more `fdatasync` per append (of one 512-byte slot of a
+//! preallocated file, so no journal commit), after sled's and not
+//! overlapping it (overlapped, the watermark could get ahead of sled and a
+//! plain crash would look like a loss). Measured on the shared 2-core VM,
+//! debug build, 3000 one-entry appends back to back: 350-620 us per
+//! append without the watermark, 1000-2200 us with it (`pwrite` alone:
+//! 360-750 us; `sync_file_range` instead of `fdatasync`: 600-760 us, but it
+//! leaves the record in the disk's volatile cache). Batching proposals
+//! (BENCHMARKS.md) amortises it like sled's own fsync. Limits:
+//! a disk that drops *both* the sled tail and the watermark's last write
+//! (power loss with a write cache that ignores flushes) shows an older
+//! watermark and the loss of the entries after it goes unnoticed; so does
+//! a wiped directory (no watermark: a new node). The watermark guards
+//! against a disk that loses some fsynced writes, not every one.
+//!
 //! # Invariants
 //!
 //! - **Fsync before ack.** `save_vote` returns, and `append` calls its
-//!   callback, only after `flush_async` has completed: exactly one flush per
-//!   append call. (CRATES.md measured acknowledged writes lost under plain
-//!   `kill -9` with sled otherwise.)
+//!   callback, only after `flush_async` has completed and the watermark was
+//!   written and fsynced: exactly one sled flush per append call.
+//!   (CRATES.md measured acknowledged writes lost under plain `kill -9` with
+//!   sled otherwise.)
+//! - **The watermark is never ahead of sled and never behind an ack**
+//!   (above).
 //! - **The log has no holes**: entries are written in one atomic sled batch;
 //!   `truncate` removes a suffix and `purge` a prefix, and `purge` writes
 //!   `last_purged` before it removes anything.
@@ -64,8 +136,8 @@
 //!   after a newer snapshot was installed is returned to openraft but not
 //!   stored. [`Store::open`] refuses a store whose log was purged past its
 //!   snapshot (the state in between would be unrecoverable).
-//! - **Corrupt bytes are errors, never panics or skips**: every decoding
-//!   failure becomes an openraft `StorageError`, which stops the node rather
+//! - **Corrupt bytes are errors, never panics or skips**: every checksum or
+//!   decoding failure becomes an openraft `StorageError`, which stops the node rather
 //!   than letting it diverge. So does applying an entry at or below the last
 //!   applied index.
 //! - **Observers never slow apply.** Applied events go out on a bounded
@@ -87,7 +159,9 @@
 
 mod db;
 mod log;
+mod recover;
 mod state_machine;
+mod watermark;
 
 use std::path::Path;
 use std::time::Duration;
@@ -126,9 +200,32 @@ pub enum StoreError {
         /// The encoding error.
         source: CodecError,
     },
+    /// A stored log entry's checksum does not match its bytes.
+    #[error("corrupt log entry {index}: bad checksum ({why})")]
+    Checksum {
+        /// The entry's log index.
+        index: u64,
+        /// What was found.
+        why: String,
+    },
     /// The stored pieces contradict each other.
     #[error("inconsistent store: {0}")]
     Inconsistent(String),
+    /// The log or vote lost writes this node had acknowledged, or a stored
+    /// entry is damaged: found at [`Store::open`], which refuses to start.
+    #[error("{0}; {REJOIN}")]
+    LostWrites(String),
+    /// The data directory was written with a layout this build does not read.
+    #[error("unsupported store layout: {0}")]
+    Layout(String),
+    /// A file outside sled (the watermark) could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, and to which file.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A previous apply panicked while holding the state lock.
     #[error("state machine lock poisoned by an earlier panic")]
     Poisoned,
@@ -136,6 +233,11 @@ pub enum StoreError {
     #[error("blocking storage task failed: {0}")]
     Blocking(#[from] tokio::task::JoinError),
 }
+
+/// What a node refused for lost or damaged writes must do.
+const REJOIN: &str = "this node may have voted for or acknowledged entries it no longer has, \
+    so it must not rejoin with this data: remove it from the cluster (`godel cluster leave \
+    <id>`), wipe its data directory and join it again as a new member";
 
 /// Storage results.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -175,6 +277,10 @@ impl Store {
     /// their clones, and any snapshot builder. After `Raft::shutdown` the
     /// last ones drop asynchronously, so reopening in the same process may
     /// have to retry briefly.
+    ///
+    /// Refuses ([`StoreError::LostWrites`]) a store whose vote or log went
+    /// back past what this node acknowledged, or holds a damaged or missing
+    /// entry, and ([`StoreError::Layout`]) one written with another layout.
     pub fn open(dir: &Path) -> Result<(LogStore, StateMachine)> {
         let db = db::Db::open(dir)?;
         let applied = state_machine::restore(&db)?;
@@ -185,7 +291,11 @@ impl Store {
                 applied.last_applied
             )));
         }
-        Ok((LogStore::new(db.clone()), StateMachine::new(db, applied)))
+        let watermark = recover::check(&db, dir)?;
+        Ok((
+            LogStore::new(db.clone(), watermark),
+            StateMachine::new(db, applied),
+        ))
     }
 
     /// [`Store::open`], waiting up to `wait` while sled's lock on `dir` is

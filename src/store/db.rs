@@ -25,8 +25,21 @@ const SNAPSHOT: &str = "snapshot";
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
+const LAYOUT: &[u8] = b"layout";
 const SNAPSHOT_META: &[u8] = b"meta";
 const SNAPSHOT_DATA: &[u8] = b"data";
+
+/// The on-disk layout this build writes and reads, stored under `layout` in
+/// `log_meta` when the store is created.
+///
+/// 2: every log entry ends with a CRC-32, and the directory holds the
+/// watermark file. Version 1 (no `layout` key, no checksums) was never
+/// deployed: such a store is refused with [`StoreError::Layout`] rather
+/// than migrated.
+pub(super) const LAYOUT_VERSION: u32 = 2;
+
+/// Bytes of the checksum after each stored entry.
+const CRC_LEN: usize = 4;
 
 /// Whether a snapshot write may replace a newer stored snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +90,31 @@ impl Db {
         Ok(())
     }
 
+    /// [`Db::flush`], blocking the calling thread (for [`Store::open`]).
+    ///
+    /// [`Store::open`]: super::Store::open
+    pub(super) fn flush_blocking(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    // ---- layout ----
+
+    /// Whether nothing was ever written: no layout, vote, log or snapshot.
+    pub(super) fn is_new(&self) -> Result<bool> {
+        Ok(self.log_meta.is_empty() && self.logs.is_empty() && self.snapshot.is_empty())
+    }
+
+    /// The stored layout version, if any.
+    pub(super) fn layout(&self) -> Result<Option<u32>> {
+        get(&self.log_meta, LAYOUT, "layout version")
+    }
+
+    /// Records [`LAYOUT_VERSION`] (not durable until the next flush).
+    pub(super) fn set_layout(&self) -> Result<()> {
+        put(&self.log_meta, LAYOUT, &LAYOUT_VERSION, "layout version")
+    }
+
     // ---- log metadata ----
 
     pub(super) fn vote(&self) -> Result<Option<Vote<NodeId>>> {
@@ -113,20 +151,58 @@ impl Db {
 
     // ---- log entries ----
 
-    /// Writes `entries` in one atomic batch: readable on return, durable after
-    /// the next [`Db::flush`].
-    pub(super) fn append(&self, entries: impl IntoIterator<Item = Entry>) -> Result<()> {
+    /// Writes `entries` in one atomic batch, each value followed by its
+    /// checksum: readable on return, durable after the next [`Db::flush`].
+    /// Returns the last entry's id.
+    pub(super) fn append(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<Option<LogId<NodeId>>> {
         let mut batch = sled::Batch::default();
+        let mut last = None;
         for entry in entries {
             let index = entry.log_id.index;
-            let value = codec::encode(&entry).map_err(|source| StoreError::Encode {
+            let mut value = codec::encode(&entry).map_err(|source| StoreError::Encode {
                 what: format!("log entry {index}"),
                 source,
             })?;
+            let crc = entry_crc(index, &value);
+            value.extend_from_slice(&crc.to_le_bytes());
             batch.insert(&index.to_be_bytes()[..], value);
+            last = Some(entry.log_id);
         }
         self.logs.apply_batch(batch)?;
-        Ok(())
+        Ok(last)
+    }
+
+    /// Checks every stored entry's checksum and that the indexes follow
+    /// each other with no hole, without decoding the entries; returns the
+    /// first and last index. Blocking: reads the whole log.
+    pub(super) fn verify_log(&self) -> Result<Option<(u64, u64)>> {
+        let mut span: Option<(u64, u64)> = None;
+        for kv in self.logs.iter() {
+            let (key, value) = kv?;
+            let index = key_index(&key)?;
+            checked_body(index, &value)?;
+            span = match span {
+                None => Some((index, index)),
+                Some((first, last)) if index == last + 1 => Some((first, index)),
+                Some((_, last)) => {
+                    return Err(StoreError::Inconsistent(format!(
+                        "the log has a hole: entry {index} follows entry {last}"
+                    )));
+                }
+            };
+        }
+        Ok(span)
+    }
+
+    /// The id of the stored entry at `index`, if there is one.
+    pub(super) fn log_id_at(&self, index: u64) -> Result<Option<LogId<NodeId>>> {
+        match self.logs.get(index.to_be_bytes())? {
+            Some(value) => Ok(Some(decode_entry(&index.to_be_bytes(), &value)?.log_id)),
+            None => Ok(None),
+        }
     }
 
     /// The stored entries with an index in `range`, in index order.
@@ -222,11 +298,21 @@ impl Db {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Test hook: overwrites a stored log entry with `bytes`.
+    /// Test hook: overwrites a stored log entry with `bytes`, as they are
+    /// (no checksum added).
     #[cfg(test)]
     pub(super) fn overwrite_entry(&self, index: u64, bytes: &[u8]) -> Result<()> {
         self.logs.insert(index.to_be_bytes(), bytes)?;
         Ok(())
+    }
+
+    /// Test hook: overwrites a stored log entry with `bytes` and a valid
+    /// checksum (bytes that pass the checksum but not decoding).
+    #[cfg(test)]
+    pub(super) fn overwrite_entry_checksummed(&self, index: u64, bytes: &[u8]) -> Result<()> {
+        let mut value = bytes.to_vec();
+        value.extend_from_slice(&entry_crc(index, bytes).to_le_bytes());
+        self.overwrite_entry(index, &value)
     }
 
     /// Test hook: overwrites the stored snapshot payload with `bytes`.
@@ -258,12 +344,46 @@ fn put<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T, what: &str) -> Re
     Ok(())
 }
 
-/// Decodes a stored entry and checks that it sits under its own index.
-fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry> {
-    let index = <[u8; 8]>::try_from(key)
+/// The checksum stored after an entry: CRC-32 of its index (big-endian)
+/// and its encoded bytes, so an entry copied under another index fails too.
+fn entry_crc(index: u64, body: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&index.to_be_bytes());
+    crc.update(body);
+    crc.finalize()
+}
+
+/// The log index a key stands for.
+fn key_index(key: &[u8]) -> Result<u64> {
+    <[u8; 8]>::try_from(key)
         .map(u64::from_be_bytes)
-        .map_err(|_| StoreError::Inconsistent(format!("log key of {} bytes", key.len())))?;
-    let entry: Entry = codec::decode(value).map_err(|source| StoreError::Corrupt {
+        .map_err(|_| StoreError::Inconsistent(format!("log key of {} bytes", key.len())))
+}
+
+/// A stored entry's encoded bytes, once its checksum matches.
+fn checked_body(index: u64, value: &[u8]) -> Result<&[u8]> {
+    let bad = |why: String| StoreError::Checksum { index, why };
+    let split = value
+        .len()
+        .checked_sub(CRC_LEN)
+        .ok_or_else(|| bad(format!("{} bytes, shorter than a checksum", value.len())))?;
+    let (body, crc) = value.split_at(split);
+    let stored = u32::from_le_bytes(crc.try_into().expect("invariant: CRC_LEN bytes"));
+    let actual = entry_crc(index, body);
+    if stored != actual {
+        return Err(bad(format!(
+            "stored {stored:#010x}, computed {actual:#010x}"
+        )));
+    }
+    Ok(body)
+}
+
+/// Checks and decodes a stored entry, and checks that it sits under its
+/// own index.
+fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry> {
+    let index = key_index(key)?;
+    let body = checked_body(index, value)?;
+    let entry: Entry = codec::decode(body).map_err(|source| StoreError::Corrupt {
         what: format!("log entry {index}"),
         source,
     })?;

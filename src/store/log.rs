@@ -10,19 +10,22 @@ use openraft::{
 };
 
 use super::db::{Db, Entry};
+use super::watermark::{Mark, Watermark};
 use crate::raft::{NodeId, TypeConfig};
 
-/// The log store: entries, vote, committed and last purged log ids. Cheap to
-/// clone; clones share the database (openraft's replication tasks read
-/// through clones while the core writes).
+/// The log store: entries, vote, committed and last purged log ids, and the
+/// watermark of what was acknowledged. Cheap to clone; clones share the
+/// database (openraft's replication tasks read through clones while the
+/// core writes).
 #[derive(Clone, Debug)]
 pub struct LogStore {
     pub(super) db: Db,
+    watermark: Watermark,
 }
 
 impl LogStore {
-    pub(super) fn new(db: Db) -> Self {
-        Self { db }
+    pub(super) fn new(db: Db, watermark: Watermark) -> Self {
+        Self { db, watermark }
     }
 }
 
@@ -59,10 +62,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    /// Durable before it returns.
+    /// Durable before it returns, in sled and then in the watermark.
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.db.set_vote(vote).map_err(vote_err(ErrorVerb::Write))?;
-        self.db.flush().await.map_err(vote_err(ErrorVerb::Write))
+        self.db.flush().await.map_err(vote_err(ErrorVerb::Write))?;
+        let vote = *vote;
+        self.watermark
+            .set_async(move |m| Mark {
+                vote: Some(vote),
+                ..m
+            })
+            .await
+            .map_err(vote_err(ErrorVerb::Write))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -86,8 +97,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| e.into_storage(ErrorSubject::Store, ErrorVerb::Read))
     }
 
-    /// Writes the entries (readable on return), then flushes once and only
-    /// then acknowledges through `callback`.
+    /// Writes the entries (readable on return), flushes once, raises the
+    /// watermark to the last entry (fsynced), and only then acknowledges
+    /// through `callback`.
     async fn append<I>(
         &mut self,
         entries: I,
@@ -97,10 +109,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        self.db
+        let last = self
+            .db
             .append(entries)
             .map_err(logs_err(ErrorVerb::Write))?;
-        match self.db.flush().await {
+        let flushed = match self.db.flush().await {
+            Ok(()) => match last {
+                Some(last) => {
+                    self.watermark
+                        .set_async(move |m| Mark {
+                            last: Some(last),
+                            ..m
+                        })
+                        .await
+                }
+                None => Ok(()),
+            },
+            Err(e) => Err(e),
+        };
+        match flushed {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
@@ -112,9 +139,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
     }
 
-    /// Removes `[log_id.index, ..)` and flushes (rare, so the fsync is cheap
-    /// insurance against a conflicting suffix coming back after a crash).
+    /// Lowers the watermark below `log_id` (fsynced) if it was at or past
+    /// it, then removes `[log_id.index, ..)` and flushes (rare, so the fsync
+    /// is cheap insurance against a conflicting suffix coming back after a
+    /// crash). In this order a crash in between leaves the watermark below
+    /// the log, never past it.
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let before = match log_id.index.checked_sub(1) {
+            Some(prev) => {
+                let stored = self.db.log_id_at(prev).map_err(logs_err(ErrorVerb::Read))?;
+                let purged = self.db.last_purged().map_err(logs_err(ErrorVerb::Read))?;
+                stored.or(purged.filter(|p| p.index == prev))
+            }
+            None => None,
+        };
+        self.watermark
+            .set_async(move |m| match m.last {
+                Some(last) if last.index >= log_id.index => Mark { last: before, ..m },
+                _ => m,
+            })
+            .await
+            .map_err(logs_err(ErrorVerb::Delete))?;
         self.db
             .remove_entries(log_id.index..)
             .map_err(logs_err(ErrorVerb::Delete))?;

@@ -1,9 +1,10 @@
-//! Corruption: stored bytes that do not decode become errors, never panics.
+//! Corruption: stored bytes that fail their checksum or do not decode become
+//! errors, never panics; a store that lost acknowledged writes is refused.
 
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
-use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftLogReader};
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftLogReader, Vote};
 
-use super::Store;
+use super::{Store, StoreError, db};
 use crate::raft::TypeConfig;
 
 /// How long a reopen waits for a dropped handle to release sled's lock.
@@ -38,9 +39,138 @@ async fn entry_under_the_wrong_index_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _sm) = Store::open(dir.path()).unwrap();
     let moved = crate::codec::encode(&blank(7)).unwrap();
-    log.db.overwrite_entry(1, &moved).unwrap();
+    log.db.overwrite_entry_checksummed(1, &moved).unwrap();
     let err = log.try_get_log_entries(..).await.unwrap_err();
     assert!(err.to_string().contains("stored under index 1"), "{err}");
+    // without a matching checksum it is caught earlier
+    log.db.overwrite_entry(1, &moved).unwrap();
+    let err = log.try_get_log_entries(..).await.unwrap_err();
+    assert!(err.to_string().contains("bad checksum"), "{err}");
+}
+
+#[tokio::test]
+async fn bytes_with_a_good_checksum_that_do_not_decode_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = Store::open(dir.path()).unwrap();
+    log.blocking_append([blank(1)]).await.unwrap();
+    log.db
+        .overwrite_entry_checksummed(1, b"\xffgarbage")
+        .unwrap();
+    let err = log.try_get_log_entries(..).await.unwrap_err();
+    assert!(
+        err.to_string().contains("unsupported encoding version 255"),
+        "{err}"
+    );
+}
+
+/// A store with entries 1..=10 appended and vote T3 saved, closed again.
+async fn acknowledged_store(dir: &std::path::Path) {
+    let (mut log, _sm) = Store::open(dir).unwrap();
+    log.save_vote(&Vote::new_committed(3, 0)).await.unwrap();
+    log.blocking_append((1..=10).map(blank)).await.unwrap();
+}
+
+/// Changes the closed store in `dir` behind the watermark's back, the way
+/// a disk that loses fsynced writes would.
+fn tamper(dir: &std::path::Path, f: impl FnOnce(&db::Db)) {
+    let db = super::while_locked(WAIT, || db::Db::open(dir)).unwrap();
+    f(&db);
+    db.flush_blocking().unwrap();
+}
+
+fn refused(dir: &std::path::Path) -> String {
+    let err = Store::open_waiting(dir, WAIT).unwrap_err();
+    assert!(matches!(err, StoreError::LostWrites(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("godel cluster leave"),
+        "names the recovery: {msg}"
+    );
+    msg
+}
+
+#[tokio::test]
+async fn a_log_shorter_than_acknowledged_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    acknowledged_store(dir.path()).await;
+    tamper(dir.path(), |db| db.remove_entries(8..).unwrap());
+    let msg = refused(dir.path());
+    assert!(
+        msg.contains("the log ends at index 7") && msg.contains("up to T1-N0-10"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_vote_older_than_saved_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    acknowledged_store(dir.path()).await;
+    tamper(dir.path(), |db| db.set_vote(&Vote::new(2, 1)).unwrap());
+    let msg = refused(dir.path());
+    assert!(msg.contains("the stored vote is"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_damaged_or_missing_entry_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    acknowledged_store(dir.path()).await;
+    tamper(dir.path(), |db| db.overwrite_entry(4, b"\x02torn").unwrap());
+    let msg = refused(dir.path());
+    assert!(msg.contains("corrupt log entry 4: bad checksum"), "{msg}");
+
+    tamper(dir.path(), |db| db.remove_entries(4..=4).unwrap());
+    let msg = refused(dir.path());
+    assert!(msg.contains("entry 5 follows entry 3"), "{msg}");
+}
+
+#[tokio::test]
+async fn truncation_and_restart_are_not_mistaken_for_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    acknowledged_store(dir.path()).await;
+    {
+        let (mut log, _sm) = Store::open_waiting(dir.path(), WAIT).unwrap();
+        log.truncate(blank(6).log_id).await.unwrap();
+    }
+    {
+        let (mut log, _sm) = Store::open_waiting(dir.path(), WAIT).unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(blank(5).log_id));
+        let later = |i| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(2, 0), i),
+            ..blank(i)
+        };
+        log.blocking_append((6..=7).map(later)).await.unwrap();
+    }
+    // Entries written but not yet covered by the watermark (a crash between
+    // the flush and the watermark write) are taken in at open.
+    tamper(dir.path(), |db| {
+        db.append([Entry {
+            log_id: LogId::new(CommittedLeaderId::new(2, 0), 8),
+            ..blank(8)
+        }])
+        .unwrap();
+    });
+    let (mut log, _sm) = Store::open_waiting(dir.path(), WAIT).unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id.map(|l| l.index), Some(8));
+    drop((log, _sm));
+    tamper(dir.path(), |db| db.remove_entries(8..).unwrap());
+    refused(dir.path());
+}
+
+#[tokio::test]
+async fn an_old_layout_and_a_missing_watermark_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    tamper(dir.path(), |db| db.overwrite_entry(1, b"old").unwrap());
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Layout(_)), "{err:?}");
+    assert!(err.to_string().contains("no layout version"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    acknowledged_store(dir.path()).await;
+    std::fs::remove_file(dir.path().join(super::watermark::FILE_NAME)).unwrap();
+    let msg = refused(dir.path());
+    assert!(msg.contains("watermark file"), "{msg}");
 }
 
 #[tokio::test]
