@@ -76,15 +76,16 @@
 //! checksummed slots written alternately. The write path:
 //!
 //! - `append`: sled batch, sled flush (fsync), watermark := last entry
-//!   (pwrite + fdatasync), *then* the acknowledgement. `save_vote`: sled
-//!   flush, then the watermark's vote, then return.
+//!   (a `pwrite` through the page cache), *then* the acknowledgement.
+//!   `save_vote`: sled flush, then the watermark's vote (fdatasync), then
+//!   return.
 //! - `truncate` (a follower's conflicting suffix): the watermark is lowered
 //!   to the entry before the cut (fsynced) *before* sled removes anything.
 //!
-//! Each step makes the watermark durable after sled and before anything is
-//! acknowledged, so the watermark never claims more than sled had made
-//! durable (no false alarm after a plain crash) and never less than what
-//! was acknowledged. [`Store::open`] then checks that the stored vote is at
+//! Each step writes the watermark after sled is durable and before anything
+//! is acknowledged, so the watermark never claims more than sled had made
+//! durable (no false alarm after a crash) and never less than what was
+//! acknowledged. [`Store::open`] then checks that the stored vote is at
 //! least the watermark's and that the log still holds the watermark's entry
 //! *with the same log id* (or that a snapshot covers it); by Raft's log
 //! matching property that entry vouches for every entry before it. It also
@@ -105,26 +106,30 @@
 //! existing voter; the membership change the operator makes (leave, then
 //! join afresh) is exactly that, done with openraft's own tools.
 //!
-//! The price: one more `fdatasync` per append (of one 512-byte slot of a
-//! preallocated file, so no journal commit), after sled's and not
-//! overlapping it (overlapped, the watermark could get ahead of sled and a
-//! plain crash would look like a loss). Measured on the shared 2-core VM,
-//! debug build, 3000 one-entry appends back to back: 350-620 us per
-//! append without the watermark, 1000-2200 us with it (`pwrite` alone:
-//! 360-750 us; `sync_file_range` instead of `fdatasync`: 600-760 us, but it
-//! leaves the record in the disk's volatile cache). Batching proposals
-//! (BENCHMARKS.md) amortises it like sled's own fsync. Limits:
-//! a disk that drops *both* the sled tail and the watermark's last write
-//! (power loss with a write cache that ignores flushes) shows an older
-//! watermark and the loss of the entries after it goes unnoticed; so does
-//! a wiped directory (no watermark: a new node). The watermark guards
-//! against a disk that loses some fsynced writes, not every one.
+//! Why an append's watermark is not fsynced: the write is in the page
+//! cache before the acknowledgement, so it survives the process dying
+//! (`kill -9`) and a log file that loses its tail while the machine runs
+//! (what the `torn-tail` drill does). After the machine itself crashes it
+//! may be older than sled's log, which is only a missed detection if sled
+//! also lost fsynced writes in that crash: a disk whose cache ignores
+//! flushes, which would as well drop an fsynced watermark. An fsync there
+//! cost a second flush per append (measured on the shared 2-core VM,
+//! debug build, 3000 one-entry appends back to back: 350-620 us per append
+//! without the watermark, 1000-2200 us with an fsynced one, 360-750 us with
+//! a `pwrite` alone) and bought nothing against such a disk. Votes and
+//! truncations are rare and fsync their watermark: a truncation lowers it
+//! durably before sled drops anything, so a crash in between is no false
+//! alarm. Limits: a disk that drops *both* the sled tail and the
+//! watermark's last write shows an older watermark and the loss of the
+//! entries after it goes unnoticed; so does a wiped directory (no
+//! watermark: a new node). The watermark guards against a log file that
+//! loses its tail or is changed, not against every failing disk.
 //!
 //! # Invariants
 //!
 //! - **Fsync before ack.** `save_vote` returns, and `append` calls its
 //!   callback, only after `flush_async` has completed and the watermark was
-//!   written and fsynced: exactly one sled flush per append call.
+//!   written (fsynced for a vote): exactly one sled flush per append call.
 //!   (CRATES.md measured acknowledged writes lost under plain `kill -9` with
 //!   sled otherwise.)
 //! - **The watermark is never ahead of sled and never behind an ack**

@@ -98,8 +98,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     /// Writes the entries (readable on return), flushes once, raises the
-    /// watermark to the last entry (fsynced), and only then acknowledges
-    /// through `callback`.
+    /// watermark to the last entry (written, not fsynced: see the `store`
+    /// essay), and only then acknowledges through `callback`.
     async fn append<I>(
         &mut self,
         entries: I,
@@ -115,14 +115,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(logs_err(ErrorVerb::Write))?;
         let flushed = match self.db.flush().await {
             Ok(()) => match last {
-                Some(last) => {
-                    self.watermark
-                        .set_async(move |m| Mark {
-                            last: Some(last),
-                            ..m
-                        })
-                        .await
-                }
+                // Through the page cache, inline: a 512-byte pwrite.
+                Some(last) => self.watermark.set_cached(move |m| Mark {
+                    last: Some(last),
+                    ..m
+                }),
                 None => Ok(()),
             },
             Err(e) => Err(e),

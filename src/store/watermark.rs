@@ -6,8 +6,8 @@
 //! # File format
 //!
 //! [`FILE_LEN`] bytes: two [`SLOT_LEN`]-byte slots, written alternately
-//! (record `seq` goes to slot `seq % 2`) with `pwrite` and `fdatasync`
-//! over blocks allocated when the file was created. A write torn by a crash
+//! (record `seq` goes to slot `seq % 2`) with `pwrite` (and `fdatasync`,
+//! but for appends) over blocks allocated when the file was created. A write torn by a crash
 //! damages one slot only; the other still holds the previous record, which
 //! is what the node had acknowledged before the torn write (a record is
 //! written before the acknowledgement it covers).
@@ -130,6 +130,17 @@ impl Watermark {
     /// Writes `update(current mark)` and fsyncs it. Blocking: call through
     /// `spawn_blocking` on the async path.
     pub(super) fn set(&self, update: impl FnOnce(Mark) -> Mark) -> Result<()> {
+        self.write(update, true)
+    }
+
+    /// Writes the updated record through the page cache only: it survives
+    /// the process (a `kill -9`) but not the machine. What `append` uses;
+    /// see the module essay of `store`.
+    pub(super) fn set_cached(&self, update: impl FnOnce(Mark) -> Mark) -> Result<()> {
+        self.write(update, false)
+    }
+
+    fn write(&self, update: impl FnOnce(Mark) -> Mark, durable: bool) -> Result<()> {
         let mut inner = self.lock();
         let mark = update(inner.mark);
         if mark == inner.mark {
@@ -143,7 +154,9 @@ impl Watermark {
             .file
             .write_all_at(&slot, at)
             .map_err(io_err(&path, "write"))?;
-        inner.file.sync_data().map_err(io_err(&path, "fsync"))?;
+        if durable {
+            inner.file.sync_data().map_err(io_err(&path, "fsync"))?;
+        }
         inner.seq = seq;
         inner.mark = mark;
         Ok(())
