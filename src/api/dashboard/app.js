@@ -18,6 +18,7 @@ const CHART_POINTS_MAX = 1200;
 const TASK_PAGE = 100;
 const TASK_FETCH_MAX = 20;
 const TASK_ROWS_MAX = 300;
+const PENDING_MAX = 1000;
 const RECONNECT_MAX_MS = 30000;
 const THROTTLE = { depth: 1000, cluster: 1000, tasks: 500, dead: 2000, fleet: 1000 };
 const PRIORITIES = ["critical", "high", "medium", "low"];
@@ -80,6 +81,12 @@ function since(iso) {
 
 function json(v) {
   return v == null ? "" : JSON.stringify(v, null, 2);
+}
+
+function emptyRow(text, columns) {
+  const td = el("td", "muted", text);
+  td.colSpan = columns;
+  return el("tr", "", td);
 }
 
 function clearRows(table) {
@@ -234,7 +241,7 @@ function stopLive() {
 
 const TAB_LOADERS = {
   overview: () => [refresh.cluster(), refresh.depth()],
-  tasks: () => [refresh.tasks()],
+  tasks: () => [refresh.tasks(), refresh.taskRows()],
   dead: () => [refresh.dead()],
   fleet: () => [refresh.fleet()],
   events: () => [],
@@ -529,7 +536,7 @@ function renderTasks() {
     row.addEventListener("click", () => select(t.id));
     body.append(row);
   }
-  if (tasks.length === 0) body.append(el("tr", "", el("td", "muted", "no tasks match")));
+  if (tasks.length === 0) body.append(emptyRow("no tasks match", 7));
   $("tasks-more").hidden = !S.taskCursor;
 }
 
@@ -673,7 +680,7 @@ function renderSessions(page) {
       ),
     );
   }
-  if (page.items.length === 0) body.append(el("tr", "", el("td", "muted", "no live sessions")));
+  if (page.items.length === 0) body.append(emptyRow("no live sessions", 7));
 }
 
 function feedItem(e) {
@@ -778,12 +785,10 @@ function onEvent(e) {
   const d = e.data || {};
   if (kind === "task") {
     refresh.depth();
-    if (S.tab === "tasks") {
-      S.pendingTasks.add(d.id);
-      refresh.taskRows();
-    } else {
-      S.dirty.add("tasks");
-    }
+    // Off the tasks tab, ids wait (a bounded number) until it is shown.
+    if (S.pendingTasks.size < PENDING_MAX) S.pendingTasks.add(d.id);
+    if (S.tab === "tasks") refresh.taskRows();
+    else S.dirty.add("tasks");
     if (change === "dead_lettered" || change === "retried") touch("dead", refresh.dead);
     if (["leased", "completed", "failed", "released", "lease_expired", "timed_out", "cancelled"].includes(change)) {
       touch("fleet", refresh.fleet);
