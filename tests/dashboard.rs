@@ -2,7 +2,8 @@
 //! with strict headers and nothing from elsewhere; and, in headless
 //! Chromium driven over WebDriver, a page that signs in with a key and
 //! follows the cluster live: a task submitted through the API appears and
-//! completes, and a drained node is marked so, without a reload.
+//! completes, a dead letter appears and is replayed, gateways and agents
+//! are listed, and a drained node is marked so, without a reload.
 //!
 //! The browser test needs Debian's `chromium` and `chromium-driver`; it is
 //! skipped loudly without them, except under `CI`, where it fails.
@@ -139,6 +140,30 @@ async fn the_dashboard_follows_the_cluster_live_in_a_browser() {
         })
         .await;
         screenshot(&b, "dashboard-tasks.png").await;
+
+        // A dead letter shows up live and is replayed from the page.
+        click(&b, "#tabs a[data-tab=\"dead\"]").await;
+        let dead = dead_letter(&api, leader).await;
+        let css = format!("#dead tr[data-task=\"{dead}\"] button");
+        click(&b, &css).await;
+        wait_text(&b, "#notices", "the replay's notice", |t| {
+            t.contains(&format!("Replayed 1 task(s): {dead}"))
+        })
+        .await;
+        let r = api.get(leader, &format!("/api/v1/tasks/{dead}")).await;
+        assert_eq!(r.unwrap().body["status"], "pending");
+
+        // Gateways and agents, with health and load.
+        click(&b, "#tabs a[data-tab=\"fleet\"]").await;
+        wait_text(&b, "tr[data-gateway=\"sim\"] .health", "the gateway", |t| {
+            !t.is_empty()
+        })
+        .await;
+        wait_text(&b, "tr[data-agent=\"sim-a\"]", "the agent", |t| {
+            t.contains("8")
+        })
+        .await;
+        screenshot(&b, "dashboard-fleet.png").await;
 
         click(&b, "#tabs a[data-tab=\"overview\"]").await;
         let node_id = c.node(drained).id;
@@ -307,6 +332,29 @@ async fn screenshot(b: &Client, name: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(name), png).unwrap();
+}
+
+/// A task no agent of the cluster can run, leased and failed by hand
+/// until it is a dead letter; its id.
+async fn dead_letter(api: &Api, leader: usize) -> u64 {
+    let body = json!({"payload": {}, "capabilities": ["by-hand"], "max_attempts": 1});
+    let r = api.post(leader, "/api/v1/tasks", &body).await.unwrap();
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.body["id"].as_u64().unwrap();
+    let lease = json!({"agent_id": "hand", "capabilities": ["by-hand"], "max": 1});
+    let r = api.post(leader, "/api/v1/leases", &lease).await.unwrap();
+    assert_eq!(r.body["leases"][0]["task_id"], id, "{r:?}");
+    let token = r.body["leases"][0]["fencing_token"].as_u64().unwrap();
+    let fail = json!({"error": "failed by hand", "retryable": false});
+    let path = format!("/api/v1/leases/{token}/fail");
+    let r = api.post(leader, &path, &fail).await.unwrap();
+    assert!(r.status < 300, "{r:?}");
+    let r = api
+        .get(leader, &format!("/api/v1/tasks/{id}"))
+        .await
+        .unwrap();
+    assert_eq!(r.body["status"], "dead_letter", "{r:?}");
+    id
 }
 
 /// Registers a simulated gateway with one agent on `leader`.
