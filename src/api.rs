@@ -2,9 +2,10 @@
 //! sessions, cluster, credentials, tenants, audit, health and metrics,
 //! under `/api/v1` (and `/api` as a deprecated alias).
 //!
-//! Every route but the liveness and readiness probes needs a credential
-//! and a permission ([`auth`], [`permissions`]); the router is built from
-//! the permission table, so a route without an entry cannot be served.
+//! Every route but the liveness and readiness probes and the dashboard's
+//! static page (`dashboard`) needs a credential and a permission ([`auth`],
+//! [`permissions`]); the router is built from the permission table, so a
+//! route without an entry cannot be served.
 //! Writes are proposed with the caller's audit mark, confined to its tenant
 //! (see `fsm::Batch`); reads filter by tenant, and another tenant's
 //! object answers 404 exactly as a missing one does.
@@ -19,6 +20,7 @@ mod admin;
 mod audit;
 pub mod auth;
 mod cluster;
+mod dashboard;
 mod error;
 mod events;
 mod json;
@@ -268,6 +270,9 @@ pub fn router(node: Node) -> anyhow::Result<Router> {
         .merge(root.with_state(api.clone()))
         .route("/health/live", get(cluster::live))
         .route("/health/ready", get(cluster::ready))
+        .route("/", get(dashboard::index))
+        .route("/ui/app.js", get(dashboard::app_js))
+        .route("/ui/style.css", get(dashboard::style_css))
         .with_state(api)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))

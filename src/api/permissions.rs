@@ -298,9 +298,17 @@ pub const ROUTES: &[RouteSpec] = &[
     r(GET, "/metrics", P::MetricsRead, "metrics.read"),
 ];
 
-/// Routes that answer without a credential: liveness and readiness probes
-/// (and `/metrics` while `auth.metrics_open` is true).
-pub const PUBLIC: &[(Method, &str)] = &[(GET, "/health/live"), (GET, "/health/ready")];
+/// Routes that answer without a credential: liveness and readiness probes,
+/// the dashboard's static page and assets (and `/metrics` while
+/// `auth.metrics_open` is true).
+pub const PUBLIC: &[(Method, &str)] = &[
+    (GET, "/health/live"),
+    (GET, "/health/ready"),
+    // The dashboard's page and assets: static, no data (`api::dashboard`).
+    (GET, "/"),
+    (GET, "/ui/app.js"),
+    (GET, "/ui/style.css"),
+];
 
 /// The table entry of a route.
 pub fn spec(method: &Method, path: &str) -> Option<&'static RouteSpec> {
