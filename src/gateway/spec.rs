@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::breaker::BreakerConfig;
 use super::{DriverError, Result};
@@ -55,17 +56,21 @@ impl fmt::Display for GatewayKind {
 /// {"id": "gw-1", "region": "eu", "capabilities": ["rust"], "max_sessions": 10,
 ///  "driver": {"kind": "command", "program": "/usr/bin/agent", "args": ["--json"]}}
 /// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySpec {
     /// Unique id: 1 to `Limits::MAX_NAME_BYTES` of `A-Z a-z 0-9 - _ . : /`.
+    #[schema(value_type = String, pattern = "^[A-Za-z0-9._:/-]{1,256}$")]
     pub id: GatewayId,
     /// Region label; placement prefers nodes of the same region.
+    #[schema(pattern = "^[A-Za-z0-9._:/-]{1,256}$")]
     pub region: String,
     /// What tasks it can run (matched against a task's required capabilities).
     #[serde(default)]
+    #[schema(max_items = 64)]
     pub capabilities: BTreeSet<String>,
     /// Most sessions open at once, 1..=[`MAX_SESSIONS_PER_GATEWAY`].
+    #[schema(minimum = 1, maximum = 10_000)]
     pub max_sessions: u32,
     /// Circuit breaker thresholds.
     #[serde(default)]
@@ -75,7 +80,7 @@ pub struct GatewaySpec {
 }
 
 /// The kind of a gateway and the settings of that kind, tagged by `kind`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DriverSpec {
     /// The built-in simulator.
@@ -101,37 +106,42 @@ impl DriverSpec {
 }
 
 /// Simulator settings. The default completes every attempt at once.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimSpec {
     /// How long an attempt takes.
     pub latency: LatencySpec,
     /// Share of attempts that fail (retryably), 0.0..=1.0.
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub failure_rate: f64,
     /// Share of attempts that never finish until cancelled or timed out,
     /// 0.0..=1.0; `failure_rate + hang_rate <= 1`.
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub hang_rate: f64,
     /// Seed for a reproducible sequence of outcomes; random when absent.
     pub seed: Option<u64>,
 }
 
 /// A latency distribution, tagged by `dist`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "dist", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LatencySpec {
     /// Always the same.
     Fixed {
         /// The latency.
         #[serde(with = "humantime_serde")]
+        #[schema(value_type = String, example = "1s")]
         value: Duration,
     },
     /// Uniform between `min` and `max`.
     Uniform {
         /// Shortest.
         #[serde(with = "humantime_serde")]
+        #[schema(value_type = String, example = "1s")]
         min: Duration,
         /// Longest.
         #[serde(with = "humantime_serde")]
+        #[schema(value_type = String, example = "1s")]
         max: Duration,
     },
     /// Log-normal with the given median and 99th percentile (a long tail,
@@ -139,9 +149,11 @@ pub enum LatencySpec {
     LogNormal {
         /// Median.
         #[serde(with = "humantime_serde")]
+        #[schema(value_type = String, example = "1s")]
         p50: Duration,
         /// 99th percentile.
         #[serde(with = "humantime_serde")]
+        #[schema(value_type = String, example = "1s")]
         p99: Duration,
     },
 }
@@ -155,7 +167,7 @@ impl Default for LatencySpec {
 }
 
 /// Settings of a gateway that runs a local program per attempt.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandSpec {
     /// The program: a path, or a name looked up in `PATH`.
@@ -169,11 +181,12 @@ pub struct CommandSpec {
     pub env: BTreeMap<String, String>,
     /// Working directory; the node's own when absent.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub working_dir: Option<PathBuf>,
 }
 
 /// Settings of a webhook gateway.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
     /// Where attempts are POSTed (`http://` or `https://`).
@@ -192,7 +205,7 @@ pub struct HttpSpec {
 /// {"kind": "openclaw", "url": "ws://127.0.0.1:18789", "token": {"env": "OC_TOKEN"},
 ///  "agent_id": "main", "turn_timeout": "10m", "reconnect_window": "30s"}
 /// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenClawSpec {
     /// The gateway's WebSocket endpoint: `ws://host:port` (OpenClaw's
@@ -208,15 +221,18 @@ pub struct OpenClawSpec {
     /// smaller of this and the task's timeout: the gateway itself puts no
     /// cap on a turn's tool loop.
     #[serde(default = "default_turn_timeout", with = "humantime_serde")]
+    #[schema(value_type = String, example = "10m")]
     pub turn_timeout: Duration,
     /// How long an attempt waits for the gateway to accept a connection
     /// (at its start, or after its connection dropped mid-run) before it
     /// gives up as unavailable; the attempt's own timeout still bounds it.
     #[serde(default = "default_reconnect_window", with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     pub reconnect_window: Duration,
     /// The node's Ed25519 device key file (created when missing); by
     /// default `openclaw-device.key` in the node's data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub device_key: Option<PathBuf>,
 }
 
@@ -252,6 +268,29 @@ pub enum SecretRef {
     /// A file on the node running the gateway (trailing newline ignored).
     File(PathBuf),
 }
+
+// Written out: the derive cannot describe a `PathBuf` in a newtype variant.
+impl utoipa::PartialSchema for SecretRef {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let one = |key: &str| {
+            serde_json::json!({
+                "type": "object",
+                "properties": { key: { "type": "string" } },
+                "required": [key],
+                "additionalProperties": false,
+            })
+        };
+        let schema = serde_json::json!({
+            "description": "Where a secret is: `{\"env\": \"NAME\"}` or `{\"file\": \"/path\"}`",
+            "oneOf": [one("env"), one("file")],
+        });
+        utoipa::openapi::RefOr::T(
+            serde_json::from_value(schema).expect("invariant: a valid schema object"),
+        )
+    }
+}
+
+impl ToSchema for SecretRef {}
 
 impl fmt::Display for SecretRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
