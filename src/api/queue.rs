@@ -5,8 +5,10 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::Api;
 use super::auth::Caller;
@@ -17,25 +19,61 @@ use crate::fsm::{
     Command, DeadLetterFilter, Limits, Priority, ReplaySelector, Reply, TaskId, TaskStatus,
 };
 
+/// `GET /queue/depth` answer.
+#[derive(Serialize, ToSchema)]
+pub struct DepthView {
+    /// Pending tasks.
+    pending: u64,
+    /// Pending tasks per priority.
+    #[schema(value_type = BTreeMap<String, u64>)]
+    by_priority: view::Counts,
+    /// Tasks per status.
+    #[schema(value_type = BTreeMap<String, u64>)]
+    by_status: view::Counts,
+    /// Tasks per status, per tenant the caller sees.
+    #[schema(value_type = BTreeMap<String, BTreeMap<String, u64>>)]
+    by_tenant: BTreeMap<String, view::Counts>,
+    /// One entry: the queue has one shard.
+    shards: Vec<ShardDepth>,
+}
+
+/// One shard's depth.
+#[derive(Serialize, ToSchema)]
+pub struct ShardDepth {
+    shard: u32,
+    pending: u64,
+    /// The node leading it, if one is known.
+    leader: Option<u64>,
+}
+
 /// `GET /queue/depth`: exact counts per priority, status and tenant. The
 /// queue has one shard, so the shard view is the total.
-pub async fn depth(State(api): State<Api>, caller: Caller) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/queue/depth",
+    responses((status = 200, description = "Counts (the caller's tenant only, unless cross-tenant)", body = DepthView))
+)]
+pub async fn depth(State(api): State<Api>, caller: Caller) -> ApiResult<Json<DepthView>> {
     api.node.read_barrier().await?;
     let mut d = api.node.state().read(|s| s.depth());
     d.by_tenant.retain(|t, _| caller.sees(t));
     let pending = d.pending();
-    let by_tenant: serde_json::Map<String, Value> = d
+    let by_tenant = d
         .by_tenant
         .keys()
         .map(|t| (t.0.clone(), view::per_status(|s| d.count(None, s, Some(t)))))
         .collect();
-    Ok(Json(json!({
-        "pending": pending,
-        "by_priority": view::per_priority(|p| d.count(Some(p), TaskStatus::Pending, None)),
-        "by_status": view::per_status(|s| d.count(None, s, None)),
-        "by_tenant": by_tenant,
-        "shards": [{ "shard": 0, "pending": pending, "leader": api.node.leader().map(|(id, _)| id) }],
-    })))
+    Ok(Json(DepthView {
+        pending,
+        by_priority: view::per_priority(|p| d.count(Some(p), TaskStatus::Pending, None)),
+        by_status: view::per_status(|s| d.count(None, s, None)),
+        by_tenant,
+        shards: vec![ShardDepth {
+            shard: 0,
+            pending,
+            leader: api.node.leader().map(|(id, _)| id),
+        }],
+    }))
 }
 
 fn dead_letter_filter(caller: &Caller, q: &ListQuery) -> ApiResult<DeadLetterFilter> {
@@ -47,6 +85,12 @@ fn dead_letter_filter(caller: &Caller, q: &ListQuery) -> ApiResult<DeadLetterFil
 }
 
 /// `GET /dead-letter`.
+#[utoipa::path(
+    get,
+    path = "/dead-letter",
+    params(ListQuery),
+    responses((status = 200, description = "One page of dead letters, by id", body = view::PageView))
+)]
 pub async fn list(
     State(api): State<Api>,
     caller: Caller,
@@ -65,6 +109,12 @@ pub async fn list(
 
 /// `GET /dead-letter/export`: every matching dead letter (up to
 /// [`Limits::MAX_REPLAY`]) as newline-delimited JSON.
+#[utoipa::path(
+    get,
+    path = "/dead-letter/export",
+    params(ListQuery),
+    responses((status = 200, description = "One task (as `Task`) per line", content_type = "application/x-ndjson", body = String))
+)]
 pub async fn export(
     State(api): State<Api>,
     caller: Caller,
@@ -85,23 +135,42 @@ pub async fn export(
 }
 
 /// `POST /dead-letter/replay` body: either `ids` or a filter.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayBody {
+    /// These dead letters (not with the filters).
     ids: Option<Vec<u64>>,
+    /// Filter: this tenant's.
     tenant: Option<String>,
+    /// Filter: this priority.
     priority: Option<Priority>,
+    /// Filter: error text containing this.
     error_contains: Option<String>,
+    /// Most to replay (default and limit 10000).
+    #[schema(minimum = 1, maximum = 10_000)]
     limit: Option<u32>,
+}
+
+/// `POST /dead-letter/replay` answer.
+#[derive(Serialize, ToSchema)]
+pub struct ReplayedView {
+    /// The tasks moved back to the queue.
+    replayed: Vec<u64>,
 }
 
 /// `POST /dead-letter/replay`: moves dead letters back to the queue with
 /// fresh attempts; returns the ids moved.
+#[utoipa::path(
+    post,
+    path = "/dead-letter/replay",
+    request_body(content = Option<ReplayBody>, description = "`ids`, or filters; none: every dead letter the caller sees"),
+    responses((status = 200, description = "The ids replayed", body = ReplayedView))
+)]
 pub async fn replay(
     State(api): State<Api>,
     caller: Caller,
     Body(b): Body<ReplayBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ReplayedView>> {
     let limit = b.limit.unwrap_or(Limits::MAX_REPLAY as u32);
     let selector = match b.ids {
         Some(ids) if b.tenant.is_none() && b.priority.is_none() && b.error_contains.is_none() => {
@@ -122,9 +191,9 @@ pub async fn replay(
         .write_as(&caller, Command::Replay { selector, limit }, None)
         .await?
     {
-        Reply::Replayed(ids) => Ok(Json(
-            json!({ "replayed": ids.iter().map(|i| i.0).collect::<Vec<_>>() }),
-        )),
+        Reply::Replayed(ids) => Ok(Json(ReplayedView {
+            replayed: ids.iter().map(|i| i.0).collect(),
+        })),
         other => Err(super::unexpected(other)),
     }
 }
