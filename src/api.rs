@@ -23,6 +23,7 @@ mod error;
 mod json;
 mod keys;
 mod leases;
+mod openapi;
 pub mod peers;
 pub mod permissions;
 mod queue;
@@ -46,6 +47,7 @@ use tower_http::timeout::TimeoutLayer;
 
 pub use auth::{Authenticator, Caller};
 pub use error::{ApiError, ApiResult};
+pub use openapi::document_json as openapi_document;
 pub use serve::serve;
 
 use crate::fsm::{AuditTarget, Command, Outcome, Reply};
@@ -172,6 +174,7 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (M::POST, "/jwt/revocations", post(keys::revoke_jwt)),
         (M::GET, "/jwt/revocations", get(keys::jwt_revocations)),
         (M::GET, "/audit", get(audit::list)),
+        (M::GET, "/openapi.json", get(openapi::get_document)),
         (M::GET, "/health", get(cluster::deep)),
         (M::GET, "/metrics", get(metrics)),
     ]
@@ -251,6 +254,7 @@ pub fn router(node: Node) -> anyhow::Result<Router> {
         .merge(root.with_state(api.clone()))
         .route("/health/live", get(cluster::live))
         .route("/health/ready", get(cluster::ready))
+        .route("/docs", get(openapi::docs))
         .with_state(api)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
@@ -282,6 +286,12 @@ async fn housekeeping(api: Api) {
     }
 }
 
+/// `GET /metrics`: Prometheus text.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, description = "Prometheus text exposition (open without a credential while `auth.metrics_open`)", content_type = "text/plain", body = String))
+)]
 async fn metrics(
     axum::extract::State(api): axum::extract::State<Api>,
 ) -> impl axum::response::IntoResponse {

@@ -273,13 +273,20 @@ pub const ROUTES: &[RouteSpec] = &[
     r(POST, "/jwt/revocations", P::KeysAdmin, "jwt.revoke"),
     r(GET, "/jwt/revocations", P::KeysAdmin, "jwt.revocations"),
     r(GET, "/audit", P::AuditRead, "audit.list"),
+    // The OpenAPI document: any role may read it (see `api::openapi`).
+    r(GET, "/openapi.json", P::TasksRead, "openapi.read"),
     r(GET, "/health", P::ClusterRead, "health.deep"),
     r(GET, "/metrics", P::MetricsRead, "metrics.read"),
 ];
 
-/// Routes that answer without a credential: liveness and readiness probes
-/// (and `/metrics` while `auth.metrics_open` is true).
-pub const PUBLIC: &[(Method, &str)] = &[(GET, "/health/live"), (GET, "/health/ready")];
+/// Routes that answer without a credential: liveness and readiness probes,
+/// the `/docs` page (no data: it fetches the document with a key the user
+/// pastes), and `/metrics` while `auth.metrics_open` is true.
+pub const PUBLIC: &[(Method, &str)] = &[
+    (GET, "/health/live"),
+    (GET, "/health/ready"),
+    (GET, "/docs"),
+];
 
 /// The table entry of a route.
 pub fn spec(method: &Method, path: &str) -> Option<&'static RouteSpec> {
