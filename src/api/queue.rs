@@ -14,9 +14,10 @@ use super::Api;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::{Body, Params};
-use super::view::{self, ListQuery};
+use super::view::{self, DeadLetterQuery};
 use crate::fsm::{
-    Command, DeadLetterFilter, Limits, Priority, ReplaySelector, Reply, TaskId, TaskStatus,
+    Command, DeadLetterFilter, Limits, Priority, ReplaySelector, Reply, TaskId, TaskPage,
+    TaskStatus,
 };
 
 /// `GET /queue/depth` answer.
@@ -76,34 +77,47 @@ pub async fn depth(State(api): State<Api>, caller: Caller) -> ApiResult<Json<Dep
     }))
 }
 
-fn dead_letter_filter(caller: &Caller, q: &ListQuery) -> ApiResult<DeadLetterFilter> {
-    Ok(DeadLetterFilter {
-        tenant: caller.tenant_filter(q.tenant.clone())?,
-        priority: q.priority()?,
+/// The filter of a dead-letter query; `None` when it matches nothing (a
+/// status other than `dead_letter`).
+fn dead_letter_filter(caller: &Caller, q: &DeadLetterQuery) -> ApiResult<Option<DeadLetterFilter>> {
+    let list = q.list();
+    let status = list.status()?;
+    let filter = DeadLetterFilter {
+        tenant: caller.tenant_filter(list.tenant.clone())?,
+        priority: list.priority()?,
         error_contains: q.error_contains.clone(),
-    })
+    };
+    Ok(status
+        .is_none_or(|s| s == TaskStatus::DeadLetter)
+        .then_some(filter))
 }
 
 /// `GET /dead-letter`.
 #[utoipa::path(
     get,
     path = "/dead-letter",
-    params(ListQuery),
+    params(DeadLetterQuery),
     responses((status = 200, description = "One page of dead letters, by id", body = view::PageView))
 )]
 pub async fn list(
     State(api): State<Api>,
     caller: Caller,
-    Params(q): Params<ListQuery>,
+    Params(q): Params<DeadLetterQuery>,
 ) -> ApiResult<Json<view::PageView>> {
-    let limit = q.limit(api.node.config().api.max_page_size)?;
+    let limit = q.list().limit(api.node.config().api.max_page_size)?;
     let filter = dead_letter_filter(&caller, &q)?;
-    let after = q.after()?;
+    let after = q.list().after()?;
     api.node.read_barrier().await?;
-    let page = api
-        .node
-        .state()
-        .read(|s| s.dead_letter_page(&filter, after, limit));
+    let page = match filter {
+        Some(f) => api
+            .node
+            .state()
+            .read(|s| s.dead_letter_page(&f, after, limit)),
+        None => TaskPage {
+            items: Vec::new(),
+            next: None,
+        },
+    };
     Ok(Json(view::page(page)))
 }
 
@@ -112,20 +126,29 @@ pub async fn list(
 #[utoipa::path(
     get,
     path = "/dead-letter/export",
-    params(ListQuery),
+    params(DeadLetterQuery),
     responses((status = 200, description = "One task (as `Task`) per line", content_type = "application/x-ndjson", body = String))
 )]
 pub async fn export(
     State(api): State<Api>,
     caller: Caller,
-    Params(q): Params<ListQuery>,
+    Params(q): Params<DeadLetterQuery>,
 ) -> ApiResult<impl IntoResponse> {
+    let list = q.list();
+    list.limit(api.node.config().api.max_page_size)?;
+    list.after()?;
     let filter = dead_letter_filter(&caller, &q)?;
     api.node.read_barrier().await?;
-    let page = api
-        .node
-        .state()
-        .read(|s| s.dead_letter_page(&filter, None, Limits::MAX_REPLAY));
+    let page = match filter {
+        Some(f) => api
+            .node
+            .state()
+            .read(|s| s.dead_letter_page(&f, None, Limits::MAX_REPLAY)),
+        None => TaskPage {
+            items: Vec::new(),
+            next: None,
+        },
+    };
     let mut out = String::new();
     for t in &page.items {
         out.push_str(&serde_json::to_string(&view::TaskView(t.clone())).unwrap_or_default());

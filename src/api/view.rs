@@ -224,7 +224,7 @@ pub fn lease(g: &LeaseGrant) -> LeaseView {
     }
 }
 
-/// Query parameters of list endpoints.
+/// Query parameters of `GET /tasks`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -233,7 +233,7 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
-    #[param(pattern = "^[0-9]+$")]
+    #[param(pattern = "^[0-9]{1,19}$")]
     pub cursor: Option<String>,
     /// Status filter.
     #[param(value_type = Option<TaskStatus>)]
@@ -243,8 +243,46 @@ pub struct ListQuery {
     pub priority: Option<String>,
     /// Tenant filter (a developer or viewer may name only its own).
     pub tenant: Option<String>,
-    /// Dead letters only: error text filter.
+}
+
+/// Query parameters of the dead-letter lists: those of `GET /tasks` (a
+/// dead letter's status is `dead_letter`, so another status matches
+/// nothing), and an error text filter.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeadLetterQuery {
+    /// Page size: 1 to `api.max_page_size` (default 1000); 50 when absent
+    /// (the export checks it, and writes up to 10000 regardless).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page (the export checks it, and
+    /// starts at the first regardless).
+    #[param(pattern = "^[0-9]{1,19}$")]
+    pub cursor: Option<String>,
+    /// Status filter: only `dead_letter` matches.
+    #[param(value_type = Option<TaskStatus>)]
+    pub status: Option<String>,
+    /// Priority filter.
+    #[param(value_type = Option<Priority>)]
+    pub priority: Option<String>,
+    /// Tenant filter (a developer or viewer may name only its own).
+    pub tenant: Option<String>,
+    /// Error text filter.
     pub error_contains: Option<String>,
+}
+
+impl DeadLetterQuery {
+    /// The parameters it shares with `GET /tasks`.
+    pub fn list(&self) -> ListQuery {
+        ListQuery {
+            limit: self.limit,
+            cursor: self.cursor.clone(),
+            status: self.status.clone(),
+            priority: self.priority.clone(),
+            tenant: self.tenant.clone(),
+        }
+    }
 }
 
 impl ListQuery {
