@@ -39,6 +39,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
             }
         })?;
         check_depth(&bytes, depth)?;
+        check_object(&bytes)?;
         parse(&bytes).map(Body)
     }
 }
@@ -53,6 +54,18 @@ fn timed_out(e: &axum::extract::rejection::BytesRejection) -> bool {
         source = err.source();
     }
     false
+}
+
+/// Refuses a body that is not a JSON object (an empty one is `{}`): every
+/// request body is an object, and serde would otherwise read an array as
+/// a struct's fields in declaration order (`[null, 5]`).
+pub fn check_object(bytes: &[u8]) -> Result<(), ApiError> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        None | Some(b'{') => Ok(()),
+        Some(_) => Err(ApiError::invalid(
+            "invalid JSON body: expected a JSON object",
+        )),
+    }
 }
 
 /// Refuses JSON nested deeper than `max` arrays and objects, by a scan
@@ -202,6 +215,19 @@ mod tests {
         assert!(e.message.contains("invalid field `n`"), "{}", e.message);
         let e = parse::<Ints>(br#"{"n": 1, "list": [], "extra": 1}"#).unwrap_err();
         assert!(e.message.contains("extra"), "{}", e.message);
+    }
+
+    #[test]
+    fn only_objects_are_bodies() {
+        assert!(check_object(b"").is_ok() && check_object(b" {}").is_ok());
+        for bad in [&b"[null, 1]"[..], b"null", b"1", b"\"x\""] {
+            let e = check_object(bad).unwrap_err();
+            assert!(
+                e.message.contains("expected a JSON object"),
+                "{}",
+                e.message
+            );
+        }
     }
 
     #[test]
