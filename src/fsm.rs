@@ -80,6 +80,7 @@ pub use command::{
     Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, Event, EventKind, LeaseGrant,
     Outcome, Rejection, ReplaySelector, Reply, Request, Response, SubmitTask, Write, pack, unpack,
 };
+pub(crate) use command::check_name;
 pub use query::{Depth, TaskFilter, TaskPage};
 pub use registry::{
     AgentRecord, AgentRegistration, BACKPRESSURE_PERCENT, Circuit, GatewayId, GatewayRecord,

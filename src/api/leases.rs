@@ -19,12 +19,11 @@ use crate::fsm::{AgentId, AuditTarget, Command, FencingToken, Limits, Reply};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseBody {
-    /// The worker asking (1 to 256 bytes).
-    #[schema(min_length = 1, max_length = 64)]
+    /// The worker asking: a name, as agents are registered under.
+    #[schema(schema_with = view::name_schema)]
     agent_id: String,
-    /// What it can run.
+    /// What it can run (matched against tasks' capabilities as given).
     #[serde(default)]
-    #[schema(schema_with = view::names_schema)]
     capabilities: Vec<String>,
     /// Most tasks to lease (default 1).
     #[schema(minimum = 1, maximum = 1000)]
@@ -53,12 +52,9 @@ pub async fn acquire(
     Body(b): Body<LeaseBody>,
 ) -> ApiResult<Json<LeasesView>> {
     let lease_ms = lease_ms(&api, b.lease_ms)?;
-    if b.agent_id.is_empty() || b.agent_id.len() > Limits::MAX_NAME_BYTES {
-        let max = Limits::MAX_NAME_BYTES;
-        return Err(ApiError::invalid(format!(
-            "invalid field `agent_id`: must be 1..={max} bytes"
-        )));
-    }
+    // The same rule as a registration's id: no agent has another name.
+    crate::fsm::check_name("agent_id", &b.agent_id, false)
+        .map_err(|(f, p)| ApiError::invalid(format!("invalid field `{f}`: {p}")))?;
     let max = Limits::MAX_LEASES_PER_REQUEST;
     if b.max.is_some_and(|m| !(1..=max).contains(&m)) {
         return Err(ApiError::invalid(format!(
