@@ -167,7 +167,9 @@ fn integral_float_at(value: &mut serde_json::Value, path: &serde_path_to_error::
     let Some(f) = at.as_f64().filter(|f| at.is_f64() && f.fract() == 0.0) else {
         return false;
     };
-    let int = if f >= 0.0 && f <= u64::MAX as f64 {
+    // `u64::MAX as f64` is 2^64, one past the largest u64: the bound is
+    // strict, or 2^64 and above would saturate to u64::MAX.
+    let int = if f >= 0.0 && f < u64::MAX as f64 {
         serde_json::Number::from(f as u64)
     } else if f < 0.0 && f >= i64::MIN as f64 {
         serde_json::Number::from(f as i64)
@@ -211,6 +213,8 @@ mod tests {
         assert_eq!(t.raw.unwrap().to_string(), r#"{"x":1.0}"#);
         let e = parse::<Ints>(br#"{"n": 93.5, "list": []}"#).unwrap_err();
         assert!(e.message.contains("invalid field `n`"), "{}", e.message);
+        let e = parse::<Ints>(br#"{"n": 1, "list": [18446744073709551616]}"#).unwrap_err();
+        assert!(e.message.contains("invalid field `list[0]`"), "{}", e.message);
         let e = parse::<Ints>(br#"{"n": -1.0, "list": []}"#).unwrap_err();
         assert!(e.message.contains("invalid field `n`"), "{}", e.message);
         let e = parse::<Ints>(br#"{"n": 1, "list": [], "extra": 1}"#).unwrap_err();
