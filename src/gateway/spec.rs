@@ -76,11 +76,33 @@ pub struct GatewaySpec {
     #[serde(default)]
     pub breaker: BreakerConfig,
     /// The kind and its settings.
+    #[serde(deserialize_with = "string_tags")]
     pub driver: DriverSpec,
 }
 
+/// Deserializes a driver spec whose tags (`kind`, and `latency.dist` of a
+/// simulator) are strings: serde also reads an internally tagged enum's
+/// tag from a variant's index, so `{"kind": 0}` was a simulator.
+fn string_tags<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<DriverSpec, D::Error> {
+    use serde::de::Error;
+    let v = serde_json::Value::deserialize(d)?;
+    for (name, tag) in [
+        ("kind", &v["kind"]),
+        ("latency.dist", &v["latency"]["dist"]),
+    ] {
+        if !tag.is_null() && !tag.is_string() {
+            return Err(D::Error::custom(format!(
+                "`{name}` must be a string, not {tag}"
+            )));
+        }
+    }
+    DriverSpec::deserialize(v).map_err(D::Error::custom)
+}
+
 /// The kind of a gateway and the settings of that kind, tagged by `kind`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DriverSpec {
     /// The built-in simulator.
@@ -102,6 +124,51 @@ impl DriverSpec {
             DriverSpec::Http(_) => GatewayKind::Http,
             DriverSpec::Openclaw(_) => GatewayKind::Openclaw,
         }
+    }
+}
+
+// Written out: the derive describes an internally tagged variant as its
+// struct's schema *and* an object with the tag, which no value satisfies
+// when the struct refuses unknown fields. Each variant here is its
+// struct's own schema with `kind` added.
+impl utoipa::PartialSchema for DriverSpec {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let tagged = |kind: GatewayKind, schema| {
+            let mut v = serde_json::to_value(schema).expect("invariant: a schema serializes");
+            v["properties"]["kind"] =
+                serde_json::json!({ "type": "string", "enum": [kind.to_string()] });
+            match v["required"].as_array_mut() {
+                Some(required) => required.push("kind".into()),
+                None => v["required"] = serde_json::json!(["kind"]),
+            }
+            v
+        };
+        let schema = serde_json::json!({
+            "description": "The kind of a gateway (`kind`) and the settings of that kind",
+            "oneOf": [
+                tagged(GatewayKind::Sim, SimSpec::schema()),
+                tagged(GatewayKind::Command, CommandSpec::schema()),
+                tagged(GatewayKind::Http, HttpSpec::schema()),
+                tagged(GatewayKind::Openclaw, OpenClawSpec::schema()),
+            ],
+        });
+        utoipa::openapi::RefOr::T(
+            serde_json::from_value(schema).expect("invariant: a valid schema object"),
+        )
+    }
+}
+
+impl ToSchema for DriverSpec {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        SimSpec::schemas(schemas);
+        CommandSpec::schemas(schemas);
+        HttpSpec::schemas(schemas);
+        OpenClawSpec::schemas(schemas);
     }
 }
 
@@ -514,5 +581,27 @@ fn check_url(p: &mut Vec<String>, field: &str, url: &str) {
             "{field}: `{url}` must be an http(s) URL with a host"
         )),
         Err(e) => p.push(format!("{field}: `{url}` is not a URL: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_tags_are_names_not_indices() {
+        let spec = |driver: &str| {
+            let text = format!(r#"{{"id":"g","region":"r","max_sessions":1,"driver":{driver}}}"#);
+            serde_json::from_str::<GatewaySpec>(&text)
+        };
+        let sim = spec(r#"{"kind":"sim","latency":{"dist":"fixed","value":"1s"}}"#).unwrap();
+        assert_eq!(sim.driver.kind(), GatewayKind::Sim);
+        for bad in [
+            r#"{"kind":0}"#,
+            r#"{"kind":"sim","latency":{"dist":0,"value":"1s"}}"#,
+        ] {
+            let e = spec(bad).unwrap_err().to_string();
+            assert!(e.contains("must be a string"), "{bad}: {e}");
+        }
     }
 }
