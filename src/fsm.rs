@@ -76,11 +76,11 @@ pub use auth::{
     ApiKeyId, ApiKeyRecord, Auth, KEY_TOUCH_EVERY_MS, KeyHash, NewApiKey, Role, TenantPatch,
     TenantRecord, TenantSettings,
 };
+pub(crate) use command::check_name;
 pub use command::{
     Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, Event, EventKind, LeaseGrant,
     Outcome, Rejection, ReplaySelector, Reply, Request, Response, SubmitTask, Write, pack, unpack,
 };
-pub(crate) use command::check_name;
 pub use query::{Depth, TaskFilter, TaskPage};
 pub use registry::{
     AgentRecord, AgentRegistration, BACKPRESSURE_PERCENT, Circuit, GatewayId, GatewayRecord,

@@ -214,7 +214,11 @@ mod tests {
         let e = parse::<Ints>(br#"{"n": 93.5, "list": []}"#).unwrap_err();
         assert!(e.message.contains("invalid field `n`"), "{}", e.message);
         let e = parse::<Ints>(br#"{"n": 1, "list": [18446744073709551616]}"#).unwrap_err();
-        assert!(e.message.contains("invalid field `list[0]`"), "{}", e.message);
+        assert!(
+            e.message.contains("invalid field `list[0]`"),
+            "{}",
+            e.message
+        );
         let e = parse::<Ints>(br#"{"n": -1.0, "list": []}"#).unwrap_err();
         assert!(e.message.contains("invalid field `n`"), "{}", e.message);
         let e = parse::<Ints>(br#"{"n": 1, "list": [], "extra": 1}"#).unwrap_err();
