@@ -25,7 +25,7 @@ pub struct AuditQuery {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The previous page's `next_cursor` (a seq).
-    #[param(pattern = "^[0-9]+$")]
+    #[param(pattern = "^[0-9]{1,19}$")]
     cursor: Option<String>,
     /// Only this actor's (`key:<id>`, `jwt:<sub>`, `node:<id>`).
     actor: Option<String>,

@@ -31,15 +31,16 @@ const DEFAULT_JTI_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyBody {
-    /// What it is for.
+    /// What it is for (1 to 256 bytes, no control characters).
+    #[schema(schema_with = super::view::text_schema)]
     name: String,
     role: Role,
     /// Defaults to the caller's tenant.
-    #[schema(schema_with = super::view::name_schema)]
+    #[schema(schema_with = super::view::opt_name_schema)]
     tenant: Option<String>,
     /// `"90d"`, `"12h"`: the key stops working after this long (1 s to 10
     /// years).
-    #[schema(example = "90d")]
+    #[schema(example = "90d", pattern = "^[1-9][0-9]{0,2}[smhd]$")]
     expires_in: Option<String>,
     /// A `dk_test_` key instead of `dk_live_` (same powers; marked as test).
     #[serde(default)]
@@ -240,7 +241,8 @@ pub async fn revoke(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JtiBody {
-    /// The token id.
+    /// The token id (1 to 256 bytes).
+    #[schema(min_length = 1, max_length = 64)]
     jti: String,
     /// The token's expiry (RFC 3339); the revocation is kept until then.
     /// Default: 30 days from now.

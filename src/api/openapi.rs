@@ -119,10 +119,35 @@ struct Derived;
 
 /// The whole document, built once.
 static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
-    document()
-        .to_json()
-        .expect("invariant: the document serializes")
+    let mut json = serde_json::to_value(document()).expect("invariant: the document serializes");
+    unsigned_integers(&mut json);
+    json.to_string()
 });
+
+/// utoipa writes Rust's unsigned integers as `int32`/`int64` with a
+/// minimum (0 or more: no handler takes a signed integer), which says `u32` stops at 2^31 - 1 and `u64` at 2^63 - 1;
+/// the handlers accept up to `u32::MAX` and `u64::MAX`. Such a schema gets
+/// that maximum (unless it has a tighter one) instead of the format.
+fn unsigned_integers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let min = map.get("minimum").and_then(serde_json::Value::as_f64);
+            let unsigned = min.is_some_and(|m| m >= 0.0);
+            let max = match map.get("format").and_then(serde_json::Value::as_str) {
+                Some("int32") if unsigned => Some(u64::from(u32::MAX)),
+                Some("int64") if unsigned => Some(u64::MAX),
+                _ => None,
+            };
+            if let Some(max) = max {
+                map.remove("format");
+                map.entry("maximum").or_insert(max.into());
+            }
+            map.values_mut().for_each(unsigned_integers);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(unsigned_integers),
+        _ => {}
+    }
+}
 
 /// The document as JSON text (what `GET /api/v1/openapi.json` answers).
 pub fn document_json() -> &'static str {
@@ -245,7 +270,13 @@ fn finish_guarded(op: &mut Operation, spec: &permissions::RouteSpec) {
         Some(d) => format!("{d}\n\n{needs}"),
         None => needs,
     });
-    op.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
+    let bearer = SecurityRequirement::new(BEARER, Vec::<String>::new());
+    op.security = Some(if spec.permission == permissions::Permission::MetricsRead {
+        // Open by default (`auth.metrics_open`): no credential, or a bearer.
+        vec![SecurityRequirement::default(), bearer]
+    } else {
+        vec![bearer]
+    });
     for (status, name) in [
         (401, "Unauthenticated"),
         (403, "Forbidden"),

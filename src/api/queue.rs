@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{PartialSchema, ToSchema};
 
 use super::Api;
 use super::auth::Caller;
@@ -158,7 +158,7 @@ pub async fn export(
 }
 
 /// `POST /dead-letter/replay` body: either `ids` or a filter.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayBody {
     /// These dead letters (not with the filters).
@@ -170,8 +170,63 @@ pub struct ReplayBody {
     /// Filter: error text containing this.
     error_contains: Option<String>,
     /// Most to replay (default and limit 10000).
-    #[schema(minimum = 1, maximum = 10_000)]
     limit: Option<u32>,
+}
+
+// Written out: `ids` and the filters exclude each other, which the derive
+// cannot say. The fields are those of `ReplayBody`.
+impl utoipa::PartialSchema for ReplayBody {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let limit = serde_json::json!({
+            "type": ["integer", "null"], "minimum": 1, "maximum": Limits::MAX_REPLAY,
+            "description": "Most to replay (default and limit 10000)",
+        });
+        let text = serde_json::json!({ "type": ["string", "null"] });
+        let schema = serde_json::json!({
+            "description": "Either `ids`, or filters (none: every dead letter the caller sees)",
+            "oneOf": [
+                {
+                    "type": "object",
+                    "required": ["ids"],
+                    "properties": {
+                        "ids": {
+                            "type": "array",
+                            "items": { "type": "integer", "minimum": 0 },
+                            "minItems": 1,
+                            "maxItems": Limits::MAX_REPLAY,
+                        },
+                        "limit": limit,
+                    },
+                    "additionalProperties": false,
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "ids": { "type": "null" },
+                        "tenant": text,
+                        "priority": { "oneOf": [{ "type": "null" }, { "$ref": "#/components/schemas/Priority" }] },
+                        "error_contains": text,
+                        "limit": limit,
+                    },
+                    "additionalProperties": false,
+                },
+            ],
+        });
+        utoipa::openapi::RefOr::T(
+            serde_json::from_value(schema).expect("invariant: a valid schema object"),
+        )
+    }
+}
+
+impl ToSchema for ReplayBody {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        schemas.push((Priority::name().into(), Priority::schema()));
+    }
 }
 
 /// `POST /dead-letter/replay` answer.

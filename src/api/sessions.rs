@@ -26,7 +26,7 @@ pub struct SessionQuery {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// `next_cursor` of the previous page.
-    #[param(pattern = "^[0-9]+$")]
+    #[param(pattern = "^[0-9]{1,19}$")]
     cursor: Option<String>,
     /// Only sessions on this gateway.
     gateway: Option<String>,

@@ -26,7 +26,7 @@ pub struct TaskCreate {
     /// Defaults to the credential's tenant; naming another needs an admin
     /// or operator credential.
     #[serde(default)]
-    #[schema(schema_with = view::name_schema)]
+    #[schema(schema_with = view::opt_name_schema)]
     pub tenant: Option<String>,
     priority: Option<Priority>,
     /// Any JSON object, up to 256 KiB as JSON text.
@@ -38,7 +38,7 @@ pub struct TaskCreate {
     capabilities: Vec<String>,
     /// Tasks with the same key run in the same gateway session (1 to 256
     /// bytes, no control characters).
-    #[schema(schema_with = view::text_schema)]
+    #[schema(schema_with = view::opt_text_schema)]
     session_key: Option<String>,
     /// Not before this time (RFC 3339).
     #[schema(format = DateTime)]
@@ -51,8 +51,9 @@ pub struct TaskCreate {
     backoff: Option<Backoff>,
     /// A second submission with the same key returns the first task (1 to
     /// 256 bytes, no control characters).
-    #[schema(schema_with = view::text_schema)]
+    #[schema(schema_with = view::opt_text_schema)]
     idempotency_key: Option<String>,
+    /// An existing task (one that does not exist is refused with 400).
     parent_id: Option<u64>,
 }
 

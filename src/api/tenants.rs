@@ -16,13 +16,34 @@ use super::{Api, unexpected};
 use crate::clock;
 use crate::fsm::{AuditTarget, Command, Reply, State as Fsm, Tenant, TenantPatch, TenantRecord};
 
-/// `POST /tenants` and `PATCH /tenants/{tenant}` body. In a patch, an
-/// absent field is left as it is and `null` clears a limit.
+/// `POST /tenants` body: the name and any settings.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantCreate {
+    /// The tenant.
+    #[schema(schema_with = super::view::name_schema)]
+    name: String,
+    /// Round-robin weight, 1 to 1000 (default 1).
+    #[schema(minimum = 1, maximum = 1000)]
+    weight: Option<u32>,
+    /// Most unfinished tasks; `null` or absent: no limit.
+    max_queued: Option<u64>,
+    /// Requests per second per node; `null` or absent: the node's default.
+    #[schema(minimum = 1)]
+    rate_per_second: Option<u32>,
+    /// Rate bucket size per node; `null` or absent: the node's default.
+    #[schema(minimum = 1)]
+    burst: Option<u32>,
+}
+
+/// `PATCH /tenants/{tenant}` body: an absent field is left as it is, and
+/// `null` clears a limit.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantBody {
-    /// The tenant (required to create; in a patch, the same name or absent).
-    #[schema(schema_with = super::view::name_schema)]
+    /// Not part of the documented body: a tenant cannot be renamed, and
+    /// the tenant's own name is accepted for older clients.
+    #[schema(ignore)]
     name: Option<String>,
     /// Round-robin weight, 1 to 1000 (default 1).
     #[schema(minimum = 1, maximum = 1000)]
@@ -49,6 +70,17 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(d).map(Some)
+}
+
+impl TenantCreate {
+    fn patch(&self) -> TenantPatch {
+        TenantPatch {
+            weight: self.weight,
+            max_queued: Some(self.max_queued),
+            rate_per_second: Some(self.rate_per_second),
+            burst: Some(self.burst),
+        }
+    }
 }
 
 impl TenantBody {
@@ -132,19 +164,15 @@ fn parse_tenant(s: &str) -> ApiResult<Tenant> {
 #[utoipa::path(
     post,
     path = "/tenants",
-    request_body = TenantBody,
+    request_body = TenantCreate,
     responses((status = 201, description = "Created", body = TenantView))
 )]
 pub async fn create(
     State(api): State<Api>,
     caller: Caller,
-    Body(b): Body<TenantBody>,
+    Body(b): Body<TenantCreate>,
 ) -> ApiResult<(StatusCode, Json<TenantView>)> {
-    let name = b
-        .name
-        .as_deref()
-        .ok_or_else(|| ApiError::invalid("missing field `name`"))?;
-    let tenant = parse_tenant(name)?;
+    let tenant = parse_tenant(&b.name)?;
     let cmd = Command::CreateTenant {
         tenant: tenant.clone(),
         patch: b.patch(),
@@ -163,8 +191,8 @@ pub async fn create(
 #[utoipa::path(
     patch,
     path = "/tenants/{tenant}",
-    params(("tenant" = String, Path, description = "Tenant name")),
-    request_body = TenantBody,
+    params(("tenant" = String, Path, pattern = "^[A-Za-z0-9._:/-]{1,256}$", description = "Tenant name")),
+    request_body(content = Option<TenantBody>, description = "Optional: absent changes nothing"),
     responses((status = 200, description = "The record after the change", body = TenantView))
 )]
 pub async fn update(
@@ -198,7 +226,7 @@ pub async fn update(
 #[utoipa::path(
     put,
     path = "/tenants/{tenant}/weight",
-    params(("tenant" = String, Path, description = "Tenant name")),
+    params(("tenant" = String, Path, pattern = "^[A-Za-z0-9._:/-]{1,256}$", description = "Tenant name")),
     request_body = WeightBody,
     responses((status = 200, description = "The weight set", body = WeightView))
 )]
@@ -238,7 +266,7 @@ pub struct WeightBody {
 #[utoipa::path(
     delete,
     path = "/tenants/{tenant}",
-    params(("tenant" = String, Path, description = "Tenant name")),
+    params(("tenant" = String, Path, pattern = "^[A-Za-z0-9._:/-]{1,256}$", description = "Tenant name")),
     responses((status = 200, description = "Deleted", body = DeletedView))
 )]
 pub async fn remove(
@@ -283,7 +311,7 @@ pub async fn list(State(api): State<Api>) -> ApiResult<Json<TenantsView>> {
 #[utoipa::path(
     get,
     path = "/tenants/{tenant}",
-    params(("tenant" = String, Path, description = "Tenant name")),
+    params(("tenant" = String, Path, pattern = "^[A-Za-z0-9._:/-]{1,256}$", description = "Tenant name")),
     responses(
         (status = 200, description = "The record", body = TenantView),
         (status = 404, description = "The tenant has no record", body = ErrorBody),

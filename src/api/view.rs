@@ -178,6 +178,22 @@ pub fn text_schema() -> utoipa::openapi::Object {
         .build()
 }
 
+/// The schema of an optional name field: a name or `null`.
+pub fn opt_name_schema() -> utoipa::openapi::Object {
+    nullable(name_schema())
+}
+
+/// The schema of an optional free-text key field: one or `null`.
+pub fn opt_text_schema() -> utoipa::openapi::Object {
+    nullable(text_schema())
+}
+
+fn nullable(mut o: utoipa::openapi::Object) -> utoipa::openapi::Object {
+    use utoipa::openapi::{Type, schema::SchemaType};
+    o.schema_type = SchemaType::from_iter([Type::String, Type::Null]);
+    o
+}
+
 /// The schema of a list of capability names (at most 32).
 pub fn names_schema() -> utoipa::openapi::schema::Array {
     utoipa::openapi::schema::ArrayBuilder::new()
