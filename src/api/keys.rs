@@ -241,8 +241,9 @@ pub async fn revoke(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JtiBody {
-    /// The token id (1 to 256 bytes).
-    #[schema(min_length = 1, max_length = 64)]
+    /// The token id: 1 to 256 bytes of UTF-8 (the schema counts
+    /// characters, so a long non-ASCII id it allows may still be refused).
+    #[schema(min_length = 1, max_length = 256)]
     jti: String,
     /// The token's expiry (RFC 3339); the revocation is kept until then.
     /// Default: 30 days from now.
