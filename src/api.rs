@@ -2,9 +2,11 @@
 //! sessions, cluster, credentials, tenants, audit, health and metrics,
 //! under `/api/v1` (and `/api` as a deprecated alias).
 //!
-//! Every route but the liveness and readiness probes needs a credential
-//! and a permission ([`auth`], [`permissions`]); the router is built from
-//! the permission table, so a route without an entry cannot be served.
+//! Every route but the liveness and readiness probes and the `/docs` page
+//! needs a credential and a permission ([`auth`], [`permissions`]); the
+//! router is built from the permission table, so a route without an entry
+//! cannot be served. `GET /api/v1/openapi.json` describes every route, and
+//! is derived from the handlers' own types (`openapi.rs`).
 //! Writes are proposed with the caller's audit mark, confined to its tenant
 //! (see `fsm::Batch`); reads filter by tenant, and another tenant's
 //! object answers 404 exactly as a missing one does.

@@ -176,6 +176,15 @@ pub fn document() -> utoipa::openapi::OpenApi {
             .responses
             .insert((*name).to_owned(), RefOr::T(error_response(description)));
     }
+    // The timeout layer answers with an empty body, not the error shape.
+    components.responses.insert(
+        "Timeout".to_owned(),
+        RefOr::T(
+            ResponseBuilder::new()
+                .description("The request took longer than `api.request_timeout` (empty body)")
+                .build(),
+        ),
+    );
     let paths = std::mem::take(&mut doc.paths.paths);
     for (path, mut item) in paths {
         let public = permissions::PUBLIC.iter().any(|(_, p)| *p == path);
@@ -235,10 +244,6 @@ const SHARED_ERRORS: &[(&str, &str)] = &[
     (
         "Unavailable",
         "No leader or no quorum just now (`Retry-After`)",
-    ),
-    (
-        "Timeout",
-        "The request took longer than `api.request_timeout`",
     ),
 ];
 
