@@ -2,10 +2,12 @@
 //! sessions, cluster, credentials, tenants, audit, health and metrics,
 //! under `/api/v1` (and `/api` as a deprecated alias).
 //!
-//! Every route but the liveness and readiness probes and the dashboard's
-//! static page (`dashboard`) needs a credential and a permission ([`auth`],
-//! [`permissions`]); the router is built from the permission table, so a
-//! route without an entry cannot be served.
+//! Every route but the liveness and readiness probes, the dashboard's
+//! static page (`dashboard`) and the `/docs` page needs a credential and a
+//! permission ([`auth`], [`permissions`]); the router is built from the
+//! permission table, so a route without an entry cannot be served.
+//! `GET /api/v1/openapi.json` describes every route, and is derived from
+//! the handlers' own types (`openapi.rs`).
 //! Writes are proposed with the caller's audit mark, confined to its tenant
 //! (see `fsm::Batch`); reads filter by tenant, and another tenant's
 //! object answers 404 exactly as a missing one does.
@@ -26,6 +28,7 @@ mod events;
 mod json;
 mod keys;
 mod leases;
+mod openapi;
 pub mod peers;
 pub mod permissions;
 mod queue;
@@ -50,6 +53,7 @@ use tower_http::timeout::TimeoutLayer;
 
 pub use auth::{Authenticator, Caller};
 pub use error::{ApiError, ApiResult};
+pub use openapi::document_json as openapi_document;
 pub use serve::serve;
 
 use crate::fsm::{AuditTarget, Command, Outcome, Reply};
@@ -179,6 +183,7 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (M::GET, "/jwt/revocations", get(keys::jwt_revocations)),
         (M::GET, "/audit", get(audit::list)),
         (M::GET, "/events", get(events::subscribe)),
+        (M::GET, "/openapi.json", get(openapi::get_document)),
         (M::GET, "/health", get(cluster::deep)),
         (M::GET, "/metrics", get(metrics)),
     ]
@@ -273,6 +278,7 @@ pub fn router(node: Node) -> anyhow::Result<Router> {
         .route("/", get(dashboard::index))
         .route("/ui/app.js", get(dashboard::app_js))
         .route("/ui/style.css", get(dashboard::style_css))
+        .route("/docs", get(openapi::docs))
         .with_state(api)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
@@ -305,6 +311,12 @@ async fn housekeeping(api: Api) {
     }
 }
 
+/// `GET /metrics`: Prometheus text.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, description = "Prometheus text exposition (open without a credential while `auth.metrics_open`)", content_type = "text/plain", body = String))
+)]
 async fn metrics(
     axum::extract::State(api): axum::extract::State<Api>,
 ) -> impl axum::response::IntoResponse {

@@ -77,6 +77,7 @@ pub use auth::{
     ApiKeyId, ApiKeyRecord, Auth, KEY_TOUCH_EVERY_MS, KeyHash, NewApiKey, Role, TenantPatch,
     TenantRecord, TenantSettings,
 };
+pub(crate) use command::check_name;
 pub use command::{
     Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, LeaseGrant, Outcome, Rejection,
     ReplaySelector, Reply, Request, Response, SubmitTask, Write, pack, unpack,

@@ -20,7 +20,7 @@ pub mod rpc;
 pub type NodeId = u64;
 
 /// What the cluster membership records about a node.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeInfo {
     /// Where its node-to-node transport listens (`host:port`).
     pub raft_addr: String,

@@ -13,18 +13,18 @@ use std::collections::BTreeSet;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::Api;
 use super::auth::Caller;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::json::Body;
 use crate::fsm::{AuditTarget, Command, State as Fsm};
 use crate::raft::NodeId;
 
 /// `POST /admin/nodes/{id}/drain` body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DrainBody {
     /// Drain even if it empties a region or leaves too few voters.
@@ -68,13 +68,42 @@ fn drain_hazard(s: &Fsm, voters: &[NodeId], id: NodeId) -> Option<String> {
     None
 }
 
+/// A node's drain as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct DrainView {
+    #[schema(value_type = u64)]
+    node: NodeId,
+    draining: bool,
+    is_leader: bool,
+    /// Gateways it still runs.
+    gateways_owned: usize,
+    /// Live leases on those gateways.
+    leases_held: u32,
+    /// Leader time the drain began, ms since the epoch.
+    draining_since_ms: Option<u64>,
+    /// When its gateways are handed over regardless, ms since the epoch.
+    handover_deadline_ms: Option<u64>,
+    /// Draining, owns no gateway and does not lead.
+    done: bool,
+}
+
 /// `POST /admin/nodes/{id}/drain`.
+#[utoipa::path(
+    post,
+    path = "/admin/nodes/{id}/drain",
+    params(("id" = u64, Path, description = "Node id")),
+    request_body(content = Option<DrainBody>, description = "Optional"),
+    responses(
+        (status = 200, description = "The drain's progress", body = DrainView),
+        (status = 409, description = "It would empty a region or leave too few voters (repeat with `force`)", body = ErrorBody),
+    )
+)]
 pub async fn drain(
     State(api): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
     Body(b): Body<DrainBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DrainView>> {
     let id = parse_node(&id)?;
     api.node.read_barrier().await?;
     let (voters, _) = api.node.members();
@@ -104,11 +133,21 @@ pub async fn drain(
 /// `POST /admin/agents/{id}/crash`: makes the agent's actor on this node
 /// fail as a panic would, so its supervisor restarts it (drills and tests;
 /// only with `runtime.fault_injection = true`). Call the node that runs it.
+#[utoipa::path(
+    post,
+    path = "/admin/agents/{id}/crash",
+    params(("id" = String, Path, description = "Agent id")),
+    responses(
+        (status = 202, description = "The crash was sent to the agent's actor", body = CrashView),
+        (status = 403, description = "Fault injection is off on this node, or the role lacks the permission", body = ErrorBody),
+        (status = 404, description = "The agent has no actor on this node", body = ErrorBody),
+    )
+)]
 pub async fn crash_agent(
     State(api): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<CrashView>)> {
     let node = &api.node;
     fault_injection_on(&api)?;
     api.record(
@@ -130,8 +169,21 @@ pub async fn crash_agent(
     tracing::warn!(%agent, "agent actor crash requested (fault injection)");
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "agent": agent.0, "node": node.id(), "crashed": true })),
+        Json(CrashView {
+            agent: agent.0,
+            node: node.id(),
+            crashed: true,
+        }),
     ))
+}
+
+/// `POST /admin/agents/{id}/crash` answer.
+#[derive(Serialize, ToSchema)]
+pub struct CrashView {
+    agent: String,
+    #[schema(value_type = u64)]
+    node: NodeId,
+    crashed: bool,
 }
 
 /// Fails with 403 unless `runtime.fault_injection = true` on this node.
@@ -148,19 +200,41 @@ fn fault_injection_on(api: &Api) -> ApiResult<()> {
 }
 
 /// `POST /admin/faults/partition` body: the peers to cut this node off from.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PartitionBody {
     /// Node ids; replaces the set blocked before (empty: heal).
+    #[schema(value_type = Vec<u64>)]
     peers: Vec<NodeId>,
 }
 
-fn faults_view(api: &Api) -> Value {
-    json!({ "node": api.node.id(), "blocked": api.node.faults().blocked() })
+/// The faults this node injects.
+#[derive(Serialize, ToSchema)]
+pub struct FaultsView {
+    #[schema(value_type = u64)]
+    node: NodeId,
+    /// Peers its transport is cut off from.
+    #[schema(value_type = Vec<u64>)]
+    blocked: Vec<NodeId>,
+}
+
+fn faults_view(api: &Api) -> FaultsView {
+    FaultsView {
+        node: api.node.id(),
+        blocked: api.node.faults().blocked(),
+    }
 }
 
 /// `GET /admin/faults`: the peers this node's transport is cut off from.
-pub async fn faults(State(api): State<Api>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/admin/faults",
+    responses(
+        (status = 200, description = "The faults set", body = FaultsView),
+        (status = 403, description = "Fault injection is off on this node, or the role lacks the permission", body = ErrorBody),
+    )
+)]
+pub async fn faults(State(api): State<Api>) -> ApiResult<Json<FaultsView>> {
     fault_injection_on(&api)?;
     Ok(Json(faults_view(&api)))
 }
@@ -168,11 +242,20 @@ pub async fn faults(State(api): State<Api>) -> ApiResult<Json<Value>> {
 /// `POST /admin/faults/partition`: cuts this node's transport off from
 /// `peers` (drills; only with `runtime.fault_injection = true`). One side
 /// only: a full partition blocks each side on the other's nodes.
+#[utoipa::path(
+    post,
+    path = "/admin/faults/partition",
+    request_body = PartitionBody,
+    responses(
+        (status = 200, description = "The faults now set", body = FaultsView),
+        (status = 403, description = "Fault injection is off on this node, or the role lacks the permission", body = ErrorBody),
+    )
+)]
 pub async fn partition(
     State(api): State<Api>,
     caller: Caller,
     Body(b): Body<PartitionBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<FaultsView>> {
     fault_injection_on(&api)?;
     if b.peers.contains(&api.node.id()) {
         return Err(ApiError::invalid(format!(
@@ -189,7 +272,15 @@ pub async fn partition(
 }
 
 /// `POST /admin/faults/heal`: unblocks every peer.
-pub async fn heal(State(api): State<Api>, caller: Caller) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    post,
+    path = "/admin/faults/heal",
+    responses(
+        (status = 200, description = "No peer blocked", body = FaultsView),
+        (status = 403, description = "Fault injection is off on this node, or the role lacks the permission", body = ErrorBody),
+    )
+)]
+pub async fn heal(State(api): State<Api>, caller: Caller) -> ApiResult<Json<FaultsView>> {
     fault_injection_on(&api)?;
     api.node.faults().heal();
     api.record(&caller, Some(AuditTarget::Node(api.node.id())), true)
@@ -199,11 +290,17 @@ pub async fn heal(State(api): State<Api>, caller: Caller) -> ApiResult<Json<Valu
 }
 
 /// `POST /admin/nodes/{id}/undrain`.
+#[utoipa::path(
+    post,
+    path = "/admin/nodes/{id}/undrain",
+    params(("id" = u64, Path, description = "Node id")),
+    responses((status = 200, description = "The node, no longer draining", body = DrainView))
+)]
 pub async fn undrain(
     State(api): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DrainView>> {
     let id = parse_node(&id)?;
     let cmd = Command::SetDrain {
         id,
@@ -216,13 +313,25 @@ pub async fn undrain(
 }
 
 /// `GET /admin/nodes/{id}/drain`: the drain's progress.
-pub async fn progress(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/admin/nodes/{id}/drain",
+    params(("id" = u64, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "The drain's progress", body = DrainView),
+        (status = 404, description = "Not registered", body = ErrorBody),
+    )
+)]
+pub async fn progress(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DrainView>> {
     let id = parse_node(&id)?;
     api.node.read_barrier().await?;
     status_of(&api, id).await.map(Json)
 }
 
-async fn status_of(api: &Api, id: NodeId) -> ApiResult<Value> {
+async fn status_of(api: &Api, id: NodeId) -> ApiResult<DrainView> {
     let leader = api.node.leader().map(|(l, _)| l);
     let view = api.node.state().read(|s| {
         let reg = s.registry();
@@ -230,16 +339,16 @@ async fn status_of(api: &Api, id: NodeId) -> ApiResult<Value> {
             let owned: Vec<_> = reg.gateways().filter(|g| g.owner == Some(id)).collect();
             let leases: u32 = owned.iter().map(|g| s.gateway_leases(&g.reg.id)).sum();
             let deadline = api.node.config().runtime.drain_deadline.as_millis() as u64;
-            json!({
-                "node": id,
-                "draining": n.draining,
-                "is_leader": leader == Some(id),
-                "gateways_owned": owned.len(),
-                "leases_held": leases,
-                "draining_since_ms": n.draining_since_ms,
-                "handover_deadline_ms": n.draining_since_ms.map(|t| t + deadline),
-                "done": n.draining && owned.is_empty() && leader != Some(id),
-            })
+            DrainView {
+                node: id,
+                draining: n.draining,
+                is_leader: leader == Some(id),
+                gateways_owned: owned.len(),
+                leases_held: leases,
+                draining_since_ms: n.draining_since_ms,
+                handover_deadline_ms: n.draining_since_ms.map(|t| t + deadline),
+                done: n.draining && owned.is_empty() && leader != Some(id),
+            }
         })
     });
     view.ok_or_else(|| ApiError::not_found(format!("node {id} is not registered")))

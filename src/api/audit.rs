@@ -6,8 +6,8 @@
 
 use axum::Json;
 use axum::extract::State;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::Api;
 use super::error::{ApiError, ApiResult};
@@ -17,13 +17,19 @@ use crate::clock;
 use crate::fsm::{AuditEntry, AuditFilter};
 
 /// Query parameters.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Page size: 1 to `api.max_page_size` (default 1000); 50 when absent.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The previous page's `next_cursor` (a seq).
+    #[param(pattern = "^[0-9]{1,19}$")]
     cursor: Option<String>,
+    /// Only this actor's (`key:<id>`, `jwt:<sub>`, `node:<id>`).
     actor: Option<String>,
+    /// Only this tenant's.
     tenant: Option<String>,
     /// A prefix: `tasks.` or `tasks.submit`.
     action: Option<String>,
@@ -37,23 +43,73 @@ pub fn hex(h: &[u8; 32]) -> String {
 }
 
 /// One entry as the API shows it: every field the hash covers.
-pub fn entry_view(e: &AuditEntry) -> Value {
-    json!({
-        "seq": e.seq,
-        "time": clock::rfc3339(e.time_ms),
-        "time_ms": e.time_ms,
-        "actor": &*e.actor,
-        "tenant": &*e.tenant,
-        "action": &*e.action,
-        "target": e.target.to_string(),
-        "outcome": &*e.outcome,
-        "prev_hash": hex(&e.prev_hash),
-        "hash": hex(&e.hash),
-    })
+#[derive(Serialize, ToSchema)]
+#[schema(as = AuditEntry)]
+pub struct EntryView {
+    seq: u64,
+    #[schema(format = DateTime)]
+    time: String,
+    time_ms: u64,
+    actor: String,
+    tenant: String,
+    /// The route's audit action (`tasks.submit`).
+    action: String,
+    target: String,
+    /// `ok`, `failed`, `rejected:<code>`, `denied:<why>`.
+    outcome: String,
+    /// Hex SHA-256.
+    prev_hash: String,
+    /// Hex SHA-256.
+    hash: String,
+}
+
+/// The view of an entry.
+pub fn entry_view(e: &AuditEntry) -> EntryView {
+    EntryView {
+        seq: e.seq,
+        time: clock::rfc3339(e.time_ms),
+        time_ms: e.time_ms,
+        actor: e.actor.to_string(),
+        tenant: e.tenant.to_string(),
+        action: e.action.to_string(),
+        target: e.target.to_string(),
+        outcome: e.outcome.to_string(),
+        prev_hash: hex(&e.prev_hash),
+        hash: hex(&e.hash),
+    }
+}
+
+/// A point of the chain.
+#[derive(Serialize, ToSchema)]
+pub struct ChainPoint {
+    seq: u64,
+    /// Hex SHA-256.
+    hash: String,
+}
+
+/// `GET /audit` answer.
+#[derive(Serialize, ToSchema)]
+pub struct AuditPage {
+    items: Vec<EntryView>,
+    /// Pass as `cursor` for the next page; `null` at the end.
+    next_cursor: Option<String>,
+    /// Where the kept entries start (older ones were dropped), if anywhere.
+    anchor: Option<ChainPoint>,
+    /// The newest entry.
+    head: ChainPoint,
 }
 
 /// `GET /audit`.
-pub async fn list(State(api): State<Api>, Params(q): Params<AuditQuery>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/audit",
+    params(AuditQuery),
+    responses((status = 200, description = "One page of entries, oldest first", body = AuditPage))
+)]
+pub async fn list(
+    State(api): State<Api>,
+    Params(q): Params<AuditQuery>,
+) -> ApiResult<Json<AuditPage>> {
     let limit = page_limit(q.limit, api.node.config().api.max_page_size)?;
     let after = match q.cursor.as_deref() {
         None => 0,
@@ -71,12 +127,18 @@ pub async fn list(State(api): State<Api>, Params(q): Params<AuditQuery>) -> ApiR
     let body = api.node.state().read(|s| {
         let log = s.audit();
         let (items, next) = log.page(&filter, after, limit);
-        json!({
-            "items": items.iter().map(entry_view).collect::<Vec<_>>(),
-            "next_cursor": next.map(|n| n.to_string()),
-            "anchor": log.anchor().map(|a| json!({ "seq": a.seq, "hash": hex(&a.hash) })),
-            "head": { "seq": log.last_seq(), "hash": hex(&log.head()) },
-        })
+        AuditPage {
+            items: items.iter().map(entry_view).collect(),
+            next_cursor: next.map(|n| n.to_string()),
+            anchor: log.anchor().map(|a| ChainPoint {
+                seq: a.seq,
+                hash: hex(&a.hash),
+            }),
+            head: ChainPoint {
+                seq: log.last_seq(),
+                hash: hex(&log.head()),
+            },
+        }
     });
     Ok(Json(body))
 }

@@ -6,38 +6,78 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use super::Api;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::Body;
 use crate::fsm::AuditTarget;
+use crate::node::MemberStatus;
 use crate::raft::{NodeId, NodeInfo};
 
+/// `GET /cluster` answer: this node's view of the cluster.
+#[derive(Serialize, ToSchema)]
+pub struct ClusterView {
+    #[schema(value_type = u64)]
+    node_id: NodeId,
+    region: String,
+    /// Its Raft state: `leader`, `follower`, `candidate`, `learner`, `shutdown`.
+    state: String,
+    #[schema(value_type = Option<u64>)]
+    leader: Option<NodeId>,
+    term: u64,
+    last_log_index: Option<u64>,
+    applied_index: Option<u64>,
+    snapshot_index: Option<u64>,
+    /// On the leader: since a quorum last acknowledged it.
+    millis_since_quorum_ack: Option<u64>,
+    members: Vec<MemberStatus>,
+    /// One entry: the queue has one shard.
+    shards: Vec<ShardLeader>,
+}
+
+/// A shard and its leader.
+#[derive(Serialize, ToSchema)]
+pub struct ShardLeader {
+    shard: u32,
+    #[schema(value_type = Option<u64>)]
+    leader: Option<NodeId>,
+}
+
 /// `GET /cluster`: this node's view of the cluster.
-pub async fn status(State(api): State<Api>) -> Json<Value> {
+#[utoipa::path(
+    get,
+    path = "/cluster",
+    responses((status = 200, description = "This node's view", body = ClusterView))
+)]
+pub async fn status(State(api): State<Api>) -> Json<ClusterView> {
     let m = api.node.raft().metrics().borrow().clone();
-    Json(json!({
-        "node_id": api.node.id(),
-        "region": api.node.info().region,
-        "state": format!("{:?}", m.state).to_lowercase(),
-        "leader": m.current_leader,
-        "term": m.current_term,
-        "last_log_index": m.last_log_index,
-        "applied_index": m.last_applied.map(|l| l.index),
-        "snapshot_index": m.snapshot.map(|l| l.index),
-        "millis_since_quorum_ack": m.millis_since_quorum_ack,
-        "members": api.node.member_statuses(),
-        "shards": [{ "shard": 0, "leader": m.current_leader }],
-    }))
+    Json(ClusterView {
+        node_id: api.node.id(),
+        region: api.node.info().region.clone(),
+        state: format!("{:?}", m.state).to_lowercase(),
+        leader: m.current_leader,
+        term: m.current_term,
+        last_log_index: m.last_log_index,
+        applied_index: m.last_applied.map(|l| l.index),
+        snapshot_index: m.snapshot.map(|l| l.index),
+        millis_since_quorum_ack: m.millis_since_quorum_ack,
+        members: api.node.member_statuses(),
+        shards: vec![ShardLeader {
+            shard: 0,
+            leader: m.current_leader,
+        }],
+    })
 }
 
 /// `POST /cluster/join` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JoinBody {
+    #[schema(value_type = u64)]
     id: NodeId,
     raft_addr: String,
     api_addr: String,
@@ -49,12 +89,25 @@ fn local() -> String {
     "local".into()
 }
 
+/// `POST /cluster/join` answer.
+#[derive(Serialize, ToSchema)]
+pub struct JoinedView {
+    #[schema(value_type = u64)]
+    joined: NodeId,
+}
+
 /// `POST /cluster/join`: adds a node as a learner, then a voter.
+#[utoipa::path(
+    post,
+    path = "/cluster/join",
+    request_body = JoinBody,
+    responses((status = 200, description = "The node is a voter", body = JoinedView))
+)]
 pub async fn join(
     State(api): State<Api>,
     caller: Caller,
     Body(b): Body<JoinBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<JoinedView>> {
     let info = NodeInfo {
         raft_addr: b.raft_addr,
         api_addr: b.api_addr,
@@ -64,39 +117,68 @@ pub async fn join(
     api.record(&caller, Some(AuditTarget::Node(b.id)), result.is_ok())
         .await;
     result?;
-    Ok(Json(json!({ "joined": b.id })))
+    Ok(Json(JoinedView { joined: b.id }))
 }
 
 /// `POST /cluster/leave` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaveBody {
+    #[schema(value_type = u64)]
     id: NodeId,
 }
 
+/// `POST /cluster/leave` answer.
+#[derive(Serialize, ToSchema)]
+pub struct LeftView {
+    #[schema(value_type = u64)]
+    removed: NodeId,
+}
+
 /// `POST /cluster/leave`: removes a node from the membership.
+#[utoipa::path(
+    post,
+    path = "/cluster/leave",
+    request_body = LeaveBody,
+    responses((status = 200, description = "Removed from the membership", body = LeftView))
+)]
 pub async fn leave(
     State(api): State<Api>,
     caller: Caller,
     Body(b): Body<LeaveBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LeftView>> {
     let result = api.node.leave(b.id).await;
     api.record(&caller, Some(AuditTarget::Node(b.id)), result.is_ok())
         .await;
     result?;
-    Ok(Json(json!({ "removed": b.id })))
+    Ok(Json(LeftView { removed: b.id }))
 }
 
 /// `POST /cluster/transfer-leader` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransferBody {
+    #[schema(value_type = u64)]
     to: NodeId,
+}
+
+/// `POST /cluster/transfer-leader` answer.
+#[derive(Serialize, ToSchema)]
+pub struct TransferredView {
+    /// The new leader.
+    #[schema(value_type = u64)]
+    leader: NodeId,
 }
 
 /// `POST /cluster/transfer-leader`: hands leadership to a voter. Sent to a
 /// follower, it is relayed to the leader's API and the leader's answer
 /// (status and body) is passed back unchanged.
+#[utoipa::path(
+    post,
+    path = "/cluster/transfer-leader",
+    request_body = TransferBody,
+    responses((status = 200, description = "Leadership moved", body = TransferredView))
+)]
 pub async fn transfer(
     State(api): State<Api>,
     caller: Caller,
@@ -134,31 +216,99 @@ pub async fn transfer(
     api.record(&caller, Some(AuditTarget::Node(b.to)), result.is_ok())
         .await;
     result?;
-    Ok(Json(json!({ "leader": b.to })).into_response())
+    Ok(Json(TransferredView { leader: b.to }).into_response())
+}
+
+/// A probe's answer.
+#[derive(Serialize, ToSchema)]
+pub struct ProbeView {
+    /// `alive`, `ready` or `not_ready`.
+    status: &'static str,
+    /// Why not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
 
 /// `GET /health/live`: the process answers.
-pub async fn live() -> Json<Value> {
-    Json(json!({ "status": "alive" }))
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    responses((status = 200, description = "The process answers", body = ProbeView))
+)]
+pub async fn live() -> Json<ProbeView> {
+    Json(ProbeView {
+        status: "alive",
+        reason: None,
+    })
 }
 
 /// `GET /health/ready`: 200 only when this node is in a quorum.
-pub async fn ready(State(api): State<Api>) -> (StatusCode, Json<Value>) {
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    responses(
+        (status = 200, description = "In a quorum, not draining", body = ProbeView),
+        (status = 503, description = "Draining, or no quorum", body = ProbeView),
+    )
+)]
+pub async fn ready(State(api): State<Api>) -> (StatusCode, Json<ProbeView>) {
+    let not_ready = |reason: String| {
+        let body = ProbeView {
+            status: "not_ready",
+            reason: Some(reason),
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body))
+    };
     if api.node.is_draining() {
-        let body = json!({ "status": "not_ready", "reason": "draining" });
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+        return not_ready("draining".into());
     }
     match api.node.read_barrier().await {
-        Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "reason": e.to_string() })),
+        Ok(()) => (
+            StatusCode::OK,
+            Json(ProbeView {
+                status: "ready",
+                reason: None,
+            }),
         ),
+        Err(e) => not_ready(e.to_string()),
     }
 }
 
+/// `GET /health` answer.
+#[derive(Serialize, ToSchema)]
+pub struct DeepHealthView {
+    /// `healthy` or `unhealthy`.
+    status: &'static str,
+    checks: DeepChecks,
+    #[schema(format = DateTime)]
+    timestamp: String,
+}
+
+/// The checks of `GET /health`.
+#[derive(Serialize, ToSchema)]
+pub struct DeepChecks {
+    raft: Check,
+    storage: Check,
+}
+
+/// One check.
+#[derive(Serialize, ToSchema)]
+pub struct Check {
+    /// `ok`, or what failed (`no_quorum`, `failed`).
+    status: &'static str,
+    detail: Option<String>,
+}
+
 /// `GET /health`: quorum and storage.
-pub async fn deep(State(api): State<Api>) -> (StatusCode, Json<Value>) {
+#[utoipa::path(
+    get,
+    path = "/health",
+    responses(
+        (status = 200, description = "Healthy", body = DeepHealthView),
+        (status = 503, description = "No quorum or storage failed", body = DeepHealthView),
+    )
+)]
+pub async fn deep(State(api): State<Api>) -> (StatusCode, Json<DeepHealthView>) {
     let quorum = api.node.read_barrier().await;
     let m = api.node.raft().metrics().borrow().clone();
     let storage_ok = m.running_state.is_ok();
@@ -170,13 +320,19 @@ pub async fn deep(State(api): State<Api>) -> (StatusCode, Json<Value>) {
     };
     (
         status,
-        Json(json!({
-            "status": if healthy { "healthy" } else { "unhealthy" },
-            "checks": {
-                "raft": { "status": if quorum.is_ok() { "ok" } else { "no_quorum" }, "detail": quorum.err().map(|e| e.to_string()) },
-                "storage": { "status": if storage_ok { "ok" } else { "failed" }, "detail": m.running_state.err().map(|e| e.to_string()) },
+        Json(DeepHealthView {
+            status: if healthy { "healthy" } else { "unhealthy" },
+            checks: DeepChecks {
+                raft: Check {
+                    status: if quorum.is_ok() { "ok" } else { "no_quorum" },
+                    detail: quorum.err().map(|e| e.to_string()),
+                },
+                storage: Check {
+                    status: if storage_ok { "ok" } else { "failed" },
+                    detail: m.running_state.err().map(|e| e.to_string()),
+                },
             },
-            "timestamp": crate::clock::rfc3339(crate::clock::now_ms()),
-        })),
+            timestamp: crate::clock::rfc3339(crate::clock::now_ms()),
+        }),
     )
 }

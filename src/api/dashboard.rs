@@ -35,16 +35,31 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
      object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 /// `GET /`: the dashboard page.
+#[utoipa::path(
+    get,
+    path = "/",
+    responses((status = 200, description = "The dashboard page", content_type = "text/html", body = String))
+)]
 pub async fn index() -> Response {
     asset("text/html; charset=utf-8", INDEX_HTML)
 }
 
 /// `GET /ui/app.js`.
+#[utoipa::path(
+    get,
+    path = "/ui/app.js",
+    responses((status = 200, description = "The dashboard's script", content_type = "text/javascript", body = String))
+)]
 pub async fn app_js() -> Response {
     asset("text/javascript; charset=utf-8", APP_JS)
 }
 
 /// `GET /ui/style.css`.
+#[utoipa::path(
+    get,
+    path = "/ui/style.css",
+    responses((status = 200, description = "The dashboard's style sheet", content_type = "text/css", body = String))
+)]
 pub async fn style_css() -> Response {
     asset("text/css; charset=utf-8", STYLE_CSS)
 }

@@ -3,7 +3,8 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::fsm::Rejection;
 use crate::node::NodeError;
@@ -162,9 +163,34 @@ pub fn status_of(code: &str) -> StatusCode {
     }
 }
 
+/// The body of every error answer: `{"error": {"code", "message", "retryable"}}`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+/// What went wrong.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail<'a> {
+    /// Stable machine-readable code.
+    #[schema(value_type = String, example = "invalid_request", pattern = "^[a-z_]+$")]
+    code: &'static str,
+    /// Human-readable message (names the offending field when there is one).
+    message: &'a str,
+    /// Whether repeating the same request may succeed.
+    retryable: bool,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message, "retryable": self.retryable } });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+                retryable: self.retryable,
+            },
+        };
         let mut resp = (self.status, axum::Json(body)).into_response();
         if self.audit_denial {
             resp.extensions_mut().insert(DeniedInHandler);

@@ -34,6 +34,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
+use utoipa::IntoParams;
 
 use super::json::Params;
 use super::permissions::{Permission, RouteSpec};
@@ -59,12 +60,15 @@ const CLOSE_RATE_LIMITED: u16 = 4029;
 const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// The query of the upgrade.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
-    /// Replay from after this seq.
+    /// Replay the node's buffered events after this seq first (a `gap`
+    /// message says what it no longer holds).
     since: Option<u64>,
-    /// Patterns to start with, comma-separated.
+    /// Patterns to start with, comma-separated (`task.*,gateway.>`): `*`
+    /// matches one segment, a final `>` the rest.
     subscribe: Option<String>,
 }
 
@@ -78,6 +82,17 @@ struct ClientMessage {
 }
 
 /// The upgrade: checks the query, then hands the socket to [`session`].
+#[utoipa::path(
+    get,
+    path = "/events",
+    params(EventsQuery),
+    description = "The cluster's event stream over a WebSocket (send an upgrade request). \
+        Messages are JSON text: `hello`, then events `{seq, type, time, tenant, data}` \
+        matching the patterns sent as `{\"subscribe\": [...]}`, and `gap`, `lagged` or \
+        `error` notices. Without an `Authorization` header the first message must be \
+        `{\"auth\": \"<key or JWT>\"}`. A request that is not an upgrade is 400.",
+    responses((status = 101, description = "Switched to the WebSocket event stream"))
+)]
 pub async fn subscribe(
     State(api): State<Api>,
     caller: Option<Extension<Caller>>,

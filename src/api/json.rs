@@ -39,6 +39,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
             }
         })?;
         check_depth(&bytes, depth)?;
+        check_object(&bytes)?;
         parse(&bytes).map(Body)
     }
 }
@@ -53,6 +54,18 @@ fn timed_out(e: &axum::extract::rejection::BytesRejection) -> bool {
         source = err.source();
     }
     false
+}
+
+/// Refuses a body that is not a JSON object (an empty one is `{}`): every
+/// request body is an object, and serde would otherwise read an array as
+/// a struct's fields in declaration order (`[null, 5]`).
+pub fn check_object(bytes: &[u8]) -> Result<(), ApiError> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        None | Some(b'{') => Ok(()),
+        Some(_) => Err(ApiError::invalid(
+            "invalid JSON body: expected a JSON object",
+        )),
+    }
 }
 
 /// Refuses JSON nested deeper than `max` arrays and objects, by a scan
@@ -86,7 +99,14 @@ pub fn check_depth(bytes: &[u8], max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Parses JSON, naming the path of the first bad field in the error.
+/// Most integral floats (`93.0`) one body may have read as integers.
+const MAX_INTEGRAL_FLOATS: usize = 64;
+
+/// Parses JSON, naming the path of the first bad field in the error. A
+/// number with a zero fraction (`93.0`) where an integer is expected is
+/// that integer: JSON, and the JSON Schema the API document uses, do not
+/// tell `93.0` from `93`, and clients that hold every number as a float
+/// write it so.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
@@ -98,16 +118,66 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if let Ok(t) = serde_json::from_slice(bytes) {
         return Ok(t);
     }
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." || path.is_empty() {
-            ApiError::invalid(format!("invalid JSON body: {inner}"))
-        } else {
-            ApiError::invalid(format!("invalid field `{path}`: {inner}"))
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Err(path_error::<T>(bytes));
+    };
+    for _ in 0..MAX_INTEGRAL_FLOATS {
+        let err = match serde_path_to_error::deserialize::<_, T>(&value) {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        if !integral_float_at(&mut value, err.path()) {
+            break;
         }
-    })
+    }
+    Err(path_error::<T>(bytes))
+}
+
+/// The error of parsing `bytes` as `T`, naming the offending field.
+fn path_error<T: DeserializeOwned>(bytes: &[u8]) -> ApiError {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(_) => ApiError::invalid("invalid JSON body"),
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path.is_empty() {
+                ApiError::invalid(format!("invalid JSON body: {inner}"))
+            } else {
+                ApiError::invalid(format!("invalid field `{path}`: {inner}"))
+            }
+        }
+    }
+}
+
+/// If the value at `path` is a float with a zero fraction that fits an
+/// integer, makes it that integer; whether it did.
+fn integral_float_at(value: &mut serde_json::Value, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    let mut at = value;
+    for seg in path.iter() {
+        let next = match (seg, at) {
+            (Segment::Seq { index }, serde_json::Value::Array(items)) => items.get_mut(*index),
+            (Segment::Map { key }, serde_json::Value::Object(map)) => map.get_mut(key),
+            _ => None,
+        };
+        let Some(next) = next else { return false };
+        at = next;
+    }
+    let Some(f) = at.as_f64().filter(|f| at.is_f64() && f.fract() == 0.0) else {
+        return false;
+    };
+    // `u64::MAX as f64` is 2^64, one past the largest u64: the bound is
+    // strict, or 2^64 and above would saturate to u64::MAX.
+    let int = if f >= 0.0 && f < u64::MAX as f64 {
+        serde_json::Number::from(f as u64)
+    } else if f < 0.0 && f >= i64::MIN as f64 {
+        serde_json::Number::from(f as i64)
+    } else {
+        return false;
+    };
+    *at = serde_json::Value::Number(int);
+    true
 }
 
 /// Query-string parameters of type `T`: axum's `Query`, with its rejection
@@ -127,6 +197,46 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ints {
+        n: u32,
+        list: Vec<u64>,
+        raw: Option<serde_json::Value>,
+    }
+
+    #[test]
+    fn integral_floats_are_integers_and_other_values_stay_as_sent() {
+        let t: Ints = parse(br#"{"n": 93.0, "list": [1, 2.0, 3e2], "raw": {"x": 1.0}}"#).unwrap();
+        assert_eq!((t.n, t.list), (93, vec![1, 2, 300]));
+        assert_eq!(t.raw.unwrap().to_string(), r#"{"x":1.0}"#);
+        let e = parse::<Ints>(br#"{"n": 93.5, "list": []}"#).unwrap_err();
+        assert!(e.message.contains("invalid field `n`"), "{}", e.message);
+        let e = parse::<Ints>(br#"{"n": 1, "list": [18446744073709551616]}"#).unwrap_err();
+        assert!(
+            e.message.contains("invalid field `list[0]`"),
+            "{}",
+            e.message
+        );
+        let e = parse::<Ints>(br#"{"n": -1.0, "list": []}"#).unwrap_err();
+        assert!(e.message.contains("invalid field `n`"), "{}", e.message);
+        let e = parse::<Ints>(br#"{"n": 1, "list": [], "extra": 1}"#).unwrap_err();
+        assert!(e.message.contains("extra"), "{}", e.message);
+    }
+
+    #[test]
+    fn only_objects_are_bodies() {
+        assert!(check_object(b"").is_ok() && check_object(b" {}").is_ok());
+        for bad in [&b"[null, 1]"[..], b"null", b"1", b"\"x\""] {
+            let e = check_object(bad).unwrap_err();
+            assert!(
+                e.message.contains("expected a JSON object"),
+                "{}",
+                e.message
+            );
+        }
+    }
 
     #[test]
     fn depth_counts_structure_not_strings() {

@@ -3,8 +3,9 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
@@ -15,29 +16,45 @@ use super::{Api, view};
 use crate::fsm::{AgentId, AuditTarget, Command, FencingToken, Limits, Reply};
 
 /// `POST /leases` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseBody {
+    /// The worker asking: a name, as agents are registered under.
+    #[schema(schema_with = view::name_schema)]
     agent_id: String,
+    /// What it can run (matched against tasks' capabilities as given).
     #[serde(default)]
     capabilities: Vec<String>,
+    /// Most tasks to lease (default 1).
+    #[schema(minimum = 1, maximum = 1000)]
     max: Option<u32>,
+    /// Lease length in ms (default `queue.default_lease`).
+    #[schema(minimum = 100, maximum = 3_600_000)]
     lease_ms: Option<u64>,
 }
 
+/// `POST /leases` answer: the leases granted, possibly none.
+#[derive(Serialize, ToSchema)]
+pub struct LeasesView {
+    leases: Vec<view::LeaseView>,
+}
+
 /// `POST /leases`: up to `max` (default 1) tasks for the agent.
+#[utoipa::path(
+    post,
+    path = "/leases",
+    request_body = LeaseBody,
+    responses((status = 200, description = "The leases granted (none when nothing is pending for it)", body = LeasesView))
+)]
 pub async fn acquire(
     State(api): State<Api>,
     caller: Caller,
     Body(b): Body<LeaseBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LeasesView>> {
     let lease_ms = lease_ms(&api, b.lease_ms)?;
-    if b.agent_id.is_empty() || b.agent_id.len() > Limits::MAX_NAME_BYTES {
-        let max = Limits::MAX_NAME_BYTES;
-        return Err(ApiError::invalid(format!(
-            "invalid field `agent_id`: must be 1..={max} bytes"
-        )));
-    }
+    // The same rule as a registration's id: no agent has another name.
+    crate::fsm::check_name("agent_id", &b.agent_id, false)
+        .map_err(|(f, p)| ApiError::invalid(format!("invalid field `{f}`: {p}")))?;
     let max = Limits::MAX_LEASES_PER_REQUEST;
     if b.max.is_some_and(|m| !(1..=max).contains(&m)) {
         return Err(ApiError::invalid(format!(
@@ -52,22 +69,30 @@ pub async fn acquire(
         lease_ms,
     };
     match api.write_as(&caller, cmd, Some(target)).await? {
-        Reply::Leased(grants) => {
-            let leases: Vec<view::LeaseView> = grants.iter().map(view::lease).collect();
-            Ok(Json(json!({ "leases": leases })))
-        }
+        Reply::Leased(grants) => Ok(Json(LeasesView {
+            leases: grants.iter().map(view::lease).collect(),
+        })),
         other => Err(super::unexpected(other)),
     }
 }
 
 /// `POST /leases/{token}/renew` body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenewBody {
+    /// New lease length from now, in ms (default `queue.default_lease`).
+    #[schema(minimum = 100, maximum = 3_600_000)]
     lease_ms: Option<u64>,
 }
 
 /// `POST /leases/{token}/renew`.
+#[utoipa::path(
+    post,
+    path = "/leases/{token}/renew",
+    params(("token" = u64, Path, description = "The lease's fencing token")),
+    request_body(content = Option<RenewBody>, description = "Optional"),
+    responses((status = 200, description = "The task, lease extended", body = TaskView))
+)]
 pub async fn renew(
     State(api): State<Api>,
     caller: Caller,
@@ -84,14 +109,23 @@ pub async fn renew(
 }
 
 /// `POST /leases/{token}/complete` body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompleteBody {
+    /// Any JSON (up to 256 KiB as text); `null` when absent.
     #[serde(default)]
+    #[schema(value_type = Value)]
     result: Value,
 }
 
 /// `POST /leases/{token}/complete`.
+#[utoipa::path(
+    post,
+    path = "/leases/{token}/complete",
+    params(("token" = u64, Path, description = "The lease's fencing token")),
+    request_body(content = Option<CompleteBody>, description = "Optional"),
+    responses((status = 200, description = "The completed task", body = TaskView))
+)]
 pub async fn complete(
     State(api): State<Api>,
     caller: Caller,
@@ -110,10 +144,13 @@ pub async fn complete(
 }
 
 /// `POST /leases/{token}/fail` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FailBody {
+    /// What went wrong (up to 4 KiB).
+    #[schema(max_length = 1024)]
     error: String,
+    /// Whether another attempt may succeed (default `true`).
     #[serde(default = "yes")]
     retryable: bool,
 }
@@ -123,6 +160,13 @@ fn yes() -> bool {
 }
 
 /// `POST /leases/{token}/fail`.
+#[utoipa::path(
+    post,
+    path = "/leases/{token}/fail",
+    params(("token" = u64, Path, description = "The lease's fencing token")),
+    request_body = FailBody,
+    responses((status = 200, description = "The task: pending again, or dead-lettered", body = TaskView))
+)]
 pub async fn fail(
     State(api): State<Api>,
     caller: Caller,

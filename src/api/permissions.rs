@@ -294,13 +294,16 @@ pub const ROUTES: &[RouteSpec] = &[
     // reading its object over REST needs, in the caller's tenant
     // (`api::events`).
     ws("/events", P::TasksRead, "events.subscribe"),
+    // The OpenAPI document: any role may read it (see `api::openapi`).
+    r(GET, "/openapi.json", P::TasksRead, "openapi.read"),
     r(GET, "/health", P::ClusterRead, "health.deep"),
     r(GET, "/metrics", P::MetricsRead, "metrics.read"),
 ];
 
 /// Routes that answer without a credential: liveness and readiness probes,
-/// the dashboard's static page and assets (and `/metrics` while
-/// `auth.metrics_open` is true).
+/// the dashboard's static page and assets, the `/docs` page (no data: it
+/// fetches the document with a key the user pastes), and `/metrics` while
+/// `auth.metrics_open` is true.
 pub const PUBLIC: &[(Method, &str)] = &[
     (GET, "/health/live"),
     (GET, "/health/ready"),
@@ -308,6 +311,7 @@ pub const PUBLIC: &[(Method, &str)] = &[
     (GET, "/"),
     (GET, "/ui/app.js"),
     (GET, "/ui/style.css"),
+    (GET, "/docs"),
 ];
 
 /// The table entry of a route.

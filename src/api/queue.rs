@@ -5,77 +5,150 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::{PartialSchema, ToSchema};
 
 use super::Api;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::{Body, Params};
-use super::view::{self, ListQuery};
+use super::view::{self, DeadLetterQuery};
 use crate::fsm::{
-    Command, DeadLetterFilter, Limits, Priority, ReplaySelector, Reply, TaskId, TaskStatus,
+    Command, DeadLetterFilter, Limits, Priority, ReplaySelector, Reply, TaskId, TaskPage,
+    TaskStatus,
 };
+
+/// `GET /queue/depth` answer.
+#[derive(Serialize, ToSchema)]
+pub struct DepthView {
+    /// Pending tasks.
+    pending: u64,
+    /// Pending tasks per priority.
+    #[schema(value_type = BTreeMap<String, u64>)]
+    by_priority: view::Counts,
+    /// Tasks per status.
+    #[schema(value_type = BTreeMap<String, u64>)]
+    by_status: view::Counts,
+    /// Tasks per status, per tenant the caller sees.
+    #[schema(value_type = BTreeMap<String, BTreeMap<String, u64>>)]
+    by_tenant: BTreeMap<String, view::Counts>,
+    /// One entry: the queue has one shard.
+    shards: Vec<ShardDepth>,
+}
+
+/// One shard's depth.
+#[derive(Serialize, ToSchema)]
+pub struct ShardDepth {
+    shard: u32,
+    pending: u64,
+    /// The node leading it, if one is known.
+    leader: Option<u64>,
+}
 
 /// `GET /queue/depth`: exact counts per priority, status and tenant. The
 /// queue has one shard, so the shard view is the total.
-pub async fn depth(State(api): State<Api>, caller: Caller) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/queue/depth",
+    responses((status = 200, description = "Counts (the caller's tenant only, unless cross-tenant)", body = DepthView))
+)]
+pub async fn depth(State(api): State<Api>, caller: Caller) -> ApiResult<Json<DepthView>> {
     api.node.read_barrier().await?;
     let mut d = api.node.state().read(|s| s.depth());
     d.by_tenant.retain(|t, _| caller.sees(t));
     let pending = d.pending();
-    let by_tenant: serde_json::Map<String, Value> = d
+    let by_tenant = d
         .by_tenant
         .keys()
         .map(|t| (t.0.clone(), view::per_status(|s| d.count(None, s, Some(t)))))
         .collect();
-    Ok(Json(json!({
-        "pending": pending,
-        "by_priority": view::per_priority(|p| d.count(Some(p), TaskStatus::Pending, None)),
-        "by_status": view::per_status(|s| d.count(None, s, None)),
-        "by_tenant": by_tenant,
-        "shards": [{ "shard": 0, "pending": pending, "leader": api.node.leader().map(|(id, _)| id) }],
-    })))
+    Ok(Json(DepthView {
+        pending,
+        by_priority: view::per_priority(|p| d.count(Some(p), TaskStatus::Pending, None)),
+        by_status: view::per_status(|s| d.count(None, s, None)),
+        by_tenant,
+        shards: vec![ShardDepth {
+            shard: 0,
+            pending,
+            leader: api.node.leader().map(|(id, _)| id),
+        }],
+    }))
 }
 
-fn dead_letter_filter(caller: &Caller, q: &ListQuery) -> ApiResult<DeadLetterFilter> {
-    Ok(DeadLetterFilter {
-        tenant: caller.tenant_filter(q.tenant.clone())?,
-        priority: q.priority()?,
+/// The filter of a dead-letter query; `None` when it matches nothing (a
+/// status other than `dead_letter`).
+fn dead_letter_filter(caller: &Caller, q: &DeadLetterQuery) -> ApiResult<Option<DeadLetterFilter>> {
+    let list = q.list();
+    let status = list.status()?;
+    let filter = DeadLetterFilter {
+        tenant: caller.tenant_filter(list.tenant.clone())?,
+        priority: list.priority()?,
         error_contains: q.error_contains.clone(),
-    })
+    };
+    Ok(status
+        .is_none_or(|s| s == TaskStatus::DeadLetter)
+        .then_some(filter))
 }
 
 /// `GET /dead-letter`.
+#[utoipa::path(
+    get,
+    path = "/dead-letter",
+    params(DeadLetterQuery),
+    responses((status = 200, description = "One page of dead letters, by id", body = view::PageView))
+)]
 pub async fn list(
     State(api): State<Api>,
     caller: Caller,
-    Params(q): Params<ListQuery>,
+    Params(q): Params<DeadLetterQuery>,
 ) -> ApiResult<Json<view::PageView>> {
-    let limit = q.limit(api.node.config().api.max_page_size)?;
+    let limit = q.list().limit(api.node.config().api.max_page_size)?;
     let filter = dead_letter_filter(&caller, &q)?;
-    let after = q.after()?;
+    let after = q.list().after()?;
     api.node.read_barrier().await?;
-    let page = api
-        .node
-        .state()
-        .read(|s| s.dead_letter_page(&filter, after, limit));
+    let page = match filter {
+        Some(f) => api
+            .node
+            .state()
+            .read(|s| s.dead_letter_page(&f, after, limit)),
+        None => TaskPage {
+            items: Vec::new(),
+            next: None,
+        },
+    };
     Ok(Json(view::page(page)))
 }
 
 /// `GET /dead-letter/export`: every matching dead letter (up to
 /// [`Limits::MAX_REPLAY`]) as newline-delimited JSON.
+#[utoipa::path(
+    get,
+    path = "/dead-letter/export",
+    params(DeadLetterQuery),
+    responses((status = 200, description = "One task (as `Task`) per line", content_type = "application/x-ndjson", body = String))
+)]
 pub async fn export(
     State(api): State<Api>,
     caller: Caller,
-    Params(q): Params<ListQuery>,
+    Params(q): Params<DeadLetterQuery>,
 ) -> ApiResult<impl IntoResponse> {
+    let list = q.list();
+    list.limit(api.node.config().api.max_page_size)?;
+    list.after()?;
     let filter = dead_letter_filter(&caller, &q)?;
     api.node.read_barrier().await?;
-    let page = api
-        .node
-        .state()
-        .read(|s| s.dead_letter_page(&filter, None, Limits::MAX_REPLAY));
+    let page = match filter {
+        Some(f) => api
+            .node
+            .state()
+            .read(|s| s.dead_letter_page(&f, None, Limits::MAX_REPLAY)),
+        None => TaskPage {
+            items: Vec::new(),
+            next: None,
+        },
+    };
     let mut out = String::new();
     for t in &page.items {
         out.push_str(&serde_json::to_string(&view::TaskView(t.clone())).unwrap_or_default());
@@ -88,20 +161,94 @@ pub async fn export(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayBody {
+    /// These dead letters (not with the filters).
     ids: Option<Vec<u64>>,
+    /// Filter: this tenant's.
     tenant: Option<String>,
+    /// Filter: this priority.
     priority: Option<Priority>,
+    /// Filter: error text containing this.
     error_contains: Option<String>,
+    /// Most to replay (default and limit 10000).
     limit: Option<u32>,
+}
+
+// Written out: `ids` and the filters exclude each other, which the derive
+// cannot say. The fields are those of `ReplayBody`.
+impl utoipa::PartialSchema for ReplayBody {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let limit = serde_json::json!({
+            "type": ["integer", "null"], "minimum": 1, "maximum": Limits::MAX_REPLAY,
+            "description": "Most to replay (default and limit 10000)",
+        });
+        let text = serde_json::json!({ "type": ["string", "null"] });
+        let schema = serde_json::json!({
+            "description": "Either `ids`, or filters (none: every dead letter the caller sees)",
+            "oneOf": [
+                {
+                    "type": "object",
+                    "required": ["ids"],
+                    "properties": {
+                        "ids": {
+                            "type": "array",
+                            "items": { "type": "integer", "minimum": 0 },
+                            "minItems": 1,
+                            "maxItems": Limits::MAX_REPLAY,
+                        },
+                        "limit": limit,
+                    },
+                    "additionalProperties": false,
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "ids": { "type": "null" },
+                        "tenant": text,
+                        "priority": { "oneOf": [{ "type": "null" }, { "$ref": "#/components/schemas/Priority" }] },
+                        "error_contains": text,
+                        "limit": limit,
+                    },
+                    "additionalProperties": false,
+                },
+            ],
+        });
+        utoipa::openapi::RefOr::T(
+            serde_json::from_value(schema).expect("invariant: a valid schema object"),
+        )
+    }
+}
+
+impl ToSchema for ReplayBody {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        schemas.push((Priority::name().into(), Priority::schema()));
+    }
+}
+
+/// `POST /dead-letter/replay` answer.
+#[derive(Serialize, ToSchema)]
+pub struct ReplayedView {
+    /// The tasks moved back to the queue.
+    replayed: Vec<u64>,
 }
 
 /// `POST /dead-letter/replay`: moves dead letters back to the queue with
 /// fresh attempts; returns the ids moved.
+#[utoipa::path(
+    post,
+    path = "/dead-letter/replay",
+    request_body(content = Option<ReplayBody>, description = "`ids`, or filters; none: every dead letter the caller sees"),
+    responses((status = 200, description = "The ids replayed", body = ReplayedView))
+)]
 pub async fn replay(
     State(api): State<Api>,
     caller: Caller,
     Body(b): Body<ReplayBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ReplayedView>> {
     let limit = b.limit.unwrap_or(Limits::MAX_REPLAY as u32);
     let selector = match b.ids {
         Some(ids) if b.tenant.is_none() && b.priority.is_none() && b.error_contains.is_none() => {
@@ -122,9 +269,9 @@ pub async fn replay(
         .write_as(&caller, Command::Replay { selector, limit }, None)
         .await?
     {
-        Reply::Replayed(ids) => Ok(Json(
-            json!({ "replayed": ids.iter().map(|i| i.0).collect::<Vec<_>>() }),
-        )),
+        Reply::Replayed(ids) => Ok(Json(ReplayedView {
+            replayed: ids.iter().map(|i| i.0).collect(),
+        })),
         other => Err(super::unexpected(other)),
     }
 }

@@ -4,12 +4,13 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::Api;
 use super::auth::Caller;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::json::Body;
 use crate::clock;
 use crate::fsm::{
@@ -19,16 +20,25 @@ use crate::fsm::{
 use crate::gateway::{DriverPolicy, GatewaySpec};
 
 /// `POST /agents` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentBody {
+    /// The agent's name.
+    #[schema(schema_with = super::view::name_schema)]
     id: String,
+    /// A registered gateway.
     gateway: String,
+    /// What it can run.
     #[serde(default)]
+    #[schema(schema_with = super::view::names_schema)]
     capabilities: Vec<String>,
+    /// Default `worker`.
     #[serde(default = "default_role")]
+    #[schema(schema_with = super::view::name_schema)]
     role: String,
+    /// Tasks at once, 1 to 1000 (default 1).
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 1000)]
     capacity: u32,
 }
 
@@ -40,31 +50,88 @@ fn one() -> u32 {
     1
 }
 
-fn agent_view(s: &Fsm, a: &AgentRecord) -> Value {
+/// An agent as the API shows it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Agent)]
+pub struct AgentView {
+    id: String,
+    gateway: String,
+    capabilities: Vec<String>,
+    role: String,
+    capacity: u32,
+    current_load: u32,
+    /// The node running its actor, while online.
+    online_on: Option<u64>,
+    status: AgentStatus,
+    #[schema(format = DateTime)]
+    registered_at: String,
+}
+
+/// Busy (has leases), idle (online, none) or offline.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    /// Holds at least one lease.
+    Busy,
+    /// Online, holds none.
+    Idle,
+    /// No node runs it.
+    Offline,
+}
+
+fn agent_view(s: &Fsm, a: &AgentRecord) -> AgentView {
     let load = s.agent_load(&a.reg.id);
-    json!({
-        "id": a.reg.id.0,
-        "gateway": a.reg.gateway.0,
-        "capabilities": a.reg.capabilities,
-        "role": a.reg.role,
-        "capacity": a.reg.capacity,
-        "current_load": load,
-        "online_on": a.online_on,
-        "status": match (load, a.online_on.is_some()) {
-            (1.., _) => "busy",
-            (0, true) => "idle",
-            (0, false) => "offline",
+    AgentView {
+        id: a.reg.id.0.clone(),
+        gateway: a.reg.gateway.0.clone(),
+        capabilities: a.reg.capabilities.clone(),
+        role: a.reg.role.clone(),
+        capacity: a.reg.capacity,
+        current_load: load,
+        online_on: a.online_on,
+        status: match (load, a.online_on.is_some()) {
+            (1.., _) => AgentStatus::Busy,
+            (0, true) => AgentStatus::Idle,
+            (0, false) => AgentStatus::Offline,
         },
-        "registered_at": clock::rfc3339(a.registered_at_ms),
-    })
+        registered_at: clock::rfc3339(a.registered_at_ms),
+    }
+}
+
+/// A list of agents.
+#[derive(Serialize, ToSchema)]
+pub struct AgentsView {
+    items: Vec<AgentView>,
+}
+
+/// `GET /agents/{id}/status` answer.
+#[derive(Serialize, ToSchema)]
+pub struct AgentStatusView {
+    agent: AgentView,
+    active_tasks: u32,
+    /// Pending tasks in the queue it draws from.
+    queue_depth: u64,
+}
+
+/// What a deregistration removed.
+#[derive(Serialize, ToSchema)]
+pub struct RemovedView {
+    /// The id removed.
+    removed: String,
 }
 
 /// `POST /agents`: registers (or updates) an agent on a registered gateway.
+#[utoipa::path(
+    post,
+    path = "/agents",
+    request_body = AgentBody,
+    responses((status = 201, description = "Registered (or updated)", body = AgentView))
+)]
 pub async fn register(
     State(api): State<Api>,
     caller: Caller,
     Body(b): Body<AgentBody>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<AgentView>)> {
     let target = Some(AuditTarget::text(format!("agent/{}", b.id)));
     let id = AgentId(b.id);
     let reg = AgentRegistration {
@@ -88,17 +155,31 @@ pub async fn register(
 }
 
 /// `GET /agents`.
-pub async fn list(State(api): State<Api>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/agents",
+    responses((status = 200, description = "Every agent", body = AgentsView))
+)]
+pub async fn list(State(api): State<Api>) -> ApiResult<Json<AgentsView>> {
     api.node.read_barrier().await?;
-    let items: Vec<Value> = api
+    let items = api
         .node
         .state()
         .read(|s| s.registry().agents().map(|a| agent_view(s, a)).collect());
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(AgentsView { items }))
 }
 
 /// `GET /agents/{id}`.
-pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/agents/{id}",
+    params(("id" = String, Path, description = "Agent id")),
+    responses(
+        (status = 200, description = "The agent", body = AgentView),
+        (status = 404, description = "Not registered", body = ErrorBody),
+    )
+)]
+pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<AgentView>> {
     api.node.read_barrier().await?;
     let id = AgentId(id);
     let view = api
@@ -110,13 +191,26 @@ pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Js
 }
 
 /// `GET /agents/{id}/status`: load, capacity and the queue it draws from.
-pub async fn status(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/agents/{id}/status",
+    params(("id" = String, Path, description = "Agent id")),
+    responses(
+        (status = 200, description = "The agent's load", body = AgentStatusView),
+        (status = 404, description = "Not registered", body = ErrorBody),
+    )
+)]
+pub async fn status(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<AgentStatusView>> {
     api.node.read_barrier().await?;
     let id = AgentId(id);
     let view = api.node.state().read(|s| {
-        s.registry().agent(&id).map(|a| {
-            let pending = s.depth().count(None, TaskStatus::Pending, None);
-            json!({ "agent": agent_view(s, a), "active_tasks": s.agent_load(&id), "queue_depth": pending })
+        s.registry().agent(&id).map(|a| AgentStatusView {
+            agent: agent_view(s, a),
+            active_tasks: s.agent_load(&id),
+            queue_depth: s.depth().count(None, TaskStatus::Pending, None),
         })
     });
     view.map(Json)
@@ -124,65 +218,128 @@ pub async fn status(State(api): State<Api>, Path(id): Path<String>) -> ApiResult
 }
 
 /// `DELETE /agents/{id}`: its live leases run on until they end or lapse.
+#[utoipa::path(
+    delete,
+    path = "/agents/{id}",
+    params(("id" = String, Path, description = "Agent id")),
+    responses((status = 200, description = "Deregistered", body = RemovedView))
+)]
 pub async fn deregister(
     State(api): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<RemovedView>> {
     let cmd = Command::DeregisterAgent {
         id: AgentId(id.clone()),
     };
     api.write_as(&caller, cmd, Some(AuditTarget::text(format!("agent/{id}"))))
         .await?;
-    Ok(Json(json!({ "removed": id })))
+    Ok(Json(RemovedView { removed: id }))
+}
+
+/// A node of the registry as the API shows it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Node)]
+pub struct NodeView {
+    id: u64,
+    region: String,
+    api_addr: String,
+    draining: bool,
+    #[schema(format = DateTime)]
+    last_heartbeat: String,
+    heartbeat_age_ms: u64,
+}
+
+/// `GET /nodes` answer.
+#[derive(Serialize, ToSchema)]
+pub struct NodesView {
+    items: Vec<NodeView>,
 }
 
 /// `GET /nodes`: the node registry, with heartbeat ages.
-pub async fn nodes(State(api): State<Api>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/nodes",
+    responses((status = 200, description = "Every registered node", body = NodesView))
+)]
+pub async fn nodes(State(api): State<Api>) -> ApiResult<Json<NodesView>> {
     api.node.read_barrier().await?;
     let now = clock::now_ms();
-    let items: Vec<Value> = api.node.state().read(|s| {
+    let items = api.node.state().read(|s| {
         s.registry()
             .nodes()
-            .map(|n| {
-                json!({
-                    "id": n.id,
-                    "region": n.region,
-                    "api_addr": n.api_addr,
-                    "draining": n.draining,
-                    "last_heartbeat": clock::rfc3339(n.last_heartbeat_ms),
-                    "heartbeat_age_ms": now.saturating_sub(n.last_heartbeat_ms),
-                })
+            .map(|n| NodeView {
+                id: n.id,
+                region: n.region.clone(),
+                api_addr: n.api_addr.clone(),
+                draining: n.draining,
+                last_heartbeat: clock::rfc3339(n.last_heartbeat_ms),
+                heartbeat_age_ms: now.saturating_sub(n.last_heartbeat_ms),
             })
             .collect()
     });
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(NodesView { items }))
 }
 
-fn gateway_view(g: &GatewayRecord) -> Value {
-    json!({
-        "id": g.reg.id.0,
-        "kind": g.reg.kind,
-        "region": g.reg.region,
-        "capabilities": g.reg.capabilities,
-        "max_sessions": g.reg.max_sessions,
-        "spec": serde_json::from_str::<Value>(&g.reg.spec).unwrap_or(Value::Null),
-        "health": g.health,
-        "circuit": g.circuit,
-        "owner": g.owner,
-        "registered_at": clock::rfc3339(g.registered_at_ms),
-        "updated_at": clock::rfc3339(g.updated_at_ms),
-    })
+/// A gateway as the API shows it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Gateway)]
+pub struct GatewayView {
+    id: String,
+    /// Driver kind.
+    kind: String,
+    region: String,
+    capabilities: Vec<String>,
+    max_sessions: u32,
+    /// The spec it was registered with (`GatewaySpec`).
+    #[schema(value_type = Object)]
+    spec: Value,
+    health: crate::fsm::Health,
+    circuit: crate::fsm::Circuit,
+    /// The node that runs it.
+    owner: Option<u64>,
+    #[schema(format = DateTime)]
+    registered_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+}
+
+/// `GET /gateways` answer.
+#[derive(Serialize, ToSchema)]
+pub struct GatewaysView {
+    items: Vec<GatewayView>,
+}
+
+fn gateway_view(g: &GatewayRecord) -> GatewayView {
+    GatewayView {
+        id: g.reg.id.0.clone(),
+        kind: g.reg.kind.clone(),
+        region: g.reg.region.clone(),
+        capabilities: g.reg.capabilities.clone(),
+        max_sessions: g.reg.max_sessions,
+        spec: serde_json::from_str::<Value>(&g.reg.spec).unwrap_or(Value::Null),
+        health: g.health,
+        circuit: g.circuit,
+        owner: g.owner,
+        registered_at: clock::rfc3339(g.registered_at_ms),
+        updated_at: clock::rfc3339(g.updated_at_ms),
+    }
 }
 
 /// `POST /gateways`: registers (or updates) a gateway described by a
 /// [`GatewaySpec`] (validated here, every problem named). Secrets appear in
 /// the spec only as references (an environment variable or a file).
+#[utoipa::path(
+    post,
+    path = "/gateways",
+    request_body = GatewaySpec,
+    responses((status = 201, description = "Registered (or updated)", body = GatewayView))
+)]
 pub async fn register_gateway(
     State(api): State<Api>,
     caller: Caller,
     Body(spec): Body<GatewaySpec>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<GatewayView>)> {
     let id = spec.id.clone();
     let target = Some(AuditTarget::text(format!("gateway/{id}")));
     // Checked against this node's policy too: a spec it would not run is
@@ -215,17 +372,34 @@ pub async fn register_gateway(
 }
 
 /// `GET /gateways`.
-pub async fn list_gateways(State(api): State<Api>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/gateways",
+    responses((status = 200, description = "Every gateway", body = GatewaysView))
+)]
+pub async fn list_gateways(State(api): State<Api>) -> ApiResult<Json<GatewaysView>> {
     api.node.read_barrier().await?;
-    let items: Vec<Value> = api
+    let items = api
         .node
         .state()
         .read(|s| s.registry().gateways().map(gateway_view).collect());
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(GatewaysView { items }))
 }
 
 /// `GET /gateways/{id}`.
-pub async fn get_gateway(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/gateways/{id}",
+    params(("id" = String, Path, description = "Gateway id")),
+    responses(
+        (status = 200, description = "The gateway", body = GatewayView),
+        (status = 404, description = "Not registered", body = ErrorBody),
+    )
+)]
+pub async fn get_gateway(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<GatewayView>> {
     api.node.read_barrier().await?;
     let id = GatewayId(id);
     let view = api
@@ -237,11 +411,17 @@ pub async fn get_gateway(State(api): State<Api>, Path(id): Path<String>) -> ApiR
 }
 
 /// `DELETE /gateways/{id}`: refused while agents are bound to it.
+#[utoipa::path(
+    delete,
+    path = "/gateways/{id}",
+    params(("id" = String, Path, description = "Gateway id")),
+    responses((status = 200, description = "Deregistered", body = RemovedView))
+)]
 pub async fn deregister_gateway(
     State(api): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<RemovedView>> {
     let cmd = Command::DeregisterGateway {
         id: GatewayId(id.clone()),
     };
@@ -251,5 +431,5 @@ pub async fn deregister_gateway(
         Some(AuditTarget::text(format!("gateway/{id}"))),
     )
     .await?;
-    Ok(Json(json!({ "removed": id })))
+    Ok(Json(RemovedView { removed: id }))
 }

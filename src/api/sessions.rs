@@ -5,11 +5,11 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Caller;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::json::{Body, Params};
 use super::{Api, view};
 use crate::fsm::{
@@ -18,10 +18,15 @@ use crate::fsm::{
 
 /// `GET /sessions` query: pagination as for tasks, and filters; an absent
 /// filter matches everything.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct SessionQuery {
+    /// Page size: 1 to `api.max_page_size` (default 1000); 50 when absent.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^[0-9]{1,19}$")]
     cursor: Option<String>,
     /// Only sessions on this gateway.
     gateway: Option<String>,
@@ -53,31 +58,68 @@ fn is_live(r: &SessionRecord) -> bool {
 }
 
 /// A session as the API shows it.
-fn session_view(r: &SessionRecord) -> Value {
-    json!({
-        "id": r.id,
-        "gateway": r.gateway.0,
-        "tenant": r.tenant.0,
-        "session_key": r.session_key.as_ref().map(|k| &k.0),
-        "agent": r.agent.as_ref().map(|a| &a.0),
-        "state": r.state,
-        "task": r.task.map(|t| t.0),
-        "deadline_ms": r.deadline_ms,
-        "reason": r.reason,
-        "idle_ms": r.idle_ms,
-        "created_at_ms": r.created_at_ms,
-        "updated_at_ms": r.updated_at_ms,
-        "live": is_live(r),
-    })
+#[derive(Serialize, ToSchema)]
+#[schema(as = Session)]
+pub struct SessionView {
+    id: u64,
+    gateway: String,
+    tenant: String,
+    session_key: Option<String>,
+    agent: Option<String>,
+    state: SessionState,
+    /// The task it runs or last ran.
+    task: Option<u64>,
+    /// When it times out, ms since the epoch.
+    deadline_ms: Option<u64>,
+    /// Why it ended.
+    reason: Option<String>,
+    /// How long it may stay idle, in ms.
+    idle_ms: u64,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    /// Not yet ended.
+    live: bool,
+}
+
+/// `GET /sessions` answer.
+#[derive(Serialize, ToSchema)]
+pub struct SessionPage {
+    items: Vec<SessionView>,
+    /// Pass as `cursor` for the next page; `null` at the end.
+    next_cursor: Option<String>,
+}
+
+fn session_view(r: &SessionRecord) -> SessionView {
+    SessionView {
+        id: r.id,
+        gateway: r.gateway.0.clone(),
+        tenant: r.tenant.0.clone(),
+        session_key: r.session_key.as_ref().map(|k| k.0.clone()),
+        agent: r.agent.as_ref().map(|a| a.0.clone()),
+        state: r.state,
+        task: r.task.map(|t| t.0),
+        deadline_ms: r.deadline_ms,
+        reason: r.reason.clone(),
+        idle_ms: r.idle_ms,
+        created_at_ms: r.created_at_ms,
+        updated_at_ms: r.updated_at_ms,
+        live: is_live(r),
+    }
 }
 
 /// `GET /sessions`: `{items, next_cursor}`, oldest first (id order), like
 /// the task and dead-letter lists.
+#[utoipa::path(
+    get,
+    path = "/sessions",
+    params(SessionQuery),
+    responses((status = 200, description = "One page of sessions, by id", body = SessionPage))
+)]
 pub async fn list(
     State(api): State<Api>,
     caller: Caller,
     Params(q): Params<SessionQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionPage>> {
     let limit = view::page_limit(q.limit, api.node.config().api.max_page_size)?;
     let after = view::cursor(q.cursor.as_deref())?;
     let tenant = caller.tenant_filter(q.tenant.clone())?;
@@ -89,9 +131,10 @@ pub async fn list(
         budget: super::SCAN_BUDGET,
     };
     let (items, next) = api.node.state().read(|s| page(s.sessions(), &q, &scope));
-    Ok(Json(
-        json!({ "items": items, "next_cursor": next.map(|id| id.to_string()) }),
-    ))
+    Ok(Json(SessionPage {
+        items,
+        next_cursor: next.map(|id| id.to_string()),
+    }))
 }
 
 /// Where a page starts, how long it is, and whose sessions it shows.
@@ -107,7 +150,11 @@ struct Scan<'a> {
 /// back short but with a cursor); the cursor is `None` at the end.
 /// Reaching the cursor walks the sessions before it: [`Sessions`] offers
 /// no range read yet.
-fn page(sessions: &Sessions, q: &SessionQuery, scan: &Scan<'_>) -> (Vec<Value>, Option<SessionId>) {
+fn page(
+    sessions: &Sessions,
+    q: &SessionQuery,
+    scan: &Scan<'_>,
+) -> (Vec<SessionView>, Option<SessionId>) {
     let mut items = Vec::new();
     let mut last = None;
     let rest = sessions
@@ -126,11 +173,20 @@ fn page(sessions: &Sessions, q: &SessionQuery, scan: &Scan<'_>) -> (Vec<Value>, 
 }
 
 /// `GET /sessions/{id}`.
+#[utoipa::path(
+    get,
+    path = "/sessions/{id}",
+    params(("id" = u64, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session", body = SessionView),
+        (status = 404, description = "No such session (in this credential's tenant)", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(api): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionView>> {
     let id = parse_id(&id)?;
     api.node.read_barrier().await?;
     let view = api.node.state().read(|s| {
@@ -144,7 +200,7 @@ pub async fn get(
 }
 
 /// `POST /sessions/{id}/kill` body (optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KillBody {
     reason: Option<String>,
@@ -153,12 +209,19 @@ pub struct KillBody {
 /// `POST /sessions/{id}/kill`: ends a live session as `cancelled` (the
 /// attempt it runs fails, retryably); returns the session after the change.
 /// An ended session stays as it is (400 on `state`).
+#[utoipa::path(
+    post,
+    path = "/sessions/{id}/kill",
+    params(("id" = u64, Path, description = "Session id")),
+    request_body(content = Option<KillBody>, description = "Optional"),
+    responses((status = 200, description = "The session, ended", body = SessionView))
+)]
 pub async fn kill(
     State(api): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
     Body(b): Body<KillBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionView>> {
     let id = parse_id(&id)?;
     let cmd = Command::KillSession {
         id,

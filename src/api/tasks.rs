@@ -5,10 +5,11 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::Api;
 use super::auth::Caller;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::json::{Body, Params};
 use super::view::{self, ListQuery, PageView, TaskView};
 use crate::clock;
@@ -19,24 +20,40 @@ use crate::fsm::{
 use crate::trace::TraceContext;
 
 /// `POST /tasks` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskCreate {
     /// Defaults to the credential's tenant; naming another needs an admin
     /// or operator credential.
     #[serde(default)]
+    #[schema(schema_with = view::opt_name_schema)]
     pub tenant: Option<String>,
     priority: Option<Priority>,
+    /// Any JSON object, up to 256 KiB as JSON text.
+    #[schema(value_type = Object)]
     payload: Value,
+    /// What the agent must offer (names: `A-Z a-z 0-9 . _ : / -`).
     #[serde(default)]
+    #[schema(schema_with = view::names_schema)]
     capabilities: Vec<String>,
+    /// Tasks with the same key run in the same gateway session (1 to 256
+    /// bytes, no control characters).
+    #[schema(schema_with = view::opt_text_schema)]
     session_key: Option<String>,
-    /// RFC 3339.
+    /// Not before this time (RFC 3339).
+    #[schema(format = DateTime)]
     scheduled_at: Option<String>,
+    #[schema(minimum = 1, maximum = 100)]
     max_attempts: Option<u32>,
+    /// Per attempt, in ms.
+    #[schema(minimum = 100, maximum = 604_800_000)]
     timeout_ms: Option<u64>,
     backoff: Option<Backoff>,
+    /// A second submission with the same key returns the first task (1 to
+    /// 256 bytes, no control characters).
+    #[schema(schema_with = view::opt_text_schema)]
     idempotency_key: Option<String>,
+    /// An existing task (one that does not exist is refused with 400).
     parent_id: Option<u64>,
 }
 
@@ -109,6 +126,16 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Traceparent {
 
 /// `POST /tasks`: 201 with the new task, or 200 with the earlier one when the
 /// idempotency key matched.
+#[utoipa::path(
+    post,
+    path = "/tasks",
+    request_body = TaskCreate,
+    params(("traceparent" = Option<String>, Header, description = "W3C trace context the task carries (ignored when malformed)")),
+    responses(
+        (status = 201, description = "Submitted", body = TaskView),
+        (status = 200, description = "An earlier task with the same idempotency key", body = TaskView),
+    )
+)]
 pub async fn create(
     State(api): State<Api>,
     caller: Caller,
@@ -132,6 +159,12 @@ pub async fn create(
 }
 
 /// `GET /tasks`.
+#[utoipa::path(
+    get,
+    path = "/tasks",
+    params(ListQuery),
+    responses((status = 200, description = "One page of tasks, by id", body = PageView))
+)]
 pub async fn list(
     State(api): State<Api>,
     caller: Caller,
@@ -153,6 +186,15 @@ pub async fn list(
 }
 
 /// `GET /tasks/{id}`.
+#[utoipa::path(
+    get,
+    path = "/tasks/{id}",
+    params(("id" = u64, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The task", body = TaskView),
+        (status = 404, description = "No such task (in this credential's tenant)", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(api): State<Api>,
     caller: Caller,
@@ -170,13 +212,20 @@ pub async fn get(
 }
 
 /// `POST /tasks/{id}/cancel` body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelBody {
     reason: Option<String>,
 }
 
 /// `POST /tasks/{id}/cancel`.
+#[utoipa::path(
+    post,
+    path = "/tasks/{id}/cancel",
+    params(("id" = u64, Path, description = "Task id")),
+    request_body(content = Option<CancelBody>, description = "Optional"),
+    responses((status = 200, description = "The cancelled task", body = TaskView))
+)]
 pub async fn cancel(
     State(api): State<Api>,
     caller: Caller,
@@ -195,6 +244,12 @@ pub async fn cancel(
 }
 
 /// `POST /tasks/{id}/retry`.
+#[utoipa::path(
+    post,
+    path = "/tasks/{id}/retry",
+    params(("id" = u64, Path, description = "Task id")),
+    responses((status = 200, description = "The task, pending again", body = TaskView))
+)]
 pub async fn retry(
     State(api): State<Api>,
     caller: Caller,

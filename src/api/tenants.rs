@@ -6,29 +6,59 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::auth::Caller;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::json::Body;
 use super::{Api, unexpected};
 use crate::clock;
 use crate::fsm::{AuditTarget, Command, Reply, State as Fsm, Tenant, TenantPatch, TenantRecord};
 
-/// `POST /tenants` and `PATCH /tenants/{tenant}` body. In a patch, an
-/// absent field is left as it is and `null` clears a limit.
-#[derive(Debug, Default, Deserialize)]
+/// `POST /tenants` body: the name and any settings.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantCreate {
+    /// The tenant.
+    #[schema(schema_with = super::view::name_schema)]
+    name: String,
+    /// Round-robin weight, 1 to 1000 (default 1).
+    #[schema(minimum = 1, maximum = 1000)]
+    weight: Option<u32>,
+    /// Most unfinished tasks; `null` or absent: no limit.
+    max_queued: Option<u64>,
+    /// Requests per second per node; `null` or absent: the node's default.
+    #[schema(minimum = 1)]
+    rate_per_second: Option<u32>,
+    /// Rate bucket size per node; `null` or absent: the node's default.
+    #[schema(minimum = 1)]
+    burst: Option<u32>,
+}
+
+/// `PATCH /tenants/{tenant}` body: an absent field is left as it is, and
+/// `null` clears a limit.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantBody {
-    /// The tenant (create only).
+    /// Not part of the documented body: a tenant cannot be renamed, and
+    /// the tenant's own name is accepted for older clients.
+    #[schema(ignore)]
     name: Option<String>,
+    /// Round-robin weight, 1 to 1000 (default 1).
+    #[schema(minimum = 1, maximum = 1000)]
     weight: Option<u32>,
+    /// Most unfinished tasks; `null`: no limit.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
     max_queued: Option<Option<u64>>,
+    /// Requests per second per node; `null`: the node's default.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1)]
     rate_per_second: Option<Option<u32>>,
+    /// Rate bucket size per node; `null`: the node's default.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1)]
     burst: Option<Option<u32>>,
 }
 
@@ -40,6 +70,17 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(d).map(Some)
+}
+
+impl TenantCreate {
+    fn patch(&self) -> TenantPatch {
+        TenantPatch {
+            weight: self.weight,
+            max_queued: Some(self.max_queued),
+            rate_per_second: Some(self.rate_per_second),
+            burst: Some(self.burst),
+        }
+    }
 }
 
 impl TenantBody {
@@ -54,23 +95,58 @@ impl TenantBody {
 }
 
 /// A tenant record as the API shows it.
-pub fn tenant_view(r: &TenantRecord, weight: u32, queued: Option<u64>) -> Value {
-    let mut v = json!({
-        "name": r.name.0,
-        "weight": weight,
-        "max_queued": r.settings.max_queued,
-        "rate_per_second": r.settings.rate_per_second,
-        "burst": r.settings.burst,
-        "created_at": clock::rfc3339(r.created_at_ms),
-        "updated_at": clock::rfc3339(r.updated_at_ms),
-    });
-    if let Some(q) = queued {
-        v["queued"] = json!(q);
-    }
-    v
+#[derive(Serialize, ToSchema)]
+#[schema(as = Tenant)]
+pub struct TenantView {
+    name: String,
+    weight: u32,
+    max_queued: Option<u64>,
+    rate_per_second: Option<u32>,
+    burst: Option<u32>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+    /// Its unfinished tasks (reads only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queued: Option<u64>,
 }
 
-fn tenant_reply(reply: Reply) -> ApiResult<Value> {
+/// The view of a tenant record.
+pub fn tenant_view(r: &TenantRecord, weight: u32, queued: Option<u64>) -> TenantView {
+    TenantView {
+        name: r.name.0.clone(),
+        weight,
+        max_queued: r.settings.max_queued,
+        rate_per_second: r.settings.rate_per_second,
+        burst: r.settings.burst,
+        created_at: clock::rfc3339(r.created_at_ms),
+        updated_at: clock::rfc3339(r.updated_at_ms),
+        queued,
+    }
+}
+
+/// `GET /tenants` answer.
+#[derive(Serialize, ToSchema)]
+pub struct TenantsView {
+    items: Vec<TenantView>,
+}
+
+/// `PUT /tenants/{tenant}/weight` answer.
+#[derive(Serialize, ToSchema)]
+pub struct WeightView {
+    tenant: String,
+    weight: u32,
+}
+
+/// `DELETE /tenants/{tenant}` answer.
+#[derive(Serialize, ToSchema)]
+pub struct DeletedView {
+    /// The tenant whose record was deleted.
+    deleted: String,
+}
+
+fn tenant_reply(reply: Reply) -> ApiResult<TenantView> {
     match reply {
         Reply::Tenant { record, weight } => Ok(tenant_view(&record, weight, None)),
         other => Err(unexpected(other)),
@@ -85,16 +161,18 @@ fn parse_tenant(s: &str) -> ApiResult<Tenant> {
 }
 
 /// `POST /tenants`: 201 with the record; 409 if it exists.
+#[utoipa::path(
+    post,
+    path = "/tenants",
+    request_body = TenantCreate,
+    responses((status = 201, description = "Created", body = TenantView))
+)]
 pub async fn create(
     State(api): State<Api>,
     caller: Caller,
-    Body(b): Body<TenantBody>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let name = b
-        .name
-        .as_deref()
-        .ok_or_else(|| ApiError::invalid("missing field `name`"))?;
-    let tenant = parse_tenant(name)?;
+    Body(b): Body<TenantCreate>,
+) -> ApiResult<(StatusCode, Json<TenantView>)> {
+    let tenant = parse_tenant(&b.name)?;
     let cmd = Command::CreateTenant {
         tenant: tenant.clone(),
         patch: b.patch(),
@@ -110,12 +188,19 @@ pub async fn create(
 }
 
 /// `PATCH /tenants/{tenant}`: changes the named settings.
+#[utoipa::path(
+    patch,
+    path = "/tenants/{tenant}",
+    params(("tenant" = String, Path, pattern = "^[A-Za-z0-9._:/-]{1,256}$", description = "Tenant name")),
+    request_body(content = Option<TenantBody>, description = "Optional: absent changes nothing"),
+    responses((status = 200, description = "The record after the change", body = TenantView))
+)]
 pub async fn update(
     State(api): State<Api>,
     caller: Caller,
     Path(name): Path<String>,
     Body(b): Body<TenantBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TenantView>> {
     let tenant = parse_tenant(&name)?;
     if b.name.as_ref().is_some_and(|n| *n != name) {
         return Err(ApiError::invalid(
@@ -138,12 +223,19 @@ pub async fn update(
 
 /// `PUT /tenants/{tenant}/weight`: the weight alone (creates the record if
 /// there is none).
+#[utoipa::path(
+    put,
+    path = "/tenants/{tenant}/weight",
+    params(("tenant" = String, Path, pattern = "^[A-Za-z0-9._:/-]{1,256}$", description = "Tenant name")),
+    request_body = WeightBody,
+    responses((status = 200, description = "The weight set", body = WeightView))
+)]
 pub async fn set_weight(
     State(api): State<Api>,
     caller: Caller,
     Path(name): Path<String>,
     Body(b): Body<WeightBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<WeightView>> {
     let tenant = parse_tenant(&name)?;
     let cmd = Command::SetTenantWeight {
         tenant: tenant.clone(),
@@ -155,22 +247,33 @@ pub async fn set_weight(
         Some(AuditTarget::text(format!("tenant/{tenant}"))),
     )
     .await?;
-    Ok(Json(json!({ "tenant": tenant.0, "weight": b.weight })))
+    Ok(Json(WeightView {
+        tenant: tenant.0,
+        weight: b.weight,
+    }))
 }
 
 /// `PUT /tenants/{tenant}/weight` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WeightBody {
+    /// Round-robin weight, 1 to 1000.
+    #[schema(minimum = 1, maximum = 1000)]
     weight: u32,
 }
 
 /// `DELETE /tenants/{tenant}`.
+#[utoipa::path(
+    delete,
+    path = "/tenants/{tenant}",
+    params(("tenant" = String, Path, pattern = "^[A-Za-z0-9._:/-]{1,256}$", description = "Tenant name")),
+    responses((status = 200, description = "Deleted", body = DeletedView))
+)]
 pub async fn remove(
     State(api): State<Api>,
     caller: Caller,
     Path(name): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeletedView>> {
     let tenant = parse_tenant(&name)?;
     let cmd = Command::DeleteTenant {
         tenant: tenant.clone(),
@@ -181,26 +284,40 @@ pub async fn remove(
         Some(AuditTarget::text(format!("tenant/{tenant}"))),
     )
     .await?;
-    Ok(Json(json!({ "deleted": tenant.0 })))
+    Ok(Json(DeletedView { deleted: tenant.0 }))
 }
 
-fn view_of(s: &Fsm, r: &TenantRecord) -> Value {
+fn view_of(s: &Fsm, r: &TenantRecord) -> TenantView {
     let weight = s.tenant_weights().get(&r.name).copied().unwrap_or(1);
     tenant_view(r, weight, Some(s.queued_of(&r.name)))
 }
 
 /// `GET /tenants`: every record, with its unfinished tasks.
-pub async fn list(State(api): State<Api>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/tenants",
+    responses((status = 200, description = "Every tenant record", body = TenantsView))
+)]
+pub async fn list(State(api): State<Api>) -> ApiResult<Json<TenantsView>> {
     api.node.read_barrier().await?;
-    let items: Vec<Value> = api
+    let items = api
         .node
         .state()
         .read(|s| s.auth().tenants().map(|r| view_of(s, r)).collect());
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(TenantsView { items }))
 }
 
 /// `GET /tenants/{tenant}`.
-pub async fn get(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+#[utoipa::path(
+    get,
+    path = "/tenants/{tenant}",
+    params(("tenant" = String, Path, pattern = "^[A-Za-z0-9._:/-]{1,256}$", description = "Tenant name")),
+    responses(
+        (status = 200, description = "The record", body = TenantView),
+        (status = 404, description = "The tenant has no record", body = ErrorBody),
+    )
+)]
+pub async fn get(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Json<TenantView>> {
     let tenant = parse_tenant(&name)?;
     api.node.read_barrier().await?;
     api.node

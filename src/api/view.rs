@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
 use crate::clock::rfc3339;
@@ -15,41 +15,83 @@ use crate::fsm::{LeaseGrant, Priority, Task, TaskId, TaskPage, TaskStatus};
 /// payload and result are stored JSON text and pass through unparsed.
 pub struct TaskView(pub Arc<Task>);
 
-/// The borrowed shape of [`TaskView`].
-#[derive(Serialize)]
+/// The borrowed shape of [`TaskView`]; its schema is the OpenAPI `Task`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Task)]
 struct TaskJson<'a> {
     id: u64,
     tenant: &'a str,
+    #[schema(value_type = Priority)]
     priority: &'static str,
+    #[schema(value_type = TaskStatus)]
     status: &'static str,
+    /// The submitted payload, as submitted.
+    #[schema(value_type = Object)]
     payload: Raw<'a>,
+    #[schema(value_type = Vec<String>)]
     capabilities: &'a [String],
     session_key: Option<&'a str>,
+    #[schema(format = DateTime)]
     scheduled_at: Option<String>,
     max_attempts: u32,
     attempt_count: u32,
     lease_count: u32,
     timeout_ms: u64,
+    #[schema(value_type = crate::fsm::Backoff)]
     backoff: &'a crate::fsm::Backoff,
     idempotency_key: Option<&'a str>,
     parent_id: Option<u64>,
     /// The W3C trace id its submission carried (or was derived).
+    #[schema(value_type = String, pattern = "^[0-9a-f]{32}$")]
     trace_id: TraceHex,
+    /// The live lease, while leased or running.
     lease: Option<LeaseJson<'a>>,
+    /// The agent of its last lease.
     agent_id: Option<&'a str>,
+    /// What the last completion reported: any JSON.
+    #[schema(value_type = Value)]
     result: Option<Raw<'a>>,
+    /// The last failure's error text.
     error: Option<&'a str>,
+    #[schema(format = DateTime)]
     next_attempt_at: Option<String>,
+    #[schema(format = DateTime)]
     created_at: String,
+    #[schema(format = DateTime)]
     updated_at: String,
 }
 
-#[derive(Serialize)]
+/// A task's live lease.
+#[derive(Serialize, ToSchema)]
+#[schema(as = TaskLease)]
 struct LeaseJson<'a> {
     fencing_token: u64,
     agent_id: &'a str,
+    #[schema(format = DateTime)]
     leased_at: String,
+    #[schema(format = DateTime)]
     expires_at: String,
+}
+
+impl utoipa::PartialSchema for TaskView {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        TaskJson::schema()
+    }
+}
+
+impl ToSchema for TaskView {
+    fn name() -> std::borrow::Cow<'static, str> {
+        TaskJson::name()
+    }
+
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        TaskJson::schemas(schemas);
+    }
 }
 
 /// A trace id's hex digits, written as a JSON string without allocating.
@@ -112,10 +154,60 @@ impl Serialize for TaskView {
     }
 }
 
+/// Names (tenants, capabilities, gateway ids): 1 to 256 of
+/// `A-Z a-z 0-9 . _ : / -` (`fsm::check_name`).
+const NAME_PATTERN: &str = "^[A-Za-z0-9._:/-]{1,256}$";
+/// Free-text keys (session and idempotency keys): 1 to 256 bytes without
+/// control characters; the schema says 64 characters, which any UTF-8
+/// fits in 256 bytes.
+const TEXT_PATTERN: &str = "^[^\\x00-\\x1f\\x7f-\\x9f]{1,64}$";
+
+/// The schema of a name field.
+pub fn name_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .pattern(Some(NAME_PATTERN))
+        .build()
+}
+
+/// The schema of a free-text key field.
+pub fn text_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .pattern(Some(TEXT_PATTERN))
+        .build()
+}
+
+/// The schema of an optional name field: a name or `null`.
+pub fn opt_name_schema() -> utoipa::openapi::Object {
+    nullable(name_schema())
+}
+
+/// The schema of an optional free-text key field: one or `null`.
+pub fn opt_text_schema() -> utoipa::openapi::Object {
+    nullable(text_schema())
+}
+
+fn nullable(mut o: utoipa::openapi::Object) -> utoipa::openapi::Object {
+    use utoipa::openapi::{Type, schema::SchemaType};
+    o.schema_type = SchemaType::from_iter([Type::String, Type::Null]);
+    o
+}
+
+/// The schema of a list of capability names (at most 32).
+pub fn names_schema() -> utoipa::openapi::schema::Array {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(name_schema())
+        .max_items(Some(crate::fsm::Limits::MAX_CAPABILITIES))
+        .build()
+}
+
 /// A page as the API shows it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = TaskPage)]
 pub struct PageView {
     items: Vec<TaskView>,
+    /// Pass as `cursor` for the next page; `null` at the end.
     next_cursor: Option<String>,
 }
 
@@ -128,10 +220,12 @@ pub fn page(p: TaskPage) -> PageView {
 }
 
 /// One granted lease as `POST /leases` shows it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Lease)]
 pub struct LeaseView {
     task_id: u64,
     fencing_token: u64,
+    #[schema(format = DateTime)]
     expires_at: String,
     task: TaskView,
 }
@@ -146,22 +240,65 @@ pub fn lease(g: &LeaseGrant) -> LeaseView {
     }
 }
 
-/// Query parameters of list endpoints.
-#[derive(Debug, Default, Deserialize)]
+/// Query parameters of `GET /tasks`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Page size.
+    /// Page size: 1 to `api.max_page_size` (default 1000); 50 when absent.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
+    #[param(pattern = "^[0-9]{1,19}$")]
     pub cursor: Option<String>,
     /// Status filter.
+    #[param(value_type = Option<TaskStatus>)]
     pub status: Option<String>,
     /// Priority filter.
+    #[param(value_type = Option<Priority>)]
     pub priority: Option<String>,
-    /// Tenant filter.
+    /// Tenant filter (a developer or viewer may name only its own).
     pub tenant: Option<String>,
-    /// Dead letters only: error text filter.
+}
+
+/// Query parameters of the dead-letter lists: those of `GET /tasks` (a
+/// dead letter's status is `dead_letter`, so another status matches
+/// nothing), and an error text filter.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeadLetterQuery {
+    /// Page size: 1 to `api.max_page_size` (default 1000); 50 when absent
+    /// (the export checks it, and writes up to 10000 regardless).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page (the export checks it, and
+    /// starts at the first regardless).
+    #[param(pattern = "^[0-9]{1,19}$")]
+    pub cursor: Option<String>,
+    /// Status filter: only `dead_letter` matches.
+    #[param(value_type = Option<TaskStatus>)]
+    pub status: Option<String>,
+    /// Priority filter.
+    #[param(value_type = Option<Priority>)]
+    pub priority: Option<String>,
+    /// Tenant filter (a developer or viewer may name only its own).
+    pub tenant: Option<String>,
+    /// Error text filter.
     pub error_contains: Option<String>,
+}
+
+impl DeadLetterQuery {
+    /// The parameters it shares with `GET /tasks`.
+    pub fn list(&self) -> ListQuery {
+        ListQuery {
+            limit: self.limit,
+            cursor: self.cursor.clone(),
+            status: self.status.clone(),
+            priority: self.priority.clone(),
+            tenant: self.tenant.clone(),
+        }
+    }
 }
 
 impl ListQuery {
@@ -218,20 +355,21 @@ fn field_err(field: &'static str) -> impl Fn(String) -> ApiError {
     move |e| ApiError::invalid(format!("invalid field `{field}`: {e}"))
 }
 
-/// Counts per priority as a JSON object keyed by priority name.
-pub fn per_priority(f: impl Fn(Priority) -> u64) -> Value {
-    let map: serde_json::Map<String, Value> = Priority::URGENT_FIRST
+/// Counts keyed by priority or status name.
+pub type Counts = std::collections::BTreeMap<&'static str, u64>;
+
+/// Counts per priority, keyed by priority name.
+pub fn per_priority(f: impl Fn(Priority) -> u64) -> Counts {
+    Priority::URGENT_FIRST
         .iter()
-        .map(|p| (p.as_str().to_owned(), json!(f(*p))))
-        .collect();
-    Value::Object(map)
+        .map(|p| (p.as_str(), f(*p)))
+        .collect()
 }
 
-/// Counts per status as a JSON object keyed by status name.
-pub fn per_status(f: impl Fn(TaskStatus) -> u64) -> Value {
-    let map: serde_json::Map<String, Value> = TaskStatus::ALL
+/// Counts per status, keyed by status name.
+pub fn per_status(f: impl Fn(TaskStatus) -> u64) -> Counts {
+    TaskStatus::ALL
         .iter()
-        .map(|s| (s.as_str().to_owned(), json!(f(*s))))
-        .collect();
-    Value::Object(map)
+        .map(|s| (s.as_str(), f(*s)))
+        .collect()
 }

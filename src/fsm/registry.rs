@@ -61,7 +61,7 @@ pub struct NodeRecord {
 }
 
 /// A gateway's health as last probed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     /// Not probed yet.
@@ -76,7 +76,7 @@ pub enum Health {
 }
 
 /// A gateway's circuit-breaker state as last reported by its owner.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Circuit {
     /// Calls flow.

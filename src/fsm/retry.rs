@@ -3,14 +3,17 @@
 use serde::{Deserialize, Serialize};
 
 /// How long a failed task waits before its next attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Backoff {
     /// Delay after the first failure, in ms.
+    #[schema(minimum = 1, maximum = 86_400_000)]
     pub initial_ms: u64,
     /// Growth factor per further failure.
+    #[schema(minimum = 1, maximum = 10)]
     pub multiplier: u32,
-    /// Upper bound on any delay, in ms.
+    /// Upper bound on any delay, in ms (at least `initial_ms`).
+    #[schema(minimum = 1, maximum = 86_400_000)]
     pub max_ms: u64,
 }
 

@@ -32,7 +32,19 @@ pub fn gateway_session_key(tenant: &Tenant, key: &SessionKey) -> SessionKey {
 
 /// Where a session is in its life. Every legal move is in
 /// [`SessionState::can_become`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionState {
     /// Recorded, nothing opened yet.

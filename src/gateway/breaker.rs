@@ -18,18 +18,23 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 /// Breaker thresholds, part of a gateway's spec.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
     /// Consecutive failures (in closed) that open the breaker.
+    #[schema(minimum = 1, maximum = 10_000)]
     pub failure_threshold: u32,
-    /// How long the breaker stays open before it lets trial calls through.
+    /// How long the breaker stays open before it lets trial calls through
+    /// (up to an hour).
     #[serde(with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     pub cool_down: Duration,
     /// Trial calls in flight at once while half-open.
+    #[schema(minimum = 1, maximum = 10_000)]
     pub half_open_max_calls: u32,
     /// Successful trial calls, counted over the whole half-open period,
     /// that close the breaker again.
+    #[schema(minimum = 1, maximum = 10_000)]
     pub success_threshold: u32,
 }
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::breaker::BreakerConfig;
 use super::{DriverError, Result};
@@ -55,23 +56,49 @@ impl fmt::Display for GatewayKind {
 /// {"id": "gw-1", "region": "eu", "capabilities": ["rust"], "max_sessions": 10,
 ///  "driver": {"kind": "command", "program": "/usr/bin/agent", "args": ["--json"]}}
 /// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySpec {
     /// Unique id: 1 to `Limits::MAX_NAME_BYTES` of `A-Z a-z 0-9 - _ . : /`.
+    #[schema(value_type = String, pattern = "^[A-Za-z0-9._:/-]{1,256}$")]
     pub id: GatewayId,
     /// Region label; placement prefers nodes of the same region.
+    #[schema(pattern = "^[A-Za-z0-9._:/-]{1,256}$")]
     pub region: String,
     /// What tasks it can run (matched against a task's required capabilities).
     #[serde(default)]
+    #[schema(max_items = 64)]
     pub capabilities: BTreeSet<String>,
     /// Most sessions open at once, 1..=[`MAX_SESSIONS_PER_GATEWAY`].
+    #[schema(minimum = 1, maximum = 10_000)]
     pub max_sessions: u32,
     /// Circuit breaker thresholds.
     #[serde(default)]
     pub breaker: BreakerConfig,
     /// The kind and its settings.
+    #[serde(deserialize_with = "string_tags")]
     pub driver: DriverSpec,
+}
+
+/// Deserializes a driver spec whose tags (`kind`, and `latency.dist` of a
+/// simulator) are strings: serde also reads an internally tagged enum's
+/// tag from a variant's index, so `{"kind": 0}` was a simulator.
+fn string_tags<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<DriverSpec, D::Error> {
+    use serde::de::Error;
+    let v = serde_json::Value::deserialize(d)?;
+    for (name, tag) in [
+        ("kind", &v["kind"]),
+        ("latency.dist", &v["latency"]["dist"]),
+    ] {
+        if !tag.is_null() && !tag.is_string() {
+            return Err(D::Error::custom(format!(
+                "`{name}` must be a string, not {tag}"
+            )));
+        }
+    }
+    DriverSpec::deserialize(v).map_err(D::Error::custom)
 }
 
 /// The kind of a gateway and the settings of that kind, tagged by `kind`.
@@ -100,38 +127,88 @@ impl DriverSpec {
     }
 }
 
+// Written out: the derive describes an internally tagged variant as its
+// struct's schema *and* an object with the tag, which no value satisfies
+// when the struct refuses unknown fields. Each variant here is its
+// struct's own schema with `kind` added.
+impl utoipa::PartialSchema for DriverSpec {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let tagged = |kind: GatewayKind, schema| {
+            let mut v = serde_json::to_value(schema).expect("invariant: a schema serializes");
+            v["properties"]["kind"] =
+                serde_json::json!({ "type": "string", "enum": [kind.to_string()] });
+            match v["required"].as_array_mut() {
+                Some(required) => required.push("kind".into()),
+                None => v["required"] = serde_json::json!(["kind"]),
+            }
+            v
+        };
+        let schema = serde_json::json!({
+            "description": "The kind of a gateway (`kind`) and the settings of that kind",
+            "oneOf": [
+                tagged(GatewayKind::Sim, SimSpec::schema()),
+                tagged(GatewayKind::Command, CommandSpec::schema()),
+                tagged(GatewayKind::Http, HttpSpec::schema()),
+                tagged(GatewayKind::Openclaw, OpenClawSpec::schema()),
+            ],
+        });
+        utoipa::openapi::RefOr::T(
+            serde_json::from_value(schema).expect("invariant: a valid schema object"),
+        )
+    }
+}
+
+impl ToSchema for DriverSpec {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        SimSpec::schemas(schemas);
+        CommandSpec::schemas(schemas);
+        HttpSpec::schemas(schemas);
+        OpenClawSpec::schemas(schemas);
+    }
+}
+
 /// Simulator settings. The default completes every attempt at once.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimSpec {
     /// How long an attempt takes.
     pub latency: LatencySpec,
     /// Share of attempts that fail (retryably), 0.0..=1.0.
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub failure_rate: f64,
     /// Share of attempts that never finish until cancelled or timed out,
     /// 0.0..=1.0; `failure_rate + hang_rate <= 1`.
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub hang_rate: f64,
     /// Seed for a reproducible sequence of outcomes; random when absent.
     pub seed: Option<u64>,
 }
 
 /// A latency distribution, tagged by `dist`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "dist", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LatencySpec {
     /// Always the same.
     Fixed {
         /// The latency.
         #[serde(with = "humantime_serde")]
+        #[schema(value_type = String, example = "1s")]
         value: Duration,
     },
     /// Uniform between `min` and `max`.
     Uniform {
         /// Shortest.
         #[serde(with = "humantime_serde")]
+        #[schema(value_type = String, example = "1s")]
         min: Duration,
         /// Longest.
         #[serde(with = "humantime_serde")]
+        #[schema(value_type = String, example = "1s")]
         max: Duration,
     },
     /// Log-normal with the given median and 99th percentile (a long tail,
@@ -139,9 +216,11 @@ pub enum LatencySpec {
     LogNormal {
         /// Median.
         #[serde(with = "humantime_serde")]
+        #[schema(value_type = String, example = "1s")]
         p50: Duration,
         /// 99th percentile.
         #[serde(with = "humantime_serde")]
+        #[schema(value_type = String, example = "1s")]
         p99: Duration,
     },
 }
@@ -155,7 +234,7 @@ impl Default for LatencySpec {
 }
 
 /// Settings of a gateway that runs a local program per attempt.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandSpec {
     /// The program: a path, or a name looked up in `PATH`.
@@ -169,11 +248,12 @@ pub struct CommandSpec {
     pub env: BTreeMap<String, String>,
     /// Working directory; the node's own when absent.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub working_dir: Option<PathBuf>,
 }
 
 /// Settings of a webhook gateway.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
     /// Where attempts are POSTed (`http://` or `https://`).
@@ -192,7 +272,7 @@ pub struct HttpSpec {
 /// {"kind": "openclaw", "url": "ws://127.0.0.1:18789", "token": {"env": "OC_TOKEN"},
 ///  "agent_id": "main", "turn_timeout": "10m", "reconnect_window": "30s"}
 /// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenClawSpec {
     /// The gateway's WebSocket endpoint: `ws://host:port` (OpenClaw's
@@ -208,15 +288,18 @@ pub struct OpenClawSpec {
     /// smaller of this and the task's timeout: the gateway itself puts no
     /// cap on a turn's tool loop.
     #[serde(default = "default_turn_timeout", with = "humantime_serde")]
+    #[schema(value_type = String, example = "10m")]
     pub turn_timeout: Duration,
     /// How long an attempt waits for the gateway to accept a connection
     /// (at its start, or after its connection dropped mid-run) before it
     /// gives up as unavailable; the attempt's own timeout still bounds it.
     #[serde(default = "default_reconnect_window", with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     pub reconnect_window: Duration,
     /// The node's Ed25519 device key file (created when missing); by
     /// default `openclaw-device.key` in the node's data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub device_key: Option<PathBuf>,
 }
 
@@ -252,6 +335,29 @@ pub enum SecretRef {
     /// A file on the node running the gateway (trailing newline ignored).
     File(PathBuf),
 }
+
+// Written out: the derive cannot describe a `PathBuf` in a newtype variant.
+impl utoipa::PartialSchema for SecretRef {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let one = |key: &str| {
+            serde_json::json!({
+                "type": "object",
+                "properties": { key: { "type": "string" } },
+                "required": [key],
+                "additionalProperties": false,
+            })
+        };
+        let schema = serde_json::json!({
+            "description": "Where a secret is: `{\"env\": \"NAME\"}` or `{\"file\": \"/path\"}`",
+            "oneOf": [one("env"), one("file")],
+        });
+        utoipa::openapi::RefOr::T(
+            serde_json::from_value(schema).expect("invariant: a valid schema object"),
+        )
+    }
+}
+
+impl ToSchema for SecretRef {}
 
 impl fmt::Display for SecretRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -475,5 +581,27 @@ fn check_url(p: &mut Vec<String>, field: &str, url: &str) {
             "{field}: `{url}` must be an http(s) URL with a host"
         )),
         Err(e) => p.push(format!("{field}: `{url}` is not a URL: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_tags_are_names_not_indices() {
+        let spec = |driver: &str| {
+            let text = format!(r#"{{"id":"g","region":"r","max_sessions":1,"driver":{driver}}}"#);
+            serde_json::from_str::<GatewaySpec>(&text)
+        };
+        let sim = spec(r#"{"kind":"sim","latency":{"dist":"fixed","value":"1s"}}"#).unwrap();
+        assert_eq!(sim.driver.kind(), GatewayKind::Sim);
+        for bad in [
+            r#"{"kind":0}"#,
+            r#"{"kind":"sim","latency":{"dist":0,"value":"1s"}}"#,
+        ] {
+            let e = spec(bad).unwrap_err().to_string();
+            assert!(e.contains("must be a string"), "{bad}: {e}");
+        }
     }
 }

@@ -22,11 +22,13 @@ use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
 use crate::raft::{NodeId, NodeInfo};
 
 /// One member as `GET /cluster` shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Member)]
 pub struct MemberStatus {
     /// Its id.
+    #[schema(value_type = u64)]
     pub id: NodeId,
-    /// Voter or learner.
+    /// `voter` or `learner`.
     pub role: &'static str,
     /// Addresses and region.
     pub info: NodeInfo,
