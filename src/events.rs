@@ -16,7 +16,9 @@
 //! - **Patterns** are NATS subjects: `task.*` matches one segment, `>` the
 //!   rest (`gateway.>`, `>`).
 //!
-//! JSON is rendered once per event, by the first subscriber that sends it.
+//! The buffer holds the state machine's own published entries (no copy
+//! per event); JSON is rendered once per event, by the first subscriber
+//! that sends it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,37 +43,52 @@ pub const MAX_PATTERNS: usize = 64;
 /// Longest pattern, in bytes.
 pub const MAX_PATTERN_BYTES: usize = 128;
 
-/// One event as the stream sends it.
+/// The events of one applied log entry, kept as the state machine
+/// published them (no copy per event), with each event's JSON rendered
+/// the first time a subscriber sends it.
 #[derive(Debug)]
+pub struct Batch {
+    applied: Arc<AppliedEvents>,
+    json: Box<[OnceLock<String>]>,
+}
+
+/// One event of a [`Batch`]: what the stream sends.
+#[derive(Clone, Debug)]
 pub struct StreamEvent {
-    /// Its place in the cluster's history.
-    pub seq: u64,
-    /// When it happened (the state's clock), ms since the epoch.
-    pub time_ms: u64,
-    /// What happened.
-    pub what: What,
-    json: OnceLock<String>,
+    batch: Arc<Batch>,
+    i: usize,
 }
 
 impl StreamEvent {
-    fn new(e: Event, time_ms: u64) -> StreamEvent {
-        StreamEvent {
-            seq: e.seq,
-            time_ms,
-            what: e.what,
-            json: OnceLock::new(),
-        }
+    fn event(&self) -> &Event {
+        &self.batch.applied.events[self.i]
+    }
+
+    /// Its place in the cluster's history.
+    pub fn seq(&self) -> u64 {
+        self.event().seq
+    }
+
+    /// What happened.
+    pub fn what(&self) -> &What {
+        &self.event().what
+    }
+
+    /// When it happened (the state's clock), ms since the epoch.
+    pub fn time_ms(&self) -> u64 {
+        self.batch.applied.time_ms
     }
 
     /// `{"seq", "type", "time", "tenant", "data"}`, rendered once.
     pub fn json(&self) -> &str {
-        self.json.get_or_init(|| {
+        self.batch.json[self.i].get_or_init(|| {
+            let what = self.what();
             json!({
-                "seq": self.seq,
-                "type": self.what.name(),
-                "time": self.time_ms,
-                "tenant": self.what.tenant(),
-                "data": data(&self.what),
+                "seq": self.seq(),
+                "type": what.name(),
+                "time": self.time_ms(),
+                "tenant": what.tenant(),
+                "data": data(what),
             })
             .to_string()
         })
@@ -141,7 +158,7 @@ fn data(what: &What) -> Value {
 #[derive(Clone, Debug)]
 pub enum Live {
     /// The next event.
-    Event(Arc<StreamEvent>),
+    Event(StreamEvent),
     /// The hub missed events `from..=to`.
     Gap {
         /// First missed seq.
@@ -159,10 +176,13 @@ pub struct EventHub {
     subscribers: AtomicUsize,
 }
 
-/// The buffer: every event after `complete_after` up to `last_seq`.
+/// The buffer: every event after `complete_after` up to `last_seq`, in
+/// the entries that carried them.
 #[derive(Debug)]
 struct Ring {
-    events: VecDeque<Arc<StreamEvent>>,
+    batches: VecDeque<Arc<Batch>>,
+    /// Events in `batches`.
+    events: usize,
     capacity: usize,
     complete_after: u64,
     last_seq: u64,
@@ -172,7 +192,7 @@ struct Ring {
 #[derive(Debug)]
 pub struct Subscription {
     /// Buffered events after the seq asked for, oldest first.
-    pub replay: Vec<Arc<StreamEvent>>,
+    pub replay: Vec<StreamEvent>,
     /// Events after the seq asked for that the buffer no longer holds.
     pub gap: Option<(u64, u64)>,
     /// Later events.
@@ -188,7 +208,8 @@ impl EventHub {
     pub fn new(capacity: usize, queue: usize, last_seq: u64) -> EventHub {
         EventHub {
             ring: Mutex::new(Ring {
-                events: VecDeque::with_capacity(capacity.min(4096)),
+                batches: VecDeque::new(),
+                events: 0,
                 capacity: capacity.max(1),
                 complete_after: last_seq,
                 last_seq,
@@ -208,8 +229,10 @@ impl EventHub {
         (ring.last_seq, ring.complete_after + 1)
     }
 
-    /// Takes in what one log entry (or a snapshot) applied.
-    pub fn ingest(&self, applied: &AppliedEvents) {
+    /// Takes in what one log entry (or a snapshot) applied. One entry's
+    /// events are numbered one after another, so an entry is either new
+    /// or seen already (replayed at start-up).
+    pub fn ingest(&self, applied: &Arc<AppliedEvents>) {
         let mut ring = self.ring();
         if applied.snapshot_installed {
             if applied.last_seq > ring.last_seq {
@@ -217,24 +240,44 @@ impl EventHub {
             }
             return;
         }
-        for e in &applied.events {
-            if e.seq <= ring.last_seq {
-                continue;
+        let Some(first) = applied.events.first().map(|e| e.seq) else {
+            return;
+        };
+        if first <= ring.last_seq {
+            return;
+        }
+        if first > ring.last_seq + 1 {
+            self.hole(&mut ring, first - 1);
+        }
+        let n = applied.events.len();
+        let batch = Arc::new(Batch {
+            applied: Arc::clone(applied),
+            json: (0..n).map(|_| OnceLock::new()).collect(),
+        });
+        ring.batches.push_back(Arc::clone(&batch));
+        ring.events += n;
+        while ring.events > ring.capacity && ring.batches.len() > 1 {
+            let Some(old) = ring.batches.pop_front() else {
+                break;
+            };
+            ring.events -= old.applied.events.len();
+            ring.complete_after = old
+                .applied
+                .events
+                .last()
+                .map_or(ring.complete_after, |e| e.seq);
+        }
+        ring.last_seq = applied.events[n - 1].seq;
+        // Sent under the lock, so a subscriber that took the buffer under
+        // it sees every later event live; not at all when nobody listens.
+        if self.live.receiver_count() > 0 {
+            for i in 0..n {
+                let e = StreamEvent {
+                    batch: Arc::clone(&batch),
+                    i,
+                };
+                let _ = self.live.send(Live::Event(e));
             }
-            if e.seq > ring.last_seq + 1 {
-                self.hole(&mut ring, e.seq - 1);
-            }
-            let e = Arc::new(StreamEvent::new(e.clone(), applied.time_ms));
-            if ring.events.len() == ring.capacity
-                && let Some(old) = ring.events.pop_front()
-            {
-                ring.complete_after = old.seq;
-            }
-            ring.events.push_back(Arc::clone(&e));
-            ring.last_seq = e.seq;
-            // Sent under the lock, so a subscriber that took the buffer
-            // under it sees every later event live.
-            let _ = self.live.send(Live::Event(e));
         }
     }
 
@@ -245,7 +288,8 @@ impl EventHub {
             .events_missed
             .inc_by(to - ring.last_seq);
         tracing::warn!(from, to, "event stream buffer missed events");
-        ring.events.clear();
+        ring.batches.clear();
+        ring.events = 0;
         ring.complete_after = to;
         ring.last_seq = to;
         let _ = self.live.send(Live::Gap { from, to });
@@ -265,10 +309,16 @@ impl EventHub {
         };
         let gap = (since < ring.complete_after).then_some((since + 1, ring.complete_after));
         let replay = ring
-            .events
+            .batches
             .iter()
-            .filter(|e| e.seq > since)
-            .cloned()
+            .filter(|b| b.applied.events.last().is_some_and(|e| e.seq > since))
+            .flat_map(|b| {
+                (0..b.applied.events.len()).map(|i| StreamEvent {
+                    batch: Arc::clone(b),
+                    i,
+                })
+            })
+            .filter(|e| e.seq() > since)
             .collect();
         Subscription {
             replay,
@@ -401,14 +451,14 @@ mod tests {
         }
     }
 
-    fn applied(seqs: std::ops::RangeInclusive<u64>) -> AppliedEvents {
-        AppliedEvents {
+    fn applied(seqs: std::ops::RangeInclusive<u64>) -> Arc<AppliedEvents> {
+        Arc::new(AppliedEvents {
             index: *seqs.end(),
+            last_seq: *seqs.end(),
             events: seqs.map(task_event).collect(),
             time_ms: 7,
-            last_seq: 0,
             snapshot_installed: false,
-        }
+        })
     }
 
     #[test]
@@ -440,11 +490,13 @@ mod tests {
     #[test]
     fn a_subscriber_resumes_from_the_buffer_or_is_told_of_the_gap() {
         let hub = EventHub::new(4, 16, 0);
-        hub.ingest(&applied(1..=6));
+        for seq in 1..=6 {
+            hub.ingest(&applied(seq..=seq));
+        }
         assert_eq!(hub.position(), (6, 3), "the buffer holds seqs 3..=6");
         let sub = hub.subscribe(Some(4));
         assert_eq!(sub.gap, None);
-        let seqs: Vec<u64> = sub.replay.iter().map(|e| e.seq).collect();
+        let seqs: Vec<u64> = sub.replay.iter().map(StreamEvent::seq).collect();
         assert_eq!(seqs, [5, 6]);
         let sub = hub.subscribe(Some(0));
         assert_eq!(sub.gap, Some((1, 2)));
@@ -461,20 +513,24 @@ mod tests {
         let hub = EventHub::new(100, 16, 0);
         let mut sub = hub.subscribe(None);
         hub.ingest(&applied(1..=2));
-        hub.ingest(&applied(2..=3)); // a replayed entry: seq 2 again
+        hub.ingest(&applied(1..=2)); // a replayed entry
+        hub.ingest(&applied(3..=3));
         hub.ingest(&applied(6..=6)); // 4 and 5 missed
         let mut got = Vec::new();
         while let Ok(live) = sub.live.try_recv() {
             got.push(match live {
-                Live::Event(e) => format!("{}", e.seq),
+                Live::Event(e) => format!("{}", e.seq()),
                 Live::Gap { from, to } => format!("gap {from}-{to}"),
             });
         }
         assert_eq!(got, ["1", "2", "3", "gap 4-5", "6"]);
-        let mut snapshot = applied(1..=1);
-        snapshot.events.clear();
-        snapshot.snapshot_installed = true;
-        snapshot.last_seq = 10;
+        let snapshot = Arc::new(AppliedEvents {
+            index: 1,
+            events: Vec::new(),
+            time_ms: 7,
+            last_seq: 10,
+            snapshot_installed: true,
+        });
         hub.ingest(&snapshot);
         assert!(matches!(
             sub.live.try_recv(),
@@ -485,7 +541,11 @@ mod tests {
 
     #[test]
     fn json_has_the_documented_shape() {
-        let e = StreamEvent::new(task_event(3), 1_700_000_000_000);
+        let mut one = Arc::unwrap_or_clone(applied(3..=3));
+        one.time_ms = 1_700_000_000_000;
+        let hub = EventHub::new(4, 4, 2);
+        hub.ingest(&Arc::new(one));
+        let e = hub.subscribe(Some(2)).replay.remove(0);
         let v: Value = serde_json::from_str(e.json()).unwrap();
         assert_eq!(
             v,

@@ -318,10 +318,10 @@ impl Subscriber {
 
     /// Sends `e` if the caller may see it and a pattern matches.
     async fn offer(&mut self, socket: &mut WebSocket, e: &StreamEvent) -> Result<(), End> {
-        if !may_see(&self.caller, &e.what) {
+        if !may_see(&self.caller, e.what()) {
             return Ok(());
         }
-        let name = e.what.name();
+        let name = e.what().name();
         if !self.patterns.iter().any(|p| p.matches(name)) {
             return Ok(());
         }
@@ -388,10 +388,10 @@ impl Subscriber {
     ) -> Result<(), End> {
         match live {
             Ok(Live::Event(e)) => {
-                if e.seq <= self.sent_through {
+                if e.seq() <= self.sent_through {
                     return Ok(());
                 }
-                self.sent_through = e.seq;
+                self.sent_through = e.seq();
                 self.offer(socket, &e).await
             }
             Ok(Live::Gap { from, to }) => {
