@@ -154,18 +154,26 @@ struct Hex<'a>(&'a [u8]);
 
 impl fmt::Display for Hex<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, b) in self.0.iter().take(16).enumerate() {
+            out[2 * i] = HEX[usize::from(b >> 4)];
+            out[2 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
+        let n = 2 * self.0.len().min(16);
+        // ASCII hex digits: always UTF-8.
+        f.write_str(std::str::from_utf8(&out[..n]).map_err(|_| fmt::Error)?)
     }
 }
 
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let flags = if self.sampled { "01" } else { "00" };
         write!(
             f,
-            "00-{}-{}-{:02x}",
-            self.trace_hex(),
-            self.span_hex(),
-            u8::from(self.sampled)
+            "00-{}-{}-{flags}",
+            Hex(&self.trace_id),
+            Hex(&self.span_id)
         )
     }
 }

@@ -221,9 +221,11 @@ async fn run(socket: &mut WebSocket, start: Start) -> End {
         return end;
     }
     let shutdown = api.node.shutdown_token().clone();
+    let stop = shutdown.cancelled();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => {
+            () = &mut stop => {
                 close(socket, CLOSE_GOING_AWAY, "node shutting down").await;
                 return End::Shutdown;
             }

@@ -188,9 +188,13 @@ impl Connection {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut seen, mut since) = (0, Instant::now());
         let mut closing = false;
+        // One waiter for the connection's life, not one per wake-up (each
+        // registers with the node's token under its lock).
+        let stop = shutdown.cancelled();
+        tokio::pin!(stop);
         loop {
             tokio::select! {
-                () = shutdown.cancelled(), if !closing => {
+                () = &mut stop, if !closing => {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
