@@ -33,7 +33,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use utoipa::IntoParams;
 
 use super::json::Params;
@@ -48,6 +48,8 @@ pub const AUTH_WITHIN: Duration = Duration::from_secs(5);
 /// How long one message may take to go out before the subscriber is
 /// dropped as stalled.
 pub const SEND_WITHIN: Duration = Duration::from_secs(10);
+/// Most live events written before one flush.
+const MAX_BATCH: usize = 1024;
 /// Largest client message, in bytes.
 const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
 
@@ -250,6 +252,9 @@ async fn run(socket: &mut WebSocket, start: Start) -> End {
                 if let Err(end) = sub.on_live(socket, live).await {
                     return end;
                 }
+                if let Err(end) = sub.drain(socket).await {
+                    return end;
+                }
             }
         }
     }
@@ -314,6 +319,7 @@ impl Subscriber {
         for e in std::mem::take(&mut stream.replay) {
             self.offer(socket, &e).await?;
         }
+        flush(socket).await?;
         self.stream = Some(stream);
         Ok(())
     }
@@ -327,9 +333,26 @@ impl Subscriber {
         if !self.patterns.iter().any(|p| p.matches(name)) {
             return Ok(());
         }
-        send(socket, e.json().to_owned()).await?;
+        queue(socket, e.json().to_owned()).await?;
         crate::metrics::global().events_sent.inc();
         Ok(())
+    }
+
+    /// Takes what the live stream already holds (up to [`MAX_BATCH`]
+    /// items), then flushes once: one write for many events.
+    async fn drain(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+        for _ in 0..MAX_BATCH {
+            let Some(stream) = self.stream.as_mut() else {
+                break;
+            };
+            let next = match stream.live.try_recv() {
+                Ok(live) => Ok(live),
+                Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            };
+            self.on_live(socket, next).await?;
+        }
+        flush(socket).await
     }
 
     /// A client message: patterns change, or an error says why not.
@@ -452,6 +475,28 @@ async fn send(socket: &mut WebSocket, text: String) -> Result<(), End> {
     )
     .await
     {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Closed),
+        Err(_) => Err(End::Slow),
+    }
+}
+
+/// Queues one text message without flushing (it goes out when the
+/// buffer fills or at the next flush), within [`SEND_WITHIN`].
+async fn queue(socket: &mut WebSocket, text: String) -> Result<(), End> {
+    use futures_util::SinkExt;
+    let msg = Message::Text(Utf8Bytes::from(text));
+    match tokio::time::timeout(SEND_WITHIN, socket.feed(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Closed),
+        Err(_) => Err(End::Slow),
+    }
+}
+
+/// Sends what [`queue`] left buffered, within [`SEND_WITHIN`].
+async fn flush(socket: &mut WebSocket) -> Result<(), End> {
+    use futures_util::SinkExt;
+    match tokio::time::timeout(SEND_WITHIN, socket.flush()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(End::Closed),
         Err(_) => Err(End::Slow),
