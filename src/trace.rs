@@ -95,12 +95,8 @@ impl TraceContext {
 
     /// The trace id as 32 lowercase hex digits, without allocating.
     pub fn trace_hex_bytes(&self) -> [u8; 32] {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 32];
-        for (i, b) in self.trace_id.iter().enumerate() {
-            out[2 * i] = HEX[usize::from(b >> 4)];
-            out[2 * i + 1] = HEX[usize::from(b & 0xf)];
-        }
+        hex_into(&self.trace_id, &mut out);
         out
     }
 
@@ -154,16 +150,24 @@ struct Hex<'a>(&'a [u8]);
 
 impl fmt::Display for Hex<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 32];
-        for (i, b) in self.0.iter().take(16).enumerate() {
-            out[2 * i] = HEX[usize::from(b >> 4)];
-            out[2 * i + 1] = HEX[usize::from(b & 0xf)];
-        }
-        let n = 2 * self.0.len().min(16);
+        let n = hex_into(self.0, &mut out);
         // ASCII hex digits: always UTF-8.
         f.write_str(std::str::from_utf8(&out[..n]).map_err(|_| fmt::Error)?)
     }
+}
+
+/// Writes `bytes` as lowercase hex into `out` (as many as fit); returns
+/// the digits written.
+fn hex_into(bytes: &[u8], out: &mut [u8]) -> usize {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = 0;
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+        n += 2;
+    }
+    n
 }
 
 impl fmt::Display for TraceContext {

@@ -177,7 +177,12 @@ impl Caller {
 
     /// Whether an object of tenant `t` exists for this caller.
     pub fn sees(&self, t: &Tenant) -> bool {
-        self.id.role.is_cross_tenant() || *t == self.id.tenant
+        self.sees_named(&t.0)
+    }
+
+    /// Whether an object of the tenant named `t` exists for this caller.
+    pub fn sees_named(&self, t: &str) -> bool {
+        self.id.role.is_cross_tenant() || t == self.id.tenant.0
     }
 
     /// Who is asking for what, as the audit log records it.

@@ -457,28 +457,17 @@ fn may_see(caller: &Caller, what: &What) -> bool {
         What::Node { .. } => Permission::ClusterRead,
         What::Audit(_) => Permission::AuditRead,
     };
-    needs.granted_to(caller.role())
-        && what
-            .tenant()
-            .is_none_or(|t| !caller.is_scoped() || caller.tenant().0 == t)
+    needs.granted_to(caller.role()) && what.tenant().is_none_or(|t| caller.sees_named(t))
 }
 
 fn gap(from: u64, to: u64) -> String {
     json!({"gap": {"from": from, "to": to}}).to_string()
 }
 
-/// Sends one text message within [`SEND_WITHIN`].
+/// Sends one text message: [`queue`], then [`flush`].
 async fn send(socket: &mut WebSocket, text: String) -> Result<(), End> {
-    match tokio::time::timeout(
-        SEND_WITHIN,
-        socket.send(Message::Text(Utf8Bytes::from(text))),
-    )
-    .await
-    {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(End::Closed),
-        Err(_) => Err(End::Slow),
-    }
+    queue(socket, text).await?;
+    flush(socket).await
 }
 
 /// Queues one text message without flushing (it goes out when the
