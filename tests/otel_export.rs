@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::bail;
-use axum::http::HeaderMap;
 use axum::routing::post;
 use serde_json::{Value, json};
 use support::{ADMIN_KEY, Cluster, bounded, deadline, wait_until};
@@ -20,54 +19,38 @@ const TASK_PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 const REQUEST_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const REQUEST_PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
-/// A collector taking OTLP/HTTP JSON on `/v1/traces`, and an `http` gateway
-/// that records each attempt's `traceparent`.
-async fn collector_and_gateway() -> (String, Arc<Mutex<Vec<Value>>>, Arc<Mutex<Vec<String>>>) {
+/// A collector taking OTLP/HTTP JSON on `/v1/traces`: its base URL and the
+/// spans it got.
+async fn collector() -> (String, Arc<Mutex<Vec<Value>>>) {
     let spans = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let (keep, record) = (Arc::clone(&spans), Arc::clone(&seen));
-    let app = axum::Router::new()
-        .route(
-            "/v1/traces",
-            post(move |body: axum::body::Bytes| {
-                let keep = Arc::clone(&keep);
-                async move {
-                    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    for rs in v["resourceSpans"].as_array().into_iter().flatten() {
-                        for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
-                            for s in ss["spans"].as_array().into_iter().flatten() {
-                                keep.lock().unwrap().push(s.clone());
-                            }
+    let keep = Arc::clone(&spans);
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: axum::body::Bytes| {
+            let keep = Arc::clone(&keep);
+            async move {
+                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+                    for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                        for s in ss["spans"].as_array().into_iter().flatten() {
+                            keep.lock().unwrap().push(s.clone());
                         }
                     }
-                    axum::Json(json!({}))
                 }
-            }),
-        )
-        .route(
-            "/run",
-            post(move |headers: HeaderMap| {
-                let record = Arc::clone(&record);
-                async move {
-                    let tp = headers
-                        .get("traceparent")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_owned();
-                    record.lock().unwrap().push(tp);
-                    axum::Json(json!({"ok": true}))
-                }
-            }),
-        );
+                axum::Json(json!({}))
+            }
+        }),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}"), spans, seen)
+    (format!("http://{addr}"), spans)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_go_to_the_collector_in_their_traces() {
-    let (base, spans, seen) = collector_and_gateway().await;
+    let (base, spans) = collector().await;
+    let (run_url, seen) = support::traceparent_gateway().await;
     // SAFETY: set before any node starts; nothing else in this test binary
     // reads or writes the environment concurrently.
     unsafe {
@@ -79,7 +62,7 @@ async fn spans_go_to_the_collector_in_their_traces() {
         let api = c.api();
         let until = deadline(Duration::from_secs(20));
         let gw = json!({"id": "otel-gw", "region": "local", "capabilities": ["otel"], "max_sessions": 4,
-                        "driver": {"kind": "http", "url": format!("{base}/run")}});
+                        "driver": {"kind": "http", "url": run_url}});
         let r = api.post_retrying(0, "/api/v1/gateways", &gw, until).await;
         assert_eq!(r.status, 201, "{r:?}");
         let agent = json!({"id": "otel-agent", "gateway": "otel-gw", "capabilities": ["otel"]});

@@ -7,42 +7,14 @@
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::bail;
-use axum::http::HeaderMap;
-use axum::routing::post;
 use serde_json::{Value, json};
 use support::{ADMIN_KEY, Api, Cluster, bounded, deadline, wait_until};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const SENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-
-/// A gateway that records the `traceparent` of every attempt it gets.
-async fn recording_gateway() -> (String, Arc<Mutex<Vec<String>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = Arc::clone(&seen);
-    let app = axum::Router::new().route(
-        "/run",
-        post(move |headers: HeaderMap| {
-            let record = Arc::clone(&record);
-            async move {
-                let tp = headers
-                    .get("traceparent")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned();
-                record.lock().unwrap().push(tp);
-                axum::Json(json!({"ok": true}))
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/run"), seen)
-}
 
 async fn submit(base: &str, traceparent: Option<&str>) -> Value {
     let mut req = reqwest::Client::new()
@@ -87,7 +59,7 @@ async fn a_traceparent_reaches_the_task_the_gateway_and_the_log() {
     let c = Cluster::start(1).await;
     bounded(Duration::from_secs(90), async {
         let api = c.api();
-        let (url, seen) = recording_gateway().await;
+        let (url, seen) = support::traceparent_gateway().await;
         let until = deadline(Duration::from_secs(20));
         let gw = json!({"id": "traced-gw", "region": "local", "capabilities": ["traced"], "max_sessions": 4,
                         "driver": {"kind": "http", "url": url}});

@@ -654,3 +654,32 @@ pub fn task_body(tenant: &str, priority: &str, n: usize, key: Option<&str>) -> V
     }
     b
 }
+
+/// An `http` gateway on 127.0.0.1 that answers every attempt `{"ok": true}`
+/// and records each attempt's `traceparent` header (empty when none): its
+/// `/run` URL and the record.
+pub async fn traceparent_gateway() -> (String, std::sync::Arc<Mutex<Vec<String>>>) {
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let record = std::sync::Arc::clone(&seen);
+    let app = axum::Router::new().route(
+        "/run",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let record = std::sync::Arc::clone(&record);
+            async move {
+                let tp = headers
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                record.lock().expect("record lock").push(tp);
+                axum::Json(json!({"ok": true}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/run"), seen)
+}
