@@ -14,6 +14,9 @@
 //! - Each node logs to `node.log` in its directory; when a test panics the
 //!   harness prints the tail of every node's log. Set `GODEL_TEST_KEEP=1` to
 //!   keep the directories, `GODEL_TEST_LOG` to change the nodes' log filter.
+//! - Every node is in region `local`, unless the cluster is started with a
+//!   region per node ([`Cluster::start_in_regions`]); a node that joins later
+//!   is in `local`.
 //!
 //! Includers declare it `#[allow(dead_code)] mod support;`: each test or bench
 //! target uses a different subset of it.
@@ -123,6 +126,8 @@ pub struct NodeProc {
     paused: bool,
     /// Extra config tables for this node (see `Cluster::start_with`).
     extra: String,
+    /// Its region label (`local` unless launched with regions).
+    region: String,
 }
 
 impl NodeProc {
@@ -143,7 +148,13 @@ impl NodeProc {
             child: Mutex::new(None),
             paused: false,
             extra: String::new(),
+            region: "local".to_owned(),
         }
+    }
+
+    /// The node's region label.
+    pub fn region(&self) -> &str {
+        &self.region
     }
 
     fn path(&self) -> &Path {
@@ -190,10 +201,11 @@ impl NodeProc {
         };
         let text = format!(
             "# written by tests/support for node {id}\n\
-             [node]\nid = {id}\nregion = \"local\"\ndata_dir = {data}\n\
+             [node]\nid = {id}\nregion = {region}\ndata_dir = {data}\n\
              api_addr = \"{api}\"\nraft_addr = \"{raft_addr}\"\n\n\
              {raft}\n{queue}\n{auth}\n{extra}\n{cluster}",
             id = self.id,
+            region = toml_str(&self.region),
             data = toml_str(&self.path().join("data").to_string_lossy()),
             api = self.api_addr,
             raft_addr = self.raft_addr,
@@ -410,18 +422,36 @@ impl Cluster {
         c
     }
 
+    /// Like `start_with`, one node per entry of `regions`, in that region
+    /// (`[node] region` and its `[[cluster.members]]` entry).
+    pub async fn start_in_regions(regions: &[&str], extra: &str) -> Cluster {
+        Self::launch_in_regions(&vec![extra.to_owned(); regions.len()], regions)
+            .up()
+            .await
+    }
+
     /// Spawns one voter per entry of `extras` (that node's extra config
     /// tables), listed in each other's `[[cluster.members]]`; does not wait.
     pub fn launch(extras: &[String]) -> Cluster {
+        Self::launch_in_regions(extras, &vec!["local"; extras.len()])
+    }
+
+    /// [`Cluster::launch`] with node `k` in region `regions[k]`.
+    pub fn launch_in_regions(extras: &[String], regions: &[&str]) -> Cluster {
+        assert_eq!(extras.len(), regions.len(), "one region per node");
         let mut nodes: Vec<NodeProc> = (1..=extras.len() as u64).map(NodeProc::new).collect();
-        for (p, extra) in nodes.iter_mut().zip(extras) {
+        for ((p, extra), region) in nodes.iter_mut().zip(extras).zip(regions) {
             p.extra = extra.clone();
+            p.region = (*region).to_owned();
         }
         let mut members = format!("[cluster]\nsecret = {}\n", toml_str(SECRET));
         for p in &nodes {
             members.push_str(&format!(
-                "\n[[cluster.members]]\nid = {}\nraft_addr = \"{}\"\napi_addr = \"{}\"\nregion = \"local\"\n",
-                p.id, p.raft_addr, p.api_addr
+                "\n[[cluster.members]]\nid = {}\nraft_addr = \"{}\"\napi_addr = \"{}\"\nregion = {}\n",
+                p.id,
+                p.raft_addr,
+                p.api_addr,
+                toml_str(&p.region)
             ));
         }
         let mut c = Cluster {
