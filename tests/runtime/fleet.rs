@@ -4,10 +4,12 @@
 //! all share.
 //!
 //! [`SCRIPT`] appends one line per started execution to the side-effect log
-//! (task id, fencing token, the task's marker from the payload, and the pid
-//! of the node that ran it) before it does its work, so a test can count
-//! executions: a task may run more than once only across a lease loss (its
-//! `lease_count` is above 1), and no lease may run twice.
+//! (task id, fencing token, the task's marker from the payload, the pid of
+//! the node that ran it, and the gateway's id, owner and placement token)
+//! before it does its work, so a test can count executions: a task may run
+//! more than once only across a lease loss (its `lease_count` is above 1),
+//! and no lease may run twice. The gateway fields tell whether a gateway was
+//! driven by two owners at once ([`two_owner_gateways`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -24,13 +26,16 @@ use crate::support::{Api, Cluster, deadline, wait_until};
 /// The `command` gateways' program. The payload (one line of JSON) comes on
 /// stdin; its `marker` is the task's unique marker. The line is appended
 /// before the work, so every started execution is recorded; `$PPID` is the
-/// `godel serve` process that started it. Only shell builtins besides
-/// `sleep`, to keep each attempt cheap.
+/// `godel serve` process that started it. The gateway's id, the node that
+/// drives it and its placement token (`GODEL_GATEWAY_ID`,
+/// `GODEL_GATEWAY_OWNER`, `GODEL_GATEWAY_TOKEN`) are recorded as `-` when the
+/// node does not set them. Only shell builtins besides `sleep`, to keep each
+/// attempt cheap.
 const SCRIPT: &str = r#"#!/bin/sh
 IFS= read -r payload || true
 marker=${payload#*'"marker":"'}
 marker=${marker%%'"'*}
-echo "$GODEL_TASK_ID $GODEL_FENCING_TOKEN $marker $PPID" >> "$SIDE_LOG"
+echo "$GODEL_TASK_ID $GODEL_FENCING_TOKEN $marker $PPID ${GODEL_GATEWAY_ID:--} ${GODEL_GATEWAY_OWNER:--} ${GODEL_GATEWAY_TOKEN:--}" >> "$SIDE_LOG"
 sleep "$WORK_S"
 printf '{"marker":"%s","task":%s,"token":%s}\n' "$marker" "$GODEL_TASK_ID" "$GODEL_FENCING_TOKEN"
 "#;
@@ -71,6 +76,17 @@ pub struct Exec {
     pub token: u64,
     pub marker: String,
     pub pid: u32,
+    /// The gateway call's fencing, when the node passed all three variables.
+    pub call: Option<GatewayCall>,
+}
+
+/// Which gateway an execution called, from which node, under which
+/// placement token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayCall {
+    pub gateway: String,
+    pub owner: u64,
+    pub token: u64,
 }
 
 impl Work {
@@ -102,8 +118,13 @@ impl Work {
     /// A `command` gateway running the script, each attempt working `work_s`
     /// seconds.
     pub fn command_gateway(&self, id: &str, work_s: &str) -> Value {
+        self.command_gateway_in(id, "local", work_s)
+    }
+
+    /// [`Work::command_gateway`] in `region`.
+    pub fn command_gateway_in(&self, id: &str, region: &str, work_s: &str) -> Value {
         json!({
-            "id": id, "region": "local", "max_sessions": 32,
+            "id": id, "region": region, "max_sessions": 32,
             "driver": {
                 "kind": "command",
                 "program": self.script.to_string_lossy(),
@@ -115,30 +136,115 @@ impl Work {
     /// Every execution recorded so far, in append order.
     pub fn execs(&self) -> Vec<Exec> {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        text.lines()
-            .map(|l| {
-                let f: Vec<&str> = l.split(' ').collect();
-                let num = |i: usize| -> u64 {
-                    f.get(i)
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or_else(|| panic!("bad side-effect line `{l}` in {:?}", self.dir))
-                };
-                assert_eq!(f.len(), 4, "bad side-effect line `{l}`");
-                Exec {
-                    task: num(0),
-                    token: num(1),
-                    marker: f[2].to_owned(),
-                    pid: num(3) as u32,
-                }
-            })
-            .collect()
+        parse_side_effects(&text)
+            .unwrap_or_else(|e| panic!("side-effect log in {:?}: {e:#}", self.dir))
     }
+}
+
+/// The side-effect log's lines (as [`SCRIPT`] writes them), in order.
+pub fn parse_side_effects(text: &str) -> Result<Vec<Exec>> {
+    text.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.len() != 7 {
+                bail!("bad side-effect line `{l}`: {} fields, not 7", f.len());
+            }
+            let num = |i: usize| -> Result<u64> {
+                f[i].parse()
+                    .map_err(|_| anyhow!("bad side-effect line `{l}`: field {i}"))
+            };
+            let call = match (f[4], f[5], f[6]) {
+                ("-", _, _) | (_, "-", _) | (_, _, "-") => None,
+                (gateway, _, _) => Some(GatewayCall {
+                    gateway: gateway.to_owned(),
+                    owner: num(5)?,
+                    token: num(6)?,
+                }),
+            };
+            Ok(Exec {
+                task: num(0)?,
+                token: num(1)?,
+                marker: f[2].to_owned(),
+                pid: num(3)? as u32,
+                call,
+            })
+        })
+        .collect()
+}
+
+/// Gateways driven by two owners, each with the first call that shows it:
+/// in the log's append order (the order the calls started), a call whose
+/// placement token is lower than one already seen for its gateway (an owner
+/// that lost the gateway still drives it), or equal to it from another node
+/// (one placement, two owners). Executions without the gateway variables
+/// are not counted.
+pub fn two_owner_gateways(execs: &[Exec]) -> BTreeMap<String, String> {
+    // Gateway -> the highest token seen and the owner that used it.
+    let mut newest: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    let mut found = BTreeMap::new();
+    for (k, e) in execs.iter().enumerate() {
+        let Some(c) = &e.call else { continue };
+        let seen = newest.entry(&c.gateway).or_insert((c.token, c.owner));
+        let why = if c.token < seen.0 {
+            format!("token {} after token {}", c.token, seen.0)
+        } else if c.token == seen.0 && c.owner != seen.1 {
+            format!("token {} from nodes {} and {}", c.token, seen.1, c.owner)
+        } else {
+            *seen = (c.token, c.owner);
+            continue;
+        };
+        let at = format!("{why} (call {k}: task {}, node {})", e.task, c.owner);
+        found.entry(c.gateway.clone()).or_insert(at);
+    }
+    found
+}
+
+/// Checks [`two_owner_gateways`] on synthetic side-effect logs: a `#[test]`
+/// in the runtime tests, and before every chaos drill (that harness runs no
+/// `#[test]`s).
+pub fn two_owner_self_check() {
+    let count = |log: &str| two_owner_gateways(&parse_side_effects(log).unwrap());
+    // Placed on node 1 (token 3), moved to node 2 (token 4), moved back to
+    // node 1 (token 5); other gateways interleave; lines without the
+    // variables are skipped.
+    let clean = "1 10 m1 100 g1 1 3\n2 11 m2 100 g2 1 7\n3 12 m3 200 g1 2 4\n\
+                 4 13 m4 200 - - -\n5 14 m5 200 g1 2 4\n6 15 m6 100 g1 1 5\n7 16 m7 300 g2 1 7\n";
+    assert!(count(clean).is_empty(), "{:?}", count(clean));
+    // The old owner calls after the new owner did.
+    let stale = format!("{clean}8 17 m8 200 g1 2 4\n9 18 m9 200 g1 2 4\n");
+    let found = count(&stale);
+    assert_eq!(found.keys().collect::<Vec<_>>(), ["g1"], "{found:?}");
+    assert!(
+        found["g1"].starts_with("token 4 after token 5"),
+        "{found:?}"
+    );
+    // Two nodes under one token.
+    let twin = "1 10 m1 100 g2 1 7\n2 11 m2 200 g2 3 7\n";
+    assert_eq!(count(twin).len(), 1, "{:?}", count(twin));
+    // The same as the first, without the variables: not counted.
+    let bare = "1 10 m1 100 - - -\n2 11 m2 200 - - -\n";
+    assert!(count(bare).is_empty());
+    assert!(parse_side_effects("1 10 m1 100\n").is_err(), "4 fields");
+    assert!(
+        parse_side_effects("1 10 m1 100 g1 x 3\n").is_err(),
+        "bad owner"
+    );
+}
+
+#[test]
+fn two_owner_count_on_synthetic_logs() {
+    two_owner_self_check();
 }
 
 /// A `sim` gateway with the given latency distribution.
 pub fn sim_gateway(id: &str, latency: Value) -> Value {
+    sim_gateway_in(id, "local", latency)
+}
+
+/// [`sim_gateway`] in `region`.
+pub fn sim_gateway_in(id: &str, region: &str, latency: Value) -> Value {
     json!({
-        "id": id, "region": "local", "max_sessions": 32,
+        "id": id, "region": region, "max_sessions": 32,
         "driver": { "kind": "sim", "latency": latency },
     })
 }
