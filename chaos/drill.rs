@@ -3,7 +3,10 @@
 //!
 //! ```toml
 //! description = "kill -9 the leader 12 times"
-//! nodes = 3           # cluster size (default 3)
+//! tier = "full"       # full (default; `all` runs these) | ci (run when no drill is named)
+//! shape = "one-region"  # one-region (default): `nodes` nodes in region `local`;
+//!                     # regions-3x3: 9 nodes, 1-3 in eu, 4-6 in us, 7-9 in ap
+//! nodes = 3           # one-region only: cluster size (default 3)
 //! rate = 30           # task submissions per second, round robin over the nodes
 //! warmup = "4s"       # load before the first fault
 //! tail = "3s"         # load after the last fault is cleared
@@ -12,10 +15,14 @@
 //!
 //! [[fault]]
 //! kind = "kill"       # kill | pause | partition | rolling-restart | corrupt-log | disk-full
-//! target = "leader"   # leader | follower | random (default follower)
+//!                     # | region-partition | region-loss (regions-3x3 only)
+//! target = "leader"   # leader | follower | random (default follower); for region
+//!                     # faults: the leader's region | another region | any region
 //! times = 12          # repetitions (default 1)
 //! hold = "1s"         # how long the fault lasts (node down, paused, cut off, disk full)
 //! gap = "3s"          # wait after clearing it before the next injection (default 0)
+//! recover_within = "2s"  # a verdict requirement: the majority dispatches a task
+//!                     # submitted after the injection within this (default: none)
 //! ```
 //!
 //! `corrupt-log` takes `mode` (`truncate-entry`, `garbage-entry`, `torn-file`);
@@ -37,9 +44,14 @@ pub struct Drill {
     pub name: String,
     /// One line for the listing and the verdict.
     pub description: String,
-    /// Cluster size.
-    #[serde(default = "three")]
-    pub nodes: usize,
+    /// Which runs include it.
+    #[serde(default)]
+    pub tier: Tier,
+    /// The cluster's nodes and regions.
+    #[serde(default)]
+    pub shape: Shape,
+    /// Cluster size (one-region only; default 3).
+    nodes: Option<usize>,
     /// Submissions per second.
     pub rate: u32,
     /// Load before the first fault.
@@ -58,9 +70,33 @@ pub struct Drill {
     pub faults: Vec<FaultSpec>,
 }
 
-fn three() -> usize {
-    3
+/// Which runs include a drill.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tier {
+    /// `all`, or by name.
+    #[default]
+    Full,
+    /// The CI tier: run when no drill is named (so by `cargo test`), or as
+    /// `ci`; short enough for CI.
+    Ci,
 }
+
+/// The cluster a drill runs on.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// `nodes` nodes, all in region `local`.
+    #[default]
+    OneRegion,
+    /// Nine nodes in three regions of three, as `cluster-config/regions-3x3`:
+    /// nodes 1-3 in `eu`, 4-6 in `us`, 7-9 in `ap`.
+    #[serde(rename = "regions-3x3")]
+    Regions3x3,
+}
+
+/// The regions of [`Shape::Regions3x3`], three nodes each, in node order.
+pub const REGIONS_3X3: [&str; 3] = ["eu", "us", "ap"];
 
 fn quiesce() -> Duration {
     Duration::from_secs(120)
@@ -88,6 +124,9 @@ pub struct FaultSpec {
     /// Wait after clearing one before the next.
     #[serde(with = "humantime_serde", default)]
     pub gap: Duration,
+    /// Longest the majority may take to dispatch again (a must-pass).
+    #[serde(with = "humantime_serde", default)]
+    pub recover_within: Option<Duration>,
     /// `corrupt-log` only.
     pub mode: Option<CorruptMode>,
     /// `disk-full` only: tmpfs size.
@@ -113,6 +152,18 @@ pub enum Kind {
     CorruptLog,
     /// SIGKILL, restart on a nearly full tmpfs, free it after `hold`.
     DiskFull,
+    /// Cut every node of one region off from every node of the others (both
+    /// directions) for `hold`, probing leases through the cut-off region.
+    RegionPartition,
+    /// SIGKILL every node of one region at once, restart them after `hold`.
+    RegionLoss,
+}
+
+impl Kind {
+    /// Whether the fault hits a whole region.
+    pub fn is_regional(self) -> bool {
+        matches!(self, Kind::RegionPartition | Kind::RegionLoss)
+    }
 }
 
 /// Which node a fault hits.
@@ -172,9 +223,21 @@ fn load(path: &Path) -> Result<Drill> {
 }
 
 impl Drill {
+    /// The region of each node, in node order.
+    pub fn regions(&self) -> Vec<&'static str> {
+        match self.shape {
+            Shape::OneRegion => vec!["local"; self.nodes.unwrap_or(3)],
+            Shape::Regions3x3 => REGIONS_3X3.iter().flat_map(|r| [*r; 3]).collect(),
+        }
+    }
+
     fn validate(&self) -> Result<()> {
-        if self.nodes < 3 {
-            bail!("nodes must be at least 3 (a majority must survive one fault)");
+        match (self.shape, self.nodes) {
+            (Shape::OneRegion, Some(n)) if n < 3 => {
+                bail!("nodes must be at least 3 (a majority must survive one fault)")
+            }
+            (Shape::Regions3x3, Some(_)) => bail!("`nodes` is for shape one-region only"),
+            _ => {}
         }
         if self.rate == 0 {
             bail!("rate must be at least 1");
@@ -188,6 +251,9 @@ impl Drill {
             }
             if f.times == 0 {
                 bail!("times must be at least 1");
+            }
+            if f.kind.is_regional() && self.shape != Shape::Regions3x3 {
+                bail!("{:?} needs shape = \"regions-3x3\"", f.kind);
             }
         }
         Ok(())

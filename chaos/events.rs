@@ -13,6 +13,8 @@
 //!   same tokens, so they add nothing.
 //! - **grants**: every `(token, task)` pair; a token granted for two tasks
 //!   means two nodes applied different entries at one index.
+//! - **leaders**: each term whose leader committed its first entry
+//!   (`node.leader_changed`), when it was first applied and which node led.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -30,6 +32,8 @@ pub struct Events {
     pub unattributed: usize,
     /// Log lines read that were task events.
     pub lines: usize,
+    /// Term -> (first time applied on any node, its leader).
+    pub leaders: BTreeMap<u64, (u64, u64)>,
 }
 
 impl Events {
@@ -52,6 +56,11 @@ impl Events {
                 // snapshot: what came before no longer says which lease a
                 // completion belongs to.
                 last_lease.clear();
+                continue;
+            }
+            if let Some((at, leader, term)) = parse_leader(line) {
+                let first = self.leaders.entry(term).or_insert((at, leader));
+                first.0 = first.0.min(at);
                 continue;
             }
             let Some(e) = parse(line) else { continue };
@@ -123,6 +132,22 @@ fn parse(line: &str) -> Option<Line<'_>> {
     })
 }
 
+/// `2026-11-22T00:33:12.123456Z DEBUG godel::metrics: event seq=386
+/// event="node.leader_changed" detail=Node { id: 8, change: LeaderChanged {
+/// term: 2 } }`: (ms, leader, term).
+fn parse_leader(line: &str) -> Option<(u64, u64, u64)> {
+    if !line.contains("event=\"node.leader_changed\"") {
+        return None;
+    }
+    let stamp = line.split_whitespace().next()?;
+    let at_ms = godel::clock::parse_rfc3339(stamp).ok()?;
+    Some((
+        at_ms,
+        number_after(line, "Node { id: ")?,
+        number_after(line, "term: ")?,
+    ))
+}
+
 fn number_after(line: &str, key: &str) -> Option<u64> {
     let rest = &line[line.find(key)? + key.len()..];
     let end = rest
@@ -143,6 +168,7 @@ pub fn self_check() {
 2026-01-01T00:00:01.100Z DEBUG godel::metrics: task event task_id=5 priority=\"low\" event=\"leased\" detail=Leased { token: FencingToken(9), agent: AgentId(\"a\") }
 2026-01-01T00:00:01.200Z DEBUG godel::metrics: task event task_id=5 priority=\"low\" event=\"completed\" detail=Completed
 2026-01-01T00:00:01.300Z DEBUG godel::metrics: task event task_id=6 priority=\"low\" event=\"leased\" detail=Leased { token: FencingToken(9), agent: AgentId(\"a\") }
+2026-01-01T00:00:01.400Z DEBUG godel::metrics: event seq=38 event=\"node.leader_changed\" detail=Node { id: 8, change: LeaderChanged { term: 2 } }
 ";
         let mut ev = Events::default();
         ev.read_one(log);
@@ -150,5 +176,6 @@ pub fn self_check() {
         assert_eq!(ev.completed_twice(), vec![(5, vec![7, 9])]);
         assert_eq!(ev.conflicts, BTreeSet::from([9]));
         assert_eq!(ev.dispatch_times().len(), 2);
+        assert_eq!(ev.leaders, BTreeMap::from([(2, (1_767_225_601_400, 8))]));
     }
 }

@@ -15,19 +15,19 @@ use crate::fleet::now_ms;
 use crate::support::{Api, Cluster};
 
 /// Longest a node may take to catch up after a fault is cleared.
-const CATCH_UP: Duration = Duration::from_secs(60);
+pub const CATCH_UP: Duration = Duration::from_secs(60);
 /// Grace for a SIGTERMed node to exit before it is SIGKILLed.
 const TERM_GRACE: Duration = Duration::from_secs(15);
 /// Pause between two lease probes through a partitioned minority.
-const PROBE_EVERY: Duration = Duration::from_millis(250);
+pub const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// One injected fault, as it happened.
 #[derive(Debug)]
 pub struct Record {
     /// What was done.
     pub label: String,
-    /// The node it hit.
-    pub node: u64,
+    /// What it hit: `node 3`, or `region eu (nodes 1, 2, 3)`.
+    pub hit: String,
     /// That node's process id when it was hit.
     pub pid: Option<u32>,
     /// When it started (ms since the epoch).
@@ -38,6 +38,12 @@ pub struct Record {
     pub note: String,
     /// Skipped (not root for disk-full).
     pub skipped: bool,
+    /// For region faults: recovery counts only tasks whose submission was
+    /// sent after this time (ms since the epoch), when the fault was fully
+    /// in place, so only the majority can have committed them.
+    pub fresh_after_ms: Option<u64>,
+    /// The drill's bound on recovery, if any (a must-pass).
+    pub recover_within: Option<Duration>,
 }
 
 /// What the partition probes saw.
@@ -49,6 +55,36 @@ pub struct Probes {
     pub granted: usize,
     /// HTTP statuses answered, with counts.
     pub statuses: std::collections::BTreeMap<String, usize>,
+}
+
+impl Probes {
+    /// Adds `other`'s counts to these.
+    pub fn merge(&mut self, other: Probes) {
+        self.sent += other.sent;
+        self.granted += other.granted;
+        for (status, n) in other.statuses {
+            *self.statuses.entry(status).or_default() += n;
+        }
+    }
+}
+
+/// One lease request as `agent` through node `i`, which is cut off from
+/// the majority and must grant none; counted in `probes`.
+pub async fn probe_once(api: &Api, i: usize, agent: &str, probes: &mut Probes) {
+    let body = json!({ "agent_id": agent, "capabilities": [], "max": 5, "lease_ms": 5000 });
+    probes.sent += 1;
+    let status = match api.post(i, "/api/v1/leases", &body).await {
+        Ok(r) => {
+            let n = r.body["leases"].as_array().map_or(0, Vec::len);
+            if r.status == 200 && n > 0 {
+                eprintln!("[chaos] MINORITY GRANTED {n} leases: {:?}", r.body);
+            }
+            probes.granted += n;
+            r.status.to_string()
+        }
+        Err(_) => "no answer".to_owned(),
+    };
+    *probes.statuses.entry(status).or_default() += 1;
 }
 
 /// Mount points made for disk-full faults; unmounted (lazily) on drop,
@@ -90,6 +126,7 @@ impl Injector<'_> {
     pub async fn run(&mut self, spec: &FaultSpec) -> Result<()> {
         for round in 0..spec.times {
             eprintln!("[chaos] fault {:?} {}/{}", spec.kind, round + 1, spec.times);
+            let before = self.records.len();
             match spec.kind {
                 Kind::Kill => self.kill(spec).await?,
                 Kind::Pause => self.pause(spec).await?,
@@ -97,13 +134,18 @@ impl Injector<'_> {
                 Kind::RollingRestart => self.rolling(spec).await?,
                 Kind::CorruptLog => self.corrupt(spec).await?,
                 Kind::DiskFull => self.disk_full(spec).await?,
+                Kind::RegionPartition => self.region_partition(spec).await?,
+                Kind::RegionLoss => self.region_loss(spec).await?,
+            }
+            for r in &mut self.records[before..] {
+                r.recover_within = spec.recover_within;
             }
             tokio::time::sleep(spec.gap).await;
         }
         Ok(())
     }
 
-    fn draw(&mut self, n: usize) -> usize {
+    pub fn draw(&mut self, n: usize) -> usize {
         // xorshift64*: reproducible from the printed seed.
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;
@@ -129,12 +171,14 @@ impl Injector<'_> {
     pub fn record(&mut self, label: String, i: usize, injected_ms: u64, note: String) {
         self.records.push(Record {
             label,
-            node: self.c.node(i).id,
+            hit: format!("node {}", self.c.node(i).id),
             pid: self.hit_pid,
             injected_ms,
             cleared_ms: now_ms(),
             note,
             skipped: false,
+            fresh_after_ms: None,
+            recover_within: None,
         });
     }
 
@@ -195,7 +239,7 @@ impl Injector<'_> {
         Ok(())
     }
 
-    async fn set_blocked(&self, i: usize, peers: &[u64]) -> Result<()> {
+    pub async fn set_blocked(&self, i: usize, peers: &[u64]) -> Result<()> {
         let r = self
             .api
             .post(
@@ -213,20 +257,7 @@ impl Injector<'_> {
     /// One lease request through the cut-off node `i`: it must grant none.
     async fn probe_lease(&mut self, i: usize) {
         let agent = format!("chaos-probe-{}", self.probes.sent);
-        let body = json!({ "agent_id": agent, "capabilities": [], "max": 5, "lease_ms": 5000 });
-        self.probes.sent += 1;
-        let status = match self.api.post(i, "/api/v1/leases", &body).await {
-            Ok(r) => {
-                let n = r.body["leases"].as_array().map_or(0, Vec::len);
-                if r.status == 200 && n > 0 {
-                    eprintln!("[chaos] MINORITY GRANTED {n} leases: {:?}", r.body);
-                }
-                self.probes.granted += n;
-                r.status.to_string()
-            }
-            Err(_) => "no answer".to_owned(),
-        };
-        *self.probes.statuses.entry(status).or_default() += 1;
+        probe_once(&self.api, i, &agent, &mut self.probes).await;
     }
 
     /// SIGTERM each node in turn (followers first), restart it after

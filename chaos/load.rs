@@ -42,6 +42,9 @@ pub struct Submissions {
     pub acked: BTreeMap<u64, String>,
     /// When each acknowledgement arrived (ms since the epoch), in order.
     pub ack_times: Vec<u64>,
+    /// Acknowledged task id -> when its submission was first sent (ms since
+    /// the epoch).
+    pub sent_ms: BTreeMap<u64, u64>,
     /// Markers never acknowledged within the deadline.
     pub unacked: Vec<String>,
     /// Markers refused with a non-retryable answer, and the answer.
@@ -99,8 +102,9 @@ impl Load {
                 sh.subs.lock().expect("lock").submitted += 1;
                 let (http, addrs, sh) = (http.clone(), addrs.clone(), sh.clone());
                 running.spawn(async move {
+                    let sent = now_ms();
                     let outcome = submit(&http, &addrs, k, &body).await;
-                    sh.record(marker, outcome);
+                    sh.record(marker, sent, outcome);
                     drop(permit);
                 });
                 k += 1;
@@ -129,11 +133,12 @@ impl Load {
 }
 
 impl Shared {
-    fn record(&self, marker: String, outcome: Outcome) {
+    fn record(&self, marker: String, sent: u64, outcome: Outcome) {
         let mut subs = self.subs.lock().expect("lock");
         match outcome {
             Outcome::Acked(id) => {
                 subs.ack_times.push(now_ms());
+                subs.sent_ms.insert(id, sent);
                 if subs.acked.insert(id, marker.clone()).is_some() {
                     subs.id_reused.push(marker);
                 }

@@ -5,8 +5,9 @@
 //! must-be-zero count is not zero.
 //!
 //! ```sh
-//! cargo test --test chaos                  # the smoke drill (also part of `cargo test`)
-//! cargo test --test chaos -- leader-kill   # drills by name (`all` for every one)
+//! cargo test --test chaos                  # the CI tier (also part of `cargo test`)
+//! cargo test --test chaos -- leader-kill   # drills by name
+//! cargo test --test chaos -- all           # every full drill (`ci`: the CI tier)
 //! cargo test --test chaos -- --list        # the drills
 //! ```
 //!
@@ -14,6 +15,11 @@
 //! `chaos/README.md` lists them with their last verdicts. The cluster
 //! harness (`tests/support`) and the gateway fleet and its side-effect log
 //! (`tests/runtime/fleet.rs`) are shared with the runtime tests.
+//!
+//! The CI tier is the drills marked `tier = "ci"`: the smoke drill and
+//! short versions of leader-kill, partition and region-partition. With no
+//! drill named the harness runs them, which is what `cargo test` does;
+//! `all` runs the others, the full drills.
 //!
 //! Arguments that start with `-` are libtest's (`--test-threads=2` from the
 //! README's test command) and are ignored; names that match no drill run
@@ -31,6 +37,7 @@ mod drill;
 mod events;
 mod inject;
 mod load;
+mod region;
 mod run;
 mod storage;
 mod verdict;
@@ -64,6 +71,7 @@ fn main() -> ExitCode {
         }
     }
     events::self_check();
+    fleet::two_owner_self_check();
     let drills = match drill::all() {
         Ok(d) => d,
         Err(e) => {
@@ -78,12 +86,15 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if names.is_empty() {
-        names.push("smoke".into());
+        names.push("ci".into());
     }
-    let all = names.iter().any(|n| n == "all");
+    let has = |n: &str| names.iter().any(|x| x == n);
     let chosen: Vec<_> = drills
         .into_iter()
-        .filter(|d| all || names.contains(&d.name))
+        .filter(|d| match d.tier {
+            drill::Tier::Full => has("all") || has(&d.name),
+            drill::Tier::Ci => has("ci") || has(&d.name),
+        })
         .collect();
     if chosen.is_empty() {
         println!("chaos: no drill named {names:?}; nothing run (`--list` lists them)");
@@ -100,11 +111,20 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let mut failed = false;
+    let started = std::time::Instant::now();
+    let mut failed = Vec::new();
+    let count = chosen.len();
     for d in chosen {
-        failed |= !run_one(&rt, d);
+        let name = d.name.clone();
+        if !run_one(&rt, d) {
+            failed.push(name);
+        }
     }
-    if failed {
+    println!(
+        "chaos: {count} drills in {:.0} s; failed: {failed:?}",
+        started.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

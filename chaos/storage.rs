@@ -107,12 +107,14 @@ impl Injector<'_> {
             eprintln!("[chaos] disk-full needs root and mount(8) to make a tmpfs; SKIPPED");
             self.records.push(Record {
                 label: "disk full".into(),
-                node: 0,
+                hit: "no node".into(),
                 pid: None,
                 injected_ms: now_ms(),
                 cleared_ms: now_ms(),
                 note: "needs root and mount(8) to mount a small tmpfs; not run".into(),
                 skipped: true,
+                fresh_after_ms: None,
+                recover_within: None,
             });
             return Ok(());
         }

@@ -2,7 +2,8 @@
 //! task list, every node's applied task events, each node's view after
 //! catch-up) and what the workers report (the `command` gateways'
 //! side-effect log), plus what the load generator saw. Counts marked
-//! "must be 0" fail the drill.
+//! "must be 0" fail the drill; among them the faults whose drill bounds the
+//! recovery (`recover_within`) and that recovered later, or never.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -10,7 +11,7 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 use crate::events::Events;
-use crate::fleet::{Exec, result_problem};
+use crate::fleet::{Exec, result_problem, two_owner_gateways};
 use crate::inject::{Probes, Record};
 use crate::load::Submissions;
 
@@ -45,6 +46,12 @@ pub struct Verdict {
     pub wrong_results: Vec<String>,
     /// Nodes whose view differs from the leader's after catch-up.
     pub replica_mismatches: Vec<String>,
+    /// Gateways driven by two owners, and the call that shows it.
+    pub two_owners: BTreeMap<String, String>,
+    /// Executions whose node passed the gateway's id, owner and token.
+    pub fenced_calls: usize,
+    /// Faults with a recovery bound that recovered later or not at all.
+    pub slow_recoveries: Vec<String>,
     pub probes: Probes,
     pub quiesced: bool,
     pub event_lines: usize,
@@ -52,7 +59,56 @@ pub struct Verdict {
     /// Longest window without a dispatch during the load: (ms, starting at
     /// ms after the load started).
     pub longest_no_dispatch: (u64, u64),
-    pub faults: Vec<(Record, Option<u64>)>,
+    pub faults: Vec<Fault>,
+    /// Terms whose leader committed an entry, and the highest term.
+    pub terms: (usize, u64),
+    /// Leaders that took office during the load but while no fault was
+    /// held: (ms after the load started, node, term).
+    pub other_elections: Vec<(u64, u64, u64)>,
+    /// When the load started (ms since the epoch).
+    pub load_start_ms: u64,
+}
+
+/// One fault as measured.
+#[derive(Debug)]
+pub struct Fault {
+    /// What the injector did.
+    pub record: Record,
+    /// Its recovery (ms after the injection).
+    pub recovery: Option<u64>,
+    /// The first leader that took office while it lasted: ms after the
+    /// injection, node.
+    pub elected: Option<(u64, u64)>,
+}
+
+impl Fault {
+    /// One line: when, what, on which nodes, how long it recovered in.
+    fn render(&self, load_start_ms: u64) -> String {
+        let r = &self.record;
+        let rec = match self.recovery {
+            _ if r.skipped => "SKIPPED".to_owned(),
+            Some(ms) => format!("recovered in {ms} ms"),
+            None => "no recovery seen".to_owned(),
+        };
+        let held = r.cleared_ms.saturating_sub(r.injected_ms);
+        let note = if r.note.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", r.note)
+        };
+        let pid = r.pid.map_or_else(String::new, |p| format!(" (pid {p})"));
+        let bound = r
+            .recover_within
+            .map_or_else(String::new, |b| format!(" (bound {b:?})"));
+        let elected = self.elected.map_or_else(String::new, |(ms, node)| {
+            format!("; node {node} took office as leader after {ms} ms")
+        });
+        let start = r.injected_ms.saturating_sub(load_start_ms) as f64 / 1000.0;
+        format!(
+            "+{start:.1} s {} on {}{pid} (held {held} ms): {rec}{bound}{elected}{note}",
+            r.label, r.hit
+        )
+    }
 }
 
 impl Verdict {
@@ -105,6 +161,8 @@ impl Verdict {
             }
         }
         self.duplicate_executions = by_task.values().filter(|ts| ts.len() > 1).count();
+        self.two_owners = two_owner_gateways(execs);
+        self.fenced_calls = execs.iter().filter(|e| e.call.is_some()).count();
         for (id, t) in tasks.iter().filter(|(_, t)| t["status"] == "completed") {
             let marker = t["payload"]["marker"].as_str().unwrap_or_default();
             let agent = t["agent_id"].as_str().unwrap_or(".");
@@ -121,9 +179,10 @@ impl Verdict {
         ev: &Events,
         load: (u64, u64),
         records: Vec<Record>,
-        ack_times: &[u64],
+        subs: &Submissions,
     ) {
         self.event_lines = ev.lines;
+        self.load_start_ms = load.0;
         self.unattributed_completions = ev.unattributed;
         for (task, tokens) in ev.completed_twice() {
             self.completed_twice
@@ -144,15 +203,63 @@ impl Verdict {
             prev = t;
         }
         let all = ev.dispatch_times();
+        // Task -> when it was first dispatched.
+        let mut first: BTreeMap<u64, u64> = BTreeMap::new();
+        for (at, task) in ev.grants.values() {
+            let t = first.entry(*task).or_insert(*at);
+            *t = (*t).min(*at);
+        }
         for r in records {
-            let dispatched = all.iter().copied().find(|t| *t > r.injected_ms);
-            let acked = ack_times
+            let rec = match r.fresh_after_ms {
+                Some(fresh) => subs
+                    .sent_ms
+                    .iter()
+                    .filter(|(_, sent)| **sent > fresh)
+                    .filter_map(|(task, _)| first.get(task))
+                    .min()
+                    .map(|d| d - r.injected_ms),
+                None => {
+                    let dispatched = all.iter().copied().find(|t| *t > r.injected_ms);
+                    let acked = subs
+                        .ack_times
+                        .iter()
+                        .copied()
+                        .filter(|t| *t > r.injected_ms)
+                        .min();
+                    dispatched.zip(acked).map(|(d, a)| d.max(a) - r.injected_ms)
+                }
+            };
+            if let Some(bound) = r.recover_within
+                && rec.is_none_or(|ms| u128::from(ms) > bound.as_millis())
+            {
+                let took = rec.map_or_else(|| "no recovery seen".into(), |ms| format!("{ms} ms"));
+                self.slow_recoveries
+                    .push(format!("{} on {}: {took} > {bound:?}", r.label, r.hit));
+            }
+            let elected = ev
+                .leaders
+                .values()
+                .filter(|(at, _)| (r.injected_ms..=r.cleared_ms).contains(at))
+                .min()
+                .map(|(at, node)| (at - r.injected_ms, *node));
+            self.faults.push(Fault {
+                record: r,
+                recovery: rec,
+                elected,
+            });
+        }
+        self.terms = (
+            ev.leaders.len(),
+            ev.leaders.keys().max().copied().unwrap_or(0),
+        );
+        for (term, (at, node)) in &ev.leaders {
+            let in_fault = self
+                .faults
                 .iter()
-                .copied()
-                .filter(|t| *t > r.injected_ms)
-                .min();
-            let rec = dispatched.zip(acked).map(|(d, a)| d.max(a) - r.injected_ms);
-            self.faults.push((r, rec));
+                .any(|f| (f.record.injected_ms..=f.record.cleared_ms).contains(at));
+            if (load.0..=load.1).contains(at) && !in_fault {
+                self.other_elections.push((at - load.0, *node, *term));
+            }
         }
     }
 
@@ -169,6 +276,11 @@ impl Verdict {
             ("wrong results", self.wrong_results.len()),
             ("replica mismatches", self.replica_mismatches.len()),
             ("leases granted by a cut-off minority", self.probes.granted),
+            ("gateways with two owners", self.two_owners.len()),
+            (
+                "faults not recovered within their bound",
+                self.slow_recoveries.len(),
+            ),
         ]
     }
 
@@ -206,6 +318,13 @@ impl Verdict {
         }
         row("command executions", self.executions.to_string());
         row(
+            "  with the gateway's owner and token",
+            format!(
+                "{} (only these are checked for two owners)",
+                self.fenced_calls
+            ),
+        );
+        row(
             "tasks executed again after a lease loss",
             self.duplicate_executions.to_string(),
         );
@@ -220,6 +339,21 @@ impl Verdict {
                 format!("{} {:?}", self.probes.sent, self.probes.statuses),
             );
         }
+        row(
+            "Raft terms that elected a leader",
+            format!("{} (highest term {})", self.terms.0, self.terms.1),
+        );
+        let others: Vec<String> = self
+            .other_elections
+            .iter()
+            .map(|(at, node, term)| {
+                format!("+{:.1} s node {node} term {term}", *at as f64 / 1000.0)
+            })
+            .collect();
+        row(
+            "  leaders elected while no fault was held",
+            format!("{} {others:?}", others.len()),
+        );
         row("quiesced", self.quiesced.to_string());
         row(
             "task events read from node logs",
@@ -230,26 +364,12 @@ impl Verdict {
         );
         let _ = writeln!(
             s,
-            "  faults (recovery = until a task was both acknowledged and dispatched after the injection):"
+            "  faults (recovery = until a task was both acknowledged and dispatched after the \
+             injection; for region faults, until the first dispatch of a task submitted after \
+             the fault was in place):"
         );
-        for (r, rec) in &self.faults {
-            let rec = rec.map_or_else(
-                || "no recovery seen".to_owned(),
-                |ms| format!("recovered in {ms} ms"),
-            );
-            let rec = if r.skipped { "SKIPPED".to_owned() } else { rec };
-            let held = r.cleared_ms.saturating_sub(r.injected_ms);
-            let note = if r.note.is_empty() {
-                String::new()
-            } else {
-                format!("; {}", r.note)
-            };
-            let pid = r.pid.map_or_else(String::new, |p| format!(" (pid {p})"));
-            let _ = writeln!(
-                s,
-                "    {} on node {}{pid} (held {held} ms): {rec}{note}",
-                r.label, r.node
-            );
+        for f in &self.faults {
+            let _ = writeln!(s, "    {}", f.render(self.load_start_ms));
         }
         let details = [
             (
@@ -264,6 +384,14 @@ impl Verdict {
             ),
             ("wrong results", self.wrong_results.clone()),
             ("replica mismatches", self.replica_mismatches.clone()),
+            (
+                "gateways with two owners",
+                self.two_owners
+                    .iter()
+                    .map(|(g, why)| format!("{g}: {why}"))
+                    .collect(),
+            ),
+            ("slow recoveries", self.slow_recoveries.clone()),
         ];
         for (k, v) in details.iter().filter(|(_, v)| !v.is_empty()) {
             let _ = writeln!(
