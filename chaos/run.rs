@@ -26,15 +26,18 @@ const NODE_CONFIG: &str = "[queue]\nnode_heartbeat_interval = \"250ms\"\n\
                            node_dead_after = \"1500ms\"\ndefault_lease = \"30s\"\n\n\
                            [runtime]\nfault_injection = true\n";
 /// Raft timings for the regions-3x3 shape, where nine debug processes
-/// share two cores. Measured on the region drills (chaos/README.md): with
-/// the harness's 50 ms heartbeat and 150-300 ms elections (what the
-/// three-node drills use) leaders were elected while no fault was held;
-/// with `cluster-config/regions-3x3`'s 100 ms and 400-800 ms, a cut-off
-/// leader's region took 1.5-1.85 s to replace (a follower honours the old
-/// leader's lease, so it takes two election rounds), too close to the 2 s
-/// bound. 100 ms and 300-600 ms sit between.
+/// share two cores. A follower of a leader that went silent stands for
+/// election after the leader's lease (openraft: `election_timeout_max`)
+/// plus a random election timeout, so a cut-off leader is replaced after
+/// 1.5-2 times the longest timeout. Measured on the region drills
+/// (2026-12-04, chaos/README.md): the harness's 50 ms heartbeat and
+/// 150-300 ms elections (the three-node drills') elected two leaders while
+/// no fault was held in a region-loss run (no heal there); `cluster-config/
+/// regions-3x3`'s 100 ms and 400-800 ms replaced a cut-off leader's region
+/// in 1.5-1.85 s, close to the 2 s bound; 100 ms and 250-500 ms did it in
+/// 1.1-1.2 s, with no such elections.
 const RAFT_9: &str = "[raft]\nheartbeat_interval = \"100ms\"\n\
-                      election_timeout_min = \"300ms\"\nelection_timeout_max = \"600ms\"\n\n";
+                      election_timeout_min = \"250ms\"\nelection_timeout_max = \"500ms\"\n\n";
 /// Statuses a task can leave.
 const OPEN: [&str; 5] = ["pending", "scheduled", "leased", "running", "failed"];
 
