@@ -110,6 +110,7 @@ scripts! {
     fail_retries_with_backoff_then_dead_letter,
     fencing_tokens_only_grow,
     fifo_within_priority,
+    gateway_placement_token_rises,
     idempotency_key_returns_first,
     invalid_input_changes_nothing,
     jwt_revocations_expire,
@@ -1197,7 +1198,9 @@ fn event_line(e: &Event) -> String {
             GatewayChange::Health { health, circuit } => {
                 format!("gateway {id} health={health:?} circuit={circuit:?}")
             }
-            GatewayChange::Placed { owner } => format!("gateway {id} placed owner={owner:?}"),
+            GatewayChange::Placed { owner, token } => {
+                format!("gateway {id} placed owner={owner:?} token={token}")
+            }
             other => format!("gateway {id} {other:?}"),
         },
         What::Agent { id, change } => format!("agent {id} {change:?}"),
