@@ -318,6 +318,12 @@ pub enum TaskCmd {
         /// Parent task id.
         #[arg(long)]
         parent_id: Option<u64>,
+        /// The region it should run in (its agent's gateway's region).
+        #[arg(long)]
+        region: Option<String>,
+        /// It must run in `--region`: it waits rather than run elsewhere.
+        #[arg(long, requires = "region")]
+        region_required: bool,
     },
     /// Show a task.
     Get {

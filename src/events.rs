@@ -129,7 +129,9 @@ fn data(what: &What) -> Value {
             GatewayChange::Health { health, circuit } => {
                 json!({"id": id.0, "health": health, "circuit": circuit})
             }
-            GatewayChange::Placed { owner } => json!({"id": id.0, "owner": owner}),
+            GatewayChange::Placed { owner, token } => {
+                json!({"id": id.0, "owner": owner, "placement_token": token})
+            }
             _ => json!({"id": id.0}),
         },
         What::Agent { id, change } => match change {

@@ -95,6 +95,6 @@ pub use session::{
 };
 pub use state::State;
 pub use task::{
-    AgentId, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task, TaskId, TaskStatus,
-    Tenant,
+    AgentId, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task, TaskId, TaskRegion,
+    TaskStatus, Tenant,
 };

@@ -64,9 +64,13 @@
 //!   in a header marked sensitive (`http`) or in the connection client
 //!   (`openclaw`), and never printed by `Debug` or logged.
 //! - **Programs see a clean environment**: only `PATH`, the spec's own
-//!   variables and `GODEL_TASK_ID`, `GODEL_FENCING_TOKEN` (and
-//!   `GODEL_SESSION_KEY` when there is one), so a node's secrets never leak
-//!   into a gateway program.
+//!   variables and `GODEL_TASK_ID`, `GODEL_FENCING_TOKEN`, the gateway's
+//!   fence (`GODEL_GATEWAY_ID`, `GODEL_GATEWAY_OWNER`, `GODEL_GATEWAY_TOKEN`)
+//!   and `GODEL_SESSION_KEY` when there is one, so a node's secrets never
+//!   leak into a gateway program.
+//! - **Every call names its owner** ([`GatewayFence`]): the node that drives
+//!   the gateway and its placement token, which rises with each move, so a
+//!   gateway can refuse an old owner ([`DriverError::Fenced`]).
 //!
 //! # Shortcuts taken on purpose
 //!
@@ -190,7 +194,42 @@ pub struct RunRequest {
     /// This attempt's span in the task's trace, sent to the gateway as
     /// `traceparent`; `None` for a task without a trace.
     pub trace: Option<crate::trace::TraceContext>,
+    /// Which node drives the gateway, and under which placement: sent with
+    /// the call so the gateway can refuse an old owner.
+    pub fence: GatewayFence,
 }
+
+/// A gateway's owner and fencing token, sent with every call to it.
+///
+/// The token rises each time the gateway is placed on a node (the
+/// registry's `placement_token`). A gateway that keeps the highest token it
+/// has seen and refuses lower ones ([`DriverError::Fenced`]) is never driven
+/// by two nodes at once: an old owner that has not yet applied the move is
+/// refused from the new owner's first call on. How each kind carries it:
+///
+/// | kind | carried as | refusal |
+/// | --- | --- | --- |
+/// | `command` | env `GODEL_GATEWAY_ID`, `GODEL_GATEWAY_OWNER`, `GODEL_GATEWAY_TOKEN` | exit status [`FENCED_EXIT_CODE`] |
+/// | `http` | headers `Godel-Gateway-Id`, `Godel-Gateway-Owner`, `Godel-Gateway-Token` | `409` with a `Godel-Fenced` header |
+/// | `openclaw` | the run's `idempotencyKey`: `godel-<task>-<lease token>-<gateway token>` | none (the gateway has no such check; the key shows the owner's placement in its logs) |
+/// | `sim` | not sent (no I/O) | none |
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewayFence {
+    /// The gateway.
+    pub gateway: crate::fsm::GatewayId,
+    /// The node that drives it.
+    pub owner: crate::raft::NodeId,
+    /// Its placement token on that node.
+    pub token: u64,
+}
+
+/// The exit status with which a `command` gateway program refuses a call
+/// whose [`GatewayFence`] token is lower than one it has seen.
+pub const FENCED_EXIT_CODE: i32 = 86;
+
+/// The response header with which an `http` gateway marks a `409` as a
+/// refused [`GatewayFence`] (any value).
+pub const FENCED_HEADER: &str = "godel-fenced";
 
 /// What a successful attempt produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -285,6 +324,17 @@ pub enum DriverError {
         /// What the gateway said.
         reason: String,
     },
+    /// The gateway refused the call's [`GatewayFence`]: it has seen a higher
+    /// token, so another node drives it now. Not the task's fault: the
+    /// agent gives the lease back without spending an attempt (this node is
+    /// about to learn of the move). The breaker counts it, so a gateway
+    /// that keeps refusing (its record of tokens is wrong) soon takes no
+    /// work here instead of bouncing leases.
+    #[error("gateway refused a stale fencing token: {reason}")]
+    Fenced {
+        /// What the gateway said.
+        reason: String,
+    },
     /// A secret a spec refers to could not be read. Names the reference,
     /// never the value.
     #[error("secret {reference} unavailable: {reason}")]
@@ -303,7 +353,8 @@ impl DriverError {
             DriverError::Timeout { .. }
             | DriverError::Unavailable { .. }
             | DriverError::CircuitOpen { .. }
-            | DriverError::Rejected { .. } => true,
+            | DriverError::Rejected { .. }
+            | DriverError::Fenced { .. } => true,
             DriverError::TaskFailed { retryable, .. } => *retryable,
             DriverError::Cancelled
             | DriverError::OutputTooLarge { .. }
@@ -321,6 +372,7 @@ impl DriverError {
             DriverError::Timeout { .. }
                 | DriverError::Unavailable { .. }
                 | DriverError::Rejected { .. }
+                | DriverError::Fenced { .. }
         )
     }
 
@@ -334,6 +386,7 @@ impl DriverError {
             DriverError::TaskFailed { .. } => "task_failed",
             DriverError::OutputTooLarge { .. } => "output_too_large",
             DriverError::Rejected { .. } => "gateway_rejected",
+            DriverError::Fenced { .. } => "gateway_fenced",
             DriverError::InvalidSpec(_) => "invalid_spec",
             DriverError::Secret { .. } => "secret_unavailable",
         }

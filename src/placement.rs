@@ -104,6 +104,7 @@ mod tests {
             health: Health::Unknown,
             circuit: Circuit::Closed,
             owner,
+            placement_token: 0,
             registered_at_ms: 0,
             updated_at_ms: 0,
         }

@@ -18,8 +18,8 @@ use godel::fsm::{
     Circuit, FencingToken, GatewayId, Health as Recorded, SessionId, SessionKey, TaskId,
 };
 use godel::gateway::{
-    BoxFuture, BreakerConfig, DriverError, GatewayDriver, GatewayKind, GuardedDriver, Health,
-    RunOutput, RunRequest,
+    BoxFuture, BreakerConfig, DriverError, GatewayDriver, GatewayFence, GatewayKind, GuardedDriver,
+    Health, RunOutput, RunRequest,
 };
 use ractor::ActorRef;
 use tokio::sync::mpsc::Receiver;
@@ -108,6 +108,7 @@ fn request(task: u64) -> RunRequest {
         payload: Arc::from("{}"),
         timeout: Duration::from_secs(30),
         trace: None,
+        fence: GatewayFence::default(),
     }
 }
 

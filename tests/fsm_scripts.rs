@@ -30,7 +30,7 @@
 //!
 //! - `submit [tenant=a] [priority=P] [caps=x,y] [payload=JSON | payload_bytes=N]
 //!   [key=K] [at=N|+N] [attempts=N] [timeout=MS] [backoff=INITIAL,MULT,MAX]
-//!   [parent=ID] [session=S]`
+//!   [parent=ID] [session=S] [region=R [required=true]]`
 //! - `lease [agent=w1] [caps=x,y] [max=1] [lease=30000]`
 //! - `renew token=T [lease=30000]`, `complete token=T [result=JSON | result_bytes=N]`,
 //!   `fail token=T [error=boom] [retryable=true]`
@@ -58,7 +58,8 @@
 //!   `kill_session id=N [reason=R]`
 //! - reads: `dump`, `task id=N`, `depth`, `clock`, `sessions` (one line per
 //!   session, oldest first: state, key, agent, gateway, task, deadline, idle
-//!   close, reason), `load agent=A` (live leases against capacity)
+//!   close, reason), `load agent=A` (live leases against capacity),
+//!   `why id=N [dead_after=3000]` (why a ready task waits, as its API view says)
 //! - `snapshot` remembers the encoded state; `unchanged` says whether the
 //!   state is byte-for-byte what `snapshot` saw.
 
@@ -73,7 +74,7 @@ use godel::fsm::{
     Event, EventKind, FencingToken, GatewayChange, GatewayId, GatewayRegistration, Health,
     LeaseGrant, NewApiKey, Outcome, Priority, Rejection, ReplaySelector, Reply, Request, Role,
     SessionKey, SessionRecord, SessionState, State, SubmitTask, Task, TaskFilter, TaskId,
-    TaskStatus, Tenant, TenantPatch, TenantRecord, What, Write, verify_audit_chain,
+    TaskRegion, TaskStatus, Tenant, TenantPatch, TenantRecord, What, Write, verify_audit_chain,
 };
 use godel::trace::TraceContext;
 
@@ -110,6 +111,8 @@ scripts! {
     fail_retries_with_backoff_then_dead_letter,
     fencing_tokens_only_grow,
     fifo_within_priority,
+    gateway_placement_token_rises,
+    region_preferred_and_required,
     idempotency_key_returns_first,
     invalid_input_changes_nothing,
     jwt_revocations_expire,
@@ -407,6 +410,17 @@ impl Runner {
         Ok(match verb {
             "dump" => self.dump(),
             "task" => self.task(TaskId(args.require("id")?)),
+            "why" => {
+                let id = TaskId(args.require("id")?);
+                let dead_after = args.parsed("dead_after")?.unwrap_or(3000);
+                vec![match self.state.task(id) {
+                    Some(t) => match self.state.region_wait_reason(t, dead_after) {
+                        Some(why) => format!("#{id} waits: {why}"),
+                        None => format!("#{id} waits for nothing but its turn"),
+                    },
+                    None => format!("#{id} not found"),
+                }]
+            }
             "depth" => depth_lines(&self.state),
             "clock" => vec![self.clock_line()],
             "sessions" => self.sessions(),
@@ -961,6 +975,13 @@ fn submit_command(args: &mut Args, now_ms: u64) -> Result<Command, String> {
             }
             None => None,
         },
+        region: match args.take("region") {
+            Some(name) => Some(TaskRegion {
+                name,
+                required: args.parsed("required")?.unwrap_or(false),
+            }),
+            None => None,
+        },
     }))
 }
 
@@ -1197,7 +1218,9 @@ fn event_line(e: &Event) -> String {
             GatewayChange::Health { health, circuit } => {
                 format!("gateway {id} health={health:?} circuit={circuit:?}")
             }
-            GatewayChange::Placed { owner } => format!("gateway {id} placed owner={owner:?}"),
+            GatewayChange::Placed { owner, token } => {
+                format!("gateway {id} placed owner={owner:?} token={token}")
+            }
             other => format!("gateway {id} {other:?}"),
         },
         What::Agent { id, change } => format!("agent {id} {change:?}"),
@@ -1264,6 +1287,10 @@ fn task_line(t: &Task) -> String {
     }
     if let Some(p) = t.parent_id {
         s += &format!(" parent=#{p}");
+    }
+    if let Some(r) = &t.region {
+        let how = if r.required { "required" } else { "preferred" };
+        s += &format!(" region={}({how})", r.name);
     }
     if let Some(k) = &t.idempotency_key {
         s += &format!(" key={k}");

@@ -5,10 +5,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use godel::fsm::{FencingToken, SessionKey, TaskId};
+use godel::fsm::{FencingToken, GatewayId, SessionKey, TaskId};
 use godel::gateway::{
-    CommandDriver, CommandSpec, DriverError, GatewayDriver, HttpDriver, HttpSpec, LatencySpec,
-    MAX_RESULT_BYTES, RunOutput, RunRequest, SecretRef, SimDriver, SimSpec,
+    CommandDriver, CommandSpec, DriverError, FENCED_HEADER, GatewayDriver, GatewayFence,
+    HttpDriver, HttpSpec, LatencySpec, MAX_RESULT_BYTES, RunOutput, RunRequest, SecretRef,
+    SimDriver, SimSpec,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +24,11 @@ fn req(payload: &str, timeout: Duration) -> RunRequest {
         payload: payload.into(),
         timeout,
         trace: None,
+        fence: GatewayFence {
+            gateway: GatewayId("g-test".into()),
+            owner: 3,
+            token: 9,
+        },
     }
 }
 
@@ -306,6 +312,37 @@ async fn command_sees_task_env_and_nothing_else_of_ours() {
 }
 
 #[tokio::test]
+async fn command_sees_the_gateway_fence_and_may_refuse_it() {
+    let d = sh(
+        r#"printf '{"gateway":"%s","owner":%s,"token":%s}' "$GODEL_GATEWAY_ID" "$GODEL_GATEWAY_OWNER" "$GODEL_GATEWAY_TOKEN""#,
+    );
+    let out = run(&d, req("{}", Duration::from_secs(10))).await.unwrap();
+    assert_eq!(
+        out.result_json,
+        r#"{"gateway":"g-test","owner":3,"token":9}"#
+    );
+
+    // The documented exit status is a refused fence: not the task's fault,
+    // not the gateway's.
+    let d = sh(&format!(
+        "echo 'token 9 < 12' >&2; exit {}",
+        godel::gateway::FENCED_EXIT_CODE
+    ));
+    let e = run(&d, req("{}", Duration::from_secs(10)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, DriverError::Fenced { reason } if reason.contains("token 9 < 12")),
+        "{e:?}"
+    );
+    assert!(
+        e.is_gateway_fault(),
+        "a gateway that keeps refusing trips its breaker"
+    );
+    assert_eq!(e.code(), "gateway_fenced");
+}
+
+#[tokio::test]
 async fn command_nonzero_exit_fails_with_the_stderr_tail() {
     let d = sh("echo partial; echo 'something broke' >&2; exit 3");
     let e = run(&d, req("{}", Duration::from_secs(10)))
@@ -471,6 +508,38 @@ mod webhook {
             )
             .route("/text", post(|| async { "plain words" }))
             .route(
+                "/fence",
+                post(|h: HeaderMap| async move {
+                    let get = |n: &str| {
+                        h.get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned()
+                    };
+                    let fence = format!(
+                        "{}/{}/{}",
+                        get("godel-gateway-id"),
+                        get("godel-gateway-owner"),
+                        get("godel-gateway-token")
+                    );
+                    serde_json::Value::String(fence).to_string()
+                }),
+            )
+            .route(
+                "/fenced",
+                post(|| async {
+                    (
+                        StatusCode::CONFLICT,
+                        [(super::FENCED_HEADER, "1")],
+                        "seen token 12",
+                    )
+                }),
+            )
+            .route(
+                "/conflict",
+                post(|| async { (StatusCode::CONFLICT, "some other conflict") }),
+            )
+            .route(
                 "/busy",
                 post(|| async { (StatusCode::SERVICE_UNAVAILABLE, "overloaded") }),
             )
@@ -572,6 +641,37 @@ async fn http_sends_the_auth_header_from_its_reference() {
     // The server answers `"<header>"`, which is JSON, so it is kept as is.
     assert_eq!(out.result_json, r#""Bearer s3cret""#);
     assert!(!format!("{d:?}").contains("s3cret"));
+}
+
+#[tokio::test]
+async fn http_sends_the_gateway_fence_and_a_marked_409_refuses_it() {
+    let base = webhook::start().await;
+    let out = run(
+        &http(format!("{base}/fence")),
+        req("{}", Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.result_json, r#""g-test/3/9""#);
+
+    let e = run(
+        &http(format!("{base}/fenced")),
+        req("{}", Duration::from_secs(10)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, DriverError::Fenced { reason } if reason.contains("seen token 12")),
+        "{e:?}"
+    );
+    // A 409 without the header is the task's own failure.
+    let e = run(
+        &http(format!("{base}/conflict")),
+        req("{}", Duration::from_secs(10)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, DriverError::TaskFailed { .. }), "{e:?}");
 }
 
 #[tokio::test]

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fake::Fake;
-use godel::fsm::{FencingToken, SessionKey, TaskId};
+use godel::fsm::{FencingToken, GatewayId, SessionKey, TaskId};
 use godel::gateway::{
-    BreakerConfig, BreakerState, DriverContext, DriverError, GatewayDriver, GatewaySpec,
-    GuardedDriver, Health, RunOutput, RunRequest, driver_for,
+    BreakerConfig, BreakerState, DriverContext, DriverError, GatewayDriver, GatewayFence,
+    GatewaySpec, GuardedDriver, Health, RunOutput, RunRequest, driver_for,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -71,6 +71,11 @@ fn req(task: u64, message: &str, key: Option<&str>, timeout: Duration) -> RunReq
         payload: json!({ "message": message }).to_string().into(),
         timeout,
         trace: None,
+        fence: GatewayFence {
+            gateway: GatewayId("oc".into()),
+            owner: 1,
+            token: 5,
+        },
     }
 }
 
@@ -104,7 +109,7 @@ async fn a_turn_signs_in_runs_in_its_session_and_returns_text_and_usage() {
     let r = result(&out);
     assert_eq!(r["text"], "REPLY: hello");
     assert_eq!(r["usage"], json!({"input": 10, "output": 5, "total": 15}));
-    assert_eq!(r["run_id"], "godel-7-42");
+    assert_eq!(r["run_id"], "godel-7-42-5");
     assert_eq!(r["session_key"], "agent:main:godel-s-s-1");
     assert_eq!(r["stop_reason"], "stop");
 
@@ -130,7 +135,7 @@ async fn a_turn_signs_in_runs_in_its_session_and_returns_text_and_usage() {
     assert_eq!(create.params["key"], "agent:main:godel-s-s-1");
     let agent = s.fake.seen("agent").pop().unwrap();
     assert_eq!(agent.params["message"], "ok hello");
-    assert_eq!(agent.params["idempotencyKey"], "godel-7-42");
+    assert_eq!(agent.params["idempotencyKey"], "godel-7-42-5");
     assert_eq!(agent.params["sessionKey"], "agent:main:godel-s-s-1");
     assert_eq!(
         agent.params["timeout"], 30,
@@ -203,7 +208,7 @@ async fn cancelling_an_attempt_aborts_its_run_on_the_gateway() {
         .wait_seen("sessions.abort", Duration::from_secs(5))
         .await;
     assert_eq!(abort.params["key"], "agent:main:godel-s-k");
-    assert_eq!(abort.params["runId"], "godel-3-42");
+    assert_eq!(abort.params["runId"], "godel-3-42-5");
 }
 
 #[tokio::test]
@@ -218,7 +223,7 @@ async fn a_dropped_attempt_and_a_timed_out_one_abort_their_runs_too() {
         .fake
         .wait_seen("sessions.abort", Duration::from_secs(5))
         .await;
-    assert_eq!(abort.params["runId"], "godel-4-42");
+    assert_eq!(abort.params["runId"], "godel-4-42-5");
     // Dropped: the agent's select drops the run future when its lease is lost.
     let d = Arc::clone(&s.driver);
     let attempt = tokio::spawn(async move {
@@ -239,7 +244,7 @@ async fn a_dropped_attempt_and_a_timed_out_one_abort_their_runs_too() {
         if s.fake
             .seen("sessions.abort")
             .iter()
-            .any(|a| a.params["runId"] == "godel-5-42")
+            .any(|a| a.params["runId"] == "godel-5-42-5")
         {
             break;
         }
@@ -263,7 +268,7 @@ async fn a_socket_closed_mid_run_is_followed_by_run_id_on_a_new_connection() {
         2
     );
     let wait = s.fake.seen("agent.wait").pop().unwrap();
-    assert_eq!(wait.params["runId"], "godel-6-42");
+    assert_eq!(wait.params["runId"], "godel-6-42-5");
     assert_eq!(wait.conn, 2);
     assert!(s.fake.seen("sessions.abort").is_empty());
 }

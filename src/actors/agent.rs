@@ -91,6 +91,11 @@ pub enum AgentMsg {
     Lost {
         /// The task.
         task: TaskId,
+        /// The lease that ended; `None` for every lease of the task (it
+        /// was cancelled). By token, because the task may already run here
+        /// under a newer lease: a lease given back is granted again at once,
+        /// and the new grant's hint may come first.
+        token: Option<FencingToken>,
     },
     /// A lease the leader committed for this agent, sent over the fabric
     /// before the local replica applied it (see "Hints from the leader").
@@ -222,9 +227,11 @@ impl Actor for AgentActor {
                 grant,
                 committed_index,
             } => start_hinted(&myself, state, grant, committed_index),
-            AgentMsg::Lost { task } => {
-                for a in state.running.values().filter(|a| a.task == task) {
-                    a.cancel.cancel();
+            AgentMsg::Lost { task, token } => {
+                for (t, a) in &state.running {
+                    if a.task == task && token.is_none_or(|lost| lost == *t) {
+                        a.cancel.cancel();
+                    }
                 }
             }
             AgentMsg::Sync => sync(&myself, state),
@@ -353,6 +360,22 @@ fn start_if_live(
         return;
     };
     spawn_attempt(myself, state, token, task);
+}
+
+/// The fence of this agent's gateway if the replica places it on this node.
+fn fence_here(args: &AgentArgs) -> Option<crate::gateway::GatewayFence> {
+    let here = args.node.id();
+    args.node.state().read(|s| {
+        let reg = s.registry();
+        let g = reg
+            .agent(&args.id)
+            .and_then(|a| reg.gateway(&a.reg.gateway))?;
+        (g.owner == Some(here)).then(|| crate::gateway::GatewayFence {
+            gateway: g.reg.id.clone(),
+            owner: here,
+            token: g.placement_token,
+        })
+    })
 }
 
 /// Whether the replica places `agent`'s gateway on node `here`.
@@ -501,6 +524,19 @@ async fn attempt(
         .map_or(0, |d| d.as_millis() as u64);
     m.dispatch_seconds
         .observe(now_ms.saturating_sub(task.created_at_ms) as f64 / 1000.0);
+    // The fence is read when the call is made: the replica's placement of
+    // the gateway on this node now, which no later owner's call can carry.
+    let Some(fence) = fence_here(&args) else {
+        // Moved away since the start was checked: the move gave the lease
+        // back, and the new owner runs it.
+        tracing::debug!(agent = %args.id, task = %task.id, "gateway moved away before the attempt; not run");
+        m.attempts.with_label_values(&["stopped"]).inc();
+        let _ = actor.send_message(AgentMsg::Ended {
+            token,
+            given_up: false,
+        });
+        return;
+    };
     let req = RunRequest {
         task_id: task.id,
         fencing_token: token,
@@ -511,6 +547,7 @@ async fn attempt(
         payload: Arc::from(task.payload.as_str()),
         timeout: Duration::from_millis(task.timeout_ms),
         trace: None,
+        fence,
     };
     // A span of its own only when it is exported: an attempt's log lines
     // name its ids anyway.
@@ -565,6 +602,17 @@ async fn attempt(
                     tokens: vec![token],
                 }),
                 "gateway_rejected",
+            )
+        }
+        // The gateway has seen a newer owner: this node has not applied the
+        // move yet, and the lease went back with it.
+        Some(Err(e @ DriverError::Fenced { .. })) => {
+            tracing::warn!(agent = %args.id, task = %task.id, error = %e, "gateway refused this node's fencing token; lease given back");
+            (
+                Some(Command::Release {
+                    tokens: vec![token],
+                }),
+                "gateway_fenced",
             )
         }
         Some(Err(e)) if !cancel.is_cancelled() => (

@@ -134,6 +134,8 @@ pub struct GatewayState {
     /// Stops it and unhooks it from the host when the state goes, also when
     /// the actor fails (ractor runs no `post_stop` then).
     _sessions_guard: SessionsGuard,
+    /// Stops the task that reports an opened breaker at once.
+    _breaker_watch: tokio_util::sync::DropGuard,
 }
 
 /// See [`GatewayState`]'s `_sessions_guard`.
@@ -171,6 +173,23 @@ impl Actor for GatewayActor {
         myself.send_message(GatewayMsg::Probe)?;
         myself.send_interval(args.probe_every, || GatewayMsg::Probe);
         myself.send_interval(CIRCUIT_CHECK, || GatewayMsg::Check);
+        // An opened breaker is reported at once, not at the next check.
+        // The watcher lives as long as this incarnation's state.
+        let (driver, me) = (Arc::clone(&args.driver), myself.clone());
+        let watch = tokio_util::sync::CancellationToken::new();
+        let stop = watch.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = driver.opened() => {
+                        if me.send_message(GatewayMsg::Check).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
         let _sessions_guard = SessionsGuard {
             host: args.sessions.clone(),
             cell: sessions.cell(),
@@ -181,6 +200,7 @@ impl Actor for GatewayActor {
             failed_probes: 0,
             sessions,
             _sessions_guard,
+            _breaker_watch: watch.drop_guard(),
         })
     }
 

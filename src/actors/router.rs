@@ -14,7 +14,7 @@ use ractor::ActorRef;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::agent::AgentMsg;
-use crate::fsm::{AgentId, EventKind, TaskId, What};
+use crate::fsm::{AgentId, EventKind, FencingToken, TaskId, What};
 use crate::node::Node;
 
 /// The agent actors running on this node, by agent id. Each actor adds
@@ -118,22 +118,33 @@ pub async fn route_leases(node: Node, directory: AgentDirectory) {
                         });
                     }
                 }
-                EventKind::LeaseExpired { .. }
-                | EventKind::TimedOut { .. }
-                | EventKind::Released { .. }
-                | EventKind::Cancelled => {
-                    if let Some(agent) = routed.remove(&task)
-                        && let Some(actor) = directory.get(&agent)
-                    {
-                        let _ = actor.send_message(AgentMsg::Lost { task });
-                    }
+                EventKind::LeaseExpired { token }
+                | EventKind::TimedOut { token }
+                | EventKind::Released { token } => {
+                    lost(&mut routed, &directory, task, Some(*token));
                 }
+                EventKind::Cancelled => lost(&mut routed, &directory, task, None),
                 EventKind::Completed | EventKind::Failed { .. } | EventKind::DeadLettered => {
                     routed.remove(&task);
                 }
                 _ => {}
             }
         }
+    }
+}
+
+/// Tells the agent that held `task` that its lease `token` (every lease
+/// of the task, when `None`) ended without its report.
+fn lost(
+    routed: &mut HashMap<TaskId, AgentId>,
+    directory: &AgentDirectory,
+    task: TaskId,
+    token: Option<FencingToken>,
+) {
+    if let Some(agent) = routed.remove(&task)
+        && let Some(actor) = directory.get(&agent)
+    {
+        let _ = actor.send_message(AgentMsg::Lost { task, token });
     }
 }
 

@@ -298,6 +298,9 @@ pub struct GatewayView {
     circuit: crate::fsm::Circuit,
     /// The node that runs it.
     owner: Option<u64>,
+    /// Its fencing token: raised each time it is placed on a node, and
+    /// sent with every call to it along with the owner.
+    placement_token: u64,
     #[schema(format = DateTime)]
     registered_at: String,
     #[schema(format = DateTime)]
@@ -321,6 +324,7 @@ fn gateway_view(g: &GatewayRecord) -> GatewayView {
         health: g.health,
         circuit: g.circuit,
         owner: g.owner,
+        placement_token: g.placement_token,
         registered_at: clock::rfc3339(g.registered_at_ms),
         updated_at: clock::rfc3339(g.updated_at_ms),
     }

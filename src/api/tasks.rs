@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
@@ -15,7 +15,7 @@ use super::view::{self, ListQuery, PageView, TaskView};
 use crate::clock;
 use crate::fsm::{
     AuditTarget, Backoff, Command, Limits, Priority, Reply, SessionKey, SubmitTask, TaskFilter,
-    TaskId, Tenant,
+    TaskId, TaskRegion, Tenant,
 };
 use crate::trace::TraceContext;
 
@@ -55,6 +55,15 @@ pub struct TaskCreate {
     idempotency_key: Option<String>,
     /// An existing task (one that does not exist is refused with 400).
     parent_id: Option<u64>,
+    /// The region it should run in: its agent's gateway's region. Agents
+    /// elsewhere take it only when none there could take it now.
+    #[serde(default)]
+    #[schema(schema_with = view::opt_name_schema)]
+    region: Option<String>,
+    /// With `region`: it must run there, and waits (saying why) while no
+    /// agent there can run it. Never sent elsewhere.
+    #[serde(default)]
+    region_required: bool,
 }
 
 impl TaskCreate {
@@ -80,6 +89,11 @@ impl TaskCreate {
             .map(clock::parse_rfc3339)
             .transpose()
             .map_err(|e| ApiError::invalid(format!("invalid field `scheduled_at`: {e}")))?;
+        if self.region_required && self.region.is_none() {
+            return Err(ApiError::invalid(
+                "invalid field `region_required`: needs `region`",
+            ));
+        }
         let spec = SubmitTask {
             tenant,
             priority: self.priority,
@@ -93,6 +107,10 @@ impl TaskCreate {
             idempotency_key: self.idempotency_key,
             parent_id: self.parent_id.map(TaskId),
             trace: None,
+            region: self.region.map(|name| TaskRegion {
+                name,
+                required: self.region_required,
+            }),
         };
         spec.validate().map_err(|(field, problem)| {
             ApiError::invalid(format!("invalid field `{field}`: {problem}"))
@@ -191,7 +209,7 @@ pub async fn list(
     path = "/tasks/{id}",
     params(("id" = u64, Path, description = "Task id")),
     responses(
-        (status = 200, description = "The task", body = TaskView),
+        (status = 200, description = "The task", body = TaskDetail),
         (status = 404, description = "No such task (in this credential's tenant)", body = ErrorBody),
     )
 )]
@@ -199,16 +217,35 @@ pub async fn get(
     State(api): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<TaskView>> {
+) -> ApiResult<Json<TaskDetail>> {
     let id = parse_id(&id)?;
     api.node.read_barrier().await?;
-    let task = api
-        .node
-        .state()
-        .read(|s| s.task_shared(id))
-        .filter(|t| caller.sees(&t.tenant));
-    task.map(|t| Json(TaskView(t)))
+    let dead_after = api.node.queue_config().node_dead_after.as_millis() as u64;
+    let found = api.node.state().read(|s| {
+        let t = s.task_shared(id).filter(|t| caller.sees(&t.tenant))?;
+        let waiting_for = s.region_wait_reason(&t, dead_after);
+        Some((t, waiting_for))
+    });
+    found
+        .map(|(t, waiting_for)| {
+            Json(TaskDetail {
+                task: TaskView(t),
+                waiting_for,
+            })
+        })
         .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))
+}
+
+/// `GET /tasks/{id}` answer: the task, and why it waits when that is not
+/// just its turn in the queue.
+#[derive(Serialize, ToSchema)]
+pub struct TaskDetail {
+    #[serde(flatten)]
+    task: TaskView,
+    /// Why a ready task cannot be leased now, when the cause is not other
+    /// tasks ahead of it (for now: a required region with no agent that
+    /// can run it).
+    waiting_for: Option<String>,
 }
 
 /// `POST /tasks/{id}/cancel` body.

@@ -41,6 +41,10 @@ struct TaskJson<'a> {
     backoff: &'a crate::fsm::Backoff,
     idempotency_key: Option<&'a str>,
     parent_id: Option<u64>,
+    /// The region it should run in (see `region_required`).
+    region: Option<&'a str>,
+    /// Whether it must run in `region`.
+    region_required: bool,
     /// The W3C trace id its submission carried (or was derived).
     #[schema(value_type = String, pattern = "^[0-9a-f]{32}$")]
     trace_id: TraceHex,
@@ -136,6 +140,8 @@ impl Serialize for TaskView {
             backoff: &t.backoff,
             idempotency_key: t.idempotency_key.as_deref(),
             parent_id: t.parent_id.map(|p| p.0),
+            region: t.region.as_ref().map(|r| r.name.as_str()),
+            region_required: t.region.as_ref().is_some_and(|r| r.required),
             trace_id: TraceHex(t.trace().trace_hex_bytes()),
             lease: t.lease.as_ref().map(|l| LeaseJson {
                 fencing_token: l.token.0,

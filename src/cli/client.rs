@@ -366,12 +366,15 @@ fn task_request(t: TaskCmd) -> anyhow::Result<Req> {
             timeout_ms,
             idempotency_key,
             parent_id,
+            region,
+            region_required,
         } => {
             let payload: Value = serde_json::from_str(&payload).context("--payload is not JSON")?;
             let body = json!({
                 "payload": payload, "priority": priority, "tenant": tenant, "capabilities": caps,
                 "session_key": session_key, "scheduled_at": scheduled_at, "max_attempts": max_attempts,
                 "timeout_ms": timeout_ms, "idempotency_key": idempotency_key, "parent_id": parent_id,
+                "region": region, "region_required": region_required.then_some(true),
             });
             ("POST", "/api/v1/tasks".into(), Some(strip_nulls(body)))
         }

@@ -213,6 +213,15 @@ fn grid(head: &[&str], rows: &[Vec<String>]) -> String {
     out.join("\n")
 }
 
+/// A task's region and whether it is required.
+fn region(t: &Value) -> String {
+    match (t["region"].as_str(), t["region_required"].as_bool()) {
+        (Some(r), Some(true)) => format!("{r} (required)"),
+        (Some(r), _) => format!("{r} (preferred)"),
+        (None, _) => cell(&Value::Null),
+    }
+}
+
 /// One task: its fields, then its payload and result in full.
 fn task(t: &Value) -> String {
     let mut s = kv(&[
@@ -238,6 +247,8 @@ fn task(t: &Value) -> String {
         ("scheduled at", cell(&t["scheduled_at"])),
         ("next attempt", cell(&t["next_attempt_at"])),
         ("parent", cell(&t["parent_id"])),
+        ("region", region(t)),
+        ("waiting for", cell(&t["waiting_for"])),
         ("idempotency key", cell(&t["idempotency_key"])),
         ("trace", cell(&t["trace_id"])),
         ("error", cell(&t["error"])),

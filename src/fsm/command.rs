@@ -404,6 +404,9 @@ pub struct SubmitTask {
     /// The trace the submission belongs to (its `traceparent`).
     #[serde(default)]
     pub trace: Option<crate::trace::TraceContext>,
+    /// The region it should or must run in.
+    #[serde(default)]
+    pub region: Option<super::task::TaskRegion>,
 }
 
 impl SubmitTask {
@@ -443,6 +446,9 @@ impl SubmitTask {
         }
         if let Some(k) = &self.idempotency_key {
             check_name("idempotency_key", k, true)?;
+        }
+        if let Some(r) = &self.region {
+            check_name("region", &r.name, false)?;
         }
         if let Some(n) = self.max_attempts
             && !(1..=Limits::MAX_ATTEMPTS).contains(&n)

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 use super::command::{DispatchPolicy, DispatchSpec, Outcome, Rejection, Reply};
 use super::event::{Event, EventKind};
 use super::lease::check_lease_ms;
+use super::queue::is_subset;
 use super::registry::{Circuit, GatewayId, Health, accepts_new_session};
 use super::state::State;
 use super::task::{AgentId, FencingToken, Limits, Tenant};
@@ -26,6 +27,8 @@ struct Slot {
     agent: AgentId,
     caps: Vec<String>,
     gateway: GatewayId,
+    /// Its gateway's region.
+    region: String,
     free: u32,
     load: u32,
 }
@@ -61,6 +64,7 @@ impl State {
                     agent: a.reg.id.clone(),
                     caps: a.reg.capabilities.clone(),
                     gateway: a.reg.gateway.clone(),
+                    region: gw.reg.region.clone(),
                     free,
                     load,
                 })
@@ -96,6 +100,60 @@ impl State {
             }
         }
         rooms
+    }
+
+    /// Why a ready task that must run in a region cannot be leased there
+    /// now, if that is why it waits: no gateway registered in the region,
+    /// none usable (placed on a live node that is not draining, breaker not
+    /// open, not unhealthy), or no agent online on one with the task's
+    /// capabilities. `None` for every other task (busy agents are not a
+    /// reason: the task is next in line).
+    pub fn region_wait_reason(
+        &self,
+        task: &super::Task,
+        node_dead_after_ms: u64,
+    ) -> Option<String> {
+        let r = task.region.as_ref().filter(|r| r.required)?;
+        if task.status != super::TaskStatus::Pending {
+            return None;
+        }
+        let reg = &self.registry;
+        let in_region: Vec<_> = reg
+            .gateways
+            .values()
+            .filter(|g| g.reg.region == r.name)
+            .collect();
+        if in_region.is_empty() {
+            return Some(format!("no gateway in region {} (required)", r.name));
+        }
+        let usable: Vec<_> = in_region
+            .into_iter()
+            .filter(|g| {
+                let live = g.owner.and_then(|o| reg.nodes.get(&o)).is_some_and(|n| {
+                    !n.draining
+                        && n.last_heartbeat_ms.saturating_add(node_dead_after_ms) >= self.clock_ms
+                });
+                live && g.circuit != Circuit::Open && g.health != Health::Unhealthy
+            })
+            .collect();
+        if usable.is_empty() {
+            return Some(format!(
+                "no usable gateway in region {} (required): none placed on a live node, or breaker open, or unhealthy",
+                r.name
+            ));
+        }
+        let capable = reg.agents.values().any(|a| {
+            usable
+                .iter()
+                .any(|g| g.reg.id == a.reg.gateway && g.owner == a.online_on)
+                && is_subset(&task.capabilities, &a.reg.capabilities)
+        });
+        (!capable).then(|| {
+            format!(
+                "no agent online in region {} (required) with capabilities {:?}",
+                r.name, task.capabilities
+            )
+        })
     }
 
     /// Whether a dispatch now would lease anything (a cheap check before
@@ -141,18 +199,33 @@ impl State {
             .map(|(i, s)| Reverse((key(s, 0, i), 0, i)))
             .collect();
         let mut grants = Vec::new();
+        // Turns that found nothing only because a task preferred another
+        // region's agent with room: they get another turn once the pass
+        // has leased something (that agent may be full now).
+        let mut deferred: Vec<Reverse<Turn>> = Vec::new();
+        let mut granted_since_deferral = false;
         while grants.len() < spec.max as usize {
-            let Some(Reverse((_, taken, i))) = turns.pop() else {
-                break;
-            };
-            let slot = &mut slots[i];
-            let room = rooms
-                .get_mut(&slot.gateway)
-                .expect("invariant: eligible agents have a registered gateway");
-            let may_open = accepts_new_session(room.active, room.max);
-            let Some(id) = self.pick_for(&slot.agent, &slot.caps, may_open) else {
+            let Some(Reverse((k, taken, i))) = turns.pop() else {
+                if deferred.is_empty() || !granted_since_deferral {
+                    break;
+                }
+                turns.extend(deferred.drain(..));
+                granted_since_deferral = false;
                 continue;
             };
+            let room = rooms
+                .get_mut(&slots[i].gateway)
+                .expect("invariant: eligible agents have a registered gateway");
+            let may_open = accepts_new_session(room.active, room.max);
+            let (picked, yielded) = self.pick_for(&slots, i, may_open);
+            let Some(id) = picked else {
+                if yielded {
+                    deferred.push(Reverse((k, taken, i)));
+                }
+                continue;
+            };
+            granted_since_deferral = true;
+            let slot = &mut slots[i];
             let t = &self.tasks[&id];
             let keyed_session = t
                 .session_key
@@ -181,21 +254,47 @@ impl State {
         Ok(Reply::Dispatched(grants))
     }
 
-    /// The task `agent` should get next: the ready-queue order among tasks
-    /// with no session key, or whose session is idle on this agent, or that
-    /// would open a new session (only while the gateway may open one).
+    /// The task the agent of `slots[i]` should get next: the ready-queue
+    /// order among tasks its region allows (see [`TaskRegion`]) with no
+    /// session key, or whose session is idle on this agent, or that would
+    /// open a new session (only while the gateway may open one).
+    ///
+    /// [`TaskRegion`]: super::task::TaskRegion
+    ///
+    /// Also says whether it passed over a task only because the task
+    /// prefers a region where an agent has room.
     fn pick_for(
         &mut self,
-        agent: &AgentId,
-        caps: &[String],
+        slots: &[Slot],
+        i: usize,
         may_open: bool,
-    ) -> Option<super::task::TaskId> {
+    ) -> (Option<super::task::TaskId>, bool) {
+        let slot = &slots[i];
+        let agent = &slot.agent;
         let weights = &self.weights;
         let weight = |t: &Tenant| weights.get(t).copied().unwrap_or(1);
         let tasks = &self.tasks;
         let sessions = &self.sessions;
+        // An agent of the task's region that could take it now.
+        let room_in = |region: &str, caps: &[String]| {
+            slots
+                .iter()
+                .any(|s| s.free > 0 && s.region == region && is_subset(caps, &s.caps))
+        };
+        let yielded = std::cell::Cell::new(false);
         let allowed = |id| {
             let t = &tasks[&id];
+            if let Some(r) = &t.region
+                && r.name != slot.region
+            {
+                if r.required {
+                    return false;
+                }
+                if room_in(&r.name, &t.capabilities) {
+                    yielded.set(true);
+                    return false;
+                }
+            }
             match &t.session_key {
                 None => may_open,
                 Some(k) => match sessions.by_key(&t.tenant, k) {
@@ -204,7 +303,8 @@ impl State {
                 },
             }
         };
-        self.ready.pick_allowed(caps, weight, &allowed)
+        let picked = self.ready.pick_allowed(&slot.caps, weight, &allowed);
+        (picked, yielded.get())
     }
 
     pub(crate) fn renew_many(

@@ -140,6 +140,8 @@ pub enum GatewayChange {
     Placed {
         /// The new owner.
         owner: Option<NodeId>,
+        /// Its fencing token now (raised when placed on a node).
+        token: u64,
     },
 }
 

@@ -27,13 +27,29 @@ impl State {
         }
         check_lease_ms(lease_ms)?;
         let caps = normalize_caps(capabilities);
+        // A worker leasing by itself is in the region of the gateway it is
+        // registered on, if it is registered: only then may it take a task
+        // that requires a region (a preference does not bind it).
+        let region = self
+            .registry
+            .agents
+            .get(agent)
+            .and_then(|a| self.registry.gateways.get(&a.reg.gateway))
+            .map(|g| g.reg.region.clone());
         let mut grants = Vec::new();
         while grants.len() < max as usize {
             let weights = &self.weights;
             let weight = |t: &Tenant| weights.get(t).copied().unwrap_or(1);
+            let tasks = &self.tasks;
+            let allowed = |id| {
+                tasks[&id]
+                    .region
+                    .as_ref()
+                    .is_none_or(|r| !r.required || region.as_deref() == Some(r.name.as_str()))
+            };
             let picked = match tenant {
-                None => self.ready.pick(&caps, weight),
-                Some(t) => self.ready.pick_in(t, &caps),
+                None => self.ready.pick_allowed(&caps, weight, &allowed),
+                Some(t) => self.ready.pick_in(t, &caps, &allowed),
             };
             let Some(id) = picked else {
                 break;

@@ -137,6 +137,7 @@ impl ReadyQueues {
     /// Chooses the next task for an agent with sorted capabilities
     /// `agent_caps`, and advances the round robin as if it was leased. The
     /// caller removes the task (through its status change).
+    #[cfg(test)]
     pub(crate) fn pick(
         &mut self,
         agent_caps: &[String],
@@ -148,12 +149,17 @@ impl ReadyQueues {
     /// The next task of one tenant only, by priority then age, for a
     /// worker confined to that tenant; the round-robin turns are untouched
     /// (the pick does not take a turn from other tenants).
-    pub(crate) fn pick_in(&self, tenant: &Tenant, agent_caps: &[String]) -> Option<TaskId> {
+    pub(crate) fn pick_in(
+        &self,
+        tenant: &Tenant,
+        agent_caps: &[String],
+        allowed: &dyn Fn(TaskId) -> bool,
+    ) -> Option<TaskId> {
         self.levels.iter().find_map(|level| {
             level
                 .tenants
                 .get(tenant)
-                .and_then(|q| q.first_match(agent_caps))
+                .and_then(|q| q.first_allowed(agent_caps, allowed))
         })
     }
 

@@ -116,6 +116,11 @@ pub struct GatewayRecord {
     pub circuit: Circuit,
     /// The node that runs its actors, if placed.
     pub owner: Option<NodeId>,
+    /// The gateway's fencing token: raised each time it is placed on a
+    /// node (0: never placed). Every call to the gateway carries it with
+    /// its owner, so a gateway that keeps the highest token it has seen
+    /// can refuse an old owner that has not yet learned of the move.
+    pub placement_token: u64,
     /// Registration time.
     pub registered_at_ms: u64,
     /// Time of the last change.
@@ -279,6 +284,7 @@ impl State {
                     health: Health::Unknown,
                     circuit: Circuit::Closed,
                     owner: None,
+                    placement_token: 0,
                     registered_at_ms: now,
                     updated_at_ms: now,
                 };
@@ -371,11 +377,19 @@ impl State {
             return Err(not_found("owner", n));
         }
         let before = self.registry.gateways.get(id).and_then(|g| g.owner);
-        let reply = self.edit_gateway(id, |rec| rec.owner = owner)?;
-        if before != owner {
+        let moved = before != owner;
+        let mut token = 0;
+        let reply = self.edit_gateway(id, |rec| {
+            rec.owner = owner;
+            if moved && owner.is_some() {
+                rec.placement_token += 1;
+            }
+            token = rec.placement_token;
+        })?;
+        if moved {
             self.notice(What::Gateway {
                 id: id.clone(),
-                change: GatewayChange::Placed { owner },
+                change: GatewayChange::Placed { owner, token },
             });
             let agents: Vec<AgentId> = self
                 .registry

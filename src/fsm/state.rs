@@ -441,6 +441,7 @@ impl State {
             idempotency_key: spec.idempotency_key.clone(),
             parent_id: spec.parent_id,
             trace: spec.trace,
+            region: spec.region.clone(),
             status: if scheduled.is_some() {
                 TaskStatus::Scheduled
             } else {

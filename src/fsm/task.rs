@@ -293,6 +293,8 @@ pub struct Task {
     /// The trace its submission carried, if it carried one (see
     /// [`Task::trace`]); each attempt is a span in it.
     pub trace: Option<crate::trace::TraceContext>,
+    /// The region it should (or must) run in: its agent's gateway's region.
+    pub region: Option<TaskRegion>,
     /// Current status.
     pub status: TaskStatus,
     /// Failed attempts so far (an expired lease does not count).
@@ -313,6 +315,24 @@ pub struct Task {
     pub created_at_ms: u64,
     /// Time of the last change.
     pub updated_at_ms: u64,
+}
+
+/// Where a task runs: the region of the gateway its agent is on.
+///
+/// - **required**: only agents of gateways in `name` take it. With none
+///   that can, it waits (its view says why); it is never sent elsewhere.
+/// - **preferred**: agents outside `name` take it only when no agent of a
+///   gateway in `name` that could run it (online, usable, capabilities)
+///   has free capacity in the dispatch round. Strict priority holds among
+///   the tasks an agent may take, so an agent outside the region may take
+///   a lower-priority task while a higher one waits for a free agent of
+///   its own region in the same round.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRegion {
+    /// The region label (as on nodes and gateways).
+    pub name: String,
+    /// Whether it must run there (else it only prefers to).
+    pub required: bool,
 }
 
 impl Task {

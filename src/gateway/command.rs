@@ -45,7 +45,10 @@ impl CommandDriver {
         }
         cmd.envs(&s.env)
             .env("GODEL_TASK_ID", req.task_id.to_string())
-            .env("GODEL_FENCING_TOKEN", req.fencing_token.to_string());
+            .env("GODEL_FENCING_TOKEN", req.fencing_token.to_string())
+            .env("GODEL_GATEWAY_ID", &req.fence.gateway.0)
+            .env("GODEL_GATEWAY_OWNER", req.fence.owner.to_string())
+            .env("GODEL_GATEWAY_TOKEN", req.fence.token.to_string());
         if let Some(key) = &req.session_key {
             cmd.env("GODEL_SESSION_KEY", &key.0);
         }
@@ -125,12 +128,21 @@ fn finish(
             elapsed: started.elapsed(),
         });
     }
+    let tail = String::from_utf8_lossy(stderr_tail);
+    let tail = tail.trim();
+    if status.code() == Some(super::FENCED_EXIT_CODE) {
+        return Err(DriverError::Fenced {
+            reason: if tail.is_empty() {
+                format!("exit code {}", super::FENCED_EXIT_CODE)
+            } else {
+                tail.to_owned()
+            },
+        });
+    }
     let how = match status.code() {
         Some(code) => format!("exit code {code}"),
         None => format!("{status}"),
     };
-    let tail = String::from_utf8_lossy(stderr_tail);
-    let tail = tail.trim();
     Err(DriverError::TaskFailed {
         reason: if tail.is_empty() {
             how

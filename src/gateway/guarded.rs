@@ -20,6 +20,10 @@ use super::{
 pub struct GuardedDriver {
     inner: Arc<dyn GatewayDriver>,
     breaker: Mutex<CircuitBreaker>,
+    /// Woken when the breaker opens, so its owner reports it at once:
+    /// until dispatch sees the open circuit, every lease it grants on the
+    /// gateway comes straight back.
+    opened: tokio::sync::Notify,
 }
 
 impl GuardedDriver {
@@ -28,7 +32,14 @@ impl GuardedDriver {
         Self {
             inner,
             breaker: Mutex::new(CircuitBreaker::new(config)),
+            opened: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Resolves the next time the breaker opens (or at once if it opened
+    /// since the last call resolved).
+    pub async fn opened(&self) {
+        self.opened.notified().await;
     }
 
     /// The breaker's state now (an open breaker whose cool-down has ended
@@ -62,6 +73,9 @@ impl GuardedDriver {
         };
         if let Some(t) = t {
             log_transition(t);
+            if t.to == BreakerState::Open {
+                self.opened.notify_one();
+            }
         }
     }
 }

@@ -116,8 +116,15 @@ impl HttpDriver {
             if let Some(trace) = &req.trace {
                 post = post.header("traceparent", trace.header());
             }
+            let fence = &req.fence;
+            post = post
+                .header("godel-gateway-id", fence.gateway.0.as_str())
+                .header("godel-gateway-owner", fence.owner)
+                .header("godel-gateway-token", fence.token);
             let resp = post.send().await.map_err(|e| send_error(e, timeout))?;
             let status = resp.status();
+            let fenced =
+                status == StatusCode::CONFLICT && resp.headers().contains_key(super::FENCED_HEADER);
             if status.is_success() {
                 let bytes = read_body(resp, MAX_RESULT_BYTES, false, timeout).await?;
                 return Ok(RunOutput {
@@ -126,6 +133,11 @@ impl HttpDriver {
                 });
             }
             let bytes = read_body(resp, MAX_ERROR_BODY_BYTES, true, timeout).await?;
+            if fenced {
+                return Err(DriverError::Fenced {
+                    reason: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes).trim()),
+                });
+            }
             Err(status_error(status, &bytes))
         })
         .await

@@ -13,9 +13,12 @@
 //! - **Turn.** One attempt is one `agent` request: the message is the
 //!   payload's `message` string if it has one, the payload itself if it is
 //!   a JSON string, else the payload's JSON text. Its `idempotencyKey` (and
-//!   so its run id) is `godel-<task>-<fencing token>`: a retry of the same
-//!   attempt after a dropped socket is the same run, a new attempt is a new
-//!   one. Its `timeout` is always set, to the smaller of the spec's
+//!   so its run id) is `godel-<task>-<fencing token>-<gateway token>`: a
+//!   retry of the same attempt after a dropped socket is the same run, a
+//!   new attempt (or the same lease under a new owner) is a new one. The
+//!   gateway token ([`super::GatewayFence`]) is the only place the agent
+//!   protocol lets a caller name its placement (the schema forbids extra
+//!   fields); the gateway does not check it. Its `timeout` is always set, to the smaller of the spec's
 //!   `turn_timeout` and the attempt's timeout (the gateway has no default
 //!   cap on a tool loop).
 //! - **Result.** The second `res` of the `agent` request (the first only
@@ -201,7 +204,10 @@ impl OpenClawDriver {
         let started = Instant::now();
         let until = started + req.timeout;
         let key = self.gateway_key(req.session_key.as_ref(), req.task_id);
-        let run_id = format!("godel-{}-{}", req.task_id.0, req.fencing_token.0);
+        let run_id = format!(
+            "godel-{}-{}-{}",
+            req.task_id.0, req.fencing_token.0, req.fence.token
+        );
         let message = message_of(&req.payload)?;
         let turn = req.timeout.min(self.spec.turn_timeout);
         let trace = req
