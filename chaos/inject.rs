@@ -38,10 +38,10 @@ pub struct Record {
     pub note: String,
     /// Skipped (not root for disk-full).
     pub skipped: bool,
-    /// For region faults: recovery counts only tasks whose submission was
-    /// sent after this time (ms since the epoch), when the fault was fully
-    /// in place, so only the majority can have committed them.
-    pub fresh_after_ms: Option<u64>,
+    /// When the fault was fully in place (ms since the epoch): recovery
+    /// counts only tasks whose submission was sent after it, which only the
+    /// majority can have committed.
+    pub in_place_ms: u64,
     /// The drill's bound on recovery, if any (a must-pass).
     pub recover_within: Option<Duration>,
 }
@@ -168,16 +168,17 @@ impl Injector<'_> {
         i
     }
 
-    pub fn record(&mut self, label: String, i: usize, injected_ms: u64, note: String) {
+    /// Records a fault on node `i`, injected and in place at `at`.
+    pub fn record(&mut self, label: String, i: usize, at: (u64, u64), note: String) {
         self.records.push(Record {
             label,
             hit: format!("node {}", self.c.node(i).id),
             pid: self.hit_pid,
-            injected_ms,
+            injected_ms: at.0,
             cleared_ms: now_ms(),
             note,
             skipped: false,
-            fresh_after_ms: None,
+            in_place_ms: at.1,
             recover_within: None,
         });
     }
@@ -188,7 +189,8 @@ impl Injector<'_> {
         let at = now_ms();
         tokio::time::sleep(spec.hold).await;
         self.c.restart(i);
-        self.record(format!("kill -9 {:?}", spec.target), i, at, String::new());
+        let label = format!("kill -9 {:?}", spec.target);
+        self.record(label, i, (at, at), String::new());
         self.c.wait_caught_up(i, CATCH_UP).await;
         Ok(())
     }
@@ -200,7 +202,7 @@ impl Injector<'_> {
         tokio::time::sleep(spec.hold).await;
         self.c.resume(i);
         let label = format!("SIGSTOP {:?} for {:?}", spec.target, spec.hold);
-        self.record(label, i, at, String::new());
+        self.record(label, i, (at, at), String::new());
         self.c.wait_caught_up(i, CATCH_UP).await;
         Ok(())
     }
@@ -215,7 +217,10 @@ impl Injector<'_> {
             .map(|j| self.c.node(j).id)
             .collect();
         let at = now_ms();
+        // Whole once the node is told: it neither sends to nor answers a
+        // peer it blocks.
         self.set_blocked(i, &others).await?;
+        let in_place = now_ms();
         for j in self.c.live().into_iter().filter(|j| *j != i) {
             self.set_blocked(j, &[me]).await?;
         }
@@ -234,7 +239,7 @@ impl Injector<'_> {
             }
         }
         let label = format!("partition {:?} away for {:?}", spec.target, spec.hold);
-        self.record(label, i, at, String::new());
+        self.record(label, i, (at, in_place), String::new());
         self.c.wait_caught_up(i, CATCH_UP).await;
         Ok(())
     }
@@ -272,10 +277,16 @@ impl Injector<'_> {
             self.hit_pid = self.c.node(i).pid();
             let at = now_ms();
             let clean = self.c.terminate(i, TERM_GRACE);
+            let down = now_ms();
             tokio::time::sleep(spec.hold).await;
             self.c.restart(i);
             let note = if clean { "" } else { "did not exit on SIGTERM" };
-            self.record("rolling restart (SIGTERM)".into(), i, at, note.into());
+            self.record(
+                "rolling restart (SIGTERM)".into(),
+                i,
+                (at, down),
+                note.into(),
+            );
             self.c.wait_caught_up(i, CATCH_UP).await;
             self.c.leader().await;
         }

@@ -17,9 +17,9 @@
 //!   (no await between them), restarts them after `hold`.
 //!
 //! After either, the drill waits (bounded) until each node of the region
-//! has caught up. The record's `fresh_after_ms` is when the fault was fully
-//! in place: recovery is measured from the injection to the first dispatch
-//! of a task submitted after that moment, which only the majority can have
+//! has caught up. The record's `in_place_ms` is when the fault was fully in
+//! place: recovery is measured from the injection to the first dispatch of
+//! a task submitted after that moment, which only the majority can have
 //! committed (`verdict.rs`).
 
 use anyhow::{Result, bail};
@@ -83,7 +83,7 @@ impl Injector<'_> {
             cleared_ms: now_ms(),
             note,
             skipped: false,
-            fresh_after_ms: Some(at.1),
+            in_place_ms: at.1,
             recover_within: None,
         });
     }

@@ -52,7 +52,7 @@ impl Injector<'_> {
                 format!("{what}; node refused to start ({why}); replaced by node {new}")
             }
         };
-        self.record(format!("corrupt log ({mode:?})"), i, at, note);
+        self.record(format!("corrupt log ({mode:?})"), i, (at, at), note);
         Ok(())
     }
 
@@ -113,7 +113,7 @@ impl Injector<'_> {
                 cleared_ms: now_ms(),
                 note: "needs root and mount(8) to mount a small tmpfs; not run".into(),
                 skipped: true,
-                fresh_after_ms: None,
+                in_place_ms: now_ms(),
                 recover_within: None,
             });
             return Ok(());
@@ -165,7 +165,7 @@ impl Injector<'_> {
              {enospc} log lines with ENOSPC; {note}",
             headroom / 1024
         );
-        self.record("disk full".into(), i, at, note);
+        self.record("disk full".into(), i, (at, at), note);
         self.c.wait_caught_up(i, Duration::from_secs(60)).await;
         Ok(())
     }

@@ -50,6 +50,8 @@ pub struct Verdict {
     pub two_owners: BTreeMap<String, String>,
     /// Executions whose node passed the gateway's id, owner and token.
     pub fenced_calls: usize,
+    /// Gateway -> the (token, owner) placements its calls carried.
+    pub placements: BTreeMap<String, BTreeSet<(u64, u64)>>,
     /// Faults with a recovery bound that recovered later or not at all.
     pub slow_recoveries: Vec<String>,
     pub probes: Probes,
@@ -163,6 +165,10 @@ impl Verdict {
         self.duplicate_executions = by_task.values().filter(|ts| ts.len() > 1).count();
         self.two_owners = two_owner_gateways(execs);
         self.fenced_calls = execs.iter().filter(|e| e.call.is_some()).count();
+        for c in execs.iter().filter_map(|e| e.call.as_ref()) {
+            let seen = self.placements.entry(c.gateway.clone()).or_default();
+            seen.insert((c.token, c.owner));
+        }
         for (id, t) in tasks.iter().filter(|(_, t)| t["status"] == "completed") {
             let marker = t["payload"]["marker"].as_str().unwrap_or_default();
             let agent = t["agent_id"].as_str().unwrap_or(".");
@@ -202,7 +208,18 @@ impl Verdict {
             }
             prev = t;
         }
-        let all = ev.dispatch_times();
+        self.measure_faults(ev, load, records, subs);
+    }
+
+    /// Each fault's recovery (against its bound) and the leader elected
+    /// during it; the leaders elected while no fault was held.
+    fn measure_faults(
+        &mut self,
+        ev: &Events,
+        load: (u64, u64),
+        records: Vec<Record>,
+        subs: &Submissions,
+    ) {
         // Task -> when it was first dispatched.
         let mut first: BTreeMap<u64, u64> = BTreeMap::new();
         for (at, task) in ev.grants.values() {
@@ -210,25 +227,13 @@ impl Verdict {
             *t = (*t).min(*at);
         }
         for r in records {
-            let rec = match r.fresh_after_ms {
-                Some(fresh) => subs
-                    .sent_ms
-                    .iter()
-                    .filter(|(_, sent)| **sent > fresh)
-                    .filter_map(|(task, _)| first.get(task))
-                    .min()
-                    .map(|d| d - r.injected_ms),
-                None => {
-                    let dispatched = all.iter().copied().find(|t| *t > r.injected_ms);
-                    let acked = subs
-                        .ack_times
-                        .iter()
-                        .copied()
-                        .filter(|t| *t > r.injected_ms)
-                        .min();
-                    dispatched.zip(acked).map(|(d, a)| d.max(a) - r.injected_ms)
-                }
-            };
+            let rec = subs
+                .sent_ms
+                .iter()
+                .filter(|(_, sent)| **sent > r.in_place_ms)
+                .filter_map(|(task, _)| first.get(task))
+                .min()
+                .map(|d| d - r.injected_ms);
             if let Some(bound) = r.recover_within
                 && rec.is_none_or(|ms| u128::from(ms) > bound.as_millis())
             {
@@ -324,6 +329,15 @@ impl Verdict {
                 self.fenced_calls
             ),
         );
+        let placed: Vec<String> = self
+            .placements
+            .iter()
+            .map(|(g, ps)| {
+                let ps: Vec<String> = ps.iter().map(|(t, n)| format!("{t}@n{n}")).collect();
+                format!("{g} {}", ps.join(" "))
+            })
+            .collect();
+        row("  placements in calls (token@node)", placed.join("; "));
         row(
             "tasks executed again after a lease loss",
             self.duplicate_executions.to_string(),
@@ -364,13 +378,18 @@ impl Verdict {
         );
         let _ = writeln!(
             s,
-            "  faults (recovery = until a task was both acknowledged and dispatched after the \
-             injection; for region faults, until the first dispatch of a task submitted after \
-             the fault was in place):"
+            "  faults (recovery = from the injection until the first dispatch of a task \
+             submitted after the fault was in place):"
         );
         for f in &self.faults {
             let _ = writeln!(s, "    {}", f.render(self.load_start_ms));
         }
+        self.render_details(&mut s);
+        s
+    }
+
+    /// The ids behind each must-be-zero count that is not zero.
+    fn render_details(&self, s: &mut String) {
         let details = [
             (
                 "lost",
@@ -400,6 +419,5 @@ impl Verdict {
                 v.iter().take(20).cloned().collect::<Vec<_>>().join("; ")
             );
         }
-        s
     }
 }
