@@ -34,8 +34,8 @@ const NODE_CONFIG: &str = "[queue]\nnode_heartbeat_interval = \"250ms\"\n\
 /// 150-300 ms elections (the three-node drills') elected two leaders while
 /// no fault was held in a region-loss run (no heal there); `cluster-config/
 /// regions-3x3`'s 100 ms and 400-800 ms replaced a cut-off leader's region
-/// in 1.5-1.85 s, close to the 2 s bound; 100 ms and 250-500 ms did it in
-/// 1.1-1.2 s, with no such elections.
+/// in 1.48-1.85 s, close to the 2 s bound; 100 ms and 250-500 ms did it in
+/// 0.93-1.47 s, with no such elections.
 const RAFT_9: &str = "[raft]\nheartbeat_interval = \"100ms\"\n\
                       election_timeout_min = \"250ms\"\nelection_timeout_max = \"500ms\"\n\n";
 /// Statuses a task can leave.
