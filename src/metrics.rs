@@ -66,6 +66,9 @@ pub struct Metrics {
     pub api_denials_unaudited: prometheus::IntCounter,
     /// Event-stream connections open on this node.
     pub event_subscribers: IntGauge,
+    /// 1 while this node counts itself cut off from the majority (and so
+    /// runs no gateway or agent actors).
+    pub node_cut_off: IntGauge,
     /// Events sent to event-stream subscribers.
     pub events_sent: prometheus::IntCounter,
     /// Event-stream subscribers ended, by reason (`lagged`, `slow`,
@@ -200,6 +203,10 @@ fn build() -> prometheus::Result<Metrics> {
             "godel_api_denials_unaudited_total",
             "Denied API calls that could not be written to the audit log",
         )?,
+        node_cut_off: IntGauge::new(
+            "godel_node_cut_off",
+            "1 while no heartbeat this node sent within node_dead_after has committed: it runs no gateway or agent actors",
+        )?,
         event_subscribers: IntGauge::new(
             "godel_event_subscribers",
             "Event-stream connections open on this node",
@@ -250,6 +257,7 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry
         .register(Box::new(m.api_denials_unaudited.clone()))?;
     m.registry.register(Box::new(m.event_subscribers.clone()))?;
+    m.registry.register(Box::new(m.node_cut_off.clone()))?;
     m.registry.register(Box::new(m.events_sent.clone()))?;
     m.registry.register(Box::new(m.event_disconnects.clone()))?;
     m.registry.register(Box::new(m.events_missed.clone()))?;

@@ -31,6 +31,7 @@
 //! confirms its leadership with a quorum round (ReadIndex); a follower asks the
 //! leader for that index and waits until it has applied it.
 
+mod contact;
 mod drain;
 mod membership;
 mod placer;
@@ -122,6 +123,8 @@ struct Inner {
     agents: crate::actors::AgentDirectory,
     /// The actor fabric, when enabled and started (taken at stop).
     fabric: std::sync::Mutex<Option<crate::fabric::Fabric>>,
+    /// When this node's last committed heartbeat was sent.
+    contact: contact::Contact,
 }
 
 impl Node {
@@ -174,6 +177,7 @@ impl Node {
                 actors: std::sync::Mutex::new(None),
                 agents: crate::actors::AgentDirectory::default(),
                 fabric: std::sync::Mutex::new(None),
+                contact: contact::Contact::default(),
             }),
         };
         let listener = tokio::net::TcpListener::bind(node.inner.config.node.raft_addr).await?;
@@ -374,6 +378,19 @@ impl Node {
         let rx = self.inner.raft.metrics();
         let m = rx.borrow();
         m.state == ServerState::Leader && m.current_leader == Some(self.inner.id)
+    }
+
+    /// Whether this node counts itself cut off from the majority: no
+    /// heartbeat it sent within `node_dead_after` less one heartbeat
+    /// interval has committed (see `node/contact.rs`). It then runs no
+    /// gateway or agent actors.
+    pub fn cut_off(&self) -> bool {
+        let q = &self.inner.config.queue;
+        let bound = q
+            .node_dead_after
+            .saturating_sub(q.node_heartbeat_interval)
+            .max(q.node_heartbeat_interval);
+        self.inner.contact.lost(bound)
     }
 
     /// Whether this node is in a quorum: it is a leader that heard from a

@@ -202,3 +202,155 @@ async fn calls_carry_the_owner_and_its_placement_token() {
     })
     .await;
 }
+
+/// The log line's timestamp (RFC 3339, fixed width, so strings compare as
+/// times) of the first line of `log` that contains every one of `needles`.
+fn logged_at(log: &str, needles: &[&str]) -> Option<String> {
+    log.lines()
+        .find(|l| needles.iter().all(|n| l.contains(n)))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+}
+
+/// A node cut off from the majority stops its gateway and agent actors
+/// before the majority places its gateway elsewhere (so the gateway is not
+/// driven from both sides), says so in its log and metrics, and once healed
+/// runs what the registry places on it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_node_stops_driving_its_gateway_before_the_majority_moves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("highest-token");
+    let cfg = "[gateways.command]\nallow = [\"/bin/sh\"]\n\
+               [runtime]\nfault_injection = true\n\
+               [queue]\nnode_heartbeat_interval = \"300ms\"\nnode_dead_after = \"1500ms\"\n";
+    let c = Cluster::start_with(3, cfg).await;
+    bounded(TEST_BOUND, async {
+        let api = c.api();
+        let leader = c.leader().await;
+        let r = api
+            .post(leader, "/api/v1/gateways", &fencing_gateway(&state))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{r:?}");
+        let agent =
+            json!({"id": "f-1", "gateway": "fenced", "capabilities": ["fence"], "capacity": 1});
+        assert_eq!(
+            api.post(leader, "/api/v1/agents", &agent)
+                .await
+                .unwrap()
+                .status,
+            201
+        );
+        let placed = wait_until(
+            "the gateway to be placed",
+            deadline(Duration::from_secs(15)),
+            async || {
+                let g = gateway(&api, leader).await?;
+                if g["owner"].is_u64() {
+                    Ok(g)
+                } else {
+                    bail!("{g}")
+                }
+            },
+        )
+        .await;
+        let owner = placed["owner"].as_u64().unwrap();
+        let x = c.index_of(owner);
+        run_one(&api, x, "before").await;
+        assert_eq!(api.metric(x, "godel_node_cut_off").await, 0.0);
+
+        // Cut the owner away from both others, both ways.
+        let others: Vec<usize> = (0..3).filter(|j| *j != x).collect();
+        let peers: Vec<u64> = others.iter().map(|j| c.node(*j).id).collect();
+        let r = api
+            .post(
+                x,
+                "/api/v1/admin/faults/partition",
+                &json!({"peers": peers}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        for j in &others {
+            let r = api
+                .post(
+                    *j,
+                    "/api/v1/admin/faults/partition",
+                    &json!({"peers": [owner]}),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+        let new_owner = wait_until(
+            "the majority to move the gateway",
+            deadline(Duration::from_secs(20)),
+            async || {
+                let g = gateway(&api, others[0]).await?;
+                match g["owner"].as_u64() {
+                    Some(o) if o != owner => Ok(o),
+                    _ => bail!("{g}"),
+                }
+            },
+        )
+        .await;
+        wait_until(
+            "the cut-off node to say so",
+            deadline(Duration::from_secs(10)),
+            async || {
+                if api.metric(x, "godel_node_cut_off").await == 1.0 {
+                    Ok(())
+                } else {
+                    bail!("not yet")
+                }
+            },
+        )
+        .await;
+        let stopped = logged_at(
+            &c.node(x).log_tail(4000),
+            &["stopping gateway actor", "gateway:fenced"],
+        )
+        .expect("the cut-off node stopped the gateway actor");
+        let moved_by = c.index_of(
+            api.get_ok(others[0], "/api/v1/cluster").await["leader"]
+                .as_u64()
+                .expect("a leader"),
+        );
+        let moved = logged_at(
+            &c.node(moved_by).log_tail(4000),
+            &[
+                "gateway placed",
+                "gateway=fenced",
+                &format!("owner=Some({new_owner})"),
+            ],
+        )
+        .expect("the leader logged the move");
+        assert!(stopped < moved, "stopped at {stopped}, moved at {moved}");
+
+        // Healed: the node is in contact again and runs nothing of the
+        // gateway (placed elsewhere now), while the new owner runs its work.
+        for i in 0..3 {
+            let r = api
+                .post(i, "/api/v1/admin/faults/heal", &json!({}))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+        wait_until(
+            "the healed node to be in contact",
+            deadline(Duration::from_secs(20)),
+            async || {
+                if api.metric(x, "godel_node_cut_off").await == 0.0 {
+                    Ok(())
+                } else {
+                    bail!("still cut off")
+                }
+            },
+        )
+        .await;
+        let after = run_one(&api, x, "after").await;
+        assert_eq!(after["owner"], new_owner, "{after}");
+        assert_eq!(after["token"], 2, "{after}");
+    })
+    .await;
+}

@@ -66,6 +66,7 @@ pub async fn reconcile_loop(
     let shutdown = node.shutdown_token().clone();
     let mut drivers: BTreeMap<GatewayId, Built> = BTreeMap::new();
     let mut first = true;
+    let mut was_cut_off = false;
     loop {
         if !first {
             tokio::select! {
@@ -77,19 +78,51 @@ pub async fn reconcile_loop(
         if let Err(e) = ensure_shard(&node, &root).await {
             tracing::warn!(error = %e, "cannot start the queue-shard actor; retrying");
         }
+        let cut_off = node.cut_off();
+        crate::metrics::global()
+            .node_cut_off
+            .set(i64::from(cut_off));
+        if cut_off != was_cut_off && !(first_pass_quiet(cut_off, &drivers)) {
+            if cut_off {
+                tracing::warn!(
+                    dead_after = ?node.queue_config().node_dead_after,
+                    "cut off from the majority: no heartbeat sent within node_dead_after has committed; \
+                     stopping this node's gateway and agent actors (the majority places its gateways elsewhere)"
+                );
+            } else {
+                tracing::info!(
+                    "in contact with the majority again: running what the registry places here"
+                );
+            }
+        }
+        was_cut_off = cut_off;
         let tree = Tree {
             root: &root,
             directory: &directory,
             policy: &policy,
             observer: &observer,
         };
-        if let Err(e) = reconcile(&node, &tree, &mut drivers).await {
+        if let Err(e) = reconcile(&node, &tree, &mut drivers, cut_off).await {
             tracing::warn!(error = %e, "runtime reconcile failed; retrying");
         }
     }
 }
 
-fn desired(node: &Node) -> Desired {
+/// A node that starts before its first heartbeat commits is "cut off"
+/// until then, with nothing running: not worth a warning.
+fn first_pass_quiet(cut_off: bool, drivers: &BTreeMap<GatewayId, Built>) -> bool {
+    cut_off && drivers.is_empty()
+}
+
+/// What the registry places here; nothing while the node is cut off from
+/// the majority (see `node/contact.rs`).
+fn desired(node: &Node, cut_off: bool) -> Desired {
+    if cut_off {
+        return Desired {
+            gateways: BTreeMap::new(),
+            agents: BTreeMap::new(),
+        };
+    }
     let me = node.id();
     node.state().read(|s| {
         let reg = s.registry();
@@ -143,9 +176,10 @@ async fn reconcile(
     node: &Node,
     tree: &Tree<'_>,
     drivers: &mut BTreeMap<GatewayId, Built>,
+    cut_off: bool,
 ) -> super::Result<()> {
     let (root, directory) = (tree.root, tree.directory);
-    let want = desired(node);
+    let want = desired(node, cut_off);
     let gateways = sub(root, GATEWAYS).await?;
     let agents = sub(root, AGENTS).await?;
     // Gateways whose spec changed: their actors restart with a new driver.
@@ -163,7 +197,7 @@ async fn reconcile(
             .iter()
             .any(|(a, g)| agent_actor(a) == *name && !changed.contains(g));
         if !keep {
-            tracing::info!(actor = %name, "stopping agent: its gateway left this node, changed, or it was deregistered");
+            tracing::info!(actor = %name, cut_off, "stopping agent: its gateway left this node, changed, or it was deregistered, or the node is cut off");
             agents.remove_child(name, REMOVE_WAIT).await?;
         }
     }
@@ -174,7 +208,7 @@ async fn reconcile(
             .keys()
             .any(|g| gateway_actor(g) == *name && !changed.contains(g));
         if !keep {
-            tracing::info!(actor = %name, "stopping gateway actor: it left this node or changed");
+            tracing::info!(actor = %name, cut_off, "stopping gateway actor: it left this node or changed, or the node is cut off");
             gateways.remove_child(name, REMOVE_WAIT).await?;
         }
     }

@@ -367,9 +367,15 @@ pub(super) async fn heartbeat_loop(node: Node) {
             region: info.region.clone(),
             api_addr: info.api_addr.clone(),
         };
+        let sent = std::time::Instant::now();
         wait = match node.write(cmd).await {
-            Ok(Ok(_)) => node.queue_config().node_heartbeat_interval,
+            Ok(Ok(_)) => {
+                node.inner.contact.committed(sent);
+                node.queue_config().node_heartbeat_interval
+            }
             Ok(Err(rejected)) => {
+                // Applied, so committed: the majority heard it.
+                node.inner.contact.committed(sent);
                 tracing::warn!(error = %rejected, "node heartbeat rejected");
                 node.queue_config().node_heartbeat_interval
             }

@@ -560,6 +560,8 @@ function renderDetail(t) {
     ["lease", t.lease ? `token ${t.lease.fencing_token} on ${t.lease.agent_id}, expires ${t.lease.expires_at}` : "-"],
     ["session key", t.session_key || "-"],
     ["capabilities", (t.capabilities || []).join(", ") || "-"],
+    ["region", t.region ? `${t.region} (${t.region_required ? "required" : "preferred"})` : "-"],
+    ["waiting for", t.waiting_for || "-"],
     ["next attempt", t.next_attempt_at || "-"],
     ["created", t.created_at],
     ["updated", t.updated_at],
