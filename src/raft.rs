@@ -19,6 +19,14 @@ pub mod rpc;
 /// A node's identity in the cluster: stable across restarts.
 pub type NodeId = u64;
 
+/// A Raft group's identity. Today a node hosts one group, [`META_GROUP`];
+/// `docs/shards.md` plans more (queue shards), each its own openraft
+/// instance whose RPCs share the node-to-node transport.
+pub type GroupId = u32;
+
+/// The group every node hosts: today the only one.
+pub const META_GROUP: GroupId = 0;
+
 /// What the cluster membership records about a node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeInfo {

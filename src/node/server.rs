@@ -8,8 +8,8 @@ use super::Node;
 use super::membership;
 use super::proposer::accept_forwarded;
 use crate::codec;
-use crate::raft::NodeId;
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
+use crate::raft::{META_GROUP, NodeId};
 use crate::transport::Handler;
 
 /// Serves [`RpcRequest`]s for one node.
@@ -129,6 +129,17 @@ impl RpcHandler {
                     .map_err(|e| RemoteFailure::Unavailable(e.to_string())),
             ),
             RpcRequest::Ping => RpcReply::Pong,
+            RpcRequest::Group { group, request } => match *request {
+                r @ (RpcRequest::AppendEntries(_)
+                | RpcRequest::Vote(_)
+                | RpcRequest::InstallSnapshot(_))
+                    if group == META_GROUP =>
+                {
+                    Box::pin(self.serve(peer, r)).await
+                }
+                // This node hosts the meta group only (docs/shards.md).
+                _ => RpcReply::NoSuchGroup(group),
+            },
         }
     }
 }

@@ -13,28 +13,37 @@ use openraft::raft::{
 };
 
 use super::rpc::{RpcReply, RpcRequest};
-use super::{NodeId, NodeInfo, TypeConfig};
+use super::{GroupId, META_GROUP, NodeId, NodeInfo, TypeConfig};
 use crate::codec;
 use crate::transport::{Client, TransportError};
 
-/// Creates a connection handle per peer; all share one transport client.
+/// Creates a connection handle per peer for one Raft group; every group
+/// and peer shares one transport client (one connection per peer node).
 #[derive(Clone)]
 pub struct Network {
     client: Client,
     me: NodeId,
+    group: GroupId,
 }
 
 impl Network {
-    /// A network sending as node `me` through `client`.
+    /// The [`META_GROUP`]'s network, sending as node `me` through `client`.
     pub fn new(client: Client, me: NodeId) -> Self {
-        Self { client, me }
+        Self::for_group(client, me, META_GROUP)
+    }
+
+    /// Group `group`'s network: its Raft messages travel wrapped in
+    /// [`RpcRequest::Group`] (the meta group's unwrapped).
+    pub fn for_group(client: Client, me: NodeId, group: GroupId) -> Self {
+        Self { client, me, group }
     }
 }
 
-/// The Raft side of one peer.
+/// The Raft side of one peer, for one group.
 pub struct PeerConn {
     client: Client,
     me: NodeId,
+    group: GroupId,
     target: NodeId,
     addr: String,
 }
@@ -46,6 +55,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConn {
             client: self.client.clone(),
             me: self.me,
+            group: self.group,
             target,
             addr: node.raft_addr.clone(),
         }
@@ -62,6 +72,14 @@ impl PeerConn {
         action: RPCTypes,
         ttl: Duration,
     ) -> Result<RpcReply, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>> {
+        let req = if self.group == META_GROUP {
+            req
+        } else {
+            RpcRequest::Group {
+                group: self.group,
+                request: Box::new(req),
+            }
+        };
         let bytes = codec::encode(&req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let timeout = Timeout {
             action,
@@ -80,7 +98,16 @@ impl PeerConn {
                 | TransportError::Tls { .. } => RPCError::Unreachable(Unreachable::new(&e)),
                 other => RPCError::Network(NetworkError::new(&other)),
             })?;
-        codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        match codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))? {
+            // Like a peer that is down: openraft backs off and retries.
+            RpcReply::NoSuchGroup(g) => Err(RPCError::Unreachable(Unreachable::new(
+                &std::io::Error::other(format!(
+                    "node {} hosts no replica of group {g}",
+                    self.target
+                )),
+            ))),
+            other => Ok(other),
+        }
     }
 
     fn unexpected<E: std::error::Error>(

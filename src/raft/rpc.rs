@@ -8,7 +8,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{NodeId, NodeInfo, TypeConfig};
+use super::{GroupId, NodeId, NodeInfo, TypeConfig};
 use crate::fsm;
 
 /// A request from one node to another.
@@ -43,6 +43,15 @@ pub enum RpcRequest {
     /// Check that the node answers over the transport (TLS and the secret
     /// handshake included); the leader asks before adding a node.
     Ping,
+    /// A Raft message (`AppendEntries`, `Vote` or `InstallSnapshot`) for a
+    /// group other than [`META_GROUP`](super::META_GROUP), whose messages
+    /// travel unwrapped.
+    Group {
+        /// The group.
+        group: GroupId,
+        /// The message.
+        request: Box<RpcRequest>,
+    },
 }
 
 /// Commands a follower forwards to the leader (see `fsm::pack`).
@@ -97,4 +106,7 @@ pub enum RpcReply {
     Pong,
     /// The request could not be decoded.
     Undecodable(String),
+    /// See [`RpcRequest::Group`]: the receiver hosts no replica of that
+    /// group, or the message is not one a group takes.
+    NoSuchGroup(GroupId),
 }
