@@ -162,6 +162,7 @@
 //!   the snapshot encoding, decoding and reads/writes of the snapshot bytes,
 //!   which scale with the state, are moved off the runtime.
 
+mod capture;
 mod db;
 mod log;
 mod recover;
@@ -176,6 +177,7 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 use crate::codec::CodecError;
 use crate::raft::NodeId;
 
+pub use capture::{Capture, Restored, Seeded, Through, offline_capture, seed};
 pub use log::LogStore;
 pub use state_machine::{
     AppliedEvents, EVENT_CHANNEL_CAPACITY, SharedState, SnapshotBuilder, StateMachine,
@@ -231,6 +233,9 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A store was to be created where something already is.
+    #[error("refusing to create a store: {0}")]
+    NotFresh(String),
     /// A previous apply panicked while holding the state lock.
     #[error("state machine lock poisoned by an earlier panic")]
     Poisoned,
