@@ -25,12 +25,18 @@ use crate::node::NodeError;
 /// Backups streaming from this node.
 static STREAMING: Semaphore = Semaphore::const_new(backup::MAX_CONCURRENT_BACKUPS);
 
+/// The backup file as the OpenAPI document describes it: bytes.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)] // a schema only: the body is streamed, never built
+pub struct BackupFile(Vec<u8>);
+
 /// `GET /admin/backup`: the backup file, streamed.
 #[utoipa::path(
     get,
     path = "/admin/backup",
     responses(
-        (status = 200, description = "The backup (format: `docs/recovery.md`), streamed as it is encoded from one consistent copy of each group; a body that ends before its trailer, or with a cut connection, is not a backup. `x-godel-backup-index` names the meta group's applied log index", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 200, description = "The backup (format: `docs/recovery.md`), streamed as it is encoded from one consistent copy of each group; a body that ends before its trailer, or with a cut connection, is not a backup. `x-godel-backup-index` names the meta group's applied log index", content_type = "application/octet-stream", body = BackupFile),
         (status = 429, description = "This node already streams its most backups at once", body = ErrorBody),
     )
 )]
