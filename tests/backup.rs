@@ -629,6 +629,20 @@ async fn damage_used_directories_and_non_admins_are_refused_and_change_nothing()
     .await;
 }
 
+/// Every file under `dir` with its bytes.
+fn files(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.insert(path.clone(), std::fs::read(&path).unwrap());
+        }
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_that_lost_its_majority_comes_back_from_its_survivor() {
     bounded(Duration::from_secs(180), async {
@@ -649,6 +663,7 @@ async fn a_cluster_that_lost_its_majority_comes_back_from_its_survivor() {
         }
         c.kill9(leader);
         let survivor = c.node(leader).data_dir();
+        let untouched = files(&survivor.join("raft"));
 
         let file = dir.path().join("survivor.backup");
         let run = godel_async(
@@ -687,6 +702,11 @@ async fn a_cluster_that_lost_its_majority_comes_back_from_its_survivor() {
             .as_u64()
             .unwrap();
         assert!(upto <= meta["applied"]["index"].as_u64().unwrap());
+        assert!(
+            files(&survivor.join("raft")) == untouched,
+            "the survivor's store is read, never written"
+        );
+        assert_eq!(names(dir.path()), ["committed.backup", "survivor.backup"]);
 
         let c2 = Cluster::start_prepared(4, "", restore_for(&file)).await;
         let a2 = c2.api();

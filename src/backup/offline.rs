@@ -274,9 +274,15 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// The backup of a stopped node's data directory `data_dir` (its `raft`
-/// store): its snapshot, then its log applied up to `through`. Reads only.
-/// Blocking; fails while a node runs on it.
-pub fn offline_backup(data_dir: &Path, through: Through) -> Result<(Header, Vec<GroupCapture>)> {
+/// store): its snapshot, then its log applied up to `through`. The store
+/// is left as it is: a copy of it is read, made in a temporary directory
+/// under `scratch` and removed after. Blocking; fails while a node runs on
+/// it.
+pub fn offline_backup(
+    data_dir: &Path,
+    through: Through,
+    scratch: &Path,
+) -> Result<(Header, Vec<GroupCapture>)> {
     let dir = data_dir.join("raft");
     if !dir.is_dir() {
         return Err(BackupError::Refused(format!(
@@ -284,7 +290,7 @@ pub fn offline_backup(data_dir: &Path, through: Through) -> Result<(Header, Vec<
             data_dir.display()
         )));
     }
-    let capture = store::offline_capture(&dir, through)?;
+    let capture = store::offline_capture(&dir, through, scratch)?;
     let members = capture
         .membership()
         .membership()

@@ -130,7 +130,12 @@ async fn offline(
     through: Through,
 ) -> backup::Result<(PathBuf, Verified)> {
     blocking(move || {
-        let (header, groups) = backup::offline_backup(&dir, through)?;
+        // The store's temporary copy goes beside the output.
+        let scratch = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let (header, groups) = backup::offline_backup(&dir, through, &scratch)?;
         backup::write_file(&out, &header, &groups)?;
         let verified = backup::verify_file(&out)?;
         Ok((out, verified))

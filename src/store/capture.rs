@@ -84,17 +84,19 @@ pub enum Through {
 
 /// The state machine a stopped node's store holds, as a [`Capture`]: its
 /// snapshot, then its log entries applied in order as the node would
-/// apply them, up to `through`. Reads only: every stored entry's checksum
-/// is checked, nothing is written (sled may replay its own recovery).
-/// Blocking; fails while a node runs on `dir`.
-pub fn offline_capture(dir: &Path, through: Through) -> Result<Capture> {
-    if !dir.join("db").exists() {
-        return Err(StoreError::Inconsistent(format!(
-            "{} holds no store (no sled `db` file)",
-            dir.display()
-        )));
+/// apply them, up to `through`; every stored entry's checksum is checked.
+/// The store in `dir` is not touched: it is copied (holding sled's own
+/// lock on it, so a node that runs on it is refused, and none can start
+/// meanwhile) into a temporary directory under `scratch`, which is read
+/// and removed (sled rewrites its files when it opens them). Needs room
+/// under `scratch` for a copy of the store. Blocking.
+pub fn offline_capture(dir: &Path, through: Through, scratch: &Path) -> Result<Capture> {
+    let copy = ScratchDir::create(scratch)?;
+    {
+        let _locked = while_locked(OFFLINE_LOCK_WAIT, || Db::lock_unopened(dir))?;
+        copy_tree(dir, &copy.0)?;
     }
-    let db = while_locked(OFFLINE_LOCK_WAIT, || Db::open(dir))?;
+    let db = Db::open(&copy.0)?;
     let span = db.verify_log()?;
     let mut applied = super::state_machine::restore(&db)?;
     let end = match through {
@@ -110,6 +112,52 @@ pub fn offline_capture(dir: &Path, through: Through) -> Result<Capture> {
     Ok(Capture {
         view: Arc::new(applied),
     })
+}
+
+/// Copies the files and directories under `from` into `to` (existing).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let io = |what: String| move |source| StoreError::Io { what, source };
+    let entries = std::fs::read_dir(from).map_err(io(format!("read {}", from.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io(format!("read {}", from.display())))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry
+            .file_type()
+            .map_err(io(format!("stat {}", src.display())))?;
+        if kind.is_dir() {
+            std::fs::create_dir(&dst).map_err(io(format!("create {}", dst.display())))?;
+            copy_tree(&src, &dst)?;
+        } else if kind.is_file() {
+            std::fs::copy(&src, &dst).map_err(io(format!("copy {}", src.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// A temporary directory, removed when dropped.
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn create(under: &Path) -> Result<ScratchDir> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = under.join(format!(
+            ".godel-offline-copy-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&path).map_err(|source| StoreError::Io {
+            what: format!("create {}", path.display()),
+            source,
+        })?;
+        Ok(ScratchDir(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A state machine read back from a [`Capture`]'s payload.

@@ -162,10 +162,16 @@ async fn seeding_refuses_a_directory_that_holds_anything() {
 async fn an_offline_copy_applies_the_log_to_the_commit_or_to_its_end() {
     let dir = tempfile::tempdir().unwrap();
     store_with_history(dir.path(), 2, 3).await;
-    let committed = offline_capture(dir.path(), Through::Committed).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let before = std::fs::read(dir.path().join("db")).unwrap();
+    let committed = offline_capture(dir.path(), Through::Committed, scratch.path()).unwrap();
     assert_eq!(committed.last_applied(), Some(id(2, 3)));
     assert_eq!(committed.state().task_count(), 5);
-    let all = offline_capture(dir.path(), Through::LogEnd).unwrap();
+    let all = offline_capture(dir.path(), Through::LogEnd, scratch.path()).unwrap();
+    // The store was copied, not opened: its bytes are as they were, and
+    // the copy is gone.
+    assert_eq!(std::fs::read(dir.path().join("db")).unwrap(), before);
+    assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
     assert_eq!(all.last_applied(), Some(id(2, 4)));
     assert_eq!(all.state().task_count(), 6);
     assert_eq!(all.state().audit().last_seq(), 3);
@@ -176,5 +182,9 @@ async fn an_offline_copy_applies_the_log_to_the_commit_or_to_its_end() {
     sm.apply(history()).await.unwrap();
     assert_eq!(all.state(), sm.shared().capture().state());
     let none = tempfile::tempdir().unwrap();
-    assert!(offline_capture(none.path(), Through::LogEnd).is_err());
+    assert!(offline_capture(none.path(), Through::LogEnd, scratch.path()).is_err());
+    // A store a node holds open is refused (after waiting for it a while).
+    let (_log, _sm) = Store::open_waiting(dir.path(), WAIT).unwrap();
+    let err = offline_capture(dir.path(), Through::LogEnd, scratch.path()).unwrap_err();
+    assert!(err.to_string().contains("stop it first"), "{err}");
 }
