@@ -101,7 +101,8 @@
 //! `godel backup --data-dir DIR --out FILE` copies a stopped node's store
 //! offline: its snapshot and then every entry of its log, committed or not
 //! (`--committed-only` stops at the commit index it knew), applied as the
-//! node would apply them; restore that into a new one-node cluster.
+//! node would apply them; restore that into a new one-node cluster. The
+//! store itself is left untouched (`store::offline_capture` reads a copy).
 //! Entries a majority acknowledged but this node never received are lost,
 //! and entries it holds that were never committed come back; the old nodes
 //! must never be started again. `docs/recovery.md` has the procedure.
