@@ -332,6 +332,17 @@ async fn backups_under_load_and_quiet_restore_into_new_clusters() {
             count(&after, "completed") > count(&before, "completed"),
             "tasks completed while the backup streamed: {before} -> {after}"
         );
+        wait_until(
+            "the backup counted",
+            deadline(Duration::from_secs(10)),
+            async || {
+                let n = api
+                    .metric(follower, "godel_backups_total{outcome=\"ok\"}")
+                    .await;
+                if n == 1.0 { Ok(()) } else { bail!("{n}") }
+            },
+        )
+        .await;
         let ul_meta = section(&ul).clone();
         let state_bytes = ul["sections"][0]["state_bytes"].as_u64().unwrap();
         assert!(

@@ -165,11 +165,19 @@ pub fn stream_backup<H: Send + 'static>(
             Ok(r) => r,
             Err(e) => Err(BackupError::Interrupted(format!("the encoder failed: {e}"))),
         };
+        let metrics = crate::metrics::global();
         match result {
             Ok((hash, bytes)) => {
+                metrics.backups.with_label_values(&["ok"]).inc();
+                metrics.backup_bytes.inc_by(bytes);
                 tracing::info!(?applied, bytes, sha256 = %hex(&hash), "backup streamed");
             }
             Err(e) => {
+                let outcome = match e {
+                    BackupError::Interrupted(_) => "interrupted",
+                    _ => "failed",
+                };
+                metrics.backups.with_label_values(&[outcome]).inc();
                 tracing::warn!(?applied, error = %e, "backup stream stopped");
                 // Ends the body with an error; a reader that is gone or
                 // stalled does not hold the producer up.
