@@ -239,3 +239,6 @@ impl Write for ChannelSink {
         self.send()
     }
 }
+
+#[cfg(test)]
+mod tests;
