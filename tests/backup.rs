@@ -234,6 +234,12 @@ fn stable(mut v: Value, volatile: &[&str]) -> Value {
     v
 }
 
+impl Shown {
+    fn task_ids(&self) -> std::collections::BTreeSet<u64> {
+        self.tasks.iter().filter_map(|t| t["id"].as_u64()).collect()
+    }
+}
+
 async fn shown(api: &Api, i: usize) -> Shown {
     let items = |v: Value| v["items"].as_array().cloned().unwrap_or_default();
     let gateways = items(api.get_ok(i, "/api/v1/gateways").await)
@@ -298,176 +304,201 @@ fn count(v: &Value, status: &str) -> u64 {
 async fn backups_under_load_and_quiet_restore_into_new_clusters() {
     bounded(Duration::from_secs(420), async {
         let dir = tempfile::tempdir().unwrap();
-        let c = Cluster::start_with(3, CONFIG).await;
-        let api = c.api();
-        let leader = c.leader().await;
-        register_sim(&api, leader).await;
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let load: Vec<_> = (0..3)
-            .map(|w| tokio::spawn(submitter(api.clone(), w, Arc::clone(&stop))))
-            .collect();
-        wait_until(
-            "the load to run",
-            deadline(Duration::from_secs(60)),
-            async || {
-                let s = by_status(&api, leader).await;
-                let done = count(&s, "completed");
-                if done >= 200 && count(&s, "dead_letter") >= 1 {
-                    Ok(())
-                } else {
-                    bail!("{s}")
-                }
-            },
-        )
-        .await;
-
-        // Under load, from a follower.
-        let follower = (0..3).find(|i| *i != leader).expect("a follower");
-        let before = by_status(&api, leader).await;
-        let under_load = dir.path().join("under-load.backup");
-        let ul = backup_of(&c, follower, &under_load).await;
-        let after = by_status(&api, leader).await;
-        assert!(
-            count(&after, "completed") > count(&before, "completed"),
-            "tasks completed while the backup streamed: {before} -> {after}"
+        let (under_load, quiet) = (
+            dir.path().join("under-load.backup"),
+            dir.path().join("quiet.backup"),
         );
-        wait_until(
-            "the backup counted",
-            deadline(Duration::from_secs(10)),
-            async || {
-                let n = api
-                    .metric(follower, "godel_backups_total{outcome=\"ok\"}")
-                    .await;
-                if n == 1.0 { Ok(()) } else { bail!("{n}") }
-            },
-        )
-        .await;
-        let ul_meta = section(&ul).clone();
-        let state_bytes = ul["sections"][0]["state_bytes"].as_u64().unwrap();
-        assert!(
-            state_bytes > 2 * godel::backup::STREAM_CHUNK_BYTES as u64,
-            "streamed in several pieces: {state_bytes} bytes"
-        );
-        assert_eq!(ul["header"]["cluster"]["source"], "api");
-        assert_eq!(ul["header"]["cluster"]["node"], c.node(follower).id);
-        stop.store(true, Ordering::Relaxed);
-        let mut acked = Vec::new();
-        for l in load {
-            acked.extend(l.await.expect("submitter"));
-        }
-        eprintln!("[test] {} tasks acknowledged under load", acked.len());
-
-        // Quiet, from the leader: compared with what the cluster shows.
-        wait_quiet(&api, leader, Duration::from_secs(120)).await;
-        let quiet = dir.path().join("quiet.backup");
-        let q = backup_of(&c, leader, &quiet).await;
-        let old = shown(&api, leader).await;
-        let q_meta = section(&q).clone();
-        let summary = &q_meta["summary"];
-        assert_eq!(summary["tasks"], old.tasks.len() as u64);
-        assert_eq!(summary["dead_letters"], old.dead_letters.len() as u64);
-        assert!(!old.dead_letters.is_empty());
-        assert_eq!(summary["gateways"], 1);
-        assert_eq!(summary["agents"], 2);
-        assert_eq!(summary["audit_head"], old.audit_head["hash"]);
-        assert_eq!(summary["audit_last_seq"], old.audit_head["seq"]);
-        let ids: std::collections::BTreeSet<u64> =
-            old.tasks.iter().filter_map(|t| t["id"].as_u64()).collect();
-        assert!(
-            acked.iter().all(|id| ids.contains(id)),
-            "every acknowledged task is there"
-        );
-        let (ul_index, q_index) = (
-            ul_meta["applied"]["index"].as_u64().unwrap(),
-            q_meta["applied"]["index"].as_u64().unwrap(),
-        );
-        assert!(ul_index < q_index, "{ul_index} < {q_index}");
-        assert!(ul_meta["summary"]["tasks"].as_u64() < summary["tasks"].as_u64());
-        drop(c);
-
-        // The under-load backup: every task it holds finishes on a new cluster.
-        let c1 = Cluster::start_prepared(1, CONFIG, restore_for(&under_load)).await;
-        let a1 = c1.api();
-        let audit = a1.get_ok(0, "/api/v1/audit?limit=1").await;
-        assert_eq!(audit["head"]["hash"], ul_meta["summary"]["audit_head"]);
-        let tasks = all_pages(&a1, 0, "/api/v1/tasks").await;
-        assert_eq!(
-            tasks.len() as u64,
-            ul_meta["summary"]["tasks"].as_u64().unwrap()
-        );
-        let open = tasks
-            .iter()
-            .filter(|t| !TERMINAL.contains(&t["status"].as_str().unwrap_or("")))
-            .count();
-        eprintln!(
-            "[test] under-load backup: {} tasks, {open} not finished",
-            tasks.len()
-        );
-        wait_quiet(&a1, 0, Duration::from_secs(150)).await;
-        let after = all_pages(&a1, 0, "/api/v1/tasks").await;
-        assert_eq!(after.len(), tasks.len(), "no task lost or added");
-        godel_async(ADMIN_KEY, &["--api", &url(&c1, 0), "audit", "verify"])
-            .await
-            .ok("audit verify on the restored under-load backup");
-        drop(c1);
-
-        // The quiet backup: exactly what the old cluster showed.
-        let mut c2 = Cluster::start_prepared(1, CONFIG, restore_for(&quiet)).await;
-        let a2 = c2.api();
-        let new = shown(&a2, 0).await;
-        assert_eq!(new.tasks, old.tasks);
-        assert_eq!(new.dead_letters, old.dead_letters);
-        assert_eq!(new.gateways, old.gateways);
-        assert_eq!(new.agents, old.agents);
-        assert_eq!(new.audit_head, old.audit_head);
-        let verified = godel_async(ADMIN_KEY, &["--api", &url(&c2, 0), "audit", "verify"])
-            .await
-            .ok("audit verify on the restored quiet backup");
-        assert!(verified.stdout.contains("verified"), "{verified:?}");
-
-        // Others join it, and it runs new work.
-        let (j2, j3) = (c2.start_joining(0), c2.start_joining(0));
-        wait_until(
-            "three voters",
-            deadline(Duration::from_secs(60)),
-            async || {
-                let m = a2.cluster(0).await?["members"].clone();
-                let voters = m
-                    .as_array()
-                    .map_or(0, |m| m.iter().filter(|x| x["role"] == "voter").count());
-                if voters == 3 { Ok(()) } else { bail!("{m}") }
-            },
-        )
-        .await;
-        c2.wait_caught_up(j2, Duration::from_secs(60)).await;
-        c2.wait_caught_up(j3, Duration::from_secs(60)).await;
-        let a2 = c2.api();
-        let mut fresh = Vec::new();
-        for n in 0..10 {
-            let body = task_body("acme", "high", n, Some(&format!("after-{n}")));
-            let t = support::work::submit(&a2, j2, &body).await;
-            fresh.push(t["id"].as_u64().unwrap());
-        }
-        assert!(
-            fresh.iter().all(|id| !ids.contains(id)),
-            "new ids go on from the copy's"
-        );
-        wait_until(
-            "the new tasks to finish",
-            deadline(Duration::from_secs(120)),
-            async || {
-                for id in &fresh {
-                    let t = a2.get_ok(j3, &format!("/api/v1/tasks/{id}")).await;
-                    if !TERMINAL.contains(&t["status"].as_str().unwrap_or("")) {
-                        bail!("task {id} is {}", t["status"]);
-                    }
-                }
-                Ok(())
-            },
-        )
-        .await;
+        let old = back_up_a_working_cluster(&under_load, &quiet).await;
+        every_task_of_a_backup_finishes(&under_load, section(&old.under_load)).await;
+        a_quiet_backup_restores_as_it_was(&quiet, &old.shown).await;
     })
+    .await;
+}
+
+/// The backups of the old cluster, and what it showed after the quiet one.
+struct OldCluster {
+    under_load: Value,
+    shown: Shown,
+}
+
+/// A three-node cluster under load: a backup from a follower while tasks
+/// are submitted and completed, then (load stopped, every task finished)
+/// one from the leader, checked against what the cluster shows.
+async fn back_up_a_working_cluster(under_load: &Path, quiet: &Path) -> OldCluster {
+    let c = Cluster::start_with(3, CONFIG).await;
+    let api = c.api();
+    let leader = c.leader().await;
+    register_sim(&api, leader).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..3)
+        .map(|w| tokio::spawn(submitter(api.clone(), w, Arc::clone(&stop))))
+        .collect();
+    wait_until(
+        "the load to run",
+        deadline(Duration::from_secs(60)),
+        async || {
+            let s = by_status(&api, leader).await;
+            if count(&s, "completed") >= 200 && count(&s, "dead_letter") >= 1 {
+                Ok(())
+            } else {
+                bail!("{s}")
+            }
+        },
+    )
+    .await;
+    let follower = (0..3).find(|i| *i != leader).expect("a follower");
+    let ul = back_up_under_load(&c, follower, leader, under_load).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for l in load {
+        acked.extend(l.await.expect("submitter"));
+    }
+    eprintln!("[test] {} tasks acknowledged under load", acked.len());
+
+    wait_quiet(&api, leader, Duration::from_secs(120)).await;
+    let q = backup_of(&c, leader, quiet).await;
+    let shown = shown(&api, leader).await;
+    let (ul_meta, q_meta) = (section(&ul), section(&q));
+    let summary = &q_meta["summary"];
+    assert_eq!(summary["tasks"], shown.tasks.len() as u64);
+    assert_eq!(summary["dead_letters"], shown.dead_letters.len() as u64);
+    assert!(!shown.dead_letters.is_empty());
+    assert_eq!(
+        (&summary["gateways"], &summary["agents"]),
+        (&json!(1), &json!(2))
+    );
+    assert_eq!(summary["audit_head"], shown.audit_head["hash"]);
+    assert_eq!(summary["audit_last_seq"], shown.audit_head["seq"]);
+    let ids = shown.task_ids();
+    assert!(
+        acked.iter().all(|id| ids.contains(id)),
+        "every acknowledged task is there"
+    );
+    let index = |m: &Value| m["applied"]["index"].as_u64().unwrap();
+    assert!(index(ul_meta) < index(q_meta));
+    assert!(ul_meta["summary"]["tasks"].as_u64() < summary["tasks"].as_u64());
+    OldCluster {
+        under_load: ul,
+        shown,
+    }
+}
+
+/// `godel backup` from `follower` while the load runs: tasks complete
+/// meanwhile, the file is whole, several chunks long, and counted.
+async fn back_up_under_load(c: &Cluster, follower: usize, leader: usize, file: &Path) -> Value {
+    let api = c.api();
+    let before = by_status(&api, leader).await;
+    let ul = backup_of(c, follower, file).await;
+    let after = by_status(&api, leader).await;
+    assert!(
+        count(&after, "completed") > count(&before, "completed"),
+        "tasks completed while the backup streamed: {before} -> {after}"
+    );
+    wait_until(
+        "the backup counted",
+        deadline(Duration::from_secs(10)),
+        async || {
+            let n = api
+                .metric(follower, "godel_backups_total{outcome=\"ok\"}")
+                .await;
+            if n == 1.0 { Ok(()) } else { bail!("{n}") }
+        },
+    )
+    .await;
+    let state_bytes = ul["sections"][0]["state_bytes"].as_u64().unwrap();
+    assert!(
+        state_bytes > 2 * godel::backup::STREAM_CHUNK_BYTES as u64,
+        "streamed in several pieces: {state_bytes} bytes"
+    );
+    assert_eq!(ul["header"]["cluster"]["source"], "api");
+    assert_eq!(ul["header"]["cluster"]["node"], c.node(follower).id);
+    ul
+}
+
+/// Restores `file` (whose section is `meta`) into a one-node cluster: it
+/// holds the backup's tasks and audit head, and every task reaches a
+/// terminal state (leases of the old agents expire or are given back).
+async fn every_task_of_a_backup_finishes(file: &Path, meta: &Value) {
+    let c = Cluster::start_prepared(1, CONFIG, restore_for(file)).await;
+    let api = c.api();
+    let audit = api.get_ok(0, "/api/v1/audit?limit=1").await;
+    assert_eq!(audit["head"]["hash"], meta["summary"]["audit_head"]);
+    let tasks = all_pages(&api, 0, "/api/v1/tasks").await;
+    assert_eq!(
+        tasks.len() as u64,
+        meta["summary"]["tasks"].as_u64().unwrap()
+    );
+    let open = tasks
+        .iter()
+        .filter(|t| !TERMINAL.contains(&t["status"].as_str().unwrap_or("")))
+        .count();
+    eprintln!(
+        "[test] under-load backup: {} tasks, {open} not finished",
+        tasks.len()
+    );
+    wait_quiet(&api, 0, Duration::from_secs(150)).await;
+    let after = all_pages(&api, 0, "/api/v1/tasks").await;
+    assert_eq!(after.len(), tasks.len(), "no task lost or added");
+    godel_async(ADMIN_KEY, &["--api", &url(&c, 0), "audit", "verify"])
+        .await
+        .ok("audit verify on the restored under-load backup");
+}
+
+/// Restores the quiet backup `file`: the new cluster shows exactly what
+/// the old one did (`old`), two new nodes join it, and it runs new tasks.
+async fn a_quiet_backup_restores_as_it_was(file: &Path, old: &Shown) {
+    let mut c = Cluster::start_prepared(1, CONFIG, restore_for(file)).await;
+    let new = shown(&c.api(), 0).await;
+    assert_eq!(new.tasks, old.tasks);
+    assert_eq!(new.dead_letters, old.dead_letters);
+    assert_eq!(new.gateways, old.gateways);
+    assert_eq!(new.agents, old.agents);
+    assert_eq!(new.audit_head, old.audit_head);
+    let verified = godel_async(ADMIN_KEY, &["--api", &url(&c, 0), "audit", "verify"])
+        .await
+        .ok("audit verify on the restored quiet backup");
+    assert!(verified.stdout.contains("verified"), "{verified:?}");
+
+    let (j2, j3) = (c.start_joining(0), c.start_joining(0));
+    let api = c.api();
+    wait_until(
+        "three voters",
+        deadline(Duration::from_secs(60)),
+        async || {
+            let m = api.cluster(0).await?["members"].clone();
+            let voters = m
+                .as_array()
+                .map_or(0, |m| m.iter().filter(|x| x["role"] == "voter").count());
+            if voters == 3 { Ok(()) } else { bail!("{m}") }
+        },
+    )
+    .await;
+    c.wait_caught_up(j2, Duration::from_secs(60)).await;
+    c.wait_caught_up(j3, Duration::from_secs(60)).await;
+    let old_ids = old.task_ids();
+    let mut fresh = Vec::new();
+    for n in 0..10 {
+        let body = task_body("acme", "high", n, Some(&format!("after-{n}")));
+        let t = support::work::submit(&api, j2, &body).await;
+        fresh.push(t["id"].as_u64().unwrap());
+    }
+    assert!(
+        fresh.iter().all(|id| !old_ids.contains(id)),
+        "new ids follow the copy's"
+    );
+    wait_until(
+        "the new tasks to finish",
+        deadline(Duration::from_secs(120)),
+        async || {
+            for id in &fresh {
+                let t = api.get_ok(j3, &format!("/api/v1/tasks/{id}")).await;
+                if !TERMINAL.contains(&t["status"].as_str().unwrap_or("")) {
+                    bail!("task {id} is {}", t["status"]);
+                }
+            }
+            Ok(())
+        },
+    )
     .await;
 }
 
@@ -506,138 +537,132 @@ async fn damage_used_directories_and_non_admins_are_refused_and_change_nothing()
         let good = d.join("good.backup");
         let g = backup_of(&c, 0, &good).await;
         assert_eq!(section(&g)["summary"]["tasks"], 3);
-        let bytes = std::fs::read(&good).unwrap();
-        let api_url = url(&c, 0);
-
-        // Only an admin: the route and the CLI refuse the others, and the
-        // CLI leaves no file behind.
-        for role in [Role::Operator, Role::Developer, Role::Viewer] {
-            let key = key_of(&api, role).await;
-            let r = api
-                .with_key(&key)
-                .get(0, "/api/v1/admin/backup")
-                .await
-                .unwrap();
-            r.assert_error(403, "forbidden");
-            assert!(r.message().contains("cluster:backup"), "{r:?}");
-            let out = d.join(format!("{role}.backup"));
-            let run = godel_async(&key, &["--api", &api_url, "backup", "--out", path(&out)]).await;
-            assert_eq!(run.code, 1, "{run:?}");
-            assert!(run.stderr.contains("forbidden"), "{run:?}");
-        }
+        only_an_admin_backs_up(&c, d).await;
         assert_eq!(names(d), ["good.backup"], "no file and no partial file");
-
-        // An existing file is never replaced.
+        let bytes = std::fs::read(&good).unwrap();
         let run = godel_async(
             ADMIN_KEY,
-            &["--api", &api_url, "backup", "--out", path(&good)],
+            &["--api", &url(&c, 0), "backup", "--out", path(&good)],
         )
         .await;
         assert_eq!(run.code, 1, "{run:?}");
-        assert!(run.stderr.contains("exists"), "{run:?}");
+        assert!(
+            run.stderr.contains("exists"),
+            "an existing file is never replaced: {run:?}"
+        );
         assert_eq!(std::fs::read(&good).unwrap(), bytes);
-
-        // A flipped byte (in the state, in the header) and a cut file are
-        // refused by verify and by restore, which creates nothing.
-        let mut cases = Vec::new();
-        for (name, at) in [("state", bytes.len() / 2), ("header", 40)] {
-            let mut bad = bytes.clone();
-            bad[at] ^= 0x40;
-            cases.push((format!("flipped-{name}.backup"), bad, "damaged"));
-        }
-        cases.push((
-            "cut.backup".into(),
-            bytes[..bytes.len() - 10].to_vec(),
-            "truncated",
-        ));
-        for (name, content, why) in cases {
-            let file = d.join(&name);
-            std::fs::write(&file, content).unwrap();
-            let run = godel_async(ADMIN_KEY, &["backup", "verify", path(&file)]).await;
-            assert_eq!(run.code, 1, "{name}: {run:?}");
-            assert!(run.stderr.contains(why), "{name}: {run:?}");
-            let target = d.join(format!("restored-{name}"));
-            let run = godel_async(
-                ADMIN_KEY,
-                &[
-                    "restore",
-                    path(&file),
-                    "--data-dir",
-                    path(&target),
-                    "--node-id",
-                    "7",
-                ],
-            )
-            .await;
-            assert_eq!(run.code, 1, "{name}: {run:?}");
-            assert!(run.stderr.contains(why), "{name}: {run:?}");
-            assert!(
-                run.stderr.contains("nothing was created"),
-                "{name}: {run:?}"
-            );
-            assert!(!target.exists(), "{name}: {} was created", target.display());
-            std::fs::remove_file(&file).unwrap();
-        }
+        damaged_files_are_refused(&bytes, d).await;
         assert_eq!(names(d), ["good.backup"], "no staging directory left");
-
-        // A directory that holds anything is refused and left as it was.
-        let used = d.join("used");
-        std::fs::create_dir(&used).unwrap();
-        std::fs::write(used.join("keep"), b"mine").unwrap();
-        let run = godel_async(
-            ADMIN_KEY,
-            &[
-                "restore",
-                path(&good),
-                "--data-dir",
-                path(&used),
-                "--node-id",
-                "7",
-            ],
-        )
-        .await;
-        assert_eq!(run.code, 1, "{run:?}");
-        assert!(run.stderr.contains("not empty"), "{run:?}");
-        assert_eq!(names(&used), ["keep"]);
-
-        // An empty one is fine; the result reads back offline as the same
-        // state (audit chain included).
-        let empty = d.join("empty");
-        std::fs::create_dir(&empty).unwrap();
-        godel_async(
-            ADMIN_KEY,
-            &[
-                "restore",
-                path(&good),
-                "--data-dir",
-                path(&empty),
-                "--node-id",
-                "7",
-            ],
-        )
-        .await
-        .ok("restore into an empty directory");
-        godel_async(ADMIN_KEY, &["audit", "verify", "--data-dir", path(&empty)])
-            .await
-            .ok("audit verify offline");
-        let again = d.join("again.backup");
-        godel_async(
-            ADMIN_KEY,
-            &["backup", "--data-dir", path(&empty), "--out", path(&again)],
-        )
-        .await
-        .ok("an offline backup of the restored directory");
-        let a = godel_async(ADMIN_KEY, &["-o", "json", "backup", "verify", path(&again)])
-            .await
-            .ok("verify")
-            .json();
-        let (was, now) = (section(&g), section(&a["backup"]));
-        assert_eq!(now["summary"], was["summary"]);
-        assert_eq!(now["applied"], was["applied"]);
-        let voters = &now["membership"]["membership"]["configs"];
-        assert_eq!(voters, &json!([[7]]), "the new node alone: {now}");
+        restores_need_an_empty_directory(&good, section(&g), d).await;
     })
     .await;
+}
+
+/// The route and the CLI refuse every role but admin (403 naming the
+/// permission), and the CLI leaves no file behind.
+async fn only_an_admin_backs_up(c: &Cluster, d: &Path) {
+    let api = c.api();
+    for role in [Role::Operator, Role::Developer, Role::Viewer] {
+        let key = key_of(&api, role).await;
+        let r = api
+            .with_key(&key)
+            .get(0, "/api/v1/admin/backup")
+            .await
+            .unwrap();
+        r.assert_error(403, "forbidden");
+        assert!(r.message().contains("cluster:backup"), "{r:?}");
+        let out = d.join(format!("{role}.backup"));
+        let run = godel_async(&key, &["--api", &url(c, 0), "backup", "--out", path(&out)]).await;
+        assert_eq!(run.code, 1, "{run:?}");
+        assert!(run.stderr.contains("forbidden"), "{run:?}");
+    }
+}
+
+/// `godel restore FILE --data-dir DIR --node-id 7`.
+async fn restore_as_7(file: &Path, dir: &Path) -> Run {
+    godel_async(
+        ADMIN_KEY,
+        &[
+            "restore",
+            path(file),
+            "--data-dir",
+            path(dir),
+            "--node-id",
+            "7",
+        ],
+    )
+    .await
+}
+
+/// A flipped byte (in the state, in the header) and a cut file are
+/// refused by verify and by restore, which creates nothing.
+async fn damaged_files_are_refused(good: &[u8], d: &Path) {
+    let mut cases = Vec::new();
+    for (name, at) in [("state", good.len() / 2), ("header", 40)] {
+        let mut bad = good.to_vec();
+        bad[at] ^= 0x40;
+        cases.push((format!("flipped-{name}.backup"), bad, "damaged"));
+    }
+    cases.push((
+        "cut.backup".into(),
+        good[..good.len() - 10].to_vec(),
+        "truncated",
+    ));
+    for (name, content, why) in cases {
+        let file = d.join(&name);
+        std::fs::write(&file, content).unwrap();
+        let run = godel_async(ADMIN_KEY, &["backup", "verify", path(&file)]).await;
+        assert_eq!(run.code, 1, "{name}: {run:?}");
+        assert!(run.stderr.contains(why), "{name}: {run:?}");
+        let target = d.join(format!("restored-{name}"));
+        let run = restore_as_7(&file, &target).await;
+        assert_eq!(run.code, 1, "{name}: {run:?}");
+        assert!(run.stderr.contains(why), "{name}: {run:?}");
+        assert!(
+            run.stderr.contains("nothing was created"),
+            "{name}: {run:?}"
+        );
+        assert!(!target.exists(), "{name}: {} was created", target.display());
+        std::fs::remove_file(&file).unwrap();
+    }
+}
+
+/// A directory that holds anything is refused and left as it was; an
+/// empty one takes the restore, whose store reads back offline as the
+/// backup's state (`was`) with the new node alone as its membership.
+async fn restores_need_an_empty_directory(good: &Path, was: &Value, d: &Path) {
+    let used = d.join("used");
+    std::fs::create_dir(&used).unwrap();
+    std::fs::write(used.join("keep"), b"mine").unwrap();
+    let run = restore_as_7(good, &used).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("not empty"), "{run:?}");
+    assert_eq!(names(&used), ["keep"]);
+
+    let empty = d.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    restore_as_7(good, &empty)
+        .await
+        .ok("restore into an empty directory");
+    godel_async(ADMIN_KEY, &["audit", "verify", "--data-dir", path(&empty)])
+        .await
+        .ok("audit verify offline");
+    let again = d.join("again.backup");
+    godel_async(
+        ADMIN_KEY,
+        &["backup", "--data-dir", path(&empty), "--out", path(&again)],
+    )
+    .await
+    .ok("an offline backup of the restored directory");
+    let a = godel_async(ADMIN_KEY, &["-o", "json", "backup", "verify", path(&again)])
+        .await
+        .ok("verify")
+        .json();
+    let now = section(&a["backup"]);
+    assert_eq!(now["summary"], was["summary"]);
+    assert_eq!(now["applied"], was["applied"]);
+    let voters = &now["membership"]["membership"]["configs"];
+    assert_eq!(voters, &json!([[7]]), "the new node alone: {now}");
 }
 
 /// Every file under `dir` with its bytes.
