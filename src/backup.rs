@@ -37,13 +37,13 @@
 //!
 //! # Consistency under load
 //!
-//! A backup is taken on any node, follower or leader: the node records the
-//! request in the audit log (a Raft write), passes a linearizable read
-//! barrier, so its replica holds every write acknowledged before the
-//! request, that audit entry included, and then copies its state machine
-//! under the state machine's read lock (as the snapshot builder does: the
-//! tasks are shared pointers, so the copy costs a map of pointers while
-//! apply waits). That copy is the state at exactly one applied log id,
+//! A backup is taken on any node, follower or leader: the node passes a
+//! linearizable read barrier, records the request in the audit log (a Raft
+//! write: no quorum, no backup), passes a second barrier, so its replica
+//! holds every write acknowledged before the request, that audit entry
+//! included, and then copies its state machine under the state machine's
+//! read lock (as the snapshot builder does: the tasks are shared pointers,
+//! so the copy costs a map of pointers while apply waits). That copy is the state at exactly one applied log id,
 //! recorded in the section. Writes go on while it streams: they change
 //! the live state, never the copy. With several groups each section is
 //! consistent at its own applied index; the groups are not cut at one

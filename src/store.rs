@@ -125,6 +125,14 @@
 //! watermark: a new node). The watermark guards against a log file that
 //! loses its tail or is changed, not against every failing disk.
 //!
+//! # Backups
+//!
+//! `capture.rs` gives `crate::backup` what it needs and keeps sled here: a
+//! copy of the state machine taken as a snapshot build takes one, the same
+//! read from a stopped node's store (a copy of its files, so the store is
+//! never written), and a fresh store seeded with a copy as its snapshot,
+//! through the layout, watermark and open checks above.
+//!
 //! # Invariants
 //!
 //! - **Fsync before ack.** `save_vote` returns, and `append` calls its

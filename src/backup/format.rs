@@ -201,7 +201,7 @@ impl<W: Write> Writer<W> {
 }
 
 /// The state bytes of one section, as `std::io::Write`: buffered into
-/// chunks of [`CHUNK_BYTES`].
+/// chunks of `CHUNK_BYTES` (256 KiB).
 #[derive(Debug)]
 pub struct SectionWriter<'a, W: Write> {
     w: &'a mut Writer<W>,
