@@ -244,7 +244,20 @@ async fn shown(api: &Api, i: usize) -> Shown {
     let items = |v: Value| v["items"].as_array().cloned().unwrap_or_default();
     let gateways = items(api.get_ok(i, "/api/v1/gateways").await)
         .into_iter()
-        .map(|g| stable(g, &["owner", "health", "circuit", "updated_at"]))
+        // A restored gateway moves to a node of the new cluster (and a
+        // placement raises its fencing token, where the view shows one).
+        .map(|g| {
+            stable(
+                g,
+                &[
+                    "owner",
+                    "placement_token",
+                    "health",
+                    "circuit",
+                    "updated_at",
+                ],
+            )
+        })
         .collect();
     let agents = items(api.get_ok(i, "/api/v1/agents").await)
         .into_iter()
