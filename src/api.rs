@@ -21,6 +21,7 @@
 mod admin;
 mod audit;
 pub mod auth;
+mod backup;
 mod cluster;
 mod dashboard;
 mod error;
@@ -171,6 +172,7 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (M::GET, "/admin/faults", get(admin::faults)),
         (M::POST, "/admin/faults/partition", post(admin::partition)),
         (M::POST, "/admin/faults/heal", post(admin::heal)),
+        (M::GET, "/admin/backup", get(backup::download)),
         (M::GET, "/cluster", get(cluster::status)),
         (M::POST, "/cluster/join", post(cluster::join)),
         (M::POST, "/cluster/leave", post(cluster::leave)),

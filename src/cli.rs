@@ -1,5 +1,6 @@
 //! The `godel` command line: `serve`, and a client command for each API call.
 
+mod backup;
 mod client;
 mod events;
 mod security;
@@ -8,6 +9,7 @@ pub mod text;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use backup::{BackupArgs, BackupCmd, RestoreArgs};
 pub use security::{AuditCmd, JwtCmd, KeyCmd, TenantCmd};
 
 pub use client::run_client;
@@ -96,6 +98,13 @@ pub enum Command {
     /// The hash-chained audit log (admin); `verify` walks the chain.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// A consistent, checksummed backup of every Raft group (admin):
+    /// streamed from any node, `--out FILE`; or copied from a stopped
+    /// node's `--data-dir` (unsafe recovery); `verify FILE` checks one.
+    Backup(BackupArgs),
+    /// Create a fresh node data directory from a backup: `godel serve` on
+    /// it starts a one-node cluster holding the backup's state.
+    Restore(RestoreArgs),
     /// Tail the cluster's events: `godel events 'task.*' 'gateway.>'`
     /// (`*` matches one segment, `>` the rest; default: everything the
     /// credential may see).

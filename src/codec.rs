@@ -49,6 +49,42 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
+/// [`encode`], written to `out` as it is produced rather than collected:
+/// the same bytes, for values too large to hold twice (backups stream a
+/// whole state through it). `out` sees many small writes; buffer it.
+pub fn encode_to_writer<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut impl std::io::Write,
+) -> Result<(), CodecError> {
+    out.write_all(&[VERSION])
+        .map_err(|e| CodecError::Encode(bincode::error::EncodeError::Io { inner: e, index: 0 }))?;
+    bincode::serde::encode_into_std_write(value, out, config())?;
+    Ok(())
+}
+
+/// Decodes one value written by [`encode`] from `input`, reading no further
+/// than its last byte (what follows is the caller's to check). `input` sees
+/// many small reads; buffer it.
+pub fn decode_from_reader<T: DeserializeOwned>(
+    input: &mut impl std::io::Read,
+) -> Result<T, CodecError> {
+    let mut version = [0u8; 1];
+    match input.read_exact(&mut version) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(CodecError::Empty),
+        Err(e) => {
+            return Err(CodecError::Decode(bincode::error::DecodeError::Io {
+                inner: e,
+                additional: 1,
+            }));
+        }
+    }
+    if version[0] != VERSION {
+        return Err(CodecError::Version(version[0]));
+    }
+    Ok(bincode::serde::decode_from_std_read(input, config())?)
+}
+
 /// Decodes a value written by [`encode`]; trailing bytes are an error.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
@@ -84,6 +120,17 @@ mod tests {
         let mut long = bytes.clone();
         long.push(0);
         assert!(decode::<(u64, String, Vec<u8>)>(&long).is_err());
+        // the streaming pair writes and reads the same bytes
+        let mut streamed = Vec::new();
+        encode_to_writer(&v, &mut streamed).unwrap();
+        assert_eq!(streamed, bytes);
+        let mut long_reader = &long[..];
+        let back: (u64, String, Vec<u8>) = decode_from_reader(&mut long_reader).unwrap();
+        assert_eq!((back, long_reader), (v, &[0u8][..]));
+        assert!(matches!(
+            decode_from_reader::<u64>(&mut &[][..]),
+            Err(CodecError::Empty)
+        ));
         // a huge length prefix must fail, not allocate
         assert!(
             decode::<Vec<u8>>(&[

@@ -7,7 +7,8 @@
 //! [`placement`] decides which node runs each gateway; [`gateway`] holds the
 //! drivers that run tasks on agent gateways; [`actors`] is the supervision
 //! tree (restart policy); [`fabric`] joins the nodes' actor systems for lease
-//! hints; [`api`] and [`cli`] are the operator's interfaces;
+//! hints; [`api`] and [`cli`] are the operator's interfaces, and [`backup`]
+//! copies the replicated state out of a cluster and seeds a new one with it;
 //! [`config`], [`metrics`], [`clock`], [`codec`], [`tls`] and [`trace`]
 //! (W3C trace context) are shared plumbing.
 #![warn(missing_docs)]
@@ -17,6 +18,7 @@
 
 pub mod actors;
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod clock;
 pub mod codec;

@@ -77,6 +77,11 @@ pub struct Metrics {
     /// Events this node's stream buffer missed (it fell behind the state
     /// machine, or a snapshot replaced the state).
     pub events_missed: prometheus::IntCounter,
+    /// Backups this node streamed, by outcome (`ok`, `interrupted`: the
+    /// client went away, stalled or the node shut down; `failed`).
+    pub backups: IntCounterVec,
+    /// Bytes of backups this node streamed to the end.
+    pub backup_bytes: prometheus::IntCounter,
     tasks: IntGaugeVec,
     raft_term: IntGauge,
     raft_leader: IntGauge,
@@ -226,6 +231,17 @@ fn build() -> prometheus::Result<Metrics> {
             "godel_events_missed_total",
             "Events the node's stream buffer missed (fell behind, or a snapshot was installed)",
         )?,
+        backups: IntCounterVec::new(
+            Opts::new(
+                "godel_backups_total",
+                "Backups this node streamed, by outcome",
+            ),
+            &["outcome"],
+        )?,
+        backup_bytes: prometheus::IntCounter::new(
+            "godel_backup_bytes_total",
+            "Bytes of backups this node streamed to the end",
+        )?,
         tasks: IntGaugeVec::new(
             Opts::new("godel_queue_tasks", "Tasks by priority and status"),
             &["priority", "status"],
@@ -261,6 +277,8 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.events_sent.clone()))?;
     m.registry.register(Box::new(m.event_disconnects.clone()))?;
     m.registry.register(Box::new(m.events_missed.clone()))?;
+    m.registry.register(Box::new(m.backups.clone()))?;
+    m.registry.register(Box::new(m.backup_bytes.clone()))?;
     m.registry.register(Box::new(m.raft_term.clone()))?;
     m.registry.register(Box::new(m.raft_leader.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;

@@ -125,6 +125,14 @@
 //! watermark: a new node). The watermark guards against a log file that
 //! loses its tail or is changed, not against every failing disk.
 //!
+//! # Backups
+//!
+//! `capture.rs` gives `crate::backup` what it needs and keeps sled here: a
+//! copy of the state machine taken as a snapshot build takes one, the same
+//! read from a stopped node's store (a copy of its files, so the store is
+//! never written), and a fresh store seeded with a copy as its snapshot,
+//! through the layout, watermark and open checks above.
+//!
 //! # Invariants
 //!
 //! - **Fsync before ack.** `save_vote` returns, and `append` calls its
@@ -162,6 +170,7 @@
 //!   the snapshot encoding, decoding and reads/writes of the snapshot bytes,
 //!   which scale with the state, are moved off the runtime.
 
+mod capture;
 mod db;
 mod log;
 mod recover;
@@ -176,6 +185,7 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 use crate::codec::CodecError;
 use crate::raft::NodeId;
 
+pub use capture::{Capture, Restored, Seeded, Through, offline_capture, seed};
 pub use log::LogStore;
 pub use state_machine::{
     AppliedEvents, EVENT_CHANNEL_CAPACITY, SharedState, SnapshotBuilder, StateMachine,
@@ -231,6 +241,9 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A store was to be created where something already is.
+    #[error("refusing to create a store: {0}")]
+    NotFresh(String),
     /// A previous apply panicked while holding the state lock.
     #[error("state machine lock poisoned by an earlier panic")]
     Poisoned,

@@ -130,6 +130,15 @@ impl From<NodeError> for ApiError {
     }
 }
 
+impl From<crate::backup::BackupError> for ApiError {
+    fn from(e: crate::backup::BackupError) -> Self {
+        let code = e.code();
+        let mut err = Self::new(status_of(code), code, e.to_string());
+        err.retryable = e.is_retryable();
+        err
+    }
+}
+
 impl From<Rejection> for ApiError {
     fn from(r: Rejection) -> Self {
         let message = r.to_string();

@@ -38,7 +38,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, Secur
 use utoipa::openapi::{Content, Ref, RefOr, Required};
 
 use super::error::ErrorBody;
-use super::{admin, audit, cluster, dashboard, events, keys, leases, permissions, queue};
+use super::{admin, audit, backup, cluster, dashboard, events, keys, leases, permissions, queue};
 use super::{registry, sessions};
 use super::{tasks, tenants};
 
@@ -96,6 +96,7 @@ const BEARER: &str = "bearer";
         admin::faults,
         admin::partition,
         admin::heal,
+        backup::download,
         cluster::status,
         cluster::join,
         cluster::leave,

@@ -25,6 +25,7 @@
 //! | `keys:admin` (API keys, JWT revocations) | yes | - | - | - |
 //! | `tenants:admin` | yes | - | - | - |
 //! | `audit:read` | yes | - | - | - |
+//! | `cluster:backup` (a backup of the whole state, every tenant's and every credential's hash) | yes | - | - | - |
 //!
 //! Developers and viewers act in their credential's tenant only; admins
 //! and operators may name any tenant (see `auth::Caller`).
@@ -68,6 +69,8 @@ pub enum Permission {
     TenantsAdmin,
     /// Read the audit log.
     AuditRead,
+    /// Take a backup of the whole replicated state.
+    Backup,
 }
 
 impl Permission {
@@ -91,6 +94,7 @@ impl Permission {
             KeysAdmin => "keys:admin",
             TenantsAdmin => "tenants:admin",
             AuditRead => "audit:read",
+            Backup => "cluster:backup",
         }
     }
 
@@ -101,7 +105,7 @@ impl Permission {
             Role::Admin => true,
             Role::Operator => !matches!(
                 self,
-                ClusterAdmin | FaultsInject | KeysAdmin | TenantsAdmin | AuditRead
+                ClusterAdmin | FaultsInject | KeysAdmin | TenantsAdmin | AuditRead | Backup
             ),
             Role::Developer => matches!(self, TasksRead | SessionsRead | TasksWrite | LeasesWork),
             Role::Viewer => matches!(self, TasksRead | SessionsRead | MetricsRead),
@@ -274,6 +278,7 @@ pub const ROUTES: &[RouteSpec] = &[
         "faults.partition",
     ),
     r(POST, "/admin/faults/heal", P::FaultsInject, "faults.heal"),
+    r(GET, "/admin/backup", P::Backup, "backup.create"),
     r(GET, "/cluster", P::ClusterRead, "cluster.status"),
     r(POST, "/cluster/join", P::ClusterAdmin, "cluster.join"),
     r(POST, "/cluster/leave", P::ClusterAdmin, "cluster.leave"),
@@ -353,5 +358,6 @@ mod tests {
         assert!(!P::KeysAdmin.granted_to(Role::Operator));
         assert!(!P::TasksWrite.granted_to(Role::Viewer));
         assert!(!P::RegistryWrite.granted_to(Role::Developer));
+        assert!(!P::Backup.granted_to(Role::Operator));
     }
 }

@@ -18,6 +18,9 @@
 //!   a new connection is closed as soon as it is accepted.
 //! - **JSON depth**: bodies nested deeper than `api.max_json_depth` are
 //!   400 (the limit rides in each request for the body extractor).
+//! - **Streamed answers** (a backup) count as being answered until their
+//!   body ends, so the idle check above leaves them be; they bound
+//!   themselves.
 //! - **Upgrades** (the event stream's WebSocket) leave this loop: the
 //!   upgraded connection belongs to its handler, which bounds it.
 //! - Each request carries its peer address (`ConnectInfo<SocketAddr>`),
@@ -173,8 +176,7 @@ impl Connection {
             let answering = Answering::start(&counted);
             async move {
                 let resp = handle(app, &limits, peer, &answering.0, req).await;
-                drop(answering);
-                Ok::<_, Infallible>(resp)
+                Ok::<_, Infallible>(answering.hold_while_streaming(resp))
             }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
@@ -348,6 +350,52 @@ impl Answering {
         activity.started.fetch_add(1, Ordering::Relaxed);
         activity.answering.fetch_add(1, Ordering::Relaxed);
         Answering(Arc::clone(activity))
+    }
+}
+
+impl Answering {
+    /// `resp`, still counted as being answered until its body ends when
+    /// that body is streamed (its length unknown up front, as a backup's):
+    /// the watchdog must not take a long download for an idle connection.
+    /// Such a stream bounds itself (a backup stops when its client takes
+    /// nothing for `backup::STREAM_STALL`).
+    fn hold_while_streaming(self, resp: Response) -> Response {
+        if hyper::body::Body::size_hint(resp.body()).exact().is_some() {
+            return resp;
+        }
+        resp.map(|inner| {
+            Body::new(HeldBody {
+                inner,
+                _answering: self,
+            })
+        })
+    }
+}
+
+/// A streamed response body that keeps its request counted as being
+/// answered until it is dropped.
+struct HeldBody {
+    inner: Body,
+    _answering: Answering,
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

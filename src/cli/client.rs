@@ -38,6 +38,13 @@ pub async fn run_client(
         out!("{}", crate::api::auth::generate_key(*test));
         return Ok(0);
     }
+    if let Command::Restore(args) = cmd {
+        return super::backup::restore(output, args).await;
+    }
+    if let Command::Backup(args) = cmd {
+        let key = security::credential(api_key)?;
+        return super::backup::backup(api, key, ca_cert.as_deref(), output, args).await;
+    }
     if let Command::Events(args) = cmd {
         let key = security::credential(api_key)?;
         return super::events::tail(api, key, ca_cert.as_deref(), output, args).await;
@@ -132,7 +139,7 @@ async fn status(client: &Client, output: Output) -> anyhow::Result<i32> {
 }
 
 /// The HTTP client, trusting `ca_cert` besides the system's roots.
-fn http_client(ca_cert: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+pub(super) fn http_client(ca_cert: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder();
     if let Some(path) = ca_cert {
         let pem = std::fs::read(path)
@@ -220,7 +227,11 @@ pub(super) type Req = (&'static str, String, Option<Value>);
 
 fn request(cmd: Command) -> anyhow::Result<Req> {
     Ok(match cmd {
-        Command::Serve(_) | Command::Status | Command::Events(_) => {
+        Command::Serve(_)
+        | Command::Status
+        | Command::Events(_)
+        | Command::Backup(_)
+        | Command::Restore(_) => {
             bail!("not a single-call client command")
         }
         Command::Task(t) => task_request(t)?,

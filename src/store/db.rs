@@ -83,6 +83,39 @@ impl Db {
         })
     }
 
+    /// Takes the lock sled takes on its `db` file (an exclusive `flock`),
+    /// without opening the store: held until the file is dropped.
+    pub(super) fn lock_unopened(dir: &Path) -> Result<std::fs::File> {
+        let path = dir.join("db");
+        let file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
+            what: format!(
+                "open {} (is {} a node's store?)",
+                path.display(),
+                dir.display()
+            ),
+            source,
+        })?;
+        // SAFETY: flock on a file descriptor this function owns, valid until
+        // `file` is dropped (which releases the lock).
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc == 0 {
+            return Ok(file);
+        }
+        let err = std::io::Error::last_os_error();
+        // The same error sled gives, so `while_locked` waits on it.
+        Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
+            format!(
+                "could not acquire lock on {}: {err} (a node runs on it: stop it first)",
+                path.display()
+            ),
+        ))))
+    }
+
     /// Writes everything written so far to disk and fsyncs it, on sled's
     /// own thread pool.
     pub(super) async fn flush(&self) -> Result<()> {

@@ -95,7 +95,7 @@ impl SharedState {
         self.events.subscribe()
     }
 
-    fn read_guard(&self) -> RwLockReadGuard<'_, Applied> {
+    pub(super) fn read_guard(&self) -> RwLockReadGuard<'_, Applied> {
         // Poisoned means an apply panicked mid-entry (an fsm bug): openraft's
         // state-machine worker died with it and the node stops applying.
         // Readers still get the last state rather than a panic of their own.
@@ -184,7 +184,7 @@ impl StateMachine {
 
 /// Applies one entry to `applied`; returns the response and the events to
 /// publish, if any.
-fn apply_entry(
+pub(super) fn apply_entry(
     applied: &mut Applied,
     entry: Entry,
 ) -> Result<(fsm::Response, Option<AppliedEvents>)> {

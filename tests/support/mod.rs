@@ -35,6 +35,7 @@ use serde_json::{Value, json};
 
 mod api;
 pub mod certs;
+mod prepared;
 pub mod work;
 
 pub use api::Api;
