@@ -35,6 +35,7 @@ async fn state_of(dir: &std::path::Path, tasks: u64) -> (SharedState, crate::sto
                     idempotency_key: None,
                     parent_id: None,
                     trace: None,
+                    region: None,
                 })],
             ))),
         })

@@ -40,6 +40,7 @@ fn submit(n: u64) -> Command {
         idempotency_key: None,
         parent_id: None,
         trace: None,
+        region: None,
     })
 }
 
