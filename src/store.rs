@@ -15,6 +15,11 @@
 //! | `log_meta` | `vote`, `committed`, `last_purged`, `layout` | `Vote`, `LogId`, `LogId`, `u32` |
 //! | `snapshot` | `meta`, `data` | `SnapshotMeta`; the encoded snapshot payload |
 //!
+//! Those are the meta group's trees. Another Raft group `g` (see
+//! `docs/shards.md`) has the same three prefixed `g<g>.` (`g1.logs`, ...)
+//! in the same database, and its own watermark file
+//! `godel-watermark-g<g>` ([`Store::open_groups`]).
+//!
 //! Next to sled's files, outside sled, the directory holds the watermark
 //! file `godel-watermark` (format in `watermark.rs`). `layout` is written
 //! when the store is created (currently 2: checksums and watermark); a
@@ -183,7 +188,7 @@ use std::time::Duration;
 use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 
 use crate::codec::CodecError;
-use crate::raft::NodeId;
+use crate::raft::{GroupId, META_GROUP, NodeId};
 
 pub use capture::{Capture, Restored, Seeded, Through, offline_capture, seed};
 pub use log::LogStore;
@@ -300,7 +305,33 @@ impl Store {
     /// back past what this node acknowledged, or holds a damaged or missing
     /// entry, and ([`StoreError::Layout`]) one written with another layout.
     pub fn open(dir: &Path) -> Result<(LogStore, StateMachine)> {
-        let db = db::Db::open(dir)?;
+        let mut groups = Self::open_groups(dir, &[META_GROUP])?;
+        let (_, log, sm) = groups
+            .pop()
+            .expect("invariant: one group asked for, one opened");
+        Ok((log, sm))
+    }
+
+    /// [`Store::open`] for several Raft groups in the one sled database in
+    /// `dir`: each group's own trees, snapshot and watermark file, each
+    /// checked as `open` checks the meta group's, in the order given. One
+    /// sled log carries them all, so a flush for any group's append makes
+    /// every group's earlier writes durable too.
+    pub fn open_groups(
+        dir: &Path,
+        groups: &[GroupId],
+    ) -> Result<Vec<(GroupId, LogStore, StateMachine)>> {
+        let base = db::Db::open(dir)?;
+        groups
+            .iter()
+            .map(|&group| {
+                let (log, sm) = Self::open_group(base.group(group)?, dir)?;
+                Ok((group, log, sm))
+            })
+            .collect()
+    }
+
+    fn open_group(db: db::Db, dir: &Path) -> Result<(LogStore, StateMachine)> {
         let applied = state_machine::restore(&db)?;
         let last_purged = db.last_purged()?;
         if last_purged.map(|l| l.index) > applied.last_applied.map(|l| l.index) {

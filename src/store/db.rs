@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 use super::{Result, StoreError};
 use crate::codec;
-use crate::raft::{NodeId, NodeInfo, TypeConfig};
+use crate::raft::{GroupId, META_GROUP, NodeId, NodeInfo, TypeConfig};
 
 /// A log entry as openraft hands it over.
 pub(super) type Entry = openraft::Entry<TypeConfig>;
@@ -41,6 +41,17 @@ pub(super) const LAYOUT_VERSION: u32 = 2;
 /// Bytes of the checksum after each stored entry.
 const CRC_LEN: usize = 4;
 
+/// Group `group`'s name for tree `base`: the meta group keeps the names
+/// the store had before groups existed; another group's are prefixed
+/// `g<group>.`.
+fn tree_name(group: GroupId, base: &str) -> String {
+    if group == META_GROUP {
+        base.to_owned()
+    } else {
+        format!("g{group}.{base}")
+    }
+}
+
 /// Whether a snapshot write may replace a newer stored snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Replace {
@@ -50,10 +61,13 @@ pub(super) enum Replace {
     IfNotOlder,
 }
 
-/// Handles on the node's sled database; cheap to clone.
+/// Handles on one Raft group's trees in the node's sled database; cheap to
+/// clone.
 #[derive(Clone, Debug)]
 pub(super) struct Db {
     db: sled::Db,
+    /// Whose trees these are.
+    group: GroupId,
     logs: sled::Tree,
     log_meta: sled::Tree,
     snapshot: sled::Tree,
@@ -68,19 +82,37 @@ pub(super) struct Db {
 pub const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Db {
-    /// Opens or creates the database in `dir`. Blocking.
+    /// Opens or creates the database in `dir`, with the meta group's
+    /// trees. Blocking.
     pub(super) fn open(dir: &Path) -> Result<Self> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(SLED_CACHE_BYTES)
             .open()?;
+        Self::trees(db, META_GROUP)
+    }
+
+    /// Group `group`'s trees in the same database (created if missing).
+    /// All groups share one sled log, so a flush for one group's append
+    /// persists every group's earlier writes too.
+    pub(super) fn group(&self, group: GroupId) -> Result<Self> {
+        Self::trees(self.db.clone(), group)
+    }
+
+    fn trees(db: sled::Db, group: GroupId) -> Result<Self> {
         Ok(Self {
-            logs: db.open_tree(LOGS)?,
-            log_meta: db.open_tree(LOG_META)?,
-            snapshot: db.open_tree(SNAPSHOT)?,
+            logs: db.open_tree(tree_name(group, LOGS))?,
+            log_meta: db.open_tree(tree_name(group, LOG_META))?,
+            snapshot: db.open_tree(tree_name(group, SNAPSHOT))?,
             db,
+            group,
             snapshot_lock: Arc::default(),
         })
+    }
+
+    /// The group whose trees these are.
+    pub(super) fn group_id(&self) -> GroupId {
+        self.group
     }
 
     /// Takes the lock sled takes on its `db` file (an exclusive `flock`),

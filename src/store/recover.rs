@@ -15,13 +15,14 @@ use super::{Result, StoreError};
 /// sound, raises the watermark to what the store holds. Blocking.
 pub(super) fn check(db: &Db, dir: &Path) -> Result<Watermark> {
     let new = db.is_new()?;
-    let had_watermark = Watermark::exists(dir);
+    let file = watermark::file_name(db.group_id());
+    let had_watermark = Watermark::exists_named(dir, &file);
     match db.layout()? {
         Some(LAYOUT_VERSION) if had_watermark => {}
         Some(LAYOUT_VERSION) => {
             return Err(StoreError::LostWrites(format!(
                 "the watermark file {} is missing",
-                dir.join(watermark::FILE_NAME).display()
+                dir.join(&file).display()
             )));
         }
         Some(v) => {
@@ -37,7 +38,7 @@ pub(super) fn check(db: &Db, dir: &Path) -> Result<Watermark> {
         }
         None => return Err(StoreError::Layout(OLD_LAYOUT.into())),
     }
-    let wm = Watermark::open(dir)?;
+    let wm = Watermark::open_named(dir, &file)?;
     lost_writes(db, wm.get())?;
     if new {
         db.set_layout()?;

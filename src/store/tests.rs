@@ -260,3 +260,69 @@ async fn offline_audit_verify_names_the_tampered_entry() {
         .unwrap_err();
     assert_eq!(err.seq, 3, "{err}");
 }
+
+/// Opens groups 0 and 3 of the store in `dir` (waiting for a dropped
+/// handle's lock), in that order.
+fn two_groups(
+    dir: &std::path::Path,
+) -> Result<Vec<(crate::raft::GroupId, super::LogStore, super::StateMachine)>, StoreError> {
+    super::while_locked(WAIT, || Store::open_groups(dir, &[0, 3]))
+}
+
+#[tokio::test]
+async fn groups_share_one_database_and_keep_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut groups = two_groups(dir.path()).unwrap();
+        let (g, log, _) = &mut groups[1];
+        assert_eq!(*g, 3);
+        log.save_vote(&Vote::new_committed(4, 2)).await.unwrap();
+        log.blocking_append((1..=5).map(blank)).await.unwrap();
+        let (g, meta, _) = &mut groups[0];
+        assert_eq!(*g, 0);
+        meta.blocking_append([blank(1)]).await.unwrap();
+    }
+    for name in ["godel-watermark", "godel-watermark-g3"] {
+        assert!(dir.path().join(name).exists(), "{name}");
+    }
+    let mut groups = two_groups(dir.path()).unwrap();
+    let (_, log, _) = &mut groups[1];
+    assert_eq!(
+        log.read_vote().await.unwrap(),
+        Some(Vote::new_committed(4, 2))
+    );
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id.map(|l| l.index), Some(5));
+    let (_, meta, _) = &mut groups[0];
+    assert_eq!(meta.read_vote().await.unwrap(), None);
+    let state = meta.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id.map(|l| l.index), Some(1));
+    assert_eq!(meta.try_get_log_entries(..).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_group_that_lost_writes_is_refused_and_the_others_still_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut groups = two_groups(dir.path()).unwrap();
+        groups[1]
+            .1
+            .blocking_append((1..=6).map(blank))
+            .await
+            .unwrap();
+        groups[0]
+            .1
+            .blocking_append((1..=2).map(blank))
+            .await
+            .unwrap();
+    }
+    tamper(dir.path(), |db| {
+        db.group(3).unwrap().remove_entries(5..).unwrap();
+    });
+    let err = two_groups(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::LostWrites(_)), "{err:?}");
+    assert!(err.to_string().contains("the log ends at index 4"), "{err}");
+    // The meta group lost nothing and opens on its own.
+    let (log, _) = Store::open_waiting(dir.path(), WAIT).unwrap();
+    drop(log);
+}

@@ -40,6 +40,16 @@ use crate::raft::NodeId;
 
 /// The file's name, inside the store's directory.
 pub(super) const FILE_NAME: &str = "godel-watermark";
+
+/// The watermark file of Raft group `group`: [`FILE_NAME`] for the meta
+/// group (as before groups existed), `godel-watermark-g<group>` for others.
+pub(super) fn file_name(group: crate::raft::GroupId) -> String {
+    if group == crate::raft::META_GROUP {
+        FILE_NAME.to_owned()
+    } else {
+        format!("{FILE_NAME}-g{group}")
+    }
+}
 /// First bytes of every written slot.
 pub(super) const MAGIC: [u8; 8] = *b"GODELWM\0";
 /// The slot format this build writes and reads.
@@ -79,15 +89,16 @@ fn io_err(path: &Path, what: &str) -> impl FnOnce(io::Error) -> StoreError {
 }
 
 impl Watermark {
-    /// Whether `dir` has a watermark file.
-    pub(super) fn exists(dir: &Path) -> bool {
-        dir.join(FILE_NAME).exists()
+    /// Whether `dir` has the watermark file `name` ([`file_name`]).
+    pub(super) fn exists_named(dir: &Path, name: &str) -> bool {
+        dir.join(name).exists()
     }
 
-    /// Opens the watermark file in `dir`, creating it (empty, fsynced, and
-    /// the directory entry too) if it is missing. Blocking.
-    pub(super) fn open(dir: &Path) -> Result<Self> {
-        let path = dir.join(FILE_NAME);
+    /// Opens the watermark file `name` ([`file_name`]) in `dir`, creating
+    /// it (empty, fsynced, and the directory entry too) if it is missing.
+    /// Blocking.
+    pub(super) fn open_named(dir: &Path, name: &str) -> Result<Self> {
+        let path = dir.join(name);
         let created = !path.exists();
         let file = OpenOptions::new()
             .read(true)
@@ -262,12 +273,12 @@ mod tests {
     #[test]
     fn newest_record_survives_reopen_and_a_torn_slot() {
         let dir = tempfile::tempdir().unwrap();
-        let wm = Watermark::open(dir.path()).unwrap();
+        let wm = Watermark::open_named(dir.path(), FILE_NAME).unwrap();
         assert_eq!(wm.get(), Mark::default());
         wm.set(|_| mark(1, 5)).unwrap();
         wm.set(|_| mark(2, 9)).unwrap();
         drop(wm);
-        let wm = Watermark::open(dir.path()).unwrap();
+        let wm = Watermark::open_named(dir.path(), FILE_NAME).unwrap();
         assert_eq!(wm.get(), mark(2, 9));
         drop(wm);
 
@@ -276,7 +287,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[30] ^= 0xFF;
         std::fs::write(&path, &bytes).unwrap();
-        let wm = Watermark::open(dir.path()).unwrap();
+        let wm = Watermark::open_named(dir.path(), FILE_NAME).unwrap();
         assert_eq!(wm.get(), mark(1, 5));
         drop(wm);
 
@@ -284,7 +295,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[SLOT_LEN + 30] ^= 0xFF;
         std::fs::write(&path, &bytes).unwrap();
-        let err = Watermark::open(dir.path()).unwrap_err();
+        let err = Watermark::open_named(dir.path(), FILE_NAME).unwrap_err();
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
     }
 
