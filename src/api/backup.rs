@@ -51,7 +51,9 @@ pub async fn download(State(api): State<Api>, caller: Caller) -> ApiResult<Respo
     let record = AuditRecord {
         caller: caller.audit_caller(),
         target: Some(AuditTarget::text(format!("backup/{}", META_GROUP.1))),
-        outcome: "ok".into(),
+        // Written before the copy (so the backup holds its own record):
+        // whether the stream then completes, the client's file says.
+        outcome: "started".into(),
     };
     super::outcome(api.node.write(Command::Audit(record)).await)?;
     api.node.read_barrier().await?;

@@ -226,7 +226,9 @@ impl Staging {
         std::fs::create_dir_all(&parent)
             .map_err(BackupError::io(format!("create {}", parent.display())))?;
         let path = parent.join(format!(".{name}.restoring-{}", std::process::id()));
-        std::fs::create_dir(&path)
+        // Owner only: the store holds every credential's hash.
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&path)
             .map_err(BackupError::io(format!("create {}", path.display())))?;
         Ok(Staging { path, done: false })
     }
@@ -365,18 +367,30 @@ impl PartialFile {
         &mut self.file
     }
 
-    /// Fsyncs the file, renames it to its name and fsyncs the directory.
+    /// Fsyncs the file, links it under its name (which fails if a file
+    /// appeared there meanwhile: never replaced), removes the temporary
+    /// name and fsyncs the directory.
     pub fn commit(mut self) -> Result<()> {
         self.file
             .sync_all()
             .map_err(BackupError::io(format!("fsync {}", self.temp.display())))?;
-        refuse_existing(&self.target)?;
-        std::fs::rename(&self.temp, &self.target).map_err(BackupError::io(format!(
-            "rename {} to {}",
-            self.temp.display(),
-            self.target.display()
-        )))?;
+        std::fs::hard_link(&self.temp, &self.target).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                BackupError::Refused(format!(
+                    "{} exists: a backup never replaces a file; pick another name",
+                    self.target.display()
+                ))
+            } else {
+                BackupError::io(format!(
+                    "link {} to {}",
+                    self.temp.display(),
+                    self.target.display()
+                ))(e)
+            }
+        })?;
         self.done = true;
+        std::fs::remove_file(&self.temp)
+            .map_err(BackupError::io(format!("remove {}", self.temp.display())))?;
         sync_dir(&split(&self.target)?.0)
     }
 }

@@ -3,6 +3,7 @@
 //! serves ([`stream_backup`]).
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -150,6 +151,11 @@ pub fn stream_backup<H: Send + 'static>(
 ) {
     let (tx, rx) = mpsc::channel::<Piece>(STREAM_QUEUE_CHUNKS);
     let errors = tx.clone();
+    // Set once the whole backup is queued: a channel that closes without
+    // it (the error could not be queued to a stalled reader) still ends
+    // the stream with an error.
+    let whole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let whole_set = Arc::clone(&whole);
     let applied = groups.first().and_then(|g| g.capture.last_applied());
     let producer = async move {
         let encode = tokio::task::spawn_blocking(move || {
@@ -168,6 +174,7 @@ pub fn stream_backup<H: Send + 'static>(
         let metrics = crate::metrics::global();
         match result {
             Ok((hash, bytes)) => {
+                whole_set.store(true, std::sync::atomic::Ordering::Release);
                 metrics.backups.with_label_values(&["ok"]).inc();
                 metrics.backup_bytes.inc_by(bytes);
                 tracing::info!(?applied, bytes, sha256 = %hex(&hash), "backup streamed");
@@ -186,8 +193,23 @@ pub fn stream_backup<H: Send + 'static>(
         }
         drop(hold);
     };
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|piece| (piece, rx))
+    let stream = futures_util::stream::unfold(Some(rx), move |rx| {
+        let whole = Arc::clone(&whole);
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                // An error is the last item.
+                Some(Err(e)) => Some((Err(e), None)),
+                Some(piece) => Some((piece, Some(rx))),
+                None if whole.load(std::sync::atomic::Ordering::Acquire) => None,
+                None => Some((
+                    Err(BackupError::Interrupted(
+                        "the backup stopped before its end".into(),
+                    )),
+                    None,
+                )),
+            }
+        }
     });
     (stream, producer)
 }

@@ -96,7 +96,12 @@ pub fn offline_capture(dir: &Path, through: Through, scratch: &Path) -> Result<C
         let _locked = while_locked(OFFLINE_LOCK_WAIT, || Db::lock_unopened(dir))?;
         copy_tree(dir, &copy.0)?;
     }
-    let db = Db::open(&copy.0)?;
+    // Every check the node itself makes before it uses its store (lost
+    // writes against the watermark, checksums, holes, a purged prefix the
+    // snapshot covers): a survivor the node would refuse gives no backup.
+    let (log, _sm) = super::Store::open(&copy.0)?;
+    let db = log.db.clone();
+    drop(log);
     let span = db.verify_log()?;
     let mut applied = super::state_machine::restore(&db)?;
     let end = match through {
@@ -105,6 +110,14 @@ pub fn offline_capture(dir: &Path, through: Through, scratch: &Path) -> Result<C
     };
     if let Some(end) = end {
         let from = applied.last_applied.map_or(0, |l| l.index + 1);
+        if let (Some((first, _)), Some(_)) = (span, applied.last_applied)
+            && first > from
+            && end >= from
+        {
+            return Err(StoreError::Inconsistent(format!(
+                "the snapshot ends before index {from} but the log starts at {first}"
+            )));
+        }
         for entry in db.entries(from..=end)? {
             apply_entry(&mut applied, entry)?;
         }
@@ -146,10 +159,13 @@ impl ScratchDir {
             ".godel-offline-copy-{}-{nanos}",
             std::process::id()
         ));
-        std::fs::create_dir(&path).map_err(|source| StoreError::Io {
-            what: format!("create {}", path.display()),
-            source,
-        })?;
+        // Owner only: the copy holds every credential's hash.
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&path)
+            .map_err(|source| StoreError::Io {
+                what: format!("create {}", path.display()),
+                source,
+            })?;
         Ok(ScratchDir(path))
     }
 }

@@ -121,3 +121,43 @@ async fn shutdown_ends_the_stream_with_an_error() {
     );
     producer.await.unwrap();
 }
+
+/// A stop while the reader takes nothing: the producer cannot queue its
+/// error (the channel is full) and ends; the stream still ends with an
+/// error after the queued pieces, never cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_error_could_not_be_queued_still_ends_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sm, _log) = state_of(dir.path(), 30).await;
+    let stop = CancellationToken::new();
+    let (stream, producer, _released) = start(&sm, stop.clone());
+    let producer = tokio::spawn(producer);
+    let mut stream = Box::pin(stream);
+    assert!(stream.next().await.unwrap().is_ok());
+    // Let the producer fill the queue, then stop it while nobody reads.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), producer)
+        .await
+        .expect("the producer stops")
+        .unwrap();
+    let mut pieces = Vec::new();
+    while let Some(piece) = stream.next().await {
+        pieces.push(piece);
+    }
+    assert_eq!(
+        pieces.len(),
+        super::STREAM_QUEUE_CHUNKS + 1,
+        "the queued pieces, then the end"
+    );
+    assert!(
+        pieces[..super::STREAM_QUEUE_CHUNKS]
+            .iter()
+            .all(Result::is_ok)
+    );
+    let err = pieces.pop().unwrap().unwrap_err();
+    assert!(
+        matches!(&err, BackupError::Interrupted(why) if why.contains("stopped before its end")),
+        "{err}"
+    );
+}
