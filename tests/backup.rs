@@ -171,7 +171,14 @@ async fn register_sim(api: &Api, i: usize) {
 /// Submits tasks through every node in turn until `stop`; the ids
 /// acknowledged. Every fifth task has a single attempt, so some end as
 /// dead letters.
-async fn submitter(api: Api, worker: usize, stop: Arc<AtomicBool>) -> Vec<u64> {
+/// Submits tasks until `stop`; every acknowledged id also goes into
+/// `acked_so_far` as it is acknowledged.
+async fn submitter(
+    api: Api,
+    worker: usize,
+    stop: Arc<AtomicBool>,
+    acked_so_far: Arc<std::sync::Mutex<Vec<u64>>>,
+) -> Vec<u64> {
     let mut acked = Vec::new();
     for n in 0.. {
         if stop.load(Ordering::Relaxed) {
@@ -187,7 +194,9 @@ async fn submitter(api: Api, worker: usize, stop: Arc<AtomicBool>) -> Vec<u64> {
             body["max_attempts"] = json!(1);
         }
         let t = support::work::submit(&api, (worker + n) % api.len(), &body).await;
-        acked.push(t["id"].as_u64().expect("id"));
+        let id = t["id"].as_u64().expect("id");
+        acked.push(id);
+        acked_so_far.lock().unwrap().push(id);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     acked
@@ -322,7 +331,8 @@ async fn backups_under_load_and_quiet_restore_into_new_clusters() {
             dir.path().join("quiet.backup"),
         );
         let old = back_up_a_working_cluster(&under_load, &quiet).await;
-        every_task_of_a_backup_finishes(&under_load, section(&old.under_load)).await;
+        every_task_of_a_backup_finishes(&under_load, section(&old.under_load), &old.acked_before)
+            .await;
         a_quiet_backup_restores_as_it_was(&quiet, &old.shown).await;
     })
     .await;
@@ -331,6 +341,8 @@ async fn backups_under_load_and_quiet_restore_into_new_clusters() {
 /// The backups of the old cluster, and what it showed after the quiet one.
 struct OldCluster {
     under_load: Value,
+    /// Tasks acknowledged before the under-load backup was asked for.
+    acked_before: Vec<u64>,
     shown: Shown,
 }
 
@@ -343,8 +355,12 @@ async fn back_up_a_working_cluster(under_load: &Path, quiet: &Path) -> OldCluste
     let leader = c.leader().await;
     register_sim(&api, leader).await;
     let stop = Arc::new(AtomicBool::new(false));
+    let acked_so_far = Arc::new(std::sync::Mutex::new(Vec::new()));
     let load: Vec<_> = (0..3)
-        .map(|w| tokio::spawn(submitter(api.clone(), w, Arc::clone(&stop))))
+        .map(|w| {
+            let (stop, so_far) = (Arc::clone(&stop), Arc::clone(&acked_so_far));
+            tokio::spawn(submitter(api.clone(), w, stop, so_far))
+        })
         .collect();
     wait_until(
         "the load to run",
@@ -360,6 +376,7 @@ async fn back_up_a_working_cluster(under_load: &Path, quiet: &Path) -> OldCluste
     )
     .await;
     let follower = (0..3).find(|i| *i != leader).expect("a follower");
+    let acked_before = acked_so_far.lock().unwrap().clone();
     let ul = back_up_under_load(&c, follower, leader, under_load).await;
     stop.store(true, Ordering::Relaxed);
     let mut acked = Vec::new();
@@ -392,6 +409,7 @@ async fn back_up_a_working_cluster(under_load: &Path, quiet: &Path) -> OldCluste
     assert!(ul_meta["summary"]["tasks"].as_u64() < summary["tasks"].as_u64());
     OldCluster {
         under_load: ul,
+        acked_before,
         shown,
     }
 }
@@ -429,9 +447,10 @@ async fn back_up_under_load(c: &Cluster, follower: usize, leader: usize, file: &
 }
 
 /// Restores `file` (whose section is `meta`) into a one-node cluster: it
-/// holds the backup's tasks and audit head, and every task reaches a
+/// holds the backup's tasks (every one in `acked_before` among them) and
+/// audit head, and every task reaches a
 /// terminal state (leases of the old agents expire or are given back).
-async fn every_task_of_a_backup_finishes(file: &Path, meta: &Value) {
+async fn every_task_of_a_backup_finishes(file: &Path, meta: &Value, acked_before: &[u64]) {
     let c = Cluster::start_prepared(1, CONFIG, restore_for(file)).await;
     let api = c.api();
     let audit = api.get_ok(0, "/api/v1/audit?limit=1").await;
@@ -440,6 +459,15 @@ async fn every_task_of_a_backup_finishes(file: &Path, meta: &Value) {
     assert_eq!(
         tasks.len() as u64,
         meta["summary"]["tasks"].as_u64().unwrap()
+    );
+    // Every task acknowledged before the backup was asked for is in it.
+    let ids: std::collections::HashSet<u64> =
+        tasks.iter().filter_map(|t| t["id"].as_u64()).collect();
+    assert!(!acked_before.is_empty());
+    let missing: Vec<&u64> = acked_before.iter().filter(|id| !ids.contains(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged before the backup, missing from it: {missing:?}"
     );
     let open = tasks
         .iter()
