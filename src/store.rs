@@ -377,24 +377,14 @@ fn while_locked<T>(wait: Duration, mut open: impl FnMut() -> Result<T>) -> Resul
 
 /// The replicated state as a stopped node's data directory holds it: the
 /// stored snapshot, then every committed log entry after it applied in
-/// order (what the node would apply on restart). For offline inspection
-/// (`godel audit verify --data-dir`); blocking; the node must not be
-/// running (sled locks its directory).
+/// order (what the node would apply on restart), after every check the
+/// node makes at start. For offline inspection (`godel audit verify
+/// --data-dir`); blocking. The store is not touched: it is copied into the
+/// system's temporary directory ([`offline_capture`]) and read there, so
+/// that needs room for a copy of it; the node must be stopped.
 pub fn offline_state(dir: &Path) -> Result<crate::fsm::State> {
-    // A node stopped a moment ago may still hold the lock.
-    let db = while_locked(Duration::from_secs(2), || db::Db::open(dir))?;
-    let mut applied = state_machine::restore(&db)?;
-    let from = applied.last_applied.map_or(0, |l| l.index + 1);
-    let Some(committed) = db.committed()? else {
-        return Ok(applied.state);
-    };
-    for entry in db.entries(from..=committed.index)? {
-        if let openraft::EntryPayload::Normal(request) = &entry.payload {
-            applied.state.apply(request);
-        }
-        applied.last_applied = Some(entry.log_id);
-    }
-    Ok(applied.state)
+    let capture = offline_capture(dir, Through::Committed, &std::env::temp_dir())?;
+    Ok(capture.state().clone())
 }
 
 #[cfg(test)]
