@@ -27,8 +27,6 @@ struct Slot {
     agent: AgentId,
     caps: Vec<String>,
     gateway: GatewayId,
-    /// Its gateway's region.
-    region: String,
     free: u32,
     load: u32,
 }
@@ -64,7 +62,6 @@ impl State {
                     agent: a.reg.id.clone(),
                     caps: a.reg.capabilities.clone(),
                     gateway: a.reg.gateway.clone(),
-                    region: gw.reg.region.clone(),
                     free,
                     load,
                 })
@@ -275,17 +272,21 @@ impl State {
         let weight = |t: &Tenant| weights.get(t).copied().unwrap_or(1);
         let tasks = &self.tasks;
         let sessions = &self.sessions;
+        // Regions are looked up only for tasks that name one, so dispatch
+        // of the others costs nothing more.
+        let gateways = &self.registry.gateways;
+        let region_of = |s: &Slot| gateways.get(&s.gateway).map(|g| g.reg.region.as_str());
         // An agent of the task's region that could take it now.
         let room_in = |region: &str, caps: &[String]| {
             slots
                 .iter()
-                .any(|s| s.free > 0 && s.region == region && is_subset(caps, &s.caps))
+                .any(|s| s.free > 0 && region_of(s) == Some(region) && is_subset(caps, &s.caps))
         };
         let yielded = std::cell::Cell::new(false);
         let allowed = |id| {
             let t = &tasks[&id];
             if let Some(r) = &t.region
-                && r.name != slot.region
+                && region_of(slot) != Some(r.name.as_str())
             {
                 if r.required {
                     return false;
