@@ -69,6 +69,37 @@ async fn gateway(api: &support::Api, node: usize) -> anyhow::Result<Value> {
     }
 }
 
+/// Registers the fencing gateway (state file `state`) and its agent
+/// through node `leader`; returns the gateway once it is placed.
+async fn register_fenced(api: &support::Api, leader: usize, state: &Path) -> Value {
+    let r = api
+        .post(leader, "/api/v1/gateways", &fencing_gateway(state))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{r:?}");
+    let agent = json!({"id": "f-1", "gateway": "fenced", "capabilities": ["fence"], "capacity": 1});
+    assert_eq!(
+        api.post(leader, "/api/v1/agents", &agent)
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    wait_until(
+        "the gateway to be placed",
+        deadline(Duration::from_secs(15)),
+        async || {
+            let g = gateway(api, leader).await?;
+            if g["owner"].is_u64() {
+                Ok(g)
+            } else {
+                bail!("{g}")
+            }
+        },
+    )
+    .await
+}
+
 /// A call carries the owner and token the registry shows; after the owner
 /// dies the new owner's calls carry a higher token; a gateway that has
 /// seen a higher token refuses the call, which spends no attempt and trips
@@ -83,33 +114,7 @@ async fn calls_carry_the_owner_and_its_placement_token() {
     bounded(TEST_BOUND, async {
         let api = c.api();
         let leader = c.leader().await;
-        let r = api
-            .post(leader, "/api/v1/gateways", &fencing_gateway(&state))
-            .await
-            .unwrap();
-        assert_eq!(r.status, 201, "{r:?}");
-        let agent =
-            json!({"id": "f-1", "gateway": "fenced", "capabilities": ["fence"], "capacity": 1});
-        assert_eq!(
-            api.post(leader, "/api/v1/agents", &agent)
-                .await
-                .unwrap()
-                .status,
-            201
-        );
-        let placed = wait_until(
-            "the gateway to be placed",
-            deadline(Duration::from_secs(15)),
-            async || {
-                let g = gateway(&api, leader).await?;
-                if g["owner"].is_u64() {
-                    Ok(g)
-                } else {
-                    bail!("{g}")
-                }
-            },
-        )
-        .await;
+        let placed = register_fenced(&api, leader, &state).await;
         assert_eq!(placed["placement_token"], 1, "{placed}");
         let first = run_one(&api, leader, "first").await;
         assert_eq!(
@@ -227,33 +232,7 @@ async fn a_cut_off_node_stops_driving_its_gateway_before_the_majority_moves_it()
     bounded(TEST_BOUND, async {
         let api = c.api();
         let leader = c.leader().await;
-        let r = api
-            .post(leader, "/api/v1/gateways", &fencing_gateway(&state))
-            .await
-            .unwrap();
-        assert_eq!(r.status, 201, "{r:?}");
-        let agent =
-            json!({"id": "f-1", "gateway": "fenced", "capabilities": ["fence"], "capacity": 1});
-        assert_eq!(
-            api.post(leader, "/api/v1/agents", &agent)
-                .await
-                .unwrap()
-                .status,
-            201
-        );
-        let placed = wait_until(
-            "the gateway to be placed",
-            deadline(Duration::from_secs(15)),
-            async || {
-                let g = gateway(&api, leader).await?;
-                if g["owner"].is_u64() {
-                    Ok(g)
-                } else {
-                    bail!("{g}")
-                }
-            },
-        )
-        .await;
+        let placed = register_fenced(&api, leader, &state).await;
         let owner = placed["owner"].as_u64().unwrap();
         let x = c.index_of(owner);
         run_one(&api, x, "before").await;
