@@ -366,11 +366,7 @@ fn start_if_live(
 fn fence_here(args: &AgentArgs) -> Option<crate::gateway::GatewayFence> {
     let here = args.node.id();
     args.node.state().read(|s| {
-        let reg = s.registry();
-        let g = reg
-            .agent(&args.id)
-            .and_then(|a| reg.gateway(&a.reg.gateway))?;
-        (g.owner == Some(here)).then(|| crate::gateway::GatewayFence {
+        gateway_here(s, &args.id, here).map(|g| crate::gateway::GatewayFence {
             gateway: g.reg.id.clone(),
             owner: here,
             token: g.placement_token,
@@ -378,12 +374,21 @@ fn fence_here(args: &AgentArgs) -> Option<crate::gateway::GatewayFence> {
     })
 }
 
-/// Whether the replica places `agent`'s gateway on node `here`.
-fn placed_here(s: &crate::fsm::State, agent: &AgentId, here: crate::raft::NodeId) -> bool {
+/// `agent`'s gateway in the replica `s`, if it places it on node `here`.
+fn gateway_here<'s>(
+    s: &'s crate::fsm::State,
+    agent: &AgentId,
+    here: crate::raft::NodeId,
+) -> Option<&'s crate::fsm::GatewayRecord> {
     let reg = s.registry();
     reg.agent(agent)
         .and_then(|a| reg.gateway(&a.reg.gateway))
-        .is_some_and(|g| g.owner == Some(here))
+        .filter(|g| g.owner == Some(here))
+}
+
+/// Whether the replica places `agent`'s gateway on node `here`.
+fn placed_here(s: &crate::fsm::State, agent: &AgentId, here: crate::raft::NodeId) -> bool {
+    gateway_here(s, agent, here).is_some()
 }
 
 /// Starts an attempt for a lease the leader hinted (see "Hints from the
