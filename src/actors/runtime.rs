@@ -66,7 +66,9 @@ pub async fn reconcile_loop(
     let shutdown = node.shutdown_token().clone();
     let mut drivers: BTreeMap<GatewayId, Built> = BTreeMap::new();
     let mut first = true;
-    let mut was_cut_off = false;
+    // A node starts cut off: nothing runs here until its first heartbeat
+    // commits, which is then logged as contact, not as a loss.
+    let mut was_cut_off = true;
     loop {
         if !first {
             tokio::select! {
@@ -82,7 +84,7 @@ pub async fn reconcile_loop(
         crate::metrics::global()
             .node_cut_off
             .set(i64::from(cut_off));
-        if cut_off != was_cut_off && !(first_pass_quiet(cut_off, &drivers)) {
+        if cut_off != was_cut_off {
             if cut_off {
                 tracing::warn!(
                     dead_after = ?node.queue_config().node_dead_after,
@@ -106,12 +108,6 @@ pub async fn reconcile_loop(
             tracing::warn!(error = %e, "runtime reconcile failed; retrying");
         }
     }
-}
-
-/// A node that starts before its first heartbeat commits is "cut off"
-/// until then, with nothing running: not worth a warning.
-fn first_pass_quiet(cut_off: bool, drivers: &BTreeMap<GatewayId, Built>) -> bool {
-    cut_off && drivers.is_empty()
 }
 
 /// What the registry places here; nothing while the node is cut off from
