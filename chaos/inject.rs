@@ -170,10 +170,24 @@ impl Injector<'_> {
 
     /// Records a fault on node `i`, injected and in place at `at`.
     pub fn record(&mut self, label: String, i: usize, at: (u64, u64), note: String) {
+        let hit = format!("node {}", self.c.node(i).id);
+        self.record_hit(label, hit, self.hit_pid, at, note);
+    }
+
+    /// Records a fault that hit `hit` (process `pid`, if one), injected and
+    /// in place at `at`, cleared now.
+    pub fn record_hit(
+        &mut self,
+        label: String,
+        hit: String,
+        pid: Option<u32>,
+        at: (u64, u64),
+        note: String,
+    ) {
         self.records.push(Record {
             label,
-            hit: format!("node {}", self.c.node(i).id),
-            pid: self.hit_pid,
+            hit,
+            pid,
             injected_ms: at.0,
             cleared_ms: now_ms(),
             note,

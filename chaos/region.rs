@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::drill::{FaultSpec, Target};
 use crate::fleet::now_ms;
-use crate::inject::{CATCH_UP, Injector, PROBE_EVERY, Probes, Record, probe_once};
+use crate::inject::{CATCH_UP, Injector, PROBE_EVERY, Probes, probe_once};
 use crate::support::Api;
 
 impl Injector<'_> {
@@ -75,17 +75,8 @@ impl Injector<'_> {
         note: String,
     ) {
         let ids: Vec<String> = self.ids(hit).iter().map(u64::to_string).collect();
-        self.records.push(Record {
-            label,
-            hit: format!("region {region} (nodes {})", ids.join(", ")),
-            pid: None,
-            injected_ms: at.0,
-            cleared_ms: now_ms(),
-            note,
-            skipped: false,
-            in_place_ms: at.1,
-            recover_within: None,
-        });
+        let hit = format!("region {region} (nodes {})", ids.join(", "));
+        self.record_hit(label, hit, None, at, note);
     }
 
     /// Cuts the region off from the others (both directions), probes
