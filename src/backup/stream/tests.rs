@@ -24,18 +24,8 @@ async fn state_of(dir: &std::path::Path, tasks: u64) -> (SharedState, crate::sto
                 i,
                 vec![crate::fsm::Command::Submit(SubmitTask {
                     tenant: Tenant("acme".into()),
-                    priority: None,
                     payload: format!(r#"{{"i":{i},"pad":"{pad}"}}"#),
-                    capabilities: vec![],
-                    session_key: None,
-                    scheduled_at_ms: None,
-                    max_attempts: None,
-                    timeout_ms: None,
-                    backoff: None,
-                    idempotency_key: None,
-                    parent_id: None,
-                    trace: None,
-                    region: None,
+                    ..Default::default()
                 })],
             ))),
         })

@@ -29,18 +29,8 @@ fn id(term: u64, index: u64) -> LogId<NodeId> {
 fn submit(n: u64) -> Command {
     Command::Submit(SubmitTask {
         tenant: Tenant("acme".into()),
-        priority: None,
         payload: format!(r#"{{"n":{n}}}"#),
-        capabilities: vec![],
-        session_key: None,
-        scheduled_at_ms: None,
-        max_attempts: None,
-        timeout_ms: None,
-        backoff: None,
-        idempotency_key: None,
-        parent_id: None,
-        trace: None,
-        region: None,
+        ..Default::default()
     })
 }
 
