@@ -77,8 +77,9 @@ impl Default for NodeConfig {
     }
 }
 
-/// Cluster membership at bootstrap, and the shared secret.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// Cluster membership at bootstrap, the shared secret, and the number of
+/// queue shards.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// Initial voters. Empty: this node alone. The member with the lowest id
@@ -95,7 +96,30 @@ pub struct ClusterConfig {
     /// Mutual TLS for the node-to-node transport (Raft, forwarded writes
     /// and reads); plain TCP after the secret handshake when absent.
     pub tls: Option<TlsFiles>,
+    /// Queue shards (`docs/shards.md`). 1: the meta group is the one
+    /// shard, as before shards existed. N > 1: N more Raft groups, `1..=N`,
+    /// each replicated on every voter with its leader spread over the
+    /// nodes. Fixed when the cluster is created: every node must say the
+    /// same, and a node whose data holds another count refuses to start.
+    pub shards: u32,
 }
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            members: Vec::new(),
+            join: None,
+            secret: None,
+            secret_file: None,
+            tls: None,
+            shards: 1,
+        }
+    }
+}
+
+/// The most queue shards a cluster may have: a task id keeps its shard in
+/// its low 8 bits, and every group costs its own heartbeats.
+pub const MAX_SHARDS: u32 = 64;
 
 /// One initial member.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -568,6 +592,12 @@ impl Config {
     }
 
     fn validate_members(&self, p: &mut Vec<String>) {
+        if !(1..=MAX_SHARDS).contains(&self.cluster.shards) {
+            p.push(format!(
+                "cluster.shards must be 1..={MAX_SHARDS} (is {})",
+                self.cluster.shards
+            ));
+        }
         let m = &self.cluster.members;
         let ids: BTreeSet<NodeId> = m.iter().map(|m| m.id).collect();
         if ids.len() != m.len() {

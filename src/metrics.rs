@@ -86,6 +86,8 @@ pub struct Metrics {
     raft_term: IntGauge,
     raft_leader: IntGauge,
     raft_applied: IntGauge,
+    group_leader: IntGaugeVec,
+    group_applied: IntGaugeVec,
 }
 
 fn build() -> prometheus::Result<Metrics> {
@@ -249,6 +251,20 @@ fn build() -> prometheus::Result<Metrics> {
         raft_term: IntGauge::new("godel_raft_term", "Current Raft term")?,
         raft_leader: IntGauge::new("godel_raft_is_leader", "1 when this node is the leader")?,
         raft_applied: IntGauge::new("godel_raft_applied_index", "Last applied log index")?,
+        group_leader: IntGaugeVec::new(
+            Opts::new(
+                "godel_raft_group_is_leader",
+                "1 when this node leads the Raft group (0: meta, 1 and up: queue shards)",
+            ),
+            &["group"],
+        )?,
+        group_applied: IntGaugeVec::new(
+            Opts::new(
+                "godel_raft_group_applied_index",
+                "Last log index this node applied in the Raft group",
+            ),
+            &["group"],
+        )?,
         registry,
     };
     m.registry.register(Box::new(m.task_events.clone()))?;
@@ -281,6 +297,8 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.backup_bytes.clone()))?;
     m.registry.register(Box::new(m.raft_term.clone()))?;
     m.registry.register(Box::new(m.raft_leader.clone()))?;
+    m.registry.register(Box::new(m.group_leader.clone()))?;
+    m.registry.register(Box::new(m.group_applied.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;
     crate::actors::register_metrics(&m.registry)?;
     Ok(m)
@@ -357,6 +375,16 @@ pub fn encode(node: &Node) -> String {
     m.raft_leader.set(i64::from(node.is_leader()));
     m.raft_applied
         .set(raft.last_applied.map_or(0, |l| l.index) as i64);
+    for group in node.groups() {
+        let label = group.id().to_string();
+        let g = group.raft().metrics().borrow().last_applied;
+        m.group_leader
+            .with_label_values(&[label.as_str()])
+            .set(i64::from(group.is_leader()));
+        m.group_applied
+            .with_label_values(&[label.as_str()])
+            .set(g.map_or(0, |l| l.index) as i64);
+    }
     let depth = node.state().read(|s| s.depth());
     for p in Priority::URGENT_FIRST {
         for s in TaskStatus::ALL {

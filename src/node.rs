@@ -33,26 +33,28 @@
 
 mod contact;
 mod drain;
+mod group;
 mod membership;
 mod placer;
 mod proposer;
 mod server;
+mod shards;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::ServerState;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use group::{Group, GroupStatus};
 pub use membership::MemberStatus;
 pub(crate) use membership::load_secret as cluster_secret;
 
 use crate::config::{Config, QueueConfig};
 use crate::fsm;
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
-use crate::raft::{NodeId, NodeInfo, Raft};
+use crate::raft::{GroupId, META_GROUP, NodeId, NodeInfo, Raft};
 use crate::store::SharedState;
 use crate::transport;
 use crate::{codec, store};
@@ -107,14 +109,17 @@ struct Inner {
     id: NodeId,
     info: NodeInfo,
     config: Config,
-    raft: Raft,
-    state: SharedState,
+    /// The meta group: membership, the registry, tenants and keys, and,
+    /// with one shard, the queue.
+    meta: Group,
+    /// The queue shards' groups, `1..=cluster.shards`, when there is more
+    /// than one shard (`docs/shards.md`).
+    shards: Vec<Group>,
     client: transport::Client,
     /// Calls to other nodes' HTTP APIs (bootstrap probe, join, transfer relay).
     peer_api: crate::api::peers::PeerApi,
     /// Peers this node's transport is cut off from (fault injection).
     faults: transport::Faults,
-    queue: proposer::Queue,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     /// The supervision tree of this node's actors (taken at stop).
@@ -145,33 +150,49 @@ impl Node {
         let peer_api = crate::api::peers::PeerApi::new(&config)?;
         let secret = transport::Secret::new(membership::load_secret(&config)?);
         let dir = config.node.data_dir.join("raft");
-        let (log_store, sm) =
-            tokio::task::spawn_blocking(move || store::Store::open(&dir)).await??;
-        let state = sm.shared();
+        let ids = group_ids(config.cluster.shards);
+        let stores =
+            tokio::task::spawn_blocking(move || store::Store::open_groups(&dir, &ids)).await??;
         let mut tcfg = transport::TransportConfig::new(config.node.id, secret.clone());
         tcfg.tls = cluster_tls;
         let faults = transport::Faults::default();
         let client = transport::Client::new(tcfg.clone(), faults.clone())?;
-        let network = crate::raft::network::Network::new(client.clone(), config.node.id);
         let raft_config = Arc::new(raft_config(&config)?);
-        let raft = Raft::new(config.node.id, raft_config, network, log_store, sm).await?;
+        let mut groups = Vec::with_capacity(stores.len());
+        let mut receivers = Vec::with_capacity(stores.len());
+        let count = stores.len() as u32;
+        for (i, (g, log_store, sm)) in stores.into_iter().enumerate() {
+            if i > 0 {
+                // Groups started together tick together (openraft issue
+                // 1959): spread their timers over one heartbeat interval.
+                tokio::time::sleep(config.raft.heartbeat_interval / count).await;
+            }
+            let state = sm.shared();
+            let network =
+                crate::raft::network::Network::for_group(client.clone(), config.node.id, g);
+            let raft =
+                Raft::new(config.node.id, raft_config.clone(), network, log_store, sm).await?;
+            let (queue, queue_rx) = proposer::Queue::new(config.queue.max_queued_commands);
+            groups.push(Group::new(g, config.node.id, raft, state, queue));
+            receivers.push(queue_rx);
+        }
+        let meta = groups.remove(0);
+        shards::check_count(&config, meta.state())?;
         let info = NodeInfo {
             raft_addr: config.node.raft_addr.to_string(),
             api_addr: config.node.api_addr.to_string(),
             region: config.node.region.clone(),
         };
-        let (queue, queue_rx) = proposer::Queue::new(config.queue.max_queued_commands);
         let node = Node {
             inner: Arc::new(Inner {
                 id: config.node.id,
                 info,
                 config,
-                raft,
-                state,
+                meta,
+                shards: groups,
                 client,
                 peer_api,
                 faults: faults.clone(),
-                queue,
                 tasks: TaskTracker::new(),
                 shutdown,
                 actors: std::sync::Mutex::new(None),
@@ -188,13 +209,16 @@ impl Node {
                 tracing::error!(error = %e, "node-to-node transport stopped");
             }
         });
-        node.spawn(proposer::run(node.clone(), queue_rx));
-        node.spawn(proposer::tick_loop(node.clone()));
+        for (group, rx) in node.groups().zip(receivers) {
+            node.spawn(proposer::run(node.clone(), group.clone(), rx));
+            node.spawn(proposer::tick_loop(node.clone(), group.clone()));
+        }
         node.spawn(proposer::heartbeat_loop(node.clone()));
         node.spawn(drain::drain_loop(node.clone()));
         node.spawn(placer::placement_loop(node.clone()));
         node.spawn(observe_events(node.clone()));
         membership::bootstrap(&node).await?;
+        node.spawn(shards::shard_loop(node.clone()));
         node.start_actors().await?;
         node.start_fabric(&secret, fabric_tls).await;
         Ok(node)
@@ -290,8 +314,10 @@ impl Node {
             tracing::warn!(error = %e, "actor tree did not stop cleanly");
         }
         self.inner.tasks.close();
-        if let Err(e) = self.inner.raft.shutdown().await {
-            tracing::warn!(error = %e, "raft shutdown");
+        for group in self.groups() {
+            if let Err(e) = group.raft().shutdown().await {
+                tracing::warn!(group = group.id(), error = %e, "raft shutdown");
+            }
         }
         if tokio::time::timeout(deadline, self.inner.tasks.wait())
             .await
@@ -324,14 +350,37 @@ impl Node {
         &self.inner.peer_api
     }
 
-    /// The Raft handle (metrics, membership).
+    /// The meta group's Raft handle (metrics, membership).
     pub fn raft(&self) -> &Raft {
-        &self.inner.raft
+        self.inner.meta.raft()
     }
 
-    /// The local replica of the state machine.
+    /// The local replica of the meta group's state machine.
     pub fn state(&self) -> &SharedState {
-        &self.inner.state
+        self.inner.meta.state()
+    }
+
+    /// The meta group.
+    pub fn meta(&self) -> &Group {
+        &self.inner.meta
+    }
+
+    /// The queue shards' groups (empty with one shard: the meta group is it).
+    pub fn shard_groups(&self) -> &[Group] {
+        &self.inner.shards
+    }
+
+    /// Every group this node hosts, the meta group first.
+    pub fn groups(&self) -> impl Iterator<Item = &Group> {
+        std::iter::once(&self.inner.meta).chain(self.inner.shards.iter())
+    }
+
+    /// The group `id`, if this node hosts it.
+    pub fn group(&self, id: GroupId) -> Option<&Group> {
+        if id == META_GROUP {
+            return Some(&self.inner.meta);
+        }
+        self.inner.shards.iter().find(|g| g.id() == id)
     }
 
     /// The queue settings.
@@ -344,19 +393,9 @@ impl Node {
         &self.inner.shutdown
     }
 
-    /// The leader this node knows of, with its addresses.
+    /// The meta group's leader this node knows of, with its addresses.
     pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
-        // Borrowed, not cloned: this runs on every write and read.
-        let rx = self.inner.raft.metrics();
-        let m = rx.borrow();
-        let id = m.current_leader?;
-        let info = m
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .cloned()
-            .unwrap_or_default();
-        Some((id, info))
+        self.inner.meta.leader()
     }
 
     /// The peers this node's transport is cut off from: drills partition a
@@ -373,11 +412,9 @@ impl Node {
         &self.inner.agents
     }
 
-    /// Whether this node believes it is the leader.
+    /// Whether this node believes it leads the meta group.
     pub fn is_leader(&self) -> bool {
-        let rx = self.inner.raft.metrics();
-        let m = rx.borrow();
-        m.state == ServerState::Leader && m.current_leader == Some(self.inner.id)
+        self.inner.meta.is_leader()
     }
 
     /// Whether this node counts itself cut off from the majority: no
@@ -399,9 +436,31 @@ impl Node {
         self.read_barrier().await.is_ok()
     }
 
-    /// Proposes one command and returns its outcome once committed and applied.
+    /// Proposes one command to the meta group and returns its outcome once
+    /// committed and applied.
     pub async fn write(&self, cmd: fsm::Command) -> Result<fsm::Outcome, NodeError> {
         self.write_audited(cmd, None).await
+    }
+
+    /// Proposes one command to group `group` (through its leader, like
+    /// [`Node::write`]) and returns its outcome once committed and applied.
+    pub async fn write_to(
+        &self,
+        group: GroupId,
+        cmd: fsm::Command,
+    ) -> Result<fsm::Outcome, NodeError> {
+        let g = self.hosted(group)?;
+        self.write_in(g, fsm::Write::from(cmd)).await
+    }
+
+    /// The group `id`, or an error naming what this node hosts.
+    fn hosted(&self, id: GroupId) -> Result<&Group, NodeError> {
+        self.group(id).ok_or_else(|| {
+            NodeError::Invalid(format!(
+                "no Raft group {id} on this node (it hosts 0..={})",
+                self.inner.shards.len()
+            ))
+        })
     }
 
     /// Proposes one command asked for by an API caller (`audit`): applying
@@ -412,8 +471,13 @@ impl Node {
         command: fsm::Command,
         audit: Option<fsm::Audit>,
     ) -> Result<fsm::Outcome, NodeError> {
+        self.write_in(&self.inner.meta, fsm::Write { command, audit })
+            .await
+    }
+
+    async fn write_in(&self, group: &Group, write: fsm::Write) -> Result<fsm::Outcome, NodeError> {
         let timeout = self.inner.config.queue.write_timeout;
-        let rx = self.inner.queue.push(fsm::Write { command, audit })?;
+        let rx = group.queue().push(write)?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(NodeError::Unavailable("node is shutting down".into())),
@@ -423,25 +487,38 @@ impl Node {
         }
     }
 
-    /// Waits until a local read sees every write committed before this call.
+    /// Waits until a local read of the meta group sees every write
+    /// committed before this call.
     pub async fn read_barrier(&self) -> Result<(), NodeError> {
+        self.read_barrier_in(&self.inner.meta).await
+    }
+
+    /// [`Node::read_barrier`] for group `group`.
+    pub async fn read_barrier_of(&self, group: GroupId) -> Result<(), NodeError> {
+        self.read_barrier_in(self.hosted(group)?).await
+    }
+
+    async fn read_barrier_in(&self, group: &Group) -> Result<(), NodeError> {
         let timeout = self.inner.config.queue.write_timeout;
-        let index = if self.is_leader() {
-            self.leader_read_index().await.map_err(NodeError::from)?
+        let index = if group.is_leader() {
+            self.leader_read_index(group)
+                .await
+                .map_err(NodeError::from)?
         } else {
-            let (leader, info) = self
+            let (leader, info) = group
                 .leader()
                 .ok_or_else(|| NodeError::Unavailable("no leader known".into()))?;
+            let req = RpcRequest::for_group(group.id(), RpcRequest::ReadIndex);
             match self
-                .call_peer(leader, &info.raft_addr, RpcRequest::ReadIndex, timeout)
+                .call_peer(leader, &info.raft_addr, req, timeout)
                 .await?
             {
                 RpcReply::ReadIndex(r) => r?,
                 other => return Err(NodeError::Internal(format!("unexpected reply {other:?}"))),
             }
         };
-        self.inner
-            .raft
+        group
+            .raft()
             .wait(Some(timeout))
             .applied_index_at_least(Some(index), "read barrier")
             .await
@@ -458,10 +535,10 @@ impl Node {
     /// entry is in the leader's log, so waiting until the whole log has
     /// applied covers them, at the cost of also waiting for the writes in
     /// flight at the time of the read.
-    async fn leader_read_index(&self) -> Result<u64, RemoteFailure> {
+    async fn leader_read_index(&self, group: &Group) -> Result<u64, RemoteFailure> {
         let timeout = self.inner.config.queue.write_timeout;
-        let last = self.inner.raft.metrics().borrow().last_log_index;
-        let fut = self.inner.raft.get_read_log_id();
+        let last = group.raft().metrics().borrow().last_log_index;
+        let fut = group.raft().get_read_log_id();
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok((read, _applied))) => Ok(read.map_or(0, |l| l.index).max(last.unwrap_or(0))),
             Ok(Err(e)) => Err(not_leader_or_unavailable(e)),
@@ -490,14 +567,10 @@ impl Node {
             .map_err(|e| NodeError::Internal(format!("reply from node {peer}: {e}")))
     }
 
-    /// Current membership: voters and learners with their addresses.
+    /// The meta group's membership (the cluster's): voters, and every
+    /// member with its addresses.
     pub fn members(&self) -> (Vec<NodeId>, BTreeMap<NodeId, NodeInfo>) {
-        let rx = self.inner.raft.metrics();
-        let m = rx.borrow();
-        let membership = m.membership_config.membership();
-        let voters = membership.voter_ids().collect();
-        let nodes = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
-        (voters, nodes)
+        self.inner.meta.members()
     }
 }
 
@@ -534,6 +607,13 @@ fn not_leader_or_unavailable(
         },
         other => RemoteFailure::Unavailable(other.to_string()),
     }
+}
+
+/// The groups a node with `shards` queue shards hosts: the meta group, and
+/// one per shard when there is more than one.
+fn group_ids(shards: u32) -> Vec<GroupId> {
+    let extra = if shards > 1 { shards } else { 0 };
+    (0..=extra).collect()
 }
 
 /// openraft's config from ours.

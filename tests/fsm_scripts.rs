@@ -37,6 +37,7 @@
 //! - `cancel id=N [reason=R]`, `retry id=N`, `weight tenant=a w=N`
 //! - `replay ids=1,2 [limit=100]` or `replay [tenant=a] [priority=P] [error=E] [limit=100]`
 //! - `tick` (apply an empty batch: fires due timers)
+//! - `shards count=N` (record the cluster's queue-shard count)
 //! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
 //! - registry: `node id=N [region=eu] [api=127.0.0.1:1]` (a heartbeat at the
 //!   script clock), `drain id=N [on=true]`,
@@ -56,7 +57,7 @@
 //!   the agent
 //! - `renew_many tokens=1,2 [lease=30000]`, `release tokens=1,2`,
 //!   `kill_session id=N [reason=R]`
-//! - reads: `dump`, `task id=N`, `depth`, `clock`, `sessions` (one line per
+//! - reads: `dump`, `task id=N`, `depth`, `clock`, `shard_count`, `sessions` (one line per
 //!   session, oldest first: state, key, agent, gateway, task, deadline, idle
 //!   close, reason), `load agent=A` (live leases against capacity),
 //!   `why id=N [dead_after=3000]` (why a ready task waits, as its API view says)
@@ -125,6 +126,7 @@ scripts! {
     session_time_limit_and_lease_expiry,
     sessions_are_per_tenant,
     sessions_leave_an_unusable_gateway,
+    shard_count_recorded_once,
     stale_token_rejected,
     tenant_quota_and_settings,
     tenant_round_robin_weighted,
@@ -423,6 +425,7 @@ impl Runner {
             }
             "depth" => depth_lines(&self.state),
             "clock" => vec![self.clock_line()],
+            "shard_count" => vec![format!("shard count {}", self.state.shard_count())],
             "sessions" => self.sessions(),
             "load" => self.load(AgentId(args.require("agent")?)),
             "keys" => key_lines(&self.state),
@@ -675,6 +678,9 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             weight: args.require("w")?,
         },
         "tick" => Command::Tick,
+        "shards" => Command::DefineShards {
+            count: args.require("count")?,
+        },
         "node" => Command::NodeHeartbeat {
             id: args.require("id")?,
             region: args.take("region").unwrap_or_else(|| "eu".into()),

@@ -15,7 +15,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::json::Body;
 use crate::fsm::AuditTarget;
-use crate::node::MemberStatus;
+use crate::node::{GroupStatus, MemberStatus};
 use crate::raft::{NodeId, NodeInfo};
 
 /// `GET /cluster` answer: this node's view of the cluster.
@@ -35,8 +35,15 @@ pub struct ClusterView {
     /// On the leader: since a quorum last acknowledged it.
     millis_since_quorum_ack: Option<u64>,
     members: Vec<MemberStatus>,
-    /// One entry: the queue has one shard.
+    /// The queue shards and their leaders: one entry, shard 0, when the
+    /// meta group is the one shard (`cluster.shards = 1`); else shards
+    /// `1..=N`, each its own Raft group.
     shards: Vec<ShardLeader>,
+    /// The queue-shard count the cluster records (0: not recorded yet).
+    shard_count: u32,
+    /// Every Raft group this node hosts, the meta group (0) first, as this
+    /// node sees it.
+    groups: Vec<GroupStatus>,
 }
 
 /// A shard and its leader.
@@ -66,11 +73,28 @@ pub async fn status(State(api): State<Api>) -> Json<ClusterView> {
         snapshot_index: m.snapshot.map(|l| l.index),
         millis_since_quorum_ack: m.millis_since_quorum_ack,
         members: api.node.member_statuses(),
-        shards: vec![ShardLeader {
-            shard: 0,
-            leader: m.current_leader,
-        }],
+        shards: shard_leaders(&api.node),
+        shard_count: api.node.state().read(|s| s.shard_count()),
+        groups: api.node.groups().map(|g| g.status()).collect(),
     })
+}
+
+/// Each queue shard's leader as this node knows it.
+fn shard_leaders(node: &crate::node::Node) -> Vec<ShardLeader> {
+    let shards = node.shard_groups();
+    if shards.is_empty() {
+        return vec![ShardLeader {
+            shard: 0,
+            leader: node.leader().map(|(id, _)| id),
+        }];
+    }
+    shards
+        .iter()
+        .map(|g| ShardLeader {
+            shard: g.id(),
+            leader: g.leader().map(|(id, _)| id),
+        })
+        .collect()
 }
 
 /// `POST /cluster/join` body.
@@ -83,6 +107,10 @@ pub struct JoinBody {
     api_addr: String,
     #[serde(default = "local")]
     region: String,
+    /// The joining node's `cluster.shards`; refused when it differs from
+    /// the cluster's.
+    #[serde(default)]
+    shards: Option<u32>,
 }
 
 fn local() -> String {
@@ -113,7 +141,15 @@ pub async fn join(
         api_addr: b.api_addr,
         region: b.region,
     };
-    let result = api.node.join(b.id, info).await;
+    let ours = api.node.config().cluster.shards;
+    let result = match b.shards {
+        Some(theirs) if theirs != ours => Err(crate::node::NodeError::Invalid(format!(
+            "node {} is configured with cluster.shards = {theirs} but this cluster has {ours} \
+             queue shards: every node must say the same",
+            b.id
+        ))),
+        _ => api.node.join(b.id, info).await,
+    };
     api.record(&caller, Some(AuditTarget::Node(b.id)), result.is_ok())
         .await;
     result?;

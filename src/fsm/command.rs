@@ -346,6 +346,13 @@ pub enum Command {
     },
     /// Append an audit entry for a call refused before it became a command.
     Audit(AuditRecord),
+    /// Record how many queue shards the cluster has (`cluster.shards`):
+    /// set once, by the meta group's first leader; the same count again
+    /// changes nothing, another is refused (the count is fixed at creation).
+    DefineShards {
+        /// Queue shards, 1..=64.
+        count: u32,
+    },
 }
 
 /// How agents are chosen among those that can take a task.

@@ -61,6 +61,9 @@ pub struct State {
     pub(crate) audit: AuditLog,
     /// The last event seq handed out.
     pub(crate) last_event_seq: u64,
+    /// Queue shards the cluster was created with (`DefineShards`); 0 until
+    /// its first meta leader records it.
+    pub(crate) shard_count: u32,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -214,7 +217,34 @@ impl State {
                 self.append_audit(&rec.caller, target, &rec.outcome);
                 Ok(Reply::Done)
             }
+            Command::DefineShards { count } => self.define_shards(*count),
         }
+    }
+
+    /// Records the cluster's queue-shard count, once.
+    fn define_shards(&mut self, count: u32) -> Outcome {
+        let max = crate::config::MAX_SHARDS;
+        if !(1..=max).contains(&count) {
+            return Err(Rejection::invalid("count", format!("must be 1..={max}")));
+        }
+        match self.shard_count {
+            0 => {
+                self.shard_count = count;
+                Ok(Reply::Done)
+            }
+            n if n == count => Ok(Reply::Done),
+            n => Err(Rejection::invalid(
+                "count",
+                format!(
+                    "the cluster was created with {n} queue shards; the number of shards cannot change"
+                ),
+            )),
+        }
+    }
+
+    /// Queue shards the cluster was created with (0: not recorded yet).
+    pub fn shard_count(&self) -> u32 {
+        self.shard_count
     }
 
     /// Applies an API caller's command (confined to its tenant when the

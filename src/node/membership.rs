@@ -14,7 +14,7 @@ use std::time::Duration;
 use openraft::ChangeMembers;
 use serde::Serialize;
 
-use super::{Node, NodeError};
+use super::{Group, Node, NodeError};
 use crate::api::auth::node_proof;
 use crate::clock;
 use crate::config::Config;
@@ -102,6 +102,14 @@ pub(super) async fn bootstrap(node: &Node) -> anyhow::Result<()> {
             );
         }
         tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "initializing the cluster");
+        // The shard groups first: a node that stops in between finds its
+        // meta group pristine and comes back here, where a group already
+        // initialized answers "not allowed" and is skipped.
+        for group in node.shard_groups() {
+            if let Err(e) = group.raft().initialize(members.clone()).await {
+                tracing::info!(group = group.id(), error = %e, "group initialize skipped");
+            }
+        }
         if let Err(e) = node.raft().initialize(members).await {
             tracing::info!(error = %e, "initialize skipped");
         }
@@ -161,7 +169,14 @@ fn proof_key(node: &Node) -> anyhow::Result<Vec<u8>> {
 /// The call is signed with the cluster secret: a joining node has no API key.
 async fn join_loop(node: Node, seed: String) {
     let path = "/api/v1/cluster/join";
-    let body = serde_json::json!({ "id": node.id(), "raft_addr": node.info().raft_addr, "api_addr": node.info().api_addr, "region": node.info().region }).to_string();
+    let body = serde_json::json!({
+        "id": node.id(),
+        "raft_addr": node.info().raft_addr,
+        "api_addr": node.info().api_addr,
+        "region": node.info().region,
+        "shards": node.config().cluster.shards,
+    })
+    .to_string();
     let key = match proof_key(&node) {
         Ok(k) => k,
         Err(e) => return tracing::error!(error = %e, "cannot join: no cluster secret"),
@@ -324,10 +339,26 @@ impl Node {
         }
     }
 
-    /// Hands leadership to voter `to`. Must run on the leader.
+    /// Hands the meta group's leadership to voter `to`. Must run on the
+    /// leader.
     pub async fn transfer_leadership(&self, to: NodeId) -> Result<(), NodeError> {
-        ensure_leader(self)?;
-        let m = self.raft().metrics().borrow().clone();
+        let meta = self.meta().clone();
+        self.transfer_group_leadership(&meta, to).await
+    }
+
+    /// Hands `group`'s leadership to its voter `to`. Must run on the
+    /// group's leader.
+    pub(super) async fn transfer_group_leadership(
+        &self,
+        group: &Group,
+        to: NodeId,
+    ) -> Result<(), NodeError> {
+        if !group.is_leader() {
+            return Err(NodeError::from(RemoteFailure::NotLeader {
+                leader: group.leader().map(|(id, _)| id),
+            }));
+        }
+        let m = group.raft().metrics().borrow().clone();
         if to == self.id() {
             return Ok(());
         }
@@ -350,8 +381,8 @@ impl Node {
                 "node {to} has not caught up ({matched:?} < {last:?})"
             )));
         }
-        let info = self.members().1.get(&to).cloned().unwrap_or_default();
-        let raft = self.raft();
+        let info = group.members().1.get(&to).cloned().unwrap_or_default();
+        let raft = group.raft();
         raft.runtime_config().heartbeat(false);
         raft.runtime_config().elect(false);
         tokio::time::sleep(
@@ -362,7 +393,7 @@ impl Node {
             .call_peer(
                 to,
                 &info.raft_addr,
-                RpcRequest::Elect,
+                RpcRequest::for_group(group.id(), RpcRequest::Elect),
                 Duration::from_secs(2),
             )
             .await;

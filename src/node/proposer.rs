@@ -9,11 +9,11 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{Node, NodeError};
+use super::{Group, Node, NodeError};
 use crate::clock;
 use crate::fsm::{Batch, Command, Outcome, Request, Write};
-use crate::raft::NodeId;
 use crate::raft::rpc::{Forwarded, RemoteFailure, RpcReply, RpcRequest};
+use crate::raft::{META_GROUP, NodeId};
 
 type Reply = oneshot::Sender<Result<Outcome, NodeError>>;
 
@@ -52,8 +52,8 @@ impl Queue {
     }
 }
 
-/// Drains the queue into batches until shutdown.
-pub(super) async fn run(node: Node, mut rx: mpsc::Receiver<(Write, Reply)>) {
+/// Drains the group's queue into batches until shutdown.
+pub(super) async fn run(node: Node, group: Group, mut rx: mpsc::Receiver<(Write, Reply)>) {
     let max = node.queue_config().batch_max_commands;
     let inflight = Arc::new(Semaphore::new(node.queue_config().max_inflight_batches));
     let shutdown = node.shutdown_token().clone();
@@ -73,10 +73,11 @@ pub(super) async fn run(node: Node, mut rx: mpsc::Receiver<(Write, Reply)>) {
             }
         }
         let node = node.clone();
+        let group = group.clone();
         node.clone().spawn(async move {
             let (cmds, replies): (Vec<Write>, Vec<Reply>) = batch.into_iter().unzip();
             let n = cmds.len();
-            match dispatch(&node, cmds).await {
+            match dispatch(&node, &group, cmds).await {
                 Ok(each) if each.len() == n => {
                     for (reply, result) in replies.into_iter().zip(each) {
                         let _ = reply.send(result);
@@ -105,35 +106,38 @@ type PerCommand = Vec<Result<Outcome, NodeError>>;
 /// Proposes a batch here if leader, else forwards it to the leader. A batch
 /// refused as a whole because the receiver was not the leader was not
 /// proposed, so it is retried (twice) once the view of the leader refreshes.
-async fn dispatch(node: &Node, cmds: Vec<Write>) -> Result<PerCommand, NodeError> {
+async fn dispatch(node: &Node, group: &Group, cmds: Vec<Write>) -> Result<PerCommand, NodeError> {
     let timeout = node.queue_config().write_timeout;
     let mut last = NodeError::Unavailable("no leader known".into());
     for attempt in 0..3 {
         if attempt > 0 {
             tokio::time::sleep(node.config().raft.heartbeat_interval).await;
         }
-        if node.is_leader() {
-            match propose_as_leader(node, cmds.clone()).await {
+        if group.is_leader() {
+            match propose_as_leader(node, group, cmds.clone()).await {
                 Err(RemoteFailure::NotLeader { .. }) => continue,
                 Ok(outcomes) => return Ok(outcomes.into_iter().map(Ok).collect()),
                 Err(e) => return Err(e.into()),
             }
         }
-        let Some((leader, info)) = node.leader().filter(|(id, _)| *id != node.id()) else {
+        let Some((leader, info)) = group.leader().filter(|(id, _)| *id != node.id()) else {
             continue;
         };
         let (commands, callers, audit) = crate::fsm::pack(cmds.clone());
-        let req = RpcRequest::Forward(Forwarded {
-            commands,
-            callers,
-            audit,
-        });
+        let req = RpcRequest::for_group(
+            group.id(),
+            RpcRequest::Forward(Forwarded {
+                commands,
+                callers,
+                audit,
+            }),
+        );
         let reply = tokio::select! {
             r = node.call_peer(leader, &info.raft_addr, req, timeout) => r?,
             // A paused or cut-off leader would hold the pipeline for the whole
             // timeout. The batch may still commit (if the old leader
             // replicated it), so it is not sent again: its outcome is unknown.
-            () = leader_changed(node, leader) => {
+            () = leader_changed(group, leader) => {
                 return Err(NodeError::Unavailable(format!(
                     "leader {leader} was replaced while the write was in flight; its outcome is unknown"
                 )));
@@ -156,9 +160,10 @@ async fn dispatch(node: &Node, cmds: Vec<Write>) -> Result<PerCommand, NodeError
     Err(last)
 }
 
-/// Resolves once this node sees a leader other than `from` (or none).
-async fn leader_changed(node: &Node, from: NodeId) {
-    let mut metrics = node.raft().server_metrics();
+/// Resolves once this node sees a leader of the group other than `from`
+/// (or none).
+async fn leader_changed(group: &Group, from: NodeId) {
+    let mut metrics = group.raft().server_metrics();
     loop {
         if metrics.borrow_and_update().current_leader != Some(from) {
             return;
@@ -174,21 +179,22 @@ async fn leader_changed(node: &Node, from: NodeId) {
 /// fsyncs). Refused whole if the queue cannot take them all.
 pub(super) async fn accept_forwarded(
     node: &Node,
+    group: &Group,
     cmds: Vec<Write>,
 ) -> Result<Vec<Result<Outcome, RemoteFailure>>, RemoteFailure> {
-    if !node.is_leader() {
+    if !group.is_leader() {
         return Err(RemoteFailure::NotLeader {
-            leader: node.leader().map(|(id, _)| id),
+            leader: group.leader().map(|(id, _)| id),
         });
     }
-    if node.inner.queue.free() < cmds.len() {
+    if group.queue().free() < cmds.len() {
         return Err(RemoteFailure::Unavailable(
             "the leader's write queue is full".into(),
         ));
     }
     let mut waiting = Vec::with_capacity(cmds.len());
     for cmd in cmds {
-        waiting.push(node.inner.queue.push(cmd));
+        waiting.push(group.queue().push(cmd));
     }
     let timeout = node.queue_config().write_timeout;
     let mut out = Vec::with_capacity(waiting.len());
@@ -213,15 +219,19 @@ pub(super) async fn accept_forwarded(
 /// less if the leader stops hearing from a quorum meanwhile.
 pub(super) async fn propose_as_leader(
     node: &Node,
+    group: &Group,
     writes: Vec<Write>,
 ) -> Result<Vec<Outcome>, RemoteFailure> {
-    check_quorum_fresh(node)?;
+    check_quorum_fresh(node, group)?;
     let n = writes.len();
     let mut writes = writes;
     // A batch that adds ready work or frees capacity ends with a dispatch
     // round, so new tasks are leased in the entry that commits them instead
     // of one entry later (the queue-shard actor covers everything else).
-    let piggyback = writes.iter().any(|w| frees_or_adds_work(&w.command))
+    // Only the meta group dispatches until the queue moves to the shards
+    // (docs/shards.md, step 2): a shard's replica has no agents to lease to.
+    let piggyback = group.id() == META_GROUP
+        && writes.iter().any(|w| frees_or_adds_work(&w.command))
         && !writes
             .iter()
             .any(|w| matches!(w.command, Command::Dispatch(_)));
@@ -232,13 +242,15 @@ pub(super) async fn propose_as_leader(
     let timeout = node.queue_config().write_timeout;
     let started = std::time::Instant::now();
     let result = tokio::select! {
-        r = node.raft().client_write(Request::Batch(batch)) => match r {
+        r = group.raft().client_write(Request::Batch(batch)) => match r {
             Ok(resp) => {
                 let mut outcomes = resp.data.outcomes;
                 if piggyback && let Some(Ok(crate::fsm::Reply::Dispatched(grants))) = outcomes.get(n) {
                     crate::metrics::global().dispatch_leases.inc_by(grants.len() as u64);
                 }
-                hint_grants(node, &outcomes, resp.log_id.index);
+                if group.id() == META_GROUP {
+                    hint_grants(node, &outcomes, resp.log_id.index);
+                }
                 outcomes.truncate(n);
                 Ok(outcomes)
             }
@@ -247,7 +259,7 @@ pub(super) async fn propose_as_leader(
             }
             Err(e) => Err(RemoteFailure::Unavailable(e.to_string())),
         },
-        e = quorum_lost(node) => Err(e),
+        e = quorum_lost(node, group) => Err(e),
         _ = tokio::time::sleep(timeout) => Err(RemoteFailure::Unavailable(format!("not committed within {timeout:?}"))),
     };
     let m = crate::metrics::global();
@@ -302,8 +314,8 @@ fn quorum_limit_ms(node: &Node) -> u64 {
 
 /// A leader that has not heard from a quorum for a whole election timeout is
 /// probably on the minority side: refuse at once rather than hang.
-fn check_quorum_fresh(node: &Node) -> Result<(), RemoteFailure> {
-    let since_ack = node.raft().metrics().borrow().millis_since_quorum_ack;
+fn check_quorum_fresh(node: &Node, group: &Group) -> Result<(), RemoteFailure> {
+    let since_ack = group.raft().metrics().borrow().millis_since_quorum_ack;
     match since_ack {
         Some(ms) if ms > quorum_limit_ms(node) => Err(RemoteFailure::Unavailable(format!(
             "leader has not heard from a quorum for {ms} ms"
@@ -314,17 +326,18 @@ fn check_quorum_fresh(node: &Node) -> Result<(), RemoteFailure> {
 
 /// Resolves when the leader has lost touch with its quorum (checked every
 /// heartbeat), so a write in flight fails fast instead of waiting out its timeout.
-async fn quorum_lost(node: &Node) -> RemoteFailure {
+async fn quorum_lost(node: &Node, group: &Group) -> RemoteFailure {
     loop {
         tokio::time::sleep(node.config().raft.heartbeat_interval).await;
-        if let Err(e) = check_quorum_fresh(node) {
+        if let Err(e) = check_quorum_fresh(node, group) {
             return e;
         }
     }
 }
 
-/// On the leader, proposes a tick whenever a state-machine timer is due.
-pub(super) async fn tick_loop(node: Node) {
+/// On the group's leader, proposes a tick whenever a state-machine timer
+/// is due.
+pub(super) async fn tick_loop(node: Node, group: Group) {
     let every = node.queue_config().tick_interval;
     let shutdown = node.shutdown_token().clone();
     let mut timer = tokio::time::interval(every);
@@ -334,12 +347,12 @@ pub(super) async fn tick_loop(node: Node) {
             _ = shutdown.cancelled() => break,
             _ = timer.tick() => {}
         }
-        if !node.is_leader() {
+        if !group.is_leader() {
             continue;
         }
-        let due = node.state().read(|s| s.next_due_ms());
+        let due = group.state().read(|s| s.next_due_ms());
         if due.is_some_and(|d| d <= clock::now_ms())
-            && let Err(e) = node.write(Command::Tick).await
+            && let Err(e) = node.write_in(&group, Command::Tick.into()).await
         {
             tracing::debug!(error = %e, "tick not committed");
             tokio::time::sleep(Duration::from_millis(100)).await;

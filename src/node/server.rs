@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use super::Node;
 use super::membership;
 use super::proposer::accept_forwarded;
+use super::{Group, Node};
 use crate::codec;
+use crate::raft::NodeId;
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
-use crate::raft::{META_GROUP, NodeId};
 use crate::transport::Handler;
 
 /// Serves [`RpcRequest`]s for one node.
@@ -55,19 +55,32 @@ impl RpcHandler {
     /// stagger by rank so they do not split the vote. A disconnect from a
     /// live leader (idle close, transient break) finds its port open and does
     /// nothing.
+    /// Every group led by `peer` as this node knows it gets the same
+    /// treatment, at once: a dead process led them all.
     async fn leader_disconnected(node: Node, peer: NodeId) {
-        let Some((leader, info)) = node.leader() else {
+        let led: Vec<Group> = node
+            .groups()
+            .filter(|g| g.leader().is_some_and(|(id, _)| id == peer) && !g.is_leader())
+            .cloned()
+            .collect();
+        let Some((_, info)) = led.first().and_then(Group::leader) else {
             return;
         };
-        if leader != peer || node.is_leader() {
-            return;
-        }
         let probe = tokio::net::TcpStream::connect(info.raft_addr.as_str());
         match tokio::time::timeout(LEADER_PROBE_TIMEOUT, probe).await {
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             _ => return,
         }
-        let (voters, _) = node.members();
+        let elections = led
+            .into_iter()
+            .map(|group| Self::elect_after_lease(node.clone(), group, peer));
+        futures_util::future::join_all(elections).await;
+    }
+
+    /// Starts an election in `group` once every follower's lease on the
+    /// dead `leader` has run out, unless a new leader came first.
+    async fn elect_after_lease(node: Node, group: Group, leader: NodeId) {
+        let (voters, _) = group.members();
         let Some(rank) = voters
             .iter()
             .filter(|v| **v != leader)
@@ -78,19 +91,45 @@ impl RpcHandler {
         let raft = &node.config().raft;
         let wait = raft.election_timeout_max + LEASE_MARGIN + ELECTION_STAGGER * rank as u32;
         tracing::info!(
+            group = group.id(),
             leader,
             wait_ms = wait.as_millis() as u64,
             "leader's port is closed; electing after its lease"
         );
         tokio::time::sleep(wait).await;
-        let still_gone = node.leader().map(|(id, _)| id) == Some(leader) && !node.is_leader();
-        if still_gone && let Err(e) = node.raft().trigger().elect().await {
-            tracing::warn!(error = %e, "could not start an election");
+        let still_gone = group.leader().map(|(id, _)| id) == Some(leader) && !group.is_leader();
+        if still_gone && let Err(e) = group.raft().trigger().elect().await {
+            tracing::warn!(group = group.id(), error = %e, "could not start an election");
         }
     }
 
     async fn serve(&self, peer: NodeId, req: RpcRequest) -> RpcReply {
-        let raft = self.node.raft();
+        match req {
+            RpcRequest::Join { id, info } => {
+                RpcReply::Membership(membership::add_member(&self.node, id, info).await)
+            }
+            RpcRequest::Leave { id } => {
+                RpcReply::Membership(membership::remove_member(&self.node, id).await)
+            }
+            RpcRequest::Ping => RpcReply::Pong,
+            RpcRequest::Group { group, request } => match self.node.group(group) {
+                Some(g) if is_group_message(&request) => {
+                    let g = g.clone();
+                    self.serve_group(peer, &g, *request).await
+                }
+                // Not hosted here, or not a message a group takes.
+                _ => RpcReply::NoSuchGroup(group),
+            },
+            other => {
+                let meta = self.node.meta().clone();
+                self.serve_group(peer, &meta, other).await
+            }
+        }
+    }
+
+    /// Serves a message addressed to one group ([`is_group_message`]).
+    async fn serve_group(&self, peer: NodeId, group: &Group, req: RpcRequest) -> RpcReply {
+        let raft = group.raft();
         match req {
             RpcRequest::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
             RpcRequest::Vote(r) => RpcReply::Vote(raft.vote(r).await),
@@ -105,22 +144,16 @@ impl RpcHandler {
                         "batch of {n} commands (1..={max})"
                     ))));
                 }
-                tracing::trace!(peer, n, "forwarded batch");
+                tracing::trace!(peer, group = group.id(), n, "forwarded batch");
                 let writes = crate::fsm::unpack(f.commands, &f.callers, f.audit);
-                RpcReply::Forward(accept_forwarded(&self.node, writes).await)
+                RpcReply::Forward(accept_forwarded(&self.node, group, writes).await)
             }
             RpcRequest::ReadIndex => {
-                if !self.node.is_leader() {
-                    let leader = self.node.leader().map(|(id, _)| id);
+                if !group.is_leader() {
+                    let leader = group.leader().map(|(id, _)| id);
                     return RpcReply::ReadIndex(Err(RemoteFailure::NotLeader { leader }));
                 }
-                RpcReply::ReadIndex(self.node.leader_read_index().await)
-            }
-            RpcRequest::Join { id, info } => {
-                RpcReply::Membership(membership::add_member(&self.node, id, info).await)
-            }
-            RpcRequest::Leave { id } => {
-                RpcReply::Membership(membership::remove_member(&self.node, id).await)
+                RpcReply::ReadIndex(self.node.leader_read_index(group).await)
             }
             RpcRequest::Elect => RpcReply::Elect(
                 raft.trigger()
@@ -128,18 +161,25 @@ impl RpcHandler {
                     .await
                     .map_err(|e| RemoteFailure::Unavailable(e.to_string())),
             ),
-            RpcRequest::Ping => RpcReply::Pong,
-            RpcRequest::Group { group, request } => match *request {
-                r @ (RpcRequest::AppendEntries(_)
-                | RpcRequest::Vote(_)
-                | RpcRequest::InstallSnapshot(_))
-                    if group == META_GROUP =>
-                {
-                    Box::pin(self.serve(peer, r)).await
-                }
-                // This node hosts the meta group only (docs/shards.md).
-                _ => RpcReply::NoSuchGroup(group),
-            },
+            other => {
+                tracing::warn!(peer, group = group.id(), request = ?other, "not a group message");
+                RpcReply::NoSuchGroup(group.id())
+            }
         }
     }
+}
+
+/// Whether a message is one a group takes: Raft's own, and the writes,
+/// read indexes and elections asked of a group's replica. Membership,
+/// pings and nested groups are the node's.
+fn is_group_message(req: &RpcRequest) -> bool {
+    matches!(
+        req,
+        RpcRequest::AppendEntries(_)
+            | RpcRequest::Vote(_)
+            | RpcRequest::InstallSnapshot(_)
+            | RpcRequest::Forward(_)
+            | RpcRequest::ReadIndex
+            | RpcRequest::Elect
+    )
 }

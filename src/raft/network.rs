@@ -72,14 +72,7 @@ impl PeerConn {
         action: RPCTypes,
         ttl: Duration,
     ) -> Result<RpcReply, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>> {
-        let req = if self.group == META_GROUP {
-            req
-        } else {
-            RpcRequest::Group {
-                group: self.group,
-                request: Box::new(req),
-            }
-        };
+        let req = RpcRequest::for_group(self.group, req);
         let bytes = codec::encode(&req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let timeout = Timeout {
             action,

@@ -43,15 +43,32 @@ pub enum RpcRequest {
     /// Check that the node answers over the transport (TLS and the secret
     /// handshake included); the leader asks before adding a node.
     Ping,
-    /// A Raft message (`AppendEntries`, `Vote` or `InstallSnapshot`) for a
-    /// group other than [`META_GROUP`](super::META_GROUP), whose messages
-    /// travel unwrapped.
+    /// A message for a group other than [`META_GROUP`](super::META_GROUP),
+    /// whose messages travel unwrapped: a Raft message (`AppendEntries`,
+    /// `Vote`, `InstallSnapshot`), or a write forwarded to, a read index
+    /// asked of, or an election asked of that group's replica.
     Group {
         /// The group.
         group: GroupId,
         /// The message.
         request: Box<RpcRequest>,
     },
+}
+
+impl RpcRequest {
+    /// `request` addressed to group `group`: as it is for the
+    /// [`META_GROUP`](super::META_GROUP), wrapped in [`RpcRequest::Group`]
+    /// for any other.
+    pub fn for_group(group: GroupId, request: RpcRequest) -> RpcRequest {
+        if group == super::META_GROUP {
+            request
+        } else {
+            RpcRequest::Group {
+                group,
+                request: Box::new(request),
+            }
+        }
+    }
 }
 
 /// Commands a follower forwards to the leader (see `fsm::pack`).

@@ -71,7 +71,7 @@ const LOG_TAIL_LINES: usize = 120;
 static PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
 /// A free port on 127.0.0.1 that this process has not handed out before.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     for _ in 0..100 {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = l.local_addr().expect("local addr").port();
@@ -85,7 +85,7 @@ fn free_port() -> u16 {
 
 /// A free transport port whose fabric port (the transport port + 100, where
 /// `godel serve` listens for the actor fabric) is free too; both reserved.
-fn free_raft_port() -> u16 {
+pub fn free_raft_port() -> u16 {
     for _ in 0..100 {
         let port = free_port();
         let Some(fabric) = port.checked_add(100) else {
@@ -109,6 +109,20 @@ fn loopback(port: u16) -> SocketAddr {
 /// A TOML string literal.
 fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
+}
+
+/// Moves the keys of a `[cluster]` table in `extra` into `cluster` (the
+/// harness's table, which starts with `[cluster]`); returns both.
+fn merge_cluster_table(extra: &str, cluster: &str) -> (String, String) {
+    let Some(start) = extra.find("[cluster]\n") else {
+        return (extra.to_owned(), cluster.to_owned());
+    };
+    let body = &extra[start + "[cluster]\n".len()..];
+    let end = body.find("\n[").map_or(body.len(), |i| i + 1);
+    let keys = &body[..end];
+    let rest = format!("{}{}", &extra[..start], &body[end..]);
+    let merged = cluster.replacen("[cluster]\n", &format!("[cluster]\n{keys}"), 1);
+    (rest, merged)
 }
 
 /// One `godel serve` process and its directory.
@@ -200,6 +214,9 @@ impl NodeProc {
         } else {
             (format!("[auth]\n{key_line}"), extra)
         };
+        // A `[cluster]` table in `extra` (say `shards = 3`) is merged into
+        // the harness's own, which holds the members or the join address.
+        let (extra, cluster) = merge_cluster_table(&extra, cluster);
         let text = format!(
             "# written by tests/support for node {id}\n\
              [node]\nid = {id}\nregion = {region}\ndata_dir = {data}\n\

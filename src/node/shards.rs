@@ -1,0 +1,292 @@
+//! The queue shards' Raft groups on a node (`docs/shards.md`): the count
+//! the cluster was created with, each group's voters kept equal to the
+//! cluster's, and their leaders spread over the nodes.
+//!
+//! Every node runs [`shard_loop`]. On the meta leader it records the
+//! shard count once (`DefineShards`). On the leader of a shard group it
+//! makes the group's membership follow the meta group's voters, one
+//! change at a time (a node that joined the cluster becomes a learner of
+//! the group, then a voter once it has caught up; a node that left is
+//! removed), and hands the group to its preferred leader: the shard's
+//! turn in the sorted list of voters that are alive and not draining, so a
+//! 3-node, 3-shard cluster has one shard leader per node. openraft 0.9 has
+//! no leader transfer; the hand-over is the one the meta group uses (stop
+//! heartbeats, wait out the lease, ask the target to elect), about one
+//! election timeout during which that one shard takes no write.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use openraft::ChangeMembers;
+
+use super::{Group, Node};
+use crate::config::Config;
+use crate::fsm::Command;
+use crate::raft::rpc::{RpcReply, RpcRequest};
+use crate::raft::{GroupId, NodeId, NodeInfo};
+use crate::store::SharedState;
+
+/// How often a node looks over its shard groups.
+const PASS: Duration = Duration::from_millis(500);
+/// How long one membership step may take before the next pass retries it.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a hand-over that did not happen, how long before the next try.
+const TRANSFER_BACKOFF: Duration = Duration::from_secs(10);
+/// How long the meta leader waits for its shard replicas to exist before
+/// it warns (and again after each warning).
+const UNINITIALIZED_WARNING: Duration = Duration::from_secs(30);
+/// How long a hand-over target has to answer a ping.
+const PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// A learner this close to the leader's last index has caught up.
+const CAUGHT_UP_LAG: u64 = 8;
+
+/// Refuses to start a node configured with another shard count than the
+/// one its data records for the cluster.
+pub(super) fn check_count(config: &Config, meta: &SharedState) -> anyhow::Result<()> {
+    let recorded = meta.read(|s| s.shard_count());
+    let configured = config.cluster.shards;
+    if recorded != 0 && recorded != configured {
+        anyhow::bail!(
+            "cluster.shards is {configured} but this cluster was created with {recorded} \
+             queue shards (recorded in its data directory); the number of shards is fixed \
+             when the cluster is created: set cluster.shards = {recorded}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs the passes until shutdown.
+pub(super) async fn shard_loop(node: Node) {
+    let shutdown = node.shutdown_token().clone();
+    let mut backoff: BTreeMap<GroupId, Instant> = BTreeMap::new();
+    let mut warned = false;
+    let mut uninitialized_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(PASS) => {}
+        }
+        if node.is_leader() {
+            record_count(&node, &mut uninitialized_since).await;
+        }
+        let recorded = node.state().read(|s| s.shard_count());
+        let configured = node.config().cluster.shards;
+        if recorded != 0 && recorded != configured {
+            if !warned {
+                tracing::error!(
+                    configured,
+                    recorded,
+                    "cluster.shards differs from the cluster's shard count: this node's \
+                     shard groups are not managed; set cluster.shards to the recorded count"
+                );
+                warned = true;
+            }
+            continue;
+        }
+        adopt_alone(&node).await;
+        for group in node.shard_groups() {
+            if !group.is_leader() {
+                continue;
+            }
+            if let Err(e) = follow_cluster_voters(&node, group).await {
+                tracing::info!(group = group.id(), error = %e, "shard membership not settled yet");
+                continue;
+            }
+            if backoff
+                .get(&group.id())
+                .is_some_and(|t| Instant::now() < *t)
+            {
+                continue;
+            }
+            if let Some(to) = preferred_leader(&node, group) {
+                // A node dead for less than `node_dead_after` still looks
+                // alive in the registry: one that does not answer is not
+                // handed a group (the hand-over would cost an election).
+                if !answers(&node, group, to).await {
+                    backoff.insert(group.id(), Instant::now() + TRANSFER_BACKOFF);
+                    continue;
+                }
+                match node.transfer_group_leadership(group, to).await {
+                    Ok(()) => tracing::info!(group = group.id(), to, "shard leadership balanced"),
+                    Err(e) => {
+                        tracing::info!(group = group.id(), to, error = %e, "shard leadership hand-over not done");
+                        backoff.insert(group.id(), Instant::now() + TRANSFER_BACKOFF);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A node that is the meta group's only voter initializes any shard group
+/// it has no replica of, with itself alone: no other member can hold one.
+/// That is a cluster restored from a backup (`godel restore` seeds the meta
+/// group) and a single node whose shard count was recorded before its
+/// shard groups existed.
+async fn adopt_alone(node: &Node) {
+    let (voters, _) = node.members();
+    if voters != [node.id()] {
+        return;
+    }
+    for group in node.shard_groups() {
+        if group.raft().is_initialized().await.unwrap_or(true) {
+            continue;
+        }
+        let me = BTreeMap::from([(node.id(), node.info().clone())]);
+        match group.raft().initialize(me).await {
+            Ok(()) => tracing::info!(
+                group = group.id(),
+                "initialized the shard group on this node alone"
+            ),
+            Err(e) => {
+                tracing::warn!(group = group.id(), error = %e, "could not initialize the shard group")
+            }
+        }
+    }
+}
+
+/// On the meta leader: records the cluster's shard count, once its own
+/// replicas of every shard group exist (a cluster created before it had
+/// shards never gets them: its nodes are told so instead).
+async fn record_count(node: &Node, uninitialized_since: &mut Option<Instant>) {
+    if node.state().read(|s| s.shard_count()) != 0 {
+        return;
+    }
+    for group in node.shard_groups() {
+        if !group.raft().is_initialized().await.unwrap_or(false) {
+            // Normal for a few passes while the group's leader reaches this
+            // replica; for good when the cluster was created with fewer.
+            let since = *uninitialized_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > UNINITIALIZED_WARNING {
+                tracing::warn!(
+                    group = group.id(),
+                    "this node's replica of the shard group is not initialized: the cluster \
+                     records its shard count once it is (a cluster created with fewer shards \
+                     never gets more: set cluster.shards to the count it was created with)"
+                );
+                *uninitialized_since = Some(Instant::now());
+            }
+            return;
+        }
+    }
+    let count = node.config().cluster.shards;
+    match node.write(Command::DefineShards { count }).await {
+        Ok(Ok(_)) => tracing::info!(count, "recorded the cluster's queue-shard count"),
+        Ok(Err(rejected)) => tracing::error!(error = %rejected, "shard count refused"),
+        Err(e) => tracing::debug!(error = %e, "shard count not committed yet"),
+    }
+}
+
+/// On a shard group's leader: one step toward the group's voters being the
+/// meta group's. Adds missing nodes as learners, promotes those caught up,
+/// drops voters and learners the cluster no longer has.
+async fn follow_cluster_voters(node: &Node, group: &Group) -> Result<(), String> {
+    let (meta_voters, meta_nodes) = node.members();
+    let want: BTreeSet<NodeId> = meta_voters.into_iter().collect();
+    let (voters, nodes) = group.members();
+    let voters: BTreeSet<NodeId> = voters.into_iter().collect();
+    let raft = group.raft();
+    let step = |what: &'static str| move |e: String| format!("{what}: {e}");
+    for id in want.iter().filter(|id| !nodes.contains_key(id)) {
+        let info: NodeInfo = meta_nodes.get(id).cloned().unwrap_or_default();
+        tracing::info!(
+            group = group.id(),
+            node = id,
+            "adding a cluster voter to the shard group as a learner"
+        );
+        timed(raft.add_learner(*id, info, false))
+            .await
+            .map_err(step("add learner"))?;
+    }
+    let m = raft.metrics().borrow().clone();
+    let last = m.last_log_index.unwrap_or(0);
+    let matched = |id: &NodeId| {
+        m.replication
+            .as_ref()
+            .and_then(|r| r.get(id).cloned().flatten())
+            .map_or(0, |l| l.index)
+    };
+    let next: BTreeSet<NodeId> = want
+        .iter()
+        .filter(|id| voters.contains(id) || matched(id) + CAUGHT_UP_LAG >= last)
+        .copied()
+        .collect();
+    if next != voters && !next.is_empty() {
+        tracing::info!(group = group.id(), from = ?voters, to = ?next, "changing the shard group's voters");
+        timed(raft.change_membership(ChangeMembers::ReplaceAllVoters(next), false))
+            .await
+            .map_err(step("change voters"))?;
+    }
+    let (voters, nodes) = group.members();
+    let gone: BTreeSet<NodeId> = nodes
+        .keys()
+        .filter(|id| !want.contains(id) && !voters.contains(id))
+        .copied()
+        .collect();
+    if !gone.is_empty() {
+        tracing::info!(group = group.id(), nodes = ?gone, "removing departed learners from the shard group");
+        timed(raft.change_membership(ChangeMembers::RemoveNodes(gone), false))
+            .await
+            .map_err(step("remove learners"))?;
+    }
+    Ok(())
+}
+
+/// Whether node `to` answers a ping over the transport now.
+async fn answers(node: &Node, group: &Group, to: NodeId) -> bool {
+    let Some(info) = group.members().1.get(&to).cloned() else {
+        return false;
+    };
+    matches!(
+        node.call_peer(to, &info.raft_addr, RpcRequest::Ping, PING_TIMEOUT)
+            .await,
+        Ok(RpcReply::Pong)
+    )
+}
+
+/// A membership call under [`CHANGE_TIMEOUT`], its error as text.
+async fn timed<T, E: std::fmt::Display>(
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(CHANGE_TIMEOUT, fut).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {CHANGE_TIMEOUT:?}")),
+    }
+}
+
+/// The node that should lead `group`, when it is not this one: among the
+/// group's voters that are heartbeating and not draining, sorted by id,
+/// the one at the shard's turn. `None` when this node is the one, or
+/// when no other candidate has caught up.
+fn preferred_leader(node: &Node, group: &Group) -> Option<NodeId> {
+    if node.cut_off() {
+        return None;
+    }
+    let (voters, _) = group.members();
+    let dead_after = node.queue_config().node_dead_after.as_millis() as u64;
+    let usable: BTreeSet<NodeId> = node.state().read(|s| {
+        let now = s.clock_ms();
+        s.registry()
+            .nodes()
+            .filter(|n| !n.draining && n.last_heartbeat_ms.saturating_add(dead_after) >= now)
+            .map(|n| n.id)
+            .collect()
+    });
+    let candidates: Vec<NodeId> = voters.into_iter().filter(|v| usable.contains(v)).collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    let turn = (group.id() as usize).saturating_sub(1) % candidates.len();
+    let to = candidates[turn];
+    if to == node.id() {
+        return None;
+    }
+    let m = group.raft().metrics().borrow().clone();
+    let matched = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&to).cloned().flatten())
+        .map(|l| l.index);
+    (matched >= m.last_log_index).then_some(to)
+}
