@@ -88,6 +88,7 @@ pub struct Metrics {
     raft_applied: IntGauge,
     group_leader: IntGaugeVec,
     group_applied: IntGaugeVec,
+    prevotes: IntCounterVec,
 }
 
 fn build() -> prometheus::Result<Metrics> {
@@ -265,6 +266,13 @@ fn build() -> prometheus::Result<Metrics> {
             ),
             &["group"],
         )?,
+        prevotes: IntCounterVec::new(
+            Opts::new(
+                "godel_raft_prevotes_total",
+                "Pre-votes this node held because it heard from no leader: granted (a majority has no leader either: it may campaign) or denied (it is cut off, or the others still follow a leader)",
+            ),
+            &["result"],
+        )?,
         registry,
     };
     m.registry.register(Box::new(m.task_events.clone()))?;
@@ -299,6 +307,7 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.raft_leader.clone()))?;
     m.registry.register(Box::new(m.group_leader.clone()))?;
     m.registry.register(Box::new(m.group_applied.clone()))?;
+    m.registry.register(Box::new(m.prevotes.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;
     crate::actors::register_metrics(&m.registry)?;
     Ok(m)
@@ -365,6 +374,14 @@ pub fn observe(events: &[Event]) {
     for ((name, priority), n) in counts {
         m.task_events.with_label_values(&[name, priority]).inc_by(n);
     }
+}
+
+/// Counts one pre-vote this node held (`node/prevote.rs`).
+pub fn prevote(granted: bool) {
+    global()
+        .prevotes
+        .with_label_values(&[if granted { "granted" } else { "denied" }])
+        .inc();
 }
 
 /// Prometheus text for `GET /metrics`.

@@ -36,6 +36,7 @@ mod drain;
 mod group;
 mod membership;
 mod placer;
+mod prevote;
 mod proposer;
 mod server;
 mod shards;
@@ -219,6 +220,7 @@ impl Node {
         node.spawn(observe_events(node.clone()));
         membership::bootstrap(&node).await?;
         node.spawn(shards::shard_loop(node.clone()));
+        node.spawn(prevote::gate_loop(node.clone()));
         node.start_actors().await?;
         node.start_fabric(&secret, fabric_tls).await;
         Ok(node)
@@ -628,6 +630,9 @@ fn raft_config(c: &Config) -> anyhow::Result<openraft::Config> {
         install_snapshot_timeout: ms(r.snapshot_rpc_timeout),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every_entries),
         max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+        // Elections wait for a pre-vote (node/prevote.rs), which turns
+        // each group's timer on when a majority has no leader.
+        enable_elect: false,
         ..Default::default()
     };
     Ok(cfg.validate()?)

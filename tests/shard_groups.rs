@@ -3,8 +3,10 @@
 //! shard groups, each replicated on every voter, with one shard leader per
 //! node once the groups have settled. A node killed with its shard
 //! leaderships hands them to the others, and takes its share back when it
-//! returns; a draining node gives its shard leaderships away; a node that joins becomes a voter of every shard; a node whose
-//! shard count differs from the cluster's is refused, at join and at start.
+//! returns; a draining node gives its shard leaderships away; a node that
+//! joins becomes a voter of every shard, and one that leaves is out of
+//! every group when `leave` returns; a node whose shard count differs from
+//! the cluster's is refused, at join (named or probed) and at start.
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -198,6 +200,39 @@ async fn joining_nodes_get_every_shard_and_a_different_count_is_refused() {
         let new = c.start_joining(0);
         wait_settled(&c, &ids(&c, 0..4), false).await;
 
+        // When it leaves, `leave` returns once no group lists it.
+        let r = api
+            .post(
+                0,
+                "/api/v1/cluster/leave",
+                &json!({"id": c.node(new).id}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        // Every group has dropped it (the meta leader waited for that; this
+        // node's replicas may apply the change a moment later).
+        let three = ids(&c, 0..3);
+        wait_until(
+            "every group without the node",
+            deadline(Duration::from_secs(3)),
+            async || {
+                let view = api.cluster(0).await?;
+                for g in view["groups"].as_array().cloned().unwrap_or_default() {
+                    let members: BTreeSet<u64> = ["voters", "learners"]
+                        .iter()
+                        .flat_map(|k| g[*k].as_array().cloned().unwrap_or_default())
+                        .filter_map(|v| v.as_u64())
+                        .collect();
+                    if members != three {
+                        bail!("group {}: {members:?}", g["group"]);
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await;
+
         // A node restarted with another count refuses to start, saying why.
         assert!(c.terminate(new, Duration::from_secs(10)));
         c.edit_config(new, |t| t.replace("shards = 3", "shards = 2"));
@@ -209,6 +244,40 @@ async fn joining_nodes_get_every_shard_and_a_different_count_is_refused() {
             log.contains("cluster.shards is 2 but this cluster was created with 3"),
             "{log}"
         );
+
+        // A node configured with another count asks to join and is refused
+        // by the count it names; asked for it without a count (as `godel
+        // cluster join` does), the leader probes its groups and refuses it
+        // too. It never becomes a member.
+        let odd = c.start_joining_with(0, "[cluster]\nshards = 2\n");
+        wait_until("the join to be refused", deadline(SETTLE), async || {
+            let log = c.node(odd).log_tail(60);
+            if log.contains("is configured with cluster.shards = 2 but this cluster has 3") {
+                Ok(())
+            } else {
+                bail!("not refused yet")
+            }
+        })
+        .await;
+        let n = c.node(odd);
+        let r = api
+            .post(
+                0,
+                "/api/v1/cluster/join",
+                &json!({"id": n.id, "raft_addr": n.raft_addr.to_string(), "api_addr": n.api_addr.to_string()}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{r:?}");
+        assert!(
+            r.message()
+                .contains("is not configured for this cluster's 3 queue shards: it hosts no shard group 3"),
+            "{r:?}"
+        );
+        let members = api.cluster(0).await.unwrap()["members"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(members, 3);
     })
     .await;
 }

@@ -141,7 +141,10 @@ pub async fn join(
         api_addr: b.api_addr,
         region: b.region,
     };
-    let ours = api.node.config().cluster.shards;
+    let ours = match api.node.state().read(|s| s.shard_count()) {
+        0 => api.node.config().cluster.shards,
+        recorded => recorded,
+    };
     let result = match b.shards {
         Some(theirs) if theirs != ours => Err(crate::node::NodeError::Invalid(format!(
             "node {} is configured with cluster.shards = {theirs} but this cluster has {ours} \

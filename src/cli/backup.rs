@@ -297,6 +297,15 @@ pub async fn restore(output: Output, args: RestoreArgs) -> anyhow::Result<i32> {
         log_json: false,
     };
     let config = super::serve::load_config(&serve).context("the new node's config")?;
+    if config.cluster.shards > 1 {
+        // A backup carries the meta group only, and a restored node would
+        // have no replica of the shard groups to grow a cluster from.
+        anyhow::bail!(
+            "the new node's config has cluster.shards = {}: restoring into a cluster with \
+             queue shards is not supported yet; restore with cluster.shards = 1",
+            config.cluster.shards
+        );
+    }
     let r = backup::Restore {
         file: args.file.clone(),
         data_dir: config.node.data_dir.clone(),

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use openraft::ServerState;
 
@@ -24,6 +26,10 @@ struct Inner {
     raft: Raft,
     state: SharedState,
     queue: proposer::Queue,
+    /// When this replica last took a message from a leader of the group:
+    /// ms after `born`, plus one (0: never).
+    leader_contact: AtomicU64,
+    born: Instant,
 }
 
 impl Group {
@@ -43,6 +49,8 @@ impl Group {
                 raft,
                 state,
                 queue,
+                leader_contact: AtomicU64::new(0),
+                born: Instant::now(),
             }),
         }
     }
@@ -64,6 +72,24 @@ impl Group {
 
     pub(super) fn queue(&self) -> &proposer::Queue {
         &self.inner.queue
+    }
+
+    /// Records that a leader of the group reached this replica now (an
+    /// append or snapshot it accepted as coming from a current leader).
+    pub(super) fn saw_leader(&self) {
+        let ms = self.inner.born.elapsed().as_millis() as u64 + 1;
+        self.inner.leader_contact.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Whether a leader of the group reached this replica within `d`.
+    pub(super) fn heard_from_leader_within(&self, d: Duration) -> bool {
+        match self.inner.leader_contact.load(Ordering::Relaxed) {
+            0 => false,
+            at => {
+                let now = self.inner.born.elapsed().as_millis() as u64 + 1;
+                now.saturating_sub(at) <= d.as_millis() as u64
+            }
+        }
     }
 
     /// The group's leader as this node knows it, with its addresses.

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use openraft::ChangeMembers;
+use openraft::error::{InitializeError, RaftError};
 use serde::Serialize;
 
 use super::{Group, Node, NodeError};
@@ -106,8 +107,12 @@ pub(super) async fn bootstrap(node: &Node) -> anyhow::Result<()> {
         // meta group pristine and comes back here, where a group already
         // initialized answers "not allowed" and is skipped.
         for group in node.shard_groups() {
-            if let Err(e) = group.raft().initialize(members.clone()).await {
-                tracing::info!(group = group.id(), error = %e, "group initialize skipped");
+            match group.raft().initialize(members.clone()).await {
+                Ok(()) => {}
+                Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
+                    tracing::info!(group = group.id(), error = %e, "group already initialized");
+                }
+                Err(e) => anyhow::bail!("initializing shard group {}: {e}", group.id()),
             }
         }
         if let Err(e) = node.raft().initialize(members).await {
@@ -256,6 +261,7 @@ pub(super) async fn add_member(
                 )));
             }
         }
+        same_shards(node, id, &info).await?;
     }
     let raft = node.raft();
     raft.add_learner(id, info, true)
@@ -271,10 +277,70 @@ pub(super) async fn add_member(
     Ok(())
 }
 
-/// On the leader: removes a node from the voters and learners.
+/// Checks that node `id` hosts exactly this cluster's shard groups: it
+/// answers for each of them and not for the one past the last. A node
+/// configured with another `cluster.shards` is refused before it is added.
+async fn same_shards(node: &Node, id: NodeId, info: &NodeInfo) -> Result<(), RemoteFailure> {
+    let ours = node.shard_groups().len() as u32;
+    let probe = |g: u32| {
+        let req = RpcRequest::for_group(g, RpcRequest::PreVote);
+        node.call_peer(id, &info.raft_addr, req, JOIN_PING_TIMEOUT)
+    };
+    let refuse = |why: String| {
+        RemoteFailure::Invalid(format!(
+            "node {id} is not configured for this cluster's {} queue shards: {why}; set \
+             cluster.shards = {} on it",
+            ours.max(1),
+            ours.max(1)
+        ))
+    };
+    for g in 1..=ours {
+        match probe(g).await {
+            Ok(RpcReply::NoSuchGroup(_)) => {
+                return Err(refuse(format!("it hosts no shard group {g}")));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(RemoteFailure::Unavailable(e.to_string())),
+        }
+    }
+    match probe(ours + 1).await {
+        Ok(RpcReply::NoSuchGroup(_)) => Ok(()),
+        Ok(_) => Err(refuse(format!("it hosts a shard group {}", ours + 1))),
+        Err(e) => Err(RemoteFailure::Unavailable(e.to_string())),
+    }
+}
+
+/// On the meta leader: removes a node from the cluster: from the meta
+/// group, then from every queue shard's group (through each shard's
+/// leader), so that once `leave` returns no group still counts on it and
+/// the node can be stopped. Refused, changing nothing, while the node is
+/// the only voter of a shard group (a node that joined has not been added
+/// to it yet).
 pub(super) async fn remove_member(node: &Node, id: NodeId) -> Result<(), RemoteFailure> {
     ensure_leader(node)?;
-    let (voters, nodes) = node.members();
+    for group in node.shard_groups() {
+        let (voters, _) = group.members();
+        if voters == [id] {
+            return Err(RemoteFailure::Invalid(format!(
+                "node {id} is the only voter of shard group {}: wait until the other nodes \
+                 are its voters (GET /cluster lists each group's voters)",
+                group.id()
+            )));
+        }
+    }
+    let meta = node.meta().clone();
+    remove_from_group(&meta, id).await?;
+    super::shards::remove_from_shards(node, id).await
+}
+
+/// On `group`'s leader: removes a node from its voters and learners.
+pub(super) async fn remove_from_group(group: &Group, id: NodeId) -> Result<(), RemoteFailure> {
+    if !group.is_leader() {
+        return Err(RemoteFailure::NotLeader {
+            leader: group.leader().map(|(id, _)| id),
+        });
+    }
+    let (voters, nodes) = group.members();
     if !nodes.contains_key(&id) {
         return Err(RemoteFailure::Invalid(format!("node {id} is not a member")));
     }
@@ -285,17 +351,19 @@ pub(super) async fn remove_member(node: &Node, id: NodeId) -> Result<(), RemoteF
             ));
         }
         let change = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
-        node.raft()
+        group
+            .raft()
             .change_membership(change, false)
             .await
             .map_err(|e| RemoteFailure::Unavailable(e.to_string()))?;
     }
     let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
-    node.raft()
+    group
+        .raft()
         .change_membership(change, false)
         .await
         .map_err(|e| RemoteFailure::Unavailable(e.to_string()))?;
-    tracing::info!(node = id, "node removed");
+    tracing::info!(group = group.id(), node = id, "node removed");
     Ok(())
 }
 

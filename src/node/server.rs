@@ -11,6 +11,7 @@ use crate::codec;
 use crate::raft::NodeId;
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
 use crate::transport::Handler;
+use openraft::raft::AppendEntriesResponse;
 
 /// Serves [`RpcRequest`]s for one node.
 pub(super) struct RpcHandler {
@@ -131,11 +132,22 @@ impl RpcHandler {
     async fn serve_group(&self, peer: NodeId, group: &Group, req: RpcRequest) -> RpcReply {
         let raft = group.raft();
         match req {
-            RpcRequest::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
+            RpcRequest::AppendEntries(r) => {
+                let reply = raft.append_entries(r).await;
+                if matches!(&reply, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+                    group.saw_leader();
+                }
+                RpcReply::AppendEntries(reply)
+            }
             RpcRequest::Vote(r) => RpcReply::Vote(raft.vote(r).await),
             RpcRequest::InstallSnapshot(r) => {
-                RpcReply::InstallSnapshot(raft.install_snapshot(r).await)
+                let reply = raft.install_snapshot(r).await;
+                if reply.is_ok() {
+                    group.saw_leader();
+                }
+                RpcReply::InstallSnapshot(reply)
             }
+            RpcRequest::PreVote => RpcReply::PreVote(super::prevote::would_vote(&self.node, group)),
             RpcRequest::Forward(f) => {
                 let n = f.commands.len();
                 let max = self.node.queue_config().batch_max_commands;
@@ -155,6 +167,9 @@ impl RpcHandler {
                 }
                 RpcReply::ReadIndex(self.node.leader_read_index(group).await)
             }
+            RpcRequest::Leave { id } => {
+                RpcReply::Membership(membership::remove_from_group(group, id).await)
+            }
             RpcRequest::Elect => RpcReply::Elect(
                 raft.trigger()
                     .elect()
@@ -170,8 +185,8 @@ impl RpcHandler {
 }
 
 /// Whether a message is one a group takes: Raft's own, and the writes,
-/// read indexes and elections asked of a group's replica. Membership,
-/// pings and nested groups are the node's.
+/// read indexes, elections, pre-votes and removals asked of a group's
+/// replica. Joins, pings and nested groups are the node's.
 fn is_group_message(req: &RpcRequest) -> bool {
     matches!(
         req,
@@ -181,5 +196,7 @@ fn is_group_message(req: &RpcRequest) -> bool {
             | RpcRequest::Forward(_)
             | RpcRequest::ReadIndex
             | RpcRequest::Elect
+            | RpcRequest::PreVote
+            | RpcRequest::Leave { .. }
     )
 }

@@ -22,7 +22,7 @@ use openraft::ChangeMembers;
 use super::{Group, Node};
 use crate::config::Config;
 use crate::fsm::Command;
-use crate::raft::rpc::{RpcReply, RpcRequest};
+use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
 use crate::raft::{GroupId, NodeId, NodeInfo};
 use crate::store::SharedState;
 
@@ -32,6 +32,10 @@ const PASS: Duration = Duration::from_millis(500);
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a hand-over that did not happen, how long before the next try.
 const TRANSFER_BACKOFF: Duration = Duration::from_secs(10);
+/// After a hand-over, how long before that group may move again.
+const HOLD_AFTER_MOVE: Duration = Duration::from_secs(30);
+/// How long `leave` waits for the shard groups to drop a node.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the meta leader waits for its shard replicas to exist before
 /// it warns (and again after each warning).
 const UNINITIALIZED_WARNING: Duration = Duration::from_secs(30);
@@ -83,15 +87,26 @@ pub(super) async fn shard_loop(node: Node) {
             }
             continue;
         }
-        adopt_alone(&node).await;
+        // A node the cluster removed manages nothing (it may still lead a
+        // shard group until its removal from it commits).
+        if !node.members().0.contains(&node.id()) {
+            continue;
+        }
+        let mut settled = Vec::new();
         for group in node.shard_groups() {
             if !group.is_leader() {
                 continue;
             }
-            if let Err(e) = follow_cluster_voters(&node, group).await {
-                tracing::info!(group = group.id(), error = %e, "shard membership not settled yet");
-                continue;
+            match follow_cluster_voters(&node, group).await {
+                Ok(()) => settled.push(group),
+                Err(e) => {
+                    tracing::info!(group = group.id(), error = %e, "shard membership not settled yet");
+                }
             }
+        }
+        // Hand-overs after every group's membership step: each costs about
+        // an election timeout, and none holds up another group's changes.
+        for group in settled {
             if backoff
                 .get(&group.id())
                 .is_some_and(|t| Instant::now() < *t)
@@ -107,39 +122,17 @@ pub(super) async fn shard_loop(node: Node) {
                     continue;
                 }
                 match node.transfer_group_leadership(group, to).await {
-                    Ok(()) => tracing::info!(group = group.id(), to, "shard leadership balanced"),
+                    Ok(()) => {
+                        tracing::info!(group = group.id(), to, "shard leadership balanced");
+                        // Held there a while, so a node whose liveness
+                        // flickers does not pull groups back and forth.
+                        backoff.insert(group.id(), Instant::now() + HOLD_AFTER_MOVE);
+                    }
                     Err(e) => {
                         tracing::info!(group = group.id(), to, error = %e, "shard leadership hand-over not done");
                         backoff.insert(group.id(), Instant::now() + TRANSFER_BACKOFF);
                     }
                 }
-            }
-        }
-    }
-}
-
-/// A node that is the meta group's only voter initializes any shard group
-/// it has no replica of, with itself alone: no other member can hold one.
-/// That is a cluster restored from a backup (`godel restore` seeds the meta
-/// group) and a single node whose shard count was recorded before its
-/// shard groups existed.
-async fn adopt_alone(node: &Node) {
-    let (voters, _) = node.members();
-    if voters != [node.id()] {
-        return;
-    }
-    for group in node.shard_groups() {
-        if group.raft().is_initialized().await.unwrap_or(true) {
-            continue;
-        }
-        let me = BTreeMap::from([(node.id(), node.info().clone())]);
-        match group.raft().initialize(me).await {
-            Ok(()) => tracing::info!(
-                group = group.id(),
-                "initialized the shard group on this node alone"
-            ),
-            Err(e) => {
-                tracing::warn!(group = group.id(), error = %e, "could not initialize the shard group")
             }
         }
     }
@@ -200,15 +193,17 @@ async fn follow_cluster_voters(node: &Node, group: &Group) -> Result<(), String>
     }
     let m = raft.metrics().borrow().clone();
     let last = m.last_log_index.unwrap_or(0);
-    let matched = |id: &NodeId| {
+    // A learner is promoted once the leader has a confirmed match for it
+    // near its last index (none yet: not caught up, however short the log).
+    let caught_up = |id: &NodeId| {
         m.replication
             .as_ref()
             .and_then(|r| r.get(id).cloned().flatten())
-            .map_or(0, |l| l.index)
+            .is_some_and(|l| l.index + CAUGHT_UP_LAG >= last)
     };
     let next: BTreeSet<NodeId> = want
         .iter()
-        .filter(|id| voters.contains(id) || matched(id) + CAUGHT_UP_LAG >= last)
+        .filter(|id| voters.contains(id) || caught_up(id))
         .copied()
         .collect();
     if next != voters && !next.is_empty() {
@@ -230,6 +225,55 @@ async fn follow_cluster_voters(node: &Node, group: &Group) -> Result<(), String>
             .map_err(step("remove learners"))?;
     }
     Ok(())
+}
+
+/// On the meta leader, after node `id` left the meta group: removes it from
+/// every shard group through that group's leader, retrying (a shard
+/// leader may be making its own membership step) until none lists it or
+/// [`REMOVE_TIMEOUT`] passes.
+pub(super) async fn remove_from_shards(node: &Node, id: NodeId) -> Result<(), RemoteFailure> {
+    let give_up = Instant::now() + REMOVE_TIMEOUT;
+    for group in node.shard_groups() {
+        while group.members().1.contains_key(&id) {
+            let result = remove_once(node, group, id).await;
+            match result {
+                Ok(()) => {}
+                Err(e) if Instant::now() < give_up => {
+                    tracing::info!(group = group.id(), node = id, error = %e, "removing the node from the shard group; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    return Err(RemoteFailure::Unavailable(format!(
+                        "node {id} left the meta group but shard group {} still lists it: {e}",
+                        group.id()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One try at removing node `id` from `group`: here if this node leads
+/// it, else through its leader.
+async fn remove_once(node: &Node, group: &Group, id: NodeId) -> Result<(), RemoteFailure> {
+    if group.is_leader() {
+        return super::membership::remove_from_group(group, id).await;
+    }
+    let (leader, info) = group
+        .leader()
+        .ok_or_else(|| RemoteFailure::Unavailable("no leader known".into()))?;
+    let req = RpcRequest::for_group(group.id(), RpcRequest::Leave { id });
+    match node
+        .call_peer(leader, &info.raft_addr, req, CHANGE_TIMEOUT)
+        .await
+    {
+        Ok(RpcReply::Membership(r)) => r,
+        Ok(other) => Err(RemoteFailure::Unavailable(format!(
+            "unexpected reply {other:?}"
+        ))),
+        Err(e) => Err(RemoteFailure::Unavailable(e.to_string())),
+    }
 }
 
 /// Whether node `to` answers a ping over the transport now.

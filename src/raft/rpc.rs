@@ -53,6 +53,11 @@ pub enum RpcRequest {
         /// The message.
         request: Box<RpcRequest>,
     },
+    /// Would the receiver vote for a new leader now? Asked by a voter that
+    /// has not heard from a leader before it lets itself campaign, so a
+    /// node cut off from the majority never raises its term (openraft 0.9
+    /// has no pre-vote of its own; see `node/prevote.rs`).
+    PreVote,
 }
 
 impl RpcRequest {
@@ -126,4 +131,8 @@ pub enum RpcReply {
     /// See [`RpcRequest::Group`]: the receiver hosts no replica of that
     /// group, or the message is not one a group takes.
     NoSuchGroup(GroupId),
+    /// See [`RpcRequest::PreVote`]: true when the receiver has no working
+    /// leader (it has not heard from one within the election timeout's
+    /// lower bound, or it leads without a fresh quorum).
+    PreVote(bool),
 }
