@@ -332,8 +332,9 @@ async fn a_member_with_another_cas_certificate_never_votes() {
         let api = c.api();
         let leader = c.leader().await;
         // A follower comes back with a certificate from another CA: it hears
-        // no heartbeats, runs for election again and again, and nobody
-        // hears it.
+        // no heartbeats and asks the others for a pre-vote again and again;
+        // nobody hears it, so it never campaigns (its term stays) and the
+        // others are never disturbed.
         let f = (leader + 1) % 3;
         assert!(
             c.terminate(f, Duration::from_secs(10)),
@@ -345,18 +346,27 @@ async fn a_member_with_another_cas_certificate_never_votes() {
         let term = before["term"].as_u64().unwrap();
         let rogue_id = c.node(f).id;
         wait_until(
-            "the rogue follower to run for election",
+            "the rogue follower's pre-votes to be denied",
             deadline(Duration::from_secs(20)),
             async || {
-                let s = api.cluster(f).await?;
-                if s["state"] == "candidate" && s["term"].as_u64() > Some(term) {
+                api.cluster(f).await?; // up and answering
+                let denied = api
+                    .metric(f, "godel_raft_prevotes_total{result=\"denied\"}")
+                    .await;
+                if denied >= 5.0 {
                     Ok(())
                 } else {
-                    bail!("node {rogue_id}: {s}")
+                    bail!("node {rogue_id}: {denied} pre-votes denied")
                 }
             },
         )
         .await;
+        let s = api.cluster(f).await.unwrap();
+        assert!(
+            s["term"].as_u64() <= Some(term),
+            "the rogue node campaigned: {s}"
+        );
+        assert_ne!(s["state"], "leader", "{s}");
         let id = submit(&c, leader, 7).await.unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
         for i in (0..3).filter(|&i| i != f) {
@@ -371,8 +381,14 @@ async fn a_member_with_another_cas_certificate_never_votes() {
             let t = api.get(i, &format!("/api/v1/tasks/{id}")).await.unwrap();
             assert_eq!(t.status, 200, "{t:?}");
         }
-        // The rogue node cannot serve reads (it knows no leader) and never
-        // received the new entry.
+        // The rogue node cannot serve reads (it cannot reach the leader for
+        // a read index) and never received the new entry; it still has not
+        // campaigned.
+        let s = api.cluster(f).await.unwrap();
+        assert!(
+            s["term"].as_u64() <= Some(term),
+            "the rogue node campaigned: {s}"
+        );
         let there = api.get(f, &format!("/api/v1/tasks/{id}")).await.unwrap();
         assert_eq!(there.status, 503, "{there:?}");
         let applied = |s: &serde_json::Value| s["applied_index"].as_u64().unwrap_or(0);
