@@ -529,6 +529,19 @@ async fn attempt(
         .map_or(0, |d| d.as_millis() as u64);
     m.dispatch_seconds
         .observe(now_ms.saturating_sub(task.created_at_ms) as f64 / 1000.0);
+    // A node cut off from the majority makes no gateway call: its replica
+    // may be behind a move of the gateway (a node back from a pause applies
+    // the grants it missed before the move that followed them). Its lease
+    // lapses, or the move gives it back.
+    if args.node.cut_off() {
+        tracing::info!(agent = %args.id, task = %task.id, "this node is cut off from the majority; the attempt is not run");
+        m.attempts.with_label_values(&["stopped"]).inc();
+        let _ = actor.send_message(AgentMsg::Ended {
+            token,
+            given_up: true,
+        });
+        return;
+    }
     // The fence is read when the call is made: the replica's placement of
     // the gateway on this node now, which no later owner's call can carry.
     let Some(fence) = fence_here(&args) else {

@@ -16,6 +16,15 @@
 //! long (an election that drags on) stops every node's actors, which the
 //! reconciler starts again once heartbeats commit; the majority's placer
 //! would move every gateway in that case anyway.
+//!
+//! A heartbeat counts only once this node's own replica has caught up with
+//! what was committed when it committed (a read barrier), and an agent
+//! checks for contact right before each gateway call. Without both, a node
+//! back from a pause (SIGSTOP) longer than `node_dead_after` saw its first
+//! heartbeat commit while its replica still applied the grants it had
+//! missed, placed on it before the majority moved the gateway away, and
+//! called the gateway with the old fencing token after the new owner had
+//! used the new one (the `pause` drill's "gateways with two owners").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -381,21 +381,28 @@ pub(super) async fn heartbeat_loop(node: Node) {
             api_addr: info.api_addr.clone(),
         };
         let sent = std::time::Instant::now();
-        wait = match node.write(cmd).await {
-            Ok(Ok(_)) => {
-                node.inner.contact.committed(sent);
-                node.queue_config().node_heartbeat_interval
-            }
+        let committed = match node.write(cmd).await {
+            Ok(Ok(_)) => true,
             Ok(Err(rejected)) => {
                 // Applied, so committed: the majority heard it.
-                node.inner.contact.committed(sent);
                 tracing::warn!(error = %rejected, "node heartbeat rejected");
-                node.queue_config().node_heartbeat_interval
+                true
             }
             Err(e) => {
                 tracing::debug!(error = %e, "node heartbeat not committed; retrying");
-                RETRY
+                false
             }
+        };
+        // Contact counts only once this node's own replica has applied
+        // everything committed by then (a read barrier): a node back from
+        // a pause must not see its heartbeat commit while its replica still
+        // places a gateway here that the majority has moved away.
+        wait = match (committed, committed && node.read_barrier().await.is_ok()) {
+            (true, true) => {
+                node.inner.contact.committed(sent);
+                node.queue_config().node_heartbeat_interval
+            }
+            _ => RETRY,
         };
     }
 }
