@@ -8,7 +8,8 @@
 //!
 //! A sequence of per-group sections between a header and a trailer, so
 //! that a cluster of several Raft groups (a meta group and queue shards)
-//! writes one section each; today there is one group, id 0, `meta`.
+//! writes one section each: the meta group (id 0, `meta`), then each queue
+//! shard's (`shard-<id>`) when `cluster.shards > 1`.
 //! Integers are little-endian; every checksum is SHA-256.
 //!
 //! ```text
@@ -69,7 +70,9 @@
 //! `godel restore FILE` first verifies the whole file, then creates the
 //! node's data directory (which must be missing or empty) in a staging
 //! directory beside it, renamed into place at the end. The store is
-//! written through the store's own code (`store::seed`: layout version,
+//! written through the store's own code (`store::seed_groups`, every
+//! group of the file, which must be the groups a node with the config's
+//! `cluster.shards` hosts: layout version,
 //! watermark, snapshot, purged and committed log ids), exactly as a node
 //! that installed the backup's snapshot from a leader holds it, with one
 //! change: the Raft membership is this node alone, and its vote is for
@@ -102,7 +105,8 @@
 //! offline: its snapshot and then every entry of its log, committed or not
 //! (`--committed-only` stops at the commit index it knew), applied as the
 //! node would apply them; restore that into a new one-node cluster. The
-//! store itself is left untouched (`store::offline_capture` reads a copy).
+//! store itself is left untouched (`store::offline_captures` reads a copy,
+//! every group it holds).
 //! Entries a majority acknowledged but this node never received are lost,
 //! and entries it holds that were never committed come back; the old nodes
 //! must never be started again. `docs/recovery.md` has the procedure.

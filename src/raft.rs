@@ -19,12 +19,13 @@ pub mod rpc;
 /// A node's identity in the cluster: stable across restarts.
 pub type NodeId = u64;
 
-/// A Raft group's identity. Today a node hosts one group, [`META_GROUP`];
-/// `docs/shards.md` plans more (queue shards), each its own openraft
-/// instance whose RPCs share the node-to-node transport.
+/// A Raft group's identity: [`META_GROUP`], and the queue shards' groups
+/// `1..=cluster.shards` when there is more than one shard
+/// (`docs/shards.md`), each its own openraft instance whose RPCs share the
+/// node-to-node transport.
 pub type GroupId = u32;
 
-/// The group every node hosts: today the only one.
+/// The group every node hosts.
 pub const META_GROUP: GroupId = 0;
 
 /// What the cluster membership records about a node.

@@ -190,7 +190,9 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 use crate::codec::CodecError;
 use crate::raft::{GroupId, META_GROUP, NodeId};
 
-pub use capture::{Capture, Restored, Seeded, Through, offline_capture, seed};
+pub use capture::{
+    Capture, Restored, Seeded, Through, offline_capture, offline_captures, seed, seed_groups,
+};
 pub use log::LogStore;
 pub use state_machine::{
     AppliedEvents, EVENT_CHANNEL_CAPACITY, SharedState, SnapshotBuilder, StateMachine,

@@ -805,3 +805,108 @@ async fn a_cluster_that_lost_its_majority_comes_back_from_its_survivor() {
     })
     .await;
 }
+
+/// The groups of a verified backup's JSON: (id, name) per section.
+fn groups_of(backup: &Value) -> Vec<(u64, String)> {
+    backup["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .map(|s| {
+            (
+                s["meta"]["group"].as_u64().unwrap(),
+                s["meta"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_cluster_backs_up_and_restores_every_group() {
+    const SHARDED: &str = "[cluster]\nshards = 3\n";
+    let mut c = Cluster::start_with(3, SHARDED).await;
+    bounded(Duration::from_secs(240), async {
+        let api = c.api();
+        wait_until(
+            "the shard count recorded",
+            deadline(Duration::from_secs(30)),
+            async || {
+                let v = api.cluster(0).await?;
+                if v["shard_count"] == 3 {
+                    Ok(())
+                } else {
+                    bail!("{}", v["shard_count"])
+                }
+            },
+        )
+        .await;
+        let want: Vec<(u64, String)> = vec![
+            (0, "meta".into()),
+            (1, "shard-1".into()),
+            (2, "shard-2".into()),
+            (3, "shard-3".into()),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+
+        // Through the API, from a follower: a section per group.
+        let file = dir.path().join("sharded.backup");
+        let leader = c.leader().await;
+        let follower = (leader + 1) % 3;
+        let v = backup_of(&c, follower, &file).await;
+        assert_eq!(groups_of(&v), want, "{v}");
+
+        // From a stopped node's data directory: the same groups.
+        assert!(c.terminate(follower, Duration::from_secs(10)));
+        let offline = dir.path().join("offline.backup");
+        let run = godel_async(
+            ADMIN_KEY,
+            &[
+                "-o",
+                "json",
+                "backup",
+                "--data-dir",
+                path(&c.node(follower).data_dir()),
+                "--out",
+                path(&offline),
+            ],
+        )
+        .await
+        .ok("offline backup of a sharded node");
+        assert_eq!(groups_of(&run.json()["backup"]), want);
+
+        // A node with another shard count is refused, and nothing is made.
+        let refused_dir = dir.path().join("one-shard");
+        let run = restore_as_7(&file, &refused_dir).await;
+        assert_ne!(run.code, 0, "{run:?}");
+        assert!(
+            run.stderr.contains("restore with cluster.shards = 3"),
+            "{run:?}"
+        );
+        assert!(!refused_dir.exists());
+
+        // A node with three shards grows a cluster from it: it leads every
+        // group alone, and records the same count.
+        let restored = Cluster::start_prepared(1, SHARDED, restore_for(&file)).await;
+        let api = restored.api();
+        wait_until(
+            "the restored node to lead every group",
+            deadline(Duration::from_secs(30)),
+            async || {
+                let v = api.cluster(0).await?;
+                let groups = v["groups"].as_array().cloned().unwrap_or_default();
+                let ids: Vec<u64> = groups.iter().filter_map(|g| g["group"].as_u64()).collect();
+                if ids != [0, 1, 2, 3] || v["shard_count"] != 3 {
+                    bail!("{v}");
+                }
+                for g in &groups {
+                    if g["leader"] != 1 || g["voters"] != json!([1]) {
+                        bail!("group {g}");
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await;
+    })
+    .await;
+}

@@ -57,14 +57,34 @@ pub async fn download(State(api): State<Api>, caller: Caller) -> ApiResult<Respo
     };
     super::outcome(api.node.write(Command::Audit(record)).await)?;
     api.node.read_barrier().await?;
-    let state = api.node.state().clone();
-    let group = tokio::task::spawn_blocking(move || {
-        backup::capture_group(META_GROUP.0, META_GROUP.1, &state)
+    // Each queue shard's group too (none with one shard), each after a
+    // read barrier of its own: every section is consistent at its own
+    // applied index.
+    let mut states = vec![(
+        META_GROUP.0,
+        META_GROUP.1.to_owned(),
+        api.node.state().clone(),
+    )];
+    for group in api.node.shard_groups() {
+        api.node.read_barrier_of(group.id()).await?;
+        states.push((
+            group.id(),
+            format!("shard-{}", group.id()),
+            group.state().clone(),
+        ));
+    }
+    let groups = tokio::task::spawn_blocking(move || {
+        states
+            .iter()
+            .map(|(id, name, state)| backup::capture_group(*id, name, state))
+            .collect::<Vec<_>>()
     })
     .await
     .map_err(|e| NodeError::Internal(format!("copying the state machine: {e}")))?;
-    let applied = group.meta()?.applied;
-    let groups = vec![group];
+    let applied = groups[0].meta()?.applied;
+    for g in &groups[1..] {
+        g.meta()?;
+    }
     let header = Header::new(cluster_info(&api), &groups);
     let (stream, producer) =
         backup::stream_backup(header, groups, api.node.shutdown_token().clone(), permit);

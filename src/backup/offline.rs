@@ -85,6 +85,9 @@ pub struct Restore {
     pub node: NodeId,
     /// Its addresses and region (the new membership's only member).
     pub info: NodeInfo,
+    /// Its `cluster.shards`: the backup must hold exactly the groups such
+    /// a node hosts (the meta group, and shards `1..=N` when N > 1).
+    pub shards: u32,
 }
 
 /// What a restore made.
@@ -94,12 +97,15 @@ pub struct RestoreReport {
     pub data_dir: PathBuf,
     /// The node it is for.
     pub node: NodeId,
-    /// The group restored.
+    /// The meta group (the first restored).
     pub group: u32,
-    /// The log id its snapshot is at (the backup's).
+    /// The log id the meta group's snapshot is at (the backup's).
     pub applied: LogId<NodeId>,
-    /// What the restored state holds.
+    /// What the restored meta state holds.
     pub summary: GroupSummary,
+    /// Every group restored, with the log id its snapshot is at and what
+    /// it holds (the meta group first).
+    pub groups: Vec<(u32, LogId<NodeId>, GroupSummary)>,
     /// The backup's header.
     pub header: Header,
 }
@@ -112,36 +118,63 @@ pub struct RestoreReport {
 pub fn restore_into(r: &Restore) -> Result<RestoreReport> {
     refuse_unless_empty(&r.data_dir)?;
     let verified = verify_file(&r.file)?;
-    check_restorable(&verified)?;
+    check_restorable(&verified, r.shards)?;
     let staging = Staging::create(&r.data_dir)?;
-    let (meta, restored) = read_group(&r.file, &verified.sections[0].meta)?;
-    let restored_summary = summary(restored.state());
-    if restored_summary != meta.summary {
-        return Err(BackupError::Malformed(format!(
-            "the state does not match its section's summary: {restored_summary:?} vs {:?}",
-            meta.summary
-        )));
+    let expected: Vec<SectionMeta> = verified.sections.iter().map(|s| s.meta.clone()).collect();
+    let sections = read_groups(&r.file, &expected)?;
+    let mut summaries = Vec::with_capacity(sections.len());
+    for (meta, restored) in &sections {
+        let restored_summary = summary(restored.state());
+        if restored_summary != meta.summary {
+            return Err(BackupError::Malformed(format!(
+                "group {}'s state does not match its section's summary: {restored_summary:?} vs {:?}",
+                meta.group, meta.summary
+            )));
+        }
+        summaries.push(restored_summary);
     }
-    let seeded = store::seed(&staging.path.join("raft"), restored, r.node, r.info.clone())?;
+    let groups = sections
+        .into_iter()
+        .map(|(meta, restored)| (meta.group, restored))
+        .collect();
+    let seeded = store::seed_groups(&staging.path.join("raft"), groups, r.node, r.info.clone())?;
     staging.commit(&r.data_dir)?;
+    let groups: Vec<(u32, LogId<NodeId>, GroupSummary)> = seeded
+        .into_iter()
+        .zip(summaries)
+        .map(|((group, seeded), summary)| (group, seeded.snapshot, summary))
+        .collect();
+    let (group, applied, summary) = groups[0].clone();
     Ok(RestoreReport {
         data_dir: r.data_dir.clone(),
         node: r.node,
-        group: meta.group,
-        applied: seeded.snapshot,
-        summary: restored_summary,
+        group,
+        applied,
+        summary,
+        groups,
         header: verified.header,
     })
 }
 
-/// Whether this build can restore what `v` holds: one group, the meta
-/// group, in this build's state encoding.
-fn check_restorable(v: &Verified) -> Result<()> {
+/// Whether this build can restore what `v` holds for a node with `shards`
+/// queue shards: the meta group first, then shards `1..=N` when N > 1, in
+/// this build's state encoding.
+fn check_restorable(v: &Verified, shards: u32) -> Result<()> {
     let groups: Vec<u32> = v.header.groups.iter().map(|g| g.id).collect();
-    if groups != [META_GROUP.0] {
+    let want: Vec<u32> = if shards > 1 {
+        (0..=shards).collect()
+    } else {
+        vec![META_GROUP.0]
+    };
+    if groups != want {
+        let theirs = if groups.len() > 1 {
+            groups.len() - 1
+        } else {
+            1
+        };
         return Err(BackupError::Refused(format!(
-            "the backup holds groups {groups:?}; this build restores a single group, {} ({})",
-            META_GROUP.0, META_GROUP.1
+            "the backup holds groups {groups:?} (a cluster of {theirs} queue shards); a node with \
+             cluster.shards = {shards} restores groups {want:?}: restore with cluster.shards = {theirs}"
         )));
     }
     if v.header.codec_version != codec::VERSION {
@@ -154,41 +187,51 @@ fn check_restorable(v: &Verified) -> Result<()> {
     Ok(())
 }
 
-/// Reads the first section's state back (a second pass over the file,
-/// which must still be what [`verify`] saw).
-fn read_group(file: &Path, expected: &SectionMeta) -> Result<(SectionMeta, store::Restored)> {
+/// Reads every section's state back (a second pass over the file, which
+/// must still be what [`verify`] saw).
+fn read_groups(
+    file: &Path,
+    expected: &[SectionMeta],
+) -> Result<Vec<(SectionMeta, store::Restored)>> {
     let mut reader = Reader::open(open(file)?)?;
-    let (meta, body) = reader
-        .next_section()?
-        .ok_or_else(|| BackupError::Malformed("no section".into()))?;
-    if meta != *expected {
-        return Err(BackupError::Refused(format!(
-            "{} changed while it was being restored",
-            file.display()
-        )));
+    let mut out = Vec::with_capacity(expected.len());
+    for want in expected {
+        let (meta, body) = reader
+            .next_section()?
+            .ok_or_else(|| BackupError::Malformed("a section is missing".into()))?;
+        if meta != *want {
+            return Err(BackupError::Refused(format!(
+                "{} changed while it was being restored",
+                file.display()
+            )));
+        }
+        let mut body = BufReader::with_capacity(READ_BUFFER_BYTES, body);
+        let restored = store::Restored::read_payload(&mut body)?;
+        let extra = std::io::copy(&mut body, &mut std::io::sink())
+            .map_err(|e| BackupError::from_io(e, "reading the backup"))?;
+        if extra > 0 {
+            return Err(BackupError::Malformed(format!(
+                "{extra} bytes follow the state in group {}'s section",
+                meta.group
+            )));
+        }
+        drop(body);
+        if restored.last_applied() != Some(meta.applied) {
+            return Err(BackupError::Malformed(format!(
+                "group {}'s state is at {:?}, its section says {}",
+                meta.group,
+                restored.last_applied(),
+                meta.applied
+            )));
+        }
+        out.push((meta, restored));
     }
-    let mut body = BufReader::with_capacity(READ_BUFFER_BYTES, body);
-    let restored = store::Restored::read_payload(&mut body)?;
-    let extra = std::io::copy(&mut body, &mut std::io::sink())
-        .map_err(|e| BackupError::from_io(e, "reading the backup"))?;
-    if extra > 0 {
-        return Err(BackupError::Malformed(format!(
-            "{extra} bytes follow the state in group {}'s section",
-            meta.group
-        )));
-    }
-    drop(body);
     if reader.next_section()?.is_some() {
-        return Err(BackupError::Malformed("more than one section".into()));
+        return Err(BackupError::Malformed(
+            "more sections than the header names".into(),
+        ));
     }
-    if restored.last_applied() != Some(meta.applied) {
-        return Err(BackupError::Malformed(format!(
-            "the state is at {:?}, its section says {}",
-            restored.last_applied(),
-            meta.applied
-        )));
-    }
-    Ok((meta, restored))
+    Ok(out)
 }
 
 /// Refuses a directory that holds anything.
@@ -276,7 +319,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// The backup of a stopped node's data directory `data_dir` (its `raft`
-/// store): its snapshot, then its log applied up to `through`. The store
+/// store): each group's snapshot, then its log applied up to `through`. The store
 /// is left as it is: a copy of it is read, made in a temporary directory
 /// under `scratch` and removed after. Blocking; fails while a node runs on
 /// it.
@@ -292,8 +335,9 @@ pub fn offline_backup(
             data_dir.display()
         )));
     }
-    let capture = store::offline_capture(&dir, through, scratch)?;
-    let members = capture
+    let captures = store::offline_captures(&dir, through, scratch)?;
+    let meta = &captures[0].1;
+    let members = meta
         .membership()
         .membership()
         .nodes()
@@ -303,15 +347,21 @@ pub fn offline_backup(
         source: "offline".into(),
         node: None,
         leader: None,
-        term: capture.last_applied().map(|l| l.leader_id.term),
+        term: meta.last_applied().map(|l| l.leader_id.term),
         members,
     };
-    let group = GroupCapture {
-        id: META_GROUP.0,
-        name: META_GROUP.1.into(),
-        capture,
-    };
-    let groups = vec![group];
+    let groups: Vec<GroupCapture> = captures
+        .into_iter()
+        .map(|(id, capture)| GroupCapture {
+            id,
+            name: if id == META_GROUP.0 {
+                META_GROUP.1.into()
+            } else {
+                format!("shard-{id}")
+            },
+            capture,
+        })
+        .collect();
     Ok((Header::new(cluster, &groups), groups))
 }
 

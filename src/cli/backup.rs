@@ -297,15 +297,6 @@ pub async fn restore(output: Output, args: RestoreArgs) -> anyhow::Result<i32> {
         log_json: false,
     };
     let config = super::serve::load_config(&serve).context("the new node's config")?;
-    if config.cluster.shards > 1 {
-        // A backup carries the meta group only, and a restored node would
-        // have no replica of the shard groups to grow a cluster from.
-        anyhow::bail!(
-            "the new node's config has cluster.shards = {}: restoring into a cluster with \
-             queue shards is not supported yet; restore with cluster.shards = 1",
-            config.cluster.shards
-        );
-    }
     let r = backup::Restore {
         file: args.file.clone(),
         data_dir: config.node.data_dir.clone(),
@@ -315,6 +306,7 @@ pub async fn restore(output: Output, args: RestoreArgs) -> anyhow::Result<i32> {
             api_addr: config.node.api_addr.to_string(),
             region: config.node.region.clone(),
         },
+        shards: config.cluster.shards,
     };
     let api_addr = r.info.api_addr.clone();
     let report = match blocking(move || backup::restore_into(&r)).await {
@@ -347,6 +339,12 @@ pub async fn restore(output: Output, args: RestoreArgs) -> anyhow::Result<i32> {
         s.agents,
         s.audit_last_seq
     );
+    for (group, applied, s) in report.groups.iter().skip(1) {
+        println!(
+            "  and shard group {group} at log index {} (term {}); {} tasks, {} dead letters",
+            applied.index, applied.leader_id.term, s.tasks, s.dead_letters
+        );
+    }
     let config = args
         .config
         .map_or(String::new(), |c| format!(" --config {}", c.display()));

@@ -21,7 +21,7 @@ use super::state_machine::{Applied, SharedState, apply_entry};
 use super::{Result, Store, StoreError, recover, while_locked};
 use crate::codec;
 use crate::fsm;
-use crate::raft::{NodeId, NodeInfo};
+use crate::raft::{GroupId, META_GROUP, NodeId, NodeInfo};
 
 /// How long opening a stopped node's store waits for its lock.
 const OFFLINE_LOCK_WAIT: Duration = Duration::from_secs(2);
@@ -91,19 +91,44 @@ pub enum Through {
 /// and removed (sled rewrites its files when it opens them). Needs room
 /// under `scratch` for a copy of the store. Blocking.
 pub fn offline_capture(dir: &Path, through: Through, scratch: &Path) -> Result<Capture> {
+    let mut groups = offline_captures(dir, through, scratch)?;
+    Ok(groups.remove(0).1)
+}
+
+/// [`offline_capture`] of every Raft group the store holds (the meta
+/// group first, then the queue shards' groups in id order), from one copy.
+pub fn offline_captures(
+    dir: &Path,
+    through: Through,
+    scratch: &Path,
+) -> Result<Vec<(GroupId, Capture)>> {
     let copy = ScratchDir::create(scratch)?;
     {
         let _locked = while_locked(OFFLINE_LOCK_WAIT, || Db::lock_unopened(dir))?;
         copy_tree(dir, &copy.0)?;
     }
+    let ids = Db::open(&copy.0)?.group_ids()?;
     // Every check the node itself makes before it uses its store (lost
     // writes against the watermark, checksums, holes, a purged prefix the
     // snapshot covers): a survivor the node would refuse gives no backup.
-    let (log, _sm) = super::Store::open(&copy.0)?;
-    let db = log.db.clone();
-    drop(log);
+    let stores = while_locked(OFFLINE_LOCK_WAIT, || {
+        super::Store::open_groups(&copy.0, &ids)
+    })?;
+    stores
+        .into_iter()
+        .map(|(group, log, _sm)| {
+            let db = log.db.clone();
+            drop(log);
+            Ok((group, capture_db(&db, through)?))
+        })
+        .collect()
+}
+
+/// One group's state as its store would restore it: snapshot, then the
+/// log applied up to `through`.
+fn capture_db(db: &Db, through: Through) -> Result<Capture> {
     let span = db.verify_log()?;
-    let mut applied = super::state_machine::restore(&db)?;
+    let mut applied = super::state_machine::restore(db)?;
     let end = match through {
         Through::Committed => db.committed()?.map(|c| c.index),
         Through::LogEnd => span.map(|(_, last)| last),
@@ -230,48 +255,76 @@ pub struct Seeded {
 /// The state is kept as it is, event seq, audit chain and all; only the
 /// Raft membership is replaced.
 pub fn seed(dir: &Path, restored: Restored, id: NodeId, info: NodeInfo) -> Result<Seeded> {
+    let mut seeded = seed_groups(dir, vec![(META_GROUP, restored)], id, info)?;
+    Ok(seeded.remove(0).1)
+}
+
+/// [`seed`] for several Raft groups in the one store in `dir` (the meta
+/// group and queue shards), each with its own copy, all with a membership
+/// of node `id` alone; opened once through [`Store::open_groups`]'s checks.
+pub fn seed_groups(
+    dir: &Path,
+    groups: Vec<(GroupId, Restored)>,
+    id: NodeId,
+    info: NodeInfo,
+) -> Result<Vec<(GroupId, Seeded)>> {
     if let Some(entry) = first_entry(dir)? {
         return Err(StoreError::NotFresh(format!(
             "{} is not empty (it holds {entry})",
             dir.display()
         )));
     }
-    let mut applied = restored.applied;
-    let snapshot = applied.last_applied.ok_or_else(|| {
-        StoreError::Inconsistent("the copy has applied nothing: there is no state to seed".into())
-    })?;
-    let membership = Membership::new(vec![BTreeSet::from([id])], BTreeMap::from([(id, info)]));
-    let membership_at = *applied.last_membership.log_id();
-    applied.last_membership = StoredMembership::new(membership_at, membership);
-    let vote = Vote::new(snapshot.leader_id.term, id);
-    let meta = Meta {
-        last_log_id: Some(snapshot),
-        last_membership: applied.last_membership.clone(),
-        snapshot_id: format!("restored-{snapshot}"),
-    };
-    let data = codec::encode(&applied).map_err(|source| StoreError::Encode {
-        what: "restored snapshot".into(),
-        source,
-    })?;
-    drop(applied);
+    let mut prepared = Vec::with_capacity(groups.len());
+    for (group, restored) in groups {
+        let mut applied = restored.applied;
+        let snapshot = applied.last_applied.ok_or_else(|| {
+            StoreError::Inconsistent(format!(
+                "the copy of group {group} has applied nothing: there is no state to seed"
+            ))
+        })?;
+        let membership = Membership::new(
+            vec![BTreeSet::from([id])],
+            BTreeMap::from([(id, info.clone())]),
+        );
+        let membership_at = *applied.last_membership.log_id();
+        applied.last_membership = StoredMembership::new(membership_at, membership);
+        let vote = Vote::new(snapshot.leader_id.term, id);
+        let meta = Meta {
+            last_log_id: Some(snapshot),
+            last_membership: applied.last_membership.clone(),
+            snapshot_id: format!("restored-{snapshot}"),
+        };
+        let data = codec::encode(&applied).map_err(|source| StoreError::Encode {
+            what: format!("restored snapshot of group {group}"),
+            source,
+        })?;
+        prepared.push((group, snapshot, vote, meta, data));
+    }
     std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
         what: format!("create {}", dir.display()),
         source,
     })?;
     {
-        let db = Db::open(dir)?;
-        // A new store: the layout record and an empty watermark.
-        recover::check(&db, dir)?;
-        db.set_vote(&vote)?;
-        db.set_snapshot(&meta, &data, Replace::Always)?;
-        db.set_last_purged(&snapshot)?;
-        db.set_committed(Some(&snapshot))?;
-        db.flush_blocking()?;
+        let base = Db::open(dir)?;
+        for (group, snapshot, vote, meta, data) in &prepared {
+            let db = base.group(*group)?;
+            // A new store: the layout record and an empty watermark.
+            recover::check(&db, dir)?;
+            db.set_vote(vote)?;
+            db.set_snapshot(meta, data, Replace::Always)?;
+            db.set_last_purged(snapshot)?;
+            db.set_committed(Some(snapshot))?;
+        }
+        base.flush_blocking()?;
     }
-    // The checks a starting node makes; they also raise the watermark to
+    // The checks a starting node makes; they also raise each watermark to
     // the vote and the snapshot just written.
-    Store::open_waiting(dir, OFFLINE_LOCK_WAIT)?;
-    Ok(Seeded { snapshot, vote })
+    let ids: Vec<GroupId> = prepared.iter().map(|p| p.0).collect();
+    while_locked(OFFLINE_LOCK_WAIT, || Store::open_groups(dir, &ids))?;
+    Ok(prepared
+        .into_iter()
+        .map(|(group, snapshot, vote, ..)| (group, Seeded { snapshot, vote }))
+        .collect())
 }
 
 /// The name of some entry of `dir`, if it exists and holds any.

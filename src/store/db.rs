@@ -92,6 +92,26 @@ impl Db {
         Self::trees(db, META_GROUP)
     }
 
+    /// The Raft groups this database holds trees of: the meta group, and
+    /// every group with a log tree, in id order.
+    pub(super) fn group_ids(&self) -> Result<Vec<GroupId>> {
+        let mut ids = vec![META_GROUP];
+        for name in self.db.tree_names() {
+            let name = String::from_utf8_lossy(&name);
+            if let Some(id) = name
+                .strip_prefix('g')
+                .and_then(|rest| rest.strip_suffix(&format!(".{LOGS}")))
+                .and_then(|n| n.parse::<GroupId>().ok())
+                && id != META_GROUP
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
     /// Group `group`'s trees in the same database (created if missing).
     /// All groups share one sled log, so a flush for one group's append
     /// persists every group's earlier writes too.
