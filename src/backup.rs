@@ -124,7 +124,7 @@ pub use format::{
 };
 pub use offline::{
     PartialFile, Restore, RestoreReport, Verified, VerifiedSection, offline_backup, restore_into,
-    verify, verify_file, write_file,
+    verify, verify_file, verify_file_deep, write_file,
 };
 pub use stream::{
     GroupCapture, MAX_CONCURRENT_BACKUPS, STREAM_CHUNK_BYTES, STREAM_QUEUE_CHUNKS, STREAM_STALL,

@@ -69,6 +69,17 @@ pub fn verify_file(path: &Path) -> Result<Verified> {
     verify(open(path)?)
 }
 
+/// [`verify_file`], then a second pass that decodes every group's state as
+/// a restore would and checks it against its section (applied log id,
+/// summary, no trailing bytes): a file that passes restores. Holds one
+/// group's state at a time. Blocking.
+pub fn verify_file_deep(path: &Path) -> Result<Verified> {
+    let verified = verify_file(path)?;
+    let expected: Vec<SectionMeta> = verified.sections.iter().map(|s| s.meta.clone()).collect();
+    each_group(path, &expected, |_, _| Ok(()))?;
+    Ok(verified)
+}
+
 fn open(path: &Path) -> Result<BufReader<File>> {
     let file = File::open(path).map_err(BackupError::io(format!("open {}", path.display())))?;
     Ok(BufReader::with_capacity(READ_BUFFER_BYTES, file))
@@ -122,17 +133,7 @@ pub fn restore_into(r: &Restore) -> Result<RestoreReport> {
     let staging = Staging::create(&r.data_dir)?;
     let expected: Vec<SectionMeta> = verified.sections.iter().map(|s| s.meta.clone()).collect();
     let sections = read_groups(&r.file, &expected)?;
-    let mut summaries = Vec::with_capacity(sections.len());
-    for (meta, restored) in &sections {
-        let restored_summary = summary(restored.state());
-        if restored_summary != meta.summary {
-            return Err(BackupError::Malformed(format!(
-                "group {}'s state does not match its section's summary: {restored_summary:?} vs {:?}",
-                meta.group, meta.summary
-            )));
-        }
-        summaries.push(restored_summary);
-    }
+    let summaries: Vec<GroupSummary> = sections.iter().map(|(m, _)| m.summary.clone()).collect();
     let groups = sections
         .into_iter()
         .map(|(meta, restored)| (meta.group, restored))
@@ -188,20 +189,35 @@ fn check_restorable(v: &Verified, shards: u32) -> Result<()> {
 }
 
 /// Reads every section's state back (a second pass over the file, which
-/// must still be what [`verify`] saw).
+/// must still be what [`verify`] saw), all at once.
 fn read_groups(
     file: &Path,
     expected: &[SectionMeta],
 ) -> Result<Vec<(SectionMeta, store::Restored)>> {
-    let mut reader = Reader::open(open(file)?)?;
     let mut out = Vec::with_capacity(expected.len());
+    each_group(file, expected, |meta, restored| {
+        out.push((meta, restored));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Decodes each section's state in turn and hands it to `f`, after
+/// checking it against its section: the same metadata as `expected`, no
+/// bytes after the state, the applied log id and the summary it names.
+fn each_group(
+    file: &Path,
+    expected: &[SectionMeta],
+    mut f: impl FnMut(SectionMeta, store::Restored) -> Result<()>,
+) -> Result<()> {
+    let mut reader = Reader::open(open(file)?)?;
     for want in expected {
         let (meta, body) = reader
             .next_section()?
             .ok_or_else(|| BackupError::Malformed("a section is missing".into()))?;
         if meta != *want {
             return Err(BackupError::Refused(format!(
-                "{} changed while it was being restored",
+                "{} changed while it was being read",
                 file.display()
             )));
         }
@@ -224,14 +240,21 @@ fn read_groups(
                 meta.applied
             )));
         }
-        out.push((meta, restored));
+        let found = summary(restored.state());
+        if found != meta.summary {
+            return Err(BackupError::Malformed(format!(
+                "group {}'s state does not match its section's summary: {found:?} vs {:?}",
+                meta.group, meta.summary
+            )));
+        }
+        f(meta, restored)?;
     }
     if reader.next_section()?.is_some() {
         return Err(BackupError::Malformed(
             "more sections than the header names".into(),
         ));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Refuses a directory that holds anything.

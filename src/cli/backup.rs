@@ -43,7 +43,9 @@ pub struct BackupArgs {
 /// `godel backup ...`
 #[derive(Debug, Subcommand)]
 pub enum BackupCmd {
-    /// Check every frame and checksum of a backup file (no node needed).
+    /// Check every frame and checksum of a backup file, then decode every
+    /// group's state as a restore would and check it against its section
+    /// (no node needed).
     Verify {
         /// The backup.
         file: PathBuf,
@@ -84,7 +86,7 @@ pub async fn backup(
     let outcome = match (args.command, args.out, args.data_dir) {
         (Some(BackupCmd::Verify { file }), _, _) => {
             let path = file.clone();
-            blocking(move || backup::verify_file(&path))
+            blocking(move || backup::verify_file_deep(&path))
                 .await
                 .map(|v| (file, v))
         }

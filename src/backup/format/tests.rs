@@ -202,3 +202,16 @@ fn a_failing_output_reports_its_own_error() {
         "{err}"
     );
 }
+
+#[test]
+fn deep_verify_refuses_a_well_framed_file_whose_state_does_not_decode() {
+    // Every frame and checksum is right, so the frame check passes; the
+    // state is not a state, which only decoding finds.
+    let file = backup(&[(0, bytes(100, 1))]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("framed.backup");
+    std::fs::write(&path, &file).unwrap();
+    crate::backup::verify_file(&path).unwrap();
+    let err = crate::backup::verify_file_deep(&path).unwrap_err();
+    assert!(!err.to_string().is_empty());
+}
