@@ -65,11 +65,15 @@ pub(super) async fn shard_loop(node: Node) {
     let mut backoff: BTreeMap<GroupId, Instant> = BTreeMap::new();
     let mut warned = false;
     let mut uninitialized_since: Option<Instant> = None;
+    // The first pass at once: the count is recorded as soon as the first
+    // leader can, with the start-up writes.
+    let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(PASS) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
+        wait = PASS;
         if node.is_leader() {
             record_count(&node, &mut uninitialized_since).await;
         }

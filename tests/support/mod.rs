@@ -420,19 +420,23 @@ impl Cluster {
         let n = c.nodes.len();
         let leader = c.leader_within(START_TIMEOUT).await;
         // Up means every node has also recorded itself in the node registry,
-        // so no start-up write lands in the middle of a test.
+        // and the leader the cluster's shard count, so no start-up write
+        // lands in the middle of a test.
         let api = c.api();
         wait_until(
-            "every node in the registry",
+            "every node in the registry and the shard count recorded",
             deadline(START_TIMEOUT),
             async || {
                 let nodes = api.get(leader, "/api/v1/nodes").await?;
                 let count = nodes.body["items"].as_array().map_or(0, Vec::len);
-                if count == n {
-                    Ok(())
-                } else {
-                    Err(anyhow!("{count} of {n} nodes registered"))
+                if count != n {
+                    return Err(anyhow!("{count} of {n} nodes registered"));
                 }
+                let shards = api.cluster(leader).await?["shard_count"].as_u64();
+                if shards.unwrap_or(0) == 0 {
+                    return Err(anyhow!("shard count not recorded yet"));
+                }
+                Ok(())
             },
         )
         .await;
