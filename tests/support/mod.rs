@@ -422,21 +422,29 @@ impl Cluster {
         // Up means every node has also recorded itself in the node registry,
         // and the leader the cluster's shard count, so no start-up write
         // lands in the middle of a test.
+        // One call per poll: a test may give the admin key a small rate
+        // limit, which two calls a poll would keep empty.
         let api = c.api();
         wait_until(
-            "every node in the registry and the shard count recorded",
+            "every node in the registry",
             deadline(START_TIMEOUT),
             async || {
                 let nodes = api.get(leader, "/api/v1/nodes").await?;
                 let count = nodes.body["items"].as_array().map_or(0, Vec::len);
-                if count != n {
-                    return Err(anyhow!("{count} of {n} nodes registered"));
+                if count == n {
+                    Ok(())
+                } else {
+                    Err(anyhow!("{count} of {n} nodes registered"))
                 }
-                let shards = api.cluster(leader).await?["shard_count"].as_u64();
-                if shards.unwrap_or(0) == 0 {
-                    return Err(anyhow!("shard count not recorded yet"));
-                }
-                Ok(())
+            },
+        )
+        .await;
+        wait_until(
+            "the shard count recorded",
+            deadline(START_TIMEOUT),
+            async || match api.cluster(leader).await?["shard_count"].as_u64() {
+                Some(n) if n > 0 => Ok(()),
+                _ => Err(anyhow!("shard count not recorded yet")),
             },
         )
         .await;
