@@ -136,6 +136,15 @@ async fn backup_of(c: &Cluster, i: usize, file: &Path) -> Value {
     v["backup"].clone()
 }
 
+/// `godel -o json backup --data-dir DATA [FLAGS] --out FILE`, which must
+/// succeed (`what` names it); the backup's JSON.
+async fn offline_backup(data: &Path, file: &Path, flags: &[&str], what: &str) -> Value {
+    let mut args = vec!["-o", "json", "backup", "--data-dir", path(data)];
+    args.extend_from_slice(flags);
+    args.extend(["--out", path(file)]);
+    godel_async(ADMIN_KEY, &args).await.ok(what).json()["backup"].clone()
+}
+
 /// `godel restore FILE --config <node's config>`: the prepare step of
 /// [`Cluster::start_prepared`].
 fn restore_for(file: &Path) -> impl FnOnce(&NodeProc) + '_ {
@@ -743,41 +752,18 @@ async fn a_cluster_that_lost_its_majority_comes_back_from_its_survivor() {
         let untouched = files(&survivor.join("raft"));
 
         let file = dir.path().join("survivor.backup");
-        let run = godel_async(
-            ADMIN_KEY,
-            &[
-                "-o",
-                "json",
-                "backup",
-                "--data-dir",
-                path(&survivor),
-                "--out",
-                path(&file),
-            ],
-        )
-        .await
-        .ok("offline backup of the survivor");
-        let meta = section(&run.json()["backup"]).clone();
+        let backup = offline_backup(&survivor, &file, &[], "offline backup of the survivor").await;
+        let meta = section(&backup).clone();
         assert_eq!(meta["summary"]["tasks"], acked.len() as u64);
         let committed = dir.path().join("committed.backup");
-        let run = godel_async(
-            ADMIN_KEY,
-            &[
-                "-o",
-                "json",
-                "backup",
-                "--data-dir",
-                path(&survivor),
-                "--committed-only",
-                "--out",
-                path(&committed),
-            ],
+        let backup = offline_backup(
+            &survivor,
+            &committed,
+            &["--committed-only"],
+            "offline backup up to the commit index",
         )
-        .await
-        .ok("offline backup up to the commit index");
-        let upto = section(&run.json()["backup"])["applied"]["index"]
-            .as_u64()
-            .unwrap();
+        .await;
+        let upto = section(&backup)["applied"]["index"].as_u64().unwrap();
         assert!(upto <= meta["applied"]["index"].as_u64().unwrap());
         assert!(
             files(&survivor.join("raft")) == untouched,
@@ -858,21 +844,9 @@ async fn a_sharded_cluster_backs_up_and_restores_every_group() {
         // From a stopped node's data directory: the same groups.
         assert!(c.terminate(follower, Duration::from_secs(10)));
         let offline = dir.path().join("offline.backup");
-        let run = godel_async(
-            ADMIN_KEY,
-            &[
-                "-o",
-                "json",
-                "backup",
-                "--data-dir",
-                path(&c.node(follower).data_dir()),
-                "--out",
-                path(&offline),
-            ],
-        )
-        .await
-        .ok("offline backup of a sharded node");
-        assert_eq!(groups_of(&run.json()["backup"]), want);
+        let data = c.node(follower).data_dir();
+        let backup = offline_backup(&data, &offline, &[], "offline backup of a sharded node").await;
+        assert_eq!(groups_of(&backup), want);
 
         // A node with another shard count is refused, and nothing is made.
         let refused_dir = dir.path().join("one-shard");

@@ -533,14 +533,13 @@ async fn attempt(
     // may be behind a move of the gateway (a node back from a pause applies
     // the grants it missed before the move that followed them). Its lease
     // lapses, or the move gives it back.
+    let not_run = |given_up: bool| {
+        m.attempts.with_label_values(&["stopped"]).inc();
+        let _ = actor.send_message(AgentMsg::Ended { token, given_up });
+    };
     if args.node.cut_off() {
         tracing::info!(agent = %args.id, task = %task.id, "this node is cut off from the majority; the attempt is not run");
-        m.attempts.with_label_values(&["stopped"]).inc();
-        let _ = actor.send_message(AgentMsg::Ended {
-            token,
-            given_up: true,
-        });
-        return;
+        return not_run(true);
     }
     // The fence is read when the call is made: the replica's placement of
     // the gateway on this node now, which no later owner's call can carry.
@@ -548,12 +547,7 @@ async fn attempt(
         // Moved away since the start was checked: the move gave the lease
         // back, and the new owner runs it.
         tracing::debug!(agent = %args.id, task = %task.id, "gateway moved away before the attempt; not run");
-        m.attempts.with_label_values(&["stopped"]).inc();
-        let _ = actor.send_message(AgentMsg::Ended {
-            token,
-            given_up: false,
-        });
-        return;
+        return not_run(false);
     };
     let req = RunRequest {
         task_id: task.id,
