@@ -80,7 +80,7 @@ pub use auth::{
 pub(crate) use command::check_name;
 pub use command::{
     Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, LeaseGrant, Outcome, Rejection,
-    ReplaySelector, Reply, Request, Response, SubmitTask, Write, pack, unpack,
+    ReplaySelector, Reply, Request, Response, Scope, SubmitTask, Write, pack, unpack,
 };
 pub use event::{AgentChange, Event, EventKind, GatewayChange, NodeChange, What};
 pub use query::{Depth, TaskFilter, TaskPage};
@@ -93,7 +93,7 @@ pub use retry::{Backoff, backoff_delay_ms};
 pub use session::{
     OpenSession, SessionId, SessionRecord, SessionState, Sessions, gateway_session_key,
 };
-pub use state::State;
+pub use state::{State, group_of};
 pub use task::{
     AgentId, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task, TaskId, TaskRegion,
     TaskStatus, Tenant,

@@ -38,6 +38,7 @@
 //! - `replay ids=1,2 [limit=100]` or `replay [tenant=a] [priority=P] [error=E] [limit=100]`
 //! - `tick` (apply an empty batch: fires due timers)
 //! - `shards count=N` (record the cluster's queue-shard count)
+//! - `define_group group=N` (make the state queue shard N's; read with `group`)
 //! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
 //! - registry: `node id=N [region=eu] [api=127.0.0.1:1]` (a heartbeat at the
 //!   script clock), `drain id=N [on=true]`,
@@ -127,6 +128,7 @@ scripts! {
     sessions_are_per_tenant,
     sessions_leave_an_unusable_gateway,
     shard_count_recorded_once,
+    shard_ids_carry_the_group,
     stale_token_rejected,
     tenant_quota_and_settings,
     tenant_round_robin_weighted,
@@ -426,6 +428,7 @@ impl Runner {
             "depth" => depth_lines(&self.state),
             "clock" => vec![self.clock_line()],
             "shard_count" => vec![format!("shard count {}", self.state.shard_count())],
+            "group" => vec![format!("group {}", self.state.group())],
             "sessions" => self.sessions(),
             "load" => self.load(AgentId(args.require("agent")?)),
             "keys" => key_lines(&self.state),
@@ -680,6 +683,9 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         "tick" => Command::Tick,
         "shards" => Command::DefineShards {
             count: args.require("count")?,
+        },
+        "define_group" => Command::DefineGroup {
+            group: args.require("group")?,
         },
         "node" => Command::NodeHeartbeat {
             id: args.require("id")?,

@@ -2,7 +2,7 @@
 //! on three nodes run in this process: a command proposed to a shard group
 //! from a node that does not lead it is forwarded to that group's leader,
 //! commits there, and a read barrier on a third node's replica of the group
-//! sees it; the meta group's state never does. A group the node does not
+//! sees it; the meta group's state never does. A shard's ids carry it. A group the node does not
 //! host is refused by value. When the group's leader stops, the survivors
 //! elect another and take writes again.
 
@@ -117,9 +117,21 @@ async fn each_group_takes_its_own_writes_and_reads() {
     bounded(TEST_BOUND, async {
         let all: Vec<&Node> = nodes.iter().collect();
         let leader = group_leader(&all, SHARD, None).await;
-        // Propose from a node that does not lead the shard: forwarded.
+        // The shard's first leader records which shard the group is.
         let from = nodes.iter().find(|n| n.id() != leader).unwrap();
+        let give_up = Instant::now() + Duration::from_secs(20);
+        loop {
+            from.read_barrier_of(SHARD).await.ok();
+            if from.group(SHARD).unwrap().state().read(|s| s.group()) == SHARD {
+                break;
+            }
+            assert!(Instant::now() < give_up, "shard {SHARD} never defined");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Propose from a node that does not lead the shard: forwarded. The
+        // id names the shard.
         let id = write_until_committed(from, SHARD, submit("acme", "k1")).await;
+        assert_eq!(godel::fsm::group_of(id.0, 3), Some(SHARD), "{id:?}");
         // A third node's replica, after a read barrier, has it.
         let reader = nodes
             .iter()

@@ -353,6 +353,70 @@ pub enum Command {
         /// Queue shards, 1..=64.
         count: u32,
     },
+    /// Make this state a queue shard's: the first command a shard group
+    /// applies (proposed by its first leader). From then on it mints task
+    /// ids, fencing tokens and session ids that carry the shard in their
+    /// low byte, and refuses cluster-wide commands. Only a state that has
+    /// minted nothing may become a shard; the same shard again changes
+    /// nothing.
+    DefineGroup {
+        /// The shard, 1..=64.
+        group: u32,
+    },
+}
+
+/// Which groups apply a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Cluster-wide state: only the meta group.
+    Meta,
+    /// Tasks, leases and sessions: the meta group while the cluster has
+    /// one shard, else the queue shards.
+    Queue,
+    /// Any group.
+    Any,
+}
+
+impl Command {
+    /// Which groups apply this command.
+    pub fn scope(&self) -> Scope {
+        match self {
+            Command::Submit(_)
+            | Command::Lease { .. }
+            | Command::Renew { .. }
+            | Command::Complete { .. }
+            | Command::Fail { .. }
+            | Command::Cancel { .. }
+            | Command::Retry { .. }
+            | Command::Replay { .. }
+            | Command::OpenSession(_)
+            | Command::MoveSession { .. }
+            | Command::Dispatch(_)
+            | Command::RenewMany { .. }
+            | Command::Release { .. }
+            | Command::KillSession { .. }
+            | Command::SetTenantWeight { .. } => Scope::Queue,
+            Command::Tick | Command::Audit(_) | Command::DefineGroup { .. } => Scope::Any,
+            Command::NodeHeartbeat { .. }
+            | Command::SetDrain { .. }
+            | Command::RegisterGateway(_)
+            | Command::DeregisterGateway { .. }
+            | Command::ReportGateway { .. }
+            | Command::PlaceGateway { .. }
+            | Command::RegisterAgent(_)
+            | Command::DeregisterAgent { .. }
+            | Command::AgentOnline { .. }
+            | Command::CreateApiKey(_)
+            | Command::BootstrapApiKey(_)
+            | Command::RevokeApiKey { .. }
+            | Command::TouchApiKeys { .. }
+            | Command::CreateTenant { .. }
+            | Command::UpdateTenant { .. }
+            | Command::DeleteTenant { .. }
+            | Command::RevokeJti { .. }
+            | Command::DefineShards { .. } => Scope::Meta,
+        }
+    }
 }
 
 /// How agents are chosen among those that can take a task.

@@ -66,7 +66,7 @@ impl State {
         lease_ms: u64,
         events: &mut Vec<Event>,
     ) -> LeaseGrant {
-        self.last_token += 1;
+        self.last_token = super::state::mint(self.last_token, self.group);
         let token = FencingToken(self.last_token);
         let lease = LeaseInfo {
             token,

@@ -180,6 +180,11 @@ pub struct OpenSession {
 const MAX_REASON_BYTES: usize = 1024;
 
 impl Sessions {
+    /// The last session id handed out (0: none yet).
+    pub(crate) fn last_id(&self) -> SessionId {
+        self.last_id
+    }
+
     /// One session.
     pub fn get(&self, id: SessionId) -> Option<&Arc<SessionRecord>> {
         self.records.get(&id)
@@ -263,7 +268,7 @@ impl State {
     /// Records a new session (the caller checked gateway and key).
     fn insert_session(&mut self, open: &OpenSession, idle_ms: u64) -> Arc<SessionRecord> {
         let now = self.clock_ms;
-        self.sessions.last_id += 1;
+        self.sessions.last_id = super::state::mint(self.sessions.last_id, self.group);
         let id = self.sessions.last_id;
         let deadline_ms = open.time_limit_ms.map(|ms| now.saturating_add(ms));
         let rec = SessionRecord {

@@ -10,7 +10,7 @@ use super::audit::{AuditCaller, AuditLog, AuditMark, AuditTarget, outcome_text, 
 use super::auth::Auth;
 use super::command::{
     Batch, Command, DeadLetterFilter, Outcome, Rejection, ReplaySelector, Reply, Request, Response,
-    SubmitTask, check_name,
+    Scope, SubmitTask, check_name,
 };
 use super::event::{Event, EventKind, NodeChange, What};
 use super::queue::{ReadyQueues, normalize_caps};
@@ -64,6 +64,10 @@ pub struct State {
     /// Queue shards the cluster was created with (`DefineShards`); 0 until
     /// its first meta leader records it.
     pub(crate) shard_count: u32,
+    /// The queue shard this state is (`DefineGroup`); 0 for the meta group.
+    /// A shard's task ids, fencing tokens and session ids carry it in their
+    /// low byte (see [`mint`]).
+    pub(crate) group: u32,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -150,6 +154,7 @@ impl State {
         entropy: u64,
         events: &mut Vec<Event>,
     ) -> Outcome {
+        self.check_scope(cmd)?;
         match cmd {
             Command::Submit(spec) => self.submit(spec, events),
             Command::Lease {
@@ -218,7 +223,53 @@ impl State {
                 Ok(Reply::Done)
             }
             Command::DefineShards { count } => self.define_shards(*count),
+            Command::DefineGroup { group } => self.define_group(*group),
         }
+    }
+
+    /// Refuses a command this group does not apply: a shard applies no
+    /// cluster-wide command.
+    fn check_scope(&self, cmd: &Command) -> Result<(), Rejection> {
+        if self.group > 0 && cmd.scope() == Scope::Meta {
+            return Err(Rejection::invalid(
+                "command",
+                format!(
+                    "queue shard {} applies only queue commands; this one is cluster-wide (the meta group's)",
+                    self.group
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes this state queue shard `group`'s, once, before it mints anything.
+    fn define_group(&mut self, group: u32) -> Outcome {
+        let max = crate::config::MAX_SHARDS;
+        if !(1..=max).contains(&group) {
+            return Err(Rejection::invalid("group", format!("must be 1..={max}")));
+        }
+        if self.group == group {
+            return Ok(Reply::Done);
+        }
+        if self.group != 0 {
+            return Err(Rejection::invalid(
+                "group",
+                format!("this state is queue shard {}'s already", self.group),
+            ));
+        }
+        if self.last_task_id != 0 || self.last_token != 0 || self.sessions.last_id() != 0 {
+            return Err(Rejection::invalid(
+                "group",
+                "this state has minted ids already; only a new group becomes a shard",
+            ));
+        }
+        self.group = group;
+        Ok(Reply::Done)
+    }
+
+    /// The queue shard this state is (0: the meta group).
+    pub fn group(&self) -> u32 {
+        self.group
     }
 
     /// Records the cluster's queue-shard count, once.
@@ -262,6 +313,7 @@ impl State {
             return Err(Rejection::invalid("audit", "names no caller of the batch"));
         };
         let outcome = match (cmd, mark.scoped) {
+            _ if let Err(refused) = self.check_scope(cmd) => Err(refused),
             (Command::Audit(_), _) => Err(Rejection::invalid(
                 "command",
                 "an audit record is not audited again",
@@ -452,7 +504,7 @@ impl State {
     }
 
     fn new_task(&mut self, spec: &SubmitTask, parent_priority: Option<Priority>) -> Task {
-        self.last_task_id += 1;
+        self.last_task_id = mint(self.last_task_id, self.group);
         let capabilities = normalize_caps(&spec.capabilities);
         let scheduled = spec.scheduled_at_ms.filter(|at| *at > self.clock_ms);
         Task {
@@ -752,4 +804,72 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     s[..end].to_owned()
+}
+
+/// The id after `last` in `group`: plain counting in the meta group; in a
+/// queue shard, the shard's own count shifted left by 8 bits plus the shard,
+/// so an id names the shard that holds it ([`group_of`]).
+pub(crate) fn mint(last: u64, group: u32) -> u64 {
+    if group == 0 {
+        last + 1
+    } else {
+        (((last >> 8) + 1) << 8) | u64::from(group)
+    }
+}
+
+/// The queue shard that minted `id` in a cluster of `shards` shards: 0 (the
+/// meta group, which mints plain ids) when the cluster has one; else the
+/// id's low byte, or `None` when that names no shard of the cluster.
+pub fn group_of(id: u64, shards: u32) -> Option<u32> {
+    if shards <= 1 {
+        return Some(0);
+    }
+    let g = (id & 0xff) as u32;
+    (1..=shards).contains(&g).then_some(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{State, group_of, mint};
+    use crate::fsm::{Command, Reply, SubmitTask};
+
+    #[test]
+    fn ids_name_their_shard() {
+        assert_eq!((mint(0, 0), mint(41, 0)), (1, 42), "the meta group counts");
+        let mut last = 0;
+        for n in 1..=300u64 {
+            last = mint(last, 7);
+            assert_eq!(last, (n << 8) | 7);
+            assert_eq!(group_of(last, 8), Some(7));
+        }
+        assert_eq!(group_of(last, 1), Some(0), "one shard: the meta group");
+        assert_eq!(group_of(last, 6), None, "shard 7 of a 6-shard cluster");
+        assert_eq!(group_of(256, 3), None, "low byte 0 is no shard");
+    }
+
+    /// A state that minted a task id (or a token, or a session id) cannot
+    /// become a shard: its ids would not name it.
+    #[test]
+    fn only_a_new_state_becomes_a_shard() {
+        let mut s = State::default();
+        let submit = SubmitTask {
+            tenant: "t".into(),
+            payload: "{}".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            s.apply_one(0, Command::Submit(submit)),
+            Ok(Reply::Submitted { .. })
+        ));
+        let before = s.clone();
+        let refused = s.apply_one(1, Command::DefineGroup { group: 2 });
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("minted ids already")
+        );
+        assert_eq!(s.group(), 0);
+        assert_eq!(s.tasks, before.tasks);
+    }
 }

@@ -4,7 +4,8 @@
 //!
 //! Every node runs [`shard_loop`]. On the meta leader it records the
 //! shard count once (`DefineShards`). On the leader of a shard group it
-//! makes the group's membership follow the meta group's voters, one
+//! records the group's shard in its state (`DefineGroup`, so its ids carry
+//! it), makes the group's membership follow the meta group's voters, one
 //! change at a time (a node that joined the cluster becomes a learner of
 //! the group, then a voter once it has caught up; a node that left is
 //! removed), and hands the group to its preferred leader: the shard's
@@ -101,6 +102,7 @@ pub(super) async fn shard_loop(node: Node) {
             if !group.is_leader() {
                 continue;
             }
+            define_group(&node, group).await;
             match follow_cluster_voters(&node, group).await {
                 Ok(()) => settled.push(group),
                 Err(e) => {
@@ -171,6 +173,22 @@ async fn record_count(node: &Node, uninitialized_since: &mut Option<Instant>) {
         Ok(Ok(_)) => tracing::info!(count, "recorded the cluster's queue-shard count"),
         Ok(Err(rejected)) => tracing::error!(error = %rejected, "shard count refused"),
         Err(e) => tracing::debug!(error = %e, "shard count not committed yet"),
+    }
+}
+
+/// On a shard group's leader, until its state knows: records which shard
+/// the group is (`DefineGroup`), so its ids carry the shard.
+async fn define_group(node: &Node, group: &Group) {
+    let id = group.id();
+    if group.state().read(|s| s.group()) == id {
+        return;
+    }
+    match node.write_to(id, Command::DefineGroup { group: id }).await {
+        Ok(Ok(_)) => tracing::info!(group = id, "the shard group knows its shard"),
+        Ok(Err(rejected)) => {
+            tracing::error!(group = id, error = %rejected, "the shard group refused its shard")
+        }
+        Err(e) => tracing::debug!(group = id, error = %e, "shard definition not committed yet"),
     }
 }
 
