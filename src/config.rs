@@ -225,6 +225,10 @@ impl Default for QueueConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
+    /// Who matches ready tasks to agents: `push` (default), the leader's
+    /// queue-shard actor for every agent, or `pull`, each node for the
+    /// agents it runs (`docs/shards.md`).
+    pub dispatch: DispatchMode,
     /// `least_loaded` (default) or `round_robin`.
     pub policy: crate::fsm::DispatchPolicy,
     /// Most leases one dispatch round commits (one Raft command).
@@ -263,6 +267,7 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
+            dispatch: DispatchMode::Push,
             policy: crate::fsm::DispatchPolicy::LeastLoaded,
             max_per_round: 1000,
             interval: Duration::from_millis(100),
@@ -274,6 +279,18 @@ impl Default for RuntimeConfig {
             fault_injection: false,
         }
     }
+}
+
+/// Who matches ready tasks to agents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DispatchMode {
+    /// The leader's queue-shard actor proposes rounds for every agent, and
+    /// a batch that adds work ends with one.
+    #[default]
+    Push,
+    /// Every node proposes rounds for the agents online on it (`Pull`).
+    Pull,
 }
 
 /// HTTP API limits.

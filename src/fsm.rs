@@ -79,8 +79,9 @@ pub use auth::{
 };
 pub(crate) use command::check_name;
 pub use command::{
-    Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, LeaseGrant, Outcome, Rejection,
-    ReplaySelector, Reply, Request, Response, Scope, SubmitTask, Write, pack, unpack,
+    AgentProfile, Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, LeaseGrant,
+    Outcome, PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request, Response, Scope,
+    SubmitTask, Write, pack, unpack,
 };
 pub use event::{AgentChange, Event, EventKind, GatewayChange, NodeChange, What};
 pub use query::{Depth, TaskFilter, TaskPage};

@@ -56,6 +56,12 @@
 //!   [dead_after=3000] [limit=0] [idle=0]` (`limit` and `idle`: the time limit
 //!   and idle close of the sessions it opens, 0 for none); its grants name
 //!   the agent
+//! - `pull node=N agents=a,b:FREE,c:FREE:MIN [max=..] [lease=..] ...` (the
+//!   `dispatch` settings): node N's pull for the agents it names, each with
+//!   its free capacity (default 100) and lowest priority (default low);
+//!   each carries the profile `profile agent=A gateway=G [caps=x,y]
+//!   [region=eu] [capacity=1] [room=100] [token=1]` kept for it, as a pull
+//!   from a queue shard does
 //! - `renew_many tokens=1,2 [lease=30000]`, `release tokens=1,2`,
 //!   `kill_session id=N [reason=R]`
 //! - reads: `dump`, `task id=N`, `depth`, `clock`, `shard_count`, `sessions` (one line per
@@ -71,12 +77,13 @@ use std::str::FromStr;
 
 use godel::codec;
 use godel::fsm::{
-    AgentId, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter, AuditRecord,
-    AuditTarget, Backoff, Batch, Circuit, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec,
-    Event, EventKind, FencingToken, GatewayChange, GatewayId, GatewayRegistration, Health,
-    LeaseGrant, NewApiKey, Outcome, Priority, Rejection, ReplaySelector, Reply, Request, Role,
-    SessionKey, SessionRecord, SessionState, State, SubmitTask, Task, TaskFilter, TaskId,
-    TaskRegion, TaskStatus, Tenant, TenantPatch, TenantRecord, What, Write, verify_audit_chain,
+    AgentId, AgentProfile, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter,
+    AuditRecord, AuditTarget, Backoff, Batch, Circuit, Command, DeadLetterFilter, DispatchPolicy,
+    DispatchSpec, Event, EventKind, FencingToken, GatewayChange, GatewayId, GatewayRegistration,
+    Health, LeaseGrant, NewApiKey, Outcome, Priority, PullSlot, PullSpec, Rejection,
+    ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord, SessionState, State,
+    SubmitTask, Task, TaskFilter, TaskId, TaskRegion, TaskStatus, Tenant, TenantPatch,
+    TenantRecord, What, Write, verify_audit_chain,
 };
 use godel::trace::TraceContext;
 
@@ -122,6 +129,8 @@ scripts! {
     manual_retry,
     not_retryable_goes_to_dead_letter,
     priority_blocks_lower_until_drained,
+    pull_from_a_shard_uses_the_nodes_profiles,
+    pull_leases_to_the_nodes_own_agents,
     release_and_renew_many,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
@@ -328,6 +337,8 @@ struct Runner {
     batches: u64,
     /// The state encoded by the last `snapshot`.
     saved: Option<Vec<u8>>,
+    /// Agent profiles `pull` sends to a queue shard (`profile`).
+    profiles: BTreeMap<AgentId, AgentProfile>,
 }
 
 impl Runner {
@@ -363,6 +374,29 @@ impl Runner {
                 out
             }
             "tamper" => self.tamper(&mut args)?,
+            "profile" => {
+                let agent = AgentId(args.require("agent")?);
+                let profile = AgentProfile {
+                    capabilities: list(args.take("caps")),
+                    gateway: GatewayId(args.require("gateway")?),
+                    region: args.take("region").unwrap_or_else(|| "eu".into()),
+                    capacity: args.parsed("capacity")?.unwrap_or(1),
+                    session_room: args.parsed("room")?.unwrap_or(100),
+                    placement_token: args.parsed("token")?.unwrap_or(1),
+                };
+                self.profiles.insert(agent, profile);
+                vec!["profile kept".into()]
+            }
+            "pull" if !self.profiles.is_empty() => {
+                let Some(Command::Pull(mut spec)) = build_command(verb, &mut args, self.now_ms)?
+                else {
+                    unreachable!("`pull` builds a pull");
+                };
+                for slot in &mut spec.slots {
+                    slot.profile = self.profiles.get(&slot.agent).cloned();
+                }
+                self.apply(Command::Pull(spec))
+            }
             _ => match build_command(verb, &mut args, self.now_ms)? {
                 Some(cmd) => self.apply(cmd),
                 None => self.read(verb, &mut args)?,
@@ -718,6 +752,11 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             id: AgentId(args.require("id")?),
         },
         "dispatch" => Command::Dispatch(dispatch_spec(args)?),
+        "pull" => Command::Pull(PullSpec {
+            node: args.require("node")?,
+            slots: pull_slots(args)?,
+            round: dispatch_spec(args)?,
+        }),
         "renew_many" => Command::RenewMany {
             tokens: tokens(args)?,
             lease_ms: args.parsed("lease")?.unwrap_or(30_000),
@@ -1024,6 +1063,35 @@ fn dispatch_spec(args: &mut Args) -> Result<DispatchSpec, String> {
         session_limit_ms: args.parsed("limit")?.unwrap_or(0),
         session_idle_ms: args.parsed("idle")?.unwrap_or(0),
     })
+}
+
+/// `agents=a,b:1,c:2:high`: each agent, with its free capacity (default
+/// 100) and the lowest priority it may take (default low).
+fn pull_slots(args: &mut Args) -> Result<Vec<PullSlot>, String> {
+    let value = args.take("agents").ok_or("`agents=` is required")?;
+    list(Some(value))
+        .iter()
+        .map(|item| {
+            let mut parts = item.split(':');
+            let agent = AgentId(parts.next().unwrap_or_default().to_owned());
+            let free = match parts.next() {
+                None => 100,
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| format!("`{item}`: free is a number"))?,
+            };
+            let min_priority = match parts.next() {
+                None => Priority::Low,
+                Some(p) => p.parse().map_err(|e| format!("`{item}`: {e}"))?,
+            };
+            Ok(PullSlot {
+                agent,
+                free,
+                min_priority,
+                profile: None,
+            })
+        })
+        .collect()
 }
 
 /// `tokens=1,2` as fencing tokens (required; `tokens=` is an empty list).

@@ -1,13 +1,19 @@
-//! The QueueShard actor: on the shard leader, it matches ready tasks to
-//! agents with free capacity by proposing `Dispatch` rounds. The matching
-//! itself runs in the state machine against the committed state
-//! (`fsm::dispatch`), so a round is decided once, identically on every
-//! replica, and commits in one Raft entry with the other writes of its batch.
+//! The QueueShard actor: it matches ready tasks to agents with free
+//! capacity by proposing dispatch rounds. The matching itself runs in the
+//! state machine against the committed state (`fsm::dispatch`), so a round
+//! is decided once, identically on every replica, and commits in one Raft
+//! entry with the other writes of its batch.
 //!
-//! The actor runs on every node and acts only while its node leads: a round
-//! is a Raft write, so a node outside the majority cannot commit one and
-//! hands out no lease. It wakes on every applied change (coalesced: at most
-//! one wake-up waits) and on a timer, and keeps one round in flight.
+//! The actor runs on every node. With `runtime.dispatch = "push"` it acts
+//! only while its node leads, with `Dispatch` rounds for every agent. With
+//! `"pull"` every node's actor proposes `Pull` rounds for the agents online
+//! on that node (the step toward queue shards in `docs/shards.md`: a
+//! node, not a shard leader, decides its own agents' capacity); a round
+//! that leased nothing is not tried again until the state has something
+//! new (an event) or the fallback timer fires. Either way a round is a
+//! Raft write, so a node outside the majority cannot commit one and hands
+//! out no lease. It wakes on every applied change (coalesced: at most one
+//! wake-up waits) and on a timer, and keeps one round in flight.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::fsm::{Command, DispatchSpec, Reply};
+use crate::config::DispatchMode;
+use crate::fsm::{Command, DispatchSpec, PullSpec, Reply};
 use crate::node::Node;
 
 /// Name of the one shard's actor under the queue-shard supervisor.
@@ -36,6 +43,8 @@ impl ractor::Message for ShardMsg {}
 /// The actor's state: wake-up plumbing only.
 pub struct ShardState {
     node: Node,
+    /// Pull: the event seq and time of the last round that leased nothing.
+    idle: Option<(u64, std::time::Instant)>,
     wake_pending: Arc<AtomicBool>,
     _stop_watcher: DropGuard,
 }
@@ -60,6 +69,7 @@ impl Actor for QueueShardActor {
         ));
         Ok(ShardState {
             node,
+            idle: None,
             wake_pending,
             _stop_watcher: stop.drop_guard(),
         })
@@ -74,7 +84,11 @@ impl Actor for QueueShardActor {
         match msg {
             ShardMsg::Wake => {
                 state.wake_pending.store(false, Ordering::SeqCst);
-                if round(&state.node).await {
+                let full = match state.node.config().runtime.dispatch {
+                    DispatchMode::Push => round(&state.node).await,
+                    DispatchMode::Pull => pull_round(&state.node, &mut state.idle).await,
+                };
+                if full {
                     // A full round: there may be more to hand out.
                     wake(&myself, &state.wake_pending);
                 }
@@ -98,6 +112,7 @@ async fn watch(
     stop: CancellationToken,
 ) {
     let mut applied = node.state().subscribe();
+    let pulls = node.config().runtime.dispatch == DispatchMode::Pull;
     // One timer for the whole loop, not one per applied entry.
     let mut fallback = tokio::time::interval(node.config().runtime.interval);
     fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -112,7 +127,7 @@ async fn watch(
             }
             _ = fallback.tick() => {}
         }
-        if node.is_leader() {
+        if pulls || node.is_leader() {
             wake(&actor, &pending);
         }
     }
@@ -162,6 +177,54 @@ async fn round(node: &Node) -> bool {
                 .with_label_values(&["not_committed"])
                 .inc();
             tracing::debug!(error = %e, "dispatch round not committed");
+            false
+        }
+    }
+}
+
+/// One pull round for the agents online on this node, if any of them has
+/// room and a ready task it could run, and the state changed since the
+/// last round that leased nothing (or the fallback period passed). Returns
+/// whether the round was full.
+async fn pull_round(node: &Node, idle: &mut Option<(u64, std::time::Instant)>) -> bool {
+    let spec = dispatch_spec(node);
+    let (seq, slots) = node.state().read(|s| {
+        let slots = s.pull_slots(node.id(), spec.node_dead_after_ms);
+        (s.last_event_seq(), slots)
+    });
+    if slots.is_empty() {
+        return false;
+    }
+    if let Some((at_seq, at)) = *idle
+        && at_seq == seq
+        && at.elapsed() < node.config().runtime.interval
+    {
+        return false;
+    }
+    let max = spec.max as usize;
+    let m = crate::metrics::global();
+    let pull = PullSpec {
+        round: spec,
+        node: node.id(),
+        slots,
+    };
+    match node.write(Command::Pull(pull)).await {
+        Ok(Ok(Reply::Dispatched(grants))) => {
+            m.dispatch_rounds.with_label_values(&["committed"]).inc();
+            m.dispatch_leases.inc_by(grants.len() as u64);
+            *idle = grants.is_empty().then(|| (seq, std::time::Instant::now()));
+            grants.len() >= max
+        }
+        Ok(other) => {
+            m.dispatch_rounds.with_label_values(&["refused"]).inc();
+            tracing::warn!(outcome = ?other.err(), "pull round refused");
+            false
+        }
+        Err(e) => {
+            m.dispatch_rounds
+                .with_label_values(&["not_committed"])
+                .inc();
+            tracing::debug!(error = %e, "pull round not committed");
             false
         }
     }

@@ -353,6 +353,10 @@ pub enum Command {
         /// Queue shards, 1..=64.
         count: u32,
     },
+    /// A node's pull for its own agents: a dispatch round (see
+    /// `fsm::dispatch`) in which only the agents it names take turns, each
+    /// at most `free` tasks of at least `min_priority`.
+    Pull(PullSpec),
     /// Make this state a queue shard's: the first command a shard group
     /// applies (proposed by its first leader). From then on it mints task
     /// ids, fencing tokens and session ids that carry the shard in their
@@ -392,6 +396,7 @@ impl Command {
             | Command::OpenSession(_)
             | Command::MoveSession { .. }
             | Command::Dispatch(_)
+            | Command::Pull(_)
             | Command::RenewMany { .. }
             | Command::Release { .. }
             | Command::KillSession { .. }
@@ -445,6 +450,56 @@ pub struct DispatchSpec {
     pub session_limit_ms: u64,
     /// An idle session (no task) is closed after this long (0: never).
     pub session_idle_ms: u64,
+}
+
+/// A node's pull for the agents it runs (`Command::Pull`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullSpec {
+    /// The round's settings, as a dispatch round's.
+    pub round: DispatchSpec,
+    /// The pulling node: only agents online on it take turns.
+    pub node: u64,
+    /// The agents it pulls for.
+    pub slots: Vec<PullSlot>,
+}
+
+/// One agent a node pulls for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullSlot {
+    /// The agent.
+    pub agent: AgentId,
+    /// Most tasks to grant it: its free capacity as its node counts it.
+    pub free: u32,
+    /// Grant it only tasks of this priority or higher (another shard has
+    /// one of this priority for it).
+    pub min_priority: Priority,
+    /// What a queue shard, which holds no registry, needs to know of the
+    /// agent (the meta group checks its registry instead and ignores it).
+    #[serde(default)]
+    pub profile: Option<AgentProfile>,
+}
+
+/// An agent as its node's replica of the registry shows it, for a pull from
+/// a queue shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentProfile {
+    /// What it can do.
+    pub capabilities: Vec<String>,
+    /// Its gateway.
+    pub gateway: GatewayId,
+    /// Its gateway's region.
+    pub region: String,
+    /// Its capacity: the shard grants no more than this minus the leases
+    /// the agent holds there.
+    pub capacity: u32,
+    /// New sessions its gateway may still open (below 90% of its limit,
+    /// counted by the node over every shard).
+    pub session_room: u32,
+    /// Its gateway's placement token (`PlaceGateway`): a pull with an older
+    /// one than the shard has seen for the agent is a stale owner's and
+    /// leases nothing; a newer one first gives back the agent's leases
+    /// granted under the older placement.
+    pub placement_token: u64,
 }
 
 /// A task submission, as validated by the API and checked again at apply.

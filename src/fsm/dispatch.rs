@@ -14,30 +14,40 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
-use super::command::{DispatchPolicy, DispatchSpec, Outcome, Rejection, Reply};
+use super::command::{DispatchPolicy, DispatchSpec, Outcome, PullSlot, PullSpec, Rejection, Reply};
 use super::event::{Event, EventKind};
 use super::lease::check_lease_ms;
-use super::queue::is_subset;
-use super::registry::{Circuit, GatewayId, Health, accepts_new_session};
+use super::queue::{is_subset, normalize_caps};
+use super::registry::{Circuit, GatewayId, Health, new_session_room};
 use super::state::State;
-use super::task::{AgentId, FencingToken, Limits, Tenant};
+use super::task::{AgentId, FencingToken, Limits, Priority, Tenant};
 
 /// An agent that may take tasks in this round.
 struct Slot {
     agent: AgentId,
     caps: Vec<String>,
     gateway: GatewayId,
+    region: String,
     free: u32,
     load: u32,
+    /// The lowest priority it may take in this round.
+    min: Priority,
 }
 
 /// A place in the dispatch order: (sort key, tasks taken this round, slot).
 type Turn = ((u32, usize), u32, usize);
 
-/// Sessions in use on a gateway, against its limit.
-struct Room {
-    active: u32,
-    max: u32,
+/// New sessions each gateway may still open in this round.
+type Rooms = BTreeMap<GatewayId, u32>;
+
+/// Refuses a round with a lease length or size out of range.
+fn check_round(spec: &DispatchSpec) -> Result<(), Rejection> {
+    check_lease_ms(spec.lease_ms)?;
+    if !(1..=Limits::MAX_DISPATCH).contains(&spec.max) {
+        let problem = format!("must be 1..={}", Limits::MAX_DISPATCH);
+        return Err(Rejection::invalid("max", problem));
+    }
+    Ok(())
 }
 
 impl State {
@@ -62,27 +72,24 @@ impl State {
                     agent: a.reg.id.clone(),
                     caps: a.reg.capabilities.clone(),
                     gateway: a.reg.gateway.clone(),
+                    region: gw.reg.region.clone(),
                     free,
                     load,
+                    min: Priority::Low,
                 })
             })
             .collect()
     }
 
-    /// Sessions in use per gateway: live sessions plus leased tasks that have
-    /// no session key (each runs in a session of its own).
-    fn gateway_rooms(&self) -> BTreeMap<GatewayId, Room> {
+    /// New sessions each gateway may still open: below 90% of its limit,
+    /// counting live sessions plus leased tasks that have no session key
+    /// (each runs in a session of its own).
+    fn gateway_rooms(&self) -> Rooms {
         let reg = &self.registry;
-        let mut rooms: BTreeMap<GatewayId, Room> = reg
+        let mut active: BTreeMap<&GatewayId, u32> = reg
             .gateways
             .values()
-            .map(|g| {
-                let room = Room {
-                    active: self.sessions.live_on(&g.reg.id),
-                    max: g.reg.max_sessions,
-                };
-                (g.reg.id.clone(), room)
-            })
+            .map(|g| (&g.reg.id, self.sessions.live_on(&g.reg.id)))
             .collect();
         for (agent, held) in &self.agent_leases {
             let Some(a) = reg.agents.get(agent) else {
@@ -92,11 +99,17 @@ impl State {
                 .iter()
                 .filter(|t| self.tasks[&self.leases[*t]].session_key.is_none())
                 .count() as u32;
-            if let Some(room) = rooms.get_mut(&a.reg.gateway) {
-                room.active += keyless;
+            if let Some(n) = active.get_mut(&a.reg.gateway) {
+                *n += keyless;
             }
         }
-        rooms
+        reg.gateways
+            .values()
+            .map(|g| {
+                let room = new_session_room(active[&g.reg.id], g.reg.max_sessions);
+                (g.reg.id.clone(), room)
+            })
+            .collect()
     }
 
     /// Why a ready task that must run in a region cannot be leased there
@@ -165,19 +178,149 @@ impl State {
             .any(|s| self.ready.any_match(&s.caps))
     }
 
-    pub(crate) fn dispatch(&mut self, spec: &DispatchSpec, events: &mut Vec<Event>) -> Outcome {
-        check_lease_ms(spec.lease_ms)?;
-        if !(1..=Limits::MAX_DISPATCH).contains(&spec.max) {
-            let problem = format!("must be 1..={}", Limits::MAX_DISPATCH);
-            return Err(Rejection::invalid("max", problem));
+    /// What node `node` pulls for now: its online agents that may take work,
+    /// with their free capacity, whose capabilities match a ready task (like
+    /// [`State::dispatch_would_lease`], it ignores session affinity and
+    /// backpressure).
+    pub fn pull_slots(&self, node: u64, node_dead_after_ms: u64) -> Vec<PullSlot> {
+        if self.ready.is_empty() {
+            return Vec::new();
         }
-        let mut slots = self.eligible_slots(spec.node_dead_after_ms);
-        if slots.is_empty() || self.ready.is_empty() {
+        self.eligible_slots(node_dead_after_ms)
+            .into_iter()
+            .filter(|s| {
+                self.registry
+                    .agents
+                    .get(&s.agent)
+                    .is_some_and(|a| a.online_on == Some(node))
+                    && self.ready.any_match(&s.caps)
+            })
+            .map(|s| PullSlot {
+                agent: s.agent,
+                free: s.free,
+                min_priority: Priority::Low,
+                profile: None,
+            })
+            .collect()
+    }
+
+    pub(crate) fn dispatch(&mut self, spec: &DispatchSpec, events: &mut Vec<Event>) -> Outcome {
+        check_round(spec)?;
+        let slots = self.eligible_slots(spec.node_dead_after_ms);
+        let takers = (0..slots.len()).collect();
+        self.match_round(spec, slots, takers, Self::gateway_rooms, events)
+    }
+
+    /// A node's pull: a dispatch round in which only the agents it names
+    /// that are online on it take turns, each capped at the `free` the node
+    /// counted and confined to tasks of its `min_priority` or higher. Every
+    /// other eligible agent still counts as room in its region, so a task
+    /// that prefers another region is left for that region's node to pull.
+    pub(crate) fn pull(&mut self, spec: &PullSpec, events: &mut Vec<Event>) -> Outcome {
+        check_round(&spec.round)?;
+        if spec.slots.len() > Limits::MAX_DISPATCH as usize {
+            let problem = format!("at most {} agents", Limits::MAX_DISPATCH);
+            return Err(Rejection::invalid("slots", problem));
+        }
+        let mut named: BTreeMap<&AgentId, &PullSlot> = BTreeMap::new();
+        for p in &spec.slots {
+            if named.insert(&p.agent, p).is_some() {
+                let problem = format!("names agent `{}` twice", p.agent);
+                return Err(Rejection::invalid("slots", problem));
+            }
+        }
+        if self.group > 0 {
+            return self.pull_in_shard(spec, events);
+        }
+        let mut slots = self.eligible_slots(spec.round.node_dead_after_ms);
+        let mut takers = Vec::new();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let online_here = self
+                .registry
+                .agents
+                .get(&slot.agent)
+                .is_some_and(|a| a.online_on == Some(spec.node));
+            if let Some(p) = named.get(&slot.agent)
+                && online_here
+            {
+                slot.free = slot.free.min(p.free);
+                slot.min = p.min_priority;
+                if slot.free > 0 {
+                    takers.push(i);
+                }
+            }
+        }
+        self.match_round(&spec.round, slots, takers, Self::gateway_rooms, events)
+    }
+
+    /// A pull from a queue shard, which has no registry: the node's profile
+    /// of each agent stands in for it. A profile whose placement token is
+    /// older than one the shard saw for the agent is a stale owner's and
+    /// leases nothing; a newer one first gives back the agent's leases here
+    /// (granted under the older placement, which nobody runs any more).
+    fn pull_in_shard(&mut self, spec: &PullSpec, events: &mut Vec<Event>) -> Outcome {
+        for p in &spec.slots {
+            if p.profile.is_none() {
+                let problem = format!(
+                    "agent `{}` has no profile (a queue shard has no registry)",
+                    p.agent
+                );
+                return Err(Rejection::invalid("slots", problem));
+            }
+        }
+        let mut slots = Vec::new();
+        let mut rooms = Rooms::new();
+        for p in &spec.slots {
+            let profile = p.profile.as_ref().expect("checked above");
+            let seen = self.placements.get(&p.agent).copied().unwrap_or(0);
+            if profile.placement_token < seen {
+                continue;
+            }
+            if profile.placement_token > seen {
+                self.placements
+                    .insert(p.agent.clone(), profile.placement_token);
+                let held: Vec<FencingToken> = self
+                    .agent_leases
+                    .get(&p.agent)
+                    .map(|h| h.iter().copied().collect())
+                    .unwrap_or_default();
+                self.release(&held, events)?;
+            }
+            let load = self.agent_load(&p.agent);
+            let room = rooms
+                .entry(profile.gateway.clone())
+                .or_insert(profile.session_room);
+            *room = (*room).min(profile.session_room);
+            slots.push(Slot {
+                agent: p.agent.clone(),
+                caps: normalize_caps(&profile.capabilities),
+                gateway: profile.gateway.clone(),
+                region: profile.region.clone(),
+                free: p.free.min(profile.capacity.saturating_sub(load)),
+                load,
+                min: p.min_priority,
+            });
+        }
+        let takers = (0..slots.len()).filter(|&i| slots[i].free > 0).collect();
+        self.match_round(&spec.round, slots, takers, |_| rooms, events)
+    }
+
+    /// Matches ready tasks to `slots[takers]`, in turns (see the module
+    /// doc); the other slots only count as room in their region.
+    fn match_round(
+        &mut self,
+        spec: &DispatchSpec,
+        mut slots: Vec<Slot>,
+        takers: Vec<usize>,
+        rooms: impl FnOnce(&Self) -> Rooms,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        if takers.is_empty() || self.ready.is_empty() {
             // Nothing can move (the common case for a batch piggybacking a
             // round while every agent is busy): skip the session count.
             return Ok(Reply::Dispatched(Vec::new()));
         }
-        let mut rooms = self.gateway_rooms();
+        let mut rooms = rooms(self);
         let n = slots.len();
         let start = match spec.policy {
             DispatchPolicy::LeastLoaded => 0,
@@ -190,10 +333,9 @@ impl State {
             DispatchPolicy::LeastLoaded => (s.load, i),
             DispatchPolicy::RoundRobin => (taken, (i + n - start) % n),
         };
-        let mut turns: BinaryHeap<Reverse<Turn>> = slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Reverse((key(s, 0, i), 0, i)))
+        let mut turns: BinaryHeap<Reverse<Turn>> = takers
+            .into_iter()
+            .map(|i| Reverse((key(&slots[i], 0, i), 0, i)))
             .collect();
         let mut grants = Vec::new();
         // Turns that found nothing only because a task preferred another
@@ -212,8 +354,8 @@ impl State {
             };
             let room = rooms
                 .get_mut(&slots[i].gateway)
-                .expect("invariant: eligible agents have a registered gateway");
-            let may_open = accepts_new_session(room.active, room.max);
+                .expect("invariant: every slot's gateway has a room");
+            let may_open = *room > 0;
             let (picked, yielded) = self.pick_for(&slots, i, may_open);
             let Some(id) = picked else {
                 if yielded {
@@ -230,7 +372,7 @@ impl State {
                 .and_then(|k| self.sessions.by_key(&t.tenant, k))
                 .is_some();
             if !keyed_session {
-                room.active += 1;
+                *room = room.saturating_sub(1);
             }
             let grant = self.grant(id, &slot.agent, spec.lease_ms, events);
             self.session_for_grant(
@@ -272,21 +414,17 @@ impl State {
         let weight = |t: &Tenant| weights.get(t).copied().unwrap_or(1);
         let tasks = &self.tasks;
         let sessions = &self.sessions;
-        // Regions are looked up only for tasks that name one, so dispatch
-        // of the others costs nothing more.
-        let gateways = &self.registry.gateways;
-        let region_of = |s: &Slot| gateways.get(&s.gateway).map(|g| g.reg.region.as_str());
         // An agent of the task's region that could take it now.
         let room_in = |region: &str, caps: &[String]| {
             slots
                 .iter()
-                .any(|s| s.free > 0 && region_of(s) == Some(region) && is_subset(caps, &s.caps))
+                .any(|s| s.free > 0 && s.region == region && is_subset(caps, &s.caps))
         };
         let yielded = std::cell::Cell::new(false);
         let allowed = |id| {
             let t = &tasks[&id];
             if let Some(r) = &t.region
-                && region_of(slot) != Some(r.name.as_str())
+                && slot.region != r.name
             {
                 if r.required {
                     return false;
@@ -304,7 +442,9 @@ impl State {
                 },
             }
         };
-        let picked = self.ready.pick_allowed(&slot.caps, weight, &allowed);
+        let picked = self
+            .ready
+            .pick_at_least(slot.min, &slot.caps, weight, &allowed);
         (picked, yielded.get())
     }
 

@@ -170,8 +170,21 @@ impl ReadyQueues {
         weight: impl Fn(&Tenant) -> u32,
         allowed: &dyn Fn(TaskId) -> bool,
     ) -> Option<TaskId> {
+        self.pick_at_least(Priority::Low, agent_caps, weight, allowed)
+    }
+
+    /// [`ReadyQueues::pick_allowed`] among the tasks of priority `min` or
+    /// higher.
+    pub(crate) fn pick_at_least(
+        &mut self,
+        min: Priority,
+        agent_caps: &[String],
+        weight: impl Fn(&Tenant) -> u32,
+        allowed: &dyn Fn(TaskId) -> bool,
+    ) -> Option<TaskId> {
         self.levels
             .iter_mut()
+            .take(min.rank() + 1)
             .find_map(|level| level.pick(agent_caps, &weight, allowed))
     }
 }

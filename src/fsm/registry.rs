@@ -179,6 +179,13 @@ pub fn accepts_new_session(active: u32, max_sessions: u32) -> bool {
     u64::from(active) * 100 < u64::from(max_sessions) * u64::from(BACKPRESSURE_PERCENT)
 }
 
+/// How many new sessions a gateway with `active` sessions in use out of
+/// `max_sessions` may still open before [`accepts_new_session`] says no.
+pub fn new_session_room(active: u32, max_sessions: u32) -> u32 {
+    let limit = (u64::from(max_sessions) * u64::from(BACKPRESSURE_PERCENT)).div_ceil(100);
+    (limit as u32).saturating_sub(active)
+}
+
 pub(crate) fn not_found(what: &str, name: impl std::fmt::Display) -> Rejection {
     Rejection::Unknown {
         what: what.to_owned(),
@@ -594,6 +601,20 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::fsm::Command;
+
+    /// The room is exactly how many more sessions the 90% rule admits.
+    #[test]
+    fn session_room_counts_what_backpressure_admits() {
+        for max in 0..=120 {
+            for active in 0..=130 {
+                let mut admitted = 0;
+                while accepts_new_session(active + admitted, max) {
+                    admitted += 1;
+                }
+                assert_eq!(new_session_room(active, max), admitted, "{active}/{max}");
+            }
+        }
+    }
 
     fn apply(state: &mut State, now_ms: u64, cmd: Command) -> Outcome {
         state.apply_one(now_ms, cmd)

@@ -68,6 +68,9 @@ pub struct State {
     /// A shard's task ids, fencing tokens and session ids carry it in their
     /// low byte (see [`mint`]).
     pub(crate) group: u32,
+    /// In a queue shard: the placement token each agent was last pulled
+    /// for with (see `State::pull`).
+    pub(crate) placements: BTreeMap<AgentId, u64>,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -199,6 +202,7 @@ impl State {
                 reason,
             } => self.move_session(*id, *to, *task, reason.as_deref()),
             Command::Dispatch(spec) => self.dispatch(spec, events),
+            Command::Pull(spec) => self.pull(spec, events),
             Command::RenewMany { tokens, lease_ms } => self.renew_many(tokens, *lease_ms, events),
             Command::Release { tokens } => self.release(tokens, events),
             Command::KillSession { id, reason } => {

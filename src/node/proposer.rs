@@ -231,6 +231,7 @@ pub(super) async fn propose_as_leader(
     // Only the meta group dispatches until the queue moves to the shards
     // (docs/shards.md, step 2): a shard's replica has no agents to lease to.
     let piggyback = group.id() == META_GROUP
+        && node.config().runtime.dispatch == crate::config::DispatchMode::Push
         && writes.iter().any(|w| frees_or_adds_work(&w.command))
         && !writes
             .iter()
