@@ -61,6 +61,7 @@ mod command;
 mod dispatch;
 mod event;
 mod lease;
+mod plan;
 mod query;
 mod queue;
 mod registry;
@@ -84,6 +85,7 @@ pub use command::{
     SubmitTask, Write, pack, unpack,
 };
 pub use event::{AgentChange, Event, EventKind, GatewayChange, NodeChange, What};
+pub use plan::{PullPlan, plan_pull};
 pub use query::{Depth, TaskFilter, TaskPage};
 pub use registry::{
     AgentRecord, AgentRegistration, BACKPRESSURE_PERCENT, Circuit, GatewayId, GatewayRecord,

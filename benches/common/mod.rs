@@ -85,6 +85,10 @@ pub fn runtime_toml() -> String {
             &format!("[queue]\nmax_inflight_batches = {n}\n"),
         );
     }
+    // Who matches tasks to agents (`runtime.dispatch`: push or pull).
+    if let Ok(mode) = std::env::var("GODEL_BENCH_DISPATCH") {
+        t.push_str(&format!("[runtime]\ndispatch = {mode:?}\n"));
+    }
     if std::env::var("GODEL_BENCH_FABRIC").is_ok_and(|v| v == "off") {
         t.push_str("[fabric]\nenabled = false\n");
     }

@@ -204,6 +204,24 @@ impl State {
             .collect()
     }
 
+    /// Every agent online on `node`, with its whole capacity as its free
+    /// count: the pull a node appends to a batch that frees or adds work,
+    /// before its replica has applied the batch (the state at apply caps
+    /// each agent at what it really has free).
+    pub fn pull_slots_on(&self, node: u64) -> Vec<PullSlot> {
+        self.registry
+            .agents
+            .values()
+            .filter(|a| a.online_on == Some(node))
+            .map(|a| PullSlot {
+                agent: a.reg.id.clone(),
+                free: a.reg.capacity,
+                min_priority: Priority::Low,
+                profile: None,
+            })
+            .collect()
+    }
+
     pub(crate) fn dispatch(&mut self, spec: &DispatchSpec, events: &mut Vec<Event>) -> Outcome {
         check_round(spec)?;
         let slots = self.eligible_slots(spec.node_dead_after_ms);

@@ -146,6 +146,26 @@ impl ReadyQueues {
         self.pick_allowed(agent_caps, weight, &|_| true)
     }
 
+    /// The highest priority at which some tenant has a task `allowed`
+    /// accepts that the capabilities cover (the priority a pick would
+    /// return; no turn is taken).
+    pub(crate) fn best_priority(
+        &self,
+        agent_caps: &[String],
+        allowed: &dyn Fn(TaskId) -> bool,
+    ) -> Option<Priority> {
+        self.levels
+            .iter()
+            .zip(Priority::URGENT_FIRST)
+            .find(|(level, _)| {
+                level
+                    .tenants
+                    .values()
+                    .any(|q| q.first_allowed(agent_caps, allowed).is_some())
+            })
+            .map(|(_, p)| p)
+    }
+
     /// The next task of one tenant only, by priority then age, for a
     /// worker confined to that tenant; the round-robin turns are untouched
     /// (the pick does not take a turn from other tenants).

@@ -107,6 +107,42 @@ type PerCommand = Vec<Result<Outcome, NodeError>>;
 /// refused as a whole because the receiver was not the leader was not
 /// proposed, so it is retried (twice) once the view of the leader refreshes.
 async fn dispatch(node: &Node, group: &Group, cmds: Vec<Write>) -> Result<PerCommand, NodeError> {
+    let n = cmds.len();
+    let cmds = with_pull(node, group, cmds);
+    let mut each = propose_or_forward(node, group, cmds).await?;
+    each.truncate(n);
+    Ok(each)
+}
+
+/// With pull dispatch, a batch that adds ready work or frees capacity ends
+/// with a pull for this node's agents, so they can take the work in the
+/// entry that makes it available (as push dispatch's piggybacked round
+/// does on the leader); agents of other nodes pull in their own rounds.
+fn with_pull(node: &Node, group: &Group, mut cmds: Vec<Write>) -> Vec<Write> {
+    let pulls = group.id() == META_GROUP
+        && node.config().runtime.dispatch == crate::config::DispatchMode::Pull
+        && cmds.iter().any(|w| frees_or_adds_work(&w.command))
+        && !cmds.iter().any(|w| matches!(w.command, Command::Pull(_)));
+    if !pulls {
+        return cmds;
+    }
+    let slots = group.state().read(|s| s.pull_slots_on(node.id()));
+    if !slots.is_empty() {
+        let spec = crate::fsm::PullSpec {
+            round: crate::actors::dispatch_spec(node),
+            node: node.id(),
+            slots,
+        };
+        cmds.push(Command::Pull(spec).into());
+    }
+    cmds
+}
+
+async fn propose_or_forward(
+    node: &Node,
+    group: &Group,
+    cmds: Vec<Write>,
+) -> Result<PerCommand, NodeError> {
     let timeout = node.queue_config().write_timeout;
     let mut last = NodeError::Unavailable("no leader known".into());
     for attempt in 0..3 {
