@@ -52,7 +52,13 @@ pub async fn run(d: Drill, seed: u64) -> Result<Verdict> {
     } else {
         ""
     };
-    let config = format!("{raft}{NODE_CONFIG}{}", work.policy_toml());
+    // `GODEL_CHAOS_DISPATCH=pull` runs a drill with pull dispatch
+    // (`runtime.dispatch`; the default is push).
+    let dispatch = match std::env::var("GODEL_CHAOS_DISPATCH") {
+        Ok(mode) => format!("dispatch = {mode:?}\n"),
+        Err(_) => String::new(),
+    };
+    let config = format!("{raft}{NODE_CONFIG}{dispatch}{}", work.policy_toml());
     let mut c = Cluster::start_in_regions(&d.regions(), &config).await;
     let mut v = drive(&d, seed, &work, &mut c, &mut mounts).await?;
     v.wall_s = started.elapsed().as_secs_f64();

@@ -179,21 +179,38 @@ impl State {
     }
 
     /// What node `node` pulls for now: its online agents that may take work,
-    /// with their free capacity, whose capabilities match a ready task (like
-    /// [`State::dispatch_would_lease`], it ignores session affinity and
-    /// backpressure).
+    /// with their free capacity, that have a ready task they could run: its
+    /// capabilities, a region it may run in, and a session that admits the
+    /// agent or none yet (it ignores the gateway's session room). Checked
+    /// on the node's replica, so rounds that would lease nothing are
+    /// mostly not proposed.
     pub fn pull_slots(&self, node: u64, node_dead_after_ms: u64) -> Vec<PullSlot> {
         if self.ready.is_empty() {
             return Vec::new();
         }
+        let tasks = &self.tasks;
+        let sessions = &self.sessions;
         self.eligible_slots(node_dead_after_ms)
             .into_iter()
             .filter(|s| {
-                self.registry
+                let here = self
+                    .registry
                     .agents
                     .get(&s.agent)
-                    .is_some_and(|a| a.online_on == Some(node))
-                    && self.ready.any_match(&s.caps)
+                    .is_some_and(|a| a.online_on == Some(node));
+                let runnable = |id| {
+                    let t = &tasks[&id];
+                    let region_ok = t
+                        .region
+                        .as_ref()
+                        .is_none_or(|r| !r.required || r.name == s.region);
+                    let session_ok = t
+                        .session_key
+                        .as_ref()
+                        .is_none_or(|k| sessions.admits(&t.tenant, k, &s.agent));
+                    region_ok && session_ok
+                };
+                here && self.ready.best_priority(&s.caps, &runnable).is_some()
             })
             .map(|s| PullSlot {
                 agent: s.agent,
