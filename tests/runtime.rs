@@ -11,6 +11,7 @@
 //! - a drained node gives up its gateways under load, reports not ready, and
 //!   stops running work;
 //! - dispatch keeps strict priority end to end when every agent is busy;
+//! - the first and the third hold with pull dispatch too;
 //! - a gateway owner restarted before it counts as dead re-leases the tasks
 //!   its previous process was running at once, with new fencing tokens,
 //!   instead of letting their leases lapse.
@@ -51,6 +52,9 @@ const FAST_QUEUE: &str = "[queue]\nnode_heartbeat_interval = \"250ms\"\n\
 const SLOW_DEATH: &str = "[queue]\nnode_heartbeat_interval = \"250ms\"\n\
                           node_dead_after = \"20s\"\ndefault_lease = \"30s\"\n";
 
+/// Pull dispatch (`docs/shards.md`): each node leases for its own agents.
+const PULL: &str = "[runtime]\ndispatch = \"pull\"\n";
+
 /// How long after a drain is done the drained node may still start an
 /// attempt: its runtime sees the move within one reconcile period (250 ms)
 /// and waits up to 2 s for each agent actor to stop.
@@ -64,6 +68,17 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 async fn kill_gateway_owner_mid_run_every_task_completes_once() {
     let work = Work::new();
     let mut c = Cluster::start_with(3, &format!("{FAST_QUEUE}{}", work.policy_toml())).await;
+    bounded(Duration::from_secs(200), kill_owner_body(&mut c, &work)).await;
+}
+
+/// The same with pull dispatch (`runtime.dispatch = "pull"`): each node
+/// leases for the agents it runs, and a batch it writes that adds or frees
+/// work ends with a pull for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_gateway_owner_mid_run_with_pull_dispatch() {
+    let work = Work::new();
+    let config = format!("{FAST_QUEUE}{PULL}{}", work.policy_toml());
+    let mut c = Cluster::start_with(3, &config).await;
     bounded(Duration::from_secs(200), kill_owner_body(&mut c, &work)).await;
 }
 
@@ -353,6 +368,15 @@ async fn check_no_lease_on(api: &Api, via: usize, node_id: u64) {
 async fn strict_priority_end_to_end_with_saturated_agents() {
     let work = Work::new();
     let c = Cluster::start_with(1, &format!("{FAST_QUEUE}{}", work.policy_toml())).await;
+    bounded(Duration::from_secs(120), priority_body(&c, &work)).await;
+}
+
+/// Strict priority with pull dispatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_priority_end_to_end_with_pull_dispatch() {
+    let work = Work::new();
+    let config = format!("{FAST_QUEUE}{PULL}{}", work.policy_toml());
+    let c = Cluster::start_with(1, &config).await;
     bounded(Duration::from_secs(120), priority_body(&c, &work)).await;
 }
 

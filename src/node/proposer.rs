@@ -110,6 +110,11 @@ async fn dispatch(node: &Node, group: &Group, cmds: Vec<Write>) -> Result<PerCom
     let n = cmds.len();
     let cmds = with_pull(node, group, cmds);
     let mut each = propose_or_forward(node, group, cmds).await?;
+    if let Some(Ok(Ok(crate::fsm::Reply::Dispatched(grants)))) = each.get(n) {
+        crate::metrics::global()
+            .dispatch_leases
+            .inc_by(grants.len() as u64);
+    }
     each.truncate(n);
     Ok(each)
 }
