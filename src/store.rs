@@ -141,8 +141,9 @@
 //! # Invariants
 //!
 //! - **Fsync before ack.** `save_vote` returns, and `append` calls its
-//!   callback, only after `flush_async` has completed and the watermark was
-//!   written (fsynced for a vote): exactly one sled flush per append call.
+//!   callback, only after a database flush that started after its writes
+//!   has completed and the watermark was written (fsynced for a vote): one
+//!   sled flush per append call, or another group's that covers it.
 //!   (CRATES.md measured acknowledged writes lost under plain `kill -9` with
 //!   sled otherwise.)
 //! - **The watermark is never ahead of sled and never behind an ack**

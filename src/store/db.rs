@@ -74,6 +74,27 @@ pub(super) struct Db {
     /// Makes reading or replacing the two snapshot keys atomic (the snapshot
     /// is written from the builder task and the state-machine worker).
     snapshot_lock: Arc<Mutex<()>>,
+    /// Shared by every group's handle on the database: one flush at a time.
+    flushes: Arc<FlushGate>,
+}
+
+/// One flush at a time per database, and none for a caller whose writes a
+/// flush that started after them has already made durable (group commit
+/// across the node's Raft groups).
+///
+/// The flush itself is sled's blocking `flush()` on tokio's blocking pool,
+/// not `flush_async()`: in sled 0.34, concurrent `flush_async` calls can
+/// deadlock (sled issues 1241, 1308 and 1357, fixed on its main branch but
+/// never released). Seen here: six nodes of three shard groups each in one
+/// test process hung with every `sled-io` thread blocked in `make_stable`;
+/// with this gate and the blocking flush the same test passed 8 runs in 8.
+#[derive(Debug, Default)]
+struct FlushGate {
+    lock: tokio::sync::Mutex<()>,
+    /// Flushes started so far.
+    started: std::sync::atomic::AtomicU64,
+    /// The number of the last flush that completed.
+    done: std::sync::atomic::AtomicU64,
 }
 
 /// sled's page cache, in bytes. sled's default (1 GiB) would dominate a
@@ -116,11 +137,15 @@ impl Db {
     /// All groups share one sled log, so a flush for one group's append
     /// persists every group's earlier writes too.
     pub(super) fn group(&self, group: GroupId) -> Result<Self> {
-        Self::trees(self.db.clone(), group)
+        Ok(Self {
+            flushes: Arc::clone(&self.flushes),
+            ..Self::trees(self.db.clone(), group)?
+        })
     }
 
     fn trees(db: sled::Db, group: GroupId) -> Result<Self> {
         Ok(Self {
+            flushes: Arc::default(),
             logs: db.open_tree(tree_name(group, LOGS))?,
             log_meta: db.open_tree(tree_name(group, LOG_META))?,
             snapshot: db.open_tree(tree_name(group, SNAPSHOT))?,
@@ -168,10 +193,25 @@ impl Db {
         ))))
     }
 
-    /// Writes everything written so far to disk and fsyncs it, on sled's
-    /// own thread pool.
+    /// Writes everything written so far to disk and fsyncs it (see
+    /// [`FlushGate`]).
     pub(super) async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
+        use std::sync::atomic::Ordering::SeqCst;
+        let gate = &self.flushes;
+        // Every flush numbered above this one starts after our writes.
+        let before = gate.started.load(SeqCst);
+        let _one_at_a_time = gate.lock.lock().await;
+        if gate.done.load(SeqCst) > before {
+            return Ok(());
+        }
+        let n = gate.started.fetch_add(1, SeqCst) + 1;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| {
+                sled::Error::Io(std::io::Error::other(format!("flush task failed: {e}")))
+            })??;
+        gate.done.store(n, SeqCst);
         Ok(())
     }
 
