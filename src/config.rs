@@ -102,6 +102,11 @@ pub struct ClusterConfig {
     /// nodes. Fixed when the cluster is created: every node must say the
     /// same, and a node whose data holds another count refuses to start.
     pub shards: u32,
+    /// Where each queue shard's voters go: `auto` (default: `spread` with
+    /// more than five voters in three or more regions, else `every`),
+    /// `every`, `spread` or `regional` (`docs/shards.md`). Fixed with the
+    /// count when the cluster is created.
+    pub shard_placement: crate::fsm::ShardPlacement,
 }
 
 impl Default for ClusterConfig {
@@ -113,6 +118,7 @@ impl Default for ClusterConfig {
             secret_file: None,
             tls: None,
             shards: 1,
+            shard_placement: crate::fsm::ShardPlacement::Auto,
         }
     }
 }

@@ -37,7 +37,8 @@
 //! - `cancel id=N [reason=R]`, `retry id=N`, `weight tenant=a w=N`
 //! - `replay ids=1,2 [limit=100]` or `replay [tenant=a] [priority=P] [error=E] [limit=100]`
 //! - `tick` (apply an empty batch: fires due timers)
-//! - `shards count=N` (record the cluster's queue-shard count)
+//! - `shards count=N [placement=auto|every|spread|regional]` (record the
+//!   cluster's queue-shard count and placement)
 //! - `define_group group=N` (make the state queue shard N's; read with `group`)
 //! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
 //! - registry: `node id=N [region=eu] [api=127.0.0.1:1]` (a heartbeat at the
@@ -461,7 +462,11 @@ impl Runner {
             }
             "depth" => depth_lines(&self.state),
             "clock" => vec![self.clock_line()],
-            "shard_count" => vec![format!("shard count {}", self.state.shard_count())],
+            "shard_count" => vec![format!(
+                "shard count {} placement {}",
+                self.state.shard_count(),
+                self.state.shard_placement()
+            )],
             "group" => vec![format!("group {}", self.state.group())],
             "sessions" => self.sessions(),
             "load" => self.load(AgentId(args.require("agent")?)),
@@ -717,6 +722,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         "tick" => Command::Tick,
         "shards" => Command::DefineShards {
             count: args.require("count")?,
+            placement: args.parsed("placement")?.unwrap_or_default(),
         },
         "define_group" => Command::DefineGroup {
             group: args.require("group")?,

@@ -352,6 +352,9 @@ pub enum Command {
     DefineShards {
         /// Queue shards, 1..=64.
         count: u32,
+        /// Where each shard's voters go; fixed with the count.
+        #[serde(default)]
+        placement: ShardPlacement,
     },
     /// A node's pull for its own agents: a dispatch round (see
     /// `fsm::dispatch`) in which only the agents it names take turns, each
@@ -367,6 +370,51 @@ pub enum Command {
         /// The shard, 1..=64.
         group: u32,
     },
+}
+
+/// Where a queue shard's voters go (`cluster.shard_placement`). Every node
+/// of the cluster keeps a replica of every shard; the others are learners.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardPlacement {
+    /// `spread` when the cluster's voters are more than five and span three
+    /// or more regions, else `every`.
+    #[default]
+    Auto,
+    /// Every voter of the cluster.
+    Every,
+    /// Three voters in as many regions as there are (up to three), so a
+    /// shard survives the loss of a region when there are three.
+    Spread,
+    /// Up to three voters in the shard's home region (the regions in name
+    /// order, taken in turn by shard): low latency there, lost with it.
+    Regional,
+}
+
+impl std::fmt::Display for ShardPlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ShardPlacement::Auto => "auto",
+            ShardPlacement::Every => "every",
+            ShardPlacement::Spread => "spread",
+            ShardPlacement::Regional => "regional",
+        })
+    }
+}
+
+impl std::str::FromStr for ShardPlacement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ShardPlacement::Auto),
+            "every" => Ok(ShardPlacement::Every),
+            "spread" => Ok(ShardPlacement::Spread),
+            "regional" => Ok(ShardPlacement::Regional),
+            other => Err(format!(
+                "unknown shard placement `{other}`: give auto, every, spread or regional"
+            )),
+        }
+    }
 }
 
 /// Which groups apply a command.

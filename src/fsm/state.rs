@@ -10,7 +10,7 @@ use super::audit::{AuditCaller, AuditLog, AuditMark, AuditTarget, outcome_text, 
 use super::auth::Auth;
 use super::command::{
     Batch, Command, DeadLetterFilter, Outcome, Rejection, ReplaySelector, Reply, Request, Response,
-    Scope, SubmitTask, check_name,
+    Scope, ShardPlacement, SubmitTask, check_name,
 };
 use super::event::{Event, EventKind, NodeChange, What};
 use super::queue::{ReadyQueues, normalize_caps};
@@ -64,6 +64,8 @@ pub struct State {
     /// Queue shards the cluster was created with (`DefineShards`); 0 until
     /// its first meta leader records it.
     pub(crate) shard_count: u32,
+    /// Where the shards' voters go, recorded with the count.
+    pub(crate) shard_placement: ShardPlacement,
     /// The queue shard this state is (`DefineGroup`); 0 for the meta group.
     /// A shard's task ids, fencing tokens and session ids carry it in their
     /// low byte (see [`mint`]).
@@ -226,7 +228,7 @@ impl State {
                 self.append_audit(&rec.caller, target, &rec.outcome);
                 Ok(Reply::Done)
             }
-            Command::DefineShards { count } => self.define_shards(*count),
+            Command::DefineShards { count, placement } => self.define_shards(*count, *placement),
             Command::DefineGroup { group } => self.define_group(*group),
         }
     }
@@ -276,8 +278,8 @@ impl State {
         self.group
     }
 
-    /// Records the cluster's queue-shard count, once.
-    fn define_shards(&mut self, count: u32) -> Outcome {
+    /// Records the cluster's queue-shard count and placement, once.
+    fn define_shards(&mut self, count: u32, placement: ShardPlacement) -> Outcome {
         let max = crate::config::MAX_SHARDS;
         if !(1..=max).contains(&count) {
             return Err(Rejection::invalid("count", format!("must be 1..={max}")));
@@ -285,16 +287,29 @@ impl State {
         match self.shard_count {
             0 => {
                 self.shard_count = count;
+                self.shard_placement = placement;
                 Ok(Reply::Done)
             }
-            n if n == count => Ok(Reply::Done),
-            n => Err(Rejection::invalid(
+            n if n != count => Err(Rejection::invalid(
                 "count",
                 format!(
                     "the cluster was created with {n} queue shards; the number of shards cannot change"
                 ),
             )),
+            _ if placement != self.shard_placement => Err(Rejection::invalid(
+                "placement",
+                format!(
+                    "the cluster was created with shard placement `{}`; it cannot change",
+                    self.shard_placement
+                ),
+            )),
+            _ => Ok(Reply::Done),
         }
+    }
+
+    /// Where the shards' voters go (as recorded with the count).
+    pub fn shard_placement(&self) -> ShardPlacement {
+        self.shard_placement
     }
 
     /// Queue shards the cluster was created with (0: not recorded yet).

@@ -22,7 +22,7 @@ use openraft::ChangeMembers;
 
 use super::{Group, Node};
 use crate::config::Config;
-use crate::fsm::Command;
+use crate::fsm::{Command, ShardPlacement};
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
 use crate::raft::{GroupId, NodeId, NodeInfo};
 use crate::store::SharedState;
@@ -48,8 +48,16 @@ const CAUGHT_UP_LAG: u64 = 8;
 /// Refuses to start a node configured with another shard count than the
 /// one its data records for the cluster.
 pub(super) fn check_count(config: &Config, meta: &SharedState) -> anyhow::Result<()> {
-    let recorded = meta.read(|s| s.shard_count());
+    let (recorded, placement) = meta.read(|s| (s.shard_count(), s.shard_placement()));
     let configured = config.cluster.shards;
+    if recorded != 0 && placement != config.cluster.shard_placement {
+        anyhow::bail!(
+            "cluster.shard_placement is `{}` but this cluster was created with `{placement}` \
+             (recorded in its data directory); it is fixed when the cluster is created: set \
+             cluster.shard_placement = \"{placement}\"",
+            config.cluster.shard_placement
+        );
+    }
     if recorded != 0 && recorded != configured {
         anyhow::bail!(
             "cluster.shards is {configured} but this cluster was created with {recorded} \
@@ -169,7 +177,8 @@ async fn record_count(node: &Node, uninitialized_since: &mut Option<Instant>) {
         }
     }
     let count = node.config().cluster.shards;
-    match node.write(Command::DefineShards { count }).await {
+    let placement = node.config().cluster.shard_placement;
+    match node.write(Command::DefineShards { count, placement }).await {
         Ok(Ok(_)) => tracing::info!(count, "recorded the cluster's queue-shard count"),
         Ok(Err(rejected)) => tracing::error!(error = %rejected, "shard count refused"),
         Err(e) => tracing::debug!(error = %e, "shard count not committed yet"),
@@ -192,17 +201,92 @@ async fn define_group(node: &Node, group: &Group) {
     }
 }
 
+/// The voters a shard should have under `placement`, from the cluster's
+/// voters and their regions. Deterministic (every shard leader computes
+/// the same), and rotated by shard so the shards' voters, and so their
+/// leaders, spread over the nodes.
+pub fn shard_voters(
+    shard: GroupId,
+    placement: ShardPlacement,
+    voters: &[(NodeId, String)],
+) -> BTreeSet<NodeId> {
+    let mut by_region: BTreeMap<&str, Vec<NodeId>> = BTreeMap::new();
+    for (id, region) in voters {
+        by_region.entry(region.as_str()).or_default().push(*id);
+    }
+    for ids in by_region.values_mut() {
+        ids.sort_unstable();
+    }
+    let turn = (shard as usize).saturating_sub(1);
+    let placement = match placement {
+        ShardPlacement::Auto if voters.len() > 5 && by_region.len() >= 3 => ShardPlacement::Spread,
+        ShardPlacement::Auto => ShardPlacement::Every,
+        p => p,
+    };
+    // Each region's nodes, rotated by shard.
+    let rotated = |ids: &Vec<NodeId>| -> Vec<NodeId> {
+        (0..ids.len())
+            .map(|k| ids[(turn + k) % ids.len()])
+            .collect()
+    };
+    match placement {
+        ShardPlacement::Every | ShardPlacement::Auto => voters.iter().map(|(id, _)| *id).collect(),
+        ShardPlacement::Regional if !by_region.is_empty() => {
+            let home = by_region
+                .values()
+                .nth(turn % by_region.len())
+                .expect("index within the regions");
+            rotated(home).into_iter().take(SHARD_VOTERS).collect()
+        }
+        ShardPlacement::Regional | ShardPlacement::Spread => {
+            // Regions in turn, starting with the shard's, one node each
+            // per round, until there are enough.
+            let regions: Vec<Vec<NodeId>> = by_region.values().map(rotated).collect();
+            let mut out = BTreeSet::new();
+            let want = SHARD_VOTERS.min(voters.len());
+            let mut round = 0;
+            while out.len() < want {
+                for r in 0..regions.len() {
+                    let region = &regions[(turn + r) % regions.len()];
+                    if let Some(id) = region.get(round)
+                        && out.len() < want
+                    {
+                        out.insert(*id);
+                    }
+                }
+                round += 1;
+            }
+            out
+        }
+    }
+}
+
+/// Voters of a `spread` or `regional` shard.
+const SHARD_VOTERS: usize = 3;
+
 /// On a shard group's leader: one step toward the group's voters being the
-/// meta group's. Adds missing nodes as learners, promotes those caught up,
-/// drops voters and learners the cluster no longer has.
+/// ones its placement gives (`shard_voters`), with every other node of the
+/// cluster a learner (so each node has a replica of every shard). Adds
+/// missing nodes as learners, promotes those caught up, turns voters the
+/// placement does not want into learners, drops nodes the cluster no
+/// longer has.
 async fn follow_cluster_voters(node: &Node, group: &Group) -> Result<(), String> {
     let (meta_voters, meta_nodes) = node.members();
-    let want: BTreeSet<NodeId> = meta_voters.into_iter().collect();
+    let cluster: BTreeSet<NodeId> = meta_voters.iter().copied().collect();
+    let placement = node.state().read(|s| s.shard_placement());
+    let with_regions: Vec<(NodeId, String)> = meta_voters
+        .iter()
+        .map(|id| {
+            let region = meta_nodes.get(id).map(|i| i.region.clone());
+            (*id, region.unwrap_or_default())
+        })
+        .collect();
+    let want = shard_voters(group.id(), placement, &with_regions);
     let (voters, nodes) = group.members();
     let voters: BTreeSet<NodeId> = voters.into_iter().collect();
     let raft = group.raft();
     let step = |what: &'static str| move |e: String| format!("{what}: {e}");
-    for id in want.iter().filter(|id| !nodes.contains_key(id)) {
+    for id in cluster.iter().filter(|id| !nodes.contains_key(id)) {
         let info: NodeInfo = meta_nodes.get(id).cloned().unwrap_or_default();
         tracing::info!(
             group = group.id(),
@@ -230,14 +314,15 @@ async fn follow_cluster_voters(node: &Node, group: &Group) -> Result<(), String>
         .collect();
     if next != voters && !next.is_empty() {
         tracing::info!(group = group.id(), from = ?voters, to = ?next, "changing the shard group's voters");
-        timed(raft.change_membership(ChangeMembers::ReplaceAllVoters(next), false))
+        // Retained: a voter the placement no longer wants stays a learner.
+        timed(raft.change_membership(ChangeMembers::ReplaceAllVoters(next), true))
             .await
             .map_err(step("change voters"))?;
     }
     let (voters, nodes) = group.members();
     let gone: BTreeSet<NodeId> = nodes
         .keys()
-        .filter(|id| !want.contains(id) && !voters.contains(id))
+        .filter(|id| !cluster.contains(id) && !voters.contains(id))
         .copied()
         .collect();
     if !gone.is_empty() {
@@ -355,4 +440,81 @@ fn preferred_leader(node: &Node, group: &Group) -> Option<NodeId> {
         .and_then(|r| r.get(&to).cloned().flatten())
         .map(|l| l.index);
     (matched >= m.last_log_index).then_some(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::shard_voters;
+    use crate::fsm::ShardPlacement;
+
+    fn nodes(regions: &[&str]) -> Vec<(u64, String)> {
+        regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i as u64 + 1, (*r).to_owned()))
+            .collect()
+    }
+
+    fn regions_of(voters: &BTreeSet<u64>, all: &[(u64, String)]) -> BTreeSet<String> {
+        voters
+            .iter()
+            .map(|v| all[*v as usize - 1].1.clone())
+            .collect()
+    }
+
+    #[test]
+    fn small_clusters_and_every_keep_every_voter() {
+        let three = nodes(&["eu", "us", "ap"]);
+        for shard in 1..=4 {
+            assert_eq!(shard_voters(shard, ShardPlacement::Auto, &three).len(), 3);
+            assert_eq!(shard_voters(shard, ShardPlacement::Every, &three).len(), 3);
+        }
+        let nine_one_region = nodes(&["eu"; 9]);
+        assert_eq!(
+            shard_voters(1, ShardPlacement::Auto, &nine_one_region).len(),
+            9
+        );
+    }
+
+    /// Nine nodes in three regions: `auto` is `spread`, three voters in
+    /// three regions, and the shards' voters cover every node.
+    #[test]
+    fn spread_takes_one_voter_per_region_and_rotates() {
+        let nine = nodes(&["eu", "eu", "eu", "us", "us", "us", "ap", "ap", "ap"]);
+        let mut covered = BTreeSet::new();
+        for shard in 1..=9 {
+            for placement in [ShardPlacement::Auto, ShardPlacement::Spread] {
+                let v = shard_voters(shard, placement, &nine);
+                assert_eq!(v.len(), 3, "shard {shard}: {v:?}");
+                assert_eq!(regions_of(&v, &nine).len(), 3, "shard {shard}: {v:?}");
+                covered.extend(v);
+            }
+        }
+        assert_eq!(covered.len(), 9, "{covered:?}");
+        // Two regions: three voters over both.
+        let four = nodes(&["eu", "eu", "us", "us"]);
+        let v = shard_voters(1, ShardPlacement::Spread, &four);
+        assert_eq!((v.len(), regions_of(&v, &four).len()), (3, 2), "{v:?}");
+    }
+
+    /// `regional`: up to three voters, all in the shard's home region; the
+    /// regions take turns as homes.
+    #[test]
+    fn regional_keeps_voters_home() {
+        let nine = nodes(&["eu", "eu", "eu", "us", "us", "us", "ap", "ap", "ap"]);
+        let homes: Vec<BTreeSet<String>> = (1..=3)
+            .map(|shard| {
+                let v = shard_voters(shard, ShardPlacement::Regional, &nine);
+                assert_eq!(v.len(), 3, "{v:?}");
+                regions_of(&v, &nine)
+            })
+            .collect();
+        for h in &homes {
+            assert_eq!(h.len(), 1, "{homes:?}");
+        }
+        let all: BTreeSet<&String> = homes.iter().flatten().collect();
+        assert_eq!(all.len(), 3, "every region is some shard's home: {homes:?}");
+    }
 }
