@@ -160,24 +160,32 @@ async fn round(node: &Node) -> bool {
         return false;
     }
     let max = spec.max as usize;
+    propose(node, Command::Dispatch(spec), "dispatch")
+        .await
+        .is_some_and(|granted| granted >= max)
+}
+
+/// Proposes a round and counts it; returns how many leases it granted, or
+/// `None` when it was refused or not committed.
+async fn propose(node: &Node, round: Command, what: &str) -> Option<usize> {
     let m = crate::metrics::global();
-    match node.write(Command::Dispatch(spec)).await {
+    match node.write(round).await {
         Ok(Ok(Reply::Dispatched(grants))) => {
             m.dispatch_rounds.with_label_values(&["committed"]).inc();
             m.dispatch_leases.inc_by(grants.len() as u64);
-            grants.len() >= max
+            Some(grants.len())
         }
         Ok(other) => {
             m.dispatch_rounds.with_label_values(&["refused"]).inc();
-            tracing::warn!(outcome = ?other.err(), "dispatch round refused");
-            false
+            tracing::warn!(outcome = ?other.err(), "{what} round refused");
+            None
         }
         Err(e) => {
             m.dispatch_rounds
                 .with_label_values(&["not_committed"])
                 .inc();
-            tracing::debug!(error = %e, "dispatch round not committed");
-            false
+            tracing::debug!(error = %e, "{what} round not committed");
+            None
         }
     }
 }
@@ -202,30 +210,16 @@ async fn pull_round(node: &Node, idle: &mut Option<(u64, std::time::Instant)>) -
         return false;
     }
     let max = spec.max as usize;
-    let m = crate::metrics::global();
     let pull = PullSpec {
         round: spec,
         node: node.id(),
         slots,
     };
-    match node.write(Command::Pull(pull)).await {
-        Ok(Ok(Reply::Dispatched(grants))) => {
-            m.dispatch_rounds.with_label_values(&["committed"]).inc();
-            m.dispatch_leases.inc_by(grants.len() as u64);
-            *idle = grants.is_empty().then(|| (seq, std::time::Instant::now()));
-            grants.len() >= max
+    match propose(node, Command::Pull(pull), "pull").await {
+        Some(granted) => {
+            *idle = (granted == 0).then(|| (seq, std::time::Instant::now()));
+            granted >= max
         }
-        Ok(other) => {
-            m.dispatch_rounds.with_label_values(&["refused"]).inc();
-            tracing::warn!(outcome = ?other.err(), "pull round refused");
-            false
-        }
-        Err(e) => {
-            m.dispatch_rounds
-                .with_label_values(&["not_committed"])
-                .inc();
-            tracing::debug!(error = %e, "pull round not committed");
-            false
-        }
+        None => false,
     }
 }

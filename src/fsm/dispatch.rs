@@ -25,6 +25,8 @@ use super::task::{AgentId, FencingToken, Limits, Priority, Tenant};
 /// An agent that may take tasks in this round.
 struct Slot {
     agent: AgentId,
+    /// The node its actor runs on (its gateway's owner).
+    node: u64,
     caps: Vec<String>,
     gateway: GatewayId,
     region: String,
@@ -53,9 +55,15 @@ fn check_round(spec: &DispatchSpec) -> Result<(), Rejection> {
 impl State {
     /// The agents that may take work now, in agent-id order.
     fn eligible_slots(&self, node_dead_after_ms: u64) -> Vec<Slot> {
+        self.eligible_slots_on(node_dead_after_ms, None)
+    }
+
+    /// [`State::eligible_slots`], of the agents online on `only` if given.
+    fn eligible_slots_on(&self, node_dead_after_ms: u64, only: Option<u64>) -> Vec<Slot> {
         let reg = &self.registry;
         reg.agents
             .values()
+            .filter(|a| only.is_none() || a.online_on == only)
             .filter_map(|a| {
                 let gw = reg.gateways.get(&a.reg.gateway)?;
                 let owner = gw.owner?;
@@ -70,6 +78,7 @@ impl State {
                 let free = a.reg.capacity.saturating_sub(load);
                 (alive && !node.draining && usable && free > 0).then(|| Slot {
                     agent: a.reg.id.clone(),
+                    node: owner,
                     caps: a.reg.capabilities.clone(),
                     gateway: a.reg.gateway.clone(),
                     region: gw.reg.region.clone(),
@@ -190,27 +199,17 @@ impl State {
         }
         let tasks = &self.tasks;
         let sessions = &self.sessions;
-        self.eligible_slots(node_dead_after_ms)
+        self.eligible_slots_on(node_dead_after_ms, Some(node))
             .into_iter()
             .filter(|s| {
-                let here = self
-                    .registry
-                    .agents
-                    .get(&s.agent)
-                    .is_some_and(|a| a.online_on == Some(node));
                 let runnable = |id| {
                     let t = &tasks[&id];
-                    let region_ok = t
-                        .region
-                        .as_ref()
-                        .is_none_or(|r| !r.required || r.name == s.region);
-                    let session_ok = t
-                        .session_key
-                        .as_ref()
-                        .is_none_or(|k| sessions.admits(&t.tenant, k, &s.agent));
-                    region_ok && session_ok
+                    t.may_run_in(Some(&s.region))
+                        && t.session_key
+                            .as_ref()
+                            .is_none_or(|k| sessions.admits(&t.tenant, k, &s.agent))
                 };
-                here && self.ready.best_priority(&s.caps, &runnable).is_some()
+                self.ready.best_priority(&s.caps, &runnable).is_some()
             })
             .map(|s| PullSlot {
                 agent: s.agent,
@@ -270,13 +269,8 @@ impl State {
         let mut slots = self.eligible_slots(spec.round.node_dead_after_ms);
         let mut takers = Vec::new();
         for (i, slot) in slots.iter_mut().enumerate() {
-            let online_here = self
-                .registry
-                .agents
-                .get(&slot.agent)
-                .is_some_and(|a| a.online_on == Some(spec.node));
             if let Some(p) = named.get(&slot.agent)
-                && online_here
+                && slot.node == spec.node
             {
                 slot.free = slot.free.min(p.free);
                 slot.min = p.min_priority;
@@ -328,6 +322,7 @@ impl State {
             *room = (*room).min(profile.session_room);
             slots.push(Slot {
                 agent: p.agent.clone(),
+                node: spec.node,
                 caps: normalize_caps(&profile.capabilities),
                 gateway: profile.gateway.clone(),
                 region: profile.region.clone(),

@@ -41,12 +41,7 @@ impl State {
             let weights = &self.weights;
             let weight = |t: &Tenant| weights.get(t).copied().unwrap_or(1);
             let tasks = &self.tasks;
-            let allowed = |id| {
-                tasks[&id]
-                    .region
-                    .as_ref()
-                    .is_none_or(|r| !r.required || region.as_deref() == Some(r.name.as_str()))
-            };
+            let allowed = |id| tasks[&id].may_run_in(region.as_deref());
             let picked = match tenant {
                 None => self.ready.pick_allowed(&caps, weight, &allowed),
                 Some(t) => self.ready.pick_in(t, &caps, &allowed),

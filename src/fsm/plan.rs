@@ -33,12 +33,7 @@ impl State {
     pub fn best_ready(&self, capabilities: &[String], region: &str) -> Option<Priority> {
         let caps = normalize_caps(capabilities);
         let tasks = &self.tasks;
-        let allowed = |id| {
-            tasks[&id]
-                .region
-                .as_ref()
-                .is_none_or(|r| !r.required || r.name == region)
-        };
+        let allowed = |id| tasks[&id].may_run_in(Some(region));
         self.ready.best_priority(&caps, &allowed)
     }
 }

@@ -336,6 +336,14 @@ pub struct TaskRegion {
 }
 
 impl Task {
+    /// Whether an agent in `region` (none: a worker on no gateway) may run
+    /// the task: it names no region, only prefers one, or requires this one.
+    pub fn may_run_in(&self, region: Option<&str>) -> bool {
+        self.region
+            .as_ref()
+            .is_none_or(|r| !r.required || region == Some(r.name.as_str()))
+    }
+
     /// The task's trace: the one its submission carried, else one derived
     /// from its id and creation time (the same on every node).
     pub fn trace(&self) -> crate::trace::TraceContext {
