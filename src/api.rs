@@ -93,6 +93,41 @@ impl Api {
         )
     }
 
+    /// [`Api::write_as`] to the queue group `group` (a task's shard).
+    async fn write_in(
+        &self,
+        group: &crate::node::Group,
+        caller: &Caller,
+        cmd: Command,
+        target: Option<AuditTarget>,
+    ) -> ApiResult<Reply> {
+        outcome(
+            self.node
+                .write_audited_in(group, cmd, Some(caller.audit(target)))
+                .await,
+        )
+    }
+
+    /// The queue group that holds `what` `id` (a task, lease or session:
+    /// ids carry their shard); one that names no shard is not found.
+    fn queue_group_of(&self, id: u64, what: &str) -> ApiResult<&crate::node::Group> {
+        self.node
+            .queue_group_of(id)
+            .map_err(|_| ApiError::not_found(format!("{what} {id} not found")))
+    }
+
+    /// Every queue group's replica, read at once after a read barrier on
+    /// each (the merged reads: lists, depth, dead letters).
+    async fn read_queue<R>(&self, f: impl Fn(&crate::fsm::State) -> R) -> ApiResult<Vec<R>> {
+        self.node.read_barrier_queue().await?;
+        Ok(self
+            .node
+            .queue_groups()
+            .iter()
+            .map(|g| g.state().read(&f))
+            .collect())
+    }
+
     /// Records, for a change that is not a state-machine command
     /// (membership, faults), that `caller` made it and how it ended.
     async fn record(&self, caller: &Caller, target: Option<AuditTarget>, ok: bool) {

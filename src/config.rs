@@ -231,9 +231,10 @@ impl Default for QueueConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Who matches ready tasks to agents: `push` (default), the leader's
-    /// queue-shard actor for every agent, or `pull`, each node for the
-    /// agents it runs (`docs/shards.md`).
+    /// Who matches ready tasks to agents: `push`, the leader's queue-shard
+    /// actor for every agent, or `pull`, each node for the agents it runs
+    /// (`docs/shards.md`). `auto` (default): `push` with one shard, `pull`
+    /// with more (several shards need it: see [`Config::dispatch`]).
     pub dispatch: DispatchMode,
     /// `least_loaded` (default) or `round_robin`.
     pub policy: crate::fsm::DispatchPolicy,
@@ -273,7 +274,7 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            dispatch: DispatchMode::Push,
+            dispatch: DispatchMode::Auto,
             policy: crate::fsm::DispatchPolicy::LeastLoaded,
             max_per_round: 1000,
             interval: Duration::from_millis(100),
@@ -291,9 +292,11 @@ impl Default for RuntimeConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DispatchMode {
+    /// `Push` with one shard, `Pull` with several.
+    #[default]
+    Auto,
     /// The leader's queue-shard actor proposes rounds for every agent, and
     /// a batch that adds work ends with one.
-    #[default]
     Push,
     /// Every node proposes rounds for the agents online on it (`Pull`).
     Pull,
@@ -413,6 +416,16 @@ impl Config {
         self.fabric
             .addr
             .or_else(|| fabric_addr_of(self.node.raft_addr))
+    }
+
+    /// Who matches tasks to agents on this node: `runtime.dispatch`, with
+    /// `auto` resolved by the shard count. Never `Auto`.
+    pub fn dispatch(&self) -> DispatchMode {
+        match self.runtime.dispatch {
+            DispatchMode::Auto if self.cluster.shards > 1 => DispatchMode::Pull,
+            DispatchMode::Auto => DispatchMode::Push,
+            chosen => chosen,
+        }
     }
 }
 
@@ -615,6 +628,12 @@ impl Config {
     }
 
     fn validate_members(&self, p: &mut Vec<String>) {
+        if self.cluster.shards > 1 && self.runtime.dispatch == DispatchMode::Push {
+            p.push(
+                "runtime.dispatch = \"push\" needs cluster.shards = 1: with several shards only an agent's own node can count its leases over them (set \"pull\" or \"auto\")"
+                    .into(),
+            );
+        }
         if !(1..=MAX_SHARDS).contains(&self.cluster.shards) {
             p.push(format!(
                 "cluster.shards must be 1..={MAX_SHARDS} (is {})",
@@ -648,6 +667,28 @@ mod tests {
         assert_eq!(c.node.api_addr.to_string(), "127.0.0.1:7373");
         assert_eq!(c.node.data_dir, PathBuf::from("./data"));
         c.validate().unwrap();
+    }
+
+    /// `auto` dispatch is push with one shard and pull with several; push
+    /// with several shards is refused, naming the fix.
+    #[test]
+    fn dispatch_follows_the_shard_count() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.dispatch(), DispatchMode::Push);
+        let c = Config::from_toml("[cluster]\nshards = 3\n").unwrap();
+        assert_eq!(c.dispatch(), DispatchMode::Pull);
+        c.validate().unwrap();
+        let c = Config::from_toml("[runtime]\ndispatch = \"pull\"\n").unwrap();
+        assert_eq!(c.dispatch(), DispatchMode::Pull);
+        let c =
+            Config::from_toml("[runtime]\ndispatch = \"push\"\n[cluster]\nshards = 3\n").unwrap();
+        let ConfigError::Invalid(p) = c.validate().unwrap_err() else {
+            panic!()
+        };
+        assert!(
+            p[0].contains("runtime.dispatch") && p[0].contains("\"pull\""),
+            "{p:?}"
+        );
     }
 
     #[test]

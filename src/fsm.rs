@@ -85,18 +85,18 @@ pub use command::{
     ShardPlacement, SubmitTask, Write, pack, unpack,
 };
 pub use event::{AgentChange, Event, EventKind, GatewayChange, NodeChange, What};
-pub use plan::{PullPlan, plan_pull};
+pub use plan::{PullPlan, best_of, plan_from, plan_pull};
 pub use query::{Depth, TaskFilter, TaskPage};
 pub use registry::{
     AgentRecord, AgentRegistration, BACKPRESSURE_PERCENT, Circuit, GatewayId, GatewayRecord,
     GatewayRegistration, Health, MAX_AGENT_CAPACITY, MAX_SESSIONS_PER_GATEWAY, NodeRecord,
-    Registry, accepts_new_session,
+    Registry, accepts_new_session, new_session_room,
 };
 pub use retry::{Backoff, backoff_delay_ms};
 pub use session::{
     OpenSession, SessionId, SessionRecord, SessionState, Sessions, gateway_session_key,
 };
-pub use state::{State, group_of};
+pub use state::{State, group_of, route};
 pub use task::{
     AgentId, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task, TaskId, TaskRegion,
     TaskStatus, Tenant,

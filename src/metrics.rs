@@ -402,7 +402,10 @@ pub fn encode(node: &Node) -> String {
             .with_label_values(&[label.as_str()])
             .set(g.map_or(0, |l| l.index) as i64);
     }
-    let depth = node.state().read(|s| s.depth());
+    let mut depth = crate::fsm::Depth::default();
+    for group in node.queue_groups() {
+        depth.add(group.state().read(|s| s.depth()));
+    }
     for p in Priority::URGENT_FIRST {
         for s in TaskStatus::ALL {
             m.tasks

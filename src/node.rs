@@ -38,6 +38,7 @@ mod membership;
 mod placer;
 mod prevote;
 mod proposer;
+mod queue;
 mod server;
 mod shards;
 
@@ -116,6 +117,8 @@ struct Inner {
     /// The queue shards' groups, `1..=cluster.shards`, when there is more
     /// than one shard (`docs/shards.md`).
     shards: Vec<Group>,
+    /// The groups that hold tasks: the shards, or the meta group alone.
+    queue: Vec<Group>,
     client: transport::Client,
     /// Calls to other nodes' HTTP APIs (bootstrap probe, join, transfer relay).
     peer_api: crate::api::peers::PeerApi,
@@ -179,6 +182,11 @@ impl Node {
         }
         let meta = groups.remove(0);
         shards::check_count(&config, meta.state())?;
+        let queue = if groups.is_empty() {
+            vec![meta.clone()]
+        } else {
+            groups.clone()
+        };
         let info = NodeInfo {
             raft_addr: config.node.raft_addr.to_string(),
             api_addr: config.node.api_addr.to_string(),
@@ -191,6 +199,7 @@ impl Node {
                 config,
                 meta,
                 shards: groups,
+                queue,
                 client,
                 peer_api,
                 faults: faults.clone(),
@@ -217,7 +226,9 @@ impl Node {
         node.spawn(proposer::heartbeat_loop(node.clone()));
         node.spawn(drain::drain_loop(node.clone()));
         node.spawn(placer::placement_loop(node.clone()));
-        node.spawn(observe_events(node.clone()));
+        for group in node.groups() {
+            node.spawn(observe_events(node.clone(), group.state().clone()));
+        }
         membership::bootstrap(&node).await?;
         node.spawn(shards::shard_loop(node.clone()));
         node.spawn(prevote::gate_loop(node.clone()));
@@ -241,7 +252,11 @@ impl Node {
             crate::fabric::start_hints(self, tree.root()).await?;
         }
         let directory = self.inner.agents.clone();
-        self.spawn(crate::actors::route_leases(self.clone(), directory.clone()));
+        for group in self.queue_groups() {
+            let router =
+                crate::actors::route_leases(self.clone(), group.clone(), directory.clone());
+            self.spawn(router);
+        }
         self.spawn(crate::actors::reconcile_loop(
             self.clone(),
             tree.root().clone(),
@@ -372,6 +387,35 @@ impl Node {
         &self.inner.shards
     }
 
+    /// The groups that hold tasks, leases and sessions: the queue shards,
+    /// or the meta group when the cluster has one shard.
+    pub fn queue_groups(&self) -> &[Group] {
+        &self.inner.queue
+    }
+
+    /// The group that holds task, lease or session `id` (ids carry their
+    /// shard: `fsm::group_of`), or an error when the id names no shard of
+    /// this cluster (no such object, then).
+    pub fn queue_group_of(&self, id: u64) -> Result<&Group, NodeError> {
+        fsm::group_of(id, self.inner.config.cluster.shards)
+            .and_then(|g| self.group(g))
+            .ok_or_else(|| NodeError::Invalid(format!("{id} names no queue shard of this cluster")))
+    }
+
+    /// The group a new task of `tenant` goes to: by its `key` (session key,
+    /// else idempotency key; `fsm::route`), or a random shard for a task
+    /// with neither (there is nothing to keep together or deduplicate).
+    pub fn queue_group_for(&self, tenant: &str, key: Option<&str>) -> &Group {
+        let shards = self.inner.config.cluster.shards;
+        let g = match key {
+            Some(k) => fsm::route(tenant, k, shards),
+            None if shards > 1 => 1 + rand::random::<u32>() % shards,
+            None => 0,
+        };
+        self.group(g)
+            .expect("invariant: a node hosts every shard of its cluster")
+    }
+
     /// Every group this node hosts, the meta group first.
     pub fn groups(&self) -> impl Iterator<Item = &Group> {
         std::iter::once(&self.inner.meta).chain(self.inner.shards.iter())
@@ -477,6 +521,17 @@ impl Node {
             .await
     }
 
+    /// [`Node::write_audited`] to group `group` (a queue shard's commands
+    /// are audited in that shard's chain).
+    pub async fn write_audited_in(
+        &self,
+        group: &Group,
+        command: fsm::Command,
+        audit: Option<fsm::Audit>,
+    ) -> Result<fsm::Outcome, NodeError> {
+        self.write_in(group, fsm::Write { command, audit }).await
+    }
+
     async fn write_in(&self, group: &Group, write: fsm::Write) -> Result<fsm::Outcome, NodeError> {
         let timeout = self.inner.config.queue.write_timeout;
         let rx = group.queue().push(write)?;
@@ -500,7 +555,16 @@ impl Node {
         self.read_barrier_in(self.hosted(group)?).await
     }
 
-    async fn read_barrier_in(&self, group: &Group) -> Result<(), NodeError> {
+    /// [`Node::read_barrier`] for every group that holds tasks, at once.
+    pub async fn read_barrier_queue(&self) -> Result<(), NodeError> {
+        let all = self.inner.queue.iter().map(|g| self.read_barrier_in(g));
+        for r in futures_util::future::join_all(all).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn read_barrier_in(&self, group: &Group) -> Result<(), NodeError> {
         let timeout = self.inner.config.queue.write_timeout;
         let index = if group.is_leader() {
             self.leader_read_index(group)
@@ -576,9 +640,9 @@ impl Node {
     }
 }
 
-/// Turns every applied event into its log line and metrics.
-async fn observe_events(node: Node) {
-    let mut rx = node.state().subscribe();
+/// Turns every applied event of a group into its log line and metrics.
+async fn observe_events(node: Node, state: SharedState) {
+    let mut rx = state.subscribe();
     let shutdown = node.shutdown_token().clone();
     loop {
         let applied = tokio::select! {

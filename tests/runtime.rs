@@ -55,6 +55,10 @@ const SLOW_DEATH: &str = "[queue]\nnode_heartbeat_interval = \"250ms\"\n\
 /// Pull dispatch (`docs/shards.md`): each node leases for its own agents.
 const PULL: &str = "[runtime]\ndispatch = \"pull\"\n";
 
+/// Three queue shards (`docs/shards.md`): tasks go to the shard groups and
+/// dispatch is pull (the default with several shards).
+const SHARDS: &str = "[cluster]\nshards = 3\n";
+
 /// How long after a drain is done the drained node may still start an
 /// attempt: its runtime sees the move within one reconcile period (250 ms)
 /// and waits up to 2 s for each agent actor to stop.
@@ -78,6 +82,18 @@ async fn kill_gateway_owner_mid_run_every_task_completes_once() {
 async fn kill_gateway_owner_mid_run_with_pull_dispatch() {
     let work = Work::new();
     let config = format!("{FAST_QUEUE}{PULL}{}", work.policy_toml());
+    let mut c = Cluster::start_with(3, &config).await;
+    bounded(Duration::from_secs(200), kill_owner_body(&mut c, &work)).await;
+}
+
+/// Three queue shards (`cluster.shards = 3`, `docs/shards.md` step 3):
+/// tasks are routed to the shard groups, each node pulls for its agents
+/// over the three, and the killed owner's leases in every shard are given
+/// back by the agents that take its gateways over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_gateway_owner_mid_run_with_three_shards() {
+    let work = Work::new();
+    let config = format!("{FAST_QUEUE}{SHARDS}{}", work.policy_toml());
     let mut c = Cluster::start_with(3, &config).await;
     bounded(Duration::from_secs(200), kill_owner_body(&mut c, &work)).await;
 }
@@ -368,7 +384,7 @@ async fn check_no_lease_on(api: &Api, via: usize, node_id: u64) {
 async fn strict_priority_end_to_end_with_saturated_agents() {
     let work = Work::new();
     let c = Cluster::start_with(1, &format!("{FAST_QUEUE}{}", work.policy_toml())).await;
-    bounded(Duration::from_secs(120), priority_body(&c, &work)).await;
+    bounded(Duration::from_secs(120), priority_body(&c, &work, false)).await;
 }
 
 /// Strict priority with pull dispatch.
@@ -377,7 +393,17 @@ async fn strict_priority_end_to_end_with_pull_dispatch() {
     let work = Work::new();
     let config = format!("{FAST_QUEUE}{PULL}{}", work.policy_toml());
     let c = Cluster::start_with(1, &config).await;
-    bounded(Duration::from_secs(120), priority_body(&c, &work)).await;
+    bounded(Duration::from_secs(120), priority_body(&c, &work, false)).await;
+}
+
+/// Strict priority with three queue shards: the pull goes to the shard
+/// holding the most urgent task an agent could run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_priority_end_to_end_with_three_shards() {
+    let work = Work::new();
+    let config = format!("{FAST_QUEUE}{SHARDS}{}", work.policy_toml());
+    let c = Cluster::start_with(1, &config).await;
+    bounded(Duration::from_secs(120), priority_body(&c, &work, true)).await;
 }
 
 /// Records every lease seen (token -> leased_at in ms, leader time) by
@@ -395,7 +421,7 @@ async fn poll_leases(api: Api, stop: Arc<AtomicBool>) -> BTreeMap<u64, u64> {
     seen
 }
 
-async fn priority_body(c: &Cluster, work: &Work) {
+async fn priority_body(c: &Cluster, work: &Work, sharded: bool) {
     const LOW: usize = 40;
     const CRITICAL: usize = 4;
     let api = c.api();
@@ -436,7 +462,7 @@ async fn priority_body(c: &Cluster, work: &Work) {
         .iter()
         .map(|e| if critical(e) { 'C' } else { 'L' })
         .collect();
-    let (checked, ties) = check_strict_priority(&tasks, &execs, &seen);
+    let (checked, ties) = check_strict_priority(&tasks, &execs, &seen, sharded);
     eprintln!(
         "[test] SUMMARY priority: {} tasks completed, {} executions, {low_waiting} low tasks \
          pending when the critical ones were acknowledged, {checked} (low, critical) pairs \
@@ -457,6 +483,12 @@ async fn priority_body(c: &Cluster, work: &Work) {
 /// and before that task's own lease is a violation. The time of a low lease
 /// the poller missed is bounded below by that of a smaller token it saw.
 ///
+/// With several shards (`sharded`) tokens count per shard (the low byte
+/// names it): the token order holds within a shard, and a low lease and a
+/// critical task in different shards are compared by their lease times
+/// when the poller saw both (`created < low leased < critical leased` is a
+/// violation).
+///
 /// It cannot pass by accident: enough low tasks were still pending when the
 /// critical ones were acknowledged (checked by the caller) that a dispatcher
 /// ignoring priority would have leased several of them, one by one as a
@@ -467,13 +499,26 @@ fn check_strict_priority(
     tasks: &BTreeMap<u64, Value>,
     execs: &[Exec],
     seen: &BTreeMap<u64, u64>,
+    sharded: bool,
 ) -> (usize, usize) {
-    let times: Vec<u64> = seen.values().copied().collect();
-    assert!(
-        times.windows(2).all(|w| w[0] <= w[1]),
-        "lease times go back as tokens grow: {seen:?}"
-    );
-    let lower_bound = |token: u64| seen.range(..=token).next_back().map_or(0, |(_, at)| *at);
+    let group = |token: u64| if sharded { token & 0xff } else { 0 };
+    let mut per_group: BTreeMap<u64, BTreeMap<u64, u64>> = BTreeMap::new();
+    for (t, at) in seen {
+        per_group.entry(group(*t)).or_default().insert(*t, *at);
+    }
+    for (g, leases) in &per_group {
+        let times: Vec<u64> = leases.values().copied().collect();
+        assert!(
+            times.windows(2).all(|w| w[0] <= w[1]),
+            "lease times of group {g} go back as tokens grow: {leases:?}"
+        );
+    }
+    let lower_bound = |token: u64| {
+        per_group
+            .get(&group(token))
+            .and_then(|l| l.range(..=token).next_back())
+            .map_or(0, |(_, at)| *at)
+    };
     let critical: Vec<(u64, u64, u64)> = tasks
         .values()
         .filter(|t| t["priority"] == "critical")
@@ -487,7 +532,18 @@ fn check_strict_priority(
     let (mut checked, mut ties) = (0, 0);
     for e in execs.iter().filter(|e| tasks[&e.task]["priority"] == "low") {
         let leased = lower_bound(e.token);
-        for &(id, created, token) in critical.iter().filter(|c| e.token < c.2) {
+        for &(id, created, token) in &critical {
+            let before_critical = if group(token) == group(e.token) {
+                e.token < token
+            } else {
+                match (seen.get(&e.token), seen.get(&token)) {
+                    (Some(low_at), Some(crit_at)) => low_at < crit_at,
+                    _ => continue,
+                }
+            };
+            if !before_critical {
+                continue;
+            }
             checked += 1;
             ties += usize::from(leased == created);
             assert!(

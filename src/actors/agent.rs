@@ -45,7 +45,7 @@
 //! It announces again whenever the registry shows it offline here (the
 //! gateway moved away and back between two reconciles).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -276,10 +276,22 @@ fn renew_every(lease: Duration) -> Duration {
 /// `orphans` (its leases nobody here runs) in the same command. Returns
 /// whether it committed.
 async fn announce(args: &AgentArgs, orphans: Vec<FencingToken>) -> bool {
+    // With several shards the orphans are theirs: each gives its own back
+    // first (the node pulls nothing for the agent until it is online).
+    let mut release = orphans.clone();
+    if args.node.shard_groups().len() > 1 {
+        for (group, tokens) in by_group(&args.node, std::mem::take(&mut release)) {
+            let cmd = Command::Release { tokens };
+            if let Err(e) = args.node.write_to(group, cmd).await {
+                tracing::warn!(agent = %args.id, group, error = %e, "orphan leases not given back yet; retrying");
+                return false;
+            }
+        }
+    }
     let cmd = Command::AgentOnline {
         agent: args.id.clone(),
         node: args.node.id(),
-        release: orphans.clone(),
+        release,
     };
     match args.node.write(cmd).await {
         Ok(Ok(_)) => {
@@ -293,28 +305,44 @@ async fn announce(args: &AgentArgs, orphans: Vec<FencingToken>) -> bool {
     }
 }
 
-/// Waits (bounded by the write timeout) until the local replica has
-/// applied every entry committed before the call and every entry of this
-/// node's own log.
+/// Waits (bounded by the write timeout) until the local replica of every
+/// group has applied every entry committed before the call and every entry
+/// of this node's own log of the group.
 async fn replica_has_own_log(node: &Node) -> Result<(), String> {
-    node.read_barrier().await.map_err(|e| e.to_string())?;
-    let last = node.raft().metrics().borrow().last_log_index;
-    node.raft()
-        .wait(Some(node.queue_config().write_timeout))
-        .applied_index_at_least(last, "agent start")
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("own log not applied yet: {e}"))
+    for group in node.groups() {
+        node.read_barrier_in(group)
+            .await
+            .map_err(|e| format!("group {}: {e}", group.id()))?;
+        let last = group.raft().metrics().borrow().last_log_index;
+        group
+            .raft()
+            .wait(Some(node.queue_config().write_timeout))
+            .applied_index_at_least(last, "agent start")
+            .await
+            .map_err(|e| format!("group {}: own log not applied yet: {e}", group.id()))?;
+    }
+    Ok(())
 }
 
-/// The agent's live leases in the local replica.
+/// The agent's live leases in the local replicas of the queue groups.
 fn held(args: &AgentArgs) -> Vec<FencingToken> {
     args.node
-        .state()
-        .read(|s| s.agent_leases(&args.id))
+        .agent_leases(&args.id)
         .into_iter()
         .map(|(t, _)| t)
         .collect()
+}
+
+/// `tokens` by the queue group that granted them (tokens carry it); one
+/// naming no group of the cluster is dropped (no lease has it).
+fn by_group(node: &Node, tokens: Vec<FencingToken>) -> BTreeMap<u32, Vec<FencingToken>> {
+    let mut out: BTreeMap<u32, Vec<FencingToken>> = BTreeMap::new();
+    for t in tokens {
+        if let Ok(g) = node.queue_group_of(t.0) {
+            out.entry(g.id()).or_default().push(t);
+        }
+    }
+    out
 }
 
 /// Whether the committed registry has this agent's gateway on this node
@@ -346,10 +374,17 @@ fn start_if_live(
     }
     let me = &state.args.id;
     let here = state.args.node.id();
-    let task = state.args.node.state().read(|s| {
-        if !placed_here(s, me, here) {
-            return None;
-        }
+    let node = &state.args.node;
+    if !node.state().read(|s| placed_here(s, me, here)) {
+        return;
+    }
+    // With several shards the lease is in its shard's replica, read after
+    // the placement: a move applied in between is caught by the fence the
+    // attempt carries (as with a move after the grant applied).
+    let Ok(group) = node.queue_group_of(token.0) else {
+        return;
+    };
+    let task = group.state().read(|s| {
         s.task_shared(id).filter(|t| {
             t.lease
                 .as_ref()
@@ -472,11 +507,14 @@ fn sync(myself: &ActorRef<AgentMsg>, state: &mut AgentState) {
             let _ = me.send_message(AgentMsg::Announced(ok));
         });
     }
-    let (applied, live) = state.args.node.state().read_indexed(|applied, s| {
-        let live: HashMap<FencingToken, TaskId> =
-            s.agent_leases(&state.args.id).into_iter().collect();
-        (applied, live)
-    });
+    // Hints are of the meta group's grants (the one group with push).
+    let applied = state.args.node.state().read_indexed(|applied, _| applied);
+    let live: HashMap<FencingToken, TaskId> = state
+        .args
+        .node
+        .agent_leases(&state.args.id)
+        .into_iter()
+        .collect();
     // Hinted leases whose entry the replica has applied are judged by it.
     state.hinted.retain(|_, index| *index > applied);
     let ahead = &state.hinted;
@@ -503,13 +541,20 @@ fn renew(myself: &ActorRef<AgentMsg>, state: &AgentState) {
     let lease_ms = node.queue_config().default_lease.as_millis() as u64;
     let me = myself.clone();
     tokio::spawn(async move {
-        match node.write(Command::RenewMany { tokens, lease_ms }).await {
-            Ok(Ok(Reply::Renewed { stale })) if !stale.is_empty() => {
-                let _ = me.send_message(AgentMsg::Stale(stale));
+        for (group, tokens) in by_group(&node, tokens) {
+            match node
+                .write_to(group, Command::RenewMany { tokens, lease_ms })
+                .await
+            {
+                Ok(Ok(Reply::Renewed { stale })) if !stale.is_empty() => {
+                    let _ = me.send_message(AgentMsg::Stale(stale));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(r)) => tracing::warn!(error = %r, group, "renew refused"),
+                Err(e) => {
+                    tracing::debug!(error = %e, group, "renew not committed; retrying next period")
+                }
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(r)) => tracing::warn!(error = %r, "renew refused"),
-            Err(e) => tracing::debug!(error = %e, "renew not committed; retrying next period"),
         }
     });
 }
@@ -652,7 +697,8 @@ fn live_session(
     task: &Task,
 ) -> Option<(crate::fsm::SessionId, crate::fsm::SessionKey)> {
     let key = task.session_key.as_ref()?;
-    args.node.state().read(|s| {
+    let group = args.node.queue_group_of(task.id.0).ok()?;
+    group.state().read(|s| {
         let r = s.sessions().by_key(&task.tenant, key)?;
         (r.gateway == *args.sessions.gateway() && !r.state.is_terminal())
             .then(|| (r.id, crate::fsm::gateway_session_key(&task.tenant, key)))
@@ -664,8 +710,11 @@ fn live_session(
 /// A retry of a result that did commit is refused as stale: harmless.
 /// Returns false when no write got an answer.
 async fn report_result(node: &Node, task: &Task, cmd: Command, cancel: &CancellationToken) -> bool {
+    let Ok(group) = node.queue_group_of(task.id.0).map(|g| g.id()) else {
+        return true;
+    };
     for attempt in 1..=REPORT_TRIES {
-        match node.write(cmd.clone()).await {
+        match node.write_to(group, cmd.clone()).await {
             Ok(Ok(_)) => return true,
             Ok(Err(Rejection::StaleToken(t))) => {
                 tracing::info!(task = %task.id, token = %t, "result refused: lease lost or already reported");

@@ -71,10 +71,14 @@ impl GatewayRegistry for Node {
         id: &GatewayId,
         sessions: &[SessionId],
     ) -> Vec<(SessionId, Option<SessionKey>)> {
-        self.state().read(|s| {
-            sessions
-                .iter()
-                .filter_map(|sid| match s.sessions().get(*sid) {
+        // Each session is in the queue group that minted its id.
+        sessions
+            .iter()
+            .filter_map(|sid| {
+                let Ok(group) = self.queue_group_of(*sid) else {
+                    return Some((*sid, None));
+                };
+                group.state().read(|s| match s.sessions().get(*sid) {
                     Some(r) if r.gateway == *id && !r.state.is_terminal() => None,
                     Some(r) => Some((
                         *sid,
@@ -84,8 +88,8 @@ impl GatewayRegistry for Node {
                     )),
                     None => Some((*sid, None)),
                 })
-                .collect()
-        })
+            })
+            .collect()
     }
 }
 

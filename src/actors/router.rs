@@ -15,7 +15,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::agent::AgentMsg;
 use crate::fsm::{AgentId, EventKind, FencingToken, TaskId, What};
-use crate::node::Node;
+use crate::node::{Group, Node};
 
 /// The agent actors running on this node, by agent id. Each actor adds
 /// itself when it starts and removes itself when it stops.
@@ -62,15 +62,16 @@ impl AgentDirectory {
     }
 }
 
-/// Routes lease hints to this node's agents until the node shuts down.
-pub async fn route_leases(node: Node, directory: AgentDirectory) {
-    let mut applied = node.state().subscribe();
+/// Routes the lease hints of queue group `group` (one router per group
+/// that holds tasks) to this node's agents until the node shuts down.
+pub async fn route_leases(node: Node, group: Group, directory: AgentDirectory) {
+    let mut applied = group.state().subscribe();
     // Leases routed to a local agent and not ended yet.
     let mut routed: HashMap<TaskId, AgentId> = HashMap::new();
     let shutdown = node.shutdown_token().clone();
     // Server metrics change only with the vote, role, leader or membership,
     // not with every append and apply as `metrics()` does.
-    let mut raft = node.raft().server_metrics();
+    let mut raft = group.raft().server_metrics();
     let mut leader = raft.borrow_and_update().current_leader;
     loop {
         let batch = tokio::select! {

@@ -22,8 +22,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::DispatchMode;
-use crate::fsm::{Command, DispatchSpec, PullSpec, Reply};
+use std::collections::BTreeMap;
+
+use crate::fsm::{AgentId, Command, DispatchSpec, GatewayId, PullSpec, Reply};
 use crate::node::Node;
+use crate::raft::{GroupId, META_GROUP};
 
 /// Name of the one shard's actor under the queue-shard supervisor.
 pub const SHARD: &str = "shard-0";
@@ -44,7 +47,7 @@ impl ractor::Message for ShardMsg {}
 pub struct ShardState {
     node: Node,
     /// Pull: the event seq and time of the last round that leased nothing.
-    idle: Option<(u64, std::time::Instant)>,
+    idle: Option<(Vec<u64>, std::time::Instant)>,
     wake_pending: Arc<AtomicBool>,
     _stop_watcher: DropGuard,
 }
@@ -84,8 +87,8 @@ impl Actor for QueueShardActor {
         match msg {
             ShardMsg::Wake => {
                 state.wake_pending.store(false, Ordering::SeqCst);
-                let full = match state.node.config().runtime.dispatch {
-                    DispatchMode::Push => round(&state.node).await,
+                let full = match state.node.config().dispatch() {
+                    DispatchMode::Push | DispatchMode::Auto => round(&state.node).await,
                     DispatchMode::Pull => pull_round(&state.node, &mut state.idle).await,
                 };
                 if full {
@@ -104,15 +107,26 @@ fn wake(actor: &ActorRef<ShardMsg>, pending: &AtomicBool) {
     }
 }
 
-/// Wakes the actor on every applied entry and on the fallback timer.
+/// Wakes the actor on every applied entry of every group this node hosts
+/// (the meta group's registry changes, the shards' work) and on the
+/// fallback timer.
 async fn watch(
     node: Node,
     actor: ActorRef<ShardMsg>,
     pending: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
+    for group in node.shard_groups() {
+        tokio::spawn(watch_group(
+            node.clone(),
+            group.clone(),
+            actor.clone(),
+            Arc::clone(&pending),
+            stop.clone(),
+        ));
+    }
     let mut applied = node.state().subscribe();
-    let pulls = node.config().runtime.dispatch == DispatchMode::Pull;
+    let pulls = node.config().dispatch() == DispatchMode::Pull;
     // One timer for the whole loop, not one per applied entry.
     let mut fallback = tokio::time::interval(node.config().runtime.interval);
     fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -130,6 +144,29 @@ async fn watch(
         if pulls || node.is_leader() {
             wake(&actor, &pending);
         }
+    }
+}
+
+/// Wakes the actor on every applied entry of one queue shard.
+async fn watch_group(
+    node: Node,
+    group: crate::node::Group,
+    actor: ActorRef<ShardMsg>,
+    pending: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    let mut applied = group.state().subscribe();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = node.shutdown_token().cancelled() => return,
+            r = applied.recv() => {
+                if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    return;
+                }
+            }
+        }
+        wake(&actor, &pending);
     }
 }
 
@@ -160,16 +197,16 @@ async fn round(node: &Node) -> bool {
         return false;
     }
     let max = spec.max as usize;
-    propose(node, Command::Dispatch(spec), "dispatch")
+    propose(node, META_GROUP, Command::Dispatch(spec), "dispatch")
         .await
         .is_some_and(|granted| granted >= max)
 }
 
-/// Proposes a round and counts it; returns how many leases it granted, or
-/// `None` when it was refused or not committed.
-async fn propose(node: &Node, round: Command, what: &str) -> Option<usize> {
+/// Proposes a round to `group` and counts it; returns how many leases it
+/// granted, or `None` when it was refused or not committed.
+async fn propose(node: &Node, group: GroupId, round: Command, what: &str) -> Option<usize> {
     let m = crate::metrics::global();
-    match node.write(round).await {
+    match node.write_to(group, round).await {
         Ok(Ok(Reply::Dispatched(grants))) => {
             m.dispatch_rounds.with_label_values(&["committed"]).inc();
             m.dispatch_leases.inc_by(grants.len() as u64);
@@ -194,19 +231,19 @@ async fn propose(node: &Node, round: Command, what: &str) -> Option<usize> {
 /// room and a ready task it could run, and the state changed since the
 /// last round that leased nothing (or the fallback period passed). Returns
 /// whether the round was full.
-async fn pull_round(node: &Node, idle: &mut Option<(u64, std::time::Instant)>) -> bool {
+async fn pull_round(node: &Node, idle: &mut Option<(Vec<u64>, std::time::Instant)>) -> bool {
+    if !node.shard_groups().is_empty() {
+        return pull_from_shards(node, idle).await;
+    }
     let spec = dispatch_spec(node);
     let (seq, slots) = node.state().read(|s| {
         let slots = s.pull_slots(node.id(), spec.node_dead_after_ms);
-        (s.last_event_seq(), slots)
+        (vec![s.last_event_seq()], slots)
     });
     if slots.is_empty() {
         return false;
     }
-    if let Some((at_seq, at)) = *idle
-        && at_seq == seq
-        && at.elapsed() < node.config().runtime.interval
-    {
+    if idle_since(idle, &seq, node) {
         return false;
     }
     let max = spec.max as usize;
@@ -215,10 +252,107 @@ async fn pull_round(node: &Node, idle: &mut Option<(u64, std::time::Instant)>) -
         node: node.id(),
         slots,
     };
-    match propose(node, Command::Pull(pull), "pull").await {
+    match propose(node, META_GROUP, Command::Pull(pull), "pull").await {
         Some(granted) => {
             *idle = (granted == 0).then(|| (seq, std::time::Instant::now()));
             granted >= max
+        }
+        None => false,
+    }
+}
+
+/// Whether the last round leased nothing, nothing happened since (`seq`:
+/// the groups' event counts) and the fallback period has not passed.
+fn idle_since(idle: &Option<(Vec<u64>, std::time::Instant)>, seq: &[u64], node: &Node) -> bool {
+    idle.as_ref().is_some_and(|(at_seq, at)| {
+        at_seq.as_slice() == seq && at.elapsed() < node.config().runtime.interval
+    })
+}
+
+/// One pull round over the queue shards (`docs/shards.md`, "Dispatch
+/// across shards"): this node's agents that may take work, with their
+/// profiles from the meta group's replica; a read barrier on every shard,
+/// so this node's replicas hold every grant it made before (one round in
+/// flight: the node's ledger of its agents' capacity is then exact); each
+/// agent's free count and each gateway's session room taken over every
+/// shard; the pull goes to the shard with the most urgent ready task an
+/// agent could run, with that priority as the agent's floor
+/// ([`crate::fsm::plan_from`]). Returns whether the round was full.
+async fn pull_from_shards(node: &Node, idle: &mut Option<(Vec<u64>, std::time::Instant)>) -> bool {
+    let spec = dispatch_spec(node);
+    let (mut slots, agents_of) = node.state().read(|s| {
+        let slots = s.pull_profiles(node.id(), spec.node_dead_after_ms);
+        let reg = s.registry();
+        let mut agents_of: BTreeMap<GatewayId, Vec<AgentId>> = BTreeMap::new();
+        for slot in &slots {
+            let gw = &slot
+                .profile
+                .as_ref()
+                .expect("pull_profiles gives one")
+                .gateway;
+            agents_of.entry(gw.clone()).or_insert_with(|| {
+                reg.agents()
+                    .filter(|a| a.reg.gateway == *gw)
+                    .map(|a| a.reg.id.clone())
+                    .collect()
+            });
+        }
+        (slots, agents_of)
+    });
+    if slots.is_empty() {
+        return false;
+    }
+    if let Err(e) = node.read_barrier_queue().await {
+        tracing::debug!(error = %e, "pull: shards not readable now");
+        return false;
+    }
+    let groups = node.shard_groups();
+    let mut seq = vec![node.state().read(|s| s.last_event_seq())];
+    let mut sessions: BTreeMap<&GatewayId, u32> = BTreeMap::new();
+    let mut loads: BTreeMap<AgentId, u32> = BTreeMap::new();
+    for g in groups {
+        g.state().read(|s| {
+            seq.push(s.last_event_seq());
+            for (gw, agents) in &agents_of {
+                *sessions.entry(gw).or_default() += s.session_load(gw, agents);
+            }
+            for slot in &slots {
+                *loads.entry(slot.agent.clone()).or_default() += s.agent_load(&slot.agent);
+            }
+        });
+    }
+    for slot in &mut slots {
+        let profile = slot.profile.as_mut().expect("pull_profiles gives one");
+        slot.free = profile.capacity.saturating_sub(loads[&slot.agent]);
+        profile.session_room = crate::fsm::new_session_room(
+            sessions.get(&profile.gateway).copied().unwrap_or(0),
+            profile.session_room,
+        );
+    }
+    slots.retain(|s| s.free > 0);
+    if slots.is_empty() || idle_since(idle, &seq, node) {
+        return false;
+    }
+    let best: Vec<_> = groups
+        .iter()
+        .map(|g| g.state().read(|s| crate::fsm::best_of(s, &slots)))
+        .collect();
+    let Some(plan) = crate::fsm::plan_from(&best, &slots) else {
+        *idle = Some((seq, std::time::Instant::now()));
+        return false;
+    };
+    let max = spec.max as usize;
+    let pull = PullSpec {
+        round: spec,
+        node: node.id(),
+        slots: plan.slots,
+    };
+    let group = groups[plan.shard].id();
+    match propose(node, group, Command::Pull(pull), "pull").await {
+        Some(granted) => {
+            *idle = (granted == 0).then(|| (seq, std::time::Instant::now()));
+            // More agents may have work in another shard: go again.
+            granted > 0 || granted >= max
         }
         None => false,
     }

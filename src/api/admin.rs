@@ -333,11 +333,17 @@ pub async fn progress(
 
 async fn status_of(api: &Api, id: NodeId) -> ApiResult<DrainView> {
     let leader = api.node.leader().map(|(l, _)| l);
+    api.node.read_barrier_queue().await?;
+    let loads = api.node.agent_loads();
+    let load = |a: &crate::fsm::AgentId| loads.get(a).copied().unwrap_or(0);
     let view = api.node.state().read(|s| {
         let reg = s.registry();
         reg.nodes().find(|n| n.id == id).map(|n| {
             let owned: Vec<_> = reg.gateways().filter(|g| g.owner == Some(id)).collect();
-            let leases: u32 = owned.iter().map(|g| s.gateway_leases(&g.reg.id)).sum();
+            let leases: u32 = owned
+                .iter()
+                .map(|g| s.gateway_leases_in(&g.reg.id, load))
+                .sum();
             let deadline = api.node.config().runtime.drain_deadline.as_millis() as u64;
             DrainView {
                 node: id,

@@ -35,6 +35,12 @@ pub struct AuditQuery {
     action: Option<String>,
     /// A prefix: `ok`, `rejected`, `denied`.
     outcome: Option<String>,
+    /// Whose chain: 0, the meta group (default: credentials, tenants,
+    /// the registry, and with one shard every write), or a queue shard
+    /// `1..=shards`, which chains the task, lease and session writes it
+    /// applied. Each group's chain verifies on its own.
+    #[param(minimum = 0, maximum = 255)]
+    group: Option<u32>,
 }
 
 /// Lower-case hex of a hash.
@@ -123,8 +129,15 @@ pub async fn list(
         action: q.action,
         outcome: q.outcome,
     };
-    api.node.read_barrier().await?;
-    let body = api.node.state().read(|s| {
+    let g = q.group.unwrap_or(crate::raft::META_GROUP);
+    let group = api.node.group(g).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "invalid field `group`: no Raft group {g} (this cluster has 0..={})",
+            api.node.shard_groups().len()
+        ))
+    })?;
+    api.node.read_barrier_in(group).await?;
+    let body = group.state().read(|s| {
         let log = s.audit();
         let (items, next) = log.page(&filter, after, limit);
         AuditPage {

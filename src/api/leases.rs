@@ -62,13 +62,14 @@ pub async fn acquire(
         )));
     }
     let target = AuditTarget::text(format!("agent/{}", b.agent_id));
+    let group = lease_shard(&api, &caller, &b.capabilities).await?;
     let cmd = Command::Lease {
         agent_id: AgentId(b.agent_id),
         capabilities: b.capabilities,
         max: b.max.unwrap_or(1),
         lease_ms,
     };
-    match api.write_as(&caller, cmd, Some(target)).await? {
+    match api.write_in(group, &caller, cmd, Some(target)).await? {
         Reply::Leased(grants) => Ok(Json(LeasesView {
             leases: grants.iter().map(view::lease).collect(),
         })),
@@ -103,8 +104,13 @@ pub async fn renew(
     let lease_ms = lease_ms(&api, b.lease_ms)?;
     let cmd = Command::Renew { token, lease_ms };
     task_reply(
-        api.write_as(&caller, cmd, Some(lease_target(token)))
-            .await?,
+        api.write_in(
+            token_shard(&api, token)?,
+            &caller,
+            cmd,
+            Some(lease_target(token)),
+        )
+        .await?,
     )
 }
 
@@ -138,8 +144,13 @@ pub async fn complete(
         result: b.result.to_string(),
     };
     task_reply(
-        api.write_as(&caller, cmd, Some(lease_target(token)))
-            .await?,
+        api.write_in(
+            token_shard(&api, token)?,
+            &caller,
+            cmd,
+            Some(lease_target(token)),
+        )
+        .await?,
     )
 }
 
@@ -180,9 +191,42 @@ pub async fn fail(
         retryable: b.retryable,
     };
     task_reply(
-        api.write_as(&caller, cmd, Some(lease_target(token)))
-            .await?,
+        api.write_in(
+            token_shard(&api, token)?,
+            &caller,
+            cmd,
+            Some(lease_target(token)),
+        )
+        .await?,
     )
+}
+
+/// Where a worker's lease call goes: with several shards, the one that
+/// holds the most urgent ready task the worker could take (read on every
+/// shard's replica after a read barrier), so strict priority holds over
+/// the shards; that shard's first one when none has any.
+async fn lease_shard<'a>(
+    api: &'a Api,
+    caller: &Caller,
+    capabilities: &[String],
+) -> ApiResult<&'a crate::node::Group> {
+    let groups = api.node.queue_groups();
+    if groups.len() == 1 {
+        return Ok(&groups[0]);
+    }
+    let best = api
+        .read_queue(|s| s.best_ready_for_worker(capabilities, |t| caller.sees(&t.tenant)))
+        .await?;
+    let at = (0..groups.len())
+        .max_by_key(|&i| (best[i], std::cmp::Reverse(i)))
+        .unwrap_or(0);
+    Ok(&groups[at])
+}
+
+/// The shard of lease `token` (tokens carry it); one naming no shard has
+/// no lease.
+fn token_shard(api: &Api, token: FencingToken) -> ApiResult<&crate::node::Group> {
+    api.queue_group_of(token.0, "lease")
 }
 
 fn lease_target(token: FencingToken) -> AuditTarget {

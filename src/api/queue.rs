@@ -16,7 +16,7 @@ use super::error::{ApiError, ApiResult};
 use super::json::{Body, Params};
 use super::view::{self, DeadLetterQuery};
 use crate::fsm::{
-    Command, DeadLetterFilter, Limits, Priority, ReplaySelector, Reply, TaskId, TaskPage,
+    Command, DeadLetterFilter, Depth, Limits, Priority, ReplaySelector, Reply, TaskId, TaskPage,
     TaskStatus,
 };
 
@@ -55,8 +55,10 @@ pub struct ShardDepth {
     responses((status = 200, description = "Counts (the caller's tenant only, unless cross-tenant)", body = DepthView))
 )]
 pub async fn depth(State(api): State<Api>, caller: Caller) -> ApiResult<Json<DepthView>> {
-    api.node.read_barrier().await?;
-    let mut d = api.node.state().read(|s| s.depth());
+    let mut d = Depth::default();
+    for shard in api.read_queue(|s| s.depth()).await? {
+        d.add(shard);
+    }
     d.by_tenant.retain(|t, _| caller.sees(t));
     let pending = d.pending();
     let by_tenant = d
@@ -107,12 +109,12 @@ pub async fn list(
     let limit = q.list().limit(api.node.config().api.max_page_size)?;
     let filter = dead_letter_filter(&caller, &q)?;
     let after = q.list().after()?;
-    api.node.read_barrier().await?;
     let page = match filter {
-        Some(f) => api
-            .node
-            .state()
-            .read(|s| s.dead_letter_page(&f, after, limit)),
+        Some(f) => TaskPage::merge(
+            api.read_queue(|s| s.dead_letter_page(&f, after, limit))
+                .await?,
+            limit,
+        ),
         None => TaskPage {
             items: Vec::new(),
             next: None,
@@ -138,12 +140,12 @@ pub async fn export(
     list.limit(api.node.config().api.max_page_size)?;
     list.after()?;
     let filter = dead_letter_filter(&caller, &q)?;
-    api.node.read_barrier().await?;
     let page = match filter {
-        Some(f) => api
-            .node
-            .state()
-            .read(|s| s.dead_letter_page(&f, None, Limits::MAX_REPLAY)),
+        Some(f) => TaskPage::merge(
+            api.read_queue(|s| s.dead_letter_page(&f, None, Limits::MAX_REPLAY))
+                .await?,
+            Limits::MAX_REPLAY,
+        ),
         None => TaskPage {
             items: Vec::new(),
             next: None,
@@ -265,13 +267,62 @@ pub async fn replay(
             error_contains: b.error_contains,
         }),
     };
+    if let [group] = api.node.queue_groups() {
+        let replayed = replay_in(&api, group, &caller, selector, limit).await?;
+        return Ok(Json(ReplayedView { replayed }));
+    }
+    // Several shards: each replays its own. Ids are checked on every
+    // shard's replica first, so a bad one changes nothing (a task that
+    // leaves the dead letters between the check and its shard's replay is
+    // refused there alone).
+    let mut per_shard: Vec<(&crate::node::Group, ReplaySelector)> = Vec::new();
+    match selector {
+        ReplaySelector::Ids(ids) => {
+            let mut by_group: BTreeMap<u32, Vec<TaskId>> = BTreeMap::new();
+            for id in ids {
+                let group = api.queue_group_of(id.0, "task")?;
+                by_group.entry(group.id()).or_default().push(id);
+            }
+            for ids in by_group.into_values() {
+                let group = api.queue_group_of(ids[0].0, "task")?;
+                api.node.read_barrier_in(group).await?;
+                group
+                    .state()
+                    .read(|s| s.check_dead_letters(&ids, limit))
+                    .map_err(ApiError::from)?;
+                per_shard.push((group, ReplaySelector::Ids(ids)));
+            }
+        }
+        filter @ ReplaySelector::Filter(_) => {
+            for group in api.node.queue_groups() {
+                per_shard.push((group, filter.clone()));
+            }
+        }
+    }
+    let mut replayed = Vec::new();
+    for (group, selector) in per_shard {
+        let left = limit.saturating_sub(replayed.len() as u32);
+        if left == 0 {
+            break;
+        }
+        replayed.extend(replay_in(&api, group, &caller, selector, left).await?);
+    }
+    replayed.sort_unstable();
+    Ok(Json(ReplayedView { replayed }))
+}
+
+async fn replay_in(
+    api: &Api,
+    group: &crate::node::Group,
+    caller: &Caller,
+    selector: ReplaySelector,
+    limit: u32,
+) -> ApiResult<Vec<u64>> {
     match api
-        .write_as(&caller, Command::Replay { selector, limit }, None)
+        .write_in(group, caller, Command::Replay { selector, limit }, None)
         .await?
     {
-        Reply::Replayed(ids) => Ok(Json(ReplayedView {
-            replayed: ids.iter().map(|i| i.0).collect(),
-        })),
+        Reply::Replayed(ids) => Ok(ids.iter().map(|i| i.0).collect()),
         other => Err(super::unexpected(other)),
     }
 }

@@ -1,6 +1,8 @@
 //! Registry endpoints: agents (register, list, get, status, deregister) and
 //! the node registry.
 
+use std::collections::HashMap;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -15,7 +17,7 @@ use super::json::Body;
 use crate::clock;
 use crate::fsm::{
     AgentId, AgentRecord, AgentRegistration, AuditTarget, Command, GatewayId, GatewayRecord,
-    State as Fsm, TaskStatus,
+    TaskStatus,
 };
 use crate::gateway::{DriverPolicy, GatewaySpec};
 
@@ -79,8 +81,10 @@ pub enum AgentStatus {
     Offline,
 }
 
-fn agent_view(s: &Fsm, a: &AgentRecord) -> AgentView {
-    let load = s.agent_load(&a.reg.id);
+/// An agent as the API shows it; `loads` are the live leases per agent over
+/// every queue group ([`Node::agent_loads`](crate::node::Node::agent_loads)).
+fn agent_view(a: &AgentRecord, loads: &HashMap<AgentId, u32>) -> AgentView {
+    let load = loads.get(&a.reg.id).copied().unwrap_or(0);
     AgentView {
         id: a.reg.id.0.clone(),
         gateway: a.reg.gateway.0.clone(),
@@ -96,6 +100,13 @@ fn agent_view(s: &Fsm, a: &AgentRecord) -> AgentView {
         },
         registered_at: clock::rfc3339(a.registered_at_ms),
     }
+}
+
+/// Every agent's live leases over the queue groups, read after a barrier
+/// on each.
+async fn loads(api: &Api) -> ApiResult<HashMap<AgentId, u32>> {
+    api.node.read_barrier_queue().await?;
+    Ok(api.node.agent_loads())
 }
 
 /// A list of agents.
@@ -145,10 +156,11 @@ pub async fn register(
         .await?;
     // The write may have been applied on the leader only so far.
     api.node.read_barrier().await?;
+    let loads = loads(&api).await?;
     let view = api
         .node
         .state()
-        .read(|s| s.registry().agent(&id).map(|a| agent_view(s, a)));
+        .read(|s| s.registry().agent(&id).map(|a| agent_view(a, &loads)));
     let view =
         view.ok_or_else(|| ApiError::not_found(format!("agent `{id}` was removed meanwhile")))?;
     Ok((StatusCode::CREATED, Json(view)))
@@ -162,10 +174,13 @@ pub async fn register(
 )]
 pub async fn list(State(api): State<Api>) -> ApiResult<Json<AgentsView>> {
     api.node.read_barrier().await?;
-    let items = api
-        .node
-        .state()
-        .read(|s| s.registry().agents().map(|a| agent_view(s, a)).collect());
+    let loads = loads(&api).await?;
+    let items = api.node.state().read(|s| {
+        s.registry()
+            .agents()
+            .map(|a| agent_view(a, &loads))
+            .collect()
+    });
     Ok(Json(AgentsView { items }))
 }
 
@@ -181,11 +196,12 @@ pub async fn list(State(api): State<Api>) -> ApiResult<Json<AgentsView>> {
 )]
 pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<AgentView>> {
     api.node.read_barrier().await?;
+    let loads = loads(&api).await?;
     let id = AgentId(id);
     let view = api
         .node
         .state()
-        .read(|s| s.registry().agent(&id).map(|a| agent_view(s, a)));
+        .read(|s| s.registry().agent(&id).map(|a| agent_view(a, &loads)));
     view.map(Json)
         .ok_or_else(|| ApiError::not_found(format!("agent `{id}` is not registered")))
 }
@@ -205,12 +221,18 @@ pub async fn status(
     Path(id): Path<String>,
 ) -> ApiResult<Json<AgentStatusView>> {
     api.node.read_barrier().await?;
+    let loads = loads(&api).await?;
+    let pending: u64 = api
+        .read_queue(|s| s.depth().count(None, TaskStatus::Pending, None))
+        .await?
+        .iter()
+        .sum();
     let id = AgentId(id);
     let view = api.node.state().read(|s| {
         s.registry().agent(&id).map(|a| AgentStatusView {
-            agent: agent_view(s, a),
-            active_tasks: s.agent_load(&id),
-            queue_depth: s.depth().count(None, TaskStatus::Pending, None),
+            agent: agent_view(a, &loads),
+            active_tasks: loads.get(&id).copied().unwrap_or(0),
+            queue_depth: pending,
         })
     });
     view.map(Json)

@@ -123,14 +123,14 @@ pub async fn list(
     let limit = view::page_limit(q.limit, api.node.config().api.max_page_size)?;
     let after = view::cursor(q.cursor.as_deref())?;
     let tenant = caller.tenant_filter(q.tenant.clone())?;
-    api.node.read_barrier().await?;
     let scope = Scan {
         tenant: tenant.as_ref(),
         after,
         limit,
         budget: super::SCAN_BUDGET,
     };
-    let (items, next) = api.node.state().read(|s| page(s.sessions(), &q, &scope));
+    let pages = api.read_queue(|s| page(s.sessions(), &q, &scope)).await?;
+    let (items, next) = merge(pages, limit);
     Ok(Json(SessionPage {
         items,
         next_cursor: next.map(|id| id.to_string()),
@@ -172,6 +172,28 @@ fn page(
     (items, None)
 }
 
+/// One page out of pages read from several shards with the same cursor
+/// (as `TaskPage::merge`: the `limit` smallest ids, cut at the first
+/// shard's horizon).
+fn merge(
+    pages: Vec<(Vec<SessionView>, Option<SessionId>)>,
+    limit: usize,
+) -> (Vec<SessionView>, Option<SessionId>) {
+    let horizon = pages.iter().filter_map(|(_, next)| *next).min();
+    let mut items: Vec<SessionView> = pages
+        .into_iter()
+        .flat_map(|(items, _)| items)
+        .filter(|v| horizon.is_none_or(|h| v.id <= h))
+        .collect();
+    items.sort_by_key(|v| v.id);
+    if items.len() > limit {
+        items.truncate(limit);
+        let next = items.last().map(|v| v.id);
+        return (items, next);
+    }
+    (items, horizon)
+}
+
 /// `GET /sessions/{id}`.
 #[utoipa::path(
     get,
@@ -188,8 +210,9 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<SessionView>> {
     let id = parse_id(&id)?;
-    api.node.read_barrier().await?;
-    let view = api.node.state().read(|s| {
+    let group = api.queue_group_of(id, "session")?;
+    api.node.read_barrier_in(group).await?;
+    let view = group.state().read(|s| {
         s.sessions()
             .get(id)
             .filter(|r| caller.sees(&r.tenant))
@@ -227,8 +250,9 @@ pub async fn kill(
         id,
         reason: b.reason,
     };
+    let group = api.queue_group_of(id, "session")?;
     match api
-        .write_as(&caller, cmd, Some(AuditTarget::Session(id)))
+        .write_in(group, &caller, cmd, Some(AuditTarget::Session(id)))
         .await?
     {
         Reply::Session(r) => Ok(Json(session_view(&r))),

@@ -15,7 +15,7 @@ use super::view::{self, ListQuery, PageView, TaskView};
 use crate::clock;
 use crate::fsm::{
     AuditTarget, Backoff, Command, Limits, Priority, Reply, SessionKey, SubmitTask, TaskFilter,
-    TaskId, TaskRegion, Tenant,
+    TaskId, TaskPage, TaskRegion, Tenant,
 };
 use crate::trace::TraceContext;
 
@@ -163,7 +163,19 @@ pub async fn create(
     let tenant = caller.tenant_named(body.tenant.take())?;
     let mut spec = body.into_submit(tenant)?;
     spec.trace = trace;
-    match api.write_as(&caller, Command::Submit(spec), None).await? {
+    let key = spec
+        .session_key
+        .as_ref()
+        .map(|k| k.0.as_str())
+        .or(spec.idempotency_key.as_deref());
+    let group = api.node.queue_group_for(&spec.tenant.0, key);
+    if api.node.shard_groups().len() > 1 {
+        check_quota(&api, &spec.tenant).await?;
+    }
+    match api
+        .write_in(group, &caller, Command::Submit(spec), None)
+        .await?
+    {
         Reply::Submitted { task, created } => {
             let status = if created {
                 StatusCode::CREATED
@@ -195,12 +207,10 @@ pub async fn list(
         tenant: caller.tenant_filter(q.tenant.clone())?,
     };
     let after = q.after()?;
-    api.node.read_barrier().await?;
-    let page = api
-        .node
-        .state()
-        .read(|s| s.list(&filter, after, limit, super::SCAN_BUDGET));
-    Ok(Json(view::page(page)))
+    let pages = api
+        .read_queue(|s| s.list(&filter, after, limit, super::SCAN_BUDGET))
+        .await?;
+    Ok(Json(view::page(TaskPage::merge(pages, limit))))
 }
 
 /// `GET /tasks/{id}`.
@@ -219,12 +229,19 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<TaskDetail>> {
     let id = parse_id(&id)?;
-    api.node.read_barrier().await?;
+    let group = api.queue_group_of(id.0, "task")?;
+    api.node.read_barrier_in(group).await?;
     let dead_after = api.node.queue_config().node_dead_after.as_millis() as u64;
-    let found = api.node.state().read(|s| {
-        let t = s.task_shared(id).filter(|t| caller.sees(&t.tenant))?;
-        let waiting_for = s.region_wait_reason(&t, dead_after);
-        Some((t, waiting_for))
+    let found = group
+        .state()
+        .read(|s| s.task_shared(id).filter(|t| caller.sees(&t.tenant)));
+    // Why it waits is the registry's to say: the meta group's replica.
+    let found = found.map(|t| {
+        let waiting_for = api
+            .node
+            .state()
+            .read(|s| s.region_wait_reason(&t, dead_after));
+        (t, waiting_for)
     });
     found
         .map(|(t, waiting_for)| {
@@ -274,8 +291,9 @@ pub async fn cancel(
         id,
         reason: b.reason,
     };
+    let group = api.queue_group_of(id.0, "task")?;
     task_reply(
-        api.write_as(&caller, cmd, Some(AuditTarget::Task(id.0)))
+        api.write_in(group, &caller, cmd, Some(AuditTarget::Task(id.0)))
             .await?,
     )
 }
@@ -293,14 +311,33 @@ pub async fn retry(
     Path(id): Path<String>,
 ) -> ApiResult<Json<TaskView>> {
     let id = parse_id(&id)?;
+    let group = api.queue_group_of(id.0, "task")?;
+    let cmd = Command::Retry { id };
     task_reply(
-        api.write_as(
-            &caller,
-            Command::Retry { id },
-            Some(AuditTarget::Task(id.0)),
-        )
-        .await?,
+        api.write_in(group, &caller, cmd, Some(AuditTarget::Task(id.0)))
+            .await?,
     )
+}
+
+/// A tenant's `max_queued` over every shard, checked before a submission
+/// goes to one (with several shards no one group sees the tenant's whole
+/// count). Submissions racing each other on different nodes may pass it
+/// together, by at most one each.
+async fn check_quota(api: &Api, tenant: &Tenant) -> ApiResult<()> {
+    let limit = api.node.state().read(|s| s.tenant_max_queued(tenant));
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    let queued: u64 = api.read_queue(|s| s.queued_of(tenant)).await?.iter().sum();
+    if queued >= limit {
+        return Err(crate::fsm::Rejection::QuotaExceeded {
+            tenant: tenant.clone(),
+            queued,
+            limit,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// A task id from a path segment.

@@ -188,16 +188,37 @@ impl Client {
     }
 }
 
-/// `godel audit verify`: pages through `GET /audit` from the start and
-/// walks the chain from the anchor the first page names.
+/// `godel audit verify`: every group's chain (the meta group's, and each
+/// queue shard's when the cluster has several: `GET /cluster` names the
+/// count); 1 when any is broken.
 async fn verify_over_api(client: &Client) -> anyhow::Result<i32> {
+    let (status, cluster) = client.call("GET", "/api/v1/cluster", None).await?;
+    let shards = if status.is_success() {
+        cluster["shard_count"].as_u64().unwrap_or(1)
+    } else {
+        1
+    };
+    let groups = if shards > 1 { shards } else { 0 };
+    let mut code = 0;
+    for g in 0..=groups {
+        if groups > 0 {
+            println!("group {g}:");
+        }
+        code = code.max(verify_group(client, g).await?);
+    }
+    Ok(code)
+}
+
+/// Pages through `GET /audit?group=G` from the start and walks the chain
+/// from the anchor the first page names.
+async fn verify_group(client: &Client, group: u64) -> anyhow::Result<i32> {
     let mut entries = Vec::new();
     let mut anchor = None;
     let mut cursor: Option<String> = None;
     loop {
         let path = match &cursor {
-            Some(c) => format!("/api/v1/audit?limit=1000&cursor={c}"),
-            None => "/api/v1/audit?limit=1000".to_owned(),
+            Some(c) => format!("/api/v1/audit?limit=1000&group={group}&cursor={c}"),
+            None => format!("/api/v1/audit?limit=1000&group={group}"),
         };
         let (status, page) = client.call("GET", &path, None).await?;
         if !status.is_success() {

@@ -520,6 +520,14 @@ impl State {
     }
 
     /// Refuses a new task of `tenant` past its `max_queued`.
+    /// Tenant `tenant`'s `max_queued`, if it has one.
+    pub fn tenant_max_queued(&self, tenant: &Tenant) -> Option<u64> {
+        self.auth
+            .tenants
+            .get(tenant)
+            .and_then(|r| r.settings.max_queued)
+    }
+
     pub(crate) fn check_quota(&self, tenant: &Tenant) -> Result<(), Rejection> {
         let Some(limit) = self
             .auth

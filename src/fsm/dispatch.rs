@@ -14,7 +14,9 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
-use super::command::{DispatchPolicy, DispatchSpec, Outcome, PullSlot, PullSpec, Rejection, Reply};
+use super::command::{
+    AgentProfile, DispatchPolicy, DispatchSpec, Outcome, PullSlot, PullSpec, Rejection, Reply,
+};
 use super::event::{Event, EventKind};
 use super::lease::check_lease_ms;
 use super::queue::{is_subset, normalize_caps};
@@ -218,6 +220,49 @@ impl State {
                 profile: None,
             })
             .collect()
+    }
+
+    /// What node `node` pulls from the queue shards for (the meta group's
+    /// replica: it alone has the registry): its online agents that may take
+    /// work (gateway placed on it, usable, the node alive and not
+    /// draining), each with its profile. `free` and `session_room` are the
+    /// agent's whole capacity and its gateway's `max_sessions`: the puller
+    /// takes off what the shards hold ([`State::session_load`]).
+    pub fn pull_profiles(&self, node: u64, node_dead_after_ms: u64) -> Vec<PullSlot> {
+        let reg = &self.registry;
+        self.eligible_slots_on(node_dead_after_ms, Some(node))
+            .into_iter()
+            .filter_map(|s| {
+                let a = reg.agents.get(&s.agent)?;
+                let g = reg.gateways.get(&s.gateway)?;
+                Some(PullSlot {
+                    free: a.reg.capacity,
+                    min_priority: Priority::Low,
+                    profile: Some(AgentProfile {
+                        capabilities: s.caps,
+                        gateway: s.gateway,
+                        region: s.region,
+                        capacity: a.reg.capacity,
+                        session_room: g.reg.max_sessions,
+                        placement_token: g.placement_token,
+                    }),
+                    agent: s.agent,
+                })
+            })
+            .collect()
+    }
+
+    /// The sessions `gateway` has open in this replica, as dispatch counts
+    /// them against its limit: its live sessions here, plus the keyless
+    /// leases of `agents` (its agents), each of which opens one.
+    pub fn session_load(&self, gateway: &GatewayId, agents: &[AgentId]) -> u32 {
+        let keyless: usize = agents
+            .iter()
+            .filter_map(|a| self.agent_leases.get(a))
+            .flat_map(|held| held.iter())
+            .filter(|t| self.tasks[&self.leases[*t]].session_key.is_none())
+            .count();
+        self.sessions.live_on(gateway) + keyless as u32
     }
 
     /// Every agent online on `node`, with its whole capacity as its free

@@ -39,6 +39,33 @@ pub struct TaskPage {
     pub next: Option<TaskId>,
 }
 
+impl TaskPage {
+    /// One page of `limit` out of pages read from several queue shards with
+    /// the same filter and cursor. Ids order tasks across shards (each
+    /// shard's page is in id order), so the merged page is the `limit`
+    /// smallest ids, cut at the first shard's horizon: a shard page with a
+    /// `next` has shown every match up to it, and nothing past it. The
+    /// cursor stays one id.
+    pub fn merge(pages: Vec<TaskPage>, limit: usize) -> TaskPage {
+        let horizon = pages.iter().filter_map(|p| p.next).min();
+        let mut items: Vec<Arc<Task>> = pages
+            .into_iter()
+            .flat_map(|p| p.items)
+            .filter(|t| horizon.is_none_or(|h| t.id <= h))
+            .collect();
+        items.sort_by_key(|t| t.id);
+        if items.len() > limit {
+            items.truncate(limit);
+            let next = items.last().map(|t| t.id);
+            return TaskPage { items, next };
+        }
+        TaskPage {
+            items,
+            next: horizon,
+        }
+    }
+}
+
 /// Exact task counts, per tenant, priority and status.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Depth {
@@ -56,6 +83,18 @@ impl Depth {
             .filter(|(rank, _)| p.is_none_or(|p| p.rank() == *rank))
             .map(|(_, per_status)| per_status[status.index()])
             .sum()
+    }
+
+    /// Adds `other`'s counts (another shard's) to these.
+    pub fn add(&mut self, other: Depth) {
+        for (tenant, counts) in other.by_tenant {
+            let mine = self.by_tenant.entry(tenant).or_default();
+            for (m, o) in mine.iter_mut().zip(counts.iter()) {
+                for (a, b) in m.iter_mut().zip(o.iter()) {
+                    *a += b;
+                }
+            }
+        }
     }
 
     /// Pending tasks over everything: the queue depth.

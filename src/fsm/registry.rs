@@ -544,12 +544,26 @@ impl State {
 
     /// Live leases held by the agents of `gateway`.
     pub fn gateway_leases(&self, gateway: &GatewayId) -> u32 {
+        self.gateway_leases_in(gateway, |a| self.agent_load(a))
+    }
+
+    /// Live leases held by the agents of `gateway` (this registry's), each
+    /// agent's load as `load` counts it (over every queue shard).
+    pub fn gateway_leases_in(&self, gateway: &GatewayId, load: impl Fn(&AgentId) -> u32) -> u32 {
         self.registry
             .agents
             .values()
             .filter(|a| a.reg.gateway == *gateway)
-            .map(|a| self.agent_load(&a.reg.id))
+            .map(|a| load(&a.reg.id))
             .sum()
+    }
+
+    /// Every agent holding leases here, with how many.
+    pub fn agent_loads(&self) -> impl Iterator<Item = (&AgentId, u32)> {
+        self.agent_leases
+            .iter()
+            .map(|(a, held)| (a, held.len() as u32))
+            .filter(|(_, n)| *n > 0)
     }
 
     /// The registries.

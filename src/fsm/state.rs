@@ -620,7 +620,9 @@ impl State {
         Ok(Reply::Replayed(ids))
     }
 
-    fn check_dead_letters(&self, ids: &[TaskId], limit: u32) -> Result<Vec<TaskId>, Rejection> {
+    /// The dead letters `ids` (deduplicated), or why they cannot be
+    /// replayed.
+    pub fn check_dead_letters(&self, ids: &[TaskId], limit: u32) -> Result<Vec<TaskId>, Rejection> {
         if ids.is_empty() || ids.len() > limit as usize {
             return Err(Rejection::invalid(
                 "ids",
@@ -847,10 +849,122 @@ pub fn group_of(id: u64, shards: u32) -> Option<u32> {
     (1..=shards).contains(&g).then_some(g)
 }
 
+/// The queue shard a task with `key` (its session key, else its
+/// idempotency key) of `tenant` goes to in a cluster of `shards` shards:
+/// 0 with one shard, else `1 + h(tenant, key) mod shards`, with `h` 64-bit
+/// FNV-1a over the tenant, a zero byte and the key. It is fixed: every
+/// node and every version must route a key alike, so a session's tasks stay
+/// in one shard and a retried submission finds its idempotency key.
+pub fn route(tenant: &str, key: &str, shards: u32) -> u32 {
+    if shards <= 1 {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tenant.bytes().chain([0]).chain(key.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    1 + (h % u64::from(shards)) as u32
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{State, group_of, mint};
-    use crate::fsm::{Command, Reply, SubmitTask};
+    use super::{State, group_of, mint, route};
+    use crate::fsm::{Command, Reply, SubmitTask, TaskFilter, TaskPage};
+
+    /// Pages merged from shards, read page by page with each merged
+    /// page's cursor, list every task exactly once in id order, whatever the
+    /// page size and scan budget.
+    #[test]
+    fn merged_pages_list_every_shard_in_id_order() {
+        let mut shards: Vec<State> = (1..=3).map(|_| State::default()).collect();
+        for (i, s) in shards.iter_mut().enumerate() {
+            s.apply_one(
+                0,
+                Command::DefineGroup {
+                    group: i as u32 + 1,
+                },
+            )
+            .expect("a new state becomes a shard");
+        }
+        // Uneven: shard 1 gets most, shard 3 few.
+        for n in 0..40u64 {
+            let shard = [0, 0, 0, 1, 1, 2][(n % 6) as usize];
+            let submit = SubmitTask {
+                tenant: if n % 5 == 0 { "b" } else { "a" }.into(),
+                payload: "{}".into(),
+                ..Default::default()
+            };
+            shards[shard]
+                .apply_one(n + 1, Command::Submit(submit))
+                .expect("submitted");
+        }
+        let mut all: Vec<u64> = shards
+            .iter()
+            .flat_map(|s| s.tasks.keys().map(|t| t.0))
+            .collect();
+        all.sort();
+        for tenant in [None, Some("a"), Some("b")] {
+            let filter = TaskFilter {
+                tenant: tenant.map(Into::into),
+                ..Default::default()
+            };
+            let want: Vec<u64> = all
+                .iter()
+                .copied()
+                .filter(|id| {
+                    let t = shards
+                        .iter()
+                        .find_map(|s| s.task(crate::fsm::TaskId(*id)))
+                        .expect("listed");
+                    tenant.is_none_or(|x| t.tenant.0 == x)
+                })
+                .collect();
+            for (limit, budget) in [(1, 100), (3, 100), (7, 2), (100, 5), (100, 1000)] {
+                let mut got = Vec::new();
+                let mut after = None;
+                for _ in 0..200 {
+                    let pages = shards
+                        .iter()
+                        .map(|s| s.list(&filter, after, limit, budget))
+                        .collect();
+                    let page = TaskPage::merge(pages, limit);
+                    assert!(page.items.len() <= limit);
+                    got.extend(page.items.iter().map(|t| t.id.0));
+                    match page.next {
+                        Some(n) => after = Some(n),
+                        None => break,
+                    }
+                }
+                assert_eq!(got, want, "tenant {tenant:?} limit {limit} budget {budget}");
+            }
+        }
+    }
+
+    #[test]
+    fn routing_is_fixed_and_spreads() {
+        assert_eq!(route("acme", "s-1", 1), 0, "one shard: the meta group");
+        // Fixed values: a change here moves keys between shards of a running
+        // cluster, so it must never happen.
+        assert_eq!(route("acme", "s-1", 3), route("acme", "s-1", 3));
+        assert_eq!(
+            [
+                route("acme", "a", 7),
+                route("acme", "b", 7),
+                route("t2", "a", 7)
+            ],
+            [6, 1, 1],
+            "64-bit FNV-1a, as computed independently"
+        );
+        let mut hits = [0u32; 4];
+        for i in 0..3000 {
+            hits[route("acme", &format!("session-{i}"), 3) as usize] += 1;
+        }
+        assert_eq!(hits[0], 0);
+        for h in &hits[1..] {
+            assert!((900..=1100).contains(h), "uneven spread {hits:?}");
+        }
+    }
 
     #[test]
     fn ids_name_their_shard() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::Node;
 use crate::clock;
-use crate::fsm::{Command, GatewayId, GatewayRecord, NodeRecord};
+use crate::fsm::{AgentId, Command, GatewayId, GatewayRecord, NodeRecord};
 use crate::placement::reassignment;
 
 /// How often the leader checks placement.
@@ -51,11 +51,13 @@ fn moves(node: &Node) -> Vec<(GatewayId, Option<u64>)> {
     let dead_after = node.queue_config().node_dead_after.as_millis() as u64;
     let deadline = node.config().runtime.drain_deadline.as_millis() as u64;
     let now = clock::now_ms();
+    let loads = node.agent_loads();
+    let load = |a: &AgentId| loads.get(a).copied().unwrap_or(0);
     node.state().read(|s| {
         let reg = s.registry();
         let nodes: Vec<NodeRecord> = reg.nodes().cloned().collect();
         reg.gateways()
-            .filter(|g| !held_by_draining_owner(s, g, &nodes, now, dead_after, deadline))
+            .filter(|g| !held_by_draining_owner(s, g, &nodes, (now, dead_after, deadline), &load))
             .filter_map(|g| {
                 reassignment(g, &nodes, now, dead_after).map(|to| (g.reg.id.clone(), to))
             })
@@ -69,9 +71,8 @@ fn held_by_draining_owner(
     s: &crate::fsm::State,
     g: &GatewayRecord,
     nodes: &[NodeRecord],
-    now: u64,
-    dead_after: u64,
-    deadline: u64,
+    (now, dead_after, deadline): (u64, u64, u64),
+    load: &impl Fn(&AgentId) -> u32,
 ) -> bool {
     let Some(owner) = g.owner.and_then(|o| nodes.iter().find(|n| n.id == o)) else {
         return false;
@@ -80,5 +81,5 @@ fn held_by_draining_owner(
     let within = owner
         .draining_since_ms
         .is_some_and(|since| now < since.saturating_add(deadline));
-    owner.draining && alive && within && s.gateway_leases(&g.reg.id) > 0
+    owner.draining && alive && within && s.gateway_leases_in(&g.reg.id, load) > 0
 }

@@ -125,7 +125,7 @@ async fn dispatch(node: &Node, group: &Group, cmds: Vec<Write>) -> Result<PerCom
 /// does on the leader); agents of other nodes pull in their own rounds.
 fn with_pull(node: &Node, group: &Group, mut cmds: Vec<Write>) -> Vec<Write> {
     let pulls = group.id() == META_GROUP
-        && node.config().runtime.dispatch == crate::config::DispatchMode::Pull
+        && node.config().dispatch() == crate::config::DispatchMode::Pull
         && cmds.iter().any(|w| frees_or_adds_work(&w.command))
         && !cmds.iter().any(|w| matches!(w.command, Command::Pull(_)));
     if !pulls {
@@ -272,7 +272,7 @@ pub(super) async fn propose_as_leader(
     // Only the meta group dispatches until the queue moves to the shards
     // (docs/shards.md, step 2): a shard's replica has no agents to lease to.
     let piggyback = group.id() == META_GROUP
-        && node.config().runtime.dispatch == crate::config::DispatchMode::Push
+        && node.config().dispatch() == crate::config::DispatchMode::Push
         && writes.iter().any(|w| frees_or_adds_work(&w.command))
         && !writes
             .iter()
