@@ -58,7 +58,16 @@ pub async fn run(d: Drill, seed: u64) -> Result<Verdict> {
         Ok(mode) => format!("dispatch = {mode:?}\n"),
         Err(_) => String::new(),
     };
-    let config = format!("{raft}{NODE_CONFIG}{dispatch}{}", work.policy_toml());
+    // `GODEL_CHAOS_SHARDS=3` runs it with the queue in three shard groups
+    // (`cluster.shards`; dispatch is then pull).
+    let shards = match std::env::var("GODEL_CHAOS_SHARDS") {
+        Ok(n) => format!("[cluster]\nshards = {}\n", n.parse::<u32>()?),
+        Err(_) => String::new(),
+    };
+    let config = format!(
+        "{raft}{NODE_CONFIG}{dispatch}{}{shards}",
+        work.policy_toml()
+    );
     let mut c = Cluster::start_in_regions(&d.regions(), &config).await;
     let mut v = drive(&d, seed, &work, &mut c, &mut mounts).await?;
     v.wall_s = started.elapsed().as_secs_f64();

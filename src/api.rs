@@ -73,8 +73,9 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
 pub struct Api {
     node: Node,
     auth: Arc<Authenticator>,
-    /// The event stream's hub.
-    events: Arc<crate::events::EventHub>,
+    /// The event stream's hubs, one per group (index = group id: the meta
+    /// group's first, then each queue shard's).
+    events: Arc<[Arc<crate::events::EventHub>]>,
 }
 
 impl Api {
@@ -271,18 +272,25 @@ pub fn router(node: Node) -> anyhow::Result<Router> {
         node.state().clone(),
         &secret,
     )?);
-    let last_seq = node.state().read(|s| s.last_event_seq());
-    let events = Arc::new(crate::events::EventHub::new(
-        cfg.events_buffer,
-        cfg.events_queue,
-        last_seq,
-    ));
-    let feed = crate::events::run(
-        Arc::clone(&events),
-        node.state().clone(),
-        node.shutdown_token().clone(),
-    );
-    node.spawn(feed);
+    // One hub per group: the meta group's, then each queue shard's.
+    let mut hubs = Vec::new();
+    for group in node.groups() {
+        let last_seq = group.state().read(|s| s.last_event_seq());
+        let hub = Arc::new(crate::events::EventHub::for_group(
+            group.id(),
+            cfg.events_buffer,
+            cfg.events_queue,
+            last_seq,
+        ));
+        let feed = crate::events::run(
+            Arc::clone(&hub),
+            group.state().clone(),
+            node.shutdown_token().clone(),
+        );
+        node.spawn(feed);
+        hubs.push(hub);
+    }
+    let events: Arc<[Arc<crate::events::EventHub>]> = hubs.into();
     let api = Api { node, auth, events };
     api.node.spawn(housekeeping(api.clone()));
     api.node.spawn(auth::bootstrap_admin_key(api.node.clone()));

@@ -116,9 +116,11 @@ pub enum Command {
 pub struct EventsArgs {
     /// Patterns (`task.*`, `gateway.>`, `node.leader_changed`).
     pub patterns: Vec<String>,
-    /// Replay from after this seq first (as far as the node's buffer holds).
+    /// Replay from after this seq first (as far as the node's buffer
+    /// holds); with several shards, a position `g0:412,g1:77,...` as the
+    /// stream's `hello` and `lagged` give it.
     #[arg(long)]
-    pub since: Option<u64>,
+    pub since: Option<String>,
     /// Exit after this many events.
     #[arg(long)]
     pub count: Option<u64>,

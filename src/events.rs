@@ -48,6 +48,8 @@ pub const MAX_PATTERN_BYTES: usize = 128;
 /// the first time a subscriber sends it.
 #[derive(Debug)]
 pub struct Batch {
+    /// The group that applied it: events of a queue shard say so.
+    group: u32,
     applied: Arc<AppliedEvents>,
     json: Box<[OnceLock<String>]>,
 }
@@ -79,18 +81,22 @@ impl StreamEvent {
         self.batch.applied.time_ms
     }
 
-    /// `{"seq", "type", "time", "tenant", "data"}`, rendered once.
+    /// `{"seq", "type", "time", "tenant", "data"}`, and `"group"` for a
+    /// queue shard's event (its `seq` counts in that group), rendered once.
     pub fn json(&self) -> &str {
         self.batch.json[self.i].get_or_init(|| {
             let what = self.what();
-            json!({
+            let mut v = json!({
                 "seq": self.seq(),
                 "type": what.name(),
                 "time": self.time_ms(),
                 "tenant": what.tenant(),
                 "data": data(what),
-            })
-            .to_string()
+            });
+            if self.batch.group > 0 {
+                v["group"] = json!(self.batch.group);
+            }
+            v.to_string()
         })
     }
 }
@@ -173,6 +179,8 @@ pub enum Live {
 /// The hub of one node.
 #[derive(Debug)]
 pub struct EventHub {
+    /// The Raft group whose events it holds (0: the meta group).
+    group: u32,
     ring: Mutex<Ring>,
     live: broadcast::Sender<Live>,
     subscribers: AtomicUsize,
@@ -208,7 +216,13 @@ impl EventHub {
     /// A hub keeping `capacity` events, queueing `queue` per subscriber,
     /// whose history starts after `last_seq`.
     pub fn new(capacity: usize, queue: usize, last_seq: u64) -> EventHub {
+        Self::for_group(0, capacity, queue, last_seq)
+    }
+
+    /// [`EventHub::new`] for the events of Raft group `group`.
+    pub fn for_group(group: u32, capacity: usize, queue: usize, last_seq: u64) -> EventHub {
         EventHub {
+            group,
             ring: Mutex::new(Ring {
                 batches: VecDeque::new(),
                 events: 0,
@@ -253,6 +267,7 @@ impl EventHub {
         }
         let n = applied.events.len();
         let batch = Arc::new(Batch {
+            group: self.group,
             applied: Arc::clone(applied),
             json: (0..n).map(|_| OnceLock::new()).collect(),
         });

@@ -1,8 +1,10 @@
 //! The event stream (`GET /api/v1/events`) against real nodes: one
 //! cluster-wide history served by every node, NATS-style patterns changed
 //! at any time, resuming with `?since=` (and the gap when the buffer no
-//! longer holds it), the credential as a first message, tenant scope, and
-//! slow consumers told they lagged and closed while the node goes on.
+//! longer holds it), the credential as a first message, tenant scope,
+//! slow consumers told they lagged and closed while the node goes on, and
+//! with three queue shards, each group's own numbering and a resume
+//! position per group.
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -284,6 +286,96 @@ async fn resuming_replays_from_the_buffer_or_reports_the_gap() {
         );
         let after = next(&mut late).await;
         assert!(after["seq"].as_u64().unwrap() > gap["gap"]["to"].as_u64().unwrap());
+    })
+    .await;
+}
+
+/// With three queue shards every group numbers its own events: a task's
+/// events name the shard its id carries, seqs grow within each group, and
+/// a position taken from `hello` and the events seen (`g0:..,g1:..`)
+/// resumes on another node with exactly the events after it. A position
+/// naming no group is refused before the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_number_their_events_and_resume_per_group() {
+    bounded(Duration::from_secs(120), async {
+        let c = Cluster::start_with(3, "[cluster]\nshards = 3\n").await;
+        let api = c.api();
+        let leader = c.leader().await;
+        let mut ws = connect(api.addr(0), "?subscribe=task.created", Some(ADMIN_KEY)).await;
+        let hello = next(&mut ws).await;
+        let groups = hello["hello"]["groups"].as_array().expect("groups").clone();
+        assert_eq!(groups.len(), 4, "{hello}");
+        let mut at: Vec<u64> = groups.iter().map(|g| g["seq"].as_u64().unwrap()).collect();
+        assert!(
+            hello["hello"]["resume"]
+                .as_str()
+                .unwrap()
+                .starts_with("g0:")
+        );
+        let mut ids = Vec::new();
+        for i in 0..12 {
+            let body = json!({"payload": {"i": i}, "session_key": format!("s-{i}")});
+            ids.push(submit(&api, leader, body).await);
+        }
+        let seen = collect(&mut ws, |ev| ev.len() == 12).await;
+        let mut per_group: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for e in &seen {
+            let id = e["data"]["id"].as_u64().unwrap();
+            let group = e["group"].as_u64().unwrap_or(0);
+            assert_eq!(group, id & 0xff, "a task's event names its shard: {e}");
+            per_group
+                .entry(group)
+                .or_default()
+                .push(e["seq"].as_u64().unwrap());
+        }
+        assert!(
+            per_group.len() >= 2,
+            "twelve keys in one shard: {per_group:?}"
+        );
+        for (g, seqs) in &per_group {
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "group {g}: {seqs:?}");
+        }
+        let mut got: Vec<u64> = seen
+            .iter()
+            .map(|e| e["data"]["id"].as_u64().unwrap())
+            .collect();
+        got.sort();
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(got, want, "each task's creation once");
+        // The position after the first six events, resumed on node 1.
+        for e in &seen[..6] {
+            let g = e["group"].as_u64().unwrap_or(0) as usize;
+            at[g] = e["seq"].as_u64().unwrap();
+        }
+        let since: Vec<String> = at
+            .iter()
+            .enumerate()
+            .map(|(g, s)| format!("g{g}:{s}"))
+            .collect();
+        drop(ws);
+        let mut again = connect(
+            api.addr(1),
+            &format!("?subscribe=task.created&since={}", since.join(",")),
+            Some(ADMIN_KEY),
+        )
+        .await;
+        assert!(next(&mut again).await.get("hello").is_some());
+        let rest = collect(&mut again, |ev| ev.len() == 6).await;
+        let mut rest_ids: Vec<u64> = rest
+            .iter()
+            .map(|e| e["data"]["id"].as_u64().unwrap())
+            .collect();
+        let mut later: Vec<u64> = seen[6..]
+            .iter()
+            .map(|e| e["data"]["id"].as_u64().unwrap())
+            .collect();
+        rest_ids.sort();
+        later.sort();
+        assert_eq!(rest_ids, later, "exactly the events after the position");
+        let r = api.get(0, "/api/v1/events?since=g7:1").await.unwrap();
+        assert_eq!(r.status, 400, "{r:?}");
+        assert!(r.message().contains("since"), "{r:?}");
     })
     .await;
 }

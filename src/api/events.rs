@@ -6,20 +6,29 @@
 //!   JWT>"}` within [`AUTH_WITHIN`]. A refusal is an `error` message and
 //!   close code 4001 (4029 when the address has failed too often).
 //! - The server then says `{"hello": {"node", "seq", "oldest"}}`: the last
-//!   seq this node has applied and the oldest it can replay.
+//!   seq this node has applied and the oldest it can replay. With several
+//!   queue shards each Raft group numbers its own events: `hello` also
+//!   lists `groups` (`[{"group", "seq", "oldest"}]`, the meta group's
+//!   first) and `resume`, the position to resume from now
+//!   (`g0:412,g1:77,...`).
 //! - **Subscribing**: `{"subscribe": ["task.*", "gateway.>"]}` and
 //!   `{"unsubscribe": [...]}`, any time (or `?subscribe=a,b` in the URL);
 //!   each is answered `{"subscribed": [...]}` with the patterns now held.
 //!   Nothing is sent before the first pattern.
 //! - **Events**: `{"seq", "type", "time", "tenant", "data"}`, in commit
-//!   order, each once. Only those the caller may read: each kind needs what
+//!   order, each once; a queue shard's also carry `"group"` (their `seq`
+//!   counts in that group, and the order holds within a group). Only those the caller may read: each kind needs what
 //!   reading its object over REST needs, and scoped roles see only their
 //!   tenant's.
 //! - **Resuming**: `?since=<seq>` replays from the node's buffer first; if
 //!   the buffer no longer holds all of it, a `{"gap": {"from", "to"}}`
-//!   comes first. A gap also reports events the node itself missed.
-//! - **Slow consumers**: one that falls `api.events_queue` events behind gets `{"lagged": {"resume": <seq>}}` and close code
-//!   4008; one that does not take a message within [`SEND_WITHIN`] is
+//!   comes first. A gap also reports events the node itself missed. With
+//!   several shards, `?since=g0:412,g1:77,...` resumes each group named
+//!   (a group not named, or a plain number's other groups, starts live),
+//!   and a gap names its `group`.
+//! - **Slow consumers**: one that falls `api.events_queue` events behind
+//!   gets `{"lagged": {"resume": <seq>}}` (with several shards, the
+//!   position string) and close code 4008; one that does not take a message within [`SEND_WITHIN`] is
 //!   dropped. Neither holds up the node.
 //! - Bad client messages get an `error` message and change nothing.
 
@@ -67,8 +76,10 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 #[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Replay the node's buffered events after this seq first (a `gap`
-    /// message says what it no longer holds).
-    since: Option<u64>,
+    /// message says what it no longer holds); with several shards,
+    /// `g0:412,g1:77,...` per group.
+    #[param(value_type = Option<String>, pattern = "^([0-9]{1,19}|g[0-9]{1,3}:[0-9]{1,19}(,g[0-9]{1,3}:[0-9]{1,19})*)$")]
+    since: Option<String>,
     /// Patterns to start with, comma-separated (`task.*,gateway.>`): `*`
     /// matches one segment, a final `>` the rest.
     subscribe: Option<String>,
@@ -106,6 +117,10 @@ pub async fn subscribe(
         Some(list) => parse_patterns(list.split(',').filter(|p| !p.is_empty()))?,
         None => Vec::new(),
     };
+    let since = match &q.since {
+        Some(text) => parse_since(text, api.events.len())?,
+        None => vec![None; api.events.len()],
+    };
     let ws = ws.map_err(|e| {
         ApiError::invalid(format!(
             "this is a WebSocket endpoint; send an upgrade request ({e})"
@@ -113,6 +128,8 @@ pub async fn subscribe(
     })?;
     let admitted = api
         .events
+        .first()
+        .expect("invariant: the meta group's hub exists")
         .admit()
         .ok_or_else(|| ApiError::unavailable("too many event-stream connections on this node"))?;
     let spec = super::permissions::spec(&axum::http::Method::GET, "/events")
@@ -125,7 +142,7 @@ pub async fn subscribe(
                 spec,
                 caller: caller.map(|Extension(c)| c),
                 peer,
-                since: q.since,
+                since,
                 patterns,
             };
             session(socket, start).await;
@@ -154,8 +171,47 @@ struct Start {
     spec: &'static RouteSpec,
     caller: Option<Caller>,
     peer: SocketAddr,
-    since: Option<u64>,
+    since: Vec<Option<u64>>,
     patterns: Vec<Pattern>,
+}
+
+/// `since` as a position per group: a plain seq is the meta group's;
+/// `g0:412,g1:77` names groups (each at most once). Groups not named start
+/// live.
+fn parse_since(text: &str, groups: usize) -> ApiResult<Vec<Option<u64>>> {
+    let bad = |why: String| ApiError::invalid(format!("invalid field `since`: {why}"));
+    let mut at = vec![None; groups];
+    if let Ok(seq) = text.parse::<u64>() {
+        at[0] = Some(seq);
+        return Ok(at);
+    }
+    for part in text.split(',') {
+        let (g, seq) = part
+            .strip_prefix('g')
+            .and_then(|p| p.split_once(':'))
+            .ok_or_else(|| bad(format!("`{part}` is neither a seq nor g<group>:<seq>")))?;
+        let g: usize = g.parse().map_err(|_| bad(format!("`{part}`: bad group")))?;
+        let seq: u64 = seq.parse().map_err(|_| bad(format!("`{part}`: bad seq")))?;
+        let slot = at.get_mut(g).ok_or_else(|| {
+            bad(format!(
+                "no group {g} (this cluster has 0..={})",
+                groups - 1
+            ))
+        })?;
+        if slot.replace(seq).is_some() {
+            return Err(bad(format!("group {g} named twice")));
+        }
+    }
+    Ok(at)
+}
+
+/// The position string of `sent` (per group): `g0:412,g1:77,...`.
+fn position(sent: &[u64]) -> String {
+    sent.iter()
+        .enumerate()
+        .map(|(g, seq)| format!("g{g}:{seq}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Why a session ended, for the metric.
@@ -205,17 +261,28 @@ async fn run(socket: &mut WebSocket, start: Start) -> End {
             Err(end) => return end,
         },
     };
-    let (last, oldest) = api.events.position();
-    let hello = json!({"hello": {"node": api.node.id(), "seq": last, "oldest": oldest}});
+    let (last, oldest) = api.events[0].position();
+    let mut hello = json!({"hello": {"node": api.node.id(), "seq": last, "oldest": oldest}});
+    if api.events.len() > 1 {
+        let at: Vec<(u64, u64)> = api.events.iter().map(|h| h.position()).collect();
+        let groups: Vec<_> = at
+            .iter()
+            .enumerate()
+            .map(|(g, (seq, oldest))| json!({"group": g, "seq": seq, "oldest": oldest}))
+            .collect();
+        let last: Vec<u64> = at.iter().map(|(seq, _)| *seq).collect();
+        hello["hello"]["groups"] = json!(groups);
+        hello["hello"]["resume"] = json!(position(&last));
+    }
     if send(socket, hello.to_string()).await.is_err() {
         return End::Slow;
     }
     let mut sub = Subscriber {
         caller,
         patterns,
+        sent_through: vec![0; since.len()],
         since,
-        stream: None,
-        sent_through: 0,
+        streams: Vec::new(),
     };
     if !sub.patterns.is_empty()
         && let Err(end) = sub.start(socket, &api).await
@@ -248,8 +315,8 @@ async fn run(socket: &mut WebSocket, start: Start) -> End {
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
             }
-            live = next_live(&mut sub.stream) => {
-                if let Err(end) = sub.on_live(socket, live).await {
+            (g, live) = next_live(&mut sub.streams) => {
+                if let Err(end) = sub.on_live(socket, g, live).await {
                     return end;
                 }
                 if let Err(end) = sub.drain(socket).await {
@@ -300,28 +367,30 @@ async fn authenticate(
 struct Subscriber {
     caller: Caller,
     patterns: Vec<Pattern>,
-    /// Replay from after this seq when the stream starts.
-    since: Option<u64>,
-    /// The live stream, once the first pattern came.
-    stream: Option<Subscription>,
-    /// The last seq sent (or skipped as replayed).
-    sent_through: u64,
+    /// Per group: replay from after this seq when the stream starts.
+    since: Vec<Option<u64>>,
+    /// Per group, the live stream, once the first pattern came (empty
+    /// before).
+    streams: Vec<Subscription>,
+    /// Per group, the last seq sent (or skipped as replayed).
+    sent_through: Vec<u64>,
 }
 
 impl Subscriber {
     /// Starts the stream: the gap, the replay, then live.
     async fn start(&mut self, socket: &mut WebSocket, api: &Api) -> Result<(), End> {
-        let mut stream = api.events.subscribe(self.since);
-        self.sent_through = stream.skip_through;
-        if let Some((from, to)) = stream.gap {
-            send(socket, gap(from, to)).await?;
+        for (g, hub) in api.events.iter().enumerate() {
+            let mut stream = hub.subscribe(self.since[g]);
+            self.sent_through[g] = stream.skip_through;
+            if let Some((from, to)) = stream.gap {
+                send(socket, gap(g, from, to)).await?;
+            }
+            for e in std::mem::take(&mut stream.replay) {
+                self.offer(socket, &e).await?;
+            }
+            self.streams.push(stream);
         }
-        for e in std::mem::take(&mut stream.replay) {
-            self.offer(socket, &e).await?;
-        }
-        flush(socket).await?;
-        self.stream = Some(stream);
-        Ok(())
+        flush(socket).await
     }
 
     /// Sends `e` if the caller may see it and a pattern matches.
@@ -341,16 +410,17 @@ impl Subscriber {
     /// Takes what the live stream already holds (up to [`MAX_BATCH`]
     /// items), then flushes once: one write for many events.
     async fn drain(&mut self, socket: &mut WebSocket) -> Result<(), End> {
-        for _ in 0..MAX_BATCH {
-            let Some(stream) = self.stream.as_mut() else {
-                break;
-            };
-            let next = match stream.live.try_recv() {
-                Ok(live) => Ok(live),
-                Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
-                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
-            };
-            self.on_live(socket, next).await?;
+        let mut taken = 0;
+        for g in 0..self.streams.len() {
+            while taken < MAX_BATCH {
+                let next = match self.streams[g].live.try_recv() {
+                    Ok(live) => Ok(live),
+                    Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                };
+                taken += 1;
+                self.on_live(socket, g, next).await?;
+            }
         }
         flush(socket).await
     }
@@ -399,7 +469,7 @@ impl Subscriber {
         self.patterns = next;
         let held: Vec<&str> = self.patterns.iter().map(Pattern::as_str).collect();
         send(socket, json!({ "subscribed": held }).to_string()).await?;
-        if self.stream.is_none() && !self.patterns.is_empty() {
+        if self.streams.is_empty() && !self.patterns.is_empty() {
             self.start(socket, api).await?;
         }
         Ok(())
@@ -409,25 +479,30 @@ impl Subscriber {
     async fn on_live(
         &mut self,
         socket: &mut WebSocket,
+        g: usize,
         live: Result<Live, RecvError>,
     ) -> Result<(), End> {
         match live {
             Ok(Live::Event(e)) => {
-                if e.seq() <= self.sent_through {
+                if e.seq() <= self.sent_through[g] {
                     return Ok(());
                 }
-                self.sent_through = e.seq();
+                self.sent_through[g] = e.seq();
                 self.offer(socket, &e).await
             }
             Ok(Live::Gap { from, to }) => {
-                self.sent_through = self.sent_through.max(to);
-                send(socket, gap(from, to)).await
+                self.sent_through[g] = self.sent_through[g].max(to);
+                send(socket, gap(g, from, to)).await
             }
             Err(RecvError::Lagged(missed)) => {
-                let resume = self.sent_through;
+                let resume = match self.sent_through.as_slice() {
+                    [one] => json!(one),
+                    all => json!(position(all)),
+                };
                 let text = json!({"lagged": {"missed": missed, "resume": resume}}).to_string();
                 let _ = send(socket, text).await;
-                let why = format!("lagged: resume with since={resume}");
+                let shown = resume.as_str().map_or(resume.to_string(), str::to_owned);
+                let why = format!("lagged: resume with since={shown}");
                 close(socket, CLOSE_LAGGED, &why).await;
                 Err(End::Lagged)
             }
@@ -439,11 +514,20 @@ impl Subscriber {
     }
 }
 
-/// The next item of the live stream, or never before it starts.
-async fn next_live(stream: &mut Option<Subscription>) -> Result<Live, RecvError> {
-    match stream {
-        Some(s) => s.live.recv().await,
-        None => std::future::pending().await,
+/// The next item of any group's live stream, with the group; never before
+/// the streams start.
+async fn next_live(streams: &mut [Subscription]) -> (usize, Result<Live, RecvError>) {
+    match streams {
+        [] => std::future::pending().await,
+        [one] => (0, one.live.recv().await),
+        all => {
+            // A broadcast receive is cancel-safe: the losers lose nothing.
+            let each = all
+                .iter_mut()
+                .enumerate()
+                .map(|(g, s)| Box::pin(async move { (g, s.live.recv().await) }));
+            futures_util::future::select_all(each).await.0
+        }
     }
 }
 
@@ -460,8 +544,13 @@ fn may_see(caller: &Caller, what: &What) -> bool {
     needs.granted_to(caller.role()) && what.tenant().is_none_or(|t| caller.sees_named(t))
 }
 
-fn gap(from: u64, to: u64) -> String {
-    json!({"gap": {"from": from, "to": to}}).to_string()
+/// A `gap` notice; one of a queue shard's events names its group.
+fn gap(group: usize, from: u64, to: u64) -> String {
+    let mut v = json!({"gap": {"from": from, "to": to}});
+    if group > 0 {
+        v["gap"]["group"] = json!(group);
+    }
+    v.to_string()
 }
 
 /// Sends one text message: [`queue`], then [`flush`].
@@ -505,4 +594,29 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
         reason: Utf8Bytes::from(reason.to_owned()),
     };
     let _ = tokio::time::timeout(SEND_WITHIN, socket.send(Message::Close(Some(frame)))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_since, position};
+
+    #[test]
+    fn since_is_a_seq_or_a_position_per_group() {
+        assert_eq!(parse_since("412", 1).unwrap(), vec![Some(412)]);
+        assert_eq!(
+            parse_since("412", 4).unwrap(),
+            vec![Some(412), None, None, None],
+            "a plain seq is the meta group's; the shards start live"
+        );
+        assert_eq!(
+            parse_since("g0:412,g2:7", 4).unwrap(),
+            vec![Some(412), None, Some(7), None]
+        );
+        let at = parse_since(&position(&[5, 0, 9, 3]), 4).unwrap();
+        assert_eq!(at, vec![Some(5), Some(0), Some(9), Some(3)], "round trip");
+        for bad in ["g4:1", "g1:1,g1:2", "x", "g1", "g1:", "1:2", "g0:-1", ""] {
+            let e = parse_since(bad, 4).unwrap_err();
+            assert!(e.message.contains("`since`"), "{bad}: {}", e.message);
+        }
+    }
 }

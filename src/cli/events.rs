@@ -20,8 +20,9 @@ use super::{EventsArgs, Output};
 enum Ended {
     /// `--count` events were printed.
     Done,
-    /// The node said the stream lagged: resume after this seq.
-    Lagged(u64),
+    /// The node said the stream lagged: resume after this seq (or
+    /// per-group position).
+    Lagged(String),
 }
 
 /// Runs `godel events`; returns the exit code.
@@ -46,14 +47,14 @@ pub async fn tail(
             ca_cert,
             output,
             &patterns,
-            since,
+            since.as_deref(),
             &mut left,
         )
         .await?
         {
             Ended::Done => return Ok(0),
             Ended::Lagged(resume) => {
-                eprintln!("note: the stream lagged; resuming after seq {resume}");
+                eprintln!("note: the stream lagged; resuming after {resume}");
                 since = Some(resume);
             }
         }
@@ -66,7 +67,7 @@ async fn connect_and_tail(
     ca_cert: Option<&std::path::Path>,
     output: Output,
     patterns: &[String],
-    since: Option<u64>,
+    since: Option<&str>,
     left: &mut Option<u64>,
 ) -> anyhow::Result<Ended> {
     let base = api.trim_end_matches('/');
@@ -165,12 +166,19 @@ where
                 e["message"].as_str().unwrap_or("")
             );
         } else if let Some(g) = v.get("gap") {
+            let of = g["group"]
+                .as_u64()
+                .map_or_else(String::new, |n| format!(" of group {n}"));
             eprintln!(
-                "note: events {} to {} are no longer available",
+                "note: events {} to {}{of} are no longer available",
                 g["from"], g["to"]
             );
         } else if let Some(l) = v.get("lagged") {
-            return Ok(Ended::Lagged(l["resume"].as_u64().unwrap_or(0)));
+            let resume = match &l["resume"] {
+                Value::String(position) => position.clone(),
+                other => other.as_u64().unwrap_or(0).to_string(),
+            };
+            return Ok(Ended::Lagged(resume));
         }
     }
     bail!("the event stream ended")
@@ -190,9 +198,14 @@ pub fn line(v: &Value) -> String {
             data.push_str(&format!(" {k}={shown}"));
         }
     }
+    // A queue shard's event counts in its group: `group:seq`.
+    let seq = v["seq"].as_u64().unwrap_or(0);
+    let seq = match v["group"].as_u64() {
+        Some(g) => format!("{g}:{seq}"),
+        None => seq.to_string(),
+    };
     format!(
-        "{:>8}  {time}  {:<20}  {tenant:<10}{data}",
-        v["seq"].as_u64().unwrap_or(0),
+        "{seq:>8}  {time}  {:<20}  {tenant:<10}{data}",
         v["type"].as_str().unwrap_or("?")
     )
 }

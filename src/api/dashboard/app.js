@@ -30,6 +30,8 @@ const S = {
   key: sessionStorage.getItem(KEY_STORE),
   tab: "overview",
   ws: null,
+  // Where to resume the event stream: seq per Raft group (0: the meta
+  // group; with several queue shards each numbers its own events).
   lastSeq: null,
   backoff: 1000,
   reconnectTimer: null,
@@ -708,7 +710,7 @@ function feedItem(e) {
 function renderFeed() {
   $("feed").replaceChildren(...S.feed.map(feedItem));
   $("feed-short").replaceChildren(...S.feed.slice(0, FEED_SHORT).map(feedItem));
-  $("feed-summary").textContent = `last ${S.feed.length} (newest first), through seq ${S.lastSeq ?? "-"}`;
+  $("feed-summary").textContent = `last ${S.feed.length} (newest first), through ${S.lastSeq ? position(S.lastSeq) : "-"}`;
 }
 
 const renderFeedSoon = throttle(renderFeed, 250);
@@ -723,7 +725,7 @@ function setConn(text, kind) {
 
 function connect() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  const q = S.lastSeq != null ? "?since=" + S.lastSeq : "";
+  const q = S.lastSeq != null ? "?since=" + position(S.lastSeq) : "";
   const ws = new WebSocket(`${proto}//${location.host}/api/v1/events${q}`);
   S.ws = ws;
   let subscribed = false;
@@ -738,7 +740,12 @@ function connect() {
     }
     if (msg.hello) {
       // Resuming from here after a drop replays what happens meanwhile.
-      if (S.lastSeq == null) S.lastSeq = msg.hello.seq;
+      if (S.lastSeq == null) {
+        S.lastSeq = {};
+        for (const g of msg.hello.groups ?? [{ group: 0, seq: msg.hello.seq }]) {
+          S.lastSeq[g.group] = g.seq;
+        }
+      }
       ws.send(JSON.stringify({ subscribe: [">"] }));
     } else if (msg.subscribed) {
       setConn("live", "on");
@@ -751,15 +758,34 @@ function connect() {
       reloadAll();
     } else if (msg.lagged) {
       notice(`Fell behind the event stream; resuming from seq ${msg.lagged.resume}.`, "warn");
-      S.lastSeq = msg.lagged.resume;
+      S.lastSeq = parsePosition(msg.lagged.resume);
     } else if (msg.error) {
       notice(`Event stream: ${msg.error.code}: ${msg.error.message}`, "error");
     } else if (msg.seq != null) {
-      S.lastSeq = msg.seq;
+      if (S.lastSeq == null) S.lastSeq = {};
+      S.lastSeq[msg.group ?? 0] = msg.seq;
       onEvent(msg);
     }
   };
   ws.onclose = (ev) => onClose(ws, ev);
+}
+
+// `since` for a position: the meta group's seq alone, or `g0:N,g1:M,...`.
+function position(pos) {
+  const groups = Object.keys(pos).map(Number).sort((a, b) => a - b);
+  if (groups.length === 1 && groups[0] === 0) return String(pos[0]);
+  return groups.map((g) => `g${g}:${pos[g]}`).join(",");
+}
+
+// A `lagged.resume`: a seq (the meta group's) or a position string.
+function parsePosition(resume) {
+  if (typeof resume === "number") return { 0: resume };
+  const pos = {};
+  for (const part of String(resume).split(",")) {
+    const m = /^g(\d+):(\d+)$/.exec(part);
+    if (m) pos[Number(m[1])] = Number(m[2]);
+  }
+  return pos;
 }
 
 function onClose(ws, ev) {
