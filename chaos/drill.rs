@@ -7,6 +7,8 @@
 //! shape = "one-region"  # one-region (default): `nodes` nodes in region `local`;
 //!                     # regions-3x3: 9 nodes, 1-3 in eu, 4-6 in us, 7-9 in ap
 //! nodes = 3           # one-region only: cluster size (default 3)
+//! shards = 5          # queue shards (`cluster.shards`, default 1;
+//!                     # `GODEL_CHAOS_SHARDS` overrides it)
 //! rate = 30           # task submissions per second, round robin over the nodes
 //! warmup = "4s"       # load before the first fault
 //! tail = "3s"         # load after the last fault is cleared
@@ -16,6 +18,7 @@
 //! [[fault]]
 //! kind = "kill"       # kill | pause | partition | rolling-restart | corrupt-log | disk-full
 //!                     # | region-partition | region-loss (regions-3x3 only)
+//!                     # | shard-leader-kill (with shards; `target` is ignored)
 //! target = "leader"   # leader | follower | random (default follower); for region
 //!                     # faults: the leader's region | another region | any region
 //! times = 12          # repetitions (default 1)
@@ -52,6 +55,8 @@ pub struct Drill {
     pub shape: Shape,
     /// Cluster size (one-region only; default 3).
     nodes: Option<usize>,
+    /// Queue shards (`cluster.shards`; default 1).
+    pub shards: Option<u32>,
     /// Submissions per second.
     pub rate: u32,
     /// Load before the first fault.
@@ -157,6 +162,10 @@ pub enum Kind {
     RegionPartition,
     /// SIGKILL every node of one region at once, restart them after `hold`.
     RegionLoss,
+    /// SIGKILL, at once, the nodes leading queue shards (as many as may
+    /// die while a majority lives, the meta group's leader last in line),
+    /// restart them after `hold`.
+    ShardLeaderKill,
 }
 
 impl Kind {

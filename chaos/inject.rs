@@ -136,6 +136,7 @@ impl Injector<'_> {
                 Kind::DiskFull => self.disk_full(spec).await?,
                 Kind::RegionPartition => self.region_partition(spec).await?,
                 Kind::RegionLoss => self.region_loss(spec).await?,
+                Kind::ShardLeaderKill => self.shard_leader_kill(spec).await?,
             }
             for r in &mut self.records[before..] {
                 r.recover_within = spec.recover_within;
@@ -206,6 +207,60 @@ impl Injector<'_> {
         let label = format!("kill -9 {:?}", spec.target);
         self.record(label, i, (at, at), String::new());
         self.c.wait_caught_up(i, CATCH_UP).await;
+        Ok(())
+    }
+
+    /// SIGKILLs at once the nodes that lead queue shards, up to a minority
+    /// of the cluster (those leading the most shards first, the meta
+    /// group's leader last), restarts them after `hold`.
+    async fn shard_leader_kill(&mut self, spec: &FaultSpec) -> Result<()> {
+        let meta = self.c.leader().await;
+        let live = self.c.live();
+        let view = self.api.cluster(live[0]).await?;
+        let mut led: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+        for s in view["shards"]
+            .as_array()
+            .context("GET /cluster without shards")?
+        {
+            if s["shard"].as_u64() > Some(0)
+                && let Some(l) = s["leader"].as_u64()
+            {
+                *led.entry(l).or_default() += 1;
+            }
+        }
+        if led.is_empty() {
+            bail!("no queue shard has a leader (is the drill's `shards` above 1?)");
+        }
+        let meta_id = self.c.node(meta).id;
+        let mut order: Vec<(u64, usize)> = led.into_iter().collect();
+        order.sort_by_key(|(id, n)| (*id == meta_id, std::cmp::Reverse(*n), *id));
+        let most = (self.c.len() - 1) / 2;
+        let hit: Vec<usize> = order
+            .iter()
+            .take(most)
+            .map(|(id, _)| self.c.index_of(*id))
+            .collect();
+        let shards: usize = order.iter().take(most).map(|(_, n)| n).sum();
+        let at = now_ms();
+        for i in &hit {
+            self.c.kill9(*i);
+        }
+        let in_place = now_ms();
+        tokio::time::sleep(spec.hold).await;
+        for i in &hit {
+            self.c.restart(*i);
+        }
+        let ids: Vec<String> = hit.iter().map(|i| self.c.node(*i).id.to_string()).collect();
+        let label = format!(
+            "kill -9 the leaders of {shards} shards at once, down {:?}",
+            spec.hold
+        );
+        let note = format!("killed after {} ms", in_place - at);
+        let hit_text = format!("nodes {}", ids.join(", "));
+        self.record_hit(label, hit_text, None, (at, in_place), note);
+        for i in hit {
+            self.c.wait_caught_up(i, CATCH_UP).await;
+        }
         Ok(())
     }
 

@@ -61,8 +61,12 @@ pub async fn run(d: Drill, seed: u64) -> Result<Verdict> {
     // `GODEL_CHAOS_SHARDS=3` runs it with the queue in three shard groups
     // (`cluster.shards`; dispatch is then pull).
     let shards = match std::env::var("GODEL_CHAOS_SHARDS") {
-        Ok(n) => format!("[cluster]\nshards = {}\n", n.parse::<u32>()?),
-        Err(_) => String::new(),
+        Ok(n) => Some(n.parse::<u32>()?),
+        Err(_) => d.shards,
+    };
+    let shards = match shards {
+        Some(n) => format!("[cluster]\nshards = {n}\n"),
+        None => String::new(),
     };
     let config = format!(
         "{raft}{NODE_CONFIG}{dispatch}{}{shards}",

@@ -74,7 +74,8 @@ pub fn task_body(i: u64, idempotency_key: Option<&str>) -> Vec<u8> {
 
 /// Config for the runtime benchmarks: node liveness as in production, and
 /// pages big enough to read every task back. `GODEL_BENCH_FABRIC=off` turns
-/// the lease-hint fabric off, to compare.
+/// the lease-hint fabric off, to compare; `GODEL_BENCH_SHARDS=N` runs the
+/// queue in N shard groups.
 pub fn runtime_toml() -> String {
     let mut t = RUNTIME_TOML.to_owned();
     // Proposals in flight at once (`queue.max_inflight_batches`, default 1).
@@ -88,6 +89,11 @@ pub fn runtime_toml() -> String {
     // Who matches tasks to agents (`runtime.dispatch`: push or pull).
     if let Ok(mode) = std::env::var("GODEL_BENCH_DISPATCH") {
         t.push_str(&format!("[runtime]\ndispatch = {mode:?}\n"));
+    }
+    // Queue shards (`cluster.shards`; dispatch is then pull).
+    if let Ok(n) = std::env::var("GODEL_BENCH_SHARDS") {
+        let n: u32 = n.parse().expect("GODEL_BENCH_SHARDS is a number");
+        t.push_str(&format!("[cluster]\nshards = {n}\n"));
     }
     if std::env::var("GODEL_BENCH_FABRIC").is_ok_and(|v| v == "off") {
         t.push_str("[fabric]\nenabled = false\n");

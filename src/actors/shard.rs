@@ -24,7 +24,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::config::DispatchMode;
 use std::collections::BTreeMap;
 
-use crate::fsm::{AgentId, Command, DispatchSpec, GatewayId, PullSpec, Reply};
+use crate::fsm::{
+    AgentId, Command, DispatchSpec, FencingToken, GatewayId, LeaseGrant, PullSpec, Reply,
+};
 use crate::node::Node;
 use crate::raft::{GroupId, META_GROUP};
 
@@ -43,11 +45,12 @@ pub enum ShardMsg {
 // Local only: never sent to another node.
 impl ractor::Message for ShardMsg {}
 
-/// The actor's state: wake-up plumbing only.
+/// The actor's state: wake-up plumbing, and what pull rounds remember.
 pub struct ShardState {
     node: Node,
-    /// Pull: the event seq and time of the last round that leased nothing.
-    idle: Option<(Vec<u64>, std::time::Instant)>,
+    /// Pull: the last idle round, and (with shards) the grants not applied
+    /// here yet.
+    puller: Puller,
     wake_pending: Arc<AtomicBool>,
     _stop_watcher: DropGuard,
 }
@@ -72,7 +75,7 @@ impl Actor for QueueShardActor {
         ));
         Ok(ShardState {
             node,
-            idle: None,
+            puller: Puller::default(),
             wake_pending,
             _stop_watcher: stop.drop_guard(),
         })
@@ -89,7 +92,7 @@ impl Actor for QueueShardActor {
                 state.wake_pending.store(false, Ordering::SeqCst);
                 let full = match state.node.config().dispatch() {
                     DispatchMode::Push | DispatchMode::Auto => round(&state.node).await,
-                    DispatchMode::Pull => pull_round(&state.node, &mut state.idle).await,
+                    DispatchMode::Pull => pull_round(&state.node, &mut state.puller).await,
                 };
                 if full {
                     // A full round: there may be more to hand out.
@@ -199,18 +202,23 @@ async fn round(node: &Node) -> bool {
     let max = spec.max as usize;
     propose(node, META_GROUP, Command::Dispatch(spec), "dispatch")
         .await
-        .is_some_and(|granted| granted >= max)
+        .is_some_and(|granted| granted.len() >= max)
 }
 
-/// Proposes a round to `group` and counts it; returns how many leases it
+/// Proposes a round to `group` and counts it; returns the leases it
 /// granted, or `None` when it was refused or not committed.
-async fn propose(node: &Node, group: GroupId, round: Command, what: &str) -> Option<usize> {
+async fn propose(
+    node: &Node,
+    group: GroupId,
+    round: Command,
+    what: &str,
+) -> Option<Vec<LeaseGrant>> {
     let m = crate::metrics::global();
     match node.write_to(group, round).await {
         Ok(Ok(Reply::Dispatched(grants))) => {
             m.dispatch_rounds.with_label_values(&["committed"]).inc();
             m.dispatch_leases.inc_by(grants.len() as u64);
-            Some(grants.len())
+            Some(grants)
         }
         Ok(other) => {
             m.dispatch_rounds.with_label_values(&["refused"]).inc();
@@ -231,10 +239,11 @@ async fn propose(node: &Node, group: GroupId, round: Command, what: &str) -> Opt
 /// room and a ready task it could run, and the state changed since the
 /// last round that leased nothing (or the fallback period passed). Returns
 /// whether the round was full.
-async fn pull_round(node: &Node, idle: &mut Option<(Vec<u64>, std::time::Instant)>) -> bool {
+async fn pull_round(node: &Node, p: &mut Puller) -> bool {
     if !node.shard_groups().is_empty() {
-        return pull_from_shards(node, idle).await;
+        return pull_from_shards(node, p).await;
     }
+    let idle = &mut p.idle;
     let spec = dispatch_spec(node);
     let (seq, slots) = node.state().read(|s| {
         let slots = s.pull_slots(node.id(), spec.node_dead_after_ms);
@@ -254,6 +263,7 @@ async fn pull_round(node: &Node, idle: &mut Option<(Vec<u64>, std::time::Instant
     };
     match propose(node, META_GROUP, Command::Pull(pull), "pull").await {
         Some(granted) => {
+            let granted = granted.len();
             *idle = (granted == 0).then(|| (seq, std::time::Instant::now()));
             granted >= max
         }
@@ -269,16 +279,31 @@ fn idle_since(idle: &Option<(Vec<u64>, std::time::Instant)>, seq: &[u64], node: 
     })
 }
 
+/// What the sharded puller keeps between rounds.
+#[derive(Default)]
+pub struct Puller {
+    /// The groups' event counts and time of the last round that leased
+    /// nothing.
+    idle: Option<(Vec<u64>, std::time::Instant)>,
+    /// Leases this node's pulls were granted that its replica of the shard
+    /// (index into the shard groups) may not have applied yet: counted
+    /// against the agent's capacity until the replica has minted the token.
+    ledger: Vec<(usize, AgentId, FencingToken)>,
+}
+
 /// One pull round over the queue shards (`docs/shards.md`, "Dispatch
 /// across shards"): this node's agents that may take work, with their
-/// profiles from the meta group's replica; a read barrier on every shard,
-/// so this node's replicas hold every grant it made before (one round in
-/// flight: the node's ledger of its agents' capacity is then exact); each
-/// agent's free count and each gateway's session room taken over every
-/// shard; the pull goes to the shard with the most urgent ready task an
-/// agent could run, with that priority as the agent's floor
-/// ([`crate::fsm::plan_from`]). Returns whether the round was full.
-async fn pull_from_shards(node: &Node, idle: &mut Option<(Vec<u64>, std::time::Instant)>) -> bool {
+/// profiles from the meta group's replica; a read barrier on every shard
+/// at once, each bounded by the election timeout (a shard without a leader
+/// is left out of the round, so it does not stop dispatch in the others:
+/// its tasks wait for it); each agent's free count and each gateway's
+/// session room taken over every shard's replica plus the grants of this
+/// node's pulls a replica has not applied yet (the node is the only one
+/// that leases to its agents, so its count is exact); the pull goes to the
+/// shard with the most urgent ready task an agent could run, with that
+/// priority as the agent's floor ([`crate::fsm::plan_from`]). Returns
+/// whether it leased anything (another shard may have work for others).
+async fn pull_from_shards(node: &Node, p: &mut Puller) -> bool {
     let spec = dispatch_spec(node);
     let (mut slots, agents_of) = node.state().read(|s| {
         let slots = s.pull_profiles(node.id(), spec.node_dead_after_ms);
@@ -302,17 +327,29 @@ async fn pull_from_shards(node: &Node, idle: &mut Option<(Vec<u64>, std::time::I
     if slots.is_empty() {
         return false;
     }
-    if let Err(e) = node.read_barrier_queue().await {
-        tracing::debug!(error = %e, "pull: shards not readable now");
+    let groups = node.shard_groups();
+    let bound = node.config().raft.election_timeout_max;
+    let barriers = groups
+        .iter()
+        .map(|g| tokio::time::timeout(bound, node.read_barrier_in(g)));
+    let readable: Vec<bool> = futures_util::future::join_all(barriers)
+        .await
+        .into_iter()
+        .map(|r| matches!(r, Ok(Ok(()))))
+        .collect();
+    if !readable.iter().any(|r| *r) {
+        tracing::debug!("pull: no shard readable now");
         return false;
     }
-    let groups = node.shard_groups();
     let mut seq = vec![node.state().read(|s| s.last_event_seq())];
     let mut sessions: BTreeMap<&GatewayId, u32> = BTreeMap::new();
     let mut loads: BTreeMap<AgentId, u32> = BTreeMap::new();
-    for g in groups {
+    for (i, g) in groups.iter().enumerate() {
         g.state().read(|s| {
             seq.push(s.last_event_seq());
+            // Grants the replica has minted are in its counts now.
+            p.ledger
+                .retain(|(at, _, token)| *at != i || s.last_token() < token.0);
             for (gw, agents) in &agents_of {
                 *sessions.entry(gw).or_default() += s.session_load(gw, agents);
             }
@@ -320,6 +357,11 @@ async fn pull_from_shards(node: &Node, idle: &mut Option<(Vec<u64>, std::time::I
                 *loads.entry(slot.agent.clone()).or_default() += s.agent_load(&slot.agent);
             }
         });
+    }
+    for (_, agent, _) in &p.ledger {
+        if let Some(n) = loads.get_mut(agent) {
+            *n += 1;
+        }
     }
     for slot in &mut slots {
         let profile = slot.profile.as_mut().expect("pull_profiles gives one");
@@ -330,18 +372,21 @@ async fn pull_from_shards(node: &Node, idle: &mut Option<(Vec<u64>, std::time::I
         );
     }
     slots.retain(|s| s.free > 0);
-    if slots.is_empty() || idle_since(idle, &seq, node) {
+    if slots.is_empty() || idle_since(&p.idle, &seq, node) {
         return false;
     }
     let best: Vec<_> = groups
         .iter()
-        .map(|g| g.state().read(|s| crate::fsm::best_of(s, &slots)))
+        .zip(&readable)
+        .map(|(g, ok)| match ok {
+            true => g.state().read(|s| crate::fsm::best_of(s, &slots)),
+            false => vec![None; slots.len()],
+        })
         .collect();
     let Some(plan) = crate::fsm::plan_from(&best, &slots) else {
-        *idle = Some((seq, std::time::Instant::now()));
+        p.idle = Some((seq, std::time::Instant::now()));
         return false;
     };
-    let max = spec.max as usize;
     let pull = PullSpec {
         round: spec,
         node: node.id(),
@@ -349,10 +394,14 @@ async fn pull_from_shards(node: &Node, idle: &mut Option<(Vec<u64>, std::time::I
     };
     let group = groups[plan.shard].id();
     match propose(node, group, Command::Pull(pull), "pull").await {
-        Some(granted) => {
-            *idle = (granted == 0).then(|| (seq, std::time::Instant::now()));
-            // More agents may have work in another shard: go again.
-            granted > 0 || granted >= max
+        Some(grants) => {
+            for g in &grants {
+                if let Some(l) = &g.task.lease {
+                    p.ledger.push((plan.shard, l.agent_id.clone(), g.token));
+                }
+            }
+            p.idle = grants.is_empty().then(|| (seq, std::time::Instant::now()));
+            !grants.is_empty()
         }
         None => false,
     }
