@@ -3,6 +3,8 @@
 //! record works with the defaults; deleting a record is refused while the
 //! tenant has live keys or unfinished tasks.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -184,6 +186,7 @@ pub async fn create(
             Some(AuditTarget::text(format!("tenant/{tenant}"))),
         )
         .await?;
+    spread_weight(&api, &caller, &tenant, b.weight).await?;
     Ok((StatusCode::CREATED, Json(tenant_reply(reply)?)))
 }
 
@@ -218,6 +221,7 @@ pub async fn update(
             Some(AuditTarget::text(format!("tenant/{tenant}"))),
         )
         .await?;
+    spread_weight(&api, &caller, &tenant, b.weight).await?;
     Ok(Json(tenant_reply(reply)?))
 }
 
@@ -241,12 +245,11 @@ pub async fn set_weight(
         tenant: tenant.clone(),
         weight: b.weight,
     };
-    api.write_as(
-        &caller,
-        cmd,
-        Some(AuditTarget::text(format!("tenant/{tenant}"))),
-    )
-    .await?;
+    // The meta group keeps it for the tenant's view; the shards' dispatch
+    // needs it too.
+    let target = AuditTarget::text(format!("tenant/{tenant}"));
+    api.write_as(&caller, cmd, Some(target)).await?;
+    spread_weight(&api, &caller, &tenant, Some(b.weight)).await?;
     Ok(Json(WeightView {
         tenant: tenant.0,
         weight: b.weight,
@@ -275,6 +278,15 @@ pub async fn remove(
     Path(name): Path<String>,
 ) -> ApiResult<Json<DeletedView>> {
     let tenant = parse_tenant(&name)?;
+    if !api.node.shard_groups().is_empty() {
+        // The meta group counts no task with several shards: they do.
+        let n = queued(&api).await?.get(&tenant).copied().unwrap_or(0);
+        if n > 0 {
+            return Err(ApiError::from(crate::fsm::Rejection::Conflict(format!(
+                "tenant `{tenant}` has {n} unfinished tasks: drain them first"
+            ))));
+        }
+    }
     let cmd = Command::DeleteTenant {
         tenant: tenant.clone(),
     };
@@ -287,9 +299,53 @@ pub async fn remove(
     Ok(Json(DeletedView { deleted: tenant.0 }))
 }
 
-fn view_of(s: &Fsm, r: &TenantRecord) -> TenantView {
+fn view_of(s: &Fsm, r: &TenantRecord, queued: &BTreeMap<Tenant, u64>) -> TenantView {
     let weight = s.tenant_weights().get(&r.name).copied().unwrap_or(1);
-    tenant_view(r, weight, Some(s.queued_of(&r.name)))
+    let queued = queued.get(&r.name).copied().unwrap_or(0);
+    tenant_view(r, weight, Some(queued))
+}
+
+/// Every tenant's unfinished tasks over the queue groups (read after a
+/// barrier on each).
+async fn queued(api: &Api) -> ApiResult<BTreeMap<Tenant, u64>> {
+    let mut out: BTreeMap<Tenant, u64> = BTreeMap::new();
+    let per_group = api
+        .read_queue(|s| {
+            s.depth()
+                .by_tenant
+                .keys()
+                .map(|t| (t.clone(), s.queued_of(t)))
+                .collect::<Vec<_>>()
+        })
+        .await?;
+    for (t, n) in per_group.into_iter().flatten() {
+        *out.entry(t).or_default() += n;
+    }
+    Ok(out)
+}
+
+/// With several shards, a tenant's weight set in the meta group goes to
+/// every shard too (their dispatch uses it). Setting it again is harmless:
+/// a call that failed part-way is retried whole.
+async fn spread_weight(
+    api: &Api,
+    caller: &Caller,
+    tenant: &Tenant,
+    weight: Option<u32>,
+) -> ApiResult<()> {
+    let Some(weight) = weight else {
+        return Ok(());
+    };
+    let target = AuditTarget::text(format!("tenant/{tenant}"));
+    for group in api.node.shard_groups() {
+        let cmd = Command::SetTenantWeight {
+            tenant: tenant.clone(),
+            weight,
+        };
+        api.write_in(group, caller, cmd, Some(target.clone()))
+            .await?;
+    }
+    Ok(())
 }
 
 /// `GET /tenants`: every record, with its unfinished tasks.
@@ -300,10 +356,11 @@ fn view_of(s: &Fsm, r: &TenantRecord) -> TenantView {
 )]
 pub async fn list(State(api): State<Api>) -> ApiResult<Json<TenantsView>> {
     api.node.read_barrier().await?;
+    let queued = queued(&api).await?;
     let items = api
         .node
         .state()
-        .read(|s| s.auth().tenants().map(|r| view_of(s, r)).collect());
+        .read(|s| s.auth().tenants().map(|r| view_of(s, r, &queued)).collect());
     Ok(Json(TenantsView { items }))
 }
 
@@ -320,9 +377,10 @@ pub async fn list(State(api): State<Api>) -> ApiResult<Json<TenantsView>> {
 pub async fn get(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Json<TenantView>> {
     let tenant = parse_tenant(&name)?;
     api.node.read_barrier().await?;
+    let queued = queued(&api).await?;
     api.node
         .state()
-        .read(|s| s.auth().tenant(&tenant).map(|r| view_of(s, r)))
+        .read(|s| s.auth().tenant(&tenant).map(|r| view_of(s, r, &queued)))
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("tenant `{tenant}` has no record")))
 }
