@@ -738,7 +738,6 @@ async fn final_state(api: &Api, m: &Model) {
 /// meta group's.
 async fn audit(api: &Api, m: &Model) {
     let meta = audit_chain(api, 0, 0).await;
-    assert!(!meta.is_empty(), "the meta group audits its own writes");
     let queue_actions = ["tasks.", "leases.", "dead_letter."];
     let strays: Vec<&Value> = meta
         .iter()
