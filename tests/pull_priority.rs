@@ -1,6 +1,6 @@
 //! Strict priority across queue shards (`docs/shards.md`): a node pulls for
 //! its agents with `fsm::plan_pull` over every shard's state and proposes
-//! the `Pull` to the shard it names. Random shards, agents and steps check,
+//! each `Pull` to the shard it names (one per shard, each agent in one). Random shards, agents and steps check,
 //! after every pull:
 //!
 //! - every lease is of the highest priority of any ready task the agent
@@ -188,9 +188,24 @@ fn run(shards: usize, agents: &[Agent], steps: &[Step]) -> Result<(), TestCaseEr
                         })
                         .collect();
                     let views: Vec<&State> = states.iter().collect();
-                    let Some(plan) = plan_pull(&views, &slots) else {
+                    let plans = plan_pull(&views, &slots);
+                    if plans.is_empty() {
                         break;
-                    };
+                    }
+                    // One pull per shard, each agent in one of them.
+                    let mut named = std::collections::BTreeSet::new();
+                    for plan in &plans {
+                        for slot in &plan.slots {
+                            prop_assert!(
+                                named.insert(slot.agent.clone()),
+                                "{} named in two pulls of a round",
+                                slot.agent
+                            );
+                        }
+                    }
+                    let shards: std::collections::BTreeSet<usize> =
+                        plans.iter().map(|p| p.shard).collect();
+                    prop_assert_eq!(shards.len(), plans.len(), "one pull per shard");
                     // The oracle: each agent's best over every shard, by scan.
                     let best: Vec<Option<Priority>> = agents
                         .iter()
@@ -203,42 +218,51 @@ fn run(shards: usize, agents: &[Agent], steps: &[Step]) -> Result<(), TestCaseEr
                                 .max()
                         })
                         .collect();
-                    let spec = PullSpec {
-                        round: DispatchSpec {
-                            lease_ms: 30_000,
-                            max: 100,
-                            policy: DispatchPolicy::LeastLoaded,
-                            node_dead_after_ms: 60_000,
-                            session_limit_ms: 0,
-                            session_idle_ms: 0,
-                        },
-                        node: 1,
-                        slots: plan.slots,
-                    };
-                    let out = apply(&mut states[plan.shard], now, Command::Pull(spec));
-                    let Ok(Reply::Dispatched(grants)) = out else {
-                        return Err(TestCaseError::fail(format!("pull: {out:?}")));
-                    };
-                    for grant in &grants {
-                        let i: usize = grant.task.lease.as_ref().unwrap().agent_id.0[1..]
-                            .parse()
-                            .unwrap();
-                        prop_assert_eq!(
-                            Some(grant.task.priority),
-                            best[i],
-                            "agent {} got #{} ({:?}) while its best ready was {:?}",
-                            i,
-                            grant.task.id.0,
-                            grant.task.priority,
-                            best[i]
-                        );
-                        prop_assert_eq!(group_of(grant.token.0, n), Some(plan.shard as u32 + 1));
+                    // The round's pulls, applied one after another as their
+                    // shards would (each only changes its own shard).
+                    let mut leased_any = false;
+                    for plan in plans {
+                        let spec = PullSpec {
+                            round: DispatchSpec {
+                                lease_ms: 30_000,
+                                max: 100,
+                                policy: DispatchPolicy::LeastLoaded,
+                                node_dead_after_ms: 60_000,
+                                session_limit_ms: 0,
+                                session_idle_ms: 0,
+                            },
+                            node: 1,
+                            slots: plan.slots,
+                        };
+                        let out = apply(&mut states[plan.shard], now, Command::Pull(spec));
+                        let Ok(Reply::Dispatched(grants)) = out else {
+                            return Err(TestCaseError::fail(format!("pull: {out:?}")));
+                        };
+                        for grant in &grants {
+                            let i: usize = grant.task.lease.as_ref().unwrap().agent_id.0[1..]
+                                .parse()
+                                .unwrap();
+                            prop_assert_eq!(
+                                Some(grant.task.priority),
+                                best[i],
+                                "agent {} got #{} ({:?}) while its best ready was {:?}",
+                                i,
+                                grant.task.id.0,
+                                grant.task.priority,
+                                best[i]
+                            );
+                            prop_assert_eq!(
+                                group_of(grant.token.0, n),
+                                Some(plan.shard as u32 + 1)
+                            );
+                        }
+                        leased_any |= !grants.is_empty();
                     }
                     for (i, a) in agents.iter().enumerate() {
                         let load: u32 = states.iter().map(|s| s.agent_load(&agent_id(i))).sum();
                         prop_assert!(load <= a.capacity, "agent {i}: {load} > {}", a.capacity);
                     }
-                    if grants.is_empty() {
+                    if !leased_any {
                         break;
                     }
                 }

@@ -293,19 +293,26 @@ pub struct Puller {
 
 /// One pull round over the queue shards (`docs/shards.md`, "Dispatch
 /// across shards"): this node's agents that may take work, with their
-/// profiles from the meta group's replica; a read barrier on every shard
-/// at once, each bounded by the election timeout (a shard without a leader
-/// is left out of the round, so it does not stop dispatch in the others:
-/// its tasks wait for it); each agent's free count and each gateway's
-/// session room taken over every shard's replica plus the grants of this
-/// node's pulls a replica has not applied yet (the node is the only one
-/// that leases to its agents, so its count is exact); the pull goes to the
-/// shard with the most urgent ready task an agent could run, with that
-/// priority as the agent's floor ([`crate::fsm::plan_from`]). Returns
-/// whether it leased anything (another shard may have work for others).
+/// profiles from the meta group's replica; each agent's free count and
+/// each gateway's session room taken over every shard's replica plus the
+/// grants of this node's pulls a replica has not applied yet (the node is
+/// the only one that leases to its agents, so its count is exact); each
+/// agent named in the pull to one shard holding the most urgent ready
+/// task it could take, with that priority as its floor
+/// ([`crate::fsm::plan_from`]); the pulls go to their shards at once.
+///
+/// The plan is made twice. First on the replicas as they are: when it
+/// pulls nothing, the round ends there (a replica that has not applied a
+/// change yet wakes the puller again when it does). Then after a read
+/// barrier on every shard at once, each bounded by the election timeout
+/// (a shard without a leader is left out of the round, so it does not stop
+/// dispatch in the others: its tasks wait for it), so the floors are from
+/// linearizable reads. Without the first plan every applied entry cost
+/// each node a barrier per shard (a heartbeat round of each shard leader),
+/// even with every agent busy. Returns whether it leased anything.
 async fn pull_from_shards(node: &Node, p: &mut Puller) -> bool {
     let spec = dispatch_spec(node);
-    let (mut slots, agents_of) = node.state().read(|s| {
+    let (profiles, agents_of) = node.state().read(|s| {
         let slots = s.pull_profiles(node.id(), spec.node_dead_after_ms);
         let reg = s.registry();
         let mut agents_of: BTreeMap<GatewayId, Vec<AgentId>> = BTreeMap::new();
@@ -324,10 +331,18 @@ async fn pull_from_shards(node: &Node, p: &mut Puller) -> bool {
         }
         (slots, agents_of)
     });
-    if slots.is_empty() {
+    if profiles.is_empty() {
         return false;
     }
     let groups = node.shard_groups();
+    let every = vec![true; groups.len()];
+    let (seq, plans) = plan_round(node, p, &profiles, &agents_of, &every);
+    if plans.is_empty() {
+        if !seq.is_empty() {
+            p.idle = Some((seq, std::time::Instant::now()));
+        }
+        return false;
+    }
     let bound = node.config().raft.election_timeout_max;
     let barriers = groups
         .iter()
@@ -341,6 +356,52 @@ async fn pull_from_shards(node: &Node, p: &mut Puller) -> bool {
         tracing::debug!("pull: no shard readable now");
         return false;
     }
+    let (seq, plans) = plan_round(node, p, &profiles, &agents_of, &readable);
+    if plans.is_empty() {
+        if !seq.is_empty() {
+            p.idle = Some((seq, std::time::Instant::now()));
+        }
+        return false;
+    }
+    let pulls = plans.into_iter().map(|plan| {
+        let pull = PullSpec {
+            round: spec.clone(),
+            node: node.id(),
+            slots: plan.slots,
+        };
+        let group = groups[plan.shard].id();
+        async move {
+            let grants = propose(node, group, Command::Pull(pull), "pull").await;
+            (plan.shard, grants)
+        }
+    });
+    let mut leased = false;
+    for (shard, grants) in futures_util::future::join_all(pulls).await {
+        for g in grants.iter().flatten() {
+            if let Some(l) = &g.task.lease {
+                p.ledger.push((shard, l.agent_id.clone(), g.token));
+                leased = true;
+            }
+        }
+    }
+    p.idle = (!leased).then(|| (seq, std::time::Instant::now()));
+    leased
+}
+
+/// The pulls for `profiles` (this node's agents) on the shard replicas as
+/// they are now (the shards not `readable` left out), and the groups'
+/// event counts they were made at: empty counts when the round should not
+/// be recorded as idle (no agent has room, or the last idle round saw the
+/// same counts within the fallback period: nothing to plan either way).
+fn plan_round(
+    node: &Node,
+    p: &mut Puller,
+    profiles: &[crate::fsm::PullSlot],
+    agents_of: &BTreeMap<GatewayId, Vec<AgentId>>,
+    readable: &[bool],
+) -> (Vec<u64>, Vec<crate::fsm::PullPlan>) {
+    let groups = node.shard_groups();
+    let mut slots = profiles.to_vec();
     let mut seq = vec![node.state().read(|s| s.last_event_seq())];
     let mut sessions: BTreeMap<&GatewayId, u32> = BTreeMap::new();
     let mut loads: BTreeMap<AgentId, u32> = BTreeMap::new();
@@ -350,7 +411,7 @@ async fn pull_from_shards(node: &Node, p: &mut Puller) -> bool {
             // Grants the replica has minted are in its counts now.
             p.ledger
                 .retain(|(at, _, token)| *at != i || s.last_token() < token.0);
-            for (gw, agents) in &agents_of {
+            for (gw, agents) in agents_of {
                 *sessions.entry(gw).or_default() += s.session_load(gw, agents);
             }
             for slot in &slots {
@@ -373,36 +434,16 @@ async fn pull_from_shards(node: &Node, p: &mut Puller) -> bool {
     }
     slots.retain(|s| s.free > 0);
     if slots.is_empty() || idle_since(&p.idle, &seq, node) {
-        return false;
+        return (Vec::new(), Vec::new());
     }
     let best: Vec<_> = groups
         .iter()
-        .zip(&readable)
+        .zip(readable)
         .map(|(g, ok)| match ok {
             true => g.state().read(|s| crate::fsm::best_of(s, &slots)),
             false => vec![None; slots.len()],
         })
         .collect();
-    let Some(plan) = crate::fsm::plan_from(&best, &slots) else {
-        p.idle = Some((seq, std::time::Instant::now()));
-        return false;
-    };
-    let pull = PullSpec {
-        round: spec,
-        node: node.id(),
-        slots: plan.slots,
-    };
-    let group = groups[plan.shard].id();
-    match propose(node, group, Command::Pull(pull), "pull").await {
-        Some(grants) => {
-            for g in &grants {
-                if let Some(l) = &g.task.lease {
-                    p.ledger.push((plan.shard, l.agent_id.clone(), g.token));
-                }
-            }
-            p.idle = grants.is_empty().then(|| (seq, std::time::Instant::now()));
-            !grants.is_empty()
-        }
-        None => false,
-    }
+    let plans = crate::fsm::plan_from(&best, &slots);
+    (seq, plans)
 }
