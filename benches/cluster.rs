@@ -413,23 +413,32 @@ async fn e2e(nodes: usize, sessions: usize, clients: usize, tasks: u64) {
     let base: Vec<String> = (0..c.len())
         .map(|i| format!("http://{}/api/v1/tasks", c.node(i).api_addr))
         .collect();
+    let nodes_cpu = |c: &Cluster| -> f64 {
+        (0..c.len())
+            .map(|i| common::cpu_secs(c.node(i).pid().unwrap_or(0)))
+            .sum()
+    };
+    let cpu0 = nodes_cpu(&c);
     let start = Instant::now();
     let submitted = burst(&c, clients, 0, tasks).await;
     wait_completed(&c, tasks, Duration::from_secs(300)).await;
     let elapsed = start.elapsed();
+    let cpu = nodes_cpu(&c) - cpu0;
     let done = completed_tasks(&c).await;
     let mut e2e = hist();
     for d in &done {
         e2e.saturating_record(d.completed_ms.saturating_sub(d.created_ms) * 1000);
     }
     println!(
-        "e2e nodes={nodes} sessions={sessions} clients={clients}: {tasks} tasks submitted in {:.2}s, all completed in {:.2}s = {:.0} tasks/s submit-to-completion; latency (leader clock, ms resolution) p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+        "e2e nodes={nodes} sessions={sessions} clients={clients}: {tasks} tasks submitted in {:.2}s, all completed in {:.2}s = {:.0} tasks/s submit-to-completion; latency (leader clock, ms resolution) p50 {:.1} ms p99 {:.1} ms max {:.1} ms; CPU of the nodes {:.2} s = {:.0} us per task",
         submitted.as_secs_f64(),
         elapsed.as_secs_f64(),
         tasks as f64 / elapsed.as_secs_f64(),
         e2e.value_at_quantile(0.5) as f64 / 1000.0,
         e2e.value_at_quantile(0.99) as f64 / 1000.0,
         e2e.max() as f64 / 1000.0,
+        cpu,
+        cpu * 1e6 / tasks as f64,
     );
     // Not saturated: one client, 100 tasks/s.
     let low = 500u64;
