@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::Api;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::json::Params;
 use super::view::page_limit;
 use crate::clock;
@@ -110,7 +110,10 @@ pub struct AuditPage {
     get,
     path = "/audit",
     params(AuditQuery),
-    responses((status = 200, description = "One page of entries, oldest first", body = AuditPage))
+    responses(
+        (status = 200, description = "One page of entries, oldest first", body = AuditPage),
+        (status = 404, description = "The cluster has no such Raft group", body = ErrorBody),
+    )
 )]
 pub async fn list(
     State(api): State<Api>,
@@ -130,9 +133,11 @@ pub async fn list(
         outcome: q.outcome,
     };
     let g = q.group.unwrap_or(crate::raft::META_GROUP);
+    // A group the cluster does not have is a chain that does not exist:
+    // 404, as for any id that names nothing.
     let group = api.node.group(g).ok_or_else(|| {
-        ApiError::invalid(format!(
-            "invalid field `group`: no Raft group {g} (this cluster has 0..={})",
+        ApiError::not_found(format!(
+            "no Raft group {g}: this cluster has groups 0..={}",
             api.node.shard_groups().len()
         ))
     })?;

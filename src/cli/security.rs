@@ -301,8 +301,10 @@ pub fn audit_ls_request(a: AuditCmd) -> anyhow::Result<Req> {
     Ok(("GET", format!("/api/v1/audit{q}"), None))
 }
 
-/// `godel audit verify --data-dir D`: the chain in a stopped node's store.
-/// Returns the exit code (0 verified, 1 broken).
+/// `godel audit verify --data-dir D`: the chains in a stopped node's
+/// store, every group it holds (the meta group's, and each queue shard's
+/// under a `group G:` header when there are several, as over the API).
+/// Returns the exit code (0 verified, 1 any broken).
 pub fn verify_offline(data_dir: &Path) -> anyhow::Result<i32> {
     let dir = data_dir.join("raft");
     if !dir.is_dir() {
@@ -311,11 +313,23 @@ pub fn verify_offline(data_dir: &Path) -> anyhow::Result<i32> {
             data_dir.display()
         );
     }
-    let state = crate::store::offline_state(&dir)
-        .with_context(|| format!("reading {} (is the node stopped?)", dir.display()))?;
-    let log = state.audit();
-    let entries: Vec<AuditEntry> = log.entries().collect();
-    Ok(report(log.anchor(), &entries))
+    let groups = crate::store::offline_captures(
+        &dir,
+        crate::store::Through::Committed,
+        &std::env::temp_dir(),
+    )
+    .with_context(|| format!("reading {} (is the node stopped?)", dir.display()))?;
+    let several = groups.len() > 1;
+    let mut code = 0;
+    for (group, capture) in &groups {
+        if several {
+            println!("group {group}:");
+        }
+        let log = capture.state().audit();
+        let entries: Vec<AuditEntry> = log.entries().collect();
+        code = code.max(report(log.anchor(), &entries));
+    }
+    Ok(code)
 }
 
 /// Prints what a walk of the chain found; the exit code.
