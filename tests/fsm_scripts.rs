@@ -64,7 +64,8 @@
 //!   [region=eu] [capacity=1] [room=100] [token=1]` kept for it, as a pull
 //!   from a queue shard does
 //! - `renew_many tokens=1,2 [lease=30000]`, `release tokens=1,2`,
-//!   `kill_session id=N [reason=R]`
+//!   `kill_session id=N [reason=R]`, `release_agent agent=A` (a shard lets
+//!   a deregistered agent go)
 //! - reads: `dump`, `task id=N`, `depth`, `clock`, `shard_count`, `sessions` (one line per
 //!   session, oldest first: state, key, agent, gateway, task, deadline, idle
 //!   close, reason), `load agent=A` (live leases against capacity),
@@ -133,6 +134,7 @@ scripts! {
     pull_from_a_shard_uses_the_nodes_profiles,
     pull_leases_to_the_nodes_own_agents,
     release_and_renew_many,
+    shard_lets_a_deregistered_agent_go,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
     sessions_are_per_tenant,
@@ -769,6 +771,9 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         },
         "release" => Command::Release {
             tokens: tokens(args)?,
+        },
+        "release_agent" => Command::ReleaseAgent {
+            agent: AgentId(args.require("agent")?),
         },
         "kill_session" => Command::KillSession {
             id: args.require("id")?,

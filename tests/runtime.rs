@@ -11,7 +11,9 @@
 //! - a drained node gives up its gateways under load, reports not ready, and
 //!   stops running work;
 //! - dispatch keeps strict priority end to end when every agent is busy;
-//! - the first and the third hold with pull dispatch too;
+//! - the first and the third hold with pull dispatch too, and with three
+//!   queue shards; there, deregistering an agent frees its lease and
+//!   session in the task's shard at once;
 //! - a gateway owner restarted before it counts as dead re-leases the tasks
 //!   its previous process was running at once, with new fencing tokens,
 //!   instead of letting their leases lapse.
@@ -96,6 +98,77 @@ async fn kill_gateway_owner_mid_run_with_three_shards() {
     let config = format!("{FAST_QUEUE}{SHARDS}{}", work.policy_toml());
     let mut c = Cluster::start_with(3, &config).await;
     bounded(Duration::from_secs(200), kill_owner_body(&mut c, &work)).await;
+}
+
+/// With three shards, deregistering an agent gives back its lease in the
+/// task's shard at once (no attempt spent) and ends its session there
+/// (`ReleaseAgent`), so the session's task goes to another agent well
+/// before the 30 s lease would have lapsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deregistering_an_agent_frees_its_shard_leases_with_three_shards() {
+    let c = Cluster::start_with(3, &format!("{FAST_QUEUE}{SHARDS}")).await;
+    bounded(Duration::from_secs(120), async {
+        let api = c.api();
+        let leader = c.leader().await;
+        let until = deadline(Duration::from_secs(20));
+        let slow = json!({ "dist": "fixed", "value": "60s" });
+        let r = api
+            .post_retrying(
+                leader,
+                "/api/v1/gateways",
+                &sim_gateway("slow", slow),
+                until,
+            )
+            .await;
+        assert_eq!(r.status, 201, "{r:?}");
+        wait_placed(&api, leader, &["slow".to_owned()]).await;
+        let agent = |id: &str| json!({ "id": id, "gateway": "slow", "capacity": 1 });
+        let r = api
+            .post_retrying(leader, "/api/v1/agents", &agent("first"), until)
+            .await;
+        assert_eq!(r.status, 201, "{r:?}");
+        let body = json!({ "tenant": "acme", "session_key": "dereg", "payload": {} });
+        let r = api
+            .post_retrying(leader, "/api/v1/tasks", &body, until)
+            .await;
+        assert_eq!(r.status, 201, "{r:?}");
+        let id = r.body["id"].as_u64().expect("id");
+        let path = format!("/api/v1/tasks/{id}");
+        let held_by = async |agent: &'static str| {
+            wait_until(
+                &format!("task {id} leased to {agent}"),
+                deadline(Duration::from_secs(20)),
+                async || {
+                    let t = api.get_ok(leader, &path).await;
+                    match t["lease"]["agent_id"].as_str() {
+                        Some(a) if a == agent && t["status"] == "leased" => Ok(t),
+                        _ => bail!("{t}"),
+                    }
+                },
+            )
+            .await
+        };
+        let first = held_by("first").await;
+        let r = api.delete(leader, "/api/v1/agents/first").await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        // At once, not at the lease's expiry: pending, no attempt spent.
+        let t = api.get_ok(leader, &path).await;
+        assert_eq!(t["status"], "pending", "{t}");
+        assert_eq!(t["attempt_count"], first["attempt_count"], "{t}");
+        let r = api
+            .post(leader, "/api/v1/agents", &agent("second"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{r:?}");
+        let t0 = Instant::now();
+        held_by("second").await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "leased again after {:?}, not at the first lease's expiry",
+            t0.elapsed()
+        );
+    })
+    .await;
 }
 
 /// The node owning the most gateways (the highest id on a tie), and those

@@ -239,7 +239,11 @@ pub async fn status(
         .ok_or_else(|| ApiError::not_found(format!("agent `{id}` is not registered")))
 }
 
-/// `DELETE /agents/{id}`: its live leases run on until they end or lapse.
+/// `DELETE /agents/{id}`: its live leases are given back (no attempt
+/// spent) and its sessions end. With queue shards the meta group
+/// deregisters it, then each shard lets it go (`ReleaseAgent`); a shard
+/// that cannot take the write now keeps the leases until they lapse and
+/// the sessions until they idle out (logged).
 #[utoipa::path(
     delete,
     path = "/agents/{id}",
@@ -256,6 +260,20 @@ pub async fn deregister(
     };
     api.write_as(&caller, cmd, Some(AuditTarget::text(format!("agent/{id}"))))
         .await?;
+    for group in api.node.shard_groups() {
+        let cmd = Command::ReleaseAgent {
+            agent: AgentId(id.clone()),
+        };
+        let target = Some(AuditTarget::text(format!("agent/{id}")));
+        if let Err(e) = api.write_in(group, &caller, cmd, target).await {
+            tracing::warn!(
+                agent = %id,
+                group = group.id(),
+                error = ?e,
+                "deregistered agent's leases and sessions in this shard not given back: they lapse"
+            );
+        }
+    }
     Ok(Json(RemovedView { removed: id }))
 }
 

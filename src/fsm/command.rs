@@ -370,6 +370,14 @@ pub enum Command {
         /// The shard, 1..=64.
         group: u32,
     },
+    /// In a queue shard, after the meta group deregistered `agent`: give
+    /// back every live lease it holds here (no attempt spent) and end its
+    /// sessions here, as `DeregisterAgent` does in a one-group cluster.
+    /// Refused where the agent is still registered.
+    ReleaseAgent {
+        /// The deregistered agent.
+        agent: AgentId,
+    },
 }
 
 /// Where a queue shard's voters go (`cluster.shard_placement`). Every node
@@ -448,6 +456,7 @@ impl Command {
             | Command::RenewMany { .. }
             | Command::Release { .. }
             | Command::KillSession { .. }
+            | Command::ReleaseAgent { .. }
             | Command::SetTenantWeight { .. } => Scope::Queue,
             Command::Tick | Command::Audit(_) | Command::DefineGroup { .. } => Scope::Any,
             Command::NodeHeartbeat { .. }

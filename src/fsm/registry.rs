@@ -525,6 +525,20 @@ impl State {
         Ok(Reply::Done)
     }
 
+    /// In a queue shard: lets a deregistered agent go (its leases and
+    /// sessions here). Refused while the agent is registered here (the
+    /// meta group of a one-group cluster, where deregistering does this).
+    pub(crate) fn release_agent(&mut self, agent: &AgentId, events: &mut Vec<Event>) -> Outcome {
+        if self.registry.agents.contains_key(agent) {
+            return Err(Rejection::invalid(
+                "agent",
+                format!("agent `{agent}` is registered: deregister it"),
+            ));
+        }
+        self.let_go(agent, "agent deregistered", events);
+        Ok(Reply::Done)
+    }
+
     /// Releases `agent`'s live leases and ends its sessions.
     fn let_go(&mut self, agent: &AgentId, why: &str, events: &mut Vec<Event>) {
         self.release_all(agent, events);
@@ -760,6 +774,14 @@ mod tests {
             (g.owner, g.health, g.circuit, g.updated_at_ms),
             (Some(9), Health::Degraded, Circuit::HalfOpen, 32)
         );
+        // Where the agent is registered, ReleaseAgent (a shard's) is
+        // refused and changes nothing: deregistering does it.
+        let before = crate::codec::encode(&s).unwrap();
+        let early = Command::ReleaseAgent {
+            agent: agent.id.clone(),
+        };
+        assert!(apply(&mut s, 32, early).is_err());
+        assert_eq!(crate::codec::encode(&s).unwrap(), before);
         apply(
             &mut s,
             40,

@@ -196,6 +196,7 @@ impl State {
             Command::PlaceGateway { id, owner } => self.place_gateway(id, *owner, events),
             Command::RegisterAgent(reg) => self.register_agent(reg, events),
             Command::DeregisterAgent { id } => self.deregister_agent(id, events),
+            Command::ReleaseAgent { agent } => self.release_agent(agent, events),
             Command::OpenSession(open) => self.open_session(open),
             Command::MoveSession {
                 id,
