@@ -87,11 +87,7 @@ impl Api {
         cmd: Command,
         target: Option<AuditTarget>,
     ) -> ApiResult<Reply> {
-        outcome(
-            self.node
-                .write_audited(cmd, Some(caller.audit(target)))
-                .await,
-        )
+        self.write_in(self.node.meta(), caller, cmd, target).await
     }
 
     /// [`Api::write_as`] to the queue group `group` (a task's shard).

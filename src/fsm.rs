@@ -86,7 +86,7 @@ pub use command::{
 };
 pub use event::{AgentChange, Event, EventKind, GatewayChange, NodeChange, What};
 pub use plan::{PullPlan, best_of, plan_from, plan_pull};
-pub use query::{Depth, TaskFilter, TaskPage};
+pub use query::{Depth, TaskFilter, TaskPage, merge_pages};
 pub use registry::{
     AgentRecord, AgentRegistration, BACKPRESSURE_PERCENT, Circuit, GatewayId, GatewayRecord,
     GatewayRegistration, Health, MAX_AGENT_CAPACITY, MAX_SESSIONS_PER_GATEWAY, NodeRecord,

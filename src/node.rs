@@ -557,7 +557,21 @@ impl Node {
 
     /// [`Node::read_barrier`] for every group that holds tasks, at once.
     pub async fn read_barrier_queue(&self) -> Result<(), NodeError> {
-        let all = self.inner.queue.iter().map(|g| self.read_barrier_in(g));
+        self.read_barriers(self.inner.queue.iter()).await
+    }
+
+    /// [`Node::read_barrier`] for every group this node hosts (the meta
+    /// group and the queue shards), at once.
+    pub async fn read_barrier_all(&self) -> Result<(), NodeError> {
+        self.read_barriers(self.groups()).await
+    }
+
+    /// A read barrier on each of `groups`, at once; the first error.
+    async fn read_barriers<'a>(
+        &self,
+        groups: impl Iterator<Item = &'a Group>,
+    ) -> Result<(), NodeError> {
+        let all = groups.map(|g| self.read_barrier_in(g));
         for r in futures_util::future::join_all(all).await {
             r?;
         }

@@ -15,6 +15,7 @@
 //! out no lease. It wakes on every applied change (coalesced: at most one
 //! wake-up waits) and on a timer, and keeps one round in flight.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -22,8 +23,6 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::DispatchMode;
-use std::collections::BTreeMap;
-
 use crate::fsm::{
     AgentId, Command, DispatchSpec, FencingToken, GatewayId, LeaseGrant, PullSpec, Reply,
 };

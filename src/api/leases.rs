@@ -103,15 +103,7 @@ pub async fn renew(
     let token = parse_token(&token)?;
     let lease_ms = lease_ms(&api, b.lease_ms)?;
     let cmd = Command::Renew { token, lease_ms };
-    task_reply(
-        api.write_in(
-            token_shard(&api, token)?,
-            &caller,
-            cmd,
-            Some(lease_target(token)),
-        )
-        .await?,
-    )
+    write_lease(&api, &caller, token, cmd).await
 }
 
 /// `POST /leases/{token}/complete` body.
@@ -143,15 +135,7 @@ pub async fn complete(
         token,
         result: b.result.to_string(),
     };
-    task_reply(
-        api.write_in(
-            token_shard(&api, token)?,
-            &caller,
-            cmd,
-            Some(lease_target(token)),
-        )
-        .await?,
-    )
+    write_lease(&api, &caller, token, cmd).await
 }
 
 /// `POST /leases/{token}/fail` body.
@@ -190,15 +174,7 @@ pub async fn fail(
         error: b.error,
         retryable: b.retryable,
     };
-    task_reply(
-        api.write_in(
-            token_shard(&api, token)?,
-            &caller,
-            cmd,
-            Some(lease_target(token)),
-        )
-        .await?,
-    )
+    write_lease(&api, &caller, token, cmd).await
 }
 
 /// Where a worker's lease call goes: with several shards, the one that
@@ -223,14 +199,18 @@ async fn lease_shard<'a>(
     Ok(&groups[at])
 }
 
-/// The shard of lease `token` (tokens carry it); one naming no shard has
-/// no lease.
-fn token_shard(api: &Api, token: FencingToken) -> ApiResult<&crate::node::Group> {
-    api.queue_group_of(token.0, "lease")
-}
-
-fn lease_target(token: FencingToken) -> AuditTarget {
-    AuditTarget::Lease(token.0)
+/// Proposes `cmd` about lease `token` in the shard that holds it (tokens
+/// carry it; one naming no shard has no lease), audited against the
+/// lease; the task it answers with.
+async fn write_lease(
+    api: &Api,
+    caller: &Caller,
+    token: FencingToken,
+    cmd: Command,
+) -> ApiResult<Json<TaskView>> {
+    let group = api.queue_group_of(token.0, "lease")?;
+    let target = Some(AuditTarget::Lease(token.0));
+    task_reply(api.write_in(group, caller, cmd, target).await?)
 }
 
 /// The requested lease length, or the configured default; checked here so a

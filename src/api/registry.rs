@@ -103,9 +103,10 @@ fn agent_view(a: &AgentRecord, loads: &HashMap<AgentId, u32>) -> AgentView {
 }
 
 /// Every agent's live leases over the queue groups, read after a barrier
-/// on each.
+/// on every group (the meta group's too: the callers then read the
+/// registry, so one round of barriers serves both reads).
 async fn loads(api: &Api) -> ApiResult<HashMap<AgentId, u32>> {
-    api.node.read_barrier_queue().await?;
+    api.node.read_barrier_all().await?;
     Ok(api.node.agent_loads())
 }
 
@@ -155,7 +156,6 @@ pub async fn register(
     api.write_as(&caller, Command::RegisterAgent(reg), target)
         .await?;
     // The write may have been applied on the leader only so far.
-    api.node.read_barrier().await?;
     let loads = loads(&api).await?;
     let view = api
         .node
@@ -173,7 +173,6 @@ pub async fn register(
     responses((status = 200, description = "Every agent", body = AgentsView))
 )]
 pub async fn list(State(api): State<Api>) -> ApiResult<Json<AgentsView>> {
-    api.node.read_barrier().await?;
     let loads = loads(&api).await?;
     let items = api.node.state().read(|s| {
         s.registry()
@@ -195,7 +194,6 @@ pub async fn list(State(api): State<Api>) -> ApiResult<Json<AgentsView>> {
     )
 )]
 pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Json<AgentView>> {
-    api.node.read_barrier().await?;
     let loads = loads(&api).await?;
     let id = AgentId(id);
     let view = api
@@ -220,12 +218,16 @@ pub async fn status(
     State(api): State<Api>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<AgentStatusView>> {
-    api.node.read_barrier().await?;
     let loads = loads(&api).await?;
+    // Read under the barriers `loads` made.
     let pending: u64 = api
-        .read_queue(|s| s.depth().count(None, TaskStatus::Pending, None))
-        .await?
+        .node
+        .queue_groups()
         .iter()
+        .map(|g| {
+            g.state()
+                .read(|s| s.depth().count(None, TaskStatus::Pending, None))
+        })
         .sum();
     let id = AgentId(id);
     let view = api.node.state().read(|s| {

@@ -130,7 +130,7 @@ pub async fn list(
         budget: super::SCAN_BUDGET,
     };
     let pages = api.read_queue(|s| page(s.sessions(), &q, &scope)).await?;
-    let (items, next) = merge(pages, limit);
+    let (items, next) = crate::fsm::merge_pages(pages, limit, |v: &SessionView| v.id);
     Ok(Json(SessionPage {
         items,
         next_cursor: next.map(|id| id.to_string()),
@@ -170,28 +170,6 @@ fn page(
         }
     }
     (items, None)
-}
-
-/// One page out of pages read from several shards with the same cursor
-/// (as `TaskPage::merge`: the `limit` smallest ids, cut at the first
-/// shard's horizon).
-fn merge(
-    pages: Vec<(Vec<SessionView>, Option<SessionId>)>,
-    limit: usize,
-) -> (Vec<SessionView>, Option<SessionId>) {
-    let horizon = pages.iter().filter_map(|(_, next)| *next).min();
-    let mut items: Vec<SessionView> = pages
-        .into_iter()
-        .flat_map(|(items, _)| items)
-        .filter(|v| horizon.is_none_or(|h| v.id <= h))
-        .collect();
-    items.sort_by_key(|v| v.id);
-    if items.len() > limit {
-        items.truncate(limit);
-        let next = items.last().map(|v| v.id);
-        return (items, next);
-    }
-    (items, horizon)
 }
 
 /// `GET /sessions/{id}`.

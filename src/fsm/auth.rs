@@ -519,7 +519,6 @@ impl State {
         })
     }
 
-    /// Refuses a new task of `tenant` past its `max_queued`.
     /// Tenant `tenant`'s `max_queued`, if it has one.
     pub fn tenant_max_queued(&self, tenant: &Tenant) -> Option<u64> {
         self.auth
@@ -528,13 +527,9 @@ impl State {
             .and_then(|r| r.settings.max_queued)
     }
 
+    /// Refuses a new task of `tenant` past its `max_queued`.
     pub(crate) fn check_quota(&self, tenant: &Tenant) -> Result<(), Rejection> {
-        let Some(limit) = self
-            .auth
-            .tenants
-            .get(tenant)
-            .and_then(|r| r.settings.max_queued)
-        else {
+        let Some(limit) = self.tenant_max_queued(tenant) else {
             return Ok(());
         };
         let queued = self.queued_of(tenant);

@@ -41,29 +41,38 @@ pub struct TaskPage {
 
 impl TaskPage {
     /// One page of `limit` out of pages read from several queue shards with
-    /// the same filter and cursor. Ids order tasks across shards (each
-    /// shard's page is in id order), so the merged page is the `limit`
-    /// smallest ids, cut at the first shard's horizon: a shard page with a
-    /// `next` has shown every match up to it, and nothing past it. The
-    /// cursor stays one id.
+    /// the same filter and cursor ([`merge_pages`]).
     pub fn merge(pages: Vec<TaskPage>, limit: usize) -> TaskPage {
-        let horizon = pages.iter().filter_map(|p| p.next).min();
-        let mut items: Vec<Arc<Task>> = pages
-            .into_iter()
-            .flat_map(|p| p.items)
-            .filter(|t| horizon.is_none_or(|h| t.id <= h))
-            .collect();
-        items.sort_by_key(|t| t.id);
-        if items.len() > limit {
-            items.truncate(limit);
-            let next = items.last().map(|t| t.id);
-            return TaskPage { items, next };
-        }
-        TaskPage {
-            items,
-            next: horizon,
-        }
+        let pages = pages.into_iter().map(|p| (p.items, p.next)).collect();
+        let (items, next) = merge_pages(pages, limit, |t: &Arc<Task>| t.id);
+        TaskPage { items, next }
     }
+}
+
+/// One page of `limit` out of pages (items and next cursor) read from
+/// several queue shards with the same filter and cursor. Ids order items
+/// across shards (each shard's page is in id order), so the merged page is
+/// the `limit` smallest ids, cut at the first shard's horizon: a shard page
+/// with a `next` has shown every match up to it, and nothing past it. The
+/// cursor stays one id.
+pub fn merge_pages<T, K: Ord + Copy>(
+    pages: Vec<(Vec<T>, Option<K>)>,
+    limit: usize,
+    id: impl Fn(&T) -> K,
+) -> (Vec<T>, Option<K>) {
+    let horizon = pages.iter().filter_map(|(_, next)| *next).min();
+    let mut items: Vec<T> = pages
+        .into_iter()
+        .flat_map(|(items, _)| items)
+        .filter(|t| horizon.is_none_or(|h| id(t) <= h))
+        .collect();
+    items.sort_by_key(|t| id(t));
+    if items.len() > limit {
+        items.truncate(limit);
+        let next = items.last().map(&id);
+        return (items, next);
+    }
+    (items, horizon)
 }
 
 /// Exact task counts, per tenant, priority and status.
