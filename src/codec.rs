@@ -13,10 +13,14 @@ use serde::de::DeserializeOwned;
 /// The envelope version written by this build.
 ///
 /// 2: sessions belong to a tenant, and the state holds API keys, tenant
-/// records and the audit chain. Godel has no release that wrote version 1
-/// data to keep: a version 1 data directory is refused with
-/// [`CodecError::Version`] rather than misread (start it afresh).
-pub const VERSION: u8 = 2;
+/// records and the audit chain.
+/// 3: the state holds the queue shards' routing epochs and each session's
+/// unfinished tasks (adding shards, `docs/shards.md`), with the shard
+/// fields added since version 2 was set.
+/// Godel has no release that wrote earlier data to keep: an older data
+/// directory or backup is refused with [`CodecError::Version`] rather than
+/// misread (start it afresh).
+pub const VERSION: u8 = 3;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
 pub const MAX_DECODE_BYTES: usize = 512 * 1024 * 1024;

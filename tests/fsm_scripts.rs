@@ -40,6 +40,10 @@
 //! - `shards count=N [placement=auto|every|spread|regional]` (record the
 //!   cluster's queue-shard count and placement)
 //! - `define_group group=N` (make the state queue shard N's; read with `group`)
+//! - `grow_shards count=N` (the cluster's shards grow to N), `open_route
+//!   epoch=E count=N` (the meta group opens routing epoch E; a shard
+//!   records it), read with `routes`; `submit ... epoch=E [lookback=true]`
+//!   is a routed submission (`SubmitRouted`)
 //! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
 //! - registry: `node id=N [region=eu] [api=127.0.0.1:1]` (a heartbeat at the
 //!   script clock), `drain id=N [on=true]`,
@@ -135,6 +139,10 @@ scripts! {
     pull_leases_to_the_nodes_own_agents,
     release_and_renew_many,
     shard_lets_a_deregistered_agent_go,
+    shards_grow_then_a_route_opens,
+    one_shard_cluster_does_not_grow,
+    routed_submission_epoch_fence,
+    lookback_submission_finds_key_or_session,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
     sessions_are_per_tenant,
@@ -470,6 +478,15 @@ impl Runner {
                 self.state.shard_placement()
             )],
             "group" => vec![format!("group {}", self.state.group())],
+            "routes" => {
+                let counts: Vec<String> =
+                    self.state.routes().iter().map(|c| c.to_string()).collect();
+                vec![format!(
+                    "routes [{}] seen epoch {}",
+                    counts.join(","),
+                    self.state.route_epoch()
+                )]
+            }
             "sessions" => self.sessions(),
             "load" => self.load(AgentId(args.require("agent")?)),
             "keys" => key_lines(&self.state),
@@ -728,6 +745,13 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         },
         "define_group" => Command::DefineGroup {
             group: args.require("group")?,
+        },
+        "grow_shards" => Command::GrowShards {
+            count: args.require("count")?,
+        },
+        "open_route" => Command::OpenRoute {
+            epoch: args.require("epoch")?,
+            count: args.require("count")?,
         },
         "node" => Command::NodeHeartbeat {
             id: args.require("id")?,
@@ -1019,7 +1043,9 @@ fn submit_command(args: &mut Args, now_ms: u64) -> Result<Command, String> {
         }
         None => None,
     };
-    Ok(Command::Submit(SubmitTask {
+    let routed: Option<u32> = args.parsed("epoch")?;
+    let lookback = args.parsed("lookback")?.unwrap_or(false);
+    let task = SubmitTask {
         tenant: Tenant(args.take("tenant").unwrap_or_else(|| "a".into())),
         priority: args.parsed("priority")?,
         payload,
@@ -1044,7 +1070,15 @@ fn submit_command(args: &mut Args, now_ms: u64) -> Result<Command, String> {
             }),
             None => None,
         },
-    }))
+    };
+    Ok(match routed {
+        Some(epoch) => Command::SubmitRouted {
+            epoch,
+            lookback,
+            task,
+        },
+        None => Command::Submit(task),
+    })
 }
 
 fn lease_command(args: &mut Args) -> Result<Command, String> {
@@ -1182,6 +1216,7 @@ fn outcome_lines(outcome: &Outcome) -> Vec<String> {
             vec![format!("replayed {}", ids.join(" "))]
         }
         Ok(Reply::Done) => vec!["ok".into()],
+        Ok(Reply::NotHere) => vec!["not here".into()],
         Ok(Reply::Session(s)) => vec![format!("ok {}", session_line(s))],
         Ok(Reply::Dispatched(grants)) if grants.is_empty() => vec!["dispatched none".into()],
         Ok(Reply::Dispatched(grants)) => grants.iter().map(dispatch_grant_line).collect(),
@@ -1291,6 +1326,7 @@ fn rejection_line(r: &Rejection) -> String {
         Rejection::Conflict(_) => "conflict",
         Rejection::QuotaExceeded { .. } => "quota_exceeded",
         Rejection::Forbidden(_) => "forbidden",
+        Rejection::StaleRoute { .. } => "stale_route",
     };
     format!("rejected {kind}: {r}")
 }

@@ -553,10 +553,14 @@ impl State {
         events: &mut Vec<super::event::Event>,
     ) -> Outcome {
         match cmd {
-            Command::Submit(spec) if spec.tenant.0 != scope => Err(Rejection::Forbidden(format!(
-                "this credential acts in tenant `{scope}` and cannot submit to `{}`",
-                spec.tenant
-            ))),
+            Command::Submit(spec) | Command::SubmitRouted { task: spec, .. }
+                if spec.tenant.0 != scope =>
+            {
+                Err(Rejection::Forbidden(format!(
+                    "this credential acts in tenant `{scope}` and cannot submit to `{}`",
+                    spec.tenant
+                )))
+            }
             Command::Lease {
                 agent_id,
                 capabilities,
@@ -612,7 +616,9 @@ impl State {
                 }
                 self.apply_command(cmd, entropy, events)
             }
-            Command::Submit(_) => self.apply_command(cmd, entropy, events),
+            Command::Submit(_) | Command::SubmitRouted { .. } => {
+                self.apply_command(cmd, entropy, events)
+            }
             _ => Err(Rejection::Forbidden(
                 "this command is not confined to one tenant".into(),
             )),

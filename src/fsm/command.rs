@@ -378,6 +378,44 @@ pub enum Command {
         /// The deregistered agent.
         agent: AgentId,
     },
+    /// Grow the cluster's queue shards to `count` (more than it has, when
+    /// it has more than one: a one-shard cluster's queue is the meta
+    /// group's). Proposed by the meta leader once every node hosts the new
+    /// groups; new tasks go to them only after an [`Command::OpenRoute`].
+    /// The same count again changes nothing; fewer is refused (shards are
+    /// not removed).
+    GrowShards {
+        /// Queue shards from now on, up to 64.
+        count: u32,
+    },
+    /// Routing epoch `epoch`: new tasks go to shards `1..=count`. In the
+    /// meta group, it opens the epoch (the next one, over every shard the
+    /// cluster has); in a queue shard, it records that the epoch exists,
+    /// so submissions routed by an earlier one are refused
+    /// ([`Rejection::StaleRoute`]). `docs/shards.md`, "Changing the number
+    /// of shards".
+    OpenRoute {
+        /// The epoch, from 2 (epoch 1 is the shards the cluster was
+        /// created with).
+        epoch: u32,
+        /// The shards it routes over.
+        count: u32,
+    },
+    /// A submission to a queue shard, routed by a node under routing
+    /// epoch `epoch`. Refused when the shard has seen a later epoch (the
+    /// node re-routes). With `lookback`, the shard takes the task only when
+    /// it already holds its idempotency key (answering with that task) or
+    /// its session (a live session, or an unfinished task, with its session
+    /// key); otherwise it answers [`Reply::NotHere`] and changes nothing
+    /// but its epoch.
+    SubmitRouted {
+        /// The routing epoch the node routed by.
+        epoch: u32,
+        /// Take it only if the key or session is here.
+        lookback: bool,
+        /// The task.
+        task: SubmitTask,
+    },
 }
 
 /// Where a queue shard's voters go (`cluster.shard_placement`). Every node
@@ -457,8 +495,12 @@ impl Command {
             | Command::Release { .. }
             | Command::KillSession { .. }
             | Command::ReleaseAgent { .. }
+            | Command::SubmitRouted { .. }
             | Command::SetTenantWeight { .. } => Scope::Queue,
-            Command::Tick | Command::Audit(_) | Command::DefineGroup { .. } => Scope::Any,
+            Command::Tick
+            | Command::Audit(_)
+            | Command::DefineGroup { .. }
+            | Command::OpenRoute { .. } => Scope::Any,
             Command::NodeHeartbeat { .. }
             | Command::SetDrain { .. }
             | Command::RegisterGateway(_)
@@ -476,7 +518,8 @@ impl Command {
             | Command::UpdateTenant { .. }
             | Command::DeleteTenant { .. }
             | Command::RevokeJti { .. }
-            | Command::DefineShards { .. } => Scope::Meta,
+            | Command::DefineShards { .. }
+            | Command::GrowShards { .. } => Scope::Meta,
         }
     }
 }
@@ -774,6 +817,9 @@ pub enum Reply {
         /// Its weight.
         weight: u32,
     },
+    /// A `lookback` submission found neither its key nor its session in
+    /// this shard: it goes on to the shard its epoch routes it to.
+    NotHere,
 }
 
 /// One granted lease.
@@ -858,6 +904,15 @@ pub enum Rejection {
     /// The caller's scope does not allow the command.
     #[error("{0}")]
     Forbidden(String),
+    /// A submission routed by an earlier routing epoch than this shard has
+    /// seen: the node's shard map is behind; it re-routes.
+    #[error("routed by routing epoch {sent}, but this shard has seen epoch {seen}: route again")]
+    StaleRoute {
+        /// The epoch the submission was routed by.
+        sent: u32,
+        /// The latest the shard has seen.
+        seen: u32,
+    },
 }
 
 impl Rejection {
@@ -868,7 +923,8 @@ impl Rejection {
             Rejection::StaleToken(_)
             | Rejection::IllegalTransition { .. }
             | Rejection::SessionTransition { .. }
-            | Rejection::Conflict(_) => "conflict",
+            | Rejection::Conflict(_)
+            | Rejection::StaleRoute { .. } => "conflict",
             Rejection::Invalid { .. } => "invalid_request",
             Rejection::TooLarge { .. } => "payload_too_large",
             Rejection::QuotaExceeded { .. } => "rate_limited",

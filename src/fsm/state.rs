@@ -17,7 +17,9 @@ use super::queue::{ReadyQueues, normalize_caps};
 use super::registry::{NodeId, Registry};
 use super::retry::mix;
 use super::session::Sessions;
-use super::task::{AgentId, FencingToken, Limits, Priority, Task, TaskId, TaskStatus, Tenant};
+use super::task::{
+    AgentId, FencingToken, Limits, Priority, SessionKey, Task, TaskId, TaskStatus, Tenant,
+};
 
 /// Task counts per priority (rank order) and status (declaration order).
 pub(crate) type Counts = [[u64; 8]; 4];
@@ -73,6 +75,17 @@ pub struct State {
     /// In a queue shard: the placement token each agent was last pulled
     /// for with (see `State::pull`).
     pub(crate) placements: BTreeMap<AgentId, u64>,
+    /// In the meta group: the shards each routing epoch routes new tasks
+    /// over; epoch `e` is `routes[e - 1]` (the first: the count the
+    /// cluster was created with). Empty until the count is recorded.
+    pub(crate) routes: Vec<u32>,
+    /// In a queue shard: the latest routing epoch it has seen (0: none
+    /// told, as epoch 1). Submissions routed by an earlier one are refused.
+    pub(crate) route_epoch: u32,
+    /// Unfinished tasks (not completed, cancelled or dead-lettered) per
+    /// tenant and session key: where a session's work is, for a `lookback`
+    /// submission ([`Command::SubmitRouted`]).
+    pub(crate) session_tasks: BTreeMap<(Tenant, SessionKey), u32>,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -161,6 +174,14 @@ impl State {
     ) -> Outcome {
         self.check_scope(cmd)?;
         match cmd {
+            // A shard that has seen a later routing epoch refuses a
+            // submission that carries none (as routed by epoch 1).
+            Command::Submit(_) if self.group > 0 && self.route_epoch() > 1 => {
+                Err(Rejection::StaleRoute {
+                    sent: 1,
+                    seen: self.route_epoch(),
+                })
+            }
             Command::Submit(spec) => self.submit(spec, events),
             Command::Lease {
                 agent_id,
@@ -231,6 +252,13 @@ impl State {
             }
             Command::DefineShards { count, placement } => self.define_shards(*count, *placement),
             Command::DefineGroup { group } => self.define_group(*group),
+            Command::GrowShards { count } => self.grow_shards(*count),
+            Command::OpenRoute { epoch, count } => self.open_route(*epoch, *count),
+            Command::SubmitRouted {
+                epoch,
+                lookback,
+                task,
+            } => self.submit_routed(*epoch, *lookback, task, events),
         }
     }
 
@@ -289,12 +317,13 @@ impl State {
             0 => {
                 self.shard_count = count;
                 self.shard_placement = placement;
+                self.routes = vec![count];
                 Ok(Reply::Done)
             }
             n if n != count => Err(Rejection::invalid(
                 "count",
                 format!(
-                    "the cluster was created with {n} queue shards; the number of shards cannot change"
+                    "the cluster has {n} queue shards; the count is recorded once (more are added with cluster.shards on every node: docs/shards.md)"
                 ),
             )),
             _ if placement != self.shard_placement => Err(Rejection::invalid(
@@ -313,9 +342,136 @@ impl State {
         self.shard_placement
     }
 
-    /// Queue shards the cluster was created with (0: not recorded yet).
+    /// Queue shards the cluster has (0: not recorded yet).
     pub fn shard_count(&self) -> u32 {
         self.shard_count
+    }
+
+    /// The shards of each routing epoch, oldest first (the last is the
+    /// current one); empty until the count is recorded.
+    pub fn routes(&self) -> &[u32] {
+        &self.routes
+    }
+
+    /// In a queue shard: the latest routing epoch it has seen (at least 1).
+    pub fn route_epoch(&self) -> u32 {
+        self.route_epoch.max(1)
+    }
+
+    /// Adds queue shards: the count grows; routing does not change until
+    /// an `OpenRoute` opens an epoch over them.
+    fn grow_shards(&mut self, count: u32) -> Outcome {
+        let max = crate::config::MAX_SHARDS;
+        let now = self.shard_count;
+        if now <= 1 {
+            return Err(Rejection::invalid(
+                "count",
+                "only a cluster created with several queue shards can add more (with one, the queue is the meta group's)",
+            ));
+        }
+        if count > max {
+            return Err(Rejection::invalid("count", format!("must be at most {max}")));
+        }
+        if count < now {
+            return Err(Rejection::invalid(
+                "count",
+                format!("the cluster has {now} queue shards; shards are not removed"),
+            ));
+        }
+        self.shard_count = count;
+        Ok(Reply::Done)
+    }
+
+    /// Routing epoch `epoch` over `count` shards: opened in the meta group
+    /// (the next epoch, over every shard), recorded in a queue shard.
+    fn open_route(&mut self, epoch: u32, count: u32) -> Outcome {
+        if self.group > 0 {
+            self.route_epoch = self.route_epoch.max(epoch);
+            return Ok(Reply::Done);
+        }
+        let current = self.routes.len() as u32;
+        if current == 0 {
+            return Err(Rejection::invalid(
+                "epoch",
+                "the cluster's shard count is not recorded yet",
+            ));
+        }
+        if epoch == current && self.routes.last() == Some(&count) {
+            return Ok(Reply::Done);
+        }
+        if epoch != current + 1 {
+            return Err(Rejection::invalid(
+                "epoch",
+                format!("the current routing epoch is {current}; the next is {}", current + 1),
+            ));
+        }
+        if count != self.shard_count || Some(&count) <= self.routes.last() {
+            return Err(Rejection::invalid(
+                "count",
+                format!(
+                    "a new epoch routes over every shard the cluster has ({}), more than the last ({})",
+                    self.shard_count,
+                    self.routes.last().copied().unwrap_or(0)
+                ),
+            ));
+        }
+        self.routes.push(count);
+        Ok(Reply::Done)
+    }
+
+    /// A submission routed by epoch `epoch` (see [`Command::SubmitRouted`]).
+    fn submit_routed(
+        &mut self,
+        epoch: u32,
+        lookback: bool,
+        spec: &SubmitTask,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let seen = self.route_epoch();
+        if epoch < seen {
+            return Err(Rejection::StaleRoute { sent: epoch, seen });
+        }
+        self.route_epoch = epoch;
+        if lookback && !self.holds_key_of(spec) {
+            return Ok(Reply::NotHere);
+        }
+        self.submit(spec, events)
+    }
+
+    /// Whether this group holds `spec`'s idempotency key, or its session
+    /// (live, or with unfinished tasks).
+    fn holds_key_of(&self, spec: &SubmitTask) -> bool {
+        let keyed = spec.idempotency_key.as_ref().is_some_and(|k| {
+            self.idempotency
+                .contains_key(&(spec.tenant.clone(), k.clone()))
+        });
+        let session = spec.session_key.as_ref().is_some_and(|k| {
+            self.sessions.by_key(&spec.tenant, k).is_some()
+                || self
+                    .session_tasks
+                    .contains_key(&(spec.tenant.clone(), k.clone()))
+        });
+        keyed || session
+    }
+
+    /// Counts a task in or out of its session's unfinished tasks.
+    fn count_session_task(&mut self, id: TaskId, delta: i32) {
+        let t = &self.tasks[&id];
+        let unfinished = !matches!(
+            t.status,
+            TaskStatus::Completed | TaskStatus::Cancelled | TaskStatus::DeadLetter
+        );
+        let Some(key) = t.session_key.as_ref().filter(|_| unfinished) else {
+            return;
+        };
+        let k = (t.tenant.clone(), key.clone());
+        let n = self.session_tasks.entry(k.clone()).or_default();
+        *n = n
+            .checked_add_signed(delta)
+            .expect("invariant: session task counts never go negative");
+        if *n == 0 {
+            self.session_tasks.remove(&k);
+        }
     }
 
     /// Applies an API caller's command (confined to its tenant when the
@@ -712,6 +868,7 @@ impl State {
 
     /// Removes a task from the indexes its status puts it in.
     fn unindex(&mut self, id: TaskId) {
+        self.count_session_task(id, -1);
         let t = &self.tasks[&id];
         match t.status {
             TaskStatus::Pending => {
@@ -746,6 +903,7 @@ impl State {
 
     /// Files a task under the indexes of its status.
     fn index(&mut self, id: TaskId) {
+        self.count_session_task(id, 1);
         let t = &self.tasks[&id];
         match t.status {
             TaskStatus::Pending => self
@@ -1005,5 +1163,84 @@ mod tests {
         );
         assert_eq!(s.group(), 0);
         assert_eq!(s.tasks, before.tasks);
+    }
+
+    /// The count of each session's unfinished tasks (what a lookback
+    /// submission asks) stays equal to a recount over the tasks through
+    /// submissions, leases, completions, failures to dead letter,
+    /// replays, cancels and lease expiries.
+    #[test]
+    fn session_task_counts_match_a_recount() {
+        use crate::fsm::{
+            AgentId, FencingToken, ReplaySelector, SessionKey, TaskId, TaskStatus, Tenant,
+        };
+        use std::collections::BTreeMap;
+        let recount = |s: &State| {
+            let mut m: BTreeMap<(Tenant, SessionKey), u32> = BTreeMap::new();
+            for t in s.tasks.values() {
+                let done = matches!(
+                    t.status,
+                    TaskStatus::Completed | TaskStatus::Cancelled | TaskStatus::DeadLetter
+                );
+                if let (Some(k), false) = (&t.session_key, done) {
+                    *m.entry((t.tenant.clone(), k.clone())).or_default() += 1;
+                }
+            }
+            m
+        };
+        let mut s = State::default();
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            rng = rng
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (rng >> 33) % n
+        };
+        let mut now = 0;
+        for _ in 0..2_000 {
+            now += next(5_000);
+            let ids: Vec<TaskId> = s.tasks.keys().copied().collect();
+            let tokens: Vec<FencingToken> = s.leases.keys().copied().collect();
+            let any_id = |k: u64| ids.get(k as usize % ids.len().max(1)).copied();
+            let any_token = |k: u64| tokens.get(k as usize % tokens.len().max(1)).copied();
+            let cmd = match next(7) {
+                0 | 1 => Some(Command::Submit(SubmitTask {
+                    tenant: Tenant(["a", "b"][next(2) as usize].into()),
+                    payload: "{}".into(),
+                    session_key: (next(3) > 0).then(|| SessionKey(format!("s{}", next(4)))),
+                    max_attempts: Some(2),
+                    ..Default::default()
+                })),
+                2 => Some(Command::Lease {
+                    agent_id: AgentId("w".into()),
+                    capabilities: vec![],
+                    max: 3,
+                    lease_ms: 10_000,
+                }),
+                3 => any_token(next(100)).map(|token| Command::Complete {
+                    token,
+                    result: "{}".into(),
+                }),
+                4 => any_token(next(100)).map(|token| Command::Fail {
+                    token,
+                    error: "e".into(),
+                    retryable: next(2) == 0,
+                }),
+                5 => any_id(next(100)).map(|id| Command::Cancel { id, reason: None }),
+                _ => any_id(next(100)).map(|id| Command::Replay {
+                    selector: ReplaySelector::Ids(vec![id]),
+                    limit: 10,
+                }),
+            };
+            if let Some(cmd) = cmd {
+                let _ = s.apply_one(now, cmd);
+            }
+            assert_eq!(s.session_tasks, recount(&s));
+        }
+        assert!(s.tasks.len() > 300, "the run made tasks");
+        assert!(
+            s.tasks.values().any(|t| t.status == TaskStatus::DeadLetter),
+            "the run dead-lettered some"
+        );
     }
 }
