@@ -99,8 +99,10 @@ pub struct ClusterConfig {
     /// Queue shards (`docs/shards.md`). 1: the meta group is the one
     /// shard, as before shards existed. N > 1: N more Raft groups, `1..=N`,
     /// each replicated on every voter with its leader spread over the
-    /// nodes. Fixed when the cluster is created: every node must say the
-    /// same, and a node whose data holds another count refuses to start.
+    /// nodes. Recorded when the cluster is created; it can grow (raise it
+    /// on every node, restarting them one at a time: `docs/shards.md`,
+    /// "Changing the number of shards"), never shrink: a node whose data
+    /// holds more refuses to start.
     pub shards: u32,
     /// Where each queue shard's voters go: `auto` (default: `spread` with
     /// more than five voters in three or more regions, else `every`),

@@ -252,7 +252,7 @@ impl Node {
             crate::fabric::start_hints(self, tree.root()).await?;
         }
         let directory = self.inner.agents.clone();
-        for group in self.queue_groups() {
+        for group in self.hosted_queue_groups() {
             let router =
                 crate::actors::route_leases(self.clone(), group.clone(), directory.clone());
             self.spawn(router);
@@ -387,9 +387,23 @@ impl Node {
         &self.inner.shards
     }
 
-    /// The groups that hold tasks, leases and sessions: the queue shards,
-    /// or the meta group when the cluster has one shard.
+    /// The groups that hold tasks, leases and sessions: the queue shards
+    /// some routing epoch has routed to (a shard being added is not one
+    /// until the meta group opens an epoch over it), or the meta group when
+    /// the cluster has one shard.
     pub fn queue_groups(&self) -> &[Group] {
+        let all = &self.inner.queue;
+        if self.inner.shards.is_empty() {
+            return all;
+        }
+        let routed = self.inner.meta.state().read(|s| s.routes().last().copied());
+        let n = routed.map_or(all.len(), |n| (n as usize).min(all.len()));
+        &all[..n]
+    }
+
+    /// Every group this node hosts that holds or will hold tasks: the
+    /// queue groups and any shard being added.
+    pub fn hosted_queue_groups(&self) -> &[Group] {
         &self.inner.queue
     }
 
@@ -397,23 +411,62 @@ impl Node {
     /// shard: `fsm::group_of`), or an error when the id names no shard of
     /// this cluster (no such object, then).
     pub fn queue_group_of(&self, id: u64) -> Result<&Group, NodeError> {
-        fsm::group_of(id, self.inner.config.cluster.shards)
+        let shards = if self.inner.shards.is_empty() {
+            1
+        } else {
+            self.queue_groups().len() as u32
+        };
+        fsm::group_of(id, shards)
             .and_then(|g| self.group(g))
             .ok_or_else(|| NodeError::Invalid(format!("{id} names no queue shard of this cluster")))
     }
 
-    /// The group a new task of `tenant` goes to: by its `key` (session key,
-    /// else idempotency key; `fsm::route`), or a random shard for a task
-    /// with neither (there is nothing to keep together or deduplicate).
-    pub fn queue_group_for(&self, tenant: &str, key: Option<&str>) -> &Group {
-        let shards = self.inner.config.cluster.shards;
-        let g = match key {
-            Some(k) => fsm::route(tenant, k, shards),
-            None if shards > 1 => 1 + rand::random::<u32>() % shards,
-            None => 0,
+    /// Where a new task of `tenant` goes (`docs/shards.md`, "Changing the
+    /// number of shards"), by this node's replica of the meta group's
+    /// routing epochs: the shard the current epoch routes its `key`
+    /// (session key, else idempotency key; `fsm::route`) to, or a random
+    /// one for a task with neither (nothing to keep together or
+    /// deduplicate); and, oldest first, the other shards earlier epochs
+    /// routed the key to, which a lookback submission asks first.
+    pub fn submission_route(&self, tenant: &str, key: Option<&str>) -> SubmissionRoute {
+        if self.inner.shards.is_empty() {
+            return SubmissionRoute {
+                epoch: 1,
+                target: META_GROUP,
+                lookback: Vec::new(),
+            };
+        }
+        let hosted = self.inner.shards.len() as u32;
+        let mut routes = self.inner.meta.state().read(|s| s.routes().to_vec());
+        if routes.is_empty() {
+            routes.push(hosted);
+        }
+        // A count past this node's groups cannot be (every node hosts the
+        // shards before an epoch opens over them); kept within them.
+        for c in &mut routes {
+            *c = (*c).min(hosted);
+        }
+        let current = *routes.last().expect("one epoch at least");
+        let Some(k) = key else {
+            return SubmissionRoute {
+                epoch: routes.len() as u32,
+                target: 1 + rand::random::<u32>() % current,
+                lookback: Vec::new(),
+            };
         };
-        self.group(g)
-            .expect("invariant: a node hosts every shard of its cluster")
+        let target = fsm::route(tenant, k, current);
+        let mut lookback: Vec<GroupId> = Vec::new();
+        for c in &routes[..routes.len() - 1] {
+            let g = fsm::route(tenant, k, *c);
+            if g != target && !lookback.contains(&g) {
+                lookback.push(g);
+            }
+        }
+        SubmissionRoute {
+            epoch: routes.len() as u32,
+            target,
+            lookback,
+        }
     }
 
     /// Every group this node hosts, the meta group first.
@@ -557,13 +610,19 @@ impl Node {
 
     /// [`Node::read_barrier`] for every group that holds tasks, at once.
     pub async fn read_barrier_queue(&self) -> Result<(), NodeError> {
-        self.read_barriers(self.inner.queue.iter()).await
+        self.read_barriers(self.queue_groups().iter()).await
     }
 
-    /// [`Node::read_barrier`] for every group this node hosts (the meta
-    /// group and the queue shards), at once.
+    /// [`Node::read_barrier`] for the meta group and every queue shard
+    /// routed to, at once.
     pub async fn read_barrier_all(&self) -> Result<(), NodeError> {
-        self.read_barriers(self.groups()).await
+        let shards = if self.inner.shards.is_empty() {
+            &[][..]
+        } else {
+            self.queue_groups()
+        };
+        self.read_barriers(std::iter::once(&self.inner.meta).chain(shards))
+            .await
     }
 
     /// A read barrier on each of `groups`, at once; the first error.
@@ -687,6 +746,17 @@ fn not_leader_or_unavailable(
         },
         other => RemoteFailure::Unavailable(other.to_string()),
     }
+}
+
+/// Where a new task goes: [`Node::submission_route`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubmissionRoute {
+    /// The routing epoch it was routed by.
+    pub epoch: u32,
+    /// The shard the current epoch routes it to.
+    pub target: GroupId,
+    /// Other shards earlier epochs routed its key to, oldest first.
+    pub lookback: Vec<GroupId>,
 }
 
 /// The groups a node with `shards` queue shards hosts: the meta group, and

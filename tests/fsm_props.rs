@@ -91,6 +91,9 @@ fn observe(outcome: &Outcome) -> Expect {
         Err(r @ Rejection::Unknown { .. }) => {
             panic!("registry rejection from a queue command: {r}")
         }
+        Ok(Reply::NotHere) | Err(Rejection::StaleRoute { .. }) => {
+            panic!("routing answer to an unrouted command: {outcome:?}")
+        }
     }
 }
 

@@ -233,7 +233,7 @@ async fn joining_nodes_get_every_shard_and_a_different_count_is_refused() {
         )
         .await;
 
-        // A node restarted with another count refuses to start, saying why.
+        // A node restarted with fewer shards refuses to start, saying why.
         assert!(c.terminate(new, Duration::from_secs(10)));
         c.edit_config(new, |t| t.replace("shards = 3", "shards = 2"));
         c.restart(new);
@@ -241,7 +241,7 @@ async fn joining_nodes_get_every_shard_and_a_different_count_is_refused() {
         assert!(exit.is_some_and(|s| !s.success()), "{exit:?}");
         let log = c.node(new).log_tail(40);
         assert!(
-            log.contains("cluster.shards is 2 but this cluster was created with 3"),
+            log.contains("cluster.shards is 2 but this cluster has 3 queue shards"),
             "{log}"
         );
 

@@ -41,6 +41,10 @@ pub struct ClusterView {
     shards: Vec<ShardLeader>,
     /// The queue-shard count the cluster records (0: not recorded yet).
     shard_count: u32,
+    /// The shards each routing epoch routes new tasks over, oldest first:
+    /// the last is the current epoch's (it trails `shard_count` while
+    /// added shards are made ready; `docs/shards.md`).
+    routes: Vec<u32>,
     /// Every Raft group this node hosts, the meta group (0) first, as this
     /// node sees it.
     groups: Vec<GroupStatus>,
@@ -75,6 +79,7 @@ pub async fn status(State(api): State<Api>) -> Json<ClusterView> {
         members: api.node.member_statuses(),
         shards: shard_leaders(&api.node),
         shard_count: api.node.state().read(|s| s.shard_count()),
+        routes: api.node.state().read(|s| s.routes().to_vec()),
         groups: api.node.groups().map(|g| g.status()).collect(),
     })
 }

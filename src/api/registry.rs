@@ -262,7 +262,12 @@ pub async fn deregister(
     };
     api.write_as(&caller, cmd, Some(AuditTarget::text(format!("agent/{id}"))))
         .await?;
-    for group in api.node.shard_groups() {
+    for group in api
+        .node
+        .shard_groups()
+        .iter()
+        .take(api.node.queue_groups().len())
+    {
         let cmd = Command::ReleaseAgent {
             agent: AgentId(id.clone()),
         };

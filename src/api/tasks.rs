@@ -14,8 +14,8 @@ use super::json::{Body, Params};
 use super::view::{self, ListQuery, PageView, TaskView};
 use crate::clock;
 use crate::fsm::{
-    AuditTarget, Backoff, Command, Limits, Priority, Reply, SessionKey, SubmitTask, TaskFilter,
-    TaskId, TaskPage, TaskRegion, Tenant,
+    AuditTarget, Backoff, Command, Limits, Priority, Rejection, Reply, SessionKey, SubmitTask,
+    TaskFilter, TaskId, TaskPage, TaskRegion, Tenant,
 };
 use crate::trace::TraceContext;
 
@@ -163,19 +163,10 @@ pub async fn create(
     let tenant = caller.tenant_named(body.tenant.take())?;
     let mut spec = body.into_submit(tenant)?;
     spec.trace = trace;
-    let key = spec
-        .session_key
-        .as_ref()
-        .map(|k| k.0.as_str())
-        .or(spec.idempotency_key.as_deref());
-    let group = api.node.queue_group_for(&spec.tenant.0, key);
     if api.node.shard_groups().len() > 1 {
         check_quota(&api, &spec.tenant).await?;
     }
-    match api
-        .write_in(group, &caller, Command::Submit(spec), None)
-        .await?
-    {
+    match submit(&api, &caller, spec).await? {
         Reply::Submitted { task, created } => {
             let status = if created {
                 StatusCode::CREATED
@@ -186,6 +177,64 @@ pub async fn create(
         }
         other => Err(super::unexpected(other)),
     }
+}
+
+/// How many times a submission routes again when a shard says the node's
+/// routing epochs are behind (each after a read barrier on the meta group,
+/// which brings them up to date).
+const ROUTE_ATTEMPTS: usize = 3;
+
+/// Submits `spec`: in the meta group with one shard; with several, to the
+/// shard its key routes to now, after asking each shard an earlier routing
+/// epoch routed the key to whether it holds the key or its session
+/// (`docs/shards.md`, "Changing the number of shards").
+async fn submit(api: &Api, caller: &Caller, spec: SubmitTask) -> ApiResult<Reply> {
+    if api.node.shard_groups().is_empty() {
+        return api
+            .write_in(api.node.meta(), caller, Command::Submit(spec), None)
+            .await;
+    }
+    let key = spec
+        .session_key
+        .as_ref()
+        .map(|k| k.0.clone())
+        .or(spec.idempotency_key.clone());
+    for _ in 0..ROUTE_ATTEMPTS {
+        let route = api.node.submission_route(&spec.tenant.0, key.as_deref());
+        let asks = route.lookback.iter().map(|g| (*g, true));
+        let mut stale = false;
+        for (g, lookback) in asks.chain([(route.target, false)]) {
+            let group = api.node.group(g).ok_or_else(|| {
+                ApiError::unavailable(format!("queue shard {g} is not hosted here"))
+            })?;
+            let cmd = Command::SubmitRouted {
+                epoch: route.epoch,
+                lookback,
+                task: spec.clone(),
+            };
+            let written = api
+                .node
+                .write_audited_in(group, cmd, Some(caller.audit(None)))
+                .await;
+            match written {
+                Ok(Ok(Reply::NotHere)) => continue,
+                Ok(Err(Rejection::StaleRoute { .. })) => {
+                    stale = true;
+                    break;
+                }
+                other => return super::outcome(other),
+            }
+        }
+        if !stale {
+            return Err(ApiError::unavailable(
+                "every shard answered \"not here\", the current route's included",
+            ));
+        }
+        api.node.read_barrier().await?;
+    }
+    Err(ApiError::unavailable(
+        "this node's queue-shard routing stayed behind the shards' after a read barrier; retry",
+    ))
 }
 
 /// `GET /tasks`.

@@ -337,7 +337,14 @@ async fn spread_weight(
         return Ok(());
     };
     let target = AuditTarget::text(format!("tenant/{tenant}"));
-    for group in api.node.shard_groups() {
+    // The shards routed to; a shard being added gets the weights when
+    // its first routing epoch opens (node/shards.rs).
+    for group in api
+        .node
+        .shard_groups()
+        .iter()
+        .take(api.node.queue_groups().len())
+    {
         let cmd = Command::SetTenantWeight {
             tenant: tenant.clone(),
             weight,

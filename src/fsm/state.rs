@@ -370,7 +370,10 @@ impl State {
             ));
         }
         if count > max {
-            return Err(Rejection::invalid("count", format!("must be at most {max}")));
+            return Err(Rejection::invalid(
+                "count",
+                format!("must be at most {max}"),
+            ));
         }
         if count < now {
             return Err(Rejection::invalid(
@@ -402,7 +405,10 @@ impl State {
         if epoch != current + 1 {
             return Err(Rejection::invalid(
                 "epoch",
-                format!("the current routing epoch is {current}; the next is {}", current + 1),
+                format!(
+                    "the current routing epoch is {current}; the next is {}",
+                    current + 1
+                ),
             ));
         }
         if count != self.shard_count || Some(&count) <= self.routes.last() {

@@ -58,11 +58,26 @@ pub(super) fn check_count(config: &Config, meta: &SharedState) -> anyhow::Result
             config.cluster.shard_placement
         );
     }
-    if recorded != 0 && recorded != configured {
+    if recorded == 1 && configured > 1 {
         anyhow::bail!(
-            "cluster.shards is {configured} but this cluster was created with {recorded} \
-             queue shards (recorded in its data directory); the number of shards is fixed \
-             when the cluster is created: set cluster.shards = {recorded}"
+            "cluster.shards is {configured} but this cluster was created with one queue shard \
+             (recorded in its data directory), whose queue is the meta group's: it cannot add \
+             shards; set cluster.shards = 1"
+        );
+    }
+    if recorded != 0 && configured < recorded {
+        anyhow::bail!(
+            "cluster.shards is {configured} but this cluster has {recorded} queue shards \
+             (recorded in its data directory); shards are not removed: set \
+             cluster.shards = {recorded}"
+        );
+    }
+    if recorded != 0 && configured > recorded {
+        tracing::info!(
+            configured,
+            recorded,
+            "this node hosts more queue shards than the cluster has: the cluster adds them \
+             once every node does (docs/shards.md, \"Changing the number of shards\")"
         );
     }
     Ok(())
@@ -74,6 +89,7 @@ pub(super) async fn shard_loop(node: Node) {
     let mut backoff: BTreeMap<GroupId, Instant> = BTreeMap::new();
     let mut warned = false;
     let mut uninitialized_since: Option<Instant> = None;
+    let mut growth = Growth::default();
     // The first pass at once: the count is recorded as soon as the first
     // leader can, with the start-up writes.
     let mut wait = Duration::ZERO;
@@ -85,10 +101,11 @@ pub(super) async fn shard_loop(node: Node) {
         wait = PASS;
         if node.is_leader() {
             record_count(&node, &mut uninitialized_since).await;
+            grow(&node, &mut growth).await;
         }
         let recorded = node.state().read(|s| s.shard_count());
         let configured = node.config().cluster.shards;
-        if recorded != 0 && recorded != configured {
+        if recorded != 0 && (configured < recorded || (recorded == 1 && configured > 1)) {
             if !warned {
                 tracing::error!(
                     configured,
@@ -183,6 +200,183 @@ async fn record_count(node: &Node, uninitialized_since: &mut Option<Instant>) {
         Ok(Err(rejected)) => tracing::error!(error = %rejected, "shard count refused"),
         Err(e) => tracing::debug!(error = %e, "shard count not committed yet"),
     }
+}
+
+/// What the meta leader's growth steps remember between passes.
+#[derive(Default)]
+struct Growth {
+    /// When it last said which nodes do not host the new shards yet.
+    waiting_said: Option<Instant>,
+}
+
+/// How often the meta leader repeats which nodes hold up an added shard.
+const GROWTH_WAITING_NOTICE: Duration = Duration::from_secs(30);
+
+/// On the meta leader: adding queue shards (`docs/shards.md`, "Changing
+/// the number of shards"), one step per pass:
+///
+/// 1. This node is configured with more shards than the cluster has, and
+///    every node of the cluster hosts them (each answers for the highest
+///    one over the transport): the count grows (`GrowShards`).
+/// 2. A shard past the current routing epoch's count: its group is
+///    initialized here with the cluster's voters (its leader then records
+///    its shard and follows the placement, as for every shard); once each
+///    such group knows its shard, the tenants' weights are copied to it and
+///    the next routing epoch opens over every shard (`OpenRoute` in the
+///    meta group).
+/// 3. Every shard routed to is told the current epoch, so a node whose
+///    routing is behind has its submissions refused and routes again.
+async fn grow(node: &Node, growth: &mut Growth) {
+    let (recorded, routes) = node
+        .state()
+        .read(|s| (s.shard_count(), s.routes().to_vec()));
+    let Some(&routed) = routes.last() else {
+        return;
+    };
+    if recorded <= 1 {
+        return;
+    }
+    let configured = node.config().cluster.shards;
+    if configured > recorded {
+        let missing = nodes_without_group(node, configured).await;
+        if missing.is_empty() {
+            match node.write(Command::GrowShards { count: configured }).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(
+                        from = recorded,
+                        to = configured,
+                        "the cluster's queue shards grow"
+                    )
+                }
+                Ok(Err(rejected)) => tracing::error!(error = %rejected, "shard growth refused"),
+                Err(e) => tracing::debug!(error = %e, "shard growth not committed yet"),
+            }
+            return;
+        }
+        if growth
+            .waiting_said
+            .is_none_or(|t| t.elapsed() > GROWTH_WAITING_NOTICE)
+        {
+            tracing::info!(
+                to = configured,
+                nodes = ?missing,
+                "queue shards wait to be added until these nodes host them (cluster.shards = {configured} on each)"
+            );
+            growth.waiting_said = Some(Instant::now());
+        }
+        return;
+    }
+    if recorded > routed {
+        open_next_route(node, routed, recorded, routes.len() as u32).await;
+        return;
+    }
+    let epoch = routes.len() as u32;
+    if epoch < 2 {
+        return;
+    }
+    for group in node.shard_groups().iter().take(routed as usize) {
+        if group.state().read(|s| s.route_epoch()) >= epoch {
+            continue;
+        }
+        let cmd = Command::OpenRoute {
+            epoch,
+            count: routed,
+        };
+        if let Err(e) = node.write_to(group.id(), cmd).await {
+            tracing::debug!(group = group.id(), error = %e, "routing epoch not told to the shard yet");
+        }
+    }
+}
+
+/// Step 2 of [`grow`]: shards `routed + 1..=recorded` made ready, then
+/// routing epoch `epoch + 1` opened over them.
+async fn open_next_route(node: &Node, routed: u32, recorded: u32, epoch: u32) {
+    let (voters, nodes) = node.members();
+    let members: BTreeMap<NodeId, NodeInfo> = voters
+        .iter()
+        .map(|id| (*id, nodes.get(id).cloned().unwrap_or_default()))
+        .collect();
+    let mut ready = true;
+    for g in routed + 1..=recorded {
+        let Some(group) = node.group(g) else {
+            tracing::error!(group = g, "this node does not host a shard the cluster has");
+            return;
+        };
+        if !group.raft().is_initialized().await.unwrap_or(false) {
+            match group.raft().initialize(members.clone()).await {
+                Ok(()) => tracing::info!(group = g, "initialized an added queue shard's group"),
+                Err(e) => {
+                    tracing::info!(group = g, error = %e, "added shard's group not initialized here")
+                }
+            }
+        }
+        ready &= group.state().read(|s| s.group()) == g;
+    }
+    if !ready {
+        return;
+    }
+    // Tenants' round-robin weights live in every shard: the new ones get
+    // the first shard's (this node's replica, after a barrier).
+    if let Some(first) = node.shard_groups().first() {
+        if node.read_barrier_in(first).await.is_err() {
+            return;
+        }
+        let weights = first.state().read(|s| s.tenant_weights().clone());
+        for g in routed + 1..=recorded {
+            for (tenant, weight) in &weights {
+                let cmd = Command::SetTenantWeight {
+                    tenant: tenant.clone(),
+                    weight: *weight,
+                };
+                match node.write_to(g, cmd).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(rejected)) => {
+                        tracing::warn!(group = g, error = %rejected, "tenant weight refused by an added shard")
+                    }
+                    Err(e) => {
+                        tracing::debug!(group = g, error = %e, "tenant weight not copied yet");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    let cmd = Command::OpenRoute {
+        epoch: epoch + 1,
+        count: recorded,
+    };
+    match node.write(cmd).await {
+        Ok(Ok(_)) => tracing::info!(
+            epoch = epoch + 1,
+            shards = recorded,
+            "a routing epoch opened: new tasks go to the added shards too"
+        ),
+        Ok(Err(rejected)) => tracing::error!(error = %rejected, "routing epoch refused"),
+        Err(e) => tracing::debug!(error = %e, "routing epoch not committed yet"),
+    }
+}
+
+/// The cluster's nodes (voters and learners of the meta group) that do not
+/// answer for group `group` over the transport: not hosting it, or down.
+async fn nodes_without_group(node: &Node, group: GroupId) -> Vec<NodeId> {
+    let (_, nodes) = node.members();
+    let asks = nodes
+        .iter()
+        .filter(|(id, _)| **id != node.id())
+        .map(|(id, info)| async move {
+            let req = RpcRequest::for_group(group, RpcRequest::PreVote);
+            let hosted = matches!(
+                node.call_peer(*id, &info.raft_addr, req, PING_TIMEOUT)
+                    .await,
+                Ok(RpcReply::PreVote(_))
+            );
+            (!hosted).then_some(*id)
+        });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// On a shard group's leader, until its state knows: records which shard
