@@ -338,6 +338,7 @@ fn frees_or_adds_work(c: &Command) -> bool {
     matches!(
         c,
         Command::Submit(_)
+            | Command::SubmitRouted { .. }
             | Command::Complete { .. }
             | Command::Fail { .. }
             | Command::Release { .. }
