@@ -38,6 +38,7 @@ mod registry;
 mod request_trace;
 mod serve;
 mod sessions;
+mod shards;
 mod tasks;
 mod tenants;
 mod view;
@@ -209,6 +210,8 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (M::POST, "/cluster/join", post(cluster::join)),
         (M::POST, "/cluster/leave", post(cluster::leave)),
         (M::POST, "/cluster/transfer-leader", post(cluster::transfer)),
+        (M::PUT, "/shards/{id}/placement", put(shards::place)),
+        (M::DELETE, "/shards/{id}/placement", delete(shards::unplace)),
         (M::POST, "/api-keys", post(keys::create)),
         (M::GET, "/api-keys", get(keys::list)),
         (M::GET, "/api-keys/{id}", get(keys::get)),

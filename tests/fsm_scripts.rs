@@ -44,6 +44,8 @@
 //!   epoch=E count=N` (the meta group opens routing epoch E; a shard
 //!   records it), read with `routes`; `submit ... epoch=E [lookback=true]`
 //!   is a routed submission (`SubmitRouted`)
+//! - `place_shard shard=N [placement=P [home=R]]` (a shard's own placement;
+//!   none: the cluster's again), read with `shard_rule shard=N`
 //! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
 //! - registry: `node id=N [region=eu] [api=127.0.0.1:1]` (a heartbeat at the
 //!   script clock), `drain id=N [on=true]`,
@@ -143,6 +145,7 @@ scripts! {
     one_shard_cluster_does_not_grow,
     routed_submission_epoch_fence,
     lookback_submission_finds_key_or_session,
+    a_shard_placed_apart,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
     sessions_are_per_tenant,
@@ -478,6 +481,16 @@ impl Runner {
                 self.state.shard_placement()
             )],
             "group" => vec![format!("group {}", self.state.group())],
+            "shard_rule" => {
+                let shard = args.require("shard")?;
+                let rule = self.state.shard_rule(shard);
+                vec![format!(
+                    "shard {shard} placement {} home {} own={}",
+                    rule.placement,
+                    rule.home.as_deref().unwrap_or("-"),
+                    self.state.shard_placed_apart(shard)
+                )]
+            }
             "routes" => {
                 let counts: Vec<String> =
                     self.state.routes().iter().map(|c| c.to_string()).collect();
@@ -748,6 +761,15 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         },
         "grow_shards" => Command::GrowShards {
             count: args.require("count")?,
+        },
+        "place_shard" => Command::PlaceShard {
+            shard: args.require("shard")?,
+            rule: args
+                .parsed("placement")?
+                .map(|placement| godel::fsm::ShardRule {
+                    placement,
+                    home: args.take("home"),
+                }),
         },
         "open_route" => Command::OpenRoute {
             epoch: args.require("epoch")?,

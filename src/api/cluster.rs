@@ -50,12 +50,17 @@ pub struct ClusterView {
     groups: Vec<GroupStatus>,
 }
 
-/// A shard and its leader.
+/// A shard, its leader and where its voters go.
 #[derive(Serialize, ToSchema)]
 pub struct ShardLeader {
     shard: u32,
     #[schema(value_type = Option<u64>)]
     leader: Option<NodeId>,
+    /// Its placement: its own (`PUT /shards/{id}/placement`), else the
+    /// cluster's `shard_placement`.
+    placement: String,
+    /// Its home region, when placed `regional` in one.
+    home: Option<String>,
 }
 
 /// `GET /cluster`: this node's view of the cluster.
@@ -91,13 +96,20 @@ fn shard_leaders(node: &crate::node::Node) -> Vec<ShardLeader> {
         return vec![ShardLeader {
             shard: 0,
             leader: node.leader().map(|(id, _)| id),
+            placement: "every".into(),
+            home: None,
         }];
     }
     shards
         .iter()
-        .map(|g| ShardLeader {
-            shard: g.id(),
-            leader: g.leader().map(|(id, _)| id),
+        .map(|g| {
+            let rule = node.state().read(|s| s.shard_rule(g.id()));
+            ShardLeader {
+                shard: g.id(),
+                leader: g.leader().map(|(id, _)| id),
+                placement: rule.placement.to_string(),
+                home: rule.home,
+            }
         })
         .collect()
 }

@@ -39,7 +39,7 @@ use utoipa::openapi::{Content, Ref, RefOr, Required};
 
 use super::error::ErrorBody;
 use super::{admin, audit, backup, cluster, dashboard, events, keys, leases, permissions, queue};
-use super::{registry, sessions};
+use super::{registry, sessions, shards};
 use super::{tasks, tenants};
 
 /// The name of the security scheme.
@@ -101,6 +101,8 @@ const BEARER: &str = "bearer";
         cluster::join,
         cluster::leave,
         cluster::transfer,
+        shards::place,
+        shards::unplace,
         keys::create,
         keys::list,
         keys::get,

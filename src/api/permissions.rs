@@ -20,7 +20,7 @@
 //! | `nodes:drain` | yes | yes | - | - |
 //! | `cluster:read` (cluster status, deep health) | yes | yes | - | - |
 //! | `metrics:read` (only when `auth.metrics_open = false`) | yes | yes | - | yes |
-//! | `cluster:admin` (join, leave, transfer) | yes | - | - | - |
+//! | `cluster:admin` (join, leave, transfer, a shard's placement) | yes | - | - | - |
 //! | `faults:inject` | yes | - | - | - |
 //! | `keys:admin` (API keys, JWT revocations) | yes | - | - | - |
 //! | `tenants:admin` | yes | - | - | - |
@@ -287,6 +287,18 @@ pub const ROUTES: &[RouteSpec] = &[
         "/cluster/transfer-leader",
         P::ClusterAdmin,
         "cluster.transfer_leader",
+    ),
+    r(
+        PUT,
+        "/shards/{id}/placement",
+        P::ClusterAdmin,
+        "shards.place",
+    ),
+    r(
+        DELETE,
+        "/shards/{id}/placement",
+        P::ClusterAdmin,
+        "shards.unplace",
     ),
     r(POST, "/api-keys", P::KeysAdmin, "api_keys.create"),
     r(GET, "/api-keys", P::KeysAdmin, "api_keys.list"),

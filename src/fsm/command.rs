@@ -416,6 +416,25 @@ pub enum Command {
         /// The task.
         task: SubmitTask,
     },
+    /// Where queue shard `shard`'s voters go from now on, instead of the
+    /// cluster's `shard_placement` (`None`: back to it). The shard's leader
+    /// moves its voters to match, one membership change at a time.
+    PlaceShard {
+        /// The shard, `1..=` the cluster's count.
+        shard: u32,
+        /// Its placement; `None` to follow the cluster's again.
+        rule: Option<ShardRule>,
+    },
+}
+
+/// A queue shard's own placement ([`Command::PlaceShard`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRule {
+    /// Where its voters go.
+    pub placement: ShardPlacement,
+    /// With `regional`: the region its voters are in (one that has nodes);
+    /// `None`: the shard's turn among the regions, as by default.
+    pub home: Option<String>,
 }
 
 /// Where a queue shard's voters go (`cluster.shard_placement`). Every node
@@ -519,7 +538,8 @@ impl Command {
             | Command::DeleteTenant { .. }
             | Command::RevokeJti { .. }
             | Command::DefineShards { .. }
-            | Command::GrowShards { .. } => Scope::Meta,
+            | Command::GrowShards { .. }
+            | Command::PlaceShard { .. } => Scope::Meta,
         }
     }
 }

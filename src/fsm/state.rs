@@ -10,7 +10,7 @@ use super::audit::{AuditCaller, AuditLog, AuditMark, AuditTarget, outcome_text, 
 use super::auth::Auth;
 use super::command::{
     Batch, Command, DeadLetterFilter, Outcome, Rejection, ReplaySelector, Reply, Request, Response,
-    Scope, ShardPlacement, SubmitTask, check_name,
+    Scope, ShardPlacement, ShardRule, SubmitTask, check_name,
 };
 use super::event::{Event, EventKind, NodeChange, What};
 use super::queue::{ReadyQueues, normalize_caps};
@@ -86,6 +86,9 @@ pub struct State {
     /// tenant and session key: where a session's work is, for a `lookback`
     /// submission ([`Command::SubmitRouted`]).
     pub(crate) session_tasks: BTreeMap<(Tenant, SessionKey), u32>,
+    /// In the meta group: the shards placed otherwise than the cluster's
+    /// `shard_placement` ([`Command::PlaceShard`]).
+    pub(crate) shard_rules: BTreeMap<u32, ShardRule>,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -259,6 +262,7 @@ impl State {
                 lookback,
                 task,
             } => self.submit_routed(*epoch, *lookback, task, events),
+            Command::PlaceShard { shard, rule } => self.place_shard(*shard, rule.as_ref()),
         }
     }
 
@@ -423,6 +427,51 @@ impl State {
         }
         self.routes.push(count);
         Ok(Reply::Done)
+    }
+
+    /// Shard `shard`'s own placement, or none (the cluster's again).
+    fn place_shard(&mut self, shard: u32, rule: Option<&ShardRule>) -> Outcome {
+        if self.shard_count <= 1 || !(1..=self.shard_count).contains(&shard) {
+            return Err(Rejection::Unknown {
+                what: "queue shard".into(),
+                name: shard.to_string(),
+            });
+        }
+        let Some(rule) = rule else {
+            self.shard_rules.remove(&shard);
+            return Ok(Reply::Done);
+        };
+        if let Some(home) = &rule.home {
+            if rule.placement != ShardPlacement::Regional {
+                return Err(Rejection::invalid(
+                    "home",
+                    "a home region is for the `regional` placement only",
+                ));
+            }
+            check_name("home", home, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+            if !self.registry.nodes().any(|n| n.region == *home) {
+                return Err(Rejection::invalid(
+                    "home",
+                    format!("no node of the cluster is in region `{home}`"),
+                ));
+            }
+        }
+        self.shard_rules.insert(shard, rule.clone());
+        Ok(Reply::Done)
+    }
+
+    /// Where shard `shard`'s voters go: its own placement, else the
+    /// cluster's.
+    pub fn shard_rule(&self, shard: u32) -> ShardRule {
+        self.shard_rules.get(&shard).cloned().unwrap_or(ShardRule {
+            placement: self.shard_placement,
+            home: None,
+        })
+    }
+
+    /// Whether shard `shard` has a placement of its own.
+    pub fn shard_placed_apart(&self, shard: u32) -> bool {
+        self.shard_rules.contains_key(&shard)
     }
 
     /// A submission routed by epoch `epoch` (see [`Command::SubmitRouted`]).

@@ -22,7 +22,7 @@ use openraft::ChangeMembers;
 
 use super::{Group, Node};
 use crate::config::Config;
-use crate::fsm::{Command, ShardPlacement};
+use crate::fsm::{Command, ShardPlacement, ShardRule};
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
 use crate::raft::{GroupId, NodeId, NodeInfo};
 use crate::store::SharedState;
@@ -399,11 +399,28 @@ async fn define_group(node: &Node, group: &Group) {
 /// voters and their regions. Deterministic (every shard leader computes
 /// the same), and rotated by shard so the shards' voters, and so their
 /// leaders, spread over the nodes.
+#[cfg(test)]
 pub fn shard_voters(
     shard: GroupId,
     placement: ShardPlacement,
     voters: &[(NodeId, String)],
 ) -> BTreeSet<NodeId> {
+    let rule = ShardRule {
+        placement,
+        home: None,
+    };
+    shard_voters_by(shard, &rule, voters)
+}
+
+/// [`shard_voters`] under a shard's own rule: `regional` with a home puts
+/// its voters in that region; a home no voter is in any more gives it
+/// `spread` instead (a shard with no voter cannot run).
+pub fn shard_voters_by(
+    shard: GroupId,
+    rule: &ShardRule,
+    voters: &[(NodeId, String)],
+) -> BTreeSet<NodeId> {
+    let placement = rule.placement;
     let mut by_region: BTreeMap<&str, Vec<NodeId>> = BTreeMap::new();
     for (id, region) in voters {
         by_region.entry(region.as_str()).or_default().push(*id);
@@ -425,7 +442,16 @@ pub fn shard_voters(
     };
     match placement {
         ShardPlacement::Every | ShardPlacement::Auto => voters.iter().map(|(id, _)| *id).collect(),
-        ShardPlacement::Regional if !by_region.is_empty() => {
+        ShardPlacement::Regional
+            if rule
+                .home
+                .as_deref()
+                .is_some_and(|h| by_region.contains_key(h)) =>
+        {
+            let home = &by_region[rule.home.as_deref().expect("checked above")];
+            rotated(home).into_iter().take(SHARD_VOTERS).collect()
+        }
+        ShardPlacement::Regional if !by_region.is_empty() && rule.home.is_none() => {
             let home = by_region
                 .values()
                 .nth(turn % by_region.len())
@@ -467,7 +493,7 @@ const SHARD_VOTERS: usize = 3;
 async fn follow_cluster_voters(node: &Node, group: &Group) -> Result<(), String> {
     let (meta_voters, meta_nodes) = node.members();
     let cluster: BTreeSet<NodeId> = meta_voters.iter().copied().collect();
-    let placement = node.state().read(|s| s.shard_placement());
+    let rule = node.state().read(|s| s.shard_rule(group.id()));
     let with_regions: Vec<(NodeId, String)> = meta_voters
         .iter()
         .map(|id| {
@@ -475,7 +501,7 @@ async fn follow_cluster_voters(node: &Node, group: &Group) -> Result<(), String>
             (*id, region.unwrap_or_default())
         })
         .collect();
-    let want = shard_voters(group.id(), placement, &with_regions);
+    let want = shard_voters_by(group.id(), &rule, &with_regions);
     let (voters, nodes) = group.members();
     let voters: BTreeSet<NodeId> = voters.into_iter().collect();
     let raft = group.raft();
@@ -640,8 +666,9 @@ fn preferred_leader(node: &Node, group: &Group) -> Option<NodeId> {
 mod tests {
     use std::collections::BTreeSet;
 
-    use super::shard_voters;
-    use crate::fsm::ShardPlacement;
+    use super::{shard_voters, shard_voters_by};
+    use crate::fsm::{ShardPlacement, ShardRule};
+    use crate::raft::NodeId;
 
     fn nodes(regions: &[&str]) -> Vec<(u64, String)> {
         regions
@@ -710,5 +737,26 @@ mod tests {
         }
         let all: BTreeSet<&String> = homes.iter().flatten().collect();
         assert_eq!(all.len(), 3, "every region is some shard's home: {homes:?}");
+    }
+
+    /// A shard placed `regional` with a home has its voters there, rotated
+    /// by shard; a home no voter is in gives it `spread`.
+    #[test]
+    fn a_home_region_holds_a_regional_shards_voters() {
+        let nine: Vec<(NodeId, String)> = (1..=9)
+            .map(|id| (id, ["ap", "eu", "us"][(id as usize - 1) / 3].to_string()))
+            .collect();
+        let region = |id: &NodeId| nine[*id as usize - 1].1.clone();
+        let rule = |home: &str| ShardRule {
+            placement: ShardPlacement::Regional,
+            home: Some(home.into()),
+        };
+        for shard in 1..=3 {
+            let v = shard_voters_by(shard, &rule("us"), &nine);
+            assert_eq!(v, BTreeSet::from([7, 8, 9]), "shard {shard}");
+        }
+        let gone = shard_voters_by(2, &rule("mars"), &nine);
+        let regions: BTreeSet<String> = gone.iter().map(region).collect();
+        assert_eq!((gone.len(), regions.len()), (3, 3), "{gone:?}");
     }
 }
