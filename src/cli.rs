@@ -486,4 +486,19 @@ pub enum ClusterCmd {
         /// Node id.
         to: u64,
     },
+    /// Give a queue shard its own placement (`docs/shards.md`).
+    PlaceShard {
+        /// The shard.
+        shard: u32,
+        /// `auto`, `every`, `spread` or `regional`.
+        placement: String,
+        /// With `regional`: the region its voters go to.
+        #[arg(long)]
+        home: Option<String>,
+    },
+    /// Put a queue shard back on the cluster's `shard_placement`.
+    UnplaceShard {
+        /// The shard.
+        shard: u32,
+    },
 }

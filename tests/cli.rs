@@ -113,6 +113,13 @@ fn cli_session(api: &str) {
     registry_session(api);
     let cluster = ok(api, &["cluster", "status"]);
     assert_eq!(cluster["members"].as_array().map(Vec::len), Some(1));
+    // A one-shard cluster has no queue shard to place: refused, not sent
+    // wrong (tests/shard_placement_api.rs places one for real).
+    let (code, _) = godel(
+        api,
+        &["cluster", "place-shard", "2", "regional", "--home", "eu"],
+    );
+    assert_ne!(code, 0, "placing a shard the cluster lacks");
     let (code, err) = godel(api, &["task", "get", "999999"]);
     assert_eq!(
         (code, err["error"]["code"].as_str()),

@@ -7,7 +7,7 @@
 //! serves tasks; deleting the placement brings the three voters back. Bad
 //! input (a home with another placement, a region no node is in, an
 //! unknown placement, a shard the cluster lacks) is refused and changes
-//! nothing.
+//! nothing. `godel cluster unplace-shard` sends the `DELETE`.
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -15,7 +15,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Api, Cluster, bounded, deadline, wait_until};
+use support::{Api, BIN, Cluster, bounded, deadline, wait_until};
 
 const TEST_BOUND: Duration = Duration::from_secs(200);
 const REGIONS: [&str; 3] = ["ap", "eu", "us"];
@@ -148,10 +148,21 @@ async fn a_shard_placed_in_its_home_region_has_its_voters_there_and_back() {
             assert_eq!(t["id"], id);
         }
 
-        // Back to the cluster's placement: all three voters again.
-        let r = api.delete(0, path).await.unwrap();
-        assert_eq!(r.status, 200, "{r:?}");
-        assert_eq!(r.body["own"], false);
+        // Back to the cluster's placement (through the CLI, which sends
+        // the DELETE): all three voters again.
+        let url = format!("http://{}", c.node(0).api_addr);
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(BIN)
+                .env("GODEL_API_KEY", support::ADMIN_KEY)
+                .args(["--api", &url, "-o", "json", "cluster", "unplace-shard", "2"])
+                .output()
+                .expect("run godel")
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let body: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(body["own"], false, "{body}");
         wait_voters(
             &c,
             &[(1, all.clone()), (2, all.clone()), (3, all.clone())],

@@ -321,6 +321,24 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
                 "/api/v1/cluster/transfer-leader".into(),
                 Some(json!({ "to": to })),
             ),
+            ClusterCmd::PlaceShard {
+                shard,
+                placement,
+                home,
+            } => {
+                let mut body = json!({ "placement": placement });
+                if let Some(h) = home {
+                    body["home"] = json!(h);
+                }
+                (
+                    "PUT",
+                    format!("/api/v1/shards/{shard}/placement"),
+                    Some(body),
+                )
+            }
+            ClusterCmd::UnplaceShard { shard } => {
+                ("DELETE", format!("/api/v1/shards/{shard}/placement"), None)
+            }
         },
     })
 }
