@@ -18,7 +18,7 @@
 //! [[fault]]
 //! kind = "kill"       # kill | pause | partition | rolling-restart | corrupt-log | disk-full
 //!                     # | region-partition | region-loss (regions-3x3 only)
-//!                     # | shard-leader-kill (with shards; `target` is ignored)
+//!                     # | shard-leader-kill, add-shard (with shards; `target` is ignored)
 //! target = "leader"   # leader | follower | random (default follower); for region
 //!                     # faults: the leader's region | another region | any region
 //! times = 12          # repetitions (default 1)
@@ -166,6 +166,12 @@ pub enum Kind {
     /// die while a majority lives, the meta group's leader last in line),
     /// restart them after `hold`.
     ShardLeaderKill,
+    /// Add a queue shard (`docs/shards.md`): SIGKILL each node in turn
+    /// (the meta leader last), restart it after `hold` with
+    /// `cluster.shards` one higher, wait until it caught up; then wait
+    /// until every node routes new tasks over the new count. `target` is
+    /// ignored.
+    AddShard,
 }
 
 impl Kind {

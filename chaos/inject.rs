@@ -18,6 +18,9 @@ use crate::support::{Api, Cluster};
 pub const CATCH_UP: Duration = Duration::from_secs(60);
 /// Grace for a SIGTERMed node to exit before it is SIGKILLed.
 const TERM_GRACE: Duration = Duration::from_secs(15);
+/// How long `add-shard` waits for every node to route over the new count
+/// once the last node is back.
+const ROUTE_WAIT: Duration = Duration::from_secs(60);
 /// Pause between two lease probes through a partitioned minority.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
 
@@ -137,6 +140,7 @@ impl Injector<'_> {
                 Kind::RegionPartition => self.region_partition(spec).await?,
                 Kind::RegionLoss => self.region_loss(spec).await?,
                 Kind::ShardLeaderKill => self.shard_leader_kill(spec).await?,
+                Kind::AddShard => self.add_shard(spec).await?,
             }
             for r in &mut self.records[before..] {
                 r.recover_within = spec.recover_within;
@@ -261,6 +265,72 @@ impl Injector<'_> {
         for i in hit {
             self.c.wait_caught_up(i, CATCH_UP).await;
         }
+        Ok(())
+    }
+
+    /// A rolling restart that adds a queue shard: each node (the meta
+    /// leader last) is killed with SIGKILL and comes back after `hold` with
+    /// `cluster.shards` one higher; then every node must route new tasks
+    /// over the new count within [`ROUTE_WAIT`].
+    async fn add_shard(&mut self, spec: &FaultSpec) -> Result<()> {
+        let leader = self.c.leader().await;
+        let from = self.api.cluster(leader).await?["shard_count"]
+            .as_u64()
+            .context("GET /cluster without shard_count")?;
+        if from < 2 {
+            bail!(
+                "add-shard needs a cluster created with two shards or more (the drill's `shards`)"
+            );
+        }
+        let to = from + 1;
+        let order: Vec<usize> = (0..self.c.len())
+            .filter(|i| *i != leader && self.c.node(*i).is_running())
+            .chain([leader])
+            .collect();
+        for i in order {
+            self.hit_pid = self.c.node(i).pid();
+            let at = now_ms();
+            self.c.kill9(i);
+            let down = now_ms();
+            self.c.edit_config(i, |t| {
+                t.replacen(&format!("shards = {from}"), &format!("shards = {to}"), 1)
+            });
+            tokio::time::sleep(spec.hold).await;
+            self.c.restart(i);
+            self.record(
+                format!("add-shard: kill -9, back with {to} shards"),
+                i,
+                (at, down),
+                String::new(),
+            );
+            self.c.wait_caught_up(i, CATCH_UP).await;
+            self.c.leader().await;
+        }
+        let since = now_ms();
+        let until = std::time::Instant::now() + ROUTE_WAIT;
+        loop {
+            let mut routed = 0;
+            for i in self.c.live() {
+                let view = self.api.cluster(i).await?;
+                let last = view["routes"].as_array().and_then(|r| r.last()).cloned();
+                if last.and_then(|v| v.as_u64()) == Some(to) {
+                    routed += 1;
+                }
+            }
+            if routed == self.c.live().len() {
+                break;
+            }
+            if std::time::Instant::now() > until {
+                bail!(
+                    "{to} shards not routed on every node within {ROUTE_WAIT:?} of the last restart"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "[chaos] shards {from} -> {to}: routed on every node {} ms after the last restart",
+            now_ms() - since
+        );
         Ok(())
     }
 

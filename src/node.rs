@@ -469,6 +469,17 @@ impl Node {
         }
     }
 
+    /// The meta group and the queue shards routed to (not a shard being
+    /// added, whose group may have no leader yet), the meta group first.
+    pub fn routed_groups(&self) -> impl Iterator<Item = &Group> {
+        let shards = if self.inner.shards.is_empty() {
+            &[][..]
+        } else {
+            self.queue_groups()
+        };
+        std::iter::once(&self.inner.meta).chain(shards)
+    }
+
     /// Every group this node hosts, the meta group first.
     pub fn groups(&self) -> impl Iterator<Item = &Group> {
         std::iter::once(&self.inner.meta).chain(self.inner.shards.iter())
@@ -616,13 +627,7 @@ impl Node {
     /// [`Node::read_barrier`] for the meta group and every queue shard
     /// routed to, at once.
     pub async fn read_barrier_all(&self) -> Result<(), NodeError> {
-        let shards = if self.inner.shards.is_empty() {
-            &[][..]
-        } else {
-            self.queue_groups()
-        };
-        self.read_barriers(std::iter::once(&self.inner.meta).chain(shards))
-            .await
+        self.read_barriers(self.routed_groups()).await
     }
 
     /// A read barrier on each of `groups`, at once; the first error.

@@ -306,10 +306,10 @@ async fn announce(args: &AgentArgs, orphans: Vec<FencingToken>) -> bool {
 }
 
 /// Waits (bounded by the write timeout) until the local replica of every
-/// group has applied every entry committed before the call and every entry
-/// of this node's own log of the group.
+/// group routed to has applied every entry committed before the call and
+/// every entry of this node's own log of the group.
 async fn replica_has_own_log(node: &Node) -> Result<(), String> {
-    for group in node.groups() {
+    for group in node.routed_groups() {
         node.read_barrier_in(group)
             .await
             .map_err(|e| format!("group {}: {e}", group.id()))?;

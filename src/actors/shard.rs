@@ -333,9 +333,11 @@ async fn pull_from_shards(node: &Node, p: &mut Puller) -> bool {
     if profiles.is_empty() {
         return false;
     }
-    let groups = node.shard_groups();
+    // The shards routed to: one being added holds no task yet, and its
+    // group may have no leader to answer a barrier.
+    let groups = node.queue_groups();
     let every = vec![true; groups.len()];
-    let (seq, plans) = plan_round(node, p, &profiles, &agents_of, &every);
+    let (seq, plans) = plan_round(node, p, groups, &profiles, &agents_of, &every);
     if plans.is_empty() {
         if !seq.is_empty() {
             p.idle = Some((seq, std::time::Instant::now()));
@@ -355,7 +357,7 @@ async fn pull_from_shards(node: &Node, p: &mut Puller) -> bool {
         tracing::debug!("pull: no shard readable now");
         return false;
     }
-    let (seq, plans) = plan_round(node, p, &profiles, &agents_of, &readable);
+    let (seq, plans) = plan_round(node, p, groups, &profiles, &agents_of, &readable);
     if plans.is_empty() {
         if !seq.is_empty() {
             p.idle = Some((seq, std::time::Instant::now()));
@@ -387,19 +389,20 @@ async fn pull_from_shards(node: &Node, p: &mut Puller) -> bool {
     leased
 }
 
-/// The pulls for `profiles` (this node's agents) on the shard replicas as
-/// they are now (the shards not `readable` left out), and the groups'
+/// The pulls for `profiles` (this node's agents) on the replicas of
+/// `groups` (the shards routed to) as they are now (the shards not
+/// `readable` left out), and the groups'
 /// event counts they were made at: empty counts when the round should not
 /// be recorded as idle (no agent has room, or the last idle round saw the
 /// same counts within the fallback period: nothing to plan either way).
 fn plan_round(
     node: &Node,
     p: &mut Puller,
+    groups: &[crate::node::Group],
     profiles: &[crate::fsm::PullSlot],
     agents_of: &BTreeMap<GatewayId, Vec<AgentId>>,
     readable: &[bool],
 ) -> (Vec<u64>, Vec<crate::fsm::PullPlan>) {
-    let groups = node.shard_groups();
     let mut slots = profiles.to_vec();
     let mut seq = vec![node.state().read(|s| s.last_event_seq())];
     let mut sessions: BTreeMap<&GatewayId, u32> = BTreeMap::new();
