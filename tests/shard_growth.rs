@@ -19,7 +19,10 @@
 //!   epoch routes to another shard (a resubmission finds the task where the
 //!   old epoch put it, with 200);
 //! - a session's tasks stay in one shard: its unfinished tasks hold it where
-//!   it started.
+//!   it started;
+//! - a backup of the grown cluster restores into a node configured with
+//!   three shards: the same tasks and routing epochs, and a moved key is
+//!   still found in its first shard.
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -30,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Api, Cluster, bounded, deadline, wait_until};
+use support::{Api, BIN, Cluster, bounded, deadline, wait_until};
 
 const TEST_BOUND: Duration = Duration::from_secs(280);
 /// Session keys the load spreads its session tasks over.
@@ -132,6 +135,20 @@ async fn load(
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// `godel ARGS` with the admin key, off the async runtime.
+async fn cli(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .env("GODEL_API_KEY", support::ADMIN_KEY)
+            .args(&args)
+            .output()
+            .expect("run godel")
+    })
+    .await
+    .expect("godel ran")
 }
 
 /// Every node's `routes` from `GET /cluster`, when all answer.
@@ -248,6 +265,41 @@ async fn a_shard_added_under_load_loses_nothing_and_keeps_keys_and_sessions() {
             assert!(lost.is_empty(), "node index {i}: acknowledged but not listed: {lost:?}");
             assert!(extra.is_empty(), "node index {i}: listed but never acknowledged: {extra:?}");
         }
+        // A backup of the grown cluster restores into a node configured
+        // with the grown count: the same tasks, the same routing epochs,
+        // and a moved key still found in its first shard.
+        let dir = tempfile::tempdir().expect("backup dir");
+        let file = dir.path().join("grown.backup");
+        let url = format!("http://{}", c.node(1).api_addr);
+        let out = cli(&["--api", &url, "backup", "--out", file.to_str().unwrap()]).await;
+        assert!(out.status.success(), "godel backup: {out:?}");
+        let restored = Cluster::start_prepared(1, "[cluster]\nshards = 3\n", |p| {
+            let config = p.config_path().to_str().unwrap().to_owned();
+            let out = std::process::Command::new(BIN)
+                .env("GODEL_API_KEY", support::ADMIN_KEY)
+                .args(["restore", file.to_str().unwrap(), "--config", &config])
+                .output()
+                .expect("run godel restore");
+            assert!(out.status.success(), "godel restore: {out:?}");
+        })
+        .await;
+        let rapi = restored.api();
+        assert_eq!(rapi.cluster(0).await.unwrap()["routes"], json!([2, 3]));
+        let listed: BTreeSet<u64> = rapi
+            .list_tasks(0, "tenant=grow")
+            .await
+            .iter()
+            .map(|t| t["id"].as_u64().expect("id"))
+            .collect();
+        assert_eq!(listed, acked_ids, "the restored node lists what the cluster acknowledged");
+        let moved = acked
+            .iter()
+            .find(|a| a.session.is_none() && route("grow", &a.key, 3) != shard_of(a.id))
+            .expect("a key the new epoch routes elsewhere");
+        let body = json!({ "tenant": "grow", "payload": {}, "idempotency_key": moved.key });
+        let (status, answer) = submit(&rapi, 0, &body).await;
+        assert_eq!((status, answer["id"].as_u64()), (200, Some(moved.id)), "{answer}");
+
         let third: usize = acked_ids.iter().filter(|id| shard_of(**id) == 3).count();
         eprintln!(
             "[test] {} submissions, {} tasks ({third} in shard 3), {} sessions, {found_elsewhere} keys found in their first shard",
