@@ -84,6 +84,7 @@ mod agent;
 mod error;
 mod events;
 mod gateway;
+mod keeper;
 mod node;
 mod policy;
 mod router;
@@ -103,6 +104,7 @@ pub use gateway::{
     CIRCUIT_CHECK, GatewayActor, GatewayArgs, GatewayMsg, GatewayRegistry, GatewayState,
     UNHEALTHY_AFTER,
 };
+pub use keeper::{KeeperMsg, ShardKeeper, keeper_name, keepers_under};
 pub use node::{AGENTS, GATEWAYS, NODE, NodeSupervisor, QUEUE_SHARDS};
 pub use policy::{Decision, OnExhausted, RestartPolicy, RestartTracker, Strategy};
 pub use router::{AgentDirectory, route_leases};

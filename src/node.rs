@@ -221,8 +221,10 @@ impl Node {
         });
         for (group, rx) in node.groups().zip(receivers) {
             node.spawn(proposer::run(node.clone(), group.clone(), rx));
-            node.spawn(proposer::tick_loop(node.clone(), group.clone()));
         }
+        // The meta group's timers; a queue shard's are its keeper actor's,
+        // on the node that leads it (`actors/keeper.rs`).
+        node.spawn(proposer::tick_loop(node.clone(), node.meta().clone()));
         node.spawn(proposer::heartbeat_loop(node.clone()));
         node.spawn(drain::drain_loop(node.clone()));
         node.spawn(placer::placement_loop(node.clone()));
@@ -478,6 +480,26 @@ impl Node {
             self.queue_groups()
         };
         std::iter::once(&self.inner.meta).chain(shards)
+    }
+
+    /// On `group`'s leader, proposes a tick if a state-machine timer is
+    /// due; false when one was due and did not commit.
+    pub async fn tick_if_due(&self, group: &Group) -> bool {
+        proposer::tick_if_due(self, group).await
+    }
+
+    /// The queue shards this node runs a keeper actor for (the ones it
+    /// leads, once the runtime reconciler has caught up), from the
+    /// supervision tree.
+    pub async fn keepers(&self) -> Vec<GroupId> {
+        let root = {
+            let actors = self.inner.actors.lock().expect("actors lock");
+            actors.as_ref().map(|a| a.root().clone())
+        };
+        let Some(root) = root else {
+            return Vec::new();
+        };
+        crate::actors::keepers_under(&root).await
     }
 
     /// Every group this node hosts, the meta group first.

@@ -146,16 +146,44 @@ async fn sub(root: &SupervisorRef, name: &str) -> super::Result<SupervisorRef> {
 }
 
 /// Starts the queue-shard actor if its supervisor lacks it (first start, or
-/// the supervisor was restarted and forgot its runtime children).
+/// the supervisor was restarted and forgot its runtime children); and,
+/// with several shards, a keeper (`actors/keeper.rs`) for each shard this
+/// node leads, stopping those of shards it no longer leads.
 async fn ensure_shard(node: &Node, root: &SupervisorRef) -> super::Result<()> {
     let shards = sub(root, QUEUE_SHARDS).await?;
-    if !shards.children().await?.iter().any(|c| c == SHARD) {
+    let have = shards.children().await?;
+    if !have.iter().any(|c| c == SHARD) {
         let node = node.clone();
         shards
             .add_child(ChildSpec::new(SHARD, move || {
                 (QueueShardActor, node.clone())
             }))
             .await?;
+    }
+    let led: BTreeSet<String> = if node.shard_groups().is_empty() {
+        BTreeSet::new()
+    } else {
+        node.queue_groups()
+            .iter()
+            .filter(|g| g.is_leader())
+            .map(|g| super::keeper_name(g.id()))
+            .collect()
+    };
+    for name in have.iter().filter(|c| c.starts_with("keeper-")) {
+        if !led.contains(name) {
+            shards.remove_child(name, REMOVE_WAIT).await?;
+        }
+    }
+    for g in node.queue_groups() {
+        let name = super::keeper_name(g.id());
+        if led.contains(&name) && !have.contains(&name) {
+            let (node, id) = (node.clone(), g.id());
+            shards
+                .add_child(ChildSpec::new(name, move || {
+                    (super::ShardKeeper, (node.clone(), id))
+                }))
+                .await?;
+        }
     }
     Ok(())
 }

@@ -45,6 +45,9 @@ pub struct ClusterView {
     /// the last is the current epoch's (it trails `shard_count` while
     /// added shards are made ready; `docs/shards.md`).
     routes: Vec<u32>,
+    /// The queue shards whose keeper actor (their timers) runs on this
+    /// node: the ones it leads, once its runtime has caught up.
+    keepers: Vec<u32>,
     /// Every Raft group this node hosts, the meta group (0) first, as this
     /// node sees it.
     groups: Vec<GroupStatus>,
@@ -85,6 +88,7 @@ pub async fn status(State(api): State<Api>) -> Json<ClusterView> {
         shards: shard_leaders(&api.node),
         shard_count: api.node.state().read(|s| s.shard_count()),
         routes: api.node.state().read(|s| s.routes().to_vec()),
+        keepers: api.node.keepers().await,
         groups: api.node.groups().map(|g| g.status()).collect(),
     })
 }

@@ -379,7 +379,8 @@ async fn quorum_lost(node: &Node, group: &Group) -> RemoteFailure {
 }
 
 /// On the group's leader, proposes a tick whenever a state-machine timer
-/// is due.
+/// is due. The meta group's; each queue shard's timers are its keeper
+/// actor's (`actors/keeper.rs`).
 pub(super) async fn tick_loop(node: Node, group: Group) {
     let every = node.queue_config().tick_interval;
     let shutdown = node.shutdown_token().clone();
@@ -390,17 +391,26 @@ pub(super) async fn tick_loop(node: Node, group: Group) {
             _ = shutdown.cancelled() => break,
             _ = timer.tick() => {}
         }
-        if !group.is_leader() {
-            continue;
-        }
-        let due = group.state().read(|s| s.next_due_ms());
-        if due.is_some_and(|d| d <= clock::now_ms())
-            && let Err(e) = node.write_in(&group, Command::Tick.into()).await
-        {
-            tracing::debug!(error = %e, "tick not committed");
+        if !tick_if_due(&node, &group).await {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// On the group's leader, proposes a tick if a state-machine timer is due;
+/// false when one was due and did not commit.
+pub(crate) async fn tick_if_due(node: &Node, group: &Group) -> bool {
+    if !group.is_leader() {
+        return true;
+    }
+    let due = group.state().read(|s| s.next_due_ms());
+    if due.is_some_and(|d| d <= clock::now_ms())
+        && let Err(e) = node.write_in(group, Command::Tick.into()).await
+    {
+        tracing::debug!(group = group.id(), error = %e, "tick not committed");
+        return false;
+    }
+    true
 }
 
 /// Records this node's heartbeat (region, API address) in the node registry
