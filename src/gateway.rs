@@ -197,6 +197,58 @@ pub struct RunRequest {
     /// Which node drives the gateway, and under which placement: sent with
     /// the call so the gateway can refuse an old owner.
     pub fence: GatewayFence,
+    /// Asked right before the call leaves for the gateway (a program
+    /// started, a request or frame sent), after any wait on the way:
+    /// false stops it unrun ([`DriverError::NotOwner`]).
+    pub guard: CallGuard,
+}
+
+/// Whether this node may still make a gateway call: asked by the driver at
+/// the last moment before the call leaves. The agent's guard: the node is
+/// in contact with the majority and its replica still places the gateway
+/// here under the call's fencing token. An attempt checks both when it
+/// starts; a node frozen (SIGSTOP, a VM pause) between that check and the
+/// call would otherwise make the call with the old token after the
+/// majority moved the gateway, and the new owner had called it.
+#[derive(Clone)]
+pub struct CallGuard(Option<Arc<dyn Fn() -> bool + Send + Sync>>);
+
+impl CallGuard {
+    /// A guard asking `allows`.
+    pub fn new(allows: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        CallGuard(Some(Arc::new(allows)))
+    }
+
+    /// Whether the call may leave now.
+    pub fn allows(&self) -> bool {
+        self.0.as_ref().is_none_or(|f| f())
+    }
+
+    /// [`DriverError::NotOwner`] unless the call may leave now.
+    pub fn check(&self) -> Result<()> {
+        if self.allows() {
+            Ok(())
+        } else {
+            Err(DriverError::NotOwner)
+        }
+    }
+}
+
+/// A guard that always allows (callers that own nothing to lose).
+impl Default for CallGuard {
+    fn default() -> Self {
+        CallGuard(None)
+    }
+}
+
+impl std::fmt::Debug for CallGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "CallGuard"
+        } else {
+            "CallGuard(always)"
+        })
+    }
 }
 
 /// A gateway's owner and fencing token, sent with every call to it.
@@ -335,6 +387,12 @@ pub enum DriverError {
         /// What the gateway said.
         reason: String,
     },
+    /// The call was not made: right before it would have left, this node
+    /// was no longer the gateway's owner in good standing (cut off from the
+    /// majority, or its replica had moved the gateway). Not the task's or
+    /// the gateway's fault.
+    #[error("not made: this node no longer drives the gateway")]
+    NotOwner,
     /// A secret a spec refers to could not be read. Names the reference,
     /// never the value.
     #[error("secret {reference} unavailable: {reason}")]
@@ -354,7 +412,8 @@ impl DriverError {
             | DriverError::Unavailable { .. }
             | DriverError::CircuitOpen { .. }
             | DriverError::Rejected { .. }
-            | DriverError::Fenced { .. } => true,
+            | DriverError::Fenced { .. }
+            | DriverError::NotOwner => true,
             DriverError::TaskFailed { retryable, .. } => *retryable,
             DriverError::Cancelled
             | DriverError::OutputTooLarge { .. }
@@ -387,6 +446,7 @@ impl DriverError {
             DriverError::OutputTooLarge { .. } => "output_too_large",
             DriverError::Rejected { .. } => "gateway_rejected",
             DriverError::Fenced { .. } => "gateway_fenced",
+            DriverError::NotOwner => "not_owner",
             DriverError::InvalidSpec(_) => "invalid_spec",
             DriverError::Secret { .. } => "secret_unavailable",
         }

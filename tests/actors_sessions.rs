@@ -109,6 +109,7 @@ fn request(task: u64) -> RunRequest {
         timeout: Duration::from_secs(30),
         trace: None,
         fence: GatewayFence::default(),
+        guard: Default::default(),
     }
 }
 

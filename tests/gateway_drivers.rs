@@ -29,6 +29,7 @@ fn req(payload: &str, timeout: Duration) -> RunRequest {
             owner: 3,
             token: 9,
         },
+        guard: Default::default(),
     }
 }
 
@@ -340,6 +341,28 @@ async fn command_sees_the_gateway_fence_and_may_refuse_it() {
         "a gateway that keeps refusing trips its breaker"
     );
     assert_eq!(e.code(), "gateway_fenced");
+}
+
+/// A guard that says no at the last moment stops the call unmade: the
+/// program never starts (it would leave a file behind), and the error is
+/// neither the task's nor the gateway's.
+#[tokio::test]
+async fn command_is_not_started_when_its_guard_says_no() {
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("ran");
+    let d = sh(&format!("touch {}; echo '{{}}'", mark.display()));
+    let mut r = req("{}", Duration::from_secs(10));
+    r.guard = godel::gateway::CallGuard::new(|| false);
+    let e = run(&d, r).await.unwrap_err();
+    assert!(matches!(e, DriverError::NotOwner), "{e:?}");
+    assert!(!e.is_gateway_fault());
+    assert_eq!(e.code(), "not_owner");
+    assert!(!mark.exists(), "the program ran");
+    // The same call with a guard that allows it runs.
+    let mut r = req("{}", Duration::from_secs(10));
+    r.guard = godel::gateway::CallGuard::new(|| true);
+    run(&d, r).await.unwrap();
+    assert!(mark.exists());
 }
 
 #[tokio::test]

@@ -76,6 +76,7 @@ fn req(task: u64, message: &str, key: Option<&str>, timeout: Duration) -> RunReq
             owner: 1,
             token: 5,
         },
+        guard: Default::default(),
     }
 }
 

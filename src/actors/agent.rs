@@ -594,7 +594,21 @@ async fn attempt(
         tracing::debug!(agent = %args.id, task = %task.id, "gateway moved away before the attempt; not run");
         return not_run(false);
     };
+    // Asked again by the driver right before the call leaves: a node frozen
+    // since the checks above must not call with the old fence after the
+    // majority moved the gateway.
+    let guard = {
+        let (node, agent, placed) = (args.node.clone(), args.id.clone(), fence.token);
+        crate::gateway::CallGuard::new(move || {
+            let here = node.id();
+            !node.cut_off()
+                && node.state().read(|s| {
+                    gateway_here(s, &agent, here).is_some_and(|g| g.placement_token == placed)
+                })
+        })
+    };
     let req = RunRequest {
+        guard,
         task_id: task.id,
         fencing_token: token,
         session_key: task
@@ -660,6 +674,19 @@ async fn attempt(
                 }),
                 "gateway_rejected",
             )
+        }
+        // Not made: the guard found this node cut off or the gateway moved
+        // by the time the call would have left. As when the checks at the
+        // start find it: nothing reported (the move gives the lease back,
+        // or it lapses), the lease given up here.
+        Some(Err(DriverError::NotOwner)) => {
+            tracing::info!(agent = %args.id, task = %task.id, "the gateway call was not made: this node no longer drives the gateway");
+            m.attempts.with_label_values(&["stopped"]).inc();
+            let _ = actor.send_message(AgentMsg::Ended {
+                token,
+                given_up: true,
+            });
+            return;
         }
         // The gateway has seen a newer owner: this node has not applied the
         // move yet, and the lease went back with it.

@@ -262,6 +262,12 @@ impl Actor for SessionActor {
     ) -> std::result::Result<(), ActorProcessingErr> {
         match msg {
             SessionMsg::Run { req, cancel, reply } => {
+                // Opening is a gateway call too: not by a node that no
+                // longer drives the gateway.
+                if let Err(e) = req.guard.check() {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
                 if !state.opened {
                     let a = &state.args;
                     let opened = tokio::select! {

@@ -66,12 +66,11 @@ impl CommandDriver {
 
     async fn attempt(&self, req: RunRequest, cancel: CancellationToken) -> Result<RunOutput> {
         let started = tokio::time::Instant::now();
-        let mut child = self
-            .command(&req)
-            .spawn()
-            .map_err(|e| DriverError::Unavailable {
-                reason: format!("cannot start `{}`: {e}", self.spec.program),
-            })?;
+        let mut command = self.command(&req);
+        req.guard.check()?;
+        let mut child = command.spawn().map_err(|e| DriverError::Unavailable {
+            reason: format!("cannot start `{}`: {e}", self.spec.program),
+        })?;
         let mut group = GroupGuard(child.id());
         let outcome = super::bounded(
             req.timeout,

@@ -121,6 +121,7 @@ impl HttpDriver {
                 .header("godel-gateway-id", fence.gateway.0.as_str())
                 .header("godel-gateway-owner", fence.owner)
                 .header("godel-gateway-token", fence.token);
+            req.guard.check()?;
             let resp = post.send().await.map_err(|e| send_error(e, timeout))?;
             let status = resp.status();
             let fenced =

@@ -248,7 +248,9 @@ impl OpenClawDriver {
                 ),
             });
         }
+        req.guard.check()?;
         self.ensure_session(&conn, &key, &trace).await?;
+        req.guard.check()?;
         let outcome = self
             .send_turn(&conn, &run, params, window, &mut abort)
             .await;

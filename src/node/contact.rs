@@ -25,6 +25,9 @@
 //! missed, placed on it before the majority moved the gateway away, and
 //! called the gateway with the old fencing token after the new owner had
 //! used the new one (the `pause` drill's "gateways with two owners").
+//! The driver asks once more right before the call leaves
+//! (`gateway::CallGuard`): a node frozen between the agent's check and the
+//! call must not make it on waking.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
