@@ -283,10 +283,7 @@ impl Injector<'_> {
             );
         }
         let to = from + 1;
-        let order: Vec<usize> = (0..self.c.len())
-            .filter(|i| *i != leader && self.c.node(*i).is_running())
-            .chain([leader])
-            .collect();
+        let order = self.followers_then(leader);
         for i in order {
             self.hit_pid = self.c.node(i).pid();
             let at = now_ms();
@@ -404,14 +401,20 @@ impl Injector<'_> {
         probe_once(&self.api, i, &agent, &mut self.probes).await;
     }
 
+    /// The running nodes other than `leader`, then `leader`: the order of
+    /// the rolling faults.
+    fn followers_then(&self, leader: usize) -> Vec<usize> {
+        (0..self.c.len())
+            .filter(|i| *i != leader && self.c.node(*i).is_running())
+            .chain([leader])
+            .collect()
+    }
+
     /// SIGTERM each node in turn (followers first), restart it after
     /// `hold`, wait until it caught up.
     async fn rolling(&mut self, spec: &FaultSpec) -> Result<()> {
         let leader = self.c.leader().await;
-        let order: Vec<usize> = (0..self.c.len())
-            .filter(|i| *i != leader && self.c.node(*i).is_running())
-            .chain([leader])
-            .collect();
+        let order = self.followers_then(leader);
         for i in order {
             self.hit_pid = self.c.node(i).pid();
             let at = now_ms();

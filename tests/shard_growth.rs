@@ -47,13 +47,8 @@ fn shard_of(id: u64) -> u64 {
 }
 
 /// The shard a key of `tenant` routes to over `shards` shards.
-fn route(tenant: &str, key: &str, shards: u64) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in tenant.bytes().chain([0]).chain(key.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    1 + h % shards
+fn route(tenant: &str, key: &str, shards: u32) -> u64 {
+    u64::from(godel::fsm::route(tenant, key, shards))
 }
 
 /// One acknowledged submission.

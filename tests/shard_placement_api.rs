@@ -175,10 +175,5 @@ async fn a_shard_placed_in_its_home_region_has_its_voters_there_and_back() {
 
 /// The shard a key of `tenant` routes to over three shards.
 fn route(tenant: &str, key: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in tenant.bytes().chain([0]).chain(key.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    1 + h % 3
+    u64::from(godel::fsm::route(tenant, key, 3))
 }
