@@ -146,6 +146,7 @@ scripts! {
     routed_submission_epoch_fence,
     lookback_submission_finds_key_or_session,
     a_shard_placed_apart,
+    a_dead_letter_keeps_its_session_in_its_shard,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
     sessions_are_per_tenant,

@@ -82,8 +82,8 @@ pub struct State {
     /// In a queue shard: the latest routing epoch it has seen (0: none
     /// told, as epoch 1). Submissions routed by an earlier one are refused.
     pub(crate) route_epoch: u32,
-    /// Unfinished tasks (not completed, cancelled or dead-lettered) per
-    /// tenant and session key: where a session's work is, for a `lookback`
+    /// Unfinished tasks (not completed or cancelled; a dead letter can be
+    /// retried) per tenant and session key: where a session's work is, for a `lookback`
     /// submission ([`Command::SubmitRouted`]).
     pub(crate) session_tasks: BTreeMap<(Tenant, SessionKey), u32>,
     /// In the meta group: the shards placed otherwise than the cluster's
@@ -509,14 +509,30 @@ impl State {
         keyed || session
     }
 
+    /// Whether a task still counts for its session's place: everything but
+    /// completed and cancelled. A dead letter counts, since a retry or
+    /// replay makes it pending again in this shard.
+    fn holds_session(t: &Task) -> bool {
+        !matches!(t.status, TaskStatus::Completed | TaskStatus::Cancelled)
+    }
+
+    /// Rebuilds [`State::session_tasks`] from the tasks. Run after decoding
+    /// a stored state: the counts are derived, and an older build counted
+    /// dead letters out.
+    pub(crate) fn recount_session_tasks(&mut self) {
+        let mut counts: BTreeMap<(Tenant, SessionKey), u32> = BTreeMap::new();
+        for t in self.tasks.values().filter(|t| Self::holds_session(t)) {
+            if let Some(key) = &t.session_key {
+                *counts.entry((t.tenant.clone(), key.clone())).or_default() += 1;
+            }
+        }
+        self.session_tasks = counts;
+    }
+
     /// Counts a task in or out of its session's unfinished tasks.
     fn count_session_task(&mut self, id: TaskId, delta: i32) {
         let t = &self.tasks[&id];
-        let unfinished = !matches!(
-            t.status,
-            TaskStatus::Completed | TaskStatus::Cancelled | TaskStatus::DeadLetter
-        );
-        let Some(key) = t.session_key.as_ref().filter(|_| unfinished) else {
+        let Some(key) = t.session_key.as_ref().filter(|_| Self::holds_session(t)) else {
             return;
         };
         let k = (t.tenant.clone(), key.clone());
@@ -1233,10 +1249,7 @@ mod tests {
         let recount = |s: &State| {
             let mut m: BTreeMap<(Tenant, SessionKey), u32> = BTreeMap::new();
             for t in s.tasks.values() {
-                let done = matches!(
-                    t.status,
-                    TaskStatus::Completed | TaskStatus::Cancelled | TaskStatus::DeadLetter
-                );
+                let done = matches!(t.status, TaskStatus::Completed | TaskStatus::Cancelled);
                 if let (Some(k), false) = (&t.session_key, done) {
                     *m.entry((t.tenant.clone(), k.clone())).or_default() += 1;
                 }

@@ -211,10 +211,12 @@ impl Restored {
     /// Decodes a payload [`Capture::write_payload`] wrote, reading no
     /// further than its end. Blocking, `O(state)`.
     pub fn read_payload(input: &mut impl Read) -> Result<Self> {
-        let applied = codec::decode_from_reader(input).map_err(|source| StoreError::Corrupt {
-            what: "state machine copy".into(),
-            source,
-        })?;
+        let mut applied: Applied =
+            codec::decode_from_reader(input).map_err(|source| StoreError::Corrupt {
+                what: "state machine copy".into(),
+                source,
+            })?;
+        applied.state.recount_session_tasks();
         Ok(Self { applied })
     }
 

@@ -131,10 +131,11 @@ pub(super) fn restore(db: &Db) -> Result<Applied> {
 
 /// Decodes a snapshot payload and checks it against its metadata.
 fn decode_payload(meta: &Meta, data: &[u8]) -> Result<Applied> {
-    let applied: Applied = codec::decode(data).map_err(|source| StoreError::Corrupt {
+    let mut applied: Applied = codec::decode(data).map_err(|source| StoreError::Corrupt {
         what: format!("snapshot {}", meta.snapshot_id),
         source,
     })?;
+    applied.state.recount_session_tasks();
     if applied.last_applied != meta.last_log_id || applied.last_membership != meta.last_membership {
         return Err(StoreError::Inconsistent(format!(
             "snapshot {} payload is at {:?}, its meta says {:?}",
