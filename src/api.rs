@@ -107,11 +107,29 @@ impl Api {
     }
 
     /// The queue group that holds `what` `id` (a task, lease or session:
-    /// ids carry their shard); one that names no shard is not found.
-    fn queue_group_of(&self, id: u64, what: &str) -> ApiResult<&crate::node::Group> {
-        self.node
-            .queue_group_of(id)
-            .map_err(|_| ApiError::not_found(format!("{what} {id} not found")))
+    /// ids carry their shard); one that names no shard routed to is not
+    /// found, one in a shard this node does not host is a 503. A shard this
+    /// node hosts but its meta replica does not route to yet is looked up
+    /// again after a meta read barrier (an `OpenRoute` not applied here yet).
+    async fn queue_group_of(&self, id: u64, what: &str) -> ApiResult<&crate::node::Group> {
+        let not_found = || ApiError::not_found(format!("{what} {id} not found"));
+        let group = self.node.queue_group_of(id).map_err(|e| match e {
+            NodeError::Invalid(_) => not_found(),
+            other => other.into(),
+        })?;
+        let routed = |g: &crate::node::Group| {
+            let groups = self.node.queue_groups();
+            groups.iter().any(|r| r.id() == g.id())
+        };
+        if routed(group) {
+            return Ok(group);
+        }
+        self.node.read_barrier().await?;
+        if routed(group) {
+            Ok(group)
+        } else {
+            Err(not_found())
+        }
     }
 
     /// Every queue group's replica, read at once after a read barrier on

@@ -134,6 +134,11 @@ struct Inner {
     fabric: std::sync::Mutex<Option<crate::fabric::Fabric>>,
     /// When this node's last committed heartbeat was sent.
     contact: contact::Contact,
+    /// Held, on the meta leader, by a change of the meta group's voters and
+    /// by the step that records a shard growth: an added shard's group is
+    /// initialized with the voters of the moment its growth committed, and
+    /// no change of them runs until its route opens (`node/shards.rs`).
+    membership: tokio::sync::Mutex<()>,
 }
 
 impl Node {
@@ -209,6 +214,7 @@ impl Node {
                 agents: crate::actors::AgentDirectory::default(),
                 fabric: std::sync::Mutex::new(None),
                 contact: contact::Contact::default(),
+                membership: tokio::sync::Mutex::new(()),
             }),
         };
         let listener = tokio::net::TcpListener::bind(node.inner.config.node.raft_addr).await?;
@@ -410,17 +416,44 @@ impl Node {
     }
 
     /// The group that holds task, lease or session `id` (ids carry their
-    /// shard: `fsm::group_of`), or an error when the id names no shard of
-    /// this cluster (no such object, then).
+    /// shard: `fsm::group_of`), or an error: `Invalid` when the id names no
+    /// shard of this cluster (no such object, then), `Unavailable` when it
+    /// names one this node does not host (a node restarted with fewer
+    /// shards than the cluster routes to cannot serve it). Any shard this
+    /// node hosts is looked in, routed to or not by its replica of the meta
+    /// group: a replica that has not applied the latest `OpenRoute` yet
+    /// must still find a task a newer shard minted.
     pub fn queue_group_of(&self, id: u64) -> Result<&Group, NodeError> {
-        let shards = if self.inner.shards.is_empty() {
-            1
-        } else {
-            self.queue_groups().len() as u32
-        };
-        fsm::group_of(id, shards)
-            .and_then(|g| self.group(g))
-            .ok_or_else(|| NodeError::Invalid(format!("{id} names no queue shard of this cluster")))
+        if self.inner.shards.is_empty() {
+            return Ok(&self.inner.meta);
+        }
+        let hosted = self.inner.queue.len() as u32;
+        if let Some(g) = fsm::group_of(id, hosted) {
+            return self.group(g).ok_or_else(|| {
+                NodeError::Internal(format!("queue shard {g} is hosted but not found"))
+            });
+        }
+        let routed = self.inner.meta.state().read(|s| s.routes().last().copied());
+        let g = (id & 0xff) as u32;
+        match routed {
+            Some(n) if (1..=n).contains(&g) => Err(NodeError::Unavailable(format!(
+                "{id} is in queue shard {g}, which this node does not host (it hosts {hosted}): ask another node"
+            ))),
+            _ => Err(NodeError::Invalid(format!(
+                "{id} names no queue shard of this cluster"
+            ))),
+        }
+    }
+
+    /// Takes a meta read barrier when this node hosts more shards than its
+    /// replica routes to: a shard being added, or an `OpenRoute` that has
+    /// not reached this replica yet. After it, [`Node::queue_groups`] names
+    /// every shard routed to when the call began.
+    pub async fn fresh_routes(&self) -> Result<(), NodeError> {
+        if self.queue_groups().len() < self.inner.queue.len() {
+            self.read_barrier().await?;
+        }
+        Ok(())
     }
 
     /// Where a new task of `tenant` goes (`docs/shards.md`, "Changing the
@@ -430,31 +463,38 @@ impl Node {
     /// one for a task with neither (nothing to keep together or
     /// deduplicate); and, oldest first, the other shards earlier epochs
     /// routed the key to, which a lookback submission asks first.
-    pub fn submission_route(&self, tenant: &str, key: Option<&str>) -> SubmissionRoute {
+    pub fn submission_route(
+        &self,
+        tenant: &str,
+        key: Option<&str>,
+    ) -> Result<SubmissionRoute, NodeError> {
         if self.inner.shards.is_empty() {
-            return SubmissionRoute {
+            return Ok(SubmissionRoute {
                 epoch: 1,
                 target: META_GROUP,
                 lookback: Vec::new(),
-            };
+            });
         }
-        let hosted = self.inner.shards.len() as u32;
-        let mut routes = self.inner.meta.state().read(|s| s.routes().to_vec());
-        if routes.is_empty() {
-            routes.push(hosted);
+        let hosted = self.inner.queue.len() as u32;
+        let routes = self.inner.meta.state().read(|s| s.routes().to_vec());
+        let Some(&current) = routes.last() else {
+            return Err(NodeError::Unavailable(
+                "this node's replica of the meta group has no shard map yet (the cluster is starting, or the node is catching up)".into(),
+            ));
+        };
+        // Every node hosts a shard before an epoch opens over it; a node
+        // restarted with fewer shards would route differently from the rest.
+        if current > hosted {
+            return Err(NodeError::Unavailable(format!(
+                "the cluster routes over {current} queue shards and this node hosts {hosted}: restart it with cluster.shards = {current}, or submit through another node"
+            )));
         }
-        // A count past this node's groups cannot be (every node hosts the
-        // shards before an epoch opens over them); kept within them.
-        for c in &mut routes {
-            *c = (*c).min(hosted);
-        }
-        let current = *routes.last().expect("one epoch at least");
         let Some(k) = key else {
-            return SubmissionRoute {
+            return Ok(SubmissionRoute {
                 epoch: routes.len() as u32,
                 target: 1 + rand::random::<u32>() % current,
                 lookback: Vec::new(),
-            };
+            });
         };
         let target = fsm::route(tenant, k, current);
         let mut lookback: Vec<GroupId> = Vec::new();
@@ -464,11 +504,11 @@ impl Node {
                 lookback.push(g);
             }
         }
-        SubmissionRoute {
+        Ok(SubmissionRoute {
             epoch: routes.len() as u32,
             target,
             lookback,
-        }
+        })
     }
 
     /// The meta group and the queue shards routed to (not a shard being
@@ -619,6 +659,19 @@ impl Node {
     }
 
     async fn write_in(&self, group: &Group, write: fsm::Write) -> Result<fsm::Outcome, NodeError> {
+        // A queue shard takes queue commands only once it knows which shard
+        // it is: before, it would mint ids without the shard in them, and
+        // `DefineGroup` would then be refused for good. Its local replica
+        // having applied it means the group committed it first.
+        if group.id() != META_GROUP
+            && !matches!(write.command, fsm::Command::DefineGroup { .. })
+            && group.state().read(|s| s.group()) == 0
+        {
+            return Err(NodeError::Unavailable(format!(
+                "queue shard {} is not set up yet (its DefineGroup has not applied on this node)",
+                group.id()
+            )));
+        }
         let timeout = self.inner.config.queue.write_timeout;
         let rx = group.queue().push(write)?;
         match tokio::time::timeout(timeout, rx).await {
@@ -643,12 +696,14 @@ impl Node {
 
     /// [`Node::read_barrier`] for every group that holds tasks, at once.
     pub async fn read_barrier_queue(&self) -> Result<(), NodeError> {
+        self.fresh_routes().await?;
         self.read_barriers(self.queue_groups().iter()).await
     }
 
     /// [`Node::read_barrier`] for the meta group and every queue shard
     /// routed to, at once.
     pub async fn read_barrier_all(&self) -> Result<(), NodeError> {
+        self.fresh_routes().await?;
         self.read_barriers(self.routed_groups()).await
     }
 

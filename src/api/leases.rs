@@ -186,6 +186,7 @@ async fn lease_shard<'a>(
     caller: &Caller,
     capabilities: &[String],
 ) -> ApiResult<&'a crate::node::Group> {
+    api.node.fresh_routes().await?;
     let groups = api.node.queue_groups();
     if groups.len() == 1 {
         return Ok(&groups[0]);
@@ -193,7 +194,7 @@ async fn lease_shard<'a>(
     let best = api
         .read_queue(|s| s.best_ready_for_worker(capabilities, |t| caller.sees(&t.tenant)))
         .await?;
-    let at = (0..groups.len())
+    let at = (0..groups.len().min(best.len()))
         .max_by_key(|&i| (best[i], std::cmp::Reverse(i)))
         .unwrap_or(0);
     Ok(&groups[at])
@@ -208,7 +209,7 @@ async fn write_lease(
     token: FencingToken,
     cmd: Command,
 ) -> ApiResult<Json<TaskView>> {
-    let group = api.queue_group_of(token.0, "lease")?;
+    let group = api.queue_group_of(token.0, "lease").await?;
     let target = Some(AuditTarget::Lease(token.0));
     task_reply(api.write_in(group, caller, cmd, target).await?)
 }

@@ -267,6 +267,7 @@ pub async fn replay(
             error_contains: b.error_contains,
         }),
     };
+    api.node.fresh_routes().await?;
     if let [group] = api.node.queue_groups() {
         let replayed = replay_in(&api, group, &caller, selector, limit).await?;
         return Ok(Json(ReplayedView { replayed }));
@@ -280,11 +281,11 @@ pub async fn replay(
         ReplaySelector::Ids(ids) => {
             let mut by_group: BTreeMap<u32, Vec<TaskId>> = BTreeMap::new();
             for id in ids {
-                let group = api.queue_group_of(id.0, "task")?;
+                let group = api.queue_group_of(id.0, "task").await?;
                 by_group.entry(group.id()).or_default().push(id);
             }
             for ids in by_group.into_values() {
-                let group = api.queue_group_of(ids[0].0, "task")?;
+                let group = api.queue_group_of(ids[0].0, "task").await?;
                 api.node.read_barrier_in(group).await?;
                 group
                     .state()

@@ -262,6 +262,7 @@ pub async fn deregister(
     };
     api.write_as(&caller, cmd, Some(AuditTarget::text(format!("agent/{id}"))))
         .await?;
+    api.node.fresh_routes().await?;
     for group in api
         .node
         .shard_groups()

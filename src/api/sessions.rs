@@ -188,7 +188,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<SessionView>> {
     let id = parse_id(&id)?;
-    let group = api.queue_group_of(id, "session")?;
+    let group = api.queue_group_of(id, "session").await?;
     api.node.read_barrier_in(group).await?;
     let view = group.state().read(|s| {
         s.sessions()
@@ -228,7 +228,7 @@ pub async fn kill(
         id,
         reason: b.reason,
     };
-    let group = api.queue_group_of(id, "session")?;
+    let group = api.queue_group_of(id, "session").await?;
     match api
         .write_in(group, &caller, cmd, Some(AuditTarget::Session(id)))
         .await?

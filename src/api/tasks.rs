@@ -200,7 +200,7 @@ async fn submit(api: &Api, caller: &Caller, spec: SubmitTask) -> ApiResult<Reply
         .map(|k| k.0.clone())
         .or(spec.idempotency_key.clone());
     for _ in 0..ROUTE_ATTEMPTS {
-        let route = api.node.submission_route(&spec.tenant.0, key.as_deref());
+        let route = api.node.submission_route(&spec.tenant.0, key.as_deref())?;
         let asks = route.lookback.iter().map(|g| (*g, true));
         let mut stale = false;
         for (g, lookback) in asks.chain([(route.target, false)]) {
@@ -278,7 +278,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<TaskDetail>> {
     let id = parse_id(&id)?;
-    let group = api.queue_group_of(id.0, "task")?;
+    let group = api.queue_group_of(id.0, "task").await?;
     api.node.read_barrier_in(group).await?;
     let dead_after = api.node.queue_config().node_dead_after.as_millis() as u64;
     let found = group
@@ -340,7 +340,7 @@ pub async fn cancel(
         id,
         reason: b.reason,
     };
-    let group = api.queue_group_of(id.0, "task")?;
+    let group = api.queue_group_of(id.0, "task").await?;
     task_reply(
         api.write_in(group, &caller, cmd, Some(AuditTarget::Task(id.0)))
             .await?,
@@ -360,7 +360,7 @@ pub async fn retry(
     Path(id): Path<String>,
 ) -> ApiResult<Json<TaskView>> {
     let id = parse_id(&id)?;
-    let group = api.queue_group_of(id.0, "task")?;
+    let group = api.queue_group_of(id.0, "task").await?;
     let cmd = Command::Retry { id };
     task_reply(
         api.write_in(group, &caller, cmd, Some(AuditTarget::Task(id.0)))

@@ -339,6 +339,7 @@ async fn spread_weight(
     let target = AuditTarget::text(format!("tenant/{tenant}"));
     // The shards routed to; a shard being added gets the weights when
     // its first routing epoch opens (node/shards.rs).
+    api.node.fresh_routes().await?;
     for group in api
         .node
         .shard_groups()

@@ -238,6 +238,8 @@ pub(super) async fn add_member(
     info: NodeInfo,
 ) -> Result<(), RemoteFailure> {
     ensure_leader(node)?;
+    let _one_change = node.inner.membership.lock().await;
+    refuse_while_growing(node)?;
     if !node.members().1.contains_key(&id) {
         // A node this one cannot talk to (a certificate from another CA,
         // another cluster secret, a wrong address) would sit in the
@@ -318,6 +320,8 @@ async fn same_shards(node: &Node, id: NodeId, info: &NodeInfo) -> Result<(), Rem
 /// to it yet).
 pub(super) async fn remove_member(node: &Node, id: NodeId) -> Result<(), RemoteFailure> {
     ensure_leader(node)?;
+    let _one_change = node.inner.membership.lock().await;
+    refuse_while_growing(node)?;
     for group in node.shard_groups() {
         let (voters, _) = group.members();
         if voters == [id] {
@@ -365,6 +369,23 @@ pub(super) async fn remove_from_group(group: &Group, id: NodeId) -> Result<(), R
         .map_err(|e| RemoteFailure::Unavailable(e.to_string()))?;
     tracing::info!(group = group.id(), node = id, "node removed");
     Ok(())
+}
+
+/// Refuses a change of the meta group's voters while a shard the cluster
+/// has grown by is not routed to yet: its group is (or is about to be)
+/// initialized with the voters of the moment the growth committed, and a
+/// meta leader that takes over must initialize it with the same ones.
+fn refuse_while_growing(node: &Node) -> Result<(), RemoteFailure> {
+    let (count, routed) = node
+        .state()
+        .read(|s| (s.shard_count(), s.routes().last().copied()));
+    match routed {
+        Some(routed) if count > routed => Err(RemoteFailure::Unavailable(format!(
+            "queue shards {}..={count} are being added; nodes join or leave once they are              routed to (GET /cluster: routes)",
+            routed + 1
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn ensure_leader(node: &Node) -> Result<(), RemoteFailure> {

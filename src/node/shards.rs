@@ -240,6 +240,13 @@ async fn grow(node: &Node, growth: &mut Growth) {
     if configured > recorded {
         let missing = nodes_without_group(node, configured).await;
         if missing.is_empty() {
+            // No change of the voters runs while the growth is recorded,
+            // and none starts until the added shards are routed to: each
+            // added group is initialized with the voters of this moment,
+            // by whichever meta leader gets there (membership.rs).
+            let Ok(_no_change) = node.inner.membership.try_lock() else {
+                return;
+            };
             match node.write(Command::GrowShards { count: configured }).await {
                 Ok(Ok(_)) => {
                     tracing::info!(
