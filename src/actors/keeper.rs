@@ -12,6 +12,9 @@
 //! node's (`actors/shard.rs`: each node pulls for its own agents), so the
 //! keeper holds no queue of its own.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -62,6 +65,8 @@ impl ractor::Message for KeeperMsg {}
 pub struct KeeperState {
     node: Node,
     group: Group,
+    /// Set while a timer tick waits in the mailbox.
+    queued: Arc<AtomicBool>,
     _timer: DropGuard,
 }
 
@@ -82,6 +87,10 @@ impl Actor for ShardKeeper {
         let stop = CancellationToken::new();
         let every = node.queue_config().tick_interval;
         let cancelled = stop.clone();
+        // One tick waits in the mailbox at most: while a tick's write is
+        // blocked (no quorum, say), the timer does not queue more behind it.
+        let queued = Arc::new(AtomicBool::new(false));
+        let queued_by_timer = Arc::clone(&queued);
         tokio::spawn(async move {
             let mut timer = tokio::time::interval(every);
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -89,6 +98,9 @@ impl Actor for ShardKeeper {
                 tokio::select! {
                     _ = cancelled.cancelled() => break,
                     _ = timer.tick() => {}
+                }
+                if queued_by_timer.swap(true, Ordering::AcqRel) {
+                    continue;
                 }
                 if myself.send_message(KeeperMsg::Tick).is_err() {
                     break;
@@ -102,6 +114,7 @@ impl Actor for ShardKeeper {
         Ok(KeeperState {
             node,
             group,
+            queued,
             _timer: stop.drop_guard(),
         })
     }
@@ -114,6 +127,7 @@ impl Actor for ShardKeeper {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             KeeperMsg::Tick => {
+                state.queued.store(false, Ordering::Release);
                 // A tick that did not commit is tried at the next one.
                 state.node.tick_if_due(&state.group).await;
             }

@@ -169,9 +169,17 @@ async fn ensure_shard(node: &Node, root: &SupervisorRef) -> super::Result<()> {
             .map(|g| super::keeper_name(g.id()))
             .collect()
     };
-    for name in have.iter().filter(|c| c.starts_with("keeper-")) {
-        if !led.contains(name) {
-            shards.remove_child(name, REMOVE_WAIT).await?;
+    // One keeper that does not stop in time keeps neither the others from
+    // stopping nor the led shards' keepers from starting; it is tried again
+    // at the next pass.
+    let mut first_error = None;
+    let unled = have
+        .iter()
+        .filter(|c| c.starts_with("keeper-") && !led.contains(*c));
+    for name in unled {
+        if let Err(e) = shards.remove_child(name, REMOVE_WAIT).await {
+            tracing::warn!(keeper = %name, error = %e, "a queue-shard keeper did not stop; tried again");
+            first_error.get_or_insert(e);
         }
     }
     for g in node.queue_groups() {
@@ -185,7 +193,7 @@ async fn ensure_shard(node: &Node, root: &SupervisorRef) -> super::Result<()> {
                 .await?;
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// What the reconciler starts actors under, and with.

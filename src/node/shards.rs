@@ -207,6 +207,9 @@ async fn record_count(node: &Node, uninitialized_since: &mut Option<Instant>) {
 struct Growth {
     /// When it last said which nodes do not host the new shards yet.
     waiting_said: Option<Instant>,
+    /// The routing epoch this leader has copied the tenants' weights for
+    /// (once per epoch, not at each pass until the epoch opens).
+    weights_copied_for: Option<u32>,
 }
 
 /// How often the meta leader repeats which nodes hold up an added shard.
@@ -274,7 +277,7 @@ async fn grow(node: &Node, growth: &mut Growth) {
         return;
     }
     if recorded > routed {
-        open_next_route(node, routed, recorded, routes.len() as u32).await;
+        open_next_route(node, growth, routed, recorded, routes.len() as u32).await;
         return;
     }
     let epoch = routes.len() as u32;
@@ -297,7 +300,7 @@ async fn grow(node: &Node, growth: &mut Growth) {
 
 /// Step 2 of [`grow`]: shards `routed + 1..=recorded` made ready, then
 /// routing epoch `epoch + 1` opened over them.
-async fn open_next_route(node: &Node, routed: u32, recorded: u32, epoch: u32) {
+async fn open_next_route(node: &Node, growth: &mut Growth, routed: u32, recorded: u32, epoch: u32) {
     let (voters, nodes) = node.members();
     let members: BTreeMap<NodeId, NodeInfo> = voters
         .iter()
@@ -324,7 +327,11 @@ async fn open_next_route(node: &Node, routed: u32, recorded: u32, epoch: u32) {
     }
     // Tenants' round-robin weights live in every shard: the new ones get
     // the first shard's (this node's replica, after a barrier).
-    if let Some(first) = node.shard_groups().first() {
+    if let Some(first) = node
+        .shard_groups()
+        .first()
+        .filter(|_| growth.weights_copied_for != Some(epoch + 1))
+    {
         if node.read_barrier_in(first).await.is_err() {
             return;
         }
@@ -347,6 +354,7 @@ async fn open_next_route(node: &Node, routed: u32, recorded: u32, epoch: u32) {
                 }
             }
         }
+        growth.weights_copied_for = Some(epoch + 1);
     }
     let cmd = Command::OpenRoute {
         epoch: epoch + 1,
