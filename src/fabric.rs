@@ -63,7 +63,7 @@ mod tls;
 use ractor::ActorRef;
 use ractor_cluster::NodeServerMessage;
 
-pub use hints::{GRANTED_V1, Hint, HintMsg, LeaseHints, dispatched, group};
+pub use hints::{GRANTED_V2, Hint, HintMsg, LeaseHints, dispatched, group};
 pub use peers::{RECONNECT_EVERY, node_name, parse_node_name, peer_addr};
 pub use tls::{FabricTlsConfig, server_name};
 

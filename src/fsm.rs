@@ -98,6 +98,6 @@ pub use session::{
 };
 pub use state::{State, group_of, route};
 pub use task::{
-    AgentId, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task, TaskId, TaskRegion,
-    TaskStatus, Tenant,
+    AgentId, DependencyFailure, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task,
+    TaskId, TaskRegion, TaskStatus, Tenant,
 };

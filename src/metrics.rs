@@ -334,6 +334,8 @@ pub fn event_name(kind: &EventKind) -> &'static str {
         EventKind::TimedOut { .. } => "timed_out",
         EventKind::Requeued => "requeued",
         EventKind::Released { .. } => "released",
+        EventKind::DependenciesMet => "dependencies_met",
+        EventKind::Blocked { .. } => "blocked",
     }
 }
 

@@ -30,11 +30,12 @@
 //!
 //! - `submit [tenant=a] [priority=P] [caps=x,y] [payload=JSON | payload_bytes=N]
 //!   [key=K] [at=N|+N] [attempts=N] [timeout=MS] [backoff=INITIAL,MULT,MAX]
-//!   [parent=ID] [session=S] [region=R [required=true]]`
+//!   [parent=ID] [session=S] [region=R [required=true]] [deps=ID,ID
+//!   [on_dep_fail=cancel|block]]`
 //! - `lease [agent=w1] [caps=x,y] [max=1] [lease=30000]`
 //! - `renew token=T [lease=30000]`, `complete token=T [result=JSON | result_bytes=N]`,
 //!   `fail token=T [error=boom] [retryable=true]`
-//! - `cancel id=N [reason=R]`, `retry id=N`, `weight tenant=a w=N`
+//! - `cancel id=N [reason=R] [keep_children=true]`, `retry id=N`, `weight tenant=a w=N`
 //! - `replay ids=1,2 [limit=100]` or `replay [tenant=a] [priority=P] [error=E] [limit=100]`
 //! - `tick` (apply an empty batch: fires due timers)
 //! - `shards count=N [placement=auto|every|spread|regional]` (record the
@@ -86,12 +87,12 @@ use std::str::FromStr;
 use godel::codec;
 use godel::fsm::{
     AgentId, AgentProfile, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter,
-    AuditRecord, AuditTarget, Backoff, Batch, Circuit, Command, DeadLetterFilter, DispatchPolicy,
-    DispatchSpec, Event, EventKind, FencingToken, GatewayChange, GatewayId, GatewayRegistration,
-    Health, LeaseGrant, NewApiKey, Outcome, Priority, PullSlot, PullSpec, Rejection,
-    ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord, SessionState, State,
-    SubmitTask, Task, TaskFilter, TaskId, TaskRegion, TaskStatus, Tenant, TenantPatch,
-    TenantRecord, What, Write, verify_audit_chain,
+    AuditRecord, AuditTarget, Backoff, Batch, Circuit, Command, DeadLetterFilter,
+    DependencyFailure, DispatchPolicy, DispatchSpec, Event, EventKind, FencingToken, GatewayChange,
+    GatewayId, GatewayRegistration, Health, LeaseGrant, NewApiKey, Outcome, Priority, PullSlot,
+    PullSpec, Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord,
+    SessionState, State, SubmitTask, Task, TaskFilter, TaskId, TaskRegion, TaskStatus, Tenant,
+    TenantPatch, TenantRecord, What, Write, verify_audit_chain,
 };
 use godel::trace::TraceContext;
 
@@ -147,6 +148,9 @@ scripts! {
     lookback_submission_finds_key_or_session,
     a_shard_placed_apart,
     a_dead_letter_keeps_its_session_in_its_shard,
+    dependencies_wait_until_completed,
+    dependency_failure_cancels_or_blocks,
+    cancel_cascades_to_children,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
     sessions_are_per_tenant,
@@ -743,6 +747,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         "cancel" => Command::Cancel {
             id: TaskId(args.require("id")?),
             reason: args.take("reason"),
+            keep_children: args.parsed("keep_children")?.unwrap_or(false),
         },
         "retry" => Command::Retry {
             id: TaskId(args.require("id")?),
@@ -1093,6 +1098,20 @@ fn submit_command(args: &mut Args, now_ms: u64) -> Result<Command, String> {
             }),
             None => None,
         },
+        depends_on: list(args.take("deps"))
+            .iter()
+            .map(|d| {
+                d.parse::<u64>()
+                    .map(TaskId)
+                    .map_err(|e| format!("`deps`: {e}"))
+            })
+            .collect::<Result<_, _>>()?,
+        on_dependency_failure: match args.take("on_dep_fail").as_deref() {
+            None => None,
+            Some("cancel") => Some(DependencyFailure::Cancel),
+            Some("block") => Some(DependencyFailure::Block),
+            Some(other) => return Err(format!("`on_dep_fail={other}`: cancel or block")),
+        },
     };
     Ok(match routed {
         Some(epoch) => Command::SubmitRouted {
@@ -1397,6 +1416,8 @@ fn task_kind(kind: &EventKind) -> String {
         EventKind::TimedOut { token } => format!("timed_out token={token}"),
         EventKind::Requeued => "requeued".into(),
         EventKind::Released { token } => format!("released token={token}"),
+        EventKind::DependenciesMet => "dependencies_met".into(),
+        EventKind::Blocked { dependency } => format!("blocked by #{dependency}"),
     }
 }
 
@@ -1437,6 +1458,20 @@ fn task_line(t: &Task) -> String {
     }
     if let Some(p) = t.parent_id {
         s += &format!(" parent=#{p}");
+    }
+    if !t.depends_on.is_empty() {
+        let ids: Vec<String> = t.depends_on.iter().map(|d| format!("#{d}")).collect();
+        s += &format!(" deps={}", ids.join(","));
+        if t.on_dependency_failure == DependencyFailure::Block {
+            s += " on_dep_fail=block";
+        }
+    }
+    if !t.waiting_on.is_empty() {
+        let ids: Vec<String> = t.waiting_on.iter().map(|d| format!("#{d}")).collect();
+        s += &format!(" waiting_on={}", ids.join(","));
+    }
+    if let Some(b) = &t.blocked {
+        s += &format!(" blocked={b:?}");
     }
     if let Some(r) = &t.region {
         let how = if r.required { "required" } else { "preferred" };

@@ -14,8 +14,8 @@ use super::json::{Body, Params};
 use super::view::{self, ListQuery, PageView, TaskView};
 use crate::clock;
 use crate::fsm::{
-    AuditTarget, Backoff, Command, Limits, Priority, Rejection, Reply, SessionKey, SubmitTask,
-    TaskFilter, TaskId, TaskPage, TaskRegion, Tenant,
+    AuditTarget, Backoff, Command, DependencyFailure, Limits, Priority, Rejection, Reply,
+    SessionKey, SubmitTask, TaskFilter, TaskId, TaskPage, TaskRegion, Tenant,
 };
 use crate::trace::TraceContext;
 
@@ -64,6 +64,21 @@ pub struct TaskCreate {
     /// agent there can run it. Never sent elsewhere.
     #[serde(default)]
     region_required: bool,
+    /// Tasks of the same tenant, submitted before, that must complete
+    /// before this one runs (at most 64, none twice). It waits (status
+    /// `waiting`) until they have. One that does not exist, is cancelled,
+    /// or (with the `cancel` policy) is dead-lettered is refused with 400.
+    /// With several queue shards they must be in one shard: this task goes
+    /// to theirs.
+    #[serde(default)]
+    #[schema(max_items = 64)]
+    depends_on: Vec<u64>,
+    /// What a dependency that is dead-lettered or cancelled later does to
+    /// this task: `cancel` (the default) cancels it, naming the dependency;
+    /// `block` keeps it waiting, with the reason shown, until the
+    /// dependency is replayed and completes or an operator cancels it.
+    /// Only with `depends_on`.
+    on_dependency_failure: Option<DependencyFailure>,
 }
 
 impl TaskCreate {
@@ -111,6 +126,8 @@ impl TaskCreate {
                 name,
                 required: self.region_required,
             }),
+            depends_on: self.depends_on.into_iter().map(TaskId).collect(),
+            on_dependency_failure: self.on_dependency_failure,
         };
         spec.validate().map_err(|(field, problem)| {
             ApiError::invalid(format!("invalid field `{field}`: {problem}"))
@@ -199,8 +216,20 @@ async fn submit(api: &Api, caller: &Caller, spec: SubmitTask) -> ApiResult<Reply
         .as_ref()
         .map(|k| k.0.clone())
         .or(spec.idempotency_key.clone());
+    let with_deps = dependencies_shard(api, &spec).await?;
     for _ in 0..ROUTE_ATTEMPTS {
-        let route = api.node.submission_route(&spec.tenant.0, key.as_deref())?;
+        let mut route = api.node.submission_route(&spec.tenant.0, key.as_deref())?;
+        if let Some(g) = with_deps {
+            let session_elsewhere =
+                spec.session_key.is_some() && (route.target != g || !route.lookback.is_empty());
+            if session_elsewhere {
+                return Err(ApiError::invalid(format!(
+                    "invalid field `depends_on`: its tasks are in queue shard {g} and the session                      key routes to another; a task with dependencies runs in their shard (submit                      it without session_key, or give the dependencies its session key)"
+                )));
+            }
+            route.target = g;
+            route.lookback.clear();
+        }
         let asks = route.lookback.iter().map(|g| (*g, true));
         let mut stale = false;
         for (g, lookback) in asks.chain([(route.target, false)]) {
@@ -235,6 +264,34 @@ async fn submit(api: &Api, caller: &Caller, spec: SubmitTask) -> ApiResult<Reply
     Err(ApiError::unavailable(
         "this node's queue-shard routing stayed behind the shards' after a read barrier; retry",
     ))
+}
+
+/// With several queue shards, the shard a task with `depends_on` goes to:
+/// its dependencies' (they must share one, since a shard's state machine
+/// sees only its own tasks). `None` without dependencies.
+async fn dependencies_shard(api: &Api, spec: &SubmitTask) -> ApiResult<Option<u32>> {
+    let Some(first) = spec.depends_on.first() else {
+        return Ok(None);
+    };
+    let group = match api.queue_group_of(first.0, "task").await {
+        Ok(g) => g.id(),
+        Err(e) if e.status == StatusCode::NOT_FOUND => {
+            return Err(ApiError::invalid(format!(
+                "invalid field `depends_on`: task {first} does not exist"
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(other) = spec
+        .depends_on
+        .iter()
+        .find(|d| (d.0 & 0xff) as u32 != group)
+    {
+        return Err(ApiError::invalid(format!(
+            "invalid field `depends_on`: tasks {first} and {other} are in different queue shards;              a task's dependencies must be in one (tasks with one session key share a shard)"
+        )));
+    }
+    Ok(Some(group))
 }
 
 /// `GET /tasks`.
@@ -286,10 +343,17 @@ pub async fn get(
         .read(|s| s.task_shared(id).filter(|t| caller.sees(&t.tenant)));
     // Why it waits is the registry's to say: the meta group's replica.
     let found = found.map(|t| {
-        let waiting_for = api
-            .node
-            .state()
-            .read(|s| s.region_wait_reason(&t, dead_after));
+        let waiting_for = match (&t.blocked, t.waiting_on.as_slice()) {
+            (Some(blocked), _) => Some(format!("blocked: {blocked}")),
+            (None, []) => api
+                .node
+                .state()
+                .read(|s| s.region_wait_reason(&t, dead_after)),
+            (None, ids) => {
+                let ids: Vec<String> = ids.iter().map(|d| d.0.to_string()).collect();
+                Some(format!("tasks {} to complete", ids.join(", ")))
+            }
+        };
         (t, waiting_for)
     });
     found
@@ -308,9 +372,10 @@ pub async fn get(
 pub struct TaskDetail {
     #[serde(flatten)]
     task: TaskView,
-    /// Why a ready task cannot be leased now, when the cause is not other
-    /// tasks ahead of it (for now: a required region with no agent that
-    /// can run it).
+    /// Why it cannot be leased now, when the cause is not other tasks
+    /// ahead of it: the tasks it depends on that have not completed (or
+    /// why it is blocked), or a required region with no agent that can run
+    /// it.
     waiting_for: Option<String>,
 }
 
@@ -319,6 +384,11 @@ pub struct TaskDetail {
 #[serde(deny_unknown_fields)]
 pub struct CancelBody {
     reason: Option<String>,
+    /// Leave its unfinished children (tasks submitted with it as
+    /// `parent_id`) alone. By default they are cancelled too (and theirs),
+    /// with the reason naming it.
+    #[serde(default)]
+    keep_children: bool,
 }
 
 /// `POST /tasks/{id}/cancel`.
@@ -339,6 +409,7 @@ pub async fn cancel(
     let cmd = Command::Cancel {
         id,
         reason: b.reason,
+        keep_children: b.keep_children,
     };
     let group = api.queue_group_of(id.0, "task").await?;
     task_reply(

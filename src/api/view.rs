@@ -63,6 +63,17 @@ struct TaskJson<'a> {
     created_at: String,
     #[schema(format = DateTime)]
     updated_at: String,
+    /// The tasks it runs after, as submitted.
+    depends_on: Vec<u64>,
+    /// While `waiting`: those of `depends_on` that have not completed yet.
+    waiting_on: Vec<u64>,
+    /// With `depends_on`: what a dependency dead-lettered or cancelled does
+    /// to it.
+    #[schema(value_type = Option<crate::fsm::DependencyFailure>)]
+    on_dependency_failure: Option<&'static str>,
+    /// While `waiting`: why it cannot go on (a dependency dead-lettered or
+    /// cancelled, under the `block` policy).
+    blocked: Option<&'a str>,
 }
 
 /// A task's live lease.
@@ -155,6 +166,11 @@ impl Serialize for TaskView {
             next_attempt_at: t.next_attempt_at_ms.map(rfc3339),
             created_at: rfc3339(t.created_at_ms),
             updated_at: rfc3339(t.updated_at_ms),
+            depends_on: t.depends_on.iter().map(|d| d.0).collect(),
+            waiting_on: t.waiting_on.iter().map(|d| d.0).collect(),
+            on_dependency_failure: (!t.depends_on.is_empty())
+                .then(|| t.on_dependency_failure.as_str()),
+            blocked: t.blocked.as_deref(),
         }
         .serialize(s)
     }

@@ -247,6 +247,7 @@ fn task(t: &Value) -> String {
         ("scheduled at", cell(&t["scheduled_at"])),
         ("next attempt", cell(&t["next_attempt_at"])),
         ("parent", cell(&t["parent_id"])),
+        ("depends on", depends_on(t)),
         ("region", region(t)),
         ("waiting for", cell(&t["waiting_for"])),
         ("idempotency key", cell(&t["idempotency_key"])),
@@ -259,6 +260,18 @@ fn task(t: &Value) -> String {
         }
     }
     s
+}
+
+/// A task's dependencies and, with them, its policy (`-` without).
+fn depends_on(t: &Value) -> String {
+    match t["depends_on"].as_array() {
+        Some(a) if !a.is_empty() => format!(
+            "{} (if one fails: {})",
+            list(&t["depends_on"]),
+            cell(&t["on_dependency_failure"])
+        ),
+        _ => "-".into(),
+    }
 }
 
 fn lease(l: &Value) -> String {
@@ -277,7 +290,8 @@ fn lease(l: &Value) -> String {
 /// `queue depth`: ready tasks per priority, then every status per tenant.
 fn queue(v: &Value) -> String {
     const PRIORITIES: [&str; 4] = ["critical", "high", "medium", "low"];
-    const STATUSES: [&str; 8] = [
+    const STATUSES: [&str; 9] = [
+        "waiting",
         "pending",
         "scheduled",
         "leased",

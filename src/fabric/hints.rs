@@ -18,7 +18,7 @@ use crate::raft::NodeId;
 /// The wire name of [`HintMsg::Granted`], with its format version: a node
 /// that does not know a name (a newer format) drops the message with a
 /// debug log and counts it as `unreadable`.
-pub const GRANTED_V1: &str = "godel.hint.granted.v1";
+pub const GRANTED_V2: &str = "godel.hint.granted.v2";
 
 /// The process group of node `id`'s hints actor.
 pub fn group(id: NodeId) -> String {
@@ -66,7 +66,7 @@ impl ractor::Message for HintMsg {
     fn serialize(self) -> Result<SerializedMessage, BoxedDowncastErr> {
         match self {
             HintMsg::Granted(hint) => Ok(SerializedMessage::Cast {
-                variant: GRANTED_V1.to_string(),
+                variant: GRANTED_V2.to_string(),
                 args: codec::encode(&hint).map_err(|_| BoxedDowncastErr)?,
                 metadata: None,
             }),
@@ -76,7 +76,7 @@ impl ractor::Message for HintMsg {
 
     fn deserialize(msg: SerializedMessage) -> Result<Self, BoxedDowncastErr> {
         Ok(match msg {
-            SerializedMessage::Cast { variant, args, .. } if variant == GRANTED_V1 => {
+            SerializedMessage::Cast { variant, args, .. } if variant == GRANTED_V2 => {
                 match codec::decode::<Hint>(&args) {
                     Ok(hint) => HintMsg::Granted(hint),
                     Err(e) => HintMsg::Unreadable(format!("{variant}: {e}")),
@@ -243,7 +243,8 @@ mod tests {
             "idempotency_key": null, "parent_id": null, "status": "leased",
             "attempts": 0, "lease_count": 1, "lease": null, "last_agent": null,
             "next_attempt_at_ms": null, "result": null, "last_error": null,
-            "created_at_ms": 1, "updated_at_ms": 2
+            "created_at_ms": 1, "updated_at_ms": 2, "depends_on": [], "waiting_on": [],
+            "on_dependency_failure": "cancel", "blocked": null
         }))
         .expect("a task");
         let hint = Hint {
@@ -256,7 +257,7 @@ mod tests {
         let SerializedMessage::Cast { variant, args, .. } = wire else {
             panic!("a cast")
         };
-        assert_eq!(variant, GRANTED_V1);
+        assert_eq!(variant, GRANTED_V2);
         let back = HintMsg::deserialize(SerializedMessage::Cast {
             variant,
             args: args.clone(),
@@ -265,14 +266,14 @@ mod tests {
         .unwrap();
         assert!(matches!(back, HintMsg::Granted(h) if h == hint));
         let newer = HintMsg::deserialize(SerializedMessage::Cast {
-            variant: "godel.hint.granted.v2".into(),
+            variant: "godel.hint.granted.v3".into(),
             args,
             metadata: None,
         })
         .unwrap();
         assert!(matches!(newer, HintMsg::Unreadable(_)));
         let garbage = HintMsg::deserialize(SerializedMessage::Cast {
-            variant: GRANTED_V1.into(),
+            variant: GRANTED_V2.into(),
             args: vec![1, 2, 3],
             metadata: None,
         })

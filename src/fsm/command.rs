@@ -187,6 +187,9 @@ pub enum Command {
         id: TaskId,
         /// Why, for the record.
         reason: Option<String>,
+        /// Leave its unfinished children (tasks whose `parent_id` it is)
+        /// alone; by default they are cancelled too, and theirs after them.
+        keep_children: bool,
     },
     /// Make a failed or dead-lettered task ready now.
     Retry {
@@ -653,6 +656,14 @@ pub struct SubmitTask {
     /// The region it should or must run in.
     #[serde(default)]
     pub region: Option<super::task::TaskRegion>,
+    /// Tasks (of the same tenant, already submitted) that must complete
+    /// before it may run.
+    #[serde(default)]
+    pub depends_on: Vec<TaskId>,
+    /// What a dependency dead-lettered or cancelled does to it (default:
+    /// cancel).
+    #[serde(default)]
+    pub on_dependency_failure: Option<super::task::DependencyFailure>,
 }
 
 impl SubmitTask {
@@ -712,6 +723,22 @@ impl SubmitTask {
         }
         if let Some(b) = &self.backoff {
             b.validate().map_err(|e| ("backoff", e))?;
+        }
+        if self.depends_on.len() > Limits::MAX_DEPENDENCIES {
+            return Err((
+                "depends_on",
+                format!("at most {} tasks allowed", Limits::MAX_DEPENDENCIES),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(d) = self.depends_on.iter().find(|d| !seen.insert(**d)) {
+            return Err(("depends_on", format!("names task {} twice", d.0)));
+        }
+        if self.on_dependency_failure.is_some() && self.depends_on.is_empty() {
+            return Err((
+                "on_dependency_failure",
+                "applies only with depends_on".into(),
+            ));
         }
         Ok(())
     }

@@ -118,6 +118,15 @@ pub enum EventKind {
         /// The released lease.
         token: FencingToken,
     },
+    /// Every task it depends on completed: it left `waiting` (pending, or
+    /// scheduled until its `scheduled_at`).
+    DependenciesMet,
+    /// A task it depends on was dead-lettered or cancelled and its policy
+    /// is `block`: it keeps waiting, with the reason.
+    Blocked {
+        /// The dependency.
+        dependency: TaskId,
+    },
 }
 
 /// What changed about a gateway.
@@ -206,6 +215,8 @@ impl What {
                 EventKind::TimedOut { .. } => "task.timed_out",
                 EventKind::Requeued => "task.retried",
                 EventKind::Released { .. } => "task.released",
+                EventKind::DependenciesMet => "task.dependencies_met",
+                EventKind::Blocked { .. } => "task.blocked",
             },
             What::Session { state, .. } => match state {
                 SessionState::Created => "session.created",

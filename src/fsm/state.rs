@@ -17,12 +17,13 @@ use super::queue::{ReadyQueues, normalize_caps};
 use super::registry::{NodeId, Registry};
 use super::retry::mix;
 use super::session::Sessions;
+use super::task::DependencyFailure;
 use super::task::{
     AgentId, FencingToken, Limits, Priority, SessionKey, Task, TaskId, TaskStatus, Tenant,
 };
 
 /// Task counts per priority (rank order) and status (declaration order).
-pub(crate) type Counts = [[u64; 8]; 4];
+pub(crate) type Counts = [[u64; 9]; 4];
 
 /// The whole replicated queue. Serialized as is into snapshots.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +90,18 @@ pub struct State {
     /// In the meta group: the shards placed otherwise than the cluster's
     /// `shard_placement` ([`Command::PlaceShard`]).
     pub(crate) shard_rules: BTreeMap<u32, ShardRule>,
+    /// Per task, the waiting tasks that depend on it and have not seen it
+    /// complete (kept by `index`/`unindex` from each waiting task's
+    /// `waiting_on`).
+    pub(crate) dependents: BTreeMap<TaskId, BTreeSet<TaskId>>,
+    /// Tasks whose dependents must hear of their new status (completed,
+    /// dead-lettered, cancelled, or requeued from the dead letters); worked
+    /// off after each command, so it is empty between applies.
+    #[serde(skip)]
+    pub(crate) settle: Vec<Settle>,
+    /// Per task, its children (tasks whose `parent_id` it is) that are not
+    /// completed or cancelled: what cancelling it cancels.
+    pub(crate) children: BTreeMap<TaskId, BTreeSet<TaskId>>,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -133,6 +146,7 @@ impl State {
     /// Moves the outbox's events to the batch's list, after the task events
     /// of the same command.
     fn flush_outbox(&mut self, events: &mut Vec<Event>) {
+        self.settle_dependencies(events);
         events.extend(self.outbox.drain(..).map(|what| Event { seq: 0, what }));
     }
 
@@ -199,7 +213,11 @@ impl State {
                 error,
                 retryable,
             } => self.fail(*token, error, *retryable, entropy, events),
-            Command::Cancel { id, reason } => self.cancel(*id, reason.as_deref(), events),
+            Command::Cancel {
+                id,
+                reason,
+                keep_children,
+            } => self.cancel(*id, reason.as_deref(), *keep_children, events),
             Command::Retry { id } => self.retry(*id, events),
             Command::Replay { selector, limit } => self.replay(selector, *limit, events),
             Command::SetTenantWeight { tenant, weight } => self.set_weight(tenant, *weight),
@@ -734,7 +752,13 @@ impl State {
             },
             None => None,
         };
-        let task = self.new_task(spec, parent_priority);
+        let waiting_on = self.check_dependencies(spec)?;
+        let mut task = self.new_task(spec, parent_priority);
+        if !waiting_on.is_empty() {
+            task.status = TaskStatus::Waiting;
+            task.blocked = self.blocked_reason(&waiting_on);
+            task.waiting_on = waiting_on;
+        }
         let id = task.id;
         if let Some(key) = &spec.idempotency_key {
             self.idempotency
@@ -785,19 +809,206 @@ impl State {
             last_error: None,
             created_at_ms: self.clock_ms,
             updated_at_ms: self.clock_ms,
+            depends_on: spec.depends_on.clone(),
+            waiting_on: Vec::new(),
+            on_dependency_failure: spec.on_dependency_failure.unwrap_or_default(),
+            blocked: None,
         }
     }
 
-    fn cancel(&mut self, id: TaskId, reason: Option<&str>, events: &mut Vec<Event>) -> Outcome {
+    /// The dependencies of a new task that have not completed (it waits for
+    /// them), or why it is refused: a dependency that does not exist here
+    /// (or is another tenant's: the same answer), or that can never
+    /// complete while the task would be cancelled for it (cancelled, or
+    /// dead-lettered under the `cancel` policy). A cycle cannot form: a
+    /// task names only tasks submitted before it, and never changes them.
+    fn check_dependencies(&self, spec: &SubmitTask) -> Result<Vec<TaskId>, Rejection> {
+        let policy = spec.on_dependency_failure.unwrap_or_default();
+        let mut waiting = Vec::new();
+        for d in &spec.depends_on {
+            let Some(dep) = self.tasks.get(d).filter(|t| t.tenant == spec.tenant) else {
+                return Err(Rejection::invalid(
+                    "depends_on",
+                    format!("task {} does not exist", d.0),
+                ));
+            };
+            match dep.status {
+                TaskStatus::Completed => continue,
+                TaskStatus::Cancelled => {
+                    return Err(Rejection::invalid(
+                        "depends_on",
+                        format!("task {} is cancelled: it will never complete", d.0),
+                    ));
+                }
+                TaskStatus::DeadLetter if policy == DependencyFailure::Cancel => {
+                    return Err(Rejection::invalid(
+                        "depends_on",
+                        format!(
+                            "task {} is dead-lettered: replay it first, or submit with on_dependency_failure = block",
+                            d.0
+                        ),
+                    ));
+                }
+                _ => waiting.push(*d),
+            }
+        }
+        Ok(waiting)
+    }
+
+    /// Why a waiting task cannot go on: the first of `waiting_on` that is
+    /// dead-lettered or cancelled.
+    fn blocked_reason(&self, waiting_on: &[TaskId]) -> Option<String> {
+        waiting_on.iter().find_map(|d| {
+            let status = self.tasks.get(d)?.status;
+            matches!(status, TaskStatus::DeadLetter | TaskStatus::Cancelled)
+                .then(|| format!("dependency {} is {}", d.0, status.as_str()))
+        })
+    }
+
+    /// Tells the dependents of the tasks in [`State::settle`] of their new
+    /// status, until none is left (a cancel may cascade):
+    ///
+    /// - completed: it leaves their `waiting_on`; one waiting on nothing
+    ///   more goes on (pending, or scheduled until its `scheduled_at`);
+    /// - dead-lettered or cancelled: a dependent with the `cancel` policy is
+    ///   cancelled, naming it; one with `block` keeps waiting, blocked;
+    /// - requeued from the dead letters: a blocked dependent's reason is
+    ///   looked at again.
+    fn settle_dependencies(&mut self, events: &mut Vec<Event>) {
+        while let Some(next) = self.settle.pop() {
+            let dep = match next {
+                Settle::Dependents(dep) => dep,
+                Settle::Children(parent) => {
+                    self.cancel_children(parent, events);
+                    continue;
+                }
+            };
+            let Some(waiting) = self.dependents.get(&dep).cloned() else {
+                continue;
+            };
+            let status = self.tasks[&dep].status;
+            for w in waiting {
+                if self.tasks[&w].status != TaskStatus::Waiting {
+                    continue;
+                }
+                match status {
+                    TaskStatus::Completed => self.dependency_completed(w, dep, events),
+                    TaskStatus::DeadLetter | TaskStatus::Cancelled => {
+                        self.dependency_failed(w, dep, status, events)
+                    }
+                    _ => {
+                        let reason = {
+                            let t = &self.tasks[&w];
+                            self.blocked_reason(&t.waiting_on)
+                        };
+                        self.edit_in_place(w, |t| t.blocked = reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cancels the unfinished children of a cancelled task, naming it, and
+    /// theirs after them.
+    fn cancel_children(&mut self, parent: TaskId, events: &mut Vec<Event>) {
+        let Some(children) = self.children.get(&parent).cloned() else {
+            return;
+        };
+        let reason = format!("parent {} was cancelled", parent.0);
+        for c in children {
+            let cancelled = self.move_task(c, TaskStatus::Cancelled, |t| {
+                t.lease = None;
+                t.next_attempt_at_ms = None;
+                t.waiting_on.clear();
+                t.blocked = None;
+                t.last_error = Some(reason.clone());
+            });
+            if cancelled.is_ok() {
+                self.emit(events, c, EventKind::Cancelled);
+                self.settle.push(Settle::Children(c));
+            }
+        }
+    }
+
+    fn dependency_completed(&mut self, w: TaskId, dep: TaskId, events: &mut Vec<Event>) {
+        let t = &self.tasks[&w];
+        let left: Vec<TaskId> = t.waiting_on.iter().copied().filter(|d| *d != dep).collect();
+        if !left.is_empty() {
+            let reason = self.blocked_reason(&left);
+            self.edit_in_place(w, |t| {
+                t.waiting_on = left;
+                t.blocked = reason;
+            });
+            return;
+        }
+        let scheduled = t.scheduled_at_ms.is_some_and(|at| at > self.clock_ms);
+        let to = if scheduled {
+            TaskStatus::Scheduled
+        } else {
+            TaskStatus::Pending
+        };
+        self.move_task(w, to, |t| {
+            t.waiting_on.clear();
+            t.blocked = None;
+        })
+        .expect("invariant: a waiting task may become pending or scheduled");
+        self.emit(events, w, EventKind::DependenciesMet);
+    }
+
+    fn dependency_failed(
+        &mut self,
+        w: TaskId,
+        dep: TaskId,
+        status: TaskStatus,
+        events: &mut Vec<Event>,
+    ) {
+        let reason = format!("dependency {} is {}", dep.0, status.as_str());
+        match self.tasks[&w].on_dependency_failure {
+            DependencyFailure::Cancel => {
+                self.move_task(w, TaskStatus::Cancelled, |t| {
+                    t.waiting_on.clear();
+                    t.blocked = None;
+                    t.last_error = Some(reason);
+                })
+                .expect("invariant: a waiting task may be cancelled");
+                self.emit(events, w, EventKind::Cancelled);
+                self.settle.push(Settle::Children(w));
+            }
+            DependencyFailure::Block => {
+                let first = self.tasks[&w].blocked.is_none();
+                self.edit_in_place(w, |t| {
+                    if t.blocked.is_none() {
+                        t.blocked = Some(reason);
+                    }
+                });
+                if first {
+                    self.emit(events, w, EventKind::Blocked { dependency: dep });
+                }
+            }
+        }
+    }
+
+    fn cancel(
+        &mut self,
+        id: TaskId,
+        reason: Option<&str>,
+        keep_children: bool,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
         let reason = reason.map(|r| truncate(r, Limits::MAX_ERROR_BYTES));
         self.move_task(id, TaskStatus::Cancelled, |t| {
             t.lease = None;
             t.next_attempt_at_ms = None;
+            t.waiting_on.clear();
+            t.blocked = None;
             if reason.is_some() {
                 t.last_error = reason;
             }
         })?;
         self.emit(events, id, EventKind::Cancelled);
+        if !keep_children {
+            self.settle.push(Settle::Children(id));
+        }
         Ok(Reply::Task(self.boxed(id)))
     }
 
@@ -927,6 +1138,10 @@ impl State {
         if from.is_leased() && !to.is_leased() {
             self.session_task_ended(id);
         }
+        let dependents_care = to.is_final() || from == TaskStatus::DeadLetter;
+        if from != to && dependents_care && self.dependents.contains_key(&id) {
+            self.settle.push(Settle::Dependents(id));
+        }
     }
 
     fn count(&mut self, tenant: &Tenant, p: Priority, s: TaskStatus, delta: i64) {
@@ -941,6 +1156,14 @@ impl State {
     fn unindex(&mut self, id: TaskId) {
         self.count_session_task(id, -1);
         let t = &self.tasks[&id];
+        if let Some(p) = t.parent_id.filter(|_| !t.status.is_terminal())
+            && let Some(c) = self.children.get_mut(&p)
+        {
+            c.remove(&id);
+            if c.is_empty() {
+                self.children.remove(&p);
+            }
+        }
         match t.status {
             TaskStatus::Pending => {
                 self.ready
@@ -968,6 +1191,16 @@ impl State {
             TaskStatus::DeadLetter => {
                 self.dead_letters.remove(&id);
             }
+            TaskStatus::Waiting => {
+                for d in &t.waiting_on {
+                    if let Some(w) = self.dependents.get_mut(d) {
+                        w.remove(&id);
+                        if w.is_empty() {
+                            self.dependents.remove(d);
+                        }
+                    }
+                }
+            }
             TaskStatus::Completed | TaskStatus::Cancelled => {}
         }
     }
@@ -976,6 +1209,9 @@ impl State {
     fn index(&mut self, id: TaskId) {
         self.count_session_task(id, 1);
         let t = &self.tasks[&id];
+        if let Some(p) = t.parent_id.filter(|_| !t.status.is_terminal()) {
+            self.children.entry(p).or_default().insert(id);
+        }
         match t.status {
             TaskStatus::Pending => self
                 .ready
@@ -999,6 +1235,11 @@ impl State {
             }
             TaskStatus::DeadLetter => {
                 self.dead_letters.insert(id);
+            }
+            TaskStatus::Waiting => {
+                for d in &t.waiting_on {
+                    self.dependents.entry(*d).or_default().insert(id);
+                }
             }
             TaskStatus::Completed | TaskStatus::Cancelled => {}
         }
@@ -1066,6 +1307,15 @@ pub(crate) fn mint(last: u64, group: u32) -> u64 {
     } else {
         (((last >> 8) + 1) << 8) | u64::from(group)
     }
+}
+
+/// Work left by a command for after it (see [`State::settle`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// The task's waiting dependents hear of its new status.
+    Dependents(TaskId),
+    /// The cancelled task's unfinished children are cancelled.
+    Children(TaskId),
 }
 
 /// The queue shard that minted `id` in a cluster of `shards` shards: 0 (the
@@ -1294,7 +1544,11 @@ mod tests {
                     error: "e".into(),
                     retryable: next(2) == 0,
                 }),
-                5 => any_id(next(100)).map(|id| Command::Cancel { id, reason: None }),
+                5 => any_id(next(100)).map(|id| Command::Cancel {
+                    id,
+                    reason: None,
+                    keep_children: false,
+                }),
                 _ => any_id(next(100)).map(|id| Command::Replay {
                     selector: ReplaySelector::Ids(vec![id]),
                     limit: 10,
@@ -1310,5 +1564,196 @@ mod tests {
             s.tasks.values().any(|t| t.status == TaskStatus::DeadLetter),
             "the run dead-lettered some"
         );
+    }
+
+    /// Dependencies and the parent tree, over random runs of submissions
+    /// (with dependencies on earlier tasks, either policy, and parents),
+    /// leases, completions, failures to dead letter, replays, cancels (with
+    /// and without the children) and lease expiries. After every command:
+    ///
+    /// - no task has been leased, run or completed before each task it
+    ///   depends on completed (a dependency never un-completes, so: every
+    ///   task past `waiting` has all its dependencies completed);
+    /// - a waiting task waits on exactly its dependencies that have not
+    ///   completed, and is blocked exactly when one of them is
+    ///   dead-lettered or cancelled (under `cancel` it would have been
+    ///   cancelled: none is left waiting so);
+    /// - the dependents and children indexes equal a recount;
+    /// - a cancel that does not keep the children leaves none unfinished.
+    #[test]
+    fn dependencies_and_children_hold_their_invariants() {
+        use crate::fsm::{
+            AgentId, Batch, DependencyFailure, EventKind, FencingToken, ReplaySelector, Request,
+            TaskId, TaskStatus, Tenant, What,
+        };
+        use std::collections::{BTreeMap, BTreeSet};
+        let mut runs_with = (0usize, 0usize, 0usize); // (released, blocked, cascaded)
+        for seed in 1..=24u64 {
+            let mut s = State::default();
+            let mut rng: u64 = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let mut next = |n: u64| {
+                rng = rng
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (rng >> 33) % n
+            };
+            let mut now = 0;
+            for _ in 0..600 {
+                now += next(3_000);
+                let ids: Vec<TaskId> = s.tasks.keys().copied().collect();
+                let tokens: Vec<FencingToken> = s.leases.keys().copied().collect();
+                let any_id = |k: u64| ids.get(k as usize % ids.len().max(1)).copied();
+                let any_token = |k: u64| tokens.get(k as usize % tokens.len().max(1)).copied();
+                let cmd = match next(9) {
+                    0..=2 => {
+                        let deps: BTreeSet<TaskId> =
+                            (0..next(4)).filter_map(|_| any_id(next(1000))).collect();
+                        let deps: Vec<TaskId> = deps.into_iter().collect();
+                        let policy = (!deps.is_empty()).then(|| {
+                            [DependencyFailure::Cancel, DependencyFailure::Block][next(2) as usize]
+                        });
+                        Some(Command::Submit(SubmitTask {
+                            tenant: Tenant("a".into()),
+                            payload: "{}".into(),
+                            max_attempts: Some(1 + next(2) as u32),
+                            parent_id: if next(3) == 0 {
+                                any_id(next(1000))
+                            } else {
+                                None
+                            },
+                            depends_on: deps,
+                            on_dependency_failure: policy,
+                            ..Default::default()
+                        }))
+                    }
+                    3 => Some(Command::Lease {
+                        agent_id: AgentId("w".into()),
+                        capabilities: vec![],
+                        max: 3,
+                        lease_ms: 10_000,
+                    }),
+                    4 | 5 => any_token(next(100)).map(|token| Command::Complete {
+                        token,
+                        result: "{}".into(),
+                    }),
+                    6 => any_token(next(100)).map(|token| Command::Fail {
+                        token,
+                        error: "e".into(),
+                        retryable: next(2) == 0,
+                    }),
+                    7 => any_id(next(1000)).map(|id| Command::Cancel {
+                        id,
+                        reason: None,
+                        keep_children: next(2) == 0,
+                    }),
+                    _ => any_id(next(1000)).map(|id| Command::Replay {
+                        selector: ReplaySelector::Ids(vec![id]),
+                        limit: 10,
+                    }),
+                };
+                let Some(cmd) = cmd else { continue };
+                let cascading = match &cmd {
+                    Command::Cancel {
+                        id,
+                        keep_children: false,
+                        ..
+                    } => Some(*id),
+                    _ => None,
+                };
+                let (response, events) =
+                    s.apply(&Request::Batch(Batch::unaudited(now, 7, vec![cmd])));
+                runs_with.0 += events
+                    .iter()
+                    .filter(|e| {
+                        matches!(
+                            &e.what,
+                            What::Task {
+                                kind: EventKind::DependenciesMet,
+                                ..
+                            }
+                        )
+                    })
+                    .count();
+                runs_with.1 += events
+                    .iter()
+                    .filter(|e| {
+                        matches!(
+                            &e.what,
+                            What::Task {
+                                kind: EventKind::Blocked { .. },
+                                ..
+                            }
+                        )
+                    })
+                    .count();
+                let mut dependents: BTreeMap<TaskId, BTreeSet<TaskId>> = BTreeMap::new();
+                let mut children: BTreeMap<TaskId, BTreeSet<TaskId>> = BTreeMap::new();
+                for t in s.tasks.values() {
+                    let open: Vec<TaskId> = t
+                        .depends_on
+                        .iter()
+                        .copied()
+                        .filter(|d| s.tasks[d].status != TaskStatus::Completed)
+                        .collect();
+                    match t.status {
+                        TaskStatus::Waiting => {
+                            assert!(!open.is_empty(), "#{} waits on nothing", t.id);
+                            assert_eq!(t.waiting_on, open, "#{} waits on the open deps", t.id);
+                            let failed = open.iter().any(|d| {
+                                matches!(
+                                    s.tasks[d].status,
+                                    TaskStatus::DeadLetter | TaskStatus::Cancelled
+                                )
+                            });
+                            assert_eq!(
+                                t.blocked.is_some(),
+                                failed,
+                                "#{} blocked iff a dep failed",
+                                t.id
+                            );
+                            if failed {
+                                assert_eq!(t.on_dependency_failure, DependencyFailure::Block);
+                            }
+                            for d in &open {
+                                dependents.entry(*d).or_default().insert(t.id);
+                            }
+                        }
+                        TaskStatus::Cancelled => {}
+                        other => assert!(
+                            open.is_empty(),
+                            "#{} is {} before its dependencies {open:?} completed",
+                            t.id,
+                            other.as_str()
+                        ),
+                    }
+                    if let Some(p) = t.parent_id.filter(|_| !t.status.is_terminal()) {
+                        children.entry(p).or_default().insert(t.id);
+                    }
+                }
+                if let (Some(id), Some(Ok(_))) = (cascading, response.outcomes.first()) {
+                    assert!(
+                        !s.children.contains_key(&id),
+                        "cancelling #{id} left unfinished children"
+                    );
+                }
+                assert_eq!(s.dependents, dependents);
+                assert_eq!(s.children, children);
+                assert!(s.settle.is_empty());
+                runs_with.2 += s
+                    .tasks
+                    .values()
+                    .filter(|t| {
+                        t.last_error
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("parent "))
+                    })
+                    .count()
+                    .min(1);
+            }
+        }
+        let (released, blocked, cascaded) = runs_with;
+        assert!(released > 50, "dependencies were met often ({released})");
+        assert!(blocked > 5, "some dependents blocked ({blocked})");
+        assert!(cascaded > 5, "some cancels cascaded ({cascaded})");
     }
 }

@@ -167,11 +167,13 @@ pub enum TaskStatus {
     Cancelled,
     /// Out of attempts; waits in the dead-letter queue for a replay.
     DeadLetter,
+    /// Waits for the tasks it depends on to complete (`depends_on`).
+    Waiting,
 }
 
 impl TaskStatus {
     /// Every status, in declaration order.
-    pub const ALL: [TaskStatus; 8] = [
+    pub const ALL: [TaskStatus; 9] = [
         TaskStatus::Pending,
         TaskStatus::Scheduled,
         TaskStatus::Leased,
@@ -180,6 +182,7 @@ impl TaskStatus {
         TaskStatus::Failed,
         TaskStatus::Cancelled,
         TaskStatus::DeadLetter,
+        TaskStatus::Waiting,
     ];
 
     /// Whether the task holds a live lease (`leased` or `running`).
@@ -204,6 +207,7 @@ impl TaskStatus {
                 )
                 | (Failed, Pending | Cancelled)
                 | (DeadLetter, Pending | Cancelled)
+                | (Waiting, Pending | Scheduled | Cancelled)
         )
     }
 
@@ -233,6 +237,7 @@ impl TaskStatus {
             TaskStatus::Failed => "failed",
             TaskStatus::Cancelled => "cancelled",
             TaskStatus::DeadLetter => "dead_letter",
+            TaskStatus::Waiting => "waiting",
         }
     }
 }
@@ -315,6 +320,40 @@ pub struct Task {
     pub created_at_ms: u64,
     /// Time of the last change.
     pub updated_at_ms: u64,
+    /// The tasks it runs after (each must complete first), as submitted.
+    pub depends_on: Vec<TaskId>,
+    /// Those of `depends_on` that have not completed yet, while waiting.
+    pub waiting_on: Vec<TaskId>,
+    /// What a dependency that is dead-lettered or cancelled does to it.
+    pub on_dependency_failure: DependencyFailure,
+    /// While waiting: why it cannot go on (a dependency dead-lettered or
+    /// cancelled, under [`DependencyFailure::Block`]).
+    pub blocked: Option<String>,
+}
+
+/// What a task does when a task it depends on is dead-lettered or
+/// cancelled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DependencyFailure {
+    /// It is cancelled, with the dependency named as the reason (and its
+    /// own dependents after it, by their policies).
+    #[default]
+    Cancel,
+    /// It keeps waiting, blocked, with the reason shown: a replay or retry
+    /// of the dependency that then completes lets it go on; an operator may
+    /// cancel it.
+    Block,
+}
+
+impl DependencyFailure {
+    /// The name used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DependencyFailure::Cancel => "cancel",
+            DependencyFailure::Block => "block",
+        }
+    }
 }
 
 /// Where a task runs: the region of the gateway its agent is on.
@@ -368,6 +407,8 @@ impl Limits {
     pub const MAX_NAME_BYTES: usize = 256;
     /// Most required capabilities on one task.
     pub const MAX_CAPABILITIES: usize = 32;
+    /// Most tasks one task may depend on.
+    pub const MAX_DEPENDENCIES: usize = 64;
     /// Most attempts a task may be given.
     pub const MAX_ATTEMPTS: u32 = 100;
     /// Shortest and longest attempt timeout, in ms.

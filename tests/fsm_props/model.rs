@@ -64,6 +64,8 @@ pub struct MTask {
     pub lease: Option<MLease>,
     pub last_error: Option<String>,
     pub result: Option<String>,
+    /// The task that spawned it.
+    pub parent: Option<u64>,
 }
 
 impl MTask {
@@ -196,7 +198,11 @@ impl Model {
                 }
                 None => Expect::Stale,
             },
-            Command::Cancel { id, reason } => self.cancel(id.0, reason.as_deref()),
+            Command::Cancel {
+                id,
+                reason,
+                keep_children,
+            } => self.cancel(id.0, reason.as_deref(), *keep_children),
             Command::Retry { id } => self.retry(id.0),
             Command::Replay { selector, limit } => self.replay(selector, *limit),
             Command::SetTenantWeight { tenant, weight } => {
@@ -305,6 +311,7 @@ impl Model {
             lease: None,
             last_error: None,
             result: None,
+            parent: s.parent_id.map(|p| p.0),
         });
         Expect::Submitted { id, created: true }
     }
@@ -437,22 +444,48 @@ impl Model {
         }
     }
 
-    fn cancel(&mut self, id: u64, reason: Option<&str>) -> Expect {
+    /// Cancels a task and, unless `keep_children`, every unfinished task
+    /// below it in the parent tree, each with "parent P was cancelled".
+    fn cancel(&mut self, id: u64, reason: Option<&str>, keep_children: bool) -> Expect {
         let Some(i) = self.index_of(id) else {
             return Expect::NotFound;
         };
-        let t = &mut self.tasks[i];
-        if matches!(t.status, TaskStatus::Completed | TaskStatus::Cancelled) {
+        if matches!(
+            self.tasks[i].status,
+            TaskStatus::Completed | TaskStatus::Cancelled
+        ) {
             return Expect::Illegal;
         }
+        self.cancel_one(i, reason.map(str::to_owned));
+        let reply = self.reply(i);
+        let mut parents = if keep_children { vec![] } else { vec![id] };
+        while let Some(p) = parents.pop() {
+            let children: Vec<usize> = (0..self.tasks.len())
+                .filter(|&c| {
+                    self.tasks[c].parent == Some(p)
+                        && !matches!(
+                            self.tasks[c].status,
+                            TaskStatus::Completed | TaskStatus::Cancelled
+                        )
+                })
+                .collect();
+            for c in children {
+                self.cancel_one(c, Some(format!("parent {p} was cancelled")));
+                parents.push(self.tasks[c].id);
+            }
+        }
+        reply
+    }
+
+    fn cancel_one(&mut self, i: usize, reason: Option<String>) {
+        let t = &mut self.tasks[i];
         t.status = TaskStatus::Cancelled;
         t.lease = None;
         t.next_attempt = None;
         t.retry_window = None;
         if let Some(r) = reason {
-            t.last_error = Some(r.to_owned());
+            t.last_error = Some(r);
         }
-        self.reply(i)
     }
 
     fn retry(&mut self, id: u64) -> Expect {

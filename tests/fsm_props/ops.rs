@@ -56,6 +56,7 @@ enum Op {
     Cancel {
         id: IdPick,
         reason: bool,
+        keep_children: bool,
     },
     Retry {
         id: IdPick,
@@ -197,7 +198,13 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(token, oversize)| Op::Complete { token, oversize }),
         3 => (token_pick(), prop::sample::select(&ERRORS[..]), prop::bool::weighted(0.7))
             .prop_map(|(token, error, retryable)| Op::Fail { token, error, retryable }),
-        2 => (id_pick(), any::<bool>()).prop_map(|(id, reason)| Op::Cancel { id, reason }),
+        2 => (id_pick(), any::<bool>(), any::<bool>()).prop_map(|(id, reason, keep_children)| {
+            Op::Cancel {
+                id,
+                reason,
+                keep_children,
+            }
+        }),
         1 => id_pick().prop_map(|id| Op::Retry { id }),
         2 => (ids, prop_oneof![8 => Just(100u32), 1 => 1u32..=2, 1 => Just(0u32)])
             .prop_map(|(ids, limit)| Op::ReplayIds { ids, limit }),
@@ -343,9 +350,14 @@ fn command(op: &Op, state: &State, now_ms: u64) -> Command {
             error: (*error).into(),
             retryable: *retryable,
         },
-        Op::Cancel { id, reason } => Command::Cancel {
+        Op::Cancel {
+            id,
+            reason,
+            keep_children,
+        } => Command::Cancel {
             id: pick_id(&tasks, *id),
             reason: reason.then(|| "operator".into()),
+            keep_children: *keep_children,
         },
         Op::Retry { id } => Command::Retry {
             id: pick_id(&tasks, *id),
