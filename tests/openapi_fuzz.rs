@@ -19,7 +19,8 @@
 //! Valid input is expected to be accepted (`positive_data_acceptance`)
 //! everywhere but where the API refuses, with 400, what JSON Schema cannot
 //! describe ([`ACCEPTANCE_EXCEPTIONS`]): `tasks.submit` (`backoff.max_ms`
-//! at least `backoff.initial_ms`; `parent_id` must name an existing task),
+//! at least `backoff.initial_ms`; `parent_id` and `depends_on` must name
+//! existing tasks),
 //! `gateways.register` (URLs, absolute paths and what this node's driver
 //! policy allows), `jwt.revoke` (`expires_at` in the future),
 //! `dead_letter.replay` (no more `ids` than `limit`), and
