@@ -181,6 +181,8 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (M::GET, "/tasks/{id}", get(tasks::get)),
         (M::POST, "/tasks/{id}/cancel", post(tasks::cancel)),
         (M::POST, "/tasks/{id}/retry", post(tasks::retry)),
+        (M::POST, "/tasks/{id}/approve", post(tasks::approve)),
+        (M::POST, "/tasks/{id}/reject", post(tasks::reject)),
         (M::POST, "/leases", post(leases::acquire)),
         (M::POST, "/leases/{token}/renew", post(leases::renew)),
         (M::POST, "/leases/{token}/complete", post(leases::complete)),

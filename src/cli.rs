@@ -335,6 +335,19 @@ pub enum TaskCmd {
         /// It must run in `--region`: it waits rather than run elsewhere.
         #[arg(long, requires = "region")]
         region_required: bool,
+        /// Tasks that must complete first (comma-separated ids).
+        #[arg(long, value_delimiter = ',')]
+        depends_on: Vec<u64>,
+        /// What a dependency dead-lettered or cancelled does: cancel (the
+        /// default) or block.
+        #[arg(long, requires = "depends_on")]
+        on_dependency_failure: Option<String>,
+        /// It waits for an operator's approval before anything else.
+        #[arg(long)]
+        requires_approval: bool,
+        /// With `--requires-approval`: ms before an undecided request lapses.
+        #[arg(long, requires = "requires_approval")]
+        approval_expires_in_ms: Option<u64>,
     },
     /// Show a task.
     Get {
@@ -350,11 +363,31 @@ pub enum TaskCmd {
         /// Why.
         #[arg(long)]
         reason: Option<String>,
+        /// Leave its unfinished children alone (by default they are
+        /// cancelled too).
+        #[arg(long)]
+        keep_children: bool,
     },
     /// Make a failed or dead-lettered task ready now.
     Retry {
         /// Task id.
         id: u64,
+    },
+    /// Approve a task awaiting approval (operator or admin).
+    Approve {
+        /// Task id.
+        id: u64,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Reject a task awaiting approval: it is cancelled (operator or admin).
+    Reject {
+        /// Task id.
+        id: u64,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
     },
 }
 

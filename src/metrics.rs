@@ -336,6 +336,9 @@ pub fn event_name(kind: &EventKind) -> &'static str {
         EventKind::Released { .. } => "released",
         EventKind::DependenciesMet => "dependencies_met",
         EventKind::Blocked { .. } => "blocked",
+        EventKind::Approved { .. } => "approved",
+        EventKind::Rejected { .. } => "rejected",
+        EventKind::ApprovalExpired => "approval_expired",
     }
 }
 

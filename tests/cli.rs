@@ -110,6 +110,55 @@ fn cli_session(api: &str) {
     let (code, _) = godel(api, &["task", "retry", &id2]);
     assert_eq!(code, 1, "a cancelled task cannot be retried");
 
+    // Approvals and dependencies.
+    let gated = ok(
+        api,
+        &[
+            "task",
+            "submit",
+            "--requires-approval",
+            "--approval-expires-in-ms",
+            "60000",
+        ],
+    );
+    assert_eq!(gated["status"], "awaiting_approval", "{gated}");
+    let gid = gated["id"].as_u64().expect("id").to_string();
+    let dep = ok(
+        api,
+        &[
+            "task",
+            "submit",
+            "--depends-on",
+            &gid,
+            "--on-dependency-failure",
+            "block",
+        ],
+    );
+    assert_eq!(dep["status"], "waiting", "{dep}");
+    assert_eq!(dep["depends_on"][0].to_string(), gid, "{dep}");
+    let (code, _) = godel(api, &["task", "reject", &gid]);
+    assert_ne!(code, 0, "a rejection without --reason");
+    let rejected = ok(api, &["task", "reject", &gid, "--reason", "not now"]);
+    assert_eq!(rejected["status"], "cancelled", "{rejected}");
+    let dep_id = dep["id"].as_u64().expect("id").to_string();
+    let dep = ok(api, &["task", "get", &dep_id]);
+    assert_eq!(
+        dep["blocked"],
+        format!("dependency {gid} is cancelled"),
+        "{dep}"
+    );
+    let dep = ok(api, &["task", "cancel", &dep_id, "--keep-children"]);
+    assert_eq!(dep["status"], "cancelled", "{dep}");
+    let gated = ok(api, &["task", "submit", "--requires-approval"]);
+    let gid = gated["id"].as_u64().expect("id").to_string();
+    let approved = ok(api, &["task", "approve", &gid, "--reason", "reviewed"]);
+    assert_eq!(
+        approved["approval"]["decision"]["approved"], true,
+        "{approved}"
+    );
+    // Out of the way of the agent checks below.
+    assert_eq!(ok(api, &["task", "cancel", &gid])["status"], "cancelled");
+
     registry_session(api);
     let cluster = ok(api, &["cluster", "status"]);
     assert_eq!(cluster["members"].as_array().map(Vec::len), Some(1));

@@ -13,6 +13,8 @@ const CASES: &[(&str, View)] = &[
     ("task_ls", View::Tasks),
     ("task_get_completed", View::Tasks),
     ("task_get_dead_letter", View::Tasks),
+    ("task_get_rejected", View::Tasks),
+    ("task_get_waiting", View::Tasks),
     ("task_get_leased", View::Tasks),
     ("dlq_ls", View::Tasks),
     ("lease_acquire", View::Leases),

@@ -31,7 +31,8 @@
 //! - `submit [tenant=a] [priority=P] [caps=x,y] [payload=JSON | payload_bytes=N]
 //!   [key=K] [at=N|+N] [attempts=N] [timeout=MS] [backoff=INITIAL,MULT,MAX]
 //!   [parent=ID] [session=S] [region=R [required=true]] [deps=ID,ID
-//!   [on_dep_fail=cancel|block]]`
+//!   [on_dep_fail=cancel|block]] [approval=true [approval_expires=MS]]`
+//! - `approve id=N [by=B] [reason=R]`, `reject id=N [by=B] [reason=R]`
 //! - `lease [agent=w1] [caps=x,y] [max=1] [lease=30000]`
 //! - `renew token=T [lease=30000]`, `complete token=T [result=JSON | result_bytes=N]`,
 //!   `fail token=T [error=boom] [retryable=true]`
@@ -151,6 +152,7 @@ scripts! {
     dependencies_wait_until_completed,
     dependency_failure_cancels_or_blocks,
     cancel_cascades_to_children,
+    approval_gates_a_task,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
     sessions_are_per_tenant,
@@ -749,6 +751,16 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             reason: args.take("reason"),
             keep_children: args.parsed("keep_children")?.unwrap_or(false),
         },
+        "approve" => Command::Approve {
+            id: TaskId(args.require("id")?),
+            by: args.take("by").unwrap_or_else(|| "key:op".into()),
+            reason: args.take("reason"),
+        },
+        "reject" => Command::Reject {
+            id: TaskId(args.require("id")?),
+            by: args.take("by").unwrap_or_else(|| "key:op".into()),
+            reason: args.take("reason").unwrap_or_default(),
+        },
         "retry" => Command::Retry {
             id: TaskId(args.require("id")?),
         },
@@ -1112,6 +1124,8 @@ fn submit_command(args: &mut Args, now_ms: u64) -> Result<Command, String> {
             Some("block") => Some(DependencyFailure::Block),
             Some(other) => return Err(format!("`on_dep_fail={other}`: cancel or block")),
         },
+        requires_approval: args.parsed("approval")?.unwrap_or(false),
+        approval_expires_in_ms: args.parsed("approval_expires")?,
     };
     Ok(match routed {
         Some(epoch) => Command::SubmitRouted {
@@ -1418,6 +1432,9 @@ fn task_kind(kind: &EventKind) -> String {
         EventKind::Released { token } => format!("released token={token}"),
         EventKind::DependenciesMet => "dependencies_met".into(),
         EventKind::Blocked { dependency } => format!("blocked by #{dependency}"),
+        EventKind::Approved { by } => format!("approved by {by}"),
+        EventKind::Rejected { by } => format!("rejected by {by}"),
+        EventKind::ApprovalExpired => "approval_expired".into(),
     }
 }
 
@@ -1472,6 +1489,16 @@ fn task_line(t: &Task) -> String {
     }
     if let Some(b) = &t.blocked {
         s += &format!(" blocked={b:?}");
+    }
+    if let Some(a) = &t.approval {
+        match (&a.decision, a.expires_at_ms) {
+            (Some(d), _) => {
+                let how = if d.approved { "approved" } else { "rejected" };
+                s += &format!(" {how}_by={}", d.by);
+            }
+            (None, Some(at)) => s += &format!(" approval_until={at}"),
+            (None, None) => s += " approval=asked",
+        }
     }
     if let Some(r) = &t.region {
         let how = if r.required { "required" } else { "preferred" };

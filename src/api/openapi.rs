@@ -62,6 +62,8 @@ const BEARER: &str = "bearer";
         tasks::get,
         tasks::cancel,
         tasks::retry,
+        tasks::approve,
+        tasks::reject,
         leases::acquire,
         leases::renew,
         leases::complete,

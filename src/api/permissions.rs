@@ -12,6 +12,7 @@
 //! | `tasks:read` (tasks, queue depth, dead letters; own tenant unless cross-tenant) | yes | yes | yes | yes |
 //! | `sessions:read` | yes | yes | yes | yes |
 //! | `tasks:write` (submit, cancel, retry) | yes | yes | yes | - |
+//! | `tasks:approve` (approve or reject a task awaiting approval) | yes | yes | - | - |
 //! | `leases:work` (lease, renew, complete, fail) | yes | yes | yes | - |
 //! | `dlq:replay` | yes | yes | - | - |
 //! | `sessions:kill` | yes | yes | - | - |
@@ -41,6 +42,8 @@ pub enum Permission {
     TasksRead,
     /// Submit, cancel and retry tasks.
     TasksWrite,
+    /// Approve or reject tasks awaiting approval.
+    TasksApprove,
     /// Lease tasks and report on leases, as a worker.
     LeasesWork,
     /// Replay dead letters in bulk.
@@ -80,6 +83,7 @@ impl Permission {
         match self {
             TasksRead => "tasks:read",
             TasksWrite => "tasks:write",
+            TasksApprove => "tasks:approve",
             LeasesWork => "leases:work",
             DlqReplay => "dlq:replay",
             SessionsRead => "sessions:read",
@@ -174,6 +178,13 @@ pub const ROUTES: &[RouteSpec] = &[
     r(GET, "/tasks/{id}", P::TasksRead, "tasks.get"),
     r(POST, "/tasks/{id}/cancel", P::TasksWrite, "tasks.cancel"),
     r(POST, "/tasks/{id}/retry", P::TasksWrite, "tasks.retry"),
+    r(
+        POST,
+        "/tasks/{id}/approve",
+        P::TasksApprove,
+        "tasks.approve",
+    ),
+    r(POST, "/tasks/{id}/reject", P::TasksApprove, "tasks.reject"),
     r(POST, "/leases", P::LeasesWork, "leases.acquire"),
     r(POST, "/leases/{token}/renew", P::LeasesWork, "leases.renew"),
     r(

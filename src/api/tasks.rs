@@ -79,6 +79,15 @@ pub struct TaskCreate {
     /// dependency is replayed and completes or an operator cancels it.
     /// Only with `depends_on`.
     on_dependency_failure: Option<DependencyFailure>,
+    /// It waits (status `awaiting_approval`) until an operator or admin
+    /// approves it (`POST /tasks/{id}/approve`) or rejects it (cancelled).
+    #[serde(default)]
+    requires_approval: bool,
+    /// With `requires_approval`: how long the request may wait undecided
+    /// before it lapses and the task is cancelled, in ms (1 s to 30 days);
+    /// without: for good.
+    #[schema(minimum = 1000, maximum = 2_592_000_000_u64)]
+    approval_expires_in_ms: Option<u64>,
 }
 
 impl TaskCreate {
@@ -128,6 +137,8 @@ impl TaskCreate {
             }),
             depends_on: self.depends_on.into_iter().map(TaskId).collect(),
             on_dependency_failure: self.on_dependency_failure,
+            requires_approval: self.requires_approval,
+            approval_expires_in_ms: self.approval_expires_in_ms,
         };
         spec.validate().map_err(|(field, problem)| {
             ApiError::invalid(format!("invalid field `{field}`: {problem}"))
@@ -433,6 +444,90 @@ pub async fn retry(
     let id = parse_id(&id)?;
     let group = api.queue_group_of(id.0, "task").await?;
     let cmd = Command::Retry { id };
+    task_reply(
+        api.write_in(group, &caller, cmd, Some(AuditTarget::Task(id.0)))
+            .await?,
+    )
+}
+
+/// `POST /tasks/{id}/approve` body.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveBody {
+    /// Why, for the record.
+    reason: Option<String>,
+}
+
+/// `POST /tasks/{id}/approve`: an operator or admin approves a task
+/// awaiting approval; it goes on (waiting on its dependencies, ready, or
+/// scheduled). The decision is audited and shown on the task.
+#[utoipa::path(
+    post,
+    path = "/tasks/{id}/approve",
+    params(("id" = u64, Path, description = "Task id")),
+    request_body(content = Option<ApproveBody>, description = "Optional"),
+    responses(
+        (status = 200, description = "The approved task", body = TaskView),
+        (status = 404, description = "No such task (in this credential's tenant)", body = ErrorBody),
+        (status = 409, description = "The task is not awaiting approval", body = ErrorBody),
+    )
+)]
+pub async fn approve(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(b): Body<ApproveBody>,
+) -> ApiResult<Json<TaskView>> {
+    let id = parse_id(&id)?;
+    let group = api.queue_group_of(id.0, "task").await?;
+    let cmd = Command::Approve {
+        id,
+        by: caller.actor().to_string(),
+        reason: b.reason,
+    };
+    task_reply(
+        api.write_in(group, &caller, cmd, Some(AuditTarget::Task(id.0)))
+            .await?,
+    )
+}
+
+/// `POST /tasks/{id}/reject` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RejectBody {
+    /// Why (required: it is shown on the task and audited).
+    #[schema(min_length = 1)]
+    reason: String,
+}
+
+/// `POST /tasks/{id}/reject`: an operator or admin rejects a task awaiting
+/// approval; it is cancelled (with its children; its dependents by their
+/// policy), naming who and why. The decision is audited.
+#[utoipa::path(
+    post,
+    path = "/tasks/{id}/reject",
+    params(("id" = u64, Path, description = "Task id")),
+    request_body = RejectBody,
+    responses(
+        (status = 200, description = "The rejected task, cancelled", body = TaskView),
+        (status = 400, description = "No reason given", body = ErrorBody),
+        (status = 404, description = "No such task (in this credential's tenant)", body = ErrorBody),
+        (status = 409, description = "The task is not awaiting approval", body = ErrorBody),
+    )
+)]
+pub async fn reject(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(b): Body<RejectBody>,
+) -> ApiResult<Json<TaskView>> {
+    let id = parse_id(&id)?;
+    let group = api.queue_group_of(id.0, "task").await?;
+    let cmd = Command::Reject {
+        id,
+        by: caller.actor().to_string(),
+        reason: b.reason,
+    };
     task_reply(
         api.write_in(group, &caller, cmd, Some(AuditTarget::Task(id.0)))
             .await?,

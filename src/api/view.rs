@@ -74,6 +74,32 @@ struct TaskJson<'a> {
     /// While `waiting`: why it cannot go on (a dependency dead-lettered or
     /// cancelled, under the `block` policy).
     blocked: Option<&'a str>,
+    /// For a task submitted with `requires_approval`: when an undecided
+    /// request lapses, and the decision once made.
+    approval: Option<ApprovalJson<'a>>,
+}
+
+/// A task's approval.
+#[derive(Serialize, ToSchema)]
+#[schema(as = TaskApproval)]
+struct ApprovalJson<'a> {
+    /// When an undecided request lapses (the task is then cancelled).
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+    /// The decision, once made.
+    decision: Option<DecisionJson<'a>>,
+}
+
+/// Who decided a task's approval.
+#[derive(Serialize, ToSchema)]
+#[schema(as = TaskApprovalDecision)]
+struct DecisionJson<'a> {
+    approved: bool,
+    /// The deciding credential (`key:<id>` or `jwt:<sub>`).
+    by: &'a str,
+    reason: Option<&'a str>,
+    #[schema(format = DateTime)]
+    at: String,
 }
 
 /// A task's live lease.
@@ -171,6 +197,15 @@ impl Serialize for TaskView {
             on_dependency_failure: (!t.depends_on.is_empty())
                 .then(|| t.on_dependency_failure.as_str()),
             blocked: t.blocked.as_deref(),
+            approval: t.approval.as_ref().map(|a| ApprovalJson {
+                expires_at: a.expires_at_ms.map(rfc3339),
+                decision: a.decision.as_ref().map(|d| DecisionJson {
+                    approved: d.approved,
+                    by: &d.by,
+                    reason: d.reason.as_deref(),
+                    at: rfc3339(d.at_ms),
+                }),
+            }),
         }
         .serialize(s)
     }

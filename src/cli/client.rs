@@ -418,6 +418,10 @@ fn task_request(t: TaskCmd) -> anyhow::Result<Req> {
             parent_id,
             region,
             region_required,
+            depends_on,
+            on_dependency_failure,
+            requires_approval,
+            approval_expires_in_ms,
         } => {
             let payload: Value = serde_json::from_str(&payload).context("--payload is not JSON")?;
             let body = json!({
@@ -425,17 +429,38 @@ fn task_request(t: TaskCmd) -> anyhow::Result<Req> {
                 "session_key": session_key, "scheduled_at": scheduled_at, "max_attempts": max_attempts,
                 "timeout_ms": timeout_ms, "idempotency_key": idempotency_key, "parent_id": parent_id,
                 "region": region, "region_required": region_required.then_some(true),
+                "depends_on": (!depends_on.is_empty()).then_some(depends_on),
+                "on_dependency_failure": on_dependency_failure,
+                "requires_approval": requires_approval.then_some(true),
+                "approval_expires_in_ms": approval_expires_in_ms,
             });
             ("POST", "/api/v1/tasks".into(), Some(strip_nulls(body)))
         }
         TaskCmd::Get { id } => ("GET", format!("/api/v1/tasks/{id}"), None),
         TaskCmd::Ls(a) => ("GET", format!("/api/v1/tasks{}", query(&a)), None),
-        TaskCmd::Cancel { id, reason } => (
+        TaskCmd::Cancel {
+            id,
+            reason,
+            keep_children,
+        } => (
             "POST",
             format!("/api/v1/tasks/{id}/cancel"),
-            Some(strip_nulls(json!({ "reason": reason }))),
+            Some(strip_nulls(json!({
+                "reason": reason,
+                "keep_children": keep_children.then_some(true),
+            }))),
         ),
         TaskCmd::Retry { id } => ("POST", format!("/api/v1/tasks/{id}/retry"), None),
+        TaskCmd::Approve { id, reason } => (
+            "POST",
+            format!("/api/v1/tasks/{id}/approve"),
+            Some(strip_nulls(json!({ "reason": reason }))),
+        ),
+        TaskCmd::Reject { id, reason } => (
+            "POST",
+            format!("/api/v1/tasks/{id}/reject"),
+            Some(json!({ "reason": reason })),
+        ),
     })
 }
 

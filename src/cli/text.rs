@@ -248,6 +248,7 @@ fn task(t: &Value) -> String {
         ("next attempt", cell(&t["next_attempt_at"])),
         ("parent", cell(&t["parent_id"])),
         ("depends on", depends_on(t)),
+        ("approval", approval(&t["approval"])),
         ("region", region(t)),
         ("waiting for", cell(&t["waiting_for"])),
         ("idempotency key", cell(&t["idempotency_key"])),
@@ -260,6 +261,30 @@ fn task(t: &Value) -> String {
         }
     }
     s
+}
+
+/// A task's approval: asked (and until when), or who decided how.
+fn approval(a: &Value) -> String {
+    if a.is_null() {
+        return "-".into();
+    }
+    let d = &a["decision"];
+    if d.is_null() {
+        return match a["expires_at"].as_str() {
+            Some(at) => format!("awaited, lapses at {at}"),
+            None => "awaited".into(),
+        };
+    }
+    let how = if d["approved"] == true {
+        "approved"
+    } else {
+        "rejected"
+    };
+    let why = d["reason"]
+        .as_str()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    format!("{how} by {} at {}{why}", cell(&d["by"]), cell(&d["at"]))
 }
 
 /// A task's dependencies and, with them, its policy (`-` without).

@@ -589,7 +589,10 @@ impl State {
                 }
                 self.apply_command(cmd, entropy, events)
             }
-            Command::Cancel { id, .. } | Command::Retry { id } => {
+            Command::Cancel { id, .. }
+            | Command::Retry { id }
+            | Command::Approve { id, .. }
+            | Command::Reject { id, .. } => {
                 self.check_owns(scope, *id)?;
                 self.apply_command(cmd, entropy, events)
             }

@@ -428,6 +428,26 @@ pub enum Command {
         /// Its placement; `None` to follow the cluster's again.
         rule: Option<ShardRule>,
     },
+    /// Approve a task awaiting approval: it goes on (waiting on its
+    /// dependencies, or ready, or scheduled).
+    Approve {
+        /// The task.
+        id: TaskId,
+        /// Who approves (the caller's audit name).
+        by: String,
+        /// Why, for the record.
+        reason: Option<String>,
+    },
+    /// Reject a task awaiting approval: it is cancelled, with its children
+    /// and, by their policy, its dependents.
+    Reject {
+        /// The task.
+        id: TaskId,
+        /// Who rejects (the caller's audit name).
+        by: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A queue shard's own placement ([`Command::PlaceShard`]).
@@ -507,6 +527,8 @@ impl Command {
             | Command::Complete { .. }
             | Command::Fail { .. }
             | Command::Cancel { .. }
+            | Command::Approve { .. }
+            | Command::Reject { .. }
             | Command::Retry { .. }
             | Command::Replay { .. }
             | Command::OpenSession(_)
@@ -664,6 +686,13 @@ pub struct SubmitTask {
     /// cancel).
     #[serde(default)]
     pub on_dependency_failure: Option<super::task::DependencyFailure>,
+    /// It waits for an operator's or admin's approval before anything else.
+    #[serde(default)]
+    pub requires_approval: bool,
+    /// With `requires_approval`: how long the request may wait before it
+    /// lapses and the task is cancelled (ms); `None`: for good.
+    #[serde(default)]
+    pub approval_expires_in_ms: Option<u64>,
 }
 
 impl SubmitTask {
@@ -733,6 +762,20 @@ impl SubmitTask {
         let mut seen = std::collections::BTreeSet::new();
         if let Some(d) = self.depends_on.iter().find(|d| !seen.insert(**d)) {
             return Err(("depends_on", format!("names task {} twice", d.0)));
+        }
+        if let Some(ms) = self.approval_expires_in_ms {
+            if !self.requires_approval {
+                return Err((
+                    "approval_expires_in_ms",
+                    "applies only with requires_approval".into(),
+                ));
+            }
+            if !(1000..=Limits::MAX_APPROVAL_MS).contains(&ms) {
+                return Err((
+                    "approval_expires_in_ms",
+                    format!("must be 1000..={}", Limits::MAX_APPROVAL_MS),
+                ));
+            }
         }
         if self.on_dependency_failure.is_some() && self.depends_on.is_empty() {
             return Err((

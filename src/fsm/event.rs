@@ -127,6 +127,18 @@ pub enum EventKind {
         /// The dependency.
         dependency: TaskId,
     },
+    /// An operator or admin approved it.
+    Approved {
+        /// Who.
+        by: String,
+    },
+    /// An operator or admin rejected it: it is cancelled.
+    Rejected {
+        /// Who.
+        by: String,
+    },
+    /// Its approval request lapsed undecided: it is cancelled.
+    ApprovalExpired,
 }
 
 /// What changed about a gateway.
@@ -217,6 +229,9 @@ impl What {
                 EventKind::Released { .. } => "task.released",
                 EventKind::DependenciesMet => "task.dependencies_met",
                 EventKind::Blocked { .. } => "task.blocked",
+                EventKind::Approved { .. } => "task.approved",
+                EventKind::Rejected { .. } => "task.rejected",
+                EventKind::ApprovalExpired => "task.approval_expired",
             },
             What::Session { state, .. } => match state {
                 SessionState::Created => "session.created",

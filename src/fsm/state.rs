@@ -17,13 +17,13 @@ use super::queue::{ReadyQueues, normalize_caps};
 use super::registry::{NodeId, Registry};
 use super::retry::mix;
 use super::session::Sessions;
-use super::task::DependencyFailure;
 use super::task::{
     AgentId, FencingToken, Limits, Priority, SessionKey, Task, TaskId, TaskStatus, Tenant,
 };
+use super::task::{Approval, ApprovalDecision, DependencyFailure};
 
 /// Task counts per priority (rank order) and status (declaration order).
-pub(crate) type Counts = [[u64; 9]; 4];
+pub(crate) type Counts = [[u64; 10]; 4];
 
 /// The whole replicated queue. Serialized as is into snapshots.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +218,8 @@ impl State {
                 reason,
                 keep_children,
             } => self.cancel(*id, reason.as_deref(), *keep_children, events),
+            Command::Approve { id, by, reason } => self.approve(*id, by, reason.as_deref(), events),
+            Command::Reject { id, by, reason } => self.reject(*id, by, reason, events),
             Command::Retry { id } => self.retry(*id, events),
             Command::Replay { selector, limit } => self.replay(selector, *limit, events),
             Command::SetTenantWeight { tenant, weight } => self.set_weight(tenant, *weight),
@@ -662,6 +664,11 @@ impl State {
             }
             match next {
                 None => break,
+                Some((_, id, Timer::Ready))
+                    if self.tasks[&id].status == TaskStatus::AwaitingApproval =>
+                {
+                    self.expire_approval(id, events);
+                }
                 Some((_, id, Timer::Ready)) => {
                     self.move_task(id, TaskStatus::Pending, |t| t.next_attempt_at_ms = None)
                         .expect("invariant: delayed tasks are scheduled or failed");
@@ -754,11 +761,13 @@ impl State {
         };
         let waiting_on = self.check_dependencies(spec)?;
         let mut task = self.new_task(spec, parent_priority);
-        if !waiting_on.is_empty() {
+        if spec.requires_approval {
+            task.status = TaskStatus::AwaitingApproval;
+        } else if !waiting_on.is_empty() {
             task.status = TaskStatus::Waiting;
-            task.blocked = self.blocked_reason(&waiting_on);
-            task.waiting_on = waiting_on;
         }
+        task.blocked = self.blocked_reason(&waiting_on);
+        task.waiting_on = waiting_on;
         let id = task.id;
         if let Some(key) = &spec.idempotency_key {
             self.idempotency
@@ -813,6 +822,12 @@ impl State {
             waiting_on: Vec::new(),
             on_dependency_failure: spec.on_dependency_failure.unwrap_or_default(),
             blocked: None,
+            approval: spec.requires_approval.then(|| Approval {
+                expires_at_ms: spec
+                    .approval_expires_in_ms
+                    .map(|ms| self.clock_ms.saturating_add(ms)),
+                decision: None,
+            }),
         }
     }
 
@@ -888,7 +903,10 @@ impl State {
             };
             let status = self.tasks[&dep].status;
             for w in waiting {
-                if self.tasks[&w].status != TaskStatus::Waiting {
+                if !matches!(
+                    self.tasks[&w].status,
+                    TaskStatus::Waiting | TaskStatus::AwaitingApproval
+                ) {
                     continue;
                 }
                 match status {
@@ -933,7 +951,8 @@ impl State {
     fn dependency_completed(&mut self, w: TaskId, dep: TaskId, events: &mut Vec<Event>) {
         let t = &self.tasks[&w];
         let left: Vec<TaskId> = t.waiting_on.iter().copied().filter(|d| *d != dep).collect();
-        if !left.is_empty() {
+        // A task awaiting approval keeps count, and goes on when approved.
+        if !left.is_empty() || t.status == TaskStatus::AwaitingApproval {
             let reason = self.blocked_reason(&left);
             self.edit_in_place(w, |t| {
                 t.waiting_on = left;
@@ -985,6 +1004,94 @@ impl State {
                     self.emit(events, w, EventKind::Blocked { dependency: dep });
                 }
             }
+        }
+    }
+
+    /// Approves task `id`, awaiting approval: it goes on, waiting on the
+    /// dependencies it still has, else ready (or scheduled).
+    fn approve(
+        &mut self,
+        id: TaskId,
+        by: &str,
+        reason: Option<&str>,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let t = self.awaiting_approval(id)?;
+        let to = if !t.waiting_on.is_empty() {
+            TaskStatus::Waiting
+        } else if t.scheduled_at_ms.is_some_and(|at| at > self.clock_ms) {
+            TaskStatus::Scheduled
+        } else {
+            TaskStatus::Pending
+        };
+        let decision = self.decision(true, by, reason);
+        self.move_task(id, to, |t| {
+            if let Some(a) = &mut t.approval {
+                a.decision = Some(decision);
+            }
+        })?;
+        self.emit(events, id, EventKind::Approved { by: by.into() });
+        Ok(Reply::Task(self.boxed(id)))
+    }
+
+    /// Rejects task `id`, awaiting approval: it is cancelled, naming who
+    /// and why; its children and dependents follow as for a cancel.
+    fn reject(&mut self, id: TaskId, by: &str, reason: &str, events: &mut Vec<Event>) -> Outcome {
+        self.awaiting_approval(id)?;
+        if reason.trim().is_empty() {
+            return Err(Rejection::invalid("reason", "a rejection needs a reason"));
+        }
+        let decision = self.decision(false, by, Some(reason));
+        let error = truncate(
+            &format!("rejected by {by}: {reason}"),
+            Limits::MAX_ERROR_BYTES,
+        );
+        self.move_task(id, TaskStatus::Cancelled, |t| {
+            t.waiting_on.clear();
+            t.blocked = None;
+            t.last_error = Some(error);
+            if let Some(a) = &mut t.approval {
+                a.decision = Some(decision);
+            }
+        })?;
+        self.emit(events, id, EventKind::Rejected { by: by.into() });
+        self.emit(events, id, EventKind::Cancelled);
+        self.settle.push(Settle::Children(id));
+        Ok(Reply::Task(self.boxed(id)))
+    }
+
+    /// An undecided approval request lapsed: the task is cancelled.
+    fn expire_approval(&mut self, id: TaskId, events: &mut Vec<Event>) {
+        self.move_task(id, TaskStatus::Cancelled, |t| {
+            t.waiting_on.clear();
+            t.blocked = None;
+            t.last_error = Some("approval expired undecided".into());
+        })
+        .expect("invariant: a task awaiting approval may be cancelled");
+        self.emit(events, id, EventKind::ApprovalExpired);
+        self.emit(events, id, EventKind::Cancelled);
+        self.settle.push(Settle::Children(id));
+    }
+
+    /// Task `id`, if it awaits approval; else why not.
+    fn awaiting_approval(&self, id: TaskId) -> Result<&Task, Rejection> {
+        let t = self.tasks.get(&id).ok_or(Rejection::NotFound(id))?;
+        if t.status != TaskStatus::AwaitingApproval {
+            return Err(Rejection::Conflict(format!(
+                "task {} is {}, not awaiting approval",
+                id.0,
+                t.status.as_str()
+            )));
+        }
+        Ok(t)
+    }
+
+    fn decision(&self, approved: bool, by: &str, reason: Option<&str>) -> ApprovalDecision {
+        ApprovalDecision {
+            approved,
+            by: truncate(by, Limits::MAX_NAME_BYTES),
+            reason: reason.map(|r| truncate(r, Limits::MAX_ERROR_BYTES)),
+            at_ms: self.clock_ms,
         }
     }
 
@@ -1191,7 +1298,7 @@ impl State {
             TaskStatus::DeadLetter => {
                 self.dead_letters.remove(&id);
             }
-            TaskStatus::Waiting => {
+            TaskStatus::Waiting | TaskStatus::AwaitingApproval => {
                 for d in &t.waiting_on {
                     if let Some(w) = self.dependents.get_mut(d) {
                         w.remove(&id);
@@ -1199,6 +1306,9 @@ impl State {
                             self.dependents.remove(d);
                         }
                     }
+                }
+                if let Some(at) = approval_due(t) {
+                    self.delayed.remove(&(at, id));
                 }
             }
             TaskStatus::Completed | TaskStatus::Cancelled => {}
@@ -1236,9 +1346,12 @@ impl State {
             TaskStatus::DeadLetter => {
                 self.dead_letters.insert(id);
             }
-            TaskStatus::Waiting => {
+            TaskStatus::Waiting | TaskStatus::AwaitingApproval => {
                 for d in &t.waiting_on {
                     self.dependents.entry(*d).or_default().insert(id);
+                }
+                if let Some(at) = approval_due(t) {
+                    self.delayed.insert((at, id));
                 }
             }
             TaskStatus::Completed | TaskStatus::Cancelled => {}
@@ -1278,6 +1391,14 @@ enum Timer {
 }
 
 /// When a scheduled or failed task becomes ready.
+/// When an undecided approval request of task `t` lapses, while it
+/// awaits approval (it is then in the delayed timers).
+fn approval_due(t: &Task) -> Option<u64> {
+    (t.status == TaskStatus::AwaitingApproval)
+        .then(|| t.approval.as_ref().and_then(|a| a.expires_at_ms))
+        .flatten()
+}
+
 fn delayed_due(t: &Task) -> u64 {
     match t.status {
         TaskStatus::Failed => t
@@ -1579,9 +1700,11 @@ mod tests {
     ///   dead-lettered or cancelled (under `cancel` it would have been
     ///   cancelled: none is left waiting so);
     /// - the dependents and children indexes equal a recount;
-    /// - a cancel that does not keep the children leaves none unfinished.
+    /// - a cancel that does not keep the children (or a rejection) leaves
+    ///   none unfinished;
+    /// - no task that asked for approval goes on without one.
     #[test]
-    fn dependencies_and_children_hold_their_invariants() {
+    fn dependencies_children_and_approvals_hold_their_invariants() {
         use crate::fsm::{
             AgentId, Batch, DependencyFailure, EventKind, FencingToken, ReplaySelector, Request,
             TaskId, TaskStatus, Tenant, What,
@@ -1604,7 +1727,7 @@ mod tests {
                 let tokens: Vec<FencingToken> = s.leases.keys().copied().collect();
                 let any_id = |k: u64| ids.get(k as usize % ids.len().max(1)).copied();
                 let any_token = |k: u64| tokens.get(k as usize % tokens.len().max(1)).copied();
-                let cmd = match next(9) {
+                let cmd = match next(11) {
                     0..=2 => {
                         let deps: BTreeSet<TaskId> =
                             (0..next(4)).filter_map(|_| any_id(next(1000))).collect();
@@ -1623,9 +1746,20 @@ mod tests {
                             },
                             depends_on: deps,
                             on_dependency_failure: policy,
+                            requires_approval: next(4) == 0,
                             ..Default::default()
                         }))
                     }
+                    9 => any_id(next(1000)).map(|id| Command::Approve {
+                        id,
+                        by: "key:op".into(),
+                        reason: None,
+                    }),
+                    10 => any_id(next(1000)).map(|id| Command::Reject {
+                        id,
+                        by: "key:op".into(),
+                        reason: "no".into(),
+                    }),
                     3 => Some(Command::Lease {
                         agent_id: AgentId("w".into()),
                         capabilities: vec![],
@@ -1646,10 +1780,11 @@ mod tests {
                         reason: None,
                         keep_children: next(2) == 0,
                     }),
-                    _ => any_id(next(1000)).map(|id| Command::Replay {
+                    8 => any_id(next(1000)).map(|id| Command::Replay {
                         selector: ReplaySelector::Ids(vec![id]),
                         limit: 10,
                     }),
+                    _ => unreachable!(),
                 };
                 let Some(cmd) = cmd else { continue };
                 let cascading = match &cmd {
@@ -1657,7 +1792,8 @@ mod tests {
                         id,
                         keep_children: false,
                         ..
-                    } => Some(*id),
+                    }
+                    | Command::Reject { id, .. } => Some(*id),
                     _ => None,
                 };
                 let (response, events) =
@@ -1696,8 +1832,9 @@ mod tests {
                         .filter(|d| s.tasks[d].status != TaskStatus::Completed)
                         .collect();
                     match t.status {
-                        TaskStatus::Waiting => {
-                            assert!(!open.is_empty(), "#{} waits on nothing", t.id);
+                        TaskStatus::Waiting | TaskStatus::AwaitingApproval => {
+                            let waiting = t.status == TaskStatus::Waiting;
+                            assert!(!waiting || !open.is_empty(), "#{} waits on nothing", t.id);
                             assert_eq!(t.waiting_on, open, "#{} waits on the open deps", t.id);
                             let failed = open.iter().any(|d| {
                                 matches!(
@@ -1728,6 +1865,19 @@ mod tests {
                     }
                     if let Some(p) = t.parent_id.filter(|_| !t.status.is_terminal()) {
                         children.entry(p).or_default().insert(t.id);
+                    }
+                    if let Some(a) = &t.approval
+                        && !matches!(
+                            t.status,
+                            TaskStatus::AwaitingApproval | TaskStatus::Cancelled
+                        )
+                    {
+                        assert!(
+                            a.decision.as_ref().is_some_and(|d| d.approved),
+                            "#{} is {} without an approval",
+                            t.id,
+                            t.status.as_str()
+                        );
                     }
                 }
                 if let (Some(id), Some(Ok(_))) = (cascading, response.outcomes.first()) {

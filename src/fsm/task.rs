@@ -169,11 +169,14 @@ pub enum TaskStatus {
     DeadLetter,
     /// Waits for the tasks it depends on to complete (`depends_on`).
     Waiting,
+    /// Waits for an operator or admin to approve or reject it; it may
+    /// lapse (cancelled) at `approval.expires_at_ms`.
+    AwaitingApproval,
 }
 
 impl TaskStatus {
     /// Every status, in declaration order.
-    pub const ALL: [TaskStatus; 9] = [
+    pub const ALL: [TaskStatus; 10] = [
         TaskStatus::Pending,
         TaskStatus::Scheduled,
         TaskStatus::Leased,
@@ -183,6 +186,7 @@ impl TaskStatus {
         TaskStatus::Cancelled,
         TaskStatus::DeadLetter,
         TaskStatus::Waiting,
+        TaskStatus::AwaitingApproval,
     ];
 
     /// Whether the task holds a live lease (`leased` or `running`).
@@ -208,6 +212,7 @@ impl TaskStatus {
                 | (Failed, Pending | Cancelled)
                 | (DeadLetter, Pending | Cancelled)
                 | (Waiting, Pending | Scheduled | Cancelled)
+                | (AwaitingApproval, Pending | Scheduled | Waiting | Cancelled)
         )
     }
 
@@ -238,6 +243,7 @@ impl TaskStatus {
             TaskStatus::Cancelled => "cancelled",
             TaskStatus::DeadLetter => "dead_letter",
             TaskStatus::Waiting => "waiting",
+            TaskStatus::AwaitingApproval => "awaiting_approval",
         }
     }
 }
@@ -329,6 +335,33 @@ pub struct Task {
     /// While waiting: why it cannot go on (a dependency dead-lettered or
     /// cancelled, under [`DependencyFailure::Block`]).
     pub blocked: Option<String>,
+    /// For a task submitted with `requires_approval`: when the request
+    /// lapses, and the decision once made.
+    pub approval: Option<Approval>,
+}
+
+/// A task's approval: asked at submission, decided by an operator or
+/// admin (`POST /tasks/{id}/approve` or `/reject`), or lapsed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// When an undecided request lapses and the task is cancelled (ms
+    /// since the epoch); `None`: it waits for a decision for good.
+    pub expires_at_ms: Option<u64>,
+    /// The decision, once made.
+    pub decision: Option<ApprovalDecision>,
+}
+
+/// Who decided a task's approval, how, why and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalDecision {
+    /// Approved (it goes on) or rejected (cancelled).
+    pub approved: bool,
+    /// The credential that decided (its audit name).
+    pub by: String,
+    /// The reason given.
+    pub reason: Option<String>,
+    /// When (ms since the epoch).
+    pub at_ms: u64,
 }
 
 /// What a task does when a task it depends on is dead-lettered or
@@ -409,6 +442,8 @@ impl Limits {
     pub const MAX_CAPABILITIES: usize = 32;
     /// Most tasks one task may depend on.
     pub const MAX_DEPENDENCIES: usize = 64;
+    /// Longest an approval request may wait before it lapses, in ms (30 days).
+    pub const MAX_APPROVAL_MS: u64 = 30 * 24 * 3600 * 1000;
     /// Most attempts a task may be given.
     pub const MAX_ATTEMPTS: u32 = 100;
     /// Shortest and longest attempt timeout, in ms.

@@ -345,6 +345,8 @@ fn frees_or_adds_work(c: &Command) -> bool {
             | Command::Retry { .. }
             | Command::Replay { .. }
             | Command::Cancel { .. }
+            | Command::Approve { .. }
+            | Command::Reject { .. }
     )
 }
 
