@@ -2,7 +2,8 @@
 //! with strict headers and nothing from elsewhere; and, in headless
 //! Chromium driven over WebDriver, a page that signs in with a key and
 //! follows the cluster live: a task submitted through the API appears and
-//! completes, a dead letter appears and is replayed, gateways and agents
+//! completes, a task awaiting approval is approved from its detail, a dead
+//! letter appears and is replayed, gateways and agents
 //! are listed, and a drained node is marked so, without a reload.
 //!
 //! The browser test needs Debian's `chromium` and `chromium-driver`; it is
@@ -140,6 +141,27 @@ async fn the_dashboard_follows_the_cluster_live_in_a_browser() {
         })
         .await;
         screenshot(&b, "dashboard-tasks.png").await;
+
+        // A task awaiting approval is listed so, and approved from its
+        // detail.
+        let body = json!({"payload": {"prompt": "risky"}, "requires_approval": true});
+        let r = api.post(leader, "/api/v1/tasks", &body).await.unwrap();
+        assert_eq!(r.status, 201, "{r:?}");
+        let gated = r.body["id"].as_u64().unwrap();
+        let css = format!("tr[data-task=\"{gated}\"] .status");
+        wait_text(&b, &css, "the task awaiting approval", |t| {
+            t == "awaiting_approval"
+        })
+        .await;
+        click(&b, &format!("tr[data-task=\"{gated}\"]")).await;
+        click(&b, "#detail-approve").await;
+        wait_text(&b, "#notices", "the approval's notice", |t| {
+            t.contains(&format!("Task {gated}: approve accepted"))
+        })
+        .await;
+        let r = api.get(leader, &format!("/api/v1/tasks/{gated}")).await;
+        let t = r.unwrap().body;
+        assert_eq!(t["approval"]["decision"]["approved"], true, "{t}");
 
         // A dead letter shows up live and is replayed from the page.
         click(&b, "#tabs a[data-tab=\"dead\"]").await;

@@ -23,7 +23,10 @@ const RECONNECT_MAX_MS = 30000;
 const THROTTLE = { depth: 1000, cluster: 1000, tasks: 500, dead: 2000, fleet: 1000 };
 const PRIORITIES = ["critical", "high", "medium", "low"];
 const COLORS = { critical: "#d64545", high: "#e08a1e", medium: "#3b7dd8", low: "#7a869a" };
-const STATUSES = ["pending", "scheduled", "leased", "running", "completed", "failed", "cancelled", "dead_letter"];
+const STATUSES = [
+  "awaiting_approval", "waiting", "pending", "scheduled", "leased", "running",
+  "completed", "failed", "cancelled", "dead_letter",
+];
 const ENDED = new Set(["completed", "failed", "cancelled", "dead_letter"]);
 
 const S = {
@@ -564,6 +567,8 @@ function renderDetail(t) {
     ["capabilities", (t.capabilities || []).join(", ") || "-"],
     ["region", t.region ? `${t.region} (${t.region_required ? "required" : "preferred"})` : "-"],
     ["waiting for", t.waiting_for || "-"],
+    ["depends on", (t.depends_on || []).length ? `${t.depends_on.join(", ")} (if one fails: ${t.on_dependency_failure})` : "-"],
+    ["approval", approvalText(t.approval)],
     ["next attempt", t.next_attempt_at || "-"],
     ["created", t.created_at],
     ["updated", t.updated_at],
@@ -575,12 +580,20 @@ function renderDetail(t) {
   $("detail-payload").textContent = json(t.payload);
   $("detail-cancel").disabled = ENDED.has(t.status);
   $("detail-retry").disabled = !["failed", "cancelled", "dead_letter"].includes(t.status);
+  $("detail-approve").hidden = $("detail-reject").hidden = t.status !== "awaiting_approval";
 }
 
-async function taskAction(verb) {
+function approvalText(a) {
+  if (!a) return "-";
+  const d = a.decision;
+  if (!d) return a.expires_at ? `awaited, lapses at ${a.expires_at}` : "awaited";
+  return `${d.approved ? "approved" : "rejected"} by ${d.by} at ${d.at}${d.reason ? ": " + d.reason : ""}`;
+}
+
+async function taskAction(verb, body) {
   const id = S.selected;
   if (id == null) return;
-  const t = await post(`/api/v1/tasks/${id}/${verb}`);
+  const t = await post(`/api/v1/tasks/${id}/${verb}`, body);
   notice(`Task ${id}: ${verb} accepted, now ${t.status}.`);
   renderDetail(t);
   S.pendingTasks.add(id);
@@ -861,6 +874,11 @@ function wire() {
   $("tasks-more").addEventListener("click", () => moreTasks().catch(report));
   $("detail-cancel").addEventListener("click", () => taskAction("cancel").catch(report));
   $("detail-retry").addEventListener("click", () => taskAction("retry").catch(report));
+  $("detail-approve").addEventListener("click", () => taskAction("approve").catch(report));
+  $("detail-reject").addEventListener("click", () => {
+    const reason = window.prompt("Why reject this task?");
+    if (reason) taskAction("reject", { reason }).catch(report);
+  });
   $("detail-close").addEventListener("click", () => {
     S.selected = null;
     $("task-detail").hidden = true;
