@@ -211,6 +211,57 @@ pub struct QueueConfig {
     /// the leader moves its gateways to live nodes.
     #[serde(with = "humantime_serde")]
     pub node_dead_after: Duration,
+    /// Unfinished tasks (not completed, cancelled or dead-lettered) the
+    /// cluster holds before it refuses new ones, whatever their priority;
+    /// lower priorities are shed earlier, at their `shed_at` share of it.
+    /// None (default): no limit.
+    pub max_unfinished_tasks: Option<u64>,
+    /// Load shedding by priority: the share of the write queue
+    /// (`max_queued_commands`) and of `max_unfinished_tasks` from which new
+    /// tasks of each priority are refused (429, code `shed`); `critical` is
+    /// refused only when full.
+    pub shed_at: ShedAt,
+}
+
+/// Where each priority is shed, as a share of a limit (0 to 1).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShedAt {
+    /// `low` tasks are refused from this share (default 0.5).
+    pub low: f64,
+    /// `medium` tasks are refused from this share (default 0.7).
+    pub medium: f64,
+    /// `high` tasks are refused from this share (default 0.85).
+    pub high: f64,
+}
+
+impl Default for ShedAt {
+    fn default() -> Self {
+        Self {
+            low: 0.5,
+            medium: 0.7,
+            high: 0.85,
+        }
+    }
+}
+
+impl ShedAt {
+    /// The share of a limit from which `priority` is refused.
+    pub fn of(&self, priority: crate::fsm::Priority) -> f64 {
+        use crate::fsm::Priority;
+        match priority {
+            Priority::Low => self.low,
+            Priority::Medium => self.medium,
+            Priority::High => self.high,
+            Priority::Critical => 1.0,
+        }
+    }
+
+    /// Whether a new task of `priority` is admitted with `used` of `limit`
+    /// taken (`critical` until the limit itself).
+    pub fn admits(&self, priority: crate::fsm::Priority, used: u64, limit: u64) -> bool {
+        (used as f64) < self.of(priority) * limit as f64
+    }
 }
 
 impl Default for QueueConfig {
@@ -224,6 +275,8 @@ impl Default for QueueConfig {
             tick_interval: Duration::from_millis(100),
             node_heartbeat_interval: Duration::from_millis(500),
             node_dead_after: Duration::from_secs(2),
+            max_unfinished_tasks: None,
+            shed_at: ShedAt::default(),
         }
     }
 }
@@ -526,6 +579,20 @@ impl Config {
         if q.batch_max_commands == 0 || q.max_inflight_batches == 0 || q.max_queued_commands == 0 {
             p.push("queue.batch_max_commands, max_inflight_batches and max_queued_commands must be > 0".into());
         }
+        let shed = q.shed_at;
+        if !(0.0 < shed.low
+            && shed.low <= shed.medium
+            && shed.medium <= shed.high
+            && shed.high <= 1.0)
+        {
+            p.push(format!(
+                "queue.shed_at must satisfy 0 < low <= medium <= high <= 1 (got low {}, medium {}, high {})",
+                shed.low, shed.medium, shed.high
+            ));
+        }
+        if q.max_unfinished_tasks == Some(0) {
+            p.push("queue.max_unfinished_tasks must be > 0 (leave it out for no limit)".into());
+        }
         let (lo, hi) = crate::fsm::Limits::LEASE_MS_RANGE;
         let lease = q.default_lease.as_millis() as u64;
         if !(lo..=hi).contains(&lease) {
@@ -691,6 +758,38 @@ mod tests {
             p[0].contains("runtime.dispatch") && p[0].contains("\"pull\""),
             "{p:?}"
         );
+    }
+
+    /// Each priority is shed from its share of a limit, critical only at
+    /// the limit; bad shares are refused, naming the rule.
+    #[test]
+    fn shedding_admits_by_priority() {
+        use crate::fsm::Priority::*;
+        let shed = ShedAt::default();
+        let admitted = |p| (0..100).filter(|used| shed.admits(p, *used, 100)).count();
+        assert_eq!(
+            [Low, Medium, High, Critical].map(admitted),
+            [50, 70, 85, 100]
+        );
+        assert!(!shed.admits(Critical, 20, 20));
+        let c = Config::from_toml(
+            "[queue.shed_at]
+low = 0.8
+medium = 0.6
+",
+        )
+        .unwrap();
+        let ConfigError::Invalid(p) = c.validate().unwrap_err() else {
+            panic!()
+        };
+        assert!(p[0].contains("queue.shed_at"), "{p:?}");
+        let c = Config::from_toml(
+            "[queue]
+max_unfinished_tasks = 0
+",
+        )
+        .unwrap();
+        assert!(c.validate().is_err());
     }
 
     #[test]

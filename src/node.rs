@@ -445,6 +445,19 @@ impl Node {
         }
     }
 
+    /// Commands waiting in this node's write queues (the fullest of the
+    /// meta group's and the routed shards'), and the queue's capacity
+    /// (`queue.max_queued_commands`): what load shedding looks at.
+    pub fn write_backlog(&self) -> (u64, u64) {
+        let capacity = self.inner.config.queue.max_queued_commands;
+        let free = self
+            .routed_groups()
+            .map(|g| g.queue().free())
+            .min()
+            .unwrap_or(capacity);
+        ((capacity.saturating_sub(free)) as u64, capacity as u64)
+    }
+
     /// Takes a meta read barrier when this node hosts more shards than its
     /// replica routes to: a shard being added, or an `OpenRoute` that has
     /// not reached this replica yet. After it, [`Node::queue_groups`] names

@@ -84,6 +84,7 @@ impl ApiError {
             code,
             "conflict"
                 | "rate_limited"
+                | "shed"
                 | "internal_error"
                 | "service_unavailable"
                 | "gateway_timeout"

@@ -249,7 +249,10 @@ const SHARED_ERRORS: &[(&str, &str)] = &[
         "PayloadTooLarge",
         "The body (or a field of it) is over its limit",
     ),
-    ("RateLimited", "Over a rate limit or quota (`Retry-After`)"),
+    (
+        "RateLimited",
+        "Over a rate limit or quota, or shed under load by priority (code `shed`) (`Retry-After`)",
+    ),
     ("Internal", "An unexpected failure"),
     (
         "Unavailable",

@@ -191,6 +191,7 @@ pub async fn create(
     let tenant = caller.tenant_named(body.tenant.take())?;
     let mut spec = body.into_submit(tenant)?;
     spec.trace = trace;
+    admit(&api, &spec).await?;
     if api.node.shard_groups().len() > 1 {
         check_quota(&api, &spec.tenant).await?;
     }
@@ -205,6 +206,59 @@ pub async fn create(
         }
         other => Err(super::unexpected(other)),
     }
+}
+
+/// Load shedding by priority (`queue.shed_at`): refuses a new task whose
+/// priority is shed at the current load, with 429 and code `shed`. Two
+/// loads count: this node's write queue, and the cluster's unfinished tasks
+/// against `queue.max_unfinished_tasks` (read on this node's replicas).
+/// `critical` is refused only at the limit itself. A task without a
+/// priority counts as its parent's, else `medium`.
+async fn admit(api: &Api, spec: &SubmitTask) -> ApiResult<()> {
+    let priority = match (spec.priority, spec.parent_id) {
+        (Some(p), _) => p,
+        (None, Some(parent)) => match api.node.queue_group_of(parent.0) {
+            Ok(g) => g
+                .state()
+                .read(|s| s.task(parent).map(|t| t.priority))
+                .unwrap_or_default(),
+            Err(_) => Priority::default(),
+        },
+        (None, None) => Priority::default(),
+    };
+    let config = &api.node.config().queue;
+    let shed = config.shed_at;
+    let refuse = |what: String| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "shed",
+            format!(
+                "{what}: {} tasks are refused from {:.0}% of it; retry later, or submit at a higher priority",
+                priority.as_str(),
+                shed.of(priority) * 100.0
+            ),
+        )
+    };
+    let (backlog, capacity) = api.node.write_backlog();
+    if priority != Priority::Critical && !shed.admits(priority, backlog, capacity) {
+        return Err(refuse(format!(
+            "this node's write queue holds {backlog} of {capacity} commands"
+        )));
+    }
+    if let Some(limit) = config.max_unfinished_tasks {
+        let unfinished: u64 = api
+            .node
+            .queue_groups()
+            .iter()
+            .map(|g| g.state().read(|s| s.unfinished()))
+            .sum();
+        if !shed.admits(priority, unfinished, limit) {
+            return Err(refuse(format!(
+                "the cluster holds {unfinished} unfinished tasks of its limit of {limit}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// How many times a submission routes again when a shard says the node's

@@ -513,10 +513,25 @@ impl State {
             per_priority
                 .iter()
                 .flat_map(|per_status| {
-                    [Pending, Scheduled, Leased, Running, Failed].map(|s| per_status[s.index()])
+                    [
+                        Pending,
+                        Scheduled,
+                        Leased,
+                        Running,
+                        Failed,
+                        Waiting,
+                        AwaitingApproval,
+                    ]
+                    .map(|s| per_status[s.index()])
                 })
                 .sum()
         })
+    }
+
+    /// Unfinished tasks of every tenant (what `queue.max_unfinished_tasks`
+    /// limits, summed over the shards).
+    pub fn unfinished(&self) -> u64 {
+        self.counts.keys().map(|t| self.queued_of(t)).sum()
     }
 
     /// Tenant `tenant`'s `max_queued`, if it has one.
