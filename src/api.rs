@@ -39,6 +39,7 @@ mod request_trace;
 mod serve;
 mod sessions;
 mod shards;
+mod switches;
 mod tasks;
 mod tenants;
 mod view;
@@ -183,6 +184,9 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (M::POST, "/tasks/{id}/retry", post(tasks::retry)),
         (M::POST, "/tasks/{id}/approve", post(tasks::approve)),
         (M::POST, "/tasks/{id}/reject", post(tasks::reject)),
+        (M::GET, "/switches", get(switches::list)),
+        (M::PUT, "/switches/{name}", put(switches::set)),
+        (M::DELETE, "/switches/{name}", delete(switches::lift)),
         (M::POST, "/leases", post(leases::acquire)),
         (M::POST, "/leases/{token}/renew", post(leases::renew)),
         (M::POST, "/leases/{token}/complete", post(leases::complete)),

@@ -92,6 +92,10 @@ pub enum Command {
     /// Tenants, their weights and quotas (admin).
     #[command(subcommand)]
     Tenant(TenantCmd),
+    /// Kill switches: stop dispatch of a tenant's or a capability's work
+    /// at once (operator or admin).
+    #[command(subcommand)]
+    Switch(SwitchCmd),
     /// Revoked JWTs (admin).
     #[command(subcommand)]
     Jwt(JwtCmd),
@@ -109,6 +113,38 @@ pub enum Command {
     /// (`*` matches one segment, `>` the rest; default: everything the
     /// credential may see).
     Events(EventsArgs),
+}
+
+/// `godel switch ...`
+#[derive(Debug, Subcommand)]
+pub enum SwitchCmd {
+    /// The switches that are on.
+    Ls,
+    /// Set (or replace) a switch: matching ready work stops being leased.
+    Set {
+        /// Its name.
+        name: String,
+        /// Only this tenant's tasks.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only tasks that need this capability.
+        #[arg(long)]
+        capability: Option<String>,
+        /// Stop all work (alone).
+        #[arg(long, conflicts_with_all = ["tenant", "capability"])]
+        all: bool,
+        /// Cancel matching leased work too (default: it finishes).
+        #[arg(long)]
+        cancel_leased: bool,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a switch: held work is ready again.
+    Lift {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// `godel events` flags.

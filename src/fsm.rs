@@ -80,9 +80,9 @@ pub use auth::{
 };
 pub(crate) use command::check_name;
 pub use command::{
-    AgentProfile, Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, LeaseGrant,
-    Outcome, PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request, Response, Scope,
-    ShardPlacement, ShardRule, SubmitTask, Write, pack, unpack,
+    AgentProfile, Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, KillSwitch,
+    LeaseGrant, Outcome, PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request, Response,
+    Scope, ShardPlacement, ShardRule, SubmitTask, Write, pack, unpack,
 };
 pub use event::{AgentChange, Event, EventKind, GatewayChange, NodeChange, What};
 pub use plan::{PullPlan, best_of, plan_from, plan_pull};

@@ -159,6 +159,30 @@ fn cli_session(api: &str) {
     // Out of the way of the agent checks below.
     assert_eq!(ok(api, &["task", "cancel", &gid])["status"], "cancelled");
 
+    // Kill switches.
+    let sw = ok(
+        api,
+        &[
+            "switch",
+            "set",
+            "hold-rust",
+            "--capability",
+            "rust",
+            "--reason",
+            "maintenance",
+        ],
+    );
+    assert_eq!(
+        (&sw["name"], &sw["reason"]),
+        (&json!("hold-rust"), &json!("maintenance"))
+    );
+    assert_eq!(ok(api, &["switch", "ls"])["items"][0]["name"], "hold-rust");
+    let (code, _) = godel(api, &["switch", "set", "nothing"]);
+    assert_eq!(code, 1, "a switch that names nothing is refused");
+    let (code, _) = godel(api, &["switch", "lift", "hold-rust"]);
+    assert_eq!(code, 0);
+    assert_eq!(ok(api, &["switch", "ls"])["items"], json!([]));
+
     registry_session(api);
     let cluster = ok(api, &["cluster", "status"]);
     assert_eq!(cluster["members"].as_array().map(Vec::len), Some(1));

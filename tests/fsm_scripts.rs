@@ -33,6 +33,8 @@
 //!   [parent=ID] [session=S] [region=R [required=true]] [deps=ID,ID
 //!   [on_dep_fail=cancel|block]] [approval=true [approval_expires=MS]]`
 //! - `approve id=N [by=B] [reason=R]`, `reject id=N [by=B] [reason=R]`
+//! - `switch name=N [tenant=T] [cap=C] [cancel_leased=true]` (a kill
+//!   switch), `unswitch name=N`
 //! - `lease [agent=w1] [caps=x,y] [max=1] [lease=30000]`
 //! - `renew token=T [lease=30000]`, `complete token=T [result=JSON | result_bytes=N]`,
 //!   `fail token=T [error=boom] [retryable=true]`
@@ -90,8 +92,8 @@ use godel::fsm::{
     AgentId, AgentProfile, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter,
     AuditRecord, AuditTarget, Backoff, Batch, Circuit, Command, DeadLetterFilter,
     DependencyFailure, DispatchPolicy, DispatchSpec, Event, EventKind, FencingToken, GatewayChange,
-    GatewayId, GatewayRegistration, Health, LeaseGrant, NewApiKey, Outcome, Priority, PullSlot,
-    PullSpec, Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord,
+    GatewayId, GatewayRegistration, Health, KillSwitch, LeaseGrant, NewApiKey, Outcome, Priority,
+    PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord,
     SessionState, State, SubmitTask, Task, TaskFilter, TaskId, TaskRegion, TaskStatus, Tenant,
     TenantPatch, TenantRecord, What, Write, verify_audit_chain,
 };
@@ -153,6 +155,7 @@ scripts! {
     dependency_failure_cancels_or_blocks,
     cancel_cascades_to_children,
     approval_gates_a_task,
+    kill_switch_holds_matching_work,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
     sessions_are_per_tenant,
@@ -750,6 +753,21 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             id: TaskId(args.require("id")?),
             reason: args.take("reason"),
             keep_children: args.parsed("keep_children")?.unwrap_or(false),
+        },
+        "switch" => Command::SetSwitch {
+            name: args.require::<String>("name")?,
+            switch: Some(KillSwitch {
+                tenant: args.take("tenant").map(Tenant),
+                capability: args.take("cap"),
+                cancel_leased: args.parsed("cancel_leased")?.unwrap_or(false),
+                reason: args.take("reason"),
+                by: "key:op".into(),
+                at_ms: 0,
+            }),
+        },
+        "unswitch" => Command::SetSwitch {
+            name: args.require::<String>("name")?,
+            switch: None,
         },
         "approve" => Command::Approve {
             id: TaskId(args.require("id")?),

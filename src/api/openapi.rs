@@ -40,7 +40,7 @@ use utoipa::openapi::{Content, Ref, RefOr, Required};
 use super::error::ErrorBody;
 use super::{admin, audit, backup, cluster, dashboard, events, keys, leases, permissions, queue};
 use super::{registry, sessions, shards};
-use super::{tasks, tenants};
+use super::{switches, tasks, tenants};
 
 /// The name of the security scheme.
 const BEARER: &str = "bearer";
@@ -64,6 +64,9 @@ const BEARER: &str = "bearer";
         tasks::retry,
         tasks::approve,
         tasks::reject,
+        switches::list,
+        switches::set,
+        switches::lift,
         leases::acquire,
         leases::renew,
         leases::complete,

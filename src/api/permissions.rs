@@ -13,6 +13,7 @@
 //! | `sessions:read` | yes | yes | yes | yes |
 //! | `tasks:write` (submit, cancel, retry) | yes | yes | yes | - |
 //! | `tasks:approve` (approve or reject a task awaiting approval) | yes | yes | - | - |
+//! | `switches:write` (set and lift kill switches; reading them is `registry:read`) | yes | yes | - | - |
 //! | `leases:work` (lease, renew, complete, fail) | yes | yes | yes | - |
 //! | `dlq:replay` | yes | yes | - | - |
 //! | `sessions:kill` | yes | yes | - | - |
@@ -44,6 +45,8 @@ pub enum Permission {
     TasksWrite,
     /// Approve or reject tasks awaiting approval.
     TasksApprove,
+    /// Set and lift kill switches.
+    Switches,
     /// Lease tasks and report on leases, as a worker.
     LeasesWork,
     /// Replay dead letters in bulk.
@@ -84,6 +87,7 @@ impl Permission {
             TasksRead => "tasks:read",
             TasksWrite => "tasks:write",
             TasksApprove => "tasks:approve",
+            Switches => "switches:write",
             LeasesWork => "leases:work",
             DlqReplay => "dlq:replay",
             SessionsRead => "sessions:read",
@@ -185,6 +189,9 @@ pub const ROUTES: &[RouteSpec] = &[
         "tasks.approve",
     ),
     r(POST, "/tasks/{id}/reject", P::TasksApprove, "tasks.reject"),
+    r(GET, "/switches", P::RegistryRead, "switches.list"),
+    r(PUT, "/switches/{name}", P::Switches, "switches.set"),
+    r(DELETE, "/switches/{name}", P::Switches, "switches.lift"),
     r(POST, "/leases", P::LeasesWork, "leases.acquire"),
     r(POST, "/leases/{token}/renew", P::LeasesWork, "leases.renew"),
     r(

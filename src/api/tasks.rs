@@ -407,8 +407,18 @@ pub async fn get(
         .state()
         .read(|s| s.task_shared(id).filter(|t| caller.sees(&t.tenant)));
     // Why it waits is the registry's to say: the meta group's replica.
+    let held_by = found.as_ref().and_then(|t| {
+        (t.status == crate::fsm::TaskStatus::Pending)
+            .then(|| {
+                group
+                    .state()
+                    .read(|s| s.switch_holding(t).map(str::to_owned))
+            })
+            .flatten()
+    });
     let found = found.map(|t| {
         let waiting_for = match (&t.blocked, t.waiting_on.as_slice()) {
+            _ if held_by.is_some() => held_by.map(|n| format!("held by kill switch {n}")),
             (Some(blocked), _) => Some(format!("blocked: {blocked}")),
             (None, []) => api
                 .node

@@ -15,7 +15,7 @@ use super::security::{self, AuditCmd};
 use super::text::{self, View};
 use super::{
     AgentCmd, ClusterCmd, Command, DlqCmd, GatewayCmd, LeaseCmd, ListArgs, NodeCmd, Output,
-    QueueCmd, SessionCmd, SessionListArgs, TaskCmd,
+    QueueCmd, SessionCmd, SessionListArgs, SwitchCmd, TaskCmd,
 };
 
 /// Runs a client command against `api` with `api_key` (else the key in
@@ -281,6 +281,25 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
         Command::Key(k) => security::key_request(k)?,
         Command::Tenant(t) => security::tenant_request(t)?,
         Command::Jwt(j) => security::jwt_request(j),
+        Command::Switch(SwitchCmd::Ls) => ("GET", "/api/v1/switches".into(), None),
+        Command::Switch(SwitchCmd::Set {
+            name,
+            tenant,
+            capability,
+            all,
+            cancel_leased,
+            reason,
+        }) => (
+            "PUT",
+            format!("/api/v1/switches/{name}"),
+            Some(strip_nulls(json!({
+                "tenant": tenant, "capability": capability, "all": all,
+                "cancel_leased": cancel_leased, "reason": reason,
+            }))),
+        ),
+        Command::Switch(SwitchCmd::Lift { name }) => {
+            ("DELETE", format!("/api/v1/switches/{name}"), None)
+        }
         Command::Audit(a) => security::audit_ls_request(a)?,
         Command::Agent(a) => agent_request(a),
         Command::Session(s) => session_request(s),

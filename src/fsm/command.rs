@@ -448,6 +448,44 @@ pub enum Command {
         /// Why.
         reason: String,
     },
+    /// Sets (or with `None` lifts) kill switch `name`: matching ready work
+    /// is held (not leased) while it is on. Applied by the meta group (the
+    /// record) and by every queue shard (which holds the work).
+    SetSwitch {
+        /// The switch's name.
+        name: String,
+        /// What it stops; `None` lifts it.
+        switch: Option<KillSwitch>,
+    },
+}
+
+/// A kill switch: stops dispatch of the work it matches at once. Matching
+/// ready tasks are held (still `pending`, never leased) until it is lifted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KillSwitch {
+    /// Only this tenant's tasks (none: every tenant's).
+    pub tenant: Option<Tenant>,
+    /// Only tasks that need this capability (none: any).
+    pub capability: Option<String>,
+    /// Cancel matching tasks already leased (otherwise they finish).
+    pub cancel_leased: bool,
+    /// Why, for the record.
+    pub reason: Option<String>,
+    /// Who set it (the caller's audit name).
+    pub by: String,
+    /// When (ms since the epoch; set by the state machine).
+    pub at_ms: u64,
+}
+
+impl KillSwitch {
+    /// Whether it stops `task`.
+    pub fn matches(&self, task: &Task) -> bool {
+        self.tenant.as_ref().is_none_or(|t| *t == task.tenant)
+            && self
+                .capability
+                .as_ref()
+                .is_none_or(|c| task.capabilities.contains(c))
+    }
 }
 
 /// A queue shard's own placement ([`Command::PlaceShard`]).
@@ -544,7 +582,8 @@ impl Command {
             Command::Tick
             | Command::Audit(_)
             | Command::DefineGroup { .. }
-            | Command::OpenRoute { .. } => Scope::Any,
+            | Command::OpenRoute { .. }
+            | Command::SetSwitch { .. } => Scope::Any,
             Command::NodeHeartbeat { .. }
             | Command::SetDrain { .. }
             | Command::RegisterGateway(_)

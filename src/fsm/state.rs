@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::audit::{AuditCaller, AuditLog, AuditMark, AuditTarget, outcome_text, target_of};
 use super::auth::Auth;
 use super::command::{
-    Batch, Command, DeadLetterFilter, Outcome, Rejection, ReplaySelector, Reply, Request, Response,
-    Scope, ShardPlacement, ShardRule, SubmitTask, check_name,
+    Batch, Command, DeadLetterFilter, KillSwitch, Outcome, Rejection, ReplaySelector, Reply,
+    Request, Response, Scope, ShardPlacement, ShardRule, SubmitTask, check_name,
 };
 use super::event::{Event, EventKind, NodeChange, What};
 use super::queue::{ReadyQueues, normalize_caps};
@@ -102,6 +102,12 @@ pub struct State {
     /// Per task, its children (tasks whose `parent_id` it is) that are not
     /// completed or cancelled: what cancelling it cancels.
     pub(crate) children: BTreeMap<TaskId, BTreeSet<TaskId>>,
+    /// Kill switches by name ([`Command::SetSwitch`]): in the meta group
+    /// the record, in a queue shard what holds its matching work.
+    pub(crate) switches: BTreeMap<String, KillSwitch>,
+    /// Pending tasks a kill switch holds: out of the ready queues (never
+    /// leased) until no switch matches them.
+    pub(crate) held: BTreeSet<TaskId>,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -220,6 +226,7 @@ impl State {
             } => self.cancel(*id, reason.as_deref(), *keep_children, events),
             Command::Approve { id, by, reason } => self.approve(*id, by, reason.as_deref(), events),
             Command::Reject { id, by, reason } => self.reject(*id, by, reason, events),
+            Command::SetSwitch { name, switch } => self.set_switch(name, switch.as_ref(), events),
             Command::Retry { id } => self.retry(*id, events),
             Command::Replay { selector, limit } => self.replay(selector, *limit, events),
             Command::SetTenantWeight { tenant, weight } => self.set_weight(tenant, *weight),
@@ -1073,6 +1080,83 @@ impl State {
         self.settle.push(Settle::Children(id));
     }
 
+    /// The kill switch holding task `t`, if one matches it.
+    pub fn switch_holding(&self, t: &Task) -> Option<&str> {
+        self.switches
+            .iter()
+            .find(|(_, s)| s.matches(t))
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// The kill switches, by name.
+    pub fn switches(&self) -> &BTreeMap<String, KillSwitch> {
+        &self.switches
+    }
+
+    /// Sets or lifts kill switch `name`. Pending work is filed again under
+    /// the new switches (held or ready); with `cancel_leased`, matching
+    /// leased work is cancelled, naming the switch.
+    fn set_switch(
+        &mut self,
+        name: &str,
+        switch: Option<&KillSwitch>,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        check_name("name", name, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        if let Some(sw) = switch {
+            if let Some(t) = &sw.tenant {
+                check_name("tenant", &t.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+            }
+            if let Some(c) = &sw.capability {
+                check_name("capability", c, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+            }
+        } else if !self.switches.contains_key(name) {
+            return Ok(Reply::Done);
+        }
+        let pending: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.status == TaskStatus::Pending)
+            .map(|t| t.id)
+            .collect();
+        for id in &pending {
+            self.unindex(*id);
+        }
+        match switch {
+            Some(sw) => {
+                let mut sw = sw.clone();
+                sw.at_ms = self.clock_ms;
+                sw.reason = sw.reason.map(|r| truncate(&r, Limits::MAX_ERROR_BYTES));
+                self.switches.insert(name.to_owned(), sw);
+            }
+            None => {
+                self.switches.remove(name);
+            }
+        }
+        for id in &pending {
+            self.index(*id);
+        }
+        if let Some(sw) = switch.filter(|s| s.cancel_leased) {
+            let leased: Vec<TaskId> = self
+                .tasks
+                .values()
+                .filter(|t| t.status.is_leased() && sw.matches(t))
+                .map(|t| t.id)
+                .collect();
+            let reason = format!("kill switch {name}");
+            for id in leased {
+                self.move_task(id, TaskStatus::Cancelled, |t| {
+                    t.lease = None;
+                    t.last_error = Some(reason.clone());
+                })
+                .expect("invariant: a leased task may be cancelled");
+                self.emit(events, id, EventKind::Cancelled);
+                self.settle.push(Settle::Children(id));
+            }
+        }
+        Ok(Reply::Done)
+    }
+
     /// Task `id`, if it awaits approval; else why not.
     fn awaiting_approval(&self, id: TaskId) -> Result<&Task, Rejection> {
         let t = self.tasks.get(&id).ok_or(Rejection::NotFound(id))?;
@@ -1273,8 +1357,10 @@ impl State {
         }
         match t.status {
             TaskStatus::Pending => {
-                self.ready
-                    .remove(t.priority, &t.tenant, &t.capabilities, id);
+                if !self.held.remove(&id) {
+                    self.ready
+                        .remove(t.priority, &t.tenant, &t.capabilities, id);
+                }
             }
             TaskStatus::Scheduled | TaskStatus::Failed => {
                 self.delayed.remove(&(delayed_due(t), id));
@@ -1323,6 +1409,9 @@ impl State {
             self.children.entry(p).or_default().insert(id);
         }
         match t.status {
+            TaskStatus::Pending if self.switch_holding(t).is_some() => {
+                self.held.insert(id);
+            }
             TaskStatus::Pending => self
                 .ready
                 .insert(t.priority, &t.tenant, &t.capabilities, id),
@@ -1702,7 +1791,9 @@ mod tests {
     /// - the dependents and children indexes equal a recount;
     /// - a cancel that does not keep the children (or a rejection) leaves
     ///   none unfinished;
-    /// - no task that asked for approval goes on without one.
+    /// - no task that asked for approval goes on without one;
+    /// - kill switches: the held tasks are exactly the pending ones a switch
+    ///   matches, and nothing is leased while one stops all the work.
     #[test]
     fn dependencies_children_and_approvals_hold_their_invariants() {
         use crate::fsm::{
@@ -1727,7 +1818,7 @@ mod tests {
                 let tokens: Vec<FencingToken> = s.leases.keys().copied().collect();
                 let any_id = |k: u64| ids.get(k as usize % ids.len().max(1)).copied();
                 let any_token = |k: u64| tokens.get(k as usize % tokens.len().max(1)).copied();
-                let cmd = match next(11) {
+                let cmd = match next(12) {
                     0..=2 => {
                         let deps: BTreeSet<TaskId> =
                             (0..next(4)).filter_map(|_| any_id(next(1000))).collect();
@@ -1783,6 +1874,15 @@ mod tests {
                     8 => any_id(next(1000)).map(|id| Command::Replay {
                         selector: ReplaySelector::Ids(vec![id]),
                         limit: 10,
+                    }),
+                    11 => Some(Command::SetSwitch {
+                        name: "stop-a".into(),
+                        switch: (next(2) == 0).then(|| crate::fsm::KillSwitch {
+                            tenant: Some(Tenant("a".into())),
+                            cancel_leased: next(2) == 0,
+                            by: "key:op".into(),
+                            ..Default::default()
+                        }),
                     }),
                     _ => unreachable!(),
                 };
@@ -1884,6 +1984,28 @@ mod tests {
                     assert!(
                         !s.children.contains_key(&id),
                         "cancelling #{id} left unfinished children"
+                    );
+                }
+                let held: BTreeSet<TaskId> = s
+                    .tasks
+                    .values()
+                    .filter(|t| t.status == TaskStatus::Pending && s.switch_holding(t).is_some())
+                    .map(|t| t.id)
+                    .collect();
+                assert_eq!(
+                    s.held, held,
+                    "held: exactly the pending tasks a switch matches"
+                );
+                if !s.switches.is_empty() {
+                    assert!(
+                        events.iter().all(|e| !matches!(
+                            &e.what,
+                            What::Task {
+                                kind: EventKind::Leased { .. },
+                                ..
+                            }
+                        )),
+                        "nothing is leased while every task is switched off"
                     );
                 }
                 assert_eq!(s.dependents, dependents);

@@ -325,8 +325,9 @@ async fn open_next_route(node: &Node, growth: &mut Growth, routed: u32, recorded
     if !ready {
         return;
     }
-    // Tenants' round-robin weights live in every shard: the new ones get
-    // the first shard's (this node's replica, after a barrier).
+    // Tenants' round-robin weights and the kill switches live in every
+    // shard: the new ones get the first shard's weights (this node's
+    // replica, after a barrier) and the meta group's switches.
     if let Some(first) = node
         .shard_groups()
         .first()
@@ -336,7 +337,19 @@ async fn open_next_route(node: &Node, growth: &mut Growth, routed: u32, recorded
             return;
         }
         let weights = first.state().read(|s| s.tenant_weights().clone());
+        // The kill switches too: the meta group's record, as it is now.
+        let switches = node.state().read(|s| s.switches().clone());
         for g in routed + 1..=recorded {
+            for (name, switch) in &switches {
+                let cmd = Command::SetSwitch {
+                    name: name.clone(),
+                    switch: Some(switch.clone()),
+                };
+                if let Err(e) = node.write_to(g, cmd).await {
+                    tracing::debug!(group = g, error = %e, "kill switch not copied yet");
+                    return;
+                }
+            }
             for (tenant, weight) in &weights {
                 let cmd = Command::SetTenantWeight {
                     tenant: tenant.clone(),

@@ -1,0 +1,199 @@
+//! Kill switches: `GET /switches`, `PUT /switches/{name}`, `DELETE
+//! /switches/{name}`. A switch stops dispatch of the work it matches (a
+//! tenant, a capability, or both) at once: matching ready tasks are held,
+//! still `pending`, until it is lifted; with `cancel_leased`, matching
+//! leased work is cancelled, else it finishes. The meta group keeps the
+//! record (audited); every queue shard applies it too, since it holds the
+//! work.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::json::Body;
+use super::{Api, view};
+use crate::clock;
+use crate::fsm::{AuditTarget, Command, KillSwitch, Tenant};
+
+/// A kill switch as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct SwitchView {
+    /// Its name.
+    name: String,
+    /// Only this tenant's tasks (`null`: every tenant's).
+    tenant: Option<String>,
+    /// Only tasks that need this capability (`null`: any).
+    capability: Option<String>,
+    /// Whether matching leased work was cancelled when it was set.
+    cancel_leased: bool,
+    /// Why.
+    reason: Option<String>,
+    /// Who set it.
+    set_by: String,
+    /// When.
+    #[schema(format = DateTime)]
+    set_at: String,
+}
+
+impl SwitchView {
+    fn of(name: &str, s: &KillSwitch) -> Self {
+        SwitchView {
+            name: name.to_owned(),
+            tenant: s.tenant.as_ref().map(|t| t.0.clone()),
+            capability: s.capability.clone(),
+            cancel_leased: s.cancel_leased,
+            reason: s.reason.clone(),
+            set_by: s.by.clone(),
+            set_at: clock::rfc3339(s.at_ms),
+        }
+    }
+}
+
+/// `GET /switches` answer.
+#[derive(Serialize, ToSchema)]
+pub struct SwitchesView {
+    items: Vec<SwitchView>,
+}
+
+/// `PUT /switches/{name}` body: what it stops (at least one of `tenant`
+/// and `capability`; a switch that stops everything names neither and
+/// says `all`).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchBody {
+    /// Only this tenant's tasks.
+    #[schema(schema_with = view::opt_name_schema)]
+    tenant: Option<String>,
+    /// Only tasks that need this capability.
+    #[schema(schema_with = view::opt_name_schema)]
+    capability: Option<String>,
+    /// Stop every task (required, and alone, to match all work).
+    #[serde(default)]
+    all: bool,
+    /// Cancel matching tasks already leased (default: let them finish).
+    #[serde(default)]
+    cancel_leased: bool,
+    /// Why, for the record.
+    reason: Option<String>,
+}
+
+/// The switch's name in the path.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct SwitchName {
+    /// Its name (`A-Z a-z 0-9 . _ : / -`, 1 to 256).
+    #[param(pattern = "^[A-Za-z0-9._:/-]{1,256}$")]
+    name: String,
+}
+
+/// `GET /switches`: the kill switches that are on.
+#[utoipa::path(
+    get,
+    path = "/switches",
+    responses((status = 200, description = "The switches that are on", body = SwitchesView))
+)]
+pub async fn list(State(api): State<Api>) -> ApiResult<Json<SwitchesView>> {
+    api.node.read_barrier().await?;
+    let items = api.node.state().read(|s| {
+        s.switches()
+            .iter()
+            .map(|(n, sw)| SwitchView::of(n, sw))
+            .collect()
+    });
+    Ok(Json(SwitchesView { items }))
+}
+
+/// `PUT /switches/{name}`: sets (or replaces) a kill switch. Matching ready
+/// work stops being leased as soon as this returns.
+#[utoipa::path(
+    put,
+    path = "/switches/{name}",
+    params(SwitchName),
+    request_body = SwitchBody,
+    responses(
+        (status = 200, description = "The switch, on", body = SwitchView),
+        (status = 400, description = "It matches nothing, or everything without `all`", body = ErrorBody),
+    )
+)]
+pub async fn set(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(SwitchName { name }): Path<SwitchName>,
+    Body(b): Body<SwitchBody>,
+) -> ApiResult<Json<SwitchView>> {
+    let narrowed = b.tenant.is_some() || b.capability.is_some();
+    if narrowed == b.all {
+        return Err(ApiError::invalid(
+            "a switch names a `tenant`, a `capability` or both; to stop all work say `all: true` alone",
+        ));
+    }
+    let switch = KillSwitch {
+        tenant: b.tenant.map(Tenant),
+        capability: b.capability,
+        cancel_leased: b.cancel_leased,
+        reason: b.reason,
+        by: caller.actor().to_string(),
+        at_ms: 0,
+    };
+    spread(&api, &caller, &name, Some(switch)).await?;
+    let view = api
+        .node
+        .state()
+        .read(|s| s.switches().get(&name).map(|sw| SwitchView::of(&name, sw)));
+    view.map(Json)
+        .ok_or_else(|| ApiError::unavailable("the switch was lifted meanwhile"))
+}
+
+/// `DELETE /switches/{name}`: lifts a kill switch; held work is ready again.
+#[utoipa::path(
+    delete,
+    path = "/switches/{name}",
+    params(SwitchName),
+    responses(
+        (status = 204, description = "Lifted"),
+        (status = 404, description = "No such switch", body = ErrorBody),
+    )
+)]
+pub async fn lift(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(SwitchName { name }): Path<SwitchName>,
+) -> ApiResult<StatusCode> {
+    api.node.read_barrier().await?;
+    if api.node.state().read(|s| !s.switches().contains_key(&name)) {
+        return Err(ApiError::not_found(format!("no kill switch `{name}`")));
+    }
+    spread(&api, &caller, &name, None).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Writes the switch to the meta group (the record) and then to every queue
+/// shard routed to (they hold the work). Lifting one a shard does not have
+/// (a call that failed part-way) changes nothing there.
+async fn spread(
+    api: &Api,
+    caller: &Caller,
+    name: &str,
+    switch: Option<KillSwitch>,
+) -> ApiResult<()> {
+    let target = Some(AuditTarget::text(format!("switch/{name}")));
+    let cmd = Command::SetSwitch {
+        name: name.to_owned(),
+        switch: switch.clone(),
+    };
+    api.write_as(caller, cmd.clone(), target.clone()).await?;
+    api.node.fresh_routes().await?;
+    for group in api
+        .node
+        .shard_groups()
+        .iter()
+        .take(api.node.queue_groups().len())
+    {
+        api.write_in(group, caller, cmd.clone(), target.clone())
+            .await?;
+    }
+    Ok(())
+}
