@@ -156,6 +156,7 @@ scripts! {
     cancel_cascades_to_children,
     approval_gates_a_task,
     kill_switch_holds_matching_work,
+    dispatch_by_role,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
     sessions_are_per_tenant,

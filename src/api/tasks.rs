@@ -79,6 +79,10 @@ pub struct TaskCreate {
     /// dependency is replayed and completes or an operator cancels it.
     /// Only with `depends_on`.
     on_dependency_failure: Option<DependencyFailure>,
+    /// Only agents of this role take it (an agent's `role` counts as the
+    /// capability `role:<role>`; the task lists that capability).
+    #[schema(schema_with = view::opt_name_schema)]
+    role: Option<String>,
     /// It waits (status `awaiting_approval`) until an operator or admin
     /// approves it (`POST /tasks/{id}/approve`) or rejects it (cancelled).
     #[serde(default)]
@@ -118,11 +122,17 @@ impl TaskCreate {
                 "invalid field `region_required`: needs `region`",
             ));
         }
+        let mut capabilities = self.capabilities;
+        if let Some(role) = self.role {
+            crate::fsm::check_name("role", &role, false)
+                .map_err(|(f, p)| ApiError::invalid(format!("invalid field `{f}`: {p}")))?;
+            capabilities.push(format!("role:{role}"));
+        }
         let spec = SubmitTask {
             tenant,
             priority: self.priority,
             payload,
-            capabilities: self.capabilities,
+            capabilities,
             session_key: self.session_key.map(SessionKey),
             scheduled_at_ms,
             max_attempts: self.max_attempts,

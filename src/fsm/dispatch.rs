@@ -81,7 +81,7 @@ impl State {
                 (alive && !node.draining && usable && free > 0).then(|| Slot {
                     agent: a.reg.id.clone(),
                     node: owner,
-                    caps: a.reg.capabilities.clone(),
+                    caps: a.reg.dispatch_caps(),
                     gateway: a.reg.gateway.clone(),
                     region: gw.reg.region.clone(),
                     free,
@@ -167,7 +167,7 @@ impl State {
             usable
                 .iter()
                 .any(|g| g.reg.id == a.reg.gateway && g.owner == a.online_on)
-                && is_subset(&task.capabilities, &a.reg.capabilities)
+                && is_subset(&task.capabilities, &a.reg.dispatch_caps())
         });
         (!capable).then(|| {
             format!(

@@ -142,6 +142,18 @@ pub struct AgentRegistration {
     pub capacity: u32,
 }
 
+impl AgentRegistration {
+    /// The capabilities dispatch matches a task against: its own, and
+    /// `role:<role>` for its role (a task submitted with `role` needs it).
+    pub fn dispatch_caps(&self) -> Vec<String> {
+        let mut caps = self.capabilities.clone();
+        if !self.role.is_empty() {
+            caps.push(format!("role:{}", self.role));
+        }
+        super::queue::normalize_caps(&caps)
+    }
+}
+
 /// What the registry knows about an agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRecord {
