@@ -1,6 +1,7 @@
 //! Dispatch by role on a running node: a task submitted with `role` runs
 //! only on an agent of that role (its capabilities list `role:<role>`);
-//! a bad role is refused.
+//! a bad role is refused. And a gateway shows its live load (sessions and
+//! its agents' leases).
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -65,6 +66,61 @@ async fn a_task_with_a_role_runs_on_an_agent_of_that_role() {
             .await
             .unwrap();
         r.assert_error(400, "invalid_request");
+    })
+    .await;
+}
+
+/// A gateway shows its live load: its sessions and its agents' leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_shows_its_live_sessions_and_active_tasks() {
+    let c = Cluster::start(1).await;
+    bounded(TEST_BOUND, async {
+        let api = c.api();
+        c.leader().await;
+        let gw = json!({"id": "gw-busy", "region": "local", "max_sessions": 8,
+                        "driver": {"kind": "sim", "hang_rate": 1.0}});
+        let r = api.post(0, "/api/v1/gateways", &gw).await.unwrap();
+        assert_eq!(r.status, 201, "{r:?}");
+        assert_eq!(
+            (&r.body["live_sessions"], &r.body["active_tasks"]),
+            (&json!(0), &json!(0))
+        );
+        let a =
+            json!({"id": "busy-1", "gateway": "gw-busy", "capacity": 3, "capabilities": ["hang"]});
+        assert_eq!(api.post(0, "/api/v1/agents", &a).await.unwrap().status, 201);
+        for k in 0..2 {
+            let body =
+                json!({"payload": {}, "capabilities": ["hang"], "session_key": format!("s{k}")});
+            assert_eq!(
+                api.post(0, "/api/v1/tasks", &body).await.unwrap().status,
+                201
+            );
+        }
+        let g = wait_until(
+            "the gateway's load to show",
+            deadline(Duration::from_secs(20)),
+            async || {
+                let g = api.get_ok(0, "/api/v1/gateways/gw-busy").await;
+                if g["active_tasks"] == 2 && g["live_sessions"] == 2 {
+                    Ok(g)
+                } else {
+                    bail!("{g}")
+                }
+            },
+        )
+        .await;
+        let listed = api.get_ok(0, "/api/v1/gateways").await;
+        let item = listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["id"] == "gw-busy")
+            .cloned();
+        assert_eq!(
+            item.as_ref().map(|g| &g["active_tasks"]),
+            Some(&g["active_tasks"]),
+            "{listed}"
+        );
     })
     .await;
 }

@@ -353,6 +353,40 @@ pub struct GatewayView {
     registered_at: String,
     #[schema(format = DateTime)]
     updated_at: String,
+    /// Its live sessions now (over every queue shard), of `max_sessions`.
+    live_sessions: u32,
+    /// Leases its agents hold now.
+    active_tasks: u32,
+}
+
+/// A gateway's live load: sessions and its agents' leases.
+#[derive(Default)]
+struct GatewayLoad {
+    sessions: u32,
+    active: u32,
+}
+
+/// Every gateway's live load, read after barriers on every group.
+async fn gateway_loads(api: &Api) -> ApiResult<HashMap<GatewayId, GatewayLoad>> {
+    let agent_loads = loads(api).await?;
+    let mut out: HashMap<GatewayId, GatewayLoad> = HashMap::new();
+    api.node.state().read(|s| {
+        for a in s.registry().agents() {
+            let load = agent_loads.get(&a.reg.id).copied().unwrap_or(0);
+            out.entry(a.reg.gateway.clone()).or_default().active += load;
+        }
+        for g in s.registry().gateways() {
+            out.entry(g.reg.id.clone()).or_default();
+        }
+    });
+    for group in api.node.queue_groups() {
+        group.state().read(|s| {
+            for (id, l) in out.iter_mut() {
+                l.sessions += s.sessions().live_on(id);
+            }
+        });
+    }
+    Ok(out)
 }
 
 /// `GET /gateways` answer.
@@ -361,8 +395,11 @@ pub struct GatewaysView {
     items: Vec<GatewayView>,
 }
 
-fn gateway_view(g: &GatewayRecord) -> GatewayView {
+fn gateway_view(g: &GatewayRecord, loads: &HashMap<GatewayId, GatewayLoad>) -> GatewayView {
+    let load = loads.get(&g.reg.id);
     GatewayView {
+        live_sessions: load.map_or(0, |l| l.sessions),
+        active_tasks: load.map_or(0, |l| l.active),
         id: g.reg.id.0.clone(),
         kind: g.reg.kind.clone(),
         region: g.reg.region.clone(),
@@ -414,10 +451,11 @@ pub async fn register_gateway(
         .await?;
     // The write may have been applied on the leader only so far.
     api.node.read_barrier().await?;
+    let loads = gateway_loads(&api).await?;
     let view = api
         .node
         .state()
-        .read(|s| s.registry().gateway(&id).map(gateway_view));
+        .read(|s| s.registry().gateway(&id).map(|g| gateway_view(g, &loads)));
     let view =
         view.ok_or_else(|| ApiError::not_found(format!("gateway `{id}` was removed meanwhile")))?;
     Ok((StatusCode::CREATED, Json(view)))
@@ -430,11 +468,13 @@ pub async fn register_gateway(
     responses((status = 200, description = "Every gateway", body = GatewaysView))
 )]
 pub async fn list_gateways(State(api): State<Api>) -> ApiResult<Json<GatewaysView>> {
-    api.node.read_barrier().await?;
-    let items = api
-        .node
-        .state()
-        .read(|s| s.registry().gateways().map(gateway_view).collect());
+    let loads = gateway_loads(&api).await?;
+    let items = api.node.state().read(|s| {
+        s.registry()
+            .gateways()
+            .map(|g| gateway_view(g, &loads))
+            .collect()
+    });
     Ok(Json(GatewaysView { items }))
 }
 
@@ -452,12 +492,12 @@ pub async fn get_gateway(
     State(api): State<Api>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<GatewayView>> {
-    api.node.read_barrier().await?;
+    let loads = gateway_loads(&api).await?;
     let id = GatewayId(id);
     let view = api
         .node
         .state()
-        .read(|s| s.registry().gateway(&id).map(gateway_view));
+        .read(|s| s.registry().gateway(&id).map(|g| gateway_view(g, &loads)));
     view.map(Json)
         .ok_or_else(|| ApiError::not_found(format!("gateway `{id}` is not registered")))
 }
