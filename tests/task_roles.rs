@@ -1,4 +1,4 @@
-//! Dispatch by role on a running node: a task submitted with `role` runs
+//! Dispatch by role on a running node: a task submitted with `agent_role` runs
 //! only on an agent of that role (its capabilities list `role:<role>`);
 //! a bad role is refused. And a gateway shows its live load (sessions and
 //! its agents' leases).
@@ -29,7 +29,7 @@ async fn a_task_with_a_role_runs_on_an_agent_of_that_role() {
             let r = api.post(0, "/api/v1/agents", &a).await.unwrap();
             assert_eq!(r.status, 201, "{r:?}");
         }
-        let body = json!({"payload": {}, "capabilities": ["review"], "role": "reviewer"});
+        let body = json!({"payload": {}, "capabilities": ["review"], "agent_role": "reviewer"});
         let mut ids = Vec::new();
         for _ in 0..4 {
             let r = api.post(0, "/api/v1/tasks", &body).await.unwrap();
@@ -61,7 +61,7 @@ async fn a_task_with_a_role_runs_on_an_agent_of_that_role() {
             .post(
                 0,
                 "/api/v1/tasks",
-                &json!({"payload": {}, "role": "bad role"}),
+                &json!({"payload": {}, "agent_role": "bad role"}),
             )
             .await
             .unwrap();

@@ -82,7 +82,7 @@ pub struct TaskCreate {
     /// Only agents of this role take it (an agent's `role` counts as the
     /// capability `role:<role>`; the task lists that capability).
     #[schema(schema_with = view::opt_name_schema)]
-    role: Option<String>,
+    agent_role: Option<String>,
     /// It waits (status `awaiting_approval`) until an operator or admin
     /// approves it (`POST /tasks/{id}/approve`) or rejects it (cancelled).
     #[serde(default)]
@@ -123,8 +123,8 @@ impl TaskCreate {
             ));
         }
         let mut capabilities = self.capabilities;
-        if let Some(role) = self.role {
-            crate::fsm::check_name("role", &role, false)
+        if let Some(role) = self.agent_role {
+            crate::fsm::check_name("agent_role", &role, false)
                 .map_err(|(f, p)| ApiError::invalid(format!("invalid field `{f}`: {p}")))?;
             capabilities.push(format!("role:{role}"));
         }
