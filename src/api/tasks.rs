@@ -230,7 +230,11 @@ async fn admit(api: &Api, spec: &SubmitTask) -> ApiResult<()> {
         (None, Some(parent)) => match api.node.queue_group_of(parent.0) {
             Ok(g) => g
                 .state()
-                .read(|s| s.task(parent).map(|t| t.priority))
+                .read(|s| {
+                    s.task(parent)
+                        .filter(|t| t.tenant == spec.tenant)
+                        .map(|t| t.priority)
+                })
                 .unwrap_or_default(),
             Err(_) => Priority::default(),
         },

@@ -755,7 +755,8 @@ impl State {
         }
         self.check_quota(&spec.tenant)?;
         let parent_priority = match spec.parent_id {
-            Some(pid) => match self.tasks.get(&pid) {
+            // Another tenant's task is not a parent (the same answer as none).
+            Some(pid) => match self.tasks.get(&pid).filter(|p| p.tenant == spec.tenant) {
                 Some(parent) => Some(parent.priority),
                 None => {
                     return Err(Rejection::invalid(

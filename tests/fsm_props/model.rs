@@ -278,7 +278,7 @@ impl Model {
             };
         }
         let parent_priority = match s.parent_id {
-            Some(p) => match self.task(p.0) {
+            Some(p) => match self.task(p.0).filter(|t| t.tenant == s.tenant.0) {
                 Some(parent) => Some(parent.priority),
                 None => return invalid("parent_id"),
             },
