@@ -107,6 +107,28 @@ impl Api {
         )
     }
 
+    /// After a change of what every queue shard keeps a copy of (a
+    /// tenant's weight, a kill switch) in the meta group: brings each shard
+    /// routed to up to the meta group's record, on the caller's behalf
+    /// (the change, and anything an earlier call that failed part-way left
+    /// behind). The meta leader does the same each pass (node/shards.rs),
+    /// for shards this call does not reach.
+    async fn sync_shards(&self, caller: &Caller, target: Option<AuditTarget>) -> ApiResult<()> {
+        if self.node.shard_groups().is_empty() {
+            return Ok(());
+        }
+        self.node.read_barrier().await?;
+        self.node.fresh_routes().await?;
+        let routed = self.node.queue_groups().len();
+        for group in self.node.shard_groups().iter().take(routed) {
+            let copy = group.state().read(|s| s.synced());
+            if let Some(cmd) = self.node.state().read(|meta| meta.sync_for(&copy)) {
+                self.write_in(group, caller, cmd, target.clone()).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The queue group that holds `what` `id` (a task, lease or session:
     /// ids carry their shard); one that names no shard routed to is not
     /// found, one in a shard this node does not host is a 503. A shard this

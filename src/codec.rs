@@ -17,10 +17,13 @@ use serde::de::DeserializeOwned;
 /// 3: the state holds the queue shards' routing epochs and each session's
 /// unfinished tasks (adding shards, `docs/shards.md`), with the shard
 /// fields added since version 2 was set.
+/// 4: tasks' dependencies, approvals and kill switches.
+/// 5: a shard growth's recorded voters, and the revisions of the weights
+/// and kill switches every queue shard keeps a copy of.
 /// Godel has no release that wrote earlier data to keep: an older data
 /// directory or backup is refused with [`CodecError::Version`] rather than
 /// misread (start it afresh).
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
 pub const MAX_DECODE_BYTES: usize = 512 * 1024 * 1024;

@@ -81,8 +81,9 @@ pub use auth::{
 pub(crate) use command::check_name;
 pub use command::{
     AgentProfile, Batch, Command, DeadLetterFilter, DispatchPolicy, DispatchSpec, KillSwitch,
-    LeaseGrant, Outcome, PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request, Response,
-    Scope, ShardPlacement, ShardRule, SubmitTask, Write, pack, unpack,
+    LeaseGrant, Member, Outcome, PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request,
+    Response, Scope, ShardPlacement, ShardRule, SubmitTask, SyncSwitch, SyncWeight, Write, pack,
+    unpack,
 };
 pub use event::{AgentChange, Event, EventKind, GatewayChange, NodeChange, What};
 pub use plan::{PullPlan, best_of, plan_from, plan_pull};
@@ -96,7 +97,7 @@ pub use retry::{Backoff, backoff_delay_ms};
 pub use session::{
     OpenSession, SessionId, SessionRecord, SessionState, Sessions, gateway_session_key,
 };
-pub use state::{State, group_of, route};
+pub use state::{State, Synced, group_of, route};
 pub use task::{
     AgentId, DependencyFailure, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task,
     TaskId, TaskRegion, TaskStatus, Tenant,

@@ -44,10 +44,15 @@
 //! - `shards count=N [placement=auto|every|spread|regional]` (record the
 //!   cluster's queue-shard count and placement)
 //! - `define_group group=N` (make the state queue shard N's; read with `group`)
-//! - `grow_shards count=N` (the cluster's shards grow to N), `open_route
+//! - `grow_shards count=N [voters=1,2]` (the cluster's shards grow to N;
+//!   the voters the added groups start with, read with `growth`), `open_route
 //!   epoch=E count=N` (the meta group opens routing epoch E; a shard
 //!   records it), read with `routes`; `submit ... epoch=E [lookback=true]`
 //!   is a routed submission (`SubmitRouted`)
+//! - `sync_weight tenant=T [w=N] rev=R`, `sync_switch name=N rev=R
+//!   [tenant=T] [cap=C] [cancel_leased=true] [lift=true]` (a queue shard
+//!   takes the meta group's copy of one item at revision R); `revs` reads
+//!   the revisions a state holds
 //! - `place_shard shard=N [placement=P [home=R]]` (a shard's own placement;
 //!   none: the cluster's again), read with `shard_rule shard=N`
 //! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
@@ -92,10 +97,11 @@ use godel::fsm::{
     AgentId, AgentProfile, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter,
     AuditRecord, AuditTarget, Backoff, Batch, Circuit, Command, DeadLetterFilter,
     DependencyFailure, DispatchPolicy, DispatchSpec, Event, EventKind, FencingToken, GatewayChange,
-    GatewayId, GatewayRegistration, Health, KillSwitch, LeaseGrant, NewApiKey, Outcome, Priority,
-    PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord,
-    SessionState, State, SubmitTask, Task, TaskFilter, TaskId, TaskRegion, TaskStatus, Tenant,
-    TenantPatch, TenantRecord, What, Write, verify_audit_chain,
+    GatewayId, GatewayRegistration, Health, KillSwitch, LeaseGrant, Member, NewApiKey, Outcome,
+    Priority, PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request, Role, SessionKey,
+    SessionRecord, SessionState, State, SubmitTask, SyncSwitch, SyncWeight, Synced, Task,
+    TaskFilter, TaskId, TaskRegion, TaskStatus, Tenant, TenantPatch, TenantRecord, What, Write,
+    verify_audit_chain,
 };
 use godel::trace::TraceContext;
 
@@ -156,11 +162,13 @@ scripts! {
     cancel_cascades_to_children,
     approval_gates_a_task,
     kill_switch_holds_matching_work,
+    meta_revisions_for_shard_copies,
     dispatch_by_role,
     scheduled_becomes_ready,
     session_time_limit_and_lease_expiry,
     sessions_are_per_tenant,
     sessions_leave_an_unusable_gateway,
+    shard_copy_takes_only_newer_revisions,
     shard_count_recorded_once,
     shard_ids_carry_the_group,
     stale_token_rejected,
@@ -515,6 +523,16 @@ impl Runner {
             "load" => self.load(AgentId(args.require("agent")?)),
             "keys" => key_lines(&self.state),
             "tenants" => tenant_lines(&self.state),
+            "growth" => {
+                let ids: Vec<String> = self
+                    .state
+                    .growth_voters()
+                    .keys()
+                    .map(|id| id.to_string())
+                    .collect();
+                vec![format!("growth voters [{}]", ids.join(","))]
+            }
+            "revs" => rev_lines(&self.state),
             "jtis" => jti_lines(&self.state),
             "audit" => audit_lines(&self.state, args.parsed("after")?.unwrap_or(0)),
             "verify" => vec![match verify_audit_chain(
@@ -798,7 +816,47 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         },
         "grow_shards" => Command::GrowShards {
             count: args.require("count")?,
+            voters: list(args.take("voters").or_else(|| Some("1".into())))
+                .iter()
+                .map(|id| {
+                    let id: u64 = id.parse().map_err(|e| format!("voters: {e}"))?;
+                    let member = Member {
+                        raft_addr: format!("127.0.0.1:{}", 7000 + id),
+                        api_addr: format!("127.0.0.1:{}", 8000 + id),
+                        region: "eu".into(),
+                    };
+                    Ok((id, member))
+                })
+                .collect::<Result<_, String>>()?,
         },
+        "sync_weight" => Command::SyncShard {
+            weights: vec![SyncWeight {
+                tenant: Tenant(args.require("tenant")?),
+                weight: args.parsed("w")?,
+                rev: args.require("rev")?,
+            }],
+            switches: vec![],
+        },
+        "sync_switch" => {
+            let name = args.require::<String>("name")?;
+            let rev = args.require("rev")?;
+            let switch = if args.parsed("lift")?.unwrap_or(false) {
+                None
+            } else {
+                Some(KillSwitch {
+                    tenant: args.take("tenant").map(Tenant),
+                    capability: args.take("cap"),
+                    cancel_leased: args.parsed("cancel_leased")?.unwrap_or(false),
+                    reason: args.take("reason"),
+                    by: "key:op".into(),
+                    at_ms: 0,
+                })
+            };
+            Command::SyncShard {
+                weights: vec![],
+                switches: vec![SyncSwitch { name, switch, rev }],
+            }
+        }
         "place_shard" => Command::PlaceShard {
             shard: args.require("shard")?,
             rule: args
@@ -983,6 +1041,24 @@ fn key_lines(state: &State) -> Vec<String> {
     let mut out = vec![format!("bootstrapped={}", state.auth().bootstrapped())];
     out.extend(lines);
     out
+}
+
+/// What the state holds of the copies every queue shard keeps (weights,
+/// kill switches), with their revisions: what `sync_for` sends an empty
+/// shard, one line per item.
+fn rev_lines(state: &State) -> Vec<String> {
+    let Some(Command::SyncShard { weights, switches }) = state.sync_for(&Synced::default()) else {
+        return vec!["no revisions".into()];
+    };
+    let weights = weights.iter().map(|w| {
+        let shown = w.weight.map_or_else(|| "-".into(), |v| v.to_string());
+        format!("weight {} rev={} w={shown}", w.tenant, w.rev)
+    });
+    let switches = switches.iter().map(|sw| {
+        let shown = if sw.switch.is_some() { "on" } else { "lifted" };
+        format!("switch {} rev={} {shown}", sw.name, sw.rev)
+    });
+    weights.chain(switches).collect()
 }
 
 fn tenant_lines(state: &State) -> Vec<String> {

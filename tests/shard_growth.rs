@@ -146,6 +146,24 @@ async fn cli(args: &[&str]) -> std::process::Output {
     .expect("godel ran")
 }
 
+/// `PUT /switches/{name}` holding capability `cap`, through whichever
+/// node answers.
+async fn put_switch(api: &Api, name: &str, cap: &str) {
+    let until = deadline(SUBMIT_PATIENCE);
+    let body = json!({ "capability": cap });
+    let mut i = 0;
+    loop {
+        let last = match api.put(i, &format!("/api/v1/switches/{name}"), &body).await {
+            Ok(r) if r.status == 200 => return,
+            Ok(r) => format!("{r:?}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(Instant::now() < until, "PUT /switches/{name} kept failing: {last}");
+        i = (i + 1) % api.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Every node's `routes` from `GET /cluster`, when all answer.
 async fn routes(api: &Api, nodes: usize) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
@@ -166,6 +184,9 @@ async fn a_shard_added_under_load_loses_nothing_and_keeps_keys_and_sessions() {
             Ok(())
         })
         .await;
+        // A kill switch set before the add, and one while it is under way
+        // (next to the meta leader's kill): both reach the added shard.
+        put_switch(&api, "before", "held-before").await;
         let acked = Arc::new(Mutex::new(Vec::new()));
         let grown = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
@@ -194,6 +215,7 @@ async fn a_shard_added_under_load_loses_nothing_and_keeps_keys_and_sessions() {
         eprintln!("[test] killed the meta leader (node index {l}) at {before:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
         c.restart(l);
+        put_switch(&api, "during", "held-during").await;
         c.wait_caught_up(l, Duration::from_secs(40)).await;
         wait_until("routing epoch 2 over three shards", deadline(Duration::from_secs(60)), async || {
             c.check_alive()?;
@@ -221,6 +243,25 @@ async fn a_shard_added_under_load_loses_nothing_and_keeps_keys_and_sessions() {
         .await;
         stop.store(true, Ordering::Relaxed);
         worker.await.expect("the load ran to its end");
+
+        // The added shard holds the work both switches match.
+        for (switch, cap) in [("before", "held-before"), ("during", "held-during")] {
+            let key = (0..)
+                .map(|k| format!("{switch}-{k}"))
+                .find(|k| route("held", k, 3) == 3)
+                .unwrap();
+            let body = json!({ "tenant": "held", "payload": {}, "capabilities": [cap], "idempotency_key": key });
+            let (status, task) = submit(&api, 0, &body).await;
+            assert_eq!(status, 201, "{task}");
+            let id = task["id"].as_u64().unwrap();
+            assert_eq!(shard_of(id), 3, "{task}");
+            wait_until("the added shard holds the switched work", deadline(Duration::from_secs(5)), async || {
+                let t = api.get_ok(1, &format!("/api/v1/tasks/{id}")).await;
+                anyhow::ensure!(t["waiting_for"] == format!("held by kill switch {switch}"), "{t}");
+                Ok(())
+            })
+            .await;
+        }
         let acked = acked.lock().unwrap().clone();
 
         // Every key names one task; every session is in one shard.

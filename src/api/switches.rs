@@ -170,9 +170,8 @@ pub async fn lift(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Writes the switch to the meta group (the record) and then to every queue
-/// shard routed to (they hold the work). Lifting one a shard does not have
-/// (a call that failed part-way) changes nothing there.
+/// Writes the switch to the meta group (the record), then brings every
+/// queue shard routed to up to it (they hold the work).
 async fn spread(
     api: &Api,
     caller: &Caller,
@@ -182,18 +181,8 @@ async fn spread(
     let target = Some(AuditTarget::text(format!("switch/{name}")));
     let cmd = Command::SetSwitch {
         name: name.to_owned(),
-        switch: switch.clone(),
+        switch,
     };
-    api.write_as(caller, cmd.clone(), target.clone()).await?;
-    api.node.fresh_routes().await?;
-    for group in api
-        .node
-        .shard_groups()
-        .iter()
-        .take(api.node.queue_groups().len())
-    {
-        api.write_in(group, caller, cmd.clone(), target.clone())
-            .await?;
-    }
-    Ok(())
+    api.write_as(caller, cmd, target.clone()).await?;
+    api.sync_shards(caller, target).await
 }

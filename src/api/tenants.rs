@@ -290,12 +290,10 @@ pub async fn remove(
     let cmd = Command::DeleteTenant {
         tenant: tenant.clone(),
     };
-    api.write_as(
-        &caller,
-        cmd,
-        Some(AuditTarget::text(format!("tenant/{tenant}"))),
-    )
-    .await?;
+    let target = AuditTarget::text(format!("tenant/{tenant}"));
+    api.write_as(&caller, cmd, Some(target.clone())).await?;
+    // Its weight goes back to the default in the shards too.
+    api.sync_shards(&caller, Some(target)).await?;
     Ok(Json(DeletedView { deleted: tenant.0 }))
 }
 
@@ -325,35 +323,18 @@ async fn queued(api: &Api) -> ApiResult<BTreeMap<Tenant, u64>> {
 }
 
 /// With several shards, a tenant's weight set in the meta group goes to
-/// every shard too (their dispatch uses it). Setting it again is harmless:
-/// a call that failed part-way is retried whole.
+/// the shards' copies (their dispatch uses it).
 async fn spread_weight(
     api: &Api,
     caller: &Caller,
     tenant: &Tenant,
     weight: Option<u32>,
 ) -> ApiResult<()> {
-    let Some(weight) = weight else {
+    if weight.is_none() {
         return Ok(());
-    };
-    let target = AuditTarget::text(format!("tenant/{tenant}"));
-    // The shards routed to; a shard being added gets the weights when
-    // its first routing epoch opens (node/shards.rs).
-    api.node.fresh_routes().await?;
-    for group in api
-        .node
-        .shard_groups()
-        .iter()
-        .take(api.node.queue_groups().len())
-    {
-        let cmd = Command::SetTenantWeight {
-            tenant: tenant.clone(),
-            weight,
-        };
-        api.write_in(group, caller, cmd, Some(target.clone()))
-            .await?;
     }
-    Ok(())
+    let target = AuditTarget::text(format!("tenant/{tenant}"));
+    api.sync_shards(caller, Some(target)).await
 }
 
 /// `GET /tenants`: every record, with its unfinished tasks.

@@ -432,6 +432,8 @@ impl State {
         rec.updated_at_ms = self.clock_ms;
         if let Some(w) = patch.weight {
             self.weights.insert(rec.name.clone(), w);
+            let name = rec.name.clone();
+            self.weight_changed(&name);
         }
         let name = rec.name.clone();
         self.auth.tenants.insert(name.clone(), rec.clone());
@@ -469,7 +471,9 @@ impl State {
             )));
         }
         self.auth.tenants.remove(name);
-        self.weights.remove(name);
+        if self.weights.remove(name).is_some() {
+            self.weight_changed(name);
+        }
         self.auth.version += 1;
         Ok(Reply::Done)
     }

@@ -6,13 +6,14 @@
 //! never reordered, renamed or removed, and no field uses `serde_json::Value`,
 //! `untagged`, `flatten` or `skip_serializing_if`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::audit::{Audit, AuditCaller, AuditMark, AuditRecord};
 use super::auth::{ApiKeyId, ApiKeyRecord, NewApiKey, TenantPatch, TenantRecord};
-use super::registry::{AgentRegistration, Circuit, GatewayId, GatewayRegistration, Health};
+use super::registry::{AgentRegistration, Circuit, GatewayId, GatewayRegistration, Health, NodeId};
 use super::retry::Backoff;
 use super::session::{OpenSession, SessionId, SessionRecord, SessionState};
 use super::task::{
@@ -390,6 +391,12 @@ pub enum Command {
     GrowShards {
         /// Queue shards from now on, up to 64.
         count: u32,
+        /// The meta group's voters as the proposing leader sees them: the
+        /// voters each added shard's group is initialized with, by
+        /// whichever meta leader gets there. Recorded with the first
+        /// growth past the routed shards and kept until an epoch routes to
+        /// them (a repeat, or a further growth before that, keeps them).
+        voters: BTreeMap<NodeId, Member>,
     },
     /// Routing epoch `epoch`: new tasks go to shards `1..=count`. In the
     /// meta group, it opens the epoch (the next one, over every shard the
@@ -457,6 +464,52 @@ pub enum Command {
         /// What it stops; `None` lifts it.
         switch: Option<KillSwitch>,
     },
+    /// In a queue shard: brings the shard's copy of what the meta group
+    /// records for every shard (tenants' weights, kill switches) up to the
+    /// meta group's. Each item carries the meta group's revision of its
+    /// key; an item no newer than the revision the shard has already
+    /// applied for that key changes nothing, so copies sent late or twice
+    /// (the API's, the meta leader's reconciling) never undo a later one.
+    SyncShard {
+        /// Tenants' round-robin weights (`None`: back to the default).
+        weights: Vec<SyncWeight>,
+        /// Kill switches (`None`: lifted).
+        switches: Vec<SyncSwitch>,
+    },
+}
+
+/// A meta group voter's addresses, as a growth records them
+/// ([`Command::GrowShards`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Where its node-to-node transport listens.
+    pub raft_addr: String,
+    /// Where its HTTP API listens.
+    pub api_addr: String,
+    /// Its region.
+    pub region: String,
+}
+
+/// One tenant's weight in a [`Command::SyncShard`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncWeight {
+    /// The tenant.
+    pub tenant: Tenant,
+    /// Its weight (`None`: no record, the default).
+    pub weight: Option<u32>,
+    /// The meta group's revision of it.
+    pub rev: u64,
+}
+
+/// One kill switch in a [`Command::SyncShard`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncSwitch {
+    /// The switch's name.
+    pub name: String,
+    /// The switch (`None`: lifted).
+    pub switch: Option<KillSwitch>,
+    /// The meta group's revision of it.
+    pub rev: u64,
 }
 
 /// A kill switch: stops dispatch of the work it matches at once. Matching
@@ -578,6 +631,7 @@ impl Command {
             | Command::KillSession { .. }
             | Command::ReleaseAgent { .. }
             | Command::SubmitRouted { .. }
+            | Command::SyncShard { .. }
             | Command::SetTenantWeight { .. } => Scope::Queue,
             Command::Tick
             | Command::Audit(_)

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use super::audit::{AuditCaller, AuditLog, AuditMark, AuditTarget, outcome_text, target_of};
 use super::auth::Auth;
 use super::command::{
-    Batch, Command, DeadLetterFilter, KillSwitch, Outcome, Rejection, ReplaySelector, Reply,
-    Request, Response, Scope, ShardPlacement, ShardRule, SubmitTask, check_name,
+    Batch, Command, DeadLetterFilter, KillSwitch, Member, Outcome, Rejection, ReplaySelector,
+    Reply, Request, Response, Scope, ShardPlacement, ShardRule, SubmitTask, SyncSwitch, SyncWeight,
+    check_name,
 };
 use super::event::{Event, EventKind, NodeChange, What};
 use super::queue::{ReadyQueues, normalize_caps};
@@ -108,6 +109,20 @@ pub struct State {
     /// Pending tasks a kill switch holds: out of the ready queues (never
     /// leased) until no switch matches them.
     pub(crate) held: BTreeSet<TaskId>,
+    /// In the meta group: the voters the shards grown past the last
+    /// routing epoch start with ([`Command::GrowShards`]); empty once an
+    /// epoch routes to every shard.
+    pub(crate) growth_voters: BTreeMap<NodeId, Member>,
+    /// In the meta group: the last revision given to a change of what
+    /// every queue shard keeps a copy of (weights, kill switches).
+    pub(crate) sync_rev: u64,
+    /// Per tenant, the revision of its weight: in the meta group its last
+    /// change's (kept after the tenant is deleted), in a queue shard the
+    /// last one applied ([`Command::SyncShard`]).
+    pub(crate) weight_revs: BTreeMap<Tenant, u64>,
+    /// Per kill switch name, its revision, as `weight_revs` (kept after
+    /// the switch is lifted).
+    pub(crate) switch_revs: BTreeMap<String, u64>,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -227,6 +242,7 @@ impl State {
             Command::Approve { id, by, reason } => self.approve(*id, by, reason.as_deref(), events),
             Command::Reject { id, by, reason } => self.reject(*id, by, reason, events),
             Command::SetSwitch { name, switch } => self.set_switch(name, switch.as_ref(), events),
+            Command::SyncShard { weights, switches } => self.sync_shard(weights, switches, events),
             Command::Retry { id } => self.retry(*id, events),
             Command::Replay { selector, limit } => self.replay(selector, *limit, events),
             Command::SetTenantWeight { tenant, weight } => self.set_weight(tenant, *weight),
@@ -282,7 +298,7 @@ impl State {
             }
             Command::DefineShards { count, placement } => self.define_shards(*count, *placement),
             Command::DefineGroup { group } => self.define_group(*group),
-            Command::GrowShards { count } => self.grow_shards(*count),
+            Command::GrowShards { count, voters } => self.grow_shards(*count, voters),
             Command::OpenRoute { epoch, count } => self.open_route(*epoch, *count),
             Command::SubmitRouted {
                 epoch,
@@ -391,9 +407,15 @@ impl State {
 
     /// Adds queue shards: the count grows; routing does not change until
     /// an `OpenRoute` opens an epoch over them.
-    fn grow_shards(&mut self, count: u32) -> Outcome {
+    fn grow_shards(&mut self, count: u32, voters: &BTreeMap<NodeId, Member>) -> Outcome {
         let max = crate::config::MAX_SHARDS;
         let now = self.shard_count;
+        if voters.is_empty() || voters.values().any(|m| m.raft_addr.is_empty()) {
+            return Err(Rejection::invalid(
+                "voters",
+                "the voters the added shards' groups start with, each with its address",
+            ));
+        }
         if now <= 1 {
             return Err(Rejection::invalid(
                 "count",
@@ -412,8 +434,18 @@ impl State {
                 format!("the cluster has {now} queue shards; shards are not removed"),
             ));
         }
+        let routed = self.routes.last().copied().unwrap_or(now);
+        if count > routed && self.growth_voters.is_empty() {
+            self.growth_voters = voters.clone();
+        }
         self.shard_count = count;
         Ok(Reply::Done)
+    }
+
+    /// In the meta group: the voters each shard grown past the last
+    /// routing epoch is initialized with (empty when none is).
+    pub fn growth_voters(&self) -> &BTreeMap<NodeId, Member> {
+        &self.growth_voters
     }
 
     /// Routing epoch `epoch` over `count` shards: opened in the meta group
@@ -453,6 +485,7 @@ impl State {
             ));
         }
         self.routes.push(count);
+        self.growth_voters.clear();
         Ok(Reply::Done)
     }
 
@@ -1103,16 +1136,13 @@ impl State {
         switch: Option<&KillSwitch>,
         events: &mut Vec<Event>,
     ) -> Outcome {
-        check_name("name", name, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
-        if let Some(sw) = switch {
-            if let Some(t) = &sw.tenant {
-                check_name("tenant", &t.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
-            }
-            if let Some(c) = &sw.capability {
-                check_name("capability", c, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
-            }
-        } else if !self.switches.contains_key(name) {
+        check_switch(name, switch)?;
+        if switch.is_none() && !self.switches.contains_key(name) {
             return Ok(Reply::Done);
+        }
+        if self.group == 0 {
+            self.sync_rev += 1;
+            self.switch_revs.insert(name.to_owned(), self.sync_rev);
         }
         let pending: Vec<TaskId> = self
             .tasks
@@ -1286,6 +1316,98 @@ impl State {
             return Err(Rejection::invalid("weight", "must be 1..=1000"));
         }
         self.weights.insert(tenant.clone(), weight);
+        self.weight_changed(tenant);
+        Ok(Reply::Done)
+    }
+
+    /// In the meta group: tenant `tenant`'s weight changed (set, or gone
+    /// with its record): a new revision for the shards' copies.
+    pub(crate) fn weight_changed(&mut self, tenant: &Tenant) {
+        if self.group == 0 {
+            self.sync_rev += 1;
+            self.weight_revs.insert(tenant.clone(), self.sync_rev);
+        }
+    }
+
+    /// The revisions of this shard's copy of the weights and kill switches
+    /// ([`State::sync_for`]).
+    pub fn synced(&self) -> Synced {
+        Synced {
+            weight_revs: self.weight_revs.clone(),
+            switch_revs: self.switch_revs.clone(),
+        }
+    }
+
+    /// What the meta group records for every queue shard, as a
+    /// [`Command::SyncShard`] bringing a shard whose copy is `shard` up to
+    /// it: the weights and switches whose revision here is newer than the
+    /// shard's (`None`: nothing to bring).
+    pub fn sync_for(&self, shard: &Synced) -> Option<Command> {
+        let weights: Vec<SyncWeight> = self
+            .weight_revs
+            .iter()
+            .filter(|(t, rev)| shard.weight_revs.get(*t) < Some(*rev))
+            .map(|(t, rev)| SyncWeight {
+                tenant: t.clone(),
+                weight: self.weights.get(t).copied(),
+                rev: *rev,
+            })
+            .collect();
+        let switches: Vec<SyncSwitch> = self
+            .switch_revs
+            .iter()
+            .filter(|(n, rev)| shard.switch_revs.get(*n) < Some(*rev))
+            .map(|(n, rev)| SyncSwitch {
+                name: n.clone(),
+                switch: self.switches.get(n).cloned(),
+                rev: *rev,
+            })
+            .collect();
+        (!weights.is_empty() || !switches.is_empty())
+            .then_some(Command::SyncShard { weights, switches })
+    }
+
+    /// In a queue shard: takes the meta group's weights and kill switches
+    /// newer than its copy ([`Command::SyncShard`]). All or nothing: one bad
+    /// item refuses the command.
+    fn sync_shard(
+        &mut self,
+        weights: &[SyncWeight],
+        switches: &[SyncSwitch],
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        if self.group == 0 {
+            return Err(Rejection::invalid(
+                "command",
+                "only a queue shard takes a copy of the meta group's weights and kill switches",
+            ));
+        }
+        for w in weights {
+            check_name("tenant", &w.tenant.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+            if w.weight.is_some_and(|v| !(1..=1000).contains(&v)) {
+                return Err(Rejection::invalid("weight", "must be 1..=1000"));
+            }
+        }
+        for sw in switches {
+            check_switch(&sw.name, sw.switch.as_ref())?;
+        }
+        for w in weights {
+            if self.weight_revs.get(&w.tenant) >= Some(&w.rev) {
+                continue;
+            }
+            match w.weight {
+                Some(v) => self.weights.insert(w.tenant.clone(), v),
+                None => self.weights.remove(&w.tenant),
+            };
+            self.weight_revs.insert(w.tenant.clone(), w.rev);
+        }
+        for sw in switches {
+            if self.switch_revs.get(&sw.name) >= Some(&sw.rev) {
+                continue;
+            }
+            self.set_switch(&sw.name, sw.switch.as_ref(), events)?;
+            self.switch_revs.insert(sw.name.clone(), sw.rev);
+        }
         Ok(Reply::Done)
     }
 
@@ -1501,6 +1623,28 @@ fn delayed_due(t: &Task) -> u64 {
 }
 
 /// Cuts `s` to at most `max` bytes on a character boundary.
+/// A queue shard's revisions of its copy of the meta group's weights and
+/// kill switches ([`State::synced`]).
+#[derive(Clone, Debug, Default)]
+pub struct Synced {
+    weight_revs: BTreeMap<Tenant, u64>,
+    switch_revs: BTreeMap<String, u64>,
+}
+
+/// A kill switch's name and what it matches, checked.
+fn check_switch(name: &str, switch: Option<&KillSwitch>) -> Result<(), Rejection> {
+    check_name("name", name, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+    if let Some(sw) = switch {
+        if let Some(t) = &sw.tenant {
+            check_name("tenant", &t.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        }
+        if let Some(c) = &sw.capability {
+            check_name("capability", c, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn truncate(s: &str, max: usize) -> String {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
@@ -1562,6 +1706,73 @@ pub fn route(tenant: &str, key: &str, shards: u32) -> u32 {
 mod tests {
     use super::{State, group_of, mint, route};
     use crate::fsm::{Command, Reply, SubmitTask, TaskFilter, TaskPage};
+
+    /// A queue shard brought up to the meta group by `sync_for` holds the
+    /// same weights and kill switches, whatever order the changes came in
+    /// and whichever copies arrived late or twice; then `sync_for` has
+    /// nothing to send.
+    #[test]
+    fn shard_copies_converge_on_the_meta_group() {
+        use crate::fsm::{KillSwitch, Synced, Tenant};
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for _ in 0..200 {
+            let mut meta = State::default();
+            let mut shard = State::default();
+            shard.apply_one(0, Command::DefineGroup { group: 2 }).unwrap();
+            let mut sent = Vec::new();
+            for step in 0..20 {
+                let tenant = Tenant(format!("t{}", next(3)));
+                let cmd = match next(3) {
+                    0 => Command::SetTenantWeight {
+                        tenant,
+                        weight: 1 + next(5) as u32,
+                    },
+                    1 => Command::SetSwitch {
+                        name: format!("s{}", next(3)),
+                        switch: Some(KillSwitch {
+                            tenant: Some(tenant),
+                            ..KillSwitch::default()
+                        }),
+                    },
+                    _ => Command::SetSwitch {
+                        name: format!("s{}", next(3)),
+                        switch: None,
+                    },
+                };
+                meta.apply_one(step, cmd).unwrap();
+                // A copy taken now, against an empty shard: sent now, late,
+                // or never.
+                if let Some(copy) = meta.sync_for(&Synced::default()) {
+                    sent.push(copy);
+                }
+                if next(2) == 0 && !sent.is_empty() {
+                    let i = next(sent.len() as u64) as usize;
+                    shard.apply_one(step, sent.remove(i)).unwrap();
+                }
+            }
+            while !sent.is_empty() && next(2) == 0 {
+                let i = next(sent.len() as u64) as usize;
+                shard.apply_one(99, sent.remove(i)).unwrap();
+            }
+            if let Some(rest) = meta.sync_for(&shard.synced()) {
+                shard.apply_one(100, rest).unwrap();
+            }
+            // Late copies after the last sync change nothing either.
+            for copy in sent {
+                shard.apply_one(101, copy).unwrap();
+            }
+            assert_eq!(shard.weights, meta.weights);
+            let names = |s: &State| s.switches.keys().cloned().collect::<Vec<_>>();
+            assert_eq!(names(&shard), names(&meta));
+            assert!(meta.sync_for(&shard.synced()).is_none());
+        }
+    }
 
     /// Pages merged from shards, read page by page with each merged
     /// page's cursor, list every task exactly once in id order, whatever the

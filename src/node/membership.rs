@@ -372,16 +372,19 @@ pub(super) async fn remove_from_group(group: &Group, id: NodeId) -> Result<(), R
 }
 
 /// Refuses a change of the meta group's voters while a shard the cluster
-/// has grown by is not routed to yet: its group is (or is about to be)
-/// initialized with the voters of the moment the growth committed, and a
-/// meta leader that takes over must initialize it with the same ones.
+/// has grown by is not routed to yet. Not what keeps the added groups'
+/// voters one set (the growth records them, and every meta leader
+/// initializes the groups with those): it keeps a growth short and plain,
+/// with the nodes that every added shard was checked on (a node joining
+/// then becomes the added groups' learner afterwards, as for every group).
+/// A join refused here is retried by the joining node.
 fn refuse_while_growing(node: &Node) -> Result<(), RemoteFailure> {
     let (count, routed) = node
         .state()
         .read(|s| (s.shard_count(), s.routes().last().copied()));
     match routed {
         Some(routed) if count > routed => Err(RemoteFailure::Unavailable(format!(
-            "queue shards {}..={count} are being added; nodes join or leave once they are              routed to (GET /cluster: routes)",
+            "queue shards {}..={count} are being added; nodes join or leave once they are routed to (GET /cluster: routes)",
             routed + 1
         ))),
         _ => Ok(()),

@@ -22,7 +22,7 @@ use openraft::ChangeMembers;
 
 use super::{Group, Node};
 use crate::config::Config;
-use crate::fsm::{Command, ShardPlacement, ShardRule};
+use crate::fsm::{Command, Member, ShardPlacement, ShardRule};
 use crate::raft::rpc::{RemoteFailure, RpcReply, RpcRequest};
 use crate::raft::{GroupId, NodeId, NodeInfo};
 use crate::store::SharedState;
@@ -207,9 +207,6 @@ async fn record_count(node: &Node, uninitialized_since: &mut Option<Instant>) {
 struct Growth {
     /// When it last said which nodes do not host the new shards yet.
     waiting_said: Option<Instant>,
-    /// The routing epoch this leader has copied the tenants' weights for
-    /// (once per epoch, not at each pass until the epoch opens).
-    weights_copied_for: Option<u32>,
 }
 
 /// How often the meta leader repeats which nodes hold up an added shard.
@@ -220,15 +217,19 @@ const GROWTH_WAITING_NOTICE: Duration = Duration::from_secs(30);
 ///
 /// 1. This node is configured with more shards than the cluster has, and
 ///    every node of the cluster hosts them (each answers for the highest
-///    one over the transport): the count grows (`GrowShards`).
+///    one over the transport): the count grows (`GrowShards`), recording
+///    the meta group's voters.
 /// 2. A shard past the current routing epoch's count: its group is
-///    initialized here with the cluster's voters (its leader then records
-///    its shard and follows the placement, as for every shard); once each
-///    such group knows its shard, the tenants' weights are copied to it and
-///    the next routing epoch opens over every shard (`OpenRoute` in the
-///    meta group).
-/// 3. Every shard routed to is told the current epoch, so a node whose
-///    routing is behind has its submissions refused and routes again.
+///    initialized here with the voters the growth recorded (its leader
+///    then records its shard and follows the placement, as for every
+///    shard); once each such group knows its shard, it takes the meta
+///    group's weights and kill switches (`SyncShard`) and the next routing
+///    epoch opens over every shard (`OpenRoute` in the meta group).
+/// 3. Every shard routed to is brought up to the meta group's weights and
+///    kill switches (a change the API could not copy to it, or made while
+///    an added shard was not routed to yet), and told the current epoch,
+///    so a node whose routing is behind has its submissions refused and
+///    routes again.
 async fn grow(node: &Node, growth: &mut Growth) {
     let (recorded, routes) = node
         .state()
@@ -243,14 +244,33 @@ async fn grow(node: &Node, growth: &mut Growth) {
     if configured > recorded {
         let missing = nodes_without_group(node, configured).await;
         if missing.is_empty() {
-            // No change of the voters runs while the growth is recorded,
-            // and none starts until the added shards are routed to: each
-            // added group is initialized with the voters of this moment,
-            // by whichever meta leader gets there (membership.rs).
+            // No change of the voters runs while the growth is proposed,
+            // and none starts until the added shards are routed to
+            // (membership.rs), so the voters recorded are the cluster's.
             let Ok(_no_change) = node.inner.membership.try_lock() else {
                 return;
             };
-            match node.write(Command::GrowShards { count: configured }).await {
+            // The voters the added groups start with, recorded with the
+            // growth: a meta leader that takes over initializes them with
+            // the same ones.
+            let (voters, nodes) = node.members();
+            let voters = voters
+                .iter()
+                .map(|id| {
+                    let info = nodes.get(id).cloned().unwrap_or_default();
+                    let member = Member {
+                        raft_addr: info.raft_addr,
+                        api_addr: info.api_addr,
+                        region: info.region,
+                    };
+                    (*id, member)
+                })
+                .collect();
+            let cmd = Command::GrowShards {
+                count: configured,
+                voters,
+            };
+            match node.write(cmd).await {
                 Ok(Ok(_)) => {
                     tracing::info!(
                         from = recorded,
@@ -277,15 +297,13 @@ async fn grow(node: &Node, growth: &mut Growth) {
         return;
     }
     if recorded > routed {
-        open_next_route(node, growth, routed, recorded, routes.len() as u32).await;
+        open_next_route(node, routed, recorded, routes.len() as u32).await;
         return;
     }
     let epoch = routes.len() as u32;
-    if epoch < 2 {
-        return;
-    }
     for group in node.shard_groups().iter().take(routed as usize) {
-        if group.state().read(|s| s.route_epoch()) >= epoch {
+        sync_shard(node, group.id()).await;
+        if epoch < 2 || group.state().read(|s| s.route_epoch()) >= epoch {
             continue;
         }
         let cmd = Command::OpenRoute {
@@ -300,12 +318,24 @@ async fn grow(node: &Node, growth: &mut Growth) {
 
 /// Step 2 of [`grow`]: shards `routed + 1..=recorded` made ready, then
 /// routing epoch `epoch + 1` opened over them.
-async fn open_next_route(node: &Node, growth: &mut Growth, routed: u32, recorded: u32, epoch: u32) {
-    let (voters, nodes) = node.members();
-    let members: BTreeMap<NodeId, NodeInfo> = voters
-        .iter()
-        .map(|id| (*id, nodes.get(id).cloned().unwrap_or_default()))
-        .collect();
+async fn open_next_route(node: &Node, routed: u32, recorded: u32, epoch: u32) {
+    let members: BTreeMap<NodeId, NodeInfo> = node.state().read(|s| {
+        s.growth_voters()
+            .iter()
+            .map(|(id, m)| {
+                let info = NodeInfo {
+                    raft_addr: m.raft_addr.clone(),
+                    api_addr: m.api_addr.clone(),
+                    region: m.region.clone(),
+                };
+                (*id, info)
+            })
+            .collect()
+    });
+    if members.is_empty() {
+        tracing::error!("the cluster grew its shards without recording their voters");
+        return;
+    }
     let mut ready = true;
     for g in routed + 1..=recorded {
         let Some(group) = node.group(g) else {
@@ -326,48 +356,12 @@ async fn open_next_route(node: &Node, growth: &mut Growth, routed: u32, recorded
         return;
     }
     // Tenants' round-robin weights and the kill switches live in every
-    // shard: the new ones get the first shard's weights (this node's
-    // replica, after a barrier) and the meta group's switches.
-    if let Some(first) = node
-        .shard_groups()
-        .first()
-        .filter(|_| growth.weights_copied_for != Some(epoch + 1))
-    {
-        if node.read_barrier_in(first).await.is_err() {
+    // shard: the added ones get the meta group's before tasks go to them
+    // (what changes from now on reaches them by the same sync, each pass).
+    for g in routed + 1..=recorded {
+        if !sync_shard(node, g).await {
             return;
         }
-        let weights = first.state().read(|s| s.tenant_weights().clone());
-        // The kill switches too: the meta group's record, as it is now.
-        let switches = node.state().read(|s| s.switches().clone());
-        for g in routed + 1..=recorded {
-            for (name, switch) in &switches {
-                let cmd = Command::SetSwitch {
-                    name: name.clone(),
-                    switch: Some(switch.clone()),
-                };
-                if let Err(e) = node.write_to(g, cmd).await {
-                    tracing::debug!(group = g, error = %e, "kill switch not copied yet");
-                    return;
-                }
-            }
-            for (tenant, weight) in &weights {
-                let cmd = Command::SetTenantWeight {
-                    tenant: tenant.clone(),
-                    weight: *weight,
-                };
-                match node.write_to(g, cmd).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(rejected)) => {
-                        tracing::warn!(group = g, error = %rejected, "tenant weight refused by an added shard")
-                    }
-                    Err(e) => {
-                        tracing::debug!(group = g, error = %e, "tenant weight not copied yet");
-                        return;
-                    }
-                }
-            }
-        }
-        growth.weights_copied_for = Some(epoch + 1);
     }
     let cmd = Command::OpenRoute {
         epoch: epoch + 1,
@@ -381,6 +375,31 @@ async fn open_next_route(node: &Node, growth: &mut Growth, routed: u32, recorded
         ),
         Ok(Err(rejected)) => tracing::error!(error = %rejected, "routing epoch refused"),
         Err(e) => tracing::debug!(error = %e, "routing epoch not committed yet"),
+    }
+}
+
+/// On the meta leader: brings queue shard `g`'s copy of the weights and
+/// kill switches up to the meta group's, as this node's replica of the
+/// shard shows it (a replica behind costs a write that changes nothing).
+/// Whether the shard's copy is known to be up to date.
+async fn sync_shard(node: &Node, g: GroupId) -> bool {
+    let Some(group) = node.group(g) else {
+        return false;
+    };
+    let copy = group.state().read(|s| s.synced());
+    let Some(cmd) = node.state().read(|meta| meta.sync_for(&copy)) else {
+        return true;
+    };
+    match node.write_to(g, cmd).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(rejected)) => {
+            tracing::warn!(group = g, error = %rejected, "a shard refused the meta group's weights and kill switches");
+            false
+        }
+        Err(e) => {
+            tracing::debug!(group = g, error = %e, "weights and kill switches not copied to the shard yet");
+            false
+        }
     }
 }
 
