@@ -4,7 +4,8 @@
 //! agent can take pile up, and the node refuses `low` first (at 10), then
 //! `medium` (at 14), `high` (at 17) and last `critical` (at 20), each with
 //! 429, code `shed`, `Retry-After` and a message naming the load; a refused
-//! submission creates nothing. Once tasks finish, low work is taken again.
+//! submission creates nothing, and a resend of a created task is answered
+//! with it. Once tasks finish, low work is taken again.
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -44,15 +45,23 @@ async fn lower_priorities_are_shed_first() {
     bounded(TEST_BOUND, async {
         let api = c.api();
         c.leader().await;
+        let keyed = json!({"payload": {}, "priority": "low", "idempotency_key": "resend-me",
+                           "capabilities": ["nobody-has-this"]});
+        let first = api.post(0, "/api/v1/tasks", &keyed).await.unwrap();
+        assert_eq!(first.status, 201, "{first:?}");
         let taken = [
             fill(&api, "low").await,
             fill(&api, "medium").await,
             fill(&api, "high").await,
             fill(&api, "critical").await,
         ];
-        assert_eq!(taken, [10, 4, 3, 3], "low, then medium, high, critical");
+        assert_eq!(taken, [9, 4, 3, 3], "low, then medium, high, critical");
         let tasks = api.list_tasks(0, "").await;
         assert_eq!(tasks.len(), 20, "refused submissions created nothing");
+        // A resend of a task already created is answered with it, not shed.
+        let again = api.post(0, "/api/v1/tasks", &keyed).await.unwrap();
+        assert_eq!(again.status, 200, "{again:?}");
+        assert_eq!(again.body["id"], first.body["id"], "{again:?}");
         // Still full for low work; room again once tasks finish.
         assert_eq!(fill(&api, "low").await, 0);
         for t in tasks.iter().take(11) {

@@ -17,9 +17,9 @@ use support::{Api, Cluster, bounded, deadline, wait_until};
 
 const TEST_BOUND: Duration = Duration::from_secs(90);
 
-/// A key of `role` in tenant `acme`, made by the admin, and its id.
-async fn key_of(api: &Api, role: Role) -> (String, String) {
-    let body = json!({ "name": format!("{role}-key"), "role": role, "tenant": "acme" });
+/// A key of `role` in tenant `tenant`, made by the admin, and its id.
+async fn key_of(api: &Api, role: Role, tenant: &str) -> (String, String) {
+    let body = json!({ "name": format!("{role}-{tenant}-key"), "role": role, "tenant": tenant });
     let r = api.post(0, "/api/v1/api-keys", &body).await.unwrap();
     assert_eq!(r.status, 201, "{r:?}");
     (
@@ -52,8 +52,8 @@ async fn approvals_gate_tasks_and_are_decided_by_operators() {
     bounded(TEST_BOUND, async {
         let admin = c.api();
         c.leader().await;
-        let (dev_key, _) = key_of(&admin, Role::Developer).await;
-        let (op_key, op_id) = key_of(&admin, Role::Operator).await;
+        let (dev_key, _) = key_of(&admin, Role::Developer, "acme").await;
+        let (op_key, op_id) = key_of(&admin, Role::Operator, "acme").await;
         let dev = admin.with_key(&dev_key);
         let op = admin.with_key(&op_key);
 
@@ -70,6 +70,11 @@ async fn approvals_gate_tasks_and_are_decided_by_operators() {
             json!({"expires_at": null, "decision": null}),
             "{t}"
         );
+        assert_eq!(
+            t["waiting_for"],
+            format!("an approval (POST /tasks/{risky}/approve)"),
+            "{t}"
+        );
         let pending = dev.list_tasks(0, "status=awaiting_approval").await;
         assert_eq!(pending.len(), 1, "the pending approvals list: {pending:?}");
         assert_eq!(
@@ -77,8 +82,21 @@ async fn approvals_gate_tasks_and_are_decided_by_operators() {
             vec![child],
             "only the child is leased"
         );
+        // Awaiting an approval and a dependency: both are named.
+        let gated = submit(
+            &dev,
+            json!({"payload": {}, "requires_approval": true, "depends_on": [child]}),
+        )
+        .await;
+        let t = dev.get_ok(0, &format!("/api/v1/tasks/{gated}")).await;
+        assert_eq!(
+            t["waiting_for"],
+            format!("an approval (POST /tasks/{gated}/approve), and tasks {child} to complete"),
+            "{t}"
+        );
 
-        // A developer may not decide; an operator may.
+        // A developer may not decide; an operator (who works across
+        // tenants, as an admin does) may.
         let r = dev
             .post(0, &format!("/api/v1/tasks/{risky}/approve"), &json!({}))
             .await

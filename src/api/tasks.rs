@@ -225,6 +225,18 @@ pub async fn create(
 /// `critical` is refused only at the limit itself. A task without a
 /// priority counts as its parent's, else `medium`.
 async fn admit(api: &Api, spec: &SubmitTask) -> ApiResult<()> {
+    // A resend of a task already created is answered with it, not shed
+    // (as this node's replicas know it: one behind sheds the resend, and
+    // the client's retry finds it).
+    if let Some(key) = &spec.idempotency_key {
+        let known = api.node.queue_groups().iter().any(|g| {
+            g.state()
+                .read(|s| s.by_idempotency_key(&spec.tenant, key).is_some())
+        });
+        if known {
+            return Ok(());
+        }
+    }
     let priority = match (spec.priority, spec.parent_id) {
         (Some(p), _) => p,
         (None, Some(parent)) => match api.node.queue_group_of(parent.0) {
@@ -303,7 +315,7 @@ async fn submit(api: &Api, caller: &Caller, spec: SubmitTask) -> ApiResult<Reply
                 spec.session_key.is_some() && (route.target != g || !route.lookback.is_empty());
             if session_elsewhere {
                 return Err(ApiError::invalid(format!(
-                    "invalid field `depends_on`: its tasks are in queue shard {g} and the session                      key routes to another; a task with dependencies runs in their shard (submit                      it without session_key, or give the dependencies its session key)"
+                    "invalid field `depends_on`: its tasks are in queue shard {g} and the session key routes to another; a task with dependencies runs in their shard (submit it without session_key, or give the dependencies its session key)"
                 )));
             }
             route.target = g;
@@ -367,7 +379,7 @@ async fn dependencies_shard(api: &Api, spec: &SubmitTask) -> ApiResult<Option<u3
         .find(|d| (d.0 & 0xff) as u32 != group)
     {
         return Err(ApiError::invalid(format!(
-            "invalid field `depends_on`: tasks {first} and {other} are in different queue shards;              a task's dependencies must be in one (tasks with one session key share a shard)"
+            "invalid field `depends_on`: tasks {first} and {other} are in different queue shards; a task's dependencies must be in one (tasks with one session key share a shard)"
         )));
     }
     Ok(Some(group))
@@ -431,17 +443,27 @@ pub async fn get(
             .flatten()
     });
     let found = found.map(|t| {
+        let deps = || {
+            let ids: Vec<String> = t.waiting_on.iter().map(|d| d.0.to_string()).collect();
+            format!("tasks {} to complete", ids.join(", "))
+        };
         let waiting_for = match (&t.blocked, t.waiting_on.as_slice()) {
             _ if held_by.is_some() => held_by.map(|n| format!("held by kill switch {n}")),
+            _ if t.status == crate::fsm::TaskStatus::AwaitingApproval => {
+                let mut why = format!("an approval (POST /tasks/{}/approve)", t.id.0);
+                match (&t.blocked, t.waiting_on.is_empty()) {
+                    (Some(blocked), _) => why.push_str(&format!("; blocked: {blocked}")),
+                    (None, false) => why.push_str(&format!(", and {}", deps())),
+                    (None, true) => {}
+                }
+                Some(why)
+            }
             (Some(blocked), _) => Some(format!("blocked: {blocked}")),
             (None, []) => api
                 .node
                 .state()
                 .read(|s| s.region_wait_reason(&t, dead_after)),
-            (None, ids) => {
-                let ids: Vec<String> = ids.iter().map(|d| d.0.to_string()).collect();
-                Some(format!("tasks {} to complete", ids.join(", ")))
-            }
+            (None, _) => Some(deps()),
         };
         (t, waiting_for)
     });
@@ -462,9 +484,9 @@ pub struct TaskDetail {
     #[serde(flatten)]
     task: TaskView,
     /// Why it cannot be leased now, when the cause is not other tasks
-    /// ahead of it: the tasks it depends on that have not completed (or
-    /// why it is blocked), or a required region with no agent that can run
-    /// it.
+    /// ahead of it: a kill switch that holds it, an approval it awaits,
+    /// the tasks it depends on that have not completed (or why it is
+    /// blocked), or a required region with no agent that can run it.
     waiting_for: Option<String>,
 }
 

@@ -911,6 +911,14 @@ impl State {
         Ok(waiting)
     }
 
+    /// The task tenant `tenant` submitted with idempotency key `key`, if
+    /// this state holds it.
+    pub fn by_idempotency_key(&self, tenant: &Tenant, key: &str) -> Option<TaskId> {
+        self.idempotency
+            .get(&(tenant.clone(), key.to_owned()))
+            .copied()
+    }
+
     /// Why a waiting task cannot go on: the first of `waiting_on` that is
     /// dead-lettered or cancelled.
     fn blocked_reason(&self, waiting_on: &[TaskId]) -> Option<String> {
@@ -1035,13 +1043,12 @@ impl State {
                 self.settle.push(Settle::Children(w));
             }
             DependencyFailure::Block => {
-                let first = self.tasks[&w].blocked.is_none();
-                self.edit_in_place(w, |t| {
-                    if t.blocked.is_none() {
-                        t.blocked = Some(reason);
-                    }
-                });
-                if first {
+                // The reason names the first failed dependency as it is
+                // now (one dead-lettered, then cancelled, says so).
+                let t = &self.tasks[&w];
+                let reason = self.blocked_reason(&t.waiting_on);
+                if reason != t.blocked {
+                    self.edit_in_place(w, |t| t.blocked = reason);
                     self.emit(events, w, EventKind::Blocked { dependency: dep });
                 }
             }
@@ -1078,10 +1085,10 @@ impl State {
     /// Rejects task `id`, awaiting approval: it is cancelled, naming who
     /// and why; its children and dependents follow as for a cancel.
     fn reject(&mut self, id: TaskId, by: &str, reason: &str, events: &mut Vec<Event>) -> Outcome {
-        self.awaiting_approval(id)?;
         if reason.trim().is_empty() {
             return Err(Rejection::invalid("reason", "a rejection needs a reason"));
         }
+        self.awaiting_approval(id)?;
         let decision = self.decision(false, by, Some(reason));
         let error = truncate(
             &format!("rejected by {by}: {reason}"),
@@ -1181,8 +1188,9 @@ impl State {
                     t.last_error = Some(reason.clone());
                 })
                 .expect("invariant: a leased task may be cancelled");
+                // Its children go on unless the switch matches them too:
+                // a switch stops the work it names, no more.
                 self.emit(events, id, EventKind::Cancelled);
-                self.settle.push(Settle::Children(id));
             }
         }
         Ok(Reply::Done)
