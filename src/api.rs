@@ -42,6 +42,7 @@ mod shards;
 mod switches;
 mod tasks;
 mod tenants;
+mod usage;
 mod view;
 
 use std::sync::Arc;
@@ -206,6 +207,8 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (M::POST, "/tasks/{id}/retry", post(tasks::retry)),
         (M::POST, "/tasks/{id}/approve", post(tasks::approve)),
         (M::POST, "/tasks/{id}/reject", post(tasks::reject)),
+        (M::GET, "/usage", get(usage::get)),
+        (M::GET, "/usage/export", get(usage::export)),
         (M::GET, "/switches", get(switches::list)),
         (M::PUT, "/switches/{name}", put(switches::set)),
         (M::DELETE, "/switches/{name}", delete(switches::lift)),

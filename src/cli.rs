@@ -96,6 +96,9 @@ pub enum Command {
     /// at once (operator or admin).
     #[command(subcommand)]
     Switch(SwitchCmd),
+    /// Tokens, compute time and cost over a range of days, grouped by
+    /// tenant, day, model, gateway or agent (`--csv` for the export).
+    Usage(UsageArgs),
     /// Revoked JWTs (admin).
     #[command(subcommand)]
     Jwt(JwtCmd),
@@ -145,6 +148,27 @@ pub enum SwitchCmd {
         /// Its name.
         name: String,
     },
+}
+
+/// `godel usage` flags.
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// Only this tenant's.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// First day (UTC), YYYY-MM-DD (default: 29 days before --to).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Last day (UTC), included (default: today).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Comma-separated: tenant, day, model, gateway, agent (default
+    /// tenant; empty for one row).
+    #[arg(long)]
+    pub group_by: Option<String>,
+    /// The rows as CSV.
+    #[arg(long)]
+    pub csv: bool,
 }
 
 /// `godel events` flags.

@@ -47,6 +47,32 @@ pub struct Config {
     pub gateways: GatewaysConfig,
     /// Which secret references resolve on this node.
     pub secrets: SecretsConfig,
+    /// Model prices, in USD per million tokens, by the model name a
+    /// task's result reports (`GET /usage` turns tokens into cost with
+    /// them; `default` prices a model not listed, or none named). Keep
+    /// them the same on every node.
+    pub prices: std::collections::BTreeMap<String, Price>,
+}
+
+/// One model's price (`[prices."model-name"]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// USD per million tokens in.
+    pub input_per_mtok: f64,
+    /// USD per million tokens out.
+    pub output_per_mtok: f64,
+}
+
+impl Config {
+    /// The price of `model` (`None`: none named): its own, else
+    /// `default`, else none.
+    pub fn price_of(&self, model: Option<&str>) -> Option<Price> {
+        model
+            .and_then(|m| self.prices.get(m))
+            .or_else(|| self.prices.get("default"))
+            .copied()
+    }
 }
 
 /// This node's identity and addresses.
@@ -590,6 +616,14 @@ impl Config {
                 shed.low, shed.medium, shed.high
             ));
         }
+        for (model, price) in &self.prices {
+            let ok = |v: f64| v.is_finite() && v >= 0.0;
+            if !ok(price.input_per_mtok) || !ok(price.output_per_mtok) {
+                p.push(format!(
+                    "prices.\"{model}\": input_per_mtok and output_per_mtok must be finite and >= 0"
+                ));
+            }
+        }
         if q.max_unfinished_tasks == Some(0) {
             p.push("queue.max_unfinished_tasks must be > 0 (leave it out for no limit)".into());
         }
@@ -790,6 +824,27 @@ max_unfinished_tasks = 0
         )
         .unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn prices_fall_back_to_default_and_must_be_sane() {
+        let c = Config::from_toml(
+            "[prices.m-1]\ninput_per_mtok = 3.0\noutput_per_mtok = 15.0\n\
+             [prices.default]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.price_of(Some("m-1")).unwrap().output_per_mtok, 15.0);
+        assert_eq!(c.price_of(Some("other")).unwrap().input_per_mtok, 1.0);
+        assert_eq!(c.price_of(None).unwrap().input_per_mtok, 1.0);
+        assert!(Config::default().price_of(Some("m-1")).is_none());
+        let c = Config::from_toml("[prices.m]\ninput_per_mtok = -1.0\noutput_per_mtok = 1.0\n")
+            .unwrap();
+        let ConfigError::Invalid(p) = c.validate().unwrap_err() else {
+            panic!()
+        };
+        assert!(p[0].contains("prices.\"m\""), "{p:?}");
+        assert!(Config::from_toml("[prices.m]\ninput_per_mtok = 1.0\n").is_err());
     }
 
     #[test]

@@ -69,6 +69,7 @@ mod retry;
 mod session;
 mod state;
 mod task;
+mod usage;
 
 pub use audit::{
     Audit, AuditAnchor, AuditCaller, AuditEntry, AuditFilter, AuditLog, AuditMark, AuditRecord,
@@ -101,4 +102,7 @@ pub use state::{State, Synced, group_of, route};
 pub use task::{
     AgentId, DependencyFailure, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task,
     TaskId, TaskRegion, TaskStatus, Tenant,
+};
+pub use usage::{
+    Day, Ledger, TaskUsage, UsageKey, UsageTotals, WaitKey, WaitTotals, day_of, parse_usage,
 };

@@ -30,6 +30,7 @@ const CASES: &[(&str, View)] = &[
     ("tenant_ls", View::Tenants),
     ("jwt_ls", View::Jwts),
     ("audit_ls", View::Audit),
+    ("usage", View::Usage),
 ];
 
 fn dir() -> PathBuf {

@@ -53,6 +53,7 @@
 //!   [tenant=T] [cap=C] [cancel_leased=true] [lift=true]` (a queue shard
 //!   takes the meta group's copy of one item at revision R); `revs` reads
 //!   the revisions a state holds
+//! - `usage` reads the ledger (tokens, compute time, first-lease waits)
 //! - `place_shard shard=N [placement=P [home=R]]` (a shard's own placement;
 //!   none: the cluster's again), read with `shard_rule shard=N`
 //! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
@@ -177,6 +178,7 @@ scripts! {
     tenant_scope_confines_commands,
     timeout_counts_as_failure,
     trace_context_is_kept,
+    usage_is_counted_per_day_model_and_agent,
 }
 
 #[test]
@@ -533,6 +535,7 @@ impl Runner {
                 vec![format!("growth voters [{}]", ids.join(","))]
             }
             "revs" => rev_lines(&self.state),
+            "usage" => usage_lines(&self.state),
             "jtis" => jti_lines(&self.state),
             "audit" => audit_lines(&self.state, args.parsed("after")?.unwrap_or(0)),
             "verify" => vec![match verify_audit_chain(
@@ -1059,6 +1062,42 @@ fn rev_lines(state: &State) -> Vec<String> {
         format!("switch {} rev={} {shown}", sw.name, sw.rev)
     });
     weights.chain(switches).collect()
+}
+
+/// The ledger: one line per row, then one per wait row.
+fn usage_lines(state: &State) -> Vec<String> {
+    let ledger = state.ledger();
+    let rows = ledger.rows().iter().map(|(k, v)| {
+        format!(
+            "usage {} day={} model={} gateway={} agent={}: completed={} failed={} in={} out={} compute={}ms",
+            k.tenant,
+            k.day,
+            k.model.as_deref().unwrap_or("-"),
+            k.gateway.as_ref().map_or("-", |g| g.0.as_str()),
+            k.agent,
+            v.completed,
+            v.failed_attempts,
+            v.input_tokens,
+            v.output_tokens,
+            v.compute_ms
+        )
+    });
+    let waits = ledger.waits().iter().map(|(k, v)| {
+        format!(
+            "wait {} day={} {}: tasks={} total={}ms max={}ms",
+            k.tenant,
+            k.day,
+            k.priority.as_str(),
+            v.tasks,
+            v.wait_ms,
+            v.max_wait_ms
+        )
+    });
+    let lines: Vec<String> = rows.chain(waits).collect();
+    if lines.is_empty() {
+        return vec!["no usage".into()];
+    }
+    lines
 }
 
 fn tenant_lines(state: &State) -> Vec<String> {

@@ -55,6 +55,7 @@ fn sim(latency: LatencySpec, failure_rate: f64, hang_rate: f64) -> Arc<SimDriver
         failure_rate,
         hang_rate,
         seed: Some(2026),
+        usage: None,
     }))
 }
 

@@ -24,7 +24,9 @@
 //! `gateways.register` (URLs, absolute paths and what this node's driver
 //! policy allows), `jwt.revoke` (`expires_at` in the future),
 //! `dead_letter.replay` (no more `ids` than `limit`), `switches.set`
-//! (`all` alone, or a `tenant` and/or a `capability`), and
+//! (`all` alone, or a `tenant` and/or a `capability`), `usage.read` and
+//! `usage.export` (a real date, `from` not after `to`, at most 400 days,
+//! `group_by` names among five), and
 //! `events.subscribe` (a WebSocket: without the upgrade headers, which an
 //! HTTP fuzzer does not send, it is 400; its query is still checked, and
 //! `tests/events.rs` drives the stream itself). There, 400
@@ -70,7 +72,7 @@ const EXCLUDED: [&str; 5] = [
 /// schemathesis config file.
 const ACCEPTANCE_EXCEPTIONS: &str = r#"
 [[operations]]
-include-operation-id = ["tasks.submit", "gateways.register", "jwt.revoke", "dead_letter.replay", "events.subscribe", "switches.set"]
+include-operation-id = ["tasks.submit", "gateways.register", "jwt.revoke", "dead_letter.replay", "events.subscribe", "switches.set", "usage.read", "usage.export"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 "#;
 

@@ -158,7 +158,10 @@ async fn put_switch(api: &Api, name: &str, cap: &str) {
             Ok(r) => format!("{r:?}"),
             Err(e) => format!("{e:#}"),
         };
-        assert!(Instant::now() < until, "PUT /switches/{name} kept failing: {last}");
+        assert!(
+            Instant::now() < until,
+            "PUT /switches/{name} kept failing: {last}"
+        );
         i = (i + 1) % api.len();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -40,7 +40,7 @@ use utoipa::openapi::{Content, Ref, RefOr, Required};
 use super::error::ErrorBody;
 use super::{admin, audit, backup, cluster, dashboard, events, keys, leases, permissions, queue};
 use super::{registry, sessions, shards};
-use super::{switches, tasks, tenants};
+use super::{switches, tasks, tenants, usage};
 
 /// The name of the security scheme.
 const BEARER: &str = "bearer";
@@ -64,6 +64,8 @@ const BEARER: &str = "bearer";
         tasks::retry,
         tasks::approve,
         tasks::reject,
+        usage::get,
+        usage::export,
         switches::list,
         switches::set,
         switches::lift,

@@ -9,7 +9,7 @@
 //!
 //! | permission | admin | operator | developer | viewer |
 //! |---|---|---|---|---|
-//! | `tasks:read` (tasks, queue depth, dead letters; own tenant unless cross-tenant) | yes | yes | yes | yes |
+//! | `tasks:read` (tasks, queue depth, dead letters, usage; own tenant unless cross-tenant) | yes | yes | yes | yes |
 //! | `sessions:read` | yes | yes | yes | yes |
 //! | `tasks:write` (submit, cancel, retry) | yes | yes | yes | - |
 //! | `tasks:approve` (approve or reject a task awaiting approval) | yes | yes | - | - |
@@ -189,6 +189,8 @@ pub const ROUTES: &[RouteSpec] = &[
         "tasks.approve",
     ),
     r(POST, "/tasks/{id}/reject", P::TasksApprove, "tasks.reject"),
+    r(GET, "/usage", P::TasksRead, "usage.read"),
+    r(GET, "/usage/export", P::TasksRead, "usage.export"),
     r(GET, "/switches", P::RegistryRead, "switches.list"),
     r(PUT, "/switches/{name}", P::Switches, "switches.set"),
     r(DELETE, "/switches/{name}", P::Switches, "switches.lift"),

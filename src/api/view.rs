@@ -77,6 +77,21 @@ struct TaskJson<'a> {
     /// For a task submitted with `requires_approval`: when an undecided
     /// request lapses, and the decision once made.
     approval: Option<ApprovalJson<'a>>,
+    /// What its completed attempt used, when its result reported tokens
+    /// (a `usage` object: `GET /usage` adds them up).
+    usage: Option<UsageJson<'a>>,
+}
+
+/// What a task's completed attempt used.
+#[derive(Serialize, ToSchema)]
+#[schema(as = TaskUsage)]
+struct UsageJson<'a> {
+    input_tokens: u64,
+    output_tokens: u64,
+    /// The model its result named.
+    model: Option<&'a str>,
+    /// From its lease to its completion, in ms.
+    compute_ms: u64,
 }
 
 /// A task's approval.
@@ -205,6 +220,12 @@ impl Serialize for TaskView {
                     reason: d.reason.as_deref(),
                     at: rfc3339(d.at_ms),
                 }),
+            }),
+            usage: t.usage.as_ref().map(|u| UsageJson {
+                input_tokens: u.input_tokens,
+                output_tokens: u.output_tokens,
+                model: u.model.as_deref(),
+                compute_ms: u.compute_ms,
             }),
         }
         .serialize(s)

@@ -96,6 +96,7 @@ fn view_of(cmd: &Command) -> View {
         Command::Task(_) | Command::Dlq(DlqCmd::Ls(_)) => View::Tasks,
         Command::Lease(LeaseCmd::Acquire { .. }) => View::Leases,
         Command::Queue(_) => View::Queue,
+        Command::Usage(_) => View::Usage,
         Command::Cluster(ClusterCmd::Status) => View::Cluster,
         Command::Gateway(_) => View::Gateways,
         Command::Agent(_) => View::Agents,
@@ -281,6 +282,20 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
         Command::Key(k) => security::key_request(k)?,
         Command::Tenant(t) => security::tenant_request(t)?,
         Command::Jwt(j) => security::jwt_request(j),
+        Command::Usage(u) => {
+            let q = query_string([
+                ("tenant", u.tenant),
+                ("from", u.from),
+                ("to", u.to),
+                ("group_by", u.group_by),
+            ]);
+            let path = if u.csv {
+                "/api/v1/usage/export"
+            } else {
+                "/api/v1/usage"
+            };
+            ("GET", format!("{path}{q}"), None)
+        }
         Command::Switch(SwitchCmd::Ls) => ("GET", "/api/v1/switches".into(), None),
         Command::Switch(SwitchCmd::Set {
             name,

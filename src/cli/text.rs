@@ -34,6 +34,8 @@ pub enum View {
     Jwts,
     /// The audit log.
     Audit,
+    /// `usage`: one row per group, then the queue waits.
+    Usage,
     /// Anything else: its fields.
     Fields,
 }
@@ -43,6 +45,7 @@ pub fn render(view: View, v: &Value) -> String {
     let mut out = match (view, v) {
         (_, Value::String(s)) => s.trim_end().to_owned(),
         (View::Queue, _) => queue(v),
+        (View::Usage, _) => usage(v),
         (View::Cluster, _) => cluster(v),
         (View::Leases, _) => match v["leases"].as_array() {
             Some(leases) => table(view, leases),
@@ -169,11 +172,67 @@ fn columns(view: View) -> &'static [Column] {
             ("OUTCOME", |e| cell(&e["outcome"])),
             ("HASH", |e| clip(&cell(&e["hash"]), 12)),
         ],
-        View::Queue | View::Cluster | View::Fields => &[],
+        View::Queue | View::Cluster | View::Usage | View::Fields => &[],
     }
 }
 
 /// `items` as the view's table; a line saying so when there are none.
+/// `GET /usage`: a row per group (the columns grouped by, then the
+/// sums), then the waits for a first lease.
+fn usage(v: &Value) -> String {
+    let by: Vec<&str> = v["group_by"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let sums = [
+        "completed",
+        "failed_attempts",
+        "input_tokens",
+        "output_tokens",
+        "compute_ms",
+        "cost_usd",
+        "unpriced_tokens",
+    ];
+    let head: Vec<String> = by.iter().chain(&sums).map(|h| h.to_uppercase()).collect();
+    let rows: Vec<Vec<String>> = v["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|i| by.iter().chain(&sums).map(|k| cell(&i[*k])).collect())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = if rows.is_empty() {
+        "(none)".to_owned()
+    } else {
+        let head: Vec<&str> = head.iter().map(String::as_str).collect();
+        grid(&head, &rows)
+    };
+    let waits: Vec<Vec<String>> = v["waits"]
+        .as_array()
+        .map(|w| {
+            w.iter()
+                .map(|r| {
+                    ["tenant", "priority", "tasks", "mean_wait_ms", "max_wait_ms"]
+                        .iter()
+                        .map(|k| cell(&r[*k]))
+                        .collect()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !waits.is_empty() {
+        out.push_str("\n\nwaits for a first lease:\n");
+        out.push_str(&grid(
+            &["TENANT", "PRIORITY", "TASKS", "MEAN_WAIT_MS", "MAX_WAIT_MS"],
+            &waits,
+        ));
+    }
+    let _ = write!(out, "\n\ndays {} to {}", cell(&v["from"]), cell(&v["to"]));
+    out
+}
+
 fn table(view: View, items: &[Value]) -> String {
     let cols = columns(view);
     if cols.is_empty() {

@@ -449,7 +449,7 @@ impl State {
             if !keyed_session {
                 *room = room.saturating_sub(1);
             }
-            let grant = self.grant(id, &slot.agent, spec.lease_ms, events);
+            let grant = self.grant(id, &slot.agent, Some(&slot.gateway), spec.lease_ms, events);
             self.session_for_grant(
                 id,
                 &slot.agent,

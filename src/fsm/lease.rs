@@ -4,9 +4,11 @@
 use super::command::{LeaseGrant, Outcome, Rejection, Reply};
 use super::event::{Event, EventKind};
 use super::queue::normalize_caps;
+use super::registry::GatewayId;
 use super::retry::backoff_delay_ms;
 use super::state::{State, truncate};
 use super::task::{AgentId, FencingToken, LeaseInfo, Limits, TaskId, TaskStatus, Tenant};
+use super::usage::{TaskUsage, UsageKey, UsageTotals, WaitKey, day_of, parse_usage};
 
 impl State {
     pub(crate) fn lease(
@@ -49,7 +51,12 @@ impl State {
             let Some(id) = picked else {
                 break;
             };
-            grants.push(self.grant(id, agent, lease_ms, events));
+            let gateway = self
+                .registry
+                .agents
+                .get(agent)
+                .map(|a| a.reg.gateway.clone());
+            grants.push(self.grant(id, agent, gateway.as_ref(), lease_ms, events));
         }
         Ok(Reply::Leased(grants))
     }
@@ -58,6 +65,7 @@ impl State {
         &mut self,
         id: TaskId,
         agent: &AgentId,
+        gateway: Option<&GatewayId>,
         lease_ms: u64,
         events: &mut Vec<Event>,
     ) -> LeaseGrant {
@@ -68,7 +76,19 @@ impl State {
             agent_id: agent.clone(),
             leased_at_ms: self.clock_ms,
             expires_at_ms: self.clock_ms.saturating_add(lease_ms),
+            gateway: gateway.cloned(),
         };
+        let t = &self.tasks[&id];
+        if t.lease_count == 0 {
+            let ready_at = t.created_at_ms.max(t.scheduled_at_ms.unwrap_or(0));
+            let key = WaitKey {
+                tenant: t.tenant.clone(),
+                day: day_of(self.clock_ms),
+                priority: t.priority,
+            };
+            self.ledger
+                .waited(key, self.clock_ms.saturating_sub(ready_at));
+        }
         let expires_at_ms = lease.expires_at_ms;
         self.move_task(id, TaskStatus::Leased, |t| {
             t.lease = Some(lease);
@@ -89,6 +109,41 @@ impl State {
             expires_at_ms,
             task: self.boxed(id),
         }
+    }
+
+    /// Counts leased task `id`'s attempt, ending now, in the ledger (under
+    /// the day, model, gateway and agent it ran with); its time from lease
+    /// to now, in ms.
+    fn count_attempt(
+        &mut self,
+        id: TaskId,
+        completed: bool,
+        model: Option<String>,
+        input_tokens: u64,
+        output_tokens: u64,
+    ) -> u64 {
+        let t = &self.tasks[&id];
+        let lease = t
+            .lease
+            .as_ref()
+            .expect("invariant: leased tasks have a lease");
+        let compute_ms = self.clock_ms.saturating_sub(lease.leased_at_ms);
+        let key = UsageKey {
+            tenant: t.tenant.clone(),
+            day: day_of(self.clock_ms),
+            model,
+            gateway: lease.gateway.clone(),
+            agent: lease.agent_id.clone(),
+        };
+        let totals = UsageTotals {
+            completed: u64::from(completed),
+            failed_attempts: u64::from(!completed),
+            input_tokens,
+            output_tokens,
+            compute_ms,
+        };
+        self.ledger.add(key, &totals);
+        compute_ms
     }
 
     /// The task holding live lease `token`.
@@ -141,9 +196,19 @@ impl State {
             });
         }
         let id = self.leased_task(token)?;
+        let (input_tokens, output_tokens, model) = parse_usage(result).unwrap_or_default();
+        let compute_ms = self.count_attempt(id, true, model.clone(), input_tokens, output_tokens);
+        let usage =
+            (input_tokens > 0 || output_tokens > 0 || model.is_some()).then_some(TaskUsage {
+                input_tokens,
+                output_tokens,
+                model,
+                compute_ms,
+            });
         self.move_task(id, TaskStatus::Completed, |t| {
             t.lease = None;
             t.result = Some(result.to_owned());
+            t.usage = usage;
         })
         .expect("invariant: leased tasks can complete");
         self.emit(events, id, EventKind::Completed);
@@ -159,6 +224,7 @@ impl State {
         events: &mut Vec<Event>,
     ) -> Outcome {
         let id = self.leased_task(token)?;
+        self.count_attempt(id, false, None, 0, 0);
         self.fail_attempt(
             id,
             truncate(error, Limits::MAX_ERROR_BYTES),

@@ -22,6 +22,7 @@ use super::task::{
     AgentId, FencingToken, Limits, Priority, SessionKey, Task, TaskId, TaskStatus, Tenant,
 };
 use super::task::{Approval, ApprovalDecision, DependencyFailure};
+use super::usage::Ledger;
 
 /// Task counts per priority (rank order) and status (declaration order).
 pub(crate) type Counts = [[u64; 10]; 4];
@@ -123,6 +124,9 @@ pub struct State {
     /// Per kill switch name, its revision, as `weight_revs` (kept after
     /// the switch is lifted).
     pub(crate) switch_revs: BTreeMap<String, u64>,
+    /// Tokens and compute time used, and waits for a first lease
+    /// ([`Ledger`]).
+    pub(crate) ledger: Ledger,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -869,6 +873,7 @@ impl State {
                     .map(|ms| self.clock_ms.saturating_add(ms)),
                 decision: None,
             }),
+            usage: None,
         }
     }
 
@@ -1337,6 +1342,11 @@ impl State {
         }
     }
 
+    /// Tokens and compute time used, and waits for a first lease.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
     /// The revisions of this shard's copy of the weights and kill switches
     /// ([`State::sync_for`]).
     pub fn synced(&self) -> Synced {
@@ -1732,7 +1742,9 @@ mod tests {
         for _ in 0..200 {
             let mut meta = State::default();
             let mut shard = State::default();
-            shard.apply_one(0, Command::DefineGroup { group: 2 }).unwrap();
+            shard
+                .apply_one(0, Command::DefineGroup { group: 2 })
+                .unwrap();
             let mut sent = Vec::new();
             for step in 0..20 {
                 let tenant = Tenant(format!("t{}", next(3)));

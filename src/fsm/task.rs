@@ -272,6 +272,9 @@ pub struct LeaseInfo {
     pub leased_at_ms: u64,
     /// When it lapses unless renewed.
     pub expires_at_ms: u64,
+    /// The gateway of the agent that holds it (none: a worker that leased
+    /// by itself and is not registered on one), for the accounting.
+    pub gateway: Option<super::registry::GatewayId>,
 }
 
 /// A task and everything the queue knows about it.
@@ -338,6 +341,9 @@ pub struct Task {
     /// For a task submitted with `requires_approval`: when the request
     /// lapses, and the decision once made.
     pub approval: Option<Approval>,
+    /// What its completed attempt used, when its result reported tokens
+    /// ([`super::usage`]).
+    pub usage: Option<super::usage::TaskUsage>,
 }
 
 /// A task's approval: asked at submission, decided by an operator or

@@ -105,9 +105,18 @@ impl GatewayDriver for SimDriver {
             let started_us = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros());
+            let usage = self.spec.usage.as_ref().map_or_else(String::new, |u| {
+                let model = u.model.as_ref().map_or_else(String::new, |m| {
+                    format!(r#","model":{}"#, serde_json::Value::from(m.as_str()))
+                });
+                format!(
+                    r#","usage":{{"input":{},"output":{}}}{model}"#,
+                    u.input_tokens, u.output_tokens
+                )
+            });
             let done = |latency: Duration| RunOutput {
                 result_json: format!(
-                    r#"{{"sim":true,"task_id":{},"latency_us":{},"started_us":{started_us}}}"#,
+                    r#"{{"sim":true,"task_id":{},"latency_us":{},"started_us":{started_us}{usage}}}"#,
                     req.task_id.0,
                     latency.as_micros()
                 ),

@@ -187,6 +187,22 @@ pub struct SimSpec {
     pub hang_rate: f64,
     /// Seed for a reproducible sequence of outcomes; random when absent.
     pub seed: Option<u64>,
+    /// Token usage each completed attempt reports, as a model's would
+    /// (none: no usage).
+    pub usage: Option<SimUsage>,
+}
+
+/// What a simulated attempt reports using.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SimUsage {
+    /// Tokens in.
+    pub input_tokens: u64,
+    /// Tokens out.
+    pub output_tokens: u64,
+    /// The model named (priced by `[prices]`).
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// A latency distribution, tagged by `dist`.

@@ -1,0 +1,241 @@
+//! Token and compute accounting: what each completed task reported using,
+//! added up per tenant, day, model, gateway and agent, and how long tasks
+//! waited for their first lease per tenant, day and priority.
+//!
+//! A driver reports tokens in its result, as a `usage` object: OpenClaw's
+//! `{"input", "output"}` (the `openclaw` driver puts it there), or the
+//! `input_tokens`/`output_tokens` and `prompt_tokens`/`completion_tokens`
+//! names of the common model APIs, an `http` or `command` gateway's own
+//! choice. A `model` next to the counts, or at the top of the result, names
+//! the model (prices are per model: `GET /usage` turns tokens into cost
+//! with the node's `[prices]`, so the ledger holds no money). Reading the
+//! result is deterministic: every replica reads the same bytes.
+//!
+//! The ledger keeps days, not attempts: rows older than
+//! [`Ledger::KEEP_DAYS`] are dropped when the first task of a new day is
+//! counted, so it stays bounded by tenants x models x agents x days.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::registry::GatewayId;
+use super::task::{AgentId, Priority, Tenant};
+
+/// One day, in days since the Unix epoch (UTC).
+pub type Day = u32;
+
+/// The day `ms` (since the epoch) falls in.
+pub fn day_of(ms: u64) -> Day {
+    (ms / 86_400_000) as Day
+}
+
+/// Longest model name kept; a longer one is cut.
+const MAX_MODEL_BYTES: usize = 128;
+
+/// What one task's completed attempt used.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskUsage {
+    /// Tokens in (prompt), as the driver reported.
+    pub input_tokens: u64,
+    /// Tokens out (completion).
+    pub output_tokens: u64,
+    /// The model, when the result named one.
+    pub model: Option<String>,
+    /// The completed attempt's time from lease to completion, in ms.
+    pub compute_ms: u64,
+}
+
+/// Tokens and model read from a result (`None`: it reports no usage).
+pub fn parse_usage(result: &str) -> Option<(u64, u64, Option<String>)> {
+    if !result.contains("\"usage\"") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(result).ok()?;
+    let u = v.get("usage")?.as_object()?;
+    let count = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| u.get(*n).and_then(serde_json::Value::as_u64))
+    };
+    let input = count(&["input", "input_tokens", "prompt_tokens"]);
+    let output = count(&["output", "output_tokens", "completion_tokens"]);
+    if input.is_none() && output.is_none() {
+        return None;
+    }
+    let model = u
+        .get("model")
+        .or_else(|| v.get("model"))
+        .and_then(serde_json::Value::as_str)
+        .filter(|m| !m.is_empty())
+        .map(|m| super::state::truncate(m, MAX_MODEL_BYTES));
+    Some((input.unwrap_or(0), output.unwrap_or(0), model))
+}
+
+/// What one ledger row adds up.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UsageKey {
+    /// Whose tasks.
+    pub tenant: Tenant,
+    /// The day they completed on.
+    pub day: Day,
+    /// The model their results named (none: not named).
+    pub model: Option<String>,
+    /// The gateway of the agent that ran them (none: a worker that leased
+    /// by itself and is not registered on one).
+    pub gateway: Option<GatewayId>,
+    /// The agent that ran them.
+    pub agent: AgentId,
+}
+
+/// A ledger row's sums.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageTotals {
+    /// Tasks completed.
+    pub completed: u64,
+    /// Attempts that failed (their compute time counts; tokens are not
+    /// reported by a failure).
+    pub failed_attempts: u64,
+    /// Tokens in.
+    pub input_tokens: u64,
+    /// Tokens out.
+    pub output_tokens: u64,
+    /// Time from lease to completion or failure, summed, in ms.
+    pub compute_ms: u64,
+}
+
+impl UsageTotals {
+    /// Adds `other` in.
+    pub fn add(&mut self, other: &UsageTotals) {
+        self.completed += other.completed;
+        self.failed_attempts += other.failed_attempts;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.compute_ms += other.compute_ms;
+    }
+}
+
+/// How long tasks waited for their first lease, per tenant, day (of the
+/// lease) and priority.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WaitKey {
+    /// Whose tasks.
+    pub tenant: Tenant,
+    /// The day of their first lease.
+    pub day: Day,
+    /// Their priority.
+    pub priority: Priority,
+}
+
+/// A wait row's sums.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitTotals {
+    /// Tasks leased for the first time.
+    pub tasks: u64,
+    /// Their waits (from submission, or their scheduled time, to the
+    /// first lease), summed, in ms.
+    pub wait_ms: u64,
+    /// The longest of them, in ms.
+    pub max_wait_ms: u64,
+}
+
+/// The accounting, part of the state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    rows: BTreeMap<UsageKey, UsageTotals>,
+    waits: BTreeMap<WaitKey, WaitTotals>,
+    /// The latest day counted (pruning runs when it moves).
+    last_day: Day,
+}
+
+impl Ledger {
+    /// Days kept, counting today.
+    pub const KEEP_DAYS: Day = 400;
+
+    /// The rows, in key order.
+    pub fn rows(&self) -> &BTreeMap<UsageKey, UsageTotals> {
+        &self.rows
+    }
+
+    /// The wait rows, in key order.
+    pub fn waits(&self) -> &BTreeMap<WaitKey, WaitTotals> {
+        &self.waits
+    }
+
+    /// Adds `totals` to row `key`.
+    pub(crate) fn add(&mut self, key: UsageKey, totals: &UsageTotals) {
+        self.roll(key.day);
+        self.rows.entry(key).or_default().add(totals);
+    }
+
+    /// Counts one first lease after `wait_ms`.
+    pub(crate) fn waited(&mut self, key: WaitKey, wait_ms: u64) {
+        self.roll(key.day);
+        let w = self.waits.entry(key).or_default();
+        w.tasks += 1;
+        w.wait_ms += wait_ms;
+        w.max_wait_ms = w.max_wait_ms.max(wait_ms);
+    }
+
+    /// On a new day, drops the rows older than [`Ledger::KEEP_DAYS`].
+    fn roll(&mut self, day: Day) {
+        if day <= self.last_day {
+            return;
+        }
+        self.last_day = day;
+        let oldest = day.saturating_sub(Self::KEEP_DAYS - 1);
+        self.rows.retain(|k, _| k.day >= oldest);
+        self.waits.retain(|k, _| k.day >= oldest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_under_the_common_names() {
+        let r = |s: &str| parse_usage(s);
+        assert_eq!(
+            r(r#"{"text":"hi","usage":{"input":10,"output":5,"total":15}}"#),
+            Some((10, 5, None))
+        );
+        assert_eq!(
+            r(r#"{"model":"m-1","usage":{"prompt_tokens":7,"completion_tokens":2}}"#),
+            Some((7, 2, Some("m-1".into())))
+        );
+        assert_eq!(
+            r(r#"{"usage":{"input_tokens":3,"model":"m-2"}}"#),
+            Some((3, 0, Some("m-2".into())))
+        );
+        // Nothing usable: no usage, counts that are not counts, not JSON.
+        assert_eq!(r(r#"{"text":"usage"}"#), None);
+        assert_eq!(r(r#"{"usage":{"input":-1,"output":"5"}}"#), None);
+        assert_eq!(r(r#"{"usage": 12}"#), None);
+        assert_eq!(r(r#"not json "usage""#), None);
+    }
+
+    #[test]
+    fn old_days_are_dropped_when_a_new_day_is_counted() {
+        let mut l = Ledger::default();
+        let key = |day| UsageKey {
+            tenant: Tenant("a".into()),
+            day,
+            model: None,
+            gateway: None,
+            agent: AgentId("w".into()),
+        };
+        let one = UsageTotals {
+            completed: 1,
+            ..UsageTotals::default()
+        };
+        l.add(key(1), &one);
+        l.add(key(1), &one);
+        l.add(key(Ledger::KEEP_DAYS), &one);
+        assert_eq!(l.rows().len(), 2, "day 1 is still within the days kept");
+        assert_eq!(l.rows()[&key(1)].completed, 2);
+        l.add(key(Ledger::KEEP_DAYS + 1), &one);
+        assert!(!l.rows().contains_key(&key(1)), "day 1 dropped");
+        assert_eq!(l.rows().len(), 2);
+    }
+}
