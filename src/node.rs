@@ -135,9 +135,10 @@ struct Inner {
     /// When this node's last committed heartbeat was sent.
     contact: contact::Contact,
     /// Held, on the meta leader, by a change of the meta group's voters and
-    /// by the step that records a shard growth: an added shard's group is
-    /// initialized with the voters of the moment its growth committed, and
-    /// no change of them runs until its route opens (`node/shards.rs`).
+    /// by the step that proposes a shard growth, which records the voters
+    /// the added groups start with: no change of them runs while it is
+    /// proposed, nor until the added shards' route opens
+    /// (`node/shards.rs`).
     membership: tokio::sync::Mutex<()>,
 }
 

@@ -46,7 +46,8 @@
 //! - `define_group group=N` (make the state queue shard N's; read with `group`)
 //! - `grow_shards count=N [voters=1,2]` (the cluster's shards grow to N;
 //!   the voters the added groups start with, read with `growth`), `open_route
-//!   epoch=E count=N` (the meta group opens routing epoch E; a shard
+//!   epoch=E count=N [sync_rev=R]` (the meta group opens routing epoch E,
+//!   the added shards synced to revision R, default 0; a shard
 //!   records it), read with `routes`; `submit ... epoch=E [lookback=true]`
 //!   is a routed submission (`SubmitRouted`)
 //! - `sync_weight tenant=T [w=N] rev=R`, `sync_switch name=N rev=R
@@ -872,6 +873,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         "open_route" => Command::OpenRoute {
             epoch: args.require("epoch")?,
             count: args.require("count")?,
+            sync_rev: args.parsed("sync_rev")?.unwrap_or(0),
         },
         "node" => Command::NodeHeartbeat {
             id: args.require("id")?,

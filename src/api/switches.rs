@@ -3,8 +3,8 @@
 //! tenant, a capability, or both) at once: matching ready tasks are held,
 //! still `pending`, until it is lifted; with `cancel_leased`, matching
 //! leased work is cancelled, else it finishes. The meta group keeps the
-//! record (audited); every queue shard applies it too, since it holds the
-//! work.
+//! record (audited); every queue shard takes a copy by revision
+//! (`SyncShard`), since it holds the work.
 
 use axum::Json;
 use axum::extract::{Path, State};

@@ -134,10 +134,18 @@ pub fn restore_into(r: &Restore) -> Result<RestoreReport> {
     let expected: Vec<SectionMeta> = verified.sections.iter().map(|s| s.meta.clone()).collect();
     let sections = read_groups(&r.file, &expected)?;
     let summaries: Vec<GroupSummary> = sections.iter().map(|(m, _)| m.summary.clone()).collect();
-    let groups = sections
+    let mut groups: Vec<(u32, store::Restored)> = sections
         .into_iter()
         .map(|(meta, restored)| (meta.group, restored))
         .collect();
+    // The groups were copied one after another: the meta group's record of
+    // the weights and kill switches wins over the shards' copies.
+    if let [(_, meta), shards @ ..] = groups.as_mut_slice()
+        && !shards.is_empty()
+    {
+        let copies: Vec<_> = shards.iter().map(|(_, r)| r.state().synced()).collect();
+        meta.state_mut().restamp_after_restore(&copies);
+    }
     let seeded = store::seed_groups(&staging.path.join("raft"), groups, r.node, r.info.clone())?;
     staging.commit(&r.data_dir)?;
     let groups: Vec<(u32, LogId<NodeId>, GroupSummary)> = seeded

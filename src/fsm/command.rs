@@ -410,6 +410,11 @@ pub enum Command {
         epoch: u32,
         /// The shards it routes over.
         count: u32,
+        /// In the meta group: the revision of the weights and kill switches
+        /// the added shards were brought up to; refused when a change came
+        /// since (the leader syncs them again and retries), so no change
+        /// misses a shard that tasks are about to reach. Ignored by a shard.
+        sync_rev: u64,
     },
     /// A submission to a queue shard, routed by a node under routing
     /// epoch `epoch`. Refused when the shard has seen a later epoch (the
@@ -457,7 +462,7 @@ pub enum Command {
     },
     /// Sets (or with `None` lifts) kill switch `name`: matching ready work
     /// is held (not leased) while it is on. Applied by the meta group (the
-    /// record) and by every queue shard (which holds the work).
+    /// record); queue shards take it by [`Command::SyncShard`].
     SetSwitch {
         /// The switch's name.
         name: String,
@@ -631,13 +636,11 @@ impl Command {
             | Command::KillSession { .. }
             | Command::ReleaseAgent { .. }
             | Command::SubmitRouted { .. }
-            | Command::SyncShard { .. }
-            | Command::SetTenantWeight { .. } => Scope::Queue,
+            | Command::SyncShard { .. } => Scope::Queue,
             Command::Tick
             | Command::Audit(_)
             | Command::DefineGroup { .. }
-            | Command::OpenRoute { .. }
-            | Command::SetSwitch { .. } => Scope::Any,
+            | Command::OpenRoute { .. } => Scope::Any,
             Command::NodeHeartbeat { .. }
             | Command::SetDrain { .. }
             | Command::RegisterGateway(_)
@@ -657,7 +660,9 @@ impl Command {
             | Command::RevokeJti { .. }
             | Command::DefineShards { .. }
             | Command::GrowShards { .. }
-            | Command::PlaceShard { .. } => Scope::Meta,
+            | Command::PlaceShard { .. }
+            | Command::SetTenantWeight { .. }
+            | Command::SetSwitch { .. } => Scope::Meta,
         }
     }
 }

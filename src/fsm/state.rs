@@ -303,7 +303,11 @@ impl State {
             Command::DefineShards { count, placement } => self.define_shards(*count, *placement),
             Command::DefineGroup { group } => self.define_group(*group),
             Command::GrowShards { count, voters } => self.grow_shards(*count, voters),
-            Command::OpenRoute { epoch, count } => self.open_route(*epoch, *count),
+            Command::OpenRoute {
+                epoch,
+                count,
+                sync_rev,
+            } => self.open_route(*epoch, *count, *sync_rev),
             Command::SubmitRouted {
                 epoch,
                 lookback,
@@ -454,7 +458,7 @@ impl State {
 
     /// Routing epoch `epoch` over `count` shards: opened in the meta group
     /// (the next epoch, over every shard), recorded in a queue shard.
-    fn open_route(&mut self, epoch: u32, count: u32) -> Outcome {
+    fn open_route(&mut self, epoch: u32, count: u32, sync_rev: u64) -> Outcome {
         if self.group > 0 {
             self.route_epoch = self.route_epoch.max(epoch);
             return Ok(Reply::Done);
@@ -487,6 +491,12 @@ impl State {
                     self.routes.last().copied().unwrap_or(0)
                 ),
             ));
+        }
+        if sync_rev != self.sync_rev {
+            return Err(Rejection::Conflict(format!(
+                "the added shards were brought up to revision {sync_rev} of the weights and kill switches; they are at {} now: sync them again",
+                self.sync_rev
+            )));
         }
         self.routes.push(count);
         self.growth_voters.clear();
@@ -1342,6 +1352,12 @@ impl State {
         }
     }
 
+    /// In the meta group: the last revision given to a change of the
+    /// weights and kill switches.
+    pub fn sync_rev(&self) -> u64 {
+        self.sync_rev
+    }
+
     /// Tokens and compute time used, and waits for a first lease.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
@@ -1353,6 +1369,34 @@ impl State {
         Synced {
             weight_revs: self.weight_revs.clone(),
             switch_revs: self.switch_revs.clone(),
+        }
+    }
+
+    /// In a restored meta group: gives every weight and kill switch a new
+    /// revision above any the restored shards hold, and one to each key a
+    /// shard holds that the meta group does not know (as none). A backup
+    /// copies the groups one after another, so a shard may hold a later
+    /// change than the meta group, or revisions the meta group has not
+    /// handed out yet; after this, `sync_for` brings every shard back to
+    /// the meta group's record.
+    pub fn restamp_after_restore(&mut self, shards: &[Synced]) {
+        for s in shards {
+            let top = s.weight_revs.values().chain(s.switch_revs.values()).max();
+            self.sync_rev = self.sync_rev.max(top.copied().unwrap_or(0));
+            for t in s.weight_revs.keys() {
+                self.weight_revs.entry(t.clone()).or_insert(0);
+            }
+            for n in s.switch_revs.keys() {
+                self.switch_revs.entry(n.clone()).or_insert(0);
+            }
+        }
+        for rev in self
+            .weight_revs
+            .values_mut()
+            .chain(self.switch_revs.values_mut())
+        {
+            self.sync_rev += 1;
+            *rev = self.sync_rev;
         }
     }
 
@@ -1788,10 +1832,83 @@ mod tests {
                 shard.apply_one(101, copy).unwrap();
             }
             assert_eq!(shard.weights, meta.weights);
-            let names = |s: &State| s.switches.keys().cloned().collect::<Vec<_>>();
-            assert_eq!(names(&shard), names(&meta));
+            assert_eq!(switches_of(&shard), switches_of(&meta));
             assert!(meta.sync_for(&shard.synced()).is_none());
         }
+    }
+
+    /// A kill switch as it stops work (not when or by whom it was set).
+    fn switches_of(s: &State) -> Vec<(String, Option<crate::fsm::Tenant>, Option<String>, bool)> {
+        s.switches
+            .iter()
+            .map(|(n, w)| {
+                (
+                    n.clone(),
+                    w.tenant.clone(),
+                    w.capability.clone(),
+                    w.cancel_leased,
+                )
+            })
+            .collect()
+    }
+
+    /// After a restore whose shard holds later changes than its meta group
+    /// (a lifted switch, one the meta copy never saw), the shard is brought
+    /// back to the meta group's record.
+    #[test]
+    fn a_restored_meta_group_wins_over_its_shards() {
+        use crate::fsm::{KillSwitch, Synced};
+        let set = |name: &str| Command::SetSwitch {
+            name: name.into(),
+            switch: Some(KillSwitch::default()),
+        };
+        let mut meta = State::default();
+        meta.apply_one(0, set("s")).unwrap();
+        let mut shard = State::default();
+        shard
+            .apply_one(0, Command::DefineGroup { group: 1 })
+            .unwrap();
+        shard
+            .apply_one(0, meta.sync_for(&Synced::default()).unwrap())
+            .unwrap();
+        // Later changes the meta copy in the backup does not hold.
+        let mut later = meta.clone();
+        later
+            .apply_one(
+                1,
+                Command::SetSwitch {
+                    name: "s".into(),
+                    switch: None,
+                },
+            )
+            .unwrap();
+        later.apply_one(1, set("x")).unwrap();
+        shard
+            .apply_one(1, later.sync_for(&shard.synced()).unwrap())
+            .unwrap();
+        assert!(
+            meta.sync_for(&shard.synced()).is_none(),
+            "stale revisions: nothing sent"
+        );
+        meta.restamp_after_restore(&[shard.synced()]);
+        shard
+            .apply_one(2, meta.sync_for(&shard.synced()).unwrap())
+            .unwrap();
+        assert_eq!(switches_of(&shard), switches_of(&meta));
+        assert_eq!(switches_of(&shard).len(), 1, "s on, x gone");
+        // And later changes go through.
+        meta.apply_one(
+            3,
+            Command::SetSwitch {
+                name: "s".into(),
+                switch: None,
+            },
+        )
+        .unwrap();
+        shard
+            .apply_one(3, meta.sync_for(&shard.synced()).unwrap())
+            .unwrap();
+        assert!(shard.switches.is_empty());
     }
 
     /// Pages merged from shards, read page by page with each merged

@@ -42,6 +42,9 @@ const REMOVE_TIMEOUT: Duration = Duration::from_secs(20);
 const UNINITIALIZED_WARNING: Duration = Duration::from_secs(30);
 /// How long a hand-over target has to answer a ping.
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long one shard's copy of the weights and kill switches may take
+/// before the pass goes on (the next pass tries again).
+const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
 /// A learner this close to the leader's last index has caught up.
 const CAUGHT_UP_LAG: u64 = 8;
 
@@ -240,6 +243,26 @@ async fn grow(node: &Node, growth: &mut Growth) {
     if recorded <= 1 {
         return;
     }
+    // The shards routed to, first and whatever a growth is waiting for:
+    // their copies of the weights and kill switches brought up to the meta
+    // group's, and the current routing epoch told.
+    let epoch = routes.len() as u32;
+    let routed_groups = node.shard_groups().iter().take(routed as usize);
+    futures_util::future::join_all(routed_groups.map(|group| async move {
+        sync_shard(node, group.id()).await;
+        if epoch < 2 || group.state().read(|s| s.route_epoch()) >= epoch {
+            return;
+        }
+        let cmd = Command::OpenRoute {
+            epoch,
+            count: routed,
+            sync_rev: 0,
+        };
+        if let Err(e) = node.write_to(group.id(), cmd).await {
+            tracing::debug!(group = group.id(), error = %e, "routing epoch not told to the shard yet");
+        }
+    }))
+    .await;
     let configured = node.config().cluster.shards;
     if configured > recorded {
         let missing = nodes_without_group(node, configured).await;
@@ -297,22 +320,7 @@ async fn grow(node: &Node, growth: &mut Growth) {
         return;
     }
     if recorded > routed {
-        open_next_route(node, routed, recorded, routes.len() as u32).await;
-        return;
-    }
-    let epoch = routes.len() as u32;
-    for group in node.shard_groups().iter().take(routed as usize) {
-        sync_shard(node, group.id()).await;
-        if epoch < 2 || group.state().read(|s| s.route_epoch()) >= epoch {
-            continue;
-        }
-        let cmd = Command::OpenRoute {
-            epoch,
-            count: routed,
-        };
-        if let Err(e) = node.write_to(group.id(), cmd).await {
-            tracing::debug!(group = group.id(), error = %e, "routing epoch not told to the shard yet");
-        }
+        open_next_route(node, routed, recorded, epoch).await;
     }
 }
 
@@ -356,8 +364,10 @@ async fn open_next_route(node: &Node, routed: u32, recorded: u32, epoch: u32) {
         return;
     }
     // Tenants' round-robin weights and the kill switches live in every
-    // shard: the added ones get the meta group's before tasks go to them
-    // (what changes from now on reaches them by the same sync, each pass).
+    // shard: the added ones get the meta group's before tasks go to them.
+    // The epoch opens only if no change came since (it names the revision
+    // they were brought to): one that did is synced at the next pass.
+    let sync_rev = node.state().read(|s| s.sync_rev());
     for g in routed + 1..=recorded {
         if !sync_shard(node, g).await {
             return;
@@ -366,6 +376,7 @@ async fn open_next_route(node: &Node, routed: u32, recorded: u32, epoch: u32) {
     let cmd = Command::OpenRoute {
         epoch: epoch + 1,
         count: recorded,
+        sync_rev,
     };
     match node.write(cmd).await {
         Ok(Ok(_)) => tracing::info!(
@@ -373,6 +384,9 @@ async fn open_next_route(node: &Node, routed: u32, recorded: u32, epoch: u32) {
             shards = recorded,
             "a routing epoch opened: new tasks go to the added shards too"
         ),
+        Ok(Err(crate::fsm::Rejection::Conflict(why))) => {
+            tracing::info!(why, "routing epoch not opened yet")
+        }
         Ok(Err(rejected)) => tracing::error!(error = %rejected, "routing epoch refused"),
         Err(e) => tracing::debug!(error = %e, "routing epoch not committed yet"),
     }
@@ -390,7 +404,15 @@ async fn sync_shard(node: &Node, g: GroupId) -> bool {
     let Some(cmd) = node.state().read(|meta| meta.sync_for(&copy)) else {
         return true;
     };
-    match node.write_to(g, cmd).await {
+    let write = tokio::time::timeout(SYNC_TIMEOUT, node.write_to(g, cmd));
+    let Ok(written) = write.await else {
+        tracing::debug!(
+            group = g,
+            "weights and kill switches not copied to the shard in time"
+        );
+        return false;
+    };
+    match written {
         Ok(Ok(_)) => true,
         Ok(Err(rejected)) => {
             tracing::warn!(group = g, error = %rejected, "a shard refused the meta group's weights and kill switches");

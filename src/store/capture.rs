@@ -234,6 +234,11 @@ impl Restored {
     pub fn state(&self) -> &fsm::State {
         &self.applied.state
     }
+
+    /// The replicated state, to mend before it is seeded.
+    pub fn state_mut(&mut self) -> &mut fsm::State {
+        &mut self.applied.state
+    }
 }
 
 /// What [`seed`] wrote.
