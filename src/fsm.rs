@@ -76,8 +76,8 @@ pub use audit::{
     AuditTarget, ChainBroken, MAX_AUDIT_ENTRIES, verify as verify_audit_chain,
 };
 pub use auth::{
-    ApiKeyId, ApiKeyRecord, Auth, KEY_TOUCH_EVERY_MS, KeyHash, NewApiKey, Role, TenantPatch,
-    TenantRecord, TenantSettings,
+    ApiKeyId, ApiKeyRecord, Auth, Budget, KEY_TOUCH_EVERY_MS, KeyHash, NewApiKey, Role,
+    TenantPatch, TenantRecord, TenantSettings,
 };
 pub(crate) use command::check_name;
 pub use command::{
@@ -104,5 +104,6 @@ pub use task::{
     TaskId, TaskRegion, TaskStatus, Tenant,
 };
 pub use usage::{
-    Day, Ledger, TaskUsage, UsageKey, UsageTotals, WaitKey, WaitTotals, day_of, parse_usage,
+    Day, Ledger, TaskUsage, UsageKey, UsageTotals, WaitKey, WaitTotals, day_of, month_of,
+    parse_usage,
 };

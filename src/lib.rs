@@ -19,6 +19,7 @@
 pub mod actors;
 pub mod api;
 pub mod backup;
+pub mod budget;
 pub mod cli;
 pub mod clock;
 pub mod codec;

@@ -88,6 +88,10 @@ pub struct Metrics {
     raft_applied: IntGauge,
     group_leader: IntGaugeVec,
     group_applied: IntGaugeVec,
+    /// Per tenant with a budget: each limit's use over the limit.
+    budget_used: prometheus::GaugeVec,
+    /// Per tenant with a budget: the share of each limit it alerts from.
+    budget_soft: prometheus::GaugeVec,
     prevotes: IntCounterVec,
 }
 
@@ -259,6 +263,20 @@ fn build() -> prometheus::Result<Metrics> {
             ),
             &["group"],
         )?,
+        budget_used: prometheus::GaugeVec::new(
+            Opts::new(
+                "godel_tenant_budget_used_ratio",
+                "Per tenant with a budget: used over limit, per period (day, month) and unit (tokens, cost); 1 and up: new tasks refused",
+            ),
+            &["tenant", "period", "unit"],
+        )?,
+        budget_soft: prometheus::GaugeVec::new(
+            Opts::new(
+                "godel_tenant_budget_soft_ratio",
+                "Per tenant with a budget: the share of each limit from which it alerts",
+            ),
+            &["tenant", "period", "unit"],
+        )?,
         group_applied: IntGaugeVec::new(
             Opts::new(
                 "godel_raft_group_applied_index",
@@ -307,6 +325,8 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.raft_leader.clone()))?;
     m.registry.register(Box::new(m.group_leader.clone()))?;
     m.registry.register(Box::new(m.group_applied.clone()))?;
+    m.registry.register(Box::new(m.budget_used.clone()))?;
+    m.registry.register(Box::new(m.budget_soft.clone()))?;
     m.registry.register(Box::new(m.prevotes.clone()))?;
     m.registry.register(Box::new(m.raft_applied.clone()))?;
     crate::actors::register_metrics(&m.registry)?;
@@ -389,6 +409,31 @@ pub fn prevote(granted: bool) {
         .inc();
 }
 
+/// The budget gauges, from this node's replicas: one series per limit of
+/// each tenant record with a budget (a tenant label, bounded by the
+/// records an admin made).
+fn budgets(node: &Node, m: &Metrics) {
+    m.budget_used.reset();
+    m.budget_soft.reset();
+    let budgets: Vec<(crate::fsm::Tenant, crate::fsm::Budget)> = node.state().read(|s| {
+        s.auth()
+            .tenants()
+            .filter_map(|r| Some((r.name.clone(), r.settings.budget.clone()?)))
+            .collect()
+    });
+    let now = crate::clock::now_ms();
+    let visit = |f: &mut dyn FnMut(&crate::fsm::State)| crate::budget::for_groups(node, f);
+    for (tenant, budget) in budgets {
+        for u in crate::budget::uses(&visit, node.config(), &tenant, &budget, now) {
+            let labels = [tenant.0.as_str(), u.period.as_str(), u.unit.as_str()];
+            m.budget_used.with_label_values(&labels).set(u.ratio());
+            m.budget_soft
+                .with_label_values(&labels)
+                .set(f64::from(u.soft_percent) / 100.0);
+        }
+    }
+}
+
 /// Prometheus text for `GET /metrics`.
 pub fn encode(node: &Node) -> String {
     let m = global();
@@ -418,6 +463,7 @@ pub fn encode(node: &Node) -> String {
                 .set(depth.count(Some(p), s, None) as i64);
         }
     }
+    budgets(node, m);
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&m.registry.gather(), &mut buf) {
         tracing::error!(error = %e, "metrics encoding");

@@ -149,7 +149,7 @@ async fn every_metric_a_rule_reads_is_exported_by_a_node() {
         let api = c.api();
         let base = format!("http://{}", c.node(0).api_addr);
         // Labelled counters appear once counted: one denial, one proposal,
-        // one task event.
+        // one task event; the budget gauges with a budget.
         let anonymous = reqwest::get(format!("{base}/api/v1/tasks")).await.unwrap();
         assert_eq!(anonymous.status(), 401);
         let r = api
@@ -160,6 +160,10 @@ async fn every_metric_a_rule_reads_is_exported_by_a_node() {
                 support::deadline(Duration::from_secs(20)),
             )
             .await;
+        assert_eq!(r.status, 201, "{r:?}");
+        // Budget gauges appear for a tenant with a budget.
+        let body = serde_json::json!({"name": "capped", "budget": {"daily_tokens": 1000}});
+        let r = api.post(0, "/api/v1/tenants", &body).await.unwrap();
         assert_eq!(r.status, 201, "{r:?}");
         let text = reqwest::get(format!("{base}/metrics"))
             .await

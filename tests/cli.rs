@@ -746,6 +746,31 @@ fn security_session(api: &str) {
         (true, Some(50)),
         "{t}"
     );
+    let t = ok(
+        api,
+        &[
+            "tenant",
+            "set",
+            "acme",
+            "--daily-tokens",
+            "5000",
+            "--monthly-cost-usd",
+            "20",
+        ],
+    );
+    assert_eq!(
+        t["budget"],
+        serde_json::json!({"daily_tokens": 5000, "monthly_tokens": null, "daily_cost_usd": null,
+                           "monthly_cost_usd": 20.0, "soft_percent": 80}),
+        "{t}"
+    );
+    let t = ok(api, &["tenant", "set", "acme", "--no-budget"]);
+    assert!(t["budget"].is_null(), "{t}");
+    let u = ok(
+        api,
+        &["usage", "--tenant", "acme", "--group-by", "tenant,day"],
+    );
+    assert_eq!(u["group_by"], serde_json::json!(["tenant", "day"]), "{u}");
     assert_eq!(ok(api, &["tenant", "ls"])["items"][0]["queued"], 1);
     assert_eq!(ok(api, &["tenant", "get", "acme"])["weight"], 3);
     let (code, err) = godel(api, &["tenant", "rm", "acme"]);

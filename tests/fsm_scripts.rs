@@ -97,7 +97,7 @@ use std::str::FromStr;
 use godel::codec;
 use godel::fsm::{
     AgentId, AgentProfile, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter,
-    AuditRecord, AuditTarget, Backoff, Batch, Circuit, Command, DeadLetterFilter,
+    AuditRecord, AuditTarget, Backoff, Batch, Budget, Circuit, Command, DeadLetterFilter,
     DependencyFailure, DispatchPolicy, DispatchSpec, Event, EventKind, FencingToken, GatewayChange,
     GatewayId, GatewayRegistration, Health, KillSwitch, LeaseGrant, Member, NewApiKey, Outcome,
     Priority, PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request, Role, SessionKey,
@@ -1017,7 +1017,36 @@ fn tenant_patch(args: &mut Args) -> Result<TenantPatch, String> {
         max_queued: limit(args, "max_queued")?,
         rate_per_second: limit(args, "rate")?,
         burst: limit(args, "burst")?,
+        budget: match args.take("budget").as_deref() {
+            None => None,
+            Some("none") => Some(None),
+            Some(v) => Some(Some(budget(v)?)),
+        },
     })
+}
+
+/// `daily_tokens:N,monthly_tokens:N,daily_cost:MICROS,monthly_cost:MICROS,soft:P`
+/// (any of them; soft defaults to 80).
+fn budget(v: &str) -> Result<Budget, String> {
+    let mut b = Budget {
+        soft_percent: 80,
+        ..Budget::default()
+    };
+    for pair in v.split(',') {
+        let (k, n) = pair
+            .split_once(':')
+            .ok_or_else(|| format!("`{pair}`: want key:value"))?;
+        let n: u64 = n.parse().map_err(|e| format!("`{pair}`: {e}"))?;
+        match k {
+            "daily_tokens" => b.daily_tokens = Some(n),
+            "monthly_tokens" => b.monthly_tokens = Some(n),
+            "daily_cost" => b.daily_cost_micros = Some(n),
+            "monthly_cost" => b.monthly_cost_micros = Some(n),
+            "soft" => b.soft_percent = n.try_into().map_err(|_| format!("`{pair}`: too big"))?,
+            _ => return Err(format!("`{k}`: not a budget field")),
+        }
+    }
+    Ok(b)
 }
 
 fn key_lines(state: &State) -> Vec<String> {
@@ -1124,7 +1153,19 @@ fn tenant_line(t: &TenantRecord, state: &State) -> String {
         show(t.settings.rate_per_second.map(|v| v.to_string())),
         show(t.settings.burst.map(|v| v.to_string())),
         state.queued_of(&t.name)
-    )
+    ) + &t.settings.budget.as_ref().map_or_else(String::new, |b| {
+        let part = |name: &str, v: Option<u64>| v.map(|v| format!("{name}:{v},"));
+        let parts: String = [
+            part("daily_tokens", b.daily_tokens),
+            part("monthly_tokens", b.monthly_tokens),
+            part("daily_cost", b.daily_cost_micros),
+            part("monthly_cost", b.monthly_cost_micros),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        format!(" budget={parts}soft:{}", b.soft_percent)
+    })
 }
 
 fn jti_lines(state: &State) -> Vec<String> {

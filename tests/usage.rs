@@ -5,7 +5,9 @@
 //! up by tenant, model and gateway, prices `m-1` with the node's `[prices]`
 //! and counts unpriced tokens apart; the task shows its own usage;
 //! `GET /usage/export` is the same as CSV; a developer sees its own
-//! tenant's only; bad dates and groups are refused.
+//! tenant's only; bad dates and groups are refused. A tenant budget used up
+//! refuses the tenant's new tasks (429 `budget`), and `/metrics` shows
+//! each limit's use.
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -129,6 +131,56 @@ async fn usage_is_counted_priced_and_scoped() {
                 .replace("{c0}", &none["compute_ms"].to_string())
                 .replace("{c1}", &m1["compute_ms"].to_string()),
         );
+
+        // Budgets: acme has used 3660 tokens today. At a limit of 3660 its
+        // new tasks are refused (429 `budget`, naming the limit and when it
+        // resets); another tenant's are not; the metric shows the use.
+        let r = api
+            .post(0, "/api/v1/tenants", &json!({"name": "acme",
+                "budget": {"daily_tokens": 3660, "monthly_cost_usd": 1.0, "soft_percent": 50}}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{r:?}");
+        assert_eq!(
+            r.body["budget"],
+            json!({"daily_tokens": 3660, "monthly_tokens": null, "daily_cost_usd": null,
+                   "monthly_cost_usd": 1.0, "soft_percent": 50}),
+            "{r:?}"
+        );
+        let body = json!({"tenant": "acme", "payload": {}});
+        let r = api.post(0, "/api/v1/tasks", &body).await.unwrap();
+        r.assert_error(429, "budget");
+        assert!(
+            r.message().contains("3660 tokens of its day budget of 3660 tokens")
+                && r.message().contains("T00:00:00"),
+            "{r:?}"
+        );
+        let beta = json!({"tenant": "beta", "payload": {}, "capabilities": ["nobody-has-this"]});
+        let other = api.post(0, "/api/v1/tasks", &beta).await.unwrap();
+        assert_eq!(other.status, 201, "{other:?}");
+        let metrics = api.get(0, "/metrics").await.unwrap();
+        let text = metrics.body.as_str().unwrap();
+        for line in [
+            r#"godel_tenant_budget_used_ratio{period="day",tenant="acme",unit="tokens"} 1"#,
+            // $0.018 of $1.
+            r#"godel_tenant_budget_used_ratio{period="month",tenant="acme",unit="cost"} 0.018"#,
+            r#"godel_tenant_budget_soft_ratio{period="day",tenant="acme",unit="tokens"} 0.5"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        // Raised, the tenant submits again; a bad budget changes nothing.
+        for bad in [json!({}), json!({"daily_tokens": 0}), json!({"daily_cost_usd": -1.0}),
+                    json!({"daily_tokens": 5, "soft_percent": 0})] {
+            let r = api.patch(0, "/api/v1/tenants/acme", &json!({"budget": bad})).await.unwrap();
+            assert_eq!(r.status, 400, "{bad}: {r:?}");
+        }
+        let r = api
+            .patch(0, "/api/v1/tenants/acme", &json!({"budget": {"daily_tokens": 100000}}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        let r = api.post(0, "/api/v1/tasks", &body).await.unwrap();
+        assert_eq!(r.status, 201, "{r:?}");
 
         // A developer of another tenant sees none of it, and may not ask.
         let body = json!({"name": "beta-dev", "role": Role::Developer, "tenant": "beta"});

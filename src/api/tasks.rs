@@ -237,6 +237,44 @@ async fn admit(api: &Api, spec: &SubmitTask) -> ApiResult<()> {
             return Ok(());
         }
     }
+    // A tenant past a budget limit: no new work until the period ends.
+    let budget = api.node.state().read(|s| {
+        s.auth()
+            .tenant(&spec.tenant)
+            .and_then(|r| r.settings.budget.clone())
+    });
+    if let Some(budget) = budget {
+        let node = &api.node;
+        let visit = |f: &mut dyn FnMut(&crate::fsm::State)| crate::budget::for_groups(node, f);
+        let uses = crate::budget::uses(
+            &visit,
+            node.config(),
+            &spec.tenant,
+            &budget,
+            clock::now_ms(),
+        );
+        if let Some(u) = uses.iter().find(|u| u.exhausted()) {
+            let (used, limit) = match u.unit {
+                crate::budget::Unit::Tokens => {
+                    (format!("{} tokens", u.used), format!("{} tokens", u.limit))
+                }
+                crate::budget::Unit::Cost => (
+                    format!("${:.2}", u.used as f64 / 1e6),
+                    format!("${:.2}", u.limit as f64 / 1e6),
+                ),
+            };
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "budget",
+                format!(
+                    "tenant `{}` has used {used} of its {} budget of {limit}: new tasks are refused until {} (running ones finish)",
+                    spec.tenant,
+                    u.period.as_str(),
+                    clock::rfc3339(u.resets_at_ms)
+                ),
+            ));
+        }
+    }
     let priority = match (spec.priority, spec.parent_id) {
         (Some(p), _) => p,
         (None, Some(parent)) => match api.node.queue_group_of(parent.0) {

@@ -16,7 +16,9 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::json::Body;
 use super::{Api, unexpected};
 use crate::clock;
-use crate::fsm::{AuditTarget, Command, Reply, State as Fsm, Tenant, TenantPatch, TenantRecord};
+use crate::fsm::{
+    AuditTarget, Budget, Command, Reply, State as Fsm, Tenant, TenantPatch, TenantRecord,
+};
 
 /// `POST /tenants` body: the name and any settings.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -36,6 +38,72 @@ pub struct TenantCreate {
     /// Rate bucket size per node; `null` or absent: the node's default.
     #[schema(minimum = 1)]
     burst: Option<u32>,
+    /// Spending limits; `null` or absent: none.
+    budget: Option<BudgetBody>,
+}
+
+/// A tenant's spending limits per UTC day and calendar month: tokens (in
+/// and out) and cost in USD at the nodes' `[prices]`. Past a limit, new
+/// tasks are refused (429, code `budget`) until the period ends; running
+/// ones finish. Past `soft_percent` of a limit, the metric
+/// `godel_tenant_budget_used_ratio` crosses `godel_tenant_budget_soft_ratio`
+/// (the shipped rule `GodelTenantBudgetSoftLimit` alerts).
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetBody {
+    /// Tokens a day.
+    #[schema(minimum = 1)]
+    daily_tokens: Option<u64>,
+    /// Tokens a month.
+    #[schema(minimum = 1)]
+    monthly_tokens: Option<u64>,
+    /// USD a day.
+    #[schema(exclusive_minimum = 0.0, maximum = 1000000000.0)]
+    daily_cost_usd: Option<f64>,
+    /// USD a month.
+    #[schema(exclusive_minimum = 0.0, maximum = 1000000000.0)]
+    monthly_cost_usd: Option<f64>,
+    /// The share of a limit, in percent, from which it alerts (default 80).
+    #[schema(minimum = 1, maximum = 100)]
+    soft_percent: Option<u8>,
+}
+
+impl BudgetBody {
+    fn budget(&self) -> ApiResult<Budget> {
+        let micros = |field: &str, usd: Option<f64>| -> ApiResult<Option<u64>> {
+            match usd {
+                None => Ok(None),
+                Some(v) if v.is_finite() && v > 0.0 && v <= 1e9 => {
+                    Ok(Some(((v * 1e6).round() as u64).max(1)))
+                }
+                Some(v) => Err(ApiError::invalid(format!(
+                    "invalid field `budget.{field}`: {v} is not a cost in USD (> 0, at most 1e9)"
+                ))),
+            }
+        };
+        let b = Budget {
+            daily_tokens: self.daily_tokens,
+            monthly_tokens: self.monthly_tokens,
+            daily_cost_micros: micros("daily_cost_usd", self.daily_cost_usd)?,
+            monthly_cost_micros: micros("monthly_cost_usd", self.monthly_cost_usd)?,
+            soft_percent: self.soft_percent.unwrap_or(80),
+        };
+        b.check()
+            .map_err(|p| ApiError::invalid(format!("invalid field `budget`: {p}")))?;
+        Ok(b)
+    }
+
+    /// The view of a stored budget.
+    fn of(b: &Budget) -> Self {
+        let usd = |m: Option<u64>| m.map(|m| m as f64 / 1e6);
+        BudgetBody {
+            daily_tokens: b.daily_tokens,
+            monthly_tokens: b.monthly_tokens,
+            daily_cost_usd: usd(b.daily_cost_micros),
+            monthly_cost_usd: usd(b.monthly_cost_micros),
+            soft_percent: Some(b.soft_percent),
+        }
+    }
 }
 
 /// `PATCH /tenants/{tenant}` body: an absent field is left as it is, and
@@ -62,6 +130,10 @@ pub struct TenantBody {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<u32>, minimum = 1)]
     burst: Option<Option<u32>>,
+    /// Spending limits (replaced whole); `null`: none.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<BudgetBody>)]
+    budget: Option<Option<BudgetBody>>,
 }
 
 /// A field that is present (`Some`), possibly `null` (`Some(None)`);
@@ -75,24 +147,30 @@ where
 }
 
 impl TenantCreate {
-    fn patch(&self) -> TenantPatch {
-        TenantPatch {
+    fn patch(&self) -> ApiResult<TenantPatch> {
+        Ok(TenantPatch {
             weight: self.weight,
             max_queued: Some(self.max_queued),
             rate_per_second: Some(self.rate_per_second),
             burst: Some(self.burst),
-        }
+            budget: Some(self.budget.as_ref().map(BudgetBody::budget).transpose()?),
+        })
     }
 }
 
 impl TenantBody {
-    fn patch(&self) -> TenantPatch {
-        TenantPatch {
+    fn patch(&self) -> ApiResult<TenantPatch> {
+        let budget = match &self.budget {
+            None => None,
+            Some(b) => Some(b.as_ref().map(BudgetBody::budget).transpose()?),
+        };
+        Ok(TenantPatch {
             weight: self.weight,
             max_queued: self.max_queued,
             rate_per_second: self.rate_per_second,
             burst: self.burst,
-        }
+            budget,
+        })
     }
 }
 
@@ -105,6 +183,8 @@ pub struct TenantView {
     max_queued: Option<u64>,
     rate_per_second: Option<u32>,
     burst: Option<u32>,
+    /// Spending limits, if any.
+    budget: Option<BudgetBody>,
     #[schema(format = DateTime)]
     created_at: String,
     #[schema(format = DateTime)]
@@ -122,6 +202,7 @@ pub fn tenant_view(r: &TenantRecord, weight: u32, queued: Option<u64>) -> Tenant
         max_queued: r.settings.max_queued,
         rate_per_second: r.settings.rate_per_second,
         burst: r.settings.burst,
+        budget: r.settings.budget.as_ref().map(BudgetBody::of),
         created_at: clock::rfc3339(r.created_at_ms),
         updated_at: clock::rfc3339(r.updated_at_ms),
         queued,
@@ -177,7 +258,7 @@ pub async fn create(
     let tenant = parse_tenant(&b.name)?;
     let cmd = Command::CreateTenant {
         tenant: tenant.clone(),
-        patch: b.patch(),
+        patch: b.patch()?,
     };
     let reply = api
         .write_as(
@@ -212,7 +293,7 @@ pub async fn update(
     }
     let cmd = Command::UpdateTenant {
         tenant: tenant.clone(),
-        patch: b.patch(),
+        patch: b.patch()?,
     };
     let reply = api
         .write_as(

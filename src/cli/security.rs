@@ -130,6 +130,26 @@ pub struct TenantSettingsArgs {
     /// Bucket size per node, or `none` (node default).
     #[arg(long)]
     burst: Option<String>,
+    /// Budget: tokens a UTC day (a budget is replaced whole by any
+    /// budget flag).
+    #[arg(long)]
+    daily_tokens: Option<u64>,
+    /// Budget: tokens a calendar month.
+    #[arg(long)]
+    monthly_tokens: Option<u64>,
+    /// Budget: USD a UTC day (at the nodes' [prices]).
+    #[arg(long)]
+    daily_cost_usd: Option<f64>,
+    /// Budget: USD a calendar month.
+    #[arg(long)]
+    monthly_cost_usd: Option<f64>,
+    /// Budget: the share of a limit, in percent, from which it alerts
+    /// (default 80).
+    #[arg(long)]
+    soft_percent: Option<u8>,
+    /// Remove the tenant's budget.
+    #[arg(long, conflicts_with_all = ["daily_tokens", "monthly_tokens", "daily_cost_usd", "monthly_cost_usd", "soft_percent"])]
+    no_budget: bool,
 }
 
 /// `godel jwt ...`
@@ -242,6 +262,16 @@ fn settings_body(name: Option<String>, s: TenantSettingsArgs) -> anyhow::Result<
         if let Some(v) = limit_arg(flag, v)? {
             body.insert(key.into(), v);
         }
+    }
+    let budget = strip_nulls(json!({
+        "daily_tokens": s.daily_tokens, "monthly_tokens": s.monthly_tokens,
+        "daily_cost_usd": s.daily_cost_usd, "monthly_cost_usd": s.monthly_cost_usd,
+        "soft_percent": s.soft_percent,
+    }));
+    if s.no_budget {
+        body.insert("budget".into(), Value::Null);
+    } else if budget.as_object().is_some_and(|b| !b.is_empty()) {
+        body.insert("budget".into(), budget);
     }
     Ok(Value::Object(body))
 }

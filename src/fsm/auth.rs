@@ -206,6 +206,48 @@ pub struct TenantSettings {
     pub rate_per_second: Option<u32>,
     /// Its bucket size on each node; None: the node's `auth.rate.tenant_burst`.
     pub burst: Option<u32>,
+    /// Its spending limits (none: no limit).
+    pub budget: Option<Budget>,
+}
+
+/// A tenant's spending limits per UTC day and calendar month, in tokens
+/// (in and out) and cost (at the nodes' `[prices]`, in millionths of a
+/// USD). Past a limit, its new tasks are refused until the period ends
+/// (running ones finish); past `soft_percent` of one, an alert.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Budget {
+    /// Tokens a day.
+    pub daily_tokens: Option<u64>,
+    /// Tokens a month.
+    pub monthly_tokens: Option<u64>,
+    /// Cost a day, in millionths of a USD.
+    pub daily_cost_micros: Option<u64>,
+    /// Cost a month, in millionths of a USD.
+    pub monthly_cost_micros: Option<u64>,
+    /// The share of a limit, in percent, from which it alerts (1 to 100).
+    pub soft_percent: u8,
+}
+
+impl Budget {
+    /// Why it is not a budget, if it is not.
+    pub fn check(&self) -> Result<(), String> {
+        let limits = [
+            self.daily_tokens,
+            self.monthly_tokens,
+            self.daily_cost_micros,
+            self.monthly_cost_micros,
+        ];
+        if limits.iter().all(Option::is_none) {
+            return Err("names no limit (null removes the budget)".into());
+        }
+        if limits.contains(&Some(0)) {
+            return Err("a limit must be > 0".into());
+        }
+        if !(1..=100).contains(&self.soft_percent) {
+            return Err("soft_percent must be 1..=100".into());
+        }
+        Ok(())
+    }
 }
 
 /// A tenant with settings.
@@ -233,6 +275,8 @@ pub struct TenantPatch {
     pub rate_per_second: Option<Option<u32>>,
     /// New bucket size.
     pub burst: Option<Option<u32>>,
+    /// New budget (`Some(None)`: none).
+    pub budget: Option<Option<Budget>>,
 }
 
 /// Credentials and tenants, part of [`State`].
@@ -413,6 +457,9 @@ impl State {
         {
             return Err(Rejection::invalid("weight", "must be 1..=1000"));
         }
+        if let Some(Some(b)) = &patch.budget {
+            b.check().map_err(|p| Rejection::invalid("budget", p))?;
+        }
         let s = &mut rec.settings;
         if let Some(v) = patch.max_queued {
             s.max_queued = v;
@@ -422,6 +469,9 @@ impl State {
         }
         if let Some(v) = patch.burst {
             s.burst = v;
+        }
+        if let Some(v) = &patch.budget {
+            s.budget = v.clone();
         }
         if s.rate_per_second == Some(0) || s.burst == Some(0) {
             return Err(Rejection::invalid(

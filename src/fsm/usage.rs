@@ -30,6 +30,43 @@ pub fn day_of(ms: u64) -> Day {
     (ms / 86_400_000) as Day
 }
 
+/// The calendar month (UTC) `day` falls in: its first day, and the first
+/// day of the next.
+pub fn month_of(day: Day) -> (Day, Day) {
+    let (y, m, _) = civil_from_days(i64::from(day));
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    (
+        days_from_civil(y, m, 1) as Day,
+        days_from_civil(ny, nm, 1) as Day,
+    )
+}
+
+/// Year, month (1-12) and day (1-31) of day `z` since 1970-01-01 (H.
+/// Hinnant's algorithm, proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Days since 1970-01-01 of `y`-`m`-`d`.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Longest model name kept; a longer one is cut.
 const MAX_MODEL_BYTES: usize = 128;
 
@@ -157,6 +194,25 @@ impl Ledger {
         &self.rows
     }
 
+    /// Tenant `tenant`'s rows of days `from..=to`.
+    pub fn tenant_rows<'a>(
+        &'a self,
+        tenant: &'a Tenant,
+        from: Day,
+        to: Day,
+    ) -> impl Iterator<Item = (&'a UsageKey, &'a UsageTotals)> + 'a {
+        let start = UsageKey {
+            tenant: tenant.clone(),
+            day: from,
+            model: None,
+            gateway: None,
+            agent: AgentId(String::new()),
+        };
+        self.rows
+            .range(start..)
+            .take_while(move |(k, _)| k.tenant == *tenant && k.day <= to)
+    }
+
     /// The wait rows, in key order.
     pub fn waits(&self) -> &BTreeMap<WaitKey, WaitTotals> {
         &self.waits
@@ -213,6 +269,23 @@ mod tests {
         assert_eq!(r(r#"{"usage":{"input":-1,"output":"5"}}"#), None);
         assert_eq!(r(r#"{"usage": 12}"#), None);
         assert_eq!(r(r#"not json "usage""#), None);
+    }
+
+    #[test]
+    fn months_start_on_their_first_day() {
+        // 2026-12-05 is day 20_792.
+        assert_eq!(civil_from_days(20_792), (2026, 12, 5));
+        assert_eq!(month_of(20_792), (20_788, 20_819));
+        assert_eq!(civil_from_days(20_819), (2027, 1, 1));
+        // February of a leap year.
+        let feb = days_from_civil(2028, 2, 10) as Day;
+        let (start, next) = month_of(feb);
+        assert_eq!(next - start, 29);
+        assert_eq!(civil_from_days(i64::from(start)), (2028, 2, 1));
+        for day in 0..30_000 {
+            let (y, m, d) = civil_from_days(day);
+            assert_eq!(days_from_civil(y, m, d), day);
+        }
     }
 
     #[test]
