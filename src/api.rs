@@ -392,6 +392,9 @@ async fn housekeeping(api: Api) {
             _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
         }
         api.auth.rates.prune();
+        if api.node.is_leader() {
+            crate::budget::alert(&api.node).await;
+        }
         let ids = api.auth.take_touches();
         if !ids.is_empty()
             && !matches!(

@@ -9,43 +9,7 @@
 use crate::config::Config;
 use crate::fsm::{Budget, Day, State, Tenant, day_of, month_of};
 
-/// Which period a limit covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Period {
-    /// The UTC day.
-    Day,
-    /// The calendar month (UTC).
-    Month,
-}
-
-impl Period {
-    /// Its name, as the metric labels and error messages say it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Period::Day => "day",
-            Period::Month => "month",
-        }
-    }
-}
-
-/// What a limit counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Unit {
-    /// Tokens in and out.
-    Tokens,
-    /// Cost, in millionths of a USD.
-    Cost,
-}
-
-impl Unit {
-    /// Its name, as the metric labels say it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Unit::Tokens => "tokens",
-            Unit::Cost => "cost",
-        }
-    }
-}
+pub use crate::fsm::{BudgetPeriod as Period, BudgetUnit as Unit};
 
 /// One limit and how much of it is used.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -60,6 +24,8 @@ pub struct Use {
     pub limit: u64,
     /// From which share of it, in percent, it alerts.
     pub soft_percent: u8,
+    /// The period's first day.
+    pub start_day: Day,
     /// When the period ends (ms since the epoch).
     pub resets_at_ms: u64,
 }
@@ -73,6 +39,75 @@ impl Use {
     /// Whether the limit is used up.
     pub fn exhausted(&self) -> bool {
         self.used >= self.limit
+    }
+
+    /// The highest level it has reached, if any.
+    pub fn level(&self) -> Option<crate::fsm::BudgetLevel> {
+        if self.exhausted() {
+            Some(crate::fsm::BudgetLevel::Exhausted)
+        } else if self.used.saturating_mul(100)
+            >= self.limit.saturating_mul(u64::from(self.soft_percent))
+        {
+            Some(crate::fsm::BudgetLevel::Soft)
+        } else {
+            None
+        }
+    }
+}
+
+/// On the meta leader: records an alert (with its event) for each budget
+/// level a tenant's limit has reached in its period and that has not been
+/// alerted yet. A limit found used up records its soft level too.
+pub async fn alert(node: &crate::node::Node) {
+    let budgets: Vec<(Tenant, Budget)> = node.state().read(|s| {
+        s.auth()
+            .tenants()
+            .filter_map(|r| Some((r.name.clone(), r.settings.budget.clone()?)))
+            .collect()
+    });
+    let now = crate::clock::now_ms();
+    for (tenant, budget) in budgets {
+        let visit = |f: &mut dyn FnMut(&State)| for_groups(node, f);
+        for u in uses(&visit, node.config(), &tenant, &budget, now) {
+            let levels: &[crate::fsm::BudgetLevel] = match u.level() {
+                None => &[],
+                Some(crate::fsm::BudgetLevel::Soft) => &[crate::fsm::BudgetLevel::Soft],
+                Some(crate::fsm::BudgetLevel::Exhausted) => &[
+                    crate::fsm::BudgetLevel::Soft,
+                    crate::fsm::BudgetLevel::Exhausted,
+                ],
+            };
+            for level in levels {
+                let seen = node
+                    .state()
+                    .read(|s| s.budget_alerted(&tenant, u.period, u.start_day, u.unit, *level));
+                if seen {
+                    continue;
+                }
+                let cmd = crate::fsm::Command::BudgetAlert(crate::fsm::BudgetAlert {
+                    tenant: tenant.clone(),
+                    period: u.period,
+                    start_day: u.start_day,
+                    unit: u.unit,
+                    level: *level,
+                    used: u.used,
+                    limit: u.limit,
+                });
+                match node.write(cmd).await {
+                    Ok(Ok(_)) => tracing::warn!(
+                        tenant = %tenant,
+                        period = u.period.as_str(),
+                        unit = u.unit.as_str(),
+                        level = level.as_str(),
+                        used = u.used,
+                        limit = u.limit,
+                        "a tenant's budget crossed a level"
+                    ),
+                    Ok(Err(rejected)) => tracing::error!(error = %rejected, "budget alert refused"),
+                    Err(e) => tracing::debug!(error = %e, "budget alert not recorded yet"),
+                }
+            }
+        }
     }
 }
 
@@ -138,9 +173,9 @@ pub fn uses(
         .into_iter()
         .filter_map(|(period, unit, limit, used)| {
             let limit = limit?;
-            let resets_at_ms = match period {
-                Period::Day => ms(today + 1),
-                Period::Month => ms(next_month),
+            let (start_day, resets_at_ms) = match period {
+                Period::Day => (today, ms(today + 1)),
+                Period::Month => (month_start, ms(next_month)),
             };
             Some(Use {
                 period,
@@ -148,6 +183,7 @@ pub fn uses(
                 used,
                 limit,
                 soft_percent: budget.soft_percent,
+                start_day,
                 resets_at_ms,
             })
         })

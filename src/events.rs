@@ -152,6 +152,12 @@ fn data(what: &What) -> Value {
             NodeChange::LeaderChanged { term } => json!({"id": id, "term": term}),
             NodeChange::Left | NodeChange::Draining | NodeChange::Undrained => json!({"id": id}),
         },
+        What::Budget(a) => json!({
+            "period": a.period.as_str(),
+            "unit": a.unit.as_str(),
+            "used": a.used,
+            "limit": a.limit,
+        }),
         What::Audit(a) => json!({
             "seq": a.seq,
             "actor": &*a.actor,

@@ -54,7 +54,9 @@
 //!   [tenant=T] [cap=C] [cancel_leased=true] [lift=true]` (a queue shard
 //!   takes the meta group's copy of one item at revision R); `revs` reads
 //!   the revisions a state holds
-//! - `usage` reads the ledger (tokens, compute time, first-lease waits)
+//! - `usage` reads the ledger (tokens, compute time, first-lease waits);
+//!   `budget_alert tenant=T [period=day|month] start=DAY [unit=tokens|cost]
+//!   [level=soft|exhausted] used=N limit=N` records a budget alert
 //! - `place_shard shard=N [placement=P [home=R]]` (a shard's own placement;
 //!   none: the cluster's again), read with `shard_rule shard=N`
 //! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
@@ -97,13 +99,13 @@ use std::str::FromStr;
 use godel::codec;
 use godel::fsm::{
     AgentId, AgentProfile, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter,
-    AuditRecord, AuditTarget, Backoff, Batch, Budget, Circuit, Command, DeadLetterFilter,
-    DependencyFailure, DispatchPolicy, DispatchSpec, Event, EventKind, FencingToken, GatewayChange,
-    GatewayId, GatewayRegistration, Health, KillSwitch, LeaseGrant, Member, NewApiKey, Outcome,
-    Priority, PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request, Role, SessionKey,
-    SessionRecord, SessionState, State, SubmitTask, SyncSwitch, SyncWeight, Synced, Task,
-    TaskFilter, TaskId, TaskRegion, TaskStatus, Tenant, TenantPatch, TenantRecord, What, Write,
-    verify_audit_chain,
+    AuditRecord, AuditTarget, Backoff, Batch, Budget, BudgetAlert, BudgetLevel, BudgetPeriod,
+    BudgetUnit, Circuit, Command, DeadLetterFilter, DependencyFailure, DispatchPolicy,
+    DispatchSpec, Event, EventKind, FencingToken, GatewayChange, GatewayId, GatewayRegistration,
+    Health, KillSwitch, LeaseGrant, Member, NewApiKey, Outcome, Priority, PullSlot, PullSpec,
+    Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord, SessionState,
+    State, SubmitTask, SyncSwitch, SyncWeight, Synced, Task, TaskFilter, TaskId, TaskRegion,
+    TaskStatus, Tenant, TenantPatch, TenantRecord, What, Write, verify_audit_chain,
 };
 use godel::trace::TraceContext;
 
@@ -163,6 +165,7 @@ scripts! {
     dependency_failure_cancels_or_blocks,
     cancel_cascades_to_children,
     approval_gates_a_task,
+    budget_alerts_once_per_period,
     kill_switch_holds_matching_work,
     meta_revisions_for_shard_copies,
     dispatch_by_role,
@@ -833,6 +836,24 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
                 })
                 .collect::<Result<_, String>>()?,
         },
+        "budget_alert" => Command::BudgetAlert(BudgetAlert {
+            tenant: Tenant(args.require("tenant")?),
+            period: match args.take("period").as_deref() {
+                Some("month") => BudgetPeriod::Month,
+                _ => BudgetPeriod::Day,
+            },
+            start_day: args.require("start")?,
+            unit: match args.take("unit").as_deref() {
+                Some("cost") => BudgetUnit::Cost,
+                _ => BudgetUnit::Tokens,
+            },
+            level: match args.take("level").as_deref() {
+                Some("exhausted") => BudgetLevel::Exhausted,
+                _ => BudgetLevel::Soft,
+            },
+            used: args.require("used")?,
+            limit: args.require("limit")?,
+        }),
         "sync_weight" => Command::SyncShard {
             weights: vec![SyncWeight {
                 tenant: Tenant(args.require("tenant")?),
@@ -1585,6 +1606,16 @@ fn event_line(e: &Event) -> String {
         },
         What::Agent { id, change } => format!("agent {id} {change:?}"),
         What::Node { id, change } => format!("node {id} {change:?}"),
+        What::Budget(a) => format!(
+            "tenant {} budget {} {} from day {} {}: {} of {}",
+            a.tenant,
+            a.period.as_str(),
+            a.unit.as_str(),
+            a.start_day,
+            a.level.as_str(),
+            a.used,
+            a.limit
+        ),
         What::Audit(a) => format!(
             "audit {} {} {} {} {}",
             a.seq, a.actor, a.action, a.target, a.outcome

@@ -6,8 +6,8 @@
 //! and counts unpriced tokens apart; the task shows its own usage;
 //! `GET /usage/export` is the same as CSV; a developer sees its own
 //! tenant's only; bad dates and groups are refused. A tenant budget used up
-//! refuses the tenant's new tasks (429 `budget`), and `/metrics` shows
-//! each limit's use.
+//! refuses the tenant's new tasks (429 `budget`), `/metrics` shows each
+//! limit's use, and the levels crossed are events, once each.
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -168,6 +168,36 @@ async fn usage_is_counted_priced_and_scoped() {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+        // The meta leader records each level crossed once, with an event
+        // (its pass runs every 10 s): the soft share and the limit.
+        let url = format!("http://{}", c.node(0).api_addr);
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("timeout")
+                .args(["40", support::BIN, "--api", &url, "-o", "json", "events", "tenant.>", "--since", "0", "--count", "2"])
+                .env("GODEL_API_KEY", support::ADMIN_KEY)
+                .output()
+                .expect("run godel events")
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an event per line"))
+            .collect();
+        let seen: Vec<(&str, &Value)> = events
+            .iter()
+            .map(|e| (e["type"].as_str().unwrap(), &e["data"]))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("tenant.budget_soft_limit", &json!({"period": "day", "unit": "tokens", "used": 3660, "limit": 3660})),
+                ("tenant.budget_exhausted", &json!({"period": "day", "unit": "tokens", "used": 3660, "limit": 3660})),
+            ],
+            "{events:?}"
+        );
+
         // Raised, the tenant submits again; a bad budget changes nothing.
         for bad in [json!({}), json!({"daily_tokens": 0}), json!({"daily_cost_usd": -1.0}),
                     json!({"daily_tokens": 5, "soft_percent": 0})] {

@@ -535,7 +535,7 @@ async fn next_live(streams: &mut [Subscription]) -> (usize, Result<Live, RecvErr
 /// needs, in a tenant it sees.
 fn may_see(caller: &Caller, what: &What) -> bool {
     let needs = match what {
-        What::Task { .. } => Permission::TasksRead,
+        What::Task { .. } | What::Budget(_) => Permission::TasksRead,
         What::Session { .. } => Permission::SessionsRead,
         What::Gateway { .. } | What::Agent { .. } => Permission::RegistryRead,
         What::Node { .. } => Permission::ClusterRead,

@@ -481,6 +481,10 @@ pub enum Command {
         /// Kill switches (`None`: lifted).
         switches: Vec<SyncSwitch>,
     },
+    /// A tenant's budget limit crossed its soft share or was used up in a
+    /// period, as the meta leader saw it: recorded once per tenant,
+    /// period, unit and level, with an event (a repeat changes nothing).
+    BudgetAlert(super::usage::BudgetAlert),
 }
 
 /// A meta group voter's addresses, as a growth records them
@@ -662,7 +666,8 @@ impl Command {
             | Command::GrowShards { .. }
             | Command::PlaceShard { .. }
             | Command::SetTenantWeight { .. }
-            | Command::SetSwitch { .. } => Scope::Meta,
+            | Command::SetSwitch { .. }
+            | Command::BudgetAlert(_) => Scope::Meta,
         }
     }
 }

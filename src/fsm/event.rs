@@ -72,6 +72,8 @@ pub enum What {
     },
     /// An audit entry was appended.
     Audit(AuditEntry),
+    /// A tenant's budget limit crossed a level.
+    Budget(super::usage::BudgetAlert),
 }
 
 /// The kinds of task events.
@@ -266,6 +268,10 @@ impl What {
                 NodeChange::LeaderChanged { .. } => "node.leader_changed",
             },
             What::Audit(_) => "audit.entry",
+            What::Budget(a) => match a.level {
+                super::usage::BudgetLevel::Soft => "tenant.budget_soft_limit",
+                super::usage::BudgetLevel::Exhausted => "tenant.budget_exhausted",
+            },
         }
     }
 
@@ -275,6 +281,7 @@ impl What {
         match self {
             What::Task { tenant, .. } | What::Session { tenant, .. } => Some(&tenant.0),
             What::Audit(e) => Some(&e.tenant),
+            What::Budget(a) => Some(&a.tenant.0),
             What::Gateway { .. } | What::Agent { .. } | What::Node { .. } => None,
         }
     }

@@ -22,7 +22,7 @@ use super::task::{
     AgentId, FencingToken, Limits, Priority, SessionKey, Task, TaskId, TaskStatus, Tenant,
 };
 use super::task::{Approval, ApprovalDecision, DependencyFailure};
-use super::usage::Ledger;
+use super::usage::{BudgetAlert, BudgetLevel, BudgetPeriod, BudgetUnit, Day, Ledger};
 
 /// Task counts per priority (rank order) and status (declaration order).
 pub(crate) type Counts = [[u64; 10]; 4];
@@ -127,6 +127,9 @@ pub struct State {
     /// Tokens and compute time used, and waits for a first lease
     /// ([`Ledger`]).
     pub(crate) ledger: Ledger,
+    /// In the meta group: the budget levels already alerted, per tenant,
+    /// period (its first day), unit and level ([`Command::BudgetAlert`]).
+    pub(crate) budget_alerts: BTreeSet<(Tenant, BudgetPeriod, Day, BudgetUnit, BudgetLevel)>,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -247,6 +250,7 @@ impl State {
             Command::Reject { id, by, reason } => self.reject(*id, by, reason, events),
             Command::SetSwitch { name, switch } => self.set_switch(name, switch.as_ref(), events),
             Command::SyncShard { weights, switches } => self.sync_shard(weights, switches, events),
+            Command::BudgetAlert(alert) => self.budget_alert(alert),
             Command::Retry { id } => self.retry(*id, events),
             Command::Replay { selector, limit } => self.replay(selector, *limit, events),
             Command::SetTenantWeight { tenant, weight } => self.set_weight(tenant, *weight),
@@ -1370,6 +1374,37 @@ impl State {
             weight_revs: self.weight_revs.clone(),
             switch_revs: self.switch_revs.clone(),
         }
+    }
+
+    /// Records a budget alert once (a repeat changes nothing), with its
+    /// event; alerts of periods that began over 62 days before this one
+    /// are forgotten.
+    fn budget_alert(&mut self, a: &BudgetAlert) -> Outcome {
+        check_name("tenant", &a.tenant.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        if a.limit == 0 {
+            return Err(Rejection::invalid("limit", "must be > 0"));
+        }
+        let key = (a.tenant.clone(), a.period, a.start_day, a.unit, a.level);
+        if !self.budget_alerts.insert(key) {
+            return Ok(Reply::Done);
+        }
+        let oldest = a.start_day.saturating_sub(62);
+        self.budget_alerts.retain(|k| k.2 >= oldest);
+        self.outbox.push(What::Budget(a.clone()));
+        Ok(Reply::Done)
+    }
+
+    /// Whether this budget level was alerted in this period already.
+    pub fn budget_alerted(
+        &self,
+        tenant: &Tenant,
+        period: BudgetPeriod,
+        start_day: Day,
+        unit: BudgetUnit,
+        level: BudgetLevel,
+    ) -> bool {
+        self.budget_alerts
+            .contains(&(tenant.clone(), period, start_day, unit, level))
     }
 
     /// In a restored meta group: gives every weight and kill switch a new

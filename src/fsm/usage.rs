@@ -67,6 +67,83 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Which period a budget limit covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum BudgetPeriod {
+    /// The UTC day.
+    Day,
+    /// The calendar month (UTC).
+    Month,
+}
+
+impl BudgetPeriod {
+    /// Its name, as metric labels, events and error messages say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Month => "month",
+        }
+    }
+}
+
+/// What a budget limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum BudgetUnit {
+    /// Tokens in and out.
+    Tokens,
+    /// Cost, in millionths of a USD.
+    Cost,
+}
+
+impl BudgetUnit {
+    /// Its name, as metric labels and events say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetUnit::Tokens => "tokens",
+            BudgetUnit::Cost => "cost",
+        }
+    }
+}
+
+/// How far a budget limit is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum BudgetLevel {
+    /// Past its soft share.
+    Soft,
+    /// Used up: the tenant's new tasks are refused.
+    Exhausted,
+}
+
+impl BudgetLevel {
+    /// Its name, as events say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetLevel::Soft => "soft_limit",
+            BudgetLevel::Exhausted => "exhausted",
+        }
+    }
+}
+
+/// A budget limit crossed a level in a period ([`super::Command::BudgetAlert`]):
+/// recorded once per tenant, period, unit and level, with an event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetAlert {
+    /// The tenant.
+    pub tenant: Tenant,
+    /// The period the limit covers.
+    pub period: BudgetPeriod,
+    /// The first day of that period.
+    pub start_day: Day,
+    /// What the limit counts.
+    pub unit: BudgetUnit,
+    /// The level crossed.
+    pub level: BudgetLevel,
+    /// Used when it was seen (tokens, or millionths of a USD).
+    pub used: u64,
+    /// The limit.
+    pub limit: u64,
+}
+
 /// Longest model name kept; a longer one is cut.
 const MAX_MODEL_BYTES: usize = 128;
 
