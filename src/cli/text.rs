@@ -310,6 +310,7 @@ fn task(t: &Value) -> String {
         ("approval", approval(&t["approval"])),
         ("region", region(t)),
         ("waiting for", cell(&t["waiting_for"])),
+        ("usage", usage_of(&t["usage"])),
         ("idempotency key", cell(&t["idempotency_key"])),
         ("trace", cell(&t["trace_id"])),
         ("error", cell(&t["error"])),
@@ -320,6 +321,24 @@ fn task(t: &Value) -> String {
         }
     }
     s
+}
+
+/// What a task's completed attempt used: tokens in and out, the model,
+/// the time.
+fn usage_of(u: &Value) -> String {
+    if u.is_null() {
+        return "-".into();
+    }
+    let model = u["model"]
+        .as_str()
+        .map(|m| format!(", {m}"))
+        .unwrap_or_default();
+    format!(
+        "{} tokens in, {} out{model}, {} ms",
+        cell(&u["input_tokens"]),
+        cell(&u["output_tokens"]),
+        cell(&u["compute_ms"])
+    )
 }
 
 /// A task's approval: asked (and until when), or who decided how.
