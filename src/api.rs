@@ -42,7 +42,7 @@ mod shards;
 mod switches;
 mod tasks;
 mod tenants;
-mod usage;
+pub mod usage;
 mod view;
 
 use std::sync::Arc;

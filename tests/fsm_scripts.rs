@@ -782,14 +782,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         },
         "switch" => Command::SetSwitch {
             name: args.require::<String>("name")?,
-            switch: Some(KillSwitch {
-                tenant: args.take("tenant").map(Tenant),
-                capability: args.take("cap"),
-                cancel_leased: args.parsed("cancel_leased")?.unwrap_or(false),
-                reason: args.take("reason"),
-                by: "key:op".into(),
-                at_ms: 0,
-            }),
+            switch: Some(kill_switch(args)?),
         },
         "unswitch" => Command::SetSwitch {
             name: args.require::<String>("name")?,
@@ -868,14 +861,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             let switch = if args.parsed("lift")?.unwrap_or(false) {
                 None
             } else {
-                Some(KillSwitch {
-                    tenant: args.take("tenant").map(Tenant),
-                    capability: args.take("cap"),
-                    cancel_leased: args.parsed("cancel_leased")?.unwrap_or(false),
-                    reason: args.take("reason"),
-                    by: "key:op".into(),
-                    at_ms: 0,
-                })
+                Some(kill_switch(args)?)
             };
             Command::SyncShard {
                 weights: vec![],
@@ -1043,6 +1029,18 @@ fn tenant_patch(args: &mut Args) -> Result<TenantPatch, String> {
             Some("none") => Some(None),
             Some(v) => Some(Some(budget(v)?)),
         },
+    })
+}
+
+/// The kill switch of a `switch` or `sync_switch` line.
+fn kill_switch(args: &mut Args) -> Result<KillSwitch, String> {
+    Ok(KillSwitch {
+        tenant: args.take("tenant").map(Tenant),
+        capability: args.take("cap"),
+        cancel_leased: args.parsed("cancel_leased")?.unwrap_or(false),
+        reason: args.take("reason"),
+        by: "key:op".into(),
+        at_ms: 0,
     })
 }
 

@@ -21,6 +21,18 @@ use super::json::Params;
 use crate::clock;
 use crate::fsm::{Day, Tenant, UsageKey, UsageTotals, WaitTotals, day_of};
 
+/// The sums of a usage row, in the order the CSV export and the CLI's
+/// table show them (after the columns grouped by).
+pub const SUMS: [&str; 7] = [
+    "completed",
+    "failed_attempts",
+    "input_tokens",
+    "output_tokens",
+    "compute_ms",
+    "cost_usd",
+    "unpriced_tokens",
+];
+
 /// Days a range may span.
 const MAX_DAYS: u32 = 400;
 
@@ -364,15 +376,7 @@ pub async fn export(
     let r = q.range(&caller)?;
     let (groups, _) = gather(&api, &r).await?;
     let mut head: Vec<&str> = r.by.iter().map(|b| b.name()).collect();
-    head.extend([
-        "completed",
-        "failed_attempts",
-        "input_tokens",
-        "output_tokens",
-        "compute_ms",
-        "cost_usd",
-        "unpriced_tokens",
-    ]);
+    head.extend(SUMS);
     let mut out = head.join(",");
     out.push('\n');
     for (g, s) in groups {

@@ -184,15 +184,7 @@ fn usage(v: &Value) -> String {
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    let sums = [
-        "completed",
-        "failed_attempts",
-        "input_tokens",
-        "output_tokens",
-        "compute_ms",
-        "cost_usd",
-        "unpriced_tokens",
-    ];
+    let sums = crate::api::usage::SUMS;
     let head: Vec<String> = by.iter().chain(&sums).map(|h| h.to_uppercase()).collect();
     let rows: Vec<Vec<String>> = v["items"]
         .as_array()
