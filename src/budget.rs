@@ -78,9 +78,9 @@ pub async fn alert(node: &crate::node::Node) {
                 ],
             };
             for level in levels {
-                let seen = node
-                    .state()
-                    .read(|s| s.budget_alerted(&tenant, u.period, u.start_day, u.unit, *level));
+                let seen = node.state().read(|s| {
+                    s.budget_alerted(&tenant, u.period, u.start_day, u.unit, *level, u.limit)
+                });
                 if seen {
                     continue;
                 }
@@ -123,20 +123,34 @@ pub fn for_groups(node: &crate::node::Node, f: &mut dyn FnMut(&State)) {
 }
 
 /// Tokens and cost (millionths of a USD) `tenant` used on days
-/// `from..=to`, over the states `visit` hands out.
-fn spent(visit: Visit<'_>, config: &Config, tenant: &Tenant, from: Day, to: Day) -> (u64, u64) {
-    let mut tokens = 0u64;
-    let mut cost = 0f64;
+/// `from..=to`, and on day `to` alone, over the states `visit` hands out
+/// (one pass over the month's rows serves both periods).
+fn spent(
+    visit: Visit<'_>,
+    config: &Config,
+    tenant: &Tenant,
+    from: Day,
+    to: Day,
+) -> ((u64, u64), (u64, u64)) {
+    let (mut tokens, mut cost) = ([0u64; 2], [0f64; 2]);
     visit(&mut |s: &State| {
         for (k, v) in s.ledger().tenant_rows(tenant, from, to) {
-            tokens += v.input_tokens + v.output_tokens;
-            if let Some(p) = config.price_of(k.model.as_deref()) {
-                cost += v.input_tokens as f64 * p.input_per_mtok
-                    + v.output_tokens as f64 * p.output_per_mtok;
+            let t = v.input_tokens.saturating_add(v.output_tokens);
+            let c = config.price_of(k.model.as_deref()).map_or(0.0, |p| {
+                v.input_tokens as f64 * p.input_per_mtok
+                    + v.output_tokens as f64 * p.output_per_mtok
+            });
+            for i in 0..=usize::from(k.day == to) {
+                tokens[i] = tokens[i].saturating_add(t);
+                cost[i] += c;
             }
         }
     });
-    (tokens, cost.round() as u64)
+    // `as` saturates a float past u64::MAX.
+    (
+        (tokens[0], cost[0].round() as u64),
+        (tokens[1], cost[1].round() as u64),
+    )
 }
 
 /// Each limit of `budget` and its use at `now_ms`, over the states
@@ -151,8 +165,8 @@ pub fn uses(
     let today = day_of(now_ms);
     let (month_start, next_month) = month_of(today);
     let ms = |day: Day| u64::from(day) * 86_400_000;
-    let (day_tokens, day_cost) = spent(visit, config, tenant, today, today);
-    let (month_tokens, month_cost) = spent(visit, config, tenant, month_start, today);
+    let ((month_tokens, month_cost), (day_tokens, day_cost)) =
+        spent(visit, config, tenant, month_start, today);
     let limits = [
         (Period::Day, Unit::Tokens, budget.daily_tokens, day_tokens),
         (

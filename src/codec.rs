@@ -20,10 +20,12 @@ use serde::de::DeserializeOwned;
 /// 4: tasks' dependencies, approvals and kill switches.
 /// 5: a shard growth's recorded voters, and the revisions of the weights
 /// and kill switches every queue shard keeps a copy of.
+/// 6: the usage ledger and budget alerts, each task's usage, the gateway
+/// a lease ran on, and tenant budgets.
 /// Godel has no release that wrote earlier data to keep: an older data
 /// directory or backup is refused with [`CodecError::Version`] rather than
 /// misread (start it afresh).
-pub const VERSION: u8 = 5;
+pub const VERSION: u8 = 6;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
 pub const MAX_DECODE_BYTES: usize = 512 * 1024 * 1024;

@@ -104,6 +104,6 @@ pub use task::{
     TaskId, TaskRegion, TaskStatus, Tenant,
 };
 pub use usage::{
-    BudgetAlert, BudgetLevel, BudgetPeriod, BudgetUnit, Day, Ledger, TaskUsage, UsageKey,
-    UsageTotals, WaitKey, WaitTotals, day_of, month_of, parse_usage,
+    BudgetAlert, BudgetLevel, BudgetPeriod, BudgetUnit, Day, Ledger, ReportedUsage, TaskUsage,
+    UsageKey, UsageTotals, WaitKey, WaitTotals, day_of, month_of, parse_usage,
 };

@@ -224,6 +224,25 @@ fn one_live_lease_per_task(state: &State, tasks: &[Task]) -> Result<(), TestCase
     Ok(())
 }
 
+/// Every lease is one attempt the ledger counts when it ends (completed,
+/// failed or lost), so the attempts counted plus the leases still live
+/// are all the leases ever granted.
+fn every_attempt_is_counted(state: &State, tasks: &[Task]) -> Result<(), TestCaseError> {
+    let granted: u64 = tasks.iter().map(|t| u64::from(t.lease_count)).sum();
+    let live = tasks.iter().filter(|t| t.lease.is_some()).count() as u64;
+    let counted: u64 = state
+        .ledger()
+        .rows()
+        .values()
+        .map(|v| v.completed + v.failed_attempts + v.lost_attempts)
+        .sum();
+    ensure!(
+        counted + live == granted,
+        "{granted} leases granted, {live} live, but {counted} attempts counted"
+    );
+    Ok(())
+}
+
 /// What must hold from one batch to the next, whatever the model says.
 #[derive(Default)]
 struct History {
@@ -385,6 +404,7 @@ fn check_step(
     );
     same_depth(model, state, &tasks)?;
     one_live_lease_per_task(state, &tasks)?;
+    every_attempt_is_counted(state, &tasks)?;
     history.check_events(&tasks, events)?;
     history.check(state, &tasks, response)
 }

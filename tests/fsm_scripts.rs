@@ -37,7 +37,7 @@
 //!   switch), `unswitch name=N`
 //! - `lease [agent=w1] [caps=x,y] [max=1] [lease=30000]`
 //! - `renew token=T [lease=30000]`, `complete token=T [result=JSON | result_bytes=N]`,
-//!   `fail token=T [error=boom] [retryable=true]`
+//!   `fail token=T [error=boom] [retryable=true] [used=IN,OUT[:MODEL]]`
 //! - `cancel id=N [reason=R] [keep_children=true]`, `retry id=N`, `weight tenant=a w=N`
 //! - `replay ids=1,2 [limit=100]` or `replay [tenant=a] [priority=P] [error=E] [limit=100]`
 //! - `tick` (apply an empty batch: fires due timers)
@@ -183,6 +183,7 @@ scripts! {
     timeout_counts_as_failure,
     trace_context_is_kept,
     usage_is_counted_per_day_model_and_agent,
+    usage_counts_every_attempt_end,
 }
 
 #[test]
@@ -774,6 +775,17 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             token: FencingToken(args.require("token")?),
             error: args.take("error").unwrap_or_else(|| "boom".into()),
             retryable: args.parsed("retryable")?.unwrap_or(true),
+            usage: args.take("used").map(|u| {
+                let (io, model) = u
+                    .split_once(':')
+                    .map_or((u.as_str(), None), |(a, b)| (a, Some(b.to_owned())));
+                let (i, o) = io.split_once(',').unwrap_or((io, "0"));
+                godel::fsm::ReportedUsage {
+                    input_tokens: i.parse().expect("used=IN,OUT[:MODEL]"),
+                    output_tokens: o.parse().expect("used=IN,OUT[:MODEL]"),
+                    model,
+                }
+            }),
         },
         "cancel" => Command::Cancel {
             id: TaskId(args.require("id")?),
@@ -1119,7 +1131,7 @@ fn usage_lines(state: &State) -> Vec<String> {
     let ledger = state.ledger();
     let rows = ledger.rows().iter().map(|(k, v)| {
         format!(
-            "usage {} day={} model={} gateway={} agent={}: completed={} failed={} in={} out={} compute={}ms",
+            "usage {} day={} model={} gateway={} agent={}: completed={} failed={} lost={} in={} out={} compute={}ms",
             k.tenant,
             k.day,
             k.model.as_deref().unwrap_or("-"),
@@ -1127,6 +1139,7 @@ fn usage_lines(state: &State) -> Vec<String> {
             k.agent,
             v.completed,
             v.failed_attempts,
+            v.lost_attempts,
             v.input_tokens,
             v.output_tokens,
             v.compute_ms

@@ -55,8 +55,9 @@ async fn usage_is_counted_priced_and_scoped() {
             assert_eq!(t["usage"]["model"], "m-1", "{t}");
         }
 
-        // A worker of its own: one attempt fails, the next completes with
-        // usage under the common API names and no model.
+        // A worker of its own: one attempt fails (reporting 20 + 4 tokens),
+        // the next completes with usage under the common API names and no
+        // model (30 + 6): the row holds both attempts' tokens.
         let body = json!({"tenant": "acme", "payload": {}, "capabilities": ["own-worker"]});
         let r = api.post(0, "/api/v1/tasks", &body).await.unwrap();
         assert_eq!(r.status, 201, "{r:?}");
@@ -73,12 +74,12 @@ async fn usage_is_counted_priced_and_scoped() {
         };
         let token = lease().await;
         let r = api
-            .post(0, &format!("/api/v1/leases/{token}/fail"), &json!({"error": "flaky", "retryable": true}))
+            .post(0, &format!("/api/v1/leases/{token}/fail"), &json!({"error": "flaky", "retryable": true, "usage": {"input_tokens": 20, "output_tokens": 4}}))
             .await
             .unwrap();
         assert_eq!(r.status, 200, "{r:?}");
         let token = lease().await;
-        let result = json!({"answer": 42, "usage": {"prompt_tokens": 50, "completion_tokens": 10}});
+        let result = json!({"answer": 42, "usage": {"prompt_tokens": 30, "completion_tokens": 6}});
         let r = api
             .post(0, &format!("/api/v1/leases/{token}/complete"), &json!({"result": result}))
             .await
@@ -87,7 +88,7 @@ async fn usage_is_counted_priced_and_scoped() {
         let t = api.get_ok(0, &format!("/api/v1/tasks/{own}")).await;
         assert_eq!(
             (&t["usage"]["input_tokens"], &t["usage"]["output_tokens"], &t["usage"]["model"]),
-            (&json!(50), &json!(10), &Value::Null),
+            (&json!(30), &json!(6), &Value::Null),
             "{t}"
         );
 
@@ -125,9 +126,9 @@ async fn usage_is_counted_priced_and_scoped() {
         let text = csv.body.as_str().unwrap();
         assert_eq!(
             text,
-            "tenant,model,completed,failed_attempts,input_tokens,output_tokens,compute_ms,cost_usd,unpriced_tokens\n\
-             acme,,1,1,50,10,{c0},0.000000,60\n\
-             acme,m-1,3,0,3000,600,{c1},0.018000,0\n"
+            "tenant,model,completed,failed_attempts,lost_attempts,input_tokens,output_tokens,compute_ms,cost_usd,unpriced_tokens\n\
+             acme,,1,1,0,50,10,{c0},0.000000,60\n\
+             acme,m-1,3,0,0,3000,600,{c1},0.018000,0\n"
                 .replace("{c0}", &none["compute_ms"].to_string())
                 .replace("{c1}", &m1["compute_ms"].to_string()),
         );
@@ -154,6 +155,13 @@ async fn usage_is_counted_priced_and_scoped() {
             r.message().contains("3660 tokens of its day budget of 3660 tokens")
                 && r.message().contains("T00:00:00"),
             "{r:?}"
+        );
+        // Retry-After: the seconds until the day ends (UTC).
+        let until_midnight = 86_400 - (godel::clock::now_ms() / 1000) % 86_400;
+        let wait: u64 = r.retry_after.as_deref().unwrap().parse().unwrap();
+        assert!(
+            wait.abs_diff(until_midnight) <= 5,
+            "Retry-After {wait}, {until_midnight} s to midnight"
         );
         let beta = json!({"tenant": "beta", "payload": {}, "capabilities": ["nobody-has-this"]});
         let other = api.post(0, "/api/v1/tasks", &beta).await.unwrap();

@@ -704,6 +704,7 @@ async fn attempt(
                 token,
                 error: e.to_string(),
                 retryable: e.is_retryable(),
+                usage: None,
             }),
             "failed",
         ),

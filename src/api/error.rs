@@ -23,6 +23,9 @@ pub struct ApiError {
     /// A refusal the handler made (a tenant the credential may not name)
     /// that the guard must record in the audit log.
     pub(crate) audit_denial: bool,
+    /// Seconds the client should wait before trying again (`Retry-After`;
+    /// 503 and 429 answers say 1 unless the handler knows better).
+    pub retry_after_s: Option<u64>,
 }
 
 /// Marks a response whose refusal the guard records as `denied:forbidden`.
@@ -95,7 +98,15 @@ impl ApiError {
             message: message.into(),
             retryable,
             audit_denial: false,
+            retry_after_s: None,
         }
+    }
+
+    /// The same error, telling the client to wait `secs` (at least 1)
+    /// before trying again.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_s = Some(secs.max(1));
+        self
     }
 
     /// The same error, to be recorded in the audit log as a denial.
@@ -211,12 +222,14 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static("Bearer realm=\"godel\""),
             );
         }
-        if matches!(
+        let wait = self.retry_after_s.or(matches!(
             self.status,
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
-        ) {
+        )
+        .then_some(1));
+        if let Some(secs) = wait {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

@@ -148,6 +148,23 @@ pub struct FailBody {
     /// Whether another attempt may succeed (default `true`).
     #[serde(default = "yes")]
     retryable: bool,
+    /// What the attempt used before it failed: counted in `GET /usage`
+    /// and the tenant's budgets like a completed attempt's.
+    usage: Option<FailUsage>,
+}
+
+/// Tokens a failed attempt used.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailUsage {
+    /// Tokens in (counts over 10^12 are taken as 10^12).
+    #[serde(default)]
+    input_tokens: u64,
+    /// Tokens out.
+    #[serde(default)]
+    output_tokens: u64,
+    /// The model (cut to 128 bytes).
+    model: Option<String>,
 }
 
 fn yes() -> bool {
@@ -173,6 +190,11 @@ pub async fn fail(
         token,
         error: b.error,
         retryable: b.retryable,
+        usage: b.usage.map(|u| crate::fsm::ReportedUsage {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            model: u.model,
+        }),
     };
     write_lease(&api, &caller, token, cmd).await
 }

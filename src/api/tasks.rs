@@ -190,6 +190,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Traceparent {
     responses(
         (status = 201, description = "Submitted", body = TaskView),
         (status = 200, description = "An earlier task with the same idempotency key", body = TaskView),
+        (status = 429, description = "Over a rate limit or quota, shed under load by priority (code `shed`), or the tenant's budget is used up (code `budget`: `Retry-After` is the time to the limit's reset)", body = super::error::ErrorBody),
     )
 )]
 pub async fn create(
@@ -263,6 +264,7 @@ async fn admit(api: &Api, spec: &SubmitTask) -> ApiResult<()> {
                     format!("${:.2}", u.limit as f64 / 1e6),
                 ),
             };
+            let now = clock::now_ms();
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "budget",
@@ -272,7 +274,8 @@ async fn admit(api: &Api, spec: &SubmitTask) -> ApiResult<()> {
                     u.period.as_str(),
                     clock::rfc3339(u.resets_at_ms)
                 ),
-            ));
+            )
+            .retry_after(u.resets_at_ms.saturating_sub(now).div_ceil(1000)));
         }
     }
     let priority = match (spec.priority, spec.parent_id) {

@@ -23,9 +23,10 @@ use crate::fsm::{Day, Tenant, UsageKey, UsageTotals, WaitTotals, day_of};
 
 /// The sums of a usage row, in the order the CSV export and the CLI's
 /// table show them (after the columns grouped by).
-pub const SUMS: [&str; 7] = [
+pub const SUMS: [&str; 8] = [
     "completed",
     "failed_attempts",
+    "lost_attempts",
     "input_tokens",
     "output_tokens",
     "compute_ms",
@@ -189,13 +190,17 @@ pub struct UsageRow {
     agent: Option<String>,
     /// Tasks completed.
     completed: u64,
-    /// Attempts that failed.
+    /// Attempts that failed (reported failures, timeouts, sessions that
+    /// ended under them).
     failed_attempts: u64,
+    /// Attempts that ended with no report (lease expired or given back,
+    /// cancelled while running).
+    lost_attempts: u64,
     /// Tokens in.
     input_tokens: u64,
     /// Tokens out.
     output_tokens: u64,
-    /// Time from lease to completion or failure, summed, in ms.
+    /// Time from lease to each attempt's end, summed, in ms.
     compute_ms: u64,
     /// Cost in USD of the tokens with a price (`[prices]`).
     cost_usd: f64,
@@ -211,7 +216,8 @@ pub struct WaitRow {
     priority: &'static str,
     /// Tasks leased for the first time.
     tasks: u64,
-    /// Their mean wait (from submission or scheduled time), in ms.
+    /// Their mean wait (from when they were ready: submission, scheduled
+    /// time, approval or dependencies met; a kill switch's hold counts), in ms.
     mean_wait_ms: u64,
     /// The longest, in ms.
     max_wait_ms: u64,
@@ -277,16 +283,19 @@ async fn gather(api: &Api, r: &Range) -> ApiResult<(Vec<(Group, Sum)>, Vec<WaitR
                         + totals.output_tokens as f64 * p.output_per_mtok)
                         / 1e6;
                 }
-                None => sum.unpriced_tokens += totals.input_tokens + totals.output_tokens,
+                None => {
+                    sum.unpriced_tokens = sum
+                        .unpriced_tokens
+                        .saturating_add(totals.input_tokens)
+                        .saturating_add(totals.output_tokens);
+                }
             }
         }
         for (tenant, priority, w) in part_waits {
             let e = waits
                 .entry((tenant, std::cmp::Reverse(priority)))
                 .or_default();
-            e.tasks += w.tasks;
-            e.wait_ms += w.wait_ms;
-            e.max_wait_ms = e.max_wait_ms.max(w.max_wait_ms);
+            e.add(&w);
         }
     }
     let waits = waits
@@ -313,6 +322,7 @@ fn row(by: &[By], g: Group, s: Sum) -> UsageRow {
         agent: has(By::Agent).then_some(agent).flatten(),
         completed: s.totals.completed,
         failed_attempts: s.totals.failed_attempts,
+        lost_attempts: s.totals.lost_attempts,
         input_tokens: s.totals.input_tokens,
         output_tokens: s.totals.output_tokens,
         compute_ms: s.totals.compute_ms,
@@ -348,12 +358,20 @@ pub async fn get(
     }))
 }
 
-/// A CSV field: quoted when it holds a comma, quote or line break.
+/// A CSV field: quoted when it holds a comma, quote or line break, and
+/// led by `'` when it starts like a spreadsheet formula (`=`, `+`, `-`,
+/// `@`, a tab or a carriage return), so that opening the export in a
+/// spreadsheet cannot run a model or agent name someone chose.
 fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_owned()
+        s
     }
 }
 
@@ -387,6 +405,7 @@ pub async fn export(
         fields.extend([
             s.totals.completed.to_string(),
             s.totals.failed_attempts.to_string(),
+            s.totals.lost_attempts.to_string(),
             s.totals.input_tokens.to_string(),
             s.totals.output_tokens.to_string(),
             s.totals.compute_ms.to_string(),
@@ -397,4 +416,22 @@ pub async fn export(
         out.push('\n');
     }
     Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_field;
+
+    #[test]
+    fn csv_fields_are_quoted_and_never_formulas() {
+        assert_eq!(csv_field("acme"), "acme");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=HYPERLINK(1)"), "'=HYPERLINK(1)");
+        assert_eq!(csv_field("+1"), "'+1");
+        assert_eq!(csv_field("-2"), "'-2");
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_field("=1,2"), "\"'=1,2\"");
+        assert_eq!(csv_field("m-1"), "m-1", "a dash inside is fine");
+    }
 }

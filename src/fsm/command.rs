@@ -19,6 +19,7 @@ use super::session::{OpenSession, SessionId, SessionRecord, SessionState};
 use super::task::{
     AgentId, FencingToken, Limits, Priority, SessionKey, Task, TaskId, TaskStatus, Tenant,
 };
+use super::usage::ReportedUsage;
 
 /// One Raft log entry's application payload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +182,9 @@ pub enum Command {
         error: String,
         /// False sends the task straight to the dead-letter queue.
         retryable: bool,
+        /// What the failed attempt used, when the worker reports it (each
+        /// count capped at [`super::usage::MAX_REPORTED_TOKENS`]).
+        usage: Option<ReportedUsage>,
     },
     /// Cancel a task that has not ended.
     Cancel {

@@ -8,7 +8,7 @@ use super::registry::GatewayId;
 use super::retry::backoff_delay_ms;
 use super::state::{State, truncate};
 use super::task::{AgentId, FencingToken, LeaseInfo, Limits, TaskId, TaskStatus, Tenant};
-use super::usage::{TaskUsage, UsageKey, UsageTotals, WaitKey, day_of, parse_usage};
+use super::usage::{ReportedUsage, TaskUsage, UsageKey, UsageTotals, WaitKey, day_of, parse_usage};
 
 impl State {
     pub(crate) fn lease(
@@ -80,7 +80,7 @@ impl State {
         };
         let t = &self.tasks[&id];
         if t.lease_count == 0 {
-            let ready_at = t.created_at_ms.max(t.scheduled_at_ms.unwrap_or(0));
+            let ready_at = t.ready_at_ms.unwrap_or(t.created_at_ms);
             let key = WaitKey {
                 tenant: t.tenant.clone(),
                 day: day_of(self.clock_ms),
@@ -111,13 +111,13 @@ impl State {
         }
     }
 
-    /// Counts leased task `id`'s attempt, ending now, in the ledger (under
-    /// the day, model, gateway and agent it ran with); its time from lease
-    /// to now, in ms.
+    /// Counts leased task `id`'s attempt, ending now as `end`, in the
+    /// ledger (under the day, model, gateway and agent it ran with); its
+    /// time from lease to now, in ms.
     fn count_attempt(
         &mut self,
         id: TaskId,
-        completed: bool,
+        end: AttemptEnd,
         model: Option<String>,
         input_tokens: u64,
         output_tokens: u64,
@@ -136,14 +136,28 @@ impl State {
             agent: lease.agent_id.clone(),
         };
         let totals = UsageTotals {
-            completed: u64::from(completed),
-            failed_attempts: u64::from(!completed),
+            completed: u64::from(end == AttemptEnd::Completed),
+            failed_attempts: u64::from(end == AttemptEnd::Failed),
+            lost_attempts: u64::from(end == AttemptEnd::Lost),
             input_tokens,
             output_tokens,
             compute_ms,
         };
         self.ledger.add(key, &totals);
         compute_ms
+    }
+
+    /// Counts task `id`'s attempt as lost (no report) if it is leased and
+    /// about to become `to`: its lease expired or was given back, or it is
+    /// cancelled while it runs.
+    pub(crate) fn count_lost_attempt(&mut self, id: TaskId, to: TaskStatus) {
+        let leased = self
+            .tasks
+            .get(&id)
+            .is_some_and(|t| t.status.is_leased() && t.status.can_become(to));
+        if leased {
+            self.count_attempt(id, AttemptEnd::Lost, None, 0, 0);
+        }
     }
 
     /// The task holding live lease `token`.
@@ -197,7 +211,13 @@ impl State {
         }
         let id = self.leased_task(token)?;
         let (input_tokens, output_tokens, model) = parse_usage(result).unwrap_or_default();
-        let compute_ms = self.count_attempt(id, true, model.clone(), input_tokens, output_tokens);
+        let compute_ms = self.count_attempt(
+            id,
+            AttemptEnd::Completed,
+            model.clone(),
+            input_tokens,
+            output_tokens,
+        );
         let usage =
             (input_tokens > 0 || output_tokens > 0 || model.is_some()).then_some(TaskUsage {
                 input_tokens,
@@ -220,23 +240,25 @@ impl State {
         token: FencingToken,
         error: &str,
         retryable: bool,
+        usage: Option<&ReportedUsage>,
         entropy: u64,
         events: &mut Vec<Event>,
     ) -> Outcome {
         let id = self.leased_task(token)?;
-        self.count_attempt(id, false, None, 0, 0);
-        self.fail_attempt(
+        self.fail_attempt_using(
             id,
             truncate(error, Limits::MAX_ERROR_BYTES),
             retryable,
+            usage,
             entropy,
             events,
         );
         Ok(Reply::Task(self.boxed(id)))
     }
 
-    /// Ends a leased attempt as failed: spends an attempt, then waits out the
-    /// backoff or, with none left (or not retryable), dead-letters the task.
+    /// Ends a leased attempt as failed (counted in the ledger): spends an
+    /// attempt, then waits out the backoff or, with none left (or not
+    /// retryable), dead-letters the task.
     pub(crate) fn fail_attempt(
         &mut self,
         id: TaskId,
@@ -245,6 +267,22 @@ impl State {
         entropy: u64,
         events: &mut Vec<Event>,
     ) {
+        self.fail_attempt_using(id, error, retryable, None, entropy, events);
+    }
+
+    /// [`State::fail_attempt`], counting the tokens the worker reported
+    /// the attempt used.
+    fn fail_attempt_using(
+        &mut self,
+        id: TaskId,
+        error: String,
+        retryable: bool,
+        usage: Option<&ReportedUsage>,
+        entropy: u64,
+        events: &mut Vec<Event>,
+    ) {
+        let (input, output, model) = usage.map(ReportedUsage::bounded).unwrap_or_default();
+        self.count_attempt(id, AttemptEnd::Failed, model, input, output);
         let task = &self.tasks[&id];
         let failures = task.attempts + 1;
         let out_of_attempts = !retryable || failures >= task.max_attempts;
@@ -272,6 +310,14 @@ impl State {
         };
         self.emit(events, id, kind);
     }
+}
+
+/// How an attempt ended, as the ledger counts it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AttemptEnd {
+    Completed,
+    Failed,
+    Lost,
 }
 
 pub(crate) fn check_lease_ms(lease_ms: u64) -> Result<(), Rejection> {

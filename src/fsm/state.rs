@@ -129,7 +129,7 @@ pub struct State {
     pub(crate) ledger: Ledger,
     /// In the meta group: the budget levels already alerted, per tenant,
     /// period (its first day), unit and level ([`Command::BudgetAlert`]).
-    pub(crate) budget_alerts: BTreeSet<(Tenant, BudgetPeriod, Day, BudgetUnit, BudgetLevel)>,
+    pub(crate) budget_alerts: BTreeSet<(Tenant, BudgetPeriod, Day, BudgetUnit, BudgetLevel, u64)>,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -240,7 +240,8 @@ impl State {
                 token,
                 error,
                 retryable,
-            } => self.fail(*token, error, *retryable, entropy, events),
+                usage,
+            } => self.fail(*token, error, *retryable, usage.as_ref(), entropy, events),
             Command::Cancel {
                 id,
                 reason,
@@ -749,6 +750,7 @@ impl State {
     /// ready again, or dead-lettered once [`Limits::MAX_LOST_LEASES`] of
     /// its leases have ended so.
     pub(crate) fn lease_lost(&mut self, id: TaskId, events: &mut Vec<Event>) {
+        self.count_lost_attempt(id, TaskStatus::Pending);
         let t = &self.tasks[&id];
         let lost = t.lease_count.saturating_sub(t.attempts);
         if lost < Limits::MAX_LOST_LEASES {
@@ -888,6 +890,7 @@ impl State {
                 decision: None,
             }),
             usage: None,
+            ready_at_ms: None,
         }
     }
 
@@ -1002,6 +1005,7 @@ impl State {
         };
         let reason = format!("parent {} was cancelled", parent.0);
         for c in children {
+            self.count_lost_attempt(c, TaskStatus::Cancelled);
             let cancelled = self.move_task(c, TaskStatus::Cancelled, |t| {
                 t.lease = None;
                 t.next_attempt_at_ms = None;
@@ -1202,6 +1206,7 @@ impl State {
                 .collect();
             let reason = format!("kill switch {name}");
             for id in leased {
+                self.count_lost_attempt(id, TaskStatus::Cancelled);
                 self.move_task(id, TaskStatus::Cancelled, |t| {
                     t.lease = None;
                     t.last_error = Some(reason.clone());
@@ -1245,6 +1250,7 @@ impl State {
         events: &mut Vec<Event>,
     ) -> Outcome {
         let reason = reason.map(|r| truncate(r, Limits::MAX_ERROR_BYTES));
+        self.count_lost_attempt(id, TaskStatus::Cancelled);
         self.move_task(id, TaskStatus::Cancelled, |t| {
             t.lease = None;
             t.next_attempt_at_ms = None;
@@ -1376,15 +1382,23 @@ impl State {
         }
     }
 
-    /// Records a budget alert once (a repeat changes nothing), with its
-    /// event; alerts of periods that began over 62 days before this one
-    /// are forgotten.
+    /// Records a budget alert once per limit (a repeat changes nothing; a
+    /// limit changed and reached again alerts again), with its event;
+    /// alerts of periods that began over 62 days before this one are
+    /// forgotten.
     fn budget_alert(&mut self, a: &BudgetAlert) -> Outcome {
         check_name("tenant", &a.tenant.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
         if a.limit == 0 {
             return Err(Rejection::invalid("limit", "must be > 0"));
         }
-        let key = (a.tenant.clone(), a.period, a.start_day, a.unit, a.level);
+        let key = (
+            a.tenant.clone(),
+            a.period,
+            a.start_day,
+            a.unit,
+            a.level,
+            a.limit,
+        );
         if !self.budget_alerts.insert(key) {
             return Ok(Reply::Done);
         }
@@ -1394,7 +1408,8 @@ impl State {
         Ok(Reply::Done)
     }
 
-    /// Whether this budget level was alerted in this period already.
+    /// Whether this budget level of this limit was alerted in this period
+    /// already.
     pub fn budget_alerted(
         &self,
         tenant: &Tenant,
@@ -1402,9 +1417,10 @@ impl State {
         start_day: Day,
         unit: BudgetUnit,
         level: BudgetLevel,
+        limit: u64,
     ) -> bool {
         self.budget_alerts
-            .contains(&(tenant.clone(), period, start_day, unit, level))
+            .contains(&(tenant.clone(), period, start_day, unit, level, limit))
     }
 
     /// In a restored meta group: gives every weight and kill switch a new
@@ -1541,6 +1557,14 @@ impl State {
         edit(task);
         task.updated_at_ms = clock;
         let to = task.status;
+        if to == TaskStatus::Pending && from != to && task.lease_count == 0 {
+            // A scheduled task was ready at its time, however late the
+            // timer fired.
+            let due = (from == TaskStatus::Scheduled)
+                .then_some(task.scheduled_at_ms)
+                .flatten();
+            task.ready_at_ms = Some(due.map_or(clock, |d| d.min(clock)));
+        }
         if from != to {
             self.count(&tenant, priority, from, -1);
             self.count(&tenant, priority, to, 1);
@@ -2137,6 +2161,7 @@ mod tests {
                     token,
                     error: "e".into(),
                     retryable: next(2) == 0,
+                    usage: None,
                 }),
                 5 => any_id(next(100)).map(|id| Command::Cancel {
                     id,
@@ -2249,6 +2274,11 @@ mod tests {
                         token,
                         error: "e".into(),
                         retryable: next(2) == 0,
+                        usage: (next(2) == 0).then(|| crate::fsm::ReportedUsage {
+                            input_tokens: next(u64::MAX),
+                            output_tokens: 1,
+                            model: None,
+                        }),
                     }),
                     7 => any_id(next(1000)).map(|id| Command::Cancel {
                         id,

@@ -344,6 +344,10 @@ pub struct Task {
     /// What its completed attempt used, when its result reported tokens
     /// ([`super::usage`]).
     pub usage: Option<super::usage::TaskUsage>,
+    /// When it became ready to lease after waiting, before its first
+    /// lease: for its scheduled time, approval or dependencies (`None`:
+    /// ready from submission). Its queue wait counts from here.
+    pub ready_at_ms: Option<u64>,
 }
 
 /// A task's approval: asked at submission, decided by an operator or

@@ -160,27 +160,83 @@ pub struct TaskUsage {
     pub compute_ms: u64,
 }
 
+/// Largest token count taken from one result; a larger one counts as
+/// this (a worker's report must not overflow the sums, nor a budget
+/// wrap round).
+pub const MAX_REPORTED_TOKENS: u64 = 1_000_000_000_000;
+
+/// The parts of a result that name usage. Everything else in it (the
+/// text, which may be large) is skipped, not kept.
+#[derive(Deserialize)]
+struct Reported {
+    usage: Option<UsageObject>,
+    model: Option<serde_json::Value>,
+}
+
+/// A result's `usage` object, under any of the names it may use. A count
+/// that is not a whole number is ignored.
+#[derive(Deserialize)]
+struct UsageObject {
+    input: Option<serde_json::Value>,
+    input_tokens: Option<serde_json::Value>,
+    prompt_tokens: Option<serde_json::Value>,
+    output: Option<serde_json::Value>,
+    output_tokens: Option<serde_json::Value>,
+    completion_tokens: Option<serde_json::Value>,
+    model: Option<serde_json::Value>,
+}
+
+/// Tokens a worker reports a failed attempt used (`POST
+/// /leases/{token}/fail`'s `usage`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedUsage {
+    /// Tokens in.
+    pub input_tokens: u64,
+    /// Tokens out.
+    pub output_tokens: u64,
+    /// The model.
+    pub model: Option<String>,
+}
+
+impl ReportedUsage {
+    /// The counts capped at [`MAX_REPORTED_TOKENS`], and the model cut
+    /// to its longest kept length (an empty one: not named).
+    pub fn bounded(&self) -> (u64, u64, Option<String>) {
+        (
+            self.input_tokens.min(MAX_REPORTED_TOKENS),
+            self.output_tokens.min(MAX_REPORTED_TOKENS),
+            self.model
+                .as_deref()
+                .filter(|m| !m.is_empty())
+                .map(|m| super::state::truncate(m, MAX_MODEL_BYTES)),
+        )
+    }
+}
+
 /// Tokens and model read from a result (`None`: it reports no usage).
+/// Each count is capped at [`MAX_REPORTED_TOKENS`].
 pub fn parse_usage(result: &str) -> Option<(u64, u64, Option<String>)> {
     if !result.contains("\"usage\"") {
         return None;
     }
-    let v: serde_json::Value = serde_json::from_str(result).ok()?;
-    let u = v.get("usage")?.as_object()?;
-    let count = |names: &[&str]| {
+    let r: Reported = serde_json::from_str(result).ok()?;
+    let u = r.usage?;
+    let count = |names: [&Option<serde_json::Value>; 3]| {
         names
-            .iter()
-            .find_map(|n| u.get(*n).and_then(serde_json::Value::as_u64))
+            .into_iter()
+            .find_map(|v| v.as_ref().and_then(serde_json::Value::as_u64))
+            .map(|n| n.min(MAX_REPORTED_TOKENS))
     };
-    let input = count(&["input", "input_tokens", "prompt_tokens"]);
-    let output = count(&["output", "output_tokens", "completion_tokens"]);
+    let input = count([&u.input, &u.input_tokens, &u.prompt_tokens]);
+    let output = count([&u.output, &u.output_tokens, &u.completion_tokens]);
     if input.is_none() && output.is_none() {
         return None;
     }
     let model = u
-        .get("model")
-        .or_else(|| v.get("model"))
+        .model
+        .as_ref()
         .and_then(serde_json::Value::as_str)
+        .or_else(|| r.model.as_ref().and_then(serde_json::Value::as_str))
         .filter(|m| !m.is_empty())
         .map(|m| super::state::truncate(m, MAX_MODEL_BYTES));
     Some((input.unwrap_or(0), output.unwrap_or(0), model))
@@ -207,25 +263,31 @@ pub struct UsageKey {
 pub struct UsageTotals {
     /// Tasks completed.
     pub completed: u64,
-    /// Attempts that failed (their compute time counts; tokens are not
+    /// Attempts that failed: reported failures, timeouts, sessions that
+    /// ended under them (their compute time counts; tokens are not
     /// reported by a failure).
     pub failed_attempts: u64,
+    /// Attempts that ended with no report: the lease expired or was given
+    /// back, or the task was cancelled (by an operator, its parent or a
+    /// kill switch) while it ran. Their compute time counts.
+    pub lost_attempts: u64,
     /// Tokens in.
     pub input_tokens: u64,
     /// Tokens out.
     pub output_tokens: u64,
-    /// Time from lease to completion or failure, summed, in ms.
+    /// Time from lease to the attempt's end, summed, in ms.
     pub compute_ms: u64,
 }
 
 impl UsageTotals {
     /// Adds `other` in.
     pub fn add(&mut self, other: &UsageTotals) {
-        self.completed += other.completed;
-        self.failed_attempts += other.failed_attempts;
-        self.input_tokens += other.input_tokens;
-        self.output_tokens += other.output_tokens;
-        self.compute_ms += other.compute_ms;
+        self.completed = self.completed.saturating_add(other.completed);
+        self.failed_attempts = self.failed_attempts.saturating_add(other.failed_attempts);
+        self.lost_attempts = self.lost_attempts.saturating_add(other.lost_attempts);
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.compute_ms = self.compute_ms.saturating_add(other.compute_ms);
     }
 }
 
@@ -246,11 +308,20 @@ pub struct WaitKey {
 pub struct WaitTotals {
     /// Tasks leased for the first time.
     pub tasks: u64,
-    /// Their waits (from submission, or their scheduled time, to the
-    /// first lease), summed, in ms.
+    /// Their waits (from when they were ready: submission, scheduled time,
+    /// approval or dependencies met; to the first lease), summed, in ms.
     pub wait_ms: u64,
     /// The longest of them, in ms.
     pub max_wait_ms: u64,
+}
+
+impl WaitTotals {
+    /// Adds `other` in.
+    pub fn add(&mut self, other: &WaitTotals) {
+        self.tasks = self.tasks.saturating_add(other.tasks);
+        self.wait_ms = self.wait_ms.saturating_add(other.wait_ms);
+        self.max_wait_ms = self.max_wait_ms.max(other.max_wait_ms);
+    }
 }
 
 /// The accounting, part of the state.
@@ -295,9 +366,35 @@ impl Ledger {
         &self.waits
     }
 
+    /// Most rows one tenant has in one day; past it, a new model, gateway
+    /// and agent combination is counted in the day's [`Ledger::OTHER`]
+    /// row (a worker that leases under ever new agent ids, or results
+    /// naming ever new models, cannot grow the state without bound).
+    pub const MAX_ROWS_PER_TENANT_DAY: usize = 1_000;
+
+    /// The model and agent name of a tenant's row for the combinations
+    /// past [`Ledger::MAX_ROWS_PER_TENANT_DAY`].
+    pub const OTHER: &'static str = "(other)";
+
     /// Adds `totals` to row `key`.
     pub(crate) fn add(&mut self, key: UsageKey, totals: &UsageTotals) {
         self.roll(key.day);
+        if let Some(row) = self.rows.get_mut(&key) {
+            row.add(totals);
+            return;
+        }
+        let key = if self.tenant_rows(&key.tenant, key.day, key.day).count()
+            >= Self::MAX_ROWS_PER_TENANT_DAY
+        {
+            UsageKey {
+                model: Some(Self::OTHER.into()),
+                gateway: None,
+                agent: AgentId(Self::OTHER.into()),
+                ..key
+            }
+        } else {
+            key
+        };
         self.rows.entry(key).or_default().add(totals);
     }
 
@@ -305,9 +402,11 @@ impl Ledger {
     pub(crate) fn waited(&mut self, key: WaitKey, wait_ms: u64) {
         self.roll(key.day);
         let w = self.waits.entry(key).or_default();
-        w.tasks += 1;
-        w.wait_ms += wait_ms;
-        w.max_wait_ms = w.max_wait_ms.max(wait_ms);
+        w.add(&WaitTotals {
+            tasks: 1,
+            wait_ms,
+            max_wait_ms: wait_ms,
+        });
     }
 
     /// On a new day, drops the rows older than [`Ledger::KEEP_DAYS`].
@@ -346,6 +445,89 @@ mod tests {
         assert_eq!(r(r#"{"usage":{"input":-1,"output":"5"}}"#), None);
         assert_eq!(r(r#"{"usage": 12}"#), None);
         assert_eq!(r(r#"not json "usage""#), None);
+        // A count that is not a whole number is ignored; a model that is
+        // not a string is not named.
+        assert_eq!(
+            r(r#"{"usage":{"input":1.5,"prompt_tokens":4,"output":2},"model":7}"#),
+            Some((4, 2, None))
+        );
+        // Counts past the cap are capped (u64::MAX included).
+        assert_eq!(
+            r(r#"{"usage":{"input":18446744073709551615,"output":1000000000001}}"#),
+            Some((MAX_REPORTED_TOKENS, MAX_REPORTED_TOKENS, None))
+        );
+    }
+
+    #[test]
+    fn sums_saturate() {
+        let mut l = Ledger::default();
+        let key = UsageKey {
+            tenant: Tenant("a".into()),
+            day: 1,
+            model: None,
+            gateway: None,
+            agent: AgentId("w".into()),
+        };
+        let huge = UsageTotals {
+            completed: u64::MAX,
+            failed_attempts: u64::MAX,
+            lost_attempts: u64::MAX,
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX,
+            compute_ms: u64::MAX,
+        };
+        l.add(key.clone(), &huge);
+        l.add(key.clone(), &huge);
+        assert_eq!(l.rows()[&key], huge);
+        let wait = WaitKey {
+            tenant: Tenant("a".into()),
+            day: 1,
+            priority: Priority::High,
+        };
+        l.waited(wait.clone(), u64::MAX);
+        l.waited(wait.clone(), 5);
+        let w = &l.waits()[&wait];
+        assert_eq!((w.tasks, w.wait_ms, w.max_wait_ms), (2, u64::MAX, u64::MAX));
+    }
+
+    #[test]
+    fn a_tenant_day_holds_a_bounded_number_of_rows() {
+        let mut l = Ledger::default();
+        let one = UsageTotals {
+            completed: 1,
+            ..UsageTotals::default()
+        };
+        let key = |tenant: &str, agent: usize| UsageKey {
+            tenant: Tenant(tenant.into()),
+            day: 3,
+            model: Some(format!("m{agent}")),
+            gateway: None,
+            agent: AgentId(format!("w{agent}")),
+        };
+        let n = Ledger::MAX_ROWS_PER_TENANT_DAY;
+        for i in 0..n + 50 {
+            l.add(key("a", i), &one);
+        }
+        // A known row still counts under its own key.
+        l.add(key("a", 0), &one);
+        l.add(key("b", 0), &one);
+        let tenant = Tenant("a".into());
+        let a: Vec<_> = l.tenant_rows(&tenant, 3, 3).collect();
+        assert_eq!(a.len(), n + 1, "the rows kept, then one (other) row");
+        assert_eq!(l.rows()[&key("a", 0)].completed, 2);
+        let other = UsageKey {
+            model: Some(Ledger::OTHER.into()),
+            agent: AgentId(Ledger::OTHER.into()),
+            ..key("a", 0)
+        };
+        assert_eq!(l.rows()[&other].completed, 50);
+        assert_eq!(
+            l.rows()[&key("b", 0)].completed,
+            1,
+            "another tenant has its own"
+        );
+        let total: u64 = a.iter().map(|(_, v)| v.completed).sum();
+        assert_eq!(total, n as u64 + 51, "nothing is lost");
     }
 
     #[test]

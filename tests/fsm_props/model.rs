@@ -191,6 +191,7 @@ impl Model {
                 token,
                 error,
                 retryable,
+                ..
             } => match self.live(token.0) {
                 Some(i) => {
                     self.fail_attempt(i, error.clone(), *retryable);

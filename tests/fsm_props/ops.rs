@@ -349,6 +349,11 @@ fn command(op: &Op, state: &State, now_ms: u64) -> Command {
             token: pick_token(state, &tasks, *token),
             error: (*error).into(),
             retryable: *retryable,
+            usage: retryable.then(|| godel::fsm::ReportedUsage {
+                input_tokens: 3,
+                output_tokens: 2,
+                model: Some("m".into()),
+            }),
         },
         Op::Cancel {
             id,
