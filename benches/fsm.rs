@@ -75,6 +75,7 @@ fn dispatch() -> Command {
         node_dead_after_ms: 2_000,
         session_limit_ms: 0,
         session_idle_ms: 0,
+        session_checkpoint_every: 0,
     })
 }
 

@@ -332,6 +332,10 @@ pub struct RuntimeConfig {
     /// An idle session (no task) closes after this long (`0s`: never).
     #[serde(with = "humantime_serde")]
     pub session_idle: Duration,
+    /// A session takes a checkpoint (its latest turns and tokens, what
+    /// another gateway needs to continue it) after every this many
+    /// completed tasks (`0`: only when an operator asks).
+    pub session_checkpoint_every: u32,
     /// How often an agent reconciles its attempts with the committed leases
     /// (a lost hint delays work by at most this much).
     #[serde(with = "humantime_serde")]
@@ -361,6 +365,7 @@ impl Default for RuntimeConfig {
             interval: Duration::from_millis(100),
             session_time_limit: Duration::from_secs(3600),
             session_idle: Duration::from_secs(300),
+            session_checkpoint_every: 1,
             agent_sync_interval: Duration::from_secs(1),
             gateway_probe_interval: Duration::from_secs(5),
             drain_deadline: Duration::from_secs(30),

@@ -131,6 +131,11 @@ fn data(what: &What) -> Value {
             reason,
             ..
         } => json!({"id": id, "gateway": gateway.0, "state": state, "reason": reason}),
+        What::Checkpoint {
+            session, seq, name, ..
+        } => {
+            json!({"id": session, "seq": seq, "name": name})
+        }
         What::Gateway { id, change } => match change {
             GatewayChange::Health { health, circuit } => {
                 json!({"id": id.0, "health": health, "circuit": circuit})

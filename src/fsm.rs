@@ -96,7 +96,8 @@ pub use registry::{
 };
 pub use retry::{Backoff, backoff_delay_ms};
 pub use session::{
-    OpenSession, SessionId, SessionRecord, SessionState, Sessions, gateway_session_key,
+    AfterTask, Checkpoint, OpenSession, SessionId, SessionRecord, SessionState, Sessions, Turn,
+    gateway_session_key,
 };
 pub use state::{State, Synced, group_of, route};
 pub use task::{

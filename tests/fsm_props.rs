@@ -70,6 +70,7 @@ fn observe(outcome: &Outcome) -> Expect {
         Ok(Reply::Replayed(ids)) => Expect::Replayed(ids.iter().map(|id| id.0).collect()),
         Ok(Reply::Done) => Expect::Done,
         Ok(Reply::Session(s)) => panic!("session reply from a queue command: {s:?}"),
+        Ok(Reply::Checkpoint(c)) => panic!("checkpoint reply from a queue command: {c:?}"),
         Ok(other @ (Reply::Dispatched(_) | Reply::Renewed { .. } | Reply::Released(_))) => {
             panic!("runtime reply from a queue command: {other:?}")
         }

@@ -73,9 +73,10 @@
 //!   it fails or emits events. `place` to a new owner takes them offline
 //!   first, so a script sees exactly what the move does.
 //! - `dispatch [max=100] [lease=30000] [policy=least_loaded|round_robin]
-//!   [dead_after=3000] [limit=0] [idle=0]` (`limit` and `idle`: the time limit
-//!   and idle close of the sessions it opens, 0 for none); its grants name
-//!   the agent
+//!   [dead_after=3000] [limit=0] [idle=0] [checkpoint_every=0]` (`limit`,
+//!   `idle` and `checkpoint_every`: the time limit, idle close and
+//!   checkpoint period in turns of the sessions it opens, 0 for none); its
+//!   grants name the agent
 //! - `pull node=N agents=a,b:FREE,c:FREE:MIN [max=..] [lease=..] ...` (the
 //!   `dispatch` settings): node N's pull for the agents it names, each with
 //!   its free capacity (default 100) and lowest priority (default low);
@@ -83,7 +84,9 @@
 //!   [region=eu] [capacity=1] [room=100] [token=1]` kept for it, as a pull
 //!   from a queue shard does
 //! - `renew_many tokens=1,2 [lease=30000]`, `release tokens=1,2`,
-//!   `kill_session id=N [reason=R]`, `release_agent agent=A` (a shard lets
+//!   `kill_session id=N [reason=R]`, `pause_session id=N`,
+//!   `resume_session id=N`, `checkpoint_session id=N [name=N]`,
+//!   `migrate_session id=N [gateway=G]` (read with `checkpoints id=N`), `release_agent agent=A` (a shard lets
 //!   a deregistered agent go)
 //! - reads: `dump`, `task id=N`, `depth`, `clock`, `shard_count`, `sessions` (one line per
 //!   session, oldest first: state, key, agent, gateway, task, deadline, idle
@@ -98,9 +101,9 @@ use std::str::FromStr;
 
 use godel::codec;
 use godel::fsm::{
-    AgentId, AgentProfile, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter,
+    AfterTask, AgentId, AgentProfile, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter,
     AuditRecord, AuditTarget, Backoff, Batch, Budget, BudgetAlert, BudgetLevel, BudgetPeriod,
-    BudgetUnit, Circuit, Command, DeadLetterFilter, DependencyFailure, DispatchPolicy,
+    BudgetUnit, Checkpoint, Circuit, Command, DeadLetterFilter, DependencyFailure, DispatchPolicy,
     DispatchSpec, Event, EventKind, FencingToken, GatewayChange, GatewayId, GatewayRegistration,
     Health, KillSwitch, LeaseGrant, Member, NewApiKey, Outcome, Priority, PullSlot, PullSpec,
     Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord, SessionState,
@@ -184,6 +187,7 @@ scripts! {
     trace_context_is_kept,
     usage_is_counted_per_day_model_and_agent,
     usage_counts_every_attempt_end,
+    durable_sessions,
 }
 
 #[test]
@@ -527,6 +531,21 @@ impl Runner {
                 )]
             }
             "sessions" => self.sessions(),
+            "checkpoints" => {
+                let id = args.require("id")?;
+                let lines: Vec<String> = self
+                    .state
+                    .sessions()
+                    .checkpoints(id)
+                    .iter()
+                    .map(|c| checkpoint_line(c))
+                    .collect();
+                if lines.is_empty() {
+                    vec![format!("session {id}: no checkpoints")]
+                } else {
+                    lines
+                }
+            }
             "load" => self.load(AgentId(args.require("agent")?)),
             "keys" => key_lines(&self.state),
             "tenants" => tenant_lines(&self.state),
@@ -943,6 +962,20 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         "kill_session" => Command::KillSession {
             id: args.require("id")?,
             reason: args.take("reason"),
+        },
+        "pause_session" => Command::PauseSession {
+            id: args.require("id")?,
+        },
+        "resume_session" => Command::ResumeSession {
+            id: args.require("id")?,
+        },
+        "checkpoint_session" => Command::CheckpointSession {
+            id: args.require("id")?,
+            name: args.take("name"),
+        },
+        "migrate_session" => Command::MigrateSession {
+            id: args.require("id")?,
+            gateway: args.take("gateway").map(GatewayId),
         },
         "key" => {
             let new = new_key(args, now_ms)?;
@@ -1372,6 +1405,7 @@ fn dispatch_spec(args: &mut Args) -> Result<DispatchSpec, String> {
         node_dead_after_ms: args.parsed("dead_after")?.unwrap_or(3_000),
         session_limit_ms: args.parsed("limit")?.unwrap_or(0),
         session_idle_ms: args.parsed("idle")?.unwrap_or(0),
+        session_checkpoint_every: args.parsed("checkpoint_every")?.unwrap_or(0),
     })
 }
 
@@ -1483,6 +1517,7 @@ fn outcome_lines(outcome: &Outcome) -> Vec<String> {
         Ok(Reply::Done) => vec!["ok".into()],
         Ok(Reply::NotHere) => vec!["not here".into()],
         Ok(Reply::Session(s)) => vec![format!("ok {}", session_line(s))],
+        Ok(Reply::Checkpoint(c)) => vec![format!("ok {}", checkpoint_line(c))],
         Ok(Reply::Dispatched(grants)) if grants.is_empty() => vec!["dispatched none".into()],
         Ok(Reply::Dispatched(grants)) => grants.iter().map(dispatch_grant_line).collect(),
         Ok(Reply::Renewed { stale }) => {
@@ -1558,6 +1593,40 @@ fn session_line(s: &SessionRecord) -> String {
             line += &format!(" closes={}", s.updated_at_ms + s.idle_ms);
         }
     }
+    if s.generation > 0 {
+        line += &format!(" gen={}", s.generation);
+    }
+    if s.turns > 0 || s.input_tokens > 0 || s.output_tokens > 0 {
+        line += &format!(
+            " turns={} tokens={}/{}",
+            s.turns, s.input_tokens, s.output_tokens
+        );
+    }
+    if s.checkpoint_seq > 0 {
+        line += &format!(" checkpoint={}", s.checkpoint_seq);
+    }
+    if let Some(c) = s.carry {
+        line += &format!(" carry={c}");
+    }
+    if s.moving {
+        match &s.target {
+            Some(t) => line += &format!(" moving_to={t}"),
+            None => line += " moving",
+        }
+    }
+    match &s.after_task {
+        Some(AfterTask::Pause) => line += " then=pause",
+        Some(AfterTask::Migrate(t)) => {
+            line += &format!(
+                " then=migrate{}",
+                t.as_ref().map(|g| format!(":{g}")).unwrap_or_default()
+            );
+        }
+        None => {}
+    }
+    if let Some(e) = s.ended_as {
+        line += &format!(" ended_as={}", session_state(e));
+    }
     if let Some(r) = &s.reason {
         line += &format!(" reason={:?}", shorten(r));
     }
@@ -1576,7 +1645,41 @@ fn session_state(s: SessionState) -> &'static str {
         SessionState::Cancelled => "cancelled",
         SessionState::Timeout => "timeout",
         SessionState::Error => "error",
+        SessionState::Paused => "paused",
+        SessionState::Resuming => "resuming",
+        SessionState::Migrating => "migrating",
+        SessionState::Archived => "archived",
     }
+}
+
+/// `checkpoint <seq> [name=N] turns=.. tokens=IN/OUT gateway=G ref=KEY
+/// transcript=[#task "prompt" -> "reply", ...]`.
+fn checkpoint_line(c: &Checkpoint) -> String {
+    let mut line = format!("checkpoint {}", c.seq);
+    if let Some(n) = &c.name {
+        line += &format!(" name={n}");
+    }
+    line += &format!(
+        " at={} turns={} tokens={}/{} gateway={}",
+        c.at_ms, c.turns, c.input_tokens, c.output_tokens, c.gateway
+    );
+    if let Some(r) = &c.transcript_ref {
+        line += &format!(" ref={r}");
+    }
+    let turns: Vec<String> = c
+        .transcript
+        .iter()
+        .map(|t| {
+            format!(
+                "#{} {:?} -> {:?}",
+                t.task,
+                shorten(&t.prompt),
+                shorten(&t.reply)
+            )
+        })
+        .collect();
+    line += &format!(" transcript=[{}]", turns.join(", "));
+    line
 }
 
 fn rejection_line(r: &Rejection) -> String {
@@ -1614,6 +1717,12 @@ fn event_line(e: &Event) -> String {
                 format!("gateway {id} placed owner={owner:?} token={token}")
             }
             other => format!("gateway {id} {other:?}"),
+        },
+        What::Checkpoint {
+            session, seq, name, ..
+        } => match name {
+            Some(n) => format!("session {session} checkpoint {seq} {n}"),
+            None => format!("session {session} checkpoint {seq}"),
         },
         What::Agent { id, change } => format!("agent {id} {change:?}"),
         What::Node { id, change } => format!("node {id} {change:?}"),

@@ -230,6 +230,7 @@ fn run(shards: usize, agents: &[Agent], steps: &[Step]) -> Result<(), TestCaseEr
                                 node_dead_after_ms: 60_000,
                                 session_limit_ms: 0,
                                 session_idle_ms: 0,
+                                session_checkpoint_every: 0,
                             },
                             node: 1,
                             slots: plan.slots,

@@ -182,6 +182,7 @@ pub fn dispatch_spec(node: &Node) -> DispatchSpec {
         node_dead_after_ms: node.queue_config().node_dead_after.as_millis() as u64,
         session_limit_ms: cfg.session_time_limit.as_millis() as u64,
         session_idle_ms: cfg.session_idle.as_millis() as u64,
+        session_checkpoint_every: cfg.session_checkpoint_every,
     }
 }
 

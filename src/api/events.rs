@@ -536,7 +536,7 @@ async fn next_live(streams: &mut [Subscription]) -> (usize, Result<Live, RecvErr
 fn may_see(caller: &Caller, what: &What) -> bool {
     let needs = match what {
         What::Task { .. } | What::Budget(_) => Permission::TasksRead,
-        What::Session { .. } => Permission::SessionsRead,
+        What::Session { .. } | What::Checkpoint { .. } => Permission::SessionsRead,
         What::Gateway { .. } | What::Agent { .. } => Permission::RegistryRead,
         What::Node { .. } => Permission::ClusterRead,
         What::Audit(_) => Permission::AuditRead,

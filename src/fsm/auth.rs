@@ -681,7 +681,11 @@ impl State {
                 };
                 self.replay(&selector, *limit, events)
             }
-            Command::KillSession { id, .. } => {
+            Command::KillSession { id, .. }
+            | Command::PauseSession { id }
+            | Command::ResumeSession { id }
+            | Command::CheckpointSession { id, .. }
+            | Command::MigrateSession { id, .. } => {
                 let owned = self.sessions.get(*id).is_some_and(|s| s.tenant.0 == scope);
                 if !owned {
                     return Err(super::registry::not_found("session", id));

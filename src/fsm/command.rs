@@ -489,6 +489,32 @@ pub enum Command {
     /// period, as the meta leader saw it: recorded once per tenant,
     /// period, unit and level, with an event (a repeat changes nothing).
     BudgetAlert(super::usage::BudgetAlert),
+    /// Pause a live session: now if idle, once its task ends if one runs.
+    PauseSession {
+        /// The session.
+        id: SessionId,
+    },
+    /// Resume a paused session (or call off a pause not done yet).
+    ResumeSession {
+        /// The session.
+        id: SessionId,
+    },
+    /// Take a checkpoint of a live session.
+    CheckpointSession {
+        /// The session.
+        id: SessionId,
+        /// Its name, for the record.
+        name: Option<String>,
+    },
+    /// Move a live session to another gateway (or any that takes its next
+    /// task), from its last checkpoint: now if idle, once its task ends if
+    /// one runs.
+    MigrateSession {
+        /// The session.
+        id: SessionId,
+        /// The gateway it must go to.
+        gateway: Option<GatewayId>,
+    },
 }
 
 /// A meta group voter's addresses, as a growth records them
@@ -642,6 +668,10 @@ impl Command {
             | Command::RenewMany { .. }
             | Command::Release { .. }
             | Command::KillSession { .. }
+            | Command::PauseSession { .. }
+            | Command::ResumeSession { .. }
+            | Command::CheckpointSession { .. }
+            | Command::MigrateSession { .. }
             | Command::ReleaseAgent { .. }
             | Command::SubmitRouted { .. }
             | Command::SyncShard { .. } => Scope::Queue,
@@ -702,6 +732,9 @@ pub struct DispatchSpec {
     pub session_limit_ms: u64,
     /// An idle session (no task) is closed after this long (0: never).
     pub session_idle_ms: u64,
+    /// Sessions opened by this round take a checkpoint after every this
+    /// many turns (0: only when asked).
+    pub session_checkpoint_every: u32,
 }
 
 /// A node's pull for the agents it runs (`Command::Pull`).
@@ -996,6 +1029,8 @@ pub enum Reply {
     Done,
     /// The session after the change.
     Session(Arc<SessionRecord>),
+    /// The checkpoint taken.
+    Checkpoint(Arc<super::session::Checkpoint>),
     /// The leases a dispatch granted (each task's lease names its agent).
     Dispatched(Vec<LeaseGrant>),
     /// A batched renew: the tokens that were no longer live.

@@ -209,7 +209,7 @@ impl State {
                     t.may_run_in(Some(&s.region))
                         && t.session_key
                             .as_ref()
-                            .is_none_or(|k| sessions.admits(&t.tenant, k, &s.agent))
+                            .is_none_or(|k| sessions.admits(&t.tenant, k, &s.agent, &s.gateway))
                 };
                 self.ready.best_priority(&s.caps, &runnable).is_some()
             })
@@ -445,18 +445,12 @@ impl State {
                 .session_key
                 .as_ref()
                 .and_then(|k| self.sessions.by_key(&t.tenant, k))
-                .is_some();
+                .is_some_and(|s| !s.moving);
             if !keyed_session {
                 *room = room.saturating_sub(1);
             }
             let grant = self.grant(id, &slot.agent, Some(&slot.gateway), spec.lease_ms, events);
-            self.session_for_grant(
-                id,
-                &slot.agent,
-                &slot.gateway,
-                spec.session_limit_ms,
-                spec.session_idle_ms,
-            );
+            self.session_for_grant(id, &slot.agent, &slot.gateway, spec);
             grants.push(grant);
             slot.free -= 1;
             slot.load += 1;
@@ -513,7 +507,11 @@ impl State {
                 None => may_open,
                 Some(k) => match sessions.by_key(&t.tenant, k) {
                     None => may_open,
-                    Some(_) => sessions.admits(&t.tenant, k, agent),
+                    // A moving session opens anew on this gateway.
+                    Some(s) => {
+                        sessions.admits(&t.tenant, k, agent, &slot.gateway)
+                            && (!s.moving || may_open)
+                    }
                 },
             }
         };
@@ -578,6 +576,7 @@ mod tests {
             node_dead_after_ms: 60_000,
             session_limit_ms: 0,
             session_idle_ms: 0,
+            session_checkpoint_every: 0,
         })
     }
 

@@ -74,6 +74,17 @@ pub enum What {
     Audit(AuditEntry),
     /// A tenant's budget limit crossed a level.
     Budget(super::usage::BudgetAlert),
+    /// A session's checkpoint was taken.
+    Checkpoint {
+        /// The session.
+        session: SessionId,
+        /// Its tenant.
+        tenant: Tenant,
+        /// The checkpoint's number.
+        seq: u64,
+        /// Its name, if an operator gave one.
+        name: Option<String>,
+    },
 }
 
 /// The kinds of task events.
@@ -246,7 +257,12 @@ impl What {
                 SessionState::Cancelled => "session.cancelled",
                 SessionState::Timeout => "session.timeout",
                 SessionState::Error => "session.error",
+                SessionState::Paused => "session.paused",
+                SessionState::Resuming => "session.resuming",
+                SessionState::Migrating => "session.migrating",
+                SessionState::Archived => "session.archived",
             },
+            What::Checkpoint { .. } => "session.checkpoint",
             What::Gateway { change, .. } => match change {
                 GatewayChange::Registered => "gateway.registered",
                 GatewayChange::Updated => "gateway.updated",
@@ -279,7 +295,9 @@ impl What {
     /// objects (gateways, agents, nodes).
     pub fn tenant(&self) -> Option<&str> {
         match self {
-            What::Task { tenant, .. } | What::Session { tenant, .. } => Some(&tenant.0),
+            What::Task { tenant, .. }
+            | What::Session { tenant, .. }
+            | What::Checkpoint { tenant, .. } => Some(&tenant.0),
             What::Audit(e) => Some(&e.tenant),
             What::Budget(a) => Some(&a.tenant.0),
             What::Gateway { .. } | What::Agent { .. } | What::Node { .. } => None,

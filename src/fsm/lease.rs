@@ -218,6 +218,11 @@ impl State {
             input_tokens,
             output_tokens,
         );
+        if self.in_session(id) {
+            let prompt = super::session::prompt_of(&self.tasks[&id].payload);
+            let reply = super::session::reply_of(result);
+            self.session_turn(id, Some((&prompt, &reply)), input_tokens, output_tokens);
+        }
         let usage =
             (input_tokens > 0 || output_tokens > 0 || model.is_some()).then_some(TaskUsage {
                 input_tokens,
@@ -283,6 +288,9 @@ impl State {
     ) {
         let (input, output, model) = usage.map(ReportedUsage::bounded).unwrap_or_default();
         self.count_attempt(id, AttemptEnd::Failed, model, input, output);
+        if input > 0 || output > 0 {
+            self.session_turn(id, None, input, output);
+        }
         let task = &self.tasks[&id];
         let failures = task.attempts + 1;
         let out_of_attempts = !retryable || failures >= task.max_attempts;

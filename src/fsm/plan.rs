@@ -48,7 +48,10 @@ impl State {
                     None => room,
                     Some(k) => match sessions.by_key(&t.tenant, k) {
                         None => room,
-                        Some(_) => sessions.admits(&t.tenant, k, agent),
+                        Some(s) => {
+                            sessions.admits(&t.tenant, k, agent, &profile.gateway)
+                                && (!s.moving || room)
+                        }
                     },
                 }
         };
@@ -187,6 +190,7 @@ mod tests {
                 node_dead_after_ms: 60_000,
                 session_limit_ms: 0,
                 session_idle_ms: 0,
+                session_checkpoint_every: 0,
             },
             node: 1,
             slots,

@@ -67,6 +67,18 @@ pub enum SessionState {
     Timeout,
     /// Lost (gateway gone, node dead). Terminal.
     Error,
+    /// Held by an operator: no task runs in it until it is resumed (its
+    /// conversation and checkpoints stay).
+    Paused,
+    /// Resumed: its next task continues it where it was.
+    Resuming,
+    /// To continue on another gateway (its own failed, or an operator
+    /// moved it): its next task opens it there, carrying its last
+    /// checkpoint's turns.
+    Migrating,
+    /// Ended a day ago and compacted: its turns and checkpoints are
+    /// dropped; `ended_as` says how it ended. Terminal.
+    Archived,
 }
 
 impl std::fmt::Display for SessionState {
@@ -90,6 +102,10 @@ impl SessionState {
             Cancelled => "cancelled",
             Timeout => "timeout",
             Error => "error",
+            Paused => "paused",
+            Resuming => "resuming",
+            Migrating => "migrating",
+            Archived => "archived",
         }
     }
 
@@ -97,14 +113,18 @@ impl SessionState {
     pub fn can_become(self, to: SessionState) -> bool {
         use SessionState::*;
         if self.is_terminal() {
-            return false;
+            // An ended session is only archived, once.
+            return self != Archived && to == Archived;
         }
         matches!(
             (self, to),
-            (Created, Initializing)
-                | (Initializing, Ready)
-                | (Ready, Running | Completing)
-                | (Running, Ready | Completing)
+            (Created, Initializing | Paused | Migrating)
+                | (Initializing, Ready | Paused | Migrating)
+                | (Ready, Running | Completing | Paused | Migrating)
+                | (Running, Ready | Completing | Paused | Migrating)
+                | (Paused, Resuming | Migrating)
+                | (Resuming, Running | Completing | Paused | Migrating)
+                | (Migrating, Initializing | Paused | Completing)
                 | (Completing, Completed)
         ) || matches!(to, Failed | Cancelled | Timeout | Error)
     }
@@ -112,7 +132,19 @@ impl SessionState {
     /// Whether the session has ended.
     pub fn is_terminal(self) -> bool {
         use SessionState::*;
-        matches!(self, Completed | Failed | Cancelled | Timeout | Error)
+        matches!(
+            self,
+            Completed | Failed | Cancelled | Timeout | Error | Archived
+        )
+    }
+
+    /// Whether its next task with its key may be leased to an agent now
+    /// (subject to which agent: [`Sessions::admits`]).
+    fn takes_a_task(self) -> bool {
+        matches!(
+            self,
+            SessionState::Ready | SessionState::Resuming | SessionState::Migrating
+        )
     }
 }
 
@@ -144,6 +176,99 @@ pub struct SessionRecord {
     pub created_at_ms: u64,
     /// Time of the last change.
     pub updated_at_ms: u64,
+    /// Its gateway-side conversations so far, less one: each move to
+    /// another gateway starts the next under a key of its own
+    /// ([`SessionRecord::gateway_key`]).
+    pub generation: u32,
+    /// Tasks completed in it.
+    pub turns: u64,
+    /// Tokens in its tasks' attempts reported, in.
+    pub input_tokens: u64,
+    /// Tokens out.
+    pub output_tokens: u64,
+    /// Its latest turns (at most [`Sessions::MAX_TAIL`]): what a
+    /// checkpoint keeps.
+    pub tail: Vec<Arc<Turn>>,
+    /// Its last checkpoint's number (0: none yet).
+    pub checkpoint_seq: u64,
+    /// A checkpoint after every this many turns (0: named ones only).
+    pub checkpoint_every: u32,
+    /// On a gateway that does not hold its conversation yet: the
+    /// checkpoint whose turns its next task carries there. Cleared by the
+    /// first task completed on the new gateway.
+    pub carry: Option<u64>,
+    /// Asked while a task ran in it: done when that task's attempt ends.
+    pub after_task: Option<AfterTask>,
+    /// Whether it must continue on a gateway that does not hold its
+    /// conversation (it is migrating, or paused while it was): its next
+    /// task opens it there.
+    pub moving: bool,
+    /// While moving: the gateway it must go to (none: any that can run
+    /// its next task).
+    pub target: Option<GatewayId>,
+    /// Once archived: the state it ended in.
+    pub ended_as: Option<SessionState>,
+}
+
+impl SessionRecord {
+    /// The key of its gateway-side conversation: `<tenant>~<key>`, then
+    /// `~<generation>` from its first move on (`~` is outside both
+    /// alphabets, so keys never collide). `None` without a session key.
+    pub fn gateway_key(&self) -> Option<SessionKey> {
+        let base = gateway_session_key(&self.tenant, self.session_key.as_ref()?);
+        Some(match self.generation {
+            0 => base,
+            g => SessionKey(format!("{base}~{g}")),
+        })
+    }
+}
+
+/// What a session does once the task it runs ends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AfterTask {
+    /// It pauses.
+    Pause,
+    /// It migrates (to the gateway named, or any).
+    Migrate(Option<GatewayId>),
+}
+
+/// One task's turn in a session, as a checkpoint keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Turn {
+    /// The task.
+    pub task: TaskId,
+    /// When it completed.
+    pub at_ms: u64,
+    /// What it asked (its payload's `message`, or the payload), cut to
+    /// [`Sessions::MAX_TURN_BYTES`].
+    pub prompt: String,
+    /// What it answered (its result's `text`, or the result), cut the
+    /// same way.
+    pub reply: String,
+}
+
+/// A session's checkpoint: what another gateway needs to continue it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Its number in the session, from 1.
+    pub seq: u64,
+    /// The name an operator gave it (none: taken automatically).
+    pub name: Option<String>,
+    /// When it was taken.
+    pub at_ms: u64,
+    /// The session's turns then.
+    pub turns: u64,
+    /// Its tokens then, in.
+    pub input_tokens: u64,
+    /// And out.
+    pub output_tokens: u64,
+    /// The gateway it ran on.
+    pub gateway: GatewayId,
+    /// Where the gateway keeps the conversation: its gateway-side session
+    /// key (for OpenClaw, the key of its transcript).
+    pub transcript_ref: Option<SessionKey>,
+    /// Its latest turns, oldest first.
+    pub transcript: Vec<Arc<Turn>>,
 }
 
 /// Sessions and their indexes, part of [`State`].
@@ -159,6 +284,11 @@ pub struct Sessions {
     idle: BTreeSet<(u64, SessionId)>,
     /// Live sessions per gateway (backpressure).
     live_by_gateway: BTreeMap<GatewayId, u32>,
+    /// Each session's latest checkpoints (at most
+    /// [`Sessions::MAX_CHECKPOINTS`]), oldest first.
+    checkpoints: BTreeMap<SessionId, Vec<Arc<Checkpoint>>>,
+    /// Ended sessions by the time they are archived.
+    archive: BTreeSet<(u64, SessionId)>,
 }
 
 /// A session to open.
@@ -180,6 +310,30 @@ pub struct OpenSession {
 const MAX_REASON_BYTES: usize = 1024;
 
 impl Sessions {
+    /// Turns a session (and a checkpoint) keeps.
+    pub const MAX_TAIL: usize = 8;
+    /// Longest prompt or reply a turn keeps, in bytes.
+    pub const MAX_TURN_BYTES: usize = 1024;
+    /// Checkpoints a session keeps (the oldest go first).
+    pub const MAX_CHECKPOINTS: usize = 8;
+    /// How long an ended session stays as it ended before it is archived.
+    pub const ARCHIVE_AFTER_MS: u64 = 86_400_000;
+
+    /// One live session fewer on `gateway`.
+    fn leave_gateway(&mut self, gateway: &GatewayId) {
+        if let Some(n) = self.live_by_gateway.get_mut(gateway) {
+            *n -= 1;
+            if *n == 0 {
+                self.live_by_gateway.remove(gateway);
+            }
+        }
+    }
+
+    /// Session `id`'s checkpoints, oldest first.
+    pub fn checkpoints(&self, id: SessionId) -> &[Arc<Checkpoint>] {
+        self.checkpoints.get(&id).map_or(&[], Vec::as_slice)
+    }
+
     /// The last session id handed out (0: none yet).
     pub(crate) fn last_id(&self) -> SessionId {
         self.last_id
@@ -204,22 +358,22 @@ impl Sessions {
             .and_then(|id| self.records.get(id))
     }
 
-    /// The earliest session deadline or idle close.
+    /// The earliest session deadline, idle close or archiving.
     pub(crate) fn next_deadline(&self) -> Option<u64> {
-        [self.deadlines.first(), self.idle.first()]
-            .into_iter()
-            .flatten()
-            .map(|(at, _)| *at)
-            .min()
+        self.next_due().map(|(at, _)| at)
     }
 
     /// The earliest session timer: `(time, session)`.
     pub(crate) fn next_due(&self) -> Option<(u64, SessionId)> {
-        [self.deadlines.first(), self.idle.first()]
-            .into_iter()
-            .flatten()
-            .copied()
-            .min()
+        [
+            self.deadlines.first(),
+            self.idle.first(),
+            self.archive.first(),
+        ]
+        .into_iter()
+        .flatten()
+        .copied()
+        .min()
     }
 
     /// Live sessions on `gateway`.
@@ -227,17 +381,27 @@ impl Sessions {
         self.live_by_gateway.get(gateway).copied().unwrap_or(0)
     }
 
-    /// Whether no live session holds `key`, or the one that does is ready,
-    /// idle and driven by `agent` (or by no agent yet): a task with that key
-    /// may go to `agent` now.
-    pub(crate) fn admits(&self, tenant: &Tenant, key: &SessionKey, agent: &AgentId) -> bool {
-        match self.by_key(tenant, key) {
-            None => true,
-            Some(s) => {
-                s.state == SessionState::Ready
-                    && s.task.is_none()
-                    && s.agent.as_ref().is_none_or(|a| a == agent)
-            }
+    /// Whether a task with `key` may go to `agent` (on `gateway`) now: no
+    /// live session holds the key, or the one that does is idle and takes
+    /// it there: ready or resumed, on its gateway and driven by `agent` (or
+    /// by no agent yet); or moving, to `gateway` if it must go there.
+    pub(crate) fn admits(
+        &self,
+        tenant: &Tenant,
+        key: &SessionKey,
+        agent: &AgentId,
+        gateway: &GatewayId,
+    ) -> bool {
+        let Some(s) = self.by_key(tenant, key) else {
+            return true;
+        };
+        if s.task.is_some() || !s.state.takes_a_task() {
+            return false;
+        }
+        if s.moving {
+            s.target.as_ref().is_none_or(|t| t == gateway)
+        } else {
+            s.gateway == *gateway && s.agent.as_ref().is_none_or(|a| a == agent)
         }
     }
 }
@@ -262,11 +426,16 @@ impl State {
                 ));
             }
         }
-        Ok(Reply::Session(self.insert_session(open, 0)))
+        Ok(Reply::Session(self.insert_session(open, 0, 1)))
     }
 
     /// Records a new session (the caller checked gateway and key).
-    fn insert_session(&mut self, open: &OpenSession, idle_ms: u64) -> Arc<SessionRecord> {
+    fn insert_session(
+        &mut self,
+        open: &OpenSession,
+        idle_ms: u64,
+        checkpoint_every: u32,
+    ) -> Arc<SessionRecord> {
         let now = self.clock_ms;
         self.sessions.last_id = super::state::mint(self.sessions.last_id, self.group);
         let id = self.sessions.last_id;
@@ -284,6 +453,18 @@ impl State {
             idle_ms,
             created_at_ms: now,
             updated_at_ms: now,
+            generation: 0,
+            turns: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            tail: Vec::new(),
+            checkpoint_seq: 0,
+            checkpoint_every,
+            carry: None,
+            after_task: None,
+            moving: false,
+            target: None,
+            ended_as: None,
         };
         if let Some(key) = &rec.session_key {
             self.sessions
@@ -312,9 +493,7 @@ impl State {
             tenant: rec.tenant.clone(),
             gateway: rec.gateway.clone(),
             state: rec.state,
-            reason: rec
-                .state
-                .is_terminal()
+            reason: (rec.state.is_terminal() || rec.state == SessionState::Migrating)
                 .then(|| rec.reason.clone())
                 .flatten(),
         });
@@ -334,14 +513,12 @@ impl State {
             .records
             .get_mut(&id)
             .ok_or_else(|| not_found("session", id))?;
-        if !slot.state.can_become(to) {
-            return Err(Rejection::SessionTransition {
-                id,
-                from: slot.state,
-                to,
-            });
+        let from = slot.state;
+        let was_moving = slot.moving;
+        if !from.can_become(to) {
+            return Err(Rejection::SessionTransition { id, from, to });
         }
-        if slot.state == SessionState::Ready && slot.idle_ms > 0 {
+        if from.takes_a_task() && slot.idle_ms > 0 {
             let at = slot.updated_at_ms.saturating_add(slot.idle_ms);
             self.sessions.idle.remove(&(at, id));
         }
@@ -353,17 +530,34 @@ impl State {
             None
         };
         rec.updated_at_ms = now;
-        if to == SessionState::Ready && rec.idle_ms > 0 {
+        if to.takes_a_task() && rec.idle_ms > 0 {
             self.sessions
                 .idle
                 .insert((now.saturating_add(rec.idle_ms), id));
+        }
+        if to.is_terminal() {
+            rec.after_task = None;
+            rec.moving = false;
+            rec.target = None;
+            rec.carry = None;
+        }
+        if to == SessionState::Archived {
+            rec.ended_as = Some(from);
+            rec.tail.clear();
+            rec.carry = None;
         }
         if let Some(r) = reason {
             rec.reason = Some(super::state::truncate(r, MAX_REASON_BYTES));
         }
         let rec = Arc::clone(slot);
         self.notice_session(&rec);
-        if to.is_terminal() {
+        if to == SessionState::Archived {
+            self.sessions.checkpoints.remove(&id);
+        } else if to.is_terminal() {
+            // It ends: its key, time limit and room on its gateway are free.
+            self.sessions
+                .archive
+                .insert((now.saturating_add(Sessions::ARCHIVE_AFTER_MS), id));
             if let Some(key) = &rec.session_key {
                 self.sessions
                     .by_key
@@ -372,11 +566,8 @@ impl State {
             if let Some(at) = rec.deadline_ms {
                 self.sessions.deadlines.remove(&(at, id));
             }
-            if let Some(n) = self.sessions.live_by_gateway.get_mut(&rec.gateway) {
-                *n -= 1;
-                if *n == 0 {
-                    self.sessions.live_by_gateway.remove(&rec.gateway);
-                }
+            if !was_moving {
+                self.sessions.leave_gateway(&rec.gateway);
             }
         }
         Ok(Reply::Session(rec))
@@ -385,35 +576,38 @@ impl State {
     /// Fires the earliest session timer (the caller checked it is due): a
     /// time limit ends the session as `timeout`, failing the attempt it was
     /// running (which frees the agent); an idle session closes as
-    /// `completed`.
+    /// `completed`; a session ended a day ago is archived.
     pub(crate) fn fire_session_timer(&mut self, seed: u64, events: &mut Vec<Event>) {
-        let deadline = self.sessions.deadlines.first().copied();
-        let idle = self.sessions.idle.first().copied();
-        match (deadline, idle) {
-            (Some((at, id)), i) if i.is_none_or(|i| (at, id) <= i) => {
-                let entropy = mix(seed ^ id.rotate_left(17));
-                self.end_session(
-                    id,
-                    SessionState::Timeout,
-                    "time limit reached",
-                    entropy,
-                    events,
-                )
-                .expect("invariant: sessions with deadlines are live");
+        let Some(due) = self.sessions.next_due() else {
+            return;
+        };
+        let id = due.1;
+        if self.sessions.deadlines.first() == Some(&due) {
+            let entropy = mix(seed ^ id.rotate_left(17));
+            self.end_session(
+                id,
+                SessionState::Timeout,
+                "time limit reached",
+                entropy,
+                events,
+            )
+            .expect("invariant: sessions with deadlines are live");
+        } else if self.sessions.idle.first() == Some(&due) {
+            for to in [SessionState::Completing, SessionState::Completed] {
+                self.move_session(id, to, None, None)
+                    .expect("invariant: idle sessions take tasks");
             }
-            (_, Some((_, id))) => {
-                for to in [SessionState::Completing, SessionState::Completed] {
-                    self.move_session(id, to, None, None)
-                        .expect("invariant: idle sessions are ready");
-                }
-            }
-            (None, None) => {}
-            (Some(_), None) => unreachable!("the first arm takes a deadline with no idle timer"),
+        } else {
+            self.sessions.archive.remove(&due);
+            self.move_session(id, SessionState::Archived, None, None)
+                .expect("invariant: sessions to archive have ended");
         }
     }
 
-    /// Ends the live sessions driven by `agent` as `error` (the agent was
-    /// deregistered or moved to another gateway).
+    /// Moves the live sessions driven by `agent` on (the agent was
+    /// deregistered or moved to another gateway): each continues from its
+    /// last checkpoint with the next agent that takes its next task; a
+    /// paused one does so once resumed.
     pub(crate) fn end_agent_sessions(&mut self, agent: &AgentId, why: &str) {
         let ids: Vec<SessionId> = self
             .sessions
@@ -423,8 +617,221 @@ impl State {
             .filter(|id| self.sessions.records[id].agent.as_ref() == Some(agent))
             .collect();
         for id in ids {
-            self.move_session(id, SessionState::Error, None, Some(why))
-                .expect("invariant: sessions by key are live");
+            self.migrate(id, None, why, false);
+        }
+    }
+
+    /// Sends live session `id` on to another gateway (`target`, or any),
+    /// from its last checkpoint: it migrates now if no task runs in it,
+    /// after its task if one does; a paused one stays paused and moves
+    /// once resumed (`resumed`: it is being resumed now). An ended or
+    /// completing one is left as it is.
+    fn migrate(&mut self, id: SessionId, target: Option<GatewayId>, why: &str, resumed: bool) {
+        let Some(rec) = self.sessions.records.get(&id) else {
+            return;
+        };
+        let state = rec.state;
+        if state.is_terminal() || state == SessionState::Completing {
+            return;
+        }
+        if rec.task.is_some() {
+            self.edit_session(id, |r| r.after_task = Some(AfterTask::Migrate(target)));
+            return;
+        }
+        let carry = (rec.checkpoint_seq > 0).then_some(rec.checkpoint_seq);
+        if !rec.moving {
+            // It no longer counts on its gateway; it counts again where it
+            // lands ([`State::rehome`]).
+            let gateway = rec.gateway.clone();
+            self.sessions.leave_gateway(&gateway);
+        }
+        self.edit_session(id, |r| {
+            r.moving = true;
+            r.target = target;
+            r.agent = None;
+            r.carry = carry;
+            r.reason = Some(super::state::truncate(why, MAX_REASON_BYTES));
+        });
+        if state != SessionState::Migrating && (state != SessionState::Paused || resumed) {
+            self.move_session(id, SessionState::Migrating, None, None)
+                .expect("invariant: an idle live session may migrate");
+        }
+    }
+
+    /// Edits session `id`'s record in place (no change of state).
+    fn edit_session(&mut self, id: SessionId, edit: impl FnOnce(&mut SessionRecord)) {
+        if let Some(slot) = self.sessions.records.get_mut(&id) {
+            edit(Arc::make_mut(slot));
+        }
+    }
+
+    /// `POST /sessions/{id}/pause`: an idle session is paused now, one
+    /// running a task once the task's attempt ends.
+    pub(crate) fn pause_session(&mut self, id: SessionId) -> Outcome {
+        let s = self.live_session(id, SessionState::Paused)?;
+        if s.state == SessionState::Paused {
+            return Ok(Reply::Session(s));
+        }
+        if s.task.is_some() {
+            self.edit_session(id, |r| r.after_task = Some(AfterTask::Pause));
+            return Ok(Reply::Session(Arc::clone(&self.sessions.records[&id])));
+        }
+        self.move_session(id, SessionState::Paused, None, None)
+    }
+
+    /// `POST /sessions/{id}/resume`: a paused session takes tasks again,
+    /// where it was, or from its last checkpoint on another gateway if it
+    /// was moving or its gateway cannot serve it; a pause asked while a
+    /// task runs is called off.
+    pub(crate) fn resume_session(&mut self, id: SessionId) -> Outcome {
+        let s = self.live_session(id, SessionState::Resuming)?;
+        if s.after_task == Some(AfterTask::Pause) {
+            self.edit_session(id, |r| r.after_task = None);
+            return Ok(Reply::Session(Arc::clone(&self.sessions.records[&id])));
+        }
+        if s.state != SessionState::Paused {
+            return Err(Rejection::SessionTransition {
+                id,
+                from: s.state,
+                to: SessionState::Resuming,
+            });
+        }
+        let unusable = self.gateway_unusable(&s.gateway);
+        if s.moving || unusable.is_some() {
+            let why = unusable
+                .or_else(|| s.reason.clone())
+                .unwrap_or_else(|| "resumed on another gateway".into());
+            self.migrate(id, s.target.clone(), &why, true);
+            return Ok(Reply::Session(Arc::clone(&self.sessions.records[&id])));
+        }
+        self.move_session(id, SessionState::Resuming, None, None)
+    }
+
+    /// `POST /sessions/{id}/migrate`: the session continues on `target`
+    /// (or any gateway that takes its next task) from its last checkpoint.
+    pub(crate) fn migrate_session(&mut self, id: SessionId, target: Option<&GatewayId>) -> Outcome {
+        let s = self.live_session(id, SessionState::Migrating)?;
+        if let Some(g) = target
+            && self.group == 0
+            && self.registry.gateway(g).is_none()
+        {
+            return Err(not_found("gateway", g));
+        }
+        if s.state == SessionState::Completing {
+            return Err(Rejection::SessionTransition {
+                id,
+                from: s.state,
+                to: SessionState::Migrating,
+            });
+        }
+        let why = match target {
+            Some(g) => format!("moved to gateway {g} by an operator"),
+            None => "moved by an operator".to_owned(),
+        };
+        self.migrate(id, target.cloned(), &why, false);
+        Ok(Reply::Session(Arc::clone(&self.sessions.records[&id])))
+    }
+
+    /// `POST /sessions/{id}/checkpoint`: takes a checkpoint named `name`.
+    pub(crate) fn checkpoint_session(&mut self, id: SessionId, name: Option<&str>) -> Outcome {
+        if let Some(n) = name {
+            check_name("name", n, true).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        }
+        self.live_session(id, SessionState::Running)?;
+        let cp = self.take_checkpoint(id, name.map(str::to_owned));
+        Ok(Reply::Checkpoint(cp))
+    }
+
+    /// Session `id`, if it has not ended; else why `to` cannot be reached.
+    fn live_session(
+        &self,
+        id: SessionId,
+        to: SessionState,
+    ) -> Result<Arc<SessionRecord>, Rejection> {
+        let s = self
+            .sessions
+            .records
+            .get(&id)
+            .ok_or_else(|| not_found("session", id))?;
+        if s.state.is_terminal() {
+            return Err(Rejection::SessionTransition {
+                id,
+                from: s.state,
+                to,
+            });
+        }
+        Ok(Arc::clone(s))
+    }
+
+    /// Takes a checkpoint of session `id` now: its turns and tokens, the
+    /// gateway and gateway-side conversation they are in.
+    fn take_checkpoint(&mut self, id: SessionId, name: Option<String>) -> Arc<Checkpoint> {
+        let now = self.clock_ms;
+        let s = &self.sessions.records[&id];
+        let cp = Arc::new(Checkpoint {
+            seq: s.checkpoint_seq + 1,
+            name,
+            at_ms: now,
+            turns: s.turns,
+            input_tokens: s.input_tokens,
+            output_tokens: s.output_tokens,
+            gateway: s.gateway.clone(),
+            transcript_ref: s.gateway_key(),
+            transcript: s.tail.clone(),
+        });
+        let seq = cp.seq;
+        self.edit_session(id, |r| r.checkpoint_seq = seq);
+        let list = self.sessions.checkpoints.entry(id).or_default();
+        list.push(Arc::clone(&cp));
+        if list.len() > Sessions::MAX_CHECKPOINTS {
+            list.remove(0);
+        }
+        self.notice(What::Checkpoint {
+            session: id,
+            tenant: self.sessions.records[&id].tenant.clone(),
+            seq,
+            name: cp.name.clone(),
+        });
+        cp
+    }
+
+    /// Counts what task `task`'s attempt used in its session, and with
+    /// `turn` (its prompt and reply: it completed) adds a turn, taking a
+    /// checkpoint every `checkpoint_every` turns. The first turn completed
+    /// on a new gateway means that gateway holds the conversation now.
+    pub(crate) fn session_turn(
+        &mut self,
+        task: TaskId,
+        turn: Option<(&str, &str)>,
+        input_tokens: u64,
+        output_tokens: u64,
+    ) {
+        let Some(s) = self.session_of(task) else {
+            return;
+        };
+        let now = self.clock_ms;
+        let mut checkpoint = false;
+        self.edit_session(s.id, |r| {
+            r.input_tokens = r.input_tokens.saturating_add(input_tokens);
+            r.output_tokens = r.output_tokens.saturating_add(output_tokens);
+            let Some((prompt, reply)) = turn else {
+                return;
+            };
+            r.turns += 1;
+            r.carry = None;
+            r.tail.push(Arc::new(Turn {
+                task,
+                at_ms: now,
+                prompt: super::state::truncate(prompt, Sessions::MAX_TURN_BYTES),
+                reply: super::state::truncate(reply, Sessions::MAX_TURN_BYTES),
+            }));
+            if r.tail.len() > Sessions::MAX_TAIL {
+                r.tail.remove(0);
+            }
+            checkpoint = r.checkpoint_every > 0 && r.turns % u64::from(r.checkpoint_every) == 0;
+        });
+        if checkpoint {
+            self.take_checkpoint(s.id, None);
         }
     }
 
@@ -478,27 +885,28 @@ impl State {
         task: TaskId,
         agent: &AgentId,
         gateway: &GatewayId,
-        limit_ms: u64,
-        idle_ms: u64,
+        spec: &super::command::DispatchSpec,
     ) {
         let t = &self.tasks[&task];
         let Some(key) = t.session_key.clone() else {
             return;
         };
         let tenant = t.tenant.clone();
-        if let Some(live) = self.sessions.by_key(&tenant, &key).map(|s| s.id) {
-            let slot = self
-                .sessions
-                .records
-                .get_mut(&live)
-                .expect("invariant: sessions by key exist");
-            if slot.agent.is_none() {
-                Arc::make_mut(slot).agent = Some(agent.clone());
+        if let Some(s) = self.sessions.by_key(&tenant, &key).cloned() {
+            if s.moving {
+                self.rehome(&s, agent, gateway);
+                self.move_session(s.id, SessionState::Initializing, Some(task), None)
+                    .expect("invariant: dispatch admits only idle moving sessions");
+            } else {
+                if s.agent.is_none() {
+                    self.edit_session(s.id, |r| r.agent = Some(agent.clone()));
+                }
+                self.move_session(s.id, SessionState::Running, Some(task), None)
+                    .expect("invariant: dispatch admits only idle sessions of the agent");
             }
-            self.move_session(live, SessionState::Running, Some(task), None)
-                .expect("invariant: dispatch admits only idle sessions of the agent");
             return;
         }
+        let limit_ms = spec.session_limit_ms;
         let open = OpenSession {
             gateway: gateway.clone(),
             tenant,
@@ -506,9 +914,30 @@ impl State {
             agent: Some(agent.clone()),
             time_limit_ms: (limit_ms > 0).then_some(limit_ms),
         };
-        let id = self.insert_session(&open, idle_ms).id;
+        let id = self
+            .insert_session(&open, spec.session_idle_ms, spec.session_checkpoint_every)
+            .id;
         self.move_session(id, SessionState::Initializing, Some(task), None)
             .expect("invariant: new sessions can initialize");
+    }
+
+    /// Moving session `s` lands on `gateway`, driven by `agent`: a new
+    /// gateway-side conversation (the next generation), which its next
+    /// task seeds with the carried checkpoint's turns.
+    fn rehome(&mut self, s: &SessionRecord, agent: &AgentId, gateway: &GatewayId) {
+        *self
+            .sessions
+            .live_by_gateway
+            .entry(gateway.clone())
+            .or_default() += 1;
+        self.edit_session(s.id, |r| {
+            r.gateway = gateway.clone();
+            r.agent = Some(agent.clone());
+            r.generation += 1;
+            r.moving = false;
+            r.target = None;
+            r.reason = None;
+        });
     }
 
     /// The task's attempt started: its session, if opening, is now open and
@@ -528,24 +957,44 @@ impl State {
         }
     }
 
-    /// The task's attempt ended (any way): its session is idle again, or
-    /// ends as `error` if its gateway is unusable (see
+    /// The task's attempt ended (any way): its session is idle again; or
+    /// it pauses or migrates, as asked while the task ran; or it migrates
+    /// from its last checkpoint if its gateway is unusable (see
     /// [`State::end_idle_sessions_on`]).
     pub(crate) fn session_task_ended(&mut self, task: TaskId) {
-        if let Some(s) = self.session_of(task) {
-            let (to, why) = match self.gateway_unusable(&s.gateway) {
-                Some(why) => (SessionState::Error, Some(why)),
-                None => (SessionState::Ready, None),
+        let Some(s) = self.session_of(task) else {
+            return;
+        };
+        self.edit_session(s.id, |r| r.after_task = None);
+        // Idle first (paused if asked), then on if its gateway cannot
+        // serve it or an operator moved it.
+        let pause = s.after_task == Some(AfterTask::Pause);
+        let idle = if pause {
+            SessionState::Paused
+        } else {
+            SessionState::Ready
+        };
+        self.move_session(s.id, idle, None, None)
+            .expect("invariant: a session's task ended: it may idle or pause");
+        let target = match &s.after_task {
+            Some(AfterTask::Migrate(t)) => Some(t.clone()),
+            _ => None,
+        };
+        if let Some(why) = self.gateway_unusable(&s.gateway) {
+            self.migrate(s.id, target.flatten(), &why, false);
+        } else if let Some(t) = target {
+            let why = match &t {
+                Some(g) => format!("moved to gateway {g} by an operator"),
+                None => "moved by an operator".to_owned(),
             };
-            self.move_session(s.id, to, None, why.as_deref())
-                .expect("invariant: a session with a task can become ready or end");
+            self.migrate(s.id, t, &why, false);
         }
     }
 
-    /// Ends the idle live sessions on `gateway` (ready, no task) as `error`
-    /// with `why`: the gateway cannot serve them, and a task with one of
-    /// their keys would otherwise wait for it rather than open a session
-    /// elsewhere. The gateway-side conversation is lost either way.
+    /// Sends the idle live sessions on `gateway` (no task; not paused) on
+    /// to another gateway from their last checkpoint, with `why`: the
+    /// gateway cannot serve them, and a task with one of their keys would
+    /// otherwise wait for it. A paused one moves once resumed.
     pub(crate) fn end_idle_sessions_on(&mut self, gateway: &GatewayId, why: &str) {
         let ids: Vec<SessionId> = self
             .sessions
@@ -554,13 +1003,17 @@ impl State {
             .copied()
             .filter(|id| {
                 let s = &self.sessions.records[id];
-                s.gateway == *gateway && s.state == SessionState::Ready && s.task.is_none()
+                s.gateway == *gateway && s.task.is_none() && !s.moving
             })
             .collect();
         for id in ids {
-            self.move_session(id, SessionState::Error, None, Some(why))
-                .expect("invariant: sessions by key are live");
+            self.migrate(id, None, why, false);
         }
+    }
+
+    /// Whether task `task` runs in a live session now.
+    pub(crate) fn in_session(&self, task: TaskId) -> bool {
+        self.session_of(task).is_some()
     }
 
     /// The live session whose current task is `task`.
@@ -570,6 +1023,41 @@ impl State {
             .by_key(&t.tenant, t.session_key.as_ref()?)
             .filter(|s| s.task == Some(task))
             .cloned()
+    }
+}
+
+/// What a task asked, as a turn keeps it: a JSON string payload, or an
+/// object's `message` (as drivers send it), or the payload itself.
+pub(crate) fn prompt_of(payload: &str) -> String {
+    #[derive(Deserialize)]
+    struct WithMessage {
+        message: Option<serde_json::Value>,
+    }
+    let cut = |s: &str| super::state::truncate(s, Sessions::MAX_TURN_BYTES);
+    if let Ok(s) = serde_json::from_str::<String>(payload) {
+        return cut(&s);
+    }
+    match serde_json::from_str::<WithMessage>(payload) {
+        Ok(WithMessage {
+            message: Some(serde_json::Value::String(m)),
+        }) => cut(&m),
+        _ => cut(payload),
+    }
+}
+
+/// What a task answered, as a turn keeps it: its result's `text` (as the
+/// OpenClaw driver reports it), or the result itself.
+pub(crate) fn reply_of(result: &str) -> String {
+    #[derive(Deserialize)]
+    struct WithText {
+        text: Option<serde_json::Value>,
+    }
+    let cut = |s: &str| super::state::truncate(s, Sessions::MAX_TURN_BYTES);
+    match serde_json::from_str::<WithText>(result) {
+        Ok(WithText {
+            text: Some(serde_json::Value::String(t)),
+        }) => cut(&t),
+        _ => cut(result),
     }
 }
 
@@ -744,6 +1232,7 @@ mod tests {
             node_dead_after_ms: 3_000,
             session_limit_ms: 0,
             session_idle_ms: 0,
+            session_checkpoint_every: 0,
         });
         let out = apply(&mut s, 1, dispatch.clone());
         assert_eq!(out, Ok(Reply::Dispatched(vec![])), "waits for the session");
@@ -793,5 +1282,92 @@ mod tests {
             );
         }
         assert!(!Completed.can_become(Error));
+        // Durable sessions: paused, resumed, migrated, archived.
+        let durable = [
+            Created,
+            Initializing,
+            Ready,
+            Running,
+            Paused,
+            Resuming,
+            Running,
+            Migrating,
+            Initializing,
+            Ready,
+            Migrating,
+            Paused,
+            Migrating,
+            Initializing,
+            Ready,
+            Paused,
+            Resuming,
+            Completing,
+            Completed,
+            Archived,
+        ];
+        for w in durable.windows(2) {
+            assert!(w[0].can_become(w[1]), "{:?} -> {:?}", w[0], w[1]);
+        }
+        assert!(
+            !Paused.can_become(Running),
+            "a paused session resumes first"
+        );
+        assert!(!Paused.can_become(Ready), "resuming is its own state");
+        assert!(
+            !Migrating.can_become(Running),
+            "it opens on the new gateway first"
+        );
+        assert!(!Migrating.can_become(Resuming));
+        assert!(!Running.can_become(Resuming));
+        assert!(
+            !Ready.can_become(Archived),
+            "only an ended session is archived"
+        );
+        assert!(!Archived.can_become(Archived) && !Archived.can_become(Error));
+        for end in [Completed, Failed, Cancelled, Timeout, Error] {
+            assert!(end.can_become(Archived), "{end:?} is archived");
+            assert!(!end.can_become(Paused) && !end.can_become(Migrating));
+        }
+        for live in [
+            Created,
+            Initializing,
+            Ready,
+            Running,
+            Paused,
+            Resuming,
+            Migrating,
+            Completing,
+        ] {
+            assert!(
+                !live.is_terminal() && live.can_become(Cancelled),
+                "{live:?}"
+            );
+        }
+        // Every pair: a terminal state reaches only Archived, and nothing
+        // reaches Created.
+        let all = [
+            Created,
+            Initializing,
+            Ready,
+            Running,
+            Completing,
+            Completed,
+            Failed,
+            Cancelled,
+            Timeout,
+            Error,
+            Paused,
+            Resuming,
+            Migrating,
+            Archived,
+        ];
+        for from in all {
+            for to in all {
+                if from.is_terminal() && from.can_become(to) {
+                    assert_eq!(to, Archived, "{from:?} -> {to:?}");
+                }
+                assert!(!from.can_become(Created), "{from:?} -> Created");
+            }
+        }
     }
 }

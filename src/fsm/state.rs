@@ -287,6 +287,12 @@ impl State {
             Command::KillSession { id, reason } => {
                 self.kill_session(*id, reason.as_deref(), entropy, events)
             }
+            Command::PauseSession { id } => self.pause_session(*id),
+            Command::ResumeSession { id } => self.resume_session(*id),
+            Command::CheckpointSession { id, name } => {
+                self.checkpoint_session(*id, name.as_deref())
+            }
+            Command::MigrateSession { id, gateway } => self.migrate_session(*id, gateway.as_ref()),
             Command::AgentOnline {
                 agent,
                 node,

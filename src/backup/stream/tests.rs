@@ -124,8 +124,9 @@ async fn a_stream_whose_error_could_not_be_queued_still_ends_with_an_error() {
     let producer = tokio::spawn(producer);
     let mut stream = Box::pin(stream);
     assert!(stream.next().await.unwrap().is_ok());
-    // Let the producer fill the queue, then stop it while nobody reads.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let the producer fill the queue (a few pieces of a 3 MB state; 2 s
+    // leaves room for a loaded machine), then stop it while nobody reads.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(10), producer)
         .await
