@@ -245,6 +245,40 @@ pub enum SessionCmd {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Pause a live session: no task runs in it until it is resumed (one
+    /// running now finishes first).
+    Pause {
+        /// Session id.
+        id: u64,
+    },
+    /// Resume a paused session (where it was, or from its last checkpoint
+    /// on another gateway if its own cannot serve it).
+    Resume {
+        /// Session id.
+        id: u64,
+    },
+    /// Take a checkpoint of a live session now.
+    Checkpoint {
+        /// Session id.
+        id: u64,
+        /// A name for the record.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Move a live session to another gateway from its last checkpoint
+    /// (its next task opens it there).
+    Migrate {
+        /// Session id.
+        id: u64,
+        /// The gateway it must go to (default: whichever takes its next task).
+        #[arg(long)]
+        gateway: Option<String>,
+    },
+    /// A session's checkpoints, oldest first.
+    Checkpoints {
+        /// Session id.
+        id: u64,
+    },
 }
 
 /// Filters and pagination for `godel session ls`.

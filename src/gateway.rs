@@ -201,6 +201,12 @@ pub struct RunRequest {
     /// started, a request or frame sent), after any wait on the way:
     /// false stops it unrun ([`DriverError::NotOwner`]).
     pub guard: CallGuard,
+    /// For the first attempt of a session on a gateway that does not hold
+    /// its conversation (it moved here): the turns of its last checkpoint,
+    /// as text, which the driver gives the model before the message (the
+    /// OpenClaw driver puts them ahead of the turn's message, so they
+    /// enter the new conversation's transcript).
+    pub context: Option<Arc<str>>,
 }
 
 /// Whether this node may still make a gateway call: asked by the driver at

@@ -85,13 +85,13 @@ impl GatewayRegistry for Registry {
     fn ended_sessions(
         &self,
         _: &GatewayId,
-        sessions: &[SessionId],
-    ) -> Vec<(SessionId, Option<SessionKey>)> {
+        sessions: &[(SessionId, u32)],
+    ) -> Vec<(SessionId, u32, Option<SessionKey>)> {
         let ended = self.ended.lock().unwrap();
         sessions
             .iter()
-            .filter(|s| ended.contains(s))
-            .map(|s| (*s, Some(key(*s))))
+            .filter(|(s, _)| ended.contains(s))
+            .map(|&(s, g)| (s, g, Some(key(s))))
             .collect()
     }
 }
@@ -110,6 +110,7 @@ fn request(task: u64) -> RunRequest {
         trace: None,
         fence: GatewayFence::default(),
         guard: Default::default(),
+        context: None,
     }
 }
 
@@ -368,8 +369,8 @@ async fn a_gateway_is_reported_unhealthy_only_after_several_failed_probes() {
         fn ended_sessions(
             &self,
             _: &GatewayId,
-            _: &[SessionId],
-        ) -> Vec<(SessionId, Option<SessionKey>)> {
+            _: &[(SessionId, u32)],
+        ) -> Vec<(SessionId, u32, Option<SessionKey>)> {
             Vec::new()
         }
     }

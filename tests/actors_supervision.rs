@@ -469,8 +469,8 @@ async fn failing_gateway_actor_trips_the_intensity_limit_and_escalates() {
         fn ended_sessions(
             &self,
             _: &GatewayId,
-            _: &[godel::fsm::SessionId],
-        ) -> Vec<(godel::fsm::SessionId, Option<godel::fsm::SessionKey>)> {
+            _: &[(godel::fsm::SessionId, u32)],
+        ) -> Vec<(godel::fsm::SessionId, u32, Option<godel::fsm::SessionKey>)> {
             Vec::new()
         }
     }

@@ -30,6 +30,7 @@ fn req(payload: &str, timeout: Duration) -> RunRequest {
             token: 9,
         },
         guard: Default::default(),
+        context: None,
     }
 }
 

@@ -77,6 +77,7 @@ fn req(task: u64, message: &str, key: Option<&str>, timeout: Duration) -> RunReq
             token: 5,
         },
         guard: Default::default(),
+        context: None,
     }
 }
 

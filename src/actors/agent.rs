@@ -619,6 +619,7 @@ async fn attempt(
         timeout: Duration::from_millis(task.timeout_ms),
         trace: None,
         fence,
+        context: None,
     };
     // A span of its own only when it is exported: an attempt's log lines
     // name its ids anyway.
@@ -640,7 +641,19 @@ async fn attempt(
         "attempt started"
     );
     let run = match live_session(&args, &task) {
-        Some((id, key)) => Box::pin(args.sessions.run(id, key, req, cancel.clone())),
+        Some(s) => {
+            // The conversation's own key: a session that moved on has a
+            // new one per gateway it lands on.
+            let req = RunRequest {
+                context: s.context,
+                session_key: Some(s.key.clone()),
+                ..req
+            };
+            Box::pin(
+                args.sessions
+                    .run_at(s.id, s.generation, s.key, req, cancel.clone()),
+            )
+        }
         None => args.driver.run(req, cancel.clone()),
     };
     let run = tracing::Instrument::instrument(run, span);
@@ -718,18 +731,40 @@ async fn attempt(
     let _ = actor.send_message(AgentMsg::Ended { token, given_up });
 }
 
+/// The session an attempt runs in.
+struct LiveSession {
+    id: crate::fsm::SessionId,
+    /// Its conversation's generation, and that conversation's key.
+    generation: u32,
+    key: crate::fsm::SessionKey,
+    /// The carried checkpoint's turns, when the conversation is new here.
+    context: Option<Arc<str>>,
+}
+
 /// The live session on this agent's gateway that `task` runs in, if it has
 /// a session key (dispatch opened or reused it with the lease).
-fn live_session(
-    args: &AgentArgs,
-    task: &Task,
-) -> Option<(crate::fsm::SessionId, crate::fsm::SessionKey)> {
+fn live_session(args: &AgentArgs, task: &Task) -> Option<LiveSession> {
     let key = task.session_key.as_ref()?;
     let group = args.node.queue_group_of(task.id.0).ok()?;
     group.state().read(|s| {
         let r = s.sessions().by_key(&task.tenant, key)?;
-        (r.gateway == *args.sessions.gateway() && !r.state.is_terminal())
-            .then(|| (r.id, crate::fsm::gateway_session_key(&task.tenant, key)))
+        if r.gateway != *args.sessions.gateway() || r.state.is_terminal() {
+            return None;
+        }
+        let context = r.carry.and_then(|seq| {
+            let cp = s
+                .sessions()
+                .checkpoints(r.id)
+                .iter()
+                .find(|c| c.seq == seq)?;
+            crate::fsm::carried_context(cp).map(Arc::from)
+        });
+        Some(LiveSession {
+            id: r.id,
+            generation: r.generation,
+            key: r.gateway_key()?,
+            context,
+        })
     })
 }
 

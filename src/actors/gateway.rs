@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use super::session::{SESSIONS, SessionHost, parse_session_actor, session_actor};
+use super::session::{SESSIONS, SessionHost, parse_session_actor, session_actor_at};
 use super::{Observer, RestartPolicy, Supervisor, SupervisorArgs, SupervisorRef};
 use crate::fsm::{Circuit, Command, GatewayId, Health, SessionId, SessionKey};
 use crate::gateway::{BoxFuture, GatewayDriver, GuardedDriver, PROBE_TIMEOUT};
@@ -42,13 +42,15 @@ pub trait GatewayRegistry: Send + Sync + 'static {
     fn committed(&self, id: &GatewayId) -> Option<(Health, Circuit)>;
     /// Proposes a new health and circuit; true once committed.
     fn report(&self, id: &GatewayId, health: Health, circuit: Circuit) -> BoxFuture<'_, bool>;
-    /// Of `sessions`, those that no longer live on gateway `id` (ended,
-    /// moved, or unknown), with their key when they had one.
+    /// Of `sessions` (each with the generation of its conversation here),
+    /// those whose conversation on gateway `id` is over (the session
+    /// ended, moved on, or is unknown), with that conversation's key when
+    /// it had one.
     fn ended_sessions(
         &self,
         id: &GatewayId,
-        sessions: &[SessionId],
-    ) -> Vec<(SessionId, Option<SessionKey>)>;
+        sessions: &[(SessionId, u32)],
+    ) -> Vec<(SessionId, u32, Option<SessionKey>)>;
 }
 
 impl GatewayRegistry for Node {
@@ -69,24 +71,26 @@ impl GatewayRegistry for Node {
     fn ended_sessions(
         &self,
         id: &GatewayId,
-        sessions: &[SessionId],
-    ) -> Vec<(SessionId, Option<SessionKey>)> {
+        sessions: &[(SessionId, u32)],
+    ) -> Vec<(SessionId, u32, Option<SessionKey>)> {
         // Each session is in the queue group that minted its id.
         sessions
             .iter()
-            .filter_map(|sid| {
-                let Ok(group) = self.queue_group_of(*sid) else {
-                    return Some((*sid, None));
+            .filter_map(|&(sid, generation)| {
+                let Ok(group) = self.queue_group_of(sid) else {
+                    return Some((sid, generation, None));
                 };
-                group.state().read(|s| match s.sessions().get(*sid) {
-                    Some(r) if r.gateway == *id && !r.state.is_terminal() => None,
-                    Some(r) => Some((
-                        *sid,
-                        r.session_key
-                            .as_ref()
-                            .map(|k| crate::fsm::gateway_session_key(&r.tenant, k)),
-                    )),
-                    None => Some((*sid, None)),
+                group.state().read(|s| match s.sessions().get(sid) {
+                    Some(r)
+                        if r.gateway == *id
+                            && r.generation == generation
+                            && !r.moving
+                            && !r.state.is_terminal() =>
+                    {
+                        None
+                    }
+                    Some(r) => Some((sid, generation, r.gateway_key_at(generation))),
+                    None => Some((sid, generation, None)),
                 })
             })
             .collect()
@@ -302,7 +306,7 @@ async fn stop_ended_sessions(state: &GatewayState) {
     let Ok(children) = state.sessions.children().await else {
         return;
     };
-    let ids: Vec<SessionId> = children
+    let ids: Vec<(SessionId, u32)> = children
         .iter()
         .filter_map(|n| parse_session_actor(n))
         .collect();
@@ -310,10 +314,10 @@ async fn stop_ended_sessions(state: &GatewayState) {
         return;
     }
     let a = &state.args;
-    for (id, key) in a.registry.ended_sessions(&a.id, &ids) {
+    for (id, generation, key) in a.registry.ended_sessions(&a.id, &ids) {
         if let Err(e) = state
             .sessions
-            .remove_child(&session_actor(id), SESSION_STOP_WAIT)
+            .remove_child(&session_actor_at(id, generation), SESSION_STOP_WAIT)
             .await
         {
             tracing::debug!(gateway = %a.id, session = id, error = %e, "session actor not removed; next check retries");

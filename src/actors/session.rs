@@ -46,14 +46,28 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 const HOST_WAIT: Duration = Duration::from_secs(3);
 const HOST_POLL: Duration = Duration::from_millis(50);
 
-/// The name of session `id`'s actor under its gateway's session supervisor.
+/// The name of session `id`'s actor under its gateway's session
+/// supervisor, for the session's first conversation (generation 0).
 pub fn session_actor(id: SessionId) -> String {
-    format!("session:{id}")
+    session_actor_at(id, 0)
 }
 
-/// The session id in a session actor's name.
-pub fn parse_session_actor(name: &str) -> Option<SessionId> {
-    name.strip_prefix("session:")?.parse().ok()
+/// The name of session `id`'s actor for its conversation `generation`
+/// (a session that moved on and came back has a new one).
+pub fn session_actor_at(id: SessionId, generation: u32) -> String {
+    match generation {
+        0 => format!("session:{id}"),
+        g => format!("session:{id}.{g}"),
+    }
+}
+
+/// The session id and generation in a session actor's name.
+pub fn parse_session_actor(name: &str) -> Option<(SessionId, u32)> {
+    let rest = name.strip_prefix("session:")?;
+    match rest.split_once('.') {
+        None => Some((rest.parse().ok()?, 0)),
+        Some((id, g)) => Some((id.parse().ok()?, g.parse().ok()?)),
+    }
 }
 
 /// Where a gateway's agents find its session actors: the session supervisor
@@ -135,8 +149,21 @@ impl SessionHost {
         req: RunRequest,
         cancel: CancellationToken,
     ) -> Result<RunOutput> {
+        self.run_at(id, 0, key, req, cancel).await
+    }
+
+    /// [`SessionHost::run`] in the session's conversation `generation`
+    /// (its actor is that generation's).
+    pub async fn run_at(
+        &self,
+        id: SessionId,
+        generation: u32,
+        key: SessionKey,
+        req: RunRequest,
+        cancel: CancellationToken,
+    ) -> Result<RunOutput> {
         let actor = tokio::select! {
-            a = self.actor(id, &key) => a?,
+            a = self.actor(id, generation, &key) => a?,
             () = cancel.cancelled() => return Err(DriverError::Cancelled),
         };
         let (reply, result) = oneshot::channel();
@@ -147,8 +174,8 @@ impl SessionHost {
     }
 
     /// Session `id`'s running actor, started if absent.
-    async fn actor(&self, id: SessionId, key: &SessionKey) -> Result<ActorCell> {
-        let name = session_actor(id);
+    async fn actor(&self, id: SessionId, generation: u32, key: &SessionKey) -> Result<ActorCell> {
+        let name = session_actor_at(id, generation);
         let until = tokio::time::Instant::now() + HOST_WAIT;
         loop {
             let why = match self.supervisor() {
@@ -338,7 +365,9 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(parse_session_actor(&session_actor(42)), Some(42));
+        assert_eq!(parse_session_actor(&session_actor(42)), Some((42, 0)));
+        assert_eq!(parse_session_actor(&session_actor_at(42, 3)), Some((42, 3)));
+        assert_eq!(parse_session_actor("session:42.x"), None);
         assert_eq!(parse_session_actor("agent:42"), None);
         assert_eq!(parse_session_actor("session:x"), None);
     }

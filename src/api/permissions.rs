@@ -16,7 +16,8 @@
 //! | `switches:write` (set and lift kill switches; reading them is `registry:read`) | yes | yes | - | - |
 //! | `leases:work` (lease, renew, complete, fail) | yes | yes | yes | - |
 //! | `dlq:replay` | yes | yes | - | - |
-//! | `sessions:kill` | yes | yes | - | - |
+//! | `sessions:write` (pause, resume, checkpoint; own tenant) | yes | yes | yes | - |
+//! | `sessions:kill` (end a session, move it to another gateway) | yes | yes | - | - |
 //! | `registry:read` (gateways, agents, nodes) | yes | yes | - | - |
 //! | `registry:write` (register, deregister) | yes | yes | - | - |
 //! | `nodes:drain` | yes | yes | - | - |
@@ -53,8 +54,10 @@ pub enum Permission {
     DlqReplay,
     /// Read sessions.
     SessionsRead,
-    /// End sessions.
+    /// End sessions and move them to other gateways.
     SessionsKill,
+    /// Pause, resume and checkpoint sessions.
+    SessionsWrite,
     /// Read gateways, agents and nodes.
     RegistryRead,
     /// Register and deregister gateways and agents.
@@ -92,6 +95,7 @@ impl Permission {
             DlqReplay => "dlq:replay",
             SessionsRead => "sessions:read",
             SessionsKill => "sessions:kill",
+            SessionsWrite => "sessions:write",
             RegistryRead => "registry:read",
             RegistryWrite => "registry:write",
             NodesDrain => "nodes:drain",
@@ -115,7 +119,10 @@ impl Permission {
                 self,
                 ClusterAdmin | FaultsInject | KeysAdmin | TenantsAdmin | AuditRead | Backup
             ),
-            Role::Developer => matches!(self, TasksRead | SessionsRead | TasksWrite | LeasesWork),
+            Role::Developer => matches!(
+                self,
+                TasksRead | SessionsRead | SessionsWrite | TasksWrite | LeasesWork
+            ),
             Role::Viewer => matches!(self, TasksRead | SessionsRead | MetricsRead),
         }
     }
@@ -265,6 +272,36 @@ pub const ROUTES: &[RouteSpec] = &[
         "/sessions/{id}/kill",
         P::SessionsKill,
         "sessions.kill",
+    ),
+    r(
+        POST,
+        "/sessions/{id}/pause",
+        P::SessionsWrite,
+        "sessions.pause",
+    ),
+    r(
+        POST,
+        "/sessions/{id}/resume",
+        P::SessionsWrite,
+        "sessions.resume",
+    ),
+    r(
+        POST,
+        "/sessions/{id}/checkpoint",
+        P::SessionsWrite,
+        "sessions.checkpoint",
+    ),
+    r(
+        POST,
+        "/sessions/{id}/migrate",
+        P::SessionsKill,
+        "sessions.migrate",
+    ),
+    r(
+        GET,
+        "/sessions/{id}/checkpoints",
+        P::SessionsRead,
+        "sessions.checkpoints",
     ),
     r(
         POST,

@@ -1,7 +1,7 @@
-//! Session endpoints: list, get and kill the gateway sessions the state
-//! machine records. Sessions are opened by the runtime (a task with a
-//! `session_key` dispatched to an agent), not through the API; an operator
-//! only looks at them and ends them.
+//! Session endpoints: list, get, kill, pause, resume, checkpoint and
+//! migrate the gateway sessions the state machine records, and read a
+//! session's checkpoints. Sessions are opened by the runtime (a task with
+//! a `session_key` dispatched to an agent), not through the API.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -13,7 +13,8 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::json::{Body, Params};
 use super::{Api, view};
 use crate::fsm::{
-    AuditTarget, Command, Reply, SessionId, SessionRecord, SessionState, Sessions, Tenant,
+    AfterTask, AuditTarget, Checkpoint, Command, GatewayId, Reply, SessionId, SessionRecord,
+    SessionState, Sessions, Tenant,
 };
 
 /// `GET /sessions` query: pagination as for tasks, and filters; an absent
@@ -79,6 +80,33 @@ pub struct SessionView {
     updated_at_ms: u64,
     /// Not yet ended.
     live: bool,
+    /// Its gateway-side conversations so far, less one (each move to
+    /// another gateway starts the next).
+    generation: u32,
+    /// The key of its current gateway-side conversation (for OpenClaw,
+    /// where its transcript is).
+    gateway_key: Option<String>,
+    /// Tasks completed in it.
+    turns: u64,
+    /// Tokens its tasks' attempts reported, in.
+    input_tokens: u64,
+    /// And out.
+    output_tokens: u64,
+    /// Its last checkpoint's number (0: none yet).
+    checkpoint_seq: u64,
+    /// A checkpoint after every this many turns (0: only when asked).
+    checkpoint_every: u32,
+    /// Waiting to open on another gateway (its next task opens it there).
+    moving: bool,
+    /// While moving: the gateway it must go to (`null`: any).
+    target_gateway: Option<String>,
+    /// The checkpoint its next task carries to the new gateway.
+    carry: Option<u64>,
+    /// What it does once the task it runs ends: `pause` or `migrate`.
+    #[schema(pattern = "^(pause|migrate)$")]
+    then: Option<&'static str>,
+    /// Once archived: how it ended.
+    ended_as: Option<SessionState>,
 }
 
 /// `GET /sessions` answer.
@@ -104,6 +132,83 @@ fn session_view(r: &SessionRecord) -> SessionView {
         created_at_ms: r.created_at_ms,
         updated_at_ms: r.updated_at_ms,
         live: is_live(r),
+        generation: r.generation,
+        gateway_key: r.gateway_key().map(|k| k.0),
+        turns: r.turns,
+        input_tokens: r.input_tokens,
+        output_tokens: r.output_tokens,
+        checkpoint_seq: r.checkpoint_seq,
+        checkpoint_every: r.checkpoint_every,
+        moving: r.moving,
+        target_gateway: r.target.as_ref().map(|g| g.0.clone()),
+        carry: r.carry,
+        then: r.after_task.as_ref().map(|a| match a {
+            AfterTask::Pause => "pause",
+            AfterTask::Migrate(_) => "migrate",
+        }),
+        ended_as: r.ended_as,
+    }
+}
+
+/// One turn a checkpoint keeps.
+#[derive(Serialize, ToSchema)]
+pub struct TurnView {
+    /// The task.
+    task: u64,
+    /// When it completed, ms since the epoch.
+    at_ms: u64,
+    /// What it asked (its payload's `message`, or the payload), up to 1 KiB.
+    prompt: String,
+    /// What it answered (its result's `text`, or the result), up to 1 KiB.
+    reply: String,
+}
+
+/// A session's checkpoint: what another gateway needs to continue it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Checkpoint)]
+pub struct CheckpointView {
+    /// Its number in the session, from 1.
+    seq: u64,
+    /// The name it was given (`null`: taken every N turns).
+    name: Option<String>,
+    /// When it was taken, ms since the epoch.
+    at_ms: u64,
+    /// The session's turns then.
+    turns: u64,
+    /// Its tokens then, in.
+    input_tokens: u64,
+    /// And out.
+    output_tokens: u64,
+    /// The gateway it ran on.
+    gateway: String,
+    /// Where that gateway keeps the conversation (its gateway-side
+    /// session key; for OpenClaw, the transcript's key).
+    transcript_ref: Option<String>,
+    /// Its latest turns (up to 8), oldest first: what a new gateway is
+    /// given to continue.
+    transcript: Vec<TurnView>,
+}
+
+fn checkpoint_view(c: &Checkpoint) -> CheckpointView {
+    CheckpointView {
+        seq: c.seq,
+        name: c.name.clone(),
+        at_ms: c.at_ms,
+        turns: c.turns,
+        input_tokens: c.input_tokens,
+        output_tokens: c.output_tokens,
+        gateway: c.gateway.0.clone(),
+        transcript_ref: c.transcript_ref.as_ref().map(|k| k.0.clone()),
+        transcript: c
+            .transcript
+            .iter()
+            .map(|t| TurnView {
+                task: t.task.0,
+                at_ms: t.at_ms,
+                prompt: t.prompt.clone(),
+                reply: t.reply.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -236,6 +341,189 @@ pub async fn kill(
         Reply::Session(r) => Ok(Json(session_view(&r))),
         other => Err(super::unexpected(other)),
     }
+}
+
+/// Applies a session command in the session's queue group, audited.
+async fn session_write(
+    api: &Api,
+    caller: &Caller,
+    id: SessionId,
+    cmd: Command,
+) -> ApiResult<Reply> {
+    let group = api.queue_group_of(id, "session").await?;
+    api.write_in(group, caller, cmd, Some(AuditTarget::Session(id)))
+        .await
+}
+
+/// The session after a command.
+fn session_reply(reply: Reply) -> ApiResult<Json<SessionView>> {
+    match reply {
+        Reply::Session(r) => Ok(Json(session_view(&r))),
+        other => Err(super::unexpected(other)),
+    }
+}
+
+/// `POST /sessions/{id}/pause`: no task runs in the session until it is
+/// resumed; one running now finishes first (the session shows `then:
+/// "pause"` meanwhile). Its conversation and checkpoints stay.
+#[utoipa::path(
+    post,
+    path = "/sessions/{id}/pause",
+    params(("id" = u64, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session: paused, or pausing after its task", body = SessionView),
+        (status = 409, description = "The session has ended", body = ErrorBody),
+    )
+)]
+pub async fn pause(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SessionView>> {
+    let id = parse_id(&id)?;
+    session_reply(session_write(&api, &caller, id, Command::PauseSession { id }).await?)
+}
+
+/// `POST /sessions/{id}/resume`: a paused session takes its next task
+/// again, where it was, or from its last checkpoint on another gateway if
+/// it was moving or its gateway cannot serve it; a pause asked while a
+/// task runs is called off.
+#[utoipa::path(
+    post,
+    path = "/sessions/{id}/resume",
+    params(("id" = u64, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session: resuming or migrating", body = SessionView),
+        (status = 409, description = "The session is not paused, or has ended", body = ErrorBody),
+    )
+)]
+pub async fn resume(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SessionView>> {
+    let id = parse_id(&id)?;
+    session_reply(session_write(&api, &caller, id, Command::ResumeSession { id }).await?)
+}
+
+/// `POST /sessions/{id}/checkpoint` body (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointBody {
+    /// A name for the record (cut to 256 bytes).
+    #[schema(min_length = 1)]
+    name: Option<String>,
+}
+
+/// `POST /sessions/{id}/checkpoint`: takes a checkpoint of a live session
+/// now (its latest turns and tokens, and where its conversation is).
+#[utoipa::path(
+    post,
+    path = "/sessions/{id}/checkpoint",
+    params(("id" = u64, Path, description = "Session id")),
+    request_body(content = Option<CheckpointBody>, description = "Optional"),
+    responses(
+        (status = 201, description = "The checkpoint taken", body = CheckpointView),
+        (status = 409, description = "The session has ended", body = ErrorBody),
+    )
+)]
+pub async fn checkpoint(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(b): Body<CheckpointBody>,
+) -> ApiResult<(axum::http::StatusCode, Json<CheckpointView>)> {
+    let id = parse_id(&id)?;
+    let cmd = Command::CheckpointSession { id, name: b.name };
+    match session_write(&api, &caller, id, cmd).await? {
+        Reply::Checkpoint(c) => Ok((axum::http::StatusCode::CREATED, Json(checkpoint_view(&c)))),
+        other => Err(super::unexpected(other)),
+    }
+}
+
+/// `POST /sessions/{id}/migrate` body (optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateBody {
+    /// The gateway it must go to (registered); absent: whichever gateway
+    /// takes its next task.
+    gateway: Option<String>,
+}
+
+/// `POST /sessions/{id}/migrate`: the session continues on another
+/// gateway from its last checkpoint: its next task opens it there (a new
+/// gateway-side conversation, given the checkpoint's turns). A session
+/// running a task moves once the task ends; a paused one once resumed.
+#[utoipa::path(
+    post,
+    path = "/sessions/{id}/migrate",
+    params(("id" = u64, Path, description = "Session id")),
+    request_body(content = Option<MigrateBody>, description = "Optional"),
+    responses(
+        (status = 200, description = "The session: migrating, or moving after its task", body = SessionView),
+        (status = 404, description = "No such session, or no such gateway", body = ErrorBody),
+        (status = 409, description = "The session has ended or is completing", body = ErrorBody),
+    )
+)]
+pub async fn migrate(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(b): Body<MigrateBody>,
+) -> ApiResult<Json<SessionView>> {
+    let id = parse_id(&id)?;
+    let gateway = b.gateway.map(GatewayId);
+    if let Some(g) = &gateway {
+        // The registry is the meta group's (queue shards hold none).
+        let known = api.node.state().read(|s| s.registry().gateway(g).is_some());
+        if !known {
+            return Err(ApiError::not_found(format!("gateway `{g}` not found")));
+        }
+    }
+    session_reply(session_write(&api, &caller, id, Command::MigrateSession { id, gateway }).await?)
+}
+
+/// `GET /sessions/{id}/checkpoints` answer.
+#[derive(Serialize, ToSchema)]
+pub struct CheckpointList {
+    /// The session's checkpoints (the last 8), oldest first; none once
+    /// archived.
+    items: Vec<CheckpointView>,
+}
+
+/// `GET /sessions/{id}/checkpoints`.
+#[utoipa::path(
+    get,
+    path = "/sessions/{id}/checkpoints",
+    params(("id" = u64, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "Its checkpoints", body = CheckpointList),
+        (status = 404, description = "No such session (in this credential's tenant)", body = ErrorBody),
+    )
+)]
+pub async fn checkpoints(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CheckpointList>> {
+    let id = parse_id(&id)?;
+    let group = api.queue_group_of(id, "session").await?;
+    api.node.read_barrier_in(group).await?;
+    let items = group.state().read(|s| {
+        s.sessions()
+            .get(id)
+            .filter(|r| caller.sees(&r.tenant))
+            .map(|_| {
+                s.sessions()
+                    .checkpoints(id)
+                    .iter()
+                    .map(|c| checkpoint_view(c))
+                    .collect()
+            })
+    });
+    items
+        .map(|items| Json(CheckpointList { items }))
+        .ok_or_else(|| ApiError::not_found(format!("session {id} not found")))
 }
 
 fn parse_id(s: &str) -> ApiResult<SessionId> {

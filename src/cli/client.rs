@@ -100,6 +100,9 @@ fn view_of(cmd: &Command) -> View {
         Command::Cluster(ClusterCmd::Status) => View::Cluster,
         Command::Gateway(_) => View::Gateways,
         Command::Agent(_) => View::Agents,
+        Command::Session(SessionCmd::Checkpoint { .. } | SessionCmd::Checkpoints { .. }) => {
+            View::Fields
+        }
         Command::Session(_) => View::Sessions,
         Command::Node(NodeCmd::Ls) => View::Nodes,
         Command::Key(_) => View::Keys,
@@ -434,6 +437,21 @@ fn session_request(s: SessionCmd) -> Req {
             format!("/api/v1/sessions/{id}/kill"),
             Some(strip_nulls(json!({ "reason": reason }))),
         ),
+        SessionCmd::Pause { id } => ("POST", format!("/api/v1/sessions/{id}/pause"), None),
+        SessionCmd::Resume { id } => ("POST", format!("/api/v1/sessions/{id}/resume"), None),
+        SessionCmd::Checkpoint { id, name } => (
+            "POST",
+            format!("/api/v1/sessions/{id}/checkpoint"),
+            Some(strip_nulls(json!({ "name": name }))),
+        ),
+        SessionCmd::Migrate { id, gateway } => (
+            "POST",
+            format!("/api/v1/sessions/{id}/migrate"),
+            Some(strip_nulls(json!({ "gateway": gateway }))),
+        ),
+        SessionCmd::Checkpoints { id } => {
+            ("GET", format!("/api/v1/sessions/{id}/checkpoints"), None)
+        }
     }
 }
 

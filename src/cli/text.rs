@@ -127,6 +127,8 @@ fn columns(view: View) -> &'static [Column] {
             ("GATEWAY", |s| cell(&s["gateway"])),
             ("AGENT", |s| cell(&s["agent"])),
             ("TASK", |s| cell(&s["task"])),
+            ("TURNS", |s| cell(&s["turns"])),
+            ("GEN", |s| cell(&s["generation"])),
             ("LIVE", |s| cell(&s["live"])),
             ("REASON", |s| clip(&cell(&s["reason"]), 60)),
         ],

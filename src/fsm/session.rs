@@ -215,8 +215,14 @@ impl SessionRecord {
     /// `~<generation>` from its first move on (`~` is outside both
     /// alphabets, so keys never collide). `None` without a session key.
     pub fn gateway_key(&self) -> Option<SessionKey> {
+        self.gateway_key_at(self.generation)
+    }
+
+    /// The key of its conversation `generation` (see
+    /// [`SessionRecord::gateway_key`]).
+    pub fn gateway_key_at(&self, generation: u32) -> Option<SessionKey> {
         let base = gateway_session_key(&self.tenant, self.session_key.as_ref()?);
-        Some(match self.generation {
+        Some(match generation {
             0 => base,
             g => SessionKey(format!("{base}~{g}")),
         })
@@ -732,13 +738,15 @@ impl State {
         Ok(Reply::Session(Arc::clone(&self.sessions.records[&id])))
     }
 
-    /// `POST /sessions/{id}/checkpoint`: takes a checkpoint named `name`.
+    /// `POST /sessions/{id}/checkpoint`: takes a checkpoint named `name`
+    /// (free text, not empty, cut to 256 bytes).
     pub(crate) fn checkpoint_session(&mut self, id: SessionId, name: Option<&str>) -> Outcome {
-        if let Some(n) = name {
-            check_name("name", n, true).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        if name.is_some_and(str::is_empty) {
+            return Err(Rejection::invalid("name", "must not be empty"));
         }
         self.live_session(id, SessionState::Running)?;
-        let cp = self.take_checkpoint(id, name.map(str::to_owned));
+        let name = name.map(|n| super::state::truncate(n, super::task::Limits::MAX_NAME_BYTES));
+        let cp = self.take_checkpoint(id, name);
         Ok(Reply::Checkpoint(cp))
     }
 
@@ -1024,6 +1032,23 @@ impl State {
             .filter(|s| s.task == Some(task))
             .cloned()
     }
+}
+
+/// A checkpoint's turns as text for a model that has not seen them (a
+/// session continuing on another gateway); `None` without turns.
+pub fn carried_context(cp: &Checkpoint) -> Option<String> {
+    if cp.transcript.is_empty() {
+        return None;
+    }
+    let mut out = format!(
+        "[Earlier turns of this conversation, carried over from gateway {} (checkpoint {}):]\n",
+        cp.gateway, cp.seq
+    );
+    for t in &cp.transcript {
+        out.push_str(&format!("User: {}\nAssistant: {}\n", t.prompt, t.reply));
+    }
+    out.push_str("[End of earlier turns.]");
+    Some(out)
 }
 
 /// What a task asked, as a turn keeps it: a JSON string payload, or an

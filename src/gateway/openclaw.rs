@@ -209,6 +209,12 @@ impl OpenClawDriver {
             req.task_id.0, req.fencing_token.0, req.fence.token
         );
         let message = message_of(&req.payload)?;
+        // A session that moved here: its earlier turns come first, so the
+        // model sees them and they enter this gateway's transcript.
+        let message = match &req.context {
+            Some(earlier) => format!("{earlier}\n\n{message}"),
+            None => message,
+        };
         let turn = req.timeout.min(self.spec.turn_timeout);
         let trace = req
             .trace

@@ -114,9 +114,21 @@ impl GatewayDriver for SimDriver {
                     u.input_tokens, u.output_tokens
                 )
             });
+            // In a session: the conversation's key, and the turns carried
+            // to it from another gateway, so tests see what a model would.
+            let session = req.session_key.as_ref().map_or_else(String::new, |k| {
+                format!(
+                    r#","text":"sim reply to task {}","session_key":{}"#,
+                    req.task_id.0,
+                    serde_json::Value::from(k.0.as_str())
+                )
+            });
+            let carried = req.context.as_deref().map_or_else(String::new, |c| {
+                format!(r#","context":{}"#, serde_json::Value::from(c))
+            });
             let done = |latency: Duration| RunOutput {
                 result_json: format!(
-                    r#"{{"sim":true,"task_id":{},"latency_us":{},"started_us":{started_us}{usage}}}"#,
+                    r#"{{"sim":true,"task_id":{},"latency_us":{},"started_us":{started_us}{usage}{session}{carried}}}"#,
                     req.task_id.0,
                     latency.as_micros()
                 ),
