@@ -86,7 +86,9 @@
 //! - `renew_many tokens=1,2 [lease=30000]`, `release tokens=1,2`,
 //!   `kill_session id=N [reason=R]`, `pause_session id=N`,
 //!   `resume_session id=N`, `checkpoint_session id=N [name=N]`,
-//!   `migrate_session id=N [gateway=G]` (read with `checkpoints id=N`), `release_agent agent=A` (a shard lets
+//!   `migrate_session id=N [gateway=G]` (read with `checkpoints id=N`),
+//!   `move_sessions_off gateway=G [why=W]` (a shard's sessions leave a
+//!   gateway the meta group found unusable), `release_agent agent=A` (a shard lets
 //!   a deregistered agent go)
 //! - reads: `dump`, `task id=N`, `depth`, `clock`, `shard_count`, `sessions` (one line per
 //!   session, oldest first: state, key, agent, gateway, task, deadline, idle
@@ -976,6 +978,10 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         "migrate_session" => Command::MigrateSession {
             id: args.require("id")?,
             gateway: args.take("gateway").map(GatewayId),
+        },
+        "move_sessions_off" => Command::MoveSessionsOff {
+            gateway: GatewayId(args.require("gateway")?),
+            why: args.take("why").unwrap_or_else(|| "unusable".into()),
         },
         "key" => {
             let new = new_key(args, now_ms)?;

@@ -357,3 +357,85 @@ async fn session_controls_refuse_bad_requests() {
     .await
     .unwrap();
 }
+
+/// An `http` gateway the test runs: POSTs answer a reply; its health URL
+/// answers 200 until `sick` is set, then 503.
+async fn webhook(sick: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
+    use axum::http::StatusCode;
+    use axum::routing::{get, post};
+    use std::sync::atomic::Ordering;
+    let app = axum::Router::new()
+        .route("/run", post(|| async { r#"{"text":"webhook reply"}"# }))
+        .route(
+            "/health",
+            get(move || async move {
+                if sick.load(Ordering::SeqCst) {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// With two queue shards (sessions live in a shard, which holds no
+/// registry): a gateway whose health probe fails takes no new work, and the
+/// meta leader tells the session's shard to move its sessions on; the next
+/// task opens the session on the other gateway with the earlier turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_leaves_a_gateway_that_turns_unhealthy_in_a_sharded_cluster() {
+    let config = "[cluster]\nshards = 2\n\n[runtime]\ngateway_probe_interval = \"200ms\"\n";
+    let c = Cluster::start_with(1, config).await;
+    let api = c.api();
+    bounded(TEST_BOUND, async {
+        c.leader().await;
+        let sick = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let base = webhook(std::sync::Arc::clone(&sick)).await;
+        let until = deadline(Duration::from_secs(30));
+        let g = json!({"id": "gw-web", "region": "local", "max_sessions": 8,
+                       "driver": {"kind": "http", "url": format!("{base}/run"), "health_url": format!("{base}/health")}});
+        let r = api.post_retrying(0, "/api/v1/gateways", &g, until).await;
+        assert_eq!(r.status, 201, "{r:?}");
+        let a = json!({"id": "web-agent", "gateway": "gw-web", "capacity": 2, "capabilities": ["chat"]});
+        assert_eq!(api.post_retrying(0, "/api/v1/agents", &a, until).await.status, 201);
+
+        // The first turn runs on the webhook (the only gateway yet).
+        let body = json!({"payload": {"message": "remember the number 42"}, "capabilities": ["chat"], "session_key": "conv"});
+        let r = api.post_retrying(0, "/api/v1/tasks", &body, until).await;
+        assert_eq!(r.status, 201, "{r:?}");
+        let first = r.body["id"].as_u64().unwrap();
+        let r1 = result_of(&api, first).await;
+        assert_eq!(r1["text"], "webhook reply", "{r1}");
+        let s = session_of(&api, "conv").await;
+        let id = s["id"].as_u64().unwrap();
+        assert_eq!((&s["gateway"], &s["checkpoint_seq"]), (&json!("gw-web"), &json!(1)), "{s}");
+        assert_ne!(id & 0xff, 0, "the session lives in a queue shard: {s}");
+
+        // A second gateway, then the webhook's probe fails.
+        let g = json!({"id": "gw-sim", "region": "local", "max_sessions": 8, "driver": {"kind": "sim"}});
+        assert_eq!(api.post(0, "/api/v1/gateways", &g).await.unwrap().status, 201);
+        let a = json!({"id": "sim-agent", "gateway": "gw-sim", "capacity": 2, "capabilities": ["chat"]});
+        assert_eq!(api.post(0, "/api/v1/agents", &a).await.unwrap().status, 201);
+        sick.store(true, std::sync::atomic::Ordering::SeqCst);
+        let s = wait_state(&api, id, "migrating").await;
+        assert_eq!(s["reason"], "gateway gw-web is unhealthy", "{s}");
+
+        // The next turn opens the session on gw-sim, given the first turn.
+        let next = say(&api, "conv", "what was the number?").await;
+        let r2 = result_of(&api, next).await;
+        let context = r2["context"].as_str().unwrap_or_default();
+        assert!(
+            context.contains("remember the number 42") && context.contains("webhook reply"),
+            "{r2}"
+        );
+        let s = wait_state(&api, id, "ready").await;
+        assert_eq!((&s["gateway"], &s["generation"]), (&json!("gw-sim"), &json!(1)), "{s}");
+        Ok::<(), anyhow::Error>(())
+    })
+    .await
+    .unwrap();
+}

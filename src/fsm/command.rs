@@ -515,6 +515,16 @@ pub enum Command {
         /// The gateway it must go to.
         gateway: Option<GatewayId>,
     },
+    /// In a queue shard (which holds no registry): the meta group found
+    /// `gateway` unusable (breaker open, or unhealthy), so the shard's
+    /// sessions on it move on from their last checkpoint, as the meta
+    /// group's own do when it applies the report.
+    MoveSessionsOff {
+        /// The gateway.
+        gateway: GatewayId,
+        /// Why, for the sessions' record.
+        why: String,
+    },
 }
 
 /// A meta group voter's addresses, as a growth records them
@@ -672,6 +682,7 @@ impl Command {
             | Command::ResumeSession { .. }
             | Command::CheckpointSession { .. }
             | Command::MigrateSession { .. }
+            | Command::MoveSessionsOff { .. }
             | Command::ReleaseAgent { .. }
             | Command::SubmitRouted { .. }
             | Command::SyncShard { .. } => Scope::Queue,

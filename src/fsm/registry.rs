@@ -372,11 +372,20 @@ impl State {
         Ok(reply)
     }
 
-    /// Why sessions on gateway `id` cannot go on, if they cannot: its
-    /// breaker is open.
+    /// Why sessions on gateway `id` cannot go on there, if they cannot:
+    /// its breaker is open, or its health probe failed (3 in a row: the
+    /// gateway is down, or too busy to answer). Dispatch gives it no new
+    /// work either way, so its sessions move on from their last
+    /// checkpoint rather than hold their tasks.
     pub(crate) fn gateway_unusable(&self, id: &GatewayId) -> Option<String> {
         let g = self.registry.gateways.get(id)?;
-        (g.circuit == Circuit::Open).then(|| format!("gateway {id}'s circuit breaker is open"))
+        if g.circuit == Circuit::Open {
+            Some(format!("gateway {id}'s circuit breaker is open"))
+        } else if g.health == Health::Unhealthy {
+            Some(format!("gateway {id} is unhealthy"))
+        } else {
+            None
+        }
     }
 
     /// Records which node runs a gateway (the leader decides). When the

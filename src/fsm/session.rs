@@ -641,7 +641,11 @@ impl State {
             return;
         }
         if rec.task.is_some() {
-            self.edit_session(id, |r| r.after_task = Some(AfterTask::Migrate(target)));
+            let why = super::state::truncate(why, MAX_REASON_BYTES);
+            self.edit_session(id, |r| {
+                r.after_task = Some(AfterTask::Migrate(target));
+                r.reason = Some(why);
+            });
             return;
         }
         let carry = (rec.checkpoint_seq > 0).then_some(rec.checkpoint_seq);
@@ -991,12 +995,39 @@ impl State {
         if let Some(why) = self.gateway_unusable(&s.gateway) {
             self.migrate(s.id, target.flatten(), &why, false);
         } else if let Some(t) = target {
-            let why = match &t {
-                Some(g) => format!("moved to gateway {g} by an operator"),
-                None => "moved by an operator".to_owned(),
-            };
+            // Why it was asked to move, recorded when it was.
+            let why = s
+                .reason
+                .clone()
+                .unwrap_or_else(|| "moved by an operator".into());
             self.migrate(s.id, t, &why, false);
         }
+    }
+
+    /// [`Command::MoveSessionsOff`](super::Command::MoveSessionsOff): every
+    /// live session on `gateway` that is not moving yet moves on (idle ones
+    /// now, busy ones when their task ends, paused ones once resumed).
+    pub(crate) fn move_sessions_off(&mut self, gateway: &GatewayId, why: &str) -> Outcome {
+        check_name("gateway", &gateway.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        let ids = self.sessions_on(gateway);
+        let why = super::state::truncate(why, MAX_REASON_BYTES);
+        for id in ids {
+            self.migrate(id, None, &why, false);
+        }
+        Ok(Reply::Done)
+    }
+
+    /// The live sessions on `gateway` that are not moving yet.
+    pub fn sessions_on(&self, gateway: &GatewayId) -> Vec<SessionId> {
+        self.sessions
+            .by_key
+            .values()
+            .copied()
+            .filter(|id| {
+                let s = &self.sessions.records[id];
+                s.gateway == *gateway && !s.moving && s.after_task.is_none()
+            })
+            .collect()
     }
 
     /// Sends the idle live sessions on `gateway` (no task; not paused) on

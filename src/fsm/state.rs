@@ -293,6 +293,7 @@ impl State {
                 self.checkpoint_session(*id, name.as_deref())
             }
             Command::MigrateSession { id, gateway } => self.migrate_session(*id, gateway.as_ref()),
+            Command::MoveSessionsOff { gateway, why } => self.move_sessions_off(gateway, why),
             Command::AgentOnline {
                 agent,
                 node,

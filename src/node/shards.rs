@@ -105,6 +105,7 @@ pub(super) async fn shard_loop(node: Node) {
         if node.is_leader() {
             record_count(&node, &mut uninitialized_since).await;
             grow(&node, &mut growth).await;
+            move_sessions_off(&node).await;
         }
         let recorded = node.state().read(|s| s.shard_count());
         let configured = node.config().cluster.shards;
@@ -421,6 +422,50 @@ async fn sync_shard(node: &Node, g: GroupId) -> bool {
         Err(e) => {
             tracing::debug!(group = g, error = %e, "weights and kill switches not copied to the shard yet");
             false
+        }
+    }
+}
+
+/// On the meta leader: a queue shard holds no registry, so it cannot see a
+/// gateway's breaker open or its probe fail; for each gateway the meta
+/// group finds unusable, every routed shard with live sessions on it that
+/// are not moving yet is told to move them on
+/// ([`crate::fsm::Command::MoveSessionsOff`]), as the meta group's own
+/// sessions do when it applies the report. A shard that misses the write
+/// is told again at the next pass.
+async fn move_sessions_off(node: &Node) {
+    if node.shard_groups().is_empty() {
+        return;
+    }
+    let unusable: Vec<(crate::fsm::GatewayId, String)> = node.state().read(|meta| {
+        meta.registry()
+            .gateways()
+            .filter_map(|g| Some((g.reg.id.clone(), meta.gateway_unusable(&g.reg.id)?)))
+            .collect()
+    });
+    for (gateway, why) in unusable {
+        for group in node.queue_groups() {
+            if group.id() == 0 || !group.state().read(|s| !s.sessions_on(&gateway).is_empty()) {
+                continue;
+            }
+            let cmd = crate::fsm::Command::MoveSessionsOff {
+                gateway: gateway.clone(),
+                why: why.clone(),
+            };
+            match tokio::time::timeout(SYNC_TIMEOUT, node.write_to(group.id(), cmd)).await {
+                Ok(Ok(Ok(_))) => {
+                    tracing::info!(group = group.id(), %gateway, %why, "a shard's sessions move off an unusable gateway");
+                }
+                Ok(Ok(Err(rejected))) => {
+                    tracing::warn!(group = group.id(), %gateway, error = %rejected, "a shard refused to move sessions off a gateway");
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(group = group.id(), %gateway, error = %e, "sessions not moved off the gateway yet");
+                }
+                Err(_) => {
+                    tracing::debug!(group = group.id(), %gateway, "sessions not moved off the gateway in time");
+                }
+            }
         }
     }
 }
