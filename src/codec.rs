@@ -23,10 +23,11 @@ use serde::de::DeserializeOwned;
 /// 6: the usage ledger and budget alerts, each task's usage, the gateway
 /// a lease ran on, and tenant budgets.
 /// 7: durable sessions (turns, tokens, checkpoints, pause and migration).
+/// 8: when a gateway turned unhealthy.
 /// Godel has no release that wrote earlier data to keep: an older data
 /// directory or backup is refused with [`CodecError::Version`] rather than
 /// misread (start it afresh).
-pub const VERSION: u8 = 7;
+pub const VERSION: u8 = 8;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
 pub const MAX_DECODE_BYTES: usize = 512 * 1024 * 1024;

@@ -332,6 +332,12 @@ pub struct RuntimeConfig {
     /// An idle session (no task) closes after this long (`0s`: never).
     #[serde(with = "humantime_serde")]
     pub session_idle: Duration,
+    /// A gateway whose health probe has failed this long is taken as down:
+    /// its sessions move on to other gateways from their last checkpoint
+    /// (one whose breaker opens moves them at once; a short failure is
+    /// more likely a gateway too busy to answer).
+    #[serde(with = "humantime_serde")]
+    pub session_move_after: Duration,
     /// A session takes a checkpoint (its latest turns and tokens, what
     /// another gateway needs to continue it) after every this many
     /// completed tasks (`0`: only when an operator asks).
@@ -366,6 +372,7 @@ impl Default for RuntimeConfig {
             session_time_limit: Duration::from_secs(3600),
             session_idle: Duration::from_secs(300),
             session_checkpoint_every: 1,
+            session_move_after: Duration::from_secs(30),
             agent_sync_interval: Duration::from_secs(1),
             gateway_probe_interval: Duration::from_secs(5),
             drain_deadline: Duration::from_secs(30),

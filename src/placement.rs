@@ -107,6 +107,7 @@ mod tests {
             placement_token: 0,
             registered_at_ms: 0,
             updated_at_ms: 0,
+            unhealthy_since_ms: None,
         }
     }
 

@@ -23,6 +23,9 @@
 //!    gateway (`sessions.describe`: `abortedLastRun`);
 //! 4. SIGKILL of one gateway mid-run moves its work to the other gateway,
 //!    every task completes once, and the dead one is reported unhealthy;
+//!    a session whose turn it was running moves too: the turn runs on the
+//!    other gateway in a new conversation, and the model stub sees the
+//!    session's earlier turns (from its last checkpoint);
 //! 5. the token (registered by file reference, one gateway through the API
 //!    and one through `godel gateway add`) appears in no API answer, CLI
 //!    output or node log.
@@ -56,7 +59,8 @@ const GATEWAY_START: Duration = Duration::from_secs(120);
 /// Cluster settings: fast node liveness and gateway probes, short backoffs.
 const CLUSTER: &str = "[queue]\nnode_heartbeat_interval = \"250ms\"\n\
                        node_dead_after = \"5s\"\ndefault_lease = \"20s\"\n\n\
-                       [runtime]\ngateway_probe_interval = \"500ms\"\n";
+                       [runtime]\ngateway_probe_interval = \"500ms\"\n\
+                       session_move_after = \"3s\"\n";
 
 #[test]
 fn real_openclaw_gateways_under_a_godel_cluster() {
@@ -417,7 +421,103 @@ async fn phase_cancel(api: &Api, via: usize, a: &RealGateway, b: &RealGateway) {
     assert_eq!(task(api, via, id).await["status"], "cancelled");
 }
 
+/// A session with two turns on gateway a (moved there first if dispatch
+/// opened it on b); its third turn, slow, is the one the kill interrupts.
+async fn session_on_a(api: &Api, via: usize) -> (u64, u64) {
+    let first = submit_task(
+        api,
+        via,
+        "delta-1",
+        "delta-1 remember the word kumquat",
+        "high",
+        Some("delta"),
+        5,
+    )
+    .await;
+    let done = wait_terminal(api, via, &[first], Duration::from_secs(60)).await;
+    assert_eq!(done[&first]["status"], "completed", "{}", done[&first]);
+    let page = api
+        .get_ok(via, "/api/v1/sessions?key=delta&live=true")
+        .await;
+    let s = &page["items"][0];
+    let id = s["id"].as_u64().expect("the delta session");
+    if s["gateway"] != "oc-a" {
+        let r = api
+            .post(
+                via,
+                &format!("/api/v1/sessions/{id}/migrate"),
+                &json!({"gateway": "oc-a"}),
+            )
+            .await
+            .expect("migrate");
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let second = submit_task(
+        api,
+        via,
+        "delta-2",
+        "delta-2 and the colour teal",
+        "high",
+        Some("delta"),
+        5,
+    )
+    .await;
+    let done = wait_terminal(api, via, &[second], Duration::from_secs(60)).await;
+    assert_eq!(gateway_of(&done[&second]), "oc-a", "{}", done[&second]);
+    let third = submit_task(
+        api,
+        via,
+        "delta-3",
+        "[[slow:0.25]] delta-3 what were they?",
+        "high",
+        Some("delta"),
+        5,
+    )
+    .await;
+    (id, third)
+}
+
+/// After gateway a died under the session's third turn: the session moved
+/// to gateway b from its last checkpoint, the turn ran there, and the
+/// model stub saw the earlier turns (they entered b's transcript too).
+async fn session_moved_to_b(api: &Api, via: usize, b: &RealGateway, id: u64, third: u64) {
+    let done = wait_terminal(api, via, &[third], Duration::from_secs(120)).await;
+    let t = &done[&third];
+    assert_eq!(t["status"], "completed", "{t}");
+    assert_eq!(gateway_of(t), "oc-b", "the session's turn moved: {t}");
+    let seen = b.mock_requests().into_iter().find(|r| {
+        let prompt = r["prompt"].as_str().unwrap_or("");
+        prompt.contains("delta-3")
+    });
+    let user = seen
+        .as_ref()
+        .and_then(|r| r["prompt"].as_str())
+        .unwrap_or("");
+    for earlier in ["remember the word kumquat", "and the colour teal"] {
+        assert!(
+            user.contains(earlier),
+            "the model on b saw `{earlier}`: {seen:?}"
+        );
+    }
+    let s = api.get_ok(via, &format!("/api/v1/sessions/{id}")).await;
+    assert_eq!(s["gateway"], "oc-b", "{s}");
+    assert!(s["generation"].as_u64() >= Some(1), "{s}");
+    let key = format!(
+        "agent:main:godel-s-{}",
+        s["gateway_key"].as_str().expect("gateway key")
+    );
+    let h = b
+        .call("chat.history", json!({"sessionKey": key, "limit": 50}))
+        .await
+        .expect("chat.history");
+    assert!(
+        h["messages"].to_string().contains("kumquat"),
+        "b's transcript: {h}"
+    );
+}
+
 async fn phase_kill(api: &Api, via: usize, a: &mut RealGateway, b: &RealGateway) {
+    let (session, third) = session_on_a(api, via).await;
     // Slow turns (20 words, 0.25 s each) without session keys, so any agent
     // may take any of them.
     let mut ids = Vec::new();
@@ -425,16 +525,18 @@ async fn phase_kill(api: &Api, via: usize, a: &mut RealGateway, b: &RealGateway)
         let message = format!("[[slow:0.25]] kill-{k}");
         ids.push(submit_task(api, via, &format!("kill-{k}"), &message, "medium", None, 5).await);
     }
-    // Kill gateway a once one of its turns is streaming.
+    // Kill gateway a once one of its turns and the session's are streaming.
     wait_until(
         "a turn streaming on gateway a",
         deadline(Duration::from_secs(60)),
         async || {
-            let streaming = a
-                .mock_requests()
-                .iter()
-                .any(|r| r["last_user"].as_str().unwrap_or("").contains("kill-"));
-            if streaming {
+            let requests = a.mock_requests();
+            let has = |what: &str| {
+                requests
+                    .iter()
+                    .any(|r| r["last_user"].as_str().unwrap_or("").contains(what))
+            };
+            if has("kill-") && has("delta-3") {
                 Ok(())
             } else {
                 Err(anyhow!("not yet"))
@@ -489,6 +591,7 @@ async fn phase_kill(api: &Api, via: usize, a: &mut RealGateway, b: &RealGateway)
             .count();
         assert_eq!(turns, 1, "task {id} ran once on gateway b: {h}");
     }
+    session_moved_to_b(api, via, b, session, third).await;
     wait_health(api, via, "oc-a", "unhealthy").await;
     let leased = api.list_tasks(via, "status=leased").await;
     assert!(leased.is_empty(), "no lease left behind: {leased:?}");

@@ -125,6 +125,10 @@ pub struct GatewayRecord {
     pub registered_at_ms: u64,
     /// Time of the last change.
     pub updated_at_ms: u64,
+    /// Since when its probe has failed without a break (`None`: not
+    /// unhealthy): a gateway unhealthy for long is taken as down, and its
+    /// sessions move on (the meta leader's pass, `node/shards.rs`).
+    pub unhealthy_since_ms: Option<u64>,
 }
 
 /// An agent registration.
@@ -306,6 +310,7 @@ impl State {
                     placement_token: 0,
                     registered_at_ms: now,
                     updated_at_ms: now,
+                    unhealthy_since_ms: None,
                 };
                 self.registry.gateways.insert(reg.id, rec);
                 GatewayChange::Registered
@@ -341,13 +346,14 @@ impl State {
     }
 
     /// Records a gateway's probed health and breaker state.
-    /// A gateway whose breaker opened (calls to it keep failing) also ends
-    /// its idle sessions as `error`, so that tasks with their keys open a
-    /// session on another gateway instead of waiting for this one; a
-    /// session running a task ends when that attempt does
+    /// A gateway whose breaker opened (calls to it keep failing) also sends
+    /// its idle sessions on from their last checkpoint, so that tasks with
+    /// their keys open them on another gateway instead of waiting for this
+    /// one; a session running a task moves when that attempt ends
     /// ([`State::session_task_ended`]). A failed health probe alone only
     /// stops dispatch there: a gateway too busy to answer its probe still
-    /// holds the conversation, which is worth waiting for.
+    /// holds the conversation, which is worth waiting for, a while
+    /// (`runtime.session_move_after`: then the meta leader moves them).
     pub(crate) fn report_gateway(
         &mut self,
         id: &GatewayId,
@@ -355,10 +361,15 @@ impl State {
         circuit: Circuit,
     ) -> Outcome {
         let mut changed = false;
+        let now = self.clock_ms;
         let reply = self.edit_gateway(id, |rec| {
             changed = (rec.health, rec.circuit) != (health, circuit);
             rec.health = health;
             rec.circuit = circuit;
+            rec.unhealthy_since_ms = match health {
+                Health::Unhealthy => rec.unhealthy_since_ms.or(Some(now)),
+                _ => None,
+            };
         })?;
         if changed {
             self.notice(What::Gateway {
@@ -373,19 +384,27 @@ impl State {
     }
 
     /// Why sessions on gateway `id` cannot go on there, if they cannot:
-    /// its breaker is open, or its health probe failed (3 in a row: the
-    /// gateway is down, or too busy to answer). Dispatch gives it no new
-    /// work either way, so its sessions move on from their last
-    /// checkpoint rather than hold their tasks.
+    /// its breaker is open (calls to it keep failing).
     pub(crate) fn gateway_unusable(&self, id: &GatewayId) -> Option<String> {
         let g = self.registry.gateways.get(id)?;
-        if g.circuit == Circuit::Open {
-            Some(format!("gateway {id}'s circuit breaker is open"))
-        } else if g.health == Health::Unhealthy {
-            Some(format!("gateway {id} is unhealthy"))
-        } else {
-            None
+        (g.circuit == Circuit::Open).then(|| format!("gateway {id}'s circuit breaker is open"))
+    }
+
+    /// Why sessions on gateway `id` should move on at `now_ms` (ms since
+    /// the epoch), if they should: its breaker is open, or it has been
+    /// unhealthy for `move_after_ms` (down, not only too busy to answer
+    /// a probe). Dispatch gives it no new work either way.
+    pub fn gateway_down(&self, id: &GatewayId, now_ms: u64, move_after_ms: u64) -> Option<String> {
+        if let Some(why) = self.gateway_unusable(id) {
+            return Some(why);
         }
+        let since = self.registry.gateways.get(id)?.unhealthy_since_ms?;
+        (now_ms.saturating_sub(since) >= move_after_ms).then(|| {
+            format!(
+                "gateway {id} has been unhealthy for {} s",
+                now_ms.saturating_sub(since) / 1000
+            )
+        })
     }
 
     /// Records which node runs a gateway (the leader decides). When the
@@ -839,5 +858,55 @@ mod tests {
             0,
             "expired leases free the agent"
         );
+    }
+}
+
+#[cfg(test)]
+mod down_tests {
+    use crate::fsm::{Circuit, Command, GatewayId, GatewayRegistration, Health, State};
+
+    fn report(s: &mut State, at: u64, health: Health, circuit: Circuit) {
+        let cmd = Command::ReportGateway {
+            id: GatewayId("g".into()),
+            health,
+            circuit,
+        };
+        s.apply_one(at, cmd).unwrap();
+    }
+
+    #[test]
+    fn a_gateway_is_down_once_unhealthy_for_long_or_its_breaker_opens() {
+        let mut s = State::default();
+        let reg = GatewayRegistration {
+            id: GatewayId("g".into()),
+            kind: "sim".into(),
+            spec: "{}".into(),
+            region: "r".into(),
+            capabilities: vec![],
+            max_sessions: 4,
+        };
+        s.apply_one(0, Command::RegisterGateway(reg)).unwrap();
+        let g = GatewayId("g".into());
+        let down = |s: &State, now| s.gateway_down(&g, now, 30_000);
+        report(&mut s, 1_000, Health::Unhealthy, Circuit::Closed);
+        // Still unhealthy later: the first report's time counts.
+        report(&mut s, 5_000, Health::Unhealthy, Circuit::Closed);
+        assert_eq!(down(&s, 30_999), None, "a busy moment is not down");
+        assert_eq!(
+            down(&s, 31_000).as_deref(),
+            Some("gateway g has been unhealthy for 30 s")
+        );
+        // Healthy again: the clock starts over at the next failure.
+        report(&mut s, 40_000, Health::Healthy, Circuit::Closed);
+        assert_eq!(down(&s, 100_000), None);
+        report(&mut s, 50_000, Health::Unhealthy, Circuit::Closed);
+        assert_eq!(down(&s, 79_999), None);
+        // An open breaker is down at once, whatever the health.
+        report(&mut s, 60_000, Health::Healthy, Circuit::Open);
+        assert_eq!(
+            down(&s, 60_000).as_deref(),
+            Some("gateway g's circuit breaker is open")
+        );
+        assert_eq!(s.gateway_down(&GatewayId("nope".into()), 0, 0), None);
     }
 }

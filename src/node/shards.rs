@@ -426,26 +426,26 @@ async fn sync_shard(node: &Node, g: GroupId) -> bool {
     }
 }
 
-/// On the meta leader: a queue shard holds no registry, so it cannot see a
-/// gateway's breaker open or its probe fail; for each gateway the meta
-/// group finds unusable, every routed shard with live sessions on it that
-/// are not moving yet is told to move them on
-/// ([`crate::fsm::Command::MoveSessionsOff`]), as the meta group's own
-/// sessions do when it applies the report. A shard that misses the write
-/// is told again at the next pass.
+/// On the meta leader: moves sessions off gateways that are down. A queue
+/// shard holds no registry, so it cannot see a gateway's breaker open; and
+/// a gateway unhealthy for `runtime.session_move_after` is taken as down
+/// (a probe that fails for a while, not a busy moment), which no command
+/// marks. For each such gateway, every queue group (the meta group's own
+/// while it is the only one) with live sessions on it that are not moving
+/// yet is told to move them on ([`crate::fsm::Command::MoveSessionsOff`]).
+/// A group that misses the write is told again at the next pass.
 async fn move_sessions_off(node: &Node) {
-    if node.shard_groups().is_empty() {
-        return;
-    }
-    let unusable: Vec<(crate::fsm::GatewayId, String)> = node.state().read(|meta| {
+    let now = crate::clock::now_ms();
+    let after = node.config().runtime.session_move_after.as_millis() as u64;
+    let down: Vec<(crate::fsm::GatewayId, String)> = node.state().read(|meta| {
         meta.registry()
             .gateways()
-            .filter_map(|g| Some((g.reg.id.clone(), meta.gateway_unusable(&g.reg.id)?)))
+            .filter_map(|g| Some((g.reg.id.clone(), meta.gateway_down(&g.reg.id, now, after)?)))
             .collect()
     });
-    for (gateway, why) in unusable {
+    for (gateway, why) in down {
         for group in node.queue_groups() {
-            if group.id() == 0 || !group.state().read(|s| !s.sessions_on(&gateway).is_empty()) {
+            if !group.state().read(|s| !s.sessions_on(&gateway).is_empty()) {
                 continue;
             }
             let cmd = crate::fsm::Command::MoveSessionsOff {

@@ -143,6 +143,10 @@ class Handler(BaseHTTPRequestHandler):
             "model": body.get("model"), "n_messages": len(body.get("messages") or []),
             "n_tools": len(body.get("tools") or []), "keys": sorted(body.keys()),
             "last_user": last_user_text(body.get("messages"))[-300:],
+            # The whole prompt the model was given, as text (capped): what a
+            # test checks a model saw (earlier turns carried to a new
+            # gateway come ahead of the message).
+            "prompt": json.dumps(body.get("messages"))[-20000:],
             "plan": [kind, value, delay],
         })
         if not self.path.rstrip("/").endswith("/chat/completions"):
