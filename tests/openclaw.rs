@@ -23,9 +23,11 @@
 //!    gateway (`sessions.describe`: `abortedLastRun`);
 //! 4. SIGKILL of one gateway mid-run moves its work to the other gateway,
 //!    every task completes once, and the dead one is reported unhealthy;
-//!    a session whose turn it was running moves too: the turn runs on the
-//!    other gateway in a new conversation, and the model stub sees the
-//!    session's earlier turns (from its last checkpoint);
+//!    a session (moved between the gateways on demand first, the model on
+//!    the new one seeing its earlier turn) whose turn it was running moves
+//!    too: the turn runs on the other gateway in a new conversation, and
+//!    the model stub sees the session's earlier turns (from its last
+//!    checkpoint);
 //! 5. the token (registered by file reference, one gateway through the API
 //!    and one through `godel gateway add`) appears in no API answer, CLI
 //!    output or node log.
@@ -421,59 +423,61 @@ async fn phase_cancel(api: &Api, via: usize, a: &RealGateway, b: &RealGateway) {
     assert_eq!(task(api, via, id).await["status"], "cancelled");
 }
 
-/// A session with two turns on gateway a (moved there first if dispatch
-/// opened it on b); its third turn, slow, is the one the kill interrupts.
-async fn session_on_a(api: &Api, via: usize) -> (u64, u64) {
-    let first = submit_task(
-        api,
-        via,
-        "delta-1",
-        "delta-1 remember the word kumquat",
-        "high",
-        Some("delta"),
-        5,
-    )
-    .await;
+/// Moves session `id` to `gateway` on demand (`POST /sessions/{id}/migrate`).
+async fn migrate(api: &Api, via: usize, id: u64, gateway: &str) {
+    let r = api
+        .post(
+            via,
+            &format!("/api/v1/sessions/{id}/migrate"),
+            &json!({"gateway": gateway}),
+        )
+        .await
+        .expect("migrate");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["state"], "migrating", "{r:?}");
+}
+
+/// The model prompt the mock behind `g` got for the turn with `marker`.
+fn prompt_with(g: &RealGateway, marker: &str) -> String {
+    g.mock_requests()
+        .into_iter()
+        .filter_map(|r| r["prompt"].as_str().map(str::to_owned))
+        .find(|p| p.contains(marker))
+        .unwrap_or_default()
+}
+
+/// A session moved on demand between the real gateways: its first turn
+/// runs where dispatch opens it; it is migrated to the other gateway,
+/// whose model sees the first turn with the second; then (if it is not
+/// there already) to gateway a, where its third turn, slow, is the one
+/// the kill interrupts. Returns the session and its third task.
+async fn session_on_a(api: &Api, via: usize, a: &RealGateway, b: &RealGateway) -> (u64, u64) {
+    let say = async |marker: &str, message: &str| {
+        submit_task(api, via, marker, message, "high", Some("delta"), 5).await
+    };
+    let first = say("delta-1", "delta-1 remember the word kumquat").await;
     let done = wait_terminal(api, via, &[first], Duration::from_secs(60)).await;
     assert_eq!(done[&first]["status"], "completed", "{}", done[&first]);
     let page = api
         .get_ok(via, "/api/v1/sessions?key=delta&live=true")
         .await;
-    let s = &page["items"][0];
-    let id = s["id"].as_u64().expect("the delta session");
-    if s["gateway"] != "oc-a" {
-        let r = api
-            .post(
-                via,
-                &format!("/api/v1/sessions/{id}/migrate"),
-                &json!({"gateway": "oc-a"}),
-            )
-            .await
-            .expect("migrate");
-        assert_eq!(r.status, 200, "{r:?}");
-    }
-    let second = submit_task(
-        api,
-        via,
-        "delta-2",
-        "delta-2 and the colour teal",
-        "high",
-        Some("delta"),
-        5,
-    )
-    .await;
+    let id = page["items"][0]["id"].as_u64().expect("the delta session");
+    let home = gateway_of(&done[&first]).to_owned();
+    let other = if home == "oc-a" { "oc-b" } else { "oc-a" };
+    migrate(api, via, id, other).await;
+    let second = say("delta-2", "delta-2 and the colour teal").await;
     let done = wait_terminal(api, via, &[second], Duration::from_secs(60)).await;
-    assert_eq!(gateway_of(&done[&second]), "oc-a", "{}", done[&second]);
-    let third = submit_task(
-        api,
-        via,
-        "delta-3",
-        "[[slow:0.25]] delta-3 what were they?",
-        "high",
-        Some("delta"),
-        5,
-    )
-    .await;
+    assert_eq!(done[&second]["status"], "completed", "{}", done[&second]);
+    assert_eq!(gateway_of(&done[&second]), other, "{}", done[&second]);
+    let seen = prompt_with(if other == "oc-a" { a } else { b }, "delta-2");
+    assert!(
+        seen.contains("remember the word kumquat"),
+        "the model on {other} saw the first turn: {seen}"
+    );
+    if other != "oc-a" {
+        migrate(api, via, id, "oc-a").await;
+    }
+    let third = say("delta-3", "[[slow:0.25]] delta-3 what were they?").await;
     (id, third)
 }
 
@@ -485,18 +489,11 @@ async fn session_moved_to_b(api: &Api, via: usize, b: &RealGateway, id: u64, thi
     let t = &done[&third];
     assert_eq!(t["status"], "completed", "{t}");
     assert_eq!(gateway_of(t), "oc-b", "the session's turn moved: {t}");
-    let seen = b.mock_requests().into_iter().find(|r| {
-        let prompt = r["prompt"].as_str().unwrap_or("");
-        prompt.contains("delta-3")
-    });
-    let user = seen
-        .as_ref()
-        .and_then(|r| r["prompt"].as_str())
-        .unwrap_or("");
+    let seen = prompt_with(b, "delta-3");
     for earlier in ["remember the word kumquat", "and the colour teal"] {
         assert!(
-            user.contains(earlier),
-            "the model on b saw `{earlier}`: {seen:?}"
+            seen.contains(earlier),
+            "the model on b saw `{earlier}`: {seen}"
         );
     }
     let s = api.get_ok(via, &format!("/api/v1/sessions/{id}")).await;
@@ -517,7 +514,7 @@ async fn session_moved_to_b(api: &Api, via: usize, b: &RealGateway, id: u64, thi
 }
 
 async fn phase_kill(api: &Api, via: usize, a: &mut RealGateway, b: &RealGateway) {
-    let (session, third) = session_on_a(api, via).await;
+    let (session, third) = session_on_a(api, via, a, b).await;
     // Slow turns (20 words, 0.25 s each) without session keys, so any agent
     // may take any of them.
     let mut ids = Vec::new();
@@ -534,7 +531,7 @@ async fn phase_kill(api: &Api, via: usize, a: &mut RealGateway, b: &RealGateway)
             let has = |what: &str| {
                 requests
                     .iter()
-                    .any(|r| r["last_user"].as_str().unwrap_or("").contains(what))
+                    .any(|r| r["prompt"].as_str().unwrap_or("").contains(what))
             };
             if has("kill-") && has("delta-3") {
                 Ok(())

@@ -640,7 +640,7 @@ async fn attempt(
         span_id = %trace.span_hex(),
         "attempt started"
     );
-    let run = match live_session(&args, &task) {
+    let run = match live_session(&args, &task, token).await {
         Some(s) => {
             // The conversation's own key: a session that moved on has a
             // new one per gateway it lands on.
@@ -741,11 +741,25 @@ struct LiveSession {
     context: Option<Arc<str>>,
 }
 
+/// How long an attempt in a session waits for this node's replica to
+/// apply its lease (a grant can reach the agent before the replica has the
+/// entry that made it, and the session's record with it).
+const SESSION_SEEN_WAIT: Duration = Duration::from_secs(2);
+
 /// The live session on this agent's gateway that `task` runs in, if it has
-/// a session key (dispatch opened or reused it with the lease).
-fn live_session(args: &AgentArgs, task: &Task) -> Option<LiveSession> {
+/// a session key (dispatch opened or reused it with the lease, in the same
+/// entry: once the replica holds lease `token`, it holds the session as
+/// the grant left it).
+async fn live_session(args: &AgentArgs, task: &Task, token: FencingToken) -> Option<LiveSession> {
     let key = task.session_key.as_ref()?;
     let group = args.node.queue_group_of(task.id.0).ok()?;
+    let until = tokio::time::Instant::now() + SESSION_SEEN_WAIT;
+    // Tokens are minted in order per group: the replica has applied the
+    // grant once it has minted this token.
+    let applied = || group.state().read(|s| s.last_token() >= token.0);
+    while !applied() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     group.state().read(|s| {
         let r = s.sessions().by_key(&task.tenant, key)?;
         if r.gateway != *args.sessions.gateway() || r.state.is_terminal() {
