@@ -618,6 +618,14 @@ async fn http_2xx_body_is_the_result_and_the_request_is_the_documented_shape() {
         sent,
         serde_json::json!({"task_id": 7, "fencing_token": 42, "session_key": "s-1", "payload": {"prompt": "hi"}})
     );
+    // A session that moved to this gateway: its earlier turns come along.
+    let carried = RunRequest {
+        context: Some("User: before\nAssistant: ok".into()),
+        ..req(r#"{"prompt":"hi"}"#, Duration::from_secs(10))
+    };
+    let out = run(&http(format!("{base}/echo")), carried).await.unwrap();
+    let sent: serde_json::Value = serde_json::from_str(&out.result_json).unwrap();
+    assert_eq!(sent["context"], "User: before\nAssistant: ok", "{sent}");
     let out = run(
         &http(format!("{base}/text")),
         req("{}", Duration::from_secs(10)),

@@ -765,12 +765,10 @@ async fn live_session(args: &AgentArgs, task: &Task, token: FencingToken) -> Opt
         if r.gateway != *args.sessions.gateway() || r.state.is_terminal() {
             return None;
         }
-        let context = r.carry.and_then(|seq| {
-            let cp = s
-                .sessions()
-                .checkpoints(r.id)
-                .iter()
-                .find(|c| c.seq == seq)?;
+        // The latest checkpoint holds the turns to carry (a move takes one
+        // of the latest turns first; no turn completes while it moves).
+        let context = r.carry.and_then(|_| {
+            let cp = s.sessions().checkpoints(r.id).last()?;
             crate::fsm::carried_context(cp).map(Arc::from)
         });
         Some(LiveSession {

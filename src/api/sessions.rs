@@ -185,7 +185,8 @@ pub struct CheckpointView {
     /// session key; for OpenClaw, the transcript's key).
     transcript_ref: Option<String>,
     /// Its latest turns (up to 8), oldest first: what a new gateway is
-    /// given to continue.
+    /// given to continue. Only a live session's latest checkpoint keeps
+    /// them (empty in the others).
     transcript: Vec<TurnView>,
 }
 

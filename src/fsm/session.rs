@@ -77,7 +77,8 @@ pub enum SessionState {
     /// checkpoint's turns.
     Migrating,
     /// Ended a day ago and compacted: its turns and checkpoints are
-    /// dropped; `ended_as` says how it ended. Terminal.
+    /// dropped; `ended_as` says how it ended. Its record goes 30 days
+    /// later. Terminal.
     Archived,
 }
 
@@ -253,7 +254,9 @@ pub struct Turn {
     pub reply: String,
 }
 
-/// A session's checkpoint: what another gateway needs to continue it.
+/// A session's checkpoint: what another gateway needs to continue it. Only
+/// a live session's latest checkpoint keeps its turns; older ones, and an
+/// ended session's, keep the rest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Its number in the session, from 1.
@@ -293,7 +296,8 @@ pub struct Sessions {
     /// Each session's latest checkpoints (at most
     /// [`Sessions::MAX_CHECKPOINTS`]), oldest first.
     checkpoints: BTreeMap<SessionId, Vec<Arc<Checkpoint>>>,
-    /// Ended sessions by the time they are archived.
+    /// Ended sessions by the time they are archived, and archived ones by
+    /// the time their record goes.
     archive: BTreeSet<(u64, SessionId)>,
 }
 
@@ -324,6 +328,8 @@ impl Sessions {
     pub const MAX_CHECKPOINTS: usize = 8;
     /// How long an ended session stays as it ended before it is archived.
     pub const ARCHIVE_AFTER_MS: u64 = 86_400_000;
+    /// How long an archived session is kept before its record goes.
+    pub const KEEP_ARCHIVED_MS: u64 = 30 * 86_400_000;
 
     /// One live session fewer on `gateway`.
     fn leave_gateway(&mut self, gateway: &GatewayId) {
@@ -560,6 +566,15 @@ impl State {
         if to == SessionState::Archived {
             self.sessions.checkpoints.remove(&id);
         } else if to.is_terminal() {
+            // Nothing can continue it: its latest checkpoint's turns go.
+            if let Some(last) = self
+                .sessions
+                .checkpoints
+                .get_mut(&id)
+                .and_then(|l| l.last_mut())
+            {
+                Arc::make_mut(last).transcript.clear();
+            }
             // It ends: its key, time limit and room on its gateway are free.
             self.sessions
                 .archive
@@ -605,8 +620,16 @@ impl State {
             }
         } else {
             self.sessions.archive.remove(&due);
+            if self.sessions.records[&id].state == SessionState::Archived {
+                // Archived a month ago: the record goes.
+                self.sessions.records.remove(&id);
+                return;
+            }
             self.move_session(id, SessionState::Archived, None, None)
                 .expect("invariant: sessions to archive have ended");
+            self.sessions
+                .archive
+                .insert((self.clock_ms.saturating_add(Sessions::KEEP_ARCHIVED_MS), id));
         }
     }
 
@@ -641,6 +664,11 @@ impl State {
             return;
         }
         if rec.task.is_some() {
+            if rec.after_task == Some(AfterTask::Pause) {
+                // The pause asked first wins; a gateway that cannot serve
+                // it still moves it once resumed.
+                return;
+            }
             let why = super::state::truncate(why, MAX_REASON_BYTES);
             self.edit_session(id, |r| {
                 r.after_task = Some(AfterTask::Migrate(target));
@@ -648,6 +676,13 @@ impl State {
             });
             return;
         }
+        // It carries its latest turns: a checkpoint of them first if the
+        // last one is older (turns since it, or none yet).
+        let checkpointed = self.sessions.checkpoints(id).last().map_or(0, |c| c.turns);
+        if rec.turns > checkpointed {
+            self.take_checkpoint(id, None);
+        }
+        let rec = &self.sessions.records[&id];
         let carry = (rec.checkpoint_seq > 0).then_some(rec.checkpoint_seq);
         if !rec.moving {
             // It no longer counts on its gateway; it counts again where it
@@ -683,6 +718,11 @@ impl State {
             return Ok(Reply::Session(s));
         }
         if s.task.is_some() {
+            if let Some(AfterTask::Migrate(_)) = s.after_task {
+                return Err(Rejection::Conflict(format!(
+                    "session {id} migrates when its task ends: pause it after that"
+                )));
+            }
             self.edit_session(id, |r| r.after_task = Some(AfterTask::Pause));
             return Ok(Reply::Session(Arc::clone(&self.sessions.records[&id])));
         }
@@ -733,6 +773,11 @@ impl State {
                 from: s.state,
                 to: SessionState::Migrating,
             });
+        }
+        if s.after_task == Some(AfterTask::Pause) {
+            return Err(Rejection::Conflict(format!(
+                "session {id} pauses when its task ends: migrate it after that, or resume it first"
+            )));
         }
         let why = match target {
             Some(g) => format!("moved to gateway {g} by an operator"),
@@ -794,6 +839,12 @@ impl State {
         let seq = cp.seq;
         self.edit_session(id, |r| r.checkpoint_seq = seq);
         let list = self.sessions.checkpoints.entry(id).or_default();
+        // Only the latest keeps its turns (what a move carries): the
+        // state holds each session's turns at most twice, its tail and
+        // its latest checkpoint, however many checkpoints it has.
+        if let Some(last) = list.last_mut() {
+            Arc::make_mut(last).transcript.clear();
+        }
         list.push(Arc::clone(&cp));
         if list.len() > Sessions::MAX_CHECKPOINTS {
             list.remove(0);
@@ -1012,12 +1063,24 @@ impl State {
         let ids = self.sessions_on(gateway);
         let why = super::state::truncate(why, MAX_REASON_BYTES);
         for id in ids {
-            self.migrate(id, None, &why, false);
+            if self.sessions.records[&id].moving {
+                self.untarget(id);
+            } else {
+                self.migrate(id, None, &why, false);
+            }
         }
         Ok(Reply::Done)
     }
 
-    /// The live sessions on `gateway` that are not moving yet.
+    /// A moving session bound for a gateway that went down goes to any
+    /// gateway instead (it would wait for that one for good).
+    fn untarget(&mut self, id: SessionId) {
+        self.edit_session(id, |r| r.target = None);
+    }
+
+    /// The live sessions that `gateway` going down concerns: those on it
+    /// that are not moving yet (nor asked to after their task), and those
+    /// moving to it.
     pub fn sessions_on(&self, gateway: &GatewayId) -> Vec<SessionId> {
         self.sessions
             .by_key
@@ -1025,7 +1088,11 @@ impl State {
             .copied()
             .filter(|id| {
                 let s = &self.sessions.records[id];
-                s.gateway == *gateway && !s.moving && s.after_task.is_none()
+                if s.moving {
+                    s.target.as_ref() == Some(gateway)
+                } else {
+                    s.gateway == *gateway && s.after_task.is_none()
+                }
             })
             .collect()
     }
@@ -1042,11 +1109,16 @@ impl State {
             .copied()
             .filter(|id| {
                 let s = &self.sessions.records[id];
-                s.gateway == *gateway && s.task.is_none() && !s.moving
+                (s.gateway == *gateway && s.task.is_none() && !s.moving)
+                    || (s.moving && s.target.as_ref() == Some(gateway))
             })
             .collect();
         for id in ids {
-            self.migrate(id, None, why, false);
+            if self.sessions.records[&id].moving {
+                self.untarget(id);
+            } else {
+                self.migrate(id, None, why, false);
+            }
         }
     }
 
@@ -1425,5 +1497,340 @@ mod tests {
                 assert!(!from.can_become(Created), "{from:?} -> Created");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod random_ops {
+    use super::*;
+    use crate::fsm::{
+        AgentRegistration, Circuit, Command, DispatchPolicy, DispatchSpec, FencingToken,
+        GatewayRegistration, Health, Reply, SubmitTask,
+    };
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n.max(1)
+        }
+    }
+
+    fn check(s: &State) -> Result<(), String> {
+        let ss = &s.sessions;
+        let mut by_key = BTreeMap::new();
+        let mut live = BTreeMap::<GatewayId, u32>::new();
+        let mut deadlines = BTreeSet::new();
+        let mut idle = BTreeSet::new();
+        let mut archive = 0usize;
+        for r in ss.records.values() {
+            let l = !r.state.is_terminal();
+            if l {
+                if let Some(k) = &r.session_key {
+                    by_key.insert((r.tenant.clone(), k.clone()), r.id);
+                }
+                if !r.moving {
+                    *live.entry(r.gateway.clone()).or_default() += 1;
+                }
+                if let Some(d) = r.deadline_ms {
+                    deadlines.insert((d, r.id));
+                }
+                if r.state.takes_a_task() && r.idle_ms > 0 {
+                    idle.insert((r.updated_at_ms + r.idle_ms, r.id));
+                }
+                if r.moving
+                    && !matches!(
+                        r.state,
+                        SessionState::Migrating | SessionState::Paused | SessionState::Completing
+                    )
+                {
+                    return Err(format!("moving session {} in {:?}", r.id, r.state));
+                }
+                if !r.moving && r.state == SessionState::Migrating {
+                    return Err(format!("migrating session {} not moving", r.id));
+                }
+                if r.task.is_some()
+                    != matches!(r.state, SessionState::Running | SessionState::Initializing)
+                {
+                    // Initializing without a task is fine only for opened ones
+                    if !(r.state == SessionState::Initializing && r.task.is_none()) {
+                        return Err(format!(
+                            "session {} task {:?} in {:?}",
+                            r.id, r.task, r.state
+                        ));
+                    }
+                }
+                if let Some(t) = r.task {
+                    let task = &s.tasks[&t];
+                    if !task.status.is_leased() {
+                        return Err(format!(
+                            "session {} holds task {t:?} {:?}",
+                            r.id, task.status
+                        ));
+                    }
+                }
+            } else {
+                // Ended: a timer archives it; archived: one removes it.
+                archive += 1;
+            }
+            if r.tail.len() > Sessions::MAX_TAIL {
+                return Err("tail".into());
+            }
+        }
+        if by_key != ss.by_key {
+            return Err(format!("by_key {:?} != {:?}", ss.by_key, by_key));
+        }
+        if live != ss.live_by_gateway {
+            return Err(format!(
+                "live_by_gateway {:?} != {:?}",
+                ss.live_by_gateway, live
+            ));
+        }
+        if deadlines != ss.deadlines {
+            return Err(format!("deadlines {:?} != {:?}", ss.deadlines, deadlines));
+        }
+        if idle != ss.idle {
+            return Err(format!("idle {:?} != {:?}", ss.idle, idle));
+        }
+        if archive != ss.archive.len() {
+            return Err(format!("archive {} != {}", ss.archive.len(), archive));
+        }
+        // Every leased keyed task runs in its key's session.
+        for t in s.tasks.values() {
+            if t.status.is_leased()
+                && let Some(k) = &t.session_key
+            {
+                let ok = ss
+                    .by_key(&t.tenant, k)
+                    .is_some_and(|r| r.task == Some(t.id));
+                if !ok {
+                    return Err(format!("leased task {:?} not in its session", t.id));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn gw(i: u64) -> GatewayId {
+        GatewayId(format!("g{i}"))
+    }
+
+    fn run(seed: u64, steps: usize) -> Result<(), String> {
+        let mut r = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
+        let mut s = State::default();
+        let mut now = 1_000u64;
+        let mut log: Vec<String> = Vec::new();
+        let mut tokens: Vec<FencingToken> = Vec::new();
+        let mut setup = vec![Command::NodeHeartbeat {
+            id: 1,
+            region: "eu".into(),
+            api_addr: "a".into(),
+        }];
+        for g in 0..3 {
+            setup.push(Command::RegisterGateway(GatewayRegistration {
+                id: gw(g),
+                kind: "sim".into(),
+                spec: "{}".into(),
+                region: "eu".into(),
+                capabilities: vec![],
+                max_sessions: 3,
+            }));
+            setup.push(Command::PlaceGateway {
+                id: gw(g),
+                owner: Some(1),
+            });
+        }
+        for c in setup {
+            s.apply_one(now, c).map_err(|e| format!("{e:?}"))?;
+        }
+        let agent_up = |s: &mut State, a: u64, now: u64| {
+            let _ = s.apply_one(
+                now,
+                Command::RegisterAgent(AgentRegistration {
+                    id: AgentId(format!("a{a}")),
+                    gateway: gw(a % 3),
+                    capacity: 2,
+                    role: "r".into(),
+                    ..Default::default()
+                }),
+            );
+            let _ = s.apply_one(
+                now,
+                Command::AgentOnline {
+                    agent: AgentId(format!("a{a}")),
+                    node: 1,
+                    release: vec![],
+                },
+            );
+        };
+        for a in 0..4 {
+            agent_up(&mut s, a, now);
+        }
+        for _ in 0..steps {
+            let ids: Vec<SessionId> = s.sessions.records.keys().copied().collect();
+            let sid = if ids.is_empty() {
+                1
+            } else {
+                ids[r.next(ids.len() as u64) as usize]
+            };
+            let tok = if tokens.is_empty() {
+                FencingToken(1)
+            } else {
+                tokens[r.next(tokens.len() as u64) as usize]
+            };
+            let op = r.next(22);
+            now += r.next(400);
+            let cmd = match op {
+                0..=2 => Command::Submit(SubmitTask {
+                    tenant: "a".into(),
+                    payload: r#"{"message":"hi"}"#.into(),
+                    session_key: (r.next(5) > 0).then(|| SessionKey(format!("k{}", r.next(4)))),
+                    ..Default::default()
+                }),
+                3..=4 => Command::Dispatch(DispatchSpec {
+                    lease_ms: 5_000,
+                    max: 4,
+                    policy: DispatchPolicy::LeastLoaded,
+                    node_dead_after_ms: u64::MAX / 4,
+                    session_limit_ms: [0, 20_000][r.next(2) as usize],
+                    session_idle_ms: [0, 3_000][r.next(2) as usize],
+                    session_checkpoint_every: r.next(3) as u32,
+                }),
+                5..=6 => Command::Renew {
+                    token: tok,
+                    lease_ms: 5_000,
+                },
+                7..=8 => Command::Complete {
+                    token: tok,
+                    result: r#"{"text":"ok","usage":{"input":3,"output":4}}"#.into(),
+                },
+                9 => Command::Fail {
+                    token: tok,
+                    error: "e".into(),
+                    retryable: r.next(3) > 0,
+                    usage: None,
+                },
+                10 => Command::Release { tokens: vec![tok] },
+                11 => {
+                    now += [0, 6_000, 90_000_000][r.next(3) as usize];
+                    Command::Tick
+                }
+                12 => Command::KillSession {
+                    id: sid,
+                    reason: None,
+                },
+                13 => Command::PauseSession { id: sid },
+                14 => Command::ResumeSession { id: sid },
+                15 => Command::CheckpointSession {
+                    id: sid,
+                    name: None,
+                },
+                16 => Command::MigrateSession {
+                    id: sid,
+                    gateway: (r.next(2) == 0).then(|| gw(r.next(3))),
+                },
+                17 => Command::MoveSessionsOff {
+                    gateway: gw(r.next(3)),
+                    why: "down".into(),
+                },
+                18 => Command::ReportGateway {
+                    id: gw(r.next(3)),
+                    health: [Health::Healthy, Health::Unhealthy][r.next(2) as usize],
+                    circuit: [Circuit::Closed, Circuit::Open, Circuit::Closed][r.next(3) as usize],
+                },
+                19 => {
+                    let a = r.next(4);
+                    log.push(format!("re-register agent a{a}"));
+                    let _ = s.apply_one(
+                        now,
+                        Command::DeregisterAgent {
+                            id: AgentId(format!("a{a}")),
+                        },
+                    );
+                    agent_up(&mut s, a, now);
+                    Command::Tick
+                }
+                20 => {
+                    let ids: Vec<_> = s.tasks.keys().copied().collect();
+                    if ids.is_empty() {
+                        Command::Tick
+                    } else {
+                        Command::Cancel {
+                            id: ids[r.next(ids.len() as u64) as usize],
+                            reason: None,
+                            keep_children: false,
+                        }
+                    }
+                }
+                _ => Command::Tick,
+            };
+            log.push(format!("t={now} {cmd:?}"));
+            let out = catch_unwind(AssertUnwindSafe(|| s.apply_one(now, cmd.clone())));
+            let out = match out {
+                Ok(o) => o,
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    let tail = log.iter().rev().take(40).rev().cloned().collect::<Vec<_>>();
+                    return Err(format!("PANIC {msg}\n{}", tail.join("\n")));
+                }
+            };
+            if let Ok(Reply::Dispatched(g)) = &out {
+                tokens.extend(g.iter().map(|g| g.token));
+            }
+            if let Command::MoveSessionsOff { gateway, .. } = &cmd {
+                let left: Vec<_> = s
+                    .sessions_on(gateway)
+                    .into_iter()
+                    .filter(|id| s.sessions.records[id].state != SessionState::Completing)
+                    .collect();
+                if !left.is_empty() {
+                    return Err(format!(
+                        "sessions_on({gateway}) still {left:?} after MoveSessionsOff"
+                    ));
+                }
+            }
+            if let Err(e) = check(&s) {
+                let tail = log.iter().rev().take(40).rev().cloned().collect::<Vec<_>>();
+                let sess: Vec<String> = s
+                    .sessions
+                    .records
+                    .values()
+                    .map(|r| {
+                        format!(
+                            "{} {:?} gw={} mv={} task={:?} after={:?}",
+                            r.id, r.state, r.gateway, r.moving, r.task, r.after_task
+                        )
+                    })
+                    .collect();
+                return Err(format!(
+                    "{e}\nsessions:\n{}\nlog:\n{}",
+                    sess.join("\n"),
+                    tail.join("\n")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Random commands (tasks, dispatch, reports, pauses, resumes,
+    /// checkpoints, moves, gateways going down, agents leaving, days
+    /// passing) keep every session index equal to what the records say,
+    /// and never panic in apply.
+    #[test]
+    fn random_session_commands_keep_the_indexes_true() {
+        let mut failures = Vec::new();
+        for seed in 1..=150 {
+            if let Err(e) = run(seed, 300) {
+                failures.push(format!("seed {seed}: {e}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     }
 }

@@ -52,6 +52,10 @@ impl CommandDriver {
         if let Some(key) = &req.session_key {
             cmd.env("GODEL_SESSION_KEY", &key.0);
         }
+        if let Some(context) = &req.context {
+            // A session's earlier turns, carried to this gateway.
+            cmd.env("GODEL_SESSION_CONTEXT", &**context);
+        }
         if let Some(dir) = &s.working_dir {
             cmd.current_dir(dir);
         }

@@ -54,6 +54,10 @@ struct Body<'a> {
     fencing_token: u64,
     session_key: Option<&'a str>,
     payload: &'a RawValue,
+    /// A session's earlier turns, carried to this gateway (only on the
+    /// first attempt after it moved here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<&'a str>,
 }
 
 impl HttpDriver {
@@ -98,6 +102,7 @@ impl HttpDriver {
             fencing_token: req.fencing_token.0,
             session_key: req.session_key.as_ref().map(|k| k.0.as_str()),
             payload,
+            context: req.context.as_deref(),
         })
         .map_err(|e| DriverError::TaskFailed {
             reason: format!("cannot encode the request: {e}"),
