@@ -43,7 +43,18 @@ impl State {
             let weights = &self.weights;
             let weight = |t: &Tenant| weights.get(t).copied().unwrap_or(1);
             let tasks = &self.tasks;
-            let allowed = |id| tasks[&id].may_run_in(region.as_deref());
+            let sessions = &self.sessions;
+            // A worker leasing by itself runs outside sessions, but not
+            // the work of a session an operator paused.
+            let allowed = |id| {
+                let t = &tasks[&id];
+                t.may_run_in(region.as_deref())
+                    && t.session_key.as_ref().is_none_or(|k| {
+                        sessions
+                            .by_key(&t.tenant, k)
+                            .is_none_or(|s| s.state != super::session::SessionState::Paused)
+                    })
+            };
             let picked = match tenant {
                 None => self.ready.pick_allowed(&caps, weight, &allowed),
                 Some(t) => self.ready.pick_in(t, &caps, &allowed),
