@@ -67,6 +67,7 @@
 //!   `report gateway=G health=healthy|degraded|unhealthy|unknown
 //!   circuit=closed|open|half_open`,
 //!   `agent id=A gateway=G [caps=x,y] [capacity=1] [role=worker]`, `unagent id=A`,
+//!   `ungateway id=G`,
 //!   `online agent=A node=N [release=1,2]`. As the runtime does (the owner's agent actors announce
 //!   themselves), `agent` and `place` also bring the agents of a placed
 //!   gateway online on its owner; that `AgentOnline` prints nothing unless
@@ -944,6 +945,9 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         },
         "unagent" => Command::DeregisterAgent {
             id: AgentId(args.require("id")?),
+        },
+        "ungateway" => Command::DeregisterGateway {
+            id: GatewayId(args.require("id")?),
         },
         "dispatch" => Command::Dispatch(dispatch_spec(args)?),
         "pull" => Command::Pull(PullSpec {

@@ -342,6 +342,8 @@ impl State {
             id: id.clone(),
             change: GatewayChange::Deregistered,
         });
+        // Sessions bound for it go to any gateway; any left on it move on.
+        self.end_idle_sessions_on(id, &format!("gateway {id} was deregistered"));
         Ok(Reply::Done)
     }
 
