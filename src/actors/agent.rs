@@ -640,7 +640,24 @@ async fn attempt(
         span_id = %trace.span_hex(),
         "attempt started"
     );
-    let run = match live_session(&args, &task, token).await {
+    let seen = match live_session(&args, &task, token).await {
+        Seen::Session(s) => Some(s),
+        Seen::None => None,
+        Seen::Behind => {
+            // Run now, it would run outside its session (the wrong
+            // conversation, nothing carried): the lease goes back, no
+            // attempt spent.
+            tracing::info!(agent = %args.id, task = %task.id, "this node's replica has not applied the grant; lease given back");
+            m.attempts.with_label_values(&["replica_behind"]).inc();
+            let cmd = Command::Release {
+                tokens: vec![token],
+            };
+            let given_up = !report_result(&args.node, &task, cmd, &cancel).await;
+            let _ = actor.send_message(AgentMsg::Ended { token, given_up });
+            return;
+        }
+    };
+    let run = match seen {
         Some(s) => {
             // The conversation's own key: a session that moved on has a
             // new one per gateway it lands on.
@@ -746,21 +763,38 @@ struct LiveSession {
 /// entry that made it, and the session's record with it).
 const SESSION_SEEN_WAIT: Duration = Duration::from_secs(2);
 
+/// What this node's replica says about an attempt's session.
+enum Seen {
+    /// It runs in this session.
+    Session(LiveSession),
+    /// It runs in none (no key, or none live here for it).
+    None,
+    /// The replica has not applied the grant yet: it cannot say.
+    Behind,
+}
+
 /// The live session on this agent's gateway that `task` runs in, if it has
 /// a session key (dispatch opened or reused it with the lease, in the same
 /// entry: once the replica holds lease `token`, it holds the session as
 /// the grant left it).
-async fn live_session(args: &AgentArgs, task: &Task, token: FencingToken) -> Option<LiveSession> {
-    let key = task.session_key.as_ref()?;
-    let group = args.node.queue_group_of(task.id.0).ok()?;
+async fn live_session(args: &AgentArgs, task: &Task, token: FencingToken) -> Seen {
+    let Some(key) = task.session_key.as_ref() else {
+        return Seen::None;
+    };
+    let Ok(group) = args.node.queue_group_of(task.id.0) else {
+        return Seen::None;
+    };
     let until = tokio::time::Instant::now() + SESSION_SEEN_WAIT;
     // Tokens are minted in order per group: the replica has applied the
     // grant once it has minted this token.
     let applied = || group.state().read(|s| s.last_token() >= token.0);
-    while !applied() && tokio::time::Instant::now() < until {
+    while !applied() {
+        if tokio::time::Instant::now() >= until {
+            return Seen::Behind;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    group.state().read(|s| {
+    let seen = group.state().read(|s| {
         let r = s.sessions().by_key(&task.tenant, key)?;
         if r.gateway != *args.sessions.gateway() || r.state.is_terminal() {
             return None;
@@ -777,7 +811,8 @@ async fn live_session(args: &AgentArgs, task: &Task, token: FencingToken) -> Opt
             key: r.gateway_key()?,
             context,
         })
-    })
+    });
+    seen.map_or(Seen::None, Seen::Session)
 }
 
 /// Tries to commit a result for up to [`REPORT_TRIES`] writes (a leader

@@ -443,31 +443,36 @@ async fn move_sessions_off(node: &Node) {
             .filter_map(|g| Some((g.reg.id.clone(), meta.gateway_down(&g.reg.id, now, after)?)))
             .collect()
     });
-    for (gateway, why) in down {
-        for group in node.queue_groups() {
-            if !group.state().read(|s| !s.sessions_on(&gateway).is_empty()) {
-                continue;
-            }
-            let cmd = crate::fsm::Command::MoveSessionsOff {
-                gateway: gateway.clone(),
-                why: why.clone(),
-            };
-            match tokio::time::timeout(SYNC_TIMEOUT, node.write_to(group.id(), cmd)).await {
-                Ok(Ok(Ok(_))) => {
-                    tracing::info!(group = group.id(), %gateway, %why, "a shard's sessions move off an unusable gateway");
+    // Every (gateway, group) write at once, each bounded: a group without
+    // quorum does not hold up the others, nor the rest of the pass.
+    let writes = down.iter().flat_map(|(gateway, why)| {
+        node.queue_groups()
+            .iter()
+            .filter(|g| g.state().read(|s| !s.sessions_on(gateway).is_empty()))
+            .map(move |group| async move {
+                let cmd = crate::fsm::Command::MoveSessionsOff {
+                    gateway: gateway.clone(),
+                    why: why.clone(),
+                };
+                let written =
+                    tokio::time::timeout(SYNC_TIMEOUT, node.write_to(group.id(), cmd)).await;
+                match written {
+                    Ok(Ok(Ok(_))) => {
+                        tracing::info!(group = group.id(), %gateway, %why, "sessions move off a gateway that is down");
+                    }
+                    Ok(Ok(Err(rejected))) => {
+                        tracing::warn!(group = group.id(), %gateway, error = %rejected, "a group refused to move sessions off a gateway");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(group = group.id(), %gateway, error = %e, "sessions not moved off the gateway yet");
+                    }
+                    Err(_) => {
+                        tracing::debug!(group = group.id(), %gateway, "sessions not moved off the gateway in time");
+                    }
                 }
-                Ok(Ok(Err(rejected))) => {
-                    tracing::warn!(group = group.id(), %gateway, error = %rejected, "a shard refused to move sessions off a gateway");
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(group = group.id(), %gateway, error = %e, "sessions not moved off the gateway yet");
-                }
-                Err(_) => {
-                    tracing::debug!(group = group.id(), %gateway, "sessions not moved off the gateway in time");
-                }
-            }
-        }
-    }
+            })
+    });
+    futures_util::future::join_all(writes).await;
 }
 
 /// The cluster's nodes (voters and learners of the meta group) that do not
