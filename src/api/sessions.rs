@@ -294,15 +294,29 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<SessionView>> {
     let id = parse_id(&id)?;
+    read_session(&api, &caller, id, |_, r| session_view(r))
+        .await
+        .map(Json)
+}
+
+/// Reads session `id` (after a read barrier in its group) through `f`;
+/// 404 when it does not exist or the caller may not see its tenant.
+async fn read_session<R>(
+    api: &Api,
+    caller: &Caller,
+    id: SessionId,
+    f: impl FnOnce(&crate::fsm::State, &SessionRecord) -> R,
+) -> ApiResult<R> {
     let group = api.queue_group_of(id, "session").await?;
     api.node.read_barrier_in(group).await?;
-    let view = group.state().read(|s| {
-        s.sessions()
-            .get(id)
-            .filter(|r| caller.sees(&r.tenant))
-            .map(|r| session_view(r))
-    });
-    view.map(Json)
+    group
+        .state()
+        .read(|s| {
+            s.sessions()
+                .get(id)
+                .filter(|r| caller.sees(&r.tenant))
+                .map(|r| f(s, r))
+        })
         .ok_or_else(|| ApiError::not_found(format!("session {id} not found")))
 }
 
@@ -334,14 +348,7 @@ pub async fn kill(
         id,
         reason: b.reason,
     };
-    let group = api.queue_group_of(id, "session").await?;
-    match api
-        .write_in(group, &caller, cmd, Some(AuditTarget::Session(id)))
-        .await?
-    {
-        Reply::Session(r) => Ok(Json(session_view(&r))),
-        other => Err(super::unexpected(other)),
-    }
+    session_reply(session_write(&api, &caller, id, cmd).await?)
 }
 
 /// Applies a session command in the session's queue group, audited.
@@ -508,23 +515,15 @@ pub async fn checkpoints(
     Path(id): Path<String>,
 ) -> ApiResult<Json<CheckpointList>> {
     let id = parse_id(&id)?;
-    let group = api.queue_group_of(id, "session").await?;
-    api.node.read_barrier_in(group).await?;
-    let items = group.state().read(|s| {
+    let items = read_session(&api, &caller, id, |s, _| {
         s.sessions()
-            .get(id)
-            .filter(|r| caller.sees(&r.tenant))
-            .map(|_| {
-                s.sessions()
-                    .checkpoints(id)
-                    .iter()
-                    .map(|c| checkpoint_view(c))
-                    .collect()
-            })
-    });
-    items
-        .map(|items| Json(CheckpointList { items }))
-        .ok_or_else(|| ApiError::not_found(format!("session {id} not found")))
+            .checkpoints(id)
+            .iter()
+            .map(|c| checkpoint_view(c))
+            .collect()
+    })
+    .await?;
+    Ok(Json(CheckpointList { items }))
 }
 
 fn parse_id(s: &str) -> ApiResult<SessionId> {
