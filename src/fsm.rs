@@ -97,7 +97,7 @@ pub use registry::{
 pub use retry::{Backoff, backoff_delay_ms};
 pub use session::{
     AfterTask, Checkpoint, OpenSession, SessionId, SessionRecord, SessionState, Sessions, Turn,
-    carried_context, gateway_session_key,
+    carried_context, gateway_session_key, payload_message,
 };
 pub use state::{State, Synced, group_of, route};
 pub use task::{

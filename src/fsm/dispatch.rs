@@ -503,17 +503,7 @@ impl State {
                     return false;
                 }
             }
-            match &t.session_key {
-                None => may_open,
-                Some(k) => match sessions.by_key(&t.tenant, k) {
-                    None => may_open,
-                    // A moving session opens anew on this gateway.
-                    Some(s) => {
-                        sessions.admits(&t.tenant, k, agent, &slot.gateway)
-                            && (!s.moving || may_open)
-                    }
-                },
-            }
+            sessions.may_take(t, agent, &slot.gateway, may_open)
         };
         let picked = self
             .ready

@@ -229,11 +229,7 @@ impl State {
             input_tokens,
             output_tokens,
         );
-        if self.in_session(id) {
-            let prompt = super::session::prompt_of(&self.tasks[&id].payload);
-            let reply = super::session::reply_of(result);
-            self.session_turn(id, Some((&prompt, &reply)), input_tokens, output_tokens);
-        }
+        self.session_turn(id, Some(result), input_tokens, output_tokens);
         let usage =
             (input_tokens > 0 || output_tokens > 0 || model.is_some()).then_some(TaskUsage {
                 input_tokens,

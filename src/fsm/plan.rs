@@ -44,16 +44,7 @@ impl State {
         let allowed = |id| {
             let t = &tasks[&id];
             t.may_run_in(Some(&profile.region))
-                && match &t.session_key {
-                    None => room,
-                    Some(k) => match sessions.by_key(&t.tenant, k) {
-                        None => room,
-                        Some(s) => {
-                            sessions.admits(&t.tenant, k, agent, &profile.gateway)
-                                && (!s.moving || room)
-                        }
-                    },
-                }
+                && sessions.may_take(t, agent, &profile.gateway, room)
         };
         self.ready.best_priority(&caps, &allowed)
     }

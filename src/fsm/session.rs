@@ -404,9 +404,13 @@ impl Sessions {
         agent: &AgentId,
         gateway: &GatewayId,
     ) -> bool {
-        let Some(s) = self.by_key(tenant, key) else {
-            return true;
-        };
+        self.by_key(tenant, key)
+            .is_none_or(|s| Self::admits_in(s, agent, gateway))
+    }
+
+    /// Whether live session `s` takes its next task on `agent` (on
+    /// `gateway`) now (see [`Sessions::admits`]).
+    fn admits_in(s: &SessionRecord, agent: &AgentId, gateway: &GatewayId) -> bool {
         if s.task.is_some() || !s.state.takes_a_task() {
             return false;
         }
@@ -414,6 +418,27 @@ impl Sessions {
             s.target.as_ref().is_none_or(|t| t == gateway)
         } else {
             s.gateway == *gateway && s.agent.as_ref().is_none_or(|a| a == agent)
+        }
+    }
+
+    /// Whether `task` may go to `agent` (on `gateway`) now, `may_open`
+    /// saying whether the gateway has room for a session it would open: a
+    /// task without a key, or whose key no live session holds, opens one;
+    /// a live session must admit the agent, and a moving one opens anew
+    /// there, so it needs the room too.
+    pub(crate) fn may_take(
+        &self,
+        task: &super::task::Task,
+        agent: &AgentId,
+        gateway: &GatewayId,
+        may_open: bool,
+    ) -> bool {
+        let Some(key) = &task.session_key else {
+            return may_open;
+        };
+        match self.by_key(&task.tenant, key) {
+            None => may_open,
+            Some(s) => Self::admits_in(s, agent, gateway) && (!s.moving || may_open),
         }
     }
 }
@@ -858,20 +883,22 @@ impl State {
         cp
     }
 
-    /// Counts what task `task`'s attempt used in its session, and with
-    /// `turn` (its prompt and reply: it completed) adds a turn, taking a
-    /// checkpoint every `checkpoint_every` turns. The first turn completed
-    /// on a new gateway means that gateway holds the conversation now.
+    /// Counts what task `task`'s attempt used in its session, if it runs
+    /// in one, and with `result` (it completed) adds a turn (its prompt
+    /// and reply), taking a checkpoint every `checkpoint_every` turns. The
+    /// first turn completed on a new gateway means that gateway holds the
+    /// conversation now.
     pub(crate) fn session_turn(
         &mut self,
         task: TaskId,
-        turn: Option<(&str, &str)>,
+        result: Option<&str>,
         input_tokens: u64,
         output_tokens: u64,
     ) {
         let Some(s) = self.session_of(task) else {
             return;
         };
+        let turn = result.map(|r| (prompt_of(&self.tasks[&task].payload), reply_of(r)));
         let now = self.clock_ms;
         let mut checkpoint = false;
         self.edit_session(s.id, |r| {
@@ -885,8 +912,8 @@ impl State {
             r.tail.push(Arc::new(Turn {
                 task,
                 at_ms: now,
-                prompt: super::state::truncate(prompt, Sessions::MAX_TURN_BYTES),
-                reply: super::state::truncate(reply, Sessions::MAX_TURN_BYTES),
+                prompt,
+                reply,
             }));
             if r.tail.len() > Sessions::MAX_TAIL {
                 r.tail.remove(0);
@@ -1122,11 +1149,6 @@ impl State {
         }
     }
 
-    /// Whether task `task` runs in a live session now.
-    pub(crate) fn in_session(&self, task: TaskId) -> bool {
-        self.session_of(task).is_some()
-    }
-
     /// The live session whose current task is `task`.
     fn session_of(&self, task: TaskId) -> Option<Arc<SessionRecord>> {
         let t = self.tasks.get(&task)?;
@@ -1154,23 +1176,34 @@ pub fn carried_context(cp: &Checkpoint) -> Option<String> {
     Some(out)
 }
 
-/// What a task asked, as a turn keeps it: a JSON string payload, or an
-/// object's `message` (as drivers send it), or the payload itself.
-pub(crate) fn prompt_of(payload: &str) -> String {
+/// The message a task's payload carries for a model: the payload itself
+/// when it is a JSON string, an object's `message` string; `None` for any
+/// other payload (a driver then sends the payload's JSON text). The one
+/// rule for the OpenClaw driver's turn and a session's turn record.
+pub fn payload_message(payload: &str) -> Option<String> {
     #[derive(Deserialize)]
     struct WithMessage {
         message: Option<serde_json::Value>,
     }
-    let cut = |s: &str| super::state::truncate(s, Sessions::MAX_TURN_BYTES);
     if let Ok(s) = serde_json::from_str::<String>(payload) {
-        return cut(&s);
+        return Some(s);
     }
     match serde_json::from_str::<WithMessage>(payload) {
         Ok(WithMessage {
             message: Some(serde_json::Value::String(m)),
-        }) => cut(&m),
-        _ => cut(payload),
+        }) => Some(m),
+        _ => None,
     }
+}
+
+/// What a task asked, as a turn keeps it: its [`payload_message`], or the
+/// payload itself.
+pub(crate) fn prompt_of(payload: &str) -> String {
+    let message = payload_message(payload);
+    super::state::truncate(
+        message.as_deref().unwrap_or(payload),
+        Sessions::MAX_TURN_BYTES,
+    )
 }
 
 /// What a task answered, as a turn keeps it: its result's `text` (as the

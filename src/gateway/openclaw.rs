@@ -580,18 +580,13 @@ impl Tally {
 
 /// The turn's message from the task's payload.
 fn message_of(payload: &str) -> Result<String> {
-    let v: Value = serde_json::from_str(payload).map_err(|e| DriverError::TaskFailed {
-        reason: format!("payload is not JSON: {e}"),
-        retryable: false,
+    serde_json::from_str::<serde::de::IgnoredAny>(payload).map_err(|e| {
+        DriverError::TaskFailed {
+            reason: format!("payload is not JSON: {e}"),
+            retryable: false,
+        }
     })?;
-    let text = match &v {
-        Value::String(s) => s.clone(),
-        Value::Object(o) => match o.get("message") {
-            Some(Value::String(s)) => s.clone(),
-            _ => payload.to_owned(),
-        },
-        _ => payload.to_owned(),
-    };
+    let text = crate::fsm::payload_message(payload).unwrap_or_else(|| payload.to_owned());
     if text.trim().is_empty() {
         return Err(DriverError::TaskFailed {
             reason: "the payload's message is empty".into(),
