@@ -188,7 +188,8 @@ async fn api1_another_tenants_objects_do_not_exist() {
     .await;
 }
 
-/// A session opened for globex's task is invisible to acme's developer.
+/// A session opened for globex's task is invisible to acme's developer,
+/// who can neither read it nor pause, resume or checkpoint it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api1_sessions_of_another_tenant_are_not_found() {
     let gw = r#"{"id":"hold","region":"local","max_sessions":4,"driver":{"kind":"sim","latency":{"dist":"fixed","value":"30s"}}}"#;
@@ -215,6 +216,21 @@ async fn api1_sessions_of_another_tenant_are_not_found() {
         let listed = acme.get_ok(0, "/api/v1/sessions").await;
         assert_eq!(listed["items"], json!([]));
         acme.get(0, "/api/v1/sessions?tenant=globex").await.unwrap().assert_error(403, "forbidden");
+        // Nor can acme's developer (who may pause, resume and checkpoint its
+        // own) act on it or read its checkpoints; nothing changes.
+        for verb in ["pause", "resume", "checkpoint"] {
+            let r = acme.post(0, &format!("/api/v1/sessions/{session}/{verb}"), &json!({})).await.unwrap();
+            r.assert_error(404, "not_found");
+        }
+        let r = acme.get(0, &format!("/api/v1/sessions/{session}/checkpoints")).await.unwrap();
+        r.assert_error(404, "not_found");
+        let after = globex.get_ok(0, &format!("/api/v1/sessions/{session}")).await;
+        assert_eq!(
+            (&after["state"], &after["checkpoint_seq"], &after["then"]),
+            (&s["state"], &s["checkpoint_seq"], &Value::Null),
+            "{after}"
+        );
+        assert_eq!(globex.get_ok(0, &format!("/api/v1/sessions/{session}/checkpoints")).await["items"], json!([]));
     })
     .await;
 }
