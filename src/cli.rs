@@ -92,8 +92,8 @@ pub enum Command {
     /// Tenants, their weights and quotas (admin).
     #[command(subcommand)]
     Tenant(TenantCmd),
-    /// Kill switches: stop dispatch of a tenant's or a capability's work
-    /// at once (operator or admin).
+    /// Kill switches: stop dispatch of a tenant's or a capability's work,
+    /// or work on a gateway kind or model, at once (operator or admin).
     #[command(subcommand)]
     Switch(SwitchCmd),
     /// Tokens, compute time and cost over a range of days, grouped by
@@ -133,8 +133,18 @@ pub enum SwitchCmd {
         /// Only tasks that need this capability.
         #[arg(long)]
         capability: Option<String>,
+        /// Only on agents of gateways of this driver kind (`sim`,
+        /// `command`, `http`, `openclaw`): other agents may take the work.
+        #[arg(long)]
+        gateway_kind: Option<String>,
+        /// Only on agents of gateways that declare this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only this share of the matching tasks, 1 to 100.
+        #[arg(long)]
+        percent: Option<u8>,
         /// Stop all work (alone).
-        #[arg(long, conflicts_with_all = ["tenant", "capability"])]
+        #[arg(long, conflicts_with_all = ["tenant", "capability", "gateway_kind", "model", "percent"])]
         all: bool,
         /// Cancel matching leased work too (default: it finishes).
         #[arg(long)]
@@ -322,6 +332,9 @@ pub enum GatewayCmd {
         /// Most concurrent sessions.
         #[arg(long, default_value_t = 10)]
         max_sessions: u32,
+        /// The model its agents run (kill switches by model match it).
+        #[arg(long)]
+        model: Option<String>,
         /// The driver: a JSON object with `kind` (sim, command, http, openclaw) and its settings.
         #[arg(long, default_value = r#"{"kind":"sim"}"#)]
         driver: String,

@@ -24,10 +24,12 @@ use serde::de::DeserializeOwned;
 /// a lease ran on, and tenant budgets.
 /// 7: durable sessions (turns, tokens, checkpoints, pause and migration).
 /// 8: when a gateway turned unhealthy.
+/// 9: kill switches by gateway kind, model and share of tasks; a
+/// gateway's model.
 /// Godel has no release that wrote earlier data to keep: an older data
 /// directory or backup is refused with [`CodecError::Version`] rather than
 /// misread (start it afresh).
-pub const VERSION: u8 = 8;
+pub const VERSION: u8 = 9;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
 pub const MAX_DECODE_BYTES: usize = 512 * 1024 * 1024;
@@ -125,8 +127,8 @@ mod tests {
         assert_eq!(decode::<(u64, String, Vec<u8>)>(&bytes).unwrap(), v);
         assert!(matches!(decode::<u64>(&[]), Err(CodecError::Empty)));
         assert!(matches!(
-            decode::<u64>(&[9, 1]),
-            Err(CodecError::Version(9))
+            decode::<u64>(&[VERSION + 1, 1]),
+            Err(CodecError::Version(v)) if v == VERSION + 1
         ));
         let mut long = bytes.clone();
         long.push(0);

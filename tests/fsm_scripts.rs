@@ -33,8 +33,8 @@
 //!   [parent=ID] [session=S] [region=R [required=true]] [deps=ID,ID
 //!   [on_dep_fail=cancel|block]] [approval=true [approval_expires=MS]]`
 //! - `approve id=N [by=B] [reason=R]`, `reject id=N [by=B] [reason=R]`
-//! - `switch name=N [tenant=T] [cap=C] [cancel_leased=true]` (a kill
-//!   switch), `unswitch name=N`
+//! - `switch name=N [tenant=T] [cap=C] [kind=K] [model=M] [percent=P]
+//!   [cancel_leased=true]` (a kill switch), `unswitch name=N`
 //! - `lease [agent=w1] [caps=x,y] [max=1] [lease=30000]`
 //! - `renew token=T [lease=30000]`, `complete token=T [result=JSON | result_bytes=N]`,
 //!   `fail token=T [error=boom] [retryable=true] [used=IN,OUT[:MODEL]]`
@@ -51,7 +51,8 @@
 //!   records it), read with `routes`; `submit ... epoch=E [lookback=true]`
 //!   is a routed submission (`SubmitRouted`)
 //! - `sync_weight tenant=T [w=N] rev=R`, `sync_switch name=N rev=R
-//!   [tenant=T] [cap=C] [cancel_leased=true] [lift=true]` (a queue shard
+//!   [tenant=T] [cap=C] [kind=K] [model=M] [percent=P] [gateways=G,H]
+//!   [cancel_leased=true] [lift=true]` (a queue shard
 //!   takes the meta group's copy of one item at revision R); `revs` reads
 //!   the revisions a state holds
 //! - `usage` reads the ledger (tokens, compute time, first-lease waits);
@@ -62,7 +63,7 @@
 //! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
 //! - registry: `node id=N [region=eu] [api=127.0.0.1:1]` (a heartbeat at the
 //!   script clock), `drain id=N [on=true]`,
-//!   `gateway id=G [caps=x,y] [max=100] [region=eu] [kind=sim]`,
+//!   `gateway id=G [caps=x,y] [max=100] [region=eu] [kind=sim] [model=M]`,
 //!   `place gateway=G [node=N]` (no node: unplace),
 //!   `report gateway=G health=healthy|degraded|unhealthy|unknown
 //!   circuit=closed|open|half_open`,
@@ -82,7 +83,8 @@
 //!   `dispatch` settings): node N's pull for the agents it names, each with
 //!   its free capacity (default 100) and lowest priority (default low);
 //!   each carries the profile `profile agent=A gateway=G [caps=x,y]
-//!   [region=eu] [capacity=1] [room=100] [token=1]` kept for it, as a pull
+//!   [region=eu] [capacity=1] [room=100] [token=1] [kind=sim] [model=M]`
+//!   kept for it, as a pull
 //!   from a queue shard does
 //! - `renew_many tokens=1,2 [lease=30000]`, `release tokens=1,2`,
 //!   `kill_session id=N [reason=R]`, `pause_session id=N`,
@@ -94,7 +96,8 @@
 //! - reads: `dump`, `task id=N`, `depth`, `clock`, `shard_count`, `sessions` (one line per
 //!   session, oldest first: state, key, agent, gateway, task, deadline, idle
 //!   close, reason), `load agent=A` (live leases against capacity),
-//!   `why id=N [dead_after=3000]` (why a ready task waits, as its API view says)
+//!   `why id=N [dead_after=3000]` (why a ready task waits, as its API view says),
+//!   `switches` (the kill switches, one line each)
 //! - `snapshot` remembers the encoded state; `unchanged` says whether the
 //!   state is byte-for-byte what `snapshot` saw.
 
@@ -173,6 +176,8 @@ scripts! {
     approval_gates_a_task,
     budget_alerts_once_per_period,
     kill_switch_holds_matching_work,
+    kill_switch_on_gateway_kind_and_model,
+    shard_kill_switch_on_gateway_kind_and_model,
     meta_revisions_for_shard_copies,
     dispatch_by_role,
     scheduled_becomes_ready,
@@ -430,6 +435,8 @@ impl Runner {
                     capacity: args.parsed("capacity")?.unwrap_or(1),
                     session_room: args.parsed("room")?.unwrap_or(100),
                     placement_token: args.parsed("token")?.unwrap_or(1),
+                    kind: args.take("kind").unwrap_or_else(|| "sim".into()),
+                    model: args.take("model"),
                 };
                 self.profiles.insert(agent, profile);
                 vec!["profile kept".into()]
@@ -499,6 +506,10 @@ impl Runner {
                 let id = TaskId(args.require("id")?);
                 let dead_after = args.parsed("dead_after")?.unwrap_or(3000);
                 vec![match self.state.task(id) {
+                    Some(t) if t.status == TaskStatus::Pending && self.state.switch_holding(t).is_some() => {
+                        let name = self.state.switch_holding(t).unwrap_or_default();
+                        format!("#{id} held by kill switch {name}")
+                    }
                     Some(t) => match self.state.region_wait_reason(t, dead_after) {
                         Some(why) => format!("#{id} waits: {why}"),
                         None => format!("#{id} waits for nothing but its turn"),
@@ -507,6 +518,25 @@ impl Runner {
                 }]
             }
             "depth" => depth_lines(&self.state),
+            "switches" => self
+                .state
+                .switches()
+                .iter()
+                .map(|(name, sw)| {
+                    let gateways: Vec<&str> = sw.gateways.iter().map(|g| g.0.as_str()).collect();
+                    format!(
+                        "switch {name}: tenant={:?} cap={:?} kind={:?} model={:?} percent={:?} cancel_leased={} gateways=[{}] reason={:?}",
+                        sw.tenant.as_ref().map(|t| t.0.as_str()),
+                        sw.capability,
+                        sw.gateway_kind,
+                        sw.model,
+                        sw.percent,
+                        sw.cancel_leased,
+                        gateways.join(","),
+                        sw.reason
+                    )
+                })
+                .collect(),
             "clock" => vec![self.clock_line()],
             "shard_count" => vec![format!(
                 "shard count {} placement {}",
@@ -932,6 +962,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             region: args.take("region").unwrap_or_else(|| "eu".into()),
             capabilities: list(args.take("caps")),
             max_sessions: args.parsed("max")?.unwrap_or(100),
+            model: args.take("model"),
         }),
         "online" => Command::AgentOnline {
             agent: AgentId(args.require("agent")?),
@@ -1096,6 +1127,13 @@ fn kill_switch(args: &mut Args) -> Result<KillSwitch, String> {
         reason: args.take("reason"),
         by: "key:op".into(),
         at_ms: 0,
+        gateway_kind: args.take("kind"),
+        model: args.take("model"),
+        percent: args.parsed("percent")?,
+        gateways: list(args.take("gateways"))
+            .into_iter()
+            .map(GatewayId)
+            .collect(),
     })
 }
 

@@ -164,3 +164,97 @@ async fn a_switch_holds_its_work_on_every_shard_until_lifted() {
     })
     .await;
 }
+
+/// Waits until task `id` is `completed` and returns the agent that ran it.
+async fn ran_on(api: &Api, id: u64) -> String {
+    wait_until(
+        "the task to complete",
+        deadline(Duration::from_secs(20)),
+        async || {
+            let t = status(api, 0, id).await;
+            if t["status"] == "completed" {
+                Ok(t["agent_id"].as_str().unwrap_or_default().to_owned())
+            } else {
+                bail!("{t}")
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_on_a_model_or_gateway_kind_keeps_work_off_those_agents() {
+    let c = Cluster::start_with(1, "[cluster]\nshards = 2\n").await;
+    bounded(TEST_BOUND, async {
+        let api = c.api();
+        c.leader().await;
+        for (gw, model, latency) in [("gw-big", "m-big", "5ms"), ("gw-small", "m-small", "5ms")] {
+            let body = json!({"id": gw, "region": "local", "max_sessions": 50, "model": model,
+                              "driver": {"kind": "sim", "latency": {"dist": "fixed", "value": latency}}});
+            let r = api.post(0, "/api/v1/gateways", &body).await.unwrap();
+            assert_eq!(r.status, 201, "{r:?}");
+            let agent = json!({"id": format!("a-{model}"), "gateway": gw, "capacity": 4});
+            let r = api.post(0, "/api/v1/agents", &agent).await.unwrap();
+            assert_eq!(r.status, 201, "{r:?}");
+        }
+        let r = api
+            .post(0, "/api/v1/gateways", &json!({"id": "gw-bad", "region": "local",
+                  "max_sessions": 1, "model": "bad model", "driver": {"kind": "sim"}}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "a bad model name is refused: {r:?}");
+
+        // Model m-big stopped: every task runs on the m-small agent, on
+        // both shards (one session key each spreads them).
+        let r = api
+            .put(0, "/api/v1/switches/no-big", &json!({"model": "m-big", "reason": "outage"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body["gateways"], json!(["gw-big"]), "{r:?}");
+        let mut ids = Vec::new();
+        for k in 0..8 {
+            ids.push(submit(&api, 0, json!({"payload": {}, "session_key": format!("k{k}")})).await);
+        }
+        let shards: std::collections::BTreeSet<u64> = ids.iter().map(|id| id & 0xff).collect();
+        assert!(shards.len() > 1, "the tasks span shards: {ids:?}");
+        for id in &ids {
+            assert_eq!(ran_on(&api, *id).await, "a-m-small", "task {id}");
+        }
+
+        // Swapped: a switch on the sim kind with a capability stops only
+        // that work; the m-small switch stops the rest there.
+        let r = api.delete(0, "/api/v1/switches/no-big").await.unwrap();
+        assert_eq!(r.status, 204, "{r:?}");
+        let r = api
+            .put(0, "/api/v1/switches/no-small", &json!({"model": "m-small"}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        for k in 0..4 {
+            let id = submit(&api, 0, json!({"payload": {}, "session_key": format!("j{k}")})).await;
+            assert_eq!(ran_on(&api, id).await, "a-m-big", "task {id}");
+        }
+
+        // A kind no gateway has stops nothing; a bad kind or share is a 400
+        // and sets nothing.
+        for body in [
+            json!({"gateway_kind": "ftp"}),
+            json!({"percent": 0}),
+            json!({"percent": 101, "tenant": "acme"}),
+            json!({"model": "has space"}),
+        ] {
+            let r = api.put(0, "/api/v1/switches/bad", &body).await.unwrap();
+            assert_eq!(r.status, 400, "{body}: {r:?}");
+        }
+        let l = api.get_ok(0, "/api/v1/switches").await;
+        let names: Vec<&str> = l["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["no-small"], "{l}");
+    })
+    .await;
+}

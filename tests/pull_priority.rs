@@ -183,6 +183,8 @@ fn run(shards: usize, agents: &[Agent], steps: &[Step]) -> Result<(), TestCaseEr
                                     capacity: a.capacity,
                                     session_room: 1000,
                                     placement_token: 1,
+                                    kind: "sim".into(),
+                                    model: None,
                                 }),
                             }
                         })

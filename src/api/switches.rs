@@ -1,8 +1,10 @@
 //! Kill switches: `GET /switches`, `PUT /switches/{name}`, `DELETE
 //! /switches/{name}`. A switch stops dispatch of the work it matches (a
-//! tenant, a capability, or both) at once: matching ready tasks are held,
-//! still `pending`, until it is lifted; with `cancel_leased`, matching
-//! leased work is cancelled, else it finishes. The meta group keeps the
+//! tenant, a capability, a share of the tasks, or these together) at once:
+//! matching ready tasks are held, still `pending`, until it is lifted. A
+//! switch that names a gateway kind or a model stops that work on the
+//! agents of such gateways only (other agents may take it). With
+//! `cancel_leased`, matching leased work is cancelled, else it finishes. The meta group keeps the
 //! record (audited); every queue shard takes a copy by revision
 //! (`SyncShard`), since it holds the work.
 
@@ -28,6 +30,14 @@ pub struct SwitchView {
     tenant: Option<String>,
     /// Only tasks that need this capability (`null`: any).
     capability: Option<String>,
+    /// Only on agents of gateways of this driver kind (`null`: any).
+    gateway_kind: Option<String>,
+    /// Only on agents of gateways that declare this model (`null`: any).
+    model: Option<String>,
+    /// The share of the matching tasks it stops, 1 to 100 (`null`: all).
+    percent: Option<u8>,
+    /// With a gateway kind or model: the gateways it matched when set.
+    gateways: Vec<String>,
     /// Whether matching leased work was cancelled when it was set.
     cancel_leased: bool,
     /// Why.
@@ -45,6 +55,10 @@ impl SwitchView {
             name: name.to_owned(),
             tenant: s.tenant.as_ref().map(|t| t.0.clone()),
             capability: s.capability.clone(),
+            gateway_kind: s.gateway_kind.clone(),
+            model: s.model.clone(),
+            percent: s.percent,
+            gateways: s.gateways.iter().map(|g| g.0.clone()).collect(),
             cancel_leased: s.cancel_leased,
             reason: s.reason.clone(),
             set_by: s.by.clone(),
@@ -59,9 +73,9 @@ pub struct SwitchesView {
     items: Vec<SwitchView>,
 }
 
-/// `PUT /switches/{name}` body: what it stops (at least one of `tenant`
-/// and `capability`; a switch that stops everything names neither and
-/// says `all`).
+/// `PUT /switches/{name}` body: what it stops (at least one of `tenant`,
+/// `capability`, `gateway_kind`, `model` and `percent`; a switch that
+/// stops everything names none and says `all`).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchBody {
@@ -71,6 +85,16 @@ pub struct SwitchBody {
     /// Only tasks that need this capability.
     #[schema(schema_with = view::opt_name_schema)]
     capability: Option<String>,
+    /// Only on agents of gateways of this driver kind.
+    #[schema(value_type = Option<String>, pattern = "^(sim|command|http|openclaw)$")]
+    gateway_kind: Option<String>,
+    /// Only on agents of gateways that declare this model.
+    #[schema(schema_with = view::opt_name_schema)]
+    model: Option<String>,
+    /// Only this share of the matching tasks, 1 to 100 (a task is in it by
+    /// a hash of its id and the switch's name).
+    #[schema(minimum = 1, maximum = 100)]
+    percent: Option<u8>,
     /// Stop every task (required, and alone, to match all work).
     #[serde(default)]
     all: bool,
@@ -124,10 +148,14 @@ pub async fn set(
     Path(SwitchName { name }): Path<SwitchName>,
     Body(b): Body<SwitchBody>,
 ) -> ApiResult<Json<SwitchView>> {
-    let narrowed = b.tenant.is_some() || b.capability.is_some();
+    let narrowed = b.tenant.is_some()
+        || b.capability.is_some()
+        || b.gateway_kind.is_some()
+        || b.model.is_some()
+        || b.percent.is_some();
     if narrowed == b.all {
         return Err(ApiError::invalid(
-            "a switch names a `tenant`, a `capability` or both; to stop all work say `all: true` alone",
+            "a switch names some of `tenant`, `capability`, `gateway_kind`, `model` and `percent`; to stop all work say `all: true` alone",
         ));
     }
     let switch = KillSwitch {
@@ -137,6 +165,10 @@ pub async fn set(
         reason: b.reason,
         by: caller.actor().to_string(),
         at_ms: 0,
+        gateway_kind: b.gateway_kind,
+        model: b.model,
+        percent: b.percent,
+        gateways: Vec::new(),
     };
     spread(&api, &caller, &name, Some(switch)).await?;
     let view = api

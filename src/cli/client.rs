@@ -304,6 +304,9 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
             name,
             tenant,
             capability,
+            gateway_kind,
+            model,
+            percent,
             all,
             cancel_leased,
             reason,
@@ -311,8 +314,9 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
             "PUT",
             format!("/api/v1/switches/{name}"),
             Some(strip_nulls(json!({
-                "tenant": tenant, "capability": capability, "all": all,
-                "cancel_leased": cancel_leased, "reason": reason,
+                "tenant": tenant, "capability": capability,
+                "gateway_kind": gateway_kind, "model": model, "percent": percent,
+                "all": all, "cancel_leased": cancel_leased, "reason": reason,
             }))),
         ),
         Command::Switch(SwitchCmd::Lift { name }) => {
@@ -387,13 +391,14 @@ fn gateway_request(g: GatewayCmd) -> anyhow::Result<Req> {
             region,
             caps,
             max_sessions,
+            model,
             driver,
         } => {
             let driver: Value = serde_json::from_str(&driver).context("--driver is not JSON")?;
-            let body = json!({
+            let body = strip_nulls(json!({
                 "id": id, "region": region, "capabilities": caps,
-                "max_sessions": max_sessions, "driver": driver,
-            });
+                "max_sessions": max_sessions, "model": model, "driver": driver,
+            }));
             ("POST", "/api/v1/gateways".into(), Some(body))
         }
         GatewayCmd::Ls => ("GET", "/api/v1/gateways".into(), None),

@@ -561,8 +561,13 @@ pub struct SyncSwitch {
     pub rev: u64,
 }
 
-/// A kill switch: stops dispatch of the work it matches at once. Matching
-/// ready tasks are held (still `pending`, never leased) until it is lifted.
+/// A kill switch: stops dispatch of the work it matches at once.
+///
+/// A switch on tasks alone (a tenant, a capability, a share of them) holds
+/// the matching ready tasks (still `pending`, never leased) until it is
+/// lifted. A switch that also names a gateway kind or a model stops that
+/// work from going to the agents of such gateways only: their turn passes
+/// it by, and any other agent may take it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KillSwitch {
     /// Only this tenant's tasks (none: every tenant's).
@@ -577,17 +582,73 @@ pub struct KillSwitch {
     pub by: String,
     /// When (ms since the epoch; set by the state machine).
     pub at_ms: u64,
+    /// Only on agents of gateways of this driver kind (none: any).
+    pub gateway_kind: Option<String>,
+    /// Only on agents of gateways that run this model (their `model`;
+    /// none: any).
+    pub model: Option<String>,
+    /// Only this share of the matching tasks, 1 to 100 (none: all): a task
+    /// is in it by a hash of its id and the switch's name, the same on
+    /// every replica and for the task's whole life.
+    pub percent: Option<u8>,
+    /// With a gateway kind or model: the gateways it matched when set (the
+    /// meta group fills it from its registry), whose leased work
+    /// `cancel_leased` cancels; a queue shard, which has no registry, takes
+    /// it from its copy.
+    pub gateways: Vec<GatewayId>,
 }
 
 impl KillSwitch {
-    /// Whether it stops `task`.
-    pub fn matches(&self, task: &Task) -> bool {
+    /// Whether it names a gateway kind or a model: it stops work on some
+    /// agents rather than holding the work.
+    pub fn on_agents(&self) -> bool {
+        self.gateway_kind.is_some() || self.model.is_some()
+    }
+
+    /// Whether `task` is work it names (tenant, capability and share),
+    /// whatever agent would take it; `name` is the switch's name.
+    pub fn covers(&self, name: &str, task: &Task) -> bool {
         self.tenant.as_ref().is_none_or(|t| *t == task.tenant)
             && self
                 .capability
                 .as_ref()
                 .is_none_or(|c| task.capabilities.contains(c))
+            && self
+                .percent
+                .is_none_or(|p| rollout_bucket(name, task.id.0) < p)
     }
+
+    /// Whether it holds `task` wherever it would run (a switch on tasks
+    /// alone that covers it).
+    pub fn holds(&self, name: &str, task: &Task) -> bool {
+        !self.on_agents() && self.covers(name, task)
+    }
+
+    /// Whether it applies to agents of a gateway of `kind` running `model`.
+    pub fn on_gateway(&self, kind: &str, model: Option<&str>) -> bool {
+        self.on_agents()
+            && self.gateway_kind.as_deref().is_none_or(|k| k == kind)
+            && self.model.as_deref().is_none_or(|m| Some(m) == model)
+    }
+
+    /// Whether it stops every task on the agents it applies to.
+    pub fn covers_all(&self) -> bool {
+        self.tenant.is_none() && self.capability.is_none() && self.percent.is_none()
+    }
+}
+
+/// Where `id` falls in 0..100 for a rollout named `salt`: FNV-1a of the
+/// name, mixed with the id ([`mix`]), so every replica puts a task in the
+/// same place and rollouts of different names pick independent shares.
+///
+/// [`mix`]: super::retry::mix
+pub fn rollout_bucket(salt: &str, id: u64) -> u8 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in salt.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (super::retry::mix(h ^ super::retry::mix(id)) % 100) as u8
 }
 
 /// A queue shard's own placement ([`Command::PlaceShard`]).
@@ -796,6 +857,10 @@ pub struct AgentProfile {
     /// leases nothing; a newer one first gives back the agent's leases
     /// granted under the older placement.
     pub placement_token: u64,
+    /// Its gateway's driver kind (kill switches by kind).
+    pub kind: String,
+    /// The model its gateway runs, if it says (kill switches by model).
+    pub model: Option<String>,
 }
 
 /// A task submission, as validated by the API and checked again at apply.

@@ -36,6 +36,9 @@ struct Slot {
     load: u32,
     /// The lowest priority it may take in this round.
     min: Priority,
+    /// The kill switches that stop some work on it (by its gateway's kind
+    /// or model), by name.
+    holds: Vec<String>,
 }
 
 /// A place in the dispatch order: (sort key, tasks taken this round, slot).
@@ -55,6 +58,30 @@ fn check_round(spec: &DispatchSpec) -> Result<(), Rejection> {
 }
 
 impl State {
+    /// The kill switches that stop work on the agents of a gateway of
+    /// `kind` running `model`, by name; `None` when one stops all of it
+    /// (such an agent takes nothing).
+    pub(crate) fn agent_holds(&self, kind: &str, model: Option<&str>) -> Option<Vec<String>> {
+        let mut holds = Vec::new();
+        for (name, sw) in &self.switches {
+            if sw.on_gateway(kind, model) {
+                if sw.covers_all() {
+                    return None;
+                }
+                holds.push(name.clone());
+            }
+        }
+        Some(holds)
+    }
+
+    /// Whether one of `holds` (switch names from [`State::agent_holds`])
+    /// stops task `t` on the agent they apply to.
+    pub(crate) fn held_on_agent(&self, holds: &[String], t: &super::Task) -> bool {
+        holds
+            .iter()
+            .any(|n| self.switches.get(n).is_some_and(|sw| sw.covers(n, t)))
+    }
+
     /// The agents that may take work now, in agent-id order.
     fn eligible_slots(&self, node_dead_after_ms: u64) -> Vec<Slot> {
         self.eligible_slots_on(node_dead_after_ms, None)
@@ -78,6 +105,7 @@ impl State {
                 let usable = gw.circuit != Circuit::Open && gw.health != Health::Unhealthy;
                 let load = self.agent_load(&a.reg.id);
                 let free = a.reg.capacity.saturating_sub(load);
+                let holds = self.agent_holds(&gw.reg.kind, gw.reg.model.as_deref())?;
                 (alive && !node.draining && usable && free > 0).then(|| Slot {
                     agent: a.reg.id.clone(),
                     node: owner,
@@ -87,6 +115,7 @@ impl State {
                     free,
                     load,
                     min: Priority::Low,
+                    holds,
                 })
             })
             .collect()
@@ -184,9 +213,13 @@ impl State {
         if self.ready.is_empty() {
             return false;
         }
-        self.eligible_slots(node_dead_after_ms)
-            .iter()
-            .any(|s| self.ready.any_match(&s.caps))
+        self.eligible_slots(node_dead_after_ms).iter().any(|s| {
+            if s.holds.is_empty() {
+                return self.ready.any_match(&s.caps);
+            }
+            let free = |id| !self.held_on_agent(&s.holds, &self.tasks[&id]);
+            self.ready.best_priority(&s.caps, &free).is_some()
+        })
     }
 
     /// What node `node` pulls for now: its online agents that may take work,
@@ -210,6 +243,7 @@ impl State {
                         && t.session_key
                             .as_ref()
                             .is_none_or(|k| sessions.admits(&t.tenant, k, &s.agent, &s.gateway))
+                        && !self.held_on_agent(&s.holds, t)
                 };
                 self.ready.best_priority(&s.caps, &runnable).is_some()
             })
@@ -245,6 +279,8 @@ impl State {
                         capacity: a.reg.capacity,
                         session_room: g.reg.max_sessions,
                         placement_token: g.placement_token,
+                        kind: g.reg.kind.clone(),
+                        model: g.reg.model.clone(),
                     }),
                     agent: s.agent,
                 })
@@ -360,6 +396,9 @@ impl State {
                     .unwrap_or_default();
                 self.release(&held, events)?;
             }
+            let Some(holds) = self.agent_holds(&profile.kind, profile.model.as_deref()) else {
+                continue;
+            };
             let load = self.agent_load(&p.agent);
             let room = rooms
                 .entry(profile.gateway.clone())
@@ -374,6 +413,7 @@ impl State {
                 free: p.free.min(profile.capacity.saturating_sub(load)),
                 load,
                 min: p.min_priority,
+                holds,
             });
         }
         let takers = (0..slots.len()).filter(|&i| slots[i].free > 0).collect();
@@ -483,6 +523,7 @@ impl State {
         let weight = |t: &Tenant| weights.get(t).copied().unwrap_or(1);
         let tasks = &self.tasks;
         let sessions = &self.sessions;
+        let switches = &self.switches;
         // An agent of the task's region that could take it now.
         let room_in = |region: &str, caps: &[String]| {
             slots
@@ -504,6 +545,10 @@ impl State {
                 }
             }
             sessions.may_take(t, agent, &slot.gateway, may_open)
+                && !slot
+                    .holds
+                    .iter()
+                    .any(|n| switches.get(n).is_some_and(|sw| sw.covers(n, t)))
         };
         let picked = self
             .ready
@@ -596,6 +641,7 @@ mod tests {
             region: "eu".into(),
             capabilities: vec![],
             max_sessions: 10,
+            model: None,
         };
         s.apply_one(0, Command::RegisterGateway(gw)).unwrap();
         let place = Command::PlaceGateway {

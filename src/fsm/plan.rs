@@ -35,16 +35,19 @@ impl State {
     /// another region does not count; one that prefers it does), and a
     /// session that admits the agent: its own idle session, or a new one
     /// while its gateway has room (`Pull` leases by the same rules, so an
-    /// agent is never sent to a shard whose top task it may not take).
+    /// agent is never sent to a shard whose top task it may not take), and
+    /// that no kill switch on its gateway's kind or model stops.
     pub fn best_ready(&self, agent: &AgentId, profile: &AgentProfile) -> Option<Priority> {
         let caps = normalize_caps(&profile.capabilities);
         let tasks = &self.tasks;
         let sessions = &self.sessions;
         let room = profile.session_room > 0;
+        let holds = self.agent_holds(&profile.kind, profile.model.as_deref())?;
         let allowed = |id| {
             let t = &tasks[&id];
             t.may_run_in(Some(&profile.region))
                 && sessions.may_take(t, agent, &profile.gateway, room)
+                && !self.held_on_agent(&holds, t)
         };
         self.ready.best_priority(&caps, &allowed)
     }
@@ -168,6 +171,8 @@ mod tests {
                 capacity: 1,
                 session_room: room,
                 placement_token: 1,
+                kind: "sim".into(),
+                model: None,
             }),
         }
     }
@@ -237,5 +242,44 @@ mod tests {
         assert_eq!(plans[0].slots[0].min_priority, Priority::Critical);
         assert_eq!(plans[1].slots[0].agent, AgentId("c".into()));
         assert_eq!(plans[1].slots[0].min_priority, Priority::Low);
+    }
+
+    #[test]
+    fn an_agent_a_kill_switch_stops_is_sent_where_it_may_still_take_work() {
+        let mut one = shard(1);
+        submit(&mut one, Priority::Critical, None);
+        let mut two = shard(2);
+        submit(&mut two, Priority::Low, None);
+        // Shard 1's copy of a switch that stops every task (a share of
+        // 100%, so through the per-task check) on openclaw gateways.
+        let switch = crate::fsm::KillSwitch {
+            gateway_kind: Some("openclaw".into()),
+            percent: Some(100),
+            gateways: vec![GatewayId("gw-a".into())],
+            ..Default::default()
+        };
+        let sync = Command::SyncShard {
+            weights: vec![],
+            switches: vec![crate::fsm::SyncSwitch {
+                name: "oc-off".into(),
+                switch: Some(switch),
+                rev: 1,
+            }],
+        };
+        one.apply_one(2, sync).unwrap();
+        let mut a = slot("a", 10);
+        a.profile.as_mut().unwrap().kind = "openclaw".into();
+        assert_eq!(one.best_ready(&a.agent, a.profile.as_ref().unwrap()), None);
+        // Its best is the low task in shard 2, not the critical one it may
+        // not take in shard 1 (a pull there would lease nothing).
+        let plans = plan_pull(&[&one, &two], std::slice::from_ref(&a));
+        assert_eq!(plans.len(), 1, "{plans:?}");
+        assert_eq!(plans[0].shard, 1);
+        assert_eq!(plans[0].slots[0].min_priority, Priority::Low);
+        // A sim agent still takes the critical task first.
+        let b = slot("b", 10);
+        let plans = plan_pull(&[&one, &two], std::slice::from_ref(&b));
+        assert_eq!(plans[0].shard, 0);
+        assert_eq!(plans[0].slots[0].min_priority, Priority::Critical);
     }
 }

@@ -88,6 +88,9 @@ pub enum Circuit {
     HalfOpen,
 }
 
+/// The gateway driver kinds.
+pub(crate) const GATEWAY_KINDS: [&str; 4] = ["sim", "command", "http", "openclaw"];
+
 /// A gateway registration, as the API validated it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayRegistration {
@@ -103,6 +106,9 @@ pub struct GatewayRegistration {
     pub capabilities: Vec<String>,
     /// Most concurrent sessions.
     pub max_sessions: u32,
+    /// The model its agents run, as the operator declares it (kill
+    /// switches by model match it; none: not declared).
+    pub model: Option<String>,
 }
 
 /// What the registry knows about a gateway.
@@ -272,13 +278,16 @@ impl State {
     /// and health).
     pub(crate) fn register_gateway(&mut self, reg: &GatewayRegistration) -> Outcome {
         check_name("id", &reg.id.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
-        if !["sim", "command", "http", "openclaw"].contains(&reg.kind.as_str()) {
+        if !GATEWAY_KINDS.contains(&reg.kind.as_str()) {
             return Err(Rejection::invalid(
                 "kind",
                 "must be sim, command, http or openclaw",
             ));
         }
         check_name("region", &reg.region, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        if let Some(m) = &reg.model {
+            check_name("model", m, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        }
         check_caps(&reg.capabilities)?;
         if !(1..=MAX_SESSIONS_PER_GATEWAY).contains(&reg.max_sessions) {
             return Err(Rejection::invalid(
@@ -698,6 +707,7 @@ mod tests {
             region: "eu".into(),
             capabilities: vec!["rust".into(), "git".into(), "rust".into()],
             max_sessions: 10,
+            model: None,
         }
     }
 
@@ -886,6 +896,7 @@ mod down_tests {
             region: "r".into(),
             capabilities: vec![],
             max_sessions: 4,
+            model: None,
         };
         s.apply_one(0, Command::RegisterGateway(reg)).unwrap();
         let g = GatewayId("g".into());

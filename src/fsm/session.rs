@@ -1240,6 +1240,7 @@ mod tests {
             region: "eu".into(),
             capabilities: vec![],
             max_sessions: 4,
+            model: None,
         };
         apply(&mut s, 0, Command::RegisterGateway(reg)).unwrap();
         s
@@ -1670,6 +1671,7 @@ mod random_ops {
                 region: "eu".into(),
                 capabilities: vec![],
                 max_sessions: 3,
+                model: None,
             }));
             setup.push(Command::PlaceGateway {
                 id: gw(g),

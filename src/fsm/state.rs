@@ -15,7 +15,7 @@ use super::command::{
 };
 use super::event::{Event, EventKind, NodeChange, What};
 use super::queue::{ReadyQueues, normalize_caps};
-use super::registry::{NodeId, Registry};
+use super::registry::{GATEWAY_KINDS, NodeId, Registry};
 use super::retry::mix;
 use super::session::Sessions;
 use super::task::{
@@ -1155,7 +1155,7 @@ impl State {
     pub fn switch_holding(&self, t: &Task) -> Option<&str> {
         self.switches
             .iter()
-            .find(|(_, s)| s.matches(t))
+            .find(|(n, s)| s.holds(n, t))
             .map(|(n, _)| n.as_str())
     }
 
@@ -1190,12 +1190,26 @@ impl State {
         for id in &pending {
             self.unindex(*id);
         }
-        match switch {
+        let switch = switch.map(|sw| {
+            let mut sw = sw.clone();
+            sw.at_ms = self.clock_ms;
+            sw.reason = sw.reason.map(|r| truncate(&r, Limits::MAX_ERROR_BYTES));
+            if self.group == 0 {
+                // The gateways it stops work on now, from the registry
+                // (a queue shard keeps the list its copy came with).
+                sw.gateways = self
+                    .registry
+                    .gateways
+                    .values()
+                    .filter(|g| sw.on_gateway(&g.reg.kind, g.reg.model.as_deref()))
+                    .map(|g| g.reg.id.clone())
+                    .collect();
+            }
+            sw
+        });
+        match &switch {
             Some(sw) => {
-                let mut sw = sw.clone();
-                sw.at_ms = self.clock_ms;
-                sw.reason = sw.reason.map(|r| truncate(&r, Limits::MAX_ERROR_BYTES));
-                self.switches.insert(name.to_owned(), sw);
+                self.switches.insert(name.to_owned(), sw.clone());
             }
             None => {
                 self.switches.remove(name);
@@ -1205,10 +1219,17 @@ impl State {
             self.index(*id);
         }
         if let Some(sw) = switch.filter(|s| s.cancel_leased) {
+            let stops = |t: &Task| {
+                if !sw.on_agents() {
+                    return sw.covers(name, t);
+                }
+                let on = t.lease.as_ref().and_then(|l| l.gateway.as_ref());
+                on.is_some_and(|g| sw.gateways.contains(g)) && sw.covers(name, t)
+            };
             let leased: Vec<TaskId> = self
                 .tasks
                 .values()
-                .filter(|t| t.status.is_leased() && sw.matches(t))
+                .filter(|t| t.status.is_leased() && stops(t))
                 .map(|t| t.id)
                 .collect();
             let reason = format!("kill switch {name}");
@@ -1759,6 +1780,9 @@ pub struct Synced {
     switch_revs: BTreeMap<String, u64>,
 }
 
+/// Most gateways a kill switch by kind or model lists.
+const MAX_SWITCH_GATEWAYS: usize = 10_000;
+
 /// A kill switch's name and what it matches, checked.
 fn check_switch(name: &str, switch: Option<&KillSwitch>) -> Result<(), Rejection> {
     check_name("name", name, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
@@ -1768,6 +1792,27 @@ fn check_switch(name: &str, switch: Option<&KillSwitch>) -> Result<(), Rejection
         }
         if let Some(c) = &sw.capability {
             check_name("capability", c, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        }
+        if let Some(k) = &sw.gateway_kind
+            && !GATEWAY_KINDS.contains(&k.as_str())
+        {
+            return Err(Rejection::invalid(
+                "gateway_kind",
+                "must be sim, command, http or openclaw",
+            ));
+        }
+        if let Some(m) = &sw.model {
+            check_name("model", m, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+        }
+        if sw.percent.is_some_and(|p| !(1..=100).contains(&p)) {
+            return Err(Rejection::invalid("percent", "must be 1..=100"));
+        }
+        if sw.gateways.len() > MAX_SWITCH_GATEWAYS {
+            let problem = format!("at most {MAX_SWITCH_GATEWAYS}");
+            return Err(Rejection::invalid("gateways", problem));
+        }
+        for g in &sw.gateways {
+            check_name("gateways", &g.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
         }
     }
     Ok(())

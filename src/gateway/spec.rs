@@ -75,6 +75,11 @@ pub struct GatewaySpec {
     /// Circuit breaker thresholds.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// The model its agents run, as the operator declares it (a kill
+    /// switch by model stops work on this gateway's agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[A-Za-z0-9._:/-]{1,256}$")]
+    pub model: Option<String>,
     /// The kind and its settings.
     #[serde(deserialize_with = "string_tags")]
     pub driver: DriverSpec,
@@ -423,6 +428,7 @@ impl GatewaySpec {
             region: self.region.clone(),
             capabilities: self.capabilities.iter().cloned().collect(),
             max_sessions: self.max_sessions,
+            model: self.model.clone(),
         }
     }
 
@@ -432,6 +438,9 @@ impl GatewaySpec {
         let mut p = Vec::new();
         check_name(&mut p, "id", &self.id.0);
         check_name(&mut p, "region", &self.region);
+        if let Some(m) = &self.model {
+            check_name(&mut p, "model", m);
+        }
         if self.capabilities.len() > MAX_CAPABILITIES {
             p.push(format!("capabilities: at most {MAX_CAPABILITIES}"));
         }
