@@ -101,6 +101,7 @@ fn fleet(agents: usize, capacity: u32, backlog: u64) -> State {
             region: "local".into(),
             capabilities: vec![],
             max_sessions: 10_000,
+            model: None,
         }));
         setup.push(Command::PlaceGateway { id, owner: Some(1) });
     }
