@@ -26,6 +26,7 @@ mod cluster;
 mod dashboard;
 mod error;
 mod events;
+mod flags;
 mod json;
 mod keys;
 mod leases;
@@ -212,6 +213,9 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (M::GET, "/switches", get(switches::list)),
         (M::PUT, "/switches/{name}", put(switches::set)),
         (M::DELETE, "/switches/{name}", delete(switches::lift)),
+        (M::GET, "/flags", get(flags::list)),
+        (M::PUT, "/flags/{name}", put(flags::set)),
+        (M::DELETE, "/flags/{name}", delete(flags::remove)),
         (M::POST, "/leases", post(leases::acquire)),
         (M::POST, "/leases/{token}/renew", post(leases::renew)),
         (M::POST, "/leases/{token}/complete", post(leases::complete)),

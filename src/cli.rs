@@ -96,6 +96,11 @@ pub enum Command {
     /// or work on a gateway kind or model, at once (operator or admin).
     #[command(subcommand)]
     Switch(SwitchCmd),
+    /// Feature flags: turn a flag on for a tenant, a capability, a gateway
+    /// kind or model, or a share of the work; attempts hand the flags on
+    /// for their task to the gateway (operator or admin).
+    #[command(subcommand)]
+    Flag(FlagCmd),
     /// Tokens, compute time and cost over a range of days, grouped by
     /// tenant, day, model, gateway or agent (`--csv` for the export).
     Usage(UsageArgs),
@@ -116,6 +121,44 @@ pub enum Command {
     /// (`*` matches one segment, `>` the rest; default: everything the
     /// credential may see).
     Events(EventsArgs),
+}
+
+/// `godel flag ...`
+#[derive(Debug, Subcommand)]
+pub enum FlagCmd {
+    /// Every flag, on or off.
+    Ls,
+    /// Set (or replace) a flag.
+    Set {
+        /// Its name.
+        name: String,
+        /// Keep it, off.
+        #[arg(long)]
+        off: bool,
+        /// Only this tenant's tasks.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only tasks that need this capability.
+        #[arg(long)]
+        capability: Option<String>,
+        /// Only on agents of gateways of this driver kind.
+        #[arg(long)]
+        gateway_kind: Option<String>,
+        /// Only on agents of gateways that declare this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only this share of the work, 1 to 100 (by session, else task).
+        #[arg(long)]
+        percent: Option<u8>,
+        /// What it is for.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Remove a flag.
+    Rm {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// `godel switch ...`

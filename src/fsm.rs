@@ -60,6 +60,7 @@ mod auth;
 mod command;
 mod dispatch;
 mod event;
+mod flags;
 mod lease;
 mod plan;
 mod query;
@@ -87,6 +88,7 @@ pub use command::{
     unpack,
 };
 pub use event::{AgentChange, Event, EventKind, GatewayChange, NodeChange, What};
+pub use flags::{FeatureFlag, MAX_FLAGS};
 pub use plan::{PullPlan, best_of, plan_from, plan_pull};
 pub use query::{Depth, TaskFilter, TaskPage, merge_pages};
 pub use registry::{

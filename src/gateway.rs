@@ -207,6 +207,10 @@ pub struct RunRequest {
     /// OpenClaw driver puts them ahead of the turn's message, so they
     /// enter the new conversation's transcript).
     pub context: Option<Arc<str>>,
+    /// The feature flags on for this task here (`fsm::FeatureFlag`), by
+    /// name: an `http` gateway gets them as `flags`, a `command` program
+    /// as `GODEL_FLAGS` (comma-separated), a simulator echoes them.
+    pub flags: Vec<String>,
 }
 
 /// Whether this node may still make a gateway call: asked by the driver at

@@ -111,6 +111,7 @@ fn request(task: u64) -> RunRequest {
         fence: GatewayFence::default(),
         guard: Default::default(),
         context: None,
+        flags: Vec::new(),
     }
 }
 

@@ -35,6 +35,10 @@
 //! - `approve id=N [by=B] [reason=R]`, `reject id=N [by=B] [reason=R]`
 //! - `switch name=N [tenant=T] [cap=C] [kind=K] [model=M] [percent=P]
 //!   [cancel_leased=true]` (a kill switch), `unswitch name=N`
+//! - `flag name=N [on=false] [tenant=T] [cap=C] [kind=K] [model=M]
+//!   [percent=P] [desc=D]` (a feature flag), `unflag name=N`; read with
+//!   `flags` and `flags_on id=N [kind=K] [model=M]` (the flags on for a
+//!   task on an agent of such a gateway; neither: an external worker)
 //! - `lease [agent=w1] [caps=x,y] [max=1] [lease=30000]`
 //! - `renew token=T [lease=30000]`, `complete token=T [result=JSON | result_bytes=N]`,
 //!   `fail token=T [error=boom] [retryable=true] [used=IN,OUT[:MODEL]]`
@@ -110,11 +114,11 @@ use godel::fsm::{
     AfterTask, AgentId, AgentProfile, AgentRegistration, ApiKeyId, Audit, AuditCaller, AuditFilter,
     AuditRecord, AuditTarget, Backoff, Batch, Budget, BudgetAlert, BudgetLevel, BudgetPeriod,
     BudgetUnit, Checkpoint, Circuit, Command, DeadLetterFilter, DependencyFailure, DispatchPolicy,
-    DispatchSpec, Event, EventKind, FencingToken, GatewayChange, GatewayId, GatewayRegistration,
-    Health, KillSwitch, LeaseGrant, Member, NewApiKey, Outcome, Priority, PullSlot, PullSpec,
-    Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord, SessionState,
-    State, SubmitTask, SyncSwitch, SyncWeight, Synced, Task, TaskFilter, TaskId, TaskRegion,
-    TaskStatus, Tenant, TenantPatch, TenantRecord, What, Write, verify_audit_chain,
+    DispatchSpec, Event, EventKind, FeatureFlag, FencingToken, GatewayChange, GatewayId,
+    GatewayRegistration, Health, KillSwitch, LeaseGrant, Member, NewApiKey, Outcome, Priority,
+    PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord,
+    SessionState, State, SubmitTask, SyncSwitch, SyncWeight, Synced, Task, TaskFilter, TaskId,
+    TaskRegion, TaskStatus, Tenant, TenantPatch, TenantRecord, What, Write, verify_audit_chain,
 };
 use godel::trace::TraceContext;
 
@@ -177,6 +181,7 @@ scripts! {
     budget_alerts_once_per_period,
     kill_switch_holds_matching_work,
     kill_switch_on_gateway_kind_and_model,
+    feature_flags,
     shard_kill_switch_on_gateway_kind_and_model,
     meta_revisions_for_shard_copies,
     dispatch_by_role,
@@ -518,6 +523,34 @@ impl Runner {
                 }]
             }
             "depth" => depth_lines(&self.state),
+            "flags" => self
+                .state
+                .flags()
+                .iter()
+                .map(|(name, f)| {
+                    format!(
+                        "flag {name}: enabled={} tenant={:?} cap={:?} kind={:?} model={:?} percent={:?} by={} at={}",
+                        f.enabled,
+                        f.tenant.as_ref().map(|t| t.0.as_str()),
+                        f.capability,
+                        f.gateway_kind,
+                        f.model,
+                        f.percent,
+                        f.by,
+                        f.at_ms
+                    )
+                })
+                .collect(),
+            "flags_on" => {
+                let id = TaskId(args.require("id")?);
+                let kind = args.take("kind");
+                let model = args.take("model");
+                let Some(t) = self.state.task(id) else {
+                    return Ok(vec![format!("#{id} not found")]);
+                };
+                let on = self.state.flags_on(t, kind.as_deref(), model.as_deref());
+                vec![format!("#{id} flags on: [{}]", on.join(","))]
+            }
             "switches" => self
                 .state
                 .switches()
@@ -851,6 +884,24 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         "unswitch" => Command::SetSwitch {
             name: args.require::<String>("name")?,
             switch: None,
+        },
+        "flag" => Command::SetFlag {
+            name: args.require::<String>("name")?,
+            flag: Some(FeatureFlag {
+                enabled: args.parsed("on")?.unwrap_or(true),
+                tenant: args.take("tenant").map(Tenant),
+                capability: args.take("cap"),
+                gateway_kind: args.take("kind"),
+                model: args.take("model"),
+                percent: args.parsed("percent")?,
+                description: args.take("desc"),
+                by: "key:op".into(),
+                at_ms: 0,
+            }),
+        },
+        "unflag" => Command::SetFlag {
+            name: args.require::<String>("name")?,
+            flag: None,
         },
         "approve" => Command::Approve {
             id: TaskId(args.require("id")?),

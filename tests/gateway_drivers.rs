@@ -31,6 +31,7 @@ fn req(payload: &str, timeout: Duration) -> RunRequest {
         },
         guard: Default::default(),
         context: None,
+        flags: Vec::new(),
     }
 }
 
@@ -311,6 +312,31 @@ async fn command_sees_task_env_and_nothing_else_of_ours() {
     assert_eq!(
         out.result_json,
         r#"{"task":7,"token":42,"session":"s-1","extra":"x","cargo":"unset"}"#
+    );
+}
+
+#[tokio::test]
+async fn command_and_http_gateways_get_the_flags_on_for_the_task() {
+    let d = sh(r#"printf '{"flags":"%s"}' "${GODEL_FLAGS-unset}""#);
+    let out = run(&d, req("{}", Duration::from_secs(10))).await.unwrap();
+    assert_eq!(
+        out.result_json, r#"{"flags":"unset"}"#,
+        "none on: no variable"
+    );
+    let flagged = || RunRequest {
+        flags: vec!["new-prompt".into(), "oc-tools".into()],
+        ..req("{}", Duration::from_secs(10))
+    };
+    let out = run(&d, flagged()).await.unwrap();
+    assert_eq!(out.result_json, r#"{"flags":"new-prompt,oc-tools"}"#);
+
+    let base = webhook::start().await;
+    let out = run(&http(format!("{base}/echo")), flagged()).await.unwrap();
+    let sent: serde_json::Value = serde_json::from_str(&out.result_json).unwrap();
+    assert_eq!(
+        sent["flags"],
+        serde_json::json!(["new-prompt", "oc-tools"]),
+        "{sent}"
     );
 }
 

@@ -607,6 +607,14 @@ async fn attempt(
                 })
         })
     };
+    // The feature flags on for this task on this agent's gateway, as the
+    // replica has them now.
+    let flags = args.node.state().read(|s| {
+        let gw = gateway_here(s, &args.id, args.node.id());
+        let kind = gw.map(|g| g.reg.kind.as_str());
+        let model = gw.and_then(|g| g.reg.model.as_deref());
+        s.flags_on(&task, kind, model)
+    });
     let req = RunRequest {
         guard,
         task_id: task.id,
@@ -620,6 +628,7 @@ async fn attempt(
         trace: None,
         fence,
         context: None,
+        flags,
     };
     // A span of its own only when it is exported: an attempt's log lines
     // name its ids anyway.

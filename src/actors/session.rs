@@ -168,7 +168,11 @@ impl SessionHost {
         };
         let (reply, result) = oneshot::channel();
         ActorRef::<SessionMsg>::from(actor)
-            .send_message(SessionMsg::Run { req, cancel, reply })
+            .send_message(SessionMsg::Run {
+                req: Box::new(req),
+                cancel,
+                reply,
+            })
             .map_err(|_| stopped())?;
         result.await.unwrap_or_else(|_| Err(stopped()))
     }
@@ -237,8 +241,8 @@ pub struct SessionArgs {
 pub enum SessionMsg {
     /// Run one attempt in the session; the outcome goes to `reply`.
     Run {
-        /// The attempt.
-        req: RunRequest,
+        /// The attempt (boxed: the message is mostly this).
+        req: Box<RunRequest>,
         /// The agent's cancellation (lease lost, task cancelled).
         cancel: CancellationToken,
         /// Where the outcome goes.
@@ -317,7 +321,7 @@ impl Actor for SessionActor {
                 }
                 tokio::spawn(run(
                     Arc::clone(&state.args.driver),
-                    req,
+                    *req,
                     cancel,
                     state.attempts.child_token(),
                     reply,

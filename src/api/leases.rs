@@ -70,9 +70,16 @@ pub async fn acquire(
         lease_ms,
     };
     match api.write_in(group, &caller, cmd, Some(target)).await? {
-        Reply::Leased(grants) => Ok(Json(LeasesView {
-            leases: grants.iter().map(view::lease).collect(),
-        })),
+        Reply::Leased(grants) => {
+            // The flags live in the meta group: this node's replica.
+            let leases = api.node.state().read(|s| {
+                grants
+                    .iter()
+                    .map(|g| view::lease(g, s.flags_on(&g.task, None, None)))
+                    .collect()
+            });
+            Ok(Json(LeasesView { leases }))
+        }
         other => Err(super::unexpected(other)),
     }
 }

@@ -39,8 +39,8 @@ use utoipa::openapi::{Content, Ref, RefOr, Required};
 
 use super::error::ErrorBody;
 use super::{admin, audit, backup, cluster, dashboard, events, keys, leases, permissions, queue};
+use super::{flags, switches, tasks, tenants, usage};
 use super::{registry, sessions, shards};
-use super::{switches, tasks, tenants, usage};
 
 /// The name of the security scheme.
 const BEARER: &str = "bearer";
@@ -69,6 +69,9 @@ const BEARER: &str = "bearer";
         switches::list,
         switches::set,
         switches::lift,
+        flags::list,
+        flags::set,
+        flags::remove,
         leases::acquire,
         leases::renew,
         leases::complete,

@@ -13,7 +13,7 @@
 //! | `sessions:read` | yes | yes | yes | yes |
 //! | `tasks:write` (submit, cancel, retry) | yes | yes | yes | - |
 //! | `tasks:approve` (approve or reject a task awaiting approval) | yes | yes | - | - |
-//! | `switches:write` (set and lift kill switches; reading them is `registry:read`) | yes | yes | - | - |
+//! | `switches:write` (set and lift kill switches, set and remove feature flags; reading them is `registry:read`) | yes | yes | - | - |
 //! | `leases:work` (lease, renew, complete, fail) | yes | yes | yes | - |
 //! | `dlq:replay` | yes | yes | - | - |
 //! | `sessions:write` (pause, resume, checkpoint; own tenant) | yes | yes | yes | - |
@@ -46,7 +46,7 @@ pub enum Permission {
     TasksWrite,
     /// Approve or reject tasks awaiting approval.
     TasksApprove,
-    /// Set and lift kill switches.
+    /// Set and lift kill switches, set and remove feature flags.
     Switches,
     /// Lease tasks and report on leases, as a worker.
     LeasesWork,
@@ -201,6 +201,9 @@ pub const ROUTES: &[RouteSpec] = &[
     r(GET, "/switches", P::RegistryRead, "switches.list"),
     r(PUT, "/switches/{name}", P::Switches, "switches.set"),
     r(DELETE, "/switches/{name}", P::Switches, "switches.lift"),
+    r(GET, "/flags", P::RegistryRead, "flags.list"),
+    r(PUT, "/flags/{name}", P::Switches, "flags.set"),
+    r(DELETE, "/flags/{name}", P::Switches, "flags.remove"),
     r(POST, "/leases", P::LeasesWork, "leases.acquire"),
     r(POST, "/leases/{token}/renew", P::LeasesWork, "leases.renew"),
     r(

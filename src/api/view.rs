@@ -306,15 +306,19 @@ pub struct LeaseView {
     #[schema(format = DateTime)]
     expires_at: String,
     task: TaskView,
+    /// The feature flags on for this task (a worker has no gateway, so
+    /// flags scoped to a gateway kind or model are never on here).
+    flags: Vec<String>,
 }
 
-/// The view of a granted lease.
-pub fn lease(g: &LeaseGrant) -> LeaseView {
+/// The view of a granted lease, with the feature flags `flags` on for it.
+pub fn lease(g: &LeaseGrant, flags: Vec<String>) -> LeaseView {
     LeaseView {
         task_id: g.task.id.0,
         fencing_token: g.token.0,
         expires_at: rfc3339(g.expires_at_ms),
         task: TaskView(Arc::clone(&g.task)),
+        flags,
     }
 }
 

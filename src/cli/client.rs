@@ -14,8 +14,8 @@ macro_rules! out {
 use super::security::{self, AuditCmd};
 use super::text::{self, View};
 use super::{
-    AgentCmd, ClusterCmd, Command, DlqCmd, GatewayCmd, LeaseCmd, ListArgs, NodeCmd, Output,
-    QueueCmd, SessionCmd, SessionListArgs, SwitchCmd, TaskCmd,
+    AgentCmd, ClusterCmd, Command, DlqCmd, FlagCmd, GatewayCmd, LeaseCmd, ListArgs, NodeCmd,
+    Output, QueueCmd, SessionCmd, SessionListArgs, SwitchCmd, TaskCmd,
 };
 
 /// Runs a client command against `api` with `api_key` (else the key in
@@ -299,6 +299,26 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
             };
             ("GET", format!("{path}{q}"), None)
         }
+        Command::Flag(FlagCmd::Ls) => ("GET", "/api/v1/flags".into(), None),
+        Command::Flag(FlagCmd::Set {
+            name,
+            off,
+            tenant,
+            capability,
+            gateway_kind,
+            model,
+            percent,
+            description,
+        }) => (
+            "PUT",
+            format!("/api/v1/flags/{name}"),
+            Some(strip_nulls(json!({
+                "enabled": !off, "tenant": tenant, "capability": capability,
+                "gateway_kind": gateway_kind, "model": model, "percent": percent,
+                "description": description,
+            }))),
+        ),
+        Command::Flag(FlagCmd::Rm { name }) => ("DELETE", format!("/api/v1/flags/{name}"), None),
         Command::Switch(SwitchCmd::Ls) => ("GET", "/api/v1/switches".into(), None),
         Command::Switch(SwitchCmd::Set {
             name,

@@ -525,6 +525,14 @@ pub enum Command {
         /// Why, for the sessions' record.
         why: String,
     },
+    /// Sets (or with `None` removes) feature flag `name`. Meta group only:
+    /// agents read it from their node's replica when an attempt starts.
+    SetFlag {
+        /// The flag's name.
+        name: String,
+        /// The flag; `None` removes it.
+        flag: Option<super::flags::FeatureFlag>,
+    },
 }
 
 /// A meta group voter's addresses, as a growth records them
@@ -773,6 +781,7 @@ impl Command {
             | Command::PlaceShard { .. }
             | Command::SetTenantWeight { .. }
             | Command::SetSwitch { .. }
+            | Command::SetFlag { .. }
             | Command::BudgetAlert(_) => Scope::Meta,
         }
     }

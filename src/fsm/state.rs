@@ -14,6 +14,7 @@ use super::command::{
     check_name,
 };
 use super::event::{Event, EventKind, NodeChange, What};
+use super::flags::{FeatureFlag, MAX_FLAGS};
 use super::queue::{ReadyQueues, normalize_caps};
 use super::registry::{GATEWAY_KINDS, NodeId, Registry};
 use super::retry::mix;
@@ -130,6 +131,8 @@ pub struct State {
     /// In the meta group: the budget levels already alerted, per tenant,
     /// period (its first day), unit and level ([`Command::BudgetAlert`]).
     pub(crate) budget_alerts: BTreeSet<(Tenant, BudgetPeriod, Day, BudgetUnit, BudgetLevel, u64)>,
+    /// In the meta group: the feature flags by name ([`Command::SetFlag`]).
+    pub(crate) flags: BTreeMap<String, FeatureFlag>,
     /// Events of the command being applied that come from code not handed
     /// the batch's event list (sessions, the registry, the audit log);
     /// moved to it after each command, so it is empty between applies.
@@ -250,6 +253,7 @@ impl State {
             Command::Approve { id, by, reason } => self.approve(*id, by, reason.as_deref(), events),
             Command::Reject { id, by, reason } => self.reject(*id, by, reason, events),
             Command::SetSwitch { name, switch } => self.set_switch(name, switch.as_ref(), events),
+            Command::SetFlag { name, flag } => self.set_flag(name, flag.as_ref()),
             Command::SyncShard { weights, switches } => self.sync_shard(weights, switches, events),
             Command::BudgetAlert(alert) => self.budget_alert(alert),
             Command::Retry { id } => self.retry(*id, events),
@@ -1157,6 +1161,50 @@ impl State {
             .iter()
             .find(|(n, s)| s.holds(n, t))
             .map(|(n, _)| n.as_str())
+    }
+
+    /// The feature flags, by name.
+    pub fn flags(&self) -> &BTreeMap<String, FeatureFlag> {
+        &self.flags
+    }
+
+    /// The names of the feature flags on for `task` on an agent of a
+    /// gateway of `kind` declaring `model` (`None`: an external worker).
+    pub fn flags_on(&self, task: &Task, kind: Option<&str>, model: Option<&str>) -> Vec<String> {
+        self.flags
+            .iter()
+            .filter(|(n, f)| f.on_for(n, task, kind, model))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Sets or removes feature flag `name`.
+    fn set_flag(&mut self, name: &str, flag: Option<&FeatureFlag>) -> Outcome {
+        if self.group != 0 {
+            return Err(Rejection::invalid(
+                "command",
+                "feature flags live in the meta group",
+            ));
+        }
+        FeatureFlag::check(name, flag)?;
+        match flag {
+            Some(f) => {
+                if !self.flags.contains_key(name) && self.flags.len() >= MAX_FLAGS {
+                    return Err(Rejection::invalid(
+                        "name",
+                        format!("at most {MAX_FLAGS} flags; remove one first"),
+                    ));
+                }
+                let mut f = f.clone();
+                f.at_ms = self.clock_ms;
+                f.by = truncate(&f.by, Limits::MAX_NAME_BYTES);
+                self.flags.insert(name.to_owned(), f);
+            }
+            None => {
+                self.flags.remove(name);
+            }
+        }
+        Ok(Reply::Done)
     }
 
     /// The kill switches, by name.

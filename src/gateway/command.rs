@@ -56,6 +56,10 @@ impl CommandDriver {
             // A session's earlier turns, carried to this gateway.
             cmd.env("GODEL_SESSION_CONTEXT", &**context);
         }
+        if !req.flags.is_empty() {
+            // The feature flags on for this task.
+            cmd.env("GODEL_FLAGS", req.flags.join(","));
+        }
         if let Some(dir) = &s.working_dir {
             cmd.current_dir(dir);
         }

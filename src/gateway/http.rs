@@ -58,6 +58,9 @@ struct Body<'a> {
     /// first attempt after it moved here).
     #[serde(skip_serializing_if = "Option::is_none")]
     context: Option<&'a str>,
+    /// The feature flags on for this task (absent when none are).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    flags: &'a [String],
 }
 
 impl HttpDriver {
@@ -103,6 +106,7 @@ impl HttpDriver {
             session_key: req.session_key.as_ref().map(|k| k.0.as_str()),
             payload,
             context: req.context.as_deref(),
+            flags: &req.flags,
         })
         .map_err(|e| DriverError::TaskFailed {
             reason: format!("cannot encode the request: {e}"),

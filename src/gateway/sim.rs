@@ -126,9 +126,15 @@ impl GatewayDriver for SimDriver {
             let carried = req.context.as_deref().map_or_else(String::new, |c| {
                 format!(r#","context":{}"#, serde_json::Value::from(c))
             });
+            // The feature flags on for the task, so a test sees them.
+            let flags = if req.flags.is_empty() {
+                String::new()
+            } else {
+                format!(r#","flags":{}"#, serde_json::Value::from(req.flags.clone()))
+            };
             let done = |latency: Duration| RunOutput {
                 result_json: format!(
-                    r#"{{"sim":true,"task_id":{},"latency_us":{},"started_us":{started_us}{usage}{session}{carried}}}"#,
+                    r#"{{"sim":true,"task_id":{},"latency_us":{},"started_us":{started_us}{usage}{session}{carried}{flags}}}"#,
                     req.task_id.0,
                     latency.as_micros()
                 ),
