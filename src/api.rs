@@ -268,6 +268,11 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
             "/admin/agents/{id}/crash",
             post(admin::crash_agent),
         ),
+        (
+            M::POST,
+            "/admin/agents/{id}/stall",
+            post(admin::stall_agent),
+        ),
         (M::GET, "/admin/faults", get(admin::faults)),
         (M::POST, "/admin/faults/partition", post(admin::partition)),
         (M::POST, "/admin/faults/heal", post(admin::heal)),

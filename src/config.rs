@@ -346,6 +346,17 @@ pub struct RuntimeConfig {
     /// (a lost hint delays work by at most this much).
     #[serde(with = "humantime_serde")]
     pub agent_sync_interval: Duration,
+    /// Each agent's own circuit breaker: this many attempts in a row that
+    /// fail for the task's reasons on this agent (not the gateway's, which
+    /// its own breaker counts) open it, and the agent takes no work for
+    /// `cool_down`; then `half_open_max_calls` is ignored (one trial task
+    /// at a time) until `success_threshold` complete.
+    pub agent_breaker: crate::gateway::BreakerConfig,
+    /// An agent whose actor has not been heard (it beats at every
+    /// `agent_sync_interval`) for this long is taken out of dispatch until
+    /// heard again; its leases lapse if it stopped renewing them.
+    #[serde(with = "humantime_serde")]
+    pub agent_silent_after: Duration,
     /// How often a gateway actor probes its gateway's health.
     #[serde(with = "humantime_serde")]
     pub gateway_probe_interval: Duration,
@@ -374,6 +385,13 @@ impl Default for RuntimeConfig {
             session_checkpoint_every: 1,
             session_move_after: Duration::from_secs(30),
             agent_sync_interval: Duration::from_secs(1),
+            agent_breaker: crate::gateway::BreakerConfig {
+                failure_threshold: 5,
+                cool_down: Duration::from_secs(30),
+                half_open_max_calls: 1,
+                success_threshold: 1,
+            },
+            agent_silent_after: Duration::from_secs(10),
             gateway_probe_interval: Duration::from_secs(5),
             drain_deadline: Duration::from_secs(30),
             fault_injection: false,
@@ -664,6 +682,10 @@ impl Config {
         {
             p.push("runtime.interval must be at least 1ms, runtime.agent_sync_interval at least 10ms and runtime.gateway_probe_interval at least 100ms".into());
         }
+        if d.agent_silent_after <= d.agent_sync_interval * 2 {
+            p.push("runtime.agent_silent_after must exceed twice runtime.agent_sync_interval (an agent beats once per sync)".into());
+        }
+        p.extend(d.agent_breaker.problems("runtime.agent_breaker."));
         if self.api.max_body_bytes < 1024 {
             p.push("api.max_body_bytes must be at least 1024".into());
         }

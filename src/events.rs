@@ -150,7 +150,10 @@ fn data(what: &What) -> Value {
                 json!({"id": id.0, "gateway": gateway.0})
             }
             AgentChange::Online { node } => json!({"id": id.0, "node": node}),
-            AgentChange::Deregistered => json!({"id": id.0}),
+            AgentChange::Circuit { circuit } => json!({"id": id.0, "circuit": circuit}),
+            AgentChange::Deregistered | AgentChange::Silent | AgentChange::Heard => {
+                json!({"id": id.0})
+            }
         },
         What::Node { id, change } => match change {
             NodeChange::Joined { voter } => json!({"id": id, "voter": voter}),

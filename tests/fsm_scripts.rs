@@ -72,6 +72,8 @@
 //!   `report gateway=G health=healthy|degraded|unhealthy|unknown
 //!   circuit=closed|open|half_open`,
 //!   `agent id=A gateway=G [caps=x,y] [capacity=1] [role=worker]`, `unagent id=A`,
+//!   `report_agent agent=A node=N [circuit=closed|open|half_open]
+//!   [silent=true|false]` (an agent's own breaker, or its actor silent),
 //!   `ungateway id=G`,
 //!   `online agent=A node=N [release=1,2]`. As the runtime does (the owner's agent actors announce
 //!   themselves), `agent` and `place` also bring the agents of a placed
@@ -182,6 +184,7 @@ scripts! {
     kill_switch_holds_matching_work,
     kill_switch_on_gateway_kind_and_model,
     feature_flags,
+    agent_breaker_and_silence,
     shard_kill_switch_on_gateway_kind_and_model,
     meta_revisions_for_shard_copies,
     dispatch_by_role,
@@ -1019,6 +1022,12 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             agent: AgentId(args.require("agent")?),
             node: args.require("node")?,
             release: tokens_or_none(args)?,
+        },
+        "report_agent" => Command::ReportAgent {
+            agent: AgentId(args.require("agent")?),
+            node: args.require("node")?,
+            circuit: args.take("circuit").map(|c| circuit(&c)).transpose()?,
+            silent: args.parsed("silent")?,
         },
         "report" => Command::ReportGateway {
             id: GatewayId(args.require("gateway")?),

@@ -55,7 +55,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::router::AgentDirectory;
 use super::session::SessionHost;
 use crate::fsm::{AgentId, Command, FencingToken, LeaseGrant, Rejection, Reply, Task, TaskId};
-use crate::gateway::{DriverError, GatewayDriver, RunRequest};
+use crate::gateway::{CircuitBreaker, DriverError, GatewayDriver, RunRequest};
 use crate::node::Node;
 
 /// The agent actor.
@@ -123,7 +123,17 @@ pub enum AgentMsg {
         token: FencingToken,
         /// Whether the lease is still live but must not be run again.
         given_up: bool,
+        /// What it says of the agent, for its breaker: `Some(true)` it
+        /// completed, `Some(false)` it failed for reasons not the gateway's,
+        /// `None` nothing (not run, stopped, the gateway's fault).
+        verdict: Option<bool>,
     },
+    /// Hang in the handler this long, as an actor stuck on a call would
+    /// (fault injection for drills and tests, behind
+    /// `runtime.fault_injection`).
+    Stall(Duration),
+    /// The agent's breaker report was written (`true`) or not.
+    CircuitReported(crate::fsm::Circuit, bool),
 }
 
 // Local only: never sent to another node.
@@ -154,6 +164,15 @@ pub struct AgentState {
     /// Parent of every attempt's cancel token: dropping the state (stop or
     /// failure) cancels them all.
     attempts: CancellationToken,
+    /// Its own circuit breaker (`runtime.agent_breaker`): attempts that
+    /// keep failing for reasons not the gateway's open it, and the
+    /// registry takes it out of dispatch while it is open.
+    breaker: CircuitBreaker,
+    /// The breaker state the registry was last told of (`None`: closed, as
+    /// the announcement left it, or unknown).
+    circuit_reported: Option<crate::fsm::Circuit>,
+    /// A breaker report is being written.
+    circuit_in_flight: bool,
     _cancel_on_drop: DropGuard,
 }
 
@@ -192,6 +211,8 @@ impl Actor for AgentActor {
         let attempts = CancellationToken::new();
         let lease = args.node.queue_config().default_lease;
         let sync = args.node.config().runtime.agent_sync_interval;
+        let args_breaker = args.node.config().runtime.agent_breaker.clone();
+        args.directory.beat(&args.id);
         myself.send_interval(renew_every(lease), || AgentMsg::Renew);
         myself.send_interval(sync, || AgentMsg::Sync);
         Ok(AgentState {
@@ -203,6 +224,9 @@ impl Actor for AgentActor {
             hinted: HashMap::new(),
             _cancel_on_drop: attempts.clone().drop_guard(),
             attempts,
+            breaker: CircuitBreaker::new(args_breaker),
+            circuit_reported: Some(crate::fsm::Circuit::Closed),
+            circuit_in_flight: false,
         })
     }
 
@@ -234,7 +258,14 @@ impl Actor for AgentActor {
                     }
                 }
             }
-            AgentMsg::Sync => sync(&myself, state),
+            AgentMsg::Sync => {
+                state.args.directory.beat(&state.args.id);
+                if let Some(t) = state.breaker.poll(std::time::Instant::now()) {
+                    tracing::info!(agent = %state.args.id, from = ?t.from, to = ?t.to, "agent circuit breaker changed state");
+                }
+                report_circuit(&myself, state);
+                sync(&myself, state);
+            }
             AgentMsg::Announced(ok) => {
                 state.announce_in_flight = false;
                 state.announce_due = !ok;
@@ -244,6 +275,7 @@ impl Actor for AgentActor {
                     "crash requested through fault injection",
                 ));
             }
+            AgentMsg::Stall(d) => tokio::time::sleep(d).await,
             AgentMsg::Renew => renew(&myself, state),
             AgentMsg::Stale(tokens) => {
                 for t in tokens {
@@ -252,7 +284,27 @@ impl Actor for AgentActor {
                     }
                 }
             }
-            AgentMsg::Ended { token, given_up } => {
+            AgentMsg::CircuitReported(c, ok) => {
+                state.circuit_in_flight = false;
+                if ok {
+                    state.circuit_reported = Some(c);
+                }
+            }
+            AgentMsg::Ended {
+                token,
+                given_up,
+                verdict,
+            } => {
+                let now = std::time::Instant::now();
+                let t = match verdict {
+                    Some(true) => state.breaker.on_success(now),
+                    Some(false) => state.breaker.on_failure(now),
+                    None => None,
+                };
+                if let Some(t) = t {
+                    tracing::warn!(agent = %state.args.id, from = ?t.from, to = ?t.to, "agent circuit breaker changed state");
+                    report_circuit(&myself, state);
+                }
                 state.running.remove(&token);
                 // Never run a lease twice: the local replica may still show
                 // it live until the result (committed on the leader) applies
@@ -265,6 +317,46 @@ impl Actor for AgentActor {
         }
         Ok(())
     }
+}
+
+/// The breaker's state as the registry names it.
+fn circuit_of(b: &CircuitBreaker) -> crate::fsm::Circuit {
+    match b.state() {
+        crate::gateway::BreakerState::Closed => crate::fsm::Circuit::Closed,
+        crate::gateway::BreakerState::Open => crate::fsm::Circuit::Open,
+        crate::gateway::BreakerState::HalfOpen => crate::fsm::Circuit::HalfOpen,
+    }
+}
+
+/// Tells the registry the breaker's state when it differs from what the
+/// replica shows (a report lost, or a new state), one report at a time.
+fn report_circuit(myself: &ActorRef<AgentMsg>, state: &mut AgentState) {
+    let now = circuit_of(&state.breaker);
+    let id = state.args.id.clone();
+    let shown = state
+        .args
+        .node
+        .state()
+        .read(|s| s.registry().agent(&id).map(|a| a.circuit));
+    if state.circuit_in_flight || (shown == Some(now) && state.circuit_reported == Some(now)) {
+        return;
+    }
+    state.circuit_in_flight = true;
+    let node = state.args.node.clone();
+    let me = myself.clone();
+    tokio::spawn(async move {
+        let cmd = Command::ReportAgent {
+            agent: id.clone(),
+            node: node.id(),
+            circuit: Some(now),
+            silent: None,
+        };
+        let ok = matches!(node.write(cmd).await, Ok(Ok(_)));
+        if !ok {
+            tracing::debug!(agent = %id, circuit = ?now, "agent breaker not reported yet; retrying next sync");
+        }
+        let _ = me.send_message(AgentMsg::CircuitReported(now, ok));
+    });
 }
 
 /// A third of the lease, so two renewals may be lost before it lapses.
@@ -472,6 +564,26 @@ fn spawn_attempt(
     task: Arc<Task>,
 ) {
     let id = task.id;
+    if state.breaker.state() == crate::gateway::BreakerState::Open {
+        // Granted before the registry heard the breaker open: given back
+        // unrun, no attempt spent (another agent takes it).
+        state.skip.insert(token);
+        tracing::info!(agent = %state.args.id, task = %id, "agent breaker open; lease given back");
+        crate::metrics::global()
+            .attempts
+            .with_label_values(&["agent_circuit_open"])
+            .inc();
+        let node = state.args.node.clone();
+        tokio::spawn(async move {
+            let cmd = Command::Release {
+                tokens: vec![token],
+            };
+            if let Ok(group) = node.queue_group_of(id.0) {
+                let _ = node.write_to(group.id(), cmd).await;
+            }
+        });
+        return;
+    }
     let cancel = state.attempts.child_token();
     state.running.insert(
         token,
@@ -580,7 +692,11 @@ async fn attempt(
     // lapses, or the move gives it back.
     let not_run = |given_up: bool| {
         m.attempts.with_label_values(&["stopped"]).inc();
-        let _ = actor.send_message(AgentMsg::Ended { token, given_up });
+        let _ = actor.send_message(AgentMsg::Ended {
+            token,
+            given_up,
+            verdict: None,
+        });
     };
     if args.node.cut_off() {
         tracing::info!(agent = %args.id, task = %task.id, "this node is cut off from the majority; the attempt is not run");
@@ -662,7 +778,11 @@ async fn attempt(
                 tokens: vec![token],
             };
             let given_up = !report_result(&args.node, &task, cmd, &cancel).await;
-            let _ = actor.send_message(AgentMsg::Ended { token, given_up });
+            let _ = actor.send_message(AgentMsg::Ended {
+                token,
+                given_up,
+                verdict: None,
+            });
             return;
         }
     };
@@ -686,6 +806,17 @@ async fn attempt(
     let result = tokio::select! {
         r = run => Some(r),
         () = cancel.cancelled() => None,
+    };
+    // For the agent's own breaker: a completion speaks for it, a failure
+    // that is not the gateway's against it.
+    let verdict = match &result {
+        Some(Ok(_)) => Some(true),
+        Some(Err(DriverError::TaskFailed { .. } | DriverError::OutputTooLarge { .. }))
+            if !cancel.is_cancelled() =>
+        {
+            Some(false)
+        }
+        _ => None,
     };
     let (report, outcome) = match result {
         Some(Ok(out)) => (
@@ -724,6 +855,7 @@ async fn attempt(
             let _ = actor.send_message(AgentMsg::Ended {
                 token,
                 given_up: true,
+                verdict: None,
             });
             return;
         }
@@ -754,7 +886,11 @@ async fn attempt(
         Some(cmd) => !report_result(&args.node, &task, cmd, &cancel).await,
         None => false,
     };
-    let _ = actor.send_message(AgentMsg::Ended { token, given_up });
+    let _ = actor.send_message(AgentMsg::Ended {
+        token,
+        given_up,
+        verdict,
+    });
 }
 
 /// The session an attempt runs in.

@@ -22,9 +22,39 @@ use crate::node::{Group, Node};
 #[derive(Clone, Debug, Default)]
 pub struct AgentDirectory {
     inner: Arc<RwLock<HashMap<AgentId, ActorRef<AgentMsg>>>>,
+    /// When each agent's actor last beat (it does at every sync): the
+    /// node's watch takes one silent for long out of dispatch.
+    beats: Arc<std::sync::Mutex<HashMap<AgentId, std::time::Instant>>>,
 }
 
 impl AgentDirectory {
+    /// Records a heartbeat of `agent`'s actor.
+    pub fn beat(&self, agent: &AgentId) {
+        let mut b = self
+            .beats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.insert(agent.clone(), std::time::Instant::now());
+    }
+
+    /// How long ago `agent`'s actor last beat (`None`: never here).
+    pub fn silent_for(&self, agent: &AgentId) -> Option<std::time::Duration> {
+        let b = self
+            .beats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.get(agent).map(std::time::Instant::elapsed)
+    }
+
+    /// Forgets the heartbeats of agents not in `keep`.
+    pub fn retain_beats(&self, keep: impl Fn(&AgentId) -> bool) {
+        let mut b = self
+            .beats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.retain(|a, _| keep(a));
+    }
+
     /// Records `actor` as the running actor of `agent`.
     pub fn insert(&self, agent: AgentId, actor: ActorRef<AgentMsg>) {
         self.write().insert(agent, actor);

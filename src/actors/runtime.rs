@@ -23,7 +23,7 @@ use super::shard::{QueueShardActor, SHARD};
 use super::{
     AGENTS, ChildSpec, Error, GATEWAYS, Observer, QUEUE_SHARDS, RestartPolicy, SupervisorRef,
 };
-use crate::fsm::{AgentId, GatewayId};
+use crate::fsm::{AgentId, Command, GatewayId};
 use crate::gateway::{DriverContext, GatewayDriver, GatewaySpec, GuardedDriver, driver_for};
 use crate::node::Node;
 
@@ -106,6 +106,51 @@ pub async fn reconcile_loop(
         };
         if let Err(e) = reconcile(&node, &tree, &mut drivers, cut_off).await {
             tracing::warn!(error = %e, "runtime reconcile failed; retrying");
+        }
+        if !cut_off {
+            watch_agents(&node, &directory).await;
+        }
+    }
+}
+
+/// Takes out of dispatch the agents online here whose actor has not beaten
+/// for `runtime.agent_silent_after` (stuck in a handler, or starved), and
+/// puts back those heard again: a `ReportAgent` for each that changed.
+async fn watch_agents(node: &Node, directory: &AgentDirectory) {
+    let me = node.id();
+    let after = node.config().runtime.agent_silent_after;
+    let online: Vec<(AgentId, bool)> = node.state().read(|s| {
+        s.registry()
+            .agents()
+            .filter(|a| a.online_on == Some(me))
+            .map(|a| (a.reg.id.clone(), a.silent_since_ms.is_some()))
+            .collect()
+    });
+    directory.retain_beats(|a| online.iter().any(|(id, _)| id == a));
+    for (agent, shown_silent) in online {
+        let Some(quiet) = directory.silent_for(&agent) else {
+            continue;
+        };
+        let silent = quiet > after;
+        if silent == shown_silent {
+            continue;
+        }
+        if silent {
+            tracing::warn!(%agent, quiet = ?quiet, "agent silent: its actor has not beaten; taken out of dispatch");
+        } else {
+            tracing::info!(%agent, "agent heard again: back in dispatch");
+        }
+        let cmd = Command::ReportAgent {
+            agent: agent.clone(),
+            node: me,
+            circuit: None,
+            silent: Some(silent),
+        };
+        match tokio::time::timeout(Duration::from_secs(1), node.write(cmd)).await {
+            Ok(Ok(Ok(_))) => {}
+            other => {
+                tracing::debug!(%agent, outcome = ?other.map(|r| r.map(|_| ())), "agent silence not recorded yet; retrying");
+            }
         }
     }
 }

@@ -177,6 +177,73 @@ pub async fn crash_agent(
     ))
 }
 
+/// `POST /admin/agents/{id}/stall` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StallBody {
+    /// How long the actor hangs, in ms (1 to 600000).
+    #[schema(minimum = 1, maximum = 600_000)]
+    ms: u64,
+}
+
+/// `POST /admin/agents/{id}/stall`: makes the agent's actor on this node
+/// hang in a handler for `ms`, as one stuck on a call would: it neither
+/// beats nor renews, so the node reports it silent after
+/// `runtime.agent_silent_after` and dispatch passes it by until it is
+/// heard again (drills and tests; only with `runtime.fault_injection =
+/// true`). Call the node that runs it.
+#[utoipa::path(
+    post,
+    path = "/admin/agents/{id}/stall",
+    params(("id" = String, Path, description = "Agent id")),
+    request_body = StallBody,
+    responses(
+        (status = 202, description = "The stall was sent to the agent's actor", body = CrashView),
+        (status = 400, description = "`ms` out of range", body = ErrorBody),
+        (status = 403, description = "Fault injection is off on this node, or the role lacks the permission", body = ErrorBody),
+        (status = 404, description = "The agent has no actor on this node", body = ErrorBody),
+    )
+)]
+pub async fn stall_agent(
+    State(api): State<Api>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(b): Body<StallBody>,
+) -> ApiResult<(StatusCode, Json<CrashView>)> {
+    let node = &api.node;
+    fault_injection_on(&api)?;
+    if !(1..=600_000).contains(&b.ms) {
+        return Err(ApiError::invalid("invalid field `ms`: must be 1..=600000"));
+    }
+    api.record(
+        &caller,
+        Some(AuditTarget::text(format!("agent/{id}"))),
+        true,
+    )
+    .await;
+    let agent = crate::fsm::AgentId(id);
+    let actor = node.agent_directory().get(&agent).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "agent `{agent}` has no actor on node {}; call the node that owns its gateway",
+            node.id()
+        ))
+    })?;
+    actor
+        .send_message(crate::actors::AgentMsg::Stall(
+            std::time::Duration::from_millis(b.ms),
+        ))
+        .map_err(|e| ApiError::unavailable(format!("agent actor is stopping: {e}")))?;
+    tracing::warn!(%agent, ms = b.ms, "agent actor stall requested (fault injection)");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(CrashView {
+            agent: agent.0,
+            node: node.id(),
+            crashed: false,
+        }),
+    ))
+}
+
 /// `POST /admin/agents/{id}/crash` answer.
 #[derive(Serialize, ToSchema)]
 pub struct CrashView {

@@ -108,6 +108,7 @@ const BEARER: &str = "bearer";
         admin::progress,
         admin::undrain,
         admin::crash_agent,
+        admin::stall_agent,
         admin::faults,
         admin::partition,
         admin::heal,

@@ -330,6 +330,12 @@ pub const ROUTES: &[RouteSpec] = &[
         P::FaultsInject,
         "faults.crash_agent",
     ),
+    r(
+        POST,
+        "/admin/agents/{id}/stall",
+        P::FaultsInject,
+        "faults.stall_agent",
+    ),
     r(GET, "/admin/faults", P::FaultsInject, "faults.list"),
     r(
         POST,

@@ -65,6 +65,14 @@ pub struct AgentView {
     /// The node running its actor, while online.
     online_on: Option<u64>,
     status: AgentStatus,
+    /// Its own circuit breaker: `open` after attempts kept failing on it
+    /// (no work until it cools down), `half_open` (one trial task at a
+    /// time), `closed`.
+    circuit: crate::fsm::Circuit,
+    /// Since when its actor has been silent (no heartbeat): it takes no
+    /// work until heard again. `null` when heard.
+    #[schema(format = DateTime)]
+    silent_since: Option<String>,
     #[schema(format = DateTime)]
     registered_at: String,
 }
@@ -98,6 +106,8 @@ fn agent_view(a: &AgentRecord, loads: &HashMap<AgentId, u32>) -> AgentView {
             (0, true) => AgentStatus::Idle,
             (0, false) => AgentStatus::Offline,
         },
+        circuit: a.circuit,
+        silent_since: a.silent_since_ms.map(clock::rfc3339),
         registered_at: clock::rfc3339(a.registered_at_ms),
     }
 }

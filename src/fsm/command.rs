@@ -533,6 +533,20 @@ pub enum Command {
         /// The flag; `None` removes it.
         flag: Option<super::flags::FeatureFlag>,
     },
+    /// An agent's own state, reported by the node it is online on: its
+    /// breaker (by its actor) and whether its actor is silent (by the
+    /// node's watch of its heartbeats). Each field given changes; from a
+    /// node the agent is not online on, nothing does.
+    ReportAgent {
+        /// The agent.
+        agent: AgentId,
+        /// The reporting node.
+        node: NodeId,
+        /// Its breaker's state, if reported.
+        circuit: Option<Circuit>,
+        /// Silent (`true`) or heard again (`false`), if reported.
+        silent: Option<bool>,
+    },
 }
 
 /// A meta group voter's addresses, as a growth records them
@@ -782,6 +796,7 @@ impl Command {
             | Command::SetTenantWeight { .. }
             | Command::SetSwitch { .. }
             | Command::SetFlag { .. }
+            | Command::ReportAgent { .. }
             | Command::BudgetAlert(_) => Scope::Meta,
         }
     }

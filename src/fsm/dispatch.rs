@@ -104,9 +104,13 @@ impl State {
                     node.last_heartbeat_ms.saturating_add(node_dead_after_ms) >= self.clock_ms;
                 let usable = gw.circuit != Circuit::Open && gw.health != Health::Unhealthy;
                 let load = self.agent_load(&a.reg.id);
-                let free = a.reg.capacity.saturating_sub(load);
+                let free = match a.circuit {
+                    // A trial at a time: only while it holds nothing.
+                    Circuit::HalfOpen => u32::from(load == 0),
+                    _ => a.reg.capacity.saturating_sub(load),
+                };
                 let holds = self.agent_holds(&gw.reg.kind, gw.reg.model.as_deref())?;
-                (alive && !node.draining && usable && free > 0).then(|| Slot {
+                (alive && !node.draining && usable && a.may_work() && free > 0).then(|| Slot {
                     agent: a.reg.id.clone(),
                     node: owner,
                     caps: a.reg.dispatch_caps(),

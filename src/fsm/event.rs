@@ -199,6 +199,15 @@ pub enum AgentChange {
         /// The node.
         node: NodeId,
     },
+    /// Its own circuit breaker changed state.
+    Circuit {
+        /// The new state.
+        circuit: super::registry::Circuit,
+    },
+    /// Its actor fell silent: it takes no work until heard again.
+    Silent,
+    /// Its actor is heard again after being silent.
+    Heard,
 }
 
 /// What changed about a node.
@@ -275,6 +284,9 @@ impl What {
                 AgentChange::Updated { .. } => "agent.updated",
                 AgentChange::Deregistered => "agent.deregistered",
                 AgentChange::Online { .. } => "agent.online",
+                AgentChange::Circuit { .. } => "agent.circuit",
+                AgentChange::Silent => "agent.silent",
+                AgentChange::Heard => "agent.heard",
             },
             What::Node { change, .. } => match change {
                 NodeChange::Joined { .. } => "node.joined",

@@ -175,6 +175,22 @@ pub struct AgentRecord {
     /// gateway was last placed. Dispatch leases only to an agent online on
     /// its gateway's owner, so no lease waits for an actor that is not there.
     pub online_on: Option<NodeId>,
+    /// Its own circuit breaker, as its actor last reported it: open, it
+    /// takes no work (its attempts kept failing); half-open, one task at a
+    /// time. Closed again when a new incarnation announces itself.
+    pub circuit: Circuit,
+    /// Since when its actor has been silent (no heartbeat on its node for
+    /// `runtime.agent_silent_after`; `None`: heard): a silent agent takes
+    /// no work.
+    pub silent_since_ms: Option<u64>,
+}
+
+impl AgentRecord {
+    /// Whether its own state lets it take work (breaker not open, not
+    /// silent), whatever its node and gateway.
+    pub fn may_work(&self) -> bool {
+        self.circuit != Circuit::Open && self.silent_since_ms.is_none()
+    }
 }
 
 /// The registries, part of [`State`].
@@ -489,12 +505,61 @@ impl State {
             .collect();
         self.release(&own, events)?;
         if let Some(a) = self.registry.agents.get_mut(agent) {
+            // A new incarnation: its breaker starts closed, and it is heard.
             a.online_on = Some(node);
+            a.circuit = Circuit::Closed;
+            a.silent_since_ms = None;
         }
         self.notice(What::Agent {
             id: agent.clone(),
             change: AgentChange::Online { node },
         });
+        Ok(Reply::Done)
+    }
+
+    /// An agent's actor on `node` reports its breaker, or the node reports
+    /// the actor silent or heard again. From a node the agent is not online
+    /// on (an old owner's late report), it changes nothing.
+    pub(crate) fn report_agent(
+        &mut self,
+        agent: &AgentId,
+        node: NodeId,
+        circuit: Option<Circuit>,
+        silent: Option<bool>,
+    ) -> Outcome {
+        let now = self.clock_ms;
+        let a = self
+            .registry
+            .agents
+            .get_mut(agent)
+            .ok_or_else(|| not_found("agent", agent))?;
+        if a.online_on != Some(node) {
+            return Ok(Reply::Done);
+        }
+        let mut changes = Vec::new();
+        if let Some(c) = circuit
+            && c != a.circuit
+        {
+            a.circuit = c;
+            changes.push(AgentChange::Circuit { circuit: c });
+        }
+        match silent {
+            Some(true) if a.silent_since_ms.is_none() => {
+                a.silent_since_ms = Some(now);
+                changes.push(AgentChange::Silent);
+            }
+            Some(false) if a.silent_since_ms.is_some() => {
+                a.silent_since_ms = None;
+                changes.push(AgentChange::Heard);
+            }
+            _ => {}
+        }
+        for change in changes {
+            self.notice(What::Agent {
+                id: agent.clone(),
+                change,
+            });
+        }
         Ok(Reply::Done)
     }
 
@@ -539,6 +604,8 @@ impl State {
         let known = old.is_some();
         let registered_at_ms = old.map_or(self.clock_ms, |a| a.registered_at_ms);
         let mut online_on = old.and_then(|a| a.online_on);
+        let old_circuit = old.map_or(Circuit::Closed, |a| a.circuit);
+        let silent_since_ms = old.and_then(|a| a.silent_since_ms);
         if old.is_some_and(|a| a.reg.gateway != reg.gateway) {
             self.let_go(&reg.id, "agent moved to another gateway", events);
             online_on = None;
@@ -555,6 +622,8 @@ impl State {
                 reg,
                 registered_at_ms,
                 online_on,
+                circuit: old_circuit,
+                silent_since_ms,
             },
         );
         self.notice(What::Agent { id, change });

@@ -254,6 +254,12 @@ impl State {
             Command::Reject { id, by, reason } => self.reject(*id, by, reason, events),
             Command::SetSwitch { name, switch } => self.set_switch(name, switch.as_ref(), events),
             Command::SetFlag { name, flag } => self.set_flag(name, flag.as_ref()),
+            Command::ReportAgent {
+                agent,
+                node,
+                circuit,
+                silent,
+            } => self.report_agent(agent, *node, *circuit, *silent),
             Command::SyncShard { weights, switches } => self.sync_shard(weights, switches, events),
             Command::BudgetAlert(alert) => self.budget_alert(alert),
             Command::Retry { id } => self.retry(*id, events),
