@@ -214,6 +214,7 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (M::PUT, "/switches/{name}", put(switches::set)),
         (M::DELETE, "/switches/{name}", delete(switches::lift)),
         (M::GET, "/flags", get(flags::list)),
+        (M::GET, "/roles", get(registry::roles)),
         (M::PUT, "/flags/{name}", put(flags::set)),
         (M::DELETE, "/flags/{name}", delete(flags::remove)),
         (M::POST, "/leases", post(leases::acquire)),

@@ -101,6 +101,9 @@ pub enum Command {
     /// for their task to the gateway (operator or admin).
     #[command(subcommand)]
     Flag(FlagCmd),
+    /// Agent roles: the built-in ones and the config's `[roles]`.
+    #[command(subcommand)]
+    Role(RoleCmd),
     /// Tokens, compute time and cost over a range of days, grouped by
     /// tenant, day, model, gateway or agent (`--csv` for the export).
     Usage(UsageArgs),
@@ -121,6 +124,13 @@ pub enum Command {
     /// (`*` matches one segment, `>` the rest; default: everything the
     /// credential may see).
     Events(EventsArgs),
+}
+
+/// `godel role ...`
+#[derive(Debug, Subcommand)]
+pub enum RoleCmd {
+    /// The roles, with the capabilities, tools and prompt each gives.
+    Ls,
 }
 
 /// `godel flag ...`

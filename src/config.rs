@@ -52,6 +52,10 @@ pub struct Config {
     /// them; `default` prices a model not listed, or none named). Keep
     /// them the same on every node.
     pub prices: std::collections::BTreeMap<String, Price>,
+    /// Agent roles besides (or replacing) the built-in `coordinator`,
+    /// `worker`, `reviewer` and `monitor` (`crate::roles`). Keep them the
+    /// same on every node.
+    pub roles: std::collections::BTreeMap<String, crate::roles::RoleSpec>,
 }
 
 /// One model's price (`[prices."model-name"]`).
@@ -730,6 +734,7 @@ impl Config {
         }
         self.auth.problems(&mut p);
         self.gateways.problems(&mut p);
+        p.extend(crate::roles::problems(&self.roles));
         self.secrets.problems(&mut p);
         self.validate_members(&mut p);
         self.validate_fabric(&mut p);

@@ -211,6 +211,32 @@ pub struct RunRequest {
     /// name: an `http` gateway gets them as `flags`, a `command` program
     /// as `GODEL_FLAGS` (comma-separated), a simulator echoes them.
     pub flags: Vec<String>,
+    /// The agent's role, as its registration copied it: an OpenClaw run
+    /// that calls a tool it does not list is stopped, and the prompt goes
+    /// ahead of the message; other gateways are told (`role` in an `http`
+    /// body, `GODEL_ROLE`, `GODEL_ROLE_PROMPT` and `GODEL_ALLOWED_TOOLS`
+    /// for a `command` program). `None`: no role (a test's request).
+    pub role: Option<Arc<RunRole>>,
+}
+
+/// An agent's role, for one attempt ([`RunRequest::role`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunRole {
+    /// Its name.
+    pub name: String,
+    /// The tools the agent may call (`None`: any).
+    pub tools: Option<Vec<String>>,
+    /// Given ahead of the task's message.
+    pub prompt: Option<String>,
+}
+
+impl RunRole {
+    /// Whether the agent may call `tool`.
+    pub fn allows(&self, tool: &str) -> bool {
+        self.tools
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|x| x == tool))
+    }
 }
 
 /// Whether this node may still make a gateway call: asked by the driver at

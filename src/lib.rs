@@ -33,6 +33,7 @@ pub mod node;
 pub mod otel;
 pub mod placement;
 pub mod raft;
+pub mod roles;
 pub mod store;
 pub mod tls;
 pub mod trace;

@@ -112,6 +112,7 @@ fn request(task: u64) -> RunRequest {
         guard: Default::default(),
         context: None,
         flags: Vec::new(),
+        role: None,
     }
 }
 

@@ -66,7 +66,7 @@ async fn a_flag_reaches_the_attempts_of_the_work_it_matches() {
             .put(
                 2,
                 "/api/v1/flags/new-prompt",
-                &json!({"capability": "llm", "model": "m-1",
+                &json!({"enabled": true, "capability": "llm", "model": "m-1",
                  "description": "the new system prompt"}),
             )
             .await
@@ -78,7 +78,11 @@ async fn a_flag_reaches_the_attempts_of_the_work_it_matches() {
             "{r:?}"
         );
         let r = api
-            .put(1, "/api/v1/flags/other-model", &json!({"model": "m-2"}))
+            .put(
+                1,
+                "/api/v1/flags/other-model",
+                &json!({"enabled": true, "model": "m-2"}),
+            )
             .await
             .unwrap();
         assert_eq!(r.status, 200, "{r:?}");
@@ -109,7 +113,11 @@ async fn a_flag_reaches_the_attempts_of_the_work_it_matches() {
 
         // A share: on for part of the work, not none and not all.
         let r = api
-            .put(0, "/api/v1/flags/half", &json!({"percent": 50}))
+            .put(
+                0,
+                "/api/v1/flags/half",
+                &json!({"enabled": true, "percent": 50}),
+            )
             .await
             .unwrap();
         assert_eq!(r.status, 200, "{r:?}");
@@ -132,7 +140,7 @@ async fn a_flag_reaches_the_attempts_of_the_work_it_matches() {
             .put(
                 0,
                 "/api/v1/flags/for-workers",
-                &json!({"capability": "batch"}),
+                &json!({"enabled": true, "capability": "batch"}),
             )
             .await
             .unwrap();
@@ -150,12 +158,13 @@ async fn a_flag_reaches_the_attempts_of_the_work_it_matches() {
 
         // Bad flags: 400, nothing set; removing a missing one: 404.
         for body in [
-            json!({"percent": 0}),
-            json!({"percent": 101}),
-            json!({"gateway_kind": "ftp"}),
-            json!({"tenant": "bad name"}),
+            json!({}),
+            json!({"enabled": true, "percent": 0}),
+            json!({"enabled": true, "percent": 101}),
+            json!({"enabled": true, "gateway_kind": "ftp"}),
+            json!({"enabled": true, "tenant": "bad name"}),
             json!({"enabled": "yes"}),
-            json!({"surprise": 1}),
+            json!({"enabled": true, "surprise": 1}),
         ] {
             let r = api.put(0, "/api/v1/flags/bad", &body).await.unwrap();
             assert_eq!(r.status, 400, "{body}: {r:?}");

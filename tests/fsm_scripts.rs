@@ -71,7 +71,8 @@
 //!   `place gateway=G [node=N]` (no node: unplace),
 //!   `report gateway=G health=healthy|degraded|unhealthy|unknown
 //!   circuit=closed|open|half_open`,
-//!   `agent id=A gateway=G [caps=x,y] [capacity=1] [role=worker]`, `unagent id=A`,
+//!   `agent id=A gateway=G [caps=x,y] [capacity=1] [role=worker] [tools=a,b]
+//!   [prompt=P]`, `unagent id=A`,
 //!   `report_agent agent=A node=N [circuit=closed|open|half_open]
 //!   [silent=true|false]` (an agent's own breaker, or its actor silent),
 //!   `ungateway id=G`,
@@ -103,7 +104,8 @@
 //!   session, oldest first: state, key, agent, gateway, task, deadline, idle
 //!   close, reason), `load agent=A` (live leases against capacity),
 //!   `why id=N [dead_after=3000]` (why a ready task waits, as its API view says),
-//!   `switches` (the kill switches, one line each)
+//!   `switches` (the kill switches, one line each), `agent_info id=A` (its
+//!   registration and own state)
 //! - `snapshot` remembers the encoded state; `unchanged` says whether the
 //!   state is byte-for-byte what `snapshot` saw.
 
@@ -185,6 +187,7 @@ scripts! {
     kill_switch_on_gateway_kind_and_model,
     feature_flags,
     agent_breaker_and_silence,
+    agent_role_in_its_registration,
     shard_kill_switch_on_gateway_kind_and_model,
     meta_revisions_for_shard_copies,
     dispatch_by_role,
@@ -429,6 +432,8 @@ impl Runner {
                     capabilities: list(args.take("caps")),
                     role: args.take("role").unwrap_or_else(|| "worker".into()),
                     capacity: args.parsed("capacity")?.unwrap_or(1),
+                    tools: args.take("tools").map(|t| list(Some(t))),
+                    prompt: args.take("prompt"),
                 }));
                 out.extend(self.bring_online(|a| a.reg.id == id));
                 out
@@ -526,6 +531,24 @@ impl Runner {
                 }]
             }
             "depth" => depth_lines(&self.state),
+            "agent_info" => {
+                let id = AgentId(args.require("id")?);
+                vec![match self.state.registry().agent(&id) {
+                    Some(a) => format!(
+                        "agent {id}: gateway={} role={} caps=[{}] capacity={} tools={:?} prompt={:?} circuit={:?} silent_since={:?} online_on={:?}",
+                        a.reg.gateway.0,
+                        a.reg.role,
+                        a.reg.capabilities.join(","),
+                        a.reg.capacity,
+                        a.reg.tools,
+                        a.reg.prompt,
+                        a.circuit,
+                        a.silent_since_ms,
+                        a.online_on
+                    ),
+                    None => format!("agent {id} not found"),
+                }]
+            }
             "flags" => self
                 .state
                 .flags()

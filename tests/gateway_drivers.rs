@@ -32,6 +32,7 @@ fn req(payload: &str, timeout: Duration) -> RunRequest {
         guard: Default::default(),
         context: None,
         flags: Vec::new(),
+        role: None,
     }
 }
 
@@ -336,6 +337,54 @@ async fn command_and_http_gateways_get_the_flags_on_for_the_task() {
     assert_eq!(
         sent["flags"],
         serde_json::json!(["new-prompt", "oc-tools"]),
+        "{sent}"
+    );
+}
+
+#[tokio::test]
+async fn command_and_http_gateways_are_told_the_agents_role() {
+    let role = || {
+        Some(std::sync::Arc::new(godel::gateway::RunRole {
+            name: "reviewer".into(),
+            tools: Some(vec!["read".into(), "ls".into()]),
+            prompt: Some("You review.".into()),
+        }))
+    };
+    let d = sh(
+        r#"printf '{"role":"%s","prompt":"%s","tools":"%s"}' "$GODEL_ROLE" "$GODEL_ROLE_PROMPT" "${GODEL_ALLOWED_TOOLS-any}""#,
+    );
+    let with_role = RunRequest {
+        role: role(),
+        ..req("{}", Duration::from_secs(10))
+    };
+    let out = run(&d, with_role).await.unwrap();
+    assert_eq!(
+        out.result_json,
+        r#"{"role":"reviewer","prompt":"You review.","tools":"read,ls"}"#
+    );
+    let any_tool = RunRequest {
+        role: Some(std::sync::Arc::new(godel::gateway::RunRole {
+            name: "worker".into(),
+            ..Default::default()
+        })),
+        ..req("{}", Duration::from_secs(10))
+    };
+    let out = run(&d, any_tool).await.unwrap();
+    assert_eq!(
+        out.result_json,
+        r#"{"role":"worker","prompt":"","tools":"any"}"#
+    );
+
+    let base = webhook::start().await;
+    let with_role = RunRequest {
+        role: role(),
+        ..req("{}", Duration::from_secs(10))
+    };
+    let out = run(&http(format!("{base}/echo")), with_role).await.unwrap();
+    let sent: serde_json::Value = serde_json::from_str(&out.result_json).unwrap();
+    assert_eq!(
+        sent["role"],
+        serde_json::json!({"name": "reviewer", "tools": ["read", "ls"], "prompt": "You review."}),
         "{sent}"
     );
 }

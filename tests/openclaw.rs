@@ -62,7 +62,9 @@ const GATEWAY_START: Duration = Duration::from_secs(120);
 const CLUSTER: &str = "[queue]\nnode_heartbeat_interval = \"250ms\"\n\
                        node_dead_after = \"5s\"\ndefault_lease = \"20s\"\n\n\
                        [runtime]\ngateway_probe_interval = \"500ms\"\n\
-                       session_move_after = \"3s\"\n";
+                       session_move_after = \"3s\"\n\n\
+                       [roles.auditor]\ncapabilities = [\"audit\"]\ntools = [\"read\"]\n\
+                       prompt = \"ROLE-PROMPT: you audit; you change nothing.\"\n";
 
 #[test]
 fn real_openclaw_gateways_under_a_godel_cluster() {
@@ -184,6 +186,8 @@ async fn body(install: Install) {
     eprintln!("[openclaw] 20 tasks done at {:?}", t0.elapsed());
     phase_dead_letter(&api, leader).await;
     eprintln!("[openclaw] dead letter done at {:?}", t0.elapsed());
+    phase_roles(&api, leader, &b).await;
+    eprintln!("[openclaw] roles done at {:?}", t0.elapsed());
     phase_cancel(&api, leader, &a, &b).await;
     eprintln!("[openclaw] cancel done at {:?}", t0.elapsed());
     phase_kill(&api, leader, &mut a, &b).await;
@@ -378,6 +382,68 @@ async fn phase_dead_letter(api: &Api, via: usize) {
         error.contains("provider rejected the request schema"),
         "the gateway's error text: {t}"
     );
+}
+
+/// An agent of a role (from the config: capability `audit`, tool `read`
+/// only, a prompt): its tasks carry the role's prompt ahead of the message
+/// to the model; a run that calls a tool the role allows completes, one
+/// that calls another is stopped, and the task fails naming the tool.
+async fn phase_roles(api: &Api, via: usize, b: &RealGateway) {
+    let until = deadline(Duration::from_secs(20));
+    let body = json!({"id": "oc-b.auditor", "gateway": "oc-b", "capacity": 2, "role": "auditor"});
+    let r = api.post_retrying(via, "/api/v1/agents", &body, until).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body["tools"], json!(["read"]), "{r:?}");
+    assert!(
+        r.body["capabilities"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("audit")),
+        "{r:?}"
+    );
+    let audit = |marker: &str, message: &str| {
+        json!({
+            "tenant": "oc", "payload": {"message": message}, "capabilities": ["audit"],
+            "max_attempts": 1, "timeout_ms": 90_000, "idempotency_key": marker,
+        })
+    };
+    let allowed = submit(
+        api,
+        via,
+        &audit("role-read", "[[tool:read]] role-read check the file"),
+    )
+    .await["id"]
+        .as_u64()
+        .unwrap();
+    let refused = submit(
+        api,
+        via,
+        &audit("role-exec", "[[tool:exec]] role-exec run the build"),
+    )
+    .await["id"]
+        .as_u64()
+        .unwrap();
+    let done = wait_terminal(api, via, &[allowed, refused], Duration::from_secs(90)).await;
+    let t = &done[&allowed];
+    assert_eq!(t["status"], "completed", "{t}");
+    assert_eq!(t["agent_id"], "oc-b.auditor", "{t}");
+    let t = &done[&refused];
+    assert_eq!(t["status"], "dead_letter", "{t}");
+    let error = t["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("tool `exec`") && error.contains("role `auditor` does not allow"),
+        "the run was stopped at the tool: {t}"
+    );
+    let prompt = prompt_with(b, "role-read");
+    assert!(
+        prompt.contains("ROLE-PROMPT: you audit"),
+        "the model saw the role's prompt: {prompt}"
+    );
+    let r = api
+        .delete(via, "/api/v1/agents/oc-b.auditor")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
 }
 
 async fn phase_cancel(api: &Api, via: usize, a: &RealGateway, b: &RealGateway) {

@@ -79,6 +79,7 @@ fn req(task: u64, message: &str, key: Option<&str>, timeout: Duration) -> RunReq
         guard: Default::default(),
         context: None,
         flags: Vec::new(),
+        role: None,
     }
 }
 

@@ -1,7 +1,8 @@
 //! Dispatch by role on a running node: a task submitted with `agent_role` runs
 //! only on an agent of that role (its capabilities list `role:<role>`);
-//! a bad role is refused. And a gateway shows its live load (sessions and
-//! its agents' leases).
+//! a bad role is refused. Roles are built in or come from the config, and
+//! give their agents capabilities, tools and a prompt. And a gateway shows
+//! its live load (sessions and its agents' leases).
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -121,6 +122,98 @@ async fn a_gateway_shows_its_live_sessions_and_active_tasks() {
             Some(&g["active_tasks"]),
             "{listed}"
         );
+    })
+    .await;
+}
+
+/// A role from the config gives its agents its capabilities, tools and
+/// prompt (shown on the agent, handed to the gateway with each attempt);
+/// `GET /roles` lists it with the built-in ones; an unknown role is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_role_gives_its_agents_capabilities_tools_and_a_prompt() {
+    let c = Cluster::start_with(
+        1,
+        "[roles.triager]\ndescription = \"sorts incoming issues\"\ncapabilities = [\"triage\"]\n\
+         tools = [\"read\"]\nprompt = \"You triage.\"\n",
+    )
+    .await;
+    bounded(TEST_BOUND, async {
+        let api = c.api();
+        c.leader().await;
+        let roles = api.get_ok(0, "/api/v1/roles").await;
+        let names: Vec<(&str, bool)> = roles["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["name"].as_str().unwrap(), r["builtin"].as_bool().unwrap()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("coordinator", true),
+                ("monitor", true),
+                ("reviewer", true),
+                ("triager", false),
+                ("worker", true)
+            ],
+            "{roles}"
+        );
+        let gw =
+            json!({"id": "gw-t", "region": "local", "max_sessions": 8, "driver": {"kind": "sim"}});
+        let r = api.post(0, "/api/v1/gateways", &gw).await.unwrap();
+        assert_eq!(r.status, 201, "{r:?}");
+        let r = api
+            .post(
+                0,
+                "/api/v1/agents",
+                &json!({"id": "tri-1", "gateway": "gw-t", "role": "triager"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{r:?}");
+        assert_eq!(r.body["capabilities"], json!(["triage"]), "{r:?}");
+        assert_eq!(r.body["tools"], json!(["read"]), "{r:?}");
+        assert_eq!(r.body["prompt"], "You triage.", "{r:?}");
+        let r = api
+            .post(
+                0,
+                "/api/v1/agents",
+                &json!({"id": "x-1", "gateway": "gw-t", "role": "mayor"}),
+            )
+            .await
+            .unwrap();
+        r.assert_error(404, "not_found");
+        assert!(r.body.to_string().contains("no role `mayor`"), "{r:?}");
+        let r = api.get(0, "/api/v1/agents/x-1").await.unwrap();
+        assert_eq!(r.status, 404, "nothing registered: {r:?}");
+
+        // A task that needs the role's capability runs on its agent, which
+        // hands the gateway its role.
+        let r = api
+            .post(
+                0,
+                "/api/v1/tasks",
+                &json!({"payload": {}, "capabilities": ["triage"]}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{r:?}");
+        let id = r.body["id"].as_u64().unwrap();
+        let t = wait_until(
+            "the task to complete",
+            deadline(Duration::from_secs(20)),
+            async || {
+                let t = api.get_ok(0, &format!("/api/v1/tasks/{id}")).await;
+                if t["status"] == "completed" {
+                    Ok(t)
+                } else {
+                    bail!("{t}")
+                }
+            },
+        )
+        .await;
+        assert_eq!(t["agent_id"], "tri-1", "{t}");
+        assert_eq!(t["result"]["role"], "triager", "{t}");
     })
     .await;
 }

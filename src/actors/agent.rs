@@ -725,11 +725,19 @@ async fn attempt(
     };
     // The feature flags on for this task on this agent's gateway, as the
     // replica has them now.
-    let flags = args.node.state().read(|s| {
+    // and its role, as its registration has it.
+    let (flags, role) = args.node.state().read(|s| {
         let gw = gateway_here(s, &args.id, args.node.id());
         let kind = gw.map(|g| g.reg.kind.as_str());
         let model = gw.and_then(|g| g.reg.model.as_deref());
-        s.flags_on(&task, kind, model)
+        let role = s.registry().agent(&args.id).map(|a| {
+            Arc::new(crate::gateway::RunRole {
+                name: a.reg.role.clone(),
+                tools: a.reg.tools.clone(),
+                prompt: a.reg.prompt.clone(),
+            })
+        });
+        (s.flags_on(&task, kind, model), role)
     });
     let req = RunRequest {
         guard,
@@ -745,6 +753,7 @@ async fn attempt(
         fence,
         context: None,
         flags,
+        role,
     };
     // A span of its own only when it is exported: an attempt's log lines
     // name its ids anyway.

@@ -72,8 +72,7 @@ pub struct FlagsView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FlagBody {
-    /// On or off (default on).
-    #[serde(default = "on")]
+    /// On or off (required: a PUT says the whole flag).
     enabled: bool,
     /// Only this tenant's tasks.
     #[schema(schema_with = view::opt_name_schema)]
@@ -95,10 +94,6 @@ pub struct FlagBody {
     /// What it is for.
     #[schema(max_length = 4096)]
     description: Option<String>,
-}
-
-fn on() -> bool {
-    true
 }
 
 /// The flag's name in the path.

@@ -72,6 +72,7 @@ const BEARER: &str = "bearer";
         flags::list,
         flags::set,
         flags::remove,
+        registry::roles,
         leases::acquire,
         leases::renew,
         leases::complete,

@@ -202,6 +202,7 @@ pub const ROUTES: &[RouteSpec] = &[
     r(PUT, "/switches/{name}", P::Switches, "switches.set"),
     r(DELETE, "/switches/{name}", P::Switches, "switches.lift"),
     r(GET, "/flags", P::RegistryRead, "flags.list"),
+    r(GET, "/roles", P::RegistryRead, "roles.list"),
     r(PUT, "/flags/{name}", P::Switches, "flags.set"),
     r(DELETE, "/flags/{name}", P::Switches, "flags.remove"),
     r(POST, "/leases", P::LeasesWork, "leases.acquire"),

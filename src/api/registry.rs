@@ -16,8 +16,7 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::json::Body;
 use crate::clock;
 use crate::fsm::{
-    AgentId, AgentRecord, AgentRegistration, AuditTarget, Command, GatewayId, GatewayRecord,
-    TaskStatus,
+    AgentId, AgentRecord, AuditTarget, Command, GatewayId, GatewayRecord, TaskStatus,
 };
 use crate::gateway::{DriverPolicy, GatewaySpec};
 
@@ -34,7 +33,9 @@ pub struct AgentBody {
     #[serde(default)]
     #[schema(schema_with = super::view::names_schema)]
     capabilities: Vec<String>,
-    /// Default `worker`.
+    /// Default `worker`: a built-in role (`coordinator`, `worker`,
+    /// `reviewer`, `monitor`) or one of the config's `[roles]`; its
+    /// capabilities join the agent's, its tools and prompt are copied in.
     #[serde(default = "default_role")]
     #[schema(schema_with = super::view::name_schema)]
     role: String,
@@ -60,6 +61,10 @@ pub struct AgentView {
     gateway: String,
     capabilities: Vec<String>,
     role: String,
+    /// The tools it may call, from its role (`null`: any).
+    tools: Option<Vec<String>>,
+    /// Given to the model ahead of each task's message, from its role.
+    prompt: Option<String>,
     capacity: u32,
     current_load: u32,
     /// The node running its actor, while online.
@@ -98,6 +103,8 @@ fn agent_view(a: &AgentRecord, loads: &HashMap<AgentId, u32>) -> AgentView {
         gateway: a.reg.gateway.0.clone(),
         capabilities: a.reg.capabilities.clone(),
         role: a.reg.role.clone(),
+        tools: a.reg.tools.clone(),
+        prompt: a.reg.prompt.clone(),
         capacity: a.reg.capacity,
         current_load: load,
         online_on: a.online_on,
@@ -147,7 +154,10 @@ pub struct RemovedView {
     post,
     path = "/agents",
     request_body = AgentBody,
-    responses((status = 201, description = "Registered (or updated)", body = AgentView))
+    responses(
+        (status = 201, description = "Registered (or updated)", body = AgentView),
+        (status = 404, description = "No such gateway, or no such role (`GET /roles`)", body = ErrorBody),
+    )
 )]
 pub async fn register(
     State(api): State<Api>,
@@ -156,13 +166,18 @@ pub async fn register(
 ) -> ApiResult<(StatusCode, Json<AgentView>)> {
     let target = Some(AuditTarget::text(format!("agent/{}", b.id)));
     let id = AgentId(b.id);
-    let reg = AgentRegistration {
-        id: id.clone(),
-        gateway: GatewayId(b.gateway),
-        capabilities: b.capabilities,
-        role: b.role,
-        capacity: b.capacity,
-    };
+    crate::fsm::check_name("role", &b.role, false)
+        .map_err(|(f, p)| ApiError::invalid(format!("invalid field `{f}`: {p}")))?;
+    let roles = crate::roles::all(&api.node.config().roles);
+    let reg = crate::roles::registration(
+        id.clone(),
+        GatewayId(b.gateway),
+        b.capabilities,
+        &b.role,
+        b.capacity,
+        &roles,
+    )
+    .map_err(ApiError::not_found)?;
     api.write_as(&caller, Command::RegisterAgent(reg), target)
         .await?;
     // The write may have been applied on the leader only so far.
@@ -534,4 +549,52 @@ pub async fn deregister_gateway(
     )
     .await?;
     Ok(Json(RemovedView { removed: id }))
+}
+
+/// A role as `GET /roles` shows it.
+#[derive(Serialize, ToSchema)]
+pub struct RoleView {
+    /// Its name (what an agent's `role` and a task's `agent_role` say).
+    name: String,
+    /// Whether it is built in (`false`: from this node's `[roles]`, which
+    /// may also replace a built-in one).
+    builtin: bool,
+    /// What it is for.
+    description: String,
+    /// Capabilities every agent of the role has.
+    capabilities: Vec<String>,
+    /// The tools its agents may call (`null`: any).
+    tools: Option<Vec<String>>,
+    /// Given to the model ahead of each task's message.
+    prompt: Option<String>,
+}
+
+/// `GET /roles` answer.
+#[derive(Serialize, ToSchema)]
+pub struct RolesView {
+    items: Vec<RoleView>,
+}
+
+/// `GET /roles`: the roles an agent registered through this node may have:
+/// the built-in ones and the config's `[roles]`, with the capabilities,
+/// tools and prompt each gives its agents.
+#[utoipa::path(
+    get,
+    path = "/roles",
+    responses((status = 200, description = "The roles", body = RolesView))
+)]
+pub async fn roles(State(api): State<Api>) -> Json<RolesView> {
+    let configured = &api.node.config().roles;
+    let items = crate::roles::all(configured)
+        .into_iter()
+        .map(|(name, spec)| RoleView {
+            builtin: !configured.contains_key(&name),
+            name,
+            description: spec.description,
+            capabilities: spec.capabilities,
+            tools: spec.tools,
+            prompt: spec.prompt,
+        })
+        .collect();
+    Json(RolesView { items })
 }

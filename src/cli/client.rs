@@ -15,7 +15,7 @@ use super::security::{self, AuditCmd};
 use super::text::{self, View};
 use super::{
     AgentCmd, ClusterCmd, Command, DlqCmd, FlagCmd, GatewayCmd, LeaseCmd, ListArgs, NodeCmd,
-    Output, QueueCmd, SessionCmd, SessionListArgs, SwitchCmd, TaskCmd,
+    Output, QueueCmd, RoleCmd, SessionCmd, SessionListArgs, SwitchCmd, TaskCmd,
 };
 
 /// Runs a client command against `api` with `api_key` (else the key in
@@ -299,6 +299,7 @@ fn request(cmd: Command) -> anyhow::Result<Req> {
             };
             ("GET", format!("{path}{q}"), None)
         }
+        Command::Role(RoleCmd::Ls) => ("GET", "/api/v1/roles".into(), None),
         Command::Flag(FlagCmd::Ls) => ("GET", "/api/v1/flags".into(), None),
         Command::Flag(FlagCmd::Set {
             name,

@@ -162,7 +162,7 @@ async fn wait_for_signal() {
 /// three agents, so a newcomer's first tasks complete. Skipped when any
 /// gateway is already registered (a restart, or one the operator added).
 async fn seed_simulated_gateway(node: Node) {
-    use crate::fsm::{AgentId, AgentRegistration, Command};
+    use crate::fsm::{AgentId, Command};
     use crate::gateway::GatewaySpec;
     let spec: GatewaySpec = match serde_json::from_value(serde_json::json!({
         "id": "sim", "region": node.info().region, "max_sessions": 16, "driver": { "kind": "sim" },
@@ -172,13 +172,18 @@ async fn seed_simulated_gateway(node: Node) {
     };
     let mut commands = vec![Command::RegisterGateway(spec.to_registration())];
     for i in 1..=3 {
-        commands.push(Command::RegisterAgent(AgentRegistration {
-            id: AgentId(format!("sim-agent-{i}")),
-            gateway: spec.id.clone(),
-            capabilities: vec![],
-            role: "worker".into(),
-            capacity: 4,
-        }));
+        let roles = crate::roles::all(&node.config().roles);
+        match crate::roles::registration(
+            AgentId(format!("sim-agent-{i}")),
+            spec.id.clone(),
+            vec![],
+            "worker",
+            4,
+            &roles,
+        ) {
+            Ok(reg) => commands.push(Command::RegisterAgent(reg)),
+            Err(e) => return tracing::error!(error = %e, "built-in simulated agents"),
+        }
     }
     for _ in 0..100 {
         if node.read_barrier().await.is_ok() {

@@ -150,6 +150,10 @@ pub struct AgentRegistration {
     pub role: String,
     /// Concurrent tasks it may hold.
     pub capacity: u32,
+    /// The tools it may call, from its role (`None`: any).
+    pub tools: Option<Vec<String>>,
+    /// Given to the model ahead of each task's message, from its role.
+    pub prompt: Option<String>,
 }
 
 impl AgentRegistration {
@@ -596,6 +600,23 @@ impl State {
                 format!("must be 1..={MAX_AGENT_CAPACITY}"),
             ));
         }
+        if let Some(tools) = &reg.tools {
+            if tools.len() > crate::roles::MAX_TOOLS {
+                let problem = format!("at most {}", crate::roles::MAX_TOOLS);
+                return Err(Rejection::invalid("tools", problem));
+            }
+            for t in tools {
+                check_name("tools", t, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
+            }
+        }
+        if reg
+            .prompt
+            .as_ref()
+            .is_some_and(|p| p.len() > crate::roles::MAX_PROMPT_BYTES)
+        {
+            let problem = format!("at most {} bytes", crate::roles::MAX_PROMPT_BYTES);
+            return Err(Rejection::invalid("prompt", problem));
+        }
         let reg = AgentRegistration {
             capabilities: normalize_caps(&reg.capabilities),
             ..reg.clone()
@@ -840,6 +861,7 @@ mod tests {
             capabilities: vec!["rust".into()],
             role: "coder".into(),
             capacity: 2,
+            ..Default::default()
         };
         apply(&mut s, 20, Command::RegisterAgent(agent.clone())).unwrap();
         let orphan = AgentRegistration {

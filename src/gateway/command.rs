@@ -56,6 +56,17 @@ impl CommandDriver {
             // A session's earlier turns, carried to this gateway.
             cmd.env("GODEL_SESSION_CONTEXT", &**context);
         }
+        if let Some(role) = &req.role {
+            // The agent's role: its name, prompt and the tools it may call
+            // (absent: any; empty: none).
+            cmd.env("GODEL_ROLE", &role.name);
+            if let Some(prompt) = &role.prompt {
+                cmd.env("GODEL_ROLE_PROMPT", prompt);
+            }
+            if let Some(tools) = &role.tools {
+                cmd.env("GODEL_ALLOWED_TOOLS", tools.join(","));
+            }
+        }
         if !req.flags.is_empty() {
             // The feature flags on for this task.
             cmd.env("GODEL_FLAGS", req.flags.join(","));

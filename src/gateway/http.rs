@@ -61,6 +61,9 @@ struct Body<'a> {
     /// The feature flags on for this task (absent when none are).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     flags: &'a [String],
+    /// The agent's role: `{name, tools, prompt}` (`tools` null: any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'a super::RunRole>,
 }
 
 impl HttpDriver {
@@ -107,6 +110,7 @@ impl HttpDriver {
             payload,
             context: req.context.as_deref(),
             flags: &req.flags,
+            role: req.role.as_deref(),
         })
         .map_err(|e| DriverError::TaskFailed {
             reason: format!("cannot encode the request: {e}"),

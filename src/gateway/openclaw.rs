@@ -215,6 +215,11 @@ impl OpenClawDriver {
             Some(earlier) => format!("{earlier}\n\n{message}"),
             None => message,
         };
+        // The role's prompt comes first of all.
+        let message = match req.role.as_ref().and_then(|r| r.prompt.as_deref()) {
+            Some(prompt) => format!("{prompt}\n\n{message}"),
+            None => message,
+        };
         let turn = req.timeout.min(self.spec.turn_timeout);
         let trace = req
             .trace
@@ -239,6 +244,7 @@ impl OpenClawDriver {
             key: &key,
             trace: &trace,
             turn,
+            role: req.role.as_deref(),
         };
         // A gateway that is down or still starting is waited for, but no
         // longer than the reconnect window: past it, another attempt (maybe
@@ -353,7 +359,27 @@ impl OpenClawDriver {
                     };
                 }
                 ev = events.recv() => match ev {
-                    Ok(ev) => tally.observe(run, &ev),
+                    Ok(ev) => {
+                        let Some(tool) = tally.observe(run, &ev) else {
+                            continue;
+                        };
+                        let Some(role) = run.role.filter(|r| !r.allows(&tool)) else {
+                            continue;
+                        };
+                        // Not this role's to call: stop the run here.
+                        let aborted = abort_run(conn, run.key, Some(run.run_id), run.trace).await;
+                        abort.run_id = None;
+                        tally.log(run);
+                        tracing::warn!(task = %run.task, run = %run.run_id, %tool, role = %role.name, %aborted, "openclaw run called a tool its role does not allow; run stopped");
+                        let allowed = role.tools.as_deref().unwrap_or_default().join(", ");
+                        return Err(Lost::Failed(DriverError::TaskFailed {
+                            reason: format!(
+                                "the run called tool `{tool}`, which role `{}` does not allow (allowed: [{allowed}]); the run was stopped",
+                                role.name
+                            ),
+                            retryable: false,
+                        }));
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tally.lagged += n,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
                 },
@@ -436,6 +462,8 @@ struct Run<'a> {
     key: &'a str,
     trace: &'a str,
     turn: Duration,
+    /// The agent's role: a tool it does not allow stops the run.
+    role: Option<&'a super::RunRole>,
 }
 
 /// How waiting for a run's answer ended without one.
@@ -540,9 +568,11 @@ struct Tally {
 }
 
 impl Tally {
-    fn observe(&mut self, run: &Run<'_>, ev: &wire::Event) {
+    /// Counts one event of the run; returns the tool's name when it is a
+    /// tool call starting.
+    fn observe(&mut self, run: &Run<'_>, ev: &wire::Event) -> Option<String> {
         if wire::str_at(&ev.payload, &["runId"]) != Some(run.run_id) {
-            return;
+            return None;
         }
         let data = ev.payload.get("data").unwrap_or(&Value::Null);
         match (ev.event.as_str(), wire::str_at(&ev.payload, &["stream"])) {
@@ -558,6 +588,7 @@ impl Tally {
                 self.tools += 1;
                 let name = wire::str_at(data, &["name"]).unwrap_or("?");
                 tracing::info!(task = %run.task, run = %run.run_id, tool = name, "openclaw run calls a tool");
+                return Some(name.to_owned());
             }
             ("agent", Some("run_status")) => {
                 self.retries += 1;
@@ -566,6 +597,7 @@ impl Tally {
             }
             _ => {}
         }
+        None
     }
 
     fn log(&self, run: &Run<'_>) {
@@ -791,6 +823,7 @@ mod tests {
             key: "agent:main:godel-t-7",
             trace: "00-1-1-01",
             turn: Duration::from_secs(60),
+            role: None,
         }
     }
 

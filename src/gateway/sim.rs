@@ -126,11 +126,19 @@ impl GatewayDriver for SimDriver {
             let carried = req.context.as_deref().map_or_else(String::new, |c| {
                 format!(r#","context":{}"#, serde_json::Value::from(c))
             });
-            // The feature flags on for the task, so a test sees them.
+            // The feature flags on for the task and the agent's role, so a
+            // test sees them.
             let flags = if req.flags.is_empty() {
                 String::new()
             } else {
                 format!(r#","flags":{}"#, serde_json::Value::from(req.flags.clone()))
+            };
+            let flags = match &req.role {
+                Some(r) => format!(
+                    r#"{flags},"role":{}"#,
+                    serde_json::Value::from(r.name.as_str())
+                ),
+                None => flags,
             };
             let done = |latency: Duration| RunOutput {
                 result_json: format!(
