@@ -102,6 +102,7 @@ fn fleet(agents: usize, capacity: u32, backlog: u64) -> State {
             capabilities: vec![],
             max_sessions: 10_000,
             model: None,
+            managed: false,
         }));
         setup.push(Command::PlaceGateway { id, owner: Some(1) });
     }

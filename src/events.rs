@@ -143,6 +143,7 @@ fn data(what: &What) -> Value {
             GatewayChange::Placed { owner, token } => {
                 json!({"id": id.0, "owner": owner, "placement_token": token})
             }
+            GatewayChange::Process { state } => json!({"id": id.0, "process": state}),
             _ => json!({"id": id.0}),
         },
         What::Agent { id, change } => match change {

@@ -93,8 +93,8 @@ pub use plan::{PullPlan, best_of, plan_from, plan_pull};
 pub use query::{Depth, TaskFilter, TaskPage, merge_pages};
 pub use registry::{
     AgentRecord, AgentRegistration, BACKPRESSURE_PERCENT, Circuit, GatewayId, GatewayRecord,
-    GatewayRegistration, Health, MAX_AGENT_CAPACITY, MAX_SESSIONS_PER_GATEWAY, NodeRecord,
-    Registry, accepts_new_session, new_session_room,
+    GatewayRegistration, Health, MAX_AGENT_CAPACITY, MAX_SESSIONS_PER_GATEWAY, ManagedState,
+    ManagedStatus, NodeRecord, Registry, accepts_new_session, new_session_room,
 };
 pub use retry::{Backoff, backoff_delay_ms};
 pub use session::{

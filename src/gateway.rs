@@ -106,6 +106,7 @@ mod breaker;
 mod command;
 mod guarded;
 mod http;
+mod managed;
 mod openclaw;
 mod policy;
 mod sim;
@@ -116,12 +117,13 @@ pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Transition};
 pub use command::CommandDriver;
 pub use guarded::GuardedDriver;
 pub use http::HttpDriver;
+pub use managed::ManagedProcess;
 pub use openclaw::{DEVICE_KEY_FILE, OpenClawDriver};
 pub use policy::DriverPolicy;
 pub use sim::SimDriver;
 pub use spec::{
-    CommandSpec, DriverSpec, GatewayKind, GatewaySpec, HttpSpec, LatencySpec, OpenClawSpec,
-    SecretRef, SimSpec,
+    CommandSpec, DriverSpec, GatewayKind, GatewaySpec, HttpSpec, LatencySpec, ManagedSpec,
+    OpenClawSpec, SecretRef, SimSpec,
 };
 
 /// Largest result an attempt may return, in bytes (stdout of a `command`

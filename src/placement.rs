@@ -108,6 +108,7 @@ mod tests {
             registered_at_ms: 0,
             updated_at_ms: 0,
             unhealthy_since_ms: None,
+            managed: None,
         }
     }
 

@@ -159,6 +159,7 @@ async fn start(latency: Duration, session_restarts: u32) -> Fixture {
         sessions: host.clone(),
         policy: policy(session_restarts),
         observer: observer.clone(),
+        managed: None,
     };
     let gateways =
         SupervisorArgs::new("gateways", policy(0), observer.clone())
@@ -400,6 +401,7 @@ async fn a_gateway_is_reported_unhealthy_only_after_several_failed_probes() {
         sessions: SessionHost::new(id, guarded as Arc<dyn GatewayDriver>),
         policy: policy(0),
         observer,
+        managed: None,
     };
     let (actor, _join) = ractor::Actor::spawn(None, GatewayActor, args)
         .await

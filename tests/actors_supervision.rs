@@ -493,6 +493,7 @@ async fn failing_gateway_actor_trips_the_intensity_limit_and_escalates() {
         sessions: host,
         policy: policy(2),
         observer: obs.clone(),
+        managed: None,
     };
     let gateways =
         SupervisorArgs::new("gateways", policy(2), obs.clone())

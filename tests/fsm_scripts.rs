@@ -67,7 +67,10 @@
 //! - `time +N`, `time -N`, `time N`: move the leader clock (applies nothing)
 //! - registry: `node id=N [region=eu] [api=127.0.0.1:1]` (a heartbeat at the
 //!   script clock), `drain id=N [on=true]`,
-//!   `gateway id=G [caps=x,y] [max=100] [region=eu] [kind=sim] [model=M]`,
+//!   `gateway id=G [caps=x,y] [max=100] [region=eu] [kind=sim] [model=M]
+//!   [managed=true]`, `report_managed gateway=G node=N
+//!   state=starting|running|backoff|failed [pid=P] [restarts=R] [exit=E]`
+//!   (a managed gateway's process, read with `process gateway=G`),
 //!   `place gateway=G [node=N]` (no node: unplace),
 //!   `report gateway=G health=healthy|degraded|unhealthy|unknown
 //!   circuit=closed|open|half_open`,
@@ -119,10 +122,11 @@ use godel::fsm::{
     AuditRecord, AuditTarget, Backoff, Batch, Budget, BudgetAlert, BudgetLevel, BudgetPeriod,
     BudgetUnit, Checkpoint, Circuit, Command, DeadLetterFilter, DependencyFailure, DispatchPolicy,
     DispatchSpec, Event, EventKind, FeatureFlag, FencingToken, GatewayChange, GatewayId,
-    GatewayRegistration, Health, KillSwitch, LeaseGrant, Member, NewApiKey, Outcome, Priority,
-    PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request, Role, SessionKey, SessionRecord,
-    SessionState, State, SubmitTask, SyncSwitch, SyncWeight, Synced, Task, TaskFilter, TaskId,
-    TaskRegion, TaskStatus, Tenant, TenantPatch, TenantRecord, What, Write, verify_audit_chain,
+    GatewayRegistration, Health, KillSwitch, LeaseGrant, ManagedState, ManagedStatus, Member,
+    NewApiKey, Outcome, Priority, PullSlot, PullSpec, Rejection, ReplaySelector, Reply, Request,
+    Role, SessionKey, SessionRecord, SessionState, State, SubmitTask, SyncSwitch, SyncWeight,
+    Synced, Task, TaskFilter, TaskId, TaskRegion, TaskStatus, Tenant, TenantPatch, TenantRecord,
+    What, Write, verify_audit_chain,
 };
 use godel::trace::TraceContext;
 
@@ -188,6 +192,7 @@ scripts! {
     feature_flags,
     agent_breaker_and_silence,
     agent_role_in_its_registration,
+    managed_gateway_process,
     shard_kill_switch_on_gateway_kind_and_model,
     meta_revisions_for_shard_copies,
     dispatch_by_role,
@@ -531,6 +536,13 @@ impl Runner {
                 }]
             }
             "depth" => depth_lines(&self.state),
+            "process" => {
+                let id = GatewayId(args.require("gateway")?);
+                vec![match self.state.registry().gateway(&id) {
+                    Some(g) => format!("gateway {id} owner={:?} process={:?}", g.owner, g.managed),
+                    None => format!("gateway {id} not found"),
+                }]
+            }
             "agent_info" => {
                 let id = AgentId(args.require("id")?);
                 vec![match self.state.registry().agent(&id) {
@@ -1040,6 +1052,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             capabilities: list(args.take("caps")),
             max_sessions: args.parsed("max")?.unwrap_or(100),
             model: args.take("model"),
+            managed: args.parsed("managed")?.unwrap_or(false),
         }),
         "online" => Command::AgentOnline {
             agent: AgentId(args.require("agent")?),
@@ -1051,6 +1064,22 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             node: args.require("node")?,
             circuit: args.take("circuit").map(|c| circuit(&c)).transpose()?,
             silent: args.parsed("silent")?,
+        },
+        "report_managed" => Command::ReportManaged {
+            id: GatewayId(args.require("gateway")?),
+            node: args.require("node")?,
+            status: ManagedStatus {
+                state: match args.require::<String>("state")?.as_str() {
+                    "starting" => ManagedState::Starting,
+                    "running" => ManagedState::Running,
+                    "backoff" => ManagedState::Backoff,
+                    "failed" => ManagedState::Failed,
+                    other => return Err(format!("`state={other}`: unknown process state")),
+                },
+                pid: args.parsed("pid")?,
+                restarts: args.parsed("restarts")?.unwrap_or(0),
+                last_exit: args.take("exit"),
+            },
         },
         "report" => Command::ReportGateway {
             id: GatewayId(args.require("gateway")?),

@@ -21,8 +21,12 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::session::{SESSIONS, SessionHost, parse_session_actor, session_actor_at};
 use super::{Observer, RestartPolicy, Supervisor, SupervisorArgs, SupervisorRef};
-use crate::fsm::{Circuit, Command, GatewayId, Health, SessionId, SessionKey};
-use crate::gateway::{BoxFuture, GatewayDriver, GuardedDriver, PROBE_TIMEOUT};
+use crate::fsm::{
+    Circuit, Command, GatewayId, Health, ManagedState, ManagedStatus, SessionId, SessionKey,
+};
+use crate::gateway::{
+    BoxFuture, GatewayDriver, GuardedDriver, ManagedProcess, ManagedSpec, PROBE_TIMEOUT,
+};
 use crate::node::Node;
 
 /// How long stopping an ended session's actor may take.
@@ -51,9 +55,31 @@ pub trait GatewayRegistry: Send + Sync + 'static {
         id: &GatewayId,
         sessions: &[(SessionId, u32)],
     ) -> Vec<(SessionId, u32, Option<SessionKey>)>;
+    /// The committed status of a managed gateway's process.
+    fn committed_process(&self, _id: &GatewayId) -> Option<ManagedStatus> {
+        None
+    }
+    /// Proposes a managed gateway's process status; true once committed.
+    fn report_process(&self, _id: &GatewayId, _status: ManagedStatus) -> BoxFuture<'_, bool> {
+        Box::pin(async { false })
+    }
 }
 
 impl GatewayRegistry for Node {
+    fn committed_process(&self, id: &GatewayId) -> Option<ManagedStatus> {
+        self.state()
+            .read(|s| s.registry().gateway(id).and_then(|g| g.managed.clone()))
+    }
+
+    fn report_process(&self, id: &GatewayId, status: ManagedStatus) -> BoxFuture<'_, bool> {
+        let cmd = Command::ReportManaged {
+            id: id.clone(),
+            node: self.id(),
+            status,
+        };
+        Box::pin(async move { matches!(self.write(cmd).await, Ok(Ok(_))) })
+    }
+
     fn committed(&self, id: &GatewayId) -> Option<(Health, Circuit)> {
         self.state()
             .read(|s| s.registry().gateway(id).map(|g| (g.health, g.circuit)))
@@ -117,6 +143,8 @@ pub struct GatewayArgs {
     pub policy: RestartPolicy,
     /// Where its session supervisor's events go.
     pub observer: Observer,
+    /// Its process, when Godel runs it (`managed` in its spec).
+    pub managed: Option<ManagedSpec>,
 }
 
 /// Messages.
@@ -144,6 +172,11 @@ pub struct GatewayState {
     _sessions_guard: SessionsGuard,
     /// Stops the task that reports an opened breaker at once.
     _breaker_watch: tokio_util::sync::DropGuard,
+    /// Its process, when managed: stopped with this state (the actor
+    /// stopping or failing).
+    process: Option<ManagedProcess>,
+    /// The run of the process whose probe last answered.
+    answered_run: u64,
 }
 
 /// See [`GatewayState`]'s `_sessions_guard`.
@@ -202,6 +235,10 @@ impl Actor for GatewayActor {
             host: args.sessions.clone(),
             cell: sessions.cell(),
         };
+        let process = args
+            .managed
+            .clone()
+            .map(|m| ManagedProcess::start(args.id.clone(), m));
         Ok(GatewayState {
             args,
             health: Health::Unknown,
@@ -209,6 +246,8 @@ impl Actor for GatewayActor {
             sessions,
             _sessions_guard,
             _breaker_watch: watch.drop_guard(),
+            process,
+            answered_run: 0,
         })
     }
 
@@ -273,6 +312,25 @@ impl Actor for GatewayActor {
                     Ok(h) => Some(format!("{h:?}")),
                     Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
                 };
+                // A managed process that is not up, or up and not yet
+                // answering, is degraded (failed: unhealthy), not a run of
+                // failed probes.
+                if let Some(p) = &state.process {
+                    let (st, run) = p.status();
+                    if st.state == ManagedState::Running && failed.is_none() {
+                        state.answered_run = run;
+                    }
+                    if st.state != ManagedState::Running || state.answered_run != run {
+                        state.failed_probes = 0;
+                        state.health = if st.state == ManagedState::Failed {
+                            Health::Unhealthy
+                        } else {
+                            Health::Degraded
+                        };
+                        sync_record(state).await;
+                        return Ok(());
+                    }
+                }
                 match failed {
                     None => {
                         state.failed_probes = 0;
@@ -341,9 +399,22 @@ async fn stop_ended_sessions(state: &GatewayState) {
     }
 }
 
-/// Reports health and circuit if the committed record says otherwise.
+/// Reports health and circuit if the committed record says otherwise, and
+/// a managed gateway's process.
 async fn sync_record(state: &GatewayState) {
     let a = &state.args;
+    if let Some(p) = &state.process {
+        let (mut st, run) = p.status();
+        if st.state == ManagedState::Running && state.answered_run != run {
+            st.state = ManagedState::Starting;
+        }
+        if a.registry.committed_process(&a.id).as_ref() != Some(&st) {
+            tracing::info!(gateway = %a.id, process = ?st.state, pid = st.pid, restarts = st.restarts, "reporting managed gateway process");
+            if !a.registry.report_process(&a.id, st).await {
+                tracing::debug!(gateway = %a.id, "process report not committed; next check retries");
+            }
+        }
+    }
     let circuit = Circuit::from(a.driver.circuit());
     let Some((health, committed_circuit)) = a.registry.committed(&a.id) else {
         return;

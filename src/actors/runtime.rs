@@ -305,14 +305,19 @@ async fn reconcile(
         let Some((driver, sessions)) = driver(drivers, gateway, spec, &ctx) else {
             continue;
         };
+        // Built above, so it parses.
+        let managed = serde_json::from_str::<GatewaySpec>(spec)
+            .ok()
+            .and_then(|s| s.managed);
         let args = GatewayArgs {
             id: gateway.clone(),
             driver,
             registry: Arc::clone(&registry),
-            probe_every,
+            probe_every: managed.as_ref().map_or(probe_every, |m| m.probe_interval),
             sessions,
             policy: tree.policy.clone(),
             observer: tree.observer.clone(),
+            managed,
         };
         gateways
             .add_child(ChildSpec::new(name.clone(), move || {

@@ -382,6 +382,27 @@ pub struct GatewayView {
     live_sessions: u32,
     /// Leases its agents hold now.
     active_tasks: u32,
+    /// The model its agents run, as declared.
+    model: Option<String>,
+    /// When Godel runs its process (`managed` in its spec): where that
+    /// process is, as its owner reports it. `null`: not managed.
+    process: Option<ProcessView>,
+}
+
+/// A managed gateway's process.
+#[derive(Serialize, ToSchema)]
+pub struct ProcessView {
+    /// `starting` (up, not answering yet), `running`, `backoff` (exited,
+    /// started again after a pause) or `failed` (exited too often in a row:
+    /// not started again until the gateway is placed again). While it is
+    /// not `running`, the gateway takes no work and its tasks wait.
+    state: crate::fsm::ManagedState,
+    /// Its process id on the owner, while it runs.
+    pid: Option<u32>,
+    /// Starts again since it was placed on its owner.
+    restarts: u32,
+    /// How its last run ended.
+    last_exit: Option<String>,
 }
 
 /// A gateway's live load: sessions and its agents' leases.
@@ -437,6 +458,13 @@ fn gateway_view(g: &GatewayRecord, loads: &HashMap<GatewayId, GatewayLoad>) -> G
         placement_token: g.placement_token,
         registered_at: clock::rfc3339(g.registered_at_ms),
         updated_at: clock::rfc3339(g.updated_at_ms),
+        model: g.reg.model.clone(),
+        process: g.managed.as_ref().map(|m| ProcessView {
+            state: m.state,
+            pid: m.pid,
+            restarts: m.restarts,
+            last_exit: m.last_exit.clone(),
+        }),
     }
 }
 

@@ -533,6 +533,15 @@ pub enum Command {
         /// The flag; `None` removes it.
         flag: Option<super::flags::FeatureFlag>,
     },
+    /// A managed gateway's process, reported by its owner.
+    ReportManaged {
+        /// The gateway.
+        id: GatewayId,
+        /// The reporting node.
+        node: NodeId,
+        /// The process.
+        status: super::registry::ManagedStatus,
+    },
     /// An agent's own state, reported by the node it is online on: its
     /// breaker (by its actor) and whether its actor is silent (by the
     /// node's watch of its heartbeats). Each field given changes; from a
@@ -797,6 +806,7 @@ impl Command {
             | Command::SetSwitch { .. }
             | Command::SetFlag { .. }
             | Command::ReportAgent { .. }
+            | Command::ReportManaged { .. }
             | Command::BudgetAlert(_) => Scope::Meta,
         }
     }

@@ -102,7 +102,9 @@ impl State {
                 let node = reg.nodes.get(&owner)?;
                 let alive =
                     node.last_heartbeat_ms.saturating_add(node_dead_after_ms) >= self.clock_ms;
-                let usable = gw.circuit != Circuit::Open && gw.health != Health::Unhealthy;
+                let usable = gw.circuit != Circuit::Open
+                    && gw.health != Health::Unhealthy
+                    && !gw.process_down();
                 let load = self.agent_load(&a.reg.id);
                 let free = match a.circuit {
                     // A trial at a time: only while it holds nothing.
@@ -646,6 +648,7 @@ mod tests {
             capabilities: vec![],
             max_sessions: 10,
             model: None,
+            managed: false,
         };
         s.apply_one(0, Command::RegisterGateway(gw)).unwrap();
         let place = Command::PlaceGateway {

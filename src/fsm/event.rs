@@ -177,6 +177,11 @@ pub enum GatewayChange {
         /// Its fencing token now (raised when placed on a node).
         token: u64,
     },
+    /// A managed gateway's process changed state.
+    Process {
+        /// The new state.
+        state: super::registry::ManagedState,
+    },
 }
 
 /// What changed about an agent.
@@ -278,6 +283,7 @@ impl What {
                 GatewayChange::Deregistered => "gateway.deregistered",
                 GatewayChange::Health { .. } => "gateway.health",
                 GatewayChange::Placed { .. } => "gateway.placed",
+                GatewayChange::Process { .. } => "gateway.process",
             },
             What::Agent { change, .. } => match change {
                 AgentChange::Registered { .. } => "agent.registered",

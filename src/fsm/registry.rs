@@ -109,6 +109,38 @@ pub struct GatewayRegistration {
     /// The model its agents run, as the operator declares it (kill
     /// switches by model match it; none: not declared).
     pub model: Option<String>,
+    /// Godel runs its process (`managed` in its spec): it takes work only
+    /// while its owner reports the process up and answering.
+    pub managed: bool,
+}
+
+/// Where a managed gateway's process is, as its owner reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ManagedState {
+    /// Being started (or started, not yet answering its probe).
+    #[default]
+    Starting,
+    /// Up and answering.
+    Running,
+    /// Exited; started again after a pause.
+    Backoff,
+    /// Exited too often in a row: not started again until the gateway is
+    /// placed again.
+    Failed,
+}
+
+/// A managed gateway's process, as its owner last reported it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagedStatus {
+    /// Where it is.
+    pub state: ManagedState,
+    /// Its process id on the owner (while it runs).
+    pub pid: Option<u32>,
+    /// How often the owner has started it again since it was placed there.
+    pub restarts: u32,
+    /// How its last run ended (exit status or spawn error).
+    pub last_exit: Option<String>,
 }
 
 /// What the registry knows about a gateway.
@@ -135,6 +167,18 @@ pub struct GatewayRecord {
     /// unhealthy): a gateway unhealthy for long is taken as down, and its
     /// sessions move on (the meta leader's pass, `node/shards.rs`).
     pub unhealthy_since_ms: Option<u64>,
+    /// A managed gateway's process (`None`: not managed).
+    pub managed: Option<ManagedStatus>,
+}
+
+impl GatewayRecord {
+    /// Whether a managed gateway's process keeps it from taking work (not
+    /// up and answering).
+    pub fn process_down(&self) -> bool {
+        self.managed
+            .as_ref()
+            .is_some_and(|m| m.state != ManagedState::Running)
+    }
 }
 
 /// An agent registration.
@@ -326,6 +370,10 @@ impl State {
         let id = reg.id.clone();
         let change = match self.registry.gateways.get_mut(&reg.id) {
             Some(rec) => {
+                // Managed now, or no longer: the owner reports anew.
+                if rec.reg.managed != reg.managed {
+                    rec.managed = reg.managed.then(ManagedStatus::default);
+                }
                 rec.reg = reg;
                 rec.updated_at_ms = now;
                 GatewayChange::Updated
@@ -340,6 +388,8 @@ impl State {
                     registered_at_ms: now,
                     updated_at_ms: now,
                     unhealthy_since_ms: None,
+                    // Down until its owner starts it and it answers.
+                    managed: reg.managed.then(ManagedStatus::default),
                 };
                 self.registry.gateways.insert(reg.id, rec);
                 GatewayChange::Registered
@@ -462,6 +512,10 @@ impl State {
             if moved && owner.is_some() {
                 rec.placement_token += 1;
             }
+            if moved && rec.managed.is_some() {
+                // The new owner starts its own process.
+                rec.managed = Some(ManagedStatus::default());
+            }
             token = rec.placement_token;
         })?;
         if moved {
@@ -518,6 +572,39 @@ impl State {
             id: agent.clone(),
             change: AgentChange::Online { node },
         });
+        Ok(Reply::Done)
+    }
+
+    /// A managed gateway's owner reports its process. From a node that
+    /// does not own the gateway (a late report from an old owner), or for a
+    /// gateway that is not managed, it changes nothing.
+    pub(crate) fn report_managed(
+        &mut self,
+        id: &GatewayId,
+        node: NodeId,
+        status: &ManagedStatus,
+    ) -> Outcome {
+        let rec = self
+            .registry
+            .gateways
+            .get(id)
+            .ok_or_else(|| not_found("gateway", id))?;
+        if rec.owner != Some(node) || rec.managed.is_none() {
+            return Ok(Reply::Done);
+        }
+        let mut status = status.clone();
+        status.last_exit = status
+            .last_exit
+            .map(|e| super::state::truncate(&e, Limits::MAX_ERROR_BYTES));
+        let changed = rec.managed.as_ref().map(|m| m.state) != Some(status.state);
+        let state = status.state;
+        self.edit_gateway(id, |rec| rec.managed = Some(status))?;
+        if changed {
+            self.notice(What::Gateway {
+                id: id.clone(),
+                change: GatewayChange::Process { state },
+            });
+        }
         Ok(Reply::Done)
     }
 
@@ -798,6 +885,7 @@ mod tests {
             capabilities: vec!["rust".into(), "git".into(), "rust".into()],
             max_sessions: 10,
             model: None,
+            managed: false,
         }
     }
 
@@ -988,6 +1076,7 @@ mod down_tests {
             capabilities: vec![],
             max_sessions: 4,
             model: None,
+            managed: false,
         };
         s.apply_one(0, Command::RegisterGateway(reg)).unwrap();
         let g = GatewayId("g".into());

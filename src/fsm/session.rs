@@ -1241,6 +1241,7 @@ mod tests {
             capabilities: vec![],
             max_sessions: 4,
             model: None,
+            managed: false,
         };
         apply(&mut s, 0, Command::RegisterGateway(reg)).unwrap();
         s
@@ -1672,6 +1673,7 @@ mod random_ops {
                 capabilities: vec![],
                 max_sessions: 3,
                 model: None,
+                managed: false,
             }));
             setup.push(Command::PlaceGateway {
                 id: gw(g),

@@ -260,6 +260,7 @@ impl State {
                 circuit,
                 silent,
             } => self.report_agent(agent, *node, *circuit, *silent),
+            Command::ReportManaged { id, node, status } => self.report_managed(id, *node, status),
             Command::SyncShard { weights, switches } => self.sync_shard(weights, switches, events),
             Command::BudgetAlert(alert) => self.budget_alert(alert),
             Command::Retry { id } => self.retry(*id, events),

@@ -304,7 +304,7 @@ fn is_executable(program: &str) -> bool {
 /// follows the spawning thread, which is a runtime worker living as long as
 /// the node; it reaches the program itself, not processes it started.
 #[cfg(target_os = "linux")]
-fn die_with_this_process(cmd: &mut Command) {
+pub(crate) fn die_with_this_process(cmd: &mut Command) {
     let node = std::process::id();
     // SAFETY: the closure runs in the forked child before exec and calls
     // only async-signal-safe functions (prctl, getppid), allocating nothing.
@@ -323,4 +323,4 @@ fn die_with_this_process(cmd: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_this_process(_: &mut Command) {}
+pub(crate) fn die_with_this_process(_: &mut Command) {}

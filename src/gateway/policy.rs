@@ -66,6 +66,14 @@ impl DriverPolicy {
     /// field and naming the config key that decides it.
     pub fn problems(&self, spec: &GatewaySpec) -> Vec<String> {
         let mut p = Vec::new();
+        if let Some(m) = &spec.managed {
+            if let Some(program) = m.command.first() {
+                self.check_program_at(&mut p, "managed.command", program);
+            }
+            if let Some(dir) = &m.working_dir {
+                self.check_working_dir(&mut p, dir);
+            }
+        }
         match &spec.driver {
             DriverSpec::Sim(_) => {}
             DriverSpec::Command(c) => {
@@ -105,18 +113,24 @@ impl DriverPolicy {
     }
 
     fn check_program(&self, p: &mut Vec<String>, program: &str) {
+        self.check_program_at(p, "driver.program", program);
+    }
+
+    /// A program a gateway runs (a `command` driver's, a managed gateway's
+    /// process), named by `field`.
+    fn check_program_at(&self, p: &mut Vec<String>, field: &str, program: &str) {
         if self.programs.is_empty() {
             p.push(format!(
-                "driver.program: `{program}`: command gateways are disabled on this node; \
-                 list the programs they may run in [gateways.command] allow"
+                "{field}: `{program}`: running programs is disabled on this node; \
+                 list the programs gateways may run in [gateways.command] allow"
             ));
         } else if !Path::new(program).is_absolute() {
             p.push(format!(
-                "driver.program: `{program}` must be an absolute path listed in [gateways.command] allow"
+                "{field}: `{program}` must be an absolute path listed in [gateways.command] allow"
             ));
         } else if !self.programs.iter().any(|a| a.as_os_str() == program) {
             p.push(format!(
-                "driver.program: `{program}` is not in this node's [gateways.command] allow list"
+                "{field}: `{program}` is not in this node's [gateways.command] allow list"
             ));
         }
     }

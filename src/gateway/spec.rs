@@ -75,6 +75,11 @@ pub struct GatewaySpec {
     /// Circuit breaker thresholds.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Godel starts the gateway's process itself: the node that owns the
+    /// gateway runs `command`, restarts it with backoff when it exits, and
+    /// stops it when the gateway leaves the node (drain, move, shutdown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedSpec>,
     /// The model its agents run, as the operator declares it (a kill
     /// switch by model stops work on this gateway's agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,6 +292,45 @@ pub struct HttpSpec {
     pub auth_header: Option<SecretRef>,
 }
 
+/// A gateway process Godel runs itself (`managed` in a gateway spec).
+///
+/// ```json
+/// {"command": ["/usr/bin/node", "/opt/openclaw/openclaw.mjs", "gateway", "run", "--port", "18789"],
+///  "env": {"OPENCLAW_STATE_DIR": "/var/lib/oc"}, "probe_interval": "2s", "max_retries": 5}
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedSpec {
+    /// The program (an absolute path in `[gateways.command] allow`) and
+    /// its arguments.
+    #[schema(min_items = 1, max_items = 64)]
+    pub command: Vec<String>,
+    /// Its environment, besides `PATH` (nothing else of the node's).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Where it runs (under a `[gateways.command] working_dirs` entry).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub working_dir: Option<PathBuf>,
+    /// How often the gateway is probed while it runs (default 2 s).
+    #[serde(default = "default_managed_probe", with = "humantime_serde")]
+    #[schema(value_type = String, example = "2s")]
+    pub probe_interval: Duration,
+    /// Restarts in a row (each run shorter than a minute) before the node
+    /// gives up until the gateway is placed again (default 5).
+    #[serde(default = "default_managed_retries")]
+    #[schema(minimum = 0, maximum = 1000)]
+    pub max_retries: u32,
+}
+
+fn default_managed_probe() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_managed_retries() -> u32 {
+    5
+}
+
 /// Settings of an OpenClaw gateway (`kind: "openclaw"`).
 ///
 /// ```json
@@ -429,6 +473,7 @@ impl GatewaySpec {
             capabilities: self.capabilities.iter().cloned().collect(),
             max_sessions: self.max_sessions,
             model: self.model.clone(),
+            managed: self.managed.is_some(),
         }
     }
 
@@ -440,6 +485,21 @@ impl GatewaySpec {
         check_name(&mut p, "region", &self.region);
         if let Some(m) = &self.model {
             check_name(&mut p, "model", m);
+        }
+        if let Some(m) = &self.managed {
+            if m.command.is_empty() || m.command.len() > 64 {
+                p.push("managed.command: 1 to 64 items, the program first".into());
+            }
+            if m.env.len() > 64 {
+                p.push("managed.env: at most 64 variables".into());
+            }
+            if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&m.probe_interval)
+            {
+                p.push("managed.probe_interval: 100ms to 1h".into());
+            }
+            if m.max_retries > 1000 {
+                p.push("managed.max_retries: at most 1000".into());
+            }
         }
         if self.capabilities.len() > MAX_CAPABILITIES {
             p.push(format!("capabilities: at most {MAX_CAPABILITIES}"));
