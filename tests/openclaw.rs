@@ -164,11 +164,19 @@ async fn body(install: Install) {
         std::fs::copy(&g.token_file, &copy).expect("copy token");
         g.token_file = copy;
     }
+    // Godel starts gateway m itself (`managed`): the nodes may run Node.
+    let mut m = RealGateway::prepare(&install, "m");
+    let copy = secrets
+        .path()
+        .join(format!("{}.token", m.url().replace([':', '/'], "_")));
+    std::fs::copy(&m.token_file, &copy).expect("copy token");
+    m.token_file = copy;
     let config = format!(
-        "{CLUSTER}[secrets]\ndir = {:?}\n",
-        secrets.path().to_string_lossy()
+        "{CLUSTER}[secrets]\ndir = {:?}\n\n[gateways.command]\nallow = [{:?}]\n",
+        secrets.path().to_string_lossy(),
+        install.node.to_string_lossy()
     );
-    let c = Cluster::start_with(3, &config).await;
+    let mut c = Cluster::start_with(3, &config).await;
     let (ra, rb) = tokio::join!(a.wait_ready(GATEWAY_START), b.wait_ready(GATEWAY_START));
     eprintln!(
         "[openclaw] ready: a in {:?}, b in {:?}",
@@ -193,6 +201,8 @@ async fn body(install: Install) {
     phase_kill(&api, leader, &mut a, &b).await;
     eprintln!("[openclaw] kill done at {:?}", t0.elapsed());
     token_never_shown(&c, &api, leader, &a, &b).await;
+    phase_managed(&mut c, &api, &install, &m).await;
+    eprintln!("[openclaw] managed gateway done at {:?}", t0.elapsed());
     eprintln!("[openclaw] PASS in {:?}", t0.elapsed());
 }
 
@@ -658,6 +668,86 @@ async fn phase_kill(api: &Api, via: usize, a: &mut RealGateway, b: &RealGateway)
     wait_health(api, via, "oc-a", "unhealthy").await;
     let leased = api.list_tasks(via, "status=leased").await;
     assert!(leased.is_empty(), "no lease left behind: {leased:?}");
+}
+
+/// The managed gateway's process as the registry shows it, once it runs
+/// (not `not_pid`): its pid and owner node id.
+async fn managed_running(api: &Api, via: usize, not_pid: Option<u64>) -> (u64, u64) {
+    wait_until(
+        "the managed gateway to run and answer",
+        deadline(GATEWAY_START),
+        async || {
+            let g = api.get_ok(via, "/api/v1/gateways/oc-m").await;
+            match g["process"]["pid"].as_u64() {
+                Some(pid) if g["process"]["state"] == "running" && Some(pid) != not_pid => {
+                    Ok((pid, g["owner"].as_u64().unwrap_or(0)))
+                }
+                _ => Err(anyhow!("{}", g["process"])),
+            }
+        },
+    )
+    .await
+}
+
+/// A task for the managed gateway's agent, run to completion.
+async fn managed_task(api: &Api, via: usize, marker: &str) {
+    let body = json!({
+        "tenant": "oc", "payload": {"message": format!("{marker} [[words:3]]")},
+        "capabilities": ["oc-managed"], "timeout_ms": 90_000, "idempotency_key": marker,
+        "backoff": {"initial_ms": 200, "multiplier": 2, "max_ms": 2000},
+    });
+    let id = submit(api, via, &body).await["id"]
+        .as_u64()
+        .expect("task id");
+    let done = wait_terminal(api, via, &[id], Duration::from_secs(120)).await;
+    let t = &done[&id];
+    assert_eq!(t["status"], "completed", "{t}");
+    assert_eq!(t["agent_id"], "oc-m.a0", "{t}");
+}
+
+/// Godel starts gateway m itself (real OpenClaw from npm): a task runs on
+/// it; kill -9 of its process is followed by a restart and the next task
+/// completing; SIGKILL of the node that runs it re-places the gateway and
+/// a surviving node starts it.
+async fn phase_managed(c: &mut Cluster, api: &Api, install: &Install, m: &RealGateway) {
+    let via = c.leader().await;
+    let until = deadline(Duration::from_secs(20));
+    let mut driver = driver(m);
+    driver["reconnect_window"] = json!("20s");
+    let body = json!({"id": "oc-m", "region": "local", "max_sessions": 8, "driver": driver,
+                      "capabilities": ["oc-managed"], "managed": m.managed(install)});
+    let r = api
+        .post_retrying(via, "/api/v1/gateways", &body, until)
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let agent =
+        json!({"id": "oc-m.a0", "gateway": "oc-m", "capacity": 2, "capabilities": ["oc-managed"]});
+    let r = api
+        .post_retrying(via, "/api/v1/agents", &agent, until)
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let (pid1, owner1) = managed_running(api, via, None).await;
+    eprintln!("[openclaw] managed gateway m runs as pid {pid1} on node {owner1}");
+    managed_task(api, via, "managed-one").await;
+
+    // SAFETY: kill(2) of the gateway process this test's cluster started.
+    unsafe { libc::kill(pid1 as i32, libc::SIGKILL) };
+    eprintln!("[openclaw] SIGKILL managed gateway m (pid {pid1})");
+    let (pid2, owner2) = managed_running(api, via, Some(pid1)).await;
+    assert_eq!(owner2, owner1, "restarted where it was");
+    let g = api.get_ok(via, "/api/v1/gateways/oc-m").await;
+    assert!(g["process"]["restarts"].as_u64() >= Some(1), "{g}");
+    managed_task(api, via, "managed-two").await;
+
+    let idx = (0..3)
+        .find(|&i| c.node(i).id == owner2)
+        .expect("the owner is a node of the cluster");
+    let via = (0..3).find(|&i| i != idx).expect("another node");
+    c.kill9(idx);
+    let (pid3, owner3) = managed_running(api, via, Some(pid2)).await;
+    assert_ne!(owner3, owner2, "placed on a surviving node");
+    eprintln!("[openclaw] managed gateway m re-placed: pid {pid3} on node {owner3}");
+    managed_task(api, via, "managed-three").await;
 }
 
 async fn token_never_shown(c: &Cluster, api: &Api, via: usize, a: &RealGateway, b: &RealGateway) {

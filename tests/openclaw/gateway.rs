@@ -63,6 +63,84 @@ pub struct RealGateway {
 impl RealGateway {
     /// Starts the mock and the gateway; does not wait for readiness.
     pub fn start(install: &Install, name: &str) -> RealGateway {
+        let mut g = Self::prepare(install, name);
+        let (out, err) = g.log("gateway.log");
+        let (program, args, env) = g.command(install);
+        let gateway = Command::new(program)
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start the openclaw gateway");
+        eprintln!(
+            "[openclaw] {name}: gateway pid {} on 127.0.0.1:{}",
+            gateway.id(),
+            g.port
+        );
+        g.gateway = Some(gateway);
+        g
+    }
+
+    /// `managed` for a gateway spec: Godel starts this gateway itself (the
+    /// mock runs already; nothing else does).
+    pub fn managed(&self, install: &Install) -> Value {
+        let (program, args, env) = self.command(install);
+        let mut command = vec![program.to_string_lossy().into_owned()];
+        command.extend(args);
+        let env: serde_json::Map<String, Value> =
+            env.into_iter().map(|(k, v)| (k, json!(v))).collect();
+        json!({"command": command, "env": env, "probe_interval": "500ms", "max_retries": 5})
+    }
+
+    /// The program, arguments and environment (besides `PATH`) that run
+    /// this gateway.
+    fn command(&self, install: &Install) -> (PathBuf, Vec<String>, Vec<(String, String)>) {
+        let root = self.dir.path();
+        let args = [
+            install
+                .pkg
+                .join("openclaw.mjs")
+                .to_string_lossy()
+                .into_owned(),
+            "gateway".into(),
+            "run".into(),
+            "--port".into(),
+            self.port.to_string(),
+            "--bind".into(),
+            "loopback".into(),
+        ];
+        let path = |p: &str| root.join(p).to_string_lossy().into_owned();
+        let env = [
+            ("HOME", path("home")),
+            ("OPENCLAW_STATE_DIR", path("state")),
+            ("OPENCLAW_CONFIG_PATH", path("openclaw.json")),
+            ("OPENCLAW_SKIP_CHANNELS", "1".into()),
+            ("OPENCLAW_DISABLE_BONJOUR", "1".into()),
+            ("OPENCLAW_NO_RESPAWN", "1".into()),
+            ("OPENCLAW_EXEC_SHELL_SNAPSHOT", "0".into()),
+            ("OPENCLAW_NO_AUTO_UPDATE", "1".into()),
+            ("DO_NOT_TRACK", "1".into()),
+            ("OPENCLAW_CLAWHUB_URL", "http://127.0.0.1:9".into()),
+            ("CLAWHUB_DISABLE_TELEMETRY", "1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        (install.node.clone(), args.into(), env)
+    }
+
+    fn log(&self, f: &str) -> (File, File) {
+        let file = File::create(self.dir.path().join(f)).expect("log file");
+        (file.try_clone().expect("clone"), file)
+    }
+
+    /// Writes the gateway's config and token and starts its mock model;
+    /// starts no gateway.
+    pub fn prepare(install: &Install, name: &str) -> RealGateway {
         let dir = tempfile::Builder::new()
             .prefix(&format!("godel-oc-{name}-"))
             .tempdir()
@@ -111,38 +189,9 @@ impl RealGateway {
             .stderr(err)
             .spawn()
             .expect("start mock_llm.py (python3)");
-        let (out, err) = log("gateway.log");
-        let gateway = Command::new(&install.node)
-            .arg(install.pkg.join("openclaw.mjs"))
-            .args([
-                "gateway",
-                "run",
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "loopback",
-            ])
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", root.join("home"))
-            .env("OPENCLAW_STATE_DIR", root.join("state"))
-            .env("OPENCLAW_CONFIG_PATH", root.join("openclaw.json"))
-            .env("OPENCLAW_SKIP_CHANNELS", "1")
-            .env("OPENCLAW_DISABLE_BONJOUR", "1")
-            .env("OPENCLAW_NO_RESPAWN", "1")
-            .env("OPENCLAW_EXEC_SHELL_SNAPSHOT", "0")
-            .env("OPENCLAW_NO_AUTO_UPDATE", "1")
-            .env("DO_NOT_TRACK", "1")
-            .env("OPENCLAW_CLAWHUB_URL", "http://127.0.0.1:9")
-            .env("CLAWHUB_DISABLE_TELEMETRY", "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start the openclaw gateway");
+        let _ = install;
         eprintln!(
-            "[openclaw] {name}: gateway pid {} on 127.0.0.1:{port}, mock pid {} on {mock_port}, dir {}",
-            gateway.id(),
+            "[openclaw] {name}: port {port}, mock pid {} on {mock_port}, dir {}",
             mock.id(),
             root.display()
         );
@@ -152,7 +201,7 @@ impl RealGateway {
             dir,
             token,
             token_file,
-            gateway: Some(gateway),
+            gateway: None,
             mock: Some(mock),
         }
     }
