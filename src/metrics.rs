@@ -55,6 +55,10 @@ pub struct Metrics {
     /// Events received from OpenClaw gateways, by event name (the known
     /// ones, else `other`; `unparsed` for frames that were not JSON).
     pub openclaw_events: IntCounterVec,
+    /// Warm OpenClaw sessions (ephemeral workers), by what happened:
+    /// `created` ahead of need, `taken` by a one-shot task, `missed` (none
+    /// was ready: the task made its own).
+    pub openclaw_warm_sessions: IntCounterVec,
     /// OpenClaw runs that ended or were interrupted, by outcome (`ok`,
     /// `error`, `timeout`, `aborted`, `connection_lost`).
     pub openclaw_runs: IntCounterVec,
@@ -197,6 +201,13 @@ fn build() -> prometheus::Result<Metrics> {
             ),
             &["event"],
         )?,
+        openclaw_warm_sessions: IntCounterVec::new(
+            Opts::new(
+                "godel_openclaw_warm_sessions_total",
+                "Warm OpenClaw sessions for one-shot tasks: created, taken, missed",
+            ),
+            &["outcome"],
+        )?,
         openclaw_runs: IntCounterVec::new(
             Opts::new(
                 "godel_openclaw_runs_total",
@@ -310,6 +321,8 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.gateway_sessions.clone()))?;
     m.registry.register(Box::new(m.openclaw_connects.clone()))?;
     m.registry.register(Box::new(m.openclaw_events.clone()))?;
+    m.registry
+        .register(Box::new(m.openclaw_warm_sessions.clone()))?;
     m.registry.register(Box::new(m.openclaw_runs.clone()))?;
     m.registry.register(Box::new(m.api_denials.clone()))?;
     m.registry

@@ -714,6 +714,7 @@ async fn phase_managed(c: &mut Cluster, api: &Api, install: &Install, m: &RealGa
     let until = deadline(Duration::from_secs(20));
     let mut driver = driver(m);
     driver["reconnect_window"] = json!("20s");
+    driver["warm_sessions"] = json!(2);
     let body = json!({"id": "oc-m", "region": "local", "max_sessions": 8, "driver": driver,
                       "capabilities": ["oc-managed"], "managed": m.managed(install)});
     let r = api
@@ -728,7 +729,63 @@ async fn phase_managed(c: &mut Cluster, api: &Api, install: &Install, m: &RealGa
     assert_eq!(r.status, 201, "{r:?}");
     let (pid1, owner1) = managed_running(api, via, None).await;
     eprintln!("[openclaw] managed gateway m runs as pid {pid1} on node {owner1}");
+    // Ephemeral workers: two sessions made ahead of need once it answers.
+    let warm_keys = async || -> Vec<String> {
+        let listed = m
+            .call("sessions.list", json!({"limit": 200}))
+            .await
+            .unwrap_or_default();
+        listed["sessions"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["key"].as_str())
+                    .filter(|k| k.contains(":godel-w-"))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until(
+        "two warm sessions",
+        deadline(Duration::from_secs(30)),
+        async || {
+            let w = warm_keys().await;
+            if w.len() >= 2 {
+                Ok(())
+            } else {
+                Err(anyhow!("{w:?}"))
+            }
+        },
+    )
+    .await;
     managed_task(api, via, "managed-one").await;
+    // The one-shot task ran in one of them, and another was made to take
+    // its place.
+    let warm = wait_until(
+        "a replacement warm session",
+        deadline(Duration::from_secs(30)),
+        async || {
+            let w = warm_keys().await;
+            if w.len() >= 3 {
+                Ok(w)
+            } else {
+                Err(anyhow!("{w:?}"))
+            }
+        },
+    )
+    .await;
+    let mut ran_in = None;
+    for k in &warm {
+        let h = m
+            .call("chat.history", json!({"sessionKey": k, "limit": 10}))
+            .await
+            .expect("chat.history");
+        if h.to_string().contains("managed-one") {
+            ran_in = Some(k.clone());
+        }
+    }
+    assert!(ran_in.is_some(), "managed-one ran in one of {warm:?}");
 
     // SAFETY: kill(2) of the gateway process this test's cluster started.
     unsafe { libc::kill(pid1 as i32, libc::SIGKILL) };

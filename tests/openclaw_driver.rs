@@ -509,3 +509,98 @@ async fn open_and_close_session_create_and_abort_on_the_gateway() {
     let abort = s.fake.seen("sessions.abort").pop().unwrap();
     assert_eq!(abort.params["key"], "agent:coder:godel-s-conv-9");
 }
+
+/// The keys of the sessions the fake was asked to create.
+fn created(s: &Setup) -> Vec<String> {
+    s.fake
+        .seen("sessions.create")
+        .iter()
+        .map(|c| c.params["key"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Waits (bounded) until `n` warm sessions were created.
+async fn warm_created(s: &Setup, n: usize) -> Vec<String> {
+    let end = Instant::now() + TEST_BOUND;
+    loop {
+        let warm: Vec<String> = created(s)
+            .into_iter()
+            .filter(|k| k.contains(":godel-w-"))
+            .collect();
+        if warm.len() >= n {
+            return warm;
+        }
+        assert!(Instant::now() < end, "only {warm:?} warm sessions created");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_shot_tasks_take_warm_sessions_that_are_retired_and_replaced() {
+    let s = setup(TOKEN, json!({"warm_sessions": 2})).await;
+    // A healthy probe fills the pool ahead of any task.
+    assert!(s.driver.probe().await.is_healthy());
+    let warm = warm_created(&s, 2).await;
+    assert_eq!(warm.len(), 2, "{warm:?}");
+
+    // A task without a session key runs in a warm session (no session
+    // of its own is created), and a fresh one takes its place.
+    run(&*s.driver, req(11, "ok one", None, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let agent = s.fake.seen("agent");
+    let first = agent.last().unwrap().params["sessionKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(warm.contains(&first), "{first} is one of {warm:?}");
+    assert!(
+        !created(&s).iter().any(|k| k.contains("godel-t-11")),
+        "no session of its own: {:?}",
+        created(&s)
+    );
+    let after = warm_created(&s, 3).await;
+    assert_eq!(
+        after.len(),
+        3,
+        "one made to replace the one taken: {after:?}"
+    );
+
+    // The next one-shot task gets another warm session: each is used once.
+    run(&*s.driver, req(12, "ok two", None, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let second = s.fake.seen("agent").last().unwrap().params["sessionKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        after.contains(&second) && second != first,
+        "{second} vs {first}"
+    );
+
+    // A task of a Godel session keeps its own conversation.
+    run(
+        &*s.driver,
+        req(13, "ok three", Some("conv"), Duration::from_secs(30)),
+    )
+    .await
+    .unwrap();
+    let third = s.fake.seen("agent").last().unwrap().params["sessionKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(third.ends_with("godel-s-conv"), "{third}");
+}
+
+#[tokio::test]
+async fn without_warm_sessions_a_one_shot_task_makes_its_own() {
+    let s = setup(TOKEN, json!({})).await;
+    assert!(s.driver.probe().await.is_healthy());
+    run(&*s.driver, req(21, "ok", None, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let keys = created(&s);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].ends_with("godel-t-21"), "{keys:?}");
+}

@@ -103,6 +103,26 @@ pub struct OpenClawDriver {
     readyz: String,
     /// Gateway session keys created on the gateway boot named first.
     sessions: Mutex<(Option<String>, HashSet<String>)>,
+    /// Ephemeral workers: sessions created ahead of need for tasks without
+    /// a session key (`warm_sessions`), shared with the task that refills
+    /// them.
+    pool: Arc<Mutex<WarmPool>>,
+}
+
+/// Warm gateway sessions, each for one task.
+#[derive(Debug, Default)]
+struct WarmPool {
+    /// The gateway boot they were created on (another boot: dropped).
+    boot: Option<String>,
+    /// Created and never used.
+    ready: std::collections::VecDeque<String>,
+    /// A refill is under way.
+    refilling: bool,
+    /// Names the next one (after a per-driver nonce).
+    next: u64,
+    /// This driver's nonce in the keys, so no two drivers (or restarts of
+    /// one) name the same session.
+    nonce: u64,
 }
 
 impl std::fmt::Debug for OpenClawDriver {
@@ -150,6 +170,10 @@ impl OpenClawDriver {
             readyz: readyz.to_string(),
             http,
             sessions: Mutex::new((None, HashSet::new())),
+            pool: Arc::new(Mutex::new(WarmPool {
+                nonce: rand::random::<u64>(),
+                ..WarmPool::default()
+            })),
             spec,
         })
     }
@@ -160,6 +184,86 @@ impl OpenClawDriver {
             Some(k) => format!("agent:{}:godel-s-{}", self.spec.agent_id, k.0),
             None => format!("agent:{}:godel-t-{}", self.spec.agent_id, task.0),
         }
+    }
+
+    /// A warm session created on the gateway boot `boot`, if one is ready
+    /// (it is the caller's for one task, then retired); the pool refills.
+    fn take_warm(&self, boot: Option<&String>) -> Option<String> {
+        if self.spec.warm_sessions == 0 {
+            return None;
+        }
+        let key = {
+            let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+            if pool.boot.as_ref() != boot {
+                pool.ready.clear();
+            }
+            pool.ready.pop_front()
+        };
+        let m = &crate::metrics::global().openclaw_warm_sessions;
+        m.with_label_values(&[if key.is_some() { "taken" } else { "missed" }])
+            .inc();
+        tracing::debug!(warm = ?key, "one-shot task: warm session");
+        self.refill();
+        key
+    }
+
+    /// Creates warm sessions, in the background, until the pool holds
+    /// `warm_sessions` (one refill at a time; a failure waits for the next
+    /// probe or task).
+    fn refill(&self) {
+        let want = self.spec.warm_sessions as usize;
+        if want == 0 {
+            return;
+        }
+        {
+            let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+            if pool.refilling || pool.ready.len() >= want {
+                return;
+            }
+            pool.refilling = true;
+        }
+        let (client, pool, agent) = (
+            Arc::clone(&self.client),
+            Arc::clone(&self.pool),
+            self.spec.agent_id.clone(),
+        );
+        tokio::spawn(async move {
+            let lock = || pool.lock().unwrap_or_else(PoisonError::into_inner);
+            let made = async {
+                let conn = client.conn_once(CONTROL_TIMEOUT).await.ok()?;
+                let boot = conn.hello.boot_id.clone();
+                loop {
+                    let key = {
+                        let mut p = lock();
+                        if p.boot != boot {
+                            p.ready.clear();
+                            p.boot.clone_from(&boot);
+                        }
+                        if p.ready.len() >= want {
+                            return Some(());
+                        }
+                        p.next += 1;
+                        format!("agent:{agent}:godel-w-{:016x}-{}", p.nonce, p.next)
+                    };
+                    let trace = client::new_traceparent();
+                    let params = json!({"key": key, "agentId": agent});
+                    if let Err(e) = conn
+                        .request("sessions.create", params, &trace, CONTROL_TIMEOUT)
+                        .await
+                    {
+                        tracing::info!(error = %control_error("sessions.create", e), "warm openclaw session not created; the next probe retries");
+                        return None;
+                    }
+                    crate::metrics::global()
+                        .openclaw_warm_sessions
+                        .with_label_values(&["created"])
+                        .inc();
+                    lock().ready.push_back(key);
+                }
+            };
+            let _ = made.await;
+            lock().refilling = false;
+        });
     }
 
     /// A connection, trying until `until` while the gateway is not ready.
@@ -203,7 +307,6 @@ impl OpenClawDriver {
     async fn attempt(&self, req: RunRequest) -> Result<RunOutput> {
         let started = Instant::now();
         let until = started + req.timeout;
-        let key = self.gateway_key(req.session_key.as_ref(), req.task_id);
         let run_id = format!(
             "godel-{}-{}-{}",
             req.task_id.0, req.fencing_token.0, req.fence.token
@@ -224,6 +327,37 @@ impl OpenClawDriver {
         let trace = req
             .trace
             .map_or_else(client::new_traceparent, |t| t.header());
+        // A gateway that is down or still starting is waited for, but no
+        // longer than the reconnect window: past it, another attempt (maybe
+        // on another gateway) is better than this one waiting its budget out.
+        let window = until.min(started + self.spec.reconnect_window);
+        let conn = self.conn(window).await?;
+        if let Some(reason) = conn.draining() {
+            // It finishes what it runs and then closes: send nothing new.
+            return Err(DriverError::Unavailable {
+                reason: format!(
+                    "openclaw gateway {} is shutting down: {reason}",
+                    self.spec.url
+                ),
+            });
+        }
+        req.guard.check()?;
+        // A one-shot task runs in a warm session when one is ready (it is
+        // never used again); otherwise in a session of its own.
+        let warm = if req.session_key.is_none() {
+            self.take_warm(conn.hello.boot_id.as_ref())
+        } else {
+            None
+        };
+        let key = match warm {
+            Some(w) => w,
+            None => {
+                let key = self.gateway_key(req.session_key.as_ref(), req.task_id);
+                self.ensure_session(&conn, &key, &trace).await?;
+                key
+            }
+        };
+        req.guard.check()?;
         let params = json!({
             "message": message,
             "sessionKey": key,
@@ -246,23 +380,6 @@ impl OpenClawDriver {
             turn,
             role: req.role.as_deref(),
         };
-        // A gateway that is down or still starting is waited for, but no
-        // longer than the reconnect window: past it, another attempt (maybe
-        // on another gateway) is better than this one waiting its budget out.
-        let window = until.min(started + self.spec.reconnect_window);
-        let conn = self.conn(window).await?;
-        if let Some(reason) = conn.draining() {
-            // It finishes what it runs and then closes: send nothing new.
-            return Err(DriverError::Unavailable {
-                reason: format!(
-                    "openclaw gateway {} is shutting down: {reason}",
-                    self.spec.url
-                ),
-            });
-        }
-        req.guard.check()?;
-        self.ensure_session(&conn, &key, &trace).await?;
-        req.guard.check()?;
         let outcome = self
             .send_turn(&conn, &run, params, window, &mut abort)
             .await;
@@ -783,7 +900,11 @@ impl GatewayDriver for OpenClawDriver {
             }
             let trace = client::new_traceparent();
             match conn.request("health", json!({}), &trace, half).await {
-                Ok(_) => Health::Healthy,
+                Ok(_) => {
+                    // Up: keep the warm sessions ready.
+                    self.refill();
+                    Health::Healthy
+                }
                 Err(e) => unhealthy(format!("health: {e}")),
             }
         })

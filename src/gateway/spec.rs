@@ -366,7 +366,22 @@ pub struct OpenClawSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub device_key: Option<PathBuf>,
+    /// Ephemeral workers: this many gateway sessions kept created ahead of
+    /// need (0 to 64, default 0: none). A task without a session key takes
+    /// one instead of creating its own, and the session is retired after
+    /// that one task (never given another) while a fresh one takes its
+    /// place in the pool.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schema(minimum = 0, maximum = 64)]
+    pub warm_sessions: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Most warm sessions an OpenClaw gateway keeps.
+pub const MAX_WARM_SESSIONS: u32 = 64;
 
 /// OpenClaw's default agent.
 fn default_openclaw_agent() -> String {
@@ -640,6 +655,9 @@ fn check_openclaw(p: &mut Vec<String>, o: &OpenClawSpec) {
         && !path.is_absolute()
     {
         p.push("driver.device_key: must be an absolute path".into());
+    }
+    if o.warm_sessions > MAX_WARM_SESSIONS {
+        p.push(format!("driver.warm_sessions: at most {MAX_WARM_SESSIONS}"));
     }
 }
 
