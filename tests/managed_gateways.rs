@@ -5,8 +5,9 @@
 //! SIGKILL of the process is followed by a restart and the next task
 //! completing on the new process; draining the owner stops the process
 //! there and the new owner starts its own; SIGKILL of the owner node
-//! re-places the gateway and it is started on a surviving node. A program
-//! not in `[gateways.command] allow` is refused.
+//! re-places the gateway and it is started on a surviving node; a node
+//! shut down stops it. A program not in `[gateways.command] allow` is
+//! refused.
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -205,6 +206,14 @@ async fn godel_runs_restarts_moves_and_stops_a_managed_gateway() {
         let (pid4, owner4) = running(&api, via, Some(pid3)).await;
         assert_ne!(owner4, owner3);
         assert_eq!(run_task(&api, via).await, pid4);
+
+        // A node shut down (SIGTERM) stops the process it runs.
+        let idx = (0..3).find(|&i| c.node(i).id == owner4).unwrap();
+        c.terminate(idx, Duration::from_secs(20));
+        wait_until("the stopped node's process to stop", deadline(Duration::from_secs(10)), async || {
+            if alive(pid4) { bail!("pid {pid4} still runs") } else { Ok(()) }
+        })
+        .await;
     })
     .await;
 }
