@@ -25,7 +25,8 @@ use serde::de::DeserializeOwned;
 /// 7: durable sessions (turns, tokens, checkpoints, pause and migration).
 /// 8: when a gateway turned unhealthy.
 /// 9: kill switches by gateway kind, model and share of tasks; a
-/// gateway's model.
+/// gateway's model; feature flags; agents' own breaker and silence, and
+/// the tools and prompt their role gives them; managed gateways' process.
 /// Godel has no release that wrote earlier data to keep: an older data
 /// directory or backup is refused with [`CodecError::Version`] rather than
 /// misread (start it afresh).

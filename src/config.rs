@@ -351,10 +351,13 @@ pub struct RuntimeConfig {
     #[serde(with = "humantime_serde")]
     pub agent_sync_interval: Duration,
     /// Each agent's own circuit breaker: this many attempts in a row that
-    /// fail for the task's reasons on this agent (not the gateway's, which
-    /// its own breaker counts) open it, and the agent takes no work for
-    /// `cool_down`; then `half_open_max_calls` is ignored (one trial task
-    /// at a time) until `success_threshold` complete.
+    /// fail on this agent in a way that may pass (a retryable task
+    /// failure; the gateway's faults are its own breaker's) open it, and
+    /// the agent takes no work for `cool_down`; then one trial task at a
+    /// time (`half_open_max_calls` is ignored) until `success_threshold`
+    /// complete. Default 10 in a row and 10 s: a flaky but working agent
+    /// (a 30% failure rate makes 10 in a row about once in 170,000
+    /// attempts) is not taken out.
     pub agent_breaker: crate::gateway::BreakerConfig,
     /// An agent whose actor has not been heard (it beats at every
     /// `agent_sync_interval`) for this long is taken out of dispatch until
@@ -390,8 +393,8 @@ impl Default for RuntimeConfig {
             session_move_after: Duration::from_secs(30),
             agent_sync_interval: Duration::from_secs(1),
             agent_breaker: crate::gateway::BreakerConfig {
-                failure_threshold: 5,
-                cool_down: Duration::from_secs(30),
+                failure_threshold: 10,
+                cool_down: Duration::from_secs(10),
                 half_open_max_calls: 1,
                 success_threshold: 1,
             },

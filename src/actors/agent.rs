@@ -213,6 +213,7 @@ impl Actor for AgentActor {
         let sync = args.node.config().runtime.agent_sync_interval;
         let args_breaker = args.node.config().runtime.agent_breaker.clone();
         args.directory.beat(&args.id);
+        args.directory.set_breaker_open(&args.id, false);
         myself.send_interval(renew_every(lease), || AgentMsg::Renew);
         myself.send_interval(sync, || AgentMsg::Sync);
         Ok(AgentState {
@@ -262,6 +263,7 @@ impl Actor for AgentActor {
                 state.args.directory.beat(&state.args.id);
                 if let Some(t) = state.breaker.poll(std::time::Instant::now()) {
                     tracing::info!(agent = %state.args.id, from = ?t.from, to = ?t.to, "agent circuit breaker changed state");
+                    state.args.directory.set_breaker_open(&state.args.id, false);
                 }
                 report_circuit(&myself, state);
                 sync(&myself, state);
@@ -303,6 +305,10 @@ impl Actor for AgentActor {
                 };
                 if let Some(t) = t {
                     tracing::warn!(agent = %state.args.id, from = ?t.from, to = ?t.to, "agent circuit breaker changed state");
+                    state.args.directory.set_breaker_open(
+                        &state.args.id,
+                        t.to == crate::gateway::BreakerState::Open,
+                    );
                     report_circuit(&myself, state);
                 }
                 state.running.remove(&token);
@@ -820,11 +826,13 @@ async fn attempt(
     // that is not the gateway's against it.
     let verdict = match &result {
         Some(Ok(_)) => Some(true),
-        Some(Err(DriverError::TaskFailed { .. } | DriverError::OutputTooLarge { .. }))
-            if !cancel.is_cancelled() =>
-        {
-            Some(false)
-        }
+        // Only failures that may pass (a broken workspace, a model that
+        // keeps failing here): a task that can never succeed (bad input, a
+        // tool its role forbids) says nothing of the agent, and one
+        // tenant's bad tasks must not take every agent out.
+        Some(Err(DriverError::TaskFailed {
+            retryable: true, ..
+        })) if !cancel.is_cancelled() => Some(false),
         _ => None,
     };
     let (report, outcome) = match result {

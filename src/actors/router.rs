@@ -25,6 +25,9 @@ pub struct AgentDirectory {
     /// When each agent's actor last beat (it does at every sync): the
     /// node's watch takes one silent for long out of dispatch.
     beats: Arc<std::sync::Mutex<HashMap<AgentId, std::time::Instant>>>,
+    /// Agents whose own breaker is open here: this node pulls nothing for
+    /// them, even before the registry has heard.
+    open: Arc<std::sync::Mutex<std::collections::HashSet<AgentId>>>,
 }
 
 impl AgentDirectory {
@@ -35,6 +38,40 @@ impl AgentDirectory {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         b.insert(agent.clone(), std::time::Instant::now());
+    }
+
+    /// Records whether `agent`'s own breaker is open.
+    pub fn set_breaker_open(&self, agent: &AgentId, open: bool) {
+        let mut o = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if open {
+            o.insert(agent.clone());
+        } else {
+            o.remove(agent);
+        }
+    }
+
+    /// Whether `agent`'s own breaker is open on this node.
+    pub fn breaker_open(&self, agent: &AgentId) -> bool {
+        let o = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        o.contains(agent)
+    }
+
+    /// Starts the silence clock of an agent online here that has never
+    /// beaten (its actor not started, or unable to start): past
+    /// `runtime.agent_silent_after` without a beat, it is silent.
+    pub fn beat_if_unheard(&self, agent: &AgentId) {
+        let mut b = self
+            .beats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.entry(agent.clone())
+            .or_insert_with(std::time::Instant::now);
     }
 
     /// How long ago `agent`'s actor last beat (`None`: never here).

@@ -127,6 +127,9 @@ async fn watch_agents(node: &Node, directory: &AgentDirectory) {
             .collect()
     });
     directory.retain_beats(|a| online.iter().any(|(id, _)| id == a));
+    for (agent, _) in &online {
+        directory.beat_if_unheard(agent);
+    }
     for (agent, shown_silent) in online {
         let Some(quiet) = directory.silent_for(&agent) else {
             continue;

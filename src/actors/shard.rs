@@ -313,7 +313,11 @@ pub struct Puller {
 async fn pull_from_shards(node: &Node, p: &mut Puller) -> bool {
     let spec = dispatch_spec(node);
     let (profiles, agents_of) = node.state().read(|s| {
-        let slots = s.pull_profiles(node.id(), spec.node_dead_after_ms);
+        let mut slots = s.pull_profiles(node.id(), spec.node_dead_after_ms);
+        // An agent whose own breaker opened here takes nothing, even
+        // before the registry has heard (its leases would go back unrun).
+        let directory = node.agent_directory();
+        slots.retain(|slot| !directory.breaker_open(&slot.agent));
         let reg = s.registry();
         let mut agents_of: BTreeMap<GatewayId, Vec<AgentId>> = BTreeMap::new();
         for slot in &slots {

@@ -275,14 +275,19 @@ impl State {
             .filter_map(|s| {
                 let a = reg.agents.get(&s.agent)?;
                 let g = reg.gateways.get(&s.gateway)?;
+                // Half-open: one trial task at a time, over every shard.
+                let capacity = match a.circuit {
+                    Circuit::HalfOpen => 1,
+                    _ => a.reg.capacity,
+                };
                 Some(PullSlot {
-                    free: a.reg.capacity,
+                    free: capacity,
                     min_priority: Priority::Low,
                     profile: Some(AgentProfile {
                         capabilities: s.caps,
                         gateway: s.gateway,
                         region: s.region,
-                        capacity: a.reg.capacity,
+                        capacity,
                         session_room: g.reg.max_sessions,
                         placement_token: g.placement_token,
                         kind: g.reg.kind.clone(),
@@ -530,11 +535,20 @@ impl State {
         let tasks = &self.tasks;
         let sessions = &self.sessions;
         let switches = &self.switches;
-        // An agent of the task's region that could take it now.
-        let room_in = |region: &str, caps: &[String]| {
-            slots
+        let held_on = |s: &Slot, t: &super::Task| {
+            s.holds
                 .iter()
-                .any(|s| s.free > 0 && s.region == region && is_subset(caps, &s.caps))
+                .any(|n| switches.get(n).is_some_and(|sw| sw.covers(n, t)))
+        };
+        // An agent of the task's region that could take it now (its
+        // capabilities, and no kill switch on its gateway stopping it).
+        let room_in = |region: &str, t: &super::Task| {
+            slots.iter().any(|s| {
+                s.free > 0
+                    && s.region == region
+                    && is_subset(&t.capabilities, &s.caps)
+                    && !held_on(s, t)
+            })
         };
         let yielded = std::cell::Cell::new(false);
         let allowed = |id| {
@@ -545,16 +559,12 @@ impl State {
                 if r.required {
                     return false;
                 }
-                if room_in(&r.name, &t.capabilities) {
+                if room_in(&r.name, t) {
                     yielded.set(true);
                     return false;
                 }
             }
-            sessions.may_take(t, agent, &slot.gateway, may_open)
-                && !slot
-                    .holds
-                    .iter()
-                    .any(|n| switches.get(n).is_some_and(|sw| sw.covers(n, t)))
+            sessions.may_take(t, agent, &slot.gateway, may_open) && !held_on(slot, t)
         };
         let picked = self
             .ready

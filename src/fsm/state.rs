@@ -1258,6 +1258,7 @@ impl State {
                     .values()
                     .filter(|g| sw.on_gateway(&g.reg.kind, g.reg.model.as_deref()))
                     .map(|g| g.reg.id.clone())
+                    .take(MAX_SWITCH_GATEWAYS)
                     .collect();
             }
             sw

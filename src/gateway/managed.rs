@@ -76,6 +76,13 @@ async fn supervise(
     status: Arc<Mutex<Local>>,
     stop: CancellationToken,
 ) {
+    // One process per gateway on this node at a time: a new supervisor
+    // (the gateway actor restarted) waits for the last one to finish
+    // stopping its process, which may still be in its grace period.
+    let _turn = tokio::select! {
+        turn = turn_of(&gateway).lock_owned() => turn,
+        () = stop.cancelled() => return,
+    };
     let mut in_a_row: u32 = 0;
     loop {
         set(&status, |l| {
@@ -94,10 +101,15 @@ async fn supervise(
                 });
                 tracing::info!(%gateway, pid, "managed gateway process started");
                 tokio::select! {
-                    exit = child.wait() => match exit {
-                        Ok(s) => s.to_string(),
-                        Err(e) => format!("cannot wait for it: {e}"),
-                    },
+                    exit = child.wait() => {
+                        // What it started may live on (and hold its port):
+                        // the rest of its process group goes with it.
+                        kill_group(pid, libc::SIGKILL);
+                        match exit {
+                            Ok(s) => s.to_string(),
+                            Err(e) => format!("cannot wait for it: {e}"),
+                        }
+                    }
                     () = stop.cancelled() => {
                         terminate(&gateway, &mut child).await;
                         return;
@@ -179,26 +191,38 @@ async fn log_lines(gateway: GatewayId, stream: &'static str, from: impl AsyncRea
     }
 }
 
-/// SIGTERM to the process group, SIGKILL after [`STOP_GRACE`].
-async fn terminate(gateway: &GatewayId, child: &mut Child) {
-    let Some(pid) = child.id() else {
+/// The lock a gateway's supervisor holds while it runs (see `supervise`).
+fn turn_of(gateway: &GatewayId) -> Arc<tokio::sync::Mutex<()>> {
+    static TURNS: Mutex<std::collections::BTreeMap<GatewayId, Arc<tokio::sync::Mutex<()>>>> =
+        Mutex::new(std::collections::BTreeMap::new());
+    let mut turns = TURNS.lock().unwrap_or_else(PoisonError::into_inner);
+    Arc::clone(turns.entry(gateway.clone()).or_default())
+}
+
+/// Sends `signal` to the process group the child `pid` leads.
+fn kill_group(pid: Option<u32>, signal: i32) {
+    let Some(pid) = pid else {
         return;
     };
-    #[cfg(unix)]
-    // SAFETY: kill(2) on the process group this node made for the child.
+    // SAFETY: kill(2) on the process group this node made for the child
+    // (`process_group(0)`: its id is the child's pid).
     unsafe {
-        libc::kill(-(pid as i32), libc::SIGTERM);
+        libc::kill(-(pid as i32), signal);
     }
+}
+
+/// SIGTERM to the process group, SIGKILL after [`STOP_GRACE`].
+async fn terminate(gateway: &GatewayId, child: &mut Child) {
+    let pid = child.id();
+    kill_group(pid, libc::SIGTERM);
     if tokio::time::timeout(STOP_GRACE, child.wait())
         .await
         .is_err()
     {
-        #[cfg(unix)]
-        // SAFETY: as above.
-        unsafe {
-            libc::kill(-(pid as i32), libc::SIGKILL);
-        }
+        kill_group(pid, libc::SIGKILL);
         let _ = child.wait().await;
     }
+    // Whatever it started goes too.
+    kill_group(pid, libc::SIGKILL);
     tracing::info!(%gateway, pid, "managed gateway process stopped");
 }

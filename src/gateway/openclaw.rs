@@ -194,10 +194,14 @@ impl OpenClawDriver {
         }
         let key = {
             let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-            if pool.boot.as_ref() != boot {
-                pool.ready.clear();
+            // Only sessions of the boot this attempt talks to, and only
+            // from a gateway that names its boot (one that does not could
+            // have restarted and lost them). The refill owns `boot`.
+            if boot.is_some() && pool.boot.as_ref() == boot {
+                pool.ready.pop_front()
+            } else {
+                None
             }
-            pool.ready.pop_front()
         };
         let m = &crate::metrics::global().openclaw_warm_sessions;
         m.with_label_values(&[if key.is_some() { "taken" } else { "missed" }])
@@ -497,7 +501,21 @@ impl OpenClawDriver {
                             retryable: false,
                         }));
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => tally.lagged += n,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tally.lagged += n;
+                        // A tool call may have been among the events lost:
+                        // a role that limits tools cannot vouch for the run.
+                        if run.role.is_some_and(|r| r.tools.is_some()) {
+                            let aborted = abort_run(conn, run.key, Some(run.run_id), run.trace).await;
+                            abort.run_id = None;
+                            tally.log(run);
+                            tracing::warn!(task = %run.task, run = %run.run_id, lost = n, %aborted, "openclaw run's events were lost; its role limits tools, so it was stopped");
+                            return Err(Lost::Failed(DriverError::TaskFailed {
+                                reason: format!("{n} events of the run were lost, so its tools could not be checked against its role; the run was stopped"),
+                                retryable: true,
+                            }));
+                        }
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
                 },
             }
