@@ -668,18 +668,54 @@ impl KillSwitch {
     }
 }
 
+/// What a kill switch or feature flag is scoped to, checked: names of the
+/// right form, a known gateway kind, a share of 1 to 100.
+pub(crate) fn check_scope(
+    tenant: Option<&Tenant>,
+    capability: Option<&str>,
+    gateway_kind: Option<&str>,
+    model: Option<&str>,
+    percent: Option<u8>,
+) -> Result<(), Rejection> {
+    let bad = |(f, p): (&'static str, String)| Rejection::invalid(f, p);
+    if let Some(t) = tenant {
+        check_name("tenant", &t.0, false).map_err(bad)?;
+    }
+    if let Some(c) = capability {
+        check_name("capability", c, false).map_err(bad)?;
+    }
+    if let Some(k) = gateway_kind
+        && !super::registry::GATEWAY_KINDS.contains(&k)
+    {
+        return Err(Rejection::invalid(
+            "gateway_kind",
+            "must be sim, command, http or openclaw",
+        ));
+    }
+    if let Some(m) = model {
+        check_name("model", m, false).map_err(bad)?;
+    }
+    if percent.is_some_and(|p| !(1..=100).contains(&p)) {
+        return Err(Rejection::invalid("percent", "must be 1..=100"));
+    }
+    Ok(())
+}
+
 /// Where `id` falls in 0..100 for a rollout named `salt`: FNV-1a of the
 /// name, mixed with the id ([`mix`]), so every replica puts a task in the
 /// same place and rollouts of different names pick independent shares.
 ///
 /// [`mix`]: super::retry::mix
 pub fn rollout_bucket(salt: &str, id: u64) -> u8 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in salt.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = fnv1a(salt.bytes());
     (super::retry::mix(h ^ super::retry::mix(id)) % 100) as u8
+}
+
+/// FNV-1a of `bytes`: a fixed hash, the same on every replica.
+pub(crate) fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A queue shard's own placement ([`Command::PlaceShard`]).

@@ -47,6 +47,19 @@ type Turn = ((u32, usize), u32, usize);
 /// New sessions each gateway may still open in this round.
 type Rooms = BTreeMap<GatewayId, u32>;
 
+/// Whether one of `holds` (names of `switches`) stops task `t`: the one
+/// test of [`State::held_on_agent`] and of a dispatch turn, which holds the
+/// ready queue mutably and so reads the switches apart.
+fn held_by(
+    switches: &BTreeMap<String, super::KillSwitch>,
+    holds: &[String],
+    t: &super::Task,
+) -> bool {
+    holds
+        .iter()
+        .any(|n| switches.get(n).is_some_and(|sw| sw.covers(n, t)))
+}
+
 /// Refuses a round with a lease length or size out of range.
 fn check_round(spec: &DispatchSpec) -> Result<(), Rejection> {
     check_lease_ms(spec.lease_ms)?;
@@ -77,9 +90,7 @@ impl State {
     /// Whether one of `holds` (switch names from [`State::agent_holds`])
     /// stops task `t` on the agent they apply to.
     pub(crate) fn held_on_agent(&self, holds: &[String], t: &super::Task) -> bool {
-        holds
-            .iter()
-            .any(|n| self.switches.get(n).is_some_and(|sw| sw.covers(n, t)))
+        held_by(&self.switches, holds, t)
     }
 
     /// The agents that may take work now, in agent-id order.
@@ -535,11 +546,7 @@ impl State {
         let tasks = &self.tasks;
         let sessions = &self.sessions;
         let switches = &self.switches;
-        let held_on = |s: &Slot, t: &super::Task| {
-            s.holds
-                .iter()
-                .any(|n| switches.get(n).is_some_and(|sw| sw.covers(n, t)))
-        };
+        let held_on = |s: &Slot, t: &super::Task| held_by(switches, &s.holds, t);
         // An agent of the task's region that could take it now (its
         // capabilities, and no kill switch on its gateway stopping it).
         let room_in = |region: &str, t: &super::Task| {

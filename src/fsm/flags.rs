@@ -17,8 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Rejection, check_name, rollout_bucket};
-use super::registry::GATEWAY_KINDS;
+use super::command::{Rejection, check_name, check_scope, fnv1a, rollout_bucket};
 use super::task::{Limits, Task, Tenant};
 
 /// Most flags the cluster keeps.
@@ -72,26 +71,13 @@ impl FeatureFlag {
         let Some(f) = flag else {
             return Ok(());
         };
-        if let Some(t) = &f.tenant {
-            check_name("tenant", &t.0, false).map_err(bad)?;
-        }
-        if let Some(c) = &f.capability {
-            check_name("capability", c, false).map_err(bad)?;
-        }
-        if let Some(k) = &f.gateway_kind
-            && !GATEWAY_KINDS.contains(&k.as_str())
-        {
-            return Err(Rejection::invalid(
-                "gateway_kind",
-                "must be sim, command, http or openclaw",
-            ));
-        }
-        if let Some(m) = &f.model {
-            check_name("model", m, false).map_err(bad)?;
-        }
-        if f.percent.is_some_and(|p| !(1..=100).contains(&p)) {
-            return Err(Rejection::invalid("percent", "must be 1..=100"));
-        }
+        check_scope(
+            f.tenant.as_ref(),
+            f.capability.as_deref(),
+            f.gateway_kind.as_deref(),
+            f.model.as_deref(),
+            f.percent,
+        )?;
         if f.description
             .as_ref()
             .is_some_and(|d| d.len() > Limits::MAX_ERROR_BYTES)
@@ -106,15 +92,10 @@ impl FeatureFlag {
 /// What a share of a rollout is drawn by: the task's session (its tenant
 /// and key, FNV-1a) when it has a key, else its id.
 fn rollout_unit(task: &Task) -> u64 {
-    let Some(key) = &task.session_key else {
-        return task.id.0;
-    };
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in task.tenant.0.bytes().chain([0]).chain(key.0.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+    match &task.session_key {
+        Some(key) => fnv1a(task.tenant.0.bytes().chain([0]).chain(key.0.bytes())),
+        None => task.id.0,
     }
-    h
 }
 
 #[cfg(test)]

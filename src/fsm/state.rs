@@ -11,12 +11,12 @@ use super::auth::Auth;
 use super::command::{
     Batch, Command, DeadLetterFilter, KillSwitch, Member, Outcome, Rejection, ReplaySelector,
     Reply, Request, Response, Scope, ShardPlacement, ShardRule, SubmitTask, SyncSwitch, SyncWeight,
-    check_name,
+    check_name, check_scope,
 };
 use super::event::{Event, EventKind, NodeChange, What};
 use super::flags::{FeatureFlag, MAX_FLAGS};
 use super::queue::{ReadyQueues, normalize_caps};
-use super::registry::{GATEWAY_KINDS, NodeId, Registry};
+use super::registry::{NodeId, Registry};
 use super::retry::mix;
 use super::session::Sessions;
 use super::task::{
@@ -1843,26 +1843,13 @@ const MAX_SWITCH_GATEWAYS: usize = 10_000;
 fn check_switch(name: &str, switch: Option<&KillSwitch>) -> Result<(), Rejection> {
     check_name("name", name, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
     if let Some(sw) = switch {
-        if let Some(t) = &sw.tenant {
-            check_name("tenant", &t.0, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
-        }
-        if let Some(c) = &sw.capability {
-            check_name("capability", c, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
-        }
-        if let Some(k) = &sw.gateway_kind
-            && !GATEWAY_KINDS.contains(&k.as_str())
-        {
-            return Err(Rejection::invalid(
-                "gateway_kind",
-                "must be sim, command, http or openclaw",
-            ));
-        }
-        if let Some(m) = &sw.model {
-            check_name("model", m, false).map_err(|(f, p)| Rejection::invalid(f, p))?;
-        }
-        if sw.percent.is_some_and(|p| !(1..=100).contains(&p)) {
-            return Err(Rejection::invalid("percent", "must be 1..=100"));
-        }
+        check_scope(
+            sw.tenant.as_ref(),
+            sw.capability.as_deref(),
+            sw.gateway_kind.as_deref(),
+            sw.model.as_deref(),
+            sw.percent,
+        )?;
         if sw.gateways.len() > MAX_SWITCH_GATEWAYS {
             let problem = format!("at most {MAX_SWITCH_GATEWAYS}");
             return Err(Rejection::invalid("gateways", problem));
