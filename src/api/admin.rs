@@ -148,33 +148,40 @@ pub async fn crash_agent(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<CrashView>)> {
-    let node = &api.node;
-    fault_injection_on(&api)?;
-    api.record(
-        &caller,
-        Some(AuditTarget::text(format!("agent/{id}"))),
-        true,
-    )
-    .await;
-    let agent = crate::fsm::AgentId(id);
-    let actor = node.agent_directory().get(&agent).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "agent `{agent}` has no actor on node {}; call the node that owns its gateway",
-            node.id()
-        ))
-    })?;
-    actor
-        .send_message(crate::actors::AgentMsg::Crash)
-        .map_err(|e| ApiError::unavailable(format!("agent actor is stopping: {e}")))?;
+    let agent = send_fault(&api, &caller, id, crate::actors::AgentMsg::Crash).await?;
     tracing::warn!(%agent, "agent actor crash requested (fault injection)");
     Ok((
         StatusCode::ACCEPTED,
         Json(CrashView {
             agent: agent.0,
-            node: node.id(),
+            node: api.node.id(),
             crashed: true,
         }),
     ))
+}
+
+/// Sends fault `msg` to agent `id`'s actor on this node, audited: 403 when
+/// fault injection is off here, 404 when this node runs no such actor.
+async fn send_fault(
+    api: &Api,
+    caller: &Caller,
+    id: String,
+    msg: crate::actors::AgentMsg,
+) -> ApiResult<crate::fsm::AgentId> {
+    fault_injection_on(api)?;
+    api.record(caller, Some(AuditTarget::text(format!("agent/{id}"))), true)
+        .await;
+    let agent = crate::fsm::AgentId(id);
+    let actor = api.node.agent_directory().get(&agent).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "agent `{agent}` has no actor on node {}; call the node that owns its gateway",
+            api.node.id()
+        ))
+    })?;
+    actor
+        .send_message(msg)
+        .map_err(|e| ApiError::unavailable(format!("agent actor is stopping: {e}")))?;
+    Ok(agent)
 }
 
 /// `POST /admin/agents/{id}/stall` body.
@@ -210,35 +217,18 @@ pub async fn stall_agent(
     Path(id): Path<String>,
     Body(b): Body<StallBody>,
 ) -> ApiResult<(StatusCode, Json<CrashView>)> {
-    let node = &api.node;
     fault_injection_on(&api)?;
     if !(1..=600_000).contains(&b.ms) {
         return Err(ApiError::invalid("invalid field `ms`: must be 1..=600000"));
     }
-    api.record(
-        &caller,
-        Some(AuditTarget::text(format!("agent/{id}"))),
-        true,
-    )
-    .await;
-    let agent = crate::fsm::AgentId(id);
-    let actor = node.agent_directory().get(&agent).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "agent `{agent}` has no actor on node {}; call the node that owns its gateway",
-            node.id()
-        ))
-    })?;
-    actor
-        .send_message(crate::actors::AgentMsg::Stall(
-            std::time::Duration::from_millis(b.ms),
-        ))
-        .map_err(|e| ApiError::unavailable(format!("agent actor is stopping: {e}")))?;
+    let stall = crate::actors::AgentMsg::Stall(std::time::Duration::from_millis(b.ms));
+    let agent = send_fault(&api, &caller, id, stall).await?;
     tracing::warn!(%agent, ms = b.ms, "agent actor stall requested (fault injection)");
     Ok((
         StatusCode::ACCEPTED,
         Json(CrashView {
             agent: agent.0,
-            node: node.id(),
+            node: api.node.id(),
             crashed: false,
         }),
     ))
