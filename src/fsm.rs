@@ -101,6 +101,7 @@ pub use session::{
     AfterTask, Checkpoint, OpenSession, SessionId, SessionRecord, SessionState, Sessions, Turn,
     carried_context, gateway_session_key, payload_message,
 };
+pub(crate) use state::truncate;
 pub use state::{State, Synced, group_of, route};
 pub use task::{
     AgentId, DependencyFailure, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task,

@@ -179,14 +179,8 @@ fn spawn(gateway: &GatewayId, spec: &ManagedSpec) -> std::io::Result<Child> {
 
 async fn log_lines(gateway: GatewayId, stream: &'static str, from: impl AsyncRead + Unpin) {
     let mut lines = BufReader::new(from).lines();
-    while let Ok(Some(mut line)) = lines.next_line().await {
-        if line.len() > MAX_LINE {
-            let mut end = MAX_LINE;
-            while !line.is_char_boundary(end) {
-                end -= 1;
-            }
-            line.truncate(end);
-        }
+    while let Ok(Some(line)) = lines.next_line().await {
+        let line = crate::fsm::truncate(&line, MAX_LINE);
         tracing::info!(%gateway, stream, "managed gateway: {line}");
     }
 }

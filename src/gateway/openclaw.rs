@@ -488,32 +488,20 @@ impl OpenClawDriver {
                             continue;
                         };
                         // Not this role's to call: stop the run here.
-                        let aborted = abort_run(conn, run.key, Some(run.run_id), run.trace).await;
-                        abort.run_id = None;
-                        tally.log(run);
-                        tracing::warn!(task = %run.task, run = %run.run_id, %tool, role = %role.name, %aborted, "openclaw run called a tool its role does not allow; run stopped");
                         let allowed = role.tools.as_deref().unwrap_or_default().join(", ");
-                        return Err(Lost::Failed(DriverError::TaskFailed {
-                            reason: format!(
-                                "the run called tool `{tool}`, which role `{}` does not allow (allowed: [{allowed}]); the run was stopped",
-                                role.name
-                            ),
-                            retryable: false,
-                        }));
+                        let why = format!(
+                            "the run called tool `{tool}`, which role `{}` does not allow (allowed: [{allowed}]); the run was stopped",
+                            role.name
+                        );
+                        return Err(stop_run(conn, run, abort, &tally, why, false).await);
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tally.lagged += n;
                         // A tool call may have been among the events lost:
                         // a role that limits tools cannot vouch for the run.
                         if run.role.is_some_and(|r| r.tools.is_some()) {
-                            let aborted = abort_run(conn, run.key, Some(run.run_id), run.trace).await;
-                            abort.run_id = None;
-                            tally.log(run);
-                            tracing::warn!(task = %run.task, run = %run.run_id, lost = n, %aborted, "openclaw run's events were lost; its role limits tools, so it was stopped");
-                            return Err(Lost::Failed(DriverError::TaskFailed {
-                                reason: format!("{n} events of the run were lost, so its tools could not be checked against its role; the run was stopped"),
-                                retryable: true,
-                            }));
+                            let why = format!("{n} events of the run were lost, so its tools could not be checked against its role; the run was stopped");
+                            return Err(stop_run(conn, run, abort, &tally, why, true).await);
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
@@ -690,6 +678,26 @@ async fn abort_run(conn: &Arc<Conn>, key: &str, run_id: Option<&str>, trace: &st
         Ok(p) => wire::str_at(&p, &["status"]).unwrap_or("ok").to_owned(),
         Err(e) => format!("failed: {e}"),
     }
+}
+
+/// Stops a run its role cannot vouch for: aborts it on the gateway, logs
+/// its tally, and fails the attempt with `why`.
+async fn stop_run(
+    conn: &Arc<Conn>,
+    run: &Run<'_>,
+    abort: &mut AbortOnDrop,
+    tally: &Tally,
+    why: String,
+    retryable: bool,
+) -> Lost {
+    let aborted = abort_run(conn, run.key, Some(run.run_id), run.trace).await;
+    abort.run_id = None;
+    tally.log(run);
+    tracing::warn!(task = %run.task, run = %run.run_id, %aborted, reason = %why, "openclaw run stopped");
+    Lost::Failed(DriverError::TaskFailed {
+        reason: why,
+        retryable,
+    })
 }
 
 /// Counts of one run's events, logged when it ends.
