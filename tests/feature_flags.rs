@@ -10,9 +10,9 @@ mod support;
 
 use std::time::Duration;
 
-use anyhow::bail;
 use serde_json::{Value, json};
-use support::{Api, Cluster, bounded, deadline, wait_until};
+use support::work::completed;
+use support::{Api, Cluster, bounded};
 
 const TEST_BOUND: Duration = Duration::from_secs(120);
 
@@ -24,19 +24,7 @@ async fn submit(api: &Api, body: Value) -> u64 {
 
 /// The flags the gateway was handed for task `id`, once it completed.
 async fn flags_seen(api: &Api, id: u64) -> Vec<String> {
-    let t = wait_until(
-        "the task to complete",
-        deadline(Duration::from_secs(20)),
-        async || {
-            let t = api.get_ok(0, &format!("/api/v1/tasks/{id}")).await;
-            if t["status"] == "completed" {
-                Ok(t)
-            } else {
-                bail!("{t}")
-            }
-        },
-    )
-    .await;
+    let t = completed(api, 0, id, Duration::from_secs(20)).await;
     t["result"]["flags"]
         .as_array()
         .map(|a| a.iter().map(|f| f.as_str().unwrap().to_owned()).collect())

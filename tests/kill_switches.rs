@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use serde_json::{Value, json};
+use support::work::completed;
 use support::{Api, Cluster, bounded, deadline, wait_until};
 
 const TEST_BOUND: Duration = Duration::from_secs(120);
@@ -167,19 +168,8 @@ async fn a_switch_holds_its_work_on_every_shard_until_lifted() {
 
 /// Waits until task `id` is `completed` and returns the agent that ran it.
 async fn ran_on(api: &Api, id: u64) -> String {
-    wait_until(
-        "the task to complete",
-        deadline(Duration::from_secs(20)),
-        async || {
-            let t = status(api, 0, id).await;
-            if t["status"] == "completed" {
-                Ok(t["agent_id"].as_str().unwrap_or_default().to_owned())
-            } else {
-                bail!("{t}")
-            }
-        },
-    )
-    .await
+    let t = completed(api, 0, id, Duration::from_secs(20)).await;
+    t["agent_id"].as_str().unwrap_or_default().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use serde_json::{Value, json};
+use support::work::completed;
 use support::{Api, Cluster, bounded, deadline, free_port, wait_until};
 
 const TEST_BOUND: Duration = Duration::from_secs(150);
@@ -83,19 +84,7 @@ async fn run_task(api: &Api, i: usize) -> u64 {
         .unwrap();
     assert_eq!(r.status, 201, "{r:?}");
     let id = r.body["id"].as_u64().unwrap();
-    let t = wait_until(
-        "the task to complete",
-        deadline(Duration::from_secs(40)),
-        async || {
-            let t = api.get_ok(i, &format!("/api/v1/tasks/{id}")).await;
-            if t["status"] == "completed" {
-                Ok(t)
-            } else {
-                bail!("{t}")
-            }
-        },
-    )
-    .await;
+    let t = completed(api, i, id, Duration::from_secs(40)).await;
     t["result"]["pid"].as_u64().expect("the webhook's pid")
 }
 
@@ -156,11 +145,7 @@ async fn godel_runs_restarts_moves_and_stops_a_managed_gateway() {
         assert_eq!(r.status, 201, "{r:?}");
         let (pid1, owner1) = running(&api, leader, None).await;
         assert!(alive(pid1), "pid {pid1} runs");
-        let t = wait_until("the early task to complete", deadline(Duration::from_secs(30)), async || {
-            let t = api.get_ok(leader, &format!("/api/v1/tasks/{early}")).await;
-            if t["status"] == "completed" { Ok(t) } else { bail!("{t}") }
-        })
-        .await;
+        let t = completed(&api, leader, early, Duration::from_secs(30)).await;
         assert_eq!(t["result"]["pid"], pid1, "{t}");
         assert_eq!(t["attempt_count"], 0, "no attempt failed while it started: {t}");
 

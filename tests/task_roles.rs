@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use serde_json::json;
+use support::work::completed;
 use support::{Cluster, bounded, deadline, wait_until};
 
 const TEST_BOUND: Duration = Duration::from_secs(60);
@@ -199,19 +200,7 @@ async fn a_configured_role_gives_its_agents_capabilities_tools_and_a_prompt() {
             .unwrap();
         assert_eq!(r.status, 201, "{r:?}");
         let id = r.body["id"].as_u64().unwrap();
-        let t = wait_until(
-            "the task to complete",
-            deadline(Duration::from_secs(20)),
-            async || {
-                let t = api.get_ok(0, &format!("/api/v1/tasks/{id}")).await;
-                if t["status"] == "completed" {
-                    Ok(t)
-                } else {
-                    bail!("{t}")
-                }
-            },
-        )
-        .await;
+        let t = completed(&api, 0, id, Duration::from_secs(20)).await;
         assert_eq!(t["agent_id"], "tri-1", "{t}");
         assert_eq!(t["result"]["role"], "triager", "{t}");
     })

@@ -119,3 +119,17 @@ pub async fn submit(api: &Api, i: usize, body: &Value) -> Value {
     assert!(matches!(r.status, 200 | 201), "submit {body}: {r:?}");
     r.body
 }
+
+/// Waits (up to `limit`) until task `id`, read through node `i`, is
+/// `completed`, and returns its view.
+pub async fn completed(api: &Api, i: usize, id: u64, limit: Duration) -> Value {
+    super::wait_until("the task to complete", deadline(limit), async || {
+        let t = api.get_ok(i, &format!("/api/v1/tasks/{id}")).await;
+        if t["status"] == "completed" {
+            Ok(t)
+        } else {
+            anyhow::bail!("{t}")
+        }
+    })
+    .await
+}
