@@ -166,13 +166,18 @@ async fn godel_runs_restarts_moves_and_stops_a_managed_gateway() {
             .await
             .unwrap();
         assert!(r.status == 200 || r.status == 202, "{r:?}");
-        let (pid3, owner3) = running(&api, drain_via, Some(pid2)).await;
-        assert_ne!(owner3, owner1, "moved off the drained node");
+        // All nodes share this host, so the new owner's process may start
+        // while the old one still holds the port (and fail to bind, and be
+        // started again): wait for the old one to stop, then a task runs
+        // on the process the registry names.
         wait_until("the drained node's process to stop", deadline(Duration::from_secs(15)), async || {
             if alive(pid2) { bail!("pid {pid2} still runs") } else { Ok(()) }
         })
         .await;
-        assert_eq!(run_task(&api, drain_via).await, pid3);
+        let ran = run_task(&api, drain_via).await;
+        let (pid3, owner3) = running(&api, drain_via, Some(pid2)).await;
+        assert_ne!(owner3, owner1, "moved off the drained node");
+        assert_eq!(ran, pid3);
 
         // SIGKILL of the owner node: the gateway is placed on a live node
         // and started there (the process died with its node).
