@@ -686,14 +686,33 @@ impl Node {
                 group.id()
             )));
         }
+        let mut each = self.write_many_in(group, vec![write]).await?;
+        each.pop()
+            .unwrap_or_else(|| Err(NodeError::Internal("no result for a write".into())))
+    }
+
+    /// Proposes `writes` to `group` together: they go into one Raft entry
+    /// (bigger batches join theirs up to `queue.batch_max_commands`), in
+    /// order, each with its own outcome. `Err` when none was queued (the
+    /// write queue has no room for all of them, or the node is stopping);
+    /// a write that did not commit in time fails alone in the list.
+    pub async fn write_many_in(
+        &self,
+        group: &Group,
+        writes: Vec<fsm::Write>,
+    ) -> Result<Vec<Result<fsm::Outcome, NodeError>>, NodeError> {
+        let n = writes.len();
         let timeout = self.inner.config.queue.write_timeout;
-        let rx = group.queue().push(write)?;
+        let rx = group.queue().push(writes)?;
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(each)) => Ok(each),
             Ok(Err(_)) => Err(NodeError::Unavailable("node is shutting down".into())),
-            Err(_) => Err(NodeError::Unavailable(format!(
-                "not committed within {timeout:?}"
-            ))),
+            Err(_) => Ok(vec![
+                Err(NodeError::Unavailable(format!(
+                    "not committed within {timeout:?}"
+                )));
+                n
+            ]),
         }
     }
 

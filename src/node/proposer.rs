@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::{Group, Node, NodeError};
 use crate::clock;
@@ -15,45 +15,72 @@ use crate::fsm::{Batch, Command, Outcome, Request, Write};
 use crate::raft::rpc::{Forwarded, RemoteFailure, RpcReply, RpcRequest};
 use crate::raft::{META_GROUP, NodeId};
 
-type Reply = oneshot::Sender<Result<Outcome, NodeError>>;
+/// What a job's caller gets back: one result per write, in order.
+pub(super) type Results = Vec<Result<Outcome, NodeError>>;
+
+/// Writes that join the pipeline together: they go into one Raft entry
+/// (with other jobs when there is room), and their caller gets one answer.
+pub(super) struct Job {
+    writes: Vec<Write>,
+    reply: oneshot::Sender<Results>,
+    /// The job's places in the queue, given back when a batch takes it.
+    _room: OwnedSemaphorePermit,
+}
 
 /// The sending side of the command queue.
 pub(super) struct Queue {
-    tx: mpsc::Sender<(Write, Reply)>,
+    tx: mpsc::UnboundedSender<Job>,
+    /// Commands that may still wait: the queue's bound, counted in
+    /// commands (a job of many takes many places).
+    room: Arc<Semaphore>,
 }
 
 impl Queue {
     /// A queue holding at most `capacity` waiting commands.
-    pub(super) fn new(capacity: usize) -> (Self, mpsc::Receiver<(Write, Reply)>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (Self { tx }, rx)
+    pub(super) fn new(capacity: usize) -> (Self, mpsc::UnboundedReceiver<Job>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let room = Arc::new(Semaphore::new(capacity));
+        (Self { tx, room }, rx)
     }
 
-    /// Room left in the queue.
+    /// Room left in the queue, in commands.
     pub(super) fn free(&self) -> usize {
-        self.tx.capacity()
+        self.room.available_permits()
     }
 
-    /// Enqueues a command; full means overloaded, never a wait.
-    pub(super) fn push(
-        &self,
-        write: Write,
-    ) -> Result<oneshot::Receiver<Result<Outcome, NodeError>>, NodeError> {
+    /// Enqueues writes that go into one entry together; full (no room for
+    /// all of them) means overloaded, never a wait, and nothing is queued.
+    pub(super) fn push(&self, writes: Vec<Write>) -> Result<oneshot::Receiver<Results>, NodeError> {
+        let n = u32::try_from(writes.len()).unwrap_or(u32::MAX);
+        let room = self
+            .room
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|e| match e {
+                tokio::sync::TryAcquireError::NoPermits => {
+                    NodeError::Overloaded("write queue is full".into())
+                }
+                tokio::sync::TryAcquireError::Closed => {
+                    NodeError::Unavailable("node is shutting down".into())
+                }
+            })?;
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send((write, reply)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                NodeError::Overloaded("write queue is full".into())
-            }
-            mpsc::error::TrySendError::Closed(_) => {
-                NodeError::Unavailable("node is shutting down".into())
-            }
-        })?;
+        let job = Job {
+            writes,
+            reply,
+            _room: room,
+        };
+        self.tx
+            .send(job)
+            .map_err(|_| NodeError::Unavailable("node is shutting down".into()))?;
         Ok(rx)
     }
 }
 
-/// Drains the group's queue into batches until shutdown.
-pub(super) async fn run(node: Node, group: Group, mut rx: mpsc::Receiver<(Write, Reply)>) {
+/// Drains the group's queue into batches until shutdown: each batch is the
+/// jobs waiting, whole, up to `batch_max_commands` (a job is never split,
+/// so one bigger than that is an entry of its own).
+pub(super) async fn run(node: Node, group: Group, mut rx: mpsc::UnboundedReceiver<Job>) {
     let max = node.queue_config().batch_max_commands;
     let inflight = Arc::new(Semaphore::new(node.queue_config().max_inflight_batches));
     let shutdown = node.shutdown_token().clone();
@@ -65,22 +92,27 @@ pub(super) async fn run(node: Node, group: Group, mut rx: mpsc::Receiver<(Write,
         let Ok(permit) = inflight.clone().acquire_owned().await else {
             break;
         };
-        let mut batch = vec![first];
-        while batch.len() < max {
-            match rx.try_recv() {
-                Ok(x) => batch.push(x),
-                Err(_) => break,
-            }
+        let mut cmds = Vec::with_capacity(first.writes.len());
+        let mut replies = Vec::new();
+        let mut next = Some(first);
+        while let Some(Job { writes, reply, .. }) = next {
+            replies.push((reply, writes.len()));
+            cmds.extend(writes);
+            next = if cmds.len() < max {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         let node = node.clone();
         let group = group.clone();
         node.clone().spawn(async move {
-            let (cmds, replies): (Vec<Write>, Vec<Reply>) = batch.into_iter().unzip();
             let n = cmds.len();
             match dispatch(&node, &group, cmds).await {
                 Ok(each) if each.len() == n => {
-                    for (reply, result) in replies.into_iter().zip(each) {
-                        let _ = reply.send(result);
+                    let mut each = each.into_iter();
+                    for (reply, k) in replies {
+                        let _ = reply.send(each.by_ref().take(k).collect());
                     }
                 }
                 Ok(each) => {
@@ -94,19 +126,16 @@ pub(super) async fn run(node: Node, group: Group, mut rx: mpsc::Receiver<(Write,
     }
 }
 
-fn fail_all(replies: Vec<Reply>, e: NodeError) {
-    for reply in replies {
-        let _ = reply.send(Err(e.clone()));
+fn fail_all(replies: Vec<(oneshot::Sender<Results>, usize)>, e: NodeError) {
+    for (reply, k) in replies {
+        let _ = reply.send(vec![Err(e.clone()); k]);
     }
 }
-
-/// One result per command of a batch.
-type PerCommand = Vec<Result<Outcome, NodeError>>;
 
 /// Proposes a batch here if leader, else forwards it to the leader. A batch
 /// refused as a whole because the receiver was not the leader was not
 /// proposed, so it is retried (twice) once the view of the leader refreshes.
-async fn dispatch(node: &Node, group: &Group, cmds: Vec<Write>) -> Result<PerCommand, NodeError> {
+async fn dispatch(node: &Node, group: &Group, cmds: Vec<Write>) -> Result<Results, NodeError> {
     let n = cmds.len();
     let cmds = with_pull(node, group, cmds);
     let mut each = propose_or_forward(node, group, cmds).await?;
@@ -147,7 +176,7 @@ async fn propose_or_forward(
     node: &Node,
     group: &Group,
     cmds: Vec<Write>,
-) -> Result<PerCommand, NodeError> {
+) -> Result<Results, NodeError> {
     let timeout = node.queue_config().write_timeout;
     let mut last = NodeError::Unavailable("no leader known".into());
     for attempt in 0..3 {
@@ -228,31 +257,28 @@ pub(super) async fn accept_forwarded(
             leader: group.leader().map(|(id, _)| id),
         });
     }
-    if group.queue().free() < cmds.len() {
-        return Err(RemoteFailure::Unavailable(
-            "the leader's write queue is full".into(),
-        ));
-    }
-    let mut waiting = Vec::with_capacity(cmds.len());
-    for cmd in cmds {
-        waiting.push(group.queue().push(cmd));
-    }
+    let n = cmds.len();
+    let rx = group.queue().push(cmds).map_err(|e| match e {
+        NodeError::Overloaded(_) => {
+            RemoteFailure::Unavailable("the leader's write queue is full".into())
+        }
+        e => RemoteFailure::from(e),
+    })?;
     let timeout = node.queue_config().write_timeout;
-    let mut out = Vec::with_capacity(waiting.len());
-    for rx in waiting {
-        let result = match rx {
-            Err(e) => Err(e),
-            Ok(rx) => match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(NodeError::Unavailable("leader is shutting down".into())),
-                Err(_) => Err(NodeError::Unavailable(format!(
-                    "not committed within {timeout:?}"
-                ))),
-            },
-        };
-        out.push(result.map_err(RemoteFailure::from));
-    }
-    Ok(out)
+    let each = match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(each)) => each,
+        Ok(Err(_)) => vec![Err(NodeError::Unavailable("leader is shutting down".into())); n],
+        Err(_) => vec![
+            Err(NodeError::Unavailable(format!(
+                "not committed within {timeout:?}"
+            )));
+            n
+        ],
+    };
+    Ok(each
+        .into_iter()
+        .map(|r| r.map_err(RemoteFailure::from))
+        .collect())
 }
 
 /// On the leader: stamps the batch with the clock and a seed, proposes it as
