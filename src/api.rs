@@ -202,6 +202,7 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
     use Method as M;
     vec![
         (M::POST, "/tasks", post(tasks::create)),
+        (M::POST, "/tasks:batch", post(tasks::create_batch)),
         (M::GET, "/tasks", get(tasks::list)),
         (M::GET, "/tasks/{id}", get(tasks::get)),
         (M::POST, "/tasks/{id}/cancel", post(tasks::cancel)),
@@ -218,6 +219,7 @@ fn handlers() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (M::PUT, "/flags/{name}", put(flags::set)),
         (M::DELETE, "/flags/{name}", delete(flags::remove)),
         (M::POST, "/leases", post(leases::acquire)),
+        (M::POST, "/leases:batch", post(leases::report_batch)),
         (M::POST, "/leases/{token}/renew", post(leases::renew)),
         (M::POST, "/leases/{token}/complete", post(leases::complete)),
         (M::POST, "/leases/{token}/fail", post(leases::fail)),

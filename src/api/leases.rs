@@ -206,6 +206,168 @@ pub async fn fail(
     write_lease(&api, &caller, token, cmd).await
 }
 
+/// One lease's result in `POST /leases:batch`: `error` fails the attempt,
+/// otherwise it completes with `result`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportItem {
+    /// The lease's fencing token.
+    fencing_token: u64,
+    /// With no `error`: the task's result, any JSON (up to 256 KiB as
+    /// text); `null` when absent.
+    #[serde(default)]
+    #[schema(value_type = Value)]
+    result: Value,
+    /// What went wrong: the attempt failed (up to 4 KiB).
+    #[schema(max_length = 1024)]
+    error: Option<String>,
+    /// With `error`: whether another attempt may succeed (default `true`).
+    retryable: Option<bool>,
+    /// With `error`: what the attempt used before it failed.
+    usage: Option<FailUsage>,
+}
+
+/// `POST /leases:batch` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportBatch {
+    /// 1 to 1,000 results, at most one per lease.
+    #[schema(min_items = 1, max_items = 1000)]
+    results: Vec<ReportItem>,
+}
+
+/// `POST /leases:batch` answer.
+#[derive(Serialize, ToSchema)]
+pub struct ReportView {
+    /// One per result sent, in the same order: status 200 with the task as
+    /// `POST /leases/{token}/complete` or `/fail` would answer it, else
+    /// the error that call would have had (nothing changed for it).
+    items: Vec<super::tasks::BatchItem>,
+    /// Items that took effect.
+    done: u32,
+    /// Items refused.
+    failed: u32,
+}
+
+/// `POST /leases:batch`: completes and fails many leases in one call (one
+/// Raft entry per queue shard they are in), a result per item, in order.
+#[utoipa::path(
+    post,
+    path = "/leases:batch",
+    request_body = ReportBatch,
+    responses(
+        (status = 200, description = "A result per item, in order (some may have failed)", body = ReportView),
+        (status = 400, description = "Not 1 to 1,000 well-formed results, or a lease named twice; nothing changed", body = super::error::ErrorBody),
+    )
+)]
+pub async fn report_batch(
+    State(api): State<Api>,
+    caller: Caller,
+    Body(b): Body<ReportBatch>,
+) -> ApiResult<Json<ReportView>> {
+    let n = b.results.len();
+    let most = super::tasks::MAX_BATCH_TASKS;
+    if !(1..=most).contains(&n) {
+        return Err(ApiError::invalid(format!(
+            "invalid field `results`: {n} results; a batch holds 1 to {most}"
+        )));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    if let Some(twice) = b.results.iter().find(|r| !seen.insert(r.fencing_token)) {
+        return Err(ApiError::invalid(format!(
+            "invalid field `results`: lease {} is named twice",
+            twice.fencing_token
+        )));
+    }
+    // Each item's shard (tokens carry it), then one write per shard.
+    let mut results: Vec<Option<ApiResult<Reply>>> = Vec::with_capacity(n);
+    let mut by_group: Vec<(&crate::node::Group, Vec<(usize, crate::fsm::Write)>)> = Vec::new();
+    for (i, item) in b.results.into_iter().enumerate() {
+        let token = FencingToken(item.fencing_token);
+        let cmd = match item.error {
+            Some(error) => Command::Fail {
+                token,
+                error,
+                retryable: item.retryable.unwrap_or(true),
+                usage: item.usage.map(|u| crate::fsm::ReportedUsage {
+                    input_tokens: u.input_tokens,
+                    output_tokens: u.output_tokens,
+                    model: u.model,
+                }),
+            },
+            None if item.retryable.is_some() || item.usage.is_some() => {
+                results.push(Some(Err(ApiError::invalid(
+                    "invalid field `retryable`/`usage`: only with `error`",
+                ))));
+                continue;
+            }
+            None => Command::Complete {
+                token,
+                result: item.result.to_string(),
+            },
+        };
+        match api.queue_group_of(token.0, "lease").await {
+            Err(e) => results.push(Some(Err(e))),
+            Ok(group) => {
+                results.push(None);
+                let write = crate::fsm::Write {
+                    command: cmd,
+                    audit: Some(caller.audit(Some(AuditTarget::Lease(token.0)))),
+                };
+                match by_group.iter_mut().find(|(g, _)| g.id() == group.id()) {
+                    Some((_, writes)) => writes.push((i, write)),
+                    None => by_group.push((group, vec![(i, write)])),
+                }
+            }
+        }
+    }
+    let each = by_group.into_iter().map(|(group, writes)| {
+        let api = &api;
+        async move {
+            let (at, writes): (Vec<usize>, Vec<_>) = writes.into_iter().unzip();
+            let written: Vec<ApiResult<Reply>> = match api.node.write_many_in(group, writes).await {
+                Ok(each) => each.into_iter().map(super::outcome).collect(),
+                Err(e) => at.iter().map(|_| Err(ApiError::from(e.clone()))).collect(),
+            };
+            at.into_iter()
+                .zip(written)
+                .collect::<Vec<(usize, ApiResult<Reply>)>>()
+        }
+    });
+    for (i, r) in futures_util::future::join_all(each)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        results[i] = Some(r);
+    }
+    let (mut done, mut failed) = (0, 0);
+    let mut items = Vec::with_capacity(n);
+    for r in results {
+        let r = r.unwrap_or_else(|| {
+            Err(ApiError::from(crate::node::NodeError::Internal(
+                "no result for an item of the batch".into(),
+            )))
+        });
+        match r {
+            Ok(Reply::Task(task)) => {
+                done += 1;
+                items.push(super::tasks::BatchItem::task(200, task));
+            }
+            Ok(other) => return Err(super::unexpected(other)),
+            Err(e) => {
+                failed += 1;
+                items.push(super::tasks::BatchItem::error(e));
+            }
+        }
+    }
+    Ok(Json(ReportView {
+        items,
+        done,
+        failed,
+    }))
+}
+
 /// Where a worker's lease call goes: with several shards, the one that
 /// holds the most urgent ready task the worker could take (read on every
 /// shard's replica after a read barrier), so strict priority holds over

@@ -58,6 +58,7 @@ const BEARER: &str = "bearer";
     ),
     paths(
         tasks::create,
+        tasks::create_batch,
         tasks::list,
         tasks::get,
         tasks::cancel,
@@ -74,6 +75,7 @@ const BEARER: &str = "bearer";
         flags::remove,
         registry::roles,
         leases::acquire,
+        leases::report_batch,
         leases::renew,
         leases::complete,
         leases::fail,

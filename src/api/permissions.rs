@@ -185,6 +185,7 @@ const DELETE: Method = Method::DELETE;
 /// Every authenticated route.
 pub const ROUTES: &[RouteSpec] = &[
     r(POST, "/tasks", P::TasksWrite, "tasks.submit"),
+    r(POST, "/tasks:batch", P::TasksWrite, "tasks.submit_batch"),
     r(GET, "/tasks", P::TasksRead, "tasks.list"),
     r(GET, "/tasks/{id}", P::TasksRead, "tasks.get"),
     r(POST, "/tasks/{id}/cancel", P::TasksWrite, "tasks.cancel"),
@@ -206,6 +207,7 @@ pub const ROUTES: &[RouteSpec] = &[
     r(PUT, "/flags/{name}", P::Switches, "flags.set"),
     r(DELETE, "/flags/{name}", P::Switches, "flags.remove"),
     r(POST, "/leases", P::LeasesWork, "leases.acquire"),
+    r(POST, "/leases:batch", P::LeasesWork, "leases.report_batch"),
     r(POST, "/leases/{token}/renew", P::LeasesWork, "leases.renew"),
     r(
         POST,

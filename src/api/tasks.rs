@@ -219,6 +219,208 @@ pub async fn create(
     }
 }
 
+/// `POST /tasks:batch` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskBatch {
+    /// 1 to 1,000 tasks, each as `POST /tasks` takes one. A task that is
+    /// not well-formed JSON of that shape refuses the whole batch (400);
+    /// one refused for what it asks (a bad field value, a quota, a shed
+    /// priority) fails alone in `items`.
+    #[schema(min_items = 1, max_items = 1000)]
+    tasks: Vec<TaskCreate>,
+}
+
+/// One task's result in a batch.
+#[derive(Serialize, ToSchema)]
+pub struct BatchItem {
+    /// As `POST /tasks` would have answered it: 201 submitted, 200 an
+    /// earlier task with the same idempotency key, else the error's.
+    status: u16,
+    /// The task (201 and 200).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task: Option<TaskView>,
+    /// Why it was refused (any other status); nothing was submitted for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ItemError>,
+}
+
+/// A refused item's error, as an error body's `error`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ItemError {
+    /// Stable machine-readable code.
+    #[schema(example = "invalid_request", pattern = "^[a-z_]+$")]
+    code: &'static str,
+    /// Human-readable message.
+    message: String,
+    /// Whether sending the task again may succeed (with its idempotency
+    /// key, a resent batch is safe).
+    retryable: bool,
+}
+
+/// `POST /tasks:batch` answer.
+#[derive(Serialize, ToSchema)]
+pub struct BatchView {
+    /// One per task sent, in the same order.
+    items: Vec<BatchItem>,
+    /// Items submitted now (201).
+    created: u32,
+    /// Items answered with an earlier task of the same idempotency key (200).
+    existing: u32,
+    /// Items refused.
+    failed: u32,
+}
+
+impl BatchItem {
+    /// An item that took effect, with its task.
+    pub(super) fn task(status: u16, task: std::sync::Arc<crate::fsm::Task>) -> BatchItem {
+        BatchItem {
+            status,
+            task: Some(TaskView(task)),
+            error: None,
+        }
+    }
+
+    /// An item refused with `e`.
+    pub(super) fn error(e: ApiError) -> BatchItem {
+        BatchItem {
+            status: e.status.as_u16(),
+            task: None,
+            error: Some(ItemError {
+                code: e.code,
+                message: e.message,
+                retryable: e.retryable,
+            }),
+        }
+    }
+}
+
+impl BatchView {
+    fn of(results: Vec<ApiResult<Reply>>) -> ApiResult<BatchView> {
+        let mut view = BatchView {
+            items: Vec::with_capacity(results.len()),
+            created: 0,
+            existing: 0,
+            failed: 0,
+        };
+        for r in results {
+            let item = match r {
+                Ok(Reply::Submitted {
+                    task,
+                    created: true,
+                }) => {
+                    view.created += 1;
+                    BatchItem::task(StatusCode::CREATED.as_u16(), task)
+                }
+                Ok(Reply::Submitted { task, .. }) => {
+                    view.existing += 1;
+                    BatchItem::task(StatusCode::OK.as_u16(), task)
+                }
+                Ok(other) => return Err(super::unexpected(other)),
+                Err(e) => {
+                    view.failed += 1;
+                    BatchItem::error(e)
+                }
+            };
+            view.items.push(item);
+        }
+        Ok(view)
+    }
+}
+
+/// Most tasks in one `POST /tasks:batch`.
+pub const MAX_BATCH_TASKS: usize = 1000;
+
+/// `POST /tasks:batch`: up to 1,000 tasks in one request and, with one
+/// queue group, one Raft entry; a result per task, in order. Safe to send
+/// again with idempotency keys: tasks already created are answered with
+/// status 200 and the earlier task.
+#[utoipa::path(
+    post,
+    path = "/tasks:batch",
+    request_body = TaskBatch,
+    params(("traceparent" = Option<String>, Header, description = "W3C trace context every task of the batch carries (ignored when malformed)")),
+    responses(
+        (status = 200, description = "A result per task, in order (some may have failed)", body = BatchView),
+        (status = 400, description = "Not a batch of 1 to 1,000 well-formed tasks; nothing was submitted", body = super::error::ErrorBody),
+        (status = 429, description = "The write queue has no room for the batch (nothing was submitted), or over a rate limit", body = super::error::ErrorBody),
+    )
+)]
+pub async fn create_batch(
+    State(api): State<Api>,
+    caller: Caller,
+    Traceparent(trace): Traceparent,
+    Body(body): Body<TaskBatch>,
+) -> ApiResult<Json<BatchView>> {
+    let n = body.tasks.len();
+    if !(1..=MAX_BATCH_TASKS).contains(&n) {
+        return Err(ApiError::invalid(format!(
+            "invalid field `tasks`: {n} tasks; a batch holds 1 to {MAX_BATCH_TASKS}"
+        )));
+    }
+    // Naming a tenant the credential may not is the request's fault, not
+    // an item's: refused whole (and audited), before anything is written.
+    let mut tasks = Vec::with_capacity(n);
+    for mut t in body.tasks {
+        let tenant = caller.tenant_named(t.tenant.take())?;
+        tasks.push((tenant, t));
+    }
+    let mut results: Vec<Option<ApiResult<Reply>>> = Vec::with_capacity(n);
+    let mut specs = Vec::with_capacity(n);
+    let sharded = api.node.shard_groups().len() > 1;
+    let mut quota_ok: Vec<Tenant> = Vec::new();
+    for (tenant, t) in tasks {
+        let checked = async {
+            let mut spec = t.into_submit(tenant)?;
+            spec.trace = trace.clone();
+            admit(&api, &spec).await?;
+            if sharded && !quota_ok.contains(&spec.tenant) {
+                check_quota(&api, &spec.tenant).await?;
+                quota_ok.push(spec.tenant.clone());
+            }
+            Ok(spec)
+        }
+        .await;
+        match checked {
+            Ok(spec) => {
+                results.push(None);
+                specs.push(spec);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    let mut written = if sharded {
+        let each = specs.into_iter().map(|spec| submit(&api, &caller, spec));
+        futures_util::future::join_all(each).await
+    } else {
+        let writes = specs
+            .into_iter()
+            .map(|spec| crate::fsm::Write {
+                command: Command::Submit(spec),
+                audit: Some(caller.audit(None)),
+            })
+            .collect();
+        api.node
+            .write_many_in(api.node.meta(), writes)
+            .await?
+            .into_iter()
+            .map(super::outcome)
+            .collect()
+    }
+    .into_iter();
+    let results = results
+        .into_iter()
+        .map(|r| {
+            r.or_else(|| written.next()).unwrap_or_else(|| {
+                Err(ApiError::from(crate::node::NodeError::Internal(
+                    "no result for a task of the batch".into(),
+                )))
+            })
+        })
+        .collect();
+    Ok(Json(BatchView::of(results)?))
+}
+
 /// Load shedding by priority (`queue.shed_at`): refuses a new task whose
 /// priority is shed at the current load, with 429 and code `shed`. Two
 /// loads count: this node's write queue, and the cluster's unfinished tasks
