@@ -68,6 +68,9 @@ use crate::node::{Node, NodeError};
 /// before it returns a short page with a cursor.
 pub const SCAN_BUDGET: usize = 100_000;
 
+/// Most items in one batch call (`POST /tasks:batch`, `POST /leases:batch`).
+pub const MAX_BATCH_ITEMS: usize = 1000;
+
 /// How often the API's housekeeping runs: records keys' last use, prunes
 /// idle rate-limit buckets.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);

@@ -509,6 +509,15 @@ pub enum TaskCmd {
         #[arg(long, requires = "requires_approval")]
         approval_expires_in_ms: Option<u64>,
     },
+    /// Submit up to 1,000 tasks in one request: a file of JSON lines (or
+    /// one JSON array), each task as `POST /api/v1/tasks` takes it; prints
+    /// a result per task. Give each an `idempotency_key` to make sending
+    /// the file again safe.
+    SubmitBatch {
+        /// The file (`-`: standard input).
+        #[arg(long)]
+        file: String,
+    },
     /// Show a task.
     Get {
         /// Task id.
@@ -601,6 +610,14 @@ pub enum LeaseCmd {
         /// JSON result.
         #[arg(long, default_value = "null")]
         result: String,
+    },
+    /// Complete and fail up to 1,000 leases in one request: a file of
+    /// JSON lines (or one JSON array) of `{"fencing_token", "result"}` or
+    /// `{"fencing_token", "error", "retryable"}`; prints a result per lease.
+    Report {
+        /// The file (`-`: standard input).
+        #[arg(long)]
+        file: String,
     },
     /// Fail a leased task.
     Fail {

@@ -43,6 +43,80 @@ async fn every_client_command_works_with_json_output() {
     .expect("cli session");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_commands_submit_and_report_many() {
+    let c = Cluster::start(1).await;
+    let api = format!("http://{}", c.node(0).api_addr);
+    tokio::task::spawn_blocking(move || batch_session(&api))
+        .await
+        .expect("cli session");
+}
+
+fn batch_session(api: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tasks = dir.path().join("tasks.jsonl");
+    std::fs::write(
+        &tasks,
+        concat!(
+            "{\"payload\": {\"n\": 1}, \"priority\": \"high\", \"idempotency_key\": \"a\"}\n",
+            "\n",
+            "{\"payload\": {\"n\": 2}, \"idempotency_key\": \"b\"}\n",
+        ),
+    )
+    .expect("write tasks");
+    let tasks = tasks.to_str().expect("utf-8 path");
+    let r = ok(api, &["task", "submit-batch", "--file", tasks]);
+    assert_eq!((r["created"].as_u64(), r["failed"].as_u64()), (Some(2), Some(0)), "{r}");
+    assert_eq!(r["items"][0]["task"]["priority"], "high", "{r}");
+    // Again: the same tasks, by their keys.
+    let again = ok(api, &["task", "submit-batch", "--file", tasks]);
+    assert_eq!(again["existing"], 2, "{again}");
+    assert_eq!(again["items"][1]["task"]["id"], r["items"][1]["task"]["id"]);
+    // A refused item: exit 2, the rest submitted.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"[{"payload": {"n": 3}}, {"payload": {}, "max_attempts": 0}]"#)
+        .expect("write");
+    let (code, v) = godel(api, &["task", "submit-batch", "--file", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{v}");
+    assert_eq!((v["created"].as_u64(), v["failed"].as_u64()), (Some(1), Some(1)), "{v}");
+    // Not JSON, or empty: nothing sent.
+    let junk = dir.path().join("junk.jsonl");
+    std::fs::write(&junk, "{\"payload\": {}}\nnot json\n").expect("write");
+    let (code, _) = godel(api, &["task", "submit-batch", "--file", junk.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    std::fs::write(&junk, "\n").expect("write");
+    let (code, _) = godel(api, &["task", "submit-batch", "--file", junk.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert_eq!(ok(api, &["queue", "depth"])["pending"], 3);
+
+    let leases = ok(api, &["lease", "acquire", "--agent", "w1", "--max", "3"]);
+    let tokens: Vec<u64> = leases["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .map(|l| l["fencing_token"].as_u64().expect("token"))
+        .collect();
+    assert_eq!(tokens.len(), 3, "{leases}");
+    let report = dir.path().join("report.jsonl");
+    std::fs::write(
+        &report,
+        format!(
+            "{{\"fencing_token\": {}, \"result\": {{\"ok\": true}}}}\n{{\"fencing_token\": {}, \"error\": \"boom\", \"retryable\": false}}\n{{\"fencing_token\": {}}}\n",
+            tokens[0], tokens[1], tokens[2]
+        ),
+    )
+    .expect("write report");
+    let r = ok(api, &["lease", "report", "--file", report.to_str().unwrap()]);
+    assert_eq!(r["done"], 3, "{r}");
+    assert_eq!(r["items"][0]["task"]["status"], "completed", "{r}");
+    assert_eq!(r["items"][1]["task"]["status"], "dead_letter", "{r}");
+    // Reported twice: each item refused, exit 2; text lists every item.
+    let (code, out, _) = godel_text(api, &["lease", "report", "--file", report.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert_eq!(out.matches("409").count(), 3, "{out}");
+    assert!(out.contains("done 0, failed 3"), "{out}");
+}
+
 fn cli_session(api: &str) {
     let t = ok(
         api,

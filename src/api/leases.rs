@@ -266,7 +266,7 @@ pub async fn report_batch(
     Body(b): Body<ReportBatch>,
 ) -> ApiResult<Json<ReportView>> {
     let n = b.results.len();
-    let most = super::tasks::MAX_BATCH_TASKS;
+    let most = super::MAX_BATCH_ITEMS;
     if !(1..=most).contains(&n) {
         return Err(ApiError::invalid(format!(
             "invalid field `results`: {n} results; a batch holds 1 to {most}"

@@ -328,9 +328,6 @@ impl BatchView {
     }
 }
 
-/// Most tasks in one `POST /tasks:batch`.
-pub const MAX_BATCH_TASKS: usize = 1000;
-
 /// `POST /tasks:batch`: up to 1,000 tasks in one request and, with one
 /// queue group, one Raft entry; a result per task, in order. Safe to send
 /// again with idempotency keys: tasks already created are answered with
@@ -353,9 +350,10 @@ pub async fn create_batch(
     Body(body): Body<TaskBatch>,
 ) -> ApiResult<Json<BatchView>> {
     let n = body.tasks.len();
-    if !(1..=MAX_BATCH_TASKS).contains(&n) {
+    let most = super::MAX_BATCH_ITEMS;
+    if !(1..=most).contains(&n) {
         return Err(ApiError::invalid(format!(
-            "invalid field `tasks`: {n} tasks; a batch holds 1 to {MAX_BATCH_TASKS}"
+            "invalid field `tasks`: {n} tasks; a batch holds 1 to {most}"
         )));
     }
     // Naming a tenant the credential may not is the request's fault, not

@@ -87,12 +87,19 @@ pub async fn run_client(
         Output::Json => out!("{}", serde_json::to_string_pretty(&value)?),
         Output::Text => print!("{}", text::render(view, &value)),
     }
+    // A batch whose items were refused in part: exit 2, so scripts notice.
+    if view == View::Batch && value["failed"].as_u64().is_some_and(|n| n > 0) {
+        return Ok(2);
+    }
     Ok(0)
 }
 
 /// How a command's answer reads as text.
 fn view_of(cmd: &Command) -> View {
     match cmd {
+        Command::Task(TaskCmd::SubmitBatch { .. }) | Command::Lease(LeaseCmd::Report { .. }) => {
+            View::Batch
+        }
         Command::Task(_) | Command::Dlq(DlqCmd::Ls(_)) => View::Tasks,
         Command::Lease(LeaseCmd::Acquire { .. }) => View::Leases,
         Command::Queue(_) => View::Queue,
@@ -514,6 +521,11 @@ fn task_request(t: TaskCmd) -> anyhow::Result<Req> {
             });
             ("POST", "/api/v1/tasks".into(), Some(strip_nulls(body)))
         }
+        TaskCmd::SubmitBatch { file } => (
+            "POST",
+            "/api/v1/tasks:batch".into(),
+            Some(json!({ "tasks": json_items(&file)? })),
+        ),
         TaskCmd::Get { id } => ("GET", format!("/api/v1/tasks/{id}"), None),
         TaskCmd::Ls(a) => ("GET", format!("/api/v1/tasks{}", query(&a)), None),
         TaskCmd::Cancel {
@@ -565,6 +577,11 @@ fn lease_request(l: LeaseCmd) -> anyhow::Result<Req> {
                 Some(json!({ "result": result })),
             )
         }
+        LeaseCmd::Report { file } => (
+            "POST",
+            "/api/v1/leases:batch".into(),
+            Some(json!({ "results": json_items(&file)? })),
+        ),
         LeaseCmd::Fail {
             token,
             error,
@@ -575,6 +592,34 @@ fn lease_request(l: LeaseCmd) -> anyhow::Result<Req> {
             Some(json!({ "error": error, "retryable": !no_retry })),
         ),
     })
+}
+
+/// The JSON values of `file` (`-`: standard input) for a batch call: one
+/// JSON array, or one value per line (blank lines skipped).
+fn json_items(file: &str) -> anyhow::Result<Vec<Value>> {
+    let text = if file == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?
+    };
+    let items: Vec<Value> = if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).with_context(|| format!("{file} is not a JSON array"))?
+    } else {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l).with_context(|| format!("{file}, line {}: not JSON", i + 1))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let most = crate::api::MAX_BATCH_ITEMS;
+    anyhow::ensure!(
+        (1..=most).contains(&items.len()),
+        "{file} holds {} items; a batch takes 1 to {most} (split the file)",
+        items.len()
+    );
+    Ok(items)
 }
 
 fn query(a: &ListArgs) -> String {

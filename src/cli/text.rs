@@ -14,6 +14,8 @@ pub enum View {
     Tasks,
     /// `lease acquire`: the leases granted.
     Leases,
+    /// `task submit-batch`, `lease report`: a result per item.
+    Batch,
     /// `queue depth`.
     Queue,
     /// `cluster status`.
@@ -52,6 +54,17 @@ pub fn render(view: View, v: &Value) -> String {
             None => fields(v),
         },
         (View::Tasks, _) if v["items"].is_null() && v.get("id").is_some() => task(v),
+        (View::Batch, _) => {
+            let items = v["items"].as_array().cloned().unwrap_or_default();
+            let mut t = table(view, &items);
+            let counts: Vec<String> = ["created", "existing", "done", "failed"]
+                .iter()
+                .filter(|k| !v[**k].is_null())
+                .map(|k| format!("{k} {}", cell(&v[*k])))
+                .collect();
+            let _ = write!(t, "\n\n{}", counts.join(", "));
+            t
+        }
         (_, _) => match v["items"].as_array() {
             Some(items) => {
                 let mut t = table(view, items);
@@ -90,6 +103,13 @@ fn columns(view: View) -> &'static [Column] {
             ("SESSION", |t| cell(&t["session_key"])),
             ("UPDATED", |t| cell(&t["updated_at"])),
             ("ERROR", |t| clip(&cell(&t["error"]), 60)),
+        ],
+        View::Batch => &[
+            ("STATUS", |i| cell(&i["status"])),
+            ("TASK", |i| cell(&i["task"]["id"])),
+            ("TASK STATUS", |i| cell(&i["task"]["status"])),
+            ("PRIORITY", |i| cell(&i["task"]["priority"])),
+            ("ERROR", |i| clip(&cell(&i["error"]["message"]), 60)),
         ],
         View::Leases => &[
             ("TOKEN", |l| cell(&l["fencing_token"])),
