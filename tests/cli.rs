@@ -66,7 +66,11 @@ fn batch_session(api: &str) {
     .expect("write tasks");
     let tasks = tasks.to_str().expect("utf-8 path");
     let r = ok(api, &["task", "submit-batch", "--file", tasks]);
-    assert_eq!((r["created"].as_u64(), r["failed"].as_u64()), (Some(2), Some(0)), "{r}");
+    assert_eq!(
+        (r["created"].as_u64(), r["failed"].as_u64()),
+        (Some(2), Some(0)),
+        "{r}"
+    );
     assert_eq!(r["items"][0]["task"]["priority"], "high", "{r}");
     // Again: the same tasks, by their keys.
     let again = ok(api, &["task", "submit-batch", "--file", tasks]);
@@ -74,18 +78,34 @@ fn batch_session(api: &str) {
     assert_eq!(again["items"][1]["task"]["id"], r["items"][1]["task"]["id"]);
     // A refused item: exit 2, the rest submitted.
     let bad = dir.path().join("bad.json");
-    std::fs::write(&bad, r#"[{"payload": {"n": 3}}, {"payload": {}, "max_attempts": 0}]"#)
-        .expect("write");
-    let (code, v) = godel(api, &["task", "submit-batch", "--file", bad.to_str().unwrap()]);
+    std::fs::write(
+        &bad,
+        r#"[{"payload": {"n": 3}}, {"payload": {}, "max_attempts": 0}]"#,
+    )
+    .expect("write");
+    let (code, v) = godel(
+        api,
+        &["task", "submit-batch", "--file", bad.to_str().unwrap()],
+    );
     assert_eq!(code, 2, "{v}");
-    assert_eq!((v["created"].as_u64(), v["failed"].as_u64()), (Some(1), Some(1)), "{v}");
+    assert_eq!(
+        (v["created"].as_u64(), v["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
     // Not JSON, or empty: nothing sent.
     let junk = dir.path().join("junk.jsonl");
     std::fs::write(&junk, "{\"payload\": {}}\nnot json\n").expect("write");
-    let (code, _) = godel(api, &["task", "submit-batch", "--file", junk.to_str().unwrap()]);
+    let (code, _) = godel(
+        api,
+        &["task", "submit-batch", "--file", junk.to_str().unwrap()],
+    );
     assert_ne!(code, 0);
     std::fs::write(&junk, "\n").expect("write");
-    let (code, _) = godel(api, &["task", "submit-batch", "--file", junk.to_str().unwrap()]);
+    let (code, _) = godel(
+        api,
+        &["task", "submit-batch", "--file", junk.to_str().unwrap()],
+    );
     assert_ne!(code, 0);
     assert_eq!(ok(api, &["queue", "depth"])["pending"], 3);
 
@@ -106,12 +126,18 @@ fn batch_session(api: &str) {
         ),
     )
     .expect("write report");
-    let r = ok(api, &["lease", "report", "--file", report.to_str().unwrap()]);
+    let r = ok(
+        api,
+        &["lease", "report", "--file", report.to_str().unwrap()],
+    );
     assert_eq!(r["done"], 3, "{r}");
     assert_eq!(r["items"][0]["task"]["status"], "completed", "{r}");
     assert_eq!(r["items"][1]["task"]["status"], "dead_letter", "{r}");
     // Reported twice: each item refused, exit 2; text lists every item.
-    let (code, out, _) = godel_text(api, &["lease", "report", "--file", report.to_str().unwrap()]);
+    let (code, out, _) = godel_text(
+        api,
+        &["lease", "report", "--file", report.to_str().unwrap()],
+    );
     assert_eq!(code, 2, "{out}");
     assert_eq!(out.matches("409").count(), 3, "{out}");
     assert!(out.contains("done 0, failed 3"), "{out}");

@@ -107,6 +107,13 @@ const RUNTIME_TOML: &str = "[queue]\nnode_heartbeat_interval = \"500ms\"\nnode_d
 /// and `sessions` agents of capacity 1 spread over them: `sessions`
 /// attempts can run at once. Returns once every gateway is placed.
 pub async fn sim_fleet(c: &Cluster, gateways: usize, sessions: usize, latency: &str) {
+    sim_agents(c, gateways, sessions, 1, latency).await;
+}
+
+/// Registers `gateways` `sim` gateways and `agents` agents of `capacity`
+/// each (leases an agent may hold at once: its prefetch window) spread
+/// over them; returns once every gateway is placed.
+pub async fn sim_agents(c: &Cluster, gateways: usize, agents: usize, capacity: u32, latency: &str) {
     let api = c.api();
     let leader = c.leader().await;
     for g in 0..gateways {
@@ -121,8 +128,8 @@ pub async fn sim_fleet(c: &Cluster, gateways: usize, sessions: usize, latency: &
             .expect("gateway");
         assert_eq!(r.status, 201, "{:?}", r.body);
     }
-    for a in 0..sessions {
-        let body = json!({ "id": format!("agent{a}"), "gateway": format!("gw{}", a % gateways), "capacity": 1 });
+    for a in 0..agents {
+        let body = json!({ "id": format!("agent{a}"), "gateway": format!("gw{}", a % gateways), "capacity": capacity });
         let r = api
             .post(leader, "/api/v1/agents", &body)
             .await

@@ -1,0 +1,318 @@
+//! Godel measured the way `../shared/peers` measures NATS JetStream and
+//! RabbitMQ quorum queues, so the figures compare like for like in one
+//! sitting: N tasks of SIZE bytes, one publisher keeping WINDOW submissions
+//! in flight, WORKERS workers each holding up to PREFETCH tasks at once.
+//!
+//! `cargo bench --bench peers -- [--phases enqueue,e2e] [-n 20000]
+//! [--size 256] [--window 256] [--workers 8] [--prefetch 16] [--batch 1]
+//! [--worker agent|http] [--publish follower|leader|all] [--runs 1]
+//! [--nodes 3]`
+//!
+//! - `enqueue`: publish N with no worker; tasks acknowledged per second
+//!   (first send to last acknowledgement) and the acknowledgement latency
+//!   of each request (queueing inside the window included).
+//! - `e2e`: publish N while the workers run; tasks per second from the
+//!   first send to the last completion, and submit-to-completion latency.
+//!
+//! Each phase runs on a fresh three-node cluster (fsync before every
+//! acknowledgement, as always). Workers are `agent` (default): WORKERS
+//! agents of capacity PREFETCH on zero-latency `sim` gateways, driven by
+//! Godel itself; or `http`: WORKERS external workers, each leasing up to
+//! PREFETCH tasks per `POST /leases` and reporting them in one `POST
+//! /leases:batch`. `--batch B` publishes B tasks per `POST /tasks:batch`
+//! (WINDOW / B requests in flight) instead of one per `POST /tasks`. The
+//! publisher sends to one follower by default, as the peers' publisher
+//! starts on a node other than the queue leader's. Tasks cycle through the
+//! four priorities (the peers have none). CPU is the three node processes'
+//! user + system time over the phase, per task.
+//!
+//! Prints one JSON line per phase (last on stdout) besides a readable line.
+//! Figures go to BENCHMARKS.md by hand. Not a test: it asserts nothing
+//! about speed.
+
+#[allow(dead_code)]
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::conn::Conn;
+use common::support::Cluster;
+use common::{hist, runtime_toml, sim_agents, wall_us};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+#[derive(Clone)]
+struct Opts {
+    phases: Vec<String>,
+    n: u64,
+    size: usize,
+    window: usize,
+    workers: usize,
+    prefetch: u32,
+    batch: usize,
+    worker: String,
+    publish: String,
+    runs: usize,
+    nodes: usize,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        phases: vec!["enqueue".into(), "e2e".into()],
+        n: 20_000,
+        size: 256,
+        window: 256,
+        workers: 8,
+        prefetch: 16,
+        batch: 1,
+        worker: "agent".into(),
+        publish: "follower".into(),
+        runs: 1,
+        nodes: 3,
+    };
+    let mut it = common::args().into_iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--phases" => o.phases = val().split(',').map(str::to_owned).collect(),
+            "-n" | "--tasks" => o.n = val().parse().expect("-n N"),
+            "--size" => o.size = val().parse().expect("--size BYTES"),
+            "--window" => o.window = val().parse().expect("--window W"),
+            "--workers" => o.workers = val().parse().expect("--workers W"),
+            "--prefetch" => o.prefetch = val().parse().expect("--prefetch P"),
+            "--batch" => o.batch = val().parse().expect("--batch B"),
+            "--worker" => o.worker = val(),
+            "--publish" => o.publish = val(),
+            "--runs" => o.runs = val().parse().expect("--runs R"),
+            "--nodes" => o.nodes = val().parse().expect("--nodes N"),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    assert!(o.batch >= 1 && o.batch <= 1000, "--batch 1..=1000");
+    assert!(
+        matches!(o.worker.as_str(), "agent" | "http"),
+        "--worker agent|http"
+    );
+    o
+}
+
+/// Task `i` as JSON bytes: its payload's JSON text is `size` bytes (at
+/// least what the id and the send time take), the priority cycles.
+fn task_json(i: u64, size: usize) -> Value {
+    let p = ["critical", "high", "medium", "low"][(i % 4) as usize];
+    let head = format!("{{\"n\":{i},\"t\":{},\"pad\":\"\"}}", wall_us());
+    let pad = "x".repeat(size.saturating_sub(head.len()));
+    json!({ "payload": { "n": i, "t": wall_us(), "pad": pad }, "priority": p, "idempotency_key": format!("p{i}") })
+}
+
+/// The node the publisher sends to, by `--publish`, for its `k`-th
+/// connection.
+fn publish_node(c: &Cluster, o: &Opts, leader: usize, k: usize) -> usize {
+    match o.publish.as_str() {
+        "leader" => leader,
+        "all" => k % c.len(),
+        _ => (leader + 1) % c.len(),
+    }
+}
+
+/// Publishes tasks `0..n` with `window` tasks in flight; returns the
+/// acknowledgement latency per request and when the last was acknowledged.
+async fn publish(c: &Cluster, o: &Opts, leader: usize) -> (Histogram<u64>, Instant) {
+    let next = Arc::new(AtomicU64::new(0));
+    let conns = (o.window / o.batch).max(1);
+    let mut handles = Vec::new();
+    for k in 0..conns {
+        let addr = c.node(publish_node(c, o, leader, k)).api_addr;
+        let (next, o) = (next.clone(), o.clone());
+        handles.push(tokio::spawn(async move {
+            let mut conn = Conn::new(addr, Duration::from_secs(10));
+            let mut h = hist();
+            loop {
+                let from = next.fetch_add(o.batch as u64, Ordering::Relaxed);
+                if from >= o.n {
+                    return h;
+                }
+                let to = (from + o.batch as u64).min(o.n);
+                let (path, body) = if o.batch == 1 {
+                    ("/api/v1/tasks", task_json(from, o.size))
+                } else {
+                    let tasks: Vec<Value> = (from..to).map(|i| task_json(i, o.size)).collect();
+                    ("/api/v1/tasks:batch", json!({ "tasks": tasks }))
+                };
+                let body = serde_json::to_vec(&body).expect("JSON");
+                let t0 = Instant::now();
+                // 429 and 503 are sent again (idempotency keys make it safe).
+                loop {
+                    let (status, answer) = conn
+                        .post_json(path, body.clone())
+                        .await
+                        .unwrap_or_else(|e| panic!("publish {from}: {e}"));
+                    match status {
+                        200 | 201 => {
+                            if o.batch > 1 {
+                                let v: Value = serde_json::from_slice(&answer).expect("batch JSON");
+                                assert_eq!(v["failed"], 0, "batch {from}: {v}");
+                            }
+                            break;
+                        }
+                        429 | 503 => tokio::time::sleep(Duration::from_millis(20)).await,
+                        s => panic!("publish {from}: {s} {}", String::from_utf8_lossy(&answer)),
+                    }
+                }
+                h.saturating_record(t0.elapsed().as_micros() as u64);
+            }
+        }));
+    }
+    let mut total = hist();
+    for h in handles {
+        total.add(h.await.expect("publisher")).expect("same bounds");
+    }
+    (total, Instant::now())
+}
+
+/// External workers: each leases up to `prefetch` tasks and reports them
+/// all in one call, until `n` tasks are done; returns when the last is.
+async fn http_workers(c: &Cluster, o: &Opts) -> Instant {
+    let done = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for w in 0..o.workers {
+        let addr = c.node(w % c.len()).api_addr;
+        let (done, o) = (done.clone(), o.clone());
+        handles.push(tokio::spawn(async move {
+            let mut conn = Conn::new(addr, Duration::from_secs(10));
+            let lease = serde_json::to_vec(&json!({
+                "agent_id": format!("w{w}"), "capabilities": [], "max": o.prefetch, "lease_ms": 60_000
+            }))
+            .expect("JSON");
+            while done.load(Ordering::Relaxed) < o.n {
+                let (status, answer) = conn.post_json("/api/v1/leases", lease.clone()).await.expect("lease");
+                if status != 200 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                let v: Value = serde_json::from_slice(&answer).expect("lease JSON");
+                let leases = v["leases"].as_array().cloned().unwrap_or_default();
+                if leases.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                let results: Vec<Value> = leases
+                    .iter()
+                    .map(|l| json!({ "fencing_token": l["fencing_token"], "result": { "ok": true } }))
+                    .collect();
+                let body = serde_json::to_vec(&json!({ "results": results })).expect("JSON");
+                loop {
+                    let (status, answer) = conn.post_json("/api/v1/leases:batch", body.clone()).await.expect("report");
+                    match status {
+                        200 => {
+                            let v: Value = serde_json::from_slice(&answer).expect("report JSON");
+                            done.fetch_add(v["done"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                            break;
+                        }
+                        429 | 503 => tokio::time::sleep(Duration::from_millis(20)).await,
+                        s => panic!("report: {s} {}", String::from_utf8_lossy(&answer)),
+                    }
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("worker");
+    }
+    Instant::now()
+}
+
+fn nodes_cpu(c: &Cluster) -> f64 {
+    (0..c.len())
+        .map(|i| common::cpu_secs(c.node(i).pid().unwrap_or(0)))
+        .sum()
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+async fn phase(o: &Opts, name: &str, run: usize) {
+    let c = Cluster::start_with(o.nodes, &runtime_toml()).await;
+    let leader = c.leader().await;
+    let e2e = name == "e2e";
+    if e2e && o.worker == "agent" {
+        sim_agents(&c, c.len(), o.workers, o.prefetch, "").await;
+    }
+    let load0 = common::load_average();
+    let cpu0 = nodes_cpu(&c);
+    let start = Instant::now();
+    let workers = if e2e && o.worker == "http" {
+        let (c2, o2) = (&c, o.clone());
+        Some(async move { http_workers(c2, &o2).await })
+    } else {
+        None
+    };
+    let (acks, last_ack, last_done) = match workers {
+        Some(w) => {
+            let ((acks, last_ack), last_done) = tokio::join!(publish(&c, o, leader), w);
+            (acks, last_ack, Some(last_done))
+        }
+        None => {
+            let (acks, last_ack) = publish(&c, o, leader).await;
+            let last_done = if e2e {
+                common::wait_completed(&c, o.n, Duration::from_secs(600)).await;
+                Some(Instant::now())
+            } else {
+                None
+            };
+            (acks, last_ack, last_done)
+        }
+    };
+    let cpu = nodes_cpu(&c) - cpu0;
+    let end = last_done.unwrap_or(last_ack);
+    let secs = end.duration_since(start).as_secs_f64();
+    let mut line = json!({
+        "phase": name, "run": run, "n": o.n, "size": o.size, "window": o.window,
+        "workers": o.workers, "prefetch": o.prefetch, "batch": o.batch, "worker": o.worker,
+        "publish": o.publish, "nodes": o.nodes,
+        "tasks_per_s": (o.n as f64 / secs).round(),
+        "ack_tasks_per_s": (o.n as f64 / last_ack.duration_since(start).as_secs_f64()).round(),
+        "ack_p50_ms": ms(acks.value_at_quantile(0.5)),
+        "ack_p99_ms": ms(acks.value_at_quantile(0.99)),
+        "server_cpu_us_per_task": (cpu * 1e6 / o.n as f64).round(),
+        "server_cores": cpu / secs,
+        "load_average_before": load0,
+    });
+    if e2e {
+        let mut lat = hist();
+        for d in common::completed_tasks(&c).await {
+            lat.saturating_record(d.completed_ms.saturating_sub(d.created_ms) * 1000);
+        }
+        line["e2e_p50_ms"] = json!(ms(lat.value_at_quantile(0.5)));
+        line["e2e_p99_ms"] = json!(ms(lat.value_at_quantile(0.99)));
+    }
+    let b = common::batching(&c).await;
+    line["leader_entries"] = json!(b.entries);
+    line["commands_per_entry"] = json!((b.commands_per_entry * 10.0).round() / 10.0);
+    eprintln!(
+        "{name} run {run}: {:.0} tasks/s, acks p50 {:.1} ms p99 {:.1} ms, {} us CPU per task, {:.1} commands per entry",
+        line["tasks_per_s"].as_f64().unwrap_or(0.0),
+        line["ack_p50_ms"].as_f64().unwrap_or(0.0),
+        line["ack_p99_ms"].as_f64().unwrap_or(0.0),
+        line["server_cpu_us_per_task"],
+        b.commands_per_entry,
+    );
+    println!("{line}");
+}
+
+#[tokio::main]
+async fn main() {
+    let o = opts();
+    for run in 1..=o.runs {
+        for name in &o.phases {
+            assert!(
+                matches!(name.as_str(), "enqueue" | "e2e"),
+                "phases: enqueue, e2e"
+            );
+            phase(&o, name, run).await;
+        }
+    }
+}
