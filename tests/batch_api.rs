@@ -19,6 +19,9 @@
 //!   completes some and fails others (a non-retryable failure is a dead
 //!   letter), with per-item errors for a token that names no lease or one
 //!   already finished, and a lease named twice refuses the whole call;
+//! - full batches of 1,000 sent through a follower at once, with single
+//!   submissions between them, all commit (a batch is never split, nor
+//!   joined with others past what a forwarded entry may hold);
 //! - with three shards, a batch spreads its tasks over the shards as
 //!   single submissions would, and one `leases:batch` settles leases of
 //!   several shards.
@@ -183,6 +186,48 @@ async fn batches_of_tasks_and_of_lease_results() {
         assert_eq!(it[1]["status"], 200, "{}", r.body);
         assert_eq!(it[1]["task"]["status"], "completed", "{}", r.body);
         assert!(beta.iter().all(|id| *id > ids[2]));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_batches_through_a_follower() {
+    bounded(TEST_BOUND, async {
+        let c = Cluster::start(3).await;
+        let api = c.api();
+        let leader = c.leader().await;
+        let follower = (leader + 1) % 3;
+        // Full batches through a follower at once, with single submissions
+        // between them: each batch is one job, never split and never
+        // joined past the entry limit (a follower forwards at most one
+        // batch's worth, and a bigger entry would be refused whole).
+        let full = |b: usize| {
+            let tasks: Vec<Value> = (0..1000)
+                .map(|n| json!({"payload": {"b": b, "n": n}, "idempotency_key": format!("full-{b}-{n}")}))
+                .collect();
+            json!({"tasks": tasks})
+        };
+        let batches = (0..3).map(|b| {
+            let (api, body) = (api.clone(), full(b));
+            tokio::spawn(async move { api.post(follower, "/api/v1/tasks:batch", &body).await })
+        });
+        let singles = (0..20).map(|n| {
+            let api = api.clone();
+            let body = json!({"payload": {"single": n}, "priority": "low", "idempotency_key": format!("one-{n}")});
+            tokio::spawn(async move { api.post(follower, "/api/v1/tasks", &body).await })
+        });
+        let singles: Vec<_> = singles.collect();
+        for b in batches.collect::<Vec<_>>() {
+            let r = b.await.unwrap().unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            assert_eq!(r.body["created"], 1000, "{}", r.body["items"][0]);
+        }
+        for s in singles {
+            let r = s.await.unwrap().unwrap();
+            assert_eq!(r.status, 201, "{r:?}");
+        }
+        assert_eq!(depth(&api, leader).await, 3000 + 20);
+
     })
     .await;
 }

@@ -78,16 +78,22 @@ impl Queue {
 }
 
 /// Drains the group's queue into batches until shutdown: each batch is the
-/// jobs waiting, whole, up to `batch_max_commands` (a job is never split,
-/// so one bigger than that is an entry of its own).
+/// jobs waiting, whole, up to `batch_max_commands` (a job is never split:
+/// one that does not fit starts the next batch, and one bigger than that
+/// is an entry of its own).
 pub(super) async fn run(node: Node, group: Group, mut rx: mpsc::UnboundedReceiver<Job>) {
     let max = node.queue_config().batch_max_commands;
     let inflight = Arc::new(Semaphore::new(node.queue_config().max_inflight_batches));
     let shutdown = node.shutdown_token().clone();
+    // A job that did not fit the last batch: it starts the next one.
+    let mut carried: Option<Job> = None;
     loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            next = rx.recv() => match next { Some(x) => x, None => break },
+        let first = match carried.take() {
+            Some(job) => job,
+            None => tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = rx.recv() => match next { Some(x) => x, None => break },
+            },
         };
         let Ok(permit) = inflight.clone().acquire_owned().await else {
             break;
@@ -98,11 +104,16 @@ pub(super) async fn run(node: Node, group: Group, mut rx: mpsc::UnboundedReceive
         while let Some(Job { writes, reply, .. }) = next {
             replies.push((reply, writes.len()));
             cmds.extend(writes);
-            next = if cmds.len() < max {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
+            next = None;
+            if cmds.len() < max
+                && let Ok(job) = rx.try_recv()
+            {
+                if cmds.len() + job.writes.len() <= max {
+                    next = Some(job);
+                } else {
+                    carried = Some(job);
+                }
+            }
         }
         let node = node.clone();
         let group = group.clone();

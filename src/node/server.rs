@@ -150,7 +150,14 @@ impl RpcHandler {
             RpcRequest::PreVote => RpcReply::PreVote(super::prevote::would_vote(&self.node, group)),
             RpcRequest::Forward(f) => {
                 let n = f.commands.len();
-                let max = self.node.queue_config().batch_max_commands;
+                // A follower's batch: up to `batch_max_commands`, or one
+                // API batch if bigger, and the pull round it may end with.
+                let max = self
+                    .node
+                    .queue_config()
+                    .batch_max_commands
+                    .max(crate::api::MAX_BATCH_ITEMS)
+                    + 1;
                 if n == 0 || n > max {
                     return RpcReply::Forward(Err(RemoteFailure::Invalid(format!(
                         "batch of {n} commands (1..={max})"
