@@ -122,10 +122,10 @@ async fn batches_of_tasks_and_of_lease_results() {
         assert_eq!(r.status, 201, "{r:?}");
         let dev = api.with_key(r.body["key"].as_str().unwrap());
         let foreign = json!({"tasks": [{"payload": {"n": 1}}, {"payload": {"n": 2}, "tenant": "acme"}]});
-        dev.post(follower, "/api/v1/tasks:batch", &foreign).await.unwrap().assert_error(403, "forbidden");
+        dev.post(leader, "/api/v1/tasks:batch", &foreign).await.unwrap().assert_error(403, "forbidden");
         assert_eq!(depth(&api, leader).await, 3);
         let own = json!({"tasks": [{"payload": {"n": 7}}, {"payload": {"n": 8}, "tenant": "beta"}]});
-        let r = dev.post(follower, "/api/v1/tasks:batch", &own).await.unwrap();
+        let r = dev.post(leader, "/api/v1/tasks:batch", &own).await.unwrap();
         assert_eq!(r.status, 200, "{r:?}");
         for item in items(&r.body) {
             assert_eq!(item["status"], 201, "{}", r.body);
