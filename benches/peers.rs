@@ -13,6 +13,12 @@
 //!   of each request (queueing inside the window included).
 //! - `e2e`: publish N while the workers run; tasks per second from the
 //!   first send to the last completion, and submit-to-completion latency.
+//! - `depth`: park DEPTH tasks in the queue (`--depth`, default 100,000;
+//!   a capability no agent has, submitted in batches of 1,000), then
+//!   dispatch latency (submission to attempt start) of 500 tasks submitted
+//!   at 100/s that the agents can run; each node's resident memory; and
+//!   the time from a follower's kill -9 and restart until it serves a
+//!   linearizable read of the whole depth.
 //!
 //! Each phase runs on a fresh three-node cluster (fsync before every
 //! acknowledgement, as always). Workers are `agent` (default): WORKERS
@@ -56,6 +62,7 @@ struct Opts {
     publish: String,
     runs: usize,
     nodes: usize,
+    depth: u64,
 }
 
 fn opts() -> Opts {
@@ -71,6 +78,7 @@ fn opts() -> Opts {
         publish: "follower".into(),
         runs: 1,
         nodes: 3,
+        depth: 100_000,
     };
     let mut it = common::args().into_iter();
     while let Some(a) = it.next() {
@@ -87,6 +95,7 @@ fn opts() -> Opts {
             "--publish" => o.publish = val(),
             "--runs" => o.runs = val().parse().expect("--runs R"),
             "--nodes" => o.nodes = val().parse().expect("--nodes N"),
+            "--depth" => o.depth = val().parse().expect("--depth D"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -303,16 +312,132 @@ async fn phase(o: &Opts, name: &str, run: usize) {
     println!("{line}");
 }
 
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+/// Parks `o.depth` tasks no agent can run, then measures dispatch, memory
+/// and a follower's restart at that depth.
+async fn depth(o: &Opts, run: usize) {
+    let mut c = Cluster::start_with(o.nodes, &runtime_toml()).await;
+    let leader = c.leader().await;
+    sim_agents(&c, c.len(), o.workers, o.prefetch, "").await;
+    let load0 = common::load_average();
+    // Preload: batches of 1,000 from 4 connections, spread over the nodes.
+    let start = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for k in 0..4 {
+        let addr = c.node(k % c.len()).api_addr;
+        let (next, total, size) = (next.clone(), o.depth, o.size);
+        handles.push(tokio::spawn(async move {
+            let mut conn = Conn::new(addr, Duration::from_secs(30));
+            loop {
+                let from = next.fetch_add(1000, Ordering::Relaxed);
+                if from >= total {
+                    return;
+                }
+                let tasks: Vec<Value> = (from..(from + 1000).min(total))
+                    .map(|i| {
+                        let mut t = task_json(i, size);
+                        t["capabilities"] = json!(["parked"]);
+                        t
+                    })
+                    .collect();
+                let body = serde_json::to_vec(&json!({ "tasks": tasks })).expect("JSON");
+                loop {
+                    let (status, answer) = conn
+                        .post_json("/api/v1/tasks:batch", body.clone())
+                        .await
+                        .unwrap_or_else(|e| panic!("preload {from}: {e}"));
+                    match status {
+                        200 => break,
+                        429 | 503 => tokio::time::sleep(Duration::from_millis(50)).await,
+                        s => panic!("preload {from}: {s} {}", String::from_utf8_lossy(&answer)),
+                    }
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("preload");
+    }
+    let preload_s = start.elapsed().as_secs_f64();
+    let rss: Vec<f64> = (0..c.len())
+        .map(|i| rss_mib(c.node(i).pid().unwrap_or(0)))
+        .collect();
+    // Dispatch at 100/s with the queue that deep.
+    let addr = c.node((leader + 1) % c.len()).api_addr;
+    let mut conn = Conn::new(addr, Duration::from_secs(10));
+    let probe = 500u64;
+    for i in 0..probe {
+        let t0 = Instant::now();
+        let body = serde_json::to_vec(&task_json(o.depth + i, o.size)).expect("JSON");
+        let (status, answer) = conn.post_json("/api/v1/tasks", body).await.expect("probe");
+        assert_eq!(status, 201, "{}", String::from_utf8_lossy(&answer));
+        tokio::time::sleep(Duration::from_millis(10).saturating_sub(t0.elapsed())).await;
+    }
+    common::wait_completed(&c, probe, Duration::from_secs(60)).await;
+    let mut dispatch = hist();
+    for d in common::completed_tasks(&c).await {
+        dispatch.saturating_record(d.started_us.saturating_sub(d.created_ms * 1000));
+    }
+    // A follower killed and restarted with the queue that deep.
+    let victim = (leader + 1) % c.len();
+    c.kill9(victim);
+    let t0 = Instant::now();
+    c.restart(victim);
+    let api = c.api();
+    let restart_s = loop {
+        if let Ok(r) = api.get(victim, "/api/v1/queue/depth").await
+            && r.status == 200
+            && r.body["pending"].as_u64() == Some(o.depth)
+        {
+            break t0.elapsed().as_secs_f64();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no restart within 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let line = json!({
+        "phase": "depth", "run": run, "depth": o.depth, "size": o.size, "nodes": o.nodes,
+        "preload_s": preload_s, "preload_tasks_per_s": (o.depth as f64 / preload_s).round(),
+        "dispatch_p50_ms": ms(dispatch.value_at_quantile(0.5)),
+        "dispatch_p99_ms": ms(dispatch.value_at_quantile(0.99)),
+        "rss_mib": rss.iter().map(|r| r.round()).collect::<Vec<_>>(),
+        "restart_serving_s": restart_s,
+        "restarted_rss_mib": rss_mib(c.node(victim).pid().unwrap_or(0)).round(),
+        "load_average_before": load0,
+    });
+    eprintln!(
+        "depth {} run {run}: dispatch p50 {:.2} ms p99 {:.2} ms, RSS {:?} MiB, restart {:.2} s",
+        o.depth,
+        ms(dispatch.value_at_quantile(0.5)),
+        ms(dispatch.value_at_quantile(0.99)),
+        line["rss_mib"],
+        restart_s
+    );
+    println!("{line}");
+}
+
 #[tokio::main]
 async fn main() {
     let o = opts();
     for run in 1..=o.runs {
         for name in &o.phases {
-            assert!(
-                matches!(name.as_str(), "enqueue" | "e2e"),
-                "phases: enqueue, e2e"
-            );
-            phase(&o, name, run).await;
+            match name.as_str() {
+                "enqueue" | "e2e" => phase(&o, name, run).await,
+                "depth" => depth(&o, run).await,
+                other => panic!("unknown phase {other} (enqueue, e2e, depth)"),
+            }
         }
     }
 }

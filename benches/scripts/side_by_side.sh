@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Godel beside RabbitMQ quorum queues, in one sitting, like for like:
+# runs ../shared/peers/run_rabbit.sh (fsync on, its default) and then
+# Godel's `peers` bench with the same task count, payload size, publish
+# window, worker count and prefetch, RUNS times each, and prints the
+# medians and the ratios Godel / RabbitMQ.
+#
+#   benches/scripts/side_by_side.sh            # from the project root
+#
+# Environment (defaults in brackets): RUNS [3], N [20000], SIZE [256],
+# WINDOW [256], WORKERS [8], PREFETCH [16], PHASES [enqueue,e2e],
+# GODEL_SETUPS ["single:--batch 1;batch64:--batch 64;http:--worker http"]
+# (name:extra peers-bench flags, ';'-separated), OUT [a mktemp file]
+# (every raw JSON line is kept there). Needs what run_rabbit.sh needs
+# (root for apt on first use). Every process it starts is stopped by PID
+# by the scripts it calls.
+set -euo pipefail
+main() {
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+peers="$root/../shared/peers"
+RUNS="${RUNS:-3}"; N="${N:-20000}"; SIZE="${SIZE:-256}"; WINDOW="${WINDOW:-256}"
+WORKERS="${WORKERS:-8}"; PREFETCH="${PREFETCH:-16}"; PHASES="${PHASES:-enqueue,e2e}"
+SETUPS="${GODEL_SETUPS:-single:--batch 1;batch64:--batch 64;http:--worker http}"
+OUT="${OUT:-$(mktemp /tmp/side-by-side.XXXXXX)}"
+: > "$OUT"
+log() { echo "[side_by_side $(date +%T)] $*" >&2; }
+log "raw lines -> $OUT; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+
+rabbit="$(mktemp /tmp/side-by-side-rabbit.XXXXXX)"
+log "RabbitMQ: $RUNS runs"
+RUNS="$RUNS" CONFIGS=default N="$N" SIZE="$SIZE" WINDOW="$WINDOW" WORKERS="$WORKERS" \
+  BATCH="$PREFETCH" PHASES="$PHASES" RESULTS="$rabbit" "$peers/run_rabbit.sh" > /dev/null
+python3 - "$rabbit" >> "$OUT" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    v = json.loads(line)
+    if "phase" not in v:
+        continue
+    cpu = v.get("srv_cpu_ms_per_task")
+    print(json.dumps({"system": "rabbitmq", "setup": "qq-fsync", "phase": v["phase"],
+                      "tasks_per_s": v.get("tasks_per_s"),
+                      "server_cpu_us_per_task": None if cpu is None else cpu * 1000}))
+EOF
+rm -f "$rabbit"
+
+cd "$root"
+cargo bench --bench peers --no-run >&2 2>/dev/null || cargo bench --bench peers --no-run >&2
+IFS=';' read -ra setups <<< "$SETUPS"
+for run in $(seq 1 "$RUNS"); do
+  for s in "${setups[@]}"; do
+    name="${s%%:*}"; flags="${s#*:}"
+    log "Godel $name, run $run"
+    # shellcheck disable=SC2086
+    timeout -k 10 900 cargo bench --bench peers -- --phases "$PHASES" -n "$N" --size "$SIZE" \
+      --window "$WINDOW" --workers "$WORKERS" --prefetch "$PREFETCH" $flags 2> /dev/null \
+      | grep '^{' | python3 -c '
+import json, sys
+for line in sys.stdin:
+    v = json.loads(line)
+    v["system"] = "godel"; v["setup"] = sys.argv[1]
+    print(json.dumps(v))' "$name" >> "$OUT"
+  done
+done
+
+python3 - "$OUT" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def med(system, setup, phase, key):
+    xs = [r[key] for r in rows if r["system"] == system and r["setup"] == setup
+          and r["phase"] == phase and r.get(key) is not None]
+    return (statistics.median(xs), min(xs), max(xs), len(xs)) if xs else None
+print("| system | setup | phase | tasks/s median (min-max, n) | ratio to RabbitMQ | server CPU us/task |")
+print("| --- | --- | --- | --- | --- | --- |")
+setups = sorted({(r["system"], r["setup"]) for r in rows}, key=lambda s: s[0] != "rabbitmq")
+for phase in ["enqueue", "e2e"]:
+    base = med("rabbitmq", "qq-fsync", phase, "tasks_per_s")
+    for system, setup in setups:
+        m = med(system, setup, phase, "tasks_per_s")
+        if not m:
+            continue
+        cpu = med(system, setup, phase, "server_cpu_us_per_task")
+        ratio = f"{m[0] / base[0]:.2f}x" if base else "-"
+        cpu_s = f"{cpu[0]:.0f}" if cpu else "-"
+        print(f"| {system} | {setup} | {phase} | {m[0]:.0f} ({m[1]:.0f}-{m[2]:.0f}, {m[3]}) | {ratio} | {cpu_s} |")
+EOF
+log "done; raw lines in $OUT"
+}
+main "$@"
