@@ -376,11 +376,26 @@ async fn depth(o: &Opts, run: usize) {
     let addr = c.node((leader + 1) % c.len()).api_addr;
     let mut conn = Conn::new(addr, Duration::from_secs(10));
     let probe = 500u64;
+    let mut resent = 0;
     for i in 0..probe {
         let t0 = Instant::now();
         let body = serde_json::to_vec(&task_json(o.depth + i, o.size)).expect("JSON");
-        let (status, answer) = conn.post_json("/api/v1/tasks", body).await.expect("probe");
-        assert_eq!(status, 201, "{}", String::from_utf8_lossy(&answer));
+        // A 503 (a leader change) is sent again: the key makes it safe.
+        loop {
+            let (status, answer) = conn
+                .post_json("/api/v1/tasks", body.clone())
+                .await
+                .expect("probe");
+            match status {
+                200 | 201 => break,
+                429 | 503 => {
+                    resent += 1;
+                    eprintln!("  probe {i}: {status} {}", String::from_utf8_lossy(&answer));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                s => panic!("probe {i}: {s} {}", String::from_utf8_lossy(&answer)),
+            }
+        }
         tokio::time::sleep(Duration::from_millis(10).saturating_sub(t0.elapsed())).await;
     }
     common::wait_completed(&c, probe, Duration::from_secs(60)).await;
@@ -414,6 +429,7 @@ async fn depth(o: &Opts, run: usize) {
         "dispatch_p99_ms": ms(dispatch.value_at_quantile(0.99)),
         "rss_mib": rss.iter().map(|r| r.round()).collect::<Vec<_>>(),
         "restart_serving_s": restart_s,
+        "probe_resent": resent,
         "restarted_rss_mib": rss_mib(c.node(victim).pid().unwrap_or(0)).round(),
         "load_average_before": load0,
     });

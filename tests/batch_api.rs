@@ -160,6 +160,7 @@ async fn batches_of_tasks_and_of_lease_results() {
             {"fencing_token": tok(2), "result": {"ok": 2}},
             {"fencing_token": tok(3), "error": "again"},
             {"fencing_token": tok(4), "retryable": false},
+            {"fencing_token": 4_000_000_001_u64, "result": {"x": 1}, "error": "both"},
         ]});
         let r = api.post(follower, "/api/v1/leases:batch", &report).await.unwrap();
         assert_eq!(r.status, 200, "{r:?}");
@@ -167,8 +168,8 @@ async fn batches_of_tasks_and_of_lease_results() {
         let statuses: Vec<u64> = it.iter().map(|i| i["status"].as_u64().unwrap()).collect();
         assert_eq!(statuses[..2], [200, 200], "{}", r.body);
         assert!(statuses[2] == 404 || statuses[2] == 409, "{}", r.body);
-        assert_eq!(statuses[3..], [200, 200, 400], "{}", r.body);
-        assert_eq!((r.body["done"].as_u64(), r.body["failed"].as_u64()), (Some(4), Some(2)), "{}", r.body);
+        assert_eq!(statuses[3..], [200, 200, 400, 400], "{}", r.body);
+        assert_eq!((r.body["done"].as_u64(), r.body["failed"].as_u64()), (Some(4), Some(3)), "{}", r.body);
         assert_eq!(it[0]["task"]["status"], "completed", "{}", r.body);
         assert_eq!(it[0]["task"]["result"], json!({"ok": 0}), "{}", r.body);
         assert_eq!(it[1]["task"]["status"], "dead_letter", "{}", r.body);

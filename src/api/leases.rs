@@ -285,6 +285,12 @@ pub async fn report_batch(
     for (i, item) in b.results.into_iter().enumerate() {
         let token = FencingToken(item.fencing_token);
         let cmd = match item.error {
+            Some(_) if !item.result.is_null() => {
+                results.push(Some(Err(ApiError::invalid(
+                    "invalid field `result`: a failed attempt has no result (send `error` or `result`)",
+                ))));
+                continue;
+            }
             Some(error) => Command::Fail {
                 token,
                 error,
