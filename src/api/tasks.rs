@@ -370,7 +370,7 @@ pub async fn create_batch(
     for (tenant, t) in tasks {
         let checked = async {
             let mut spec = t.into_submit(tenant)?;
-            spec.trace = trace.clone();
+            spec.trace = trace;
             admit(&api, &spec).await?;
             if sharded && !quota_ok.contains(&spec.tenant) {
                 check_quota(&api, &spec.tenant).await?;
