@@ -10,6 +10,8 @@
 //! shards = 5          # queue shards (`cluster.shards`, default 1;
 //!                     # `GODEL_CHAOS_SHARDS` overrides it)
 //! rate = 30           # task submissions per second, round robin over the nodes
+//! batch = 10          # tasks per request: `POST /tasks:batch` of that many
+//!                     # (default 1: one `POST /tasks` each)
 //! warmup = "4s"       # load before the first fault
 //! tail = "3s"         # load after the last fault is cleared
 //! quiesce = "120s"    # longest wait for every acknowledged task to end (default 120 s)
@@ -59,6 +61,9 @@ pub struct Drill {
     pub shards: Option<u32>,
     /// Submissions per second.
     pub rate: u32,
+    /// Tasks per request (`POST /tasks:batch`; default 1, `POST /tasks`).
+    #[serde(default = "one")]
+    pub batch: u32,
     /// Load before the first fault.
     #[serde(with = "humantime_serde")]
     pub warmup: Duration,
@@ -256,6 +261,9 @@ impl Drill {
         }
         if self.rate == 0 {
             bail!("rate must be at least 1");
+        }
+        if !(1..=1000).contains(&self.batch) || self.batch > self.rate {
+            bail!("batch must be 1..=1000 and at most the rate");
         }
         for f in &self.faults {
             if (f.kind == Kind::CorruptLog) != f.mode.is_some() {

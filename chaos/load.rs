@@ -1,7 +1,9 @@
 //! The steady load: an open loop of task submissions at the drill's rate,
-//! round robin over every node's API. Each submission carries a unique
-//! marker, also its idempotency key, so retrying one whose answer was lost
-//! cannot create a second task. A submission is retried on other nodes
+//! round robin over every node's API, one task per `POST /tasks` or, with
+//! the drill's `batch`, that many per `POST /tasks:batch` (a batch is
+//! retried whole, and each of its tasks counts as a submission). Each task
+//! carries a unique marker, also its idempotency key, so retrying one
+//! whose answer was lost cannot create a second task. A submission is retried on other nodes
 //! (503, 429, 504, no connection, no answer in [`REQUEST_TIMEOUT`]) until
 //! acknowledged or [`SUBMIT_DEADLINE`]; at most [`MAX_IN_FLIGHT`] run at
 //! once, and a tick that finds them all busy is counted as skipped, so the
@@ -72,9 +74,9 @@ enum Outcome {
 }
 
 impl Load {
-    /// Starts submitting `rate` tasks a second to `addrs`, markers
-    /// `<prefix>-<k>`.
-    pub fn start(addrs: Vec<SocketAddr>, rate: u32, prefix: String) -> Load {
+    /// Starts submitting `rate` tasks a second to `addrs`, `batch` per
+    /// request, markers `<prefix>-<k>`.
+    pub fn start(addrs: Vec<SocketAddr>, rate: u32, batch: u32, prefix: String) -> Load {
         let http = reqwest::Client::builder()
             .default_headers(crate::support::auth_headers())
             .timeout(REQUEST_TIMEOUT)
@@ -84,30 +86,43 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::default());
         let (s, sh) = (stop.clone(), shared.clone());
+        let batch = batch.max(1) as usize;
         let handle = tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
             let addrs = Arc::new(addrs);
-            let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+            let mut tick = tokio::time::interval(Duration::from_secs(batch as u64) / rate);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut running = JoinSet::new();
             let mut k = 0usize;
             while !s.load(Ordering::Relaxed) {
                 tick.tick().await;
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    sh.subs.lock().expect("lock").skipped += 1;
+                    sh.subs.lock().expect("lock").skipped += batch;
                     continue;
                 };
-                let marker = format!("{prefix}-{k}");
-                let body = marked_task(&marker, k, PRIORITIES[k % PRIORITIES.len()]);
-                sh.subs.lock().expect("lock").submitted += 1;
+                let tasks: Vec<(String, Value)> = (k..k + batch)
+                    .map(|k| {
+                        let marker = format!("{prefix}-{k}");
+                        let body = marked_task(&marker, k, PRIORITIES[k % PRIORITIES.len()]);
+                        (marker, body)
+                    })
+                    .collect();
+                sh.subs.lock().expect("lock").submitted += batch;
                 let (http, addrs, sh) = (http.clone(), addrs.clone(), sh.clone());
                 running.spawn(async move {
                     let sent = now_ms();
-                    let outcome = submit(&http, &addrs, k, &body).await;
-                    sh.record(marker, sent, outcome);
+                    let bodies: Vec<&Value> = tasks.iter().map(|(_, b)| b).collect();
+                    let outcomes = if batch == 1 {
+                        vec![submit(&http, &addrs, k, bodies[0]).await]
+                    } else {
+                        submit_batch(&http, &addrs, k, &bodies).await
+                    };
+                    for ((marker, _), outcome) in tasks.into_iter().zip(outcomes) {
+                        sh.record(marker, sent, outcome);
+                    }
                     drop(permit);
                 });
-                k += 1;
+                k += batch;
                 while running.try_join_next().is_some() {}
             }
             while running.join_next().await.is_some() {}
@@ -174,4 +189,54 @@ async fn submit(http: &reqwest::Client, addrs: &[SocketAddr], k: usize, body: &V
         tokio::time::sleep(RETRY_PAUSE).await;
     }
     Outcome::GaveUp
+}
+
+/// One batch of submissions, retried whole on the next node until every
+/// task is acknowledged (its keys make a resend safe: tasks already created
+/// come back with their ids) or refused for good, or [`SUBMIT_DEADLINE`].
+async fn submit_batch(
+    http: &reqwest::Client,
+    addrs: &[SocketAddr],
+    k: usize,
+    bodies: &[&Value],
+) -> Vec<Outcome> {
+    let until = Instant::now() + SUBMIT_DEADLINE;
+    let body = serde_json::json!({ "tasks": bodies });
+    let mut attempt = 0;
+    while Instant::now() < until {
+        let addr = addrs[(k + attempt) % addrs.len()];
+        attempt += 1;
+        let url = format!("http://{addr}/api/v1/tasks:batch");
+        if let Ok(r) = http.post(&url).json(&body).send().await {
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            match status {
+                200 => {
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    let items = v["items"].as_array().cloned().unwrap_or_default();
+                    let retry = items.len() != bodies.len()
+                        || items.iter().any(|i| i["error"]["retryable"] == true);
+                    if !retry {
+                        return items
+                            .iter()
+                            .map(|i| match i["task"]["id"].as_u64() {
+                                Some(id) => Outcome::Acked(id),
+                                None => Outcome::Rejected(i["error"].to_string()),
+                            })
+                            .collect();
+                    }
+                }
+                429 | 503 | 504 => {}
+                _ => {
+                    let why = format!("{status} {text}");
+                    return bodies
+                        .iter()
+                        .map(|_| Outcome::Rejected(why.clone()))
+                        .collect();
+                }
+            }
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+    bodies.iter().map(|_| Outcome::GaveUp).collect()
 }

@@ -96,7 +96,7 @@ async fn drive(
     check_placement(c, &gateways, &placed)?;
     let addrs = (0..c.len()).map(|i| c.node(i).api_addr).collect();
     let load_start = now_ms();
-    let load = Load::start(addrs, d.rate, d.name.clone());
+    let load = Load::start(addrs, d.rate, d.batch, d.name.clone());
     tokio::time::sleep(d.warmup).await;
     let mut inj = Injector {
         c,

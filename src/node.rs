@@ -702,6 +702,9 @@ impl Node {
         writes: Vec<fsm::Write>,
     ) -> Result<Vec<Result<fsm::Outcome, NodeError>>, NodeError> {
         let n = writes.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         let timeout = self.inner.config.queue.write_timeout;
         let rx = group.queue().push(writes)?;
         match tokio::time::timeout(timeout, rx).await {

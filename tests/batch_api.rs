@@ -115,6 +115,12 @@ async fn batches_of_tasks_and_of_lease_results() {
             assert!(r.message().contains(what), "{what}: {r:?}");
         }
         assert_eq!(depth(&api, leader).await, 3);
+        // Every task refused: answered per item, nothing written.
+        let none = json!({"tasks": [{"payload": []}, {"payload": {}, "priority": "low", "max_attempts": 101}]});
+        let r = api.post(follower, "/api/v1/tasks:batch", &none).await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!((r.body["created"].as_u64(), r.body["failed"].as_u64()), (Some(0), Some(2)), "{}", r.body);
+        assert_eq!(depth(&api, leader).await, 3);
 
         // A developer's batch: its own tenant, and no other.
         let key = json!({"name": "beta-dev", "role": "developer", "tenant": "beta"});
