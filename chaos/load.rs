@@ -1,7 +1,8 @@
 //! The steady load: an open loop of task submissions at the drill's rate,
 //! round robin over every node's API, one task per `POST /tasks` or, with
-//! the drill's `batch`, that many per `POST /tasks:batch` (a batch is
-//! retried whole, and each of its tasks counts as a submission). Each task
+//! the drill's `batch`, that many per `POST /tasks:batch` (what a batch
+//! did not get acknowledged is sent again, and each task counts as a
+//! submission, its first acknowledged id the one checked). Each task
 //! carries a unique marker, also its idempotency key, so retrying one
 //! whose answer was lost cannot create a second task. A submission is retried on other nodes
 //! (503, 429, 504, no connection, no answer in [`REQUEST_TIMEOUT`]) until
@@ -191,9 +192,12 @@ async fn submit(http: &reqwest::Client, addrs: &[SocketAddr], k: usize, body: &V
     Outcome::GaveUp
 }
 
-/// One batch of submissions, retried whole on the next node until every
-/// task is acknowledged (its keys make a resend safe: tasks already created
-/// come back with their ids) or refused for good, or [`SUBMIT_DEADLINE`].
+/// One batch of submissions, sent again on the next node until every task
+/// is acknowledged or refused for good, or [`SUBMIT_DEADLINE`]. Only the
+/// tasks not yet acknowledged are sent again (their keys make a resend
+/// safe), and the first id acknowledged for a task is the one recorded, so
+/// a task lost after its acknowledgement cannot hide behind a resend that
+/// creates it afresh.
 async fn submit_batch(
     http: &reqwest::Client,
     addrs: &[SocketAddr],
@@ -201,12 +205,20 @@ async fn submit_batch(
     bodies: &[&Value],
 ) -> Vec<Outcome> {
     let until = Instant::now() + SUBMIT_DEADLINE;
-    let body = serde_json::json!({ "tasks": bodies });
+    let mut outcomes: Vec<Option<Outcome>> = bodies.iter().map(|_| None).collect();
     let mut attempt = 0;
     while Instant::now() < until {
+        let open: Vec<usize> = (0..bodies.len())
+            .filter(|&i| outcomes[i].is_none())
+            .collect();
+        if open.is_empty() {
+            break;
+        }
         let addr = addrs[(k + attempt) % addrs.len()];
         attempt += 1;
         let url = format!("http://{addr}/api/v1/tasks:batch");
+        let tasks: Vec<&Value> = open.iter().map(|&i| bodies[i]).collect();
+        let body = serde_json::json!({ "tasks": tasks });
         if let Ok(r) = http.post(&url).json(&body).send().await {
             let status = r.status().as_u16();
             let text = r.text().await.unwrap_or_default();
@@ -214,29 +226,33 @@ async fn submit_batch(
                 200 => {
                     let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                     let items = v["items"].as_array().cloned().unwrap_or_default();
-                    let retry = items.len() != bodies.len()
-                        || items.iter().any(|i| i["error"]["retryable"] == true);
-                    if !retry {
-                        return items
-                            .iter()
-                            .map(|i| match i["task"]["id"].as_u64() {
-                                Some(id) => Outcome::Acked(id),
-                                None => Outcome::Rejected(i["error"].to_string()),
-                            })
-                            .collect();
+                    if items.len() == open.len() {
+                        for (&i, item) in open.iter().zip(&items) {
+                            if let Some(id) = item["task"]["id"].as_u64() {
+                                outcomes[i] = Some(Outcome::Acked(id));
+                            } else if item["error"]["retryable"] != true {
+                                outcomes[i] = Some(Outcome::Rejected(item["error"].to_string()));
+                            }
+                        }
+                        if outcomes.iter().all(Option::is_some) {
+                            break;
+                        }
                     }
                 }
                 429 | 503 | 504 => {}
                 _ => {
                     let why = format!("{status} {text}");
-                    return bodies
-                        .iter()
-                        .map(|_| Outcome::Rejected(why.clone()))
-                        .collect();
+                    for &i in &open {
+                        outcomes[i] = Some(Outcome::Rejected(why.clone()));
+                    }
+                    break;
                 }
             }
         }
         tokio::time::sleep(RETRY_PAUSE).await;
     }
-    bodies.iter().map(|_| Outcome::GaveUp).collect()
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Outcome::GaveUp))
+        .collect()
 }

@@ -642,6 +642,14 @@ impl Config {
         if q.batch_max_commands == 0 || q.max_inflight_batches == 0 || q.max_queued_commands == 0 {
             p.push("queue.batch_max_commands, max_inflight_batches and max_queued_commands must be > 0".into());
         }
+        // A follower's forwarded batch joins the leader's queue whole: it
+        // must fit (one API batch, or `batch_max_commands`, and its pull).
+        let forwarded = q.batch_max_commands.max(crate::api::MAX_BATCH_ITEMS) + 1;
+        if q.max_queued_commands < forwarded {
+            p.push(format!(
+                "queue.max_queued_commands must be at least {forwarded} (a follower's forwarded batch, which the leader takes whole)"
+            ));
+        }
         let shed = q.shed_at;
         if !(0.0 < shed.low
             && shed.low <= shed.medium

@@ -673,19 +673,6 @@ impl Node {
     }
 
     async fn write_in(&self, group: &Group, write: fsm::Write) -> Result<fsm::Outcome, NodeError> {
-        // A queue shard takes queue commands only once it knows which shard
-        // it is: before, it would mint ids without the shard in them, and
-        // `DefineGroup` would then be refused for good. Its local replica
-        // having applied it means the group committed it first.
-        if group.id() != META_GROUP
-            && !matches!(write.command, fsm::Command::DefineGroup { .. })
-            && group.state().read(|s| s.group()) == 0
-        {
-            return Err(NodeError::Unavailable(format!(
-                "queue shard {} is not set up yet (its DefineGroup has not applied on this node)",
-                group.id()
-            )));
-        }
         let mut each = self.write_many_in(group, vec![write]).await?;
         each.pop()
             .unwrap_or_else(|| Err(NodeError::Internal("no result for a write".into())))
@@ -704,6 +691,20 @@ impl Node {
         let n = writes.len();
         if n == 0 {
             return Ok(Vec::new());
+        }
+        // A queue shard takes queue commands only once it knows which shard
+        // it is: before, it would mint ids without the shard in them, and
+        // `DefineGroup` would then be refused for good. Its local replica
+        // having applied it means the group committed it first.
+        let defines = |w: &fsm::Write| matches!(w.command, fsm::Command::DefineGroup { .. });
+        if group.id() != META_GROUP
+            && !writes.iter().all(defines)
+            && group.state().read(|s| s.group()) == 0
+        {
+            return Err(NodeError::Unavailable(format!(
+                "queue shard {} is not set up yet (its DefineGroup has not applied on this node)",
+                group.id()
+            )));
         }
         let timeout = self.inner.config.queue.write_timeout;
         let rx = group.queue().push(writes)?;

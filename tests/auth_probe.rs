@@ -65,11 +65,16 @@ async fn the_anonymous_probe_fails_at_every_step() {
 }
 
 /// A free port on 127.0.0.1 whose +100 neighbour (the fabric's) is free.
-fn free_port_pair() -> u16 {
+fn free_port_pair(taken: &[u16]) -> u16 {
     for _ in 0..100 {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let p = l.local_addr().unwrap().port();
-        if p < 65_000 && TcpListener::bind(("127.0.0.1", p + 100)).is_ok() {
+        // Neither port of the pair may be one already handed out (the
+        // listeners are gone by then, so the OS may offer one again).
+        let clash = taken
+            .iter()
+            .any(|&t| [p, p + 100].contains(&t) || t + 100 == p);
+        if p < 65_000 && !clash && TcpListener::bind(("127.0.0.1", p + 100)).is_ok() {
             return p;
         }
     }
@@ -105,7 +110,8 @@ fn cli(dir: &Path, api: &str, args: &[&str]) -> (i32, String) {
 #[test]
 fn no_config_start_bootstraps_a_key_the_cli_finds() {
     let dir = tempfile::tempdir().unwrap();
-    let (api_port, raft_port) = (free_port_pair(), free_port_pair());
+    let api_port = free_port_pair(&[]);
+    let raft_port = free_port_pair(&[api_port]);
     let api = format!("http://127.0.0.1:{api_port}");
     let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
     let _node = Serve(
@@ -124,7 +130,11 @@ fn no_config_start_bootstraps_a_key_the_cli_finds() {
     let key_file = dir.path().join("data/admin.key");
     let until = Instant::now() + Duration::from_secs(30);
     while !key_file.exists() {
-        assert!(Instant::now() < until, "no data/admin.key after 30 s");
+        assert!(
+            Instant::now() < until,
+            "no data/admin.key after 30 s; serve.log:\n{}",
+            std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     #[cfg(unix)]

@@ -22,6 +22,7 @@
 //! - full batches of 1,000 sent through a follower at once, with single
 //!   submissions between them, all commit (a batch is never split, nor
 //!   joined with others past what a forwarded entry may hold);
+//! - a batch counts its own tasks against `max_unfinished_tasks`;
 //! - with three shards, a batch spreads its tasks over the shards as
 //!   single submissions would, and one `leases:batch` settles leases of
 //!   several shards.
@@ -235,6 +236,52 @@ async fn full_batches_through_a_follower() {
         }
         assert_eq!(depth(&api, leader).await, 3000 + 20);
 
+    })
+    .await;
+}
+
+/// A batch counts its own tasks against `queue.max_unfinished_tasks`:
+/// the tasks past the limit are refused (429, `shed`), not all admitted
+/// against the count from before the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_counts_itself_against_the_limits() {
+    bounded(TEST_BOUND, async {
+        let c = Cluster::start_with(1, "[queue]\nmax_unfinished_tasks = 20\n").await;
+        let api = c.api();
+        let one = api
+            .post(
+                0,
+                "/api/v1/tasks",
+                &json!({"payload": {}, "priority": "critical"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(one.status, 201, "{one:?}");
+        let tasks: Vec<Value> = (0..30)
+            .map(|n| json!({"payload": {"n": n}, "priority": "critical"}))
+            .collect();
+        let r = api
+            .post(0, "/api/v1/tasks:batch", &json!({"tasks": tasks}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            (r.body["created"].as_u64(), r.body["failed"].as_u64()),
+            (Some(19), Some(11)),
+            "{}",
+            r.body
+        );
+        let it = items(&r.body);
+        assert!(it[..19].iter().all(|i| i["status"] == 201), "{}", r.body);
+        for i in &it[19..] {
+            assert_eq!(
+                (i["status"].as_u64(), i["error"]["code"].as_str()),
+                (Some(429), Some("shed")),
+                "{}",
+                r.body
+            );
+        }
+        assert_eq!(depth(&api, 0).await, 20);
     })
     .await;
 }

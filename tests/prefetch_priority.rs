@@ -39,8 +39,11 @@ enum Step {
     },
     /// Complete the n-th live lease (mod their count), if any.
     Complete(usize),
-    /// Fail the n-th live lease for a retry now (no backoff wait).
+    /// Fail the n-th live lease (retryable: it waits out its backoff).
     Fail(usize),
+    /// A minute passes and the timers fire: failed tasks whose backoff
+    /// ran out (and lapsed leases) are ready again, at their priority.
+    Wait,
 }
 
 fn priority() -> impl Strategy<Value = Priority> {
@@ -54,6 +57,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (any::<bool>(), 1..=16u32).prop_map(|(gpu, max)| Step::Lease { gpu, max }),
         2 => any::<usize>().prop_map(Step::Complete),
         1 => any::<usize>().prop_map(Step::Fail),
+        1 => Just(Step::Wait),
     ]
 }
 
@@ -166,6 +170,19 @@ fn run(agents: &[Agent], steps: &[Step]) -> Result<(), TestCaseError> {
                 };
                 let out = apply(&mut state, now, vec![Command::Submit(submit)]);
                 prop_assert!(out[0].is_ok(), "submit: {:?}", out[0]);
+            }
+            Step::Wait => {
+                // The node keeps beating meanwhile; leases older than
+                // 30 s lapse and their tasks are ready again too.
+                now += 60_000;
+                let beat = Command::NodeHeartbeat {
+                    id: 1,
+                    region: "local".into(),
+                    api_addr: "127.0.0.1:1".into(),
+                };
+                for out in apply(&mut state, now, vec![beat, Command::Tick]) {
+                    prop_assert!(out.is_ok(), "wait: {out:?}");
+                }
             }
             Step::Complete(k) | Step::Fail(k) => {
                 let live: Vec<_> = tasks_with(&state, TaskStatus::Leased)

@@ -202,9 +202,9 @@ pub async fn create(
     let tenant = caller.tenant_named(body.tenant.take())?;
     let mut spec = body.into_submit(tenant)?;
     spec.trace = trace;
-    admit(&api, &spec).await?;
+    admit(&api, &spec, 0).await?;
     if api.node.shard_groups().len() > 1 {
-        check_quota(&api, &spec.tenant).await?;
+        check_quota(&api, &spec.tenant, 0).await?;
     }
     match submit(&api, &caller, spec).await? {
         Reply::Submitted { task, created } => {
@@ -366,21 +366,31 @@ pub async fn create_batch(
     let mut results: Vec<Option<ApiResult<Reply>>> = Vec::with_capacity(n);
     let mut specs = Vec::with_capacity(n);
     let sharded = api.node.shard_groups().len() > 1;
-    let mut quota_ok: Vec<Tenant> = Vec::new();
+    // Tasks of this batch admitted so far, in all and per tenant: load the
+    // limits must count before any of them is written.
+    let mut per_tenant: Vec<(Tenant, u64)> = Vec::new();
     for (tenant, t) in tasks {
+        let ahead = specs.len() as u64;
         let checked = async {
             let mut spec = t.into_submit(tenant)?;
             spec.trace = trace;
-            admit(&api, &spec).await?;
-            if sharded && !quota_ok.contains(&spec.tenant) {
-                check_quota(&api, &spec.tenant).await?;
-                quota_ok.push(spec.tenant.clone());
+            admit(&api, &spec, ahead).await?;
+            if sharded {
+                let mine = per_tenant
+                    .iter()
+                    .find(|(t, _)| *t == spec.tenant)
+                    .map_or(0, |(_, n)| *n);
+                check_quota(&api, &spec.tenant, mine).await?;
             }
             Ok(spec)
         }
         .await;
         match checked {
             Ok(spec) => {
+                match per_tenant.iter_mut().find(|(t, _)| *t == spec.tenant) {
+                    Some((_, n)) => *n += 1,
+                    None => per_tenant.push((spec.tenant.clone(), 1)),
+                }
                 results.push(None);
                 specs.push(spec);
             }
@@ -424,8 +434,9 @@ pub async fn create_batch(
 /// loads count: this node's write queue, and the cluster's unfinished tasks
 /// against `queue.max_unfinished_tasks` (read on this node's replicas).
 /// `critical` is refused only at the limit itself. A task without a
-/// priority counts as its parent's, else `medium`.
-async fn admit(api: &Api, spec: &SubmitTask) -> ApiResult<()> {
+/// priority counts as its parent's, else `medium`. `ahead`: tasks of the
+/// same batch admitted before this one (not written yet), counted as load.
+async fn admit(api: &Api, spec: &SubmitTask, ahead: u64) -> ApiResult<()> {
     // A resend of a task already created is answered with it, not shed
     // (as this node's replicas know it: one behind sheds the resend, and
     // the client's retry finds it).
@@ -507,6 +518,7 @@ async fn admit(api: &Api, spec: &SubmitTask) -> ApiResult<()> {
         )
     };
     let (backlog, capacity) = api.node.write_backlog();
+    let backlog = backlog + ahead;
     if priority != Priority::Critical && !shed.admits(priority, backlog, capacity) {
         return Err(refuse(format!(
             "this node's write queue holds {backlog} of {capacity} commands"
@@ -518,7 +530,8 @@ async fn admit(api: &Api, spec: &SubmitTask) -> ApiResult<()> {
             .queue_groups()
             .iter()
             .map(|g| g.state().read(|s| s.unfinished()))
-            .sum();
+            .sum::<u64>()
+            + ahead;
         if !shed.admits(priority, unfinished, limit) {
             return Err(refuse(format!(
                 "the cluster holds {unfinished} unfinished tasks of its limit of {limit}"
@@ -878,13 +891,19 @@ pub async fn reject(
 /// A tenant's `max_queued` over every shard, checked before a submission
 /// goes to one (with several shards no one group sees the tenant's whole
 /// count). Submissions racing each other on different nodes may pass it
-/// together, by at most one each.
-async fn check_quota(api: &Api, tenant: &Tenant) -> ApiResult<()> {
+/// together, by at most one each. `ahead`: the tenant's tasks of the same
+/// batch admitted before this one.
+async fn check_quota(api: &Api, tenant: &Tenant, ahead: u64) -> ApiResult<()> {
     let limit = api.node.state().read(|s| s.tenant_max_queued(tenant));
     let Some(limit) = limit else {
         return Ok(());
     };
-    let queued: u64 = api.read_queue(|s| s.queued_of(tenant)).await?.iter().sum();
+    let queued: u64 = api
+        .read_queue(|s| s.queued_of(tenant))
+        .await?
+        .iter()
+        .sum::<u64>()
+        + ahead;
     if queued >= limit {
         return Err(crate::fsm::Rejection::QuotaExceeded {
             tenant: tenant.clone(),
