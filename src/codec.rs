@@ -33,7 +33,15 @@ use serde::de::DeserializeOwned;
 pub const VERSION: u8 = 9;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
+/// bincode counts what a decode allocates, every integer at its size in
+/// memory, over the whole value.
 pub const MAX_DECODE_BYTES: usize = 512 * 1024 * 1024;
+
+/// Largest state machine decoded ([`decode_state`]): a snapshot or a
+/// backup holds the whole state, which grows with the queue past
+/// [`MAX_DECODE_BYTES`] (at about a million tasks with small payloads).
+/// It still bounds what a corrupt length may ask for.
+pub const MAX_STATE_DECODE_BYTES: usize = 64 * 1024 * 1024 * 1024;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +62,11 @@ pub enum CodecError {
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_DECODE_BYTES>()
+}
+
+/// [`config`] with the state's bound: the same encoding.
+fn state_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_STATE_DECODE_BYTES>()
 }
 
 /// Encodes `value` with the version envelope.
@@ -82,6 +95,21 @@ pub fn encode_to_writer<T: Serialize + ?Sized>(
 pub fn decode_from_reader<T: DeserializeOwned>(
     input: &mut impl std::io::Read,
 ) -> Result<T, CodecError> {
+    read_with(input, config())
+}
+
+/// [`decode_from_reader`] for a whole state machine (a backup's copy),
+/// bounded by [`MAX_STATE_DECODE_BYTES`].
+pub fn decode_state_from_reader<T: DeserializeOwned>(
+    input: &mut impl std::io::Read,
+) -> Result<T, CodecError> {
+    read_with(input, state_config())
+}
+
+fn read_with<T: DeserializeOwned>(
+    input: &mut impl std::io::Read,
+    config: impl bincode::config::Config,
+) -> Result<T, CodecError> {
     let mut version = [0u8; 1];
     match input.read_exact(&mut version) {
         Ok(()) => {}
@@ -96,16 +124,29 @@ pub fn decode_from_reader<T: DeserializeOwned>(
     if version[0] != VERSION {
         return Err(CodecError::Version(version[0]));
     }
-    Ok(bincode::serde::decode_from_std_read(input, config())?)
+    Ok(bincode::serde::decode_from_std_read(input, config)?)
 }
 
 /// Decodes a value written by [`encode`]; trailing bytes are an error.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    decode_with(bytes, config())
+}
+
+/// [`decode`] for a whole state machine (a snapshot), bounded by
+/// [`MAX_STATE_DECODE_BYTES`].
+pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    decode_with(bytes, state_config())
+}
+
+fn decode_with<T: DeserializeOwned>(
+    bytes: &[u8],
+    config: impl bincode::config::Config,
+) -> Result<T, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     if version != VERSION {
         return Err(CodecError::Version(version));
     }
-    let (value, read) = bincode::serde::decode_from_slice(body, config())?;
+    let (value, read) = bincode::serde::decode_from_slice(body, config)?;
     if read != body.len() {
         return Err(CodecError::Decode(
             bincode::error::DecodeError::OtherString(format!(
@@ -120,6 +161,23 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state bigger than the general bound decodes as a state (a
+    /// snapshot of a deep queue), and only as one.
+    #[test]
+    fn a_state_may_pass_the_general_bound() {
+        let big = "x".repeat(MAX_DECODE_BYTES + 1024);
+        let bytes = encode(&big).unwrap();
+        assert!(matches!(
+            decode::<String>(&bytes),
+            Err(CodecError::Decode(
+                bincode::error::DecodeError::LimitExceeded
+            ))
+        ));
+        assert_eq!(decode_state::<String>(&bytes).unwrap().len(), big.len());
+        let read: String = decode_state_from_reader(&mut &bytes[..]).unwrap();
+        assert_eq!(read.len(), big.len());
+    }
 
     #[test]
     fn round_trip_and_rejects_garbage() {

@@ -212,7 +212,7 @@ impl Restored {
     /// further than its end. Blocking, `O(state)`.
     pub fn read_payload(input: &mut impl Read) -> Result<Self> {
         let mut applied: Applied =
-            codec::decode_from_reader(input).map_err(|source| StoreError::Corrupt {
+            codec::decode_state_from_reader(input).map_err(|source| StoreError::Corrupt {
                 what: "state machine copy".into(),
                 source,
             })?;

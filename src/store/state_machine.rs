@@ -131,7 +131,7 @@ pub(super) fn restore(db: &Db) -> Result<Applied> {
 
 /// Decodes a snapshot payload and checks it against its metadata.
 fn decode_payload(meta: &Meta, data: &[u8]) -> Result<Applied> {
-    let mut applied: Applied = codec::decode(data).map_err(|source| StoreError::Corrupt {
+    let mut applied: Applied = codec::decode_state(data).map_err(|source| StoreError::Corrupt {
         what: format!("snapshot {}", meta.snapshot_id),
         source,
     })?;
