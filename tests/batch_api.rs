@@ -8,17 +8,19 @@
 //! - a batch sent through a follower answers a result per task, in order:
 //!   201 with the task, 200 with the earlier task for an idempotency key
 //!   seen before (in the same batch or an earlier one), and the error
-//!   `POST /tasks` would have given for a task it refuses, which alone is
-//!   not submitted;
+//!   `POST /tasks` would have given for a task refused for what the
+//!   cluster holds (a missing parent or dependency), which alone is not
+//!   submitted;
 //! - sending the same batch again creates nothing new;
-//! - a batch that is not 1 to 1,000 well-formed tasks, or names a tenant
+//! - a batch that is not 1 to 1,000 valid tasks (one bad field value is
+//!   enough, and the error names the task), or names a tenant
 //!   the credential may not, is refused whole and changes nothing (the
 //!   queue depth is unchanged), and a developer's batch lands in its own
 //!   tenant only;
 //! - `max` on the lease call leases several tasks, and one `leases:batch`
 //!   completes some and fails others (a non-retryable failure is a dead
 //!   letter), with per-item errors for a token that names no lease or one
-//!   already finished, and a lease named twice refuses the whole call;
+//!   already finished (also when named twice in one call);
 //! - full batches of 1,000 sent through a follower at once, with single
 //!   submissions between them, all commit (a batch is never split, nor
 //!   joined with others past what a forwarded entry may hold);
@@ -65,9 +67,9 @@ async fn batches_of_tasks_and_of_lease_results() {
         let batch = json!({"tasks": [
             {"payload": {"n": 0}, "priority": "low", "idempotency_key": "k0"},
             {"payload": {"n": 1}, "priority": "critical", "idempotency_key": "k1"},
-            {"payload": {"n": 2}, "max_attempts": 0, "idempotency_key": "k2"},
+            {"payload": {"n": 2}, "parent_id": 999_999, "idempotency_key": "k2"},
             {"payload": {"n": 3}, "idempotency_key": "k1"},
-            {"payload": "not an object", "idempotency_key": "k4"},
+            {"payload": {"n": 4}, "depends_on": [999_998], "idempotency_key": "k4"},
             {"payload": {"n": 5}, "priority": "high"},
         ]});
         let r = api.post(follower, "/api/v1/tasks:batch", &batch).await.unwrap();
@@ -81,7 +83,8 @@ async fn batches_of_tasks_and_of_lease_results() {
         assert_eq!(it[1]["task"]["id"], it[3]["task"]["id"], "same key, same task: {}", r.body);
         assert_eq!(it[3]["task"]["payload"], json!({"n": 1}), "the first task's: {}", r.body);
         assert_eq!(it[2]["error"]["code"], "invalid_request", "{}", r.body);
-        assert!(it[2]["error"]["message"].as_str().unwrap().contains("max_attempts"), "{}", r.body);
+        assert!(it[2]["error"]["message"].as_str().unwrap().contains("parent"), "{}", r.body);
+        assert!(it[4]["error"]["message"].as_str().unwrap().contains("999998"), "{}", r.body);
         assert!(it[2].get("task").is_none(), "{}", r.body);
         assert_eq!(it[0]["task"]["priority"], "low");
         assert_eq!(it[5]["task"]["priority"], "high");
@@ -110,6 +113,8 @@ async fn batches_of_tasks_and_of_lease_results() {
             (json!({"tasks": [{"payload": {}}, {"payload": {}, "colour": "red"}]}), "colour"),
             (json!({"tasks": [{"payload": {}}], "extra": 1}), "extra"),
             (json!({"task": [{"payload": {}}]}), "task"),
+            (json!({"tasks": [{"payload": {}}, {"payload": {}, "max_attempts": 0}]}), "tasks[1]: invalid field `max_attempts`"),
+            (json!({"tasks": [{"payload": "not an object"}]}), "tasks[0]: invalid field `payload`"),
         ] {
             let r = api.post(follower, "/api/v1/tasks:batch", &body).await.unwrap();
             r.assert_error(400, "invalid_request");
@@ -117,7 +122,7 @@ async fn batches_of_tasks_and_of_lease_results() {
         }
         assert_eq!(depth(&api, leader).await, 3);
         // Every task refused: answered per item, nothing written.
-        let none = json!({"tasks": [{"payload": []}, {"payload": {}, "priority": "low", "max_attempts": 101}]});
+        let none = json!({"tasks": [{"payload": {}, "parent_id": 999_997}, {"payload": {}, "depends_on": [999_996]}]});
         let r = api.post(follower, "/api/v1/tasks:batch", &none).await.unwrap();
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!((r.body["created"].as_u64(), r.body["failed"].as_u64()), (Some(0), Some(2)), "{}", r.body);
@@ -150,11 +155,6 @@ async fn batches_of_tasks_and_of_lease_results() {
         assert_eq!(grants[4].task_id, ids[0], "low last: {grants:?}");
         let tok = |k: usize| grants[k].token;
 
-        // A lease named twice: refused whole.
-        let twice = json!({"results": [{"fencing_token": tok(0)}, {"fencing_token": tok(0), "error": "x"}]});
-        let r = api.post(follower, "/api/v1/leases:batch", &twice).await.unwrap();
-        r.assert_error(400, "invalid_request");
-        assert!(r.message().contains("twice"), "{r:?}");
         let r = api.post(follower, "/api/v1/leases:batch", &json!({"results": []})).await.unwrap();
         r.assert_error(400, "invalid_request");
         assert_eq!(api.list_tasks(leader, "status=leased").await.len(), 5);
@@ -185,14 +185,17 @@ async fn batches_of_tasks_and_of_lease_results() {
         let t = api.get_ok(leader, &format!("/api/v1/tasks/{}", grants[4].task_id)).await;
         assert_eq!(t["status"], "leased", "{t}");
 
-        // Finished leases cannot be reported again.
+        // Finished leases cannot be reported again; a lease named twice in
+        // one call: the first report counts, the second is a conflict.
         let r = api.post(leader, "/api/v1/leases:batch",
-                         &json!({"results": [{"fencing_token": tok(0)}, {"fencing_token": tok(4)}]})).await.unwrap();
+                         &json!({"results": [{"fencing_token": tok(0)}, {"fencing_token": tok(4)},
+                                             {"fencing_token": tok(4), "error": "late"}]})).await.unwrap();
         assert_eq!(r.status, 200, "{r:?}");
         let it = items(&r.body);
         assert_eq!(it[0]["status"], 409, "{}", r.body);
         assert_eq!(it[1]["status"], 200, "{}", r.body);
         assert_eq!(it[1]["task"]["status"], "completed", "{}", r.body);
+        assert_eq!(it[2]["status"], 409, "{}", r.body);
         assert!(beta.iter().all(|id| *id > ids[2]));
     })
     .await;

@@ -80,7 +80,7 @@ fn batch_session(api: &str) {
     let bad = dir.path().join("bad.json");
     std::fs::write(
         &bad,
-        r#"[{"payload": {"n": 3}}, {"payload": {}, "max_attempts": 0}]"#,
+        r#"[{"payload": {"n": 3}}, {"payload": {}, "parent_id": 999999}]"#,
     )
     .expect("write");
     let (code, v) = godel(

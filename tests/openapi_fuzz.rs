@@ -18,9 +18,9 @@
 //!
 //! Valid input is expected to be accepted (`positive_data_acceptance`)
 //! everywhere but where the API refuses, with 400, what JSON Schema cannot
-//! describe ([`ACCEPTANCE_EXCEPTIONS`]): `tasks.submit` (`backoff.max_ms`
-//! at least `backoff.initial_ms`; `parent_id` and `depends_on` must name
-//! existing tasks),
+//! describe ([`ACCEPTANCE_EXCEPTIONS`]): `tasks.submit` and
+//! `tasks.submit_batch` (`backoff.max_ms` at least `backoff.initial_ms`;
+//! `parent_id` and `depends_on` must name existing tasks),
 //! `gateways.register` (URLs, absolute paths and what this node's driver
 //! policy allows), `jwt.revoke` (`expires_at` in the future),
 //! `dead_letter.replay` (no more `ids` than `limit`), `switches.set`
@@ -73,7 +73,7 @@ const EXCLUDED: [&str; 5] = [
 /// schemathesis config file.
 const ACCEPTANCE_EXCEPTIONS: &str = r#"
 [[operations]]
-include-operation-id = ["tasks.submit", "gateways.register", "jwt.revoke", "dead_letter.replay", "events.subscribe", "switches.set", "usage.read", "usage.export", "tenants.create", "tenants.update"]
+include-operation-id = ["tasks.submit", "tasks.submit_batch", "gateways.register", "jwt.revoke", "dead_letter.replay", "events.subscribe", "switches.set", "usage.read", "usage.export", "tenants.create", "tenants.update"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 "#;
 

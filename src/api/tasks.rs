@@ -224,9 +224,10 @@ pub async fn create(
 #[serde(deny_unknown_fields)]
 pub struct TaskBatch {
     /// 1 to 1,000 tasks, each as `POST /tasks` takes one. A task that is
-    /// not well-formed JSON of that shape refuses the whole batch (400);
-    /// one refused for what it asks (a bad field value, a quota, a shed
-    /// priority) fails alone in `items`.
+    /// not valid as `POST /tasks` would check it (its shape or a field's
+    /// value) refuses the whole batch (400, naming it); one refused for
+    /// what the cluster holds (a missing parent or dependency, a quota, a
+    /// shed priority, a budget) fails alone in `items`.
     #[schema(min_items = 1, max_items = 1000)]
     tasks: Vec<TaskCreate>,
 }
@@ -339,7 +340,7 @@ impl BatchView {
     params(("traceparent" = Option<String>, Header, description = "W3C trace context every task of the batch carries (ignored when malformed)")),
     responses(
         (status = 200, description = "A result per task, in order (some may have failed)", body = BatchView),
-        (status = 400, description = "Not a batch of 1 to 1,000 well-formed tasks; nothing was submitted", body = super::error::ErrorBody),
+        (status = 400, description = "Not a batch of 1 to 1,000 valid tasks (the message names the first bad one); nothing was submitted", body = super::error::ErrorBody),
         (status = 429, description = "The write queue has no room for the batch (nothing was submitted), or over a rate limit", body = super::error::ErrorBody),
     )
 )]
@@ -363,17 +364,26 @@ pub async fn create_batch(
         let tenant = caller.tenant_named(t.tenant.take())?;
         tasks.push((tenant, t));
     }
+    // Every task valid before any is admitted: a bad one is the request's
+    // fault, refused whole and naming it.
+    let mut valid = Vec::with_capacity(n);
+    for (i, (tenant, t)) in tasks.into_iter().enumerate() {
+        let mut spec = t.into_submit(tenant).map_err(|mut e| {
+            e.message = format!("tasks[{i}]: {}", e.message);
+            e
+        })?;
+        spec.trace = trace;
+        valid.push(spec);
+    }
     let mut results: Vec<Option<ApiResult<Reply>>> = Vec::with_capacity(n);
     let mut specs = Vec::with_capacity(n);
     let sharded = api.node.shard_groups().len() > 1;
     // Tasks of this batch admitted so far, in all and per tenant: load the
     // limits must count before any of them is written.
     let mut per_tenant: Vec<(Tenant, u64)> = Vec::new();
-    for (tenant, t) in tasks {
+    for spec in valid {
         let ahead = specs.len() as u64;
         let checked = async {
-            let mut spec = t.into_submit(tenant)?;
-            spec.trace = trace;
             admit(&api, &spec, ahead).await?;
             if sharded {
                 let mine = per_tenant
