@@ -273,16 +273,6 @@ async fn failover(c: &mut Cluster, rounds: usize, pause: bool) {
 }
 
 /// Resident memory of a process, in MiB (Linux).
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
 /// Fills the queue with `n` tasks, reports each node's resident memory, then
 /// kills -9 a follower, restarts it and times until it serves reads again.
 async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
@@ -328,7 +318,7 @@ async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
         println!(
             "  node {} resident: {:.0} MiB",
             i + 1,
-            rss_mib(c.node(i).pid().unwrap_or(0))
+            common::rss_mib(c.node(i).pid().unwrap_or(0))
         );
     }
     let leader = c.leader().await;
@@ -355,7 +345,7 @@ async fn capacity(c: &mut Cluster, clients: usize, n: u64) {
         "  node {} restarted (kill -9) and serving a linearizable depth of {n} after {:.2}s; resident {:.0} MiB",
         victim + 1,
         t0.elapsed().as_secs_f64(),
-        rss_mib(c.node(victim).pid().unwrap_or(0))
+        common::rss_mib(c.node(victim).pid().unwrap_or(0))
     );
 }
 
@@ -621,7 +611,7 @@ async fn events(nodes: usize, clients: usize, tasks: u64, subscribers: usize, st
     let c = Cluster::start_with(nodes, &runtime_toml()).await;
     sim_fleet(&c, 3, 100, "").await;
     let rss_idle: Vec<f64> = (0..c.len())
-        .map(|i| rss_mib(c.node(i).pid().unwrap_or(0)))
+        .map(|i| common::rss_mib(c.node(i).pid().unwrap_or(0)))
         .collect();
     let request = |addr: std::net::SocketAddr, since: Option<u64>| {
         let q = since.map_or_else(String::new, |s| format!("&since={s}"));
@@ -704,7 +694,7 @@ async fn events(nodes: usize, clients: usize, tasks: u64, subscribers: usize, st
     wait_completed(&c, tasks, Duration::from_secs(300)).await;
     let elapsed = start.elapsed();
     let rss_loaded: Vec<f64> = (0..c.len())
-        .map(|i| rss_mib(c.node(i).pid().unwrap_or(0)))
+        .map(|i| common::rss_mib(c.node(i).pid().unwrap_or(0)))
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);

@@ -312,16 +312,6 @@ async fn phase(o: &Opts, name: &str, run: usize) {
     println!("{line}");
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
 /// Parks `o.depth` tasks no agent can run, then measures dispatch, memory
 /// and a follower's restart at that depth.
 async fn depth(o: &Opts, run: usize) {
@@ -370,7 +360,7 @@ async fn depth(o: &Opts, run: usize) {
     }
     let preload_s = start.elapsed().as_secs_f64();
     let rss: Vec<f64> = (0..c.len())
-        .map(|i| rss_mib(c.node(i).pid().unwrap_or(0)))
+        .map(|i| common::rss_mib(c.node(i).pid().unwrap_or(0)))
         .collect();
     // Dispatch at 100/s with the queue that deep.
     let addr = c.node((leader + 1) % c.len()).api_addr;
@@ -430,7 +420,7 @@ async fn depth(o: &Opts, run: usize) {
         "rss_mib": rss.iter().map(|r| r.round()).collect::<Vec<_>>(),
         "restart_serving_s": restart_s,
         "probe_resent": resent,
-        "restarted_rss_mib": rss_mib(c.node(victim).pid().unwrap_or(0)).round(),
+        "restarted_rss_mib": common::rss_mib(c.node(victim).pid().unwrap_or(0)).round(),
         "load_average_before": load0,
     });
     eprintln!(

@@ -260,6 +260,17 @@ pub async fn print_batching(c: &Cluster) {
     );
 }
 
+/// Resident memory of a process, MiB (`VmRSS`); 0 if it is gone.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
 /// CPU time (user + system) a process has used, in seconds; 0 if it is gone.
 pub fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

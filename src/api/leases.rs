@@ -174,6 +174,17 @@ pub struct FailUsage {
     model: Option<String>,
 }
 
+impl FailUsage {
+    /// As the state machine records it.
+    fn reported(self) -> crate::fsm::ReportedUsage {
+        crate::fsm::ReportedUsage {
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            model: self.model,
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -197,11 +208,7 @@ pub async fn fail(
         token,
         error: b.error,
         retryable: b.retryable,
-        usage: b.usage.map(|u| crate::fsm::ReportedUsage {
-            input_tokens: u.input_tokens,
-            output_tokens: u.output_tokens,
-            model: u.model,
-        }),
+        usage: b.usage.map(FailUsage::reported),
     };
     write_lease(&api, &caller, token, cmd).await
 }
@@ -289,11 +296,7 @@ pub async fn report_batch(
                 token,
                 error,
                 retryable: item.retryable.unwrap_or(true),
-                usage: item.usage.map(|u| crate::fsm::ReportedUsage {
-                    input_tokens: u.input_tokens,
-                    output_tokens: u.output_tokens,
-                    model: u.model,
-                }),
+                usage: item.usage.map(FailUsage::reported),
             },
             None if item.retryable.is_some() || item.usage.is_some() => {
                 results.push(Some(Err(ApiError::invalid(
