@@ -235,12 +235,18 @@ async fn failover(c: &mut Cluster, rounds: usize, pause: bool) {
         } else {
             c.kill9(leader);
         }
+        // Refused attempts, and when the last refused one was sent: the
+        // first write's own round trip is the time after it.
+        let (mut refused, mut last_refused) = (0u32, Duration::ZERO);
         loop {
+            let sent = t0.elapsed();
             if let Ok(r) = http.post(&url).json(&task(round as u64)).send().await
                 && r.status().as_u16() == 201
             {
                 break;
             }
+            refused += 1;
+            last_refused = sent;
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
                 "no write within 30 s of the kill"
@@ -249,9 +255,10 @@ async fn failover(c: &mut Cluster, rounds: usize, pause: bool) {
         let took = t0.elapsed();
         let how = if pause { "SIGSTOP" } else { "kill -9" };
         println!(
-            "  round {round}: first write {:.0} ms after {how} of node {}",
+            "  round {round}: first write {:.0} ms after {how} of node {} ({refused} refused before it, the last sent at {} ms)",
             took.as_secs_f64() * 1000.0,
-            leader + 1
+            leader + 1,
+            last_refused.as_millis()
         );
         times.push(took);
         if pause {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
@@ -29,6 +29,9 @@ struct Inner {
     /// When this replica last took a message from a leader of the group:
     /// ms after `born`, plus one (0: never).
     leader_contact: AtomicU64,
+    /// Set while a lease-timed election is pending for a dead leader, so
+    /// the several connections a dead process drops start one, not several.
+    electing: AtomicBool,
     born: Instant,
 }
 
@@ -50,6 +53,7 @@ impl Group {
                 state,
                 queue,
                 leader_contact: AtomicU64::new(0),
+                electing: AtomicBool::new(false),
                 born: Instant::now(),
             }),
         }
@@ -83,13 +87,29 @@ impl Group {
 
     /// Whether a leader of the group reached this replica within `d`.
     pub(super) fn heard_from_leader_within(&self, d: Duration) -> bool {
+        self.since_leader_contact().is_some_and(|since| since <= d)
+    }
+
+    /// How long ago a leader of the group last reached this replica (`None`:
+    /// never), to the millisecond.
+    pub(super) fn since_leader_contact(&self) -> Option<Duration> {
         match self.inner.leader_contact.load(Ordering::Relaxed) {
-            0 => false,
+            0 => None,
             at => {
                 let now = self.inner.born.elapsed().as_millis() as u64 + 1;
-                now.saturating_sub(at) <= d.as_millis() as u64
+                Some(Duration::from_millis(now.saturating_sub(at)))
             }
         }
+    }
+
+    /// Claims the group's pending lease-timed election; false when one is
+    /// already pending. [`Group::end_electing`] gives it back.
+    pub(super) fn start_electing(&self) -> bool {
+        !self.inner.electing.swap(true, Ordering::AcqRel)
+    }
+
+    pub(super) fn end_electing(&self) {
+        self.inner.electing.store(false, Ordering::Release);
     }
 
     /// The group's leader as this node knows it, with its addresses.

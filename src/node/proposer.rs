@@ -190,10 +190,15 @@ async fn propose_or_forward(
 ) -> Result<Results, NodeError> {
     let timeout = node.queue_config().write_timeout;
     let mut last = NodeError::Unavailable("no leader known".into());
+    // The leader the last attempt found (or none): the next waits, at most
+    // a heartbeat, for a different one (an election in progress ends in one).
+    let mut tried = None;
     for attempt in 0..3 {
         if attempt > 0 {
-            tokio::time::sleep(node.config().raft.heartbeat_interval).await;
+            let wait = node.config().raft.heartbeat_interval;
+            let _ = tokio::time::timeout(wait, new_leader(group, tried)).await;
         }
+        tried = group.leader().map(|(id, _)| id);
         if group.is_leader() {
             match propose_as_leader(node, group, cmds.clone()).await {
                 Err(RemoteFailure::NotLeader { .. }) => continue,
@@ -239,6 +244,20 @@ async fn propose_or_forward(
         }
     }
     Err(last)
+}
+
+/// Resolves once this node knows a leader of the group other than `tried`.
+async fn new_leader(group: &Group, tried: Option<NodeId>) {
+    let mut metrics = group.raft().server_metrics();
+    loop {
+        let now = metrics.borrow_and_update().current_leader;
+        if now.is_some() && now != tried {
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// Resolves once this node sees a leader of the group other than `from`

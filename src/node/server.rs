@@ -20,6 +20,10 @@ pub(super) struct RpcHandler {
 
 /// How long to wait for the leader's port to answer before assuming it is alive.
 const LEADER_PROBE_TIMEOUT: Duration = Duration::from_millis(100);
+/// A port that still accepts is asked again this often, this many times
+/// (within the leader lease, so the election is not later for it).
+const LEADER_PROBE_EVERY: Duration = Duration::from_millis(20);
+const LEADER_PROBES: usize = 8;
 /// Added to the leader lease before electing, for clock and delivery skew.
 const LEASE_MARGIN: Duration = Duration::from_millis(20);
 /// Delay between followers of successive rank, so one candidate goes first.
@@ -65,12 +69,15 @@ impl RpcHandler {
             .cloned()
             .collect();
         let Some((_, info)) = led.first().and_then(Group::leader) else {
+            tracing::debug!(
+                peer,
+                "connection from a node that leads no group here closed"
+            );
             return;
         };
-        let probe = tokio::net::TcpStream::connect(info.raft_addr.as_str());
-        match tokio::time::timeout(LEADER_PROBE_TIMEOUT, probe).await {
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-            _ => return,
+        if !port_closed(&info.raft_addr).await {
+            tracing::debug!(peer, "leader's connection closed; its port still answers");
+            return;
         }
         let elections = led
             .into_iter()
@@ -89,8 +96,17 @@ impl RpcHandler {
         else {
             return;
         };
+        // A dead process drops every connection it had: one election each.
+        if !group.start_electing() {
+            return;
+        }
         let raft = &node.config().raft;
-        let wait = raft.election_timeout_max + LEASE_MARGIN + ELECTION_STAGGER * rank as u32;
+        // The lease runs from the leader's last message, which every
+        // follower took within a few milliseconds of this one (the margin);
+        // this replica noted its own after openraft did, so never early.
+        let lease_left = (raft.election_timeout_max + LEASE_MARGIN)
+            .saturating_sub(group.since_leader_contact().unwrap_or_default());
+        let wait = lease_left + ELECTION_STAGGER * rank as u32;
         tracing::info!(
             group = group.id(),
             leader,
@@ -102,6 +118,7 @@ impl RpcHandler {
         if still_gone && let Err(e) = group.raft().trigger().elect().await {
             tracing::warn!(group = group.id(), error = %e, "could not start an election");
         }
+        group.end_electing();
     }
 
     async fn serve(&self, peer: NodeId, req: RpcRequest) -> RpcReply {
@@ -206,4 +223,66 @@ fn is_group_message(req: &RpcRequest) -> bool {
             | RpcRequest::PreVote
             | RpcRequest::Leave { .. }
     )
+}
+
+/// Whether the process at `addr` is gone: its port refuses connections, or
+/// resets one it had queued (its listening socket closed under it). A
+/// process killed with SIGKILL may drop its connections a moment before its
+/// listening socket, so a port that still accepts is asked again a few
+/// times; one that keeps accepting, or does not answer, is alive (paused or
+/// cut off: the election timer decides those).
+async fn port_closed(addr: &str) -> bool {
+    use std::io::ErrorKind::{ConnectionRefused, ConnectionReset};
+    for probe in 0..LEADER_PROBES {
+        if probe > 0 {
+            tokio::time::sleep(LEADER_PROBE_EVERY).await;
+        }
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(LEADER_PROBE_TIMEOUT, connect).await {
+            Ok(Err(e)) if matches!(e.kind(), ConnectionRefused | ConnectionReset) => return true,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return false,
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::port_closed;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_port_that_refuses_is_closed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        assert!(port_closed(&addr).await);
+    }
+
+    #[tokio::test]
+    async fn a_port_that_keeps_accepting_is_open() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accept = tokio::spawn(async move {
+            loop {
+                let _ = listener.accept().await;
+            }
+        });
+        assert!(!port_closed(&addr).await);
+        accept.abort();
+    }
+
+    /// A killed process's connections close a moment before its listening
+    /// socket: a port that still accepts then closes is found closed.
+    #[tokio::test]
+    async fn a_port_that_closes_after_its_connections_is_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(listener);
+        });
+        assert!(port_closed(&addr).await);
+    }
 }
