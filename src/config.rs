@@ -206,7 +206,7 @@ impl Default for RaftConfig {
         Self {
             heartbeat_interval: Duration::from_millis(50),
             election_timeout_min: Duration::from_millis(150),
-            election_timeout_max: Duration::from_millis(300),
+            election_timeout_max: Duration::from_millis(250),
             snapshot_every_entries: 5000,
             keep_entries_after_snapshot: 1000,
             snapshot_rpc_timeout: Duration::from_secs(5),

@@ -184,11 +184,13 @@ impl NodeProc {
         } else {
             self.extra.clone()
         };
+        // The defaults (`RaftConfig::default`), pinned so a change to them
+        // is seen here.
         let raft = if extra.contains("[raft]") {
             String::new()
         } else {
             "[raft]\nheartbeat_interval = \"50ms\"\n\
-             election_timeout_min = \"150ms\"\nelection_timeout_max = \"300ms\"\n"
+             election_timeout_min = \"150ms\"\nelection_timeout_max = \"250ms\"\n"
                 .to_string()
         };
         // Registry heartbeats would add a log entry a second, which the
