@@ -4,8 +4,8 @@
 //! (`proposer.rs`), reads and RPC server take the group they act on.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
@@ -29,9 +29,9 @@ struct Inner {
     /// When this replica last took a message from a leader of the group:
     /// ms after `born`, plus one (0: never).
     leader_contact: AtomicU64,
-    /// Set while a lease-timed election is pending for a dead leader, so
-    /// the several connections a dead process drops start one, not several.
-    electing: AtomicBool,
+    /// The dead leader a lease-timed election is pending for, so the
+    /// several connections a dead process drops start one, not several.
+    electing: Mutex<Option<NodeId>>,
     born: Instant,
 }
 
@@ -53,7 +53,7 @@ impl Group {
                 state,
                 queue,
                 leader_contact: AtomicU64::new(0),
-                electing: AtomicBool::new(false),
+                electing: Mutex::new(None),
                 born: Instant::now(),
             }),
         }
@@ -102,14 +102,28 @@ impl Group {
         }
     }
 
-    /// Claims the group's pending lease-timed election; false when one is
-    /// already pending. [`Group::end_electing`] gives it back.
-    pub(super) fn start_electing(&self) -> bool {
-        !self.inner.electing.swap(true, Ordering::AcqRel)
+    /// Claims the group's lease-timed election after the death of
+    /// `leader`; false when one is already pending for that leader (one for
+    /// a leader before it gives way). [`Group::end_electing`] gives it back.
+    pub(super) fn start_electing(&self, leader: NodeId) -> bool {
+        let mut pending = self
+            .inner
+            .electing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pending.replace(leader) != Some(leader)
     }
 
-    pub(super) fn end_electing(&self) {
-        self.inner.electing.store(false, Ordering::Release);
+    /// Ends the election claimed for `leader`, unless a later one took over.
+    pub(super) fn end_electing(&self, leader: NodeId) {
+        let mut pending = self
+            .inner
+            .electing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *pending == Some(leader) {
+            *pending = None;
+        }
     }
 
     /// The group's leader as this node knows it, with its addresses.

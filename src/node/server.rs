@@ -96,8 +96,9 @@ impl RpcHandler {
         else {
             return;
         };
-        // A dead process drops every connection it had: one election each.
-        if !group.start_electing() {
+        // A dead process drops every connection it had: the first to close
+        // starts the election, the others find it pending.
+        if !group.start_electing(leader) {
             return;
         }
         let raft = &node.config().raft;
@@ -118,7 +119,7 @@ impl RpcHandler {
         if still_gone && let Err(e) = group.raft().trigger().elect().await {
             tracing::warn!(group = group.id(), error = %e, "could not start an election");
         }
-        group.end_electing();
+        group.end_electing(leader);
     }
 
     async fn serve(&self, peer: NodeId, req: RpcRequest) -> RpcReply {
