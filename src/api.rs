@@ -351,6 +351,10 @@ pub fn router(node: Node) -> anyhow::Result<Router> {
     // One hub per group: the meta group's, then each queue shard's.
     let mut hubs = Vec::new();
     for group in node.groups() {
+        // Subscribed first: an event applied before the hub exists is in
+        // `last_seq`, one applied after reaches the feed (a hub that started
+        // its feed later reported the events between as missed).
+        let rx = group.state().subscribe();
         let last_seq = group.state().read(|s| s.last_event_seq());
         let hub = Arc::new(crate::events::EventHub::for_group(
             group.id(),
@@ -358,11 +362,7 @@ pub fn router(node: Node) -> anyhow::Result<Router> {
             cfg.events_queue,
             last_seq,
         ));
-        let feed = crate::events::run(
-            Arc::clone(&hub),
-            group.state().clone(),
-            node.shutdown_token().clone(),
-        );
+        let feed = crate::events::run(Arc::clone(&hub), rx, node.shutdown_token().clone());
         node.spawn(feed);
         hubs.push(hub);
     }

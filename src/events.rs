@@ -29,7 +29,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
 use crate::fsm::{AgentChange, Event, EventKind, GatewayChange, NodeChange, What};
-use crate::store::{AppliedEvents, SharedState};
+use crate::store::AppliedEvents;
 
 /// Events kept for resuming, by default (`api.events_buffer`).
 pub const DEFAULT_CAPACITY: usize = 32_768;
@@ -394,9 +394,15 @@ impl Drop for Admitted {
     }
 }
 
-/// Feeds `hub` from the state machine until `shutdown`.
-pub async fn run(hub: Arc<EventHub>, state: SharedState, shutdown: CancellationToken) {
-    let mut rx = state.subscribe();
+/// Feeds `hub` from `rx` (the state machine's applied events, subscribed
+/// to before the hub's `last_seq` was read, so nothing falls between the
+/// two: what was applied in between is skipped as already counted) until
+/// `shutdown`.
+pub async fn run(
+    hub: Arc<EventHub>,
+    mut rx: broadcast::Receiver<Arc<AppliedEvents>>,
+    shutdown: CancellationToken,
+) {
     loop {
         let applied = tokio::select! {
             () = shutdown.cancelled() => return,
