@@ -279,7 +279,6 @@ async fn failover(c: &mut Cluster, rounds: usize, pause: bool) {
     );
 }
 
-/// Resident memory of a process, in MiB (Linux).
 /// Fills the queue with `n` tasks, reports each node's resident memory, then
 /// kills -9 a follower, restarts it and times until it serves reads again.
 async fn capacity(c: &mut Cluster, clients: usize, n: u64) {

@@ -380,16 +380,13 @@ pub async fn create_batch(
     let sharded = api.node.shard_groups().len() > 1;
     // Tasks of this batch admitted so far, in all and per tenant: load the
     // limits must count before any of them is written.
-    let mut per_tenant: Vec<(Tenant, u64)> = Vec::new();
+    let mut per_tenant: std::collections::BTreeMap<Tenant, u64> = Default::default();
     for spec in valid {
         let ahead = specs.len() as u64;
         let checked = async {
             admit(&api, &spec, ahead).await?;
             if sharded {
-                let mine = per_tenant
-                    .iter()
-                    .find(|(t, _)| *t == spec.tenant)
-                    .map_or(0, |(_, n)| *n);
+                let mine = per_tenant.get(&spec.tenant).copied().unwrap_or(0);
                 check_quota(&api, &spec.tenant, mine).await?;
             }
             Ok(spec)
@@ -397,10 +394,7 @@ pub async fn create_batch(
         .await;
         match checked {
             Ok(spec) => {
-                match per_tenant.iter_mut().find(|(t, _)| *t == spec.tenant) {
-                    Some((_, n)) => *n += 1,
-                    None => per_tenant.push((spec.tenant.clone(), 1)),
-                }
+                *per_tenant.entry(spec.tenant.clone()).or_default() += 1;
                 results.push(None);
                 specs.push(spec);
             }

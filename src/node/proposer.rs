@@ -248,24 +248,20 @@ async fn propose_or_forward(
 
 /// Resolves once this node knows a leader of the group other than `tried`.
 async fn new_leader(group: &Group, tried: Option<NodeId>) {
-    let mut metrics = group.raft().server_metrics();
-    loop {
-        let now = metrics.borrow_and_update().current_leader;
-        if now.is_some() && now != tried {
-            return;
-        }
-        if metrics.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-    }
+    leader_becomes(group, |now| now.is_some() && now != tried).await;
 }
 
 /// Resolves once this node sees a leader of the group other than `from`
 /// (or none).
 async fn leader_changed(group: &Group, from: NodeId) {
+    leader_becomes(group, |now| now != Some(from)).await;
+}
+
+/// Resolves once the leader this node knows of satisfies `wanted`.
+async fn leader_becomes(group: &Group, wanted: impl Fn(Option<NodeId>) -> bool) {
     let mut metrics = group.raft().server_metrics();
     loop {
-        if metrics.borrow_and_update().current_leader != Some(from) {
+        if wanted(metrics.borrow_and_update().current_leader) {
             return;
         }
         if metrics.changed().await.is_err() {
