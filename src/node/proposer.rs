@@ -315,7 +315,7 @@ pub(super) async fn propose_as_leader(
     group: &Group,
     writes: Vec<Write>,
 ) -> Result<Vec<Outcome>, RemoteFailure> {
-    check_quorum_fresh(node, group)?;
+    quorum_fresh(node, group).await?;
     let n = writes.len();
     let mut writes = writes;
     // A batch that adds ready work or frees capacity ends with a dispatch
@@ -410,14 +410,30 @@ fn quorum_limit_ms(node: &Node) -> u64 {
 }
 
 /// A leader that has not heard from a quorum for a whole election timeout is
-/// probably on the minority side: refuse at once rather than hang.
-fn check_quorum_fresh(node: &Node, group: &Group) -> Result<(), RemoteFailure> {
-    let since_ack = group.raft().metrics().borrow().millis_since_quorum_ack;
-    match since_ack {
-        Some(ms) if ms > quorum_limit_ms(node) => Err(RemoteFailure::Unavailable(format!(
-            "leader has not heard from a quorum for {ms} ms"
-        ))),
-        _ => Ok(()),
+/// probably on the minority side: refuse rather than hang.
+///
+/// A stale figure is confirmed before it counts. openraft computes
+/// `millis_since_quorum_ack` when it reports metrics, so a leader whose
+/// runtime was starved of CPU for a moment (two cores, a build beside it)
+/// reads a figure taken before it processed the acknowledgements that
+/// queued meanwhile. So it waits for newer reports, at most one more limit;
+/// a leader that is really cut off refuses that much later.
+async fn quorum_fresh(node: &Node, group: &Group) -> Result<(), RemoteFailure> {
+    let limit = quorum_limit_ms(node);
+    let mut metrics = group.raft().metrics();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(limit);
+    loop {
+        let since_ack = metrics.borrow_and_update().millis_since_quorum_ack;
+        let ms = match since_ack {
+            Some(ms) if ms > limit => ms,
+            _ => return Ok(()),
+        };
+        let newer = tokio::time::timeout_at(deadline, metrics.changed()).await;
+        if !matches!(newer, Ok(Ok(()))) {
+            return Err(RemoteFailure::Unavailable(format!(
+                "leader has not heard from a quorum for {ms} ms"
+            )));
+        }
     }
 }
 
@@ -426,7 +442,7 @@ fn check_quorum_fresh(node: &Node, group: &Group) -> Result<(), RemoteFailure> {
 async fn quorum_lost(node: &Node, group: &Group) -> RemoteFailure {
     loop {
         tokio::time::sleep(node.config().raft.heartbeat_interval).await;
-        if let Err(e) = check_quorum_fresh(node, group) {
+        if let Err(e) = quorum_fresh(node, group).await {
             return e;
         }
     }
