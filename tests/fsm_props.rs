@@ -131,7 +131,7 @@ fn same_task(f: &Task, m: &MTask) -> Result<(), TestCaseError> {
         &f.capabilities,
         f.attempts,
         f.max_attempts,
-        f.lease.as_ref().map(lease),
+        f.lease.as_deref().map(lease),
         f.next_attempt_at_ms,
         &f.last_error,
         &f.result,

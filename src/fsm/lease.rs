@@ -102,7 +102,7 @@ impl State {
         }
         let expires_at_ms = lease.expires_at_ms;
         self.move_task(id, TaskStatus::Leased, |t| {
-            t.lease = Some(lease);
+            t.lease = Some(Box::new(lease));
             t.lease_count += 1;
             t.last_agent = Some(agent.clone());
         })
@@ -240,7 +240,7 @@ impl State {
         self.move_task(id, TaskStatus::Completed, |t| {
             t.lease = None;
             t.result = Some(result.to_owned());
-            t.usage = usage;
+            t.usage = usage.map(Box::new);
         })
         .expect("invariant: leased tasks can complete");
         self.emit(events, id, EventKind::Completed);

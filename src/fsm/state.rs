@@ -881,8 +881,8 @@ impl State {
             backoff: spec.backoff.unwrap_or_default(),
             idempotency_key: spec.idempotency_key.clone(),
             parent_id: spec.parent_id,
-            trace: spec.trace,
-            region: spec.region.clone(),
+            trace: spec.trace.map(Box::new),
+            region: spec.region.clone().map(Box::new),
             status: if scheduled.is_some() {
                 TaskStatus::Scheduled
             } else {
@@ -901,11 +901,13 @@ impl State {
             waiting_on: Vec::new(),
             on_dependency_failure: spec.on_dependency_failure.unwrap_or_default(),
             blocked: None,
-            approval: spec.requires_approval.then(|| Approval {
-                expires_at_ms: spec
-                    .approval_expires_in_ms
-                    .map(|ms| self.clock_ms.saturating_add(ms)),
-                decision: None,
+            approval: spec.requires_approval.then(|| {
+                Box::new(Approval {
+                    expires_at_ms: spec
+                        .approval_expires_in_ms
+                        .map(|ms| self.clock_ms.saturating_add(ms)),
+                    decision: None,
+                })
             }),
             usage: None,
             ready_at_ms: None,

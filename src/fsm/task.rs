@@ -306,9 +306,9 @@ pub struct Task {
     pub parent_id: Option<TaskId>,
     /// The trace its submission carried, if it carried one (see
     /// [`Task::trace`]); each attempt is a span in it.
-    pub trace: Option<crate::trace::TraceContext>,
+    pub trace: Option<Box<crate::trace::TraceContext>>,
     /// The region it should (or must) run in: its agent's gateway's region.
-    pub region: Option<TaskRegion>,
+    pub region: Option<Box<TaskRegion>>,
     /// Current status.
     pub status: TaskStatus,
     /// Failed attempts so far (an expired lease does not count).
@@ -316,7 +316,7 @@ pub struct Task {
     /// Leases granted so far, including expired ones.
     pub lease_count: u32,
     /// The live lease, while leased or running.
-    pub lease: Option<LeaseInfo>,
+    pub lease: Option<Box<LeaseInfo>>,
     /// The agent of the last lease, kept after it ends.
     pub last_agent: Option<AgentId>,
     /// When the next attempt becomes ready, while failed.
@@ -340,10 +340,10 @@ pub struct Task {
     pub blocked: Option<String>,
     /// For a task submitted with `requires_approval`: when the request
     /// lapses, and the decision once made.
-    pub approval: Option<Approval>,
+    pub approval: Option<Box<Approval>>,
     /// What its completed attempt used, when its result reported tokens
     /// ([`super::usage`]).
-    pub usage: Option<super::usage::TaskUsage>,
+    pub usage: Option<Box<super::usage::TaskUsage>>,
     /// When it became ready to lease after waiting, before its first
     /// lease: for its scheduled time, approval or dependencies (`None`:
     /// ready from submission). Its queue wait counts from here.
@@ -430,6 +430,8 @@ impl Task {
     /// from its id and creation time (the same on every node).
     pub fn trace(&self) -> crate::trace::TraceContext {
         self.trace
+            .as_deref()
+            .copied()
             .unwrap_or_else(|| crate::trace::TraceContext::derived(self.id.0, self.created_at_ms))
     }
 }

@@ -1,0 +1,206 @@
+//! What a queued task costs in memory, in the state machine alone: no
+//! network, Raft or disk. Builds the replicated state with N pending tasks
+//! through `State::apply` (entries of 1,000 submits, as the batch API makes
+//! them), then measures what a node holds for it and what its snapshot
+//! costs.
+//!
+//! `cargo bench --bench memory -- [--tasks N] [--size BYTES] [--no-keys]`
+//! (default 1,000,000 tasks of 256-byte payloads, each with an idempotency
+//! key, parked under a capability no agent has, as the cluster bench's
+//! `depth` phase parks them).
+//!
+//! Heap figures count the bytes asked of the allocator (a counting wrapper
+//! around mimalloc, the node's allocator), so they leave out the
+//! allocator's own rounding and free pages; the resident figure (VmRSS)
+//! includes them. Not a test: it asserts nothing.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Instant;
+
+use godel::fsm::{Batch, Command, Priority, Request, State, SubmitTask};
+
+/// mimalloc with a count of the bytes live and the most ever live.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+static INNER: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn grew(by: isize) {
+    let now = LIVE.fetch_add(by, Ordering::Relaxed) + by;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+// SAFETY: every call goes to mimalloc unchanged; only counters are added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size() as isize);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { INNER.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { INNER.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size() as isize);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { INNER.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        grew(new_size as isize - layout.size() as isize);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { INNER.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const NOW: u64 = 1_800_000_000_000;
+
+struct Opts {
+    tasks: u64,
+    size: usize,
+    keys: bool,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        tasks: 1_000_000,
+        size: 256,
+        keys: true,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--tasks" => o.tasks = args.next().and_then(|v| v.parse().ok()).expect("--tasks N"),
+            "--size" => o.size = args.next().and_then(|v| v.parse().ok()).expect("--size B"),
+            "--no-keys" => o.keys = false,
+            // cargo bench passes --bench; anything else is a mistake.
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    o
+}
+
+/// Task `i` as the cluster bench's depth phase submits it: a JSON payload
+/// of `size` bytes, priorities in turn, eight tenants, parked.
+fn submit(i: u64, o: &Opts) -> Command {
+    let head = format!(r#"{{"n":{i},"t":1800000000000000,"pad":""}}"#);
+    let pad = "x".repeat(o.size.saturating_sub(head.len()));
+    Command::Submit(SubmitTask {
+        tenant: format!("tenant-{}", i % 8).as_str().into(),
+        priority: Some(Priority::URGENT_FIRST[(i % 4) as usize]),
+        payload: format!(r#"{{"n":{i},"t":1800000000000000,"pad":"{pad}"}}"#),
+        capabilities: vec!["parked".into()],
+        idempotency_key: o.keys.then(|| format!("p{i}")),
+        ..Default::default()
+    })
+}
+
+fn mib(bytes: isize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn main() {
+    let o = opts();
+    let n = o.tasks;
+    println!(
+        "memory: {n} pending tasks, {}-byte payloads, {} keys",
+        o.size,
+        if o.keys { "with" } else { "without" }
+    );
+    {
+        use godel::fsm::{LeaseInfo, Task, TaskRegion, TaskUsage};
+        use std::mem::size_of;
+        println!(
+            "  sizes: Task {} bytes (inline; LeaseInfo {}, TaskUsage {}, TaskRegion {}, TraceContext {})",
+            size_of::<Task>(),
+            size_of::<Option<LeaseInfo>>(),
+            size_of::<Option<TaskUsage>>(),
+            size_of::<Option<TaskRegion>>(),
+            size_of::<Option<godel::trace::TraceContext>>()
+        );
+    }
+    let base = LIVE.load(Ordering::Relaxed);
+    let mut state = State::default();
+    let t0 = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let commands = (i..(i + 1000).min(n)).map(|i| submit(i, &o)).collect();
+        let request = Request::Batch(Batch::unaudited(NOW, 7, commands));
+        let (response, _) = state.apply(&request);
+        assert!(
+            response.outcomes.iter().all(|r| r.is_ok()),
+            "a submit was refused"
+        );
+        i += 1000;
+    }
+    let built = t0.elapsed();
+    let live = LIVE.load(Ordering::Relaxed) - base;
+    println!(
+        "  state: {:.0} MiB of heap, {:.0} bytes per task (applied in {:.2} s, {:.0} tasks/s); resident {:.0} MiB",
+        mib(live),
+        live as f64 / n as f64,
+        built.as_secs_f64(),
+        n as f64 / built.as_secs_f64(),
+        rss_mib()
+    );
+
+    // A snapshot: the builder's copy of the state, then its encoding.
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let copy = state.clone();
+    let cloned = t0.elapsed();
+    let copy_bytes = LIVE.load(Ordering::Relaxed) - before;
+    let t0 = Instant::now();
+    let bytes = godel::codec::encode(&copy).expect("encode");
+    let encoded = t0.elapsed();
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    println!(
+        "  snapshot: copy {:.0} MiB ({:.0} bytes per task, {:.2} s); encoded {:.0} MiB ({:.0} bytes per task, {:.2} s); peak above the state {:.0} MiB",
+        mib(copy_bytes),
+        copy_bytes as f64 / n as f64,
+        cloned.as_secs_f64(),
+        mib(bytes.len() as isize),
+        bytes.len() as f64 / n as f64,
+        encoded.as_secs_f64(),
+        mib(peak)
+    );
+    drop(copy);
+    drop(state);
+
+    // A restart: decode the snapshot.
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let restored: State = godel::codec::decode_state(&bytes).expect("decode");
+    let decoded = t0.elapsed();
+    let restored_bytes = LIVE.load(Ordering::Relaxed) - before;
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    println!(
+        "  restore: decoded in {:.2} s; {:.0} MiB of heap ({:.0} bytes per task), peak {:.0} MiB besides the snapshot's bytes; resident {:.0} MiB",
+        decoded.as_secs_f64(),
+        mib(restored_bytes),
+        restored_bytes as f64 / n as f64,
+        mib(peak),
+        rss_mib()
+    );
+    black_box(restored);
+}
