@@ -190,12 +190,16 @@ async fn propose_or_forward(
 ) -> Result<Results, NodeError> {
     let timeout = node.queue_config().write_timeout;
     let mut last = NodeError::Unavailable("no leader known".into());
-    // The leader the last attempt found (or none): the next waits, at most
-    // a heartbeat, for a different one (an election in progress ends in one).
+    // The leader the last attempt found (or none): the next waits for a
+    // different one, at most an election timeout (an election in progress
+    // ends within one; on a loaded machine it takes longer than the
+    // heartbeat that once bounded this wait, and a group's first election
+    // at start-up refused writes with "no leader known"). A node cut off
+    // from a quorum refuses after two such waits.
     let mut tried = None;
     for attempt in 0..3 {
         if attempt > 0 {
-            let wait = node.config().raft.heartbeat_interval;
+            let wait = node.config().raft.election_timeout_max;
             let _ = tokio::time::timeout(wait, new_leader(group, tried)).await;
         }
         tried = group.leader().map(|(id, _)| id);

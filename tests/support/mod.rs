@@ -450,6 +450,26 @@ impl Cluster {
             },
         )
         .await;
+        // And every node knows a leader for each queue shard, so a test's
+        // first write is not refused (503, "no leader known") while a
+        // shard's first election runs late on a loaded machine. Not an
+        // assertion: a test that starts shards that cannot elect goes on
+        // after the wait and meets its own checks.
+        let shards_led = deadline(START_TIMEOUT);
+        for i in 0..n {
+            while Instant::now() < shards_led {
+                let led = match api.cluster(i).await {
+                    Ok(v) => v["shards"].as_array().is_some_and(|s| {
+                        s.iter().all(|g| g["leader"].as_u64().is_some())
+                    }),
+                    Err(_) => false,
+                };
+                if led {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         eprintln!("[harness] {n}-node cluster up in {:?}", c.started.elapsed());
         c
     }
