@@ -27,10 +27,12 @@ use serde::de::DeserializeOwned;
 /// 9: kill switches by gateway kind, model and share of tasks; a
 /// gateway's model; feature flags; agents' own breaker and silence, and
 /// the tools and prompt their role gives them; managed gateways' process.
+/// 10: the index of finished tasks by when they finished, and the
+/// command that purges them (retention).
 /// Godel has no release that wrote earlier data to keep: an older data
 /// directory or backup is refused with [`CodecError::Version`] rather than
 /// misread (start it afresh).
-pub const VERSION: u8 = 9;
+pub const VERSION: u8 = 10;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
 /// bincode counts what a decode allocates, every integer at its size in

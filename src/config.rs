@@ -251,6 +251,16 @@ pub struct QueueConfig {
     /// tasks of each priority are refused (429, code `shed`); `critical` is
     /// refused only when full.
     pub shed_at: ShedAt,
+    /// Completed and cancelled tasks are purged from the state (and their
+    /// idempotency keys freed) once they finished longer ago than this.
+    /// Dead letters are kept until replayed or cancelled.
+    #[serde(with = "humantime_serde")]
+    pub retain_finished: Duration,
+    /// At most this many completed and cancelled tasks are kept per Raft
+    /// group: past it the oldest are purged, however recent. Bounds memory
+    /// under sustained throughput (each finished task stays in memory on
+    /// every node until purged).
+    pub retain_finished_max: u64,
 }
 
 /// Where each priority is shed, as a share of a limit (0 to 1).
@@ -307,6 +317,8 @@ impl Default for QueueConfig {
             node_dead_after: Duration::from_secs(2),
             max_unfinished_tasks: None,
             shed_at: ShedAt::default(),
+            retain_finished: Duration::from_secs(7 * 24 * 3600),
+            retain_finished_max: 1_000_000,
         }
     }
 }
@@ -669,6 +681,12 @@ impl Config {
                 ));
             }
         }
+        if q.retain_finished < Duration::from_secs(1) {
+            p.push("queue.retain_finished must be at least 1s".into());
+        }
+        if q.retain_finished_max == 0 {
+            p.push("queue.retain_finished_max must be > 0".into());
+        }
         if q.max_unfinished_tasks == Some(0) {
             p.push("queue.max_unfinished_tasks must be > 0 (leave it out for no limit)".into());
         }
@@ -874,6 +892,13 @@ max_unfinished_tasks = 0
         )
         .unwrap();
         assert!(c.validate().is_err());
+        for bad in ["retain_finished = \"500ms\"", "retain_finished_max = 0"] {
+            let c = Config::from_toml(&format!("[queue]\n{bad}\n")).unwrap();
+            let ConfigError::Invalid(p) = c.validate().unwrap_err() else {
+                panic!()
+            };
+            assert!(p[0].contains("queue.retain_finished"), "{p:?}");
+        }
     }
 
     #[test]

@@ -50,8 +50,9 @@
 //!
 //! - One shard: the whole queue is one state, which gives strict global
 //!   priority order. Sharding would partition by tenant later.
-//! - Terminal tasks stay in the state until they are purged by a retention
-//!   command (not yet written): memory grows with history.
+//! - Terminal tasks stay in the state until a [`Command::Purge`] forgets
+//!   them (the leader proposes one from `queue.retain_finished` and
+//!   `queue.retain_finished_max`): memory grows with the history kept.
 //! - Listing with filters scans from the cursor; it is `O(scanned)`, not
 //!   indexed by status.
 

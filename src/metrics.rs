@@ -27,6 +27,9 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Leases granted by this node's dispatch rounds, as leader.
     pub dispatch_leases: prometheus::IntCounter,
+    /// Finished tasks forgotten by purges this node proposed, as leader
+    /// (retention, `queue.retain_finished`).
+    pub tasks_purged: prometheus::IntCounter,
     /// Dispatch rounds proposed by this node, by outcome.
     pub dispatch_rounds: IntCounterVec,
     /// Seconds from a task's submission (leader time) to its attempt
@@ -135,6 +138,10 @@ fn build() -> prometheus::Result<Metrics> {
         dispatch_leases: prometheus::IntCounter::new(
             "godel_dispatch_leases_total",
             "Leases granted by this node's dispatch rounds",
+        )?,
+        tasks_purged: prometheus::IntCounter::new(
+            "godel_tasks_purged_total",
+            "Finished tasks forgotten by the retention purges this node proposed as leader",
         )?,
         dispatch_rounds: IntCounterVec::new(
             Opts::new(
@@ -310,6 +317,7 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.commit_seconds.clone()))?;
     m.registry.register(Box::new(m.tasks.clone()))?;
     m.registry.register(Box::new(m.dispatch_leases.clone()))?;
+    m.registry.register(Box::new(m.tasks_purged.clone()))?;
     m.registry.register(Box::new(m.dispatch_rounds.clone()))?;
     m.registry.register(Box::new(m.dispatch_seconds.clone()))?;
     m.registry.register(Box::new(m.attempts.clone()))?;

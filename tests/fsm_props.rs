@@ -21,7 +21,7 @@ mod model;
 #[path = "fsm_props/ops.rs"]
 mod ops;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use godel::codec;
 use godel::fsm::{
@@ -70,6 +70,7 @@ fn observe(outcome: &Outcome) -> Expect {
         Ok(Reply::Replayed(ids)) => Expect::Replayed(ids.iter().map(|id| id.0).collect()),
         Ok(Reply::Done) => Expect::Done,
         Ok(Reply::Session(s)) => panic!("session reply from a queue command: {s:?}"),
+        Ok(Reply::Purged(n)) => Expect::Purged(*n),
         Ok(Reply::Checkpoint(c)) => panic!("checkpoint reply from a queue command: {c:?}"),
         Ok(other @ (Reply::Dispatched(_) | Reply::Renewed { .. } | Reply::Released(_))) => {
             panic!("runtime reply from a queue command: {other:?}")
@@ -227,9 +228,14 @@ fn one_live_lease_per_task(state: &State, tasks: &[Task]) -> Result<(), TestCase
 
 /// Every lease is one attempt the ledger counts when it ends (completed,
 /// failed or lost), so the attempts counted plus the leases still live
-/// are all the leases ever granted.
-fn every_attempt_is_counted(state: &State, tasks: &[Task]) -> Result<(), TestCaseError> {
-    let granted: u64 = tasks.iter().map(|t| u64::from(t.lease_count)).sum();
+/// are all the leases ever granted (`purged_leases`: those of tasks purged
+/// since).
+fn every_attempt_is_counted(
+    state: &State,
+    tasks: &[Task],
+    purged_leases: u64,
+) -> Result<(), TestCaseError> {
+    let granted: u64 = tasks.iter().map(|t| u64::from(t.lease_count)).sum::<u64>() + purged_leases;
     let live = tasks.iter().filter(|t| t.lease.is_some()).count() as u64;
     let counted: u64 = state
         .ledger()
@@ -257,9 +263,66 @@ struct History {
     seen: BTreeMap<TaskId, (TaskStatus, Option<u64>, u32)>,
     /// The last event seq seen.
     last_seq: u64,
+    /// Each task's leases granted, as of the last batch.
+    leases_seen: BTreeMap<TaskId, u32>,
+    /// Tasks a purge forgot, and the leases they had been granted.
+    forgotten: BTreeSet<TaskId>,
+    purged_leases: u64,
 }
 
 impl History {
+    /// Tasks that left the state: each finished and purged by the model
+    /// too, and as many as the batch's purges reported.
+    fn note_purges(
+        &mut self,
+        state: &State,
+        tasks: &[Task],
+        model: &Model,
+        response: &Response,
+    ) -> Result<(), TestCaseError> {
+        let reported: u64 = response
+            .outcomes
+            .iter()
+            .map(|o| match o {
+                Ok(Reply::Purged(n)) => u64::from(*n),
+                _ => 0,
+            })
+            .sum();
+        // Known before this batch, or created by it.
+        let created = response.outcomes.iter().filter_map(|o| match o {
+            Ok(Reply::Submitted {
+                task,
+                created: true,
+            }) => Some(task.id),
+            _ => None,
+        });
+        let candidates: BTreeSet<TaskId> =
+            self.leases_seen.keys().copied().chain(created).collect();
+        let mut gone = 0;
+        for id in candidates {
+            if state.task(id).is_some() {
+                continue;
+            }
+            let m = &model.tasks[(id.0 - 1) as usize];
+            ensure!(
+                m.purged && m.finished_at.is_some(),
+                "task {id} left the state unfinished or unpurged: {m:?}"
+            );
+            self.purged_leases += u64::from(self.leases_seen.remove(&id).unwrap_or(0));
+            self.finished.remove(&id);
+            self.forgotten.insert(id);
+            gone += 1;
+        }
+        ensure!(
+            gone == reported,
+            "{gone} tasks left the state, purges reported {reported}"
+        );
+        for t in tasks {
+            self.leases_seen.insert(t.id, t.lease_count);
+        }
+        Ok(())
+    }
+
     fn check(
         &mut self,
         state: &State,
@@ -300,7 +363,10 @@ impl History {
             self.last_token
         );
         for id in &self.acknowledged {
-            ensure!(state.task(*id).is_some(), "acknowledged task {id} is gone");
+            ensure!(
+                state.task(*id).is_some() || self.forgotten.contains(id),
+                "acknowledged task {id} is gone"
+            );
         }
         for (id, before) in &self.finished {
             ensure!(
@@ -336,8 +402,10 @@ impl History {
                 continue;
             };
             let task = tasks.iter().find(|t| t.id == *id);
+            // A task purged in the batch that its events describe is gone.
             ensure!(
-                task.is_some_and(|t| t.priority == *priority && t.tenant == *tenant),
+                task.is_some_and(|t| t.priority == *priority && t.tenant == *tenant)
+                    || (task.is_none() && self.forgotten.contains(id)),
                 "event {e:?} does not match its task {task:?}"
             );
         }
@@ -382,13 +450,14 @@ fn check_step(
     );
     adopt_retry_times(model, state)?;
     let tasks = all_tasks(state);
+    let held: Vec<&MTask> = model.held().collect();
     ensure!(
-        tasks.len() == model.tasks.len(),
+        tasks.len() == held.len(),
         "{} tasks, model has {}",
         tasks.len(),
-        model.tasks.len()
+        held.len()
     );
-    for (f, m) in tasks.iter().zip(&model.tasks) {
+    for (f, m) in tasks.iter().zip(held) {
         same_task(f, m)?;
     }
     ensure!(
@@ -405,7 +474,8 @@ fn check_step(
     );
     same_depth(model, state, &tasks)?;
     one_live_lease_per_task(state, &tasks)?;
-    every_attempt_is_counted(state, &tasks)?;
+    history.note_purges(state, &tasks, model, response)?;
+    every_attempt_is_counted(state, &tasks, history.purged_leases)?;
     history.check_events(&tasks, events)?;
     history.check(state, &tasks, response)
 }

@@ -45,6 +45,9 @@
 //! - `cancel id=N [reason=R] [keep_children=true]`, `retry id=N`, `weight tenant=a w=N`
 //! - `replay ids=1,2 [limit=100]` or `replay [tenant=a] [priority=P] [error=E] [limit=100]`
 //! - `tick` (apply an empty batch: fires due timers)
+//! - `purge before=MS [keep=N] [max=1000]` (forget finished tasks: those
+//!   that finished before MS, then the oldest while more than N remain);
+//!   `purge_due before=MS [keep=N]` reads whether one would forget any
 //! - `shards count=N [placement=auto|every|spread|regional]` (record the
 //!   cluster's queue-shard count and placement)
 //! - `define_group group=N` (make the state queue shard N's; read with `group`)
@@ -212,6 +215,7 @@ scripts! {
     usage_is_counted_per_day_model_and_agent,
     usage_counts_every_attempt_end,
     durable_sessions,
+    retention_purges_finished_tasks,
 }
 
 #[test]
@@ -536,6 +540,11 @@ impl Runner {
                 }]
             }
             "depth" => depth_lines(&self.state),
+            "purge_due" => {
+                let before: u64 = args.require("before")?;
+                let keep = args.parsed("keep")?.unwrap_or(u64::MAX);
+                vec![format!("purge due: {}", self.state.purge_due(before, keep))]
+            }
             "process" => {
                 let id = GatewayId(args.require("gateway")?);
                 vec![match self.state.registry().gateway(&id) {
@@ -960,6 +969,11 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             weight: args.require("w")?,
         },
         "tick" => Command::Tick,
+        "purge" => Command::Purge {
+            finished_before_ms: args.require("before")?,
+            keep: args.parsed("keep")?.unwrap_or(u64::MAX),
+            max: args.parsed("max")?.unwrap_or(1000),
+        },
         "shards" => Command::DefineShards {
             count: args.require("count")?,
             placement: args.parsed("placement")?.unwrap_or_default(),
@@ -1676,6 +1690,7 @@ fn outcome_lines(outcome: &Outcome) -> Vec<String> {
         }
         Ok(Reply::Done) => vec!["ok".into()],
         Ok(Reply::NotHere) => vec!["not here".into()],
+        Ok(Reply::Purged(n)) => vec![format!("purged {n}")],
         Ok(Reply::Session(s)) => vec![format!("ok {}", session_line(s))],
         Ok(Reply::Checkpoint(c)) => vec![format!("ok {}", checkpoint_line(c))],
         Ok(Reply::Dispatched(grants)) if grants.is_empty() => vec!["dispatched none".into()],

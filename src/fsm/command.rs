@@ -556,6 +556,21 @@ pub enum Command {
         /// Silent (`true`) or heard again (`false`), if reported.
         silent: Option<bool>,
     },
+    /// Forgets finished (completed or cancelled) tasks, oldest finished
+    /// first: those that finished before `finished_before_ms`, and past
+    /// those the oldest while more than `keep` remain; at most `max` (1 to
+    /// [`Limits::MAX_PURGE`]) in one command. Their idempotency keys are
+    /// freed. A finished task that a waiting task still depends on is
+    /// kept. Proposed by a group's leader from `queue.retain_finished` and
+    /// `queue.retain_finished_max`.
+    Purge {
+        /// Tasks that finished before this time go (ms since the epoch).
+        finished_before_ms: u64,
+        /// Past those, the oldest go while more than this many remain.
+        keep: u64,
+        /// Most tasks this command forgets.
+        max: u32,
+    },
 }
 
 /// A meta group voter's addresses, as a growth records them
@@ -815,6 +830,7 @@ impl Command {
             | Command::SubmitRouted { .. }
             | Command::SyncShard { .. } => Scope::Queue,
             Command::Tick
+            | Command::Purge { .. }
             | Command::Audit(_)
             | Command::DefineGroup { .. }
             | Command::OpenRoute { .. } => Scope::Any,
@@ -1198,6 +1214,8 @@ pub enum Reply {
     /// A `lookback` submission found neither its key nor its session in
     /// this shard: it goes on to the shard its epoch routes it to.
     NotHere,
+    /// How many finished tasks a purge forgot.
+    Purged(u32),
 }
 
 /// One granted lease.

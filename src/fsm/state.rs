@@ -54,6 +54,9 @@ pub struct State {
     /// Where the next round-robin dispatch starts.
     pub(crate) dispatch_cursor: u64,
     pub(crate) dead_letters: BTreeSet<TaskId>,
+    /// Completed and cancelled tasks by when they finished (terminal tasks
+    /// never change again): the order [`Command::Purge`] forgets them in.
+    pub(crate) finished: BTreeSet<(u64, TaskId)>,
     /// Per tenant, per priority, per status.
     pub(crate) counts: BTreeMap<Tenant, Counts>,
     pub(crate) weights: BTreeMap<Tenant, u32>,
@@ -267,6 +270,11 @@ impl State {
             Command::Replay { selector, limit } => self.replay(selector, *limit, events),
             Command::SetTenantWeight { tenant, weight } => self.set_weight(tenant, *weight),
             Command::Tick => Ok(Reply::Done),
+            Command::Purge {
+                finished_before_ms,
+                keep,
+                max,
+            } => self.purge(*finished_before_ms, *keep, *max),
             Command::NodeHeartbeat {
                 id,
                 region,
@@ -951,6 +959,66 @@ impl State {
             }
         }
         Ok(waiting)
+    }
+
+    /// Whether a [`Command::Purge`] with these bounds would forget a task
+    /// now: what a leader checks before it proposes one.
+    pub fn purge_due(&self, finished_before_ms: u64, keep: u64) -> bool {
+        !self.purgeable(finished_before_ms, keep, 1).is_empty()
+    }
+
+    /// The finished tasks a purge forgets, oldest finished first, at most
+    /// `max`; it looks at most `max` + [`PURGE_SKIP`] deep, so finished
+    /// tasks kept for their dependents cost a bounded scan.
+    fn purgeable(&self, finished_before_ms: u64, keep: u64, max: usize) -> Vec<TaskId> {
+        let over = (self.finished.len() as u64).saturating_sub(keep);
+        let mut ids = Vec::new();
+        for (i, &(at, id)) in self.finished.iter().enumerate() {
+            if ids.len() >= max || i >= max + PURGE_SKIP {
+                break;
+            }
+            if at >= finished_before_ms && i as u64 >= over {
+                break;
+            }
+            if !self.dependents.contains_key(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    /// [`Command::Purge`].
+    fn purge(&mut self, finished_before_ms: u64, keep: u64, max: u32) -> Outcome {
+        if max == 0 || max > Limits::MAX_PURGE {
+            return Err(Rejection::invalid(
+                "max",
+                format!("must be 1..={}", Limits::MAX_PURGE),
+            ));
+        }
+        let ids = self.purgeable(finished_before_ms, keep, max as usize);
+        for &id in &ids {
+            self.forget(id);
+        }
+        Ok(Reply::Purged(ids.len() as u32))
+    }
+
+    /// Removes a finished task from the state and every index that names
+    /// it: the finished index, its count, its idempotency key, its entry
+    /// as a parent. Nothing depends on it (checked by the caller).
+    fn forget(&mut self, id: TaskId) {
+        let t = self
+            .tasks
+            .remove(&id)
+            .expect("invariant: the finished index names live tasks");
+        self.finished.remove(&(t.updated_at_ms, id));
+        self.count(&t.tenant, t.priority, t.status, -1);
+        if let Some(key) = &t.idempotency_key {
+            let k = (t.tenant.clone(), key.clone());
+            if self.idempotency.get(&k) == Some(&id) {
+                self.idempotency.remove(&k);
+            }
+        }
+        self.children.remove(&id);
     }
 
     /// The task tenant `tenant` submitted with idempotency key `key`, if
@@ -1727,7 +1795,9 @@ impl State {
                     self.delayed.remove(&(at, id));
                 }
             }
-            TaskStatus::Completed | TaskStatus::Cancelled => {}
+            TaskStatus::Completed | TaskStatus::Cancelled => {
+                self.finished.remove(&(t.updated_at_ms, id));
+            }
         }
     }
 
@@ -1773,7 +1843,9 @@ impl State {
                     self.delayed.insert((at, id));
                 }
             }
-            TaskStatus::Completed | TaskStatus::Cancelled => {}
+            TaskStatus::Completed | TaskStatus::Cancelled => {
+                self.finished.insert((t.updated_at_ms, id));
+            }
         }
     }
 
@@ -1840,6 +1912,9 @@ pub struct Synced {
 
 /// Most gateways a kill switch by kind or model lists.
 const MAX_SWITCH_GATEWAYS: usize = 10_000;
+
+/// How many finished tasks kept for their dependents a purge looks past.
+const PURGE_SKIP: usize = 64;
 
 /// A kill switch's name and what it matches, checked.
 fn check_switch(name: &str, switch: Option<&KillSwitch>) -> Result<(), Rejection> {

@@ -469,6 +469,8 @@ impl Limits {
     pub const LEASE_MS_RANGE: (u64, u64) = (100, 3600 * 1000);
     /// Most dead letters one replay may move.
     pub const MAX_REPLAY: usize = 10_000;
+    /// Most finished tasks one purge forgets.
+    pub const MAX_PURGE: u32 = 10_000;
     /// Most leases of one task that may end without a result (expired or
     /// given back: they spend no attempt) before the task is dead-lettered,
     /// so a task that kills or hangs every agent it reaches stops looping.

@@ -471,8 +471,9 @@ pub(super) async fn tick_loop(node: Node, group: Group) {
     }
 }
 
-/// On the group's leader, proposes a tick if a state-machine timer is due;
-/// false when one was due and did not commit.
+/// On the group's leader, proposes a tick if a state-machine timer is due,
+/// then a purge if finished tasks are past retention; false when one was
+/// due and did not commit.
 pub(crate) async fn tick_if_due(node: &Node, group: &Group) -> bool {
     if !group.is_leader() {
         return true;
@@ -484,7 +485,40 @@ pub(crate) async fn tick_if_due(node: &Node, group: &Group) -> bool {
         tracing::debug!(group = group.id(), error = %e, "tick not committed");
         return false;
     }
-    true
+    purge_if_due(node, group).await
+}
+
+/// On the group's leader, proposes a [`Command::Purge`] when finished tasks
+/// are past `queue.retain_finished` or over `queue.retain_finished_max`;
+/// false when one was due and did not commit. One purge forgets at most
+/// `Limits::MAX_PURGE`; the next tick takes the rest.
+async fn purge_if_due(node: &Node, group: &Group) -> bool {
+    let q = node.queue_config();
+    let before = clock::now_ms().saturating_sub(q.retain_finished.as_millis() as u64);
+    let keep = q.retain_finished_max;
+    if !group.state().read(|s| s.purge_due(before, keep)) {
+        return true;
+    }
+    let purge = Command::Purge {
+        finished_before_ms: before,
+        keep,
+        max: crate::fsm::Limits::MAX_PURGE,
+    };
+    match node.write_in(group, purge.into()).await {
+        Ok(Ok(crate::fsm::Reply::Purged(n))) => {
+            crate::metrics::global().tasks_purged.inc_by(u64::from(n));
+            tracing::debug!(group = group.id(), purged = n, "finished tasks purged");
+            true
+        }
+        Ok(other) => {
+            tracing::warn!(group = group.id(), outcome = ?other, "purge refused");
+            true
+        }
+        Err(e) => {
+            tracing::debug!(group = group.id(), error = %e, "purge not committed");
+            false
+        }
+    }
 }
 
 /// Records this node's heartbeat (region, API address) in the node registry

@@ -31,6 +31,7 @@ pub enum Expect {
     Illegal,
     Invalid(String),
     TooLarge,
+    Purged(u32),
 }
 
 fn invalid(field: &str) -> Expect {
@@ -66,6 +67,10 @@ pub struct MTask {
     pub result: Option<String>,
     /// The task that spawned it.
     pub parent: Option<u64>,
+    /// When it completed or was cancelled.
+    pub finished_at: Option<u64>,
+    /// Forgotten by a purge: no longer in the state.
+    pub purged: bool,
 }
 
 impl MTask {
@@ -170,6 +175,12 @@ impl Model {
     pub fn task(&self, id: u64) -> Option<&MTask> {
         id.checked_sub(1)
             .and_then(|i| self.tasks.get(usize::try_from(i).ok()?))
+            .filter(|t| !t.purged)
+    }
+
+    /// The tasks the state still holds.
+    pub fn held(&self) -> impl Iterator<Item = &MTask> {
+        self.tasks.iter().filter(|t| !t.purged)
     }
 
     fn index_of(&self, id: u64) -> Option<usize> {
@@ -218,6 +229,11 @@ impl Model {
                 Expect::Done
             }
             Command::Tick => Expect::Done,
+            Command::Purge {
+                finished_before_ms,
+                keep,
+                max,
+            } => self.purge(*finished_before_ms, *keep, *max),
             // The task queue's model does not cover the registries (tested
             // by their own unit tests); the generator never produces these.
             other => unreachable!("registry command in the queue model: {other:?}"),
@@ -269,8 +285,7 @@ impl Model {
         }
         if let Some(key) = &s.idempotency_key
             && let Some(t) = self
-                .tasks
-                .iter()
+                .held()
                 .find(|t| t.tenant == s.tenant.0 && t.key.as_ref() == Some(key))
         {
             return Expect::Submitted {
@@ -313,6 +328,8 @@ impl Model {
             last_error: None,
             result: None,
             parent: s.parent_id.map(|p| p.0),
+            finished_at: None,
+            purged: false,
         });
         Expect::Submitted { id, created: true }
     }
@@ -419,8 +436,10 @@ impl Model {
         let Some(i) = self.live(token) else {
             return Expect::Stale;
         };
+        let clock = self.clock;
         let t = &mut self.tasks[i];
         t.status = TaskStatus::Completed;
+        t.finished_at = Some(clock);
         t.lease = None;
         t.result = Some(result.to_owned());
         self.reply(i)
@@ -479,8 +498,10 @@ impl Model {
     }
 
     fn cancel_one(&mut self, i: usize, reason: Option<String>) {
+        let clock = self.clock;
         let t = &mut self.tasks[i];
         t.status = TaskStatus::Cancelled;
+        t.finished_at = Some(clock);
         t.lease = None;
         t.next_attempt = None;
         t.retry_window = None;
@@ -562,9 +583,32 @@ impl Model {
     }
 
     /// Tasks of `tenant` at `priority` with `status`, by scanning.
+    /// Forgets finished tasks, oldest finished first (ties by id): those
+    /// that finished before `before`, then the oldest while more than
+    /// `keep` remain; at most `max`. (No task here has dependents.)
+    fn purge(&mut self, before: u64, keep: u64, max: u32) -> Expect {
+        if !(1..=10_000).contains(&max) {
+            return invalid("max");
+        }
+        let mut finished: Vec<(u64, u64)> = self
+            .held()
+            .filter_map(|t| t.finished_at.map(|at| (at, t.id)))
+            .collect();
+        finished.sort_unstable();
+        let over = (finished.len() as u64).saturating_sub(keep);
+        let mut purged = 0;
+        for (i, (at, id)) in finished.into_iter().enumerate() {
+            if purged == max || (at >= before && i as u64 >= over) {
+                break;
+            }
+            self.tasks[(id - 1) as usize].purged = true;
+            purged += 1;
+        }
+        Expect::Purged(purged)
+    }
+
     pub fn count(&self, tenant: &str, priority: Priority, status: TaskStatus) -> u64 {
-        self.tasks
-            .iter()
+        self.held()
             .filter(|t| t.tenant == tenant && t.priority == priority && t.status == status)
             .count() as u64
     }

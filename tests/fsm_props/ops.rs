@@ -76,6 +76,11 @@ enum Op {
         weight: u32,
     },
     Tick,
+    Purge {
+        age: u64,
+        keep: u64,
+        max: u32,
+    },
 }
 
 /// A live token when `live` and one exists, else any token handed out so
@@ -223,6 +228,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (prop::sample::select(&TENANTS[..]), 0u32..=3)
             .prop_map(|(tenant, weight)| Op::Weight { tenant, weight }),
         1 => Just(Op::Tick),
+        1 => (
+            prop_oneof![Just(0u64), 1u64..5_000, Just(u64::MAX)],
+            prop_oneof![Just(u64::MAX), 0u64..4],
+            prop_oneof![8 => 1u32..=3, 1 => Just(10_000u32), 1 => Just(0u32)],
+        )
+            .prop_map(|(age, keep, max)| Op::Purge { age, keep, max }),
     ]
 }
 
@@ -275,7 +286,10 @@ fn pick_id(tasks: &[Task], pick: IdPick) -> TaskId {
     if pick.dead_letter && !dead.is_empty() {
         return dead[index % dead.len()];
     }
-    TaskId(1 + (index % (tasks.len() + 1)) as u64)
+    // Ids run from 1 to the last one (purges leave holes); one past it is
+    // no task.
+    let last = tasks.iter().map(|t| t.id.0).max().unwrap_or(0);
+    TaskId(1 + index as u64 % (last + 1))
 }
 
 fn submit_command(op: &SubmitOp, now_ms: u64, tasks: &[Task]) -> Command {
@@ -373,6 +387,11 @@ fn command(op: &Op, state: &State, now_ms: u64) -> Command {
             weight: *weight,
         },
         Op::Tick => Command::Tick,
+        Op::Purge { age, keep, max } => Command::Purge {
+            finished_before_ms: now_ms.saturating_sub(*age),
+            keep: *keep,
+            max: *max,
+        },
     }
 }
 

@@ -459,9 +459,9 @@ impl Cluster {
         for i in 0..n {
             while Instant::now() < shards_led {
                 let led = match api.cluster(i).await {
-                    Ok(v) => v["shards"].as_array().is_some_and(|s| {
-                        s.iter().all(|g| g["leader"].as_u64().is_some())
-                    }),
+                    Ok(v) => v["shards"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().all(|g| g["leader"].as_u64().is_some())),
                     Err(_) => false,
                 };
                 if led {
