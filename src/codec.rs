@@ -29,10 +29,11 @@ use serde::de::DeserializeOwned;
 /// the tools and prompt their role gives them; managed gateways' process.
 /// 10: the index of finished tasks by when they finished, and the
 /// command that purges them (retention).
+/// 11: the idempotency index by hash (the colliding keys in full).
 /// Godel has no release that wrote earlier data to keep: an older data
 /// directory or backup is refused with [`CodecError::Version`] rather than
 /// misread (start it afresh).
-pub const VERSION: u8 = 10;
+pub const VERSION: u8 = 11;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
 /// bincode counts what a decode allocates, every integer at its size in

@@ -62,6 +62,7 @@ mod command;
 mod dispatch;
 mod event;
 mod flags;
+mod idempotency;
 mod lease;
 mod plan;
 mod query;

@@ -15,6 +15,7 @@ use super::command::{
 };
 use super::event::{Event, EventKind, NodeChange, What};
 use super::flags::{FeatureFlag, MAX_FLAGS};
+use super::idempotency::Idempotency;
 use super::queue::{ReadyQueues, normalize_caps};
 use super::registry::{NodeId, Registry};
 use super::retry::mix;
@@ -40,7 +41,8 @@ pub struct State {
     /// Tasks behind `Arc`, so a snapshot's copy of the state shares them and
     /// costs a map of pointers; a change after that copies only that task.
     pub(crate) tasks: BTreeMap<TaskId, Arc<Task>>,
-    pub(crate) idempotency: BTreeMap<(Tenant, String), TaskId>,
+    /// Which task took each tenant's idempotency key.
+    pub(crate) idempotency: Idempotency,
     pub(crate) ready: ReadyQueues,
     /// Scheduled tasks by `scheduled_at`, failed tasks by next attempt.
     pub(crate) delayed: BTreeSet<(u64, TaskId)>,
@@ -601,10 +603,10 @@ impl State {
     /// Whether this group holds `spec`'s idempotency key, or its session
     /// (live, or with unfinished tasks).
     fn holds_key_of(&self, spec: &SubmitTask) -> bool {
-        let keyed = spec.idempotency_key.as_ref().is_some_and(|k| {
-            self.idempotency
-                .contains_key(&(spec.tenant.clone(), k.clone()))
-        });
+        let keyed = spec
+            .idempotency_key
+            .as_ref()
+            .is_some_and(|k| self.by_idempotency_key(&spec.tenant, k).is_some());
         let session = spec.session_key.as_ref().is_some_and(|k| {
             self.sessions.by_key(&spec.tenant, k).is_some()
                 || self
@@ -824,9 +826,9 @@ impl State {
             }
         })?;
         if let Some(key) = &spec.idempotency_key
-            && let Some(id) = self.idempotency.get(&(spec.tenant.clone(), key.clone()))
+            && let Some(id) = self.by_idempotency_key(&spec.tenant, key)
         {
-            let task = self.boxed(*id);
+            let task = self.boxed(id);
             return Ok(Reply::Submitted {
                 task,
                 created: false,
@@ -857,8 +859,7 @@ impl State {
         task.waiting_on = waiting_on;
         let id = task.id;
         if let Some(key) = &spec.idempotency_key {
-            self.idempotency
-                .insert((spec.tenant.clone(), key.clone()), id);
+            self.idempotency.insert(&spec.tenant, key, id);
         }
         self.count(&task.tenant, task.priority, task.status, 1);
         self.tasks.insert(id, Arc::new(task));
@@ -1013,10 +1014,7 @@ impl State {
         self.finished.remove(&(t.updated_at_ms, id));
         self.count(&t.tenant, t.priority, t.status, -1);
         if let Some(key) = &t.idempotency_key {
-            let k = (t.tenant.clone(), key.clone());
-            if self.idempotency.get(&k) == Some(&id) {
-                self.idempotency.remove(&k);
-            }
+            self.idempotency.remove(&t.tenant, key, id);
         }
         self.children.remove(&id);
     }
@@ -1024,9 +1022,7 @@ impl State {
     /// The task tenant `tenant` submitted with idempotency key `key`, if
     /// this state holds it.
     pub fn by_idempotency_key(&self, tenant: &Tenant, key: &str) -> Option<TaskId> {
-        self.idempotency
-            .get(&(tenant.clone(), key.to_owned()))
-            .copied()
+        self.idempotency.get(&self.tasks, tenant, key)
     }
 
     /// Why a waiting task cannot go on: the first of `waiting_on` that is
