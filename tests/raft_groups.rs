@@ -106,3 +106,109 @@ async fn raft_messages_are_routed_by_group() {
     })
     .await;
 }
+
+/// A transport server that accepts every AppendEntries and records how
+/// many entries each carried and how many bytes it was.
+#[derive(Default)]
+struct Follower {
+    got: std::sync::Mutex<Vec<(usize, usize)>>,
+}
+
+impl godel::transport::Handler for Follower {
+    async fn handle(&self, _peer: u64, request: Vec<u8>) -> Vec<u8> {
+        let reply = match codec::decode::<RpcRequest>(&request).unwrap() {
+            RpcRequest::AppendEntries(rpc) => {
+                self.got
+                    .lock()
+                    .unwrap()
+                    .push((rpc.entries.len(), request.len()));
+                RpcReply::AppendEntries(Ok(openraft::raft::AppendEntriesResponse::Success))
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        codec::encode(&reply).unwrap()
+    }
+}
+
+/// Entries that together pass the transport's frame limit go in parts of
+/// at most half a frame, each reported as a partial success up to its last
+/// entry; openraft sends the rest next. Sent whole, the request was refused
+/// before any I/O every time, and a follower catching up on big entries
+/// never did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_entries_past_a_frame_go_in_parts() {
+    use godel::fsm::{Batch, Command, Request, SubmitTask};
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    bounded(TEST_BOUND, async {
+        let secret = || Secret::new(SECRET.as_bytes());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let follower = std::sync::Arc::new(Follower::default());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(godel::transport::serve(
+            listener,
+            TransportConfig::new(2, secret()),
+            Faults::default(),
+            std::sync::Arc::clone(&follower),
+            shutdown.clone(),
+        ));
+        let mut cfg = TransportConfig::new(1, secret());
+        cfg.max_frame_bytes = 256 * 1024;
+        let mut net = Network::new(Client::new(cfg, Faults::default()).unwrap(), 1);
+        let info = NodeInfo {
+            raft_addr: addr,
+            api_addr: "127.0.0.1:1".into(),
+            region: "local".into(),
+        };
+        let mut peer = RaftNetworkFactory::<TypeConfig>::new_client(&mut net, 2, &info).await;
+
+        // 40 entries of 10 tasks with 2 KiB payloads: about 800 KiB.
+        let log_id = |i: u64| LogId::new(CommittedLeaderId::new(1, 1), i);
+        let entries: Vec<Entry<TypeConfig>> = (1..=40)
+            .map(|i| {
+                let submits = (0..10)
+                    .map(|k| {
+                        Command::Submit(SubmitTask {
+                            tenant: "a".into(),
+                            payload: format!(r#"{{"pad":"{}","k":{k}}}"#, "x".repeat(2048)),
+                            ..Default::default()
+                        })
+                    })
+                    .collect();
+                Entry {
+                    log_id: log_id(i),
+                    payload: EntryPayload::Normal(Request::Batch(Batch::unaudited(1, i, submits))),
+                }
+            })
+            .collect();
+        let mut next = 0;
+        while next < entries.len() {
+            let rpc = AppendEntriesRequest {
+                vote: Vote::new_committed(1, 1),
+                prev_log_id: (next > 0).then(|| log_id(next as u64)),
+                entries: entries[next..].to_vec(),
+                leader_commit: None,
+            };
+            let sent = match peer
+                .append_entries(rpc, RPCOption::new(CALL))
+                .await
+                .unwrap()
+            {
+                AppendEntriesResponse::Success => entries.len(),
+                AppendEntriesResponse::PartialSuccess(Some(last)) => last.index as usize,
+                other => panic!("{other:?}"),
+            };
+            assert!(sent > next, "no progress from entry {next}");
+            next = sent;
+        }
+        let got = follower.got.lock().unwrap().clone();
+        assert!(got.len() > 1, "sent whole: {got:?}");
+        assert_eq!(got.iter().map(|(n, _)| n).sum::<usize>(), 40, "{got:?}");
+        assert!(got.iter().all(|(_, bytes)| *bytes <= 128 * 1024), "{got:?}");
+        shutdown.cancel();
+        let _ = server.await;
+    })
+    .await;
+}

@@ -119,11 +119,26 @@ impl PeerConn {
 }
 
 impl RaftNetwork<TypeConfig> for PeerConn {
+    /// Sends the entries, or as many of the first ones as fit in half a
+    /// transport frame: openraft sends up to `max_payload_entries` (300) at
+    /// once whatever their size, and a follower catching up on entries of
+    /// a thousand tasks each was sent more than a frame holds, refused
+    /// before any I/O, again and again: it never caught up. The rest go
+    /// in the next call (`PartialSuccess` tells openraft how far this one
+    /// got). Only a request found too large is encoded again.
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let budget = self.client.max_frame_bytes() / 2;
+        let mut cut = false;
+        while rpc.entries.len() > 1 && encoded_len(&rpc) > budget {
+            let keep = rpc.entries.len() / 2;
+            rpc.entries.truncate(keep);
+            cut = true;
+        }
+        let last = rpc.entries.last().map(|e| e.log_id);
         match self
             .call(
                 RpcRequest::AppendEntries(rpc),
@@ -132,6 +147,9 @@ impl RaftNetwork<TypeConfig> for PeerConn {
             )
             .await?
         {
+            RpcReply::AppendEntries(Ok(AppendEntriesResponse::Success)) if cut => {
+                Ok(AppendEntriesResponse::PartialSuccess(last))
+            }
             RpcReply::AppendEntries(r) => r.map_err(|e| self.remote(e)),
             other => Err(Self::unexpected(other)),
         }
@@ -168,4 +186,23 @@ impl RaftNetwork<TypeConfig> for PeerConn {
             other => Err(Self::unexpected(other)),
         }
     }
+}
+
+/// The bytes `rpc` takes encoded, counted without keeping them.
+fn encoded_len(rpc: &AppendEntriesRequest<TypeConfig>) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Encoding into a counter cannot fail but for a value that cannot be
+    // encoded at all, which the call itself then reports.
+    let _ = codec::encode_to_writer(rpc, &mut count);
+    count.0
 }

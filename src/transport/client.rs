@@ -93,6 +93,11 @@ impl Client {
             .inspect_err(|e| debug!(error = %e, code = e.code(), "transport: call failed"))
     }
 
+    /// The largest request this client sends (`max_frame_bytes`).
+    pub fn max_frame_bytes(&self) -> usize {
+        self.inner.config.max_frame_bytes as usize
+    }
+
     /// The number of idle pooled connections to `(peer, addr)`.
     pub fn idle_connections(&self, peer: NodeId, addr: &str) -> usize {
         self.pools()
