@@ -756,23 +756,45 @@ impl Node {
         Ok(())
     }
 
+    /// A read barrier on `group`. One that finds no leader, or a leader
+    /// that has just lost office, waits for the next (at most an election
+    /// timeout, twice), as a write does.
     pub(crate) async fn read_barrier_in(&self, group: &Group) -> Result<(), NodeError> {
+        let mut tried = None;
+        let mut last = RemoteFailure::NotLeader { leader: None };
+        for attempt in 0..3 {
+            if attempt > 0 {
+                let wait = self.inner.config.raft.election_timeout_max;
+                let _ = tokio::time::timeout(wait, proposer::new_leader(group, tried)).await;
+            }
+            tried = group.leader().map(|(id, _)| id);
+            match self.read_barrier_once(group).await {
+                Err(e @ RemoteFailure::NotLeader { .. }) => last = e,
+                other => return other.map_err(NodeError::from),
+            }
+        }
+        Err(last.into())
+    }
+
+    async fn read_barrier_once(&self, group: &Group) -> Result<(), RemoteFailure> {
         let timeout = self.inner.config.queue.write_timeout;
         let index = if group.is_leader() {
-            self.leader_read_index(group)
-                .await
-                .map_err(NodeError::from)?
+            self.leader_read_index(group).await?
         } else {
             let (leader, info) = group
                 .leader()
-                .ok_or_else(|| NodeError::Unavailable("no leader known".into()))?;
+                .ok_or(RemoteFailure::NotLeader { leader: None })?;
             let req = RpcRequest::for_group(group.id(), RpcRequest::ReadIndex);
             match self
                 .call_peer(leader, &info.raft_addr, req, timeout)
                 .await?
             {
                 RpcReply::ReadIndex(r) => r?,
-                other => return Err(NodeError::Internal(format!("unexpected reply {other:?}"))),
+                other => {
+                    return Err(RemoteFailure::Unavailable(format!(
+                        "unexpected reply {other:?}"
+                    )));
+                }
             }
         };
         group
@@ -781,7 +803,7 @@ impl Node {
             .applied_index_at_least(Some(index), "read barrier")
             .await
             .map(|_| ())
-            .map_err(|e| NodeError::Unavailable(format!("not caught up: {e}")))
+            .map_err(|e| RemoteFailure::Unavailable(format!("not caught up: {e}")))
     }
 
     /// On the leader: confirm leadership with a quorum and return the index

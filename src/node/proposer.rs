@@ -251,7 +251,7 @@ async fn propose_or_forward(
 }
 
 /// Resolves once this node knows a leader of the group other than `tried`.
-async fn new_leader(group: &Group, tried: Option<NodeId>) {
+pub(super) async fn new_leader(group: &Group, tried: Option<NodeId>) {
     leader_becomes(group, |now| now.is_some() && now != tried).await;
 }
 
