@@ -21,6 +21,9 @@ use std::time::Instant;
 
 use godel::fsm::{Batch, Command, Priority, Request, State, SubmitTask};
 
+#[allow(dead_code)] // each benchmark uses part of the shared helpers
+mod common;
+
 /// mimalloc with a count of the bytes live and the most ever live.
 struct Counting;
 
@@ -108,13 +111,29 @@ fn mib(bytes: isize) -> f64 {
 }
 
 fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
+    common::rss_mib(std::process::id())
+}
+
+/// Applies `command(i)` for every `i` in `0..n`, in entries of 1,000 at
+/// `now_ms`; each must be accepted (`what` names them if not).
+fn apply_in_entries(
+    state: &mut State,
+    n: u64,
+    now_ms: u64,
+    what: &str,
+    command: impl Fn(u64) -> Command,
+) {
+    let mut i = 0;
+    while i < n {
+        let commands = (i..(i + 1000).min(n)).map(&command).collect();
+        let request = Request::Batch(Batch::unaudited(now_ms, 7, commands));
+        let (response, _) = state.apply(&request);
+        assert!(
+            response.outcomes.iter().all(|r| r.is_ok()),
+            "a {what} was refused"
+        );
+        i += 1000;
+    }
 }
 
 fn main() {
@@ -140,17 +159,7 @@ fn main() {
     let base = LIVE.load(Ordering::Relaxed);
     let mut state = State::default();
     let t0 = Instant::now();
-    let mut i = 0;
-    while i < n {
-        let commands = (i..(i + 1000).min(n)).map(|i| submit(i, &o)).collect();
-        let request = Request::Batch(Batch::unaudited(NOW, 7, commands));
-        let (response, _) = state.apply(&request);
-        assert!(
-            response.outcomes.iter().all(|r| r.is_ok()),
-            "a submit was refused"
-        );
-        i += 1000;
-    }
+    apply_in_entries(&mut state, n, NOW, "submit", |i| submit(i, &o));
     let built = t0.elapsed();
     let live = LIVE.load(Ordering::Relaxed) - base;
     println!(
@@ -207,23 +216,11 @@ fn main() {
     // Retention: every task cancelled, then purged in entries of the most
     // one purge forgets, as a leader proposes them.
     let mut state = restored;
-    let mut i = 0;
-    while i < n {
-        let commands = (i..(i + 1000).min(n))
-            .map(|i| Command::Cancel {
-                id: godel::fsm::TaskId(i + 1),
-                reason: None,
-                keep_children: true,
-            })
-            .collect();
-        let request = Request::Batch(Batch::unaudited(NOW + 1, 7, commands));
-        let (response, _) = state.apply(&request);
-        assert!(
-            response.outcomes.iter().all(|r| r.is_ok()),
-            "a cancel was refused"
-        );
-        i += 1000;
-    }
+    apply_in_entries(&mut state, n, NOW + 1, "cancel", |i| Command::Cancel {
+        id: godel::fsm::TaskId(i + 1),
+        reason: None,
+        keep_children: true,
+    });
     let before = LIVE.load(Ordering::Relaxed);
     let t0 = Instant::now();
     let mut entries = 0;
