@@ -250,6 +250,19 @@ fn every_attempt_is_counted(
     Ok(())
 }
 
+/// Every task a batch's replies carry, as the reply saw it.
+fn replied_tasks(response: &Response) -> impl Iterator<Item = &Task> {
+    response.outcomes.iter().flat_map(|o| -> Vec<&Task> {
+        match o {
+            Ok(Reply::Submitted { task, .. }) | Ok(Reply::Task(task)) => vec![&**task],
+            Ok(Reply::Leased(grants)) | Ok(Reply::Dispatched(grants)) => {
+                grants.iter().map(|g| &*g.task).collect()
+            }
+            _ => Vec::new(),
+        }
+    })
+}
+
 /// What must hold from one batch to the next, whatever the model says.
 #[derive(Default)]
 struct History {
@@ -308,7 +321,15 @@ impl History {
                 m.purged && m.finished_at.is_some(),
                 "task {id} left the state unfinished or unpurged: {m:?}"
             );
-            self.purged_leases += u64::from(self.leases_seen.remove(&id).unwrap_or(0));
+            // Leases granted before this batch, or in it (a task leased,
+            // finished and purged in one batch: its replies carry the count).
+            let before = self.leases_seen.remove(&id).unwrap_or(0);
+            let during = replied_tasks(response)
+                .filter(|t| t.id == id)
+                .map(|t| t.lease_count)
+                .max()
+                .unwrap_or(0);
+            self.purged_leases += u64::from(before.max(during));
             self.finished.remove(&id);
             self.forgotten.insert(id);
             gone += 1;
