@@ -92,6 +92,26 @@ pub fn encode_to_writer<T: Serialize + ?Sized>(
     Ok(())
 }
 
+/// The bytes [`encode`] would produce for `value`, counted without keeping
+/// them (0 for a value that cannot be encoded, which encoding it reports).
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match encode_to_writer(value, &mut count) {
+        Ok(()) => count.0,
+        Err(_) => 0,
+    }
+}
+
 /// Decodes one value written by [`encode`] from `input`, reading no further
 /// than its last byte (what follows is the caller's to check). `input` sees
 /// many small reads; buffer it.

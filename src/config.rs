@@ -220,6 +220,11 @@ impl Default for RaftConfig {
 pub struct QueueConfig {
     /// Most commands in one Raft entry.
     pub batch_max_commands: usize,
+    /// Most bytes of commands (encoded) in one Raft entry: a batch closes
+    /// at whichever of this and `batch_max_commands` comes first. One
+    /// request's commands are never split, so an entry of a single request
+    /// can be larger (up to `api.max_body_bytes` and its encoding).
+    pub batch_max_bytes: usize,
     /// Raft proposals in flight at once from this node.
     pub max_inflight_batches: usize,
     /// Commands waiting for a batch before callers are told to back off (429).
@@ -308,6 +313,7 @@ impl Default for QueueConfig {
     fn default() -> Self {
         Self {
             batch_max_commands: 1000,
+            batch_max_bytes: 8 * 1024 * 1024,
             max_inflight_batches: 1,
             max_queued_commands: 100_000,
             write_timeout: Duration::from_secs(3),
@@ -719,8 +725,19 @@ impl Config {
             p.push("runtime.agent_silent_after must exceed twice runtime.agent_sync_interval (an agent beats once per sync)".into());
         }
         p.extend(d.agent_breaker.problems("runtime.agent_breaker."));
-        if self.api.max_body_bytes < 1024 {
-            p.push("api.max_body_bytes must be at least 1024".into());
+        // An entry goes to a follower in one transport frame: a batch (at
+        // most `batch_max_bytes`) or one request's commands whole (about
+        // its body) must leave room for the AppendEntries around it.
+        let entry_max = crate::transport::DEFAULT_MAX_FRAME_BYTES as usize / 4;
+        if self.api.max_body_bytes < 1024 || self.api.max_body_bytes > entry_max {
+            p.push(format!(
+                "api.max_body_bytes must be 1024..={entry_max} (one request's commands are one Raft entry)"
+            ));
+        }
+        if self.queue.batch_max_bytes < 1024 || self.queue.batch_max_bytes > entry_max {
+            p.push(format!(
+                "queue.batch_max_bytes must be 1024..={entry_max} (a Raft entry must fit a transport frame)"
+            ));
         }
         if self.api.max_json_depth == 0
             || self.api.header_timeout.is_zero()
@@ -899,6 +916,25 @@ max_unfinished_tasks = 0
             };
             assert!(p[0].contains("queue.retain_finished"), "{p:?}");
         }
+        // An entry must fit a transport frame with room to spare.
+        for (bad, field) in [
+            ("[queue]\nbatch_max_bytes = 100", "queue.batch_max_bytes"),
+            (
+                "[queue]\nbatch_max_bytes = 20000000",
+                "queue.batch_max_bytes",
+            ),
+            ("[api]\nmax_body_bytes = 20000000", "api.max_body_bytes"),
+        ] {
+            let c = Config::from_toml(bad).unwrap();
+            let ConfigError::Invalid(p) = c.validate().unwrap_err() else {
+                panic!()
+            };
+            assert!(p[0].contains(field), "{p:?}");
+        }
+        Config::from_toml("[queue]\nbatch_max_bytes = 16777216\n[api]\nmax_body_bytes = 16777216")
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub(super) type Results = Vec<Result<Outcome, NodeError>>;
 /// (with other jobs when there is room), and their caller gets one answer.
 pub(super) struct Job {
     writes: Vec<Write>,
+    /// The commands' encoded size, counted when queued (audit marks, a
+    /// few dozen bytes each, are not counted).
+    bytes: usize,
     reply: oneshot::Sender<Results>,
     /// The job's places in the queue, given back when a batch takes it.
     _room: OwnedSemaphorePermit,
@@ -65,8 +68,13 @@ impl Queue {
                 }
             })?;
         let (reply, rx) = oneshot::channel();
+        let bytes = writes
+            .iter()
+            .map(|w| crate::codec::encoded_len(&w.command))
+            .sum();
         let job = Job {
             writes,
+            bytes,
             reply,
             _room: room,
         };
@@ -77,12 +85,65 @@ impl Queue {
     }
 }
 
+/// The bounds of one batch.
+#[derive(Clone, Copy, Debug)]
+struct BatchMax {
+    commands: usize,
+    bytes: usize,
+}
+
+/// One batch: the commands of the jobs it took, in order, and each job's
+/// reply with its count of commands.
+type Gathered = (Vec<Write>, Vec<(oneshot::Sender<Results>, usize)>);
+
+/// Takes `first` and the jobs already waiting behind it, whole, while the
+/// batch stays within `max` commands and bytes. A job that does not fit is
+/// returned to start the next batch; `first` is taken even when it alone is
+/// past the bounds (a request's commands are never split).
+fn gather(
+    first: Job,
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    max: BatchMax,
+) -> (Gathered, Option<Job>) {
+    let mut cmds = Vec::with_capacity(first.writes.len());
+    let mut replies = Vec::new();
+    let mut bytes = 0;
+    let mut carried = None;
+    let mut next = Some(first);
+    while let Some(Job {
+        writes,
+        bytes: b,
+        reply,
+        ..
+    }) = next
+    {
+        replies.push((reply, writes.len()));
+        cmds.extend(writes);
+        bytes += b;
+        next = None;
+        if cmds.len() < max.commands
+            && bytes < max.bytes
+            && let Ok(job) = rx.try_recv()
+        {
+            if cmds.len() + job.writes.len() <= max.commands && bytes + job.bytes <= max.bytes {
+                next = Some(job);
+            } else {
+                carried = Some(job);
+            }
+        }
+    }
+    ((cmds, replies), carried)
+}
+
 /// Drains the group's queue into batches until shutdown: each batch is the
-/// jobs waiting, whole, up to `batch_max_commands` (a job is never split:
-/// one that does not fit starts the next batch, and one bigger than that
-/// is an entry of its own).
+/// jobs waiting, whole, up to `batch_max_commands` and `batch_max_bytes` (a
+/// job is never split: one that does not fit starts the next batch, and one
+/// bigger than that is an entry of its own).
 pub(super) async fn run(node: Node, group: Group, mut rx: mpsc::UnboundedReceiver<Job>) {
-    let max = node.queue_config().batch_max_commands;
+    let max = BatchMax {
+        commands: node.queue_config().batch_max_commands,
+        bytes: node.queue_config().batch_max_bytes,
+    };
     let inflight = Arc::new(Semaphore::new(node.queue_config().max_inflight_batches));
     let shutdown = node.shutdown_token().clone();
     // A job that did not fit the last batch: it starts the next one.
@@ -98,23 +159,8 @@ pub(super) async fn run(node: Node, group: Group, mut rx: mpsc::UnboundedReceive
         let Ok(permit) = inflight.clone().acquire_owned().await else {
             break;
         };
-        let mut cmds = Vec::with_capacity(first.writes.len());
-        let mut replies = Vec::new();
-        let mut next = Some(first);
-        while let Some(Job { writes, reply, .. }) = next {
-            replies.push((reply, writes.len()));
-            cmds.extend(writes);
-            next = None;
-            if cmds.len() < max
-                && let Ok(job) = rx.try_recv()
-            {
-                if cmds.len() + job.writes.len() <= max {
-                    next = Some(job);
-                } else {
-                    carried = Some(job);
-                }
-            }
-        }
+        let ((cmds, replies), rest) = gather(first, &mut rx, max);
+        carried = rest;
         let node = node.clone();
         let group = group.clone();
         node.clone().spawn(async move {
@@ -565,5 +611,97 @@ pub(super) async fn heartbeat_loop(node: Node) {
             }
             _ => RETRY,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::SubmitTask;
+
+    /// A job of `n` submits with `payload` bytes each, queued on `queue`.
+    fn queue_job(queue: &Queue, n: usize, payload: usize) {
+        let writes = (0..n)
+            .map(|_| {
+                Command::Submit(SubmitTask {
+                    payload: "x".repeat(payload),
+                    ..SubmitTask::default()
+                })
+                .into()
+            })
+            .collect();
+        queue.push(writes).unwrap();
+    }
+
+    /// The batches `gather` makes of everything waiting: commands per
+    /// batch, and jobs per batch.
+    fn batches(rx: &mut mpsc::UnboundedReceiver<Job>, max: BatchMax) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut carried = None;
+        while let Some(first) = carried.take().or_else(|| rx.try_recv().ok()) {
+            let ((cmds, replies), rest) = gather(first, rx, max);
+            out.push((cmds.len(), replies.len()));
+            carried = rest;
+        }
+        out
+    }
+
+    #[test]
+    fn batches_close_at_the_byte_bound() {
+        let (queue, mut rx) = Queue::new(100_000);
+        // Ten single submits of 100 KiB: 1 MiB in all.
+        for _ in 0..10 {
+            queue_job(&queue, 1, 100 * 1024);
+        }
+        let max = BatchMax {
+            commands: 1000,
+            bytes: 256 * 1024,
+        };
+        // Two fit under 256 KiB, a third does not.
+        assert_eq!(batches(&mut rx, max), vec![(2, 2); 5]);
+    }
+
+    #[test]
+    fn batches_close_at_the_command_bound_and_never_split_a_job() {
+        let (queue, mut rx) = Queue::new(100_000);
+        queue_job(&queue, 3, 10);
+        queue_job(&queue, 3, 10);
+        queue_job(&queue, 5, 10);
+        queue_job(&queue, 1, 10);
+        let max = BatchMax {
+            commands: 4,
+            bytes: 1 << 20,
+        };
+        // 3 (the next 3 would pass 4), 3, 5 alone (past the bound, whole), 1.
+        assert_eq!(batches(&mut rx, max), vec![(3, 1), (3, 1), (5, 1), (1, 1)]);
+    }
+
+    #[test]
+    fn a_job_past_the_byte_bound_is_an_entry_of_its_own() {
+        let (queue, mut rx) = Queue::new(100_000);
+        queue_job(&queue, 1, 10);
+        queue_job(&queue, 4, 100 * 1024);
+        queue_job(&queue, 1, 10);
+        let max = BatchMax {
+            commands: 1000,
+            bytes: 64 * 1024,
+        };
+        assert_eq!(batches(&mut rx, max), vec![(1, 1), (4, 1), (1, 1)]);
+    }
+
+    #[test]
+    fn small_jobs_fill_a_batch() {
+        let (queue, mut rx) = Queue::new(100_000);
+        for _ in 0..2500 {
+            queue_job(&queue, 1, 40);
+        }
+        let max = BatchMax {
+            commands: 1000,
+            bytes: 8 << 20,
+        };
+        assert_eq!(
+            batches(&mut rx, max),
+            vec![(1000, 1000), (1000, 1000), (500, 500)]
+        );
     }
 }

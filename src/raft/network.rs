@@ -190,19 +190,5 @@ impl RaftNetwork<TypeConfig> for PeerConn {
 
 /// The bytes `rpc` takes encoded, counted without keeping them.
 fn encoded_len(rpc: &AppendEntriesRequest<TypeConfig>) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0 += b.len();
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Encoding into a counter cannot fail but for a value that cannot be
-    // encoded at all, which the call itself then reports.
-    let _ = codec::encode_to_writer(rpc, &mut count);
-    count.0
+    codec::encoded_len(rpc)
 }
