@@ -118,6 +118,9 @@ impl SharedState {
 pub struct StateMachine {
     pub(super) db: Db,
     shared: SharedState,
+    /// The last snapshot's size in bytes: the next one's buffer starts a
+    /// little past it rather than doubling its way up.
+    snapshot_bytes: Arc<AtomicU64>,
 }
 
 /// Restores the state machine's contents from the stored snapshot, or an
@@ -168,7 +171,11 @@ impl StateMachine {
             events,
             auth_version,
         };
-        Self { db, shared }
+        Self {
+            db,
+            shared,
+            snapshot_bytes: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     /// A read handle on the applied state (clone it freely).
@@ -301,6 +308,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             db: self.db.clone(),
             view: Arc::new(self.shared.read_guard().clone()),
+            last_bytes: Arc::clone(&self.snapshot_bytes),
         }
     }
 
@@ -371,6 +379,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 pub struct SnapshotBuilder {
     db: Db,
     view: Arc<Applied>,
+    /// [`StateMachine::snapshot_bytes`].
+    last_bytes: Arc<AtomicU64>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -384,11 +394,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id: snapshot_id(self.view.last_applied),
         };
         let (db, view, owned_meta) = (self.db.clone(), Arc::clone(&self.view), meta.clone());
+        let last = self.last_bytes.load(Ordering::Relaxed) as usize;
         let data = blocking(move || {
-            let data = codec::encode(&*view).map_err(|source| StoreError::Encode {
-                what: format!("snapshot {}", owned_meta.snapshot_id),
-                source,
-            })?;
+            // A state grows or shrinks little between snapshots: start a
+            // sixteenth past the last one's size (a first one, or one that
+            // outgrows that, doubles as any buffer does).
+            let data = codec::encode_with_capacity(&*view, last.saturating_add(last / 16))
+                .map_err(|source| StoreError::Encode {
+                    what: format!("snapshot {}", owned_meta.snapshot_id),
+                    source,
+                })?;
             db.set_snapshot(&owned_meta, &data, Replace::IfNotOlder)?;
             Ok(data)
         })
@@ -398,6 +413,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .flush()
             .await
             .map_err(snapshot_err(Some(&meta), ErrorVerb::Write))?;
+        self.last_bytes.store(data.len() as u64, Ordering::Relaxed);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
