@@ -732,7 +732,19 @@ pub async fn get(
                 waiting_for,
             })
         })
-        .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))
+        .ok_or_else(|| {
+            // A task this group gave out and no longer holds was purged
+            // once finished, or is another tenant's: the same answer.
+            if group.state().read(|s| s.minted_here(id)) {
+                let kept = api.node.queue_config().retain_finished;
+                ApiError::not_found(format!(
+                    "task {id} not found (or no longer: finished tasks are purged after queue.retain_finished, {} here)",
+                    humantime::format_duration(kept)
+                ))
+            } else {
+                ApiError::not_found(format!("task {id} not found"))
+            }
+        })
 }
 
 /// `GET /tasks/{id}` answer: the task, and why it waits when that is not
