@@ -30,10 +30,12 @@ use serde::de::DeserializeOwned;
 /// 10: the index of finished tasks by when they finished, and the
 /// command that purges them (retention).
 /// 11: the idempotency index by hash (the colliding keys in full).
+/// 12: the index of dead letters by when they were dead-lettered, and
+/// the purge's bound for them.
 /// Godel has no release that wrote earlier data to keep: an older data
 /// directory or backup is refused with [`CodecError::Version`] rather than
 /// misread (start it afresh).
-pub const VERSION: u8 = 11;
+pub const VERSION: u8 = 12;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
 /// bincode counts what a decode allocates, every integer at its size in

@@ -258,9 +258,13 @@ pub struct QueueConfig {
     pub shed_at: ShedAt,
     /// Completed and cancelled tasks are purged from the state (and their
     /// idempotency keys freed) once they finished longer ago than this.
-    /// Dead letters are kept until replayed or cancelled.
     #[serde(with = "humantime_serde")]
     pub retain_finished: Duration,
+    /// Dead letters not replayed, cancelled or otherwise changed for this
+    /// long are purged too (a dead letter a blocked task waits on, or with
+    /// unfinished children, is kept). Replay or export them before.
+    #[serde(with = "humantime_serde")]
+    pub retain_dead_letters: Duration,
     /// At most this many completed and cancelled tasks are kept per Raft
     /// group: past it the oldest are purged, however recent. Bounds memory
     /// under sustained throughput (each finished task stays in memory on
@@ -324,6 +328,7 @@ impl Default for QueueConfig {
             max_unfinished_tasks: None,
             shed_at: ShedAt::default(),
             retain_finished: Duration::from_secs(7 * 24 * 3600),
+            retain_dead_letters: Duration::from_secs(7 * 24 * 3600),
             retain_finished_max: 1_000_000,
         }
     }
@@ -690,6 +695,9 @@ impl Config {
         if q.retain_finished < Duration::from_secs(1) {
             p.push("queue.retain_finished must be at least 1s".into());
         }
+        if q.retain_dead_letters < Duration::from_secs(1) {
+            p.push("queue.retain_dead_letters must be at least 1s".into());
+        }
         if q.retain_finished_max == 0 {
             p.push("queue.retain_finished_max must be > 0".into());
         }
@@ -909,12 +917,16 @@ max_unfinished_tasks = 0
         )
         .unwrap();
         assert!(c.validate().is_err());
-        for bad in ["retain_finished = \"500ms\"", "retain_finished_max = 0"] {
+        for (bad, field) in [
+            ("retain_finished = \"500ms\"", "queue.retain_finished"),
+            ("retain_finished_max = 0", "queue.retain_finished_max"),
+            ("retain_dead_letters = \"0s\"", "queue.retain_dead_letters"),
+        ] {
             let c = Config::from_toml(&format!("[queue]\n{bad}\n")).unwrap();
             let ConfigError::Invalid(p) = c.validate().unwrap_err() else {
                 panic!()
             };
-            assert!(p[0].contains("queue.retain_finished"), "{p:?}");
+            assert!(p[0].contains(field), "{p:?}");
         }
         // An entry must fit a transport frame with room to spare.
         for (bad, field) in [

@@ -104,7 +104,7 @@ pub use session::{
     carried_context, gateway_session_key, payload_message,
 };
 pub(crate) use state::truncate;
-pub use state::{State, Synced, group_of, route};
+pub use state::{Horizon, State, Synced, group_of, route};
 pub use task::{
     AgentId, DependencyFailure, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task,
     TaskId, TaskRegion, TaskStatus, Tenant,

@@ -318,7 +318,7 @@ impl History {
             }
             let m = &model.tasks[(id.0 - 1) as usize];
             ensure!(
-                m.purged && m.finished_at.is_some(),
+                m.purged && (m.finished_at.is_some() || m.status == TaskStatus::DeadLetter),
                 "task {id} left the state unfinished or unpurged: {m:?}"
             );
             // Leases granted before this batch, or in it (a task leased,

@@ -45,9 +45,11 @@
 //! - `cancel id=N [reason=R] [keep_children=true]`, `retry id=N`, `weight tenant=a w=N`
 //! - `replay ids=1,2 [limit=100]` or `replay [tenant=a] [priority=P] [error=E] [limit=100]`
 //! - `tick` (apply an empty batch: fires due timers)
-//! - `purge before=MS [keep=N] [max=1000]` (forget finished tasks: those
-//!   that finished before MS, then the oldest while more than N remain);
-//!   `purge_due before=MS [keep=N]` reads whether one would forget any
+//! - `purge before=MS [keep=N] [max=1000] [dead_before=MS]` (forget
+//!   finished tasks: those that finished before MS, then the oldest while
+//!   more than N remain; then dead letters dead-lettered before
+//!   `dead_before`); `purge_due before=MS [keep=N] [dead_before=MS]`
+//!   reads whether one would forget any
 //! - `shards count=N [placement=auto|every|spread|regional]` (record the
 //!   cluster's queue-shard count and placement)
 //! - `define_group group=N` (make the state queue shard N's; read with `group`)
@@ -216,6 +218,7 @@ scripts! {
     usage_counts_every_attempt_end,
     durable_sessions,
     retention_purges_finished_tasks,
+    retention_purges_old_dead_letters,
 }
 
 #[test]
@@ -541,9 +544,12 @@ impl Runner {
             }
             "depth" => depth_lines(&self.state),
             "purge_due" => {
-                let before: u64 = args.require("before")?;
-                let keep = args.parsed("keep")?.unwrap_or(u64::MAX);
-                vec![format!("purge due: {}", self.state.purge_due(before, keep))]
+                let horizon = godel::fsm::Horizon {
+                    finished_before_ms: args.require("before")?,
+                    keep: args.parsed("keep")?.unwrap_or(u64::MAX),
+                    dead_before_ms: args.parsed("dead_before")?.unwrap_or(0),
+                };
+                vec![format!("purge due: {}", self.state.purge_due(horizon))]
             }
             "process" => {
                 let id = GatewayId(args.require("gateway")?);
@@ -973,6 +979,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             finished_before_ms: args.require("before")?,
             keep: args.parsed("keep")?.unwrap_or(u64::MAX),
             max: args.parsed("max")?.unwrap_or(1000),
+            dead_before_ms: args.parsed("dead_before")?.unwrap_or(0),
         },
         "shards" => Command::DefineShards {
             count: args.require("count")?,

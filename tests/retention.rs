@@ -1,8 +1,10 @@
 //! Retention on a running cluster: finished tasks (completed or cancelled)
 //! are purged by the group's leader once they finished longer ago than
 //! `queue.retain_finished`, or past `queue.retain_finished_max` of them,
-//! oldest first; unfinished tasks stay, a purged task's idempotency key is
-//! free again, and a restarted node holds the same tasks.
+//! oldest first, and dead letters once unchanged for
+//! `queue.retain_dead_letters`; unfinished tasks stay, a purged task's
+//! idempotency key is free again, and a restarted node holds the same
+//! tasks.
 
 #[allow(dead_code)] // each test binary uses part of the shared harness
 mod support;
@@ -153,6 +155,79 @@ async fn past_the_cap_the_oldest_finished_go_and_a_restart_agrees() {
             .unwrap();
         let why = r.body["error"]["message"].as_str().unwrap_or_default();
         assert!(r.status == 404 && !why.contains("purged"), "{r:?}");
+    })
+    .await;
+}
+
+/// A task no agent can run, leased and failed by hand until it is a dead
+/// letter; its id.
+async fn dead_letter(api: &Api, i: usize, key: &str) -> u64 {
+    let body = json!({"payload": {}, "capabilities": ["by-hand"], "max_attempts": 1, "idempotency_key": key});
+    let r = api.post(i, "/api/v1/tasks", &body).await.unwrap();
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.body["id"].as_u64().unwrap();
+    let lease = json!({"agent_id": "hand", "capabilities": ["by-hand"], "max": 1});
+    let r = api.post(i, "/api/v1/leases", &lease).await.unwrap();
+    assert_eq!(r.body["leases"][0]["task_id"], id, "{r:?}");
+    let token = r.body["leases"][0]["fencing_token"].as_u64().unwrap();
+    let fail = json!({"error": "failed by hand", "retryable": false});
+    let r = api
+        .post(i, &format!("/api/v1/leases/{token}/fail"), &fail)
+        .await
+        .unwrap();
+    assert!(r.status < 300, "{r:?}");
+    id
+}
+
+/// Dead letters go once unchanged for `retain_dead_letters`, on every
+/// node, with the finished tasks kept longer; one replayed meanwhile
+/// stays (it is pending again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_purged_after_their_retention_period() {
+    let config = format!("{QUEUE}retain_dead_letters = \"2s\"\n");
+    let c = Cluster::start_with(3, &config).await;
+    bounded(TEST_BOUND, async {
+        let api = c.api();
+        let leader = c.leader().await;
+        let gone = dead_letter(&api, leader, "gone").await;
+        let replayed = dead_letter(&api, leader, "replayed").await;
+        let done = park(&api, leader, "done").await;
+        cancel(&api, leader, done).await;
+        let r = api
+            .post(
+                leader,
+                "/api/v1/dead-letter/replay",
+                &json!({"ids": [replayed]}),
+            )
+            .await
+            .unwrap();
+        assert!(r.status < 300, "{r:?}");
+        assert_eq!(api.depth(leader).await["by_status"]["dead_letter"], 1);
+
+        for i in 0..c.len() {
+            wait_until(
+                "the dead letter purged",
+                deadline(Duration::from_secs(20)),
+                async || match status_of(&api, i, gone).await {
+                    404 => Ok(()),
+                    other => Err(anyhow::anyhow!("node {i}: {other}")),
+                },
+            )
+            .await;
+            assert_eq!(status_of(&api, i, replayed).await, 200, "node {i}");
+            assert_eq!(status_of(&api, i, done).await, 200, "node {i}: kept 7 days");
+        }
+        let depth = api.depth(leader).await;
+        assert_eq!(
+            depth["by_status"]["dead_letter"].as_u64().unwrap_or(0),
+            0,
+            "{depth}"
+        );
+        // Its key is free again.
+        let body =
+            json!({"payload": {}, "capabilities": ["nobody-has-this"], "idempotency_key": "gone"});
+        let r = api.post(leader, "/api/v1/tasks", &body).await.unwrap();
+        assert_eq!(r.status, 201, "a new task: {r:?}");
     })
     .await;
 }

@@ -558,11 +558,14 @@ pub enum Command {
     },
     /// Forgets finished (completed or cancelled) tasks, oldest finished
     /// first: those that finished before `finished_before_ms`, and past
-    /// those the oldest while more than `keep` remain; at most `max` (1 to
-    /// [`Limits::MAX_PURGE`]) in one command. Their idempotency keys are
-    /// freed. A finished task that a waiting task still depends on is
-    /// kept. Proposed by a group's leader from `queue.retain_finished` and
-    /// `queue.retain_finished_max`.
+    /// those the oldest while more than `keep` remain; then dead letters
+    /// dead-lettered (or last changed) before `dead_before_ms`, oldest
+    /// first; at most `max` (1 to [`Limits::MAX_PURGE`]) in all in one
+    /// command. Their idempotency keys are freed. A task that a waiting
+    /// task still depends on is kept, and so is a dead letter with
+    /// unfinished children (replayed and then cancelled, it cancels them).
+    /// Proposed by a group's leader from `queue.retain_finished`,
+    /// `queue.retain_finished_max` and `queue.retain_dead_letters`.
     Purge {
         /// Tasks that finished before this time go (ms since the epoch).
         finished_before_ms: u64,
@@ -570,6 +573,8 @@ pub enum Command {
         keep: u64,
         /// Most tasks this command forgets.
         max: u32,
+        /// Dead letters dead-lettered before this time go (0: none).
+        dead_before_ms: u64,
     },
 }
 

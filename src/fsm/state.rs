@@ -59,6 +59,9 @@ pub struct State {
     /// Completed and cancelled tasks by when they finished (terminal tasks
     /// never change again): the order [`Command::Purge`] forgets them in.
     pub(crate) finished: BTreeSet<(u64, TaskId)>,
+    /// Dead letters by when they were dead-lettered (or last changed):
+    /// the order [`Command::Purge`] forgets them in.
+    pub(crate) dead_since: BTreeSet<(u64, TaskId)>,
     /// Per tenant, per priority, per status.
     pub(crate) counts: BTreeMap<Tenant, Counts>,
     pub(crate) weights: BTreeMap<Tenant, u32>,
@@ -276,7 +279,15 @@ impl State {
                 finished_before_ms,
                 keep,
                 max,
-            } => self.purge(*finished_before_ms, *keep, *max),
+                dead_before_ms,
+            } => self.purge(
+                Horizon {
+                    finished_before_ms: *finished_before_ms,
+                    keep: *keep,
+                    dead_before_ms: *dead_before_ms,
+                },
+                *max,
+            ),
             Command::NodeHeartbeat {
                 id,
                 region,
@@ -986,54 +997,74 @@ impl State {
 
     /// Whether a [`Command::Purge`] with these bounds would forget a task
     /// now: what a leader checks before it proposes one.
-    pub fn purge_due(&self, finished_before_ms: u64, keep: u64) -> bool {
-        !self.purgeable(finished_before_ms, keep, 1).is_empty()
+    pub fn purge_due(&self, horizon: Horizon) -> bool {
+        !self.purgeable(horizon, 1).is_empty()
     }
 
-    /// The finished tasks a purge forgets, oldest finished first, at most
-    /// `max`; it looks at most `max` + [`PURGE_SKIP`] deep, so finished
-    /// tasks kept for their dependents cost a bounded scan.
-    fn purgeable(&self, finished_before_ms: u64, keep: u64, max: usize) -> Vec<TaskId> {
-        let over = (self.finished.len() as u64).saturating_sub(keep);
+    /// The tasks a purge forgets: finished ones, oldest finished first,
+    /// then dead letters, oldest first; at most `max`. Each index is looked
+    /// at most `max` + [`PURGE_SKIP`] deep, so tasks kept for their
+    /// dependents or children cost a bounded scan.
+    fn purgeable(&self, horizon: Horizon, max: usize) -> Vec<TaskId> {
+        let over = (self.finished.len() as u64).saturating_sub(horizon.keep);
         let mut ids = Vec::new();
         for (i, &(at, id)) in self.finished.iter().enumerate() {
             if ids.len() >= max || i >= max + PURGE_SKIP {
                 break;
             }
-            if at >= finished_before_ms && i as u64 >= over {
+            if at >= horizon.finished_before_ms && i as u64 >= over {
                 break;
             }
             if !self.dependents.contains_key(&id) {
                 ids.push(id);
             }
         }
+        for (i, &(at, id)) in self.dead_since.iter().enumerate() {
+            if ids.len() >= max || i >= max + PURGE_SKIP || at >= horizon.dead_before_ms {
+                break;
+            }
+            if !self.dependents.contains_key(&id) && !self.children.contains_key(&id) {
+                ids.push(id);
+            }
+        }
         ids
     }
 
+    /// How many dead letters were dead-lettered before `before_ms`,
+    /// counting at most `max`.
+    pub fn dead_letters_before(&self, before_ms: u64, max: usize) -> usize {
+        self.dead_since
+            .iter()
+            .take(max)
+            .take_while(|(at, _)| *at < before_ms)
+            .count()
+    }
+
     /// [`Command::Purge`].
-    fn purge(&mut self, finished_before_ms: u64, keep: u64, max: u32) -> Outcome {
+    fn purge(&mut self, horizon: Horizon, max: u32) -> Outcome {
         if max == 0 || max > Limits::MAX_PURGE {
             return Err(Rejection::invalid(
                 "max",
                 format!("must be 1..={}", Limits::MAX_PURGE),
             ));
         }
-        let ids = self.purgeable(finished_before_ms, keep, max as usize);
+        let ids = self.purgeable(horizon, max as usize);
         for &id in &ids {
             self.forget(id);
         }
         Ok(Reply::Purged(ids.len() as u32))
     }
 
-    /// Removes a finished task from the state and every index that names
-    /// it: the finished index, its count, its idempotency key, its entry
-    /// as a parent. Nothing depends on it (checked by the caller).
+    /// Removes a finished task or a dead letter from the state and every
+    /// index that names it: its status's, its count, its idempotency key,
+    /// its entry as a parent. Nothing depends on it (checked by the
+    /// caller).
     fn forget(&mut self, id: TaskId) {
+        self.unindex(id);
         let t = self
             .tasks
             .remove(&id)
-            .expect("invariant: the finished index names live tasks");
-        self.finished.remove(&(t.updated_at_ms, id));
+            .expect("invariant: the purge indexes name live tasks");
         self.count(&t.tenant, t.priority, t.status, -1);
         if let Some(key) = &t.idempotency_key {
             self.idempotency.remove(&t.tenant, key, id);
@@ -1799,6 +1830,7 @@ impl State {
             }
             TaskStatus::DeadLetter => {
                 self.dead_letters.remove(&id);
+                self.dead_since.remove(&(t.updated_at_ms, id));
             }
             TaskStatus::Waiting | TaskStatus::AwaitingApproval => {
                 for d in &t.waiting_on {
@@ -1852,6 +1884,7 @@ impl State {
             }
             TaskStatus::DeadLetter => {
                 self.dead_letters.insert(id);
+                self.dead_since.insert((t.updated_at_ms, id));
             }
             TaskStatus::Waiting | TaskStatus::AwaitingApproval => {
                 for d in &t.waiting_on {
@@ -1930,6 +1963,19 @@ pub struct Synced {
 
 /// Most gateways a kill switch by kind or model lists.
 const MAX_SWITCH_GATEWAYS: usize = 10_000;
+
+/// What a [`Command::Purge`] forgets: finished tasks that finished before
+/// `finished_before_ms`, or past the newest `keep`; dead letters
+/// dead-lettered before `dead_before_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Horizon {
+    /// Finished tasks that finished before this time go.
+    pub finished_before_ms: u64,
+    /// Past those, the oldest finished go while more than this many remain.
+    pub keep: u64,
+    /// Dead letters dead-lettered before this time go (0: none).
+    pub dead_before_ms: u64,
+}
 
 /// How many finished tasks kept for their dependents a purge looks past.
 const PURGE_SKIP: usize = 64;

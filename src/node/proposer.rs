@@ -535,25 +535,50 @@ pub(crate) async fn tick_if_due(node: &Node, group: &Group) -> bool {
 }
 
 /// On the group's leader, proposes a [`Command::Purge`] when finished tasks
-/// are past `queue.retain_finished` or over `queue.retain_finished_max`;
-/// false when one was due and did not commit. One purge forgets at most
-/// `Limits::MAX_PURGE`; the next tick takes the rest.
+/// are past `queue.retain_finished` or over `queue.retain_finished_max`, or
+/// dead letters past `queue.retain_dead_letters`; false when one was due
+/// and did not commit. One purge forgets at most `Limits::MAX_PURGE`; the
+/// next tick takes the rest.
 async fn purge_if_due(node: &Node, group: &Group) -> bool {
     let q = node.queue_config();
-    let before = clock::now_ms().saturating_sub(q.retain_finished.as_millis() as u64);
-    let keep = q.retain_finished_max;
-    if !group.state().read(|s| s.purge_due(before, keep)) {
+    let now = clock::now_ms();
+    let horizon = crate::fsm::Horizon {
+        finished_before_ms: now.saturating_sub(q.retain_finished.as_millis() as u64),
+        keep: q.retain_finished_max,
+        dead_before_ms: now.saturating_sub(q.retain_dead_letters.as_millis() as u64),
+    };
+    let (due, dead) = group.state().read(|s| {
+        (
+            s.purge_due(horizon),
+            s.dead_letters_before(
+                horizon.dead_before_ms,
+                crate::fsm::Limits::MAX_PURGE as usize,
+            ),
+        )
+    });
+    if !due {
         return true;
     }
     let purge = Command::Purge {
-        finished_before_ms: before,
-        keep,
+        finished_before_ms: horizon.finished_before_ms,
+        keep: horizon.keep,
         max: crate::fsm::Limits::MAX_PURGE,
+        dead_before_ms: horizon.dead_before_ms,
     };
     match node.write_in(group, purge.into()).await {
         Ok(Ok(crate::fsm::Reply::Purged(n))) => {
             crate::metrics::global().tasks_purged.inc_by(u64::from(n));
             tracing::debug!(group = group.id(), purged = n, "finished tasks purged");
+            // Dead letters are what an operator may still want: say so
+            // when they go (at most this many, fewer if some were kept).
+            if dead > 0 {
+                tracing::info!(
+                    group = group.id(),
+                    dead_letters = dead,
+                    retain_dead_letters = ?q.retain_dead_letters,
+                    "purging dead letters past queue.retain_dead_letters"
+                );
+            }
             true
         }
         Ok(other) => {

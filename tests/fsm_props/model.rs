@@ -69,6 +69,8 @@ pub struct MTask {
     pub parent: Option<u64>,
     /// When it completed or was cancelled.
     pub finished_at: Option<u64>,
+    /// When it was last dead-lettered.
+    pub dead_at: Option<u64>,
     /// Forgotten by a purge: no longer in the state.
     pub purged: bool,
 }
@@ -233,7 +235,8 @@ impl Model {
                 finished_before_ms,
                 keep,
                 max,
-            } => self.purge(*finished_before_ms, *keep, *max),
+                dead_before_ms,
+            } => self.purge(*finished_before_ms, *keep, *max, *dead_before_ms),
             // The task queue's model does not cover the registries (tested
             // by their own unit tests); the generator never produces these.
             other => unreachable!("registry command in the queue model: {other:?}"),
@@ -329,6 +332,7 @@ impl Model {
             result: None,
             parent: s.parent_id.map(|p| p.0),
             finished_at: None,
+            dead_at: None,
             purged: false,
         });
         Expect::Submitted { id, created: true }
@@ -456,6 +460,7 @@ impl Model {
         t.next_attempt = None;
         if !retryable || t.attempts >= t.max_attempts {
             t.status = TaskStatus::DeadLetter;
+            t.dead_at = Some(clock);
             t.retry_window = None;
         } else {
             t.status = TaskStatus::Failed;
@@ -483,6 +488,7 @@ impl Model {
             let children: Vec<usize> = (0..self.tasks.len())
                 .filter(|&c| {
                     self.tasks[c].parent == Some(p)
+                        && !self.tasks[c].purged
                         && !matches!(
                             self.tasks[c].status,
                             TaskStatus::Completed | TaskStatus::Cancelled
@@ -573,6 +579,7 @@ impl Model {
     fn dead_letter_matches(&self, i: usize, f: &DeadLetterFilter) -> bool {
         let t = &self.tasks[i];
         t.status == TaskStatus::DeadLetter
+            && !t.purged
             && f.tenant.as_ref().is_none_or(|x| x.0 == t.tenant)
             && f.priority.is_none_or(|p| p == t.priority)
             && f.error_contains.as_ref().is_none_or(|needle| {
@@ -585,8 +592,11 @@ impl Model {
     /// Tasks of `tenant` at `priority` with `status`, by scanning.
     /// Forgets finished tasks, oldest finished first (ties by id): those
     /// that finished before `before`, then the oldest while more than
-    /// `keep` remain; at most `max`. (No task here has dependents.)
-    fn purge(&mut self, before: u64, keep: u64, max: u32) -> Expect {
+    /// `keep` remain; then dead letters that died before `dead_before`,
+    /// oldest first, but those with unfinished children; at most `max` in
+    /// all, looking at most `max` + 64 dead letters deep. (No task here
+    /// has dependents.)
+    fn purge(&mut self, before: u64, keep: u64, max: u32, dead_before: u64) -> Expect {
         if !(1..=10_000).contains(&max) {
             return invalid("max");
         }
@@ -596,15 +606,35 @@ impl Model {
             .collect();
         finished.sort_unstable();
         let over = (finished.len() as u64).saturating_sub(keep);
-        let mut purged = 0;
+        let mut chosen = Vec::new();
         for (i, (at, id)) in finished.into_iter().enumerate() {
-            if purged == max || (at >= before && i as u64 >= over) {
+            if chosen.len() == max as usize || (at >= before && i as u64 >= over) {
                 break;
             }
-            self.tasks[(id - 1) as usize].purged = true;
-            purged += 1;
+            chosen.push(id);
         }
-        Expect::Purged(purged)
+        let mut dead: Vec<(u64, u64)> = self
+            .held()
+            .filter(|t| t.status == TaskStatus::DeadLetter)
+            .map(|t| (t.dead_at.expect("a dead letter died"), t.id))
+            .collect();
+        dead.sort_unstable();
+        for (i, (at, id)) in dead.into_iter().enumerate() {
+            if chosen.len() == max as usize || i >= max as usize + 64 || at >= dead_before {
+                break;
+            }
+            let parent_of_unfinished = self.held().any(|c| {
+                c.parent == Some(id)
+                    && !matches!(c.status, TaskStatus::Completed | TaskStatus::Cancelled)
+            });
+            if !parent_of_unfinished {
+                chosen.push(id);
+            }
+        }
+        for &id in &chosen {
+            self.tasks[(id - 1) as usize].purged = true;
+        }
+        Expect::Purged(chosen.len() as u32)
     }
 
     pub fn count(&self, tenant: &str, priority: Priority, status: TaskStatus) -> u64 {

@@ -80,6 +80,8 @@ enum Op {
         age: u64,
         keep: u64,
         max: u32,
+        /// How long ago dead letters must have died to go (`None`: kept).
+        dead_age: Option<u64>,
     },
 }
 
@@ -232,8 +234,14 @@ fn op() -> impl Strategy<Value = Op> {
             prop_oneof![Just(0u64), 1u64..5_000, Just(u64::MAX)],
             prop_oneof![Just(u64::MAX), 0u64..4],
             prop_oneof![8 => 1u32..=3, 1 => Just(10_000u32), 1 => Just(0u32)],
+            prop_oneof![Just(None), Just(Some(0u64)), (1u64..5_000).prop_map(Some)],
         )
-            .prop_map(|(age, keep, max)| Op::Purge { age, keep, max }),
+            .prop_map(|(age, keep, max, dead_age)| Op::Purge {
+                age,
+                keep,
+                max,
+                dead_age,
+            }),
     ]
 }
 
@@ -387,10 +395,16 @@ fn command(op: &Op, state: &State, now_ms: u64) -> Command {
             weight: *weight,
         },
         Op::Tick => Command::Tick,
-        Op::Purge { age, keep, max } => Command::Purge {
+        Op::Purge {
+            age,
+            keep,
+            max,
+            dead_age,
+        } => Command::Purge {
             finished_before_ms: now_ms.saturating_sub(*age),
             keep: *keep,
             max: *max,
+            dead_before_ms: dead_age.map_or(0, |a| now_ms.saturating_sub(a)),
         },
     }
 }
