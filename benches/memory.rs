@@ -192,21 +192,6 @@ fn main() {
         encoded.as_secs_f64(),
         mib(peak)
     );
-    // The next snapshot: a node's builder starts its buffer a sixteenth
-    // past the last snapshot's size instead of doubling from empty.
-    let hint = bytes.len() + bytes.len() / 16;
-    drop(bytes);
-    let before = LIVE.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
-    let t0 = Instant::now();
-    let bytes = godel::codec::encode_with_capacity(&copy, hint).expect("encode");
-    let encoded = t0.elapsed();
-    let peak = PEAK.load(Ordering::Relaxed) - before;
-    println!(
-        "  next snapshot (buffer sized from the last): encoded in {:.2} s; peak above the state and the copy {:.0} MiB",
-        encoded.as_secs_f64(),
-        mib(peak)
-    );
     drop(copy);
     drop(state);
 

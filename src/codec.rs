@@ -76,19 +76,7 @@ fn state_config() -> impl bincode::config::Config {
 
 /// Encodes `value` with the version envelope.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-    encode_with_capacity(value, 1)
-}
-
-/// [`encode`] into a buffer of `capacity` bytes to start with: for large
-/// values of a size known roughly in advance (a snapshot, from the last
-/// one), which would otherwise grow by doubling and hold up to twice their
-/// size while encoding.
-pub fn encode_with_capacity<T: Serialize + ?Sized>(
-    value: &T,
-    capacity: usize,
-) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::with_capacity(capacity.max(1));
-    out.push(VERSION);
+    let mut out = vec![VERSION];
     bincode::serde::encode_into_std_write(value, &mut out, config())?;
     Ok(out)
 }

@@ -30,6 +30,11 @@ pub struct Metrics {
     /// Finished tasks forgotten by purges this node proposed, as leader
     /// (retention, `queue.retain_finished`).
     pub tasks_purged: prometheus::IntCounter,
+    /// Snapshots this node wrote, by how (`built` from its own state,
+    /// `installed` from its leader).
+    pub snapshots: IntCounterVec,
+    /// The size of the last snapshot this node wrote, in bytes.
+    pub snapshot_bytes: prometheus::IntGauge,
     /// Dispatch rounds proposed by this node, by outcome.
     pub dispatch_rounds: IntCounterVec,
     /// Seconds from a task's submission (leader time) to its attempt
@@ -141,7 +146,18 @@ fn build() -> prometheus::Result<Metrics> {
         )?,
         tasks_purged: prometheus::IntCounter::new(
             "godel_tasks_purged_total",
-            "Finished tasks forgotten by the retention purges this node proposed as leader",
+            "Finished tasks and dead letters forgotten by the retention purges this node proposed as leader",
+        )?,
+        snapshots: IntCounterVec::new(
+            Opts::new(
+                "godel_raft_snapshots_total",
+                "Snapshots this node wrote, by how (built, installed from the leader)",
+            ),
+            &["how"],
+        )?,
+        snapshot_bytes: prometheus::IntGauge::new(
+            "godel_raft_snapshot_bytes",
+            "Size of the last snapshot this node wrote",
         )?,
         dispatch_rounds: IntCounterVec::new(
             Opts::new(
@@ -318,6 +334,8 @@ fn build() -> prometheus::Result<Metrics> {
     m.registry.register(Box::new(m.tasks.clone()))?;
     m.registry.register(Box::new(m.dispatch_leases.clone()))?;
     m.registry.register(Box::new(m.tasks_purged.clone()))?;
+    m.registry.register(Box::new(m.snapshots.clone()))?;
+    m.registry.register(Box::new(m.snapshot_bytes.clone()))?;
     m.registry.register(Box::new(m.dispatch_rounds.clone()))?;
     m.registry.register(Box::new(m.dispatch_seconds.clone()))?;
     m.registry.register(Box::new(m.attempts.clone()))?;

@@ -48,12 +48,17 @@
 //!   not a sled tree), so apply costs no I/O and cannot half-fail on disk. The
 //!   price is a restart that decodes a whole snapshot and replays up to
 //!   `snapshot_policy` entries (openraft's default: 5000).
-//! - **The whole state fits in memory**, several times over: the live state,
-//!   a copy taken for each snapshot build (`get_snapshot_builder` clones it,
-//!   `O(state)`, while `apply` waits), and the encoded snapshot
-//!   (`SnapshotData = Cursor<Vec<u8>>`). Fine for a queue of up to millions of
-//!   tasks; beyond that the state needs persistent data structures or a
-//!   chunked snapshot format.
+//! - **The whole state fits in memory**, with a copy taken for each
+//!   snapshot build (`get_snapshot_builder` clones it while `apply` waits;
+//!   tasks are shared behind `Arc`, so the copy is a map of pointers, about
+//!   80 bytes a task). The encoded snapshot is not held: it is a file of its
+//!   own (`SnapshotData = tokio::fs::File`, in `godel-snapshots/` inside
+//!   the sled directory, its name stored with its metadata), encoded into
+//!   the file as it is built, decoded from it as it is read at start, sent
+//!   to a follower in chunks read from it, and received into one. A new
+//!   snapshot's file replaces the last one's, which is deleted only once
+//!   the metadata naming the new one is durable; files no metadata names
+//!   (a crash's leftovers) are removed at open.
 //! - **`committed` is written but not flushed** on its own. It becomes
 //!   durable with the next append or vote flush (same sled log). Losing the
 //!   latest value in a crash only means replaying fewer entries at start; the
@@ -335,6 +340,7 @@ impl Store {
     }
 
     fn open_group(db: db::Db, dir: &Path) -> Result<(LogStore, StateMachine)> {
+        db.remove_stray_snapshots()?;
         let applied = state_machine::restore(&db)?;
         let last_purged = db.last_purged()?;
         if last_purged.map(|l| l.index) > applied.last_applied.map(|l| l.index) {

@@ -270,7 +270,8 @@ async fn builder_view_is_fixed_and_never_replaces_a_newer_snapshot() {
     // the stale build describes exactly its view ...
     let old = stale.build_snapshot().await.unwrap();
     assert_eq!(old.meta.last_log_id, Some(log_id(1, 3)));
-    let (_log_c, mut c) = open(&tempfile::tempdir().unwrap());
+    let dir_c = tempfile::tempdir().unwrap();
+    let (_log_c, mut c) = open(&dir_c);
     c.install_snapshot(&old.meta, old.snapshot).await.unwrap();
     assert_eq!(c.shared().read(|s| s.clone()), reference(&entries[..3]));
     // ... but does not replace the newer stored snapshot

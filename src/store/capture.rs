@@ -318,7 +318,7 @@ pub fn seed_groups(
             // A new store: the layout record and an empty watermark.
             recover::check(&db, dir)?;
             db.set_vote(vote)?;
-            db.set_snapshot(meta, data, Replace::Always)?;
+            db.set_snapshot(meta, &mut data.as_slice(), Replace::Always)?;
             db.set_last_purged(snapshot)?;
             db.set_committed(Some(snapshot))?;
         }

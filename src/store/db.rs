@@ -2,7 +2,7 @@
 //! The only file that names sled types.
 
 use std::ops::{Bound, RangeBounds};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use openraft::{LogId, SnapshotMeta, Vote};
@@ -27,16 +27,22 @@ const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
 const LAYOUT: &[u8] = b"layout";
 const SNAPSHOT_META: &[u8] = b"meta";
-const SNAPSHOT_DATA: &[u8] = b"data";
+/// The name of the file holding the stored snapshot's payload.
+const SNAPSHOT_FILE: &[u8] = b"file";
+/// The directory, inside sled's, of the snapshot payload files (inside,
+/// so a copy of the store's directory copies them too).
+const SNAPSHOT_DIR: &str = "godel-snapshots";
 
 /// The on-disk layout this build writes and reads, stored under `layout` in
 /// `log_meta` when the store is created.
 ///
 /// 2: every log entry ends with a CRC-32, and the directory holds the
-/// watermark file. Version 1 (no `layout` key, no checksums) was never
-/// deployed: such a store is refused with [`StoreError::Layout`] rather
-/// than migrated.
-pub(super) const LAYOUT_VERSION: u32 = 2;
+/// watermark file.
+/// 3: a snapshot's payload is a file of its own (`godel-snapshots/`), its
+/// name stored with its metadata, rather than a sled value.
+/// Earlier layouts were never deployed: such a store is refused with
+/// [`StoreError::Layout`] rather than migrated.
+pub(super) const LAYOUT_VERSION: u32 = 3;
 
 /// Bytes of the checksum after each stored entry.
 const CRC_LEN: usize = 4;
@@ -71,9 +77,14 @@ pub(super) struct Db {
     logs: sled::Tree,
     log_meta: sled::Tree,
     snapshot: sled::Tree,
-    /// Makes reading or replacing the two snapshot keys atomic (the snapshot
+    /// Makes reading or replacing the snapshot keys atomic (the snapshot
     /// is written from the builder task and the state-machine worker).
     snapshot_lock: Arc<Mutex<()>>,
+    /// Where snapshot payload files go.
+    snapshot_dir: Arc<PathBuf>,
+    /// Payload files replaced since the last [`Db::retire_snapshots`]: each
+    /// is deleted once the metadata naming its successor is durable.
+    retired: Arc<Mutex<Vec<String>>>,
     /// Shared by every group's handle on the database: one flush at a time.
     flushes: Arc<FlushGate>,
 }
@@ -110,7 +121,12 @@ impl Db {
             .path(dir)
             .cache_capacity(SLED_CACHE_BYTES)
             .open()?;
-        Self::trees(db, META_GROUP)
+        let snapshot_dir = dir.join(SNAPSHOT_DIR);
+        std::fs::create_dir_all(&snapshot_dir).map_err(|source| StoreError::Io {
+            what: format!("create {}", snapshot_dir.display()),
+            source,
+        })?;
+        Self::trees(db, META_GROUP, Arc::new(snapshot_dir))
     }
 
     /// The Raft groups this database holds trees of: the meta group, and
@@ -139,11 +155,11 @@ impl Db {
     pub(super) fn group(&self, group: GroupId) -> Result<Self> {
         Ok(Self {
             flushes: Arc::clone(&self.flushes),
-            ..Self::trees(self.db.clone(), group)?
+            ..Self::trees(self.db.clone(), group, Arc::clone(&self.snapshot_dir))?
         })
     }
 
-    fn trees(db: sled::Db, group: GroupId) -> Result<Self> {
+    fn trees(db: sled::Db, group: GroupId, snapshot_dir: Arc<PathBuf>) -> Result<Self> {
         Ok(Self {
             flushes: Arc::default(),
             logs: db.open_tree(tree_name(group, LOGS))?,
@@ -152,6 +168,8 @@ impl Db {
             db,
             group,
             snapshot_lock: Arc::default(),
+            snapshot_dir,
+            retired: Arc::default(),
         })
     }
 
@@ -374,45 +392,206 @@ impl Db {
 
     // ---- snapshot ----
 
-    /// The stored snapshot's metadata and payload bytes. Blocking: reads the
-    /// whole payload.
-    pub(super) fn snapshot(&self) -> Result<Option<(Meta, Vec<u8>)>> {
+    /// The stored snapshot's metadata and the path of its payload file.
+    /// Blocking.
+    #[cfg(test)]
+    pub(super) fn snapshot_file(&self) -> Result<Option<(Meta, PathBuf)>> {
         let _guard = self.lock_snapshot();
+        self.snapshot_file_locked()
+    }
+
+    fn snapshot_file_locked(&self) -> Result<Option<(Meta, PathBuf)>> {
         let meta: Option<Meta> = get(&self.snapshot, SNAPSHOT_META, "snapshot meta")?;
-        let data = self.snapshot.get(SNAPSHOT_DATA)?;
-        match (meta, data) {
-            (Some(meta), Some(data)) => Ok(Some((meta, data.to_vec()))),
+        let name: Option<String> = get(&self.snapshot, SNAPSHOT_FILE, "snapshot file name")?;
+        match (meta, name) {
+            (Some(meta), Some(name)) => Ok(Some((meta, self.snapshot_dir.join(name)))),
             (None, None) => Ok(None),
-            (meta, data) => Err(StoreError::Inconsistent(format!(
-                "snapshot meta present: {}, data present: {}",
+            (meta, name) => Err(StoreError::Inconsistent(format!(
+                "snapshot meta present: {}, file name present: {}",
                 meta.is_some(),
-                data.is_some()
+                name.is_some()
             ))),
         }
     }
 
-    /// Stores a snapshot (metadata and payload in one atomic batch) unless
-    /// `replace` forbids replacing a newer one; returns whether it was
-    /// written. Not durable until the next [`Db::flush`]. Blocking: copies the
-    /// whole payload.
-    pub(super) fn set_snapshot(&self, meta: &Meta, data: &[u8], replace: Replace) -> Result<bool> {
-        let meta_bytes = codec::encode(meta).map_err(|source| StoreError::Encode {
-            what: "snapshot meta".into(),
+    /// The stored snapshot's metadata and its payload file, opened for
+    /// reading. Opened while no other snapshot can replace it: a replaced
+    /// file is deleted later, and an open one stays readable. Blocking.
+    pub(super) fn open_snapshot(&self) -> Result<Option<(Meta, std::fs::File)>> {
+        let _guard = self.lock_snapshot();
+        let Some((meta, path)) = self.snapshot_file_locked()? else {
+            return Ok(None);
+        };
+        let file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
+            what: format!("open snapshot {}", path.display()),
             source,
         })?;
+        Ok(Some((meta, file)))
+    }
+
+    /// The stored snapshot's metadata and payload bytes. Blocking: reads the
+    /// whole payload.
+    #[cfg(test)]
+    pub(super) fn snapshot(&self) -> Result<Option<(Meta, Vec<u8>)>> {
+        let Some((meta, mut file)) = self.open_snapshot()? else {
+            return Ok(None);
+        };
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut data).map_err(|source| StoreError::Io {
+            what: "read snapshot".into(),
+            source,
+        })?;
+        Ok(Some((meta, data)))
+    }
+
+    /// An anonymous file in the snapshot directory (deleted as soon as it
+    /// is created, so a crash leaves nothing): where a snapshot received
+    /// from the leader is written, chunk by chunk. Blocking.
+    pub(super) fn receiving_file(&self) -> Result<std::fs::File> {
+        let path = self.snapshot_dir.join(format!(
+            "g{}-{:016x}.recv",
+            self.group,
+            rand::random::<u64>()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|source| StoreError::Io {
+                what: format!("create {}", path.display()),
+                source,
+            })?;
+        let _ = std::fs::remove_file(&path);
+        Ok(file)
+    }
+
+    /// Writes a snapshot payload to a new temporary file through `write`,
+    /// flushed and fsynced; its path, for [`Db::set_snapshot_file`].
+    /// Blocking.
+    pub(super) fn write_snapshot_file(
+        &self,
+        write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let path = self.snapshot_dir.join(format!(
+            "g{}-{:016x}.tmp",
+            self.group,
+            rand::random::<u64>()
+        ));
+        let io = |what: &str, source| StoreError::Io {
+            what: format!("{what} {}", path.display()),
+            source,
+        };
+        let file = std::fs::File::create(&path).map_err(|e| io("create", e))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let written = write(&mut out).and_then(|()| {
+            let file = out.into_inner().map_err(|e| io("write", e.into_error()))?;
+            file.sync_all().map_err(|e| io("fsync", e))
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(path)
+    }
+
+    /// Stores a snapshot: its payload file `tmp` (from
+    /// [`Db::write_snapshot_file`]) takes its final name and the metadata
+    /// naming it replaces the stored one, unless `replace` forbids
+    /// replacing a newer one (then `tmp` is deleted); returns whether it
+    /// was stored. Not durable until the next [`Db::flush`]; the replaced
+    /// file goes at the next [`Db::retire_snapshots`]. Blocking.
+    pub(super) fn set_snapshot_file(
+        &self,
+        meta: &Meta,
+        tmp: &Path,
+        replace: Replace,
+    ) -> Result<bool> {
         let _guard = self.lock_snapshot();
+        let stored = self.snapshot_file_locked()?;
         if replace == Replace::IfNotOlder {
-            let stored: Option<Meta> = get(&self.snapshot, SNAPSHOT_META, "snapshot meta")?;
             let index = |m: &Meta| m.last_log_id.map(|l| l.index);
-            if stored.is_some_and(|s| index(&s) > index(meta)) {
+            if stored.as_ref().is_some_and(|(s, _)| index(s) > index(meta)) {
+                let _ = std::fs::remove_file(tmp);
                 return Ok(false);
             }
         }
+        let name = format!("g{}-{:016x}.snap", self.group, rand::random::<u64>());
+        let path = self.snapshot_dir.join(&name);
+        let io = |what: String| move |source| StoreError::Io { what, source };
+        std::fs::rename(tmp, &path).map_err(io(format!("rename {}", tmp.display())))?;
+        // The rename is durable once the directory is.
+        std::fs::File::open(&*self.snapshot_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(format!("fsync {}", self.snapshot_dir.display())))?;
         let mut batch = sled::Batch::default();
-        batch.insert(SNAPSHOT_META, meta_bytes);
-        batch.insert(SNAPSHOT_DATA, data);
+        batch.insert(SNAPSHOT_META, encoded(meta, "snapshot meta")?);
+        batch.insert(SNAPSHOT_FILE, encoded(&name, "snapshot file name")?);
         self.snapshot.apply_batch(batch)?;
+        if let Some((_, old)) = stored
+            && let Some(old) = old.file_name()
+        {
+            self.retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(old.to_string_lossy().into_owned());
+        }
         Ok(true)
+    }
+
+    /// [`Db::write_snapshot_file`] of everything `data` reads, then
+    /// [`Db::set_snapshot_file`].
+    pub(super) fn set_snapshot(
+        &self,
+        meta: &Meta,
+        data: &mut impl std::io::Read,
+        replace: Replace,
+    ) -> Result<bool> {
+        let tmp = self.write_snapshot_file(|out| {
+            std::io::copy(data, out)
+                .map(|_| ())
+                .map_err(|source| StoreError::Io {
+                    what: "write snapshot".into(),
+                    source,
+                })
+        })?;
+        self.set_snapshot_file(meta, &tmp, replace)
+    }
+
+    /// Flushes, then deletes the payload files replaced before it: the
+    /// metadata naming their successors is durable by then, so a crash
+    /// never finds stored metadata whose file is gone.
+    pub(super) async fn retire_snapshots(&self) -> Result<()> {
+        let retired =
+            std::mem::take(&mut *self.retired.lock().unwrap_or_else(PoisonError::into_inner));
+        self.flush().await?;
+        for name in retired {
+            let _ = std::fs::remove_file(self.snapshot_dir.join(name));
+        }
+        Ok(())
+    }
+
+    /// At start: deletes this group's payload files that the stored
+    /// metadata does not name (temporary ones a crash left, replaced ones
+    /// not yet deleted). Blocking.
+    pub(super) fn remove_stray_snapshots(&self) -> Result<()> {
+        let _guard = self.lock_snapshot();
+        let current = self
+            .snapshot_file_locked()?
+            .and_then(|(_, p)| p.file_name().map(|n| n.to_owned()));
+        let prefix = format!("g{}-", self.group);
+        let entries = std::fs::read_dir(&*self.snapshot_dir).map_err(|source| StoreError::Io {
+            what: format!("read {}", self.snapshot_dir.display()),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let text = name.to_string_lossy();
+            if text.starts_with(&prefix) && current.as_deref() != Some(name.as_os_str()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 
     fn lock_snapshot(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -443,8 +622,11 @@ impl Db {
     /// Test hook: overwrites the stored snapshot payload with `bytes`.
     #[cfg(test)]
     pub(super) fn overwrite_snapshot_data(&self, bytes: &[u8]) -> Result<()> {
-        self.snapshot.insert(SNAPSHOT_DATA, bytes)?;
-        Ok(())
+        let (_, path) = self.snapshot_file()?.expect("a stored snapshot");
+        std::fs::write(&path, bytes).map_err(|source| StoreError::Io {
+            what: format!("write {}", path.display()),
+            source,
+        })
     }
 }
 
@@ -461,12 +643,15 @@ fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8], what: &str) -> Result
 }
 
 fn put<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T, what: &str) -> Result<()> {
-    let bytes = codec::encode(value).map_err(|source| StoreError::Encode {
+    tree.insert(key, encoded(value, what)?)?;
+    Ok(())
+}
+
+fn encoded<T: Serialize + ?Sized>(value: &T, what: &str) -> Result<Vec<u8>> {
+    codec::encode(value).map_err(|source| StoreError::Encode {
         what: what.to_owned(),
         source,
-    })?;
-    tree.insert(key, bytes)?;
-    Ok(())
+    })
 }
 
 /// The checksum stored after an entry: CRC-32 of its index (big-endian)

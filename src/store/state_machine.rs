@@ -2,9 +2,9 @@
 //! events to local observers.
 
 use std::collections::BTreeSet;
-use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::io::AsyncWriteExt;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -118,26 +118,51 @@ impl SharedState {
 pub struct StateMachine {
     pub(super) db: Db,
     shared: SharedState,
-    /// The last snapshot's size in bytes: the next one's buffer starts a
-    /// little past it rather than doubling its way up.
-    snapshot_bytes: Arc<AtomicU64>,
 }
 
 /// Restores the state machine's contents from the stored snapshot, or an
 /// empty state if there is none. Blocking.
 pub(super) fn restore(db: &Db) -> Result<Applied> {
-    match db.snapshot()? {
-        Some((meta, data)) => decode_payload(&meta, &data),
+    match db.open_snapshot()? {
+        Some((meta, file)) => decode_file(&meta, file),
         None => Ok(Applied::default()),
     }
 }
 
-/// Decodes a snapshot payload and checks it against its metadata.
-fn decode_payload(meta: &Meta, data: &[u8]) -> Result<Applied> {
-    let mut applied: Applied = codec::decode_state(data).map_err(|source| StoreError::Corrupt {
+/// Decodes a snapshot payload file as it reads it (never holding it
+/// whole) and checks it against its metadata. Blocking.
+fn decode_file(meta: &Meta, file: std::fs::File) -> Result<Applied> {
+    let corrupt = |source| StoreError::Corrupt {
         what: format!("snapshot {}", meta.snapshot_id),
         source,
-    })?;
+    };
+    let io = |source| StoreError::Io {
+        what: format!("read snapshot {}", meta.snapshot_id),
+        source,
+    };
+    let mut input = std::io::BufReader::with_capacity(1 << 20, file);
+    let applied: Applied = codec::decode_state_from_reader(&mut input).map_err(corrupt)?;
+    let mut rest = [0u8; 1];
+    if std::io::Read::read(&mut input, &mut rest).map_err(io)? != 0 {
+        return Err(corrupt(codec::CodecError::Decode(
+            bincode::error::DecodeError::OtherString("trailing bytes after the state".into()),
+        )));
+    }
+    checked(meta, applied)
+}
+
+/// Counts a snapshot written (`how`: built or installed) and its size.
+fn note_snapshot(how: &str, file: &std::fs::File) {
+    let m = crate::metrics::global();
+    m.snapshots.with_label_values(&[how]).inc();
+    if let Ok(meta) = file.metadata() {
+        m.snapshot_bytes.set(meta.len() as i64);
+    }
+}
+
+/// A decoded snapshot, checked against its metadata, with its derived
+/// counts rebuilt.
+fn checked(meta: &Meta, mut applied: Applied) -> Result<Applied> {
     applied.state.recount_session_tasks();
     if applied.last_applied != meta.last_log_id || applied.last_membership != meta.last_membership {
         return Err(StoreError::Inconsistent(format!(
@@ -171,11 +196,7 @@ impl StateMachine {
             events,
             auth_version,
         };
-        Self {
-            db,
-            shared,
-            snapshot_bytes: Arc::new(AtomicU64::new(0)),
-        }
+        Self { db, shared }
     }
 
     /// A read handle on the applied state (clone it freely).
@@ -308,14 +329,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             db: self.db.clone(),
             view: Arc::new(self.shared.read_guard().clone()),
-            last_bytes: Arc::clone(&self.snapshot_bytes),
         }
     }
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        let db = self.db.clone();
+        let file = blocking(move || db.receiving_file())
+            .await
+            .map_err(snapshot_err(None, ErrorVerb::Write))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     /// Decodes and checks the snapshot, stores it and flushes, and only then
@@ -324,19 +348,43 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(
         &mut self,
         meta: &Meta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
-        let data = snapshot.into_inner();
+        let mut file = *snapshot;
+        // Chunks written through tokio may still be in flight.
+        file.flush()
+            .await
+            .map_err(|source| StoreError::Io {
+                what: format!("write snapshot {}", meta.snapshot_id),
+                source,
+            })
+            .map_err(snapshot_err(Some(meta), ErrorVerb::Write))?;
+        let file = file.into_std().await;
         let (db, owned_meta) = (self.db.clone(), meta.clone());
         let applied = blocking(move || {
-            let applied = decode_payload(&owned_meta, &data)?;
-            db.set_snapshot(&owned_meta, &data, Replace::Always)?;
+            let rewind = |mut f: &std::fs::File| {
+                std::io::Seek::rewind(&mut f).map_err(|source| StoreError::Io {
+                    what: format!("read snapshot {}", owned_meta.snapshot_id),
+                    source,
+                })
+            };
+            rewind(&file)?;
+            let applied = decode_file(
+                &owned_meta,
+                file.try_clone().map_err(|source| StoreError::Io {
+                    what: "reopen snapshot".into(),
+                    source,
+                })?,
+            )?;
+            rewind(&file)?;
+            db.set_snapshot(&owned_meta, &mut &file, Replace::Always)?;
+            note_snapshot("installed", &file);
             Ok(applied)
         })
         .await
         .map_err(snapshot_err(Some(meta), ErrorVerb::Write))?;
         self.db
-            .flush()
+            .retire_snapshots()
             .await
             .map_err(snapshot_err(Some(meta), ErrorVerb::Write))?;
         let index = applied.last_applied.map_or(0, |l| l.index);
@@ -363,12 +411,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         let db = self.db.clone();
-        let stored = blocking(move || db.snapshot())
+        let stored = blocking(move || db.open_snapshot())
             .await
             .map_err(snapshot_err(None, ErrorVerb::Read))?;
-        Ok(stored.map(|(meta, data)| Snapshot {
+        Ok(stored.map(|(meta, file)| Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         }))
     }
 }
@@ -379,14 +427,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 pub struct SnapshotBuilder {
     db: Db,
     view: Arc<Applied>,
-    /// [`StateMachine::snapshot_bytes`].
-    last_bytes: Arc<AtomicU64>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    /// Encodes the view, stores it (unless a newer snapshot was installed
-    /// meanwhile) and flushes before returning: openraft purges the log
-    /// entries the snapshot covers as soon as it has it.
+    /// Encodes the view into a file, stores it (unless a newer snapshot
+    /// was installed meanwhile) and flushes before returning: openraft
+    /// purges the log entries the snapshot covers as soon as it has it.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let meta = Meta {
             last_log_id: self.view.last_applied,
@@ -394,29 +440,33 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id: snapshot_id(self.view.last_applied),
         };
         let (db, view, owned_meta) = (self.db.clone(), Arc::clone(&self.view), meta.clone());
-        let last = self.last_bytes.load(Ordering::Relaxed) as usize;
-        let data = blocking(move || {
-            // A state grows or shrinks little between snapshots: start a
-            // sixteenth past the last one's size (a first one, or one that
-            // outgrows that, doubles as any buffer does).
-            let data = codec::encode_with_capacity(&*view, last.saturating_add(last / 16))
-                .map_err(|source| StoreError::Encode {
+        let file = blocking(move || {
+            // Encoded straight into its file: never held whole in memory.
+            let tmp = db.write_snapshot_file(|out| {
+                codec::encode_to_writer(&*view, out).map_err(|source| StoreError::Encode {
                     what: format!("snapshot {}", owned_meta.snapshot_id),
                     source,
-                })?;
-            db.set_snapshot(&owned_meta, &data, Replace::IfNotOlder)?;
-            Ok(data)
+                })
+            })?;
+            // Opened before it is renamed into place (or, older than the
+            // stored one, deleted): the handle reads it either way.
+            let file = std::fs::File::open(&tmp).map_err(|source| StoreError::Io {
+                what: format!("open {}", tmp.display()),
+                source,
+            })?;
+            db.set_snapshot_file(&owned_meta, &tmp, Replace::IfNotOlder)?;
+            note_snapshot("built", &file);
+            Ok(file)
         })
         .await
         .map_err(snapshot_err(Some(&meta), ErrorVerb::Write))?;
         self.db
-            .flush()
+            .retire_snapshots()
             .await
             .map_err(snapshot_err(Some(&meta), ErrorVerb::Write))?;
-        self.last_bytes.store(data.len() as u64, Ordering::Relaxed);
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
 }

@@ -192,6 +192,80 @@ async fn corrupt_snapshot_fails_open_and_reads() {
     assert!(err.to_string().contains("corrupt snapshot"), "{err}");
 }
 
+/// The snapshot payload files in `dir`'s store.
+fn snapshot_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("godel-snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A new snapshot's file replaces the last one's (deleted once the new
+/// metadata is durable); files the stored metadata does not name, left by
+/// a crash, are removed at the next open, and the state restores from the
+/// one it names.
+#[tokio::test]
+async fn snapshot_files_are_replaced_and_strays_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = Store::open(dir.path()).unwrap();
+        for i in 1..=2 {
+            sm.apply([blank(i)]).await.unwrap();
+            let mut builder = sm.get_snapshot_builder().await;
+            openraft::RaftSnapshotBuilder::build_snapshot(&mut builder)
+                .await
+                .unwrap();
+            let files = snapshot_files(dir.path());
+            assert!(files.len() == 1 && files[0].ends_with(".snap"), "{files:?}");
+        }
+    }
+    let kept = snapshot_files(dir.path());
+    for stray in ["g0-00000000000000aa.tmp", "g0-00000000000000bb.snap"] {
+        std::fs::write(dir.path().join("godel-snapshots").join(stray), b"x").unwrap();
+    }
+    // Another group's file is not this group's to remove.
+    std::fs::write(
+        dir.path().join("godel-snapshots/g1-00000000000000cc.snap"),
+        b"x",
+    )
+    .unwrap();
+    let (_log, mut sm) = Store::open_waiting(dir.path(), WAIT).unwrap();
+    let mut expected = kept.clone();
+    expected.insert(0, "g1-00000000000000cc.snap".into());
+    expected.sort();
+    assert_eq!(snapshot_files(dir.path()), expected);
+    let (last, _) = sm.applied_state().await.unwrap();
+    assert_eq!(last.map(|l| l.index), Some(2));
+}
+
+/// Stored metadata whose payload file is gone: the store is refused,
+/// naming the file.
+#[tokio::test]
+async fn a_missing_snapshot_file_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = Store::open(dir.path()).unwrap();
+        sm.apply([blank(1)]).await.unwrap();
+        let mut builder = sm.get_snapshot_builder().await;
+        openraft::RaftSnapshotBuilder::build_snapshot(&mut builder)
+            .await
+            .unwrap();
+    }
+    for name in snapshot_files(dir.path()) {
+        std::fs::remove_file(dir.path().join("godel-snapshots").join(name)).unwrap();
+    }
+    let err = Store::open_waiting(dir.path(), WAIT)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("open snapshot") && err.contains(".snap"),
+        "{err}"
+    );
+}
+
 /// An audit chain in a stored snapshot: verified offline, and one flipped
 /// byte of one stored entry is named by its seq.
 #[tokio::test]
