@@ -134,17 +134,26 @@ async fn calls_and_denials_are_chained_and_verified_online_and_offline() {
 }
 
 /// Flips one bit of the first occurrence of `needle` in the stored
-/// snapshot (the sled layout of `src/store.rs`: tree `snapshot`, key
-/// `data`), as a tampered or damaged disk would.
+/// snapshot of the meta group (its payload file, `godel-snapshots/g0-*.snap`
+/// in the store's directory: `src/store/db.rs`), as a tampered or damaged
+/// disk would.
 fn flip_a_byte_of(raft_dir: &Path, needle: &[u8]) {
-    let db = sled::open(raft_dir).expect("open the stopped node's store");
-    let tree = db.open_tree("snapshot").unwrap();
-    let mut data = tree.get(b"data").unwrap().expect("a snapshot").to_vec();
+    let dir = raft_dir.join("godel-snapshots");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the snapshot directory")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("g0-") && name.ends_with(".snap")
+        })
+        .collect();
+    assert_eq!(files.len(), 1, "one snapshot of the meta group: {files:?}");
+    let mut data = std::fs::read(&files[0]).unwrap();
     let at = data
         .windows(needle.len())
         .position(|w| w == needle)
         .expect("the marked entry is in the snapshot");
     data[at] ^= 0x20; // `g` becomes `G`
-    tree.insert(b"data", data).unwrap();
-    db.flush().unwrap();
+    std::fs::write(&files[0], data).unwrap();
 }
