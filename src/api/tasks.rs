@@ -733,17 +733,13 @@ pub async fn get(
             })
         })
         .ok_or_else(|| {
-            // A task this group gave out and no longer holds was purged
-            // once finished, or is another tenant's: the same answer.
-            if group.state().read(|s| s.minted_here(id)) {
-                let kept = api.node.queue_config().retain_finished;
-                ApiError::not_found(format!(
-                    "task {id} not found (or no longer: finished tasks are purged after queue.retain_finished, {} here)",
-                    humantime::format_duration(kept)
-                ))
-            } else {
-                ApiError::not_found(format!("task {id} not found"))
-            }
+            // The same answer for a task never given out, another tenant's
+            // and one purged once finished: no oracle of which.
+            let kept = api.node.queue_config().retain_finished;
+            ApiError::not_found(format!(
+                "task {id} not found (a finished task is purged after queue.retain_finished, {} here)",
+                humantime::format_duration(kept)
+            ))
         })
 }
 

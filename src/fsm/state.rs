@@ -970,29 +970,14 @@ impl State {
         Ok(waiting)
     }
 
-    /// Whether this group has given out `id`: a task it does not hold was
-    /// then purged after it finished (or is another tenant's).
-    pub fn minted_here(&self, id: TaskId) -> bool {
-        if self.group == 0 {
-            return id.0 != 0 && id.0 <= self.last_task_id;
-        }
-        id.0 & 0xff == u64::from(self.group)
-            && id.0 >> 8 != 0
-            && id.0 >> 8 <= self.last_task_id >> 8
-    }
-
-    /// Why `id` names no task the caller may use: it was never given out,
-    /// or it was and is gone (purged once finished) or another tenant's;
-    /// the last two get the same answer.
+    /// Why `id` names no task the caller may use: the same answer whether
+    /// it was never given out, is another tenant's, or was purged once
+    /// finished.
     fn no_such_task(&self, id: TaskId) -> String {
-        if self.minted_here(id) {
-            format!(
-                "task {} does not exist (or no longer: finished tasks are purged after queue.retain_finished)",
-                id.0
-            )
-        } else {
-            format!("task {} does not exist", id.0)
-        }
+        format!(
+            "task {} does not exist (a finished task is purged after queue.retain_finished)",
+            id.0
+        )
     }
 
     /// Whether a [`Command::Purge`] with these bounds would forget a task
@@ -2312,26 +2297,6 @@ mod tests {
         assert_eq!(group_of(last, 1), Some(0), "one shard: the meta group");
         assert_eq!(group_of(last, 6), None, "shard 7 of a 6-shard cluster");
         assert_eq!(group_of(256, 3), None, "low byte 0 is no shard");
-    }
-
-    #[test]
-    fn a_group_knows_the_ids_it_gave_out() {
-        let meta = State {
-            last_task_id: 5,
-            ..State::default()
-        };
-        let given: Vec<bool> = [0, 1, 5, 6]
-            .map(|i| meta.minted_here(super::TaskId(i)))
-            .into();
-        assert_eq!(given, [false, true, true, false]);
-        let shard = State {
-            group: 7,
-            last_task_id: (3 << 8) | 7,
-            ..State::default()
-        };
-        let ids = [7, (1 << 8) | 7, (3 << 8) | 7, (4 << 8) | 7, (2 << 8) | 6, 2];
-        let given: Vec<bool> = ids.map(|i| shard.minted_here(super::TaskId(i))).into();
-        assert_eq!(given, [false, true, true, false, false, false]);
     }
 
     /// A state that minted a task id (or a token, or a session id) cannot
