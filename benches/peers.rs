@@ -378,6 +378,10 @@ async fn depth(o: &Opts, run: usize) {
     let rss: Vec<f64> = (0..c.len())
         .map(|i| common::rss_mib(c.node(i).pid().unwrap_or(0)))
         .collect();
+    // The most each node had resident, snapshots during the preload included.
+    let peak: Vec<f64> = (0..c.len())
+        .map(|i| common::peak_rss_mib(c.node(i).pid().unwrap_or(0)).round())
+        .collect();
     // Dispatch at 100/s with the queue that deep.
     let addr = c.node((leader + 1) % c.len()).api_addr;
     let mut conn = Conn::new(addr, Duration::from_secs(10));
@@ -434,9 +438,11 @@ async fn depth(o: &Opts, run: usize) {
         "dispatch_p50_ms": ms(dispatch.value_at_quantile(0.5)),
         "dispatch_p99_ms": ms(dispatch.value_at_quantile(0.99)),
         "rss_mib": rss.iter().map(|r| r.round()).collect::<Vec<_>>(),
+        "peak_rss_mib": peak,
         "restart_serving_s": restart_s,
         "probe_resent": resent,
         "restarted_rss_mib": common::rss_mib(c.node(victim).pid().unwrap_or(0)).round(),
+        "restarted_peak_rss_mib": common::peak_rss_mib(c.node(victim).pid().unwrap_or(0)).round(),
         "load_average_before": load0,
     });
     eprintln!(
