@@ -301,11 +301,7 @@ pub fn seed_groups(
             last_membership: applied.last_membership.clone(),
             snapshot_id: format!("restored-{snapshot}"),
         };
-        let data = codec::encode(&applied).map_err(|source| StoreError::Encode {
-            what: format!("restored snapshot of group {group}"),
-            source,
-        })?;
-        prepared.push((group, snapshot, vote, meta, data));
+        prepared.push((group, snapshot, vote, meta, applied));
     }
     std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
         what: format!("create {}", dir.display()),
@@ -313,12 +309,19 @@ pub fn seed_groups(
     })?;
     {
         let base = Db::open(dir)?;
-        for (group, snapshot, vote, meta, data) in &prepared {
+        for (group, snapshot, vote, meta, applied) in &prepared {
             let db = base.group(*group)?;
             // A new store: the layout record and an empty watermark.
             recover::check(&db, dir)?;
             db.set_vote(vote)?;
-            db.set_snapshot(meta, &mut data.as_slice(), Replace::Always)?;
+            // Encoded straight into the snapshot's file, as a node does.
+            let tmp = db.write_snapshot_file(|out| {
+                codec::encode_to_writer(applied, out).map_err(|source| StoreError::Encode {
+                    what: format!("restored snapshot of group {group}"),
+                    source,
+                })
+            })?;
+            db.set_snapshot_file(meta, &tmp, Replace::Always)?;
             db.set_last_purged(snapshot)?;
             db.set_committed(Some(snapshot))?;
         }
