@@ -6,7 +6,6 @@
 //! for checking what the gateway recorded.
 
 use std::fs::File;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,10 +42,13 @@ impl Install {
     }
 }
 
-/// A free port on 127.0.0.1.
+/// A free port on 127.0.0.1, reserved in the harness's registry: the
+/// mock model takes a moment to bind the port it is given, and a cluster
+/// started meanwhile picking its own ports by binding port 0 once took
+/// the same one (the gateway's model calls then reached a node's API:
+/// "404 no such endpoint").
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
+    super::support::free_port()
 }
 
 /// One mock model and one gateway process.
