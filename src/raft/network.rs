@@ -133,7 +133,7 @@ impl RaftNetwork<TypeConfig> for PeerConn {
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let budget = self.client.max_frame_bytes() / 2;
         let mut cut = false;
-        while rpc.entries.len() > 1 && encoded_len(&rpc) > budget {
+        while rpc.entries.len() > 1 && codec::encoded_len(&rpc) > budget {
             let keep = rpc.entries.len() / 2;
             rpc.entries.truncate(keep);
             cut = true;
@@ -186,9 +186,4 @@ impl RaftNetwork<TypeConfig> for PeerConn {
             other => Err(Self::unexpected(other)),
         }
     }
-}
-
-/// The bytes `rpc` takes encoded, counted without keeping them.
-fn encoded_len(rpc: &AppendEntriesRequest<TypeConfig>) -> usize {
-    codec::encoded_len(rpc)
 }

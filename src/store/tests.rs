@@ -173,16 +173,21 @@ async fn an_old_layout_and_a_missing_watermark_are_refused() {
     assert!(msg.contains("watermark file"), "{msg}");
 }
 
+/// Builds and stores a snapshot of what `sm` has applied.
+async fn build_snapshot(sm: &mut super::StateMachine) {
+    let mut builder = sm.get_snapshot_builder().await;
+    openraft::RaftSnapshotBuilder::build_snapshot(&mut builder)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn corrupt_snapshot_fails_open_and_reads() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (_log, mut sm) = Store::open(dir.path()).unwrap();
         sm.apply([blank(1)]).await.unwrap();
-        let mut builder = sm.get_snapshot_builder().await;
-        openraft::RaftSnapshotBuilder::build_snapshot(&mut builder)
-            .await
-            .unwrap();
+        build_snapshot(&mut sm).await;
         sm.db.overwrite_snapshot_data(b"\x01\xff\xff").unwrap();
         // reading it back is fine (bytes are opaque here) ...
         assert!(sm.get_current_snapshot().await.unwrap().is_some());
@@ -214,10 +219,7 @@ async fn snapshot_files_are_replaced_and_strays_removed_at_open() {
         let (_log, mut sm) = Store::open(dir.path()).unwrap();
         for i in 1..=2 {
             sm.apply([blank(i)]).await.unwrap();
-            let mut builder = sm.get_snapshot_builder().await;
-            openraft::RaftSnapshotBuilder::build_snapshot(&mut builder)
-                .await
-                .unwrap();
+            build_snapshot(&mut sm).await;
             let files = snapshot_files(dir.path());
             assert!(files.len() == 1 && files[0].ends_with(".snap"), "{files:?}");
         }
@@ -249,10 +251,7 @@ async fn a_missing_snapshot_file_is_refused_at_open() {
     {
         let (_log, mut sm) = Store::open(dir.path()).unwrap();
         sm.apply([blank(1)]).await.unwrap();
-        let mut builder = sm.get_snapshot_builder().await;
-        openraft::RaftSnapshotBuilder::build_snapshot(&mut builder)
-            .await
-            .unwrap();
+        build_snapshot(&mut sm).await;
     }
     for name in snapshot_files(dir.path()) {
         std::fs::remove_file(dir.path().join("godel-snapshots").join(name)).unwrap();
@@ -300,10 +299,7 @@ async fn offline_audit_verify_names_the_tampered_entry() {
             .unwrap();
         log.save_committed(Some(second.log_id)).await.unwrap();
         sm.apply([first]).await.unwrap();
-        let mut builder = sm.get_snapshot_builder().await;
-        openraft::RaftSnapshotBuilder::build_snapshot(&mut builder)
-            .await
-            .unwrap();
+        build_snapshot(&mut sm).await;
     }
     let state = super::offline_state(dir.path()).unwrap();
     let log = state.audit();
