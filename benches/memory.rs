@@ -145,15 +145,14 @@ fn main() {
         if o.keys { "with" } else { "without" }
     );
     {
-        use godel::fsm::{LeaseInfo, Task, TaskRegion, TaskUsage};
+        use godel::fsm::{LeaseInfo, Task, TaskExtras, TaskOutcome};
         use std::mem::size_of;
         println!(
-            "  sizes: Task {} bytes (inline; LeaseInfo {}, TaskUsage {}, TaskRegion {}, TraceContext {})",
+            "  sizes: Task {} bytes inline (boxed apart when set: TaskExtras {}, TaskOutcome {}, LeaseInfo {})",
             size_of::<Task>(),
-            size_of::<Option<LeaseInfo>>(),
-            size_of::<Option<TaskUsage>>(),
-            size_of::<Option<TaskRegion>>(),
-            size_of::<Option<godel::trace::TraceContext>>()
+            size_of::<TaskExtras>(),
+            size_of::<TaskOutcome>(),
+            size_of::<LeaseInfo>(),
         );
     }
     let base = LIVE.load(Ordering::Relaxed);

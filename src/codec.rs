@@ -32,10 +32,12 @@ use serde::de::DeserializeOwned;
 /// 11: the idempotency index by hash (the colliding keys in full).
 /// 12: the index of dead letters by when they were dead-lettered, and
 /// the purge's bound for them.
+/// 13: a task's rarely set fields and its attempts' outcome each in a box
+/// of their own ([`crate::fsm::TaskExtras`], [`crate::fsm::TaskOutcome`]).
 /// Godel has no release that wrote earlier data to keep: an older data
 /// directory or backup is refused with [`CodecError::Version`] rather than
 /// misread (start it afresh).
-pub const VERSION: u8 = 12;
+pub const VERSION: u8 = 13;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
 /// bincode counts what a decode allocates, every integer at its size in

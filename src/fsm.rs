@@ -107,7 +107,7 @@ pub(crate) use state::truncate;
 pub use state::{Horizon, State, Synced, group_of, route};
 pub use task::{
     AgentId, DependencyFailure, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task,
-    TaskId, TaskRegion, TaskStatus, Tenant,
+    TaskExtras, TaskId, TaskOutcome, TaskRegion, TaskStatus, Tenant,
 };
 pub use usage::{
     BudgetAlert, BudgetLevel, BudgetPeriod, BudgetUnit, Day, Ledger, ReportedUsage, TaskUsage,

@@ -104,7 +104,9 @@ fn observe(outcome: &Outcome) -> Expect {
 fn adopt_retry_times(model: &mut Model, state: &State) -> Result<(), TestCaseError> {
     for t in &mut model.tasks {
         if let Some((lo, hi)) = t.retry_window.take() {
-            let actual = state.task(TaskId(t.id)).and_then(|f| f.next_attempt_at_ms);
+            let actual = state
+                .task(TaskId(t.id))
+                .and_then(|f| f.outcome().next_attempt_at_ms);
             ensure!(
                 actual.is_some_and(|at| (lo..=hi).contains(&at)),
                 "task {}: next attempt {actual:?} outside the backoff window {lo}..={hi}",
@@ -133,9 +135,9 @@ fn same_task(f: &Task, m: &MTask) -> Result<(), TestCaseError> {
         f.attempts,
         f.max_attempts,
         f.lease.as_deref().map(lease),
-        f.next_attempt_at_ms,
-        &f.last_error,
-        &f.result,
+        f.outcome().next_attempt_at_ms,
+        &f.outcome().last_error,
+        &f.outcome().result,
         &f.idempotency_key,
     );
     let expected = (

@@ -1951,6 +1951,7 @@ fn task_kind(kind: &EventKind) -> String {
 /// One compact line per task: identity and queue position first, then only
 /// the fields that are set.
 fn task_line(t: &Task) -> String {
+    let (x, o) = (t.extras(), t.outcome());
     let mut s = format!(
         "#{} {} {} {}",
         t.id,
@@ -1975,32 +1976,32 @@ fn task_line(t: &Task) -> String {
         );
     }
     if t.status == TaskStatus::Scheduled {
-        s += &format!(" at={}", t.scheduled_at_ms.unwrap_or_default());
+        s += &format!(" at={}", x.scheduled_at_ms.unwrap_or_default());
     }
-    if let Some(next) = t.next_attempt_at_ms {
+    if let Some(next) = o.next_attempt_at_ms {
         s += &format!(" next={next}");
     }
     if t.timeout_ms != SubmitTask::DEFAULT_TIMEOUT_MS {
         s += &format!(" timeout={}", t.timeout_ms);
     }
-    if let Some(p) = t.parent_id {
+    if let Some(p) = x.parent_id {
         s += &format!(" parent=#{p}");
     }
-    if !t.depends_on.is_empty() {
-        let ids: Vec<String> = t.depends_on.iter().map(|d| format!("#{d}")).collect();
+    if !x.depends_on.is_empty() {
+        let ids: Vec<String> = x.depends_on.iter().map(|d| format!("#{d}")).collect();
         s += &format!(" deps={}", ids.join(","));
         if t.on_dependency_failure == DependencyFailure::Block {
             s += " on_dep_fail=block";
         }
     }
-    if !t.waiting_on.is_empty() {
-        let ids: Vec<String> = t.waiting_on.iter().map(|d| format!("#{d}")).collect();
+    if !x.waiting_on.is_empty() {
+        let ids: Vec<String> = x.waiting_on.iter().map(|d| format!("#{d}")).collect();
         s += &format!(" waiting_on={}", ids.join(","));
     }
-    if let Some(b) = &t.blocked {
+    if let Some(b) = &x.blocked {
         s += &format!(" blocked={b:?}");
     }
-    if let Some(a) = &t.approval {
+    if let Some(a) = &x.approval {
         match (&a.decision, a.expires_at_ms) {
             (Some(d), _) => {
                 let how = if d.approved { "approved" } else { "rejected" };
@@ -2010,20 +2011,20 @@ fn task_line(t: &Task) -> String {
             (None, None) => s += " approval=asked",
         }
     }
-    if let Some(r) = &t.region {
+    if let Some(r) = &x.region {
         let how = if r.required { "required" } else { "preferred" };
         s += &format!(" region={}({how})", r.name);
     }
     if let Some(k) = &t.idempotency_key {
         s += &format!(" key={k}");
     }
-    if let Some(trace) = &t.trace {
+    if let Some(trace) = &x.trace {
         s += &format!(" trace={}", trace.trace_hex());
     }
-    if let Some(r) = &t.result {
+    if let Some(r) = &o.result {
         s += &format!(" result={}", shorten(r));
     }
-    if let Some(e) = &t.last_error {
+    if let Some(e) = &o.last_error {
         s += &format!(" error={:?}", shorten(e));
     }
     s

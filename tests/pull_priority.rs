@@ -86,6 +86,7 @@ fn agent_id(i: usize) -> AgentId {
 fn could_run(a: &Agent, t: &Task) -> bool {
     let caps_ok = t.capabilities.iter().all(|c| a.gpu && c == "gpu");
     let region_ok = t
+        .extras()
         .region
         .as_ref()
         .is_none_or(|r| !r.required || r.name == REGIONS[a.region]);

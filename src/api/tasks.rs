@@ -701,15 +701,16 @@ pub async fn get(
             .flatten()
     });
     let found = found.map(|t| {
+        let x = t.extras();
         let deps = || {
-            let ids: Vec<String> = t.waiting_on.iter().map(|d| d.0.to_string()).collect();
+            let ids: Vec<String> = x.waiting_on.iter().map(|d| d.0.to_string()).collect();
             format!("tasks {} to complete", ids.join(", "))
         };
-        let waiting_for = match (&t.blocked, t.waiting_on.as_slice()) {
+        let waiting_for = match (&x.blocked, x.waiting_on.as_slice()) {
             _ if held_by.is_some() => held_by.map(|n| format!("held by kill switch {n}")),
             _ if t.status == crate::fsm::TaskStatus::AwaitingApproval => {
                 let mut why = format!("an approval (POST /tasks/{}/approve)", t.id.0);
-                match (&t.blocked, t.waiting_on.is_empty()) {
+                match (&x.blocked, x.waiting_on.is_empty()) {
                     (Some(blocked), _) => why.push_str(&format!("; blocked: {blocked}")),
                     (None, false) => why.push_str(&format!(", and {}", deps())),
                     (None, true) => {}

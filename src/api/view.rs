@@ -176,6 +176,7 @@ impl Serialize for Raw<'_> {
 impl Serialize for TaskView {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let t = &*self.0;
+        let (x, o) = (t.extras(), t.outcome());
         TaskJson {
             id: t.id.0,
             tenant: &t.tenant.0,
@@ -184,16 +185,16 @@ impl Serialize for TaskView {
             payload: Raw(&t.payload),
             capabilities: &t.capabilities,
             session_key: t.session_key.as_ref().map(|k| k.0.as_str()),
-            scheduled_at: t.scheduled_at_ms.map(rfc3339),
+            scheduled_at: x.scheduled_at_ms.map(rfc3339),
             max_attempts: t.max_attempts,
             attempt_count: t.attempts,
             lease_count: t.lease_count,
             timeout_ms: t.timeout_ms,
             backoff: &t.backoff,
             idempotency_key: t.idempotency_key.as_deref(),
-            parent_id: t.parent_id.map(|p| p.0),
-            region: t.region.as_ref().map(|r| r.name.as_str()),
-            region_required: t.region.as_ref().is_some_and(|r| r.required),
+            parent_id: x.parent_id.map(|p| p.0),
+            region: x.region.as_ref().map(|r| r.name.as_str()),
+            region_required: x.region.as_ref().is_some_and(|r| r.required),
             trace_id: TraceHex(t.trace().trace_hex_bytes()),
             lease: t.lease.as_ref().map(|l| LeaseJson {
                 fencing_token: l.token.0,
@@ -201,18 +202,18 @@ impl Serialize for TaskView {
                 leased_at: rfc3339(l.leased_at_ms),
                 expires_at: rfc3339(l.expires_at_ms),
             }),
-            agent_id: t.last_agent.as_ref().map(|a| a.0.as_str()),
-            result: t.result.as_deref().map(Raw),
-            error: t.last_error.as_deref(),
-            next_attempt_at: t.next_attempt_at_ms.map(rfc3339),
+            agent_id: o.last_agent.as_ref().map(|a| a.0.as_str()),
+            result: o.result.as_deref().map(Raw),
+            error: o.last_error.as_deref(),
+            next_attempt_at: o.next_attempt_at_ms.map(rfc3339),
             created_at: rfc3339(t.created_at_ms),
             updated_at: rfc3339(t.updated_at_ms),
-            depends_on: t.depends_on.iter().map(|d| d.0).collect(),
-            waiting_on: t.waiting_on.iter().map(|d| d.0).collect(),
-            on_dependency_failure: (!t.depends_on.is_empty())
+            depends_on: x.depends_on.iter().map(|d| d.0).collect(),
+            waiting_on: x.waiting_on.iter().map(|d| d.0).collect(),
+            on_dependency_failure: (!x.depends_on.is_empty())
                 .then(|| t.on_dependency_failure.as_str()),
-            blocked: t.blocked.as_deref(),
-            approval: t.approval.as_ref().map(|a| ApprovalJson {
+            blocked: x.blocked.as_deref(),
+            approval: x.approval.as_ref().map(|a| ApprovalJson {
                 expires_at: a.expires_at_ms.map(rfc3339),
                 decision: a.decision.as_ref().map(|d| DecisionJson {
                     approved: d.approved,
@@ -221,7 +222,7 @@ impl Serialize for TaskView {
                     at: rfc3339(d.at_ms),
                 }),
             }),
-            usage: t.usage.as_ref().map(|u| UsageJson {
+            usage: o.usage.as_ref().map(|u| UsageJson {
                 input_tokens: u.input_tokens,
                 output_tokens: u.output_tokens,
                 model: u.model.as_deref(),

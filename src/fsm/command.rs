@@ -1159,7 +1159,8 @@ impl DeadLetterFilter {
         self.tenant.as_ref().is_none_or(|t| *t == task.tenant)
             && self.priority.is_none_or(|p| p == task.priority)
             && self.error_contains.as_ref().is_none_or(|needle| {
-                task.last_error
+                task.outcome()
+                    .last_error
                     .as_deref()
                     .is_some_and(|e| e.contains(needle.as_str()))
             })

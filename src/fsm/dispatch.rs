@@ -180,7 +180,7 @@ impl State {
         task: &super::Task,
         node_dead_after_ms: u64,
     ) -> Option<String> {
-        let r = task.region.as_ref().filter(|r| r.required)?;
+        let r = task.extras().region.as_ref().filter(|r| r.required)?;
         if task.status != super::TaskStatus::Pending {
             return None;
         }
@@ -560,7 +560,7 @@ impl State {
         let yielded = std::cell::Cell::new(false);
         let allowed = |id| {
             let t = &tasks[&id];
-            if let Some(r) = &t.region
+            if let Some(r) = &t.extras().region
                 && slot.region != r.name
             {
                 if r.required {
@@ -783,7 +783,8 @@ mod tests {
         }
         let t = s.task_shared(TaskId(1)).unwrap();
         assert!(
-            t.last_error
+            t.outcome()
+                .last_error
                 .as_deref()
                 .is_some_and(|e| e.contains("50 leases ended without a result")),
             "{t:?}"

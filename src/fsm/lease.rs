@@ -91,7 +91,7 @@ impl State {
         };
         let t = &self.tasks[&id];
         if t.lease_count == 0 {
-            let ready_at = t.ready_at_ms.unwrap_or(t.created_at_ms);
+            let ready_at = t.extras().ready_at_ms.unwrap_or(t.created_at_ms);
             let key = WaitKey {
                 tenant: t.tenant.clone(),
                 day: day_of(self.clock_ms),
@@ -104,7 +104,7 @@ impl State {
         self.move_task(id, TaskStatus::Leased, |t| {
             t.lease = Some(Box::new(lease));
             t.lease_count += 1;
-            t.last_agent = Some(agent.clone());
+            t.outcome_mut().last_agent = Some(agent.clone());
         })
         .expect("invariant: picked tasks are pending");
         self.emit(
@@ -239,8 +239,8 @@ impl State {
             });
         self.move_task(id, TaskStatus::Completed, |t| {
             t.lease = None;
-            t.result = Some(result.to_owned());
-            t.usage = usage.map(Box::new);
+            t.outcome_mut().result = Some(result.to_owned());
+            t.outcome_mut().usage = usage;
         })
         .expect("invariant: leased tasks can complete");
         self.emit(events, id, EventKind::Completed);
@@ -312,8 +312,8 @@ impl State {
         self.move_task(id, to, |t| {
             t.lease = None;
             t.attempts = failures;
-            t.last_error = Some(error);
-            t.next_attempt_at_ms = (!out_of_attempts).then_some(retry_at);
+            t.outcome_mut().last_error = Some(error);
+            t.outcome_mut().next_attempt_at_ms = (!out_of_attempts).then_some(retry_at);
         })
         .expect("invariant: leased tasks can fail");
         let kind = if out_of_attempts {

@@ -23,7 +23,7 @@ use super::session::Sessions;
 use super::task::{
     AgentId, FencingToken, Limits, Priority, SessionKey, Task, TaskId, TaskStatus, Tenant,
 };
-use super::task::{Approval, ApprovalDecision, DependencyFailure};
+use super::task::{Approval, ApprovalDecision, DependencyFailure, TaskExtras};
 use super::usage::{BudgetAlert, BudgetLevel, BudgetPeriod, BudgetUnit, Day, Ledger};
 
 /// Task counts per priority (rank order) and status (declaration order).
@@ -768,7 +768,7 @@ impl State {
                     self.expire_approval(id, events);
                 }
                 Some((_, id, Timer::Ready)) => {
-                    self.move_task(id, TaskStatus::Pending, |t| t.next_attempt_at_ms = None)
+                    self.move_task(id, TaskStatus::Pending, |t| t.clear_next_attempt())
                         .expect("invariant: delayed tasks are scheduled or failed");
                     self.emit(events, id, EventKind::Ready);
                 }
@@ -803,8 +803,8 @@ impl State {
         );
         self.move_task(id, TaskStatus::DeadLetter, |t| {
             t.lease = None;
-            t.last_error = Some(error);
-            t.next_attempt_at_ms = None;
+            t.outcome_mut().last_error = Some(error);
+            t.clear_next_attempt();
         })
         .expect("invariant: leased tasks can be dead-lettered");
         self.emit(events, id, EventKind::DeadLettered);
@@ -866,8 +866,8 @@ impl State {
         } else if !waiting_on.is_empty() {
             task.status = TaskStatus::Waiting;
         }
-        task.blocked = self.blocked_reason(&waiting_on);
-        task.waiting_on = waiting_on;
+        let blocked = self.blocked_reason(&waiting_on);
+        task.set_waiting(waiting_on, blocked);
         let id = task.id;
         if let Some(key) = &spec.idempotency_key {
             self.idempotency.insert(&spec.tenant, key, id);
@@ -886,51 +886,47 @@ impl State {
         self.last_task_id = mint(self.last_task_id, self.group);
         let capabilities = normalize_caps(&spec.capabilities);
         let scheduled = spec.scheduled_at_ms.filter(|at| *at > self.clock_ms);
+        let approval = spec.requires_approval.then(|| Approval {
+            expires_at_ms: spec
+                .approval_expires_in_ms
+                .map(|ms| self.clock_ms.saturating_add(ms)),
+            decision: None,
+        });
+        let extras = TaskExtras {
+            scheduled_at_ms: spec.scheduled_at_ms,
+            parent_id: spec.parent_id,
+            trace: spec.trace,
+            region: spec.region.clone(),
+            depends_on: spec.depends_on.clone(),
+            approval,
+            ..TaskExtras::NONE
+        };
         Task {
             id: TaskId(self.last_task_id),
             tenant: spec.tenant.clone(),
             priority: spec.priority.or(parent_priority).unwrap_or_default(),
-            payload: spec.payload.clone(),
-            capabilities,
-            session_key: spec.session_key.clone(),
-            scheduled_at_ms: spec.scheduled_at_ms,
-            max_attempts: spec
-                .max_attempts
-                .unwrap_or(SubmitTask::DEFAULT_MAX_ATTEMPTS),
-            timeout_ms: spec.timeout_ms.unwrap_or(SubmitTask::DEFAULT_TIMEOUT_MS),
-            backoff: spec.backoff.unwrap_or_default(),
-            idempotency_key: spec.idempotency_key.clone(),
-            parent_id: spec.parent_id,
-            trace: spec.trace.map(Box::new),
-            region: spec.region.clone().map(Box::new),
             status: if scheduled.is_some() {
                 TaskStatus::Scheduled
             } else {
                 TaskStatus::Pending
             },
+            on_dependency_failure: spec.on_dependency_failure.unwrap_or_default(),
+            max_attempts: spec
+                .max_attempts
+                .unwrap_or(SubmitTask::DEFAULT_MAX_ATTEMPTS),
             attempts: 0,
             lease_count: 0,
+            payload: spec.payload.clone(),
+            capabilities,
+            session_key: spec.session_key.clone(),
+            timeout_ms: spec.timeout_ms.unwrap_or(SubmitTask::DEFAULT_TIMEOUT_MS),
+            backoff: spec.backoff.unwrap_or_default(),
+            idempotency_key: spec.idempotency_key.clone(),
             lease: None,
-            last_agent: None,
-            next_attempt_at_ms: None,
-            result: None,
-            last_error: None,
             created_at_ms: self.clock_ms,
             updated_at_ms: self.clock_ms,
-            depends_on: spec.depends_on.clone(),
-            waiting_on: Vec::new(),
-            on_dependency_failure: spec.on_dependency_failure.unwrap_or_default(),
-            blocked: None,
-            approval: spec.requires_approval.then(|| {
-                Box::new(Approval {
-                    expires_at_ms: spec
-                        .approval_expires_in_ms
-                        .map(|ms| self.clock_ms.saturating_add(ms)),
-                    decision: None,
-                })
-            }),
-            usage: None,
-            ready_at_ms: None,
+            extras: (extras != TaskExtras::NONE).then(|| Box::new(extras)),
+            outcome: None,
         }
     }
 
@@ -1110,9 +1106,9 @@ impl State {
                     _ => {
                         let reason = {
                             let t = &self.tasks[&w];
-                            self.blocked_reason(&t.waiting_on)
+                            self.blocked_reason(&t.extras().waiting_on)
                         };
-                        self.edit_in_place(w, |t| t.blocked = reason);
+                        self.edit_in_place(w, |t| t.set_blocked(reason));
                     }
                 }
             }
@@ -1130,10 +1126,9 @@ impl State {
             self.count_lost_attempt(c, TaskStatus::Cancelled);
             let cancelled = self.move_task(c, TaskStatus::Cancelled, |t| {
                 t.lease = None;
-                t.next_attempt_at_ms = None;
-                t.waiting_on.clear();
-                t.blocked = None;
-                t.last_error = Some(reason.clone());
+                t.clear_next_attempt();
+                t.stop_waiting();
+                t.outcome_mut().last_error = Some(reason.clone());
             });
             if cancelled.is_ok() {
                 self.emit(events, c, EventKind::Cancelled);
@@ -1144,25 +1139,32 @@ impl State {
 
     fn dependency_completed(&mut self, w: TaskId, dep: TaskId, events: &mut Vec<Event>) {
         let t = &self.tasks[&w];
-        let left: Vec<TaskId> = t.waiting_on.iter().copied().filter(|d| *d != dep).collect();
+        let left: Vec<TaskId> = t
+            .extras()
+            .waiting_on
+            .iter()
+            .copied()
+            .filter(|d| *d != dep)
+            .collect();
         // A task awaiting approval keeps count, and goes on when approved.
         if !left.is_empty() || t.status == TaskStatus::AwaitingApproval {
             let reason = self.blocked_reason(&left);
             self.edit_in_place(w, |t| {
-                t.waiting_on = left;
-                t.blocked = reason;
+                t.set_waiting(left, reason);
             });
             return;
         }
-        let scheduled = t.scheduled_at_ms.is_some_and(|at| at > self.clock_ms);
+        let scheduled = t
+            .extras()
+            .scheduled_at_ms
+            .is_some_and(|at| at > self.clock_ms);
         let to = if scheduled {
             TaskStatus::Scheduled
         } else {
             TaskStatus::Pending
         };
         self.move_task(w, to, |t| {
-            t.waiting_on.clear();
-            t.blocked = None;
+            t.stop_waiting();
         })
         .expect("invariant: a waiting task may become pending or scheduled");
         self.emit(events, w, EventKind::DependenciesMet);
@@ -1179,9 +1181,8 @@ impl State {
         match self.tasks[&w].on_dependency_failure {
             DependencyFailure::Cancel => {
                 self.move_task(w, TaskStatus::Cancelled, |t| {
-                    t.waiting_on.clear();
-                    t.blocked = None;
-                    t.last_error = Some(reason);
+                    t.stop_waiting();
+                    t.outcome_mut().last_error = Some(reason);
                 })
                 .expect("invariant: a waiting task may be cancelled");
                 self.emit(events, w, EventKind::Cancelled);
@@ -1191,9 +1192,9 @@ impl State {
                 // The reason names the first failed dependency as it is
                 // now (one dead-lettered, then cancelled, says so).
                 let t = &self.tasks[&w];
-                let reason = self.blocked_reason(&t.waiting_on);
-                if reason != t.blocked {
-                    self.edit_in_place(w, |t| t.blocked = reason);
+                let reason = self.blocked_reason(&t.extras().waiting_on);
+                if reason != t.extras().blocked {
+                    self.edit_in_place(w, |t| t.set_blocked(reason));
                     self.emit(events, w, EventKind::Blocked { dependency: dep });
                 }
             }
@@ -1210,16 +1211,20 @@ impl State {
         events: &mut Vec<Event>,
     ) -> Outcome {
         let t = self.awaiting_approval(id)?;
-        let to = if !t.waiting_on.is_empty() {
+        let to = if !t.extras().waiting_on.is_empty() {
             TaskStatus::Waiting
-        } else if t.scheduled_at_ms.is_some_and(|at| at > self.clock_ms) {
+        } else if t
+            .extras()
+            .scheduled_at_ms
+            .is_some_and(|at| at > self.clock_ms)
+        {
             TaskStatus::Scheduled
         } else {
             TaskStatus::Pending
         };
         let decision = self.decision(true, by, reason);
         self.move_task(id, to, |t| {
-            if let Some(a) = &mut t.approval {
+            if let Some(a) = t.extras.as_mut().and_then(|x| x.approval.as_mut()) {
                 a.decision = Some(decision);
             }
         })?;
@@ -1240,10 +1245,9 @@ impl State {
             Limits::MAX_ERROR_BYTES,
         );
         self.move_task(id, TaskStatus::Cancelled, |t| {
-            t.waiting_on.clear();
-            t.blocked = None;
-            t.last_error = Some(error);
-            if let Some(a) = &mut t.approval {
+            t.stop_waiting();
+            t.outcome_mut().last_error = Some(error);
+            if let Some(a) = t.extras.as_mut().and_then(|x| x.approval.as_mut()) {
                 a.decision = Some(decision);
             }
         })?;
@@ -1256,9 +1260,8 @@ impl State {
     /// An undecided approval request lapsed: the task is cancelled.
     fn expire_approval(&mut self, id: TaskId, events: &mut Vec<Event>) {
         self.move_task(id, TaskStatus::Cancelled, |t| {
-            t.waiting_on.clear();
-            t.blocked = None;
-            t.last_error = Some("approval expired undecided".into());
+            t.stop_waiting();
+            t.outcome_mut().last_error = Some("approval expired undecided".into());
         })
         .expect("invariant: a task awaiting approval may be cancelled");
         self.emit(events, id, EventKind::ApprovalExpired);
@@ -1397,7 +1400,7 @@ impl State {
                 self.count_lost_attempt(id, TaskStatus::Cancelled);
                 self.move_task(id, TaskStatus::Cancelled, |t| {
                     t.lease = None;
-                    t.last_error = Some(reason.clone());
+                    t.outcome_mut().last_error = Some(reason.clone());
                 })
                 .expect("invariant: a leased task may be cancelled");
                 // Its children go on unless the switch matches them too:
@@ -1441,11 +1444,10 @@ impl State {
         self.count_lost_attempt(id, TaskStatus::Cancelled);
         self.move_task(id, TaskStatus::Cancelled, |t| {
             t.lease = None;
-            t.next_attempt_at_ms = None;
-            t.waiting_on.clear();
-            t.blocked = None;
+            t.clear_next_attempt();
+            t.stop_waiting();
             if reason.is_some() {
-                t.last_error = reason;
+                t.outcome_mut().last_error = reason;
             }
         })?;
         self.emit(events, id, EventKind::Cancelled);
@@ -1474,7 +1476,7 @@ impl State {
             if t.status == TaskStatus::DeadLetter {
                 t.attempts = 0;
             }
-            t.next_attempt_at_ms = None;
+            t.clear_next_attempt();
         })
         .expect("invariant: caller checked the task is failed or dead-lettered");
         self.emit(events, id, EventKind::Requeued);
@@ -1749,9 +1751,9 @@ impl State {
             // A scheduled task was ready at its time, however late the
             // timer fired.
             let due = (from == TaskStatus::Scheduled)
-                .then_some(task.scheduled_at_ms)
+                .then_some(task.extras().scheduled_at_ms)
                 .flatten();
-            task.ready_at_ms = Some(due.map_or(clock, |d| d.min(clock)));
+            task.extras_mut().ready_at_ms = Some(due.map_or(clock, |d| d.min(clock)));
         }
         if from != to {
             self.count(&tenant, priority, from, -1);
@@ -1779,7 +1781,7 @@ impl State {
     fn unindex(&mut self, id: TaskId) {
         self.count_session_task(id, -1);
         let t = &self.tasks[&id];
-        if let Some(p) = t.parent_id.filter(|_| !t.status.is_terminal())
+        if let Some(p) = t.extras().parent_id.filter(|_| !t.status.is_terminal())
             && let Some(c) = self.children.get_mut(&p)
         {
             c.remove(&id);
@@ -1818,7 +1820,7 @@ impl State {
                 self.dead_since.remove(&(t.updated_at_ms, id));
             }
             TaskStatus::Waiting | TaskStatus::AwaitingApproval => {
-                for d in &t.waiting_on {
+                for d in &t.extras().waiting_on {
                     if let Some(w) = self.dependents.get_mut(d) {
                         w.remove(&id);
                         if w.is_empty() {
@@ -1840,7 +1842,7 @@ impl State {
     fn index(&mut self, id: TaskId) {
         self.count_session_task(id, 1);
         let t = &self.tasks[&id];
-        if let Some(p) = t.parent_id.filter(|_| !t.status.is_terminal()) {
+        if let Some(p) = t.extras().parent_id.filter(|_| !t.status.is_terminal()) {
             self.children.entry(p).or_default().insert(id);
         }
         match t.status {
@@ -1872,7 +1874,7 @@ impl State {
                 self.dead_since.insert((t.updated_at_ms, id));
             }
             TaskStatus::Waiting | TaskStatus::AwaitingApproval => {
-                for d in &t.waiting_on {
+                for d in &t.extras().waiting_on {
                     self.dependents.entry(*d).or_default().insert(id);
                 }
                 if let Some(at) = approval_due(t) {
@@ -1922,16 +1924,18 @@ enum Timer {
 /// awaits approval (it is then in the delayed timers).
 fn approval_due(t: &Task) -> Option<u64> {
     (t.status == TaskStatus::AwaitingApproval)
-        .then(|| t.approval.as_ref().and_then(|a| a.expires_at_ms))
+        .then(|| t.extras().approval.as_ref().and_then(|a| a.expires_at_ms))
         .flatten()
 }
 
 fn delayed_due(t: &Task) -> u64 {
     match t.status {
         TaskStatus::Failed => t
+            .outcome()
             .next_attempt_at_ms
             .expect("invariant: failed tasks have a next attempt"),
         _ => t
+            .extras()
             .scheduled_at_ms
             .expect("invariant: scheduled tasks have a time"),
     }
@@ -2561,6 +2565,7 @@ mod tests {
                 let mut children: BTreeMap<TaskId, BTreeSet<TaskId>> = BTreeMap::new();
                 for t in s.tasks.values() {
                     let open: Vec<TaskId> = t
+                        .extras()
                         .depends_on
                         .iter()
                         .copied()
@@ -2570,7 +2575,12 @@ mod tests {
                         TaskStatus::Waiting | TaskStatus::AwaitingApproval => {
                             let waiting = t.status == TaskStatus::Waiting;
                             assert!(!waiting || !open.is_empty(), "#{} waits on nothing", t.id);
-                            assert_eq!(t.waiting_on, open, "#{} waits on the open deps", t.id);
+                            assert_eq!(
+                                t.extras().waiting_on,
+                                open,
+                                "#{} waits on the open deps",
+                                t.id
+                            );
                             let failed = open.iter().any(|d| {
                                 matches!(
                                     s.tasks[d].status,
@@ -2578,7 +2588,7 @@ mod tests {
                                 )
                             });
                             assert_eq!(
-                                t.blocked.is_some(),
+                                t.extras().blocked.is_some(),
                                 failed,
                                 "#{} blocked iff a dep failed",
                                 t.id
@@ -2598,10 +2608,10 @@ mod tests {
                             other.as_str()
                         ),
                     }
-                    if let Some(p) = t.parent_id.filter(|_| !t.status.is_terminal()) {
+                    if let Some(p) = t.extras().parent_id.filter(|_| !t.status.is_terminal()) {
                         children.entry(p).or_default().insert(t.id);
                     }
-                    if let Some(a) = &t.approval
+                    if let Some(a) = &t.extras().approval
                         && !matches!(
                             t.status,
                             TaskStatus::AwaitingApproval | TaskStatus::Cancelled
@@ -2650,7 +2660,8 @@ mod tests {
                     .tasks
                     .values()
                     .filter(|t| {
-                        t.last_error
+                        t.outcome()
+                            .last_error
                             .as_deref()
                             .is_some_and(|e| e.starts_with("parent "))
                     })
@@ -2662,5 +2673,107 @@ mod tests {
         assert!(released > 50, "dependencies were met often ({released})");
         assert!(blocked > 5, "some dependents blocked ({blocked})");
         assert!(cascaded > 5, "some cancels cascaded ({cascaded})");
+    }
+}
+
+/// The boxes of a task's rare fields and outcome are allocated only when
+/// something goes in them: a deep queue of plain tasks carries neither.
+#[cfg(test)]
+mod task_boxes {
+    use super::State;
+    use crate::fsm::{Command, FencingToken, Reply, SubmitTask, TaskId, TaskStatus};
+
+    fn submit(s: &mut State, at: u64, spec: SubmitTask) -> TaskId {
+        match s.apply_one(at, Command::Submit(spec)).unwrap() {
+            Reply::Submitted { task, .. } => task.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn lease(s: &mut State, at: u64) -> FencingToken {
+        let lease = Command::Lease {
+            agent_id: "a".into(),
+            capabilities: vec![],
+            max: 1,
+            lease_ms: 10_000,
+        };
+        match s.apply_one(at, lease).unwrap() {
+            Reply::Leased(grants) => grants[0].token,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn plain() -> SubmitTask {
+        SubmitTask {
+            tenant: "t".into(),
+            payload: "{}".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_what_is_set_is_boxed() {
+        let mut s = State::default();
+        let plain_id = submit(&mut s, 1, plain());
+        let t = s.task_shared(plain_id).unwrap();
+        assert!(t.extras.is_none() && t.outcome.is_none(), "{t:?}");
+
+        // Leased, failed and retried, then cancelled: no extras appear.
+        let token = lease(&mut s, 2);
+        assert!(s.task_shared(plain_id).unwrap().extras.is_none());
+        let fail = Command::Fail {
+            token,
+            error: "boom".into(),
+            retryable: true,
+            usage: None,
+        };
+        s.apply_one(3, fail).unwrap();
+        s.apply_one(4, Command::Retry { id: plain_id }).unwrap();
+        let cancel = Command::Cancel {
+            id: plain_id,
+            reason: None,
+            keep_children: true,
+        };
+        s.apply_one(5, cancel).unwrap();
+        let t = s.task_shared(plain_id).unwrap();
+        assert_eq!(t.status, TaskStatus::Cancelled);
+        assert!(t.extras.is_none(), "{t:?}");
+        let o = t.outcome.as_deref().expect("the failure was recorded");
+        assert_eq!(
+            (
+                o.last_agent.as_ref().map(|a| a.0.as_str()),
+                o.last_error.as_deref()
+            ),
+            (Some("a"), Some("boom"))
+        );
+        assert_eq!(o.next_attempt_at_ms, None, "retried, so none is due");
+
+        // A completed task: its result, no extras.
+        let done = submit(&mut s, 6, plain());
+        let token = lease(&mut s, 7);
+        let complete = Command::Complete {
+            token,
+            result: r#"{"ok":true}"#.into(),
+        };
+        s.apply_one(8, complete).unwrap();
+        let t = s.task_shared(done).unwrap();
+        assert!(t.extras.is_none(), "{t:?}");
+        assert_eq!(t.outcome().result.as_deref(), Some(r#"{"ok":true}"#));
+
+        // What a submission sets goes in the extras, and reads back.
+        let scheduled = submit(
+            &mut s,
+            9,
+            SubmitTask {
+                scheduled_at_ms: Some(1_000),
+                parent_id: Some(done),
+                ..plain()
+            },
+        );
+        let t = s.task_shared(scheduled).unwrap();
+        assert_eq!(t.status, TaskStatus::Scheduled);
+        let x = t.extras.as_deref().expect("boxed");
+        assert_eq!((x.scheduled_at_ms, x.parent_id), (Some(1_000), Some(done)));
+        assert!(t.outcome.is_none());
     }
 }

@@ -278,6 +278,13 @@ pub struct LeaseInfo {
 }
 
 /// A task and everything the queue knows about it.
+///
+/// The fields most tasks never set live in [`TaskExtras`] and those an
+/// attempt's end sets in [`TaskOutcome`], each boxed and absent until one
+/// of its fields is set, so a plain pending task carries neither's space
+/// (a queue's depth is mostly such tasks). Read them through
+/// [`Task::extras`] and [`Task::outcome`], change them through the `_mut`
+/// forms.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     /// Identity, in submission order.
@@ -286,37 +293,88 @@ pub struct Task {
     pub tenant: Tenant,
     /// Dispatch priority.
     pub priority: Priority,
+    /// Current status.
+    pub status: TaskStatus,
+    /// What a dependency that is dead-lettered or cancelled does to it.
+    pub on_dependency_failure: DependencyFailure,
+    /// Failed attempts allowed before the dead-letter queue.
+    pub max_attempts: u32,
+    /// Failed attempts so far (an expired lease does not count).
+    pub attempts: u32,
+    /// Leases granted so far, including expired ones.
+    pub lease_count: u32,
     /// The work, as JSON object text (validated at submit).
     pub payload: String,
     /// Capabilities an agent must have, sorted and without duplicates.
     pub capabilities: Vec<String>,
     /// Session affinity key.
     pub session_key: Option<SessionKey>,
-    /// When the task may first run (ms since the epoch).
-    pub scheduled_at_ms: Option<u64>,
-    /// Failed attempts allowed before the dead-letter queue.
-    pub max_attempts: u32,
     /// Longest one attempt may take, from lease to report.
     pub timeout_ms: u64,
     /// Retry backoff policy.
     pub backoff: Backoff,
     /// Client key that makes submission idempotent within the tenant.
     pub idempotency_key: Option<String>,
+    /// The live lease, while leased or running.
+    pub lease: Option<Box<LeaseInfo>>,
+    /// Submission time.
+    pub created_at_ms: u64,
+    /// Time of the last change.
+    pub updated_at_ms: u64,
+    /// What most tasks leave unset (see [`Task::extras`]).
+    pub extras: Option<Box<TaskExtras>>,
+    /// What its attempts' ends recorded (see [`Task::outcome`]).
+    pub outcome: Option<Box<TaskOutcome>>,
+}
+
+/// The fields of a [`Task`] most tasks never set: a schedule, a parent, a
+/// trace, a region, dependencies, an approval.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskExtras {
+    /// When the task may first run (ms since the epoch).
+    pub scheduled_at_ms: Option<u64>,
     /// The task that spawned this one.
     pub parent_id: Option<TaskId>,
     /// The trace its submission carried, if it carried one (see
     /// [`Task::trace`]); each attempt is a span in it.
-    pub trace: Option<Box<crate::trace::TraceContext>>,
+    pub trace: Option<crate::trace::TraceContext>,
     /// The region it should (or must) run in: its agent's gateway's region.
-    pub region: Option<Box<TaskRegion>>,
-    /// Current status.
-    pub status: TaskStatus,
-    /// Failed attempts so far (an expired lease does not count).
-    pub attempts: u32,
-    /// Leases granted so far, including expired ones.
-    pub lease_count: u32,
-    /// The live lease, while leased or running.
-    pub lease: Option<Box<LeaseInfo>>,
+    pub region: Option<TaskRegion>,
+    /// The tasks it runs after (each must complete first), as submitted.
+    pub depends_on: Vec<TaskId>,
+    /// Those of `depends_on` that have not completed yet, while waiting.
+    pub waiting_on: Vec<TaskId>,
+    /// While waiting: why it cannot go on (a dependency dead-lettered or
+    /// cancelled, under [`DependencyFailure::Block`]).
+    pub blocked: Option<String>,
+    /// For a task submitted with `requires_approval`: when the request
+    /// lapses, and the decision once made.
+    pub approval: Option<Approval>,
+    /// When it became ready to lease after waiting, before its first
+    /// lease: for its scheduled time, approval or dependencies (`None`:
+    /// ready from submission). Its queue wait counts from here.
+    pub ready_at_ms: Option<u64>,
+}
+
+impl TaskExtras {
+    /// All unset: what [`Task::extras`] reads for a task without any.
+    pub const NONE: TaskExtras = TaskExtras {
+        scheduled_at_ms: None,
+        parent_id: None,
+        trace: None,
+        region: None,
+        depends_on: Vec::new(),
+        waiting_on: Vec::new(),
+        blocked: None,
+        approval: None,
+        ready_at_ms: None,
+    };
+}
+
+/// The fields of a [`Task`] its attempts' ends set: who ran it last, its
+/// result or last error, when it retries, what it used.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOutcome {
     /// The agent of the last lease, kept after it ends.
     pub last_agent: Option<AgentId>,
     /// When the next attempt becomes ready, while failed.
@@ -325,29 +383,20 @@ pub struct Task {
     pub result: Option<String>,
     /// The last error reported or recorded.
     pub last_error: Option<String>,
-    /// Submission time.
-    pub created_at_ms: u64,
-    /// Time of the last change.
-    pub updated_at_ms: u64,
-    /// The tasks it runs after (each must complete first), as submitted.
-    pub depends_on: Vec<TaskId>,
-    /// Those of `depends_on` that have not completed yet, while waiting.
-    pub waiting_on: Vec<TaskId>,
-    /// What a dependency that is dead-lettered or cancelled does to it.
-    pub on_dependency_failure: DependencyFailure,
-    /// While waiting: why it cannot go on (a dependency dead-lettered or
-    /// cancelled, under [`DependencyFailure::Block`]).
-    pub blocked: Option<String>,
-    /// For a task submitted with `requires_approval`: when the request
-    /// lapses, and the decision once made.
-    pub approval: Option<Box<Approval>>,
     /// What its completed attempt used, when its result reported tokens
     /// ([`super::usage`]).
-    pub usage: Option<Box<super::usage::TaskUsage>>,
-    /// When it became ready to lease after waiting, before its first
-    /// lease: for its scheduled time, approval or dependencies (`None`:
-    /// ready from submission). Its queue wait counts from here.
-    pub ready_at_ms: Option<u64>,
+    pub usage: Option<super::usage::TaskUsage>,
+}
+
+impl TaskOutcome {
+    /// All unset: what [`Task::outcome`] reads for a task without any.
+    pub const NONE: TaskOutcome = TaskOutcome {
+        last_agent: None,
+        next_attempt_at_ms: None,
+        result: None,
+        last_error: None,
+        usage: None,
+    };
 }
 
 /// A task's approval: asked at submission, decided by an operator or
@@ -418,10 +467,63 @@ pub struct TaskRegion {
 }
 
 impl Task {
+    /// Its rarely set fields (all unset when it has none).
+    pub fn extras(&self) -> &TaskExtras {
+        static NONE: TaskExtras = TaskExtras::NONE;
+        self.extras.as_deref().unwrap_or(&NONE)
+    }
+
+    /// Its rarely set fields, to change (boxed on first use).
+    pub fn extras_mut(&mut self) -> &mut TaskExtras {
+        self.extras.get_or_insert_with(Box::default)
+    }
+
+    /// What its attempts' ends recorded (all unset before the first).
+    pub fn outcome(&self) -> &TaskOutcome {
+        static NONE: TaskOutcome = TaskOutcome::NONE;
+        self.outcome.as_deref().unwrap_or(&NONE)
+    }
+
+    /// What its attempts' ends recorded, to change (boxed on first use).
+    pub fn outcome_mut(&mut self) -> &mut TaskOutcome {
+        self.outcome.get_or_insert_with(Box::default)
+    }
+
+    /// Sets what it waits on and why it is blocked; boxes nothing when
+    /// both are empty and it has no extras.
+    pub(crate) fn set_waiting(&mut self, waiting_on: Vec<TaskId>, blocked: Option<String>) {
+        if waiting_on.is_empty() && blocked.is_none() && self.extras.is_none() {
+            return;
+        }
+        let x = self.extras_mut();
+        x.waiting_on = waiting_on;
+        x.blocked = blocked;
+    }
+
+    /// Sets why it is blocked (see [`Task::set_waiting`]).
+    pub(crate) fn set_blocked(&mut self, blocked: Option<String>) {
+        if blocked.is_some() || self.extras.is_some() {
+            self.extras_mut().blocked = blocked;
+        }
+    }
+
+    /// It waits on nothing any more.
+    pub(crate) fn stop_waiting(&mut self) {
+        self.set_waiting(Vec::new(), None);
+    }
+
+    /// No next attempt is due (it left the failed state).
+    pub(crate) fn clear_next_attempt(&mut self) {
+        if let Some(o) = self.outcome.as_deref_mut() {
+            o.next_attempt_at_ms = None;
+        }
+    }
+
     /// Whether an agent in `region` (none: a worker on no gateway) may run
     /// the task: it names no region, only prefers one, or requires this one.
     pub fn may_run_in(&self, region: Option<&str>) -> bool {
-        self.region
+        self.extras()
+            .region
             .as_ref()
             .is_none_or(|r| !r.required || region == Some(r.name.as_str()))
     }
@@ -429,9 +531,8 @@ impl Task {
     /// The task's trace: the one its submission carried, else one derived
     /// from its id and creation time (the same on every node).
     pub fn trace(&self) -> crate::trace::TraceContext {
-        self.trace
-            .as_deref()
-            .copied()
+        self.extras()
+            .trace
             .unwrap_or_else(|| crate::trace::TraceContext::derived(self.id.0, self.created_at_ms))
     }
 }
