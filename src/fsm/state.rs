@@ -886,11 +886,13 @@ impl State {
         self.last_task_id = mint(self.last_task_id, self.group);
         let capabilities = normalize_caps(&spec.capabilities);
         let scheduled = spec.scheduled_at_ms.filter(|at| *at > self.clock_ms);
-        let approval = spec.requires_approval.then(|| Approval {
-            expires_at_ms: spec
-                .approval_expires_in_ms
-                .map(|ms| self.clock_ms.saturating_add(ms)),
-            decision: None,
+        let approval = spec.requires_approval.then(|| {
+            Box::new(Approval {
+                expires_at_ms: spec
+                    .approval_expires_in_ms
+                    .map(|ms| self.clock_ms.saturating_add(ms)),
+                decision: None,
+            })
         });
         let extras = TaskExtras {
             scheduled_at_ms: spec.scheduled_at_ms,

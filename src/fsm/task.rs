@@ -349,7 +349,7 @@ pub struct TaskExtras {
     pub blocked: Option<String>,
     /// For a task submitted with `requires_approval`: when the request
     /// lapses, and the decision once made.
-    pub approval: Option<Approval>,
+    pub approval: Option<Box<Approval>>,
     /// When it became ready to lease after waiting, before its first
     /// lease: for its scheduled time, approval or dependencies (`None`:
     /// ready from submission). Its queue wait counts from here.
