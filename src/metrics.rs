@@ -464,7 +464,7 @@ fn budgets(node: &Node, m: &Metrics) {
     let visit = |f: &mut dyn FnMut(&crate::fsm::State)| crate::budget::for_groups(node, f);
     for (tenant, budget) in budgets {
         for u in crate::budget::uses(&visit, node.config(), &tenant, &budget, now) {
-            let labels = [tenant.0.as_str(), u.period.as_str(), u.unit.as_str()];
+            let labels = [tenant.as_str(), u.period.as_str(), u.unit.as_str()];
             m.budget_used.with_label_values(&labels).set(u.ratio());
             m.budget_soft
                 .with_label_values(&labels)

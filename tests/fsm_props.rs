@@ -130,7 +130,7 @@ fn same_task(f: &Task, m: &MTask) -> Result<(), TestCaseError> {
     let actual = (
         f.status,
         f.priority,
-        &f.tenant.0,
+        f.tenant.as_str(),
         &f.capabilities,
         f.attempts,
         f.max_attempts,
@@ -143,7 +143,7 @@ fn same_task(f: &Task, m: &MTask) -> Result<(), TestCaseError> {
     let expected = (
         m.status,
         m.priority,
-        &m.tenant,
+        m.tenant.as_str(),
         &m.caps,
         m.attempts,
         m.max_attempts,
@@ -169,7 +169,7 @@ fn same_depth(model: &Model, state: &State, tasks: &[Task]) -> Result<(), TestCa
     let depth = state.depth();
     for tenant in depth.by_tenant.keys() {
         ensure!(
-            TENANTS.contains(&tenant.0.as_str()),
+            TENANTS.contains(&tenant.as_str()),
             "depth has tenant {tenant}"
         );
     }

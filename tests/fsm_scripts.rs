@@ -584,7 +584,7 @@ impl Runner {
                     format!(
                         "flag {name}: enabled={} tenant={:?} cap={:?} kind={:?} model={:?} percent={:?} by={} at={}",
                         f.enabled,
-                        f.tenant.as_ref().map(|t| t.0.as_str()),
+                        f.tenant.as_ref().map(|t| t.as_str()),
                         f.capability,
                         f.gateway_kind,
                         f.model,
@@ -612,7 +612,7 @@ impl Runner {
                     let gateways: Vec<&str> = sw.gateways.iter().map(|g| g.0.as_str()).collect();
                     format!(
                         "switch {name}: tenant={:?} cap={:?} kind={:?} model={:?} percent={:?} cancel_leased={} gateways=[{}] reason={:?}",
-                        sw.tenant.as_ref().map(|t| t.0.as_str()),
+                        sw.tenant.as_ref().map(|t| t.as_str()),
                         sw.capability,
                         sw.gateway_kind,
                         sw.model,
@@ -942,7 +942,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             name: args.require::<String>("name")?,
             flag: Some(FeatureFlag {
                 enabled: args.parsed("on")?.unwrap_or(true),
-                tenant: args.take("tenant").map(Tenant),
+                tenant: args.take("tenant").map(Tenant::from),
                 capability: args.take("cap"),
                 gateway_kind: args.take("kind"),
                 model: args.take("model"),
@@ -971,7 +971,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         },
         "replay" => replay_command(args)?,
         "weight" => Command::SetTenantWeight {
-            tenant: Tenant(args.require("tenant")?),
+            tenant: Tenant::from(args.require::<String>("tenant")?),
             weight: args.require("w")?,
         },
         "tick" => Command::Tick,
@@ -1004,7 +1004,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
                 .collect::<Result<_, String>>()?,
         },
         "budget_alert" => Command::BudgetAlert(BudgetAlert {
-            tenant: Tenant(args.require("tenant")?),
+            tenant: Tenant::from(args.require::<String>("tenant")?),
             period: match args.take("period").as_deref() {
                 Some("month") => BudgetPeriod::Month,
                 _ => BudgetPeriod::Day,
@@ -1023,7 +1023,7 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
         }),
         "sync_weight" => Command::SyncShard {
             weights: vec![SyncWeight {
-                tenant: Tenant(args.require("tenant")?),
+                tenant: Tenant::from(args.require::<String>("tenant")?),
                 weight: args.parsed("w")?,
                 rev: args.require("rev")?,
             }],
@@ -1166,15 +1166,15 @@ fn build_command(verb: &str, args: &mut Args, now_ms: u64) -> Result<Option<Comm
             ids: list(args.take("keys")).into_iter().map(ApiKeyId).collect(),
         },
         "tenant" => Command::CreateTenant {
-            tenant: Tenant(args.require("name")?),
+            tenant: Tenant::from(args.require::<String>("name")?),
             patch: tenant_patch(args)?,
         },
         "tenant_update" => Command::UpdateTenant {
-            tenant: Tenant(args.require("name")?),
+            tenant: Tenant::from(args.require::<String>("name")?),
             patch: tenant_patch(args)?,
         },
         "tenant_delete" => Command::DeleteTenant {
-            tenant: Tenant(args.require("name")?),
+            tenant: Tenant::from(args.require::<String>("name")?),
         },
         "revoke_jti" => Command::RevokeJti {
             jti: args.require("jti")?,
@@ -1214,7 +1214,7 @@ fn new_key(args: &mut Args, now_ms: u64) -> Result<NewApiKey, String> {
     Ok(NewApiKey {
         name: args.take("name").unwrap_or_else(|| id.clone()),
         role: args.parsed("role")?.unwrap_or(Role::Developer),
-        tenant: Tenant(args.take("tenant").unwrap_or_else(|| "a".into())),
+        tenant: Tenant::from(args.take("tenant").unwrap_or_else(|| "a".into())),
         hash: [hash_byte; 32],
         prefix: args.take("prefix").unwrap_or_else(|| "dk_test_AbCd".into()),
         expires_at_ms,
@@ -1254,7 +1254,7 @@ fn tenant_patch(args: &mut Args) -> Result<TenantPatch, String> {
 /// The kill switch of a `switch` or `sync_switch` line.
 fn kill_switch(args: &mut Args) -> Result<KillSwitch, String> {
     Ok(KillSwitch {
-        tenant: args.take("tenant").map(Tenant),
+        tenant: args.take("tenant").map(Tenant::from),
         capability: args.take("cap"),
         cancel_leased: args.parsed("cancel_leased")?.unwrap_or(false),
         reason: args.take("reason"),
@@ -1509,7 +1509,7 @@ fn submit_command(args: &mut Args, now_ms: u64) -> Result<Command, String> {
     let routed: Option<u32> = args.parsed("epoch")?;
     let lookback = args.parsed("lookback")?.unwrap_or(false);
     let task = SubmitTask {
-        tenant: Tenant(args.take("tenant").unwrap_or_else(|| "a".into())),
+        tenant: Tenant::from(args.take("tenant").unwrap_or_else(|| "a".into())),
         priority: args.parsed("priority")?,
         payload,
         capabilities: list(args.take("caps")),
@@ -1673,7 +1673,7 @@ fn replay_command(args: &mut Args) -> Result<Command, String> {
                 .collect::<Result<_, _>>()?,
         ),
         None => ReplaySelector::Filter(DeadLetterFilter {
-            tenant: args.take("tenant").map(Tenant),
+            tenant: args.take("tenant").map(Tenant::from),
             priority: args.parsed("priority")?,
             error_contains: args.take("error"),
         }),

@@ -158,7 +158,9 @@ impl Caller {
     pub fn tenant_named(&self, named: Option<String>) -> ApiResult<Tenant> {
         match named {
             None => Ok(self.id.tenant.clone()),
-            Some(t) if t == self.id.tenant.0 || self.id.role.is_cross_tenant() => Ok(Tenant(t)),
+            Some(t) if t == self.id.tenant.as_str() || self.id.role.is_cross_tenant() => {
+                Ok(Tenant::from(t))
+            }
             Some(t) => Err(self.other_tenant(&t)),
         }
     }
@@ -167,10 +169,10 @@ impl Caller {
     /// and operators; always its own for the others (naming another: 403).
     pub fn tenant_filter(&self, named: Option<String>) -> ApiResult<Option<Tenant>> {
         if self.id.role.is_cross_tenant() {
-            return Ok(named.map(Tenant));
+            return Ok(named.map(Tenant::from));
         }
         match named {
-            Some(t) if t != self.id.tenant.0 => Err(self.other_tenant(&t)),
+            Some(t) if t != self.id.tenant.as_str() => Err(self.other_tenant(&t)),
             _ => Ok(Some(self.id.tenant.clone())),
         }
     }
@@ -182,7 +184,7 @@ impl Caller {
 
     /// Whether an object of the tenant named `t` exists for this caller.
     pub fn sees_named(&self, t: &str) -> bool {
-        self.id.role.is_cross_tenant() || t == self.id.tenant.0
+        self.id.role.is_cross_tenant() || t == self.id.tenant.as_str()
     }
 
     /// Who is asking for what, as the audit log records it.
@@ -243,7 +245,7 @@ impl Identity {
         Identity {
             actor: actor.into(),
             role,
-            tenant_name: tenant.0.as_str().into(),
+            tenant_name: tenant.as_str().into(),
             tenant,
             key,
             expires_at_ms: None,
@@ -438,7 +440,7 @@ impl Authenticator {
                 message: "token revoked".into(),
             });
         }
-        let mut id = Identity::new(actor, role, Tenant(claims.tenant_id), None);
+        let mut id = Identity::new(actor, role, Tenant::from(claims.tenant_id), None);
         id.expires_at_ms = Some((claims.exp + verifier.leeway_s()).saturating_mul(1000));
         Ok(id)
     }

@@ -49,7 +49,7 @@ impl FlagView {
         FlagView {
             name: name.to_owned(),
             enabled: f.enabled,
-            tenant: f.tenant.as_ref().map(|t| t.0.clone()),
+            tenant: f.tenant.as_ref().map(|t| t.to_string()),
             capability: f.capability.clone(),
             gateway_kind: f.gateway_kind.clone(),
             model: f.model.clone(),
@@ -139,7 +139,7 @@ pub async fn set(
 ) -> ApiResult<Json<FlagView>> {
     let flag = FeatureFlag {
         enabled: b.enabled,
-        tenant: b.tenant.map(Tenant),
+        tenant: b.tenant.map(Tenant::from),
         capability: b.capability,
         gateway_kind: b.gateway_kind,
         model: b.model,

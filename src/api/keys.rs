@@ -81,7 +81,7 @@ pub fn key_view(k: &ApiKeyRecord) -> KeyView {
         id: k.id.0.clone(),
         name: k.name.clone(),
         role: k.role,
-        tenant: k.tenant.0.clone(),
+        tenant: k.tenant.to_string(),
         prefix: k.prefix.clone(),
         created_by: k.created_by.clone(),
         created_at: clock::rfc3339(k.created_at_ms),
@@ -184,7 +184,11 @@ pub async fn list(
     let items = api.node.state().read(|s| {
         s.auth()
             .keys()
-            .filter(|k| q.tenant.as_ref().is_none_or(|t| k.tenant.0 == *t))
+            .filter(|k| {
+                q.tenant
+                    .as_ref()
+                    .is_none_or(|t| k.tenant.as_str() == t.as_str())
+            })
             .filter(|k| q.role.is_none_or(|r| k.role == r))
             .filter(|k| q.live.is_none_or(|l| k.is_live(now) == l))
             .map(|k| key_view(k))

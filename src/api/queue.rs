@@ -64,7 +64,12 @@ pub async fn depth(State(api): State<Api>, caller: Caller) -> ApiResult<Json<Dep
     let by_tenant = d
         .by_tenant
         .keys()
-        .map(|t| (t.0.clone(), view::per_status(|s| d.count(None, s, Some(t)))))
+        .map(|t| {
+            (
+                t.to_string(),
+                view::per_status(|s| d.count(None, s, Some(t))),
+            )
+        })
         .collect();
     Ok(Json(DepthView {
         pending,

@@ -121,7 +121,7 @@ fn session_view(r: &SessionRecord) -> SessionView {
     SessionView {
         id: r.id,
         gateway: r.gateway.0.clone(),
-        tenant: r.tenant.0.clone(),
+        tenant: r.tenant.to_string(),
         session_key: r.session_key.as_ref().map(|k| k.0.clone()),
         agent: r.agent.as_ref().map(|a| a.0.clone()),
         state: r.state,

@@ -53,7 +53,7 @@ impl SwitchView {
     fn of(name: &str, s: &KillSwitch) -> Self {
         SwitchView {
             name: name.to_owned(),
-            tenant: s.tenant.as_ref().map(|t| t.0.clone()),
+            tenant: s.tenant.as_ref().map(|t| t.to_string()),
             capability: s.capability.clone(),
             gateway_kind: s.gateway_kind.clone(),
             model: s.model.clone(),
@@ -159,7 +159,7 @@ pub async fn set(
         ));
     }
     let switch = KillSwitch {
-        tenant: b.tenant.map(Tenant),
+        tenant: b.tenant.map(Tenant::from),
         capability: b.capability,
         cancel_leased: b.cancel_leased,
         reason: b.reason,

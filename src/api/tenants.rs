@@ -197,7 +197,7 @@ pub struct TenantView {
 /// The view of a tenant record.
 pub fn tenant_view(r: &TenantRecord, weight: u32, queued: Option<u64>) -> TenantView {
     TenantView {
-        name: r.name.0.clone(),
+        name: r.name.to_string(),
         weight,
         max_queued: r.settings.max_queued,
         rate_per_second: r.settings.rate_per_second,
@@ -237,7 +237,7 @@ fn tenant_reply(reply: Reply) -> ApiResult<TenantView> {
 }
 
 fn parse_tenant(s: &str) -> ApiResult<Tenant> {
-    let t = Tenant(s.to_owned());
+    let t = Tenant::from(s);
     t.validate()
         .map_err(|p| ApiError::invalid(format!("invalid field `tenant`: {p}")))?;
     Ok(t)
@@ -332,7 +332,7 @@ pub async fn set_weight(
     api.write_as(&caller, cmd, Some(target)).await?;
     spread_weight(&api, &caller, &tenant, Some(b.weight)).await?;
     Ok(Json(WeightView {
-        tenant: tenant.0,
+        tenant: tenant.to_string(),
         weight: b.weight,
     }))
 }
@@ -375,7 +375,9 @@ pub async fn remove(
     api.write_as(&caller, cmd, Some(target.clone())).await?;
     // Its weight goes back to the default in the shards too.
     api.sync_shards(&caller, Some(target)).await?;
-    Ok(Json(DeletedView { deleted: tenant.0 }))
+    Ok(Json(DeletedView {
+        deleted: tenant.to_string(),
+    }))
 }
 
 fn view_of(s: &Fsm, r: &TenantRecord, queued: &BTreeMap<Tenant, u64>) -> TenantView {

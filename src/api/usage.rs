@@ -159,7 +159,7 @@ fn group_of(key: &UsageKey, by: &[By]) -> Group {
     let mut g: Group = Default::default();
     for b in by {
         g[*b as usize] = match b {
-            By::Tenant => Some(key.tenant.0.clone()),
+            By::Tenant => Some(key.tenant.to_string()),
             By::Day => Some(day_text(key.day)),
             By::Model => key.model.clone(),
             By::Gateway => key.gateway.as_ref().map(|g| g.0.clone()),
@@ -301,7 +301,7 @@ async fn gather(api: &Api, r: &Range) -> ApiResult<(Vec<(Group, Sum)>, Vec<WaitR
     let waits = waits
         .into_iter()
         .map(|((tenant, p), w)| WaitRow {
-            tenant: tenant.0,
+            tenant: tenant.to_string(),
             priority: p.0.as_str(),
             tasks: w.tasks,
             mean_wait_ms: w.wait_ms.checked_div(w.tasks).unwrap_or(0),

@@ -623,7 +623,7 @@ impl State {
     ) -> Outcome {
         match cmd {
             Command::Submit(spec) | Command::SubmitRouted { task: spec, .. }
-                if spec.tenant.0 != scope =>
+                if spec.tenant.as_str() != scope =>
             {
                 Err(Rejection::Forbidden(format!(
                     "this credential acts in tenant `{scope}` and cannot submit to `{}`",
@@ -636,7 +636,7 @@ impl State {
                 max,
                 lease_ms,
             } => {
-                let tenant = Tenant(scope.to_owned());
+                let tenant = Tenant::from(scope);
                 self.lease(
                     agent_id,
                     capabilities,
@@ -675,7 +675,7 @@ impl State {
                     }
                     ReplaySelector::Filter(f) => {
                         let mut f = f.clone();
-                        f.tenant = Some(Tenant(scope.to_owned()));
+                        f.tenant = Some(Tenant::from(scope));
                         ReplaySelector::Filter(f)
                     }
                 };
@@ -686,7 +686,10 @@ impl State {
             | Command::ResumeSession { id }
             | Command::CheckpointSession { id, .. }
             | Command::MigrateSession { id, .. } => {
-                let owned = self.sessions.get(*id).is_some_and(|s| s.tenant.0 == scope);
+                let owned = self
+                    .sessions
+                    .get(*id)
+                    .is_some_and(|s| s.tenant.as_str() == scope);
                 if !owned {
                     return Err(super::registry::not_found("session", id));
                 }
@@ -702,7 +705,9 @@ impl State {
     }
 
     fn owns(&self, scope: &str, id: TaskId) -> bool {
-        self.tasks.get(&id).is_some_and(|t| t.tenant.0 == scope)
+        self.tasks
+            .get(&id)
+            .is_some_and(|t| t.tenant.as_str() == scope)
     }
 
     fn check_owns(&self, scope: &str, id: TaskId) -> Result<(), Rejection> {

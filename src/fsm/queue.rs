@@ -296,7 +296,7 @@ mod tests {
             q.insert(Priority::Medium, &"a".into(), &[], TaskId(i));
             q.insert(Priority::Medium, &"b".into(), &[], TaskId(10 + i));
         }
-        let w = |t: &Tenant| if t.0 == "a" { 2 } else { 1 };
+        let w = |t: &Tenant| if t.as_str() == "a" { 2 } else { 1 };
         let order: Vec<_> = std::iter::from_fn(|| take(&mut q, &[], w)).collect();
         assert_eq!(order, vec![0, 1, 10, 2, 3, 11, 12, 13]);
     }

@@ -634,10 +634,38 @@ impl State {
         !matches!(t.status, TaskStatus::Completed | TaskStatus::Cancelled)
     }
 
-    /// Rebuilds [`State::session_tasks`] from the tasks. Run after decoding
-    /// a stored state: the counts are derived, and an older build counted
-    /// dead letters out.
-    pub(crate) fn recount_session_tasks(&mut self) {
+    /// Run on a state decoded from storage (a snapshot or a backup):
+    /// rebuilds what is derived from the tasks and gives every task of a
+    /// tenant the state's one copy of its name, which decoding made one
+    /// per task.
+    pub fn decoded(&mut self) {
+        self.recount_session_tasks();
+        self.share_tenant_names();
+    }
+
+    /// Every task of a tenant holds the name [`State::counts`] is keyed
+    /// by, as a new task gets it ([`State::tenant_named`]).
+    fn share_tenant_names(&mut self) {
+        for slot in self.tasks.values_mut() {
+            if let Some((name, _)) = self.counts.get_key_value(&slot.tenant)
+                && !Arc::ptr_eq(&name.0, &slot.tenant.0)
+            {
+                Arc::make_mut(slot).tenant = name.clone();
+            }
+        }
+    }
+
+    /// The state's copy of a tenant's name, once it has counted a task of
+    /// the tenant (a clone of it is a count, not an allocation).
+    fn tenant_named(&self, tenant: &Tenant) -> Tenant {
+        self.counts
+            .get_key_value(tenant)
+            .map_or_else(|| tenant.clone(), |(name, _)| name.clone())
+    }
+
+    /// Rebuilds [`State::session_tasks`] from the tasks: the counts are
+    /// derived, and an older build counted dead letters out.
+    fn recount_session_tasks(&mut self) {
         let mut counts: BTreeMap<(Tenant, SessionKey), u32> = BTreeMap::new();
         for t in self.tasks.values().filter(|t| Self::holds_session(t)) {
             if let Some(key) = &t.session_key {
@@ -905,7 +933,7 @@ impl State {
         };
         Task {
             id: TaskId(self.last_task_id),
-            tenant: spec.tenant.clone(),
+            tenant: self.tenant_named(&spec.tenant),
             priority: spec.priority.or(parent_priority).unwrap_or_default(),
             status: if scheduled.is_some() {
                 TaskStatus::Scheduled
@@ -2077,7 +2105,7 @@ mod tests {
                 .unwrap();
             let mut sent = Vec::new();
             for step in 0..20 {
-                let tenant = Tenant(format!("t{}", next(3)));
+                let tenant = Tenant::from(format!("t{}", next(3)));
                 let cmd = match next(3) {
                     0 => Command::SetTenantWeight {
                         tenant,
@@ -2242,7 +2270,7 @@ mod tests {
                         .iter()
                         .find_map(|s| s.task(crate::fsm::TaskId(*id)))
                         .expect("listed");
-                    tenant.is_none_or(|x| t.tenant.0 == x)
+                    tenant.is_none_or(|x| t.tenant.as_str() == x)
                 })
                 .collect();
             for (limit, budget) in [(1, 100), (3, 100), (7, 2), (100, 5), (100, 1000)] {
@@ -2678,12 +2706,14 @@ mod tests {
     }
 }
 
-/// The boxes of a task's rare fields and outcome are allocated only when
-/// something goes in them: a deep queue of plain tasks carries neither.
+/// What a task holds in memory: the boxes of its rare fields and outcome
+/// are allocated only when something goes in them (a deep queue of plain
+/// tasks carries neither), and its tenant's name is shared.
 #[cfg(test)]
-mod task_boxes {
+mod task_memory {
     use super::State;
     use crate::fsm::{Command, FencingToken, Reply, SubmitTask, TaskId, TaskStatus};
+    use std::sync::Arc;
 
     fn submit(s: &mut State, at: u64, spec: SubmitTask) -> TaskId {
         match s.apply_one(at, Command::Submit(spec)).unwrap() {
@@ -2777,5 +2807,31 @@ mod task_boxes {
         let x = t.extras.as_deref().expect("boxed");
         assert_eq!((x.scheduled_at_ms, x.parent_id), (Some(1_000), Some(done)));
         assert!(t.outcome.is_none());
+    }
+
+    #[test]
+    fn tasks_of_a_tenant_share_its_name() {
+        let mut s = State::default();
+        let a = submit(&mut s, 1, plain());
+        let b = submit(&mut s, 2, plain());
+        let other = submit(
+            &mut s,
+            3,
+            SubmitTask {
+                tenant: "u".into(),
+                ..plain()
+            },
+        );
+        let name = |s: &State, id| s.task_shared(id).unwrap().tenant.0.clone();
+        assert!(Arc::ptr_eq(&name(&s, a), &name(&s, b)));
+        assert_eq!(&*name(&s, other), "u");
+
+        // Decoding makes one copy per task; `decoded` shares them again.
+        let bytes = crate::codec::encode(&s).unwrap();
+        let mut d: State = crate::codec::decode_state(&bytes).unwrap();
+        assert!(!Arc::ptr_eq(&name(&d, a), &name(&d, b)));
+        d.decoded();
+        assert!(Arc::ptr_eq(&name(&d, a), &name(&d, b)));
+        assert_eq!(d, s);
     }
 }

@@ -50,10 +50,39 @@ macro_rules! string_id {
     };
 }
 
-string_id!(
-    /// The tenant a task belongs to; dispatch is fair across tenants.
-    Tenant
-);
+/// The tenant a task belongs to; dispatch is fair across tenants.
+///
+/// Shared text (`Arc<str>`): the state hands every task of a tenant the
+/// same copy of its name (see `State::tenant_named`), and a clone is a
+/// count, not an allocation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Tenant(pub std::sync::Arc<str>);
+
+impl fmt::Display for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Tenant {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<String> for Tenant {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+impl Tenant {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 string_id!(
     /// The worker that holds a lease.
     AgentId

@@ -216,7 +216,7 @@ impl Restored {
                 what: "state machine copy".into(),
                 source,
             })?;
-        applied.state.recount_session_tasks();
+        applied.state.decoded();
         Ok(Self { applied })
     }
 

@@ -163,7 +163,7 @@ fn note_snapshot(how: &str, file: &std::fs::File) {
 /// A decoded snapshot, checked against its metadata, with its derived
 /// counts rebuilt.
 fn checked(meta: &Meta, mut applied: Applied) -> Result<Applied> {
-    applied.state.recount_session_tasks();
+    applied.state.decoded();
     if applied.last_applied != meta.last_log_id || applied.last_membership != meta.last_membership {
         return Err(StoreError::Inconsistent(format!(
             "snapshot {} payload is at {:?}, its meta says {:?}",

@@ -226,8 +226,8 @@ impl Model {
                 if !(1..=1000).contains(weight) {
                     return invalid("weight");
                 }
-                self.weights.retain(|(t, _)| *t != tenant.0);
-                self.weights.push((tenant.0.clone(), *weight));
+                self.weights.retain(|(t, _)| *t != tenant.as_str());
+                self.weights.push((tenant.to_string(), *weight));
                 Expect::Done
             }
             Command::Tick => Expect::Done,
@@ -289,7 +289,7 @@ impl Model {
         if let Some(key) = &s.idempotency_key
             && let Some(t) = self
                 .held()
-                .find(|t| t.tenant == s.tenant.0 && t.key.as_ref() == Some(key))
+                .find(|t| t.tenant == s.tenant.as_str() && t.key.as_ref() == Some(key))
         {
             return Expect::Submitted {
                 id: t.id,
@@ -297,7 +297,7 @@ impl Model {
             };
         }
         let parent_priority = match s.parent_id {
-            Some(p) => match self.task(p.0).filter(|t| t.tenant == s.tenant.0) {
+            Some(p) => match self.task(p.0).filter(|t| t.tenant == s.tenant.as_str()) {
                 Some(parent) => Some(parent.priority),
                 None => return invalid("parent_id"),
             },
@@ -307,7 +307,7 @@ impl Model {
         let scheduled = s.scheduled_at_ms.is_some_and(|at| at > self.clock);
         self.tasks.push(MTask {
             id,
-            tenant: s.tenant.0.clone(),
+            tenant: s.tenant.to_string(),
             priority: s.priority.or(parent_priority).unwrap_or(Priority::Medium),
             caps: sorted(&s.capabilities),
             key: s.idempotency_key.clone(),
@@ -580,7 +580,7 @@ impl Model {
         let t = &self.tasks[i];
         t.status == TaskStatus::DeadLetter
             && !t.purged
-            && f.tenant.as_ref().is_none_or(|x| x.0 == t.tenant)
+            && f.tenant.as_ref().is_none_or(|x| x.as_str() == t.tenant)
             && f.priority.is_none_or(|p| p == t.priority)
             && f.error_contains.as_ref().is_none_or(|needle| {
                 t.last_error

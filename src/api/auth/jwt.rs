@@ -105,7 +105,7 @@ impl JwtVerifier {
                     if c.sub.is_empty() || c.sub.len() > 256 {
                         return Err("claim `sub` must be 1..=256 bytes".into());
                     }
-                    crate::fsm::Tenant(c.tenant_id.clone())
+                    crate::fsm::Tenant::from(c.tenant_id.as_str())
                         .validate()
                         .map_err(|p| format!("claim `tenant_id`: {p}"))?;
                     return Ok((c, role));
