@@ -239,8 +239,9 @@ impl State {
             });
         self.move_task(id, TaskStatus::Completed, |t| {
             t.lease = None;
-            t.outcome_mut().result = Some(result.to_owned());
-            t.outcome_mut().usage = usage;
+            let o = t.outcome_mut();
+            o.result = Some(result.to_owned());
+            o.usage = usage;
         })
         .expect("invariant: leased tasks can complete");
         self.emit(events, id, EventKind::Completed);
@@ -312,8 +313,9 @@ impl State {
         self.move_task(id, to, |t| {
             t.lease = None;
             t.attempts = failures;
-            t.outcome_mut().last_error = Some(error);
-            t.outcome_mut().next_attempt_at_ms = (!out_of_attempts).then_some(retry_at);
+            let o = t.outcome_mut();
+            o.last_error = Some(error);
+            o.next_attempt_at_ms = (!out_of_attempts).then_some(retry_at);
         })
         .expect("invariant: leased tasks can fail");
         let kind = if out_of_attempts {

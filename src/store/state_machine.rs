@@ -160,8 +160,8 @@ fn note_snapshot(how: &str, file: &std::fs::File) {
     }
 }
 
-/// A decoded snapshot, checked against its metadata, with its derived
-/// counts rebuilt.
+/// A decoded snapshot, checked against its metadata, after
+/// [`crate::fsm::State::decoded`].
 fn checked(meta: &Meta, mut applied: Applied) -> Result<Applied> {
     applied.state.decoded();
     if applied.last_applied != meta.last_log_id || applied.last_membership != meta.last_membership {
