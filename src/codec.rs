@@ -37,7 +37,7 @@ use serde::de::DeserializeOwned;
 /// Godel has no release that wrote earlier data to keep: an older data
 /// directory or backup is refused with [`CodecError::Version`] rather than
 /// misread (start it afresh).
-pub const VERSION: u8 = 13;
+pub const VERSION: u8 = 14;
 
 /// Largest value decoded, in bytes (bounds allocation on bad input).
 /// bincode counts what a decode allocates, every integer at its size in

@@ -106,8 +106,8 @@ pub use session::{
 pub(crate) use state::truncate;
 pub use state::{Horizon, State, Synced, group_of, route};
 pub use task::{
-    AgentId, DependencyFailure, FencingToken, LeaseInfo, Limits, Priority, SessionKey, Task,
-    TaskExtras, TaskId, TaskOutcome, TaskRegion, TaskStatus, Tenant,
+    AgentId, DependencyFailure, FencingToken, LeaseInfo, Limits, Payload, Priority, SessionKey,
+    Task, TaskExtras, TaskId, TaskOutcome, TaskRegion, TaskStatus, Tenant,
 };
 pub use usage::{
     BudgetAlert, BudgetLevel, BudgetPeriod, BudgetUnit, Day, Ledger, ReportedUsage, TaskUsage,

@@ -386,6 +386,19 @@ impl Node {
         self.inner.meta.state()
     }
 
+    /// Task `task`'s payload (JSON object text): the state's copy, or
+    /// the one its shard's store keeps on this node.
+    pub fn payload_of(&self, task: &fsm::Task) -> Result<Arc<str>, NodeError> {
+        if let Some(text) = task.payload.held() {
+            return Ok(Arc::from(text));
+        }
+        let group = self.queue_group_of(task.id.0)?;
+        group.state().payload(task).map_err(|e| {
+            tracing::error!(task = %task.id, error = %e, "a task's payload is not readable");
+            NodeError::Internal(format!("task {}'s payload: {e}", task.id))
+        })
+    }
+
     /// The meta group.
     pub fn meta(&self) -> &Group {
         &self.inner.meta

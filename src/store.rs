@@ -9,14 +9,15 @@
 //!
 //! # Layout
 //!
-//! | tree | key | value (always `crate::codec`, bincode in a version envelope) |
+//! | tree | key | value (`crate::codec`, bincode in a version envelope, but for payloads) |
 //! | --- | --- | --- |
 //! | `logs` | log index, big-endian `u64` (so key order is index order) | `openraft::Entry`, then a CRC-32 (little-endian) of the index and those bytes |
 //! | `log_meta` | `vote`, `committed`, `last_purged`, `layout` | `Vote`, `LogId`, `LogId`, `u32` |
-//! | `snapshot` | `meta`, `data` | `SnapshotMeta`; the encoded snapshot payload |
+//! | `snapshot` | `meta`, `file` | `SnapshotMeta`; the name of the snapshot's file in `godel-snapshots/` |
+//! | `payloads` | task id, big-endian `u64` | the task's payload, UTF-8 JSON text as submitted |
 //!
 //! Those are the meta group's trees. Another Raft group `g` (see
-//! `docs/shards.md`) has the same three prefixed `g<g>.` (`g1.logs`, ...)
+//! `docs/shards.md`) has the same four prefixed `g<g>.` (`g1.logs`, ...)
 //! in the same database, and its own watermark file
 //! `godel-watermark-g<g>` ([`Store::open_groups`]).
 //!
@@ -28,7 +29,9 @@
 //! migrated.
 //!
 //! The snapshot payload is `{last_applied, last_membership, state}`: exactly
-//! what the state machine holds, so a snapshot restores it completely.
+//! what the state machine holds, so a snapshot restores it completely;
+//! then the payloads of its tasks that the `payloads` tree keeps (format
+//! and rules in `payloads.rs`).
 //!
 //! # The design: state in memory, snapshot in sled, replay from the log
 //!
@@ -44,8 +47,15 @@
 //!
 //! Trade-offs, taken on purpose:
 //!
-//! - **Cheap apply, slower start.** No write per applied entry (the state is
-//!   not a sled tree), so apply costs no I/O and cannot half-fail on disk. The
+//! - **Task payloads out of memory.** A new task's payload is written to the
+//!   `payloads` tree as its entry applies (not flushed: a restart replays
+//!   the entry and writes it again, and a snapshot build flushes before
+//!   storing the snapshot that names it); the state keeps only that it is
+//!   stored. So a deep queue's memory does not grow with its prompts. A
+//!   task in a durable session keeps its own (its turns quote it at
+//!   apply).
+//! - **Cheap apply, slower start.** No write per applied entry but the
+//!   payloads' (the state is not a sled tree), so apply cannot half-fail on disk. The
 //!   price is a restart that decodes a whole snapshot and replays up to
 //!   `snapshot_policy` entries (openraft's default: 5000).
 //! - **The whole state fits in memory**, with a copy taken for each
@@ -184,6 +194,7 @@
 mod capture;
 mod db;
 mod log;
+mod payloads;
 mod recover;
 mod state_machine;
 mod watermark;
@@ -352,7 +363,7 @@ impl Store {
         let watermark = recover::check(&db, dir)?;
         Ok((
             LogStore::new(db.clone(), watermark),
-            StateMachine::new(db, applied),
+            StateMachine::new(db, applied)?,
         ))
     }
 

@@ -1959,8 +1959,9 @@ fn task_line(t: &Task) -> String {
         t.priority.as_str(),
         t.tenant
     );
-    if t.payload != "{}" {
-        s += &format!(" payload={}", shorten(&t.payload));
+    let payload = t.payload.held().unwrap_or("(stored)");
+    if payload != "{}" {
+        s += &format!(" payload={}", shorten(payload));
     }
     if !t.capabilities.is_empty() {
         s += &format!(" caps={}", t.capabilities.join(","));

@@ -745,6 +745,31 @@ async fn attempt(
         });
         (s.flags_on(&task, kind, model), role)
     });
+    // A grant carries its payload; one read from this node's replica is
+    // in its store. Unreadable, the attempt fails (and is retried, or
+    // dead-lettered in the end) with the reason.
+    let payload = match args.node.payload_of(&task) {
+        Ok(p) => p,
+        Err(e) => {
+            m.attempts.with_label_values(&["failed"]).inc();
+            let cmd = Command::Fail {
+                token,
+                error: format!(
+                    "the task's payload could not be read on node {}: {e}",
+                    args.node.id()
+                ),
+                retryable: true,
+                usage: None,
+            };
+            let given_up = !report_result(&args.node, &task, cmd, &cancel).await;
+            let _ = actor.send_message(AgentMsg::Ended {
+                token,
+                given_up,
+                verdict: None,
+            });
+            return;
+        }
+    };
     let req = RunRequest {
         guard,
         task_id: task.id,
@@ -753,7 +778,7 @@ async fn attempt(
             .session_key
             .as_ref()
             .map(|k| crate::fsm::gateway_session_key(&task.tenant, k)),
-        payload: Arc::from(task.payload.as_str()),
+        payload,
         timeout: Duration::from_millis(task.timeout_ms),
         trace: None,
         fence,

@@ -75,7 +75,7 @@ pub async fn acquire(
             let leases = api.node.state().read(|s| {
                 grants
                     .iter()
-                    .map(|g| view::lease(g, s.flags_on(&g.task, None, None)))
+                    .map(|g| view::lease(&api.node, g, s.flags_on(&g.task, None, None)))
                     .collect()
             });
             Ok(Json(LeasesView { leases }))
@@ -355,7 +355,7 @@ pub async fn report_batch(
         match r {
             Ok(Reply::Task(task)) => {
                 done += 1;
-                items.push(super::tasks::BatchItem::task(200, task));
+                items.push(super::tasks::BatchItem::task(&api.node, 200, task));
             }
             Ok(other) => return Err(super::unexpected(other)),
             Err(e) => {
@@ -405,7 +405,7 @@ async fn write_lease(
 ) -> ApiResult<Json<TaskView>> {
     let group = api.queue_group_of(token.0, "lease").await?;
     let target = Some(AuditTarget::Lease(token.0));
-    task_reply(api.write_in(group, caller, cmd, target).await?)
+    task_reply(api, api.write_in(group, caller, cmd, target).await?)
 }
 
 /// The requested lease length, or the configured default; checked here so a

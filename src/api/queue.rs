@@ -125,7 +125,7 @@ pub async fn list(
             next: None,
         },
     };
-    Ok(Json(view::page(page)))
+    Ok(Json(view::page(&api.node, page)))
 }
 
 /// `GET /dead-letter/export`: every matching dead letter (up to
@@ -158,7 +158,9 @@ pub async fn export(
     };
     let mut out = String::new();
     for t in &page.items {
-        out.push_str(&serde_json::to_string(&view::TaskView(t.clone())).unwrap_or_default());
+        out.push_str(
+            &serde_json::to_string(&view::TaskView::of(&api.node, t.clone())).unwrap_or_default(),
+        );
         out.push('\n');
     }
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out))

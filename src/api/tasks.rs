@@ -213,7 +213,7 @@ pub async fn create(
             } else {
                 StatusCode::OK
             };
-            Ok((status, Json(TaskView(task))))
+            Ok((status, Json(TaskView::of(&api.node, task))))
         }
         other => Err(super::unexpected(other)),
     }
@@ -274,10 +274,14 @@ pub struct BatchView {
 
 impl BatchItem {
     /// An item that took effect, with its task.
-    pub(super) fn task(status: u16, task: std::sync::Arc<crate::fsm::Task>) -> BatchItem {
+    pub(super) fn task(
+        node: &crate::node::Node,
+        status: u16,
+        task: std::sync::Arc<crate::fsm::Task>,
+    ) -> BatchItem {
         BatchItem {
             status,
-            task: Some(TaskView(task)),
+            task: Some(TaskView::of(node, task)),
             error: None,
         }
     }
@@ -297,7 +301,7 @@ impl BatchItem {
 }
 
 impl BatchView {
-    fn of(results: Vec<ApiResult<Reply>>) -> ApiResult<BatchView> {
+    fn of(node: &crate::node::Node, results: Vec<ApiResult<Reply>>) -> ApiResult<BatchView> {
         let mut view = BatchView {
             items: Vec::with_capacity(results.len()),
             created: 0,
@@ -311,11 +315,11 @@ impl BatchView {
                     created: true,
                 }) => {
                     view.created += 1;
-                    BatchItem::task(StatusCode::CREATED.as_u16(), task)
+                    BatchItem::task(node, StatusCode::CREATED.as_u16(), task)
                 }
                 Ok(Reply::Submitted { task, .. }) => {
                     view.existing += 1;
-                    BatchItem::task(StatusCode::OK.as_u16(), task)
+                    BatchItem::task(node, StatusCode::OK.as_u16(), task)
                 }
                 Ok(other) => return Err(super::unexpected(other)),
                 Err(e) => {
@@ -430,7 +434,7 @@ pub async fn create_batch(
             })
         })
         .collect();
-    Ok(Json(BatchView::of(results)?))
+    Ok(Json(BatchView::of(&api.node, results)?))
 }
 
 /// Load shedding by priority (`queue.shed_at`): refuses a new task whose
@@ -665,7 +669,7 @@ pub async fn list(
     let pages = api
         .read_queue(|s| s.list(&filter, after, limit, super::SCAN_BUDGET))
         .await?;
-    Ok(Json(view::page(TaskPage::merge(pages, limit))))
+    Ok(Json(view::page(&api.node, TaskPage::merge(pages, limit))))
 }
 
 /// `GET /tasks/{id}`.
@@ -729,7 +733,7 @@ pub async fn get(
     found
         .map(|(t, waiting_for)| {
             Json(TaskDetail {
-                task: TaskView(t),
+                task: TaskView::of(&api.node, t),
                 waiting_for,
             })
         })
@@ -791,6 +795,7 @@ pub async fn cancel(
     };
     let group = api.queue_group_of(id.0, "task").await?;
     task_reply(
+        &api,
         api.write_in(group, &caller, cmd, Some(AuditTarget::Task(id.0)))
             .await?,
     )
@@ -812,6 +817,7 @@ pub async fn retry(
     let group = api.queue_group_of(id.0, "task").await?;
     let cmd = Command::Retry { id };
     task_reply(
+        &api,
         api.write_in(group, &caller, cmd, Some(AuditTarget::Task(id.0)))
             .await?,
     )
@@ -853,6 +859,7 @@ pub async fn approve(
         reason: b.reason,
     };
     task_reply(
+        &api,
         api.write_in(group, &caller, cmd, Some(AuditTarget::Task(id.0)))
             .await?,
     )
@@ -896,6 +903,7 @@ pub async fn reject(
         reason: b.reason,
     };
     task_reply(
+        &api,
         api.write_in(group, &caller, cmd, Some(AuditTarget::Task(id.0)))
             .await?,
     )
@@ -936,9 +944,9 @@ pub fn parse_id(s: &str) -> ApiResult<TaskId> {
 }
 
 /// The JSON of a reply that carries one task.
-pub fn task_reply(reply: Reply) -> ApiResult<Json<TaskView>> {
+pub fn task_reply(api: &Api, reply: Reply) -> ApiResult<Json<TaskView>> {
     match reply {
-        Reply::Task(t) => Ok(Json(TaskView(t))),
+        Reply::Task(t) => Ok(Json(TaskView::of(&api.node, t))),
         other => Err(super::unexpected(other)),
     }
 }

@@ -13,7 +13,25 @@ use crate::fsm::{LeaseGrant, Priority, Task, TaskId, TaskPage, TaskStatus};
 
 /// A task as the API shows it. Serialized straight from the shared task:
 /// payload and result are stored JSON text and pass through unparsed.
-pub struct TaskView(pub Arc<Task>);
+pub struct TaskView {
+    task: Arc<Task>,
+    /// The payload, read from this node's store when the task does not
+    /// hold it (`None`: unreadable, shown as `null`; the read logged why).
+    payload: Option<Arc<str>>,
+}
+
+impl TaskView {
+    /// The view of `task`, its payload read from `node`'s store if the
+    /// task does not hold it (a task read from this node's replica; one a
+    /// write's reply carries holds its own).
+    pub fn of(node: &crate::node::Node, task: Arc<Task>) -> TaskView {
+        let payload = match task.payload.held() {
+            Some(_) => None,
+            None => node.payload_of(&task).ok(),
+        };
+        TaskView { task, payload }
+    }
+}
 
 /// The borrowed shape of [`TaskView`]; its schema is the OpenAPI `Task`.
 #[derive(Serialize, ToSchema)]
@@ -175,14 +193,18 @@ impl Serialize for Raw<'_> {
 
 impl Serialize for TaskView {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let t = &*self.0;
+        let t = &*self.task;
         let (x, o) = (t.extras(), t.outcome());
         TaskJson {
             id: t.id.0,
             tenant: &t.tenant.0,
             priority: t.priority.as_str(),
             status: t.status.as_str(),
-            payload: Raw(&t.payload),
+            payload: Raw(t
+                .payload
+                .held()
+                .or(self.payload.as_deref())
+                .unwrap_or("null")),
             capabilities: &t.capabilities,
             session_key: t.session_key.as_ref().map(|k| k.0.as_str()),
             scheduled_at: x.scheduled_at_ms.map(rfc3339),
@@ -291,9 +313,9 @@ pub struct PageView {
 }
 
 /// The view of a page.
-pub fn page(p: TaskPage) -> PageView {
+pub fn page(node: &crate::node::Node, p: TaskPage) -> PageView {
     PageView {
-        items: p.items.into_iter().map(TaskView).collect(),
+        items: p.items.into_iter().map(|t| TaskView::of(node, t)).collect(),
         next_cursor: p.next.map(|id| id.0.to_string()),
     }
 }
@@ -313,12 +335,12 @@ pub struct LeaseView {
 }
 
 /// The view of a granted lease, with the feature flags `flags` on for it.
-pub fn lease(g: &LeaseGrant, flags: Vec<String>) -> LeaseView {
+pub fn lease(node: &crate::node::Node, g: &LeaseGrant, flags: Vec<String>) -> LeaseView {
     LeaseView {
         task_id: g.task.id.0,
         fencing_token: g.token.0,
         expires_at: rfc3339(g.expires_at_ms),
-        task: TaskView(Arc::clone(&g.task)),
+        task: TaskView::of(node, Arc::clone(&g.task)),
         flags,
     }
 }

@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn granted_round_trips_and_unknown_versions_are_unreadable() {
         let task: Task = serde_json::from_value(serde_json::json!({
-            "id": 7, "tenant": "t", "priority": "high", "payload": "{}",
+            "id": 7, "tenant": "t", "priority": "high", "payload": {"Held": "{}"},
             "capabilities": [], "session_key": null, "scheduled_at_ms": null,
             "max_attempts": 3, "timeout_ms": 1000,
             "backoff": {"initial_ms": 1000, "multiplier": 2, "max_ms": 30000},

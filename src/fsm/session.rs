@@ -17,7 +17,7 @@ use super::event::{Event, EventKind, What};
 use super::registry::{GatewayId, not_found};
 use super::retry::mix;
 use super::state::State;
-use super::task::{AgentId, SessionKey, TaskId, Tenant};
+use super::task::{AgentId, SessionKey, Task, TaskId, Tenant};
 
 /// A session's identity, from a counter.
 pub type SessionId = u64;
@@ -898,7 +898,9 @@ impl State {
         let Some(s) = self.session_of(task) else {
             return;
         };
-        let turn = result.map(|r| (prompt_of(&self.tasks[&task].payload), reply_of(r)));
+        // A task in a session holds its payload (`State::keep_payloads_out`).
+        let prompt = |t: &Task| t.payload.held().map_or_else(String::new, prompt_of);
+        let turn = result.map(|r| (prompt(&self.tasks[&task]), reply_of(r)));
         let now = self.clock_ms;
         let mut checkpoint = false;
         self.edit_session(s.id, |r| {

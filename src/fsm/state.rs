@@ -23,7 +23,7 @@ use super::session::Sessions;
 use super::task::{
     AgentId, FencingToken, Limits, Priority, SessionKey, Task, TaskId, TaskStatus, Tenant,
 };
-use super::task::{Approval, ApprovalDecision, DependencyFailure, TaskExtras};
+use super::task::{Approval, ApprovalDecision, DependencyFailure, Payload, TaskExtras};
 use super::usage::{BudgetAlert, BudgetLevel, BudgetPeriod, BudgetUnit, Day, Ledger};
 
 /// Task counts per priority (rank order) and status (declaration order).
@@ -146,7 +146,33 @@ pub struct State {
     /// moved to it after each command, so it is empty between applies.
     #[serde(skip)]
     pub(crate) outbox: Vec<What>,
+    /// Where new tasks' payloads go when a store keeps them
+    /// ([`State::keep_payloads_out`]); not part of the state.
+    #[serde(skip)]
+    pub(crate) payload_sink: PayloadSink,
 }
+
+/// The payloads a state hands to its store: off until
+/// [`State::keep_payloads_out`], then the payloads of the tasks applied
+/// since the last [`State::take_stored_payloads`]. Not state: equal
+/// whatever it holds, and a copy starts empty (it is empty between
+/// applies anyway).
+#[derive(Debug, Default)]
+pub(crate) struct PayloadSink(Option<Vec<(TaskId, Box<str>)>>);
+
+impl Clone for PayloadSink {
+    fn clone(&self) -> Self {
+        Self(self.0.as_ref().map(|_| Vec::new()))
+    }
+}
+
+impl PartialEq for PayloadSink {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for PayloadSink {}
 
 impl State {
     /// Applies one committed request. Deterministic: the same state and request
@@ -634,6 +660,61 @@ impl State {
         !matches!(t.status, TaskStatus::Completed | TaskStatus::Cancelled)
     }
 
+    /// From now on a new task's payload goes to the store: the task keeps
+    /// [`Payload::Stored`] and the text waits for
+    /// [`State::take_stored_payloads`]. The payloads the state holds go
+    /// the same way now (a state from a backup, or written before
+    /// payloads were stored). A task with a session key keeps its own: a
+    /// durable session's turn quotes its prompt at apply.
+    pub fn keep_payloads_out(&mut self) {
+        let mut out = self.payload_sink.0.take().unwrap_or_default();
+        for (id, slot) in &mut self.tasks {
+            if slot.session_key.is_none() && matches!(slot.payload, Payload::Held(_)) {
+                let task = Arc::make_mut(slot);
+                if let Payload::Held(text) = std::mem::replace(&mut task.payload, Payload::Stored) {
+                    out.push((*id, text));
+                }
+            }
+        }
+        self.payload_sink.0 = Some(out);
+    }
+
+    /// The payloads handed to the store since the last call (see
+    /// [`State::keep_payloads_out`]), by task id.
+    pub fn take_stored_payloads(&mut self) -> Vec<(TaskId, Box<str>)> {
+        self.payload_sink
+            .0
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Gives task `id` its payload back to hold (a copy of a state read
+    /// with its stored payloads); false if there is no such task.
+    pub fn hold_payload(&mut self, id: TaskId, text: Box<str>) -> bool {
+        match self.tasks.get_mut(&id) {
+            Some(slot) => {
+                Arc::make_mut(slot).payload = Payload::Held(text);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The ids of the tasks whose payloads the store keeps.
+    pub fn stored_payloads(&self) -> impl Iterator<Item = TaskId> + '_ {
+        self.tasks
+            .values()
+            .filter(|t| t.payload == Payload::Stored)
+            .map(|t| t.id)
+    }
+
+    /// The last task id handed out: every id at or below it that names no
+    /// task will never name one.
+    pub fn last_task_id(&self) -> u64 {
+        self.last_task_id
+    }
+
     /// Run on a state decoded from storage (a snapshot or a backup):
     /// rebuilds what is derived from the tasks and gives every task of a
     /// tenant the state's one copy of its name, which decoding made one
@@ -910,6 +991,19 @@ impl State {
         })
     }
 
+    /// A new task's payload (its id is `last_task_id`): handed to the store
+    /// when one keeps them (see [`State::keep_payloads_out`]).
+    fn place_payload(&mut self, spec: &SubmitTask) -> Payload {
+        let text: Box<str> = spec.payload.as_str().into();
+        match &mut self.payload_sink.0 {
+            Some(out) if spec.session_key.is_none() => {
+                out.push((TaskId(self.last_task_id), text));
+                Payload::Stored
+            }
+            _ => Payload::Held(text),
+        }
+    }
+
     fn new_task(&mut self, spec: &SubmitTask, parent_priority: Option<Priority>) -> Task {
         self.last_task_id = mint(self.last_task_id, self.group);
         let capabilities = normalize_caps(&spec.capabilities);
@@ -946,7 +1040,7 @@ impl State {
                 .unwrap_or(SubmitTask::DEFAULT_MAX_ATTEMPTS),
             attempts: 0,
             lease_count: 0,
-            payload: spec.payload.clone(),
+            payload: self.place_payload(spec),
             capabilities,
             session_key: spec.session_key.clone(),
             timeout_ms: spec.timeout_ms.unwrap_or(SubmitTask::DEFAULT_TIMEOUT_MS),

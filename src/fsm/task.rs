@@ -290,6 +290,44 @@ impl std::str::FromStr for TaskStatus {
     }
 }
 
+/// Where a task's payload (JSON object text) is.
+///
+/// A node's state machine keeps payloads out of memory: a task it applies
+/// hands its payload to the store (written beside the state, under the
+/// task's id) and keeps [`Payload::Stored`]; a snapshot carries the stored
+/// payloads after the state. A state used on its own (tests, tools) and a
+/// task in a durable session (whose turns quote its prompt at apply) hold
+/// theirs. Persisted: never reorder the variants.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// In the state.
+    Held(Box<str>),
+    /// In the node's store, under the task's id.
+    Stored,
+}
+
+impl Payload {
+    /// The text, when the state holds it.
+    pub fn held(&self) -> Option<&str> {
+        match self {
+            Payload::Held(text) => Some(text),
+            Payload::Stored => None,
+        }
+    }
+}
+
+impl From<&str> for Payload {
+    fn from(text: &str) -> Self {
+        Payload::Held(text.into())
+    }
+}
+
+impl From<String> for Payload {
+    fn from(text: String) -> Self {
+        Payload::Held(text.into_boxed_str())
+    }
+}
+
 /// The live lease of a leased or running task.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseInfo {
@@ -332,8 +370,9 @@ pub struct Task {
     pub attempts: u32,
     /// Leases granted so far, including expired ones.
     pub lease_count: u32,
-    /// The work, as JSON object text (validated at submit).
-    pub payload: String,
+    /// The work, as JSON object text (validated at submit): in the state,
+    /// or kept by the node's store beside it (see [`Payload`]).
+    pub payload: Payload,
     /// Capabilities an agent must have, sorted and without duplicates.
     pub capabilities: Vec<String>,
     /// Session affinity key.

@@ -389,6 +389,7 @@ pub(super) async fn propose_as_leader(
         r = group.raft().client_write(Request::Batch(batch)) => match r {
             Ok(resp) => {
                 let mut outcomes = resp.data.outcomes;
+                group.state().hold_reply_payloads(&mut outcomes);
                 if piggyback && let Some(Ok(crate::fsm::Reply::Dispatched(grants))) = outcomes.get(n) {
                     crate::metrics::global().dispatch_leases.inc_by(grants.len() as u64);
                 }

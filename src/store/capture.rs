@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use openraft::{LogId, Membership, StoredMembership, Vote};
 
-use super::db::{Db, Meta, Replace};
+use super::db::{Db, Meta, PayloadPin, Replace};
+use super::payloads;
 use super::state_machine::{Applied, SharedState, apply_entry};
 use super::{Result, Store, StoreError, recover, while_locked};
 use crate::codec;
@@ -32,6 +33,9 @@ const OFFLINE_LOCK_WAIT: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug)]
 pub struct Capture {
     view: Arc<Applied>,
+    /// The store holding the payloads the copy does not (none: it holds
+    /// them all), and its pin keeping them there while the copy lives.
+    payloads: Option<(Db, Arc<PayloadPin>)>,
 }
 
 impl SharedState {
@@ -40,8 +44,12 @@ impl SharedState {
     /// meanwhile), as the snapshot builder takes one. Blocking for a large
     /// state: call it off the async runtime.
     pub fn capture(&self) -> Capture {
+        // Pinned before the copy is taken: no payload it names is deleted
+        // from then until it is dropped.
+        let pin = Arc::new(self.db.pin_payloads());
         Capture {
             view: Arc::new(self.read_guard().clone()),
+            payloads: Some((self.db.clone(), pin)),
         }
     }
 }
@@ -63,12 +71,15 @@ impl Capture {
     }
 
     /// Writes the snapshot payload to `out` as it is encoded (never whole
-    /// in memory). Blocking, `O(state)`.
+    /// in memory): the state, then the task payloads the store keeps for
+    /// it. Blocking, `O(state)`.
     pub fn write_payload(&self, out: &mut impl Write) -> Result<()> {
         codec::encode_to_writer(&*self.view, out).map_err(|source| StoreError::Encode {
             what: "state machine copy".into(),
             source,
-        })
+        })?;
+        let db = self.payloads.as_ref().map(|(db, _)| db);
+        payloads::write_section(db, &self.view.state, out).map(|_| ())
     }
 }
 
@@ -129,6 +140,9 @@ pub fn offline_captures(
 fn capture_db(db: &Db, through: Through) -> Result<Capture> {
     let span = db.verify_log()?;
     let mut applied = super::state_machine::restore(db)?;
+    // The copy's store goes with the scratch directory: the state holds
+    // every payload itself.
+    payloads::hold_all(db, &mut applied.state)?;
     let end = match through {
         Through::Committed => db.committed()?.map(|c| c.index),
         Through::LogEnd => span.map(|(_, last)| last),
@@ -149,6 +163,7 @@ fn capture_db(db: &Db, through: Through) -> Result<Capture> {
     }
     Ok(Capture {
         view: Arc::new(applied),
+        payloads: None,
     })
 }
 
@@ -209,7 +224,8 @@ pub struct Restored {
 
 impl Restored {
     /// Decodes a payload [`Capture::write_payload`] wrote, reading no
-    /// further than its end. Blocking, `O(state)`.
+    /// further than its end; the state holds every task payload. Blocking,
+    /// `O(state)`.
     pub fn read_payload(input: &mut impl Read) -> Result<Self> {
         let mut applied: Applied =
             codec::decode_state_from_reader(input).map_err(|source| StoreError::Corrupt {
@@ -217,6 +233,7 @@ impl Restored {
                 source,
             })?;
         applied.state.decoded();
+        payloads::hold_section(input, &mut applied.state)?;
         Ok(Self { applied })
     }
 
@@ -319,7 +336,10 @@ pub fn seed_groups(
                 codec::encode_to_writer(applied, out).map_err(|source| StoreError::Encode {
                     what: format!("restored snapshot of group {group}"),
                     source,
-                })
+                })?;
+                // It holds every payload (`Restored`): the node stores
+                // them when it opens the store.
+                payloads::write_section(None, &applied.state, out).map(|_| ())
             })?;
             db.set_snapshot_file(meta, &tmp, Replace::Always)?;
             db.set_last_purged(snapshot)?;

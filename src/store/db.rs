@@ -1,4 +1,5 @@
-//! The sled layout: one `Db`, three trees, every value through `crate::codec`.
+//! The sled layout: one `Db`, four trees per Raft group, every value
+//! through `crate::codec` but task payloads (JSON text as it is).
 //! The only file that names sled types.
 
 use std::ops::{Bound, RangeBounds};
@@ -21,6 +22,8 @@ pub(super) type Meta = SnapshotMeta<NodeId, NodeInfo>;
 const LOGS: &str = "logs";
 const LOG_META: &str = "log_meta";
 const SNAPSHOT: &str = "snapshot";
+/// Task payloads by task id (big-endian), as UTF-8 text.
+const PAYLOADS: &str = "payloads";
 
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
@@ -40,9 +43,11 @@ const SNAPSHOT_DIR: &str = "godel-snapshots";
 /// watermark file.
 /// 3: a snapshot's payload is a file of its own (`godel-snapshots/`), its
 /// name stored with its metadata, rather than a sled value.
+/// 4: task payloads live in their own tree, not in the state, and a
+/// snapshot's file carries them after the state.
 /// Earlier layouts were never deployed: such a store is refused with
 /// [`StoreError::Layout`] rather than migrated.
-pub(super) const LAYOUT_VERSION: u32 = 3;
+pub(super) const LAYOUT_VERSION: u32 = 4;
 
 /// Bytes of the checksum after each stored entry.
 const CRC_LEN: usize = 4;
@@ -77,6 +82,10 @@ pub(super) struct Db {
     logs: sled::Tree,
     log_meta: sled::Tree,
     snapshot: sled::Tree,
+    payloads: sled::Tree,
+    /// Copies of the state being written out with their payloads (a
+    /// backup's capture): while there are any, no payload is deleted.
+    payload_pins: Arc<Mutex<usize>>,
     /// Makes reading or replacing the snapshot keys atomic (the snapshot
     /// is written from the builder task and the state-machine worker).
     snapshot_lock: Arc<Mutex<()>>,
@@ -165,6 +174,8 @@ impl Db {
             logs: db.open_tree(tree_name(group, LOGS))?,
             log_meta: db.open_tree(tree_name(group, LOG_META))?,
             snapshot: db.open_tree(tree_name(group, SNAPSHOT))?,
+            payloads: db.open_tree(tree_name(group, PAYLOADS))?,
+            payload_pins: Arc::default(),
             db,
             group,
             snapshot_lock: Arc::default(),
@@ -241,11 +252,75 @@ impl Db {
         Ok(())
     }
 
+    // ---- task payloads ----
+
+    /// Stores task payloads (not durable until the next flush).
+    pub(super) fn put_payloads(&self, payloads: &[(u64, Box<str>)]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (id, text) in payloads {
+            batch.insert(&id.to_be_bytes(), text.as_bytes());
+        }
+        self.payloads.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Task `id`'s stored payload.
+    pub(super) fn payload(&self, id: u64) -> Result<Option<Box<str>>> {
+        self.payloads
+            .get(id.to_be_bytes())?
+            .map(|v| payload_text(id, &v))
+            .transpose()
+    }
+
+    /// Calls `each` with every stored payload of a task id up to `last`,
+    /// in id order, until it fails.
+    pub(super) fn each_payload(
+        &self,
+        last: u64,
+        mut each: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        for kv in self.payloads.range(..=last.to_be_bytes()) {
+            let (k, v) = kv?;
+            each(payload_id(&k)?, &v)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the payloads of tasks `ids`, unless a copy of the state is
+    /// pinned ([`Db::pin_payloads`]): then nothing, and false.
+    pub(super) fn remove_payloads(&self, ids: &[u64]) -> Result<bool> {
+        let pins = self
+            .payload_pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *pins > 0 {
+            return Ok(false);
+        }
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.remove(&id.to_be_bytes());
+        }
+        self.payloads.apply_batch(batch)?;
+        Ok(true)
+    }
+
+    /// Keeps every stored payload until the pin is dropped.
+    pub(super) fn pin_payloads(&self) -> PayloadPin {
+        *self
+            .payload_pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) += 1;
+        PayloadPin(Arc::clone(&self.payload_pins))
+    }
+
     // ---- layout ----
 
     /// Whether nothing was ever written: no layout, vote, log or snapshot.
     pub(super) fn is_new(&self) -> Result<bool> {
-        Ok(self.log_meta.is_empty() && self.logs.is_empty() && self.snapshot.is_empty())
+        Ok(self.log_meta.is_empty()
+            && self.logs.is_empty()
+            && self.snapshot.is_empty()
+            && self.payloads.is_empty())
     }
 
     /// The stored layout version, if any.
@@ -628,6 +703,30 @@ impl Db {
             source,
         })
     }
+}
+
+/// Holds every stored payload while it lives ([`Db::pin_payloads`]).
+#[derive(Debug)]
+pub(super) struct PayloadPin(Arc<Mutex<usize>>);
+
+impl Drop for PayloadPin {
+    fn drop(&mut self) {
+        let mut pins = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        *pins = pins.saturating_sub(1);
+    }
+}
+
+fn payload_id(key: &[u8]) -> Result<u64> {
+    let bytes: [u8; 8] = key.try_into().map_err(|_| {
+        StoreError::Inconsistent(format!("a payload key of {} bytes, not 8", key.len()))
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn payload_text(id: u64, bytes: &[u8]) -> Result<Box<str>> {
+    std::str::from_utf8(bytes)
+        .map(Box::from)
+        .map_err(|e| StoreError::Inconsistent(format!("task {id}'s stored payload: {e}")))
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8], what: &str) -> Result<Option<T>> {

@@ -1,5 +1,5 @@
-//! The state machine: `fsm::State` in memory, snapshots in sled, applied
-//! events to local observers.
+//! The state machine: `fsm::State` in memory, task payloads and snapshots
+//! in the store (`payloads.rs`), applied events to local observers.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::db::{Db, Entry, Meta, Replace};
+use super::payloads;
 use super::{Result, StoreError};
 use crate::codec;
 use crate::fsm::{self, NodeChange};
@@ -59,6 +60,8 @@ pub struct SharedState {
     /// `fsm::Auth::version` of the applied state, readable without the
     /// lock: the API's credential cache compares it on every request.
     auth_version: Arc<AtomicU64>,
+    /// Where the stored task payloads are.
+    pub(super) db: Db,
 }
 
 impl SharedState {
@@ -72,6 +75,58 @@ impl SharedState {
     pub fn read_indexed<T>(&self, f: impl FnOnce(u64, &fsm::State) -> T) -> T {
         let g = self.read_guard();
         f(g.last_applied.map_or(0, |l| l.index), &g.state)
+    }
+
+    /// Task `task`'s payload (JSON object text), read from the store
+    /// unless the state holds it. Blocking (a sled read: microseconds).
+    pub fn payload(&self, task: &fsm::Task) -> Result<Arc<str>> {
+        if let Some(text) = task.payload.held() {
+            return Ok(Arc::from(text));
+        }
+        match self.db.payload(task.id.0)? {
+            Some(text) => Ok(Arc::from(text)),
+            None => Err(StoreError::Inconsistent(format!(
+                "task {}'s payload is stored but not in the store",
+                task.id
+            ))),
+        }
+    }
+
+    /// Gives every task the replies carry its payload to hold, read from
+    /// the store: a reply then stands on its own wherever it goes (the node
+    /// that forwarded the write, or one running the agent a lease went to,
+    /// may not have applied the entry yet). For the leader, right after
+    /// its entry applied; a payload that cannot be read is logged and the
+    /// task left as it is.
+    pub fn hold_reply_payloads(&self, outcomes: &mut [fsm::Outcome]) {
+        for outcome in outcomes {
+            match outcome {
+                Ok(fsm::Reply::Submitted { task, .. } | fsm::Reply::Task(task)) => {
+                    self.hold_payload(task);
+                }
+                Ok(fsm::Reply::Leased(grants) | fsm::Reply::Dispatched(grants)) => {
+                    for g in grants {
+                        self.hold_payload(&mut g.task);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn hold_payload(&self, task: &mut Arc<fsm::Task>) {
+        if task.payload != fsm::Payload::Stored {
+            return;
+        }
+        match self.db.payload(task.id.0) {
+            Ok(Some(text)) => Arc::make_mut(task).payload = fsm::Payload::Held(text),
+            Ok(None) => {
+                tracing::error!(task = %task.id, "a replied task's payload is not in the store");
+            }
+            Err(e) => {
+                tracing::error!(task = %task.id, error = %e, "a replied task's payload is not readable");
+            }
+        }
     }
 
     /// The last applied log id: the state read now reflects at least this.
@@ -129,9 +184,27 @@ pub(super) fn restore(db: &Db) -> Result<Applied> {
     }
 }
 
-/// Decodes a snapshot payload file as it reads it (never holding it
-/// whole) and checks it against its metadata. Blocking.
+/// Decodes the state of a snapshot file as it reads it (never holding it
+/// whole) and checks it against its metadata; the task payloads after it
+/// are not read (the store that wrote it has them). Blocking.
 fn decode_file(meta: &Meta, file: std::fs::File) -> Result<Applied> {
+    let mut input = std::io::BufReader::with_capacity(1 << 20, file);
+    decode_state(meta, &mut input)
+}
+
+fn decode_state(meta: &Meta, input: &mut impl std::io::Read) -> Result<Applied> {
+    let corrupt = |source| StoreError::Corrupt {
+        what: format!("snapshot {}", meta.snapshot_id),
+        source,
+    };
+    let applied: Applied = codec::decode_state_from_reader(input).map_err(corrupt)?;
+    checked(meta, applied)
+}
+
+/// Decodes a whole snapshot file from the leader: the state, checked
+/// against its metadata, and its task payloads, written to `db`'s tree
+/// (not durable until the next flush). Blocking.
+fn install_file(meta: &Meta, file: std::fs::File, db: &Db) -> Result<Applied> {
     let corrupt = |source| StoreError::Corrupt {
         what: format!("snapshot {}", meta.snapshot_id),
         source,
@@ -141,14 +214,15 @@ fn decode_file(meta: &Meta, file: std::fs::File) -> Result<Applied> {
         source,
     };
     let mut input = std::io::BufReader::with_capacity(1 << 20, file);
-    let applied: Applied = codec::decode_state_from_reader(&mut input).map_err(corrupt)?;
+    let applied = decode_state(meta, &mut input)?;
+    payloads::install_section(&mut input, &applied.state, db)?;
     let mut rest = [0u8; 1];
     if std::io::Read::read(&mut input, &mut rest).map_err(io)? != 0 {
         return Err(corrupt(codec::CodecError::Decode(
-            bincode::error::DecodeError::OtherString("trailing bytes after the state".into()),
+            bincode::error::DecodeError::OtherString("trailing bytes after the payloads".into()),
         )));
     }
-    checked(meta, applied)
+    Ok(applied)
 }
 
 /// Counts a snapshot written (`how`: built or installed) and its size.
@@ -188,15 +262,19 @@ fn snapshot_err(
 }
 
 impl StateMachine {
-    pub(super) fn new(db: Db, applied: Applied) -> Self {
+    /// The state machine over `applied` (restored from `db`'s snapshot),
+    /// its task payloads kept in `db` from now on. Blocking.
+    pub(super) fn new(db: Db, mut applied: Applied) -> Result<Self> {
+        payloads::keep_out(&db, &mut applied)?;
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let auth_version = Arc::new(AtomicU64::new(applied.state.auth().version()));
         let shared = SharedState {
             applied: Arc::new(RwLock::new(applied)),
             events,
             auth_version,
+            db: db.clone(),
         };
-        Self { db, shared }
+        Ok(Self { db, shared })
     }
 
     /// A read handle on the applied state (clone it freely).
@@ -313,6 +391,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 responses.push(response);
                 published.extend(events);
             }
+            // Before the lock is released: a reader that sees a task finds
+            // its payload.
+            payloads::store_taken(&self.db, &mut applied.state)
+                .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
             self.shared.note_auth_version(&applied);
         }
         // After the lock is released, so an observer reading the state sees
@@ -369,13 +451,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 })
             };
             rewind(&file)?;
-            let applied = decode_file(
+            let mut applied = install_file(
                 &owned_meta,
                 file.try_clone().map_err(|source| StoreError::Io {
                     what: "reopen snapshot".into(),
                     source,
                 })?,
+                &db,
             )?;
+            payloads::keep_out(&db, &mut applied)?;
+            // The payloads are durable before the snapshot naming them is.
+            db.flush_blocking()?;
             rewind(&file)?;
             db.set_snapshot(&owned_meta, &mut &file, Replace::Always)?;
             note_snapshot("installed", &file);
@@ -440,23 +526,29 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id: snapshot_id(self.view.last_applied),
         };
         let (db, view, owned_meta) = (self.db.clone(), Arc::clone(&self.view), meta.clone());
-        let file = blocking(move || {
+        let (file, garbage) = blocking(move || {
             // Encoded straight into its file: never held whole in memory.
+            let mut garbage = Vec::new();
             let tmp = db.write_snapshot_file(|out| {
                 codec::encode_to_writer(&*view, out).map_err(|source| StoreError::Encode {
                     what: format!("snapshot {}", owned_meta.snapshot_id),
                     source,
-                })
+                })?;
+                garbage = payloads::write_section(Some(&db), &view.state, out)?;
+                Ok(())
             })?;
+            // Every payload the state names is durable before the snapshot
+            // naming it is (they were written as their entries applied).
+            db.flush_blocking()?;
             // Opened before it is renamed into place (or, older than the
             // stored one, deleted): the handle reads it either way.
             let file = std::fs::File::open(&tmp).map_err(|source| StoreError::Io {
                 what: format!("open {}", tmp.display()),
                 source,
             })?;
-            db.set_snapshot_file(&owned_meta, &tmp, Replace::IfNotOlder)?;
+            let stored = db.set_snapshot_file(&owned_meta, &tmp, Replace::IfNotOlder)?;
             note_snapshot("built", &file);
-            Ok(file)
+            Ok((file, if stored { garbage } else { Vec::new() }))
         })
         .await
         .map_err(snapshot_err(Some(&meta), ErrorVerb::Write))?;
@@ -464,6 +556,14 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .retire_snapshots()
             .await
             .map_err(snapshot_err(Some(&meta), ErrorVerb::Write))?;
+        // The stored snapshot (durable now) no longer names these tasks,
+        // and no restart goes back to an older one.
+        if !garbage.is_empty() {
+            let db = self.db.clone();
+            blocking(move || db.remove_payloads(&garbage).map(|_| ()))
+                .await
+                .map_err(snapshot_err(Some(&meta), ErrorVerb::Write))?;
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),

@@ -1,0 +1,213 @@
+//! Task payloads kept in the store: written as entries apply, read back
+//! after a restart and from an installed snapshot, deleted only once a
+//! stored snapshot no longer names their task and no copy is pinned, and
+//! a snapshot's payload section checked as it is read.
+
+use openraft::storage::RaftStateMachine;
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+
+use super::*;
+use crate::fsm::{Batch, Command, Payload, Reply, Request, SessionKey, SubmitTask, Tenant};
+use crate::raft::TypeConfig;
+use crate::store::{StateMachine, Store};
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn entry(index: u64, commands: Vec<Command>) -> Entry<TypeConfig> {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Request::Batch(Batch::unaudited(
+            1_000 + index,
+            index,
+            commands,
+        ))),
+    }
+}
+
+fn submit(n: u64, session: bool) -> Command {
+    Command::Submit(SubmitTask {
+        tenant: Tenant("acme".into()),
+        payload: text(n),
+        session_key: session.then(|| SessionKey(format!("s{n}"))),
+        ..Default::default()
+    })
+}
+
+fn text(n: u64) -> String {
+    format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(40))
+}
+
+/// Task `n`'s payload as this state machine's readers get it.
+fn read(sm: &StateMachine, n: u64) -> String {
+    let shared = sm.shared();
+    let task = shared.read(|s| s.task_shared(TaskId(n))).expect("the task");
+    shared.payload(&task).expect("its payload").to_string()
+}
+
+async fn build(sm: &mut StateMachine) {
+    let mut builder = sm.get_snapshot_builder().await;
+    builder.build_snapshot().await.unwrap();
+}
+
+#[tokio::test]
+async fn applied_payloads_are_stored_and_read_back_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = Store::open(dir.path()).unwrap();
+        let responses = sm
+            .apply([entry(1, vec![submit(1, false), submit(2, true)])])
+            .await
+            .unwrap();
+        sm.shared().read(|s| {
+            assert_eq!(s.task(TaskId(1)).unwrap().payload, Payload::Stored);
+            // A session's task quotes its prompt at apply: it keeps it.
+            assert_eq!(s.task(TaskId(2)).unwrap().payload, Payload::from(text(2)));
+        });
+        assert_eq!(sm.db.payload(1).unwrap().as_deref(), Some(text(1).as_str()));
+        assert_eq!(sm.db.payload(2).unwrap(), None);
+        assert_eq!((read(&sm, 1), read(&sm, 2)), (text(1), text(2)));
+        // A reply carries the payload, read from the store, to hold.
+        let mut outcomes = responses[0].outcomes.clone();
+        let stored = |o: &fsm::Outcome| match o {
+            Ok(Reply::Submitted { task, .. }) => task.payload.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(stored(&outcomes[0]), Payload::Stored);
+        sm.shared().hold_reply_payloads(&mut outcomes);
+        assert_eq!(stored(&outcomes[0]), Payload::from(text(1)));
+        assert_eq!(stored(&outcomes[1]), Payload::from(text(2)));
+        // The state's own copy is untouched.
+        sm.shared()
+            .read(|s| assert_eq!(s.task(TaskId(1)).unwrap().payload, Payload::Stored));
+        build(&mut sm).await;
+        // Applied after the snapshot: only the log has it at a restart.
+        sm.apply([entry(2, vec![submit(3, false)])]).await.unwrap();
+    }
+    let (_log, sm) = Store::open_waiting(dir.path(), WAIT).unwrap();
+    assert_eq!(
+        sm.shared().last_applied().map(|l| l.index),
+        Some(1),
+        "restored from the snapshot; the log replays the rest"
+    );
+    assert_eq!((read(&sm, 1), read(&sm, 2)), (text(1), text(2)));
+}
+
+#[tokio::test]
+async fn an_installed_snapshot_brings_its_payloads() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_log, mut leader) = Store::open(a.path()).unwrap();
+    leader
+        .apply([entry(1, (1..=50).map(|n| submit(n, n == 7)).collect())])
+        .await
+        .unwrap();
+    build(&mut leader).await;
+    let snapshot = leader.get_current_snapshot().await.unwrap().unwrap();
+    let mut bytes = Vec::new();
+    let mut file = snapshot.snapshot.into_std().await;
+    std::io::Read::read_to_end(&mut file, &mut bytes).unwrap();
+    {
+        let (_log, mut follower) = Store::open(b.path()).unwrap();
+        let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut *receiving, &bytes)
+            .await
+            .unwrap();
+        follower
+            .install_snapshot(&snapshot.meta, receiving)
+            .await
+            .unwrap();
+        for n in 1..=50 {
+            assert_eq!(read(&follower, n), text(n));
+        }
+        assert_eq!(follower.db.payload(7).unwrap(), None, "held in the state");
+    }
+    let (_log, follower) = Store::open_waiting(b.path(), WAIT).unwrap();
+    for n in [1, 7, 50] {
+        assert_eq!(read(&follower, n), text(n));
+    }
+}
+
+#[tokio::test]
+async fn a_forgotten_task_s_payload_goes_after_the_next_snapshot_unless_a_copy_is_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = Store::open(dir.path()).unwrap();
+    let cancel = |n| Command::Cancel {
+        id: TaskId(n),
+        reason: None,
+        keep_children: false,
+    };
+    let purge = Command::Purge {
+        finished_before_ms: u64::MAX,
+        keep: 0,
+        max: 10,
+        dead_before_ms: 0,
+    };
+    sm.apply([entry(1, (1..=3).map(|n| submit(n, false)).collect())])
+        .await
+        .unwrap();
+    // A copy of the state while task 2 is still there.
+    let capture = sm.shared().capture();
+    sm.apply([entry(2, vec![cancel(2)]), entry(3, vec![purge])])
+        .await
+        .unwrap();
+    assert!(sm.shared().read(|s| s.task(TaskId(2)).is_none()));
+    assert!(sm.db.payload(2).unwrap().is_some(), "not before a snapshot");
+    build(&mut sm).await;
+    assert!(
+        sm.db.payload(2).unwrap().is_some(),
+        "the copy still names it"
+    );
+    let mut out = Vec::new();
+    capture.write_payload(&mut out).unwrap();
+    let restored = crate::store::Restored::read_payload(&mut &out[..]).unwrap();
+    assert_eq!(
+        restored.state().task(TaskId(2)).unwrap().payload,
+        Payload::from(text(2))
+    );
+    drop(capture);
+    build(&mut sm).await;
+    assert_eq!(sm.db.payload(2).unwrap(), None);
+    assert_eq!((read(&sm, 1), read(&sm, 3)), (text(1), text(3)));
+}
+
+#[tokio::test]
+async fn a_payload_section_that_does_not_match_its_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = Store::open(dir.path()).unwrap();
+    sm.apply([entry(1, (1..=3).map(|n| submit(n, false)).collect())])
+        .await
+        .unwrap();
+    let shared = sm.shared();
+    let state = shared.read(|s| s.clone());
+    let mut section = Vec::new();
+    write_section(Some(&sm.db), &state, &mut section).unwrap();
+    let mut read = Vec::new();
+    read_section(&mut &section[..], &state, |id, text| {
+        read.push((id.0, text.to_string()));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(read, (1..=3).map(|n| (n, text(n))).collect::<Vec<_>>());
+    let refused = |bytes: &[u8]| {
+        read_section(&mut &bytes[..], &state, |_, _| Ok(()))
+            .unwrap_err()
+            .to_string()
+    };
+    // Task 3's record names task 9: the state has no task 9.
+    let third = section.len() - 1 - (1 + 8 + 4 + text(3).len());
+    let mut unknown = section.clone();
+    unknown[third + 1..third + 9].copy_from_slice(&9u64.to_le_bytes());
+    assert!(refused(&unknown).contains("task 9 has no stored payload"));
+    // Task 3's record missing.
+    let mut short = section[..third].to_vec();
+    short.push(0);
+    assert!(refused(&short).contains("2 payloads for 3 tasks"));
+    // Cut off in the middle.
+    assert!(refused(&section[..third + 5]).contains("read task payloads"));
+    // Without a store, a state that does not hold its payloads has none to
+    // write.
+    let err = write_section(None, &state, &mut Vec::new()).unwrap_err();
+    assert!(
+        err.to_string().contains("is stored but not in the store"),
+        "{err}"
+    );
+}
