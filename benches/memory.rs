@@ -4,10 +4,13 @@
 //! them), then measures what a node holds for it and what its snapshot
 //! costs (encoded into a file and decoded from it, as a node does).
 //!
-//! `cargo bench --bench memory -- [--tasks N] [--size BYTES] [--no-keys]`
-//! (default 1,000,000 tasks of 256-byte payloads, each with an idempotency
-//! key, parked under a capability no agent has, as the cluster bench's
-//! `depth` phase parks them).
+//! `cargo bench --bench memory -- [--tasks N] [--size BYTES] [--no-keys]
+//! [--held]` (default 1,000,000 tasks of 256-byte payloads, each with an
+//! idempotency key, parked under a capability no agent has, as the cluster
+//! bench's `depth` phase parks them). By default the payloads leave the
+//! state as a node's store takes them (`State::keep_payloads_out`; the
+//! store's own cost is not counted here: the `peers` bench's depth phase
+//! measures a whole node); `--held` keeps them in the state.
 //!
 //! Heap figures count the bytes asked of the allocator (a counting wrapper
 //! around mimalloc, the node's allocator), so they leave out the
@@ -69,6 +72,7 @@ struct Opts {
     tasks: u64,
     size: usize,
     keys: bool,
+    held: bool,
 }
 
 fn opts() -> Opts {
@@ -76,6 +80,7 @@ fn opts() -> Opts {
         tasks: 1_000_000,
         size: 256,
         keys: true,
+        held: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -83,6 +88,7 @@ fn opts() -> Opts {
             "--tasks" => o.tasks = args.next().and_then(|v| v.parse().ok()).expect("--tasks N"),
             "--size" => o.size = args.next().and_then(|v| v.parse().ok()).expect("--size B"),
             "--no-keys" => o.keys = false,
+            "--held" => o.held = true,
             // cargo bench passes --bench; anything else is a mistake.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -132,6 +138,8 @@ fn apply_in_entries(
             response.outcomes.iter().all(|r| r.is_ok()),
             "a {what} was refused"
         );
+        // What a node's store would write to its payloads tree.
+        drop(state.take_stored_payloads());
         i += 1000;
     }
 }
@@ -140,8 +148,13 @@ fn main() {
     let o = opts();
     let n = o.tasks;
     println!(
-        "memory: {n} pending tasks, {}-byte payloads, {} keys",
+        "memory: {n} pending tasks, {}-byte payloads {}, {} keys",
         o.size,
+        if o.held {
+            "held in the state"
+        } else {
+            "stored apart"
+        },
         if o.keys { "with" } else { "without" }
     );
     {
@@ -157,6 +170,9 @@ fn main() {
     }
     let base = LIVE.load(Ordering::Relaxed);
     let mut state = State::default();
+    if !o.held {
+        state.keep_payloads_out();
+    }
     let t0 = Instant::now();
     apply_in_entries(&mut state, n, NOW, "submit", |i| submit(i, &o));
     let built = t0.elapsed();

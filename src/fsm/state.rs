@@ -2904,6 +2904,56 @@ mod task_memory {
     }
 
     #[test]
+    fn payloads_kept_out_leave_the_rest_of_the_state_alike() {
+        let spec = |n: u64, session: bool| SubmitTask {
+            payload: format!(r#"{{"n":{n}}}"#),
+            session_key: session.then(|| crate::fsm::SessionKey(format!("s{n}"))),
+            ..plain()
+        };
+        let run = |s: &mut State| -> Vec<(TaskId, Box<str>)> {
+            let mut taken = Vec::new();
+            for n in 1..=6 {
+                submit(s, n, spec(n, n == 4));
+                taken.extend(s.take_stored_payloads());
+            }
+            let token = lease(s, 7);
+            let complete = Command::Complete {
+                token,
+                result: "{}".into(),
+            };
+            s.apply_one(8, complete).unwrap();
+            taken.extend(s.take_stored_payloads());
+            taken
+        };
+        let mut held = State::default();
+        assert!(run(&mut held).is_empty(), "nothing leaves by default");
+        let mut out = State::default();
+        out.keep_payloads_out();
+        let taken = run(&mut out);
+        // Every task but the session's handed its payload over, in order.
+        let ids: Vec<u64> = taken.iter().map(|(id, _)| id.0).collect();
+        assert_eq!(ids, [1, 2, 3, 5, 6]);
+        assert_eq!(&*taken[0].1, r#"{"n":1}"#);
+        assert_eq!(out.stored_payloads().count(), 5);
+        assert_eq!(
+            out.task(TaskId(4)).unwrap().payload,
+            crate::fsm::Payload::from(r#"{"n":4}"#)
+        );
+        assert_ne!(out, held);
+        for (id, text) in taken {
+            assert!(out.hold_payload(id, text));
+        }
+        assert_eq!(out, held, "the same state once the payloads are back");
+        assert!(!out.hold_payload(TaskId(99), "{}".into()));
+
+        // A state that held its payloads hands them all over at once.
+        let mut later = held.clone();
+        later.keep_payloads_out();
+        assert_eq!(later.take_stored_payloads().len(), 5);
+        assert_eq!(later.stored_payloads().count(), 5);
+    }
+
+    #[test]
     fn tasks_of_a_tenant_share_its_name() {
         let mut s = State::default();
         let a = submit(&mut s, 1, plain());
