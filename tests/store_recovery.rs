@@ -181,7 +181,10 @@ async fn snapshot_purge_reopen_restores_state_and_replays_the_log() {
         log.purge(log_id(1, 6)).await.unwrap();
         sm.apply(entries[8..].to_vec()).await.unwrap();
         log.save_committed(Some(log_id(1, 11))).await.unwrap();
-        assert_eq!(sm.shared().read(|s| s.clone()), reference(&entries));
+        assert_eq!(
+            sm.shared().state_with_payloads().unwrap(),
+            reference(&entries)
+        );
     }
 
     let (mut log, mut sm) = open(&dir);
@@ -190,7 +193,10 @@ async fn snapshot_purge_reopen_restores_state_and_replays_the_log() {
     assert_eq!(applied, Some(log_id(1, 8)));
     assert_eq!(members.log_id(), &Some(log_id(1, 1)));
     assert_eq!(members.voter_ids().collect::<Vec<_>>(), vec![1]);
-    assert_eq!(sm.shared().read(|s| s.clone()), reference(&entries[..8]));
+    assert_eq!(
+        sm.shared().state_with_payloads().unwrap(),
+        reference(&entries[..8])
+    );
     assert!(sm.shared().read(|s| s.task_count()) > 0);
     // ... the log state is consistent with it ...
     assert_eq!(
@@ -210,7 +216,10 @@ async fn snapshot_purge_reopen_restores_state_and_replays_the_log() {
         .await
         .unwrap();
     assert_eq!(sm.shared().last_applied(), Some(log_id(1, 11)));
-    assert_eq!(sm.shared().read(|s| s.clone()), reference(&entries));
+    assert_eq!(
+        sm.shared().state_with_payloads().unwrap(),
+        reference(&entries)
+    );
 }
 
 #[tokio::test]
@@ -263,7 +272,10 @@ async fn builder_view_is_fixed_and_never_replaces_a_newer_snapshot() {
     a.install_snapshot(&newer.meta, newer.snapshot)
         .await
         .unwrap();
-    assert_eq!(a.shared().read(|s| s.clone()), reference(&entries));
+    assert_eq!(
+        a.shared().state_with_payloads().unwrap(),
+        reference(&entries)
+    );
     let installed = rx.try_recv().unwrap();
     assert!(installed.snapshot_installed && installed.index == 6);
 
@@ -273,7 +285,10 @@ async fn builder_view_is_fixed_and_never_replaces_a_newer_snapshot() {
     let dir_c = tempfile::tempdir().unwrap();
     let (_log_c, mut c) = open(&dir_c);
     c.install_snapshot(&old.meta, old.snapshot).await.unwrap();
-    assert_eq!(c.shared().read(|s| s.clone()), reference(&entries[..3]));
+    assert_eq!(
+        c.shared().state_with_payloads().unwrap(),
+        reference(&entries[..3])
+    );
     // ... but does not replace the newer stored snapshot
     let current = a.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, newer.meta);
@@ -325,5 +340,8 @@ async fn events_are_published_and_slow_observers_never_block_apply() {
         never_read.try_recv(),
         Err(TryRecvError::Lagged(_))
     ));
-    assert_eq!(sm.shared().read(|s| s.clone()), reference(&entries));
+    assert_eq!(
+        sm.shared().state_with_payloads().unwrap(),
+        reference(&entries)
+    );
 }

@@ -46,10 +46,11 @@ impl SharedState {
     pub fn capture(&self) -> Capture {
         // Pinned before the copy is taken: no payload it names is deleted
         // from then until it is dropped.
-        let pin = Arc::new(self.db.pin_payloads());
+        let db = self.store().ok().map(|db| (*db).clone());
+        let pin = db.as_ref().map(|db| Arc::new(db.pin_payloads()));
         Capture {
             view: Arc::new(self.read_guard().clone()),
-            payloads: Some((self.db.clone(), pin)),
+            payloads: db.zip(pin),
         }
     }
 }

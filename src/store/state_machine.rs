@@ -60,8 +60,9 @@ pub struct SharedState {
     /// `fsm::Auth::version` of the applied state, readable without the
     /// lock: the API's credential cache compares it on every request.
     auth_version: Arc<AtomicU64>,
-    /// Where the stored task payloads are.
-    pub(super) db: Db,
+    /// Where the stored task payloads are, while the state machine lives:
+    /// a read handle must not keep the store open (and locked) after it.
+    db: std::sync::Weak<Db>,
 }
 
 impl SharedState {
@@ -83,7 +84,7 @@ impl SharedState {
         if let Some(text) = task.payload.held() {
             return Ok(Arc::from(text));
         }
-        match self.db.payload(task.id.0)? {
+        match self.store()?.payload(task.id.0)? {
             Some(text) => Ok(Arc::from(text)),
             None => Err(StoreError::Inconsistent(format!(
                 "task {}'s payload is stored but not in the store",
@@ -118,7 +119,7 @@ impl SharedState {
         if task.payload != fsm::Payload::Stored {
             return;
         }
-        match self.db.payload(task.id.0) {
+        match self.store().and_then(|db| db.payload(task.id.0)) {
             Ok(Some(text)) => Arc::make_mut(task).payload = fsm::Payload::Held(text),
             Ok(None) => {
                 tracing::error!(task = %task.id, "a replied task's payload is not in the store");
@@ -127,6 +128,24 @@ impl SharedState {
                 tracing::error!(task = %task.id, error = %e, "a replied task's payload is not readable");
             }
         }
+    }
+
+    /// A copy of the state in which every task holds its payload (read from
+    /// the store): what a state machine without a store would hold.
+    /// Blocking, `O(state)`.
+    pub fn state_with_payloads(&self) -> Result<fsm::State> {
+        let mut state = self.read_guard().state.clone();
+        // Outside the lock: a payload is deleted only once its task is
+        // gone from a state no newer than this copy, so none it names is.
+        payloads::hold_all(&*self.store()?, &mut state)?;
+        Ok(state)
+    }
+
+    /// The state machine's store, while it is open.
+    pub(super) fn store(&self) -> Result<Arc<Db>> {
+        self.db.upgrade().ok_or_else(|| {
+            StoreError::Inconsistent("the state machine is closed: its store is gone".into())
+        })
     }
 
     /// The last applied log id: the state read now reflects at least this.
@@ -172,6 +191,8 @@ impl SharedState {
 #[derive(Debug)]
 pub struct StateMachine {
     pub(super) db: Db,
+    /// The handle read handles reach the store through (weakly).
+    _readers: Arc<Db>,
     shared: SharedState,
 }
 
@@ -268,13 +289,18 @@ impl StateMachine {
         payloads::keep_out(&db, &mut applied)?;
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let auth_version = Arc::new(AtomicU64::new(applied.state.auth().version()));
+        let readers = Arc::new(db.clone());
         let shared = SharedState {
             applied: Arc::new(RwLock::new(applied)),
             events,
             auth_version,
-            db: db.clone(),
+            db: Arc::downgrade(&readers),
         };
-        Ok(Self { db, shared })
+        Ok(Self {
+            db,
+            _readers: readers,
+            shared,
+        })
     }
 
     /// A read handle on the applied state (clone it freely).

@@ -12,8 +12,15 @@ use crate::fsm::{Batch, Request, SubmitTask, Tenant};
 use crate::raft::TypeConfig;
 use crate::store::Store;
 
-/// A state machine holding `tasks` tasks of about 100 KiB each.
-async fn state_of(dir: &std::path::Path, tasks: u64) -> (SharedState, crate::store::LogStore) {
+/// A state machine holding `tasks` tasks of about 100 KiB each, and its
+/// store's halves (the read handle reads payloads while they are open).
+async fn state_of(
+    dir: &std::path::Path,
+    tasks: u64,
+) -> (
+    SharedState,
+    (crate::store::LogStore, crate::store::StateMachine),
+) {
     let (log, mut sm) = Store::open(dir).unwrap();
     let pad = "p".repeat(100 * 1024);
     let entries: Vec<Entry<TypeConfig>> = (1..=tasks)
@@ -31,7 +38,7 @@ async fn state_of(dir: &std::path::Path, tasks: u64) -> (SharedState, crate::sto
         })
         .collect();
     sm.apply(entries).await.unwrap();
-    (sm.shared(), log)
+    (sm.shared(), (log, sm))
 }
 
 fn start(
