@@ -24,6 +24,9 @@ const LOG_META: &str = "log_meta";
 const SNAPSHOT: &str = "snapshot";
 /// Task payloads by task id (big-endian), as UTF-8 text.
 const PAYLOADS: &str = "payloads";
+/// In `payloads`: the last log index whose entry's payloads are stored.
+/// Nine bytes, so no task id's key, and after every one of them.
+const PAYLOADS_THROUGH: &[u8] = &[0xff; 9];
 
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
@@ -254,14 +257,37 @@ impl Db {
 
     // ---- task payloads ----
 
-    /// Stores task payloads (not durable until the next flush).
-    pub(super) fn put_payloads(&self, payloads: &[(u64, Box<str>)]) -> Result<()> {
+    /// Stores task payloads (not durable until the next flush); with
+    /// `through`, in the same atomic batch, that every payload of the
+    /// entries up to that log index is stored ([`Db::payloads_through`]).
+    pub(super) fn put_payloads(
+        &self,
+        payloads: &[(u64, Box<str>)],
+        through: Option<u64>,
+    ) -> Result<()> {
         let mut batch = sled::Batch::default();
         for (id, text) in payloads {
             batch.insert(&id.to_be_bytes(), text.as_bytes());
         }
+        if let Some(index) = through {
+            batch.insert(PAYLOADS_THROUGH, &index.to_be_bytes());
+        }
         self.payloads.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// The last log index whose entry's payloads [`Db::put_payloads`]
+    /// stored (0: none).
+    pub(super) fn payloads_through(&self) -> Result<u64> {
+        match self.payloads.get(PAYLOADS_THROUGH)? {
+            None => Ok(0),
+            Some(v) => {
+                let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| {
+                    StoreError::Inconsistent("a payloads-through mark not of 8 bytes".into())
+                })?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+        }
     }
 
     /// Task `id`'s stored payload.

@@ -54,12 +54,20 @@ pub(super) fn keep_out(db: &Db, applied: &mut Applied) -> Result<()> {
 
 /// Stores the payloads the state handed over since the last call.
 pub(super) fn store_taken(db: &Db, state: &mut fsm::State) -> Result<()> {
-    let taken = state.take_stored_payloads();
+    let taken = take(state);
     if taken.is_empty() {
         return Ok(());
     }
-    let taken: Vec<(u64, Box<str>)> = taken.into_iter().map(|(id, t)| (id.0, t)).collect();
-    db.put_payloads(&taken)
+    db.put_payloads(&taken, None)
+}
+
+/// The payloads the state handed over since the last call, by task id.
+pub(super) fn take(state: &mut fsm::State) -> Vec<(u64, Box<str>)> {
+    state
+        .take_stored_payloads()
+        .into_iter()
+        .map(|(id, t)| (id.0, t))
+        .collect()
 }
 
 /// Gives every task whose payload `db` stores its payload back to hold:
@@ -203,12 +211,12 @@ pub(super) fn install_section(input: &mut impl Read, state: &fsm::State, db: &Db
     read_section(input, state, |id, text| {
         batch.push((id.0, text));
         if batch.len() == INSTALL_BATCH {
-            db.put_payloads(&batch)?;
+            db.put_payloads(&batch, None)?;
             batch.clear();
         }
         Ok(())
     })?;
-    db.put_payloads(&batch)
+    db.put_payloads(&batch, None)
 }
 
 /// [`read_section`] into the state itself: each task holds its payload.

@@ -193,6 +193,12 @@ pub struct StateMachine {
     pub(super) db: Db,
     /// The handle read handles reach the store through (weakly).
     _readers: Arc<Db>,
+    /// The last entry whose payloads the store holds (see
+    /// [`Db::payloads_through`]): applied again after a restart, an entry
+    /// up to it has its payloads stored already. Since sled recovers a
+    /// prefix of its writes, the mark, written in the same batch as the
+    /// payloads of the entries it covers, never runs ahead of them.
+    stored_through: u64,
     shared: SharedState,
 }
 
@@ -290,6 +296,7 @@ impl StateMachine {
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let auth_version = Arc::new(AtomicU64::new(applied.state.auth().version()));
         let readers = Arc::new(db.clone());
+        let stored_through = db.payloads_through()?;
         let shared = SharedState {
             applied: Arc::new(RwLock::new(applied)),
             events,
@@ -299,6 +306,7 @@ impl StateMachine {
         Ok(Self {
             db,
             _readers: readers,
+            stored_through,
             shared,
         })
     }
@@ -410,17 +418,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .shared
                 .write_guard()
                 .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
+            let (mut payloads, mut last) = (Vec::new(), 0);
             for entry in entries {
                 let log_id = entry.log_id;
                 let (response, events) = apply_entry(&mut applied, entry)
                     .map_err(|e| e.into_storage(ErrorSubject::Apply(log_id), ErrorVerb::Write))?;
                 responses.push(response);
                 published.extend(events);
+                let taken = payloads::take(&mut applied.state);
+                // Applied again after a restart: stored the first time.
+                if log_id.index > self.stored_through && !taken.is_empty() {
+                    payloads.extend(taken);
+                    last = log_id.index;
+                }
             }
             // Before the lock is released: a reader that sees a task finds
             // its payload.
-            payloads::store_taken(&self.db, &mut applied.state)
-                .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
+            if !payloads.is_empty() {
+                self.db
+                    .put_payloads(&payloads, Some(last))
+                    .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
+            }
             self.shared.note_auth_version(&applied);
         }
         // After the lock is released, so an observer reading the state sees

@@ -83,13 +83,24 @@ async fn applied_payloads_are_stored_and_read_back_after_a_restart() {
         // Applied after the snapshot: only the log has it at a restart.
         sm.apply([entry(2, vec![submit(3, false)])]).await.unwrap();
     }
-    let (_log, sm) = Store::open_waiting(dir.path(), WAIT).unwrap();
+    let (_log, mut sm) = Store::open_waiting(dir.path(), WAIT).unwrap();
     assert_eq!(
         sm.shared().last_applied().map(|l| l.index),
         Some(1),
         "restored from the snapshot; the log replays the rest"
     );
     assert_eq!((read(&sm, 1), read(&sm, 2)), (text(1), text(2)));
+    // Entry 2 applied again, as the log replays it: its payload was
+    // stored the first time (the mark says so), and reads back.
+    assert_eq!(sm.db.payloads_through().unwrap(), 2);
+    sm.apply([entry(2, vec![submit(3, false)])]).await.unwrap();
+    assert_eq!(read(&sm, 3), text(3));
+    // A new entry's payloads are stored, and the mark moves with them.
+    sm.apply([entry(3, vec![submit(4, false)])]).await.unwrap();
+    assert_eq!(
+        (read(&sm, 4), sm.db.payloads_through().unwrap()),
+        (text(4), 3)
+    );
 }
 
 #[tokio::test]
