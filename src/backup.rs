@@ -27,8 +27,10 @@
 //! section names its group, the applied log id it was taken at, its Raft
 //! membership there, a summary (tasks, dead letters, gateways, agents, the
 //! audit chain's head) and then carries the group's state bytes: exactly
-//! the snapshot payload its state machine stores (`store::Capture`), in
-//! `crate::codec`'s versioned encoding. The state is chunked because it is
+//! the snapshot payload its state machine stores (`store::Capture`): the
+//! state in `crate::codec`'s versioned encoding, then the task payloads
+//! the node's store keeps apart (`store/payloads.rs`; read back, the state
+//! holds them all). The state is chunked because it is
 //! written as it is encoded, so its length is not known up front. JSON
 //! for the metadata: an operator can read it with `head -c`, and a later
 //! format can add fields. Bounds: header and section metadata up to
