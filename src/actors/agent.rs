@@ -761,13 +761,7 @@ async fn attempt(
                 retryable: true,
                 usage: None,
             };
-            let given_up = !report_result(&args.node, &task, cmd, &cancel).await;
-            let _ = actor.send_message(AgentMsg::Ended {
-                token,
-                given_up,
-                verdict: None,
-            });
-            return;
+            return report_and_end(&args.node, &task, token, cmd, &cancel, &actor).await;
         }
     };
     let req = RunRequest {
@@ -817,13 +811,7 @@ async fn attempt(
             let cmd = Command::Release {
                 tokens: vec![token],
             };
-            let given_up = !report_result(&args.node, &task, cmd, &cancel).await;
-            let _ = actor.send_message(AgentMsg::Ended {
-                token,
-                given_up,
-                verdict: None,
-            });
-            return;
+            return report_and_end(&args.node, &task, token, cmd, &cancel, &actor).await;
         }
     };
     let run = match seen {
@@ -932,6 +920,24 @@ async fn attempt(
         token,
         given_up,
         verdict,
+    });
+}
+
+/// Reports `cmd` for an attempt that did not run, then tells the agent it
+/// ended (given up if the report did not land), with no verdict on it.
+async fn report_and_end(
+    node: &Node,
+    task: &Task,
+    token: FencingToken,
+    cmd: Command,
+    cancel: &CancellationToken,
+    actor: &ActorRef<AgentMsg>,
+) {
+    let given_up = !report_result(node, task, cmd, cancel).await;
+    let _ = actor.send_message(AgentMsg::Ended {
+        token,
+        given_up,
+        verdict: None,
     });
 }
 
