@@ -13,7 +13,7 @@
 //! | --- | --- | --- |
 //! | `logs` | log index, big-endian `u64` (so key order is index order) | `openraft::Entry`, then a CRC-32 (little-endian) of the index and those bytes |
 //! | `log_meta` | `vote`, `committed`, `last_purged`, `layout` | `Vote`, `LogId`, `LogId`, `u32` |
-//! | `snapshot` | `meta`, `file` | `SnapshotMeta`; the name of the snapshot's file in `godel-snapshots/` |
+//! | `snapshot` | `meta`, `file`, `unsent` | `SnapshotMeta`; the name of the snapshot's file in `godel-snapshots/`; while present, the file's state length and its last task id (the file lacks its payloads) |
 //! | `payloads` | task id, big-endian `u64` | the task's payload, UTF-8 JSON text as submitted |
 //!
 //! Those are the meta group's trees. Another Raft group `g` (see
@@ -31,7 +31,11 @@
 //! The snapshot payload is `{last_applied, last_membership, state}`: exactly
 //! what the state machine holds, so a snapshot restores it completely;
 //! then the payloads of its tasks that the `payloads` tree keeps (format
-//! and rules in `payloads.rs`).
+//! and rules in `payloads.rs`). A build stores the snapshot once its state
+//! is written and flushed, marked `unsent`, then appends the payloads and
+//! clears the mark: a restart, which reads only the state, uses the new
+//! snapshot as early as it can, and a snapshot is sent to a follower only
+//! whole (a node that stopped in between adds the payloads first).
 //!
 //! # The design: state in memory, snapshot in sled, replay from the log
 //!
@@ -200,7 +204,7 @@ mod state_machine;
 mod watermark;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 
@@ -340,7 +344,13 @@ impl Store {
         dir: &Path,
         groups: &[GroupId],
     ) -> Result<Vec<(GroupId, LogStore, StateMachine)>> {
+        let started = Instant::now();
         let base = db::Db::open(dir)?;
+        tracing::info!(
+            dir = %dir.display(),
+            secs = started.elapsed().as_secs_f64(),
+            "store opened"
+        );
         groups
             .iter()
             .map(|&group| {
@@ -352,7 +362,9 @@ impl Store {
 
     fn open_group(db: db::Db, dir: &Path) -> Result<(LogStore, StateMachine)> {
         db.remove_stray_snapshots()?;
+        let started = Instant::now();
         let applied = state_machine::restore(&db)?;
+        let restored = started.elapsed();
         let last_purged = db.last_purged()?;
         if last_purged.map(|l| l.index) > applied.last_applied.map(|l| l.index) {
             return Err(StoreError::Inconsistent(format!(
@@ -361,10 +373,22 @@ impl Store {
             )));
         }
         let watermark = recover::check(&db, dir)?;
-        Ok((
-            LogStore::new(db.clone(), watermark),
-            StateMachine::new(db, applied)?,
-        ))
+        let checked = started.elapsed();
+        let tasks = applied.state.task_count();
+        let last_applied = applied.last_applied.map(|l| l.index);
+        let group = db.group_id();
+        let sm = StateMachine::new(db.clone(), applied)?;
+        // What a restart spends where, for an operator waiting on one.
+        tracing::info!(
+            group,
+            tasks,
+            last_applied,
+            restore_secs = restored.as_secs_f64(),
+            check_secs = (checked - restored).as_secs_f64(),
+            payloads_secs = (started.elapsed() - checked).as_secs_f64(),
+            "group's state restored"
+        );
+        Ok((LogStore::new(db, watermark), sm))
     }
 
     /// [`Store::open`], waiting up to `wait` while sled's lock on `dir` is

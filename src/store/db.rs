@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use openraft::{LogId, SnapshotMeta, Vote};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::{Result, StoreError};
 use crate::codec;
@@ -35,6 +35,9 @@ const LAYOUT: &[u8] = b"layout";
 const SNAPSHOT_META: &[u8] = b"meta";
 /// The name of the file holding the stored snapshot's payload.
 const SNAPSHOT_FILE: &[u8] = b"file";
+/// Present while the stored snapshot's file holds its state but not yet
+/// the task payloads after it ([`Unsent`]).
+const SNAPSHOT_UNSENT: &[u8] = b"unsent";
 /// The directory, inside sled's, of the snapshot payload files (inside,
 /// so a copy of the store's directory copies them too).
 const SNAPSHOT_DIR: &str = "godel-snapshots";
@@ -48,9 +51,11 @@ const SNAPSHOT_DIR: &str = "godel-snapshots";
 /// name stored with its metadata, rather than a sled value.
 /// 4: task payloads live in their own tree, not in the state, and a
 /// snapshot's file carries them after the state.
+/// 5: a stored snapshot's file may hold only its state while `unsent` says
+/// so: its payloads are added before it is sent.
 /// Earlier layouts were never deployed: such a store is refused with
 /// [`StoreError::Layout`] rather than migrated.
-pub(super) const LAYOUT_VERSION: u32 = 4;
+pub(super) const LAYOUT_VERSION: u32 = 5;
 
 /// Bytes of the checksum after each stored entry.
 const CRC_LEN: usize = 4;
@@ -92,6 +97,9 @@ pub(super) struct Db {
     /// Makes reading or replacing the snapshot keys atomic (the snapshot
     /// is written from the builder task and the state-machine worker).
     snapshot_lock: Arc<Mutex<()>>,
+    /// Held by whoever writes the payloads after a stored snapshot's state
+    /// ([`Db::lock_section`]).
+    section_lock: Arc<Mutex<()>>,
     /// Where snapshot payload files go.
     snapshot_dir: Arc<PathBuf>,
     /// Payload files replaced since the last [`Db::retire_snapshots`]: each
@@ -182,6 +190,7 @@ impl Db {
             db,
             group,
             snapshot_lock: Arc::default(),
+            section_lock: Arc::default(),
             snapshot_dir,
             retired: Arc::default(),
         })
@@ -599,22 +608,25 @@ impl Db {
     /// Stores a snapshot: its payload file `tmp` (from
     /// [`Db::write_snapshot_file`]) takes its final name and the metadata
     /// naming it replaces the stored one, unless `replace` forbids
-    /// replacing a newer one (then `tmp` is deleted); returns whether it
-    /// was stored. Not durable until the next [`Db::flush`]; the replaced
-    /// file goes at the next [`Db::retire_snapshots`]. Blocking.
+    /// replacing a newer one (then `tmp` is deleted); returns the file's
+    /// name if it was stored. `unsent`: the file holds the state only, so
+    /// far ([`Db::snapshot_unsent`]). Not durable until the next
+    /// [`Db::flush`]; the replaced file goes at the next
+    /// [`Db::retire_snapshots`]. Blocking.
     pub(super) fn set_snapshot_file(
         &self,
         meta: &Meta,
         tmp: &Path,
         replace: Replace,
-    ) -> Result<bool> {
+        unsent: Option<Unsent>,
+    ) -> Result<Option<String>> {
         let _guard = self.lock_snapshot();
         let stored = self.snapshot_file_locked()?;
         if replace == Replace::IfNotOlder {
             let index = |m: &Meta| m.last_log_id.map(|l| l.index);
             if stored.as_ref().is_some_and(|(s, _)| index(s) > index(meta)) {
                 let _ = std::fs::remove_file(tmp);
-                return Ok(false);
+                return Ok(None);
             }
         }
         let name = format!("g{}-{:016x}.snap", self.group, rand::random::<u64>());
@@ -628,6 +640,10 @@ impl Db {
         let mut batch = sled::Batch::default();
         batch.insert(SNAPSHOT_META, encoded(meta, "snapshot meta")?);
         batch.insert(SNAPSHOT_FILE, encoded(&name, "snapshot file name")?);
+        match unsent {
+            Some(u) => batch.insert(SNAPSHOT_UNSENT, encoded(&u, "snapshot's unsent mark")?),
+            None => batch.remove(SNAPSHOT_UNSENT),
+        }
         self.snapshot.apply_batch(batch)?;
         if let Some((_, old)) = stored
             && let Some(old) = old.file_name()
@@ -637,7 +653,47 @@ impl Db {
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(old.to_string_lossy().into_owned());
         }
-        Ok(true)
+        Ok(Some(name))
+    }
+
+    /// The stored snapshot's file, its name and what it lacks, if it holds
+    /// only its state so far ([`Db::set_snapshot_file`]). Blocking.
+    pub(super) fn snapshot_unsent(&self) -> Result<Option<(PathBuf, String, Unsent)>> {
+        let _guard = self.lock_snapshot();
+        let Some(unsent) =
+            get::<Unsent>(&self.snapshot, SNAPSHOT_UNSENT, "snapshot's unsent mark")?
+        else {
+            return Ok(None);
+        };
+        let (_, path) = self.snapshot_file_locked()?.ok_or_else(|| {
+            StoreError::Inconsistent("an unsent mark without a stored snapshot".into())
+        })?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Some((path, name, unsent)))
+    }
+
+    /// Records that snapshot file `name` holds its payloads now, if it is
+    /// still the stored one; returns whether it was. Not durable until the
+    /// next [`Db::flush`]. Blocking.
+    pub(super) fn mark_sendable(&self, name: &str) -> Result<bool> {
+        let _guard = self.lock_snapshot();
+        let current = self.snapshot_file_locked()?;
+        if current.is_some_and(|(_, p)| p.file_name().is_some_and(|n| n == name)) {
+            self.snapshot.remove(SNAPSHOT_UNSENT)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Held while writing the payloads after a stored snapshot's state:
+    /// by the build that stored it, or by whoever must send it first.
+    pub(super) fn lock_section(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.section_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// [`Db::write_snapshot_file`] of everything `data` reads, then
@@ -656,7 +712,7 @@ impl Db {
                     source,
                 })
         })?;
-        self.set_snapshot_file(meta, &tmp, replace)
+        Ok(self.set_snapshot_file(meta, &tmp, replace, None)?.is_some())
     }
 
     /// Flushes, then deletes the payload files replaced before it: the
@@ -720,6 +776,17 @@ impl Db {
         self.overwrite_entry(index, &value)
     }
 
+    /// Test hook: marks the stored snapshot as holding only its state.
+    #[cfg(test)]
+    pub(super) fn set_unsent(&self, unsent: Unsent) -> Result<()> {
+        put(
+            &self.snapshot,
+            SNAPSHOT_UNSENT,
+            &unsent,
+            "snapshot's unsent mark",
+        )
+    }
+
     /// Test hook: overwrites the stored snapshot payload with `bytes`.
     #[cfg(test)]
     pub(super) fn overwrite_snapshot_data(&self, bytes: &[u8]) -> Result<()> {
@@ -729,6 +796,16 @@ impl Db {
             source,
         })
     }
+}
+
+/// What a stored snapshot's file lacks while it holds only its state: the
+/// payloads of its tasks, written after the state's `state_len` bytes.
+/// Those are among the stored payloads of ids up to `last_task_id` (the
+/// state's last task id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Unsent {
+    pub state_len: u64,
+    pub last_task_id: u64,
 }
 
 /// Holds every stored payload while it lives ([`Db::pin_payloads`]).

@@ -14,7 +14,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::db::{Db, Entry, Meta, Replace};
+use super::db::{Db, Entry, Meta, Replace, Unsent};
 use super::payloads;
 use super::{Result, StoreError};
 use crate::codec;
@@ -541,9 +541,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         let db = self.db.clone();
-        let stored = blocking(move || db.open_snapshot())
-            .await
-            .map_err(snapshot_err(None, ErrorVerb::Read))?;
+        let stored = blocking(move || {
+            // Held by a build while it adds its snapshot's payloads: a
+            // snapshot is sent whole.
+            let _section = db.lock_section();
+            if let Some((path, name, unsent)) = db.snapshot_unsent()? {
+                // Stored by a build this node did not see through.
+                let started = std::time::Instant::now();
+                let written = payloads::complete_section(&db, &path, unsent)?;
+                db.mark_sendable(&name)?;
+                db.flush_blocking()?;
+                tracing::info!(
+                    group = db.group_id(),
+                    payloads = written,
+                    secs = started.elapsed().as_secs_f64(),
+                    "the stored snapshot's payloads added before sending it"
+                );
+            }
+            db.open_snapshot()
+        })
+        .await
+        .map_err(snapshot_err(None, ErrorVerb::Read))?;
         Ok(stored.map(|(meta, file)| Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),
@@ -570,29 +588,55 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id: snapshot_id(self.view.last_applied),
         };
         let (db, view, owned_meta) = (self.db.clone(), Arc::clone(&self.view), meta.clone());
-        let (file, garbage) = blocking(move || {
-            // Encoded straight into its file: never held whole in memory.
-            let mut garbage = Vec::new();
+        let started = std::time::Instant::now();
+        let (file, garbage, state_secs) = blocking(move || {
+            // Nobody sends this snapshot before its payloads are in.
+            let _section = db.lock_section();
+            // The state first, encoded straight into its file: never held
+            // whole in memory.
             let tmp = db.write_snapshot_file(|out| {
                 codec::encode_to_writer(&*view, out).map_err(|source| StoreError::Encode {
                     what: format!("snapshot {}", owned_meta.snapshot_id),
                     source,
-                })?;
-                garbage = payloads::write_section(Some(&db), &view.state, out)?;
-                Ok(())
+                })
             })?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&tmp)
+                .map_err(|source| StoreError::Io {
+                    what: format!("open {}", tmp.display()),
+                    source,
+                })?;
+            let unsent = Unsent {
+                state_len: file
+                    .metadata()
+                    .map_err(|source| StoreError::Io {
+                        what: format!("read {}", tmp.display()),
+                        source,
+                    })?
+                    .len(),
+                last_task_id: view.state.last_task_id(),
+            };
             // Every payload the state names is durable before the snapshot
             // naming it is (they were written as their entries applied).
             db.flush_blocking()?;
             // Opened before it is renamed into place (or, older than the
             // stored one, deleted): the handle reads it either way.
-            let file = std::fs::File::open(&tmp).map_err(|source| StoreError::Io {
-                what: format!("open {}", tmp.display()),
-                source,
-            })?;
-            let stored = db.set_snapshot_file(&owned_meta, &tmp, Replace::IfNotOlder)?;
+            let Some(name) =
+                db.set_snapshot_file(&owned_meta, &tmp, Replace::IfNotOlder, Some(unsent))?
+            else {
+                return Ok((file, Vec::new(), 0.0));
+            };
+            // A restart restores this state from here on, without
+            // replaying the entries it covers.
+            db.flush_blocking()?;
+            let state_secs = started.elapsed().as_secs_f64();
+            // Then its payloads, for a follower that needs the snapshot.
+            let garbage = payloads::append_section(&db, &file, unsent.state_len, &view.state)?;
+            db.mark_sendable(&name)?;
             note_snapshot("built", &file);
-            Ok((file, if stored { garbage } else { Vec::new() }))
+            Ok((file, garbage, state_secs))
         })
         .await
         .map_err(snapshot_err(Some(&meta), ErrorVerb::Write))?;
@@ -602,12 +646,22 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .map_err(snapshot_err(Some(&meta), ErrorVerb::Write))?;
         // The stored snapshot (durable now) no longer names these tasks,
         // and no restart goes back to an older one.
+        let removed = garbage.len();
         if !garbage.is_empty() {
             let db = self.db.clone();
             blocking(move || db.remove_payloads(&garbage).map(|_| ()))
                 .await
                 .map_err(snapshot_err(Some(&meta), ErrorVerb::Write))?;
         }
+        tracing::info!(
+            group = self.db.group_id(),
+            snapshot = %meta.snapshot_id,
+            bytes = file.metadata().map(|m| m.len()).unwrap_or(0),
+            payloads_removed = removed,
+            state_secs,
+            secs = started.elapsed().as_secs_f64(),
+            "snapshot built"
+        );
         Ok(Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),

@@ -203,11 +203,11 @@ async fn a_payload_section_that_does_not_match_its_state_is_refused() {
             .unwrap_err()
             .to_string()
     };
-    // Task 3's record names task 9: the state has no task 9.
+    // Task 3's record names task 9: past the state's last task.
     let third = section.len() - 1 - (1 + 8 + 4 + text(3).len());
     let mut unknown = section.clone();
     unknown[third + 1..third + 9].copy_from_slice(&9u64.to_le_bytes());
-    assert!(refused(&unknown).contains("task 9 has no stored payload"));
+    assert!(refused(&unknown).contains("task 9 is past the state's last task, 3"));
     // Task 3's record missing.
     let mut short = section[..third].to_vec();
     short.push(0);
@@ -221,4 +221,98 @@ async fn a_payload_section_that_does_not_match_its_state_is_refused() {
         err.to_string().contains("is stored but not in the store"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_snapshot_stored_before_its_payloads_restores_and_gets_them_before_it_is_sent() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cancel = Command::Cancel {
+        id: TaskId(3),
+        reason: None,
+        keep_children: false,
+    };
+    let purge = Command::Purge {
+        finished_before_ms: u64::MAX,
+        keep: 0,
+        max: 10,
+        dead_before_ms: 0,
+    };
+    let before = {
+        let (_log, mut sm) = Store::open(a.path()).unwrap();
+        sm.apply([
+            entry(1, (1..=6).map(|n| submit(n, n == 5)).collect()),
+            entry(2, vec![cancel]),
+            entry(3, vec![purge]),
+        ])
+        .await
+        .unwrap();
+        // Task 3 is forgotten; a pinned copy keeps its payload in the tree.
+        let pin = sm.db.pin_payloads();
+        build(&mut sm).await;
+        drop(pin);
+        assert!(sm.db.payload(3).unwrap().is_some());
+        assert_eq!(
+            sm.db.snapshot_unsent().unwrap(),
+            None,
+            "a build sees it through"
+        );
+        // As if the node had stopped halfway through adding the payloads.
+        let state = sm.shared().read(|s| s.clone());
+        let mut section = Vec::new();
+        write_section(Some(&sm.db), &state, &mut section).unwrap();
+        let (_, path) = sm.db.snapshot_file().unwrap().unwrap();
+        let full = std::fs::read(&path).unwrap();
+        let state_len = full.len() - section.len();
+        std::fs::write(&path, &full[..state_len + section.len() / 2]).unwrap();
+        let unsent = Unsent {
+            state_len: state_len as u64,
+            last_task_id: 6,
+        };
+        sm.db.set_unsent(unsent).unwrap();
+        sm.db.flush_blocking().unwrap();
+        sm.shared().state_with_payloads().unwrap()
+    };
+    // A restart reads the state alone.
+    let (_log, mut sm) = Store::open_waiting(a.path(), WAIT).unwrap();
+    assert_eq!(sm.shared().state_with_payloads().unwrap(), before);
+    assert!(sm.db.snapshot_unsent().unwrap().is_some());
+    // Sending it adds the payloads first: every stored one up to task 6,
+    // the forgotten task 3's among them.
+    let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(sm.db.snapshot_unsent().unwrap(), None);
+    let mut bytes = Vec::new();
+    let mut file = snapshot.snapshot.into_std().await;
+    std::io::Read::read_to_end(&mut file, &mut bytes).unwrap();
+    let (_log, mut follower) = Store::open(b.path()).unwrap();
+    let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut *receiving, &bytes)
+        .await
+        .unwrap();
+    follower
+        .install_snapshot(&snapshot.meta, receiving)
+        .await
+        .unwrap();
+    assert_eq!(follower.shared().state_with_payloads().unwrap(), before);
+    for n in [1, 2, 4, 5, 6] {
+        assert_eq!(read(&follower, n), text(n));
+    }
+    assert_eq!(follower.db.payload(3).unwrap(), None, "skipped: forgotten");
+    assert_eq!(follower.db.payload(5).unwrap(), None, "held in the state");
+    // A section that lacks a payload its state names is still refused.
+    let short = {
+        let mut v = bytes[..bytes.len() - 1 - (1 + 8 + 4 + text(6).len())].to_vec();
+        v.push(0);
+        v
+    };
+    let c = tempfile::tempdir().unwrap();
+    let (_log, mut other) = Store::open(c.path()).unwrap();
+    let mut receiving = other.begin_receiving_snapshot().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut *receiving, &short)
+        .await
+        .unwrap();
+    let err = other
+        .install_snapshot(&snapshot.meta, receiving)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("payloads for"), "{err}");
 }
