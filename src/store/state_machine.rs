@@ -626,6 +626,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let Some(name) =
                 db.set_snapshot_file(&owned_meta, &tmp, Replace::IfNotOlder, Some(unsent))?
             else {
+                // Older than the stored one: not stored, but returned whole.
+                payloads::append_section(&db, &file, unsent.state_len, &view.state)?;
                 return Ok((file, Vec::new(), 0.0));
             };
             // A restart restores this state from here on, without
