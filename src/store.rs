@@ -13,7 +13,7 @@
 //! | --- | --- | --- |
 //! | `logs` | log index, big-endian `u64` (so key order is index order) | `openraft::Entry`, then a CRC-32 (little-endian) of the index and those bytes |
 //! | `log_meta` | `vote`, `committed`, `last_purged`, `layout` | `Vote`, `LogId`, `LogId`, `u32` |
-//! | `snapshot` | `meta`, `file`, `unsent` | `SnapshotMeta`; the name of the snapshot's file in `godel-snapshots/`; while present, the file's state length and its last task id (the file lacks its payloads) |
+//! | `snapshot` | `meta`, `file`, `unsent`, `sendable` | `SnapshotMeta`; the name of the snapshot's file in `godel-snapshots/`; present while that file lacks its payloads; meanwhile, the last whole snapshot's meta and file name |
 //! | `payloads` | task id, big-endian `u64` | the task's payload, UTF-8 JSON text as submitted |
 //!
 //! Those are the meta group's trees. Another Raft group `g` (see
@@ -34,8 +34,11 @@
 //! and rules in `payloads.rs`). A build stores the snapshot once its state
 //! is written and flushed, marked `unsent`, then appends the payloads and
 //! clears the mark: a restart, which reads only the state, uses the new
-//! snapshot as early as it can, and a snapshot is sent to a follower only
-//! whole (a node that stopped in between adds the payloads first).
+//! snapshot as early as it can (at ten million tasks the payloads take
+//! several times as long as the state). Until the mark is cleared the last
+//! whole snapshot is kept and is the one sent to a follower (and the one
+//! openraft is told of at start, so it purges no entry the newer state
+//! covers that a follower may still need after the older one).
 //!
 //! # The design: state in memory, snapshot in sled, replay from the log
 //!

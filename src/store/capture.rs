@@ -342,7 +342,7 @@ pub fn seed_groups(
                 // them when it opens the store.
                 payloads::write_section(None, &applied.state, out).map(|_| ())
             })?;
-            db.set_snapshot_file(meta, &tmp, Replace::Always, None)?;
+            db.set_snapshot_file(meta, &tmp, Replace::Always, false)?;
             db.set_last_purged(snapshot)?;
             db.set_committed(Some(snapshot))?;
         }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use openraft::{LogId, SnapshotMeta, Vote};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
 use super::{Result, StoreError};
 use crate::codec;
@@ -36,8 +36,11 @@ const SNAPSHOT_META: &[u8] = b"meta";
 /// The name of the file holding the stored snapshot's payload.
 const SNAPSHOT_FILE: &[u8] = b"file";
 /// Present while the stored snapshot's file holds its state but not yet
-/// the task payloads after it ([`Unsent`]).
+/// the task payloads after it: restored from, never sent.
 const SNAPSHOT_UNSENT: &[u8] = b"unsent";
+/// While the stored snapshot is unsent: the metadata and file name of the
+/// last whole one, which is what is sent meanwhile.
+const SNAPSHOT_SENDABLE: &[u8] = b"sendable";
 /// The directory, inside sled's, of the snapshot payload files (inside,
 /// so a copy of the store's directory copies them too).
 const SNAPSHOT_DIR: &str = "godel-snapshots";
@@ -52,7 +55,7 @@ const SNAPSHOT_DIR: &str = "godel-snapshots";
 /// 4: task payloads live in their own tree, not in the state, and a
 /// snapshot's file carries them after the state.
 /// 5: a stored snapshot's file may hold only its state while `unsent` says
-/// so: its payloads are added before it is sent.
+/// so; `sendable` then names the last whole one.
 /// Earlier layouts were never deployed: such a store is refused with
 /// [`StoreError::Layout`] rather than migrated.
 pub(super) const LAYOUT_VERSION: u32 = 5;
@@ -97,9 +100,6 @@ pub(super) struct Db {
     /// Makes reading or replacing the snapshot keys atomic (the snapshot
     /// is written from the builder task and the state-machine worker).
     snapshot_lock: Arc<Mutex<()>>,
-    /// Held by whoever writes the payloads after a stored snapshot's state
-    /// ([`Db::lock_section`]).
-    section_lock: Arc<Mutex<()>>,
     /// Where snapshot payload files go.
     snapshot_dir: Arc<PathBuf>,
     /// Payload files replaced since the last [`Db::retire_snapshots`]: each
@@ -190,7 +190,6 @@ impl Db {
             db,
             group,
             snapshot_lock: Arc::default(),
-            section_lock: Arc::default(),
             snapshot_dir,
             retired: Arc::default(),
         })
@@ -610,15 +609,16 @@ impl Db {
     /// naming it replaces the stored one, unless `replace` forbids
     /// replacing a newer one (then `tmp` is deleted); returns the file's
     /// name if it was stored. `unsent`: the file holds the state only, so
-    /// far ([`Db::snapshot_unsent`]). Not durable until the next
-    /// [`Db::flush`]; the replaced file goes at the next
+    /// far: it is restored from but not sent, and the last whole snapshot
+    /// is kept to be sent until [`Db::mark_sendable`]. Not durable until
+    /// the next [`Db::flush`]; a replaced file goes at the next
     /// [`Db::retire_snapshots`]. Blocking.
     pub(super) fn set_snapshot_file(
         &self,
         meta: &Meta,
         tmp: &Path,
         replace: Replace,
-        unsent: Option<Unsent>,
+        unsent: bool,
     ) -> Result<Option<String>> {
         let _guard = self.lock_snapshot();
         let stored = self.snapshot_file_locked()?;
@@ -637,63 +637,92 @@ impl Db {
         std::fs::File::open(&*self.snapshot_dir)
             .and_then(|d| d.sync_all())
             .map_err(io(format!("fsync {}", self.snapshot_dir.display())))?;
+        let was_unsent = self.snapshot.contains_key(SNAPSHOT_UNSENT)?;
+        let sendable = self.sendable_locked()?;
         let mut batch = sled::Batch::default();
         batch.insert(SNAPSHOT_META, encoded(meta, "snapshot meta")?);
         batch.insert(SNAPSHOT_FILE, encoded(&name, "snapshot file name")?);
-        match unsent {
-            Some(u) => batch.insert(SNAPSHOT_UNSENT, encoded(&u, "snapshot's unsent mark")?),
-            None => batch.remove(SNAPSHOT_UNSENT),
+        let mut retire = Vec::new();
+        let stored = stored.and_then(|(m, p)| Some((m, file_name(&p)?)));
+        if unsent {
+            batch.insert(SNAPSHOT_UNSENT, encoded(&true, "snapshot's unsent mark")?);
+            match stored {
+                // The last whole snapshot stays, to be sent meanwhile.
+                Some(last_whole) if !was_unsent => batch.insert(
+                    SNAPSHOT_SENDABLE,
+                    encoded(&last_whole, "sendable snapshot")?,
+                ),
+                Some((_, old)) => retire.push(old),
+                None => {}
+            }
+        } else {
+            batch.remove(SNAPSHOT_UNSENT);
+            batch.remove(SNAPSHOT_SENDABLE);
+            retire.extend(stored.map(|(_, old)| old));
+            retire.extend(sendable.map(|(_, old)| old));
         }
         self.snapshot.apply_batch(batch)?;
-        if let Some((_, old)) = stored
-            && let Some(old) = old.file_name()
-        {
-            self.retired
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(old.to_string_lossy().into_owned());
-        }
+        self.retired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(retire);
         Ok(Some(name))
     }
 
-    /// The stored snapshot's file, its name and what it lacks, if it holds
-    /// only its state so far ([`Db::set_snapshot_file`]). Blocking.
-    pub(super) fn snapshot_unsent(&self) -> Result<Option<(PathBuf, String, Unsent)>> {
-        let _guard = self.lock_snapshot();
-        let Some(unsent) =
-            get::<Unsent>(&self.snapshot, SNAPSHOT_UNSENT, "snapshot's unsent mark")?
-        else {
-            return Ok(None);
-        };
-        let (_, path) = self.snapshot_file_locked()?.ok_or_else(|| {
-            StoreError::Inconsistent("an unsent mark without a stored snapshot".into())
-        })?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Ok(Some((path, name, unsent)))
+    /// Whether the stored snapshot's file holds only its state so far
+    /// ([`Db::set_snapshot_file`]). Blocking.
+    #[cfg(test)]
+    pub(super) fn snapshot_unsent(&self) -> Result<bool> {
+        Ok(self.snapshot.contains_key(SNAPSHOT_UNSENT)?)
+    }
+
+    fn sendable_locked(&self) -> Result<Option<(Meta, String)>> {
+        get(&self.snapshot, SNAPSHOT_SENDABLE, "sendable snapshot")
     }
 
     /// Records that snapshot file `name` holds its payloads now, if it is
-    /// still the stored one; returns whether it was. Not durable until the
-    /// next [`Db::flush`]. Blocking.
+    /// still the stored one: it is sent from now on, and the last whole
+    /// one kept meanwhile goes at the next [`Db::retire_snapshots`].
+    /// Returns whether it was. Not durable until the next [`Db::flush`].
+    /// Blocking.
     pub(super) fn mark_sendable(&self, name: &str) -> Result<bool> {
         let _guard = self.lock_snapshot();
-        let current = self.snapshot_file_locked()?;
-        if current.is_some_and(|(_, p)| p.file_name().is_some_and(|n| n == name)) {
-            self.snapshot.remove(SNAPSHOT_UNSENT)?;
-            return Ok(true);
+        let current = self.snapshot_file_locked()?.and_then(|(_, p)| file_name(&p));
+        if current.as_deref() != Some(name) {
+            return Ok(false);
         }
-        Ok(false)
+        let sendable = self.sendable_locked()?;
+        let mut batch = sled::Batch::default();
+        batch.remove(SNAPSHOT_UNSENT);
+        batch.remove(SNAPSHOT_SENDABLE);
+        self.snapshot.apply_batch(batch)?;
+        if let Some((_, old)) = sendable {
+            self.retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(old);
+        }
+        Ok(true)
     }
 
-    /// Held while writing the payloads after a stored snapshot's state:
-    /// by the build that stored it, or by whoever must send it first.
-    pub(super) fn lock_section(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.section_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// The snapshot to send a follower, its file opened for reading: the
+    /// stored one, or while that is unsent the last whole one (None if
+    /// there is none). Blocking.
+    pub(super) fn open_sendable_snapshot(&self) -> Result<Option<(Meta, std::fs::File)>> {
+        let _guard = self.lock_snapshot();
+        let (meta, path) = match self.sendable_locked()? {
+            Some((meta, name)) => (meta, self.snapshot_dir.join(name)),
+            None if self.snapshot.contains_key(SNAPSHOT_UNSENT)? => return Ok(None),
+            None => match self.snapshot_file_locked()? {
+                Some(stored) => stored,
+                None => return Ok(None),
+            },
+        };
+        let file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
+            what: format!("open snapshot {}", path.display()),
+            source,
+        })?;
+        Ok(Some((meta, file)))
     }
 
     /// [`Db::write_snapshot_file`] of everything `data` reads, then
@@ -712,7 +741,9 @@ impl Db {
                     source,
                 })
         })?;
-        Ok(self.set_snapshot_file(meta, &tmp, replace, None)?.is_some())
+        Ok(self
+            .set_snapshot_file(meta, &tmp, replace, false)?
+            .is_some())
     }
 
     /// Flushes, then deletes the payload files replaced before it: the
@@ -736,6 +767,7 @@ impl Db {
         let current = self
             .snapshot_file_locked()?
             .and_then(|(_, p)| p.file_name().map(|n| n.to_owned()));
+        let sendable = self.sendable_locked()?.map(|(_, name)| name);
         let prefix = format!("g{}-", self.group);
         let entries = std::fs::read_dir(&*self.snapshot_dir).map_err(|source| StoreError::Io {
             what: format!("read {}", self.snapshot_dir.display()),
@@ -744,7 +776,10 @@ impl Db {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let text = name.to_string_lossy();
-            if text.starts_with(&prefix) && current.as_deref() != Some(name.as_os_str()) {
+            if text.starts_with(&prefix)
+                && current.as_deref() != Some(name.as_os_str())
+                && sendable.as_deref() != Some(&*text)
+            {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -776,17 +811,6 @@ impl Db {
         self.overwrite_entry(index, &value)
     }
 
-    /// Test hook: marks the stored snapshot as holding only its state.
-    #[cfg(test)]
-    pub(super) fn set_unsent(&self, unsent: Unsent) -> Result<()> {
-        put(
-            &self.snapshot,
-            SNAPSHOT_UNSENT,
-            &unsent,
-            "snapshot's unsent mark",
-        )
-    }
-
     /// Test hook: overwrites the stored snapshot payload with `bytes`.
     #[cfg(test)]
     pub(super) fn overwrite_snapshot_data(&self, bytes: &[u8]) -> Result<()> {
@@ -798,14 +822,9 @@ impl Db {
     }
 }
 
-/// What a stored snapshot's file lacks while it holds only its state: the
-/// payloads of its tasks, written after the state's `state_len` bytes.
-/// Those are among the stored payloads of ids up to `last_task_id` (the
-/// state's last task id).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct Unsent {
-    pub state_len: u64,
-    pub last_task_id: u64,
+/// A file's name, as the snapshot records keep it.
+fn file_name(path: &Path) -> Option<String> {
+    path.file_name().map(|n| n.to_string_lossy().into_owned())
 }
 
 /// Holds every stored payload while it lives ([`Db::pin_payloads`]).

@@ -19,14 +19,9 @@
 //! from its leader, and a backup read back, read them too.
 //!
 //! A build stores its snapshot as soon as the state is written (a restart
-//! can use it from then on), marked unsent ([`Db::snapshot_unsent`]), and
-//! then adds the payloads and clears the mark. A node that stopped in
-//! between adds them before it first sends that snapshot
-//! ([`complete_section`]): from the store alone, without the state, so it
-//! writes every stored payload of an id up to the state's last task, some
-//! of them for tasks the state no longer names. A reader skips those; it
-//! refuses an id past the state's last task, and a state whose stored
-//! payload is missing.
+//! can use it from then on), marked unsent, then appends the payloads
+//! ([`append_section`]) and clears the mark; meanwhile the last whole
+//! snapshot is the one sent to followers (`Db::open_sendable_snapshot`).
 //!
 //! # Why the tree always has what a snapshot needs
 //!
@@ -46,7 +41,7 @@
 
 use std::io::{Read, Write};
 
-use super::db::{Db, Unsent};
+use super::db::Db;
 use super::state_machine::Applied;
 use super::{Result, StoreError};
 use crate::fsm::{self, Limits, TaskId};
@@ -156,10 +151,10 @@ fn too_long(id: u64, len: usize) -> StoreError {
     ))
 }
 
-/// Reads the payloads [`write_section`] or [`complete_section`] wrote
-/// after `state`, hands each that names a task of `state` whose payload is
-/// stored to `each` (skipping the others), and checks that every such task
-/// has one. Reads no further than the end marker. Blocking.
+/// Reads the payloads [`write_section`] wrote after `state`, checking each
+/// names a task of `state` whose payload is stored and that every such
+/// task has one, and hands each to `each`. Reads no further than the end
+/// marker. Blocking.
 pub(super) fn read_section(
     input: &mut impl Read,
     state: &fsm::State,
@@ -190,21 +185,16 @@ pub(super) fn read_section(
         if len > Limits::MAX_PAYLOAD_BYTES {
             return Err(too_long(id, len));
         }
-        if id > state.last_task_id() {
-            return Err(corrupt(format!(
-                "task {id} is past the state's last task, {}",
-                state.last_task_id()
-            )));
-        }
-        let mut bytes = vec![0u8; len];
-        input.read_exact(&mut bytes).map_err(io)?;
         if !state
             .task(TaskId(id))
             .is_some_and(|t| t.payload == fsm::Payload::Stored)
         {
-            // Forgotten since (a section completed from the store alone).
-            continue;
+            return Err(corrupt(format!(
+                "task {id} has no stored payload in the state"
+            )));
         }
+        let mut bytes = vec![0u8; len];
+        input.read_exact(&mut bytes).map_err(io)?;
         let text =
             String::from_utf8(bytes).map_err(|e| corrupt(format!("task {id}'s payload: {e}")))?;
         each(TaskId(id), text.into_boxed_str())?;
@@ -235,42 +225,6 @@ pub(super) fn append_section(
         Ok(())
     })?;
     Ok(garbage)
-}
-
-/// Adds its payloads to the stored snapshot `path`, which holds only its
-/// state ([`Unsent`]), from the store alone: every stored payload of an id
-/// up to the state's last task (a reader skips those its state no longer
-/// names). Nothing is deleted meanwhile ([`Db::pin_payloads`]); a payload
-/// the state names was not deleted before (only a stored snapshot's
-/// garbage is, and a task forgotten at an older state is forgotten at
-/// this one). Fsyncs the file. Blocking, `O(payloads)`.
-pub(super) fn complete_section(db: &Db, path: &std::path::Path, unsent: Unsent) -> Result<u64> {
-    let _pin = db.pin_payloads();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|source| StoreError::Io {
-            what: format!("open {}", path.display()),
-            source,
-        })?;
-    let io = |source| StoreError::Io {
-        what: "write task payloads".into(),
-        source,
-    };
-    let mut written = 0u64;
-    rewrite_after(&file, unsent.state_len, |out| {
-        db.each_payload(unsent.last_task_id, |id, bytes| {
-            let len = u32::try_from(bytes.len()).map_err(|_| too_long(id, bytes.len()))?;
-            out.write_all(&[1]).map_err(io)?;
-            out.write_all(&id.to_le_bytes()).map_err(io)?;
-            out.write_all(&len.to_le_bytes()).map_err(io)?;
-            out.write_all(bytes).map_err(io)?;
-            written += 1;
-            Ok(())
-        })?;
-        out.write_all(&[0]).map_err(io)
-    })?;
-    Ok(written)
 }
 
 /// Cuts `file` to `len` bytes, appends what `write` writes and fsyncs.

@@ -14,7 +14,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::db::{Db, Entry, Meta, Replace, Unsent};
+use super::db::{Db, Entry, Meta, Replace};
 use super::payloads;
 use super::{Result, StoreError};
 use crate::codec;
@@ -541,27 +541,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         let db = self.db.clone();
-        let stored = blocking(move || {
-            // Held by a build while it adds its snapshot's payloads: a
-            // snapshot is sent whole.
-            let _section = db.lock_section();
-            if let Some((path, name, unsent)) = db.snapshot_unsent()? {
-                // Stored by a build this node did not see through.
-                let started = std::time::Instant::now();
-                let written = payloads::complete_section(&db, &path, unsent)?;
-                db.mark_sendable(&name)?;
-                db.flush_blocking()?;
-                tracing::info!(
-                    group = db.group_id(),
-                    payloads = written,
-                    secs = started.elapsed().as_secs_f64(),
-                    "the stored snapshot's payloads added before sending it"
-                );
-            }
-            db.open_snapshot()
-        })
-        .await
-        .map_err(snapshot_err(None, ErrorVerb::Read))?;
+        // While the stored snapshot lacks its payloads, the last whole one.
+        let stored = blocking(move || db.open_sendable_snapshot())
+            .await
+            .map_err(snapshot_err(None, ErrorVerb::Read))?;
         Ok(stored.map(|(meta, file)| Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),
@@ -590,8 +573,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let (db, view, owned_meta) = (self.db.clone(), Arc::clone(&self.view), meta.clone());
         let started = std::time::Instant::now();
         let (file, garbage, state_secs) = blocking(move || {
-            // Nobody sends this snapshot before its payloads are in.
-            let _section = db.lock_section();
             // The state first, encoded straight into its file: never held
             // whole in memory.
             let tmp = db.write_snapshot_file(|out| {
@@ -608,26 +589,22 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                     what: format!("open {}", tmp.display()),
                     source,
                 })?;
-            let unsent = Unsent {
-                state_len: file
-                    .metadata()
-                    .map_err(|source| StoreError::Io {
-                        what: format!("read {}", tmp.display()),
-                        source,
-                    })?
-                    .len(),
-                last_task_id: view.state.last_task_id(),
-            };
+            let state_len = file
+                .metadata()
+                .map_err(|source| StoreError::Io {
+                    what: format!("read {}", tmp.display()),
+                    source,
+                })?
+                .len();
             // Every payload the state names is durable before the snapshot
             // naming it is (they were written as their entries applied).
             db.flush_blocking()?;
             // Opened before it is renamed into place (or, older than the
             // stored one, deleted): the handle reads it either way.
-            let Some(name) =
-                db.set_snapshot_file(&owned_meta, &tmp, Replace::IfNotOlder, Some(unsent))?
+            let Some(name) = db.set_snapshot_file(&owned_meta, &tmp, Replace::IfNotOlder, true)?
             else {
                 // Older than the stored one: not stored, but returned whole.
-                payloads::append_section(&db, &file, unsent.state_len, &view.state)?;
+                payloads::append_section(&db, &file, state_len, &view.state)?;
                 return Ok((file, Vec::new(), 0.0));
             };
             // A restart restores this state from here on, without
@@ -635,7 +612,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             db.flush_blocking()?;
             let state_secs = started.elapsed().as_secs_f64();
             // Then its payloads, for a follower that needs the snapshot.
-            let garbage = payloads::append_section(&db, &file, unsent.state_len, &view.state)?;
+            let garbage = payloads::append_section(&db, &file, state_len, &view.state)?;
             db.mark_sendable(&name)?;
             note_snapshot("built", &file);
             Ok((file, garbage, state_secs))

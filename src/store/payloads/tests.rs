@@ -9,6 +9,7 @@ use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilde
 use super::*;
 use crate::fsm::{Batch, Command, Payload, Reply, Request, SessionKey, SubmitTask, Tenant};
 use crate::raft::TypeConfig;
+use crate::store::db::{Meta, Replace};
 use crate::store::{StateMachine, Store};
 
 const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -203,11 +204,11 @@ async fn a_payload_section_that_does_not_match_its_state_is_refused() {
             .unwrap_err()
             .to_string()
     };
-    // Task 3's record names task 9: past the state's last task.
+    // Task 3's record names task 9: the state has no task 9.
     let third = section.len() - 1 - (1 + 8 + 4 + text(3).len());
     let mut unknown = section.clone();
     unknown[third + 1..third + 9].copy_from_slice(&9u64.to_le_bytes());
-    assert!(refused(&unknown).contains("task 9 is past the state's last task, 3"));
+    assert!(refused(&unknown).contains("task 9 has no stored payload"));
     // Task 3's record missing.
     let mut short = section[..third].to_vec();
     short.push(0);
@@ -223,67 +224,29 @@ async fn a_payload_section_that_does_not_match_its_state_is_refused() {
     );
 }
 
-#[tokio::test]
-async fn a_snapshot_stored_before_its_payloads_restores_and_gets_them_before_it_is_sent() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let cancel = Command::Cancel {
-        id: TaskId(3),
-        reason: None,
-        keep_children: false,
-    };
-    let purge = Command::Purge {
-        finished_before_ms: u64::MAX,
-        keep: 0,
-        max: 10,
-        dead_before_ms: 0,
-    };
-    let before = {
-        let (_log, mut sm) = Store::open(a.path()).unwrap();
-        sm.apply([
-            entry(1, (1..=6).map(|n| submit(n, n == 5)).collect()),
-            entry(2, vec![cancel]),
-            entry(3, vec![purge]),
-        ])
-        .await
-        .unwrap();
-        // Task 3 is forgotten; a pinned copy keeps its payload in the tree.
-        let pin = sm.db.pin_payloads();
-        build(&mut sm).await;
-        drop(pin);
-        assert!(sm.db.payload(3).unwrap().is_some());
-        assert_eq!(
-            sm.db.snapshot_unsent().unwrap(),
-            None,
-            "a build sees it through"
-        );
-        // As if the node had stopped halfway through adding the payloads.
-        let state = sm.shared().read(|s| s.clone());
-        let mut section = Vec::new();
-        write_section(Some(&sm.db), &state, &mut section).unwrap();
-        let (_, path) = sm.db.snapshot_file().unwrap().unwrap();
-        let full = std::fs::read(&path).unwrap();
-        let state_len = full.len() - section.len();
-        std::fs::write(&path, &full[..state_len + section.len() / 2]).unwrap();
-        let unsent = Unsent {
-            state_len: state_len as u64,
-            last_task_id: 6,
-        };
-        sm.db.set_unsent(unsent).unwrap();
-        sm.db.flush_blocking().unwrap();
-        sm.shared().state_with_payloads().unwrap()
-    };
-    // A restart reads the state alone.
-    let (_log, mut sm) = Store::open_waiting(a.path(), WAIT).unwrap();
-    assert_eq!(sm.shared().state_with_payloads().unwrap(), before);
-    assert!(sm.db.snapshot_unsent().unwrap().is_some());
-    // Sending it adds the payloads first: every stored one up to task 6,
-    // the forgotten task 3's among them.
-    let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
-    assert_eq!(sm.db.snapshot_unsent().unwrap(), None);
+/// The snapshot files in store `dir`.
+fn snapshot_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join("godel-snapshots"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".snap")
+        })
+        .count()
+}
+
+/// Sends `snapshot` to a new store in `dir` and returns its state machine.
+async fn install_into(
+    dir: &std::path::Path,
+    snapshot: openraft::storage::Snapshot<TypeConfig>,
+) -> StateMachine {
     let mut bytes = Vec::new();
     let mut file = snapshot.snapshot.into_std().await;
     std::io::Read::read_to_end(&mut file, &mut bytes).unwrap();
-    let (_log, mut follower) = Store::open(b.path()).unwrap();
+    let (_log, mut follower) = Store::open(dir).unwrap();
     let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut *receiving, &bytes)
         .await
@@ -292,27 +255,66 @@ async fn a_snapshot_stored_before_its_payloads_restores_and_gets_them_before_it_
         .install_snapshot(&snapshot.meta, receiving)
         .await
         .unwrap();
-    assert_eq!(follower.shared().state_with_payloads().unwrap(), before);
-    for n in [1, 2, 4, 5, 6] {
+    follower
+}
+
+#[tokio::test]
+async fn a_snapshot_stored_before_its_payloads_is_restored_from_and_the_last_whole_one_sent() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let at = |i: u64| Some(LogId::new(CommittedLeaderId::new(1, 1), i));
+    let before = {
+        let (_log, mut sm) = Store::open(dirs[0].path()).unwrap();
+        sm.apply([entry(1, (1..=6).map(|n| submit(n, n == 5)).collect())])
+            .await
+            .unwrap();
+        build(&mut sm).await;
+        assert!(!sm.db.snapshot_unsent().unwrap());
+        sm.apply([entry(2, (7..=9).map(|n| submit(n, false)).collect())])
+            .await
+            .unwrap();
+        // A build that stopped once the state was stored, as a node killed
+        // while it writes the payloads.
+        let view = sm.shared().read_guard().clone();
+        let meta = Meta {
+            last_log_id: view.last_applied,
+            last_membership: view.last_membership.clone(),
+            snapshot_id: "T1-N1-2".into(),
+        };
+        let tmp = sm
+            .db
+            .write_snapshot_file(|out| {
+                crate::codec::encode_to_writer(&view, out).map_err(|source| StoreError::Encode {
+                    what: "test snapshot".into(),
+                    source,
+                })
+            })
+            .unwrap();
+        sm.db.flush_blocking().unwrap();
+        let stored = sm
+            .db
+            .set_snapshot_file(&meta, &tmp, Replace::IfNotOlder, true);
+        assert!(stored.unwrap().is_some());
+        sm.db.flush_blocking().unwrap();
+        sm.shared().state_with_payloads().unwrap()
+    };
+    // A restart restores the newer state; the last whole snapshot is sent.
+    let (_log, mut sm) = Store::open_waiting(dirs[0].path(), WAIT).unwrap();
+    assert_eq!(sm.shared().state_with_payloads().unwrap(), before);
+    assert!(sm.db.snapshot_unsent().unwrap());
+    assert_eq!(snapshot_files(dirs[0].path()), 2, "both kept at open");
+    let sent = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(sent.meta.last_log_id, at(1));
+    let follower = install_into(dirs[1].path(), sent).await;
+    for n in 1..=6 {
         assert_eq!(read(&follower, n), text(n));
     }
-    assert_eq!(follower.db.payload(3).unwrap(), None, "skipped: forgotten");
-    assert_eq!(follower.db.payload(5).unwrap(), None, "held in the state");
-    // A section that lacks a payload its state names is still refused.
-    let short = {
-        let mut v = bytes[..bytes.len() - 1 - (1 + 8 + 4 + text(6).len())].to_vec();
-        v.push(0);
-        v
-    };
-    let c = tempfile::tempdir().unwrap();
-    let (_log, mut other) = Store::open(c.path()).unwrap();
-    let mut receiving = other.begin_receiving_snapshot().await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut *receiving, &short)
-        .await
-        .unwrap();
-    let err = other
-        .install_snapshot(&snapshot.meta, receiving)
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("payloads for"), "{err}");
+    assert!(follower.shared().read(|s| s.task(TaskId(7)).is_none()));
+    // The next build makes the newest whole, and the older files go.
+    build(&mut sm).await;
+    assert!(!sm.db.snapshot_unsent().unwrap());
+    assert_eq!(snapshot_files(dirs[0].path()), 1);
+    let sent = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(sent.meta.last_log_id, at(2));
+    let follower = install_into(dirs[2].path(), sent).await;
+    assert_eq!(follower.shared().state_with_payloads().unwrap(), before);
 }
