@@ -687,7 +687,9 @@ impl Db {
     /// Blocking.
     pub(super) fn mark_sendable(&self, name: &str) -> Result<bool> {
         let _guard = self.lock_snapshot();
-        let current = self.snapshot_file_locked()?.and_then(|(_, p)| file_name(&p));
+        let current = self
+            .snapshot_file_locked()?
+            .and_then(|(_, p)| file_name(&p));
         if current.as_deref() != Some(name) {
             return Ok(false);
         }
