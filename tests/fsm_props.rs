@@ -131,20 +131,20 @@ fn same_task(f: &Task, m: &MTask) -> Result<(), TestCaseError> {
         f.status,
         f.priority,
         f.tenant.as_str(),
-        &f.capabilities,
+        &f.capabilities[..],
         f.attempts,
         f.max_attempts,
         f.lease.as_deref().map(lease),
         f.outcome().next_attempt_at_ms,
         &f.outcome().last_error,
         &f.outcome().result,
-        &f.idempotency_key,
+        f.idempotency_key.as_deref(),
     );
     let expected = (
         m.status,
         m.priority,
         m.tenant.as_str(),
-        &m.caps,
+        &m.caps[..],
         m.attempts,
         m.max_attempts,
         m.lease
@@ -153,7 +153,7 @@ fn same_task(f: &Task, m: &MTask) -> Result<(), TestCaseError> {
         m.next_attempt,
         &m.last_error,
         &m.result,
-        &m.key,
+        m.key.as_deref(),
     );
     ensure!(
         actual == expected,

@@ -150,6 +150,53 @@ pub struct State {
     /// ([`State::keep_payloads_out`]); not part of the state.
     #[serde(skip)]
     pub(crate) payload_sink: PayloadSink,
+    /// One copy of each capability set the tasks need; not part of the
+    /// state.
+    #[serde(skip)]
+    pub(crate) cap_sets: CapSets,
+}
+
+/// The capability sets a state's tasks share ([`State::cap_set`]): each
+/// set once, so a task's is a count, not an allocation. Sets no task holds
+/// any more are dropped when the table has doubled since the last sweep.
+/// Not state: equal whatever it holds, and a copy starts empty.
+#[derive(Debug, Default)]
+pub(crate) struct CapSets {
+    sets: BTreeSet<Arc<[String]>>,
+    sweep_at: usize,
+}
+
+impl Clone for CapSets {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for CapSets {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for CapSets {}
+
+impl CapSets {
+    /// Sets below this many are never swept.
+    const MIN_SWEEP: usize = 1024;
+
+    /// The shared copy of `caps` (sorted, no duplicates).
+    fn get(&mut self, caps: &[String]) -> Arc<[String]> {
+        if let Some(set) = self.sets.get(caps) {
+            return Arc::clone(set);
+        }
+        if self.sets.len() >= self.sweep_at.max(Self::MIN_SWEEP) {
+            self.sets.retain(|s| Arc::strong_count(s) > 1);
+            self.sweep_at = self.sets.len() * 2;
+        }
+        let set: Arc<[String]> = caps.into();
+        self.sets.insert(Arc::clone(&set));
+        set
+    }
 }
 
 /// The payloads a state hands to its store: off until
@@ -722,6 +769,18 @@ impl State {
     pub fn decoded(&mut self) {
         self.recount_session_tasks();
         self.share_tenant_names();
+        self.share_cap_sets();
+    }
+
+    /// Tasks that need the same capabilities share one copy of the set,
+    /// as new tasks do.
+    fn share_cap_sets(&mut self) {
+        for slot in self.tasks.values_mut() {
+            let shared = self.cap_sets.get(&slot.capabilities);
+            if !Arc::ptr_eq(&shared, &slot.capabilities) {
+                Arc::make_mut(slot).capabilities = shared;
+            }
+        }
     }
 
     /// Every task of a tenant holds the name [`State::counts`] is keyed
@@ -1006,7 +1065,7 @@ impl State {
 
     fn new_task(&mut self, spec: &SubmitTask, parent_priority: Option<Priority>) -> Task {
         self.last_task_id = mint(self.last_task_id, self.group);
-        let capabilities = normalize_caps(&spec.capabilities);
+        let capabilities = self.cap_sets.get(&normalize_caps(&spec.capabilities));
         let scheduled = spec.scheduled_at_ms.filter(|at| *at > self.clock_ms);
         let approval = spec.requires_approval.then(|| {
             Box::new(Approval {
@@ -1045,7 +1104,7 @@ impl State {
             session_key: spec.session_key.clone(),
             timeout_ms: spec.timeout_ms.unwrap_or(SubmitTask::DEFAULT_TIMEOUT_MS),
             backoff: spec.backoff.unwrap_or_default(),
-            idempotency_key: spec.idempotency_key.clone(),
+            idempotency_key: spec.idempotency_key.as_deref().map(Box::from),
             lease: None,
             created_at_ms: self.clock_ms,
             updated_at_ms: self.clock_ms,
@@ -2805,7 +2864,7 @@ mod tests {
 /// tasks carries neither), and its tenant's name is shared.
 #[cfg(test)]
 mod task_memory {
-    use super::State;
+    use super::{CapSets, State};
     use crate::fsm::{Command, FencingToken, Reply, SubmitTask, TaskId, TaskStatus};
     use std::sync::Arc;
 
@@ -2977,5 +3036,50 @@ mod task_memory {
         d.decoded();
         assert!(Arc::ptr_eq(&name(&d, a), &name(&d, b)));
         assert_eq!(d, s);
+    }
+
+    #[test]
+    fn tasks_that_need_the_same_capabilities_share_one_set() {
+        let mut s = State::default();
+        let with = |caps: &[&str]| SubmitTask {
+            capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            ..plain()
+        };
+        let a = submit(&mut s, 1, with(&["git", "rust"]));
+        // Normalized first: the same set, written in another order.
+        let b = submit(&mut s, 2, with(&["rust", "git", "rust"]));
+        let c = submit(&mut s, 3, with(&["git"]));
+        let caps = |s: &State, id| s.task_shared(id).unwrap().capabilities.clone();
+        assert!(Arc::ptr_eq(&caps(&s, a), &caps(&s, b)));
+        assert_eq!(&*caps(&s, b), ["git".to_string(), "rust".to_string()]);
+        assert_eq!(&*caps(&s, c), ["git".to_string()]);
+
+        let bytes = crate::codec::encode(&s).unwrap();
+        let mut d: State = crate::codec::decode_state(&bytes).unwrap();
+        assert!(!Arc::ptr_eq(&caps(&d, a), &caps(&d, b)));
+        d.decoded();
+        assert!(Arc::ptr_eq(&caps(&d, a), &caps(&d, b)));
+        assert_eq!(d, s);
+    }
+
+    #[test]
+    fn capability_sets_no_task_holds_are_swept_once_the_table_doubles() {
+        let mut sets = CapSets::default();
+        let set = |i: usize| vec![format!("c{i}")];
+        let kept: Vec<_> = (0..10).map(|i| sets.get(&set(i))).collect();
+        for i in 10..CapSets::MIN_SWEEP {
+            drop(sets.get(&set(i)));
+        }
+        assert_eq!(sets.sets.len(), CapSets::MIN_SWEEP);
+        // The next new set sweeps the ones nobody holds.
+        let new = sets.get(&set(5000));
+        assert_eq!(sets.sets.len(), kept.len() + 1);
+        assert!(Arc::ptr_eq(&sets.get(&set(3)), &kept[3]));
+        assert!(Arc::ptr_eq(&sets.get(&set(5000)), &new));
+        // Not again until it has doubled.
+        for i in 0..5 {
+            drop(sets.get(&set(6000 + i)));
+        }
+        assert_eq!(sets.sets.len(), kept.len() + 1 + 5);
     }
 }

@@ -373,8 +373,10 @@ pub struct Task {
     /// The work, as JSON object text (validated at submit): in the state,
     /// or kept by the node's store beside it (see [`Payload`]).
     pub payload: Payload,
-    /// Capabilities an agent must have, sorted and without duplicates.
-    pub capabilities: Vec<String>,
+    /// Capabilities an agent must have, sorted and without duplicates;
+    /// shared by the tasks of a state that need the same set
+    /// ([`crate::fsm::State`] hands out one copy of each).
+    pub capabilities: std::sync::Arc<[String]>,
     /// Session affinity key.
     pub session_key: Option<SessionKey>,
     /// Longest one attempt may take, from lease to report.
@@ -382,7 +384,7 @@ pub struct Task {
     /// Retry backoff policy.
     pub backoff: Backoff,
     /// Client key that makes submission idempotent within the tenant.
-    pub idempotency_key: Option<String>,
+    pub idempotency_key: Option<Box<str>>,
     /// The live lease, while leased or running.
     pub lease: Option<Box<LeaseInfo>>,
     /// Submission time.
