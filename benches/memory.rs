@@ -234,7 +234,7 @@ fn main() {
     let restored_bytes = LIVE.load(Ordering::Relaxed) - before;
     let peak = PEAK.load(Ordering::Relaxed) - before;
     println!(
-        "  restore: decoded from the file in {:.2} s, then {:.2} s to share tenant names and recount; {:.0} MiB of heap ({:.0} bytes per task), peak {:.0} MiB; resident {:.0} MiB",
+        "  restore: decoded from the file in {:.2} s, then {:.2} s to share tenant names and capability sets and recount; {:.0} MiB of heap ({:.0} bytes per task), peak {:.0} MiB; resident {:.0} MiB",
         decoded.as_secs_f64(),
         settled.as_secs_f64(),
         mib(restored_bytes),
