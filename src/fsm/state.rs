@@ -156,7 +156,7 @@ pub struct State {
     pub(crate) cap_sets: CapSets,
 }
 
-/// The capability sets a state's tasks share ([`State::cap_set`]): each
+/// The capability sets a state's tasks share ([`CapSets::get`]): each
 /// set once, so a task's is a count, not an allocation. Sets no task holds
 /// any more are dropped when the table has doubled since the last sweep.
 /// Not state: equal whatever it holds, and a copy starts empty.

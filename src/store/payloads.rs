@@ -209,44 +209,29 @@ pub(super) fn read_section(
     Ok(())
 }
 
-/// Adds the payloads of `state`'s tasks to snapshot file `file` after its
-/// first `state_len` bytes (its encoded state), replacing whatever follows
-/// them, and fsyncs it; returns the garbage [`write_section`] found.
-/// Blocking, `O(payloads)`.
+/// Appends the payloads of `state`'s tasks to snapshot file `file`, which
+/// holds its encoded state (`state_len` bytes), and fsyncs it; returns the
+/// garbage [`write_section`] found. Blocking, `O(payloads)`.
 pub(super) fn append_section(
     db: &Db,
     file: &std::fs::File,
     state_len: u64,
     state: &fsm::State,
 ) -> Result<Vec<u64>> {
-    let mut garbage = Vec::new();
-    rewrite_after(file, state_len, |out| {
-        garbage = write_section(Some(db), state, out)?;
-        Ok(())
-    })?;
-    Ok(garbage)
-}
-
-/// Cuts `file` to `len` bytes, appends what `write` writes and fsyncs.
-fn rewrite_after(
-    file: &std::fs::File,
-    len: u64,
-    write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> Result<()>,
-) -> Result<()> {
     use std::io::Seek;
     let io = |what: &str| {
         let what = what.to_owned();
         move |source| StoreError::Io { what, source }
     };
-    file.set_len(len).map_err(io("truncate a snapshot file"))?;
     let mut handle = file;
     handle
-        .seek(std::io::SeekFrom::Start(len))
+        .seek(std::io::SeekFrom::Start(state_len))
         .map_err(io("seek in a snapshot file"))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, handle);
-    write(&mut out)?;
+    let garbage = write_section(Some(db), state, &mut out)?;
     out.flush().map_err(io("write a snapshot file"))?;
-    file.sync_all().map_err(io("fsync a snapshot file"))
+    file.sync_all().map_err(io("fsync a snapshot file"))?;
+    Ok(garbage)
 }
 
 /// [`read_section`] into `db`'s tree (an installed snapshot). Not durable

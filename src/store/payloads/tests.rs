@@ -114,19 +114,8 @@ async fn an_installed_snapshot_brings_its_payloads() {
         .unwrap();
     build(&mut leader).await;
     let snapshot = leader.get_current_snapshot().await.unwrap().unwrap();
-    let mut bytes = Vec::new();
-    let mut file = snapshot.snapshot.into_std().await;
-    std::io::Read::read_to_end(&mut file, &mut bytes).unwrap();
     {
-        let (_log, mut follower) = Store::open(b.path()).unwrap();
-        let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut *receiving, &bytes)
-            .await
-            .unwrap();
-        follower
-            .install_snapshot(&snapshot.meta, receiving)
-            .await
-            .unwrap();
+        let follower = install_into(b.path(), snapshot).await;
         for n in 1..=50 {
             assert_eq!(read(&follower, n), text(n));
         }
