@@ -6,7 +6,7 @@
 //! `cargo bench --bench peers -- [--phases enqueue,e2e] [-n 20000]
 //! [--size 256] [--window 256] [--workers 8] [--prefetch 16] [--batch 1]
 //! [--worker agent|http] [--publish follower|leader|all] [--runs 1]
-//! [--nodes 3]`
+//! [--nodes 3] [--depth 100000] [--settle 0]`
 //!
 //! - `enqueue`: publish N with no worker; tasks acknowledged per second
 //!   (first send to last acknowledgement) and the acknowledgement latency
@@ -18,7 +18,10 @@
 //!   dispatch latency (submission to attempt start) of 500 tasks submitted
 //!   at 100/s that the agents can run; each node's resident memory; and
 //!   the time from a follower's kill -9 and restart until it serves a
-//!   linearizable read of the whole depth.
+//!   linearizable read of the whole depth. With `--settle S`, the
+//!   restarted node's resident memory is then read every second for S
+//!   seconds (a snapshot build may start right after a restart): the
+//!   most seen and the last.
 //!
 //! Each phase runs on a fresh three-node cluster (fsync before every
 //! acknowledgement, as always). Workers are `agent` (default): WORKERS
@@ -63,6 +66,7 @@ struct Opts {
     runs: usize,
     nodes: usize,
     depth: u64,
+    settle: u64,
 }
 
 fn opts() -> Opts {
@@ -79,6 +83,7 @@ fn opts() -> Opts {
         runs: 1,
         nodes: 3,
         depth: 100_000,
+        settle: 0,
     };
     let mut it = common::args().into_iter();
     while let Some(a) = it.next() {
@@ -96,6 +101,7 @@ fn opts() -> Opts {
             "--runs" => o.runs = val().parse().expect("--runs R"),
             "--nodes" => o.nodes = val().parse().expect("--nodes N"),
             "--depth" => o.depth = val().parse().expect("--depth D"),
+            "--settle" => o.settle = val().parse().expect("--settle SECONDS"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -432,6 +438,15 @@ async fn depth(o: &Opts, run: usize) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // What the restarted node keeps resident once it has settled.
+    let victim_pid = c.node(victim).pid().unwrap_or(0);
+    let restarted_rss = common::rss_mib(victim_pid);
+    let (mut settle_max, mut settled) = (restarted_rss, restarted_rss);
+    for _ in 0..o.settle {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        settled = common::rss_mib(victim_pid);
+        settle_max = f64::max(settle_max, settled);
+    }
     let line = json!({
         "phase": "depth", "run": run, "depth": o.depth, "size": o.size, "nodes": o.nodes,
         "preload_s": preload_s, "preload_tasks_per_s": (o.depth as f64 / preload_s).round(),
@@ -441,8 +456,11 @@ async fn depth(o: &Opts, run: usize) {
         "peak_rss_mib": peak,
         "restart_serving_s": restart_s,
         "probe_resent": resent,
-        "restarted_rss_mib": common::rss_mib(c.node(victim).pid().unwrap_or(0)).round(),
-        "restarted_peak_rss_mib": common::peak_rss_mib(c.node(victim).pid().unwrap_or(0)).round(),
+        "restarted_rss_mib": restarted_rss.round(),
+        "restarted_peak_rss_mib": common::peak_rss_mib(victim_pid).round(),
+        "settle_s": o.settle,
+        "settle_max_rss_mib": settle_max.round(),
+        "settled_rss_mib": settled.round(),
         "load_average_before": load0,
     });
     eprintln!(
