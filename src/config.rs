@@ -194,6 +194,11 @@ pub struct RaftConfig {
     pub election_timeout_max: Duration,
     /// Log entries between snapshots.
     pub snapshot_every_entries: u64,
+    /// Commands (a task submitted, a lease, a report...) between
+    /// snapshots, whichever of this and `snapshot_every_entries` comes
+    /// first: an entry carries up to `queue.batch_max_commands`, and a
+    /// restart applies again every command after the last snapshot.
+    pub snapshot_every_commands: u64,
     /// Log entries kept behind a snapshot for slow followers.
     pub keep_entries_after_snapshot: u64,
     /// Timeout of one install-snapshot chunk RPC.
@@ -208,6 +213,7 @@ impl Default for RaftConfig {
             election_timeout_min: Duration::from_millis(150),
             election_timeout_max: Duration::from_millis(250),
             snapshot_every_entries: 5000,
+            snapshot_every_commands: 2_000_000,
             keep_entries_after_snapshot: 1000,
             snapshot_rpc_timeout: Duration::from_secs(5),
         }
@@ -658,8 +664,8 @@ impl Config {
         if r.election_timeout_max <= r.election_timeout_min {
             p.push("raft.election_timeout_max must exceed raft.election_timeout_min".into());
         }
-        if r.snapshot_every_entries == 0 {
-            p.push("raft.snapshot_every_entries must be > 0".into());
+        if r.snapshot_every_entries == 0 || r.snapshot_every_commands == 0 {
+            p.push("raft.snapshot_every_entries and snapshot_every_commands must be > 0".into());
         }
         let q = &self.queue;
         if q.batch_max_commands == 0 || q.max_inflight_batches == 0 || q.max_queued_commands == 0 {

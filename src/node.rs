@@ -237,6 +237,7 @@ impl Node {
         node.spawn(placer::placement_loop(node.clone()));
         for group in node.groups() {
             node.spawn(observe_events(node.clone(), group.state().clone()));
+            node.spawn(snapshot_by_commands(node.clone(), group.clone()));
         }
         membership::bootstrap(&node).await?;
         node.spawn(shards::shard_loop(node.clone()));
@@ -885,6 +886,40 @@ async fn observe_events(node: Node, state: SharedState) {
                 );
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+/// Asks `group`'s Raft for a snapshot once `raft.snapshot_every_commands`
+/// commands have applied since the last one, as openraft's own policy
+/// does after `raft.snapshot_every_entries` entries: entries of a thousand
+/// tasks would otherwise leave millions of commands for a restart to
+/// apply again. Checked every second; a request while a build runs is
+/// ignored by openraft, and the count restarts at each build's view.
+async fn snapshot_by_commands(node: Node, group: Group) {
+    let every = node.inner.config.raft.snapshot_every_commands;
+    let shutdown = node.shutdown_token().clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let since = group.state().commands_since_snapshot();
+        if since < every {
+            continue;
+        }
+        tracing::debug!(
+            group = group.id(),
+            commands = since,
+            "snapshot asked for by command count"
+        );
+        if let Err(e) = group.raft().trigger().snapshot().await {
+            // Raft has stopped (shutdown or a fatal storage error, logged
+            // where it happened).
+            tracing::debug!(group = group.id(), error = %e, "snapshot trigger refused");
+            break;
         }
     }
 }

@@ -87,3 +87,66 @@ async fn a_follower_behind_the_purged_log_installs_a_snapshot_in_chunks() {
     })
     .await;
 }
+
+/// A snapshot every 400 commands, and (in effect) never by entry count.
+const BY_COMMANDS: &str = "[raft]\nsnapshot_every_entries = 100000\nsnapshot_every_commands = 400\n\
+                           [queue]\nnode_heartbeat_interval = \"1h\"\nnode_dead_after = \"2h\"\n";
+
+/// One batch of 500 tasks is one entry: openraft's policy, counting
+/// entries, never snapshots it; the command count does, so a restart does
+/// not apply those 500 again. Fewer commands than the count build nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_built_once_enough_commands_apply_whatever_the_entries() {
+    let mut c = Cluster::start_with(1, BY_COMMANDS).await;
+    bounded(TEST_BOUND, async {
+        let api = c.api();
+        let built = async |api: &support::Api| {
+            api.metric(0, "godel_raft_snapshots_total{how=\"built\"}")
+                .await
+        };
+        let batch = |from: u64, n: u64| {
+            let tasks: Vec<_> = (from..from + n)
+                .map(|i| json!({"payload": {"i": i}, "capabilities": ["nobody-has-this"]}))
+                .collect();
+            json!({ "tasks": tasks })
+        };
+        // 300 commands (and the runtime's own): under the count.
+        let r = api
+            .post(0, "/api/v1/tasks:batch", &batch(0, 300))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(built(&api).await, 0.0, "a snapshot under the command count");
+        // 500 more in one entry: past it.
+        let r = api
+            .post(0, "/api/v1/tasks:batch", &batch(300, 500))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        wait_until(
+            "a snapshot built by the command count",
+            deadline(Duration::from_secs(15)),
+            async || match built(&api).await {
+                n if n >= 1.0 => Ok(()),
+                n => Err(anyhow::anyhow!("{n} built")),
+            },
+        )
+        .await;
+        assert_eq!(snapshot_files(&c.node(0).data_dir()).len(), 1);
+        // A restart restores it and still holds every task.
+        c.kill9(0);
+        c.restart(0);
+        let api = c.api();
+        wait_until(
+            "the restarted node holding every task",
+            deadline(Duration::from_secs(30)),
+            async || match api.get(0, "/api/v1/queue/depth").await {
+                Ok(r) if r.status == 200 && r.body["pending"].as_u64() == Some(800) => Ok(()),
+                other => Err(anyhow::anyhow!("{other:?}")),
+            },
+        )
+        .await;
+    })
+    .await;
+}

@@ -60,6 +60,10 @@ pub struct SharedState {
     /// `fsm::Auth::version` of the applied state, readable without the
     /// lock: the API's credential cache compares it on every request.
     auth_version: Arc<AtomicU64>,
+    /// Commands applied since the state the last snapshot captured (built
+    /// or installed; since the start, for a restored one): what a restart
+    /// would replay, read by the node's snapshot trigger.
+    since_snapshot: Arc<AtomicU64>,
     /// Where the stored task payloads are, while the state machine lives:
     /// a read handle must not keep the store open (and locked) after it.
     db: std::sync::Weak<Db>,
@@ -157,6 +161,13 @@ impl SharedState {
     /// a change means a key, tenant or revoked JWT id changed.
     pub fn auth_version(&self) -> u64 {
         self.auth_version.load(Ordering::Acquire)
+    }
+
+    /// Commands applied since the state the last snapshot captured (built
+    /// or installed here), or since the node started: about what a restart
+    /// now would apply again after restoring the snapshot.
+    pub fn commands_since_snapshot(&self) -> u64 {
+        self.since_snapshot.load(Ordering::Relaxed)
     }
 
     fn note_auth_version(&self, applied: &Applied) {
@@ -301,6 +312,7 @@ impl StateMachine {
             applied: Arc::new(RwLock::new(applied)),
             events,
             auth_version,
+            since_snapshot: Arc::new(AtomicU64::new(0)),
             db: Arc::downgrade(&readers),
         };
         Ok(Self {
@@ -418,9 +430,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .shared
                 .write_guard()
                 .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
-            let (mut payloads, mut last) = (Vec::new(), 0);
+            let (mut payloads, mut last, mut commands) = (Vec::new(), 0, 0);
             for entry in entries {
                 let log_id = entry.log_id;
+                if let EntryPayload::Normal(fsm::Request::Batch(batch)) = &entry.payload {
+                    commands += batch.commands.len() as u64;
+                }
                 let (response, events) = apply_entry(&mut applied, entry)
                     .map_err(|e| e.into_storage(ErrorSubject::Apply(log_id), ErrorVerb::Write))?;
                 responses.push(response);
@@ -440,6 +455,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
             }
             self.shared.note_auth_version(&applied);
+            // Under the lock: a snapshot's view taken later resets it after.
+            self.shared
+                .since_snapshot
+                .fetch_add(commands, Ordering::Relaxed);
         }
         // After the lock is released, so an observer reading the state sees
         // at least what its events describe.
@@ -452,9 +471,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     /// Captures a consistent copy of the state. Runs on the state-machine
     /// worker, so no apply is in progress.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let view = Arc::new(self.shared.read_guard().clone());
+        // A restart after this build replays only what applies after the
+        // view. (A build that fails leaves the count low until the next
+        // one; openraft's entry count still bounds it.)
+        self.shared.since_snapshot.store(0, Ordering::Relaxed);
         SnapshotBuilder {
             db: self.db.clone(),
-            view: Arc::new(self.shared.read_guard().clone()),
+            view,
         }
     }
 
@@ -526,6 +550,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(snapshot_err(Some(meta), ErrorVerb::Write))?;
             *guard = applied;
             self.shared.note_auth_version(&guard);
+            self.shared.since_snapshot.store(0, Ordering::Relaxed);
         }
         self.shared.publish(AppliedEvents {
             index,
