@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Godel beside RabbitMQ quorum queues, in one sitting, like for like:
-# runs ../shared/peers/run_rabbit.sh (fsync on, its default) and then
+# runs ../shared/peers/run_rabbit.sh (fsync on, its default), with
+# NATS=1 also ../shared/peers/run_nats.sh (JetStream 2.10 with
+# `sync_interval: always`, sync acks: fsync before every acknowledgement
+# too), and then
 # Godel's `peers` bench with the same task count, payload size, publish
 # window, worker count and prefetch, RUNS times each, and prints the
 # medians and the ratios Godel / RabbitMQ.
@@ -9,7 +12,7 @@
 #
 # Environment (defaults in brackets): RUNS [3], N [20000], SIZE [256],
 # WINDOW [256], WORKERS [8], PREFETCH [16], PHASES [enqueue,e2e],
-# GODEL_SETUPS ["single:--batch 1;batch64:--batch 64;http:--worker http"]
+# NATS [0], GODEL_SETUPS ["single:--batch 1;batch64:--batch 64;http:--worker http"]
 # (name:extra peers-bench flags, ';'-separated), OUT [a mktemp file]
 # (every raw JSON line is kept there). Needs what run_rabbit.sh needs
 # (root for apt on first use). Every process it starts is stopped by PID
@@ -45,6 +48,26 @@ for line in open(sys.argv[1]):
 EOF
 rm -f "$rabbit"
 
+if [ "${NATS:-0}" = 1 ]; then
+  nats="$(mktemp /tmp/side-by-side-nats.XXXXXX)"
+  log "NATS JetStream (fsync always): $RUNS runs"
+  RUNS="$RUNS" CONFIGS=deb13-2.10:always ACKS=sync N="$N" SIZE="$SIZE" WINDOW="$WINDOW" \
+    WORKERS="$WORKERS" BATCH="$PREFETCH" PHASES="$PHASES" RESULTS="$nats" "$peers/run_nats.sh" > /dev/null
+  python3 - "$nats" >> "$OUT" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    v = json.loads(line)
+    if v.get("phase") not in ("enqueue", "e2e"):
+        continue
+    tasks = v.get("published_ok") if v["phase"] == "enqueue" else v.get("acked_unique")
+    cpu = v.get("servers_cpu_s")
+    print(json.dumps({"system": "nats", "setup": "js-fsync-always", "phase": v["phase"],
+                      "tasks_per_s": v.get("tasks_per_s"),
+                      "server_cpu_us_per_task": round(1e6 * cpu / tasks) if cpu and tasks else None}))
+EOF
+  rm -f "$nats"
+fi
+
 cd "$root"
 cargo bench --bench peers --no-run >&2 2>/dev/null || cargo bench --bench peers --no-run >&2
 IFS=';' read -ra setups <<< "$SETUPS"
@@ -71,19 +94,22 @@ def med(system, setup, phase, key):
     xs = [r[key] for r in rows if r["system"] == system and r["setup"] == setup
           and r["phase"] == phase and r.get(key) is not None]
     return (statistics.median(xs), min(xs), max(xs), len(xs)) if xs else None
-print("| system | setup | phase | tasks/s median (min-max, n) | ratio to RabbitMQ | server CPU us/task |")
-print("| --- | --- | --- | --- | --- | --- |")
-setups = sorted({(r["system"], r["setup"]) for r in rows}, key=lambda s: s[0] != "rabbitmq")
+print("| system | setup | phase | tasks/s median (min-max, n) | ratio to RabbitMQ | ratio to NATS | server CPU us/task |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+order = {"rabbitmq": 0, "nats": 1}
+setups = sorted({(r["system"], r["setup"]) for r in rows}, key=lambda s: (order.get(s[0], 2), s[1]))
 for phase in ["enqueue", "e2e"]:
     base = med("rabbitmq", "qq-fsync", phase, "tasks_per_s")
+    nats = med("nats", "js-fsync-always", phase, "tasks_per_s")
     for system, setup in setups:
         m = med(system, setup, phase, "tasks_per_s")
         if not m:
             continue
         cpu = med(system, setup, phase, "server_cpu_us_per_task")
         ratio = f"{m[0] / base[0]:.2f}x" if base else "-"
+        to_nats = f"{m[0] / nats[0]:.2f}x" if nats else "-"
         cpu_s = f"{cpu[0]:.0f}" if cpu else "-"
-        print(f"| {system} | {setup} | {phase} | {m[0]:.0f} ({m[1]:.0f}-{m[2]:.0f}, {m[3]}) | {ratio} | {cpu_s} |")
+        print(f"| {system} | {setup} | {phase} | {m[0]:.0f} ({m[1]:.0f}-{m[2]:.0f}, {m[3]}) | {ratio} | {to_nats} | {cpu_s} |")
 EOF
 log "done; raw lines in $OUT"
 }
