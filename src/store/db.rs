@@ -306,14 +306,18 @@ impl Db {
             .transpose()
     }
 
-    /// Calls `each` with every stored payload of a task id up to `last`,
-    /// in id order, until it fails.
+    /// Calls `each` with every stored payload of a task id in `ids` (up
+    /// to a last task id), in id order, until it fails.
     pub(super) fn each_payload(
         &self,
-        last: u64,
+        ids: std::ops::RangeInclusive<u64>,
         mut each: impl FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        for kv in self.payloads.range(..=last.to_be_bytes()) {
+        let (first, last) = ids.into_inner();
+        for kv in self
+            .payloads
+            .range(first.to_be_bytes()..=last.to_be_bytes())
+        {
             let (k, v) = kv?;
             each(payload_id(&k)?, &v)?;
         }

@@ -22,6 +22,12 @@
 //! can use it from then on), marked unsent, then appends the payloads
 //! ([`append_section`]) and clears the mark; meanwhile the last whole
 //! snapshot is the one sent to followers (`Db::open_sendable_snapshot`).
+//! The payloads the last build on this node wrote are copied from its
+//! file (a [`Section`]: read in order, beside the state's tasks in order),
+//! and only those of tasks submitted since are read from the tree: a
+//! payload never changes once its task is submitted. After a restart or
+//! an install, or when a build could not delete its garbage, the next
+//! build reads them all from the tree.
 //!
 //! # Why the tree always has what a snapshot needs
 //!
@@ -114,7 +120,7 @@ pub(super) fn write_section(
         return Ok(Vec::new());
     };
     let (mut written, mut garbage) = (0u64, Vec::new());
-    db.each_payload(state.last_task_id(), |id, bytes| {
+    db.each_payload(0..=state.last_task_id(), |id, bytes| {
         match state.task(TaskId(id)) {
             Some(t) if t.payload == fsm::Payload::Stored => {
                 let len = u32::try_from(bytes.len()).map_err(|_| too_long(id, bytes.len()))?;
@@ -209,29 +215,183 @@ pub(super) fn read_section(
     Ok(())
 }
 
+/// The payload section of the last snapshot this node built, and what it
+/// covers: the next build copies from it what its own state still names
+/// (a sequential file read) and reads from the tree only the payloads of
+/// tasks submitted since (see [`append_section`]).
+#[derive(Clone, Debug)]
+pub(super) struct Section {
+    /// The snapshot's file, open: it stays readable once retired.
+    pub(super) file: std::sync::Arc<std::fs::File>,
+    /// Where its payload records start (the length of its state).
+    pub(super) start: u64,
+    /// Its state's last task id: the section holds the stored payload of
+    /// every task of that state, and no task at or below it is new since.
+    pub(super) last_task_id: u64,
+}
+
 /// Appends the payloads of `state`'s tasks to snapshot file `file`, which
 /// holds its encoded state (`state_len` bytes), and fsyncs it; returns the
-/// garbage [`write_section`] found. Blocking, `O(payloads)`.
+/// garbage found: stored payloads, at or below `state`'s last task id,
+/// that name no task of `state` (see the module doc). With `previous`,
+/// the payloads it covers are copied from it and only newer ones read
+/// from the tree, and the garbage found is what it held or the tree holds
+/// after it that `state` no longer names; should it lack a payload the
+/// state names, everything is read from the tree instead. Blocking,
+/// `O(payloads)`.
 pub(super) fn append_section(
     db: &Db,
     file: &std::fs::File,
     state_len: u64,
     state: &fsm::State,
+    previous: Option<&Section>,
 ) -> Result<Vec<u64>> {
     use std::io::Seek;
     let io = |what: &str| {
         let what = what.to_owned();
         move |source| StoreError::Io { what, source }
     };
-    let mut handle = file;
-    handle
-        .seek(std::io::SeekFrom::Start(state_len))
-        .map_err(io("seek in a snapshot file"))?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, handle);
-    let garbage = write_section(Some(db), state, &mut out)?;
-    out.flush().map_err(io("write a snapshot file"))?;
+    let write = |copy_from: Option<&Section>| -> Result<Option<Vec<u64>>> {
+        let mut handle = file;
+        handle
+            .seek(std::io::SeekFrom::Start(state_len))
+            .map_err(io("seek in a snapshot file"))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, handle);
+        let garbage = match copy_from {
+            Some(previous) => copy_section(previous, db, state, &mut out)?,
+            None => Some(write_section(Some(db), state, &mut out)?),
+        };
+        out.flush().map_err(io("write a snapshot file"))?;
+        Ok(garbage)
+    };
+    let garbage = match write(previous)? {
+        Some(garbage) => garbage,
+        None => {
+            tracing::warn!(
+                "the last snapshot's payloads lack one this state names: reading them all from the store"
+            );
+            file.set_len(state_len)
+                .map_err(io("truncate a snapshot file"))?;
+            write(None)?.expect("a section from the tree")
+        }
+    };
     file.sync_all().map_err(io("fsync a snapshot file"))?;
     Ok(garbage)
+}
+
+/// [`write_section`], copying the payloads `previous` covers from its file
+/// and reading only newer ones from `db`; the garbage found, or None if
+/// `previous` lacks a payload `state` names (what was written is then
+/// not a whole section).
+fn copy_section(
+    previous: &Section,
+    db: &Db,
+    state: &fsm::State,
+    out: &mut impl Write,
+) -> Result<Option<Vec<u64>>> {
+    let io = |source| StoreError::Io {
+        what: "copy task payloads".into(),
+        source,
+    };
+    let mut input = std::io::BufReader::with_capacity(
+        1 << 20,
+        ReadAt {
+            file: &previous.file,
+            at: previous.start,
+        },
+    );
+    let mut record = |bytes: &mut Vec<u8>| -> Result<Option<u64>> {
+        let mut tag = [0u8; 1];
+        input.read_exact(&mut tag).map_err(io)?;
+        if tag[0] == 0 {
+            return Ok(None);
+        }
+        let mut head = [0u8; 12];
+        input.read_exact(&mut head).map_err(io)?;
+        let id = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) as usize;
+        if tag[0] != 1 || len > Limits::MAX_PAYLOAD_BYTES {
+            return Err(StoreError::Inconsistent(format!(
+                "the last snapshot's payloads: a record tagged {} of {len} bytes",
+                tag[0]
+            )));
+        }
+        bytes.resize(len, 0);
+        input.read_exact(bytes).map_err(io)?;
+        Ok(Some(id))
+    };
+    let put = |out: &mut dyn Write, id: u64, bytes: &[u8]| -> Result<()> {
+        let len = u32::try_from(bytes.len()).map_err(|_| too_long(id, bytes.len()))?;
+        out.write_all(&[1]).map_err(io)?;
+        out.write_all(&id.to_le_bytes()).map_err(io)?;
+        out.write_all(&len.to_le_bytes()).map_err(io)?;
+        out.write_all(bytes).map_err(io)
+    };
+    // Garbage unless a task of the state holds its payload itself.
+    let gone = |id: u64| state.task(TaskId(id)).is_none();
+    let mut wanted = state.stored_payloads().map(|id| id.0).peekable();
+    let mut garbage = Vec::new();
+    let mut bytes = Vec::new();
+    // The tasks the previous section covers, merged with its records (both
+    // in id order).
+    let mut next = record(&mut bytes)?;
+    while let Some(&want) = wanted.peek() {
+        if want > previous.last_task_id {
+            break;
+        }
+        while let Some(id) = next.filter(|&id| id < want) {
+            if gone(id) {
+                garbage.push(id);
+            }
+            next = record(&mut bytes)?;
+        }
+        if next != Some(want) {
+            return Ok(None);
+        }
+        put(out, want, &bytes)?;
+        wanted.next();
+        next = record(&mut bytes)?;
+    }
+    while let Some(id) = next {
+        if gone(id) {
+            garbage.push(id);
+        }
+        next = record(&mut bytes)?;
+    }
+    // The tasks submitted since, from the tree.
+    let mut missing = false;
+    let after = previous.last_task_id.saturating_add(1);
+    db.each_payload(after..=state.last_task_id(), |id, bytes| {
+        while wanted.next_if(|&want| want < id).is_some() {
+            missing = true;
+        }
+        if wanted.next_if_eq(&id).is_some() {
+            put(out, id, bytes)?;
+        } else if gone(id) {
+            garbage.push(id);
+        }
+        Ok(())
+    })?;
+    if missing || wanted.next().is_some() {
+        return Ok(None);
+    }
+    out.write_all(&[0]).map_err(io)?;
+    Ok(Some(garbage))
+}
+
+/// Reads a file from an offset on, through positioned reads: the file's
+/// own offset, which its clones share, is left alone.
+struct ReadAt<'a> {
+    file: &'a std::fs::File,
+    at: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
 }
 
 /// [`read_section`] into `db`'s tree (an installed snapshot). Not durable

@@ -210,6 +210,11 @@ pub struct StateMachine {
     /// prefix of its writes, the mark, written in the same batch as the
     /// payloads of the entries it covers, never runs ahead of them.
     stored_through: u64,
+    /// The payload section of the last snapshot built here, for the next
+    /// build to copy from; none after a restart, an install, or a build
+    /// whose garbage could not be deleted (the next build then reads every
+    /// payload from the tree, and finds that garbage again).
+    pub(super) last_section: Arc<std::sync::Mutex<Option<payloads::Section>>>,
     shared: SharedState,
 }
 
@@ -319,6 +324,7 @@ impl StateMachine {
             db,
             _readers: readers,
             stored_through,
+            last_section: Arc::default(),
             shared,
         })
     }
@@ -479,6 +485,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             db: self.db.clone(),
             view,
+            last_section: Arc::clone(&self.last_section),
         }
     }
 
@@ -552,6 +559,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.shared.note_auth_version(&guard);
             self.shared.since_snapshot.store(0, Ordering::Relaxed);
         }
+        *lock(&self.last_section) = None;
         self.shared.publish(AppliedEvents {
             index,
             events: Vec::new(),
@@ -583,6 +591,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 pub struct SnapshotBuilder {
     db: Db,
     view: Arc<Applied>,
+    last_section: Arc<std::sync::Mutex<Option<payloads::Section>>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -596,8 +609,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id: snapshot_id(self.view.last_applied),
         };
         let (db, view, owned_meta) = (self.db.clone(), Arc::clone(&self.view), meta.clone());
+        let previous = lock(&self.last_section).clone();
         let started = std::time::Instant::now();
-        let (file, garbage, state_secs) = blocking(move || {
+        let (file, garbage, state_len, state_secs) = blocking(move || {
             // The state first, encoded straight into its file: never held
             // whole in memory.
             let tmp = db.write_snapshot_file(|out| {
@@ -629,18 +643,19 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let Some(name) = db.set_snapshot_file(&owned_meta, &tmp, Replace::IfNotOlder, true)?
             else {
                 // Older than the stored one: not stored, but returned whole.
-                payloads::append_section(&db, &file, state_len, &view.state)?;
-                return Ok((file, Vec::new(), 0.0));
+                payloads::append_section(&db, &file, state_len, &view.state, previous.as_ref())?;
+                return Ok((file, Vec::new(), None, 0.0));
             };
             // A restart restores this state from here on, without
             // replaying the entries it covers.
             db.flush_blocking()?;
             let state_secs = started.elapsed().as_secs_f64();
             // Then its payloads, for a follower that needs the snapshot.
-            let garbage = payloads::append_section(&db, &file, state_len, &view.state)?;
+            let garbage =
+                payloads::append_section(&db, &file, state_len, &view.state, previous.as_ref())?;
             db.mark_sendable(&name)?;
             note_snapshot("built", &file);
-            Ok((file, garbage, state_secs))
+            Ok((file, garbage, Some(state_len), state_secs))
         })
         .await
         .map_err(snapshot_err(Some(&meta), ErrorVerb::Write))?;
@@ -651,11 +666,26 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // The stored snapshot (durable now) no longer names these tasks,
         // and no restart goes back to an older one.
         let removed = garbage.len();
+        let mut collected = true;
         if !garbage.is_empty() {
             let db = self.db.clone();
-            blocking(move || db.remove_payloads(&garbage).map(|_| ()))
+            collected = blocking(move || db.remove_payloads(&garbage))
                 .await
                 .map_err(snapshot_err(Some(&meta), ErrorVerb::Write))?;
+        }
+        // The next build copies this one's payloads, unless this one was
+        // not stored, or its garbage is still in the tree (pinned by a
+        // copy being written out): only a walk of the whole tree finds
+        // that again.
+        if let Some(start) = state_len {
+            *lock(&self.last_section) = match (collected, file.try_clone()) {
+                (true, Ok(copy)) => Some(payloads::Section {
+                    file: Arc::new(copy),
+                    start,
+                    last_task_id: self.view.state.last_task_id(),
+                }),
+                _ => None,
+            };
         }
         tracing::info!(
             group = self.db.group_id(),

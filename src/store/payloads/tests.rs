@@ -307,3 +307,77 @@ async fn a_snapshot_stored_before_its_payloads_is_restored_from_and_the_last_who
     let follower = install_into(dirs[2].path(), sent).await;
     assert_eq!(follower.shared().state_with_payloads().unwrap(), before);
 }
+
+/// A build copies from the last one's file the payloads it wrote, reads
+/// only newer ones from the tree, and deletes what no task names any more,
+/// among both.
+#[tokio::test]
+async fn a_build_copies_the_last_snapshot_s_payloads_and_reads_only_newer_ones() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (_log, mut sm) = Store::open(dirs[0].path()).unwrap();
+    let cancel = |n| Command::Cancel {
+        id: TaskId(n),
+        reason: None,
+        keep_children: false,
+    };
+    let purge = || Command::Purge {
+        finished_before_ms: u64::MAX,
+        keep: 0,
+        max: 10,
+        dead_before_ms: 0,
+    };
+    sm.apply([entry(1, (1..=5).map(|n| submit(n, false)).collect())])
+        .await
+        .unwrap();
+    build(&mut sm).await;
+    // Task 2 goes; 6 to 8 come, and 7 goes before the next build.
+    sm.apply([
+        entry(2, vec![cancel(2), purge()]),
+        entry(3, (6..=8).map(|n| submit(n, false)).collect()),
+        entry(4, vec![cancel(7), purge()]),
+    ])
+    .await
+    .unwrap();
+    // Only the last snapshot's file has task 3's payload now: a build that
+    // read every payload from the tree would fail.
+    assert!(sm.db.remove_payloads(&[3]).unwrap());
+    build(&mut sm).await;
+    assert_eq!(sm.db.payload(2).unwrap(), None);
+    assert_eq!(sm.db.payload(7).unwrap(), None);
+    let sent = sm.get_current_snapshot().await.unwrap().unwrap();
+    let follower = install_into(dirs[1].path(), sent).await;
+    for n in [1, 3, 4, 5, 6, 8] {
+        assert_eq!(read(&follower, n), text(n));
+    }
+    for n in [2, 7] {
+        assert!(follower.shared().read(|s| s.task(TaskId(n)).is_none()));
+    }
+}
+
+/// A last section that lacks a payload the state names is not used whole:
+/// the build reads every payload from the tree instead.
+#[tokio::test]
+async fn a_build_reads_the_tree_when_the_last_snapshot_lacks_a_payload() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (_log, mut sm) = Store::open(dirs[0].path()).unwrap();
+    sm.apply([entry(1, (1..=3).map(|n| submit(n, false)).collect())])
+        .await
+        .unwrap();
+    build(&mut sm).await;
+    sm.apply([entry(2, (4..=5).map(|n| submit(n, false)).collect())])
+        .await
+        .unwrap();
+    // As if it covered tasks 4 and 5 too.
+    sm.last_section
+        .lock()
+        .unwrap()
+        .as_mut()
+        .expect("the last build's section")
+        .last_task_id = 5;
+    build(&mut sm).await;
+    let sent = sm.get_current_snapshot().await.unwrap().unwrap();
+    let follower = install_into(dirs[1].path(), sent).await;
+    for n in 1..=5 {
+        assert_eq!(read(&follower, n), text(n));
+    }
+}
