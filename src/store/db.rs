@@ -314,6 +314,9 @@ impl Db {
         mut each: impl FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
         let (first, last) = ids.into_inner();
+        if first > last {
+            return Ok(());
+        }
         for kv in self
             .payloads
             .range(first.to_be_bytes()..=last.to_be_bytes())

@@ -352,6 +352,19 @@ async fn a_build_copies_the_last_snapshot_s_payloads_and_reads_only_newer_ones()
     for n in [2, 7] {
         assert!(follower.shared().read(|s| s.task(TaskId(n)).is_none()));
     }
+    // No task submitted since: everything comes from the last file.
+    sm.apply([entry(5, vec![cancel(8), purge()])])
+        .await
+        .unwrap();
+    build(&mut sm).await;
+    assert_eq!(sm.db.payload(8).unwrap(), None);
+    let sent = sm.get_current_snapshot().await.unwrap().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let follower = install_into(dir.path(), sent).await;
+    for n in [1, 3, 4, 5, 6] {
+        assert_eq!(read(&follower, n), text(n));
+    }
+    assert!(follower.shared().read(|s| s.task(TaskId(8)).is_none()));
 }
 
 /// A last section that lacks a payload the state names is not used whole:
