@@ -74,6 +74,16 @@ impl PeerConn {
     ) -> Result<RpcReply, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>> {
         let req = RpcRequest::for_group(self.group, req);
         let bytes = codec::encode(&req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.send(bytes, action, ttl).await
+    }
+
+    /// Sends an encoded request and decodes the reply.
+    async fn send<E: std::error::Error>(
+        &self,
+        bytes: Vec<u8>,
+        action: RPCTypes,
+        ttl: Duration,
+    ) -> Result<RpcReply, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>> {
         let timeout = Timeout {
             action,
             id: self.me,
@@ -118,6 +128,15 @@ impl PeerConn {
     }
 }
 
+/// The AppendEntries request in `req`, wrapped for a group or not.
+fn append_request(req: &mut RpcRequest) -> Option<&mut AppendEntriesRequest<TypeConfig>> {
+    match req {
+        RpcRequest::AppendEntries(rpc) => Some(rpc),
+        RpcRequest::Group { request, .. } => append_request(request),
+        _ => None,
+    }
+}
+
 impl RaftNetwork<TypeConfig> for PeerConn {
     /// Sends the entries, or as many of the first ones as fit in half a
     /// transport frame: openraft sends up to `max_payload_entries` (300) at
@@ -125,26 +144,31 @@ impl RaftNetwork<TypeConfig> for PeerConn {
     /// a thousand tasks each was sent more than a frame holds, refused
     /// before any I/O, again and again: it never caught up. The rest go
     /// in the next call (`PartialSuccess` tells openraft how far this one
-    /// got). Only a request found too large is encoded again.
+    /// got). A request is encoded once; only one found too large is
+    /// encoded again, with half its entries.
     async fn append_entries(
         &mut self,
-        mut rpc: AppendEntriesRequest<TypeConfig>,
+        rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let budget = self.client.max_frame_bytes() / 2;
+        let mut req = RpcRequest::for_group(self.group, RpcRequest::AppendEntries(rpc));
         let mut cut = false;
-        while rpc.entries.len() > 1 && codec::encoded_len(&rpc) > budget {
-            let keep = rpc.entries.len() / 2;
-            rpc.entries.truncate(keep);
-            cut = true;
-        }
-        let last = rpc.entries.last().map(|e| e.log_id);
+        let bytes = loop {
+            let bytes =
+                codec::encode(&req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            match append_request(&mut req) {
+                Some(rpc) if bytes.len() > budget && rpc.entries.len() > 1 => {
+                    let keep = rpc.entries.len() / 2;
+                    rpc.entries.truncate(keep);
+                    cut = true;
+                }
+                _ => break bytes,
+            }
+        };
+        let last = append_request(&mut req).and_then(|rpc| rpc.entries.last().map(|e| e.log_id));
         match self
-            .call(
-                RpcRequest::AppendEntries(rpc),
-                RPCTypes::AppendEntries,
-                option.hard_ttl(),
-            )
+            .send(bytes, RPCTypes::AppendEntries, option.hard_ttl())
             .await?
         {
             RpcReply::AppendEntries(Ok(AppendEntriesResponse::Success)) if cut => {
