@@ -251,28 +251,51 @@ pub(super) fn append_section(
         let what = what.to_owned();
         move |source| StoreError::Io { what, source }
     };
-    let write = |copy_from: Option<&Section>| -> Result<Option<Vec<u64>>> {
+    let writer = || -> Result<std::io::BufWriter<&std::fs::File>> {
         let mut handle = file;
         handle
             .seek(std::io::SeekFrom::Start(state_len))
             .map_err(io("seek in a snapshot file"))?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, handle);
-        let garbage = match copy_from {
-            Some(previous) => copy_section(previous, db, state, &mut out)?,
-            None => Some(write_section(Some(db), state, &mut out)?),
-        };
-        out.flush().map_err(io("write a snapshot file"))?;
-        Ok(garbage)
+        Ok(std::io::BufWriter::with_capacity(1 << 20, handle))
     };
-    let garbage = match write(previous)? {
-        Some(garbage) => garbage,
-        None => {
-            tracing::warn!(
-                "the last snapshot's payloads lack one this state names: reading them all from the store"
-            );
+    let finish = |mut out: std::io::BufWriter<&std::fs::File>| {
+        out.flush().map_err(io("write a snapshot file"))
+    };
+    let mut copied = None;
+    if let Some(previous) = previous {
+        let mut out = writer()?;
+        let result = copy_section(previous, db, state, &mut out);
+        if let Ok(Some(garbage)) = result {
+            finish(out)?;
+            copied = Some(garbage);
+        } else {
+            // What is still buffered is dropped, not written: the section
+            // is written again from the start.
+            drop(out.into_parts());
+            // The last file is a shortcut: whatever is wrong with it, the
+            // tree has every payload.
+            match result {
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the last snapshot's payloads could not be copied: reading them all from the store"
+                ),
+                _ => tracing::warn!(
+                    "the last snapshot's payloads lack one this state names: reading them all from the store"
+                ),
+            }
+        }
+        if copied.is_none() {
             file.set_len(state_len)
                 .map_err(io("truncate a snapshot file"))?;
-            write(None)?.expect("a section from the tree")
+        }
+    }
+    let garbage = match copied {
+        Some(garbage) => garbage,
+        None => {
+            let mut out = writer()?;
+            let garbage = write_section(Some(db), state, &mut out)?;
+            finish(out)?;
+            garbage
         }
     };
     file.sync_all().map_err(io("fsync a snapshot file"))?;

@@ -367,8 +367,8 @@ async fn a_build_copies_the_last_snapshot_s_payloads_and_reads_only_newer_ones()
     assert!(follower.shared().read(|s| s.task(TaskId(8)).is_none()));
 }
 
-/// A last section that lacks a payload the state names is not used whole:
-/// the build reads every payload from the tree instead.
+/// A last section that lacks a payload the state names, or cannot be
+/// read, is not used: the build reads every payload from the tree instead.
 #[tokio::test]
 async fn a_build_reads_the_tree_when_the_last_snapshot_lacks_a_payload() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -391,6 +391,22 @@ async fn a_build_reads_the_tree_when_the_last_snapshot_lacks_a_payload() {
     let sent = sm.get_current_snapshot().await.unwrap().unwrap();
     let follower = install_into(dirs[1].path(), sent).await;
     for n in 1..=5 {
+        assert_eq!(read(&follower, n), text(n));
+    }
+    // A last section that cannot be read (its records looked for inside
+    // the state): the same.
+    sm.apply([entry(3, vec![submit(6, false)])]).await.unwrap();
+    sm.last_section
+        .lock()
+        .unwrap()
+        .as_mut()
+        .expect("the last build's section")
+        .start = 1;
+    build(&mut sm).await;
+    let sent = sm.get_current_snapshot().await.unwrap().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let follower = install_into(dir.path(), sent).await;
+    for n in 1..=6 {
         assert_eq!(read(&follower, n), text(n));
     }
 }
