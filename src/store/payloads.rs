@@ -123,11 +123,7 @@ pub(super) fn write_section(
     db.each_payload(0..=state.last_task_id(), |id, bytes| {
         match state.task(TaskId(id)) {
             Some(t) if t.payload == fsm::Payload::Stored => {
-                let len = u32::try_from(bytes.len()).map_err(|_| too_long(id, bytes.len()))?;
-                out.write_all(&[1]).map_err(io)?;
-                out.write_all(&id.to_le_bytes()).map_err(io)?;
-                out.write_all(&len.to_le_bytes()).map_err(io)?;
-                out.write_all(bytes).map_err(io)?;
+                write_record(out, id, bytes)?;
                 written += 1;
             }
             // Held in the state: its copy is the state's.
@@ -157,6 +153,44 @@ fn too_long(id: u64, len: usize) -> StoreError {
     ))
 }
 
+/// Writes task `id`'s payload record (the module doc's table).
+fn write_record(out: &mut impl Write, id: u64, bytes: &[u8]) -> Result<()> {
+    let io = |source| StoreError::Io {
+        what: "write task payloads".into(),
+        source,
+    };
+    let len = u32::try_from(bytes.len()).map_err(|_| too_long(id, bytes.len()))?;
+    out.write_all(&[1]).map_err(io)?;
+    out.write_all(&id.to_le_bytes()).map_err(io)?;
+    out.write_all(&len.to_le_bytes()).map_err(io)?;
+    out.write_all(bytes).map_err(io)
+}
+
+/// Reads the next record's tag and head: its task id and payload length
+/// (the payload follows), or None at the end marker.
+fn read_head(input: &mut impl Read) -> Result<Option<(u64, usize)>> {
+    let io = |source| StoreError::Io {
+        what: "read task payloads".into(),
+        source,
+    };
+    let mut tag = [0u8; 1];
+    input.read_exact(&mut tag).map_err(io)?;
+    match tag[0] {
+        0 => return Ok(None),
+        1 => {}
+        other => {
+            return Err(StoreError::Inconsistent(format!(
+                "task payloads: a record tagged {other}"
+            )));
+        }
+    }
+    let mut head = [0u8; 12];
+    input.read_exact(&mut head).map_err(io)?;
+    let id = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    let len = u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) as usize;
+    Ok(Some((id, len)))
+}
+
 /// Reads the payloads [`write_section`] wrote after `state`, checking each
 /// names a task of `state` whose payload is stored and that every such
 /// task has one, and hands each to `each`. Reads no further than the end
@@ -172,18 +206,7 @@ pub(super) fn read_section(
         source,
     };
     let (mut read, mut last) = (0u64, None);
-    loop {
-        let mut tag = [0u8; 1];
-        input.read_exact(&mut tag).map_err(io)?;
-        match tag[0] {
-            0 => break,
-            1 => {}
-            other => return Err(corrupt(format!("a record tagged {other}"))),
-        }
-        let mut head = [0u8; 12];
-        input.read_exact(&mut head).map_err(io)?;
-        let id = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-        let len = u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) as usize;
+    while let Some((id, len)) = read_head(input)? {
         if last.is_some_and(|l| l >= id) {
             return Err(corrupt(format!("task {id} out of order")));
         }
@@ -324,31 +347,15 @@ fn copy_section(
         },
     );
     let mut record = |bytes: &mut Vec<u8>| -> Result<Option<u64>> {
-        let mut tag = [0u8; 1];
-        input.read_exact(&mut tag).map_err(io)?;
-        if tag[0] == 0 {
+        let Some((id, len)) = read_head(&mut input)? else {
             return Ok(None);
-        }
-        let mut head = [0u8; 12];
-        input.read_exact(&mut head).map_err(io)?;
-        let id = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-        let len = u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) as usize;
-        if tag[0] != 1 || len > Limits::MAX_PAYLOAD_BYTES {
-            return Err(StoreError::Inconsistent(format!(
-                "the last snapshot's payloads: a record tagged {} of {len} bytes",
-                tag[0]
-            )));
+        };
+        if len > Limits::MAX_PAYLOAD_BYTES {
+            return Err(too_long(id, len));
         }
         bytes.resize(len, 0);
         input.read_exact(bytes).map_err(io)?;
         Ok(Some(id))
-    };
-    let put = |out: &mut dyn Write, id: u64, bytes: &[u8]| -> Result<()> {
-        let len = u32::try_from(bytes.len()).map_err(|_| too_long(id, bytes.len()))?;
-        out.write_all(&[1]).map_err(io)?;
-        out.write_all(&id.to_le_bytes()).map_err(io)?;
-        out.write_all(&len.to_le_bytes()).map_err(io)?;
-        out.write_all(bytes).map_err(io)
     };
     // Garbage unless a task of the state holds its payload itself.
     let gone = |id: u64| state.task(TaskId(id)).is_none();
@@ -371,7 +378,7 @@ fn copy_section(
         if next != Some(want) {
             return Ok(None);
         }
-        put(out, want, &bytes)?;
+        write_record(out, want, &bytes)?;
         wanted.next();
         next = record(&mut bytes)?;
     }
@@ -389,7 +396,7 @@ fn copy_section(
             missing = true;
         }
         if wanted.next_if_eq(&id).is_some() {
-            put(out, id, bytes)?;
+            write_record(out, id, bytes)?;
         } else if gone(id) {
             garbage.push(id);
         }
