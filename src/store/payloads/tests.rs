@@ -38,6 +38,25 @@ fn text(n: u64) -> String {
     format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(40))
 }
 
+/// Cancels task `n`.
+fn cancel(n: u64) -> Command {
+    Command::Cancel {
+        id: TaskId(n),
+        reason: None,
+        keep_children: false,
+    }
+}
+
+/// Forgets every finished task (up to 10).
+fn purge() -> Command {
+    Command::Purge {
+        finished_before_ms: u64::MAX,
+        keep: 0,
+        max: 10,
+        dead_before_ms: 0,
+    }
+}
+
 /// Task `n`'s payload as this state machine's readers get it.
 fn read(sm: &StateMachine, n: u64) -> String {
     let shared = sm.shared();
@@ -131,23 +150,12 @@ async fn an_installed_snapshot_brings_its_payloads() {
 async fn a_forgotten_task_s_payload_goes_after_the_next_snapshot_unless_a_copy_is_pinned() {
     let dir = tempfile::tempdir().unwrap();
     let (_log, mut sm) = Store::open(dir.path()).unwrap();
-    let cancel = |n| Command::Cancel {
-        id: TaskId(n),
-        reason: None,
-        keep_children: false,
-    };
-    let purge = Command::Purge {
-        finished_before_ms: u64::MAX,
-        keep: 0,
-        max: 10,
-        dead_before_ms: 0,
-    };
     sm.apply([entry(1, (1..=3).map(|n| submit(n, false)).collect())])
         .await
         .unwrap();
     // A copy of the state while task 2 is still there.
     let capture = sm.shared().capture();
-    sm.apply([entry(2, vec![cancel(2)]), entry(3, vec![purge])])
+    sm.apply([entry(2, vec![cancel(2)]), entry(3, vec![purge()])])
         .await
         .unwrap();
     assert!(sm.shared().read(|s| s.task(TaskId(2)).is_none()));
@@ -315,17 +323,6 @@ async fn a_snapshot_stored_before_its_payloads_is_restored_from_and_the_last_who
 async fn a_build_copies_the_last_snapshot_s_payloads_and_reads_only_newer_ones() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let (_log, mut sm) = Store::open(dirs[0].path()).unwrap();
-    let cancel = |n| Command::Cancel {
-        id: TaskId(n),
-        reason: None,
-        keep_children: false,
-    };
-    let purge = || Command::Purge {
-        finished_before_ms: u64::MAX,
-        keep: 0,
-        max: 10,
-        dead_before_ms: 0,
-    };
     sm.apply([entry(1, (1..=5).map(|n| submit(n, false)).collect())])
         .await
         .unwrap();
