@@ -27,25 +27,31 @@ SETUPS="${GODEL_SETUPS:-single:--batch 1;batch64:--batch 64;http:--worker http}"
 OUT="${OUT:-$(mktemp /tmp/side-by-side.XXXXXX)}"
 : > "$OUT"
 log() { echo "[side_by_side $(date +%T)] $*" >&2; }
-log "raw lines -> $OUT; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-
-rabbit="$(mktemp /tmp/side-by-side-rabbit.XXXXXX)"
-log "RabbitMQ: $RUNS runs"
-RUNS="$RUNS" CONFIGS=default N="$N" SIZE="$SIZE" WINDOW="$WINDOW" WORKERS="$WORKERS" \
-  BATCH="$PREFETCH" PHASES="$PHASES" RESULTS="$rabbit" "$peers/run_rabbit.sh" > /dev/null
-python3 - "$rabbit" >> "$OUT" <<'EOF'
+# A peer's enqueue and e2e lines from its raw results file ($3), as
+# SYSTEM ($1) and SETUP ($2), appended to OUT.
+peer_lines() {
+  python3 - "$@" >> "$OUT" <<'EOF'
 import json, sys
-for line in open(sys.argv[1]):
+system, setup, path = sys.argv[1:4]
+for line in open(path):
     v = json.loads(line)
     if v.get("phase") not in ("enqueue", "e2e"):
         continue
     # As summarize.py counts it: the servers' CPU over the tasks done.
     tasks = v.get("published_ok") if v["phase"] == "enqueue" else v.get("acked_unique")
     cpu = v.get("servers_cpu_s")
-    print(json.dumps({"system": "rabbitmq", "setup": "qq-fsync", "phase": v["phase"],
+    print(json.dumps({"system": system, "setup": setup, "phase": v["phase"],
                       "tasks_per_s": v.get("tasks_per_s"),
                       "server_cpu_us_per_task": round(1e6 * cpu / tasks) if cpu and tasks else None}))
 EOF
+}
+log "raw lines -> $OUT; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+
+rabbit="$(mktemp /tmp/side-by-side-rabbit.XXXXXX)"
+log "RabbitMQ: $RUNS runs"
+RUNS="$RUNS" CONFIGS=default N="$N" SIZE="$SIZE" WINDOW="$WINDOW" WORKERS="$WORKERS" \
+  BATCH="$PREFETCH" PHASES="$PHASES" RESULTS="$rabbit" "$peers/run_rabbit.sh" > /dev/null
+peer_lines rabbitmq qq-fsync "$rabbit"
 rm -f "$rabbit"
 
 if [ "${NATS:-0}" = 1 ]; then
@@ -53,18 +59,7 @@ if [ "${NATS:-0}" = 1 ]; then
   log "NATS JetStream (fsync always): $RUNS runs"
   RUNS="$RUNS" CONFIGS=deb13-2.10:always ACKS=sync N="$N" SIZE="$SIZE" WINDOW="$WINDOW" \
     WORKERS="$WORKERS" BATCH="$PREFETCH" PHASES="$PHASES" RESULTS="$nats" "$peers/run_nats.sh" > /dev/null
-  python3 - "$nats" >> "$OUT" <<'EOF'
-import json, sys
-for line in open(sys.argv[1]):
-    v = json.loads(line)
-    if v.get("phase") not in ("enqueue", "e2e"):
-        continue
-    tasks = v.get("published_ok") if v["phase"] == "enqueue" else v.get("acked_unique")
-    cpu = v.get("servers_cpu_s")
-    print(json.dumps({"system": "nats", "setup": "js-fsync-always", "phase": v["phase"],
-                      "tasks_per_s": v.get("tasks_per_s"),
-                      "server_cpu_us_per_task": round(1e6 * cpu / tasks) if cpu and tasks else None}))
-EOF
+  peer_lines nats js-fsync-always "$nats"
   rm -f "$nats"
 fi
 
